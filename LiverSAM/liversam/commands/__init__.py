@@ -1,0 +1,1 @@
+"""Sub-commands of the ``liversam`` command line, one module each (``add_parser`` + ``run``)."""
