@@ -1,0 +1,135 @@
+"""From prompts to a :class:`SegmentationResult`: the job ``liversam segment`` and the Slicer module run.
+
+For every segment: each slice that carries prompts is segmented from them; with ``propagate`` the result
+is carried slice by slice through the volume (see :mod:`liversam.propagation`). Then 3D clean-up, the
+``inside`` clipping (tumour inside liver), and the overlap rule (a later segment wins).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import __version__
+from .errors import PromptError
+from .postprocess import Postprocess3DSettings, PostprocessSettings, clean_slice, clean_volume
+from .predictor import SlicePredictor
+from .prompts import SegmentPrompts
+from .segmentation import Segment, SegmentationResult
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str, int, int], None]  # (stage, done, total)
+CancelCallback = Callable[[], bool]
+
+
+class Cancelled(Exception):
+    """Raised when the user cancels a long operation; nothing is written."""
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    slice_postprocess: PostprocessSettings = field(default_factory=PostprocessSettings)
+    # Per-segment 3D clean-up by segment name; segments not listed get ``default_3d``.
+    postprocess_3d: dict[str, Postprocess3DSettings] = field(
+        default_factory=lambda: {"liver": Postprocess3DSettings(fill_holes=True, keep_largest=True)}
+    )
+    default_3d: Postprocess3DSettings = field(default_factory=lambda: Postprocess3DSettings(fill_holes=True))
+    later_segment_wins: bool = True
+
+
+def order_by_dependency(segments: list[SegmentPrompts]) -> list[SegmentPrompts]:
+    """Segments ordered so that each one's ``inside`` container comes before it (file order otherwise)."""
+    by_name = {s.name: s for s in segments}
+    ordered: list[SegmentPrompts] = []
+    visiting: set[str] = set()
+
+    def visit(seg: SegmentPrompts) -> None:
+        if seg in ordered:
+            return
+        if seg.name in visiting:
+            raise PromptError(f"segments '{seg.name}' and '{seg.inside}' are each inside the other.")
+        visiting.add(seg.name)
+        if seg.inside:
+            visit(by_name[seg.inside])
+        ordered.append(seg)
+
+    for seg in segments:
+        visit(seg)
+    return ordered
+
+
+def segment_prompted_slices(
+    seg: SegmentPrompts, predictor: SlicePredictor, settings: PipelineSettings
+) -> tuple[np.ndarray, dict[int, float], dict]:
+    """Segment only the slices that carry prompts. Returns (mask [k,j,i], scores per slice, predictions)."""
+    geometry = predictor.volume.geometry
+    spacing_ji = (geometry.spacing_mm[1], geometry.spacing_mm[0])
+    mask = np.zeros(geometry.shape_kji, dtype=bool)
+    scores: dict[int, float] = {}
+    predictions = {}
+    for k in sorted(seg.slices):
+        prediction = predictor.predict(k, seg.slices[k])
+        mask[k] = clean_slice(prediction.mask_ji, spacing_ji, settings.slice_postprocess)
+        scores[k] = prediction.score
+        predictions[k] = prediction
+    return mask, scores, predictions
+
+
+def segment_volume(
+    volume,
+    segment_prompts: list[SegmentPrompts],
+    predictor: SlicePredictor,
+    settings: PipelineSettings | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCallback | None = None,
+) -> SegmentationResult:
+    """Run every segment's prompts (and propagation where asked) and return the masks on the CT grid."""
+    settings = settings or PipelineSettings()
+    geometry = volume.geometry
+    spacing_kji = (geometry.spacing_mm[2], geometry.spacing_mm[1], geometry.spacing_mm[0])
+    result = SegmentationResult(
+        geometry=geometry,
+        provenance={"software": "LiverSAM", "version": __version__, "model": predictor.model.name},
+    )
+    masks: dict[str, np.ndarray] = {}
+    reports: dict[str, object] = {}
+    ordered = order_by_dependency(segment_prompts)
+    for index, seg in enumerate(ordered):
+        if cancel is not None and cancel():
+            raise Cancelled()
+        if progress:
+            progress(f"segment '{seg.name}'", index, len(ordered))
+        container = masks.get(seg.inside) if seg.inside else None
+        if seg.propagate:
+            from .propagation import PropagationSettings, propagate_segment
+
+            outcome = propagate_segment(
+                seg, predictor, PropagationSettings(), settings.slice_postprocess,
+                container_kji=container, progress=progress, cancel=cancel,
+            )
+            mask, scores = outcome.mask_kji, outcome.scores
+            reports[seg.name] = outcome
+            # 3D clean-up only makes sense for a structure segmented through the volume.
+            mask = clean_volume(mask, spacing_kji, settings.postprocess_3d.get(seg.name, settings.default_3d))
+        else:
+            mask, scores, _ = segment_prompted_slices(seg, predictor, settings)
+        if container is not None:
+            mask &= container
+        masks[seg.name] = mask
+        result.segments.append(Segment(name=seg.name, label=seg.label, mask_kji=mask, color=seg.color,
+                                       slice_scores=scores))
+    # Restore the prompts-file order for output, then apply "a later segment wins".
+    order = {s.name: n for n, s in enumerate(segment_prompts)}
+    result.segments.sort(key=lambda s: order[s.name])
+    if settings.later_segment_wins:
+        for n, seg in enumerate(result.segments):
+            for later in result.segments[n + 1 :]:
+                seg.mask_kji = seg.mask_kji & ~later.mask_kji
+    result.provenance["propagation"] = reports
+    if progress:
+        progress("done", len(ordered), len(ordered))
+    return result

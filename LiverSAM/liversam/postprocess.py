@@ -1,0 +1,106 @@
+"""Morphological clean-up of masks, in physical units (mm, mm^2, mm^3).
+
+2D functions take a slice mask [j, i] and the in-plane spacing (sj, si) in mm; 3D functions take a
+volume mask [k, j, i] and the spacing (sk, sj, si) in mm. Inputs are never modified.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+
+@dataclass(frozen=True)
+class PostprocessSettings:
+    """2D clean-up applied to every predicted slice mask."""
+
+    fill_holes: bool = True
+    min_island_mm2: float = 10.0  # remove 2D components smaller than this (0 = keep all)
+    opening_radius_mm: float = 0.0
+    closing_radius_mm: float = 0.0
+    keep_largest: bool = False  # keep only the largest 2D component
+
+
+@dataclass(frozen=True)
+class Postprocess3DSettings:
+    """3D clean-up applied to a whole segment after propagation."""
+
+    fill_holes: bool = True
+    min_island_mm3: float = 0.0
+    keep_largest: bool = False
+
+
+def _ellipse_footprint(radius_mm: float, spacing: tuple[float, ...]) -> np.ndarray:
+    radii = [max(int(np.floor(radius_mm / s)), 0) for s in spacing]
+    grids = np.ogrid[tuple(slice(-r, r + 1) for r in radii)]
+    dist = sum((g * s / radius_mm) ** 2 for g, s in zip(grids, spacing, strict=True))
+    return dist <= 1.0
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill enclosed background regions (per slice for 2D input, in 3D for 3D input)."""
+    return ndimage.binary_fill_holes(np.asarray(mask, dtype=bool))
+
+
+def remove_small_components(mask: np.ndarray, spacing: tuple[float, ...], min_size_physical: float) -> np.ndarray:
+    """Drop connected components smaller than ``min_size_physical`` (mm^2 in 2D, mm^3 in 3D)."""
+    mask = np.asarray(mask, dtype=bool)
+    if min_size_physical <= 0 or not mask.any():
+        return mask.copy()
+    labels, n = ndimage.label(mask)
+    sizes = np.bincount(labels.ravel())[1:] * float(np.prod(spacing))
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[1:] = sizes >= min_size_physical
+    return keep[labels]
+
+
+def keep_largest_component(mask: np.ndarray) -> np.ndarray:
+    mask = np.asarray(mask, dtype=bool)
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask.copy()
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+def opening(mask: np.ndarray, radius_mm: float, spacing: tuple[float, ...]) -> np.ndarray:
+    if radius_mm <= 0:
+        return np.asarray(mask, dtype=bool).copy()
+    return ndimage.binary_opening(mask, structure=_ellipse_footprint(radius_mm, spacing))
+
+
+def closing(mask: np.ndarray, radius_mm: float, spacing: tuple[float, ...]) -> np.ndarray:
+    if radius_mm <= 0:
+        return np.asarray(mask, dtype=bool).copy()
+    footprint = _ellipse_footprint(radius_mm, spacing)
+    pad = [(r, r) for r in (np.array(footprint.shape) // 2)]
+    padded = np.pad(np.asarray(mask, dtype=bool), pad)
+    closed = ndimage.binary_closing(padded, structure=footprint)
+    return closed[tuple(slice(p[0], p[0] + n) for p, n in zip(pad, mask.shape, strict=True))]
+
+
+def clean_slice(mask_ji: np.ndarray, spacing_ji: tuple[float, float], settings: PostprocessSettings) -> np.ndarray:
+    """Apply the 2D clean-up to one slice mask."""
+    out = np.asarray(mask_ji, dtype=bool)
+    out = opening(out, settings.opening_radius_mm, spacing_ji)
+    out = closing(out, settings.closing_radius_mm, spacing_ji)
+    if settings.fill_holes:
+        out = fill_holes(out)
+    out = remove_small_components(out, spacing_ji, settings.min_island_mm2)
+    if settings.keep_largest:
+        out = keep_largest_component(out)
+    return out
+
+
+def clean_volume(mask_kji: np.ndarray, spacing_kji: tuple[float, float, float], settings: Postprocess3DSettings) -> np.ndarray:
+    """Apply the 3D clean-up to one segment."""
+    out = np.asarray(mask_kji, dtype=bool)
+    if settings.keep_largest:
+        out = keep_largest_component(out)
+    out = remove_small_components(out, spacing_kji, settings.min_island_mm3)
+    if settings.fill_holes:
+        out = fill_holes(out)
+    return out

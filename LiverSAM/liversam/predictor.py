@@ -1,0 +1,159 @@
+"""Slice-by-slice SAM prediction on a CT volume with cached image embeddings.
+
+Each slice is windowed (on a copy) and encoded at most once while its embedding stays in the cache; any
+number of prompt changes on that slice then cost only the prompt encoder + mask decoder.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .embedding_cache import SliceEmbeddingCache
+from .models.loaded_model import LoadedModel
+from .preprocess import SliceTransform, WindowSettings, window_slice
+from .prompts import SlicePrompts
+from .volume import CTVolume
+
+log = logging.getLogger(__name__)
+_volume_ids = itertools.count()
+
+
+@dataclass
+class SlicePrediction:
+    """The mask on slice k ([j, i], bool), the model's own quality score (predicted IoU, 0..1) and logits."""
+
+    k: int
+    mask_ji: np.ndarray
+    score: float
+    low_res_logits: torch.Tensor  # (1, 1, L, L): reusable as the next slice's dense prompt
+
+    @property
+    def area_voxels(self) -> int:
+        return int(self.mask_ji.sum())
+
+
+class SlicePredictor:
+    """Predict masks on axial slices of one CT volume.
+
+    ``cache`` may be shared between predictors (e.g. the liver and tumour passes of one run share it:
+    a slice is never encoded twice in one run).
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        volume: CTVolume,
+        window: WindowSettings | None = None,
+        cache_mb: float = 1024.0,
+        cache: SliceEmbeddingCache | None = None,
+    ) -> None:
+        self.model = model
+        self.volume = volume
+        self.window = window or WindowSettings()
+        self.cache = cache or SliceEmbeddingCache(cache_mb)
+        self.transform = SliceTransform(slice_shape=volume.array_kji.shape[1:], input_size=model.input_size)
+        self._volume_id = next(_volume_ids)
+        self._encode_lock = threading.Lock()
+        self.encoded_slices: list[int] = []  # every slice actually run through the encoder (for stats/tests)
+        self.encode_seconds = 0.0
+
+    def _key(self, k: int) -> tuple:
+        return (self._volume_id, int(k), self.window.key(), self.model.source)
+
+    def model_input(self, k: int) -> torch.Tensor:
+        """The preprocessed input (1, 3, S, S) for slice k. The CT array itself is never modified."""
+        windowed = window_slice(self.volume.array_kji[k], self.window)
+        return self.transform.image_to_input(windowed, self.model.spec.normalization)
+
+    def is_cached(self, k: int) -> bool:
+        return self._key(k) in self.cache
+
+    def embedding(self, k: int) -> torch.Tensor:
+        """The image embedding of slice k, from the cache or computed now."""
+        if not 0 <= k < self.volume.num_slices:
+            raise IndexError(f"slice k={k} outside 0..{self.volume.num_slices - 1}")
+        key = self._key(k)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        with self._encode_lock:  # one encoder call at a time; re-check after waiting
+            cached = self.cache.get(key)
+            if cached is not None:
+                return cached
+            start = time.perf_counter()
+            emb = self.model.encode(self.model_input(k))
+            self.encode_seconds += time.perf_counter() - start
+            self.encoded_slices.append(int(k))
+            self.cache.put(key, emb)
+            return emb
+
+    def predict(
+        self, k: int, prompts: SlicePrompts, mask_logits: torch.Tensor | None = None
+    ) -> SlicePrediction:
+        """Segment slice k from its prompts.
+
+        Each box is one prompt (with the points that fall inside it); several boxes give the union of their
+        masks. Points without a box form one prompt together. ``mask_logits`` (1, 1, L, L) is an optional
+        dense prompt (e.g. the previous slice's result during propagation). The score is the lowest of the
+        prompts' predicted IoUs (the least certain part decides).
+        """
+        if prompts.is_empty():
+            raise ValueError(f"slice k={k}: prompts need at least one box or positive point")
+        embedding = self.embedding(k)
+        tr = self.transform
+        groups: list[tuple[tuple | None, list, list]] = []
+        pos = list(prompts.points_pos_ij)
+        neg = list(prompts.points_neg_ij)
+        if prompts.boxes_ij:
+            for box in prompts.boxes_ij:
+                i0, j0, i1, j1 = box
+                inside = [p for p in pos if i0 - 0.5 <= p[0] <= i1 + 0.5 and j0 - 0.5 <= p[1] <= j1 + 0.5]
+                groups.append((box, inside, neg))
+            assigned = {p for g in groups for p in g[1]}
+            loose = [p for p in pos if p not in assigned]
+            if loose:
+                groups.append((None, loose, neg))
+        else:
+            groups.append((None, pos, neg))
+
+        union: torch.Tensor | None = None
+        low_res_union: torch.Tensor | None = None
+        scores = []
+        for box, group_pos, group_neg in groups:
+            points = group_pos + group_neg
+            coords = tr.voxel_to_model(np.asarray(points)) if points else None
+            labels = np.array([1] * len(group_pos) + [0] * len(group_neg)) if points else None
+            box_xyxy = tr.box_to_model(box) if box is not None else None
+            multimask = (
+                self.model.spec.multimask_for_single_point
+                and box is None
+                and len(points) == 1
+                and mask_logits is None
+            )
+            low_res, iou = self.model.decode(embedding, coords, labels, box_xyxy, mask_logits, multimask)
+            best = int(torch.argmax(iou)) if multimask else 0
+            low_res, score = low_res[best : best + 1], float(iou[best])
+            scores.append(score)
+            slice_logits = tr.logits_to_slice(low_res)[0, 0]
+            union = slice_logits if union is None else torch.maximum(union, slice_logits)
+            low_res_union = low_res if low_res_union is None else torch.maximum(low_res_union, low_res)
+        assert union is not None and low_res_union is not None
+        mask = (union > 0).numpy()
+        return SlicePrediction(k=int(k), mask_ji=mask, score=min(scores), low_res_logits=low_res_union)
+
+    def precompute(self, ks, progress=None, cancel=None) -> None:
+        """Encode slices ahead of time (e.g. the neighbours of the one the user works on)."""
+        ks = list(ks)
+        for n, k in enumerate(ks):
+            if cancel is not None and cancel():
+                return
+            self.embedding(k)
+            if progress is not None:
+                progress(n + 1, len(ks))

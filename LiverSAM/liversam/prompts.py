@@ -1,0 +1,283 @@
+"""Prompts: what the user gives per segment and per slice, converted to voxel indices (IJK).
+
+``PROMPTS.json``::
+
+    {"coordinate_system": "LPS",            # or "RAS" (millimetres) or "IJK" (voxel indices i, j, k)
+     "segments": [
+       {"name": "liver", "label": 1,
+        "boxes": [[[x0, y0, z], [x1, y1, z]]],   # two opposite corners on one axial slice
+        "points": [[x, y, z]], "negative_points": [[x, y, z]],
+        "markups": ["liver_roi.mrk.json"],        # optional Slicer markups (ROI -> box, point list -> points)
+        "negative_markups": ["outside.mrk.json"],
+        "propagate": false},
+       {"name": "tumor", "label": 2, "inside": "liver", "boxes": [...]}]}
+
+On a slice, SAM's (x, y) is (i, j): column and row of the voxel array [k, j, i].
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import PromptError
+from .geometry import ImageGeometry, ras_to_lps
+from .segmentation import default_color
+
+COORDINATE_SYSTEMS = ("LPS", "RAS", "IJK")
+
+
+@dataclass
+class SlicePrompts:
+    """Prompts on one axial slice, in voxel indices: boxes (i0, j0, i1, j1), points (i, j)."""
+
+    boxes_ij: list[tuple[float, float, float, float]] = field(default_factory=list)
+    points_pos_ij: list[tuple[float, float]] = field(default_factory=list)
+    points_neg_ij: list[tuple[float, float]] = field(default_factory=list)
+
+    def is_empty(self) -> bool:
+        return not (self.boxes_ij or self.points_pos_ij)
+
+    def merged(self, other: SlicePrompts) -> SlicePrompts:
+        return SlicePrompts(
+            self.boxes_ij + other.boxes_ij,
+            self.points_pos_ij + other.points_pos_ij,
+            self.points_neg_ij + other.points_neg_ij,
+        )
+
+
+@dataclass
+class SegmentPrompts:
+    """All prompts of one segment (structure) across slices."""
+
+    name: str
+    label: int
+    color: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    slices: dict[int, SlicePrompts] = field(default_factory=dict)
+    inside: str | None = None
+    propagate: bool = False
+
+    def add(self, k: int, prompts: SlicePrompts) -> None:
+        self.slices[k] = self.slices[k].merged(prompts) if k in self.slices else prompts
+
+
+# --- conversion helpers -----------------------------------------------------------------------------
+
+
+def _to_ijk(points: np.ndarray, system: str, geometry: ImageGeometry) -> np.ndarray:
+    if system == "IJK":
+        return np.asarray(points, dtype=float)
+    if system == "RAS":
+        points = ras_to_lps(points)
+    return geometry.lps_to_ijk(points)
+
+
+def _describe_extent(geometry: ImageGeometry, system: str) -> str:
+    ni, nj, nk = geometry.size_ijk
+    if system == "IJK":
+        return f"i 0..{ni - 1}, j 0..{nj - 1}, k 0..{nk - 1}"
+    corners = np.array(
+        [[a, b, c] for a in (0, ni - 1) for b in (0, nj - 1) for c in (0, nk - 1)], dtype=float
+    )
+    world = geometry.ijk_to_lps(corners) if system == "LPS" else geometry.ijk_to_ras(corners)
+    lo, hi = world.min(axis=0), world.max(axis=0)
+    return ", ".join(f"{axis} {a:.1f}..{b:.1f} mm" for axis, a, b in zip(system, lo, hi, strict=True))
+
+
+def _check_inside(ijk: np.ndarray, geometry: ImageGeometry, what: str, original, system: str) -> None:
+    if not bool(np.all(geometry.contains_ijk(ijk))):
+        raise PromptError(
+            f"{what} {list(np.round(np.asarray(original, dtype=float), 2))} ({system}) lies outside the volume "
+            f"(volume extent: {_describe_extent(geometry, system)}). Check the coordinate system and the values."
+        )
+
+
+def _slice_index(k_values: np.ndarray, what: str, geometry: ImageGeometry) -> int:
+    ks = np.asarray(k_values, dtype=float)
+    if float(ks.max() - ks.min()) > 0.5:
+        raise PromptError(
+            f"{what} spans slices k={ks.min():.2f}..{ks.max():.2f}; a box's two corners must lie on one axial "
+            "slice (same z / k)."
+        )
+    k = int(round(float(ks.mean())))
+    return min(max(k, 0), geometry.size_ijk[2] - 1)
+
+
+def box_from_corners(corners, system: str, geometry: ImageGeometry, what: str) -> tuple[int, tuple]:
+    """Two opposite corners of an axial box -> (k, (i0, j0, i1, j1)) in voxel indices."""
+    arr = np.asarray(corners, dtype=float)
+    if arr.shape != (2, 3):
+        raise PromptError(f"{what} must be two corners [[x0, y0, z], [x1, y1, z]], got {corners!r}.")
+    ijk = _to_ijk(arr, system, geometry)
+    _check_inside(ijk, geometry, what, arr, system)
+    k = _slice_index(ijk[:, 2], what, geometry)
+    i0, i1 = sorted(ijk[:, 0])
+    j0, j1 = sorted(ijk[:, 1])
+    if i1 - i0 < 1.0 or j1 - j0 < 1.0:
+        raise PromptError(
+            f"{what} has (almost) zero area: {i1 - i0:.2f} x {j1 - j0:.2f} voxels. Draw a box around the structure."
+        )
+    return k, (float(i0), float(j0), float(i1), float(j1))
+
+
+def point_to_slice(point, system: str, geometry: ImageGeometry, what: str) -> tuple[int, tuple[float, float]]:
+    arr = np.asarray(point, dtype=float)
+    if arr.shape != (3,):
+        raise PromptError(f"{what} must be [x, y, z], got {point!r}.")
+    ijk = _to_ijk(arr[None], system, geometry)
+    _check_inside(ijk, geometry, what, arr, system)
+    k = int(round(float(ijk[0, 2])))
+    return min(max(k, 0), geometry.size_ijk[2] - 1), (float(ijk[0, 0]), float(ijk[0, 1]))
+
+
+# --- Slicer markups (.mrk.json) -----------------------------------------------------------------------
+
+
+def markups_to_prompts(
+    path: str | Path, geometry: ImageGeometry, positive: bool = True
+) -> dict[int, SlicePrompts]:
+    """Read a Slicer markups file: ROIs become boxes on every slice they cover, points become clicks."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise PromptError(f"Markups file not found: '{path}'.") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise PromptError(f"Markups file '{path}' is not valid JSON: {exc}.") from exc
+    markups = data.get("markups") if isinstance(data, dict) else None
+    if not isinstance(markups, list) or not markups:
+        raise PromptError(
+            f"'{path}' has no 'markups' list; save an ROI or a point list from Slicer as .mrk.json."
+        )
+    out: dict[int, SlicePrompts] = {}
+
+    def add(k: int, prompts: SlicePrompts) -> None:
+        out[k] = out[k].merged(prompts) if k in out else prompts
+
+    for index, markup in enumerate(markups):
+        system = str(markup.get("coordinateSystem", "LPS")).upper()
+        if system not in ("LPS", "RAS"):
+            raise PromptError(f"'{path}' markup {index} has unsupported coordinateSystem '{system}'.")
+        kind = str(markup.get("type", ""))
+        if kind == "ROI":
+            center = np.asarray(markup.get("center"), dtype=float)
+            size = np.asarray(markup.get("size"), dtype=float)
+            axes = np.asarray(markup.get("orientation", np.eye(3).ravel()), dtype=float).reshape(3, 3)
+            signs = np.array([[a, b, c] for a in (-1, 1) for b in (-1, 1) for c in (-1, 1)], dtype=float)
+            corners = center + (signs * size / 2.0) @ axes.T
+            ijk = _to_ijk(corners, system, geometry)
+            _check_inside(
+                ijk.mean(axis=0, keepdims=True), geometry, f"ROI centre in '{path}'", center, system
+            )
+            lo, hi = ijk.min(axis=0), ijk.max(axis=0)
+            upper = np.asarray(geometry.size_ijk, dtype=float) - 1
+            lo, hi = np.clip(lo, 0, upper), np.clip(hi, 0, upper)
+            if hi[0] - lo[0] < 1 or hi[1] - lo[1] < 1:
+                raise PromptError(f"ROI in '{path}' has (almost) zero area on the axial slices.")
+            k_first, k_last = int(np.ceil(lo[2] - 0.5)), int(np.floor(hi[2] + 0.5))
+            k_first, k_last = max(k_first, 0), min(k_last, geometry.size_ijk[2] - 1)
+            for k in range(k_first, max(k_first, k_last) + 1):
+                add(k, SlicePrompts(boxes_ij=[(lo[0], lo[1], hi[0], hi[1])]))
+        elif kind in ("Fiducial", "PointList"):
+            for cp_index, cp in enumerate(markup.get("controlPoints", [])):
+                k, ij = point_to_slice(cp.get("position"), system, geometry, f"point {cp_index} in '{path}'")
+                add(k, SlicePrompts(points_pos_ij=[ij]) if positive else SlicePrompts(points_neg_ij=[ij]))
+        else:
+            raise PromptError(f"'{path}' markup {index} has type '{kind}'; use an ROI or a point list.")
+    if not out:
+        raise PromptError(f"'{path}' holds no control points or ROI.")
+    return out
+
+
+# --- PROMPTS.json ---------------------------------------------------------------------------------------
+
+
+def parse_prompts(
+    data: dict, geometry: ImageGeometry, base_dir: str | Path = ".", source: str = "prompts"
+) -> list[SegmentPrompts]:
+    """Validate a prompts dictionary and convert it to per-slice IJK prompts."""
+    if not isinstance(data, dict) or not isinstance(data.get("segments"), list) or not data["segments"]:
+        raise PromptError(
+            f'{source}: expected {{"coordinate_system": ..., "segments": [...]}} with at least one segment.'
+        )
+    system = str(data.get("coordinate_system", "LPS")).upper()
+    if system not in COORDINATE_SYSTEMS:
+        raise PromptError(
+            f"{source}: coordinate_system '{system}' is not one of {', '.join(COORDINATE_SYSTEMS)}."
+        )
+    segments: list[SegmentPrompts] = []
+    for index, entry in enumerate(data["segments"]):
+        if not isinstance(entry, dict) or not entry.get("name"):
+            raise PromptError(f"{source}: segment {index} needs a 'name'.")
+        name = str(entry["name"])
+        if any(s.name == name for s in segments):
+            raise PromptError(f"{source}: segment name '{name}' is used twice.")
+        label = int(entry.get("label", index + 1))
+        if label < 1 or label > 65535 or any(s.label == label for s in segments):
+            raise PromptError(
+                f"{source}: segment '{name}' label {label} must be a unique integer from 1 to 65535."
+            )
+        color = entry.get("color")
+        if color is not None:
+            color = tuple(float(c) / (255.0 if max(color) > 1 else 1.0) for c in color)
+        seg = SegmentPrompts(
+            name=name,
+            label=label,
+            color=color or default_color(name, index),
+            inside=entry.get("inside"),
+            propagate=bool(entry.get("propagate", False)),
+        )
+        for b, corners in enumerate(entry.get("boxes", [])):
+            k, box = box_from_corners(corners, system, geometry, f"{source}: segment '{name}' box {b}")
+            seg.add(k, SlicePrompts(boxes_ij=[box]))
+        for p, point in enumerate(entry.get("points", [])):
+            k, ij = point_to_slice(point, system, geometry, f"{source}: segment '{name}' point {p}")
+            seg.add(k, SlicePrompts(points_pos_ij=[ij]))
+        for p, point in enumerate(entry.get("negative_points", [])):
+            k, ij = point_to_slice(point, system, geometry, f"{source}: segment '{name}' negative point {p}")
+            seg.add(k, SlicePrompts(points_neg_ij=[ij]))
+        for key, positive in (("markups", True), ("negative_markups", False)):
+            files = entry.get(key, [])
+            for file in [files] if isinstance(files, str) else files:
+                for k, prompts in markups_to_prompts(Path(base_dir) / file, geometry, positive).items():
+                    seg.add(k, prompts)
+        if not any(not sp.is_empty() for sp in seg.slices.values()):
+            raise PromptError(
+                f"{source}: segment '{name}' has no box or positive point; give at least one of them."
+            )
+        for k, sp in seg.slices.items():
+            if sp.is_empty():
+                raise PromptError(
+                    f"{source}: segment '{name}' has only negative points on slice k={k}; add a box or a positive point there."
+                )
+        segments.append(seg)
+    names = {s.name for s in segments}
+    for seg in segments:
+        if seg.inside is not None and seg.inside not in names:
+            raise PromptError(
+                f"{source}: segment '{seg.name}' is to be inside '{seg.inside}', but there is no segment of that "
+                f"name (segments: {', '.join(sorted(names))})."
+            )
+        if seg.inside == seg.name:
+            raise PromptError(f"{source}: segment '{seg.name}' cannot be inside itself.")
+    return segments
+
+
+def load_prompts(path: str | Path, geometry: ImageGeometry) -> list[SegmentPrompts]:
+    """Read PROMPTS.json (or a single Slicer .mrk.json, taken as one segment named 'liver')."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptError(f"Prompts file not found: '{path}'.")
+    if path.name.lower().endswith(".mrk.json"):
+        seg = SegmentPrompts(name="liver", label=1, color=default_color("liver", 0))
+        for k, prompts in markups_to_prompts(path, geometry).items():
+            seg.add(k, prompts)
+        return [seg]
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise PromptError(f"Prompts file '{path}' is not valid JSON: {exc}.") from exc
+    return parse_prompts(data, geometry, base_dir=path.parent, source=f"'{path}'")
