@@ -115,11 +115,14 @@ class SliceClickResult:
     intersection_per_click: list[int] = field(default_factory=list)
     predicted_pixels_per_click: list[int] = field(default_factory=list)
     noc: dict[float, int] = field(default_factory=dict)
+    # Dice of the prediction from the initial prompt alone (e.g. a box) before any click; None without one.
+    dice_initial: float | None = None
 
     def to_dict(self) -> dict:
         return {
             "k": self.k,
             "reference_pixels": self.reference_pixels,
+            "dice_initial": self.dice_initial,
             "clicks": [{"i": c.i, "j": c.j, "positive": c.positive} for c in self.clicks],
             "dice_per_click": list(self.dice_per_click),
             "noc": {f"{t:.2f}": n for t, n in self.noc.items()},
@@ -133,6 +136,7 @@ def simulate_clicks_on_slice(
     k: int = -1,
     spacing_ji_mm: Sequence[float] | None = None,
     thresholds: Sequence[float] = DICE_THRESHOLDS,
+    initial_prompt: bool = False,
 ) -> SliceClickResult:
     """Run a simulated interactive session on one slice.
 
@@ -140,6 +144,10 @@ def simulate_clicks_on_slice(
     :func:`next_click` until ``max_clicks`` clicks. ``predict(clicks, previous_logits)`` returns the
     predicted ``[j, i]`` mask and whatever the model wants fed back next time (low-res logits or ``None``).
     When the prediction becomes perfect the session stops and the curve is padded with the last values.
+
+    With ``initial_prompt`` the session first calls ``predict([], None)`` (the caller's own initial prompt,
+    e.g. a box) and the clicks correct that prediction; NoC is then 0 when the initial prediction already
+    reaches a threshold.
     """
     ref_ji = np.asarray(ref_ji, dtype=bool)
     if not ref_ji.any():
@@ -149,6 +157,10 @@ def simulate_clicks_on_slice(
     result = SliceClickResult(k=k, reference_pixels=int(ref_ji.sum()))
     pred_ji = np.zeros_like(ref_ji)
     logits = None
+    if initial_prompt:
+        pred_ji, logits = predict([], None)
+        pred_ji = np.asarray(pred_ji, dtype=bool)
+        result.dice_initial = dice(pred_ji, ref_ji)
     for _ in range(max_clicks):
         click = next_click(pred_ji, ref_ji, spacing_ji_mm, result.clicks)
         if click is None:  # perfect: no more clicks needed, the curve stays where it is
@@ -159,13 +171,20 @@ def simulate_clicks_on_slice(
         result.dice_per_click.append(dice(pred_ji, ref_ji))
         result.intersection_per_click.append(int((pred_ji & ref_ji).sum()))
         result.predicted_pixels_per_click.append(int(pred_ji.sum()))
+    if not result.dice_per_click:  # the initial prompt alone was perfect
+        result.dice_per_click.append(1.0)
+        result.intersection_per_click.append(int(ref_ji.sum()))
+        result.predicted_pixels_per_click.append(int(ref_ji.sum()))
     while len(result.dice_per_click) < max_clicks:
         result.dice_per_click.append(result.dice_per_click[-1])
         result.intersection_per_click.append(result.intersection_per_click[-1])
         result.predicted_pixels_per_click.append(result.predicted_pixels_per_click[-1])
-    result.noc = {
-        float(t): first_index_reaching(result.dice_per_click, t, cap=max_clicks) for t in thresholds
-    }
+    result.noc = {}
+    for t in thresholds:
+        if result.dice_initial is not None and result.dice_initial >= t:
+            result.noc[float(t)] = 0
+        else:
+            result.noc[float(t)] = first_index_reaching(result.dice_per_click, t, cap=max_clicks)
     return result
 
 

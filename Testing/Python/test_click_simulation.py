@@ -142,3 +142,34 @@ def test_perfect_prediction_stops_and_pads_the_curve() -> None:
     assert len(result.clicks) == 1
     assert result.dice_per_click == [1.0] * 5
     assert result.noc == {0.85: 1, 0.90: 1}
+
+
+def test_initial_prompt_then_corrective_clicks() -> None:
+    ref = np.zeros((20, 20), dtype=bool)
+    ref[4:12, 4:12] = True
+    ref[15:19, 15:19] = True  # missed by the "box"
+    calls = []
+
+    def predict(clicks, logits):
+        calls.append(list(clicks))
+        mask = np.zeros_like(ref)
+        mask[4:12, 4:12] = True  # the initial box result
+        if any(c.positive and c.i >= 15 for c in clicks):
+            mask[15:19, 15:19] = True
+        return mask, None
+
+    result = simulate_clicks_on_slice(predict, ref, max_clicks=3, initial_prompt=True)
+    assert calls[0] == [], "the initial prediction is made from the caller's prompt alone"
+    assert result.dice_initial == pytest.approx(2 * 64 / (64 + 80))
+    assert result.clicks[0].positive and (result.clicks[0].i, result.clicks[0].j) in {
+        (16, 16),
+        (17, 17),
+        (16, 17),
+        (17, 16),
+    }
+    assert result.dice_per_click == [1.0, 1.0, 1.0]
+    assert result.noc == {0.85: 0, 0.90: 1}, "the box alone reaches 0.85 (Dice 0.889) but not 0.90"
+    perfect = simulate_clicks_on_slice(
+        lambda clicks, logits: (ref.copy(), None), ref, max_clicks=3, initial_prompt=True
+    )
+    assert perfect.clicks == [] and perfect.noc == {0.85: 0, 0.90: 0} and perfect.dice_per_click == [1.0] * 3

@@ -1,0 +1,304 @@
+"""``liversam evaluate``: case discovery, simulated prompts, reporting, and a few-slice run with the model."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from liversam import evaluate as ev
+from liversam.errors import LiverSAMError
+
+DATA = Path(os.environ.get("LIVERSAM_TEST_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+LITS = DATA / "lits117"
+
+
+def _write_image(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> None:
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    sitk.WriteImage(image, str(path))
+
+
+def _small_case(folder: Path, ct_name: str = "ct.nrrd", label_name: str = "label.nrrd") -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    ct = np.full((4, 16, 16), -100, dtype=np.int16)
+    label = np.zeros((4, 16, 16), dtype=np.uint8)
+    label[1:3, 4:10, 4:10] = 1
+    label[1:3, 5:7, 5:7] = 2
+    _write_image(folder / ct_name, ct)
+    _write_image(folder / label_name, label)
+
+
+# --- discovery ----------------------------------------------------------------------------------------
+
+
+def test_discover_single_case_folder() -> None:
+    cases = ev.discover_cases(LITS)
+    assert [c.case_id for c in cases] == ["lits117"]
+    assert cases[0].ct_path.name == "ct.nii.gz" and cases[0].label_path.name == "label.nii.gz"
+
+
+def test_discover_folder_layouts(tmp_path: Path) -> None:
+    _small_case(tmp_path / "nested" / "caseB")
+    _small_case(tmp_path / "nested" / "caseA")
+    assert [c.case_id for c in ev.discover_cases(tmp_path / "nested")] == ["caseA", "caseB"]
+    pairs = tmp_path / "pairs"
+    _small_case(pairs, "p1_ct.nii.gz", "p1_label.nii.gz")
+    _small_case(pairs, "volume-7.nii", "segmentation-7.nii")
+    found = {c.case_id: c for c in ev.discover_cases(pairs)}
+    assert set(found) == {"p1", "7"}
+    assert found["7"].label_path.name == "segmentation-7.nii"
+
+
+def test_discover_manifests(tmp_path: Path) -> None:
+    _small_case(tmp_path / "c1")
+    (tmp_path / "m.json").write_text(
+        json.dumps({"cases": [{"id": "x", "ct": "c1/ct.nrrd", "label": "c1/label.nrrd"}]})
+    )
+    (tmp_path / "m.csv").write_text("id,ct,label\ny,c1/ct.nrrd,c1/label.nrrd\n")
+    assert ev.discover_cases(tmp_path / "m.json")[0].ct_path == tmp_path / "c1" / "ct.nrrd"
+    assert ev.discover_cases(tmp_path / "m.csv")[0].case_id == "y"
+    (tmp_path / "bad.json").write_text(
+        json.dumps([{"id": "z", "ct": "missing.nrrd", "label": "c1/label.nrrd"}])
+    )
+    with pytest.raises(ev.EvaluationDataError, match="missing.nrrd"):
+        ev.discover_cases(tmp_path / "bad.json")
+
+
+def test_discover_errors_name_the_folder(tmp_path: Path) -> None:
+    with pytest.raises(LiverSAMError, match="does not exist"):
+        ev.discover_cases(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LiverSAMError, match="No cases found in .*empty"):
+        ev.discover_cases(tmp_path / "empty")
+
+
+def test_label_on_another_grid_is_rejected(tmp_path: Path) -> None:
+    from liversam.ct_io import read_ct
+
+    _small_case(tmp_path)
+    _write_image(tmp_path / "other.nrrd", np.zeros((4, 16, 16), np.uint8), spacing=(0.5, 0.5, 2.0))
+    volume = read_ct(tmp_path / "ct.nrrd")
+    with pytest.raises(ev.EvaluationDataError, match="not on the grid"):
+        ev.read_label(tmp_path / "other.nrrd", volume.geometry, tmp_path / "ct.nrrd")
+    label = ev.read_label(tmp_path / "label.nrrd", volume.geometry)
+    liver, tumor = ev.default_structures()
+    assert ev.structure_reference(label, liver).sum() == 2 * 36, "liver = labels 1 and 2"
+    assert ev.structure_reference(label, tumor).sum() == 2 * 4
+
+
+# --- simulated prompts and slice ranges ---------------------------------------------------------------
+
+
+def test_oracle_boxes_and_one_box_seeds() -> None:
+    ref = np.zeros((5, 20, 30), dtype=bool)
+    ref[1, 2:5, 3:8] = True  # lesion 1, slice 1
+    ref[2, 2:6, 3:9] = True  # lesion 1, slice 2 (its largest)
+    ref[2, 10:12, 20:22] = True  # lesion 2, slice 2 only
+    liver_boxes = ev.oracle_boxes(ref, per_lesion=False)
+    assert liver_boxes == {1: [(3, 2, 7, 4)], 2: [(3, 2, 21, 11)]}
+    lesion_boxes = ev.oracle_boxes(ref, per_lesion=True, margin=1)
+    assert sorted(lesion_boxes[2]) == [(2, 1, 9, 6), (19, 9, 22, 12)]
+    assert ev.one_box_seeds(ref, per_lesion=False) == [(2, (3, 2, 21, 11))]
+    assert sorted(ev.one_box_seeds(ref, per_lesion=True)) == [(2, (3, 2, 8, 5)), (2, (20, 10, 21, 11))]
+    # Margins are clipped to the slice.
+    assert ev.bounding_box_ij(ref[2], margin=50) == (0, 0, 29, 19)
+
+
+def test_slice_range_parsing_and_cropping() -> None:
+    from liversam.ct_io import read_ct
+
+    assert ev.parse_slice_range("60:64") == (60, 64)
+    assert ev.parse_slice_range(":3") == (0, 3)
+    with pytest.raises(LiverSAMError, match="K0:K1"):
+        ev.parse_slice_range("60-64")
+    volume = read_ct(LITS / "ct.nii.gz")
+    label = ev.read_label(LITS / "label.nii.gz", volume.geometry)
+    cropped, cropped_label, used = ev.crop_slices(volume, label, (60, 64))
+    assert used == (60, 64) and cropped.num_slices == 4 and cropped_label.shape[0] == 4
+    np.testing.assert_array_equal(cropped.array_kji[0], volume.array_kji[60])
+    # Slice 0 of the crop lies where slice 60 of the original lies, in patient space.
+    np.testing.assert_allclose(cropped.geometry.ijk_to_lps([5, 7, 0]), volume.geometry.ijk_to_lps([5, 7, 60]))
+    assert not volume.array_kji.flags.writeable, "the source CT stays read-only and untouched"
+    with pytest.raises(LiverSAMError, match="selects no slice"):
+        ev.crop_slices(volume, label, (500, 600))
+
+
+def test_settings_reject_unknown_protocol() -> None:
+    with pytest.raises(LiverSAMError, match="oracle-box"):
+        ev.EvaluationSettings(protocols=("magic",))
+
+
+# --- the clicks protocol with a stand-in predictor (no model) ----------------------------------------
+
+
+class _ReferencePredictor:
+    """Stands in for SlicePredictor: returns the reference component under each positive point (or the
+    reference inside each box), so the plumbing can be checked exactly and fast."""
+
+    def __init__(self, label_kji: np.ndarray, labels) -> None:
+        from scipy import ndimage
+
+        self.ref = np.isin(label_kji, labels)
+        self.components = [ndimage.label(s, structure=np.ones((3, 3)))[0] for s in self.ref]
+        self.calls = 0
+
+    def predict(self, k, prompts, mask_logits=None):
+        self.calls += 1
+        comp = self.components[k]
+        mask = np.zeros_like(self.ref[k])
+        for i, j in prompts.points_pos_ij:
+            if comp[j, i]:
+                mask |= comp == comp[j, i]
+        for i0, j0, i1, j1 in prompts.boxes_ij:
+            mask[j0 : j1 + 1, i0 : i1 + 1] |= self.ref[k][j0 : j1 + 1, i0 : i1 + 1]
+        return SimpleNamespace(mask_ji=mask, low_res_logits=None, score=1.0)
+
+
+@pytest.mark.parametrize("start", ["point", "box"])
+def test_clicks_protocol_plumbing_with_stand_in_predictor(start: str) -> None:
+    case = ev.discover_cases(LITS)[0]
+    settings = ev.EvaluationSettings(
+        protocols=("clicks",),
+        structures=(ev.StructureSpec("liver", (1, 2)),),
+        slice_range=(40, 90),
+        max_clicks=5,
+        max_slices=4,
+        click_start=start,
+    )
+    made = []
+
+    def factory(volume):
+        from liversam.ct_io import read_ct
+
+        full = read_ct(case.ct_path)
+        label = ev.read_label(case.label_path, full.geometry)[40:90]
+        made.append(_ReferencePredictor(label, (1, 2)))
+        return made[-1]
+
+    results = ev.evaluate([case], settings, predictor_factory=factory, progress=False)
+    entry = results["cases"][0]["protocols"]["clicks"]["liver"]
+    assert entry["n_slices"] == 4 and entry["reference_slices"] == 50
+    assert all(0 <= k < 50 for k in entry["evaluated_slices"])
+    curve = entry["dice_per_click_pooled"]
+    assert len(curve) == 5 and curve == sorted(curve), "adding components never lowers Dice here"
+    assert curve[-1] == pytest.approx(1.0)
+    if start == "box":
+        assert entry["noc90_mean"] == 0.0 and entry["dice_initial_mean"] == pytest.approx(1.0)
+    else:
+        assert 1.0 <= entry["noc90_mean"] <= 5.0
+    # The stand-in never predicts outside the reference, so every correction must be a positive click.
+    for per_slice in entry["per_slice"]:
+        for click in per_slice["clicks"]:
+            assert click["positive"]
+    agg = results["aggregate"]["clicks"]["liver"]
+    assert agg["noc90_mean"]["mean"] == entry["noc90_mean"]
+    report = ev.results_markdown(results)
+    assert "## clicks" in report and "NoC@90" in report
+
+
+def test_results_are_written_atomically_as_strict_json(tmp_path: Path) -> None:
+    results = {
+        "liversam_version": "0",
+        "created": "now",
+        "model": "m",
+        "device": "cpu",
+        "settings": {
+            "protocols": ["oracle-box"],
+            "slice_range": None,
+            "box_margin": 0,
+            "structures": [{"name": "tumor", "labels": [2]}],
+        },
+        "cases": [
+            {
+                "id": "c",
+                "protocols": {
+                    "oracle-box": {
+                        "tumor": {
+                            "dice": 0.5,
+                            "iou": 1 / 3,
+                            "hd95_mm": None,
+                            "assd_mm": None,
+                            "lesion_recall": 0.5,
+                            "lesion_precision": 1.0,
+                            "detected_reference_lesions": 1,
+                            "reference_lesions": 2,
+                            "true_positive_predictions": 1,
+                            "predicted_lesions": 1,
+                        }
+                    }
+                },
+            }
+        ],
+        "aggregate": {"oracle-box": {"tumor": {"dice": {"mean": 0.5, "median": 0.5}}}},
+    }
+    ev.write_results(results, tmp_path / "r.json", tmp_path / "r.md")
+    assert json.loads((tmp_path / "r.json").read_text())["cases"][0]["id"] == "c"
+    md = (tmp_path / "r.md").read_text()
+    assert "| c | tumor | 0.500 | 0.333 | n/a | n/a | 0.500 (1/2) | 1.000 (1/1) |" in md
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.md"], "no temporary files left behind"
+
+
+# --- with the model, on a few slices --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model():
+    from liversam.models import load_model
+
+    torch.set_num_threads(2)
+    return load_model("litemedsam", device="cpu")
+
+
+@pytest.mark.model
+def test_evaluate_oracle_box_and_clicks_on_two_slices(model, tmp_path: Path) -> None:
+    case = ev.discover_cases(LITS)[0]
+    settings = ev.EvaluationSettings(
+        protocols=("oracle-box", "clicks"), slice_range=(60, 62), max_clicks=3, max_slices=1
+    )
+    factory = ev.make_predictor_factory(model)
+    predictors = []
+
+    def counting_factory(volume):
+        predictors.append(factory(volume))
+        return predictors[-1]
+
+    results = ev.evaluate([case], settings, model=model, predictor_factory=counting_factory, progress=False)
+    liver = results["cases"][0]["protocols"]["oracle-box"]["liver"]
+    tumor = results["cases"][0]["protocols"]["oracle-box"]["tumor"]
+    assert liver["dice"] >= 0.9, liver
+    assert liver["hd95_mm"] is not None and liver["hd95_mm"] < 10.0
+    assert 0.0 <= tumor["dice"] <= 1.0 and tumor["reference_lesions"] >= 1
+    assert sorted(set(predictors[0].encoded_slices)) == [0, 1], (
+        "two slices, each encoded once for all protocols"
+    )
+    clicks = results["cases"][0]["protocols"]["clicks"]["liver"]
+    assert len(clicks["dice_per_click_pooled"]) == 3 and clicks["n_slices"] == 1
+    assert 1 <= clicks["noc90_mean"] <= 3
+
+
+@pytest.mark.model
+def test_cli_evaluate_writes_json_and_markdown(tmp_path: Path) -> None:
+    from liversam.cli import main
+
+    out = tmp_path / "results.json"
+    md = tmp_path / "results.md"
+    code = main(
+        [
+            "evaluate", "--data", str(LITS), "--protocol", "clicks", "--slices", "61:62", "--max-clicks", "2",
+            "--structures", "liver", "--click-start", "box", "--output", str(out), "--markdown", str(md),
+            "--threads", "2", "--device", "cpu", "--no-progress",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    results = json.loads(out.read_text())
+    entry = results["cases"][0]["protocols"]["clicks"]["liver"]
+    assert entry["dice_initial_mean"] >= 0.9, "the oracle box alone segments this slice's liver well"
+    assert results["settings"]["slice_range"] == [61, 62]
+    assert "Dice box only" in md.read_text()
+    assert main(["evaluate", "--data", str(tmp_path / "none"), "--output", str(out)]) == 2
