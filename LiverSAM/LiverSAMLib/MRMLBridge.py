@@ -1,0 +1,330 @@
+"""Conversions between MRML nodes and the core package's plain data (MRML + numpy only, no Qt).
+
+Frames: Slicer holds points in RAS millimetres ("world" when parent transforms are applied); the core
+package (`liversam`) uses LPS millimetres and voxel arrays indexed ``[k, j, i]``. A volume node's
+``IJKToRAS`` matrix is the RAS counterpart of :attr:`liversam.geometry.ImageGeometry.ijk_to_ras_matrix`.
+
+Every function here takes nodes and returns numpy arrays / core objects, or raises a
+:class:`liversam.errors.LiverSAMError` subclass with a message a user can act on. Nothing touches the GUI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import slicer
+import vtk
+import vtk.util.numpy_support as vtk_np
+from liversam.errors import InputImageError, PromptError
+from liversam.geometry import ImageGeometry
+from liversam.volume import CTVolume
+
+# Where markups a user has placed count as prompts: control points being placed (preview) do not.
+_DEFINED_POSITION_STATUSES = ("PositionDefined",)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Volume geometry
+# ---------------------------------------------------------------------------------------------------
+def _matrix_to_numpy(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=float)
+
+
+def _numpy_to_matrix(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
+def node_to_world_matrix(node) -> np.ndarray:
+    """4x4 matrix from a transformable node's local RAS to world RAS (identity without a parent transform).
+
+    Raises :class:`InputImageError` when a parent transform is non-linear (the volume must be hardened or
+    resampled first: a SAM slice needs a regular voxel grid).
+    """
+    transform_node = node.GetParentTransformNode()
+    if transform_node is None:
+        return np.eye(4)
+    if not transform_node.IsTransformToWorldLinear():
+        raise InputImageError(
+            f"Node '{node.GetName()}' is under the non-linear transform '{transform_node.GetName()}'. "
+            "LiverSAM needs a regular voxel grid: harden the transform (Transforms module, 'Harden') "
+            "or resample the volume, then try again."
+        )
+    matrix = vtk.vtkMatrix4x4()
+    transform_node.GetMatrixTransformToWorld(matrix)
+    return _matrix_to_numpy(matrix)
+
+
+def ijk_to_world_ras_matrix(volume_node) -> np.ndarray:
+    """4x4 matrix from the volume's voxel indices (i, j, k) to world RAS millimetres."""
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(ijk_to_ras)
+    return node_to_world_matrix(volume_node) @ _matrix_to_numpy(ijk_to_ras)
+
+
+def geometry_from_ijk_to_ras(ijk_to_ras: np.ndarray, size_ijk: Sequence[int]) -> ImageGeometry:
+    """An :class:`ImageGeometry` (LPS) from an IJK-to-RAS 4x4 matrix and the grid size (ni, nj, nk)."""
+    ijk_to_lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(ijk_to_ras, dtype=float)
+    axes_lps = ijk_to_lps[:3, :3]
+    spacing_mm = np.linalg.norm(axes_lps, axis=0)
+    if np.any(spacing_mm <= 0):
+        raise InputImageError(
+            f"Volume has a zero voxel spacing ({spacing_mm} mm): its IJKToRAS matrix is invalid."
+        )
+    return ImageGeometry(
+        size_ijk=tuple(int(s) for s in size_ijk),
+        spacing_mm=tuple(float(s) for s in spacing_mm),
+        origin_lps=tuple(float(v) for v in ijk_to_lps[:3, 3]),
+        direction_lps=axes_lps / spacing_mm,
+    )
+
+
+def geometry_from_volume_node(volume_node) -> ImageGeometry:
+    """The volume's grid in world LPS: size, spacing (mm), origin (LPS mm), direction cosines (LPS)."""
+    image = volume_node.GetImageData() if volume_node is not None else None
+    if image is None:
+        name = volume_node.GetName() if volume_node is not None else "(none)"
+        raise InputImageError(f"Volume '{name}' has no voxel data: load a CT volume and select it as input.")
+    return geometry_from_ijk_to_ras(ijk_to_world_ras_matrix(volume_node), image.GetDimensions())
+
+
+def ct_volume_from_node(volume_node) -> CTVolume:
+    """A :class:`CTVolume` holding a *copy* of the node's voxels (HU) in world geometry.
+
+    The copy is what the model's preprocessing (windowing, resizing) works on: the node's own voxel
+    array is never handed out, so the CT shown in Slicer cannot be modified through it.
+    """
+    geometry = geometry_from_volume_node(volume_node)
+    image = volume_node.GetImageData()
+    if image.GetNumberOfScalarComponents() != 1:
+        raise InputImageError(
+            f"Volume '{volume_node.GetName()}' has {image.GetNumberOfScalarComponents()} components per voxel; "
+            "LiverSAM needs a scalar CT volume (convert colour/vector volumes with the Vector to Scalar Volume module)."
+        )
+    array_kji = np.array(slicer.util.arrayFromVolume(volume_node), copy=True)
+    return CTVolume(array_kji=array_kji, geometry=geometry, source=volume_node.GetName())
+
+
+def volume_node_from_ct(ct_volume: CTVolume, name: str = "CT", scene=None):
+    """Add a scalar volume node holding a copy of a :class:`CTVolume` (used by tests and the self-test)."""
+    scene = scene or slicer.mrmlScene
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    node.SetIJKToRASMatrix(_numpy_to_matrix(ct_volume.geometry.ijk_to_ras_matrix))
+    slicer.util.updateVolumeFromArray(node, np.array(ct_volume.array_kji, copy=True))
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+# ---------------------------------------------------------------------------------------------------
+# Markups -> prompts
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BoxPrompt:
+    """A box on slice ``k`` in voxel indices (inclusive ``i0..i1``, ``j0..j1``).
+
+    ``k_min..k_max`` is the slice range the ROI spans (equal to ``k`` for a flat box drawn on one slice).
+    """
+
+    k: int
+    i0: int
+    j0: int
+    i1: int
+    j1: int
+    k_min: int
+    k_max: int
+
+
+@dataclass
+class MarkupsPrompts:
+    """Prompts read from markups nodes, in voxel indices of the CT grid, grouped by slice ``k``."""
+
+    positive_ijk: list[tuple[int, int, int]] = field(default_factory=list)
+    negative_ijk: list[tuple[int, int, int]] = field(default_factory=list)
+    boxes: list[BoxPrompt] = field(default_factory=list)
+
+    @property
+    def slices(self) -> list[int]:
+        """Sorted slice indices that hold at least one prompt."""
+        ks = {p[2] for p in self.positive_ijk} | {p[2] for p in self.negative_ijk} | {b.k for b in self.boxes}
+        return sorted(ks)
+
+    def is_empty(self) -> bool:
+        return not (self.positive_ijk or self.negative_ijk or self.boxes)
+
+    def to_slice_prompts(self) -> dict:
+        """``{k: liversam.prompts.SlicePrompts}``: SAM's ``(x, y)`` is ``(i, j)``."""
+        from liversam.prompts import SlicePrompts
+
+        result = {}
+        for k in self.slices:
+            result[k] = SlicePrompts(
+                boxes_ij=[(b.i0, b.j0, b.i1, b.j1) for b in self.boxes if b.k == k],
+                points_pos_ij=[(i, j) for i, j, kk in self.positive_ijk if kk == k],
+                points_neg_ij=[(i, j) for i, j, kk in self.negative_ijk if kk == k],
+            )
+        return result
+
+
+def control_points_world_ras(markups_node) -> np.ndarray:
+    """World RAS positions (N, 3) of the node's placed control points (preview points are skipped)."""
+    points = []
+    for index in range(markups_node.GetNumberOfControlPoints()):
+        status = markups_node.GetNthControlPointPositionStatus(index)
+        if status != markups_node.PositionDefined:
+            continue
+        position = [0.0, 0.0, 0.0]
+        markups_node.GetNthControlPointPositionWorld(index, position)
+        points.append(position)
+    return np.asarray(points, dtype=float).reshape(-1, 3)
+
+
+def world_ras_to_voxel(geometry: ImageGeometry, points_ras: np.ndarray, what: str) -> np.ndarray:
+    """World RAS points (N, 3) to the nearest voxel indices (N, 3) as int (i, j, k).
+
+    Raises :class:`PromptError` naming ``what`` when a point lies outside the volume.
+    """
+    points_ijk = geometry.ras_to_ijk(np.asarray(points_ras, dtype=float).reshape(-1, 3))
+    inside = geometry.contains_ijk(points_ijk)
+    if not np.all(inside):
+        bad = int(np.flatnonzero(~inside)[0])
+        ras = ", ".join(f"{v:.1f}" for v in np.asarray(points_ras).reshape(-1, 3)[bad])
+        raise PromptError(
+            f"{what}: point {bad + 1} at RAS ({ras}) mm lies outside the input volume "
+            f"(size {geometry.size_ijk} voxels). Move or delete it in a slice view of the input volume."
+        )
+    return np.rint(points_ijk).astype(int)
+
+
+def roi_corners_world_ras(roi_node) -> np.ndarray:
+    """The 8 corners (8, 3) of a markups ROI in world RAS (rotated ROIs included)."""
+    size = np.asarray(roi_node.GetSize(), dtype=float)
+    object_to_world = _matrix_to_numpy(roi_node.GetObjectToWorldMatrix())
+    signs = np.array([[sx, sy, sz] for sx in (-0.5, 0.5) for sy in (-0.5, 0.5) for sz in (-0.5, 0.5)])
+    corners_object = np.hstack([signs * size, np.ones((8, 1))])
+    return (corners_object @ object_to_world.T)[:, :3]
+
+
+def box_from_roi(geometry: ImageGeometry, roi_node) -> BoxPrompt:
+    """A box prompt from a markups ROI: the ROI's bounding rectangle in (i, j) on the slice of its centre.
+
+    The rectangle is clipped to the volume; a ROI entirely outside the volume raises :class:`PromptError`.
+    """
+    corners_ijk = geometry.ras_to_ijk(roi_corners_world_ras(roi_node))
+    center_ijk = corners_ijk.mean(axis=0)
+    size = np.asarray(geometry.size_ijk)
+    low = np.floor(corners_ijk.min(axis=0) + 0.5).astype(int)
+    high = np.ceil(corners_ijk.max(axis=0) - 0.5).astype(int)
+    high = np.maximum(high, low)
+    if np.any(high < 0) or np.any(low > size - 1):
+        raise PromptError(
+            f"Box '{roi_node.GetName()}' lies outside the input volume. Draw the box on a slice of the input volume."
+        )
+    low = np.clip(low, 0, size - 1)
+    high = np.clip(high, 0, size - 1)
+    k = int(np.clip(np.rint(center_ijk[2]), 0, size[2] - 1))
+    return BoxPrompt(
+        k=k,
+        i0=int(low[0]),
+        j0=int(low[1]),
+        i1=int(high[0]),
+        j1=int(high[1]),
+        k_min=int(low[2]),
+        k_max=int(high[2]),
+    )
+
+
+def prompts_from_markups(
+    geometry: ImageGeometry,
+    positive_nodes: Iterable = (),
+    negative_nodes: Iterable = (),
+    roi_nodes: Iterable = (),
+) -> MarkupsPrompts:
+    """Read point lists (positive / negative clicks) and ROIs (boxes) into voxel-index prompts.
+
+    ``None`` entries are ignored, so optional parameter-node references can be passed directly.
+    """
+    prompts = MarkupsPrompts()
+    for nodes, target in ((positive_nodes, prompts.positive_ijk), (negative_nodes, prompts.negative_ijk)):
+        for node in nodes:
+            if node is None:
+                continue
+            voxels = world_ras_to_voxel(
+                geometry, control_points_world_ras(node), f"Point list '{node.GetName()}'"
+            )
+            target.extend((int(i), int(j), int(k)) for i, j, k in voxels)
+    for node in roi_nodes:
+        if node is None or not _roi_is_defined(node):
+            continue
+        prompts.boxes.append(box_from_roi(geometry, node))
+    return prompts
+
+
+def _roi_is_defined(roi_node) -> bool:
+    """A ROI counts once it has been placed (its centre point is defined) and has a non-zero size."""
+    if roi_node.GetNumberOfControlPoints() < 1:
+        return False
+    if roi_node.GetNthControlPointPositionStatus(0) != roi_node.PositionDefined:
+        return False
+    return bool(np.all(np.asarray(roi_node.GetSize()) > 0))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Masks <-> vtkOrientedImageData / segments
+# ---------------------------------------------------------------------------------------------------
+def oriented_image_from_slab(slab_kji: np.ndarray, k0: int, ijk_to_ras: np.ndarray):
+    """A ``vtkOrientedImageData`` (uint8 0/1) holding slices ``k0 .. k0 + len(slab) - 1`` of a grid.
+
+    ``slab_kji`` is [k, j, i] for those slices only; ``ijk_to_ras`` is the full grid's IJK-to-RAS matrix, so
+    the image lies exactly on the grid's slices ``k0 ..`` (its extent starts at ``k0``).
+    """
+    slab = np.asarray(slab_kji)
+    if slab.ndim == 2:
+        slab = slab[np.newaxis]
+    nk, nj, ni = slab.shape
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(0, ni - 1, 0, nj - 1, int(k0), int(k0) + nk - 1)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    vtk_np.vtk_to_numpy(image.GetPointData().GetScalars())[:] = np.ascontiguousarray(
+        slab > 0, dtype=np.uint8
+    ).ravel()
+    image.SetImageToWorldMatrix(_numpy_to_matrix(ijk_to_ras))
+    return image
+
+
+def oriented_image_from_mask(
+    mask_kji: np.ndarray, ijk_to_ras: np.ndarray, k_range: tuple[int, int] | None = None
+):
+    """A ``vtkOrientedImageData`` of a whole-grid mask, or of its slices ``k_range=(k0, k1)`` (inclusive)."""
+    mask_kji = np.asarray(mask_kji)
+    nk = mask_kji.shape[0]
+    k0, k1 = (0, nk - 1) if k_range is None else (int(k_range[0]), int(k_range[1]))
+    if not (0 <= k0 <= k1 < nk):
+        raise ValueError(f"slice range {k0}..{k1} outside 0..{nk - 1}")
+    return oriented_image_from_slab(mask_kji[k0 : k1 + 1], k0, ijk_to_ras)
+
+
+def ijk_to_segmentation_matrix(volume_node, segmentation_node) -> np.ndarray:
+    """4x4 matrix from the volume's IJK to the segmentation node's local RAS (both transforms linear)."""
+    segmentation_to_world = node_to_world_matrix(segmentation_node)
+    return np.linalg.inv(segmentation_to_world) @ ijk_to_world_ras_matrix(volume_node)
+
+
+def segment_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
+    """The segment as a bool array [k, j, i] on the volume's grid."""
+    array = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, volume_node)
+    return np.asarray(array) > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Terminology (standard SNOMED CT codes for the segments LiverSAM creates)
+# ---------------------------------------------------------------------------------------------------
+def terminology_entry_string(name: str) -> str:
+    """Slicer's ``TerminologyEntry`` string for a segment name (liver, tumour / lesion, else tissue)."""
+    from liversam.terminology import terminology_for
+
+    return terminology_for(name).slicer_string()

@@ -1,0 +1,494 @@
+"""LiverSAM's Slicer logic: segments, writing masks the Segment Editor way, undo, results, export.
+
+MRML only (no Qt): every method takes nodes, returns nodes / arrays, or raises a
+:class:`liversam.errors.LiverSAMError`. The model itself is injected (a ``SlicePredictor`` built by the
+caller), so tests can pass a small real one and the widget can run it on the worker thread.
+
+Writing into a segment goes through :class:`slicer.vtkSlicerSegmentEditorLogic` -- the logic behind the
+Segment Editor -- so the editable area (mask mode / mask segment), the intensity mask and the overwrite
+mode of the Segment Editor's parameter node apply exactly as they do to a manual Paint stroke, and
+every write first saves an undo state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import slicer
+from liversam.errors import InputImageError, OutputError
+
+from . import MRMLBridge
+
+LIVER = "liver"
+TUMOR = "tumor"
+STANDARD_SEGMENTS = (LIVER, TUMOR)
+
+# Segment Editor parameter node shared with the Segment Editor module (its singleton tag in the scene).
+SEGMENT_EDITOR_SINGLETON_TAG = "SegmentEditor"
+
+# The undo callback the widget may install: the Segment Editor widget's ``saveStateForUndo`` slot, so that
+# Ctrl+Z in the Segment Editor undoes LiverSAM's writes together with manual edits.
+SaveStateForUndo = Callable[[], None]
+
+logger = logging.getLogger(__name__)
+
+
+class SegmentationLogic:
+    """Segments, Segment-Editor-consistent writes and exports for one scene.
+
+    ``editor_node`` is the ``vtkMRMLSegmentEditorNode`` whose masking and overwrite settings apply; by
+    default the Segment Editor module's node in the scene (created if the scene has none yet).
+    ``save_state_for_undo`` replaces the logic's own undo history (see :data:`SaveStateForUndo`).
+    """
+
+    def __init__(
+        self, scene=None, editor_node=None, save_state_for_undo: SaveStateForUndo | None = None
+    ) -> None:
+        self._scene = scene
+        self._editor_node = editor_node
+        self.save_state_for_undo = save_state_for_undo
+        self._editor_logic = None
+        self.maximum_undo_states = 10
+
+    # --- scene, editor node and editor logic -------------------------------------------------------
+    @property
+    def scene(self):
+        return self._scene or slicer.mrmlScene
+
+    def editor_node(self):
+        """The Segment Editor parameter node whose settings LiverSAM follows."""
+        node = self._editor_node
+        if node is not None and node.GetScene() is self.scene:
+            return node
+        node = self.scene.GetSingletonNode(SEGMENT_EDITOR_SINGLETON_TAG, "vtkMRMLSegmentEditorNode")
+        if node is None:
+            node = self.scene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
+            node.UnRegister(None)
+            node.SetSingletonTag(SEGMENT_EDITOR_SINGLETON_TAG)
+            node = self.scene.AddNode(node)
+        self._editor_node = node
+        return node
+
+    def editor_logic(self, segmentation_node, volume_node):
+        """A ``vtkSlicerSegmentEditorLogic`` bound to the segmentation, the source volume and the editor node."""
+        if self._editor_logic is None:
+            logic = slicer.vtkSlicerSegmentEditorLogic()
+            logic.SetMRMLScene(self.scene)
+            logic.SetMaximumNumberOfUndoStates(self.maximum_undo_states)
+            self._editor_logic = logic
+        logic = self._editor_logic
+        if logic.GetSegmentEditorNode() is not self.editor_node():
+            logic.SetSegmentEditorNode(self.editor_node())
+        if logic.GetSegmentationNode() is not segmentation_node:
+            logic.SetSegmentationNode(segmentation_node)
+        if logic.GetSourceVolumeNode() is not volume_node:
+            logic.SetSourceVolumeNode(volume_node)
+        return logic
+
+    # --- segments -------------------------------------------------------------------------------------
+    def prepare_segmentation(self, segmentation_node, volume_node) -> None:
+        """Make the segmentation's reference geometry the CT grid (only when it has no segments yet)."""
+        if volume_node is None or segmentation_node is None:
+            raise InputImageError("Select an input volume and an output segmentation first.")
+        if segmentation_node.GetSegmentation().GetNumberOfSegments() == 0:
+            segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        if segmentation_node.GetDisplayNode() is None:
+            segmentation_node.CreateDefaultDisplayNodes()
+
+    def ensure_segment(self, segmentation_node, name: str, color: Sequence[float] | None = None) -> str:
+        """The ID of the segment named ``name``; created (with SNOMED CT terminology and colour) when missing."""
+        segmentation = segmentation_node.GetSegmentation()
+        segment_id = segmentation.GetSegmentIdBySegmentName(name)
+        if segment_id:
+            return segment_id
+        from liversam.segmentation import default_color
+
+        if color is None:
+            color = default_color(name, segmentation.GetNumberOfSegments())
+        segment_id = segmentation.AddEmptySegment(name, name, [float(c) for c in color])
+        segmentation.GetSegment(segment_id).SetTerminology(MRMLBridge.terminology_entry_string(name))
+        return segment_id
+
+    def ensure_standard_segments(self, segmentation_node) -> dict[str, str]:
+        """Create the ``liver`` and ``tumor`` segments when missing; returns name -> segment ID."""
+        return {name: self.ensure_segment(segmentation_node, name) for name in STANDARD_SEGMENTS}
+
+    @staticmethod
+    def segment_is_empty(segmentation_node, segment_id: str) -> bool:
+        """True when the segment has no voxel (or does not exist)."""
+        segment = segmentation_node.GetSegmentation().GetSegment(segment_id)
+        if segment is None:
+            return True
+        labelmap = segment.GetRepresentation(
+            slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+        )
+        if labelmap is None or labelmap.IsEmpty():
+            return True
+        low, high = labelmap.GetScalarRange()
+        if segment.GetLabelValue() < low or segment.GetLabelValue() > high:
+            return True
+        return not bool(
+            np.any(
+                slicer.util.arrayFromSegmentInternalBinaryLabelmap(segmentation_node, segment_id)
+                == segment.GetLabelValue()
+            )
+        )
+
+    # --- writing masks ----------------------------------------------------------------------------------
+    def write_mask(
+        self,
+        segmentation_node,
+        segment_id: str,
+        volume_node,
+        mask_kji: np.ndarray,
+        k_range: tuple[int, int] | None = None,
+        protect_segment_ids: Iterable[str] = (),
+        save_undo: bool = True,
+    ) -> None:
+        """Set a segment to ``mask_kji`` (bool [k, j, i] on the whole volume grid), the Segment Editor way.
+
+        With ``k_range=(k0, k1)`` only those slices (inclusive) are written; other slices keep their content.
+        See :meth:`write_slices` for masking, overwrite and undo.
+        """
+        geometry = MRMLBridge.geometry_from_volume_node(volume_node)
+        if tuple(np.shape(mask_kji)) != geometry.shape_kji:
+            raise OutputError(
+                f"Mask shape {np.shape(mask_kji)} does not match the volume '{volume_node.GetName()}' "
+                f"grid {geometry.shape_kji}: the mask must be computed on the selected input volume."
+            )
+        if k_range is None:
+            self._modify(
+                segmentation_node, segment_id, volume_node, mask_kji, 0, True, protect_segment_ids, save_undo
+            )
+        else:
+            k0, k1 = int(k_range[0]), int(k_range[1])
+            self.write_slices(
+                segmentation_node, segment_id, volume_node, np.asarray(mask_kji)[k0 : k1 + 1], k0,
+                protect_segment_ids, save_undo,
+            )  # fmt: skip
+
+    def write_slices(
+        self,
+        segmentation_node,
+        segment_id: str,
+        volume_node,
+        slab_kji: np.ndarray,
+        k0: int,
+        protect_segment_ids: Iterable[str] = (),
+        save_undo: bool = True,
+    ) -> None:
+        """Replace slices ``k0 .. k0 + len(slab) - 1`` of a segment with ``slab_kji`` (bool [k, j, i] or [j, i]).
+
+        The Segment Editor node's editable area (mask mode / mask segment), intensity mask and overwrite mode
+        apply as to a manual edit; ``protect_segment_ids`` (e.g. the liver when writing a tumour) are never
+        overwritten whatever the overwrite mode says. An undo state is saved first unless ``save_undo`` is
+        False. Other slices of the segment are not touched.
+        """
+        slab = np.asarray(slab_kji)
+        if slab.ndim == 2:
+            slab = slab[np.newaxis]
+        geometry = MRMLBridge.geometry_from_volume_node(volume_node)
+        if slab.shape[1:] != geometry.shape_kji[1:] or not (
+            0 <= k0 and k0 + slab.shape[0] <= geometry.shape_kji[0]
+        ):
+            raise OutputError(
+                f"Slices {k0}..{k0 + slab.shape[0] - 1} of shape {slab.shape[1:]} do not fit the volume "
+                f"'{volume_node.GetName()}' grid {geometry.shape_kji}: the mask must come from the selected input volume."
+            )
+        self._modify(
+            segmentation_node, segment_id, volume_node, slab, int(k0), False, protect_segment_ids, save_undo
+        )
+
+    def _modify(
+        self, segmentation_node, segment_id, volume_node, slab, k0, whole, protect_segment_ids, save_undo
+    ) -> None:
+        segmentation = segmentation_node.GetSegmentation()
+        if segmentation.GetSegment(segment_id) is None:
+            raise OutputError(
+                f"Segmentation '{segmentation_node.GetName()}' has no segment '{segment_id}': "
+                "select an existing target segment or let LiverSAM create it."
+            )
+        logic = self.editor_logic(segmentation_node, volume_node)
+        if save_undo:
+            self._save_undo_state(logic)
+        ijk_to_segmentation = MRMLBridge.ijk_to_segmentation_matrix(volume_node, segmentation_node)
+        modifier = MRMLBridge.oriented_image_from_slab(slab, k0, ijk_to_segmentation)
+        extent = list(modifier.GetExtent())
+        editor_node = self.editor_node()
+        protect = [sid for sid in protect_segment_ids if sid and sid != segment_id]
+        saved_overwrite = editor_node.GetOverwriteMode()
+        if protect and saved_overwrite != editor_node.OverwriteNone:
+            # The overwrite mode decides which *other* segments lose the written voxels: protecting a
+            # segment means no overwrite for this write (the user's setting is restored right after).
+            editor_node.SetOverwriteMode(editor_node.OverwriteNone)
+        try:
+            if whole:
+                logic.ModifySegmentByLabelmap(
+                    segmentation_node, segment_id, modifier, logic.ModificationModeSet, extent, True, False
+                )
+            else:
+                # "Set" replaces the whole segment; a slab update erases the slab, then adds the new mask.
+                ones = MRMLBridge.oriented_image_from_slab(
+                    np.ones(slab.shape, dtype=bool), k0, ijk_to_segmentation
+                )
+                logic.ModifySegmentByLabelmap(
+                    segmentation_node, segment_id, ones, logic.ModificationModeRemove, extent, True, False
+                )
+                logic.ModifySegmentByLabelmap(
+                    segmentation_node, segment_id, modifier, logic.ModificationModeAdd, extent, True, False
+                )
+        finally:
+            if editor_node.GetOverwriteMode() != saved_overwrite:
+                editor_node.SetOverwriteMode(saved_overwrite)
+
+    def _save_undo_state(self, logic) -> None:
+        if self.save_state_for_undo is not None:
+            self.save_state_for_undo()
+        else:
+            logic.SaveStateForUndo()
+
+    def can_undo(self) -> bool:
+        return self._editor_logic is not None and self._editor_logic.CanUndo()
+
+    def undo(self) -> None:
+        """Restore the segmentation as it was before the last write (LiverSAM's own history)."""
+        if self.can_undo():
+            self._editor_logic.Undo()
+
+    def redo(self) -> None:
+        if self._editor_logic is not None and self._editor_logic.CanRedo():
+            self._editor_logic.Redo()
+
+    # --- model runs (the compute part is MRML-free and runs on the worker thread) -------------------------
+    def volume_copy(self, volume_node):
+        """``(CTVolume copy, key)`` of the input volume; the copy is reused while the voxels are unchanged.
+
+        The key (node ID, image modification time) lets the model session keep cached embeddings.
+        """
+        image = volume_node.GetImageData() if volume_node is not None else None
+        key = (
+            (volume_node.GetID(), image.GetMTime() if image is not None else 0)
+            if volume_node is not None
+            else None
+        )
+        cached = getattr(self, "_volume_cache", None)
+        if cached is not None and cached[1] == key:
+            return cached
+        self._volume_cache = (MRMLBridge.ct_volume_from_node(volume_node), key)
+        return self._volume_cache
+
+    @staticmethod
+    def predict_prompted_slices(
+        session, settings, ct_volume, volume_key, markups_prompts, cancel=None
+    ) -> list:
+        """Masks of every prompted slice (``SlicePrediction`` list). Worker thread: touches no MRML node."""
+        predictions = []
+        for k, slice_prompts in markups_prompts.to_slice_prompts().items():
+            if cancel is not None and cancel():
+                break
+            if slice_prompts.is_empty():
+                continue  # negative points alone do not define an object
+            predictions.append(session.predict_slice(ct_volume, volume_key, settings, k, slice_prompts))
+        return predictions
+
+    def apply_slice_predictions(
+        self,
+        predictions: Sequence,
+        segmentation_node,
+        segment_id: str,
+        volume_node,
+        clip_to_segment_id: str | None = None,
+    ) -> None:
+        """Write per-slice predictions into a segment (one undo state for all of them). Main thread.
+
+        With ``clip_to_segment_id`` (the liver, when writing a tumour) each mask is clipped to that
+        segment and the segment is protected from being overwritten.
+        """
+        if not predictions:
+            return
+        clip = (
+            MRMLBridge.segment_mask(segmentation_node, clip_to_segment_id, volume_node)
+            if clip_to_segment_id
+            else None
+        )
+        logic = self.editor_logic(segmentation_node, volume_node)
+        self._save_undo_state(logic)
+        for prediction in predictions:
+            mask_ji = np.asarray(prediction.mask_ji, dtype=bool)
+            if clip is not None:
+                mask_ji = mask_ji & clip[prediction.k]
+            self.write_slices(
+                segmentation_node, segment_id, volume_node, mask_ji, prediction.k,
+                protect_segment_ids=[clip_to_segment_id] if clip_to_segment_id else (), save_undo=False,
+            )  # fmt: skip
+
+    @staticmethod
+    def segment_prompts(
+        name: str, label: int, markups_prompts, inside: str | None = None, propagate: bool = True, color=None
+    ):
+        """A core ``SegmentPrompts`` for one structure from the prompts placed in Slicer."""
+        from liversam.prompts import SegmentPrompts
+        from liversam.segmentation import default_color
+
+        return SegmentPrompts(
+            name=name,
+            label=int(label),
+            color=tuple(color) if color is not None else default_color(name, label - 1),
+            slices=markups_prompts.to_slice_prompts(),
+            inside=inside,
+            propagate=propagate,
+        )
+
+    # --- results of the core pipeline ---------------------------------------------------------------------
+    def apply_result(
+        self,
+        result,
+        segmentation_node,
+        volume_node,
+        k_range: tuple[int, int] | None = None,
+        protect: dict[str, Sequence[str]] | None = None,
+    ) -> dict[str, str]:
+        """Write every segment of a ``liversam.segmentation.SegmentationResult`` into the segmentation node.
+
+        Segments are matched by name (created when missing); one undo state covers the whole result.
+        ``protect`` maps a segment name to names of segments it must not overwrite (e.g.
+        ``{"tumor": ["liver"]}``). Returns name -> segment ID.
+        """
+        geometry = MRMLBridge.geometry_from_volume_node(volume_node)
+        if not geometry.is_close(result.geometry):
+            raise OutputError(
+                "The segmentation result was computed on a different grid than the input volume "
+                f"'{volume_node.GetName()}' ({geometry.describe_difference(result.geometry)}); run it again."
+            )
+        self.prepare_segmentation(segmentation_node, volume_node)
+        ids = {
+            seg.name: self.ensure_segment(segmentation_node, seg.name, seg.color) for seg in result.segments
+        }
+        logic = self.editor_logic(segmentation_node, volume_node)
+        self._save_undo_state(logic)
+        protect = protect or {}
+        for seg in result.segments:
+            protected_ids = [
+                ids.get(n) or self._segment_id(segmentation_node, n) for n in protect.get(seg.name, ())
+            ]
+            self.write_mask(
+                segmentation_node,
+                ids[seg.name],
+                volume_node,
+                seg.mask_kji,
+                k_range=k_range,
+                protect_segment_ids=[p for p in protected_ids if p],
+                save_undo=False,
+            )
+        return ids
+
+    @staticmethod
+    def _segment_id(segmentation_node, name: str) -> str:
+        return segmentation_node.GetSegmentation().GetSegmentIdBySegmentName(name)
+
+    def result_from_segmentation(
+        self, segmentation_node, volume_node, segment_ids: Sequence[str] | None = None
+    ):
+        """A ``SegmentationResult`` of the node's segments on the volume grid (labels 1, 2, ... in order)."""
+        from liversam.segmentation import Segment, SegmentationResult
+
+        geometry = MRMLBridge.geometry_from_volume_node(volume_node)
+        segmentation = segmentation_node.GetSegmentation()
+        if segment_ids is None:
+            segment_ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+        segments = []
+        for label, segment_id in enumerate(segment_ids, start=1):
+            segment = segmentation.GetSegment(segment_id)
+            segments.append(
+                Segment(
+                    name=segment.GetName(),
+                    label=label,
+                    mask_kji=MRMLBridge.segment_mask(segmentation_node, segment_id, volume_node),
+                    color=tuple(segment.GetColor()),
+                )
+            )
+        return SegmentationResult(
+            geometry=geometry, segments=segments, provenance={"source": "LiverSAM (3D Slicer)"}
+        )
+
+    # --- export -------------------------------------------------------------------------------------------
+    def export_seg_nrrd(self, segmentation_node, path: str | Path) -> Path:
+        """Write the segmentation with MRML's own storage node (``.seg.nrrd``), atomically."""
+        from liversam.atomic_write import atomic_path
+
+        path = Path(path)
+        if not path.name.endswith(".seg.nrrd"):
+            raise OutputError(f"'{path}': a Slicer segmentation file name must end with '.seg.nrrd'.")
+        storage = slicer.vtkMRMLSegmentationStorageNode()
+        storage.SetUseCompression(True)
+        with atomic_path(path) as tmp:
+            storage.SetFileName(str(tmp))
+            if not storage.WriteData(segmentation_node):
+                raise OutputError(
+                    f"Could not write '{path}': {storage.GetWriteStateAsString()}. Check the folder is writable."
+                )
+        return path
+
+    def export_labelmap(
+        self, segmentation_node, volume_node, path: str | Path, segment_ids: Sequence[str] | None = None
+    ) -> Path:
+        """Write a labelmap (``.nrrd``, ``.nii``, ``.nii.gz``) on the CT grid, labels 1, 2, ... by segment order."""
+        from liversam.atomic_write import atomic_path
+
+        path = Path(path)
+        if not any(path.name.endswith(s) for s in (".nrrd", ".nii", ".nii.gz")) or path.name.endswith(
+            ".seg.nrrd"
+        ):
+            raise OutputError(f"'{path}': labelmap exports are written as .nrrd, .nii or .nii.gz files.")
+        import vtk
+
+        ids = vtk.vtkStringArray()
+        segmentation = segmentation_node.GetSegmentation()
+        for segment_id in segment_ids or [
+            segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())
+        ]:
+            ids.InsertNextValue(segment_id)
+        labelmap_node = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__LiverSAM_export__")
+        try:
+            logic = slicer.modules.segmentations.logic()
+            if not logic.ExportSegmentsToLabelmapNode(segmentation_node, ids, labelmap_node, volume_node):
+                raise OutputError(
+                    f"Could not convert segmentation '{segmentation_node.GetName()}' to a labelmap."
+                )
+            storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+            storage.SetUseCompression(True)
+            with atomic_path(path) as tmp:
+                storage.SetFileName(str(tmp))
+                if not storage.WriteData(labelmap_node):
+                    raise OutputError(f"Could not write '{path}'. Check the folder is writable.")
+        finally:
+            if labelmap_node.GetDisplayNode() is not None:
+                self.scene.RemoveNode(labelmap_node.GetDisplayNode())
+            self.scene.RemoveNode(labelmap_node)
+        return path
+
+    def export_dicom_seg(
+        self, segmentation_node, volume_node, path: str | Path, dicom_series_files: Sequence[str | Path]
+    ) -> Path:
+        """Write a DICOM SEG referencing the CT's DICOM series (through ``liversam.dicom_seg``)."""
+        if not dicom_series_files:
+            raise OutputError(
+                f"DICOM SEG export of '{segmentation_node.GetName()}' needs the input volume's DICOM files: "
+                "load the CT from the DICOM database (DICOM module) so LiverSAM can reference it."
+            )
+        from liversam import dicom_seg
+
+        result = self.result_from_segmentation(segmentation_node, volume_node)
+        return Path(dicom_seg.write_dicom_seg(result, [Path(f) for f in dicom_series_files], Path(path)))
+
+
+def dicom_files_of_volume(volume_node) -> list[str]:
+    """The DICOM files a volume was loaded from (Slicer's DICOM loader stores their instance UIDs)."""
+    uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    database = getattr(slicer, "dicomDatabase", None)
+    if not uids or database is None:
+        return []
+    return [f for f in (database.fileForInstance(uid) for uid in uids) if f]
