@@ -105,46 +105,49 @@ class ModelSession:
         settings: SessionSettings,
         segment_prompts: Sequence,
         postprocess=None,
-        progress: Callable[[int, int], None] | None = None,
+        progress: Callable[[str, int, int], None] | None = None,
         cancel: Callable[[], bool] | None = None,
     ):
         """Run the core pipeline (per-slice prompts + propagation + post-processing) on the volume.
 
-        Returns a ``liversam.segmentation.SegmentationResult`` on the CT grid.
+        ``postprocess`` is a ``liversam.pipeline.PipelineSettings``; ``progress(stage, done, total)``;
+        ``cancel()`` returns True to stop (the pipeline then raises ``liversam.pipeline.Cancelled``). Returns a ``liversam.segmentation.SegmentationResult`` on the CT grid.
         """
         from liversam.pipeline import segment_volume
 
         predictor = self.predictor(volume, volume_key, settings)
-        kwargs = {"progress": progress, "cancel": cancel}
-        if postprocess is not None:
-            kwargs["postprocess"] = postprocess
-        return segment_volume(volume, list(segment_prompts), predictor, **kwargs)
+        return segment_volume(
+            volume, list(segment_prompts), predictor, settings=postprocess, progress=progress, cancel=cancel
+        )
 
 
 # --- glue to the core pipeline modules (post-processing, propagation, review, lesions) ----------------------
-# Parameter-node names -> possible field names of ``liversam.postprocess.PostprocessSettings``.
-_POSTPROCESS_SYNONYMS = {
-    "fill_holes": ("fill_holes",),
-    "min_island_mm3": ("min_island_mm3", "min_island_volume_mm3", "remove_islands_mm3", "min_component_mm3"),
-    "keep_largest": ("keep_largest", "keep_largest_component", "largest_component"),
-    "closing_mm": ("closing_mm", "closing_radius_mm", "close_mm"),
-}
+def core_postprocess_settings(
+    fill_holes: bool = True,
+    min_island_mm3: float = 0.0,
+    keep_largest: bool = True,
+    closing_mm: float = 0.0,
+):
+    """The core's ``PipelineSettings`` from the module's post-processing settings.
 
+    Per slice: fill holes, closing (mm). In 3D after propagation: fill holes, remove islands smaller than
+    ``min_island_mm3``; the liver also keeps only its largest component when ``keep_largest``.
+    """
+    from liversam.pipeline import PipelineSettings
+    from liversam.postprocess import Postprocess3DSettings, PostprocessSettings
 
-def core_postprocess_settings(**values):
-    """``liversam.postprocess.PostprocessSettings`` from the module's settings (fields matched by name)."""
-    import dataclasses
-
-    from liversam.postprocess import PostprocessSettings
-
-    names = {f.name for f in dataclasses.fields(PostprocessSettings)}
-    kwargs = {}
-    for key, value in values.items():
-        for candidate in _POSTPROCESS_SYNONYMS.get(key, (key,)):
-            if candidate in names:
-                kwargs[candidate] = value
-                break
-    return PostprocessSettings(**kwargs)
+    default_3d = Postprocess3DSettings(
+        fill_holes=fill_holes, min_island_mm3=float(min_island_mm3), keep_largest=False
+    )
+    return PipelineSettings(
+        slice_postprocess=PostprocessSettings(fill_holes=fill_holes, closing_radius_mm=float(closing_mm)),
+        postprocess_3d={
+            "liver": Postprocess3DSettings(
+                fill_holes=fill_holes, min_island_mm3=float(min_island_mm3), keep_largest=bool(keep_largest)
+            )
+        },
+        default_3d=default_3d,
+    )
 
 
 def propagate_segment(session, settings, volume, volume_key, segment_prompts, postprocess=None, clip_mask_kji=None,
@@ -157,16 +160,22 @@ def propagate_segment(session, settings, volume, volume_key, segment_prompts, po
     import dataclasses
 
     import numpy as np
+    from liversam.pipeline import Cancelled as PipelineCancelled
+
+    from .InferenceWorker import Cancelled
 
     prompts = dataclasses.replace(segment_prompts, inside=None, propagate=True)
 
-    def report(done, total, *rest):
+    def report(stage: str, done: int, total: int) -> None:
         if progress is not None:
-            progress(done, total, f"Propagating {segment_prompts.name}: slice {done} of {total}")
+            progress(done, total, f"{segment_prompts.name}: {stage} ({done}/{total})")
 
-    result = session.segment(
-        volume, volume_key, settings, [prompts], postprocess, progress=report, cancel=cancel
-    )
+    try:
+        result = session.segment(
+            volume, volume_key, settings, [prompts], postprocess, progress=report, cancel=cancel
+        )
+    except PipelineCancelled as cancelled:
+        raise Cancelled() from cancelled
     if clip_mask_kji is not None:
         for segment in result.segments:
             segment.mask_kji = np.asarray(segment.mask_kji, dtype=bool) & np.asarray(

@@ -279,3 +279,65 @@ def test_prompted_slice_with_real_model_and_prompt_change_without_reencoding(cas
     np.testing.assert_array_equal(
         MRMLBridge.segment_mask(segmentation, ids[TUMOR], volume)[k], liver_before[k]
     )
+
+
+@pytest.mark.model
+def test_propagation_results_go_into_the_segment_and_cancel_writes_nothing(lits117):
+    """Propagate the liver from one box through a 5-slice slab of lits117 on the worker-style path."""
+    import torch
+    from liversam.geometry import ImageGeometry
+    from liversam.volume import CTVolume
+    from LiverSAMLib.InferenceWorker import Cancelled
+    from LiverSAMLib.ModelSession import core_postprocess_settings, propagate_segment
+
+    torch.set_num_threads(2)
+    ct, labels = lits117
+    areas = (labels >= 1).sum(axis=(1, 2))
+    k_mid = int(np.argmax(areas))
+    k0 = k_mid - 2
+    g = ct.geometry
+    slab_geometry = ImageGeometry(
+        (g.size_ijk[0], g.size_ijk[1], 5), g.spacing_mm, tuple(g.ijk_to_lps([0, 0, k0])), g.direction_lps
+    )
+    slab_ct = CTVolume(np.array(ct.array_kji[k0 : k0 + 5]), slab_geometry)
+    liver = labels[k0 : k0 + 5] >= 1
+
+    scene = fresh_scene()
+    volume = MRMLBridge.volume_node_from_ct(slab_ct, "slab", scene)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    logic = SegmentationLogic(scene=scene)
+    logic.prepare_segmentation(segmentation, volume)
+    ids = logic.ensure_standard_segments(segmentation)
+    geometry = MRMLBridge.geometry_from_volume_node(volume)
+    js, is_ = np.nonzero(liver[2])
+    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
+    corners = geometry.ijk_to_ras(np.array([[is_.min(), js.min(), 2], [is_.max(), js.max(), 2]], dtype=float))
+    roi.SetCenterWorld(*corners.mean(axis=0))
+    roi.SetSizeWorld(*(np.abs(corners[1] - corners[0]) + [0.0, 0.0, 0.5]))
+    prompts = MRMLBridge.prompts_from_markups(geometry, roi_nodes=[roi])
+    segment_prompts = SegmentationLogic.segment_prompts(LIVER, 1, prompts)
+    session = ModelSession()
+    settings = SessionSettings(model="litemedsam", device="cpu", window_level_hu=60, window_width_hu=400)
+    ct_copy, key = logic.volume_copy(volume)
+    postprocess = core_postprocess_settings(fill_holes=True, min_island_mm3=100, keep_largest=True)
+
+    with pytest.raises(Cancelled):
+        propagate_segment(session, settings, ct_copy, key, segment_prompts, postprocess, cancel=lambda: True)
+    assert logic.segment_is_empty(segmentation, ids[LIVER])
+
+    progress = []
+    result = propagate_segment(
+        session,
+        settings,
+        ct_copy,
+        key,
+        segment_prompts,
+        postprocess,
+        progress=lambda d, t, m: progress.append((d, t)),
+    )
+    assert progress and progress[-1][0] == progress[-1][1]
+    logic.apply_result(result, segmentation, volume)
+    written = MRMLBridge.segment_mask(segmentation, ids[LIVER], volume)
+    assert written[[0, 4]].any()  # propagated to the slab's end slices
+    assert dice(written, liver) > 0.8, dice(written, liver)
+    assert len(session.current_predictor.encoded_slices) <= 5
