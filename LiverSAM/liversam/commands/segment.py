@@ -1,0 +1,98 @@
+"""``liversam segment CT --prompts PROMPTS.json --output OUT``: segment a CT from prompts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from ..errors import OutputError
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "segment",
+        help="segment a CT from box / point prompts",
+        description="Segment liver and tumours in a CT from prompts (PROMPTS.json or a Slicer .mrk.json).",
+    )
+    p.add_argument("ct", metavar="CT", help="CT volume: .nrrd, .nii, .nii.gz, .mha file or a DICOM series folder")
+    p.add_argument("--prompts", required=True, help="PROMPTS.json (or a Slicer markups .mrk.json)")
+    p.add_argument("--output", required=True, help="output: .seg.nrrd, labelmap .nrrd/.nii/.nii.gz, or .dcm (DICOM SEG)")
+    p.add_argument("--model", default="litemedsam", help="model name (litemedsam, sam_vit_b, ...), NAME=PATH, or checkpoint path")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.add_argument("--window-level", type=float, default=40.0, help="CT window centre in HU (default 40)")
+    p.add_argument("--window-width", type=float, default=400.0, help="CT window width in HU (default 400)")
+    p.add_argument("--clahe", action="store_true", help="apply CLAHE after windowing")
+    p.add_argument("--min-island-mm2", type=float, default=10.0, help="remove 2D islands smaller than this (mm^2)")
+    p.add_argument("--opening-mm", type=float, default=0.0, help="2D morphological opening radius (mm)")
+    p.add_argument("--closing-mm", type=float, default=0.0, help="2D morphological closing radius (mm)")
+    p.add_argument("--report", help="write the review report (per-slice area, score, flags) as JSON")
+    p.add_argument("--lesions", help="write the lesion table (.csv or .json)")
+    p.add_argument("--series-uid", help="DICOM folder: the SeriesInstanceUID to use when it holds several series")
+    p.add_argument("--cache-mb", type=float, default=2048.0, help="embedding cache size in MB")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch default)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..ct_io import read_ct
+    from ..models import load_model
+    from ..pipeline import PipelineSettings, segment_volume
+    from ..postprocess import PostprocessSettings
+    from ..predictor import SlicePredictor
+    from ..preprocess import WindowSettings
+    from ..prompts import load_prompts
+    from ..segmentation_io import WRITE_SUFFIXES, segmentation_format, write_segmentation
+
+    output = Path(args.output)
+    fmt = segmentation_format(output)
+    if not fmt or fmt == "mha":
+        raise OutputError(f"Output '{output}': unsupported file type; use one of {', '.join(WRITE_SUFFIXES)}.")
+    if fmt == "dicom-seg" and not Path(args.ct).is_dir():
+        raise OutputError(
+            f"Output '{output}' is a DICOM SEG, which must reference a DICOM CT series; the CT '{args.ct}' is not a "
+            "DICOM folder. Write .seg.nrrd or a labelmap instead, or segment the DICOM series."
+        )
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+
+    started = time.perf_counter()
+    volume = read_ct(args.ct, series_uid=args.series_uid)
+    segments = load_prompts(args.prompts, volume.geometry)
+    window = WindowSettings(level=args.window_level, width=args.window_width, clahe=args.clahe)
+    model = load_model(args.model, device=args.device)
+    predictor = SlicePredictor(model, volume, window=window, cache_mb=args.cache_mb)
+    settings = PipelineSettings(
+        slice_postprocess=PostprocessSettings(
+            min_island_mm2=args.min_island_mm2, opening_radius_mm=args.opening_mm, closing_radius_mm=args.closing_mm
+        )
+    )
+    result = segment_volume(volume, segments, predictor, settings)
+    result.provenance["prompts"] = str(args.prompts)
+    write_segmentation(result, output, reference_dicom=args.ct if fmt == "dicom-seg" else None, model_name=model.name)
+
+    if args.report:
+        from ..atomic_write import write_text_atomically
+        from ..review import build_review_report
+
+        write_text_atomically(args.report, json.dumps(build_review_report(result), indent=2))
+    if args.lesions:
+        from ..lesions import lesion_table, write_lesion_table
+
+        write_lesion_table(lesion_table(result), args.lesions)
+
+    elapsed = time.perf_counter() - started
+    voxel_ml = volume.geometry.voxel_volume_mm3 / 1000.0
+    for seg in result.segments:
+        print(f"{seg.name}: {int(seg.mask_kji.sum())} voxels, {seg.mask_kji.sum() * voxel_ml:.1f} mL")
+    print(
+        f"wrote {output} ({len(predictor.encoded_slices)} slices encoded in {predictor.encode_seconds:.1f} s, "
+        f"total {elapsed:.1f} s, model {model.name} on {model.device})"
+    )
+    return 0

@@ -1,0 +1,285 @@
+"""Slice-to-slice propagation of a segment through the volume, and re-propagation after a fix.
+
+Each box (or each slice's loose points) the user gives starts a *track*: the track's mask on the next
+slice is predicted from a box around the previous slice's mask (plus a margin) and, optionally, the
+previous mask as a dense prompt. A track stops where the structure ends:
+
+- the mask is empty or smaller than ``min_area_mm2``;
+- the mask collapses (area below ``collapse_ratio`` x the previous slice's area);
+- the model's own score falls below ``min_score``;
+- the mask barely overlaps the previous slice's mask (the track jumped to another structure);
+- the next slice carries the user's own prompts for the same object (the user's prompts rule their slice);
+- the volume ends, or the slice lies outside the container segment (``inside``).
+
+Tracks of one segment are combined by union; every slice records its area, score, box and origin for the
+review report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from .postprocess import PostprocessSettings, clean_slice
+from .predictor import SlicePredictor
+from .prompts import SegmentPrompts, SlicePrompts
+
+
+@dataclass(frozen=True)
+class PropagationSettings:
+    box_margin_mm: float = 4.0
+    use_mask_prompt: bool = False
+    min_area_mm2: float = 15.0
+    collapse_ratio: float = 0.2
+    min_score: float = 0.45
+    min_overlap: float = 0.2  # fraction of the new mask lying inside the previous slice's mask (dilated)
+    max_slices: int | None = None  # safety cap per track and direction (None: whole volume)
+
+
+@dataclass
+class SliceRecord:
+    """What happened on one slice of one track."""
+
+    k: int
+    area_mm2: float
+    score: float
+    box_ij: tuple[float, float, float, float] | None
+    source: str  # "user" or "propagated"
+    touches_box_edge: bool = False
+
+
+@dataclass
+class Track:
+    seed_k: int
+    records: dict[int, SliceRecord] = field(default_factory=dict)
+    stop_reasons: dict[str, str] = field(default_factory=dict)  # "up"/"down" -> why the track stopped
+
+
+@dataclass
+class PropagationOutcome:
+    mask_kji: np.ndarray
+    scores: dict[int, float]
+    tracks: list[Track]
+    user_slices: list[int]
+    computed_slices: list[int]  # slices predicted in this call
+
+
+def _box_of(mask_ji: np.ndarray) -> tuple[float, float, float, float] | None:
+    js, is_ = np.nonzero(mask_ji)
+    if js.size == 0:
+        return None
+    return (float(is_.min()), float(js.min()), float(is_.max()), float(js.max()))
+
+
+def _expand_box(box, margin_ij: tuple[float, float], shape_ji: tuple[int, int]):
+    i0, j0, i1, j1 = box
+    mi, mj = margin_ij
+    return (max(i0 - mi, 0.0), max(j0 - mj, 0.0), min(i1 + mi, shape_ji[1] - 1.0), min(j1 + mj, shape_ji[0] - 1.0))
+
+
+def _touches_box_edge(mask_ji: np.ndarray, box, shape_ji) -> bool:
+    """True when the mask reaches an edge of its prompt box that is not the image border."""
+    bb = _box_of(mask_ji)
+    if bb is None or box is None:
+        return False
+    i0, j0, i1, j1 = (int(round(v)) for v in box)
+    b0, c0, b1, c1 = (int(v) for v in bb)
+    return (
+        (b0 <= i0 and i0 > 0) or (c0 <= j0 and j0 > 0)
+        or (b1 >= i1 and i1 < shape_ji[1] - 1) or (c1 >= j1 and j1 < shape_ji[0] - 1)
+    )
+
+
+def _prompt_overlaps(prompts: SlicePrompts, mask_ji: np.ndarray, margin: int = 2) -> bool:
+    """Whether a user's prompts on a slice concern the object a track carries there."""
+    grown = ndimage.binary_dilation(mask_ji, iterations=margin) if mask_ji.any() else mask_ji
+    for i0, j0, i1, j1 in prompts.boxes_ij:
+        if grown[int(max(j0, 0)) : int(j1) + 1, int(max(i0, 0)) : int(i1) + 1].any():
+            return True
+    for i, j in prompts.points_pos_ij:
+        jj, ii = int(round(j)), int(round(i))
+        if 0 <= jj < grown.shape[0] and 0 <= ii < grown.shape[1] and grown[jj, ii]:
+            return True
+    return False
+
+
+def split_into_seeds(seg: SegmentPrompts) -> list[tuple[int, SlicePrompts]]:
+    """One seed per box (with the points inside it); a slice's loose points form one more seed."""
+    seeds: list[tuple[int, SlicePrompts]] = []
+    for k, prompts in sorted(seg.slices.items()):
+        used: set = set()
+        for box in prompts.boxes_ij:
+            i0, j0, i1, j1 = box
+            inside = [p for p in prompts.points_pos_ij if i0 - 0.5 <= p[0] <= i1 + 0.5 and j0 - 0.5 <= p[1] <= j1 + 0.5]
+            used.update(inside)
+            negatives = list(prompts.points_neg_ij)
+            seeds.append((k, SlicePrompts(boxes_ij=[box], points_pos_ij=inside, points_neg_ij=negatives)))
+        loose = [p for p in prompts.points_pos_ij if p not in used]
+        if loose:
+            seeds.append((k, SlicePrompts(points_pos_ij=loose, points_neg_ij=list(prompts.points_neg_ij))))
+    return seeds
+
+
+class _Propagator:
+    def __init__(
+        self,
+        predictor: SlicePredictor,
+        settings: PropagationSettings,
+        postprocess: PostprocessSettings,
+        user_slices: dict[int, SlicePrompts],
+        container_kji: np.ndarray | None,
+        progress: Callable[[str, int, int], None] | None,
+        cancel: Callable[[], bool] | None,
+        name: str,
+    ) -> None:
+        self.predictor = predictor
+        self.settings = settings
+        self.postprocess = postprocess
+        self.user_slices = user_slices
+        self.container = container_kji
+        self.progress = progress
+        self.cancel = cancel
+        self.name = name
+        geometry = predictor.volume.geometry
+        self.spacing_ji = (geometry.spacing_mm[1], geometry.spacing_mm[0])
+        self.pixel_mm2 = geometry.spacing_mm[0] * geometry.spacing_mm[1]
+        self.margin_ij = (settings.box_margin_mm / geometry.spacing_mm[0], settings.box_margin_mm / geometry.spacing_mm[1])
+        self.nk = geometry.size_ijk[2]
+        self.shape_ji = predictor.volume.array_kji.shape[1:]
+        self.computed: list[int] = []
+
+    def _predict(self, k: int, prompts: SlicePrompts, mask_logits=None):
+        from .pipeline import Cancelled
+
+        if self.cancel is not None and self.cancel():
+            raise Cancelled()
+        prediction = self.predictor.predict(k, prompts, mask_logits=mask_logits)
+        self.computed.append(k)
+        if self.progress:
+            self.progress(f"propagating '{self.name}'", len(self.computed), self.nk)
+        mask = clean_slice(prediction.mask_ji, self.spacing_ji, self.postprocess)
+        if self.container is not None:
+            mask &= self.container[k]
+        return mask, prediction
+
+    def run_track(self, seed_k: int, seed_prompts: SlicePrompts, out: np.ndarray, scores: dict[int, float],
+                  limits: tuple[int, int] | None = None) -> Track:
+        """Segment the seed slice, then walk up and down. ``limits`` = (k_min, k_max) allowed, inclusive."""
+        k_min, k_max = limits if limits is not None else (0, self.nk - 1)
+        track = Track(seed_k=seed_k)
+        mask, prediction = self._predict(seed_k, seed_prompts)
+        box = seed_prompts.boxes_ij[0] if seed_prompts.boxes_ij else _box_of(mask)
+        track.records[seed_k] = SliceRecord(seed_k, float(mask.sum() * self.pixel_mm2), prediction.score, box, "user",
+                                            _touches_box_edge(mask, box, self.shape_ji) if seed_prompts.boxes_ij else False)
+        out[seed_k] |= mask
+        scores[seed_k] = min(scores.get(seed_k, 1.0), prediction.score)
+        for direction, step in (("up", 1), ("down", -1)):
+            track.stop_reasons[direction] = self._walk(seed_k, step, mask, prediction, track, out, scores, k_min, k_max)
+        return track
+
+    def _walk(self, k0, step, prev_mask, prev_prediction, track, out, scores, k_min, k_max) -> str:
+        s = self.settings
+        prev_area = float(prev_mask.sum())
+        count = 0
+        k = k0 + step
+        while True:
+            if not (k_min <= k <= k_max) or not (0 <= k < self.nk):
+                return "volume end" if not (0 <= k < self.nk) else "reached limit"
+            if s.max_slices is not None and count >= s.max_slices:
+                return "max slices"
+            if prev_area * self.pixel_mm2 < s.min_area_mm2:
+                return "structure ended"
+            if k in self.user_slices and _prompt_overlaps(self.user_slices[k], prev_mask):
+                return f"user prompts on slice {k}"
+            if self.container is not None and not self.container[k].any():
+                return "outside container"
+            box = _expand_box(_box_of(prev_mask), self.margin_ij, self.shape_ji)
+            logits = prev_prediction.low_res_logits if s.use_mask_prompt else None
+            mask, prediction = self._predict(k, SlicePrompts(boxes_ij=[box]), mask_logits=logits)
+            area = float(mask.sum())
+            if area * self.pixel_mm2 < s.min_area_mm2:
+                return "structure ended"
+            if area < s.collapse_ratio * prev_area:
+                return "mask collapsed"
+            if prediction.score < s.min_score:
+                return f"low score {prediction.score:.2f}"
+            grown_prev = ndimage.binary_dilation(prev_mask, iterations=3)
+            if (mask & grown_prev).sum() < s.min_overlap * area:
+                return "jumped away from previous slice"
+            track.records[k] = SliceRecord(k, area * self.pixel_mm2, prediction.score, box, "propagated",
+                                           _touches_box_edge(mask, box, self.shape_ji))
+            out[k] |= mask
+            scores[k] = min(scores.get(k, 1.0), prediction.score)
+            prev_mask, prev_prediction, prev_area = mask, prediction, area
+            count += 1
+            k += step
+
+
+def propagate_segment(
+    seg: SegmentPrompts,
+    predictor: SlicePredictor,
+    settings: PropagationSettings | None = None,
+    postprocess: PostprocessSettings | None = None,
+    container_kji: np.ndarray | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> PropagationOutcome:
+    """Segment every prompted slice of ``seg`` and propagate each seed both ways until the structure ends."""
+    settings = settings or PropagationSettings()
+    postprocess = postprocess or PostprocessSettings()
+    propagator = _Propagator(predictor, settings, postprocess, seg.slices, container_kji, progress, cancel, seg.name)
+    out = np.zeros(predictor.volume.geometry.shape_kji, dtype=bool)
+    scores: dict[int, float] = {}
+    tracks = [propagator.run_track(k, prompts, out, scores) for k, prompts in split_into_seeds(seg)]
+    return PropagationOutcome(out, scores, tracks, sorted(seg.slices), propagator.computed)
+
+
+def repropagate(
+    existing_kji: np.ndarray,
+    seg: SegmentPrompts,
+    k_fix: int,
+    new_prompts: SlicePrompts,
+    predictor: SlicePredictor,
+    settings: PropagationSettings | None = None,
+    postprocess: PostprocessSettings | None = None,
+    container_kji: np.ndarray | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> PropagationOutcome:
+    """Fix one slice with new prompts and recompute only what that fix affects.
+
+    The object being fixed is the part of ``existing_kji`` connected (in 3D) to the new prompts on slice
+    ``k_fix``. Only slices strictly between the nearest user-prompted slices of ``seg`` below and above
+    ``k_fix`` (or the volume's ends) are recomputed, and only that object's voxels there are replaced; every
+    other slice and every other object is left exactly as it was. ``seg`` gains the new prompts.
+    """
+    settings = settings or PropagationSettings()
+    postprocess = postprocess or PostprocessSettings()
+    nk = existing_kji.shape[0]
+    others = [k for k in seg.slices if k != k_fix]
+    below = max((k for k in others if k < k_fix), default=-1)
+    above = min((k for k in others if k > k_fix), default=nk)
+    k_lo, k_hi = below + 1, above - 1
+
+    # The object the fix concerns: 3D components of the existing mask touching the new prompts' region.
+    region = np.zeros(existing_kji.shape[1:], dtype=bool)
+    for i0, j0, i1, j1 in new_prompts.boxes_ij:
+        region[int(max(j0, 0)) : int(j1) + 1, int(max(i0, 0)) : int(i1) + 1] = True
+    for i, j in new_prompts.points_pos_ij:
+        region[int(round(j)), int(round(i))] = True
+    labels, _ = ndimage.label(existing_kji)
+    touched = np.unique(labels[k_fix][region & existing_kji[k_fix]])
+    touched = touched[touched > 0]
+    object_mask = np.isin(labels, touched) if touched.size else np.zeros_like(existing_kji)
+
+    result = existing_kji.copy()
+    result[k_lo : k_hi + 1] &= ~object_mask[k_lo : k_hi + 1]
+    seg.slices[k_fix] = new_prompts
+    propagator = _Propagator(predictor, settings, postprocess, seg.slices, container_kji, None, cancel, seg.name)
+    scores: dict[int, float] = {}
+    fresh = np.zeros_like(existing_kji)
+    track = propagator.run_track(k_fix, new_prompts, fresh, scores, limits=(k_lo, k_hi))
+    result |= fresh
+    return PropagationOutcome(result, scores, [track], sorted(seg.slices), propagator.computed)

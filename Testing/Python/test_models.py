@@ -1,0 +1,102 @@
+"""Model registry: the bundled model verifies and loads; wrong files give errors that name the file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from liversam.errors import ModelError
+from liversam.models import (
+    LIVERSAM_CHECKPOINT_FORMAT,
+    MODEL_SPECS,
+    available_models,
+    load_model,
+    register_user_model,
+    resolve_device,
+)
+
+
+def test_bundled_model_is_verified_and_frozen(litemedsam):
+    assert litemedsam.spec.name == "litemedsam" and litemedsam.input_size == 256
+    assert litemedsam.low_res_mask_size == 256
+    assert not any(p.requires_grad for p in litemedsam.network.parameters())
+    names = {m.name for m in available_models()}
+    assert {"litemedsam", "sam_vit_b", "sam_vit_l", "sam_vit_h", "medsam_vit_b"} <= names
+
+
+def test_missing_official_checkpoint_names_file_and_address(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIVERSAM_HOME", str(tmp_path))
+    with pytest.raises(ModelError) as info:
+        load_model("sam_vit_b", device="cpu")
+    message = str(info.value)
+    assert "sam_vit_b_01ec64.pth" in message and MODEL_SPECS["sam_vit_b"].url in message
+
+
+def test_wrong_file_for_official_model_is_rejected_by_sha256(tmp_path):
+    wrong = tmp_path / "sam_vit_b_01ec64.pth"
+    torch.save({"w": torch.zeros(3)}, wrong)
+    with pytest.raises(ModelError, match="SHA-256") as info:
+        load_model(f"sam_vit_b={wrong}", device="cpu")
+    assert str(wrong) in str(info.value) and "dl.fbaipublicfiles.com" in str(info.value)
+
+
+def test_unknown_checkpoint_file_and_unknown_name(tmp_path):
+    junk = tmp_path / "random.pth"
+    torch.save({"w": torch.zeros(3)}, junk)
+    with pytest.raises(ModelError, match="neither a LiverSAM training checkpoint"):
+        load_model(str(junk), device="cpu")
+    with pytest.raises(ModelError, match="Unknown model 'no_such_model'"):
+        load_model("no_such_model", device="cpu")
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint")
+    with pytest.raises(ModelError, match="not a loadable weights-only"):
+        load_model(str(text), device="cpu")
+
+
+class _CodeOnLoad:
+    """Unpickling this calls ``pathlib.Path.touch``: code a weights-only load must never run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_checkpoint_with_pickled_code_is_refused(tmp_path):
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "evil.pth"
+    torch.save({"format": LIVERSAM_CHECKPOINT_FORMAT, "payload": _CodeOnLoad(str(marker))}, evil)
+    with pytest.raises(ModelError, match="weights-only"):
+        load_model(str(evil), device="cpu")
+    assert not marker.exists()
+
+
+def test_liversam_checkpoint_round_trip_and_registry(tmp_path, monkeypatch, litemedsam):
+    monkeypatch.setenv("LIVERSAM_HOME", str(tmp_path / "home"))
+    state = {k: v.clone() for k, v in litemedsam.network.state_dict().items()}
+    key = "mask_decoder.iou_prediction_head.layers.0.bias"
+    state[key] += 1.0
+    path = tmp_path / "finetuned.pth"
+    torch.save({"format": LIVERSAM_CHECKPOINT_FORMAT, "base_model": "litemedsam", "model_state": state,
+                "metadata": {"name": "my_liver_model", "epochs": 3}}, path)
+    loaded = load_model(str(path), device="cpu")
+    assert loaded.name == "my_liver_model" and loaded.metadata["base_model"] == "litemedsam"
+    assert torch.equal(loaded.network.state_dict()[key], state[key])
+    register_user_model("my_liver_model", path, description="test")
+    assert any(m.name == "my_liver_model" and m.available for m in available_models())
+    assert load_model("my_liver_model", device="cpu").source == str(path)
+    with pytest.raises(ModelError, match="built-in"):
+        register_user_model("litemedsam", path)
+
+
+def test_device_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(ModelError, match="Unknown device"):
+        resolve_device("tpu")
