@@ -1,0 +1,82 @@
+"""Review flags on constructed cases, and the lesion table against hand-computed values."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from liversam.errors import OutputError
+from liversam.geometry import ImageGeometry
+from liversam.lesions import label_lesions, lesion_table, lesion_table_from_mask, write_lesion_table
+from liversam.propagation import SliceRecord
+from liversam.review import ReviewSettings, build_review_report, review_segment
+from liversam.segmentation import Segment, SegmentationResult
+
+
+def _disc(shape, centre, radius):
+    jj, ii = np.mgrid[: shape[0], : shape[1]]
+    return (jj - centre[0]) ** 2 + (ii - centre[1]) ** 2 <= radius**2
+
+
+def test_review_flags_on_a_constructed_case():
+    shape = (20, 64, 64)
+    mask = np.zeros(shape, dtype=bool)
+    radii = {2: 8, 3: 9, 4: 10, 5: 11, 6: 12, 7: 13, 8: 22, 9: 13, 10: 12, 12: 11, 13: 10, 14: 11, 15: 12, 16: 13}
+    for k, r in radii.items():
+        mask[k] = _disc(shape[1:], (32, 32), r)
+    scores = {k: 0.9 for k in radii}
+    scores[5] = 0.3
+    records = {k: SliceRecord(k, 0.0, 0.9, None, "propagated") for k in radii}
+    records[9] = SliceRecord(9, 0.0, 0.9, (20, 20, 40, 40), "propagated", touches_box_edge=True)
+    rows = {row.k: row for row in review_segment(mask, 1.0, scores, records, ReviewSettings())}
+    assert "area_jump" in rows[8].flags  # radius 22 between 13 and 13
+    assert "area_jump" not in rows[7].flags and "area_jump" not in rows[9].flags
+    assert rows[5].flags == ["low_score"]
+    assert "touches_box_edge" in rows[9].flags
+    assert rows[11].flags == ["gap"] and rows[11].area_mm2 == 0
+    assert "past_end" in rows[16].flags  # grows over the last slices: radius 11 -> 12 -> 13
+    assert "past_end" not in rows[2].flags  # tapers at the top end, as it should
+    assert [k for k, row in rows.items() if not row.flags] == [2, 3, 4, 6, 7, 10, 12, 13, 14, 15]
+
+
+def test_review_report_is_json_ready():
+    geometry = ImageGeometry((16, 16, 5), (0.5, 0.5, 2.0), (0, 0, 0))
+    mask = np.zeros(geometry.shape_kji, dtype=bool)
+    mask[1:4, 4:8, 4:8] = True
+    result = SegmentationResult(geometry, [Segment("liver", 1, mask, slice_scores={2: 0.95})])
+    report = build_review_report(result)
+    text = json.dumps(report)
+    (seg,) = json.loads(text)["segments"]
+    assert seg["name"] == "liver" and [s["k"] for s in seg["slices"]] == [1, 2, 3]
+    assert seg["slices"][0]["area_mm2"] == 16 * 0.25 and seg["slices"][1]["score"] == 0.95
+    assert seg["volume_ml"] == pytest.approx(48 * 0.5 * 0.5 * 2.0 / 1000)
+
+
+def test_lesion_table_hand_computed(tmp_path):
+    geometry = ImageGeometry((40, 30, 10), (0.5, 0.8, 2.0), (100.0, -50.0, 10.0))
+    mask = np.zeros(geometry.shape_kji, dtype=bool)
+    mask[2:5, 10:13, 5:15] = True  # 3 x 3 x 10 = 90 voxels; axial extent: 9 * 0.5 mm in i, 2 * 0.8 mm in j
+    mask[7, 20, 30] = True  # a 1-voxel lesion
+    labels, n = label_lesions(mask)
+    assert n == 2 and (labels == 1).sum() == 90 and (labels == 2).sum() == 1
+    big, small = lesion_table_from_mask(mask, geometry)
+    assert big.lesion_id == 1 and big.voxels == 90
+    assert big.volume_ml == pytest.approx(90 * 0.5 * 0.8 * 2.0 / 1000)
+    assert big.longest_axial_diameter_mm == pytest.approx(np.hypot(9 * 0.5, 2 * 0.8), abs=0.01)
+    assert (big.slice_first, big.slice_last) == (2, 4)
+    np.testing.assert_allclose(big.centre_lps, geometry.ijk_to_lps([9.5, 11, 3]), atol=0.01)
+    assert small.longest_axial_diameter_mm == 0.0 and small.slice_first == small.slice_last == 7
+
+    result = SegmentationResult(geometry, [Segment("liver", 1, mask | True), Segment("tumor", 2, mask)])
+    table = lesion_table(result)
+    assert [lesion.segment for lesion in table] == ["tumor", "tumor"]
+    write_lesion_table(table, tmp_path / "lesions.csv")
+    rows = list(csv.DictReader((tmp_path / "lesions.csv").open()))
+    assert rows[0]["lesion_id"] == "1" and float(rows[0]["volume_ml"]) == pytest.approx(big.volume_ml)
+    write_lesion_table(table, tmp_path / "lesions.json")
+    assert json.loads((tmp_path / "lesions.json").read_text())[1]["voxels"] == 1
+    with pytest.raises(OutputError, match=".csv or .json"):
+        write_lesion_table(table, tmp_path / "lesions.xlsx")
