@@ -1,0 +1,576 @@
+"""DICOM CT input: find the series in a folder, pick the CT one, read it into a :class:`CTVolume`.
+
+A folder (searched recursively) may hold several series, and non-image objects (DICOM SEG, RTSTRUCT, SR).
+:func:`list_dicom_series` groups the files by SeriesInstanceUID; :func:`select_dicom_series` picks the one
+to read: the series the user names (by SeriesInstanceUID or SeriesNumber), otherwise the CT series with the
+most slices. A tie is refused with the list of choices, so the user never gets a series silently.
+
+:func:`read_dicom_series` sorts the slices along the slice normal (``cross(row, column)`` of
+ImageOrientationPatient), checks that they form a regular grid and applies RescaleSlope/RescaleIntercept
+(per slice). Geometry: ``direction_lps`` columns are the DICOM row direction (i), the column direction (j)
+and the slice normal (k); ``spacing_mm`` is (PixelSpacing[1], PixelSpacing[0], slice step); the origin is
+the ImagePositionPatient of the first sorted slice. So the ImagePositionPatient of file ``k`` equals
+``geometry.ijk_to_lps((0, 0, k))``, and ``metadata["dicom_files"][k]`` is the file of slice ``k``.
+
+Irregular slice spacing (missing slices) and gantry tilt (slices shifted in-plane) cannot be represented
+by an orthogonal regular grid: they raise :class:`InputImageError` unless ``resample_irregular=True``, in
+which case the slices are linearly interpolated onto a regular orthogonal grid (``metadata
+["dicom_resampled"]`` is then True and the grid no longer matches the files one to one).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputImageError
+from .geometry import ImageGeometry
+from .volume import CTVolume
+
+logger = logging.getLogger(__name__)
+
+# Modalities whose objects never hold the CT image itself.
+NON_IMAGE_MODALITIES = frozenset(
+    {"SEG", "RTSTRUCT", "RTPLAN", "RTRECORD", "SR", "PR", "KO", "REG", "DOC", "FID", "PLAN", "AU", "ECG"}
+)
+# Slice positions may deviate from a regular grid by this much (mm), or by this fraction of the spacing.
+POSITION_TOLERANCE_MM = 0.01
+POSITION_TOLERANCE_FRACTION = 0.01
+ORIENTATION_TOLERANCE = 1e-4
+
+SERIES_OPTION_HINT = "choose one by SeriesInstanceUID (liversam: --series-uid UID; Python: series_uid=...)"
+NON_CT_OPTION_HINT = "liversam: --allow-non-ct; Python: allow_non_ct=True"
+RESAMPLE_OPTION_HINT = "liversam: --resample-irregular; Python: resample_irregular=True"
+
+
+@dataclass(frozen=True)
+class DicomSeriesInfo:
+    """One series found in a folder.
+
+    ``series_uid`` is "" when the files carry no SeriesInstanceUID (some anonymisers blank it); such files
+    are grouped by folder, frame of reference, series number and description instead. ``files`` excludes
+    localizer (scout) images. ``is_image`` is False for SEG, RTSTRUCT, SR and other non-image objects.
+    """
+
+    series_uid: str
+    series_number: int | None
+    modality: str
+    description: str
+    study_uid: str
+    frame_of_reference_uid: str
+    files: tuple[Path, ...]
+    rows: int | None = None
+    columns: int | None = None
+    is_image: bool = True
+    # Headers read while scanning (pixel data not loaded), in the order of ``files``.
+    headers: tuple = field(default=(), repr=False, compare=False)
+
+    @property
+    def num_files(self) -> int:
+        return len(self.files)
+
+    def describe(self) -> str:
+        """One line for listings: number, modality, description, size, UID."""
+        number = "?" if self.series_number is None else str(self.series_number)
+        size = f"{self.columns}x{self.rows}" if self.rows and self.columns else "no image"
+        uid = self.series_uid or "(no SeriesInstanceUID)"
+        return (
+            f"SeriesNumber {number} | {self.modality or '?'} | '{self.description}' | "
+            f"{self.num_files} file(s), {size} | SeriesInstanceUID {uid}"
+        )
+
+
+def _format_choices(series: Iterable[DicomSeriesInfo]) -> str:
+    return "\n".join("  - " + s.describe() for s in series)
+
+
+# --- scanning ---------------------------------------------------------------------------------------
+
+
+def _iter_candidate_files(folder: Path) -> Iterable[Path]:
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith(".") or name.upper() == "DICOMDIR":
+                continue
+            yield Path(root) / name
+
+
+def _read_header(path: Path):
+    """The dataset without pixel data, or None when ``path`` is not a DICOM file."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError):
+        return None
+
+
+def _int_or_none(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _is_localizer(ds) -> bool:
+    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
+    return "LOCALIZER" in image_type
+
+
+def list_dicom_series(folder: str | Path) -> list[DicomSeriesInfo]:
+    """All DICOM series under ``folder`` (recursive), image series first, then CT, then most files.
+
+    Files that are not DICOM are ignored. Raises :class:`InputImageError` if ``folder`` does not exist.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputImageError(f"DICOM folder not found: '{folder}'. Give a folder that holds a DICOM series.")
+    return list_dicom_series_files(_iter_candidate_files(folder))
+
+
+def list_dicom_series_files(paths: Iterable[str | Path]) -> list[DicomSeriesInfo]:
+    """Group the given files into series (as :func:`list_dicom_series` does for a folder).
+
+    Files that are not DICOM are ignored; missing files raise :class:`InputImageError`.
+    """
+    groups: dict[tuple, list[tuple[Path, object]]] = {}
+    for path in (Path(p) for p in paths):
+        if not path.is_file():
+            raise InputImageError(f"DICOM file not found: '{path}'.")
+        ds = _read_header(path)
+        if ds is None or "SOPClassUID" not in ds and "Modality" not in ds:
+            continue
+        series_uid = str(ds.get("SeriesInstanceUID", "") or "")
+        if series_uid:
+            key: tuple = (series_uid,)
+        else:  # anonymised files: group by what is left
+            key = (
+                "",
+                str(path.parent),
+                str(ds.get("FrameOfReferenceUID", "") or ""),
+                str(ds.get("SeriesNumber", "") or ""),
+                str(ds.get("SeriesDescription", "") or ""),
+                str(ds.get("Modality", "") or ""),
+            )
+        groups.setdefault(key, []).append((path, ds))
+
+    infos = []
+    for key, members in groups.items():
+        first = members[0][1]
+        modality = str(first.get("Modality", "") or "").upper()
+        images = [(p, d) for p, d in members if "Rows" in d and not _is_localizer(d)]
+        is_image = modality not in NON_IMAGE_MODALITIES and bool(images)
+        kept = images if is_image else members
+        if is_image and len(images) < len(members):
+            logger.debug(
+                "series %s: ignoring %d localizer/non-image file(s)", key[0], len(members) - len(images)
+            )
+        ref = kept[0][1]
+        infos.append(
+            DicomSeriesInfo(
+                series_uid=key[0],
+                series_number=_int_or_none(first.get("SeriesNumber")),
+                modality=modality,
+                description=str(first.get("SeriesDescription", "") or ""),
+                study_uid=str(first.get("StudyInstanceUID", "") or ""),
+                frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "") or ""),
+                files=tuple(p for p, _ in kept),
+                rows=_int_or_none(ref.get("Rows")),
+                columns=_int_or_none(ref.get("Columns")),
+                is_image=is_image,
+                headers=tuple(d for _, d in kept),
+            )
+        )
+    infos.sort(key=lambda s: (not s.is_image, s.modality != "CT", -s.num_files, s.series_number or 0))
+    return infos
+
+
+def select_dicom_series(
+    folder: str | Path,
+    series_uid: str | None = None,
+    series_number: int | None = None,
+    allow_non_ct: bool = False,
+    series: Sequence[DicomSeriesInfo] | None = None,
+) -> DicomSeriesInfo:
+    """Pick the series to read from ``folder`` (see the module docstring for the rules).
+
+    ``series`` may pass an already computed :func:`list_dicom_series` result. Raises
+    :class:`InputImageError` listing the choices when nothing or more than one series fits.
+    """
+    folder = Path(folder)
+    all_series = list(series) if series is not None else list_dicom_series(folder)
+    if not all_series:
+        raise InputImageError(
+            f"No DICOM files found in '{folder}'. Give the folder that holds the CT series' .dcm files."
+        )
+    image_series = [s for s in all_series if s.is_image]
+
+    if series_uid:
+        matches = [s for s in all_series if s.series_uid == series_uid]
+        if not matches:
+            raise InputImageError(
+                f"No series with SeriesInstanceUID {series_uid} in '{folder}'. Series found:\n"
+                + _format_choices(all_series)
+            )
+        chosen = matches[0]
+    elif series_number is not None:
+        matches = [s for s in image_series if s.series_number == int(series_number)]
+        if not matches:
+            raise InputImageError(
+                f"No image series with SeriesNumber {series_number} in '{folder}'. Series found:\n"
+                + _format_choices(all_series)
+            )
+        if len(matches) > 1:
+            raise InputImageError(
+                f"{len(matches)} series in '{folder}' have SeriesNumber {series_number}; {SERIES_OPTION_HINT}:\n"
+                + _format_choices(matches)
+            )
+        chosen = matches[0]
+    else:
+        ct_series = [s for s in image_series if s.modality == "CT"]
+        candidates = ct_series or (image_series if allow_non_ct else [])
+        if not candidates:
+            if image_series:
+                raise InputImageError(
+                    f"No CT series in '{folder}' (found: {', '.join(sorted({s.modality or '?' for s in image_series}))}). "
+                    f"LiverSAM is made for CT; to use another modality anyway pass {NON_CT_OPTION_HINT}. Series found:\n"
+                    + _format_choices(all_series)
+                )
+            raise InputImageError(
+                f"'{folder}' holds DICOM files but no image series (only "
+                f"{', '.join(sorted({s.modality or '?' for s in all_series}))}). Give the folder of the CT images."
+            )
+        most = max(s.num_files for s in candidates)
+        top = [s for s in candidates if s.num_files == most]
+        if len(top) > 1:
+            raise InputImageError(
+                f"'{folder}' holds {len(top)} CT series with {most} images each; {SERIES_OPTION_HINT}:\n"
+                + _format_choices(top)
+            )
+        chosen = top[0]
+        if len(candidates) > 1:
+            logger.warning(
+                "'%s' holds %d image series; using the one with the most slices:\n  %s\nOthers (%s):\n%s",
+                folder,
+                len(candidates),
+                chosen.describe(),
+                SERIES_OPTION_HINT,
+                _format_choices(s for s in candidates if s is not chosen),
+            )
+
+    if not chosen.is_image:
+        raise InputImageError(
+            f"Series {chosen.series_uid} in '{folder}' is a {chosen.modality} object, not an image series. "
+            f"Give a CT series; series found:\n" + _format_choices(all_series)
+        )
+    if chosen.modality != "CT" and not allow_non_ct:
+        raise InputImageError(
+            f"Series {chosen.series_uid or chosen.describe()} in '{folder}' has modality {chosen.modality or '?'}, "
+            f"not CT. LiverSAM expects Hounsfield units; to use it anyway pass {NON_CT_OPTION_HINT}."
+        )
+    return chosen
+
+
+# --- geometry ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class SortedSeries:
+    """The headers of one series sorted along the slice normal, and the grid they define.
+
+    ``geometry`` is the regular grid of the files when ``regular`` is True. Otherwise (irregular spacing or
+    gantry tilt) it is the regular orthogonal grid a resample would produce and ``problem`` says why.
+    """
+
+    info: DicomSeriesInfo
+    files: list[Path]
+    headers: list
+    positions_lps: np.ndarray  # (n, 3) ImagePositionPatient, sorted
+    geometry: ImageGeometry
+    regular: bool
+    problem: str = ""
+
+
+def _require(ds, keyword: str, path: Path):
+    value = ds.get(keyword)
+    if value is None or (hasattr(value, "__len__") and len(value) == 0):
+        raise InputImageError(
+            f"DICOM file '{path}' has no {keyword}; LiverSAM needs it to place the slice in 3D. "
+            "Re-export the series from the scanner or PACS with full image-plane attributes."
+        )
+    return value
+
+
+def sort_series(info: DicomSeriesInfo, folder: str | Path = "") -> SortedSeries:
+    """Sort a series' slices along the normal and work out its grid (no pixel data is read).
+
+    Raises :class:`InputImageError` for multi-frame files, missing plane attributes, mixed orientation or
+    image size, and several images at one position. Irregular spacing and tilt are reported in
+    ``problem`` (``regular=False``), not raised, so the caller decides.
+    """
+    where = f"series {info.series_uid or info.describe()} in '{folder}'"
+    headers = list(info.headers) or [_read_header(p) for p in info.files]
+    files = list(info.files)
+    for path, ds in zip(files, headers, strict=True):
+        if _int_or_none(ds.get("NumberOfFrames")) not in (None, 1):
+            raise InputImageError(
+                f"'{path}' is a multi-frame (enhanced) DICOM image with {ds.NumberOfFrames} frames; LiverSAM reads "
+                "classic one-slice-per-file CT series. Convert it (e.g. load it in 3D Slicer and save as NRRD)."
+            )
+    orientations = np.array(
+        [
+            [float(v) for v in _require(ds, "ImageOrientationPatient", p)]
+            for p, ds in zip(files, headers, strict=True)
+        ]
+    )
+    if np.abs(orientations - orientations[0]).max() > ORIENTATION_TOLERANCE:
+        raise InputImageError(
+            f"The images of {where} do not all have the same ImageOrientationPatient (a mix of axial and "
+            f"reformatted images?). Pick a series with one orientation ({SERIES_OPTION_HINT})."
+        )
+    pixel_spacings = np.array(
+        [[float(v) for v in _require(ds, "PixelSpacing", p)] for p, ds in zip(files, headers, strict=True)]
+    )
+    sizes = {(int(ds.Rows), int(ds.Columns)) for ds in headers}
+    if len(sizes) > 1 or np.abs(pixel_spacings - pixel_spacings[0]).max() > 1e-4:
+        raise InputImageError(
+            f"The images of {where} differ in size or PixelSpacing ({sorted(sizes)}); they do not form one volume. "
+            f"Pick another series ({SERIES_OPTION_HINT})."
+        )
+    positions = np.array(
+        [
+            [float(v) for v in _require(ds, "ImagePositionPatient", p)]
+            for p, ds in zip(files, headers, strict=True)
+        ]
+    )
+
+    row_dir = orientations[0, :3] / np.linalg.norm(orientations[0, :3])
+    col_dir = orientations[0, 3:] / np.linalg.norm(orientations[0, 3:])
+    normal = np.cross(row_dir, col_dir)
+    distances = positions @ normal
+    order = np.argsort(distances, kind="stable")
+    files = [files[i] for i in order]
+    headers = [headers[i] for i in order]
+    positions = positions[order]
+    distances = distances[order]
+
+    spacing_i, spacing_j = float(pixel_spacings[0, 1]), float(pixel_spacings[0, 0])
+    rows, cols = sizes.pop()
+    n = len(files)
+    steps = np.diff(distances)
+    if n > 1 and steps.min() < POSITION_TOLERANCE_MM:
+        k = int(np.argmin(steps))
+        raise InputImageError(
+            f"{where}: '{files[k].name}' and '{files[k + 1].name}' lie at the same slice position "
+            f"({distances[k]:.3f} mm along the normal). The series holds several acquisitions, phases or echoes; "
+            "split them (e.g. in 3D Slicer's DICOM module) or pick one series."
+        )
+
+    problem = ""
+    if n > 1:
+        regular_step = (distances[-1] - distances[0]) / (n - 1)
+        median_step = float(np.median(steps))
+        tolerance = max(POSITION_TOLERANCE_MM, POSITION_TOLERANCE_FRACTION * regular_step)
+        grid_error = np.abs(distances - (distances[0] + regular_step * np.arange(n)))
+        offsets = positions - positions[0]
+        inplane_mm = np.abs(np.stack([offsets @ row_dir, offsets @ col_dir], axis=1)).max()
+        if inplane_mm > max(POSITION_TOLERANCE_MM, POSITION_TOLERANCE_FRACTION * min(spacing_i, spacing_j)):
+            tilt_tag = headers[0].get("GantryDetectorTilt")
+            problem = (
+                f"the slices are shifted in-plane along the series by up to {inplane_mm:.2f} mm"
+                + (f" (GantryDetectorTilt {float(tilt_tag):g} degrees)" if tilt_tag not in (None, "") else "")
+                + ": a gantry-tilted or sheared acquisition"
+            )
+        elif grid_error.max() > tolerance:
+            k = int(np.argmax(np.abs(steps - median_step)))
+            problem = (
+                f"irregular slice spacing: the gap between '{files[k].name}' and '{files[k + 1].name}' is "
+                f"{steps[k]:.3f} mm while most slices are {median_step:.3f} mm apart "
+                f"(gaps range {steps.min():.3f}..{steps.max():.3f} mm; missing slices?)"
+            )
+        spacing_k = median_step if problem else float(regular_step)
+    else:
+        spacing_k = float(headers[0].get("SpacingBetweenSlices") or headers[0].get("SliceThickness") or 1.0)
+    nk = int(np.floor((distances[-1] - distances[0]) / spacing_k + 1e-3)) + 1 if problem else n
+    geometry = ImageGeometry(
+        size_ijk=(cols, rows, nk),
+        spacing_mm=(spacing_i, spacing_j, spacing_k),
+        origin_lps=tuple(positions[0]),
+        direction_lps=np.column_stack([row_dir, col_dir, normal]),
+    )
+    return SortedSeries(
+        info=info,
+        files=files,
+        headers=headers,
+        positions_lps=positions,
+        geometry=geometry,
+        regular=not problem,
+        problem=problem,
+    )
+
+
+# --- pixel data -------------------------------------------------------------------------------------
+
+
+def _rescale(ds) -> tuple[float, float]:
+    slope = ds.get("RescaleSlope")
+    intercept = ds.get("RescaleIntercept")
+    return (
+        1.0 if slope in (None, "") else float(slope),
+        0.0 if intercept in (None, "") else float(intercept),
+    )
+
+
+def _read_slice_hu(path: Path, expected_shape: tuple[int, int]) -> np.ndarray:
+    """One slice in HU (rescale applied), float64, shape (rows, columns)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path)
+        stored = ds.pixel_array
+        slope, intercept = _rescale(ds)
+        hu = stored.astype(np.float64) * slope + intercept
+    except Exception as pydicom_error:  # noqa: BLE001 - fall back to GDCM for codecs pydicom lacks
+        try:
+            import SimpleITK as sitk
+
+            image = sitk.ReadImage(str(path))  # GDCM applies the rescale itself
+            hu = sitk.GetArrayFromImage(image).astype(np.float64).reshape(image.GetHeight(), image.GetWidth())
+        except Exception as sitk_error:  # noqa: BLE001
+            raise InputImageError(
+                f"Cannot decode the pixel data of '{path}' ({pydicom_error}; GDCM: {str(sitk_error).strip()[:200]}). "
+                "The transfer syntax may need a codec: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg, "
+                "or decompress the series (e.g. gdcmconv --raw)."
+            ) from pydicom_error
+    if hu.shape != expected_shape:
+        raise InputImageError(
+            f"'{path}' holds an image of shape {hu.shape}, expected {expected_shape} (Rows x Columns) like the rest "
+            "of its series. The file is damaged or not a single-frame grayscale CT slice."
+        )
+    return hu
+
+
+def _hu_dtype(headers: Sequence) -> type:
+    integral = all(float(v).is_integer() for ds in headers for v in _rescale(ds))
+    return np.int32 if integral else np.float32
+
+
+def _resample_slices(slices_hu: np.ndarray, sorted_series: SortedSeries, fill_value: float) -> np.ndarray:
+    """Linearly interpolate irregular or tilted slices onto ``sorted_series.geometry`` (orthogonal grid)."""
+    from scipy import ndimage
+
+    geometry = sorted_series.geometry
+    direction = geometry.direction_lps
+    row_dir, col_dir, normal = direction[:, 0], direction[:, 1], direction[:, 2]
+    spacing_i, spacing_j, spacing_k = geometry.spacing_mm
+    positions = sorted_series.positions_lps
+    distances = positions @ normal
+    origin = np.asarray(geometry.origin_lps)
+    out = np.empty(geometry.shape_kji, dtype=np.float32)
+    for k in range(geometry.size_ijk[2]):
+        d = distances[0] + k * spacing_k
+        b = int(np.clip(np.searchsorted(distances, d, side="right"), 1, len(distances) - 1))
+        a = b - 1
+        w = float(np.clip((d - distances[a]) / (distances[b] - distances[a]), 0.0, 1.0))
+        slice_origin = origin + k * spacing_k * normal
+        blended = np.zeros(geometry.shape_kji[1:], dtype=np.float64)
+        for index, weight in ((a, 1.0 - w), (b, w)):
+            if weight == 0.0:
+                continue
+            offset = slice_origin - positions[index]
+            shift_ji = (-(offset @ col_dir) / spacing_j, -(offset @ row_dir) / spacing_i)
+            moved = ndimage.shift(slices_hu[index], shift_ji, order=1, mode="constant", cval=fill_value)
+            blended += weight * moved
+        out[k] = blended
+    return out
+
+
+def read_dicom_series(
+    folder: str | Path,
+    series_uid: str | None = None,
+    series_number: int | None = None,
+    allow_non_ct: bool = False,
+    resample_irregular: bool = False,
+) -> CTVolume:
+    """Read one DICOM series from ``folder`` into a :class:`CTVolume` in Hounsfield units.
+
+    ``folder`` may also be one file of the series (its series is then read from its folder). The series
+    is chosen by :func:`select_dicom_series`. The array is [k, j, i]: int16 when the rescaled values are
+    integers within int16 range, else float32. ``metadata`` holds "dicom_series_uid", "dicom_study_uid",
+    "dicom_files" (paths sorted by slice position: file k is slice k), "dicom_sop_instance_uids",
+    "dicom_frame_of_reference_uid", "dicom_series_number", "dicom_series_description", "modality",
+    "dicom_resampled".
+
+    Raises :class:`InputImageError` naming the folder, the problem and the fix.
+    """
+    folder = Path(folder)
+    if folder.is_file():
+        ds = _read_header(folder)
+        if ds is None:
+            raise InputImageError(
+                f"'{folder}' is not a DICOM file. Give a DICOM series folder or one of its files."
+            )
+        series_uid = series_uid or str(ds.get("SeriesInstanceUID", "") or "") or None
+        folder = folder.parent
+    if not folder.exists():
+        raise InputImageError(f"DICOM folder not found: '{folder}'.")
+    info = select_dicom_series(
+        folder, series_uid=series_uid, series_number=series_number, allow_non_ct=allow_non_ct
+    )
+    sorted_series = sort_series(info, folder)
+    if not sorted_series.regular and not resample_irregular:
+        raise InputImageError(
+            f"Series {info.series_uid or info.describe()} in '{folder}': {sorted_series.problem}. LiverSAM needs a "
+            f"regular, orthogonal slice grid. Re-export the complete series, or let LiverSAM resample it onto a "
+            f"regular grid ({RESAMPLE_OPTION_HINT}); a resampled volume no longer matches the DICOM files one to "
+            "one, so DICOM SEG output is then not possible (use .seg.nrrd)."
+        )
+
+    geometry = sorted_series.geometry
+    rows, cols = geometry.shape_kji[1], geometry.shape_kji[2]
+    n = len(sorted_series.files)
+    work_dtype = _hu_dtype(sorted_series.headers)
+    slices = np.empty((n, rows, cols), dtype=work_dtype)
+    for k, path in enumerate(sorted_series.files):
+        hu = _read_slice_hu(path, (rows, cols))
+        slices[k] = np.rint(hu) if work_dtype is np.int32 else hu
+
+    if not sorted_series.regular:
+        logger.warning(
+            "Series %s: %s. Resampling onto a regular grid of %d slices %.3f mm apart (as asked).",
+            info.series_uid,
+            sorted_series.problem,
+            geometry.size_ijk[2],
+            geometry.spacing_mm[2],
+        )
+        array = _resample_slices(slices, sorted_series, fill_value=float(slices.min()))
+    elif (
+        work_dtype is np.int32
+        and slices.min() >= np.iinfo(np.int16).min
+        and slices.max() <= np.iinfo(np.int16).max
+    ):
+        array = slices.astype(np.int16)
+    else:
+        array = slices.astype(np.float32)
+
+    first = sorted_series.headers[0]
+    metadata = {
+        "dicom_series_uid": info.series_uid,
+        "dicom_study_uid": info.study_uid,
+        "dicom_files": [str(p) for p in sorted_series.files],
+        "dicom_sop_instance_uids": [str(ds.get("SOPInstanceUID", "") or "") for ds in sorted_series.headers],
+        "dicom_frame_of_reference_uid": info.frame_of_reference_uid,
+        "dicom_series_number": info.series_number,
+        "dicom_series_description": info.description,
+        "dicom_patient_id": str(first.get("PatientID", "") or ""),
+        "modality": info.modality,
+        "dicom_resampled": not sorted_series.regular,
+    }
+    return CTVolume(array_kji=array, geometry=geometry, source=str(folder), metadata=metadata)
