@@ -23,7 +23,13 @@ def has_image_suffix(path: Path) -> bool:
     return any(name.endswith(s) for s in IMAGE_FILE_SUFFIXES)
 
 
-def read_ct(path: str | Path, series_uid: str | None = None, allow_non_ct: bool = False) -> CTVolume:
+def read_ct(
+    path: str | Path,
+    series_uid: str | None = None,
+    allow_non_ct: bool = False,
+    series_number: int | None = None,
+    resample_irregular: bool = False,
+) -> CTVolume:
     """Read a CT volume from a file or a DICOM folder.
 
     Raises :class:`InputImageError` naming the path and what is wrong: missing path, unsupported format,
@@ -35,7 +41,13 @@ def read_ct(path: str | Path, series_uid: str | None = None, allow_non_ct: bool 
     if path.is_dir():
         from .dicom_series import read_dicom_series  # local import: DICOM needs pydicom
 
-        return read_dicom_series(path, series_uid=series_uid, allow_non_ct=allow_non_ct)
+        return read_dicom_series(
+            path,
+            series_uid=series_uid,
+            series_number=series_number,
+            allow_non_ct=allow_non_ct,
+            resample_irregular=resample_irregular,
+        )
     if not has_image_suffix(path):
         raise InputImageError(
             f"Unsupported CT file type: '{path}'. Supported: {', '.join(IMAGE_FILE_SUFFIXES)} or a DICOM series folder."

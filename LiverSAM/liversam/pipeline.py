@@ -95,6 +95,8 @@ def segment_volume(
         geometry=geometry,
         provenance={"software": "LiverSAM", "version": __version__, "model": predictor.model.name},
     )
+    if volume.metadata.get("dicom_series_uid"):  # lets a DICOM SEG reference exactly this series
+        result.provenance["dicom_series_uid"] = volume.metadata["dicom_series_uid"]
     masks: dict[str, np.ndarray] = {}
     reports: dict[str, object] = {}
     ordered = order_by_dependency(segment_prompts)

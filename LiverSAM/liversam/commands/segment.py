@@ -33,6 +33,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--report", help="write the review report (per-slice area, score, flags) as JSON")
     p.add_argument("--lesions", help="write the lesion table (.csv or .json)")
     p.add_argument("--series-uid", help="DICOM folder: the SeriesInstanceUID to use when it holds several series")
+    p.add_argument("--series-number", type=int, help="DICOM folder: the SeriesNumber to use")
+    p.add_argument("--allow-non-ct", action="store_true", help="DICOM: accept a series whose modality is not CT")
+    p.add_argument("--resample-irregular", action="store_true",
+                   help="DICOM: resample irregular slice spacing or gantry tilt instead of refusing it")
     p.add_argument("--cache-mb", type=float, default=2048.0, help="embedding cache size in MB")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch default)")
     p.set_defaults(run=run)
@@ -63,7 +67,13 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
-    volume = read_ct(args.ct, series_uid=args.series_uid)
+    volume = read_ct(
+        args.ct,
+        series_uid=args.series_uid,
+        series_number=args.series_number,
+        allow_non_ct=args.allow_non_ct,
+        resample_irregular=args.resample_irregular,
+    )
     segments = load_prompts(args.prompts, volume.geometry)
     window = WindowSettings(level=args.window_level, width=args.window_width, clahe=args.clahe)
     model = load_model(args.model, device=args.device)
