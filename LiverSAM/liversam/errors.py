@@ -21,3 +21,7 @@ class ModelError(LiverSAMError):
 
 class OutputError(LiverSAMError):
     """An output cannot be written (unknown format, geometry mismatch, ...)."""
+
+
+class Cancelled(Exception):  # noqa: N818 - a user action, not an error
+    """The user cancelled a long operation; nothing was written."""

@@ -14,20 +14,19 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import __version__
-from .errors import PromptError
+from .errors import Cancelled, PromptError
 from .postprocess import Postprocess3DSettings, PostprocessSettings, clean_slice, clean_volume
 from .predictor import SlicePredictor
 from .prompts import SegmentPrompts
+from .propagation import PropagationSettings, propagate_segment
 from .segmentation import Segment, SegmentationResult
 
 log = logging.getLogger(__name__)
 
+__all__ = ["Cancelled", "PipelineSettings", "segment_volume", "segment_prompted_slices"]
+
 ProgressCallback = Callable[[str, int, int], None]  # (stage, done, total)
 CancelCallback = Callable[[], bool]
-
-
-class Cancelled(Exception):
-    """Raised when the user cancels a long operation; nothing is written."""
 
 
 @dataclass(frozen=True)
@@ -38,6 +37,7 @@ class PipelineSettings:
         default_factory=lambda: {"liver": Postprocess3DSettings(fill_holes=True, keep_largest=True)}
     )
     default_3d: Postprocess3DSettings = field(default_factory=lambda: Postprocess3DSettings(fill_holes=True))
+    propagation: PropagationSettings = field(default_factory=PropagationSettings)
     later_segment_wins: bool = True
 
 
@@ -107,10 +107,8 @@ def segment_volume(
             progress(f"segment '{seg.name}'", index, len(ordered))
         container = masks.get(seg.inside) if seg.inside else None
         if seg.propagate:
-            from .propagation import PropagationSettings, propagate_segment
-
             outcome = propagate_segment(
-                seg, predictor, PropagationSettings(), settings.slice_postprocess,
+                seg, predictor, settings.propagation, settings.slice_postprocess,
                 container_kji=container, progress=progress, cancel=cancel,
             )
             mask, scores = outcome.mask_kji, outcome.scores

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from .errors import Cancelled
 from .postprocess import PostprocessSettings, clean_slice
 from .predictor import SlicePredictor
 from .prompts import SegmentPrompts, SlicePrompts
@@ -152,8 +153,6 @@ class _Propagator:
         self.computed: list[int] = []
 
     def _predict(self, k: int, prompts: SlicePrompts, mask_logits=None):
-        from .pipeline import Cancelled
-
         if self.cancel is not None and self.cancel():
             raise Cancelled()
         prediction = self.predictor.predict(k, prompts, mask_logits=mask_logits)
