@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
+
 from liversam.click_simulation import (
     Click,
     mean_dice_per_click,
@@ -12,7 +14,6 @@ from liversam.click_simulation import (
     region_centre_ij,
     simulate_clicks_on_slice,
 )
-from scipy import ndimage
 
 
 def test_first_click_is_positive_at_the_centre_of_the_reference() -> None:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+
 from liversam import evaluate as ev
 from liversam.errors import LiverSAMError
 

@@ -1,0 +1,310 @@
+"""LiverSAM speed and memory benchmark (not a unit test).
+
+Measures, on the lits117 example CT (128 axial slices of 128 x 128 voxels):
+
+- image-encoder time per slice (median and 95th percentile over repeated runs, after warm-up);
+- prompt time with a cached embedding: the model's prompt encoder + mask decoder alone, and the whole
+  ``SlicePredictor.predict`` call (decoder + mapping the mask back onto the slice);
+- time to segment a liver of ``--volume-slices`` slices (default 100) from one box on its largest slice,
+  cold embedding cache (every slice encoded), through ``liversam.pipeline.segment_volume`` with propagation;
+- peak resident memory of the process (``ru_maxrss``);
+- training throughput (slices/s) when ``liversam.training`` offers ``benchmark_training_throughput``,
+  otherwise "not available".
+
+The header records model, device, torch threads, torch and LiverSAM versions and the machine. Default
+settings finish in under 5 minutes on 2 CPU cores.
+
+Run:  python benchmarks/run_benchmarks.py --output benchmark.json   (or ``liversam benchmark``)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = Path(os.environ.get("LIVERSAM_TEST_DATA", REPO.parent / "shared" / "data")) / "lits117"
+
+
+def _ensure_importable() -> None:
+    """Make ``import liversam`` work from a source checkout without installation."""
+    try:
+        import liversam  # noqa: F401
+    except ModuleNotFoundError:
+        sys.path.insert(0, str(REPO / "LiverSAM"))
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _timings(fn: Callable[[], object], runs: int, warmup: int) -> dict:
+    """Run ``fn`` ``warmup`` times unmeasured, then ``runs`` times; seconds: median, p95, mean, min, max."""
+    import numpy as np
+
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return {
+        "runs": runs,
+        "warmup": warmup,
+        "median_s": statistics.median(samples),
+        "p95_s": float(np.percentile(samples, 95)),
+        "mean_s": statistics.fmean(samples),
+        "min_s": min(samples),
+        "max_s": max(samples),
+    }
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MB (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def _bounding_box(mask_ji) -> tuple[int, int, int, int]:
+    import numpy as np
+
+    rows = np.flatnonzero(mask_ji.any(axis=1))
+    cols = np.flatnonzero(mask_ji.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])
+
+
+def run_benchmarks(
+    data: Path = DEFAULT_DATA,
+    model_name: str = "litemedsam",
+    device: str = "cpu",
+    threads: int | None = 2,
+    encoder_runs: int = 10,
+    decoder_runs: int = 30,
+    volume_slices: int = 100,
+    skip_volume: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run every benchmark and return the JSON-ready result."""
+    _ensure_importable()
+    import numpy as np
+    import torch
+
+    import liversam
+    from liversam.ct_io import read_ct
+    from liversam.evaluate import read_label
+    from liversam.models import load_model
+    from liversam.predictor import SlicePredictor
+    from liversam.prompts import SlicePrompts
+
+    if threads:
+        torch.set_num_threads(threads)
+    ct_path, label_path = data / "ct.nii.gz", data / "label.nii.gz"
+    volume = read_ct(ct_path)
+    label = read_label(label_path, volume.geometry, ct_path)
+    liver = np.isin(label, (1, 2))
+
+    t0 = time.perf_counter()
+    model = load_model(model_name, device=device)
+    load_s = time.perf_counter() - t0
+    header = {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "liversam_version": liversam.__version__,
+        "model": model.name,
+        "model_source": model.source,
+        "device": str(model.device),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "machine": {
+            "cpu": _cpu_model(),
+            "logical_cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        },
+        "data": str(data),
+        "volume_shape_kji": list(volume.geometry.shape_kji),
+    }
+    log(
+        f"LiverSAM {header['liversam_version']} | model {header['model']} on {header['device']} | "
+        f"torch {header['torch_version']}, {header['torch_threads']} threads | {header['machine']['cpu']}"
+    )
+    results: dict = {"header": header, "model_load_s": load_s}
+
+    # Image encoder, one slice at a time (the slice with the largest liver area, as in interactive use).
+    areas = liver.sum(axis=(1, 2))
+    k_big = int(np.argmax(areas))
+    predictor = SlicePredictor(model, volume)
+    model_input = predictor.model_input(k_big)
+    results["image_encoder_per_slice"] = _timings(lambda: model.encode(model_input), encoder_runs, warmup=2)
+    log(
+        "image encoder per slice: median {median_s:.3f} s, p95 {p95_s:.3f} s ({runs} runs)".format(
+            **results["image_encoder_per_slice"]
+        )
+    )
+    results["preprocess_per_slice"] = _timings(lambda: predictor.model_input(k_big), 20, warmup=2)
+
+    # Prompt -> mask with the embedding cached.
+    box = _bounding_box(liver[k_big])
+    prompts = SlicePrompts(boxes_ij=[box])
+    embedding = predictor.embedding(k_big)
+    box_xyxy = predictor.transform.box_to_model(box)
+    results["decoder_per_prompt"] = _timings(
+        lambda: model.decode(embedding, None, None, box_xyxy, None, False), decoder_runs, warmup=3
+    )
+    results["predict_per_prompt_cached"] = _timings(
+        lambda: predictor.predict(k_big, prompts), decoder_runs, warmup=3
+    )
+    log(
+        "decoder per prompt (cached embedding): median {median_s:.4f} s, p95 {p95_s:.4f} s".format(
+            **results["decoder_per_prompt"]
+        )
+        + " | whole predict() median {median_s:.4f} s".format(**results["predict_per_prompt_cached"])
+    )
+
+    # A liver of `volume_slices` slices from one box, cold cache.
+    if skip_volume:
+        results["segment_liver_one_box"] = "skipped"
+    else:
+        results["segment_liver_one_box"] = _segment_from_one_box(volume, label, model, volume_slices, log)
+
+    results["training_throughput"] = _training_throughput(model_name, device, log)
+    results["peak_rss_mb"] = peak_rss_mb()
+    log(f"peak resident memory: {results['peak_rss_mb']:.0f} MB")
+    return results
+
+
+def _segment_from_one_box(volume, label, model, n_slices: int, log: Callable[[str], None]) -> dict | str:
+    """Segment the liver on ``n_slices`` slices from one box on its largest slice, with a cold cache."""
+    import numpy as np
+
+    from liversam.evaluate import crop_slices
+    from liversam.predictor import SlicePredictor
+    from liversam.prompts import SegmentPrompts, SlicePrompts
+
+    try:
+        from liversam.pipeline import segment_volume
+        from liversam.propagation import propagate_segment  # noqa: F401  (propagation must exist)
+    except ModuleNotFoundError as exc:
+        log(f"segment liver from one box: not available ({exc.name} missing)")
+        return f"not available ({exc.name} missing)"
+    from liversam.metrics import dice
+
+    liver = np.isin(label, (1, 2))
+    present = np.flatnonzero(liver.any(axis=(1, 2)))
+    # n_slices consecutive slices centred on the liver (all liver slices of lits117 lie within 128).
+    centre = int((present[0] + present[-1]) // 2)
+    k0 = max(0, min(centre - n_slices // 2, volume.num_slices - n_slices))
+    k1 = min(volume.num_slices, k0 + n_slices)
+    sub_volume, sub_label, _ = crop_slices(volume, label, (k0, k1))
+    sub_liver = np.isin(sub_label, (1, 2))
+    k_big = int(np.argmax(sub_liver.sum(axis=(1, 2))))
+    box = _bounding_box(sub_liver[k_big])
+    predictor = SlicePredictor(model, sub_volume)
+    seg = SegmentPrompts(name="liver", label=1, slices={k_big: SlicePrompts(boxes_ij=[box])}, propagate=True)
+    start = time.perf_counter()
+    result = segment_volume(sub_volume, [seg], predictor)
+    seconds = time.perf_counter() - start
+    mask = result.segment("liver").mask_kji
+    out = {
+        "slices_in_volume": int(k1 - k0),
+        "slice_range": [int(k0), int(k1)],
+        "liver_slices_in_reference": int(sub_liver.any(axis=(1, 2)).sum()),
+        "slices_segmented": int(mask.any(axis=(1, 2)).sum()),
+        "slices_encoded": len(set(predictor.encoded_slices)),
+        "encode_seconds": predictor.encode_seconds,
+        "total_s": seconds,
+        "seconds_per_segmented_slice": seconds / max(1, int(mask.any(axis=(1, 2)).sum())),
+        "liver_dice": dice(mask, sub_liver),
+    }
+    log(
+        f"segment liver from one box: {out['total_s']:.1f} s for {out['slices_segmented']} slices "
+        f"({out['slices_encoded']} encoded, Dice {out['liver_dice']:.3f})"
+    )
+    return out
+
+
+def _training_throughput(model_name: str, device: str, log: Callable[[str], None]) -> dict | str:
+    """Call ``liversam.training.benchmark_training_throughput`` when it exists (a fresh model: it trains)."""
+    try:
+        from liversam import training
+    except ImportError:
+        log("training throughput: not available (no liversam.training)")
+        return "not available"
+    hook = getattr(training, "benchmark_training_throughput", None)
+    if hook is None:
+        log("training throughput: not available (liversam.training has no benchmark_training_throughput)")
+        return "not available"
+    value = hook(model=model_name, device=device)
+    if isinstance(value, dict) and "slices_per_second" in value:
+        log(
+            f"training throughput: {value['slices_per_second']:.1f} slices/s (mode: {value.get('train_encoder', '?')})"
+        )
+    else:
+        log(f"training throughput: {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data", type=Path, default=DEFAULT_DATA, help="folder with ct.nii.gz + label.nii.gz"
+    )
+    parser.add_argument("--model", default="litemedsam", help="model name or checkpoint path")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default cpu)")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch CPU threads (default 2; 0 = torch's choice)"
+    )
+    parser.add_argument("--encoder-runs", type=int, default=10, help="measured encoder runs (default 10)")
+    parser.add_argument("--decoder-runs", type=int, default=30, help="measured decoder runs (default 30)")
+    parser.add_argument(
+        "--volume-slices", type=int, default=100, help="slices of the one-box liver run (default 100)"
+    )
+    parser.add_argument("--skip-volume", action="store_true", help="skip the one-box liver segmentation")
+    parser.add_argument(
+        "--output", type=Path, default=Path("benchmark.json"), help="JSON output (default benchmark.json)"
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    results = run_benchmarks(
+        data=args.data,
+        model_name=args.model,
+        device=args.device,
+        threads=args.threads or None,
+        encoder_runs=args.encoder_runs,
+        decoder_runs=args.decoder_runs,
+        volume_slices=args.volume_slices,
+        skip_volume=args.skip_volume,
+    )
+    _ensure_importable()
+    from liversam.atomic_write import write_text_atomically
+    from liversam.metrics import json_safe
+
+    write_text_atomically(args.output, json.dumps(json_safe(results), indent=2) + "\n")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(build_parser().parse_args()))
