@@ -1,10 +1,17 @@
-"""LiverSAMTrain: fine-tune LiverSAM's model on your own segmented CT cases (placeholder module).
+"""LiverSAMTrain: fine-tune LiverSAM's Segment Anything model on your own segmented CT studies, in 3D Slicer.
 
-The training engineer replaces this file with the full module (a training process started with
-``PythonSlicer -m liversam train``, its progress polled, the best checkpoint registered so that the
-LiverSAM module lists it).
+Thin Qt layer: the widget collects the settings, exports loaded volume + segmentation pairs, and runs
+``PythonSlicer -m liversam train ...`` in a background process (``LiverSAMTrainLib.TrainingProcess``) whose
+output a ``QTimer`` polls, so Slicer stays responsive. Curves go to a table + plot chart; the best model is
+registered so that the LiverSAM module's model list offers it. The logic (``LiverSAMTrainLib.TrainingLogic``)
+has no Qt and is tested on slicer-core's MRML.
 """
 
+import logging
+import tempfile
+from pathlib import Path
+
+import qt
 import slicer
 from slicer.i18n import tr as _
 from slicer.i18n import translate
@@ -15,6 +22,11 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 
+from LiverSAMTrainLib import TrainingLogic
+from LiverSAMTrainLib.TrainingProcess import TrainingProcess
+
+POLL_INTERVAL_MS = 500
+
 
 class LiverSAMTrain(ScriptedLoadableModule):
     def __init__(self, parent):
@@ -24,21 +36,187 @@ class LiverSAMTrain(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["LiverSAM contributors"]
         self.parent.helpText = _(
-            "Fine-tune LiverSAM's Segment Anything model on your own segmented CT cases."
+            "Fine-tune LiverSAM's Segment Anything model on your own segmented CT studies (a data folder, or "
+            "loaded volume + segmentation pairs). Training runs in a background process, can be stopped and "
+            "resumed, shows its curves, and registers the best model so that the LiverSAM module offers it."
         )
-        self.parent.acknowledgementText = ""
-
-
-class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
-    def setup(self) -> None:
-        ScriptedLoadableModuleWidget.setup(self)
+        self.parent.acknowledgementText = _("Fine-tunes LiteMedSAM (Ma et al., Nature Communications 2024).")
 
 
 class LiverSAMTrainLogic(ScriptedLoadableModuleLogic):
-    pass
+    """Module logic: the MRML-only functions of ``TrainingLogic`` plus one background training process."""
+
+    def __init__(self, process=None) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.process = process or TrainingProcess()
+        self.tableNode = None
+        self.chartNode = None
+
+    def start(self, settings: "TrainingLogic.TrainingSettings") -> list:
+        command = TrainingLogic.build_train_command(settings)
+        self.process.start(command, env=TrainingLogic.core_package_env())
+        return command
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def updateCurves(self, runDir: str) -> None:
+        self.tableNode, self.chartNode = TrainingLogic.update_curves(
+            Path(runDir) / "history.csv", table_node=self.tableNode, chart_node=self.chartNode
+        )
+
+
+class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        self.logic = None
+        self._timer = None
+        self._pairs = []
+        self._settings = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/LiverSAMTrain.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = LiverSAMTrainLogic()
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_INTERVAL_MS)
+        self._timer.connect("timeout()", self.poll)
+        self.ui.addPairButton.connect("clicked()", self.onAddPair)
+        self.ui.clearPairsButton.connect("clicked()", self.onClearPairs)
+        self.ui.startButton.connect("clicked()", self.onStart)
+        self.ui.resumeButton.connect("clicked()", self.onStart)
+        self.ui.stopButton.connect("clicked()", self.onStop)
+        self.updateButtons()
+
+    def cleanup(self) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+        if self.logic is not None and self.logic.process.is_running():
+            logging.info("LiverSAMTrain: the training process keeps running; rerun to resume it")
+
+    # --- pairs of loaded nodes ---
+    def onAddPair(self) -> None:
+        volume = self.ui.volumeSelector.currentNode()
+        segmentation = self.ui.segmentationSelector.currentNode()
+        if volume is None or segmentation is None:
+            slicer.util.errorDisplay(_("Choose a CT volume and its segmentation first."))
+            return
+        self._pairs.append((volume, segmentation))
+        self.ui.pairsList.addItem(f"{volume.GetName()}  +  {segmentation.GetName()}")
+
+    def onClearPairs(self) -> None:
+        self._pairs = []
+        self.ui.pairsList.clear()
+
+    # --- run ---
+    def _collectSettings(self):
+        out = self.ui.outputPathLineEdit.currentPath
+        if not out:
+            raise ValueError(_("Choose a run folder (checkpoints, curves and the split are written there)."))
+        data = self.ui.dataPathLineEdit.currentPath
+        if self._pairs:
+            data = str(TrainingLogic.export_training_pairs(self._pairs, Path(out) / "exported-data"))
+        if not data:
+            raise ValueError(
+                _("Choose a data folder or manifest, or add loaded volume + segmentation pairs.")
+            )
+        return TrainingLogic.TrainingSettings(
+            data=data,
+            out=out,
+            epochs=self.ui.epochsSpinBox.value,
+            batch_size=self.ui.batchSizeSpinBox.value,
+            lr=self.ui.lrSpinBox.value,
+            augment_copies=self.ui.augmentCopiesSpinBox.value,
+            max_slices=self.ui.maxSlicesSpinBox.value,
+            seed=self.ui.seedSpinBox.value,
+            train_encoder=self.ui.trainEncoderComboBox.currentText,
+            device=self.ui.deviceComboBox.currentText,
+            liver_labels=self.ui.liverLabelsLineEdit.text,
+            tumor_labels=self.ui.tumorLabelsLineEdit.text,
+            model_name=self.ui.modelNameLineEdit.text,
+        )
+
+    def onStart(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("Could not start training."), waitCursor=True):
+            self._settings = self._collectSettings()
+            command = self.logic.start(self._settings)
+            self.ui.logTextEdit.appendPlainText(" ".join(command))
+            self.ui.progressBar.setMaximum(self._settings.epochs)
+            self._timer.start()
+        self.updateButtons()
+
+    def onStop(self) -> None:
+        self.logic.stop()
+        self.ui.statusLabel.setText(_("Stopped. Resume continues from the last completed epoch."))
+        self.updateButtons()
+
+    def poll(self) -> None:
+        for line in self.logic.process.read_lines():
+            event = TrainingLogic.parse_event(line)
+            if event is None:
+                self.ui.logTextEdit.appendPlainText(line)
+                continue
+            kind, payload = event
+            if kind == "EPOCH":
+                self.ui.progressBar.setValue(int(payload.get("epoch", 0)))
+                self.ui.statusLabel.setText(
+                    _("Epoch {epoch}/{epochs}: validation Dice {dice:.3f} (best epoch {best})").format(
+                        epoch=payload.get("epoch"),
+                        epochs=payload.get("epochs"),
+                        dice=float(payload.get("val_dice_mean") or 0.0),
+                        best=payload.get("best_epoch"),
+                    )
+                )
+                self.logic.updateCurves(self._settings.out)
+                if self.logic.chartNode is not None:
+                    slicer.modules.plots.logic().ShowChartInLayout(self.logic.chartNode)
+            elif kind == "DONE":
+                name = payload.get("registered_name")
+                self.ui.statusLabel.setText(
+                    _("Done. Best model: {path}{registered}").format(
+                        path=payload.get("best_checkpoint"),
+                        registered=f" (registered as '{name}')" if name else "",
+                    )
+                )
+        if not self.logic.process.is_running():
+            self._timer.stop()
+            code = self.logic.process.returncode
+            if code not in (0, None):
+                self.ui.logTextEdit.appendPlainText(f"training process ended with code {code}")
+            self.updateButtons()
+
+    def updateButtons(self) -> None:
+        running = self.logic is not None and self.logic.process.is_running()
+        self.ui.startButton.enabled = not running
+        self.ui.resumeButton.enabled = not running
+        self.ui.stopButton.enabled = running
 
 
 class LiverSAMTrainTest(ScriptedLoadableModuleTest):
+    """Runs in Slicer: curves from a history file become a table and a chart with one series per curve."""
+
     def runTest(self):
         slicer.mrmlScene.Clear()
-        self.assertIsNotNone(LiverSAMTrainLogic())
+        self.test_curves_from_history()
+        self.test_command_line()
+
+    def test_curves_from_history(self):
+        folder = Path(tempfile.mkdtemp())
+        (folder / "history.csv").write_text(
+            "epoch,train_loss,val_loss,val_dice_liver,val_dice_tumor,val_dice_mean\n"
+            "0,,0.34,0.89,0.81,0.85\n1,0.46,0.33,0.90,0.84,0.87\n"
+        )
+        table, chart = TrainingLogic.update_curves(folder / "history.csv")
+        self.assertEqual(table.GetTable().GetNumberOfRows(), 2)
+        self.assertEqual(chart.GetNumberOfPlotSeriesNodes(), 5)
+        self.assertAlmostEqual(table.GetTable().GetColumnByName("val_dice_liver").GetValue(1), 0.90)
+
+    def test_command_line(self):
+        settings = TrainingLogic.TrainingSettings(data="/d", out="/r", epochs=3, max_slices=20)
+        command = TrainingLogic.build_train_command(settings, python="PythonSlicer")
+        self.assertEqual(command[:4], ["PythonSlicer", "-m", "liversam", "train"])
+        self.assertIn("--events", command)
+        self.assertEqual(command[command.index("--max-slices") + 1], "20")

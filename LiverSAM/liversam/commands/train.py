@@ -1,0 +1,191 @@
+"""``liversam train --data DIR_OR_MANIFEST --out RUN_DIR``: fine-tune the model on segmented CT studies.
+
+Running the same command again on the same RUN_DIR resumes from the last completed epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of label values") from exc
+
+
+def _name_list(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
+def _fractions(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"'{text}' is not three comma-separated fractions") from exc
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"'{text}': give three fractions train,val,test (e.g. 0.8,0.1,0.1)")
+    return values  # type: ignore[return-value]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "train",
+        help="fine-tune the model on your own segmented CT studies (resumable)",
+        description=(
+            "Fine-tune LiverSAM's model (prompt encoder + mask decoder by default, image encoder frozen and its "
+            "embeddings cached) on CT studies with liver/tumour labels. DATA: a folder of study folders "
+            "(ct.<ext> + label.<ext>, ct + *.seg.nrrd, or 3D-IRCADb PATIENT_DICOM + MASKS_DICOM), a folder of "
+            "<id>_ct/<id>_label pairs, or a .json/.csv manifest (id, ct, label). Rerun the same command to "
+            "resume an interrupted run."
+        ),
+    )
+    p.add_argument("--data", required=True, help="data folder or .json/.csv manifest")
+    p.add_argument("--out", required=True, help="run folder (checkpoints, curves, split, reports)")
+    p.add_argument("--base-model", default="litemedsam", help="model to start from (default litemedsam)")
+    p.add_argument(
+        "--liver-labels", type=_int_list, default=(1, 2), help="label values of the liver (default 1,2)"
+    )
+    p.add_argument(
+        "--tumor-labels", type=_int_list, default=(2,), help="label values of tumours (default 2; '' none)"
+    )
+    p.add_argument(
+        "--liver-names", type=_name_list, default=("liver",), help="segment names of the liver (.seg.nrrd)"
+    )
+    p.add_argument(
+        "--tumor-names",
+        type=_name_list,
+        default=("tumor", "tumour", "lesion", "metastas", "neoplasm", "cancer"),
+        help="segment name parts that mean tumour (.seg.nrrd); cysts never count",
+    )
+    p.add_argument("--epochs", type=int, default=30, help="maximum epochs (default 30)")
+    p.add_argument("--batch-size", type=int, default=8, help="slices per step (default 8)")
+    p.add_argument("--lr", type=float, default=1e-4, help="initial learning rate (default 1e-4)")
+    p.add_argument("--lr-min", type=float, default=1e-6, help="cosine-annealing minimum (default 1e-6)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
+    p.add_argument(
+        "--tumor-weight", type=float, default=2.0, help="loss weight of tumour targets (default 2)"
+    )
+    p.add_argument(
+        "--patience", type=int, default=10, help="early stopping: epochs without better validation Dice"
+    )
+    p.add_argument(
+        "--augment-copies", type=int, default=0, help="augmented copies per slice in the cache (default 0)"
+    )
+    p.add_argument(
+        "--max-slices",
+        type=int,
+        default=None,
+        help="at most this many liver slices per study (evenly spaced)",
+    )
+    p.add_argument(
+        "--min-liver-voxels", type=int, default=16, help="use slices with at least this many liver voxels"
+    )
+    p.add_argument("--window-level", type=float, default=40.0, help="CT window centre, HU (default 40)")
+    p.add_argument("--window-width", type=float, default=400.0, help="CT window width, HU (default 400)")
+    p.add_argument("--seed", type=int, default=0, help="seed of split, augmentation and prompts (default 0)")
+    p.add_argument(
+        "--split",
+        type=_fractions,
+        default=(0.8, 0.1, 0.1),
+        help="train,val,test fractions (default 0.8,0.1,0.1)",
+    )
+    p.add_argument("--split-file", help='JSON {"train": [...], "val": [...], "test": [...]} of study ids')
+    p.add_argument(
+        "--train-encoder",
+        choices=("none", "last", "all"),
+        default="none",
+        help="also train the image encoder: its last stages or all of it (GPU advised; default none)",
+    )
+    p.add_argument(
+        "--encoder-stages", type=int, default=1, help="--train-encoder last: how many stages (default 1)"
+    )
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="auto: fp32 on CPUs without native bf16, bf16/fp16 on CUDA",
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument(
+        "--cache-dir", help="preprocessing cache folder (default RUN_DIR/cache; runs may share one)"
+    )
+    p.add_argument("--name", help="name to register the best model under (default: the run folder's name)")
+    p.add_argument(
+        "--no-register", action="store_true", help="do not add the best model to LiverSAM's model list"
+    )
+    p.add_argument("--no-test-report", action="store_true", help="skip the test-split evaluation at the end")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--events", action="store_true", help="print machine-readable LIVERSAM_EPOCH lines (for Slicer)"
+    )
+    p.set_defaults(run=run)
+    return p
+
+
+def config_from_args(args: argparse.Namespace):
+    from ..training import LabelConfig, TrainingConfig
+
+    labels = LabelConfig(
+        liver_labels=tuple(args.liver_labels),
+        tumor_labels=tuple(args.tumor_labels),
+        liver_names=tuple(args.liver_names),
+        tumor_names=tuple(args.tumor_names),
+    )
+    return TrainingConfig(
+        data=args.data,
+        out=args.out,
+        base_model=args.base_model,
+        labels=labels,
+        window_level=args.window_level,
+        window_width=args.window_width,
+        max_slices_per_case=args.max_slices,
+        min_liver_voxels=args.min_liver_voxels,
+        augment_copies=args.augment_copies,
+        split_fractions=tuple(args.split),
+        split_file=args.split_file,
+        seed=args.seed,
+        train_encoder=args.train_encoder,
+        encoder_last_stages=args.encoder_stages,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lr_min=args.lr_min,
+        weight_decay=args.weight_decay,
+        tumor_loss_weight=args.tumor_weight,
+        precision=args.precision,
+        early_stopping_patience=args.patience,
+        device=args.device,
+        threads=args.threads,
+        cache_dir=args.cache_dir,
+        model_name=args.name,
+        register=not args.no_register,
+        test_report=not args.no_test_report,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..training import train
+
+    config = config_from_args(args)
+    result = train(config, progress=not args.no_progress, emit_events=args.events)
+    print(
+        json.dumps(
+            {
+                "best_checkpoint": str(result.best_checkpoint),
+                "best_epoch": result.best_epoch,
+                "best_val_dice_mean": round(result.best_val_dice, 4),
+                "base_val_dice_mean": result.history[0].get("val_dice_mean") if result.history else None,
+                "resumed_from_epoch": result.resumed_from_epoch,
+                "registered_name": result.registered_name,
+                "test_report": str(result.test_report) if result.test_report else None,
+            }
+        )
+    )
+    return 0

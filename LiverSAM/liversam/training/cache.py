@@ -1,0 +1,192 @@
+"""The preprocessing cache: one HDF5 file per study, built once, reused while inputs and settings match.
+
+File ``<cache_dir>/<case_id>-<key16>.h5`` where ``key`` is a SHA-256 over the study's input bytes (CT and
+labels), the label configuration, the CT window, slice selection, augmentation and, when the encoder is
+frozen, the base model's identity. Any change gives a new key, hence a rebuild; an unchanged study is
+reused by every run pointing at the same cache folder. Each file is written atomically, so a run killed
+while caching loses at most the study being cached.
+
+Datasets (``N`` samples = selected slices x (1 + augmented copies)):
+
+- ``k`` (N,) int32: axial slice index in the study; ``copy`` (N,) int16: 0 original, >0 augmented copy;
+- ``image`` (N, nj, ni) float16: the windowed slice in [0, 1] (augmented for copies);
+- ``liver``, ``tumor`` (N, nj, ni) uint8: the label slices (augmented with the image);
+- ``embedding`` (N, C, H, W) float16: the frozen image encoder's output (only with a frozen encoder).
+
+Attributes: ``case_id``, ``key``, ``geometry`` (JSON: size, spacing mm, origin LPS, direction LPS),
+``settings`` (JSON), ``input_size``, ``liversam_version``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..atomic_write import atomic_path
+from ..preprocess import SliceTransform, WindowSettings, window_slice
+from .augment import SliceAugmenter
+from .config import TrainingConfig
+from .studies import TrainingStudy, load_study
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = "liversam-train-cache/1"
+ENCODE_BATCH = 4
+
+
+def _stable_int(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
+
+def select_slices(liver_kji: np.ndarray, min_voxels: int, max_slices: int | None) -> list[int]:
+    """Slices with at least ``min_voxels`` liver voxels; with ``max_slices``, an evenly spaced subset."""
+    areas = liver_kji.reshape(liver_kji.shape[0], -1).sum(axis=1)
+    ks = [int(k) for k in np.flatnonzero(areas >= max(1, min_voxels))]
+    if max_slices is not None and len(ks) > max_slices:
+        picks = np.unique(np.round(np.linspace(0, len(ks) - 1, max_slices)).astype(int))
+        ks = [ks[i] for i in picks]
+    return ks
+
+
+def cache_settings(config: TrainingConfig, model_identity: str) -> dict:
+    """The settings that determine a study's cache content."""
+    return {
+        "format": CACHE_FORMAT,
+        "labels": config.to_dict()["labels"],
+        "window": [config.window_level, config.window_width],
+        "max_slices_per_case": config.max_slices_per_case,
+        "min_liver_voxels": config.min_liver_voxels,
+        "augment_copies": config.augment_copies,
+        "augmentation": config.to_dict()["augmentation"] if config.augment_copies else None,
+        "seed": config.seed if config.augment_copies else None,
+        "encoder": model_identity if config.frozen_encoder else None,
+    }
+
+
+def cache_key(study: TrainingStudy, settings: dict) -> str:
+    digest = hashlib.sha256()
+    digest.update(study.content_hash().encode())
+    digest.update(study.kind.encode())
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def cache_file(cache_dir: Path, study: TrainingStudy, key: str) -> Path:
+    safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in study.case_id)
+    return Path(cache_dir) / f"{safe_id}-{key[:16]}.h5"
+
+
+def build_study_cache(
+    study: TrainingStudy,
+    config: TrainingConfig,
+    model,
+    model_identity: str,
+    progress: bool = True,
+) -> Path:
+    """The cache file of ``study``, built now if no valid one exists. ``model`` is a
+    :class:`~liversam.models.LoadedModel` (its encoder is used only with a frozen encoder)."""
+    import h5py
+    from tqdm.auto import tqdm
+
+    settings = cache_settings(config, model_identity)
+    key = cache_key(study, settings)
+    path = cache_file(config.cache_path, study, key)
+    if path.is_file():
+        try:
+            with h5py.File(path, "r") as handle:
+                if handle.attrs.get("key") == key and handle.attrs.get("complete", False):
+                    log.info("cache: reusing %s", path)
+                    return path
+        except OSError:
+            log.warning("cache: %s is unreadable; rebuilding it", path)
+    started = time.perf_counter()
+    loaded = load_study(study, config.labels)
+    volume = loaded.volume
+    ks = select_slices(loaded.liver_kji, config.min_liver_voxels, config.max_slices_per_case)
+    if not ks:
+        raise ValueError(
+            f"study '{study.case_id}' has no slice with >= {config.min_liver_voxels} liver voxels"
+        )
+    window = WindowSettings(level=config.window_level, width=config.window_width)
+    augmenter = SliceAugmenter(config.augmentation)
+    nj, ni = volume.array_kji.shape[1:]
+    copies = 1 + config.augment_copies
+    n = len(ks) * copies
+    transform = SliceTransform(slice_shape=(nj, ni), input_size=model.input_size)
+    config.cache_path.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
+        handle.attrs["format"] = CACHE_FORMAT
+        handle.attrs["case_id"] = study.case_id
+        handle.attrs["key"] = key
+        handle.attrs["settings"] = json.dumps(settings, sort_keys=True)
+        handle.attrs["geometry"] = json.dumps(
+            {
+                "size_ijk": list(volume.geometry.size_ijk),
+                "spacing_mm": list(volume.geometry.spacing_mm),
+                "origin_lps": list(volume.geometry.origin_lps),
+                "direction_lps": np.asarray(volume.geometry.direction_lps).tolist(),
+            }
+        )
+        handle.attrs["input_size"] = model.input_size
+        handle.attrs["liversam_version"] = __version__
+        handle.attrs["ct"] = str(study.ct_path)
+        handle.attrs["label"] = str(study.label_path)
+        handle.create_dataset("k", data=np.repeat(np.asarray(ks, dtype=np.int32), copies))
+        handle.create_dataset("copy", data=np.tile(np.arange(copies, dtype=np.int16), len(ks)))
+        images = handle.create_dataset("image", (n, nj, ni), dtype=np.float16, chunks=(1, nj, ni))
+        livers = handle.create_dataset(
+            "liver", (n, nj, ni), dtype=np.uint8, chunks=(1, nj, ni), compression="gzip"
+        )
+        tumors = handle.create_dataset(
+            "tumor", (n, nj, ni), dtype=np.uint8, chunks=(1, nj, ni), compression="gzip"
+        )
+        embeddings = None
+        pending: list[tuple[int, np.ndarray]] = []
+
+        def flush() -> None:
+            nonlocal embeddings
+            if not pending:
+                return
+            batch = torch.cat([transform.image_to_input(img, model.spec.normalization) for _, img in pending])
+            emb = model.encode(batch).numpy().astype(np.float16)
+            if embeddings is None:
+                embeddings = handle.create_dataset(
+                    "embedding", (n, *emb.shape[1:]), dtype=np.float16, chunks=(1, *emb.shape[1:])
+                )
+            for (row, _), e in zip(pending, emb, strict=True):
+                embeddings[row] = e
+            pending.clear()
+
+        bar = tqdm(total=n, desc=f"cache {study.case_id}", unit="slice", disable=not progress)
+        row = 0
+        for k in ks:
+            image = window_slice(volume.array_kji[k], window)
+            liver = loaded.liver_kji[k].astype(np.uint8)
+            tumor = loaded.tumor_kji[k].astype(np.uint8)
+            for copy in range(copies):
+                if copy == 0:
+                    img, masks = image, {"liver": liver, "tumor": tumor}
+                else:
+                    rng = np.random.default_rng([config.seed, _stable_int(study.case_id), k, copy])
+                    img, masks = augmenter(image, {"liver": liver, "tumor": tumor}, rng)
+                images[row] = img.astype(np.float16)
+                livers[row] = masks["liver"]
+                tumors[row] = masks["tumor"]
+                if config.frozen_encoder:
+                    pending.append((row, img))
+                    if len(pending) >= ENCODE_BATCH:
+                        flush()
+                row += 1
+                bar.update(1)
+        flush()
+        bar.close()
+        handle.attrs["complete"] = True
+    log.info("cache: built %s (%d samples) in %.1f s", path, n, time.perf_counter() - started)
+    return path

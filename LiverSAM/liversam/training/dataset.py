@@ -1,0 +1,138 @@
+"""Training and validation samples read from the cache files.
+
+A sample is one cached slice (or augmented copy) of one study. Targets live in the decoder's
+low-resolution mask frame (``L`` x ``L``, 256 px): the slice mask is resized exactly as the image is
+(:class:`~liversam.preprocess.SliceTransform`: longest side to the input size, padded bottom/right),
+then to ``L``. Lesions are the 8-connected components of the tumour mask on the slice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from ..preprocess import SliceTransform
+
+
+def mask_to_low_res(mask_ji: np.ndarray, transform: SliceTransform, low_res: int) -> np.ndarray:
+    """A slice mask [j, i] as a boolean [y, x] mask in the decoder's L x L frame."""
+    m = torch.from_numpy(np.ascontiguousarray(mask_ji, dtype=np.float32))[None, None]
+    h, w = transform.resized_shape
+    if (h, w) != tuple(mask_ji.shape):
+        m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
+    full = torch.zeros((1, 1, transform.input_size, transform.input_size))
+    full[..., :h, :w] = m
+    if low_res != transform.input_size:
+        full = F.interpolate(full, size=(low_res, low_res), mode="area")
+    return (full[0, 0] >= 0.5).numpy()
+
+
+@dataclass
+class Sample:
+    """One slice sample: where it is cached, its low-res targets and (validation) slice-frame masks."""
+
+    cache_path: Path
+    row: int
+    case_id: str
+    k: int
+    copy: int
+    liver_lr: np.ndarray  # [L, L] bool
+    lesions_lr: list[np.ndarray]  # one [L, L] bool mask per lesion (large enough to prompt)
+    liver_ji: np.ndarray | None = None  # slice-frame masks, kept for validation
+    tumor_ji: np.ndarray | None = None
+    lesions_ji: list[np.ndarray] = field(default_factory=list)
+
+
+def _lesions(tumor_ji: np.ndarray) -> list[np.ndarray]:
+    labels, count = ndimage.label(tumor_ji, structure=np.ones((3, 3), dtype=bool))
+    return [labels == n for n in range(1, count + 1)]
+
+
+class CachedSlices:
+    """The samples of some studies (optionally restricted to some slices per study), read from caches.
+
+    ``keep_slice_masks`` keeps the slice-frame masks (validation); ``original_only`` skips augmented copies.
+    Embeddings / images are read from the HDF5 files batch by batch, not held in memory.
+    """
+
+    def __init__(
+        self,
+        cache_paths: dict[str, Path],
+        input_size: int,
+        low_res: int,
+        slices: dict[str, list[int]] | None = None,
+        keep_slice_masks: bool = False,
+        original_only: bool = False,
+        min_target_pixels: int = 4,
+    ) -> None:
+        import h5py
+
+        self.input_size = input_size
+        self.low_res = low_res
+        self.samples: list[Sample] = []
+        self._files: dict[Path, h5py.File] = {}
+        self.transforms: dict[str, SliceTransform] = {}
+        for case_id, path in sorted(cache_paths.items()):
+            wanted = set(slices[case_id]) if slices and case_id in slices else None
+            with h5py.File(path, "r") as handle:
+                ks = handle["k"][:]
+                copies = handle["copy"][:]
+                shape = handle["liver"].shape[1:]
+                transform = SliceTransform(slice_shape=tuple(int(s) for s in shape), input_size=input_size)
+                self.transforms[case_id] = transform
+                for row, (k, copy) in enumerate(zip(ks, copies, strict=True)):
+                    if (wanted is not None and int(k) not in wanted) or (original_only and copy != 0):
+                        continue
+                    liver = handle["liver"][row].astype(bool)
+                    tumor = handle["tumor"][row].astype(bool)
+                    liver_lr = mask_to_low_res(liver, transform, low_res)
+                    if int(liver_lr.sum()) < min_target_pixels:
+                        continue
+                    lesions_ji = _lesions(tumor)
+                    lesions_lr = [
+                        lr
+                        for lr in (mask_to_low_res(les, transform, low_res) for les in lesions_ji)
+                        if int(lr.sum()) >= min_target_pixels
+                    ]
+                    sample = Sample(path, row, case_id, int(k), int(copy), liver_lr, lesions_lr)
+                    if keep_slice_masks:
+                        sample.liver_ji, sample.tumor_ji, sample.lesions_ji = liver, tumor, lesions_ji
+                    self.samples.append(sample)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _file(self, path: Path):
+        import h5py
+
+        if path not in self._files:
+            self._files[path] = h5py.File(path, "r")
+        return self._files[path]
+
+    def has_embeddings(self) -> bool:
+        return bool(self.samples) and "embedding" in self._file(self.samples[0].cache_path)
+
+    def embeddings(self, indices: list[int]) -> torch.Tensor:
+        """Cached frozen-encoder embeddings (B, C, H, W), float32."""
+        rows = [self._file(self.samples[i].cache_path)["embedding"][self.samples[i].row] for i in indices]
+        return torch.from_numpy(np.stack(rows).astype(np.float32))
+
+    def slice_data(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(windowed image float32, liver uint8, tumor uint8) of a sample, slice frame [j, i]."""
+        sample = self.samples[index]
+        handle = self._file(sample.cache_path)
+        return (
+            handle["image"][sample.row].astype(np.float32),
+            handle["liver"][sample.row],
+            handle["tumor"][sample.row],
+        )
+
+    def close(self) -> None:
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()

@@ -1,0 +1,112 @@
+"""After training: register the best model so every LiverSAM front end lists it, and score it against the
+base model on the test patients with ``liversam evaluate``'s ``one-box`` protocol."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from ..atomic_write import write_text_atomically
+from .config import TrainingConfig
+from .studies import TrainingStudy, load_study
+
+log = logging.getLogger(__name__)
+
+
+def register_best_model(checkpoint: Path, name: str) -> str:
+    """Register ``checkpoint`` under ``name`` in the user's model registry; returns the name."""
+    from ..models import register_user_model, safe_torch_load
+
+    checkpoint_data = safe_torch_load(checkpoint)
+    metadata = dict(checkpoint_data.get("metadata") or {}) if isinstance(checkpoint_data, dict) else {}
+    summary = {
+        key: metadata.get(key)
+        for key in ("base_model", "trained", "epoch", "metrics", "liversam_version", "created")
+        if key in metadata
+    }
+    description = metadata.get("description") or f"LiverSAMTrain model {checkpoint}"
+    dice = (metadata.get("metrics") or {}).get("val_dice_mean")
+    if dice is not None:
+        description += f"; validation Dice {dice:.3f}"
+    register_user_model(name, checkpoint, description=description, metadata=summary)
+    log.info("registered model '%s' -> %s", name, checkpoint)
+    return name
+
+
+def _test_cases(run_dir: Path, studies: list[TrainingStudy], config: TrainingConfig):
+    """Evaluation cases for the test studies: their CT and a labelmap (1 liver, 2 tumour) written from
+    the study's labels as training read them (so .seg.nrrd and 3D-IRCADb studies are scored alike)."""
+    import numpy as np
+
+    from ..ct_io import volume_to_sitk
+    from ..evaluate import EvaluationCase
+
+    label_dir = run_dir / "test_labels"
+    label_dir.mkdir(parents=True, exist_ok=True)
+    cases = []
+    for study in studies:
+        loaded = load_study(study, config.labels)
+        labelmap = np.zeros(loaded.liver_kji.shape, dtype=np.uint8)
+        labelmap[loaded.liver_kji] = 1
+        labelmap[loaded.tumor_kji] = 2
+        path = label_dir / f"{study.case_id}.nii.gz"
+        import SimpleITK as sitk
+
+        from ..atomic_write import atomic_path
+
+        with atomic_path(path) as tmp:
+            sitk.WriteImage(volume_to_sitk(labelmap, loaded.volume.geometry), str(tmp), useCompression=True)
+        cases.append(EvaluationCase(study.case_id, study.ct_path, path))
+    return cases
+
+
+def write_test_report(
+    run_dir: Path,
+    studies: list[TrainingStudy],
+    checkpoint: Path,
+    base_model: str,
+    config: TrainingConfig,
+    progress: bool = True,
+) -> Path:
+    """Evaluate base and trained model on the test studies (``one-box``); write ``test_report.json`` and
+    ``test_report.md`` in ``run_dir``; returns the JSON path."""
+    from ..evaluate import EvaluationSettings, default_structures, evaluate
+
+    cases = _test_cases(run_dir, studies, config)
+    settings = EvaluationSettings(protocols=("one-box",), structures=tuple(default_structures((1, 2), (2,))))
+    results = {}
+    for label, model in (("base", base_model), ("trained", str(checkpoint))):
+        log.info("test report: evaluating the %s model on %d test case(s)", label, len(cases))
+        results[label] = evaluate(cases, settings, model=model, device=config.device, progress=progress)
+    rows = []
+    for structure in ("liver", "tumor"):
+        for metric in ("dice", "iou", "hd95_mm"):
+            values = {
+                label: (result["aggregate"]["one-box"].get(structure, {}).get(metric) or {}).get("mean")
+                for label, result in results.items()
+            }
+            rows.append({"structure": structure, "metric": metric, **values})
+    report = {
+        "protocol": "one-box",
+        "test_cases": [c.case_id for c in cases],
+        "comparison": rows,
+        "results": results,
+    }
+    json_path = run_dir / "test_report.json"
+    write_text_atomically(json_path, json.dumps(report, indent=2))
+
+    def fmt(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    lines = [
+        "# LiverSAMTrain test report",
+        "",
+        f"Protocol `one-box` of `liversam evaluate` on {len(cases)} test patient(s): {', '.join(c.case_id for c in cases)}.",
+        "",
+        f"| structure | metric | base ({base_model}) | trained |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {r['structure']} | {r['metric']} | {fmt(r['base'])} | {fmt(r['trained'])} |" for r in rows]
+    write_text_atomically(run_dir / "test_report.md", "\n".join(lines) + "\n")
+    return json_path

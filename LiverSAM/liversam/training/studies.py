@@ -1,0 +1,334 @@
+"""Training studies: where they are (folders, manifests, 3D-IRCADb) and how their labels become masks.
+
+Accepted ``--data``:
+
+- a manifest ``.json`` (a list of objects, or ``{"cases": [...]}``) or ``.csv`` (header ``id,ct,label``);
+  each entry has ``ct`` (file or DICOM folder) and ``label`` (labelmap ``.nii.gz``/``.nrrd``, Slicer
+  ``.seg.nrrd`` or DICOM SEG), or ``path`` (a study folder in any layout below); optional ``id``.
+  Relative paths are relative to the manifest's folder.
+- a study folder, or a folder of study folders, where a study folder holds
+  - ``ct.<ext>`` + ``label.<ext>`` (labelmap), or
+  - ``ct.<ext>`` (or a ``ct/`` DICOM folder) + one ``*.seg.nrrd`` (a Slicer segmentation), or
+  - the 3D-IRCADb layout: ``PATIENT_DICOM/`` + ``MASKS_DICOM/liver/`` + ``MASKS_DICOM/livertumor*/``
+    (every mask a DICOM series, non-zero = inside; ``liverkyst``/cysts and other organs are ignored);
+- a folder of ``<id>_ct.<ext>`` + ``<id>_label.<ext>`` or LiTS ``volume-<n>`` + ``segmentation-<n>`` pairs.
+
+A study becomes a CT volume and two boolean masks on its grid: liver (including tumours by default)
+and tumour (all lesions; individual lesions are the 2D connected components on each slice).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputImageError
+from ..volume import CTVolume
+from .config import LabelConfig
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+LABEL_KINDS = ("labelmap", "segmentation", "ircadb")
+
+
+class TrainingDataError(InputImageError):
+    """The training data (folder, manifest, a study's files) cannot be used."""
+
+
+@dataclass(frozen=True)
+class TrainingStudy:
+    """One patient's study: the CT (file or DICOM folder) and where its labels are.
+
+    ``kind``: ``labelmap`` (label values), ``segmentation`` (.seg.nrrd / DICOM SEG: segments by name) or
+    ``ircadb`` (``label_path`` is the ``MASKS_DICOM`` folder).
+    """
+
+    case_id: str
+    ct_path: Path
+    label_path: Path
+    kind: str
+
+    def input_files(self) -> list[Path]:
+        """Every file the study is read from (for the cache's content hash)."""
+        files: list[Path] = []
+        for path in (self.ct_path, self.label_path):
+            if path.is_dir():
+                files.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+            else:
+                files.append(path)
+        return files
+
+    def content_hash(self) -> str:
+        """SHA-256 over the names and bytes of every input file (changes when any input changes)."""
+        digest = hashlib.sha256()
+        for path in self.input_files():
+            digest.update(str(path.name).encode())
+            with open(path, "rb") as handle:
+                while chunk := handle.read(4 << 20):
+                    digest.update(chunk)
+        return digest.hexdigest()
+
+
+@dataclass
+class LoadedStudy:
+    """A study in memory: the CT and boolean masks [k, j, i] on its grid."""
+
+    study: TrainingStudy
+    volume: CTVolume
+    liver_kji: np.ndarray
+    tumor_kji: np.ndarray
+
+
+# --- discovery --------------------------------------------------------------------------------------------
+
+
+def _find_image(folder: Path, stem: str) -> Path | None:
+    for suffix in IMAGE_SUFFIXES:
+        candidate = folder / f"{stem}{suffix}"
+        if candidate.is_file():
+            return candidate
+    candidate = folder / stem
+    return candidate if candidate.is_dir() else None
+
+
+def _is_ircadb(folder: Path) -> bool:
+    return (folder / "PATIENT_DICOM").is_dir() and (folder / "MASKS_DICOM").is_dir()
+
+
+def study_from_folder(folder: Path) -> TrainingStudy | None:
+    """The study in ``folder`` (layouts in the module docstring), or None when it is not a study folder."""
+    if _is_ircadb(folder):
+        return TrainingStudy(folder.name, folder / "PATIENT_DICOM", folder / "MASKS_DICOM", "ircadb")
+    ct = _find_image(folder, "ct")
+    if ct is None:
+        return None
+    label = next(
+        (
+            folder / f"label{s}"
+            for s in IMAGE_SUFFIXES
+            if (folder / f"label{s}").is_file() and not (folder / f"label{s}").name.endswith(".seg.nrrd")
+        ),
+        None,
+    )
+    if label is not None:
+        return TrainingStudy(folder.name, ct, label, "labelmap")
+    segs = sorted(folder.glob("*.seg.nrrd")) + sorted(folder.glob("*seg*.dcm"))
+    if len(segs) > 1:
+        raise TrainingDataError(
+            f"Study folder '{folder}' holds several segmentations ({', '.join(p.name for p in segs)}); keep one, "
+            "or list the study in a manifest with its 'label'."
+        )
+    if segs:
+        return TrainingStudy(folder.name, ct, segs[0], "segmentation")
+    return None
+
+
+def _label_kind(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(".seg.nrrd") or name.endswith(".dcm"):
+        return "segmentation"
+    if path.is_dir():
+        return "ircadb"
+    if name.endswith(".nrrd"):
+        from ..segmentation_io import _is_slicer_segmentation
+
+        return "segmentation" if _is_slicer_segmentation(path) else "labelmap"
+    return "labelmap"
+
+
+def _read_manifest(path: Path) -> list[TrainingStudy]:
+    base = path.parent
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(path.read_text(encoding="utf-8"))
+            rows = data.get("cases") if isinstance(data, dict) else data
+        else:
+            with open(path, newline="", encoding="utf-8") as handle:
+                rows = list(csv.DictReader(handle))
+    except (OSError, json.JSONDecodeError, csv.Error, UnicodeDecodeError) as exc:
+        raise TrainingDataError(
+            f"Cannot read manifest '{path}': {exc}. Fix the file or give a data folder."
+        ) from exc
+    if not isinstance(rows, list):
+        raise TrainingDataError(f"Manifest '{path}': expected a list of studies or {{\"cases\": [...]}}.")
+
+    def resolve(value: str) -> Path:
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else base / p
+
+    studies = []
+    for index, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise TrainingDataError(f"Manifest '{path}', entry {index}: expected an object, got {row!r}.")
+        case_id = str(row.get("id") or "").strip()
+        if row.get("path"):
+            folder = resolve(row["path"])
+            study = study_from_folder(folder) if folder.is_dir() else None
+            if study is None:
+                raise TrainingDataError(
+                    f"Manifest '{path}', entry {index}: '{folder}' is not a study folder (ct + label, ct + "
+                    ".seg.nrrd, or PATIENT_DICOM + MASKS_DICOM)."
+                )
+            studies.append(
+                TrainingStudy(case_id or study.case_id, study.ct_path, study.label_path, study.kind)
+            )
+            continue
+        if not row.get("ct") or not row.get("label"):
+            raise TrainingDataError(
+                f"Manifest '{path}', entry {index}: needs 'ct' and 'label' (or 'path'), got {row!r}."
+            )
+        ct, label = resolve(row["ct"]), resolve(row["label"])
+        for what, p in (("CT", ct), ("label", label)):
+            if not p.exists():
+                raise TrainingDataError(f"Manifest '{path}', entry {index}: {what} '{p}' does not exist.")
+        studies.append(TrainingStudy(case_id or f"case{index:03d}", ct, label, _label_kind(label)))
+    return studies
+
+
+def discover_studies(data: str | Path) -> list[TrainingStudy]:
+    """The studies in a manifest or data folder, sorted by id. Raises :class:`TrainingDataError`."""
+    data = Path(data).expanduser()
+    if not data.exists():
+        raise TrainingDataError(
+            f"Training data '{data}' does not exist. Give a data folder or a manifest file."
+        )
+    if data.is_file():
+        if data.suffix.lower() not in (".json", ".csv"):
+            raise TrainingDataError(f"'{data}' is not a manifest: expected .json or .csv, or a data folder.")
+        studies = _read_manifest(data)
+    else:
+        single = study_from_folder(data)
+        if single is not None:
+            studies = [single]
+        else:
+            studies = [
+                s for sub in sorted(p for p in data.iterdir() if p.is_dir()) if (s := study_from_folder(sub))
+            ]
+            if not studies:
+                from ..evaluate import _paired_files
+
+                studies = [
+                    TrainingStudy(c.case_id, c.ct_path, c.label_path, "labelmap") for c in _paired_files(data)
+                ]
+    if not studies:
+        raise TrainingDataError(
+            f"No training studies found in '{data}'. Accepted: folders with ct.<ext> + label.<ext>, ct + *.seg.nrrd, "
+            "3D-IRCADb PATIENT_DICOM + MASKS_DICOM, <id>_ct/<id>_label or volume-<n>/segmentation-<n> pairs, or "
+            "a .json/.csv manifest (id, ct, label)."
+        )
+    ids = [s.case_id for s in studies]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise TrainingDataError(
+            f"Duplicate study ids in '{data}': {duplicates}. Give each study a unique id."
+        )
+    return sorted(studies, key=lambda s: s.case_id)
+
+
+# --- loading ----------------------------------------------------------------------------------------------
+
+
+def _names_match(name: str, patterns: tuple[str, ...]) -> bool:
+    lower = name.strip().lower()
+    return any(p.lower() in lower for p in patterns)
+
+
+def _is_cyst(name: str) -> bool:
+    return bool(re.search(r"cyst|kyst", name, flags=re.IGNORECASE))
+
+
+def masks_from_segmentation(result, labels: LabelConfig, source: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Liver and tumour masks from a :class:`SegmentationResult` whose segments are named.
+
+    A segment is tumour when its name contains one of ``labels.tumor_names`` (and no "cyst"/"kyst"), liver
+    when it equals/contains one of ``labels.liver_names`` and is not tumour. Raises when no liver is found.
+    """
+    shape = result.geometry.shape_kji
+    liver = np.zeros(shape, dtype=bool)
+    tumor = np.zeros(shape, dtype=bool)
+    found_liver = False
+    for segment in result.segments:
+        if _is_cyst(segment.name):
+            continue
+        if _names_match(segment.name, labels.tumor_names):
+            tumor |= segment.mask_kji
+        elif _names_match(segment.name, labels.liver_names):
+            liver |= segment.mask_kji
+            found_liver = True
+    if not found_liver:
+        names = ", ".join(s.name for s in result.segments) or "(none)"
+        raise TrainingDataError(
+            f"Segmentation '{source}' has no liver segment (segments: {names}). Name the liver segment 'liver' "
+            "or pass --liver-names with its name."
+        )
+    if labels.liver_includes_tumor:
+        liver |= tumor
+    return liver, tumor
+
+
+def _read_mask_series(folder: Path, geometry) -> np.ndarray:
+    from ..ct_io import read_ct
+    from ..segmentation_io import resample_mask
+
+    mask_volume = read_ct(folder, allow_non_ct=True)
+    mask = np.asarray(mask_volume.array_kji) > 0
+    if mask_volume.geometry.shape_kji != geometry.shape_kji or not mask_volume.geometry.is_close(
+        geometry, 1e-2
+    ):
+        mask = resample_mask(mask, mask_volume.geometry, geometry)
+    return mask
+
+
+def load_study(study: TrainingStudy, labels: LabelConfig) -> LoadedStudy:
+    """Read a study's CT and its liver/tumour masks on the CT grid. Raises :class:`TrainingDataError`."""
+    from ..ct_io import read_ct
+
+    volume = read_ct(study.ct_path)
+    geometry = volume.geometry
+    if study.kind == "labelmap":
+        from ..evaluate import read_label
+
+        try:
+            array = read_label(study.label_path, geometry, study.ct_path)
+        except InputImageError as exc:
+            raise TrainingDataError(f"Study '{study.case_id}': {exc}") from exc
+        liver = np.isin(array, np.asarray(labels.liver_labels))
+        tumor = (
+            np.isin(array, np.asarray(labels.tumor_labels)) if labels.tumor_labels else np.zeros_like(liver)
+        )
+        if labels.liver_includes_tumor:
+            liver |= tumor
+    elif study.kind == "segmentation":
+        from ..segmentation_io import read_segmentation
+
+        result = read_segmentation(study.label_path, reference=geometry)
+        liver, tumor = masks_from_segmentation(result, labels, study.label_path)
+    elif study.kind == "ircadb":
+        liver_dir = study.label_path / "liver"
+        if not liver_dir.is_dir():
+            raise TrainingDataError(
+                f"3D-IRCADb study '{study.case_id}': '{liver_dir}' is missing (expected MASKS_DICOM/liver)."
+            )
+        liver = _read_mask_series(liver_dir, geometry)
+        tumor = np.zeros_like(liver)
+        for folder in sorted(study.label_path.iterdir()):
+            if folder.is_dir() and folder.name.lower().startswith("livertumor"):
+                tumor |= _read_mask_series(folder, geometry)
+        if labels.liver_includes_tumor:
+            liver |= tumor
+    else:
+        raise TrainingDataError(f"Study '{study.case_id}': unknown label kind '{study.kind}'.")
+    if not liver.any():
+        raise TrainingDataError(
+            f"Study '{study.case_id}' ('{study.label_path}') has no liver voxels with the configured labels "
+            f"(liver labels {labels.liver_labels}). Check --liver-labels / --liver-names."
+        )
+    return LoadedStudy(study=study, volume=volume, liver_kji=liver, tumor_kji=tumor)

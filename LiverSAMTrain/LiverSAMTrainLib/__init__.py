@@ -1,0 +1,1 @@
+"""LiverSAMTrain's Slicer helpers: MRML-only training logic and the background-process wrapper (no Qt)."""

@@ -1,0 +1,173 @@
+"""LiverSAMTrain's Slicer logic against slicer-core's real MRML: curves CSV -> table and plot nodes, loaded
+volume + segmentation pairs -> training files that `liversam train` reads back, the command line it builds,
+the background process wrapper, model registration; and the module's files (CMake list, .ui names)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from slicer_harness import REPO_ROOT, ensure_module_on_path, fresh_scene, shared_data_dir
+
+ensure_module_on_path()
+TRAIN_DIR = REPO_ROOT / "LiverSAMTrain"
+if str(TRAIN_DIR) not in sys.path:
+    sys.path.insert(0, str(TRAIN_DIR))
+
+import slicer  # noqa: E402
+
+from LiverSAMTrainLib import TrainingLogic  # noqa: E402
+from LiverSAMTrainLib.TrainingProcess import TrainingProcess  # noqa: E402
+
+pytestmark = pytest.mark.slicer
+
+HISTORY = (
+    "epoch,train_loss,val_loss,val_dice_liver,val_iou_liver,val_dice_tumor,val_iou_tumor,val_dice_mean,lr,seconds,"
+    "train_slices_per_second\n"
+    "0,,0.344,0.894,0.808,0.818,0.692,0.856,0.0001,16.3,\n"
+    "1,0.467,0.347,0.889,0.801,0.841,0.725,0.865,0.0001,68.1,0.43\n"
+    "2,0.430,0.349,0.877,0.781,0.830,0.709,0.853,0.00005,79.9,0.34\n"
+)
+
+
+def test_curves_csv_becomes_a_table_and_a_plot_chart(tmp_path):
+    scene = fresh_scene()
+    (tmp_path / "history.csv").write_text(HISTORY)
+    table_node, chart_node = TrainingLogic.update_curves(tmp_path / "history.csv", scene=scene)
+    table = table_node.GetTable()
+    assert table.GetNumberOfRows() == 3
+    assert table.GetColumnByName("val_dice_tumor").GetValue(1) == pytest.approx(0.841)
+    assert np.isnan(table.GetColumnByName("train_loss").GetValue(0))  # epoch 0: the base model, no training
+    names = set()
+    for n in range(chart_node.GetNumberOfPlotSeriesNodes()):
+        series = chart_node.GetNthPlotSeriesNode(n)
+        assert series.GetTableNode() is table_node and series.GetXColumnName() == "epoch"
+        names.add(series.GetYColumnName())
+    assert names == {"train_loss", "val_loss", "val_dice_liver", "val_dice_tumor", "val_dice_mean"}
+    # A later epoch updates the same nodes instead of adding new ones.
+    (tmp_path / "history.csv").write_text(HISTORY + "3,0.40,0.33,0.90,0.82,0.85,0.74,0.875,0.00001,70,0.4\n")
+    again = TrainingLogic.update_curves(
+        tmp_path / "history.csv", scene=scene, table_node=table_node, chart_node=chart_node
+    )
+    assert again == (table_node, chart_node) and table.GetNumberOfRows() == 4
+    assert scene.GetNumberOfNodesByClass("vtkMRMLPlotChartNode") == 1
+
+
+def test_loaded_volume_and_segmentation_pairs_export_to_training_files(tmp_path):
+    from liversam.ct_io import read_ct
+    from liversam.training import LabelConfig, discover_studies, load_study
+    from LiverSAMLib import MRMLBridge
+
+    scene = fresh_scene()
+    folder = shared_data_dir() / "lits117"
+    ct = read_ct(folder / "ct.nii.gz")
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "label.nii.gz")))
+    volume_node = MRMLBridge.volume_node_from_ct(ct, name="patient 7", scene=scene)
+    segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "patient 7 segmentation")
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    segmentation = segmentation_node.GetSegmentation()
+    cyst = np.zeros(labels.shape, dtype=np.uint8)
+    cyst[60, 60:63, 60:63] = 1
+    for name, mask in (("Liver", labels == 1), ("Tumor", labels == 2), ("Liver cyst", cyst)):
+        segment_id = segmentation.AddEmptySegment(name, name)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(
+            mask.astype(np.uint8), segmentation_node, segment_id, volume_node
+        )
+    manifest = TrainingLogic.export_training_pairs([(volume_node, segmentation_node)], tmp_path / "export")
+    data = json.loads(manifest.read_text())
+    assert [c["id"] for c in data["cases"]] == ["patient_7"]
+    [study] = discover_studies(manifest)
+    loaded = load_study(study, LabelConfig())
+    assert np.array_equal(loaded.liver_kji, np.isin(labels, (1, 2)))
+    assert np.array_equal(loaded.tumor_kji, labels == 2)
+    assert np.array_equal(np.asarray(loaded.volume.array_kji), np.asarray(ct.array_kji))
+    assert loaded.volume.geometry.is_close(ct.geometry, 1e-3)
+
+
+def test_command_line_for_the_settings():
+    settings = TrainingLogic.TrainingSettings(
+        data="/data/cases",
+        out="/runs/a",
+        epochs=12,
+        lr=3e-4,
+        max_slices=40,
+        tumor_labels="2,3",
+        model_name="mine",
+    )
+    command = TrainingLogic.build_train_command(settings, python="/slicer/bin/PythonSlicer")
+    assert command[:4] == ["/slicer/bin/PythonSlicer", "-m", "liversam", "train"]
+
+    def value(option):
+        return command[command.index(option) + 1]
+
+    assert value("--data") == "/data/cases" and value("--out") == "/runs/a" and value("--epochs") == "12"
+    assert float(value("--lr")) == 3e-4 and value("--max-slices") == "40" and value("--tumor-labels") == "2,3"
+    assert value("--name") == "mine" and "--events" in command
+    # The core CLI accepts exactly this command line.
+    from liversam.cli import build_parser
+
+    args = build_parser().parse_args(command[3:])
+    assert args.epochs == 12 and args.max_slices == 40 and args.tumor_labels == (2, 3)
+    assert TrainingLogic.parse_event('LIVERSAM_EPOCH {"epoch": 3}') == ("EPOCH", {"epoch": 3})
+    assert TrainingLogic.parse_event("epoch 3: train loss 0.4") is None
+
+
+def test_background_process_output_is_polled_and_stop_ends_it():
+    process = TrainingProcess()
+    script = (
+        "import json, time\n"
+        "for e in range(3):\n"
+        "    print('LIVERSAM_EPOCH ' + json.dumps({'epoch': e}), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    process.start([sys.executable, "-c", script])
+    events, deadline = [], time.monotonic() + 30
+    while len(events) < 3 and time.monotonic() < deadline:
+        events += [e for e in map(TrainingLogic.parse_event, process.read_lines()) if e]
+        time.sleep(0.05)
+    assert [payload["epoch"] for _, payload in events] == [0, 1, 2]
+    assert process.is_running()
+    started = time.monotonic()
+    process.stop(grace_seconds=5)
+    assert not process.is_running() and process.returncode != 0 and time.monotonic() - started < 10
+
+
+def test_register_model_makes_liversam_list_it(tmp_path, monkeypatch):
+    import torch
+
+    from liversam.models import available_models
+
+    monkeypatch.setenv("LIVERSAM_HOME", str(tmp_path / "home"))
+    checkpoint = tmp_path / "best.pt"
+    torch.save(
+        {"format": "liversam-checkpoint/1", "base_model": "litemedsam", "model_state": {},
+         "metadata": {"description": "test model", "metrics": {"val_dice_mean": 0.9}}},
+        checkpoint,
+    )  # fmt: skip
+    assert TrainingLogic.register_model(checkpoint, "my-liver-model") == "my-liver-model"
+    listed = {m.name: m for m in available_models()}
+    assert listed["my-liver-model"].available and "0.900" in listed["my-liver-model"].description
+
+
+def test_module_files_are_listed_in_cmake_and_ui_names_exist():
+    cmake = (TRAIN_DIR / "CMakeLists.txt").read_text()
+    listed = set(re.findall(r"[\w/${}]+\.(?:py|png|ui)", cmake))
+    listed = {p.replace("${MODULE_NAME}", "LiverSAMTrain") for p in listed}
+    on_disk = {
+        str(p.relative_to(TRAIN_DIR))
+        for p in TRAIN_DIR.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
+    assert on_disk - {"CMakeLists.txt"} == listed
+    root = ET.parse(TRAIN_DIR / "Resources" / "UI" / "LiverSAMTrain.ui").getroot()
+    widgets = {w.get("name"): w.get("class") for w in root.iter("widget")}
+    used = set(re.findall(r"self\.ui\.(\w+)", (TRAIN_DIR / "LiverSAMTrain.py").read_text()))
+    assert used and used <= set(widgets), used - set(widgets)
+    assert widgets["volumeSelector"] == "qMRMLNodeComboBox" and widgets["startButton"] == "QPushButton"

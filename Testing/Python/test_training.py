@@ -1,0 +1,328 @@
+"""LiverSAMTrain core without training: study discovery (label volumes, .seg.nrrd, 3D-IRCADb, manifests),
+patient split, augmentation, prompt simulation, loss, precision choice, the HDF5 cache's reuse/rebuild,
+resume safety and the command line. Real CT from ../shared/data; no slice is encoded here."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+import torch
+
+from liversam.errors import LiverSAMError
+from liversam.training import (
+    AugmentationConfig,
+    LabelConfig,
+    PromptSimulationConfig,
+    TrainingConfig,
+    TrainingConfigError,
+    TrainingDataError,
+    discover_studies,
+    load_study,
+    resolve_precision,
+    split_patients,
+    split_single_study_slices,
+)
+from liversam.training.augment import SliceAugmenter
+from liversam.training.losses import dice_bce_per_sample
+from liversam.training.prompt_simulation import error_point, simulate_prompt, tight_box
+from liversam.training.split import split_from_file
+
+
+# --- data layouts ------------------------------------------------------------------------------------------
+@pytest.fixture
+def lits_folder(tmp_path, data_dir) -> Path:
+    """A data folder of two study folders (ct + label), symlinked to lits117."""
+    root = tmp_path / "data"
+    for name in ("p1", "p2"):
+        (root / name).mkdir(parents=True)
+        (root / name / "ct.nii.gz").symlink_to(data_dir / "lits117" / "ct.nii.gz")
+        (root / name / "label.nii.gz").symlink_to(data_dir / "lits117" / "label.nii.gz")
+    return root
+
+
+def test_folder_of_label_studies_and_configurable_label_values(lits_folder, lits117_label):
+    studies = discover_studies(lits_folder)
+    assert [s.case_id for s in studies] == ["p1", "p2"] and {s.kind for s in studies} == {"labelmap"}
+    loaded = load_study(studies[0], LabelConfig())
+    assert int(loaded.liver_kji.sum()) == int(np.isin(lits117_label, (1, 2)).sum())
+    assert int(loaded.tumor_kji.sum()) == 130083
+    liver_only = load_study(
+        studies[0], LabelConfig(liver_labels=(1,), tumor_labels=(), liver_includes_tumor=False)
+    )
+    assert (
+        int(liver_only.liver_kji.sum()) == int((lits117_label == 1).sum()) and not liver_only.tumor_kji.any()
+    )
+    with pytest.raises(TrainingDataError, match="no liver voxels"):
+        load_study(studies[0], LabelConfig(liver_labels=(7,), tumor_labels=()))
+
+
+def test_manifest_json_and_csv(tmp_path, data_dir):
+    ct, label = data_dir / "lits117" / "ct.nii.gz", data_dir / "lits117" / "label.nii.gz"
+    (tmp_path / "m.json").write_text(json.dumps({"cases": [{"id": "a", "ct": str(ct), "label": str(label)}]}))
+    (tmp_path / "m.csv").write_text(f"id,ct,label\nb,{ct},{label}\n")
+    assert [s.case_id for s in discover_studies(tmp_path / "m.json")] == ["a"]
+    assert [s.kind for s in discover_studies(tmp_path / "m.csv")] == ["labelmap"]
+    (tmp_path / "bad.json").write_text(json.dumps([{"id": "x", "ct": "missing.nii.gz", "label": str(label)}]))
+    with pytest.raises(TrainingDataError, match="missing.nii.gz"):
+        discover_studies(tmp_path / "bad.json")
+    with pytest.raises(TrainingDataError, match="No training studies"):
+        discover_studies(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else None)
+
+
+def test_slicer_seg_nrrd_study_segments_by_name(tmp_path, data_dir):
+    from liversam.ct_io import read_ct
+    from liversam.segmentation import Segment, SegmentationResult
+    from liversam.segmentation_io import write_segmentation
+
+    volume = read_ct(data_dir / "totalseg_small" / "ct.nii.gz")
+    liver = (
+        sitk.GetArrayFromImage(sitk.ReadImage(str(data_dir / "totalseg_small" / "liver_model_output.nii.gz")))
+        > 0
+    )
+    tumor = np.zeros_like(liver)
+    k = int(np.argmax(liver.sum(axis=(1, 2))))
+    js, is_ = np.nonzero(liver[k])
+    jt, it = js[len(js) // 2], is_[len(js) // 2]
+    tumor[k, jt - 2 : jt + 3, it - 2 : it + 3] = True
+    tumor &= liver
+    assert tumor.any()
+    cyst = np.zeros_like(liver)
+    jc, ic = js[len(js) // 5], is_[len(js) // 5]
+    cyst[k, jc - 1 : jc + 2, ic - 1 : ic + 2] = True
+    cyst &= liver & ~tumor
+    study = tmp_path / "s1"
+    study.mkdir()
+    shutil.copy(data_dir / "totalseg_small" / "ct.nii.gz", study / "ct.nii.gz")
+    result = SegmentationResult(
+        volume.geometry,
+        [
+            Segment("Liver", 1, liver & ~tumor),
+            Segment("Liver tumor 1", 2, tumor),
+            Segment("Liver cyst", 3, cyst),
+        ],
+    )
+    write_segmentation(result, study / "case.seg.nrrd")
+    [found] = discover_studies(study)
+    assert found.kind == "segmentation"
+    loaded = load_study(found, LabelConfig())
+    assert np.array_equal(loaded.tumor_kji, tumor)  # the cyst is not tumour
+    assert np.array_equal(loaded.liver_kji, liver)  # liver includes the tumour it excluded
+    with pytest.raises(TrainingDataError, match="no liver segment"):
+        load_study(found, LabelConfig(liver_names=("hepar",)))
+
+
+def _write_mask_series(source_files: list[Path], mask_kji: np.ndarray, folder: Path) -> None:
+    folder.mkdir(parents=True)
+    series_uid = pydicom.uid.generate_uid()
+    for k, path in enumerate(source_files):
+        ds = pydicom.dcmread(path)
+        ds.PixelData = (mask_kji[k].astype(np.int16) * 255).tobytes()
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = series_uid, pydicom.uid.generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(folder / f"image_{k}")
+
+
+def test_3d_ircadb_layout_liver_and_tumours_but_not_cysts(tmp_path, data_dir):
+    from liversam.ct_io import read_ct
+    from liversam.segmentation_io import read_segmentation
+
+    ct_dir = data_dir / "dcmqi_ct3slice" / "ct"
+    volume = read_ct(ct_dir)
+    files = [Path(p) for p in volume.metadata["dicom_files"]]
+    liver = (
+        read_segmentation(data_dir / "dcmqi_ct3slice" / "liver_seg.nrrd", reference=volume.geometry)
+        .segments[0]
+        .mask_kji
+    )
+    k = int(np.argmax(liver.sum(axis=(1, 2))))
+    js, is_ = np.nonzero(liver[k])
+    tumor = np.zeros_like(liver)
+    tumor[k, js.min() + 10 : js.min() + 20, is_.min() + 10 : is_.min() + 20] = True
+    cyst = np.zeros_like(liver)
+    cyst[k, js.max() - 20 : js.max() - 10, is_.max() - 20 : is_.max() - 10] = True
+    patient = tmp_path / "3Dircadb1.1"
+    patient.mkdir()
+    shutil.copytree(ct_dir, patient / "PATIENT_DICOM")
+    _write_mask_series(files, liver & ~tumor, patient / "MASKS_DICOM" / "liver")
+    _write_mask_series(files, tumor, patient / "MASKS_DICOM" / "livertumor01")
+    _write_mask_series(files, cyst, patient / "MASKS_DICOM" / "liverkyst")
+    [study] = discover_studies(tmp_path)
+    assert (study.case_id, study.kind) == ("3Dircadb1.1", "ircadb")
+    loaded = load_study(study, LabelConfig())
+    assert np.array_equal(loaded.tumor_kji, tumor)
+    assert np.array_equal(loaded.liver_kji, liver | tumor)
+
+
+# --- split ------------------------------------------------------------------------------------------------
+def test_patient_split_is_seeded_disjoint_and_80_10_10(tmp_path):
+    ids = [f"case{i:02d}" for i in range(20)]
+    split = split_patients(ids, (0.8, 0.1, 0.1), seed=3)
+    assert (len(split.train), len(split.val), len(split.test)) == (16, 2, 2)
+    assert sorted(split.train + split.val + split.test) == ids
+    assert split.to_dict() == split_patients(ids, (0.8, 0.1, 0.1), seed=3).to_dict()
+    assert split.to_dict() != split_patients(ids, (0.8, 0.1, 0.1), seed=4).to_dict()
+    small = split_patients(["a", "b", "c"], (0.8, 0.1, 0.1), seed=0)
+    assert (len(small.train), len(small.val), len(small.test)) == (1, 1, 1)
+    path = tmp_path / "split.json"
+    path.write_text(json.dumps({"train": ["a", "b"], "val": ["c"], "test": []}))
+    assert split_from_file(path, ["a", "b", "c"]).val == ["c"]
+    path.write_text(json.dumps({"train": ["a", "b"], "val": ["a"]}))
+    with pytest.raises(TrainingConfigError, match="more than one split"):
+        split_from_file(path, ["a", "b", "c"])
+
+
+def test_single_study_slice_blocks_have_a_gap():
+    split = split_single_study_slices("x", list(range(0, 50, 2)), (0.8, 0.1, 0.1))
+    train, val = split.slices["train"], split.slices["val"]
+    assert max(train) < min(val) and len(train) + len(val) == 24 and split.mode == "slices" and not split.test
+
+
+# --- augmentation, prompts, loss -----------------------------------------------------------------------------
+def test_augmentation_is_seeded_moves_image_and_mask_together_and_keeps_inputs():
+    yy, xx = np.mgrid[:96, :128]
+    mask = ((yy - 40) ** 2 / 400 + (xx - 70) ** 2 / 900) < 1
+    image = np.where(mask, 0.9, 0.1).astype(np.float32)
+    before = image.copy()
+    augmenter = SliceAugmenter(
+        AugmentationConfig(flip_lr_prob=0.5, brightness=0.0, contrast_range=(1.0, 1.0))
+    )
+    a_img, a_masks = augmenter(image, {"m": mask.astype(np.uint8)}, np.random.default_rng(7))
+    b_img, b_masks = augmenter(image, {"m": mask.astype(np.uint8)}, np.random.default_rng(7))
+    assert np.array_equal(a_img, b_img) and np.array_equal(a_masks["m"], b_masks["m"])
+    assert np.array_equal(image, before)
+    moved = a_masks["m"].astype(bool)
+    assert not np.array_equal(moved, mask)
+    agreement = ((a_img > 0.5) == moved).mean()
+    assert agreement > 0.98
+    c_img, _ = augmenter(image, {"m": mask.astype(np.uint8)}, np.random.default_rng(8))
+    assert not np.array_equal(a_img, c_img)
+
+
+def test_prompt_simulation_boxes_points_and_error_clicks():
+    target = np.zeros((256, 256), dtype=bool)
+    target[100:140, 60:120] = True
+    config = PromptSimulationConfig(point_prob=1.0, box_jitter_fraction=0.1)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        prompt = simulate_prompt(target, rng, config, input_size=256)
+        x0, y0, x1, y1 = prompt.box_xyxy
+        assert abs(x0 - 60) <= 6.1 and abs(x1 - 119) <= 6.1 and abs(y0 - 100) <= 4.1 and abs(y1 - 139) <= 4.1
+        positives = prompt.points_xy[prompt.labels == 1].astype(int)
+        negatives = prompt.points_xy[prompt.labels == 0].astype(int)
+        assert len(positives) >= 1 and all(target[y, x] for x, y in positives)
+        assert not any(target[y, x] for x, y in negatives)
+    assert tuple(tight_box(target)) == (60, 100, 119, 139)
+    missed = target.copy()
+    missed[100:140, 90:120] = False  # the prediction misses the right half
+    xy, positive = error_point(missed, target)
+    assert positive and target[int(xy[1]), int(xy[0])] and not missed[int(xy[1]), int(xy[0])]
+    leak = target.copy()
+    leak[150:200, 150:200] = True
+    xy, positive = error_point(leak, target)
+    assert not positive and 150 <= xy[0] < 200
+    assert error_point(target, target) is None
+
+
+def test_dice_bce_loss_is_low_for_a_right_mask_and_high_for_a_wrong_one():
+    target = torch.zeros(1, 1, 32, 32)
+    target[..., 8:24, 8:24] = 1
+    good = dice_bce_per_sample((target * 2 - 1) * 10, target)
+    bad = dice_bce_per_sample((1 - target * 2) * 10, target)
+    assert float(good) < 0.01 and float(bad) > 5
+
+
+# --- precision, config, cache, resume safety, CLI ---------------------------------------------------------------
+def test_precision_is_fp32_on_cpus_without_native_bf16(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("LIVERSAM_CPU_BF16", "0")
+    assert resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setenv("LIVERSAM_CPU_BF16", "1")
+    assert resolve_precision("auto", cpu) == "bf16"
+    assert resolve_precision("bf16", cpu) == "bf16" and resolve_precision("fp32", cpu) == "fp32"
+    with pytest.raises(TrainingConfigError, match="fp16 needs a CUDA GPU"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(TrainingConfigError):
+        TrainingConfig(data="d", out="o", train_encoder="half")
+
+
+def test_cache_is_reused_when_unchanged_and_rebuilt_when_inputs_or_settings_change(
+    tmp_path, data_dir, litemedsam
+):
+    import h5py
+
+    from liversam.training.cache import build_study_cache
+
+    study_dir = tmp_path / "case"
+    study_dir.mkdir()
+    shutil.copy(data_dir / "totalseg_small" / "ct.nii.gz", study_dir / "ct.nii.gz")
+    shutil.copy(data_dir / "totalseg_small" / "liver_model_output.nii.gz", study_dir / "label.nii.gz")
+    [study] = discover_studies(study_dir)
+    # train_encoder="last": the cache holds slices and labels but no embeddings, so nothing is encoded here.
+    config = TrainingConfig(
+        data=str(study_dir), out=str(tmp_path / "run"), train_encoder="last", max_slices_per_case=5
+    )
+    first = build_study_cache(study, config, litemedsam, "id", progress=False)
+    mtime = first.stat().st_mtime_ns
+    assert build_study_cache(study, config, litemedsam, "id", progress=False) == first
+    assert first.stat().st_mtime_ns == mtime  # reused, not rewritten
+    with h5py.File(first, "r") as handle:
+        assert handle["image"].shape[0] == 5 and "embedding" not in handle
+        assert (
+            handle["liver"][:].sum() > 0
+            and 0.0 <= float(handle["image"][:].min()) <= float(handle["image"][:].max()) <= 1.0
+        )
+        geometry = json.loads(handle.attrs["geometry"])
+        assert geometry["spacing_mm"] == pytest.approx([3.0, 3.0, 3.0], abs=0.01)
+    wider = TrainingConfig(**{**config.__dict__, "window_width": 350.0})
+    assert build_study_cache(study, wider, litemedsam, "id", progress=False) != first
+    label = sitk.ReadImage(str(study_dir / "label.nii.gz"))
+    array = sitk.GetArrayFromImage(label)
+    array[array.shape[0] // 2] = 0
+    changed = sitk.GetImageFromArray(array)
+    changed.CopyInformation(label)
+    sitk.WriteImage(changed, str(study_dir / "label.nii.gz"))
+    assert build_study_cache(study, config, litemedsam, "id", progress=False) not in (first,)
+
+
+def test_resuming_a_run_with_different_settings_is_refused(tmp_path):
+    from liversam.training import Trainer, TrainingRunError
+
+    run = tmp_path / "run"
+    Trainer(TrainingConfig(data="d", out=str(run), lr=1e-4))._check_config()
+    (run / "state.pt").write_bytes(b"x")
+    Trainer(
+        TrainingConfig(data="d", out=str(run), lr=1e-4, device="cpu")
+    )._check_config()  # runtime-only: fine
+    with pytest.raises(TrainingRunError, match="lr"):
+        Trainer(TrainingConfig(data="d", out=str(run), lr=3e-4))._check_config()
+    assert issubclass(TrainingRunError, LiverSAMError)
+
+
+def test_command_line_builds_the_config():
+    from liversam.cli import build_parser
+    from liversam.commands.train import config_from_args
+
+    args = build_parser().parse_args(
+        "train --data D --out R --tumor-labels 2,3 --epochs 4 --lr 3e-4 --augment-copies 2 --max-slices 12 "
+        "--split 0.7,0.2,0.1 --train-encoder last --precision fp32 --seed 5 --no-register".split()
+    )
+    config = config_from_args(args)
+    assert config.labels.tumor_labels == (2, 3) and config.epochs == 4 and config.lr == 3e-4
+    assert config.split_fractions == (0.7, 0.2, 0.1) and config.train_encoder == "last"
+    assert config.augment_copies == 0  # augmented copies are for the frozen, cached encoder only
+    assert config.max_slices_per_case == 12 and config.seed == 5 and not config.register
+    assert TrainingConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_cli_reports_missing_data_as_a_user_error(tmp_path, capsys):
+    from liversam.cli import main
+
+    assert main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
+    assert "does not exist" in capsys.readouterr().err
