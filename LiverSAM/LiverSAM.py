@@ -12,11 +12,6 @@ from pathlib import Path
 import qt
 import slicer
 import vtk
-from LiverSAMLib import DependencyInstaller, MRMLBridge
-from LiverSAMLib.InferenceWorker import InferenceWorker
-from LiverSAMLib.ModelSession import ModelSession, SessionSettings
-from LiverSAMLib.Parameters import LiverSAMParameterNode
-from LiverSAMLib.SegmentationLogic import LIVER, TUMOR, SegmentationLogic
 from slicer.i18n import tr as _
 from slicer.i18n import translate
 from slicer.ScriptedLoadableModule import (
@@ -26,6 +21,12 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
+
+from LiverSAMLib import DependencyInstaller, MRMLBridge
+from LiverSAMLib.InferenceWorker import InferenceWorker
+from LiverSAMLib.ModelSession import ModelSession, SessionSettings
+from LiverSAMLib.Parameters import LiverSAMParameterNode
+from LiverSAMLib.SegmentationLogic import LIVER, SegmentationLogic
 
 # Prompt markups: attribute that marks LiverSAM's prompt nodes, and their colours (RGB 0..1).
 PROMPT_ATTRIBUTE = "LiverSAM.Prompt"
@@ -69,6 +70,8 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._liveTimer = None
         self._observedPromptNodes = []
         self._runningJob = None
+        self._shortcuts = []
+        self._lesions = []
 
     # --- setup / teardown -----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -78,7 +81,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
-        self.logic = LiverSAMLogic()
+        self.logic = LiverSAMLogic(segmentEditorHistory=SegmentEditorHistory.create())
         self._worker = InferenceWorker()
         self._session = ModelSession()
         self._pollTimer = qt.QTimer()
@@ -123,15 +126,35 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self.removeObservers()
+        self._uninstallShortcuts()
         if self._pollTimer is not None:
             self._pollTimer.stop()
         if self._worker is not None:
             self._worker.shutdown()
+        if self._session is not None:
+            self._session.release()
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        self._populateModels()  # LiverSAMTrain may have registered a model meanwhile
+        self._installShortcuts()
+
+    def _installShortcuts(self) -> None:
+        """Ctrl+Z / Ctrl+Y (platform undo / redo keys) undo and redo like manual edits while LiverSAM is shown."""
+        self._uninstallShortcuts()
+        for keys, slot in ((qt.QKeySequence.Undo, self.onUndo), (qt.QKeySequence.Redo, self.onRedo)):
+            shortcut = qt.QShortcut(qt.QKeySequence(keys), slicer.util.mainWindow())
+            shortcut.connect("activated()", slot)
+            self._shortcuts.append(shortcut)
+
+    def _uninstallShortcuts(self) -> None:
+        for shortcut in self._shortcuts:
+            shortcut.activated.disconnect()
+            shortcut.setParent(None)
+        self._shortcuts = []
 
     def exit(self) -> None:
+        self._uninstallShortcuts()
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -185,18 +208,21 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- inputs ---------------------------------------------------------------------------------------------
     def _populateModels(self) -> None:
-        self.ui.modelComboBox.clear()
-        try:
-            from liversam.models import available_models
+        """Fill the model selector from ``liversam.models.available_models()`` (built-in + LiverSAMTrain)."""
+        from LiverSAMLib.ModelSession import model_choices
 
-            models = available_models()
-            for info in models:
-                self.ui.modelComboBox.addItem(info.name, info.name)
-                self.ui.modelComboBox.setItemData(
-                    self.ui.modelComboBox.count - 1, info.description, qt.Qt.ToolTipRole
-                )
-        except ImportError:  # dependencies not installed yet: they are installed on first use
-            self.ui.modelComboBox.addItem("litemedsam", "litemedsam")
+        current = self._parameterNode.model if self._parameterNode else ""
+        combo = self.ui.modelComboBox
+        combo.blockSignals(True)
+        try:
+            combo.clear()
+            for choice in model_choices(extra=[current] if current else []):
+                combo.addItem(choice.label, choice.name)
+                combo.setItemData(combo.count - 1, choice.tooltip, qt.Qt.ToolTipRole)
+            index = combo.findData(current) if current else 0
+            combo.currentIndex = max(index, 0)
+        finally:
+            combo.blockSignals(False)
 
     def onModelChanged(self, index: int) -> None:
         if self._parameterNode and index >= 0:
@@ -324,6 +350,9 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for node in (p.positivePoints, p.negativePoints, p.boxROI):
             if node is not None:
                 node.RemoveAllControlPoints()
+        if p.outputSegmentation and p.targetSegmentID:
+            # New prompts start a new propagation (not a fix of the previous one).
+            self.logic.forgetPropagation(p.outputSegmentation, p.targetSegmentID)
 
     def _markupsPrompts(self):
         p = self._parameterNode
@@ -359,6 +388,18 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 clipID = liverID
         return targetID, clipID
 
+    def _currentSliceK(self, volumeNode):
+        """The slice index k shown in the Red slice view (where the user works), or None."""
+        layoutManager = slicer.app.layoutManager()
+        sliceWidget = layoutManager.sliceWidget("Red") if layoutManager else None
+        if sliceWidget is None:
+            return None
+        sliceToRAS = sliceWidget.mrmlSliceNode().GetSliceToRAS()
+        centerRAS = [sliceToRAS.GetElement(r, 3) for r in range(3)]
+        geometry = MRMLBridge.geometry_from_volume_node(volumeNode)
+        k = int(round(float(geometry.ras_to_ijk([centerRAS])[0][2])))
+        return k if 0 <= k < geometry.size_ijk[2] else None
+
     def onLiveUpdate(self) -> None:
         p = self._parameterNode
         if p is None or not (p.inputVolume and p.outputSegmentation) or self._runningJob is not None:
@@ -381,11 +422,18 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             targetID, clipID = self._targetSegment()
             segmentationNode, volumeNode = p.outputSegmentation, p.inputVolume
             session = self._session
+            focusK = self._currentSliceK(volumeNode)
+            if focusK is None:
+                focusK = prompts.slices[-1]
+            prefetchRadius = int(p.prefetchRadius)
 
             def compute(context):
-                return SegmentationLogic.predict_prompted_slices(
+                predictions = SegmentationLogic.predict_prompted_slices(
                     session, settings, ctVolume, volumeKey, prompts, cancel=context.cancelled
                 )
+                # Encode the neighbours of the slice the user works on while they look at the result.
+                session.prefetch_around(focusK, prefetchRadius)
+                return predictions
 
             def done(predictions):
                 with slicer.util.tryWithErrorDisplay(_("Could not write the result into the segment.")):
@@ -407,6 +455,12 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             )
 
     def onPropagate(self) -> None:
+        """Propagate the target segment; after a propagation, changed prompts only fix their part.
+
+        When the segment was propagated before (same CT, same settings) and the prompts only gained or
+        changed slices (e.g. points placed on a flagged slice), only the slices between the neighbouring
+        prompted slices are recomputed and written; otherwise the whole segment is propagated again.
+        """
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Propagation failed to start."), waitCursor=True):
             if not self._ensureDependencies():
@@ -419,28 +473,71 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             targetID, clipID = self._targetSegment()
             segmentationNode, volumeNode = p.outputSegmentation, p.inputVolume
             segment = segmentationNode.GetSegmentation().GetSegment(targetID)
-            name = segment.GetName()
+            name, color = segment.GetName(), tuple(segment.GetColor())
             inside = LIVER if clipID else None
             segmentPrompts = SegmentationLogic.segment_prompts(
-                name, 2 if inside else 1, prompts, inside=inside, color=segment.GetColor()
+                name, 2 if inside else 1, prompts, inside=inside, color=color
             )
-            postprocess = self.logic.postprocessSettings(p)
+            pipelineSettings = self.logic.pipelineSettings(p)
+            reviewSettings = self.logic.reviewSettings(p)
+            given = prompts.to_slice_prompts()
             session = self._session
             liverMask = MRMLBridge.segment_mask(segmentationNode, clipID, volumeNode) if clipID else None
+            protect = {name: [LIVER]} if clipID else None
+            record = self.logic.propagationRecord(segmentationNode, targetID)
+            fixSlices = self.logic.planRepropagation(record, given, volumeKey, pipelineSettings)
 
-            def compute(context):
-                return self.logic.propagate(session, settings, ctVolume, volumeKey, segmentPrompts, postprocess,
-                                            liverMask, progress=context.progress, cancel=context.cancelled)  # fmt: skip
+            if fixSlices:
+                existing = MRMLBridge.segment_mask(segmentationNode, targetID, volumeNode)
 
-            def done(result):
-                self._setRunning(None)
-                with slicer.util.tryWithErrorDisplay(_("Could not write the propagated result.")):
-                    protect = {name: [LIVER]} if clipID else None
-                    self.logic.segmentation.apply_result(
-                        result, segmentationNode, volumeNode, protect=protect
-                    )
-                    self._fillReviewTable(result)
-                    self.ui.statusLabel.text = _("Propagation done.")
+                def compute(context):
+                    return self.logic.repropagate(session, settings, ctVolume, volumeKey, record, given, fixSlices,
+                                                  existing, name, segmentPrompts.label, color, liverMask,
+                                                  progress=context.progress, cancel=context.cancelled)  # fmt: skip
+
+                def done(fix):
+                    self._setRunning(None)
+                    with slicer.util.tryWithErrorDisplay(_("Could not write the re-propagated slices.")):
+                        if fix.k_range is not None:
+                            self.logic.segmentation.apply_result(
+                                fix.result, segmentationNode, volumeNode, k_range=fix.k_range, protect=protect
+                            )
+                        self.logic.rememberPropagation(segmentationNode, targetID, fix.record)
+                        self._fillReviewTable(fix.result, reviewSettings)
+                        self.ui.statusLabel.text = (
+                            _("Fixed slice(s) {fixed}; slices {first}-{last} re-propagated.").format(
+                                fixed=", ".join(str(k) for k in fixSlices),
+                                first=fix.k_range[0],
+                                last=fix.k_range[1],
+                            )
+                            if fix.k_range
+                            else _("The fix changed nothing.")
+                        )
+
+                name_of_job = "re-propagation"
+            else:
+
+                def compute(context):
+                    return self.logic.propagate(session, settings, ctVolume, volumeKey, segmentPrompts, pipelineSettings,
+                                                liverMask, progress=context.progress, cancel=context.cancelled)  # fmt: skip
+
+                def done(result):
+                    self._setRunning(None)
+                    with slicer.util.tryWithErrorDisplay(_("Could not write the propagated result.")):
+                        self.logic.segmentation.apply_result(
+                            result, segmentationNode, volumeNode, protect=protect
+                        )
+                        self.logic.rememberPropagation(
+                            segmentationNode,
+                            targetID,
+                            self.logic.recordFromResult(
+                                result, segmentPrompts, given, volumeKey, pipelineSettings
+                            ),
+                        )
+                        self._fillReviewTable(result, reviewSettings)
+                        self.ui.statusLabel.text = _("Propagation done.")
+
+                name_of_job = "propagation"
 
             def cancelled():
                 self._setRunning(None)
@@ -448,7 +545,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
             job = self._worker.run(
                 compute, on_done=done, on_error=self._onJobError, on_progress=self._onProgress, on_cancelled=cancelled,
-                name="propagation",
+                name=name_of_job,
             )  # fmt: skip
             self._setRunning(job)
 
@@ -473,20 +570,33 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.util.errorDisplay(_("LiverSAM failed: {error}").format(error=error))
 
     def onUndo(self) -> None:
+        """Undo the last change of the segmentation (LiverSAM's or a manual Segment Editor edit)."""
         self.logic.segmentation.undo()
 
+    def onRedo(self) -> None:
+        self.logic.segmentation.redo()
+
     # --- review and lesions ----------------------------------------------------------------------------------
-    def _fillReviewTable(self, result) -> None:
-        rows = self.logic.reviewRows(result)
+    def _fillReviewTable(self, result, reviewSettings=None) -> None:
+        rows = self.logic.reviewRows(result, reviewSettings)
         table = self.ui.reviewTable
         table.clear()
-        table.setColumnCount(3)
-        table.setHorizontalHeaderLabels([_("Slice"), _("Segment"), _("Why")])
+        table.setColumnCount(5)
+        table.setHorizontalHeaderLabels([_("Slice"), _("Segment"), _("Why"), _("Area (mm²)"), _("Score")])
         table.setRowCount(len(rows))
-        for r, (k, segmentName, reason) in enumerate(rows):
-            for c, value in enumerate((str(k), segmentName, reason)):
+        for r, row in enumerate(rows):
+            score = "" if row.score is None else f"{row.score:.2f}"
+            for c, value in enumerate((str(row.k), row.segment, row.reason, f"{row.area_mm2:.0f}", score)):
                 table.setItem(r, c, qt.QTableWidgetItem(value))
-        self.ui.reviewCollapsibleButton.collapsed = not rows
+        self.ui.reviewCollapsibleButton.collapsed = False
+        tracks = self.logic.trackSummary(result)
+        if tracks:
+            self.ui.reviewLabel.toolTip = "\n".join(tracks)
+        self.ui.reviewLabel.text = (
+            _("{n} slice(s) to check (click to jump, fix with points, press Propagate):").format(n=len(rows))
+            if rows
+            else _("No slice flagged.")
+        )
 
     def onReviewRowClicked(self, row: int, column: int) -> None:
         k = int(self.ui.reviewTable.item(row, 0).text())
@@ -495,27 +605,28 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onUpdateLesions(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Could not compute the lesion table."), waitCursor=True):
-            rows = self.logic.lesionRows(p.outputSegmentation, p.inputVolume)
+            self._lesions = self.logic.lesionTable(p.outputSegmentation, p.inputVolume)
             table = self.ui.lesionTable
             table.clear()
             table.setColumnCount(4)
             table.setHorizontalHeaderLabels(
-                [_("Lesion"), _("Volume (mL)"), _("Longest axial diameter (mm)"), _("Centre (IJK)")]
+                [_("Lesion"), _("Volume (mL)"), _("Longest axial diameter (mm)"), _("Slices")]
             )
-            table.setRowCount(len(rows))
-            for r, row in enumerate(rows):
+            table.setRowCount(len(self._lesions))
+            for r, lesion in enumerate(self._lesions):
                 values = (
-                    str(row["index"]),
-                    f"{row['volume_ml']:.2f}",
-                    f"{row['diameter_mm']:.1f}",
-                    " ".join(str(v) for v in row["center_ijk"]),
+                    str(lesion.lesion_id),
+                    f"{lesion.volume_ml:.2f}",
+                    f"{lesion.longest_axial_diameter_mm:.1f}",
+                    f"{lesion.slice_first}-{lesion.slice_last}",
                 )
                 for c, value in enumerate(values):
                     table.setItem(r, c, qt.QTableWidgetItem(value))
 
     def onLesionRowClicked(self, row: int, column: int) -> None:
-        i, j, k = (int(v) for v in self.ui.lesionTable.item(row, 3).text().split())
-        self._jumpToIJK(self._parameterNode.inputVolume, i, j, k)
+        if 0 <= row < len(self._lesions):
+            x, y, z = self._lesions[row].centre_lps
+            slicer.modules.markups.logic().JumpSlicesToLocation(-x, -y, z, True)  # LPS -> RAS
 
     @staticmethod
     def _jumpToIJK(volumeNode, i, j, k) -> None:
@@ -528,8 +639,53 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onExport(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Export failed."), waitCursor=True):
-            path = self.logic.export(p.outputSegmentation, p.inputVolume, str(p.exportPath), p.exportFormat)
+            path = self.logic.export(
+                p.outputSegmentation, p.inputVolume, str(p.exportPath), p.exportFormat, modelName=p.model
+            )
             self.ui.statusLabel.text = _("Written {path}").format(path=path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Undo shared with the Segment Editor
+# ---------------------------------------------------------------------------------------------------
+class SegmentEditorHistory:
+    """The Segment Editor module's undo history, so LiverSAM's writes and manual edits undo together.
+
+    ``qMRMLSegmentEditorWidget.saveStateForUndo()`` / ``undo()`` / ``redo()`` (Slicer >= 5.10) act on the
+    widget's ``vtkSlicerSegmentEditorLogic``, whose history follows the segmentation named by its
+    ``vtkMRMLSegmentEditorNode``. LiverSAM's ``SegmentationLogic`` uses the same singleton editor node and
+    sets its segmentation before every write, so once the Segment Editor widget uses that node too, one
+    history holds both. Ctrl+Z in the Segment Editor or in LiverSAM undoes them in order.
+    """
+
+    def __init__(self, editorNodeProvider=None) -> None:
+        self.editorNodeProvider = editorNodeProvider  # () -> the shared vtkMRMLSegmentEditorNode
+
+    @staticmethod
+    def create():
+        """A history bound to the Segment Editor module, or None when that module is not available."""
+        if not hasattr(slicer.modules, "segmenteditor"):
+            return None
+        return SegmentEditorHistory()
+
+    def editorWidget(self):
+        """The Segment Editor module's ``qMRMLSegmentEditorWidget``, using the shared editor node."""
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        node = self.editorNodeProvider() if self.editorNodeProvider else None
+        if node is not None:
+            current = editor.mrmlSegmentEditorNode()
+            if current is None or current.GetID() != node.GetID():
+                editor.setMRMLSegmentEditorNode(node)
+        return editor
+
+    def saveStateForUndo(self) -> None:
+        self.editorWidget().saveStateForUndo()
+
+    def undo(self) -> None:
+        self.editorWidget().undo()
+
+    def redo(self) -> None:
+        self.editorWidget().redo()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -538,14 +694,24 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class LiverSAMLogic(ScriptedLoadableModuleLogic):
     """Module logic: the parameter node plus :class:`LiverSAMLib.SegmentationLogic.SegmentationLogic`.
 
-    Usable without the widget, e.g. from the Python console::
+    ``segmentEditorHistory`` (a :class:`SegmentEditorHistory`) makes undo shared with the Segment Editor;
+    without it the logic keeps its own undo history. Usable without the widget, e.g. from the console::
 
         logic = slicer.modules.liversam.widgetRepresentation().self().logic
     """
 
-    def __init__(self) -> None:
+    def __init__(self, segmentEditorHistory=None) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.segmentation = SegmentationLogic()
+        history = segmentEditorHistory
+        self.segmentation = SegmentationLogic(
+            save_state_for_undo=history.saveStateForUndo if history else None,
+            undo_shared=history.undo if history else None,
+            redo_shared=history.redo if history else None,
+        )
+        if history is not None:
+            history.editorNodeProvider = self.segmentation.editor_node
+        # (segmentation node ID, segment ID) -> PropagationRecord of the last propagation / fix.
+        self._propagationRecords = {}
 
     def getParameterNode(self):
         return LiverSAMParameterNode(super().getParameterNode())
@@ -554,10 +720,11 @@ class LiverSAMLogic(ScriptedLoadableModuleLogic):
     def requirementsPath() -> str:
         return os.path.join(os.path.dirname(__file__), "Resources", "requirements.txt")
 
+    # --- settings from the parameter node -----------------------------------------------------------
     @staticmethod
-    def postprocessSettings(parameterNode):
-        """The core's post-processing settings from the parameter node's ``postprocess`` pack."""
-        from LiverSAMLib.ModelSession import core_postprocess_settings
+    def pipelineSettings(parameterNode):
+        """The core's ``PipelineSettings``: the ``postprocess`` pack and the ``propagation`` pack."""
+        from LiverSAMLib.ModelSession import core_postprocess_settings, propagation_settings_from_parameters
 
         pp = parameterNode.postprocess
         return core_postprocess_settings(
@@ -565,8 +732,16 @@ class LiverSAMLogic(ScriptedLoadableModuleLogic):
             min_island_mm3=pp.minIslandVolumeMm3,
             keep_largest=pp.keepLargestComponent,
             closing_mm=pp.closingRadiusMm,
+            propagation=propagation_settings_from_parameters(parameterNode.propagation),
         )
 
+    @staticmethod
+    def reviewSettings(parameterNode):
+        from LiverSAMLib.ModelSession import review_settings_from_parameters
+
+        return review_settings_from_parameters(parameterNode.review)
+
+    # --- propagation and fixes (compute parts run on the worker thread; no MRML) --------------------------
     @staticmethod
     def propagate(
         session,
@@ -574,7 +749,7 @@ class LiverSAMLogic(ScriptedLoadableModuleLogic):
         ctVolume,
         volumeKey,
         segmentPrompts,
-        postprocess,
+        pipelineSettings,
         liverMask=None,
         progress=None,
         cancel=None,
@@ -583,26 +758,68 @@ class LiverSAMLogic(ScriptedLoadableModuleLogic):
         from LiverSAMLib.ModelSession import propagate_segment
 
         return propagate_segment(
-            session, settings, ctVolume, volumeKey, segmentPrompts, postprocess, liverMask, progress, cancel
+            session,
+            settings,
+            ctVolume,
+            volumeKey,
+            segmentPrompts,
+            pipelineSettings,
+            liverMask,
+            progress,
+            cancel,
         )
 
     @staticmethod
-    def reviewRows(result) -> list:
+    def repropagate(session, settings, ctVolume, volumeKey, record, given, fixSlices, existing, name, label, color,
+                    liverMask=None, progress=None, cancel=None):  # fmt: skip
+        """Fix slices and re-propagate only the part they affect (worker thread; no MRML)."""
+        from LiverSAMLib.ModelSession import repropagate_segment
+
+        return repropagate_segment(
+            session, settings, ctVolume, volumeKey, record, given, fixSlices, existing, name, label, color,
+            container_kji=liverMask, progress=progress, cancel=cancel,
+        )  # fmt: skip
+
+    @staticmethod
+    def planRepropagation(record, given, volumeKey, pipelineSettings):
+        from LiverSAMLib.ModelSession import plan_repropagation
+
+        return plan_repropagation(record, given, volumeKey, pipelineSettings)
+
+    @staticmethod
+    def recordFromResult(result, segmentPrompts, given, volumeKey, pipelineSettings):
+        from LiverSAMLib.ModelSession import record_from_result
+
+        return record_from_result(result, segmentPrompts, given, volumeKey, pipelineSettings)
+
+    def propagationRecord(self, segmentationNode, segmentID):
+        return self._propagationRecords.get((segmentationNode.GetID(), segmentID))
+
+    def rememberPropagation(self, segmentationNode, segmentID, record) -> None:
+        self._propagationRecords[(segmentationNode.GetID(), segmentID)] = record
+
+    def forgetPropagation(self, segmentationNode, segmentID) -> None:
+        self._propagationRecords.pop((segmentationNode.GetID(), segmentID), None)
+
+    # --- review, lesions, export ------------------------------------------------------------------------
+    @staticmethod
+    def reviewRows(result, reviewSettings=None) -> list:
         from LiverSAMLib.ModelSession import review_rows
 
-        return review_rows(result)
+        return review_rows(result, reviewSettings)
 
-    def lesionRows(self, segmentationNode, volumeNode) -> list:
-        from LiverSAMLib.ModelSession import lesion_rows
+    @staticmethod
+    def trackSummary(result) -> list:
+        from LiverSAMLib.ModelSession import track_summary
 
-        tumorID = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName(TUMOR)
-        if not tumorID:
-            return []
-        mask = MRMLBridge.segment_mask(segmentationNode, tumorID, volumeNode)
-        return lesion_rows(mask, MRMLBridge.geometry_from_volume_node(volumeNode))
+        return track_summary(result)
 
-    def export(self, segmentationNode, volumeNode, path: str, exportFormat: str) -> Path:
-        from LiverSAMLib.SegmentationLogic import dicom_files_of_volume
+    def lesionTable(self, segmentationNode, volumeNode) -> list:
+        """``liversam.lesions.Lesion`` rows of the ``tumor`` segment (largest first)."""
+        return self.segmentation.lesion_table(segmentationNode, volumeNode)
+
+    def export(self, segmentationNode, volumeNode, path: str, exportFormat: str, modelName: str = "") -> Path:
+        from LiverSAMLib.SegmentationLogic import dicom_reference_of_volume
 
         if not path or path == ".":
             raise ValueError(_("Choose an output file first."))
@@ -610,8 +827,9 @@ class LiverSAMLogic(ScriptedLoadableModuleLogic):
             return self.segmentation.export_seg_nrrd(segmentationNode, path)
         if exportFormat.startswith("labelmap"):
             return self.segmentation.export_labelmap(segmentationNode, volumeNode, path)
+        files, seriesUID = dicom_reference_of_volume(volumeNode)
         return self.segmentation.export_dicom_seg(
-            segmentationNode, volumeNode, path, dicom_files_of_volume(volumeNode)
+            segmentationNode, volumeNode, path, files, model_name=Path(modelName).name, series_uid=seriesUID
         )
 
 
@@ -633,6 +851,8 @@ class LiverSAMTest(ScriptedLoadableModuleTest):
         self.test_LiverSAM_box_and_points()
         self.setUp()
         self.test_LiverSAM_ct_unchanged_and_undo()
+        self.setUp()
+        self.test_LiverSAM_undo_shared_with_segment_editor()
 
     def _exampleFiles(self):
         """The example CT and its reference labels (liver=1, tumour=2) shipped with the repository."""
@@ -709,7 +929,7 @@ class LiverSAMTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("Propagating")
         segmentPrompts = SegmentationLogic.segment_prompts(LIVER, 1, prompts)
-        postprocess = logic.postprocessSettings(logic.getParameterNode())
+        postprocess = logic.pipelineSettings(logic.getParameterNode())
         result = logic.propagate(session, settings, ctVolume, key, segmentPrompts, postprocess)
         logic.segmentation.apply_result(result, segmentationNode, volumeNode)
         liver = MRMLBridge.segment_mask(segmentationNode, ids[LIVER], volumeNode)
@@ -734,4 +954,34 @@ class LiverSAMTest(ScriptedLoadableModuleTest):
         logic.segmentation.undo()
         self.assertFalse(MRMLBridge.segment_mask(segmentationNode, liverID, volumeNode).any())
         self.assertTrue(np.array_equal(before, slicer.util.arrayFromVolume(volumeNode)))
+        self.delayDisplay("Test passed")
+
+    def test_LiverSAM_undo_shared_with_segment_editor(self):
+        """A LiverSAM write and a manual edit go into the Segment Editor's one history: undo reverts both."""
+        import numpy as np
+
+        volumeNode, referenceLiver = self._loadCase()
+        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        history = SegmentEditorHistory.create()
+        self.assertIsNotNone(history, "the Segment Editor module is needed for shared undo")
+        logic = LiverSAMLogic(segmentEditorHistory=history)
+        logic.segmentation.prepare_segmentation(segmentationNode, volumeNode)
+        liverID = logic.segmentation.ensure_segment(segmentationNode, LIVER)
+        logic.segmentation.write_mask(segmentationNode, liverID, volumeNode, referenceLiver)
+        editor = history.editorWidget()
+        self.assertEqual(editor.segmentationNode(), segmentationNode)
+        # A "manual edit": the Segment Editor saves its state, then a segment is changed.
+        editor.saveStateForUndo()
+        k = int(np.argmax(referenceLiver.sum(axis=(1, 2))))
+        edited = referenceLiver.copy()
+        edited[k] = False
+        slicer.util.updateSegmentBinaryLabelmapFromArray(
+            edited.astype(np.uint8), segmentationNode, liverID, volumeNode
+        )
+        editor.undo()  # reverts the manual edit
+        self.assertEqual(
+            self._dice(MRMLBridge.segment_mask(segmentationNode, liverID, volumeNode), referenceLiver), 1.0
+        )
+        logic.segmentation.undo()  # reverts LiverSAM's write, through the same history
+        self.assertFalse(MRMLBridge.segment_mask(segmentationNode, liverID, volumeNode).any())
         self.delayDisplay("Test passed")

@@ -6,7 +6,8 @@ second, while a prompt change on an encoded slice costs a decoder pass (~0.1 s).
 main thread may touch the MRML scene, so the worker never calls back into Slicer. The widget calls
 :meth:`InferenceWorker.poll` from a ``QTimer`` (every ~50 ms); the callbacks run there, on the main thread.
 
-This module uses the standard library only (no Qt, no MRML): it is tested with plain pytest.
+This module uses the standard library (and ``liversam.errors``) only, no Qt and no MRML: it is tested with
+plain pytest.
 """
 
 from __future__ import annotations
@@ -19,11 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+# The core's exception (standard library only): raised inside a job by :meth:`JobContext.check_cancelled`
+# or by the core's pipeline / propagation when the job's cancel flag is set.
+from liversam.errors import Cancelled
+
 logger = logging.getLogger(__name__)
 
-
-class Cancelled(Exception):
-    """Raised inside a job (by :meth:`JobContext.check_cancelled`) when the user pressed Cancel."""
+__all__ = ["Cancelled", "InferenceWorker", "Job", "JobContext"]
 
 
 @dataclass

@@ -17,6 +17,7 @@ import numpy as np
 import slicer
 import vtk
 import vtk.util.numpy_support as vtk_np
+
 from liversam.errors import InputImageError, PromptError
 from liversam.geometry import ImageGeometry
 from liversam.volume import CTVolume

@@ -7,18 +7,34 @@ results into the scene.
 
 A prompt change on a slice that was already encoded re-runs only the prompt encoder and mask decoder:
 the :class:`liversam.predictor.SlicePredictor` keeps the slice embeddings in an LRU cache bounded in MB.
+While the user works on a slice, :class:`liversam.acceleration.BackgroundPrefetcher` encodes its
+neighbours in the background (paused while a propagation runs).
+
+The module-level functions glue the Slicer side to the core: parameter-node values -> core settings
+(:func:`core_postprocess_settings`, :func:`propagation_settings_from_parameters`,
+:func:`review_settings_from_parameters`), propagation (:func:`propagate_segment`), fix-and-re-propagate
+(:func:`plan_repropagation`, :func:`repropagate_segment`), the review table (:func:`review_rows`) and the
+model list (:func:`model_choices`). The algorithms themselves live in the core only.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import dataclasses
 import logging
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
 # load_model(name_or_path, device) -> LoadedModel; injectable for tests.
 ModelLoader = Callable[[str, str], object]
+# progress(done, total, message) as InferenceWorker's JobContext.progress takes it.
+Progress = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True)
@@ -41,6 +57,8 @@ class ModelSession:
         self._model_key: tuple[str, str] | None = None
         self._predictor = None
         self._predictor_key: tuple | None = None
+        self._prefetcher = None
+        self._prefetch_lock = threading.Lock()
 
     # --- model and predictor -------------------------------------------------------------------------
     def model(self, settings: SessionSettings):
@@ -51,6 +69,7 @@ class ModelSession:
             if loader is None:
                 from liversam.models import load_model as loader
             logger.info("LiverSAM: loading model %s on %s", settings.model, settings.device)
+            self._close_prefetcher()
             self._model = loader(settings.model, settings.device)
             self._model_key = key
             self._predictor = None  # embeddings belong to the previous model
@@ -74,6 +93,7 @@ class ModelSession:
             self._model_key,
         )
         if self._predictor is None or self._predictor_key != key:
+            self._close_prefetcher()
             window = WindowSettings(level=settings.window_level_hu, width=settings.window_width_hu)
             self._predictor = SlicePredictor(model, volume, window=window, cache_mb=settings.cache_mb)
             self._predictor_key = key
@@ -84,11 +104,61 @@ class ModelSession:
         return self._predictor
 
     def release(self) -> None:
-        """Drop the model and the embeddings (frees memory; the next call loads again)."""
+        """Drop the model and the embeddings, stop background encoding (the next call loads again)."""
+        self._close_prefetcher()
         self._model = None
         self._model_key = None
         self._predictor = None
         self._predictor_key = None
+
+    # --- background pre-encoding of neighbouring slices --------------------------------------------------
+    def prefetch_around(self, k: int, radius: int) -> None:
+        """Encode slice ``k``'s neighbours (``radius`` slices each way, nearest first) in the background.
+
+        Uses :class:`liversam.acceleration.BackgroundPrefetcher` on the current predictor: moving to a
+        neighbouring slice, or propagating from ``k``, then finds its embedding cached. ``radius`` 0 stops
+        it. The prefetcher shares the predictor's cache and encoder lock, so an interactive request waits
+        for at most one background encode. Call after :meth:`predictor` (on the worker thread).
+        """
+        predictor = self._predictor
+        if predictor is None or radius <= 0:
+            self._close_prefetcher()
+            return
+        with self._prefetch_lock:
+            prefetcher = self._prefetcher
+            if prefetcher is None or prefetcher.predictor is not predictor:
+                if prefetcher is not None:
+                    prefetcher.close(timeout=0)
+                from liversam.acceleration import BackgroundPrefetcher
+
+                prefetcher = BackgroundPrefetcher(predictor, radius=int(radius))
+                self._prefetcher = prefetcher
+            prefetcher.radius = int(radius)
+        prefetcher.focus(int(k))
+
+    @property
+    def prefetcher(self):
+        """The running :class:`BackgroundPrefetcher` (None when background encoding is off)."""
+        return self._prefetcher
+
+    @contextlib.contextmanager
+    def prefetch_paused(self) -> Iterator[None]:
+        """Pause background encoding (a propagation needs the encoder for its own slices)."""
+        prefetcher = self._prefetcher
+        if prefetcher is not None:
+            prefetcher.cancel()
+            prefetcher.pause()
+        try:
+            yield
+        finally:
+            if prefetcher is not None:
+                prefetcher.resume()
+
+    def _close_prefetcher(self) -> None:
+        with self._prefetch_lock:
+            prefetcher, self._prefetcher = self._prefetcher, None
+        if prefetcher is not None:
+            prefetcher.close(timeout=0)  # the encode in progress (if any) finishes on its daemon thread
 
     # --- work --------------------------------------------------------------------------------------------
     def predict_slice(
@@ -110,31 +180,83 @@ class ModelSession:
     ):
         """Run the core pipeline (per-slice prompts + propagation + post-processing) on the volume.
 
-        ``postprocess`` is a ``liversam.pipeline.PipelineSettings``; ``progress(stage, done, total)``;
-        ``cancel()`` returns True to stop (the pipeline then raises ``liversam.pipeline.Cancelled``). Returns a ``liversam.segmentation.SegmentationResult`` on the CT grid.
+        ``postprocess`` is a ``liversam.pipeline.PipelineSettings`` (its ``propagation`` field holds the
+        stopping rules); ``progress(stage, done, total)``; ``cancel()`` returns True to stop (the pipeline
+        then raises ``liversam.errors.Cancelled``). Returns a ``liversam.segmentation.SegmentationResult``
+        on the CT grid whose ``provenance["propagation"]`` holds each segment's propagation outcome.
         """
         from liversam.pipeline import segment_volume
 
         predictor = self.predictor(volume, volume_key, settings)
-        return segment_volume(
-            volume, list(segment_prompts), predictor, settings=postprocess, progress=progress, cancel=cancel
-        )
+        with self.prefetch_paused():
+            return segment_volume(
+                volume,
+                list(segment_prompts),
+                predictor,
+                settings=postprocess,
+                progress=progress,
+                cancel=cancel,
+            )
 
 
-# --- glue to the core pipeline modules (post-processing, propagation, review, lesions) ----------------------
+# --- parameter node -> core settings ---------------------------------------------------------------------------
+#: Parameter-node member (``LiverSAMLib.Parameters.PropagationParameters``) -> field of
+#: ``liversam.propagation.PropagationSettings``.
+PROPAGATION_PARAMETERS: dict[str, str] = {
+    "minScore": "min_score",
+    "boxMarginMm": "box_margin_mm",
+    "useMaskPrompt": "use_mask_prompt",
+    "minAreaMm2": "min_area_mm2",
+    "collapseRatio": "collapse_ratio",
+    "minOverlap": "min_overlap",
+    "maxSlices": "max_slices",
+}
+#: Parameter-node member (``LiverSAMLib.Parameters.ReviewParameters``) -> field of
+#: ``liversam.review.ReviewSettings``.
+REVIEW_PARAMETERS: dict[str, str] = {"maxAreaRatio": "max_area_ratio", "minScore": "min_score"}
+
+
+def propagation_settings_from_parameters(pack):
+    """The core's ``PropagationSettings`` from the parameter node's ``propagation`` pack.
+
+    ``pack`` is anything with the members of :data:`PROPAGATION_PARAMETERS` (the parameter pack in Slicer).
+    ``maxSlices`` 0 means no limit (``max_slices=None``).
+    """
+    from liversam.propagation import PropagationSettings
+
+    values = {core: getattr(pack, member) for member, core in PROPAGATION_PARAMETERS.items()}
+    values["max_slices"] = int(values["max_slices"]) or None
+    values["use_mask_prompt"] = bool(values["use_mask_prompt"])
+    for name in ("min_score", "box_margin_mm", "min_area_mm2", "collapse_ratio", "min_overlap"):
+        values[name] = float(values[name])
+    return PropagationSettings(**values)
+
+
+def review_settings_from_parameters(pack):
+    """The core's ``ReviewSettings`` from the parameter node's ``review`` pack (other fields: core defaults)."""
+    from liversam.review import ReviewSettings
+
+    return ReviewSettings(
+        **{core: float(getattr(pack, member)) for member, core in REVIEW_PARAMETERS.items()}
+    )
+
+
 def core_postprocess_settings(
     fill_holes: bool = True,
     min_island_mm3: float = 0.0,
     keep_largest: bool = True,
     closing_mm: float = 0.0,
+    propagation=None,
 ):
-    """The core's ``PipelineSettings`` from the module's post-processing settings.
+    """The core's ``PipelineSettings`` from the module's post-processing (and propagation) settings.
 
     Per slice: fill holes, closing (mm). In 3D after propagation: fill holes, remove islands smaller than
     ``min_island_mm3``; the liver also keeps only its largest component when ``keep_largest``.
+    ``propagation`` is a ``liversam.propagation.PropagationSettings`` (core defaults when None).
     """
     from liversam.pipeline import PipelineSettings
     from liversam.postprocess import Postprocess3DSettings, PostprocessSettings
+    from liversam.propagation import PropagationSettings
 
     default_3d = Postprocess3DSettings(
         fill_holes=fill_holes, min_island_mm3=float(min_island_mm3), keep_largest=False
@@ -147,6 +269,46 @@ def core_postprocess_settings(
             )
         },
         default_3d=default_3d,
+        propagation=propagation if propagation is not None else PropagationSettings(),
+    )
+
+
+# --- propagation and fix-and-re-propagate ----------------------------------------------------------------------
+@dataclass
+class PropagationRecord:
+    """What one segment's last propagation (and the fixes after it) was computed from.
+
+    Kept by the module between runs so that a prompt changed on one slice re-propagates only the part it
+    affects (:func:`repropagate_segment`) instead of the whole volume.
+
+    ``given`` - the prompts as the user placed them, slice k -> ``SlicePrompts`` (to detect what changed);
+    ``segment_prompts`` - the core ``SegmentPrompts`` actually used (a fix slice with negative points only
+    gets a box around the existing mask); ``volume_key`` / ``settings`` - the voxels and the
+    ``PipelineSettings`` it was computed with (a change of either needs a full propagation);
+    ``scores`` / ``tracks`` - per-slice model scores and propagation tracks, for the review report.
+    """
+
+    given: dict
+    segment_prompts: object
+    volume_key: Hashable
+    settings: object
+    scores: dict[int, float] = field(default_factory=dict)
+    tracks: list = field(default_factory=list)
+
+
+def record_from_result(
+    result, segment_prompts, given: Mapping, volume_key: Hashable, settings
+) -> PropagationRecord:
+    """The record of a full propagation of ``segment_prompts`` whose result is ``result``."""
+    segment = result.segment(segment_prompts.name)
+    outcome = (result.provenance.get("propagation") or {}).get(segment_prompts.name)
+    return PropagationRecord(
+        given=copy.deepcopy(dict(given)),
+        segment_prompts=copy.deepcopy(segment_prompts),
+        volume_key=volume_key,
+        settings=settings,
+        scores=dict(segment.slice_scores),
+        tracks=list(outcome.tracks) if outcome is not None else [],
     )
 
 
@@ -155,27 +317,18 @@ def propagate_segment(session, settings, volume, volume_key, segment_prompts, po
     """Propagate one segment from its prompted slices; clipped to ``clip_mask_kji`` (the liver) when given.
 
     The liver already lives in the Slicer segmentation, so instead of asking the pipeline to segment it
-    again (``inside="liver"``), the result is clipped to the existing liver mask here.
+    again (``inside="liver"``), the result is clipped to the existing liver mask here. ``progress(done,
+    total, message)``; ``cancel()`` True stops with ``liversam.errors.Cancelled`` (nothing is returned).
     """
-    import dataclasses
-
-    import numpy as np
-    from liversam.pipeline import Cancelled as PipelineCancelled
-
-    from .InferenceWorker import Cancelled
-
     prompts = dataclasses.replace(segment_prompts, inside=None, propagate=True)
 
     def report(stage: str, done: int, total: int) -> None:
         if progress is not None:
             progress(done, total, f"{segment_prompts.name}: {stage} ({done}/{total})")
 
-    try:
-        result = session.segment(
-            volume, volume_key, settings, [prompts], postprocess, progress=report, cancel=cancel
-        )
-    except PipelineCancelled as cancelled:
-        raise Cancelled() from cancelled
+    result = session.segment(
+        volume, volume_key, settings, [prompts], postprocess, progress=report, cancel=cancel
+    )
     if clip_mask_kji is not None:
         for segment in result.segments:
             segment.mask_kji = np.asarray(segment.mask_kji, dtype=bool) & np.asarray(
@@ -184,63 +337,254 @@ def propagate_segment(session, settings, volume, volume_key, segment_prompts, po
     return result
 
 
-def review_rows(result, min_score: float = 0.5, max_area_ratio: float = 2.5) -> list[tuple[int, str, str]]:
-    """Slices to check after propagation: ``(k, segment name, reason)`` rows, sorted by slice.
+def plan_repropagation(
+    record: PropagationRecord | None, given: Mapping, volume_key: Hashable, settings
+) -> list[int] | None:
+    """The slices to fix by local re-propagation, or None when a full propagation is needed.
 
-    Uses ``liversam.review`` (the core's review report) when it provides ``review_result``; otherwise flags
-    low model scores and sudden area changes between neighbouring slices.
+    ``given`` is the current prompts (slice k -> ``SlicePrompts``). A fix is possible when the segment was
+    propagated before from the same voxels with the same settings, and the prompts only gained or changed
+    slices (a removed slice changes the seeds: propagate again). Returns the changed slices in order;
+    an empty list means nothing changed.
     """
-    try:
-        from liversam.review import review_result
-    except ImportError:
-        review_result = None
-    if review_result is not None:
-        rows = []
-        for flag in review_result(result):
-            get = flag.get if isinstance(flag, dict) else lambda key, f=flag: getattr(f, key, "")
-            rows.append(
-                (int(get("k")), str(get("segment") or get("name")), str(get("reason") or get("message")))
+    if record is None or record.volume_key != volume_key or record.settings != settings:
+        return None
+    if any(k not in given for k in record.given):
+        return None
+    return sorted(int(k) for k, prompts in given.items() if record.given.get(k) != prompts)
+
+
+@dataclass
+class RepropagationResult:
+    """What :func:`repropagate_segment` computed.
+
+    ``result`` - the whole segment (``SegmentationResult`` with one segment, review-ready provenance);
+    ``changed_slices`` - slices whose mask differs from the existing one (only these need writing);
+    ``computed_slices`` - slices the model predicted; ``record`` - the updated propagation record.
+    """
+
+    result: object
+    changed_slices: list[int]
+    computed_slices: list[int]
+    record: PropagationRecord
+
+    @property
+    def k_range(self) -> tuple[int, int] | None:
+        """(first, last) changed slice, inclusive; None when nothing changed."""
+        return (self.changed_slices[0], self.changed_slices[-1]) if self.changed_slices else None
+
+
+def _fix_prompts(prompts, existing_ji: np.ndarray, margin_px: int = 3):
+    """Prompts usable on a fix slice: negative points alone get a box around the existing mask there."""
+    from liversam.prompts import SlicePrompts
+
+    if not prompts.is_empty() or not existing_ji.any():
+        return prompts
+    js, is_ = np.nonzero(existing_ji)
+    nj, ni = existing_ji.shape
+    box = (
+        float(max(is_.min() - margin_px, 0)),
+        float(max(js.min() - margin_px, 0)),
+        float(min(is_.max() + margin_px, ni - 1)),
+        float(min(js.max() + margin_px, nj - 1)),
+    )
+    return SlicePrompts(boxes_ij=[box], points_pos_ij=[], points_neg_ij=list(prompts.points_neg_ij))
+
+
+def repropagate_segment(
+    session,
+    settings: SessionSettings,
+    volume,
+    volume_key: Hashable,
+    record: PropagationRecord,
+    given: Mapping,
+    fix_slices: Sequence[int],
+    existing_kji: np.ndarray,
+    segment_name: str,
+    label: int = 1,
+    color=(0.5, 0.5, 0.5),
+    container_kji: np.ndarray | None = None,
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> RepropagationResult:
+    """Fix slices ``fix_slices`` with their new prompts and re-propagate only what each fix affects.
+
+    Worker thread, no MRML. For each fixed slice k, ``liversam.propagation.repropagate`` recomputes the
+    slices strictly between the nearest other user-prompted slices below and above k, and only the part of
+    ``existing_kji`` (the segment as it is now in Slicer, manual edits included) connected to the new
+    prompts; every other slice stays exactly as it is. ``record.settings`` (a ``PipelineSettings``) gives the
+    propagation rules and the per-slice clean-up; ``container_kji`` (the liver, for a tumour) clips the
+    recomputed slices. Cancel raises ``liversam.errors.Cancelled``.
+    """
+    from liversam.errors import Cancelled
+    from liversam.propagation import PropagationOutcome, repropagate
+    from liversam.segmentation import Segment, SegmentationResult
+
+    predictor = session.predictor(volume, volume_key, settings)
+    pipeline_settings = record.settings
+    existing = np.asarray(existing_kji, dtype=bool)
+    mask = existing.copy()
+    segment_prompts = copy.deepcopy(record.segment_prompts)
+    scores = dict(record.scores)
+    tracks = list(record.tracks)
+    computed: list[int] = []
+    with session.prefetch_paused():
+        for n, k in enumerate(fix_slices):
+            if cancel is not None and cancel():
+                raise Cancelled()
+            if progress is not None:
+                progress(n, len(fix_slices), f"{segment_name}: re-propagating from slice {k}")
+            prompts = _fix_prompts(given[k], mask[k])
+            if prompts.is_empty():
+                continue  # negative points on an empty slice: nothing to fix there
+            outcome = repropagate(
+                mask, segment_prompts, int(k), prompts, predictor,
+                pipeline_settings.propagation, pipeline_settings.slice_postprocess, container_kji, cancel,
+            )  # fmt: skip
+            mask = outcome.mask_kji
+            computed.extend(outcome.computed_slices)
+            scores.update(outcome.scores)
+            tracks.extend(outcome.tracks)
+    if progress is not None:
+        progress(len(fix_slices), len(fix_slices), f"{segment_name}: re-propagation done")
+    changed = [int(k) for k in np.flatnonzero((mask != existing).any(axis=(1, 2)))]
+    scores = {k: s for k, s in scores.items() if mask[k].any()}
+    new_record = PropagationRecord(
+        given=copy.deepcopy(dict(given)),
+        segment_prompts=segment_prompts,
+        volume_key=volume_key,
+        settings=pipeline_settings,
+        scores=scores,
+        tracks=tracks,
+    )
+    outcome = PropagationOutcome(mask, scores, tracks, sorted(segment_prompts.slices), computed)
+    result = SegmentationResult(
+        geometry=volume.geometry,
+        segments=[Segment(segment_name, int(label), mask, tuple(color), slice_scores=scores)],
+        provenance={
+            "software": "LiverSAM",
+            "propagation": {segment_name: outcome},
+            "fixed_slices": list(fix_slices),
+        },
+    )
+    return RepropagationResult(result, changed, computed, new_record)
+
+
+# --- review table ---------------------------------------------------------------------------------------------------
+#: How the review report's flags read in the table.
+FLAG_TEXT: dict[str, str] = {
+    "area_jump": "sudden area change",
+    "low_score": "low model score",
+    "touches_box_edge": "mask reaches its box edge",
+    "past_end": "may run past the structure's end",
+    "gap": "empty slice inside the segment",
+}
+
+
+@dataclass(frozen=True)
+class ReviewRow:
+    """One flagged slice of the review table (from ``liversam.review.build_review_report``)."""
+
+    k: int
+    segment: str
+    flags: tuple[str, ...]
+    area_mm2: float
+    score: float | None
+    source: str
+
+    @property
+    def reason(self) -> str:
+        """The flags in words, e.g. ``"sudden area change, low model score 0.41"``."""
+        words = []
+        for flag in self.flags:
+            text = FLAG_TEXT.get(flag, flag)
+            if flag == "low_score" and self.score is not None:
+                text += f" {self.score:.2f}"
+            words.append(text)
+        return ", ".join(words)
+
+
+def review_rows(result, settings=None) -> list[ReviewRow]:
+    """Flagged slices of every segment of ``result``, sorted by slice then segment.
+
+    The flags come from the core's review report (``liversam.review.build_review_report``; ``settings`` a
+    ``ReviewSettings``): area jumps, low model score, mask at its box edge, past the structure's end, gaps.
+    """
+    from liversam.review import build_review_report
+
+    report = build_review_report(result, settings)
+    rows = [
+        ReviewRow(
+            k=int(entry["k"]),
+            segment=segment["name"],
+            flags=tuple(entry["flags"]),
+            area_mm2=float(entry["area_mm2"]),
+            score=entry["score"],
+            source=entry["source"],
+        )
+        for segment in report["segments"]
+        for entry in segment["slices"]
+        if entry["flags"]
+    ]
+    return sorted(rows, key=lambda row: (row.k, row.segment))
+
+
+def track_summary(result) -> list[str]:
+    """One line per propagation track: the seed slice, the slices it covered and why it stopped each way."""
+    from liversam.review import build_review_report
+
+    lines = []
+    for segment in build_review_report(result)["segments"]:
+        for track in segment["tracks"]:
+            stops = "; ".join(f"{direction}: {why}" for direction, why in track["stopped"].items())
+            lines.append(
+                f"{segment['name']}: from slice {track['seed_slice']}, slices {track['first_slice']}-"
+                f"{track['last_slice']} ({stops})"
             )
-        return sorted(rows)
-    rows = []
-    for segment in result.segments:
-        for k, score in sorted(segment.slice_scores.items()):
-            if score < min_score:
-                rows.append((int(k), segment.name, f"low model score {score:.2f}"))
-        areas = segment.mask_kji.reshape(segment.mask_kji.shape[0], -1).sum(axis=1)
-        present = [int(k) for k in range(len(areas)) if areas[k] > 0]
-        for k0, k1 in zip(present, present[1:], strict=False):
-            small, large = sorted((int(areas[k0]), int(areas[k1])))
-            if k1 == k0 + 1 and small > 0 and large / small > max_area_ratio:
-                rows.append((k1, segment.name, f"area changes x{large / small:.1f} from slice {k0}"))
-    return sorted(rows)
+    return lines
 
 
-def lesion_rows(tumor_mask_kji, geometry) -> list[dict]:
-    """One row per connected lesion: index, volume (mL), longest axial diameter (mm), centre voxel (i, j, k)."""
-    import numpy as np
-    from scipy import ndimage
-    from skimage.measure import regionprops
+# --- model list -----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelChoice:
+    """One entry of the model selector: ``name`` is what ``load_model`` takes."""
 
-    labels, count = ndimage.label(np.asarray(tumor_mask_kji, dtype=bool))
-    rows = []
-    voxel_ml = geometry.voxel_volume_mm3 / 1000.0
-    in_plane_mm = float(np.sqrt(geometry.spacing_mm[0] * geometry.spacing_mm[1]))
-    for index, region in enumerate(ndimage.find_objects(labels), start=1):
-        component = labels[region] == index
-        diameter_px = 0.0
-        for slice_ji in component:
-            if slice_ji.any():
-                props = regionprops(slice_ji.astype(np.uint8))
-                diameter_px = max(diameter_px, float(props[0].feret_diameter_max))
-        center_kji = np.rint(np.argwhere(component).mean(axis=0) + [s.start for s in region]).astype(int)
-        rows.append({
-            "index": index,
-            "volume_ml": float(component.sum() * voxel_ml),
-            "diameter_mm": diameter_px * in_plane_mm,
-            "center_ijk": (int(center_kji[2]), int(center_kji[1]), int(center_kji[0])),
-        })  # fmt: skip
-    rows.sort(key=lambda row: -row["volume_ml"])
-    for number, row in enumerate(rows, start=1):
-        row["index"] = number
-    return rows[:count]
+    name: str
+    label: str
+    tooltip: str
+    available: bool
+
+
+def model_choices(extra: Sequence[str] = ()) -> list[ModelChoice]:
+    """Models to offer: ``liversam.models.available_models()`` (built-in and LiverSAMTrain-registered).
+
+    Models whose weights are missing are listed with "(checkpoint needed)". ``extra`` names or checkpoint
+    paths (e.g. the parameter node's current model) are appended when not already listed. Before the
+    dependencies are installed (no torch yet), or when the user's registry is unreadable, the bundled
+    default is offered so the module still opens.
+    """
+    from pathlib import Path
+
+    choices: list[ModelChoice] = []
+    try:
+        from liversam.models import available_models
+
+        for info in available_models():
+            label = info.name if info.available else f"{info.name} (checkpoint needed)"
+            choices.append(ModelChoice(info.name, label, info.description, bool(info.available)))
+    except ImportError as error:
+        logger.info("LiverSAM: model list not available yet (%s); offering the default model.", error)
+    except Exception as error:  # an unreadable registry must not stop the module from opening
+        from liversam.errors import LiverSAMError
+
+        if not isinstance(error, LiverSAMError):
+            raise
+        logger.warning("LiverSAM: %s", error)
+    if not choices:
+        choices.append(ModelChoice("litemedsam", "litemedsam", "LiteMedSAM (bundled)", True))
+    names = {choice.name for choice in choices}
+    for name in extra:
+        if name and name not in names:
+            choices.append(ModelChoice(name, Path(name).name, f"checkpoint {name}", Path(name).is_file()))
+            names.add(name)
+    return choices

@@ -38,12 +38,36 @@ class PostprocessParameters:
 
 @parameterPack
 class PropagationParameters:
-    """Slice-to-slice propagation from the prompted slices."""
+    """Slice-to-slice propagation from the prompted slices (``liversam.propagation.PropagationSettings``).
 
-    # Stop when the model's predicted IoU falls below this value.
-    minScore: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
-    # Stop when the mask area changes by more than this factor between neighbouring slices.
-    maxAreaRatio: Annotated[float, WithinRange(1.0, 10.0)] = 2.5
+    Every member maps one-to-one onto a field of the core's settings (``LiverSAMLib.ModelSession.
+    PROPAGATION_PARAMETERS``); the defaults are the core's defaults.
+    """
+
+    # Stop when the model's predicted IoU on a slice falls below this value.
+    minScore: Annotated[float, WithinRange(0.0, 1.0)] = 0.45
+    # Margin (mm) added around the previous slice's mask to make the next slice's box prompt.
+    boxMarginMm: Annotated[float, WithinRange(0.0, 50.0)] = 4.0
+    # Also give the previous slice's mask to the model as a dense prompt.
+    useMaskPrompt: bool = False
+    # Stop when the mask is smaller than this (mm^2): the structure has ended.
+    minAreaMm2: Annotated[float, WithinRange(0.0, 10000.0)] = 15.0
+    # Stop when the area falls below this fraction of the previous slice's area (the mask collapsed).
+    collapseRatio: Annotated[float, WithinRange(0.0, 1.0)] = 0.2
+    # Stop when less than this fraction of the new mask overlaps the previous slice's mask (it jumped away).
+    minOverlap: Annotated[float, WithinRange(0.0, 1.0)] = 0.2
+    # At most this many slices per direction from each prompted slice (0: no limit).
+    maxSlices: Annotated[int, WithinRange(0, 10000)] = 0
+
+
+@parameterPack
+class ReviewParameters:
+    """Which slices the review table flags (``liversam.review.ReviewSettings``)."""
+
+    # Flag a slice whose area differs from a neighbour's by more than this factor.
+    maxAreaRatio: Annotated[float, WithinRange(1.0, 10.0)] = 1.6
+    # Flag a slice whose model score (predicted IoU) is below this value.
+    minScore: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
 
 
 @parameterNodeWrapper
@@ -64,11 +88,14 @@ class LiverSAMParameterNode:
     windowLevel: Annotated[float, WithinRange(-1024.0, 3071.0)] = 40.0
     windowWidth: Annotated[float, WithinRange(1.0, 4096.0)] = 400.0
     cacheMB: Annotated[float, WithinRange(64.0, 65536.0)] = 1024.0
+    # Slices on each side of the one being prompted that are encoded in the background (0: off).
+    prefetchRadius: Annotated[int, WithinRange(0, 20)] = 2
     liveUpdate: bool = True
     positivePoints: vtkMRMLMarkupsFiducialNode
     negativePoints: vtkMRMLMarkupsFiducialNode
     boxROI: vtkMRMLMarkupsROINode
     postprocess: PostprocessParameters
     propagation: PropagationParameters
+    review: ReviewParameters
     exportFormat: Annotated[str, Choice(list(EXPORT_FORMATS))] = ".seg.nrrd"
     exportPath: Path = Path()

@@ -8,6 +8,13 @@ Writing into a segment goes through :class:`slicer.vtkSlicerSegmentEditorLogic` 
 Segment Editor -- so the editable area (mask mode / mask segment), the intensity mask and the overwrite
 mode of the Segment Editor's parameter node apply exactly as they do to a manual Paint stroke, and
 every write first saves an undo state.
+
+Undo shared with manual edits: in Slicer the widget passes the Segment Editor widget's
+``saveStateForUndo`` / ``undo`` / ``redo`` slots (``qMRMLSegmentEditorWidget``). That widget's own
+``vtkSlicerSegmentEditorLogic`` follows the segmentation set on the shared Segment Editor parameter node
+(which :meth:`SegmentationLogic.editor_logic` sets before every write), so LiverSAM's writes and Paint /
+Erase strokes go into one history and Ctrl+Z in either module undoes them in order. Without those
+callbacks (tests, batch use) the logic keeps its own history.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import slicer
+
 from liversam.errors import InputImageError, OutputError
 
 from . import MRMLBridge
@@ -29,9 +37,10 @@ STANDARD_SEGMENTS = (LIVER, TUMOR)
 # Segment Editor parameter node shared with the Segment Editor module (its singleton tag in the scene).
 SEGMENT_EDITOR_SINGLETON_TAG = "SegmentEditor"
 
-# The undo callback the widget may install: the Segment Editor widget's ``saveStateForUndo`` slot, so that
-# Ctrl+Z in the Segment Editor undoes LiverSAM's writes together with manual edits.
-SaveStateForUndo = Callable[[], None]
+# The undo callbacks the widget installs: the Segment Editor widget's ``saveStateForUndo``, ``undo`` and
+# ``redo`` slots, so that Ctrl+Z undoes LiverSAM's writes together with manual edits.
+SaveStateForUndo = Callable[[], object]
+UndoCallback = Callable[[], object]
 
 logger = logging.getLogger(__name__)
 
@@ -41,15 +50,23 @@ class SegmentationLogic:
 
     ``editor_node`` is the ``vtkMRMLSegmentEditorNode`` whose masking and overwrite settings apply; by
     default the Segment Editor module's node in the scene (created if the scene has none yet).
-    ``save_state_for_undo`` replaces the logic's own undo history (see :data:`SaveStateForUndo`).
+    ``save_state_for_undo`` (with ``undo_shared`` / ``redo_shared``) replaces the logic's own undo history
+    by a shared one, e.g. the Segment Editor widget's (see the module docstring).
     """
 
     def __init__(
-        self, scene=None, editor_node=None, save_state_for_undo: SaveStateForUndo | None = None
+        self,
+        scene=None,
+        editor_node=None,
+        save_state_for_undo: SaveStateForUndo | None = None,
+        undo_shared: UndoCallback | None = None,
+        redo_shared: UndoCallback | None = None,
     ) -> None:
         self._scene = scene
         self._editor_node = editor_node
         self.save_state_for_undo = save_state_for_undo
+        self.undo_shared = undo_shared
+        self.redo_shared = redo_shared
         self._editor_logic = None
         self.maximum_undo_states = 10
 
@@ -245,21 +262,37 @@ class SegmentationLogic:
                 editor_node.SetOverwriteMode(saved_overwrite)
 
     def _save_undo_state(self, logic) -> None:
+        """Save the segmentation's state before a write: in the shared history when given, else our own.
+
+        ``logic`` is already bound to the segmentation (:meth:`editor_logic`), so the shared Segment Editor
+        node names the segmentation the shared history must snapshot.
+        """
         if self.save_state_for_undo is not None:
             self.save_state_for_undo()
         else:
             logic.SaveStateForUndo()
 
+    @property
+    def shares_undo(self) -> bool:
+        """True when undo states go to a shared history (the Segment Editor's) instead of our own."""
+        return self.save_state_for_undo is not None and self.undo_shared is not None
+
     def can_undo(self) -> bool:
+        """Whether the logic's own history has a state to restore (always False with a shared history)."""
         return self._editor_logic is not None and self._editor_logic.CanUndo()
 
     def undo(self) -> None:
-        """Restore the segmentation as it was before the last write (LiverSAM's own history)."""
-        if self.can_undo():
+        """Restore the segmentation as it was before the last change (shared history when set)."""
+        if self.shares_undo:
+            self.undo_shared()
+        elif self.can_undo():
             self._editor_logic.Undo()
 
     def redo(self) -> None:
-        if self._editor_logic is not None and self._editor_logic.CanRedo():
+        if self.shares_undo:
+            if self.redo_shared is not None:
+                self.redo_shared()
+        elif self._editor_logic is not None and self._editor_logic.CanRedo():
             self._editor_logic.Redo()
 
     # --- model runs (the compute part is MRML-free and runs on the worker thread) -------------------------
@@ -414,6 +447,26 @@ class SegmentationLogic:
             geometry=geometry, segments=segments, provenance={"source": "LiverSAM (3D Slicer)"}
         )
 
+    # --- lesions ------------------------------------------------------------------------------------------
+    def lesion_table(self, segmentation_node, volume_node, segment_id: str | None = None) -> list:
+        """The per-lesion table of a tumour segment (``liversam.lesions.Lesion`` list, largest first).
+
+        ``segment_id`` defaults to the segment named ``tumor``; an absent segment gives an empty table.
+        Each lesion is one 3D connected component: ``lesion_id``, ``volume_ml``,
+        ``longest_axial_diameter_mm``, ``slice_first`` / ``slice_last`` (k), ``centre_lps`` (mm), ``voxels``.
+        """
+        from liversam.lesions import lesion_table_from_mask
+
+        segmentation = segmentation_node.GetSegmentation()
+        segment_id = segment_id or segmentation.GetSegmentIdBySegmentName(TUMOR)
+        segment = segmentation.GetSegment(segment_id) if segment_id else None
+        if segment is None:
+            return []
+        mask = MRMLBridge.segment_mask(segmentation_node, segment_id, volume_node)
+        return lesion_table_from_mask(
+            mask, MRMLBridge.geometry_from_volume_node(volume_node), segment.GetName()
+        )
+
     # --- export -------------------------------------------------------------------------------------------
     def export_seg_nrrd(self, segmentation_node, path: str | Path) -> Path:
         """Write the segmentation with MRML's own storage node (``.seg.nrrd``), atomically."""
@@ -471,24 +524,70 @@ class SegmentationLogic:
         return path
 
     def export_dicom_seg(
-        self, segmentation_node, volume_node, path: str | Path, dicom_series_files: Sequence[str | Path]
+        self,
+        segmentation_node,
+        volume_node,
+        path: str | Path,
+        reference_dicom: str | Path | Sequence[str | Path] | None,
+        model_name: str = "",
+        series_uid: str | None = None,
+        segment_ids: Sequence[str] | None = None,
     ) -> Path:
-        """Write a DICOM SEG referencing the CT's DICOM series (through ``liversam.dicom_seg``)."""
-        if not dicom_series_files:
+        """Write a DICOM SEG referencing the CT's DICOM series (``liversam.dicom_seg.write_dicom_seg``).
+
+        ``reference_dicom`` is the CT's DICOM folder or the list of its files (Slicer's DICOM database gives
+        the files, see :func:`dicom_reference_of_volume`); ``series_uid`` picks the series when the folder
+        holds several. Segments default to every non-empty one; ``model_name`` is recorded as the algorithm
+        parameter. The masks are taken on the volume's grid, which must be the series' grid.
+        """
+        if not reference_dicom:
             raise OutputError(
                 f"DICOM SEG export of '{segmentation_node.GetName()}' needs the input volume's DICOM files: "
                 "load the CT from the DICOM database (DICOM module) so LiverSAM can reference it."
             )
         from liversam import dicom_seg
 
-        result = self.result_from_segmentation(segmentation_node, volume_node)
-        return Path(dicom_seg.write_dicom_seg(result, [Path(f) for f in dicom_series_files], Path(path)))
+        if segment_ids is None:
+            segmentation = segmentation_node.GetSegmentation()
+            segment_ids = [
+                sid
+                for sid in (
+                    segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())
+                )
+                if not self.segment_is_empty(segmentation_node, sid)
+            ]
+        if not segment_ids:
+            raise OutputError(
+                f"Segmentation '{segmentation_node.GetName()}' has no non-empty segment to write to '{path}'."
+            )
+        result = self.result_from_segmentation(segmentation_node, volume_node, segment_ids)
+        reference = (
+            Path(reference_dicom)
+            if isinstance(reference_dicom, (str, Path))
+            else [Path(f) for f in reference_dicom]
+        )
+        return Path(
+            dicom_seg.write_dicom_seg(
+                result, reference, Path(path), model_name=model_name, series_uid=series_uid
+            )
+        )
 
 
-def dicom_files_of_volume(volume_node) -> list[str]:
-    """The DICOM files a volume was loaded from (Slicer's DICOM loader stores their instance UIDs)."""
+def dicom_reference_of_volume(volume_node) -> tuple[list[str], str | None]:
+    """``(files, series instance UID)`` of the DICOM series a volume was loaded from; ``([], None)`` otherwise.
+
+    Slicer's DICOM loader stores the instance UIDs in the node attribute ``DICOM.instanceUIDs``; the files
+    and the series UID come from the application's DICOM database.
+    """
     uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
     database = getattr(slicer, "dicomDatabase", None)
     if not uids or database is None:
-        return []
-    return [f for f in (database.fileForInstance(uid) for uid in uids) if f]
+        return [], None
+    files = [f for f in (database.fileForInstance(uid) for uid in uids) if f]
+    series_uid = database.instanceValue(uids[0], "0020,000E") or None
+    return files, series_uid
+
+
+def dicom_files_of_volume(volume_node) -> list[str]:
+    """The DICOM files a volume was loaded from (see :func:`dicom_reference_of_volume`)."""
+    return dicom_reference_of_volume(volume_node)[0]

@@ -20,6 +20,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+
 from slicer_harness import MODULE_DIR, REPO_ROOT, ensure_module_on_path
 
 ensure_module_on_path()
@@ -274,3 +275,116 @@ def test_self_test_is_a_real_test():
     source = ast.unparse(test_class)
     assert "_dice" in source and "assertGreater" in source and "runTest" in source
     assert Path(MODULE_DIR / "CMakeLists.txt").read_text().count("slicer_add_python_unittest") == 1
+
+
+def _pack_defaults(class_name: str) -> dict[str, object]:
+    """Member -> default value of a @parameterPack class in Parameters.py (read without Qt)."""
+    tree = ast.parse(PARAMETERS_FILE.read_text(encoding="utf-8"))
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    return {
+        s.target.id: ast.literal_eval(s.value)
+        for s in cls.body
+        if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name) and s.value is not None
+    }
+
+
+def test_propagation_and_review_parameters_map_onto_the_core_settings_with_its_defaults():
+    import dataclasses
+    import types
+
+    from liversam.propagation import PropagationSettings
+    from liversam.review import ReviewSettings
+    from LiverSAMLib.ModelSession import (
+        PROPAGATION_PARAMETERS,
+        REVIEW_PARAMETERS,
+        core_postprocess_settings,
+        propagation_settings_from_parameters,
+        review_settings_from_parameters,
+    )
+
+    propagation = _pack_defaults("PropagationParameters")
+    # Every core propagation setting has exactly one parameter, and every parameter maps to one.
+    assert set(propagation) == set(PROPAGATION_PARAMETERS)
+    assert set(PROPAGATION_PARAMETERS.values()) == {f.name for f in dataclasses.fields(PropagationSettings)}
+    # The parameter node's defaults are the core's defaults (maxSlices 0 = no limit = None).
+    assert propagation_settings_from_parameters(types.SimpleNamespace(**propagation)) == PropagationSettings()
+    changed = dict(propagation, minScore=0.7, maxSlices=12, useMaskPrompt=True, boxMarginMm=6.5)
+    settings = propagation_settings_from_parameters(types.SimpleNamespace(**changed))
+    assert (settings.min_score, settings.max_slices, settings.use_mask_prompt, settings.box_margin_mm) == (
+        0.7, 12, True, 6.5,
+    )  # fmt: skip
+    assert core_postprocess_settings(propagation=settings).propagation is settings
+    review = _pack_defaults("ReviewParameters")
+    assert set(review) == set(REVIEW_PARAMETERS)
+    assert review_settings_from_parameters(types.SimpleNamespace(**review)) == ReviewSettings()
+    # Each propagation / review parameter has a widget in the .ui file.
+    connected = {p for _cls, p in ui_widgets().values() if p}
+    assert {f"propagation.{m}" for m in propagation} <= connected
+    assert {f"review.{m}" for m in review} <= connected
+    assert "prefetchRadius" in connected
+
+
+def _class_source(tree: ast.Module, name: str) -> ast.ClassDef:
+    return next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
+
+
+def _method(cls: ast.ClassDef, name: str) -> str:
+    return ast.unparse(next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == name))
+
+
+def test_widget_hands_the_segment_editor_undo_to_the_segmentation_logic():
+    """Static check of the Qt wiring (desktop Slicer cannot run here): undo is shared with manual edits."""
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    widget, logic, history = (
+        _class_source(tree, n) for n in ("LiverSAMWidget", "LiverSAMLogic", "SegmentEditorHistory")
+    )
+    # The widget builds its logic with the Segment Editor's history ...
+    assert "LiverSAMLogic(segmentEditorHistory=SegmentEditorHistory.create())" in _method(widget, "setup")
+    # ... and the logic hands its slots to SegmentationLogic(save_state_for_undo=..., undo_shared=..., redo_shared=...).
+    init = next(n for n in logic.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+    call = next(
+        n
+        for n in ast.walk(init)
+        if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "SegmentationLogic"
+    )
+    keywords = {k.arg: ast.unparse(k.value) for k in call.keywords}
+    assert keywords["save_state_for_undo"].startswith("history.saveStateForUndo")
+    assert keywords["undo_shared"].startswith("history.undo")
+    assert keywords["redo_shared"].startswith("history.redo")
+    assert "history.editorNodeProvider = self.segmentation.editor_node" in ast.unparse(init)
+    # The history is the Segment Editor module's qMRMLSegmentEditorWidget, on the shared editor node.
+    editor_widget = _method(history, "editorWidget")
+    assert "slicer.modules.segmenteditor.widgetRepresentation().self().editor" in editor_widget
+    assert "setMRMLSegmentEditorNode" in editor_widget
+    for method, slot in (("saveStateForUndo", "saveStateForUndo"), ("undo", "undo"), ("redo", "redo")):
+        assert f"self.editorWidget().{slot}()" in _method(history, method)
+    # Undo / redo buttons and Ctrl+Z / Ctrl+Y go through the logic (hence the shared history).
+    assert "self.logic.segmentation.undo()" in _method(widget, "onUndo")
+    assert "self.logic.segmentation.redo()" in _method(widget, "onRedo")
+    shortcuts = _method(widget, "_installShortcuts")
+    assert "qt.QKeySequence.Undo" in shortcuts and "self.onUndo" in shortcuts
+    assert "self._installShortcuts()" in _method(widget, "enter")
+    assert "self._uninstallShortcuts()" in _method(widget, "exit")
+
+
+def test_widget_uses_the_core_for_models_review_lesions_fixes_and_dicom_seg():
+    """The widget calls the LiverSAMLib/core entry points (no logic of its own)."""
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    widget, logic = _class_source(tree, "LiverSAMWidget"), _class_source(tree, "LiverSAMLogic")
+    assert "model_choices(" in _method(widget, "_populateModels")
+    assert "self._populateModels()" in _method(widget, "enter")
+    propagate = _method(widget, "onPropagate")
+    assert "self.logic.planRepropagation(" in propagate and "self.logic.repropagate(" in propagate
+    assert "k_range=fix.k_range" in propagate and "rememberPropagation" in propagate
+    assert "session.prefetch_around(" in _method(widget, "onSegmentSlices")
+    assert "review_rows(" in _method(logic, "reviewRows")
+    assert "self.segmentation.lesion_table(" in _method(logic, "lesionTable")
+    export = _method(logic, "export")
+    assert "dicom_reference_of_volume(" in export and "self.segmentation.export_dicom_seg(" in export
+    session_source = (MODULE_DIR / "LiverSAMLib" / "ModelSession.py").read_text(encoding="utf-8")
+    for core_call in ("build_review_report(", "repropagate(", "available_models(", "BackgroundPrefetcher("):
+        assert core_call in session_source, core_call
+    assert "regionprops" not in session_source and "ndimage.label" not in session_source  # no own lesion code
+    logic_source = (MODULE_DIR / "LiverSAMLib" / "SegmentationLogic.py").read_text(encoding="utf-8")
+    assert "lesion_table_from_mask(" in logic_source and "write_dicom_seg(" in logic_source

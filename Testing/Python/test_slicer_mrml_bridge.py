@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from slicer_harness import ensure_module_on_path, fresh_scene, shared_data_dir
 
 ensure_module_on_path()
 
 import slicer  # noqa: E402
 import vtk  # noqa: E402
+
 from liversam.ct_io import read_ct  # noqa: E402
 from liversam.errors import InputImageError, PromptError  # noqa: E402
 from liversam.geometry import ImageGeometry  # noqa: E402

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+
 from slicer_harness import MODULE_DIR, ensure_module_on_path
 
 ensure_module_on_path()
@@ -103,6 +104,7 @@ def test_errors_reach_the_main_thread(worker):
 
 def test_model_session_loads_once_and_rebuilds_the_predictor_only_when_needed():
     import numpy as np
+
     from liversam.geometry import ImageGeometry
     from liversam.volume import CTVolume
 
@@ -150,3 +152,45 @@ def test_requirements_file_parses_and_is_satisfied_in_the_test_environment(tmp_p
     path = tmp_path / "requirements.txt"
     path.write_text("# comment\n\n-r other.txt\nnumpy>=1 # inline\n", encoding="utf-8")
     assert read_requirements(path) == ["numpy>=1"]
+
+
+def test_model_choices_list_built_in_and_registered_models(tmp_path, monkeypatch):
+    """The selector offers ``available_models()``: built-ins, LiverSAMTrain-registered models, extra paths."""
+    from liversam.models import register_user_model
+    from LiverSAMLib.ModelSession import model_choices
+
+    monkeypatch.setenv("LIVERSAM_HOME", str(tmp_path / "home"))
+    checkpoint = tmp_path / "liver_ft.pth"
+    checkpoint.write_bytes(b"checkpoint")
+    register_user_model("liver-ft", checkpoint, description="fine-tuned on 3 cases")
+    choices = {c.name: c for c in model_choices(extra=["liver-ft", str(tmp_path / "missing.pth")])}
+    assert list(choices)[0] == "litemedsam" and choices["litemedsam"].available
+    assert choices["liver-ft"].available and choices["liver-ft"].tooltip == "fine-tuned on 3 cases"
+    assert not choices["sam_vit_b"].available and "checkpoint needed" in choices["sam_vit_b"].label
+    assert choices[str(tmp_path / "missing.pth")].label == "missing.pth"  # an extra path, listed once
+    assert list(choices).count("liver-ft") == 1
+    # An unreadable registry must not stop the module from opening: the bundled default is offered.
+    (tmp_path / "home" / "models" / "registry.json").write_text("{not json", encoding="utf-8")
+    assert [c.name for c in model_choices()] == ["litemedsam"]
+
+
+def test_plan_repropagation_fixes_only_when_the_seeds_are_kept():
+    from liversam.prompts import SegmentPrompts, SlicePrompts
+    from LiverSAMLib.ModelSession import PropagationRecord, plan_repropagation
+
+    seeds = {3: SlicePrompts(boxes_ij=[(10, 10, 40, 40)]), 9: SlicePrompts(boxes_ij=[(12, 12, 38, 38)])}
+    settings = core_postprocess_settings()
+    record = PropagationRecord(
+        dict(seeds), SegmentPrompts("liver", 1, slices=dict(seeds)), ("vol", 1), settings
+    )
+    fixed = {**seeds, 6: SlicePrompts(points_neg_ij=[(30, 30)])}
+    assert plan_repropagation(record, fixed, ("vol", 1), settings) == [6]
+    moved = {**fixed, 9: SlicePrompts(boxes_ij=[(12, 12, 30, 38)])}
+    assert plan_repropagation(record, moved, ("vol", 1), settings) == [6, 9]
+    assert plan_repropagation(record, dict(seeds), ("vol", 1), settings) == []  # nothing changed
+    assert (
+        plan_repropagation(record, {9: seeds[9], 6: fixed[6]}, ("vol", 1), settings) is None
+    )  # seed removed
+    assert plan_repropagation(record, fixed, ("vol", 2), settings) is None  # other voxels
+    assert plan_repropagation(record, fixed, ("vol", 1), core_postprocess_settings(closing_mm=2)) is None
+    assert plan_repropagation(None, fixed, ("vol", 1), settings) is None
