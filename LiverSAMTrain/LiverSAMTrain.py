@@ -33,7 +33,7 @@ class LiverSAMTrain(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("LiverSAM Train")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
-        self.parent.dependencies = []
+        self.parent.dependencies = ["LiverSAM"]  # liversam core + LiverSAMLib come from the LiverSAM module
         self.parent.contributors = ["LiverSAM contributors"]
         self.parent.helpText = _(
             "Fine-tune LiverSAM's Segment Anything model on your own segmented CT studies (a data folder, or "
