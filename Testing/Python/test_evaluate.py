@@ -257,10 +257,10 @@ def model():
 
 
 @pytest.mark.model
-def test_evaluate_oracle_box_and_clicks_on_two_slices(model, tmp_path: Path) -> None:
+def test_evaluate_all_protocols_on_two_slices(model, tmp_path: Path) -> None:
     case = ev.discover_cases(LITS)[0]
     settings = ev.EvaluationSettings(
-        protocols=("oracle-box", "clicks"), slice_range=(60, 62), max_clicks=3, max_slices=1
+        protocols=("oracle-box", "one-box", "clicks"), slice_range=(60, 62), max_clicks=3, max_slices=1
     )
     factory = ev.make_predictor_factory(model)
     predictors = []
@@ -278,6 +278,8 @@ def test_evaluate_oracle_box_and_clicks_on_two_slices(model, tmp_path: Path) -> 
     assert sorted(set(predictors[0].encoded_slices)) == [0, 1], (
         "two slices, each encoded once for all protocols"
     )
+    one_box = results["cases"][0]["protocols"]["one-box"]["liver"]
+    assert one_box["seeds"] == 1 and one_box["dice"] >= 0.85, "one box + propagation to the neighbour slice"
     clicks = results["cases"][0]["protocols"]["clicks"]["liver"]
     assert len(clicks["dice_per_click_pooled"]) == 3 and clicks["n_slices"] == 1
     assert 1 <= clicks["noc90_mean"] <= 3
