@@ -38,6 +38,11 @@ class PropagationSettings:
     min_score: float = 0.45
     min_overlap: float = 0.2  # fraction of the new mask lying inside the previous slice's mask (dilated)
     max_slices: int | None = None  # safety cap per track and direction (None: whole volume)
+    # Leak guards: a mask that suddenly grows, or whose mean HU moves away from the seed's, has run into
+    # a neighbouring tissue (a tumour track into the liver, the liver into the heart or the kidney).
+    max_growth_ratio: float | None = 1.5
+    growth_allowance_mm2: float = 40.0
+    max_mean_hu_shift: float | None = 30.0
 
 
 @dataclass
@@ -179,9 +184,13 @@ class _Propagator:
             track.stop_reasons[direction] = self._walk(seed_k, step, mask, prediction, track, out, scores, k_min, k_max)
         return track
 
+    def _mean_hu(self, k: int, mask: np.ndarray) -> float:
+        return float(self.predictor.volume.array_kji[k][mask].mean()) if mask.any() else float("nan")
+
     def _walk(self, k0, step, prev_mask, prev_prediction, track, out, scores, k_min, k_max) -> str:
         s = self.settings
         prev_area = float(prev_mask.sum())
+        seed_hu = self._mean_hu(k0, prev_mask)
         count = 0
         k = k0 + step
         while True:
@@ -203,6 +212,10 @@ class _Propagator:
                 return "structure ended"
             if area < s.collapse_ratio * prev_area:
                 return "mask collapsed"
+            if s.max_growth_ratio and area * self.pixel_mm2 > s.max_growth_ratio * prev_area * self.pixel_mm2 + s.growth_allowance_mm2:
+                return f"leak: area grew {area / max(prev_area, 1):.1f}x"
+            if s.max_mean_hu_shift is not None and abs(self._mean_hu(k, mask) - seed_hu) > s.max_mean_hu_shift:
+                return f"leak: mean HU moved {self._mean_hu(k, mask) - seed_hu:+.0f} from the seed's"
             if prediction.score < s.min_score:
                 return f"low score {prediction.score:.2f}"
             grown_prev = ndimage.binary_dilation(prev_mask, iterations=3)
