@@ -2,7 +2,7 @@
 
 bf16 inference is only fast where the CPU multiplies bf16 natively (``avx512_bf16`` or Intel AMX on x86,
 ``bf16`` on Arm). Without it, PyTorch and OpenVINO emulate bf16 and run *slower* than fp32 (measured here on
-an AVX2-only AMD EPYC: 55 s per slice with bf16 autocast against ~1.5 s in fp32).
+an AVX2-only AMD EPYC: 55 s per slice with bf16 autocast against ~2 s in fp32).
 """
 
 from __future__ import annotations
