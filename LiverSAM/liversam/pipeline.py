@@ -38,6 +38,10 @@ class PipelineSettings:
     )
     default_3d: Postprocess3DSettings = field(default_factory=lambda: Postprocess3DSettings(fill_holes=True))
     propagation: PropagationSettings = field(default_factory=PropagationSettings)
+    # Propagation of segments that lie ``inside`` another (tumours inside the liver).
+    propagation_inside: PropagationSettings = field(
+        default_factory=lambda: PropagationSettings(max_mean_hu_shift=30.0)
+    )
     later_segment_wins: bool = True
 
 
@@ -108,7 +112,8 @@ def segment_volume(
         container = masks.get(seg.inside) if seg.inside else None
         if seg.propagate:
             outcome = propagate_segment(
-                seg, predictor, settings.propagation, settings.slice_postprocess,
+                seg, predictor, settings.propagation_inside if seg.inside else settings.propagation,
+                settings.slice_postprocess,
                 container_kji=container, progress=progress, cancel=cancel,
             )
             mask, scores = outcome.mask_kji, outcome.scores

@@ -101,8 +101,8 @@ class SlicePredictor:
 
         Each box is one prompt (with the points that fall inside it); several boxes give the union of their
         masks. Points without a box form one prompt together. ``mask_logits`` (1, 1, L, L) is an optional
-        dense prompt (e.g. the previous slice's result during propagation). The score is the lowest of the
-        prompts' predicted IoUs (the least certain part decides).
+        dense prompt (e.g. the previous slice's result during propagation). The score is the prompts'
+        predicted IoUs averaged with their mask areas as weights (each part counts by its size).
         """
         if prompts.is_empty():
             raise ValueError(f"slice k={k}: prompts need at least one box or positive point")
@@ -140,13 +140,15 @@ class SlicePredictor:
             low_res, iou = self.model.decode(embedding, coords, labels, box_xyxy, mask_logits, multimask)
             best = int(torch.argmax(iou)) if multimask else 0
             low_res, score = low_res[best : best + 1], float(iou[best])
-            scores.append(score)
             slice_logits = tr.logits_to_slice(low_res)[0, 0]
+            scores.append((score, float((slice_logits > 0).sum()) + 1e-3))
             union = slice_logits if union is None else torch.maximum(union, slice_logits)
             low_res_union = low_res if low_res_union is None else torch.maximum(low_res_union, low_res)
         assert union is not None and low_res_union is not None
         mask = (union > 0).numpy()
-        return SlicePrediction(k=int(k), mask_ji=mask, score=min(scores), low_res_logits=low_res_union)
+        total = sum(weight for _, weight in scores)
+        score = sum(value * weight for value, weight in scores) / total
+        return SlicePrediction(k=int(k), mask_ji=mask, score=score, low_res_logits=low_res_union)
 
     def precompute(self, ks, progress=None, cancel=None) -> None:
         """Encode slices ahead of time (e.g. the neighbours of the one the user works on)."""

@@ -42,7 +42,9 @@ class PropagationSettings:
     # a neighbouring tissue (a tumour track into the liver, the liver into the heart or the kidney).
     max_growth_ratio: float | None = 1.5
     growth_allowance_mm2: float = 40.0
-    max_mean_hu_shift: float | None = 30.0
+    # Off for organs, whose mean HU moves with the lesions they contain; the pipeline turns it on for
+    # segments ``inside`` another (lesions differ from their organ mainly by intensity).
+    max_mean_hu_shift: float | None = None
 
 
 @dataclass
