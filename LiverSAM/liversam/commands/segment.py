@@ -24,6 +24,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--output", required=True, help="output: .seg.nrrd, labelmap .nrrd/.nii/.nii.gz, or .dcm (DICOM SEG)")
     p.add_argument("--model", default="litemedsam", help="model name (litemedsam, sam_vit_b, ...), NAME=PATH, or checkpoint path")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.add_argument(
+        "--accelerate", default="auto", choices=("auto", "plain", "openvino", "onnxruntime", "torch"),
+        help="CPU encoder backend: auto (OpenVINO / ONNX Runtime when installed, verified against PyTorch; "
+        "exported once into the user cache), or plain PyTorch",
+    )
     p.add_argument("--window-level", type=float, default=40.0, help="CT window centre in HU (default 40)")
     p.add_argument("--window-width", type=float, default=400.0, help="CT window width in HU (default 400)")
     p.add_argument("--clahe", action="store_true", help="apply CLAHE after windowing")
@@ -76,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     )
     segments = load_prompts(args.prompts, volume.geometry)
     window = WindowSettings(level=args.window_level, width=args.window_width, clahe=args.clahe)
-    model = load_model(args.model, device=args.device)
+    model = load_model(args.model, device=args.device, accelerate=args.accelerate)
     predictor = SlicePredictor(model, volume, window=window, cache_mb=args.cache_mb)
     settings = PipelineSettings(
         slice_postprocess=PostprocessSettings(
