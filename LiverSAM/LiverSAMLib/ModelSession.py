@@ -210,6 +210,9 @@ PROPAGATION_PARAMETERS: dict[str, str] = {
     "collapseRatio": "collapse_ratio",
     "minOverlap": "min_overlap",
     "maxSlices": "max_slices",
+    "maxGrowthRatio": "max_growth_ratio",
+    "growthAllowanceMm2": "growth_allowance_mm2",
+    "maxMeanHuShift": "max_mean_hu_shift",
 }
 #: Parameter-node member (``LiverSAMLib.Parameters.ReviewParameters``) -> field of
 #: ``liversam.review.ReviewSettings``.
@@ -227,8 +230,11 @@ def propagation_settings_from_parameters(pack):
     values = {core: getattr(pack, member) for member, core in PROPAGATION_PARAMETERS.items()}
     values["max_slices"] = int(values["max_slices"]) or None
     values["use_mask_prompt"] = bool(values["use_mask_prompt"])
-    for name in ("min_score", "box_margin_mm", "min_area_mm2", "collapse_ratio", "min_overlap"):
+    for name in ("min_score", "box_margin_mm", "min_area_mm2", "collapse_ratio", "min_overlap",
+                 "growth_allowance_mm2"):  # fmt: skip
         values[name] = float(values[name])
+    for name in ("max_growth_ratio", "max_mean_hu_shift"):  # 0 = off
+        values[name] = float(values[name]) or None
     return PropagationSettings(**values)
 
 
@@ -321,6 +327,10 @@ def propagate_segment(session, settings, volume, volume_key, segment_prompts, po
     total, message)``; ``cancel()`` True stops with ``liversam.errors.Cancelled`` (nothing is returned).
     """
     prompts = dataclasses.replace(segment_prompts, inside=None, propagate=True)
+    if clip_mask_kji is not None and postprocess is not None:  # a lesion inside the liver
+        from liversam.propagation import for_lesions
+
+        postprocess = dataclasses.replace(postprocess, propagation=for_lesions(postprocess.propagation))
 
     def report(stage: str, done: int, total: int) -> None:
         if progress is not None:

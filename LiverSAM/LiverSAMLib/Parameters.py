@@ -58,6 +58,13 @@ class PropagationParameters:
     minOverlap: Annotated[float, WithinRange(0.0, 1.0)] = 0.2
     # At most this many slices per direction from each prompted slice (0: no limit).
     maxSlices: Annotated[int, WithinRange(0, 10000)] = 0
+    # Leak guard: stop when the area grows by more than this factor (plus the allowance) from one slice to
+    # the next (0: off).
+    maxGrowthRatio: Annotated[float, WithinRange(0.0, 10.0)] = 1.5
+    growthAllowanceMm2: Annotated[float, WithinRange(0.0, 10000.0)] = 40.0
+    # Leak guard: stop when the mask's mean HU moves this far from the prompted slice's (0: off). Tumours
+    # (segments inside another) use half of it.
+    maxMeanHuShift: Annotated[float, WithinRange(0.0, 1000.0)] = 60.0
 
 
 @parameterPack

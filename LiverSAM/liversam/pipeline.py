@@ -18,7 +18,7 @@ from .errors import Cancelled, PromptError
 from .postprocess import Postprocess3DSettings, PostprocessSettings, clean_slice, clean_volume
 from .predictor import SlicePredictor
 from .prompts import SegmentPrompts
-from .propagation import PropagationSettings, propagate_segment
+from .propagation import PropagationSettings, for_lesions, propagate_segment
 from .segmentation import Segment, SegmentationResult
 
 log = logging.getLogger(__name__)
@@ -37,11 +37,8 @@ class PipelineSettings:
         default_factory=lambda: {"liver": Postprocess3DSettings(fill_holes=True, keep_largest=True)}
     )
     default_3d: Postprocess3DSettings = field(default_factory=lambda: Postprocess3DSettings(fill_holes=True))
+    # Segments ``inside`` another (tumours) propagate with ``for_lesions(propagation)``.
     propagation: PropagationSettings = field(default_factory=PropagationSettings)
-    # Propagation of segments that lie ``inside`` another (tumours inside the liver).
-    propagation_inside: PropagationSettings = field(
-        default_factory=lambda: PropagationSettings(max_mean_hu_shift=30.0)
-    )
     later_segment_wins: bool = True
 
 
@@ -112,7 +109,7 @@ def segment_volume(
         container = masks.get(seg.inside) if seg.inside else None
         if seg.propagate:
             outcome = propagate_segment(
-                seg, predictor, settings.propagation_inside if seg.inside else settings.propagation,
+                seg, predictor, for_lesions(settings.propagation) if seg.inside else settings.propagation,
                 settings.slice_postprocess,
                 container_kji=container, progress=progress, cancel=cancel,
             )

@@ -18,7 +18,7 @@ review report.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy import ndimage
@@ -42,9 +42,16 @@ class PropagationSettings:
     # a neighbouring tissue (a tumour track into the liver, the liver into the heart or the kidney).
     max_growth_ratio: float | None = 1.5
     growth_allowance_mm2: float = 40.0
-    # Off for organs, whose mean HU moves with the lesions they contain; the pipeline turns it on for
-    # segments ``inside`` another (lesions differ from their organ mainly by intensity).
-    max_mean_hu_shift: float | None = None
+    # Loose for organs (60 HU: catches a run into fat, air or bone, tolerates the organ's own lesions);
+    # halved by :func:`for_lesions` for segments inside another (lesions differ from their organ mainly
+    # by intensity).
+    max_mean_hu_shift: float | None = 60.0
+
+
+def for_lesions(settings: PropagationSettings) -> PropagationSettings:
+    """The settings for a segment inside another (a tumour in the liver): half the mean-HU leak tolerance."""
+    shift = settings.max_mean_hu_shift
+    return replace(settings, max_mean_hu_shift=shift / 2.0 if shift else shift)
 
 
 @dataclass
