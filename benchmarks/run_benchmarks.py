@@ -89,10 +89,20 @@ def _bounding_box(mask_ji) -> tuple[int, int, int, int]:
     return int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])
 
 
+def _backend_name(model) -> str:
+    try:
+        from liversam.acceleration import current_backend
+
+        return str(current_backend(model))
+    except ImportError:
+        return "plain"
+
+
 def run_benchmarks(
     data: Path = DEFAULT_DATA,
     model_name: str = "litemedsam",
     device: str = "cpu",
+    accelerate: str = "auto",
     threads: int | None = 2,
     encoder_runs: int = 10,
     decoder_runs: int = 30,
@@ -120,7 +130,7 @@ def run_benchmarks(
     liver = np.isin(label, (1, 2))
 
     t0 = time.perf_counter()
-    model = load_model(model_name, device=device)
+    model = load_model(model_name, device=device, accelerate=accelerate)
     load_s = time.perf_counter() - t0
     header = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -128,6 +138,7 @@ def run_benchmarks(
         "model": model.name,
         "model_source": model.source,
         "device": str(model.device),
+        "encoder_backend": _backend_name(model),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "python": platform.python_version(),
@@ -272,6 +283,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--model", default="litemedsam", help="model name or checkpoint path")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default cpu)")
+    parser.add_argument("--accelerate", default="auto", help="encoder backend: auto, plain, openvino, onnxruntime, torch")
     parser.add_argument(
         "--threads", type=int, default=2, help="torch CPU threads (default 2; 0 = torch's choice)"
     )
@@ -291,6 +303,7 @@ def main(args: argparse.Namespace) -> int:
         data=args.data,
         model_name=args.model,
         device=args.device,
+        accelerate=args.accelerate,
         threads=args.threads or None,
         encoder_runs=args.encoder_runs,
         decoder_runs=args.decoder_runs,

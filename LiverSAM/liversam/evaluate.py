@@ -683,6 +683,7 @@ def evaluate(
     cache_mb: float = 1024.0,
     progress: bool = True,
     predictor_factory: Callable | None = None,
+    accelerate: str = "plain",
 ) -> dict:
     """Evaluate ``cases`` and return the full JSON-ready result (settings, per-case results, aggregates).
 
@@ -696,7 +697,7 @@ def evaluate(
         if isinstance(model, str):
             from .models import load_model
 
-            model = load_model(model, device=device)
+            model = load_model(model, device=device, accelerate=accelerate)
         predictor_factory = make_predictor_factory(model, cache_mb=cache_mb)
     resolved_device = str(getattr(model, "device", device))
     started = time.perf_counter()

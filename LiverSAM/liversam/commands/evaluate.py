@@ -43,6 +43,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--model", default="litemedsam", help="model name or checkpoint path (default: litemedsam)"
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    parser.add_argument("--accelerate", default="auto", choices=("auto", "plain", "openvino", "onnxruntime", "torch"),
+                        help="CPU encoder backend (default auto: OpenVINO / ONNX Runtime when installed)")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
@@ -132,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         cache_mb=args.cache_mb,
         progress=not args.no_progress,
+        accelerate=args.accelerate,
     )
     ev.write_results(results, args.output, args.markdown)
     for protocol, per_structure in results["aggregate"].items():
