@@ -63,7 +63,7 @@ class PropagationParameters:
     maxGrowthRatio: Annotated[float, WithinRange(0.0, 10.0)] = 1.5
     growthAllowanceMm2: Annotated[float, WithinRange(0.0, 10000.0)] = 40.0
     # Leak guard: stop when the mask's mean HU moves this far from the prompted slice's (0: off). Tumours
-    # (segments inside another) use half of it.
+    # (segments inside another) use half of it and half the box margin (liversam.propagation.for_lesions).
     maxMeanHuShift: Annotated[float, WithinRange(0.0, 1000.0)] = 60.0
 
 

@@ -43,15 +43,19 @@ class PropagationSettings:
     max_growth_ratio: float | None = 1.5
     growth_allowance_mm2: float = 40.0
     # Loose for organs (60 HU: catches a run into fat, air or bone, tolerates the organ's own lesions);
-    # halved by :func:`for_lesions` for segments inside another (lesions differ from their organ mainly
-    # by intensity).
+    # halved by :func:`for_lesions` for segments inside another.
     max_mean_hu_shift: float | None = 60.0
 
 
 def for_lesions(settings: PropagationSettings) -> PropagationSettings:
-    """The settings for a segment inside another (a tumour in the liver): half the mean-HU leak tolerance."""
+    """The settings for a segment inside another (a tumour in the liver): half the box margin and half the
+    mean-HU leak tolerance, since a lesion is small and differs from its organ mainly by intensity.
+
+    Measured on lits117 (20 largest lesions, one box each on its largest slice): box margin 4 mm -> lesion
+    Dice 0.37, 2 mm -> 0.52 (mean-HU tolerance 30 HU).
+    """
     shift = settings.max_mean_hu_shift
-    return replace(settings, max_mean_hu_shift=shift / 2.0 if shift else shift)
+    return replace(settings, box_margin_mm=settings.box_margin_mm / 2.0, max_mean_hu_shift=shift / 2.0 if shift else shift)
 
 
 @dataclass
