@@ -132,17 +132,28 @@ def directed_surface_distances(
     return dist_to_ref[pred_surface], dist_to_pred[ref_surface]
 
 
-def hd95(pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence[float] | None = None) -> float:
-    """95th-percentile symmetric Hausdorff distance in mm (max of the two directed 95th percentiles).
-
-    0.0 when both masks are empty, ``inf`` when exactly one is.
-    """
+def _surface_distances_unless_empty(
+    pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence[float] | None
+) -> float | tuple[np.ndarray, np.ndarray]:
+    """The two directed surface-distance arrays, or the distance itself when a mask is empty
+    (0.0 when both are, ``inf`` when exactly one is)."""
     pred, ref = _check_pair(pred, ref)
     if not pred.any() and not ref.any():
         return 0.0
     if not pred.any() or not ref.any():
         return math.inf
-    d_pred_ref, d_ref_pred = directed_surface_distances(pred, ref, spacing_mm)
+    return directed_surface_distances(pred, ref, spacing_mm)
+
+
+def hd95(pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence[float] | None = None) -> float:
+    """95th-percentile symmetric Hausdorff distance in mm (max of the two directed 95th percentiles).
+
+    0.0 when both masks are empty, ``inf`` when exactly one is.
+    """
+    distances = _surface_distances_unless_empty(pred, ref, spacing_mm)
+    if isinstance(distances, float):
+        return distances
+    d_pred_ref, d_ref_pred = distances
     return float(max(np.percentile(d_pred_ref, 95), np.percentile(d_ref_pred, 95)))
 
 
@@ -151,12 +162,10 @@ def assd(pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence[float] | None =
 
     0.0 when both masks are empty, ``inf`` when exactly one is.
     """
-    pred, ref = _check_pair(pred, ref)
-    if not pred.any() and not ref.any():
-        return 0.0
-    if not pred.any() or not ref.any():
-        return math.inf
-    d_pred_ref, d_ref_pred = directed_surface_distances(pred, ref, spacing_mm)
+    distances = _surface_distances_unless_empty(pred, ref, spacing_mm)
+    if isinstance(distances, float):
+        return distances
+    d_pred_ref, d_ref_pred = distances
     return float((d_pred_ref.sum() + d_ref_pred.sum()) / (d_pred_ref.size + d_ref_pred.size))
 
 

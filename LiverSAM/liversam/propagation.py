@@ -227,8 +227,10 @@ class _Propagator:
                 return "mask collapsed"
             if s.max_growth_ratio and area * self.pixel_mm2 > s.max_growth_ratio * prev_area * self.pixel_mm2 + s.growth_allowance_mm2:
                 return f"leak: area grew {area / max(prev_area, 1):.1f}x"
-            if s.max_mean_hu_shift is not None and abs(self._mean_hu(k, mask) - seed_hu) > s.max_mean_hu_shift:
-                return f"leak: mean HU moved {self._mean_hu(k, mask) - seed_hu:+.0f} from the seed's"
+            if s.max_mean_hu_shift is not None:
+                shift = self._mean_hu(k, mask) - seed_hu
+                if abs(shift) > s.max_mean_hu_shift:
+                    return f"leak: mean HU moved {shift:+.0f} from the seed's"
             if prediction.score < s.min_score:
                 return f"low score {prediction.score:.2f}"
             grown_prev = ndimage.binary_dilation(prev_mask, iterations=3)
