@@ -177,6 +177,7 @@ class ModelSession:
         postprocess=None,
         progress: Callable[[str, int, int], None] | None = None,
         cancel: Callable[[], bool] | None = None,
+        containers: Mapping | None = None,
     ):
         """Run the core pipeline (per-slice prompts + propagation + post-processing) on the volume.
 
@@ -184,6 +185,7 @@ class ModelSession:
         stopping rules); ``progress(stage, done, total)``; ``cancel()`` returns True to stop (the pipeline
         then raises ``liversam.errors.Cancelled``). Returns a ``liversam.segmentation.SegmentationResult``
         on the CT grid whose ``provenance["propagation"]`` holds each segment's propagation outcome.
+        ``containers``: masks already in the scene (name -> [k, j, i]) that a segment's ``inside`` names.
         """
         from liversam.pipeline import segment_volume
 
@@ -196,6 +198,7 @@ class ModelSession:
                 settings=postprocess,
                 progress=progress,
                 cancel=cancel,
+                containers=dict(containers) if containers else None,
             )
 
 
@@ -213,6 +216,7 @@ PROPAGATION_PARAMETERS: dict[str, str] = {
     "maxGrowthRatio": "max_growth_ratio",
     "growthAllowanceMm2": "growth_allowance_mm2",
     "maxMeanHuShift": "max_mean_hu_shift",
+    "intensityRefinement": "intensity_refinement",
 }
 #: Parameter-node member (``LiverSAMLib.Parameters.ReviewParameters``) -> field of
 #: ``liversam.review.ReviewSettings``.
@@ -230,6 +234,7 @@ def propagation_settings_from_parameters(pack):
     values = {core: getattr(pack, member) for member, core in PROPAGATION_PARAMETERS.items()}
     values["max_slices"] = int(values["max_slices"]) or None
     values["use_mask_prompt"] = bool(values["use_mask_prompt"])
+    values["intensity_refinement"] = bool(values["intensity_refinement"])
     for name in ("min_score", "box_margin_mm", "min_area_mm2", "collapse_ratio", "min_overlap",
                  "growth_allowance_mm2"):  # fmt: skip
         values[name] = float(values[name])
@@ -323,28 +328,22 @@ def propagate_segment(session, settings, volume, volume_key, segment_prompts, po
     """Propagate one segment from its prompted slices; clipped to ``clip_mask_kji`` (the liver) when given.
 
     The liver already lives in the Slicer segmentation, so instead of asking the pipeline to segment it
-    again (``inside="liver"``), the result is clipped to the existing liver mask here. ``progress(done,
+    again, the existing liver mask is handed to the pipeline as the segment's container. ``progress(done,
     total, message)``; ``cancel()`` True stops with ``liversam.errors.Cancelled`` (nothing is returned).
     """
-    prompts = dataclasses.replace(segment_prompts, inside=None, propagate=True)
-    if clip_mask_kji is not None and postprocess is not None:  # a lesion inside the liver
-        from liversam.propagation import for_lesions
-
-        postprocess = dataclasses.replace(postprocess, propagation=for_lesions(postprocess.propagation))
+    container = "container" if clip_mask_kji is not None else None
+    prompts = dataclasses.replace(segment_prompts, inside=container, propagate=True)
 
     def report(stage: str, done: int, total: int) -> None:
         if progress is not None:
             progress(done, total, f"{segment_prompts.name}: {stage} ({done}/{total})")
 
-    result = session.segment(
-        volume, volume_key, settings, [prompts], postprocess, progress=report, cancel=cancel
+    # With a container the pipeline treats the segment as a lesion (liversam.propagation.for_lesions,
+    # intensity refinement against the liver's parenchyma) and clips it to the container.
+    containers = {container: np.asarray(clip_mask_kji, dtype=bool)} if container else None
+    return session.segment(
+        volume, volume_key, settings, [prompts], postprocess, progress=report, cancel=cancel, containers=containers
     )
-    if clip_mask_kji is not None:
-        for segment in result.segments:
-            segment.mask_kji = np.asarray(segment.mask_kji, dtype=bool) & np.asarray(
-                clip_mask_kji, dtype=bool
-            )
-    return result
 
 
 def plan_repropagation(
@@ -427,11 +426,15 @@ def repropagate_segment(
     recomputed slices. Cancel raises ``liversam.errors.Cancelled``.
     """
     from liversam.errors import Cancelled
-    from liversam.propagation import PropagationOutcome, repropagate
+    from liversam.propagation import PropagationOutcome, for_lesions, repropagate
     from liversam.segmentation import Segment, SegmentationResult
 
     predictor = session.predictor(volume, volume_key, settings)
     pipeline_settings = record.settings
+    # A segment with a container is a lesion: the same rules as its first propagation (pipeline.segment_volume).
+    propagation = pipeline_settings.propagation
+    if container_kji is not None:
+        propagation = for_lesions(propagation)
     existing = np.asarray(existing_kji, dtype=bool)
     mask = existing.copy()
     segment_prompts = copy.deepcopy(record.segment_prompts)
@@ -449,7 +452,7 @@ def repropagate_segment(
                 continue  # negative points on an empty slice: nothing to fix there
             outcome = repropagate(
                 mask, segment_prompts, int(k), prompts, predictor,
-                pipeline_settings.propagation, pipeline_settings.slice_postprocess, container_kji, cancel,
+                propagation, pipeline_settings.slice_postprocess, container_kji, cancel,
             )  # fmt: skip
             mask = outcome.mask_kji
             computed.extend(outcome.computed_slices)

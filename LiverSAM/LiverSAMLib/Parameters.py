@@ -64,7 +64,11 @@ class PropagationParameters:
     growthAllowanceMm2: Annotated[float, WithinRange(0.0, 10000.0)] = 40.0
     # Leak guard: stop when the mask's mean HU moves this far from the prompted slice's (0: off). Tumours
     # (segments inside another) use half of it and half the box margin (liversam.propagation.for_lesions).
-    maxMeanHuShift: Annotated[float, WithinRange(0.0, 1000.0)] = 60.0
+    maxMeanHuShift: Annotated[float, WithinRange(0.0, 1000.0)] = 80.0
+    # Intensity refinement (liversam.intensity_refinement): the liver drops tissue far brighter or darker
+    # than its parenchyma on the prompted slice (a run into the kidney); a tumour keeps only the parts of
+    # each slice's mask that differ from the liver's parenchyma the way its box does.
+    intensityRefinement: bool = True
 
 
 @parameterPack

@@ -54,7 +54,7 @@ def order_by_dependency(segments: list[SegmentPrompts]) -> list[SegmentPrompts]:
         if seg.name in visiting:
             raise PromptError(f"segments '{seg.name}' and '{seg.inside}' are each inside the other.")
         visiting.add(seg.name)
-        if seg.inside:
+        if seg.inside in by_name:
             visit(by_name[seg.inside])
         ordered.append(seg)
 
@@ -87,8 +87,13 @@ def segment_volume(
     settings: PipelineSettings | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelCallback | None = None,
+    containers: dict[str, np.ndarray] | None = None,
 ) -> SegmentationResult:
-    """Run every segment's prompts (and propagation where asked) and return the masks on the CT grid."""
+    """Run every segment's prompts (and propagation where asked) and return the masks on the CT grid.
+
+    ``containers``: masks [k, j, i] made earlier (e.g. the liver already in the Slicer scene), by name, that a
+    segment's ``inside`` may name instead of a segment of this run; they are not part of the result.
+    """
     settings = settings or PipelineSettings()
     geometry = volume.geometry
     spacing_kji = (geometry.spacing_mm[2], geometry.spacing_mm[1], geometry.spacing_mm[0])
@@ -98,7 +103,7 @@ def segment_volume(
     )
     if volume.metadata.get("dicom_series_uid"):  # lets a DICOM SEG reference exactly this series
         result.provenance["dicom_series_uid"] = volume.metadata["dicom_series_uid"]
-    masks: dict[str, np.ndarray] = {}
+    masks: dict[str, np.ndarray] = {name: np.asarray(m, dtype=bool) for name, m in (containers or {}).items()}
     reports: dict[str, object] = {}
     ordered = order_by_dependency(segment_prompts)
     for index, seg in enumerate(ordered):

@@ -11,6 +11,11 @@ previous mask as a dense prompt. A track stops where the structure ends:
 - the next slice carries the user's own prompts for the same object (the user's prompts rule their slice);
 - the volume ends, or the slice lies outside the container segment (``inside``).
 
+With ``intensity_refinement`` (on by default) each propagated slice's mask is also checked against the CT
+(:mod:`liversam.intensity_refinement`): an organ drops tissue far brighter or darker than its parenchyma on
+the prompted slice; a lesion inside a container keeps only the lesion-like parts of its box that the model
+touches or that continue the previous slice's lesion.
+
 Tracks of one segment are combined by union; every slice records its area, score, box and origin for the
 review report.
 """
@@ -24,6 +29,15 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import Cancelled
+from .intensity_refinement import (
+    LesionContrast,
+    box_region,
+    fit_lesion_contrast,
+    parenchyma_statistics,
+    prune_foreign_tissue,
+    refine_slice_mask,
+    smooth_slice,
+)
 from .postprocess import PostprocessSettings, clean_slice
 from .predictor import SlicePredictor
 from .prompts import SegmentPrompts, SlicePrompts
@@ -44,18 +58,29 @@ class PropagationSettings:
     growth_allowance_mm2: float = 40.0
     # Loose for organs (60 HU: catches a run into fat, air or bone, tolerates the organ's own lesions);
     # halved by :func:`for_lesions` for segments inside another.
-    max_mean_hu_shift: float | None = 60.0
+    max_mean_hu_shift: float | None = 80.0
+    # Intensity refinement (see liversam.intensity_refinement). A segment with no container (an organ):
+    # tissue far brighter or darker than the organ on the prompted slice is cut from propagated slices
+    # (lits117 one-box liver Dice 0.912 -> 0.948). A segment inside a container (a tumour in the liver):
+    # only the parts of each slice's mask that differ from the container's parenchyma the way the seed box
+    # does are kept (tumour Dice 0.48 -> 0.78).
+    intensity_refinement: bool = True
 
 
 def for_lesions(settings: PropagationSettings) -> PropagationSettings:
     """The settings for a segment inside another (a tumour in the liver): half the box margin and half the
     mean-HU leak tolerance, since a lesion is small and differs from its organ mainly by intensity.
 
-    Measured on lits117 (20 largest lesions, one box each on its largest slice): box margin 4 mm -> lesion
-    Dice 0.37, 2 mm -> 0.52 (mean-HU tolerance 30 HU).
+    Measured on lits117 (one box per lesion on its largest slice, before intensity refinement): box margin
+    4 mm -> tumour Dice 0.34, 2 mm -> 0.48. With intensity refinement the 2 mm margin still wins (a search
+    10 mm around the box: 0.62 instead of 0.78).
     """
     shift = settings.max_mean_hu_shift
-    return replace(settings, box_margin_mm=settings.box_margin_mm / 2.0, max_mean_hu_shift=shift / 2.0 if shift else shift)
+    return replace(
+        settings,
+        box_margin_mm=settings.box_margin_mm / 2.0,
+        max_mean_hu_shift=shift / 2.0 if shift else shift,
+    )
 
 
 @dataclass
@@ -169,8 +194,29 @@ class _Propagator:
         self.nk = geometry.size_ijk[2]
         self.shape_ji = predictor.volume.array_kji.shape[1:]
         self.computed: list[int] = []
+        self.contrast: LesionContrast | None = None  # the current lesion track's contrast (refinement on)
+        self.organ: tuple[float, float] | None = None  # the current organ track's parenchyma (mode, SD)
+        self._parenchyma: tuple[float, float] | None = None
+        self._smoothed: dict[int, np.ndarray] = {}
 
-    def _predict(self, k: int, prompts: SlicePrompts, mask_logits=None):
+    def _smoothed_slice(self, k: int) -> np.ndarray:
+        if k not in self._smoothed:
+            self._smoothed[k] = smooth_slice(self.predictor.volume.array_kji[k])
+        return self._smoothed[k]
+
+    def _fit_contrast(self, seed_k: int, prompts: SlicePrompts) -> LesionContrast | None:
+        """The lesion contrast of a track seeded by a box inside the container (None: refinement off)."""
+        if not self.settings.intensity_refinement or self.container is None or not prompts.boxes_ij:
+            return None
+        if self._parenchyma is None:
+            ks = [k for k in np.nonzero(self.container.any(axis=(1, 2)))[0]]
+            step = max(len(ks) // 40, 1)  # about 40 slices are plenty for a histogram
+            values = np.concatenate([self._smoothed_slice(k)[self.container[k]] for k in ks[::step]])
+            self._parenchyma = parenchyma_statistics(values)
+        region = box_region(self.shape_ji, prompts.boxes_ij[0]) & self.container[seed_k]
+        return fit_lesion_contrast(self._smoothed_slice(seed_k)[region], *self._parenchyma)
+
+    def _predict(self, k: int, prompts: SlicePrompts, mask_logits=None, previous_mask=None):
         if self.cancel is not None and self.cancel():
             raise Cancelled()
         prediction = self.predictor.predict(k, prompts, mask_logits=mask_logits)
@@ -180,6 +226,12 @@ class _Propagator:
         mask = clean_slice(prediction.mask_ji, self.spacing_ji, self.postprocess)
         if self.container is not None:
             mask &= self.container[k]
+            if self.contrast is not None and prompts.boxes_ij:
+                lesion_like = self.contrast.lesion_like(self._smoothed_slice(k)) & self.container[k]
+                refined = refine_slice_mask(mask, lesion_like, prompts.boxes_ij[0], previous_mask)
+                mask = clean_slice(refined, self.spacing_ji, self.postprocess)
+        elif self.organ is not None and previous_mask is not None:
+            mask = prune_foreign_tissue(mask, self._smoothed_slice(k), self.organ, previous_mask)
         return mask, prediction
 
     def run_track(self, seed_k: int, seed_prompts: SlicePrompts, out: np.ndarray, scores: dict[int, float],
@@ -187,7 +239,11 @@ class _Propagator:
         """Segment the seed slice, then walk up and down. ``limits`` = (k_min, k_max) allowed, inclusive."""
         k_min, k_max = limits if limits is not None else (0, self.nk - 1)
         track = Track(seed_k=seed_k)
+        self.contrast = self._fit_contrast(seed_k, seed_prompts)
+        self.organ = None
         mask, prediction = self._predict(seed_k, seed_prompts)
+        if self.settings.intensity_refinement and self.container is None and mask.any():
+            self.organ = parenchyma_statistics(self._smoothed_slice(seed_k)[mask])
         box = seed_prompts.boxes_ij[0] if seed_prompts.boxes_ij else _box_of(mask)
         track.records[seed_k] = SliceRecord(seed_k, float(mask.sum() * self.pixel_mm2), prediction.score, box, "user",
                                             _touches_box_edge(mask, box, self.shape_ji) if seed_prompts.boxes_ij else False)
@@ -219,7 +275,7 @@ class _Propagator:
                 return "outside container"
             box = _expand_box(_box_of(prev_mask), self.margin_ij, self.shape_ji)
             logits = prev_prediction.low_res_logits if s.use_mask_prompt else None
-            mask, prediction = self._predict(k, SlicePrompts(boxes_ij=[box]), mask_logits=logits)
+            mask, prediction = self._predict(k, SlicePrompts(boxes_ij=[box]), mask_logits=logits, previous_mask=prev_mask)
             area = float(mask.sum())
             if area * self.pixel_mm2 < s.min_area_mm2:
                 return "structure ended"

@@ -1,0 +1,189 @@
+"""Intensity-aware refinement of propagated masks: lesions inside an organ, and organs against neighbours.
+
+**Organs** (:func:`prune_foreign_tissue`). Propagating the liver slice by slice, SAM's box grows over a
+neighbour that touches the liver in the plane (the right kidney, the heart, bowel); the model follows it
+because the box holds it. On each propagated slice, tissue far brighter (enhanced kidney cortex, bone,
+contrast) or far darker (fat, air) than the organ's parenchyma on the prompted slice is set aside; of what is
+left, the largest piece and the pieces that continue the previous slice's organ are kept, holes filled
+inside the model's mask (the organ's own vessels and lesions come back that way).
+
+**Lesions** (:func:`refine_slice_mask`).
+A liver tumour differs from the liver around it mainly by its attenuation (most are hypodense in the
+portal-venous phase, some hyperdense). SAM's box prompt alone cannot tell a lobulated lesion from the liver
+that fills much of its box; the CT can. This module:
+
+1. estimates the organ's parenchyma attenuation (the mode of the container's smoothed HU histogram, robust
+   to the lesions it contains) and its spread;
+2. from the user's box on the seed slice, decides whether the lesion is hypo- or hyperdense and how far
+   from the parenchyma it lies, and sets the threshold half-way between the two
+   (:func:`fit_lesion_contrast`; ``None`` when the box holds no lesion-like contrast, so SAM's mask is
+   kept as it is);
+3. on every slice, keeps the lesion-like parts of the box that the model's mask touches
+   (:func:`refine_slice_mask`).
+
+The CT is read, never modified: smoothing works on a float copy of one slice at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+HU_BIN = 2.0  # histogram bin (HU) for the parenchyma mode
+HU_MODE_SMOOTHING = 5.0  # Gaussian smoothing of that histogram (HU)
+
+
+@dataclass(frozen=True)
+class LesionContrastSettings:
+    min_contrast_hu: float = 15.0  # lesion class must differ from the parenchyma by at least this much
+    min_lesion_fraction: float = 0.1  # of the box (inside the organ) that must be lesion-like at the seed
+    outlier_sd: float = 2.0  # a voxel is a lesion candidate when this many SDs away from the parenchyma
+    min_touch_fraction: float = 0.3  # a lesion-like piece is kept when the model's mask covers this much of it
+    min_continuation: float = 0.3  # ... or when this much of it lies on the previous slice's lesion
+
+
+@dataclass(frozen=True)
+class OrganIntensitySettings:
+    """Which tissue is foreign to an organ: brighter than mode + max(bright_sd x SD, min_bright_hu) or darker
+    than mode - max(dark_sd x SD, min_dark_hu); a piece continues the previous slice's organ when at least
+    ``min_continuation`` of it lies on it."""
+
+    bright_sd: float = 3.0
+    min_bright_hu: float = 40.0
+    dark_sd: float = 8.0
+    min_dark_hu: float = 100.0
+    min_continuation: float = 0.5
+
+
+@dataclass(frozen=True)
+class LesionContrast:
+    """How a lesion differs from its organ: ``polarity`` -1 (hypodense) or +1 (hyperdense)."""
+
+    polarity: int
+    parenchyma_hu: float
+    parenchyma_sd: float
+    lesion_hu: float
+    threshold_hu: float
+
+    def lesion_like(self, smoothed_ji: np.ndarray) -> np.ndarray:
+        """Voxels on the lesion's side of the threshold."""
+        if self.polarity < 0:
+            return smoothed_ji < self.threshold_hu
+        return smoothed_ji > self.threshold_hu
+
+
+def smooth_slice(slice_ji: np.ndarray) -> np.ndarray:
+    """A 3 x 3 median of one axial slice (float copy): takes the voxel noise out of the HU comparison."""
+    return ndimage.median_filter(np.asarray(slice_ji, dtype=np.float32), size=3, mode="nearest")
+
+
+def parenchyma_statistics(values: np.ndarray) -> tuple[float, float]:
+    """(mode, SD) of an organ's HU values: the mode of the smoothed histogram is the parenchyma even when
+    lesions make up a good part of the organ; the SD is the MAD-based spread around the mode."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if values.size == 0:
+        raise ValueError("no organ voxels to estimate the parenchyma from")
+    lo, hi = np.percentile(values, [1, 99])
+    edges = np.arange(lo, hi + 2 * HU_BIN, HU_BIN)
+    hist, edges = np.histogram(values, bins=edges)
+    hist = ndimage.gaussian_filter1d(hist.astype(np.float64), HU_MODE_SMOOTHING / HU_BIN)
+    mode = float(edges[int(np.argmax(hist))] + HU_BIN / 2)
+    near = values[np.abs(values - mode) < 50.0]
+    mad = float(np.median(np.abs(near - mode))) if near.size else 0.0
+    return mode, max(1.4826 * mad, 1.0)
+
+
+def fit_lesion_contrast(
+    box_values: np.ndarray,
+    parenchyma_hu: float,
+    parenchyma_sd: float,
+    settings: LesionContrastSettings | None = None,
+) -> LesionContrast | None:
+    """The lesion's contrast from the (smoothed) organ voxels inside the user's box on the seed slice, or
+    ``None`` when the box shows no clear hypo- or hyperdense part (then the model's mask is used as is)."""
+    s = settings or LesionContrastSettings()
+    values = np.asarray(box_values, dtype=np.float64).ravel()
+    if values.size == 0:
+        return None
+    cut = s.outlier_sd * parenchyma_sd
+    hypo = values[values < parenchyma_hu - cut]
+    hyper = values[values > parenchyma_hu + cut]
+    polarity, side = (-1, hypo) if hypo.size >= hyper.size else (1, hyper)
+    if side.size < s.min_lesion_fraction * values.size:
+        return None
+    lesion_hu = float(np.median(side))
+    if abs(lesion_hu - parenchyma_hu) < s.min_contrast_hu:
+        return None
+    return LesionContrast(
+        polarity=polarity,
+        parenchyma_hu=parenchyma_hu,
+        parenchyma_sd=parenchyma_sd,
+        lesion_hu=lesion_hu,
+        threshold_hu=(parenchyma_hu + lesion_hu) / 2.0,
+    )
+
+
+def box_region(shape_ji: tuple[int, int], box_ij) -> np.ndarray:
+    """A boolean [j, i] mask of an inclusive (i0, j0, i1, j1) box."""
+    region = np.zeros(shape_ji, dtype=bool)
+    i0, j0, i1, j1 = box_ij
+    region[int(max(np.floor(j0), 0)) : int(np.ceil(j1)) + 1, int(max(np.floor(i0), 0)) : int(np.ceil(i1)) + 1] = True
+    return region
+
+
+def refine_slice_mask(
+    model_mask_ji: np.ndarray,
+    lesion_like_ji: np.ndarray,
+    box_ij,
+    previous_ji: np.ndarray | None = None,
+    settings: LesionContrastSettings | None = None,
+) -> np.ndarray:
+    """The lesion on one slice: the lesion-like pieces inside the prompt box that the model's mask covers
+    (at least ``min_touch_fraction`` of each piece) or that continue the previous slice's lesion (at least
+    ``min_continuation`` of the piece lies on it), holes filled."""
+    s = settings or LesionContrastSettings()
+    candidates = lesion_like_ji & box_region(model_mask_ji.shape, box_ij)
+    labels, n = ndimage.label(candidates)
+    if n == 0:
+        return np.zeros_like(model_mask_ji, dtype=bool)
+    flat = labels.ravel()
+    sizes = np.maximum(np.bincount(flat, minlength=n + 1), 1)
+    covered = np.bincount(flat, weights=model_mask_ji.ravel().astype(np.float64), minlength=n + 1)
+    keep = covered >= s.min_touch_fraction * sizes
+    if previous_ji is not None:
+        continued = np.bincount(flat, weights=previous_ji.ravel().astype(np.float64), minlength=n + 1)
+        keep |= continued >= s.min_continuation * sizes
+    keep[0] = False
+    return ndimage.binary_fill_holes(keep[labels])
+
+
+def prune_foreign_tissue(
+    model_mask_ji: np.ndarray,
+    smoothed_ji: np.ndarray,
+    parenchyma: tuple[float, float],
+    previous_ji: np.ndarray,
+    settings: OrganIntensitySettings | None = None,
+) -> np.ndarray:
+    """An organ's mask on one propagated slice without the neighbouring tissue it ran into.
+
+    ``parenchyma`` = (mode, SD) of the organ's smoothed HU on the prompted slice
+    (:func:`parenchyma_statistics`). Always a subset of ``model_mask_ji``.
+    """
+    s = settings or OrganIntensitySettings()
+    mode, sd = parenchyma
+    hi = mode + max(s.bright_sd * sd, s.min_bright_hu)
+    lo = mode - max(s.dark_sd * sd, s.min_dark_hu)
+    core = model_mask_ji & (smoothed_ji < hi) & (smoothed_ji > lo)
+    labels, n = ndimage.label(core)
+    if n == 0:
+        return np.zeros_like(model_mask_ji, dtype=bool)
+    flat = labels.ravel()
+    sizes = np.bincount(flat, minlength=n + 1)
+    continued = np.bincount(flat, weights=previous_ji.ravel().astype(np.float64), minlength=n + 1)
+    keep = continued >= s.min_continuation * np.maximum(sizes, 1)
+    sizes[0] = 0
+    keep[int(np.argmax(sizes))] = True
+    keep[0] = False
+    return ndimage.binary_fill_holes(keep[labels]) & model_mask_ji
