@@ -56,7 +56,8 @@ class PropagationSettings:
     # a neighbouring tissue (a tumour track into the liver, the liver into the heart or the kidney).
     max_growth_ratio: float | None = 1.5
     growth_allowance_mm2: float = 40.0
-    # Loose for organs (60 HU: catches a run into fat, air or bone, tolerates the organ's own lesions);
+    # Loose for organs (80 HU: catches a run into fat, air or bone, tolerates the organ's own lesions; at
+    # 60 HU the lits117 liver stopped 12 slices early where a large hypodense tumour fills its tip);
     # halved by :func:`for_lesions` for segments inside another.
     max_mean_hu_shift: float | None = 80.0
     # Intensity refinement (see liversam.intensity_refinement). A segment with no container (an organ):
@@ -316,8 +317,23 @@ def propagate_segment(
     propagator = _Propagator(predictor, settings, postprocess, seg.slices, container_kji, progress, cancel, seg.name)
     out = np.zeros(predictor.volume.geometry.shape_kji, dtype=bool)
     scores: dict[int, float] = {}
-    tracks = [propagator.run_track(k, prompts, out, scores) for k, prompts in split_into_seeds(seg)]
+    tracks = []
+    lesion = settings.intensity_refinement and container_kji is not None
+    for k, prompts in split_into_seeds(seg):
+        track_out = np.zeros_like(out) if lesion else out
+        tracks.append(propagator.run_track(k, prompts, track_out, scores))
+        if lesion:  # a lesion is one object: drop specks that lost touch with the prompted slice's mask
+            out |= connected_to_slice(track_out, k)
     return PropagationOutcome(out, scores, tracks, sorted(seg.slices), propagator.computed)
+
+
+def connected_to_slice(mask_kji: np.ndarray, k: int) -> np.ndarray:
+    """The 3D components (26-connected) of ``mask_kji`` that have voxels on slice ``k``."""
+    if not mask_kji[k].any():
+        return mask_kji.copy()
+    labels, _ = ndimage.label(mask_kji, structure=np.ones((3, 3, 3), dtype=bool))
+    keep = np.unique(labels[k][mask_kji[k]])
+    return np.isin(labels, keep[keep > 0])
 
 
 def repropagate(

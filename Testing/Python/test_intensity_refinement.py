@@ -90,3 +90,17 @@ def test_prune_foreign_tissue_cuts_the_kidney_and_keeps_vessels_and_lesions() ->
     assert not (pruned & kidney_medulla).any()
     assert pruned[vessel].all() and pruned[lesion].all()
     assert not (pruned & ~model).any()
+
+
+def test_a_lesion_keeps_only_what_is_connected_to_its_prompted_slice() -> None:
+    from liversam.propagation import connected_to_slice
+
+    mask = np.zeros((6, 10, 10), dtype=bool)
+    mask[1:4, 2:5, 2:5] = True  # the lesion through slices 1..3
+    mask[4, 3:5, 3:5] = True  # continues diagonally onto slice 4 (26-connected)
+    mask[3, 8:10, 8:10] = True  # a speck on slice 3 that does not touch it
+    kept = connected_to_slice(mask, 2)
+    expected = mask.copy()
+    expected[3, 8:10, 8:10] = False
+    assert np.array_equal(kept, expected)
+    assert np.array_equal(connected_to_slice(mask, 0), mask)  # nothing on the slice: unchanged
