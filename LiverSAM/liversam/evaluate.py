@@ -143,6 +143,8 @@ class EvaluationSettings:
     # clicks protocol: "point" starts from one positive click (the SAM-paper protocol); "box" starts from
     # the oracle box(es) of the slice and the clicks correct that prediction (LiverSAM's box-then-refine use).
     click_start: str = "point"
+    # one-box: propagation with intensity refinement (liversam.intensity_refinement), as `liversam segment`.
+    intensity_refinement: bool = True
     thresholds: tuple[float, ...] = DICE_THRESHOLDS
 
     def __post_init__(self) -> None:
@@ -488,13 +490,16 @@ def _box_protocol_prompts(protocol: str, refs: dict[str, np.ndarray], settings: 
 
 def _run_box_protocol(protocol, volume, refs, predictor, settings, spacing) -> dict[str, dict]:
     from .pipeline import PipelineSettings, segment_volume
+    from .propagation import PropagationSettings
 
     prompts = _box_protocol_prompts(protocol, refs, settings)
     shape = volume.geometry.shape_kji
     if prompts:
         # Keep each structure whole: the reference liver includes its tumours (labels 1 and 2), so the
         # tumours must not be carved out of the predicted liver as a labelmap export would do.
-        result = segment_volume(volume, prompts, predictor, PipelineSettings(later_segment_wins=False))
+        propagation = PropagationSettings(intensity_refinement=settings.intensity_refinement)
+        pipeline = PipelineSettings(later_segment_wins=False, propagation=propagation)
+        result = segment_volume(volume, prompts, predictor, pipeline)
         preds = _segment_masks_by_structure(result, settings.structures, shape)
     else:
         preds = {spec.name: np.zeros(shape, dtype=bool) for spec in settings.structures}

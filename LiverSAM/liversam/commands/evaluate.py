@@ -86,6 +86,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default="point",
         help="clicks protocol: start from one positive click (default) or from the slice's oracle box(es)",
     )
+    parser.add_argument(
+        "--no-intensity-refinement",
+        action="store_true",
+        help="one-box: propagate with the model's masks alone (no liver/tumour intensity refinement)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
     return parser
@@ -124,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         click_mask_input=not args.no_click_mask_input,
         click_start=args.click_start,
+        intensity_refinement=not args.no_intensity_refinement,
     )
     cases = ev.discover_cases(args.data)
     log.info("evaluating %d case(s) with %s", len(cases), ", ".join(settings.protocols))

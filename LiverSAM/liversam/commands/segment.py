@@ -35,6 +35,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--min-island-mm2", type=float, default=10.0, help="remove 2D islands smaller than this (mm^2)")
     p.add_argument("--opening-mm", type=float, default=0.0, help="2D morphological opening radius (mm)")
     p.add_argument("--closing-mm", type=float, default=0.0, help="2D morphological closing radius (mm)")
+    p.add_argument("--no-intensity-refinement", action="store_true",
+                   help="propagate with the model's masks alone (no liver/tumour intensity refinement)")
     p.add_argument("--report", help="write the review report (per-slice area, score, flags) as JSON")
     p.add_argument("--lesions", help="write the lesion table (.csv or .json)")
     p.add_argument("--series-uid", help="DICOM folder: the SeriesInstanceUID to use when it holds several series")
@@ -57,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from ..predictor import SlicePredictor
     from ..preprocess import WindowSettings
     from ..prompts import load_prompts
+    from ..propagation import PropagationSettings
     from ..segmentation_io import WRITE_SUFFIXES, segmentation_format, write_segmentation
 
     output = Path(args.output)
@@ -86,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     settings = PipelineSettings(
         slice_postprocess=PostprocessSettings(
             min_island_mm2=args.min_island_mm2, opening_radius_mm=args.opening_mm, closing_radius_mm=args.closing_mm
-        )
+        ),
+        propagation=PropagationSettings(intensity_refinement=not args.no_intensity_refinement),
     )
     result = segment_volume(volume, segments, predictor, settings)
     result.provenance["prompts"] = str(args.prompts)
