@@ -21,7 +21,8 @@ that fills much of its box; the CT can. This module:
 3. on every slice, keeps the lesion-like parts of the box that the model's mask touches
    (:func:`refine_slice_mask`).
 
-The CT is read, never modified: smoothing works on a float copy of one slice at a time.
+The CT is read, never modified: smoothing (a median whose window grows with the scan's noise) works on a
+float copy of one slice at a time.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from scipy import ndimage
 
 HU_BIN = 2.0  # histogram bin (HU) for the parenchyma mode
 HU_MODE_SMOOTHING = 5.0  # Gaussian smoothing of that histogram (HU)
+# Residual noise wanted after the median (HU). lits117 (noise 12.6 HU): a 3 x 3 median, tumour Dice 0.79
+# (5 x 5: 0.77); lits117 + 25 HU of added noise (28 HU): 5 x 5, tumour Dice 0.72 (3 x 3: 0.67, 7 x 7: 0.68).
+MEDIAN_TARGET_NOISE_HU = 8.0
 
 
 @dataclass(frozen=True)
@@ -74,9 +78,32 @@ class LesionContrast:
         return smoothed_ji > self.threshold_hu
 
 
-def smooth_slice(slice_ji: np.ndarray) -> np.ndarray:
-    """A 3 x 3 median of one axial slice (float copy): takes the voxel noise out of the HU comparison."""
-    return ndimage.median_filter(np.asarray(slice_ji, dtype=np.float32), size=3, mode="nearest")
+def smooth_slice(slice_ji: np.ndarray, size: int = 3) -> np.ndarray:
+    """A ``size`` x ``size`` median of one axial slice (float copy): takes the voxel noise out of the HU
+    comparison."""
+    return ndimage.median_filter(np.asarray(slice_ji, dtype=np.float32), size=size, mode="nearest")
+
+
+def estimate_noise_hu(slices_ji: list[np.ndarray], masks_ji: list[np.ndarray]) -> float:
+    """The CT's voxel noise (HU, robust SD) inside the masks, from differences of in-plane neighbours."""
+    diffs = []
+    for image, mask in zip(slices_ji, masks_ji, strict=True):
+        image = np.asarray(image, dtype=np.float32)
+        both = mask[:, 1:] & mask[:, :-1]
+        diffs.append((image[:, 1:] - image[:, :-1])[both])
+    values = np.concatenate(diffs) if diffs else np.zeros(0)
+    if values.size < 20:
+        return 0.0
+    return float(1.4826 * np.median(np.abs(values - np.median(values))) / np.sqrt(2.0))
+
+
+def median_size_for_noise(noise_hu: float, target_hu: float = MEDIAN_TARGET_NOISE_HU) -> int:
+    """The smallest median window (3, 5 or 7) that brings ``noise_hu`` down to about ``target_hu`` (the
+    median of n samples keeps about sqrt(pi / 2n) of the SD)."""
+    for size in (3, 5, 7):
+        if noise_hu * np.sqrt(np.pi / 2.0) / size <= target_hu:
+            return size
+    return 7
 
 
 def parenchyma_statistics(values: np.ndarray) -> tuple[float, float]:

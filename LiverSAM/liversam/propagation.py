@@ -32,7 +32,9 @@ from .errors import Cancelled
 from .intensity_refinement import (
     LesionContrast,
     box_region,
+    estimate_noise_hu,
     fit_lesion_contrast,
+    median_size_for_noise,
     parenchyma_statistics,
     prune_foreign_tissue,
     refine_slice_mask,
@@ -199,10 +201,16 @@ class _Propagator:
         self.organ: tuple[float, float] | None = None  # the current organ track's parenchyma (mode, SD)
         self._parenchyma: tuple[float, float] | None = None
         self._smoothed: dict[int, np.ndarray] = {}
+        self._median_size: int | None = None  # set from the scan's noise at the first refinement
+
+    def _set_noise_from(self, ks, masks) -> None:
+        if self._median_size is None:
+            array = self.predictor.volume.array_kji
+            self._median_size = median_size_for_noise(estimate_noise_hu([array[k] for k in ks], masks))
 
     def _smoothed_slice(self, k: int) -> np.ndarray:
         if k not in self._smoothed:
-            self._smoothed[k] = smooth_slice(self.predictor.volume.array_kji[k])
+            self._smoothed[k] = smooth_slice(self.predictor.volume.array_kji[k], self._median_size or 3)
         return self._smoothed[k]
 
     def _fit_contrast(self, seed_k: int, prompts: SlicePrompts) -> LesionContrast | None:
@@ -212,6 +220,7 @@ class _Propagator:
         if self._parenchyma is None:
             ks = [k for k in np.nonzero(self.container.any(axis=(1, 2)))[0]]
             step = max(len(ks) // 40, 1)  # about 40 slices are plenty for a histogram
+            self._set_noise_from(ks[::step], [self.container[k] for k in ks[::step]])
             values = np.concatenate([self._smoothed_slice(k)[self.container[k]] for k in ks[::step]])
             self._parenchyma = parenchyma_statistics(values)
         region = box_region(self.shape_ji, prompts.boxes_ij[0]) & self.container[seed_k]
@@ -244,6 +253,7 @@ class _Propagator:
         self.organ = None
         mask, prediction = self._predict(seed_k, seed_prompts)
         if self.settings.intensity_refinement and self.container is None and mask.any():
+            self._set_noise_from([seed_k], [mask])
             self.organ = parenchyma_statistics(self._smoothed_slice(seed_k)[mask])
         box = seed_prompts.boxes_ij[0] if seed_prompts.boxes_ij else _box_of(mask)
         track.records[seed_k] = SliceRecord(seed_k, float(mask.sum() * self.pixel_mm2), prediction.score, box, "user",

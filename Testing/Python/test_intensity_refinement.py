@@ -104,3 +104,18 @@ def test_a_lesion_keeps_only_what_is_connected_to_its_prompted_slice() -> None:
     expected[3, 8:10, 8:10] = False
     assert np.array_equal(kept, expected)
     assert np.array_equal(connected_to_slice(mask, 0), mask)  # nothing on the slice: unchanged
+
+
+def test_noise_estimate_picks_the_median_window() -> None:
+    from liversam.intensity_refinement import estimate_noise_hu, median_size_for_noise
+
+    rng = np.random.default_rng(2)
+    shape = (80, 80)
+    organ = _disk(shape, (40, 40), 35)
+    ramp = np.linspace(0, 40, shape[1])[None, :]  # slow anatomy-like variation does not count as noise
+    for sd, size in ((5.0, 3), (12.0, 3), (28.0, 5), (45.0, 7)):
+        image = 100.0 + ramp + rng.normal(0, sd, shape)
+        noise = estimate_noise_hu([image], [organ])
+        assert abs(noise - sd) <= 0.1 * sd + 0.5, (sd, noise)
+        assert median_size_for_noise(noise) == size
+    assert estimate_noise_hu([np.zeros(shape)], [np.zeros(shape, dtype=bool)]) == 0.0
