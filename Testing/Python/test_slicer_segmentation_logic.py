@@ -577,3 +577,50 @@ def test_fix_on_a_flagged_slice_repropagates_only_between_the_neighbouring_promp
     assert predictor.encoded_slices == [*encoded_before, 8]
     session.release()
     assert session.prefetcher is None
+
+
+def test_tumour_propagation_uses_the_liver_in_the_scene_as_its_container(lits117, litemedsam):
+    """A tumour propagated on the module's path gets the liver already in the segmentation as its container:
+    it stays inside it and gets the core's lesion refinement (one box on a real lits117 lesion, 9-slice slab).
+    """
+    import dataclasses
+
+    import torch
+    from scipy import ndimage
+
+    from liversam.geometry import ImageGeometry
+    from liversam.prompts import SegmentPrompts, SlicePrompts
+    from liversam.volume import CTVolume
+    from LiverSAMLib.ModelSession import core_postprocess_settings, propagate_segment
+
+    torch.set_num_threads(2)
+    ct, labels = lits117
+    components, _ = ndimage.label(labels == 2, structure=np.ones((3, 3, 3), dtype=bool))
+    k0, nk = 33, 9  # the lesion spans slices 27..45; its largest slice is 37
+    lesion = (components == components[37, 63, 15])[k0 : k0 + nk]
+    liver = labels[k0 : k0 + nk] >= 1
+    g = ct.geometry
+    slab_geometry = ImageGeometry(
+        (g.size_ijk[0], g.size_ijk[1], nk), g.spacing_mm, tuple(g.ijk_to_lps([0, 0, k0])), g.direction_lps
+    )
+    slab_ct = CTVolume(np.array(ct.array_kji[k0 : k0 + nk]), slab_geometry)
+    js, is_ = np.nonzero(lesion[37 - k0])
+    box = (float(is_.min()), float(js.min()), float(is_.max()), float(js.max()))
+    segment_prompts = SegmentPrompts(TUMOR, 2, slices={37 - k0: SlicePrompts(boxes_ij=[box])}, propagate=True)
+    session = ModelSession(loader=lambda name, device: litemedsam)
+    settings = SessionSettings(model="litemedsam", device="cpu", window_level_hu=40, window_width_hu=400)
+    postprocess = core_postprocess_settings()
+    plain_postprocess = dataclasses.replace(
+        postprocess, propagation=dataclasses.replace(postprocess.propagation, intensity_refinement=False)
+    )
+
+    refined = propagate_segment(session, settings, slab_ct, "slab", segment_prompts, postprocess, liver)
+    plain = propagate_segment(session, settings, slab_ct, "slab", segment_prompts, plain_postprocess, liver)
+    refined_mask = refined.segment(TUMOR).mask_kji
+    plain_mask = plain.segment(TUMOR).mask_kji
+    print("tumour Dice on the slab: refined", dice(refined_mask, lesion), "box only", dice(plain_mask, lesion))
+    assert not (refined_mask & ~liver).any()
+    assert refined_mask[[0, nk - 1]].any()  # propagated to both ends of the slab
+    assert dice(refined_mask, lesion) >= 0.8
+    assert dice(refined_mask, lesion) >= dice(plain_mask, lesion) + 0.05
+    assert len(session.current_predictor.encoded_slices) <= nk
