@@ -170,6 +170,9 @@ def split_into_seeds(seg: SegmentPrompts) -> list[tuple[int, SlicePrompts]]:
     return seeds
 
 
+PARENCHYMA_SLICES = 5  # slices either side of a lesion's seed that give its organ's parenchyma
+
+
 class _Propagator:
     def __init__(
         self,
@@ -199,8 +202,6 @@ class _Propagator:
         self.computed: list[int] = []
         self.contrast: LesionContrast | None = None  # the current lesion track's contrast (refinement on)
         self.organ: tuple[float, float] | None = None  # the current organ track's parenchyma (mode, SD)
-        self._parenchyma: tuple[float, float] | None = None
-        self._smoothed: dict[int, np.ndarray] = {}
         self._median_size: int | None = None  # set from the scan's noise at the first refinement
 
     def _set_noise_from(self, ks, masks) -> None:
@@ -209,22 +210,26 @@ class _Propagator:
             self._median_size = median_size_for_noise(estimate_noise_hu([array[k] for k in ks], masks))
 
     def _smoothed_slice(self, k: int) -> np.ndarray:
-        if k not in self._smoothed:
-            self._smoothed[k] = smooth_slice(self.predictor.volume.array_kji[k], self._median_size or 3)
-        return self._smoothed[k]
+        return smooth_slice(self.predictor.volume.array_kji[k], self._median_size or 3)
 
     def _fit_contrast(self, seed_k: int, prompts: SlicePrompts) -> LesionContrast | None:
-        """The lesion contrast of a track seeded by a box inside the container (None: refinement off)."""
+        """The lesion contrast of a track seeded by a box inside the container (None: refinement off).
+
+        The parenchyma is the container around the seed (``PARENCHYMA_SLICES`` slices either side) outside
+        the box's columns: local, so a contrast that changes along the organ does not matter, and cheap.
+        """
         if not self.settings.intensity_refinement or self.container is None or not prompts.boxes_ij:
             return None
-        if self._parenchyma is None:
-            ks = [k for k in np.nonzero(self.container.any(axis=(1, 2)))[0]]
-            step = max(len(ks) // 40, 1)  # about 40 slices are plenty for a histogram
-            self._set_noise_from(ks[::step], [self.container[k] for k in ks[::step]])
-            values = np.concatenate([self._smoothed_slice(k)[self.container[k]] for k in ks[::step]])
-            self._parenchyma = parenchyma_statistics(values)
-        region = box_region(self.shape_ji, prompts.boxes_ij[0]) & self.container[seed_k]
-        return fit_lesion_contrast(self._smoothed_slice(seed_k)[region], *self._parenchyma)
+        box = box_region(self.shape_ji, prompts.boxes_ij[0])
+        ks = [k for k in range(seed_k - PARENCHYMA_SLICES, seed_k + PARENCHYMA_SLICES + 1)
+              if 0 <= k < self.nk and (self.container[k] & ~box).any()]  # fmt: skip
+        if not ks:
+            return None
+        masks = [self.container[k] & ~box for k in ks]
+        self._set_noise_from(ks, masks)
+        values = np.concatenate([self._smoothed_slice(k)[m] for k, m in zip(ks, masks, strict=True)])
+        region = box & self.container[seed_k]
+        return fit_lesion_contrast(self._smoothed_slice(seed_k)[region], *parenchyma_statistics(values))
 
     def _predict(self, k: int, prompts: SlicePrompts, mask_logits=None, previous_mask=None):
         if self.cancel is not None and self.cancel():
