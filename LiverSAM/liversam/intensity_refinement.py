@@ -12,14 +12,14 @@ A liver tumour differs from the liver around it mainly by its attenuation (most 
 portal-venous phase, some hyperdense). SAM's box prompt alone cannot tell a lobulated lesion from the liver
 that fills much of its box; the CT can. This module:
 
-1. estimates the organ's parenchyma attenuation (the mode of the container's smoothed HU histogram, robust
-   to the lesions it contains) and its spread;
+1. estimates the organ's parenchyma attenuation (the mode of the smoothed HU histogram of the container
+   around the seed, outside the box: robust to the lesions it contains) and its spread;
 2. from the user's box on the seed slice, decides whether the lesion is hypo- or hyperdense and how far
    from the parenchyma it lies, and sets the threshold half-way between the two
    (:func:`fit_lesion_contrast`; ``None`` when the box holds no lesion-like contrast, so SAM's mask is
    kept as it is);
-3. on every slice, keeps the lesion-like parts of the box that the model's mask touches
-   (:func:`refine_slice_mask`).
+3. on every slice, keeps the lesion-like parts of the box that the model's mask covers or that continue the
+   previous slice's lesion (:func:`refine_slice_mask`).
 
 The CT is read, never modified: smoothing (a median whose window grows with the scan's noise) works on a
 float copy of one slice at a time.
@@ -34,8 +34,8 @@ from scipy import ndimage
 
 HU_BIN = 2.0  # histogram bin (HU) for the parenchyma mode
 HU_MODE_SMOOTHING = 5.0  # Gaussian smoothing of that histogram (HU)
-# Residual noise wanted after the median (HU). lits117 (noise 12.6 HU): a 3 x 3 median, tumour Dice 0.79
-# (5 x 5: 0.77); lits117 + 25 HU of added noise (28 HU): 5 x 5, tumour Dice 0.72 (3 x 3: 0.67, 7 x 7: 0.68).
+# Residual noise wanted after the median (HU). lits117 (noise 12.6 HU): a 3 x 3 median, one-box tumour Dice
+# 0.79 (5 x 5: 0.77); lits117 + 25 HU of added noise (28 HU): 5 x 5, 0.72 (3 x 3: 0.67, 7 x 7: 0.68).
 MEDIAN_TARGET_NOISE_HU = 8.0
 
 
