@@ -37,6 +37,10 @@ HU_MODE_SMOOTHING = 5.0  # Gaussian smoothing of that histogram (HU)
 # Residual noise wanted after the median (HU). lits117 (noise 12.6 HU): a 3 x 3 median, one-box tumour Dice
 # 0.79 (5 x 5: 0.77); lits117 + 25 HU of added noise (28 HU): 5 x 5, 0.72 (3 x 3: 0.67, 7 x 7: 0.68).
 MEDIAN_TARGET_NOISE_HU = 8.0
+# A lesion-like voxel lies within max(2 SD of the parenchyma, 40 HU) beyond the lesion's median HU. lits117
+# one-box tumour Dice 0.779 -> 0.791 (noisy copy 0.733 -> 0.739); 3 SD: 0.788.
+LESION_BAND_SD = 2.0
+LESION_BAND_MIN_HU = 40.0
 
 
 @dataclass(frozen=True)
@@ -72,10 +76,12 @@ class LesionContrast:
     threshold_hu: float
 
     def lesion_like(self, smoothed_ji: np.ndarray) -> np.ndarray:
-        """Voxels on the lesion's side of the threshold."""
+        """Voxels on the lesion's side of the threshold, but not far past the lesion's own attenuation (fat,
+        fluid or air at the organ's edge for a hypodense lesion; bone or contrast for a hyperdense one)."""
+        far = max(LESION_BAND_SD * self.parenchyma_sd, LESION_BAND_MIN_HU)
         if self.polarity < 0:
-            return smoothed_ji < self.threshold_hu
-        return smoothed_ji > self.threshold_hu
+            return (smoothed_ji < self.threshold_hu) & (smoothed_ji > self.lesion_hu - far)
+        return (smoothed_ji > self.threshold_hu) & (smoothed_ji < self.lesion_hu + far)
 
 
 def smooth_slice(slice_ji: np.ndarray, size: int = 3) -> np.ndarray:

@@ -33,7 +33,8 @@ def test_lesion_contrast_polarity_and_threshold() -> None:
     contrast = fit_lesion_contrast(hypo_box, 120.0, 15.0)
     assert contrast is not None and contrast.polarity == -1
     assert abs(contrast.lesion_hu - 60) <= 6 and abs(contrast.threshold_hu - 90) <= 4
-    assert contrast.lesion_like(np.array([[50.0, 130.0]])).tolist() == [[True, False]]
+    # Fat at the liver's edge is far darker than the lesion: not lesion-like.
+    assert contrast.lesion_like(np.array([[50.0, 130.0, -90.0]])).tolist() == [[True, False, False]]
 
     hyper_box = np.concatenate([rng.normal(120, 8, 600), rng.normal(190, 8, 400)])
     contrast = fit_lesion_contrast(hyper_box, 120.0, 15.0)
