@@ -209,8 +209,9 @@ class _Propagator:
             array = self.predictor.volume.array_kji
             self._median_size = median_size_for_noise(estimate_noise_hu([array[k] for k in ks], masks))
 
-    def _smoothed_slice(self, k: int) -> np.ndarray:
-        return smooth_slice(self.predictor.volume.array_kji[k], self._median_size or 3)
+    def _smoothed_slice(self, k: int, within: np.ndarray) -> np.ndarray:
+        """Slice k smoothed over the bounding box of ``within`` (NaN elsewhere)."""
+        return smooth_slice(self.predictor.volume.array_kji[k], self._median_size or 3, within)
 
     def _fit_contrast(self, seed_k: int, prompts: SlicePrompts) -> LesionContrast | None:
         """The lesion contrast of a track seeded by a box inside the container (None: refinement off).
@@ -227,9 +228,9 @@ class _Propagator:
             return None
         masks = [self.container[k] & ~box for k in ks]
         self._set_noise_from(ks, masks)
-        values = np.concatenate([self._smoothed_slice(k)[m] for k, m in zip(ks, masks, strict=True)])
+        values = np.concatenate([self._smoothed_slice(k, m)[m] for k, m in zip(ks, masks, strict=True)])
         region = box & self.container[seed_k]
-        return fit_lesion_contrast(self._smoothed_slice(seed_k)[region], *parenchyma_statistics(values))
+        return fit_lesion_contrast(self._smoothed_slice(seed_k, region)[region], *parenchyma_statistics(values))
 
     def _predict(self, k: int, prompts: SlicePrompts, mask_logits=None, previous_mask=None):
         if self.cancel is not None and self.cancel():
@@ -242,11 +243,12 @@ class _Propagator:
         if self.container is not None:
             mask &= self.container[k]
             if self.contrast is not None and prompts.boxes_ij:
-                lesion_like = self.contrast.lesion_like(self._smoothed_slice(k)) & self.container[k]
+                box = box_region(self.shape_ji, prompts.boxes_ij[0])
+                lesion_like = self.contrast.lesion_like(self._smoothed_slice(k, box)) & self.container[k]
                 refined = refine_slice_mask(mask, lesion_like, prompts.boxes_ij[0], previous_mask)
                 mask = clean_slice(refined, self.spacing_ji, self.postprocess)
         elif self.organ is not None and previous_mask is not None:
-            mask = prune_foreign_tissue(mask, self._smoothed_slice(k), self.organ, previous_mask)
+            mask = prune_foreign_tissue(mask, self._smoothed_slice(k, mask), self.organ, previous_mask)
         return mask, prediction
 
     def run_track(self, seed_k: int, seed_prompts: SlicePrompts, out: np.ndarray, scores: dict[int, float],
@@ -259,7 +261,7 @@ class _Propagator:
         mask, prediction = self._predict(seed_k, seed_prompts)
         if self.settings.intensity_refinement and self.container is None and mask.any():
             self._set_noise_from([seed_k], [mask])
-            self.organ = parenchyma_statistics(self._smoothed_slice(seed_k)[mask])
+            self.organ = parenchyma_statistics(self._smoothed_slice(seed_k, mask)[mask])
         box = seed_prompts.boxes_ij[0] if seed_prompts.boxes_ij else _box_of(mask)
         track.records[seed_k] = SliceRecord(seed_k, float(mask.sum() * self.pixel_mm2), prediction.score, box, "user",
                                             _touches_box_edge(mask, box, self.shape_ji) if seed_prompts.boxes_ij else False)

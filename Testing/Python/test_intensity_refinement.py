@@ -120,3 +120,18 @@ def test_noise_estimate_picks_the_median_window() -> None:
         assert abs(noise - sd) <= 0.1 * sd + 0.5, (sd, noise)
         assert median_size_for_noise(noise) == size
     assert estimate_noise_hu([np.zeros(shape)], [np.zeros(shape, dtype=bool)]) == 0.0
+
+
+def test_smoothing_a_region_equals_smoothing_the_slice_there() -> None:
+    rng = np.random.default_rng(4)
+    image = rng.normal(100, 20, (60, 70)).astype(np.int16)
+    region = np.zeros(image.shape, dtype=bool)
+    region[0:12, 30:45] = True  # touches the image border
+    region[20, 50] = True
+    for size in (3, 5):
+        full = smooth_slice(image, size)
+        part = smooth_slice(image, size, within=region)
+        np.testing.assert_array_equal(part[0:21, 30:51], full[0:21, 30:51])  # the region's bounding box
+        assert np.isnan(part[30:, :]).all() and np.isnan(part[:, :30]).all()
+    assert np.isnan(smooth_slice(image, 3, within=np.zeros(image.shape, dtype=bool))).all()
+    assert image.dtype == np.int16  # the input is never modified
