@@ -95,13 +95,11 @@ def smooth_slice(slice_ji: np.ndarray, size: int = 3, within: np.ndarray | None 
     js, is_ = np.nonzero(within)
     if js.size == 0:
         return out
-    pad = size // 2
-    j0, j1 = max(int(js.min()) - pad, 0), min(int(js.max()) + pad + 1, image.shape[0])
-    i0, i1 = max(int(is_.min()) - pad, 0), min(int(is_.max()) + pad + 1, image.shape[1])
-    smoothed = ndimage.median_filter(image[j0:j1, i0:i1], size=size, mode="nearest")
-    jj0, ii0 = int(js.min()) - j0, int(is_.min()) - i0
-    jj1, ii1 = jj0 + int(js.max()) - int(js.min()) + 1, ii0 + int(is_.max()) - int(is_.min()) + 1
-    out[int(js.min()) : int(js.max()) + 1, int(is_.min()) : int(is_.max()) + 1] = smoothed[jj0:jj1, ii0:ii1]
+    jmin, jmax, imin, imax = int(js.min()), int(js.max()), int(is_.min()), int(is_.max())
+    pad = size // 2  # the median near the box's edge needs the real neighbours outside it
+    j0, i0 = max(jmin - pad, 0), max(imin - pad, 0)
+    smoothed = ndimage.median_filter(image[j0 : jmax + pad + 1, i0 : imax + pad + 1], size=size, mode="nearest")
+    out[jmin : jmax + 1, imin : imax + 1] = smoothed[jmin - j0 : jmax - j0 + 1, imin - i0 : imax - i0 + 1]
     return out
 
 
