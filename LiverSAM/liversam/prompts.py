@@ -17,7 +17,6 @@ On a slice, SAM's (x, y) is (i, j): column and row of the voxel array [k, j, i].
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,9 +24,19 @@ import numpy as np
 
 from .errors import PromptError
 from .geometry import ImageGeometry, ras_to_lps
+from .prompt_schema import COORDINATE_SYSTEMS, read_json_file, validate_markups, validate_prompts
 from .segmentation import default_color
 
-COORDINATE_SYSTEMS = ("LPS", "RAS", "IJK")
+__all__ = [
+    "COORDINATE_SYSTEMS",
+    "SegmentPrompts",
+    "SlicePrompts",
+    "box_from_corners",
+    "load_prompts",
+    "markups_to_prompts",
+    "parse_prompts",
+    "point_to_slice",
+]
 
 
 @dataclass
@@ -106,10 +115,23 @@ def _slice_index(k_values: np.ndarray, what: str, geometry: ImageGeometry) -> in
     return min(max(k, 0), geometry.size_ijk[2] - 1)
 
 
+def _numbers(values, shape: tuple[int, ...], what: str, expected: str) -> np.ndarray | None:
+    """``values`` as a finite float array of ``shape``, or None when it has another shape."""
+    try:
+        arr = np.asarray(values, dtype=float)
+    except (TypeError, ValueError):
+        raise PromptError(f"{what} must be {expected} with numbers, got {values!r}.") from None
+    if arr.shape != shape:
+        return None
+    if not np.all(np.isfinite(arr)):
+        raise PromptError(f"{what} must hold finite numbers, got {values!r}.")
+    return arr
+
+
 def box_from_corners(corners, system: str, geometry: ImageGeometry, what: str) -> tuple[int, tuple]:
     """Two opposite corners of an axial box -> (k, (i0, j0, i1, j1)) in voxel indices."""
-    arr = np.asarray(corners, dtype=float)
-    if arr.shape != (2, 3):
+    arr = _numbers(corners, (2, 3), what, "two corners [[x0, y0, z], [x1, y1, z]]")
+    if arr is None:
         raise PromptError(f"{what} must be two corners [[x0, y0, z], [x1, y1, z]], got {corners!r}.")
     ijk = _to_ijk(arr, system, geometry)
     _check_inside(ijk, geometry, what, arr, system)
@@ -124,8 +146,8 @@ def box_from_corners(corners, system: str, geometry: ImageGeometry, what: str) -
 
 
 def point_to_slice(point, system: str, geometry: ImageGeometry, what: str) -> tuple[int, tuple[float, float]]:
-    arr = np.asarray(point, dtype=float)
-    if arr.shape != (3,):
+    arr = _numbers(point, (3,), what, "[x, y, z]")
+    if arr is None:
         raise PromptError(f"{what} must be [x, y, z], got {point!r}.")
     ijk = _to_ijk(arr[None], system, geometry)
     _check_inside(ijk, geometry, what, arr, system)
@@ -139,54 +161,45 @@ def point_to_slice(point, system: str, geometry: ImageGeometry, what: str) -> tu
 def markups_to_prompts(
     path: str | Path, geometry: ImageGeometry, positive: bool = True
 ) -> dict[int, SlicePrompts]:
-    """Read a Slicer markups file: ROIs become boxes on every slice they cover, points become clicks."""
+    """Read a Slicer markups file: ROIs become boxes on every slice they cover, points become clicks.
+
+    The file is validated against :class:`liversam.prompt_schema.MarkupsFile` first; control points whose
+    ``positionStatus`` is ``undefined`` (placed in Slicer's list but never positioned) are skipped.
+    """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise PromptError(f"Markups file not found: '{path}'.") from exc
-    except (OSError, json.JSONDecodeError) as exc:
-        raise PromptError(f"Markups file '{path}' is not valid JSON: {exc}.") from exc
-    markups = data.get("markups") if isinstance(data, dict) else None
-    if not isinstance(markups, list) or not markups:
-        raise PromptError(
-            f"'{path}' has no 'markups' list; save an ROI or a point list from Slicer as .mrk.json."
-        )
+    data = read_json_file(path, what="Markups file")
+    markups = validate_markups(data, f"'{path}'").markups
     out: dict[int, SlicePrompts] = {}
 
     def add(k: int, prompts: SlicePrompts) -> None:
         out[k] = out[k].merged(prompts) if k in out else prompts
 
     for index, markup in enumerate(markups):
-        system = str(markup.get("coordinateSystem", "LPS")).upper()
-        if system not in ("LPS", "RAS"):
-            raise PromptError(f"'{path}' markup {index} has unsupported coordinateSystem '{system}'.")
-        kind = str(markup.get("type", ""))
-        if kind == "ROI":
-            center = np.asarray(markup.get("center"), dtype=float)
-            size = np.asarray(markup.get("size"), dtype=float)
-            axes = np.asarray(markup.get("orientation", np.eye(3).ravel()), dtype=float).reshape(3, 3)
+        system = markup.coordinateSystem
+        where = f"'{path}': markups[{index}]"
+        if markup.type == "ROI":
+            center = np.asarray(markup.center, dtype=float)
+            size = np.asarray(markup.size, dtype=float)
+            axes = np.asarray(markup.orientation or np.eye(3).ravel(), dtype=float).reshape(3, 3)
             signs = np.array([[a, b, c] for a in (-1, 1) for b in (-1, 1) for c in (-1, 1)], dtype=float)
             corners = center + (signs * size / 2.0) @ axes.T
             ijk = _to_ijk(corners, system, geometry)
-            _check_inside(
-                ijk.mean(axis=0, keepdims=True), geometry, f"ROI centre in '{path}'", center, system
-            )
+            _check_inside(ijk.mean(axis=0, keepdims=True), geometry, f"{where}.center (ROI centre)", center, system)
             lo, hi = ijk.min(axis=0), ijk.max(axis=0)
             upper = np.asarray(geometry.size_ijk, dtype=float) - 1
             lo, hi = np.clip(lo, 0, upper), np.clip(hi, 0, upper)
             if hi[0] - lo[0] < 1 or hi[1] - lo[1] < 1:
-                raise PromptError(f"ROI in '{path}' has (almost) zero area on the axial slices.")
+                raise PromptError(f"{where}: the ROI has (almost) zero area on the axial slices.")
             k_first, k_last = int(np.ceil(lo[2] - 0.5)), int(np.floor(hi[2] + 0.5))
             k_first, k_last = max(k_first, 0), min(k_last, geometry.size_ijk[2] - 1)
             for k in range(k_first, max(k_first, k_last) + 1):
                 add(k, SlicePrompts(boxes_ij=[(lo[0], lo[1], hi[0], hi[1])]))
-        elif kind in ("Fiducial", "PointList"):
-            for cp_index, cp in enumerate(markup.get("controlPoints", [])):
-                k, ij = point_to_slice(cp.get("position"), system, geometry, f"point {cp_index} in '{path}'")
-                add(k, SlicePrompts(points_pos_ij=[ij]) if positive else SlicePrompts(points_neg_ij=[ij]))
         else:
-            raise PromptError(f"'{path}' markup {index} has type '{kind}'; use an ROI or a point list.")
+            for cp_index, cp in enumerate(markup.controlPoints):
+                if cp.positionStatus == "undefined":
+                    continue
+                k, ij = point_to_slice(cp.position, system, geometry, f"{where}.controlPoints[{cp_index}].position")
+                add(k, SlicePrompts(points_pos_ij=[ij]) if positive else SlicePrompts(points_neg_ij=[ij]))
     if not out:
         raise PromptError(f"'{path}' holds no control points or ROI.")
     return out
@@ -195,89 +208,67 @@ def markups_to_prompts(
 # --- PROMPTS.json ---------------------------------------------------------------------------------------
 
 
+def _color(values: list[float] | None) -> tuple[float, float, float] | None:
+    if values is None:
+        return None
+    scale = 255.0 if max(values) > 1 else 1.0
+    return (values[0] / scale, values[1] / scale, values[2] / scale)
+
+
 def parse_prompts(
     data: dict, geometry: ImageGeometry, base_dir: str | Path = ".", source: str = "prompts"
 ) -> list[SegmentPrompts]:
-    """Validate a prompts dictionary and convert it to per-slice IJK prompts."""
-    if not isinstance(data, dict) or not isinstance(data.get("segments"), list) or not data["segments"]:
-        raise PromptError(
-            f'{source}: expected {{"coordinate_system": ..., "segments": [...]}} with at least one segment.'
-        )
-    system = str(data.get("coordinate_system", "LPS")).upper()
-    if system not in COORDINATE_SYSTEMS:
-        raise PromptError(
-            f"{source}: coordinate_system '{system}' is not one of {', '.join(COORDINATE_SYSTEMS)}."
-        )
+    """Validate a prompts dictionary (schema: :mod:`liversam.prompt_schema`) and convert it to IJK prompts.
+
+    Raises :class:`PromptError` whose message gives the JSON path of the offending value.
+    """
+    spec = validate_prompts(data, source)
+    system = spec.coordinate_system
     segments: list[SegmentPrompts] = []
-    for index, entry in enumerate(data["segments"]):
-        if not isinstance(entry, dict) or not entry.get("name"):
-            raise PromptError(f"{source}: segment {index} needs a 'name'.")
-        name = str(entry["name"])
-        if any(s.name == name for s in segments):
-            raise PromptError(f"{source}: segment name '{name}' is used twice.")
-        label = int(entry.get("label", index + 1))
-        if label < 1 or label > 65535 or any(s.label == label for s in segments):
-            raise PromptError(
-                f"{source}: segment '{name}' label {label} must be a unique integer from 1 to 65535."
-            )
-        color = entry.get("color")
-        if color is not None:
-            color = tuple(float(c) / (255.0 if max(color) > 1 else 1.0) for c in color)
+    for index, entry in enumerate(spec.segments):
+        name = entry.name
+        where = f"{source}: segments[{index}]"
         seg = SegmentPrompts(
             name=name,
-            label=label,
-            color=color or default_color(name, index),
-            inside=entry.get("inside"),
-            propagate=bool(entry.get("propagate", False)),
+            label=entry.label if entry.label is not None else index + 1,
+            color=_color(entry.color) or default_color(name, index),
+            inside=entry.inside,
+            propagate=entry.propagate,
         )
-        for b, corners in enumerate(entry.get("boxes", [])):
-            k, box = box_from_corners(corners, system, geometry, f"{source}: segment '{name}' box {b}")
+        for b, corners in enumerate(entry.boxes):
+            k, box = box_from_corners(corners, system, geometry, f"{where}.boxes[{b}] (segment '{name}' box {b})")
             seg.add(k, SlicePrompts(boxes_ij=[box]))
-        for p, point in enumerate(entry.get("points", [])):
-            k, ij = point_to_slice(point, system, geometry, f"{source}: segment '{name}' point {p}")
+        for p, point in enumerate(entry.points):
+            k, ij = point_to_slice(point, system, geometry, f"{where}.points[{p}] (segment '{name}' point {p})")
             seg.add(k, SlicePrompts(points_pos_ij=[ij]))
-        for p, point in enumerate(entry.get("negative_points", [])):
-            k, ij = point_to_slice(point, system, geometry, f"{source}: segment '{name}' negative point {p}")
+        for p, point in enumerate(entry.negative_points):
+            k, ij = point_to_slice(
+                point, system, geometry, f"{where}.negative_points[{p}] (segment '{name}' negative point {p})"
+            )
             seg.add(k, SlicePrompts(points_neg_ij=[ij]))
-        for key, positive in (("markups", True), ("negative_markups", False)):
-            files = entry.get(key, [])
-            for file in [files] if isinstance(files, str) else files:
-                for k, prompts in markups_to_prompts(Path(base_dir) / file, geometry, positive).items():
+        for negative in (False, True):
+            for file in entry.markup_files(negative):
+                for k, prompts in markups_to_prompts(Path(base_dir) / file, geometry, not negative).items():
                     seg.add(k, prompts)
         if not any(not sp.is_empty() for sp in seg.slices.values()):
-            raise PromptError(
-                f"{source}: segment '{name}' has no box or positive point; give at least one of them."
-            )
+            raise PromptError(f"{where}: segment '{name}' has no box or positive point; give at least one of them.")
         for k, sp in seg.slices.items():
             if sp.is_empty():
                 raise PromptError(
-                    f"{source}: segment '{name}' has only negative points on slice k={k}; add a box or a positive point there."
+                    f"{where}: segment '{name}' has only negative points on slice k={k}; add a box or a positive "
+                    "point there."
                 )
         segments.append(seg)
-    names = {s.name for s in segments}
-    for seg in segments:
-        if seg.inside is not None and seg.inside not in names:
-            raise PromptError(
-                f"{source}: segment '{seg.name}' is to be inside '{seg.inside}', but there is no segment of that "
-                f"name (segments: {', '.join(sorted(names))})."
-            )
-        if seg.inside == seg.name:
-            raise PromptError(f"{source}: segment '{seg.name}' cannot be inside itself.")
     return segments
 
 
 def load_prompts(path: str | Path, geometry: ImageGeometry) -> list[SegmentPrompts]:
     """Read PROMPTS.json (or a single Slicer .mrk.json, taken as one segment named 'liver')."""
     path = Path(path)
-    if not path.is_file():
-        raise PromptError(f"Prompts file not found: '{path}'.")
     if path.name.lower().endswith(".mrk.json"):
         seg = SegmentPrompts(name="liver", label=1, color=default_color("liver", 0))
         for k, prompts in markups_to_prompts(path, geometry).items():
             seg.add(k, prompts)
         return [seg]
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise PromptError(f"Prompts file '{path}' is not valid JSON: {exc}.") from exc
+    data = read_json_file(path, what="Prompts file")
     return parse_prompts(data, geometry, base_dir=path.parent, source=f"'{path}'")
