@@ -1,7 +1,12 @@
 """The ``liversam`` command line: ``liversam <command> ...``.
 
 Each command lives in ``liversam.commands.<name>`` with ``add_parser(subparsers)`` and ``run(args) -> int``.
-Errors a user can fix (:class:`LiverSAMError`) are printed as one clear message with exit code 2.
+
+Exit codes: 0 success; 2 a problem the user can fix (:class:`LiverSAMError`: bad CT, prompts, output path,
+model; also command-line usage errors), printed as one clear message; 3 an unexpected internal error: a
+one-line message and the path of a log file holding the traceback (never a traceback on the terminal);
+130 interrupted (Ctrl+C). Outputs are written atomically, so a failed or interrupted run leaves them as
+they were.
 """
 
 from __future__ import annotations
@@ -12,15 +17,22 @@ import logging
 import sys
 
 from . import __version__
-from .errors import LiverSAMError
+from .errors import Cancelled, LiverSAMError
 
 COMMAND_MODULES = ("segment", "evaluate", "train", "export", "benchmark")
+
+EXIT_OK = 0
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 3
+EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="liversam",
         description="Liver and liver-tumour segmentation in CT with Segment Anything models.",
+        epilog="Exit codes: 0 success, 2 bad input or usage (message says what to fix), "
+        "3 internal error (details in the log file named), 130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"liversam {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="print debug messages")
@@ -36,20 +48,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+def _internal_error(command: str, exc: BaseException, argv: list[str] | None) -> int:
+    from .crash_log import write_crash_log
+
+    log_path = write_crash_log(exc, argv)
+    what = "ran out of memory" if isinstance(exc, MemoryError) else f"failed unexpectedly ({type(exc).__name__}"
+    detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    if not isinstance(exc, MemoryError):
+        what += f": {detail})" if detail else ")"
+    where = f"Details were written to {log_path}" if log_path else "No log file could be written"
+    print(
+        f"liversam {command}: internal error: {what}. {where}; please include that file when you report it. "
+        "No output was changed.",
+        file=sys.stderr,
     )
+    return EXIT_INTERNAL_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    command = "?"
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        command = args.command
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+        )
         return int(args.run(args) or 0)
     except LiverSAMError as exc:
-        print(f"liversam {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"liversam {args.command}: interrupted", file=sys.stderr)
-        return 130
+        print(f"liversam {command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except (KeyboardInterrupt, Cancelled):
+        print(f"liversam {command}: interrupted; no output was changed.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit:
+        raise  # argparse: --help, --version, usage errors (exit 2)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence (MemoryError too): never a traceback
+        return _internal_error(command, exc, argv)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ RescaleSlope / RescaleIntercept are applied by the reader.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,10 @@ import SimpleITK as sitk
 
 from .errors import InputImageError
 from .geometry import ImageGeometry
+from .image_integrity import check_image_file
 from .volume import CTVolume
+
+logger = logging.getLogger(__name__)
 
 IMAGE_FILE_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha", ".mhd")
 
@@ -29,11 +33,15 @@ def read_ct(
     allow_non_ct: bool = False,
     series_number: int | None = None,
     resample_irregular: bool = False,
+    replace_nonfinite: float | None = None,
 ) -> CTVolume:
     """Read a CT volume from a file or a DICOM folder.
 
     Raises :class:`InputImageError` naming the path and what is wrong: missing path, unsupported format,
-    not 3D, more than one component per voxel (RGB), unreadable file.
+    empty, truncated or corrupt file (data shorter than its header declares), not 3D, more than one component
+    per voxel (RGB), zero / negative / non-finite spacing, a non-invertible direction matrix, unreadable
+    file, NaN or infinite voxels (unless ``replace_nonfinite`` gives the value to put in their place; the
+    replacement is logged with its count).
     """
     path = Path(path)
     if not path.exists():
@@ -41,22 +49,54 @@ def read_ct(
     if path.is_dir():
         from .dicom_series import read_dicom_series  # local import: DICOM needs pydicom
 
-        return read_dicom_series(
+        volume = read_dicom_series(
             path,
             series_uid=series_uid,
             series_number=series_number,
             allow_non_ct=allow_non_ct,
             resample_irregular=resample_irregular,
         )
+        return _finite_volume(volume, replace_nonfinite)
     if not has_image_suffix(path):
         raise InputImageError(
             f"Unsupported CT file type: '{path}'. Supported: {', '.join(IMAGE_FILE_SUFFIXES)} or a DICOM series folder."
         )
+    check_image_file(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        raise InputImageError(f"Cannot read CT file '{path}': {str(exc).strip().splitlines()[-1]}") from exc
-    return ct_from_sitk(image, source=str(path))
+        raise InputImageError(f"Cannot read CT file '{path}': {_itk_message(exc)}") from exc
+    return _finite_volume(ct_from_sitk(image, source=str(path)), replace_nonfinite)
+
+
+def _itk_message(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _finite_volume(volume: CTVolume, replace_nonfinite: float | None) -> CTVolume:
+    """Refuse NaN / infinite voxels, or replace them by ``replace_nonfinite`` (logged with their count)."""
+    array = volume.array_kji
+    if array.dtype.kind != "f":
+        return volume
+    bad = ~np.isfinite(array)
+    count = int(np.count_nonzero(bad))
+    if count == 0:
+        return volume
+    where = f"'{volume.source}'" if volume.source else "The CT"
+    if replace_nonfinite is None:
+        raise InputImageError(
+            f"{where} holds {count:,} non-finite voxel(s) (NaN or infinite) out of {array.size:,}. A CT in "
+            "Hounsfield units has none: the file may be damaged or the result of a failed conversion. To "
+            "segment it anyway, replace them with a value (liversam: --replace-nonfinite -1000; Python: "
+            "replace_nonfinite=-1000)."
+        )
+    if not np.isfinite(replace_nonfinite):
+        raise InputImageError(f"--replace-nonfinite must be a finite number, got {replace_nonfinite}.")
+    fixed = np.where(bad, np.asarray(replace_nonfinite, dtype=array.dtype), array)
+    logger.warning("%s: replaced %d non-finite voxel(s) by %g as asked", where, count, replace_nonfinite)
+    metadata = dict(volume.metadata, nonfinite_replaced=count, nonfinite_value=float(replace_nonfinite))
+    return CTVolume(array_kji=fixed, geometry=volume.geometry, source=volume.source, metadata=metadata)
 
 
 def ct_from_sitk(image: sitk.Image, source: str = "") -> CTVolume:
@@ -72,6 +112,19 @@ def ct_from_sitk(image: sitk.Image, source: str = "") -> CTVolume:
         )
     if min(image.GetSize()) < 1 or image.GetSize()[0] < 8 or image.GetSize()[1] < 8:
         raise InputImageError(f"'{source}' has size {image.GetSize()}: too small to be a CT volume.")
+    spacing = np.asarray(image.GetSpacing(), dtype=float)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise InputImageError(
+            f"'{source}' has voxel spacing {tuple(spacing)} mm; every spacing must be a positive finite number. "
+            "The header is damaged; fix the spacing (e.g. in 3D Slicer's Volumes module) and save it again."
+        )
+    direction = np.asarray(image.GetDirection(), dtype=float).reshape(3, 3)
+    origin = np.asarray(image.GetOrigin(), dtype=float)
+    if not (np.all(np.isfinite(direction)) and np.all(np.isfinite(origin))) or abs(np.linalg.det(direction)) < 1e-6:
+        raise InputImageError(
+            f"'{source}' has a non-invertible or non-finite direction matrix {direction.ravel().round(4).tolist()} "
+            f"(or origin {origin.tolist()}): its voxels cannot be placed in patient space. The header is damaged."
+        )
     array = sitk.GetArrayFromImage(image)
     if array.dtype.kind not in "iuf":
         raise InputImageError(f"'{source}' has voxel type {array.dtype}; expected integer or float HU values.")

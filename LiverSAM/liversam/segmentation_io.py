@@ -470,6 +470,10 @@ def read_segmentation(
         from .dicom_seg import read_dicom_seg
 
         return read_dicom_seg(path, reference=reference, label_names=label_names)
+    if fmt in ("seg.nrrd", "nrrd", "nifti", "mha"):
+        from .image_integrity import check_image_file
+
+        check_image_file(path)  # a truncated file would otherwise read as a partly empty segmentation
     if fmt == "seg.nrrd":
         result = read_seg_nrrd(path, label_names=label_names)
     elif fmt in ("nrrd", "nifti", "mha"):

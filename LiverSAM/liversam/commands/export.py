@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..errors import InputImageError, OutputError
 from ..geometry import ImageGeometry
+from ..output_paths import check_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ def run(args) -> int:
         raise OutputError(
             f"Unknown output type '{output}'. Use .dcm (DICOM SEG), .seg.nrrd (3D Slicer), .nrrd, .nii or .nii.gz."
         )
+    check_outputs({"--output": output}, [args.segmentation, args.reference_dicom, args.reference_ct])
     geometry, dicom_folder, series_uid = _reference_geometry(args)
     if segmentation_format(output) == "dicom-seg" and dicom_folder is None:
         raise OutputError(

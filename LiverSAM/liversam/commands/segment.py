@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from ..errors import OutputError
+from ..output_paths import check_outputs, model_input_path
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +45,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--allow-non-ct", action="store_true", help="DICOM: accept a series whose modality is not CT")
     p.add_argument("--resample-irregular", action="store_true",
                    help="DICOM: resample irregular slice spacing or gantry tilt instead of refusing it")
+    p.add_argument("--replace-nonfinite", type=float, metavar="HU",
+                   help="replace NaN / infinite CT voxels by this value (e.g. -1000) instead of refusing the CT")
     p.add_argument("--cache-mb", type=float, default=2048.0, help="embedding cache size in MB")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch default)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..ct_io import read_ct
     from ..models import load_model
     from ..pipeline import PipelineSettings, segment_volume
@@ -71,7 +72,16 @@ def run(args: argparse.Namespace) -> int:
             f"Output '{output}' is a DICOM SEG, which must reference a DICOM CT series; the CT '{args.ct}' is not a "
             "DICOM folder. Write .seg.nrrd or a labelmap instead, or segment the DICOM series."
         )
+    if args.lesions and Path(args.lesions).suffix.lower() not in (".csv", ".json"):
+        raise OutputError(f"--lesions '{args.lesions}': use a .csv or .json file name.")
+    # The source is sacred: no output may be (or link to) an input, or lie in the DICOM folder.
+    check_outputs(
+        {"--output": output, "--report": args.report, "--lesions": args.lesions},
+        [args.ct, args.prompts, model_input_path(args.model)],
+    )
     if args.threads > 0:
+        import torch
+
         torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
@@ -81,7 +91,13 @@ def run(args: argparse.Namespace) -> int:
         series_number=args.series_number,
         allow_non_ct=args.allow_non_ct,
         resample_irregular=args.resample_irregular,
+        replace_nonfinite=args.replace_nonfinite,
     )
+    if volume.metadata.get("nonfinite_replaced"):
+        print(
+            f"replaced {volume.metadata['nonfinite_replaced']} non-finite CT voxel(s) by "
+            f"{volume.metadata['nonfinite_value']:g} (--replace-nonfinite)"
+        )
     segments = load_prompts(args.prompts, volume.geometry)
     window = WindowSettings(level=args.window_level, width=args.window_width, clahe=args.clahe)
     model = load_model(args.model, device=args.device, accelerate=args.accelerate)

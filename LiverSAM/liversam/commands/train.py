@@ -170,9 +170,32 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
+RUN_FILES = ("config.json", "split.json", "state.pt", "best.pt", "history.csv", "curves.png", "result.json",
+             "train.log", "test_report.json", "test_report.md")
+
+
+def check_run_folder(args: argparse.Namespace) -> None:
+    """Refuse a run folder that is a file, or whose files would overwrite (or lie inside) the training data."""
+    from pathlib import Path
+
+    from ..errors import OutputError
+    from ..output_paths import check_outputs, model_input_path
+    from ..training.studies import discover_studies
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out '{out}' is a file; give a folder for the run (it is created if missing).")
+    studies = discover_studies(args.data)
+    inputs: list = [args.data if Path(args.data).is_file() else None, args.split_file, model_input_path(args.base_model)]
+    for study in studies:
+        inputs += [study.ct_path, study.label_path]
+    check_outputs({f"--out file '{name}'": out / name for name in RUN_FILES}, inputs)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..training import train
 
+    check_run_folder(args)
     config = config_from_args(args)
     result = train(config, progress=not args.no_progress, emit_events=args.events)
     print(

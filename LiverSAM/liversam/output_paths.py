@@ -1,0 +1,133 @@
+"""Checks on output paths before any work: the source is never overwritten and every output can be written.
+
+:func:`check_outputs` refuses (with :class:`~liversam.errors.OutputError`) an output that
+
+- is the same file as an input: the same path, a symlink to it, a hard link to it (same device and inode),
+  or a path that resolves to it through symlinked folders;
+- lies inside an input folder (a DICOM series folder) or is the same file as one of that folder's files;
+- is an existing folder, or equals another output;
+- cannot be created: its folder is a file, or a probe file cannot be created there (read-only, no permission).
+
+Commands call it first, so a refused run reads nothing heavy and writes nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from .errors import OutputError
+
+# Inputs that are folders with more files than this are checked by path only (no per-file inode scan).
+MAX_FOLDER_FILES_SCANNED = 20000
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.expanduser().resolve(strict=False)
+    except (OSError, RuntimeError):  # symlink loop
+        return Path(os.path.abspath(path))
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file ``path`` points to (symlinks followed), None when it does not exist."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    try:
+        path.relative_to(folder)
+    except ValueError:
+        return False
+    return True
+
+
+def _folder_identities(folder: Path) -> dict[tuple[int, int], Path]:
+    found: dict[tuple[int, int], Path] = {}
+    count = 0
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            count += 1
+            if count > MAX_FOLDER_FILES_SCANNED:
+                return found
+            ident = _identity(Path(root) / name)
+            if ident is not None:
+                found[ident] = Path(root) / name
+    return found
+
+
+def _check_writable(option: str, path: Path) -> None:
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{option} '{path}': '{parent}' is a file, not a folder; choose another output path.")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".liversam-write-test-", dir=parent)
+    except OSError as exc:
+        raise OutputError(
+            f"{option} '{path}': cannot write into the folder '{parent}' ({exc.strerror or exc}); "
+            "choose a folder you can write to."
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+def check_outputs(outputs: Mapping[str, str | Path | None], inputs: Iterable[str | Path | None]) -> None:
+    """Refuse outputs that would overwrite an input or cannot be written (see the module docstring).
+
+    ``outputs`` maps the option name (e.g. ``--output``) to its path (None: not given); ``inputs`` are the
+    files and folders the command reads.
+    """
+    input_paths = [Path(p) for p in inputs if p not in (None, "")]
+    input_files = [(p, _resolved(p), _identity(p)) for p in input_paths if not p.is_dir()]
+    input_dirs = [(p, _resolved(p)) for p in input_paths if p.is_dir()]
+    seen: dict[Path, str] = {}
+    dir_identities: dict[Path, dict[tuple[int, int], Path]] = {}
+    for option, value in outputs.items():
+        if value in (None, ""):
+            continue
+        path = Path(value)
+        resolved = _resolved(path)
+        if resolved in seen:
+            raise OutputError(f"{option} '{path}' is the same file as {seen[resolved]}; give each output its own path.")
+        seen[resolved] = f"{option} '{path}'"
+        if path.is_dir():
+            raise OutputError(f"{option} '{path}' is a folder; give a file name (e.g. '{path / 'result.seg.nrrd'}').")
+        ident = _identity(path)
+        for source, source_resolved, source_ident in input_files:
+            if resolved == source_resolved or (ident is not None and ident == source_ident):
+                raise OutputError(
+                    f"{option} '{path}' is the input file '{source}' (same file"
+                    + (" through a link" if Path(os.path.abspath(path)) != Path(os.path.abspath(source)) else "")
+                    + "). LiverSAM never overwrites its input; choose another output path."
+                )
+        for folder, folder_resolved in input_dirs:
+            if _is_within(resolved, folder_resolved):
+                raise OutputError(
+                    f"{option} '{path}' lies inside the input folder '{folder}'. LiverSAM never writes into a "
+                    "DICOM input folder (a new file there would join the series); write the output elsewhere."
+                )
+            if ident is not None:
+                identities = dir_identities.setdefault(folder_resolved, _folder_identities(folder_resolved))
+                if ident in identities:
+                    raise OutputError(
+                        f"{option} '{path}' is a link to '{identities[ident]}' in the input folder '{folder}'. "
+                        "LiverSAM never overwrites its input; choose another output path."
+                    )
+        _check_writable(option, path)
+
+
+def model_input_path(model: str | None) -> Path | None:
+    """The checkpoint file a ``--model`` value names (``PATH`` or ``NAME=PATH``), when it is a file."""
+    if not model:
+        return None
+    text = str(model).split("=", 1)[1] if "=" in str(model) else str(model)
+    path = Path(text).expanduser()
+    return path if path.is_file() else None
