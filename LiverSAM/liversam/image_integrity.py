@@ -116,6 +116,15 @@ def _nifti_expected_bytes(header: bytes, path: Path) -> int:
     else:
         raise InputImageError(f"'{path}' is not a NIfTI image (no valid NIfTI header). {_HINT}")
     ndim = int(dim[0])
+    pixdim = (
+        struct.unpack(endian + "8f", header[76:108]) if minimum == 352 else struct.unpack(endian + "8d", header[104:168])
+    )
+    spatial = [float(v) for v in pixdim[1 : min(ndim, 3) + 1]]
+    if any(not np.isfinite(v) or v == 0 for v in spatial):
+        raise InputImageError(
+            f"'{path}' declares voxel spacing {spatial} mm (NIfTI pixdim): every spacing must be a non-zero finite "
+            "number. The header is damaged; fix the spacing and save it again."
+        )
     if not 1 <= ndim <= 7 or any(int(d) < 0 for d in dim[1 : ndim + 1]) or bitpix <= 0:
         raise _damaged(path, f"its NIfTI header is invalid (dim {list(dim)}, bitpix {bitpix})")
     voxels = int(np.prod([max(int(d), 1) for d in dim[1 : ndim + 1]], dtype=np.float64))
@@ -186,6 +195,7 @@ def _check_nrrd(path: Path) -> None:
             raise _damaged(path, "its NRRD header lacks valid 'sizes' or 'type' fields") from None
         if fields.get("type", "").lower() == "block":
             item = int(fields.get("block size", fields.get("blocksize", "1")))
+        _check_nrrd_geometry(path, fields)
         encoding = fields.get("encoding", "raw").lower()
         expected = int(np.prod(sizes, dtype=np.float64)) * item
         data_file = fields.get("data file", fields.get("datafile"))
@@ -204,6 +214,37 @@ def _check_nrrd(path: Path) -> None:
         finally:
             if data_handle is not handle:
                 data_handle.close()
+
+
+def _check_nrrd_geometry(path: Path, fields: dict[str, str]) -> None:
+    """Zero, non-finite or linearly dependent axis vectors (``space directions``) or zero ``spacings``."""
+    vectors = []
+    for part in fields.get("space directions", "").split():
+        if part.lower() == "none":
+            continue
+        try:
+            vectors.append([float(v) for v in part.strip("()").split(",")])
+        except ValueError:
+            raise InputImageError(f"'{path}' has an unreadable NRRD 'space directions' field: {part!r}.") from None
+    problem = ""
+    if len(vectors) == 3 and all(len(v) == 3 for v in vectors):
+        matrix = np.array(vectors)
+        lengths = np.linalg.norm(matrix, axis=1)
+        if not np.all(np.isfinite(matrix)) or np.any(lengths == 0):
+            problem = f"an axis of zero or non-finite length (space directions {vectors}: voxel spacing 0)"
+        elif abs(np.linalg.det(matrix / lengths[:, None])) < 1e-6:
+            problem = f"axes that are not independent (space directions {vectors}: a non-invertible direction)"
+    spacings = [v for v in fields.get("spacings", "").split() if v.lower() != "nan"]
+    try:
+        if any(float(v) == 0 or not np.isfinite(float(v)) for v in spacings):
+            problem = f"voxel spacing 0 or non-finite (spacings {spacings})"
+    except ValueError:
+        problem = f"unreadable spacings {spacings}"
+    if problem:
+        raise InputImageError(
+            f"'{path}' has {problem}; its voxels cannot be placed in patient space. The header is damaged; "
+            "fix it and save the image again."
+        )
 
 
 def _check_nrrd_data(path: Path, handle: BinaryIO, encoding: str, expected: int, fields: dict) -> None:
