@@ -47,6 +47,8 @@ def add_parser(subparsers) -> None:
                    help="DICOM: resample irregular slice spacing or gantry tilt instead of refusing it")
     p.add_argument("--replace-nonfinite", type=float, metavar="HU",
                    help="replace NaN / infinite CT voxels by this value (e.g. -1000) instead of refusing the CT")
+    p.add_argument("--check-only", action="store_true",
+                   help="validate the CT, the prompts and the output paths, then stop (no model, nothing written)")
     p.add_argument("--cache-mb", type=float, default=2048.0, help="embedding cache size in MB")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch default)")
     p.set_defaults(run=run)
@@ -99,6 +101,13 @@ def run(args: argparse.Namespace) -> int:
             f"{volume.metadata['nonfinite_value']:g} (--replace-nonfinite)"
         )
     segments = load_prompts(args.prompts, volume.geometry)
+    if args.check_only:
+        print(
+            f"ok: CT {volume.geometry.size_ijk} (i, j, k), {len(segments)} segment(s) "
+            f"({', '.join(s.name for s in segments)}), prompts on {sum(len(s.slices) for s in segments)} slice(s); "
+            "outputs writable (--check-only: nothing written)"
+        )
+        return 0
     window = WindowSettings(level=args.window_level, width=args.window_width, clahe=args.clahe)
     model = load_model(args.model, device=args.device, accelerate=args.accelerate)
     predictor = SlicePredictor(model, volume, window=window, cache_mb=args.cache_mb)
