@@ -1,23 +1,61 @@
 """Atomic file output: write to a temporary file beside the target, then rename over it.
 
-A crash or an error part-way leaves either the old file or nothing, never a truncated output.
+A crash or an error part-way leaves either the old file or nothing, never a truncated output. The
+temporary file is named ``.<target name>.liversam-partial-<pid>-<random><suffixes>`` (hidden, and saying
+what it is). An error removes it; only a process killed outright (``kill -9``, power loss) can leave one
+behind, and the next write of the same target deletes such leftovers whose process is gone.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+PARTIAL_MARKER = ".liversam-partial-"
+
 
 def _temporary_sibling(target: Path) -> Path:
     # Keep the full suffix chain (.seg.nrrd, .nii.gz) so writers that pick a format by name still work.
     suffix = "".join(target.suffixes) or ".tmp"
-    fd, name = tempfile.mkstemp(prefix=f".{target.name.split('.')[0]}-", suffix=suffix, dir=target.parent)
+    prefix = f".{target.name}{PARTIAL_MARKER}{os.getpid()}-"
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=target.parent)
     os.close(fd)
     return Path(name)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process (or an odd number): leave its file alone
+    return True
+
+
+def stale_partial_files(target: str | Path) -> list[Path]:
+    """Temporary files of earlier writes of ``target`` whose writing process no longer exists."""
+    target = Path(target)
+    stale = []
+    for path in target.parent.glob(f".{glob.escape(target.name)}{PARTIAL_MARKER}*"):
+        pid_text = path.name[len(target.name) + 1 + len(PARTIAL_MARKER) :].split("-", 1)[0]
+        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+            stale.append(path)
+    return stale
+
+
+def remove_stale_partial_files(target: str | Path) -> int:
+    """Delete what :func:`stale_partial_files` finds; returns how many were removed."""
+    removed = 0
+    for path in stale_partial_files(target):
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed += 1
+    return removed
 
 
 @contextlib.contextmanager
@@ -28,6 +66,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partial_files(target)
     tmp = _temporary_sibling(target)
     try:
         yield tmp
