@@ -58,6 +58,20 @@ def remove_stale_partial_files(target: str | Path) -> int:
     return removed
 
 
+def _flush_to_disk(path: Path) -> None:
+    """fsync the finished temporary file so a power loss after the rename cannot leave it empty."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success rename it to ``target``.
@@ -70,6 +84,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     tmp = _temporary_sibling(target)
     try:
         yield tmp
+        _flush_to_disk(tmp)
         os.replace(tmp, target)
     finally:
         if tmp.exists():

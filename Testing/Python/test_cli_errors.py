@@ -1,0 +1,100 @@
+"""The command line's last line of defence: exit codes 3 (internal error, traceback only in a log file) and
+130 (interrupted); the published prompts JSON Schema matches the code; --replace-nonfinite and --check-only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+import liversam.commands.segment as segment_command
+from conftest import REPO_ROOT
+from liversam.cli import main
+from liversam.prompt_schema import prompts_json_schema
+
+
+def _inputs(tmp_path: Path, nan: bool = False) -> tuple[Path, Path]:
+    array = np.full((3, 40, 48), -1000, dtype=np.float32 if nan else np.int16)
+    array[:, 10:30, 12:36] = 60
+    if nan:
+        array[0, :2, :5] = np.nan
+    ct = tmp_path / "ct.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(ct))
+    prompts = tmp_path / "p.json"
+    prompts.write_text(json.dumps({"coordinate_system": "IJK", "segments": [
+        {"name": "liver", "boxes": [[[12, 10, 1], [35, 29, 1]]]}]}))  # fmt: skip
+    return ct, prompts
+
+
+def test_unexpected_exception_exits_3_with_a_log_file_and_no_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LIVERSAM_HOME", str(tmp_path / "home"))
+
+    def broken(args):
+        raise RuntimeError("simulated bug deep inside")
+
+    monkeypatch.setattr(segment_command, "run", broken)
+    code = main(["segment", "ct.nrrd", "--prompts", "p.json", "--output", str(tmp_path / "o.nii.gz")])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "Traceback" not in err and "internal error" in err and "simulated bug deep inside" in err
+    logs = list((tmp_path / "home" / "logs").glob("crash-*.log"))
+    assert len(logs) == 1 and str(logs[0]) in err
+    text = logs[0].read_text()
+    assert "Traceback (most recent call last)" in text and "RuntimeError: simulated bug" in text
+    assert "segment ct.nrrd --prompts p.json" in text
+
+
+def test_interrupt_exits_130_and_leaves_outputs_alone(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "o.nii.gz"
+    out.write_bytes(b"previous result")
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(segment_command, "run", interrupted)
+    assert main(["segment", "ct.nrrd", "--prompts", "p.json", "--output", str(out)]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert out.read_bytes() == b"previous result"
+
+
+def test_usage_errors_exit_2():
+    with pytest.raises(SystemExit) as info:
+        main(["segment", "--no-such-option"])
+    assert info.value.code == 2
+
+
+def test_published_prompts_schema_matches_the_code():
+    published = json.loads((REPO_ROOT / "docs" / "prompts.schema.json").read_text())
+    assert published == json.loads(json.dumps(prompts_json_schema())), (
+        "docs/prompts.schema.json is stale: python -m liversam.prompt_schema > docs/prompts.schema.json"
+    )
+
+
+def test_example_prompts_validate_against_the_published_schema():
+    from liversam.prompt_schema import PromptsFile
+
+    PromptsFile.model_validate(json.loads((REPO_ROOT / "examples" / "lits117" / "prompts.json").read_text()))
+
+
+def test_check_only_validates_without_the_model_and_writes_nothing(tmp_path, capsys):
+    ct, prompts = _inputs(tmp_path)
+    out = tmp_path / "out" / "o.seg.nrrd"
+    assert main(["segment", str(ct), "--prompts", str(prompts), "--output", str(out), "--check-only"]) == 0
+    assert "ok: CT (48, 40, 3)" in capsys.readouterr().out
+    assert not out.parent.exists()
+
+
+@pytest.mark.model
+def test_replace_nonfinite_segments_and_says_how_many(tmp_path, capsys):
+    ct, prompts = _inputs(tmp_path, nan=True)
+    out = tmp_path / "o.nii.gz"
+    argv = ["segment", str(ct), "--prompts", str(prompts), "--output", str(out), "--accelerate", "plain"]
+    assert main(argv) == 2
+    assert "10 non-finite voxel(s)" in capsys.readouterr().err and not out.exists()
+    assert main([*argv, "--replace-nonfinite", "-1000"]) == 0
+    assert "replaced 10 non-finite CT voxel(s) by -1000" in capsys.readouterr().out
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    assert labels[1, 15:25, 18:30].all()  # the bright block on the prompted slice is segmented
