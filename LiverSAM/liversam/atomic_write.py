@@ -58,6 +58,16 @@ def remove_stale_partial_files(target: str | Path) -> int:
     return removed
 
 
+def _default_mode(target: Path) -> int:
+    """The existing target's permissions, else what a plain ``open(..., "w")`` would give (0o666 & ~umask)."""
+    try:
+        return target.stat().st_mode & 0o7777
+    except OSError:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
 def _flush_to_disk(path: Path) -> None:
     """fsync the finished temporary file so a power loss after the rename cannot leave it empty."""
     try:
@@ -85,6 +95,8 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         _flush_to_disk(tmp)
+        with contextlib.suppress(OSError):
+            os.chmod(tmp, _default_mode(target))  # mkstemp makes 0o600 files
         os.replace(tmp, target)
     finally:
         if tmp.exists():

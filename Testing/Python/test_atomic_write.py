@@ -1,0 +1,47 @@
+"""Atomic writes: an error leaves the old file, permissions are a normal file's, killed writers' leftovers go."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from liversam.atomic_write import atomic_path, stale_partial_files, write_text_atomically
+
+
+def test_error_leaves_the_previous_file_and_no_temporary(tmp_path):
+    target = tmp_path / "r.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("writer failed")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+
+
+def test_new_file_gets_umask_permissions_and_an_existing_file_keeps_its_own(tmp_path):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    target = write_text_atomically(tmp_path / "a.json", "{}")
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask
+    target.chmod(0o640)
+    write_text_atomically(target, "[]")
+    assert target.stat().st_mode & 0o777 == 0o640 and target.read_text() == "[]"
+
+
+def test_leftover_of_a_dead_writer_is_removed_by_the_next_write_but_a_live_one_is_kept(tmp_path):
+    target = tmp_path / "liver.seg.nrrd"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    leftover = tmp_path / f".liver.seg.nrrd.liversam-partial-{dead_pid}-x1y2.seg.nrrd"
+    live = tmp_path / f".liver.seg.nrrd.liversam-partial-{os.getpid()}-a1b2.seg.nrrd"
+    leftover.write_bytes(b"partial")
+    live.write_bytes(b"being written")
+    assert stale_partial_files(target) == [leftover]
+    with atomic_path(target) as tmp:
+        assert tmp.name.startswith(f".liver.seg.nrrd.liversam-partial-{os.getpid()}-")
+        assert tmp.name.endswith(".seg.nrrd")
+        tmp.write_bytes(b"new")
+    assert not leftover.exists() and live.exists() and target.read_bytes() == b"new"
