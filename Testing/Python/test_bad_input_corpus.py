@@ -469,6 +469,22 @@ def _train_onto_manifest(ctx: Ctx) -> tuple[list[str], list[Path], list[Path]]:
     return ["train", "--data", str(manifest), "--out", str(run), "--no-progress"], [run / "state.pt"], [manifest]
 
 
+def _train_label_grid(ctx: Ctx) -> tuple[list[str], list[Path], list[Path]]:
+    study = ctx.tmp / "data" / "s1"
+    study.mkdir(parents=True)
+    _write_image(study / "ct.nii.gz", _synthetic_array(), compress=True)
+    _write_image(study / "label.nii.gz", np.ones((6, 40, 40), np.uint8), compress=True)
+    run = ctx.tmp / "run"
+    return (["train", "--data", str(ctx.tmp / "data"), "--out", str(run), "--no-progress", "--device", "cpu"],
+            [run / "state.pt", run / "best.pt", run / "split.json"], [])
+
+
+def _export_truncated(ctx: Ctx) -> tuple[list[str], list[Path], list[Path]]:
+    label = _cut(_write_image(ctx.tmp / "seg.nii.gz", (_synthetic_array() > 0).astype(np.uint8), compress=True))
+    out = ctx.tmp / "converted.seg.nrrd"
+    return ["export", str(label), "--output", str(out)], [out], [label]
+
+
 OUTPUT_CASES = [
     Case("output_is_the_input", lambda c: _same_as_input(c, "same"), ("is the input file", "never overwrites")),
     Case("output_symlink_to_input", lambda c: _same_as_input(c, "symlink"), ("link.nii.gz", "is the input file")),
@@ -499,6 +515,8 @@ OUTPUT_CASES = [
     Case("evaluate_truncated_label", lambda c: _evaluate_case(c, (_synthetic_array() > 0).astype(np.uint8), cut=True),
          ("label.nii.gz", "truncated")),
     Case("train_run_file_is_the_manifest", _train_onto_manifest, ("config.json", "is the input file")),
+    Case("train_label_on_another_grid", _train_label_grid, ("s1", "not on the grid", "label.nii.gz")),
+    Case("export_truncated_segmentation", _export_truncated, ("seg.nii.gz", "truncated")),
 ]
 
 ALL_CASES = CT_CASES + DICOM_CASES + PROMPT_CASES + MARKUPS_CASES + CHECKPOINT_CASES + OUTPUT_CASES

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import LiverSAMError
 from ..output_paths import check_outputs, model_input_path
+from ..preflight import check_label_pair
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
         [args.data if Path(args.data).is_file() else None, model_input_path(args.model)]
         + [p for case in cases for p in (case.ct_path, case.label_path)],
     )
-    preflight_cases(cases)
+    for case in cases:
+        check_label_pair(case.case_id, case.ct_path, case.label_path)
     log.info("evaluating %d case(s) with %s", len(cases), ", ".join(settings.protocols))
     results = ev.evaluate(
         cases,
@@ -166,37 +168,6 @@ def run(args: argparse.Namespace) -> int:
                 )
     print(f"wrote {args.output}" + (f" and {args.markdown}" if args.markdown else ""))
     return 0
-
-
-def preflight_cases(cases) -> None:
-    """Before the model is loaded: every case's files are complete and each label lies on its CT's grid."""
-    import SimpleITK as sitk
-
-    from ..errors import InputImageError
-    from ..geometry import ImageGeometry
-    from ..image_integrity import check_image_file
-
-    for case in cases:
-        geometries = {}
-        for kind, path in (("CT", Path(case.ct_path)), ("label", Path(case.label_path))):
-            if path.is_dir():
-                continue  # a DICOM series: checked when read
-            check_image_file(path)
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
-            try:
-                reader.ReadImageInformation()
-            except RuntimeError as exc:
-                raise InputImageError(f"Case '{case.case_id}': cannot read the {kind} file '{path}'.") from exc
-            if reader.GetDimension() == 3:
-                geometries[kind] = ImageGeometry(
-                    reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()
-                )
-        if len(geometries) == 2 and not geometries["label"].is_close(geometries["CT"], tolerance_mm=1e-2):
-            raise InputImageError(
-                f"Case '{case.case_id}': label '{case.label_path}' is not on the grid of CT '{case.ct_path}': "
-                f"{geometries['label'].describe_difference(geometries['CT'])}. Resample the label onto the CT first."
-            )
 
 
 def _fmt(value) -> str:

@@ -180,6 +180,7 @@ def check_run_folder(args: argparse.Namespace) -> None:
 
     from ..errors import OutputError
     from ..output_paths import check_outputs, model_input_path
+    from ..preflight import check_label_pair
     from ..training.studies import discover_studies
 
     out = Path(args.out)
@@ -190,6 +191,9 @@ def check_run_folder(args: argparse.Namespace) -> None:
     for study in studies:
         inputs += [study.ct_path, study.label_path]
     check_outputs({f"--out file '{name}'": out / name for name in RUN_FILES}, inputs)
+    for study in studies:  # before the run folder is made and the model loaded
+        if study.kind == "labelmap":
+            check_label_pair(study.case_id, study.ct_path, study.label_path)
 
 
 def run(args: argparse.Namespace) -> int:
