@@ -54,6 +54,13 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run)
 
 
+def _dicom_folder_of_file(ct: Path) -> Path | None:
+    """A CT given as one file of a DICOM series stands for its folder (no output may go there)."""
+    from ..ct_io import has_image_suffix
+
+    return ct.parent if ct.is_file() and not has_image_suffix(ct) else None
+
+
 def run(args: argparse.Namespace) -> int:
     from ..ct_io import read_ct
     from ..models import load_model
@@ -79,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     # The source is sacred: no output may be (or link to) an input, or lie in the DICOM folder.
     check_outputs(
         {"--output": output, "--report": args.report, "--lesions": args.lesions},
-        [args.ct, args.prompts, model_input_path(args.model)],
+        [args.ct, args.prompts, model_input_path(args.model), _dicom_folder_of_file(Path(args.ct))],
     )
     if args.threads > 0:
         import torch
