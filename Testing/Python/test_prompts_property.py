@@ -105,7 +105,9 @@ def _run(capsys, argv: list[str]) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# database=None: no .hypothesis folder in the checkout; derandomize: the same examples on every run (CI).
+FAST = settings(max_examples=150, deadline=None, database=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @FAST
@@ -125,7 +127,8 @@ def test_any_prompts_document_gives_exit_0_or_2_never_a_traceback(doc, small_ct,
 SINGLE_SLICE = {**VALID, "segments": [{**s, "propagate": False} for s in VALID["segments"]]}
 
 
-@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=3, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(doc=mutated_prompts(SINGLE_SLICE))
 def test_a_full_run_on_mutated_prompts_writes_a_complete_output_or_none(doc, small_ct, tmp_path_factory, capsys):
     from liversam.segmentation_io import read_segmentation
