@@ -52,10 +52,10 @@ class Sampler(threading.Thread):
         self.peaks: dict[str, float] = {}
         self.cache_peak_mb = 0.0
         self.cache = None
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(0.05):
+        while not self._halt.wait(0.05):
             self.sample()
 
     def sample(self) -> None:
@@ -64,7 +64,7 @@ class Sampler(threading.Thread):
             self.cache_peak_mb = max(self.cache_peak_mb, self.cache.size_mb)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
         self.sample()
 
