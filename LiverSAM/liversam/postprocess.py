@@ -95,12 +95,35 @@ def clean_slice(mask_ji: np.ndarray, spacing_ji: tuple[float, float], settings: 
     return out
 
 
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box (one slice per axis) holding every True voxel; None for an empty mask."""
+    box = []
+    for axis in range(mask.ndim):
+        others = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=others))
+        if hits.size == 0:
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
+
+
 def clean_volume(mask_kji: np.ndarray, spacing_kji: tuple[float, float, float], settings: Postprocess3DSettings) -> np.ndarray:
-    """Apply the 3D clean-up to one segment."""
-    out = np.asarray(mask_kji, dtype=bool)
+    """Apply the 3D clean-up to one segment.
+
+    Works on the mask's bounding box only (same result: components lie inside it, and a background region
+    touching the box's faces reaches the volume's border through the empty outside), so a liver in a
+    600 x 512 x 512 CT does not cost whole-volume label arrays (int32: 630 MB).
+    """
+    mask = np.asarray(mask_kji, dtype=bool)
+    box = bounding_box(mask)
+    if box is None:
+        return mask.copy()
+    out = mask[box]
     if settings.keep_largest:
         out = keep_largest_component(out)
     out = remove_small_components(out, spacing_kji, settings.min_island_mm3)
     if settings.fill_holes:
         out = fill_holes(out)
-    return out
+    result = np.zeros_like(mask)
+    result[box] = out
+    return result
