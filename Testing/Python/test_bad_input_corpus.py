@@ -267,6 +267,10 @@ DICOM_CASES = [
     Case("dicom_output_inside_series_folder",
          lambda c: (c.segment(ct=(d := c.dicom()), output=d / "seg.nrrd"), [c.tmp / "dicom" / "seg.nrrd"], []),
          ("inside the input folder", "DICOM")),
+    Case("dicom_output_beside_a_series_file_given_as_ct",
+         lambda c: (c.segment(ct=sorted((d := c.dicom()).iterdir())[0], output=d / "seg.nrrd"),
+                    [c.tmp / "dicom" / "seg.nrrd"], []),
+         ("inside the input folder",)),
 ]
 
 # --- prompts -----------------------------------------------------------------------------------------------

@@ -58,7 +58,15 @@ def _dicom_folder_of_file(ct: Path) -> Path | None:
     """A CT given as one file of a DICOM series stands for its folder (no output may go there)."""
     from ..ct_io import has_image_suffix
 
-    return ct.parent if ct.is_file() and not has_image_suffix(ct) else None
+    if not ct.is_file() or has_image_suffix(ct):
+        return None
+    try:
+        with open(ct, "rb") as handle:
+            handle.seek(128)
+            is_dicom = handle.read(4) == b"DICM"
+    except OSError:
+        return None
+    return ct.parent if is_dicom else None
 
 
 def run(args: argparse.Namespace) -> int:
