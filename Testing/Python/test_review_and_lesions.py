@@ -80,3 +80,90 @@ def test_lesion_table_hand_computed(tmp_path):
     assert json.loads((tmp_path / "lesions.json").read_text())[1]["voxels"] == 1
     with pytest.raises(OutputError, match=".csv or .json"):
         write_lesion_table(table, tmp_path / "lesions.xlsx")
+
+
+def _square_areas(areas_by_k: dict[int, int], shape=(20, 40, 40)) -> np.ndarray:
+    """A mask whose slice k holds exactly ``areas_by_k[k]`` pixels (a filled run of rows)."""
+    mask = np.zeros(shape, dtype=bool)
+    for k, area in areas_by_k.items():
+        mask[k].flat[:area] = True
+    return mask
+
+
+@pytest.mark.parametrize(
+    ("middle", "flagged"),
+    [(160, False),  # 160 / 100 = 1.6: not above max_area_ratio
+     (161, True),  # 1.61 and 61 mm^2 more
+     ],
+)  # fmt: skip
+def test_area_jump_threshold_on_the_ratio(middle, flagged):
+    mask = _square_areas({4: 100, 5: middle, 6: 100})
+    rows = {r.k: r for r in review_segment(mask, 1.0)}
+    assert ("area_jump" in rows[5].flags) is flagged
+    assert "area_jump" not in rows[4].flags and "area_jump" not in rows[6].flags  # only the bigger slice
+
+
+@pytest.mark.parametrize(("middle", "flagged"), [(100, False), (101, True)])
+def test_area_jump_needs_more_than_min_jump_mm2(middle, flagged):
+    # 50 -> 100 px at 1 mm^2: ratio 2 but only 50 mm^2 more (min_jump_mm2 50): not a jump; 51 mm^2 is.
+    mask = _square_areas({4: 50, 5: middle, 6: 50})
+    rows = {r.k: r for r in review_segment(mask, 1.0)}
+    assert ("area_jump" in rows[5].flags) is flagged
+    # The same in mm^2 with 0.5 mm^2 pixels needs twice the pixels.
+    rows = {r.k: r for r in review_segment(_square_areas({4: 100, 5: 2 * middle, 6: 100}), 0.5)}
+    assert ("area_jump" in rows[5].flags) is flagged and rows[5].area_mm2 == middle
+
+
+def test_low_score_threshold_and_sources():
+    mask = _square_areas({3: 100, 4: 100, 5: 100})
+    records = {3: SliceRecord(3, 100.0, 0.9, None, "user"), 4: SliceRecord(4, 100.0, 0.6, None, "propagated")}
+    rows = review_segment(mask, 1.0, {3: 0.5999, 4: 0.6}, records, ReviewSettings())
+    assert [(r.k, r.flags, r.source, r.score) for r in rows] == [
+        (3, ["low_score"], "user", 0.5999),
+        (4, [], "propagated", 0.6),
+        (5, [], "", None),
+    ]
+
+
+def test_past_end_needs_growth_over_all_end_slices_and_enough_slices():
+    # Growing over the last 3 slices (100 -> 110 -> 125 = 1.25 x): flagged; 124 (1.24 x) with ratio 1.25: not.
+    base = {k: 100 for k in range(2, 8)}
+    rows = {r.k: r for r in review_segment(_square_areas({**base, 8: 110, 9: 125}), 1.0)}
+    assert "past_end" in rows[9].flags
+    rows = {r.k: r for r in review_segment(_square_areas({**base, 8: 110, 9: 124}), 1.0,
+                                           settings=ReviewSettings(end_growth_ratio=1.25))}  # fmt: skip
+    assert "past_end" not in rows[9].flags
+    # Not strictly growing slice by slice (110 -> 110 -> 125): not flagged.
+    rows = {r.k: r for r in review_segment(_square_areas({**base, 7: 110, 8: 110, 9: 125}), 1.0)}
+    assert "past_end" not in rows[9].flags
+    # Growing at the first slices too (mirror image): flagged at the first slice.
+    rows = {r.k: r for r in review_segment(_square_areas({2: 125, 3: 110, **{k: 100 for k in range(4, 10)}}), 1.0)}
+    assert "past_end" in rows[2].flags and "past_end" not in rows[9].flags
+    # Fewer than 2 x end_slices + 1 slices: no end rule at all.
+    rows = {r.k: r for r in review_segment(_square_areas({2: 125, 3: 110, 4: 100, 5: 100, 6: 100, 7: 100}), 1.0)}
+    assert "past_end" not in rows[2].flags
+    assert review_segment(np.zeros((4, 5, 5), bool), 1.0) == []
+
+
+def test_review_report_lists_tracks_stops_and_flagged_slices():
+    from liversam.pipeline import PipelineSettings, segment_volume
+    from liversam.prompts import SegmentPrompts, SlicePrompts
+    from liversam.propagation import PropagationSettings
+    from scripted_predictor import ScriptedPredictor, box_around, rect, synthetic_volume
+
+    square = rect((40, 40), 10, 10, 16, 16)
+    volume = synthetic_volume(np.full((12, 40, 40), 100.0), (0.5, 0.8, 2.0))
+    predictor = ScriptedPredictor(volume, {k: (square, 0.5 if k == 6 else 0.9) for k in range(3, 9)})
+    i0, j0, i1, j1 = box_around(square)
+    seg = SegmentPrompts("liver", 1, slices={5: SlicePrompts(boxes_ij=[(i0 - 2, j0 - 2, i1 + 2, j1 + 2)])},
+                         propagate=True)
+    settings = PipelineSettings(propagation=PropagationSettings(intensity_refinement=False, min_score=0.4))
+    result = segment_volume(volume, [seg], predictor, settings)
+    (report,) = build_review_report(result)["segments"]
+    assert report["tracks"] == [{"seed_slice": 5, "stopped": {"up": "structure ended", "down": "structure ended"},
+                                 "first_slice": 3, "last_slice": 8}]  # fmt: skip
+    assert [s["k"] for s in report["slices"]] == [3, 4, 5, 6, 7, 8]
+    assert report["slices"][2]["source"] == "user" and report["slices"][3]["source"] == "propagated"
+    assert report["slices"][0]["area_mm2"] == pytest.approx(256 * 0.5 * 0.8)
+    assert report["flagged_slices"] == [6] and report["slices"][3]["flags"] == ["low_score"]
+    assert report["volume_ml"] == pytest.approx(6 * 256 * 0.5 * 0.8 * 2.0 / 1000, abs=1e-3)
