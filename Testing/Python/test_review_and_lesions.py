@@ -167,3 +167,49 @@ def test_review_report_lists_tracks_stops_and_flagged_slices():
     assert report["slices"][0]["area_mm2"] == pytest.approx(256 * 0.5 * 0.8)
     assert report["flagged_slices"] == [6] and report["slices"][3]["flags"] == ["low_score"]
     assert report["volume_ml"] == pytest.approx(6 * 256 * 0.5 * 0.8 * 2.0 / 1000, abs=1e-3)
+
+
+def test_lesions_are_numbered_by_size_and_joined_diagonally():
+    mask = np.zeros((6, 12, 12), dtype=bool)
+    mask[0, 0, 0] = True  # a small lesion first in array order
+    mask[3, 2:5, 2:5] = True  # 9 voxels
+    mask[4, 5, 5] = True  # touches the 9-voxel square only at a corner (26-connectivity): the same lesion
+    mask[5, 9:12, 9:12] = True  # 9 voxels, later in array order: ties keep array order
+    labels, n = label_lesions(mask)
+    assert n == 3
+    assert labels[3, 2, 2] == 1 and labels[4, 5, 5] == 1 and (labels == 1).sum() == 10
+    assert labels[5, 9, 9] == 2 and (labels == 2).sum() == 9
+    assert labels[0, 0, 0] == 3 and labels.dtype == np.int32
+    empty, none = label_lesions(np.zeros((2, 3, 3), bool))
+    assert none == 0 and not empty.any()
+
+
+def test_longest_axial_diameter_of_lines_and_of_the_widest_slice():
+    geometry = ImageGeometry((20, 20, 4), (0.5, 2.0, 3.0), (0.0, 0.0, 0.0))
+    line = np.zeros(geometry.shape_kji, dtype=bool)
+    line[1, 3, 2:12] = True  # a row of 10 voxels: collinear, 9 x 0.5 mm
+    line[2, 3:6, 2] = True  # a column of 3 voxels on the next slice: 2 x 2.0 mm (shorter)
+    (lesion,) = lesion_table_from_mask(line, geometry)
+    assert lesion.longest_axial_diameter_mm == pytest.approx(4.5)
+    tall = line.copy()
+    tall[2, 3:7, 2] = True  # now 3 x 2.0 = 6 mm on slice 2: the widest slice wins
+    (lesion,) = lesion_table_from_mask(tall, geometry)
+    assert lesion.longest_axial_diameter_mm == pytest.approx(6.0)
+    assert (lesion.slice_first, lesion.slice_last) == (1, 2)
+
+
+def test_lesion_table_picks_tumour_segments_by_name(tmp_path):
+    geometry = ImageGeometry((8, 8, 3), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    mask = np.zeros(geometry.shape_kji, dtype=bool)
+    mask[1, 2:4, 2:4] = True
+    result = SegmentationResult(geometry, [Segment("Liver Tumour", 2, mask), Segment("liver", 1, mask),
+                                           Segment("cyst", 3, mask)])  # fmt: skip
+    assert [lesion.segment for lesion in lesion_table(result)] == ["Liver Tumour"]
+    assert [lesion.segment for lesion in lesion_table(result, ("cyst", "liver"))] == ["liver", "cyst"]
+    table = lesion_table(result)
+    write_lesion_table(table, tmp_path / "LESIONS.JSON")
+    assert json.loads((tmp_path / "LESIONS.JSON").read_text())[0]["centre_lps"] == [2.5, 2.5, 1.0]
+    write_lesion_table(table, tmp_path / "lesions.CSV")
+    (row,) = csv.DictReader((tmp_path / "lesions.CSV").open())
+    assert row["centre_lps"] == "2.5 2.5 1.0" and row["voxels"] == "4" and row["segment"] == "Liver Tumour"
+    assert row["volume_ml"] == "0.004" and row["longest_axial_diameter_mm"] == str(round(np.sqrt(2), 2))
