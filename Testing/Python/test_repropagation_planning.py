@@ -139,3 +139,25 @@ def test_a_planned_fix_changes_only_its_stretch_and_gives_a_record_that_plans_ag
     assert outcome.record.given == fixed and outcome.record.given is not fixed
     assert outcome.record.scores[7] == pytest.approx(0.8) and outcome.record.scores[4] == pytest.approx(0.9)
     assert plan_repropagation(outcome.record, dict(fixed), ("node1", 7), _settings()) == []
+
+
+def test_a_fix_inside_a_container_uses_the_lesion_rules_and_stays_inside(first_run):
+    # Re-propagating a tumour (a segment with a container) uses the lesion rules of its first propagation:
+    # a mean-HU change of 50 HU stops it (lesions: 40 HU), where the organ rules (80 HU) would go on.
+    _, _, given, _, result, record = first_run
+    hu = np.full((NK, NJ, NI), 100.0)
+    hu[8:] = 150.0
+    volume = synthetic_volume(hu, (1.0, 1.0, 2.5))
+    predictor = ScriptedPredictor(volume, {k: (SQUARE, 0.9) for k in range(2, 14)})
+    container = np.zeros((NK, NJ, NI), dtype=bool)
+    container[:, 18:34, 18:34] = True  # the square minus its last 2 rows and columns
+    existing = result.segment("liver").mask_kji & container
+    fixed = {**given, 6: SlicePrompts(boxes_ij=[box_around(SQUARE)])}
+    outcome = repropagate_segment(_Session(predictor), SessionSettings(), volume, ("node1", 7), record, fixed, [6],
+                                  existing, "tumor", container_kji=container)  # fmt: skip
+    track = outcome.record.tracks[-1]
+    assert track.seed_k == 6 and track.stop_reasons["up"] == "leak: mean HU moved +50 from the seed's"
+    assert sorted(set(predictor.predicted_slices)) == [5, 6, 7, 8]
+    mask = outcome.result.segment("tumor").mask_kji
+    assert not (mask & ~container).any()
+    np.testing.assert_array_equal(mask[5:8], np.broadcast_to(SQUARE & container[0], (3, NJ, NI)))
