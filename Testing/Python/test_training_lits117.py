@@ -53,6 +53,11 @@ def _history(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+def _checkpointed_after_history(run_dir: Path) -> bool:
+    state, history = run_dir / "state.pt", run_dir / "history.csv"
+    return state.is_file() and history.is_file() and state.stat().st_mtime_ns >= history.stat().st_mtime_ns
+
+
 @pytest.fixture(scope="module")
 def killed_and_resumed_run(tmp_path_factory, data_dir):
     run_dir = tmp_path_factory.mktemp("train") / "lits117-run"
@@ -62,9 +67,10 @@ def killed_and_resumed_run(tmp_path_factory, data_dir):
     first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 1800
     try:
-        # Wait for epoch 1 to be checkpointed, then kill -9 a moment into epoch 2.
+        # Wait for epoch 1 to be checkpointed, then kill -9 a moment into epoch 2. The history is written
+        # just before state.pt: epoch 1 is checkpointed once state.pt is at least as new as the history.
         while time.monotonic() < deadline and first.poll() is None:
-            if any(row["epoch"] == "1" for row in _history(run_dir)):
+            if any(row["epoch"] == "1" for row in _history(run_dir)) and _checkpointed_after_history(run_dir):
                 break
             time.sleep(0.5)
         assert first.poll() is None, f"training ended before it could be killed:\n{first.stdout.read()}"
