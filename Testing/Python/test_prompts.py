@@ -172,3 +172,52 @@ def test_missing_and_invalid_files(tmp_path, oblique):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(PromptError, match="not valid JSON"):
         load_prompts(tmp_path / "bad.json", oblique)
+
+
+def test_point_outside_names_the_volume_extent_in_the_prompt_system(oblique):
+    with pytest.raises(PromptError) as error:
+        parse_prompts(_one_point("IJK", [70, 10, 3]), oblique)
+    assert "[70.0, 10.0, 3.0] (IJK) lies outside the volume (volume extent: i 0..63, j 0..47, k 0..29)" in str(
+        error.value
+    )
+    corners = np.array([[a, b, c] for a in (0, 63) for b in (0, 47) for c in (0, 29)], dtype=float)
+    for system, world in (("RAS", oblique.ijk_to_ras(corners)), ("LPS", oblique.ijk_to_lps(corners))):
+        lo, hi = world.min(axis=0), world.max(axis=0)
+        extent = ", ".join(f"{axis} {a:.1f}..{b:.1f} mm" for axis, a, b in zip(system, lo, hi, strict=True))
+        outside = oblique.ijk_to_ras([80, 10, 3]) if system == "RAS" else oblique.ijk_to_lps([80, 10, 3])
+        with pytest.raises(PromptError) as error:
+            parse_prompts(_one_point(system, outside), oblique)
+        assert f"({system}) lies outside the volume (volume extent: {extent})." in str(error.value)
+
+
+def test_box_corners_in_any_order_and_slice_rounding(oblique):
+    data = {"coordinate_system": "IJK", "segments": [{"name": "liver", "boxes": [[[30, 25, 3.2], [5, 6, 3.4]]]}]}
+    (seg,) = parse_prompts(data, oblique)
+    assert list(seg.slices) == [3]
+    (box,) = seg.slices[3].boxes_ij
+    assert box == (5.0, 6.0, 30.0, 25.0) and all(type(v) is float for v in box)
+    # A box on the volume's edge slices (within half a voxel) is clamped onto the first / last slice.
+    for k, expected in ((-0.4, 0), (29.4, 29)):
+        data["segments"][0]["boxes"] = [[[5, 6, k], [30, 25, k]]]
+        (seg,) = parse_prompts(data, oblique)
+        assert list(seg.slices) == [expected]
+    data["segments"][0]["boxes"] = [[[5, 6, 3.0], [30, 25, 3.6]]]
+    with pytest.raises(PromptError, match=r"box 0 spans slices k=3.00..3.60; a box's two corners must lie on one"):
+        parse_prompts(data, oblique)
+    data["segments"][0]["boxes"] = [[[5, 6, 3.0], [30, 25, 3.5]]]  # half a slice apart: still one slice
+    (seg,) = parse_prompts(data, oblique)
+    assert list(seg.slices) == [3]
+
+
+def test_box_shape_and_area_errors_are_specific(oblique):
+    def parse(boxes):
+        return parse_prompts({"coordinate_system": "IJK", "segments": [{"name": "liver", "boxes": boxes}]}, oblique)
+
+    with pytest.raises(PromptError, match=r"segment 'liver' box 0 must be two corners \[\[x0, y0, z\], \[x1, y1, z\]\]"):
+        parse([[[5, 6, 3]]])
+    with pytest.raises(PromptError, match=r"box 0 has \(almost\) zero area: 0.50 x 19.00 voxels"):
+        parse([[[5, 6, 3], [5.5, 25, 3]]])
+    with pytest.raises(PromptError, match=r"box 0 has \(almost\) zero area: 25.00 x 0.90 voxels"):
+        parse([[[5, 6, 3], [30, 6.9, 3]]])
+    (seg,) = parse([[[5, 6, 3], [6, 7, 3]]])  # one voxel wide in each direction is enough
+    assert seg.slices[3].boxes_ij == [(5.0, 6.0, 6.0, 7.0)]
