@@ -197,7 +197,7 @@ def test_box_corners_in_any_order_and_slice_rounding(oblique):
     (box,) = seg.slices[3].boxes_ij
     assert box == (5.0, 6.0, 30.0, 25.0) and all(type(v) is float for v in box)
     # A box on the volume's edge slices (within half a voxel) is clamped onto the first / last slice.
-    for k, expected in ((-0.4, 0), (29.4, 29)):
+    for k, expected in ((-0.5, 0), (29.5, 29)):  # round(29.5) is 30: clamped
         data["segments"][0]["boxes"] = [[[5, 6, k], [30, 25, k]]]
         (seg,) = parse_prompts(data, oblique)
         assert list(seg.slices) == [expected]
