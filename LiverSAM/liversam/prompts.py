@@ -99,7 +99,7 @@ def _describe_extent(geometry: ImageGeometry, system: str) -> str:
 def _check_inside(ijk: np.ndarray, geometry: ImageGeometry, what: str, original, system: str) -> None:
     if not bool(np.all(geometry.contains_ijk(ijk))):
         raise PromptError(
-            f"{what} {list(np.round(np.asarray(original, dtype=float), 2))} ({system}) lies outside the volume "
+            f"{what} {np.round(np.asarray(original, dtype=float), 2).tolist()} ({system}) lies outside the volume "
             f"(volume extent: {_describe_extent(geometry, system)}). Check the coordinate system and the values."
         )
 

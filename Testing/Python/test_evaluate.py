@@ -270,19 +270,31 @@ def test_evaluate_all_protocols_on_two_slices(model, tmp_path: Path) -> None:
         return predictors[-1]
 
     results = ev.evaluate([case], settings, model=model, predictor_factory=counting_factory, progress=False)
-    liver = results["cases"][0]["protocols"]["oracle-box"]["liver"]
-    tumor = results["cases"][0]["protocols"]["oracle-box"]["tumor"]
-    assert liver["dice"] >= 0.9, liver
-    assert liver["hd95_mm"] is not None and liver["hd95_mm"] < 10.0
-    assert 0.0 <= tumor["dice"] <= 1.0 and tumor["reference_lesions"] >= 1
+    protocols = results["cases"][0]["protocols"]
+    liver, tumor = protocols["oracle-box"]["liver"], protocols["oracle-box"]["tumor"]
+    # Floors a few hundredths under the values measured on these two slices (lits117 k = 60, 61).
+    assert liver["dice"] >= 0.93, liver  # measured 0.955
+    assert liver["hd95_mm"] is not None and liver["hd95_mm"] <= 2.0  # measured 1.0 mm
+    assert tumor["dice"] >= 0.80, tumor  # measured 0.823 (one box per 2D lesion)
+    assert tumor["reference_lesions"] == 8 and tumor["detected_reference_lesions"] >= 6, tumor  # measured 6 / 8
+    assert tumor["lesion_precision"] == 1.0, tumor
     assert sorted(set(predictors[0].encoded_slices)) == [0, 1], (
         "two slices, each encoded once for all protocols"
     )
-    one_box = results["cases"][0]["protocols"]["one-box"]["liver"]
-    assert one_box["seeds"] == 1 and one_box["dice"] >= 0.85, "one box + propagation to the neighbour slice"
-    clicks = results["cases"][0]["protocols"]["clicks"]["liver"]
+    one_box = protocols["one-box"]
+    assert one_box["liver"]["seeds"] == 1 and one_box["liver"]["dice"] >= 0.93  # measured 0.955
+    assert one_box["tumor"]["seeds"] == 8 and one_box["tumor"]["dice"] >= 0.82  # measured 0.847
+    # Clicks from a single positive point: LiteMedSAM (trained on boxes) gives a small blob from one point,
+    # so 3 clicks do not reach Dice 0.90; each click must still add to the mask (measured liver Dice per click
+    # 0.005, 0.008, 0.073; tumour 0.0, 0.027, 0.170).
+    clicks = protocols["clicks"]["liver"]
     assert len(clicks["dice_per_click_pooled"]) == 3 and clicks["n_slices"] == 1
-    assert 1 <= clicks["noc90_mean"] <= 3
+    curve = clicks["dice_per_click_pooled"]
+    assert curve[2] >= curve[0] + 0.05 and curve[2] >= 0.05, curve
+    assert clicks["noc90_mean"] == 3 and clicks["reached90_fraction"] == 0.0
+    assert all(c["positive"] for c in clicks["per_slice"][0]["clicks"]), "the model never over-segments here"
+    tumour_curve = protocols["clicks"]["tumor"]["dice_per_click_pooled"]
+    assert tumour_curve[2] >= 0.12 and tumour_curve[2] > tumour_curve[1] > tumour_curve[0], tumour_curve
 
 
 @pytest.mark.model

@@ -32,7 +32,7 @@ def test_one_box_tumour_propagation_with_intensity_refinement(lits117_predictor,
     d_refined, d_plain = dice(refined.mask_kji, lesion), dice(plain.mask_kji, lesion)
     print(f"lesion slices {span[0]}..{span[-1]}, seed {k}: Dice refined {d_refined:.3f}, box only {d_plain:.3f}; "
           f"stops {refined.tracks[0].stop_reasons}; computed {len(refined.computed_slices)}")
-    assert d_refined >= 0.76  # measured 0.816 (box only 0.643)
+    assert d_refined >= 0.79  # measured 0.816 (box only 0.643)
     assert d_refined >= d_plain + 0.1
     # It stops near the lesion's ends instead of running through the liver.
     got = np.flatnonzero(refined.mask_kji.any(axis=(1, 2)))

@@ -152,3 +152,40 @@ def test_noc_and_json_safe() -> None:
         "b": [0.5, None],
         "3": 2,
     }
+
+
+def test_structure_metrics_every_key_with_anisotropic_spacing() -> None:
+    from liversam.metrics import structure_metrics
+
+    ref = np.zeros((3, 10, 10), dtype=bool)
+    ref[1, 2:6, 2:6] = True  # 16 voxels
+    pred = np.zeros_like(ref)
+    pred[1, 2:6, 4:8] = True  # 16 voxels, 8 shared; shifted 2 voxels along the last axis (0.5 mm each)
+    pred[2, 8, 8] = True  # a second, false lesion
+    spacing = (2.0, 1.0, 0.5)  # (k, j, i) mm
+    m = structure_metrics(pred, ref, spacing, lesions=True)
+    assert set(m) == {"dice", "iou", "hd95_mm", "assd_mm", "reference_voxels", "predicted_voxels",
+                      "reference_volume_ml", "predicted_volume_ml", "lesion_recall", "lesion_precision",
+                      "reference_lesions", "predicted_lesions", "detected_reference_lesions",
+                      "true_positive_predictions"}  # fmt: skip
+    assert m["dice"] == pytest.approx(2 * 8 / 33) and m["iou"] == pytest.approx(8 / 25)
+    assert (m["reference_voxels"], m["predicted_voxels"]) == (16, 17)
+    assert m["reference_volume_ml"] == pytest.approx(16 * 1.0 / 1000)
+    assert m["predicted_volume_ml"] == pytest.approx(17 * 1.0 / 1000)
+    assert (m["reference_lesions"], m["predicted_lesions"]) == (1, 2)
+    assert (m["detected_reference_lesions"], m["true_positive_predictions"]) == (1, 1)
+    assert m["lesion_recall"] == 1.0 and m["lesion_precision"] == 0.5
+    # Distances in mm with this spacing: the shift of 2 voxels along i is 1 mm; the speck is far away.
+    iso = structure_metrics(pred, ref, (1.0, 1.0, 1.0))
+    assert m["assd_mm"] < iso["assd_mm"] and m["hd95_mm"] < iso["hd95_mm"]
+    assert "lesion_recall" not in iso
+
+
+def test_summarize_every_statistic() -> None:
+    from liversam.metrics import summarize
+
+    s = summarize([1.0, 2.0, 6.0, None, float("inf"), float("nan")])
+    assert s == {"n": 3, "n_undefined": 3, "mean": 3.0, "median": 2.0, "std": pytest.approx(np.std([1, 2, 6])),
+                 "min": 1.0, "max": 6.0}  # fmt: skip
+    assert summarize([]) == {"n": 0, "n_undefined": 0, "mean": None, "median": None, "std": None, "min": None,
+                             "max": None}  # fmt: skip

@@ -67,3 +67,65 @@ def test_embedding_cache_is_lru_and_bounded():
     cache.put("huge", torch.zeros(1024 * 1024, dtype=torch.float32))  # 4 MB: larger than the cache
     assert "huge" not in cache
     assert cache.hits == 1 and cache.misses == 0
+
+
+def test_ellipse_footprint_is_the_ellipse_in_millimetres():
+    from liversam.postprocess import _ellipse_footprint
+
+    footprint = _ellipse_footprint(2.0, (1.0, 0.5))  # 2 voxels along j (1 mm), 4 along i (0.5 mm)
+    assert footprint.shape == (5, 9)
+    jj, ii = np.mgrid[-2:3, -4:5]
+    np.testing.assert_array_equal(footprint, (jj * 1.0) ** 2 + (ii * 0.5) ** 2 <= 2.0**2)
+    assert _ellipse_footprint(0.4, (1.0, 1.0)).tolist() == [[True]]  # under one voxel: the voxel itself
+
+
+def test_closing_fills_gaps_narrower_than_its_radius_in_mm_and_keeps_the_border():
+    from liversam.postprocess import closing, opening
+
+    band = np.zeros((12, 20), dtype=bool)
+    band[0:5, :] = True  # touches the array's top, left and right borders
+    gap_i = band.copy()
+    gap_i[0:5, 8:11] = False  # a 3-voxel gap along i
+    # 1 mm radius: with 0.25 mm voxels along i the footprint spans 4 voxels each way and closes the gap on
+    # rows 1..3 (on the band's first and last rows the ellipse is a single voxel wide).
+    expected = gap_i.copy()
+    expected[1:4, 8:11] = True
+    np.testing.assert_array_equal(closing(gap_i, 1.0, (1.0, 0.25)), expected)
+    # With 1 mm voxels along i it spans one voxel each way: the 3-voxel gap stays.
+    np.testing.assert_array_equal(closing(gap_i, 1.0, (1.0, 1.0)), gap_i)
+    # The band along the border is not eaten away (the mask is padded before closing).
+    np.testing.assert_array_equal(closing(band, 3.0, (1.0, 1.0)), band)
+    # Opening removes what is thinner than its footprint: a 1-voxel line goes, the band stays.
+    block = np.zeros((12, 20), dtype=bool)
+    block[2:7, 2:18] = True
+    lined = block.copy()
+    lined[9, 2:18] = True
+    rounded = block.copy()  # a 1 mm opening with 1 mm voxels is a cross: it takes the block's corners too
+    rounded[[2, 2, 6, 6], [2, 17, 2, 17]] = False
+    np.testing.assert_array_equal(opening(lined, 1.0, (1.0, 1.0)), rounded)
+    assert closing(gap_i, 0.0, (1.0, 1.0)) is not gap_i and closing(gap_i.astype(np.uint8), 0.0, (1, 1)).dtype == bool
+
+
+def test_clean_slice_applies_each_setting_with_the_slice_spacing():
+    from liversam.postprocess import PostprocessSettings, clean_slice
+
+    mask = np.zeros((20, 40), dtype=bool)
+    mask[2:10, 2:30] = True
+    mask[2:10, 14:17] = False  # a 3-voxel gap along i splits it in two (8 x 12 and 8 x 13 voxels)
+    mask[15, 35] = True  # a 1-voxel speck
+    spacing_ji = (1.0, 0.25)
+    closed = clean_slice(mask, spacing_ji, PostprocessSettings(closing_radius_mm=1.0, min_island_mm2=0.0))
+    expected = mask.copy()
+    expected[3:9, 14:17] = True  # not on the first and last rows, where the ellipse is one voxel wide
+    np.testing.assert_array_equal(closed, expected)
+    largest = clean_slice(mask, spacing_ji, PostprocessSettings(keep_largest=True, min_island_mm2=0.0))
+    expected = np.zeros_like(mask)
+    expected[2:10, 17:30] = True
+    np.testing.assert_array_equal(largest, expected)
+    # Islands in mm^2: the speck is 0.25 mm^2; the halves are 8 x 12 x 0.25 = 24 and 26 mm^2.
+    kept = clean_slice(mask, spacing_ji, PostprocessSettings(min_island_mm2=24.0))
+    assert kept[2:10, 2:14].all() and not kept[15, 35]
+    dropped = clean_slice(mask, spacing_ji, PostprocessSettings(min_island_mm2=24.01))
+    assert not dropped[2:10, 2:14].any() and dropped[2:10, 17:30].all()
+    opened = clean_slice(mask, (1.0, 1.0), PostprocessSettings(opening_radius_mm=1.0, min_island_mm2=0.0))
+    assert not opened[15, 35] and opened[5, 5]

@@ -79,29 +79,91 @@ def test_unknown_coordinate_system(oblique):
         parse_prompts({"coordinate_system": "XYZ", "segments": [{"name": "a", "points": [[1, 1, 1]]}]}, oblique)
 
 
-def test_slicer_markups_roi_and_points(tmp_path, oblique):
-    center_ras = oblique.ijk_to_ras([32, 24, 10])
-    roi = {"markups": [{"type": "ROI", "coordinateSystem": "RAS", "center": list(center_ras),
-                        "size": [10.0, 8.0, 3.0], "orientation": [1, 0, 0, 0, 1, 0, 0, 0, 1]}]}
-    points = {"markups": [{"type": "Fiducial", "coordinateSystem": "LPS",
-                           "controlPoints": [{"position": list(oblique.ijk_to_lps([31, 22, 10]))}]}]}
-    (tmp_path / "roi.mrk.json").write_text(json.dumps(roi))
-    (tmp_path / "pts.mrk.json").write_text(json.dumps(points))
+def _roi(system: str, center, size, axes) -> dict:
+    """A Slicer ROI markup; ``axes``' columns are the ROI's axes (Slicer writes the matrix row by row)."""
+    return {"markups": [{"type": "ROI", "coordinateSystem": system, "center": list(map(float, center)),
+                         "size": list(map(float, size)), "orientation": list(np.asarray(axes, float).ravel())}]}
+
+
+def _ras_axes_of_ijk_directions(geometry: ImageGeometry, angle_deg: float) -> np.ndarray:
+    """RAS axes of an ROI turned by ``angle_deg`` in the image plane from the i axis (and k as third axis)."""
+    a = np.deg2rad(angle_deg)
+    in_ijk = np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
+    lps = np.asarray(geometry.direction_lps) @ in_ijk  # columns: the ROI axes in LPS
+    return np.diag([-1.0, -1.0, 1.0]) @ lps
+
+
+@pytest.mark.parametrize("system", ["RAS", "LPS"])
+def test_slicer_markups_roi_oriented_with_the_image_gives_its_exact_box(tmp_path, oblique, system):
+    # The volume is turned 20 degrees in its plane; an ROI turned the same way is a straight box in IJK:
+    # 16 x 12 mm = 20 x 15 voxels of 0.8 mm around voxel (32, 24, 10), 3 mm thick on 2 mm slices.
+    axes = _ras_axes_of_ijk_directions(oblique, 0.0)
+    center = oblique.ijk_to_ras([32, 24, 10])
+    if system == "LPS":
+        center, axes = center * [-1, -1, 1], np.diag([-1.0, -1.0, 1.0]) @ axes
+    (tmp_path / "roi.mrk.json").write_text(json.dumps(_roi(system, center, (16.0, 12.0, 3.0), axes)))
     boxes = markups_to_prompts(tmp_path / "roi.mrk.json", oblique)
-    # A 3 mm thick ROI on 2 mm slices covers the centre slice and at most one neighbour on each side.
-    assert 10 in boxes and set(boxes) <= {9, 10, 11}
-    i0, j0, i1, j1 = boxes[10].boxes_ij[0]
-    assert i0 < 32 < i1 and j0 < 24 < j1
-    pts = markups_to_prompts(tmp_path / "pts.mrk.json", oblique, positive=False)
-    assert [tuple(round(v) for v in p) for p in pts[10].points_neg_ij] == [(31, 22)]
+    # k from 9.25 to 10.75: the slabs of slices 9, 10 and 11 (each k +- 0.5) overlap it.
+    assert sorted(boxes) == [9, 10, 11]
+    for k in (9, 10, 11):
+        (box,) = boxes[k].boxes_ij
+        np.testing.assert_allclose(box, (22.0, 16.5, 42.0, 31.5), atol=1e-6)
+    (tmp_path / "thin.mrk.json").write_text(json.dumps(_roi(system, center, (16.0, 12.0, 1.0), axes)))
+    assert sorted(markups_to_prompts(tmp_path / "thin.mrk.json", oblique)) == [10]
+
+
+def test_slicer_markups_roi_turned_against_the_image_gives_its_bounding_box(tmp_path, oblique):
+    # Turned 30 degrees against the image's axes: the box is the IJK bounding box of the turned rectangle.
+    a = np.deg2rad(30.0)
+    half_i, half_j = 16.0 / 2 / 0.8, 8.0 / 2 / 0.8  # half sizes in voxels along the ROI's own axes
+    extent_i = half_i * np.cos(a) + half_j * np.sin(a)
+    extent_j = half_i * np.sin(a) + half_j * np.cos(a)
+    center = oblique.ijk_to_ras([32, 24, 10])
+    roi = _roi("RAS", center, (16.0, 8.0, 1.0), _ras_axes_of_ijk_directions(oblique, 30.0))
+    (tmp_path / "roi.mrk.json").write_text(json.dumps(roi))
+    boxes = markups_to_prompts(tmp_path / "roi.mrk.json", oblique)
+    assert sorted(boxes) == [10]
+    np.testing.assert_allclose(
+        boxes[10].boxes_ij[0], (32 - extent_i, 24 - extent_j, 32 + extent_i, 24 + extent_j), atol=1e-6
+    )
+
+
+def test_slicer_markups_roi_reaching_outside_is_clipped_to_the_volume(tmp_path, oblique):
+    center = oblique.ijk_to_ras([60, 2, 0])
+    roi = _roi("RAS", center, (8.0, 8.0, 1.0), _ras_axes_of_ijk_directions(oblique, 0.0))
+    (tmp_path / "roi.mrk.json").write_text(json.dumps(roi))
+    boxes = markups_to_prompts(tmp_path / "roi.mrk.json", oblique)
+    assert sorted(boxes) == [0]
+    np.testing.assert_allclose(boxes[0].boxes_ij[0], (55.0, 0.0, 63.0, 7.0), atol=1e-6)
+
+
+def test_slicer_markups_points_and_references(tmp_path, oblique):
+    center_ras = oblique.ijk_to_ras([32, 24, 10])
+    roi = _roi("RAS", center_ras, (16.0, 12.0, 1.0), _ras_axes_of_ijk_directions(oblique, 0.0))
+    points = {"markups": [{"type": "Fiducial", "coordinateSystem": "LPS",
+                           "controlPoints": [{"position": list(oblique.ijk_to_lps([31.3, 22.6, 10]))},
+                                             {"position": list(oblique.ijk_to_lps([5.0, 6.0, 3.2]))}]}]}
+    (tmp_path / "roi.mrk.json").write_text(json.dumps(roi))
+    (tmp_path / "two.mrk.json").write_text(json.dumps(points))
+    points["markups"][0]["controlPoints"].pop()
+    (tmp_path / "pts.mrk.json").write_text(json.dumps(points))
+    pts = markups_to_prompts(tmp_path / "two.mrk.json", oblique, positive=False)
+    assert sorted(pts) == [3, 10]
+    np.testing.assert_allclose(pts[10].points_neg_ij, [(31.3, 22.6)], atol=1e-6)
+    np.testing.assert_allclose(pts[3].points_neg_ij, [(5.0, 6.0)], atol=1e-6)
+    assert not pts[10].points_pos_ij and not pts[10].boxes_ij
+    positives = markups_to_prompts(tmp_path / "two.mrk.json", oblique)
+    np.testing.assert_allclose(positives[10].points_pos_ij, [(31.3, 22.6)], atol=1e-6)
     # Markups referenced from PROMPTS.json, and a bare .mrk.json as the prompts file.
     prompts = {"coordinate_system": "LPS", "segments": [{"name": "liver", "markups": ["roi.mrk.json"],
                                                           "negative_markups": "pts.mrk.json"}]}
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
     (seg,) = load_prompts(tmp_path / "prompts.json", oblique)
-    assert seg.slices[10].boxes_ij and seg.slices[10].points_neg_ij
+    np.testing.assert_allclose(seg.slices[10].boxes_ij, [(22.0, 16.5, 42.0, 31.5)], atol=1e-6)
+    np.testing.assert_allclose(seg.slices[10].points_neg_ij, [(31.3, 22.6)], atol=1e-6)
+    assert not seg.slices[10].points_pos_ij
     (seg,) = load_prompts(tmp_path / "roi.mrk.json", oblique)
-    assert seg.name == "liver" and 10 in seg.slices
+    assert seg.name == "liver" and sorted(seg.slices) == [10]
 
 
 def test_missing_and_invalid_files(tmp_path, oblique):
@@ -110,3 +172,52 @@ def test_missing_and_invalid_files(tmp_path, oblique):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(PromptError, match="not valid JSON"):
         load_prompts(tmp_path / "bad.json", oblique)
+
+
+def test_point_outside_names_the_volume_extent_in_the_prompt_system(oblique):
+    with pytest.raises(PromptError) as error:
+        parse_prompts(_one_point("IJK", [70, 10, 3]), oblique)
+    assert "[70.0, 10.0, 3.0] (IJK) lies outside the volume (volume extent: i 0..63, j 0..47, k 0..29)" in str(
+        error.value
+    )
+    corners = np.array([[a, b, c] for a in (0, 63) for b in (0, 47) for c in (0, 29)], dtype=float)
+    for system, world in (("RAS", oblique.ijk_to_ras(corners)), ("LPS", oblique.ijk_to_lps(corners))):
+        lo, hi = world.min(axis=0), world.max(axis=0)
+        extent = ", ".join(f"{axis} {a:.1f}..{b:.1f} mm" for axis, a, b in zip(system, lo, hi, strict=True))
+        outside = oblique.ijk_to_ras([80, 10, 3]) if system == "RAS" else oblique.ijk_to_lps([80, 10, 3])
+        with pytest.raises(PromptError) as error:
+            parse_prompts(_one_point(system, outside), oblique)
+        assert f"({system}) lies outside the volume (volume extent: {extent})." in str(error.value)
+
+
+def test_box_corners_in_any_order_and_slice_rounding(oblique):
+    data = {"coordinate_system": "IJK", "segments": [{"name": "liver", "boxes": [[[30, 25, 3.2], [5, 6, 3.4]]]}]}
+    (seg,) = parse_prompts(data, oblique)
+    assert list(seg.slices) == [3]
+    (box,) = seg.slices[3].boxes_ij
+    assert box == (5.0, 6.0, 30.0, 25.0) and all(type(v) is float for v in box)
+    # A box on the volume's edge slices (within half a voxel) is clamped onto the first / last slice.
+    for k, expected in ((-0.5, 0), (29.5, 29)):  # round(29.5) is 30: clamped
+        data["segments"][0]["boxes"] = [[[5, 6, k], [30, 25, k]]]
+        (seg,) = parse_prompts(data, oblique)
+        assert list(seg.slices) == [expected]
+    data["segments"][0]["boxes"] = [[[5, 6, 3.0], [30, 25, 3.6]]]
+    with pytest.raises(PromptError, match=r"box 0 spans slices k=3.00..3.60; a box's two corners must lie on one"):
+        parse_prompts(data, oblique)
+    data["segments"][0]["boxes"] = [[[5, 6, 3.0], [30, 25, 3.5]]]  # half a slice apart: still one slice
+    (seg,) = parse_prompts(data, oblique)
+    assert list(seg.slices) == [3]
+
+
+def test_box_shape_and_area_errors_are_specific(oblique):
+    def parse(boxes):
+        return parse_prompts({"coordinate_system": "IJK", "segments": [{"name": "liver", "boxes": boxes}]}, oblique)
+
+    with pytest.raises(PromptError, match=r"segment 'liver' box 0 must be two corners \[\[x0, y0, z\], \[x1, y1, z\]\]"):
+        parse([[[5, 6, 3]]])
+    with pytest.raises(PromptError, match=r"box 0 has \(almost\) zero area: 0.50 x 19.00 voxels"):
+        parse([[[5, 6, 3], [5.5, 25, 3]]])
+    with pytest.raises(PromptError, match=r"box 0 has \(almost\) zero area: 25.00 x 0.90 voxels"):
+        parse([[[5, 6, 3], [30, 6.9, 3]]])
+    (seg,) = parse([[[5, 6, 3], [6, 7, 3]]])  # one voxel wide in each direction is enough
+    assert seg.slices[3].boxes_ij == [(5.0, 6.0, 6.0, 7.0)]

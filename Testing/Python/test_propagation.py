@@ -60,27 +60,32 @@ def test_propagation_stops_at_the_structure_end(phantom, phantom_predictor):
     # It does not run through the empty part of the volume: at most one slice tried past each end.
     assert min(outcome.computed_slices) >= truth_slices.min() - 2
     assert max(outcome.computed_slices) <= truth_slices.max() + 2
-    assert dice(outcome.mask_kji, liver) >= 0.85
+    assert dice(outcome.mask_kji, liver) >= 0.97  # measured 0.995
 
 
-def test_inside_clips_tumour_to_liver_and_later_segment_wins(phantom, phantom_predictor):
+def test_tumour_inside_the_liver_with_a_loose_box_and_later_segment_wins(phantom, phantom_predictor):
+    """Quality with the real model. The lesion lies inside the liver, so the model's masks need no clipping
+    here: the clipping itself is checked exactly in test_pipeline_inside.py with a predictor that leaks."""
     volume, liver, lesion = phantom
     k0 = 20
     liver_prompts = SegmentPrompts("liver", 1, slices={k0: SlicePrompts(boxes_ij=[box_of(liver[k0], pad=2)])},
                                    propagate=True)
-    # A deliberately loose tumour box reaching outside the liver: the result must still stay inside.
+    # A loose tumour box (3 px beyond the lesion on each side).
     i0, j0, i1, j1 = box_of(lesion[19], pad=3)
     tumour_prompts = SegmentPrompts("tumor", 2, inside="liver", propagate=True,
                                     slices={19: SlicePrompts(boxes_ij=[(i0, j0, i1, j1)])})
-    result = segment_volume(volume, [liver_prompts, tumour_prompts], phantom_predictor, PipelineSettings())
+    prompts = [liver_prompts, tumour_prompts]
+    result = segment_volume(volume, prompts, phantom_predictor, PipelineSettings())
+    raw = segment_volume(volume, prompts, phantom_predictor, PipelineSettings(later_segment_wins=False))
     liver_mask, tumour_mask = result.segment("liver").mask_kji, result.segment("tumor").mask_kji
-    assert tumour_mask.any()
-    assert not (liver_mask & tumour_mask).any()  # the later segment (tumour) wins the overlap
-    union = liver_mask | tumour_mask
-    assert not (tumour_mask & ~union).any()
-    print("tumour Dice", dice(tumour_mask, lesion), "liver+tumour Dice", dice(union, liver))
-    assert dice(tumour_mask, lesion) >= 0.6
-    assert dice(union, liver) >= 0.85
+    raw_liver = raw.segment("liver").mask_kji
+    np.testing.assert_array_equal(tumour_mask, raw.segment("tumor").mask_kji)
+    # The liver segment (holes filled) covers the lesion; the later segment (tumour) takes those voxels.
+    assert (raw_liver & tumour_mask).sum() >= 0.9 * tumour_mask.sum()
+    np.testing.assert_array_equal(liver_mask, raw_liver & ~tumour_mask)
+    print("tumour Dice", dice(tumour_mask, lesion), "liver+tumour Dice", dice(liver_mask | tumour_mask, liver))
+    assert dice(tumour_mask, lesion) >= 0.97  # measured 0.997
+    assert dice(liver_mask | tumour_mask, liver) >= 0.97  # measured 0.995
 
 
 def test_repropagation_touches_only_the_slices_it_should(phantom, phantom_predictor):
@@ -98,7 +103,8 @@ def test_repropagation_touches_only_the_slices_it_should(phantom, phantom_predic
     assert 19 in outcome.computed_slices
     unchanged = [k for k in range(NK) if not 15 <= k <= 24]
     np.testing.assert_array_equal(outcome.mask_kji[unchanged], existing[unchanged])
-    assert dice(outcome.mask_kji, liver) >= 0.85
+    print("re-propagated liver Dice", dice(outcome.mask_kji, liver))
+    assert dice(outcome.mask_kji, liver) >= 0.97  # measured 0.994
     assert 19 in seg.slices
 
 

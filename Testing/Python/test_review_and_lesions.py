@@ -80,3 +80,136 @@ def test_lesion_table_hand_computed(tmp_path):
     assert json.loads((tmp_path / "lesions.json").read_text())[1]["voxels"] == 1
     with pytest.raises(OutputError, match=".csv or .json"):
         write_lesion_table(table, tmp_path / "lesions.xlsx")
+
+
+def _square_areas(areas_by_k: dict[int, int], shape=(20, 40, 40)) -> np.ndarray:
+    """A mask whose slice k holds exactly ``areas_by_k[k]`` pixels (a filled run of rows)."""
+    mask = np.zeros(shape, dtype=bool)
+    for k, area in areas_by_k.items():
+        mask[k].flat[:area] = True
+    return mask
+
+
+@pytest.mark.parametrize(
+    ("middle", "flagged"),
+    [(160, False),  # 160 / 100 = 1.6: not above max_area_ratio
+     (161, True),  # 1.61 and 61 mm^2 more
+     ],
+)  # fmt: skip
+def test_area_jump_threshold_on_the_ratio(middle, flagged):
+    mask = _square_areas({4: 100, 5: middle, 6: 100})
+    rows = {r.k: r for r in review_segment(mask, 1.0)}
+    assert ("area_jump" in rows[5].flags) is flagged
+    assert "area_jump" not in rows[4].flags and "area_jump" not in rows[6].flags  # only the bigger slice
+
+
+@pytest.mark.parametrize(("middle", "flagged"), [(100, False), (101, True)])
+def test_area_jump_needs_more_than_min_jump_mm2(middle, flagged):
+    # 50 -> 100 px at 1 mm^2: ratio 2 but only 50 mm^2 more (min_jump_mm2 50): not a jump; 51 mm^2 is.
+    mask = _square_areas({4: 50, 5: middle, 6: 50})
+    rows = {r.k: r for r in review_segment(mask, 1.0)}
+    assert ("area_jump" in rows[5].flags) is flagged
+    # The same in mm^2 with 0.5 mm^2 pixels needs twice the pixels.
+    rows = {r.k: r for r in review_segment(_square_areas({4: 100, 5: 2 * middle, 6: 100}), 0.5)}
+    assert ("area_jump" in rows[5].flags) is flagged and rows[5].area_mm2 == middle
+
+
+def test_low_score_threshold_and_sources():
+    mask = _square_areas({3: 100, 4: 100, 5: 100})
+    records = {3: SliceRecord(3, 100.0, 0.9, None, "user"), 4: SliceRecord(4, 100.0, 0.6, None, "propagated")}
+    rows = review_segment(mask, 1.0, {3: 0.5999, 4: 0.6}, records, ReviewSettings())
+    assert [(r.k, r.flags, r.source, r.score) for r in rows] == [
+        (3, ["low_score"], "user", 0.5999),
+        (4, [], "propagated", 0.6),
+        (5, [], "", None),
+    ]
+
+
+def test_past_end_needs_growth_over_all_end_slices_and_enough_slices():
+    # Growing over the last 3 slices (100 -> 110 -> 125 = 1.25 x): flagged; 124 (1.24 x) with ratio 1.25: not.
+    base = {k: 100 for k in range(2, 8)}
+    rows = {r.k: r for r in review_segment(_square_areas({**base, 8: 110, 9: 125}), 1.0)}
+    assert "past_end" in rows[9].flags
+    rows = {r.k: r for r in review_segment(_square_areas({**base, 8: 110, 9: 124}), 1.0,
+                                           settings=ReviewSettings(end_growth_ratio=1.25))}  # fmt: skip
+    assert "past_end" not in rows[9].flags
+    # Not strictly growing slice by slice (110 -> 110 -> 125): not flagged.
+    rows = {r.k: r for r in review_segment(_square_areas({**base, 7: 110, 8: 110, 9: 125}), 1.0)}
+    assert "past_end" not in rows[9].flags
+    # Growing at the first slices too (mirror image): flagged at the first slice.
+    rows = {r.k: r for r in review_segment(_square_areas({2: 125, 3: 110, **{k: 100 for k in range(4, 10)}}), 1.0)}
+    assert "past_end" in rows[2].flags and "past_end" not in rows[9].flags
+    # Fewer than 2 x end_slices + 1 slices: no end rule at all.
+    rows = {r.k: r for r in review_segment(_square_areas({2: 125, 3: 110, 4: 100, 5: 100, 6: 100, 7: 100}), 1.0)}
+    assert "past_end" not in rows[2].flags
+    assert review_segment(np.zeros((4, 5, 5), bool), 1.0) == []
+
+
+def test_review_report_lists_tracks_stops_and_flagged_slices():
+    from liversam.pipeline import PipelineSettings, segment_volume
+    from liversam.prompts import SegmentPrompts, SlicePrompts
+    from liversam.propagation import PropagationSettings
+    from scripted_predictor import ScriptedPredictor, box_around, rect, synthetic_volume
+
+    square = rect((40, 40), 10, 10, 16, 16)
+    volume = synthetic_volume(np.full((12, 40, 40), 100.0), (0.5, 0.8, 2.0))
+    predictor = ScriptedPredictor(volume, {k: (square, 0.5 if k == 6 else 0.9) for k in range(3, 9)})
+    i0, j0, i1, j1 = box_around(square)
+    seg = SegmentPrompts("liver", 1, slices={5: SlicePrompts(boxes_ij=[(i0 - 2, j0 - 2, i1 + 2, j1 + 2)])},
+                         propagate=True)
+    settings = PipelineSettings(propagation=PropagationSettings(intensity_refinement=False, min_score=0.4))
+    result = segment_volume(volume, [seg], predictor, settings)
+    (report,) = build_review_report(result)["segments"]
+    assert report["tracks"] == [{"seed_slice": 5, "stopped": {"up": "structure ended", "down": "structure ended"},
+                                 "first_slice": 3, "last_slice": 8}]  # fmt: skip
+    assert [s["k"] for s in report["slices"]] == [3, 4, 5, 6, 7, 8]
+    assert report["slices"][2]["source"] == "user" and report["slices"][3]["source"] == "propagated"
+    assert report["slices"][0]["area_mm2"] == pytest.approx(256 * 0.5 * 0.8)
+    assert report["flagged_slices"] == [6] and report["slices"][3]["flags"] == ["low_score"]
+    assert report["volume_ml"] == pytest.approx(6 * 256 * 0.5 * 0.8 * 2.0 / 1000, abs=1e-3)
+
+
+def test_lesions_are_numbered_by_size_and_joined_diagonally():
+    mask = np.zeros((6, 12, 12), dtype=bool)
+    mask[0, 0, 0] = True  # a small lesion first in array order
+    mask[3, 2:5, 2:5] = True  # 9 voxels
+    mask[4, 5, 5] = True  # touches the 9-voxel square only at a corner (26-connectivity): the same lesion
+    mask[5, 9:12, 9:12] = True  # 9 voxels, later in array order: ties keep array order
+    labels, n = label_lesions(mask)
+    assert n == 3
+    assert labels[3, 2, 2] == 1 and labels[4, 5, 5] == 1 and (labels == 1).sum() == 10
+    assert labels[5, 9, 9] == 2 and (labels == 2).sum() == 9
+    assert labels[0, 0, 0] == 3 and labels.dtype == np.int32
+    empty, none = label_lesions(np.zeros((2, 3, 3), bool))
+    assert none == 0 and not empty.any()
+
+
+def test_longest_axial_diameter_of_lines_and_of_the_widest_slice():
+    geometry = ImageGeometry((20, 20, 4), (0.5, 2.0, 3.0), (0.0, 0.0, 0.0))
+    line = np.zeros(geometry.shape_kji, dtype=bool)
+    line[1, 3, 2:12] = True  # a row of 10 voxels: collinear, 9 x 0.5 mm
+    line[2, 3:6, 2] = True  # a column of 3 voxels on the next slice: 2 x 2.0 mm (shorter)
+    (lesion,) = lesion_table_from_mask(line, geometry)
+    assert lesion.longest_axial_diameter_mm == pytest.approx(4.5)
+    tall = line.copy()
+    tall[2, 3:7, 2] = True  # now 3 x 2.0 = 6 mm on slice 2: the widest slice wins
+    (lesion,) = lesion_table_from_mask(tall, geometry)
+    assert lesion.longest_axial_diameter_mm == pytest.approx(6.0)
+    assert (lesion.slice_first, lesion.slice_last) == (1, 2)
+
+
+def test_lesion_table_picks_tumour_segments_by_name(tmp_path):
+    geometry = ImageGeometry((8, 8, 3), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    mask = np.zeros(geometry.shape_kji, dtype=bool)
+    mask[1, 2:4, 2:4] = True
+    result = SegmentationResult(geometry, [Segment("Liver Tumour", 2, mask), Segment("liver", 1, mask),
+                                           Segment("cyst", 3, mask)])  # fmt: skip
+    assert [lesion.segment for lesion in lesion_table(result)] == ["Liver Tumour"]
+    assert [lesion.segment for lesion in lesion_table(result, ("cyst", "liver"))] == ["liver", "cyst"]
+    table = lesion_table(result)
+    write_lesion_table(table, tmp_path / "LESIONS.JSON")
+    assert json.loads((tmp_path / "LESIONS.JSON").read_text())[0]["centre_lps"] == [2.5, 2.5, 1.0]
+    write_lesion_table(table, tmp_path / "lesions.CSV")
+    (row,) = csv.DictReader((tmp_path / "lesions.CSV").open())
+    assert row["centre_lps"] == "2.5 2.5 1.0" and row["voxels"] == "4" and row["segment"] == "Liver Tumour"
+    assert row["volume_ml"] == "0.004" and row["longest_axial_diameter_mm"] == str(round(np.sqrt(2), 2))

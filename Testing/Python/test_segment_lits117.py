@@ -9,17 +9,17 @@ from conftest import box_of, dice
 from liversam.prompts import SlicePrompts
 
 
-def test_liver_box_on_one_slice_gives_dice_above_090(lits117_predictor, lits117_label):
+def test_liver_box_on_one_slice_gives_dice_above_095(lits117_predictor, lits117_label):
     liver = lits117_label > 0
     k = int(liver.sum(axis=(1, 2)).argmax())
     prediction = lits117_predictor.predict(k, SlicePrompts(boxes_ij=[box_of(liver[k])]))
     score = dice(prediction.mask_ji, liver[k])
     print(f"liver slice {k}: Dice {score:.3f}, model score {prediction.score:.3f}")
-    assert score >= 0.90
+    assert score >= 0.95  # measured 0.975
     assert 0.0 < prediction.score <= 1.0
 
 
-def test_tumour_box_gives_dice_above_075(lits117_predictor, lits117_label):
+def test_tumour_box_gives_dice_above_088(lits117_predictor, lits117_label):
     components, _ = ndimage.label(lits117_label == 2)
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
@@ -28,7 +28,7 @@ def test_tumour_box_gives_dice_above_075(lits117_predictor, lits117_label):
     prediction = lits117_predictor.predict(k, SlicePrompts(boxes_ij=[box_of(lesion[k])]))
     score = dice(prediction.mask_ji, lesion[k])
     print(f"tumour slice {k}: Dice {score:.3f}")
-    assert score >= 0.75
+    assert score >= 0.88  # measured 0.908
 
 
 def test_prompt_changes_reuse_the_cached_embedding(lits117_predictor, lits117_label):

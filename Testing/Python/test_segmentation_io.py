@@ -114,12 +114,17 @@ def test_labelmap_round_trip(tmp_path: Path, suffix: str) -> None:
     path = write_segmentation(result, tmp_path / f"labels{suffix}")
     image = sitk.ReadImage(str(path))
     labelmap = sitk.GetArrayFromImage(image)
-    np.testing.assert_array_equal(labelmap, result.to_labelmap())
+    # Expected labels from the masks themselves (a later segment wins an overlap), not from to_labelmap().
+    liver, tumor, lesion2 = (s.mask_kji for s in result.segments)
+    assert (liver & tumor).any() and (liver & lesion2).any(), "the overlaps must be there to be resolved"
+    expected_labels = np.select([lesion2, tumor, liver], [3, 2, 1], default=0)
+    np.testing.assert_array_equal(labelmap, expected_labels)
+    assert labelmap.dtype == np.uint8
     assert ImageGeometry.from_sitk(image).is_close(result.geometry, tolerance_mm=1e-4)
 
     back = read_segmentation(path)
     # Liver label keeps only liver-not-tumour voxels in a labelmap (later segments win).
-    expected = {1: result.to_labelmap() == 1, 2: result.to_labelmap() == 2, 3: result.to_labelmap() == 3}
+    expected = {1: liver & ~tumor & ~lesion2, 2: tumor & ~lesion2, 3: lesion2}
     assert [s.label for s in back.segments] == [1, 2, 3]
     for segment in back.segments:
         np.testing.assert_array_equal(segment.mask_kji, expected[segment.label])
@@ -263,3 +268,21 @@ def test_export_command(tmp_path: Path, data_dir: Path, capsys) -> None:
     )
     assert "does not overlap the reference CT" in capsys.readouterr().err
     assert not (tmp_path / "x.dcm").exists() and not (tmp_path / "y.dcm").exists()
+
+
+def test_labelmap_order_decides_overlaps_and_large_labels_need_16_bits(tmp_path: Path) -> None:
+    geometry = ImageGeometry((6, 5, 2), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    a = np.zeros(geometry.shape_kji, bool)
+    b = np.zeros(geometry.shape_kji, bool)
+    a[0, 1:4, 1:4] = True
+    b[0, 2:5, 2:6] = True
+    # The segment listed later wins, whatever the label values.
+    result = SegmentationResult(geometry, [Segment("big", 300, a), Segment("small", 7, b)])
+    path = write_segmentation(result, tmp_path / "labels.nrrd")
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    assert labels.dtype == np.uint16
+    assert labels[0, 2, 2] == 7 and labels[0, 1, 1] == 300 and labels[0, 4, 5] == 7 and labels[1].max() == 0
+    assert int((labels == 300).sum()) == 9 - 4 and int((labels == 7).sum()) == 12
+    swapped = SegmentationResult(geometry, [Segment("small", 7, b), Segment("big", 300, a)])
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(write_segmentation(swapped, tmp_path / "swapped.nrrd"))))
+    assert labels[0, 2, 2] == 300 and int((labels == 7).sum()) == 12 - 4

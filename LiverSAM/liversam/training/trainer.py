@@ -501,16 +501,37 @@ class Trainer:
         return metrics
 
     # --- checkpoints ---
-    def _trainable_state(self, network) -> dict[str, torch.Tensor]:
+    def _trainable_keys(self, network) -> list[str]:
+        """The state-dict keys a run saves and restores: what it trains (prompt encoder, mask decoder, and
+        the image encoder when it is trained)."""
         names = {n for n, p in network.named_parameters() if p.requires_grad}
         modules = ("prompt_encoder.", "mask_decoder.")
-        return {
-            k: v.detach().cpu().clone()
-            for k, v in network.state_dict().items()
+        return [
+            k
+            for k in network.state_dict()
             if k in names
             or k.startswith(modules)
             or (self.config.train_encoder != "none" and k.startswith("image_encoder."))
-        }
+        ]
+
+    def _trainable_state(self, network) -> dict[str, torch.Tensor]:
+        state = network.state_dict()
+        return {k: state[k].detach().cpu().clone() for k in self._trainable_keys(network)}
+
+    def _restore_model(self, network, saved: dict) -> None:
+        """Load the saved trainable tensors; the saved keys must be exactly the ones this run trains."""
+        expected = set(self._trainable_keys(network))
+        missing, unexpected = sorted(expected - set(saved)), sorted(set(saved) - expected)
+        if missing or unexpected:
+            raise TrainingRunError(
+                f"'{self.state_path}' does not fit this model and settings "
+                f"({len(missing)} tensors missing, e.g. {missing[:3]}; {len(unexpected)} unexpected, "
+                f"e.g. {unexpected[:3]}); delete it to start this run over."
+            )
+        # Not strict: the frozen image encoder is not in the state file; every key in it must load.
+        result = network.load_state_dict(saved, strict=False)
+        if result.unexpected_keys:
+            raise TrainingRunError(f"'{self.state_path}': tensors {result.unexpected_keys[:3]} were not restored.")
 
     def _save_state(
         self, network, optimizer, scheduler, scaler, epoch, history, best, stale, rng, finished
@@ -636,7 +657,7 @@ class Trainer:
                 raise TrainingRunError(
                     f"'{self.state_path}' is not a LiverSAMTrain state file; delete it to start over."
                 )
-            network.load_state_dict(state["model_state"], strict=False)
+            self._restore_model(network, state["model_state"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             if scaler is not None and state.get("scaler"):
