@@ -8,7 +8,9 @@ import logging
 import time
 from pathlib import Path
 
+from ..acceleration import describe_acceleration
 from ..errors import OutputError
+from ..progress import ProgressReporter
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         ),
         propagation=PropagationSettings(intensity_refinement=not args.no_intensity_refinement),
     )
-    result = segment_volume(volume, segments, predictor, settings)
+    with ProgressReporter() as progress:  # bar on a terminal, a line per stage in a log, nothing with --quiet
+        result = segment_volume(volume, segments, predictor, settings, progress=progress)
     result.provenance["prompts"] = str(args.prompts)
     write_segmentation(result, output, reference_dicom=args.ct if fmt == "dicom-seg" else None, model_name=model.name)
 
@@ -112,6 +115,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{seg.name}: {int(seg.mask_kji.sum())} voxels, {seg.mask_kji.sum() * voxel_ml:.1f} mL")
     print(
         f"wrote {output} ({len(predictor.encoded_slices)} slices encoded in {predictor.encode_seconds:.1f} s, "
-        f"total {elapsed:.1f} s, model {model.name} on {model.device})"
+        f"total {elapsed:.1f} s, model {model.name} on {model.device}, {describe_acceleration(model)})"
     )
     return 0
