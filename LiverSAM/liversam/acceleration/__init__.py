@@ -136,15 +136,15 @@ def candidates(backend: str, precision: str) -> list[tuple[str, str]]:
     """(backend, precision) pairs to try, fastest first.
 
     Measured order on a 2-core AVX-512 + bf16 EPYC (encode + decode per slice, docs/PERFORMANCE.md):
-    OpenVINO bf16 < OpenVINO fp32 < ONNX Runtime fp32 < fused PyTorch fp32. A bf16 candidate that fails
-    falls back to the *same* backend in fp32, never to a slower backend first. ONNX Runtime and the fused
-    PyTorch path run in fp32 only (no bf16 speed-up measured for them).
+    OpenVINO bf16 < OpenVINO ``mixed`` (fp32 encoder, bf16 prompt decoder) < OpenVINO fp32 < ONNX Runtime
+    fp32 < fused PyTorch fp32. A bf16 candidate that fails falls back to the *same* backend first, never to
+    a slower backend. ONNX Runtime and the fused PyTorch path run in fp32 only (no bf16 speed-up measured).
     """
     backends = [backend] + [b for b in AUTO_ORDER if b != backend] if backend != "auto" else list(AUTO_ORDER)
     order = []
     for name in backends:
         if precision == "bf16" and name == "openvino":
-            order.append((name, "bf16"))
+            order += [(name, "bf16"), (name, "mixed")]
         order.append((name, "fp32"))
     return order
 
@@ -267,11 +267,17 @@ def _build(backend: str, model, precision: str, threads: int, cache_dir: Path | 
 def _try_candidate(
     model, name: str, precision: str, threads: int, cache: Path | None, verify: bool, decoder: bool, check_set
 ):
-    """Install one candidate on ``model`` and check its masks; raises BackendUnavailable when refused."""
-    fn = _build(name, model, precision, threads, cache, verify)
+    """Install one candidate on ``model`` and check its masks; raises BackendUnavailable when refused.
+
+    ``precision``: ``fp32``, ``bf16`` (encoder and decoder) or ``mixed`` (fp32 encoder, bf16 decoder)."""
+    encoder_precision = "fp32" if precision == "mixed" else precision
+    decoder_precision = "bf16" if precision == "mixed" else precision
+    fn = _build(name, model, encoder_precision, threads, cache, verify)
     model.encoder_override = fn
     if decoder and name in ("openvino", "onnxruntime"):
-        enable_fast_decoder(model, name, cache_dir=cache, threads=threads, precision=precision)
+        enable_fast_decoder(model, name, cache_dir=cache, threads=threads, precision=decoder_precision)
+        if decoder_precision != "fp32" and getattr(model.decoder_override, "precision", "fp32") == "fp32":
+            raise BackendUnavailable(f"no {decoder_precision} prompt decoder")  # the fp32 candidate follows
     else:
         disable_fast_decoder(model)
     if not verify:

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import statistics
 import time
 from collections.abc import Iterator
@@ -86,7 +87,7 @@ def _bbox(mask_ji: np.ndarray) -> tuple[float, float, float, float]:
     return float(is_.min()), float(js.min()), float(is_.max()), float(js.max())
 
 
-def check_cases(label_kji: np.ndarray, slices: tuple[int, ...] = CHECK_SLICES) -> list[CheckCase]:
+def check_cases(label_kji: np.ndarray, slices: tuple[int, ...]) -> list[CheckCase]:
     """Liver box (labels 1+2) and largest-lesion box (label 2, >= MIN_LESION_PIXELS) on each slice."""
     cases: list[CheckCase] = []
     for k in slices:
@@ -101,8 +102,10 @@ def check_cases(label_kji: np.ndarray, slices: tuple[int, ...] = CHECK_SLICES) -
     return cases
 
 
-def load_check_set(slices: tuple[int, ...] = CHECK_SLICES):
-    """(CT volume, cases) of the example CT, or None when the example is not installed."""
+def load_check_set(slices: tuple[int, ...] | None = None):
+    """(CT volume, cases) of the example CT on ``slices`` (default :data:`CHECK_SLICES`), or None when the
+    example is not installed."""
+    slices = CHECK_SLICES if slices is None else slices
     folder = example_dir()
     if folder is None:
         return None
@@ -200,10 +203,10 @@ def cases_tag(cases: list[CheckCase]) -> str:
 
 
 def agreement_key(weights_sha: str, backend: str, precision: str, tag: str = "") -> str:
-    return (
-        f"{weights_sha[:32]}-{backend}-{precision}-{runtime_version(backend)}-liversam-{__version__}"
-        + (f"-set{tag}" if tag else "")
-    )
+    """File-name-safe key (OpenVINO's version string holds '/')."""
+    key = f"{weights_sha[:32]}-{backend}-{precision}-{runtime_version(backend)}-liversam-{__version__}"
+    key += f"-set{tag}" if tag else ""
+    return re.sub(r"[^A-Za-z0-9.+_-]", "_", key)
 
 
 def cached_agreement(folder: Path, key: str) -> AgreementResult | None:
