@@ -9,7 +9,12 @@ Measures, on the lits117 example CT (128 axial slices of 128 x 128 voxels):
   cold embedding cache (every slice encoded), through ``liversam.pipeline.segment_volume`` with propagation;
 - peak resident memory of the process (``ru_maxrss``);
 - training throughput (slices/s) when ``liversam.training`` offers ``benchmark_training_throughput``,
-  otherwise "not available".
+  otherwise "not available";
+- this machine's floor, measured in the same run (at the start and at the end): a 2048^3 matrix multiply
+  in fp32, and in bf16 / int8 where the CPU does them natively. Every figure is also printed as a ratio
+  to the fp32 floor (the figure's time over the time the floor needs for the figure's nominal FLOPs), so
+  runs on different machines, or under different load, compare;
+- the backend and precision chosen by ``--accelerate auto`` and their mask agreement with fp32 PyTorch.
 
 The header records model, device, torch threads, torch and LiverSAM versions and the machine. Default
 settings finish in under 5 minutes on 2 CPU cores.
@@ -154,6 +159,8 @@ def run_benchmarks(
     volume_slices: int = 100,
     skip_volume: bool = False,
     log: Callable[[str], None] = print,
+    readahead: bool = True,
+    skip_training: bool = False,
 ) -> dict:
     """Run every benchmark and return the JSON-ready result."""
     _ensure_importable()
@@ -241,9 +248,9 @@ def run_benchmarks(
     if skip_volume:
         results["segment_liver_one_box"] = "skipped"
     else:
-        results["segment_liver_one_box"] = _segment_from_one_box(volume, label, model, volume_slices, log)
+        results["segment_liver_one_box"] = _segment_from_one_box(volume, label, model, volume_slices, log, readahead)
 
-    results["training_throughput"] = _training_throughput(model_name, device, log)
+    results["training_throughput"] = "skipped" if skip_training else _training_throughput(model_name, device, log)
     results["peak_rss_mb"] = peak_rss_mb()
     log(f"peak resident memory: {results['peak_rss_mb']:.0f} MB")
     floor_end = gemm_floor(threads)
@@ -303,7 +310,9 @@ def _floor_summary(results: dict, floor_start: dict, floor_end: dict, log: Calla
     return out
 
 
-def _segment_from_one_box(volume, label, model, n_slices: int, log: Callable[[str], None]) -> dict | str:
+def _segment_from_one_box(
+    volume, label, model, n_slices: int, log: Callable[[str], None], readahead: bool = True
+) -> dict | str:
     """Segment the liver on ``n_slices`` slices from one box on its largest slice, with a cold cache."""
     import numpy as np
 
@@ -331,7 +340,7 @@ def _segment_from_one_box(volume, label, model, n_slices: int, log: Callable[[st
     box = _bounding_box(sub_liver[k_big])
     from liversam.progress import ProgressReporter
 
-    predictor = SlicePredictor(model, sub_volume)
+    predictor = SlicePredictor(model, sub_volume, readahead=readahead)
     seg = SegmentPrompts(name="liver", label=1, slices={k_big: SlicePrompts(boxes_ij=[box])}, propagate=True)
     start = time.perf_counter()
     with ProgressReporter() as progress:
@@ -383,6 +392,7 @@ def _training_throughput(model_name: str, device: str, log: Callable[[str], None
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(parser)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress display")  # liversam CLI adds its own
     return parser
 
 
@@ -403,11 +413,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--skip-volume", action="store_true", help="skip the one-box liver segmentation")
     parser.add_argument(
+        "--no-readahead", action="store_true", help="one-box liver: no background encoding of the next slice"
+    )
+    parser.add_argument("--skip-training", action="store_true", help="skip the training throughput")
+    parser.add_argument(
         "--output", type=Path, default=Path("benchmark.json"), help="JSON output (default benchmark.json)"
     )
 
 
 def main(args: argparse.Namespace) -> int:
+    _ensure_importable()
+    if getattr(args, "quiet", False):
+        from liversam.progress import configure
+
+        configure(quiet=True)
     results = run_benchmarks(
         data=args.data,
         model_name=args.model,
@@ -418,6 +437,8 @@ def main(args: argparse.Namespace) -> int:
         decoder_runs=args.decoder_runs,
         volume_slices=args.volume_slices,
         skip_volume=args.skip_volume,
+        readahead=not args.no_readahead,
+        skip_training=args.skip_training,
     )
     _ensure_importable()
     from liversam.atomic_write import write_text_atomically
