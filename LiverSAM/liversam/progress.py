@@ -84,10 +84,10 @@ class LineProgress:
     def _write(self, text: str) -> None:
         print(f"[liversam] {text}", file=self.file, flush=True)
 
-    def _status(self) -> str:
+    def _status(self, time_left: bool = True) -> str:
         elapsed = time.perf_counter() - self.started
         text = f"{self.n}/{self.total} {self.unit}" if self.total else f"{self.n} {self.unit}"
-        if self.total and 0 < self.n < self.total:
+        if time_left and self.total and 0 < self.n < self.total:
             text += f", about {_format_seconds(elapsed / self.n * (self.total - self.n))} left"
         return text + (f" ({self._postfix})" if self._postfix else "")
 
@@ -106,7 +106,7 @@ class LineProgress:
         if not self._closed:
             self._closed = True
             elapsed = _format_seconds(time.perf_counter() - self.started)
-            self._write(f"{self.desc}: done, {self._status()} in {elapsed}")
+            self._write(f"{self.desc}: done, {self._status(time_left=False)} in {elapsed}")
 
     def __iter__(self) -> Iterator:
         assert self.iterable is not None, "LineProgress without an iterable cannot be iterated"

@@ -31,7 +31,7 @@ def test_log_gets_a_line_when_each_stage_starts_and_ends() -> None:
     assert lines[0] == "[liversam] propagating 'liver': started of 10 slices"
     assert lines[1].startswith("[liversam] propagating 'liver': done, 10/10 slices in ")
     assert lines[2] == "[liversam] propagating 'tumor': started of 128 slices"
-    assert lines[3].startswith("[liversam] propagating 'tumor': done, 1/128 slices, about ")
+    assert lines[3].startswith("[liversam] propagating 'tumor': done, 1/128 slices in ")
     assert len(lines) == 4 and "\r" not in log.getvalue()
 
 
