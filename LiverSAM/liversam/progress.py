@@ -153,6 +153,9 @@ class ProgressReporter:
         self._bar: Any = None
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage == "done":  # segment_volume's final call: the work has ended
+            self.close()
+            return
         if stage != self._stage:
             self.close()
             self._stage = stage
