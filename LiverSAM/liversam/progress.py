@@ -6,7 +6,8 @@ Every long operation of LiverSAM reports progress through one callback type, :da
 
 ``stage`` is a short human-readable label (``"propagating 'liver'"``, ``"segment 'tumor'"``), ``done`` and
 ``total`` count the stage's units (slices, cases, segments); ``done`` only grows within a stage, a new
-``stage`` string starts a new stage, and ``done`` may stop below ``total`` (a propagation that ends early).
+``stage`` string starts a new stage, ``done`` may stop below ``total`` (a propagation that ends early), and
+``segment_volume`` ends with ``progress("done", n, n)``.
 Calls come from the thread doing the work and must return quickly. A server forwards the same three values
 to its clients (e.g. as JSON ``{"stage": ..., "done": ..., "total": ...}`` events); the command line shows
 them with :class:`ProgressReporter`.
