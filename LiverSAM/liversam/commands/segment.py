@@ -8,7 +8,6 @@ import logging
 import time
 from pathlib import Path
 
-from ..acceleration import describe_acceleration
 from ..errors import OutputError
 from ..progress import ProgressReporter
 
@@ -54,6 +53,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..acceleration import describe_acceleration
     from ..ct_io import read_ct
     from ..models import load_model
     from ..pipeline import PipelineSettings, segment_volume
