@@ -32,6 +32,7 @@ from .backends import (
     BackendUnavailable,
     OnnxRuntimeEncoder,
     OpenVINOEncoder,
+    OpenVINOStemFP32Encoder,
     TorchFusedEncoder,
     check_against_reference,
     clear_cache,
@@ -136,7 +137,8 @@ def candidates(backend: str, precision: str) -> list[tuple[str, str]]:
     """(backend, precision) pairs to try, fastest first.
 
     Measured order on a 2-core AVX-512 + bf16 EPYC (encode + decode per slice, docs/PERFORMANCE.md):
-    OpenVINO bf16 < OpenVINO ``mixed`` (fp32 encoder, bf16 prompt decoder) < OpenVINO fp32 < ONNX Runtime
+    OpenVINO bf16 < ``bf16-rest`` (encoder stem fp32, rest and decoder bf16) < ``mixed`` (fp32 encoder, bf16
+    prompt decoder) < OpenVINO fp32 < ONNX Runtime
     fp32 < fused PyTorch fp32. A bf16 candidate that fails falls back to the *same* backend first, never to
     a slower backend. ONNX Runtime and the fused PyTorch path run in fp32 only (no bf16 speed-up measured).
     """
@@ -144,7 +146,7 @@ def candidates(backend: str, precision: str) -> list[tuple[str, str]]:
     order = []
     for name in backends:
         if precision == "bf16" and name == "openvino":
-            order += [(name, "bf16"), (name, "mixed")]
+            order += [(name, "bf16"), (name, "bf16-rest"), (name, "mixed")]
         order.append((name, "fp32"))
     return order
 
@@ -252,7 +254,9 @@ def _build(backend: str, model, precision: str, threads: int, cache_dir: Path | 
             "pip install 'liversam[fast]' to use it"
         )
     entry = prepare_export(encoder, model.input_size, cache_dir)
-    if backend == "openvino":
+    if backend == "openvino" and precision == "bf16-rest":
+        fn = OpenVINOStemFP32Encoder(entry, threads)
+    elif backend == "openvino":
         fn = OpenVINOEncoder(entry, threads, precision)
     elif backend == "onnxruntime":
         fn = OnnxRuntimeEncoder(entry, threads)  # always fp32 (its CPU provider has no bf16 kernels here)
@@ -269,9 +273,10 @@ def _try_candidate(
 ):
     """Install one candidate on ``model`` and check its masks; raises BackendUnavailable when refused.
 
-    ``precision``: ``fp32``, ``bf16`` (encoder and decoder) or ``mixed`` (fp32 encoder, bf16 decoder)."""
+    ``precision``: ``fp32``, ``bf16`` (encoder and decoder), ``bf16-rest`` (encoder stem fp32, the rest of
+    the encoder and the decoder bf16) or ``mixed`` (fp32 encoder, bf16 decoder)."""
     encoder_precision = "fp32" if precision == "mixed" else precision
-    decoder_precision = "bf16" if precision == "mixed" else precision
+    decoder_precision = "fp32" if precision == "fp32" else "bf16"
     fn = _build(name, model, encoder_precision, threads, cache, verify)
     model.encoder_override = fn
     if decoder and name in ("openvino", "onnxruntime"):
