@@ -9,7 +9,12 @@ Measures, on the lits117 example CT (128 axial slices of 128 x 128 voxels):
   cold embedding cache (every slice encoded), through ``liversam.pipeline.segment_volume`` with propagation;
 - peak resident memory of the process (``ru_maxrss``);
 - training throughput (slices/s) when ``liversam.training`` offers ``benchmark_training_throughput``,
-  otherwise "not available".
+  otherwise "not available";
+- this machine's floor, measured in the same run (at the start and at the end): a 2048^3 matrix multiply
+  in fp32, and in bf16 / int8 where the CPU does them natively. Every figure is also printed as a ratio
+  to the fp32 floor (the figure's time over the time the floor needs for the figure's nominal FLOPs), so
+  runs on different machines, or under different load, compare;
+- the backend and precision chosen by ``--accelerate auto`` and their mask agreement with fp32 PyTorch.
 
 The header records model, device, torch threads, torch and LiverSAM versions and the machine. Default
 settings finish in under 5 minutes on 2 CPU cores.
@@ -98,6 +103,51 @@ def _backend_name(model) -> str:
         return "plain"
 
 
+# Nominal work per unit, GFLOP (torch.utils.flop_counter, 2 per multiply-add; docs/PERFORMANCE.md).
+ENCODER_GFLOP = 74.9
+DECODER_GFLOP = 3.62
+TRAIN_GFLOP_PER_SLICE = 3 * DECODER_GFLOP  # frozen encoder: decoder forward + backward (about 2x forward)
+TARGETS = {"encoder_s": 0.20, "decoder_s": 0.015, "liver_100_s": 22.0, "train_slices_per_s": 12.0}
+
+
+def gemm_floor(threads: int | None, size: int = 2048, runs: int = 5) -> dict:
+    """This machine's matrix-multiply speed *now*, GFLOP/s (median of ``runs``): fp32 always; bf16 and
+    int8 (int32 accumulation) only where the CPU does them natively. Measured in the same run as the
+    figures, so each figure can be given as a ratio to it and compared across machines and load."""
+    import torch
+
+    from liversam.acceleration import cpu_features
+
+    if threads:
+        torch.set_num_threads(threads)
+    features = cpu_features()
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator)
+    b = torch.randn(size, size, generator=generator)
+    kinds: dict[str, Callable[[], object]] = {"fp32": lambda: torch.mm(a, b)}
+    if features.native_bf16:
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        kinds["bf16"] = lambda: torch.mm(a16, b16)
+    if features.int8_dot and hasattr(torch, "_int_mm"):
+        a8 = (a * 30).clamp(-127, 127).to(torch.int8)
+        b8 = (b * 30).clamp(-127, 127).to(torch.int8)
+        kinds["int8"] = lambda: torch._int_mm(a8, b8)
+    flop = 2.0 * size**3
+    out = {}
+    for name, fn in kinds.items():
+        try:
+            timing = _timings(fn, runs, warmup=1)
+        except RuntimeError:  # e.g. no int8 GEMM kernel in this torch build
+            continue
+        out[name] = round(flop / timing["median_s"] / 1e9, 1)
+    return out
+
+
+def floor_ratio(seconds: float, gflop: float, floor_gflops: float) -> float:
+    """``seconds`` as a multiple of the time the fp32 GEMM floor needs for ``gflop`` of work."""
+    return seconds / (gflop / floor_gflops)
+
+
 def run_benchmarks(
     data: Path = DEFAULT_DATA,
     model_name: str = "litemedsam",
@@ -109,6 +159,8 @@ def run_benchmarks(
     volume_slices: int = 100,
     skip_volume: bool = False,
     log: Callable[[str], None] = print,
+    readahead: bool = True,
+    skip_training: bool = False,
 ) -> dict:
     """Run every benchmark and return the JSON-ready result."""
     _ensure_importable()
@@ -139,6 +191,7 @@ def run_benchmarks(
         "model_source": model.source,
         "device": str(model.device),
         "encoder_backend": _backend_name(model),
+        "acceleration": _acceleration(model),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "python": platform.python_version(),
@@ -155,7 +208,10 @@ def run_benchmarks(
         f"LiverSAM {header['liversam_version']} | model {header['model']} on {header['device']} | "
         f"torch {header['torch_version']}, {header['torch_threads']} threads | {header['machine']['cpu']}"
     )
+    log(f"chosen: {header['acceleration']['summary']} (model load incl. checks {load_s:.1f} s)")
     results: dict = {"header": header, "model_load_s": load_s}
+    floor_start = gemm_floor(threads)
+    log("GEMM floor (2048^3, median of 5) at start: " + ", ".join(f"{k} {v} GFLOP/s" for k, v in floor_start.items()))
 
     # Image encoder, one slice at a time (the slice with the largest liver area, as in interactive use).
     areas = liver.sum(axis=(1, 2))
@@ -192,15 +248,71 @@ def run_benchmarks(
     if skip_volume:
         results["segment_liver_one_box"] = "skipped"
     else:
-        results["segment_liver_one_box"] = _segment_from_one_box(volume, label, model, volume_slices, log)
+        results["segment_liver_one_box"] = _segment_from_one_box(volume, label, model, volume_slices, log, readahead)
 
-    results["training_throughput"] = _training_throughput(model_name, device, log)
+    results["training_throughput"] = "skipped" if skip_training else _training_throughput(model_name, device, log)
     results["peak_rss_mb"] = peak_rss_mb()
     log(f"peak resident memory: {results['peak_rss_mb']:.0f} MB")
+    floor_end = gemm_floor(threads)
+    results["gemm_floor_gflops"] = {"start": floor_start, "end": floor_end}
+    results["floor_ratios"] = _floor_summary(results, floor_start, floor_end, log)
+    if hasattr(os, "getloadavg"):
+        header["machine"]["load_average_at_end"] = list(os.getloadavg())
     return results
 
 
-def _segment_from_one_box(volume, label, model, n_slices: int, log: Callable[[str], None]) -> dict | str:
+def _acceleration(model) -> dict:
+    try:
+        from liversam.acceleration import current_decoder_backend, current_precision, describe_acceleration
+    except ImportError:
+        return {"summary": "plain PyTorch fp32", "encoder": "plain", "precision": "fp32"}
+    agreement = getattr(model.encoder_override, "agreement", None)
+    return {
+        "summary": describe_acceleration(model),
+        "encoder": _backend_name(model),
+        "precision": current_precision(model),
+        "decoder": current_decoder_backend(model),
+        "agreement": None if agreement is None else {"mean_dice": agreement.mean_dice, "min_dice": agreement.min_dice,
+                                                     "masks": len(agreement.dice)},
+    }
+
+
+def _floor_summary(results: dict, floor_start: dict, floor_end: dict, log: Callable[[str], None]) -> dict:
+    """Each figure as a multiple of the fp32 GEMM floor's time for the same nominal work, and the targets."""
+    floor = (floor_start["fp32"] + floor_end["fp32"]) / 2.0
+    log(
+        f"GEMM floor at end: {', '.join(f'{k} {v} GFLOP/s' for k, v in floor_end.items())}; "
+        f"ratios below use the fp32 mean {floor:.1f} GFLOP/s (x1.0 = as fast as a large fp32 GEMM)"
+    )
+    rows: dict = {}
+    encoder = results["image_encoder_per_slice"]["median_s"]
+    rows["encoder"] = (encoder, floor_ratio(encoder, ENCODER_GFLOP, floor), f"{encoder:.3f} s/slice",
+                       encoder <= TARGETS["encoder_s"], f"<= {TARGETS['encoder_s']} s")
+    decoder = results["decoder_per_prompt"]["median_s"]
+    rows["decoder"] = (decoder, floor_ratio(decoder, DECODER_GFLOP, floor), f"{decoder * 1000:.1f} ms/prompt",
+                       decoder <= TARGETS["decoder_s"], f"<= {TARGETS['decoder_s'] * 1000:.0f} ms")
+    volume = results.get("segment_liver_one_box")
+    if isinstance(volume, dict):
+        work = volume["slices_encoded"] * (ENCODER_GFLOP + DECODER_GFLOP)  # one box prompt per encoded slice
+        total = volume["total_s"]
+        rows["liver_one_box"] = (total, floor_ratio(total, work, floor),
+                                 f"{total:.1f} s for {volume['slices_in_volume']} slices",
+                                 total <= TARGETS["liver_100_s"], f"<= {TARGETS['liver_100_s']:.0f} s (100 slices)")
+    training = results.get("training_throughput")
+    if isinstance(training, dict) and training.get("slices_per_second"):
+        rate = training["slices_per_second"]
+        rows["training"] = (rate, floor_ratio(1.0 / rate, TRAIN_GFLOP_PER_SLICE, floor), f"{rate:.1f} slices/s",
+                            rate >= TARGETS["train_slices_per_s"], f">= {TARGETS['train_slices_per_s']:.0f} slices/s")
+    out = {}
+    for name, (value, ratio, shown, met, target) in rows.items():
+        log(f"  {name:14s} {shown:28s} x{ratio:5.1f} the GEMM floor   target {target}: {'met' if met else 'NOT met'}")
+        out[name] = {"value": value, "floor_ratio": round(ratio, 2), "target": target, "met": bool(met)}
+    return out
+
+
+def _segment_from_one_box(
+    volume, label, model, n_slices: int, log: Callable[[str], None], readahead: bool = True
+) -> dict | str:
     """Segment the liver on ``n_slices`` slices from one box on its largest slice, with a cold cache."""
     import numpy as np
 
@@ -226,11 +338,15 @@ def _segment_from_one_box(volume, label, model, n_slices: int, log: Callable[[st
     sub_liver = np.isin(sub_label, (1, 2))
     k_big = int(np.argmax(sub_liver.sum(axis=(1, 2))))
     box = _bounding_box(sub_liver[k_big])
-    predictor = SlicePredictor(model, sub_volume)
+    from liversam.progress import ProgressReporter
+
+    predictor = SlicePredictor(model, sub_volume, readahead=readahead)
     seg = SegmentPrompts(name="liver", label=1, slices={k_big: SlicePrompts(boxes_ij=[box])}, propagate=True)
     start = time.perf_counter()
-    result = segment_volume(sub_volume, [seg], predictor)
+    with ProgressReporter() as progress:
+        result = segment_volume(sub_volume, [seg], predictor, progress=progress)
     seconds = time.perf_counter() - start
+    predictor.close()
     mask = result.segment("liver").mask_kji
     out = {
         "slices_in_volume": int(k1 - k0),
@@ -238,6 +354,7 @@ def _segment_from_one_box(volume, label, model, n_slices: int, log: Callable[[st
         "liver_slices_in_reference": int(sub_liver.any(axis=(1, 2)).sum()),
         "slices_segmented": int(mask.any(axis=(1, 2)).sum()),
         "slices_encoded": len(set(predictor.encoded_slices)),
+        "slices_read_ahead": len(predictor.readahead_slices),
         "encode_seconds": predictor.encode_seconds,
         "total_s": seconds,
         "seconds_per_segmented_slice": seconds / max(1, int(mask.any(axis=(1, 2)).sum())),
@@ -245,7 +362,8 @@ def _segment_from_one_box(volume, label, model, n_slices: int, log: Callable[[st
     }
     log(
         f"segment liver from one box: {out['total_s']:.1f} s for {out['slices_segmented']} slices "
-        f"({out['slices_encoded']} encoded, Dice {out['liver_dice']:.3f})"
+        f"({out['slices_encoded']} encoded, {out['slices_read_ahead']} of them read ahead in the background, "
+        f"Dice {out['liver_dice']:.3f})"
     )
     return out
 
@@ -274,6 +392,7 @@ def _training_throughput(model_name: str, device: str, log: Callable[[str], None
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(parser)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress display")  # liversam CLI adds its own
     return parser
 
 
@@ -294,11 +413,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--skip-volume", action="store_true", help="skip the one-box liver segmentation")
     parser.add_argument(
+        "--no-readahead", action="store_true", help="one-box liver: no background encoding of the next slice"
+    )
+    parser.add_argument("--skip-training", action="store_true", help="skip the training throughput")
+    parser.add_argument(
         "--output", type=Path, default=Path("benchmark.json"), help="JSON output (default benchmark.json)"
     )
 
 
 def main(args: argparse.Namespace) -> int:
+    _ensure_importable()
+    if getattr(args, "quiet", False):
+        from liversam.progress import configure
+
+        configure(quiet=True)
     results = run_benchmarks(
         data=args.data,
         model_name=args.model,
@@ -309,6 +437,8 @@ def main(args: argparse.Namespace) -> int:
         decoder_runs=args.decoder_runs,
         volume_slices=args.volume_slices,
         skip_volume=args.skip_volume,
+        readahead=not args.no_readahead,
+        skip_training=args.skip_training,
     )
     _ensure_importable()
     from liversam.atomic_write import write_text_atomically

@@ -18,8 +18,10 @@ import sys
 
 from . import __version__
 from .errors import Cancelled, LiverSAMError
+from .progress import configure as configure_progress
 
 COMMAND_MODULES = ("segment", "evaluate", "train", "export", "benchmark")
+QUIET_HELP = "no progress display and only warnings and errors in the log (results are still printed)"
 
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
@@ -36,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"liversam {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="print debug messages")
+    parser.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         try:
@@ -45,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # command not part of this build
             raise
         module.add_parser(subparsers)
+    for sub in subparsers.choices.values():  # `liversam COMMAND ... --quiet` works too
+        sub.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
     return parser
 
 
@@ -71,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         command = args.command
-        logging.basicConfig(
-            level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-        )
+        configure_progress(quiet=args.quiet)
+        level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
         return int(args.run(args) or 0)
     except LiverSAMError as exc:
         print(f"liversam {command}: error: {exc}", file=sys.stderr)

@@ -530,7 +530,7 @@ def _click_predict_fn(predictor, k: int, use_mask_input: bool, boxes: Sequence[B
 
 
 def _run_clicks_protocol(volume, refs, predictor, settings, spacing, progress: bool) -> dict[str, dict]:
-    from tqdm.auto import tqdm
+    from .progress import progress_bar as tqdm  # bar on a terminal, lines in a log, nothing with --quiet
 
     spacing_ji = spacing[1:]
     out = {}
@@ -695,7 +695,7 @@ def evaluate(
     ``model`` is a model name / checkpoint path (loaded with :func:`liversam.models.load_model`) or an
     already loaded model; ``predictor_factory`` overrides how the per-case predictor is made.
     """
-    from tqdm.auto import tqdm
+    from .progress import progress_bar as tqdm  # bar on a terminal, lines in a log, nothing with --quiet
 
     model_name = model if isinstance(model, str) else getattr(model, "name", type(model).__name__)
     if predictor_factory is None:

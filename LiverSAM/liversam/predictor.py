@@ -10,6 +10,7 @@ import itertools
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +54,7 @@ class SlicePredictor:
         window: WindowSettings | None = None,
         cache_mb: float = 1024.0,
         cache: SliceEmbeddingCache | None = None,
+        readahead: bool = True,
     ) -> None:
         self.model = model
         self.volume = volume
@@ -63,6 +65,13 @@ class SlicePredictor:
         self._encode_lock = threading.Lock()
         self.encoded_slices: list[int] = []  # every slice actually run through the encoder (for stats/tests)
         self.encode_seconds = 0.0
+        # Read-ahead: when predict() walks slice by slice (propagation), the next slice is encoded in the
+        # background while this one is decoded and refined.
+        self.readahead = readahead
+        self.readahead_slices: list[int] = []
+        self._last_predicted: int | None = None
+        self._ahead: Future | None = None
+        self._ahead_pool: ThreadPoolExecutor | None = None
 
     def _key(self, k: int) -> tuple:
         return (self._volume_id, int(k), self.window.key(), self.model.source)
@@ -94,6 +103,34 @@ class SlicePredictor:
             self.cache.put(key, emb)
             return emb
 
+    def hint_next(self, k: int) -> bool:
+        """Start encoding slice ``k`` in the background (one slice at a time); True when it was started.
+
+        Nothing happens when ``k`` is outside the volume, already cached, or an earlier read-ahead is still
+        running. A later ``embedding(k)`` waits for that encode instead of starting its own.
+        """
+        if not 0 <= k < self.volume.num_slices or self.is_cached(k):
+            return False
+        if self._ahead is not None and not self._ahead.done():
+            return False
+        if self._ahead_pool is None:
+            self._ahead_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="LiverSAM-readahead")
+        self.readahead_slices.append(int(k))
+        self._ahead = self._ahead_pool.submit(self._encode_quietly, int(k))
+        return True
+
+    def _encode_quietly(self, k: int) -> None:
+        try:
+            self.embedding(k)
+        except Exception as exc:  # the foreground call for this slice will raise it where it matters
+            log.debug("read-ahead encoding of slice %d failed: %s", k, exc)
+
+    def close(self) -> None:
+        """Wait for a running read-ahead encode and stop its worker thread."""
+        if self._ahead_pool is not None:
+            self._ahead_pool.shutdown(wait=True)
+            self._ahead_pool = None
+
     def predict(
         self, k: int, prompts: SlicePrompts, mask_logits: torch.Tensor | None = None
     ) -> SlicePrediction:
@@ -107,6 +144,9 @@ class SlicePredictor:
         if prompts.is_empty():
             raise ValueError(f"slice k={k}: prompts need at least one box or positive point")
         embedding = self.embedding(k)
+        previous, self._last_predicted = self._last_predicted, int(k)
+        if self.readahead and previous is not None and abs(k - previous) == 1:
+            self.hint_next(k + (k - previous))  # walking slice by slice: the next one is known
         tr = self.transform
         groups: list[tuple[tuple | None, list, list]] = []
         pos = list(prompts.points_pos_ij)

@@ -26,11 +26,13 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
+from .agreement import AgreementResult, check_agreement
 from .backends import (
     TOLERANCE,
     BackendUnavailable,
     OnnxRuntimeEncoder,
     OpenVINOEncoder,
+    OpenVINOStemFP32Encoder,
     TorchFusedEncoder,
     check_against_reference,
     clear_cache,
@@ -63,7 +65,12 @@ __all__ = [
     "OnnxRuntimeEncoder",
     "OpenVINOEncoder",
     "TorchFusedEncoder",
+    "AgreementResult",
     "available_backends",
+    "candidates",
+    "check_agreement",
+    "current_precision",
+    "describe_acceleration",
     "clear_cache",
     "cpu_features",
     "current_backend",
@@ -103,27 +110,45 @@ def available_backends() -> list[str]:
 
 
 def resolve_precision(precision: str = "auto", features: CPUFeatures | None = None) -> str:
-    """The precision the encoder will run in: ``fp32`` or ``bf16``.
+    """The precision to try first: ``fp32`` or ``bf16``.
 
-    ``auto`` is fp32 everywhere. With bf16 rounding of the encoder's matrix inputs (what AVX512-BF16 / AMX
-    hardware does, emulated on lits117) the masks agreed with fp32 only to a mean Dice of 0.993 (liver) and
-    0.986 (tumour), and the label Dice moved by -0.007 to +0.020: as large as the 0.005 LiverSAM allows,
-    so bf16 is opt-in (docs/PERFORMANCE.md). ``bf16`` on a CPU without native bf16 would be emulated and
-    ~30x slower: it falls back to fp32 with a warning.
+    ``auto`` is bf16 on CPUs that multiply bf16 natively (AVX512-BF16, AMX, Arm BF16) and fp32 elsewhere;
+    a bf16 candidate is still only used when its masks pass the agreement check (``agreement.py``), else
+    the same backend in fp32 is used. ``bf16`` on a CPU without native bf16 would be emulated and ~30x
+    slower: it falls back to fp32 with a warning.
     """
     if precision not in PRECISIONS:
         raise ModelError(f"Unknown encoder precision '{precision}'; use one of {', '.join(PRECISIONS)}.")
-    if precision == "bf16":
-        features = features or cpu_features()
-        if not features.native_bf16:
+    if precision == "fp32":
+        return "fp32"
+    features = features or cpu_features()
+    if not features.native_bf16:
+        if precision == "bf16":
             log.warning(
                 "bf16 was requested but this CPU (%s) has no native bf16 (AVX512-BF16 / AMX): it would run "
                 "about 30x slower than fp32. Using fp32.",
                 features.summary(),
             )
-            return "fp32"
-        return "bf16"
-    return "fp32"
+        return "fp32"
+    return "bf16"
+
+
+def candidates(backend: str, precision: str) -> list[tuple[str, str]]:
+    """(backend, precision) pairs to try, fastest first.
+
+    Measured order on a 2-core AVX-512 + bf16 EPYC (encode + decode per slice, docs/PERFORMANCE.md):
+    OpenVINO bf16 < ``bf16-rest`` (encoder stem fp32, rest and decoder bf16) < ``mixed`` (fp32 encoder, bf16
+    prompt decoder) < OpenVINO fp32 < ONNX Runtime
+    fp32 < fused PyTorch fp32. A bf16 candidate that fails falls back to the *same* backend first, never to
+    a slower backend. ONNX Runtime and the fused PyTorch path run in fp32 only (no bf16 speed-up measured).
+    """
+    backends = [backend] + [b for b in AUTO_ORDER if b != backend] if backend != "auto" else list(AUTO_ORDER)
+    order = []
+    for name in backends:
+        if precision == "bf16" and name == "openvino":
+            order += [(name, "bf16"), (name, "bf16-rest"), (name, "mixed")]
+        order.append((name, "fp32"))
+    return order
 
 
 def current_backend(model) -> str:
@@ -149,17 +174,40 @@ def current_decoder_backend(model) -> str:
     return "plain" if override is None else str(getattr(override, "name", "custom"))
 
 
+def current_precision(model) -> str:
+    """Precision of the image encoder in use (``fp32`` for the plain path)."""
+    return str(getattr(getattr(model, "encoder_override", None), "precision", "fp32"))
+
+
+def describe_acceleration(model) -> str:
+    """One line for logs and reports, e.g. ``encoder openvino bf16, decoder openvino bf16 (masks agree ...)``."""
+    encoder = getattr(model, "encoder_override", None)
+    decoder = getattr(model, "decoder_override", None)
+    text = f"encoder {current_backend(model)} {current_precision(model)}, decoder {current_decoder_backend(model)}"
+    text += f" {getattr(decoder, 'precision', 'fp32')}"
+    agreement = getattr(encoder, "agreement", None)
+    if agreement is not None:
+        text += (
+            f" (masks vs PyTorch fp32: mean Dice {agreement.mean_dice:.4f}, min {agreement.min_dice:.4f}, "
+            f"{len(agreement.dice)} masks)"
+        )
+    return text
+
+
 def enable_fast_decoder(
     model,
     backend: str = "auto",
     cache_dir: str | Path | None = None,
     threads: int | None = None,
+    precision: str = "fp32",
 ) -> str:
-    """Run the prompt encoder + mask decoder as one exported graph (OpenVINO / ONNX Runtime), fp32.
+    """Run the prompt encoder + mask decoder as one exported graph (OpenVINO / ONNX Runtime).
 
     Exported once per decoder-weights SHA-256 into ``<cache_dir>/<sha>-decoder/``; checked against the
     PyTorch decoder on fixed prompts (box, box + points, points with multimask, box + mask) every time it
-    is loaded. Returns the backend used, or ``plain`` (GPU models, no package, failed export or check).
+    is loaded (fp32: relative error <= 1e-3; bf16, OpenVINO only: a sanity bound, the masks are checked by
+    :func:`enable_fast_encoder`). OpenVINO compiles the graph with static shapes for each prompt size.
+    Returns the backend used, or ``plain`` (GPU models, no package, failed export or check).
     """
     if backend not in BACKENDS:
         raise ModelError(f"Unknown decoder backend '{backend}'; use one of {', '.join(BACKENDS)}.")
@@ -173,8 +221,8 @@ def enable_fast_decoder(
     parts = torch.nn.ModuleDict(
         {"prompt_encoder": model.network.prompt_encoder, "mask_decoder": model.network.mask_decoder}
     )
-    candidates = [backend] if backend != "auto" else [b for b in AUTO_ORDER if b != "torch"]
-    for name in candidates:
+    names = [backend] if backend != "auto" else [b for b in AUTO_ORDER if b != "torch"]
+    for name in names:
         try:
             if name not in available_backends():
                 raise BackendUnavailable(f"the '{name}' package is not installed")
@@ -184,14 +232,14 @@ def enable_fast_decoder(
                 folder.mkdir(parents=True, exist_ok=True)
                 log.info("Exporting the prompt decoder to ONNX once (cached in %s) ...", folder)
                 export_decoder_onnx(model.network, onnx_path)
-            fast = FastPromptDecoder(onnx_path, name, threads, fallback=model.decode)
+            fast = FastPromptDecoder(onnx_path, name, threads, fallback=model.decode, precision=precision)
             entry = prepare_export(model.network.image_encoder, model.input_size, cache_dir)
-            error = check_decoder(fast, model, entry)
+            error = check_decoder(fast, model, entry, TOLERANCE[fast.precision])
         except (BackendUnavailable, OSError) as exc:
             log.info("Decoder backend '%s' not used: %s.", name, exc)
             continue
         model.decoder_override = fast
-        log.info("Prompt decoder backend: %s (matches PyTorch to %.1e).", name, error)
+        log.info("Prompt decoder backend: %s %s (logits within %.1e of PyTorch).", name, fast.precision, error)
         return name
     return "plain"
 
@@ -206,7 +254,9 @@ def _build(backend: str, model, precision: str, threads: int, cache_dir: Path | 
             "pip install 'liversam[fast]' to use it"
         )
     entry = prepare_export(encoder, model.input_size, cache_dir)
-    if backend == "openvino":
+    if backend == "openvino" and precision == "bf16-rest":
+        fn = OpenVINOStemFP32Encoder(entry, threads)
+    elif backend == "openvino":
         fn = OpenVINOEncoder(entry, threads, precision)
     elif backend == "onnxruntime":
         fn = OnnxRuntimeEncoder(entry, threads)  # always fp32 (its CPU provider has no bf16 kernels here)
@@ -214,7 +264,42 @@ def _build(backend: str, model, precision: str, threads: int, cache_dir: Path | 
         raise ModelError(f"Unknown encoder backend '{backend}'; use one of {', '.join(BACKENDS)}.")
     if verify:
         error = check_against_reference(fn, entry, fn.precision, backend)
-        log.info("%s encoder (%s) matches PyTorch fp32 to %.1e (relative L2).", backend, fn.precision, error)
+        log.info("%s encoder (%s) within %.1e of PyTorch fp32 (relative L2).", backend, fn.precision, error)
+    return fn
+
+
+def _try_candidate(
+    model, name: str, precision: str, threads: int, cache: Path | None, verify: bool, decoder: bool, check_set
+):
+    """Install one candidate on ``model`` and check its masks; raises BackendUnavailable when refused.
+
+    ``precision``: ``fp32``, ``bf16`` (encoder and decoder), ``bf16-rest`` (encoder stem fp32, the rest of
+    the encoder and the decoder bf16) or ``mixed`` (fp32 encoder, bf16 decoder)."""
+    encoder_precision = "fp32" if precision == "mixed" else precision
+    decoder_precision = "fp32" if precision == "fp32" else "bf16"
+    fn = _build(name, model, encoder_precision, threads, cache, verify)
+    model.encoder_override = fn
+    if decoder and name in ("openvino", "onnxruntime"):
+        enable_fast_decoder(model, name, cache_dir=cache, threads=threads, precision=decoder_precision)
+        if decoder_precision != "fp32" and getattr(model.decoder_override, "precision", "fp32") == "fp32":
+            raise BackendUnavailable(f"no {decoder_precision} prompt decoder")  # the fp32 candidate follows
+    else:
+        disable_fast_decoder(model)
+    if not verify:
+        return fn
+    sha = encoder_weights_sha256(model.network)
+    folder = (cache if cache is not None else default_cache_dir()) / "agreement"
+    label = f"{name}+{current_decoder_backend(model)}"
+    try:
+        result = check_agreement(model, label, precision, sha, folder, check_set=check_set)
+    except FileNotFoundError as exc:
+        if precision != "fp32":  # no real slices to check a lower precision on: refuse it
+            raise BackendUnavailable(f"{precision} cannot be checked here ({exc})") from exc
+        log.info("Mask agreement check skipped (%s); the fp32 embedding check passed.", exc)
+        return fn
+    if not result.accepted:
+        raise BackendUnavailable(result.reason)
+    fn.agreement = result
     return fn
 
 
@@ -226,23 +311,27 @@ def enable_fast_encoder(
     threads: int | None = None,
     verify: bool = True,
     decoder: bool = True,
+    check_set=None,
 ) -> str:
-    """Make ``model.encode`` use a faster encoder implementation; returns the backend now in use.
+    """Make ``model.encode`` (and ``model.decode``) use a faster implementation; returns the encoder backend.
 
-    ``model``: a :class:`liversam.models.LoadedModel`. ``backend``: one of :data:`BACKENDS`. A named
-    backend that cannot run here falls back to ``auto``'s remaining choices and finally ``plain`` (logged,
-    never an error: the plain path always works). ``cache_dir``: where exported graphs are kept (default
-    :func:`default_cache_dir`, never the install folder). ``precision``: ``auto`` | ``fp32`` | ``bf16``
-    (see :func:`resolve_precision`). ``threads``: CPU threads for the backend (default: torch's setting).
-    ``verify``: compare each exported backend with PyTorch fp32 on a test image before using it.
-    ``decoder``: when an exported backend is chosen, also run the prompt decoder through it
-    (:func:`enable_fast_decoder`); the decoder's backend is reported by :func:`current_decoder_backend`.
+    ``model``: a :class:`liversam.models.LoadedModel`. ``backend``: one of :data:`BACKENDS`. Candidates
+    (backend, precision) are tried fastest first (:func:`candidates`); a named backend that cannot run
+    here falls back to ``auto``'s remaining choices and finally ``plain`` (logged, never an error).
+    ``cache_dir``: where exported graphs and check verdicts are kept (default :func:`default_cache_dir`,
+    never the install folder). ``precision``: ``auto`` | ``fp32`` | ``bf16`` (see
+    :func:`resolve_precision`). ``threads``: CPU threads for the backend (default: torch's setting).
+    ``verify``: check each candidate before using it: its embedding of a synthetic image on every load,
+    and its *masks* on real CT slices against fp32 PyTorch once per weights / backend / precision /
+    runtime version (:mod:`liversam.acceleration.agreement`, verdict cached). ``decoder``: when an
+    exported backend is chosen, run the prompt decoder through it too (same precision).
+    ``check_set``: (volume, cases) for the mask check (default: the lits117 example).
 
     Models on a GPU are left on the plain PyTorch path (returns ``plain``).
     """
     if backend not in BACKENDS:
         raise ModelError(f"Unknown encoder backend '{backend}'; use one of {', '.join(BACKENDS)}.")
-    resolved_precision = resolve_precision(precision)
+    first_precision = resolve_precision(precision)
     if backend == "plain":
         disable_fast_encoder(model)
         disable_fast_decoder(model)
@@ -259,22 +348,16 @@ def enable_fast_encoder(
         return "plain"
     threads = int(threads or torch.get_num_threads())
     cache = Path(cache_dir) if cache_dir is not None else None
-    candidates = (
-        [backend] + [b for b in AUTO_ORDER if b != backend] if backend != "auto" else list(AUTO_ORDER)
-    )
-    for name in candidates:
+    for name, candidate_precision in candidates(backend, first_precision):
         try:
-            fn = _build(name, model, resolved_precision, threads, cache, verify)
+            _try_candidate(model, name, candidate_precision, threads, cache, verify, decoder, check_set)
         except (BackendUnavailable, OSError) as exc:  # OSError: cache folder not writable, disk full
             level = logging.WARNING if name == backend else logging.INFO
-            log.log(level, "Encoder backend '%s' not used: %s.", name, exc)
-            continue
-        model.encoder_override = fn
-        log.info("Image encoder backend: %s (%s, %d threads).", name, fn.precision, threads)
-        if decoder and name in ("openvino", "onnxruntime"):
-            enable_fast_decoder(model, name, cache_dir=cache, threads=threads)
-        else:
+            log.log(level, "Encoder backend '%s' (%s) not used: %s.", name, candidate_precision, exc)
+            disable_fast_encoder(model)
             disable_fast_decoder(model)
+            continue
+        log.info("Accelerated (%d threads): %s.", threads, describe_acceleration(model))
         return name
     disable_fast_encoder(model)
     disable_fast_decoder(model)

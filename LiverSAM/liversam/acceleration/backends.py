@@ -38,9 +38,11 @@ log = logging.getLogger(__name__)
 #: Format of a cache entry; bump when the files written by :func:`prepare_export` change meaning.
 EXPORT_FORMAT = "liversam-encoder-export/1"
 
-#: Largest accepted relative L2 error of a backend's embedding against plain fp32 PyTorch, by precision.
-#: fp32 backends differ only by summation order (measured ~4e-6); bf16 rounds every product input.
-TOLERANCE = {"fp32": 1e-3, "bf16": 3e-2}
+#: Largest relative L2 error of a backend's embedding on the synthetic reference image against plain fp32
+#: PyTorch, checked every time a backend is loaded, by precision. fp32 backends differ only by summation
+#: order (measured ~4e-6). For bf16 (measured 9.4e-2: every product input is rounded) this is only a sanity
+#: bound against a broken runtime; what decides is the mask agreement check (``agreement.py``).
+TOLERANCE = {"fp32": 1e-3, "bf16": 0.25, "bf16-rest": 0.25}
 
 EncoderFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -333,6 +335,78 @@ class OpenVINOEncoder(_PerImageRunner):
     def _run_one(self, image: np.ndarray) -> np.ndarray:
         self._request.infer({0: image})
         return self._request.get_output_tensor(0).data
+
+
+def stem_cut_tensor(onnx_path: Path, stem_prefixes: tuple[str, ...] = ("/patch_embed/", "/layers.0/")) -> str:
+    """Name of the one tensor that carries the encoder's stem (patch embedding + first stage of TinyViT)
+    into the rest of the graph; raises :class:`BackendUnavailable` when the graph has no such single cut."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    producer = {out: node.name for node in graph.node for out in node.output}
+
+    def in_stem(name: str) -> bool:
+        return name.startswith(stem_prefixes)
+
+    crossing = {
+        tensor
+        for node in graph.node
+        if not in_stem(node.name)
+        for tensor in node.input
+        if tensor in producer and in_stem(producer[tensor])
+    }
+    if len(crossing) != 1:
+        raise BackendUnavailable(f"no single stem output in '{onnx_path.name}' (found {len(crossing)})")
+    return crossing.pop()
+
+
+class OpenVINOStemFP32Encoder(_PerImageRunner):
+    """OpenVINO with the stem (patch embedding + first stage) in fp32 and the rest in bf16.
+
+    The encoder graph is cut once into ``encoder_stem.onnx`` and ``encoder_rest.onnx`` (kept beside the
+    export). On lits117 bf16 in the stem alone moved the masks as much as bf16 everywhere (min Dice 0.951);
+    with the stem in fp32 the masks agreed to mean 0.993 / min 0.980 (docs/PERFORMANCE.md).
+    """
+
+    name = "openvino"
+    precision = "bf16-rest"
+
+    def __init__(self, entry: ExportEntry, threads: int) -> None:
+        super().__init__(entry.input_size)
+        try:
+            import openvino as ov
+            from onnx.utils import extract_model
+        except ImportError as exc:
+            raise BackendUnavailable("the 'openvino' / 'onnx' packages are not installed") from exc
+        stem_path, rest_path = entry.folder / "encoder_stem.onnx", entry.folder / "encoder_rest.onnx"
+        try:
+            if not (stem_path.is_file() and rest_path.is_file()):
+                cut = stem_cut_tensor(entry.onnx_path)
+                with atomic_path(stem_path) as tmp:
+                    extract_model(str(entry.onnx_path), str(tmp), ["images"], [cut])
+                with atomic_path(rest_path) as tmp:
+                    extract_model(str(entry.onnx_path), str(tmp), [cut], ["embeddings"])
+            core = ov.Core()
+            requests = []
+            for path, hint in ((stem_path, "f32"), (rest_path, "bf16")):
+                config = {
+                    "INFERENCE_NUM_THREADS": int(threads),
+                    "PERFORMANCE_HINT": "LATENCY",
+                    "NUM_STREAMS": 1,
+                    "INFERENCE_PRECISION_HINT": hint,
+                    "CACHE_DIR": str(entry.folder / "openvino_cache"),
+                }
+                requests.append(core.compile_model(core.read_model(str(path)), "CPU", config).create_infer_request())
+        except BackendUnavailable:
+            raise
+        except Exception as exc:
+            raise BackendUnavailable(f"OpenVINO could not split / compile '{entry.onnx_path}': {exc}") from exc
+        self._stem, self._rest = requests
+
+    def _run_one(self, image: np.ndarray) -> np.ndarray:
+        self._stem.infer({0: image})
+        self._rest.infer({0: self._stem.get_output_tensor(0).data})
+        return self._rest.get_output_tensor(0).data
 
 
 class OnnxRuntimeEncoder(_PerImageRunner):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import OutputError
 from ..output_paths import check_outputs, model_input_path
+from ..progress import ProgressReporter
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ def _dicom_folder_of_file(ct: Path) -> Path | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..acceleration import describe_acceleration
     from ..ct_io import read_ct
     from ..models import load_model
     from ..pipeline import PipelineSettings, segment_volume
@@ -132,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
         ),
         propagation=PropagationSettings(intensity_refinement=not args.no_intensity_refinement),
     )
-    result = segment_volume(volume, segments, predictor, settings)
+    with ProgressReporter() as progress:  # bar on a terminal, a line per stage in a log, nothing with --quiet
+        result = segment_volume(volume, segments, predictor, settings, progress=progress)
     result.provenance["prompts"] = str(args.prompts)
     write_segmentation(result, output, reference_dicom=args.ct if fmt == "dicom-seg" else None, model_name=model.name)
 
@@ -152,6 +155,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"{seg.name}: {int(seg.mask_kji.sum())} voxels, {seg.mask_kji.sum() * voxel_ml:.1f} mL")
     print(
         f"wrote {output} ({len(predictor.encoded_slices)} slices encoded in {predictor.encode_seconds:.1f} s, "
-        f"total {elapsed:.1f} s, model {model.name} on {model.device})"
+        f"total {elapsed:.1f} s, model {model.name} on {model.device}, {describe_acceleration(model)})"
     )
     return 0

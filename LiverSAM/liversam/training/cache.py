@@ -93,7 +93,8 @@ def build_study_cache(
     """The cache file of ``study``, built now if no valid one exists. ``model`` is a
     :class:`~liversam.models.LoadedModel` (its encoder is used only with a frozen encoder)."""
     import h5py
-    from tqdm.auto import tqdm
+
+    from ..progress import progress_bar as tqdm  # bar on a terminal, lines in a log, nothing with --quiet
 
     settings = cache_settings(config, model_identity)
     key = cache_key(study, settings)

@@ -78,7 +78,9 @@ def write_test_report(
     results = {}
     for label, model in (("base", base_model), ("trained", str(checkpoint))):
         log.info("test report: evaluating the %s model on %d test case(s)", label, len(cases))
-        results[label] = evaluate(cases, settings, model=model, device=config.device, progress=progress)
+        results[label] = evaluate(
+            cases, settings, model=model, device=config.device, progress=progress, accelerate="auto"
+        )
     rows = []
     for structure in ("liver", "tumor"):
         for metric in ("dice", "iou", "hd95_mm"):

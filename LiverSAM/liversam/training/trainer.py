@@ -21,6 +21,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +90,26 @@ def model_identity(model) -> str:
     if not digest and Path(model.source).is_file():
         digest = file_sha256(model.source)
     return f"{model.spec.name}:{digest or model.source}"
+
+
+@contextmanager
+def fast_frozen_encoder(model, frozen: bool) -> Iterator[str]:
+    """While the embedding caches are built: the model's encoder replaced by the fastest verified backend
+    (``liversam.acceleration``: OpenVINO / ONNX Runtime, masks checked against fp32 PyTorch) when the
+    encoder is frozen and runs on the CPU; yields its precision. Training itself always uses the PyTorch
+    network, so the override is removed afterwards."""
+    if not frozen or model.device.type != "cpu" or model.encoder_override is not None:
+        yield "fp32"
+        return
+    from .. import acceleration
+
+    try:
+        acceleration.enable_fast_encoder(model, "auto")  # the same verified choice (and cached verdict) as segment
+        log.info("embedding cache encoder: %s", acceleration.describe_acceleration(model))
+        yield acceleration.current_precision(model)
+    finally:
+        acceleration.disable_fast_encoder(model)
+        acceleration.disable_fast_decoder(model)
 
 
 def set_trainable(network, train_encoder: str, last_stages: int = 1) -> list[torch.nn.Parameter]:
@@ -284,8 +306,11 @@ class Trainer:
             split = split_patients(list(by_id), config.split_fractions, config.seed)
         cache_paths: dict[str, Path] = {}
         needed = [s for s in studies if split is None or s.case_id in split.train + split.val]
-        for study in needed:
-            cache_paths[study.case_id] = build_study_cache(study, config, model, identity, self.progress)
+        with fast_frozen_encoder(model, config.frozen_encoder) as precision:
+            if precision != "fp32":  # bf16 embeddings differ (within the mask check): their own cache
+                identity = f"{identity}|encoder-{precision}"
+            for study in needed:
+                cache_paths[study.case_id] = build_study_cache(study, config, model, identity, self.progress)
         if split is None:  # one study: split its cached slices
             import h5py
 
@@ -613,9 +638,8 @@ class Trainer:
             file_handler.close()
 
     def _run(self) -> TrainingResult:
-        from tqdm.auto import tqdm
-
         from ..models import safe_torch_load
+        from ..progress import progress_bar as tqdm  # bar on a terminal, lines in a log, nothing with --quiet
 
         config = self.config
         if config.threads:

@@ -1,0 +1,180 @@
+"""Progress of long commands: a bar on a terminal, a line per stage in a log file or CI, nothing when quiet.
+
+Every long operation of LiverSAM reports progress through one callback type, :data:`ProgressCallback`::
+
+    progress(stage: str, done: int, total: int) -> None
+
+``stage`` is a short human-readable label (``"propagating 'liver'"``, ``"segment 'tumor'"``), ``done`` and
+``total`` count the stage's units (slices, cases, segments); ``done`` only grows within a stage, a new
+``stage`` string starts a new stage, ``done`` may stop below ``total`` (a propagation that ends early), and
+``segment_volume`` ends with ``progress("done", n, n)``.
+Calls come from the thread doing the work and must return quickly. A server forwards the same three values
+to its clients (e.g. as JSON ``{"stage": ..., "done": ..., "total": ...}`` events); the command line shows
+them with :class:`ProgressReporter`.
+
+Output goes to stderr: a tqdm bar (stage, done / total, time left) when stderr is a terminal, else one line
+when a stage starts and one when it ends (plus one a minute in between), and nothing after
+``configure(quiet=True)`` (``liversam ... --quiet``). :func:`progress_bar` is the same choice with tqdm's
+signature, for loops that used tqdm directly.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO, Any
+
+ProgressCallback = Callable[[str, int, int], None]
+
+LINE_INTERVAL_S = 60.0  # log mode: at most one line a minute between a stage's start and end
+
+_settings = {"quiet": False}
+
+
+def configure(quiet: bool = False) -> None:
+    """Process-wide: ``quiet=True`` silences every progress display (the ``--quiet`` option)."""
+    _settings["quiet"] = bool(quiet)
+
+
+def is_quiet() -> bool:
+    return _settings["quiet"]
+
+
+def _is_terminal(stream: IO[str]) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60}:{seconds % 60:02d}" if seconds >= 60 else f"{seconds} s"
+
+
+class LineProgress:
+    """tqdm's interface (iterate, ``update``, ``set_postfix``, ``close``) printing whole lines, for logs."""
+
+    def __init__(
+        self,
+        iterable: Iterable | None = None,
+        desc: str = "",
+        total: int | None = None,
+        unit: str = "it",
+        file: IO[str] | None = None,
+        interval_s: float = LINE_INTERVAL_S,
+        **_: Any,
+    ) -> None:
+        self.iterable = iterable
+        self.desc = desc
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            total = len(iterable)  # type: ignore[arg-type]
+        self.total = total
+        self.unit = unit
+        self.n = 0
+        self.file = file or sys.stderr
+        self.interval_s = interval_s
+        self.started = time.perf_counter()
+        self._last_line = self.started
+        self._closed = False
+        self._postfix = ""
+        of = f" of {total} {unit}" if total else ""
+        self._write(f"{desc}: started{of}")
+
+    def _write(self, text: str) -> None:
+        print(f"[liversam] {text}", file=self.file, flush=True)
+
+    def _status(self, time_left: bool = True) -> str:
+        elapsed = time.perf_counter() - self.started
+        text = f"{self.n}/{self.total} {self.unit}" if self.total else f"{self.n} {self.unit}"
+        if time_left and self.total and 0 < self.n < self.total:
+            text += f", about {_format_seconds(elapsed / self.n * (self.total - self.n))} left"
+        return text + (f" ({self._postfix})" if self._postfix else "")
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.perf_counter()
+        if now - self._last_line >= self.interval_s and (not self.total or self.n < self.total):
+            self._last_line = now
+            self._write(f"{self.desc}: {self._status()}")
+
+    def set_postfix(self, ordered_dict: dict | None = None, **kwargs: Any) -> None:
+        items = {**(ordered_dict or {}), **kwargs}
+        self._postfix = ", ".join(f"{k}={v}" for k, v in items.items())
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            elapsed = _format_seconds(time.perf_counter() - self.started)
+            self._write(f"{self.desc}: done, {self._status(time_left=False)} in {elapsed}")
+
+    def __iter__(self) -> Iterator:
+        assert self.iterable is not None, "LineProgress without an iterable cannot be iterated"
+        try:
+            for item in self.iterable:
+                yield item
+                self.update(1)
+        finally:
+            self.close()
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+def progress_bar(iterable: Iterable | None = None, *, disable: bool = False, file: IO[str] | None = None, **kwargs: Any):
+    """``tqdm(iterable, **kwargs)`` on a terminal, :class:`LineProgress` in a log, a silent tqdm when quiet.
+
+    Accepts tqdm's keyword arguments (``desc``, ``total``, ``unit``, ``leave``, ...).
+    """
+    from tqdm.auto import tqdm
+
+    stream = file or sys.stderr
+    if disable or is_quiet():
+        return tqdm(iterable, disable=True, **kwargs)
+    if _is_terminal(stream):
+        return tqdm(iterable, file=stream, dynamic_ncols=True, **kwargs)
+    return LineProgress(iterable, file=stream, **kwargs)
+
+
+class ProgressReporter:
+    """A :data:`ProgressCallback` that shows each stage with :func:`progress_bar` (one bar per stage).
+
+    Use as ``progress=ProgressReporter()`` and call :meth:`close` (or use ``with``) when the work ends.
+    """
+
+    def __init__(self, unit: str = "slices", file: IO[str] | None = None, disable: bool = False) -> None:
+        self.unit = unit
+        self.file = file
+        self.disable = disable
+        self._stage: str | None = None
+        self._bar: Any = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage == "done":  # segment_volume's final call: the work has ended
+            self.close()
+            return
+        if stage != self._stage:
+            self.close()
+            self._stage = stage
+            self._bar = progress_bar(
+                total=max(int(total), 0) or None, desc=stage, unit=self.unit, file=self.file, disable=self.disable
+            )
+        bar = self._bar
+        if bar is not None and done > bar.n:
+            bar.update(int(done) - bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self._bar = None
+        self._stage = None
+
+    def __enter__(self) -> ProgressReporter:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
