@@ -614,10 +614,53 @@ def _run_box_protocol(protocol, volume, refs, predictor, settings, spacing, styl
         else:
             metrics["seeds"] = len(one_box_seeds(refs[spec.name], spec.lesions, settings.box_margin))
         out[spec.name] = metrics
+    if result is not None and protocol == "one-box":
+        from .review import build_review_report
+
+        report = build_review_report(result)
+        for spec in settings.structures:
+            out[spec.name]["review"] = review_detection(report, spec.name, preds[spec.name], refs[spec.name])
     if review_out is not None and result is not None:
         review_out["result"] = result
         review_out["preds"] = preds
     return out
+
+
+WRONG_SLICE_DICE = 0.85  # a slice is wrong when its Dice is below this, or it is present on one side only
+
+
+def wrong_slices(pred_kji: np.ndarray, ref_kji: np.ndarray, threshold: float = WRONG_SLICE_DICE) -> list[int]:
+    """Slices where the prediction is wrong: slice Dice < ``threshold``, or the structure present in only
+    one of prediction and reference."""
+    inter = (pred_kji & ref_kji).sum(axis=(1, 2))
+    p, r = pred_kji.sum(axis=(1, 2)), ref_kji.sum(axis=(1, 2))
+    either = (p + r) > 0
+    dice = np.where(either, 2.0 * inter / np.maximum(p + r, 1), 1.0)
+    return [int(k) for k in np.flatnonzero(either & (dice < threshold))]
+
+
+def review_detection(report: dict, structure: str, pred_kji: np.ndarray, ref_kji: np.ndarray) -> dict:
+    """The review report measured as a detector of wrong slices (:func:`wrong_slices`) of one structure:
+    recall = wrong slices flagged / wrong slices, precision = flagged slices that are wrong / flagged
+    slices. The flagged slices are the union of the ``flagged_slices`` of the structure's segments
+    (``tumor`` and ``tumor-<n>`` both count for ``tumor``)."""
+    flagged: set[int] = set()
+    items = 0
+    for seg in report["segments"]:
+        if re.sub(r"-\d+$", "", seg["name"]) == structure:
+            flagged.update(int(k) for k in seg["flagged_slices"])
+            items += len(seg.get("items", []))
+    wrong = set(wrong_slices(np.asarray(pred_kji, bool), np.asarray(ref_kji, bool)))
+    hit = len(flagged & wrong)
+    return {
+        "wrong_slices": len(wrong),
+        "flagged_slices": len(flagged),
+        "flagged_wrong": hit,
+        "recall": hit / len(wrong) if wrong else math.nan,
+        "precision": hit / len(flagged) if flagged else math.nan,
+        "items": items,
+        "scan_items": len(report.get("items", [])),
+    }
 
 
 def _click_predict_fn(predictor, k: int, use_mask_input: bool, boxes: Sequence[Box] = ()) -> Callable:
@@ -728,7 +771,7 @@ def evaluate_case(
                     t1 = time.perf_counter()
                     key = run_key(protocol, style, method)
                     protocols[key] = _run_box_protocol(protocol, volume, refs, predictor, settings, spacing,
-                                                       style, method, case.case_id)
+                                                       style=style, method=method, case_id=case.case_id)
                     timings[key] = time.perf_counter() - t1
             continue
         timings[protocol] = time.perf_counter() - t0
@@ -778,6 +821,19 @@ def aggregate(case_results: Sequence[dict], settings: EvaluationSettings) -> dic
             else:
                 keys = [k for k in BOX_METRICS if entries and k in entries[0]]
                 summary = {k: summarize(e[k] for e in entries) for k in keys}
+                reviews = [e["review"] for e in entries if "review" in e]
+                if reviews:
+                    wrong = sum(r["wrong_slices"] for r in reviews)
+                    flagged = sum(r["flagged_slices"] for r in reviews)
+                    hit = sum(r["flagged_wrong"] for r in reviews)
+                    summary["review"] = {
+                        "wrong_slices": wrong, "flagged_slices": flagged, "flagged_wrong": hit,
+                        "recall_pooled": hit / wrong if wrong else math.nan,
+                        "precision_pooled": hit / flagged if flagged else math.nan,
+                        "recall_mean": summarize(r["recall"] for r in reviews).get("mean"),
+                        "precision_mean": summarize(r["precision"] for r in reviews).get("mean"),
+                        "max_scan_items": max(r["scan_items"] for r in reviews),
+                    }
             out[protocol][spec.name] = summary
     return out
 
@@ -948,6 +1004,26 @@ def one_box_summary_markdown(results: dict) -> list[str]:
     row = ["**mean**"] + [_fmt((results["aggregate"][key][name].get("dice") or {}).get("mean"))
                           for key in keys for name in names]
     lines += ["| " + " | ".join(row) + " |", ""]
+    lines += ["## Review flags as a detector of wrong slices", "",
+              "Wrong slice: slice Dice < 0.85, or the structure on one side only. Recall = wrong slices flagged / "
+              "wrong slices; precision = flagged slices that are wrong / flagged slices.", "",
+              "| run | case | structure | wrong | flagged | flagged & wrong | recall | precision | items (scan) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for key in keys:
+        for case in results["cases"]:
+            for name in names:
+                r = case["protocols"][key][name].get("review")
+                if r:
+                    lines.append(f"| {key} | {case['id']} | {name} | {r['wrong_slices']} | {r['flagged_slices']} | "
+                                 f"{r['flagged_wrong']} | {_fmt(r['recall'])} | {_fmt(r['precision'])} | "
+                                 f"{r['scan_items']} |")
+        for name in names:
+            r = results["aggregate"][key][name].get("review")
+            if r:
+                lines.append(f"| {key} | **pooled** | {name} | {r['wrong_slices']} | {r['flagged_slices']} | "
+                             f"{r['flagged_wrong']} | {_fmt(r['recall_pooled'])} | {_fmt(r['precision_pooled'])} | "
+                             f"max {r['max_scan_items']} |")
+    lines.append("")
     return lines
 
 

@@ -74,6 +74,15 @@ class PropagationSettings:
     intensity_refinement: bool = True
     # Organs: a mask reaching its box's edge is predicted again from a box moved out by ``box_regrow_mm``
     # there (lobes that appear between thick slices), up to ``box_regrow_steps`` times.
+    # Organs on thick slices: the box margin is at least ``organ_margin_per_mm_slice`` x the slice thickness
+    # (an organ's outline moves further between 5 mm slices than between 1 mm ones).
+    organ_margin_per_mm_slice: float = 0.0
+    # Organs: once the area is below ``tip_fraction`` of the seed slice's, the track is at the organ's tip;
+    # a tip keeps shrinking, so a mask no smaller than ``tip_min_shrink`` x the one ``tip_window_mm`` back
+    # has run into a neighbour (kidney, bowel): stop there (None: off).
+    tip_fraction: float | None = None
+    tip_window_mm: float = 5.0
+    tip_min_shrink: float = 0.85
     box_regrow_steps: int = 0
     box_regrow_mm: float = 10.0
     regrow_min_gain: float = 0.05
@@ -239,7 +248,11 @@ class _Propagator:
         geometry = predictor.volume.geometry
         self.spacing_ji = (geometry.spacing_mm[1], geometry.spacing_mm[0])
         self.pixel_mm2 = geometry.spacing_mm[0] * geometry.spacing_mm[1]
-        self.margin_ij = (settings.box_margin_mm / geometry.spacing_mm[0], settings.box_margin_mm / geometry.spacing_mm[1])
+        margin_mm = settings.box_margin_mm
+        if container_kji is None:
+            margin_mm = max(margin_mm, settings.organ_margin_per_mm_slice * geometry.spacing_mm[2])
+        self.margin_ij = (margin_mm / geometry.spacing_mm[0], margin_mm / geometry.spacing_mm[1])
+        self.thickness_mm = geometry.spacing_mm[2]
         self.nk = geometry.size_ijk[2]
         self.shape_ji = predictor.volume.array_kji.shape[1:]
         self.computed: list[int] = []
@@ -350,6 +363,9 @@ class _Propagator:
     def _walk(self, k0, step, prev_mask, prev_prediction, track, out, scores, k_min, k_max) -> str:
         s = self.settings
         prev_area = float(prev_mask.sum())
+        seed_area = prev_area
+        areas = {k0: prev_area}
+        window = max(1, int(round(s.tip_window_mm / self.thickness_mm)))
         seed_hu = self._mean_hu(k0, prev_mask)
         count = 0
         k = k0 + step
@@ -385,6 +401,11 @@ class _Propagator:
             grown_prev = ndimage.binary_dilation(prev_mask, iterations=3)
             if (mask & grown_prev).sum() < s.min_overlap * area:
                 return "jumped away from previous slice"
+            if self.container is None and s.tip_fraction is not None and area < s.tip_fraction * seed_area:
+                back = areas.get(k - window * step)
+                if back is not None and area > s.tip_min_shrink * back:
+                    return "tip stopped tapering"
+            areas[k] = area
             track.records[k] = SliceRecord(k, area * self.pixel_mm2, prediction.score, box, "propagated",
                                            _touches_box_edge(mask, box, self.shape_ji))
             out[k] |= mask
