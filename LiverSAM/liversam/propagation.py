@@ -75,14 +75,19 @@ class PropagationSettings:
     # Organs: a mask reaching its box's edge is predicted again from a box moved out by ``box_regrow_mm``
     # there (lobes that appear between thick slices), up to ``box_regrow_steps`` times.
     # Organs on thick slices: the box margin is at least ``organ_margin_per_mm_slice`` x the slice thickness
-    # (an organ's outline moves further between 5 mm slices than between 1 mm ones).
-    organ_margin_per_mm_slice: float = 0.0
-    # Organs: once the area is below ``tip_fraction`` of the seed slice's, the track is at the organ's tip;
-    # a tip keeps shrinking, so a mask no smaller than ``tip_min_shrink`` x the one ``tip_window_mm`` back
-    # has run into a neighbour (kidney, bowel): stop there (None: off).
-    tip_fraction: float | None = None
+    # (an organ's outline moves further between 5 mm slices than between 1 mm ones; lobes appear). 5 mm
+    # slices: 7 mm instead of 4 (one-box liver Dice hcc2144 0.772 -> 0.864; with the tip rule below 0.905).
+    organ_margin_per_mm_slice: float = 1.4
+    # Organs on slices at least ``tip_min_thickness_mm`` thick: once the area is below ``tip_fraction`` of the
+    # seed slice's, the track is at the organ's tip, and a tip keeps shrinking; a mask no smaller than
+    # ``tip_min_shrink`` x the one ``tip_window_mm`` back has run on into a neighbour (kidney, bowel): the
+    # track stops there ("tip stopped tapering"). hcc0697 / hcc2144 liver Dice 0.884 / 0.864 -> 0.934 / 0.905.
+    # Off on thinner slices, where a liver tip tapers over many slices: on ircadb17 (1.6 mm) and lits117 it
+    # cut 33 and 22 slices of real liver (ircadb17 0.911 with it). None: off everywhere.
+    tip_fraction: float | None = 0.25
     tip_window_mm: float = 5.0
     tip_min_shrink: float = 0.85
+    tip_min_thickness_mm: float = 3.0
     box_regrow_steps: int = 0
     box_regrow_mm: float = 10.0
     regrow_min_gain: float = 0.05
@@ -401,7 +406,8 @@ class _Propagator:
             grown_prev = ndimage.binary_dilation(prev_mask, iterations=3)
             if (mask & grown_prev).sum() < s.min_overlap * area:
                 return "jumped away from previous slice"
-            if self.container is None and s.tip_fraction is not None and area < s.tip_fraction * seed_area:
+            if (self.container is None and s.tip_fraction is not None and self.thickness_mm >= s.tip_min_thickness_mm
+                    and area < s.tip_fraction * seed_area):
                 back = areas.get(k - window * step)
                 if back is not None and area > s.tip_min_shrink * back:
                     return "tip stopped tapering"
