@@ -75,6 +75,7 @@ from .volume import CTVolume
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("oracle-box", "one-box", "clicks")
+BOX_STYLES = ("tight", "loose", "jitter")
 CT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
 METRIC_DEFINITIONS = {
@@ -146,6 +147,17 @@ class EvaluationSettings:
     # one-box: propagation with intensity refinement (liversam.intensity_refinement), as `liversam segment`.
     intensity_refinement: bool = True
     thresholds: tuple[float, ...] = DICE_THRESHOLDS
+    # one-box: "one" puts every lesion box of a structure in one segment (what a user writes, the default);
+    # "per-lesion" gives each lesion a segment of its own.
+    lesion_segments: str = "one"
+    # one-box: the propagation methods run side by side ("liversam", and "naive", the reference loop).
+    propagation_methods: tuple[str, ...] = ("liversam", "naive")
+    # one-box: how the simulated user draws the box: "tight" (the label's bounding box + ``box_margin``),
+    # "loose" (+ ``loose_mm`` on every side), "jitter" (every side moved outwards by a seeded uniform draw
+    # from ``jitter_mm``, a negative value cutting into the structure).
+    box_styles: tuple[str, ...] = ("tight",)
+    loose_mm: float = 7.0
+    jitter_mm: tuple[float, float] = (-2.0, 7.0)
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.protocols if p not in PROTOCOLS]
@@ -159,6 +171,17 @@ class EvaluationSettings:
             raise LiverSAMError(f"click_start must be 'point' or 'box', got '{self.click_start}'.")
         if self.box_margin < 0:
             raise LiverSAMError(f"box_margin must be >= 0 voxels, got {self.box_margin}.")
+        if self.lesion_segments not in ("one", "per-lesion"):
+            raise LiverSAMError(f"lesion_segments must be 'one' or 'per-lesion', got '{self.lesion_segments}'.")
+        from .propagation import PROPAGATION_METHODS
+
+        bad = [m for m in self.propagation_methods if m not in PROPAGATION_METHODS]
+        if bad or not self.propagation_methods:
+            raise LiverSAMError(f"Unknown propagation method(s) {bad or '(none)'}; choose from "
+                                f"{', '.join(PROPAGATION_METHODS)}.")
+        bad = [b for b in self.box_styles if b not in BOX_STYLES]
+        if bad or not self.box_styles:
+            raise LiverSAMError(f"Unknown box style(s) {bad or '(none)'}; choose from {', '.join(BOX_STYLES)}.")
 
 
 # --- data ---------------------------------------------------------------------------------------------
@@ -438,6 +461,79 @@ def one_box_seeds(ref_kji: np.ndarray, per_lesion: bool, margin: int = 0) -> lis
     return seeds
 
 
+def run_key(protocol: str, style: str = "tight", method: str = "liversam") -> str:
+    """The results key of one run: ``one-box`` (tight boxes, LiverSAM), ``one-box:naive``,
+    ``one-box:loose``, ``one-box:jitter:naive``, ..."""
+    return protocol + ("" if style == "tight" else f":{style}") + ("" if method == "liversam" else f":{method}")
+
+
+def run_keys(settings: EvaluationSettings) -> list[str]:
+    """Every results key a run with ``settings`` produces, in report order."""
+    keys = []
+    for protocol in settings.protocols:
+        if protocol == "one-box":
+            keys += [run_key(protocol, style, method) for style in settings.box_styles
+                     for method in settings.propagation_methods]
+        else:
+            keys.append(protocol)
+    return keys
+
+
+def styled_box(box: Box, style: str, shape_ji: tuple[int, int], spacing_ij: tuple[float, float],
+               settings: EvaluationSettings, rng: np.random.Generator) -> tuple[float, float, float, float]:
+    """A simulated user's box from the tight box ``box`` (see ``EvaluationSettings.box_styles``): clipped
+    to the slice and at least one voxel wide in each direction (a box must have an area)."""
+    i0, j0, i1, j1 = (float(v) for v in box)
+    if style == "loose":
+        di, dj = settings.loose_mm / spacing_ij[0], settings.loose_mm / spacing_ij[1]
+        i0, j0, i1, j1 = i0 - di, j0 - dj, i1 + di, j1 + dj
+    elif style == "jitter":
+        lo, hi = settings.jitter_mm
+        d = rng.uniform(lo, hi, size=4)
+        i0, j0 = i0 - d[0] / spacing_ij[0], j0 - d[1] / spacing_ij[1]
+        i1, j1 = i1 + d[2] / spacing_ij[0], j1 + d[3] / spacing_ij[1]
+        if i1 < i0:
+            i0 = i1 = (i0 + i1) / 2.0
+        if j1 < j0:
+            j0 = j1 = (j0 + j1) / 2.0
+    nj, ni = shape_ji
+    i0, i1 = float(np.clip(round(i0), 0, ni - 1)), float(np.clip(round(i1), 0, ni - 1))
+    j0, j1 = float(np.clip(round(j0), 0, nj - 1)), float(np.clip(round(j1), 0, nj - 1))
+    if i1 - i0 < 1.0:
+        i0, i1 = (i0, i0 + 1.0) if i0 + 1.0 <= ni - 1 else (i0 - 1.0, i0)
+    if j1 - j0 < 1.0:
+        j0, j1 = (j0, j0 + 1.0) if j0 + 1.0 <= nj - 1 else (j0 - 1.0, j0)
+    return (i0, j0, i1, j1)
+
+
+def one_box_prompts_json(refs: dict[str, np.ndarray], settings: EvaluationSettings, style: str = "tight",
+                         spacing_ij: tuple[float, float] = (1.0, 1.0), seed: int = 0) -> dict:
+    """The PROMPTS.json (IJK) a user writes for the one-box protocol: one box on the liver's largest slice,
+    one box per lesion on its largest slice, all lesion boxes in one ``tumor`` segment (or one segment per
+    lesion with ``lesion_segments="per-lesion"``); every segment propagated, tumours inside the liver."""
+    rng = np.random.default_rng(seed)
+    segments: list[dict] = []
+    label = 1
+    for spec in settings.structures:
+        ref = refs[spec.name]
+        if not ref.any():
+            continue
+        inside = spec.inside if spec.inside in refs and refs[spec.inside].any() else None
+        boxes = []
+        for k, box in one_box_seeds(ref, spec.lesions, settings.box_margin):
+            i0, j0, i1, j1 = styled_box(box, style, ref.shape[1:], spacing_ij, settings, rng)
+            boxes.append([[i0, j0, float(k)], [i1, j1, float(k)]])
+        groups = [[b] for b in boxes] if spec.lesions and settings.lesion_segments == "per-lesion" else [boxes]
+        for n, group in enumerate(groups, start=1):
+            entry: dict = {"name": spec.name if len(groups) == 1 else f"{spec.name}-{n}", "label": label,
+                           "boxes": group, "propagate": True}
+            if inside:
+                entry["inside"] = inside
+            segments.append(entry)
+            label += 1
+    return {"coordinate_system": "IJK", "segments": segments}
+
+
 # --- running the model ------------------------------------------------------------------------------------
 
 
@@ -459,8 +555,8 @@ def _segment_masks_by_structure(
     return masks
 
 
-def _box_protocol_prompts(protocol: str, refs: dict[str, np.ndarray], settings: EvaluationSettings) -> list:
-    """``SegmentPrompts`` for the box protocols (liver first so that tumours can be clipped to it)."""
+def _oracle_box_prompts(refs: dict[str, np.ndarray], settings: EvaluationSettings) -> list:
+    """``SegmentPrompts`` for the oracle-box protocol (liver first so that tumours can be clipped to it)."""
     from .prompts import SegmentPrompts, SlicePrompts
 
     prompts = []
@@ -469,35 +565,42 @@ def _box_protocol_prompts(protocol: str, refs: dict[str, np.ndarray], settings: 
         if not ref.any():
             continue
         inside = spec.inside if spec.inside in refs else None
-        if protocol == "oracle-box":
-            slices = {
-                k: SlicePrompts(boxes_ij=list(boxes), points_pos_ij=[], points_neg_ij=[])
-                for k, boxes in oracle_boxes(ref, spec.lesions, settings.box_margin).items()
-            }
-            prompts.append(
-                SegmentPrompts(name=spec.name, label=index, slices=slices, inside=inside, propagate=False)
-            )
-        else:
-            seeds = one_box_seeds(ref, spec.lesions, settings.box_margin)
-            for n, (k, box) in enumerate(seeds, start=1):
-                name = f"{spec.name}-{n}" if spec.lesions else spec.name
-                slices = {k: SlicePrompts(boxes_ij=[box], points_pos_ij=[], points_neg_ij=[])}
-                prompts.append(
-                    SegmentPrompts(name=name, label=index, slices=slices, inside=inside, propagate=True)
-                )
+        slices = {
+            k: SlicePrompts(boxes_ij=list(boxes), points_pos_ij=[], points_neg_ij=[])
+            for k, boxes in oracle_boxes(ref, spec.lesions, settings.box_margin).items()
+        }
+        prompts.append(SegmentPrompts(name=spec.name, label=index, slices=slices, inside=inside, propagate=False))
     return prompts
 
 
-def _run_box_protocol(protocol, volume, refs, predictor, settings, spacing) -> dict[str, dict]:
+def _style_seed(settings: EvaluationSettings, case_id: str, style: str) -> int:
+    """A seed for the simulated user's boxes: the same for every method of a run (fair comparison)."""
+    return int(np.random.SeedSequence([settings.seed, *(ord(c) for c in f"{case_id}/{style}")]).generate_state(1)[0])
+
+
+def _run_box_protocol(protocol, volume, refs, predictor, settings, spacing, style: str = "tight",
+                      method: str = "liversam", case_id: str = "", review_out: dict | None = None) -> dict[str, dict]:
+    """One box-protocol run. one-box goes through the path of ``liversam segment`` with a prompts file:
+    the prompts JSON is parsed by :func:`liversam.prompts.parse_prompts` and segmented by
+    :func:`liversam.pipeline.segment_volume`."""
     from .pipeline import PipelineSettings, segment_volume
+    from .prompts import parse_prompts
     from .propagation import PropagationSettings
 
-    prompts = _box_protocol_prompts(protocol, refs, settings)
     shape = volume.geometry.shape_kji
+    if protocol == "oracle-box":
+        prompts = _oracle_box_prompts(refs, settings)
+        seeds_json = None
+    else:
+        spacing_ij = (volume.geometry.spacing_mm[0], volume.geometry.spacing_mm[1])
+        seeds_json = one_box_prompts_json(refs, settings, style, spacing_ij, _style_seed(settings, case_id, style))
+        prompts = parse_prompts(seeds_json, volume.geometry, source="simulated one-box prompts") \
+            if seeds_json["segments"] else []
+    result = None
     if prompts:
         # Keep each structure whole: the reference liver includes its tumours (labels 1 and 2), so the
         # tumours must not be carved out of the predicted liver as a labelmap export would do.
-        propagation = PropagationSettings(intensity_refinement=settings.intensity_refinement)
+        propagation = PropagationSettings(intensity_refinement=settings.intensity_refinement, method=method)
         pipeline = PipelineSettings(later_segment_wins=False, propagation=propagation)
         result = segment_volume(volume, prompts, predictor, pipeline)
         preds = _segment_masks_by_structure(result, settings.structures, shape)
@@ -511,7 +614,53 @@ def _run_box_protocol(protocol, volume, refs, predictor, settings, spacing) -> d
         else:
             metrics["seeds"] = len(one_box_seeds(refs[spec.name], spec.lesions, settings.box_margin))
         out[spec.name] = metrics
+    if result is not None and protocol == "one-box":
+        from .review import build_review_report
+
+        report = build_review_report(result)
+        for spec in settings.structures:
+            out[spec.name]["review"] = review_detection(report, spec.name, preds[spec.name], refs[spec.name])
+    if review_out is not None and result is not None:
+        review_out["result"] = result
+        review_out["preds"] = preds
     return out
+
+
+WRONG_SLICE_DICE = 0.85  # a slice is wrong when its Dice is below this, or it is present on one side only
+
+
+def wrong_slices(pred_kji: np.ndarray, ref_kji: np.ndarray, threshold: float = WRONG_SLICE_DICE) -> list[int]:
+    """Slices where the prediction is wrong: slice Dice < ``threshold``, or the structure present in only
+    one of prediction and reference."""
+    inter = (pred_kji & ref_kji).sum(axis=(1, 2))
+    p, r = pred_kji.sum(axis=(1, 2)), ref_kji.sum(axis=(1, 2))
+    either = (p + r) > 0
+    dice = np.where(either, 2.0 * inter / np.maximum(p + r, 1), 1.0)
+    return [int(k) for k in np.flatnonzero(either & (dice < threshold))]
+
+
+def review_detection(report: dict, structure: str, pred_kji: np.ndarray, ref_kji: np.ndarray) -> dict:
+    """The review report measured as a detector of wrong slices (:func:`wrong_slices`) of one structure:
+    recall = wrong slices flagged / wrong slices, precision = flagged slices that are wrong / flagged
+    slices. The flagged slices are the union of the ``flagged_slices`` of the structure's segments
+    (``tumor`` and ``tumor-<n>`` both count for ``tumor``)."""
+    flagged: set[int] = set()
+    items = 0
+    for seg in report["segments"]:
+        if re.sub(r"-\d+$", "", seg["name"]) == structure:
+            flagged.update(int(k) for k in seg["flagged_slices"])
+            items += len(seg.get("items", []))
+    wrong = set(wrong_slices(np.asarray(pred_kji, bool), np.asarray(ref_kji, bool)))
+    hit = len(flagged & wrong)
+    return {
+        "wrong_slices": len(wrong),
+        "flagged_slices": len(flagged),
+        "flagged_wrong": hit,
+        "recall": hit / len(wrong) if wrong else math.nan,
+        "precision": hit / len(flagged) if flagged else math.nan,
+        "items": items,
+        "scan_items": len(report.get("items", [])),
+    }
 
 
 def _click_predict_fn(predictor, k: int, use_mask_input: bool, boxes: Sequence[Box] = ()) -> Callable:
@@ -614,8 +763,17 @@ def evaluate_case(
         t0 = time.perf_counter()
         if protocol == "clicks":
             protocols[protocol] = _run_clicks_protocol(volume, refs, predictor, settings, spacing, progress)
-        else:
+        elif protocol == "oracle-box":
             protocols[protocol] = _run_box_protocol(protocol, volume, refs, predictor, settings, spacing)
+        else:
+            for style in settings.box_styles:
+                for method in settings.propagation_methods:
+                    t1 = time.perf_counter()
+                    key = run_key(protocol, style, method)
+                    protocols[key] = _run_box_protocol(protocol, volume, refs, predictor, settings, spacing,
+                                                       style=style, method=method, case_id=case.case_id)
+                    timings[key] = time.perf_counter() - t1
+            continue
         timings[protocol] = time.perf_counter() - t0
     return {
         "id": case.case_id,
@@ -643,7 +801,7 @@ BOX_METRICS = (
 def aggregate(case_results: Sequence[dict], settings: EvaluationSettings) -> dict:
     """Mean / median / ... over cases, per protocol, structure and metric (undefined values skipped)."""
     out: dict = {}
-    for protocol in settings.protocols:
+    for protocol in run_keys(settings):
         out[protocol] = {}
         for spec in settings.structures:
             entries = [c["protocols"][protocol][spec.name] for c in case_results]
@@ -663,6 +821,19 @@ def aggregate(case_results: Sequence[dict], settings: EvaluationSettings) -> dic
             else:
                 keys = [k for k in BOX_METRICS if entries and k in entries[0]]
                 summary = {k: summarize(e[k] for e in entries) for k in keys}
+                reviews = [e["review"] for e in entries if "review" in e]
+                if reviews:
+                    wrong = sum(r["wrong_slices"] for r in reviews)
+                    flagged = sum(r["flagged_slices"] for r in reviews)
+                    hit = sum(r["flagged_wrong"] for r in reviews)
+                    summary["review"] = {
+                        "wrong_slices": wrong, "flagged_slices": flagged, "flagged_wrong": hit,
+                        "recall_pooled": hit / wrong if wrong else math.nan,
+                        "precision_pooled": hit / flagged if flagged else math.nan,
+                        "recall_mean": summarize(r["recall"] for r in reviews).get("mean"),
+                        "precision_mean": summarize(r["precision"] for r in reviews).get("mean"),
+                        "max_scan_items": max(r["scan_items"] for r in reviews),
+                    }
             out[protocol][spec.name] = summary
     return out
 
@@ -751,7 +922,8 @@ def results_markdown(results: dict) -> str:
         + ".",
         "",
     ]
-    for protocol in settings["protocols"]:
+    lines += one_box_summary_markdown(results)
+    for protocol in results["aggregate"]:
         lines += [f"## {protocol}", ""]
         if protocol == "clicks":
             thresholds = [f"{round(t * 100):d}" for t in settings["thresholds"]]
@@ -817,6 +989,44 @@ def results_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def one_box_summary_markdown(results: dict) -> list[str]:
+    """One row per case: the Dice of every one-box run side by side (LiverSAM and the naive loop, tight /
+    loose / jittered boxes), then the mean. Empty when no one-box run is in ``results``."""
+    keys = [k for k in results["aggregate"] if k.startswith("one-box")]
+    if not keys:
+        return []
+    names = [s["name"] for s in results["settings"]["structures"]]
+    header = ["case"] + [f"{name} {key}" for key in keys for name in names]
+    lines = ["## one-box Dice, all runs", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for case in results["cases"]:
+        row = [case["id"]] + [_fmt(case["protocols"][key][name].get("dice")) for key in keys for name in names]
+        lines.append("| " + " | ".join(row) + " |")
+    row = ["**mean**"] + [_fmt((results["aggregate"][key][name].get("dice") or {}).get("mean"))
+                          for key in keys for name in names]
+    lines += ["| " + " | ".join(row) + " |", ""]
+    lines += ["## Review flags as a detector of wrong slices", "",
+              "Wrong slice: slice Dice < 0.85, or the structure on one side only. Recall = wrong slices flagged / "
+              "wrong slices; precision = flagged slices that are wrong / flagged slices.", "",
+              "| run | case | structure | wrong | flagged | flagged & wrong | recall | precision | items (scan) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for key in keys:
+        for case in results["cases"]:
+            for name in names:
+                r = case["protocols"][key][name].get("review")
+                if r:
+                    lines.append(f"| {key} | {case['id']} | {name} | {r['wrong_slices']} | {r['flagged_slices']} | "
+                                 f"{r['flagged_wrong']} | {_fmt(r['recall'])} | {_fmt(r['precision'])} | "
+                                 f"{r['scan_items']} |")
+        for name in names:
+            r = results["aggregate"][key][name].get("review")
+            if r:
+                lines.append(f"| {key} | **pooled** | {name} | {r['wrong_slices']} | {r['flagged_slices']} | "
+                             f"{r['flagged_wrong']} | {_fmt(r['recall_pooled'])} | {_fmt(r['precision_pooled'])} | "
+                             f"max {r['max_scan_items']} |")
+    lines.append("")
+    return lines
+
+
 def write_results(results: dict, json_path: str | Path, markdown_path: str | Path | None = None) -> None:
     """Write the JSON result (and optionally the markdown report) atomically."""
     from .atomic_write import write_text_atomically
@@ -840,7 +1050,11 @@ __all__ = [
     "evaluate",
     "evaluate_case",
     "make_predictor_factory",
+    "one_box_prompts_json",
     "one_box_seeds",
+    "run_key",
+    "run_keys",
+    "styled_box",
     "oracle_boxes",
     "parse_slice_range",
     "read_label",

@@ -120,8 +120,11 @@ def segment_volume(
             )
             mask, scores = outcome.mask_kji, outcome.scores
             reports[seg.name] = outcome
-            # 3D clean-up only makes sense for a structure segmented through the volume.
-            mask = clean_volume(mask, spacing_kji, settings.postprocess_3d.get(seg.name, settings.default_3d))
+            # 3D clean-up only makes sense for a structure segmented through the volume (the naive reference
+            # loop keeps its raw masks).
+            if settings.propagation.method != "naive":
+                mask = clean_volume(mask, spacing_kji,
+                                    settings.postprocess_3d.get(seg.name, settings.default_3d))
         else:
             mask, scores, _ = segment_prompted_slices(seg, predictor, settings)
         if container is not None:

@@ -317,3 +317,59 @@ def test_cli_evaluate_writes_json_and_markdown(tmp_path: Path) -> None:
     assert results["settings"]["slice_range"] == [61, 62]
     assert "Dice box only" in md.read_text()
     assert main(["evaluate", "--data", str(tmp_path / "none"), "--output", str(out)]) == 2
+
+
+def test_one_box_prompts_put_every_lesion_box_in_one_segment() -> None:
+    from liversam.geometry import ImageGeometry
+    from liversam.prompts import parse_prompts
+
+    label = np.zeros((6, 40, 50), dtype=np.uint8)
+    label[1:5, 5:35, 5:45] = 1
+    label[2, 10:14, 10:16] = 2  # lesion 1
+    label[3, 20:27, 30:33] = 2  # lesion 2 (its own slice)
+    settings = ev.EvaluationSettings(protocols=("one-box",))
+    refs = {s.name: ev.structure_reference(label, s) for s in settings.structures}
+    prompts = ev.one_box_prompts_json(refs, settings)
+    names = [s["name"] for s in prompts["segments"]]
+    assert names == ["liver", "tumor"]
+    tumour = prompts["segments"][1]
+    assert tumour["inside"] == "liver" and tumour["propagate"] and len(tumour["boxes"]) == 2
+    assert tumour["boxes"][0] == [[10.0, 10.0, 2.0], [15.0, 13.0, 2.0]]
+    geometry = ImageGeometry((50, 40, 6), (0.8, 0.8, 2.0), (0.0, 0.0, 0.0))
+    parsed = parse_prompts(prompts, geometry)  # the path of `liversam segment --prompts`
+    assert sorted(parsed[1].slices) == [2, 3] and parsed[1].slices[2].boxes_ij == [(10.0, 10.0, 15.0, 13.0)]
+    per_lesion = ev.one_box_prompts_json(refs, ev.EvaluationSettings(protocols=("one-box",),
+                                                                     lesion_segments="per-lesion"))
+    assert [s["name"] for s in per_lesion["segments"]] == ["liver", "tumor-1", "tumor-2"]
+
+
+def test_loose_and_jittered_boxes() -> None:
+    settings = ev.EvaluationSettings(protocols=("one-box",), loose_mm=7.0, jitter_mm=(-2.0, 7.0))
+    rng = np.random.default_rng(0)
+    box = (20, 30, 40, 50)
+    loose = ev.styled_box(box, "loose", (100, 100), (0.7, 1.0), settings, rng)
+    assert loose == (10.0, 23.0, 50.0, 57.0)  # 7 mm = 10 voxels along i (0.7 mm), 7 along j (1 mm)
+    assert ev.styled_box(box, "tight", (100, 100), (0.7, 1.0), settings, rng) == (20.0, 30.0, 40.0, 50.0)
+    assert ev.styled_box((0, 0, 99, 99), "loose", (100, 100), (1.0, 1.0), settings, rng) == (0.0, 0.0, 99.0, 99.0)
+    for _ in range(50):
+        i0, j0, i1, j1 = ev.styled_box(box, "jitter", (100, 100), (1.0, 1.0), settings, rng)
+        assert 13 <= i0 <= 22 and 23 <= j0 <= 32 and 38 <= i1 <= 47 and 48 <= j1 <= 57
+    # A one-voxel lesion still gets a box with an area.
+    i0, j0, i1, j1 = ev.styled_box((5, 5, 5, 5), "tight", (100, 100), (1.0, 1.0), settings, rng)
+    assert i1 - i0 >= 1 and j1 - j0 >= 1
+    keys = ev.run_keys(ev.EvaluationSettings(protocols=("oracle-box", "one-box"), box_styles=("tight", "loose")))
+    assert keys == ["oracle-box", "one-box", "one-box:naive", "one-box:loose", "one-box:loose:naive"]
+
+
+def test_wrong_slices_and_review_detection() -> None:
+    ref = np.zeros((6, 10, 10), dtype=bool)
+    pred = np.zeros_like(ref)
+    ref[1:4, 2:8, 2:8] = True
+    pred[1, 2:8, 2:8] = True  # right
+    pred[2, 2:5, 2:8] = True  # half: Dice 0.67, wrong
+    pred[4, 2:8, 2:8] = True  # predicted where there is none: wrong (slice 3 missed: wrong)
+    assert ev.wrong_slices(pred, ref) == [2, 3, 4]
+    report = {"segments": [{"name": "liver", "flagged_slices": [2, 4, 5], "items": [{}, {}]}], "items": [{}, {}]}
+    r = ev.review_detection(report, "liver", pred, ref)
+    assert (r["wrong_slices"], r["flagged_slices"], r["flagged_wrong"]) == (3, 3, 2)
+    assert r["recall"] == pytest.approx(2 / 3) and r["precision"] == pytest.approx(2 / 3)

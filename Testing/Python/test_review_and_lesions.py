@@ -31,7 +31,8 @@ def test_review_flags_on_a_constructed_case():
     scores[5] = 0.3
     records = {k: SliceRecord(k, 0.0, 0.9, None, "propagated") for k in radii}
     records[9] = SliceRecord(9, 0.0, 0.9, (20, 20, 40, 40), "propagated", touches_box_edge=True)
-    rows = {row.k: row for row in review_segment(mask, 1.0, scores, records, ReviewSettings())}
+    settings = ReviewSettings(flag_box_edge=True, tip_fraction=0.0, beyond_end_fraction=2.0)  # the older flags alone
+    rows = {row.k: row for row in review_segment(mask, 1.0, scores, records, settings)}
     assert "area_jump" in rows[8].flags  # radius 22 between 13 and 13
     assert "area_jump" not in rows[7].flags and "area_jump" not in rows[9].flags
     assert rows[5].flags == ["low_score"]
@@ -42,12 +43,51 @@ def test_review_flags_on_a_constructed_case():
     assert [k for k, row in rows.items() if not row.flags] == [2, 3, 4, 6, 7, 10, 12, 13, 14, 15]
 
 
-def test_review_report_is_json_ready():
+def test_review_flags_tips_and_slices_beyond_an_end_as_ranges():
+    geometry = ImageGeometry((64, 64, 30), (1.0, 1.0, 5.0), (0, 0, 0))
+    mask = np.zeros(geometry.shape_kji, dtype=bool)
+    # Tapers at the top (slices 5..8 small); stops at slice 20 while still large (the lower part is missing).
+    radii = {5: 3, 6: 4, 7: 6, 8: 8, 9: 18, 10: 20, 11: 21, 12: 22, 13: 22, 14: 21, 15: 20, 16: 19, 17: 19,
+             18: 18, 19: 18, 20: 17}
+    for k, r in radii.items():
+        mask[k] = _disc((64, 64), (32, 32), r)
+    result = SegmentationResult(geometry, [Segment("liver", 1, mask, slice_scores={k: 0.9 for k in radii})])
+    report = build_review_report(result, ReviewSettings(tip_fraction=0.25, beyond_end_fraction=0.05,
+                                                         beyond_end_mm=15.0))
+    (seg,) = report["segments"]
+    flags = {row["k"]: row["flags"] for row in seg["slices"]}
+    assert [k for k, f in flags.items() if "tip" in f] == [5, 6, 7, 8]  # below 25 % of the largest slice
+    assert [k for k, f in flags.items() if "beyond_end" in f] == [21, 22, 23]  # 15 mm below at 5 mm slices
+    assert all(row["area_mm2"] == 0 for row in seg["slices"] if "beyond_end" in row["flags"])
+    ranges = [(item["first_slice"], item["last_slice"]) for item in seg["items"]]
+    assert ranges == [(5, 9), (21, 23)]  # slice 9 doubles the area of slice 8: an area jump joins the tip
+    assert seg["flagged_slices"] == [5, 6, 7, 8, 9, 21, 22, 23]
+    assert seg["items"][1]["slices"] == "21-23"
+    assert "stops at slice 20" in seg["items"][1]["reason"] and "check slices 21-23" in seg["items"][1]["reason"]
+    assert "tapers" in seg["items"][0]["reason"]
+    assert [item["segment"] for item in report["items"]] == ["liver", "liver"]
+
+
+def test_review_keeps_at_most_max_items_per_scan():
+    geometry = ImageGeometry((64, 64, 60), (1.0, 1.0, 1.0), (0, 0, 0))
+    mask = np.zeros(geometry.shape_kji, dtype=bool)
+    scores = {}
+    for k in range(0, 60):
+        mask[k] = _disc((64, 64), (32, 32), 20)
+        scores[k] = 0.3 if k % 3 == 0 else 0.9  # a low score on every third slice: 20 separate ranges
+    result = SegmentationResult(geometry, [Segment("liver", 1, mask, slice_scores=scores)])
+    report = build_review_report(result, ReviewSettings(merge_gap=1, max_items=10))
+    assert len(report["items"]) == 10  # 20 runs of one slice (two unflagged slices between them), capped
+    assert len(report["segments"][0]["flagged_slices"]) == 10
+    bridged = build_review_report(result, ReviewSettings(merge_gap=2, max_items=10))
+    assert [(i["first_slice"], i["last_slice"]) for i in bridged["items"]] == [(0, 57)]
+    assert "score 0.30" in bridged["items"][0]["reason"]
+
     geometry = ImageGeometry((16, 16, 5), (0.5, 0.5, 2.0), (0, 0, 0))
     mask = np.zeros(geometry.shape_kji, dtype=bool)
     mask[1:4, 4:8, 4:8] = True
     result = SegmentationResult(geometry, [Segment("liver", 1, mask, slice_scores={2: 0.95})])
-    report = build_review_report(result)
+    report = build_review_report(result, ReviewSettings(beyond_end_fraction=2.0))  # no slices beyond the ends
     text = json.dumps(report)
     (seg,) = json.loads(text)["segments"]
     assert seg["name"] == "liver" and [s["k"] for s in seg["slices"]] == [1, 2, 3]

@@ -94,6 +94,30 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="one-box: propagate with the model's masks alone (no liver/tumour intensity refinement)",
     )
+    parser.add_argument(
+        "--propagation",
+        default="liversam,naive",
+        help="one-box: propagation method(s) run side by side: liversam, naive (the reference loop: box of the "
+        "previous slice's mask + 3 px, stop below 10 px), or both comma-separated (default: liversam,naive)",
+    )
+    parser.add_argument(
+        "--boxes",
+        default="tight",
+        help="one-box: how the simulated user draws boxes: tight, loose (+--loose-mm on every side), jitter "
+        "(every side moved by a seeded uniform draw in --jitter-mm), or several comma-separated "
+        "(default: tight)",
+    )
+    parser.add_argument("--loose-mm", type=float, default=7.0, help="one-box loose boxes: mm added per side (default 7)")
+    parser.add_argument(
+        "--jitter-mm", default="-2,7",
+        help="one-box jittered boxes: range LO,HI (mm) of each side's outward shift (default -2,7)",
+    )
+    parser.add_argument(
+        "--per-lesion-segments",
+        action="store_true",
+        help="one-box: give every lesion a segment of its own (default: all lesion boxes in one 'tumor' "
+        "segment, as a user writes them)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
     return parser
@@ -105,6 +129,20 @@ def _protocols(text: str) -> tuple[str, ...]:
     if text.strip() == "all":
         return PROTOCOLS
     return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def _jitter(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise LiverSAMError(f"--jitter-mm '{text}' is not LO,HI in mm (e.g. -2,7).") from exc
+    if hi < lo:
+        raise LiverSAMError(f"--jitter-mm '{text}': LO must not exceed HI.")
+    return lo, hi
 
 
 def run(args: argparse.Namespace) -> int:
@@ -133,6 +171,11 @@ def run(args: argparse.Namespace) -> int:
         click_mask_input=not args.no_click_mask_input,
         click_start=args.click_start,
         intensity_refinement=not args.no_intensity_refinement,
+        lesion_segments="per-lesion" if args.per_lesion_segments else "one",
+        propagation_methods=_names(args.propagation),
+        box_styles=_names(args.boxes),
+        loose_mm=args.loose_mm,
+        jitter_mm=_jitter(args.jitter_mm),
     )
     cases = ev.discover_cases(args.data)
     check_outputs(

@@ -39,6 +39,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--closing-mm", type=float, default=0.0, help="2D morphological closing radius (mm)")
     p.add_argument("--no-intensity-refinement", action="store_true",
                    help="propagate with the model's masks alone (no liver/tumour intensity refinement)")
+    p.add_argument("--propagation", choices=("liversam", "naive"), default="liversam",
+                   help="propagation method: liversam (default) or naive (the reference loop: box of the previous "
+                   "slice's mask + 3 px, stop below 10 px)")
     p.add_argument("--report", help="write the review report (per-slice area, score, flags) as JSON")
     p.add_argument("--lesions", help="write the lesion table (.csv or .json)")
     p.add_argument("--series-uid", help="DICOM folder: the SeriesInstanceUID to use when it holds several series")
@@ -132,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
         slice_postprocess=PostprocessSettings(
             min_island_mm2=args.min_island_mm2, opening_radius_mm=args.opening_mm, closing_radius_mm=args.closing_mm
         ),
-        propagation=PropagationSettings(intensity_refinement=not args.no_intensity_refinement),
+        propagation=PropagationSettings(intensity_refinement=not args.no_intensity_refinement,
+                                        method=args.propagation),
     )
     with ProgressReporter() as progress:  # bar on a terminal, a line per stage in a log, nothing with --quiet
         result = segment_volume(volume, segments, predictor, settings, progress=progress)
