@@ -94,7 +94,14 @@ def create_app(config: ServerConfig, model_loader=None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        async def expire_idle_sessions() -> None:  # also when no request comes
+            while True:
+                await asyncio.sleep(min(60.0, config.idle_timeout_s / 2))
+                state.sessions.expire()
+
+        janitor = asyncio.create_task(expire_idle_sessions())
         yield
+        janitor.cancel()
         state.close()
 
     app = FastAPI(title="LiverSAM server", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
