@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         info = client.info()["model"]
         figures["server_backend"] = {"encoder": info["encoder_backend"], "decoder": info["decoder_backend"]}
         client.close_session(session)
+        idle_rss = client.info()["rss_mb"]
 
         # a fresh session: cold embedding cache, like the in-process run
         session = client.open_volume(sub_volume.array_kji, g.spacing_mm, g.origin_lps, g.direction_lps.ravel())["session_id"]
@@ -125,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         figures["propagation_server_s"] = time.perf_counter() - start
         assert status["state"] == "done", status
         served = result["segments"][0]["mask"]
+        figures["server_rss_mb"] = {"idle_with_model": idle_rss, "after_propagation": client.info()["rss_mb"]}
+        client.close_session(session)
+        figures["server_rss_mb"]["after_close"] = client.info()["rss_mb"]
 
     figures["segmented_slices"] = int(in_process.any(axis=(1, 2)).sum())
     figures["masks_equal"] = bool(np.array_equal(served, in_process))
@@ -136,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{figures['slices']}-slice liver propagation ({figures['segmented_slices']} slices segmented): server "
           f"{figures['propagation_server_s']:.1f} s vs in-process {figures['propagation_in_process_s']:.1f} s "
           f"({figures['propagation_overhead_pct']:+.1f} %) [target within 10 %]; masks equal: {figures['masks_equal']}")
+    print(f"server memory (RSS MB): {figures['server_rss_mb']}")
     if args.output:
         args.output.write_text(json.dumps(figures, indent=2))
     return 0

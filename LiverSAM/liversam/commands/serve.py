@@ -97,7 +97,10 @@ def run(args: argparse.Namespace) -> int:
     host = f"[{args.host}]" if family == socket.AF_INET6 else args.host
     print(f"liversam serve: listening on http://{host}:{port}", flush=True)
     if written is not None:
-        print(f"liversam serve: token written to {written} (mode 0600)", flush=True)
+        if args.token_file:  # the caller asked for a file: the token stays out of logs
+            print(f"liversam serve: token written to {written} (mode 0600)", flush=True)
+        else:
+            print(f"liversam serve: token {tokens[0]} (also in {written}, mode 0600)", flush=True)
     app = create_app(config)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30,
                                            limit_concurrency=64))
