@@ -265,9 +265,33 @@ def test_unknown_route_and_method(client):
     assert client.put("/v1/info", headers=auth()).status_code == 405
 
 
+def test_job_settings_are_the_cores_propagation_settings():
+    """Every job setting is a field of the core's PropagationSettings with the core's default (none restated)."""
+    import dataclasses
+
+    from liversam.propagation import PropagationSettings
+    from liversam.server.jobs import pipeline_settings
+    from liversam.server.schemas import JobSettings
+
+    core = {f.name for f in dataclasses.fields(PropagationSettings)}
+    assert set(JobSettings.model_fields) - {"min_island_mm2"} <= core
+    assert pipeline_settings(JobSettings()).propagation == PropagationSettings()
+    changed = pipeline_settings(JobSettings(min_score=0.3, max_growth_ratio=None)).propagation
+    assert changed.min_score == 0.3 and changed.max_growth_ratio is None
+
+
+def test_bad_job_settings(client, session):
+    segment = {"name": "liver", "boxes": [[[1, 1, 2], [5, 5, 2]]]}
+    for settings, words in (({"min_score": 2}, ["min_score", "less than or equal to 1"]),
+                            ({"box_margin_mm": "wide"}, ["box_margin_mm"]),
+                            ({"unknown_rule": 1}, ["unknown_rule", "extra"])):
+        refused(post_json(client, f"/v1/sessions/{session}/jobs/propagate", {"segments": [segment], "settings": settings}),
+                422, *words)
+
+
 def test_sessions_are_bounded_and_least_recently_used_goes(client):
     config = client.app.state.server.config
     ids = [open_session(client) for _ in range(config.max_sessions + 1)]
     # the oldest idle session was evicted to make room; the newest ones are there
     assert client.get(f"/v1/sessions/{ids[-1]}", headers=auth()).status_code == 200
-    assert len(client.app.state.server.sessions) == config.max_sessions
+    assert len(client.app.state.server.sessions) == config.max_sessions  # last: evicts the module's session

@@ -89,8 +89,16 @@ predict_bodies = st.fixed_dictionaries(
 )
 
 
+coordinates = st.integers(-2, 34) | st.floats(-2, 34)
+plausible_bodies = st.fixed_dictionaries(  # often valid: these reach the model (at most 3 slices to encode)
+    {"k": st.integers(0, SHAPE[0] - 1),
+     "boxes": st.lists(st.lists(coordinates, min_size=4, max_size=4), max_size=2),
+     "points": st.lists(st.lists(coordinates, min_size=2, max_size=2), max_size=2)},
+)
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-@given(body=json_values | predict_bodies)
+@given(body=json_values | predict_bodies | plausible_bodies)
 def test_random_predict_bodies(client, session, body):
     text = json.dumps(body)  # NaN and Infinity are written as such: the server must refuse them cleanly
     answer = client.post(f"/v1/sessions/{session}/predict", content=text,

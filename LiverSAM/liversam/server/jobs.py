@@ -78,8 +78,7 @@ def pipeline_settings(settings: JobSettings) -> PipelineSettings:
     """The same settings ``liversam segment`` uses, with the request's options."""
     return PipelineSettings(
         slice_postprocess=PostprocessSettings(min_island_mm2=settings.min_island_mm2),
-        propagation=PropagationSettings(intensity_refinement=settings.intensity_refinement,
-                                        max_slices=settings.max_slices),
+        propagation=PropagationSettings(**settings.model_dump(exclude={"min_island_mm2"})),
     )
 
 

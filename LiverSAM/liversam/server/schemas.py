@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..propagation import PropagationSettings
+
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9 _.\-]+$")]
 BoxIJ = Annotated[list[Finite], Field(min_length=4, max_length=4, description="(i0, j0, i1, j1) voxel indices")]
@@ -110,10 +112,28 @@ class SegmentSpec(Strict):
     negative_points: list[Point3] = Field(default_factory=list, max_length=MAX_PROMPTS)
 
 
+_CORE = PropagationSettings()  # defaults come from the core, never restated here
+
+
+def _number(low: float, high: float | None = None):
+    return Annotated[float, Field(ge=low, le=high, allow_inf_nan=False)]
+
+
 class JobSettings(Strict):
-    intensity_refinement: bool = True
-    max_slices: int | None = Field(default=None, ge=0, le=100000, description="cap per track and direction")
-    min_island_mm2: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 10.0
+    """``liversam.propagation.PropagationSettings`` (the core's defaults) plus the 2D clean-up's island size."""
+
+    intensity_refinement: bool = _CORE.intensity_refinement
+    max_slices: int | None = Field(default=_CORE.max_slices, ge=0, le=100000, description="cap per track and direction")
+    box_margin_mm: _number(0, 100) = _CORE.box_margin_mm
+    use_mask_prompt: bool = _CORE.use_mask_prompt
+    min_area_mm2: _number(0) = _CORE.min_area_mm2
+    collapse_ratio: _number(0, 1) = _CORE.collapse_ratio
+    min_score: _number(0, 1) = _CORE.min_score
+    min_overlap: _number(0, 1) = _CORE.min_overlap
+    max_growth_ratio: _number(1) | None = _CORE.max_growth_ratio
+    growth_allowance_mm2: _number(0) = _CORE.growth_allowance_mm2
+    max_mean_hu_shift: _number(0) | None = _CORE.max_mean_hu_shift
+    min_island_mm2: _number(0) = 10.0  # liversam segment's --min-island-mm2 default
 
 
 class PropagateRequest(Strict):
