@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 
 import numpy as np
 import pytest
@@ -30,10 +31,16 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SHAPE = (3, 24, 32)  # k, j, i: a tiny CT, each encode still costs one LiteMedSAM run
 
 
+def make_app(model):
+    root = tempfile.mkdtemp(prefix="liversam-fuzz-root-")  # open-path: generated paths stay in an empty folder
+    config = ServerConfig(tokens=[TOKEN], max_voxels=100_000, max_json_bytes=64 * 1024, max_sessions=64,
+                          data_roots=[root])
+    return create_app(config, model_loader=lambda: model)
+
+
 @pytest.fixture(scope="module")
 def app(litemedsam):
-    config = ServerConfig(tokens=[TOKEN], max_voxels=100_000, max_json_bytes=64 * 1024, max_sessions=64)
-    application = create_app(config, model_loader=lambda: litemedsam)
+    application = make_app(litemedsam)
     yield application
     application.state.server.close()
 
@@ -55,8 +62,12 @@ def session(client) -> str:
     return answer.json()["session_id"]
 
 
-def test_generated_requests_never_get_a_server_error(app):
-    """schemathesis: cases generated from every operation of the server's OpenAPI schema (bounded)."""
+def test_generated_requests_never_get_a_server_error(litemedsam):
+    """schemathesis: cases generated from every operation of the server's OpenAPI schema (bounded).
+
+    An application of its own: schemathesis' client runs the app's lifespan, whose end stops the server.
+    """
+    app = make_app(litemedsam)
     api = schemathesis.openapi.from_asgi("/openapi.json", app, headers=AUTH)
     operations = [result.ok() for result in api.get_all_operations()]
     assert len(operations) >= 15
