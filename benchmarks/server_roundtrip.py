@@ -9,8 +9,10 @@ module's client (``LiverSAMLib.ServerClient``):
    ``run_benchmarks.py``): ``start_propagation`` -> poll -> ``job_result`` with the masks, against
    ``liversam.pipeline.segment_volume`` in this process (target: within 10 %). The masks must be equal.
 
-Both sides use the same model, encoder backend (``--accelerate``) and torch threads; they run one after
-the other, never at once.
+Both sides use the same model, encoder backend (``--accelerate``) and torch threads. The cached-slice
+calls alternate (in-process, round trip, ...) so both see the same machine load; the propagations run one
+after the other, and their CPU seconds (the server process plus this client) are printed beside the wall
+time, since on a shared machine the wall time follows the other processes' load.
 
 Run:  python benchmarks/server_roundtrip.py [--accelerate auto] [--threads 2] [--output server.json]
 """
@@ -41,6 +43,17 @@ def _stats(seconds: list[float]) -> dict:
     ordered = sorted(seconds)
     return {"median_ms": 1000 * statistics.median(ordered), "p90_ms": 1000 * ordered[int(0.9 * (len(ordered) - 1))],
             "min_ms": 1000 * ordered[0], "runs": len(ordered)}
+
+
+def _own_cpu() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) another process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,67 +92,74 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict = {"accelerate": args.accelerate, "threads": args.threads, "slices": int(k1 - k0),
                      "slice_range": [int(k0), int(k1)], "prompt_slice": k_big}
 
-    # --- in-process ------------------------------------------------------------------------------------
-    model = load_model("litemedsam", device="cpu", accelerate=args.accelerate)
-    predictor = SlicePredictor(model, sub_volume)
-    prompts = SlicePrompts(boxes_ij=[box])
-    predictor.predict(k_big, prompts)  # encode once
-    local = []
-    for _ in range(args.runs):
-        start = time.perf_counter()
-        predictor.predict(k_big, prompts)
-        local.append(time.perf_counter() - start)
-    figures["cached_slice_in_process"] = _stats(local)
-
-    seg = SegmentPrompts(name="liver", label=1, slices={k_big: SlicePrompts(boxes_ij=[box])}, propagate=True)
-    start = time.perf_counter()
-    in_process = segment_volume(sub_volume, [seg], SlicePredictor(model, sub_volume)).segment("liver").mask_kji
-    figures["propagation_in_process_s"] = time.perf_counter() - start
-    del model, predictor
-
-    # --- through the server --------------------------------------------------------------------------------
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO / "LiverSAM"), os.environ.get("PYTHONPATH", "")) if p))
     server = LocalServerProcess(sys.executable, ["--accelerate", args.accelerate, "--device", "cpu",
                                                  "--threads", str(args.threads)], startup_timeout=120, env=env)
+    model = load_model("litemedsam", device="cpu", accelerate=args.accelerate)
     with server as client:
-        start = time.perf_counter()
+        server_pid = server.process.pid
+
+        # --- one slice, cached embedding: in-process and round-trip calls interleaved (same machine load) ---
         session = client.open_volume(sub_volume.array_kji, g.spacing_mm, g.origin_lps, g.direction_lps.ravel())["session_id"]
-        figures["open_volume_s"] = time.perf_counter() - start
         client.predict_slice(session, k_big, boxes_ij=[box])  # loads the model, encodes the slice
-        remote = []
+        predictor = SlicePredictor(model, sub_volume)
+        prompts = SlicePrompts(boxes_ij=[box])
+        predictor.predict(k_big, prompts)
+        local, remote = [], []
+        local_cpu = remote_cpu = 0.0
         for _ in range(args.runs):
-            start = time.perf_counter()
+            cpu0, start = _own_cpu(), time.perf_counter()
+            predictor.predict(k_big, prompts)
+            local.append(time.perf_counter() - start)
+            local_cpu += _own_cpu() - cpu0
+            cpu0, server_cpu0, start = _own_cpu(), _process_cpu(server_pid), time.perf_counter()
             client.predict_slice(session, k_big, boxes_ij=[box])
             remote.append(time.perf_counter() - start)
-        figures["cached_slice_round_trip"] = _stats(remote)
+            remote_cpu += _own_cpu() - cpu0 + _process_cpu(server_pid) - server_cpu0
+        figures["cached_slice_in_process"] = {**_stats(local), "cpu_ms": 1000 * local_cpu / args.runs}
+        figures["cached_slice_round_trip"] = {**_stats(remote), "cpu_ms": 1000 * remote_cpu / args.runs}
         info = client.info()["model"]
         figures["server_backend"] = {"encoder": info["encoder_backend"], "decoder": info["decoder_backend"]}
         client.close_session(session)
+        del predictor
         idle_rss = client.info()["rss_mb"]
 
-        # a fresh session: cold embedding cache, like the in-process run
+        # --- the one-box liver, cold cache: in-process, then through the server (wall and CPU seconds) ---
+        seg = SegmentPrompts(name="liver", label=1, slices={k_big: SlicePrompts(boxes_ij=[box])}, propagate=True)
+        cpu0, start = _own_cpu(), time.perf_counter()
+        in_process = segment_volume(sub_volume, [seg], SlicePredictor(model, sub_volume)).segment("liver").mask_kji
+        figures["propagation_in_process_s"] = time.perf_counter() - start
+        figures["propagation_in_process_cpu_s"] = _own_cpu() - cpu0
+
         session = client.open_volume(sub_volume.array_kji, g.spacing_mm, g.origin_lps, g.direction_lps.ravel())["session_id"]
-        start = time.perf_counter()
+        cpu0, server_cpu0, start = _own_cpu(), _process_cpu(server_pid), time.perf_counter()
         job = client.start_propagation(session, [segment_spec("liver", 1, boxes_ijk=[box_ijk(*box, k_big)])])
         status = client.wait_job(job, timeout=3600, poll=0.1)
         result = client.job_result(job)
         figures["propagation_server_s"] = time.perf_counter() - start
+        figures["propagation_server_cpu_s"] = _process_cpu(server_pid) - server_cpu0 + _own_cpu() - cpu0
         assert status["state"] == "done", status
         served = result["segments"][0]["mask"]
         figures["server_rss_mb"] = {"idle_with_model": idle_rss, "after_propagation": client.info()["rss_mb"]}
         client.close_session(session)
         figures["server_rss_mb"]["after_close"] = client.info()["rss_mb"]
+    figures["load_average_1min"] = os.getloadavg()[0]
 
     figures["segmented_slices"] = int(in_process.any(axis=(1, 2)).sum())
     figures["masks_equal"] = bool(np.array_equal(served, in_process))
     figures["propagation_overhead_pct"] = 100 * (figures["propagation_server_s"] / figures["propagation_in_process_s"] - 1)
+    figures["propagation_cpu_overhead_pct"] = 100 * (
+        figures["propagation_server_cpu_s"] / figures["propagation_in_process_cpu_s"] - 1)
     rt, lp = figures["cached_slice_round_trip"], figures["cached_slice_in_process"]
     print(f"backend {figures['server_backend']}, {args.threads} threads, lits117 slices {k0}..{k1 - 1}, box on slice {k_big}")
     print(f"cached slice: round trip median {rt['median_ms']:.1f} ms (p90 {rt['p90_ms']:.1f}) vs in-process "
-          f"{lp['median_ms']:.1f} ms (p90 {lp['p90_ms']:.1f})  [target < 100 ms]")
+          f"{lp['median_ms']:.1f} ms (p90 {lp['p90_ms']:.1f}); CPU per call {rt['cpu_ms']:.1f} ms (server + client) vs "
+          f"{lp['cpu_ms']:.1f} ms  [target < 100 ms]")
     print(f"{figures['slices']}-slice liver propagation ({figures['segmented_slices']} slices segmented): server "
           f"{figures['propagation_server_s']:.1f} s vs in-process {figures['propagation_in_process_s']:.1f} s "
-          f"({figures['propagation_overhead_pct']:+.1f} %) [target within 10 %]; masks equal: {figures['masks_equal']}")
+          f"({figures['propagation_overhead_pct']:+.1f} %) [target within 10 %]; CPU {figures['propagation_server_cpu_s']:.1f} s "
+          f"vs {figures['propagation_in_process_cpu_s']:.1f} s ({figures['propagation_cpu_overhead_pct']:+.1f} %); "
+          f"masks equal: {figures['masks_equal']}; load average {figures['load_average_1min']:.1f}")
     print(f"server memory (RSS MB): {figures['server_rss_mb']}")
     if args.output:
         args.output.write_text(json.dumps(figures, indent=2))
