@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import dice
+from conftest import box_of, dice
 
 pytest.importorskip("fastapi")
 
@@ -128,6 +128,23 @@ def test_propagation_job_reports_progress(server, session, lits117_label):
     assert np.array_equal(client.job_labelmap(job), mask.astype(np.uint8))
     assert "liver" in client.session_info(session)["masks"]  # a finished job writes its masks
     REFERENCE["propagation"] = mask
+
+
+def test_repropagation_changes_only_what_the_fix_affects(server, session, lits117_label):
+    client = server[1]
+    existing = REFERENCE["propagation"]
+    k_fix = K + 1
+    fix_box = box_of(lits117_label[k_fix] > 0)
+    segment = segment_spec("liver", 1, boxes_ijk=[box_ijk(*BOX, K), box_ijk(*fix_box, k_fix)])
+    job = client.start_repropagation(session, segment, [k_fix], max_slices=MAX_SLICES)
+    final = client.wait_job(job, timeout=300)
+    assert final["state"] == "done", final
+    (liver,) = client.job_result(job)["segments"]
+    mask = liver["mask"]
+    assert np.array_equal(mask[: k_fix], existing[: k_fix])  # the slices up to the seed keep their masks
+    assert set(liver["computed_slices"]) == {k_fix, k_fix + 1}  # the fixed slice and one beyond (max_slices)
+    assert dice(mask[k_fix : k_fix + 2], lits117_label[k_fix : k_fix + 2] > 0) > 0.85
+    assert "liver" in client.session_info(session)["masks"]  # the session's liver is now the fixed one
 
 
 def test_cancelled_job_writes_nothing(server, session):
