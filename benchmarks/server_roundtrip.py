@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads for both sides")
     parser.add_argument("--volume-slices", type=int, default=100)
     parser.add_argument("--runs", type=int, default=30, help="timed cached-slice predictions")
+    parser.add_argument("--poll", type=float, default=0.5, help="job status poll interval, s (a UI's timer)")
     parser.add_argument("--output", type=Path, help="write the figures as JSON")
     args = parser.parse_args(argv)
 
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         session = client.open_volume(sub_volume.array_kji, g.spacing_mm, g.origin_lps, g.direction_lps.ravel())["session_id"]
         cpu0, server_cpu0, start = _own_cpu(), _process_cpu(server_pid), time.perf_counter()
         job = client.start_propagation(session, [segment_spec("liver", 1, boxes_ijk=[box_ijk(*box, k_big)])])
-        status = client.wait_job(job, timeout=3600, poll=0.1)
+        status = client.wait_job(job, timeout=3600, poll=args.poll)
         result = client.job_result(job)
         figures["propagation_server_s"] = time.perf_counter() - start
         figures["propagation_server_cpu_s"] = _process_cpu(server_pid) - server_cpu0 + _own_cpu() - cpu0
