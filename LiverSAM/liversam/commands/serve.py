@@ -1,0 +1,113 @@
+"""``liversam serve``: run the LiverSAM server (see docs/SERVER.md and :mod:`liversam.server`)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import socket
+from pathlib import Path
+
+from ..errors import LiverSAMError
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="run the LiverSAM server (model + embedding cache + sessions) for the Slicer module or a web app",
+        description="Serve the LiverSAM core over HTTP. Binds 127.0.0.1 on a free port with a random token by "
+        "default; every endpoint but /v1/health needs 'Authorization: Bearer <token>'.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need a token)")
+    p.add_argument("--port", type=int, default=0, help="port (default 0: a free port, printed at start)")
+    p.add_argument("--token", action="append", default=[],
+                   help="accept this token (repeatable: one per user; a session belongs to the token that opened it)")
+    p.add_argument("--token-file", help="token file: if it exists, its tokens (one a line) are accepted; "
+                   "otherwise a random token is written there (mode 0600)")
+    p.add_argument("--model", default="litemedsam", help="model name, NAME=PATH or checkpoint (loaded on first use)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.add_argument("--accelerate", default="auto", choices=("auto", "plain", "openvino", "onnxruntime", "torch"),
+                   help="CPU encoder backend (as in liversam segment)")
+    p.add_argument("--max-sessions", type=int, default=4, help="open CTs held at once (least recently used goes)")
+    p.add_argument("--max-voxels", type=int, default=512 * 512 * 1000, help="largest CT accepted, in voxels")
+    p.add_argument("--idle-timeout", type=float, default=3600.0, help="close sessions idle this many seconds")
+    p.add_argument("--cache-mb", type=float, default=1024.0, help="embedding cache per session, MB")
+    p.add_argument("--data-root", action="append", default=[],
+                   help="folder CTs may be opened from by path (repeatable); without it only a loopback server "
+                   "opens paths, anywhere its user can read")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch default)")
+    p.set_defaults(run=run)
+
+
+def resolve_tokens(args: argparse.Namespace) -> tuple[list[str], Path | None]:
+    """(accepted tokens, the token file to write the new random token to, or None).
+
+    ``--token`` values are accepted; an existing ``--token-file`` adds its tokens; a ``--token-file`` that does
+    not exist yet (or, with neither option, the default file) receives a new random token. A host other
+    than loopback needs an explicit token (``--token`` or an existing token file).
+    """
+    from ..server.config import is_loopback, new_token, read_tokens
+
+    tokens = list(args.token)
+    token_file = Path(args.token_file).expanduser() if args.token_file else None
+    if token_file is not None and token_file.exists():
+        return tokens + read_tokens(token_file), None
+    if not is_loopback(args.host) and not tokens:
+        raise LiverSAMError(
+            f"liversam serve --host {args.host} is reachable from other machines: give an explicit token "
+            "(--token TOKEN, or an existing --token-file FILE with one token a line) and share it with your users only."
+        )
+    if tokens and token_file is None:
+        return tokens, None
+    return [new_token(), *tokens], token_file or _default_token_file()
+
+
+def _default_token_file() -> Path:
+    from ..models.checkpoints import user_models_dir
+
+    return user_models_dir().parent / "server-token"
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..server.config import ServerConfig, write_token_file
+
+    tokens, written = resolve_tokens(args)
+    config = ServerConfig(
+        tokens=tokens, host=args.host, model=args.model, device=args.device, accelerate=args.accelerate,
+        max_sessions=args.max_sessions, max_voxels=args.max_voxels, idle_timeout_s=args.idle_timeout,
+        cache_mb=args.cache_mb, data_roots=[Path(p) for p in args.data_root], threads=args.threads,
+    )
+    for root in config.data_roots:
+        if not root.is_dir():
+            raise LiverSAMError(f"--data-root '{root}' is not a folder.")
+    import uvicorn  # after the checks above: a wrong option fails at once
+
+    from ..server.app import create_app
+
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as exc:
+        sock.close()
+        raise LiverSAMError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}.") from exc
+    port = sock.getsockname()[1]
+    if written is not None:
+        write_token_file(written, tokens[0])
+    host = f"[{args.host}]" if family == socket.AF_INET6 else args.host
+    print(f"liversam serve: listening on http://{host}:{port}", flush=True)
+    if written is not None:
+        if args.token_file:  # the caller asked for a file: the token stays out of logs
+            print(f"liversam serve: token written to {written} (mode 0600)", flush=True)
+        else:
+            print(f"liversam serve: token {tokens[0]} (also in {written}, mode 0600)", flush=True)
+    app = create_app(config)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30,
+                                           limit_concurrency=64))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if written is not None:
+            with contextlib.suppress(OSError):
+                written.unlink()  # the token dies with the server
+    return 0

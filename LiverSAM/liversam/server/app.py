@@ -1,0 +1,502 @@
+"""``create_app(config)``: the FastAPI application of ``liversam serve`` (routes under ``/v1``)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+from fastapi import APIRouter, FastAPI, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from .. import __version__
+from ..errors import InputImageError, LiverSAMError, ModelError, PromptError
+from ..geometry import ImageGeometry
+from ..preprocess import WindowSettings
+from ..volume import CTVolume
+from . import binary
+from .config import API_PREFIX, ServerConfig
+from .jobs import (
+    JobNotFound,
+    JobStore,
+    pipeline_settings,
+    propagation_work,
+    repropagation_work,
+    segment_prompts,
+    slice_prompts,
+)
+from .schemas import (
+    Health,
+    Info,
+    JobResult,
+    JobStatus,
+    Limits,
+    ModelInfo,
+    OpenPath,
+    Planned,
+    PredictRequest,
+    PrefetchRequest,
+    PropagateRequest,
+    RepropagateRequest,
+    SessionInfo,
+)
+from .security import SecurityMiddleware
+from .sessions import ServerFull, Session, SessionNotFound, SessionStore
+from .worker import INTERACTIVE, InferenceWorker
+
+log = logging.getLogger(__name__)
+
+
+class Refused(Exception):
+    """A request the server refuses with ``status`` and a message naming the problem."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+class ServerState:
+    """Everything one server process holds: config, the inference worker, sessions, jobs."""
+
+    def __init__(self, config: ServerConfig, model_loader=None) -> None:
+        self.config = config
+        self.worker = InferenceWorker(model_loader or self._load_model)
+        self.jobs = JobStore(self.worker, config.max_jobs)
+        self.sessions = SessionStore(config.max_sessions, config.idle_timeout_s, self._evicted)
+
+    def _load_model(self):
+        import torch
+
+        from ..models import load_model
+
+        if self.config.threads > 0:
+            torch.set_num_threads(self.config.threads)
+        return load_model(self.config.model, device=self.config.device, accelerate=self.config.accelerate)
+
+    def _evicted(self, session: Session) -> None:
+        self.jobs.forget_session(session)
+        self.worker.drop_prefetch(session.id)
+        session.release()
+
+    def close(self) -> None:
+        self.sessions.close_all()
+        self.worker.close()
+
+
+def create_app(config: ServerConfig, model_loader=None) -> FastAPI:
+    """The application. ``model_loader()`` -> LoadedModel overrides how the model is loaded (tests)."""
+    state = ServerState(config, model_loader)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async def expire_idle_sessions() -> None:  # also when no request comes
+            while True:
+                await asyncio.sleep(min(60.0, config.idle_timeout_s / 2))
+                state.sessions.expire()
+
+        janitor = asyncio.create_task(expire_idle_sessions())
+        yield
+        janitor.cancel()
+        state.close()
+
+    app = FastAPI(title="LiverSAM server", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="Liver and liver-tumour segmentation with SAM: sessions, slice prediction, "
+                              "propagation jobs. Every endpoint but /v1/health needs 'Authorization: Bearer <token>'.")
+    app.state.server = state
+    app.add_middleware(SecurityMiddleware, config=config)
+    _add_error_handlers(app)
+    app.include_router(_routes(state), prefix=API_PREFIX)
+    _add_security_scheme(app)
+    return app
+
+
+# --- errors --------------------------------------------------------------------------------------------------
+def _add_error_handlers(app: FastAPI) -> None:
+    def answer(status: int, detail: str) -> JSONResponse:
+        return JSONResponse({"detail": detail}, status_code=status)
+
+    @app.exception_handler(Refused)
+    async def refused(_: Request, exc: Refused):
+        return answer(exc.status, exc.detail)
+
+    @app.exception_handler(SessionNotFound)
+    @app.exception_handler(JobNotFound)
+    async def not_found(_: Request, exc: LookupError):
+        return answer(404, str(exc.args[0]))
+
+    @app.exception_handler(ServerFull)
+    async def full(_: Request, exc: ServerFull):
+        return answer(503, str(exc))
+
+    @app.exception_handler(ModelError)
+    async def model_error(_: Request, exc: ModelError):
+        return answer(503, f"the server's model cannot be used: {exc}")
+
+    @app.exception_handler(LiverSAMError)
+    async def user_error(_: Request, exc: LiverSAMError):
+        return answer(422, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError):
+        problems = []
+        for error in exc.errors()[:10]:
+            where = ".".join(str(p) for p in error.get("loc", ()))
+            message = error.get("msg", "invalid")
+            if error.get("type") == "json_invalid":
+                message = f"malformed JSON ({error.get('ctx', {}).get('error', 'cannot be parsed')})"
+            problems.append(f"{where}: {message}")
+        return answer(422, "; ".join(problems) or "invalid request")
+
+
+def _add_security_scheme(app: FastAPI) -> None:
+    def openapi():
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            schema["security"] = [{"bearer": []}]
+            schema["paths"][f"{API_PREFIX}/health"]["get"]["security"] = []
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+# --- helpers -------------------------------------------------------------------------------------------------
+def _numbers(text: str, count: int, what: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise Refused(422, f"{what} must be {count} comma-separated numbers, got '{text[:80]}'") from None
+    if len(values) != count or not all(math.isfinite(v) for v in values):
+        raise Refused(422, f"{what} must be {count} finite comma-separated numbers, got '{text[:80]}'")
+    return values
+
+
+def _geometry(shape: str, spacing: str, origin: str, direction: str | None) -> ImageGeometry:
+    dims = _numbers(shape, 3, "shape (nk,nj,ni)")
+    if any(d < 1 or d != int(d) for d in dims):
+        raise Refused(422, f"shape (nk,nj,ni) must be three positive integers, got '{shape}'")
+    nk, nj, ni = (int(d) for d in dims)
+    spacing_mm = _numbers(spacing, 3, "spacing (i,j,k mm)")
+    if min(spacing_mm) <= 0:
+        raise Refused(422, f"spacing (i,j,k mm) must be positive, got '{spacing}'")
+    matrix = np.asarray(_numbers(direction, 9, "direction (3x3 row-major)") if direction else np.eye(3)).reshape(3, 3)
+    if abs(np.linalg.det(matrix)) < 1e-6:
+        raise Refused(422, "direction (3x3 row-major) is singular; give the i, j, k axis directions as columns")
+    return ImageGeometry((ni, nj, nk), tuple(spacing_mm), tuple(_numbers(origin, 3, "origin (LPS mm)")), matrix)
+
+
+def _session_info(session: Session) -> SessionInfo:
+    g = session.volume.geometry
+    return SessionInfo(
+        session_id=session.id, shape_kji=list(g.shape_kji), spacing_mm=list(g.spacing_mm),
+        origin_lps=list(g.origin_lps), direction_lps=[float(v) for v in g.direction_lps.ravel()],
+        dtype=str(session.volume.array_kji.dtype), window_level=session.window.level,
+        window_width=session.window.width, masks=sorted(session.masks), cached_slices=session.cached_slices,
+        source=session.volume.source,
+    )
+
+
+def _window(level: float | None, width: float | None) -> WindowSettings:
+    level = 40.0 if level is None else level
+    width = 400.0 if width is None else width
+    if not (math.isfinite(level) and math.isfinite(width)) or width <= 0:
+        raise Refused(422, f"window level {level} / width {width}: both finite, width > 0")
+    return WindowSettings(level=level, width=width)
+
+
+async def _read_body(request: Request, expected: int, what: str) -> bytes:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > expected:
+            break
+    if len(body) != expected:
+        got = f"{len(body)}" if len(body) <= expected else f"more than {expected}"
+        raise Refused(422, f"{what}: the body has {got} bytes, expected exactly {expected}")
+    return bytes(body)
+
+
+def _check_path(config: ServerConfig, text: str) -> Path:
+    if "\x00" in text:
+        raise Refused(422, "path contains a NUL character")
+    if not config.data_roots and not config.allow_any_path:
+        raise Refused(403, "opening CTs by path is disabled on this server (not bound to loopback and no "
+                           "--data-root given); send the voxels instead, or start it with --data-root DIR")
+    path = Path(text).expanduser()
+    if config.data_roots:
+        if not path.is_absolute():
+            path = config.data_roots[0] / path
+        resolved = path.resolve()
+        if not any(resolved == root or root in resolved.parents for root in config.data_roots):
+            raise Refused(403, f"path '{text}' lies outside the server's data roots "
+                               f"({', '.join(str(r) for r in config.data_roots)}); '..' and links may not leave them")
+        return resolved
+    if not path.is_absolute():
+        raise Refused(422, f"path '{text}' must be absolute (the server's working folder is not yours)")
+    return path.resolve()
+
+
+def _rss_mb() -> float | None:
+    """Resident memory of this process now (Linux /proc), None elsewhere."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+
+
+def _voxels_in_file(path: Path) -> int | None:
+    """The voxel count a CT file declares (header only), or None for folders / unreadable headers."""
+    if not path.is_file():
+        return None
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None  # read_ct gives the proper error
+    return int(np.prod(reader.GetSize()))
+
+
+# --- routes ---------------------------------------------------------------------------------------------------
+def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lists the API
+    config = state.config
+    router = APIRouter()
+
+    def owner(request: Request) -> str:
+        return request.state.owner
+
+    async def run_interactive(fn):
+        return await asyncio.wrap_future(state.worker.submit(fn, INTERACTIVE))
+
+    def check_voxels(count: int, what: str) -> None:
+        if count > config.max_voxels:
+            raise Refused(413, f"{what} has {count} voxels; this server accepts at most {config.max_voxels} "
+                               "(liversam serve --max-voxels); crop or resample the CT")
+
+    @router.get("/health", response_model=Health, tags=["server"], summary="Liveness (no token needed)")
+    def health() -> Health:
+        return Health(status="ok", service="liversam", version=__version__)
+
+    @router.get("/info", response_model=Info, tags=["server"])
+    def info() -> Info:
+        model = state.worker.model
+        backend = decoder = precision = device = None
+        if model is not None:
+            from ..acceleration import current_backend, current_decoder_backend
+
+            backend, decoder = current_backend(model), current_decoder_backend(model)
+            precision = str(getattr(model.encoder_override, "precision", "fp32"))
+            device = str(model.device)
+        queued, running = state.jobs.counts()
+        open_path = "roots" if config.data_roots else ("any" if config.allow_any_path else "disabled")
+        return Info(
+            version=__version__,
+            model=ModelInfo(name=model.name if model is not None else config.model, loaded=model is not None,
+                            device=device or config.device, encoder_backend=backend, decoder_backend=decoder,
+                            precision=precision, accelerate=config.accelerate, error=state.worker.model_error),
+            sessions=len(state.sessions), jobs_queued=queued, jobs_running=running, worker=state.worker.state,
+            rss_mb=_rss_mb(),
+            limits=Limits(max_sessions=config.max_sessions, max_voxels=config.max_voxels,
+                          idle_timeout_s=config.idle_timeout_s, cache_mb_per_session=config.cache_mb,
+                          max_json_bytes=config.max_json_bytes, max_volume_bytes=config.max_voxels * 4,
+                          open_path=open_path),
+        )
+
+    # --- sessions --------------------------------------------------------------------------------------------
+    @router.post("/sessions", response_model=SessionInfo, status_code=201, tags=["sessions"],
+                 summary="Open a CT sent as raw voxels",
+                 openapi_extra=binary.binary_body("voxels [k, j, i] in C order, little-endian int16 or float32"))
+    async def open_volume(
+        request: Request,
+        shape: str = Query(..., max_length=64, description="array shape 'nk,nj,ni'"),
+        spacing: str = Query(..., max_length=128, description="'si,sj,sk' voxel size in mm"),
+        origin: str = Query(..., max_length=128, description="'x,y,z' LPS mm of voxel (0,0,0)"),
+        dtype: str = Query("int16", pattern="^(int16|float32)$"),
+        direction: str | None = Query(None, max_length=512, description="9 values, row-major, columns = i,j,k axes (LPS)"),
+        window_level: float | None = None,
+        window_width: float | None = None,
+    ) -> SessionInfo:
+        geometry = _geometry(shape, spacing, origin, direction)
+        check_voxels(int(np.prod(geometry.shape_kji)), f"the CT {geometry.shape_kji}")
+        window = _window(window_level, window_width)
+        voxel = binary.VOXEL_DTYPES[dtype]
+        count = int(np.prod(geometry.shape_kji))
+        data = await _read_body(request, count * voxel.itemsize, f"a {dtype} CT of shape {list(geometry.shape_kji)}")
+        array = np.frombuffer(data, dtype=voxel).reshape(geometry.shape_kji)
+        if dtype == "float32":
+            bad = int(np.count_nonzero(~np.isfinite(array)))
+            if bad:
+                raise Refused(422, f"the CT has {bad} NaN or infinite voxels; replace them (e.g. with -1024 HU) first")
+        volume = CTVolume(array.astype(array.dtype.newbyteorder("="), copy=False), geometry, source="upload")
+        return _session_info(state.sessions.add(owner(request), volume, window, config.cache_mb))
+
+    @router.post("/sessions/open-path", response_model=SessionInfo, status_code=201, tags=["sessions"],
+                 summary="Open a CT file or DICOM folder on the server's machine")
+    async def open_path(request: Request, body: OpenPath) -> SessionInfo:
+        path = _check_path(config, body.path)
+        if not path.exists():
+            raise Refused(422, f"CT not found on the server: '{body.path}'")
+        count = await run_in_threadpool(_voxels_in_file, path)
+        if count is not None:
+            check_voxels(count, f"'{body.path}'")
+        window = _window(body.window_level, body.window_width)
+        from ..ct_io import read_ct
+
+        try:
+            volume = await run_in_threadpool(read_ct, path, body.series_uid, False, body.series_number)
+        except LiverSAMError:
+            raise
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise InputImageError(f"'{body.path}' cannot be read as a CT: {exc}") from exc
+        check_voxels(int(volume.array_kji.size), f"'{body.path}'")
+        return _session_info(state.sessions.add(owner(request), volume, window, config.cache_mb))
+
+    @router.get("/sessions/{session_id}", response_model=SessionInfo, tags=["sessions"])
+    def session_info(request: Request, session_id: str) -> SessionInfo:
+        return _session_info(state.sessions.get(session_id, owner(request)))
+
+    @router.delete("/sessions/{session_id}", status_code=204, tags=["sessions"],
+                   summary="Close a session: cancel its jobs, free its CT, embeddings and masks")
+    def close_session(request: Request, session_id: str) -> Response:
+        state.sessions.remove(session_id, owner(request))
+        return Response(status_code=204)
+
+    @router.put("/sessions/{session_id}/masks/{name}", status_code=204, tags=["sessions"],
+                summary="Store a mask [k, j, i] (packed bits or uint8) under a name",
+                openapi_extra=binary.binary_body("mask [k, j, i]: numpy.packbits (default) or one uint8 per voxel"))
+    async def upload_mask(request: Request, session_id: str, name: str,
+                          encoding: str = Query("packbits", pattern="^(packbits|uint8)$")) -> Response:
+        session = state.sessions.get(session_id, owner(request))
+        if not (0 < len(name) <= 64) or not all(c.isalnum() or c in " _.-" for c in name):
+            raise Refused(422, f"mask name '{name[:80]}': use 1-64 letters, digits, space, '_', '.', '-'")
+        shape = session.volume.geometry.shape_kji
+        data = await _read_body(request, binary.mask_nbytes(shape, encoding), f"a {encoding} mask of shape {list(shape)}")
+        session.masks[name] = binary.unpack_mask(data, shape, encoding)
+        return Response(status_code=204)
+
+    # --- interactive -----------------------------------------------------------------------------------------
+    @router.post("/sessions/{session_id}/predict", tags=["interactive"], response_class=Response,
+                 summary="Segment one slice from boxes and points (IJK) -> packed-bit mask [j, i]",
+                 responses=binary.binary_answer("mask [j, i], numpy.packbits; X-LiverSAM-Score: the model's IoU"))
+    async def predict(request: Request, session_id: str, body: PredictRequest) -> Response:
+        session = state.sessions.get(session_id, owner(request))
+        prompts = slice_prompts(body, session.volume.geometry)
+        prediction = await run_interactive(lambda model: session.predictor(model).predict(body.k, prompts))
+        return binary.mask_response(prediction.mask_ji, {"X-LiverSAM-Score": f"{prediction.score:.6f}"})
+
+    @router.post("/sessions/{session_id}/prefetch", response_model=Planned, status_code=202, tags=["interactive"],
+                 summary="Encode the slices around k in the background (replaces the previous plan)")
+    def prefetch(request: Request, session_id: str, body: PrefetchRequest) -> Planned:
+        from ..acceleration.prefetch import neighbour_order
+
+        session = state.sessions.get(session_id, owner(request))
+        nk = session.volume.num_slices
+        if not 0 <= body.k < nk:
+            raise Refused(422, f"prefetch: slice k={body.k} is outside the volume (k 0..{nk - 1})")
+        plan = [k for k in neighbour_order(body.k, body.radius, nk) if not session.is_cached(k)]
+
+        def embed(model, k: int) -> None:
+            if not session.closed:
+                session.predictor(model).embedding(k)
+
+        state.worker.plan_prefetch(session.id, embed, plan)
+        return Planned(planned=plan)
+
+    # --- jobs -------------------------------------------------------------------------------------------------
+    @router.post("/sessions/{session_id}/jobs/propagate", response_model=JobStatus, status_code=202, tags=["jobs"],
+                 summary="Segment (and propagate) segments from their prompts, as `liversam segment` does")
+    def start_propagation(request: Request, session_id: str, body: PropagateRequest) -> JobStatus:
+        session = state.sessions.get(session_id, owner(request))
+        segments = segment_prompts(body.segments, body.coordinate_system, session.volume.geometry, session.masks)
+        names = {s.name for s in segments}
+        containers = {s.inside: session.masks[s.inside] for s in segments if s.inside and s.inside not in names}
+        settings = pipeline_settings(body.settings)
+        job = state.jobs.start(session, owner(request), "propagate",
+                               lambda job: propagation_work(job, segments, settings, containers))
+        return JobStatus(**job.status())
+
+    @router.post("/sessions/{session_id}/jobs/repropagate", response_model=JobStatus, status_code=202, tags=["jobs"],
+                 summary="Fix slices with new prompts and re-propagate only what the fix affects")
+    def start_repropagation(request: Request, session_id: str, body: RepropagateRequest) -> JobStatus:
+        session = state.sessions.get(session_id, owner(request))
+        seg = segment_prompts([body.segment.model_copy(update={"inside": None})], body.coordinate_system,
+                              session.volume.geometry, session.masks)[0]
+        for k in body.fix_slices:
+            if k not in seg.slices:
+                raise PromptError(f"fix slice k={k} carries none of segment '{seg.name}''s prompts "
+                                  f"(prompted slices: {sorted(seg.slices)}); add the fix's prompts to the segment")
+        existing_name = body.existing or seg.name
+        for what, name in (("existing", existing_name), ("container", body.container)):
+            if name is not None and name not in session.masks:
+                raise Refused(422, f"{what} mask '{name}' is not in the session (masks: "
+                                   f"{', '.join(sorted(session.masks)) or 'none'}); upload it or run a propagation first")
+        container = session.masks[body.container] if body.container else None
+        existing = session.masks[existing_name]
+        settings = pipeline_settings(body.settings)
+        job = state.jobs.start(session, owner(request), "repropagate", lambda job: repropagation_work(
+            job, seg, list(body.fix_slices), existing, container, settings))
+        return JobStatus(**job.status())
+
+    @router.get("/jobs/{job_id}", response_model=JobStatus, tags=["jobs"])
+    def job_status(request: Request, job_id: str) -> JobStatus:
+        return JobStatus(**state.jobs.get(job_id, owner(request)).status())
+
+    @router.post("/jobs/{job_id}/cancel", response_model=JobStatus, tags=["jobs"],
+                 summary="Cancel a job; a cancelled job writes nothing")
+    def cancel_job(request: Request, job_id: str) -> JobStatus:
+        job = state.jobs.get(job_id, owner(request))
+        state.jobs.cancel(job)
+        return JobStatus(**job.status())
+
+    def finished(request: Request, job_id: str):
+        job = state.jobs.get(job_id, owner(request))
+        if job.state != "done" or job.output is None:
+            why = {"queued": "is still queued", "running": "is still running", "cancelled": "was cancelled; nothing "
+                   "was written", "failed": f"failed: {job.error}"}.get(job.state, job.state)
+            raise Refused(409, f"job '{job_id}' {why}; there is no result")
+        return job
+
+    @router.get("/jobs/{job_id}/result", response_model=JobResult, tags=["jobs"],
+                summary="Segments, review report and lesion table of a finished job (masks: see /masks)")
+    def job_result(request: Request, job_id: str) -> JobResult:
+        job = finished(request, job_id)
+        out = job.output
+        voxel_ml = out.result.geometry.voxel_volume_mm3 / 1000.0
+        segments = [{"name": s.name, "label": s.label, "color": list(s.color), "voxels": int(s.mask_kji.sum()),
+                     "volume_ml": round(float(s.mask_kji.sum()) * voxel_ml, 3),
+                     "computed_slices": out.computed.get(s.name, [])} for s in out.result.segments]
+        labelmap_dtype = "uint8" if max((s.label for s in out.result.segments), default=0) < 256 else "uint16"
+        return JobResult(job_id=job.id, segments=segments, review=out.review, lesions=out.lesions,
+                         labelmap_dtype=labelmap_dtype)
+
+    @router.get("/jobs/{job_id}/masks/{segment}", tags=["jobs"], response_class=Response,
+                responses=binary.binary_answer("mask [k, j, i], numpy.packbits"))
+    def job_mask(request: Request, job_id: str, segment: str) -> Response:
+        job = finished(request, job_id)
+        try:
+            return binary.mask_response(job.output.result.segment(segment).mask_kji)
+        except KeyError:
+            names = ", ".join(s.name for s in job.output.result.segments)
+            raise Refused(404, f"job '{job_id}' has no segment '{segment[:64]}' (segments: {names})") from None
+
+    @router.get("/jobs/{job_id}/labelmap", tags=["jobs"], response_class=Response,
+                responses=binary.binary_answer("labelmap [k, j, i], uint8 or uint16 (X-LiverSAM-Dtype)"))
+    def job_labelmap(request: Request, job_id: str) -> Response:
+        return binary.array_response(finished(request, job_id).output.result.to_labelmap())
+
+    return router
+
+
+__all__ = ["ServerState", "create_app"]

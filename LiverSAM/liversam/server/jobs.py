@@ -1,0 +1,254 @@
+"""Jobs: a propagation or re-propagation of one session, queued on the inference thread.
+
+Progress (stage, done, total) comes from the core's callbacks; cancel is the core's ``cancel`` callback. A
+job that is cancelled (or whose session closes) writes nothing: its masks reach the session only when it
+has finished. Prompts are converted exactly as ``liversam segment`` converts a PROMPTS.json
+(:func:`liversam.prompts.parse_prompts`), before the job is queued, so a bad prompt is a 422 at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..errors import Cancelled, LiverSAMError, PromptError
+from ..geometry import ImageGeometry
+from ..lesions import TUMOUR_NAMES, lesion_table
+from ..pipeline import PipelineSettings, segment_volume
+from ..postprocess import PostprocessSettings
+from ..prompts import SegmentPrompts, SlicePrompts, parse_prompts
+from ..propagation import PropagationOutcome, PropagationSettings, for_lesions, repropagate
+from ..review import build_review_report
+from ..segmentation import Segment, SegmentationResult
+from .schemas import JobSettings, PredictRequest, SegmentSpec
+from .sessions import Session
+
+log = logging.getLogger(__name__)
+FINAL = ("done", "failed", "cancelled")
+
+
+class JobNotFound(LookupError):
+    pass
+
+
+# --- prompts, the way `liversam segment` reads them --------------------------------------------------------
+def segment_prompts(specs: list[SegmentSpec], system: str, geometry: ImageGeometry,
+                    masks: dict[str, np.ndarray], source: str = "request") -> list[SegmentPrompts]:
+    """Request segments -> core prompts. ``inside`` may also name a session mask (a container)."""
+    data = {"coordinate_system": system,
+            "segments": [spec.model_dump(exclude={"inside"}, exclude_none=True) for spec in specs]}
+    segments = parse_prompts(data, geometry, source=source)
+    names = {s.name for s in segments}
+    for seg, spec in zip(segments, specs, strict=True):
+        if spec.inside is None:
+            continue
+        if spec.inside == seg.name:
+            raise PromptError(f"{source}: segment '{seg.name}' cannot be inside itself.")
+        if spec.inside not in names and spec.inside not in masks:
+            raise PromptError(
+                f"{source}: segment '{seg.name}' is to be inside '{spec.inside}', which is neither a segment of "
+                f"this request nor a session mask (masks: {', '.join(sorted(masks)) or 'none'}); upload it first."
+            )
+        seg.inside = spec.inside
+    return segments
+
+
+def slice_prompts(request: PredictRequest, geometry: ImageGeometry) -> SlicePrompts:
+    """A predict request (IJK on slice k) -> the core's prompts for that slice."""
+    nk = geometry.size_ijk[2]
+    if not 0 <= request.k < nk:
+        raise PromptError(f"predict: slice k={request.k} is outside the volume (k 0..{nk - 1}).")
+    k = float(request.k)
+    spec = {"name": f"slice k={request.k}",
+            "boxes": [[[b[0], b[1], k], [b[2], b[3], k]] for b in request.boxes],
+            "points": [[p[0], p[1], k] for p in request.points],
+            "negative_points": [[p[0], p[1], k] for p in request.negative_points]}
+    seg = parse_prompts({"coordinate_system": "IJK", "segments": [spec]}, geometry, source="predict")[0]
+    return seg.slices[request.k]
+
+
+def pipeline_settings(settings: JobSettings) -> PipelineSettings:
+    """The same settings ``liversam segment`` uses, with the request's options."""
+    return PipelineSettings(
+        slice_postprocess=PostprocessSettings(min_island_mm2=settings.min_island_mm2),
+        propagation=PropagationSettings(**settings.model_dump(exclude={"min_island_mm2"})),
+    )
+
+
+# --- jobs ---------------------------------------------------------------------------------------------------
+@dataclass
+class JobOutput:
+    result: SegmentationResult
+    review: dict
+    lesions: list[dict]
+    computed: dict[str, list[int]]
+
+
+@dataclass
+class Job:
+    id: str
+    session: Session
+    owner: str
+    kind: str
+    state: str = "queued"
+    stage: str = "queued"
+    done: int = 0
+    total: int = 0
+    progress_events: int = 0
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    output: JobOutput | None = None
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        self.stage, self.done, self.total = stage, int(done), int(total)
+        self.progress_events += 1
+
+    def cancelled(self) -> bool:
+        return self.cancel_event.is_set() or self.session.closed
+
+    def status(self) -> dict:
+        return {"job_id": self.id, "session_id": self.session.id, "kind": self.kind, "state": self.state,
+                "stage": self.stage, "done": self.done, "total": self.total,
+                "progress_events": self.progress_events, "error": self.error, "created": self.created,
+                "started": self.started, "finished": self.finished}
+
+
+def _output(result: SegmentationResult, computed: dict[str, list[int]], lesion_names: set[str]) -> JobOutput:
+    names = tuple(s.name for s in result.segments if s.name in lesion_names or s.name.lower() in TUMOUR_NAMES)
+    lesions = [asdict(lesion) for lesion in lesion_table(result, names)] if names else []
+    return JobOutput(result, build_review_report(result), lesions, computed)
+
+
+def propagation_work(job: Job, segments: list[SegmentPrompts], settings: PipelineSettings,
+                     containers: dict[str, np.ndarray]) -> Callable:
+    """``segment_volume`` on the session's CT (what ``liversam segment`` runs)."""
+    session = job.session
+
+    def work(model) -> JobOutput:
+        result = segment_volume(session.volume, segments, session.predictor(model), settings,
+                                progress=job.progress, cancel=job.cancelled, containers=containers)
+        outcomes = result.provenance.get("propagation") or {}
+        prompted = {s.name: sorted(s.slices) for s in segments}
+        computed = {name: sorted(set(outcomes[name].computed_slices)) if name in outcomes else prompted[name]
+                    for name in prompted}
+        return _output(result, computed, {s.name for s in segments if s.inside})
+
+    return work
+
+
+def repropagation_work(job: Job, seg: SegmentPrompts, fix_slices: list[int], existing: np.ndarray,
+                       container: np.ndarray | None, settings: PipelineSettings) -> Callable:
+    """``liversam.propagation.repropagate`` for each fixed slice, in order."""
+    session = job.session
+    propagation = for_lesions(settings.propagation) if container is not None else settings.propagation
+
+    def work(model) -> JobOutput:
+        predictor = session.predictor(model)
+        mask = existing.copy()
+        scores: dict[int, float] = {}
+        tracks, computed = [], []
+        for n, k in enumerate(fix_slices):
+            job.progress(f"re-propagating '{seg.name}' from slice {k}", n, len(fix_slices))
+            outcome = repropagate(mask, seg, k, seg.slices[k], predictor, propagation, settings.slice_postprocess,
+                                  container, job.cancelled)
+            mask, tracks, computed = outcome.mask_kji, tracks + outcome.tracks, computed + outcome.computed_slices
+            scores.update(outcome.scores)
+        job.progress("done", len(fix_slices), len(fix_slices))
+        scores = {k: s for k, s in scores.items() if mask[k].any()}
+        outcome = PropagationOutcome(mask, scores, tracks, sorted(seg.slices), computed)
+        result = SegmentationResult(
+            geometry=session.volume.geometry,
+            segments=[Segment(seg.name, seg.label, mask, seg.color, slice_scores=scores)],
+            provenance={"software": "LiverSAM", "propagation": {seg.name: outcome}, "fixed_slices": fix_slices},
+        )
+        return _output(result, {seg.name: sorted(set(computed))}, {seg.name} if container is not None else set())
+
+    return work
+
+
+class JobStore:
+    """Jobs by id; at most ``max_jobs`` finished ones are kept (oldest forgotten first)."""
+
+    def __init__(self, worker, max_jobs: int) -> None:
+        self.worker = worker
+        self.max_jobs = max_jobs
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def start(self, session: Session, owner: str, kind: str, make_work: Callable[[Job], Callable]) -> Job:
+        """Queue a job; ``make_work(job)`` gives its ``work(model) -> JobOutput`` (reporting to ``job``)."""
+        from .worker import JOB
+
+        job = Job(secrets.token_urlsafe(12), session, owner, kind)
+        work = make_work(job)
+        with self._lock:
+            self._jobs[job.id] = job
+            session.active_jobs += 1
+            self._forget_old()
+        self.worker.submit(lambda model: self._run(job, work, model), JOB)
+        return job
+
+    def _run(self, job: Job, work: Callable, model) -> None:
+        try:
+            if job.cancelled():
+                raise Cancelled()
+            job.state, job.started = "running", time.time()
+            job.progress("started", 0, 0)
+            output = work(model)
+            if job.cancelled():  # cancelled after the last check inside the core: still write nothing
+                raise Cancelled()
+            for seg in output.result.segments:
+                job.session.masks[seg.name] = seg.mask_kji
+            job.output, job.state = output, "done"
+        except Cancelled:
+            job.state, job.error = "cancelled", "cancelled; nothing was written"
+        except LiverSAMError as exc:
+            job.state, job.error = "failed", str(exc)
+        except Exception as exc:  # a bug: say so, keep the server alive
+            log.exception("job %s failed", job.id)
+            job.state, job.error = "failed", f"internal error: {type(exc).__name__}: {exc}"
+        finally:
+            job.finished = time.time()
+            with self._lock:
+                job.session.active_jobs -= 1
+
+    def get(self, job_id: str, owner: str) -> Job:
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None or job.owner != owner:
+            raise JobNotFound(f"unknown job '{job_id}': it does not exist, was forgotten (only the last "
+                              f"{self.max_jobs} jobs are kept) or its session was closed, or belongs to another token")
+        return job
+
+    def cancel(self, job: Job) -> None:
+        job.cancel_event.set()
+        if job.state == "queued":
+            job.stage = "cancelling"
+
+    def forget_session(self, session: Session) -> None:
+        """Cancel and forget every job of a closed session."""
+        with self._lock:
+            for job_id in [j.id for j in self._jobs.values() if j.session is session]:
+                job = self._jobs.pop(job_id)
+                job.cancel_event.set()
+                job.output = None
+
+    def counts(self) -> tuple[int, int]:
+        with self._lock:
+            states = [j.state for j in self._jobs.values()]
+        return states.count("queued"), states.count("running")
+
+    def _forget_old(self) -> None:
+        finished = [j for j in self._jobs.values() if j.state in FINAL]
+        for job in finished[: max(0, len(finished) - self.max_jobs)]:
+            del self._jobs[job.id]

@@ -1,0 +1,183 @@
+"""Request and answer models of the API (they make the OpenAPI schema). Coordinates are IJK unless a
+request says otherwise; every number must be finite (NaN / infinity are refused with 422)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..propagation import PropagationSettings
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9 _.\-]+$")]
+BoxIJ = Annotated[list[Finite], Field(min_length=4, max_length=4, description="(i0, j0, i1, j1) voxel indices")]
+PointIJ = Annotated[list[Finite], Field(min_length=2, max_length=2, description="(i, j) voxel indices")]
+Point3 = Annotated[list[Finite], Field(min_length=3, max_length=3)]
+Box3 = Annotated[list[Point3], Field(min_length=2, max_length=2, description="two opposite corners on one slice")]
+MAX_PROMPTS = 256
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Health(BaseModel):
+    status: str
+    service: str
+    version: str
+
+
+class Limits(BaseModel):
+    max_sessions: int
+    max_voxels: int
+    idle_timeout_s: float
+    cache_mb_per_session: float
+    max_json_bytes: int
+    max_volume_bytes: int
+    open_path: str = Field(description="'any' (loopback, no roots), 'roots' (inside data_roots) or 'disabled'")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    loaded: bool
+    device: str | None = None
+    encoder_backend: str | None = None
+    decoder_backend: str | None = None
+    precision: str | None = None
+    accelerate: str
+    error: str | None = None
+
+
+class Info(BaseModel):
+    version: str
+    model: ModelInfo
+    sessions: int
+    jobs_queued: int
+    jobs_running: int
+    worker: str
+    rss_mb: float | None = Field(default=None, description="the server's resident memory now (Linux)")
+    limits: Limits
+
+
+class SessionInfo(BaseModel):
+    session_id: str
+    shape_kji: list[int]
+    spacing_mm: list[float]
+    origin_lps: list[float]
+    direction_lps: list[float]
+    dtype: str
+    window_level: float
+    window_width: float
+    masks: list[str]
+    cached_slices: int
+    source: str
+
+
+class OpenPath(Strict):
+    path: str = Field(min_length=1, max_length=4096, description="CT file or DICOM folder on the server")
+    series_uid: str | None = Field(default=None, max_length=128)
+    series_number: int | None = None
+    window_level: Finite = 40.0
+    window_width: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 400.0
+
+
+class PredictRequest(Strict):
+    k: int = Field(description="axial slice index")
+    boxes: list[BoxIJ] = Field(default_factory=list, max_length=MAX_PROMPTS)
+    points: list[PointIJ] = Field(default_factory=list, max_length=MAX_PROMPTS)
+    negative_points: list[PointIJ] = Field(default_factory=list, max_length=MAX_PROMPTS)
+
+
+class PrefetchRequest(Strict):
+    k: int
+    radius: int = Field(default=3, ge=0, le=32)
+
+
+class Planned(BaseModel):
+    planned: list[int]
+
+
+class SegmentSpec(Strict):
+    """One segment in PROMPTS.json form (see liversam.prompts); no markups files over the network."""
+
+    name: Name
+    label: int | None = Field(default=None, ge=1, le=65535)
+    color: list[Annotated[float, Field(ge=0, le=255, allow_inf_nan=False)]] | None = Field(
+        default=None, min_length=3, max_length=3)
+    inside: Name | None = Field(default=None, description="a segment of this request or a session mask")
+    propagate: bool = True
+    boxes: list[Box3] = Field(default_factory=list, max_length=MAX_PROMPTS)
+    points: list[Point3] = Field(default_factory=list, max_length=MAX_PROMPTS)
+    negative_points: list[Point3] = Field(default_factory=list, max_length=MAX_PROMPTS)
+
+
+_CORE = PropagationSettings()  # defaults come from the core, never restated here
+
+
+def _number(low: float, high: float | None = None):
+    return Annotated[float, Field(ge=low, le=high, allow_inf_nan=False)]
+
+
+class JobSettings(Strict):
+    """``liversam.propagation.PropagationSettings`` (the core's defaults) plus the 2D clean-up's island size."""
+
+    intensity_refinement: bool = _CORE.intensity_refinement
+    max_slices: int | None = Field(default=_CORE.max_slices, ge=0, le=100000, description="cap per track and direction")
+    box_margin_mm: _number(0, 100) = _CORE.box_margin_mm
+    use_mask_prompt: bool = _CORE.use_mask_prompt
+    min_area_mm2: _number(0) = _CORE.min_area_mm2
+    collapse_ratio: _number(0, 1) = _CORE.collapse_ratio
+    min_score: _number(0, 1) = _CORE.min_score
+    min_overlap: _number(0, 1) = _CORE.min_overlap
+    max_growth_ratio: _number(1) | None = _CORE.max_growth_ratio
+    growth_allowance_mm2: _number(0) = _CORE.growth_allowance_mm2
+    max_mean_hu_shift: _number(0) | None = _CORE.max_mean_hu_shift
+    min_island_mm2: _number(0) = 10.0  # liversam segment's --min-island-mm2 default
+
+
+class PropagateRequest(Strict):
+    coordinate_system: Literal["IJK", "LPS", "RAS"] = "IJK"
+    segments: list[SegmentSpec] = Field(min_length=1, max_length=16)
+    settings: JobSettings = Field(default_factory=JobSettings)
+
+
+class RepropagateRequest(Strict):
+    coordinate_system: Literal["IJK", "LPS", "RAS"] = "IJK"
+    segment: SegmentSpec = Field(description="the segment's prompts as they are now, fixed slices included")
+    fix_slices: list[int] = Field(min_length=1, max_length=64)
+    existing: Name | None = Field(default=None, description="session mask with the segment now (default: its name)")
+    container: Name | None = Field(default=None, description="session mask that clips it (the liver)")
+    settings: JobSettings = Field(default_factory=JobSettings)
+
+
+class JobStatus(BaseModel):
+    job_id: str
+    session_id: str
+    kind: str
+    state: Literal["queued", "running", "done", "failed", "cancelled"]
+    stage: str
+    done: int
+    total: int
+    progress_events: int
+    error: str | None = None
+    created: float
+    started: float | None = None
+    finished: float | None = None
+
+
+class SegmentSummary(BaseModel):
+    name: str
+    label: int
+    color: list[float]
+    voxels: int
+    volume_ml: float
+    computed_slices: list[int]
+
+
+class JobResult(BaseModel):
+    job_id: str
+    segments: list[SegmentSummary]
+    review: dict[str, Any]
+    lesions: list[dict[str, Any]]
+    labelmap_dtype: str

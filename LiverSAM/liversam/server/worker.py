@@ -1,0 +1,135 @@
+"""The one thread that owns the model and runs every model call.
+
+Work is taken in priority order: interactive predictions (:data:`INTERACTIVE`) before jobs (:data:`JOB`),
+and background pre-encoding only when nothing else waits, one slice at a time, so a click never waits
+for more than the encode in progress. The model is loaded by this thread on first use, never at import.
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import itertools
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+INTERACTIVE = 0
+JOB = 1
+
+
+class InferenceWorker:
+    """``submit(fn, priority)`` runs ``fn(model)`` on the worker thread and returns a Future of its result."""
+
+    def __init__(self, load_model: Callable[[], Any]) -> None:
+        self._load_model = load_model
+        self._model: Any = None
+        self.model_error: str | None = None
+        self._cond = threading.Condition()
+        self._queue: list[tuple[int, int, Callable[[Any], Any], Future]] = []
+        self._seq = itertools.count()
+        # key (session id) -> (embed(model, k) callable, slices still to encode), round-robin between keys
+        self._prefetch: OrderedDict[str, tuple[Callable[[Any, int], None], list[int]]] = OrderedDict()
+        self._closed = False
+        self.state = "idle"
+        self._thread = threading.Thread(target=self._run, name="liversam-inference", daemon=True)
+        self._thread.start()
+
+    @property
+    def model(self) -> Any:
+        """The loaded model, or None before the first model call."""
+        return self._model
+
+    def _ensure_model(self) -> Any:
+        if self._model is None:
+            self.state = "loading model"
+            try:
+                self._model = self._load_model()
+                self.model_error = None
+            except Exception as exc:
+                self.model_error = str(exc)
+                raise
+        return self._model
+
+    def submit(self, fn: Callable[[Any], Any], priority: int = JOB) -> Future:
+        future: Future = Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the inference worker is stopped")
+            heapq.heappush(self._queue, (priority, next(self._seq), fn, future))
+            self._cond.notify_all()
+        return future
+
+    def plan_prefetch(self, key: str, embed: Callable[[Any, int], None], ks: list[int]) -> None:
+        """Replace ``key``'s plan: encode ``ks`` (nearest first) when the worker is otherwise idle."""
+        with self._cond:
+            self._prefetch.pop(key, None)
+            if ks:
+                self._prefetch[key] = (embed, list(ks))
+            self._cond.notify_all()
+
+    def drop_prefetch(self, key: str) -> None:
+        with self._cond:
+            self._prefetch.pop(key, None)
+
+    def pending_prefetch(self, key: str) -> list[int]:
+        with self._cond:
+            plan = self._prefetch.get(key)
+            return list(plan[1]) if plan else []
+
+    @property
+    def queued(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._closed = True
+            for _, _, _, future in self._queue:
+                future.cancel()
+            self._queue.clear()
+            self._prefetch.clear()
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def _next(self) -> tuple[Callable[[Any], Any], Future | None] | None:
+        with self._cond:
+            while not self._closed:
+                if self._queue:
+                    _, _, fn, future = heapq.heappop(self._queue)
+                    return fn, future
+                if self._prefetch:
+                    key, (embed, plan) = next(iter(self._prefetch.items()))
+                    k = plan.pop(0)
+                    self._prefetch.pop(key)
+                    if plan:  # back of the line: sessions take turns
+                        self._prefetch[key] = (embed, plan)
+                    return functools.partial(embed, k=k), None
+                self.state = "idle"
+                self._cond.wait()
+            return None
+
+    def _run(self) -> None:
+        while True:
+            item = self._next()
+            if item is None:
+                return
+            fn, future = item
+            if future is not None and not future.set_running_or_notify_cancel():
+                continue
+            self.state = "busy" if future is not None else "pre-encoding"
+            try:
+                result = fn(self._ensure_model())
+            except BaseException as exc:  # delivered to the waiting request; the thread lives on
+                if future is not None:
+                    future.set_exception(exc)
+                else:
+                    log.warning("background encoding failed: %s", exc)
+                continue
+            if future is not None:
+                future.set_result(result)
