@@ -297,7 +297,13 @@ def parse_class(bases: list[str], body: str, name: str, is_struct: bool = False)
         params = declaration[open_at + 1 : matching(declaration, open_at, "(", ")") - 1]
         returned = normalize_type(declaration[: match.start()])
         if signals:
-            info["signals"].append(signature(method, params))
+            # moc makes one signature per number of defaulted arguments: clicked(bool = false) -> clicked(bool)
+            # and clicked().
+            full = signature(method, params)
+            info["signals"].append(full)
+            arguments = full[len(method) + 1 : -1].split(",") if full[len(method) + 1 : -1] else []
+            for count in range(len(arguments) - params.count("="), len(arguments)):
+                info["signals"].append(f"{method}({','.join(arguments[:count])})")
             continue
         info["methods"].setdefault(method, returned)
         if slots:
@@ -374,6 +380,51 @@ def extract(source: HeaderSource, roots: list[str]) -> dict:
     return {"classes": dict(sorted(classes.items())), "external_bases": sorted(external)}
 
 
+GUI_CONNECTORS = "Base/Python/slicer/parameterNodeWrapper/guiConnectors.py"
+
+
+def _names(node) -> list[str]:
+    """``qt.QCheckBox`` / ``(qt.QCheckBox, ctk.ctkCheckBox)`` / ``bool`` / ``pathlib.Path`` -> names."""
+    import ast
+
+    items = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
+    return [i.attr if isinstance(i, ast.Attribute) else i.id for i in items if isinstance(i, (ast.Attribute, ast.Name))]
+
+
+def gui_connectors(slicer_git: Path, tag: str) -> list[dict]:
+    """What ``parameterNodeWrapper``'s GUI connectors accept: per connector, the exact widget classes
+    (``type(widget) == X`` / ``in (...)``), the parameter types (``unannotatedType(datatype) == T`` / ``in``;
+    ``node`` for ``isNodeOrUnionOfNodes``, ``enum`` for Enum subclasses, ``pack`` for parameter packs) and
+    whether ``create`` demands a ``Choice`` annotation."""
+    import ast
+
+    tree = ast.parse(git_show(slicer_git, tag, GUI_CONNECTORS))
+    result = []
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        methods = {f.name: f for f in cls.body if isinstance(f, ast.FunctionDef)}
+        if "canRepresent" not in methods:
+            continue
+        widgets, types = [], []
+        for node in ast.walk(methods["canRepresent"]):
+            if isinstance(node, ast.Compare) and isinstance(node.left, ast.Call) and isinstance(node.left.func, ast.Name):
+                target = _names(node.comparators[0])
+                if node.left.func.id == "type":
+                    widgets += target
+                elif node.left.func.id == "unannotatedType":
+                    types += target
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                if node.func.id == "isNodeOrUnionOfNodes":
+                    types.append("node")
+                elif node.func.id == "issubclass" and "Enum" in ast.unparse(node):
+                    types.append("enum")
+            if isinstance(node, ast.Attribute) and node.attr == "isParameterPack":
+                types.append("pack")
+        create = ast.unparse(methods.get("create", methods["canRepresent"]))
+        result.append({"connector": cls.name, "widgets": sorted(set(widgets)), "types": sorted(set(types)),
+                       "needs_choice": "validators.Choice" in create})  # fmt: skip
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--slicer-git", type=Path, required=True, help="git directory of a Slicer/Slicer mirror")
@@ -393,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         "ctk_commit": source.ctk_commit,
         "qt_version": qt_version.group(1) if qt_version else "unknown",
         "generated_by": "Testing/Python/slicer_api/extract_api.py",
+        "parameter_node_connectors": gui_connectors(args.slicer_git, args.tag),
         **extract(source, CLASSES),
     }
     args.output.write_text(json.dumps(listing, indent=1, sort_keys=False) + "\n", encoding="utf-8")

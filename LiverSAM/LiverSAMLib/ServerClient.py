@@ -1,0 +1,541 @@
+"""HTTP client of ``liversam serve``: the standard library plus numpy only (runs inside Slicer's Python).
+
+Python 3.9 compatible (Slicer 5.8). Every call is synchronous and bounded by ``timeout``; long work runs
+on the server as a job (:meth:`LiverSAMClient.start_propagation`) that the caller polls with
+:meth:`LiverSAMClient.job_status` (e.g. from a QTimer), so nothing here blocks for minutes.
+
+Wire formats (see docs/SERVER.md):
+
+- arrays are indexed ``[k, j, i]`` (slice, row, column); prompts are voxel indices (IJK): a box on slice
+  ``k`` is ``(i0, j0, i1, j1)``, a point ``(i, j)``;
+- a CT travels as raw little-endian ``int16`` or ``float32`` voxels in C order (``application/octet-stream``)
+  with its shape and LPS geometry in the query string;
+- a mask travels as ``numpy.packbits`` of the C-ordered boolean array (bit order "big"), its shape in the
+  ``X-LiverSAM-Shape`` header (``"nj,ni"`` or ``"nk,nj,ni"``); a labelmap as raw ``uint8``/``uint16``;
+- every other request and answer is JSON; an error answer is ``{"detail": "<what is wrong>"}``.
+
+``LocalServerProcess`` starts ``python -m liversam serve --port 0 --token-file F`` with a given Python
+(a venv that has the ``liversam`` package), waits until it answers and stops it again.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import secrets
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+API_PREFIX = "/v1"
+MASK_ENCODING = "packbits"
+
+
+# --- errors ------------------------------------------------------------------------------------------------
+class LiverSAMClientError(Exception):
+    """Base class of every error this client raises."""
+
+
+class ServerUnavailable(LiverSAMClientError):
+    """The server cannot be reached (connection refused, timed out, not running, or it died)."""
+
+
+class AuthError(LiverSAMClientError):
+    """The server refused the token (HTTP 401)."""
+
+
+class ServerRequestError(LiverSAMClientError):
+    """The server refused a request (HTTP 4xx); ``message`` is the server's explanation."""
+
+    def __init__(self, status: int, message: str, method: str = "", path: str = "") -> None:
+        self.status = int(status)
+        self.message = message
+        self.method = method
+        self.path = path
+        super().__init__(f"{method} {path}: HTTP {status}: {message}".strip())
+
+
+class ServerError(LiverSAMClientError):
+    """The server failed (HTTP 5xx); ``message`` is what it said."""
+
+    def __init__(self, status: int, message: str, method: str = "", path: str = "") -> None:
+        self.status = int(status)
+        self.message = message
+        super().__init__(f"{method} {path}: HTTP {status}: {message}".strip())
+
+
+# --- binary helpers ----------------------------------------------------------------------------------------
+def pack_mask(mask: np.ndarray) -> bytes:
+    """A boolean array as packed bits (C order, bit order big), the server's mask encoding."""
+    return np.packbits(np.ascontiguousarray(mask, dtype=bool).ravel()).tobytes()
+
+
+def unpack_mask(data: bytes, shape: Sequence[int]) -> np.ndarray:
+    """Packed bits back into a boolean array of ``shape``."""
+    count = int(np.prod([int(s) for s in shape]))
+    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count)
+    return bits.astype(bool).reshape(tuple(int(s) for s in shape))
+
+
+def parse_shape(text: str | None) -> tuple[int, ...]:
+    if not text:
+        raise LiverSAMClientError("the server's answer has no X-LiverSAM-Shape header")
+    return tuple(int(v) for v in text.split(","))
+
+
+def box_ijk(i0: float, j0: float, i1: float, j1: float, k: float) -> list[list[float]]:
+    """A box on slice ``k`` in the PROMPTS.json corner form ``[[i0, j0, k], [i1, j1, k]]`` (IJK)."""
+    return [[float(i0), float(j0), float(k)], [float(i1), float(j1), float(k)]]
+
+
+def segment_spec(
+    name: str,
+    label: int | None = None,
+    boxes_ijk: Iterable[Sequence[Sequence[float]]] = (),
+    points_ijk: Iterable[Sequence[float]] = (),
+    negative_points_ijk: Iterable[Sequence[float]] = (),
+    inside: str | None = None,
+    propagate: bool = True,
+    color: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """One segment of a propagation request, in PROMPTS.json form (IJK): see :func:`box_ijk` for boxes.
+
+    ``inside``: another segment of the same request, or a mask uploaded with
+    :meth:`LiverSAMClient.upload_mask` (e.g. the liver already in the scene) that clips this segment.
+    """
+    spec: dict[str, Any] = {
+        "name": name,
+        "boxes": [[list(map(float, c)) for c in box] for box in boxes_ijk],
+        "points": [list(map(float, p)) for p in points_ijk],
+        "negative_points": [list(map(float, p)) for p in negative_points_ijk],
+        "propagate": bool(propagate),
+    }
+    if label is not None:
+        spec["label"] = int(label)
+    if inside:
+        spec["inside"] = inside
+    if color is not None:
+        spec["color"] = [float(c) for c in color]
+    return spec
+
+
+class _Answer:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def json(self) -> Any:
+        return json.loads(self.body.decode("utf-8")) if self.body else None
+
+
+# --- client ------------------------------------------------------------------------------------------------
+class LiverSAMClient:
+    """Talks to one ``liversam serve`` at ``base_url`` (e.g. ``http://127.0.0.1:8123``) with ``token``.
+
+    ``timeout`` (seconds) bounds every single HTTP call; the first call that needs the model also waits
+    for the server to load it (a few seconds), which ``predict_timeout`` allows for.
+    """
+
+    def __init__(self, base_url: str, token: str | None = None, timeout: float = 30.0,
+                 predict_timeout: float = 300.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.timeout = float(timeout)
+        self.predict_timeout = float(predict_timeout)
+
+    # --- transport ------------------------------------------------------------------------------------
+    def _request(
+        self,
+        method: str,
+        path: str,
+        query: dict[str, Any] | None = None,
+        json_body: Any = None,
+        data: bytes | None = None,
+        content_type: str | None = None,
+        timeout: float | None = None,
+        auth: bool = True,
+    ) -> _Answer:
+        url = self.base_url + API_PREFIX + path
+        if query:
+            url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
+        headers = {"Accept": "application/json, application/octet-stream"}
+        if json_body is not None:
+            data = json.dumps(json_body, allow_nan=False).encode("utf-8")
+            content_type = "application/json"
+        if content_type:
+            headers["Content-Type"] = content_type
+        if auth and self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
+                return _Answer(response.status, dict(response.headers.items()), response.read())
+        except urllib.error.HTTPError as exc:
+            body = exc.read()
+            message = _error_message(body) or exc.reason
+            if exc.code == 401:
+                raise AuthError(f"the server at {self.base_url} refused the token: {message}") from None
+            if 400 <= exc.code < 500:
+                raise ServerRequestError(exc.code, str(message), method, path) from None
+            raise ServerError(exc.code, str(message), method, path) from None
+        except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError) as exc:  # noqa: UP041 - 3.9
+            reason = getattr(exc, "reason", exc)
+            raise ServerUnavailable(f"LiverSAM server at {self.base_url} is not reachable: {reason}") from None
+
+    # --- server ----------------------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        """``{"status": "ok", "version": ...}``; needs no token. Raises ServerUnavailable when down."""
+        return self._request("GET", "/health", auth=False, timeout=min(self.timeout, 5.0)).json()
+
+    def info(self) -> dict[str, Any]:
+        """Version, model (and whether it is loaded), device, encoder/decoder backend and precision,
+        open sessions, queued jobs and the server's limits."""
+        return self._request("GET", "/info").json()
+
+    # --- sessions ----------------------------------------------------------------------------------------
+    def open_volume(
+        self,
+        array_kji: np.ndarray,
+        spacing: Sequence[float],
+        origin_lps: Sequence[float],
+        direction_lps: Sequence[float] | None = None,
+        window_level: float | None = None,
+        window_width: float | None = None,
+    ) -> dict[str, Any]:
+        """Send a CT (``[k, j, i]`` int16 or float32 HU) -> session info ``{"session_id", "shape_kji", ...}``.
+
+        ``spacing`` is (i, j, k) in mm, ``origin_lps`` the centre of voxel (0, 0, 0) in LPS mm,
+        ``direction_lps`` the 3x3 matrix (9 values, row-major) whose columns are the i, j, k axes in LPS.
+        Other dtypes are converted to float32 (int16 when the values are integers within its range).
+        """
+        array = np.asarray(array_kji)
+        if array.ndim != 3:
+            raise ValueError(f"the CT must be a 3D array [k, j, i], got shape {array.shape}")
+        if array.dtype not in (np.int16, np.float32):
+            if np.issubdtype(array.dtype, np.integer) and array.size and \
+                    array.min() >= -32768 and array.max() <= 32767:
+                array = array.astype(np.int16)
+            else:
+                array = array.astype(np.float32)
+        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        direction = np.eye(3) if direction_lps is None else np.asarray(direction_lps, dtype=float).reshape(3, 3)
+        query = {
+            "dtype": "int16" if array.dtype == np.int16 else "float32",
+            "shape": _csv(array.shape),
+            "spacing": _csv(spacing),
+            "origin": _csv(origin_lps),
+            "direction": _csv(direction.ravel()),
+            "window_level": window_level,
+            "window_width": window_width,
+        }
+        return self._request("POST", "/sessions", query=query, data=array.tobytes(),
+                             content_type="application/octet-stream", timeout=max(self.timeout, 120.0)).json()
+
+    def open_path(self, path: str, series_uid: str | None = None, series_number: int | None = None,
+                  window_level: float | None = None, window_width: float | None = None) -> dict[str, Any]:
+        """Open a CT file or DICOM folder on the server's machine -> session info (as :meth:`open_volume`)."""
+        body: dict[str, Any] = {"path": str(path)}
+        for key, value in (("series_uid", series_uid), ("series_number", series_number),
+                           ("window_level", window_level), ("window_width", window_width)):
+            if value is not None:
+                body[key] = value
+        return self._request("POST", "/sessions/open-path", json_body=body, timeout=max(self.timeout, 120.0)).json()
+
+    def session_info(self, session: str) -> dict[str, Any]:
+        """The session's geometry, uploaded masks and cached slices."""
+        return self._request("GET", f"/sessions/{_q(session)}").json()
+
+    def close_session(self, session: str) -> None:
+        """Close a session (its jobs are cancelled, its memory is freed). Unknown ids raise a 404 error."""
+        self._request("DELETE", f"/sessions/{_q(session)}")
+
+    def upload_mask(self, session: str, name: str, mask_kji: np.ndarray) -> None:
+        """Store a mask ``[k, j, i]`` in the session under ``name`` (a container for ``inside``, or the
+        existing segment a re-propagation fixes)."""
+        self._request("PUT", f"/sessions/{_q(session)}/masks/{_q(name)}", data=pack_mask(mask_kji),
+                      content_type="application/octet-stream", timeout=max(self.timeout, 60.0))
+
+    # --- interactive ---------------------------------------------------------------------------------------
+    def predict_slice(
+        self,
+        session: str,
+        k: int,
+        boxes_ij: Iterable[Sequence[float]] = (),
+        points_ij: Iterable[Sequence[float]] = (),
+        negative_points_ij: Iterable[Sequence[float]] = (),
+    ) -> tuple[np.ndarray, float]:
+        """Segment slice ``k`` from boxes ``(i0, j0, i1, j1)`` and points ``(i, j)`` -> (mask [j, i] bool, score).
+
+        The mask is the model's own (no clean-up), the same as ``SlicePredictor.predict``; the score is the
+        model's predicted IoU. The slice is encoded unless its embedding is cached (see :meth:`prefetch`).
+        """
+        body = {
+            "k": int(k),
+            "boxes": [[float(v) for v in box] for box in boxes_ij],
+            "points": [[float(v) for v in p] for p in points_ij],
+            "negative_points": [[float(v) for v in p] for p in negative_points_ij],
+        }
+        answer = self._request("POST", f"/sessions/{_q(session)}/predict", json_body=body,
+                               timeout=max(self.timeout, self.predict_timeout))
+        mask = unpack_mask(answer.body, parse_shape(_header(answer.headers, "X-LiverSAM-Shape")))
+        return mask, float(_header(answer.headers, "X-LiverSAM-Score") or "nan")
+
+    def prefetch(self, session: str, k: int, radius: int = 3) -> list[int]:
+        """Encode slices ``k``, ``k+-1``, ... ``k+-radius`` in the background (replaces the session's previous
+        plan); returns the slices planned (those not cached yet), nearest first."""
+        return list(self._request("POST", f"/sessions/{_q(session)}/prefetch",
+                                  json_body={"k": int(k), "radius": int(radius)}).json()["planned"])
+
+    # --- jobs ----------------------------------------------------------------------------------------------------
+    def start_propagation(
+        self,
+        session: str,
+        segments: Sequence[dict[str, Any]],
+        max_slices: int | None = None,
+        intensity_refinement: bool = True,
+        coordinate_system: str = "IJK",
+    ) -> str:
+        """Start segmenting (and propagating) ``segments`` (:func:`segment_spec` dicts) -> job id.
+
+        The same pipeline as ``liversam segment`` (``liversam.pipeline.segment_volume``). ``max_slices``
+        caps each track per direction (None: until the structure ends). Poll :meth:`job_status`.
+        """
+        body: dict[str, Any] = {
+            "coordinate_system": coordinate_system,
+            "segments": list(segments),
+            "settings": {"intensity_refinement": bool(intensity_refinement), "max_slices": max_slices},
+        }
+        return self._request("POST", f"/sessions/{_q(session)}/jobs/propagate", json_body=body).json()["job_id"]
+
+    def start_repropagation(
+        self,
+        session: str,
+        segment: dict[str, Any],
+        fix_slices: Sequence[int],
+        existing: str | None = None,
+        container: str | None = None,
+        max_slices: int | None = None,
+        intensity_refinement: bool = True,
+        coordinate_system: str = "IJK",
+    ) -> str:
+        """Fix slices ``fix_slices`` and re-propagate only what the fix affects -> job id.
+
+        ``segment``: the segment's prompts as they are now (a :func:`segment_spec`, the fixed slices
+        included). ``existing``: the session mask holding the segment as it is now (default: the
+        segment's name: a previous job's result or an :meth:`upload_mask`); ``container``: a session mask
+        that clips it (the liver, for a tumour). ``liversam.propagation.repropagate`` per fixed slice.
+        """
+        body: dict[str, Any] = {
+            "coordinate_system": coordinate_system,
+            "segment": dict(segment),
+            "fix_slices": [int(k) for k in fix_slices],
+            "existing": existing,
+            "container": container,
+            "settings": {"intensity_refinement": bool(intensity_refinement), "max_slices": max_slices},
+        }
+        return self._request("POST", f"/sessions/{_q(session)}/jobs/repropagate", json_body=body).json()["job_id"]
+
+    def job_status(self, job: str) -> dict[str, Any]:
+        """``{"job_id", "state": queued|running|done|failed|cancelled, "stage", "done", "total", "error", ...}``."""
+        return self._request("GET", f"/jobs/{_q(job)}").json()
+
+    def wait_job(self, job: str, timeout: float = 600.0, poll: float = 0.2,
+                 on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Poll until the job has finished (any final state) and return its last status."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.job_status(job)
+            if on_progress is not None:
+                on_progress(status)
+            if status["state"] in ("done", "failed", "cancelled"):
+                return status
+            if time.monotonic() > deadline:
+                raise LiverSAMClientError(f"job {job} still {status['state']} after {timeout:.0f} s")
+            time.sleep(poll)
+
+    def cancel_job(self, job: str) -> dict[str, Any]:
+        """Ask the job to stop; a cancelled job writes nothing. Returns its status."""
+        return self._request("POST", f"/jobs/{_q(job)}/cancel").json()
+
+    def job_result(self, job: str, masks: bool = True) -> dict[str, Any]:
+        """The finished job's result: ``{"segments": [{"name", "label", "color", "voxels", "volume_ml",
+        "computed_slices", "mask": bool [k, j, i]}], "review": {...}, "lesions": [...]}``.
+
+        ``review`` is ``liversam.review.build_review_report``'s report and ``lesions`` the lesion table.
+        A job that is not done (running, failed, cancelled) raises ServerRequestError (409) saying so.
+        """
+        result = self._request("GET", f"/jobs/{_q(job)}/result").json()
+        if masks:
+            for segment in result["segments"]:
+                segment["mask"] = self.job_mask(job, segment["name"])
+        return result
+
+    def job_mask(self, job: str, segment: str) -> np.ndarray:
+        """One segment of a finished job as a boolean array [k, j, i]."""
+        answer = self._request("GET", f"/jobs/{_q(job)}/masks/{_q(segment)}", timeout=max(self.timeout, 60.0))
+        return unpack_mask(answer.body, parse_shape(_header(answer.headers, "X-LiverSAM-Shape")))
+
+    def job_labelmap(self, job: str) -> np.ndarray:
+        """A finished job's segments as one labelmap [k, j, i] (uint8 or uint16; each segment's label)."""
+        answer = self._request("GET", f"/jobs/{_q(job)}/labelmap", timeout=max(self.timeout, 60.0))
+        dtype = np.dtype(_header(answer.headers, "X-LiverSAM-Dtype") or "uint8").newbyteorder("<")
+        return np.frombuffer(answer.body, dtype=dtype).reshape(parse_shape(_header(answer.headers, "X-LiverSAM-Shape")))
+
+
+def _csv(values: Iterable[Any]) -> str:
+    return ",".join(repr(float(v)) if not isinstance(v, (int, np.integer)) else str(int(v)) for v in values)
+
+
+def _q(text: str) -> str:
+    return urllib.parse.quote(str(text), safe="")
+
+
+def _header(headers: dict[str, str], name: str) -> str | None:
+    for key, value in headers.items():
+        if key.lower() == name.lower():
+            return value
+    return None
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return body.decode("utf-8", "replace")[:500]
+    detail = data.get("detail") if isinstance(data, dict) else data
+    return detail if isinstance(detail, str) else json.dumps(detail)[:500]
+
+
+# --- a local server process ----------------------------------------------------------------------------
+class LocalServerProcess:
+    """Start ``<python> -m liversam serve --port 0 --token-file F`` on this machine and stop it again.
+
+    ``python``: an interpreter whose environment has the ``liversam`` package (``[server]`` extra);
+    ``extra_args``: more ``liversam serve`` options (``--device``, ``--accelerate``, ...). :meth:`start`
+    waits up to ``startup_timeout`` seconds for the health check; if the process dies first, the error
+    carries the tail of its stderr. Use as a context manager or call :meth:`stop`.
+    """
+
+    URL_PATTERN = re.compile(r"listening on (http://\S+)")
+
+    def __init__(self, python: str = sys.executable, extra_args: Sequence[str] = (), startup_timeout: float = 60.0,
+                 env: dict[str, str] | None = None, cwd: str | None = None) -> None:
+        self.python = python
+        self.extra_args = list(extra_args)
+        self.startup_timeout = float(startup_timeout)
+        self.env = env
+        self.cwd = cwd
+        self.url: str | None = None
+        self.token: str | None = None
+        self.process: subprocess.Popen | None = None
+        self._folder: str | None = None
+        self._stderr_tail: collections.deque = collections.deque(maxlen=40)
+        self._stdout_lines: list[str] = []
+        self._url_found = threading.Event()
+
+    def start(self) -> LiverSAMClient:
+        """Start the server and return a client connected to it (URL and token from the process)."""
+        if self.process is not None and self.process.poll() is None:
+            return self.client()
+        self._folder = tempfile.mkdtemp(prefix="liversam-server-")
+        token_file = os.path.join(self._folder, f"token-{secrets.token_hex(4)}")
+        command = [self.python, "-m", "liversam", "serve", "--host", "127.0.0.1", "--port", "0",
+                   "--token-file", token_file, *self.extra_args]
+        flags = getattr(subprocess, "CREATE_NO_WINDOW", 0) if sys.platform == "win32" else 0
+        try:
+            self.process = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                env=self.env, cwd=self.cwd, creationflags=flags, text=True, encoding="utf-8", errors="replace",
+            )
+        except OSError as exc:
+            raise ServerUnavailable(f"cannot start the LiverSAM server with '{self.python}': {exc}") from None
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                time.sleep(0.2)  # let the readers collect the last lines
+                raise ServerUnavailable(
+                    f"the LiverSAM server exited with code {self.process.returncode} while starting:\n"
+                    + self.stderr_tail()
+                )
+            if self._url_found.is_set() and os.path.isfile(token_file):
+                self.token = open(token_file, encoding="utf-8").read().strip()
+                try:
+                    self.client().health()
+                    return self.client()
+                except ServerUnavailable:
+                    pass
+            time.sleep(0.1)
+        self.stop()
+        raise ServerUnavailable(
+            f"the LiverSAM server did not answer within {self.startup_timeout:.0f} s:\n" + self.stderr_tail()
+        )
+
+    def client(self, timeout: float = 30.0) -> LiverSAMClient:
+        if self.url is None:
+            raise ServerUnavailable("the LiverSAM server is not running; call start() first")
+        return LiverSAMClient(self.url, self.token, timeout)
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stderr_tail(self) -> str:
+        return "".join(self._stderr_tail).rstrip() or "(no output on stderr)"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server (terminate, then kill after ``timeout`` s) and delete its token file."""
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout)
+        if self._folder and os.path.isdir(self._folder):
+            for name in os.listdir(self._folder):
+                try:
+                    os.remove(os.path.join(self._folder, name))
+                except OSError:
+                    pass
+            try:
+                os.rmdir(self._folder)
+            except OSError:
+                pass
+        self._folder = None
+
+    def __enter__(self) -> LiverSAMClient:
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    def _read_stdout(self) -> None:
+        process = self.process
+        assert process is not None and process.stdout is not None
+        for line in process.stdout:
+            self._stdout_lines.append(line)
+            match = self.URL_PATTERN.search(line)
+            if match and not self._url_found.is_set():
+                self.url = match.group(1)
+                self._url_found.set()
+
+    def _read_stderr(self) -> None:
+        process = self.process
+        assert process is not None and process.stderr is not None
+        for line in process.stderr:
+            self._stderr_tail.append(line)
