@@ -35,6 +35,7 @@ from LiverSAMLib.Parameters import LiverSAMParameterNode
 from LiverSAMLib.SegmentationLogic import LIVER, SegmentationLogic, dicom_reference_of_volume
 from LiverSAMLib.ServerClient import LiverSAMClient, ServerRequestError
 from LiverSAMLib.ServerConnection import FAILED, LOCAL, READY, REMOTE, ServerConnection, ServerSettings
+from LiverSAMLib.ServerSegmentation import PropagationPlan, ServerSegmentation
 from LiverSAMLib.SlicerCompatibility import version_problem
 
 POLL_INTERVAL_MS = 30  # delivers server answers; each tick lets the I/O thread run a few ms
@@ -297,7 +298,9 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelComboBox.setCurrentIndex(self.ui.modelComboBox.count - 1)
 
     def onConnectServer(self) -> None:
-        self.logic.connection.reset(self._serverSettingsFromGui())  # an explicit retry after a failure
+        settings = self._serverSettingsFromGui()
+        if self.logic.connection.state != READY or settings != self.logic.connection.settings:
+            self.logic.reconfigureServer(self._calls, settings)  # an explicit retry after a failure
         self._withClient(lambda client: client.info(), lambda info: self._showServerState(), _("Server"))
 
     def onStopServer(self) -> None:
@@ -518,8 +521,8 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             targetID, clipID = self._targetSegment()
             segmentationNode, volumeNode = p.outputSegmentation, p.inputVolume
             focusK = self._currentSliceK(volumeNode)
-            work = self.logic.predictSlicesWork(
-                volumeNode, requests, p.windowLevel, p.windowWidth, focusK, int(p.prefetchRadius)
+            work = self.logic.server.predict_slices_work(
+                volumeNode, requests, (float(p.windowLevel), float(p.windowWidth)), focusK, int(p.prefetchRadius)
             )
             undoKey = (segmentationNode.GetID(), targetID, tuple(r.k for r in requests)) if live else None
 
@@ -556,7 +559,12 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._jobTimer.start()
 
             self.logic.segmentation.end_user_action()
-            self.ui.statusLabel.text = _("Starting the propagation...")
+            ignored = ServerRequests.unsupported_settings(LiverSAMClient.start_propagation, plan.settings)
+            if ignored:
+                logging.warning("LiverSAM: this server applies the core defaults for %s", ", ".join(ignored))
+            self.ui.statusLabel.text = _("Starting the propagation...") + (
+                _(" (this server uses the core defaults for: {names})").format(names=", ".join(ignored)) if ignored else ""
+            )
             self._withClient(plan.start, started, what)
 
     def _pollJob(self) -> None:
@@ -601,7 +609,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job["cancelled"]:
             return
         plan = job["plan"]
-        if sceneOf(plan.segmentationNode) is not slicer.mrmlScene or sceneOf(plan.volumeNode) is not slicer.mrmlScene:
+        if sceneOf(plan.segmentation_node) is not slicer.mrmlScene or sceneOf(plan.volume_node) is not slicer.mrmlScene:
             return
         with slicer.util.tryWithErrorDisplay(_("Could not write the propagated result.")):
             message = self.logic.applyPropagation(plan, answer)
@@ -742,32 +750,6 @@ class SegmentEditorHistory:
 # ---------------------------------------------------------------------------------------------------
 # Logic
 # ---------------------------------------------------------------------------------------------------
-class PropagationPlan:
-    """One propagation (or fix) to run on the server: ``start(client) -> job id`` runs on the I/O thread."""
-
-    def __init__(self, logic, segmentationNode, volumeNode, targetID, name, label, color, given, volumeKey,
-                 settings, fixSlices, existing, container, window) -> None:  # fmt: skip
-        self.logic, self.segmentationNode, self.volumeNode = logic, segmentationNode, volumeNode
-        self.targetID, self.name, self.label, self.color = targetID, name, label, color
-        self.given, self.volumeKey, self.settings = given, volumeKey, settings
-        self.fixSlices, self.existing, self.container, self.window = fixSlices, existing, container, window
-        self.session = ""
-
-    def start(self, client: LiverSAMClient) -> str:
-        self.session = self.logic.session(client, self.volumeNode, self.volumeKey, self.window)
-        if self.container is not None:
-            client.upload_mask(self.session, "container", self.container)
-        inside = "container" if self.container is not None else None
-        spec = ServerRequests.segment_spec_from_prompts(self.name, self.label, self.given, inside, self.color)
-        if self.fixSlices:
-            client.upload_mask(self.session, f"existing-{self.name}", self.existing)
-            return ServerRequests.call_with_settings(
-                client.start_repropagation, self.session, spec, self.fixSlices, f"existing-{self.name}", inside,
-                settings=self.settings,
-            )  # fmt: skip
-        return ServerRequests.call_with_settings(client.start_propagation, self.session, [spec], settings=self.settings)
-
-
 class LiverSAMLogic(ScriptedLoadableModuleLogic):
     """Module logic: the parameter node, the server connection and :class:`SegmentationLogic`.
 
@@ -785,8 +767,7 @@ class LiverSAMLogic(ScriptedLoadableModuleLogic):
             redo_shared=history.redo if history else None,
         )
         self.connection = ServerConnection(ServerSettings.load(settingsStore or qt.QSettings()))
-        self._sessions: dict = {}  # (volume key, window) -> server session id
-        self._propagationRecords: dict = {}  # (segmentation node ID, segment ID) -> PropagationRecord
+        self.server = ServerSegmentation(self.segmentation)
 
     def getParameterNode(self):
         return LiverSAMParameterNode(super().getParameterNode())
@@ -794,23 +775,21 @@ class LiverSAMLogic(ScriptedLoadableModuleLogic):
     # --- server -----------------------------------------------------------------------------------------
     def stopServer(self) -> None:
         """Stop the server LiverSAM started (aboutToQuit, Stop server, module cleanup)."""
-        self._sessions.clear()
+        self.server.forget()
         self.connection.stop()
 
     def reconfigureServer(self, calls: CallQueue, settings: ServerSettings) -> None:
         calls.invalidate()
-        self._sessions.clear()
-        self._propagationRecords.clear()
+        self.server.forget()
         self.connection.reset(settings)
 
     def forgetSessions(self) -> None:
-        self._sessions.clear()
+        self.server.sessions.clear()
 
     def sceneClosed(self, calls: CallQueue) -> None:
         """Forget everything tied to the closed scene; close its server sessions."""
-        sessions = list(self._sessions.values())
-        self._sessions.clear()
-        self._propagationRecords.clear()
+        sessions = list(self.server.sessions.values())
+        self.server.forget()
         self.segmentation.end_user_action()
         client = self.connection.client
         if client is not None and sessions:
@@ -821,101 +800,28 @@ class LiverSAMLogic(ScriptedLoadableModuleLogic):
         if client is not None:
             calls.submit(lambda: client.cancel_job(jobID), name="cancel")
 
-    @staticmethod
-    def volumeKey(volumeNode) -> tuple:
-        """The voxels' identity: node ID and image modification time (an edited CT is sent again)."""
-        image = volumeNode.GetImageData()
-        return (volumeNode.GetID(), image.GetMTime() if image is not None else 0)
-
-    def session(self, client: LiverSAMClient, volumeNode, volumeKey, window, ct=None) -> str:
-        """The server session of the volume (I/O thread). ``ct``: a CTVolume copy taken on the main thread."""
-        key = (volumeKey, window)
-        if key in self._sessions:
-            return self._sessions[key]
-        if ct is None:
-            raise RuntimeError("the CT was not copied on the main thread")
-        g = ct.geometry
-        info = client.open_volume(ct.array_kji, g.spacing_mm, g.origin_lps, g.direction_lps.ravel(),
-                                  window_level=window[0], window_width=window[1])  # fmt: skip
-        self._sessions[key] = info["session_id"]
-        return info["session_id"]
-
-    def _sessionWork(self, volumeNode, window):
-        """A function (client) -> session id for the I/O thread; copies the CT now (main thread) if needed."""
-        volumeKey = self.volumeKey(volumeNode)
-        ct = None if (volumeKey, window) in self._sessions else MRMLBridge.ct_volume_from_node(volumeNode)
-        return lambda client: self.session(client, volumeNode, volumeKey, window, ct)
-
-    def predictSlicesWork(self, volumeNode, requests, windowLevel, windowWidth, focusK, prefetchRadius):
-        """A function (client) -> ({k: mask}, {k: score}) for the I/O thread."""
-        sessionOf = self._sessionWork(volumeNode, (float(windowLevel), float(windowWidth)))
-
-        def work(client: LiverSAMClient):
-            session = sessionOf(client)
-            masks, scores = {}, {}
-            for request in requests:
-                masks[request.k], scores[request.k] = client.predict_slice(
-                    session, request.k, request.boxes_ij, request.points_ij, request.negative_points_ij
-                )
-            if prefetchRadius > 0:
-                client.prefetch(session, focusK if focusK is not None else requests[-1].k, prefetchRadius)
-            return masks, scores
-
-        return work
-
     # --- propagation and fixes -----------------------------------------------------------------------------
     def planPropagation(self, parameterNode, prompts, targetID: str, clipID: str | None) -> PropagationPlan:
         """What to send: a full propagation, or a fix of the slices whose prompts changed (main thread)."""
         p = parameterNode
-        segmentationNode, volumeNode = p.outputSegmentation, p.inputVolume
-        segment = segmentationNode.GetSegmentation().GetSegment(targetID)
-        given = prompts.to_slice_prompts()
-        settings = ServerRequests.propagation_settings(p.propagation)
-        window = (float(p.windowLevel), float(p.windowWidth))
-        volumeKey = self.volumeKey(volumeNode)
-        record = self._propagationRecords.get((segmentationNode.GetID(), targetID))
-        fixSlices = ServerRequests.plan_repropagation(record, given, volumeKey, settings)
-        existing = MRMLBridge.segment_mask(segmentationNode, targetID, volumeNode) if fixSlices else None
-        container = MRMLBridge.segment_mask(segmentationNode, clipID, volumeNode) if clipID else None
-        plan = PropagationPlan(self, segmentationNode, volumeNode, targetID, segment.GetName(), 2 if clipID else 1,
-                               tuple(segment.GetColor()), given, volumeKey, settings, fixSlices, existing, container,
-                               window)  # fmt: skip
-        sessionOf = self._sessionWork(volumeNode, window)
-        start = plan.start
-
-        def startWithSession(client: LiverSAMClient) -> str:
-            sessionOf(client)  # opens the session with the CT copied here, on the main thread
-            return start(client)
-
-        plan.start = startWithSession
-        return plan
+        return self.server.plan_propagation(
+            p.outputSegmentation, p.inputVolume, targetID, clipID, prompts,
+            ServerRequests.propagation_settings(p.propagation), (float(p.windowLevel), float(p.windowWidth)),
+        )  # fmt: skip
 
     def applyPropagation(self, plan: PropagationPlan, answer: dict) -> str:
-        """Write a finished job into the segment (one undo step) and remember it for fixes (main thread)."""
-        geometry = MRMLBridge.geometry_from_volume_node(plan.volumeNode)
-        result = ServerRequests.result_from_job(answer, geometry)
-        mask = result.segment(plan.name).mask_kji
-        protect = [] if plan.container is None else [LIVER]
-        if plan.fixSlices:
-            existing = MRMLBridge.segment_mask(plan.segmentationNode, plan.targetID, plan.volumeNode)
-            changed = [int(k) for k in (mask != existing).any(axis=(1, 2)).nonzero()[0]]
-            if changed:
-                k_range = (changed[0], changed[-1])
-                self.segmentation.write_mask(plan.segmentationNode, plan.targetID, plan.volumeNode, mask, k_range=k_range)
-            message = (_("Fixed slice(s) {fixed}; slices {first}-{last} re-propagated.").format(
-                fixed=", ".join(str(k) for k in plan.fixSlices), first=changed[0], last=changed[-1])
-                if changed else _("The fix changed nothing."))  # fmt: skip
-        else:
-            self.segmentation.write_mask(plan.segmentationNode, plan.targetID, plan.volumeNode, mask,
-                                         protect_segment_ids=protect)  # fmt: skip
-            message = _("Propagation done.")
-        self._propagationRecords[(plan.segmentationNode.GetID(), plan.targetID)] = ServerRequests.record_of(
-            plan.given, plan.volumeKey, plan.settings, plan.session, plan.name
+        """Write a finished job into the segment (one undo step); returns the status message."""
+        changed = self.server.apply_propagation(plan, answer)
+        if not plan.fix_slices:
+            return _("Propagation done.")
+        if not changed:
+            return _("The fix changed nothing.")
+        return _("Fixed slice(s) {fixed}; slices {first}-{last} re-propagated.").format(
+            fixed=", ".join(str(k) for k in plan.fix_slices), first=changed[0], last=changed[-1]
         )
-        return message
 
     def forgetPropagation(self, segmentationNode, segmentID: str) -> None:
-        self._propagationRecords.pop((segmentationNode.GetID(), segmentID), None)
+        self.server.forget_propagation(segmentationNode, segmentID)
 
     # --- export ------------------------------------------------------------------------------------------
     def export(self, segmentationNode, volumeNode, path: str, exportFormat: str) -> Path:
@@ -1009,7 +915,7 @@ class LiverSAMTest(ScriptedLoadableModuleTest):
             roi.SetSizeWorld(*(np.abs(corners[1] - corners[0]) + [0.0, 0.0, 0.5]))
             prompts = MRMLBridge.prompts_from_markups(geometry, roi_nodes=[roi])
             requests = ServerRequests.slice_requests(prompts)
-            masks, scores = logic.predictSlicesWork(volumeNode, requests, 40.0, 400.0, k, 0)(client)
+            masks, scores = logic.server.predict_slices_work(volumeNode, requests, (40.0, 400.0))(client)
             logic.segmentation.apply_slice_masks(masks, segmentationNode, liverID, volumeNode)
             written = MRMLBridge.segment_mask(segmentationNode, liverID, volumeNode)
             sliceDice = self._dice(written[k], liver[k])

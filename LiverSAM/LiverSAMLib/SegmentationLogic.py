@@ -633,13 +633,17 @@ class DicomSegExport:
         self.command, self.output, self.work_folder = command, output, work_folder
 
     def run(self, timeout_s: float = 600.0, env: dict[str, str] | None = None) -> Path:
+        """``env``: default the LiverSAM environment's (Slicer's PYTHONHOME / PYTHONPATH removed)."""
         import shutil
         import subprocess
         import sys
 
+        from .ServerConnection import server_environment
+
         flags = getattr(subprocess, "CREATE_NO_WINDOW", 0) if sys.platform == "win32" else 0
         try:
-            done = subprocess.run(self.command, capture_output=True, text=True, timeout=timeout_s, env=env,
+            done = subprocess.run(self.command, capture_output=True, text=True, timeout=timeout_s,
+                                  env=env if env is not None else server_environment(),
                                   creationflags=flags, stdin=subprocess.DEVNULL)  # fmt: skip
         except (OSError, subprocess.TimeoutExpired) as error:
             raise OutputError(f"DICOM SEG export could not run '{self.command[0]}': {error}") from None

@@ -152,7 +152,7 @@ class ServerConnection:
                         self.settings.python,
                         extra_args=self.settings.serve_arguments(),
                         startup_timeout=self.startup_timeout_s,
-                        env=_server_environment(),
+                        env=server_environment(),
                     )
                     client = self._process.start()
                 else:
@@ -202,7 +202,7 @@ class ServerConnection:
         self._client = None
 
 
-def _server_environment() -> dict[str, str]:
+def server_environment() -> dict[str, str]:
     """The server's environment: Slicer's own Python variables removed, so the server's Python uses its
     own standard library and packages (Slicer's launcher sets PYTHONHOME / PYTHONPATH for PythonSlicer)."""
     environment = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH", "PYTHONNOUSERSITE")}

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,7 +84,8 @@ def environment_problem(python: str, timeout_s: float = 180.0) -> str | None:
         flags = getattr(subprocess, "CREATE_NO_WINDOW", 0) if sys.platform == "win32" else 0
         try:
             done = subprocess.run([python, "-c", "import liversam.training, torch"], capture_output=True, text=True,
-                                  timeout=timeout_s, stdin=subprocess.DEVNULL, creationflags=flags)  # fmt: skip
+                                  timeout=timeout_s, stdin=subprocess.DEVNULL, creationflags=flags,
+                                  env=core_package_env())  # fmt: skip
             problem = None if done.returncode == 0 else (
                 f"'{python}' cannot train: {(done.stderr or done.stdout).strip().splitlines()[-1:]}. Install LiverSAM "
                 "with its training packages there (bash setup.sh)."
@@ -118,10 +118,9 @@ def build_train_command(settings: TrainingSettings, python: str | None = None) -
 def core_package_env() -> dict:
     """The training process's environment: Slicer's Python variables removed (the LiverSAM environment has
     its own standard library and its own ``liversam``)."""
-    environment = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH", "PYTHONNOUSERSITE")}
-    if os.environ.get("LIVERSAM_SERVER_PYTHONPATH"):
-        environment["PYTHONPATH"] = os.environ["LIVERSAM_SERVER_PYTHONPATH"]
-    return environment
+    from LiverSAMLib.ServerConnection import server_environment
+
+    return server_environment()
 
 
 def parse_event(line: str) -> tuple[str, dict] | None:
