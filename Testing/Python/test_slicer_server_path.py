@@ -134,7 +134,7 @@ def test_box_live_update_through_the_call_queue_then_liver_propagation(connectio
     slice_dice = dice(written[k], liver[k])
     print(f"lits117 slice {k_mid}: Dice {slice_dice:.3f}, model score {scores[k]:.3f}")
     assert not written[np.arange(nk) != k].any()
-    assert slice_dice > 0.9, slice_dice
+    assert slice_dice > 0.95, slice_dice  # measured 0.975 (slice 33, model score 0.958)
     # Propagation through the server: one job, progress reported, one undo step.
     plan = server.plan_propagation(segmentation, volume, liver_id, None, prompts,
                                    dict(ServerRequests.PROPAGATION_DEFAULTS), WINDOW)  # fmt: skip
@@ -146,7 +146,7 @@ def test_box_live_update_through_the_call_queue_then_liver_propagation(connectio
     slab_dice = dice(propagated, liver)
     print(f"lits117 liver on the slab after propagation from one box: Dice {slab_dice:.3f}")
     assert propagated[[0, nk - 1]].any()  # propagated to both ends of the slab
-    assert slab_dice > 0.9, slab_dice
+    assert slab_dice > 0.95, slab_dice  # measured 0.979
     logic.undo()
     np.testing.assert_array_equal(MRMLBridge.segment_mask(segmentation, liver_id, volume), written)
 
@@ -194,7 +194,7 @@ def test_tumour_gets_the_liver_from_the_segmentation_node_as_its_container(conne
     assert not (tumour & ~(slab_labels >= 1)).any()  # inside the liver read from the node
     np.testing.assert_array_equal(liver_now, slab_labels >= 1)  # and the liver kept every voxel
     assert tumour[[0, nk - 1]].any()  # propagated to both ends of the slab
-    assert dice(tumour, lesion) >= 0.8, dice(tumour, lesion)  # measured 0.86 in-process (RESULTS.md)
+    assert dice(tumour, lesion) >= 0.83, dice(tumour, lesion)  # measured 0.859 through the server
 
 
 def _phantom(nk: int = 14, n: int = 128):
@@ -219,7 +219,6 @@ def test_a_fix_repropagates_only_between_the_neighbouring_prompts(connection):
     liver_id = logic.ensure_segment(segmentation, LIVER)
     geometry = MRMLBridge.geometry_from_volume_node(volume)
     seeds = [box_roi(scene, volume, liver[k], k, pad=2) for k in (4, 8)]
-    seeds[0].SetAttribute("keep", "1")
     # Both boxes live in their own nodes here (the widget keeps one; prompts_from_markups reads any number).
     prompts = MRMLBridge.prompts_from_markups(geometry, roi_nodes=seeds)
     settings = dict(ServerRequests.PROPAGATION_DEFAULTS)
@@ -243,6 +242,8 @@ def test_a_fix_repropagates_only_between_the_neighbouring_prompts(connection):
     outside = [k for k in range(liver.shape[0]) if not 5 <= k <= 7]
     np.testing.assert_array_equal(after[outside], before_fix[outside])  # untouched, exactly
     assert after[6][leak & ~liver[6]].sum() < 0.02 * (leak & ~liver[6]).sum()  # the leak is gone
-    assert dice(after[5:8], liver[5:8]) > 0.85
+    fixed_dice = dice(after[5:8], liver[5:8])
+    print(f"phantom slices 5-7 after the fix: Dice {fixed_dice:.3f}")
+    assert fixed_dice > 0.85, fixed_dice
     logic.undo()  # the fix is one undo step
     np.testing.assert_array_equal(MRMLBridge.segment_mask(segmentation, liver_id, volume), before_fix)
