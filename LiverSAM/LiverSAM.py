@@ -12,8 +12,6 @@ server it started when Slicer quits. Minimum Slicer version: 5.10 (:mod:`LiverSA
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import qt
@@ -850,7 +848,8 @@ class LiverSAMLogic(ScriptedLoadableModuleLogic):
 class LiverSAMTest(ScriptedLoadableModuleTest):
     """Makes a liver phantom in the scene, starts (or finds) a LiverSAM server, segments and propagates it
     through the server, and checks the Dice against the phantom's liver. Needs nothing next to the module:
-    the server comes from the module's settings (``LIVERSAM_PYTHON`` or setup.sh's environment)."""
+    the server comes from the module's Server settings (by default ``$LIVERSAM_PYTHON`` or setup.sh's
+    environment; a remote server when so configured)."""
 
     MIN_SLICE_DICE = 0.85  # phantom, LiteMedSAM: the organ-like ellipsoid is segmented almost exactly
     MIN_VOLUME_DICE = 0.80
@@ -900,7 +899,7 @@ class LiverSAMTest(ScriptedLoadableModuleTest):
         ct, liver = self._phantom()
         volumeNode = MRMLBridge.volume_node_from_ct(ct, "LiverSAM phantom")
         segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "LiverSAM")
-        logic = LiverSAMLogic(settingsStore=qt.QSettings(os.path.join(tempfile.mkdtemp(), "s.ini"), qt.QSettings.IniFormat))
+        logic = LiverSAMLogic()  # the module's Server settings: a local server is started, a remote one found
         logic.segmentation.prepare_segmentation(segmentationNode, volumeNode)
         liverID = logic.segmentation.ensure_segment(segmentationNode, LIVER)
         self.delayDisplay("Starting the LiverSAM server: " + (logic.connection.settings.problem() or "ok"))

@@ -304,3 +304,30 @@ def test_propagation_parameters_map_onto_the_core_settings_with_its_defaults():
     assert changed["min_score"] == 0.7 and changed["max_slices"] == 12
     connected = {p for _cls, p in ui_widgets().values() if p}
     assert {f"propagation.{m}" for m in propagation} <= connected and "prefetchRadius" in connected
+
+
+def _widget_method(name: str) -> str:
+    tree = ast.parse(MODULE_FILE.read_text(encoding="utf-8"))
+    widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "LiverSAMWidget")
+    return ast.unparse(next(n for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == name))
+
+
+def test_widget_lifecycle_wiring():
+    """Static check of the Qt wiring that slicer-core cannot run (issue 12 items 4 and 9): cleanup stops every
+    timer, drops pending calls and stops the server; a closing scene drops answers, the running job and the
+    lesion list; Slicer's aboutToQuit stops the server; the prompt buttons follow the interaction mode."""
+    cleanup = _widget_method("cleanup")
+    for timer in ("self._pollTimer", "self._jobTimer", "self._liveTimer"):
+        assert timer in cleanup
+    assert "timer.stop()" in cleanup and "self._calls.invalidate()" in cleanup and "self.logic.stopServer()" in cleanup
+    closing = _widget_method("onSceneStartClose")
+    for step in ("self._calls.invalidate()", "self._liveTimer.stop()", "self._jobTimer.stop()", "self._job = None",
+                 "self._lesions = []", "self.ui.lesionTable.setRowCount(0)", "self.logic.sceneClosed("):  # fmt: skip
+        assert step in closing, step
+    assert "slicer.app.connect('aboutToQuit()', self.logic.stopServer)" in _widget_method("setup")
+    assert "InteractionModeChangedEvent" in _widget_method("_observeInteractionNode")
+    unchecks = _widget_method("_onInteractionModeChanged")
+    assert "PromptPlacement.placing(self._interactionNode)" in unchecks and "button.checked = False" in unchecks
+    assert "PromptPlacement.new_box_node(" in _widget_method("_promptNode")
+    live = _widget_method("onLiveUpdate")
+    assert "FAILED" in live  # a failed server is not asked again at every prompt change
