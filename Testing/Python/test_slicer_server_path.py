@@ -244,6 +244,6 @@ def test_a_fix_repropagates_only_between_the_neighbouring_prompts(connection):
     assert after[6][leak & ~liver[6]].sum() < 0.02 * (leak & ~liver[6]).sum()  # the leak is gone
     fixed_dice = dice(after[5:8], liver[5:8])
     print(f"phantom slices 5-7 after the fix: Dice {fixed_dice:.3f}")
-    assert fixed_dice > 0.85, fixed_dice
+    assert fixed_dice > 0.97, fixed_dice  # measured 0.991
     logic.undo()  # the fix is one undo step
     np.testing.assert_array_equal(MRMLBridge.segment_mask(segmentation, liver_id, volume), before_fix)
