@@ -314,16 +314,19 @@ class LiverSAMClient:
         max_slices: int | None = None,
         intensity_refinement: bool = True,
         coordinate_system: str = "IJK",
+        settings: dict[str, Any] | None = None,
     ) -> str:
         """Start segmenting (and propagating) ``segments`` (:func:`segment_spec` dicts) -> job id.
 
         The same pipeline as ``liversam segment`` (``liversam.pipeline.segment_volume``). ``max_slices``
-        caps each track per direction (None: until the structure ends). Poll :meth:`job_status`.
+        caps each track per direction (None: until the structure ends). ``settings``: more fields of
+        ``liversam.propagation.PropagationSettings`` by name (``min_score``, ``box_margin_mm``, ...) and
+        ``min_island_mm2``; they win over the two arguments above. Poll :meth:`job_status`.
         """
         body: dict[str, Any] = {
             "coordinate_system": coordinate_system,
             "segments": list(segments),
-            "settings": {"intensity_refinement": bool(intensity_refinement), "max_slices": max_slices},
+            "settings": _job_settings(intensity_refinement, max_slices, settings),
         }
         return self._request("POST", f"/sessions/{_q(session)}/jobs/propagate", json_body=body).json()["job_id"]
 
@@ -337,6 +340,7 @@ class LiverSAMClient:
         max_slices: int | None = None,
         intensity_refinement: bool = True,
         coordinate_system: str = "IJK",
+        settings: dict[str, Any] | None = None,
     ) -> str:
         """Fix slices ``fix_slices`` and re-propagate only what the fix affects -> job id.
 
@@ -344,6 +348,7 @@ class LiverSAMClient:
         included). ``existing``: the session mask holding the segment as it is now (default: the
         segment's name: a previous job's result or an :meth:`upload_mask`); ``container``: a session mask
         that clips it (the liver, for a tumour). ``liversam.propagation.repropagate`` per fixed slice.
+        ``settings`` as in :meth:`start_propagation`.
         """
         body: dict[str, Any] = {
             "coordinate_system": coordinate_system,
@@ -351,7 +356,7 @@ class LiverSAMClient:
             "fix_slices": [int(k) for k in fix_slices],
             "existing": existing,
             "container": container,
-            "settings": {"intensity_refinement": bool(intensity_refinement), "max_slices": max_slices},
+            "settings": _job_settings(intensity_refinement, max_slices, settings),
         }
         return self._request("POST", f"/sessions/{_q(session)}/jobs/repropagate", json_body=body).json()["job_id"]
 
@@ -400,6 +405,13 @@ class LiverSAMClient:
         answer = self._request("GET", f"/jobs/{_q(job)}/labelmap", timeout=max(self.timeout, 60.0))
         dtype = np.dtype(_header(answer.headers, "X-LiverSAM-Dtype") or "uint8").newbyteorder("<")
         return np.frombuffer(answer.body, dtype=dtype).reshape(parse_shape(_header(answer.headers, "X-LiverSAM-Shape")))
+
+
+def _job_settings(intensity_refinement: bool, max_slices: int | None,
+                  settings: dict[str, Any] | None) -> dict[str, Any]:
+    merged: dict[str, Any] = {"intensity_refinement": bool(intensity_refinement), "max_slices": max_slices}
+    merged.update(settings or {})
+    return merged
 
 
 def _csv(values: Iterable[Any]) -> str:
