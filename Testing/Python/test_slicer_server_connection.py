@@ -156,3 +156,28 @@ def test_polling_lets_the_io_thread_run():
         ticks += 1
     assert done == [sum(range(10000))] and ticks < 50
     calls.close()
+
+
+def test_every_propagation_setting_is_sent_when_the_client_takes_them():
+    from LiverSAMLib import ServerRequests
+    from LiverSAMLib.ServerClient import LiverSAMClient
+
+    settings = dict(ServerRequests.PROPAGATION_DEFAULTS, min_score=0.7, box_margin_mm=6.0)
+    sent = {}
+
+    class Client:
+        def start_propagation(self, session, segments, max_slices=None, intensity_refinement=True, settings=None):
+            sent.update(settings)
+
+        def old_start_propagation(self, session, segments, max_slices=None, intensity_refinement=True):
+            sent.update(max_slices=max_slices, intensity_refinement=intensity_refinement)
+
+    ServerRequests.call_with_settings(Client().start_propagation, "s", [], settings=settings)
+    assert sent == settings
+    assert ServerRequests.unsupported_settings(LiverSAMClient.start_propagation, settings) == []
+    assert ServerRequests.unsupported_settings(LiverSAMClient.start_repropagation, settings) == []
+    # An older client: only the two it takes are sent, and the others are named for the user.
+    sent.clear()
+    ServerRequests.call_with_settings(Client().old_start_propagation, "s", [], settings=settings)
+    assert sent == {"max_slices": None, "intensity_refinement": True}
+    assert ServerRequests.unsupported_settings(Client.old_start_propagation, settings) == ["min_score", "box_margin_mm"]
