@@ -1,11 +1,16 @@
 """LiverSAMTrain: fine-tune LiverSAM's Segment Anything model on your own segmented CT studies, in 3D Slicer.
 
 Thin Qt layer: the widget collects the settings, exports loaded volume + segmentation pairs, and runs
-``PythonSlicer -m liversam train ...`` in a background process (``LiverSAMTrainLib.TrainingProcess``) whose
-output a ``QTimer`` polls, so Slicer stays responsive. Curves go to a table + plot chart; the best model is
-registered so that the LiverSAM module's model list offers it. The logic (``LiverSAMTrainLib.TrainingLogic``)
-has no Qt and is tested on slicer-core's MRML.
+``<LiverSAM python> -m liversam train ...`` -- the LiverSAM Python environment of LiverSAM's Server
+section, which has torch; Slicer's own Python gets none -- in a background process
+(``LiverSAMTrainLib.TrainingProcess``) whose log a ``QTimer`` polls, so Slicer stays responsive. The process
+keeps running when Slicer closes (it has its own process group and log file). Curves go to a table + plot
+chart, shown once in the layout; the best model is registered by ``liversam train --name`` so that the
+LiverSAM server offers it. The logic (``LiverSAMTrainLib.TrainingLogic``) has no Qt and is tested on
+slicer-core's MRML. Minimum Slicer version: 5.10 (``LiverSAMLib.SlicerCompatibility``).
 """
+
+from __future__ import annotations
 
 import logging
 import tempfile
@@ -22,6 +27,7 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 
+from LiverSAMLib.SlicerCompatibility import version_problem
 from LiverSAMTrainLib import TrainingLogic
 from LiverSAMTrainLib.TrainingProcess import TrainingProcess
 
@@ -33,7 +39,8 @@ class LiverSAMTrain(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("LiverSAM Train")
         self.parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
-        self.parent.dependencies = ["LiverSAM"]  # liversam core + LiverSAMLib come from the LiverSAM module
+        # liversam core + LiverSAMLib come from the LiverSAM module; the curves use the Plots module.
+        self.parent.dependencies = ["LiverSAM", "Plots"]
         self.parent.contributors = ["LiverSAM contributors"]
         self.parent.helpText = _(
             "Fine-tune LiverSAM's Segment Anything model on your own segmented CT studies (a data folder, or "
@@ -52,9 +59,13 @@ class LiverSAMTrainLogic(ScriptedLoadableModuleLogic):
         self.tableNode = None
         self.chartNode = None
 
-    def start(self, settings: "TrainingLogic.TrainingSettings") -> list:
-        command = TrainingLogic.build_train_command(settings)
-        self.process.start(command, env=TrainingLogic.core_package_env())
+    def start(self, settings: TrainingLogic.TrainingSettings, python: str) -> list:
+        """Start ``liversam train`` in the LiverSAM environment ``python`` (checked once: raises with the reason)."""
+        problem = TrainingLogic.environment_problem(python)
+        if problem:
+            raise RuntimeError(problem)
+        command = TrainingLogic.build_train_command(settings, python=python)
+        self.process.start(command, Path(settings.out) / "train.log", env=TrainingLogic.core_package_env())
         return command
 
     def stop(self) -> None:
@@ -73,9 +84,16 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         self._timer = None
         self._pairs = []
         self._settings = None
+        self._chartShown = False
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        problem = version_problem(slicer.app.majorVersion, slicer.app.minorVersion)
+        if problem:
+            label = qt.QLabel(problem)
+            label.wordWrap = True
+            self.layout.addWidget(label)
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/LiverSAMTrain.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -95,7 +113,13 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         if self._timer is not None:
             self._timer.stop()
         if self.logic is not None and self.logic.process.is_running():
-            logging.info("LiverSAMTrain: the training process keeps running; rerun to resume it")
+            # True: the process has its own process group / session and writes to a log file, not to Slicer.
+            logging.info(
+                "LiverSAMTrain: the training process (PID %s) keeps running after Slicer closes; it writes %s and "
+                "registers its best model when it finishes. Stop it from the operating system, or open LiverSAMTrain "
+                "again and press Resume after it ended to continue from its last epoch.",
+                self.logic.process.pid, self.logic.process.log_path,
+            )
 
     # --- pairs of loaded nodes ---
     def onAddPair(self) -> None:
@@ -142,9 +166,10 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
     def onStart(self) -> None:
         with slicer.util.tryWithErrorDisplay(_("Could not start training."), waitCursor=True):
             self._settings = self._collectSettings()
-            command = self.logic.start(self._settings)
+            command = self.logic.start(self._settings, TrainingLogic.python_executable())
             self.ui.logTextEdit.appendPlainText(" ".join(command))
             self.ui.progressBar.setMaximum(self._settings.epochs)
+            self._chartShown = False
             self._timer.start()
         self.updateButtons()
 
@@ -171,8 +196,10 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
                     )
                 )
                 self.logic.updateCurves(self._settings.out)
-                if self.logic.chartNode is not None:
+                if self.logic.chartNode is not None and not self._chartShown:
+                    # Once per run: later epochs update the chart in place and leave the user's layout alone.
                     slicer.modules.plots.logic().ShowChartInLayout(self.logic.chartNode)
+                    self._chartShown = True
             elif kind == "DONE":
                 name = payload.get("registered_name")
                 self.ui.statusLabel.setText(
@@ -216,7 +243,7 @@ class LiverSAMTrainTest(ScriptedLoadableModuleTest):
 
     def test_command_line(self):
         settings = TrainingLogic.TrainingSettings(data="/d", out="/r", epochs=3, max_slices=20)
-        command = TrainingLogic.build_train_command(settings, python="PythonSlicer")
-        self.assertEqual(command[:4], ["PythonSlicer", "-m", "liversam", "train"])
+        command = TrainingLogic.build_train_command(settings, python="/venv/bin/python")
+        self.assertEqual(command[:4], ["/venv/bin/python", "-m", "liversam", "train"])
         self.assertIn("--events", command)
         self.assertEqual(command[command.index("--max-slices") + 1], "20")

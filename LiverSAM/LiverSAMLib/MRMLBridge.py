@@ -210,11 +210,59 @@ def roi_corners_world_ras(roi_node) -> np.ndarray:
     return (corners_object @ object_to_world.T)[:, :3]
 
 
+#: Node attribute holding the world RAS position of a box's first corner while the user draws it
+#: ("x,y,z"), set by :func:`remember_first_corner`; it tells the view the box was drawn in.
+FIRST_CORNER_ATTRIBUTE = "LiverSAM.FirstCorner"
+AXIS_NAMES = ("i (sagittal for an axial CT)", "j (coronal for an axial CT)", "k (axial)")
+
+
+def remember_first_corner(roi_node) -> None:
+    """Store the first corner of a box being drawn (call on PointPositionDefinedEvent).
+
+    While a ROI is placed in a slice view it has two control points, one per click, both on the view's
+    plane; once both are defined Slicer replaces them by the centre point
+    (``vtkMRMLMarkupsROINode::UpdateControlPointsFromBoxROI``). The first corner plus the final centre
+    give the second corner, and the two corners give the plane the box was drawn in.
+    """
+    if roi_node.GetNumberOfDefinedControlPoints() != 1 or roi_node.GetRequiredNumberOfControlPoints() != 2:
+        return
+    position = [0.0, 0.0, 0.0]
+    roi_node.GetNthControlPointPositionWorld(0, position)
+    roi_node.SetAttribute(FIRST_CORNER_ATTRIBUTE, ",".join(f"{v:.6f}" for v in position))
+
+
+def box_drawn_axis(geometry: ImageGeometry, roi_node) -> int | None:
+    """The voxel axis (0 i, 1 j, 2 k) perpendicular to the view a box was drawn in; None when unknown.
+
+    Known when the box was drawn interactively (:func:`remember_first_corner`): the axis along which
+    the two corners lie within half a voxel of each other.
+    """
+    text = roi_node.GetAttribute(FIRST_CORNER_ATTRIBUTE)
+    if not text:
+        return None
+    first = np.array([float(v) for v in text.split(",")], dtype=float)
+    centre = np.zeros(3)
+    roi_node.GetCenterWorld(centre)
+    second = 2.0 * centre - first
+    delta = np.abs(geometry.ras_to_ijk(second[np.newaxis])[0] - geometry.ras_to_ijk(first[np.newaxis])[0])
+    flat = [axis for axis in range(3) if delta[axis] < 0.5]
+    return flat[0] if len(flat) == 1 else None
+
+
 def box_from_roi(geometry: ImageGeometry, roi_node) -> BoxPrompt:
     """A box prompt from a markups ROI: the ROI's bounding rectangle in (i, j) on the slice of its centre.
 
-    The rectangle is clipped to the volume; a ROI entirely outside the volume raises :class:`PromptError`.
+    The rectangle is clipped to the volume; a ROI entirely outside the volume raises :class:`PromptError`,
+    and so does a box drawn in a view across the volume's slices (a coronal or sagittal view of an axial
+    CT): SAM segments the volume's k slices, and such a box has no meaning on them.
     """
+    axis = box_drawn_axis(geometry, roi_node)
+    if axis is not None and axis != 2:
+        raise PromptError(
+            f"Box '{roi_node.GetName()}' was drawn in a view across the volume's slices (its plane is "
+            f"perpendicular to the {AXIS_NAMES[axis]} axis). LiverSAM segments the volume's slices: draw the "
+            "box in the axial (Red) slice view, on the slice where the structure is largest."
+        )
     corners_ijk = geometry.ras_to_ijk(roi_corners_world_ras(roi_node))
     center_ijk = corners_ijk.mean(axis=0)
     size = np.asarray(geometry.size_ijk)

@@ -17,7 +17,6 @@ from slicer import (
 )
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper, parameterPack
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
 EXPORT_FORMATS = (".seg.nrrd", "labelmap .nrrd", "labelmap .nii.gz", "DICOM SEG")
 
 
@@ -40,8 +39,8 @@ class PostprocessParameters:
 class PropagationParameters:
     """Slice-to-slice propagation from the prompted slices (``liversam.propagation.PropagationSettings``).
 
-    Every member maps one-to-one onto a field of the core's settings (``LiverSAMLib.ModelSession.
-    PROPAGATION_PARAMETERS``); the defaults are the core's defaults.
+    Every member maps one-to-one onto a field of the core's settings (``LiverSAMLib.ServerRequests.
+    PROPAGATION_PARAMETERS``) sent to the server; the defaults are the core's defaults.
     """
 
     # Stop when the model's predicted IoU on a slice falls below this value.
@@ -71,34 +70,21 @@ class PropagationParameters:
     intensityRefinement: bool = True
 
 
-@parameterPack
-class ReviewParameters:
-    """Which slices the review table flags (``liversam.review.ReviewSettings``)."""
-
-    # Flag a slice whose area differs from a neighbour's by more than this factor.
-    maxAreaRatio: Annotated[float, WithinRange(1.0, 10.0)] = 1.6
-    # Flag a slice whose model score (predicted IoU) is below this value.
-    minScore: Annotated[float, WithinRange(0.0, 1.0)] = 0.6
-
-
 @parameterNodeWrapper
 class LiverSAMParameterNode:
     """All LiverSAM settings.
 
     inputVolume - the CT (never modified: a windowed copy feeds the model).
     outputSegmentation / targetSegmentID - where results go (``liver`` / ``tumor`` created when missing).
-    model / device - which SAM model and where it runs.
+    (The model, the device and the server are application settings of the module's Server section.)
     positivePoints / negativePoints / boxROI - the prompt markups placed in the slice views.
     """
 
     inputVolume: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
     targetSegmentID: str = ""
-    model: str = "litemedsam"
-    device: Annotated[str, Choice(list(DEVICES))] = "auto"
     windowLevel: Annotated[float, WithinRange(-1024.0, 3071.0)] = 40.0
     windowWidth: Annotated[float, WithinRange(1.0, 4096.0)] = 400.0
-    cacheMB: Annotated[float, WithinRange(64.0, 65536.0)] = 1024.0
     # Slices on each side of the one being prompted that are encoded in the background (0: off).
     prefetchRadius: Annotated[int, WithinRange(0, 20)] = 2
     liveUpdate: bool = True
@@ -107,6 +93,5 @@ class LiverSAMParameterNode:
     boxROI: vtkMRMLMarkupsROINode
     postprocess: PostprocessParameters
     propagation: PropagationParameters
-    review: ReviewParameters
     exportFormat: Annotated[str, Choice(list(EXPORT_FORMATS))] = ".seg.nrrd"
     exportPath: Path = Path()

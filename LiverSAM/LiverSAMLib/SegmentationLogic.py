@@ -1,26 +1,29 @@
 """LiverSAM's Slicer logic: segments, writing masks the Segment Editor way, undo, results, export.
 
 MRML only (no Qt): every method takes nodes, returns nodes / arrays, or raises a
-:class:`liversam.errors.LiverSAMError`. The model itself is injected (a ``SlicePredictor`` built by the
-caller), so tests can pass a small real one and the widget can run it on the worker thread.
+:class:`liversam.errors.LiverSAMError`. The model runs in the LiverSAM server; this module writes what it
+returns.
 
-Writing into a segment goes through :class:`slicer.vtkSlicerSegmentEditorLogic` -- the logic behind the
-Segment Editor -- so the editable area (mask mode / mask segment), the intensity mask and the overwrite
-mode of the Segment Editor's parameter node apply exactly as they do to a manual Paint stroke, and
-every write first saves an undo state.
+Writing into a segment goes through :class:`slicer.vtkSlicerSegmentEditorLogic` (Slicer >= 5.10) bound to
+LiverSAM's *own* ``vtkMRMLSegmentEditorNode`` (hidden, not saved), so a write never changes which
+segmentation or source volume the Segment Editor module shows. Before each write the user's Segment Editor
+settings are copied onto it: the overwrite mode always, the editable area (mask mode / mask segment) and
+the editable intensity range when the Segment Editor is editing the same segmentation.
 
-Undo shared with manual edits: in Slicer the widget passes the Segment Editor widget's
-``saveStateForUndo`` / ``undo`` / ``redo`` slots (``qMRMLSegmentEditorWidget``). That widget's own
-``vtkSlicerSegmentEditorLogic`` follows the segmentation set on the shared Segment Editor parameter node
-(which :meth:`SegmentationLogic.editor_logic` sets before every write), so LiverSAM's writes and Paint /
-Erase strokes go into one history and Ctrl+Z in either module undoes them in order. Without those
-callbacks (tests, batch use) the logic keeps its own history.
+Segments that contain others are never allowed to erase them: a write into ``liver`` keeps every voxel
+of the other segments (tumours) whatever the overwrite mode says, and a tumour write keeps the liver.
+
+Undo: every user action is one undo state. Live updates (a prompt moved, a point added) on the same
+slice of the same segment pass the same ``undo_key`` and share the first one's state, so the user's manual
+edits do not fall out of the history. When the Segment Editor module is editing the same segmentation the
+widget passes the Segment Editor widget's ``saveStateForUndo`` / ``undo`` / ``redo`` slots, so LiverSAM's
+writes and Paint / Erase strokes go into one history; otherwise the logic keeps its own.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +37,10 @@ LIVER = "liver"
 TUMOR = "tumor"
 STANDARD_SEGMENTS = (LIVER, TUMOR)
 
-# Segment Editor parameter node shared with the Segment Editor module (its singleton tag in the scene).
+# Segment Editor parameter node of the Segment Editor module (its singleton tag in the scene), whose
+# settings LiverSAM follows, and LiverSAM's own node, which its writes use.
 SEGMENT_EDITOR_SINGLETON_TAG = "SegmentEditor"
+LIVERSAM_EDITOR_SINGLETON_TAG = "LiverSAM.SegmentEditor"
 
 # The undo callbacks the widget installs: the Segment Editor widget's ``saveStateForUndo``, ``undo`` and
 # ``redo`` slots, so that Ctrl+Z undoes LiverSAM's writes together with manual edits.
@@ -68,6 +73,8 @@ class SegmentationLogic:
         self.undo_shared = undo_shared
         self.redo_shared = redo_shared
         self._editor_logic = None
+        self._last_undo_key: Hashable | None = None
+        self._last_history = "own"
         self.maximum_undo_states = 10
 
     # --- scene, editor node and editor logic -------------------------------------------------------
@@ -75,35 +82,74 @@ class SegmentationLogic:
     def scene(self):
         return self._scene or slicer.mrmlScene
 
-    def editor_node(self):
-        """The Segment Editor parameter node whose settings LiverSAM follows."""
+    def editor_node(self) -> slicer.vtkMRMLSegmentEditorNode:
+        """LiverSAM's own Segment Editor node (hidden, not saved with the scene), created when missing."""
         node = self._editor_node
         if node is not None and node.GetScene() is self.scene:
             return node
-        node = self.scene.GetSingletonNode(SEGMENT_EDITOR_SINGLETON_TAG, "vtkMRMLSegmentEditorNode")
+        node = self.scene.GetSingletonNode(LIVERSAM_EDITOR_SINGLETON_TAG, "vtkMRMLSegmentEditorNode")
         if node is None:
             node = self.scene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
             node.UnRegister(None)
-            node.SetSingletonTag(SEGMENT_EDITOR_SINGLETON_TAG)
+            node.SetSingletonTag(LIVERSAM_EDITOR_SINGLETON_TAG)
+            node.SetHideFromEditors(True)
+            node.SetSaveWithScene(False)
             node = self.scene.AddNode(node)
         self._editor_node = node
+        self._editor_logic = None  # bound to a node of a previous scene
         return node
 
-    def editor_logic(self, segmentation_node, volume_node):
-        """A ``vtkSlicerSegmentEditorLogic`` bound to the segmentation, the source volume and the editor node."""
+    def shared_editor_node(self) -> slicer.vtkMRMLSegmentEditorNode | None:
+        """The Segment Editor module's node (None when the scene has none yet); LiverSAM never modifies it."""
+        return self.scene.GetSingletonNode(SEGMENT_EDITOR_SINGLETON_TAG, "vtkMRMLSegmentEditorNode")
+
+    def shared_editor_edits(self, segmentation_node: slicer.vtkMRMLSegmentationNode) -> bool:
+        """True when the Segment Editor module is editing ``segmentation_node`` (then undo is shared)."""
+        shared = self.shared_editor_node()
+        return shared is not None and shared.GetSegmentationNode() is segmentation_node
+
+    def _copy_user_settings(self, segmentation_node: slicer.vtkMRMLSegmentationNode) -> None:
+        """The user's Segment Editor settings onto LiverSAM's node (see the module docstring)."""
+        own, shared = self.editor_node(), self.shared_editor_node()
+        if shared is None:
+            return
+        own.SetOverwriteMode(shared.GetOverwriteMode())
+        same = shared.GetSegmentationNode() is segmentation_node
+        own.SetMaskMode(shared.GetMaskMode() if same else slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere)
+        own.SetMaskSegmentID(shared.GetMaskSegmentID() if same else None)
+        own.SetSourceVolumeIntensityMask(bool(same and shared.GetSourceVolumeIntensityMask()))
+        if same:
+            own.SetSourceVolumeIntensityMaskRange(*shared.GetSourceVolumeIntensityMaskRange())
+
+    def editor_logic(self, segmentation_node, volume_node) -> slicer.vtkSlicerSegmentEditorLogic:
+        """A ``vtkSlicerSegmentEditorLogic`` on LiverSAM's editor node, bound to the segmentation and volume."""
+        node = self.editor_node()
         if self._editor_logic is None:
             logic = slicer.vtkSlicerSegmentEditorLogic()
             logic.SetMRMLScene(self.scene)
             logic.SetMaximumNumberOfUndoStates(self.maximum_undo_states)
             self._editor_logic = logic
         logic = self._editor_logic
-        if logic.GetSegmentEditorNode() is not self.editor_node():
-            logic.SetSegmentEditorNode(self.editor_node())
+        if logic.GetSegmentEditorNode() is not node:
+            logic.SetSegmentEditorNode(node)
         if logic.GetSegmentationNode() is not segmentation_node:
             logic.SetSegmentationNode(segmentation_node)
         if logic.GetSourceVolumeNode() is not volume_node:
             logic.SetSourceVolumeNode(volume_node)
         return logic
+
+    def protected_segments(self, segmentation_node, segment_id: str) -> list[str]:
+        """Segments a write into ``segment_id`` must keep: a ``liver`` write keeps every other segment
+        (the tumours inside it); other writes keep the liver."""
+        segmentation = segmentation_node.GetSegmentation()
+        segment = segmentation.GetSegment(segment_id)
+        if segment is None:
+            return []
+        ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+        if segment.GetName().lower() == LIVER:
+            return [sid for sid in ids if sid != segment_id]
+        liver = segmentation.GetSegmentIdBySegmentName(LIVER)
+        return [liver] if liver and liver != segment_id else []
 
     # --- segments -------------------------------------------------------------------------------------
     def prepare_segmentation(self, segmentation_node, volume_node) -> None:
@@ -230,12 +276,16 @@ class SegmentationLogic:
             )
         logic = self.editor_logic(segmentation_node, volume_node)
         if save_undo:
-            self._save_undo_state(logic)
+            self._save_undo_state(logic, segmentation_node)
         ijk_to_segmentation = MRMLBridge.ijk_to_segmentation_matrix(volume_node, segmentation_node)
         modifier = MRMLBridge.oriented_image_from_slab(slab, k0, ijk_to_segmentation)
         extent = list(modifier.GetExtent())
         editor_node = self.editor_node()
-        protect = [sid for sid in protect_segment_ids if sid and sid != segment_id]
+        protect = [
+            sid for sid in {*protect_segment_ids, *self.protected_segments(segmentation_node, segment_id)}
+            if sid and sid != segment_id
+        ]
+        self._copy_user_settings(segmentation_node)
         saved_overwrite = editor_node.GetOverwriteMode()
         if protect and saved_overwrite != editor_node.OverwriteNone:
             # The overwrite mode decides which *other* segments lose the written voxels: protecting a
@@ -261,86 +311,68 @@ class SegmentationLogic:
             if editor_node.GetOverwriteMode() != saved_overwrite:
                 editor_node.SetOverwriteMode(saved_overwrite)
 
-    def _save_undo_state(self, logic) -> None:
-        """Save the segmentation's state before a write: in the shared history when given, else our own.
+    def _save_undo_state(self, logic, segmentation_node, undo_key: Hashable | None = None) -> None:
+        """Save the segmentation's state before a write (one state per user action).
 
-        ``logic`` is already bound to the segmentation (:meth:`editor_logic`), so the shared Segment Editor
-        node names the segmentation the shared history must snapshot.
+        ``undo_key`` identifies a live-update action (segmentation, segment, slice): consecutive writes with
+        the same key share the first one's state. The state goes into the Segment Editor widget's history
+        when it edits this segmentation (callbacks given), else into the logic's own.
         """
-        if self.save_state_for_undo is not None:
+        if undo_key is not None and undo_key == self._last_undo_key:
+            return
+        self._last_undo_key = undo_key
+        if self.save_state_for_undo is not None and self.shared_editor_edits(segmentation_node):
             self.save_state_for_undo()
+            self._last_history = "shared"
         else:
             logic.SaveStateForUndo()
+            self._last_history = "own"
+
+    def end_user_action(self) -> None:
+        """The next live write starts a new undo state (prompts cleared, propagation, undo, scene change)."""
+        self._last_undo_key = None
 
     @property
     def shares_undo(self) -> bool:
-        """True when undo states go to a shared history (the Segment Editor's) instead of our own."""
-        return self.save_state_for_undo is not None and self.undo_shared is not None
+        """True when the last write went into the Segment Editor's history (it edits the same segmentation)."""
+        return self._last_history == "shared" and self.undo_shared is not None
 
     def can_undo(self) -> bool:
-        """Whether the logic's own history has a state to restore (always False with a shared history)."""
+        """Whether the logic's own history has a state to restore."""
         return self._editor_logic is not None and self._editor_logic.CanUndo()
 
     def undo(self) -> None:
-        """Restore the segmentation as it was before the last change (shared history when set)."""
+        """Restore the segmentation as it was before the last change (in the history that change went to)."""
+        self.end_user_action()
         if self.shares_undo:
             self.undo_shared()
         elif self.can_undo():
             self._editor_logic.Undo()
 
     def redo(self) -> None:
+        self.end_user_action()
         if self.shares_undo:
             if self.redo_shared is not None:
                 self.redo_shared()
         elif self._editor_logic is not None and self._editor_logic.CanRedo():
             self._editor_logic.Redo()
 
-    # --- model runs (the compute part is MRML-free and runs on the worker thread) -------------------------
-    def volume_copy(self, volume_node):
-        """``(CTVolume copy, key)`` of the input volume; the copy is reused while the voxels are unchanged.
-
-        The key (node ID, image modification time) lets the model session keep cached embeddings.
-        """
-        image = volume_node.GetImageData() if volume_node is not None else None
-        key = (
-            (volume_node.GetID(), image.GetMTime() if image is not None else 0)
-            if volume_node is not None
-            else None
-        )
-        cached = getattr(self, "_volume_cache", None)
-        if cached is not None and cached[1] == key:
-            return cached
-        self._volume_cache = (MRMLBridge.ct_volume_from_node(volume_node), key)
-        return self._volume_cache
-
-    @staticmethod
-    def predict_prompted_slices(
-        session, settings, ct_volume, volume_key, markups_prompts, cancel=None
-    ) -> list:
-        """Masks of every prompted slice (``SlicePrediction`` list). Worker thread: touches no MRML node."""
-        predictions = []
-        for k, slice_prompts in markups_prompts.to_slice_prompts().items():
-            if cancel is not None and cancel():
-                break
-            if slice_prompts.is_empty():
-                continue  # negative points alone do not define an object
-            predictions.append(session.predict_slice(ct_volume, volume_key, settings, k, slice_prompts))
-        return predictions
-
-    def apply_slice_predictions(
+    # --- results of the server --------------------------------------------------------------------------
+    def apply_slice_masks(
         self,
-        predictions: Sequence,
+        masks: Mapping[int, np.ndarray],
         segmentation_node,
         segment_id: str,
         volume_node,
         clip_to_segment_id: str | None = None,
+        undo_key: Hashable | None = None,
     ) -> None:
-        """Write per-slice predictions into a segment (one undo state for all of them). Main thread.
+        """Write one mask per slice (``{k: bool [j, i]}``) into a segment; one undo state (per ``undo_key``).
 
         With ``clip_to_segment_id`` (the liver, when writing a tumour) each mask is clipped to that
-        segment and the segment is protected from being overwritten.
+        segment. Main thread.
         """
-        if not predictions:
+        if not masks:
             return
         clip = (
             MRMLBridge.segment_mask(segmentation_node, clip_to_segment_id, volume_node)
@@ -348,13 +380,13 @@ class SegmentationLogic:
             else None
         )
         logic = self.editor_logic(segmentation_node, volume_node)
-        self._save_undo_state(logic)
-        for prediction in predictions:
-            mask_ji = np.asarray(prediction.mask_ji, dtype=bool)
+        self._save_undo_state(logic, segmentation_node, undo_key)
+        for k, mask in sorted(masks.items()):
+            mask_ji = np.asarray(mask, dtype=bool)
             if clip is not None:
-                mask_ji = mask_ji & clip[prediction.k]
+                mask_ji = mask_ji & clip[int(k)]
             self.write_slices(
-                segmentation_node, segment_id, volume_node, mask_ji, prediction.k,
+                segmentation_node, segment_id, volume_node, mask_ji, int(k),
                 protect_segment_ids=[clip_to_segment_id] if clip_to_segment_id else (), save_undo=False,
             )  # fmt: skip
 
@@ -401,7 +433,7 @@ class SegmentationLogic:
             seg.name: self.ensure_segment(segmentation_node, seg.name, seg.color) for seg in result.segments
         }
         logic = self.editor_logic(segmentation_node, volume_node)
-        self._save_undo_state(logic)
+        self._save_undo_state(logic, segmentation_node)
         protect = protect or {}
         for seg in result.segments:
             protected_ids = [
@@ -523,54 +555,105 @@ class SegmentationLogic:
             self.scene.RemoveNode(labelmap_node)
         return path
 
-    def export_dicom_seg(
+    def prepare_dicom_seg_export(
         self,
         segmentation_node,
         volume_node,
         path: str | Path,
         reference_dicom: str | Path | Sequence[str | Path] | None,
+        python: str,
         model_name: str = "",
         series_uid: str | None = None,
         segment_ids: Sequence[str] | None = None,
-    ) -> Path:
-        """Write a DICOM SEG referencing the CT's DICOM series (``liversam.dicom_seg.write_dicom_seg``).
+    ) -> DicomSegExport:
+        """Get a DICOM SEG export ready (main thread); :meth:`DicomSegExport.run` then writes it off-thread.
 
-        ``reference_dicom`` is the CT's DICOM folder or the list of its files (Slicer's DICOM database gives
-        the files, see :func:`dicom_reference_of_volume`); ``series_uid`` picks the series when the folder
-        holds several. Segments default to every non-empty one; ``model_name`` is recorded as the algorithm
-        parameter. The masks are taken on the volume's grid, which must be the series' grid.
+        DICOM SEG needs highdicom (and pydicom >= 3), which must not be installed into Slicer's Python
+        (Slicer 5.10's DICOM module uses pydicom 2.4). So the non-empty segments (or ``segment_ids``) are
+        written to a temporary ``.seg.nrrd`` here with MRML, and ``<python> -m liversam export`` -- the
+        LiverSAM environment that runs the server -- turns it into a DICOM SEG referencing the CT's series.
+        ``reference_dicom``: the CT's DICOM folder, or its files (Slicer's DICOM database gives the files,
+        see :func:`dicom_reference_of_volume`; they are linked into a temporary folder).
         """
+        import tempfile
+
         if not reference_dicom:
             raise OutputError(
                 f"DICOM SEG export of '{segmentation_node.GetName()}' needs the input volume's DICOM files: "
                 "load the CT from the DICOM database (DICOM module) so LiverSAM can reference it."
             )
-        from liversam import dicom_seg
-
+        if not python:
+            raise OutputError(
+                "DICOM SEG export runs in the LiverSAM Python environment (it needs highdicom, which Slicer's "
+                "own Python must not get): set the server Python in LiverSAM's Server section."
+            )
+        segmentation = segmentation_node.GetSegmentation()
         if segment_ids is None:
-            segmentation = segmentation_node.GetSegmentation()
             segment_ids = [
                 sid
-                for sid in (
-                    segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())
-                )
+                for sid in (segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments()))
                 if not self.segment_is_empty(segmentation_node, sid)
             ]
         if not segment_ids:
             raise OutputError(
                 f"Segmentation '{segmentation_node.GetName()}' has no non-empty segment to write to '{path}'."
             )
-        result = self.result_from_segmentation(segmentation_node, volume_node, segment_ids)
-        reference = (
-            Path(reference_dicom)
-            if isinstance(reference_dicom, (str, Path))
-            else [Path(f) for f in reference_dicom]
+        folder = Path(tempfile.mkdtemp(prefix="liversam-dicomseg-"))
+        labelmap = folder / "segments.nii.gz"
+        self.export_labelmap(segmentation_node, volume_node, labelmap, segment_ids)
+        names = ",".join(
+            f"{label}={segmentation.GetSegment(sid).GetName()}" for label, sid in enumerate(segment_ids, start=1)
         )
-        return Path(
-            dicom_seg.write_dicom_seg(
-                result, reference, Path(path), model_name=model_name, series_uid=series_uid
+        if isinstance(reference_dicom, (str, Path)):
+            reference_folder = Path(reference_dicom)
+        else:
+            reference_folder = folder / "reference"
+            reference_folder.mkdir()
+            for index, file in enumerate(reference_dicom):
+                target = reference_folder / f"{index:05d}.dcm"
+                try:
+                    target.symlink_to(Path(file).resolve())
+                except OSError:  # no symlinks (Windows without developer mode): copy
+                    import shutil
+
+                    shutil.copyfile(file, target)
+        command = [python, "-m", "liversam", "export", str(labelmap), "--reference-dicom", str(reference_folder),
+                   "--label-names", names, "--output", str(Path(path))]  # fmt: skip
+        if series_uid:
+            command += ["--series-uid", series_uid]
+        if model_name:
+            command += ["--model-name", model_name]
+        return DicomSegExport(command=command, output=Path(path), work_folder=folder)
+
+
+class DicomSegExport:
+    """A prepared DICOM SEG export: ``run()`` (blocking, no MRML) writes it and removes the temporary files."""
+
+    def __init__(self, command: list[str], output: Path, work_folder: Path) -> None:
+        self.command, self.output, self.work_folder = command, output, work_folder
+
+    def run(self, timeout_s: float = 600.0, env: dict[str, str] | None = None) -> Path:
+        """``env``: default the LiverSAM environment's (Slicer's PYTHONHOME / PYTHONPATH removed)."""
+        import shutil
+        import subprocess
+        import sys
+
+        from .ServerConnection import server_environment
+
+        flags = getattr(subprocess, "CREATE_NO_WINDOW", 0) if sys.platform == "win32" else 0
+        try:
+            done = subprocess.run(self.command, capture_output=True, text=True, timeout=timeout_s,
+                                  env=env if env is not None else server_environment(),
+                                  creationflags=flags, stdin=subprocess.DEVNULL)  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise OutputError(f"DICOM SEG export could not run '{self.command[0]}': {error}") from None
+        finally:
+            shutil.rmtree(self.work_folder, ignore_errors=True)
+        if done.returncode != 0:
+            raise OutputError(
+                f"DICOM SEG export to '{self.output}' failed: {(done.stderr or done.stdout).strip()[-1500:]}"
             )
-        )
+        return self.output
 
 
 def dicom_reference_of_volume(volume_node) -> tuple[list[str], str | None]:

@@ -1,6 +1,9 @@
-"""LiverSAM's Slicer-side helpers.
+"""LiverSAM's Slicer helpers.
 
-``MRMLBridge``, ``SegmentationLogic``, ``InferenceWorker`` and ``DependencyInstaller`` use MRML (and the
-standard library) only, so they run under ``slicer-core`` in tests; ``Parameters`` (the parameter node)
-needs the Slicer application's ``parameterNodeWrapper`` (Qt). Import the submodules explicitly.
+MRML only (run under ``slicer-core`` in tests): ``MRMLBridge`` (nodes <-> core data), ``SegmentationLogic``
+(Segment-Editor-consistent writes, undo, export), ``PromptPlacement`` (prompt markups). Standard library +
+numpy only: ``ServerClient`` (HTTP client of ``liversam serve``), ``ServerConnection`` (local / remote
+server), ``ServerRequests`` (prompts and answers), ``BackgroundCalls`` (the I/O thread),
+``SlicerCompatibility`` (minimum version). ``Parameters`` needs the Slicer application
+(``parameterNodeWrapper``). Import the submodules explicitly.
 """

@@ -1,18 +1,19 @@
 """LiverSAMTrain logic: MRML and files only, no Qt.
 
 - :func:`export_training_pairs`: loaded (CT volume, segmentation) node pairs -> study folders
-  (``ct.nrrd`` + ``label.nii.gz``: 1 liver, 2 tumour) and a ``manifest.json`` that ``liversam train`` reads;
-- :func:`build_train_command`: the ``PythonSlicer -m liversam train ...`` command line for the settings;
+  (``ct.nrrd`` + ``segmentation.seg.nrrd``, written by MRML's storage nodes) and a ``manifest.json`` that
+  ``liversam train`` reads (it classifies the segments by name: liver, tumour / lesion, ...);
+- :func:`build_train_command`: the ``<LiverSAM python> -m liversam train ...`` command line for the settings
+  (the LiverSAM Python environment of the server, never Slicer's own Python: training needs torch);
+- :func:`environment_problem`: whether that environment can train (checked once per environment);
 - :func:`update_curves`: ``history.csv`` of a run -> a table node and plot chart (loss, Dice per epoch);
 - :func:`parse_event`: the ``LIVERSAM_EPOCH`` / ``LIVERSAM_DONE`` lines the command prints;
-- :func:`register_model`: add a checkpoint to LiverSAM's model list.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,12 +54,46 @@ class TrainingSettings:
 
 
 def python_executable() -> str:
-    """``PythonSlicer`` next to Slicer's Python when it exists (in the application), else this Python."""
-    folder = Path(sys.executable).parent
-    for name in ("PythonSlicer", "PythonSlicer.exe"):
-        if (folder / name).is_file():
-            return str(folder / name)
-    return sys.executable
+    """The LiverSAM Python environment (LiverSAM's Server settings), which has torch; '' when none is set."""
+    try:
+        import qt
+
+        from LiverSAMLib.ServerConnection import ServerSettings
+
+        return ServerSettings.load(qt.QSettings()).python
+    except ImportError:  # outside the Slicer application (tests): this Python
+        return sys.executable
+
+
+_CHECKED: dict[str, str | None] = {}
+
+
+def environment_problem(python: str, timeout_s: float = 180.0) -> str | None:
+    """Why ``python`` cannot run ``liversam train`` (missing, no liversam / torch), or None. Checked once
+    per interpreter (the import takes a few seconds)."""
+    import subprocess
+
+    if python in _CHECKED:
+        return _CHECKED[python]
+    if not python or not Path(python).is_file():
+        problem = (
+            f"No LiverSAM Python environment ('{python}'). Run 'bash setup.sh' in the LiverSAM checkout, or choose "
+            "its python in LiverSAM's Server section: training runs there, not in Slicer's Python."
+        )
+    else:
+        flags = getattr(subprocess, "CREATE_NO_WINDOW", 0) if sys.platform == "win32" else 0
+        try:
+            done = subprocess.run([python, "-c", "import liversam.training, torch"], capture_output=True, text=True,
+                                  timeout=timeout_s, stdin=subprocess.DEVNULL, creationflags=flags,
+                                  env=core_package_env())  # fmt: skip
+            problem = None if done.returncode == 0 else (
+                f"'{python}' cannot train: {(done.stderr or done.stdout).strip().splitlines()[-1:]}. Install LiverSAM "
+                "with its training packages there (bash setup.sh)."
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as error:
+            problem = f"'{python}' could not be run: {error}"
+    _CHECKED[python] = problem
+    return problem
 
 
 def build_train_command(settings: TrainingSettings, python: str | None = None) -> list[str]:
@@ -81,12 +116,11 @@ def build_train_command(settings: TrainingSettings, python: str | None = None) -
 
 
 def core_package_env() -> dict:
-    """Environment for the process: ``liversam`` importable from this module's installation."""
-    import liversam
+    """The training process's environment: Slicer's Python variables removed (the LiverSAM environment has
+    its own standard library and its own ``liversam``)."""
+    from LiverSAMLib.ServerConnection import server_environment
 
-    package_parent = str(Path(liversam.__file__).resolve().parents[1])
-    existing = os.environ.get("PYTHONPATH", "")
-    return {"PYTHONPATH": package_parent + (os.pathsep + existing if existing else "")}
+    return server_environment()
 
 
 def parse_event(line: str) -> tuple[str, dict] | None:
@@ -105,50 +139,34 @@ def _safe_name(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in text).strip("_") or "case"
 
 
-def export_training_pairs(pairs, folder: str | Path, label_config=None) -> Path:
+def export_training_pairs(pairs, folder: str | Path) -> Path:
     """Write each (scalar volume node, segmentation node) pair as a study folder and return the manifest.
 
-    Segments are classified by name as in ``liversam train`` (``liver``; tumour / lesion / ...; cysts
-    ignored) and written as one labelmap on the CT grid: 1 liver, 2 tumour. Raises a
-    :class:`liversam.errors.LiverSAMError` naming the pair when it has no liver segment.
+    ``<case>/ct.nrrd`` and ``<case>/segmentation.seg.nrrd`` are written with MRML's own storage nodes (no
+    package beyond Slicer's); ``liversam train`` classifies the segments by name (``liver``; tumour /
+    lesion / ...; cysts ignored) and says which pair has no liver segment.
     """
-    import SimpleITK as sitk
-
     from liversam.atomic_write import atomic_path, write_text_atomically
-    from liversam.ct_io import volume_to_sitk
-    from liversam.segmentation import Segment, SegmentationResult
-    from liversam.training import LabelConfig
-    from liversam.training.studies import masks_from_segmentation
-    from LiverSAMLib import MRMLBridge
 
     folder = Path(folder)
     entries, used = [], set()
     for volume_node, segmentation_node in pairs:
-        ct = MRMLBridge.ct_volume_from_node(volume_node)
-        segmentation = segmentation_node.GetSegmentation()
-        segments = []
-        for index in range(segmentation.GetNumberOfSegments()):
-            segment_id = segmentation.GetNthSegmentID(index)
-            name = segmentation.GetSegment(segment_id).GetName()
-            mask = MRMLBridge.segment_mask(segmentation_node, segment_id, volume_node)
-            segments.append(Segment(name=name, label=index + 1, mask_kji=np.asarray(mask, dtype=bool)))
-        result = SegmentationResult(ct.geometry, segments)
-        liver, tumor = masks_from_segmentation(
-            result, label_config or LabelConfig(), Path(segmentation_node.GetName())
-        )
-        labelmap = np.zeros(liver.shape, dtype=np.uint8)
-        labelmap[liver] = 1
-        labelmap[tumor] = 2
         case_id = _safe_name(volume_node.GetName())
         while case_id in used:
             case_id += "_"
         used.add(case_id)
         study = folder / case_id
         study.mkdir(parents=True, exist_ok=True)
-        for array, name in ((np.asarray(ct.array_kji), "ct.nrrd"), (labelmap, "label.nii.gz")):
+        for node, storage, name in (
+            (volume_node, slicer.vtkMRMLVolumeArchetypeStorageNode(), "ct.nrrd"),
+            (segmentation_node, slicer.vtkMRMLSegmentationStorageNode(), "segmentation.seg.nrrd"),
+        ):
+            storage.SetUseCompression(True)
             with atomic_path(study / name) as tmp:
-                sitk.WriteImage(volume_to_sitk(array, ct.geometry), str(tmp), useCompression=True)
-        entries.append({"id": case_id, "ct": f"{case_id}/ct.nrrd", "label": f"{case_id}/label.nii.gz"})
+                storage.SetFileName(str(tmp))
+                if not storage.WriteData(node):
+                    raise OSError(f"Could not write '{study / name}' for '{node.GetName()}': check the folder is writable.")
+        entries.append({"id": case_id, "ct": f"{case_id}/ct.nrrd", "label": f"{case_id}/segmentation.seg.nrrd"})
     manifest = folder / "manifest.json"
     write_text_atomically(manifest, json.dumps({"cases": entries}, indent=2))
     return manifest
@@ -211,8 +229,3 @@ def update_curves(csv_path: str | Path, scene=None, table_node=None, chart_node=
     return table_node, chart_node
 
 
-def register_model(checkpoint: str | Path, name: str) -> str:
-    """Add ``checkpoint`` to LiverSAM's model list under ``name`` (what ``liversam train`` does at the end)."""
-    from liversam.training.report import register_best_model
-
-    return register_best_model(Path(checkpoint), name)

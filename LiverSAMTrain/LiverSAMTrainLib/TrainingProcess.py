@@ -1,18 +1,29 @@
-"""A training command in a background process, its output read on a thread (no Qt).
+"""A training command in a background process that outlives Slicer, its output read from a log file (no Qt).
 
 The widget polls :meth:`TrainingProcess.read_lines` from a ``QTimer``; nothing here blocks the caller, so
-Slicer stays responsive for hours of training. Stopping terminates the process (then kills it after a
-grace period); the training command checkpoints after every epoch, so starting it again resumes.
+Slicer stays responsive for hours of training. The process writes to ``<run folder>/train.log`` (not to
+a pipe whose reader dies with Slicer) and runs in its own session / process group without a console
+window, so closing Slicer does not stop it: the log says so and where to look. Stopping terminates it
+(then kills it after a grace period); the training command checkpoints after every epoch, so starting it
+again resumes.
 """
 
 from __future__ import annotations
 
 import os
-import queue
 import subprocess
 import sys
-import threading
 from collections.abc import Sequence
+from pathlib import Path
+
+
+def detached_process_options() -> dict:
+    """Popen options: no console window on Windows, and a process group / session of its own everywhere,
+    so the process neither flashes a console nor receives Slicer's Ctrl+C / hang-up."""
+    if sys.platform == "win32":
+        flags = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
+        return {"creationflags": flags}
+    return {"start_new_session": True}
 
 
 class TrainingProcess:
@@ -20,42 +31,41 @@ class TrainingProcess:
 
     def __init__(self) -> None:
         self._process: subprocess.Popen | None = None
-        self._lines: queue.Queue[str] = queue.Queue()
-        self._reader: threading.Thread | None = None
+        self._log_path: Path | None = None
+        self._offset = 0
+        self._partial = ""
 
-    def start(self, command: Sequence[str], env: dict | None = None, cwd: str | None = None) -> None:
+    def start(self, command: Sequence[str], log_path: str | Path, env: dict | None = None,
+              cwd: str | None = None) -> None:  # fmt: skip
+        """Start ``command`` with its output (stdout and stderr) appended to ``log_path``."""
         if self.is_running():
             raise RuntimeError("a training process is already running; stop it first")
-        creation = {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if sys.platform == "win32" else {}
-        self._process = subprocess.Popen(
-            list(command),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            bufsize=1,
-            env={**os.environ, **(env or {})},
-            cwd=cwd,
-            **creation,
-        )
-        self._lines = queue.Queue()
-        self._reader = threading.Thread(target=self._read, args=(self._process,), daemon=True)
-        self._reader.start()
+        self._log_path = Path(log_path)
+        self._log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._offset = self._log_path.stat().st_size if self._log_path.is_file() else 0
+        self._partial = ""
+        with open(self._log_path, "ab") as log:
+            self._process = subprocess.Popen(
+                list(command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env if env is not None else dict(os.environ), cwd=cwd, **detached_process_options(),
+            )  # fmt: skip
 
-    def _read(self, process: subprocess.Popen) -> None:
-        assert process.stdout is not None
-        for line in process.stdout:  # tqdm writes '\r' updates: keep the last state of each line
-            self._lines.put(line.rstrip("\n").split("\r")[-1])
-        process.stdout.close()
+    @property
+    def log_path(self) -> Path | None:
+        return self._log_path
 
     def read_lines(self) -> list[str]:
-        """Every output line received since the last call (never blocks)."""
-        lines = []
-        while True:
-            try:
-                lines.append(self._lines.get_nowait())
-            except queue.Empty:
-                return lines
+        """Every complete output line written since the last call (never blocks). tqdm's ``\\r`` updates
+        keep the last state of each line."""
+        if self._log_path is None or not self._log_path.is_file():
+            return []
+        with open(self._log_path, "rb") as log:
+            log.seek(self._offset)
+            data = log.read()
+        self._offset += len(data)
+        text = self._partial + data.decode("utf-8", "replace")
+        *lines, self._partial = text.split("\n")
+        return [line.split("\r")[-1] for line in lines]
 
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None
@@ -83,7 +93,4 @@ class TrainingProcess:
     def wait(self, timeout: float | None = None) -> int | None:
         if self._process is None:
             return None
-        code = self._process.wait(timeout=timeout)
-        if self._reader is not None:
-            self._reader.join(timeout=5)
-        return code
+        return self._process.wait(timeout=timeout)

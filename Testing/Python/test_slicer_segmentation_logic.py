@@ -1,9 +1,12 @@
 """LiverSAMLib.SegmentationLogic against slicer-core's real MRML, on real CT (lits117, dcmqi_ct3slice).
 
 Segments with terminology, masks written through the Segment Editor logic (editable area, overwrite,
-undo shared with manual edits), results of the core pipeline, the review report and lesion table of the
-core, exports read back (seg.nrrd by MRML, DICOM SEG by the core), one slice of the real model, and
-fix-and-re-propagate on a CT phantom with background pre-encoding of neighbouring slices.
+undo shared with manual edits only while the Segment Editor edits the same segmentation), the defects of
+issue 12 (liver writes keep every tumour voxel, one undo state per live-update action, the Segment
+Editor's selection never switched, no segment added unasked, results of a closed scene dropped), results
+of the core pipeline, the review report and lesion table of the core, exports read back (seg.nrrd and
+labelmaps by MRML, DICOM SEG by ``liversam export`` in the LiverSAM environment). The model runs in the
+server: see ``test_slicer_server_path.py``.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from slicer_harness import ensure_module_on_path, fresh_scene, shared_data_dir
+from slicer_harness import MODULE_DIR, ensure_module_on_path, fresh_scene, shared_data_dir
 
 ensure_module_on_path()
 
@@ -22,8 +25,8 @@ from liversam.ct_io import read_ct  # noqa: E402
 from liversam.errors import OutputError  # noqa: E402
 from liversam.segmentation import Segment, SegmentationResult  # noqa: E402
 from LiverSAMLib import MRMLBridge  # noqa: E402
-from LiverSAMLib.ModelSession import ModelSession, SessionSettings, review_rows  # noqa: E402
-from LiverSAMLib.SegmentationLogic import LIVER, TUMOR, SegmentationLogic  # noqa: E402
+from LiverSAMLib.SegmentationLogic import LIVER, SEGMENT_EDITOR_SINGLETON_TAG, TUMOR, SegmentationLogic  # noqa: E402
+from LiverSAMLib.ServerRequests import review_rows  # noqa: E402
 
 pytestmark = pytest.mark.slicer
 
@@ -100,38 +103,179 @@ def test_slice_write_touches_only_that_slice_and_undo_restores(case):
     np.testing.assert_array_equal(MRMLBridge.segment_mask(segmentation, ids[LIVER], volume), expected)
 
 
-def test_editable_area_and_overwrite_settings_of_the_segment_editor_apply(case):
-    _scene, volume, segmentation, logic, ids, _ct, labels = case
+def shared_editor_node(scene, segmentation=None, volume=None):
+    """The Segment Editor module's node (its singleton tag), editing ``segmentation`` when given."""
+    node = scene.GetSingletonNode(SEGMENT_EDITOR_SINGLETON_TAG, "vtkMRMLSegmentEditorNode")
+    if node is None:
+        node = scene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
+        node.UnRegister(None)
+        node.SetSingletonTag(SEGMENT_EDITOR_SINGLETON_TAG)
+        node = scene.AddNode(node)
+    node.SetAndObserveSegmentationNode(segmentation)
+    node.SetAndObserveSourceVolumeNode(volume)
+    return node
+
+
+def test_editable_area_of_the_segment_editor_applies_when_it_edits_the_same_segmentation(case):
+    scene, volume, segmentation, logic, ids, _ct, labels = case
     liver = labels == 1
     logic.write_mask(segmentation, ids[LIVER], volume, liver)
-    editor = logic.editor_node()
+    editor = shared_editor_node(scene, segmentation, volume)
     # Editable area: inside the liver only; overwrite other segments (Slicer's default).
     editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment)
     editor.SetMaskSegmentID(ids[LIVER])
     editor.SetOverwriteMode(editor.OverwriteAllSegments)
+    lesion = logic.ensure_segment(segmentation, "lesion 2")
     box = np.zeros_like(liver)
     box[40:80, 30:100, 20:110] = True
-    logic.write_mask(segmentation, ids[TUMOR], volume, box)
-    tumor = MRMLBridge.segment_mask(segmentation, ids[TUMOR], volume)
-    np.testing.assert_array_equal(tumor, box & liver)
-    # Overwrite-all removed those voxels from the liver, as a manual Paint stroke would.
-    np.testing.assert_array_equal(MRMLBridge.segment_mask(segmentation, ids[LIVER], volume), liver & ~box)
+    logic.write_mask(segmentation, lesion, volume, box)
+    np.testing.assert_array_equal(MRMLBridge.segment_mask(segmentation, lesion, volume), box & liver)
+    # A segment inside the liver never erases it, whatever the overwrite mode says.
+    np.testing.assert_array_equal(MRMLBridge.segment_mask(segmentation, ids[LIVER], volume), liver)
+    assert editor.GetOverwriteMode() == editor.OverwriteAllSegments  # the user's setting is untouched
     logic.undo()
+    assert not MRMLBridge.segment_mask(segmentation, lesion, volume).any()
+    # The Segment Editor on another segmentation: its editable area does not apply to this one.
+    other = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "other")
+    editor.SetAndObserveSegmentationNode(other)
+    logic.write_mask(segmentation, lesion, volume, box)
+    np.testing.assert_array_equal(MRMLBridge.segment_mask(segmentation, lesion, volume), box)
+
+
+def test_liver_write_keeps_every_tumour_voxel_in_overwrite_all_mode(case):
+    """Issue 12 item 5: the Segment Editor's default overwrite mode must not erase tumours under a liver
+    write, on every write path (live update, propagation, fix, pipeline result)."""
+    scene, volume, segmentation, logic, ids, ct, labels = case
+    editor = shared_editor_node(scene, segmentation, volume)
+    editor.SetOverwriteMode(editor.OverwriteAllSegments)
+    tumour = labels == 2
+    logic.write_mask(segmentation, ids[TUMOR], volume, tumour)
+    liver = labels >= 1  # the liver includes its tumours
+    k = int(np.argmax(tumour.sum(axis=(1, 2))))
+    logic.apply_slice_masks({k: liver[k]}, segmentation, ids[LIVER], volume, undo_key=("live", k))  # live update
+    logic.write_mask(segmentation, ids[LIVER], volume, liver)  # propagation
+    logic.write_mask(segmentation, ids[LIVER], volume, liver, k_range=(k - 3, k + 3))  # a fix
+    logic.apply_result(SegmentationResult(ct.geometry, [Segment(LIVER, 1, liver)]), segmentation, volume)
+    np.testing.assert_array_equal(MRMLBridge.segment_mask(segmentation, ids[TUMOR], volume), tumour)
     np.testing.assert_array_equal(MRMLBridge.segment_mask(segmentation, ids[LIVER], volume), liver)
+    # The test can fail: without the protection (the old behaviour) the liver write erases the tumour.
+    logic.protected_segments = lambda *_args: []
+    logic.write_mask(segmentation, ids[LIVER], volume, liver)
     assert not MRMLBridge.segment_mask(segmentation, ids[TUMOR], volume).any()
-    # A protected liver is never overwritten, and the user's overwrite setting is restored afterwards.
-    logic.write_mask(segmentation, ids[TUMOR], volume, box, protect_segment_ids=[ids[LIVER]])
-    np.testing.assert_array_equal(MRMLBridge.segment_mask(segmentation, ids[LIVER], volume), liver)
-    np.testing.assert_array_equal(MRMLBridge.segment_mask(segmentation, ids[TUMOR], volume), box & liver)
-    assert editor.GetOverwriteMode() == editor.OverwriteAllSegments
 
 
-def test_external_undo_callback_replaces_own_history(case):
-    _scene, volume, segmentation, _logic, ids, _ct, labels = case
+def test_live_updates_of_one_action_are_one_undo_state(case):
+    """Issue 12 item 8: five live updates while the user moves a box on one slice are one undo step, so the
+    user's earlier edits stay in the (10-state) history."""
+    _scene, volume, segmentation, logic, ids, _ct, labels = case
+    liver = labels >= 1
+    k = int(np.argmax(liver.sum(axis=(1, 2))))
+    manual = np.zeros_like(liver)
+    manual[k + 5, 100:120, 100:120] = True
+    logic.write_mask(segmentation, ids[LIVER], volume, manual)  # an earlier, separate action
+    key = (segmentation.GetID(), ids[LIVER], (k,))
+    for step in range(5):
+        mask = np.zeros(liver.shape[1:], bool)
+        mask[50 + step : 150, 60:160] = True
+        logic.apply_slice_masks({k: mask}, segmentation, ids[LIVER], volume, undo_key=key)
+    logic.undo()  # one undo removes all five live updates ...
+    np.testing.assert_array_equal(MRMLBridge.segment_mask(segmentation, ids[LIVER], volume), manual)
+    logic.undo()  # ... and the next one the earlier action
+    assert not MRMLBridge.segment_mask(segmentation, ids[LIVER], volume).any()
+    # A new action (after Clear prompts, Propagate, Undo) gets its own state.
+    logic.apply_slice_masks({k: liver[k]}, segmentation, ids[LIVER], volume, undo_key=("a",))
+    logic.end_user_action()
+    logic.apply_slice_masks({k + 1: liver[k + 1]}, segmentation, ids[LIVER], volume, undo_key=("a",))
+    logic.undo()
+    assert MRMLBridge.segment_mask(segmentation, ids[LIVER], volume)[k].any()
+    assert not MRMLBridge.segment_mask(segmentation, ids[LIVER], volume)[k + 1].any()
+
+
+def test_writes_never_switch_the_segment_editor_selection(case):
+    """Issue 12 item 8: LiverSAM writes through its own hidden editor node; the Segment Editor module keeps
+    showing the segmentation and source volume the user chose."""
+    scene, volume, segmentation, logic, ids, _ct, labels = case
+    other_segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "user's")
+    other_volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "user's volume")
+    editor = shared_editor_node(scene, other_segmentation, other_volume)
+    logic.write_mask(segmentation, ids[LIVER], volume, labels >= 1)
+    logic.apply_slice_masks({5: (labels >= 1)[5]}, segmentation, ids[LIVER], volume)
+    assert editor.GetSegmentationNode() is other_segmentation and editor.GetSourceVolumeNode() is other_volume
+    own = logic.editor_node()
+    assert own is not editor and own.GetHideFromEditors() and not own.GetSaveWithScene()
+    assert own.GetSegmentationNode() is segmentation
+
+
+def test_choosing_a_segmentation_adds_no_segment(case):
+    """Issue 12 item 8: selecting an output segmentation only sets its geometry; segments come when asked."""
+    import ast
+
+    from slicer_harness import MODULE_DIR
+
+    scene, volume, _segmentation, logic, _ids, _ct, _labels = case
+    chosen = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "chosen")
+    chosen.GetSegmentation().AddEmptySegment("kidney", "kidney")
+    logic.prepare_segmentation(chosen, volume)
+    segmentation = chosen.GetSegmentation()
+    assert [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())] == ["kidney"]
+    tree = ast.parse((MODULE_DIR / "LiverSAM.py").read_text(encoding="utf-8"))
+    handler = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "onOutputSegmentationChanged")
+    called = {n.func.attr for n in ast.walk(handler) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+    assert "prepare_segmentation" in called and not called & {"ensure_segment", "ensure_standard_segments"}
+
+
+def test_results_of_a_closed_scene_are_dropped(case):
+    """Issue 12 item 9: an answer that arrives after the scene closed is never written (the widget's
+    onSceneStartClose invalidates the call queue), a queued call never runs; later calls work."""
+    import threading
+    import time
+
+    from LiverSAMLib.BackgroundCalls import CallQueue
+
+    _scene, volume, segmentation, logic, ids, _ct, labels = case
+    calls = CallQueue()
+    release = threading.Event()
+    ran, written = [], []
+
+    def slow_server_answer():
+        ran.append(True)
+        release.wait(10)
+        return {40: (labels >= 1)[40]}
+
+    def write(masks):
+        logic.apply_slice_masks(masks, segmentation, ids[LIVER], volume)
+        written.append(True)
+
+    calls.submit(slow_server_answer, write, name="live update")
+    calls.submit(slow_server_answer, write, name="queued")
+    deadline = time.monotonic() + 10
+    while not ran and time.monotonic() < deadline:
+        calls.poll(0.01)
+    calls.invalidate()  # scene StartCloseEvent
+    release.set()
+    while not calls.idle() and time.monotonic() < deadline:
+        calls.poll(0.05)
+    calls.poll(0.05)
+    assert ran == [True] and written == [] and logic.segment_is_empty(segmentation, ids[LIVER])
+    calls.submit(lambda: {41: (labels >= 1)[41]}, write)
+    while not written and time.monotonic() < deadline + 10:
+        calls.poll(0.05)
+    assert written == [True] and not logic.segment_is_empty(segmentation, ids[LIVER])
+    calls.close()
+
+
+def test_external_undo_callback_is_used_only_while_the_segment_editor_edits_this_segmentation(case):
+    scene, volume, segmentation, _logic, ids, _ct, labels = case
     calls = []
-    logic = SegmentationLogic(save_state_for_undo=lambda: calls.append("saved"))
+    logic = SegmentationLogic(scene=scene, save_state_for_undo=lambda: calls.append("saved"),
+                              undo_shared=lambda: calls.append("undo"))  # fmt: skip
     logic.write_mask(segmentation, ids[LIVER], volume, labels == 1)
-    assert calls == ["saved"] and not logic.can_undo()
+    assert calls == [] and logic.can_undo()  # the Segment Editor edits nothing: LiverSAM's own history
+    shared_editor_node(scene, segmentation, volume)
+    logic.write_mask(segmentation, ids[LIVER], volume, labels >= 1)
+    assert calls == ["saved"] and logic.shares_undo
+    logic.undo()
+    assert calls == ["saved", "undo"]
 
 
 def test_wrong_shape_and_missing_segment_are_output_errors(case):
@@ -240,7 +384,9 @@ def test_review_rows_are_the_core_review_flags(lits117):
     assert areas[k_mid] * 2.5 < jumpy[k_mid].size
     jumpy[k_mid, :, :] = True  # the whole slice: leakage, the area jumps
     segment = Segment(LIVER, 1, jumpy, slice_scores={k_mid: 0.2, k_mid + 1: 0.9})
-    rows = review_rows(SegmentationResult(ct.geometry, [segment]))
+    from liversam.review import build_review_report
+
+    rows = review_rows(build_review_report(SegmentationResult(ct.geometry, [segment])))
     flagged = {row.k: row for row in rows}
     assert "low_score" in flagged[k_mid].flags and "area_jump" in flagged[k_mid].flags
     assert "low model score 0.20" in flagged[k_mid].reason and "sudden area change" in flagged[k_mid].reason
@@ -251,7 +397,7 @@ def test_review_rows_are_the_core_review_flags(lits117):
     # Stricter review settings flag more slices.
     from liversam.review import ReviewSettings
 
-    strict = review_rows(SegmentationResult(ct.geometry, [segment]), ReviewSettings(min_score=0.95))
+    strict = review_rows(build_review_report(SegmentationResult(ct.geometry, [segment]), ReviewSettings(min_score=0.95)))
     assert any(row.k == k_mid + 1 and "low_score" in row.flags for row in strict)
 
 
@@ -277,16 +423,16 @@ class SegmentEditorWidgetUndo:
 
 def test_undo_is_shared_with_manual_segment_editor_edits(case):
     scene, volume, segmentation, own_logic, ids, _ct, labels = case
-    editor = SegmentEditorWidgetUndo(scene, own_logic.editor_node())
+    editor = SegmentEditorWidgetUndo(scene, shared_editor_node(scene, segmentation, volume))
     logic = SegmentationLogic(
         scene=scene,
         save_state_for_undo=editor.saveStateForUndo,
         undo_shared=editor.undo,
         redo_shared=editor.redo,
     )
-    assert logic.shares_undo and logic.editor_node() is own_logic.editor_node()
     liver = labels >= 1
     logic.write_mask(segmentation, ids[LIVER], volume, liver)  # LiverSAM's write
+    assert logic.shares_undo and logic.editor_node() is not editor.logic.GetSegmentEditorNode()
     # A manual Erase stroke in the Segment Editor: it saves its state, then removes a slab.
     k = int(np.argmax(liver.sum(axis=(1, 2))))
     editor.saveStateForUndo()
@@ -333,294 +479,29 @@ def test_dicom_seg_export_reads_back_equal_on_the_dicom_grid(tmp_path):
     assert int(liver.sum()) == 107098  # the data README's count
     logic.write_mask(segmentation, ids[LIVER], volume, liver)
 
-    # The reference as a folder, and as the list of files Slicer's DICOM database gives.
+    # The reference as a folder, and as the list of files Slicer's DICOM database gives. The SEG is written
+    # by `liversam export` in the LiverSAM environment (here: this test's Python and checkout).
+    import os
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(MODULE_DIR)}
     files = sorted((folder / "ct").glob("*.dcm"))
     for reference, name in ((folder / "ct", "folder.dcm"), (files, "files.dcm")):
-        path = logic.export_dicom_seg(
-            segmentation, volume, tmp_path / name, reference, model_name="litemedsam"
+        export = logic.prepare_dicom_seg_export(
+            segmentation, volume, tmp_path / name, reference, sys.executable, model_name="litemedsam"
         )
-        assert path.is_file()
+        path = export.run(env=env)
+        assert path.is_file() and not export.work_folder.exists()  # temporary files removed
         back = read_dicom_seg(path, reference=ct.geometry)
         assert [seg.name for seg in back.segments] == [LIVER]  # the empty tumor segment is left out
         np.testing.assert_array_equal(back.segments[0].mask_kji, liver)
         assert back.geometry.is_close(ct.geometry)
     with pytest.raises(OutputError, match="DICOM files"):
-        logic.export_dicom_seg(segmentation, volume, tmp_path / "none.dcm", [])
+        logic.prepare_dicom_seg_export(segmentation, volume, tmp_path / "none.dcm", [], sys.executable)
     with pytest.raises(OutputError, match="no non-empty segment"):
-        logic.export_dicom_seg(segmentation, volume, tmp_path / "empty.dcm", folder / "ct", segment_ids=[])
-
-
-@pytest.mark.model
-def test_prompted_slice_with_real_model_and_prompt_change_without_reencoding(case):
-    """A box on lits117's largest liver slice: Dice vs the reference; a new point re-uses the embedding."""
-    import torch
-
-    torch.set_num_threads(2)
-    scene, volume, segmentation, logic, ids, _ct, labels = case
-    liver = labels >= 1
-    k = int(np.argmax(liver.sum(axis=(1, 2))))
-    geometry = MRMLBridge.geometry_from_volume_node(volume)
-    js, is_ = np.nonzero(liver[k])
-    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "box")
-    corners = geometry.ijk_to_ras(np.array([[is_.min(), js.min(), k], [is_.max(), js.max(), k]], dtype=float))
-    roi.SetCenterWorld(*corners.mean(axis=0))
-    roi.SetSizeWorld(*(np.abs(corners[1] - corners[0]) + [0.0, 0.0, 0.5]))
-    prompts = MRMLBridge.prompts_from_markups(geometry, roi_nodes=[roi])
-    assert prompts.slices == [k]
-
-    session = ModelSession()
-    settings = SessionSettings(model="litemedsam", device="cpu", window_level_hu=60, window_width_hu=400)
-    ct_copy, key = logic.volume_copy(volume)
-    assert logic.volume_copy(volume)[0] is ct_copy  # unchanged voxels: same copy, same key
-    predictions = SegmentationLogic.predict_prompted_slices(session, settings, ct_copy, key, prompts)
-    logic.apply_slice_predictions(predictions, segmentation, ids[LIVER], volume)
-    written = MRMLBridge.segment_mask(segmentation, ids[LIVER], volume)
-    assert not written[np.arange(written.shape[0]) != k].any()  # only slice k written
-    slice_dice = dice(written[k], liver[k])
-    assert slice_dice > 0.85, slice_dice
-    predictor = session.current_predictor
-    assert predictor.encoded_slices == [k]
-
-    # Add a positive point: the mask is recomputed from the cached embedding (no new encoder pass).
-    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "pos")
-    j, i = np.argwhere(liver[k])[len(np.argwhere(liver[k])) // 2]
-    points.AddControlPoint(*geometry.ijk_to_ras([float(i), float(j), float(k)]))
-    prompts = MRMLBridge.prompts_from_markups(geometry, [points], roi_nodes=[roi])
-    predictions = SegmentationLogic.predict_prompted_slices(session, settings, ct_copy, key, prompts)
-    assert session.current_predictor is predictor and predictor.encoded_slices == [k]
-    logic.apply_slice_predictions(predictions, segmentation, ids[LIVER], volume)
-    assert dice(MRMLBridge.segment_mask(segmentation, ids[LIVER], volume)[k], liver[k]) > 0.85
-    # The tumour on that slice, clipped to the (now segmented) liver, never erases it.
-    tumor_written = np.zeros_like(liver[k])
-    tumor_written[:, :] = True
-    fake = type(predictions[0])(
-        k=k, mask_ji=tumor_written, score=1.0, low_res_logits=predictions[0].low_res_logits
-    )
-    liver_before = MRMLBridge.segment_mask(segmentation, ids[LIVER], volume)
-    logic.apply_slice_predictions([fake], segmentation, ids[TUMOR], volume, clip_to_segment_id=ids[LIVER])
-    np.testing.assert_array_equal(MRMLBridge.segment_mask(segmentation, ids[LIVER], volume), liver_before)
-    np.testing.assert_array_equal(
-        MRMLBridge.segment_mask(segmentation, ids[TUMOR], volume)[k], liver_before[k]
-    )
-
-
-@pytest.mark.model
-def test_propagation_results_go_into_the_segment_and_cancel_writes_nothing(lits117, litemedsam):
-    """Propagate the liver from one box through a 5-slice slab of lits117 on the worker-style path."""
-    import torch
-
-    from liversam.geometry import ImageGeometry
-    from liversam.volume import CTVolume
-    from LiverSAMLib.InferenceWorker import Cancelled
-    from LiverSAMLib.ModelSession import core_postprocess_settings, propagate_segment
-
-    torch.set_num_threads(2)
-    ct, labels = lits117
-    areas = (labels >= 1).sum(axis=(1, 2))
-    k_mid = int(np.argmax(areas))
-    k0 = k_mid - 2
-    g = ct.geometry
-    slab_geometry = ImageGeometry(
-        (g.size_ijk[0], g.size_ijk[1], 5), g.spacing_mm, tuple(g.ijk_to_lps([0, 0, k0])), g.direction_lps
-    )
-    slab_ct = CTVolume(np.array(ct.array_kji[k0 : k0 + 5]), slab_geometry)
-    liver = labels[k0 : k0 + 5] >= 1
-
-    scene = fresh_scene()
-    volume = MRMLBridge.volume_node_from_ct(slab_ct, "slab", scene)
-    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    logic = SegmentationLogic(scene=scene)
-    logic.prepare_segmentation(segmentation, volume)
-    ids = logic.ensure_standard_segments(segmentation)
-    geometry = MRMLBridge.geometry_from_volume_node(volume)
-    js, is_ = np.nonzero(liver[2])
-    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode")
-    corners = geometry.ijk_to_ras(np.array([[is_.min(), js.min(), 2], [is_.max(), js.max(), 2]], dtype=float))
-    roi.SetCenterWorld(*corners.mean(axis=0))
-    roi.SetSizeWorld(*(np.abs(corners[1] - corners[0]) + [0.0, 0.0, 0.5]))
-    prompts = MRMLBridge.prompts_from_markups(geometry, roi_nodes=[roi])
-    segment_prompts = SegmentationLogic.segment_prompts(LIVER, 1, prompts)
-    session = ModelSession(loader=lambda name, device: litemedsam)  # the test run's shared model
-    settings = SessionSettings(model="litemedsam", device="cpu", window_level_hu=60, window_width_hu=400)
-    ct_copy, key = logic.volume_copy(volume)
-    postprocess = core_postprocess_settings(fill_holes=True, min_island_mm3=100, keep_largest=True)
-
-    with pytest.raises(Cancelled):
-        propagate_segment(session, settings, ct_copy, key, segment_prompts, postprocess, cancel=lambda: True)
-    assert logic.segment_is_empty(segmentation, ids[LIVER])
-
-    progress = []
-    result = propagate_segment(
-        session,
-        settings,
-        ct_copy,
-        key,
-        segment_prompts,
-        postprocess,
-        progress=lambda d, t, m: progress.append((d, t)),
-    )
-    assert progress and progress[-1][0] == progress[-1][1]
-    logic.apply_result(result, segmentation, volume)
-    written = MRMLBridge.segment_mask(segmentation, ids[LIVER], volume)
-    assert written[[0, 4]].any()  # propagated to the slab's end slices
-    assert dice(written, liver) > 0.8, dice(written, liver)
-    assert len(session.current_predictor.encoded_slices) <= 5
-
-
-def _phantom(nk: int = 14, n: int = 128):
-    """A small CT phantom: a liver-like ellipsoid (slices 1..12) in fat, 1 x 1 x 2.5 mm voxels.
-
-    Returns (CTVolume, liver mask [k, j, i]). Organ-like contrast lets the real model segment it.
-    """
-    from liversam.geometry import ImageGeometry
-    from liversam.volume import CTVolume
-
-    kk, jj, ii = np.mgrid[:nk, :n, :n]
-
-    def ellipsoid(centre, radii):
-        return sum(((axis - c) / r) ** 2 for axis, c, r in zip((kk, jj, ii), centre, radii, strict=True)) <= 1
-
-    liver = ellipsoid(((nk - 1) / 2, 64, 60), (nk / 2 - 0.6, 34, 42))
-    body = ellipsoid(((nk - 1) / 2, 64, 64), (60, 60, 62))
-    hu = np.full(liver.shape, -1000.0)
-    hu[body] = -80.0
-    hu[liver] = 110.0
-    hu += np.random.default_rng(7).normal(0, 8, hu.shape)
-    geometry = ImageGeometry((n, n, nk), (1.0, 1.0, 2.5), (0.0, 0.0, 0.0))
-    return CTVolume(hu.astype(np.int16), geometry, source="phantom"), liver
-
-
-def _box_roi(scene, geometry, mask_ji, k, pad=2):
-    js, is_ = np.nonzero(mask_ji)
-    corners = geometry.ijk_to_ras(
-        np.array([[is_.min() - pad, js.min() - pad, k], [is_.max() + pad, js.max() + pad, k]], dtype=float)
-    )
-    roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", f"box {k}")
-    roi.SetCenterWorld(*corners.mean(axis=0))
-    roi.SetSizeWorld(*(np.abs(corners[1] - corners[0]) + [0.0, 0.0, 0.5]))
-    return roi
-
-
-@pytest.mark.model
-def test_fix_on_a_flagged_slice_repropagates_only_between_the_neighbouring_prompts(litemedsam):
-    """Seeds on slices 4 and 8 gave a liver that leaks on slice 6; a box on slice 6 fixes slices 5..7 only.
-
-    Also: the fix is one undo step, a cancelled fix changes nothing, the CT is untouched, and background
-    pre-encoding of the neighbours of the slice being worked on makes their embeddings ready.
-    """
-    from liversam.errors import Cancelled
-    from LiverSAMLib.ModelSession import PropagationRecord, plan_repropagation, repropagate_segment
-
-    ct, liver = _phantom()
-    scene = fresh_scene()
-    volume = MRMLBridge.volume_node_from_ct(ct, "phantom", scene)
-    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
-    logic = SegmentationLogic(scene=scene)
-    logic.prepare_segmentation(segmentation, volume)
-    liver_id = logic.ensure_segment(segmentation, LIVER)
-    ct_before = np.array(slicer.util.arrayFromVolume(volume), copy=True)
-    geometry = MRMLBridge.geometry_from_volume_node(volume)
-
-    # The state after a propagation from boxes on slices 4 and 8, with leakage on slice 6.
-    leak = np.zeros(liver.shape[1:], bool)
-    leak[40:90, 90:126] = True
-    existing = liver.copy()
-    existing[6] |= leak
-    logic.write_mask(segmentation, liver_id, volume, existing)
-    seeds = [_box_roi(scene, geometry, liver[k], k) for k in (4, 8)]
-    given_before = MRMLBridge.prompts_from_markups(geometry, roi_nodes=seeds).to_slice_prompts()
-    prompts = SegmentationLogic.segment_prompts(
-        LIVER, 1, MRMLBridge.prompts_from_markups(geometry, roi_nodes=seeds)
-    )
-    session = ModelSession(loader=lambda name, device: litemedsam)
-    settings = SessionSettings(model="litemedsam", device="cpu")
-    ct_copy, key = logic.volume_copy(volume)
-    from LiverSAMLib.ModelSession import core_postprocess_settings
-
-    pipeline_settings = core_postprocess_settings()
-    record = PropagationRecord(given_before, prompts, key, pipeline_settings)
-
-    # The user jumps to the flagged slice 6 and draws a box around the liver there.
-    fix_roi = _box_roi(scene, geometry, liver[6], 6)
-    given = MRMLBridge.prompts_from_markups(geometry, roi_nodes=[*seeds, fix_roi]).to_slice_prompts()
-    fix_slices = plan_repropagation(record, given, key, pipeline_settings)
-    assert fix_slices == [6]
-    mask_now = MRMLBridge.segment_mask(segmentation, liver_id, volume)  # manual edits included
-    with pytest.raises(Cancelled):
-        repropagate_segment(session, settings, ct_copy, key, record, given, fix_slices, mask_now, LIVER,
-                            cancel=lambda: True)  # fmt: skip
-    fix = repropagate_segment(session, settings, ct_copy, key, record, given, fix_slices, mask_now, LIVER)
-    assert 6 in fix.computed_slices and set(fix.computed_slices) <= {5, 6, 7}
-    assert 6 in fix.changed_slices and set(fix.changed_slices) <= {5, 6, 7}
-    predictor = session.current_predictor
-    assert set(predictor.encoded_slices) <= {5, 6, 7}  # no slice outside the fixed part encoded
-
-    logic.apply_result(fix.result, segmentation, volume, k_range=fix.k_range)
-    written = MRMLBridge.segment_mask(segmentation, liver_id, volume)
-    outside = [k for k in range(liver.shape[0]) if not 5 <= k <= 7]
-    np.testing.assert_array_equal(written[outside], existing[outside])  # untouched, exactly
-    assert written[6][leak & ~liver[6]].sum() < 0.02 * (leak & ~liver[6]).sum()  # the leak is gone
-    assert dice(written[5:8], liver[5:8]) > 0.85, dice(written[5:8], liver[5:8])
-    assert fix.record.given == given and plan_repropagation(fix.record, given, key, pipeline_settings) == []
-    assert 6 in fix.record.scores and all(row.k in range(14) for row in review_rows(fix.result))
-    logic.undo()  # the fix is one undo step
-    np.testing.assert_array_equal(MRMLBridge.segment_mask(segmentation, liver_id, volume), existing)
-    np.testing.assert_array_equal(slicer.util.arrayFromVolume(volume), ct_before)
-
-    # Background pre-encoding around slice 7: 6 and 7 are cached already, slice 8 gets encoded.
-    encoded_before = list(predictor.encoded_slices)
-    session.prefetch_around(7, radius=1)
-    prefetcher = session.prefetcher
-    assert prefetcher is not None and prefetcher.wait_idle(timeout=300)
-    assert prefetcher.encoded == [8] and predictor.is_cached(8)
-    session.predict_slice(ct_copy, key, settings, 8, given[8])  # decoder only now
-    assert predictor.encoded_slices == [*encoded_before, 8]
-    session.release()
-    assert session.prefetcher is None
-
-
-def test_tumour_propagation_uses_the_liver_in_the_scene_as_its_container(lits117, litemedsam):
-    """A tumour propagated on the module's path gets the liver already in the segmentation as its container:
-    it stays inside it and gets the core's lesion refinement (one box on a real lits117 lesion, 9-slice slab).
-    """
-    import dataclasses
-
-    import torch
-    from scipy import ndimage
-
-    from liversam.geometry import ImageGeometry
-    from liversam.prompts import SegmentPrompts, SlicePrompts
-    from liversam.volume import CTVolume
-    from LiverSAMLib.ModelSession import core_postprocess_settings, propagate_segment
-
-    torch.set_num_threads(2)
-    ct, labels = lits117
-    components, _ = ndimage.label(labels == 2, structure=np.ones((3, 3, 3), dtype=bool))
-    k0, nk = 33, 9  # the lesion spans slices 27..45; its largest slice is 37
-    lesion = (components == components[37, 63, 15])[k0 : k0 + nk]
-    liver = labels[k0 : k0 + nk] >= 1
-    g = ct.geometry
-    slab_geometry = ImageGeometry(
-        (g.size_ijk[0], g.size_ijk[1], nk), g.spacing_mm, tuple(g.ijk_to_lps([0, 0, k0])), g.direction_lps
-    )
-    slab_ct = CTVolume(np.array(ct.array_kji[k0 : k0 + nk]), slab_geometry)
-    js, is_ = np.nonzero(lesion[37 - k0])
-    box = (float(is_.min()), float(js.min()), float(is_.max()), float(js.max()))
-    segment_prompts = SegmentPrompts(TUMOR, 2, slices={37 - k0: SlicePrompts(boxes_ij=[box])}, propagate=True)
-    session = ModelSession(loader=lambda name, device: litemedsam)
-    settings = SessionSettings(model="litemedsam", device="cpu", window_level_hu=40, window_width_hu=400)
-    postprocess = core_postprocess_settings()
-    plain_postprocess = dataclasses.replace(
-        postprocess, propagation=dataclasses.replace(postprocess.propagation, intensity_refinement=False)
-    )
-
-    refined = propagate_segment(session, settings, slab_ct, "slab", segment_prompts, postprocess, liver)
-    plain = propagate_segment(session, settings, slab_ct, "slab", segment_prompts, plain_postprocess, liver)
-    refined_mask = refined.segment(TUMOR).mask_kji
-    plain_mask = plain.segment(TUMOR).mask_kji
-    print("tumour Dice on the slab: refined", dice(refined_mask, lesion), "box only", dice(plain_mask, lesion))
-    assert not (refined_mask & ~liver).any()
-    assert refined_mask[[0, nk - 1]].any()  # propagated to both ends of the slab
-    assert dice(refined_mask, lesion) >= 0.8
-    assert dice(refined_mask, lesion) >= dice(plain_mask, lesion) + 0.05
-    assert len(session.current_predictor.encoded_slices) <= nk
+        logic.prepare_dicom_seg_export(segmentation, volume, tmp_path / "e.dcm", folder / "ct", sys.executable, segment_ids=[])
+    with pytest.raises(OutputError, match="Server section"):
+        logic.prepare_dicom_seg_export(segmentation, volume, tmp_path / "e.dcm", folder / "ct", "")
+    failing = logic.prepare_dicom_seg_export(segmentation, volume, tmp_path / "bad.dcm", tmp_path, sys.executable)
+    with pytest.raises(OutputError, match="failed"):
+        failing.run(env=env)  # no DICOM series in tmp_path: the export's own error reaches the user

@@ -5,7 +5,9 @@ the background process wrapper, model registration; and the module's files (CMak
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
@@ -83,6 +85,7 @@ def test_loaded_volume_and_segmentation_pairs_export_to_training_files(tmp_path)
     manifest = TrainingLogic.export_training_pairs([(volume_node, segmentation_node)], tmp_path / "export")
     data = json.loads(manifest.read_text())
     assert [c["id"] for c in data["cases"]] == ["patient_7"]
+    assert data["cases"][0]["label"] == "patient_7/segmentation.seg.nrrd"  # segments by name, as `liversam train` reads
     [study] = discover_studies(manifest)
     loaded = load_study(study, LabelConfig())
     assert np.array_equal(loaded.liver_kji, np.isin(labels, (1, 2)))
@@ -101,8 +104,8 @@ def test_command_line_for_the_settings():
         tumor_labels="2,3",
         model_name="mine",
     )
-    command = TrainingLogic.build_train_command(settings, python="/slicer/bin/PythonSlicer")
-    assert command[:4] == ["/slicer/bin/PythonSlicer", "-m", "liversam", "train"]
+    command = TrainingLogic.build_train_command(settings, python="/home/me/.cache/liversam/venv/bin/python")
+    assert command[:4] == ["/home/me/.cache/liversam/venv/bin/python", "-m", "liversam", "train"]
 
     def value(option):
         return command[command.index(option) + 1]
@@ -119,7 +122,7 @@ def test_command_line_for_the_settings():
     assert TrainingLogic.parse_event("epoch 3: train loss 0.4") is None
 
 
-def test_background_process_output_is_polled_and_stop_ends_it():
+def test_background_process_output_is_polled_and_stop_ends_it(tmp_path):
     process = TrainingProcess()
     script = (
         "import json, time\n"
@@ -127,7 +130,7 @@ def test_background_process_output_is_polled_and_stop_ends_it():
         "    print('LIVERSAM_EPOCH ' + json.dumps({'epoch': e}), flush=True)\n"
         "time.sleep(60)\n"
     )
-    process.start([sys.executable, "-c", script])
+    process.start([sys.executable, "-c", script], tmp_path / "train.log")
     events, deadline = [], time.monotonic() + 30
     while len(events) < 3 and time.monotonic() < deadline:
         events += [e for e in map(TrainingLogic.parse_event, process.read_lines()) if e]
@@ -139,21 +142,49 @@ def test_background_process_output_is_polled_and_stop_ends_it():
     assert not process.is_running() and process.returncode != 0 and time.monotonic() - started < 10
 
 
-def test_register_model_makes_liversam_list_it(tmp_path, monkeypatch):
-    import torch
+def test_training_runs_in_the_liversam_environment_checked_once(tmp_path, monkeypatch):
+    """A missing interpreter and one without torch are refused with the reason; the result is cached."""
+    TrainingLogic._CHECKED.clear()
+    assert "setup.sh" in TrainingLogic.environment_problem(str(tmp_path / "no-python"))
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    bare_python = str(bare / "bin" / "python")
+    problem = TrainingLogic.environment_problem(bare_python)
+    assert problem and "cannot train" in problem and "liversam" in problem
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: calls.append(a))
+    assert TrainingLogic.environment_problem(bare_python) == problem and not calls  # cached: not run again
+    TrainingLogic._CHECKED.clear()
 
-    from liversam.models import available_models
 
-    monkeypatch.setenv("LIVERSAM_HOME", str(tmp_path / "home"))
-    checkpoint = tmp_path / "best.pt"
-    torch.save(
-        {"format": "liversam-checkpoint/1", "base_model": "litemedsam", "model_state": {},
-         "metadata": {"description": "test model", "metrics": {"val_dice_mean": 0.9}}},
-        checkpoint,
-    )  # fmt: skip
-    assert TrainingLogic.register_model(checkpoint, "my-liver-model") == "my-liver-model"
-    listed = {m.name: m for m in available_models()}
-    assert listed["my-liver-model"].available and "0.900" in listed["my-liver-model"].description
+def test_the_process_outlives_its_parent_and_has_no_console(tmp_path):
+    """The training child runs in its own session (POSIX) / process group without console (Windows), and its
+    output goes to a log file, so closing Slicer (the parent) neither kills it nor breaks its output."""
+    from LiverSAMTrainLib.TrainingProcess import detached_process_options
+
+    flags = detached_process_options()
+    if sys.platform == "win32":
+        assert flags["creationflags"] & subprocess.CREATE_NO_WINDOW
+    else:
+        assert flags == {"start_new_session": True}
+    log = tmp_path / "run" / "train.log"
+    parent = (
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(TRAIN_DIR)!r})\n"
+        "from LiverSAMTrainLib.TrainingProcess import TrainingProcess\n"
+        "p = TrainingProcess()\n"
+        "p.start([sys.executable, '-c', 'import time\\nfor i in range(40):\\n    print(i, flush=True)\\n    time.sleep(0.1)'],"
+        f" {str(log)!r})\n"
+        "print(p.pid, flush=True)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=60)
+    child = int(done.stdout.strip())
+    time.sleep(1.0)  # the parent has exited; the child keeps writing
+    os.kill(child, 0)  # still alive (raises if not)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "39" not in log.read_text():
+        time.sleep(0.2)
+    assert log.read_text().split() == [str(i) for i in range(40)]
 
 
 def test_module_files_are_listed_in_cmake_and_ui_names_exist():

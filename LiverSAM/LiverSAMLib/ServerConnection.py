@@ -1,0 +1,214 @@
+"""Which LiverSAM server the Slicer module talks to, and the local server it starts and stops.
+
+Two ways to reach a server (the module's *Server* section; kept in Slicer's application settings):
+
+- ``local`` (default): LiverSAM starts ``<python> -m liversam serve --port 0 --token-file F`` on this
+  computer the first time it is needed and stops it when Slicer exits. ``<python>`` is a Python
+  environment that has the ``liversam`` package with its server and model packages (the virtual
+  environment ``setup.sh`` makes, by default ``~/.cache/liversam/venv``), never Slicer's own Python,
+  whose packages are shared with Slicer's modules (Slicer 5.10's DICOM module needs pydicom 2.4, which
+  highdicom does not accept);
+- ``remote``: a server already running elsewhere (e.g. a GPU machine), by URL and token.
+
+The connection is checked once: when it fails (no such Python, server exits, wrong token) the state
+becomes ``failed`` with the reason, and nothing is retried until the user presses *Connect* again, so an
+offline user never gets a dialog at every click.
+
+No Qt, no MRML: :meth:`ServerConnection.connect` blocks (it may start a process and wait for it), so the
+widget runs it through :class:`LiverSAMLib.BackgroundCalls.CallQueue`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Protocol
+
+from .ServerClient import AuthError, LiverSAMClient, LocalServerProcess, ServerUnavailable
+
+SETTINGS_GROUP = "LiverSAM/Server"
+LOCAL, REMOTE = "local", "remote"
+STOPPED, STARTING, READY, FAILED = "stopped", "starting", "ready", "failed"
+
+
+class SettingsStore(Protocol):
+    """What ``qt.QSettings`` offers and the connection needs (a dict adapter in tests)."""
+
+    def value(self, key: str, default: Any = None) -> Any: ...
+
+    def setValue(self, key: str, value: Any) -> None: ...  # noqa: N802 - QSettings' name
+
+
+def default_server_python() -> str:
+    """``$LIVERSAM_PYTHON``, else the Python of ``setup.sh``'s virtual environment when it exists, else ''."""
+    configured = os.environ.get("LIVERSAM_PYTHON", "")
+    if configured:
+        return configured
+    venv = Path(os.environ.get("LIVERSAM_VENV", Path.home() / ".cache" / "liversam" / "venv"))
+    for candidate in (venv / "bin" / "python", venv / "Scripts" / "python.exe"):
+        if candidate.is_file():
+            return str(candidate)
+    return ""
+
+
+@dataclass
+class ServerSettings:
+    """The module's server settings (application-wide, not saved with the scene)."""
+
+    mode: str = LOCAL
+    python: str = ""
+    url: str = ""
+    token: str = ""
+    model: str = "litemedsam"
+    device: str = "auto"
+
+    @classmethod
+    def load(cls, store: SettingsStore) -> ServerSettings:
+        values = {}
+        for field in fields(cls):
+            stored = store.value(f"{SETTINGS_GROUP}/{field.name}", None)
+            if stored not in (None, ""):
+                values[field.name] = str(stored)
+        settings = cls(**values)
+        if not settings.python:
+            settings.python = default_server_python()
+        return settings
+
+    def save(self, store: SettingsStore) -> None:
+        for field in fields(self):
+            store.setValue(f"{SETTINGS_GROUP}/{field.name}", str(getattr(self, field.name)))
+
+    def problem(self) -> str | None:
+        """What is missing to connect, in words the user can act on, or None."""
+        if self.mode == REMOTE:
+            if not self.url.startswith(("http://", "https://")):
+                return "Enter the LiverSAM server's URL (http://host:port) in the Server section."
+            if not self.token:
+                return "Enter the token the LiverSAM server printed (or its --token-file) in the Server section."
+            return None
+        if self.mode != LOCAL:
+            return f"Unknown server mode '{self.mode}': choose 'local' or 'remote'."
+        if not self.python:
+            return (
+                "No Python environment with LiverSAM is configured. Run 'bash setup.sh' in the LiverSAM "
+                "checkout (it makes ~/.cache/liversam/venv), or choose that environment's python in the "
+                "Server section."
+            )
+        resolved = shutil.which(self.python) if not os.path.isabs(self.python) else self.python
+        if not resolved or not os.path.isfile(resolved):
+            return f"Server Python '{self.python}' does not exist: choose the python of the LiverSAM environment."
+        return None
+
+    def serve_arguments(self) -> list[str]:
+        """Extra ``liversam serve`` options for a local server."""
+        arguments = []
+        if self.model:
+            arguments += ["--model", self.model]
+        if self.device and self.device != "auto":
+            arguments += ["--device", self.device]
+        return arguments
+
+
+class ServerConnection:
+    """The server LiverSAM uses: started (local) or reached (remote) once, on demand; ``client`` when ready."""
+
+    def __init__(self, settings: ServerSettings, startup_timeout_s: float = 120.0) -> None:
+        self.settings = settings
+        self.startup_timeout_s = float(startup_timeout_s)
+        self.state = STOPPED
+        self.message = "Not connected: the server starts when LiverSAM first needs it."
+        self.info: dict[str, Any] = {}
+        self._client: LiverSAMClient | None = None
+        self._process: LocalServerProcess | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> LiverSAMClient | None:
+        return self._client if self.state == READY else None
+
+    @property
+    def started_here(self) -> bool:
+        """True when this connection started the server process (and must stop it)."""
+        return self._process is not None and self._process.running()
+
+    def connect(self) -> LiverSAMClient:
+        """Start or reach the server (blocking; call it off the main thread). Raises ServerUnavailable /
+        AuthError with the reason, and remembers it (``state`` FAILED)."""
+        with self._lock:
+            if self.state == READY and self._client is not None:
+                return self._client
+            problem = self.settings.problem()
+            if problem:
+                self._fail(problem)
+                raise ServerUnavailable(problem)
+            self.state, self.message = STARTING, "Starting the LiverSAM server..."
+            try:
+                if self.settings.mode == LOCAL:
+                    self._process = LocalServerProcess(
+                        self.settings.python,
+                        extra_args=self.settings.serve_arguments(),
+                        startup_timeout=self.startup_timeout_s,
+                        env=server_environment(),
+                    )
+                    client = self._process.start()
+                else:
+                    client = LiverSAMClient(self.settings.url, self.settings.token)
+                self.info = client.info()  # needs the token: a wrong one fails here, once
+            except (ServerUnavailable, AuthError) as error:
+                self._stop_process()
+                self._fail(str(error))
+                raise
+            self._client = client
+            self.state = READY
+            where = "local server" if self.settings.mode == LOCAL else self.settings.url
+            self.message = "Connected to the {where}: model {model} on {device}.".format(
+                where=where, model=self.info.get("model", "?"), device=self.info.get("device", "?")
+            )
+            return client
+
+    def ensure(self) -> LiverSAMClient:
+        """The client when ready; connects the first time; after a failure raises it again without retrying."""
+        if self.state == FAILED:
+            raise ServerUnavailable(self.message)
+        return self.connect()
+
+    def reset(self, settings: ServerSettings | None = None) -> None:
+        """Stop the server started here, forget the failure; the next :meth:`ensure` connects again."""
+        self.stop()
+        if settings is not None:
+            self.settings = settings
+        self.state, self.message = STOPPED, "Not connected."
+
+    def stop(self) -> None:
+        """Stop the server this connection started (a remote server keeps running)."""
+        with self._lock:
+            self._stop_process()
+            self._client = None
+            if self.state != FAILED:
+                self.state, self.message = STOPPED, "Stopped."
+
+    def _stop_process(self) -> None:
+        process, self._process = self._process, None
+        if process is not None:
+            process.stop()
+
+    def _fail(self, reason: str) -> None:
+        self.state = FAILED
+        self.message = reason
+        self._client = None
+
+
+def server_environment() -> dict[str, str]:
+    """The server's environment: Slicer's own Python variables removed, so the server's Python uses its
+    own standard library and packages (Slicer's launcher sets PYTHONHOME / PYTHONPATH for PythonSlicer)."""
+    environment = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH", "PYTHONNOUSERSITE")}
+    if os.environ.get("LIVERSAM_SERVER_PYTHONPATH"):  # a source checkout of the core (tests, developers)
+        environment["PYTHONPATH"] = os.environ["LIVERSAM_SERVER_PYTHONPATH"]
+    environment.setdefault("PYTHONIOENCODING", "utf-8")
+    if sys.platform == "win32":
+        environment.setdefault("PYTHONUTF8", "1")
+    return environment

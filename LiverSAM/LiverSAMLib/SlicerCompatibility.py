@@ -1,0 +1,37 @@
+"""The oldest 3D Slicer LiverSAM supports, and the check the modules run before they build their GUI.
+
+Slicer 5.10.0 is the minimum (checked against Slicer's source at tag v5.10.0):
+
+- writes go through ``vtkSlicerSegmentEditorLogic`` (``Modules/Loadable/Segmentations/Logic``), which
+  first appears in 5.10 (5.8.1 has no such class: its Segment Editor logic lives in the Qt widget);
+- Slicer 5.10 ships Python 3.12.10 (``Slicer_REQUIRED_PYTHON_VERSION``); 5.8 ships 3.9, which the
+  ``liversam`` package (``zip(strict=True)``, ``X | Y`` unions at run time) does not run on.
+
+Standard library only: tested with pytest, used by ``LiverSAM.py`` and ``LiverSAMTrain.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+MINIMUM_SLICER_VERSION: tuple[int, int] = (5, 10)
+MINIMUM_PYTHON_VERSION: tuple[int, int] = (3, 10)
+
+
+def version_problem(
+    slicer_major: int, slicer_minor: int, python_version: tuple[int, int] | None = None
+) -> str | None:
+    """A message for the user when this Slicer (or its Python) is too old for LiverSAM, else None."""
+    python_version = tuple(python_version or sys.version_info[:2])
+    if (int(slicer_major), int(slicer_minor)) < MINIMUM_SLICER_VERSION:
+        return (
+            f"LiverSAM needs 3D Slicer {MINIMUM_SLICER_VERSION[0]}.{MINIMUM_SLICER_VERSION[1]} or newer; this is "
+            f"Slicer {slicer_major}.{slicer_minor}. Install a current Slicer from https://download.slicer.org "
+            "and add the LiverSAM extension there."
+        )
+    if python_version < MINIMUM_PYTHON_VERSION:
+        return (
+            f"LiverSAM needs Python {MINIMUM_PYTHON_VERSION[0]}.{MINIMUM_PYTHON_VERSION[1]} or newer inside Slicer; "
+            f"this Slicer runs Python {python_version[0]}.{python_version[1]}."
+        )
+    return None

@@ -1,0 +1,183 @@
+"""The module's server connection and its I/O thread, without Slicer: settings, the once-only check, the
+local server's lifetime, call coalescing and delivery on the polling thread (issue 12 items 2 and 6)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from slicer_harness import ensure_module_on_path
+
+ensure_module_on_path()
+
+from LiverSAMLib import ServerConnection as connection_module  # noqa: E402
+from LiverSAMLib.BackgroundCalls import CallQueue  # noqa: E402
+from LiverSAMLib.ServerClient import ServerUnavailable  # noqa: E402
+from LiverSAMLib.ServerConnection import (  # noqa: E402
+    FAILED,
+    LOCAL,
+    REMOTE,
+    STOPPED,
+    ServerConnection,
+    ServerSettings,
+    server_environment,
+)
+
+
+class Store:
+    """qt.QSettings' value/setValue on a dict."""
+
+    def __init__(self) -> None:
+        self.values: dict = {}
+
+    def value(self, key, default=None):
+        return self.values.get(key, default)
+
+    def setValue(self, key, value) -> None:  # noqa: N802 - QSettings' name
+        self.values[key] = value
+
+
+def test_settings_round_trip_and_say_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIVERSAM_PYTHON", "")
+    monkeypatch.setenv("LIVERSAM_VENV", str(tmp_path / "no-venv"))
+    store = Store()
+    settings = ServerSettings.load(store)
+    assert settings.mode == LOCAL and settings.python == "" and "setup.sh" in settings.problem()
+    settings = ServerSettings(mode=REMOTE, url="gpu:8123", token="")
+    assert "URL" in settings.problem()
+    settings.url = "http://gpu:8123"
+    assert "token" in settings.problem()
+    settings.token = "abc"
+    assert settings.problem() is None
+    settings.save(store)
+    assert ServerSettings.load(store) == settings
+    local = ServerSettings(python=str(tmp_path / "missing" / "python"))
+    assert "does not exist" in local.problem()
+    assert ServerSettings(model="litemedsam", device="cpu").serve_arguments() == ["--model", "litemedsam", "--device", "cpu"]
+    venv_python = tmp_path / "venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text("")
+    monkeypatch.setenv("LIVERSAM_VENV", str(tmp_path / "venv"))
+    assert ServerSettings.load(Store()).python == str(venv_python)  # setup.sh's environment by default
+
+
+def test_a_failed_connection_is_checked_once_not_at_every_click(monkeypatch, tmp_path):
+    """Issue 12 item 6: an unreachable server (or a missing environment) fails once with the reason; later
+    requests (every live update) get that reason without starting anything again, until Connect resets it."""
+    starts = []
+
+    class FailingProcess:
+        def __init__(self, *args, **kwargs):
+            starts.append(args)
+
+        def start(self):
+            raise ServerUnavailable("the LiverSAM server exited with code 1 while starting: no module liversam")
+
+        def stop(self):
+            pass
+
+        def running(self):
+            return False
+
+    python = tmp_path / "python"
+    python.write_text("")
+    monkeypatch.setattr(connection_module, "LocalServerProcess", FailingProcess)
+    connection = ServerConnection(ServerSettings(python=str(python)))
+    for _ in range(5):
+        with pytest.raises(ServerUnavailable, match="no module liversam"):
+            connection.ensure()
+    assert len(starts) == 1 and connection.state == FAILED and "no module liversam" in connection.message
+    connection.reset()  # the Connect button
+    assert connection.state == STOPPED
+    with pytest.raises(ServerUnavailable):
+        connection.ensure()
+    assert len(starts) == 2
+
+
+def test_the_server_environment_drops_slicers_python_variables(monkeypatch):
+    monkeypatch.setenv("PYTHONHOME", "/slicer/lib/Python")
+    monkeypatch.setenv("PYTHONPATH", "/slicer/lib/Python/site-packages")
+    monkeypatch.delenv("LIVERSAM_SERVER_PYTHONPATH", raising=False)
+    environment = server_environment()
+    assert "PYTHONHOME" not in environment and "PYTHONPATH" not in environment
+    monkeypatch.setenv("LIVERSAM_SERVER_PYTHONPATH", "/checkout/LiverSAM")
+    assert server_environment()["PYTHONPATH"] == "/checkout/LiverSAM"
+
+
+def test_calls_run_on_one_thread_and_callbacks_on_the_polling_thread():
+    calls = CallQueue()
+    main = threading.get_ident()
+    seen = []
+    for n in range(3):
+        calls.submit(lambda n=n: (n, threading.get_ident()), lambda value: seen.append((value, threading.get_ident())))
+    deadline = time.monotonic() + 10
+    while len(seen) < 3 and time.monotonic() < deadline:
+        calls.poll(0.01)
+    assert [value[0] for value, _ in seen] == [0, 1, 2]
+    workers = {value[1] for value, _ in seen}
+    assert len(workers) == 1 and main not in workers  # one I/O thread, never the main one
+    assert {thread for _, thread in seen} == {main}  # callbacks on the thread that polls
+    errors = []
+    calls.submit(lambda: 1 / 0, on_error=errors.append)
+    while not errors and time.monotonic() < deadline:
+        calls.poll(0.01)
+    assert isinstance(errors[0], ZeroDivisionError)
+    calls.close()
+
+
+def test_a_burst_of_live_updates_sends_only_the_latest():
+    calls = CallQueue()
+    gate = threading.Event()
+    sent = []
+    calls.submit(lambda: gate.wait(5), name="in flight")
+    for n in range(5):
+        calls.submit(lambda n=n: sent.append(n), key="live")
+    gate.set()
+    deadline = time.monotonic() + 10
+    while not calls.idle() and time.monotonic() < deadline:
+        calls.poll(0.01)
+    assert sent == [4]
+    calls.close()
+
+
+def test_polling_lets_the_io_thread_run():
+    """Issue 12 item 2: the main thread's poll waits on the result queue (releasing the GIL), so a request
+    finishes within a few ticks; it never waits longer than one tick when nothing is ready."""
+    calls = CallQueue(poll_wait_s=0.004)
+    started = time.monotonic()
+    assert calls.poll() == 0 and time.monotonic() - started < 0.5
+    done = []
+    calls.submit(lambda: sum(range(10000)), done.append)
+    ticks = 0
+    while not done and ticks < 500:
+        calls.poll()
+        ticks += 1
+    assert done == [sum(range(10000))] and ticks < 50
+    calls.close()
+
+
+def test_every_propagation_setting_is_sent_when_the_client_takes_them():
+    from LiverSAMLib import ServerRequests
+    from LiverSAMLib.ServerClient import LiverSAMClient
+
+    settings = dict(ServerRequests.PROPAGATION_DEFAULTS, min_score=0.7, box_margin_mm=6.0)
+    sent = {}
+
+    class Client:
+        def start_propagation(self, session, segments, max_slices=None, intensity_refinement=True, settings=None):
+            sent.update(settings)
+
+        def old_start_propagation(self, session, segments, max_slices=None, intensity_refinement=True):
+            sent.update(max_slices=max_slices, intensity_refinement=intensity_refinement)
+
+    ServerRequests.call_with_settings(Client().start_propagation, "s", [], settings=settings)
+    assert sent == settings
+    assert ServerRequests.unsupported_settings(LiverSAMClient.start_propagation, settings) == []
+    assert ServerRequests.unsupported_settings(LiverSAMClient.start_repropagation, settings) == []
+    # An older client: only the two it takes are sent, and the others are named for the user.
+    sent.clear()
+    ServerRequests.call_with_settings(Client().old_start_propagation, "s", [], settings=settings)
+    assert sent == {"max_slices": None, "intensity_refinement": True}
+    assert ServerRequests.unsupported_settings(Client.old_start_propagation, settings) == ["min_score", "box_margin_mm"]
