@@ -14,7 +14,7 @@ import sys
 from . import __version__
 from .errors import LiverSAMError
 
-COMMAND_MODULES = ("segment", "evaluate", "train", "export", "benchmark", "serve")
+COMMAND_MODULES = ("segment", "evaluate", "train", "export", "benchmark", "serve", "web")
 
 
 def build_parser() -> argparse.ArgumentParser:

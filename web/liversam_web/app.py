@@ -341,6 +341,7 @@ class LiverSAMWebApp:
             self.state.busy_text = text
             if text:
                 self.state.status = text
+                self.state.error = ""
 
     # ================================================================== view state
     def _on_mode_change(self, mode: str, **_kwargs) -> None:

@@ -16,6 +16,7 @@ from slicer import (
     vtkMRMLMarkupsROINode,
     vtkMRMLScalarVolumeNode,
     vtkMRMLSegmentationNode,
+    vtkMRMLSegmentationStorageNode,
     vtkMRMLSliceNode,
     vtkMRMLVolumeArchetypeStorageNode,
     vtkOrientedImageData,
@@ -246,9 +247,11 @@ class SceneContent:
 
     # --- export ----------------------------------------------------------------------------------------
     def write_segmentation(self, path: Path) -> None:
-        """Slicer's .seg.nrrd (both segments, overlapping allowed)."""
-        self.app.io_manager.write_segmentation(self.segmentation, path)
-        if not path.is_file():
+        """Slicer's .seg.nrrd (both segments, overlapping allowed: one layer each), as Slicer's Save writes it."""
+        storage = vtkMRMLSegmentationStorageNode()
+        storage.SetFileName(str(path))
+        storage.SetUseCompression(True)
+        if not storage.WriteData(self.segmentation) or not path.is_file():
             raise OSError(f"the segmentation could not be written to {path}")
 
     def write_labelmap(self, labels_kji: np.ndarray, path: Path) -> None:
