@@ -37,6 +37,8 @@ logger = logging.getLogger("liversam_web")
 WINDOW_PRESETS = {"Abdomen": (400.0, 40.0), "Liver": (150.0, 60.0), "Bone": (1800.0, 400.0), "Lung": (1500.0, -600.0)}
 LAYOUT_ID = "Axial Primary"
 JOB_POLL_S = 0.25
+PREFETCH_DELAY_S = 0.4  # the user has settled on a slice
+PREFETCH_RADIUS = 2
 
 
 class LiverSAMWebApp:
@@ -367,6 +369,20 @@ class LiverSAMWebApp:
         if k != self.state.axial_k:
             with self.state:
                 self.state.axial_k = k
+            create_task(self._prefetch_later(k))
+
+    async def _prefetch_later(self, k: int) -> None:
+        """Once the user stays on slice k, let the server encode it and its neighbours in the background."""
+        await asyncio.sleep(PREFETCH_DELAY_S)
+        workflow = self.workflow
+        if workflow is None or self.state.job_running or self._current_k() != k:
+            return
+        if not 0 <= k < workflow.shape_kji[0]:
+            return
+        try:
+            await asyncio.to_thread(self.client.prefetch, workflow.session_id, k, PREFETCH_RADIUS)
+        except LiverSAMClientError as exc:  # only a speed-up: say nothing to the user
+            logger.info("prefetch around slice %d failed: %s", k, exc)
 
     def _on_probe(self, ras: np.ndarray) -> None:
         if self.content is None:
