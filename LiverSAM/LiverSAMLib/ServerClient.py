@@ -193,6 +193,13 @@ class LiverSAMClient:
             raise ServerError(exc.code, str(message), method, path) from None
         except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError) as exc:  # noqa: UP041 - 3.9
             reason = getattr(exc, "reason", exc)
+            if data and len(data) > 65536 and isinstance(reason, (ConnectionResetError, BrokenPipeError)) and auth:
+                # The server closed the connection during a large upload: it refused the request before
+                # reading it all. Find out whether the token is the reason.
+                self.info()
+                raise ServerUnavailable(
+                    f"the server at {self.base_url} closed the connection while {len(data)} bytes were sent to "
+                    f"{path}; the body may exceed its limits (see info()['limits'])") from None
             raise ServerUnavailable(f"LiverSAM server at {self.base_url} is not reachable: {reason}") from None
 
     # --- server ----------------------------------------------------------------------------------------

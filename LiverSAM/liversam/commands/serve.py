@@ -39,22 +39,26 @@ def add_parser(subparsers) -> None:
 
 
 def resolve_tokens(args: argparse.Namespace) -> tuple[list[str], Path | None]:
-    """(accepted tokens, token file written by us or None). Non-loopback hosts need an explicit token."""
+    """(accepted tokens, the token file to write the new random token to, or None).
+
+    ``--token`` values are accepted; an existing ``--token-file`` adds its tokens; a ``--token-file`` that does
+    not exist yet (or, with neither option, the default file) receives a new random token. A host other
+    than loopback needs an explicit token (``--token`` or an existing token file).
+    """
     from ..server.config import is_loopback, new_token, read_tokens
 
     tokens = list(args.token)
     token_file = Path(args.token_file).expanduser() if args.token_file else None
     if token_file is not None and token_file.exists():
-        tokens += read_tokens(token_file)
-        token_file = None
-    if tokens:
-        return tokens, None
-    if not is_loopback(args.host):
+        return tokens + read_tokens(token_file), None
+    if not is_loopback(args.host) and not tokens:
         raise LiverSAMError(
             f"liversam serve --host {args.host} is reachable from other machines: give an explicit token "
-            "(--token TOKEN, or --token-file FILE with one token a line) and share it with your users only."
+            "(--token TOKEN, or an existing --token-file FILE with one token a line) and share it with your users only."
         )
-    return [new_token()], token_file or _default_token_file()
+    if tokens and token_file is None:
+        return tokens, None
+    return [new_token(), *tokens], token_file or _default_token_file()
 
 
 def _default_token_file() -> Path:
@@ -64,9 +68,6 @@ def _default_token_file() -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from ..server.app import create_app
     from ..server.config import ServerConfig, write_token_file
 
     tokens, written = resolve_tokens(args)
@@ -78,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
     for root in config.data_roots:
         if not root.is_dir():
             raise LiverSAMError(f"--data-root '{root}' is not a folder.")
+    import uvicorn  # after the checks above: a wrong option fails at once
+
+    from ..server.app import create_app
+
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -92,7 +97,10 @@ def run(args: argparse.Namespace) -> int:
     host = f"[{args.host}]" if family == socket.AF_INET6 else args.host
     print(f"liversam serve: listening on http://{host}:{port}", flush=True)
     if written is not None:
-        print(f"liversam serve: token written to {written} (mode 0600)", flush=True)
+        if args.token_file:  # the caller asked for a file: the token stays out of logs
+            print(f"liversam serve: token written to {written} (mode 0600)", flush=True)
+        else:
+            print(f"liversam serve: token {tokens[0]} (also in {written}, mode 0600)", flush=True)
     app = create_app(config)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30,
                                            limit_concurrency=64))

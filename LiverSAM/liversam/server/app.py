@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -94,7 +95,14 @@ def create_app(config: ServerConfig, model_loader=None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        async def expire_idle_sessions() -> None:  # also when no request comes
+            while True:
+                await asyncio.sleep(min(60.0, config.idle_timeout_s / 2))
+                state.sessions.expire()
+
+        janitor = asyncio.create_task(expire_idle_sessions())
         yield
+        janitor.cancel()
         state.close()
 
     app = FastAPI(title="LiverSAM server", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -237,6 +245,15 @@ def _check_path(config: ServerConfig, text: str) -> Path:
     return path.resolve()
 
 
+def _rss_mb() -> float | None:
+    """Resident memory of this process now (Linux /proc), None elsewhere."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+
+
 def _voxels_in_file(path: Path) -> int | None:
     """The voxel count a CT file declares (header only), or None for folders / unreadable headers."""
     if not path.is_file():
@@ -290,6 +307,7 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
                             device=device or config.device, encoder_backend=backend, decoder_backend=decoder,
                             precision=precision, accelerate=config.accelerate, error=state.worker.model_error),
             sessions=len(state.sessions), jobs_queued=queued, jobs_running=running, worker=state.worker.state,
+            rss_mb=_rss_mb(),
             limits=Limits(max_sessions=config.max_sessions, max_voxels=config.max_voxels,
                           idle_timeout_s=config.idle_timeout_s, cache_mb_per_session=config.cache_mb,
                           max_json_bytes=config.max_json_bytes, max_volume_bytes=config.max_voxels * 4,

@@ -54,6 +54,7 @@ class Info(BaseModel):
     jobs_queued: int
     jobs_running: int
     worker: str
+    rss_mb: float | None = Field(default=None, description="the server's resident memory now (Linux)")
     limits: Limits
 
 

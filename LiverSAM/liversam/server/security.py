@@ -16,6 +16,8 @@ from .config import API_PREFIX, ServerConfig
 
 OPEN_PATHS = {f"{API_PREFIX}/health"}
 BODY_METHODS = {"POST", "PUT", "PATCH"}
+DRAIN_BYTES = 64 * 1024 * 1024  # a refused request's body is read (and dropped) up to this much, so the
+# client hears the refusal instead of a connection reset in the middle of its upload
 VOLUME_PATH = re.compile(rf"^{API_PREFIX}/sessions/?$")
 MASK_PATH = re.compile(rf"^{API_PREFIX}/sessions/[^/]+/masks/[^/]+/?$")
 
@@ -59,6 +61,7 @@ class SecurityMiddleware:
             if owner is None:
                 detail = ("missing token: send 'Authorization: Bearer <token>' (the token liversam serve printed "
                           "or wrote to its token file)") if "authorization" not in headers else "invalid token"
+                await _drain(receive, headers)
                 await _send_error(send, 401, detail, {"www-authenticate": "Bearer"})
                 return
             scope.setdefault("state", {})["owner"] = owner
@@ -71,12 +74,14 @@ class SecurityMiddleware:
                 await _send_error(send, 400, f"invalid Content-Length header '{length}'")
                 return
             if declared is not None and declared > limit:
+                await _drain(receive, headers)
                 await _send_error(send, 413, f"request body of {declared} bytes is larger than this endpoint's "
                                              f"limit of {limit} bytes")
                 return
             has_body = declared != 0 if declared is not None else "transfer-encoding" in headers
             content_type = headers.get("content-type", "").split(";")[0].strip().lower()
             if has_body and content_type != expected:
+                await _drain(receive, headers)
                 await _send_error(send, 415, f"content type '{content_type or '(none)'}' is not accepted here; "
                                              f"send '{expected}'")
                 return
@@ -103,6 +108,24 @@ def _limited(receive, limit: int):
         return message
 
     return wrapped
+
+
+async def _drain(receive, headers: dict[str, str]) -> None:
+    """Read and drop a request body we refuse (up to :data:`DRAIN_BYTES`)."""
+    try:
+        declared = int(headers.get("content-length", "0"))
+    except ValueError:
+        return
+    if declared <= 0 and "transfer-encoding" not in headers:
+        return
+    received = 0
+    while received <= DRAIN_BYTES:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        received += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
 
 
 async def _send_error(send, status: int, detail: str, extra: dict[str, str] | None = None) -> None:
