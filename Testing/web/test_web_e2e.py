@@ -2,7 +2,7 @@
 
 A user's session in order: bad inputs first (each shows a message and changes nothing), then lits117: open
 it by path, a box dragged outside the image is refused, a box dragged around the liver on slice 33 gives
-that slice's mask, propagation runs with a progress bar, the labelmap downloaded from the page has a 3D liver
+that slice's mask, Cancel stops a propagation and changes nothing, propagation runs with a progress bar, a tumour box on slice 83 gives a lesion mask, the labelmap downloaded from the page has a 3D liver
 Dice >= 0.90 against examples/lits117/label.nii.gz (labels 1 + 2), the .seg.nrrd downloads, undo works.
 The page's voxel probe (i, j, k under the mouse) maps screen pixels to voxels, as a user reads it.
 """
@@ -23,6 +23,8 @@ CT = REPO / "examples/lits117/ct.nii.gz"
 LABEL = REPO / "examples/lits117/label.nii.gz"
 SCREENSHOT = Path(os.environ.get("LIVERSAM_WEB_SCREENSHOT", REPO / "docs/web_app.png"))
 SLICE_K = 33
+TUMOUR_K = 83
+TUMOUR_BOX = (56, 0, 115, 25)  # examples/lits117/prompts.json: (i0, j0, i1, j1) on slice 83
 PROPAGATION_TIMEOUT_MS = int(os.environ.get("LIVERSAM_WEB_JOB_TIMEOUT_S", "1200")) * 1000  # a loaded machine is slow
 
 
@@ -35,6 +37,17 @@ def read_nifti(path: Path) -> np.ndarray:
     dtype = {2: "u1", 4: "<i2", 8: "<i4", 16: "<f4", 256: "i1", 512: "<u2"}[datatype]
     ni, nj, nk = (int(d) for d in dims[1:4])
     return np.frombuffer(data[offset:], dtype=dtype, count=ni * nj * nk).reshape(nk, nj, ni)
+
+
+def save_small_png(png: bytes, path: Path, width: int = 1050) -> None:
+    """The page screenshot, scaled down and palettised (a small file for docs/)."""
+    import io
+
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    image = image.resize((width, round(image.height * width / image.width)), Image.LANCZOS)
+    image.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
 
 
 def dismiss_error(page) -> None:
@@ -182,6 +195,13 @@ def test_lits117_box_propagate_export(page, tmp_path):
     truth_area = int(liver[SLICE_K].sum())
     assert 0.85 * truth_area <= area <= 1.15 * truth_area, (area, truth_area)
 
+    # Cancel stops the job and changes nothing; then propagate for real
+    page.get_by_test_id("propagate").click()
+    page.get_by_test_id("cancel").click(timeout=30_000)
+    wait_status(page, r"Propagating the liver: cancelled; nothing changed", timeout=120_000)
+    assert page.get_by_test_id("review-row").count() == 0
+    assert page.get_by_test_id("undo").is_enabled()  # the box is still there to undo
+
     page.get_by_test_id("propagate").click()
     page.get_by_test_id("progress").wait_for(timeout=30_000)
     progress_texts = set()
@@ -195,11 +215,26 @@ def test_lits117_box_propagate_export(page, tmp_path):
     assert any(re.search(r"Propagating the liver: .*\d+/\d+", t) for t in progress_texts), progress_texts
     assert page.get_by_test_id("review-row").count() > 10
 
+    # a tumour: the lesion box of the demo prompts on slice 83, segmented inside the liver
+    tumour = label == 2
+    page.get_by_test_id("segment-tumor").click()
+    slice_field.fill(str(TUMOUR_K))
+    slice_field.press("Enter")
+    deadline = time.monotonic() + 20
+    while True:
+        screen = ScreenMap(page, view_box)
+        if screen.k == TUMOUR_K or time.monotonic() > deadline:
+            break
+    assert screen.k == TUMOUR_K
+    drag(page, screen.to_screen(*TUMOUR_BOX[:2]), screen.to_screen(*TUMOUR_BOX[2:]))
+    wait_status(page, rf"Tumor on slice {TUMOUR_K}: [1-9]\d* voxels", timeout=PROPAGATION_TIMEOUT_MS)
+
     page.get_by_test_id("mode-navigate").click()  # put the mouse away for a clean screenshot
     page.mouse.move(5, 5)
+    page.get_by_test_id("review-row").first.scroll_into_view_if_needed()
     page.wait_for_timeout(1500)
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT))
+    save_small_png(page.screenshot(), SCREENSHOT)
 
     with page.expect_download(timeout=60_000) as download:
         page.get_by_test_id("export-labelmap").click()
@@ -211,6 +246,10 @@ def test_lits117_box_propagate_export(page, tmp_path):
     dice = 2.0 * (predicted & liver).sum() / (predicted.sum() + liver.sum())
     print(f"web app lits117 one-box liver Dice {dice:.3f} (slice {SLICE_K} area {area} vs {truth_area})")
     assert dice >= 0.90
+    ours_tumour, true_tumour = ours[TUMOUR_K] == 2, tumour[TUMOUR_K]
+    tumour_dice = 2.0 * (ours_tumour & true_tumour).sum() / (ours_tumour.sum() + true_tumour.sum())
+    print(f"web app lits117 tumour Dice on slice {TUMOUR_K} (one box): {tumour_dice:.3f}")
+    assert tumour_dice >= 0.5
 
     with page.expect_download(timeout=60_000) as download:
         page.get_by_test_id("export-segnrrd").click()
@@ -228,6 +267,8 @@ def test_lits117_box_propagate_export(page, tmp_path):
         assert time.monotonic() < deadline, "the slice field did not follow the review row"
         time.sleep(0.2)
 
+    page.get_by_test_id("undo").click()
+    wait_status(page, rf"Undone: tumor box on slice {TUMOUR_K}", timeout=20_000)
     page.get_by_test_id("undo").click()
     wait_status(page, r"Undone: propagate liver", timeout=20_000)
 

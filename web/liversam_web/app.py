@@ -189,7 +189,7 @@ class LiverSAMWebApp:
                 html.Div("{{ review_segment }}: flagged slices first", classes="text-caption")
                 with html.Div(style="max-height: 220px; overflow-y: auto"), v3.VTable(density="compact"):
                     with html.Thead(), html.Tr():
-                        for title in ("k", "area mm²", "score", "source", "flags"):
+                        for title in ("k", "area mm²", "score", "flags"):
                             html.Th(title)
                     with html.Tbody():
                         with html.Tr(v_for="row in review_rows", key="row.k", style="cursor: pointer",
@@ -197,7 +197,6 @@ class LiverSAMWebApp:
                             html.Td("{{ row.k }}")
                             html.Td("{{ row.area }}")
                             html.Td("{{ row.score }}")
-                            html.Td("{{ row.source }}")
                             html.Td("{{ row.flags }}", classes="text-warning")
             with v3.VCard(title="Lesions", density="compact", v_if="lesion_rows.length"), v3.VCardText():
                 with v3.VTable(density="compact"):
@@ -569,7 +568,12 @@ class LiverSAMWebApp:
             with self.state:
                 self.state.progress = round(100.0 * done / total) if total else 0
                 stage = status.get("stage") or status["state"]
-                self.state.progress_text = f"{what}: {stage} {done}/{total}" if total else f"{what}: {stage}"
+                if status["state"] in ("done", "failed", "cancelled"):
+                    self.state.progress_text = f"{what}: {status['state']}"
+                elif total:
+                    self.state.progress_text = f"{what}: {stage} {done}/{total}"
+                else:
+                    self.state.progress_text = f"{what}: {stage}"
             if status["state"] in ("done", "failed", "cancelled"):
                 return status
             await asyncio.sleep(JOB_POLL_S)
@@ -595,7 +599,7 @@ class LiverSAMWebApp:
             self.state.review_rows = [
                 {"k": r["k"], "area": round(float(r.get("area_mm2", 0.0)), 1),
                  "score": "" if r.get("score") is None else round(float(r["score"]), 2),
-                 "source": r.get("source", ""), "flags": ", ".join(r.get("flags") or [])}
+                 "flags": ", ".join(r.get("flags") or [])}
                 for r in rows
             ]
             self.state.lesion_rows = [

@@ -218,6 +218,8 @@ class SceneContent:
                     display.SetSelectedColor(*SEGMENT_COLORS[segment])
                     display.SetHandlesInteractive(False)
                     display.SetFillOpacity(0.0)
+                    display.SetPropertiesLabelVisibility(False)
+                    display.SetPointLabelsVisibility(False)
                     self._markups.append(roi)
                 for points, node in ((slice_prompts.points, positive), (slice_prompts.negative_points, negative)):
                     for i, j in points:
@@ -231,6 +233,7 @@ class SceneContent:
         display.SetSelectedColor(*color)
         display.SetColor(*color)
         display.SetPointLabelsVisibility(False)
+        display.SetPropertiesLabelVisibility(False)
         display.SetGlyphScale(2.0)
         self._markups.append(node)
         return node
