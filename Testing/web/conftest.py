@@ -72,6 +72,7 @@ def web_app() -> Iterator[WebApp]:
         except OSError:
             time.sleep(0.3)
     yield WebApp(process, url[0], log)
+    (Path(os.environ.get("LIVERSAM_WEB_LOG", "/tmp/liversam-web-test.log"))).write_text("".join(log))
     process.terminate()
     try:
         process.wait(20)

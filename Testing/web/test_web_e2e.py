@@ -155,6 +155,13 @@ def test_bad_inputs_show_a_message_and_change_nothing(page, tmp_path):
     expect_error(page, r"does not exist")
     assert page.get_by_test_id("ct-name").inner_text().strip() == ""
 
+    upload = tmp_path / "upload.nrrd"
+    upload.write_text("NRRD0004\nnot really\n")
+    dismiss_error(page)
+    page.get_by_test_id("upload-file").locator("input[type=file]").set_input_files(str(upload))
+    expect_error(page, r"uploaded file 'upload\.nrrd'.*(not an image|could not be read)")
+    assert page.get_by_test_id("ct-name").inner_text().strip() == ""
+
 
 def test_lits117_box_propagate_export(page, tmp_path):
     label = read_nifti(LABEL)
@@ -198,7 +205,7 @@ def test_lits117_box_propagate_export(page, tmp_path):
     # Cancel stops the job and changes nothing; then propagate for real
     page.get_by_test_id("propagate").click()
     page.get_by_test_id("cancel").click(timeout=30_000)
-    wait_status(page, r"Propagating the liver: cancelled; nothing changed", timeout=120_000)
+    wait_status(page, r"Propagating the liver: cancelled; nothing changed", timeout=PROPAGATION_TIMEOUT_MS)
     assert page.get_by_test_id("review-row").count() == 0
     assert page.get_by_test_id("undo").is_enabled()  # the box is still there to undo
 

@@ -20,7 +20,7 @@ from trame.widgets import html
 from trame.widgets import vuetify3 as v3
 from trame_server.utils.asynchronous import create_task
 from trame_slicer import module as trame_slicer_module
-from trame_slicer.app.ui import FlexContainer, LoadVolumeUI
+from trame_slicer.app.ui import FlexContainer
 from trame_slicer.core import LayoutManager, SlicerApp
 from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.utils import write_client_files_to_dir
@@ -125,9 +125,16 @@ class LiverSAMWebApp:
                                   keyup_enter=self.ctrl.open_path)
                     v3.VBtn("Open", click=self.ctrl.open_path, disabled=("busy",), raw_attrs=['data-testid="open-path"'])
                 with html.Div(classes="d-flex align-center ga-2 mt-2"):
-                    html.Span("Upload a file or a DICOM folder:", classes="text-caption")
-                    upload = LoadVolumeUI()
-                    upload.on_load_volume.connect(self._on_upload)
+                    html.Span("Upload:", classes="text-caption")
+                    upload = self.server.trigger_name(self._on_upload)
+                    for label, folder in (("a CT file", False), ("a DICOM folder", True)):
+                        v3.VFileInput(
+                            label=label, density="compact", hide_details=True, multiple=not folder,
+                            prepend_icon="mdi-folder-upload" if folder else "mdi-file-upload",
+                            disabled=("busy",), change=f"trigger('{upload}', [$event.target.files])",
+                            raw_attrs=(['webkitdirectory', 'data-testid="upload-folder"'] if folder
+                                       else ['data-testid="upload-file"']),
+                        )
             # ---- view
             with v3.VCard(title="2. View", density="compact", v_if="has_ct"), v3.VCardText():
                 with html.Div(classes="d-flex flex-wrap ga-1"):
