@@ -91,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     sys.argv = sys.argv[:1]  # trame parses the command line too
-    print(f"LiverSAM web app: http://{args.host}:{port}/  ({label})", flush=True)
+
+    def announce(**_kwargs) -> None:  # once the page can be opened
+        print(f"LiverSAM web app: http://{args.host}:{port}/  ({label})", flush=True)
+
+    app.ctrl.on_server_ready.add(announce)
     try:
         app.server.start(host=args.host, port=port, open_browser=False, show_connection_info=False, timeout=0)
     finally:

@@ -553,6 +553,7 @@ class LiverSAMWebApp:
                                "error": "", "status": f"{what} ..."})
         try:
             status = await self._poll_job(workflow, job, what)
+            logger.info("job %s (%s) ended: %s", job, what, status["state"])
             if status["state"] == "done":
                 result = await asyncio.to_thread(workflow.apply_result, job, segment)
                 if workflow is self.workflow:
@@ -586,9 +587,11 @@ class LiverSAMWebApp:
             await asyncio.sleep(JOB_POLL_S)
 
     async def cancel_job(self, *_args) -> None:
+        logger.info("cancel asked for job %s", self.job_id)
         if self.job_id and self.workflow is not None:
             try:
-                await asyncio.to_thread(self.workflow.cancel, self.job_id)
+                status = await asyncio.to_thread(self.workflow.cancel, self.job_id)
+                logger.info("job %s after cancel: %s", self.job_id, status.get("state"))
             except LiverSAMClientError as exc:
                 self._error(f"Cancel failed: {_client_message(exc)}")
 
