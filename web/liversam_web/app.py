@@ -59,6 +59,7 @@ class LiverSAMWebApp:
         self.workflow: Workflow | None = None
         self.job_id: str | None = None
         self._job_segment = ""
+        self._cancel_requested = False
         self._predict_lock = asyncio.Lock()
         self._prompting: SlicePrompting | None = None
         self._axial_observer: tuple[Any, int] | None = None
@@ -250,7 +251,10 @@ class LiverSAMWebApp:
             self.state.status = message
 
     # ================================================================== open a CT
-    async def open_path(self, *_args) -> None:
+    def open_path(self, *_args) -> None:
+        create_task(self._open_path())
+
+    async def _open_path(self) -> None:
         path = str(self.state.ct_path or "").strip()
         try:
             files = list_input_files(path)
@@ -267,7 +271,7 @@ class LiverSAMWebApp:
         written = write_client_files_to_dir(files, folder)
         names = [Path(f).name for f in written]
         what = f"The uploaded file '{names[0]}'" if len(names) == 1 else f"The uploaded folder ({len(names)} files)"
-        await self._open_files(written, what, names[0] if len(names) == 1 else f"{len(names)} DICOM files")
+        create_task(self._open_files(written, what, names[0] if len(names) == 1 else f"{len(names)} DICOM files"))
 
     async def _open_files(self, files: list[str], what: str, display_name: str) -> None:
         if self.state.busy or self.state.job_running:
@@ -522,16 +526,29 @@ class LiverSAMWebApp:
             self.state.undo_label = workflow.undo_label() if workflow else ""
 
     # ================================================================== propagation jobs
-    async def propagate(self, *_args) -> None:
-        await self._run_job(self.state.segment, repropagate_k=None)
+    # A trigger that awaits a whole job would hold back the page's next events (Cancel included): the job
+    # runs as a task of its own and the trigger returns at once.
+    def propagate(self, *_args) -> None:
+        create_task(self._run_job(self.state.segment, repropagate_k=None))
 
-    async def repropagate(self, *_args) -> None:
-        await self._run_job(self.state.segment, repropagate_k=self._current_k())
+    def repropagate(self, *_args) -> None:
+        create_task(self._run_job(self.state.segment, repropagate_k=self._current_k()))
 
     async def _run_job(self, segment: str, repropagate_k: int | None) -> None:
         workflow = self.workflow
         if workflow is None or self.state.job_running:
             return
+        self._cancel_requested = False
+        with self.state:
+            self.state.job_running = True  # at once: a second click does not start a second job
+        try:
+            await self._start_and_follow_job(workflow, segment, repropagate_k)
+        finally:
+            self.job_id = None
+            with self.state:
+                self.state.job_running = False
+
+    async def _start_and_follow_job(self, workflow: Workflow, segment: str, repropagate_k: int | None) -> None:
         async with self._predict_lock:  # the last live update goes first
             pass
         try:
@@ -548,9 +565,10 @@ class LiverSAMWebApp:
             self._error(f"The server could not start the job: {_client_message(exc)}")
             return
         self.job_id, self._job_segment = job, segment
+        if self._cancel_requested:
+            await self.cancel_job()
         with self.state:
-            self.state.update({"job_running": True, "progress": 0, "progress_text": f"{what} ...",
-                               "error": "", "status": f"{what} ..."})
+            self.state.update({"progress": 0, "progress_text": f"{what} ...", "error": "", "status": f"{what} ..."})
         try:
             status = await self._poll_job(workflow, job, what)
             logger.info("job %s (%s) ended: %s", job, what, status["state"])
@@ -564,10 +582,6 @@ class LiverSAMWebApp:
                 self._error(f"{what} failed on the server: {status.get('error') or status['state']}. Nothing changed.")
         except LiverSAMClientError as exc:
             self._error(f"{what} failed: {_client_message(exc)}. Nothing changed.")
-        finally:
-            self.job_id = None
-            with self.state:
-                self.state.job_running = False
 
     async def _poll_job(self, workflow: Workflow, job: str, what: str) -> dict:
         while True:
@@ -588,6 +602,9 @@ class LiverSAMWebApp:
 
     async def cancel_job(self, *_args) -> None:
         logger.info("cancel asked for job %s", self.job_id)
+        if self.state.job_running and not self.job_id:
+            self._cancel_requested = True  # the job is being started: cancel it as soon as it has an id
+            return
         if self.job_id and self.workflow is not None:
             try:
                 status = await asyncio.to_thread(self.workflow.cancel, self.job_id)
