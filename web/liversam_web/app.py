@@ -149,8 +149,9 @@ class LiverSAMWebApp:
                 with html.Div(classes="d-flex align-center ga-2 mt-1"):
                     v3.VTextField(v_model_number=("axial_k",), type="number", label="Axial slice k",
                                   density="compact", hide_details=True, style="max-width: 140px",
-                                  raw_attrs=['data-testid="axial-k"'], change=self.ctrl.go_to_slice,
-                                  keyup_enter=self.ctrl.go_to_slice)
+                                  raw_attrs=['data-testid="axial-k"'],
+                                  change=(self.ctrl.go_to_slice, "[$event.target.value]"),
+                                  keyup_enter=(self.ctrl.go_to_slice, "[$event.target.value]"))
                     html.Span("of {{ n_slices }} (mouse wheel scrolls)", classes="text-caption")
                 html.Div("{{ probe }}", classes="text-caption mt-1", raw_attrs=['data-testid="probe"'],
                          style="min-height: 1.2em; font-family: monospace")
@@ -408,11 +409,12 @@ class LiverSAMWebApp:
             with self.state:
                 self.state.probe = text
 
-    def go_to_slice(self, *_args) -> None:
+    def go_to_slice(self, value: Any = None, *_args) -> None:
+        """Jump to the typed slice (the value comes with the event: the field's state may not be synced yet)."""
         if self.content is None:
             return
         try:
-            k = int(self.state.axial_k)
+            k = int(float(value if value is not None else self.state.axial_k))
         except (TypeError, ValueError):
             self._error("The slice number must be a whole number.")
             return
