@@ -36,4 +36,37 @@ path = bundled_litemedsam_path()
 assert file_sha256(path) == LITEMEDSAM_SHA256, f"bundled LiteMedSAM weights at {path} fail the SHA-256 check"
 print(f"[setup] ok: liversam {liversam.__version__}, torch {torch.__version__}, LiteMedSAM weights verified ({path})")
 PY
+# --- the web app (`liversam web`): trame-slicer needs slicer-core 5.11, so it gets an environment of its own.
+# Its browser tests need Debian's chromium and EGL + Mesa (software OpenGL); installed here when running as root.
+WEB_VENV="${LIVERSAM_WEB_VENV:-$HOME/.cache/liversam/web-venv}"
+if [ "${LIVERSAM_SKIP_WEB:-0}" != "1" ]; then
+  missing=""
+  for pkg in chromium libegl1 libegl-mesa0 libgl1-mesa-dri; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"
+  done
+  if [ -n "$missing" ]; then
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
+      echo "[setup] installing Debian packages for the web app:$missing"
+      apt-get update -qq
+      # shellcheck disable=SC2086
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+    else
+      echo "[setup] warning: the web app needs Debian packages:$missing (run this script as root, or install them)"
+    fi
+  fi
+  if [ ! -x "$WEB_VENV/bin/python" ]; then
+    echo "[setup] creating the web app's environment $WEB_VENV"
+    "$PYTHON" -m venv "$WEB_VENV"
+    "$WEB_VENV/bin/python" -m pip install --quiet --upgrade pip
+  fi
+  web_stamp="$WEB_VENV/.liversam-web-stamp"
+  web_want="$(sha256sum web/requirements.txt | cut -d' ' -f1)"
+  if [ -f "$web_stamp" ] && [ "$(cat "$web_stamp")" = "$web_want" ] && "$WEB_VENV/bin/python" -c "import trame_slicer, slicer, playwright, pytest" 2>/dev/null; then
+    echo "[setup] $WEB_VENV (web app) is up to date"
+  else
+    echo "[setup] installing the web app (trame-slicer, slicer-core 5.11, Playwright) into $WEB_VENV"
+    "$WEB_VENV/bin/python" -m pip install --quiet -r web/requirements.txt
+    echo "$web_want" > "$web_stamp"
+  fi
+fi
 echo "[setup] activate with: source $VENV/bin/activate   (then: liversam --help)"

@@ -20,7 +20,7 @@ from . import __version__
 from .errors import Cancelled, LiverSAMError
 from .progress import configure as configure_progress
 
-COMMAND_MODULES = ("segment", "evaluate", "train", "export", "benchmark", "serve")
+COMMAND_MODULES = ("segment", "evaluate", "train", "export", "benchmark", "serve", "web")
 QUIET_HELP = "no progress display and only warnings and errors in the log (results are still printed)"
 
 EXIT_OK = 0

@@ -1,0 +1,159 @@
+"""The web app's workflow (prompts, undo, tumour inside liver, job specs) with a stand-in client, and its MRML
+side on slicer-core 5.11 (a non-CT file is refused and leaves the scene as it was; masks survive the
+segmentation node; the labelmap export keeps the CT's grid)."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from liversam_web.workflow import LIVER_CONTAINER, Workflow
+
+REPO = Path(__file__).resolve().parents[2]
+SHAPE = (6, 20, 30)
+
+
+class RecordingClient:
+    """Answers like LiverSAMClient: a slice mask that fills each box; records every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def predict_slice(self, session, k, boxes_ij=(), points_ij=(), negative_points_ij=()):
+        self.calls.append(("predict", k, list(boxes_ij), list(points_ij), list(negative_points_ij)))
+        mask = np.zeros(SHAPE[1:], dtype=bool)
+        for i0, j0, i1, j1 in boxes_ij:
+            mask[int(j0):int(j1) + 1, int(i0):int(i1) + 1] = True
+        return mask, 0.9
+
+    def upload_mask(self, session, name, mask):
+        self.calls.append(("upload", name, mask.copy()))
+
+    def start_propagation(self, session, segments, **_kwargs):
+        self.calls.append(("propagate", segments))
+        return "job-1"
+
+    def start_repropagation(self, session, segment, fix_slices, existing=None, container=None, **_kwargs):
+        self.calls.append(("repropagate", segment, fix_slices, existing, container))
+        return "job-2"
+
+
+def test_liver_box_undo_and_tumour_inside_the_liver():
+    client = RecordingClient()
+    workflow = Workflow(client, "s", SHAPE)
+    workflow.push_undo("liver box")
+    workflow.add_box("liver", 2, (5.0, 4.0, 20.0, 15.0))
+    workflow.predict_slice("liver", 2)
+    assert workflow.masks["liver"][2].sum() == 16 * 12
+    workflow.push_undo("liver box again")
+    workflow.add_box("liver", 2, (6.0, 4.0, 20.0, 15.0))  # a liver has one box per slice: replaced
+    assert workflow.prompts["liver"][2].boxes == [(6.0, 4.0, 20.0, 15.0)]
+    workflow.predict_slice("liver", 2)
+    # two tumour boxes on one slice are two lesions, each predicted on its own, kept inside the liver
+    workflow.push_undo("tumour boxes")
+    workflow.add_box("tumor", 2, (0.0, 0.0, 8.0, 8.0))
+    workflow.add_box("tumor", 2, (18.0, 10.0, 25.0, 18.0))
+    tumour = workflow.predict_slice("tumor", 2)
+    assert [c[2] for c in client.calls[-2:]] == [[(0.0, 0.0, 8.0, 8.0)], [(18.0, 10.0, 25.0, 18.0)]]
+    assert not (tumour & ~workflow.masks["liver"][2]).any()
+    assert tumour.sum() == 3 * 5 + 3 * 6  # the parts of both boxes inside the liver box (6..20, 4..15)
+    assert workflow.undo() == "tumour boxes"
+    assert not workflow.masks["tumor"].any() and workflow.prompts["tumor"] == {}
+    assert workflow.undo() == "liver box again"
+    assert workflow.prompts["liver"][2].boxes == [(5.0, 4.0, 20.0, 15.0)]
+    assert workflow.masks["liver"][2].sum() == 16 * 12
+
+
+def test_propagation_specs_use_ijk_and_the_liver_as_container():
+    client = RecordingClient()
+    workflow = Workflow(client, "s", SHAPE)
+    with pytest.raises(ValueError, match="no box or point"):
+        workflow.start_propagation("liver")
+    workflow.add_box("liver", 3, (1.0, 2.0, 10.0, 12.0))
+    workflow.add_point("liver", 3, (4.0, 5.0), positive=False)
+    workflow.start_propagation("liver")
+    (spec,) = client.calls[-1][1]
+    assert spec["name"] == "liver" and spec["boxes"] == [[[1.0, 2.0, 3.0], [10.0, 12.0, 3.0]]]
+    assert spec["negative_points"] == [[4.0, 5.0, 3.0]] and "inside" not in spec
+    workflow.masks["liver"][3, 2:12, 1:10] = True
+    workflow.add_box("tumor", 3, (2.0, 3.0, 6.0, 7.0))
+    workflow.start_propagation("tumor")
+    upload = [c for c in client.calls if c[0] == "upload"][-1]
+    assert upload[1] == LIVER_CONTAINER and upload[2].sum() == workflow.masks["liver"].sum()
+    assert client.calls[-1][1][0]["inside"] == LIVER_CONTAINER
+    with pytest.raises(ValueError, match="propagate the liver first"):
+        workflow.start_repropagation("liver", 3)
+    workflow.propagated.add("liver")
+    workflow.start_repropagation("liver", 3)
+    assert client.calls[-1][2:] == ([3], "liver_current", None)
+
+
+def _write_nifti(path: Path, array: np.ndarray) -> None:
+    """A minimal NIfTI-1 file (int16, 1 mm, identity sform) for the reader tests."""
+    header = np.zeros(348, dtype=np.uint8).tobytes()
+    h = bytearray(header)
+    nk, nj, ni = array.shape
+    h[0:4] = np.int32(348).tobytes()
+    h[40:56] = np.array([3, ni, nj, nk, 1, 1, 1, 1], dtype="<i2").tobytes()
+    h[70:72] = np.int16(4).tobytes()
+    h[72:74] = np.int16(16).tobytes()
+    h[76:108] = np.array([1, 1, 1, 1, 1, 1, 1, 1], dtype="<f4").tobytes()
+    h[108:112] = np.float32(352).tobytes()
+    h[112:116] = np.float32(1).tobytes()
+    h[254:256] = np.int16(1).tobytes()
+    h[280:328] = np.array([[-1, 0, 0, 0], [0, -1, 0, 0], [0, 0, 1, 0]], dtype="<f4").tobytes()
+    h[344:348] = b"n+1\x00"
+    path.write_bytes(gzip.compress(bytes(h) + b"\x00" * 4 + array.astype("<i2").tobytes()))
+
+
+@pytest.fixture(scope="module")
+def slicer_app():
+    from trame_slicer.core import SlicerApp
+
+    return SlicerApp()
+
+
+def test_a_mask_file_is_not_a_ct_and_leaves_the_scene_unchanged(slicer_app, tmp_path):
+    from liversam_web.mrml_scene import InputError, load_ct
+
+    mask = np.zeros((5, 16, 16), dtype=np.int16)
+    mask[2, 4:8, 4:8] = 1
+    path = tmp_path / "mask.nii.gz"
+    _write_nifti(path, mask)
+    before = slicer_app.scene.GetNumberOfNodes()
+    with pytest.raises(InputError, match="does not look like a CT"):
+        load_ct(slicer_app, [str(path)], "'mask.nii.gz'")
+    assert slicer_app.scene.GetNumberOfNodes() == before
+
+
+def test_segments_overlap_and_labelmap_keeps_the_grid(slicer_app, tmp_path):
+    from liversam_web.mrml_scene import SceneContent, load_ct
+
+    ct = np.full((6, 20, 30), -1000, dtype=np.int16)
+    ct[1:5, 4:16, 5:25] = 60
+    path = tmp_path / "ct.nii.gz"
+    _write_nifti(path, ct)
+    volume = load_ct(slicer_app, [str(path)], "'ct.nii.gz'")
+    content = SceneContent(slicer_app, volume)
+    assert content.shape_kji == ct.shape and (content.array == ct).all()
+    liver = ct > 0
+    tumour = np.zeros_like(liver)
+    tumour[2:4, 6:9, 8:12] = True
+    content.show_mask("liver", liver)
+    content.show_mask("tumor", tumour)
+    assert (content.segment_mask("liver") == liver).all()  # the tumour did not erase liver voxels
+    assert (content.segment_mask("tumor") == tumour).all()
+    labels = liver.astype(np.uint8)
+    labels[tumour] = 2
+    out = tmp_path / "labels.nii.gz"
+    content.write_labelmap(labels, out)
+    data = gzip.decompress(out.read_bytes())
+    offset = int(np.frombuffer(data[108:112], dtype="<f4")[0])
+    assert (np.frombuffer(data[offset:], dtype=np.uint8).reshape(ct.shape) == labels).all()
+    seg = tmp_path / "case.seg.nrrd"
+    content.write_segmentation(seg)
+    assert "Segment1_Name:=tumor" in seg.read_bytes()[:4000].decode("latin-1")
+    content.remove()

@@ -1,0 +1,677 @@
+"""The LiverSAM web page: trame-slicer views (axial, coronal, sagittal, 3D) + LiverSAM's workflow panel.
+
+Every segmentation call goes to ``liversam serve`` through ``LiverSAMLib.ServerClient`` (run in a worker
+thread so the page stays live); MRML (views, segments, markups) is touched on trame's event loop only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from trame.app import get_server
+from trame.ui.vuetify3 import VAppLayout
+from trame.widgets import html
+from trame.widgets import vuetify3 as v3
+from trame_server.utils.asynchronous import create_task
+from trame_slicer import module as trame_slicer_module
+from trame_slicer.app.ui import FlexContainer
+from trame_slicer.core import LayoutManager, SlicerApp
+from trame_slicer.rca_view import register_rca_factories
+from trame_slicer.utils import write_client_files_to_dir
+from vtkmodules.vtkCommonCore import vtkCommand
+
+from .mrml_scene import InputError, SceneContent, list_input_files, load_ct
+from .server_client import LiverSAMClient, LiverSAMClientError, ServerRequestError
+from .slice_prompting import SlicePrompting
+from .volume_geometry import PromptOutsideVolume, box_on_slice, point_on_volume, ras_to_ijk, server_geometry
+from .workflow import Workflow
+
+logger = logging.getLogger("liversam_web")
+
+WINDOW_PRESETS = {"Abdomen": (400.0, 40.0), "Liver": (150.0, 60.0), "Bone": (1800.0, 400.0), "Lung": (1500.0, -600.0)}
+LAYOUT_ID = "Axial Primary"
+JOB_POLL_S = 0.25
+PREFETCH_DELAY_S = 0.4  # the user has settled on a slice
+PREFETCH_RADIUS = 2
+
+
+class LiverSAMWebApp:
+    """One page, one user: the CT, its server session and the workflow state live on this process."""
+
+    def __init__(self, client: LiverSAMClient, server=None, server_label: str = "") -> None:
+        self.client = client
+        self.server = server or get_server(client_type="vue3")
+        self.server.enable_module(trame_slicer_module)
+        self.state, self.ctrl = self.server.state, self.server.controller
+        self.slicer_app = SlicerApp()
+        register_rca_factories(self.slicer_app.view_manager, self.server)
+        self.layout_manager = LayoutManager(self.slicer_app.scene, self.slicer_app.view_manager, self.server)
+        self.layout_manager.register_layout_dict(LayoutManager.default_grid_configuration())
+        self.layout_manager.set_layout(LAYOUT_ID)
+
+        self.content: SceneContent | None = None
+        self.workflow: Workflow | None = None
+        self.job_id: str | None = None
+        self._job_segment = ""
+        self._cancel_requested = False
+        self._predict_lock = asyncio.Lock()
+        self._prompting: SlicePrompting | None = None
+        self._axial_observer: tuple[Any, int] | None = None
+        self._tmp = tempfile.TemporaryDirectory(prefix="liversam-web-")
+
+        self.state.update({
+            "trame__title": "LiverSAM",
+            "server_label": server_label,
+            "ct_path": "",
+            "ct_name": "",
+            "has_ct": False,
+            "busy": False,
+            "busy_text": "",
+            "error": "",
+            "status": "Open a CT: type its path on this machine, or upload a file or a DICOM folder.",
+            "segment": "liver",
+            "mode": "box",
+            "window": 400.0,
+            "level": 40.0,
+            "probe": "",
+            "axial_k": 0,
+            "n_slices": 0,
+            "job_running": False,
+            "progress": 0,
+            "progress_text": "",
+            "review_rows": [],
+            "review_segment": "",
+            "lesion_rows": [],
+            "can_undo": False,
+            "undo_label": "",
+            "propagated": [],
+        })
+        self.state.change("mode")(self._on_mode_change)
+        self.state.change("window", "level")(self._on_window_change)
+        self._build_ui()
+
+    # ================================================================== UI
+    def _build_ui(self) -> None:
+        with VAppLayout(self.server, template_name="main") as self.ui:
+            self.ui.root.theme = "dark"
+            with v3.VAppBar(density="compact"):
+                v3.VToolbarTitle("LiverSAM")
+                html.Span("{{ ct_name }}", classes="text-body-2 mr-4", raw_attrs=['data-testid="ct-name"'])
+                v3.VSpacer()
+                html.Span("{{ server_label }}", classes="text-caption mr-4")
+            with v3.VNavigationDrawer(permanent=True, width=380, location="left"):
+                self._build_panel()
+            with v3.VMain(), FlexContainer(row=True, fill_height=True, style="height: calc(100vh - 48px);"):
+                self.layout_manager.initialize_layout_grid(self.ui)
+
+    def _build_panel(self) -> None:
+        with html.Div(classes="pa-3 d-flex flex-column ga-3"):
+            v3.VAlert(
+                v_if="error", type="error", density="compact", text=("error",), closable=True,
+                click_close="error = ''", raw_attrs=['data-testid="error"'],
+            )
+            v3.VAlert(v_if="status && !error", type="info", density="compact", variant="tonal",
+                      text=("status",), raw_attrs=['data-testid="status"'])
+            # ---- open a CT
+            with v3.VCard(title="1. Open a CT", density="compact"), v3.VCardText():
+                with html.Div(classes="d-flex align-center ga-2"):
+                    v3.VTextField(v_model=("ct_path",), label="Path on this machine (file or DICOM folder)",
+                                  density="compact", hide_details=True, raw_attrs=['data-testid="ct-path"'],
+                                  keyup_enter=self.ctrl.open_path)
+                    v3.VBtn("Open", click=self.ctrl.open_path, disabled=("busy",), raw_attrs=['data-testid="open-path"'])
+                with html.Div(classes="d-flex align-center ga-2 mt-2"):
+                    html.Span("Upload:", classes="text-caption")
+                    upload = self.server.trigger_name(self._on_upload)
+                    for label, folder in (("a CT file", False), ("a DICOM folder", True)):
+                        v3.VFileInput(
+                            label=label, density="compact", hide_details=True, multiple=not folder,
+                            prepend_icon="mdi-folder-upload" if folder else "mdi-file-upload",
+                            disabled=("busy",), change=f"trigger('{upload}', [$event.target.files])",
+                            raw_attrs=(['webkitdirectory', 'data-testid="upload-folder"'] if folder
+                                       else ['data-testid="upload-file"']),
+                        )
+            # ---- view
+            with v3.VCard(title="2. View", density="compact", v_if="has_ct"), v3.VCardText():
+                with html.Div(classes="d-flex flex-wrap ga-1"):
+                    for name, (width, level) in WINDOW_PRESETS.items():
+                        v3.VBtn(name, size="small", variant="tonal",
+                                click=f"window = {width}; level = {level}")
+                v3.VSlider(v_model=("window",), min=1, max=3000, step=1, label="Window", density="compact",
+                           hide_details=True, thumb_label=True)
+                v3.VSlider(v_model=("level",), min=-1000, max=1500, step=1, label="Level", density="compact",
+                           hide_details=True, thumb_label=True)
+                with html.Div(classes="d-flex align-center ga-2 mt-1"):
+                    v3.VTextField(v_model_number=("axial_k",), type="number", label="Axial slice k",
+                                  density="compact", hide_details=True, style="max-width: 140px",
+                                  raw_attrs=['data-testid="axial-k"'],
+                                  change=(self.ctrl.go_to_slice, "[$event.target.value]"),
+                                  keyup_enter=(self.ctrl.go_to_slice, "[$event.target.value]"))
+                    html.Span("of {{ n_slices }} (mouse wheel scrolls)", classes="text-caption")
+                html.Div("{{ probe }}", classes="text-caption mt-1", raw_attrs=['data-testid="probe"'],
+                         style="min-height: 1.2em; font-family: monospace")
+            # ---- prompts
+            with v3.VCard(title="3. Prompt in the axial view", density="compact", v_if="has_ct"), v3.VCardText():
+                with v3.VBtnToggle(v_model=("segment",), mandatory=True, density="compact", color="primary",
+                                   divided=True, classes="mb-2"):
+                    v3.VBtn("Liver", value="liver", raw_attrs=['data-testid="segment-liver"'])
+                    v3.VBtn("Tumour", value="tumor", raw_attrs=['data-testid="segment-tumor"'])
+                with v3.VBtnToggle(v_model=("mode",), mandatory=True, density="compact", color="secondary",
+                                   divided=True):
+                    v3.VBtn("Box", value="box", prepend_icon="mdi-vector-rectangle", raw_attrs=['data-testid="mode-box"'])
+                    v3.VBtn("+", value="point+", raw_attrs=['data-testid="mode-plus"'])
+                    v3.VBtn("-", value="point-", raw_attrs=['data-testid="mode-minus"'])
+                    v3.VBtn("Browse", value="navigate", raw_attrs=['data-testid="mode-navigate"'])
+                html.Div(
+                    "Box: press, drag and release on the organ (liver) or around one lesion (tumour). "
+                    "+ / -: click inside / outside. Browse: Slicer's window/level drag. Tumours are kept "
+                    "inside the liver.",
+                    classes="text-caption mt-2",
+                )
+                with html.Div(classes="d-flex flex-wrap ga-2 mt-2"):
+                    v3.VBtn("Clear this slice", size="small", click=self.ctrl.clear_slice, disabled=("busy",))
+                    v3.VBtn("Undo", size="small", prepend_icon="mdi-undo", click=self.ctrl.undo,
+                            disabled=("!can_undo || busy || job_running",), raw_attrs=['data-testid="undo"'])
+                html.Div("{{ can_undo ? 'Undo: ' + undo_label : '' }}", classes="text-caption")
+            # ---- propagation
+            with v3.VCard(title="4. Propagate through the volume", density="compact", v_if="has_ct"), \
+                    v3.VCardText():
+                with html.Div(classes="d-flex flex-wrap ga-2"):
+                    v3.VBtn("Propagate {{ segment === 'tumor' ? 'tumours' : 'liver' }}", color="primary",
+                            click=self.ctrl.propagate, disabled=("busy || job_running",), raw_attrs=['data-testid="propagate"'])
+                    v3.VBtn("Re-propagate from slice {{ axial_k }}", click=self.ctrl.repropagate,
+                            disabled=("busy || job_running || !propagated.includes(segment)",),
+                            raw_attrs=['data-testid="repropagate"'])
+                    v3.VBtn("Cancel", color="warning", click=self.ctrl.cancel_job, v_if="job_running",
+                            raw_attrs=['data-testid="cancel"'])
+                v3.VProgressLinear(v_if="job_running || progress > 0", model_value=("progress",), height=16,
+                                   color="primary", classes="mt-2", raw_attrs=['data-testid="progress"'])
+                html.Div("{{ progress_text }}", classes="text-caption", raw_attrs=['data-testid="progress-text"'])
+            # ---- review and lesions
+            with v3.VCard(title="5. Review (click a row: the views jump there)", density="compact",
+                          v_if="review_rows.length"), v3.VCardText():
+                html.Div("{{ review_segment }}: flagged slices first", classes="text-caption")
+                with html.Div(style="max-height: 220px; overflow-y: auto"), v3.VTable(density="compact"):
+                    with html.Thead(), html.Tr():
+                        for title in ("k", "area mm²", "score", "flags"):
+                            html.Th(title)
+                    with html.Tbody():
+                        with html.Tr(v_for="row in review_rows", key="row.k", style="cursor: pointer",
+                                     click=(self.ctrl.jump_to_slice, "[row.k]"), raw_attrs=['data-testid="review-row"']):
+                            html.Td("{{ row.k }}")
+                            html.Td("{{ row.area }}")
+                            html.Td("{{ row.score }}")
+                            html.Td("{{ row.flags }}", classes="text-warning")
+            with v3.VCard(title="Lesions", density="compact", v_if="lesion_rows.length"), v3.VCardText():
+                with v3.VTable(density="compact"):
+                    with html.Thead(), html.Tr():
+                        for title in ("#", "ml", "axial Ø mm", "slices"):
+                            html.Th(title)
+                    with html.Tbody():
+                        with html.Tr(v_for="row in lesion_rows", key="row.id", style="cursor: pointer",
+                                     click=(self.ctrl.jump_to_slice, "[row.centre_k]"), raw_attrs=['data-testid="lesion-row"']):
+                            html.Td("{{ row.id }}")
+                            html.Td("{{ row.ml }}")
+                            html.Td("{{ row.diameter }}")
+                            html.Td("{{ row.slices }}")
+            # ---- export
+            with v3.VCard(title="6. Export", density="compact", v_if="has_ct"), v3.VCardText(), \
+                    html.Div(classes="d-flex flex-wrap ga-2"):
+                for label, kind, name in ((".seg.nrrd", "segnrrd", "liversam.seg.nrrd"),
+                                          ("Labelmap .nii.gz", "labelmap", "liversam-labels.nii.gz")):
+                    v3.VBtn(
+                        label, size="small", prepend_icon="mdi-download", disabled=("busy",),
+                        raw_attrs=[f'data-testid="export-{kind}"'],
+                        click=(f"utils.download('{name}', trigger('{self.server.trigger_name(self.export)}', "
+                               f"['{kind}']), 'application/octet-stream')"),
+                    )
+                v3.VBtn("DICOM SEG", size="small", disabled=True, title="not available yet in the web app")
+        self.ctrl.open_path = self.open_path
+        self.ctrl.go_to_slice = self.go_to_slice
+        self.ctrl.clear_slice = self.clear_slice
+        self.ctrl.undo = self.undo
+        self.ctrl.propagate = self.propagate
+        self.ctrl.repropagate = self.repropagate
+        self.ctrl.cancel_job = self.cancel_job
+        self.ctrl.jump_to_slice = self.jump_to_slice
+
+    # ================================================================== messages
+    def _error(self, message: str) -> None:
+        logger.info("user error: %s", message)
+        with self.state:
+            self.state.error = message
+
+    def _status(self, message: str) -> None:
+        with self.state:
+            self.state.error = ""
+            self.state.status = message
+
+    # ================================================================== open a CT
+    def open_path(self, *_args) -> None:
+        create_task(self._open_path())
+
+    async def _open_path(self) -> None:
+        path = str(self.state.ct_path or "").strip()
+        try:
+            files = list_input_files(path)
+        except InputError as exc:
+            self._error(str(exc))
+            return
+        what = f"'{path}'" if len(files) == 1 else f"The folder '{path}'"
+        await self._open_files(files, what, Path(path).name)
+
+    async def _on_upload(self, files: list[dict]) -> None:
+        if not files:
+            return
+        folder = Path(tempfile.mkdtemp(dir=self._tmp.name))
+        written = write_client_files_to_dir(files, folder)
+        names = [Path(f).name for f in written]
+        what = f"The uploaded file '{names[0]}'" if len(names) == 1 else f"The uploaded folder ({len(names)} files)"
+        create_task(self._open_files(written, what, names[0] if len(names) == 1 else f"{len(names)} DICOM files"))
+
+    async def _open_files(self, files: list[str], what: str, display_name: str) -> None:
+        if self.state.busy or self.state.job_running:
+            self._error("Wait for the current step to finish (or cancel the propagation) before opening a CT.")
+            return
+        self._set_busy(f"Opening {display_name} ...")
+        new_content: SceneContent | None = None
+        try:
+            volume = load_ct(self.slicer_app, files, what)
+            new_content = SceneContent(self.slicer_app, volume)
+            geometry = server_geometry(new_content.ijk_to_ras)
+            array = new_content.array
+            info = await asyncio.to_thread(
+                self.client.open_volume, array, geometry.spacing, geometry.origin_lps, geometry.direction_lps
+            )
+        except InputError as exc:
+            self._error(str(exc))
+            self._set_busy("")
+            return
+        except (LiverSAMClientError, ValueError) as exc:
+            if new_content is not None:
+                new_content.remove()
+            self._error(f"{what} was read, but the LiverSAM server refused it: {_client_message(exc)}")
+            self._set_busy("")
+            return
+        old_content, old_workflow = self.content, self.workflow
+        self.content = new_content
+        self.workflow = Workflow(self.client, info["session_id"], tuple(info["shape_kji"]))
+        if old_workflow is not None:
+            create_task(asyncio.to_thread(old_workflow.close))
+        if old_content is not None:
+            old_content.remove()
+        self._show_new_case(display_name)
+        self._set_busy("")
+
+    def _show_new_case(self, display_name: str) -> None:
+        assert self.content is not None
+        content = self.content
+        for view in self.slicer_app.view_manager.get_slice_views():
+            view.set_background_volume_id(content.volume.GetID())
+            view.set_visible_in_3d(True)
+            view.fit_view_to_content()
+        for view in self.slicer_app.view_manager.get_threed_views():
+            view.reset_view()
+        content.set_window(400.0, 40.0)
+        self._attach_prompting()
+        nk = content.shape_kji[0]
+        self._jump(nk // 2)
+        with self.state:
+            self.state.update({
+                "has_ct": True, "ct_name": display_name, "n_slices": nk, "window": 400.0, "level": 40.0,
+                "review_rows": [], "lesion_rows": [], "progress": 0, "progress_text": "", "propagated": [],
+                "error": "",
+                "status": (f"Opened {display_name} ({content.shape_kji[2]} x {content.shape_kji[1]} x {nk}). "
+                           "Drag a box around the liver in the axial (red) view."),
+            })
+        self._sync_undo()
+
+    def _attach_prompting(self) -> None:
+        axial = self._axial_view()
+        if axial is None:
+            return
+        if self._prompting is None:
+            self._prompting = SlicePrompting(axial, self._on_box, self._on_point, self._on_probe)
+            self._prompting.set_mode(self.state.mode)
+        if self._axial_observer is None:
+            node = axial.get_view_node()
+            self._axial_observer = (node, node.AddObserver(vtkCommand.ModifiedEvent, self._on_axial_moved))
+
+    def _axial_view(self):
+        for view in self.slicer_app.view_manager.get_slice_views():
+            if view.get_orientation() == "Axial":
+                return view
+        return None
+
+    def _set_busy(self, text: str) -> None:
+        with self.state:
+            self.state.busy = bool(text)
+            self.state.busy_text = text
+            if text:
+                self.state.status = text
+                self.state.error = ""
+
+    # ================================================================== view state
+    def _on_mode_change(self, mode: str, **_kwargs) -> None:
+        if self._prompting is not None:
+            self._prompting.set_mode(mode)
+
+    def _on_window_change(self, window: float, level: float, **_kwargs) -> None:
+        if self.content is not None:
+            self.content.set_window(float(window), float(level))
+
+    def _current_k(self) -> int:
+        axial = self._axial_view()
+        if axial is None or self.content is None:
+            return 0
+        origin = axial.get_view_node().GetSliceToRAS()
+        ras = [origin.GetElement(r, 3) for r in range(3)]
+        return int(round(ras_to_ijk(self.content.ijk_to_ras, ras)[2]))
+
+    def _on_axial_moved(self, *_args) -> None:
+        if self.content is None:
+            return
+        k = self._current_k()
+        if k != self.state.axial_k:
+            with self.state:
+                self.state.axial_k = k
+            create_task(self._prefetch_later(k))
+
+    async def _prefetch_later(self, k: int) -> None:
+        """Once the user stays on slice k, let the server encode it and its neighbours in the background."""
+        await asyncio.sleep(PREFETCH_DELAY_S)
+        workflow = self.workflow
+        if workflow is None or self.state.job_running or self._current_k() != k:
+            return
+        if not 0 <= k < workflow.shape_kji[0]:
+            return
+        try:
+            await asyncio.to_thread(self.client.prefetch, workflow.session_id, k, PREFETCH_RADIUS)
+        except LiverSAMClientError as exc:  # only a speed-up: say nothing to the user
+            logger.info("prefetch around slice %d failed: %s", k, exc)
+
+    def _on_probe(self, ras: np.ndarray) -> None:
+        if self.content is None:
+            return
+        i, j, k = np.round(ras_to_ijk(self.content.ijk_to_ras, ras)).astype(int)
+        nk, nj, ni = self.content.shape_kji
+        text = f"i {i}  j {j}  k {k}"
+        if 0 <= i < ni and 0 <= j < nj and 0 <= k < nk:
+            text += f"  {self.content.array[k, j, i]:g} HU"
+        else:
+            text += "  (outside the CT)"
+        if text != self.state.probe:
+            with self.state:
+                self.state.probe = text
+
+    def go_to_slice(self, value: Any = None, *_args) -> None:
+        """Jump to the typed slice (the value comes with the event: the field's state may not be synced yet)."""
+        if self.content is None:
+            return
+        try:
+            k = int(float(value if value is not None else self.state.axial_k))
+        except (TypeError, ValueError):
+            self._error("The slice number must be a whole number.")
+            return
+        self._jump(int(np.clip(k, 0, self.content.shape_kji[0] - 1)))
+
+    def jump_to_slice(self, k: int) -> None:
+        if self.content is not None:
+            self._jump(int(k))
+
+    def _jump(self, k: int) -> None:
+        assert self.content is not None
+        self.content.jump_to_slice(k)
+        with self.state:
+            self.state.axial_k = k
+
+    # ================================================================== prompts and live update
+    def _on_box(self, ras_a: np.ndarray, ras_b: np.ndarray) -> None:
+        if self.content is None or self.workflow is None:
+            return
+        try:
+            k, box = box_on_slice(self.content.ijk_to_ras, ras_a, ras_b, self.content.shape_kji)
+        except PromptOutsideVolume as exc:
+            self._error(f"Box ignored: {exc}.")
+            return
+        segment = self.state.segment
+        self.workflow.push_undo(f"{segment} box on slice {k}")
+        self.workflow.add_box(segment, k, box)
+        create_task(self._predict(segment, k))
+
+    def _on_point(self, ras: np.ndarray, positive: bool) -> None:
+        if self.content is None or self.workflow is None:
+            return
+        try:
+            k, point = point_on_volume(self.content.ijk_to_ras, ras, self.content.shape_kji)
+        except PromptOutsideVolume as exc:
+            self._error(f"Point ignored: {exc}.")
+            return
+        segment = self.state.segment
+        prompts = self.workflow.prompts[segment].get(k)
+        if segment == "tumor" and not (prompts and prompts.boxes):
+            self._error("Point ignored: a tumour point refines a lesion box; draw the box around the lesion first.")
+            return
+        self.workflow.push_undo(f"{'+' if positive else '-'} point on slice {k}")
+        self.workflow.add_point(segment, k, point, positive)
+        create_task(self._predict(segment, k))
+
+    async def _predict(self, segment: str, k: int) -> None:
+        workflow = self.workflow
+        assert workflow is not None and self.content is not None
+        self._refresh_prompts()
+        async with self._predict_lock:
+            if workflow is not self.workflow:
+                return
+            with self.state:
+                self.state.busy = True
+                self.state.status = f"Segmenting the {segment} on slice {k} ..."
+            started = time.monotonic()
+            try:
+                await asyncio.to_thread(workflow.predict_slice, segment, k)
+            except LiverSAMClientError as exc:
+                workflow.undo()
+                self._refresh_all()
+                self._error(f"The server could not segment slice {k}: {_client_message(exc)}")
+                return
+            finally:
+                with self.state:
+                    self.state.busy = False
+            if workflow is not self.workflow:
+                return
+            self.content.show_mask(segment, workflow.masks[segment])
+            area = int(workflow.masks[segment][k].sum())
+            self._status(f"{segment.capitalize()} on slice {k}: {area} voxels ({time.monotonic() - started:.1f} s). "
+                         "Add + / - points to correct it, or propagate.")
+            self._sync_undo()
+
+    def clear_slice(self, *_args) -> None:
+        if self.workflow is None or self.content is None:
+            return
+        k, segment = self._current_k(), self.state.segment
+        self.workflow.push_undo(f"clear {segment} on slice {k}")
+        self.workflow.clear_slice(segment, k)
+        self._refresh_all()
+        self._status(f"Cleared the {segment} prompts and mask on slice {k}.")
+
+    def undo(self, *_args) -> None:
+        if self.workflow is None:
+            return
+        label = self.workflow.undo()
+        if not label:
+            self._error("Nothing to undo.")
+            return
+        self._refresh_all()
+        self._status(f"Undone: {label}.")
+
+    def _refresh_prompts(self) -> None:
+        if self.content is not None and self.workflow is not None:
+            self.content.show_prompts(self.workflow.prompts)
+        self._sync_undo()
+
+    def _refresh_all(self) -> None:
+        if self.content is None or self.workflow is None:
+            return
+        for segment, mask in self.workflow.masks.items():
+            self.content.show_mask(segment, mask, surface=segment in self.workflow.propagated)
+        self._refresh_prompts()
+
+    def _sync_undo(self) -> None:
+        workflow = self.workflow
+        with self.state:
+            self.state.can_undo = bool(workflow and workflow.can_undo())
+            self.state.undo_label = workflow.undo_label() if workflow else ""
+
+    # ================================================================== propagation jobs
+    # A trigger that awaits a whole job would hold back the page's next events (Cancel included): the job
+    # runs as a task of its own and the trigger returns at once.
+    def propagate(self, *_args) -> None:
+        create_task(self._run_job(self.state.segment, repropagate_k=None))
+
+    def repropagate(self, *_args) -> None:
+        create_task(self._run_job(self.state.segment, repropagate_k=self._current_k()))
+
+    async def _run_job(self, segment: str, repropagate_k: int | None) -> None:
+        workflow = self.workflow
+        if workflow is None or self.state.job_running:
+            return
+        self._cancel_requested = False
+        with self.state:
+            self.state.job_running = True  # at once: a second click does not start a second job
+        try:
+            await self._start_and_follow_job(workflow, segment, repropagate_k)
+        finally:
+            self.job_id = None
+            with self.state:
+                self.state.job_running = False
+
+    async def _start_and_follow_job(self, workflow: Workflow, segment: str, repropagate_k: int | None) -> None:
+        async with self._predict_lock:  # the last live update goes first
+            pass
+        try:
+            if repropagate_k is None:
+                job = await asyncio.to_thread(workflow.start_propagation, segment)
+                what = f"Propagating the {segment}"
+            else:
+                job = await asyncio.to_thread(workflow.start_repropagation, segment, repropagate_k)
+                what = f"Re-propagating the {segment} from slice {repropagate_k}"
+        except ValueError as exc:
+            self._error(f"{exc}.")
+            return
+        except LiverSAMClientError as exc:
+            self._error(f"The server could not start the job: {_client_message(exc)}")
+            return
+        self.job_id, self._job_segment = job, segment
+        if self._cancel_requested:
+            await self.cancel_job()
+        with self.state:
+            self.state.update({"progress": 0, "progress_text": f"{what} ...", "error": "", "status": f"{what} ..."})
+        try:
+            status = await self._poll_job(workflow, job, what)
+            logger.info("job %s (%s) ended: %s", job, what, status["state"])
+            if status["state"] == "done":
+                result = await asyncio.to_thread(workflow.apply_result, job, segment)
+                if workflow is self.workflow:
+                    self._show_result(segment, result)
+            elif status["state"] == "cancelled":
+                self._status(f"{what}: cancelled; nothing changed.")
+            else:
+                self._error(f"{what} failed on the server: {status.get('error') or status['state']}. Nothing changed.")
+        except LiverSAMClientError as exc:
+            self._error(f"{what} failed: {_client_message(exc)}. Nothing changed.")
+
+    async def _poll_job(self, workflow: Workflow, job: str, what: str) -> dict:
+        while True:
+            status = await asyncio.to_thread(workflow.job_status, job)
+            done, total = int(status.get("done") or 0), int(status.get("total") or 0)
+            with self.state:
+                self.state.progress = round(100.0 * done / total) if total else 0
+                stage = status.get("stage") or status["state"]
+                if status["state"] in ("done", "failed", "cancelled"):
+                    self.state.progress_text = f"{what}: {status['state']}"
+                elif total:
+                    self.state.progress_text = f"{what}: {stage} {done}/{total}"
+                else:
+                    self.state.progress_text = f"{what}: {stage}"
+            if status["state"] in ("done", "failed", "cancelled"):
+                return status
+            await asyncio.sleep(JOB_POLL_S)
+
+    async def cancel_job(self, *_args) -> None:
+        logger.info("cancel asked for job %s", self.job_id)
+        if self.state.job_running and not self.job_id:
+            self._cancel_requested = True  # the job is being started: cancel it as soon as it has an id
+            return
+        if self.job_id and self.workflow is not None:
+            try:
+                status = await asyncio.to_thread(self.workflow.cancel, self.job_id)
+                logger.info("job %s after cancel: %s", self.job_id, status.get("state"))
+            except LiverSAMClientError as exc:
+                self._error(f"Cancel failed: {_client_message(exc)}")
+
+    def _show_result(self, segment: str, result: dict) -> None:
+        assert self.workflow is not None and self.content is not None
+        self.content.show_mask(segment, self.workflow.masks[segment], surface=True)
+        if segment == "tumor":
+            self.content.show_mask("tumor", self.workflow.masks["tumor"], surface=True)
+        report = self.workflow.review.get(segment, {})
+        rows = sorted(report.get("slices", []), key=lambda r: (not r.get("flags"), r["k"]))
+        lesions = self.workflow.lesions
+        voxels = int(self.workflow.masks[segment].sum())
+        with self.state:
+            self.state.review_segment = segment
+            self.state.review_rows = [
+                {"k": r["k"], "area": round(float(r.get("area_mm2", 0.0)), 1),
+                 "score": "" if r.get("score") is None else round(float(r["score"]), 2),
+                 "flags": ", ".join(r.get("flags") or [])}
+                for r in rows
+            ]
+            self.state.lesion_rows = [
+                {"id": lesion.get("lesion_id"), "ml": lesion.get("volume_ml"),
+                 "diameter": lesion.get("longest_axial_diameter_mm"),
+                 "slices": f"{lesion.get('slice_first')}-{lesion.get('slice_last')}",
+                 "centre_k": (int(lesion.get("slice_first", 0)) + int(lesion.get("slice_last", 0))) // 2}
+                for lesion in lesions
+            ]
+            self.state.propagated = sorted(self.workflow.propagated)
+            self.state.progress = 100
+            flagged = len(report.get("flagged_slices", []))
+            self.state.status = (f"{segment.capitalize()}: {voxels} voxels, {report.get('volume_ml', '?')} ml; "
+                                 f"{flagged} slices flagged for review. Fix a slice with points or a box, then "
+                                 "re-propagate from it.")
+            self.state.error = ""
+        self._sync_undo()
+
+    # ================================================================== export
+    async def export(self, kind: str) -> Any:
+        if self.content is None or self.workflow is None:
+            self._error("Open a CT and segment it before exporting.")
+            return None
+        folder = Path(tempfile.mkdtemp(dir=self._tmp.name))
+        try:
+            if kind == "segnrrd":
+                path = folder / "liversam.seg.nrrd"
+                self.content.write_segmentation(path)
+            elif kind == "labelmap":
+                path = folder / "liversam-labels.nii.gz"
+                self.content.write_labelmap(self.workflow.labelmap(), path)
+            else:
+                self._error(f"Unknown export '{kind}'.")
+                return None
+            data = path.read_bytes()
+        except OSError as exc:
+            self._error(f"Export failed: {exc}")
+            return None
+        self._status(f"Exported {path.name} ({len(data) // 1024} KB).")
+        return self.server.protocol.addAttachment(data)
+
+
+def _client_message(exc: Exception) -> str:
+    if isinstance(exc, ServerRequestError):
+        return exc.message
+    return str(exc)

@@ -1,0 +1,304 @@
+"""The web app's MRML side: load a CT, check it is one, show masks as segments, prompts as markups, export.
+
+Runs in trame-slicer's ``SlicerApp`` (slicer-core 5.11). Arrays are ``[k, j, i]`` (VTK's point order); the
+volume node's IJKToRAS matrix maps them to RAS. Files are written in LPS by Slicer's storage nodes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from slicer import (
+    vtkMRMLLabelMapVolumeNode,
+    vtkMRMLMarkupsFiducialNode,
+    vtkMRMLMarkupsROINode,
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+    vtkMRMLSegmentationStorageNode,
+    vtkMRMLSliceNode,
+    vtkMRMLVolumeArchetypeStorageNode,
+    vtkOrientedImageData,
+    vtkSlicerSegmentationsModuleLogic,
+)
+from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy
+from vtkmodules.vtkCommonDataModel import vtkImageData
+from vtkmodules.vtkCommonMath import vtkMatrix4x4
+
+from .volume_geometry import ijk_to_ras
+from .workflow import SEGMENTS, SlicePrompts
+
+SEGMENT_COLORS = {"liver": (0.86, 0.47, 0.35), "tumor": (0.35, 0.85, 0.35)}
+MAX_FOLDER_FILES = 20000
+MIN_AIR_HU = -300.0  # a CT of the abdomen has air (about -1000 HU) around and inside the body
+
+
+class InputError(ValueError):
+    """What the user gave cannot be opened as a CT; the message says which file and what to do."""
+
+
+def matrix_to_numpy(matrix: vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def numpy_to_matrix(array: np.ndarray) -> vtkMatrix4x4:
+    matrix = vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
+def volume_ijk_to_ras(volume_node) -> np.ndarray:
+    matrix = vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    return matrix_to_numpy(matrix)
+
+
+def volume_array(volume_node) -> np.ndarray:
+    """The volume's voxels as a numpy view [k, j, i]."""
+    image = volume_node.GetImageData()
+    ni, nj, nk = image.GetDimensions()
+    return vtk_to_numpy(image.GetPointData().GetScalars()).reshape(nk, nj, ni)
+
+
+def list_input_files(path: str) -> list[str]:
+    """A file, or every file under a folder (a DICOM series); InputError when there is nothing to read."""
+    target = Path(path).expanduser()
+    if not str(path).strip():
+        raise InputError("Type the path of a CT file (.nii.gz, .nrrd, .mha) or of a DICOM folder first.")
+    if not target.exists():
+        raise InputError(f"'{target}' does not exist on the server. Check the path (it is read on the machine "
+                         "running this app).")
+    if target.is_file():
+        return [str(target)]
+    files = []
+    for root, _dirs, names in os.walk(target):
+        files += [os.path.join(root, name) for name in sorted(names) if not name.startswith(".")]
+        if len(files) > MAX_FOLDER_FILES:
+            raise InputError(f"'{target}' holds more than {MAX_FOLDER_FILES} files: choose the folder of one "
+                             "DICOM series.")
+    if not files:
+        raise InputError(f"The folder '{target}' is empty: choose a folder with a DICOM CT series.")
+    return files
+
+
+def load_ct(slicer_app, files: list[str], what: str) -> vtkMRMLScalarVolumeNode:
+    """Load ``files`` (one image file or the files of DICOM series) and keep the largest 3D scalar volume.
+
+    Nothing stays in the scene when the input is not a CT (InputError says why, naming ``what``).
+    """
+    scene = slicer_app.scene
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    volumes = []
+    try:
+        volumes = [v for v in slicer_app.io_manager.load_volumes(files) if v is not None]
+    except Exception as exc:  # noqa: BLE001 - the readers raise many kinds; the user gets one clear message
+        _remove_new_nodes(scene, before)
+        raise InputError(f"{what} could not be read as an image ({type(exc).__name__}: {exc}).") from None
+    candidates = [v for v in volumes if v.IsA("vtkMRMLScalarVolumeNode") and not v.IsA("vtkMRMLLabelMapVolumeNode")
+                  and v.GetImageData() is not None and v.GetImageData().GetNumberOfScalarComponents() == 1]
+    if not candidates:
+        _remove_new_nodes(scene, before)
+        if len(files) > 1:
+            raise InputError(f"{what} has no DICOM image series or image file LiverSAM can read. Choose the "
+                             "folder of one CT series (files with pixel data), or a .nii.gz / .nrrd file.")
+        if volumes:
+            raise InputError(f"{what} is a colour or vector image, not a CT. Open a CT volume in Hounsfield units.")
+        raise InputError(f"{what} is not an image LiverSAM can read. Open a CT as .nii / .nii.gz / .nrrd / "
+                         ".mha / .mhd or a DICOM folder.")
+    volume = max(candidates, key=lambda v: int(np.prod(v.GetImageData().GetDimensions())))
+    try:
+        check_ct(volume, what)
+    except InputError:
+        _remove_new_nodes(scene, before)
+        raise
+    for other in volumes:
+        if other is not volume:
+            scene.RemoveNode(other)
+    return volume
+
+
+def check_ct(volume, what: str) -> None:
+    dims = volume.GetImageData().GetDimensions()
+    if min(dims) < 2:
+        raise InputError(f"{what} is a single 2D image ({dims[0]} x {dims[1]}), not a CT volume. Open a 3D CT.")
+    low, high = volume.GetImageData().GetScalarRange()
+    if low > MIN_AIR_HU or high - low < 200:
+        raise InputError(f"{what} does not look like a CT in Hounsfield units: its values run from {low:g} to "
+                         f"{high:g}, while a CT has air near -1000 HU. Open an abdominal CT (not MRI, not a mask).")
+
+
+def _remove_new_nodes(scene, before: set[str]) -> None:
+    new = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+    for node in new:
+        if node is not None and node.GetID() not in before and scene.IsNodePresent(node):
+            scene.RemoveNode(node)
+
+
+def oriented_image(mask_kji: np.ndarray, ijk_to_ras_matrix: np.ndarray) -> vtkOrientedImageData:
+    image = vtkOrientedImageData()
+    nk, nj, ni = mask_kji.shape
+    image.SetDimensions(ni, nj, nk)
+    image.SetImageToWorldMatrix(numpy_to_matrix(ijk_to_ras_matrix))
+    image.GetPointData().SetScalars(numpy_to_vtk(np.ascontiguousarray(mask_kji, dtype=np.uint8).ravel(), deep=True))
+    return image
+
+
+class SceneContent:
+    """The CT, the liver/tumour segmentation and the prompt markups of the current case."""
+
+    def __init__(self, slicer_app, volume) -> None:
+        self.app = slicer_app
+        self.scene = slicer_app.scene
+        self.volume = volume
+        self.ijk_to_ras = volume_ijk_to_ras(volume)
+        self.array = volume_array(volume)
+        self.shape_kji = tuple(int(s) for s in self.array.shape)
+        self.segmentation = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "LiverSAM")
+        assert isinstance(self.segmentation, vtkMRMLSegmentationNode)
+        self.segmentation.CreateDefaultDisplayNodes()
+        self.segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+        for name in SEGMENTS:
+            self.segmentation.GetSegmentation().AddEmptySegment(name, name, list(SEGMENT_COLORS[name]))
+        display = self.segmentation.GetDisplayNode()
+        display.SetOpacity2DFill(0.45)
+        self._markups: list = []
+
+    def remove(self) -> None:
+        for node in [*self._markups, self.segmentation, self.volume]:
+            if node is not None and self.scene.IsNodePresent(node):
+                self.scene.RemoveNode(node)
+        self._markups = []
+
+    # --- masks -----------------------------------------------------------------------------------------
+    def show_mask(self, segment: str, mask_kji: np.ndarray, surface: bool = False) -> None:
+        logic = vtkSlicerSegmentationsModuleLogic
+        logic.SetBinaryLabelmapToSegment(oriented_image(mask_kji, self.ijk_to_ras), self.segmentation, segment,
+                                         logic.MODE_REPLACE, None)
+        if surface:
+            self.segmentation.CreateClosedSurfaceRepresentation()
+
+    def segment_mask(self, segment: str) -> np.ndarray:
+        """The segment as the scene holds it, resampled to the CT's grid [k, j, i] (used by exports and tests)."""
+        labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{segment}-export")
+        try:
+            ids = _string_array([segment])
+            vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(self.segmentation, ids, labelmap,
+                                                                          self.volume)
+            return volume_array(labelmap) > 0
+        finally:
+            self.scene.RemoveNode(labelmap)
+
+    # --- prompts ---------------------------------------------------------------------------------------
+    def show_prompts(self, prompts: dict[str, dict[int, SlicePrompts]]) -> None:
+        """Rebuild the markups from the prompts: an ROI per box (one slice thick), green + / red - points."""
+        for node in self._markups:
+            if self.scene.IsNodePresent(node):
+                self.scene.RemoveNode(node)
+        self._markups = []
+        positive = self._fiducials("positive points", (0.2, 0.9, 0.2))
+        negative = self._fiducials("negative points", (0.95, 0.2, 0.2))
+        spacing_k = float(np.linalg.norm(self.ijk_to_ras[:3, 2]))
+        for segment, by_slice in prompts.items():
+            for k, slice_prompts in by_slice.items():
+                for n, (i0, j0, i1, j1) in enumerate(slice_prompts.boxes):
+                    roi = self.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", f"{segment} box k={k} #{n + 1}")
+                    assert isinstance(roi, vtkMRMLMarkupsROINode)
+                    a = ijk_to_ras(self.ijk_to_ras, (i0, j0, k))
+                    b = ijk_to_ras(self.ijk_to_ras, (i1, j1, k))
+                    roi.SetCenter(*((a + b) / 2.0))
+                    size = np.abs(a - b)
+                    size[np.argmin(size)] = spacing_k * 0.5
+                    roi.SetSize(*size)
+                    roi.SetLocked(True)
+                    roi.CreateDefaultDisplayNodes()
+                    display = roi.GetDisplayNode()
+                    display.SetSelectedColor(*SEGMENT_COLORS[segment])
+                    display.SetHandlesInteractive(False)
+                    display.SetFillOpacity(0.0)
+                    display.SetPropertiesLabelVisibility(False)
+                    display.SetPointLabelsVisibility(False)
+                    self._markups.append(roi)
+                for points, node in ((slice_prompts.points, positive), (slice_prompts.negative_points, negative)):
+                    for i, j in points:
+                        node.AddControlPoint(*ijk_to_ras(self.ijk_to_ras, (i, j, k)))
+
+    def _fiducials(self, name: str, color: tuple[float, float, float]) -> vtkMRMLMarkupsFiducialNode:
+        node = self.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+        node.SetLocked(True)
+        node.CreateDefaultDisplayNodes()
+        display = node.GetDisplayNode()
+        display.SetSelectedColor(*color)
+        display.SetColor(*color)
+        display.SetPointLabelsVisibility(False)
+        display.SetPropertiesLabelVisibility(False)
+        display.SetGlyphScale(2.0)
+        self._markups.append(node)
+        return node
+
+    # --- views -----------------------------------------------------------------------------------------
+    def jump_to_slice(self, k: int) -> None:
+        r, a, s = slice_centre_ras(self.ijk_to_ras, k, self.shape_kji)
+        vtkMRMLSliceNode.JumpAllSlices(self.scene, float(r), float(a), float(s))
+
+    def set_window(self, window: float, level: float) -> None:
+        display = self.volume.GetDisplayNode()
+        display.SetAutoWindowLevel(0)
+        display.SetWindowLevel(float(window), float(level))
+
+    # --- export ----------------------------------------------------------------------------------------
+    def write_segmentation(self, path: Path) -> None:
+        """Slicer's .seg.nrrd (both segments, overlapping allowed: one layer each), as Slicer's Save writes it."""
+        storage = vtkMRMLSegmentationStorageNode()
+        storage.SetFileName(str(path))
+        storage.SetUseCompression(True)
+        if not storage.WriteData(self.segmentation) or not path.is_file():
+            raise OSError(f"the segmentation could not be written to {path}")
+
+    def write_labelmap(self, labels_kji: np.ndarray, path: Path) -> None:
+        """A labelmap volume on the CT's grid (liver 1, tumour 2), .nii.gz or .nrrd, LPS on disk."""
+        node = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "LiverSAM labels")
+        assert isinstance(node, vtkMRMLLabelMapVolumeNode)
+        try:
+            image = vtkImageData()
+            nk, nj, ni = labels_kji.shape
+            image.SetDimensions(ni, nj, nk)
+            image.GetPointData().SetScalars(numpy_to_vtk(np.ascontiguousarray(labels_kji, np.uint8).ravel(), deep=True))
+            node.SetIJKToRASMatrix(numpy_to_matrix(self.ijk_to_ras))
+            node.SetAndObserveImageData(image)
+            storage = vtkMRMLVolumeArchetypeStorageNode()
+            storage.SetFileName(str(path))
+            storage.SetUseCompression(True)
+            if not storage.WriteData(node):
+                raise OSError(f"the labelmap could not be written to {path}")
+        finally:
+            self.scene.RemoveNode(node)
+
+
+def slice_centre_ras(matrix: np.ndarray, k: int, shape_kji: tuple[int, ...]) -> np.ndarray:
+    from .volume_geometry import slice_centre_ras as centre
+
+    return centre(matrix, k, shape_kji)
+
+
+def _string_array(values: list[str]):
+    from vtkmodules.vtkCommonCore import vtkStringArray
+
+    array = vtkStringArray()
+    for value in values:
+        array.InsertNextValue(value)
+    return array
+
+
+def read_volume_array(slicer_app, path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read a volume file with Slicer's reader -> (array [k, j, i], IJKToRAS); for tests and checks."""
+    volumes = slicer_app.io_manager.load_volumes([path])
+    if not volumes:
+        raise InputError(f"'{path}' could not be read")
+    node = volumes[0]
+    try:
+        return volume_array(node).copy(), volume_ijk_to_ras(node)
+    finally:
+        slicer_app.scene.RemoveNode(node)

@@ -1,0 +1,206 @@
+"""The web app's segmentation workflow: prompts, masks, undo and the calls to the LiverSAM server.
+
+Plain Python + numpy (no MRML, no trame), so it is testable on its own. Blocking: the app runs these
+methods in a worker thread. Coordinates are voxel indices: arrays ``[k, j, i]``, boxes ``(i0, j0, i1, j1)``
+on slice ``k``, points ``(i, j)`` on slice ``k``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .server_client import LiverSAMClient, box_ijk, segment_spec
+
+SEGMENTS = ("liver", "tumor")
+UNDO_DEPTH = 20
+LIVER_CONTAINER = "liver_current"  # the session mask that holds the liver as the user sees it
+
+
+@dataclass
+class SlicePrompts:
+    boxes: list[tuple[float, float, float, float]] = field(default_factory=list)
+    points: list[tuple[float, float]] = field(default_factory=list)
+    negative_points: list[tuple[float, float]] = field(default_factory=list)
+
+    def empty(self) -> bool:
+        return not (self.boxes or self.points or self.negative_points)
+
+
+@dataclass
+class _Snapshot:
+    label: str
+    prompts: dict[str, dict[int, SlicePrompts]]
+    packed: dict[str, bytes]
+
+
+class Workflow:
+    """One CT opened on the server (``session_id``) and what the user did on it."""
+
+    def __init__(self, client: LiverSAMClient, session_id: str, shape_kji: tuple[int, int, int]) -> None:
+        self.client = client
+        self.session_id = session_id
+        self.shape_kji = tuple(int(s) for s in shape_kji)
+        self.masks: dict[str, np.ndarray] = {name: np.zeros(self.shape_kji, dtype=bool) for name in SEGMENTS}
+        self.prompts: dict[str, dict[int, SlicePrompts]] = {name: {} for name in SEGMENTS}
+        self.propagated: set[str] = set()
+        self.review: dict[str, Any] = {}
+        self.lesions: list[dict[str, Any]] = []
+        self._undo: list[_Snapshot] = []
+
+    # --- undo ------------------------------------------------------------------------------------------
+    def push_undo(self, label: str) -> None:
+        packed = {name: np.packbits(mask).tobytes() for name, mask in self.masks.items()}
+        self._undo.append(_Snapshot(label, copy.deepcopy(self.prompts), packed))
+        del self._undo[:-UNDO_DEPTH]
+
+    def can_undo(self) -> bool:
+        return bool(self._undo)
+
+    def undo_label(self) -> str:
+        return self._undo[-1].label if self._undo else ""
+
+    def undo(self) -> str:
+        """Restore the state before the last change; returns what was undone ("" when nothing)."""
+        if not self._undo:
+            return ""
+        snapshot = self._undo.pop()
+        self.prompts = snapshot.prompts
+        count = int(np.prod(self.shape_kji))
+        for name, data in snapshot.packed.items():
+            bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count)
+            self.masks[name] = bits.astype(bool).reshape(self.shape_kji)
+        return snapshot.label
+
+    # --- prompts ---------------------------------------------------------------------------------------
+    def slice_prompts(self, segment: str, k: int) -> SlicePrompts:
+        return self.prompts[segment].setdefault(int(k), SlicePrompts())
+
+    def add_box(self, segment: str, k: int, box: tuple[float, float, float, float]) -> None:
+        """A liver has one box per slice (a new one replaces it); every tumour box is one more lesion."""
+        prompts = self.slice_prompts(segment, k)
+        if segment == "liver":
+            prompts.boxes = [box]
+        else:
+            prompts.boxes.append(box)
+
+    def add_point(self, segment: str, k: int, point: tuple[float, float], positive: bool) -> None:
+        prompts = self.slice_prompts(segment, k)
+        (prompts.points if positive else prompts.negative_points).append(point)
+
+    def clear_slice(self, segment: str, k: int) -> None:
+        self.prompts[segment].pop(int(k), None)
+        self.masks[segment][int(k)] = False
+
+    # --- one slice (live update) ---------------------------------------------------------------------------
+    def predict_slice(self, segment: str, k: int) -> np.ndarray:
+        """Segment slice k of ``segment`` from its prompts there, store and return the slice mask [j, i].
+
+        A liver slice is one prediction from its box and points. Each tumour box is predicted on its own
+        (with the points inside it) and the lesions are united, then kept inside the liver when there is one.
+        """
+        prompts = self.prompts[segment].get(int(k), SlicePrompts())
+        nj, ni = self.shape_kji[1:]
+        mask = np.zeros((nj, ni), dtype=bool)
+        if segment == "tumor" and prompts.boxes:
+            for box in prompts.boxes:
+                inside = [p for p in prompts.points if _in_box(p, box)]
+                outside = [p for p in prompts.negative_points if _in_box(p, box)]
+                lesion, _ = self.client.predict_slice(self.session_id, k, [box], inside, outside)
+                mask |= lesion
+        elif not prompts.empty():
+            mask, _ = self.client.predict_slice(
+                self.session_id, k, prompts.boxes, prompts.points, prompts.negative_points
+            )
+        if segment == "tumor" and self.masks["liver"].any():
+            mask &= self.masks["liver"][int(k)]
+        self.masks[segment][int(k)] = mask
+        return mask
+
+    # --- propagation jobs --------------------------------------------------------------------------------------
+    def segment_spec(self, segment: str) -> dict[str, Any]:
+        boxes, points, negatives = [], [], []
+        for k, prompts in sorted(self.prompts[segment].items()):
+            boxes += [box_ijk(*box, k) for box in prompts.boxes]
+            points += [[p[0], p[1], float(k)] for p in prompts.points]
+            negatives += [[p[0], p[1], float(k)] for p in prompts.negative_points]
+        return segment_spec(segment, label=SEGMENTS.index(segment) + 1, boxes_ijk=boxes, points_ijk=points,
+                            negative_points_ijk=negatives)
+
+    def has_prompts(self, segment: str) -> bool:
+        return any(not p.empty() for p in self.prompts[segment].values())
+
+    def _container(self, segment: str) -> str | None:
+        """Tumours stay inside the liver the user sees (uploaded as a session mask)."""
+        if segment != "tumor" or not self.masks["liver"].any():
+            return None
+        self.client.upload_mask(self.session_id, LIVER_CONTAINER, self.masks["liver"])
+        return LIVER_CONTAINER
+
+    def start_propagation(self, segment: str) -> str:
+        """Start propagating ``segment`` from all its prompts -> job id."""
+        if not self.has_prompts(segment):
+            raise ValueError(f"the {segment} has no box or point yet: draw a box on it in the axial view first")
+        spec = self.segment_spec(segment)
+        container = self._container(segment)
+        if container:
+            spec["inside"] = container
+        return self.client.start_propagation(self.session_id, [spec])
+
+    def start_repropagation(self, segment: str, k: int) -> str:
+        """Re-propagate ``segment`` from the corrected slice k (its mask as it is now goes to the server)."""
+        if segment not in self.propagated:
+            raise ValueError(f"propagate the {segment} first; re-propagation corrects a propagated result")
+        if self.prompts[segment].get(int(k), SlicePrompts()).empty():
+            raise ValueError(f"slice {k} has no {segment} prompt: fix it with a box or points first")
+        existing = f"{segment}_current"
+        self.client.upload_mask(self.session_id, existing, self.masks[segment])
+        return self.client.start_repropagation(
+            self.session_id, self.segment_spec(segment), [int(k)], existing=existing,
+            container=self._container(segment),
+        )
+
+    def job_status(self, job: str) -> dict[str, Any]:
+        return self.client.job_status(job)
+
+    def cancel(self, job: str) -> dict[str, Any]:
+        return self.client.cancel_job(job)
+
+    def apply_result(self, job: str, segment: str) -> dict[str, Any]:
+        """Fetch a finished job and take its ``segment`` mask, review and lesion table (undoable)."""
+        result = self.client.job_result(job, masks=False)
+        mask = self.client.job_mask(job, segment)
+        if mask.shape != self.shape_kji:
+            raise ValueError(f"the server returned a {mask.shape} mask for a {self.shape_kji} CT")
+        self.push_undo(f"propagate {segment}")
+        self.masks[segment] = mask
+        if segment == "tumor" and self.masks["liver"].any():
+            self.masks["tumor"] &= self.masks["liver"]
+        self.propagated.add(segment)
+        for report in result.get("review", {}).get("segments", []):
+            self.review[report["name"]] = report
+        if segment == "tumor" or result.get("lesions"):
+            self.lesions = list(result.get("lesions", []))
+        return result
+
+    def labelmap(self) -> np.ndarray:
+        """liver = 1, tumour = 2 (a tumour voxel is also liver), as ``uint8`` [k, j, i]."""
+        labels = np.zeros(self.shape_kji, dtype=np.uint8)
+        labels[self.masks["liver"]] = 1
+        labels[self.masks["tumor"]] = 2
+        return labels
+
+    def close(self, on_error: Callable[[Exception], None] | None = None) -> None:
+        try:
+            self.client.close_session(self.session_id)
+        except Exception as exc:  # noqa: BLE001 - closing is best effort; the server evicts idle sessions
+            if on_error is not None:
+                on_error(exc)
+
+
+def _in_box(point: tuple[float, float], box: tuple[float, float, float, float]) -> bool:
+    return box[0] <= point[0] <= box[2] and box[1] <= point[1] <= box[3]
