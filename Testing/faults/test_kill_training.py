@@ -6,6 +6,11 @@ one epoch behind the last epoch the killed run logged in history.csv (history.cs
 the state). At the end the run completes with every epoch in its history exactly once.
 
 Tiny run: lits117, 6 liver slices (split into training and validation), batch 2, 20 decoder-only epochs.
+Not part of ``bash run_tests.sh`` (it restarts training ten times: several minutes even on idle cores; 23 min
+when 25 processes shared the 2 cores). Run it with::
+
+    LIVERSAM_TEST_DATA=../shared/data python -m pytest -p no:cacheprovider -q -s Testing/faults
+
 The first kill falls during start-up / data preparation (embedding cache being written); each later run is
 killed at a random moment within 1.5 epochs after it has finished (and saved) its first new epoch, so every
 run makes progress and the kills land anywhere in an epoch, including while its state is being saved.
@@ -27,6 +32,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT / "LiverSAM"))
+DATA_DIR = Path(os.environ.get("LIVERSAM_TEST_DATA", REPO_ROOT.parent / "shared" / "data"))
 pytestmark = pytest.mark.model
 EPOCHS = 20
 KILLS = 10
@@ -82,12 +89,13 @@ class Watched:
         return self.proc.returncode == -signal.SIGKILL
 
 
-def test_training_killed_ten_times_resumes_each_time_losing_at_most_one_epoch(tmp_path, data_dir):
+def test_training_killed_ten_times_resumes_each_time_losing_at_most_one_epoch(tmp_path):
     from liversam.models import safe_torch_load
 
     run_dir = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT / "LiverSAM"), LIVERSAM_HOME=str(tmp_path / "home"))
-    command = _command(data_dir / "lits117", run_dir)
+    assert (DATA_DIR / "lits117" / "ct.nii.gz").is_file(), f"set LIVERSAM_TEST_DATA (not found: {DATA_DIR})"
+    command = _command(DATA_DIR / "lits117", run_dir)
     rng = random.Random(15)
     started = time.monotonic()
     report = []
