@@ -232,7 +232,7 @@ def test_best_checkpoint_loads_with_metadata_and_is_registered(killed_and_resume
     assert metadata["preprocessing"]["window_width_hu"] == 400.0
     assert metadata["split"]["slices"]["val"]
     assert metadata["liversam_version"]
-    assert metadata["metrics"]["val_dice_mean"] >= 0.83  # the bundled model measured 0.856; best beats it
+    assert metadata["metrics"]["val_dice_mean"] >= 0.84  # measured 0.865 (the bundled model: 0.856)
     model = load_model(str(run["run_dir"] / "best.pt"), device="cpu")
     assert model.metadata["base_model"] == "litemedsam"
     names = {m.name: m for m in registered_models()}
