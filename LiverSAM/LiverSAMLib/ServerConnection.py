@@ -165,8 +165,9 @@ class ServerConnection:
             self._client = client
             self.state = READY
             where = "local server" if self.settings.mode == LOCAL else self.settings.url
+            model = self.info.get("model") or {}  # the server's info: {"model": {"name", "device", ...}, ...}
             self.message = "Connected to the {where}: model {model} on {device}.".format(
-                where=where, model=self.info.get("model", "?"), device=self.info.get("device", "?")
+                where=where, model=model.get("name", "?"), device=model.get("device", "?")
             )
             return client
 

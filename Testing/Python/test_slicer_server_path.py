@@ -44,6 +44,8 @@ def connection():
     connection = ServerConnection(settings, startup_timeout_s=180)
     connection.connect()
     assert connection.state == READY and connection.started_here
+    # The status line names the server's model and device (info's nested "model" object).
+    assert "model litemedsam on cpu" in connection.message, connection.message
     yield connection
     process = connection._process.process
     connection.stop()
