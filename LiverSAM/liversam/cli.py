@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
             raise
         module.add_parser(subparsers)
     for sub in subparsers.choices.values():  # `liversam COMMAND ... --quiet` works too
+        if "-" not in sub.prefix_chars:
+            continue  # `web` hands every argument to the web app
         sub.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
     return parser
 
