@@ -26,7 +26,14 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
-from .agreement import AgreementResult, check_agreement
+from .agreement import (
+    AgreementResult,
+    agreement_key,
+    cached_agreement,
+    cases_tag,
+    check_agreement,
+    load_check_set,
+)
 from .backends import (
     TOLERANCE,
     BackendUnavailable,
@@ -268,6 +275,19 @@ def _build(backend: str, model, precision: str, threads: int, cache_dir: Path | 
     return fn
 
 
+def _cached_refusal(model, name: str, precision: str, decoder: bool, folder: Path, check_set) -> str:
+    """The reason of a cached refusal of this candidate (same weights, runtime, check set), else ''."""
+    check_set = check_set if check_set is not None else load_check_set()
+    if check_set is None:
+        return ""
+    decoder_name = name if decoder and name in ("openvino", "onnxruntime") else "plain"
+    key = agreement_key(
+        encoder_weights_sha256(model.network), f"{name}+{decoder_name}", precision, cases_tag(check_set[1])
+    )
+    verdict = cached_agreement(folder, key)
+    return verdict.reason if verdict is not None and not verdict.accepted else ""
+
+
 def _try_candidate(
     model, name: str, precision: str, threads: int, cache: Path | None, verify: bool, decoder: bool, check_set
 ):
@@ -277,6 +297,11 @@ def _try_candidate(
     the encoder and the decoder bf16) or ``mixed`` (fp32 encoder, bf16 decoder)."""
     encoder_precision = "fp32" if precision == "mixed" else precision
     decoder_precision = "fp32" if precision == "fp32" else "bf16"
+    folder = (cache if cache is not None else default_cache_dir()) / "agreement"
+    if verify:  # a refusal on record: skip the candidate without compiling it
+        refused = _cached_refusal(model, name, precision, decoder, folder, check_set)
+        if refused:
+            raise BackendUnavailable(f"{refused} (cached verdict)")
     fn = _build(name, model, encoder_precision, threads, cache, verify)
     model.encoder_override = fn
     if decoder and name in ("openvino", "onnxruntime"):
@@ -288,7 +313,6 @@ def _try_candidate(
     if not verify:
         return fn
     sha = encoder_weights_sha256(model.network)
-    folder = (cache if cache is not None else default_cache_dir()) / "agreement"
     label = f"{name}+{current_decoder_backend(model)}"
     try:
         result = check_agreement(model, label, precision, sha, folder, check_set=check_set)
