@@ -600,8 +600,8 @@ def _run_box_protocol(protocol, volume, refs, predictor, settings, spacing, styl
     if prompts:
         # Keep each structure whole: the reference liver includes its tumours (labels 1 and 2), so the
         # tumours must not be carved out of the predicted liver as a labelmap export would do.
-        propagation = PropagationSettings(intensity_refinement=settings.intensity_refinement, method=method)
-        pipeline = PipelineSettings(later_segment_wins=False, propagation=propagation)
+        propagation = PropagationSettings(intensity_refinement=settings.intensity_refinement)
+        pipeline = PipelineSettings(later_segment_wins=False, propagation=propagation, propagation_method=method)
         result = segment_volume(volume, prompts, predictor, pipeline)
         preds = _segment_masks_by_structure(result, settings.structures, shape)
     else:

@@ -39,6 +39,8 @@ class PipelineSettings:
     default_3d: Postprocess3DSettings = field(default_factory=lambda: Postprocess3DSettings(fill_holes=True))
     # Segments ``inside`` another (tumours) propagate with ``for_lesions(propagation)``.
     propagation: PropagationSettings = field(default_factory=PropagationSettings)
+    # "liversam" or "naive" (the reference loop every evaluation reports beside it; no 3D clean-up).
+    propagation_method: str = "liversam"
     later_segment_wins: bool = True
 
 
@@ -116,13 +118,13 @@ def segment_volume(
             outcome = propagate_segment(
                 seg, predictor, for_lesions(settings.propagation) if seg.inside else settings.propagation,
                 settings.slice_postprocess,
-                container_kji=container, progress=progress, cancel=cancel,
+                container_kji=container, progress=progress, cancel=cancel, method=settings.propagation_method,
             )
             mask, scores = outcome.mask_kji, outcome.scores
             reports[seg.name] = outcome
             # 3D clean-up only makes sense for a structure segmented through the volume (the naive reference
             # loop keeps its raw masks).
-            if settings.propagation.method != "naive":
+            if settings.propagation_method != "naive":
                 mask = clean_volume(mask, spacing_kji,
                                     settings.postprocess_3d.get(seg.name, settings.default_3d))
         else:

@@ -72,8 +72,13 @@ class PropagationSettings:
     # only the parts of each slice's mask that differ from the container's parenchyma the way the seed box
     # does are kept (tumour Dice 0.48 -> 0.79). Steps and rejected variants: docs/RESULTS.md.
     intensity_refinement: bool = True
-    # Organs: a mask reaching its box's edge is predicted again from a box moved out by ``box_regrow_mm``
-    # there (lobes that appear between thick slices), up to ``box_regrow_steps`` times.
+
+
+@dataclass(frozen=True)
+class OrganTrackSettings:
+    """How an organ's track (a segment with no container) copes with thick slices. Kept apart from
+    :class:`PropagationSettings`, whose fields the Slicer module exposes one by one."""
+
     # Organs on thick slices: the box margin is at least ``organ_margin_per_mm_slice`` x the slice thickness
     # (an organ's outline moves further between 5 mm slices than between 1 mm ones; lobes appear). 5 mm
     # slices: 7 mm instead of 4 (one-box liver Dice hcc2144 0.772 -> 0.864; with the tip rule below 0.905).
@@ -88,16 +93,11 @@ class PropagationSettings:
     tip_window_mm: float = 5.0
     tip_min_shrink: float = 0.85
     tip_min_thickness_mm: float = 3.0
+    # A mask reaching its box's edge is predicted again from a box moved out by ``box_regrow_mm`` there, up
+    # to ``box_regrow_steps`` times (off: on hcc2144 the model's mask stops short of the box, 0.772 -> 0.773).
     box_regrow_steps: int = 0
     box_regrow_mm: float = 10.0
     regrow_min_gain: float = 0.05
-    # "liversam" (this module's walk) or "naive" (the reference loop: box of the previous slice's mask +
-    # ``NAIVE_MARGIN_PX`` pixels, predict, stop below ``NAIVE_MIN_PIXELS``; see :func:`propagate_naive`).
-    method: str = "liversam"
-
-    def __post_init__(self) -> None:
-        if self.method not in PROPAGATION_METHODS:
-            raise ValueError(f"propagation method '{self.method}': choose one of {', '.join(PROPAGATION_METHODS)}")
 
 
 def for_lesions(settings: PropagationSettings) -> PropagationSettings:
@@ -241,9 +241,11 @@ class _Propagator:
         progress: Callable[[str, int, int], None] | None,
         cancel: Callable[[], bool] | None,
         name: str,
+        organ_track: OrganTrackSettings | None = None,
     ) -> None:
         self.predictor = predictor
         self.settings = settings
+        self.organ_track = organ_track or OrganTrackSettings()
         self.postprocess = postprocess
         self.user_slices = user_slices
         self.container = container_kji
@@ -255,7 +257,7 @@ class _Propagator:
         self.pixel_mm2 = geometry.spacing_mm[0] * geometry.spacing_mm[1]
         margin_mm = settings.box_margin_mm
         if container_kji is None:
-            margin_mm = max(margin_mm, settings.organ_margin_per_mm_slice * geometry.spacing_mm[2])
+            margin_mm = max(margin_mm, self.organ_track.organ_margin_per_mm_slice * geometry.spacing_mm[2])
         self.margin_ij = (margin_mm / geometry.spacing_mm[0], margin_mm / geometry.spacing_mm[1])
         self.thickness_mm = geometry.spacing_mm[2]
         self.nk = geometry.size_ijk[2]
@@ -337,7 +339,7 @@ class _Propagator:
         """An organ that reaches its box's edge goes on beyond it (a lobe appears between thick slices):
         move those edges out by ``box_regrow_mm`` and predict again, up to ``box_regrow_steps`` times,
         while the mask keeps growing by more than ``regrow_min_gain``."""
-        s = self.settings
+        s = self.organ_track
         if s.box_regrow_steps <= 0:
             return box, mask, prediction
         gi, gj = s.box_regrow_mm / self.predictor.volume.geometry.spacing_mm[0], \
@@ -370,7 +372,8 @@ class _Propagator:
         prev_area = float(prev_mask.sum())
         seed_area = prev_area
         areas = {k0: prev_area}
-        window = max(1, int(round(s.tip_window_mm / self.thickness_mm)))
+        o = self.organ_track
+        window = max(1, int(round(o.tip_window_mm / self.thickness_mm)))
         seed_hu = self._mean_hu(k0, prev_mask)
         count = 0
         k = k0 + step
@@ -406,10 +409,10 @@ class _Propagator:
             grown_prev = ndimage.binary_dilation(prev_mask, iterations=3)
             if (mask & grown_prev).sum() < s.min_overlap * area:
                 return "jumped away from previous slice"
-            if (self.container is None and s.tip_fraction is not None and self.thickness_mm >= s.tip_min_thickness_mm
-                    and area < s.tip_fraction * seed_area):
+            if (self.container is None and o.tip_fraction is not None and self.thickness_mm >= o.tip_min_thickness_mm
+                    and area < o.tip_fraction * seed_area):
                 back = areas.get(k - window * step)
-                if back is not None and area > s.tip_min_shrink * back:
+                if back is not None and area > o.tip_min_shrink * back:
                     return "tip stopped tapering"
             areas[k] = area
             track.records[k] = SliceRecord(k, area * self.pixel_mm2, prediction.score, box, "propagated",
@@ -429,13 +432,21 @@ def propagate_segment(
     container_kji: np.ndarray | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
+    method: str = "liversam",
+    organ_track: OrganTrackSettings | None = None,
 ) -> PropagationOutcome:
-    """Segment every prompted slice of ``seg`` and propagate each seed both ways until the structure ends."""
+    """Segment every prompted slice of ``seg`` and propagate each seed both ways until the structure ends.
+
+    ``method``: "liversam" (this module's walk) or "naive" (the reference loop, :func:`propagate_naive`).
+    """
+    if method not in PROPAGATION_METHODS:
+        raise ValueError(f"propagation method '{method}': choose one of {', '.join(PROPAGATION_METHODS)}")
     settings = settings or PropagationSettings()
-    if settings.method == "naive":
+    if method == "naive":
         return propagate_naive(seg, predictor, settings, progress=progress, cancel=cancel)
     postprocess = postprocess or PostprocessSettings()
-    propagator = _Propagator(predictor, settings, postprocess, seg.slices, container_kji, progress, cancel, seg.name)
+    propagator = _Propagator(predictor, settings, postprocess, seg.slices, container_kji, progress, cancel, seg.name,
+                             organ_track)
     out = np.zeros(predictor.volume.geometry.shape_kji, dtype=bool)
     scores: dict[int, float] = {}
     tracks = []
@@ -460,7 +471,7 @@ def propagate_naive(
     stopping when the mask has fewer than ``NAIVE_MIN_PIXELS`` pixels (or at ``max_slices``). No clean-up,
     no leak guards, no intensity refinement; each seed on its own, results united (the pipeline clips a
     segment to its ``inside`` container afterwards)."""
-    settings = settings or PropagationSettings(method="naive")
+    settings = settings or PropagationSettings()
     nk = predictor.volume.geometry.size_ijk[2]
     shape_ji = predictor.volume.array_kji.shape[1:]
     pixel_mm2 = predictor.volume.geometry.spacing_mm[0] * predictor.volume.geometry.spacing_mm[1]

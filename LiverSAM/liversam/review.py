@@ -8,7 +8,8 @@ Flags (per slice; what is known without a label):
   ``beyond_end_fraction`` of its largest slice, so it probably goes on (``beyond_end_mm`` beyond it);
 - ``area_jump``: the area changes suddenly from the neighbouring slice (ratio above ``max_area_ratio`` and more
   than ``min_jump_mm2``) - leakage into a neighbour, or a missed part;
-- ``low_score``: the model's own predicted IoU is below ``min_score``;
+- ``low_score``: the model's own predicted IoU is below ``min_score``; ``uncertain``: below
+  ``uncertain_score`` but not below ``min_score``;
 - ``touches_box_edge``: the mask runs into an edge of the box it was prompted with (it may be cut off;
   off by default: on the four labelled cases it marked correct slices far more often than wrong ones);
 - ``past_end``: the area grows towards the end of the structure over the last slices, where an organ or lesion
@@ -38,14 +39,22 @@ from .segmentation import SegmentationResult
 
 @dataclass(frozen=True)
 class ReviewSettings:
+    """Thresholds of the flags. Defaults chosen on the four labelled cases (one-box, tight boxes, liver): the
+    highest pooled recall with precision >= 0.4 (docs/RESULTS.md, "Review flags as a detector"): recall 0.73,
+    precision 0.43. A model score below 0.9 (``uncertain_score``; the flag ``uncertain``) is what finds most
+    wrong liver slices (LiteMedSAM scores good slices 0.9-0.97); with ``low_score`` (below ``min_score``, 0.6,
+    the Slicer module's review parameter) alone the recall falls to 0.19. ``tip`` flags (below 20-50 % of the largest slice)
+    raised recall to 0.92-0.98 but precision to 0.26-0.35, so the tip threshold is low (5 %)."""
+
     max_area_ratio: float = 1.6
     min_jump_mm2: float = 50.0
     min_score: float = 0.6
+    uncertain_score: float = 0.9
     end_slices: int = 3
     end_growth_ratio: float = 1.2
-    tip_fraction: float = 0.25
-    beyond_end_fraction: float = 0.05
-    beyond_end_mm: float = 15.0
+    tip_fraction: float = 0.05
+    beyond_end_fraction: float = 0.02
+    beyond_end_mm: float = 10.0
     flag_box_edge: bool = False
     merge_gap: int = 1
     max_items: int = 10
@@ -95,6 +104,8 @@ def review_segment(
             row.flags.append("tip")
         if row.score is not None and row.score < settings.min_score:
             row.flags.append("low_score")
+        elif row.score is not None and row.score < settings.uncertain_score:
+            row.flags.append("uncertain")
         if settings.flag_box_edge and getattr(record, "touches_box_edge", False):
             row.flags.append("touches_box_edge")
         for neighbour in (k - 1, k + 1):
@@ -155,7 +166,7 @@ def _reason(name: str, flags: set[str], rows: list[SliceReview], first: int, las
                      f"it ends where it should and has not run on into a neighbour ({where})")
     if "area_jump" in flags:
         parts.append(f"{name}'s area changes suddenly between neighbouring slices ({where}): a leak or a missed part")
-    if "low_score" in flags:
+    if "low_score" in flags or "uncertain" in flags:
         low = min((r.score for r in rows if r.score is not None), default=None)
         parts.append(f"the model is unsure of {name} on {where}" + (f" (score {low:.2f})" if low is not None else ""))
     if "gap" in flags:

@@ -12,23 +12,21 @@ import pytest
 
 from liversam import evaluate as ev
 
-# Measured (docs/RESULTS.md, tight boxes): liver 0.9xx, tumour 0.7xx; the naive loop 0.859 / 0.186.
-LIVER_FLOOR = 0.90
-TUMOUR_FLOOR = 0.60
+# Measured (docs/RESULTS.md, tight boxes): liver 0.934, tumour 0.694, review liver recall 0.88 / precision 0.70;
+# the naive loop 0.859 / 0.186 (not run here: it runs on to the volume's end, encoding 10 more slices).
+LIVER_FLOOR = 0.92
+TUMOUR_FLOOR = 0.67
 
 
 @pytest.mark.model
-def test_one_box_on_hcc0697_beats_its_floor_and_the_naive_loop(data_dir, litemedsam) -> None:
+def test_one_box_on_hcc0697_keeps_its_accuracy(data_dir, litemedsam) -> None:
     case = ev.discover_cases(data_dir / "hcc0697")[0]
-    settings = ev.EvaluationSettings(protocols=("one-box",), propagation_methods=("liversam", "naive"))
+    settings = ev.EvaluationSettings(protocols=("one-box",), propagation_methods=("liversam",))
     result = ev.evaluate_case(case, settings, ev.make_predictor_factory(litemedsam, cache_mb=4096))
-    ours, naive = result["protocols"]["one-box"], result["protocols"]["one-box:naive"]
-    print({name: (round(ours[name]["dice"], 3), round(naive[name]["dice"], 3)) for name in ("liver", "tumor")},
-          ours["liver"]["review"])
+    ours = result["protocols"]["one-box"]
+    print({name: round(ours[name]["dice"], 3) for name in ("liver", "tumor")}, ours["liver"]["review"])
     assert ours["liver"]["dice"] >= LIVER_FLOOR
     assert ours["tumor"]["dice"] >= TUMOUR_FLOOR
-    assert ours["liver"]["dice"] >= naive["liver"]["dice"] - 0.02
-    assert ours["tumor"]["dice"] >= naive["tumor"]["dice"] - 0.02
     review = ours["liver"]["review"]
     assert review["scan_items"] <= 10
-    assert review["recall"] >= 0.5 and review["precision"] >= 0.4
+    assert review["recall"] >= 0.75 and review["precision"] >= 0.6

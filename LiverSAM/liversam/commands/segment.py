@@ -135,8 +135,8 @@ def run(args: argparse.Namespace) -> int:
         slice_postprocess=PostprocessSettings(
             min_island_mm2=args.min_island_mm2, opening_radius_mm=args.opening_mm, closing_radius_mm=args.closing_mm
         ),
-        propagation=PropagationSettings(intensity_refinement=not args.no_intensity_refinement,
-                                        method=args.propagation),
+        propagation=PropagationSettings(intensity_refinement=not args.no_intensity_refinement),
+        propagation_method=args.propagation,
     )
     with ProgressReporter() as progress:  # bar on a terminal, a line per stage in a log, nothing with --quiet
         result = segment_volume(volume, segments, predictor, settings, progress=progress)
