@@ -84,6 +84,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._job: dict | None = None  # the running server job: id, what to do with its result
         self._shortcuts: list = []
         self._lesions: list = []
+        self._reviewFirstSlices: list[int] = []  # the first slice of each review-table row
 
     # --- setup / teardown -----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -202,6 +203,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._lesions = []
         self.ui.lesionTable.setRowCount(0)
         self.ui.reviewTable.setRowCount(0)
+        self._reviewFirstSlices = []
         self.ui.reviewLabel.text = ""
         self.setParameterNode(None)
 
@@ -643,28 +645,30 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- review and lesions ----------------------------------------------------------------------------------
     def _fillReviewTable(self, report) -> None:
-        rows = ServerRequests.review_rows(report)
+        items = ServerRequests.review_items(report)
         table = self.ui.reviewTable
         table.clear()
-        table.setColumnCount(5)
-        table.setHorizontalHeaderLabels([_("Slice"), _("Segment"), _("Why"), _("Area (mm²)"), _("Score")])
-        table.setRowCount(len(rows))
-        for r, row in enumerate(rows):
-            score = "" if row.score is None else f"{row.score:.2f}"
-            for c, value in enumerate((str(row.k), row.segment, row.reason, f"{row.area_mm2:.0f}", score)):
+        table.setColumnCount(3)
+        table.setHorizontalHeaderLabels([_("Slices"), _("Segment"), _("Why")])
+        table.setRowCount(len(items))
+        for r, item in enumerate(items):
+            for c, value in enumerate((item.slices, item.segment, item.reason)):
                 table.setItem(r, c, qt.QTableWidgetItem(value))
+        self._reviewFirstSlices = [item.first_slice for item in items]
         self.ui.reviewCollapsibleButton.collapsed = False
         self.ui.reviewLabel.toolTip = "\n".join(ServerRequests.track_summary(report))
         self.ui.reviewLabel.text = (
-            _("{n} slice(s) to check (click to jump, fix with points, press Propagate):").format(n=len(rows))
-            if rows
+            _("{n} place(s) to check (click to jump to the first slice, fix with points, press Propagate):").format(
+                n=len(items)
+            )
+            if items
             else _("No slice flagged.")
         )
 
     def onReviewRowClicked(self, row: int, column: int) -> None:
-        item = self.ui.reviewTable.item(row, 0)
-        if item is not None and self._parameterNode and self._parameterNode.inputVolume:
-            self._jumpToSlice(self._parameterNode.inputVolume, int(item.text()))
+        firsts = self._reviewFirstSlices
+        if 0 <= row < len(firsts) and self._parameterNode and self._parameterNode.inputVolume:
+            self._jumpToSlice(self._parameterNode.inputVolume, firsts[row])
 
     def onUpdateLesions(self) -> None:
         p = self._parameterNode

@@ -168,7 +168,38 @@ FLAG_TEXT: dict[str, str] = {
     "touches_box_edge": "mask reaches its box edge",
     "past_end": "may run past the structure's end",
     "gap": "empty slice inside the segment",
+    "tip": "thin tip of the structure",
+    "beyond_end": "may continue past this end",
+    "uncertain": "model unsure",
 }
+
+
+@dataclass(frozen=True)
+class ReviewItem:
+    """One line of the review list: a range of consecutive flagged slices of a segment and why."""
+
+    first_slice: int
+    last_slice: int
+    segment: str
+    reason: str
+
+    @property
+    def slices(self) -> str:
+        if self.first_slice == self.last_slice:
+            return str(self.first_slice)
+        return f"{self.first_slice}-{self.last_slice}"
+
+
+def review_items(report: Mapping[str, Any] | None) -> list[ReviewItem]:
+    """The review report's items (ranges of flagged slices with reasons in words), in the report's order.
+
+    A report without ``items`` (from an older server) gives one item per flagged slice.
+    """
+    report = report or {}
+    if "items" in report:
+        return [ReviewItem(int(item["first_slice"]), int(item["last_slice"]), str(item["segment"]), str(item["reason"]))
+                for item in report["items"]]  # fmt: skip
+    return [ReviewItem(row.k, row.k, row.segment, row.reason) for row in review_rows(report)]
 
 
 @dataclass(frozen=True)

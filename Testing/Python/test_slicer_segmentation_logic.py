@@ -505,3 +505,28 @@ def test_dicom_seg_export_reads_back_equal_on_the_dicom_grid(tmp_path):
     failing = logic.prepare_dicom_seg_export(segmentation, volume, tmp_path / "bad.dcm", tmp_path, sys.executable)
     with pytest.raises(OutputError, match="failed"):
         failing.run(env=env)  # no DICOM series in tmp_path: the export's own error reaches the user
+
+
+def test_review_list_shows_ranges_with_reasons_and_jumps_to_their_first_slice(lits117):
+    """Issue 18: the module's review list is the core report's items (ranges of consecutive flagged slices with
+    the reason in words), not one row per slice; a report without items still gives one row per flagged slice."""
+    ct, labels = lits117
+    from liversam.review import build_review_report
+    from LiverSAMLib.ServerRequests import review_items
+
+    liver = labels >= 1
+    ks = np.flatnonzero(liver.any(axis=(1, 2)))
+    scores = {int(k): 0.95 for k in ks}
+    low = [int(k) for k in ks[40:44]]  # four consecutive slices the model was unsure of
+    scores.update({k: 0.3 for k in low})
+    report = build_review_report(SegmentationResult(ct.geometry, [Segment(LIVER, 1, liver, slice_scores=scores)]))
+    items = review_items(report)
+    assert items, report.get("items")
+    assert len(items) <= 10
+    covering = [item for item in items if item.first_slice <= low[0] and low[-1] <= item.last_slice]
+    assert covering and covering[0].segment == LIVER and covering[0].reason
+    assert covering[0].slices == f"{covering[0].first_slice}-{covering[0].last_slice}"
+    old_style = {key: value for key, value in report.items() if key != "items"}
+    per_slice = review_items(old_style)
+    assert [i.first_slice for i in per_slice] == [r.k for r in review_rows(old_style)]
+    assert all(i.first_slice == i.last_slice for i in per_slice)
