@@ -67,7 +67,9 @@ def test_sigkill_at_random_moments_leaves_the_previous_or_the_complete_new_outpu
     started = time.monotonic()
     subprocess.run(_command(folder, "new.json", reference), env=env, check=True, capture_output=True)
     full_run = time.monotonic() - started
+    started = time.monotonic()
     subprocess.run(_command(folder, "previous.json", out), env=env, check=True, capture_output=True)
+    full_run = min(full_run, time.monotonic() - started)  # the first run was cold (model files, page cache)
     previous_sha, new_masks = _sha(out), _masks(reference)
     assert not all(np.array_equal(m, _masks(out)[n]) for n, m in new_masks.items()), "runs must differ"
 

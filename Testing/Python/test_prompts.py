@@ -202,7 +202,7 @@ def test_box_corners_in_any_order_and_slice_rounding(oblique):
         (seg,) = parse_prompts(data, oblique)
         assert list(seg.slices) == [expected]
     data["segments"][0]["boxes"] = [[[5, 6, 3.0], [30, 25, 3.6]]]
-    with pytest.raises(PromptError, match=r"box 0 spans slices k=3.00..3.60; a box's two corners must lie on one"):
+    with pytest.raises(PromptError, match=r"segments\[0\]\.boxes\[0\] \(segment 'liver' box 0\) spans slices k=3.00..3.60; a box's two corners must lie on one"):
         parse_prompts(data, oblique)
     data["segments"][0]["boxes"] = [[[5, 6, 3.0], [30, 25, 3.5]]]  # half a slice apart: still one slice
     (seg,) = parse_prompts(data, oblique)
@@ -213,11 +213,11 @@ def test_box_shape_and_area_errors_are_specific(oblique):
     def parse(boxes):
         return parse_prompts({"coordinate_system": "IJK", "segments": [{"name": "liver", "boxes": boxes}]}, oblique)
 
-    with pytest.raises(PromptError, match=r"segment 'liver' box 0 must be two corners \[\[x0, y0, z\], \[x1, y1, z\]\]"):
+    with pytest.raises(PromptError, match=r"segments\[0\]\.boxes\[0\]: expected 2 corners \[\[x0, y0, z\], \[x1, y1, z\]\], got 1 item"):
         parse([[[5, 6, 3]]])
-    with pytest.raises(PromptError, match=r"box 0 has \(almost\) zero area: 0.50 x 19.00 voxels"):
+    with pytest.raises(PromptError, match=r"box 0\) has \(almost\) zero area: 0.50 x 19.00 voxels"):
         parse([[[5, 6, 3], [5.5, 25, 3]]])
-    with pytest.raises(PromptError, match=r"box 0 has \(almost\) zero area: 25.00 x 0.90 voxels"):
+    with pytest.raises(PromptError, match=r"box 0\) has \(almost\) zero area: 25.00 x 0.90 voxels"):
         parse([[[5, 6, 3], [30, 6.9, 3]]])
     (seg,) = parse([[[5, 6, 3], [6, 7, 3]]])  # one voxel wide in each direction is enough
     assert seg.slices[3].boxes_ij == [(5.0, 6.0, 6.0, 7.0)]

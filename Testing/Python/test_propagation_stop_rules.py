@@ -208,7 +208,9 @@ def test_user_prompts_on_the_same_object_stop_the_track():
 @pytest.mark.parametrize(
     ("prompts", "stops"),
     [(SlicePrompts(points_pos_ij=[(51.0, 40.0)]), True),  # 2 px right of the mask: within the 2 px margin
-     (SlicePrompts(boxes_ij=[(51.0, 35.0, 60.0, 45.0)]), True),  # its left edge 2 px right of the mask
+     (SlicePrompts(boxes_ij=[(51.0, 35.0, 60.0, 45.0)]), False),  # a box beside the mask: another object
+     (SlicePrompts(boxes_ij=[(33.0, 33.0, 52.0, 52.0)]), True),  # the object's own box, shifted: IoU 0.57 >= 0.25
+     (SlicePrompts(boxes_ij=[(42.0, 42.0, 60.0, 60.0)]), False),  # IoU 0.09 < 0.25: another object
      (SlicePrompts(points_pos_ij=[(52.0, 40.0)]), False),  # 3 px away: another object
      (SlicePrompts(boxes_ij=[(52.0, 35.0, 60.0, 45.0)]), False)],
 )  # fmt: skip

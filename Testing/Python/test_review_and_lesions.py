@@ -158,11 +158,14 @@ def test_low_score_threshold_and_sources():
     mask = _square_areas({3: 100, 4: 100, 5: 100})
     records = {3: SliceRecord(3, 100.0, 0.9, None, "user"), 4: SliceRecord(4, 100.0, 0.6, None, "propagated")}
     rows = review_segment(mask, 1.0, {3: 0.5999, 4: 0.6}, records, ReviewSettings())
-    assert [(r.k, r.flags, r.source, r.score) for r in rows] == [
-        (3, ["low_score"], "user", 0.5999),
-        (4, [], "propagated", 0.6),
+    assert [(r.k, r.flags, r.source, r.score) for r in rows if r.area_mm2 > 0] == [
+        (3, ["low_score"], "user", 0.5999),  # below min_score 0.6
+        (4, ["uncertain"], "propagated", 0.6),  # not below 0.6, but below uncertain_score 0.9
         (5, [], "", None),
     ]
+    # A structure that ends abruptly at full size probably goes on: the empty slices beyond its ends are flagged.
+    assert {r.k for r in rows if r.area_mm2 == 0} == {r.k for r in rows if r.flags == ["beyond_end"]}
+    assert {0, 1, 2, 6, 7, 8} <= {r.k for r in rows if r.flags == ["beyond_end"]}
 
 
 def test_past_end_needs_growth_over_all_end_slices_and_enough_slices():
@@ -202,10 +205,16 @@ def test_review_report_lists_tracks_stops_and_flagged_slices():
     (report,) = build_review_report(result)["segments"]
     assert report["tracks"] == [{"seed_slice": 5, "stopped": {"up": "structure ended", "down": "structure ended"},
                                  "first_slice": 3, "last_slice": 8}]  # fmt: skip
-    assert [s["k"] for s in report["slices"]] == [3, 4, 5, 6, 7, 8]
-    assert report["slices"][2]["source"] == "user" and report["slices"][3]["source"] == "propagated"
-    assert report["slices"][0]["area_mm2"] == pytest.approx(256 * 0.5 * 0.8)
-    assert report["flagged_slices"] == [6] and report["slices"][3]["flags"] == ["low_score"]
+    by_k = {s["k"]: s for s in report["slices"]}
+    assert [k for k, s in by_k.items() if s["area_mm2"] > 0] == [3, 4, 5, 6, 7, 8]
+    assert by_k[5]["source"] == "user" and by_k[6]["source"] == "propagated"
+    assert by_k[3]["area_mm2"] == pytest.approx(256 * 0.5 * 0.8)
+    assert by_k[6]["flags"] == ["low_score"]
+    # The square ends at full size on both sides: the slices beyond each end are flagged, as ranges.
+    assert report["flagged_slices"] == [0, 1, 2, 6, 9, 10, 11]
+    assert [(i["first_slice"], i["last_slice"], i["flags"]) for i in report["items"]] == [
+        (0, 2, ["beyond_end"]), (6, 6, ["low_score"]), (9, 11, ["beyond_end"])]
+    assert "check slices 9-11" in report["items"][2]["reason"] and "score 0.50" in report["items"][1]["reason"]
     assert report["volume_ml"] == pytest.approx(6 * 256 * 0.5 * 0.8 * 2.0 / 1000, abs=1e-3)
 
 

@@ -150,7 +150,7 @@ def test_training_runs_in_the_liversam_environment_checked_once(tmp_path, monkey
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
     bare_python = str(bare / "bin" / "python")
     problem = TrainingLogic.environment_problem(bare_python)
-    assert problem and "cannot train" in problem and "liversam" in problem
+    assert problem and "cannot train" in problem and "No module named" in problem and "setup.sh" in problem
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: calls.append(a))
     assert TrainingLogic.environment_problem(bare_python) == problem and not calls  # cached: not run again
