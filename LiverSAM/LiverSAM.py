@@ -31,7 +31,7 @@ from LiverSAMLib import MRMLBridge, PromptPlacement, ServerRequests
 from LiverSAMLib.BackgroundCalls import CallQueue
 from LiverSAMLib.Parameters import LiverSAMParameterNode
 from LiverSAMLib.SegmentationLogic import LIVER, SegmentationLogic, dicom_reference_of_volume
-from LiverSAMLib.ServerClient import LiverSAMClient, ServerRequestError
+from LiverSAMLib.ServerClient import LiverSAMClient, ServerRequestError, ServerUnavailable
 from LiverSAMLib.ServerConnection import FAILED, LOCAL, READY, REMOTE, ServerConnection, ServerSettings
 from LiverSAMLib.ServerSegmentation import PropagationPlan, ServerSegmentation
 from LiverSAMLib.SlicerCompatibility import version_problem
@@ -338,6 +338,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         def failed(error: BaseException) -> None:
             if isinstance(error, ServerRequestError) and error.status == 404:
                 self.logic.forgetSessions()  # the server dropped an idle session: the next request reopens it
+            self._serverLost(error)
             self._showServerState()
             self._onError(what, error)
 
@@ -346,6 +347,14 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             onDone(value)
 
         self._calls.submit(run, done, failed, key=key, name=what)
+
+    def _serverLost(self, error: BaseException) -> None:
+        """A server that stopped answering mid-work (killed, crashed): the connection says so and offers a
+        restart (Connect); its sessions are gone with it."""
+        connection = self.logic.connection
+        if isinstance(error, ServerUnavailable) and connection.state == READY:
+            connection.lost(error)
+            self.logic.forgetSessions()
 
     def _onError(self, what: str, error: BaseException) -> None:
         if self._job is not None and self._job.get("what") == what:
@@ -600,6 +609,8 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         def failed(error: BaseException) -> None:
             job["polling"] = False
+            self._serverLost(error)
+            self._showServerState()
             self._onError(job["what"], error)
 
         self._calls.submit(lambda: self.logic.connection.ensure().job_status(job["id"]), status, failed, name=job["what"])

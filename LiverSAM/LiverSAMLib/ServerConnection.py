@@ -177,6 +177,22 @@ class ServerConnection:
             raise ServerUnavailable(self.message)
         return self.connect()
 
+    def lost(self, error: BaseException) -> None:
+        """The server stopped answering (it crashed, was killed, or the network went): say so once and offer
+        a restart. Later requests fail with this message, without waiting on a dead server, until
+        :meth:`reset` (the Connect button) starts or reaches it again. Nothing in the scene is changed."""
+        with self._lock:
+            exited = ""
+            if self._process is not None and not self._process.running():
+                code = self._process.process.poll() if self._process.process is not None else None
+                exited = f" (the local server exited with code {code})" if code is not None else ""
+            self._stop_process()
+            where = "local LiverSAM server" if self.settings.mode == LOCAL else f"LiverSAM server at {self.settings.url}"
+            self._fail(
+                f"The {where} stopped answering{exited}: {error}. The segmentation was not changed. "
+                "Press Connect to start it again (an unfinished propagation must be run again)."
+            )
+
     def reset(self, settings: ServerSettings | None = None) -> None:
         """Stop the server started here, forget the failure; the next :meth:`ensure` connects again."""
         self.stop()
