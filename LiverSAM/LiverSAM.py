@@ -30,6 +30,7 @@ from slicer.util import VTKObservationMixin
 from LiverSAMLib import MRMLBridge, PromptPlacement, ServerRequests
 from LiverSAMLib.BackgroundCalls import CallQueue
 from LiverSAMLib.Parameters import LiverSAMParameterNode
+from LiverSAMLib.Phantom import liver_phantom
 from LiverSAMLib.SegmentationLogic import LIVER, SegmentationLogic, dicom_reference_of_volume
 from LiverSAMLib.ServerClient import LiverSAMClient, ServerRequestError, ServerUnavailable
 from LiverSAMLib.ServerConnection import FAILED, LOCAL, READY, REMOTE, ServerConnection, ServerSettings
@@ -886,32 +887,10 @@ class LiverSAMTest(ScriptedLoadableModuleTest):
         total = a.sum() + b.sum()
         return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
 
-    @staticmethod
-    def _phantom():
-        """A CT phantom made here: a liver-like ellipsoid (110 HU) in fat, 128 x 128 x 14, 1 x 1 x 2.5 mm."""
-        import numpy as np
-
-        from liversam.geometry import ImageGeometry
-        from liversam.volume import CTVolume
-
-        nk, n = 14, 128
-        kk, jj, ii = np.mgrid[:nk, :n, :n]
-
-        def ellipsoid(centre, radii):
-            return sum(((axis - c) / r) ** 2 for axis, c, r in zip((kk, jj, ii), centre, radii, strict=True)) <= 1
-
-        liver = ellipsoid(((nk - 1) / 2, 64, 60), (nk / 2 - 0.6, 34, 42))
-        hu = np.full(liver.shape, -1000.0)
-        hu[ellipsoid(((nk - 1) / 2, 64, 64), (60, 60, 62))] = -80.0
-        hu[liver] = 110.0
-        hu += np.random.default_rng(7).normal(0, 8, hu.shape)
-        geometry = ImageGeometry((n, n, nk), (1.0, 1.0, 2.5), (0.0, 0.0, 0.0))
-        return CTVolume(hu.astype(np.int16), geometry, source="phantom"), liver
-
     def test_LiverSAM_box_then_propagation_through_the_server(self):
         import numpy as np
 
-        ct, liver = self._phantom()
+        ct, liver = liver_phantom()
         volumeNode = MRMLBridge.volume_node_from_ct(ct, "LiverSAM phantom")
         segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "LiverSAM")
         logic = LiverSAMLogic()  # the module's Server settings: a local server is started, a remote one found
@@ -953,7 +932,7 @@ class LiverSAMTest(ScriptedLoadableModuleTest):
     def test_LiverSAM_liver_write_keeps_tumour_and_undo(self):
         import numpy as np
 
-        ct, liver = self._phantom()
+        ct, liver = liver_phantom()
         volumeNode = MRMLBridge.volume_node_from_ct(ct, "LiverSAM phantom")
         before = np.array(slicer.util.arrayFromVolume(volumeNode), copy=True)
         segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")

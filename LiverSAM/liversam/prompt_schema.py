@@ -31,7 +31,6 @@ from pydantic_core import PydanticCustomError
 
 from .errors import PromptError
 
-COORDINATE_SYSTEMS = ("LPS", "RAS", "IJK")
 MAX_LABEL = 65535
 MAX_REPORTED_ERRORS = 8
 

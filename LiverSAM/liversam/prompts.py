@@ -24,8 +24,11 @@ import numpy as np
 
 from .errors import PromptError
 from .geometry import ImageGeometry, ras_to_lps
-from .prompt_schema import COORDINATE_SYSTEMS, read_json_file, validate_markups, validate_prompts
 from .segmentation import default_color
+
+# Files are validated by :mod:`liversam.prompt_schema` (pydantic), imported only where a file is read, so the
+# prompt types stay importable without pydantic (inside 3D Slicer's Python, which does not ship it).
+COORDINATE_SYSTEMS = ("LPS", "RAS", "IJK")
 
 __all__ = [
     "COORDINATE_SYSTEMS",
@@ -167,6 +170,8 @@ def markups_to_prompts(
     ``positionStatus`` is ``undefined`` (placed in Slicer's list but never positioned) are skipped.
     """
     path = Path(path)
+    from .prompt_schema import read_json_file, validate_markups
+
     data = read_json_file(path, what="Markups file")
     markups = validate_markups(data, f"'{path}'").markups
     out: dict[int, SlicePrompts] = {}
@@ -222,6 +227,8 @@ def parse_prompts(
 
     Raises :class:`PromptError` whose message gives the JSON path of the offending value.
     """
+    from .prompt_schema import validate_prompts
+
     spec = validate_prompts(data, source)
     system = spec.coordinate_system
     segments: list[SegmentPrompts] = []
@@ -270,5 +277,7 @@ def load_prompts(path: str | Path, geometry: ImageGeometry) -> list[SegmentPromp
         for k, prompts in markups_to_prompts(path, geometry).items():
             seg.add(k, prompts)
         return [seg]
+    from .prompt_schema import read_json_file
+
     data = read_json_file(path, what="Prompts file")
     return parse_prompts(data, geometry, base_dir=path.parent, source=f"'{path}'")

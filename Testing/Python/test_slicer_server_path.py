@@ -27,6 +27,7 @@ from liversam.geometry import ImageGeometry  # noqa: E402
 from liversam.volume import CTVolume  # noqa: E402
 from LiverSAMLib import MRMLBridge, PromptPlacement, ServerRequests  # noqa: E402
 from LiverSAMLib.BackgroundCalls import CallQueue  # noqa: E402
+from LiverSAMLib.Phantom import liver_phantom  # noqa: E402
 from LiverSAMLib.SegmentationLogic import LIVER, TUMOR, SegmentationLogic  # noqa: E402
 from LiverSAMLib.ServerClient import ServerRequestError  # noqa: E402
 from LiverSAMLib.ServerConnection import LOCAL, READY, ServerConnection, ServerSettings  # noqa: E402
@@ -199,24 +200,11 @@ def test_tumour_gets_the_liver_from_the_segmentation_node_as_its_container(conne
     assert dice(tumour, lesion) >= 0.83, dice(tumour, lesion)  # measured 0.859 through the server
 
 
-def _phantom(nk: int = 14, n: int = 128):
-    kk, jj, ii = np.mgrid[:nk, :n, :n]
-
-    def ellipsoid(centre, radii):
-        return sum(((axis - c) / r) ** 2 for axis, c, r in zip((kk, jj, ii), centre, radii, strict=True)) <= 1
-
-    liver = ellipsoid(((nk - 1) / 2, 64, 60), (nk / 2 - 0.6, 34, 42))
-    hu = np.full(liver.shape, -1000.0)
-    hu[ellipsoid(((nk - 1) / 2, 64, 64), (60, 60, 62))] = -80.0
-    hu[liver] = 110.0
-    hu += np.random.default_rng(7).normal(0, 8, hu.shape)
-    return CTVolume(hu.astype(np.int16), ImageGeometry((n, n, nk), (1.0, 1.0, 2.5), (0.0, 0.0, 0.0))), liver
-
 
 def test_a_fix_repropagates_only_between_the_neighbouring_prompts(connection):
     """Boxes on slices 4 and 8, a propagation, then leakage painted on slice 6 (as a bad result would be): a
     box on slice 6 makes the next Propagate a fix that changes slices 5..7 only, as one undo step."""
-    ct, liver = _phantom()
+    ct, liver = liver_phantom()
     scene, volume, segmentation, logic, server = scene_with(ct)
     liver_id = logic.ensure_segment(segmentation, LIVER)
     geometry = MRMLBridge.geometry_from_volume_node(volume)
