@@ -46,7 +46,7 @@ class PropagationParameters:
     # Stop when the model's predicted IoU on a slice falls below this value.
     minScore: Annotated[float, WithinRange(0.0, 1.0)] = 0.45
     # Margin (mm) added around the previous slice's mask to make the next slice's box prompt.
-    boxMarginMm: Annotated[float, WithinRange(0.0, 50.0)] = 4.0
+    boxMarginMm: Annotated[float, WithinRange(0.0, 50.0)] = 3.0
     # Also give the previous slice's mask to the model as a dense prompt.
     useMaskPrompt: bool = False
     # Stop when the mask is smaller than this (mm^2): the structure has ended.

@@ -44,7 +44,7 @@ PROPAGATION_PARAMETERS: dict[str, str] = {
 #: Slicer's Python cannot ask it; a test checks these equal the core's defaults).
 PROPAGATION_DEFAULTS: dict[str, Any] = {
     "min_score": 0.45,
-    "box_margin_mm": 4.0,
+    "box_margin_mm": 3.0,
     "use_mask_prompt": False,
     "min_area_mm2": 15.0,
     "collapse_ratio": 0.2,

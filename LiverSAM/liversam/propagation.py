@@ -51,7 +51,11 @@ NAIVE_MIN_PIXELS = 10
 
 @dataclass(frozen=True)
 class PropagationSettings:
-    box_margin_mm: float = 4.0
+    # An organ's box margin on thin slices (thick ones: OrganTrackSettings); lesions take two thirds of it.
+    # 3 mm instead of 4: the liver track stops where the organ ends instead of holding its box over the heart
+    # (one-box liver Dice ircadb17 0.942 -> 0.969, lits117 0.948 -> 0.952; 2 mm: 0.969 / 0.946, 3.5 mm:
+    # 0.964 / 0.952, 1 mm: lits117 0.864). Thick slices are unchanged (1.4 x the thickness wins).
+    box_margin_mm: float = 3.0
     use_mask_prompt: bool = False
     min_area_mm2: float = 15.0
     collapse_ratio: float = 0.2
@@ -100,9 +104,13 @@ class OrganTrackSettings:
     regrow_min_gain: float = 0.05
 
 
+LESION_MARGIN_FRACTION = 2.0 / 3.0  # of the organ's box margin (3 mm -> 2 mm)
+
+
 def for_lesions(settings: PropagationSettings) -> PropagationSettings:
-    """The settings for a segment inside another (a tumour in the liver): half the box margin and half the
-    mean-HU leak tolerance, since a lesion is small and differs from its organ mainly by intensity.
+    """The settings for a segment inside another (a tumour in the liver): two thirds of the box margin
+    (2 mm by default) and half the mean-HU leak tolerance, since a lesion is small and differs from its organ
+    mainly by intensity.
 
     Measured on lits117 (one box per lesion on its largest slice, before intensity refinement): box margin
     4 mm -> tumour Dice 0.34, 2 mm -> 0.48. With intensity refinement the 2 mm margin still wins (a search
@@ -111,9 +119,40 @@ def for_lesions(settings: PropagationSettings) -> PropagationSettings:
     shift = settings.max_mean_hu_shift
     return replace(
         settings,
-        box_margin_mm=settings.box_margin_mm / 2.0,
+        box_margin_mm=settings.box_margin_mm * LESION_MARGIN_FRACTION,
         max_mean_hu_shift=shift / 2.0 if shift else shift,
     )
+
+
+@dataclass(frozen=True)
+class ModelTrackUnion:
+    """When a lesion's own model track joins its intensity-refined track.
+
+    The refinement keeps the parts of a lesion that are darker (or brighter) than the liver the way its
+    prompted slice is. A lesion whose attenuation changes along its length (a hypodense core on the largest
+    slice, near-isodense ends) loses much of itself that way while the model, which sees its outline, keeps
+    it. So each refined lesion is also followed by the model alone (the same walk, no refinement), and the
+    two are united when, on the prompted slice,
+
+    - the refined mask is smaller than ``max_seed_ratio`` x the model's (the model sees clearly more lesion
+      than the intensity does), and
+    - less than ``max_parenchyma_fraction`` of the model's mask is parenchyma-like (within
+      ``parenchyma_sd`` SDs of the liver's mode): the model's mask is not the liver around the lesion.
+
+    The model's track is taken only while its area stays within ``max_growth`` x its prompted slice's (the
+    box sits on the lesion's largest slice; a track that outgrows it has run into something else).
+
+    One-box tumour Dice (lesions in one segment, four cases), tight boxes: ircadb17 0.702 -> 0.858 (its two
+    large lesions: hypodense cores, near-isodense ends), lits117 0.791, hcc0697 0.694, hcc2144 0.661
+    unchanged; loose boxes ircadb17 0.703 -> 0.868; jittered 0.702 -> 0.858; the other cases unchanged
+    (within 0.001). Without the seed-ratio condition hcc0697 fell to 0.614 (its small lesion: the model's mask
+    is larger than the lesion on every slice).
+    """
+
+    max_seed_ratio: float = 0.75
+    max_parenchyma_fraction: float = 0.4
+    parenchyma_sd: float = 1.5
+    max_growth: float = 1.1
 
 
 @dataclass
@@ -315,12 +354,13 @@ class _Propagator:
         return mask, prediction
 
     def run_track(self, seed_k: int, seed_prompts: SlicePrompts, out: np.ndarray, scores: dict[int, float],
-                  limits: tuple[int, int] | None = None) -> Track:
-        """Segment the seed slice, then walk up and down. ``limits`` = (k_min, k_max) allowed, inclusive."""
+                  limits: tuple[int, int] | None = None, refine: bool = True) -> Track:
+        """Segment the seed slice, then walk up and down. ``limits`` = (k_min, k_max) allowed, inclusive.
+        ``refine=False``: no intensity refinement for this track (the model's own track of a lesion)."""
         k_min, k_max = limits if limits is not None else (0, self.nk - 1)
         track = Track(seed_k=seed_k)
         self._median_size = None  # per track: a track's result does not depend on the tracks before it
-        self.contrast = self._fit_contrast(seed_k, seed_prompts)
+        self.contrast = self._fit_contrast(seed_k, seed_prompts) if refine else None
         self.organ = None
         mask, prediction = self._predict(seed_k, seed_prompts)
         if self.settings.intensity_refinement and self.container is None and mask.any():
@@ -334,6 +374,37 @@ class _Propagator:
         for direction, step in (("up", 1), ("down", -1)):
             track.stop_reasons[direction] = self._walk(seed_k, step, mask, prediction, track, out, scores, k_min, k_max)
         return track
+
+    def model_track_union(self, seed_k: int, seed_prompts: SlicePrompts, refined_kji: np.ndarray,
+                          union: ModelTrackUnion) -> np.ndarray | None:
+        """The part of the lesion's own model track (no refinement) to add to its refined track
+        ``refined_kji``, or None when :class:`ModelTrackUnion`'s conditions do not hold. Call right after the
+        refined :meth:`run_track` of the same seed (it uses that track's contrast)."""
+        contrast = self.contrast
+        if contrast is None:
+            return None
+        self.contrast = None
+        model_seed, _ = self._predict(seed_k, seed_prompts)
+        self.contrast = contrast
+        if not model_seed.any():
+            return None
+        smoothed = self._smoothed_slice(seed_k, model_seed)[model_seed]
+        parenchyma_like = np.abs(smoothed - contrast.parenchyma_hu) < union.parenchyma_sd * contrast.parenchyma_sd
+        ratio = refined_kji[seed_k].sum() / model_seed.sum()
+        if ratio >= union.max_seed_ratio or parenchyma_like.mean() >= union.max_parenchyma_fraction:
+            return None
+        model_out = np.zeros_like(refined_kji)
+        self.run_track(seed_k, seed_prompts, model_out, {}, refine=False)
+        self.contrast = contrast
+        model_out = connected_to_slice(model_out, seed_k)
+        areas = model_out.sum(axis=(1, 2))
+        keep = np.zeros(len(areas), dtype=bool)
+        for step in (1, -1):
+            k = seed_k
+            while 0 <= k < len(areas) and 0 < areas[k] <= union.max_growth * areas[seed_k]:
+                keep[k] = True
+                k += step
+        return model_out & keep[:, None, None]
 
     def _regrow(self, k: int, box, mask: np.ndarray, prediction, prev_mask: np.ndarray):
         """An organ that reaches its box's edge goes on beyond it (a lobe appears between thick slices):
@@ -434,10 +505,12 @@ def propagate_segment(
     cancel: Callable[[], bool] | None = None,
     method: str = "liversam",
     organ_track: OrganTrackSettings | None = None,
+    model_union: ModelTrackUnion | None = ModelTrackUnion(),
 ) -> PropagationOutcome:
     """Segment every prompted slice of ``seg`` and propagate each seed both ways until the structure ends.
 
     ``method``: "liversam" (this module's walk) or "naive" (the reference loop, :func:`propagate_naive`).
+    ``model_union``: when a refined lesion also takes its model's own track (None: never).
     """
     if method not in PROPAGATION_METHODS:
         raise ValueError(f"propagation method '{method}': choose one of {', '.join(PROPAGATION_METHODS)}")
@@ -454,6 +527,10 @@ def propagate_segment(
     for k, prompts in split_into_seeds(seg):
         track_out = np.zeros_like(out) if lesion else out
         tracks.append(propagator.run_track(k, prompts, track_out, scores))
+        if lesion and model_union is not None:
+            extra = propagator.model_track_union(k, prompts, track_out, model_union)
+            if extra is not None:
+                track_out |= extra
         if lesion:  # a lesion is one object: drop specks that lost touch with the prompted slice's mask
             out |= connected_to_slice(track_out, k)
     return PropagationOutcome(out, scores, tracks, sorted(seg.slices), propagator.computed)

@@ -61,9 +61,11 @@ def test_a_track_goes_on_while_the_masks_follow_and_records_each_slice():
     assert (seed.source, next_up.source) == ("user", "propagated")
     assert seed.area_mm2 == pytest.approx(400 * PIXEL_MM2) and next_up.area_mm2 == pytest.approx(400 * PIXEL_MM2)
     assert seed.box_ij == box_around(SEED)
-    # The next slice's prompt: the previous mask's box grown by box_margin_mm (4 mm = 5 px at 0.8 mm).
+    # The next slice's prompt: the previous mask's box grown by the organ's margin, max(box_margin_mm 3 mm,
+    # 1.4 x the 2.5 mm slice thickness) = 3.5 mm = 4.375 px at 0.8 mm.
     _, prompts = predictor.calls[1]
-    assert prompts.boxes_ij == [(25.0, 25.0, 54.0, 54.0)] and next_up.box_ij == (25.0, 25.0, 54.0, 54.0)
+    grown = (30 - 4.375, 30 - 4.375, 49 + 4.375, 49 + 4.375)
+    assert prompts.boxes_ij == [pytest.approx(grown)] and next_up.box_ij == pytest.approx(grown)
     assert not next_up.touches_box_edge
     assert outcome.scores[K0] == pytest.approx(0.95) and outcome.scores[K0 + 1] == pytest.approx(0.9)
 
