@@ -20,9 +20,10 @@ Flags (per slice; what is known without a label):
 - ``ragged``: the mask fills less of its convex hull (its *solidity*) than ``ragged_ratio`` x that of the
   prompted slices: a track that runs into the heart, bowel or kidney picks up a ragged, broken-up outline
   after the intensity refinement has cut the foreign tissue away (solidity stored per slice);
-- ``zigzag``: the area goes up and down from slice to slice (a slice larger or smaller than both neighbours
-  by more than ``zigzag_ratio`` of their mean): an organ's area changes smoothly along the body, so some
-  of these slices take in part of a neighbour or miss a part; the slice and both neighbours are flagged;
+- ``zigzag``: the area goes up and down from slice to slice (a slice larger than both neighbours by more than
+  ``zigzag_ratio`` of their mean and a slice smaller than both by as much at most ``ZIGZAG_WINDOW`` slices
+  apart): an organ's area changes smoothly along the body, so some of these slices take in part of a
+  neighbour or miss a part; those slices and their neighbours are flagged;
 - ``hu_shift``: the mask's mean HU is more than ``hu_shift`` HU away from the prompted slices' (needs the CT;
   mean HU stored per slice).
 
@@ -52,6 +53,7 @@ from skimage.morphology import convex_hull_image
 from .segmentation import SegmentationResult
 
 MIN_SHAPE_PIXELS = 20  # masks smaller than this are not judged by their shape
+ZIGZAG_WINDOW = 2  # slices between an up and a down of the area that make a zigzag
 MAX_REASONS = 3  # an item's reason names at most this many findings, the most telling first
 
 
@@ -180,16 +182,26 @@ def review_segment(
             rows[k].solidity = round(value, 3)
             if value < settings.ragged_ratio * reference:
                 rows[k].flags.append("ragged")
-    # Area going up and down from slice to slice (a liver's area changes smoothly along the body): the slice
-    # and both neighbours are flagged - one of them probably includes a neighbour's tissue or misses a part.
+    # Area going up and down from slice to slice (a liver's area changes smoothly along the body): a slice
+    # larger (smaller) than both neighbours by more than zigzag_ratio of their mean, with a slice smaller
+    # (larger) than both its neighbours at most ZIGZAG_WINDOW slices away - an organ's single peak is no
+    # zigzag. Each such slice and both its neighbours are flagged: one of them probably includes a
+    # neighbour's tissue or misses a part.
     if settings.zigzag_ratio is not None:
+        bumps: dict[int, int] = {}  # k -> +1 (above both neighbours) or -1 (below both)
         for k in range(first + 1, last):
             before, here, after = areas[k - 1], areas[k], areas[k + 1]
             if min(before, here, after) <= 0:
                 continue
             mean = (before + after) / 2.0
-            extreme = here > max(before, after) or here < min(before, after)
-            if extreme and abs(here - mean) > settings.zigzag_ratio * mean and abs(here - mean) > settings.zigzag_min_mm2:
+            if abs(here - mean) <= max(settings.zigzag_ratio * mean, settings.zigzag_min_mm2):
+                continue
+            if here > max(before, after):
+                bumps[k] = 1
+            elif here < min(before, after):
+                bumps[k] = -1
+        for k, sign in bumps.items():
+            if any(bumps.get(k + d) == -sign for d in range(-ZIGZAG_WINDOW, ZIGZAG_WINDOW + 1)):
                 for n in (k - 1, k, k + 1):
                     if "zigzag" not in rows[n].flags:
                         rows[n].flags.append("zigzag")
