@@ -15,7 +15,6 @@ from liversam.propagation import SliceRecord
 from liversam.review import ReviewSettings, build_review_report, review_segment
 from liversam.segmentation import Segment, SegmentationResult
 
-
 # The flags of earlier versions alone (no tips, shape or HU flags; the old score threshold).
 OLDER_FLAGS = dict(flag_ends=False, ragged_ratio=None, zigzag_ratio=None, hu_shift=None, uncertain_score=0.9)
 
