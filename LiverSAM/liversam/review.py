@@ -48,7 +48,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
-from skimage.morphology import convex_hull_image
+from scipy.spatial import ConvexHull, QhullError
 
 from .segmentation import SegmentationResult
 
@@ -106,12 +106,27 @@ class SliceReview:
 
 
 def _solidity(mask_ji: np.ndarray) -> float:
-    """The mask's area over the area of its convex hull (1: convex; a ragged or broken-up outline is low)."""
-    js, is_ = np.nonzero(mask_ji)
-    if js.size < MIN_SHAPE_PIXELS:
+    """The mask's area over the area of its convex hull (1: convex; a ragged or broken-up outline is low).
+
+    The hull is that of the pixels' corners; each row's first and last pixel decide it, so it costs a few
+    milliseconds on a 512 x 512 slice."""
+    rows = np.flatnonzero(mask_ji.any(axis=1))
+    count = int(mask_ji.sum())
+    if count < MIN_SHAPE_PIXELS:
         return 1.0
-    crop = mask_ji[js.min() : js.max() + 1, is_.min() : is_.max() + 1]
-    return float(crop.sum() / max(int(convex_hull_image(crop).sum()), 1))
+    band = mask_ji[rows]
+    left = band.argmax(axis=1)
+    right = band.shape[1] - 1 - band[:, ::-1].argmax(axis=1)
+    j = rows.astype(float)
+    points = np.concatenate([
+        np.stack([j - 0.5, left - 0.5], 1), np.stack([j + 0.5, left - 0.5], 1),
+        np.stack([j - 0.5, right + 0.5], 1), np.stack([j + 0.5, right + 0.5], 1),
+    ])
+    try:
+        hull_area = float(ConvexHull(points).volume)  # in 2D, ``volume`` is the area
+    except QhullError:  # all points on a line cannot happen with pixel corners; kept for safety
+        return 1.0
+    return min(1.0, count / hull_area) if hull_area > 0 else 1.0
 
 
 def _reference_slices(present: np.ndarray, areas: np.ndarray, records: dict[int, object]) -> list[int]:
