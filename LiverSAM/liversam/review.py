@@ -59,16 +59,17 @@ MAX_REASONS = 3  # an item's reason names at most this many findings, the most t
 
 @dataclass(frozen=True)
 class ReviewSettings:
-    """Thresholds of the flags. Defaults chosen on the four labelled cases (one-box, tight boxes, liver; saved
-    predictions, docs/RESULTS.md, "Review flags as a detector"): pooled liver recall 0.90, precision 0.65
-    (before the shape flags: 0.73 / 0.43). The shape of the mask does the work: ``ragged`` (solidity below
-    0.75 x the prompted slice's) finds a run into the heart, ``zigzag`` (6 %) a stretch where the mask takes
-    in a neighbour on every other slice, ``end`` the tips; with them the model score adds nothing on the
-    liver (``uncertain_score`` 0.8 or off: the same figures; at 0.9 it flagged most of lits117's lower half,
-    precision 0.49). Neighbouring thresholds (ragged 0.7-0.8, zigzag 5-8 %) give recall 0.85-0.92 and
-    precision 0.62-0.66; ``hu_shift`` at 45 HU changed no flagged slice on the four cases (at 30 HU it cost
-    precision) and stays as a guard against a run into fat or bowel. ``tip`` flags (below 20-50 % of the
-    largest slice) raised recall but cut precision to 0.26-0.35, so the tip threshold stays low (5 %)."""
+    """Thresholds of the flags. Defaults chosen on the four labelled cases (one-box, tight boxes, liver;
+    docs/RESULTS.md, "Review flags as a detector"): pooled liver recall 0.90, precision 0.67 (the flags
+    before: 0.73 / 0.43). The shape of the mask does the work: ``ragged`` (solidity below 0.75 x the prompted
+    slice's) finds a run into the heart, ``zigzag`` (6 %) a stretch where the mask takes in a neighbour on
+    every other slice, ``end`` the tips; with them the model score adds nothing on the liver
+    (``uncertain_score`` 0.8 or off: the same figures; 0.9 flagged most of lits117's lower half, pooled
+    precision 0.49). Neighbouring thresholds: ragged 0.7 / 0.8 recall 0.85 / 0.92, precision 0.66 / 0.64;
+    zigzag 5 % / 8 % recall 0.90 / 0.81, precision 0.66 / 0.68. ``hu_shift`` at 45 HU changed no flagged slice
+    on the four cases (at 30 HU it cost precision) and stays as a guard against a run into fat or bowel.
+    ``tip`` flags (below 20-50 % of the largest slice) raised recall but cut precision to 0.26-0.35, so the
+    tip threshold stays low (5 %)."""
 
     max_area_ratio: float = 1.6
     min_jump_mm2: float = 50.0
