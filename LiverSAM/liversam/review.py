@@ -278,9 +278,9 @@ def _reason(name: str, flags: set[str], rows: list[SliceReview], first: int, las
     tip = min((present[0], present[-1]), key=lambda r: min(abs(r.k - first), abs(r.k - last))) if present else None
     if "beyond_end" in flags:
         end = tip
-        share = f" ({100 * end.area_mm2 / largest:.0f} % of its largest slice)" if end and largest else ""
+        share = f"{100 * end.area_mm2 / largest:.0f} % of its largest slice" if end and largest else "large"
         stop = f" at slice {end.k}" if end else ""
-        parts.append(f"{name} stops{stop} while its outline there is still large{share}: it probably continues; "
+        parts.append(f"{name} stops{stop} while its outline there is still {share}: it probably continues; "
                      f"check {where}")
     if "end" in flags and "beyond_end" not in flags:
         which = "begins" if tip is not None and tip is present[0] else "ends"
