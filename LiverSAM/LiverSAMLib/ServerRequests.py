@@ -171,6 +171,10 @@ FLAG_TEXT: dict[str, str] = {
     "tip": "thin tip of the structure",
     "beyond_end": "may continue past this end",
     "uncertain": "model unsure",
+    "end": "first or last slice: check the tip",
+    "ragged": "ragged or broken-up outline",
+    "zigzag": "area goes up and down between slices",
+    "hu_shift": "mean HU unlike the prompted slice",
 }
 
 

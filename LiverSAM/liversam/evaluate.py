@@ -617,7 +617,7 @@ def _run_box_protocol(protocol, volume, refs, predictor, settings, spacing, styl
     if result is not None and protocol == "one-box":
         from .review import build_review_report
 
-        report = build_review_report(result)
+        report = build_review_report(result, ct_kji=volume.array_kji)
         for spec in settings.structures:
             out[spec.name]["review"] = review_detection(report, spec.name, preds[spec.name], refs[spec.name])
     if review_out is not None and result is not None:

@@ -142,6 +142,7 @@ def segment_volume(
             for later in result.segments[n + 1 :]:
                 seg.mask_kji = seg.mask_kji & ~later.mask_kji
     result.provenance["propagation"] = reports
+    result.provenance["inside"] = {seg.name: seg.inside for seg in segment_prompts}  # for the review report
     if progress:
         progress("done", len(ordered), len(ordered))
     return result

@@ -12,7 +12,8 @@ import pytest
 
 from liversam import evaluate as ev
 
-# Measured (docs/RESULTS.md, tight boxes): liver 0.934, tumour 0.694, review liver recall 0.88 / precision 0.70;
+# Measured (docs/RESULTS.md, tight boxes): liver 0.934, tumour 0.694, review liver recall 1.00 / precision 0.57
+# (8 wrong slices, 14 flagged; before the shape flags of issue 18: 0.88 / 0.70);
 # the naive loop 0.859 / 0.186 (not run here: it runs on to the volume's end, encoding 10 more slices).
 LIVER_FLOOR = 0.92
 TUMOUR_FLOOR = 0.67
@@ -29,4 +30,4 @@ def test_one_box_on_hcc0697_keeps_its_accuracy(data_dir, litemedsam) -> None:
     assert ours["tumor"]["dice"] >= TUMOUR_FLOOR
     review = ours["liver"]["review"]
     assert review["scan_items"] <= 10
-    assert review["recall"] >= 0.75 and review["precision"] >= 0.6
+    assert review["recall"] >= 0.85 and review["precision"] >= 0.5

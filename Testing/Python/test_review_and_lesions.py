@@ -15,6 +15,9 @@ from liversam.propagation import SliceRecord
 from liversam.review import ReviewSettings, build_review_report, review_segment
 from liversam.segmentation import Segment, SegmentationResult
 
+# The flags of earlier versions alone (no tips, shape or HU flags; the old score threshold).
+OLDER_FLAGS = dict(flag_ends=False, ragged_ratio=None, zigzag_ratio=None, hu_shift=None, uncertain_score=0.9)
+
 
 def _disc(shape, centre, radius):
     jj, ii = np.mgrid[: shape[0], : shape[1]]
@@ -31,7 +34,7 @@ def test_review_flags_on_a_constructed_case():
     scores[5] = 0.3
     records = {k: SliceRecord(k, 0.0, 0.9, None, "propagated") for k in radii}
     records[9] = SliceRecord(9, 0.0, 0.9, (20, 20, 40, 40), "propagated", touches_box_edge=True)
-    settings = ReviewSettings(flag_box_edge=True, tip_fraction=0.0, beyond_end_fraction=2.0)  # the older flags alone
+    settings = ReviewSettings(flag_box_edge=True, tip_fraction=0.0, beyond_end_fraction=2.0, **OLDER_FLAGS)
     rows = {row.k: row for row in review_segment(mask, 1.0, scores, records, settings)}
     assert "area_jump" in rows[8].flags  # radius 22 between 13 and 13
     assert "area_jump" not in rows[7].flags and "area_jump" not in rows[9].flags
@@ -53,7 +56,7 @@ def test_review_flags_tips_and_slices_beyond_an_end_as_ranges():
         mask[k] = _disc((64, 64), (32, 32), r)
     result = SegmentationResult(geometry, [Segment("liver", 1, mask, slice_scores={k: 0.9 for k in radii})])
     report = build_review_report(result, ReviewSettings(tip_fraction=0.25, beyond_end_fraction=0.05,
-                                                         beyond_end_mm=15.0))
+                                                         beyond_end_mm=15.0, **OLDER_FLAGS))
     (seg,) = report["segments"]
     flags = {row["k"]: row["flags"] for row in seg["slices"]}
     assert [k for k, f in flags.items() if "tip" in f] == [5, 6, 7, 8]  # below 25 % of the largest slice
@@ -76,10 +79,10 @@ def test_review_keeps_at_most_max_items_per_scan():
         mask[k] = _disc((64, 64), (32, 32), 20)
         scores[k] = 0.3 if k % 3 == 0 else 0.9  # a low score on every third slice: 20 separate ranges
     result = SegmentationResult(geometry, [Segment("liver", 1, mask, slice_scores=scores)])
-    report = build_review_report(result, ReviewSettings(merge_gap=1, max_items=10))
+    report = build_review_report(result, ReviewSettings(merge_gap=1, max_items=10, **OLDER_FLAGS))
     assert len(report["items"]) == 10  # 20 runs of one slice (two unflagged slices between them), capped
     assert len(report["segments"][0]["flagged_slices"]) == 10
-    bridged = build_review_report(result, ReviewSettings(merge_gap=2, max_items=10))
+    bridged = build_review_report(result, ReviewSettings(merge_gap=2, max_items=10, **OLDER_FLAGS))
     assert [(i["first_slice"], i["last_slice"]) for i in bridged["items"]] == [(0, 57)]
     assert "score 0.30" in bridged["items"][0]["reason"]
 
@@ -87,7 +90,7 @@ def test_review_keeps_at_most_max_items_per_scan():
     mask = np.zeros(geometry.shape_kji, dtype=bool)
     mask[1:4, 4:8, 4:8] = True
     result = SegmentationResult(geometry, [Segment("liver", 1, mask, slice_scores={2: 0.95})])
-    report = build_review_report(result, ReviewSettings(beyond_end_fraction=2.0))  # no slices beyond the ends
+    report = build_review_report(result, ReviewSettings(beyond_end_fraction=2.0, flag_ends=False))  # none beyond
     text = json.dumps(report)
     (seg,) = json.loads(text)["segments"]
     assert seg["name"] == "liver" and [s["k"] for s in seg["slices"]] == [1, 2, 3]
@@ -157,12 +160,16 @@ def test_area_jump_needs_more_than_min_jump_mm2(middle, flagged):
 def test_low_score_threshold_and_sources():
     mask = _square_areas({3: 100, 4: 100, 5: 100})
     records = {3: SliceRecord(3, 100.0, 0.9, None, "user"), 4: SliceRecord(4, 100.0, 0.6, None, "propagated")}
-    rows = review_segment(mask, 1.0, {3: 0.5999, 4: 0.6}, records, ReviewSettings())
+    rows = review_segment(mask, 1.0, {3: 0.5999, 4: 0.6}, records, ReviewSettings(flag_ends=False))
     assert [(r.k, r.flags, r.source, r.score) for r in rows if r.area_mm2 > 0] == [
         (3, ["low_score"], "user", 0.5999),  # below min_score 0.6
-        (4, ["uncertain"], "propagated", 0.6),  # not below 0.6, but below uncertain_score 0.9
+        (4, ["uncertain"], "propagated", 0.6),  # not below 0.6, but below uncertain_score 0.8
         (5, [], "", None),
     ]
+    rows = review_segment(mask, 1.0, {4: 0.85}, records, ReviewSettings(flag_ends=False))
+    assert rows[4].flags == []  # 0.85: not below the organs' 0.8 ...
+    rows = review_segment(mask, 1.0, {4: 0.85}, records, ReviewSettings(flag_ends=False), lesion=True)
+    assert rows[4].flags == ["uncertain"]  # ... but below the lesions' 0.9
     # A structure that ends abruptly at full size probably goes on: the empty slices beyond its ends are flagged.
     assert {r.k for r in rows if r.area_mm2 == 0} == {r.k for r in rows if r.flags == ["beyond_end"]}
     assert {0, 1, 2, 6, 7, 8} <= {r.k for r in rows if r.flags == ["beyond_end"]}
@@ -210,11 +217,14 @@ def test_review_report_lists_tracks_stops_and_flagged_slices():
     assert by_k[5]["source"] == "user" and by_k[6]["source"] == "propagated"
     assert by_k[3]["area_mm2"] == pytest.approx(256 * 0.5 * 0.8)
     assert by_k[6]["flags"] == ["low_score"]
-    # The square ends at full size on both sides: the slices beyond each end are flagged, as ranges.
-    assert report["flagged_slices"] == [0, 1, 2, 6, 9, 10, 11]
+    # The square ends at full size on both sides: the slices beyond each end are flagged, and each end slice
+    # (a tip), as ranges; slice 6 (low score) and the lower end 8-11 are one slice apart and join.
+    assert report["flagged_slices"] == [0, 1, 2, 3, 6, 7, 8, 9, 10, 11]
     assert [(i["first_slice"], i["last_slice"], i["flags"]) for i in report["items"]] == [
-        (0, 2, ["beyond_end"]), (6, 6, ["low_score"]), (9, 11, ["beyond_end"])]
-    assert "check slices 9-11" in report["items"][2]["reason"] and "score 0.50" in report["items"][1]["reason"]
+        (0, 3, ["beyond_end", "end"]), (6, 11, ["beyond_end", "end", "low_score"])]
+    assert "check slices 6-11" in report["items"][1]["reason"] and "score 0.50" in report["items"][1]["reason"]
+    assert "stops at slice 8 " in report["items"][1]["reason"] and "stops at slice 3 " in report["items"][0]["reason"]
+    assert result.provenance["inside"] == {"liver": None}
     assert report["volume_ml"] == pytest.approx(6 * 256 * 0.5 * 0.8 * 2.0 / 1000, abs=1e-3)
 
 

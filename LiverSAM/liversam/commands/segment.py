@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         from ..atomic_write import write_text_atomically
         from ..review import build_review_report
 
-        write_text_atomically(args.report, json.dumps(build_review_report(result), indent=2))
+        write_text_atomically(args.report, json.dumps(build_review_report(result, ct_kji=volume.array_kji), indent=2))
     if args.lesions:
         from ..lesions import lesion_table, write_lesion_table
 

@@ -123,10 +123,11 @@ class Job:
                 "started": self.started, "finished": self.finished}
 
 
-def _output(result: SegmentationResult, computed: dict[str, list[int]], lesion_names: set[str]) -> JobOutput:
+def _output(result: SegmentationResult, computed: dict[str, list[int]], lesion_names: set[str],
+            ct_kji: np.ndarray | None = None) -> JobOutput:
     names = tuple(s.name for s in result.segments if s.name in lesion_names or s.name.lower() in TUMOUR_NAMES)
     lesions = [asdict(lesion) for lesion in lesion_table(result, names)] if names else []
-    return JobOutput(result, build_review_report(result), lesions, computed)
+    return JobOutput(result, build_review_report(result, ct_kji=ct_kji, lesions=lesion_names), lesions, computed)
 
 
 def propagation_work(job: Job, segments: list[SegmentPrompts], settings: PipelineSettings,
@@ -141,7 +142,7 @@ def propagation_work(job: Job, segments: list[SegmentPrompts], settings: Pipelin
         prompted = {s.name: sorted(s.slices) for s in segments}
         computed = {name: sorted(set(outcomes[name].computed_slices)) if name in outcomes else prompted[name]
                     for name in prompted}
-        return _output(result, computed, {s.name for s in segments if s.inside})
+        return _output(result, computed, {s.name for s in segments if s.inside}, session.volume.array_kji)
 
     return work
 
@@ -171,7 +172,8 @@ def repropagation_work(job: Job, seg: SegmentPrompts, fix_slices: list[int], exi
             segments=[Segment(seg.name, seg.label, mask, seg.color, slice_scores=scores)],
             provenance={"software": "LiverSAM", "propagation": {seg.name: outcome}, "fixed_slices": fix_slices},
         )
-        return _output(result, {seg.name: sorted(set(computed))}, {seg.name} if container is not None else set())
+        return _output(result, {seg.name: sorted(set(computed))}, {seg.name} if container is not None else set(),
+                       session.volume.array_kji)
 
     return work
 
