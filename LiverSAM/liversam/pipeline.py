@@ -2,18 +2,21 @@
 
 For every segment: each slice that carries prompts is segmented from them; with ``propagate`` the result
 is carried slice by slice through the volume (see :mod:`liversam.propagation`). Then 3D clean-up, the
-``inside`` clipping (tumour inside liver), and the overlap rule (a later segment wins).
+``inside`` clipping (tumour inside liver), and the overlap rule (a later segment wins). Segments named in
+``PipelineSettings.crf`` are also refined by a dense CRF on the CT (:mod:`liversam.dense_crf`; off by
+default) after the 3D clean-up and before the clipping.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from . import __version__
+from .dense_crf import CRFSettings, refine_with_crf
 from .errors import Cancelled, PromptError
 from .postprocess import Postprocess3DSettings, PostprocessSettings, clean_slice, clean_volume
 from .predictor import SlicePredictor
@@ -42,6 +45,8 @@ class PipelineSettings:
     # "liversam" or "naive" (the reference loop every evaluation reports beside it; no 3D clean-up).
     propagation_method: str = "liversam"
     later_segment_wins: bool = True
+    # Dense-CRF refinement by segment name (off for segments not listed; see crf_settings_for).
+    crf: dict[str, CRFSettings] = field(default_factory=dict)
 
 
 def order_by_dependency(segments: list[SegmentPrompts]) -> list[SegmentPrompts]:
@@ -129,6 +134,13 @@ def segment_volume(
                                     settings.postprocess_3d.get(seg.name, settings.default_3d))
         else:
             mask, scores, _ = segment_prompted_slices(seg, predictor, settings)
+        crf = settings.crf.get(seg.name)
+        if crf is not None and mask.any():
+            if progress:
+                progress(f"dense CRF '{seg.name}'", index, len(ordered))
+            if not seg.propagate and crf.dims != 2:  # prompted slices only: refine them, add no slice
+                crf = replace(crf, dims=2)
+            mask = refine_with_crf(volume.array_kji, mask, spacing_kji, crf, within_kji=container)
         if container is not None:
             mask &= container
         masks[seg.name] = mask
