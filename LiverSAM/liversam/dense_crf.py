@@ -164,13 +164,14 @@ def refine_with_crf(
 # Settings per kind of segment, chosen on the mean over the four development cases (docs/RESULTS.md):
 # an organ (no ``inside``) and a lesion (a segment ``inside`` another).
 ORGAN_CRF = CRFSettings()
-LESION_CRF = CRFSettings(edge_mm=0.0, confidence=0.8, gaussian_mm=1.0, bilateral_mm=3.0)
+LESION_CRF = CRFSettings(edge_mm=0.0, confidence=0.9, gaussian_mm=1.0, bilateral_mm=3.0)
 
 
-def crf_for_segments(requested: str | Sequence[str], segments: Sequence) -> dict[str, CRFSettings]:
+def crf_for_segments(requested: str | Sequence[str], segments: Sequence, what: str = "--crf") -> dict[str, CRFSettings]:
     """CRF settings by segment name for ``requested`` ("all", a comma-separated string or names) among
     ``segments`` (objects with ``name`` and ``inside``): :data:`LESION_CRF` for a segment inside another,
-    :data:`ORGAN_CRF` otherwise. An unknown name is an error that lists the segments there are."""
+    :data:`ORGAN_CRF` otherwise. An unknown name is an error (naming ``what`` was asked) that lists the
+    segments there are."""
     names = [n.strip() for n in (requested.split(",") if isinstance(requested, str) else requested) if n.strip()]
     if not names:
         return {}
@@ -180,7 +181,7 @@ def crf_for_segments(requested: str | Sequence[str], segments: Sequence) -> dict
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise LiverSAMError(
-            f"--crf: no segment named {', '.join(repr(n) for n in unknown)}; the prompts have "
+            f"{what}: no segment named {', '.join(repr(n) for n in unknown)}; the prompts have "
             f"{', '.join(repr(n) for n in by_name) or 'no segment'} (or give 'all')."
         )
     _require_pydensecrf()
