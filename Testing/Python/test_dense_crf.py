@@ -178,3 +178,21 @@ def test_evaluate_refuses_an_unknown_crf_structure():
 
     with pytest.raises(LiverSAMError, match=r"--crf: unknown structure\(s\) \['vessels'\]"):
         EvaluationSettings(protocols=("one-box",), crf=("liver", "vessels"))
+
+
+def test_a_field_larger_than_max_voxels_runs_in_slabs_with_the_same_result():
+    from liversam.dense_crf import _slabs
+
+    # 5 mm kernel on 2.5 mm slices: 2 slices of context each side; 8 slices of 80 x 80 per field: 4 kept
+    settings = CRFSettings(bilateral_mm=5.0, max_voxels=8 * 80 * 80)
+    slabs = list(_slabs((16, 80, 80), SPACING_KJI[0], settings))
+    kept = [k for _, _, keep_lo, keep_hi in slabs for k in range(keep_lo, keep_hi)]
+    assert kept == list(range(16)), "every slice kept exactly once"
+    assert len(slabs) == 4 and all(hi - lo <= 8 for lo, hi, _, _ in slabs)
+    assert all(keep_lo - lo == min(keep_lo, 2) and hi - keep_hi == min(16 - keep_hi, 2)
+               for lo, hi, keep_lo, keep_hi in slabs), "2 slices of context on each side where there are any"
+    ct, truth = _phantom()
+    noisy = _damaged(truth)
+    whole = refine_with_crf(ct, noisy, SPACING_KJI, replace(settings, max_voxels=10**9))
+    slabbed = refine_with_crf(ct, noisy, SPACING_KJI, settings)
+    assert _dice(slabbed, whole) > 0.99 and _dice(slabbed, truth) > 0.97
