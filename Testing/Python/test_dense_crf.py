@@ -196,3 +196,30 @@ def test_a_field_larger_than_max_voxels_runs_in_slabs_with_the_same_result():
     whole = refine_with_crf(ct, noisy, SPACING_KJI, replace(settings, max_voxels=10**9))
     slabbed = refine_with_crf(ct, noisy, SPACING_KJI, settings)
     assert _dice(slabbed, whole) > 0.99 and _dice(slabbed, truth) > 0.97
+
+
+def test_the_crf_pass_runs_after_propagation_and_clips_a_tumour_to_the_refined_liver():
+    """The tumour is made exactly as without the CRF (its container is the unrefined liver), then clipped to
+    the refined liver; the liver alone is refined."""
+    ct, truth = _phantom()
+    volume = synthetic_volume(ct, (SPACING_KJI[2], SPACING_KJI[1], SPACING_KJI[0]))
+    noisy = _damaged(truth)
+    ks = [k for k in range(truth.shape[0]) if truth[k].any()]
+    tumour_region = np.zeros(truth.shape[1:], dtype=bool)
+    tumour_region[30:50, 52:70] = True  # crosses the damaged liver's edge (it is shifted +3 in i)
+
+    def script(k, prompts):
+        (box,) = prompts.boxes_ij
+        return (noisy[k], 0.9) if box[2] - box[0] > 40 else (tumour_region, 0.9)
+
+    liver_box, tumour_box = SlicePrompts(boxes_ij=[(5.0, 5.0, 75.0, 75.0)]), SlicePrompts(boxes_ij=[(52, 30, 69, 49)])
+    prompts = [SegmentPrompts("liver", 1, slices={k: liver_box for k in ks}),
+               SegmentPrompts("tumor", 2, inside="liver", slices={k: tumour_box for k in ks})]
+    settings = PipelineSettings(later_segment_wins=False)
+    plain = segment_volume(volume, prompts, ScriptedPredictor(volume, script), settings)
+    refined = segment_volume(volume, prompts, ScriptedPredictor(volume, script),
+                             replace(settings, crf={"liver": CRFSettings()}))
+    liver = refined.segment("liver").mask_kji
+    assert _dice(liver, truth) > _dice(plain.segment("liver").mask_kji, truth) + 0.05
+    np.testing.assert_array_equal(refined.segment("tumor").mask_kji, plain.segment("tumor").mask_kji & liver)
+    assert (plain.segment("tumor").mask_kji & ~liver).any(), "the clipping to the refined liver is exercised"
