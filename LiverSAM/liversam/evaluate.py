@@ -146,6 +146,9 @@ class EvaluationSettings:
     click_start: str = "point"
     # one-box: propagation with intensity refinement (liversam.intensity_refinement), as `liversam segment`.
     intensity_refinement: bool = True
+    # Structures (e.g. ("liver", "tumor")) refined by a dense CRF (liversam.dense_crf) in LiverSAM's runs, as
+    # `liversam segment --crf`; the naive reference loop is never refined.
+    crf: tuple[str, ...] = ()
     thresholds: tuple[float, ...] = DICE_THRESHOLDS
     # one-box: "one" puts every lesion box of a structure in one segment (what a user writes, the default);
     # "per-lesion" gives each lesion a segment of its own.
@@ -171,6 +174,12 @@ class EvaluationSettings:
             raise LiverSAMError(f"click_start must be 'point' or 'box', got '{self.click_start}'.")
         if self.box_margin < 0:
             raise LiverSAMError(f"box_margin must be >= 0 voxels, got {self.box_margin}.")
+        unknown_crf = [n for n in self.crf if n not in {s.name for s in self.structures}]
+        if unknown_crf:
+            raise LiverSAMError(
+                f"--crf: unknown structure(s) {unknown_crf}; choose from "
+                f"{', '.join(s.name for s in self.structures)}."
+            )
         if self.lesion_segments not in ("one", "per-lesion"):
             raise LiverSAMError(f"lesion_segments must be 'one' or 'per-lesion', got '{self.lesion_segments}'.")
         from .propagation import PROPAGATION_METHODS
@@ -583,6 +592,7 @@ def _run_box_protocol(protocol, volume, refs, predictor, settings, spacing, styl
     """One box-protocol run. one-box goes through the path of ``liversam segment`` with a prompts file:
     the prompts JSON is parsed by :func:`liversam.prompts.parse_prompts` and segmented by
     :func:`liversam.pipeline.segment_volume`."""
+    from .dense_crf import crf_for_segments
     from .pipeline import PipelineSettings, segment_volume
     from .prompts import parse_prompts
     from .propagation import PropagationSettings
@@ -601,7 +611,10 @@ def _run_box_protocol(protocol, volume, refs, predictor, settings, spacing, styl
         # Keep each structure whole: the reference liver includes its tumours (labels 1 and 2), so the
         # tumours must not be carved out of the predicted liver as a labelmap export would do.
         propagation = PropagationSettings(intensity_refinement=settings.intensity_refinement)
-        pipeline = PipelineSettings(later_segment_wins=False, propagation=propagation, propagation_method=method)
+        crf_names = [p.name for p in prompts if re.sub(r"-\d+$", "", p.name) in settings.crf]
+        crf = crf_for_segments(crf_names, prompts) if method != "naive" else {}
+        pipeline = PipelineSettings(later_segment_wins=False, propagation=propagation, propagation_method=method,
+                                    crf=crf)
         result = segment_volume(volume, prompts, predictor, pipeline)
         preds = _segment_masks_by_structure(result, settings.structures, shape)
     else:

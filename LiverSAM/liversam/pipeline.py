@@ -2,18 +2,22 @@
 
 For every segment: each slice that carries prompts is segmented from them; with ``propagate`` the result
 is carried slice by slice through the volume (see :mod:`liversam.propagation`). Then 3D clean-up, the
-``inside`` clipping (tumour inside liver), and the overlap rule (a later segment wins).
+``inside`` clipping (tumour inside liver), and the overlap rule (a later segment wins). Segments named in
+``PipelineSettings.crf`` are then refined by a dense CRF on the CT (:mod:`liversam.dense_crf`; off by
+default): a pass after every segment is made (so each segment propagates exactly as without it), in
+dependency order, a segment ``inside`` another refined within that one's refined mask.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from . import __version__
+from .dense_crf import CRFSettings, refine_with_crf
 from .errors import Cancelled, PromptError
 from .postprocess import Postprocess3DSettings, PostprocessSettings, clean_slice, clean_volume
 from .predictor import SlicePredictor
@@ -42,6 +46,8 @@ class PipelineSettings:
     # "liversam" or "naive" (the reference loop every evaluation reports beside it; no 3D clean-up).
     propagation_method: str = "liversam"
     later_segment_wins: bool = True
+    # Dense-CRF refinement by segment name (off for segments not listed; see dense_crf.crf_for_segments).
+    crf: dict[str, CRFSettings] = field(default_factory=dict)
 
 
 def order_by_dependency(segments: list[SegmentPrompts]) -> list[SegmentPrompts]:
@@ -80,6 +86,29 @@ def segment_prompted_slices(
         scores[k] = prediction.score
         predictions[k] = prediction
     return mask, scores, predictions
+
+
+def _refine_with_crf(volume, ordered: list[SegmentPrompts], result: SegmentationResult,
+                     masks: dict[str, np.ndarray], crf: dict[str, CRFSettings], spacing_kji,
+                     progress: ProgressCallback | None, cancel: CancelCallback | None) -> None:
+    """The dense-CRF pass: the named segments refined in dependency order; a segment inside a refined one
+    is clipped to the refined mask (refined itself or not)."""
+    by_name = {s.name: s for s in result.segments}
+    for index, seg in enumerate(ordered):
+        if cancel is not None and cancel():
+            raise Cancelled()
+        container = masks.get(seg.inside) if seg.inside else None
+        mask = masks[seg.name]
+        settings = crf.get(seg.name)
+        if settings is not None and mask.any():
+            if progress:
+                progress(f"dense CRF '{seg.name}'", index, len(ordered))
+            if not seg.propagate and settings.dims != 2:  # prompted slices only: refine them, add no slice
+                settings = replace(settings, dims=2)
+            mask = refine_with_crf(volume.array_kji, mask, spacing_kji, settings, within_kji=container)
+        elif container is not None:
+            mask = mask & container
+        masks[seg.name] = by_name[seg.name].mask_kji = mask
 
 
 def segment_volume(
@@ -134,6 +163,8 @@ def segment_volume(
         masks[seg.name] = mask
         result.segments.append(Segment(name=seg.name, label=seg.label, mask_kji=mask, color=seg.color,
                                        slice_scores=scores))
+    if settings.crf:
+        _refine_with_crf(volume, ordered, result, masks, settings.crf, spacing_kji, progress, cancel)
     # Restore the prompts-file order for output, then apply "a later segment wins".
     order = {s.name: n for n, s in enumerate(segment_prompts)}
     result.segments.sort(key=lambda s: order[s.name])

@@ -274,7 +274,7 @@ def test_job_settings_are_the_cores_propagation_settings():
     from liversam.server.schemas import JobSettings
 
     core = {f.name for f in dataclasses.fields(PropagationSettings)}
-    assert set(JobSettings.model_fields) - {"min_island_mm2"} <= core
+    assert set(JobSettings.model_fields) - {"min_island_mm2", "crf"} <= core
     assert pipeline_settings(JobSettings()).propagation == PropagationSettings()
     changed = pipeline_settings(JobSettings(min_score=0.3, max_growth_ratio=None)).propagation
     assert changed.min_score == 0.3 and changed.max_growth_ratio is None
@@ -284,7 +284,8 @@ def test_bad_job_settings(client, session):
     segment = {"name": "liver", "boxes": [[[1, 1, 2], [5, 5, 2]]]}
     for settings, words in (({"min_score": 2}, ["min_score", "less than or equal to 1"]),
                             ({"box_margin_mm": "wide"}, ["box_margin_mm"]),
-                            ({"unknown_rule": 1}, ["unknown_rule", "extra"])):
+                            ({"unknown_rule": 1}, ["unknown_rule", "extra"]),
+                            ({"crf": ["tumour"]}, ["settings.crf: no segment named 'tumour'", "'liver'"])):
         refused(post_json(client, f"/v1/sessions/{session}/jobs/propagate", {"segments": [segment], "settings": settings}),
                 422, *words)
 

@@ -95,6 +95,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="one-box: propagate with the model's masks alone (no liver/tumour intensity refinement)",
     )
     parser.add_argument(
+        "--crf",
+        default="",
+        metavar="STRUCTURES",
+        help="refine these structures (liver, tumor, comma-separated) with a dense CRF on the CT in "
+        "LiverSAM's runs, as `liversam segment --crf` (needs pydensecrf2: pip install 'liversam[crf]')",
+    )
+    parser.add_argument(
         "--propagation",
         default="liversam,naive",
         help="one-box: propagation method(s) run side by side: liversam, naive (the reference loop: box of the "
@@ -171,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         click_mask_input=not args.no_click_mask_input,
         click_start=args.click_start,
         intensity_refinement=not args.no_intensity_refinement,
+        crf=_names(args.crf),
         lesion_segments="per-lesion" if args.per_lesion_segments else "one",
         propagation_methods=_names(args.propagation),
         box_styles=_names(args.boxes),

@@ -39,6 +39,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--closing-mm", type=float, default=0.0, help="2D morphological closing radius (mm)")
     p.add_argument("--no-intensity-refinement", action="store_true",
                    help="propagate with the model's masks alone (no liver/tumour intensity refinement)")
+    p.add_argument("--crf", default="", metavar="SEGMENTS",
+                   help="refine these segments (comma-separated names, or 'all') with a dense CRF on the CT "
+                   "after propagation (off by default; needs pydensecrf2: pip install 'liversam[crf]')")
     p.add_argument("--propagation", choices=("liversam", "naive"), default="liversam",
                    help="propagation method: liversam (default) or naive (the reference loop: box of the previous "
                    "slice's mask + 3 px, stop below 10 px)")
@@ -76,6 +79,7 @@ def _dicom_folder_of_file(ct: Path) -> Path | None:
 def run(args: argparse.Namespace) -> int:
     from ..acceleration import describe_acceleration
     from ..ct_io import read_ct
+    from ..dense_crf import crf_for_segments
     from ..models import load_model
     from ..pipeline import PipelineSettings, segment_volume
     from ..postprocess import PostprocessSettings
@@ -121,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
             f"{volume.metadata['nonfinite_value']:g} (--replace-nonfinite)"
         )
     segments = load_prompts(args.prompts, volume.geometry)
+    crf = crf_for_segments(args.crf, segments)  # before the model: a missing package or a wrong name fails fast
     if args.check_only:
         print(
             f"ok: CT {volume.geometry.size_ijk} (i, j, k), {len(segments)} segment(s) "
@@ -137,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
         ),
         propagation=PropagationSettings(intensity_refinement=not args.no_intensity_refinement),
         propagation_method=args.propagation,
+        crf=crf,
     )
     with ProgressReporter() as progress:  # bar on a terminal, a line per stage in a log, nothing with --quiet
         result = segment_volume(volume, segments, predictor, settings, progress=progress)

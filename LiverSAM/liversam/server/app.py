@@ -422,7 +422,7 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
         segments = segment_prompts(body.segments, body.coordinate_system, session.volume.geometry, session.masks)
         names = {s.name for s in segments}
         containers = {s.inside: session.masks[s.inside] for s in segments if s.inside and s.inside not in names}
-        settings = pipeline_settings(body.settings)
+        settings = pipeline_settings(body.settings, segments)
         job = state.jobs.start(session, owner(request), "propagate",
                                lambda job: propagation_work(job, segments, settings, containers))
         return JobStatus(**job.status())
@@ -444,6 +444,9 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
                                    f"{', '.join(sorted(session.masks)) or 'none'}); upload it or run a propagation first")
         container = session.masks[body.container] if body.container else None
         existing = session.masks[existing_name]
+        if body.settings.crf:
+            raise Refused(422, "settings.crf: a re-propagation fixes slices without the dense CRF; run a propagate "
+                               "job to refine a segment with it")
         settings = pipeline_settings(body.settings)
         job = state.jobs.start(session, owner(request), "repropagate", lambda job: repropagation_work(
             job, seg, list(body.fix_slices), existing, container, settings))

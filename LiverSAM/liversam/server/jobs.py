@@ -13,11 +13,12 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..dense_crf import crf_for_segments
 from ..errors import Cancelled, LiverSAMError, PromptError
 from ..geometry import ImageGeometry
 from ..lesions import TUMOUR_NAMES, lesion_table
@@ -74,11 +75,12 @@ def slice_prompts(request: PredictRequest, geometry: ImageGeometry) -> SliceProm
     return seg.slices[request.k]
 
 
-def pipeline_settings(settings: JobSettings) -> PipelineSettings:
-    """The same settings ``liversam segment`` uses, with the request's options."""
+def pipeline_settings(settings: JobSettings, segments: Sequence[SegmentPrompts] = ()) -> PipelineSettings:
+    """The same settings ``liversam segment`` uses, with the request's options (``crf`` names ``segments``)."""
     return PipelineSettings(
         slice_postprocess=PostprocessSettings(min_island_mm2=settings.min_island_mm2),
-        propagation=PropagationSettings(**settings.model_dump(exclude={"min_island_mm2"})),
+        propagation=PropagationSettings(**settings.model_dump(exclude={"min_island_mm2", "crf"})),
+        crf=crf_for_segments(settings.crf, segments, what="settings.crf"),
     )
 
 

@@ -120,7 +120,8 @@ def _number(low: float, high: float | None = None):
 
 
 class JobSettings(Strict):
-    """``liversam.propagation.PropagationSettings`` (the core's defaults) plus the 2D clean-up's island size."""
+    """``liversam.propagation.PropagationSettings`` (the core's defaults) plus the 2D clean-up's island size and
+    the segments to refine with a dense CRF."""
 
     intensity_refinement: bool = _CORE.intensity_refinement
     max_slices: int | None = Field(default=_CORE.max_slices, ge=0, le=100000, description="cap per track and direction")
@@ -134,6 +135,9 @@ class JobSettings(Strict):
     growth_allowance_mm2: _number(0) = _CORE.growth_allowance_mm2
     max_mean_hu_shift: _number(0) | None = _CORE.max_mean_hu_shift
     min_island_mm2: _number(0) = 10.0  # liversam segment's --min-island-mm2 default
+    crf: list[Name] = Field(default_factory=list, max_length=16,
+                            description="segments refined by a dense CRF on the CT, as `liversam segment --crf` "
+                            "(propagate jobs; needs pydensecrf2 on the server)")
 
 
 class PropagateRequest(Strict):
