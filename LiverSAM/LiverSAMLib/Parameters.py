@@ -45,7 +45,8 @@ class PropagationParameters:
 
     # Stop when the model's predicted IoU on a slice falls below this value.
     minScore: Annotated[float, WithinRange(0.0, 1.0)] = 0.45
-    # Margin (mm) added around the previous slice's mask to make the next slice's box prompt.
+    # Margin (mm) added around the previous slice's mask to make the next slice's box prompt (an organ on
+    # thick slices takes at least 1.4 x the slice thickness; lesions two thirds of it).
     boxMarginMm: Annotated[float, WithinRange(0.0, 50.0)] = 3.0
     # Also give the previous slice's mask to the model as a dense prompt.
     useMaskPrompt: bool = False
@@ -62,7 +63,7 @@ class PropagationParameters:
     maxGrowthRatio: Annotated[float, WithinRange(0.0, 10.0)] = 1.5
     growthAllowanceMm2: Annotated[float, WithinRange(0.0, 10000.0)] = 40.0
     # Leak guard: stop when the mask's mean HU moves this far from the prompted slice's (0: off). Tumours
-    # (segments inside another) use half of it and half the box margin (liversam.propagation.for_lesions).
+    # (segments inside another) use half of it and two thirds of the box margin (liversam.propagation.for_lesions).
     maxMeanHuShift: Annotated[float, WithinRange(0.0, 1000.0)] = 80.0
     # Intensity refinement (liversam.intensity_refinement): the liver drops tissue far brighter or darker
     # than its parenchyma on the prompted slice (a run into the kidney); a tumour keeps only the parts of
