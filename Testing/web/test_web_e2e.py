@@ -9,7 +9,6 @@ The page's voxel probe (i, j, k under the mouse) maps screen pixels to voxels, a
 
 from __future__ import annotations
 
-import gzip
 import os
 import re
 import time
@@ -17,6 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from web_page import (
+    JOB_TIMEOUT_MS,
+    ScreenMap,
+    dismiss_error,
+    drag,
+    expect_error,
+    open_path,
+    read_nifti,
+    save_small_png,
+    wait_status,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CT = REPO / "examples/lits117/ct.nii.gz"
@@ -25,114 +35,6 @@ SCREENSHOT = Path(os.environ.get("LIVERSAM_WEB_SCREENSHOT", REPO / "docs/web_app
 SLICE_K = 33
 TUMOUR_K = 83
 TUMOUR_BOX = (56, 0, 115, 25)  # examples/lits117/prompts.json: (i0, j0, i1, j1) on slice 83
-PROPAGATION_TIMEOUT_MS = int(os.environ.get("LIVERSAM_WEB_JOB_TIMEOUT_S", "1200")) * 1000  # a loaded machine is slow
-
-
-def read_nifti(path: Path) -> np.ndarray:
-    """A NIfTI-1 (.nii.gz) volume as an array [k, j, i] in file order (enough for our own files)."""
-    data = gzip.decompress(path.read_bytes())
-    dims = np.frombuffer(data[40:56], dtype="<i2")
-    datatype = int(np.frombuffer(data[70:72], dtype="<i2")[0])
-    offset = int(np.frombuffer(data[108:112], dtype="<f4")[0])
-    dtype = {2: "u1", 4: "<i2", 8: "<i4", 16: "<f4", 256: "i1", 512: "<u2"}[datatype]
-    ni, nj, nk = (int(d) for d in dims[1:4])
-    return np.frombuffer(data[offset:], dtype=dtype, count=ni * nj * nk).reshape(nk, nj, ni)
-
-
-def save_small_png(png: bytes, path: Path, width: int = 1050) -> None:
-    """The page screenshot, scaled down and palettised (a small file for docs/)."""
-    import io
-
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(png)).convert("RGB")
-    image = image.resize((width, round(image.height * width / image.width)), Image.LANCZOS)
-    image.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
-
-
-def dismiss_error(page) -> None:
-    error = page.get_by_test_id("error")
-    if error.count():
-        error.locator("button").click()
-        error.wait_for(state="detached", timeout=10_000)
-
-
-def open_path(page, path: str) -> None:
-    dismiss_error(page)
-    page.get_by_test_id("ct-path").locator("input").fill(path)
-    page.get_by_test_id("open-path").click()
-
-
-def expect_error(page, pattern: str, timeout: int = 60_000) -> str:
-    error = page.get_by_test_id("error")
-    error.wait_for(timeout=timeout)
-    deadline = time.monotonic() + timeout / 1000
-    while time.monotonic() < deadline:
-        text = error.inner_text()
-        if re.search(pattern, text, re.IGNORECASE):
-            return text
-        time.sleep(0.2)
-    raise AssertionError(f"error message {text!r} does not match {pattern!r}")
-
-
-def wait_status(page, pattern: str, timeout: int) -> str:
-    deadline = time.monotonic() + timeout / 1000
-    text = ""
-    while time.monotonic() < deadline:
-        error = page.get_by_test_id("error")
-        if error.count():
-            raise AssertionError(f"the page shows an error: {error.inner_text()}")
-        status = page.get_by_test_id("status")
-        text = status.inner_text() if status.count() else ""
-        match = re.search(pattern, text)
-        if match:
-            return text
-        time.sleep(0.25)
-    raise AssertionError(f"status {text!r} never matched {pattern!r}")
-
-
-def probe(page, x: float, y: float) -> tuple[int, int, int]:
-    """Move the mouse to (x, y) and read the voxel the page reports under it."""
-    probe_text = page.get_by_test_id("probe")
-    before = probe_text.inner_text()
-    page.mouse.move(x, y)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        text = probe_text.inner_text()
-        match = re.search(r"i (-?\d+)\s+j (-?\d+)\s+k (-?\d+)", text)
-        if match and text != before:
-            return int(match.group(1)), int(match.group(2)), int(match.group(3))
-        time.sleep(0.1)
-        page.mouse.move(x + 1, y)
-        page.mouse.move(x, y)
-    raise AssertionError(f"the voxel probe did not update at ({x}, {y}): {probe_text.inner_text()!r}")
-
-
-class ScreenMap:
-    """Affine map screen (x, y) <-> voxel (i, j) in the axial view, measured with the probe."""
-
-    def __init__(self, page, view_box: dict) -> None:
-        x0 = view_box["x"] + view_box["width"] * 0.3
-        y0 = view_box["y"] + view_box["height"] * 0.35
-        dx, dy = view_box["width"] * 0.4, view_box["height"] * 0.3
-        i0, j0, k0 = probe(page, x0, y0)
-        i1, j1, _ = probe(page, x0 + dx, y0)
-        i2, j2, _ = probe(page, x0, y0 + dy)
-        self.k = k0
-        self.matrix = np.array([[(i1 - i0) / dx, (i2 - i0) / dy], [(j1 - j0) / dx, (j2 - j0) / dy]])
-        self.offset = np.array([i0, j0]) - self.matrix @ np.array([x0, y0])
-
-    def to_screen(self, i: float, j: float) -> tuple[float, float]:
-        x, y = np.linalg.solve(self.matrix, np.array([i, j]) - self.offset)
-        return float(x), float(y)
-
-
-def drag(page, a: tuple[float, float], b: tuple[float, float]) -> None:
-    page.mouse.move(*a)
-    page.mouse.down()
-    page.mouse.move((a[0] + b[0]) / 2, (a[1] + b[1]) / 2, steps=4)
-    page.mouse.move(*b, steps=4)
-    page.mouse.up()
 
 
 def test_bad_inputs_show_a_message_and_change_nothing(page, tmp_path):
@@ -197,7 +99,7 @@ def test_lits117_box_propagate_export(page, tmp_path):
     corner_a = screen.to_screen(max(is_.min() - 3, 0), max(js.min() - 3, 0))
     corner_b = screen.to_screen(min(is_.max() + 3, ni - 1), min(js.max() + 3, nj - 1))
     drag(page, corner_a, corner_b)
-    status = wait_status(page, rf"Liver on slice {SLICE_K}: (\d+) voxels", timeout=PROPAGATION_TIMEOUT_MS)  # the first call loads the model
+    status = wait_status(page, rf"Liver on slice {SLICE_K}: (\d+) voxels", timeout=JOB_TIMEOUT_MS)  # the first call loads the model
     area = int(re.search(r": (\d+) voxels", status).group(1))
     truth_area = int(liver[SLICE_K].sum())
     assert 0.85 * truth_area <= area <= 1.15 * truth_area, (area, truth_area)
@@ -205,14 +107,14 @@ def test_lits117_box_propagate_export(page, tmp_path):
     # Cancel stops the job and changes nothing; then propagate for real
     page.get_by_test_id("propagate").click()
     page.get_by_test_id("cancel").click(timeout=30_000)
-    wait_status(page, r"Propagating the liver: cancelled; nothing changed", timeout=PROPAGATION_TIMEOUT_MS)
+    wait_status(page, r"Propagating the liver: cancelled; nothing changed", timeout=JOB_TIMEOUT_MS)
     assert page.get_by_test_id("review-row").count() == 0
     assert page.get_by_test_id("undo").is_enabled()  # the box is still there to undo
 
     page.get_by_test_id("propagate").click()
     page.get_by_test_id("progress").wait_for(timeout=30_000)
     progress_texts = set()
-    deadline = time.monotonic() + PROPAGATION_TIMEOUT_MS / 1000
+    deadline = time.monotonic() + JOB_TIMEOUT_MS / 1000
     while time.monotonic() < deadline:
         progress_texts.add(page.get_by_test_id("progress-text").inner_text())
         if page.get_by_test_id("cancel").count() == 0 and page.get_by_test_id("review-row").count():
@@ -234,7 +136,7 @@ def test_lits117_box_propagate_export(page, tmp_path):
             break
     assert screen.k == TUMOUR_K
     drag(page, screen.to_screen(*TUMOUR_BOX[:2]), screen.to_screen(*TUMOUR_BOX[2:]))
-    wait_status(page, rf"Tumor on slice {TUMOUR_K}: [1-9]\d* voxels", timeout=PROPAGATION_TIMEOUT_MS)
+    wait_status(page, rf"Tumor on slice {TUMOUR_K}: [1-9]\d* voxels", timeout=JOB_TIMEOUT_MS)
 
     page.get_by_test_id("mode-navigate").click()  # put the mouse away for a clean screenshot
     page.mouse.move(5, 5)
