@@ -17,6 +17,7 @@ from web_page import (
     go_to_slice,
     open_path,
     server_side,
+    set_mode,
     wait_job_end,
     wait_slice_mask,
     wait_status,
@@ -88,6 +89,7 @@ def test_dicom_folder_box_propagate_and_dicom_seg_download(page, reference, tmp_
     dismiss_error(page)
 
     k = 1
+    set_mode(page, "box", "liver")
     screen = go_to_slice(page, k)
     i0, j0, i1, j1 = reference["boxes"][str(k)]
     drag_box(page, screen, (max(i0 - 8, 0), max(j0 - 8, 0), min(i1 + 8, 511), min(j1 + 8, 511)))
@@ -108,3 +110,30 @@ def test_dicom_folder_box_propagate_and_dicom_seg_download(page, reference, tmp_
     assert found["frames"] == len(found["liver_slices"])  # one frame per segmented slice
     assert found["dice"] >= 0.85
 
+
+
+UPLOADED = """
+import pydicom
+ds = pydicom.dcmread(inputs["ours"])
+referenced = ds.ReferencedSeriesSequence[0]
+out = {"segments": [str(s.SegmentLabel) for s in ds.SegmentSequence], "frames": int(ds.NumberOfFrames),
+       "referenced_series": str(referenced.SeriesInstanceUID),
+       "referenced_instances": len(referenced.ReferencedInstanceSequence)}
+"""
+
+
+def test_uploaded_dicom_folder_gives_a_dicom_seg_too(page, reference, tmp_path):
+    """The folder upload button: the files land in the app's temporary folder, the SEG still references them."""
+    page.get_by_test_id("upload-folder").locator("input[type=file]").set_input_files(str(DCMQI / "ct"))
+    wait_status(page, r"Opened 3 DICOM files \(512 x 512 x 3\)", timeout=120_000)
+    assert page.get_by_test_id("export-dicomseg").is_enabled()
+    k = 1
+    set_mode(page, "box", "liver")
+    screen = go_to_slice(page, k)
+    i0, j0, i1, j1 = reference["boxes"][str(k)]
+    drag_box(page, screen, (max(i0 - 8, 0), max(j0 - 8, 0), min(i1 + 8, 511), min(j1 + 8, 511)))
+    wait_slice_mask(page, "liver", k)
+    ours = download(page, "export-dicomseg", tmp_path / "uploaded-seg.dcm")
+    found = server_side(UPLOADED, ours=str(ours))
+    assert found["segments"] == ["liver"] and found["frames"] == 1  # one slice segmented: one frame
+    assert found["referenced_series"] == reference["series_uid"] and found["referenced_instances"] == 3

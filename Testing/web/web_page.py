@@ -113,6 +113,7 @@ class ScreenMap:
         i0, j0, k0 = probe(page, x0, y0)
         i1, j1, _ = probe(page, x0 + dx, y0)
         i2, j2, _ = probe(page, x0, y0 + dy)
+        self.readings = [(i0, j0, k0), (i1, j1), (i2, j2)]
         self.k = k0
         self.matrix = np.array([[(i1 - i0) / dx, (i2 - i0) / dy], [(j1 - j0) / dx, (j2 - j0) / dy]])
         self.offset = np.array([i0, j0]) - self.matrix @ np.array([x0, y0])
@@ -142,12 +143,15 @@ def go_to_slice(page, k: int) -> ScreenMap:
     field.fill(str(k))
     field.press("Enter")
     view_box = axial_view_box(page)
-    deadline = time.monotonic() + 20
-    while True:  # the views follow the slice field
+    deadline = time.monotonic() + 30
+    while True:  # the views follow the slice field; a probe read while the view was still changing is retried
         screen = ScreenMap(page, view_box)
-        if screen.k == k or time.monotonic() > deadline:
+        good = screen.k == k and abs(np.linalg.det(screen.matrix)) > 1e-6
+        if good or time.monotonic() > deadline:
             break
+        time.sleep(0.3)
     assert screen.k == k, f"the axial view shows slice {screen.k}, not {k}"
+    assert abs(np.linalg.det(screen.matrix)) > 1e-6, f"the voxel probe does not follow the mouse: {screen.readings}"
     return screen
 
 
@@ -236,3 +240,24 @@ def server_side(code: str, **inputs) -> dict:
                           env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.rsplit("@@", 1)[1])
+
+
+HINT_START = {"box": r"(Liver|Tumour) box:", "point+": r"\+ point:", "point-": r"- point:", "navigate": r"Browse:"}
+SEGMENT_IN_HINT = {"liver": r"(Liver box|liver)", "tumor": r"(Tumour box|tumour)"}
+
+
+def set_mode(page, mode: str, segment: str | None = None) -> None:
+    """Press the segment and mode buttons and wait until the page's hint (set by the app once the axial view has
+    the mode) says so: a click right after pressing a button must not race the mode change."""
+    if segment is not None:
+        page.get_by_test_id(f"segment-{segment}").click()
+    testid = {"box": "mode-box", "point+": "mode-plus", "point-": "mode-minus", "navigate": "mode-navigate"}[mode]
+    page.get_by_test_id(testid).click()
+    hint = page.get_by_test_id("mode-hint")
+    deadline = time.monotonic() + 20
+    while True:
+        text = hint.inner_text() if hint.count() else ""
+        if re.match(HINT_START[mode], text) and (segment is None or re.search(SEGMENT_IN_HINT[segment], text)):
+            return
+        assert time.monotonic() < deadline, f"the mode hint {text!r} does not follow the buttons ({mode}, {segment})"
+        time.sleep(0.1)

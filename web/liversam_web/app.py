@@ -78,6 +78,7 @@ class LiverSAMWebApp:
             "status": "Open a CT: type its path on this machine, or upload a file or a DICOM folder.",
             "segment": "liver",
             "mode": "box",
+            "mode_hint": mode_hint("box", "liver"),
             "window": 400.0,
             "level": 40.0,
             "probe": "",
@@ -93,7 +94,7 @@ class LiverSAMWebApp:
             "undo_label": "",
             "propagated": [],
         })
-        self.state.change("mode")(self._on_mode_change)
+        self.state.change("mode", "segment")(self._on_mode_change)
         self.state.change("window", "level")(self._on_window_change)
         self._build_ui()
 
@@ -124,8 +125,9 @@ class LiverSAMWebApp:
                 with html.Div(classes="d-flex align-center ga-2"):
                     v3.VTextField(v_model=("ct_path",), label="Path on this machine (file or DICOM folder)",
                                   density="compact", hide_details=True, raw_attrs=['data-testid="ct-path"'],
-                                  keyup_enter=self.ctrl.open_path)
-                    v3.VBtn("Open", click=self.ctrl.open_path, disabled=("busy",), raw_attrs=['data-testid="open-path"'])
+                                  keyup_enter=(self.ctrl.open_path, "[ct_path]"))
+                    v3.VBtn("Open", click=(self.ctrl.open_path, "[ct_path]"), disabled=("busy",),
+                            raw_attrs=['data-testid="open-path"'])
                 with html.Div(classes="d-flex align-center ga-2 mt-2"):
                     html.Span("Upload:", classes="text-caption")
                     upload = self.server.trigger_name(self._on_upload)
@@ -168,12 +170,7 @@ class LiverSAMWebApp:
                     v3.VBtn("+", value="point+", raw_attrs=['data-testid="mode-plus"'])
                     v3.VBtn("-", value="point-", raw_attrs=['data-testid="mode-minus"'])
                     v3.VBtn("Browse", value="navigate", raw_attrs=['data-testid="mode-navigate"'])
-                html.Div(
-                    "Box: press, drag and release on the organ (liver) or around one lesion (tumour). "
-                    "+ / -: click inside / outside. Browse: Slicer's window/level drag. Tumours are kept "
-                    "inside the liver.",
-                    classes="text-caption mt-2",
-                )
+                html.Div("{{ mode_hint }}", classes="text-caption mt-2", raw_attrs=['data-testid="mode-hint"'])
                 with html.Div(classes="d-flex flex-wrap ga-2 mt-2"):
                     v3.VBtn("Clear this slice", size="small", click=self.ctrl.clear_slice, disabled=("busy",))
                     v3.VBtn("Undo", size="small", prepend_icon="mdi-undo", click=self.ctrl.undo,
@@ -257,11 +254,12 @@ class LiverSAMWebApp:
             self.state.status = message
 
     # ================================================================== open a CT
-    def open_path(self, *_args) -> None:
-        create_task(self._open_path())
+    def open_path(self, path: str | None = None, *_args) -> None:
+        """Open the typed path; the page sends the field's value with the click (the state may lag behind)."""
+        create_task(self._open_path(self.state.ct_path if path is None else path))
 
-    async def _open_path(self) -> None:
-        path = str(self.state.ct_path or "").strip()
+    async def _open_path(self, path: str | None) -> None:
+        path = str(path or "").strip()
         try:
             files = list_input_files(path)
         except InputError as exc:
@@ -363,9 +361,13 @@ class LiverSAMWebApp:
                 self.state.error = ""
 
     # ================================================================== view state
-    def _on_mode_change(self, mode: str, **_kwargs) -> None:
+    def _on_mode_change(self, mode: str, segment: str, **_kwargs) -> None:
         if self._prompting is not None:
             self._prompting.set_mode(mode)
+        hint = mode_hint(mode, segment)  # set here: the page shows it once the axial view has the mode
+        if hint != self.state.mode_hint:
+            with self.state:
+                self.state.mode_hint = hint
 
     def _on_window_change(self, window: float, level: float, **_kwargs) -> None:
         if self.content is not None:
@@ -462,6 +464,10 @@ class LiverSAMWebApp:
         prompts = self.workflow.prompts[segment].get(k)
         if segment == "tumor" and not (prompts and prompts.boxes):
             self._error("Point ignored: a tumour point refines a lesion box; draw the box around the lesion first.")
+            return
+        if not positive and not (prompts and (prompts.boxes or prompts.points)):
+            self._error(f"Point ignored: a - point corrects a mask; on slice {k} there is none yet. Draw a box "
+                        f"around the {segment} or click a + point on it first.")
             return
         self.workflow.push_undo(f"{'+' if positive else '-'} point on slice {k}")
         self.workflow.add_point(segment, k, point, positive)
@@ -722,6 +728,21 @@ class LiverSAMWebApp:
             self._set_busy("")
         path.write_bytes(data)
         return True
+
+
+def mode_hint(mode: str, segment: str) -> str:
+    """What the mouse does in the axial view now."""
+    if mode == "box":
+        if segment == "tumor":
+            return ("Tumour box: press, drag and release around one lesion (each box is one more lesion; tumours "
+                    "are kept inside the liver).")
+        return "Liver box: press, drag and release around the liver on this slice (a new box replaces it)."
+    name = {"tumor": "tumour"}.get(segment, segment)
+    if mode == "point+":
+        return f"+ point: click on {name} that the mask misses; the slice is segmented again."
+    if mode == "point-":
+        return f"- point: click where the {name} mask spills over; the slice is segmented again."
+    return "Browse: drag for window/level, the wheel scrolls slices (Slicer's own mouse)."
 
 
 def _client_message(exc: Exception) -> str:
