@@ -10,7 +10,7 @@ in file order; a step that finds the page not where it expects fails and says so
 3. undo steps back through both points to exactly the box's mask;
 4. Cancel stops a propagation and changes nothing; the propagation shows its progress; the labelmap downloaded
    from the page has a 3D liver Dice >= 0.90 against examples/lits117/label.nii.gz (labels 1 + 2); a review
-   row moves the views;
+   row moves the views; the screenshot in docs/ is taken here;
 5. a box on the worst propagated slice fixes it; re-propagating from it changes no slice at or below the box
    slice 33, changes more than the fixed slice and keeps the fix (the 3D Dice is printed, not asserted: see
    docs/WEB.md);
@@ -275,6 +275,14 @@ def test_4_cancel_then_propagate_the_liver(lits):
     while page.get_by_test_id("axial-k").locator("input").input_value() != str(row_k):
         assert time.monotonic() < deadline, "the slice field did not follow the review row"
         time.sleep(0.2)
+
+    set_mode(page, "navigate")  # the screenshot in docs/: the one-box propagation, the mouse put away
+    page.mouse.move(5, 5)
+    page.get_by_test_id("review-row").first.scroll_into_view_if_needed()
+    page.wait_for_timeout(1500)
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    save_small_png(page.screenshot(), SCREENSHOT)
+    set_mode(page, "box")
     lits.step = 4
 
 
@@ -344,12 +352,6 @@ def test_6_tumour_inside_the_liver_with_propagation(lits):
     assert precision >= 0.7
     assert np.array_equal(labels > 0, lits.labels["repropagated"] > 0)  # inside the liver: no voxel outside it
     lits.labels["tumour"] = labels
-
-    set_mode(page, "navigate")  # put the mouse away for a clean screenshot
-    page.mouse.move(5, 5)
-    page.wait_for_timeout(1500)
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    save_small_png(page.screenshot(), SCREENSHOT)
 
     seg = download(page, "export-segnrrd", lits.folder / "liversam.seg.nrrd")
     header = seg.read_bytes()[:4000].decode("latin-1")
