@@ -275,6 +275,30 @@ class LiverSAMClient:
         self._request("PUT", f"/sessions/{_q(session)}/masks/{_q(name)}", data=pack_mask(mask_kji),
                       content_type="application/octet-stream", timeout=max(self.timeout, 60.0))
 
+    def export_dicom_seg(
+        self,
+        session: str,
+        segments: Sequence[tuple[str, str]],
+        reference_dicom: str | None = None,
+        series_uid: str | None = None,
+        series_description: str | None = None,
+    ) -> bytes:
+        """The session masks as a DICOM SEG file (bytes), written by the server with ``liversam.dicom_seg``.
+
+        ``segments``: (segment name, session mask name) pairs, the masks uploaded with :meth:`upload_mask`
+        (``liver`` and ``tumor`` get their SNOMED CT codes; empty segments are left out).
+        ``reference_dicom``: the CT's DICOM folder as the server sees it; None for a session the server read
+        from a DICOM folder itself (:meth:`open_path`). The session's grid must be that series' grid; a
+        mismatch raises ServerRequestError (422) naming the difference.
+        """
+        body: dict[str, Any] = {"segments": [{"name": name, "mask": mask} for name, mask in segments]}
+        for key, value in (("reference_dicom", reference_dicom), ("series_uid", series_uid),
+                           ("series_description", series_description)):
+            if value is not None:
+                body[key] = value
+        return self._request("POST", f"/sessions/{_q(session)}/export/dicom-seg", json_body=body,
+                             timeout=max(self.timeout, 120.0)).body
+
     # --- interactive ---------------------------------------------------------------------------------------
     def predict_slice(
         self,

@@ -1,15 +1,30 @@
 """The LiverSAM web page in headless Chromium, end to end against a real `liversam serve`.
 
-A user's session in order: bad inputs first (each shows a message and changes nothing), then lits117: open
-it by path, a box dragged outside the image is refused, a box dragged around the liver on slice 33 gives
-that slice's mask, Cancel stops a propagation and changes nothing, propagation runs with a progress bar, a tumour box on slice 83 gives a lesion mask, the labelmap downloaded from the page has a 3D liver
-Dice >= 0.90 against examples/lits117/label.nii.gz (labels 1 + 2), the .seg.nrrd downloads, undo works.
-The page's voxel probe (i, j, k under the mouse) maps screen pixels to voxels, as a user reads it.
+Bad inputs first (each shows a message and opens nothing). Then one reader's session on
+lits117 in one page, step by step (each test goes on from where the previous one left the page, so they run
+in file order; a step that finds the page not where it expects fails and says so):
+
+1. open lits117 by path; a box dragged outside the image is refused; a loose box around the liver on slice 33
+   gives that slice's mask (area within 15 % of the label's);
+2. a - point and a + point change the mask on slice 33 only, and the clicked voxels leave / join the liver;
+3. undo steps back through both points to exactly the box's mask;
+4. Cancel stops a propagation and changes nothing; the propagation shows its progress; the labelmap downloaded
+   from the page has a 3D liver Dice >= 0.90 against examples/lits117/label.nii.gz (labels 1 + 2); a review
+   row moves the views; the screenshot in docs/ is taken here;
+5. a box on the worst propagated slice fixes it; re-propagating from it changes no slice at or below the box
+   slice 33, changes more than the fixed slice and keeps the fix (the 3D Dice is printed, not asserted: see
+   docs/WEB.md);
+6. a tumour box on slice 83 gives a lesion mask (slice Dice >= 0.5); propagating it fills several slices,
+   inside the liver (no voxel outside the liver appears), lists the lesion; the .seg.nrrd downloads;
+7. undo of the tumour propagation restores the labelmap exactly and empties the lesion table;
+8. with this case open, a folder with no series, a box outside the volume and a tumour point with no lesion box
+   give messages and change nothing.
+
+Every check reads what the page shows or what it downloads (the labelmap export: what the user gets).
 """
 
 from __future__ import annotations
 
-import gzip
 import os
 import re
 import time
@@ -17,131 +32,62 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from web_page import (
+    JOB_TIMEOUT_MS,
+    REPO,
+    ScreenMap,
+    axial_view_box,
+    dismiss_error,
+    download,
+    download_labels,
+    drag_box,
+    expect_error,
+    go_to_slice,
+    loose_box,
+    open_path,
+    probe,
+    read_nifti,
+    save_small_png,
+    set_mode,
+    status_text,
+    undo_label,
+    wait_job_end,
+    wait_slice_mask,
+    wait_status,
+    wait_undo_label,
+)
 
-REPO = Path(__file__).resolve().parents[2]
 CT = REPO / "examples/lits117/ct.nii.gz"
 LABEL = REPO / "examples/lits117/label.nii.gz"
 SCREENSHOT = Path(os.environ.get("LIVERSAM_WEB_SCREENSHOT", REPO / "docs/web_app.png"))
 SLICE_K = 33
 TUMOUR_K = 83
 TUMOUR_BOX = (56, 0, 115, 25)  # examples/lits117/prompts.json: (i0, j0, i1, j1) on slice 83
-PROPAGATION_TIMEOUT_MS = int(os.environ.get("LIVERSAM_WEB_JOB_TIMEOUT_S", "1200")) * 1000  # a loaded machine is slow
 
 
-def read_nifti(path: Path) -> np.ndarray:
-    """A NIfTI-1 (.nii.gz) volume as an array [k, j, i] in file order (enough for our own files)."""
-    data = gzip.decompress(path.read_bytes())
-    dims = np.frombuffer(data[40:56], dtype="<i2")
-    datatype = int(np.frombuffer(data[70:72], dtype="<i2")[0])
-    offset = int(np.frombuffer(data[108:112], dtype="<f4")[0])
-    dtype = {2: "u1", 4: "<i2", 8: "<i4", 16: "<f4", 256: "i1", 512: "<u2"}[datatype]
-    ni, nj, nk = (int(d) for d in dims[1:4])
-    return np.frombuffer(data[offset:], dtype=dtype, count=ni * nj * nk).reshape(nk, nj, ni)
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * float((a & b).sum()) / total
 
 
-def save_small_png(png: bytes, path: Path, width: int = 1050) -> None:
-    """The page screenshot, scaled down and palettised (a small file for docs/)."""
-    import io
-
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(png)).convert("RGB")
-    image = image.resize((width, round(image.height * width / image.width)), Image.LANCZOS)
-    image.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
-
-
-def dismiss_error(page) -> None:
-    error = page.get_by_test_id("error")
-    if error.count():
-        error.locator("button").click()
-        error.wait_for(state="detached", timeout=10_000)
-
-
-def open_path(page, path: str) -> None:
-    dismiss_error(page)
-    page.get_by_test_id("ct-path").locator("input").fill(path)
-    page.get_by_test_id("open-path").click()
-
-
-def expect_error(page, pattern: str, timeout: int = 60_000) -> str:
-    error = page.get_by_test_id("error")
-    error.wait_for(timeout=timeout)
-    deadline = time.monotonic() + timeout / 1000
-    while time.monotonic() < deadline:
-        text = error.inner_text()
-        if re.search(pattern, text, re.IGNORECASE):
-            return text
-        time.sleep(0.2)
-    raise AssertionError(f"error message {text!r} does not match {pattern!r}")
-
-
-def wait_status(page, pattern: str, timeout: int) -> str:
-    deadline = time.monotonic() + timeout / 1000
-    text = ""
-    while time.monotonic() < deadline:
-        error = page.get_by_test_id("error")
-        if error.count():
-            raise AssertionError(f"the page shows an error: {error.inner_text()}")
-        status = page.get_by_test_id("status")
-        text = status.inner_text() if status.count() else ""
-        match = re.search(pattern, text)
-        if match:
-            return text
-        time.sleep(0.25)
-    raise AssertionError(f"status {text!r} never matched {pattern!r}")
-
-
-def probe(page, x: float, y: float) -> tuple[int, int, int]:
-    """Move the mouse to (x, y) and read the voxel the page reports under it."""
-    probe_text = page.get_by_test_id("probe")
-    before = probe_text.inner_text()
-    page.mouse.move(x, y)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        text = probe_text.inner_text()
-        match = re.search(r"i (-?\d+)\s+j (-?\d+)\s+k (-?\d+)", text)
-        if match and text != before:
-            return int(match.group(1)), int(match.group(2)), int(match.group(3))
-        time.sleep(0.1)
-        page.mouse.move(x + 1, y)
-        page.mouse.move(x, y)
-    raise AssertionError(f"the voxel probe did not update at ({x}, {y}): {probe_text.inner_text()!r}")
-
-
-class ScreenMap:
-    """Affine map screen (x, y) <-> voxel (i, j) in the axial view, measured with the probe."""
-
-    def __init__(self, page, view_box: dict) -> None:
-        x0 = view_box["x"] + view_box["width"] * 0.3
-        y0 = view_box["y"] + view_box["height"] * 0.35
-        dx, dy = view_box["width"] * 0.4, view_box["height"] * 0.3
-        i0, j0, k0 = probe(page, x0, y0)
-        i1, j1, _ = probe(page, x0 + dx, y0)
-        i2, j2, _ = probe(page, x0, y0 + dy)
-        self.k = k0
-        self.matrix = np.array([[(i1 - i0) / dx, (i2 - i0) / dy], [(j1 - j0) / dx, (j2 - j0) / dy]])
-        self.offset = np.array([i0, j0]) - self.matrix @ np.array([x0, y0])
-
-    def to_screen(self, i: float, j: float) -> tuple[float, float]:
-        x, y = np.linalg.solve(self.matrix, np.array([i, j]) - self.offset)
-        return float(x), float(y)
-
-
-def drag(page, a: tuple[float, float], b: tuple[float, float]) -> None:
-    page.mouse.move(*a)
-    page.mouse.down()
-    page.mouse.move((a[0] + b[0]) / 2, (a[1] + b[1]) / 2, steps=4)
-    page.mouse.move(*b, steps=4)
-    page.mouse.up()
+def blob_centre(region: np.ndarray) -> tuple[int, int]:
+    """(i, j) of the region voxel with the most region voxels around it (7 x 7): well inside an error."""
+    padded = np.pad(region.astype(np.int32), 3)
+    counts = sum(np.roll(np.roll(padded, dj, 0), di, 1) for dj in range(-3, 4) for di in range(-3, 4))[3:-3, 3:-3]
+    counts[~region] = -1
+    j, i = np.unravel_index(int(np.argmax(counts)), counts.shape)
+    return int(i), int(j)
 
 
 def test_bad_inputs_show_a_message_and_change_nothing(page, tmp_path):
+    """Whatever case the app shows (none, or the last test's), each bad input leaves it shown."""
+    shown = page.get_by_test_id("ct-name").inner_text().strip()
     not_ct = tmp_path / "notes.nii.gz"
     not_ct.write_text("this is not a CT")
     open_path(page, str(not_ct))
     text = expect_error(page, r"not an image|could not be read")
     assert "notes.nii.gz" in text
-    assert page.get_by_test_id("ct-name").inner_text().strip() == ""  # no CT opened
+    assert page.get_by_test_id("ct-name").inner_text().strip() == shown  # no CT opened
 
     no_series = tmp_path / "no-dicom"
     no_series.mkdir()
@@ -149,124 +95,180 @@ def test_bad_inputs_show_a_message_and_change_nothing(page, tmp_path):
     (no_series / "more.txt").write_text("still none")
     open_path(page, str(no_series))
     expect_error(page, r"no DICOM image series")
-    assert page.get_by_test_id("ct-name").inner_text().strip() == ""
+    assert page.get_by_test_id("ct-name").inner_text().strip() == shown
 
     open_path(page, str(tmp_path / "missing.nrrd"))
     expect_error(page, r"does not exist")
-    assert page.get_by_test_id("ct-name").inner_text().strip() == ""
+    assert page.get_by_test_id("ct-name").inner_text().strip() == shown
 
     upload = tmp_path / "upload.nrrd"
     upload.write_text("NRRD0004\nnot really\n")
     dismiss_error(page)
     page.get_by_test_id("upload-file").locator("input[type=file]").set_input_files(str(upload))
     expect_error(page, r"uploaded file 'upload\.nrrd'.*(not an image|could not be read)")
-    assert page.get_by_test_id("ct-name").inner_text().strip() == ""
+    assert page.get_by_test_id("ct-name").inner_text().strip() == shown
 
 
-def test_lits117_box_propagate_export(page, tmp_path):
-    label = read_nifti(LABEL)
-    liver = label > 0
+# ====================================================================== one reader's session on lits117
+class Session:
+    """The page of the lits117 session and what the steps measured on it."""
+
+    def __init__(self, page, folder: Path) -> None:
+        self.page = page
+        self.folder = folder
+        self.label = read_nifti(LABEL)
+        self.liver = self.label > 0
+        self.tumour = self.label == 2
+        self.step = 0
+        self.labels: dict[str, np.ndarray] = {}
+        self._downloads = 0
+
+    def go_on_from(self, step: int) -> None:
+        """Each step starts where the previous one left the page."""
+        if self.step != step:
+            pytest.fail(f"step {step} of the lits117 session did not finish; this step needs its result")
+
+    def labels_now(self) -> np.ndarray:
+        self._downloads += 1
+        return download_labels(self.page, self.folder / f"labels-{self._downloads}.nii.gz")
+
+
+@pytest.fixture(scope="module")
+def lits(browser, web_app, tmp_path_factory):
+    context = browser.new_context(viewport={"width": 1400, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    page.goto(web_app.url)
+    page.get_by_test_id("open-path").wait_for(timeout=60_000)
+    yield Session(page, tmp_path_factory.mktemp("lits117-downloads"))
+    context.close()
+
+
+def outside_drag(screen: ScreenMap, view_box: dict, ni: int, nj: int) -> tuple[tuple, tuple]:
+    """Two screen points of a box that lies in the view but entirely outside the CT (left, right, above or below)."""
+    for a, b in (((-40, 20), (-10, 60)), ((ni + 10, 20), (ni + 40, 60)), ((20, -40), (60, -10)),
+                 ((20, nj + 10), (60, nj + 40))):
+        pa, pb = screen.to_screen(*a), screen.to_screen(*b)
+        inside = all(view_box["x"] + 5 < p[0] < view_box["x"] + view_box["width"] - 5
+                     and view_box["y"] + 5 < p[1] < view_box["y"] + view_box["height"] - 5 for p in (pa, pb))
+        if inside:
+            return pa, pb
+    raise AssertionError("the axial view shows no background around the CT to drag a box on")
+
+
+def test_1_open_refuse_a_box_outside_and_segment_slice_33(lits):
+    page = lits.page
     open_path(page, str(CT))
     wait_status(page, r"Opened ct\.nii\.gz", timeout=120_000)
     assert page.get_by_test_id("ct-name").inner_text().strip() == "ct.nii.gz"
+    assert not page.get_by_test_id("export-dicomseg").is_enabled()  # not a DICOM CT: no DICOM SEG
+    assert "opened from a DICOM series" in page.get_by_test_id("dicomseg-note").inner_text()
 
-    slice_field = page.get_by_test_id("axial-k").locator("input")
-    slice_field.fill(str(SLICE_K))
-    slice_field.press("Enter")
-    view = page.locator(".remote-controlled-area").first  # the axial (red) view leads the layout
-    view_box = view.bounding_box()
-    assert view_box is not None
-    deadline = time.monotonic() + 20
-    while True:  # the views follow the slice field
-        screen = ScreenMap(page, view_box)
-        if screen.k == SLICE_K or time.monotonic() > deadline:
-            break
-    assert screen.k == SLICE_K, f"the axial view shows slice {screen.k}, not {SLICE_K}"
+    set_mode(page, "box", "liver")
+    screen = go_to_slice(page, SLICE_K)
+    nk, nj, ni = lits.liver.shape
+    a, b = outside_drag(screen, axial_view_box(page), ni, nj)
+    page.mouse.move(*a)
+    page.mouse.down()
+    page.mouse.move(*b, steps=6)
+    page.mouse.up()
+    expect_error(page, r"Box ignored: .*outside the image")
+    dismiss_error(page)
+    assert not page.get_by_test_id("undo").is_enabled()  # nothing happened
 
-    # a box dragged where there is no image (left of the CT, i < 0) is refused and changes nothing
-    left = screen.to_screen(-40, 20)
-    if left[0] > view_box["x"] + 5:
-        drag(page, left, screen.to_screen(-10, 60))
-        expect_error(page, r"outside the image")
-        dismiss_error(page)
-        assert not page.get_by_test_id("undo").is_enabled()
-
-    # a user's loose box around the liver on slice 33
-    js, is_ = np.nonzero(liver[SLICE_K])
-    ni, nj = liver.shape[2], liver.shape[1]
-    corner_a = screen.to_screen(max(is_.min() - 3, 0), max(js.min() - 3, 0))
-    corner_b = screen.to_screen(min(is_.max() + 3, ni - 1), min(js.max() + 3, nj - 1))
-    drag(page, corner_a, corner_b)
-    status = wait_status(page, rf"Liver on slice {SLICE_K}: (\d+) voxels", timeout=PROPAGATION_TIMEOUT_MS)  # the first call loads the model
-    area = int(re.search(r": (\d+) voxels", status).group(1))
-    truth_area = int(liver[SLICE_K].sum())
+    drag_box(page, screen, loose_box(lits.liver[SLICE_K]))
+    area = wait_slice_mask(page, "liver", SLICE_K)  # the first call loads the model
+    truth_area = int(lits.liver[SLICE_K].sum())
+    print(f"web app lits117 slice {SLICE_K}: box mask {area} voxels, label {truth_area}")
     assert 0.85 * truth_area <= area <= 1.15 * truth_area, (area, truth_area)
+    labels = lits.labels_now()
+    assert int((labels[SLICE_K] == 1).sum()) == area
+    assert not np.delete(labels, SLICE_K, axis=0).any()  # one slice segmented, nothing else
+    lits.labels["box"] = labels
+    lits.step = 1
 
-    # Cancel stops the job and changes nothing; then propagate for real
+
+def click_point(page, screen: ScreenMap, i: int, j: int) -> tuple[int, int, int]:
+    """Click on voxel (i, j); returns the voxel the page's probe reports under the mouse there."""
+    x, y = screen.to_screen(i, j)
+    voxel = probe(page, x, y)
+    page.mouse.click(x, y)
+    return voxel
+
+
+def test_2_points_change_the_mask_on_their_slice_only(lits):
+    lits.go_on_from(1)
+    page = lits.page
+    screen = go_to_slice(page, SLICE_K)
+    box = lits.labels["box"]
+
+    # a - point where the mask is not liver (or, with no such error, on the mask): that voxel leaves the mask
+    mask = box[SLICE_K] > 0
+    wrong = mask & ~lits.liver[SLICE_K]
+    set_mode(page, "point-")
+    before = status_text(page)
+    i, j, k = click_point(page, screen, *blob_centre(wrong if wrong.sum() >= 20 else mask))
+    assert k == SLICE_K and mask[j, i], (i, j, k)
+    wait_undo_label(page, rf"- point on slice {SLICE_K}")
+    area = wait_slice_mask(page, "liver", SLICE_K, before=before)
+    minus = lits.labels_now()
+    assert minus[k, j, i] == 0, "the voxel of the - point is still in the liver mask"
+    assert int((minus[SLICE_K] == 1).sum()) == area != int(mask.sum())
+    assert np.array_equal(np.delete(minus, SLICE_K, axis=0), np.delete(box, SLICE_K, axis=0))
+
+    # a + point on liver the mask now misses: that voxel joins the mask
+    missed = lits.liver[SLICE_K] & (minus[SLICE_K] == 0)
+    set_mode(page, "point+")
+    before = status_text(page)
+    i, j, k = click_point(page, screen, *blob_centre(missed))
+    assert k == SLICE_K and missed[j, i], (i, j, k)
+    wait_undo_label(page, rf"\+ point on slice {SLICE_K}")
+    area = wait_slice_mask(page, "liver", SLICE_K, before=before)
+    plus = lits.labels_now()
+    assert plus[k, j, i] == 1, "the voxel of the + point is not in the liver mask"
+    assert int((plus[SLICE_K] == 1).sum()) == area
+    assert not np.array_equal(plus[SLICE_K], minus[SLICE_K])
+    assert np.array_equal(np.delete(plus, SLICE_K, axis=0), np.delete(box, SLICE_K, axis=0))
+    print(f"web app lits117 slice {SLICE_K} Dice: box {dice(mask, lits.liver[SLICE_K]):.3f}, after - point "
+          f"{dice(minus[SLICE_K] > 0, lits.liver[SLICE_K]):.3f}, after + point "
+          f"{dice(plus[SLICE_K] > 0, lits.liver[SLICE_K]):.3f}")
+    lits.labels["minus"] = minus
+    lits.step = 2
+
+
+def test_3_undo_steps_back_through_the_points(lits):
+    lits.go_on_from(2)
+    page = lits.page
+    page.get_by_test_id("undo").click()
+    wait_status(page, rf"Undone: \+ point on slice {SLICE_K}", timeout=20_000)
+    assert np.array_equal(lits.labels_now(), lits.labels["minus"])
+    page.get_by_test_id("undo").click()
+    wait_status(page, rf"Undone: - point on slice {SLICE_K}", timeout=20_000)
+    assert np.array_equal(lits.labels_now(), lits.labels["box"])
+    assert re.search(rf"liver box on slice {SLICE_K}", undo_label(page))
+    set_mode(page, "box")
+    lits.step = 3
+
+
+def test_4_cancel_then_propagate_the_liver(lits):
+    lits.go_on_from(3)
+    page = lits.page
     page.get_by_test_id("propagate").click()
     page.get_by_test_id("cancel").click(timeout=30_000)
-    wait_status(page, r"Propagating the liver: cancelled; nothing changed", timeout=PROPAGATION_TIMEOUT_MS)
+    wait_status(page, r"Propagating the liver: cancelled; nothing changed", timeout=JOB_TIMEOUT_MS)
     assert page.get_by_test_id("review-row").count() == 0
-    assert page.get_by_test_id("undo").is_enabled()  # the box is still there to undo
+    assert np.array_equal(lits.labels_now(), lits.labels["box"])
 
     page.get_by_test_id("propagate").click()
-    page.get_by_test_id("progress").wait_for(timeout=30_000)
-    progress_texts = set()
-    deadline = time.monotonic() + PROPAGATION_TIMEOUT_MS / 1000
-    while time.monotonic() < deadline:
-        progress_texts.add(page.get_by_test_id("progress-text").inner_text())
-        if page.get_by_test_id("cancel").count() == 0 and page.get_by_test_id("review-row").count():
-            break
-        time.sleep(0.3)
-    status = wait_status(page, r"Liver: \d+ voxels", timeout=10_000)
-    assert any(re.search(r"Propagating the liver: .*\d+/\d+", t) for t in progress_texts), progress_texts
+    progress = wait_job_end(page, r"Liver: \d+ voxels")
+    assert any(re.search(r"Propagating the liver: .*\d+/\d+", t) for t in progress), progress
     assert page.get_by_test_id("review-row").count() > 10
+    labels = lits.labels_now()
+    liver_dice = dice(labels > 0, lits.liver)
+    print(f"web app lits117 one-box liver Dice {liver_dice:.3f}")
+    assert liver_dice >= 0.90
+    lits.labels["propagated"] = labels
 
-    # a tumour: the lesion box of the demo prompts on slice 83, segmented inside the liver
-    tumour = label == 2
-    page.get_by_test_id("segment-tumor").click()
-    slice_field.fill(str(TUMOUR_K))
-    slice_field.press("Enter")
-    deadline = time.monotonic() + 20
-    while True:
-        screen = ScreenMap(page, view_box)
-        if screen.k == TUMOUR_K or time.monotonic() > deadline:
-            break
-    assert screen.k == TUMOUR_K
-    drag(page, screen.to_screen(*TUMOUR_BOX[:2]), screen.to_screen(*TUMOUR_BOX[2:]))
-    wait_status(page, rf"Tumor on slice {TUMOUR_K}: [1-9]\d* voxels", timeout=PROPAGATION_TIMEOUT_MS)
-
-    page.get_by_test_id("mode-navigate").click()  # put the mouse away for a clean screenshot
-    page.mouse.move(5, 5)
-    page.get_by_test_id("review-row").first.scroll_into_view_if_needed()
-    page.wait_for_timeout(1500)
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    save_small_png(page.screenshot(), SCREENSHOT)
-
-    with page.expect_download(timeout=60_000) as download:
-        page.get_by_test_id("export-labelmap").click()
-    labels_path = tmp_path / "labels.nii.gz"
-    download.value.save_as(labels_path)
-    ours = read_nifti(labels_path)
-    assert ours.shape == liver.shape
-    predicted = ours > 0
-    dice = 2.0 * (predicted & liver).sum() / (predicted.sum() + liver.sum())
-    print(f"web app lits117 one-box liver Dice {dice:.3f} (slice {SLICE_K} area {area} vs {truth_area})")
-    assert dice >= 0.90
-    ours_tumour, true_tumour = ours[TUMOUR_K] == 2, tumour[TUMOUR_K]
-    tumour_dice = 2.0 * (ours_tumour & true_tumour).sum() / (ours_tumour.sum() + true_tumour.sum())
-    print(f"web app lits117 tumour Dice on slice {TUMOUR_K} (one box): {tumour_dice:.3f}")
-    assert tumour_dice >= 0.5
-
-    with page.expect_download(timeout=60_000) as download:
-        page.get_by_test_id("export-segnrrd").click()
-    seg_path = tmp_path / "liversam.seg.nrrd"
-    download.value.save_as(seg_path)
-    header = seg_path.read_bytes()[:4000].decode("latin-1")
-    assert header.startswith("NRRD") and "Segment0_Name:=liver" in header and "Segment1_Name:=tumor" in header
-
-    # review row click: the views jump to that slice
-    row = page.get_by_test_id("review-row").nth(3)
+    row = page.get_by_test_id("review-row").nth(3)  # a review row moves the views to its slice
     row_k = int(row.locator("td").first.inner_text())
     row.click()
     deadline = time.monotonic() + 10
@@ -274,10 +276,134 @@ def test_lits117_box_propagate_export(page, tmp_path):
         assert time.monotonic() < deadline, "the slice field did not follow the review row"
         time.sleep(0.2)
 
+    set_mode(page, "navigate")  # the screenshot in docs/: the one-box propagation, the mouse put away
+    page.mouse.move(5, 5)
+    page.get_by_test_id("review-row").first.scroll_into_view_if_needed()
+    page.wait_for_timeout(1500)
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    save_small_png(page.screenshot(), SCREENSHOT)
+    set_mode(page, "box")
+    lits.step = 4
+
+
+def test_5_fix_a_slice_and_repropagate(lits):
+    lits.go_on_from(4)
+    page = lits.page
+    propagated = lits.labels["propagated"] > 0
+    nk = propagated.shape[0]
+    scores = {k: dice(propagated[k], lits.liver[k]) for k in range(SLICE_K + 5, nk) if lits.liver[k].sum() > 1500}
+    fix_k = min(scores, key=scores.get)  # the worst propagated slice above the box, where a reader would fix
+    screen = go_to_slice(page, fix_k)
+    before = status_text(page)
+    drag_box(page, screen, loose_box(lits.liver[fix_k]))
+    wait_slice_mask(page, "liver", fix_k, before=before)
+    fixed = lits.labels_now() > 0
+    assert np.array_equal(np.delete(fixed, fix_k, axis=0), np.delete(propagated, fix_k, axis=0))
+    fix_dice = dice(fixed[fix_k], lits.liver[fix_k])
+    assert fix_dice > scores[fix_k]
+
+    assert page.get_by_test_id("repropagate").inner_text().strip().lower() == f"re-propagate from slice {fix_k}"
+    page.get_by_test_id("repropagate").click()
+    wait_job_end(page, r"Liver: \d+ voxels")
+    repropagated = lits.labels_now()
+    liver_now = repropagated > 0
+    # only the slices between the box slice and the end of the volume may change; the fix stays
+    assert np.array_equal(repropagated[: SLICE_K + 1], lits.labels["propagated"][: SLICE_K + 1])
+    assert dice(liver_now[fix_k], fixed[fix_k]) >= 0.9
+    changed = [k for k in range(nk) if not np.array_equal(liver_now[k], propagated[k])]
+    assert len(changed) > 1 and min(changed) > SLICE_K  # more than the fixed slice itself, none at or below 33
+    before_dice, after_dice = dice(propagated, lits.liver), dice(liver_now, lits.liver)
+    worse = [(k, round(dice(propagated[k], lits.liver[k]), 2), round(dice(liver_now[k], lits.liver[k]), 2))
+             for k in changed if dice(liver_now[k], lits.liver[k]) < dice(propagated[k], lits.liver[k]) - 0.05]
+    print(f"web app lits117 fix on slice {fix_k}: slice Dice {scores[fix_k]:.3f} -> {fix_dice:.3f}; "
+          f"re-propagation changed slices {changed[0]}..{changed[-1]} ({len(changed)}); 3D liver Dice "
+          f"{before_dice:.3f} -> {after_dice:.3f}; slices worse by > 0.05 (k, before, after): {worse}")
+    # Not asserted: the 3D Dice. Re-propagating from one fixed slice recomputes every slice up to the next
+    # prompted slice (here 34..127), and on lits117 that lowers it (0.949 -> 0.886 measured); see docs/WEB.md.
+    lits.labels["repropagated"] = repropagated
+    lits.step = 5
+
+
+def test_6_tumour_inside_the_liver_with_propagation(lits):
+    lits.go_on_from(5)
+    page = lits.page
+    set_mode(page, "box", "tumor")
+    screen = go_to_slice(page, TUMOUR_K)
+    before = status_text(page)
+    drag_box(page, screen, TUMOUR_BOX)
+    wait_slice_mask(page, "tumor", TUMOUR_K, before=before)
+    box_labels = lits.labels_now()
+    ours, truth = box_labels[TUMOUR_K] == 2, lits.tumour[TUMOUR_K]
+    slice_dice = dice(ours, truth)
+    print(f"web app lits117 tumour Dice on slice {TUMOUR_K} (one box): {slice_dice:.3f}")
+    assert slice_dice >= 0.5
+    lits.labels["tumour box"] = box_labels
+
+    page.get_by_test_id("propagate").click()
+    wait_job_end(page, r"Tumor: \d+ voxels")
+    assert page.get_by_test_id("lesion-row").count() >= 1
+    labels = lits.labels_now()
+    tumour = labels == 2
+    slices = [k for k in range(tumour.shape[0]) if tumour[k].any()]
+    precision = float((tumour & lits.tumour).sum()) / max(1, int(tumour.sum()))
+    print(f"web app lits117 tumour propagation: slices {slices[0]}..{slices[-1]}, {int(tumour.sum())} voxels, "
+          f"{precision:.2f} of them in the label's tumours")
+    assert len(slices) >= 5
+    assert precision >= 0.7
+    assert np.array_equal(labels > 0, lits.labels["repropagated"] > 0)  # inside the liver: no voxel outside it
+    lits.labels["tumour"] = labels
+
+    seg = download(page, "export-segnrrd", lits.folder / "liversam.seg.nrrd")
+    header = seg.read_bytes()[:4000].decode("latin-1")
+    assert header.startswith("NRRD") and "Segment0_Name:=liver" in header and "Segment1_Name:=tumor" in header
+    lits.step = 6
+
+
+def test_7_undo_the_tumour_propagation(lits):
+    lits.go_on_from(6)
+    page = lits.page
     page.get_by_test_id("undo").click()
-    wait_status(page, rf"Undone: tumor box on slice {TUMOUR_K}", timeout=20_000)
-    page.get_by_test_id("undo").click()
-    wait_status(page, r"Undone: propagate liver", timeout=20_000)
+    wait_status(page, r"Undone: propagate tumor", timeout=20_000)
+    assert np.array_equal(lits.labels_now(), lits.labels["tumour box"])
+    assert page.get_by_test_id("lesion-row").count() == 0
+    assert page.get_by_test_id("review-row").count() > 10  # the liver's review is back
+    assert re.search(rf"tumor box on slice {TUMOUR_K}", undo_label(page))
+    lits.step = 7
+
+
+def test_8_bad_input_with_a_case_open_changes_nothing(lits, tmp_path):
+    lits.go_on_from(7)
+    page = lits.page
+    before_undo = undo_label(page)
+    no_series = tmp_path / "no-series"
+    no_series.mkdir()
+    (no_series / "readme.txt").write_text("no images here")
+    (no_series / "more.txt").write_text("still none")
+    open_path(page, str(no_series))
+    expect_error(page, r"no-series.*no DICOM image series")
+    assert page.get_by_test_id("ct-name").inner_text().strip() == "ct.nii.gz"
+    dismiss_error(page)
+
+    set_mode(page, "box")
+    screen = go_to_slice(page, TUMOUR_K)
+    nk, nj, ni = lits.liver.shape
+    a, b = outside_drag(screen, axial_view_box(page), ni, nj)
+    page.mouse.move(*a)
+    page.mouse.down()
+    page.mouse.move(*b, steps=6)
+    page.mouse.up()
+    expect_error(page, r"Box ignored: .*outside the image")
+    dismiss_error(page)
+
+    # a tumour point on a slice with no lesion box: nothing to refine
+    set_mode(page, "point+", "tumor")
+    screen = go_to_slice(page, SLICE_K)
+    click_point(page, screen, *blob_centre(lits.liver[SLICE_K]))
+    expect_error(page, r"Point ignored: a tumour point refines a lesion box")
+    dismiss_error(page)
+    assert undo_label(page) == before_undo
+    assert np.array_equal(lits.labels_now(), lits.labels["tumour box"])
+    lits.step = 8
 
 
 if __name__ == "__main__":

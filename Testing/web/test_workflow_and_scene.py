@@ -40,6 +40,15 @@ class RecordingClient:
         self.calls.append(("repropagate", segment, fix_slices, existing, container))
         return "job-2"
 
+    def job_result(self, job, masks=True):
+        return {"review": {"segments": [{"name": "tumor", "volume_ml": 0.1, "slices": []}]},
+                "lesions": [{"lesion_id": 1, "volume_ml": 0.1}]}
+
+    def job_mask(self, job, segment):
+        mask = np.zeros(SHAPE, dtype=bool)
+        mask[1:4, 2:6, 2:30] = True  # partly outside the liver: clipped to it
+        return mask
+
 
 def test_liver_box_undo_and_tumour_inside_the_liver():
     client = RecordingClient()
@@ -89,6 +98,20 @@ def test_propagation_specs_use_ijk_and_the_liver_as_container():
     workflow.propagated.add("liver")
     workflow.start_repropagation("liver", 3)
     assert client.calls[-1][2:] == ([3], "liver_current", None)
+
+
+def test_undo_of_a_propagation_restores_its_review_and_lesions():
+    client = RecordingClient()
+    workflow = Workflow(client, "s", SHAPE)
+    workflow.masks["liver"][:, :, :10] = True
+    workflow.add_box("tumor", 2, (2.0, 2.0, 8.0, 6.0))
+    workflow.start_propagation("tumor")
+    workflow.apply_result("job-1", "tumor")
+    assert workflow.propagated == {"tumor"} and workflow.lesions and "tumor" in workflow.review
+    assert workflow.masks["tumor"].sum() == 3 * 4 * 8 and not (workflow.masks["tumor"] & ~workflow.masks["liver"]).any()
+    assert workflow.undo() == "propagate tumor"
+    assert workflow.propagated == set() and workflow.lesions == [] and workflow.review == {}
+    assert not workflow.masks["tumor"].any() and workflow.prompts["tumor"][2].boxes == [(2.0, 2.0, 8.0, 6.0)]
 
 
 def _write_nifti(path: Path, array: np.ndarray) -> None:
@@ -157,3 +180,22 @@ def test_segments_overlap_and_labelmap_keeps_the_grid(slicer_app, tmp_path):
     content.write_segmentation(seg)
     assert "Segment1_Name:=tumor" in seg.read_bytes()[:4000].decode("latin-1")
     content.remove()
+
+
+def test_a_dicom_folder_knows_its_series_and_a_file_has_none(slicer_app, tmp_path):
+    from web_page import DATA
+
+    from liversam_web.mrml_scene import list_input_files, load_ct_with_source
+
+    folder = DATA / "dcmqi_ct3slice" / "ct"
+    volume, dicom = load_ct_with_source(slicer_app, list_input_files(str(folder)), "the dcmqi folder")
+    assert volume.GetImageData().GetDimensions() == (512, 512, 3)
+    assert dicom is not None and Path(dicom.folder) == folder and dicom.num_files == 3
+    assert dicom.series_uid == "1.2.392.200103.20080913.113635.1.2009.6.22.21.43.10.23430.1"
+    slicer_app.scene.RemoveNode(volume)
+    ct = np.full((6, 20, 30), -1000, dtype=np.int16)
+    ct[1:5, 4:16, 5:25] = 60
+    _write_nifti(tmp_path / "ct.nii.gz", ct)
+    volume, dicom = load_ct_with_source(slicer_app, [str(tmp_path / "ct.nii.gz")], "'ct.nii.gz'")
+    assert dicom is None
+    slicer_app.scene.RemoveNode(volume)

@@ -26,7 +26,7 @@ from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.utils import write_client_files_to_dir
 from vtkmodules.vtkCommonCore import vtkCommand
 
-from .mrml_scene import InputError, SceneContent, list_input_files, load_ct
+from .mrml_scene import InputError, SceneContent, list_input_files, load_ct_with_source
 from .server_client import LiverSAMClient, LiverSAMClientError, ServerRequestError
 from .slice_prompting import SlicePrompting
 from .volume_geometry import PromptOutsideVolume, box_on_slice, point_on_volume, ras_to_ijk, server_geometry
@@ -71,12 +71,14 @@ class LiverSAMWebApp:
             "ct_path": "",
             "ct_name": "",
             "has_ct": False,
+            "has_dicom": False,
             "busy": False,
             "busy_text": "",
             "error": "",
             "status": "Open a CT: type its path on this machine, or upload a file or a DICOM folder.",
             "segment": "liver",
             "mode": "box",
+            "mode_hint": mode_hint("box", "liver"),
             "window": 400.0,
             "level": 40.0,
             "probe": "",
@@ -92,7 +94,7 @@ class LiverSAMWebApp:
             "undo_label": "",
             "propagated": [],
         })
-        self.state.change("mode")(self._on_mode_change)
+        self.state.change("mode", "segment")(self._on_mode_change)
         self.state.change("window", "level")(self._on_window_change)
         self._build_ui()
 
@@ -123,8 +125,9 @@ class LiverSAMWebApp:
                 with html.Div(classes="d-flex align-center ga-2"):
                     v3.VTextField(v_model=("ct_path",), label="Path on this machine (file or DICOM folder)",
                                   density="compact", hide_details=True, raw_attrs=['data-testid="ct-path"'],
-                                  keyup_enter=self.ctrl.open_path)
-                    v3.VBtn("Open", click=self.ctrl.open_path, disabled=("busy",), raw_attrs=['data-testid="open-path"'])
+                                  keyup_enter=(self.ctrl.open_path, "[ct_path]"))
+                    v3.VBtn("Open", click=(self.ctrl.open_path, "[ct_path]"), disabled=("busy",),
+                            raw_attrs=['data-testid="open-path"'])
                 with html.Div(classes="d-flex align-center ga-2 mt-2"):
                     html.Span("Upload:", classes="text-caption")
                     upload = self.server.trigger_name(self._on_upload)
@@ -167,17 +170,13 @@ class LiverSAMWebApp:
                     v3.VBtn("+", value="point+", raw_attrs=['data-testid="mode-plus"'])
                     v3.VBtn("-", value="point-", raw_attrs=['data-testid="mode-minus"'])
                     v3.VBtn("Browse", value="navigate", raw_attrs=['data-testid="mode-navigate"'])
-                html.Div(
-                    "Box: press, drag and release on the organ (liver) or around one lesion (tumour). "
-                    "+ / -: click inside / outside. Browse: Slicer's window/level drag. Tumours are kept "
-                    "inside the liver.",
-                    classes="text-caption mt-2",
-                )
+                html.Div("{{ mode_hint }}", classes="text-caption mt-2", raw_attrs=['data-testid="mode-hint"'])
                 with html.Div(classes="d-flex flex-wrap ga-2 mt-2"):
                     v3.VBtn("Clear this slice", size="small", click=self.ctrl.clear_slice, disabled=("busy",))
                     v3.VBtn("Undo", size="small", prepend_icon="mdi-undo", click=self.ctrl.undo,
                             disabled=("!can_undo || busy || job_running",), raw_attrs=['data-testid="undo"'])
-                html.Div("{{ can_undo ? 'Undo: ' + undo_label : '' }}", classes="text-caption")
+                html.Div("{{ can_undo ? 'Undo: ' + undo_label : '' }}", classes="text-caption",
+                         raw_attrs=['data-testid="undo-label"'])
             # ---- propagation
             with v3.VCard(title="4. Propagate through the volume", density="compact", v_if="has_ct"), \
                     v3.VCardText():
@@ -222,15 +221,18 @@ class LiverSAMWebApp:
             # ---- export
             with v3.VCard(title="6. Export", density="compact", v_if="has_ct"), v3.VCardText(), \
                     html.Div(classes="d-flex flex-wrap ga-2"):
-                for label, kind, name in ((".seg.nrrd", "segnrrd", "liversam.seg.nrrd"),
-                                          ("Labelmap .nii.gz", "labelmap", "liversam-labels.nii.gz")):
+                for label, kind, name, disabled in (
+                        (".seg.nrrd", "segnrrd", "liversam.seg.nrrd", "busy"),
+                        ("Labelmap .nii.gz", "labelmap", "liversam-labels.nii.gz", "busy"),
+                        ("DICOM SEG", "dicomseg", "liversam-seg.dcm", "busy || !has_dicom")):
                     v3.VBtn(
-                        label, size="small", prepend_icon="mdi-download", disabled=("busy",),
+                        label, size="small", prepend_icon="mdi-download", disabled=(disabled,),
                         raw_attrs=[f'data-testid="export-{kind}"'],
                         click=(f"utils.download('{name}', trigger('{self.server.trigger_name(self.export)}', "
                                f"['{kind}']), 'application/octet-stream')"),
                     )
-                v3.VBtn("DICOM SEG", size="small", disabled=True, title="not available yet in the web app")
+                html.Div("DICOM SEG: for a CT opened from a DICOM series (it references that series).",
+                         v_if="!has_dicom", classes="text-caption", raw_attrs=['data-testid="dicomseg-note"'])
         self.ctrl.open_path = self.open_path
         self.ctrl.go_to_slice = self.go_to_slice
         self.ctrl.clear_slice = self.clear_slice
@@ -252,11 +254,12 @@ class LiverSAMWebApp:
             self.state.status = message
 
     # ================================================================== open a CT
-    def open_path(self, *_args) -> None:
-        create_task(self._open_path())
+    def open_path(self, path: str | None = None, *_args) -> None:
+        """Open the typed path; the page sends the field's value with the click (the state may lag behind)."""
+        create_task(self._open_path(self.state.ct_path if path is None else path))
 
-    async def _open_path(self) -> None:
-        path = str(self.state.ct_path or "").strip()
+    async def _open_path(self, path: str | None) -> None:
+        path = str(path or "").strip()
         try:
             files = list_input_files(path)
         except InputError as exc:
@@ -281,8 +284,8 @@ class LiverSAMWebApp:
         self._set_busy(f"Opening {display_name} ...")
         new_content: SceneContent | None = None
         try:
-            volume = load_ct(self.slicer_app, files, what)
-            new_content = SceneContent(self.slicer_app, volume)
+            volume, dicom = load_ct_with_source(self.slicer_app, files, what)
+            new_content = SceneContent(self.slicer_app, volume, dicom)
             geometry = server_geometry(new_content.ijk_to_ras)
             array = new_content.array
             info = await asyncio.to_thread(
@@ -323,7 +326,8 @@ class LiverSAMWebApp:
         self._jump(nk // 2)
         with self.state:
             self.state.update({
-                "has_ct": True, "ct_name": display_name, "n_slices": nk, "window": 400.0, "level": 40.0,
+                "has_ct": True, "has_dicom": content.dicom is not None, "ct_name": display_name, "n_slices": nk,
+                "window": 400.0, "level": 40.0,
                 "review_rows": [], "lesion_rows": [], "progress": 0, "progress_text": "", "propagated": [],
                 "error": "",
                 "status": (f"Opened {display_name} ({content.shape_kji[2]} x {content.shape_kji[1]} x {nk}). "
@@ -357,9 +361,13 @@ class LiverSAMWebApp:
                 self.state.error = ""
 
     # ================================================================== view state
-    def _on_mode_change(self, mode: str, **_kwargs) -> None:
+    def _on_mode_change(self, mode: str, segment: str, **_kwargs) -> None:
         if self._prompting is not None:
             self._prompting.set_mode(mode)
+        hint = mode_hint(mode, segment)  # set here: the page shows it once the axial view has the mode
+        if hint != self.state.mode_hint:
+            with self.state:
+                self.state.mode_hint = hint
 
     def _on_window_change(self, window: float, level: float, **_kwargs) -> None:
         if self.content is not None:
@@ -457,6 +465,10 @@ class LiverSAMWebApp:
         if segment == "tumor" and not (prompts and prompts.boxes):
             self._error("Point ignored: a tumour point refines a lesion box; draw the box around the lesion first.")
             return
+        if not positive and not (prompts and (prompts.boxes or prompts.points)):
+            self._error(f"Point ignored: a - point corrects a mask; on slice {k} there is none yet. Draw a box "
+                        f"around the {segment} or click a + point on it first.")
+            return
         self.workflow.push_undo(f"{'+' if positive else '-'} point on slice {k}")
         self.workflow.add_point(segment, k, point, positive)
         create_task(self._predict(segment, k))
@@ -507,6 +519,7 @@ class LiverSAMWebApp:
             self._error("Nothing to undo.")
             return
         self._refresh_all()
+        self._show_tables(None)
         self._status(f"Undone: {label}.")
 
     def _refresh_prompts(self) -> None:
@@ -620,9 +633,26 @@ class LiverSAMWebApp:
         if segment == "tumor":
             self.content.show_mask("tumor", self.workflow.masks["tumor"], surface=True)
         report = self.workflow.review.get(segment, {})
-        rows = sorted(report.get("slices", []), key=lambda r: (not r.get("flags"), r["k"]))
-        lesions = self.workflow.lesions
         voxels = int(self.workflow.masks[segment].sum())
+        self._show_tables(segment)
+        with self.state:
+            self.state.progress = 100
+            flagged = len(report.get("flagged_slices", []))
+            self.state.status = (f"{segment.capitalize()}: {voxels} voxels, {report.get('volume_ml', '?')} ml; "
+                                 f"{flagged} slices flagged for review. Fix a slice with points or a box, then "
+                                 "re-propagate from it.")
+            self.state.error = ""
+        self._sync_undo()
+
+    def _show_tables(self, segment: str | None) -> None:
+        """The review list of ``segment`` (None: the last one shown, if it is still propagated), the lesions."""
+        assert self.workflow is not None
+        segment = segment or self.state.review_segment
+        if segment not in self.workflow.propagated:
+            segment = next(iter(sorted(self.workflow.propagated)), "")
+        report = self.workflow.review.get(segment, {}) if segment else {}
+        rows = sorted(report.get("slices", []), key=lambda r: (not r.get("flags"), r["k"]))
+        lesions = self.workflow.lesions if "tumor" in self.workflow.propagated else []
         with self.state:
             self.state.review_segment = segment
             self.state.review_rows = [
@@ -639,13 +669,6 @@ class LiverSAMWebApp:
                 for lesion in lesions
             ]
             self.state.propagated = sorted(self.workflow.propagated)
-            self.state.progress = 100
-            flagged = len(report.get("flagged_slices", []))
-            self.state.status = (f"{segment.capitalize()}: {voxels} voxels, {report.get('volume_ml', '?')} ml; "
-                                 f"{flagged} slices flagged for review. Fix a slice with points or a box, then "
-                                 "re-propagate from it.")
-            self.state.error = ""
-        self._sync_undo()
 
     # ================================================================== export
     async def export(self, kind: str) -> Any:
@@ -660,6 +683,10 @@ class LiverSAMWebApp:
             elif kind == "labelmap":
                 path = folder / "liversam-labels.nii.gz"
                 self.content.write_labelmap(self.workflow.labelmap(), path)
+            elif kind == "dicomseg":
+                path = folder / "liversam-seg.dcm"
+                if not await self._export_dicom_seg(path):
+                    return None
             else:
                 self._error(f"Unknown export '{kind}'.")
                 return None
@@ -669,6 +696,53 @@ class LiverSAMWebApp:
             return None
         self._status(f"Exported {path.name} ({len(data) // 1024} KB).")
         return self.server.protocol.addAttachment(data)
+
+
+    async def _export_dicom_seg(self, path: Path) -> bool:
+        """The server writes the SEG (liversam.dicom_seg) from the masks as the page shows them."""
+        content, workflow = self.content, self.workflow
+        assert content is not None and workflow is not None
+        if content.dicom is None:
+            self._error(f"DICOM SEG needs a CT opened from a DICOM series; {self.state.ct_name} is not one. "
+                        "Export .seg.nrrd or the labelmap instead.")
+            return False
+        if not any(mask.any() for mask in workflow.masks.values()):
+            self._error("Nothing to export yet: segment the liver (or a tumour) first.")
+            return False
+        dicom = content.dicom
+
+        def write() -> bytes:
+            for segment, mask in workflow.masks.items():
+                workflow.client.upload_mask(workflow.session_id, f"export_{segment}", mask)
+            return workflow.client.export_dicom_seg(
+                workflow.session_id, [(segment, f"export_{segment}") for segment in workflow.masks],
+                reference_dicom=dicom.folder, series_uid=dicom.series_uid or None)
+
+        self._set_busy("Writing the DICOM SEG ...")
+        try:
+            data = await asyncio.to_thread(write)
+        except LiverSAMClientError as exc:
+            self._error(f"DICOM SEG export failed: {_client_message(exc)}")
+            return False
+        finally:
+            self._set_busy("")
+        path.write_bytes(data)
+        return True
+
+
+def mode_hint(mode: str, segment: str) -> str:
+    """What the mouse does in the axial view now."""
+    if mode == "box":
+        if segment == "tumor":
+            return ("Tumour box: press, drag and release around one lesion (each box is one more lesion; tumours "
+                    "are kept inside the liver).")
+        return "Liver box: press, drag and release around the liver on this slice (a new box replaces it)."
+    name = {"tumor": "tumour"}.get(segment, segment)
+    if mode == "point+":
+        return f"+ point: click on {name} that the mask misses; the slice is segmented again."
+    if mode == "point-":
+        return f"- point: click where the {name} mask spills over; the slice is segmented again."
+    return "Browse: drag for window/level, the wheel scrolls slices (Slicer's own mouse)."
 
 
 def _client_message(exc: Exception) -> str:

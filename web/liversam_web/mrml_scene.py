@@ -7,9 +7,12 @@ volume node's IJKToRAS matrix maps them to RAS. Files are written in LPS by Slic
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
+import pydicom.errors
 from slicer import (
     vtkMRMLLabelMapVolumeNode,
     vtkMRMLMarkupsFiducialNode,
@@ -22,6 +25,7 @@ from slicer import (
     vtkOrientedImageData,
     vtkSlicerSegmentationsModuleLogic,
 )
+from trame_slicer.core.volumes_reader import VolumesReader
 from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy
 from vtkmodules.vtkCommonDataModel import vtkImageData
 from vtkmodules.vtkCommonMath import vtkMatrix4x4
@@ -84,19 +88,58 @@ def list_input_files(path: str) -> list[str]:
     return files
 
 
+@dataclass(frozen=True)
+class DicomSource:
+    """The DICOM series a CT was read from: what a DICOM SEG of it must reference."""
+
+    folder: str
+    series_uid: str
+    num_files: int
+
+
 def load_ct(slicer_app, files: list[str], what: str) -> vtkMRMLScalarVolumeNode:
-    """Load ``files`` (one image file or the files of DICOM series) and keep the largest 3D scalar volume.
+    """Load ``files`` (one image file or the files of DICOM series) and keep the largest 3D scalar volume."""
+    return load_ct_with_source(slicer_app, files, what)[0]
+
+
+def _load_volumes(slicer_app, files: list[str]) -> list[tuple[object, list[str] | None]]:
+    """Every volume in ``files`` with the DICOM files it was read from (None for an image file).
+
+    DICOM files are split into series the way trame-slicer's reader splits them (series, acquisition,
+    image type, orientation), each series loaded on its own so the app knows which one it shows.
+    """
+    if not VolumesReader.contains_dcm_volume(files):
+        return [(v, None) for v in slicer_app.io_manager.load_volumes(files) if v is not None]
+    loaded = []
+    for group in VolumesReader.split_volumes(files):
+        loaded += [(v, list(group)) for v in slicer_app.io_manager.load_volumes(list(group)) if v is not None]
+    return loaded
+
+
+def _dicom_source(files: list[str]) -> DicomSource | None:
+    try:
+        header = pydicom.dcmread(files[0], stop_before_pixels=True, force=True)
+    except (OSError, pydicom.errors.InvalidDicomError):
+        return None
+    uid = str(header.get("SeriesInstanceUID", "") or "")  # empty in some anonymised series: the export says so
+    folder = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+    return DicomSource(folder, uid, len(files))
+
+
+def load_ct_with_source(slicer_app, files: list[str], what: str) -> tuple[vtkMRMLScalarVolumeNode, DicomSource | None]:
+    """Load ``files`` and keep the largest 3D scalar volume -> (volume, its DICOM series or None).
 
     Nothing stays in the scene when the input is not a CT (InputError says why, naming ``what``).
     """
     scene = slicer_app.scene
     before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
-    volumes = []
+    loaded = []
     try:
-        volumes = [v for v in slicer_app.io_manager.load_volumes(files) if v is not None]
+        loaded = _load_volumes(slicer_app, files)
     except Exception as exc:  # noqa: BLE001 - the readers raise many kinds; the user gets one clear message
         _remove_new_nodes(scene, before)
         raise InputError(f"{what} could not be read as an image ({type(exc).__name__}: {exc}).") from None
+    volumes = [v for v, _ in loaded]
     candidates = [v for v in volumes if v.IsA("vtkMRMLScalarVolumeNode") and not v.IsA("vtkMRMLLabelMapVolumeNode")
                   and v.GetImageData() is not None and v.GetImageData().GetNumberOfScalarComponents() == 1]
     if not candidates:
@@ -117,7 +160,8 @@ def load_ct(slicer_app, files: list[str], what: str) -> vtkMRMLScalarVolumeNode:
     for other in volumes:
         if other is not volume:
             scene.RemoveNode(other)
-    return volume
+    dicom_files = next(group for v, group in loaded if v is volume)
+    return volume, (_dicom_source(dicom_files) if dicom_files else None)
 
 
 def check_ct(volume, what: str) -> None:
@@ -149,10 +193,11 @@ def oriented_image(mask_kji: np.ndarray, ijk_to_ras_matrix: np.ndarray) -> vtkOr
 class SceneContent:
     """The CT, the liver/tumour segmentation and the prompt markups of the current case."""
 
-    def __init__(self, slicer_app, volume) -> None:
+    def __init__(self, slicer_app, volume, dicom: DicomSource | None = None) -> None:
         self.app = slicer_app
         self.scene = slicer_app.scene
         self.volume = volume
+        self.dicom = dicom  # the DICOM series the CT was read from (a DICOM SEG references it)
         self.ijk_to_ras = volume_ijk_to_ras(volume)
         self.array = volume_array(volume)
         self.shape_kji = tuple(int(s) for s in self.array.shape)

@@ -36,6 +36,9 @@ class _Snapshot:
     label: str
     prompts: dict[str, dict[int, SlicePrompts]]
     packed: dict[str, bytes]
+    propagated: set[str]
+    review: dict[str, Any]
+    lesions: list[dict[str, Any]]
 
 
 class Workflow:
@@ -55,7 +58,8 @@ class Workflow:
     # --- undo ------------------------------------------------------------------------------------------
     def push_undo(self, label: str) -> None:
         packed = {name: np.packbits(mask).tobytes() for name, mask in self.masks.items()}
-        self._undo.append(_Snapshot(label, copy.deepcopy(self.prompts), packed))
+        self._undo.append(_Snapshot(label, copy.deepcopy(self.prompts), packed, set(self.propagated),
+                                    copy.deepcopy(self.review), copy.deepcopy(self.lesions)))
         del self._undo[:-UNDO_DEPTH]
 
     def can_undo(self) -> bool:
@@ -65,11 +69,13 @@ class Workflow:
         return self._undo[-1].label if self._undo else ""
 
     def undo(self) -> str:
-        """Restore the state before the last change; returns what was undone ("" when nothing)."""
+        """Restore the state before the last change (prompts, masks, what was propagated, its review and
+        lesion table); returns what was undone ("" when nothing)."""
         if not self._undo:
             return ""
         snapshot = self._undo.pop()
         self.prompts = snapshot.prompts
+        self.propagated, self.review, self.lesions = snapshot.propagated, snapshot.review, snapshot.lesions
         count = int(np.prod(self.shape_kji))
         for name, data in snapshot.packed.items():
             bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count)

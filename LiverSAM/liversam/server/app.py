@@ -32,6 +32,7 @@ from .jobs import (
     slice_prompts,
 )
 from .schemas import (
+    DicomSegRequest,
     Health,
     Info,
     JobResult,
@@ -385,6 +386,31 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
         data = await _read_body(request, binary.mask_nbytes(shape, encoding), f"a {encoding} mask of shape {list(shape)}")
         session.masks[name] = binary.unpack_mask(data, shape, encoding)
         return Response(status_code=204)
+
+    @router.post("/sessions/{session_id}/export/dicom-seg", tags=["sessions"], response_class=Response,
+                 summary="Session masks as a DICOM SEG referencing the CT's DICOM series (a download)",
+                 responses={200: {"content": {"application/dicom": {}}, "description": "the DICOM SEG file"}})
+    async def export_dicom_seg(request: Request, session_id: str, body: DicomSegRequest) -> Response:
+        from .dicom_export import dicom_seg_bytes, session_reference, session_segments
+
+        session = state.sessions.get(session_id, owner(request))
+        segments = session_segments(session, body.segments)
+        series_uid = body.series_uid
+        if body.reference_dicom is not None:
+            reference: str | Path | list[str] = _check_path(config, body.reference_dicom)
+            if not Path(reference).exists():
+                raise Refused(422, f"reference DICOM folder not found on the server: '{body.reference_dicom}'")
+        else:
+            own = session_reference(session)
+            if own is None:
+                raise Refused(422, "this session was not read from a DICOM series on the server; give "
+                                   "reference_dicom (the CT's DICOM folder on the server) to write a DICOM SEG")
+            reference, series_uid = own[0], series_uid or own[1]
+        model = state.worker.model
+        data = await run_in_threadpool(dicom_seg_bytes, session, segments, reference, series_uid,
+                                       model.name if model is not None else config.model, body.series_description)
+        return Response(data, media_type="application/dicom",
+                        headers={"Content-Disposition": 'attachment; filename="liversam-seg.dcm"'})
 
     # --- interactive -----------------------------------------------------------------------------------------
     @router.post("/sessions/{session_id}/predict", tags=["interactive"], response_class=Response,

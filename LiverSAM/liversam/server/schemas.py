@@ -155,6 +155,24 @@ class RepropagateRequest(Strict):
     settings: JobSettings = Field(default_factory=JobSettings)
 
 
+class ExportSegment(Strict):
+    name: Name = Field(description="the segment's name in the file (liver, tumor: coded with SNOMED CT)")
+    mask: Name = Field(description="the session mask (uploaded with PUT .../masks/{name}) that holds it")
+    label: int | None = Field(default=None, ge=1, le=65535)
+
+
+class DicomSegRequest(Strict):
+    """Write session masks as a DICOM SEG referencing the CT's DICOM series (``liversam.dicom_seg``)."""
+
+    segments: list[ExportSegment] = Field(min_length=1, max_length=16)
+    reference_dicom: str | None = Field(
+        default=None, min_length=1, max_length=4096,
+        description="the CT's DICOM folder on the server (default: the folder a session opened by path was read from)")
+    series_uid: str | None = Field(default=None, max_length=128, description="the CT's SeriesInstanceUID in that "
+                                   "folder (default: the session's, else the series whose grid matches)")
+    series_description: str = Field(default="LiverSAM segmentation", min_length=1, max_length=64)
+
+
 class JobStatus(BaseModel):
     job_id: str
     session_id: str

@@ -1,0 +1,139 @@
+"""A DICOM CT in the page: open the dcmqi 3-slice GE series by its folder, drag a box around the liver,
+propagate, download the DICOM SEG and read it on the server side (highdicom, pydicom, liversam.dicom_seg):
+one liver segment with SNOMED CT codes, one frame per segmented slice, referencing the CT's series and its
+3 instances, and a liver Dice >= 0.85 against dcmqi's own liver SEG of that series. A folder with no series
+is refused and leaves the open CT as it was.
+"""
+
+from __future__ import annotations
+
+import pytest
+from web_page import (
+    DATA,
+    dismiss_error,
+    download,
+    drag_box,
+    expect_error,
+    go_to_slice,
+    open_path,
+    server_side,
+    set_mode,
+    wait_job_end,
+    wait_slice_mask,
+    wait_status,
+)
+
+DCMQI = DATA / "dcmqi_ct3slice"
+
+REFERENCE = """
+from liversam.dicom_seg import read_dicom_seg
+from liversam.dicom_series import read_dicom_series
+ct = read_dicom_series(inputs["ct"])
+liver = read_dicom_seg(inputs["seg"], reference=ct.geometry).segments[0].mask_kji
+boxes = {}
+for k in range(liver.shape[0]):
+    js, is_ = liver[k].nonzero()
+    boxes[k] = [int(is_.min()), int(js.min()), int(is_.max()), int(js.max())] if len(js) else None
+out = {"boxes": boxes, "series_uid": ct.metadata["dicom_series_uid"],
+       "instances": ct.metadata["dicom_sop_instance_uids"], "shape": list(liver.shape)}
+"""
+
+CHECK = """
+import highdicom as hd
+import pydicom
+from liversam.dicom_seg import read_dicom_seg
+from liversam.dicom_series import read_dicom_series
+ds = pydicom.dcmread(inputs["ours"])
+seg = hd.seg.segread(inputs["ours"])
+ct = read_dicom_series(inputs["ct"])
+ours = read_dicom_seg(inputs["ours"], reference=ct.geometry)
+truth = read_dicom_seg(inputs["seg"], reference=ct.geometry).segments[0].mask_kji
+liver = ours.segment("liver").mask_kji
+referenced = ds.ReferencedSeriesSequence[0]
+item = ds.SegmentSequence[0]
+out = {
+    "modality": str(ds.Modality), "frames": int(ds.NumberOfFrames),
+    "segments": [str(s.SegmentLabel) for s in ds.SegmentSequence],
+    "highdicom_segments": [int(n) for n in seg.segment_numbers],
+    "type_code": str(item.SegmentedPropertyTypeCodeSequence[0].CodeValue),
+    "referenced_series": str(referenced.SeriesInstanceUID),
+    "referenced_instances": sorted(str(r.ReferencedSOPInstanceUID) for r in referenced.ReferencedInstanceSequence),
+    "liver_slices": [int(k) for k in range(liver.shape[0]) if liver[k].any()],
+    "dice": float(2 * (liver & truth).sum() / (liver.sum() + truth.sum())),
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    if not (DCMQI / "ct").is_dir():
+        pytest.fail(f"the dcmqi CT series is not at {DCMQI / 'ct'}: set LIVERSAM_TEST_DATA (see README)")
+    return server_side(REFERENCE, ct=str(DCMQI / "ct"), seg=str(DCMQI / "liver_seg.dcm"))
+
+
+def test_dicom_folder_box_propagate_and_dicom_seg_download(page, reference, tmp_path):
+    open_path(page, str(DCMQI / "ct"))
+    wait_status(page, r"Opened ct \(512 x 512 x 3\)", timeout=120_000)
+    assert page.get_by_test_id("ct-name").inner_text().strip() == "ct"
+    assert page.get_by_test_id("export-dicomseg").is_enabled()
+
+    # a folder with no series: a message, and the DICOM CT stays open as it was
+    no_series = tmp_path / "no-series"
+    no_series.mkdir()
+    (no_series / "notes.txt").write_text("no images here")
+    (no_series / "list.csv").write_text("a,b\n1,2\n")
+    open_path(page, str(no_series))
+    expect_error(page, r"no-series.*no DICOM image series")
+    assert page.get_by_test_id("ct-name").inner_text().strip() == "ct"
+    assert page.get_by_test_id("export-dicomseg").is_enabled()
+    dismiss_error(page)
+
+    k = 1
+    set_mode(page, "box", "liver")
+    screen = go_to_slice(page, k)
+    i0, j0, i1, j1 = reference["boxes"][str(k)]
+    drag_box(page, screen, (max(i0 - 8, 0), max(j0 - 8, 0), min(i1 + 8, 511), min(j1 + 8, 511)))
+    wait_slice_mask(page, "liver", k)
+    page.get_by_test_id("propagate").click()
+    wait_job_end(page, r"Liver: \d+ voxels")
+
+    ours = download(page, "export-dicomseg", tmp_path / "liversam-seg.dcm")
+    found = server_side(CHECK, ours=str(ours), ct=str(DCMQI / "ct"), seg=str(DCMQI / "liver_seg.dcm"))
+    print(f"web app DICOM SEG of the dcmqi 3-slice CT: liver Dice {found['dice']:.3f} against dcmqi's SEG, "
+          f"{found['frames']} frames")
+    assert found["modality"] == "SEG"
+    assert found["segments"] == ["liver"] and found["highdicom_segments"] == [1]  # the empty tumour is left out
+    assert found["type_code"] == "10200004"  # SNOMED CT liver
+    assert found["referenced_series"] == reference["series_uid"]
+    assert found["referenced_instances"] == sorted(reference["instances"])
+    assert found["liver_slices"] == [0, 1, 2]
+    assert found["frames"] == len(found["liver_slices"])  # one frame per segmented slice
+    assert found["dice"] >= 0.85
+
+
+
+UPLOADED = """
+import pydicom
+ds = pydicom.dcmread(inputs["ours"])
+referenced = ds.ReferencedSeriesSequence[0]
+out = {"segments": [str(s.SegmentLabel) for s in ds.SegmentSequence], "frames": int(ds.NumberOfFrames),
+       "referenced_series": str(referenced.SeriesInstanceUID),
+       "referenced_instances": len(referenced.ReferencedInstanceSequence)}
+"""
+
+
+def test_uploaded_dicom_folder_gives_a_dicom_seg_too(page, reference, tmp_path):
+    """The folder upload button: the files land in the app's temporary folder, the SEG still references them."""
+    page.get_by_test_id("upload-folder").locator("input[type=file]").set_input_files(str(DCMQI / "ct"))
+    wait_status(page, r"Opened 3 DICOM files \(512 x 512 x 3\)", timeout=120_000)
+    assert page.get_by_test_id("export-dicomseg").is_enabled()
+    k = 1
+    set_mode(page, "box", "liver")
+    screen = go_to_slice(page, k)
+    i0, j0, i1, j1 = reference["boxes"][str(k)]
+    drag_box(page, screen, (max(i0 - 8, 0), max(j0 - 8, 0), min(i1 + 8, 511), min(j1 + 8, 511)))
+    wait_slice_mask(page, "liver", k)
+    ours = download(page, "export-dicomseg", tmp_path / "uploaded-seg.dcm")
+    found = server_side(UPLOADED, ours=str(ours))
+    assert found["segments"] == ["liver"] and found["frames"] == 1  # one slice segmented: one frame
+    assert found["referenced_series"] == reference["series_uid"] and found["referenced_instances"] == 3

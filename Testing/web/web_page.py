@@ -1,0 +1,263 @@
+"""What the browser tests do with the page, as a user does it: type a path, drag a box, click, wait for the
+status line, download an export. The page's voxel probe (i, j, k under the mouse) maps screen pixels to voxels.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = Path(os.environ.get("LIVERSAM_TEST_DATA", REPO.parent / "shared/data"))  # run_tests.sh sets it
+SERVER_PYTHON = os.environ.get(
+    "LIVERSAM_SERVER_PYTHON",
+    str(Path(os.environ.get("LIVERSAM_VENV", Path.home() / ".cache/liversam/venv")) / "bin/python"),
+)
+JOB_TIMEOUT_MS = int(os.environ.get("LIVERSAM_WEB_JOB_TIMEOUT_S", "1200")) * 1000  # a loaded machine is slow
+
+
+def read_nifti(path: Path) -> np.ndarray:
+    """A NIfTI-1 (.nii.gz) volume as an array [k, j, i] in file order (enough for our own files)."""
+    data = gzip.decompress(path.read_bytes())
+    dims = np.frombuffer(data[40:56], dtype="<i2")
+    datatype = int(np.frombuffer(data[70:72], dtype="<i2")[0])
+    offset = int(np.frombuffer(data[108:112], dtype="<f4")[0])
+    dtype = {2: "u1", 4: "<i2", 8: "<i4", 16: "<f4", 256: "i1", 512: "<u2"}[datatype]
+    ni, nj, nk = (int(d) for d in dims[1:4])
+    return np.frombuffer(data[offset:], dtype=dtype, count=ni * nj * nk).reshape(nk, nj, ni)
+
+
+def save_small_png(png: bytes, path: Path, width: int = 1050) -> None:
+    """The page screenshot, scaled down and palettised (a small file for docs/)."""
+    import io
+
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    image = image.resize((width, round(image.height * width / image.width)), Image.LANCZOS)
+    image.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+
+
+def dismiss_error(page) -> None:
+    error = page.get_by_test_id("error")
+    if error.count():
+        error.locator("button").click()
+        error.wait_for(state="detached", timeout=10_000)
+
+
+def open_path(page, path: str) -> None:
+    dismiss_error(page)
+    page.get_by_test_id("ct-path").locator("input").fill(path)
+    page.get_by_test_id("open-path").click()
+
+
+def expect_error(page, pattern: str, timeout: int = 60_000) -> str:
+    error = page.get_by_test_id("error")
+    error.wait_for(timeout=timeout)
+    deadline = time.monotonic() + timeout / 1000
+    while time.monotonic() < deadline:
+        text = error.inner_text()
+        if re.search(pattern, text, re.IGNORECASE):
+            return text
+        time.sleep(0.2)
+    raise AssertionError(f"error message {text!r} does not match {pattern!r}")
+
+
+def wait_status(page, pattern: str, timeout: int) -> str:
+    deadline = time.monotonic() + timeout / 1000
+    text = ""
+    while time.monotonic() < deadline:
+        error = page.get_by_test_id("error")
+        if error.count():
+            raise AssertionError(f"the page shows an error: {error.inner_text()}")
+        status = page.get_by_test_id("status")
+        text = status.inner_text() if status.count() else ""
+        match = re.search(pattern, text)
+        if match:
+            return text
+        time.sleep(0.25)
+    raise AssertionError(f"status {text!r} never matched {pattern!r}")
+
+
+def probe(page, x: float, y: float) -> tuple[int, int, int]:
+    """Move the mouse to (x, y) and read the voxel the page reports under it."""
+    probe_text = page.get_by_test_id("probe")
+    before = probe_text.inner_text()
+    page.mouse.move(x, y)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        text = probe_text.inner_text()
+        match = re.search(r"i (-?\d+)\s+j (-?\d+)\s+k (-?\d+)", text)
+        if match and text != before:
+            return int(match.group(1)), int(match.group(2)), int(match.group(3))
+        time.sleep(0.1)
+        page.mouse.move(x + 1, y)
+        page.mouse.move(x, y)
+    raise AssertionError(f"the voxel probe did not update at ({x}, {y}): {probe_text.inner_text()!r}")
+
+
+class ScreenMap:
+    """Affine map screen (x, y) <-> voxel (i, j) in the axial view, measured with the probe."""
+
+    def __init__(self, page, view_box: dict) -> None:
+        x0 = view_box["x"] + view_box["width"] * 0.3
+        y0 = view_box["y"] + view_box["height"] * 0.35
+        dx, dy = view_box["width"] * 0.4, view_box["height"] * 0.3
+        i0, j0, k0 = probe(page, x0, y0)
+        i1, j1, _ = probe(page, x0 + dx, y0)
+        i2, j2, _ = probe(page, x0, y0 + dy)
+        self.readings = [(i0, j0, k0), (i1, j1), (i2, j2)]
+        self.k = k0
+        self.matrix = np.array([[(i1 - i0) / dx, (i2 - i0) / dy], [(j1 - j0) / dx, (j2 - j0) / dy]])
+        self.offset = np.array([i0, j0]) - self.matrix @ np.array([x0, y0])
+
+    def to_screen(self, i: float, j: float) -> tuple[float, float]:
+        x, y = np.linalg.solve(self.matrix, np.array([i, j]) - self.offset)
+        return float(x), float(y)
+
+
+def drag(page, a: tuple[float, float], b: tuple[float, float]) -> None:
+    page.mouse.move(*a)
+    page.mouse.down()
+    page.mouse.move((a[0] + b[0]) / 2, (a[1] + b[1]) / 2, steps=4)
+    page.mouse.move(*b, steps=4)
+    page.mouse.up()
+
+
+def axial_view_box(page) -> dict:
+    box = page.locator(".remote-controlled-area").first.bounding_box()  # the axial (red) view leads the layout
+    assert box is not None
+    return box
+
+
+def go_to_slice(page, k: int) -> ScreenMap:
+    """Type k in the slice field; returns the screen map once the axial view shows slice k."""
+    field = page.get_by_test_id("axial-k").locator("input")
+    field.fill(str(k))
+    field.press("Enter")
+    view_box = axial_view_box(page)
+    deadline = time.monotonic() + 30
+    while True:  # the views follow the slice field; a probe read while the view was still changing is retried
+        screen = ScreenMap(page, view_box)
+        good = screen.k == k and abs(np.linalg.det(screen.matrix)) > 1e-6
+        if good or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert screen.k == k, f"the axial view shows slice {screen.k}, not {k}"
+    assert abs(np.linalg.det(screen.matrix)) > 1e-6, f"the voxel probe does not follow the mouse: {screen.readings}"
+    return screen
+
+
+def loose_box(mask_ji: np.ndarray, pad: int = 3) -> tuple[int, int, int, int]:
+    """(i0, j0, i1, j1) around a mask, ``pad`` voxels larger (a user's box is not tight), inside the slice."""
+    js, is_ = np.nonzero(mask_ji)
+    nj, ni = mask_ji.shape
+    return (max(int(is_.min()) - pad, 0), max(int(js.min()) - pad, 0),
+            min(int(is_.max()) + pad, ni - 1), min(int(js.max()) + pad, nj - 1))
+
+
+def drag_box(page, screen: ScreenMap, box: tuple[float, float, float, float]) -> None:
+    drag(page, screen.to_screen(*box[:2]), screen.to_screen(*box[2:]))
+
+
+def undo_label(page) -> str:
+    return page.get_by_test_id("undo-label").inner_text().strip()
+
+
+def wait_undo_label(page, pattern: str, timeout: int = 30_000) -> str:
+    """The undo line names the last change as soon as the page has taken it (before the server answers)."""
+    deadline = time.monotonic() + timeout / 1000
+    text = ""
+    while time.monotonic() < deadline:
+        text = undo_label(page)
+        if re.search(pattern, text):
+            return text
+        time.sleep(0.1)
+    raise AssertionError(f"undo line {text!r} never matched {pattern!r}")
+
+
+def status_text(page) -> str:
+    status = page.get_by_test_id("status")
+    return status.inner_text() if status.count() else ""
+
+
+def wait_slice_mask(page, segment: str, k: int, before: str = "", timeout: int = JOB_TIMEOUT_MS) -> int:
+    """Wait for the live update of slice k (a status line other than ``before``); returns its voxel count."""
+    pattern = rf"{segment.capitalize()} on slice {k}: (\d+) voxels"
+    deadline = time.monotonic() + timeout / 1000
+    while True:
+        status = wait_status(page, pattern, timeout=max(1000, int((deadline - time.monotonic()) * 1000)))
+        if status != before:
+            return int(re.search(r": (\d+) voxels", status).group(1))
+        assert time.monotonic() < deadline, f"the status line still shows the previous result: {status!r}"
+        time.sleep(0.2)
+
+
+def wait_job_end(page, final_status: str, timeout: int = JOB_TIMEOUT_MS) -> set[str]:
+    """Wait until the job just started has ended with a status line matching ``final_status`` (and no Cancel
+    button); returns the progress lines seen on the way. An error shown by the page fails at once."""
+    seen = set()
+    deadline = time.monotonic() + timeout / 1000
+    while time.monotonic() < deadline:
+        error = page.get_by_test_id("error")
+        if error.count():
+            raise AssertionError(f"the page shows an error: {error.inner_text()}")
+        progress = page.get_by_test_id("progress-text")
+        if progress.count():
+            seen.add(progress.inner_text())
+        if re.search(final_status, status_text(page)) and page.get_by_test_id("cancel").count() == 0:
+            return seen
+        time.sleep(0.3)
+    raise AssertionError(f"the job did not end in {timeout / 1000:.0f} s: {status_text(page)!r}, {seen}")
+
+
+def download(page, testid: str, path: Path, timeout: int = 120_000) -> Path:
+    """Click an export button and save what the browser downloads."""
+    with page.expect_download(timeout=timeout) as pending:
+        page.get_by_test_id(testid).click()
+    pending.value.save_as(path)
+    return path
+
+
+def download_labels(page, path: Path) -> np.ndarray:
+    """The labelmap export (liver 1, tumour 2) as [k, j, i]."""
+    return read_nifti(download(page, "export-labelmap", path)).copy()
+
+
+def server_side(code: str, **inputs) -> dict:
+    """Run ``code`` in the server's Python (liversam, highdicom, pydicom, scipy) with ``inputs`` as a dict
+    named ``inputs``; it sets a dict ``out``, returned here (JSON)."""
+    program = f"import json, sys\ninputs = json.loads(sys.argv[1])\n{code}\nprint('@@' + json.dumps(out))\n"
+    env = dict(os.environ, PYTHONPATH=str(REPO / "LiverSAM"))
+    done = subprocess.run([SERVER_PYTHON, "-c", program, json.dumps(inputs)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.rsplit("@@", 1)[1])
+
+
+HINT_START = {"box": r"(Liver|Tumour) box:", "point+": r"\+ point:", "point-": r"- point:", "navigate": r"Browse:"}
+SEGMENT_IN_HINT = {"liver": r"(Liver box|liver)", "tumor": r"(Tumour box|tumour)"}
+
+
+def set_mode(page, mode: str, segment: str | None = None) -> None:
+    """Press the segment and mode buttons and wait until the page's hint (set by the app once the axial view has
+    the mode) says so: a click right after pressing a button must not race the mode change."""
+    if segment is not None:
+        page.get_by_test_id(f"segment-{segment}").click()
+    testid = {"box": "mode-box", "point+": "mode-plus", "point-": "mode-minus", "navigate": "mode-navigate"}[mode]
+    page.get_by_test_id(testid).click()
+    hint = page.get_by_test_id("mode-hint")
+    deadline = time.monotonic() + 20
+    while True:
+        text = hint.inner_text() if hint.count() else ""
+        if re.match(HINT_START[mode], text) and (segment is None or re.search(SEGMENT_IN_HINT[segment], text)):
+            return
+        assert time.monotonic() < deadline, f"the mode hint {text!r} does not follow the buttons ({mode}, {segment})"
+        time.sleep(0.1)
