@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 CALIBRATION_SLICES = 30  # in all, split evenly over the calibration cases
 CALIBRATION_CASES = 2
+#: Left in float: the encoder's stem (patch embedding + first stage), where bf16 rounding already moved the
+#: masks most (docs/PERFORMANCE.md); the rest of the encoder is quantised.
+FLOAT_SCOPE = (r".*/patch_embed/.*", r".*/layers\.0/.*")
 
 
 def nncf_available() -> bool:
@@ -73,7 +76,7 @@ def calibration_tag(plan=None) -> str:
     text = ";".join(
         f"{folder.name}:{(folder / 'ct.nii.gz').stat().st_size}:{skip}" for folder, skip in plan
     )
-    return hashlib.sha256(f"{text}|{CALIBRATION_SLICES}".encode()).hexdigest()[:10]
+    return hashlib.sha256(f"{text}|{CALIBRATION_SLICES}|{FLOAT_SCOPE}".encode()).hexdigest()[:10]
 
 
 def calibration_inputs(model, plan=None) -> list[np.ndarray]:
@@ -93,7 +96,7 @@ def calibration_inputs(model, plan=None) -> list[np.ndarray]:
         label = read_label(folder / "label.nii.gz", volume.geometry, folder / "ct.nii.gz")
         ks = [int(k) for k in np.flatnonzero(np.isin(label, (1, 2)).sum(axis=(1, 2)) > 0) if k not in (skip or ())]
         picks = [ks[i] for i in np.unique(np.round(np.linspace(0, len(ks) - 1, min(per_case, len(ks)))).astype(int))]
-        predictor = SlicePredictor(model, volume, cache_mb=0.0)
+        predictor = SlicePredictor(model, volume, cache_mb=1.0)  # only its preprocessing is used
         inputs += [predictor.model_input(k).numpy().astype(np.float32) for k in picks]
     return inputs
 
@@ -104,7 +107,8 @@ def quantized_path(entry: ExportEntry, tag: str) -> Path:
 
 def quantize_encoder(entry: ExportEntry, inputs: list[np.ndarray], tag: str) -> Path:
     """NNCF post-training quantisation of the exported encoder (int8 weights and activations, per-channel
-    weights, transformer preset: SmoothQuant where it applies, softmax / layer norm kept in float),
+    weights, transformer preset: SmoothQuant where it applies, softmax / layer norm kept in float; the stem
+    :data:`FLOAT_SCOPE` in float),
     calibrated on ``inputs``; saved once as ``encoder_int8-<tag>.xml`` / ``.bin``. Returns the path."""
     path = quantized_path(entry, tag)
     if path.is_file() and path.with_suffix(".bin").is_file():
@@ -124,6 +128,7 @@ def quantize_encoder(entry: ExportEntry, inputs: list[np.ndarray], tag: str) -> 
             nncf.Dataset(inputs),
             subset_size=len(inputs),
             model_type=nncf.ModelType.TRANSFORMER,
+            ignored_scope=nncf.IgnoredScope(patterns=list(FLOAT_SCOPE), validate=False),
         )
         # ov.save_model writes <name>.xml + <name>.bin: write both in a scratch folder, move .bin first.
         with tempfile.TemporaryDirectory(dir=entry.folder) as scratch:
