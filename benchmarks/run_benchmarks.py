@@ -8,8 +8,9 @@ Measures, on the lits117 example CT (128 axial slices of 128 x 128 voxels):
 - time to segment a liver of ``--volume-slices`` slices (default 100) from one box on its largest slice,
   cold embedding cache (every slice encoded), through ``liversam.pipeline.segment_volume`` with propagation;
 - peak resident memory of the process (``ru_maxrss``);
-- training throughput (slices/s) when ``liversam.training`` offers ``benchmark_training_throughput``,
-  otherwise "not available";
+- training throughput (slices/s of decoder steps) when ``liversam.training`` offers
+  ``benchmark_training_throughput``, otherwise "not available"; the embedding-cache build of ``liversam
+  train`` per slice (frozen encoder, the encoder ``auto`` chose) and how a 30-epoch run splits between the two;
 - this machine's floor, measured in the same run (at the start and at the end): a 2048^3 matrix multiply
   in fp32, and in bf16 / int8 where the CPU does them natively. Every figure is also printed as a ratio
   to the fp32 floor (the figure's time over the time the floor needs for the figure's nominal FLOPs), so
@@ -397,7 +398,7 @@ def _training_cache_build(data: Path, model, log: Callable[[str], None], slices:
     out = {"slices": slices, "seconds": seconds, "seconds_per_slice": seconds / slices,
            "encoder": _acceleration(model)["summary"]}
     log(f"training cache build: {seconds / slices:.3f} s/slice ({slices} lits117 slices, CT read included; "
-        f"encoder {out['encoder']})")
+        f"{out['encoder']})")
     return out
 
 
