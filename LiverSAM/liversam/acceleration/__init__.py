@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 #: Backend names accepted by :func:`enable_fast_encoder` (``auto`` picks; ``plain`` is unmodified PyTorch).
 BACKENDS = ("auto", "openvino", "onnxruntime", "torch", "plain")
 AUTO_ORDER = ("openvino", "onnxruntime", "torch")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
 
 __all__ = [
     "AUTO_ORDER",
@@ -75,6 +75,7 @@ __all__ = [
     "AgreementResult",
     "available_backends",
     "candidates",
+    "int8_offered",
     "check_agreement",
     "current_precision",
     "describe_acceleration",
@@ -129,6 +130,8 @@ def resolve_precision(precision: str = "auto", features: CPUFeatures | None = No
     if precision == "fp32":
         return "fp32"
     features = features or cpu_features()
+    if precision == "int8":  # int8 first (int8_offered), then what auto would try
+        precision = "auto"
     if not features.native_bf16:
         if precision == "bf16":
             log.warning(
@@ -140,18 +143,36 @@ def resolve_precision(precision: str = "auto", features: CPUFeatures | None = No
     return "bf16"
 
 
-def candidates(backend: str, precision: str) -> list[tuple[str, str]]:
+def int8_offered(precision: str = "auto", features: CPUFeatures | None = None) -> bool:
+    """int8 is tried (first) when asked for (``precision="int8"``), the CPU has int8 dot-product instructions
+    (VNNI / AMX-INT8 / Arm dotprod) and ``nncf`` + ``openvino`` are installed.
+
+    Not part of ``auto``: on the AVX-512 + bf16 + VNNI test machine every int8 variant failed the mask check
+    by a wide margin (mean Dice 0.93-0.975 against the 0.99 needed, docs/PERFORMANCE.md) and was only
+    1.1-1.2x faster than the accepted ``bf16-rest``, so trying it in ``auto`` would cost every new
+    installation a quantisation (minutes) for a refusal."""
+    from .int8 import nncf_available
+
+    if precision != "int8":
+        return False
+    return bool((features or cpu_features()).int8_dot) and nncf_available()
+
+
+def candidates(backend: str, precision: str, int8: bool = False) -> list[tuple[str, str]]:
     """(backend, precision) pairs to try, fastest first.
 
     Measured order on a 2-core AVX-512 + bf16 EPYC (encode + decode per slice, docs/PERFORMANCE.md):
     OpenVINO bf16 < ``bf16-rest`` (encoder stem fp32, rest and decoder bf16) < ``mixed`` (fp32 encoder, bf16
     prompt decoder) < OpenVINO fp32 < ONNX Runtime
-    fp32 < fused PyTorch fp32. A bf16 candidate that fails falls back to the *same* backend first, never to
+    fp32 < fused PyTorch fp32; with ``int8`` (:func:`int8_offered`, opt-in) the NNCF-quantised OpenVINO encoder
+    is tried first. A bf16 candidate that fails falls back to the *same* backend first, never to
     a slower backend. ONNX Runtime and the fused PyTorch path run in fp32 only (no bf16 speed-up measured).
     """
     backends = [backend] + [b for b in AUTO_ORDER if b != backend] if backend != "auto" else list(AUTO_ORDER)
     order = []
     for name in backends:
+        if int8 and name == "openvino":
+            order.append((name, "int8"))
         if precision == "bf16" and name == "openvino":
             order += [(name, "bf16"), (name, "bf16-rest"), (name, "mixed")]
         order.append((name, "fp32"))
@@ -261,7 +282,11 @@ def _build(backend: str, model, precision: str, threads: int, cache_dir: Path | 
             "pip install 'liversam[fast]' to use it"
         )
     entry = prepare_export(encoder, model.input_size, cache_dir)
-    if backend == "openvino" and precision == "bf16-rest":
+    if backend == "openvino" and precision == "int8":
+        from .int8 import OpenVINOInt8Encoder
+
+        fn = OpenVINOInt8Encoder(entry, threads, model)
+    elif backend == "openvino" and precision == "bf16-rest":
         fn = OpenVINOStemFP32Encoder(entry, threads)
     elif backend == "openvino":
         fn = OpenVINOEncoder(entry, threads, precision)
@@ -297,9 +322,15 @@ def _try_candidate(
     the encoder and the decoder bf16) or ``mixed`` (fp32 encoder, bf16 decoder)."""
     encoder_precision = "fp32" if precision == "mixed" else precision
     decoder_precision = "fp32" if precision == "fp32" else "bf16"
+    verdict_precision = precision  # the key of the cached verdict
+    if precision == "int8":  # bf16 decoder only where bf16 is native; the verdict names the calibration set
+        from .int8 import calibration_tag
+
+        decoder_precision = "bf16" if cpu_features().native_bf16 else "fp32"
+        verdict_precision = f"int8-{calibration_tag()}"
     folder = (cache if cache is not None else default_cache_dir()) / "agreement"
-    if verify:  # a refusal on record: skip the candidate without compiling it
-        refused = _cached_refusal(model, name, precision, decoder, folder, check_set)
+    if verify:  # a refusal on record: skip the candidate without compiling (or quantising) it
+        refused = _cached_refusal(model, name, verdict_precision, decoder, folder, check_set)
         if refused:
             raise BackendUnavailable(f"{refused} (cached verdict)")
     fn = _build(name, model, encoder_precision, threads, cache, verify)
@@ -315,7 +346,7 @@ def _try_candidate(
     sha = encoder_weights_sha256(model.network)
     label = f"{name}+{current_decoder_backend(model)}"
     try:
-        result = check_agreement(model, label, precision, sha, folder, check_set=check_set)
+        result = check_agreement(model, label, verdict_precision, sha, folder, check_set=check_set)
     except FileNotFoundError as exc:
         if precision != "fp32":  # no real slices to check a lower precision on: refuse it
             raise BackendUnavailable(f"{precision} cannot be checked here ({exc})") from exc
@@ -372,7 +403,7 @@ def enable_fast_encoder(
         return "plain"
     threads = int(threads or torch.get_num_threads())
     cache = Path(cache_dir) if cache_dir is not None else None
-    for name, candidate_precision in candidates(backend, first_precision):
+    for name, candidate_precision in candidates(backend, first_precision, int8_offered(precision)):
         try:
             _try_candidate(model, name, candidate_precision, threads, cache, verify, decoder, check_set)
         except (BackendUnavailable, OSError) as exc:  # OSError: cache folder not writable, disk full

@@ -42,7 +42,8 @@ EXPORT_FORMAT = "liversam-encoder-export/1"
 #: PyTorch, checked every time a backend is loaded, by precision. fp32 backends differ only by summation
 #: order (measured ~4e-6). For bf16 (measured 9.4e-2: every product input is rounded) this is only a sanity
 #: bound against a broken runtime; what decides is the mask agreement check (``agreement.py``).
-TOLERANCE = {"fp32": 1e-3, "bf16": 0.25, "bf16-rest": 0.25}
+#: int8 (calibrated on CT, measured 0.2-0.8 on this synthetic image) only gets a bound against garbage output.
+TOLERANCE = {"fp32": 1e-3, "bf16": 0.25, "bf16-rest": 0.25, "int8": 0.9}
 
 EncoderFn = Callable[[torch.Tensor], torch.Tensor]
 

