@@ -192,13 +192,18 @@ LESION_CRF = CRFSettings(edge_mm=0.0, confidence=0.9, gaussian_mm=1.0, bilateral
 
 
 def crf_for_segments(requested: str | Sequence[str], segments: Sequence, what: str = "--crf") -> dict[str, CRFSettings]:
-    """CRF settings by segment name for ``requested`` ("all", a comma-separated string or names) among
+    """CRF settings by segment name for ``requested`` ("all", "auto" = all where pydensecrf2 is installed,
+    "none", a comma-separated string or names) among
     ``segments`` (objects with ``name`` and ``inside``): :data:`LESION_CRF` for a segment inside another,
     :data:`ORGAN_CRF` otherwise. An unknown name is an error (naming ``what`` was asked) that lists the
     segments there are."""
     names = [n.strip() for n in (requested.split(",") if isinstance(requested, str) else requested) if n.strip()]
-    if not names:
+    if not names or names == ["none"]:
         return {}
+    if names == ["auto"]:  # the default: every segment, where the package is installed (setup.sh installs it)
+        if not crf_available():
+            return {}
+        names = ["all"]
     by_name = {s.name: s for s in segments}
     if names == ["all"]:
         names = list(by_name)

@@ -96,10 +96,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--crf",
-        default="",
+        default="auto",
         metavar="STRUCTURES",
-        help="refine these structures (liver, tumor, comma-separated) with a dense CRF on the CT in "
-        "LiverSAM's runs, as `liversam segment --crf` (needs pydensecrf2: pip install 'liversam[crf]')",
+        help="refine these structures (liver, tumor, comma-separated, or 'none') with a dense CRF on the CT in "
+        "LiverSAM's runs, as `liversam segment --crf` (default 'auto': every structure where pydensecrf2 is "
+        "installed)",
     )
     parser.add_argument(
         "--propagation",
@@ -178,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
         click_mask_input=not args.no_click_mask_input,
         click_start=args.click_start,
         intensity_refinement=not args.no_intensity_refinement,
-        crf=_names(args.crf),
+        crf=_crf_structures(args.crf, [s.name for s in specs if s.name in wanted]),
         lesion_segments="per-lesion" if args.per_lesion_segments else "one",
         propagation_methods=_names(args.propagation),
         box_styles=_names(args.boxes),
@@ -223,3 +224,15 @@ def run(args: argparse.Namespace) -> int:
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def _crf_structures(requested: str, structures: list[str]) -> tuple[str, ...]:
+    """``--crf``: 'auto' (every structure where pydensecrf2 is installed), 'none', 'all' or names."""
+    from ..dense_crf import crf_available
+
+    names = _names(requested)
+    if names in (("none",), ()):
+        return ()
+    if names in (("auto",), ("all",)):
+        return tuple(structures) if names == ("all",) or crf_available() else ()
+    return names

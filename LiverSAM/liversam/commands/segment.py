@@ -39,9 +39,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--closing-mm", type=float, default=0.0, help="2D morphological closing radius (mm)")
     p.add_argument("--no-intensity-refinement", action="store_true",
                    help="propagate with the model's masks alone (no liver/tumour intensity refinement)")
-    p.add_argument("--crf", default="", metavar="SEGMENTS",
-                   help="refine these segments (comma-separated names, or 'all') with a dense CRF on the CT "
-                   "after propagation (off by default; needs pydensecrf2: pip install 'liversam[crf]')")
+    p.add_argument("--crf", default="auto", metavar="SEGMENTS",
+                   help="refine these segments (comma-separated names, 'all', or 'none') with a dense CRF on the CT "
+                   "after propagation (default 'auto': every segment where pydensecrf2 is installed, as setup.sh "
+                   "does; measured in docs/RESULTS.md)")
     p.add_argument("--propagation", choices=("liversam", "naive"), default="liversam",
                    help="propagation method: liversam (default) or naive (the reference loop: box of the previous "
                    "slice's mask + 3 px, stop below 10 px)")

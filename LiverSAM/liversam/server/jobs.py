@@ -80,7 +80,7 @@ def pipeline_settings(settings: JobSettings, segments: Sequence[SegmentPrompts] 
     return PipelineSettings(
         slice_postprocess=PostprocessSettings(min_island_mm2=settings.min_island_mm2),
         propagation=PropagationSettings(**settings.model_dump(exclude={"min_island_mm2", "crf"})),
-        crf=crf_for_segments(settings.crf, segments, what="settings.crf"),
+        crf=crf_for_segments("auto" if settings.crf is None else settings.crf, segments, what="settings.crf"),
     )
 
 

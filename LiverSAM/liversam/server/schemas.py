@@ -135,9 +135,10 @@ class JobSettings(Strict):
     growth_allowance_mm2: _number(0) = _CORE.growth_allowance_mm2
     max_mean_hu_shift: _number(0) | None = _CORE.max_mean_hu_shift
     min_island_mm2: _number(0) = 10.0  # liversam segment's --min-island-mm2 default
-    crf: list[Name] = Field(default_factory=list, max_length=16,
-                            description="segments refined by a dense CRF on the CT, as `liversam segment --crf` "
-                            "(propagate jobs; needs pydensecrf2 on the server)")
+    crf: list[Name] | None = Field(default=None, max_length=16,
+                                   description="segments refined by a dense CRF on the CT, as `liversam segment "
+                                   "--crf` (propagate jobs); null (the default): every segment where pydensecrf2 "
+                                   "is installed on the server, [] none")
 
 
 class PropagateRequest(Strict):
