@@ -643,12 +643,37 @@ def repropagate(
     touched = touched[touched > 0]
     object_mask = np.isin(labels, touched) if touched.size else np.zeros_like(existing_kji)
 
-    result = existing_kji.copy()
-    result[k_lo : k_hi + 1] &= ~object_mask[k_lo : k_hi + 1]
     seg.slices[k_fix] = new_prompts
     propagator = _Propagator(predictor, settings, postprocess, seg.slices, container_kji, None, cancel, seg.name)
     scores: dict[int, float] = {}
     fresh = np.zeros_like(existing_kji)
     track = propagator.run_track(k_fix, new_prompts, fresh, scores, limits=(k_lo, k_hi))
-    result |= fresh
+    # The fix reaches as far as it changes things: going out from the fixed slice, once the new track agrees
+    # with the existing object on a slice (Dice >= REPROPAGATION_AGREEMENT), the existing result is kept from
+    # there on (a fix on a small cross-section would otherwise redo good slices from a poorer start).
+    k_lo, k_hi = _reach_of_fix(fresh, object_mask, k_fix, k_lo, k_hi)
+    result = existing_kji.copy()
+    result[k_lo : k_hi + 1] &= ~object_mask[k_lo : k_hi + 1]
+    result[k_lo : k_hi + 1] |= fresh[k_lo : k_hi + 1]
+    scores = {k: v for k, v in scores.items() if k_lo <= k <= k_hi}
     return PropagationOutcome(result, scores, [track], sorted(seg.slices), propagator.computed)
+
+
+REPROPAGATION_AGREEMENT = 0.9
+
+
+def _reach_of_fix(fresh: np.ndarray, existing: np.ndarray, k_fix: int, k_lo: int, k_hi: int) -> tuple[int, int]:
+    """The slices a fix replaces: from ``k_fix`` outwards up to (not including) the first slice each way where
+    the fresh track and the existing object agree (slice Dice >= ``REPROPAGATION_AGREEMENT``)."""
+    def agrees(k: int) -> bool:
+        a, b = fresh[k], existing[k]
+        total = int(a.sum()) + int(b.sum())
+        return total > 0 and 2.0 * float((a & b).sum()) / total >= REPROPAGATION_AGREEMENT
+
+    hi = k_fix
+    while hi + 1 <= k_hi and not agrees(hi + 1):
+        hi += 1
+    lo = k_fix
+    while lo - 1 >= k_lo and not agrees(lo - 1):
+        lo -= 1
+    return lo, hi

@@ -276,3 +276,26 @@ def test_repropagation_stops_at_the_neighbouring_user_slices():
     assert outcome.tracks[0].stop_reasons == {"up": "reached limit", "down": "reached limit"}
     assert sorted(predictor.predicted_slices) == list(range(5, 15))
     np.testing.assert_array_equal(outcome.mask_kji, existing)
+
+
+def test_a_fix_replaces_slices_only_until_the_new_track_agrees_with_the_old_result():
+    # The existing result is right everywhere but on slices 9..11 (shifted squares); the model now gives the
+    # right square on every slice. A fix on slice 10 replaces 9..11 and keeps every slice from the first one
+    # (each way) where the new track agrees with the old result: 12 and 8 onwards stay exactly as they were,
+    # even where the new track differs a little from them (slice 13 and 6: a 1-pixel change, Dice > 0.9).
+    near = rect(SHAPE, 30, 31, 20, 20)  # the same square one pixel to the right: Dice 0.95
+    script = {k: (SEED, 0.9) for k in range(NK)}
+    script[13] = (near, 0.9)
+    script[6] = (near, 0.9)
+    predictor = ScriptedPredictor(synthetic_volume(_hu()), script)
+    box = SlicePrompts(boxes_ij=[box_around(SEED)])
+    seg = SegmentPrompts("liver", 1, slices={2: box, 17: box}, propagate=True)
+    existing = np.zeros((NK, NJ, NI), dtype=bool)
+    existing[2:18] = SEED
+    wrong = rect(SHAPE, 40, 40, 20, 20)  # Dice 0.25 with SEED, but overlapping it (one object in 3D)
+    existing[9:12] = wrong
+    outcome = repropagate(existing, seg, K0, box, predictor, RULES)
+    expected = existing.copy()
+    expected[9:12] = SEED
+    np.testing.assert_array_equal(outcome.mask_kji, expected)
+    assert sorted(outcome.scores) == [9, 10, 11]
