@@ -311,15 +311,17 @@ def test_5_fix_a_slice_and_repropagate(lits):
     assert np.array_equal(repropagated[: SLICE_K + 1], lits.labels["propagated"][: SLICE_K + 1])
     assert dice(liver_now[fix_k], fixed[fix_k]) >= 0.9
     changed = [k for k in range(nk) if not np.array_equal(liver_now[k], propagated[k])]
-    assert len(changed) > 1 and min(changed) > SLICE_K  # more than the fixed slice itself, none at or below 33
+    assert changed and min(changed) > SLICE_K  # the fixed slice (and the ones it changes), none at or below 33
     before_dice, after_dice = dice(propagated, lits.liver), dice(liver_now, lits.liver)
     worse = [(k, round(dice(propagated[k], lits.liver[k]), 2), round(dice(liver_now[k], lits.liver[k]), 2))
              for k in changed if dice(liver_now[k], lits.liver[k]) < dice(propagated[k], lits.liver[k]) - 0.05]
     print(f"web app lits117 fix on slice {fix_k}: slice Dice {scores[fix_k]:.3f} -> {fix_dice:.3f}; "
           f"re-propagation changed slices {changed[0]}..{changed[-1]} ({len(changed)}); 3D liver Dice "
           f"{before_dice:.3f} -> {after_dice:.3f}; slices worse by > 0.05 (k, before, after): {worse}")
-    # Not asserted: the 3D Dice. Re-propagating from one fixed slice recomputes every slice up to the next
-    # prompted slice (here 34..127), and on lits117 that lowers it (0.949 -> 0.886 measured); see docs/WEB.md.
+    # A fix replaces slices only until the new track agrees with the old result (liversam.propagation.
+    # repropagate): the good slices between the box and the fix stay, so the 3D Dice does not fall (before
+    # that rule, re-propagating 34..127 from the fixed slice lowered it 0.949 -> 0.886).
+    assert after_dice >= before_dice - 0.005
     lits.labels["repropagated"] = repropagated
     lits.step = 5
 
