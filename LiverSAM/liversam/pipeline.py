@@ -164,6 +164,8 @@ def segment_volume(
         result.segments.append(Segment(name=seg.name, label=seg.label, mask_kji=mask, color=seg.color,
                                        slice_scores=scores))
     if settings.crf:
+        # The review reads the propagation's own masks (its flags describe the tracks; the CRF only smooths).
+        result.provenance["before_crf"] = {name: mask.copy() for name, mask in masks.items() if name in settings.crf}
         _refine_with_crf(volume, ordered, result, masks, settings.crf, spacing_kji, progress, cancel)
     # Restore the prompts-file order for output, then apply "a later segment wins".
     order = {s.name: n for n, s in enumerate(segment_prompts)}

@@ -351,7 +351,8 @@ def build_review_report(result: SegmentationResult, settings: ReviewSettings | N
     at most ``max_items`` review items (ranges of flagged slices with their reasons) for the whole scan.
     ``ct_kji``: the CT (HU) the segments were drawn on, for the ``hu_shift`` flag (None: that flag is off).
     ``lesions``: names of the segments inside another (tumours); None: those the pipeline recorded in
-    ``result.provenance["inside"]``."""
+    ``result.provenance["inside"]``. A segment refined by the dense CRF is reviewed on its mask before the CRF
+    (``result.provenance["before_crf"]``): the flags describe what the propagation did."""
     settings = settings or ReviewSettings()
     geometry = result.geometry
     pixel_area = geometry.spacing_mm[0] * geometry.spacing_mm[1]
@@ -370,7 +371,8 @@ def build_review_report(result: SegmentationResult, settings: ReviewSettings | N
                 stops.append({"seed_slice": track.seed_k, "stopped": track.stop_reasons,
                               "first_slice": min(track.records), "last_slice": max(track.records)})
         lesion = seg.name in lesions
-        rows = review_segment(seg.mask_kji, pixel_area, seg.slice_scores, records, settings, geometry.spacing_mm[2],
+        flagged_on = (result.provenance.get("before_crf") or {}).get(seg.name, seg.mask_kji)
+        rows = review_segment(flagged_on, pixel_area, seg.slice_scores, records, settings, geometry.spacing_mm[2],
                               ct_kji, lesion)
         for item in review_items(seg.name, rows, settings):
             candidates.append((order, item))
