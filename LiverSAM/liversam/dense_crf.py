@@ -182,7 +182,15 @@ def refine_with_crf(
     result[box] = refined
     if within_kji is not None:
         result &= np.asarray(within_kji, dtype=bool)
+    if result.sum() < MIN_KEPT_FRACTION * mask.sum():
+        # The CRF is a clean-up: one that takes most of a segment away (a segment a few slices thick, whose
+        # every voxel lies near the field's edge) is wrong, so the mask stays as it was.
+        kept = mask.copy()
+        return kept & np.asarray(within_kji, dtype=bool) if within_kji is not None else kept
     return result
+
+
+MIN_KEPT_FRACTION = 0.5  # a CRF result smaller than this fraction of its input is discarded
 
 
 # Settings per kind of segment, chosen on the mean liver / tumour Dice over the four development cases

@@ -223,3 +223,18 @@ def test_the_crf_pass_runs_after_propagation_and_clips_a_tumour_to_the_refined_l
     assert _dice(liver, truth) > _dice(plain.segment("liver").mask_kji, truth) + 0.05
     np.testing.assert_array_equal(refined.segment("tumor").mask_kji, plain.segment("tumor").mask_kji & liver)
     assert (plain.segment("tumor").mask_kji & ~liver).any(), "the clipping to the refined liver is exercised"
+
+
+def test_a_crf_that_would_take_most_of_a_thin_segment_away_leaves_it_as_it_was():
+    """A liver three slices thick (a propagation capped at one slice each way): every voxel lies within the
+    3D edge distance of the slab's ends, and the CRF must not erase it."""
+    pytest.importorskip("pydensecrf.densecrf")
+    ct = np.full((20, 48, 48), -100, dtype=np.int16)
+    ct[:, 10:38, 10:38] = 100
+    mask = np.zeros(ct.shape, dtype=bool)
+    mask[9:12, 10:38, 10:38] = True
+    from liversam.dense_crf import ORGAN_CRF, refine_with_crf
+
+    out = refine_with_crf(ct, mask, (1.0, 1.0, 1.0), ORGAN_CRF)
+    assert out.sum() >= 0.5 * mask.sum()
+    assert not (out & ~np.isin(np.arange(20), [8, 9, 10, 11, 12])[:, None, None]).any()
