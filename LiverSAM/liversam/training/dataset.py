@@ -119,9 +119,12 @@ class CachedSlices:
         return len(self.samples)
 
     def neighbour(self, index: int, offset: int) -> Sample | None:
-        """The sample ``offset`` slices away from sample ``index`` (same study, same copy), if cached."""
+        """The original sample ``offset`` slices away from the original sample ``index`` (same study), if
+        cached; None for augmented copies (each copy of each slice has its own random transform)."""
         sample = self.samples[index]
-        found = self._index.get((sample.case_id, sample.k + offset, sample.copy))
+        if sample.copy != 0:
+            return None
+        found = self._index.get((sample.case_id, sample.k + offset, 0))
         return None if found is None else self.samples[found]
 
     def _file(self, path: Path):
