@@ -138,6 +138,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="propagation-like prompts come from up to this many slices away (default 1)",
     )
     p.add_argument(
+        "--end-slices",
+        type=int,
+        default=0,
+        help="with propagation-like prompts: also cache and train this many slices beyond each end of the "
+        "liver, where a propagation must stop (default 0)",
+    )
+    p.add_argument(
         "--point-prob", type=float, default=0.3, help="chance of label points added to a box (default 0.3)"
     )
     p.add_argument(
@@ -198,6 +205,7 @@ def config_from_args(args: argparse.Namespace):
         window_width=args.window_width,
         max_slices_per_case=args.max_slices,
         min_liver_voxels=args.min_liver_voxels,
+        end_slices=args.end_slices,
         augment_copies=args.augment_copies,
         split_fractions=tuple(args.split),
         split_file=args.split_file,

@@ -73,13 +73,19 @@ def _stable_int(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
 
 
-def select_slices(liver_kji: np.ndarray, min_voxels: int, max_slices: int | None) -> list[int]:
-    """Slices with at least ``min_voxels`` liver voxels; with ``max_slices``, an evenly spaced subset."""
+def select_slices(
+    liver_kji: np.ndarray, min_voxels: int, max_slices: int | None, end_slices: int = 0
+) -> list[int]:
+    """Slices with at least ``min_voxels`` liver voxels; with ``max_slices``, an evenly spaced subset; plus
+    ``end_slices`` slices beyond each end (inside the volume)."""
     areas = liver_kji.reshape(liver_kji.shape[0], -1).sum(axis=1)
     ks = [int(k) for k in np.flatnonzero(areas >= max(1, min_voxels))]
     if max_slices is not None and len(ks) > max_slices:
         picks = np.unique(np.round(np.linspace(0, len(ks) - 1, max_slices)).astype(int))
         ks = [ks[i] for i in picks]
+    if ks and end_slices > 0:
+        ends = [ks[0] - e for e in range(1, end_slices + 1)] + [ks[-1] + e for e in range(1, end_slices + 1)]
+        ks = sorted(set(ks) | {k for k in ends if 0 <= k < liver_kji.shape[0]})
     return ks
 
 
@@ -91,6 +97,7 @@ def cache_settings(config: TrainingConfig, model_identity: str) -> dict:
         "window": [config.window_level, config.window_width],
         "max_slices_per_case": config.max_slices_per_case,
         "min_liver_voxels": config.min_liver_voxels,
+        **({"end_slices": config.end_slices} if config.end_slices else {}),  # keeps older keys unchanged
         "augment_copies": config.augment_copies,
         "augmentation": config.to_dict()["augmentation"] if config.augment_copies else None,
         "seed": config.seed if config.augment_copies else None,
@@ -144,7 +151,7 @@ def build_study_cache(
     started = time.perf_counter()
     loaded = load_study(study, config.labels)
     volume = loaded.volume
-    ks = select_slices(loaded.liver_kji, config.min_liver_voxels, config.max_slices_per_case)
+    ks = select_slices(loaded.liver_kji, config.min_liver_voxels, config.max_slices_per_case, config.end_slices)
     if not ks:
         raise ValueError(
             f"study '{study.case_id}' has no slice with >= {config.min_liver_voxels} liver voxels"

@@ -100,6 +100,10 @@ class TrainingConfig:
     window_width: float = 400.0
     max_slices_per_case: int | None = None  # evenly spaced subset of each case's liver slices
     min_liver_voxels: int = 16  # a slice is used when it has at least this many liver voxels
+    # Slices beyond each end of the liver also cached (no liver on them): with propagation-like prompts
+    # they are trained as the slice where a propagation must stop (box from the last liver slice, empty
+    # target). 0 = off.
+    end_slices: int = 0
     augment_copies: int = 0  # augmented copies per slice stored in the cache (frozen encoder)
     # split
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
@@ -160,6 +164,8 @@ class TrainingConfig:
                 f"--propagation-prompts must be within 0..1 (got {p.propagation_prob}) and the neighbour "
                 f"offset at least 1 (got {p.propagation_max_offset})."
             )
+        if self.end_slices < 0:
+            raise TrainingConfigError(f"--end-slices must be >= 0 (got {self.end_slices}).")
         if self.augment_copies < 0:
             raise TrainingConfigError("--augment-copies must be >= 0.")
         if self.max_slices_per_case is not None and self.max_slices_per_case < 2:

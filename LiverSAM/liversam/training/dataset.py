@@ -48,6 +48,7 @@ class Sample:
     liver_ji: np.ndarray | None = None  # slice-frame masks, kept for validation
     tumor_ji: np.ndarray | None = None
     lesions_ji: list[np.ndarray] = field(default_factory=list)
+    end: bool = False  # a slice beyond the liver's end (trained only with a neighbour's propagated box)
 
 
 def _lesions(tumor_ji: np.ndarray) -> list[np.ndarray]:
@@ -71,6 +72,7 @@ class CachedSlices:
         keep_slice_masks: bool = False,
         original_only: bool = False,
         min_target_pixels: int = 4,
+        keep_ends: bool = False,
     ) -> None:
         import h5py
 
@@ -100,7 +102,8 @@ class CachedSlices:
                     liver = handle["liver"][row].astype(bool)
                     tumor = handle["tumor"][row].astype(bool)
                     liver_lr = mask_to_low_res(liver, transform, low_res)
-                    if int(liver_lr.sum()) < min_target_pixels:
+                    end = int(liver_lr.sum()) < min_target_pixels
+                    if end and not (keep_ends and copy == 0):
                         continue
                     lesions_ji = _lesions(tumor)
                     lesions_lr = [
@@ -110,10 +113,18 @@ class CachedSlices:
                     ]
                     tumor_lr = mask_to_low_res(tumor, transform, low_res) if tumor.any() else np.zeros_like(liver_lr)
                     sample = Sample(path, row, case_id, int(k), int(copy), liver_lr, lesions_lr, tumor_lr)
-                    self._index[(case_id, int(k), int(copy))] = len(self.samples)
+                    sample.end = end
                     if keep_slice_masks:
                         sample.liver_ji, sample.tumor_ji, sample.lesions_ji = liver, tumor, lesions_ji
                     self.samples.append(sample)
+        if keep_ends:  # an end slice is only useful next to a liver slice (the box comes from there)
+            liver_at = {(s.case_id, s.k) for s in self.samples if not s.end and s.copy == 0}
+            self.samples = [
+                s for s in self.samples
+                if not s.end or (s.case_id, s.k - 1) in liver_at or (s.case_id, s.k + 1) in liver_at
+            ]
+        for position, sample in enumerate(self.samples):
+            self._index[(sample.case_id, sample.k, sample.copy)] = position
 
     def __len__(self) -> int:
         return len(self.samples)

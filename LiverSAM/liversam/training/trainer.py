@@ -354,6 +354,7 @@ class Trainer:
                 low_res,
                 slices={case_id: split.slices["train"]},
                 min_target_pixels=min_px,
+                keep_ends=self._train_on_ends(),
             )
             val = CachedSlices(
                 {case_id: cache_paths[case_id]},
@@ -366,7 +367,11 @@ class Trainer:
             )
         else:
             train = CachedSlices(
-                {c: cache_paths[c] for c in split.train}, model.input_size, low_res, min_target_pixels=min_px
+                {c: cache_paths[c] for c in split.train},
+                model.input_size,
+                low_res,
+                min_target_pixels=min_px,
+                keep_ends=self._train_on_ends(),
             )
             val = CachedSlices(
                 {c: cache_paths[c] for c in split.val},
@@ -382,6 +387,12 @@ class Trainer:
                 "slice?). Lower --min-liver-voxels or add studies."
             )
         return train, val
+
+    def _train_on_ends(self) -> bool:
+        """Slices beyond the liver's ends are trained (as a propagation's stop) only with a frozen encoder
+        and propagation-like prompts."""
+        c = self.config
+        return c.end_slices > 0 and c.frozen_encoder and c.prompts.propagation_prob > 0
 
     # --- one batch ---
     def _choose_targets(
@@ -402,7 +413,7 @@ class Trainer:
             for i in indices:
                 sample = data.samples[i]
                 propagated = None
-                if rng.random() < self.config.prompts.propagation_prob:
+                if sample.end or rng.random() < self.config.prompts.propagation_prob:
                     propagated = self._propagation_target(data, i, rng, model.input_size)
                 if propagated is not None:
                     target, weight, prompt = propagated
@@ -451,17 +462,35 @@ class Trainer:
         is not cached or does not show the target (the caller then uses an ordinary jittered box)."""
         p = self.config.prompts
         sample = data.samples[index]
-        offset = int(rng.integers(1, p.propagation_max_offset + 1)) * (1 if rng.random() < 0.5 else -1)
+        if sample.end:  # beyond the liver's end: the box comes from the liver slice next to it
+            offsets = [
+                o * d
+                for o in range(1, p.propagation_max_offset + 1)
+                for d in (1, -1)
+                if (n := data.neighbour(index, o * d)) is not None and not n.end
+            ]
+            if not offsets:
+                return None
+            offset = offsets[int(rng.integers(len(offsets)))]
+        else:
+            offset = int(rng.integers(1, p.propagation_max_offset + 1)) * (1 if rng.random() < 0.5 else -1)
         neighbour = data.neighbour(index, offset)
         if neighbour is None:
             return None
         mm_x, mm_y, thickness = data.lowres_mm[sample.case_id]
-        if sample.lesions_lr and rng.random() < p.tumor_target_prob:
-            lesion = sample.lesions_lr[int(rng.integers(len(sample.lesions_lr)))]
-            source = overlapping(neighbour.tumor_lr, lesion, grow=2) if neighbour.tumor_lr is not None else None
-            if source is None or int(source.sum()) < p.min_target_pixels:
-                return None  # the lesion starts here: the user's own box, not propagation
-            target = overlapping(sample.tumor_lr, source, grow=2) | lesion
+        lesions_there = (
+            lesion_components(neighbour.tumor_lr, p.min_target_pixels)
+            if neighbour.tumor_lr is not None and not sample.end
+            else []
+        )
+        if (lesions_there or sample.lesions_lr) and rng.random() < p.tumor_target_prob:
+            # A lesion track coming from the neighbour: its cross-section there gives the box; the target
+            # is what touches it here (empty where the lesion ended: the track must stop). A lesion that
+            # starts here has no track: None, and the caller uses the user's box.
+            if not lesions_there:
+                return None
+            source = lesions_there[int(rng.integers(len(lesions_there)))]
+            target = overlapping(sample.tumor_lr, source, grow=2)
             margin_mm, weight = p.propagation_tumor_margin_mm, float(self.config.tumor_loss_weight)
         else:
             source, target = neighbour.liver_lr, sample.liver_lr
