@@ -111,6 +111,54 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default="auto",
         help="auto: fp32 on CPUs without native bf16, bf16/fp16 on CUDA",
     )
+    p.add_argument(
+        "--freeze-prompt-encoder",
+        action="store_true",
+        help="train the mask decoder only (the prompt encoder stays as shipped)",
+    )
+    p.add_argument(
+        "--select",
+        choices=("best", "last"),
+        default="best",
+        help="best: the epoch with the best validation Dice (early stopping); last: the final epoch "
+        "(validation only reported, so held-out cases may serve as validation)",
+    )
+    p.add_argument(
+        "--propagation-prompts",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="probability of a propagation-like prompt: the box of the target on a neighbouring slice "
+        "plus the propagation margin, jittered (default 0)",
+    )
+    p.add_argument(
+        "--propagation-offset",
+        type=int,
+        default=1,
+        help="propagation-like prompts come from up to this many slices away (default 1)",
+    )
+    p.add_argument(
+        "--end-slices",
+        type=int,
+        default=0,
+        help="with propagation-like prompts: also cache and train this many slices beyond each end of the "
+        "liver, where a propagation must stop (default 0)",
+    )
+    p.add_argument(
+        "--point-prob", type=float, default=0.3, help="chance of label points added to a box (default 0.3)"
+    )
+    p.add_argument(
+        "--refine-prob",
+        type=float,
+        default=0.3,
+        help="chance of a second pass with a corrective click and mask prompt (default 0.3)",
+    )
+    p.add_argument(
+        "--seed-embeddings",
+        metavar="DIR",
+        help="folder of emb_<study id>.npz (ks, embs) from an earlier encoder run, used to fill the cache "
+        "when one re-encoded slice per study matches",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument(
@@ -131,6 +179,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace):
     from ..training import LabelConfig, TrainingConfig
+    from ..training.config import PromptSimulationConfig
 
     labels = LabelConfig(
         liver_labels=tuple(args.liver_labels),
@@ -143,10 +192,20 @@ def config_from_args(args: argparse.Namespace):
         out=args.out,
         base_model=args.base_model,
         labels=labels,
+        prompts=PromptSimulationConfig(
+            point_prob=args.point_prob,
+            refine_prob=args.refine_prob,
+            propagation_prob=args.propagation_prompts,
+            propagation_max_offset=args.propagation_offset,
+        ),
+        train_prompt_encoder=not args.freeze_prompt_encoder,
+        model_selection=args.select,
+        seed_embeddings_dir=args.seed_embeddings,
         window_level=args.window_level,
         window_width=args.window_width,
         max_slices_per_case=args.max_slices,
         min_liver_voxels=args.min_liver_voxels,
+        end_slices=args.end_slices,
         augment_copies=args.augment_copies,
         split_fractions=tuple(args.split),
         split_file=args.split_file,

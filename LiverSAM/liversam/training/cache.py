@@ -39,19 +39,53 @@ log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "liversam-train-cache/1"
 ENCODE_BATCH = 4
+# Seed embeddings must match the cache's encoder this closely (relative L2 on one re-encoded slice). The
+# accelerated encoders differ from fp32 PyTorch (and from each other) by up to ~0.04 (OpenVINO bf16-rest:
+# 0.036, accepted by liversam.acceleration's mask check); another slice, model or window gives far more.
+SEED_TOLERANCE = 0.05
+
+
+def _unbatched(embedding: np.ndarray, ndim: int) -> np.ndarray:
+    """``embedding`` as float32 without leading length-1 batch axes beyond ``ndim`` dimensions."""
+    e = np.asarray(embedding, dtype=np.float32)
+    while e.ndim > ndim and e.shape[0] == 1:
+        e = e[0]
+    return e
+
+
+def load_seed_embeddings(folder: str | Path | None, case_id: str) -> dict[int, np.ndarray] | None:
+    """``<folder>/emb_<case_id>.npz`` (keys ``ks``: slice indices, ``embs``: embeddings) as a lazy
+    ``{k: embedding}`` mapping, or None when there is no such file."""
+    if not folder:
+        return None
+    path = Path(folder) / f"emb_{case_id}.npz"
+    if not path.is_file():
+        return None
+    data = np.load(path)
+    if "ks" not in data or "embs" not in data:
+        log.warning("seed embeddings %s: keys %s, expected 'ks' and 'embs'; ignored", path, list(data.keys()))
+        return None
+    embs = data["embs"]
+    return {int(k): embs[i] for i, k in enumerate(data["ks"])}
 
 
 def _stable_int(text: str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
 
 
-def select_slices(liver_kji: np.ndarray, min_voxels: int, max_slices: int | None) -> list[int]:
-    """Slices with at least ``min_voxels`` liver voxels; with ``max_slices``, an evenly spaced subset."""
+def select_slices(
+    liver_kji: np.ndarray, min_voxels: int, max_slices: int | None, end_slices: int = 0
+) -> list[int]:
+    """Slices with at least ``min_voxels`` liver voxels; with ``max_slices``, an evenly spaced subset; plus
+    ``end_slices`` slices beyond each end (inside the volume)."""
     areas = liver_kji.reshape(liver_kji.shape[0], -1).sum(axis=1)
     ks = [int(k) for k in np.flatnonzero(areas >= max(1, min_voxels))]
     if max_slices is not None and len(ks) > max_slices:
         picks = np.unique(np.round(np.linspace(0, len(ks) - 1, max_slices)).astype(int))
         ks = [ks[i] for i in picks]
+    if ks and end_slices > 0:
+        ends = [ks[0] - e for e in range(1, end_slices + 1)] + [ks[-1] + e for e in range(1, end_slices + 1)]
+        ks = sorted(set(ks) | {k for k in ends if 0 <= k < liver_kji.shape[0]})
     return ks
 
 
@@ -63,6 +97,7 @@ def cache_settings(config: TrainingConfig, model_identity: str) -> dict:
         "window": [config.window_level, config.window_width],
         "max_slices_per_case": config.max_slices_per_case,
         "min_liver_voxels": config.min_liver_voxels,
+        **({"end_slices": config.end_slices} if config.end_slices else {}),  # keeps older keys unchanged
         "augment_copies": config.augment_copies,
         "augmentation": config.to_dict()["augmentation"] if config.augment_copies else None,
         "seed": config.seed if config.augment_copies else None,
@@ -89,9 +124,15 @@ def build_study_cache(
     model,
     model_identity: str,
     progress: bool = True,
+    seed_embeddings: dict[int, np.ndarray] | None = None,
 ) -> Path:
     """The cache file of ``study``, built now if no valid one exists. ``model`` is a
-    :class:`~liversam.models.LoadedModel` (its encoder is used only with a frozen encoder)."""
+    :class:`~liversam.models.LoadedModel` (its encoder is used only with a frozen encoder).
+
+    ``seed_embeddings`` (slice index -> embedding, e.g. from :func:`load_seed_embeddings`): embeddings of
+    the original (not augmented) slices computed earlier; the first seeded slice is encoded anyway and the
+    seeds are used only when they agree with it (relative L2 error <= :data:`SEED_TOLERANCE`), else the
+    study is encoded as usual (logged)."""
     import h5py
 
     from ..progress import progress_bar as tqdm  # bar on a terminal, lines in a log, nothing with --quiet
@@ -110,7 +151,7 @@ def build_study_cache(
     started = time.perf_counter()
     loaded = load_study(study, config.labels)
     volume = loaded.volume
-    ks = select_slices(loaded.liver_kji, config.min_liver_voxels, config.max_slices_per_case)
+    ks = select_slices(loaded.liver_kji, config.min_liver_voxels, config.max_slices_per_case, config.end_slices)
     if not ks:
         raise ValueError(
             f"study '{study.case_id}' has no slice with >= {config.min_liver_voxels} liver voxels"
@@ -150,20 +191,44 @@ def build_study_cache(
         )
         embeddings = None
         pending: list[tuple[int, np.ndarray]] = []
+        seeds = dict(seed_embeddings or {}) if config.frozen_encoder else {}
+        seeds_checked = False
+
+        def store(row: int, e: np.ndarray) -> None:
+            nonlocal embeddings
+            if embeddings is None:
+                embeddings = handle.create_dataset(
+                    "embedding", (n, *e.shape), dtype=np.float16, chunks=(1, *e.shape)
+                )
+            embeddings[row] = e.astype(np.float16)
 
         def flush() -> None:
-            nonlocal embeddings
             if not pending:
                 return
             batch = torch.cat([transform.image_to_input(img, model.spec.normalization) for _, img in pending])
-            emb = model.encode(batch).numpy().astype(np.float16)
-            if embeddings is None:
-                embeddings = handle.create_dataset(
-                    "embedding", (n, *emb.shape[1:]), dtype=np.float16, chunks=(1, *emb.shape[1:])
-                )
+            emb = model.encode(batch).numpy()
             for (row, _), e in zip(pending, emb, strict=True):
-                embeddings[row] = e
+                store(row, e)
             pending.clear()
+
+        def check_seeds(k: int, img: np.ndarray) -> bool:
+            encoded = model.encode(transform.image_to_input(img, model.spec.normalization)).numpy()[0]
+            seed = _unbatched(seeds[k], encoded.ndim)
+            error = (
+                float(np.linalg.norm(seed - encoded) / max(np.linalg.norm(encoded), 1e-12))
+                if seed.shape == encoded.shape
+                else float("inf")
+            )
+            if error > SEED_TOLERANCE:
+                log.warning(
+                    "cache %s: the seed embeddings differ from this encoder's (slice %d: relative error %.3g, "
+                    "shape %s vs %s); encoding the study instead",
+                    study.case_id, k, error, seed.shape, encoded.shape,
+                )
+                return False
+            log.info("cache %s: seed embeddings match this encoder (relative error %.2g); using them",
+                     study.case_id, error)
+            return True
 
         bar = tqdm(total=n, desc=f"cache {study.case_id}", unit="slice", disable=not progress)
         row = 0
@@ -180,6 +245,16 @@ def build_study_cache(
                 images[row] = img.astype(np.float16)
                 livers[row] = masks["liver"]
                 tumors[row] = masks["tumor"]
+                if config.frozen_encoder and copy == 0 and k in seeds:
+                    if not seeds_checked:
+                        seeds_checked = True
+                        if not check_seeds(k, img):
+                            seeds = {}
+                    if k in seeds:
+                        store(row, _unbatched(seeds[k], 3))
+                        row += 1
+                        bar.update(1)
+                        continue
                 if config.frozen_encoder:
                     pending.append((row, img))
                     if len(pending) >= ENCODE_BATCH:

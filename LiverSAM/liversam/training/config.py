@@ -18,6 +18,7 @@ from ..errors import LiverSAMError
 
 TRAIN_ENCODER_MODES = ("none", "last", "all")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+MODEL_SELECTIONS = ("best", "last")
 
 
 class TrainingConfigError(LiverSAMError):
@@ -70,6 +71,18 @@ class PromptSimulationConfig:
         0.5  # chance to train on a lesion (when the slice has one) rather than the liver
     )
     min_target_pixels: int = 4  # smaller targets (model-frame pixels) are not used as prompts
+    # Propagation-like prompts (what ``liversam segment`` feeds the model on every propagated slice): with
+    # this probability the box is the box of the target's mask on a neighbouring slice (1 to
+    # ``propagation_max_offset`` slices away) grown by the propagation margin, then jittered by
+    # ``propagation_jitter_fraction`` of its side; the target stays this slice's mask (lobes that appear,
+    # lesions that merge or split). Margins as in ``liversam.propagation``: organs max(margin_mm,
+    # margin_per_mm_slice x slice thickness), lesions ``propagation_tumor_margin_mm``. 0 = off.
+    propagation_prob: float = 0.0
+    propagation_max_offset: int = 1
+    propagation_margin_mm: float = 4.0
+    propagation_margin_per_mm_slice: float = 1.4
+    propagation_tumor_margin_mm: float = 2.0
+    propagation_jitter_fraction: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -87,6 +100,10 @@ class TrainingConfig:
     window_width: float = 400.0
     max_slices_per_case: int | None = None  # evenly spaced subset of each case's liver slices
     min_liver_voxels: int = 16  # a slice is used when it has at least this many liver voxels
+    # Slices beyond each end of the liver also cached (no liver on them): with propagation-like prompts
+    # they are trained as the slice where a propagation must stop (box from the last liver slice, empty
+    # target). 0 = off.
+    end_slices: int = 0
     augment_copies: int = 0  # augmented copies per slice stored in the cache (frozen encoder)
     # split
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
@@ -95,6 +112,7 @@ class TrainingConfig:
     # what trains
     train_encoder: str = "none"  # none | last | all
     encoder_last_stages: int = 1
+    train_prompt_encoder: bool = True  # False: only the mask decoder learns (the prompt encoder stays as shipped)
     # optimisation
     epochs: int = 30
     batch_size: int = 8
@@ -106,9 +124,16 @@ class TrainingConfig:
     grad_clip_norm: float = 1.0
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     early_stopping_patience: int = 10  # epochs without a better validation Dice
+    # Which epoch becomes best.pt: "best" (highest validation Dice, early stopping) or "last" (the final
+    # epoch; validation is only reported, so the validation cases may be held-out test cases).
+    model_selection: str = "best"
     device: str = "auto"
     threads: int | None = None
     cache_dir: str | None = None  # default <out>/cache; several runs may share one
+    # Folder of ``emb_<case_id>.npz`` (keys ``ks``, ``embs``): encoder embeddings computed earlier (e.g. by a
+    # segment run's embedding cache) used to fill the training cache instead of encoding again. Used only
+    # when one re-encoded slice per study matches them (same encoder, same preprocessing).
+    seed_embeddings_dir: str | None = None
     # output
     model_name: str | None = None  # name to register the best model under (default: the run folder's name)
     register: bool = True
@@ -129,6 +154,18 @@ class TrainingConfig:
             raise TrainingConfigError(
                 f"Need --lr > 0 and 0 <= --lr-min <= --lr (got {self.lr}, {self.lr_min})."
             )
+        if self.model_selection not in MODEL_SELECTIONS:
+            raise TrainingConfigError(
+                f"--select '{self.model_selection}' is not one of {', '.join(MODEL_SELECTIONS)}."
+            )
+        p = self.prompts
+        if not 0.0 <= p.propagation_prob <= 1.0 or p.propagation_max_offset < 1:
+            raise TrainingConfigError(
+                f"--propagation-prompts must be within 0..1 (got {p.propagation_prob}) and the neighbour "
+                f"offset at least 1 (got {p.propagation_max_offset})."
+            )
+        if self.end_slices < 0:
+            raise TrainingConfigError(f"--end-slices must be >= 0 (got {self.end_slices}).")
         if self.augment_copies < 0:
             raise TrainingConfigError("--augment-copies must be >= 0.")
         if self.max_slices_per_case is not None and self.max_slices_per_case < 2:
@@ -190,6 +227,7 @@ RUNTIME_ONLY_FIELDS = (
     "test_report",
     "model_name",
     "early_stopping_patience",
+    "seed_embeddings_dir",
 )
 
 

@@ -8,6 +8,7 @@ then to ``L``. Lesions are the 8-connected components of the tumour mask on the 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,9 +44,11 @@ class Sample:
     copy: int
     liver_lr: np.ndarray  # [L, L] bool
     lesions_lr: list[np.ndarray]  # one [L, L] bool mask per lesion (large enough to prompt)
+    tumor_lr: np.ndarray | None = None  # [L, L] bool, every lesion (propagation-like prompts)
     liver_ji: np.ndarray | None = None  # slice-frame masks, kept for validation
     tumor_ji: np.ndarray | None = None
     lesions_ji: list[np.ndarray] = field(default_factory=list)
+    end: bool = False  # a slice beyond the liver's end (trained only with a neighbour's propagated box)
 
 
 def _lesions(tumor_ji: np.ndarray) -> list[np.ndarray]:
@@ -69,6 +72,7 @@ class CachedSlices:
         keep_slice_masks: bool = False,
         original_only: bool = False,
         min_target_pixels: int = 4,
+        keep_ends: bool = False,
     ) -> None:
         import h5py
 
@@ -77,6 +81,9 @@ class CachedSlices:
         self.samples: list[Sample] = []
         self._files: dict[Path, h5py.File] = {}
         self.transforms: dict[str, SliceTransform] = {}
+        # per study: (in-plane mm per low-res pixel (x, y), slice thickness mm), from the cached geometry
+        self.lowres_mm: dict[str, tuple[float, float, float]] = {}
+        self._index: dict[tuple[str, int, int], int] = {}
         for case_id, path in sorted(cache_paths.items()):
             wanted = set(slices[case_id]) if slices and case_id in slices else None
             with h5py.File(path, "r") as handle:
@@ -85,13 +92,18 @@ class CachedSlices:
                 shape = handle["liver"].shape[1:]
                 transform = SliceTransform(slice_shape=tuple(int(s) for s in shape), input_size=input_size)
                 self.transforms[case_id] = transform
+                geometry = json.loads(handle.attrs["geometry"]) if "geometry" in handle.attrs else {}
+                spacing = geometry.get("spacing_mm", [1.0, 1.0, 1.0])
+                side_mm = max(shape) / low_res  # slice pixels per low-res pixel (longest side -> L)
+                self.lowres_mm[case_id] = (spacing[0] * side_mm, spacing[1] * side_mm, spacing[2])
                 for row, (k, copy) in enumerate(zip(ks, copies, strict=True)):
                     if (wanted is not None and int(k) not in wanted) or (original_only and copy != 0):
                         continue
                     liver = handle["liver"][row].astype(bool)
                     tumor = handle["tumor"][row].astype(bool)
                     liver_lr = mask_to_low_res(liver, transform, low_res)
-                    if int(liver_lr.sum()) < min_target_pixels:
+                    end = int(liver_lr.sum()) < min_target_pixels
+                    if end and not (keep_ends and copy == 0):
                         continue
                     lesions_ji = _lesions(tumor)
                     lesions_lr = [
@@ -99,13 +111,32 @@ class CachedSlices:
                         for lr in (mask_to_low_res(les, transform, low_res) for les in lesions_ji)
                         if int(lr.sum()) >= min_target_pixels
                     ]
-                    sample = Sample(path, row, case_id, int(k), int(copy), liver_lr, lesions_lr)
+                    tumor_lr = mask_to_low_res(tumor, transform, low_res) if tumor.any() else np.zeros_like(liver_lr)
+                    sample = Sample(path, row, case_id, int(k), int(copy), liver_lr, lesions_lr, tumor_lr)
+                    sample.end = end
                     if keep_slice_masks:
                         sample.liver_ji, sample.tumor_ji, sample.lesions_ji = liver, tumor, lesions_ji
                     self.samples.append(sample)
+        if keep_ends:  # an end slice is only useful next to a liver slice (the box comes from there)
+            liver_at = {(s.case_id, s.k) for s in self.samples if not s.end and s.copy == 0}
+            self.samples = [
+                s for s in self.samples
+                if not s.end or (s.case_id, s.k - 1) in liver_at or (s.case_id, s.k + 1) in liver_at
+            ]
+        for position, sample in enumerate(self.samples):
+            self._index[(sample.case_id, sample.k, sample.copy)] = position
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def neighbour(self, index: int, offset: int) -> Sample | None:
+        """The original sample ``offset`` slices away from the original sample ``index`` (same study), if
+        cached; None for augmented copies (each copy of each slice has its own random transform)."""
+        sample = self.samples[index]
+        if sample.copy != 0:
+            return None
+        found = self._index.get((sample.case_id, sample.k + offset, 0))
+        return None if found is None else self.samples[found]
 
     def _file(self, path: Path):
         import h5py

@@ -136,3 +136,46 @@ def lesion_components(tumor_yx: np.ndarray, min_pixels: int = 1) -> list[np.ndar
         if int(component.sum()) >= min_pixels:
             components.append(component)
     return components
+
+
+# --- propagation-like prompts ---------------------------------------------------------------------------
+
+
+def propagation_box(
+    neighbour_yx: np.ndarray,
+    margin_xy: tuple[float, float],
+    rng: np.random.Generator,
+    config: PromptSimulationConfig,
+    input_size: int,
+) -> np.ndarray:
+    """The box ``liversam.propagation`` would give this slice when the neighbouring slice's mask is
+    ``neighbour_yx``: its tight box grown by ``margin_xy`` (low-resolution pixels, x and y), each edge then
+    moved by up to ``propagation_jitter_fraction`` of the box side (and ``box_jitter_max_px``), in
+    model-input pixels, kept inside the image."""
+    low_res = neighbour_yx.shape[0]
+    x0, y0, x1, y1 = tight_box(neighbour_yx)
+    mx, my = margin_xy
+    grown = np.array([x0 - mx, y0 - my, x1 + mx, y1 + my], dtype=np.float64)
+    box_in = np.concatenate(
+        [lowres_to_input(grown[:2], low_res, input_size), lowres_to_input(grown[2:], low_res, input_size)]
+    ).astype(np.float64)
+    width, height = box_in[2] - box_in[0] + 1, box_in[3] - box_in[1] + 1
+    limits = np.minimum(
+        np.array([width, height, width, height]) * config.propagation_jitter_fraction, config.box_jitter_max_px
+    )
+    box_in = np.clip(box_in + rng.uniform(-1.0, 1.0, size=4) * limits, 0, input_size - 1)
+    x0, x1 = sorted((box_in[0], box_in[2]))
+    y0, y1 = sorted((box_in[1], box_in[3]))
+    return np.array([x0, y0, x1, y1], dtype=np.float32)
+
+
+def overlapping(mask_yx: np.ndarray, reference_yx: np.ndarray, grow: int = 1) -> np.ndarray:
+    """The union of the 8-connected components of ``mask_yx`` that touch ``reference_yx`` grown by
+    ``grow`` pixels: a lesion's cross-section on a neighbouring slice (or, the other way round, what a
+    lesion track tracks on this slice when it merges or splits)."""
+    if not mask_yx.any() or not reference_yx.any():
+        return np.zeros_like(mask_yx, dtype=bool)
+    grown = ndimage.binary_dilation(reference_yx, iterations=grow) if grow > 0 else reference_yx
+    labels, _ = ndimage.label(mask_yx, structure=np.ones((3, 3), dtype=bool))
+    touched = np.unique(labels[grown & mask_yx])
+    return np.isin(labels, touched[touched > 0])

@@ -33,11 +33,18 @@ from .. import __version__
 from ..atomic_write import atomic_path, write_text_atomically
 from ..errors import LiverSAMError
 from .augment import SliceAugmenter
-from .cache import build_study_cache
+from .cache import build_study_cache, load_seed_embeddings
 from .config import TrainingConfig, TrainingConfigError, autocast_dtype, learning_fields, resolve_precision
 from .dataset import CachedSlices, mask_to_low_res
 from .losses import dice_bce_per_sample, segmentation_loss
-from .prompt_simulation import TargetPrompt, error_point, lesion_components, simulate_prompt
+from .prompt_simulation import (
+    TargetPrompt,
+    error_point,
+    lesion_components,
+    overlapping,
+    propagation_box,
+    simulate_prompt,
+)
 from .split import DataSplit, split_from_file, split_patients, split_single_study_slices
 from .studies import TrainingStudy, discover_studies
 
@@ -112,12 +119,15 @@ def fast_frozen_encoder(model, frozen: bool) -> Iterator[str]:
         acceleration.disable_fast_decoder(model)
 
 
-def set_trainable(network, train_encoder: str, last_stages: int = 1) -> list[torch.nn.Parameter]:
-    """Enable gradients for the prompt encoder and mask decoder, plus all or the last ``last_stages``
-    stages (and neck) of the image encoder. Returns the trainable parameters."""
+def set_trainable(
+    network, train_encoder: str, last_stages: int = 1, train_prompt_encoder: bool = True
+) -> list[torch.nn.Parameter]:
+    """Enable gradients for the mask decoder, the prompt encoder (unless ``train_prompt_encoder`` is
+    False), plus all or the last ``last_stages`` stages (and neck) of the image encoder. Returns the
+    trainable parameters."""
     for parameter in network.parameters():
         parameter.requires_grad_(False)
-    modules = [network.prompt_encoder, network.mask_decoder]
+    modules = [network.prompt_encoder, network.mask_decoder] if train_prompt_encoder else [network.mask_decoder]
     encoder = network.image_encoder
     if train_encoder == "all":
         modules.append(encoder)
@@ -339,7 +349,14 @@ class Trainer:
             if precision != "fp32":  # bf16 embeddings differ (within the mask check): their own cache
                 identity = f"{identity}|encoder-{precision}"
             for study in needed:
-                cache_paths[study.case_id] = build_study_cache(study, config, model, identity, self.progress)
+                cache_paths[study.case_id] = build_study_cache(
+                    study,
+                    config,
+                    model,
+                    identity,
+                    self.progress,
+                    seed_embeddings=load_seed_embeddings(config.seed_embeddings_dir, study.case_id),
+                )
         if split is None:  # one study: split its cached slices
             import h5py
 
@@ -366,6 +383,7 @@ class Trainer:
                 low_res,
                 slices={case_id: split.slices["train"]},
                 min_target_pixels=min_px,
+                keep_ends=self._train_on_ends(),
             )
             val = CachedSlices(
                 {case_id: cache_paths[case_id]},
@@ -378,7 +396,11 @@ class Trainer:
             )
         else:
             train = CachedSlices(
-                {c: cache_paths[c] for c in split.train}, model.input_size, low_res, min_target_pixels=min_px
+                {c: cache_paths[c] for c in split.train},
+                model.input_size,
+                low_res,
+                min_target_pixels=min_px,
+                keep_ends=self._train_on_ends(),
             )
             val = CachedSlices(
                 {c: cache_paths[c] for c in split.val},
@@ -395,6 +417,12 @@ class Trainer:
             )
         return train, val
 
+    def _train_on_ends(self) -> bool:
+        """Slices beyond the liver's ends are trained (as a propagation's stop) only with a frozen encoder
+        and propagation-like prompts."""
+        c = self.config
+        return c.end_slices > 0 and c.frozen_encoder and c.prompts.propagation_prob > 0
+
     # --- one batch ---
     def _choose_targets(
         self, liver_lr: np.ndarray, lesions_lr: list[np.ndarray], rng: np.random.Generator
@@ -409,14 +437,22 @@ class Trainer:
     ):
         """(embeddings (B, C, H, W), target masks [L, L] list, weights list) for a training batch."""
         model = self._model_loaded()
-        targets, weights = [], []
+        targets, weights, prompts = [], [], []
         if self.config.frozen_encoder:
             for i in indices:
                 sample = data.samples[i]
-                target, weight = self._choose_targets(sample.liver_lr, sample.lesions_lr, rng)
+                propagated = None
+                if sample.end or rng.random() < self.config.prompts.propagation_prob:
+                    propagated = self._propagation_target(data, i, rng, model.input_size)
+                if propagated is not None:
+                    target, weight, prompt = propagated
+                else:
+                    target, weight = self._choose_targets(sample.liver_lr, sample.lesions_lr, rng)
+                    prompt = None
                 targets.append(target)
                 weights.append(weight)
-            return data.embeddings(indices).to(device), targets, weights
+                prompts.append(prompt)
+            return data.embeddings(indices).to(device), targets, weights, prompts
         augmenter = SliceAugmenter(self.config.augmentation)
         images = []
         for i in indices:
@@ -444,7 +480,55 @@ class Trainer:
             weights.append(weight)
             images.append(transform.image_to_input(image, model.spec.normalization))
         embeddings = model.network.image_encoder(torch.cat(images).to(device))
-        return embeddings, targets, weights
+        return embeddings, targets, weights, [None] * len(targets)
+
+    def _propagation_target(
+        self, data: CachedSlices, index: int, rng: np.random.Generator, input_size: int
+    ) -> tuple[np.ndarray, float, TargetPrompt] | None:
+        """A propagation-like training example for sample ``index``: (target, loss weight, prompt) where the
+        prompt is the box of the target's mask on a neighbouring cached slice grown by the propagation
+        margin (see :class:`~liversam.training.config.PromptSimulationConfig`), or None when the neighbour
+        is not cached or does not show the target (the caller then uses an ordinary jittered box)."""
+        p = self.config.prompts
+        sample = data.samples[index]
+        if sample.end:  # beyond the liver's end: the box comes from the liver slice next to it
+            offsets = [
+                o * d
+                for o in range(1, p.propagation_max_offset + 1)
+                for d in (1, -1)
+                if (n := data.neighbour(index, o * d)) is not None and not n.end
+            ]
+            if not offsets:
+                return None
+            offset = offsets[int(rng.integers(len(offsets)))]
+        else:
+            offset = int(rng.integers(1, p.propagation_max_offset + 1)) * (1 if rng.random() < 0.5 else -1)
+        neighbour = data.neighbour(index, offset)
+        if neighbour is None:
+            return None
+        mm_x, mm_y, thickness = data.lowres_mm[sample.case_id]
+        lesions_there = (
+            lesion_components(neighbour.tumor_lr, p.min_target_pixels)
+            if neighbour.tumor_lr is not None and not sample.end
+            else []
+        )
+        if (lesions_there or sample.lesions_lr) and rng.random() < p.tumor_target_prob:
+            # A lesion track coming from the neighbour: its cross-section there gives the box; the target
+            # is what touches it here (empty where the lesion ended: the track must stop). A lesion that
+            # starts here has no track: None, and the caller uses the user's box.
+            if not lesions_there:
+                return None
+            source = lesions_there[int(rng.integers(len(lesions_there)))]
+            target = overlapping(sample.tumor_lr, source, grow=2)
+            margin_mm, weight = p.propagation_tumor_margin_mm, float(self.config.tumor_loss_weight)
+        else:
+            source, target = neighbour.liver_lr, sample.liver_lr
+            if int(source.sum()) < p.min_target_pixels:
+                return None
+            margin_mm = max(p.propagation_margin_mm, p.propagation_margin_per_mm_slice * thickness)
+            weight = 1.0
+        box = propagation_box(source, (margin_mm / mm_x, margin_mm / mm_y), rng, p, input_size)
+        return target, weight, TargetPrompt(box_xyxy=box)
 
     def _train_step(
         self, data, indices, rng, optimizer, scheduler, scaler, params, device, amp_dtype
@@ -455,8 +539,11 @@ class Trainer:
         with torch.autocast(
             device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
         ):
-            embeddings, targets, weights = self._embeddings_and_targets(data, indices, rng, device)
-            prompts = [simulate_prompt(t, rng, config.prompts, input_size) for t in targets]
+            embeddings, targets, weights, given = self._embeddings_and_targets(data, indices, rng, device)
+            prompts = [
+                g if g is not None else simulate_prompt(t, rng, config.prompts, input_size)
+                for t, g in zip(targets, given, strict=True)
+            ]
             target_tensor = torch.from_numpy(np.stack(targets)[:, None].astype(np.float32)).to(device)
             weight_tensor = torch.tensor(weights, dtype=torch.float32, device=device)
             mask_inputs = None
@@ -618,7 +705,7 @@ class Trainer:
             "started_from": str(config.base_model),
             "base_model_identity": model_identity(model),
             "trained": {
-                "prompt_encoder": True,
+                "prompt_encoder": config.train_prompt_encoder,
                 "mask_decoder": True,
                 "image_encoder": config.train_encoder,
                 "encoder_last_stages": config.encoder_last_stages if config.train_encoder == "last" else None,
@@ -682,7 +769,9 @@ class Trainer:
         precision = resolve_precision(config.precision, device)
         amp_dtype = autocast_dtype(precision)
         fuse_layer_norms(network)  # same function, fewer elementwise passes
-        params = set_trainable(network, config.train_encoder, config.encoder_last_stages)
+        params = set_trainable(
+            network, config.train_encoder, config.encoder_last_stages, config.train_prompt_encoder
+        )
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -790,7 +879,10 @@ class Trainer:
                 "train_slices_per_second": len(train_data) / max(train_seconds, 1e-9),
             }
             history.append(row)
-            if metrics["val_dice_mean"] > best["val_dice_mean"]:
+            if config.model_selection == "last":  # validation is only reported; no early stopping
+                best = {"epoch": epoch, "val_dice_mean": metrics["val_dice_mean"]}
+                self._save_best(network, split, epoch, row)
+            elif metrics["val_dice_mean"] > best["val_dice_mean"]:
                 best = {"epoch": epoch, "val_dice_mean": metrics["val_dice_mean"]}
                 stale = 0
                 self._save_best(network, split, epoch, row)
