@@ -276,6 +276,17 @@ def test_4_cancel_then_propagate_the_liver(lits):
         assert time.monotonic() < deadline, "the slice field did not follow the review row"
         time.sleep(0.2)
 
+    items = page.get_by_test_id("review-item")  # ranges with reasons; a click goes to the range's first slice
+    assert 1 <= items.count() <= 10
+    first_item = items.first.inner_text()
+    match = re.match(r"liver (\d+)(?:-(\d+))?: ?\S", first_item)
+    assert match, first_item
+    items.first.click()
+    deadline = time.monotonic() + 10
+    while page.get_by_test_id("axial-k").locator("input").input_value() != match.group(1):
+        assert time.monotonic() < deadline, "the slice field did not follow the review item"
+        time.sleep(0.2)
+
     set_mode(page, "navigate")  # the screenshot in docs/: the one-box propagation, the mouse put away
     page.mouse.move(5, 5)
     page.get_by_test_id("review-row").first.scroll_into_view_if_needed()

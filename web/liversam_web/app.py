@@ -88,6 +88,7 @@ class LiverSAMWebApp:
             "progress": 0,
             "progress_text": "",
             "review_rows": [],
+            "review_items": [],
             "review_segment": "",
             "lesion_rows": [],
             "can_undo": False,
@@ -194,7 +195,13 @@ class LiverSAMWebApp:
             # ---- review and lesions
             with v3.VCard(title="5. Review (click a row: the views jump there)", density="compact",
                           v_if="review_rows.length"), v3.VCardText():
-                html.Div("{{ review_segment }}: flagged slices first", classes="text-caption")
+                html.Div("To check (click: the views go to the first slice of the range)", classes="text-caption")
+                with html.Div(v_for="item in review_items", key="item.first", style="cursor: pointer",
+                              classes="text-body-2 text-warning mb-1",
+                              click=(self.ctrl.jump_to_slice, "[item.first]"), raw_attrs=['data-testid="review-item"']):
+                    html.B("{{ item.segment }} {{ item.slices }}: ")
+                    html.Span("{{ item.reason }}")
+                html.Div("{{ review_segment }}: every slice, flagged slices first", classes="text-caption mt-2")
                 with html.Div(style="max-height: 220px; overflow-y: auto"), v3.VTable(density="compact"):
                     with html.Thead(), html.Tr():
                         for title in ("k", "area mm²", "score", "flags"):
@@ -328,7 +335,7 @@ class LiverSAMWebApp:
             self.state.update({
                 "has_ct": True, "has_dicom": content.dicom is not None, "ct_name": display_name, "n_slices": nk,
                 "window": 400.0, "level": 40.0,
-                "review_rows": [], "lesion_rows": [], "progress": 0, "progress_text": "", "propagated": [],
+                "review_rows": [], "review_items": [], "lesion_rows": [], "progress": 0, "progress_text": "", "propagated": [],
                 "error": "",
                 "status": (f"Opened {display_name} ({content.shape_kji[2]} x {content.shape_kji[1]} x {nk}). "
                            "Drag a box around the liver in the axial (red) view."),
@@ -655,6 +662,14 @@ class LiverSAMWebApp:
         lesions = self.workflow.lesions if "tumor" in self.workflow.propagated else []
         with self.state:
             self.state.review_segment = segment
+            # The review items (ranges of flagged slices with their reason, at most ten per scan) of every
+            # propagated segment, in the report's order.
+            self.state.review_items = [
+                {"segment": name, "first": int(item["first_slice"]), "slices": item.get("slices", ""),
+                 "reason": item.get("reason", "")}
+                for name in sorted(self.workflow.propagated)
+                for item in self.workflow.review.get(name, {}).get("items", [])
+            ]
             self.state.review_rows = [
                 {"k": r["k"], "area": round(float(r.get("area_mm2", 0.0)), 1),
                  "score": "" if r.get("score") is None else round(float(r["score"]), 2),
