@@ -644,7 +644,12 @@ def repropagate(
     object_mask = np.isin(labels, touched) if touched.size else np.zeros_like(existing_kji)
 
     seg.slices[k_fix] = new_prompts
-    propagator = _Propagator(predictor, settings, postprocess, seg.slices, container_kji, None, cancel, seg.name)
+    # A fix is often on a small cross-section, and its track walks towards larger ones: an organ's mask that
+    # reaches its box's edge is predicted again from a box moved out (lits117, a fix on slice 73 of a liver
+    # boxed on slice 33: without it the track under-segments slices 34..72 and the 3D Dice falls 0.952 ->
+    # 0.829; with it only slices 72..74 change and it rises to 0.954).
+    propagator = _Propagator(predictor, settings, postprocess, seg.slices, container_kji, None, cancel, seg.name,
+                             OrganTrackSettings(box_regrow_steps=REPROPAGATION_REGROW_STEPS))
     scores: dict[int, float] = {}
     fresh = np.zeros_like(existing_kji)
     track = propagator.run_track(k_fix, new_prompts, fresh, scores, limits=(k_lo, k_hi))
@@ -660,6 +665,7 @@ def repropagate(
 
 
 REPROPAGATION_AGREEMENT = 0.9
+REPROPAGATION_REGROW_STEPS = 3
 
 
 def _reach_of_fix(fresh: np.ndarray, existing: np.ndarray, k_fix: int, k_lo: int, k_hi: int) -> tuple[int, int]:

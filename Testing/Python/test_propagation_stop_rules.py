@@ -299,3 +299,30 @@ def test_a_fix_replaces_slices_only_until_the_new_track_agrees_with_the_old_resu
     expected[9:12] = SEED
     np.testing.assert_array_equal(outcome.mask_kji, expected)
     assert sorted(outcome.scores) == [9, 10, 11]
+
+
+def test_a_fix_on_a_small_cross_section_regrows_towards_the_larger_ones():
+    # The organ is a 36 x 36 square on every slice; the model returns what of it lies in the prompt box. A fix
+    # on slice 10 with a 20 x 20 box starts a track whose masks fill their boxes: moved out where the mask
+    # reaches the edge (REPROPAGATION_REGROW_STEPS), the track gets the whole organ back within a slice, agrees
+    # with the old result there, and the old result is kept beyond.
+    organ = rect(SHAPE, 30, 40, 36, 36)
+
+    def model(k, prompts):
+        return organ & box_region(SHAPE, prompts.boxes_ij[0]), 0.9
+
+    from liversam.intensity_refinement import box_region
+
+    predictor = ScriptedPredictor(synthetic_volume(_hu()), model)
+    seg = SegmentPrompts("liver", 1, slices={2: SlicePrompts(boxes_ij=[box_around(organ)])}, propagate=True)
+    existing = np.zeros((NK, NJ, NI), dtype=bool)
+    existing[2:18] = organ
+    small = rect(SHAPE, 38, 48, 20, 20)
+    existing[10] = rect(SHAPE, 30, 40, 36, 10)  # a wrong slice: a strip of the organ
+    outcome = repropagate(existing, seg, K0, SlicePrompts(boxes_ij=[box_around(small)]), predictor,
+                          replace(RULES, max_growth_ratio=None))
+    changed = [k for k in range(NK) if not np.array_equal(outcome.mask_kji[k], existing[k])]
+    # Without the regrow the track's masks on 9 and 11 stay within a margin of the fix's box (24 x 24
+    # instead of 36 x 36) and replace the old, right ones.
+    assert changed == [10]
+    np.testing.assert_array_equal(outcome.mask_kji[10], small)
