@@ -20,7 +20,7 @@ SERVER_PYTHON = os.environ.get(
     "LIVERSAM_SERVER_PYTHON",
     str(Path(os.environ.get("LIVERSAM_VENV", Path.home() / ".cache/liversam/venv")) / "bin/python"),
 )
-JOB_TIMEOUT_MS = int(os.environ.get("LIVERSAM_WEB_JOB_TIMEOUT_S", "1200")) * 1000  # a loaded machine is slow
+JOB_TIMEOUT_MS = int(os.environ.get("LIVERSAM_WEB_JOB_TIMEOUT_S", "600")) * 1000  # a loaded machine is slow; a hang fails in 10 min
 
 
 def read_nifti(path: Path) -> np.ndarray:
