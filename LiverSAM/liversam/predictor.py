@@ -22,6 +22,11 @@ from .preprocess import SliceTransform, WindowSettings, window_slice
 from .prompts import SlicePrompts
 from .volume import CTVolume
 
+# Points are the user's word on one spot; LiteMedSAM, trained on boxes, sometimes ignores a point or answers a
+# - point on a thin leak by dropping most of the organ (lits117 slice 33: 9644 -> 2210 voxels). So:
+POINT_RADIUS_MM = 3.0  # a + point's disk joins the mask, a - point's disk leaves it, whatever the model says
+COLLAPSE_FRACTION = 0.6  # a - point that leaves less than this of the mask without it erases only its disk
+
 log = logging.getLogger(__name__)
 _volume_ids = itertools.count()
 
@@ -188,6 +193,13 @@ class SlicePredictor:
         mask = (union > 0).numpy()
         total = sum(weight for _, weight in scores)
         score = sum(value * weight for value, weight in scores) / total
+        if neg and prompts.boxes_ij and mask_logits is None:
+            without = self.predict(k, SlicePrompts(prompts.boxes_ij, pos, []))
+            if mask.sum() < COLLAPSE_FRACTION * without.mask_ji.sum():
+                log.info("slice %d: the - points made the model drop %d of %d voxels; they erase only around "
+                         "themselves", k, int(without.mask_ji.sum() - mask.sum()), int(without.mask_ji.sum()))
+                mask, score, low_res_union = without.mask_ji.copy(), without.score, without.low_res_logits
+        mask = honour_points(mask, pos, neg, self.volume.geometry.spacing_mm[:2])
         return SlicePrediction(k=int(k), mask_ji=mask, score=score, low_res_logits=low_res_union)
 
     def precompute(self, ks, progress=None, cancel=None) -> None:
@@ -199,3 +211,39 @@ class SlicePredictor:
             self.embedding(k)
             if progress is not None:
                 progress(n + 1, len(ks))
+
+
+def point_disk(shape_ji: tuple[int, int], point_ij: tuple[float, float], spacing_xy_mm, radius_mm: float) -> np.ndarray:
+    """The voxels of a slice within ``radius_mm`` of a point (i, j) (always its own voxel when it is inside)."""
+    nj, ni = shape_ji
+    jj, ii = np.ogrid[:nj, :ni]
+    di = (ii - point_ij[0]) * float(spacing_xy_mm[0])
+    dj = (jj - point_ij[1]) * float(spacing_xy_mm[1])
+    disk = di**2 + dj**2 <= radius_mm**2
+    i, j = int(round(point_ij[0])), int(round(point_ij[1]))
+    if 0 <= i < ni and 0 <= j < nj:
+        disk[j, i] = True
+    return disk
+
+
+def honour_points(
+    mask_ji: np.ndarray, positive_ij, negative_ij, spacing_xy_mm, radius_mm: float = POINT_RADIUS_MM
+) -> np.ndarray:
+    """The mask with a + point the model left out joined by its disk, and a - point the model kept erased with
+    its disk (a - point wins). A point the model already agrees with changes nothing."""
+    out = mask_ji.copy()
+    nj, ni = out.shape
+
+    def voxel(point) -> tuple[int, int] | None:
+        i, j = int(round(point[0])), int(round(point[1]))
+        return (j, i) if 0 <= i < ni and 0 <= j < nj else None
+
+    for point in positive_ij:
+        where = voxel(point)
+        if where is not None and not mask_ji[where]:
+            out |= point_disk(out.shape, point, spacing_xy_mm, radius_mm)
+    for point in negative_ij:
+        where = voxel(point)
+        if where is not None and out[where]:
+            out &= ~point_disk(out.shape, point, spacing_xy_mm, radius_mm)
+    return out

@@ -21,6 +21,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO / "web") not in sys.path:
     sys.path.insert(0, str(REPO / "web"))  # the liversam_web package
+APP_LOG = Path(os.environ.get("LIVERSAM_WEB_LOG", "/tmp/liversam-web-test.log"))  # the app's output, live
 CHROMIUM = os.environ.get("LIVERSAM_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -40,7 +41,8 @@ class WebApp:
 @pytest.fixture(scope="session")
 def web_app() -> Iterator[WebApp]:
     """``python -m liversam_web`` on a free port, which starts its own ``liversam serve``."""
-    env = dict(os.environ, PYTHONPATH=str(REPO / "web"), LIVERSAM_SERVER_PYTHON=SERVER_PYTHON)
+    env = dict(os.environ, PYTHONPATH=str(REPO / "web"), LIVERSAM_SERVER_PYTHON=SERVER_PYTHON, LIVERSAM_WEB_TRACE="1")
+    log_file = APP_LOG.open("w")  # written live: a hang can be read while it lasts
     process = subprocess.Popen(
         [sys.executable, "-m", "liversam_web", "--port", "0"], cwd=REPO, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -53,6 +55,8 @@ def web_app() -> Iterator[WebApp]:
         assert process.stdout is not None
         for line in process.stdout:
             log.append(line)
+            log_file.write(line)
+            log_file.flush()
             match = re.search(r"LiverSAM web app: (http://\S+)", line)
             if match and not found.is_set():
                 url.append(match.group(1))
@@ -72,7 +76,6 @@ def web_app() -> Iterator[WebApp]:
         except OSError:
             time.sleep(0.3)
     yield WebApp(process, url[0], log)
-    (Path(os.environ.get("LIVERSAM_WEB_LOG", "/tmp/liversam-web-test.log"))).write_text("".join(log))
     process.terminate()
     try:
         process.wait(20)

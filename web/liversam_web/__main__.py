@@ -67,7 +67,9 @@ def connect(args: argparse.Namespace) -> tuple[LiverSAMClient, LocalServerProces
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("liversam_web").setLevel(logging.INFO)
+    logging.getLogger("liversam_web").setLevel(
+        logging.DEBUG if os.environ.get("LIVERSAM_WEB_TRACE") == "1" else logging.INFO  # every mouse prompt, traced
+    )
     try:
         client, process, label = connect(args)
     except AuthError as exc:

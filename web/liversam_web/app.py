@@ -256,6 +256,7 @@ class LiverSAMWebApp:
             self.state.error = message
 
     def _status(self, message: str) -> None:
+        logger.debug("status: %s", message)
         with self.state:
             self.state.error = ""
             self.state.status = message
@@ -369,6 +370,7 @@ class LiverSAMWebApp:
 
     # ================================================================== view state
     def _on_mode_change(self, mode: str, segment: str, **_kwargs) -> None:
+        logger.debug("mode %s, segment %s", mode, segment)
         if self._prompting is not None:
             self._prompting.set_mode(mode)
         hint = mode_hint(mode, segment)  # set here: the page shows it once the axial view has the mode
@@ -455,6 +457,7 @@ class LiverSAMWebApp:
             self._error(f"Box ignored: {exc}.")
             return
         segment = self.state.segment
+        logger.debug("%s box on slice %d: %s", segment, k, box)
         self.workflow.push_undo(f"{segment} box on slice {k}")
         self.workflow.add_box(segment, k, box)
         create_task(self._predict(segment, k))
@@ -476,6 +479,7 @@ class LiverSAMWebApp:
             self._error(f"Point ignored: a - point corrects a mask; on slice {k} there is none yet. Draw a box "
                         f"around the {segment} or click a + point on it first.")
             return
+        logger.debug("%s %s point on slice %d: %s", segment, "+" if positive else "-", k, point)
         self.workflow.push_undo(f"{'+' if positive else '-'} point on slice {k}")
         self.workflow.add_point(segment, k, point, positive)
         create_task(self._predict(segment, k))
@@ -484,9 +488,11 @@ class LiverSAMWebApp:
         workflow = self.workflow
         assert workflow is not None and self.content is not None
         self._refresh_prompts()
+        logger.debug("live update of %s slice %d: waiting for the previous one", segment, k)
         async with self._predict_lock:
             if workflow is not self.workflow:
                 return
+            logger.debug("live update of %s slice %d: asking the server", segment, k)
             with self.state:
                 self.state.busy = True
                 self.state.status = f"Segmenting the {segment} on slice {k} ..."
@@ -505,6 +511,7 @@ class LiverSAMWebApp:
                 return
             self.content.show_mask(segment, workflow.masks[segment])
             area = int(workflow.masks[segment][k].sum())
+            logger.debug("live update of %s slice %d: %d voxels", segment, k, area)
             self._status(f"{segment.capitalize()} on slice {k}: {area} voxels ({time.monotonic() - started:.1f} s). "
                          "Add + / - points to correct it, or propagate.")
             self._sync_undo()

@@ -9,6 +9,7 @@ view's overlay, then hands the two RAS corners to ``on_box``. A press-release wi
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Literal
 
@@ -20,6 +21,7 @@ from vtkmodules.vtkRenderingCore import vtkActor2D, vtkCoordinate, vtkPolyDataMa
 Mode = Literal["navigate", "box", "point+", "point-"]
 MODES: tuple[Mode, ...] = ("navigate", "box", "point+", "point-")
 CLICK_TOLERANCE_PX = 3
+logger = logging.getLogger("liversam_web.prompting")
 
 
 class SlicePrompting:
@@ -98,6 +100,7 @@ class SlicePrompting:
 
     def _on_press(self, *_args) -> None:
         self._press_xy = self._current_xy = self._event_xy()
+        logger.debug("press at %s (mode %s)", self._press_xy, self.mode)
 
     def _on_move(self, *_args) -> None:
         if self._press_xy is None or self.mode != "box":
@@ -108,8 +111,10 @@ class SlicePrompting:
 
     def _on_release(self, *_args) -> None:
         if self._press_xy is None:
+            logger.debug("release at %s without a press (mode %s): ignored", self._event_xy(), self.mode)
             return
         start, end = self._press_xy, self._event_xy()
+        logger.debug("release at %s after a press at %s (mode %s)", end, start, self.mode)
         self._cancel_drag()
         moved = max(abs(start[0] - end[0]), abs(start[1] - end[1])) > CLICK_TOLERANCE_PX
         if self.mode == "box":
