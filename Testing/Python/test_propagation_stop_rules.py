@@ -12,6 +12,7 @@ Intensity refinement is off here (it would reshape the scripted masks); the rule
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
 import numpy as np
@@ -269,13 +270,34 @@ def test_repropagation_stops_at_the_neighbouring_user_slices():
     volume = synthetic_volume(_hu())
     predictor = ScriptedPredictor(volume, script)
     box = SlicePrompts(boxes_ij=[box_around(SEED)])
-    seg = SegmentPrompts("liver", 1, slices={4: box, 15: box}, propagate=True)
+    seg = SegmentPrompts("liver", 1, slices={K0 - 2: box, K0 + 1: box}, propagate=True)
     existing = np.zeros((NK, NJ, NI), dtype=bool)
     existing[2:18] = SEED
     outcome = repropagate(existing, seg, K0, SlicePrompts(boxes_ij=[box_around(SEED)]), predictor, RULES)
     assert outcome.tracks[0].stop_reasons == {"up": "reached limit", "down": "reached limit"}
-    assert sorted(predictor.predicted_slices) == list(range(5, 15))
+    assert sorted(predictor.predicted_slices) == [K0 - 1, K0]  # the user's slice K0 + 1 is never redone
     np.testing.assert_array_equal(outcome.mask_kji, existing)
+
+
+def test_a_fix_reaches_one_slice_each_way_and_never_empties_a_slice():
+    # The model gives a shifted square everywhere (the old result disagrees with it on every slice): the fix
+    # on K0 replaces K0 - 1 .. K0 + 1 only. Where the new track stops at once (nothing past K0), the old
+    # slices stay (before: replaced by nothing up to the next user slice).
+    shifted = rect(SHAPE, 40, 40, 20, 20)
+    predictor = ScriptedPredictor(synthetic_volume(_hu()), {k: (shifted, 0.9) for k in range(NK)})
+    box = SlicePrompts(boxes_ij=[box_around(SEED)])
+    seg = SegmentPrompts("liver", 1, slices={2: box, 17: box}, propagate=True)
+    existing = np.zeros((NK, NJ, NI), dtype=bool)
+    existing[2:18] = SEED
+    outcome = repropagate(existing, seg, K0, SlicePrompts(boxes_ij=[box_around(shifted)]), predictor, RULES)
+    changed = [k for k in range(NK) if not np.array_equal(outcome.mask_kji[k], existing[k])]
+    assert changed == [K0 - 1, K0, K0 + 1]
+
+    only_fix = ScriptedPredictor(synthetic_volume(_hu()), {K0: (shifted, 0.9)})  # empty elsewhere: it stops
+    outcome = repropagate(existing, copy.deepcopy(seg), K0, SlicePrompts(boxes_ij=[box_around(shifted)]),
+                          only_fix, RULES)
+    changed = [k for k in range(NK) if not np.array_equal(outcome.mask_kji[k], existing[k])]
+    assert changed == [K0]
 
 
 def test_a_fix_replaces_slices_only_until_the_new_track_agrees_with_the_old_result():

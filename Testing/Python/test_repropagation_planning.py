@@ -15,7 +15,7 @@ import pytest
 
 from liversam.pipeline import PipelineSettings, segment_volume
 from liversam.prompts import SegmentPrompts, SlicePrompts
-from liversam.propagation import PropagationSettings, for_lesions, repropagate
+from liversam.propagation import REPROPAGATION_MAX_REACH, PropagationSettings, for_lesions, repropagate
 from LiverSAMLib.ServerRequests import plan_repropagation, record_of
 from scripted_predictor import ScriptedPredictor, box_around, rect, synthetic_volume
 
@@ -92,16 +92,18 @@ def test_a_planned_fix_changes_only_its_stretch(first_run):
     volume, predictor, given, seg, result, record = first_run
     existing = result.segment("liver").mask_kji.copy()
     # On slice 7 the user fixes the mask with a smaller box; the model now returns the small square
-    # on slices 5..9 (between the user's slices 4 and 10) if asked.
+    # on slices 5..9 (between the user's slices 4 and 10) if asked. The fix reaches one slice each way
+    # (REPROPAGATION_MAX_REACH): 6..8 are predicted and replaced, 5 and 9 stay.
     fixed = {**given, 7: SlicePrompts(boxes_ij=[box_around(SMALL)])}
     assert plan_repropagation(record, fixed, ("node1", 7), _settings()) == [7]
     predictor.script = {k: (SMALL if 5 <= k <= 9 else SQUARE, 0.8) for k in range(2, 14)}
     predictor.calls.clear()
     outcome = repropagate(existing, copy.deepcopy(seg), 7, fixed[7], predictor,
                           PropagationSettings(intensity_refinement=False))  # fmt: skip
-    assert sorted(set(predictor.predicted_slices)) == [5, 6, 7, 8, 9]
-    np.testing.assert_array_equal(outcome.mask_kji[5:10], np.broadcast_to(SMALL, (5, NJ, NI)))
-    untouched = [k for k in range(NK) if not 5 <= k <= 9]
+    assert REPROPAGATION_MAX_REACH == 1
+    assert sorted(set(predictor.predicted_slices)) == [6, 7, 8]
+    np.testing.assert_array_equal(outcome.mask_kji[6:9], np.broadcast_to(SMALL, (3, NJ, NI)))
+    untouched = [k for k in range(NK) if not 6 <= k <= 8]
     np.testing.assert_array_equal(outcome.mask_kji[untouched], existing[untouched])
     assert outcome.scores[7] == pytest.approx(0.8)
 
@@ -111,7 +113,7 @@ def test_a_fix_inside_a_container_with_the_lesion_rules_stops_on_a_lesion_leak_a
     # 50 HU stops it (lesions: 40 HU), where the organ rules (80 HU) would go on.
     _, _, given, seg, result, _ = first_run
     hu = np.full((NK, NJ, NI), 100.0)
-    hu[8:] = 150.0
+    hu[7:] = 150.0  # from the fix's upper neighbour on (a fix reaches one slice each way)
     volume = synthetic_volume(hu, (1.0, 1.0, 2.5))
     container = np.zeros((NK, NJ, NI), dtype=bool)
     container[:, 18:34, 18:34] = True  # the square minus its last 2 rows and columns
@@ -128,6 +130,7 @@ def test_a_fix_inside_a_container_with_the_lesion_rules_stops_on_a_lesion_leak_a
 
     lesion, lesion_slices = fix_with(for_lesions(organ_rules))
     assert lesion.tracks[-1].stop_reasons["up"] == "leak: mean HU moved +50 from the seed's"
-    assert lesion_slices == [5, 6, 7, 8]
-    _, organ_slices = fix_with(organ_rules)
-    assert organ_slices == [5, 6, 7, 8, 9]  # up to the user's slice 10: the organ rules allow +50 HU
+    assert lesion_slices == [5, 6, 7]
+    organ, organ_slices = fix_with(organ_rules)
+    assert organ_slices == [5, 6, 7]
+    assert organ.tracks[-1].stop_reasons["up"] == "reached limit"  # the organ rules allow +50 HU

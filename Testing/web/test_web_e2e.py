@@ -11,9 +11,8 @@ in file order; a step that finds the page not where it expects fails and says so
 4. Cancel stops a propagation and changes nothing; the propagation shows its progress; the labelmap downloaded
    from the page has a 3D liver Dice >= 0.90 against examples/lits117/label.nii.gz (labels 1 + 2); a review
    row moves the views; the screenshot in docs/ is taken here;
-5. a box on the worst propagated slice fixes it; re-propagating from it changes no slice at or below the box
-   slice 33, changes more than the fixed slice and keeps the fix (the 3D Dice is printed, not asserted: see
-   docs/WEB.md);
+5. a box on the worst propagated slice fixes it; re-propagating from it changes the fixed slice and at most one
+   slice each way (none at or below the box slice 33), keeps the fix, and does not lower the 3D liver Dice;
 6. a tumour box on slice 83 gives a lesion mask (slice Dice >= 0.5); propagating it fills several slices,
    inside the liver (no voxel outside the liver appears), lists the lesion; the .seg.nrrd downloads;
 7. undo of the tumour propagation restores the labelmap exactly and empties the lesion table;
@@ -322,17 +321,16 @@ def test_5_fix_a_slice_and_repropagate(lits):
     assert np.array_equal(repropagated[: SLICE_K + 1], lits.labels["propagated"][: SLICE_K + 1])
     assert dice(liver_now[fix_k], fixed[fix_k]) >= 0.9
     changed = [k for k in range(nk) if not np.array_equal(liver_now[k], propagated[k])]
-    assert changed and min(changed) > SLICE_K  # the fixed slice (and the ones it changes), none at or below 33
+    assert fix_k in changed and set(changed) <= {fix_k - 1, fix_k, fix_k + 1}  # REPROPAGATION_MAX_REACH
     before_dice, after_dice = dice(propagated, lits.liver), dice(liver_now, lits.liver)
     worse = [(k, round(dice(propagated[k], lits.liver[k]), 2), round(dice(liver_now[k], lits.liver[k]), 2))
              for k in changed if dice(liver_now[k], lits.liver[k]) < dice(propagated[k], lits.liver[k]) - 0.05]
     print(f"web app lits117 fix on slice {fix_k}: slice Dice {scores[fix_k]:.3f} -> {fix_dice:.3f}; "
           f"re-propagation changed slices {changed[0]}..{changed[-1]} ({len(changed)}); 3D liver Dice "
           f"{before_dice:.3f} -> {after_dice:.3f}; slices worse by > 0.05 (k, before, after): {worse}")
-    # Not asserted: the 3D Dice. A fix replaces slices only until the new track agrees with the old result, and
-    # its organ track regrows where its mask reaches its box (liversam.propagation.repropagate), but here the
-    # track from slice 73 down still under-segments slices 34..72 and never agrees: 0.951 -> 0.840 measured
-    # (0.815 without the regrow); open, see docs/WEB.md.
+    # Before the fix's reach was capped at one slice each way, this re-propagation replaced slices 34..84 with a
+    # track that under-segmented them: 0.951 -> 0.840 (benchmarks/fix_reach.py measures the cap on four cases).
+    assert after_dice >= before_dice - 0.002
     lits.labels["repropagated"] = repropagated
     lits.step = 5
 
