@@ -100,6 +100,9 @@ def browser():
 def page(browser, web_app, tmp_path):
     context = browser.new_context(viewport={"width": 1400, "height": 900}, accept_downloads=True)
     page = context.new_page()
+    from web_page import watch_console
+
+    watch_console(page)
     page.goto(web_app.url)
     page.get_by_test_id("open-path").wait_for(timeout=60_000)
     yield page

@@ -54,6 +54,7 @@ from web_page import (
     wait_slice_mask,
     wait_status,
     wait_undo_label,
+    watch_console,
 )
 
 CT = REPO / "examples/lits117/ct.nii.gz"
@@ -136,6 +137,7 @@ class Session:
 def lits(browser, web_app, tmp_path_factory):
     context = browser.new_context(viewport={"width": 1400, "height": 900}, accept_downloads=True)
     page = context.new_page()
+    watch_console(page)
     page.goto(web_app.url)
     page.get_by_test_id("open-path").wait_for(timeout=60_000)
     yield Session(page, tmp_path_factory.mktemp("lits117-downloads"))

@@ -88,19 +88,25 @@ def wait_status(page, pattern: str, timeout: int) -> str:
 
 
 def probe(page, x: float, y: float) -> tuple[int, int, int]:
-    """Move the mouse to (x, y) and read the voxel the page reports under it."""
+    """Move the mouse to (x, y) and read the voxel the page reports under it, once the reading is new and has
+    stayed the same for 0.3 s (a reading of an earlier mouse position can arrive late)."""
     probe_text = page.get_by_test_id("probe")
     before = probe_text.inner_text()
     page.mouse.move(x, y)
     deadline = time.monotonic() + 10
+    last, since = None, time.monotonic()
     while time.monotonic() < deadline:
         text = probe_text.inner_text()
         match = re.search(r"i (-?\d+)\s+j (-?\d+)\s+k (-?\d+)", text)
         if match and text != before:
-            return int(match.group(1)), int(match.group(2)), int(match.group(3))
+            if text != last:
+                last, since = text, time.monotonic()
+            elif time.monotonic() - since >= 0.3:
+                return int(match.group(1)), int(match.group(2)), int(match.group(3))
         time.sleep(0.1)
-        page.mouse.move(x + 1, y)
-        page.mouse.move(x, y)
+        if not match or text == before:
+            page.mouse.move(x + 1, y)
+            page.mouse.move(x, y)
     raise AssertionError(f"the voxel probe did not update at ({x}, {y}): {probe_text.inner_text()!r}")
 
 
@@ -123,8 +129,39 @@ class ScreenMap:
         x, y = np.linalg.solve(self.matrix, np.array([i, j]) - self.offset)
         return float(x), float(y)
 
+    def to_voxel(self, x: float, y: float) -> np.ndarray:
+        return self.matrix @ np.array([x, y]) + self.offset
+
+    def checked(self, page, view_box: dict) -> bool:
+        """The map predicts the probe at a fourth point of the view (within 1.5 voxels)."""
+        x = view_box["x"] + view_box["width"] * 0.5
+        y = view_box["y"] + view_box["height"] * 0.55
+        i, j, k = probe(page, x, y)
+        self.readings.append((i, j, k))
+        return k == self.k and float(np.abs(self.to_voxel(x, y) - np.array([i, j])).max()) <= 1.5
+
+
+CONSOLE: list[str] = []  # the pages' console messages (warnings and errors), printed when a live update hangs
+
+
+def watch_console(page) -> None:
+    page.on("console", lambda message: CONSOLE.append(f"{message.type}: {message.text}")
+            if message.type in ("warning", "error") else None)
+    page.on("pageerror", lambda error: CONSOLE.append(f"page error: {error}"))
+
+
+LAST_DRAG: dict = {}  # where the last drag started and what the page had there (printed when a live update hangs)
+
+
+def element_at(page, x: float, y: float) -> str:
+    return page.evaluate(
+        "([x, y]) => { const e = document.elementFromPoint(x, y); if (!e) return 'nothing';"
+        " return e.tagName + '.' + (e.className && e.className.baseVal !== undefined ? e.className.baseVal"
+        " : e.className) + (e.id ? '#' + e.id : ''); }", [x, y])
+
 
 def drag(page, a: tuple[float, float], b: tuple[float, float]) -> None:
+    LAST_DRAG.update(start=a, end=b, element=element_at(page, *a), end_element=element_at(page, *b))
     page.mouse.move(*a)
     page.mouse.down()
     page.mouse.move((a[0] + b[0]) / 2, (a[1] + b[1]) / 2, steps=4)
@@ -147,12 +184,13 @@ def go_to_slice(page, k: int) -> ScreenMap:
     deadline = time.monotonic() + 30
     while True:  # the views follow the slice field; a probe read while the view was still changing is retried
         screen = ScreenMap(page, view_box)
-        good = screen.k == k and abs(np.linalg.det(screen.matrix)) > 1e-6
+        good = screen.k == k and abs(np.linalg.det(screen.matrix)) > 1e-6 and screen.checked(page, view_box)
         if good or time.monotonic() > deadline:
             break
+        print(f"\nthe voxel probe readings disagree (the view was still moving?), measured again: {screen.readings}")
         time.sleep(0.3)
     assert screen.k == k, f"the axial view shows slice {screen.k}, not {k}"
-    assert abs(np.linalg.det(screen.matrix)) > 1e-6, f"the voxel probe does not follow the mouse: {screen.readings}"
+    assert good, f"the voxel probe readings do not make a consistent screen map: {screen.readings}"
     return screen
 
 
@@ -165,7 +203,12 @@ def loose_box(mask_ji: np.ndarray, pad: int = 3) -> tuple[int, int, int, int]:
 
 
 def drag_box(page, screen: ScreenMap, box: tuple[float, float, float, float]) -> None:
-    drag(page, screen.to_screen(*box[:2]), screen.to_screen(*box[2:]))
+    a, b = screen.to_screen(*box[:2]), screen.to_screen(*box[2:])
+    view = axial_view_box(page)
+    for x, y in (a, b):  # a wrong screen map would drag off the view, and nothing would happen
+        assert view["x"] <= x <= view["x"] + view["width"] and view["y"] <= y <= view["y"] + view["height"], (
+            f"box corner ({x:.0f}, {y:.0f}) is off the axial view {view}; screen map readings {screen.readings}")
+    drag(page, a, b)
 
 
 def undo_label(page) -> str:
@@ -195,10 +238,10 @@ NUDGE_AFTER_S = 60.0
 def wait_slice_mask(page, segment: str, k: int, before: str = "", timeout: int = JOB_TIMEOUT_MS) -> int:
     """Wait for the live update of slice k (a status line other than ``before``); returns its voxel count.
 
-    Known issue (seen about once in five full runs in session 4, with the server idle; not seen since the app
-    traces its mouse events): the live update of a click was sometimes not started until the page sent another
-    event. After ``NUDGE_AFTER_S`` without an answer the mouse moves by one pixel (no click, no prompt); the
-    nudges are printed, and so is the app's trace (LIVERSAM_WEB_LOG) when it still does not come."""
+    A live update that does not come within ``NUDGE_AFTER_S`` is reported with where the last drag went and
+    what the page had there, the page's console, and a one-pixel mouse move (no click, no prompt); if it never
+    comes the failure names the app's trace (LIVERSAM_WEB_LOG). (The "hang" this was written for was a drag off
+    the page from a stale probe reading: see ``probe`` and ``ScreenMap.checked``.)"""
     pattern = rf"{segment.capitalize()} on slice {k}: (\d+) voxels"
     deadline = time.monotonic() + timeout / 1000
     nudge_at = time.monotonic() + NUDGE_AFTER_S
@@ -212,7 +255,10 @@ def wait_slice_mask(page, segment: str, k: int, before: str = "", timeout: int =
         if match and text != before:
             return int(match.group(1))
         if time.monotonic() > nudge_at:
-            print(f"\nno live update of {segment} slice {k} after {NUDGE_AFTER_S:.0f} s: nudging the mouse")
+            print(f"\nno live update of {segment} slice {k} after {NUDGE_AFTER_S:.0f} s: nudging the mouse "
+                  f"(last drag {LAST_DRAG}; now at its start: {element_at(page, *LAST_DRAG['start'])})"
+                  if LAST_DRAG else f"\nno live update of {segment} slice {k} after {NUDGE_AFTER_S:.0f} s: nudging")
+            print("page console (last 20):", *CONSOLE[-20:], sep="\n  ")
             page.mouse.move(6, 6)
             page.mouse.move(5, 5)
             nudge_at = time.monotonic() + NUDGE_AFTER_S

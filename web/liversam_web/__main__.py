@@ -81,7 +81,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from .app import LiverSAMWebApp  # imports VTK / slicer-core: after the server check
 
+    if os.environ.get("LIVERSAM_WEB_TRACE") == "1":
+        from .interaction_trace import trace_clients, trace_interaction_events
+
+        trace_interaction_events()
     app = LiverSAMWebApp(client, server_label=label)
+    if os.environ.get("LIVERSAM_WEB_TRACE") == "1":
+        trace_clients(app.ctrl)
     if args.ct:
         app.state.ct_path = args.ct
     port = args.port or free_port(args.host)

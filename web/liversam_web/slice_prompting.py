@@ -65,6 +65,7 @@ class SlicePrompting:
         return self.view._interactor_observer  # trame-slicer's vtkMRMLSliceViewInteractorStyle of the view
 
     def _take_mouse(self) -> None:
+        logger.debug("prompting takes the mouse of the view (mode %s)", self.mode)
         interactor = self.view.interactor()
         self._style().SetInteractor(None)
         for event, handler in (
@@ -77,6 +78,7 @@ class SlicePrompting:
             self._observer_ids.append(interactor.AddObserver(event, handler))
 
     def _give_back_mouse(self) -> None:
+        logger.debug("prompting gives the mouse back to Slicer's interactor style")
         interactor = self.view.interactor()
         for observer_id in self._observer_ids:
             interactor.RemoveObserver(observer_id)
