@@ -820,7 +820,7 @@ class LiverSAMLogic(ScriptedLoadableModuleLogic):
         p = parameterNode
         return self.server.plan_propagation(
             p.outputSegmentation, p.inputVolume, targetID, clipID, prompts,
-            ServerRequests.propagation_settings(p.propagation), (float(p.windowLevel), float(p.windowWidth)),
+            ServerRequests.job_settings(p.propagation, p.postprocess), (float(p.windowLevel), float(p.windowWidth)),
         )  # fmt: skip
 
     def applyPropagation(self, plan: PropagationPlan, answer: dict) -> str:

@@ -22,15 +22,19 @@ EXPORT_FORMATS = (".seg.nrrd", "labelmap .nrrd", "labelmap .nii.gz", "DICOM SEG"
 
 @parameterPack
 class PostprocessParameters:
-    """Clean-up applied to every predicted mask (2D per slice and 3D after propagation)."""
+    """Clean-up of a propagation (``LiverSAMLib.ServerRequests.POSTPROCESS_PARAMETERS``: sent to the server as
+    its job settings; the defaults are ``liversam segment``'s)."""
 
+    # Fill holes in every slice mask and in the 3D result.
     fillHoles: bool = True
-    # Connected components smaller than this are removed (mm^3; 0 keeps all).
-    minIslandVolumeMm3: Annotated[float, WithinRange(0.0, 100000.0)] = 500.0
+    # 3D connected components smaller than this are removed (mm^3; 0 keeps all: small lesions stay).
+    minIslandVolumeMm3: Annotated[float, WithinRange(0.0, 100000.0)] = 0.0
     # Liver: keep only the largest 3D component.
     keepLargestComponent: bool = True
-    # Morphological closing radius in mm (0: none).
+    # Morphological closing radius of every slice mask in mm (0: none).
     closingRadiusMm: Annotated[float, WithinRange(0.0, 20.0)] = 0.0
+    # Refine the propagated liver and tumours with a dense CRF on the CT (where the server has pydensecrf2).
+    denseCrf: bool = True
     # Tumours are clipped to the liver and never overwrite it.
     clipTumorToLiver: bool = True
 

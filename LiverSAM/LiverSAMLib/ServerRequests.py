@@ -2,7 +2,7 @@
 
 - prompts read from markups (:class:`LiverSAMLib.MRMLBridge.MarkupsPrompts`, voxel indices) -> the
   server's per-slice requests and segment specs (``ServerClient.segment_spec``, IJK);
-- the parameter node's propagation pack -> the server's propagation settings;
+- the parameter node's propagation and clean-up packs -> the server's job settings;
 - a finished job's answer -> a core :class:`liversam.segmentation.SegmentationResult` on the CT grid, its
   review report -> the rows of the review table;
 - :class:`PropagationRecord` / :func:`plan_repropagation`: what the last propagation of a segment was
@@ -54,6 +54,24 @@ PROPAGATION_DEFAULTS: dict[str, Any] = {
     "growth_allowance_mm2": 40.0,
     "max_mean_hu_shift": 80.0,
     "intensity_refinement": True,
+}
+#: Parameter-node member (``LiverSAMLib.Parameters.PostprocessParameters``) -> the server's job setting
+#: (``liversam.server.schemas.JobSettings``); ``clipTumorToLiver`` is the tumour segment's container instead.
+POSTPROCESS_PARAMETERS: dict[str, str] = {
+    "fillHoles": "fill_holes",
+    "minIslandVolumeMm3": "min_island_mm3",
+    "keepLargestComponent": "keep_largest",
+    "closingRadiusMm": "closing_radius_mm",
+    "denseCrf": "crf",
+}
+#: The server's clean-up defaults (``liversam segment``'s; a test checks them against ``JobSettings``): the
+#: liver keeps its largest 3D component; ``crf`` None lets the server refine every segment it can.
+POSTPROCESS_DEFAULTS: dict[str, Any] = {
+    "fill_holes": True,
+    "min_island_mm3": 0.0,
+    "keep_largest": ["liver"],
+    "closing_radius_mm": 0.0,
+    "crf": None,
 }
 #: Parameter-node member (``ReviewParameters``) -> field of ``liversam.review.ReviewSettings``.
 REVIEW_PARAMETERS: dict[str, str] = {"maxAreaRatio": "max_area_ratio", "minScore": "min_score"}
@@ -120,6 +138,23 @@ def propagation_settings(pack) -> dict[str, Any]:
     return values
 
 
+def postprocess_settings(pack) -> dict[str, Any]:
+    """The server's clean-up settings from the parameter node's ``postprocess`` pack (``denseCrf`` off: no
+    segment is refined, ``[]``; on: the server's default, None)."""
+    return {
+        "fill_holes": bool(pack.fillHoles),
+        "min_island_mm3": float(pack.minIslandVolumeMm3),
+        "keep_largest": ["liver"] if pack.keepLargestComponent else [],
+        "closing_radius_mm": float(pack.closingRadiusMm),
+        "crf": None if pack.denseCrf else [],
+    }
+
+
+def job_settings(propagation_pack, postprocess_pack) -> dict[str, Any]:
+    """Everything a propagation job is computed with: propagation rules and clean-up (core field names)."""
+    return {**propagation_settings(propagation_pack), **postprocess_settings(postprocess_pack)}
+
+
 def call_with_settings(method: Callable[..., Any], *args: Any, settings: Mapping[str, Any]) -> Any:
     """Call a client job method with the propagation settings it accepts.
 
@@ -140,7 +175,8 @@ def unsupported_settings(method: Callable[..., Any], settings: Mapping[str, Any]
     if "settings" in parameters:
         return []
     return [
-        name for name, value in settings.items() if name not in parameters and value != PROPAGATION_DEFAULTS.get(name)
+        name for name, value in settings.items()
+        if name not in parameters and value != {**PROPAGATION_DEFAULTS, **POSTPROCESS_DEFAULTS}.get(name)
     ]
 
 

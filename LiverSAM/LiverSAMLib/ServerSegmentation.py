@@ -56,13 +56,23 @@ class PropagationPlan:
         if self.container is not None:
             client.upload_mask(self.session, CONTAINER_MASK, self.container)
         spec = ServerRequests.segment_spec_from_prompts(self.name, self.label, self.given, inside, self.color)
+        settings = self.request_settings()
         if self.fix_slices:
             client.upload_mask(self.session, self.existing_name, self.existing)
             return ServerRequests.call_with_settings(
                 client.start_repropagation, self.session, spec, self.fix_slices, self.existing_name, inside,
-                settings=self.settings,
+                settings=settings,
             )  # fmt: skip
-        return ServerRequests.call_with_settings(client.start_propagation, self.session, [spec], settings=self.settings)
+        return ServerRequests.call_with_settings(client.start_propagation, self.session, [spec], settings=settings)
+
+    def request_settings(self) -> dict:
+        """The job settings as sent: "keep the liver's largest component" names this segment when it is the
+        liver (the module's liver is the segment named "liver", in any case: ``SegmentationLogic.LIVER``)."""
+        settings = dict(self.settings)
+        if "keep_largest" in settings:
+            is_liver = self.name.lower() == LIVER
+            settings["keep_largest"] = [self.name] if settings["keep_largest"] and is_liver else []
+        return settings
 
 
 class ServerSegmentation:

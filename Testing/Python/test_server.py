@@ -130,6 +130,32 @@ def test_propagation_job_reports_progress(server, session, lits117_label):
     REFERENCE["propagation"] = mask
 
 
+def test_clean_up_settings_reach_the_pipeline(server, session, lits117_predictor, lits117_volume):
+    """The Slicer module's clean-up settings (fill holes, closing, 3D islands, keep largest, CRF off) give the
+    server's job exactly what ``segment_volume`` gives in-process with the same settings, and change it."""
+    from liversam.pipeline import segment_volume
+    from liversam.server.jobs import pipeline_settings, segment_prompts
+    from liversam.server.schemas import JobSettings, SegmentSpec
+
+    client = server[1]
+    assert "propagation" in REFERENCE, "needs the default propagation before it"
+    spec = segment_spec("liver_cleanup", 1, boxes_ijk=[box_ijk(*BOX, K)])  # the session's "liver" stays
+    cleanup = {"fill_holes": False, "closing_radius_mm": 4.0, "min_island_mm3": 3000.0, "keep_largest": [],
+               "crf": [], "max_slices": MAX_SLICES}
+    job = client.start_propagation(session, [spec], settings=cleanup)
+    final = client.wait_job(job, timeout=300)
+    assert final["state"] == "done", final
+    (liver,) = client.job_result(job)["segments"]
+
+    settings = JobSettings(**cleanup)
+    segments = segment_prompts([SegmentSpec(**spec)], "IJK", lits117_volume.geometry, {})
+    expected = segment_volume(lits117_volume, segments, lits117_predictor, pipeline_settings(settings, segments))
+    assert np.array_equal(liver["mask"], expected.segment("liver_cleanup").mask_kji)
+    assert not np.array_equal(liver["mask"], REFERENCE["propagation"])  # the defaults give another mask
+    assert pipeline_settings(settings).slice_postprocess.closing_radius_mm == 4.0
+    assert pipeline_settings(JobSettings()).postprocess_3d["liver"].keep_largest  # default: the liver's largest
+
+
 def test_repropagation_changes_only_what_the_fix_affects(server, session, lits117_label):
     client = server[1]
     existing = REFERENCE["propagation"]

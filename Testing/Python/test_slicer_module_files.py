@@ -291,6 +291,44 @@ def _pack_defaults(class_name: str) -> dict[str, object]:
     }
 
 
+def test_postprocess_parameters_are_sent_as_the_servers_clean_up_with_its_defaults():
+    import types
+
+    from liversam.pipeline import PipelineSettings
+    from liversam.server.jobs import CLEANUP_FIELDS
+    from liversam.server.schemas import JobSettings
+    from LiverSAMLib.ServerRequests import POSTPROCESS_DEFAULTS, POSTPROCESS_PARAMETERS, postprocess_settings
+
+    postprocess = _pack_defaults("PostprocessParameters")
+    assert set(postprocess) == set(POSTPROCESS_PARAMETERS) | {"clipTumorToLiver"}
+    assert set(POSTPROCESS_PARAMETERS.values()) == (CLEANUP_FIELDS - {"min_island_mm2"}) | {"crf"}
+    sent = postprocess_settings(types.SimpleNamespace(**postprocess))
+    assert sent == POSTPROCESS_DEFAULTS
+    server = JobSettings()  # what the server does when nothing is sent: liversam segment's defaults
+    assert {name: getattr(server, name) for name in sent if name != "keep_largest"} == {
+        name: value for name, value in sent.items() if name != "keep_largest"}
+    assert server.keep_largest is None and sorted(PipelineSettings().postprocess_3d) == sent["keep_largest"]
+    off = postprocess_settings(types.SimpleNamespace(**dict(postprocess, denseCrf=False, keepLargestComponent=False)))
+    assert off["crf"] == [] and off["keep_largest"] == []
+    connected = {p for _cls, p in ui_widgets().values() if p}
+    assert {f"postprocess.{m}" for m in postprocess} <= connected
+
+
+def test_keep_largest_names_the_liver_segment_whatever_its_case():
+    from LiverSAMLib.ServerRequests import POSTPROCESS_DEFAULTS
+    from LiverSAMLib.ServerSegmentation import PropagationPlan
+
+    def plan(name):
+        return PropagationPlan(None, None, None, "id", name, 1, (1.0, 0.0, 0.0), {}, ("v", 1),
+                               dict(POSTPROCESS_DEFAULTS), None, None, None, lambda client: "s")
+
+    assert plan("Liver").request_settings()["keep_largest"] == ["Liver"]
+    assert plan("tumor").request_settings()["keep_largest"] == []
+    off = plan("liver")
+    off.settings["keep_largest"] = []
+    assert off.request_settings()["keep_largest"] == []
+
+
 def test_propagation_parameters_map_onto_the_core_settings_with_its_defaults():
     import dataclasses
     import types

@@ -8,6 +8,7 @@ is refused and leaves the open CT as it was.
 from __future__ import annotations
 
 import pytest
+from playwright.sync_api import expect
 from web_page import (
     DATA,
     dismiss_error,
@@ -75,7 +76,7 @@ def test_dicom_folder_box_propagate_and_dicom_seg_download(page, reference, tmp_
     open_path(page, str(DCMQI / "ct"))
     wait_status(page, r"Opened ct \(512 x 512 x 3\)", timeout=120_000)
     assert page.get_by_test_id("ct-name").inner_text().strip() == "ct"
-    assert page.get_by_test_id("export-dicomseg").is_enabled()
+    expect(page.get_by_test_id("export-dicomseg")).to_be_enabled(timeout=10_000)
 
     # a folder with no series: a message, and the DICOM CT stays open as it was
     no_series = tmp_path / "no-series"
@@ -85,7 +86,7 @@ def test_dicom_folder_box_propagate_and_dicom_seg_download(page, reference, tmp_
     open_path(page, str(no_series))
     expect_error(page, r"no-series.*no DICOM image series")
     assert page.get_by_test_id("ct-name").inner_text().strip() == "ct"
-    assert page.get_by_test_id("export-dicomseg").is_enabled()
+    expect(page.get_by_test_id("export-dicomseg")).to_be_enabled(timeout=10_000)
     dismiss_error(page)
 
     k = 1
@@ -126,7 +127,7 @@ def test_uploaded_dicom_folder_gives_a_dicom_seg_too(page, reference, tmp_path):
     """The folder upload button: the files land in the app's temporary folder, the SEG still references them."""
     page.get_by_test_id("upload-folder").locator("input[type=file]").set_input_files(str(DCMQI / "ct"))
     wait_status(page, r"Opened 3 DICOM files \(512 x 512 x 3\)", timeout=120_000)
-    assert page.get_by_test_id("export-dicomseg").is_enabled()
+    expect(page.get_by_test_id("export-dicomseg")).to_be_enabled(timeout=10_000)
     k = 1
     set_mode(page, "box", "liver")
     screen = go_to_slice(page, k)

@@ -334,6 +334,7 @@ class LiverSAMWebApp:
         self._jump(nk // 2)
         with self.state:
             self.state.update({
+                "busy": False, "busy_text": "",  # with the status line: the page never shows "Opened" while busy
                 "has_ct": True, "has_dicom": content.dicom is not None, "ct_name": display_name, "n_slices": nk,
                 "window": 400.0, "level": 40.0,
                 "review_rows": [], "review_items": [], "lesion_rows": [], "progress": 0, "progress_text": "", "propagated": [],

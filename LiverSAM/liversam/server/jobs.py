@@ -14,7 +14,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from ..errors import Cancelled, LiverSAMError, PromptError
 from ..geometry import ImageGeometry
 from ..lesions import TUMOUR_NAMES, lesion_table
 from ..pipeline import PipelineSettings, segment_volume
-from ..postprocess import PostprocessSettings
+from ..postprocess import Postprocess3DSettings, PostprocessSettings
 from ..prompts import SegmentPrompts, SlicePrompts, parse_prompts
 from ..propagation import PropagationOutcome, PropagationSettings, for_lesions, repropagate
 from ..review import build_review_report
@@ -75,11 +75,19 @@ def slice_prompts(request: PredictRequest, geometry: ImageGeometry) -> SliceProm
     return seg.slices[request.k]
 
 
+CLEANUP_FIELDS = {"min_island_mm2", "fill_holes", "closing_radius_mm", "min_island_mm3", "keep_largest"}
+
+
 def pipeline_settings(settings: JobSettings, segments: Sequence[SegmentPrompts] = ()) -> PipelineSettings:
     """The same settings ``liversam segment`` uses, with the request's options (``crf`` names ``segments``)."""
+    keep_largest = PipelineSettings().postprocess_3d.keys() if settings.keep_largest is None else settings.keep_largest
+    default_3d = Postprocess3DSettings(fill_holes=settings.fill_holes, min_island_mm3=settings.min_island_mm3)
     return PipelineSettings(
-        slice_postprocess=PostprocessSettings(min_island_mm2=settings.min_island_mm2),
-        propagation=PropagationSettings(**settings.model_dump(exclude={"min_island_mm2", "crf"})),
+        slice_postprocess=PostprocessSettings(fill_holes=settings.fill_holes, min_island_mm2=settings.min_island_mm2,
+                                              closing_radius_mm=settings.closing_radius_mm),
+        postprocess_3d={name: replace(default_3d, keep_largest=True) for name in keep_largest},
+        default_3d=default_3d,
+        propagation=PropagationSettings(**settings.model_dump(exclude=CLEANUP_FIELDS | {"crf"})),
         crf=crf_for_segments("auto" if settings.crf is None else settings.crf, segments, what="settings.crf"),
     )
 

@@ -120,8 +120,9 @@ def _number(low: float, high: float | None = None):
 
 
 class JobSettings(Strict):
-    """``liversam.propagation.PropagationSettings`` (the core's defaults) plus the 2D clean-up's island size and
-    the segments to refine with a dense CRF."""
+    """``liversam.propagation.PropagationSettings`` (the core's defaults), the clean-up (2D per slice, 3D per
+    segment; ``liversam.postprocess``) and the segments to refine with a dense CRF. The defaults are those of
+    ``liversam segment``."""
 
     intensity_refinement: bool = _CORE.intensity_refinement
     max_slices: int | None = Field(default=_CORE.max_slices, ge=0, le=100000, description="cap per track and direction")
@@ -135,6 +136,12 @@ class JobSettings(Strict):
     growth_allowance_mm2: _number(0) = _CORE.growth_allowance_mm2
     max_mean_hu_shift: _number(0) | None = _CORE.max_mean_hu_shift
     min_island_mm2: _number(0) = 10.0  # liversam segment's --min-island-mm2 default
+    fill_holes: bool = Field(default=True, description="fill holes in every slice mask and in each 3D result")
+    closing_radius_mm: _number(0, 50) = Field(default=0.0, description="2D closing of every slice mask (0: none)")
+    min_island_mm3: _number(0) = Field(default=0.0, description="remove 3D components smaller than this (0: none)")
+    keep_largest: list[Name] | None = Field(
+        default=None, max_length=16,
+        description="segments whose 3D result keeps only its largest component; null (the default): the liver")
     crf: list[Name] | None = Field(default=None, max_length=16,
                                    description="segments refined by a dense CRF on the CT, as `liversam segment "
                                    "--crf` (propagate jobs); null (the default): every segment where pydensecrf2 "
