@@ -266,16 +266,21 @@ def test_unknown_route_and_method(client):
 
 
 def test_job_settings_are_the_cores_propagation_settings():
-    """Every job setting is a field of the core's PropagationSettings with the core's default (none restated)."""
+    """Every job setting is a field of the core's PropagationSettings with the core's default (none restated),
+    a clean-up setting, or the CRF's; the defaults build ``liversam segment``'s pipeline settings."""
     import dataclasses
 
+    from liversam.pipeline import PipelineSettings
     from liversam.propagation import PropagationSettings
-    from liversam.server.jobs import pipeline_settings
+    from liversam.server.jobs import CLEANUP_FIELDS, pipeline_settings
     from liversam.server.schemas import JobSettings
 
     core = {f.name for f in dataclasses.fields(PropagationSettings)}
-    assert set(JobSettings.model_fields) - {"min_island_mm2", "crf"} <= core
-    assert pipeline_settings(JobSettings()).propagation == PropagationSettings()
+    assert set(JobSettings.model_fields) - CLEANUP_FIELDS - {"crf"} <= core
+    defaults = pipeline_settings(JobSettings())
+    assert defaults.propagation == PropagationSettings()
+    assert (defaults.postprocess_3d, defaults.default_3d) == (PipelineSettings().postprocess_3d, PipelineSettings().default_3d)
+    assert defaults.slice_postprocess == PipelineSettings().slice_postprocess
     changed = pipeline_settings(JobSettings(min_score=0.3, max_growth_ratio=None)).propagation
     assert changed.min_score == 0.3 and changed.max_growth_ratio is None
 
