@@ -32,17 +32,16 @@ from liversam.models import load_model  # noqa: E402
 from liversam.prompts import SlicePrompts  # noqa: E402
 
 CASES = ("lits117", "ircadb17", "hcc0697", "hcc2144")
-DEFAULTS = (predictor_module.honour_points, predictor_module.local_changes, predictor_module.COLLAPSE_FRACTION,
-            predictor_module.POINT_RADIUS_MM, predictor_module.POINT_REACH_MM)
+DEFAULTS = (predictor_module.honour_points, predictor_module.local_changes, predictor_module.POINT_RADIUS_MM,
+            predictor_module.POINT_REACH_MM)
 
 
 def use_variant(name: str) -> None:
     m = predictor_module
-    m.honour_points, m.local_changes, m.COLLAPSE_FRACTION, m.POINT_RADIUS_MM, m.POINT_REACH_MM = DEFAULTS
+    m.honour_points, m.local_changes, m.POINT_RADIUS_MM, m.POINT_REACH_MM = DEFAULTS
     if name == "model":
         m.honour_points = lambda mask, *args, **kwargs: mask.copy()
         m.local_changes = lambda reference, changed, *args, **kwargs: changed.copy()
-        m.COLLAPSE_FRACTION = 0.0
     elif name.startswith("R"):
         m.POINT_REACH_MM = float(name[1:])
     elif name.startswith("D"):
