@@ -98,12 +98,8 @@ def browser():
 
 @pytest.fixture()
 def page(browser, web_app, tmp_path):
-    context = browser.new_context(viewport={"width": 1400, "height": 900}, accept_downloads=True)
-    page = context.new_page()
-    from web_page import watch_console
+    from web_page import open_app_page
 
-    watch_console(page)
-    page.goto(web_app.url)
-    page.get_by_test_id("open-path").wait_for(timeout=60_000)
+    context, page = open_app_page(browser, web_app.url)
     yield page
     context.close()

@@ -72,6 +72,16 @@ def reference() -> dict:
     return server_side(REFERENCE, ct=str(DCMQI / "ct"), seg=str(DCMQI / "liver_seg.dcm"))
 
 
+def box_the_liver_on_slice_1(page, reference: dict) -> None:
+    """Drag a box 8 voxels around dcmqi's liver on slice 1 and wait for its live update."""
+    k = 1
+    set_mode(page, "box", "liver")
+    screen = go_to_slice(page, k)
+    i0, j0, i1, j1 = reference["boxes"][str(k)]
+    drag_box(page, screen, (max(i0 - 8, 0), max(j0 - 8, 0), min(i1 + 8, 511), min(j1 + 8, 511)))
+    wait_slice_mask(page, "liver", k)
+
+
 def test_dicom_folder_box_propagate_and_dicom_seg_download(page, reference, tmp_path):
     open_path(page, str(DCMQI / "ct"))
     wait_status(page, r"Opened ct \(512 x 512 x 3\)", timeout=120_000)
@@ -89,12 +99,7 @@ def test_dicom_folder_box_propagate_and_dicom_seg_download(page, reference, tmp_
     expect(page.get_by_test_id("export-dicomseg")).to_be_enabled(timeout=10_000)
     dismiss_error(page)
 
-    k = 1
-    set_mode(page, "box", "liver")
-    screen = go_to_slice(page, k)
-    i0, j0, i1, j1 = reference["boxes"][str(k)]
-    drag_box(page, screen, (max(i0 - 8, 0), max(j0 - 8, 0), min(i1 + 8, 511), min(j1 + 8, 511)))
-    wait_slice_mask(page, "liver", k)
+    box_the_liver_on_slice_1(page, reference)
     page.get_by_test_id("propagate").click()
     wait_job_end(page, r"Liver: \d+ voxels")
 
@@ -128,12 +133,7 @@ def test_uploaded_dicom_folder_gives_a_dicom_seg_too(page, reference, tmp_path):
     page.get_by_test_id("upload-folder").locator("input[type=file]").set_input_files(str(DCMQI / "ct"))
     wait_status(page, r"Opened 3 DICOM files \(512 x 512 x 3\)", timeout=120_000)
     expect(page.get_by_test_id("export-dicomseg")).to_be_enabled(timeout=10_000)
-    k = 1
-    set_mode(page, "box", "liver")
-    screen = go_to_slice(page, k)
-    i0, j0, i1, j1 = reference["boxes"][str(k)]
-    drag_box(page, screen, (max(i0 - 8, 0), max(j0 - 8, 0), min(i1 + 8, 511), min(j1 + 8, 511)))
-    wait_slice_mask(page, "liver", k)
+    box_the_liver_on_slice_1(page, reference)
     ours = download(page, "export-dicomseg", tmp_path / "uploaded-seg.dcm")
     found = server_side(UPLOADED, ours=str(ours))
     assert found["segments"] == ["liver"] and found["frames"] == 1  # one slice segmented: one frame

@@ -43,6 +43,7 @@ from web_page import (
     expect_error,
     go_to_slice,
     loose_box,
+    open_app_page,
     open_path,
     probe,
     read_nifti,
@@ -54,7 +55,6 @@ from web_page import (
     wait_slice_mask,
     wait_status,
     wait_undo_label,
-    watch_console,
 )
 
 CT = REPO / "examples/lits117/ct.nii.gz"
@@ -135,11 +135,7 @@ class Session:
 
 @pytest.fixture(scope="module")
 def lits(browser, web_app, tmp_path_factory):
-    context = browser.new_context(viewport={"width": 1400, "height": 900}, accept_downloads=True)
-    page = context.new_page()
-    watch_console(page)
-    page.goto(web_app.url)
-    page.get_by_test_id("open-path").wait_for(timeout=60_000)
+    context, page = open_app_page(browser, web_app.url)
     yield Session(page, tmp_path_factory.mktemp("lits117-downloads"))
     context.close()
 

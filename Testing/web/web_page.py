@@ -150,6 +150,16 @@ def watch_console(page) -> None:
     page.on("pageerror", lambda error: CONSOLE.append(f"page error: {error}"))
 
 
+def open_app_page(browser, url: str):
+    """A fresh browser context on the app's page, its console watched, once the page is ready: (context, page)."""
+    context = browser.new_context(viewport={"width": 1400, "height": 900}, accept_downloads=True)
+    page = context.new_page()
+    watch_console(page)
+    page.goto(url)
+    page.get_by_test_id("open-path").wait_for(timeout=60_000)
+    return context, page
+
+
 LAST_DRAG: dict = {}  # where the last drag started and what the page had there (printed when a live update hangs)
 
 
