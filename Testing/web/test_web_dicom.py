@@ -15,6 +15,7 @@ from web_page import (
     download,
     drag_box,
     expect_error,
+    folder_without_series,
     go_to_slice,
     open_path,
     server_side,
@@ -89,11 +90,7 @@ def test_dicom_folder_box_propagate_and_dicom_seg_download(page, reference, tmp_
     expect(page.get_by_test_id("export-dicomseg")).to_be_enabled(timeout=10_000)
 
     # a folder with no series: a message, and the DICOM CT stays open as it was
-    no_series = tmp_path / "no-series"
-    no_series.mkdir()
-    (no_series / "notes.txt").write_text("no images here")
-    (no_series / "list.csv").write_text("a,b\n1,2\n")
-    open_path(page, str(no_series))
+    open_path(page, str(folder_without_series(tmp_path / "no-series")))
     expect_error(page, r"no-series.*no DICOM image series")
     assert page.get_by_test_id("ct-name").inner_text().strip() == "ct"
     expect(page.get_by_test_id("export-dicomseg")).to_be_enabled(timeout=10_000)

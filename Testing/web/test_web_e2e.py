@@ -41,6 +41,7 @@ from web_page import (
     download_labels,
     drag_box,
     expect_error,
+    folder_without_series,
     go_to_slice,
     loose_box,
     open_app_page,
@@ -89,11 +90,7 @@ def test_bad_inputs_show_a_message_and_change_nothing(page, tmp_path):
     assert "notes.nii.gz" in text
     assert page.get_by_test_id("ct-name").inner_text().strip() == shown  # no CT opened
 
-    no_series = tmp_path / "no-dicom"
-    no_series.mkdir()
-    (no_series / "readme.txt").write_text("no images here")
-    (no_series / "more.txt").write_text("still none")
-    open_path(page, str(no_series))
+    open_path(page, str(folder_without_series(tmp_path / "no-dicom")))
     expect_error(page, r"no DICOM image series")
     assert page.get_by_test_id("ct-name").inner_text().strip() == shown
 
@@ -152,6 +149,20 @@ def outside_drag(screen: ScreenMap, view_box: dict, ni: int, nj: int) -> tuple[t
     raise AssertionError("the axial view shows no background around the CT to drag a box on")
 
 
+def drag_outside_the_ct(page, lits: Session, k: int) -> ScreenMap:
+    """On slice k, drag a box on the view's background beside the CT: the page refuses it (message dismissed)."""
+    screen = go_to_slice(page, k)
+    _, nj, ni = lits.liver.shape
+    a, b = outside_drag(screen, axial_view_box(page), ni, nj)
+    page.mouse.move(*a)
+    page.mouse.down()
+    page.mouse.move(*b, steps=6)
+    page.mouse.up()
+    expect_error(page, r"Box ignored: .*outside the image")
+    dismiss_error(page)
+    return screen
+
+
 def test_1_open_refuse_a_box_outside_and_segment_slice_33(lits):
     page = lits.page
     open_path(page, str(CT))
@@ -161,15 +172,7 @@ def test_1_open_refuse_a_box_outside_and_segment_slice_33(lits):
     assert "opened from a DICOM series" in page.get_by_test_id("dicomseg-note").inner_text()
 
     set_mode(page, "box", "liver")
-    screen = go_to_slice(page, SLICE_K)
-    nk, nj, ni = lits.liver.shape
-    a, b = outside_drag(screen, axial_view_box(page), ni, nj)
-    page.mouse.move(*a)
-    page.mouse.down()
-    page.mouse.move(*b, steps=6)
-    page.mouse.up()
-    expect_error(page, r"Box ignored: .*outside the image")
-    dismiss_error(page)
+    screen = drag_outside_the_ct(page, lits, SLICE_K)
     assert not page.get_by_test_id("undo").is_enabled()  # nothing happened
 
     drag_box(page, screen, loose_box(lits.liver[SLICE_K]))
@@ -384,25 +387,13 @@ def test_8_bad_input_with_a_case_open_changes_nothing(lits, tmp_path):
     lits.go_on_from(7)
     page = lits.page
     before_undo = undo_label(page)
-    no_series = tmp_path / "no-series"
-    no_series.mkdir()
-    (no_series / "readme.txt").write_text("no images here")
-    (no_series / "more.txt").write_text("still none")
-    open_path(page, str(no_series))
+    open_path(page, str(folder_without_series(tmp_path / "no-series")))
     expect_error(page, r"no-series.*no DICOM image series")
     assert page.get_by_test_id("ct-name").inner_text().strip() == "ct.nii.gz"
     dismiss_error(page)
 
     set_mode(page, "box")
-    screen = go_to_slice(page, TUMOUR_K)
-    nk, nj, ni = lits.liver.shape
-    a, b = outside_drag(screen, axial_view_box(page), ni, nj)
-    page.mouse.move(*a)
-    page.mouse.down()
-    page.mouse.move(*b, steps=6)
-    page.mouse.up()
-    expect_error(page, r"Box ignored: .*outside the image")
-    dismiss_error(page)
+    drag_outside_the_ct(page, lits, TUMOUR_K)
 
     # a tumour point on a slice with no lesion box: nothing to refine
     set_mode(page, "point+", "tumor")

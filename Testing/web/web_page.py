@@ -53,6 +53,14 @@ def dismiss_error(page) -> None:
         error.wait_for(state="detached", timeout=10_000)
 
 
+def folder_without_series(path: Path) -> Path:
+    """A folder with two text files and no image: a bad DICOM folder."""
+    path.mkdir()
+    (path / "readme.txt").write_text("no images here")
+    (path / "list.csv").write_text("a,b\n1,2\n")
+    return path
+
+
 def open_path(page, path: str) -> None:
     dismiss_error(page)
     page.get_by_test_id("ct-path").locator("input").fill(path)
