@@ -4,8 +4,9 @@
 neighbour that touches the liver in the plane (the right kidney, the heart, bowel); the model follows it
 because the box holds it. On each propagated slice, tissue far brighter (enhanced kidney cortex, bone,
 contrast) or far darker (fat, air) than the organ's parenchyma on the prompted slice is set aside; of what is
-left, the largest piece and the pieces that continue the previous slice's organ are kept, holes filled
-inside the model's mask (the organ's own vessels and lesions come back that way).
+left, the piece that continues the previous slice's organ most (the largest piece when none touches it) and
+every piece that lies at least half on the previous slice's organ are kept, holes filled inside the model's
+mask (the organ's own vessels and lesions come back that way).
 
 **Lesions** (:func:`refine_slice_mask`).
 A liver tumour differs from the liver around it mainly by its attenuation (most are hypodense in the
@@ -216,6 +217,13 @@ def prune_foreign_tissue(
 
     ``parenchyma`` = (mode, SD) of the organ's smoothed HU on the prompted slice
     (:func:`parenchyma_statistics`). Always a subset of ``model_mask_ji``.
+
+    The organ is the piece that overlaps the previous slice's organ most, not the largest piece: at the
+    dome of a thick-slice liver the model's mask takes in the heart beside the shrinking liver, and from
+    the second slice on the heart is the larger piece (hcc2144, 5 mm slices: 3645 voxels of heart, a third
+    of it on the previous slice's mask, beside 2369 of liver that lie on it entirely). One-box liver Dice
+    hcc2144 0.917 -> 0.929; lits117, ircadb17, hcc0697 unchanged (the largest piece was also the most
+    continued on every slice there).
     """
     s = settings or OrganIntensitySettings()
     mode, sd = parenchyma
@@ -230,6 +238,8 @@ def prune_foreign_tissue(
     continued = np.bincount(flat, weights=previous_ji.ravel().astype(np.float64), minlength=n + 1)
     keep = continued >= s.min_continuation * np.maximum(sizes, 1)
     sizes[0] = 0
-    keep[int(np.argmax(sizes))] = True
+    continued[0] = 0
+    anchor = continued if continued.max() > 0 else sizes
+    keep[int(np.argmax(anchor))] = True
     keep[0] = False
     return ndimage.binary_fill_holes(keep[labels]) & model_mask_ji

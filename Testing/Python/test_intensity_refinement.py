@@ -93,6 +93,30 @@ def test_prune_foreign_tissue_cuts_the_kidney_and_keeps_vessels_and_lesions() ->
     assert not (pruned & ~model).any()
 
 
+def test_prune_keeps_the_piece_that_continues_the_organ_not_the_largest() -> None:
+    # The dome of a thick-slice liver: the model's mask holds the shrinking liver and, beside it, a larger
+    # piece of heart with the liver's attenuation that barely touches the previous slice's liver.
+    shape = (100, 120)
+    liver_now = _disk(shape, (50, 30), 12)
+    heart = _disk(shape, (50, 75), 20)
+    previous_liver = _disk(shape, (50, 30), 18) | _disk(shape, (50, 58), 6)  # overlaps a little of the heart
+    hu = np.full(shape, -90.0)
+    hu[liver_now | heart] = 110.0
+    model = liver_now | heart
+    assert heart.sum() > liver_now.sum()
+    pruned = prune_foreign_tissue(model, smooth_slice(hu), (110.0, 15.0), previous_liver)
+    assert dice(pruned, liver_now) >= 0.98
+    assert not (pruned & heart).any()
+    # A piece that lies mostly on the previous slice's organ is kept as well (a lobe split from the rest).
+    lobe = _disk(shape, (85, 30), 6)
+    hu[lobe] = 110.0
+    pruned = prune_foreign_tissue(model | lobe, smooth_slice(hu), (110.0, 15.0), previous_liver | lobe)
+    assert pruned[lobe].mean() >= 0.9 and not (pruned & heart).any()
+    # Nothing overlaps the previous slice's organ: the largest piece is the organ.
+    pruned = prune_foreign_tissue(model, smooth_slice(hu), (110.0, 15.0), np.zeros(shape, dtype=bool))
+    assert dice(pruned, heart) >= 0.98
+
+
 def test_a_lesion_keeps_only_what_is_connected_to_its_prompted_slice() -> None:
     from liversam.propagation import connected_to_slice
 
