@@ -16,7 +16,10 @@ from liversam.review import ReviewSettings, build_review_report, review_segment
 from liversam.segmentation import Segment, SegmentationResult
 
 # The flags of earlier versions alone (no tips, shape or HU flags; the old score threshold).
-OLDER_FLAGS = dict(flag_ends=False, ragged_ratio=None, zigzag_ratio=None, hu_shift=None, uncertain_score=0.9)
+OLDER_FLAGS = dict(flag_ends=False, ragged_ratio=None, zigzag_ratio=None, hu_shift=None, uncertain_score=0.9,
+                   organ_flags_off=())
+# Every flag on, for organs too (by default organs do without area_jump, tip, uncertain and hu_shift).
+ALL_FLAGS = ReviewSettings(organ_flags_off=())
 
 
 def _disc(shape, centre, radius):
@@ -141,7 +144,7 @@ def _square_areas(areas_by_k: dict[int, int], shape=(20, 40, 40)) -> np.ndarray:
 )  # fmt: skip
 def test_area_jump_threshold_on_the_ratio(middle, flagged):
     mask = _square_areas({4: 100, 5: middle, 6: 100})
-    rows = {r.k: r for r in review_segment(mask, 1.0)}
+    rows = {r.k: r for r in review_segment(mask, 1.0, settings=ALL_FLAGS)}
     assert ("area_jump" in rows[5].flags) is flagged
     assert "area_jump" not in rows[4].flags and "area_jump" not in rows[6].flags  # only the bigger slice
 
@@ -150,23 +153,29 @@ def test_area_jump_threshold_on_the_ratio(middle, flagged):
 def test_area_jump_needs_more_than_min_jump_mm2(middle, flagged):
     # 50 -> 100 px at 1 mm^2: ratio 2 but only 50 mm^2 more (min_jump_mm2 50): not a jump; 51 mm^2 is.
     mask = _square_areas({4: 50, 5: middle, 6: 50})
-    rows = {r.k: r for r in review_segment(mask, 1.0)}
+    rows = {r.k: r for r in review_segment(mask, 1.0, settings=ALL_FLAGS)}
     assert ("area_jump" in rows[5].flags) is flagged
     # The same in mm^2 with 0.5 mm^2 pixels needs twice the pixels.
-    rows = {r.k: r for r in review_segment(_square_areas({4: 100, 5: 2 * middle, 6: 100}), 0.5)}
+    rows = {r.k: r for r in review_segment(_square_areas({4: 100, 5: 2 * middle, 6: 100}), 0.5, settings=ALL_FLAGS)}
+    # Organs do without area_jump by default; lesions keep it.
+    assert "area_jump" not in review_segment(mask, 1.0)[1].flags
+    assert ("area_jump" in {r.k: r for r in review_segment(mask, 1.0, lesion=True)}[5].flags) is flagged
     assert ("area_jump" in rows[5].flags) is flagged and rows[5].area_mm2 == middle
 
 
 def test_low_score_threshold_and_sources():
     mask = _square_areas({3: 100, 4: 100, 5: 100})
     records = {3: SliceRecord(3, 100.0, 0.9, None, "user"), 4: SliceRecord(4, 100.0, 0.6, None, "propagated")}
-    rows = review_segment(mask, 1.0, {3: 0.5999, 4: 0.6}, records, ReviewSettings(flag_ends=False))
+    rows = review_segment(mask, 1.0, {3: 0.5999, 4: 0.6}, records, ReviewSettings(flag_ends=False, organ_flags_off=()))
     assert [(r.k, r.flags, r.source, r.score) for r in rows if r.area_mm2 > 0] == [
         (3, ["low_score"], "user", 0.5999),  # below min_score 0.6
         (4, ["uncertain"], "propagated", 0.6),  # not below 0.6, but below uncertain_score 0.8
         (5, [], "", None),
     ]
-    rows = review_segment(mask, 1.0, {4: 0.85}, records, ReviewSettings(flag_ends=False))
+    # By default an organ gets no "uncertain" flag (it marked right slices more often than wrong ones).
+    rows = review_segment(mask, 1.0, {3: 0.5999, 4: 0.6}, records, ReviewSettings(flag_ends=False))
+    assert [r.flags for r in rows if r.area_mm2 > 0] == [["low_score"], [], []]
+    rows = review_segment(mask, 1.0, {4: 0.85}, records, ReviewSettings(flag_ends=False, organ_flags_off=()))
     assert rows[4].flags == []  # 0.85: not below the organs' 0.8 ...
     rows = review_segment(mask, 1.0, {4: 0.85}, records, ReviewSettings(flag_ends=False), lesion=True)
     assert rows[4].flags == ["uncertain"]  # ... but below the lesions' 0.9

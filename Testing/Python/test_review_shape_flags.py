@@ -104,7 +104,8 @@ def test_hu_shift_needs_the_ct_and_names_the_tissue_darker():
     ct = np.full(SHAPE, 100.0, dtype=np.float32)
     ct[11][mask[11]] = 30.0  # the mask on slice 11 lies on fat-like tissue: 70 HU below the prompted slice
     ct[9][mask[9]] = 70.0  # 30 HU below: within hu_shift (45)
-    settings = ReviewSettings(flag_ends=False, ragged_ratio=None, zigzag_ratio=None, beyond_end_fraction=2.0)
+    settings = ReviewSettings(flag_ends=False, ragged_ratio=None, zigzag_ratio=None, beyond_end_fraction=2.0,
+                              organ_flags_off=())
     rows = _rows_by_k(review_segment(mask, 1.0, records=USER, settings=settings, ct_kji=ct))
     assert [k for k, r in rows.items() if "hu_shift" in r.flags] == [11]
     assert rows[11].mean_hu == pytest.approx(30.0) and rows[7].mean_hu == pytest.approx(100.0)
@@ -157,7 +158,8 @@ def test_every_flag_the_core_raises_has_words_in_the_slicer_module():
     mask[10] = _disc((12, 12), 8) | _disc((52, 52), 8)
     ct = np.full(SHAPE, 100.0, dtype=np.float32)
     ct[4][mask[4]] = 20.0
-    rows = review_segment(mask, 1.0, {k: 0.5 for k in range(2, 14)}, USER, ReviewSettings(), ct_kji=ct)
+    rows = review_segment(mask, 1.0, {k: 0.5 for k in range(2, 14)}, USER, ReviewSettings(organ_flags_off=()),
+                          ct_kji=ct)
     raised = {f for r in rows for f in r.flags}
     assert {"end", "ragged", "zigzag", "hu_shift", "low_score"} <= raised
     assert raised <= set(FLAG_TEXT)

@@ -384,9 +384,10 @@ def test_review_rows_are_the_core_review_flags(lits117):
     assert areas[k_mid] * 2.5 < jumpy[k_mid].size
     jumpy[k_mid, :, :] = True  # the whole slice: leakage, the area jumps
     segment = Segment(LIVER, 1, jumpy, slice_scores={k_mid: 0.2, k_mid + 1: 0.9})
-    from liversam.review import build_review_report
+    from liversam.review import ReviewSettings, build_review_report
 
-    rows = review_rows(build_review_report(SegmentationResult(ct.geometry, [segment])))
+    all_flags = ReviewSettings(organ_flags_off=())  # organs do without area_jump by default
+    rows = review_rows(build_review_report(SegmentationResult(ct.geometry, [segment]), all_flags))
     flagged = {row.k: row for row in rows}
     assert "low_score" in flagged[k_mid].flags and "area_jump" in flagged[k_mid].flags
     assert "low model score 0.20" in flagged[k_mid].reason and "sudden area change" in flagged[k_mid].reason
@@ -395,8 +396,6 @@ def test_review_rows_are_the_core_review_flags(lits117):
     assert k_mid + 1 not in flagged or "low_score" not in flagged[k_mid + 1].flags
     assert [row.k for row in rows] == sorted(row.k for row in rows)
     # Stricter review settings flag more slices.
-    from liversam.review import ReviewSettings
-
     strict = review_rows(build_review_report(SegmentationResult(ct.geometry, [segment]), ReviewSettings(min_score=0.95)))
     assert any(row.k == k_mid + 1 and "low_score" in row.flags for row in strict)
 
