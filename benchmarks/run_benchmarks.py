@@ -160,7 +160,7 @@ def run_benchmarks(
     volume_slices: int = 100,
     skip_volume: bool = False,
     log: Callable[[str], None] = print,
-    readahead: bool = True,
+    readahead: bool | None = None,
     skip_training: bool = False,
 ) -> dict:
     """Run every benchmark and return the JSON-ready result."""
@@ -323,7 +323,7 @@ def _floor_summary(results: dict, floor_start: dict, floor_end: dict, log: Calla
 
 
 def _segment_from_one_box(
-    volume, label, model, n_slices: int, log: Callable[[str], None], readahead: bool = True
+    volume, label, model, n_slices: int, log: Callable[[str], None], readahead: bool | None = None
 ) -> dict | str:
     """Segment the liver on ``n_slices`` slices from one box on its largest slice, with a cold cache."""
     import numpy as np
@@ -460,7 +460,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--skip-volume", action="store_true", help="skip the one-box liver segmentation")
     parser.add_argument(
-        "--no-readahead", action="store_true", help="one-box liver: no background encoding of the next slice"
+        "--readahead",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="one-box liver: background encoding of the next slice (auto: as LiverSAM decides, only on a GPU)",
+    )
+    parser.add_argument(
+        "--no-readahead", action="store_true", help="the same as --readahead off"
     )
     parser.add_argument("--skip-training", action="store_true", help="skip the training throughput")
     parser.add_argument(
@@ -484,7 +490,7 @@ def main(args: argparse.Namespace) -> int:
         decoder_runs=args.decoder_runs,
         volume_slices=args.volume_slices,
         skip_volume=args.skip_volume,
-        readahead=not args.no_readahead,
+        readahead=False if args.no_readahead else {"auto": None, "on": True, "off": False}[args.readahead],
         skip_training=args.skip_training,
     )
     _ensure_importable()

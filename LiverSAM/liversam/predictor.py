@@ -66,7 +66,7 @@ class SlicePredictor:
         window: WindowSettings | None = None,
         cache_mb: float = 1024.0,
         cache: SliceEmbeddingCache | None = None,
-        readahead: bool = True,
+        readahead: bool | None = None,
     ) -> None:
         self.model = model
         self.volume = volume
@@ -78,8 +78,14 @@ class SlicePredictor:
         self.encoded_slices: list[int] = []  # every slice actually run through the encoder (for stats/tests)
         self.encode_seconds = 0.0
         # Read-ahead: when predict() walks slice by slice (propagation), the next slice is encoded in the
-        # background while this one is decoded and refined.
-        self.readahead = readahead
+        # background while this one is decoded and refined. ``None``: only when the model runs on a GPU. On a
+        # CPU the background encoder and the foreground's decoder and refinement share the same cores (the
+        # encoder already uses all its threads): on an idle 2-core CPU a 100-slice one-box liver took 55 s
+        # with read-ahead and 37 s without (docs/PERFORMANCE.md, session 6).
+        if readahead is None:
+            device = getattr(model, "device", None)
+            readahead = getattr(device, "type", "cpu") != "cpu"
+        self.readahead = bool(readahead)
         self.readahead_slices: list[int] = []
         self._last_predicted: int | None = None
         self._ahead: Future | None = None

@@ -408,7 +408,7 @@ def counting_predictor(model, lits117_volume):
 
     fake = LoadedModel(spec=model.spec, network=model.network, device=model.device, source="counting")
     fake.encoder_override = _CountingEncoder(0.02)
-    return SlicePredictor(fake, lits117_volume)
+    return SlicePredictor(fake, lits117_volume, readahead=True)
 
 
 def test_prefetcher_encodes_neighbours_nearest_first(counting_predictor) -> None:
@@ -454,6 +454,19 @@ def test_prefetcher_pause_and_errors(counting_predictor) -> None:
         assert prefetcher._thread.is_alive()  # the worker survives encoder errors
     with pytest.raises(ValueError):
         BackgroundPrefetcher(counting_predictor, radius=-1, start=False)
+
+
+def test_read_ahead_is_on_by_default_only_on_a_gpu(model, lits117_volume) -> None:
+    from types import SimpleNamespace
+
+    from liversam.predictor import SlicePredictor
+
+    assert SlicePredictor(model, lits117_volume).readahead is (model.device.type != "cpu")
+    on_gpu = SimpleNamespace(device=torch.device("cuda"), input_size=model.input_size, spec=model.spec,
+                             source="stand-in")  # fmt: skip
+    assert SlicePredictor(on_gpu, lits117_volume).readahead is True
+    assert SlicePredictor(on_gpu, lits117_volume, readahead=False).readahead is False
+    assert SlicePredictor(model, lits117_volume, readahead=True).readahead is True
 
 
 def test_predict_reads_the_next_slice_ahead_when_walking(counting_predictor) -> None:
