@@ -318,18 +318,9 @@ class _Propagator:
         """Slice k smoothed over the bounding box of ``within`` (NaN elsewhere)."""
         return smooth_slice(self.predictor.volume.array_kji[k], self._median_size or 3, within)
 
-    def _fit_contrast(self, seed_k: int, prompts: SlicePrompts,
-                      within: np.ndarray | None = None) -> LesionContrast | None:
-        """The lesion contrast of a track seeded by a box inside the container (None: refinement off).
-
-        The parenchyma is the container around the seed (``PARENCHYMA_SLICES`` slices either side) outside
-        the box's columns: local, so a contrast that changes along the organ does not matter, and cheap.
-        The lesion's side is read from the container inside the box, or only from its part inside ``within``
-        (a [j, i] mask on the seed slice) when given.
-        """
-        if not self.settings.intensity_refinement or self.container is None or not prompts.boxes_ij:
-            return None
-        box = box_region(self.shape_ji, prompts.boxes_ij[0])
+    def _parenchyma_around(self, seed_k: int, box: np.ndarray) -> tuple[float, float] | None:
+        """(mode, SD) of the container around a lesion's seed (``PARENCHYMA_SLICES`` slices either side) outside
+        the box's columns: local, so a contrast that changes along the organ does not matter, and cheap."""
         ks = [k for k in range(seed_k - PARENCHYMA_SLICES, seed_k + PARENCHYMA_SLICES + 1)
               if 0 <= k < self.nk and (self.container[k] & ~box).any()]  # fmt: skip
         if not ks:
@@ -337,27 +328,34 @@ class _Propagator:
         masks = [self.container[k] & ~box for k in ks]
         self._set_noise_from(ks, masks)
         values = np.concatenate([self._smoothed_slice(k, m)[m] for k, m in zip(ks, masks, strict=True)])
-        region = box & self.container[seed_k]
-        if within is not None:
-            region &= within
-        return fit_lesion_contrast(self._smoothed_slice(seed_k, region)[region], *parenchyma_statistics(values))
+        return parenchyma_statistics(values)
 
     def _fit_contrast_of_seed(self, seed_k: int, prompts: SlicePrompts) -> LesionContrast | None:
-        """A lesion track's contrast: from its box, or, when the box shows none (under
-        ``LesionContrastSettings.min_lesion_fraction`` of it is lesion-like, as in a loose box around a small
-        lesion), from the part of the box the model's own mask covers on the seed slice. A lesion that is
-        truly isodense shows no contrast either way, and its model mask stays as it is.
+        """The lesion contrast of a track seeded by a box inside the container (None: refinement off).
+
+        Read from the container inside the user's box on the seed slice against the parenchyma around it; when
+        the box shows none (under ``LesionContrastSettings.min_lesion_fraction`` of it is lesion-like, as in a
+        loose box around a small lesion), from the part of the box the model's own mask covers on that slice.
+        A lesion that is truly isodense shows no contrast either way, and its model mask stays as it is.
 
         One-box tumour Dice, four cases (docs/RESULTS.md, session 6): loose boxes (+7 mm) 0.698 -> 0.722 and
         jittered 0.759 -> 0.768 on the mean (lits117 0.670 -> 0.765, 0.780 -> 0.816: half of its 70 loose
         boxes showed no contrast and their raw model masks took in the liver around), tight unchanged."""
-        contrast = self._fit_contrast(seed_k, prompts)
-        if contrast is not None or self.container is None or not prompts.boxes_ij:
+        if not self.settings.intensity_refinement or self.container is None or not prompts.boxes_ij:
+            return None
+        box = box_region(self.shape_ji, prompts.boxes_ij[0])
+        parenchyma = self._parenchyma_around(seed_k, box)
+        if parenchyma is None:
+            return None
+        region = box & self.container[seed_k]
+        contrast = fit_lesion_contrast(self._smoothed_slice(seed_k, region)[region], *parenchyma)
+        if contrast is not None:
             return contrast
         model_mask, _ = self._predict(seed_k, prompts, record=False)  # self.contrast is None: the model alone
         if model_mask.sum() < MIN_MODEL_MASK_VOXELS:
             return None
-        return self._fit_contrast(seed_k, prompts, within=model_mask)
+        region &= model_mask
+        return fit_lesion_contrast(self._smoothed_slice(seed_k, region)[region], *parenchyma)
 
     def _predict(self, k: int, prompts: SlicePrompts, mask_logits=None, previous_mask=None, record: bool = True):
         if self.cancel is not None and self.cancel():
