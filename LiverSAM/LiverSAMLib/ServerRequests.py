@@ -73,6 +73,8 @@ POSTPROCESS_DEFAULTS: dict[str, Any] = {
     "closing_radius_mm": 0.0,
     "crf": None,
 }
+#: Every job setting's default (what a server that does not know a setting computes with anyway).
+JOB_DEFAULTS: dict[str, Any] = {**PROPAGATION_DEFAULTS, **POSTPROCESS_DEFAULTS}
 #: Parameter-node member (``ReviewParameters``) -> field of ``liversam.review.ReviewSettings``.
 REVIEW_PARAMETERS: dict[str, str] = {"maxAreaRatio": "max_area_ratio", "minScore": "min_score"}
 
@@ -175,8 +177,7 @@ def unsupported_settings(method: Callable[..., Any], settings: Mapping[str, Any]
     if "settings" in parameters:
         return []
     return [
-        name for name, value in settings.items()
-        if name not in parameters and value != {**PROPAGATION_DEFAULTS, **POSTPROCESS_DEFAULTS}.get(name)
+        name for name, value in settings.items() if name not in parameters and value != JOB_DEFAULTS.get(name)
     ]
 
 

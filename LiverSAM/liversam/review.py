@@ -55,6 +55,7 @@ from .segmentation import SegmentationResult
 MIN_SHAPE_PIXELS = 20  # masks smaller than this are not judged by their shape
 ZIGZAG_WINDOW = 2  # slices between an up and a down of the area that make a zigzag
 MAX_REASONS = 3  # an item's reason names at most this many findings, the most telling first
+ORGAN_FLAGS_THAT_CAN_BE_OFF = frozenset({"area_jump", "tip", "uncertain", "hu_shift"})  # ReviewSettings.organ_flags_off
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,12 @@ class ReviewSettings:
     # more often than wrong ones on the liver (own precision area_jump 0.23, tip 0.38, hu_shift 0.38,
     # uncertain 0.40); without them pooled liver recall 0.94 -> 0.84, precision 0.43 -> 0.50.
     organ_flags_off: tuple[str, ...] = ("area_jump", "tip", "uncertain", "hu_shift")
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.organ_flags_off) - ORGAN_FLAGS_THAT_CAN_BE_OFF)
+        if unknown:
+            raise ValueError(f"ReviewSettings.organ_flags_off: unknown flag(s) {unknown}; "
+                             f"choose from {sorted(ORGAN_FLAGS_THAT_CAN_BE_OFF)}")
 
 
 @dataclass

@@ -163,6 +163,12 @@ def test_area_jump_needs_more_than_min_jump_mm2(middle, flagged):
     assert ("area_jump" in rows[5].flags) is flagged and rows[5].area_mm2 == middle
 
 
+def test_organ_flags_off_names_known_flags_only():
+    with pytest.raises(ValueError, match="unknown flag.*area-jump"):
+        ReviewSettings(organ_flags_off=("area-jump",))
+    assert ReviewSettings(organ_flags_off=()).organ_flags_off == ()
+
+
 def test_low_score_threshold_and_sources():
     mask = _square_areas({3: 100, 4: 100, 5: 100})
     records = {3: SliceRecord(3, 100.0, 0.9, None, "user"), 4: SliceRecord(4, 100.0, 0.6, None, "propagated")}
