@@ -22,7 +22,7 @@ from .errors import Cancelled, PromptError
 from .postprocess import Postprocess3DSettings, PostprocessSettings, clean_slice, clean_volume
 from .predictor import SlicePredictor
 from .prompts import SegmentPrompts
-from .propagation import PropagationSettings, for_lesions, propagate_segment
+from .propagation import OrganTrackSettings, PropagationSettings, for_lesions, propagate_segment
 from .segmentation import Segment, SegmentationResult
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ class PipelineSettings:
     propagation: PropagationSettings = field(default_factory=PropagationSettings)
     # "liversam" or "naive" (the reference loop every evaluation reports beside it; no 3D clean-up).
     propagation_method: str = "liversam"
+    # How an organ's track copes with thick slices, and the opt-in skipping of every other thin slice.
+    organ_track: OrganTrackSettings = field(default_factory=OrganTrackSettings)
     later_segment_wins: bool = True
     # Dense-CRF refinement by segment name (off for segments not listed; see dense_crf.crf_for_segments).
     crf: dict[str, CRFSettings] = field(default_factory=dict)
@@ -148,6 +150,7 @@ def segment_volume(
                 seg, predictor, for_lesions(settings.propagation) if seg.inside else settings.propagation,
                 settings.slice_postprocess,
                 container_kji=container, progress=progress, cancel=cancel, method=settings.propagation_method,
+                organ_track=settings.organ_track,
             )
             mask, scores = outcome.mask_kji, outcome.scores
             reports[seg.name] = outcome

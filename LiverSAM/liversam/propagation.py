@@ -102,6 +102,13 @@ class OrganTrackSettings:
     box_regrow_steps: int = 0
     box_regrow_mm: float = 10.0
     regrow_min_gain: float = 0.05
+    # Opt-in speed: organs on slices at most ``skip_max_thickness_mm`` thick are predicted on every other
+    # slice, the slice between interpolated from its two neighbours (half the encodes; the walk's rules hold
+    # for the longer step, or it takes single steps). Not the default: one-box liver Dice lits117 (1 mm)
+    # 0.951 -> 0.950, ircadb17 (1.6 mm) 0.964 -> 0.959 (its dome track ran on into the heart); skipping only
+    # where the area is at least half the seed's kept a quarter of the saving and still lost (0.949 / 0.960),
+    # the organ margin for the doubled step (x2) lost more (ircadb17 0.939). None: every slice predicted.
+    skip_max_thickness_mm: float | None = None
 
 
 LESION_MARGIN_FRACTION = 2.0 / 3.0  # of the organ's box margin (3 mm -> 2 mm)
@@ -180,7 +187,7 @@ class PropagationOutcome:
     scores: dict[int, float]
     tracks: list[Track]
     user_slices: list[int]
-    computed_slices: list[int]  # slices predicted in this call
+    computed_slices: list[int]  # slices predicted (or interpolated between predicted ones) in this call
 
 
 def _box_of(mask_ji: np.ndarray) -> tuple[float, float, float, float] | None:
@@ -297,14 +304,17 @@ class _Propagator:
         geometry = predictor.volume.geometry
         self.spacing_ji = (geometry.spacing_mm[1], geometry.spacing_mm[0])
         self.pixel_mm2 = geometry.spacing_mm[0] * geometry.spacing_mm[1]
+        self.thickness_mm = geometry.spacing_mm[2]
+        skip = self.organ_track.skip_max_thickness_mm
+        self.skip = container_kji is None and skip is not None and self.thickness_mm <= skip
         margin_mm = settings.box_margin_mm
         if container_kji is None:
             margin_mm = max(margin_mm, self.organ_track.organ_margin_per_mm_slice * geometry.spacing_mm[2])
         self.margin_ij = (margin_mm / geometry.spacing_mm[0], margin_mm / geometry.spacing_mm[1])
-        self.thickness_mm = geometry.spacing_mm[2]
         self.nk = geometry.size_ijk[2]
         self.shape_ji = predictor.volume.array_kji.shape[1:]
         self.computed: list[int] = []
+        self.interpolated: list[int] = []  # slices taken from their neighbours (never predicted)
         self.contrast: LesionContrast | None = None  # the current lesion track's contrast (refinement on)
         self.organ: tuple[float, float] | None = None  # the current organ track's parenchyma (mode, SD)
         self._median_size: int | None = None  # set from the scan's noise at the first refinement
@@ -364,7 +374,7 @@ class _Propagator:
         if record:
             self.computed.append(k)
             if self.progress:
-                self.progress(f"propagating '{self.name}'", len(self.computed), self.nk)
+                self.progress(f"propagating '{self.name}'", len(self.computed) + len(self.interpolated), self.nk)
         mask = clean_slice(prediction.mask_ji, self.spacing_ji, self.postprocess)
         if self.container is not None:
             mask &= self.container[k]
@@ -464,61 +474,135 @@ class _Propagator:
     def _mean_hu(self, k: int, mask: np.ndarray) -> float:
         return float(self.predictor.volume.array_kji[k][mask].mean()) if mask.any() else float("nan")
 
-    def _walk(self, k0, step, prev_mask, prev_prediction, track, out, scores, k_min, k_max) -> str:
+    def _before_slice(self, k: int, prev_mask: np.ndarray, prev_area: float, count: int, k_min: int,
+                      k_max: int) -> str | None:
+        """Why the walk may not go on to slice ``k`` (``count`` slices walked so far), or None."""
         s = self.settings
+        if not (k_min <= k <= k_max) or not (0 <= k < self.nk):
+            return "volume end" if not (0 <= k < self.nk) else "reached limit"
+        if s.max_slices is not None and count >= s.max_slices:
+            return "max slices"
+        if prev_area * self.pixel_mm2 < s.min_area_mm2:
+            return "structure ended"
+        if k in self.user_slices and _prompt_overlaps(self.user_slices[k], prev_mask):
+            return f"user prompts on slice {k}"
+        if self.container is not None and not self.container[k].any():
+            return "outside container"
+        return None
+
+    def _step_to(self, k: int, step: int, prev_mask: np.ndarray, prev_prediction, prev_area: float, seed_area: float,
+                 seed_hu: float, areas: dict[int, float]):
+        """Predict slice ``k`` from the previous accepted slice's mask; (why the track stops there, or None;
+        box, mask, prediction, area)."""
+        s = self.settings
+        o = self.organ_track
+        box = _expand_box(_box_of(prev_mask), self.margin_ij, self.shape_ji)
+        logits = prev_prediction.low_res_logits if s.use_mask_prompt else None
+        mask, prediction = self._predict(k, SlicePrompts(boxes_ij=[box]), mask_logits=logits, previous_mask=prev_mask)
+        if self.container is None:
+            box, mask, prediction = self._regrow(k, box, mask, prediction, prev_mask)
+        area = float(mask.sum())
+        reason = None
+        if area * self.pixel_mm2 < s.min_area_mm2:
+            reason = "structure ended"
+        elif area < s.collapse_ratio * prev_area:
+            reason = "mask collapsed"
+        elif s.max_growth_ratio and area * self.pixel_mm2 > s.max_growth_ratio * prev_area * self.pixel_mm2 + s.growth_allowance_mm2:
+            reason = f"leak: area grew {area / max(prev_area, 1):.1f}x"
+        elif s.max_mean_hu_shift is not None and abs(self._mean_hu(k, mask) - seed_hu) > s.max_mean_hu_shift:
+            reason = f"leak: mean HU moved {self._mean_hu(k, mask) - seed_hu:+.0f} from the seed's"
+        elif prediction.score < s.min_score:
+            reason = f"low score {prediction.score:.2f}"
+        elif (mask & ndimage.binary_dilation(prev_mask, iterations=3)).sum() < s.min_overlap * area:
+            reason = "jumped away from previous slice"
+        elif (self.container is None and o.tip_fraction is not None and self.thickness_mm >= o.tip_min_thickness_mm
+                and area < o.tip_fraction * seed_area):
+            window = max(1, int(round(o.tip_window_mm / self.thickness_mm)))
+            back = areas.get(k - window * step)
+            if back is not None and area > o.tip_min_shrink * back:
+                reason = "tip stopped tapering"
+        return reason, box, mask, prediction, area
+
+    def _walk(self, k0, step, prev_mask, prev_prediction, track, out, scores, k_min, k_max) -> str:
+        """Walk from the seed ``k0`` in direction ``step`` until a stop rule holds; the reason it stopped.
+
+        An organ on thin slices (``self.skip``) is predicted on every other slice, the slice between taken from
+        its two neighbours (:func:`interpolate_between`). Every rule holds for the longer step too; where one
+        fails (or the slice between carries the user's prompts, or the walk's limit is one slice away) the
+        walk takes the next slice alone, and the next one after it, as without skipping."""
         prev_area = float(prev_mask.sum())
         seed_area = prev_area
         areas = {k0: prev_area}
-        o = self.organ_track
-        window = max(1, int(round(o.tip_window_mm / self.thickness_mm)))
         seed_hu = self._mean_hu(k0, prev_mask)
         count = 0
-        k = k0 + step
+        k_prev = k0
+        single_steps = 0  # slices still to take one at a time after a longer step failed
         while True:
-            if not (k_min <= k <= k_max) or not (0 <= k < self.nk):
-                return "volume end" if not (0 <= k < self.nk) else "reached limit"
-            if s.max_slices is not None and count >= s.max_slices:
-                return "max slices"
-            if prev_area * self.pixel_mm2 < s.min_area_mm2:
-                return "structure ended"
-            if k in self.user_slices and _prompt_overlaps(self.user_slices[k], prev_mask):
-                return f"user prompts on slice {k}"
-            if self.container is not None and not self.container[k].any():
-                return "outside container"
-            box = _expand_box(_box_of(prev_mask), self.margin_ij, self.shape_ji)
-            logits = prev_prediction.low_res_logits if s.use_mask_prompt else None
-            mask, prediction = self._predict(k, SlicePrompts(boxes_ij=[box]), mask_logits=logits, previous_mask=prev_mask)
-            if self.container is None:
-                box, mask, prediction = self._regrow(k, box, mask, prediction, prev_mask)
-            area = float(mask.sum())
-            if area * self.pixel_mm2 < s.min_area_mm2:
-                return "structure ended"
-            if area < s.collapse_ratio * prev_area:
-                return "mask collapsed"
-            if s.max_growth_ratio and area * self.pixel_mm2 > s.max_growth_ratio * prev_area * self.pixel_mm2 + s.growth_allowance_mm2:
-                return f"leak: area grew {area / max(prev_area, 1):.1f}x"
-            if s.max_mean_hu_shift is not None:
-                shift = self._mean_hu(k, mask) - seed_hu
-                if abs(shift) > s.max_mean_hu_shift:
-                    return f"leak: mean HU moved {shift:+.0f} from the seed's"
-            if prediction.score < s.min_score:
-                return f"low score {prediction.score:.2f}"
-            grown_prev = ndimage.binary_dilation(prev_mask, iterations=3)
-            if (mask & grown_prev).sum() < s.min_overlap * area:
-                return "jumped away from previous slice"
-            if (self.container is None and o.tip_fraction is not None and self.thickness_mm >= o.tip_min_thickness_mm
-                    and area < o.tip_fraction * seed_area):
-                back = areas.get(k - window * step)
-                if back is not None and area > o.tip_min_shrink * back:
-                    return "tip stopped tapering"
-            areas[k] = area
-            track.records[k] = SliceRecord(k, area * self.pixel_mm2, prediction.score, box, "propagated",
-                                           _touches_box_edge(mask, box, self.shape_ji))
-            out[k] |= mask
-            scores[k] = min(scores.get(k, 1.0), prediction.score)
+            near = k_prev + step
+            reason = self._before_slice(near, prev_mask, prev_area, count, k_min, k_max)
+            if reason is not None:
+                return reason
+            far = near + step
+            if (self.skip and single_steps == 0
+                    and self._before_slice(far, prev_mask, prev_area, count + 1, k_min, k_max) is None
+                    and near not in self.user_slices):
+                reason, box, mask, prediction, area = self._step_to(far, step, prev_mask, prev_prediction, prev_area,
+                                                                    seed_area, seed_hu, areas)
+                if reason is None:
+                    between = interpolate_between(prev_mask, mask, self.spacing_ji)
+                    between_score = min(prediction.score, scores.get(k_prev, prediction.score))
+                    areas[near] = float(between.sum())
+                    track.records[near] = SliceRecord(near, areas[near] * self.pixel_mm2, between_score, None,
+                                                      "interpolated")
+                    out[near] |= between
+                    scores[near] = min(scores.get(near, 1.0), between_score)
+                    self.interpolated.append(near)
+                    self._accept(far, box, mask, prediction, area, areas, track, out, scores)
+                    prev_mask, prev_prediction, prev_area = mask, prediction, area
+                    count += 2
+                    k_prev = far
+                    continue
+                single_steps = 2
+            reason, box, mask, prediction, area = self._step_to(near, step, prev_mask, prev_prediction, prev_area,
+                                                                seed_area, seed_hu, areas)
+            if reason is not None:
+                return reason
+            self._accept(near, box, mask, prediction, area, areas, track, out, scores)
             prev_mask, prev_prediction, prev_area = mask, prediction, area
             count += 1
-            k += step
+            k_prev = near
+            single_steps = max(0, single_steps - 1)
+
+    def _accept(self, k, box, mask, prediction, area, areas, track, out, scores) -> None:
+        areas[k] = area
+        track.records[k] = SliceRecord(k, area * self.pixel_mm2, prediction.score, box, "propagated",
+                                       _touches_box_edge(mask, box, self.shape_ji))
+        out[k] |= mask
+        scores[k] = min(scores.get(k, 1.0), prediction.score)
+
+
+def interpolate_between(below_ji: np.ndarray, above_ji: np.ndarray, spacing_ji: tuple[float, float]) -> np.ndarray:
+    """The mask halfway between two slices' masks: where the mean of their signed distance maps (mm, negative
+    inside) is negative. Computed on the two masks' common bounding box grown by a voxel (exact: both masks lie
+    inside it)."""
+    both = below_ji | above_ji
+    out = np.zeros_like(both)
+    if not both.any():
+        return out
+    js, is_ = np.nonzero(both)
+    j0, j1 = max(js.min() - 1, 0), min(js.max() + 2, both.shape[0])
+    i0, i1 = max(is_.min() - 1, 0), min(is_.max() + 2, both.shape[1])
+    window = (slice(j0, j1), slice(i0, i1))
+
+    def signed_distance(mask: np.ndarray) -> np.ndarray:
+        if not mask.any():
+            return np.full(mask.shape, np.inf)
+        return (ndimage.distance_transform_edt(~mask, sampling=spacing_ji)
+                - ndimage.distance_transform_edt(mask, sampling=spacing_ji))
+
+    a, b = signed_distance(below_ji[window]), signed_distance(above_ji[window])
+    out[window] = (a + b) < 0
+    return out
 
 
 def propagate_segment(
@@ -559,7 +643,7 @@ def propagate_segment(
                 track_out |= extra
         if lesion:  # a lesion is one object: drop specks that lost touch with the prompted slice's mask
             out |= connected_to_slice(track_out, k)
-    return PropagationOutcome(out, scores, tracks, sorted(seg.slices), propagator.computed)
+    return PropagationOutcome(out, scores, tracks, sorted(seg.slices), propagator.computed + propagator.interpolated)
 
 
 def propagate_naive(

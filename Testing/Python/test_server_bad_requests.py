@@ -276,9 +276,11 @@ def test_job_settings_are_the_cores_propagation_settings():
     from liversam.server.schemas import JobSettings
 
     core = {f.name for f in dataclasses.fields(PropagationSettings)}
-    assert set(JobSettings.model_fields) - CLEANUP_FIELDS - {"crf"} <= core
+    assert set(JobSettings.model_fields) - CLEANUP_FIELDS - {"crf", "skip_thin_slices_mm"} <= core
     defaults = pipeline_settings(JobSettings())
     assert defaults.propagation == PropagationSettings()
+    assert defaults.organ_track == PipelineSettings().organ_track and defaults.organ_track.skip_max_thickness_mm is None
+    assert pipeline_settings(JobSettings(skip_thin_slices_mm=2.0)).organ_track.skip_max_thickness_mm == 2.0
     assert (defaults.postprocess_3d, defaults.default_3d) == (PipelineSettings().postprocess_3d, PipelineSettings().default_3d)
     assert defaults.slice_postprocess == PipelineSettings().slice_postprocess
     changed = pipeline_settings(JobSettings(min_score=0.3, max_growth_ratio=None)).propagation

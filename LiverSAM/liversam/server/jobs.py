@@ -25,7 +25,13 @@ from ..lesions import TUMOUR_NAMES, lesion_table
 from ..pipeline import PipelineSettings, segment_volume
 from ..postprocess import Postprocess3DSettings, PostprocessSettings
 from ..prompts import SegmentPrompts, SlicePrompts, parse_prompts
-from ..propagation import PropagationOutcome, PropagationSettings, for_lesions, repropagate
+from ..propagation import (
+    OrganTrackSettings,
+    PropagationOutcome,
+    PropagationSettings,
+    for_lesions,
+    repropagate,
+)
 from ..review import build_review_report
 from ..segmentation import Segment, SegmentationResult
 from .schemas import JobSettings, PredictRequest, SegmentSpec
@@ -87,7 +93,8 @@ def pipeline_settings(settings: JobSettings, segments: Sequence[SegmentPrompts] 
                                               closing_radius_mm=settings.closing_radius_mm),
         postprocess_3d={name: replace(default_3d, keep_largest=True) for name in keep_largest},
         default_3d=default_3d,
-        propagation=PropagationSettings(**settings.model_dump(exclude=CLEANUP_FIELDS | {"crf"})),
+        propagation=PropagationSettings(**settings.model_dump(exclude=CLEANUP_FIELDS | {"crf", "skip_thin_slices_mm"})),
+        organ_track=OrganTrackSettings(skip_max_thickness_mm=settings.skip_thin_slices_mm),
         crf=crf_for_segments("auto" if settings.crf is None else settings.crf, segments, what="settings.crf"),
     )
 
