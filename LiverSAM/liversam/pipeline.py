@@ -102,7 +102,7 @@ def _refine_with_crf(volume, ordered: list[SegmentPrompts], result: Segmentation
         container = masks.get(seg.inside) if seg.inside else None
         mask = masks[seg.name]
         settings = crf.get(seg.name)
-        if settings is not None and mask.any():
+        if settings is not None and mask.any() and spacing_kji[0] >= settings.min_slice_mm:
             if progress:
                 progress(f"dense CRF '{seg.name}'", index, len(ordered))
             if not seg.propagate and settings.dims != 2:  # prompted slices only: refine them, add no slice
@@ -168,7 +168,8 @@ def segment_volume(
                                        slice_scores=scores))
     if settings.crf:
         # The review reads the propagation's own masks (its flags describe the tracks; the CRF only smooths).
-        result.provenance["before_crf"] = {name: mask.copy() for name, mask in masks.items() if name in settings.crf}
+        # No copies: the CRF pass replaces each mask by a new array and never writes into the old one.
+        result.provenance["before_crf"] = {name: mask for name, mask in masks.items() if name in settings.crf}
         _refine_with_crf(volume, ordered, result, masks, settings.crf, spacing_kji, progress, cancel)
     # Restore the prompts-file order for output, then apply "a later segment wins".
     order = {s.name: n for n, s in enumerate(segment_prompts)}

@@ -235,6 +235,57 @@ def test_a_crf_that_would_take_most_of_a_thin_segment_away_leaves_it_as_it_was()
     mask[9:12, 10:38, 10:38] = True
     from liversam.dense_crf import ORGAN_CRF, refine_with_crf
 
-    out = refine_with_crf(ct, mask, (1.0, 1.0, 1.0), ORGAN_CRF)
+    out = refine_with_crf(ct, mask, (1.0, 1.0, 1.0), replace(ORGAN_CRF, min_slice_mm=0.0))
     assert out.sum() >= 0.5 * mask.sum()
     assert not (out & ~np.isin(np.arange(20), [8, 9, 10, 11, 12])[:, None, None]).any()
+
+
+def test_a_slab_s_unary_is_computed_from_the_slab_and_equals_the_whole_box_s():
+    """The unary of each slab comes from that slab and enough slices to reach the clipped probability, so a long
+    box never needs its whole distance maps at once; the values are those of the whole box exactly."""
+    from liversam.dense_crf import _slab_inside_probability, inside_probability, saturation_mm
+
+    _, truth = _phantom(shape=(40, 60, 60))
+    mask = _damaged(truth)
+    mask[18:22] = True  # slices with no edge at all: saturated inside
+    spacing = (1.0, 0.8, 0.8)
+    assert 4.0 < saturation_mm(spacing, ORGAN_CRF) < 5.0  # 2 mm x ln(9) + half a voxel
+    whole = inside_probability(mask, spacing, ORGAN_CRF)
+    for lo, hi in ((0, 10), (5, 17), (17, 23), (19, 21), (30, 40), (0, 40)):
+        part = _slab_inside_probability(mask, lo, hi, spacing, ORGAN_CRF)
+        assert part.dtype == np.float32 and np.array_equal(part, whole[lo:hi]), (lo, hi)
+    slab = np.zeros((40, 20, 20), dtype=bool)
+    slab[5:35] = True  # whole slices: slices 15..19 and their reach hold no edge
+    whole = inside_probability(slab, spacing, ORGAN_CRF)
+    assert np.array_equal(_slab_inside_probability(slab, 15, 20, spacing, ORGAN_CRF), whole[15:20])
+    assert np.allclose(whole[15:20], ORGAN_CRF.confidence)
+
+
+def test_the_organ_crf_refines_thick_slices_and_leaves_thin_slices_as_they_are():
+    """The organ's CRF pays on thick slices only (docs/RESULTS.md, session 7): on a thin-slice scan the pipeline
+    keeps the propagated liver as it is and never builds the CRF's field (no 'dense CRF' stage)."""
+    from liversam.dense_crf import ORGAN_CRF
+
+    ct, truth = _phantom()
+    noisy = _damaged(truth)
+    assert ORGAN_CRF.min_slice_mm == 3.0 and LESION_CRF.min_slice_mm == 0.0
+    thick = refine_with_crf(ct, noisy, (5.0, 0.8, 0.8), ORGAN_CRF)
+    assert _dice(thick, truth) > _dice(noisy, truth) + 0.05
+    thin = refine_with_crf(ct, noisy, (1.0, 0.8, 0.8), ORGAN_CRF)
+    assert np.array_equal(thin, noisy) and thin is not noisy
+
+    stages = []
+    for thickness in (1.0, 5.0):
+        volume = synthetic_volume(ct, (0.8, 0.8, thickness))
+        predictor = ScriptedPredictor(volume, {k: (noisy[k], 0.9) for k in range(truth.shape[0])})
+        box = SlicePrompts(boxes_ij=[(5.0, 5.0, 75.0, 75.0)])
+        prompts = [SegmentPrompts("liver", 1, slices={k: box for k in range(truth.shape[0]) if truth[k].any()})]
+        settings = PipelineSettings(crf=crf_for_segments("liver", prompts))
+        result = segment_volume(volume, prompts, predictor, settings, progress=lambda stage, *_: stages.append(stage))
+        refined = result.segment("liver").mask_kji
+        if thickness == 1.0:
+            assert "dense CRF 'liver'" not in stages
+            assert np.array_equal(refined, result.provenance["before_crf"]["liver"])
+        else:
+            assert "dense CRF 'liver'" in stages
+            assert _dice(refined, truth) > _dice(result.provenance["before_crf"]["liver"], truth) + 0.05

@@ -152,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
     )
     with ProgressReporter() as progress:  # bar on a terminal, a line per stage in a log, nothing with --quiet
         result = segment_volume(volume, segments, predictor, settings, progress=progress)
+    predictor.cache.clear()  # the slice embeddings (4 MB a slice) are not needed for writing: memory for the writer
     result.provenance["prompts"] = str(args.prompts)
     write_segmentation(result, output, reference_dicom=args.ct if fmt == "dicom-seg" else None, model_name=model.name)
 
