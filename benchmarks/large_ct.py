@@ -10,8 +10,11 @@ Prints the phases' wall time, the process's peak resident memory (``ru_maxrss``)
 sampled every 50 ms per phase (so the step that sets the peak is visible), and the embedding cache's size
 against its bound (``--cache-mb``, default 256 MB so that a long propagation has to evict).
 
+The run uses ``liversam segment``'s settings (dense CRF where pydensecrf2 is installed; the embeddings
+freed before writing). ``--cache-mb 2048`` is the command line's own cache bound.
+
 Run:  python benchmarks/large_ct.py [--case ircadb17] [--slices 600] [--cache-mb 256] [--accelerate auto]
-Target: peak memory <= 3 GB.
+Target: peak memory <= 2.5 GB (issue 16; GiB as ru_maxrss reports it).
 """
 
 from __future__ import annotations
@@ -101,8 +104,9 @@ def measure(ct_path: Path, box: list, cache_mb: float, accelerate: str, threads:
     import numpy as np
 
     from liversam.ct_io import read_ct
+    from liversam.dense_crf import crf_for_segments
     from liversam.models import load_model
-    from liversam.pipeline import segment_volume
+    from liversam.pipeline import PipelineSettings, segment_volume
     from liversam.predictor import SlicePredictor
     from liversam.prompts import parse_prompts
     from liversam.segmentation_io import write_segmentation
@@ -131,8 +135,12 @@ def measure(ct_path: Path, box: list, cache_mb: float, accelerate: str, threads:
     sampler.cache = predictor.cache
     sampler.phase = "propagate"
     t0 = time.perf_counter()
-    result = segment_volume(volume, prompts, predictor)
+    # liversam segment's settings: the dense CRF where pydensecrf2 is installed (--crf auto)
+    settings = PipelineSettings(crf=crf_for_segments("auto", prompts))
+    result = segment_volume(volume, prompts, predictor, settings)
     times["propagate"] = time.perf_counter() - t0
+    cache_entries = len(predictor.cache)
+    predictor.cache.clear()  # as liversam segment does before writing
     sampler.phase = "write .seg.nrrd"
     t0 = time.perf_counter()
     write_segmentation(result, ct_path.with_name("large.seg.nrrd"), model_name=model.name)
@@ -154,7 +162,8 @@ def measure(ct_path: Path, box: list, cache_mb: float, accelerate: str, threads:
         "rss_peak_by_phase_mb": {name: round(value) for name, value in sampler.peaks.items()},
         "cache_bound_mb": cache_mb,
         "cache_peak_mb": round(sampler.cache_peak_mb, 1),
-        "cache_entries_at_end": len(predictor.cache),
+        "cache_entries_at_end": cache_entries,
+        "crf": sorted(settings.crf),
         "accelerate": accelerate,
         "model": model.name,
     }
@@ -193,8 +202,8 @@ def main() -> int:
     figures["case"] = args.case
     figures["liver_slices_in_source_case"] = liver_slices
     print(json.dumps(figures, indent=2))
-    verdict = "within" if figures["peak_rss_mb"] <= 3072 else "ABOVE"
-    print(f"peak memory {figures['peak_rss_mb']} MB: {verdict} the 3 GB target; wall {figures['wall_seconds']} s; "
+    verdict = "within" if figures["peak_rss_mb"] <= 2560 else "ABOVE"
+    print(f"peak memory {figures['peak_rss_mb']} MB: {verdict} the 2.5 GB target; wall {figures['wall_seconds']} s; "
           f"embedding cache peak {figures['cache_peak_mb']:.0f} MB of its {args.cache_mb:.0f} MB bound")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
