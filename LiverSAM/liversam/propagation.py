@@ -105,7 +105,7 @@ class OrganTrackSettings:
     # Opt-in speed: organs on slices at most ``skip_max_thickness_mm`` thick are predicted on every other
     # slice, the slice between interpolated from its two neighbours (half the encodes; the walk's rules hold
     # for the longer step, or it takes single steps). Not the default: one-box liver Dice lits117 (1 mm)
-    # 0.951 -> 0.950, ircadb17 (1.6 mm) 0.964 -> 0.959 (its dome track ran on into the heart); skipping only
+    # 0.952 -> 0.951, ircadb17 (1.6 mm) 0.969 -> 0.963 (its dome track ran on into the heart); skipping only
     # where the area is at least half the seed's kept a quarter of the saving and still lost (0.949 / 0.960),
     # the organ margin for the doubled step (x2) lost more (ircadb17 0.939). None: every slice predicted.
     skip_max_thickness_mm: float | None = None

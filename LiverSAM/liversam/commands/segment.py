@@ -48,7 +48,7 @@ def add_parser(subparsers) -> None:
                    "slice's mask + 3 px, stop below 10 px)")
     p.add_argument("--skip-thin-slices", type=float, nargs="?", const=2.0, default=None, metavar="MM",
                    help="faster, slightly less accurate: organs on slices at most MM thick (default 2) are predicted "
-                   "on every other slice and interpolated between (half the encodes; liver Dice -0.001 / -0.005 on "
+                   "on every other slice and interpolated between (half the encodes; liver Dice -0.001 / -0.006 on "
                    "the two thin-slice cases of docs/RESULTS.md)")
     p.add_argument("--report", help="write the review report (per-slice area, score, flags) as JSON")
     p.add_argument("--lesions", help="write the lesion table (.csv or .json)")
