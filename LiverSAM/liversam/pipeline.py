@@ -156,9 +156,11 @@ def segment_volume(
             reports[seg.name] = outcome
             # 3D clean-up only makes sense for a structure segmented through the volume (the naive reference
             # loop keeps its raw masks).
+            # In place (memory: no second whole-volume mask); the outcome kept in the provenance for the
+            # review then holds the cleaned mask, as nothing reads its raw one.
             if settings.propagation_method != "naive":
                 mask = clean_volume(mask, spacing_kji,
-                                    settings.postprocess_3d.get(seg.name, settings.default_3d))
+                                    settings.postprocess_3d.get(seg.name, settings.default_3d), in_place=True)
         else:
             mask, scores, _ = segment_prompted_slices(seg, predictor, settings)
         if container is not None:

@@ -107,23 +107,27 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     return tuple(box)
 
 
-def clean_volume(mask_kji: np.ndarray, spacing_kji: tuple[float, float, float], settings: Postprocess3DSettings) -> np.ndarray:
+def clean_volume(mask_kji: np.ndarray, spacing_kji: tuple[float, float, float], settings: Postprocess3DSettings,
+                 in_place: bool = False) -> np.ndarray:
     """Apply the 3D clean-up to one segment.
 
     Works on the mask's bounding box only (same result: components lie inside it, and a background region
     touching the box's faces reaches the volume's border through the empty outside), so a liver in a
-    600 x 512 x 512 CT does not cost whole-volume label arrays (int32: 630 MB).
+    600 x 512 x 512 CT does not cost whole-volume label arrays (int32: 630 MB). ``in_place`` (a bool array):
+    the result is written into ``mask_kji`` and returned, so no second whole-volume mask is made.
     """
     mask = np.asarray(mask_kji, dtype=bool)
+    if in_place and mask is not mask_kji:
+        raise ValueError("clean_volume(in_place=True) needs a bool array to write into")
     box = bounding_box(mask)
     if box is None:
-        return mask.copy()
+        return mask if in_place else mask.copy()
     out = mask[box]
     if settings.keep_largest:
         out = keep_largest_component(out)
     out = remove_small_components(out, spacing_kji, settings.min_island_mm3)
     if settings.fill_holes:
         out = fill_holes(out)
-    result = np.zeros_like(mask)
-    result[box] = out
+    result = mask if in_place else np.zeros_like(mask)
+    result[box] = out  # outside the box the mask is empty, in place or not
     return result

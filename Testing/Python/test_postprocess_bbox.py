@@ -36,7 +36,13 @@ def test_cropped_clean_up_equals_the_whole_volume_one(seed):
         mask[:] = False
         mask[2:7, 1:7, 2:8] = rng.random((5, 6, 6)) < 0.85
     for settings in SETTINGS:
-        np.testing.assert_array_equal(clean_volume(mask, (1.0, 1.0, 1.0), settings), _whole_volume(mask, settings))
+        expected = _whole_volume(mask, settings)
+        np.testing.assert_array_equal(clean_volume(mask, (1.0, 1.0, 1.0), settings), expected)
+        own = mask.copy()  # in place: the same result written into the caller's array, no second volume
+        assert clean_volume(own, (1.0, 1.0, 1.0), settings, in_place=True) is own
+        np.testing.assert_array_equal(own, expected)
+    with pytest.raises(ValueError, match="bool array"):
+        clean_volume(mask.astype(np.uint8), (1.0, 1.0, 1.0), SETTINGS[0], in_place=True)
 
 
 def test_bounding_box():
