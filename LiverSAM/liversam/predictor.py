@@ -163,8 +163,8 @@ class SlicePredictor:
             raise ValueError(f"slice k={k}: prompts need at least one box or positive point")
         embedding = self.embedding(k)
         previous, self._last_predicted = self._last_predicted, int(k)
-        if self.readahead and previous is not None and abs(k - previous) == 1:
-            self.hint_next(k + (k - previous))  # walking slice by slice: the next one is known
+        if self.readahead and previous is not None and abs(k - previous) in (1, 2):
+            self.hint_next(k + (k - previous))  # walking slice by slice (or every other one): the next is known
         tr = self.transform
         groups: list[tuple[tuple | None, list, list]] = []
         pos = list(prompts.points_pos_ij)

@@ -306,7 +306,9 @@ class _Propagator:
         self.pixel_mm2 = geometry.spacing_mm[0] * geometry.spacing_mm[1]
         self.thickness_mm = geometry.spacing_mm[2]
         skip = self.organ_track.skip_max_thickness_mm
-        self.skip = container_kji is None and skip is not None and self.thickness_mm <= skip
+        # Never on slices thick enough for the tip rule (it compares slices one step apart) and never for lesions.
+        self.skip = (container_kji is None and skip is not None and self.thickness_mm <= skip
+                     and self.thickness_mm < self.organ_track.tip_min_thickness_mm)
         margin_mm = settings.box_margin_mm
         if container_kji is None:
             margin_mm = max(margin_mm, self.organ_track.organ_margin_per_mm_slice * geometry.spacing_mm[2])
@@ -545,11 +547,13 @@ class _Propagator:
             far = near + step
             if (self.skip and single_steps == 0
                     and self._before_slice(far, prev_mask, prev_area, count + 1, k_min, k_max) is None
-                    and near not in self.user_slices):
+                    and near not in self.user_slices and far not in self.user_slices):
                 reason, box, mask, prediction, area = self._step_to(far, step, prev_mask, prev_prediction, prev_area,
                                                                     seed_area, seed_hu, areas)
+                between = interpolate_between(prev_mask, mask, self.spacing_ji) if reason is None else None
+                if between is not None and not self._plausible_between(between, prev_mask, mask):
+                    reason = "the slice between would not join its neighbours"
                 if reason is None:
-                    between = interpolate_between(prev_mask, mask, self.spacing_ji)
                     between_score = min(prediction.score, scores.get(k_prev, prediction.score))
                     areas[near] = float(between.sum())
                     track.records[near] = SliceRecord(near, areas[near] * self.pixel_mm2, between_score, None,
@@ -572,6 +576,13 @@ class _Propagator:
             count += 1
             k_prev = near
             single_steps = max(0, single_steps - 1)
+
+    def _plausible_between(self, between: np.ndarray, below: np.ndarray, above: np.ndarray) -> bool:
+        """An interpolated slice must overlap both neighbours and not collapse (two masks that barely touch
+        interpolate to almost nothing): else the slice is predicted."""
+        area = float(between.sum())
+        return (area >= self.settings.collapse_ratio * min(float(below.sum()), float(above.sum()))
+                and bool((between & below).any()) and bool((between & above).any()))
 
     def _accept(self, k, box, mask, prediction, area, areas, track, out, scores) -> None:
         areas[k] = area

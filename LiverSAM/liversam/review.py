@@ -114,7 +114,7 @@ class SliceReview:
     k: int
     area_mm2: float
     score: float | None
-    source: str  # "user", "propagated" or "" (unknown)
+    source: str  # "user", "propagated", "interpolated" (--skip-thin-slices) or "" (unknown)
     flags: list[str] = field(default_factory=list)
     solidity: float | None = None  # area / convex-hull area (with ``ragged_ratio``)
     mean_hu: float | None = None  # the mask's mean HU (when the CT is given)

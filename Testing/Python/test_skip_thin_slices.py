@@ -123,3 +123,37 @@ def test_a_leak_on_the_longer_step_falls_back_to_single_steps() -> None:
     # 12 -> 14 would grow 1.9x (over the 1.5x limit): 13 and 14 are predicted one at a time
     assert track.records[13].source == track.records[14].source == "propagated"
     assert {13, 14} <= set(skipping.predicted_slices)
+
+
+def test_a_slice_between_two_masks_that_barely_touch_is_predicted_not_interpolated() -> None:
+    """A small organ moving 3.5 px a slice: neighbouring masks overlap enough for every walk rule two slices
+    apart, but their interpolation would be (almost) empty; the slice between is then predicted, so no slice
+    goes missing and the 3D clean-up (keep the largest piece) keeps the whole organ."""
+    volume = synthetic_volume(np.full((14, *SHAPE), 60), (1.0, 1.0, 1.0))
+    masks = {}
+    for k in range(1, 13):
+        masks[k] = np.zeros(SHAPE, bool)
+        i0 = 4 + int(round(3.5 * (k - 1)))
+        masks[k][28:35, i0 : i0 + 7] = True
+    volume_masks = {k: m for k, m in masks.items()}
+    settings = PropagationSettings(intensity_refinement=False, min_overlap=0.1, min_area_mm2=5.0)
+    results = []
+    for skip in (None, 2.0):
+        predictor = ScriptedPredictor(volume, {k: (m, 0.9) for k, m in volume_masks.items()})
+        seg = SegmentPrompts("liver", 1, slices={6: SlicePrompts(boxes_ij=[box_around(masks[6])])}, propagate=True)
+        result = segment_volume(volume, [seg], predictor, PipelineSettings(
+            propagation=settings, organ_track=OrganTrackSettings(skip_max_thickness_mm=skip)))
+        results.append(result.segment("liver").mask_kji)
+    every, skipping = results
+    present = [k for k in range(14) if skipping[k].any()]
+    assert present == [k for k in range(14) if every[k].any()] == list(range(1, 13))
+    assert all(skipping[k].sum() >= 0.2 * 49 for k in present)
+
+
+def test_the_command_line_takes_a_thickness_under_3_mm() -> None:
+    from liversam.cli import main
+
+    for bad in ("5", "0", "abc"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["segment", "ct.nrrd", "--prompts", "p.json", "--output", "o.nii.gz", "--skip-thin-slices", bad])
+        assert exit_info.value.code == 2

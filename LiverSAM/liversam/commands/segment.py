@@ -46,8 +46,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--propagation", choices=("liversam", "naive"), default="liversam",
                    help="propagation method: liversam (default) or naive (the reference loop: box of the previous "
                    "slice's mask + 3 px, stop below 10 px)")
-    p.add_argument("--skip-thin-slices", type=float, nargs="?", const=2.0, default=None, metavar="MM",
-                   help="faster, slightly less accurate: organs on slices at most MM thick (default 2) are predicted "
+    p.add_argument("--skip-thin-slices", type=_thin_slice_mm, default=None, metavar="MM",
+                   help="faster, slightly less accurate: organs on slices at most MM thick (e.g. 2; under 3) are predicted "
                    "on every other slice and interpolated between (half the encodes; liver Dice -0.001 / -0.006 on "
                    "the two thin-slice cases of docs/RESULTS.md)")
     p.add_argument("--report", help="write the review report (per-slice area, score, flags) as JSON")
@@ -64,6 +64,18 @@ def add_parser(subparsers) -> None:
     p.add_argument("--cache-mb", type=float, default=2048.0, help="embedding cache size in MB")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch default)")
     p.set_defaults(run=run)
+
+
+def _thin_slice_mm(text: str) -> float:
+    """``--skip-thin-slices``'s value: a thickness in mm above 0 and under 3."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number; give a slice thickness in mm, e.g. 2") from None
+    if not 0 < value < 3:
+        raise argparse.ArgumentTypeError(f"{text} mm: give a thickness above 0 and under 3 mm (e.g. 2); thicker "
+                                         "slices are always predicted one by one")
+    return value
 
 
 def _dicom_folder_of_file(ct: Path) -> Path | None:

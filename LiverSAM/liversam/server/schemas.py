@@ -135,7 +135,7 @@ class JobSettings(Strict):
     max_growth_ratio: _number(1) | None = _CORE.max_growth_ratio
     growth_allowance_mm2: _number(0) = _CORE.growth_allowance_mm2
     max_mean_hu_shift: _number(0) | None = _CORE.max_mean_hu_shift
-    skip_thin_slices_mm: _number(0, 20) | None = Field(
+    skip_thin_slices_mm: Annotated[float, Field(gt=0, lt=3, allow_inf_nan=False)] | None = Field(
         default=None, description="organs on slices at most this thick are predicted on every other slice and "
         "interpolated between, as `liversam segment --skip-thin-slices` (faster, slightly less accurate; null: off)")
     min_island_mm2: _number(0) = 10.0  # liversam segment's --min-island-mm2 default
