@@ -352,3 +352,47 @@ def test_fused_channel_layer_norm_is_the_same_function_with_the_same_parameters(
     b.square().sum().backward()
     for p, q in zip(original.parameters(), fused.parameters(), strict=True):
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_a_batch_decoded_in_parts_gives_the_whole_batch_s_loss_and_gradients():
+    """On a CPU the training step decodes a batch in parts and adds their gradients (faster: the parts'
+    activations stay in the caches); every loss term is per slice, so loss and gradients are the whole batch's."""
+    from liversam.models import load_model
+    from liversam.training.losses import segmentation_loss
+    from liversam.training.prompt_simulation import TargetPrompt
+    from liversam.training.trainer import accumulate_gradients, decode_batch, micro_batch_size, set_trainable
+
+    network = load_model("litemedsam", device="cpu").network
+    set_trainable(network, "none")  # as the trainer: prompt encoder and mask decoder learn
+    network.train()
+    rng = np.random.default_rng(3)
+    batch = 6
+    embeddings = torch.from_numpy(rng.normal(0.0, 1.0, (batch, 256, 64, 64)).astype(np.float32))
+    yy, xx = np.mgrid[:256, :256]
+    targets, prompts = [], []
+    for _ in range(batch):
+        cy, cx, r = rng.uniform(80, 170), rng.uniform(80, 170), rng.uniform(20, 60)
+        targets.append((yy - cy) ** 2 + (xx - cx) ** 2 < r**2)
+        prompts.append(TargetPrompt(box_xyxy=np.array([cx - r, cy - r, cx + r, cy + r], np.float32)))
+    target_tensor = torch.from_numpy(np.stack(targets)[:, None].astype(np.float32))
+    weights = torch.tensor([1.0, 2.0, 1.0, 2.0, 2.0, 1.0])
+    params = [p for p in network.mask_decoder.parameters() if p.requires_grad]
+
+    def gradients(micro: int) -> tuple[float, list[torch.Tensor]]:
+        network.zero_grad(set_to_none=True)
+        loss = accumulate_gradients(network, embeddings, prompts, None, target_tensor, weights, 0.1, micro, None,
+                                    lambda part: part.backward())
+        return loss, [p.grad.clone() for p in params]
+
+    whole_loss, whole = gradients(batch)
+    assert all(float(g.abs().sum()) > 0 for g in whole[-4:])
+    with torch.no_grad():
+        logits, iou = decode_batch(network, embeddings, prompts)
+    assert whole_loss == pytest.approx(float(segmentation_loss(logits, iou, target_tensor, weights, 0.1)), rel=1e-5)
+    parts_loss, parts = gradients(4)  # parts of 4 and 2
+    assert parts_loss == pytest.approx(whole_loss, rel=1e-5)
+    for a, b in zip(whole, parts, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-6)
+    assert micro_batch_size(torch.device("cpu"), 8, False) == 4
+    assert micro_batch_size(torch.device("cpu"), 8, True) == 8  # a trained encoder: one part
+    assert micro_batch_size(torch.device("cuda"), 8, False) == 8

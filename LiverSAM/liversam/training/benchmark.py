@@ -10,9 +10,8 @@ import numpy as np
 import torch
 
 from .config import PromptSimulationConfig, autocast_dtype, resolve_precision
-from .losses import segmentation_loss
 from .prompt_simulation import simulate_prompt
-from .trainer import decode_batch, fuse_layer_norms, set_trainable
+from .trainer import accumulate_gradients, fuse_layer_norms, micro_batch_size, set_trainable
 
 
 def _peak_rss_mb() -> float:
@@ -82,10 +81,10 @@ def benchmark_training_throughput(
             if train_encoder != "none":
                 emb = network.image_encoder(torch.rand(batch_size, 3, size, size, device=dev))
             prompts = [simulate_prompt(t, rng, prompt_config, size) for t in targets]
-            logits, iou = decode_batch(network, emb, prompts)
-            loss = segmentation_loss(logits, iou, target_tensor, weights)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        optimizer.zero_grad(set_to_none=True)  # the trainer's step: parts of a batch on a CPU (frozen encoder)
+        accumulate_gradients(network, emb, prompts, None, target_tensor, weights, 0.1,
+                             micro_batch_size(dev, batch_size, emb.requires_grad), amp_dtype,
+                             lambda part: part.backward())
         optimizer.step()
 
     for _ in range(warmup_steps):

@@ -33,12 +33,18 @@ def segmentation_loss(
     targets: torch.Tensor,
     weights: torch.Tensor,
     iou_loss_weight: float = 0.1,
+    batch: tuple[float, int] | None = None,
 ) -> torch.Tensor:
     """Weighted mean of Dice+BCE per sample (``weights``: e.g. higher for tumour targets) plus the MSE of
-    the predicted IoU against the actual IoU (keeps the model's quality score meaningful)."""
+    the predicted IoU against the actual IoU (keeps the model's quality score meaningful).
+
+    ``batch`` = (sum of the whole batch's weights, its sample count) when these samples are one part of a
+    batch: the parts' losses then add up to the whole batch's loss (gradient accumulation)."""
     per_sample = dice_bce_per_sample(logits, targets)
     weights = weights.to(per_sample)
-    loss = (per_sample * weights).sum() / weights.sum()
+    weight_total, count = (weights.sum(), per_sample.numel()) if batch is None else batch
+    loss = (per_sample * weights).sum() / weight_total
     if iou_loss_weight > 0:
-        loss = loss + iou_loss_weight * F.mse_loss(iou_pred.float().reshape(-1), mask_iou(logits, targets))
+        squared = (iou_pred.float().reshape(-1) - mask_iou(logits, targets)) ** 2
+        loss = loss + iou_loss_weight * squared.sum() / count
     return loss
