@@ -42,7 +42,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--crf", default="auto", metavar="SEGMENTS",
                    help="refine these segments (comma-separated names, 'all', or 'none') with a dense CRF on the CT "
                    "after propagation (default 'auto': every segment where pydensecrf2 is installed, as setup.sh "
-                   "does; measured in docs/RESULTS.md)")
+                   "does; an organ only on slices of 3 mm or more, where it pays; measured in docs/RESULTS.md)")
     p.add_argument("--propagation", choices=("liversam", "naive"), default="liversam",
                    help="propagation method: liversam (default) or naive (the reference loop: box of the previous "
                    "slice's mask + 3 px, stop below 10 px)")
