@@ -56,6 +56,10 @@ class CRFSettings:
     # Scans whose slices are thinner than this keep the mask as it is (0: refine every scan).
     min_slice_mm: float = 0.0
 
+    def applies_to(self, slice_mm: float) -> bool:
+        """Whether a scan with slices ``slice_mm`` thick is refined (``min_slice_mm``)."""
+        return slice_mm >= self.min_slice_mm
+
 
 def _require_pydensecrf():
     try:
@@ -180,7 +184,7 @@ def refine_with_crf(
     mask = np.asarray(mask_kji, dtype=bool)
     if mask.shape != ct_kji.shape:
         raise ValueError(f"mask shape {mask.shape} does not match CT shape {ct_kji.shape}")
-    if spacing_kji[0] < settings.min_slice_mm:
+    if not settings.applies_to(spacing_kji[0]):
         kept = mask.copy()
         return kept & np.asarray(within_kji, dtype=bool) if within_kji is not None else kept
     result = np.zeros_like(mask)

@@ -102,7 +102,8 @@ def _refine_with_crf(volume, ordered: list[SegmentPrompts], result: Segmentation
         container = masks.get(seg.inside) if seg.inside else None
         mask = masks[seg.name]
         settings = crf.get(seg.name)
-        if settings is not None and mask.any() and spacing_kji[0] >= settings.min_slice_mm:
+        # The thin-slice test here as well as in refine_with_crf: a skipped mask stays the same array, no copy.
+        if settings is not None and mask.any() and settings.applies_to(spacing_kji[0]):
             if progress:
                 progress(f"dense CRF '{seg.name}'", index, len(ordered))
             if not seg.propagate and settings.dims != 2:  # prompted slices only: refine them, add no slice

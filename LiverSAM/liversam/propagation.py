@@ -511,8 +511,8 @@ class _Propagator:
             reason = "mask collapsed"
         elif s.max_growth_ratio and area * self.pixel_mm2 > s.max_growth_ratio * prev_area * self.pixel_mm2 + s.growth_allowance_mm2:
             reason = f"leak: area grew {area / max(prev_area, 1):.1f}x"
-        elif s.max_mean_hu_shift is not None and abs(self._mean_hu(k, mask) - seed_hu) > s.max_mean_hu_shift:
-            reason = f"leak: mean HU moved {self._mean_hu(k, mask) - seed_hu:+.0f} from the seed's"
+        elif s.max_mean_hu_shift is not None and abs(shift := self._mean_hu(k, mask) - seed_hu) > s.max_mean_hu_shift:
+            reason = f"leak: mean HU moved {shift:+.0f} from the seed's"
         elif prediction.score < s.min_score:
             reason = f"low score {prediction.score:.2f}"
         elif (mask & ndimage.binary_dilation(prev_mask, iterations=3)).sum() < s.min_overlap * area:
