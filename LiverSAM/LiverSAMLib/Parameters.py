@@ -44,7 +44,8 @@ class PropagationParameters:
     """Slice-to-slice propagation from the prompted slices (``liversam.propagation.PropagationSettings``).
 
     Every member maps one-to-one onto a field of the core's settings (``LiverSAMLib.ServerRequests.
-    PROPAGATION_PARAMETERS``) sent to the server; the defaults are the core's defaults.
+    PROPAGATION_PARAMETERS``) sent to the server, except ``skipThinSlicesMm``, the server's job setting
+    ``skip_thin_slices_mm`` (sent only when on); the defaults are the core's defaults.
     """
 
     # Stop when the model's predicted IoU on a slice falls below this value.
@@ -73,6 +74,9 @@ class PropagationParameters:
     # than its parenchyma on the prompted slice (a run into the kidney); a tumour keeps only the parts of
     # each slice's mask that differ from the liver's parenchyma the way its box does.
     intensityRefinement: bool = True
+    # Faster on thin slices: the liver (a segment with no container) on slices at most this thick (mm, under
+    # 3) is predicted on every other slice and interpolated between (``skip_thin_slices_mm``; 0: off).
+    skipThinSlicesMm: Annotated[float, WithinRange(0.0, 2.9)] = 0.0
 
 
 @parameterNodeWrapper

@@ -40,6 +40,9 @@ PROPAGATION_PARAMETERS: dict[str, str] = {
     "maxMeanHuShift": "max_mean_hu_shift",
     "intensityRefinement": "intensity_refinement",
 }
+#: Parameter-node member -> the server's job setting that is no field of ``PropagationSettings`` (sent only when
+#: on, so a server without it still takes the job): every other thin organ slice interpolated.
+ORGAN_TRACK_PARAMETERS: dict[str, str] = {"skipThinSlicesMm": "skip_thin_slices_mm"}
 #: ``liversam.propagation.PropagationSettings()`` as the server receives it (that module imports torch, so
 #: Slicer's Python cannot ask it; a test checks these equal the core's defaults).
 PROPAGATION_DEFAULTS: dict[str, Any] = {
@@ -126,7 +129,8 @@ def segment_spec_from_prompts(
 def propagation_settings(pack) -> dict[str, Any]:
     """The server's propagation settings (core field names) from the parameter node's ``propagation`` pack.
 
-    ``maxSlices`` 0 means no limit (None); the leak guards' 0 means off (None).
+    ``maxSlices`` 0 means no limit (None); the leak guards' 0 means off (None); ``skipThinSlicesMm`` is sent
+    as ``skip_thin_slices_mm`` only when above 0.
     """
     values = {core: getattr(pack, member) for member, core in PROPAGATION_PARAMETERS.items()}
     values["max_slices"] = int(values["max_slices"]) or None
@@ -137,6 +141,9 @@ def propagation_settings(pack) -> dict[str, Any]:
         values[name] = float(values[name])
     for name in ("max_growth_ratio", "max_mean_hu_shift"):
         values[name] = float(values[name]) or None
+    skip_mm = float(getattr(pack, "skipThinSlicesMm", 0.0) or 0.0)
+    if skip_mm > 0:
+        values["skip_thin_slices_mm"] = skip_mm
     return values
 
 

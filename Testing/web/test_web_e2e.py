@@ -406,5 +406,24 @@ def test_8_bad_input_with_a_case_open_changes_nothing(lits, tmp_path):
     lits.step = 8
 
 
+def test_9_faster_on_thin_slices_interpolates_every_other_liver_slice(lits):
+    lits.go_on_from(8)
+    page = lits.page
+    set_mode(page, "box", "liver")
+    page.get_by_test_id("fast-thin").locator("input").check()
+    page.get_by_test_id("propagate").click()
+    wait_job_end(page, r"Liver: \d+ voxels")
+    sources = [t.strip() for t in page.get_by_test_id("review-source").all_inner_texts()]
+    # lits117's 1 mm slices: about half the liver's slices come from their neighbours, the prompted ones never
+    assert sources.count("interpolated") >= len(sources) // 4, sources
+    assert sources.count("your prompt") >= 1 and sources.count("model") >= len(sources) // 4, sources
+    liver_dice = dice(lits.labels_now() > 0, lits.liver)
+    print(f"web app lits117 liver, faster on thin slices: {sources.count('interpolated')} of {len(sources)} "
+          f"slices interpolated, Dice {liver_dice:.3f}")
+    assert liver_dice >= 0.90
+    page.get_by_test_id("fast-thin").locator("input").uncheck()
+    lits.step = 9
+
+
 if __name__ == "__main__":
     raise SystemExit(pytest.main([__file__, "-q", "-s"]))

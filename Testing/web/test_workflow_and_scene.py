@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from liversam_web.workflow import LIVER_CONTAINER, Workflow
+from liversam_web.workflow import FAST_THIN_SLICE_MM, LIVER_CONTAINER, Workflow
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPE = (6, 20, 30)
@@ -32,8 +32,8 @@ class RecordingClient:
     def upload_mask(self, session, name, mask):
         self.calls.append(("upload", name, mask.copy()))
 
-    def start_propagation(self, session, segments, **_kwargs):
-        self.calls.append(("propagate", segments))
+    def start_propagation(self, session, segments, **kwargs):
+        self.calls.append(("propagate", segments, kwargs))
         return "job-1"
 
     def start_repropagation(self, session, segment, fix_slices, existing=None, container=None, **_kwargs):
@@ -87,6 +87,9 @@ def test_propagation_specs_use_ijk_and_the_liver_as_container():
     (spec,) = client.calls[-1][1]
     assert spec["name"] == "liver" and spec["boxes"] == [[[1.0, 2.0, 3.0], [10.0, 12.0, 3.0]]]
     assert spec["negative_points"] == [[4.0, 5.0, 3.0]] and "inside" not in spec
+    assert client.calls[-1][2] == {}  # the server's defaults: every slice predicted
+    workflow.start_propagation("liver", faster_thin_slices=True)
+    assert client.calls[-1][2] == {"settings": {"skip_thin_slices_mm": FAST_THIN_SLICE_MM}}
     workflow.masks["liver"][3, 2:12, 1:10] = True
     workflow.add_box("tumor", 3, (2.0, 3.0, 6.0, 7.0))
     workflow.start_propagation("tumor")

@@ -30,7 +30,7 @@ from .mrml_scene import InputError, SceneContent, list_input_files, load_ct_with
 from .server_client import LiverSAMClient, LiverSAMClientError, ServerRequestError
 from .slice_prompting import SlicePrompting
 from .volume_geometry import PromptOutsideVolume, box_on_slice, point_on_volume, ras_to_ijk, server_geometry
-from .workflow import Workflow
+from .workflow import FAST_THIN_SLICE_MM, Workflow
 
 logger = logging.getLogger("liversam_web")
 
@@ -40,6 +40,9 @@ JOB_POLL_S = 0.25
 PREFETCH_DELAY_S = 0.4  # the user has settled on a slice
 PREFETCH_RADIUS = 2
 
+
+# Where a reviewed slice's mask came from (``liversam.review.SliceReview.source``), as the review table says it.
+SLICE_SOURCES = {"user": "your prompt", "propagated": "model", "interpolated": "interpolated"}
 
 class LiverSAMWebApp:
     """One page, one user: the CT, its server session and the workflow state live on this process."""
@@ -94,6 +97,7 @@ class LiverSAMWebApp:
             "can_undo": False,
             "undo_label": "",
             "propagated": [],
+            "fast_thin": False,
         })
         self.state.change("mode", "segment")(self._on_mode_change)
         self.state.change("window", "level")(self._on_window_change)
@@ -189,6 +193,10 @@ class LiverSAMWebApp:
                             raw_attrs=['data-testid="repropagate"'])
                     v3.VBtn("Cancel", color="warning", click=self.ctrl.cancel_job, v_if="job_running",
                             raw_attrs=['data-testid="cancel"'])
+                v3.VCheckbox(v_model=("fast_thin",), density="compact", hide_details=True,
+                             disabled=("job_running",), raw_attrs=['data-testid="fast-thin"'],
+                             label=f"Faster on thin slices: the liver on slices of {FAST_THIN_SLICE_MM:g} mm or less is "
+                                   "predicted on every other slice and interpolated between (slightly less accurate)")
                 v3.VProgressLinear(v_if="job_running || progress > 0", model_value=("progress",), height=16,
                                    color="primary", classes="mt-2", raw_attrs=['data-testid="progress"'])
                 html.Div("{{ progress_text }}", classes="text-caption", raw_attrs=['data-testid="progress-text"'])
@@ -204,7 +212,7 @@ class LiverSAMWebApp:
                 html.Div("{{ review_segment }}: every slice, flagged slices first", classes="text-caption mt-2")
                 with html.Div(style="max-height: 220px; overflow-y: auto"), v3.VTable(density="compact"):
                     with html.Thead(), html.Tr():
-                        for title in ("k", "area mm²", "score", "flags"):
+                        for title in ("k", "area mm²", "score", "from", "flags"):
                             html.Th(title)
                     with html.Tbody():
                         with html.Tr(v_for="row in review_rows", key="row.k", style="cursor: pointer",
@@ -212,6 +220,7 @@ class LiverSAMWebApp:
                             html.Td("{{ row.k }}")
                             html.Td("{{ row.area }}")
                             html.Td("{{ row.score }}")
+                            html.Td("{{ row.source }}", raw_attrs=['data-testid="review-source"'])
                             html.Td("{{ row.flags }}", classes="text-warning")
             with v3.VCard(title="Lesions", density="compact", v_if="lesion_rows.length"), v3.VCardText():
                 with v3.VTable(density="compact"):
@@ -583,7 +592,7 @@ class LiverSAMWebApp:
             pass
         try:
             if repropagate_k is None:
-                job = await asyncio.to_thread(workflow.start_propagation, segment)
+                job = await asyncio.to_thread(workflow.start_propagation, segment, bool(self.state.fast_thin))
                 what = f"Propagating the {segment}"
             else:
                 job = await asyncio.to_thread(workflow.start_repropagation, segment, repropagate_k)
@@ -681,6 +690,7 @@ class LiverSAMWebApp:
             self.state.review_rows = [
                 {"k": r["k"], "area": round(float(r.get("area_mm2", 0.0)), 1),
                  "score": "" if r.get("score") is None else round(float(r["score"]), 2),
+                 "source": SLICE_SOURCES.get(r.get("source") or "", ""),
                  "flags": ", ".join(r.get("flags") or [])}
                 for r in rows
             ]

@@ -19,6 +19,9 @@ from .server_client import LiverSAMClient, box_ijk, segment_spec
 SEGMENTS = ("liver", "tumor")
 UNDO_DEPTH = 20
 LIVER_CONTAINER = "liver_current"  # the session mask that holds the liver as the user sees it
+# "Faster on thin slices": the liver on slices up to this thick is predicted on every other slice (the value
+# measured in docs/PERFORMANCE.md: 100-slice liver 36.6 -> 18.8 s, one-box Dice lits117 0.952 -> 0.951).
+FAST_THIN_SLICE_MM = 2.0
 
 
 @dataclass
@@ -147,14 +150,21 @@ class Workflow:
         self.client.upload_mask(self.session_id, LIVER_CONTAINER, self.masks["liver"])
         return LIVER_CONTAINER
 
-    def start_propagation(self, segment: str) -> str:
-        """Start propagating ``segment`` from all its prompts -> job id."""
+    def start_propagation(self, segment: str, faster_thin_slices: bool = False) -> str:
+        """Start propagating ``segment`` from all its prompts -> job id.
+
+        ``faster_thin_slices``: the liver on slices at most ``FAST_THIN_SLICE_MM`` thick is predicted on every
+        other slice and interpolated between (the server's ``skip_thin_slices_mm``; lesions are never skipped).
+        """
         if not self.has_prompts(segment):
             raise ValueError(f"the {segment} has no box or point yet: draw a box on it in the axial view first")
         spec = self.segment_spec(segment)
         container = self._container(segment)
         if container:
             spec["inside"] = container
+        if faster_thin_slices:
+            return self.client.start_propagation(self.session_id, [spec],
+                                                 settings={"skip_thin_slices_mm": FAST_THIN_SLICE_MM})
         return self.client.start_propagation(self.session_id, [spec])
 
     def start_repropagation(self, segment: str, k: int) -> str:
