@@ -29,13 +29,13 @@ from slicer.util import VTKObservationMixin
 
 from LiverSAMLib import MRMLBridge, PromptPlacement, ServerRequests
 from LiverSAMLib.BackgroundCalls import CallQueue
-from LiverSAMLib.Parameters import LiverSAMParameterNode
+from LiverSAMLib.Parameters import LiverSAMParameterNode, PostprocessParameters, PropagationParameters
 from LiverSAMLib.Phantom import liver_phantom
 from LiverSAMLib.SegmentationLogic import LIVER, SegmentationLogic, dicom_reference_of_volume
 from LiverSAMLib.ServerClient import LiverSAMClient, ServerRequestError, ServerUnavailable
 from LiverSAMLib.ServerConnection import FAILED, LOCAL, READY, REMOTE, ServerConnection, ServerSettings
 from LiverSAMLib.ServerSegmentation import PropagationPlan, ServerSegmentation
-from LiverSAMLib.SlicerCompatibility import version_problem
+from LiverSAMLib.SlicerCompatibility import add_missing_pack_members, version_problem
 
 POLL_INTERVAL_MS = 30  # delivers server answers; each tick lets the I/O thread run a few ms
 JOB_POLL_INTERVAL_MS = 300  # job progress
@@ -784,7 +784,10 @@ class LiverSAMLogic(ScriptedLoadableModuleLogic):
         self.server = ServerSegmentation(self.segmentation)
 
     def getParameterNode(self):
-        return LiverSAMParameterNode(super().getParameterNode())
+        node = super().getParameterNode()
+        # A scene saved by an earlier LiverSAM lacks the settings added since: give them their defaults.
+        add_missing_pack_members(node, (("propagation", PropagationParameters), ("postprocess", PostprocessParameters)))
+        return LiverSAMParameterNode(node)
 
     # --- server -----------------------------------------------------------------------------------------
     def stopServer(self) -> None:

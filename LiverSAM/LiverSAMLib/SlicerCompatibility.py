@@ -35,3 +35,26 @@ def version_problem(
             f"this Slicer runs Python {python_version[0]}.{python_version[1]}."
         )
     return None
+
+
+def add_missing_pack_members(parameter_node, packs) -> list[str]:
+    """Write the defaults of parameter-pack members that a saved parameter node lacks; the names written.
+
+    ``packs``: (name, parameterPack class) pairs, e.g. ``("propagation", PropagationParameters)``. Slicer's
+    ``parameterNodeWrapper`` (v5.10.0, ``parameterPack.py`` ``ParameterPackSerializer.isIn``) asks only a pack's
+    first member whether the pack is in the node, so a node saved by an earlier LiverSAM, before a member was
+    added, is not given that member's default and reading the pack fails (``float("")``). A node without the
+    pack at all is left to the wrapper, which writes every default. Duck-typed on Slicer's ``ParameterInfo``
+    (``basename``, ``serializer.isIn`` / ``write``, ``default``): no Qt needed.
+    """
+    written = []
+    for pack_name, pack_type in packs:
+        members = list(pack_type.allParameters.values())
+        if not members or not members[0].serializer.isIn(parameter_node, f"{pack_name}.{members[0].basename}"):
+            continue
+        for info in members[1:]:
+            name = f"{pack_name}.{info.basename}"
+            if not info.serializer.isIn(parameter_node, name):
+                info.serializer.write(parameter_node, name, info.default)
+                written.append(name)
+    return written

@@ -34,6 +34,7 @@ from liversam.acceleration import (
     relative_error,
     resolve_precision,
 )
+from liversam.acceleration.decoder import DECODER_GRAPH_VERSION
 from liversam.errors import ModelError
 
 # --- pure logic -------------------------------------------------------------------------------------------
@@ -245,7 +246,7 @@ def test_exported_backend_is_chosen_cached_and_accurate(
     entries = [p for p in cache.iterdir() if p.is_dir() and p.name != "agreement"]
     (entry,) = [p for p in entries if not p.name.endswith("-decoder")]
     (decoder_entry,) = [p for p in entries if p.name.endswith("-decoder")]
-    assert (decoder_entry / "decoder.onnx").is_file()
+    assert (decoder_entry / "decoder.onnx").is_file() and (decoder_entry / "decoder_nomask.onnx").is_file()
     assert entry.name.startswith(encoder_weights_sha256(model.network.image_encoder))
     assert {"encoder.onnx", "export.json", "reference.npy"} <= {p.name for p in entry.iterdir()}
     onnx_mtime = (entry / "encoder.onnx").stat().st_mtime_ns
@@ -259,7 +260,19 @@ def test_exported_backend_is_chosen_cached_and_accurate(
         assert relative_error(got, plain_reference) < 1e-4
         from liversam.acceleration.decoder import decoder_test_prompts
 
+        calls = {"nomask": 0}
+        nomask_run = model.decoder_override._run_nomask
+        assert nomask_run is not None  # prompts without a mask input take the graph without mask downscaling
+
+        def counted(feeds):
+            calls["nomask"] += 1
+            assert len(feeds) == 3
+            return nomask_run(feeds)
+
+        model.decoder_override._run_nomask = counted
         fast_outputs = [model.decode(got, **prompt) for prompt in decoder_test_prompts(model.input_size)]
+        assert calls["nomask"] == 3  # box, box + points, points (the fourth prompt has a mask input)
+        model.decoder_override._run_nomask = nomask_run
         # Same mask as fp32 PyTorch on a real liver slice with a label-derived box (the accuracy study over
         # 20 slices is benchmarks/encoder_backends.py, see docs/PERFORMANCE.md).
         liver = np.isin(lits117_label, (1, 2))
@@ -356,7 +369,7 @@ def test_bf16_is_kept_or_refused_by_its_masks(model, export_cache, check_set_sli
         assert current_precision(model) == "fp32" and model.decoder_override.precision == "bf16"
     finally:
         disable_fast_encoder(model)
-    verdicts = [json.loads(p.read_text()) for p in (cache / "agreement").glob("*-openvino+openvino-bf16*.json")]
+    verdicts = [json.loads(p.read_text()) for p in (cache / "agreement").glob(f"*-openvino+openvino-g{DECODER_GRAPH_VERSION}-bf16*.json")]
     assert sorted(v["accepted"] for v in verdicts if v["precision"] == "bf16") == [False, True]  # slices 110, 30
     assert [v["accepted"] for v in verdicts if v["precision"] == "bf16-rest"] == [False]  # slice 110
 
@@ -517,3 +530,20 @@ def test_int8_is_kept_or_refused_by_its_masks(model, export_cache, check_set_sli
             assert current_precision(model) != "int8" and quantised[0].stat().st_mtime_ns == stamp
     finally:
         disable_fast_encoder(model)
+
+
+def test_agreement_keys_are_short_safe_file_names_that_change_with_what_decides_the_verdict() -> None:
+    """A verdict's file name (written atomically, its temporary name holding it twice) stays far below 255
+    characters whatever the runtime's version string; another check set or decoder graph gets another key."""
+    import re
+
+    from liversam.acceleration.agreement import agreement_key
+
+    sha = "7726600575fa8964a1a7099c8887fa69a116d9d85b9fafea38be985acdcea1cd"
+    label = f"openvino+openvino-g{DECODER_GRAPH_VERSION}"
+    key = agreement_key(sha, label, "int8-21efdaf83c", "fe81ce14")
+    assert len(key) <= 100 and re.fullmatch(r"[A-Za-z0-9+_-]+", key), key
+    assert key.startswith(f"{sha[:32]}-{label}-int8-21efdaf83c-")
+    assert agreement_key(sha, label, "int8-21efdaf83c", "0badcafe") != key
+    assert agreement_key(sha, "openvino+openvino-g1", "int8-21efdaf83c", "fe81ce14") != key
+    assert agreement_key(sha, label, "bf16", "fe81ce14") != key

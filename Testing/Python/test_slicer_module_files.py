@@ -384,3 +384,29 @@ def test_widget_lifecycle_wiring():
     assert "PromptPlacement.new_box_node(" in _widget_method("_promptNode")
     live = _widget_method("onLiveUpdate")
     assert "FAILED" in live  # a failed server is not asked again at every prompt change
+
+
+def test_a_parameter_node_saved_before_a_pack_member_was_added_gets_its_default():
+    """Slicer's wrapper asks only a pack's first member whether the pack is saved (v5.10.0 parameterPack.py,
+    ``ParameterPackSerializer.isIn``): a scene saved before ``propagation.skipThinSlicesMm`` existed must get
+    that member's default, and nothing else may change. Fakes shaped like Slicer's ``ParameterInfo``."""
+    from types import SimpleNamespace
+
+    from LiverSAMLib.SlicerCompatibility import add_missing_pack_members
+
+    class Node(dict):
+        pass
+
+    serializer = SimpleNamespace(isIn=lambda node, name: name in node,
+                                 write=lambda node, name, value: node.__setitem__(name, str(value)))
+    defaults = _pack_defaults("PropagationParameters")
+    assert "skipThinSlicesMm" in defaults and list(defaults)[0] != "skipThinSlicesMm"
+    pack = SimpleNamespace(allParameters={
+        name: SimpleNamespace(basename=name, serializer=serializer, default=value) for name, value in defaults.items()})
+    saved = Node({f"propagation.{name}": str(value) for name, value in defaults.items() if name != "skipThinSlicesMm"})
+    saved["propagation.minScore"] = "0.6"  # a user's setting stays
+    assert add_missing_pack_members(saved, [("propagation", pack)]) == ["propagation.skipThinSlicesMm"]
+    assert saved["propagation.skipThinSlicesMm"] == "0.0" and saved["propagation.minScore"] == "0.6"
+    assert add_missing_pack_members(saved, [("propagation", pack)]) == []  # complete now
+    new = Node()
+    assert add_missing_pack_members(new, [("propagation", pack)]) == [] and not new  # the wrapper writes these

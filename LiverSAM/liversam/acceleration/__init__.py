@@ -51,7 +51,7 @@ from .backends import (
     relative_error,
 )
 from .cpu import CPUFeatures, cpu_features
-from .decoder import FastPromptDecoder, check_decoder, export_decoder_onnx
+from .decoder import DECODER_GRAPH_VERSION, FastPromptDecoder, check_decoder, export_decoder_onnx
 from .prefetch import BackgroundPrefetcher, neighbour_order
 
 log = logging.getLogger(__name__)
@@ -255,12 +255,14 @@ def enable_fast_decoder(
             if name not in available_backends():
                 raise BackendUnavailable(f"the '{name}' package is not installed")
             folder = root / f"{encoder_weights_sha256(parts)}-decoder"
-            onnx_path = folder / "decoder.onnx"
-            if not onnx_path.is_file():
-                folder.mkdir(parents=True, exist_ok=True)
-                log.info("Exporting the prompt decoder to ONNX once (cached in %s) ...", folder)
-                export_decoder_onnx(model.network, onnx_path)
-            fast = FastPromptDecoder(onnx_path, name, threads, fallback=model.decode, precision=precision)
+            onnx_path, nomask_path = folder / "decoder.onnx", folder / "decoder_nomask.onnx"
+            for path, mask_input in ((onnx_path, True), (nomask_path, False)):
+                if not path.is_file():
+                    folder.mkdir(parents=True, exist_ok=True)
+                    log.info("Exporting the prompt decoder to ONNX once (%s, cached in %s) ...", path.name, folder)
+                    export_decoder_onnx(model.network, path, mask_input=mask_input)
+            fast = FastPromptDecoder(onnx_path, name, threads, fallback=model.decode, precision=precision,
+                                     nomask_path=nomask_path)
             entry = prepare_export(model.network.image_encoder, model.input_size, cache_dir)
             error = check_decoder(fast, model, entry, TOLERANCE[fast.precision])
         except (BackendUnavailable, OSError) as exc:
@@ -305,7 +307,7 @@ def _cached_refusal(model, name: str, precision: str, decoder: bool, folder: Pat
     check_set = check_set if check_set is not None else load_check_set()
     if check_set is None:
         return ""
-    decoder_name = name if decoder and name in ("openvino", "onnxruntime") else "plain"
+    decoder_name = f"{name}-g{DECODER_GRAPH_VERSION}" if decoder and name in ("openvino", "onnxruntime") else "plain"
     key = agreement_key(
         encoder_weights_sha256(model.network), f"{name}+{decoder_name}", precision, cases_tag(check_set[1])
     )
@@ -344,7 +346,10 @@ def _try_candidate(
     if not verify:
         return fn
     sha = encoder_weights_sha256(model.network)
-    label = f"{name}+{current_decoder_backend(model)}"
+    decoder_name = current_decoder_backend(model)
+    if decoder_name != "plain":
+        decoder_name += f"-g{DECODER_GRAPH_VERSION}"  # a new graph is checked again
+    label = f"{name}+{decoder_name}"
     try:
         result = check_agreement(model, label, verdict_precision, sha, folder, check_set=check_set)
     except FileNotFoundError as exc:

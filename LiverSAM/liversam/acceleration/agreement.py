@@ -22,7 +22,7 @@ import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -203,10 +203,12 @@ def cases_tag(cases: list[CheckCase]) -> str:
 
 
 def agreement_key(weights_sha: str, backend: str, precision: str, tag: str = "") -> str:
-    """File-name-safe key (OpenVINO's version string holds '/')."""
-    key = f"{weights_sha[:32]}-{backend}-{precision}-{runtime_version(backend)}-liversam-{__version__}"
-    key += f"-set{tag}" if tag else ""
-    return re.sub(r"[^A-Za-z0-9.+_-]", "_", key)
+    """File-name-safe key: weights, backend(s) and precision in clear, the runtime's version (OpenVINO's holds
+    '/' and a build hash), LiverSAM's version and the check set as one short hash, so the name stays far below
+    the file system's 255 characters (the atomic write's temporary name holds it twice)."""
+    varying = f"{runtime_version(backend)}|liversam-{__version__}|set{tag}"
+    key = f"{weights_sha[:32]}-{backend}-{precision}-{hashlib.sha256(varying.encode()).hexdigest()[:12]}"
+    return re.sub(r"[^A-Za-z0-9+_-]", "_", key)
 
 
 def cached_agreement(folder: Path, key: str) -> AgreementResult | None:
@@ -217,7 +219,8 @@ def cached_agreement(folder: Path, key: str) -> AgreementResult | None:
         data = json.loads(path.read_text(encoding="utf-8"))
         if data.pop("format", None) != AGREEMENT_FORMAT:
             return None
-        return AgreementResult(**data)
+        known = {f.name for f in fields(AgreementResult)}  # "runtime" and "liversam" are for readers
+        return AgreementResult(**{name: value for name, value in data.items() if name in known})
     except (OSError, ValueError, TypeError):
         return None
 
@@ -267,7 +270,8 @@ def check_agreement(
     if use_cache:
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            payload = {"format": AGREEMENT_FORMAT, **asdict(result)}
+            payload = {"format": AGREEMENT_FORMAT, **asdict(result), "runtime": runtime_version(backend),
+                       "liversam": __version__}
             write_text_atomically(folder / f"{key}.json", json.dumps(payload, indent=2))
         except OSError as exc:
             log.info("Could not cache the agreement verdict in %s: %s", folder, exc)
