@@ -255,14 +255,12 @@ def enable_fast_decoder(
             if name not in available_backends():
                 raise BackendUnavailable(f"the '{name}' package is not installed")
             folder = root / f"{encoder_weights_sha256(parts)}-decoder"
-            onnx_path, nomask_path = folder / "decoder.onnx", folder / "decoder_nomask.onnx"
-            for path, mask_input in ((onnx_path, True), (nomask_path, False)):
-                if not path.is_file():
-                    folder.mkdir(parents=True, exist_ok=True)
-                    log.info("Exporting the prompt decoder to ONNX once (%s, cached in %s) ...", path.name, folder)
-                    export_decoder_onnx(model.network, path, mask_input=mask_input)
-            fast = FastPromptDecoder(onnx_path, name, threads, fallback=model.decode, precision=precision,
-                                     nomask_path=nomask_path)
+            onnx_path = folder / "decoder.onnx"
+            if not onnx_path.is_file():
+                folder.mkdir(parents=True, exist_ok=True)
+                log.info("Exporting the prompt decoder to ONNX once (cached in %s) ...", folder)
+                export_decoder_onnx(model.network, onnx_path)
+            fast = FastPromptDecoder(onnx_path, name, threads, fallback=model.decode, precision=precision)
             entry = prepare_export(model.network.image_encoder, model.input_size, cache_dir)
             error = check_decoder(fast, model, entry, TOLERANCE[fast.precision])
         except (BackendUnavailable, OSError) as exc:
