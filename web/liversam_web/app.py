@@ -212,7 +212,7 @@ class LiverSAMWebApp:
                 html.Div("{{ review_segment }}: every slice, flagged slices first", classes="text-caption mt-2")
                 with html.Div(style="max-height: 220px; overflow-y: auto"), v3.VTable(density="compact"):
                     with html.Thead(), html.Tr():
-                        for title in ("k", "area mm²", "score", "from", "flags"):
+                        for title in ("k", "area mm²", "score", "flags", "from"):
                             html.Th(title)
                     with html.Tbody():
                         with html.Tr(v_for="row in review_rows", key="row.k", style="cursor: pointer",
@@ -220,8 +220,8 @@ class LiverSAMWebApp:
                             html.Td("{{ row.k }}")
                             html.Td("{{ row.area }}")
                             html.Td("{{ row.score }}")
-                            html.Td("{{ row.source }}", raw_attrs=['data-testid="review-source"'])
                             html.Td("{{ row.flags }}", classes="text-warning")
+                            html.Td("{{ row.source }}", raw_attrs=['data-testid="review-source"'])
             with v3.VCard(title="Lesions", density="compact", v_if="lesion_rows.length"), v3.VCardText():
                 with v3.VTable(density="compact"):
                     with html.Thead(), html.Tr():
