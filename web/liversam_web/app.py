@@ -44,6 +44,7 @@ PREFETCH_RADIUS = 2
 # Where a reviewed slice's mask came from (``liversam.review.SliceReview.source``), as the review table says it.
 SLICE_SOURCES = {"user": "your prompt", "propagated": "model", "interpolated": "interpolated"}
 
+
 class LiverSAMWebApp:
     """One page, one user: the CT, its server session and the workflow state live on this process."""
 

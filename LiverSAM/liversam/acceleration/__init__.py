@@ -300,14 +300,22 @@ def _build(backend: str, model, precision: str, threads: int, cache_dir: Path | 
     return fn
 
 
+def _verdict_label(encoder_backend: str, decoder_backend: str) -> str:
+    """The backends in a verdict's key; an exported decoder with its graph's version (a new graph is checked
+    again)."""
+    if decoder_backend != "plain":
+        decoder_backend += f"-g{DECODER_GRAPH_VERSION}"
+    return f"{encoder_backend}+{decoder_backend}"
+
+
 def _cached_refusal(model, name: str, precision: str, decoder: bool, folder: Path, check_set) -> str:
     """The reason of a cached refusal of this candidate (same weights, runtime, check set), else ''."""
     check_set = check_set if check_set is not None else load_check_set()
     if check_set is None:
         return ""
-    decoder_name = f"{name}-g{DECODER_GRAPH_VERSION}" if decoder and name in ("openvino", "onnxruntime") else "plain"
+    decoder_name = name if decoder and name in ("openvino", "onnxruntime") else "plain"
     key = agreement_key(
-        encoder_weights_sha256(model.network), f"{name}+{decoder_name}", precision, cases_tag(check_set[1])
+        encoder_weights_sha256(model.network), _verdict_label(name, decoder_name), precision, cases_tag(check_set[1])
     )
     verdict = cached_agreement(folder, key)
     return verdict.reason if verdict is not None and not verdict.accepted else ""
@@ -344,10 +352,7 @@ def _try_candidate(
     if not verify:
         return fn
     sha = encoder_weights_sha256(model.network)
-    decoder_name = current_decoder_backend(model)
-    if decoder_name != "plain":
-        decoder_name += f"-g{DECODER_GRAPH_VERSION}"  # a new graph is checked again
-    label = f"{name}+{decoder_name}"
+    label = _verdict_label(name, current_decoder_backend(model))
     try:
         result = check_agreement(model, label, verdict_precision, sha, folder, check_set=check_set)
     except FileNotFoundError as exc:
