@@ -141,7 +141,7 @@ def propagation_settings(pack) -> dict[str, Any]:
         values[name] = float(values[name])
     for name in ("max_growth_ratio", "max_mean_hu_shift"):
         values[name] = float(values[name]) or None
-    skip_mm = float(getattr(pack, "skipThinSlicesMm", 0.0) or 0.0)
+    skip_mm = float(pack.skipThinSlicesMm)
     if skip_mm > 0:
         values["skip_thin_slices_mm"] = skip_mm
     return values

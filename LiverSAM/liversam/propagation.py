@@ -376,7 +376,8 @@ class _Propagator:
         if record:
             self.computed.append(k)
             if self.progress:
-                self.progress(f"propagating '{self.name}'", len(self.computed) + len(self.interpolated), self.nk)
+                # distinct slices: a refused longer step predicts its far slice again after the near one
+                self.progress(f"propagating '{self.name}'", len(set(self.computed)) + len(self.interpolated), self.nk)
         mask = clean_slice(prediction.mask_ji, self.spacing_ji, self.postprocess)
         if self.container is not None:
             mask &= self.container[k]

@@ -51,14 +51,14 @@ def _organ(thickness_mm: float, nk: int = 24, first: int = 3, last: int = 20):
     return volume, masks
 
 
-def _run(volume, masks, skip_mm, extra_slices=None, seed_k=12):
+def _run(volume, masks, skip_mm, extra_slices=None, seed_k=12, progress=None):
     predictor = ScriptedPredictor(volume, {k: (m, 0.9) for k, m in masks.items()})
     slices = {seed_k: SlicePrompts(boxes_ij=[box_around(masks[seed_k])])}
     slices.update(extra_slices or {})
     seg = SegmentPrompts("liver", 1, slices=slices, propagate=True)
     settings = PipelineSettings(propagation=PropagationSettings(intensity_refinement=False),
                                 organ_track=OrganTrackSettings(skip_max_thickness_mm=skip_mm))
-    result = segment_volume(volume, [seg], predictor, settings)
+    result = segment_volume(volume, [seg], predictor, settings, progress=progress)
     return predictor, result
 
 
@@ -115,7 +115,8 @@ def test_a_leak_on_the_longer_step_falls_back_to_single_steps() -> None:
     grown = dict(masks)
     for k in range(13, 21):
         grown[k] = disc(min(30.0, 17.4 * 1.18 ** (k - 12)))  # up to 1.39x the area of the slice before
-    skipping, result = _run(volume, grown, 2.0)
+    reports = []
+    skipping, result = _run(volume, grown, 2.0, progress=lambda stage, done, total: reports.append((stage, done, total)))
     _, full = _run(volume, grown, None)
     mask, reference = result.segment("liver").mask_kji, full.segment("liver").mask_kji
     assert [k for k in range(24) if mask[k].any()] == [k for k in range(24) if reference[k].any()] == list(range(3, 21))
@@ -123,6 +124,11 @@ def test_a_leak_on_the_longer_step_falls_back_to_single_steps() -> None:
     # 12 -> 14 would grow 1.9x (over the 1.5x limit): 13 and 14 are predicted one at a time
     assert track.records[13].source == track.records[14].source == "propagated"
     assert {13, 14} <= set(skipping.predicted_slices)
+    # progress counts distinct slices: the refused far slice, predicted again later, is not counted twice
+    walked = [(done, total) for stage, done, total in reports if stage.startswith("propagating")]
+    assert walked and all(done <= total for done, total in walked)
+    assert walked[-1][0] == len(set(skipping.predicted_slices) | {k for k, r in track.records.items()
+                                                                    if r.source == "interpolated"})
 
 
 def test_a_slice_between_two_masks_that_barely_touch_is_predicted_not_interpolated() -> None:
