@@ -5,7 +5,9 @@ is carried slice by slice through the volume (see :mod:`liversam.propagation`). 
 ``inside`` clipping (tumour inside liver), and the overlap rule (a later segment wins). Segments named in
 ``PipelineSettings.crf`` are then refined by a dense CRF on the CT (:mod:`liversam.dense_crf`; off by
 default): a pass after every segment is made (so each segment propagates exactly as without it), in
-dependency order, a segment ``inside`` another refined within that one's refined mask.
+dependency order, a segment ``inside`` another refined within that one's refined mask. Last, a propagated
+lesion (a segment ``inside`` another) takes every voxel it holds on both neighbouring slices
+(``PipelineSettings.fill_lesions_between_slices``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ import numpy as np
 from . import __version__
 from .dense_crf import CRFSettings, refine_with_crf
 from .errors import Cancelled, PromptError
-from .postprocess import Postprocess3DSettings, PostprocessSettings, clean_slice, clean_volume
+from .intensity_refinement import box_region
+from .postprocess import (
+    Postprocess3DSettings,
+    PostprocessSettings,
+    clean_slice,
+    clean_volume,
+    fill_between_slices,
+)
 from .predictor import SlicePredictor
 from .prompts import SegmentPrompts
 from .propagation import OrganTrackSettings, PropagationSettings, for_lesions, propagate_segment
@@ -48,6 +57,11 @@ class PipelineSettings:
     # How an organ's track copes with thick slices, and the opt-in skipping of every other thin slice.
     organ_track: OrganTrackSettings = field(default_factory=OrganTrackSettings)
     later_segment_wins: bool = True
+    # A propagated lesion takes every voxel it holds on the slices above and below, after the CRF (one-box
+    # tumour Dice, mean of the four cases, tight / jittered / loose boxes: 0.772 / 0.767 / 0.721 -> 0.774 /
+    # 0.770 / 0.723; no case lower with tight boxes; docs/RESULTS.md, session 9). Not the organ: there it
+    # changed the four livers by -0.0007 to +0.0000.
+    fill_lesions_between_slices: bool = True
     # Dense-CRF refinement by segment name (off for segments not listed; see dense_crf.crf_for_segments).
     crf: dict[str, CRFSettings] = field(default_factory=dict)
 
@@ -114,6 +128,34 @@ def _refine_with_crf(volume, ordered: list[SegmentPrompts], result: Segmentation
         masks[seg.name] = by_name[seg.name].mask_kji = mask
 
 
+def _fill_lesions_between_slices(ordered: list[SegmentPrompts], result: SegmentationResult,
+                                 masks: dict[str, np.ndarray]) -> None:
+    """Each propagated segment ``inside`` another takes the voxels it holds on both neighbouring slices,
+    clipped to its container again. On a slice where the user boxed lesions, voxels are added only inside
+    those boxes (any lesion segment's, so that all lesion boxes in one segment give the masks of one segment
+    per lesion; the one difference left: one segment also fills a voxel between two different lesions that
+    hold it on the slices above and below)."""
+    lesions = [seg for seg in ordered if seg.inside and seg.propagate]
+    if not lesions:
+        return
+    shape_ji = masks[lesions[0].name].shape[1:]
+    limits: dict[int, np.ndarray] = {}
+    for seg in lesions:
+        for k, prompts in seg.slices.items():
+            region = limits.setdefault(k, np.zeros(shape_ji, dtype=bool))
+            for box in prompts.boxes_ij:
+                region |= box_region(shape_ji, box)
+    by_name = {s.name: s for s in result.segments}
+    for seg in lesions:
+        filled = fill_between_slices(masks[seg.name], limits)
+        if filled is masks[seg.name]:
+            continue
+        container = masks.get(seg.inside)
+        if container is not None:
+            filled &= container
+        masks[seg.name] = by_name[seg.name].mask_kji = filled
+
+
 def segment_volume(
     volume,
     segment_prompts: list[SegmentPrompts],
@@ -174,6 +216,8 @@ def segment_volume(
         # No copies: the CRF pass replaces each mask by a new array and never writes into the old one.
         result.provenance["before_crf"] = {name: mask for name, mask in masks.items() if name in settings.crf}
         _refine_with_crf(volume, ordered, result, masks, settings.crf, spacing_kji, progress, cancel)
+    if settings.fill_lesions_between_slices and settings.propagation_method != "naive":
+        _fill_lesions_between_slices(ordered, result, masks)
     # Restore the prompts-file order for output, then apply "a later segment wins".
     order = {s.name: n for n, s in enumerate(segment_prompts)}
     result.segments.sort(key=lambda s: order[s.name])

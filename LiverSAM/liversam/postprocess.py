@@ -6,6 +6,7 @@ volume mask [k, j, i] and the spacing (sk, sj, si) in mm. Inputs are never modif
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +55,28 @@ def remove_small_components(mask: np.ndarray, spacing: tuple[float, ...], min_si
     keep = np.zeros(n + 1, dtype=bool)
     keep[1:] = sizes >= min_size_physical
     return keep[labels]
+
+
+def fill_between_slices(mask_kji: np.ndarray, limits: Mapping[int, np.ndarray] | None = None) -> np.ndarray:
+    """``mask_kji`` with every voxel added that it holds on both the slice above and the slice below (a
+    slice where the structure's outline fell short of its two neighbours). ``limits`` {k: region [j, i]}: on
+    those slices voxels are added only inside the region (e.g. the user's boxes). The same array when
+    nothing is added, else a new one; computed on the mask's bounding box."""
+    mask = np.asarray(mask_kji, dtype=bool)
+    box = bounding_box(mask)
+    if box is None or mask.shape[0] < 3:
+        return mask
+    sub = mask[box]
+    added = sub[:-2] & sub[2:] & ~sub[1:-1]
+    k0 = box[0].start + 1  # the slice index of added[0]
+    for k, region in (limits or {}).items():
+        if 0 <= k - k0 < added.shape[0]:
+            added[k - k0] &= np.asarray(region, dtype=bool)[box[1:]]
+    if not added.any():
+        return mask
+    out = mask.copy()
+    out[box][1:-1] |= added
+    return out
 
 
 def keep_largest_component(mask: np.ndarray) -> np.ndarray:
