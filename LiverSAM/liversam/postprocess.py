@@ -57,25 +57,35 @@ def remove_small_components(mask: np.ndarray, spacing: tuple[float, ...], min_si
     return keep[labels]
 
 
-def fill_between_slices(mask_kji: np.ndarray, limits: Mapping[int, np.ndarray] | None = None) -> np.ndarray:
-    """``mask_kji`` with every voxel added that it holds on both the slice above and the slice below (a
-    slice where the structure's outline fell short of its two neighbours). ``limits`` {k: region [j, i]}: on
-    those slices voxels are added only inside the region (e.g. the user's boxes). The same array when
-    nothing is added, else a new one; computed on the mask's bounding box."""
+def fill_between_slices(mask_kji: np.ndarray, limits: Mapping[int, np.ndarray] | None = None,
+                        max_gap: int = 1) -> np.ndarray:
+    """``mask_kji`` with its gaps along k closed: a voxel the mask holds on slice k and again on slice k + g + 1
+    (g <= ``max_gap``) is added on the g slices between (a slice or two where the structure's outline fell
+    short of its neighbours). ``limits`` {k: region [j, i]}: on those slices voxels are added only inside the
+    region (e.g. the user's boxes). The same array when nothing is added, else a new one; computed on the
+    mask's bounding box."""
     mask = np.asarray(mask_kji, dtype=bool)
     box = bounding_box(mask)
-    if box is None or mask.shape[0] < 3:
+    if box is None:
         return mask
     sub = mask[box]
-    added = sub[:-2] & sub[2:] & ~sub[1:-1]
-    k0 = box[0].start + 1  # the slice index of added[0]
+    nk = sub.shape[0]
+    added = np.zeros_like(sub)
+    for gap in range(1, max_gap + 1):
+        if nk < gap + 2:
+            break
+        ends = sub[: nk - gap - 1] & sub[gap + 1 :]  # held on k and on k + gap + 1
+        for offset in range(1, gap + 1):
+            added[offset : nk - gap - 1 + offset] |= ends
+    added &= ~sub
+    k0 = box[0].start
     for k, region in (limits or {}).items():
-        if 0 <= k - k0 < added.shape[0]:
+        if 0 <= k - k0 < nk:
             added[k - k0] &= np.asarray(region, dtype=bool)[box[1:]]
     if not added.any():
         return mask
     out = mask.copy()
-    out[box][1:-1] |= added
+    out[box] |= added
     return out
 
 

@@ -16,28 +16,33 @@ from liversam.prompts import SegmentPrompts, SlicePrompts
 from scripted_predictor import ScriptedPredictor, synthetic_volume
 
 
-def _reference(mask: np.ndarray, limits=None) -> np.ndarray:
+def _reference(mask: np.ndarray, limits=None, max_gap: int = 1) -> np.ndarray:
+    """A voxel is added on slice k when the mask holds it on some slice a < k and some slice b > k with at most
+    ``max_gap`` slices between a and b (and the limit of slice k, if any, allows it)."""
     out = mask.copy()
     nk, nj, ni = mask.shape
-    for k in range(1, nk - 1):
+    for k in range(nk):
         for j in range(nj):
             for i in range(ni):
-                if limits and k in limits and not limits[k][j, i]:
+                if mask[k, j, i] or (limits and k in limits and not limits[k][j, i]):
                     continue
-                if mask[k - 1, j, i] and mask[k + 1, j, i]:
+                below = [a for a in range(k) if mask[a, j, i]]
+                above = [b for b in range(k + 1, nk) if mask[b, j, i]]
+                if below and above and min(above) - max(below) - 1 <= max_gap:
                     out[k, j, i] = True
     return out
 
 
-@pytest.mark.parametrize("seed", range(40))
-def test_fill_between_slices_adds_exactly_the_voxels_held_above_and_below(seed):
+@pytest.mark.parametrize("max_gap", [1, 2, 3])
+@pytest.mark.parametrize("seed", range(30))
+def test_fill_between_slices_closes_exactly_the_gaps_up_to_max_gap_slices(seed, max_gap):
     rng = np.random.default_rng(seed)
     shape = tuple(int(v) for v in rng.integers(3, 12, 3))
     mask = rng.random(shape) < rng.uniform(0.05, 0.8)
     before = mask.copy()
     limits = {int(k): rng.random(shape[1:]) < 0.5 for k in rng.integers(0, shape[0], int(rng.integers(0, 3)))}
-    filled = fill_between_slices(mask, limits)
-    np.testing.assert_array_equal(filled, _reference(before, limits))
+    filled = fill_between_slices(mask, limits, max_gap=max_gap)
+    np.testing.assert_array_equal(filled, _reference(before, limits, max_gap))
     np.testing.assert_array_equal(mask, before)  # the input is never changed
 
 
