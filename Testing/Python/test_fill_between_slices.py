@@ -1,4 +1,4 @@
-"""A propagated lesion takes the voxels it holds on both neighbouring slices; the organ does not.
+"""A propagated lesion's gaps of one or two slices are closed; the organ is not filled.
 
 ``fill_between_slices`` is compared with a voxel-by-voxel reference written here; the pipeline is run with a
 scripted stand-in predictor (no model) whose lesion mask on one slice is smaller than on the slices above and
