@@ -29,7 +29,7 @@ from .postprocess import (
     clean_volume,
     fill_between_slices,
 )
-from .predictor import SlicePredictor
+from .predictor import POINT_REACH_MM, SlicePredictor, point_disk
 from .prompts import SegmentPrompts
 from .propagation import OrganTrackSettings, PropagationSettings, for_lesions, propagate_segment
 from .segmentation import Segment, SegmentationResult
@@ -135,29 +135,30 @@ def _refine_with_crf(volume, ordered: list[SegmentPrompts], result: Segmentation
 def _fill_lesions_between_slices(ordered: list[SegmentPrompts], result: SegmentationResult,
                                  masks: dict[str, np.ndarray]) -> None:
     """Each propagated segment ``inside`` another has its gaps along k of up to ``LESION_FILL_MAX_GAP`` slices
-    closed, clipped to its container again. On a slice where the user boxed lesions, voxels are added only inside
-    those boxes (any lesion segment's, so that all lesion boxes in one segment give the masks of one segment
-    per lesion; the one difference left: one segment also fills a voxel between two different lesions that
-    hold it on the slices above and below)."""
-    lesions = [seg for seg in ordered if seg.inside and seg.propagate]
-    if not lesions:
-        return
-    shape_ji = masks[lesions[0].name].shape[1:]
+    closed, inside its container. A slice with the user's prompts for any lesion segment is filled only inside
+    the user's boxes there and never near a negative point (a slice with points alone is not filled), so all
+    lesion boxes in one segment give the masks of one segment per lesion; the one difference left: one segment
+    also fills a voxel between two different lesions that hold it on slices either side."""
+    shape_ji = result.geometry.shape_kji[1:]
+    prompted = [seg.slices for seg in ordered if seg.inside]
     limits: dict[int, np.ndarray] = {}
-    for seg in lesions:
-        for k, prompts in seg.slices.items():
+    for slices in prompted:
+        for k, prompts in slices.items():
             region = limits.setdefault(k, np.zeros(shape_ji, dtype=bool))
             for box in prompts.boxes_ij:
                 region |= box_region(shape_ji, box)
+    for slices in prompted:  # after every segment's boxes: a negative point wins over any box
+        for k, prompts in slices.items():
+            for point in prompts.points_neg_ij:
+                limits[k] &= ~point_disk(shape_ji, point, result.geometry.spacing_mm[:2], POINT_REACH_MM)
     by_name = {s.name: s for s in result.segments}
-    for seg in lesions:
-        filled = fill_between_slices(masks[seg.name], limits, max_gap=LESION_FILL_MAX_GAP)
-        if filled is masks[seg.name]:
+    for seg in ordered:
+        if not (seg.inside and seg.propagate):
             continue
-        container = masks.get(seg.inside)
-        if container is not None:
-            filled &= container
-        masks[seg.name] = by_name[seg.name].mask_kji = filled
+        filled = fill_between_slices(masks[seg.name], limits, max_gap=LESION_FILL_MAX_GAP,
+                                     within=masks.get(seg.inside))
+        if filled is not masks[seg.name]:
+            masks[seg.name] = by_name[seg.name].mask_kji = filled
 
 
 def segment_volume(

@@ -58,12 +58,12 @@ def remove_small_components(mask: np.ndarray, spacing: tuple[float, ...], min_si
 
 
 def fill_between_slices(mask_kji: np.ndarray, limits: Mapping[int, np.ndarray] | None = None,
-                        max_gap: int = 1) -> np.ndarray:
+                        max_gap: int = 1, within: np.ndarray | None = None) -> np.ndarray:
     """``mask_kji`` with its gaps along k closed: a voxel the mask holds on slice k and again on slice k + g + 1
     (g <= ``max_gap``) is added on the g slices between (a slice or two where the structure's outline fell
     short of its neighbours). ``limits`` {k: region [j, i]}: on those slices voxels are added only inside the
-    region (e.g. the user's boxes). The same array when nothing is added, else a new one; computed on the
-    mask's bounding box."""
+    region (e.g. the user's boxes); ``within`` [k, j, i]: voxels are added only inside it (e.g. the container).
+    The same array when nothing is added, else a new one; computed on the mask's bounding box."""
     mask = np.asarray(mask_kji, dtype=bool)
     box = bounding_box(mask)
     if box is None:
@@ -78,6 +78,8 @@ def fill_between_slices(mask_kji: np.ndarray, limits: Mapping[int, np.ndarray] |
         for offset in range(1, gap + 1):
             added[offset : nk - gap - 1 + offset] |= ends
     added &= ~sub
+    if within is not None:
+        added &= np.asarray(within, dtype=bool)[box]
     k0 = box[0].start
     for k, region in (limits or {}).items():
         if 0 <= k - k0 < nk:

@@ -39,6 +39,7 @@ def test_fill_between_slices_closes_exactly_the_gaps_up_to_max_gap_slices(seed, 
     rng = np.random.default_rng(seed)
     shape = tuple(int(v) for v in rng.integers(3, 12, 3))
     mask = rng.random(shape) < rng.uniform(0.05, 0.8)
+    mask[: int(rng.integers(0, 3))] = False  # empty first slices: the mask's box starts further in
     before = mask.copy()
     limits = {int(k): rng.random(shape[1:]) < 0.5 for k in rng.integers(0, shape[0], int(rng.integers(0, 3)))}
     filled = fill_between_slices(mask, limits, max_gap=max_gap)
@@ -76,7 +77,7 @@ def _lesion_mask(k: int) -> np.ndarray:
 
 
 def _run(fill: bool, liver_slices=range(0, NK), method: str = "liversam", seed_k: int = 3,
-         seed_box=(30.0, 17.0, 44.0, 31.0)):
+         seed_box=(30.0, 17.0, 44.0, 31.0), negative_points=()):
     hu = np.full((NK, NJ, NI), 100.0)  # no lesion contrast: the model's masks are kept as they are
     volume = synthetic_volume(hu, (1.0, 1.0, 2.5))
     liver_slices = set(liver_slices)
@@ -93,7 +94,7 @@ def _run(fill: bool, liver_slices=range(0, NK), method: str = "liversam", seed_k
     liver = SegmentPrompts("liver", 1, slices={k: SlicePrompts(boxes_ij=[(6.0, 6.0, 42.0, 42.0)])
                                                for k in liver_slices}, propagate=False)  # fmt: skip
     tumour = SegmentPrompts("tumor", 2, inside="liver", propagate=True,
-                            slices={seed_k: SlicePrompts(boxes_ij=[seed_box])})
+                            slices={seed_k: SlicePrompts(boxes_ij=[seed_box], points_neg_ij=list(negative_points))})
     # the liver's mask as its container, not with the tumour taken out ("a later segment wins" is tested elsewhere)
     settings = PipelineSettings(fill_lesions_between_slices=fill, propagation_method=method, later_segment_wins=False)
     result = segment_volume(volume, [liver, tumour], predictor, settings)
@@ -131,6 +132,17 @@ def test_on_the_slice_the_user_prompted_voxels_are_added_only_inside_the_user_s_
     np.testing.assert_array_equal(with_fill["tumor"][NARROW_K], expected)
     assert expected.sum() > without["tumor"][NARROW_K].sum()
     assert (with_fill["tumor"][NARROW_K + 1] & ~box).any(), "the neighbours' disc reaches beyond the box"
+
+
+def test_on_the_user_s_slice_nothing_is_added_near_a_negative_point():
+    negative = (35.0, 30.0)  # on the wider disc's rim, outside the narrow disc, inside the liver
+    with_fill = _run(fill=True, seed_k=NARROW_K, negative_points=[negative])
+    liver = with_fill["liver"][NARROW_K]
+    jj, ii = np.mgrid[:NJ, :NI]
+    near = (ii - negative[0]) ** 2 + (jj - negative[1]) ** 2 <= 3.0**2  # POINT_REACH_MM at 1 mm pixels
+    expected = (_lesion_mask(NARROW_K) | (_disc(7.0, 24.0, 37.0) & ~near)) & liver
+    np.testing.assert_array_equal(with_fill["tumor"][NARROW_K], expected)
+    assert (_disc(7.0, 24.0, 37.0) & near & ~_lesion_mask(NARROW_K) & liver).any(), "the point must matter"
 
 
 def test_the_naive_reference_loop_is_not_filled():
