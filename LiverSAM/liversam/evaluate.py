@@ -161,6 +161,10 @@ class EvaluationSettings:
     box_styles: tuple[str, ...] = ("tight",)
     loose_mm: float = 7.0
     jitter_mm: tuple[float, float] = (-2.0, 7.0)
+    # one-box: the slice of an organ's (a non-lesion structure's) box: None, its largest slice (default); a
+    # fraction f in 0..1, the slice f of the way from its first to its last slice (a user who boxes the organ
+    # on the slice in view; lesions keep their largest slices).
+    organ_seed_at: float | None = None
 
     def __post_init__(self) -> None:
         unknown = [p for p in self.protocols if p not in PROTOCOLS]
@@ -172,6 +176,8 @@ class EvaluationSettings:
             raise LiverSAMError(f"max_clicks must be in 1..100, got {self.max_clicks}.")
         if self.click_start not in ("point", "box"):
             raise LiverSAMError(f"click_start must be 'point' or 'box', got '{self.click_start}'.")
+        if self.organ_seed_at is not None and not 0.0 <= self.organ_seed_at <= 1.0:
+            raise LiverSAMError(f"organ_seed_at must be in 0..1 (a fraction of the organ's extent), got {self.organ_seed_at}.")
         if self.box_margin < 0:
             raise LiverSAMError(f"box_margin must be >= 0 voxels, got {self.box_margin}.")
         unknown_crf = [n for n in self.crf if n not in {s.name for s in self.structures}]
@@ -452,11 +458,18 @@ def _grow_box(rows: slice, cols: slice, margin: int, shape: tuple[int, int]) -> 
     )
 
 
-def one_box_seeds(ref_kji: np.ndarray, per_lesion: bool, margin: int = 0) -> list[tuple[int, Box]]:
+def one_box_seeds(ref_kji: np.ndarray, per_lesion: bool, margin: int = 0,
+                  seed_at: float | None = None) -> list[tuple[int, Box]]:
     """``(k, box)`` seeds: the structure's box on its largest slice, or, when ``per_lesion``, one such seed
-    per 3D connected component (26-connectivity), each on that component's largest slice."""
+    per 3D connected component (26-connectivity), each on that component's largest slice. ``seed_at`` (not
+    per lesion): the slice that fraction of the way from the structure's first slice to its last instead."""
     if not ref_kji.any():
         return []
+    if seed_at is not None and not per_lesion:
+        ks = np.flatnonzero(ref_kji.any(axis=(1, 2)))
+        k = int(ks[0] + round(seed_at * (ks[-1] - ks[0])))
+        k = int(ks[np.argmin(np.abs(ks - k))])  # a slice the structure is on (it may have gaps)
+        return [(k, bounding_box_ij(ref_kji[k], margin))]
     if per_lesion:
         labels, count = ndimage.label(ref_kji, structure=np.ones((3, 3, 3), dtype=bool))
         components = [(labels == n) for n in range(1, count + 1)]
@@ -529,7 +542,7 @@ def one_box_prompts_json(refs: dict[str, np.ndarray], settings: EvaluationSettin
             continue
         inside = spec.inside if spec.inside in refs and refs[spec.inside].any() else None
         boxes = []
-        for k, box in one_box_seeds(ref, spec.lesions, settings.box_margin):
+        for k, box in one_box_seeds(ref, spec.lesions, settings.box_margin, settings.organ_seed_at):
             i0, j0, i1, j1 = styled_box(box, style, ref.shape[1:], spacing_ij, settings, rng)
             boxes.append([[i0, j0, float(k)], [i1, j1, float(k)]])
         groups = [[b] for b in boxes] if spec.lesions and settings.lesion_segments == "per-lesion" else [boxes]

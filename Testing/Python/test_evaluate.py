@@ -373,3 +373,21 @@ def test_wrong_slices_and_review_detection() -> None:
     r = ev.review_detection(report, "liver", pred, ref)
     assert (r["wrong_slices"], r["flagged_slices"], r["flagged_wrong"]) == (3, 3, 2)
     assert r["recall"] == pytest.approx(2 / 3) and r["precision"] == pytest.approx(2 / 3)
+
+
+def test_an_organ_seed_can_sit_away_from_its_largest_slice_and_lesions_keep_theirs() -> None:
+    ref = np.zeros((11, 20, 20), dtype=bool)
+    ref[2:9, 5:8, 5:8] = True  # slices 2..8
+    ref[6, 4:12, 4:12] = True  # the largest slice
+    assert [k for k, _ in ev.one_box_seeds(ref, per_lesion=False)] == [6]
+    assert [k for k, _ in ev.one_box_seeds(ref, per_lesion=False, seed_at=0.0)] == [2]
+    assert [k for k, _ in ev.one_box_seeds(ref, per_lesion=False, seed_at=0.5)] == [5]
+    assert [k for k, _ in ev.one_box_seeds(ref, per_lesion=False, seed_at=1.0)] == [8]
+    assert ev.one_box_seeds(ref, per_lesion=False, seed_at=0.0)[0][1] == ev.bounding_box_ij(ref[2])
+    assert [k for k, _ in ev.one_box_seeds(ref, per_lesion=True, seed_at=0.0)] == [6]  # a lesion: largest slice
+    settings = ev.EvaluationSettings(protocols=("one-box",), organ_seed_at=0.0)
+    refs = {"liver": ref, "tumor": np.zeros_like(ref)}
+    prompts = ev.one_box_prompts_json(refs, settings)
+    assert [b[0][2] for b in prompts["segments"][0]["boxes"]] == [2.0]
+    with pytest.raises(LiverSAMError, match="organ_seed_at"):
+        ev.EvaluationSettings(organ_seed_at=1.5)

@@ -121,6 +121,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="one-box jittered boxes: range LO,HI (mm) of each side's outward shift (default -2,7)",
     )
     parser.add_argument(
+        "--organ-seed-at", type=float, default=None, metavar="F",
+        help="one-box: draw the liver's box on the slice F (0..1) of the way from its first to its last slice "
+        "instead of its largest slice (a user who boxes the slice in view); lesions keep their largest slices",
+    )
+    parser.add_argument(
         "--per-lesion-segments",
         action="store_true",
         help="one-box: give every lesion a segment of its own (default: all lesion boxes in one 'tumor' "
@@ -185,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
         box_styles=_names(args.boxes),
         loose_mm=args.loose_mm,
         jitter_mm=_jitter(args.jitter_mm),
+        organ_seed_at=args.organ_seed_at,
     )
     cases = ev.discover_cases(args.data)
     check_outputs(
