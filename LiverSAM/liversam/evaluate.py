@@ -462,12 +462,13 @@ def one_box_seeds(ref_kji: np.ndarray, per_lesion: bool, margin: int = 0,
                   seed_at: float | None = None) -> list[tuple[int, Box]]:
     """``(k, box)`` seeds: the structure's box on its largest slice, or, when ``per_lesion``, one such seed
     per 3D connected component (26-connectivity), each on that component's largest slice. ``seed_at`` (not
-    per lesion): the slice that fraction of the way from the structure's first slice to its last instead."""
+    per lesion): the slice that fraction of the way from the structure's first slice to its last (rounded down)
+    instead."""
     if not ref_kji.any():
         return []
     if seed_at is not None and not per_lesion:
         ks = np.flatnonzero(ref_kji.any(axis=(1, 2)))
-        k = int(ks[0] + round(seed_at * (ks[-1] - ks[0])))
+        k = int(ks[0] + int(seed_at * (ks[-1] - ks[0])))  # rounded down: 0.65 of 25..48 is slice 39
         k = int(ks[np.argmin(np.abs(ks - k))])  # a slice the structure is on (it may have gaps)
         return [(k, bounding_box_ij(ref_kji[k], margin))]
     if per_lesion:
@@ -530,7 +531,8 @@ def styled_box(box: Box, style: str, shape_ji: tuple[int, int], spacing_ij: tupl
 
 def one_box_prompts_json(refs: dict[str, np.ndarray], settings: EvaluationSettings, style: str = "tight",
                          spacing_ij: tuple[float, float] = (1.0, 1.0), seed: int = 0) -> dict:
-    """The PROMPTS.json (IJK) a user writes for the one-box protocol: one box on the liver's largest slice,
+    """The PROMPTS.json (IJK) a user writes for the one-box protocol: one box on the liver's largest slice
+    (or on the slice ``settings.organ_seed_at`` of the way through it),
     one box per lesion on its largest slice, all lesion boxes in one ``tumor`` segment (or one segment per
     lesion with ``lesion_segments="per-lesion"``); every segment propagated, tumours inside the liver."""
     rng = np.random.default_rng(seed)
@@ -943,7 +945,10 @@ def results_markdown(results: dict) -> str:
         "",
         f"LiverSAM {results['liversam_version']}, {results['created']}; "
         f"slices: {'all' if not slice_range else f'{slice_range[0]}:{slice_range[1]}'}; "
-        f"box margin {settings['box_margin']} voxels; structures: "
+        f"box margin {settings['box_margin']} voxels; "
+        + (f"organs boxed {settings['organ_seed_at']} of the way through instead of on their largest slice; "
+           if settings.get("organ_seed_at") is not None else "")
+        + "structures: "
         + ", ".join(f"{s['name']} = labels {tuple(s['labels'])}" for s in settings["structures"])
         + ".",
         "",

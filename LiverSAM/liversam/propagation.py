@@ -94,7 +94,7 @@ class OrganTrackSettings:
     # Off on thinner slices, where a liver tip tapers over many slices: on ircadb17 (1.6 mm) and lits117 it
     # cut 33 and 22 slices of real liver (ircadb17 0.911 with it). None: off everywhere.
     # ``tip_min_shrink`` 0.93 (was 0.85): ircadb17 averaged to 3.2 / 4.8 mm slices has a long inferior tip that
-    # shrinks by only 8-10 % per slice; at 0.85 the rule cut its last 11 slices there (liver Dice 0.907 / 0.908
+    # shrinks by only 8-10 % per 4.8 mm; at 0.85 the rule cut its last 11 slices there (liver Dice 0.907 / 0.908
     # -> 0.937 / 0.936 at 0.93; at 0.90, 0.937 / 0.904). hcc0697's run-on into bowel shrinks by 4.5 % (0.955) and
     # into the heart it grows: still stopped, and the four cases' figures do not change (docs/RESULTS.md, session 10).
     tip_fraction: float | None = 0.25
@@ -124,9 +124,10 @@ class OrganTrackSettings:
     # seeded at 0.5 / 0.65 of its extent 0.706 / 0.370 -> 0.937 / 0.940, ircadb17 at 0.2 0.698 -> 0.967. With the
     # box on the largest slice only hcc2144 changes (liver 0.9290 -> 0.9316, tumour 0.667 -> 0.684). A fraction of
     # 0.7 kept hcc2144's gain with the bf16 encoder only (fp32: 0.709; 0.69 of one slice's added area was
-    # parenchyma-like); 0.5 cost lits117's lesions (jittered boxes 0.814 -> 0.799); 15 mm cost hcc0697 seeded near
-    # its tip (0.654 -> 0.251), so did up to three widenings a slice (hcc2144 at 0.77 of its area 0.843 -> 0.639).
-    # None: off (needs the intensity refinement, which gives the organ's mode).
+    # parenchyma-like); 0.5 cost lits117's lesions (jittered boxes 0.814 -> 0.799). With 0.7, 15 mm instead of 10
+    # cost hcc0697 boxed on slice 17 (0.654 -> 0.251) and up to three widenings a slice cost hcc2144 boxed on
+    # slice 36 (0.843 -> 0.639). A wider mask the leak guard would stop is never taken. Re-propagation after a
+    # fix does not widen. None: off (needs the intensity refinement, which gives the organ's mode).
     wider_box_mm: float | None = 10.0
     wider_min_keep: float = 0.9
     wider_max_growth: float = 1.5
@@ -499,21 +500,24 @@ class _Propagator:
 
     def _widen(self, k: int, box, mask: np.ndarray, prediction, prev_mask: np.ndarray):
         """(box, mask, prediction) of an organ's slice ``k``: those given, or those of the box widened by
-        ``OrganTrackSettings.wider_box_mm`` on every side when its mask passes the checks described there."""
+        ``OrganTrackSettings.wider_box_mm`` on every side when its mask passes the checks described there. A
+        wider mask that the leak guard would stop (growth against the previous slice) is never taken."""
         o = self.organ_track
         spacing = self.predictor.volume.geometry.spacing_mm
-        wi, wj = o.wider_box_mm / spacing[0], o.wider_box_mm / spacing[1]
-        i0, j0, i1, j1 = box
-        wide = (max(i0 - wi, 0.0), max(j0 - wj, 0.0),
-                min(i1 + wi, self.shape_ji[1] - 1.0), min(j1 + wj, self.shape_ji[0] - 1.0))
+        wide = _expand_box(box, (o.wider_box_mm / spacing[0], o.wider_box_mm / spacing[1]), self.shape_ji)
         if wide == tuple(box):
             return box, mask, prediction
-        # record=False: the same slice (its embedding is cached), so progress counts it once
+        # record=False: the same slice again (its embedding is cached); computed_slices lists it once
         wide_mask, wide_prediction = self._predict(k, SlicePrompts(boxes_ij=[wide]), previous_mask=prev_mask,
                                                    record=False)
         area, wide_area = float(mask.sum()), float(wide_mask.sum())
         if (wide_area <= area or wide_area > o.wider_max_growth * area
                 or (wide_mask & mask).sum() < o.wider_min_keep * area):
+            return box, mask, prediction
+        s = self.settings
+        if s.max_growth_ratio and (wide_area * self.pixel_mm2
+                                   > s.max_growth_ratio * float(prev_mask.sum()) * self.pixel_mm2
+                                   + s.growth_allowance_mm2):
             return box, mask, prediction
         added = wide_mask & ~mask
         mode, sd = self.organ
@@ -821,7 +825,9 @@ def repropagate(
     # boxed on slice 33: without it the track under-segments slices 34..72 and the 3D Dice falls 0.952 ->
     # 0.829; with it only slices 72..74 change and it rises to 0.954).
     propagator = _Propagator(predictor, settings, postprocess, seg.slices, container_kji, None, cancel, seg.name,
-                             OrganTrackSettings(box_regrow_steps=REPROPAGATION_REGROW_STEPS))
+                             # no widening on top of the regrowth: the fix reaches one slice each way, measured
+                             # without it (benchmarks/fix_reach.py)
+                             OrganTrackSettings(box_regrow_steps=REPROPAGATION_REGROW_STEPS, wider_box_mm=None))
     scores: dict[int, float] = {}
     fresh = np.zeros_like(existing_kji)
     k_lo, k_hi = max(k_lo, k_fix - REPROPAGATION_MAX_REACH), min(k_hi, k_fix + REPROPAGATION_MAX_REACH)

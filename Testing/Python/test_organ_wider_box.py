@@ -20,8 +20,8 @@ SHAPE = (NJ, NI)
 K0 = 3
 SEED = rect(SHAPE, 30, 30, 20, 20)  # 400 px
 NORMAL = rect(SHAPE, 30, 30, 20, 22)  # what the model gives inside the propagated box: 440 px
-# The propagated box: the seed mask's box (19 px) grown by max(3 mm, 1.4 x 2.5 mm) = 3.5 mm = 4.375 px a side, 27.75 px;
-# widened by 10 mm = 12.5 px a side, 52.75 px.
+# The propagated box: the seed mask's box (19 px) grown by max(3 mm, 1.4 x 2.5 mm) = 3.5 mm = 4.375 px a
+# side, 27.75 px; widened by 10 mm = 12.5 px a side, 52.75 px.
 WIDE_FROM = 40.0
 
 
@@ -62,7 +62,6 @@ def test_the_wider_box_mask_is_kept_when_the_organ_grows_beyond_the_box() -> Non
 @pytest.mark.parametrize(
     ("wide", "why"),
     [
-        (rect(SHAPE, 30, 30, 20, 22)[:, ::-1] | NORMAL, "grows more than 1.5 x"),  # two 440 px pieces: 880 px
         (rect(SHAPE, 30, 40, 20, 30), "keeps under 90 % of the normal mask"),  # loses columns 30-39
     ],
 )
@@ -87,3 +86,36 @@ def test_off_and_for_lesions_the_box_is_never_widened() -> None:
     container = np.ones((NK, NJ, NI), dtype=bool)  # a segment inside another: a lesion track
     outcome, predictor = _run(grown, container=container)
     assert _wide_calls(predictor) == 0
+
+
+def _run_pair(normal: np.ndarray, wide: np.ndarray):
+    """As :func:`_run` with ``normal`` in the propagated box instead of ``NORMAL``."""
+
+    def script(k: int, prompts: SlicePrompts):
+        if k == K0:
+            return SEED, 0.95
+        if k != K0 + 1:
+            return np.zeros(SHAPE, dtype=bool), 0.95
+        i0, _, i1, _ = prompts.boxes_ij[0]
+        return (wide if i1 - i0 > WIDE_FROM else normal), 0.9
+
+    volume = synthetic_volume(np.full((NK, NJ, NI), 100.0))
+    seg = SegmentPrompts("liver", 1, slices={K0: SlicePrompts(boxes_ij=[box_around(SEED)])}, propagate=True)
+    return propagate_segment(seg, ScriptedPredictor(volume, script), PropagationSettings())
+
+
+def test_a_wider_mask_more_than_1_5_times_the_normal_one_is_refused() -> None:
+    normal = rect(SHAPE, 30, 30, 20, 15)  # 300 px
+    outcome = _run_pair(normal, normal | rect(SHAPE, 30, 45, 20, 8))  # 460 px: 1.53 x (the leak guard allows 662)
+    assert np.array_equal(outcome.mask_kji[K0 + 1], normal)
+    kept = normal | rect(SHAPE, 30, 45, 20, 7)  # 440 px: 1.47 x
+    assert np.array_equal(_run_pair(normal, kept).mask_kji[K0 + 1], kept)
+
+
+def test_a_wider_mask_the_leak_guard_would_stop_is_not_taken() -> None:
+    # 560 px (1.4 x the seed's 400) passes the leak guard alone (1.5 x + 40 mm^2 = 662 px); the wider mask's
+    # 800 px (1.43 x the normal mask) would stop the track there ("leak: area grew"): the normal mask is kept.
+    normal = rect(SHAPE, 30, 30, 20, 28)
+    outcome = _run_pair(normal, normal | rect(SHAPE, 30, 58, 20, 12))
+    assert np.array_equal(outcome.mask_kji[K0 + 1], normal)
+    assert outcome.tracks[0].stop_reasons["up"] == "structure ended"

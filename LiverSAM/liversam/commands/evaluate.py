@@ -122,7 +122,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--organ-seed-at", type=float, default=None, metavar="F",
-        help="one-box: draw the liver's box on the slice F (0..1) of the way from its first to its last slice "
+        help="one-box: draw the liver's box on the slice F (0..1) of the way from its first to its last slice (rounded down) "
         "instead of its largest slice (a user who boxes the slice in view); lesions keep their largest slices",
     )
     parser.add_argument(
