@@ -26,8 +26,8 @@ WIDE_FROM = 40.0
 
 
 def _run(wide_mask: np.ndarray, hu: np.ndarray | None = None, organ_track: OrganTrackSettings | None = None,
-         container: np.ndarray | None = None):  # fmt: skip
-    """Seed on K0; slice K0 + 1 gives ``NORMAL`` in the propagated box and ``wide_mask`` in a wider one."""
+         container: np.ndarray | None = None, normal: np.ndarray = NORMAL):  # fmt: skip
+    """Seed on K0; slice K0 + 1 gives ``normal`` in the propagated box and ``wide_mask`` in a wider one."""
 
     def script(k: int, prompts: SlicePrompts):
         if k == K0:
@@ -35,7 +35,7 @@ def _run(wide_mask: np.ndarray, hu: np.ndarray | None = None, organ_track: Organ
         if k != K0 + 1:
             return np.zeros(SHAPE, dtype=bool), 0.95
         i0, _, i1, _ = prompts.boxes_ij[0]
-        return (wide_mask if i1 - i0 > WIDE_FROM else NORMAL), 0.9
+        return (wide_mask if i1 - i0 > WIDE_FROM else normal), 0.9
 
     volume = synthetic_volume(np.full((NK, NJ, NI), 100.0) if hu is None else hu)
     predictor = ScriptedPredictor(volume, script)
@@ -89,19 +89,7 @@ def test_off_and_for_lesions_the_box_is_never_widened() -> None:
 
 
 def _run_pair(normal: np.ndarray, wide: np.ndarray):
-    """As :func:`_run` with ``normal`` in the propagated box instead of ``NORMAL``."""
-
-    def script(k: int, prompts: SlicePrompts):
-        if k == K0:
-            return SEED, 0.95
-        if k != K0 + 1:
-            return np.zeros(SHAPE, dtype=bool), 0.95
-        i0, _, i1, _ = prompts.boxes_ij[0]
-        return (wide if i1 - i0 > WIDE_FROM else normal), 0.9
-
-    volume = synthetic_volume(np.full((NK, NJ, NI), 100.0))
-    seg = SegmentPrompts("liver", 1, slices={K0: SlicePrompts(boxes_ij=[box_around(SEED)])}, propagate=True)
-    return propagate_segment(seg, ScriptedPredictor(volume, script), PropagationSettings())
+    return _run(wide, normal=normal)[0]
 
 
 def test_a_wider_mask_more_than_1_5_times_the_normal_one_is_refused() -> None:
