@@ -514,10 +514,7 @@ class _Propagator:
         if (wide_area <= area or wide_area > o.wider_max_growth * area
                 or (wide_mask & mask).sum() < o.wider_min_keep * area):
             return box, mask, prediction
-        s = self.settings
-        if s.max_growth_ratio and (wide_area * self.pixel_mm2
-                                   > s.max_growth_ratio * float(prev_mask.sum()) * self.pixel_mm2
-                                   + s.growth_allowance_mm2):
+        if self._leaks(wide_area, float(prev_mask.sum())):
             return box, mask, prediction
         added = wide_mask & ~mask
         mode, sd = self.organ
@@ -525,6 +522,13 @@ class _Propagator:
         if parenchyma_like.mean() < o.wider_parenchyma_fraction:
             return box, mask, prediction
         return wide, wide_mask, wide_prediction
+
+    def _leaks(self, area: float, prev_area: float) -> bool:
+        """The leak guard on sudden growth: ``area`` (voxels) more than ``max_growth_ratio`` x ``prev_area`` +
+        ``growth_allowance_mm2``."""
+        s = self.settings
+        return bool(s.max_growth_ratio) and (area * self.pixel_mm2
+                                             > s.max_growth_ratio * prev_area * self.pixel_mm2 + s.growth_allowance_mm2)
 
     def _mean_hu(self, k: int, mask: np.ndarray) -> float:
         return float(self.predictor.volume.array_kji[k][mask].mean()) if mask.any() else float("nan")
@@ -564,7 +568,7 @@ class _Propagator:
             reason = "structure ended"
         elif area < s.collapse_ratio * prev_area:
             reason = "mask collapsed"
-        elif s.max_growth_ratio and area * self.pixel_mm2 > s.max_growth_ratio * prev_area * self.pixel_mm2 + s.growth_allowance_mm2:
+        elif self._leaks(area, prev_area):
             reason = f"leak: area grew {area / max(prev_area, 1):.1f}x"
         elif s.max_mean_hu_shift is not None and abs(shift := self._mean_hu(k, mask) - seed_hu) > s.max_mean_hu_shift:
             reason = f"leak: mean HU moved {shift:+.0f} from the seed's"
