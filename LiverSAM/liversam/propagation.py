@@ -542,13 +542,16 @@ class _Propagator:
             return box, mask, prediction
         return wide, wide_mask, wide_prediction
 
-    def _dome_limit(self, step: int, prev_mask: np.ndarray, largest_area: float) -> DomeLimit | None:
+    def _dome_limit(self, step: int, prev_mask: np.ndarray, areas: dict[int, float]) -> DomeLimit | None:
         """How far towards the patient's left an organ's next slice may reach (``OrganTrackSettings.dome_fraction``),
         or None where the rule does not apply: a lesion, a walk towards inferior, a slice no smaller than
-        ``dome_fraction`` of ``largest_area`` (the track's largest so far, voxels), a scan not in axial orientation."""
+        ``dome_fraction`` of the track's largest so far (``areas``: voxels per slice), a scan not in axial
+        orientation."""
         o = self.organ_track
         if (o.dome_fraction is None or self.container is not None or self.left_i == 0 or step != self.superior_step
-                or not prev_mask.any() or float(prev_mask.sum()) >= o.dome_fraction * largest_area):
+                or not prev_mask.any()):
+            return None
+        if float(prev_mask.sum()) >= o.dome_fraction * max(areas.values()):
             return None
         columns = np.flatnonzero(prev_mask.any(axis=0))
         allowance = o.dome_left_allowance_mm / self.predictor.volume.geometry.spacing_mm[0]
@@ -589,7 +592,7 @@ class _Propagator:
         o = self.organ_track
         box = _expand_box(_box_of(prev_mask), self.margin_ij, self.shape_ji)
         logits = prev_prediction.low_res_logits if s.use_mask_prompt else None
-        dome = self._dome_limit(step, prev_mask, max(areas.values()))
+        dome = self._dome_limit(step, prev_mask, areas)
         if dome is not None:
             box = dome.clamp_box(box)
         mask, prediction = self._predict(k, SlicePrompts(boxes_ij=[box]), mask_logits=logits, previous_mask=prev_mask)
