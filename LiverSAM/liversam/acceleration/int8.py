@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic_write import atomic_path
-from .backends import BackendUnavailable, ExportEntry, _PerImageRunner
+from .backends import BackendUnavailable, ExportEntry, _PerImageRunner, openvino_cpu_config
 
 log = logging.getLogger(__name__)
 
@@ -166,14 +166,8 @@ class OpenVINOInt8Encoder(_PerImageRunner):
         try:
             import openvino as ov
 
-            config = {
-                "INFERENCE_NUM_THREADS": int(threads),
-                "PERFORMANCE_HINT": "LATENCY",
-                "NUM_STREAMS": 1,
-                "INFERENCE_PRECISION_HINT": "f32",
-                "CACHE_DIR": str(entry.folder / "openvino_cache"),
-            }
             core = ov.Core()
+            config = openvino_cpu_config(threads, "f32", entry)  # the int8 graph keeps its float parts in f32
             self._request = core.compile_model(core.read_model(str(path)), "CPU", config).create_infer_request()
         except Exception as exc:
             raise BackendUnavailable(f"OpenVINO could not compile '{path}': {exc}") from exc
