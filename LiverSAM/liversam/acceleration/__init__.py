@@ -255,7 +255,7 @@ def enable_fast_decoder(
             if name not in available_backends():
                 raise BackendUnavailable(f"the '{name}' package is not installed")
             folder = root / f"{encoder_weights_sha256(parts)}-decoder"
-            onnx_path = folder / "decoder.onnx"
+            onnx_path = folder / f"decoder-g{DECODER_GRAPH_VERSION}.onnx"
             if not onnx_path.is_file():
                 folder.mkdir(parents=True, exist_ok=True)
                 log.info("Exporting the prompt decoder to ONNX once (cached in %s) ...", folder)

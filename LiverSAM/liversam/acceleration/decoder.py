@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..atomic_write import atomic_path
+from ..models.attention_layout import use_fast_image_to_token_attention
 from .backends import BackendUnavailable, ExportEntry, relative_error
 
 log = logging.getLogger(__name__)
@@ -63,10 +64,11 @@ class PromptDecoderGraph(nn.Module):
         )
 
 
-#: Part of the mask-agreement verdict's key: a changed decoder graph is checked again. (A second graph for
-#: prompts without a mask input saved 2 of 21 ms per prompt but moved the bf16 masks enough to refuse
-#: ``bf16-rest``, min Dice 0.9821 -> 0.9791, and so cost 0.26 s per slice of encoder: not kept.)
-DECODER_GRAPH_VERSION = 1
+#: Part of the mask-agreement verdict's key and of the exported file's name: a changed decoder graph is
+#: exported and checked again. Version 2: :class:`~liversam.models.attention_layout.ImageToTokenAttention`. (A second graph for prompts without
+#: a mask input saved 2 of 21 ms per prompt on an AMD EPYC but moved the bf16 masks enough to refuse
+#: ``bf16-rest``, min Dice 0.9821 -> 0.9791; on an AMX Xeon it saved nothing: not kept.)
+DECODER_GRAPH_VERSION = 2
 
 
 def prompt_arrays(
@@ -93,7 +95,8 @@ def prompt_arrays(
 def export_decoder_onnx(network: nn.Module, path: Path) -> None:
     """Export ``network.prompt_encoder`` + ``network.mask_decoder`` to one ONNX file (N points dynamic)."""
     graph = PromptDecoderGraph(
-        copy.deepcopy(network.prompt_encoder).cpu().eval(), copy.deepcopy(network.mask_decoder).cpu().eval()
+        copy.deepcopy(network.prompt_encoder).cpu().eval(),
+        use_fast_image_to_token_attention(copy.deepcopy(network.mask_decoder)).cpu().eval(),
     )
     side = int(network.prompt_encoder.mask_input_size[0])
     grid = network.prompt_encoder.image_embedding_size
