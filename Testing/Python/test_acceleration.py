@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from liversam.acceleration import (
+    BackendUnavailable,
     BackgroundPrefetcher,
     CPUFeatures,
     available_backends,
@@ -331,6 +332,30 @@ def test_masks_that_disagree_are_refused_and_agreeing_masks_kept(model, tmp_path
     assert not refused.accepted and refused.min_dice < MIN_DICE and "below" in refused.reason
     assert cached_agreement(tmp_path, refused.key).accepted is False  # verdict kept for the next load
     assert len(list(tmp_path.glob("*-reference-masks-*.npz"))) == 1  # PyTorch reference masks computed once
+
+
+@pytest.mark.model
+def test_no_verdict_from_embeddings_the_candidate_did_not_make(model, tmp_path, check_set_slice, monkeypatch) -> None:
+    """Session 12's harness cached embeddings on disk under the predictor; the check then judged the bf16 decoder
+    on fp32 embeddings and kept full bf16. The check now refuses to judge when the candidate's encoder never ran."""
+    import liversam.predictor as predictor_module
+    from liversam.acceleration import TorchFusedEncoder
+    from liversam.acceleration.agreement import check_agreement
+
+    check_set = check_set_slice(30)
+    volume = check_set[0]
+    sha = encoder_weights_sha256(model.network)
+    with torch.no_grad():
+        cached = {k: model.network.image_encoder(predictor_module.SlicePredictor(model, volume).model_input(k)).float()
+                  for k in {c.k for c in check_set[1]}}
+    monkeypatch.setattr(predictor_module.SlicePredictor, "embedding", lambda self, k: cached[k])
+    try:
+        model.encoder_override = TorchFusedEncoder(model.network.image_encoder)
+        with pytest.raises(BackendUnavailable, match="never ran during its mask check"):
+            check_agreement(model, "torch", "fp32", sha, tmp_path, check_set=check_set)
+    finally:
+        disable_fast_encoder(model)
+    assert not list(tmp_path.glob("*-torch-fp32-*.json"))  # nothing cached
 
 
 @pytest.mark.model

@@ -152,6 +152,44 @@ def predict_masks(model, volume, cases: list[CheckCase]) -> tuple[list[np.ndarra
     return masks, (time.perf_counter() - started) / slices
 
 
+class _CountingEncoder:
+    """Wraps a candidate's encoder and counts its calls (attributes pass through to the wrapped encoder)."""
+
+    def __init__(self, encoder) -> None:
+        self.encoder, self.calls = encoder, 0
+
+    def __call__(self, images):
+        self.calls += 1
+        return self.encoder(images)
+
+    def __getattr__(self, name: str):
+        return getattr(self.encoder, name)
+
+
+def _candidate_masks(model, volume, cases: list[CheckCase], backend: str, precision: str):
+    """``predict_masks`` with the candidate's encoder; refuses to judge masks its encoder did not make.
+
+    A verdict must come from the candidate's own embeddings: embeddings served from elsewhere (a cache layered
+    over the predictor, as a development harness once did) would judge the decoder alone and keep the verdict."""
+    from .backends import BackendUnavailable
+
+    encoder = getattr(model, "encoder_override", None)
+    if encoder is None:
+        return predict_masks(model, volume, cases)
+    counting = _CountingEncoder(encoder)
+    model.encoder_override = counting
+    try:
+        masks, seconds = predict_masks(model, volume, cases)
+    finally:
+        model.encoder_override = encoder
+    if counting.calls == 0:
+        raise BackendUnavailable(
+            f"the {backend} {precision} encoder never ran during its mask check (the embeddings came from "
+            "somewhere else); no verdict was recorded"
+        )
+    return masks, seconds
+
+
 def _reference_masks(model, volume, cases, folder: Path, weights_sha: str) -> list[np.ndarray]:
     """fp32 PyTorch masks of ``cases``, from the cache or computed (and cached) now."""
     tag = cases_tag(cases)
@@ -252,7 +290,7 @@ def check_agreement(
             return cached
     reference = _reference_masks(model, volume, cases, folder, weights_sha)
     log.info("Checking %s %s masks against PyTorch fp32 on %d prompts ...", backend, precision, len(cases))
-    masks, seconds = predict_masks(model, volume, cases)
+    masks, seconds = _candidate_masks(model, volume, cases, backend, precision)
     scores = [dice(a, b) for a, b in zip(masks, reference, strict=True)]
     low, mean = min(scores), statistics.fmean(scores)
     accepted = bool(low >= MIN_DICE and mean >= MIN_MEAN_DICE)
