@@ -354,6 +354,40 @@ def test_fused_channel_layer_norm_is_the_same_function_with_the_same_parameters(
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-4)
 
 
+def test_upscaling_activation_with_a_contiguous_input_is_the_same_function():
+    """The training speed-up gives the decoder's last upscaling GELU a contiguous input: same outputs and
+    gradients for a channels-last input (the layout the decoder produces), same state-dict keys; only the last
+    parameter-free layer is wrapped, once."""
+    from liversam.training.trainer import ContiguousInputActivation, match_upscaling_layouts
+
+    torch.manual_seed(0)
+
+    def decoder():
+        d = torch.nn.Module()
+        d.output_upscaling = torch.nn.Sequential(torch.nn.ConvTranspose2d(8, 4, 2, stride=2), torch.nn.GELU())
+        net = torch.nn.Module()
+        net.mask_decoder = d
+        return net
+
+    original, changed = decoder(), decoder()
+    changed.load_state_dict(original.state_dict())
+    keys = list(changed.state_dict())
+    assert match_upscaling_layouts(changed) == 1 and match_upscaling_layouts(changed) == 0
+    assert isinstance(changed.mask_decoder.output_upscaling[1], ContiguousInputActivation)
+    assert list(changed.state_dict()) == keys
+    x = (torch.randn(2, 8, 6, 5) * 2).contiguous(memory_format=torch.channels_last)
+    a, b = original.mask_decoder.output_upscaling(x), changed.mask_decoder.output_upscaling(x)
+    assert b.is_contiguous() and torch.allclose(a, b, rtol=1e-6, atol=1e-6)  # vectorised erf: last-bit differences
+    weights = torch.randn(a.shape)
+    (a * weights).sum().backward()
+    (b * weights).sum().backward()
+    for p, q in zip(original.parameters(), changed.parameters(), strict=True):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-4)  # summed in another order
+    no_activation = decoder()
+    no_activation.mask_decoder.output_upscaling = torch.nn.Sequential(torch.nn.ConvTranspose2d(8, 4, 2, stride=2))
+    assert match_upscaling_layouts(no_activation) == 0  # a layer with parameters is never wrapped
+
+
 def test_a_batch_decoded_in_parts_gives_the_whole_batch_s_loss_and_gradients():
     """On a CPU the training step decodes a batch in parts and adds their gradients (faster: the parts'
     activations stay in the caches); every loss term is per slice, so loss and gradients are the whole batch's."""

@@ -11,7 +11,7 @@ import torch
 
 from .config import PromptSimulationConfig, autocast_dtype, resolve_precision
 from .prompt_simulation import simulate_prompt
-from .trainer import accumulate_gradients, fuse_layer_norms, micro_batch_size, set_trainable
+from .trainer import accumulate_gradients, micro_batch_size, set_trainable, speed_up_decoder_training
 
 
 def _peak_rss_mb() -> float:
@@ -49,7 +49,7 @@ def benchmark_training_throughput(
     dev = loaded.device
     chosen = resolve_precision(precision, dev)
     amp_dtype = autocast_dtype(chosen)
-    fuse_layer_norms(network)  # as the trainer does
+    speed_up_decoder_training(network)  # as the trainer does
     params = set_trainable(network, train_encoder)
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     rng = np.random.default_rng(seed)
