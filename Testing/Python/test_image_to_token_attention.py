@@ -34,11 +34,16 @@ def test_rewritten_transformer_shares_weights_and_keeps_the_state_dict() -> None
             self.transformer = TwoWayTransformer(depth=2, embedding_dim=256, num_heads=8, mlp_dim=2048)
 
     original = Decoder().eval()
-    fast = use_fast_image_to_token_attention(copy.deepcopy(original)).eval()
-    assert isinstance(fast.transformer.layers[0].cross_attn_image_to_token, ImageToTokenAttention)
+    fast = copy.deepcopy(original)
+    q_proj = fast.transformer.layers[0].cross_attn_image_to_token.q_proj
+    assert use_fast_image_to_token_attention(fast) is fast  # in place
+    swapped = fast.transformer.layers[0].cross_attn_image_to_token
+    assert isinstance(swapped, ImageToTokenAttention) and swapped.q_proj is q_proj  # the same weights
     assert not isinstance(original.transformer.layers[0].cross_attn_image_to_token, ImageToTokenAttention)
     assert original.state_dict().keys() == fast.state_dict().keys()  # the head mask is not saved
-    image, pe, points = torch.randn(1, 256, 64, 64), torch.randn(1, 256, 64, 64), torch.randn(1, 7, 256)
+    use_fast_image_to_token_attention(fast)
+    assert fast.transformer.layers[0].cross_attn_image_to_token is swapped  # swapped once
+    image, pe, points = torch.randn(2, 256, 64, 64), torch.randn(1, 256, 64, 64), torch.randn(2, 7, 256)
     with torch.no_grad():
         q0, k0 = original.transformer(image, pe, points)
         q1, k1 = fast.transformer(image, pe, points)

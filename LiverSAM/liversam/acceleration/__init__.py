@@ -260,6 +260,7 @@ def enable_fast_decoder(
                 folder.mkdir(parents=True, exist_ok=True)
                 log.info("Exporting the prompt decoder to ONNX once (cached in %s) ...", folder)
                 export_decoder_onnx(model.network, onnx_path)
+            _remove_stale_decoder_exports(folder, onnx_path)
             fast = FastPromptDecoder(onnx_path, name, threads, fallback=model.decode, precision=precision)
             entry = prepare_export(model.network.image_encoder, model.input_size, cache_dir)
             error = check_decoder(fast, model, entry, TOLERANCE[fast.precision])
@@ -270,6 +271,17 @@ def enable_fast_decoder(
         log.info("Prompt decoder backend: %s %s (logits within %.1e of PyTorch).", name, fast.precision, error)
         return name
     return "plain"
+
+
+def _remove_stale_decoder_exports(folder: Path, current: Path) -> None:
+    """Delete earlier graph versions' decoder exports beside ``current`` (best effort: a file that cannot be
+    removed is left, never an error)."""
+    for stale in folder.glob("decoder*.onnx"):
+        if stale != current:
+            try:
+                stale.unlink(missing_ok=True)
+            except OSError as exc:
+                log.debug("Could not remove the stale decoder export %s: %s", stale, exc)
 
 
 def _build(backend: str, model, precision: str, threads: int, cache_dir: Path | None, verify: bool):

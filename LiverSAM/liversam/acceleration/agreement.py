@@ -153,16 +153,18 @@ def predict_masks(model, volume, cases: list[CheckCase]) -> tuple[list[np.ndarra
 
 
 class _CountingEncoder:
-    """Wraps a candidate's encoder and counts its calls (attributes pass through to the wrapped encoder)."""
+    """Wraps a candidate's encoder and counts the images it encodes (other attributes pass through)."""
 
     def __init__(self, encoder) -> None:
-        self.encoder, self.calls = encoder, 0
+        self.encoder, self.images = encoder, 0
 
     def __call__(self, images):
-        self.calls += 1
+        self.images += int(images.shape[0]) if getattr(images, "ndim", 0) == 4 else 1
         return self.encoder(images)
 
     def __getattr__(self, name: str):
+        if name == "encoder":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.encoder, name)
 
 
@@ -170,7 +172,8 @@ def _candidate_masks(model, volume, cases: list[CheckCase], backend: str, precis
     """``predict_masks`` with the candidate's encoder; refuses to judge masks its encoder did not make.
 
     A verdict must come from the candidate's own embeddings: embeddings served from elsewhere (a cache layered
-    over the predictor, as a development harness once did) would judge the decoder alone and keep the verdict."""
+    over the predictor, as a development harness once did) would judge the decoder alone and keep the verdict.
+    So the candidate must encode at least one image per slice of the check set."""
     from .backends import BackendUnavailable
 
     encoder = getattr(model, "encoder_override", None)
@@ -182,10 +185,11 @@ def _candidate_masks(model, volume, cases: list[CheckCase], backend: str, precis
         masks, seconds = predict_masks(model, volume, cases)
     finally:
         model.encoder_override = encoder
-    if counting.calls == 0:
+    slices = len({case.k for case in cases})
+    if counting.images < slices:
         raise BackendUnavailable(
-            f"the {backend} {precision} encoder never ran during its mask check (the embeddings came from "
-            "somewhere else); no verdict was recorded"
+            f"the {backend} {precision} encoder encoded {counting.images} of the mask check's {slices} slices (the "
+            "other embeddings came from somewhere else); no verdict was recorded"
         )
     return masks, seconds
 

@@ -1,6 +1,7 @@
 """SAM's image-to-token attention laid out for CPUs: the same function, fewer slow kernels.
 
-Used by the exported prompt decoder (:mod:`liversam.acceleration.decoder`) and by training's decoder steps.
+Used by the exported prompt decoder (:mod:`liversam.acceleration.decoder`). Training keeps SAM's layout: in
+PyTorch this one was no faster there (docs/PERFORMANCE.md, session 13).
 """
 
 from __future__ import annotations

@@ -193,14 +193,12 @@ class ContiguousInputActivation(torch.nn.Module):
 
 def match_upscaling_layouts(network) -> int:
     """Give the mask decoder's last upscaling activation a contiguous input (:class:`ContiguousInputActivation`),
-    in place; 1 when replaced, 0 when the decoder has no such parameter-free last layer (or has it already)."""
+    in place; 1 when replaced, 0 when the decoder has no such stateless last layer (or has it already)."""
     upscaling = getattr(getattr(network, "mask_decoder", None), "output_upscaling", None)
     if not isinstance(upscaling, torch.nn.Sequential) or len(upscaling) == 0:
         return 0
     last = upscaling[-1]
-    if isinstance(last, ContiguousInputActivation) or any(True for _ in last.parameters()) or isinstance(
-        last, torch.nn.modules.conv._ConvNd
-    ):
+    if isinstance(last, ContiguousInputActivation) or last.state_dict():  # a layer with state keeps its keys
         return 0
     upscaling[len(upscaling) - 1] = ContiguousInputActivation(last)
     return 1
