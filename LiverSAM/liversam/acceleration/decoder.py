@@ -65,8 +65,9 @@ class PromptDecoderGraph(nn.Module):
 
 
 #: Part of the mask-agreement verdict's key and of the exported file's name: a changed decoder graph is
-#: exported and checked again. Version 2: :class:`~liversam.models.attention_layout.ImageToTokenAttention`. (A second graph for prompts without
-#: a mask input saved 2 of 21 ms per prompt on an AMD EPYC but moved the bf16 masks enough to refuse
+#: exported and checked again. Version 2: the image-to-token attention in the layout of
+#: :class:`~liversam.models.attention_layout.ImageToTokenAttention`. (A second graph for prompts without a
+#: mask input saved 2 of 21 ms per prompt on an AMD EPYC but moved the bf16 masks enough to refuse
 #: ``bf16-rest``, min Dice 0.9821 -> 0.9791; on an AMX Xeon it saved nothing: not kept.)
 DECODER_GRAPH_VERSION = 2
 

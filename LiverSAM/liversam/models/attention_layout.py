@@ -13,7 +13,7 @@ from torch import nn
 
 
 class ImageToTokenAttention(nn.Module):
-    """SAM's image-to-token attention (4096 image queries, a handful of prompt-token keys) in a CPU-friendly layout.
+    """SAM's image-to-token attention (4096 image queries, a few prompt-token keys) in a CPU-friendly layout.
 
     The same arithmetic as SAM's ``Attention`` with the few keys' heads laid out as blocks: the keys and
     values become (heads x tokens, channels) matrices that keep only their own head's channels, so the
