@@ -140,7 +140,8 @@ class OrganTrackSettings:
     # the track ran on into the heart, its left edge creeping 3.7-5.9 mm further left a slice while the liver's
     # receded (ircadb17 averaged to 3.2 / 4.8 mm slices: liver Dice 0.937 / 0.936 -> 0.957 / 0.952, and 0.916-0.939
     # -> 0.934-0.952 with the box anywhere from a fifth to four fifths of the way through the liver; four-case mean
-    # 0.9540 -> 0.9546; docs/RESULTS.md, session 12). Against the prompted slice's area instead of the largest, the
+    # 0.9540 -> 0.9546 on full-bf16 embeddings, 0.9538 with the rule on the `bf16-rest` ones users of that machine
+    # get; docs/RESULTS.md, sessions 12 and 13). Against the prompted slice's area instead of the largest, the
     # gains with the box away from the largest slice were lost. Directions come from the scan's direction matrix:
     # only where the k axis runs inferior-superior and the i axis right-left (a wrong header, as lits117's, makes
     # it act on the wrong side). Never for lesions. None: off.
