@@ -388,6 +388,57 @@ def test_upscaling_activation_with_a_contiguous_input_is_the_same_function():
     assert match_upscaling_layouts(no_activation) == 0  # a layer with parameters is never wrapped
 
 
+def test_token_major_transformer_inputs_keep_the_decoder_s_function_and_state_dict():
+    """The training speed-up hands the mask decoder's two-way transformer its image inputs in channels-last
+    memory (a forward pre-hook): LiteMedSAM's decoder gives the same logits and gradients with and without it,
+    the state dict keeps its keys, the hook is added once, and the transformer then reads contiguous tokens."""
+    from liversam.models import load_model
+    from liversam.training.prompt_simulation import TargetPrompt
+    from liversam.training.trainer import (
+        _image_inputs_token_major,
+        decode_batch,
+        set_trainable,
+        token_major_transformer_inputs,
+    )
+
+    network = load_model("litemedsam", device="cpu").network
+    set_trainable(network, "none")
+    network.train()
+    rng = np.random.default_rng(5)
+    embeddings = torch.from_numpy(rng.normal(0.0, 1.0, (3, 256, 64, 64)).astype(np.float32))
+    prompts = [TargetPrompt(box_xyxy=np.array([40 + 20 * n, 50, 150 + 10 * n, 190], np.float32)) for n in range(3)]
+    params = [p for p in network.mask_decoder.parameters() if p.requires_grad]
+    weights = torch.from_numpy(rng.normal(0.0, 1.0, (3, 1, 256, 256)).astype(np.float32))
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        network.zero_grad(set_to_none=True)
+        logits, _ = decode_batch(network, embeddings, prompts)
+        (logits * weights).sum().backward()
+        return logits.detach(), [None if p.grad is None else p.grad.clone() for p in params]
+
+    before_logits, before_grads = run()
+    assert sum(g is not None and float(g.abs().sum()) > 0 for g in before_grads) > 10
+    keys = list(network.state_dict())
+    assert token_major_transformer_inputs(network) == 1 and token_major_transformer_inputs(network) == 0
+    assert list(network.state_dict()) == keys
+    assert len(network.mask_decoder.transformer._forward_pre_hooks) == 1
+    after_logits, after_grads = run()
+    torch.testing.assert_close(after_logits, before_logits, rtol=1e-4, atol=1e-4)
+    scale = max(float(g.norm()) for g in before_grads if g is not None)
+    for a, b in zip(before_grads, after_grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None and float(a.norm()) > 1e-6 * scale:  # the key projections' biases: zero but for rounding
+            # the same sums in another order: a few of the 65536-term sums differ in their last bits
+            assert float((b - a).norm()) <= 1e-5 * float(a.norm())
+    image, pe = torch.randn(2, 8, 4, 5), torch.randn(2, 8, 4, 5)
+    tokens = torch.randn(2, 3, 8)
+    changed = _image_inputs_token_major(network.mask_decoder.transformer, (image, pe, tokens))
+    assert all(t.flatten(2).permute(0, 2, 1).is_contiguous() for t in changed[:2]) and changed[2] is tokens
+    assert torch.equal(changed[0], image) and torch.equal(changed[1], pe)
+    assert _image_inputs_token_major(network.mask_decoder.transformer, ()) is None  # called with keywords: unchanged
+    assert token_major_transformer_inputs(torch.nn.Linear(2, 2)) == 0  # no mask decoder: nothing to do
+
+
 def test_a_batch_decoded_in_parts_gives_the_whole_batch_s_loss_and_gradients():
     """On a CPU the training step decodes a batch in parts and adds their gradients (faster: the parts'
     activations stay in the caches); every loss term is per slice, so loss and gradients are the whole batch's."""

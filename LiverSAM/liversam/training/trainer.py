@@ -204,11 +204,39 @@ def match_upscaling_layouts(network) -> int:
     return 1
 
 
+def _image_inputs_token_major(module: torch.nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook of SAM's ``TwoWayTransformer(image_embedding, image_pe, point_embedding)``: the image
+    embedding and its positional encoding in channels-last memory, the same values (None: other arguments)."""
+    if len(args) < 2 or not all(isinstance(a, torch.Tensor) and a.dim() == 4 for a in args[:2]):
+        return None
+    return tuple(a.contiguous(memory_format=torch.channels_last) for a in args[:2]) + tuple(args[2:])
+
+
+def token_major_transformer_inputs(network) -> int:
+    """Hand the mask decoder's two-way transformer its image inputs in channels-last memory, in place (a forward
+    pre-hook: no new module, the state dict unchanged); 1 when added, 0 when there is no such transformer or it
+    has the hook already.
+
+    The transformer reads its N x C x H x W inputs as N x HW x C tokens (``flatten(2).permute(0, 2, 1)``). From
+    the standard layout that is a strided view, and every elementwise operation on it (the positional encoding
+    added before each attention to the image, the residual adds) and its backward pass walk memory with a stride
+    of H x W elements; from channels-last memory the same view is contiguous. A (4, 4096, 256) add took 8.0 ms
+    from the strided view and 1.1 ms from the contiguous one (fp32; bf16 6.2 / 0.5 ms) on a 2-core AVX-512 CPU,
+    and the training step went from 9.4 to 11.4 slices per second (docs/PERFORMANCE.md, session 14)."""
+    transformer = getattr(getattr(network, "mask_decoder", None), "transformer", None)
+    if not isinstance(transformer, torch.nn.Module) or getattr(transformer, "_liversam_token_major", False):
+        return 0
+    transformer.register_forward_pre_hook(_image_inputs_token_major)
+    transformer._liversam_token_major = True
+    return 1
+
+
 def speed_up_decoder_training(network) -> None:
     """The training step's CPU speed-ups, in place and without changing the function or the state dict:
-    :func:`fuse_layer_norms` and :func:`match_upscaling_layouts`."""
+    :func:`fuse_layer_norms`, :func:`match_upscaling_layouts` and :func:`token_major_transformer_inputs`."""
     fuse_layer_norms(network)
     match_upscaling_layouts(network)
+    token_major_transformer_inputs(network)
 
 
 def _batched_decoder(network) -> bool:
