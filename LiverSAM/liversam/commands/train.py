@@ -257,9 +257,11 @@ def check_run_folder(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..training import train
+    from ..training.allocator import keep_freed_memory_for_reuse
 
     check_run_folder(args)
     config = config_from_args(args)
+    keep_freed_memory_for_reuse()  # this process only trains: reuse freed activations (training/allocator.py)
     result = train(config, progress=not args.no_progress, emit_events=args.events)
     print(
         json.dumps(
