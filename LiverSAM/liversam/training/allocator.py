@@ -17,6 +17,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
+import platform
 import sys
 
 log = logging.getLogger(__name__)
@@ -24,16 +26,20 @@ log = logging.getLogger(__name__)
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
 # glibc refuses an mmap threshold above half its largest heap (32 MB on 64-bit systems), so that is the value;
-# an activation of 16-32 MB then comes from the heap. Setting the trim threshold alone would stop glibc's
-# dynamic threshold and send every allocation above 128 kB to mmap (measured: 6 slices per second).
+# an activation below 32 MB then comes from the heap. Setting either threshold stops glibc's own adjustment of
+# both, so the trim threshold alone would send every allocation above 128 kB to mmap (measured: 6 slices per
+# second).
 MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
 TRIM_THRESHOLD_BYTES = 1024 * 1024 * 1024
 
 
 def keep_freed_memory_for_reuse() -> bool:
     """Raise glibc's mmap and trim thresholds for this process; True when both were set. Does nothing (False)
-    on other C libraries and systems."""
-    if not sys.platform.startswith("linux"):
+    on other C libraries and systems, or where another allocator is preloaded (``LD_PRELOAD``: glibc's
+    ``mallopt`` would accept the values and change nothing)."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False
+    if "malloc" in os.environ.get("LD_PRELOAD", ""):  # jemalloc, tcmalloc, mimalloc: not glibc's malloc
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -42,7 +48,6 @@ def keep_freed_memory_for_reuse() -> bool:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
-    # The mmap threshold first: once it is set, glibc no longer moves it (nor the trim threshold) by itself.
     done = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
     log.debug("allocator thresholds for training %s", "set" if done else "not set")
     return done

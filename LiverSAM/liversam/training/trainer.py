@@ -226,6 +226,8 @@ def token_major_transformer_inputs(network) -> int:
     transformer = getattr(getattr(network, "mask_decoder", None), "transformer", None)
     if not isinstance(transformer, torch.nn.Module) or getattr(transformer, "_liversam_token_major", False):
         return 0
+    if any(p.device.type != "cpu" for p in transformer.parameters()):  # measured on CPUs only: a GPU keeps its path
+        return 0
     transformer.register_forward_pre_hook(_image_inputs_token_major)
     transformer._liversam_token_major = True
     return 1
