@@ -23,13 +23,17 @@ from torch import nn
 
 from ..atomic_write import atomic_path
 from ..models.attention_layout import use_fast_image_to_token_attention
+from ..models.token_major_decoder import embedding_as_tokens, predict_masks_from_tokens
 from .backends import BackendUnavailable, ExportEntry, relative_error
 
 log = logging.getLogger(__name__)
 
 
 class PromptDecoderGraph(nn.Module):
-    """Exportable prompt encoder + mask decoder: (embedding, points, labels, mask, has_mask) -> all masks."""
+    """Exportable prompt encoder + mask decoder: (image tokens, points, labels, mask, has_mask) -> all masks.
+
+    The image embedding comes in as (1, HW, C) tokens (:func:`~liversam.models.token_major_decoder.embedding_as_tokens`):
+    the graph then holds no transpose of it (see :mod:`liversam.models.token_major_decoder`)."""
 
     def __init__(self, prompt_encoder: nn.Module, mask_decoder: nn.Module) -> None:
         super().__init__()
@@ -38,7 +42,7 @@ class PromptDecoderGraph(nn.Module):
 
     def forward(
         self,
-        image_embeddings: torch.Tensor,  # (1, 256, 64, 64)
+        image_tokens: torch.Tensor,  # (1, 4096, 256): the (1, 256, 64, 64) embedding as tokens
         point_coords: torch.Tensor,  # (1, N, 2) model-input pixels (x, y); box corners included
         point_labels: torch.Tensor,  # (1, N) float: -1 padding, 0 negative, 1 positive, 2/3 box corners
         mask_input: torch.Tensor,  # (1, 1, L, L) low-res logits (zeros when unused)
@@ -56,11 +60,13 @@ class PromptDecoderGraph(nn.Module):
         dense = flag * pe.mask_downscaling(mask_input) + (1.0 - flag) * pe.no_mask_embed.weight.reshape(
             1, -1, 1, 1
         )
-        return self.mask_decoder.predict_masks(
-            image_embeddings=image_embeddings,
-            image_pe=pe.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
+        return predict_masks_from_tokens(
+            self.mask_decoder,
+            image_tokens,
+            pe.get_dense_pe().flatten(2).transpose(1, 2),  # a constant: folded at export
+            sparse,
+            dense.flatten(2).transpose(1, 2),
+            tuple(pe.image_embedding_size),
         )
 
 
@@ -68,8 +74,9 @@ class PromptDecoderGraph(nn.Module):
 #: exported and checked again. Version 2: the image-to-token attention in the layout of
 #: :class:`~liversam.models.attention_layout.ImageToTokenAttention`. (A second graph for prompts without a
 #: mask input saved 2 of 21 ms per prompt on an AMD EPYC but moved the bf16 masks enough to refuse
-#: ``bf16-rest``, min Dice 0.9821 -> 0.9791; on an AMX Xeon it saved nothing: not kept.)
-DECODER_GRAPH_VERSION = 2
+#: ``bf16-rest``, min Dice 0.9821 -> 0.9791; on an AMX Xeon it saved nothing: not kept.) Version 3: the image
+#: embedding comes in as tokens (:mod:`liversam.models.token_major_decoder`).
+DECODER_GRAPH_VERSION = 3
 
 
 def prompt_arrays(
@@ -102,7 +109,7 @@ def export_decoder_onnx(network: nn.Module, path: Path) -> None:
     side = int(network.prompt_encoder.mask_input_size[0])
     grid = network.prompt_encoder.image_embedding_size
     example = (
-        torch.zeros(1, graph.mask_decoder.transformer_dim, grid[0], grid[1]),
+        torch.zeros(1, grid[0] * grid[1], graph.mask_decoder.transformer_dim),
         torch.tensor([[[10.0, 10.0], [100.0, 120.0]]]),
         torch.tensor([[2.0, 3.0]]),
         torch.zeros(1, 1, side, side),
@@ -118,7 +125,7 @@ def export_decoder_onnx(network: nn.Module, path: Path) -> None:
                 dynamo=False,
                 opset_version=17,
                 input_names=[
-                    "image_embeddings",
+                    "image_tokens",
                     "point_coords",
                     "point_labels",
                     "mask_input",
@@ -142,6 +149,7 @@ class FastPromptDecoder:
         self.precision = precision if backend == "openvino" else "fp32"
         self.fallback = fallback
         self._lock = threading.Lock()
+        self._last_tokens: tuple[torch.Tensor, np.ndarray] | None = None
         if backend == "openvino":
             try:
                 import openvino as ov
@@ -218,7 +226,7 @@ class FastPromptDecoder:
             mask = np.zeros((1, 1, side, side), np.float32)
             has_mask = np.zeros(1, np.float32)
         feeds = [
-            np.ascontiguousarray(embedding.detach().to("cpu", torch.float32).numpy()),
+            self._tokens(embedding),
             coords,
             labels,
             np.ascontiguousarray(mask),
@@ -228,6 +236,16 @@ class FastPromptDecoder:
             masks, iou = self._run(feeds)
         chosen = slice(1, None) if multimask else slice(0, 1)
         return torch.from_numpy(masks[0, chosen][:, None].copy()), torch.from_numpy(iou[0, chosen].copy())
+
+    def _tokens(self, embedding: torch.Tensor) -> np.ndarray:
+        """The graph's (1, HW, C) image input; a slice's embedding is transposed once for all its prompts (a
+        propagated organ slice asks twice: the box and the wider box)."""
+        last = self._last_tokens
+        if last is not None and last[0] is embedding:
+            return last[1]
+        tokens = embedding_as_tokens(embedding).numpy()
+        self._last_tokens = (embedding, tokens)  # holds the embedding: its identity cannot be reused meanwhile
+        return tokens
 
     @staticmethod
     def _mask_side(embedding: torch.Tensor) -> int:
