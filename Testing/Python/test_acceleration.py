@@ -45,7 +45,8 @@ def test_earlier_decoder_graph_exports_are_removed(tmp_path) -> None:
     """A new decoder graph version is exported beside the old ones; the old files are deleted, nothing else."""
     from liversam.acceleration import _remove_stale_decoder_exports
 
-    for name in ("decoder.onnx", "decoder-g1.onnx", f"decoder-g{DECODER_GRAPH_VERSION}.onnx", "export.json"):
+    for name in ("decoder.onnx", "decoder-g1.onnx", "decoder-g2.onnx", f"decoder-g{DECODER_GRAPH_VERSION}.onnx",
+                 "export.json"):
         (tmp_path / name).write_text("x")
     _remove_stale_decoder_exports(tmp_path, tmp_path / f"decoder-g{DECODER_GRAPH_VERSION}.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"decoder-g{DECODER_GRAPH_VERSION}.onnx", "export.json"])

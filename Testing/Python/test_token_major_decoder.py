@@ -69,3 +69,10 @@ def test_one_transpose_per_slice_for_all_its_prompts(monkeypatch) -> None:
     b = fast._tokens(second)
     assert len(calls) == 2 and np.array_equal(b, real(second).numpy())
     assert np.array_equal(fast._tokens(first), a) and len(calls) == 3  # only the last slice is kept
+    first.add_(1.0)  # written in place: transposed again
+    assert np.array_equal(fast._tokens(first), real(first).numpy()) and len(calls) == 4
+    with torch.inference_mode():
+        frozen = torch.randn(1, 256, 64, 64)  # no version counter
+    fast._tokens(frozen)
+    fast._tokens(frozen)
+    assert len(calls) == 5  # transposed once: an inference tensor cannot be written in place

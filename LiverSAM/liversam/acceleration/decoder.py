@@ -15,6 +15,7 @@ import copy
 import logging
 import threading
 import warnings
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,7 @@ class PromptDecoderGraph(nn.Module):
         return predict_masks_from_tokens(
             self.mask_decoder,
             image_tokens,
-            pe.get_dense_pe().flatten(2).transpose(1, 2),  # a constant: folded at export
+            pe.get_dense_pe().flatten(2).transpose(1, 2),  # a constant subgraph: the runtimes fold it when compiling
             sparse,
             dense.flatten(2).transpose(1, 2),
             tuple(pe.image_embedding_size),
@@ -149,7 +150,7 @@ class FastPromptDecoder:
         self.precision = precision if backend == "openvino" else "fp32"
         self.fallback = fallback
         self._lock = threading.Lock()
-        self._last_tokens: tuple[torch.Tensor, np.ndarray] | None = None
+        self._last_tokens: tuple[weakref.ref, int | None, np.ndarray] | None = None
         if backend == "openvino":
             try:
                 import openvino as ov
@@ -163,12 +164,16 @@ class FastPromptDecoder:
             }
             core = ov.Core()
             requests: dict[int, object] = {}
+            try:  # read once: a later prompt size compiles from memory, whatever happens to the file meanwhile
+                base_graph = core.read_model(str(onnx_path))
+            except Exception as exc:
+                raise BackendUnavailable(f"OpenVINO could not read '{onnx_path}': {exc}") from exc
 
             def request_for(num_points: int):
                 """One graph, compiled with static shapes for each prompt size in use (a box: 2 points)."""
                 if num_points not in requests:
                     try:
-                        graph = core.read_model(str(onnx_path))
+                        graph = base_graph.clone()
                         graph.reshape({"point_coords": [1, num_points, 2], "point_labels": [1, num_points]})
                         requests[num_points] = core.compile_model(graph, "CPU", config).create_infer_request()
                     except Exception as exc:
@@ -239,17 +244,26 @@ class FastPromptDecoder:
 
     def _tokens(self, embedding: torch.Tensor) -> np.ndarray:
         """The graph's (1, HW, C) image input; a slice's embedding is transposed once for all its prompts (a
-        propagated organ slice asks twice: the box and the wider box)."""
+        propagated organ slice asks twice: the box and the wider box). The last one is remembered by a weak
+        reference (a freed embedding can never match) and its version counter (nor can one written in place)."""
         last = self._last_tokens
-        if last is not None and last[0] is embedding:
-            return last[1]
+        if last is not None and last[0]() is embedding and last[1] == _version(embedding):
+            return last[2]
         tokens = embedding_as_tokens(embedding).numpy()
-        self._last_tokens = (embedding, tokens)  # holds the embedding: its identity cannot be reused meanwhile
+        self._last_tokens = (weakref.ref(embedding), _version(embedding), tokens)
         return tokens
 
     @staticmethod
     def _mask_side(embedding: torch.Tensor) -> int:
         return int(embedding.shape[-1]) * 4
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's in-place write counter (None for inference-mode tensors, which cannot be written in place)."""
+    try:
+        return int(tensor._version)
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def decoder_test_prompts(input_size: int) -> list[dict]:
