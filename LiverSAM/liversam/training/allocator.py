@@ -2,14 +2,15 @@
 
 A decoder training step allocates and frees the same large activations (16 MB each for four slices) many
 times. glibc hands allocations above its mmap threshold straight to the kernel and returns them on free, and
-trims the heap's free top beyond its trim threshold, so each new activation page-faults its memory in again.
-On a 2-core AVX-512 EPYC (a virtual machine, where a page fault is dear) a (4, 4096, 256) add took 11.8 ms
-inside a training step against 1.1 ms on reused memory, and the step ran at 10.5 slices per second against
-11.8 with the thresholds below (docs/PERFORMANCE.md, session 14) for 30-80 MB more peak memory.
+trims the heap's free top beyond its trim threshold, so each new activation page-faults its memory in again
+(six 16 MB tensors allocated and freed 20 times: 490,996 minor page faults with glibc's defaults, 28,692 with the
+thresholds below). On a 2-core AVX-512 EPYC (a virtual machine, where a page fault is dear) the training step ran
+at 10.5 slices per second with glibc's defaults and 11.8 with these thresholds, for 30-80 MB more peak memory
+(docs/PERFORMANCE.md, session 14).
 
 The setting is process-wide, so only a process that does nothing but train calls it: ``liversam train`` (which
-LiverSAMTrain runs in a process of its own) and the training part of ``benchmarks/run_benchmarks.py`` (its last
-measurement). The server never does.
+LiverSAMTrain runs in a process of its own) and ``benchmarks/run_benchmarks.py`` just before its training
+measurement (after every other timing). The server never does.
 """
 
 from __future__ import annotations
