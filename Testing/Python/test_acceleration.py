@@ -35,6 +35,7 @@ from liversam.acceleration import (
     relative_error,
     resolve_precision,
 )
+from liversam.acceleration.backends import ENCODER_GRAPH_VERSION
 from liversam.acceleration.decoder import DECODER_GRAPH_VERSION
 from liversam.errors import ModelError
 
@@ -405,7 +406,7 @@ def test_bf16_is_kept_or_refused_by_its_masks(model, export_cache, check_set_sli
         assert current_precision(model) == "fp32" and model.decoder_override.precision == "bf16"
     finally:
         disable_fast_encoder(model)
-    verdicts = [json.loads(p.read_text()) for p in (cache / "agreement").glob(f"*-openvino+openvino-g{DECODER_GRAPH_VERSION}-bf16*.json")]
+    verdicts = [json.loads(p.read_text()) for p in (cache / "agreement").glob(f"*-openvino-e{ENCODER_GRAPH_VERSION}+openvino-g{DECODER_GRAPH_VERSION}-bf16*.json")]
     assert sorted(v["accepted"] for v in verdicts if v["precision"] == "bf16") == [False, True]  # slices 110, 30
     assert [v["accepted"] for v in verdicts if v["precision"] == "bf16-rest"] == [False]  # slice 110
 

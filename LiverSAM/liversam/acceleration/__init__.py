@@ -35,6 +35,7 @@ from .agreement import (
     load_check_set,
 )
 from .backends import (
+    ENCODER_GRAPH_VERSION,
     TOLERANCE,
     BackendUnavailable,
     OnnxRuntimeEncoder,
@@ -313,8 +314,10 @@ def _build(backend: str, model, precision: str, threads: int, cache_dir: Path | 
 
 
 def _verdict_label(encoder_backend: str, decoder_backend: str) -> str:
-    """The backends in a verdict's key; an exported decoder with its graph's version (a new graph is checked
-    again)."""
+    """The backends in a verdict's key; an exported encoder or decoder with its graph's version (a new graph is
+    checked again)."""
+    if encoder_backend in ("openvino", "onnxruntime"):
+        encoder_backend += f"-e{ENCODER_GRAPH_VERSION}"
     if decoder_backend != "plain":
         decoder_backend += f"-g{DECODER_GRAPH_VERSION}"
     return f"{encoder_backend}+{decoder_backend}"

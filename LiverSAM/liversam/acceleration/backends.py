@@ -32,11 +32,21 @@ import torch
 from torch import nn
 
 from ..atomic_write import atomic_path, write_text_atomically
+from ..models.token_major_encoder import use_token_major_layout
 
 log = logging.getLogger(__name__)
 
-#: Format of a cache entry; bump when the files written by :func:`prepare_export` change meaning.
-EXPORT_FORMAT = "liversam-encoder-export/1"
+#: Version of the exported encoder graph, part of the cache entry's format and of the mask-agreement verdict's key
+#: (a changed graph is exported and checked again). Version 2: TinyViT's token <-> image changes stated as
+#: channels-last views (:mod:`liversam.models.token_major_encoder`).
+ENCODER_GRAPH_VERSION = 2
+
+#: Format of a cache entry; changes when the files written by :func:`prepare_export` change meaning.
+EXPORT_FORMAT = f"liversam-encoder-export/{ENCODER_GRAPH_VERSION}"
+
+#: Files made from ``encoder.onnx`` (the two parts of ``bf16-rest``, the int8 model): removed when it is exported
+#: again, so none of them outlives the graph it was cut or quantised from.
+DERIVED_EXPORT_FILES = ("encoder_stem.onnx", "encoder_rest.onnx", "encoder_int8-*.xml", "encoder_int8-*.bin")
 
 #: Largest relative L2 error of a backend's embedding on the synthetic reference image against plain fp32
 #: PyTorch, checked every time a backend is loaded, by precision. fp32 backends differ only by summation
@@ -199,9 +209,12 @@ def export_onnx(encoder: nn.Module, path: Path, input_size: int) -> None:
     """Export ``encoder`` (batch 1, 3 x S x S, fp32) to one self-contained ONNX file at ``path``.
 
     Uses the TorchScript exporter (fast, one file); falls back to the torch.export-based exporter.
+    A TinyViT's blocks are exported with channels-last layout changes (same function, fewer transposes:
+    :func:`~liversam.models.token_major_encoder.use_token_major_layout`).
     Raises :class:`BackendUnavailable` when both fail.
     """
     module = copy.deepcopy(encoder).to("cpu").eval()
+    use_token_major_layout(module)
     example = reference_image(input_size)
     errors = []
     for dynamo in (False, True):
@@ -243,6 +256,9 @@ def prepare_export(encoder: nn.Module, input_size: int, cache_dir: Path | None =
     except OSError as exc:
         raise BackendUnavailable(f"cannot create the encoder cache folder '{folder}': {exc}") from exc
     log.info("Exporting the image encoder to ONNX once (cached in %s) ...", folder)
+    for pattern in DERIVED_EXPORT_FILES:
+        for stale in folder.glob(pattern):
+            stale.unlink(missing_ok=True)
     start = time.perf_counter()
     module = copy.deepcopy(encoder).to("cpu").eval()
     with torch.inference_mode():
