@@ -177,8 +177,8 @@ def repropagation_work(job: Job, seg: SegmentPrompts, fix_slices: list[int], exi
         tracks, computed = [], []
         for n, k in enumerate(fix_slices):
             job.progress(f"re-propagating '{seg.name}' from slice {k}", n, len(fix_slices))
-            outcome = repropagate(mask, seg, k, seg.slices[k], predictor, propagation, settings.slice_postprocess,
-                                  container, job.cancelled)
+            outcome = repropagate(mask, seg, k, seg.slices[k], predictor, propagation,
+                                  settings.slice_postprocess_for(container is not None), container, job.cancelled)
             mask, tracks, computed = outcome.mask_kji, tracks + outcome.tracks, computed + outcome.computed_slices
             scores.update(outcome.scores)
         job.progress("done", len(fix_slices), len(fix_slices))

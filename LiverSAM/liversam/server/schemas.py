@@ -139,7 +139,8 @@ class JobSettings(Strict):
         default=None, description="organs on slices at most this thick are predicted on every other slice and "
         "interpolated between, as `liversam segment --skip-thin-slices` (faster, slightly less accurate; null: off)")
     min_island_mm2: _number(0) = 10.0  # liversam segment's --min-island-mm2 default
-    fill_holes: bool = Field(default=True, description="fill holes in every slice mask and in each 3D result")
+    fill_holes: bool = Field(default=True, description="fill holes in every lesion's slice masks (segments inside a container) and in "
+                             "each 3D result; an organ's slice masks keep the holes the model leaves (hilum, large vessels)")
     closing_radius_mm: _number(0, 50) = Field(default=0.0, description="2D closing of every slice mask (0: none)")
     min_island_mm3: _number(0) = Field(default=0.0, description="remove 3D components smaller than this (0: none)")
     keep_largest: list[Name] | None = Field(
