@@ -30,7 +30,6 @@ from liversam.ct_io import read_ct  # noqa: E402
 from liversam.dense_crf import ORGAN_CRF, refine_with_crf  # noqa: E402
 from liversam.evaluate import read_label  # noqa: E402
 from liversam.models import load_model  # noqa: E402
-from liversam.postprocess import PostprocessSettings  # noqa: E402
 from liversam.predictor import SlicePredictor  # noqa: E402
 from liversam.prompts import SegmentPrompts, SlicePrompts  # noqa: E402
 
@@ -72,7 +71,7 @@ def run_case(case: str, data: Path, model, fixes: int, embeddings: Path | None) 
         started = time.perf_counter()
         outcome = propagation.repropagate(existing, copy.deepcopy(seg), k_fix,
                                           SlicePrompts(boxes_ij=[box_around(liver[k_fix], pad)]), predictor,
-                                          propagation.PropagationSettings(), PostprocessSettings())
+                                          propagation.PropagationSettings())
         changed = [k for k in range(len(areas)) if not np.array_equal(outcome.mask_kji[k], existing[k])]
         after = dice(outcome.mask_kji, liver)
         changes.append(after - before)

@@ -25,7 +25,7 @@ class PostprocessParameters:
     """Clean-up of a propagation (``LiverSAMLib.ServerRequests.POSTPROCESS_PARAMETERS``: sent to the server as
     its job settings; the defaults are ``liversam segment``'s)."""
 
-    # Fill holes in every lesion's slice masks and in each 3D result (the server keeps an organ's slice holes).
+    # Fill holes in the slice masks of segments clipped to the liver and in each 3D result (an organ keeps its slice holes).
     fillHoles: bool = True
     # 3D connected components smaller than this are removed (mm^3; 0 keeps all: small lesions stay).
     minIslandVolumeMm3: Annotated[float, WithinRange(0.0, 100000.0)] = 0.0

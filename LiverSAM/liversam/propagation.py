@@ -750,6 +750,12 @@ def interpolate_between(below_ji: np.ndarray, above_ji: np.ndarray, spacing_ji: 
     return out
 
 
+def default_slice_postprocess(lesion: bool) -> PostprocessSettings:
+    """The default clean-up of a segment's slice masks: holes filled for a lesion (a segment with a container),
+    kept for an organ (``liversam.pipeline.PipelineSettings.fill_organ_slice_holes``)."""
+    return PostprocessSettings(fill_holes=lesion)
+
+
 def propagate_segment(
     seg: SegmentPrompts,
     predictor: SlicePredictor,
@@ -766,13 +772,14 @@ def propagate_segment(
 
     ``method``: "liversam" (this module's walk) or "naive" (the reference loop, :func:`propagate_naive`).
     ``model_union``: when a refined lesion also takes its model's own track (None: never).
+    ``postprocess``: the slice masks' clean-up; by default :func:`default_slice_postprocess` (as the pipeline's).
     """
     if method not in PROPAGATION_METHODS:
         raise ValueError(f"propagation method '{method}': choose one of {', '.join(PROPAGATION_METHODS)}")
     settings = settings or PropagationSettings()
     if method == "naive":
         return propagate_naive(seg, predictor, settings, progress=progress, cancel=cancel)
-    postprocess = postprocess or PostprocessSettings()
+    postprocess = postprocess or default_slice_postprocess(container_kji is not None)
     propagator = _Propagator(predictor, settings, postprocess, seg.slices, container_kji, progress, cancel, seg.name,
                              organ_track)
     out = np.zeros(predictor.volume.geometry.shape_kji, dtype=bool)
@@ -880,7 +887,7 @@ def repropagate(
     every other object is left exactly as it was. ``seg`` gains the new prompts.
     """
     settings = settings or PropagationSettings()
-    postprocess = postprocess or PostprocessSettings()
+    postprocess = postprocess or default_slice_postprocess(container_kji is not None)
     nk = existing_kji.shape[0]
     others = [k for k in seg.slices if k != k_fix]
     below = max((k for k in others if k < k_fix), default=-1)

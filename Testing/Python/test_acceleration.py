@@ -569,18 +569,29 @@ def test_int8_is_kept_or_refused_by_its_masks(model, export_cache, check_set_sli
         disable_fast_encoder(model)
 
 
-def test_agreement_keys_are_short_safe_file_names_that_change_with_what_decides_the_verdict() -> None:
+def test_agreement_keys_are_short_safe_file_names_that_change_with_what_decides_the_verdict(monkeypatch) -> None:
     """A verdict's file name (written atomically, its temporary name holding it twice) stays far below 255
-    characters whatever the runtime's version string; another check set or decoder graph gets another key."""
+    characters whatever the runtime's version string; another check set, encoder or decoder graph, or runtime
+    version gets another key."""
     import re
 
-    from liversam.acceleration.agreement import agreement_key
+    import openvino
+
+    from liversam.acceleration import _verdict_label
+    from liversam.acceleration.agreement import agreement_key, runtime_version
 
     sha = "7726600575fa8964a1a7099c8887fa69a116d9d85b9fafea38be985acdcea1cd"
-    label = f"openvino+openvino-g{DECODER_GRAPH_VERSION}"
+    label = _verdict_label("openvino", "openvino")
+    assert label == f"openvino-e{ENCODER_GRAPH_VERSION}+openvino-g{DECODER_GRAPH_VERSION}"
+    assert runtime_version(label) == f"openvino-{openvino.__version__}"  # the runtime, whatever the graph versions
     key = agreement_key(sha, label, "int8-21efdaf83c", "fe81ce14")
     assert len(key) <= 100 and re.fullmatch(r"[A-Za-z0-9+_-]+", key), key
     assert key.startswith(f"{sha[:32]}-{label}-int8-21efdaf83c-")
     assert agreement_key(sha, label, "int8-21efdaf83c", "0badcafe") != key
-    assert agreement_key(sha, f"openvino+openvino-g{DECODER_GRAPH_VERSION + 1}", "int8-21efdaf83c", "fe81ce14") != key
+    assert agreement_key(sha, f"openvino-e{ENCODER_GRAPH_VERSION}+openvino-g{DECODER_GRAPH_VERSION + 1}",
+                         "int8-21efdaf83c", "fe81ce14") != key
+    assert agreement_key(sha, f"openvino-e{ENCODER_GRAPH_VERSION + 1}+openvino-g{DECODER_GRAPH_VERSION}",
+                         "int8-21efdaf83c", "fe81ce14") != key
     assert agreement_key(sha, label, "bf16", "fe81ce14") != key
+    monkeypatch.setattr(openvino, "__version__", openvino.__version__ + "-another-build")
+    assert agreement_key(sha, label, "int8-21efdaf83c", "fe81ce14") != key

@@ -220,8 +220,9 @@ def _reference_masks(model, volume, cases, folder: Path, weights_sha: str) -> li
 def runtime_version(backend: str) -> str:
     """Version of the library that runs ``backend`` (part of the cache key: a new runtime is re-checked).
 
-    ``backend`` may name the encoder and decoder runtimes as ``encoder+decoder``; the encoder's counts."""
-    backend = backend.split("+")[0]
+    ``backend`` may name the encoder and decoder runtimes as ``encoder+decoder``, each with its graph's version
+    (``openvino-e2+openvino-g3``); the encoder's runtime counts."""
+    backend = backend.split("+")[0].split("-")[0]
     try:
         if backend == "openvino":
             import openvino

@@ -256,9 +256,13 @@ def prepare_export(encoder: nn.Module, input_size: int, cache_dir: Path | None =
     except OSError as exc:
         raise BackendUnavailable(f"cannot create the encoder cache folder '{folder}': {exc}") from exc
     log.info("Exporting the image encoder to ONNX once (cached in %s) ...", folder)
-    for pattern in DERIVED_EXPORT_FILES:
+    for pattern in DERIVED_EXPORT_FILES:  # best effort: a file left over is only ever read with its own graph's key
         for stale in folder.glob(pattern):
-            stale.unlink(missing_ok=True)
+            try:
+                stale.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("Could not remove the stale export %s: %s", stale, exc)
+    shutil.rmtree(folder / "openvino_cache", ignore_errors=True)  # compiled blobs of the old graph
     start = time.perf_counter()
     module = copy.deepcopy(encoder).to("cpu").eval()
     with torch.inference_mode():
