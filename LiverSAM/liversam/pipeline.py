@@ -22,6 +22,7 @@ from . import __version__
 from .dense_crf import CRFSettings, refine_with_crf
 from .errors import Cancelled, PromptError
 from .intensity_refinement import box_region
+from .organ_rim import OrganRimSettings, trim_partial_volume_rim
 from .postprocess import (
     Postprocess3DSettings,
     PostprocessSettings,
@@ -75,6 +76,10 @@ class PipelineSettings:
     # 0.9534 / 0.9536 / 0.9536 filled, 0.9545 / 0.9545 / 0.9547 not (ircadb17 0.9692 -> 0.9721, no case lower);
     # tumour 0.7802 / 0.7688 / 0.7203 -> 0.7842 / 0.7700 / 0.7186 (docs/RESULTS.md, session 15).
     fill_organ_slice_holes: bool = False
+    # An organ's (a segment with no container) dark partial-volume rim is trimmed from its final mask, last,
+    # the voxels of the segments inside it kept (:mod:`liversam.organ_rim`). Part of the intensity refinement
+    # (off with it, and for the naive loop). None: off.
+    organ_rim: OrganRimSettings | None = field(default_factory=OrganRimSettings)
 
     def slice_postprocess_for(self, lesion: bool) -> PostprocessSettings:
         """The 2D clean-up of one segment's slice masks: ``lesion`` for a segment inside a container."""
@@ -174,6 +179,22 @@ def _fill_lesions_between_slices(ordered: list[SegmentPrompts], result: Segmenta
             masks[seg.name] = by_name[seg.name].mask_kji = filled
 
 
+def _trim_organ_rims(volume, ordered: list[SegmentPrompts], result: SegmentationResult,
+                     masks: dict[str, np.ndarray], rim: OrganRimSettings) -> None:
+    """Each organ of this run (a segment with no container) without its dark partial-volume rim; the voxels
+    of the segments inside it stay in it (the lesions keep their container)."""
+    by_name = {s.name: s for s in result.segments}
+    for seg in ordered:
+        if seg.inside or seg.name not in by_name:
+            continue
+        keep = None
+        for inner in ordered:
+            if inner.inside == seg.name and inner.name in masks:
+                keep = masks[inner.name].copy() if keep is None else np.logical_or(keep, masks[inner.name], out=keep)
+        masks[seg.name] = by_name[seg.name].mask_kji = trim_partial_volume_rim(
+            masks[seg.name], volume.array_kji, rim, keep_kji=keep)
+
+
 def segment_volume(
     volume,
     segment_prompts: list[SegmentPrompts],
@@ -236,6 +257,9 @@ def segment_volume(
         _refine_with_crf(volume, ordered, result, masks, settings.crf, spacing_kji, progress, cancel)
     if settings.fill_lesions_between_slices and settings.propagation_method != "naive":
         _fill_lesions_between_slices(ordered, result, masks)
+    if (settings.organ_rim is not None and settings.propagation.intensity_refinement
+            and settings.propagation_method != "naive"):
+        _trim_organ_rims(volume, ordered, result, masks, settings.organ_rim)
     # Restore the prompts-file order for output, then apply "a later segment wins".
     order = {s.name: n for n, s in enumerate(segment_prompts)}
     result.segments.sort(key=lambda s: order[s.name])

@@ -38,7 +38,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--opening-mm", type=float, default=0.0, help="2D morphological opening radius (mm)")
     p.add_argument("--closing-mm", type=float, default=0.0, help="2D morphological closing radius (mm)")
     p.add_argument("--no-intensity-refinement", action="store_true",
-                   help="propagate with the model's masks alone (no liver/tumour intensity refinement)")
+                   help="propagate with the model's masks alone (no liver/tumour intensity refinement, no trim of "
+                   "the liver's dark rim)")
     p.add_argument("--crf", default="auto", metavar="SEGMENTS",
                    help="refine these segments (comma-separated names, 'all', or 'none') with a dense CRF on the CT "
                    "after propagation (default 'auto': every segment where pydensecrf2 is installed, as setup.sh "

@@ -1,0 +1,153 @@
+"""An organ's dark partial-volume rim is trimmed from its final mask; its parenchyma and the lesions inside it stay.
+
+The phantom: a liver disc of parenchyma (100 HU, noise SD 8) whose outermost voxel is partial-volume rim
+(20 HU), fat outside (-100 HU), and a hypodense lesion (30 HU) on the liver's edge. The model's stand-in returns
+the disc with its rim. Expected masks come from the phantom's geometry, not from the code under test.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from liversam.organ_rim import OrganRimSettings, trim_partial_volume_rim
+from liversam.pipeline import PipelineSettings, segment_volume
+from liversam.prompts import SegmentPrompts, SlicePrompts
+from scripted_predictor import ScriptedPredictor, synthetic_volume
+
+NK, NJ, NI = 10, 64, 64
+ORGAN_SLICES = range(2, 8)
+
+
+def _disc(cj: float, ci: float, radius: float) -> np.ndarray:
+    jj, ii = np.mgrid[:NJ, :NI]
+    return (jj - cj) ** 2 + (ii - ci) ** 2 <= radius**2
+
+
+OUTLINE = _disc(32, 32, 22)  # the model's mask: parenchyma and its rim
+INTERIOR = _disc(32, 32, 19)  # parenchyma two voxels or more inside the rim
+PARENCHYMA = _disc(32, 32, 21)  # inside the rim (a voxel wide: within the default two voxels)
+RIM = OUTLINE & ~PARENCHYMA
+LESION = _disc(32, 52, 5) & OUTLINE  # on the liver's edge, through the rim
+LESION_BOX = (46.0, 26.0, 55.0, 38.0)
+
+
+def _ct(rim_hu: float = 20.0, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    hu = np.full((NK, NJ, NI), -100.0)
+    for k in ORGAN_SLICES:
+        hu[k][PARENCHYMA] = 100.0 + rng.normal(0.0, 8.0, PARENCHYMA.sum())
+        hu[k][RIM] = rim_hu
+        hu[k][LESION] = 30.0
+    return hu
+
+
+def _organ() -> np.ndarray:
+    organ = np.zeros((NK, NJ, NI), bool)
+    organ[list(ORGAN_SLICES)] = OUTLINE
+    return organ
+
+
+def _assert_parenchyma_kept(mask: np.ndarray, k: int) -> None:
+    """All parenchyma kept but a few voxels at the digital disc's corners beside the rim (there most of a voxel's
+    3 x 3 neighbours are rim or fat, so its median is dark)."""
+    assert mask[INTERIOR].all(), f"slice {k}: parenchyma inside the organ trimmed"
+    lost = (PARENCHYMA & ~mask).sum()
+    assert lost <= 0.02 * PARENCHYMA.sum(), f"slice {k}: {lost} parenchyma voxels trimmed"
+
+
+def test_the_dark_rim_goes_the_parenchyma_and_the_kept_lesion_stay() -> None:
+    ct, organ = _ct(), _organ()
+    ct_before, organ_before = ct.copy(), organ.copy()
+    keep = np.zeros_like(organ)
+    keep[list(ORGAN_SLICES)] = LESION
+    out = trim_partial_volume_rim(organ, ct, OrganRimSettings(), keep_kji=keep)
+    np.testing.assert_array_equal(ct, ct_before)  # inputs only read
+    np.testing.assert_array_equal(organ, organ_before)
+    for k in ORGAN_SLICES:
+        _assert_parenchyma_kept(out[k], k)
+        assert out[k][LESION].all(), f"slice {k}: the lesion inside the organ was trimmed"
+        rim_left = out[k] & RIM & ~LESION
+        assert rim_left.sum() <= 0.05 * (RIM & ~LESION).sum(), f"slice {k}: {rim_left.sum()} rim voxels left"
+    assert not out[[0, 1, 8, 9]].any()
+
+
+def test_without_the_lesion_kept_its_dark_edge_goes_too_and_a_sharp_bright_edge_is_never_cut() -> None:
+    out = trim_partial_volume_rim(_organ(), _ct())
+    assert not (out[5] & RIM & LESION).any()  # dark like the rim: only ``keep_kji`` protects it
+    sharp = trim_partial_volume_rim(_organ(), _ct(rim_hu=100.0))  # the rim is parenchyma: an organ on fat
+    for k in ORGAN_SLICES:  # only single-voxel spurs of the digital disc's outline, where fat is most of the 3 x 3
+        assert sharp[k][INTERIOR].all()
+        assert (OUTLINE & ~LESION & ~sharp[k]).sum() <= 0.1 * RIM.sum()
+
+
+def test_nothing_to_trim_gives_the_same_mask_back() -> None:
+    empty = np.zeros((NK, NJ, NI), bool)
+    assert not trim_partial_volume_rim(empty, _ct()).any()
+    tiny = np.zeros((NK, NJ, NI), bool)
+    tiny[5, 30:34, 30:34] = True  # no parenchyma off the rim to measure
+    np.testing.assert_array_equal(trim_partial_volume_rim(tiny, _ct()), tiny)
+    organ = _organ()
+    np.testing.assert_array_equal(trim_partial_volume_rim(organ, _ct(), OrganRimSettings(rim_voxels=0)), organ)
+
+
+def _predict(k: int, prompts: SlicePrompts):
+    (box,) = prompts.boxes_ij
+    if k not in ORGAN_SLICES:
+        return np.zeros((NJ, NI), bool), 0.95
+    if box[2] - box[0] > 30:  # the liver's box
+        return OUTLINE, 0.95
+    return LESION, 0.9
+
+
+def _segments() -> list[SegmentPrompts]:
+    liver = SegmentPrompts("liver", 1, (0.9, 0.5, 0.4), propagate=True)
+    liver.slices[5] = SlicePrompts(boxes_ij=[(9.0, 9.0, 55.0, 55.0)])
+    tumour = SegmentPrompts("tumor", 2, (0.3, 0.6, 0.9), inside="liver", propagate=True)
+    tumour.slices[5] = SlicePrompts(boxes_ij=[LESION_BOX])
+    return [liver, tumour]
+
+
+@pytest.mark.parametrize("trim", [True, False])
+def test_the_pipeline_trims_the_organ_and_its_lesion_keeps_its_container(trim: bool) -> None:
+    volume = synthetic_volume(_ct(), (1.0, 1.0, 2.5))
+    settings = PipelineSettings(later_segment_wins=False) if trim else PipelineSettings(
+        later_segment_wins=False, organ_rim=None)
+    liver, tumour = (s.mask_kji for s in segment_volume(volume, _segments(), ScriptedPredictor(volume, _predict),
+                                                          settings).segments)
+    for k in ORGAN_SLICES:
+        _assert_parenchyma_kept(liver[k] | tumour[k], k)
+        assert tumour[k].any() and not (tumour[k] & ~liver[k]).any(), f"slice {k}: the lesion left its container"
+        rim_kept = (liver[k] & RIM & ~tumour[k]).sum()
+        if trim:
+            assert rim_kept <= 0.05 * RIM.sum(), f"slice {k}: the organ's dark rim was not trimmed"
+        elif k == 5:  # the prompted slice (the propagated ones' intensity pruning may take some of a rim this dark)
+            assert rim_kept == (RIM & ~tumour[k]).sum()
+
+
+def test_a_fix_re_propagated_by_the_server_trims_only_the_voxels_it_adds() -> None:
+    from types import SimpleNamespace
+
+    from liversam.server.jobs import Job, repropagation_work
+
+    volume = synthetic_volume(_ct(), (1.0, 1.0, 2.5))
+    predictor = ScriptedPredictor(volume, _predict)
+    session = SimpleNamespace(volume=volume, predictor=lambda model: predictor, closed=False)
+    existing = np.zeros((NK, NJ, NI), bool)
+    existing[list(ORGAN_SLICES)] = INTERIOR  # the organ as an earlier run left it (too small on every slice)
+    liver = _segments()[0]
+    liver.slices = {2: SlicePrompts(boxes_ij=[(9.0, 9.0, 55.0, 55.0)])}
+    fix = SlicePrompts(boxes_ij=[(9.0, 9.0, 55.0, 55.0)])
+    liver.slices[5] = fix
+    for trim in (True, False):
+        settings = PipelineSettings() if trim else PipelineSettings(organ_rim=None)
+        job = Job("j", session, "owner", "repropagate")
+        out = repropagation_work(job, liver, [5], existing, None, settings)(predictor.model).result.segments[0].mask_kji
+        assert out[5][INTERIOR].all() and out[5][PARENCHYMA].sum() >= 0.97 * PARENCHYMA.sum()
+        rim_kept = (out[5] & RIM).sum()
+        if trim:
+            assert rim_kept <= 0.05 * RIM.sum(), f"{rim_kept} voxels of the dark rim the fix added were kept"
+        else:
+            assert rim_kept == RIM.sum()
+        changed = [k for k in range(NK) if not np.array_equal(out[k], existing[k])]
+        assert set(changed) <= {4, 5, 6}, changed  # the fix and its reach; the rest as it was
