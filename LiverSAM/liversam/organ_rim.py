@@ -5,7 +5,8 @@ organ, part fat: darker than the parenchyma, and left out by radiologists' label
 organ's final mask, the voxels within ``rim_voxels`` of its outline on their slice whose HU (the median of the
 3 x 3 voxels around, on that slice: edge-preserving, so a voxel of parenchyma on a sharp edge keeps its value and
 only voxels that are themselves dark count) lies more than ``dark_sd`` standard deviations below the organ's
-parenchyma (the mode and spread of the same smoothed HU over the organ's voxels off the rim). Voxels of a
+parenchyma (the mode and spread of the same smoothed HU over the organ's voxels off the rim), and whose own HU is
+below that mode. Voxels of a
 segment inside the organ (a lesion) are never removed: a hypodense lesion on the organ's surface is as dark
 as its partial-volume rim, and the lesion keeps its container.
 
@@ -77,7 +78,9 @@ def trim_partial_volume_rim(
     if core.sum() < MIN_CORE_VOXELS:
         return organ.copy()
     mode, sd = parenchyma_statistics(smoothed[core])
-    dark = rim & (smoothed < mode - s.dark_sd * sd)
+    # dark around and itself darker than the parenchyma: a voxel of parenchyma that sticks out of a sharp edge
+    # (its 3 x 3 median is the fat around it) stays
+    dark = rim & (smoothed < mode - s.dark_sd * sd) & (ct < mode)
     if keep_kji is not None:
         dark &= ~np.asarray(keep_kji, dtype=bool)[box]
     out = organ.copy()

@@ -280,7 +280,8 @@ def test_the_organ_crf_refines_thick_slices_and_leaves_thin_slices_as_they_are()
         predictor = ScriptedPredictor(volume, {k: (noisy[k], 0.9) for k in range(truth.shape[0])})
         box = SlicePrompts(boxes_ij=[(5.0, 5.0, 75.0, 75.0)])
         prompts = [SegmentPrompts("liver", 1, slices={k: box for k in range(truth.shape[0]) if truth[k].any()})]
-        settings = PipelineSettings(crf=crf_for_segments("liver", prompts))
+        # the CRF alone: without the organ's rim trim, which comes after it (test_organ_rim.py)
+        settings = PipelineSettings(crf=crf_for_segments("liver", prompts), organ_rim=None)
         result = segment_volume(volume, prompts, predictor, settings, progress=lambda stage, *_: stages.append(stage))
         refined = result.segment("liver").mask_kji
         if thickness == 1.0:
