@@ -6,24 +6,28 @@ organ's final mask, the voxels within ``rim_voxels`` of its outline on their sli
 3 x 3 voxels around, on that slice: edge-preserving, so a voxel of parenchyma on a sharp edge keeps its value and
 only voxels that are themselves dark count) lies more than ``dark_sd`` standard deviations below the organ's
 parenchyma (the mode and spread of the same smoothed HU over the organ's voxels off the rim), and whose own HU is
-below that mode. Voxels of a
-segment inside the organ (a lesion) are never removed: a hypodense lesion on the organ's surface is as dark
-as its partial-volume rim, and the lesion keeps its container.
+below that mode. A hypodense lesion on the organ's surface is as dark as the rim, so two things keep it: a dark
+piece of the slice (4-connected dark voxels of the organ) that reaches deeper than the rim is left whole (partial
+volume is a voxel or two deep, a lesion deeper), and the voxels of the segments inside the organ (``keep_kji``)
+are never removed. The first is what protects a lesion when the organ is segmented on its own (the Slicer module
+propagates the liver and each tumour in separate jobs, the tumour inside the liver the first job left).
 
 Pure NumPy / SciPy on arrays indexed [k, j, i]; the CT is only read.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
 from .intensity_refinement import parenchyma_statistics
+from .lesions import TUMOUR_NAMES
 from .postprocess import bounding_box
 
-__all__ = ["OrganRimSettings", "trim_partial_volume_rim"]
+__all__ = ["OrganRimSettings", "is_trimmed_organ", "trim_partial_volume_rim"]
 
 SMOOTHING_VOXELS = 3  # the in-plane median filter's width (voxels) for the HU of each voxel
 MIN_CORE_VOXELS = 200  # fewer organ voxels off the rim than this: no parenchyma estimate, nothing trimmed
@@ -43,6 +47,13 @@ class OrganRimSettings:
 
     rim_voxels: int = 2
     dark_sd: float = 4.0
+
+
+def is_trimmed_organ(name: str, inside: str | None) -> bool:
+    """Whether a segment's rim is trimmed: an organ, i.e. a segment with no container that is not named as a
+    tumour ("tumor", "tumor-2", "lesion", ...: a tumour segmented without its liver, whose dark necrotic or
+    cystic outline is its own)."""
+    return inside is None and re.sub(r"[-_ ]?\d+$", "", name.strip().lower()) not in TUMOUR_NAMES
 
 
 def trim_partial_volume_rim(
@@ -80,9 +91,16 @@ def trim_partial_volume_rim(
     mode, sd = parenchyma_statistics(smoothed[core])
     # dark around and itself darker than the parenchyma: a voxel of parenchyma that sticks out of a sharp edge
     # (its 3 x 3 median is the fat around it) stays
-    dark = rim & (smoothed < mode - s.dark_sd * sd) & (ct < mode)
+    dark = sub & (smoothed < mode - s.dark_sd * sd) & (ct < mode)
+    trimmed = rim & dark
+    for n in range(sub.shape[0]):
+        if trimmed[n].any() and (dark[n] & core[n]).any():
+            # a dark piece that reaches deeper than the rim is a lesion on the surface, not partial volume: kept
+            labels, _ = ndimage.label(dark[n], cross)
+            deep = np.unique(labels[dark[n] & core[n]])
+            trimmed[n] &= ~np.isin(labels, deep[deep > 0])
     if keep_kji is not None:
-        dark &= ~np.asarray(keep_kji, dtype=bool)[box]
+        trimmed &= ~np.asarray(keep_kji, dtype=bool)[box]
     out = organ.copy()
-    out[box] &= ~dark
+    out[box] &= ~trimmed
     return out

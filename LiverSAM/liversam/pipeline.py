@@ -7,7 +7,8 @@ is carried slice by slice through the volume (see :mod:`liversam.propagation`). 
 default): a pass after every segment is made (so each segment propagates exactly as without it), in
 dependency order, a segment ``inside`` another refined within that one's refined mask. Last, a propagated
 lesion (a segment ``inside`` another) takes every voxel it holds on slices on both sides at most two slices
-apart (``PipelineSettings.fill_lesions_between_slices``).
+apart (``PipelineSettings.fill_lesions_between_slices``), and each organ loses its dark partial-volume rim
+(``PipelineSettings.organ_rim``, :mod:`liversam.organ_rim`), the voxels of the segments inside it kept.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from . import __version__
 from .dense_crf import CRFSettings, refine_with_crf
 from .errors import Cancelled, PromptError
 from .intensity_refinement import box_region
-from .organ_rim import OrganRimSettings, trim_partial_volume_rim
+from .organ_rim import OrganRimSettings, is_trimmed_organ, trim_partial_volume_rim
 from .postprocess import (
     Postprocess3DSettings,
     PostprocessSettings,
@@ -179,20 +180,29 @@ def _fill_lesions_between_slices(ordered: list[SegmentPrompts], result: Segmenta
             masks[seg.name] = by_name[seg.name].mask_kji = filled
 
 
+def _organ_rim(settings: PipelineSettings) -> OrganRimSettings | None:
+    """The organ rim's trim when it applies: part of the intensity refinement, never for the naive loop."""
+    if settings.propagation.intensity_refinement and settings.propagation_method != "naive":
+        return settings.organ_rim
+    return None
+
+
 def _trim_organ_rims(volume, ordered: list[SegmentPrompts], result: SegmentationResult,
                      masks: dict[str, np.ndarray], rim: OrganRimSettings) -> None:
-    """Each organ of this run (a segment with no container) without its dark partial-volume rim; the voxels
+    """Each organ of this run (a segment with no container, not named as a tumour) without its dark rim; the voxels
     of the segments inside it stay in it (the lesions keep their container)."""
     by_name = {s.name: s for s in result.segments}
     for seg in ordered:
-        if seg.inside or seg.name not in by_name:
+        if not is_trimmed_organ(seg.name, seg.inside) or seg.name not in by_name:
             continue
         keep = None
         for inner in ordered:
             if inner.inside == seg.name and inner.name in masks:
                 keep = masks[inner.name].copy() if keep is None else np.logical_or(keep, masks[inner.name], out=keep)
-        masks[seg.name] = by_name[seg.name].mask_kji = trim_partial_volume_rim(
-            masks[seg.name], volume.array_kji, rim, keep_kji=keep)
+        segment = by_name[seg.name]
+        masks[seg.name] = segment.mask_kji = trim_partial_volume_rim(masks[seg.name], volume.array_kji, rim,
+                                                                     keep_kji=keep)
+        segment.slice_scores = {k: v for k, v in segment.slice_scores.items() if segment.mask_kji[k].any()}
 
 
 def segment_volume(
@@ -257,9 +267,9 @@ def segment_volume(
         _refine_with_crf(volume, ordered, result, masks, settings.crf, spacing_kji, progress, cancel)
     if settings.fill_lesions_between_slices and settings.propagation_method != "naive":
         _fill_lesions_between_slices(ordered, result, masks)
-    if (settings.organ_rim is not None and settings.propagation.intensity_refinement
-            and settings.propagation_method != "naive"):
-        _trim_organ_rims(volume, ordered, result, masks, settings.organ_rim)
+    rim = _organ_rim(settings)
+    if rim is not None:
+        _trim_organ_rims(volume, ordered, result, masks, rim)
     # Restore the prompts-file order for output, then apply "a later segment wins".
     order = {s.name: n for n, s in enumerate(segment_prompts)}
     result.segments.sort(key=lambda s: order[s.name])

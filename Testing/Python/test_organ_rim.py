@@ -1,8 +1,9 @@
-"""An organ's dark partial-volume rim is trimmed from its final mask; its parenchyma and the lesions inside it stay.
+"""An organ's dark partial-volume rim is trimmed from its final mask; its parenchyma and its lesions stay.
 
-The phantom: a liver disc of parenchyma (100 HU, noise SD 8) whose outermost voxel is partial-volume rim
-(20 HU), fat outside (-100 HU), and a hypodense lesion (30 HU) on the liver's edge. The model's stand-in returns
-the disc with its rim. Expected masks come from the phantom's geometry, not from the code under test.
+The phantom: a liver disc of parenchyma (100 HU, noise SD 8) whose outermost voxel is partial-volume rim (20 HU)
+on most of its outline and a sharp edge (110 HU) near a hypodense lesion (30 HU) that lies on the liver's edge and
+reaches deep into it; fat outside (-100 HU). The model's stand-in returns the disc with its rim. Expected masks come
+from the phantom's geometry, not from the code under test.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ def _disc(cj: float, ci: float, radius: float) -> np.ndarray:
 OUTLINE = _disc(32, 32, 22)  # the model's mask: parenchyma and its rim
 INTERIOR = _disc(32, 32, 19)  # parenchyma two voxels or more inside the rim
 PARENCHYMA = _disc(32, 32, 21)  # inside the rim (a voxel wide: within the default two voxels)
-RIM = OUTLINE & ~PARENCHYMA
-LESION = _disc(32, 52, 5) & OUTLINE  # on the liver's edge, through the rim
+LESION = _disc(32, 52, 5) & OUTLINE  # on the liver's edge, through the rim, 5 voxels deep
+NEAR_LESION = _disc(32, 52, 10)
+RIM = OUTLINE & ~PARENCHYMA & ~NEAR_LESION  # the dark partial-volume rim, apart from the lesion
+SHARP = OUTLINE & ~PARENCHYMA & NEAR_LESION & ~LESION  # a sharp edge beside the lesion
 LESION_BOX = (46.0, 26.0, 55.0, 38.0)
 
 
@@ -38,6 +41,7 @@ def _ct(rim_hu: float = 20.0, seed: int = 0) -> np.ndarray:
     for k in ORGAN_SLICES:
         hu[k][PARENCHYMA] = 100.0 + rng.normal(0.0, 8.0, PARENCHYMA.sum())
         hu[k][RIM] = rim_hu
+        hu[k][SHARP] = 110.0
         hu[k][LESION] = 30.0
     return hu
 
@@ -56,29 +60,30 @@ def _assert_parenchyma_kept(mask: np.ndarray, k: int) -> None:
     assert lost <= 0.02 * PARENCHYMA.sum(), f"slice {k}: {lost} parenchyma voxels trimmed"
 
 
-def test_the_dark_rim_goes_the_parenchyma_and_the_kept_lesion_stay() -> None:
+def test_the_dark_rim_goes_the_parenchyma_the_sharp_edge_and_the_deep_lesion_stay() -> None:
     ct, organ = _ct(), _organ()
     ct_before, organ_before = ct.copy(), organ.copy()
-    keep = np.zeros_like(organ)
-    keep[list(ORGAN_SLICES)] = LESION
-    out = trim_partial_volume_rim(organ, ct, OrganRimSettings(), keep_kji=keep)
+    out = trim_partial_volume_rim(organ, ct, OrganRimSettings())
     np.testing.assert_array_equal(ct, ct_before)  # inputs only read
     np.testing.assert_array_equal(organ, organ_before)
     for k in ORGAN_SLICES:
         _assert_parenchyma_kept(out[k], k)
-        assert out[k][LESION].all(), f"slice {k}: the lesion inside the organ was trimmed"
-        rim_left = out[k] & RIM & ~LESION
-        assert rim_left.sum() <= 0.05 * (RIM & ~LESION).sum(), f"slice {k}: {rim_left.sum()} rim voxels left"
+        # as dark as the rim, but a dark piece reaching deeper than the rim is a lesion: kept without being told
+        assert out[k][LESION].all(), f"slice {k}: the lesion on the organ's surface was trimmed"
+        assert out[k][SHARP].all(), f"slice {k}: a sharp edge was trimmed"
+        rim_left = (out[k] & RIM).sum()
+        assert rim_left <= 0.05 * RIM.sum(), f"slice {k}: {rim_left} voxels of the dark rim left"
     assert not out[[0, 1, 8, 9]].any()
 
 
-def test_without_the_lesion_kept_its_dark_edge_goes_too_and_a_sharp_bright_edge_is_never_cut() -> None:
-    out = trim_partial_volume_rim(_organ(), _ct())
-    assert not (out[5] & RIM & LESION).any()  # dark like the rim: only ``keep_kji`` protects it
+def test_keep_protects_a_dark_rim_and_a_sharp_edge_is_never_cut() -> None:
+    keep = np.zeros((NK, NJ, NI), bool)
+    keep[5] = RIM  # e.g. a lesion segment that is only a voxel or two deep
+    out = trim_partial_volume_rim(_organ(), _ct(), keep_kji=keep)
+    assert out[5][RIM].all() and not (out[4] & RIM).any()
     sharp = trim_partial_volume_rim(_organ(), _ct(rim_hu=110.0))  # no partial volume: an organ on fat, sharp
     for k in ORGAN_SLICES:  # even the digital disc's single-voxel spurs, whose 3 x 3 median is the fat around
-        assert sharp[k][INTERIOR].all()
-        np.testing.assert_array_equal(sharp[k] & RIM & ~LESION, RIM & ~LESION)  # (the lesion is dark)
+        np.testing.assert_array_equal(sharp[k], OUTLINE)
 
 
 def test_nothing_to_trim_gives_the_same_mask_back() -> None:
@@ -151,3 +156,40 @@ def test_a_fix_re_propagated_by_the_server_trims_only_the_voxels_it_adds() -> No
             assert rim_kept == RIM.sum()
         changed = [k for k in range(NK) if not np.array_equal(out[k], existing[k])]
         assert set(changed) <= {4, 5, 6}, changed  # the fix and its reach; the rest as it was
+
+
+def test_a_lesion_keeps_its_edge_when_the_liver_was_segmented_in_an_earlier_job() -> None:
+    """The Slicer module's order: the liver in one job (no tumour to keep), each tumour in a later job with the
+    scene's liver as its container: the lesion reaches deeper than the rim, so the liver's trim leaves it."""
+    volume = synthetic_volume(_ct(), (1.0, 1.0, 2.5))
+    runs = {}
+    for trim in (True, False):
+        settings = PipelineSettings() if trim else PipelineSettings(organ_rim=None)
+        liver = segment_volume(volume, _segments()[:1], ScriptedPredictor(volume, _predict),
+                               settings).segments[0].mask_kji
+        tumour = segment_volume(volume, _segments()[1:], ScriptedPredictor(volume, _predict), settings,
+                                containers={"liver": liver}).segments[0].mask_kji
+        runs[trim] = liver, tumour
+    (liver, tumour), (untrimmed, tumour_untrimmed) = runs[True], runs[False]
+    for k in ORGAN_SLICES:
+        assert (liver[k] & RIM).sum() <= 0.05 * RIM.sum() and (untrimmed[k] & RIM).any()
+        np.testing.assert_array_equal(liver[k] & LESION, untrimmed[k] & LESION)  # the trim left the lesion alone
+        assert (tumour[k] & LESION & ~PARENCHYMA).any()
+    np.testing.assert_array_equal(tumour, tumour_untrimmed)  # so the tumour's container did not lose it either
+
+
+def test_only_organs_are_trimmed_not_a_tumour_segmented_without_its_liver() -> None:
+    from liversam.organ_rim import is_trimmed_organ
+
+    assert is_trimmed_organ("liver", None) and is_trimmed_organ("Spleen", None)
+    assert not is_trimmed_organ("liver", "abdomen")
+    for name in ("tumor", "Tumour", "tumor-2", "lesion 3", "liver tumor"):
+        assert not is_trimmed_organ(name, None), name
+    volume = synthetic_volume(_ct(), (1.0, 1.0, 2.5))
+    alone = SegmentPrompts("tumor", 2, (0.3, 0.6, 0.9), propagate=True)
+    alone.slices[5] = SlicePrompts(boxes_ij=[(9.0, 9.0, 55.0, 55.0)])  # the stand-in returns the dark-rimmed disc
+    mask = segment_volume(volume, [alone], ScriptedPredictor(volume, _predict), PipelineSettings()).segments[0].mask_kji
+    assert mask[5][RIM].all(), "a tumour segment with no container lost its dark outline"
+    liver = SegmentPrompts("liver", 1, (0.9, 0.5, 0.4), propagate=True, slices=dict(alone.slices))
+    mask = segment_volume(volume, [liver], ScriptedPredictor(volume, _predict), PipelineSettings()).segments[0].mask_kji
+    assert not (mask[5] & RIM).sum() > 0.05 * RIM.sum()  # the same mask named as an organ is trimmed

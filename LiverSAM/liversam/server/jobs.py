@@ -22,7 +22,7 @@ from ..dense_crf import crf_for_segments
 from ..errors import Cancelled, LiverSAMError, PromptError
 from ..geometry import ImageGeometry
 from ..lesions import TUMOUR_NAMES, lesion_table
-from ..organ_rim import trim_partial_volume_rim
+from ..organ_rim import is_trimmed_organ, trim_partial_volume_rim
 from ..pipeline import PipelineSettings, segment_volume
 from ..postprocess import Postprocess3DSettings, PostprocessSettings
 from ..prompts import SegmentPrompts, SlicePrompts, parse_prompts
@@ -182,7 +182,8 @@ def repropagation_work(job: Job, seg: SegmentPrompts, fix_slices: list[int], exi
                                   settings.slice_postprocess_for(container is not None), container, job.cancelled)
             mask, tracks, computed = outcome.mask_kji, tracks + outcome.tracks, computed + outcome.computed_slices
             scores.update(outcome.scores)
-        if container is None and settings.organ_rim is not None and propagation.intensity_refinement:
+        if (container is None and is_trimmed_organ(seg.name, None) and settings.organ_rim is not None
+                and propagation.intensity_refinement):
             # as segment_volume trims an organ's dark rim: here only from the voxels the fixes added
             mask &= trim_partial_volume_rim(mask, session.volume.array_kji, settings.organ_rim) | existing
         job.progress("done", len(fix_slices), len(fix_slices))
