@@ -71,8 +71,9 @@ class PropagationParameters:
     # (segments inside another) use half of it and two thirds of the box margin (liversam.propagation.for_lesions).
     maxMeanHuShift: Annotated[float, WithinRange(0.0, 1000.0)] = 80.0
     # Intensity refinement (liversam.intensity_refinement): the liver drops tissue far brighter or darker
-    # than its parenchyma on the prompted slice (a run into the kidney); a tumour keeps only the parts of
-    # each slice's mask that differ from the liver's parenchyma the way its box does.
+    # than its parenchyma on the prompted slice (a run into the kidney) and, at the end, its dark partial-volume
+    # rim (liversam.organ_rim); a tumour keeps only the parts of each slice's mask that differ from the liver's
+    # parenchyma the way its box does.
     intensityRefinement: bool = True
     # Faster on thin slices: the liver (a segment with no container) on slices at most this thick (mm, under
     # 3) is predicted on every other slice and interpolated between (``skip_thin_slices_mm``; 0: off).

@@ -92,7 +92,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-intensity-refinement",
         action="store_true",
-        help="one-box: propagate with the model's masks alone (no liver/tumour intensity refinement)",
+        help="one-box: propagate with the model's masks alone (no liver/tumour intensity refinement, no trim of "
+        "the liver's dark rim)",
     )
     parser.add_argument(
         "--crf",
