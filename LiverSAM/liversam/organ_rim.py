@@ -7,10 +7,14 @@ organ's final mask, the voxels within ``rim_voxels`` of its outline on their sli
 only voxels that are themselves dark count) lies more than ``dark_sd`` standard deviations below the organ's
 parenchyma (the mode and spread of the same smoothed HU over the organ's voxels off the rim), and whose own HU is
 below that mode. A hypodense lesion on the organ's surface is as dark as the rim, so two things keep it: a dark
-piece of the slice (4-connected dark voxels of the organ) that reaches deeper than the rim is left whole (partial
-volume is a voxel or two deep, a lesion deeper), and the voxels of the segments inside the organ (``keep_kji``)
-are never removed. The first is what protects a lesion when the organ is segmented on its own (the Slicer module
-propagates the liver and each tumour in separate jobs, the tumour inside the liver the first job left).
+piece of the slice (4-connected dark voxels of the organ) with any voxel more than ``rim_voxels`` 4-connected steps
+in from the outline is left whole, and the voxels of the segments inside the organ (``keep_kji``) are never
+removed. The first is what protects a lesion when the organ is segmented on its own (the Slicer module propagates
+the liver and each tumour in separate jobs, the tumour inside the liver the first job left). It also keeps, whole, a
+dark band a little over two voxels wide where it reaches that depth (along a diagonal stretch of the outline, two
+voxels across are three steps deep), so what the trim removes is mostly a band about a voxel thick; the stricter
+alternative (straight-line depth, only the voxels near the deep ones kept) traded the lesions of the two-job flow for
+0.0005 of liver Dice (docs/RESULTS.md, session 16).
 
 Pure NumPy / SciPy on arrays indexed [k, j, i]; the CT is only read.
 """

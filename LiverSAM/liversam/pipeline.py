@@ -8,7 +8,8 @@ default): a pass after every segment is made (so each segment propagates exactly
 dependency order, a segment ``inside`` another refined within that one's refined mask. Last, a propagated
 lesion (a segment ``inside`` another) takes every voxel it holds on slices on both sides at most two slices
 apart (``PipelineSettings.fill_lesions_between_slices``), and each organ loses its dark partial-volume rim
-(``PipelineSettings.organ_rim``, :mod:`liversam.organ_rim`), the voxels of the segments inside it kept.
+(``PipelineSettings.organ_rim``, :mod:`liversam.organ_rim`: not a segment named as a tumour; a dark piece reaching
+deeper than the rim and the voxels of the segments inside the organ kept).
 """
 
 from __future__ import annotations
@@ -77,8 +78,9 @@ class PipelineSettings:
     # 0.9534 / 0.9536 / 0.9536 filled, 0.9545 / 0.9545 / 0.9547 not (ircadb17 0.9692 -> 0.9721, no case lower);
     # tumour 0.7802 / 0.7688 / 0.7203 -> 0.7842 / 0.7700 / 0.7186 (docs/RESULTS.md, session 15).
     fill_organ_slice_holes: bool = False
-    # An organ's (a segment with no container) dark partial-volume rim is trimmed from its final mask, last,
-    # the voxels of the segments inside it kept (:mod:`liversam.organ_rim`). Part of the intensity refinement
+    # An organ's (a segment with no container, not named as a tumour) dark partial-volume rim is trimmed from its
+    # final mask, last; a dark piece reaching deeper than the rim and the segments inside it stay
+    # (:mod:`liversam.organ_rim`). Part of the intensity refinement
     # (off with it, and for the naive loop). None: off.
     organ_rim: OrganRimSettings | None = field(default_factory=OrganRimSettings)
 

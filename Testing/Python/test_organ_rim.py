@@ -28,7 +28,7 @@ def _disc(cj: float, ci: float, radius: float) -> np.ndarray:
 OUTLINE = _disc(32, 32, 22)  # the model's mask: parenchyma and its rim
 INTERIOR = _disc(32, 32, 19)  # parenchyma two voxels or more inside the rim
 PARENCHYMA = _disc(32, 32, 21)  # inside the rim (a voxel wide: within the default two voxels)
-LESION = _disc(32, 52, 5) & OUTLINE  # on the liver's edge, through the rim, 5 voxels deep
+LESION = _disc(32, 52, 5) & OUTLINE  # on the liver's edge, through the rim, 8 voxels deep
 NEAR_LESION = _disc(32, 52, 10)
 RIM = OUTLINE & ~PARENCHYMA & ~NEAR_LESION  # the dark partial-volume rim, apart from the lesion
 SHARP = OUTLINE & ~PARENCHYMA & NEAR_LESION & ~LESION  # a sharp edge beside the lesion
@@ -140,6 +140,7 @@ def test_a_fix_re_propagated_by_the_server_trims_only_the_voxels_it_adds() -> No
     session = SimpleNamespace(volume=volume, predictor=lambda model: predictor, closed=False)
     existing = np.zeros((NK, NJ, NI), bool)
     existing[list(ORGAN_SLICES)] = INTERIOR  # the organ as an earlier run left it (too small on every slice)
+    existing[6] = OUTLINE  # ... but with its dark rim on slice 6, which the fix reaches and predicts the same
     liver = _segments()[0]
     liver.slices = {2: SlicePrompts(boxes_ij=[(9.0, 9.0, 55.0, 55.0)])}
     fix = SlicePrompts(boxes_ij=[(9.0, 9.0, 55.0, 55.0)])
@@ -156,6 +157,7 @@ def test_a_fix_re_propagated_by_the_server_trims_only_the_voxels_it_adds() -> No
             assert rim_kept == RIM.sum()
         changed = [k for k in range(NK) if not np.array_equal(out[k], existing[k])]
         assert set(changed) <= {4, 5, 6}, changed  # the fix and its reach; the rest as it was
+        np.testing.assert_array_equal(out[6] & RIM, RIM)  # voxels the user had before the fix are never trimmed
 
 
 def test_a_lesion_keeps_its_edge_when_the_liver_was_segmented_in_an_earlier_job() -> None:
@@ -193,3 +195,29 @@ def test_only_organs_are_trimmed_not_a_tumour_segmented_without_its_liver() -> N
     liver = SegmentPrompts("liver", 1, (0.9, 0.5, 0.4), propagate=True, slices=dict(alone.slices))
     mask = segment_volume(volume, [liver], ScriptedPredictor(volume, _predict), PipelineSettings()).segments[0].mask_kji
     assert not (mask[5] & RIM).sum() > 0.05 * RIM.sum()  # the same mask named as an organ is trimmed
+
+
+def test_the_pipeline_keeps_a_shallow_lesion_of_the_run_and_drops_the_scores_of_emptied_slices() -> None:
+    volume = synthetic_volume(_ct(), (1.0, 1.0, 2.5))
+    shallow = OUTLINE & ~_disc(32, 32, 20) & _disc(32, 10, 6)  # a lesion within the rim: only the run protects it
+    tip = RIM & _disc(10, 32, 6)  # slice 7: the model's organ is a sliver of dark rim, all of it trimmed
+
+    def predict(k: int, prompts: SlicePrompts):
+        (box,) = prompts.boxes_ij
+        if box[2] - box[0] > 30:
+            return (tip if k == 7 else OUTLINE), 0.95
+        return shallow, 0.9
+
+    liver = SegmentPrompts("liver", 1, (0.9, 0.5, 0.4), propagate=False,
+                           slices={k: SlicePrompts(boxes_ij=[(9.0, 9.0, 55.0, 55.0)]) for k in ORGAN_SLICES})
+    tumour = SegmentPrompts("tumor", 2, (0.3, 0.6, 0.9), inside="liver", propagate=False,
+                            slices={5: SlicePrompts(boxes_ij=[(4.0, 24.0, 16.0, 40.0)])})
+    settings = PipelineSettings(later_segment_wins=False)
+    out = segment_volume(volume, [liver, tumour], ScriptedPredictor(volume, predict), settings)
+    liver_out, tumour_out = out.segment("liver"), out.segment("tumor")
+    assert tumour_out.mask_kji[5].any()
+    assert not (tumour_out.mask_kji & ~liver_out.mask_kji).any()  # the lesion kept its voxels in the liver
+    assert (liver_out.mask_kji[5] & shallow & RIM).any()
+    assert not (liver_out.mask_kji[4] & shallow & RIM).any()  # where no lesion was, the same dark voxels went
+    assert not liver_out.mask_kji[7].any() and 7 not in liver_out.slice_scores
+    assert 6 in liver_out.slice_scores
