@@ -22,6 +22,7 @@ Pure NumPy / SciPy on arrays indexed [k, j, i]; the CT is only read.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +32,7 @@ from .intensity_refinement import parenchyma_statistics
 from .lesions import TUMOUR_NAMES
 from .postprocess import bounding_box
 
-__all__ = ["OrganRimSettings", "is_trimmed_organ", "trim_partial_volume_rim"]
+__all__ = ["OrganRimSettings", "is_trimmed_organ", "remove_partial_volume_rim", "trim_partial_volume_rim"]
 
 SMOOTHING_VOXELS = 3  # the in-plane median filter's width (voxels) for the HU of each voxel
 MIN_CORE_VOXELS = 200  # fewer organ voxels off the rim than this: no parenchyma estimate, nothing trimmed
@@ -71,11 +72,25 @@ def trim_partial_volume_rim(
 
     ``ct_kji``: the CT in HU on the same grid. ``keep_kji``: voxels never removed (the segments inside the
     organ). An empty organ, or one too small to estimate its parenchyma off the rim, comes back unchanged."""
+    out = np.array(organ_kji, dtype=bool, copy=True)
+    remove_partial_volume_rim(out, ct_kji, settings, () if keep_kji is None else (keep_kji,))
+    return out
+
+
+def remove_partial_volume_rim(
+    organ_kji: np.ndarray,
+    ct_kji: np.ndarray,
+    settings: OrganRimSettings | None = None,
+    keep: Sequence[np.ndarray] = (),
+) -> int:
+    """:func:`trim_partial_volume_rim` written into ``organ_kji`` (a boolean array) itself, for a large CT: no
+    second whole-volume mask. ``keep``: masks whose voxels are never removed (read only inside the organ's box).
+    Returns the number of voxels removed."""
     s = settings or OrganRimSettings()
-    organ = np.asarray(organ_kji, dtype=bool)
+    organ = organ_kji
     box = bounding_box(organ)
     if box is None or s.rim_voxels <= 0:
-        return organ.copy()
+        return 0
     # The box grown by the smoothing's reach in-plane, so that outline voxels see their real neighbours.
     reach = SMOOTHING_VOXELS // 2
     box = (box[0],) + tuple(
@@ -92,7 +107,7 @@ def trim_partial_volume_rim(
             smoothed[n] = ndimage.median_filter(ct[n].astype(np.float32), SMOOTHING_VOXELS, mode="nearest")
     core = sub & ~rim
     if core.sum() < MIN_CORE_VOXELS:
-        return organ.copy()
+        return 0
     mode, sd = parenchyma_statistics(smoothed[core])
     # dark around and itself darker than the parenchyma: a voxel of parenchyma that sticks out of a sharp edge
     # (its 3 x 3 median is the fat around it) stays
@@ -104,8 +119,7 @@ def trim_partial_volume_rim(
             labels, _ = ndimage.label(dark[n], cross)
             deep = np.unique(labels[dark[n] & core[n]])
             trimmed[n] &= ~np.isin(labels, deep[deep > 0])
-    if keep_kji is not None:
-        trimmed &= ~np.asarray(keep_kji, dtype=bool)[box]
-    out = organ.copy()
-    out[box] &= ~trimmed
-    return out
+    for mask in keep:
+        trimmed &= ~np.asarray(mask, dtype=bool)[box]
+    sub &= ~trimmed  # a view of organ_kji: written in place
+    return int(trimmed.sum())

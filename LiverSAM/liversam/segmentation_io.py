@@ -105,19 +105,26 @@ def write_segmentation(
     return write_labelmap(result, path, model_name=model_name)
 
 
+def _overlaps(a: np.ndarray, b: np.ndarray, slab: int = 16) -> bool:
+    """Whether two masks [k, j, i] share a voxel, a few slices at a time (no whole-volume temporary)."""
+    return any(np.logical_and(a[k : k + slab], b[k : k + slab]).any() for k in range(0, a.shape[0], slab))
+
+
 def _assign_layers(segments: list[Segment]) -> list[int]:
-    """A layer per segment: the first layer where its label is free and it overlaps no other segment."""
-    layers: list[tuple[set[int], np.ndarray]] = []
+    """A layer per segment: the first layer where its label is free and it overlaps no other segment.
+
+    The masks are only read (no copy: the writer's memory on a large CT is the output's array and its bytes)."""
+    layers: list[tuple[set[int], list[np.ndarray]]] = []
     assignment = []
     for segment in segments:
-        for index, (labels, occupied) in enumerate(layers):
-            if segment.label not in labels and not np.any(occupied & segment.mask_kji):
+        for index, (labels, members) in enumerate(layers):
+            if segment.label not in labels and not any(_overlaps(m, segment.mask_kji) for m in members):
                 labels.add(segment.label)
-                occupied |= segment.mask_kji
+                members.append(segment.mask_kji)
                 assignment.append(index)
                 break
         else:
-            layers.append(({segment.label}, segment.mask_kji.copy()))
+            layers.append(({segment.label}, [segment.mask_kji]))
             assignment.append(len(layers) - 1)
     return assignment
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from liversam.organ_rim import OrganRimSettings, trim_partial_volume_rim
+from liversam.organ_rim import OrganRimSettings, remove_partial_volume_rim, trim_partial_volume_rim
 from liversam.pipeline import PipelineSettings, segment_volume
 from liversam.prompts import SegmentPrompts, SlicePrompts
 from scripted_predictor import ScriptedPredictor, synthetic_volume
@@ -96,6 +96,22 @@ def test_nothing_to_trim_gives_the_same_mask_back() -> None:
     np.testing.assert_array_equal(trim_partial_volume_rim(organ, _ct(), OrganRimSettings(rim_voxels=0)), organ)
 
 
+def test_the_in_place_trim_removes_what_the_copying_trim_removes_and_reads_its_keep_masks_only() -> None:
+    keep_a = np.zeros((NK, NJ, NI), bool)
+    keep_a[5] = RIM
+    keep_b = np.zeros((NK, NJ, NI), bool)
+    keep_b[3] = RIM
+    expected = trim_partial_volume_rim(_organ(), _ct(), keep_kji=keep_a | keep_b)
+    organ, ct = _organ(), _ct()
+    keeps_before = keep_a.copy(), keep_b.copy()
+    removed = remove_partial_volume_rim(organ, ct, keep=[keep_a, keep_b])
+    np.testing.assert_array_equal(organ, expected)
+    assert removed == (_organ() & ~expected).sum() > 0
+    np.testing.assert_array_equal(ct, _ct())
+    for keep, before in zip((keep_a, keep_b), keeps_before, strict=True):
+        np.testing.assert_array_equal(keep, before)
+
+
 def _predict(k: int, prompts: SlicePrompts):
     (box,) = prompts.boxes_ij
     if k not in ORGAN_SLICES:
@@ -128,6 +144,17 @@ def test_the_pipeline_trims_the_organ_and_its_lesion_keeps_its_container(trim: b
             assert rim_kept <= 0.05 * RIM.sum(), f"slice {k}: the organ's dark rim was not trimmed"
         elif k == 5:  # the prompted slice (the propagated ones' intensity pruning may take some of a rim this dark)
             assert rim_kept == (RIM & ~tumour[k]).sum()
+
+
+def test_the_propagation_outcomes_hold_the_final_masks_not_stale_copies() -> None:
+    # "a later segment wins" (the default) gives the liver a new array; the outcome kept in the provenance for the
+    # review must not keep the old one alive (a whole-volume mask per organ on a large CT)
+    volume = synthetic_volume(_ct(), (1.0, 1.0, 2.5))
+    result = segment_volume(volume, _segments(), ScriptedPredictor(volume, _predict), PipelineSettings())
+    liver = result.segments[0]
+    assert (liver.mask_kji & result.segments[1].mask_kji).sum() == 0  # the tumour was taken out of the liver
+    for segment in result.segments:
+        assert result.provenance["propagation"][segment.name].mask_kji is segment.mask_kji
 
 
 def test_a_fix_re_propagated_by_the_server_trims_only_the_voxels_it_adds() -> None:

@@ -286,3 +286,21 @@ def test_labelmap_order_decides_overlaps_and_large_labels_need_16_bits(tmp_path:
     swapped = SegmentationResult(geometry, [Segment("small", 7, b), Segment("big", 300, a)])
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(write_segmentation(swapped, tmp_path / "swapped.nrrd"))))
     assert labels[0, 2, 2] == 300 and int((labels == 7).sum()) == 12 - 4
+
+
+def test_segments_that_meet_on_one_far_slice_only_go_to_separate_layers(tmp_path: Path) -> None:
+    # the writer checks overlap a few slices at a time: a shared voxel on the last slice must still count
+    geometry = ImageGeometry((8, 6, 40), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), np.eye(3))
+    a = np.zeros(geometry.shape_kji, bool)
+    b = np.zeros(geometry.shape_kji, bool)
+    c = np.zeros(geometry.shape_kji, bool)
+    a[:, 1, 1] = True
+    b[39, 1, 1] = True  # meets a on the last slice only
+    c[0, 4, 4] = True  # meets nobody
+    segments = [Segment("liver", 1, a, (1.0, 0.0, 0.0)), Segment("tumor", 2, b, (0.0, 1.0, 0.0)),
+                Segment("vessel", 3, c, (0.0, 0.0, 1.0))]
+    path = write_segmentation(SegmentationResult(geometry=geometry, segments=segments), tmp_path / "s.seg.nrrd")
+    layers = {s["name"]: s["layer"] for s in slicerio.read_segmentation(str(path))["segments"]}
+    assert layers == {"liver": 0, "tumor": 1, "vessel": 0}
+    for segment, mask in zip(segments, (a, b, c), strict=True):
+        assert segment.mask_kji is mask and mask.sum() == {1: 40, 2: 1, 3: 1}[segment.label]  # only read
