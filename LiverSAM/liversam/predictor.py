@@ -18,7 +18,7 @@ import torch
 
 from .embedding_cache import SliceEmbeddingCache
 from .models.loaded_model import LoadedModel
-from .preprocess import SliceTransform, WindowSettings, window_slice
+from .preprocess import SliceTransform, WindowSettings, display_view, window_slice
 from .prompts import SlicePrompts
 from .volume import CTVolume
 
@@ -72,7 +72,9 @@ class SlicePredictor:
         self.volume = volume
         self.window = window or WindowSettings()
         self.cache = cache or SliceEmbeddingCache(cache_mb)
-        self.transform = SliceTransform(slice_shape=volume.array_kji.shape[1:], input_size=model.input_size)
+        # the model sees every axial slice in the radiological display, however the scan stores it
+        self.transform = SliceTransform(slice_shape=volume.array_kji.shape[1:], input_size=model.input_size,
+                                        view=display_view(volume.geometry.direction_lps))
         self._volume_id = next(_volume_ids)
         self._encode_lock = threading.Lock()
         self.encoded_slices: list[int] = []  # every slice actually run through the encoder (for stats/tests)

@@ -353,7 +353,8 @@ class _Propagator:
         self.margin_ij = (margin_mm / geometry.spacing_mm[0], margin_mm / geometry.spacing_mm[1])
         self.nk = geometry.size_ijk[2]
         self.shape_ji = predictor.volume.array_kji.shape[1:]
-        self.superior_step, self.left_i = _superior_step_and_left_i(geometry.direction_lps)
+        self.superior_step, _ = _superior_step_and_left_i(geometry.direction_lps)
+        self.left_axis, self.left_i = patient_left_axis(geometry.direction_lps)
         self.computed: list[int] = []
         self.interpolated: list[int] = []  # slices taken from their neighbours (never predicted)
         self.contrast: LesionContrast | None = None  # the current lesion track's contrast (refinement on)
@@ -554,10 +555,11 @@ class _Propagator:
             return None
         if float(prev_mask.sum()) >= o.dome_fraction * max(areas.values()):
             return None
-        columns = np.flatnonzero(prev_mask.any(axis=0))
-        allowance = o.dome_left_allowance_mm / self.predictor.volume.geometry.spacing_mm[0]
-        edge = columns.max() if self.left_i > 0 else columns.min()
-        return DomeLimit(self.left_i, float(edge) + self.left_i * allowance)
+        # the columns (i) or rows (j) the organ covers, whichever axis runs to the patient's left
+        lines = np.flatnonzero(prev_mask.any(axis=1 - self.left_axis))
+        allowance = o.dome_left_allowance_mm / self.predictor.volume.geometry.spacing_mm[1 - self.left_axis]
+        edge = lines.max() if self.left_i > 0 else lines.min()
+        return DomeLimit(self.left_i, float(edge) + self.left_i * allowance, self.left_axis)
 
     def _leaks(self, area: float, prev_area: float) -> bool:
         """The leak guard on sudden growth: ``area`` (voxels) more than ``max_growth_ratio`` x ``prev_area`` +
@@ -702,27 +704,44 @@ def _superior_step_and_left_i(direction_lps: np.ndarray) -> tuple[int, int]:
     return sign_along(direction[2, 2]), sign_along(direction[0, 0])
 
 
+def patient_left_axis(direction_lps: np.ndarray) -> tuple[int, int]:
+    """(axis of a slice mask [j, i] that runs towards the patient's left: 1 for i, 0 for j; +1 or -1 along it),
+    sign 0 where neither in-plane axis is within about 45 degrees of left-right. A scan stored with its in-plane
+    axes swapped has the patient's left along j."""
+    direction = np.asarray(direction_lps, dtype=float)
+    for axis, component in ((1, direction[0, 0]), (0, direction[0, 1])):
+        if abs(component) >= 0.7:
+            return axis, (1 if component > 0 else -1)
+    return 1, 0
+
+
 @dataclass(frozen=True)
 class DomeLimit:
-    """The column ``limit_i`` that an organ's mask may not pass towards the patient's left (``left_i``: +1 when
-    the patient's left is towards larger i, -1 towards smaller)."""
+    """The line ``limit_i`` that an organ's mask may not pass towards the patient's left (``left_i``: +1 when
+    the patient's left is towards larger indices, -1 towards smaller), along ``axis`` of a slice mask [j, i]: 1, the
+    i axis (a column limit, the usual axial storage), or 0, the j axis (a row limit: in-plane axes swapped)."""
 
     left_i: int
     limit_i: float
+    axis: int = 1
 
     def clamp_box(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
         i0, j0, i1, j1 = box
+        lo, hi = (i0, i1) if self.axis == 1 else (j0, j1)
         if self.left_i > 0:
-            return (i0, j0, max(i0, min(i1, self.limit_i)), j1)
-        return (min(i1, max(i0, self.limit_i)), j0, i1, j1)
+            lo, hi = lo, max(lo, min(hi, self.limit_i))
+        else:
+            lo, hi = min(hi, max(lo, self.limit_i)), hi
+        return (lo, j0, hi, j1) if self.axis == 1 else (i0, lo, i1, hi)
 
     def cut(self, mask_ji: np.ndarray) -> np.ndarray:
-        columns = np.arange(mask_ji.shape[1])
-        beyond = columns > self.limit_i if self.left_i > 0 else columns < self.limit_i
-        if not mask_ji[:, beyond].any():
+        lines = np.arange(mask_ji.shape[self.axis])
+        beyond = lines > self.limit_i if self.left_i > 0 else lines < self.limit_i
+        index = (slice(None), beyond) if self.axis == 1 else (beyond, slice(None))
+        if not mask_ji[index].any():
             return mask_ji
         out = mask_ji.copy()
-        out[:, beyond] = False
+        out[index] = False
         return out
 
 

@@ -20,6 +20,7 @@ from liversam.propagation import (
     OrganTrackSettings,
     PropagationSettings,
     _superior_step_and_left_i,
+    patient_left_axis,
     propagate_segment,
 )
 from liversam.volume import CTVolume
@@ -171,3 +172,53 @@ def test_dome_limit_clamps_boxes_and_cuts_masks_on_the_patient_left_side_only() 
     assert left_minus.clamp_box((1.0, 0.0, 8.0, 3.0)) == (3.5, 0.0, 8.0, 3.0)
     assert np.flatnonzero(left_minus.cut(mask).any(axis=0)).tolist() == [4, 5, 6, 7, 8, 9]
     assert mask.all()  # the input mask is never changed
+
+
+@pytest.mark.parametrize(
+    ("direction", "expected"),
+    [
+        (np.eye(3), (1, 1)),
+        (np.diag([-1.0, -1.0, 1.0]), (1, -1)),
+        (np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]), (0, 1)),  # in-plane axes swapped
+        (np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]), (0, -1)),
+        (np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), (1, 0)),  # sagittal: no left in-plane
+    ],
+)
+def test_the_patient_s_left_is_found_along_i_or_along_j(direction, expected) -> None:
+    assert patient_left_axis(direction) == expected
+
+
+def test_a_row_limit_clamps_boxes_and_cuts_masks_along_j() -> None:
+    mask = np.ones((10, 4), dtype=bool)
+    left_plus = DomeLimit(1, 5.5, axis=0)
+    assert left_plus.clamp_box((0.0, 1.0, 3.0, 8.0)) == (0.0, 1.0, 3.0, 5.5)
+    assert np.flatnonzero(left_plus.cut(mask).any(axis=1)).tolist() == [0, 1, 2, 3, 4, 5]
+    left_minus = DomeLimit(-1, 3.5, axis=0)
+    assert left_minus.clamp_box((0.0, 1.0, 3.0, 8.0)) == (0.0, 3.5, 3.0, 8.0)
+    assert np.flatnonzero(left_minus.cut(mask).any(axis=1)).tolist() == [4, 5, 6, 7, 8, 9]
+    assert mask.all()
+
+
+def test_a_scan_stored_with_i_and_j_swapped_gets_the_same_dome_rule() -> None:
+    """The same scripted organ stored transposed (i along posterior, j along the patient's left): the track's masks
+    are the transposed masks of the usual storage, and the rule acts (they differ from the rule off)."""
+    swapped = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+
+    def run(organ_track: OrganTrackSettings):
+        def script(k: int, prompts: SlicePrompts):
+            if k == K0:
+                return SEED.T, 0.95
+            _, _, _, j1 = prompts.boxes_ij[0]  # the box's patient-left side is its largest j
+            mask = rect(SHAPE, 30, RIGHT_EDGE, ROWS, int(np.floor(min(j1, NI - 1))) - RIGHT_EDGE + 1)
+            return mask.T, 0.9
+
+        geometry = ImageGeometry((NJ, NI, NK), (SPACING[1], SPACING[0], SPACING[2]), (0.0, 0.0, 0.0), swapped)
+        volume = CTVolume(np.full((NK, NI, NJ), 100, dtype=np.int16), geometry, source="synthetic")
+        seg = SegmentPrompts("liver", 1, slices={K0: SlicePrompts(boxes_ij=[box_around(SEED.T)])}, propagate=True)
+        return propagate_segment(seg, ScriptedPredictor(volume, script), PropagationSettings(),
+                                 organ_track=organ_track)
+
+    usual = _run()
+    transposed = run(OrganTrackSettings())
+    np.testing.assert_array_equal(transposed.mask_kji.transpose(0, 2, 1), usual.mask_kji)
+    assert not np.array_equal(run(OrganTrackSettings(dome_fraction=None)).mask_kji, transposed.mask_kji)

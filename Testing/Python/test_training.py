@@ -15,6 +15,7 @@ import SimpleITK as sitk
 import torch
 
 from liversam.errors import LiverSAMError
+from liversam.preprocess import SliceTransform
 from liversam.training import (
     AugmentationConfig,
     LabelConfig,
@@ -280,6 +281,19 @@ def test_cache_is_reused_when_unchanged_and_rebuilt_when_inputs_or_settings_chan
         )
         geometry = json.loads(handle.attrs["geometry"])
         assert geometry["spacing_mm"] == pytest.approx([3.0, 3.0, 3.0], abs=0.01)
+        # stored RAS-wise (i towards the patient's right, j anterior): the model is shown it flipped both ways,
+        # as the predictor shows it, and the dataset reads its targets in that view
+        assert json.loads(handle.attrs["slice_view"]) == [0, 1, 1]
+        liver_slice = handle["liver"][0].astype(bool)
+    from liversam.preprocess import SliceView
+    from liversam.training.dataset import CachedSlices, mask_to_low_res
+
+    dataset = CachedSlices({"case": first}, input_size=256, low_res=256)
+    transform = dataset.transforms["case"]
+    assert transform.view == SliceView(transpose=False, flip_y=True, flip_x=True)
+    flipped = np.ascontiguousarray(liver_slice[::-1, ::-1])  # the slice as the model is shown it
+    np.testing.assert_array_equal(mask_to_low_res(liver_slice, transform, 256),
+                                  mask_to_low_res(flipped, SliceTransform(flipped.shape, 256), 256))
     wider = TrainingConfig(**{**config.__dict__, "window_width": 350.0})
     assert build_study_cache(study, wider, litemedsam, "id", progress=False) != first
     label = sitk.ReadImage(str(study_dir / "label.nii.gz"))

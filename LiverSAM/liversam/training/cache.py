@@ -30,7 +30,7 @@ import torch
 
 from .. import __version__
 from ..atomic_write import atomic_path
-from ..preprocess import SliceTransform, WindowSettings, window_slice
+from ..preprocess import SliceTransform, WindowSettings, display_view, window_slice
 from .augment import SliceAugmenter
 from .config import TrainingConfig
 from .studies import TrainingStudy, load_study
@@ -161,7 +161,8 @@ def build_study_cache(
     nj, ni = volume.array_kji.shape[1:]
     copies = 1 + config.augment_copies
     n = len(ks) * copies
-    transform = SliceTransform(slice_shape=(nj, ni), input_size=model.input_size)
+    view = display_view(volume.geometry.direction_lps)  # as the predictor shows the model a slice
+    transform = SliceTransform(slice_shape=(nj, ni), input_size=model.input_size, view=view)
     config.cache_path.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
         handle.attrs["format"] = CACHE_FORMAT
@@ -176,6 +177,7 @@ def build_study_cache(
                 "direction_lps": np.asarray(volume.geometry.direction_lps).tolist(),
             }
         )
+        handle.attrs["slice_view"] = json.dumps([int(view.transpose), int(view.flip_y), int(view.flip_x)])
         handle.attrs["input_size"] = model.input_size
         handle.attrs["liversam_version"] = __version__
         handle.attrs["ct"] = str(study.ct_path)

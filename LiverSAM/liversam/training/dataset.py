@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from ..preprocess import SliceTransform
+from ..preprocess import SliceTransform, SliceView
 
 
 def mask_to_low_res(mask_ji: np.ndarray, transform: SliceTransform, low_res: int) -> np.ndarray:
     """A slice mask [j, i] as a boolean [y, x] mask in the decoder's L x L frame."""
-    m = torch.from_numpy(np.ascontiguousarray(mask_ji, dtype=np.float32))[None, None]
+    m = torch.from_numpy(np.ascontiguousarray(transform.view.to_view(np.asarray(mask_ji, dtype=np.float32))))[None, None]
     h, w = transform.resized_shape
-    if (h, w) != tuple(mask_ji.shape):
+    if (h, w) != tuple(m.shape[-2:]):
         m = F.interpolate(m, size=(h, w), mode="bilinear", align_corners=False)
     full = torch.zeros((1, 1, transform.input_size, transform.input_size))
     full[..., :h, :w] = m
@@ -90,7 +90,9 @@ class CachedSlices:
                 ks = handle["k"][:]
                 copies = handle["copy"][:]
                 shape = handle["liver"].shape[1:]
-                transform = SliceTransform(slice_shape=tuple(int(s) for s in shape), input_size=input_size)
+                # the view the cache's embeddings were made in (caches from before it: the slice as stored)
+                view = SliceView(*(bool(v) for v in json.loads(handle.attrs.get("slice_view", "[0, 0, 0]"))))
+                transform = SliceTransform(slice_shape=tuple(int(s) for s in shape), input_size=input_size, view=view)
                 self.transforms[case_id] = transform
                 geometry = json.loads(handle.attrs["geometry"]) if "geometry" in handle.attrs else {}
                 spacing = geometry.get("spacing_mm", [1.0, 1.0, 1.0])
