@@ -297,10 +297,12 @@ def test_segments_that_meet_on_one_far_slice_only_go_to_separate_layers(tmp_path
     a[:, 1, 1] = True
     b[39, 1, 1] = True  # meets a on the last slice only
     c[0, 4, 4] = True  # meets nobody
+    d = np.zeros(geometry.shape_kji, bool)
+    d[0, 4, 4:6] = True  # meets the vessel only: a later member of the first layer, not its first
     segments = [Segment("liver", 1, a, (1.0, 0.0, 0.0)), Segment("tumor", 2, b, (0.0, 1.0, 0.0)),
-                Segment("vessel", 3, c, (0.0, 0.0, 1.0))]
+                Segment("vessel", 3, c, (0.0, 0.0, 1.0)), Segment("cyst", 4, d, (1.0, 1.0, 0.0))]
     path = write_segmentation(SegmentationResult(geometry=geometry, segments=segments), tmp_path / "s.seg.nrrd")
     layers = {s["name"]: s["layer"] for s in slicerio.read_segmentation(str(path))["segments"]}
-    assert layers == {"liver": 0, "tumor": 1, "vessel": 0}
-    for segment, mask in zip(segments, (a, b, c), strict=True):
-        assert segment.mask_kji is mask and mask.sum() == {1: 40, 2: 1, 3: 1}[segment.label]  # only read
+    assert layers == {"liver": 0, "tumor": 1, "vessel": 0, "cyst": 1}
+    for segment, mask in zip(segments, (a, b, c, d), strict=True):
+        assert segment.mask_kji is mask and mask.sum() == {1: 40, 2: 1, 3: 1, 4: 2}[segment.label]  # only read

@@ -75,6 +75,17 @@ def test_coordinates_boxes_and_masks_round_trip_through_every_view(view: SliceVi
     np.testing.assert_allclose(np.sort(corners[:, 1]), [20, 59], atol=1e-9)
 
 
+@pytest.mark.parametrize("view", [SliceView(*flags) for flags in STORED])
+def test_a_voxel_s_coordinates_follow_it_into_the_view_on_a_non_square_slice(view: SliceView) -> None:
+    shape = (7, 11)  # (nj, ni): a transposing view makes it 11 x 7
+    for i, j in [(0, 0), (10, 6), (3, 5), (9, 1)]:
+        image = np.zeros(shape)
+        image[j, i] = 1.0
+        y, x = np.argwhere(view.to_view(image))[0]
+        np.testing.assert_array_equal(view.points_to_view(np.array([i, j]), shape), [x, y])
+        np.testing.assert_array_equal(view.points_from_view(np.array([x, y]), shape), [i, j])
+
+
 @pytest.mark.parametrize(("swap", "flip_i", "flip_j"), [(False, True, False), (False, False, True), (True, True, False)])
 def test_a_re_stored_scan_gets_the_original_s_masks(litemedsam, lits117_volume, lits117_label, swap, flip_i,
                                                     flip_j) -> None:

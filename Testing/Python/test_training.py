@@ -305,6 +305,36 @@ def test_cache_is_reused_when_unchanged_and_rebuilt_when_inputs_or_settings_chan
     assert build_study_cache(study, config, litemedsam, "id", progress=False) not in (first,)
 
 
+def test_a_transposed_study_is_cached_in_the_display_view_with_its_spacing_along_the_view_s_axes(
+    tmp_path, data_dir, litemedsam
+):
+    import h5py
+
+    from liversam.preprocess import SliceView
+    from liversam.training.cache import build_study_cache
+    from liversam.training.dataset import CachedSlices
+
+    study_dir = tmp_path / "case"
+    study_dir.mkdir()
+    for source, name in (("ct.nii.gz", "ct.nii.gz"), ("liver_model_output.nii.gz", "label.nii.gz")):
+        image = sitk.ReadImage(str(data_dir / "totalseg_small" / source))
+        image.SetSpacing((0.6, 0.9, 3.0))  # anisotropic in-plane, so a swap of x and y shows
+        image.SetDirection(tuple(np.eye(3).ravel()))
+        sitk.WriteImage(sitk.PermuteAxes(image, [1, 0, 2]), str(study_dir / name))  # stored with i and j swapped
+    [study] = discover_studies(study_dir)
+    config = TrainingConfig(data=str(study_dir), out=str(tmp_path / "run"), train_encoder="last",
+                            max_slices_per_case=3)
+    path = build_study_cache(study, config, litemedsam, "id", progress=False)
+    with h5py.File(path, "r") as handle:
+        assert json.loads(handle.attrs["slice_view"]) == [1, 0, 0]
+        shape = handle["liver"].shape[1:]
+    dataset = CachedSlices({"case": path}, input_size=256, low_res=256)
+    assert dataset.transforms["case"].view == SliceView(transpose=True)
+    side = max(shape) / 256
+    # viewed x runs along the stored j axis (the scan's L-R, 0.6 mm), viewed y along the stored i axis (0.9 mm)
+    assert dataset.lowres_mm["case"] == pytest.approx((0.6 * side, 0.9 * side, 3.0))
+
+
 def test_resuming_a_run_with_different_settings_is_refused(tmp_path):
     from liversam.training import Trainer, TrainingRunError
 

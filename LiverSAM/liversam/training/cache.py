@@ -102,6 +102,9 @@ def cache_settings(config: TrainingConfig, model_identity: str) -> dict:
         "augmentation": config.to_dict()["augmentation"] if config.augment_copies else None,
         "seed": config.seed if config.augment_copies else None,
         "encoder": model_identity if config.frozen_encoder else None,
+        # slices shown to the model in the display view (session 17): a cache made before, in the stored order of a
+        # flipped or transposed study, is rebuilt rather than trained on in another frame than inference uses
+        "slice_view": "display",
     }
 
 

@@ -97,7 +97,9 @@ class CachedSlices:
                 geometry = json.loads(handle.attrs["geometry"]) if "geometry" in handle.attrs else {}
                 spacing = geometry.get("spacing_mm", [1.0, 1.0, 1.0])
                 side_mm = max(shape) / low_res  # slice pixels per low-res pixel (longest side -> L)
-                self.lowres_mm[case_id] = (spacing[0] * side_mm, spacing[1] * side_mm, spacing[2])
+                # x of the viewed slice runs along j when the view transposes it
+                mm_x, mm_y = (spacing[1], spacing[0]) if view.transpose else (spacing[0], spacing[1])
+                self.lowres_mm[case_id] = (mm_x * side_mm, mm_y * side_mm, spacing[2])
                 for row, (k, copy) in enumerate(zip(ks, copies, strict=True)):
                     if (wanted is not None and int(k) not in wanted) or (original_only and copy != 0):
                         continue
