@@ -58,3 +58,41 @@ def test_an_isodense_lesion_keeps_the_model_mask() -> None:
     # No contrast in the box nor in the model's mask: the model's mask is kept as it is.
     outcome, _, model_mask, _ = _run(lesion_hu=110.0)
     assert np.array_equal(outcome.mask_kji[K0], model_mask)
+
+
+def _contrast(box, margin_mm, monkeypatch):
+    """The lesion contrast fitted on the seed of a lesion of 50 HU (radius 6 px) in a 50 x 50 px liver of 110 HU whose
+    texture is coarse (noise SD 30 HU) 12-24 px from the lesion's centre and fine (SD 6 HU) farther out."""
+    import liversam.propagation as propagation
+
+    monkeypatch.setattr(propagation, "PARENCHYMA_LESION_MARGIN_MM", margin_mm)
+    rng = np.random.default_rng(3)
+    jj, ii = np.mgrid[:NJ, :NI]
+    radius = np.hypot(jj - CENTRE[0], ii - CENTRE[1])
+    band = (radius >= 12) & (radius <= 24)
+    hu = np.full((NK, NJ, NI), -100.0)
+    liver = np.zeros((NK, NJ, NI), dtype=bool)
+    liver[:, 15:65, 15:65] = True
+    for k in range(NK):
+        noise = np.where(band, 30.0, 6.0) * rng.normal(0.0, 1.0, (NJ, NI))
+        hu[k][liver[k]] = (110.0 + noise)[liver[k]]
+    hu[K0][_disc(6)] = 50.0
+    predictor = ScriptedPredictor(synthetic_volume(hu), {K0: (_disc(6), 0.9)})
+    propagator = propagation._Propagator(predictor, for_lesions(PropagationSettings()),
+                                         propagation.default_slice_postprocess(True), {}, liver, None, None, "tumor")
+    return propagator._fit_contrast_of_seed(K0, SlicePrompts(boxes_ij=[box]))
+
+
+def test_the_parenchyma_s_estimate_does_not_move_with_the_box_s_size(monkeypatch) -> None:
+    tight = (CENTRE[1] - 6, CENTRE[0] - 6, CENTRE[1] + 6, CENTRE[0] + 6)
+    loose = (CENTRE[1] - 22, CENTRE[0] - 22, CENTRE[1] + 22, CENTRE[0] + 22)  # takes in the coarse band
+    now = [_contrast(box, 5.0, monkeypatch) for box in (tight, loose)]
+    before = [_contrast(box, None, monkeypatch) for box in (tight, loose)]  # the whole box left out
+    assert all(c is not None and c.polarity == -1 for c in now + before)
+    # before, the loose box left the coarse band out of the parenchyma: a narrower spread, another threshold
+    assert before[1].parenchyma_sd < 0.8 * before[0].parenchyma_sd
+    # now only the box near the model's mask is left out: the loose box's parenchyma is the tight box's, nearly
+    # (what differs: the tight box's corners beyond the mask's 5 mm are left out too)
+    assert abs(now[1].parenchyma_sd - now[0].parenchyma_sd) < 0.15 * now[0].parenchyma_sd
+    assert abs(now[1].parenchyma_sd - now[0].parenchyma_sd) < 0.5 * abs(before[1].parenchyma_sd - before[0].parenchyma_sd)
+    assert abs(now[1].parenchyma_hu - now[0].parenchyma_hu) <= 2.0
