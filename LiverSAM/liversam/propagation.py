@@ -315,8 +315,9 @@ PARENCHYMA_SLICES = 5  # slices either side of a lesion's seed that give its org
 # A lesion's box that shows no contrast of its own (too little of it lesion-like: a loose box around a small
 # lesion) is judged again inside the model's mask on that slice, when the mask has at least this many voxels.
 MIN_MODEL_MASK_VOXELS = 10
-# The parenchyma around a lesion's seed leaves out the part of the user's box within this many mm of the model's mask
-# on that slice (the lesion), not the whole box (None: the whole box). A loose box left out the parenchyma near the
+# The parenchyma around a lesion's seed leaves out the part of the user's box near the model's mask on that slice (the
+# lesion), not the whole box (None: the whole box). "Near": round(this / the finest in-plane spacing) 4-connected
+# steps, a diamond that reaches this many mm along the image axes (about 0.7 x as far on the diagonals). A loose box left out the parenchyma near the
 # lesion too, so its mode and spread, and with them the lesion's threshold, moved with the box's size: lits117's
 # largest lesion, tight / 7 mm looser box, threshold 97.0 / 102.5 HU. One-box tumour Dice, four-case mean, tight /
 # jittered / loose boxes: 0.7842 / 0.7700 / 0.7186 -> 0.7849 / 0.7755 / 0.7247 (3 mm: 0.7850 / 0.7764 / 0.7245);
@@ -394,8 +395,8 @@ class _Propagator:
         """The lesion contrast of a track seeded by a box inside the container (None: refinement off).
 
         Read from the container inside the user's box on the seed slice against the parenchyma around it (which
-        leaves out the box near the model's mask, not the whole box: the same parenchyma for a tight or a loose
-        box, ``PARENCHYMA_LESION_MARGIN_MM``); when
+        leaves out the box near the model's mask, not the whole box: nearly the same parenchyma for a tight or a
+        loose box, ``PARENCHYMA_LESION_MARGIN_MM``); when
         the box shows none (under ``LesionContrastSettings.min_lesion_fraction`` of it is lesion-like, as in a
         loose box around a small lesion), from the part of the box the model's own mask covers on that slice.
         A lesion that is truly isodense shows no contrast either way, and its model mask stays as it is.
@@ -421,7 +422,8 @@ class _Propagator:
 
     def _lesion_part_of(self, box: np.ndarray, model_mask: np.ndarray) -> np.ndarray:
         """The part of a lesion's box [j, i] that the parenchyma's estimate leaves out: within
-        ``PARENCHYMA_LESION_MARGIN_MM`` of the model's mask (the whole box when that is off or the mask is tiny)."""
+        ``PARENCHYMA_LESION_MARGIN_MM`` of the model's mask along the image axes, a diamond of 4-connected steps (the
+        whole box when that is off or the mask is tiny)."""
         if PARENCHYMA_LESION_MARGIN_MM is None or model_mask.sum() < MIN_MODEL_MASK_VOXELS:
             return box
         steps = max(1, int(round(PARENCHYMA_LESION_MARGIN_MM / min(self.spacing_ji))))

@@ -92,7 +92,7 @@ def test_the_parenchyma_s_estimate_does_not_move_with_the_box_s_size(monkeypatch
     # before, the loose box left the coarse band out of the parenchyma: a narrower spread, another threshold
     assert before[1].parenchyma_sd < 0.8 * before[0].parenchyma_sd
     # now only the box near the model's mask is left out: the loose box's parenchyma is the tight box's, nearly
-    # (what differs: the tight box's corners beyond the mask's 5 mm are left out too)
+    # (what differs: the ring just outside the tight box, within 5 mm of the mask, which only the loose box leaves out)
     assert abs(now[1].parenchyma_sd - now[0].parenchyma_sd) < 0.15 * now[0].parenchyma_sd
     assert abs(now[1].parenchyma_sd - now[0].parenchyma_sd) < 0.5 * abs(before[1].parenchyma_sd - before[0].parenchyma_sd)
     assert abs(now[1].parenchyma_hu - now[0].parenchyma_hu) <= 2.0
