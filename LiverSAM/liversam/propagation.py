@@ -317,8 +317,8 @@ PARENCHYMA_SLICES = 5  # slices either side of a lesion's seed that give its org
 MIN_MODEL_MASK_VOXELS = 10
 # The parenchyma around a lesion's seed leaves out the part of the user's box near the model's mask on that slice (the
 # lesion), not the whole box (None: the whole box). "Near": round(this / the finest in-plane spacing) 4-connected
-# steps, a diamond that reaches this many mm along the image axes (about 0.7 x as far on the diagonals). A loose box left out the parenchyma near the
-# lesion too, so its mode and spread, and with them the lesion's threshold, moved with the box's size: lits117's
+# steps, a diamond that reaches this many mm along the image axes (about 0.7 x as far on the diagonals). A loose box
+# left out the parenchyma near the lesion too, so its mode and spread, and with them the lesion's threshold, moved with the box's size: lits117's
 # largest lesion, tight / 7 mm looser box, threshold 97.0 / 102.5 HU. One-box tumour Dice, four-case mean, tight /
 # jittered / loose boxes: 0.7842 / 0.7700 / 0.7186 -> 0.7849 / 0.7755 / 0.7247 (3 mm: 0.7850 / 0.7764 / 0.7245);
 # liver unchanged (docs/RESULTS.md, session 17).
@@ -367,6 +367,8 @@ class _Propagator:
         self.interpolated: list[int] = []  # slices taken from their neighbours (never predicted)
         self.contrast: LesionContrast | None = None  # the current lesion track's contrast (refinement on)
         self.organ: tuple[float, float] | None = None  # the current organ track's parenchyma (mode, SD)
+        # (seed k, its prompts, the model's unrefined mask for them there), from the contrast's fit
+        self._seed_model_mask: tuple[int, SlicePrompts, np.ndarray] | None = None
         self._median_size: int | None = None  # set from the scan's noise at the first refinement
 
     def _set_noise_from(self, ks, masks) -> None:
@@ -408,6 +410,7 @@ class _Propagator:
             return None
         box = box_region(self.shape_ji, prompts.boxes_ij[0])
         model_mask, _ = self._predict(seed_k, prompts, record=False)  # self.contrast is None: the model alone
+        self._seed_model_mask = (seed_k, prompts, model_mask)  # the model-track union asks for the same mask next
         parenchyma = self._parenchyma_around(seed_k, self._lesion_part_of(box, model_mask))
         if parenchyma is None:
             return None
@@ -483,7 +486,11 @@ class _Propagator:
         if contrast is None:
             return None
         self.contrast = None
-        model_seed, _ = self._predict(seed_k, seed_prompts)
+        cached = self._seed_model_mask
+        if cached is not None and cached[0] == seed_k and cached[1] is seed_prompts:
+            model_seed = cached[2]  # the same prompts, unrefined: asked for by the contrast's fit
+        else:
+            model_seed, _ = self._predict(seed_k, seed_prompts)
         self.contrast = contrast
         if not model_seed.any():
             return None
