@@ -22,8 +22,8 @@ that fills much of its box; the CT can. This module:
 3. on every slice, keeps the lesion-like parts of the box that the model's mask covers or that continue the
    previous slice's lesion (:func:`refine_slice_mask`).
 
-The CT is read, never modified: smoothing (a median whose window grows with the scan's noise) works on a
-float copy of one slice at a time.
+The CT is read, never modified: smoothing (a median whose window grows with the scan's noise, across the
+neighbouring slices too when they are thin) works on a float copy of the part of a slice it needs.
 """
 
 from __future__ import annotations
@@ -36,12 +36,22 @@ from scipy import ndimage
 HU_BIN = 2.0  # histogram bin (HU) for the parenchyma mode
 HU_MODE_SMOOTHING = 5.0  # Gaussian smoothing of that histogram (HU)
 # Residual noise wanted after the median (HU). lits117 (noise 12.6 HU): a 3 x 3 median, one-box tumour Dice
-# 0.79 (5 x 5: 0.77); lits117 + 25 HU of added noise (28 HU): 5 x 5, 0.72 (3 x 3: 0.67, 7 x 7: 0.68).
+# 0.79 (5 x 5: 0.77); lits117 + 25 HU of added noise (28 HU): 5 x 5, 0.72 (3 x 3: 0.67, 7 x 7: 0.68); since
+# session 18 thin slices take 3 x 3 x 3 for such noise instead (``THIN_SLICE_MM``).
 MEDIAN_TARGET_NOISE_HU = 8.0
 # A lesion-like voxel lies within max(2 SD of the parenchyma, 40 HU) beyond the lesion's median HU. lits117
 # one-box tumour Dice 0.779 -> 0.791 (noisy copy 0.733 -> 0.739); 3 SD: 0.788.
 LESION_BAND_SD = 2.0
 LESION_BAND_MIN_HU = 40.0
+# Slices this thin or thinner smooth across their neighbours when the noise needs more than a 3 x 3 median
+# (:func:`median_window_for_noise`). The four development cases (9 to 16 HU of noise) all take 3 x 3 and do not
+# change. Measured on copies with noise added (docs/RESULTS.md, session 18), one-box tumour Dice, tight / jittered /
+# loose boxes: lits117 (1 mm nominal) + 20 HU (24 HU in all, 5 x 5 -> 3 x 3 x 3) 0.717 / 0.622 / 0.721 -> 0.783 /
+# 0.611 / 0.728; ircadb17 (1.6 mm) + 20 HU (27 HU) 0.867 / 0.868 / 0.874 -> 0.870 / 0.870 / 0.876; lits117 + 30 HU
+# (32.5 HU, 7 x 7 -> 3 x 3 x 3) liver 0.938 -> 0.948, tumour 0.748 / 0.720 / 0.671 -> 0.808 / 0.693 / 0.755 (3 x 5
+# x 5, wider than this noise needs: 0.770 / 0.652 / 0.702). Nothing was measured between 1.6 and 5 mm: the limit
+# keeps the window within 6 mm along the body.
+THIN_SLICE_MM = 2.0
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,32 @@ def smooth_slice(slice_ji: np.ndarray, size: int = 3, within: np.ndarray | None 
     return out
 
 
+def smooth_slice_in_volume(
+    array_kji: np.ndarray, k: int, window: tuple[int, int] = (1, 3), within: np.ndarray | None = None
+) -> np.ndarray:
+    """Slice ``k`` of ``array_kji`` smoothed by a median of ``window`` = (slices, in-plane size): (1, n) is
+    :func:`smooth_slice`; (3, n) also takes the slices on either side (repeated at the volume's ends). As
+    :func:`smooth_slice`, only the bounding box of ``within`` is computed (NaN elsewhere); the array is read, never
+    modified."""
+    depth, size = window
+    if depth <= 1:
+        return smooth_slice(array_kji[k], size, within)
+    out = np.full(array_kji.shape[1:], np.nan, dtype=np.float32)
+    if within is None:
+        within = np.ones(array_kji.shape[1:], dtype=bool)
+    js, is_ = np.nonzero(within)
+    if js.size == 0:
+        return out
+    jmin, jmax, imin, imax = int(js.min()), int(js.max()), int(is_.min()), int(is_.max())
+    pad, reach = size // 2, depth // 2
+    j0, i0 = max(jmin - pad, 0), max(imin - pad, 0)
+    ks = np.clip(np.arange(k - reach, k + reach + 1), 0, array_kji.shape[0] - 1)
+    block = array_kji[ks, j0 : jmax + pad + 1, i0 : imax + pad + 1].astype(np.float32)
+    smoothed = ndimage.median_filter(block, size=(depth, size, size), mode="nearest")[reach]
+    out[jmin : jmax + 1, imin : imax + 1] = smoothed[jmin - j0 : jmax - j0 + 1, imin - i0 : imax - i0 + 1]
+    return out
+
+
 def estimate_noise_hu(slices_ji: list[np.ndarray], masks_ji: list[np.ndarray]) -> float:
     """The CT's voxel noise (HU, robust SD) inside the masks, from differences of in-plane neighbours."""
     diffs = []
@@ -124,6 +160,23 @@ def median_size_for_noise(noise_hu: float, target_hu: float = MEDIAN_TARGET_NOIS
         if noise_hu * np.sqrt(np.pi / 2.0) / size <= target_hu:
             return size
     return 7
+
+
+def median_window_for_noise(
+    noise_hu: float, thickness_mm: float, target_hu: float = MEDIAN_TARGET_NOISE_HU
+) -> tuple[int, int]:
+    """The median window (slices, in-plane size) for a scan's noise: the one with the fewest samples that brings
+    ``noise_hu`` down to about ``target_hu`` (as :func:`median_size_for_noise`): in-plane 3 x 3, 5 x 5 or 7 x 7; on
+    thin slices (<= ``THIN_SLICE_MM``) 3 x 3, then 3 x 3 x 3, 3 x 5 x 5, 3 x 7 x 7 (the two neighbouring slices
+    instead of a wider window in the plane, where it would round off a lobulated lesion's outline or a thin lobe)."""
+    if thickness_mm <= THIN_SLICE_MM:
+        windows = ((1, 3), (3, 3), (3, 5), (3, 7))
+    else:
+        windows = ((1, 3), (1, 5), (1, 7))
+    for depth, size in windows:
+        if noise_hu * np.sqrt(np.pi / (2.0 * depth * size * size)) <= target_hu:
+            return depth, size
+    return windows[-1]
 
 
 def parenchyma_statistics(values: np.ndarray) -> tuple[float, float]:

@@ -34,11 +34,11 @@ from .intensity_refinement import (
     box_region,
     estimate_noise_hu,
     fit_lesion_contrast,
-    median_size_for_noise,
+    median_window_for_noise,
     parenchyma_statistics,
     prune_foreign_tissue,
     refine_slice_mask,
-    smooth_slice,
+    smooth_slice_in_volume,
 )
 from .postprocess import PostprocessSettings, clean_slice
 from .predictor import SlicePredictor
@@ -369,16 +369,17 @@ class _Propagator:
         self.organ: tuple[float, float] | None = None  # the current organ track's parenchyma (mode, SD)
         # (seed k, its prompts, the model's unrefined mask for them there), from the contrast's fit
         self._seed_model_mask: tuple[int, SlicePrompts, np.ndarray] | None = None
-        self._median_size: int | None = None  # set from the scan's noise at the first refinement
+        self._median_window: tuple[int, int] | None = None  # (slices, size): from the scan's noise, first refinement
 
     def _set_noise_from(self, ks, masks) -> None:
-        if self._median_size is None:
+        if self._median_window is None:
             array = self.predictor.volume.array_kji
-            self._median_size = median_size_for_noise(estimate_noise_hu([array[k] for k in ks], masks))
+            noise = estimate_noise_hu([array[k] for k in ks], masks)
+            self._median_window = median_window_for_noise(noise, self.thickness_mm)
 
     def _smoothed_slice(self, k: int, within: np.ndarray) -> np.ndarray:
         """Slice k smoothed over the bounding box of ``within`` (NaN elsewhere)."""
-        return smooth_slice(self.predictor.volume.array_kji[k], self._median_size or 3, within)
+        return smooth_slice_in_volume(self.predictor.volume.array_kji, k, self._median_window or (1, 3), within)
 
     def _parenchyma_around(self, seed_k: int, box: np.ndarray) -> tuple[float, float] | None:
         """(mode, SD) of the container around a lesion's seed (``PARENCHYMA_SLICES`` slices either side) outside
@@ -459,7 +460,7 @@ class _Propagator:
         ``refine=False``: no intensity refinement for this track (the model's own track of a lesion)."""
         k_min, k_max = limits if limits is not None else (0, self.nk - 1)
         track = Track(seed_k=seed_k)
-        self._median_size = None  # per track: a track's result does not depend on the tracks before it
+        self._median_window = None  # per track: a track's result does not depend on the tracks before it
         self.contrast = None
         self.organ = None
         if refine and self.settings.intensity_refinement:
