@@ -2,9 +2,9 @@
 (byte-identical) or the complete new one, never a partial file; a killed run's temporary file (named
 ``.<output>.liversam-partial-<pid>-...``) is the only thing it may leave, and the next run removes it.
 
-Ten kills at random moments (seeded): five anywhere between start-up and the end of a measured complete run,
-five in its last fifth, where the output is written. A 3-slice crop of lits117 (propagation from one box):
-about a minute on 2 idle cores (24 min when 25 processes share them).
+Six kills at random moments (seeded): three anywhere between start-up and the end of a measured complete run,
+three in its last fifth, where the output is written (the seed puts them at about 0.09, 0.14 and 0.57, and 0.81,
+0.90 and 0.99 of a run: start-up, the model, writing, and the very end, which may also finish). A 3-slice crop of lits117 (propagation from one box); ten kills took 2 to 2.7 min in CI.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import SimpleITK as sitk
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.model
-KILLS = 10
+KILLS = 6
 
 
 def _sha(path: Path) -> str:
@@ -73,7 +73,7 @@ def test_sigkill_at_random_moments_leaves_the_previous_or_the_complete_new_outpu
     previous_sha, new_masks = _sha(out), _masks(reference)
     assert not all(np.array_equal(m, _masks(out)[n]) for n, m in new_masks.items()), "runs must differ"
 
-    rng = random.Random(15)
+    rng = random.Random(49)
     outcomes = []
     for attempt in range(KILLS):
         proc = subprocess.Popen(_command(folder, "new.json", out), env=env, stdout=subprocess.DEVNULL,
