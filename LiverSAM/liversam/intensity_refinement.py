@@ -99,31 +99,16 @@ def smooth_slice(slice_ji: np.ndarray, size: int = 3, within: np.ndarray | None 
     """A ``size`` x ``size`` median of one axial slice (float copy): takes the voxel noise out of the HU
     comparison. With ``within`` (a [j, i] mask) only its bounding box is computed (a 5 x 5 median of a whole
     512 x 512 slice costs about 80 ms here); elsewhere the result is NaN, which no HU comparison accepts."""
-    image = np.asarray(slice_ji, dtype=np.float32)
-    if within is None:
-        return ndimage.median_filter(image, size=size, mode="nearest")
-    out = np.full(image.shape, np.nan, dtype=np.float32)
-    js, is_ = np.nonzero(within)
-    if js.size == 0:
-        return out
-    jmin, jmax, imin, imax = int(js.min()), int(js.max()), int(is_.min()), int(is_.max())
-    pad = size // 2  # the median near the box's edge needs the real neighbours outside it
-    j0, i0 = max(jmin - pad, 0), max(imin - pad, 0)
-    smoothed = ndimage.median_filter(image[j0 : jmax + pad + 1, i0 : imax + pad + 1], size=size, mode="nearest")
-    out[jmin : jmax + 1, imin : imax + 1] = smoothed[jmin - j0 : jmax - j0 + 1, imin - i0 : imax - i0 + 1]
-    return out
+    return smooth_slice_in_volume(np.asarray(slice_ji)[None], 0, (1, size), within)
 
 
 def smooth_slice_in_volume(
     array_kji: np.ndarray, k: int, window: tuple[int, int] = (1, 3), within: np.ndarray | None = None
 ) -> np.ndarray:
-    """Slice ``k`` of ``array_kji`` smoothed by a median of ``window`` = (slices, in-plane size): (1, n) is
-    :func:`smooth_slice`; (3, n) also takes the slices on either side (repeated at the volume's ends). As
-    :func:`smooth_slice`, only the bounding box of ``within`` is computed (NaN elsewhere); the array is read, never
-    modified."""
+    """Slice ``k`` of ``array_kji`` smoothed by a median of ``window`` = (slices, in-plane size), as a float copy:
+    (1, n) in the plane (:func:`smooth_slice`), (3, n) with the slices on either side too (repeated at the volume's
+    ends). With ``within`` only its bounding box is computed (NaN elsewhere); the array is read, never modified."""
     depth, size = window
-    if depth <= 1:
-        return smooth_slice(array_kji[k], size, within)
     out = np.full(array_kji.shape[1:], np.nan, dtype=np.float32)
     if within is None:
         within = np.ones(array_kji.shape[1:], dtype=bool)
@@ -131,7 +116,7 @@ def smooth_slice_in_volume(
     if js.size == 0:
         return out
     jmin, jmax, imin, imax = int(js.min()), int(js.max()), int(is_.min()), int(is_.max())
-    pad, reach = size // 2, depth // 2
+    pad, reach = size // 2, depth // 2  # the median near the box's edge needs the real neighbours outside it
     j0, i0 = max(jmin - pad, 0), max(imin - pad, 0)
     ks = np.clip(np.arange(k - reach, k + reach + 1), 0, array_kji.shape[0] - 1)
     block = array_kji[ks, j0 : jmax + pad + 1, i0 : imax + pad + 1].astype(np.float32)
