@@ -139,12 +139,9 @@ def estimate_noise_hu(slices_ji: list[np.ndarray], masks_ji: list[np.ndarray]) -
 
 
 def median_size_for_noise(noise_hu: float, target_hu: float = MEDIAN_TARGET_NOISE_HU) -> int:
-    """The smallest median window (3, 5 or 7) that brings ``noise_hu`` down to about ``target_hu`` (the
-    median of n samples keeps about sqrt(pi / 2n) of the SD)."""
-    for size in (3, 5, 7):
-        if noise_hu * np.sqrt(np.pi / 2.0) / size <= target_hu:
-            return size
-    return 7
+    """The smallest in-plane median window (3, 5 or 7) that brings ``noise_hu`` down to about ``target_hu`` (the
+    median of n samples keeps about sqrt(pi / 2n) of the SD): :func:`median_window_for_noise` on thick slices."""
+    return median_window_for_noise(noise_hu, float("inf"), target_hu)[1]
 
 
 def median_window_for_noise(

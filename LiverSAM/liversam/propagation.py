@@ -318,8 +318,8 @@ MIN_MODEL_MASK_VOXELS = 10
 # The parenchyma around a lesion's seed leaves out the part of the user's box near the model's mask on that slice (the
 # lesion), not the whole box (None: the whole box). "Near": round(this / the finest in-plane spacing) 4-connected
 # steps, a diamond that reaches this many mm along the image axes (about 0.7 x as far on the diagonals). A loose box
-# left out the parenchyma near the lesion too, so its mode and spread, and with them the lesion's threshold, moved with the box's size: lits117's
-# largest lesion, tight / 7 mm looser box, threshold 97.0 / 102.5 HU. One-box tumour Dice, four-case mean, tight /
+# left out the parenchyma near the lesion too, so its mode and spread, and with them the lesion's threshold, moved
+# with the box's size: lits117's largest lesion, tight / 7 mm looser box, threshold 97.0 / 102.5 HU. One-box tumour Dice, four-case mean, tight /
 # jittered / loose boxes: 0.7842 / 0.7700 / 0.7186 -> 0.7849 / 0.7755 / 0.7247 (3 mm: 0.7850 / 0.7764 / 0.7245);
 # liver unchanged (docs/RESULTS.md, session 17).
 PARENCHYMA_LESION_MARGIN_MM: float | None = 5.0
