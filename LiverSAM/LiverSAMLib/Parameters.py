@@ -73,7 +73,7 @@ class PropagationParameters:
     # Intensity refinement (liversam.intensity_refinement): the liver drops tissue far brighter or darker
     # than its parenchyma on the prompted slice (a run into the kidney) and, at the end, its dark partial-volume
     # rim (liversam.organ_rim); a tumour keeps only the parts of each slice's mask that differ from the liver's
-    # parenchyma the way its box does.
+    # parenchyma the way its box does and, at the end, takes its partial-volume ring (liversam.lesion_rim).
     intensityRefinement: bool = True
     # Faster on thin slices: the liver (a segment with no container) on slices at most this thick (mm, under
     # 3) is predicted on every other slice and interpolated between (``skip_thin_slices_mm``; 0: off).

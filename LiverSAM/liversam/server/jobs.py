@@ -21,6 +21,7 @@ import numpy as np
 from ..dense_crf import crf_for_segments
 from ..errors import Cancelled, LiverSAMError, PromptError
 from ..geometry import ImageGeometry
+from ..lesion_rim import add_lesion_rim
 from ..lesions import TUMOUR_NAMES, lesion_table
 from ..organ_rim import is_trimmed_organ, trim_partial_volume_rim
 from ..pipeline import PipelineSettings, segment_volume
@@ -186,6 +187,12 @@ def repropagation_work(job: Job, seg: SegmentPrompts, fix_slices: list[int], exi
                 and propagation.intensity_refinement):
             # as segment_volume trims an organ's dark rim: here only from the voxels the fixes added
             mask &= trim_partial_volume_rim(mask, session.volume.array_kji, settings.organ_rim) | existing
+        if container is not None and settings.lesion_rim is not None and propagation.intensity_refinement:
+            # as segment_volume adds a lesion's ring: here only around the voxels the fixes added, so a ring the
+            # lesion has is never ringed again (a re-predicted slice inside the old outline keeps no ring there)
+            geometry = session.volume.geometry
+            add_lesion_rim(mask, session.volume.array_kji, container, (geometry.spacing_mm[1], geometry.spacing_mm[0]),
+                           settings.lesion_rim, grow_from=mask & ~existing)
         job.progress("done", len(fix_slices), len(fix_slices))
         scores = {k: s for k, s in scores.items() if mask[k].any()}
         outcome = PropagationOutcome(mask, scores, tracks, sorted(seg.slices), computed)
