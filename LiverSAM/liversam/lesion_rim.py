@@ -8,7 +8,9 @@ lesion, above it for a hyperdense one) are the rest of that zone: a lesion's hal
 them to a propagated lesion's final mask, inside its container. Each 3D piece of the lesion (26-connected) is
 judged on its own: its parenchyma (mode and spread of the same smoothed HU) is the container outside the organ's
 lesions within ``PARENCHYMA_SLICES`` slices and ``PARENCHYMA_REACH_MM`` in-plane of the piece, its polarity that of
-its own median HU; so a lesion gets the same ring whether it has a segment of its own or shares one.
+its own median HU (none when that lies within ``MIN_CONTRAST_SD`` of the mode); the ring never takes another
+lesion's voxels. So a lesion gets the same ring whether it has a segment of its own or shares one, unless it
+touches another lesion in 3D (in one segment the two are one piece, judged together).
 
 Three of the four labelled cases' labels take in a voxel more than the threshold's outline (ircadb17's, hcc0697's and
 hcc2144's; lits117's leave it out), and the HU of that ring does not tell the conventions apart (docs/RESULTS.md,
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .intensity_refinement import parenchyma_statistics
+from .intensity_refinement import LesionContrastSettings, parenchyma_statistics
 from .postprocess import bounding_box
 
 __all__ = ["LesionRimSettings", "add_lesion_rim", "apply_rings", "lesion_rings"]
@@ -35,6 +37,9 @@ SMOOTHING_VOXELS = 3  # the in-plane median filter's width (voxels), as for the 
 PARENCHYMA_SLICES = 5  # slices either side of the lesion's whose container voxels give the parenchyma
 PARENCHYMA_REACH_MM = 20.0  # ... within this distance of the lesion's box in-plane
 MIN_PARENCHYMA_VOXELS = 200  # fewer container voxels around the lesion than this: nothing added
+# A piece whose median HU lies less than this many parenchyma SDs from the mode (a lesion the refinement found no
+# contrast for, kept as the model drew it) gets no ring: as for the lesion-like voxels of the intensity refinement
+MIN_CONTRAST_SD = LesionContrastSettings().outlier_sd
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,7 @@ def lesion_rings(
     in that box). Each piece is judged on its own (its parenchyma around it, its polarity), so the rings do not
     depend on which lesions share a segment. ``exclude``: masks left out of the parenchyma besides the lesion itself
     (the other lesions in the same organ; read only inside each piece's box). ``grow_from``: the part of the lesion
-    the rings are grown from (default: all of it; a re-propagation passes the voxels its fixes added, so that a
+    the rings are grown from (default: all of it; a re-propagation passes the fresh tracks its fixes wrote, so that a
     ring added before is not grown again)."""
     s = settings or LesionRimSettings()
     seeds = lesion_kji if grow_from is None else grow_from
@@ -97,15 +102,18 @@ def lesion_rings(
         for n in range(piece.shape[0]):
             if container[n].any():
                 smoothed[n] = ndimage.median_filter(ct[n].astype(np.float32), SMOOTHING_VOXELS, mode="nearest")
-        around = container & ~lesion
+        around = container & ~lesion  # neither this lesion nor the organ's others: they keep their own voxels
         for mask in exclude:
             around &= ~np.asarray(mask[outer], dtype=bool)
         if around.sum() < MIN_PARENCHYMA_VOXELS:
             continue
         mode, sd = parenchyma_statistics(smoothed[around])
-        dark = np.median(smoothed[piece]) < mode
+        median = float(np.median(smoothed[piece]))
+        if abs(median - mode) < MIN_CONTRAST_SD * sd:
+            continue  # a piece about as bright as the parenchyma: no side for a ring to lean to
+        dark = median < mode
         side = smoothed < mode - s.sd * sd if dark else smoothed > mode + s.sd * sd
-        candidates = container & ~lesion & side
+        candidates = around & side
         ring = np.zeros_like(piece)
         for n in range(piece.shape[0]):
             grown = piece[n].copy()
@@ -140,6 +148,8 @@ def add_lesion_rim(
 
 def apply_rings(lesion_kji: np.ndarray, rings: list[tuple[tuple[slice, slice, slice], np.ndarray]]) -> int:
     """Write rings from :func:`lesion_rings` into ``lesion_kji``; returns the number of voxels that were not in it."""
+    if lesion_kji.dtype != bool:
+        raise ValueError(f"the lesion's mask must be a boolean array to take its ring in place, not {lesion_kji.dtype}")
     added = 0
     for outer, ring in rings:
         target = lesion_kji[outer]  # a view

@@ -207,8 +207,9 @@ def _lesion_rim(settings: PipelineSettings) -> LesionRimSettings | None:
 def _add_lesion_rims(volume, ordered: list[SegmentPrompts], result: SegmentationResult,
                      masks: dict[str, np.ndarray], rim: LesionRimSettings) -> None:
     """Each propagated lesion of this run (a segment inside a container) with its partial-volume ring, in place.
-    Every ring is found before any is added, with all the lesions in the organ left out of its parenchyma: one
-    ``tumor`` segment and one segment per lesion get the same rings."""
+    Every ring is found before any is added, with all the lesions in the organ left out of its parenchyma and out of
+    its reach: one ``tumor`` segment and one segment per lesion get the same rings (unless two lesions touch in 3D:
+    in one segment they are one piece, judged together)."""
     by_name = {s.name: s for s in result.segments}
     spacing_ji = (volume.geometry.spacing_mm[1], volume.geometry.spacing_mm[0])
     lesions = [seg for seg in ordered if seg.inside and seg.propagate and seg.inside in masks and seg.name in by_name]

@@ -226,6 +226,9 @@ class PropagationOutcome:
     tracks: list[Track]
     user_slices: list[int]
     computed_slices: list[int]  # slices predicted (or interpolated between predicted ones) in this call
+    # repropagate only: the fresh track's voxels it wrote that no other object of the existing mask holds (what
+    # took the fixed object's place; None elsewhere)
+    replaced_kji: np.ndarray | None = None
 
 
 def _box_of(mask_ji: np.ndarray) -> tuple[float, float, float, float] | None:
@@ -972,7 +975,10 @@ def repropagate(
     result[k_lo : k_hi + 1] &= ~object_mask[k_lo : k_hi + 1]
     result[k_lo : k_hi + 1] |= fresh[k_lo : k_hi + 1]
     scores = {k: v for k, v in scores.items() if k_lo <= k <= k_hi}
-    return PropagationOutcome(result, scores, [track], sorted(seg.slices), propagator.computed)
+    fresh[:k_lo] = False
+    fresh[k_hi + 1 :] = False
+    fresh[k_lo : k_hi + 1] &= ~(existing_kji[k_lo : k_hi + 1] & ~object_mask[k_lo : k_hi + 1])
+    return PropagationOutcome(result, scores, [track], sorted(seg.slices), propagator.computed, replaced_kji=fresh)
 
 
 REPROPAGATION_AGREEMENT = 0.9

@@ -53,7 +53,7 @@ def test_a_hypodense_halo_gives_one_ring_and_nothing_past_it():
     for k in (1, 2, 3):
         # nearly all of the step (noise may hold back a voxel or two), and nothing beyond one step
         assert ring[k].sum() >= 0.9 * (one_step & halo).sum()
-        assert not (ring[k] & ~(halo | core)).any()  # one step: into the halo (or a core voxel the threshold left)
+        assert not (ring[k] & ~(one_step & halo)).any()  # one step, all of it in the halo
 
 
 def test_parenchyma_around_the_lesion_is_added_less_than_a_halo():
@@ -195,3 +195,96 @@ def test_a_fix_re_propagated_by_the_server_rings_only_the_voxels_it_adds():
     for k in (1, 3):  # the slices that had their ring: at most a step around a voxel the fix added there
         new_voxels = outputs[False][k] & ~existing[k]
         assert not (added[k] & ~_one_step(new_voxels)).any(), f"slice {k}: the old ring was ringed again"
+
+
+def test_a_fix_that_trims_a_leak_gives_the_fixed_slice_its_ring():
+    """The reader boxes the lesion on a slice where it leaked: the fresh track replaces the old (ringed) mask,
+    inside its outline, and takes a ring of its own, as segment_volume would give it."""
+    from types import SimpleNamespace
+
+    from liversam.pipeline import PipelineSettings
+    from liversam.prompts import SegmentPrompts, SlicePrompts
+    from liversam.server.jobs import Job, repropagation_work
+    from scripted_predictor import ScriptedPredictor, synthetic_volume
+
+    ct, container, _, core, halo = _scene(lesion_hu=40.0, halo_hu=80.0, halo_radius=9.5)
+    volume = synthetic_volume(ct, (1.0, 1.0, 2.0))
+    predictor = ScriptedPredictor(volume, lambda k, prompts: (core if k == 2 else np.zeros_like(core), 0.9))
+    session = SimpleNamespace(volume=volume, predictor=lambda model: predictor, closed=False)
+    existing = np.zeros(ct.shape, dtype=bool)
+    existing[2] = core
+    existing[2, 28:36, 40:56] = True  # a leak into the liver beside the lesion
+    add_lesion_rim(existing, ct, container, SPACING_JI)
+    tumour = SegmentPrompts("tumor", 2, (0.3, 0.6, 0.9), inside="liver", propagate=True)
+    tumour.slices[2] = SlicePrompts(boxes_ij=[(21.0, 21.0, 43.0, 43.0)])
+    out = repropagation_work(Job("j", session, "owner", "repropagate"), tumour, [2], existing, container,
+                             PipelineSettings())(predictor.model).result.segments[0].mask_kji
+    assert not out[2, 28:36, 46:56].any()  # the leak is gone
+    step_in_halo = _one_step(core) & halo
+    assert (out[2] & step_in_halo).sum() >= 0.9 * step_in_halo.sum()  # and the fixed slice has its ring
+
+
+def _two_lesion_masks(separate: bool, touching: bool, settings=None):
+    """Two propagated lesions inside a given liver through ``segment_volume`` (later_segment_wins off): in one
+    ``tumor`` segment or one segment each; the union of the lesion segments."""
+    from liversam.pipeline import PipelineSettings, segment_volume
+    from liversam.prompts import SegmentPrompts, SlicePrompts
+    from scripted_predictor import ScriptedPredictor, synthetic_volume
+
+    rng = np.random.default_rng(3)
+    shape = (5, 64, 96)
+    container = np.zeros(shape, dtype=bool)
+    container[:, 4:60, 4:92] = True
+    a = _disk(shape[1:], (32, 28), 8)
+    b = _disk(shape[1:], (32, 45 if touching else 64), 8)  # 17 apart: their outlines touch
+    ct = np.full(shape, -100.0, dtype=np.float32)
+    ct[container] = 100.0
+    for core, hu in ((a, 40.0), (b, 55.0)):
+        ct[:, _disk(shape[1:], (32, 28 if core is a else (45 if touching else 64)), 9.5) & ~core & container[0]] = 80.0
+        ct[:, core] = hu
+    ct[:, a & b] = 40.0
+    ct += rng.normal(0.0, 8.0, shape).astype(np.float32)
+    volume = synthetic_volume(ct, (1.0, 1.0, 2.0))
+    boxes = {"a": (19.0, 23.0, 37.0, 41.0), "b": (36.0 if touching else 55.0, 23.0, 54.0 if touching else 73.0, 41.0)}
+
+    def predict(k: int, prompts: SlicePrompts):
+        (box,) = prompts.boxes_ij
+        core = a if abs(box[0] - boxes["a"][0]) < 5 else b
+        return (core if k in (1, 2, 3) else np.zeros_like(core)), 0.9
+
+    if separate:
+        segments = [SegmentPrompts(f"tumor-{n}", 2 + n, inside="liver", propagate=True,
+                                   slices={2: SlicePrompts(boxes_ij=[box])})
+                    for n, box in enumerate(boxes.values(), start=1)]  # fmt: skip
+    else:
+        one = SegmentPrompts("tumor", 2, inside="liver", propagate=True)
+        for box in boxes.values():
+            one.add(2, SlicePrompts(boxes_ij=[box]))
+        segments = [one]
+    result = segment_volume(volume, segments, ScriptedPredictor(volume, predict),
+                            settings or PipelineSettings(later_segment_wins=False), containers={"liver": container})
+    union = np.zeros(shape, dtype=bool)
+    for seg in result.segments:
+        union |= seg.mask_kji
+    return union, result
+
+
+def test_one_segment_and_one_segment_per_lesion_get_the_same_rings():
+    together, _ = _two_lesion_masks(separate=False, touching=False)
+    apart, result = _two_lesion_masks(separate=True, touching=False)
+    np.testing.assert_array_equal(together, apart)
+    first, second = (seg.mask_kji for seg in result.segments)
+    assert not (first & second).any()
+
+
+def test_a_lesion_s_ring_never_takes_a_touching_lesion_s_voxels():
+    from liversam.pipeline import PipelineSettings
+
+    _, with_ring = _two_lesion_masks(separate=True, touching=True)
+    _, without = _two_lesion_masks(separate=True, touching=True, settings=PipelineSettings(later_segment_wins=False,
+                                                                                             lesion_rim=None))
+    first, second = (seg.mask_kji for seg in without.segments)
+    first_ring, second_ring = (w.mask_kji & ~o.mask_kji for w, o in zip(with_ring.segments, without.segments,
+                                                                         strict=True))
+    assert first_ring.any() and second_ring.any()
+    assert not (first_ring & second).any() and not (second_ring & first).any()

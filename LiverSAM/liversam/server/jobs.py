@@ -177,22 +177,27 @@ def repropagation_work(job: Job, seg: SegmentPrompts, fix_slices: list[int], exi
         mask = existing.copy()
         scores: dict[int, float] = {}
         tracks, computed = [], []
+        replaced = None  # the fresh tracks' voxels the fixes wrote (what a lesion's ring grows from)
         for n, k in enumerate(fix_slices):
             job.progress(f"re-propagating '{seg.name}' from slice {k}", n, len(fix_slices))
             outcome = repropagate(mask, seg, k, seg.slices[k], predictor, propagation,
                                   settings.slice_postprocess_for(container is not None), container, job.cancelled)
             mask, tracks, computed = outcome.mask_kji, tracks + outcome.tracks, computed + outcome.computed_slices
+            if outcome.replaced_kji is not None:
+                replaced = outcome.replaced_kji if replaced is None else replaced | outcome.replaced_kji
             scores.update(outcome.scores)
         if (container is None and is_trimmed_organ(seg.name, None) and settings.organ_rim is not None
                 and propagation.intensity_refinement):
             # as segment_volume trims an organ's dark rim: here only from the voxels the fixes added
             mask &= trim_partial_volume_rim(mask, session.volume.array_kji, settings.organ_rim) | existing
-        if container is not None and settings.lesion_rim is not None and propagation.intensity_refinement:
-            # as segment_volume adds a lesion's ring: here only around the voxels the fixes added, so a ring the
-            # lesion has is never ringed again (a re-predicted slice inside the old outline keeps no ring there)
+        if (container is not None and settings.lesion_rim is not None and propagation.intensity_refinement
+                and replaced is not None):
+            # as segment_volume adds a lesion's ring: here around the fresh tracks the fixes wrote in place of the
+            # old lesion (and its ring), so a ring the lesion keeps elsewhere is never ringed again
+            replaced &= mask
             geometry = session.volume.geometry
             add_lesion_rim(mask, session.volume.array_kji, container, (geometry.spacing_mm[1], geometry.spacing_mm[0]),
-                           settings.lesion_rim, grow_from=mask & ~existing)
+                           settings.lesion_rim, grow_from=replaced)
         job.progress("done", len(fix_slices), len(fix_slices))
         scores = {k: s for k, s in scores.items() if mask[k].any()}
         outcome = PropagationOutcome(mask, scores, tracks, sorted(seg.slices), computed)
