@@ -68,8 +68,8 @@ def lesion_rings(
 ) -> list[tuple[tuple[slice, slice, slice], np.ndarray]]:
     """The ring of each 3D piece (26-connected) of a lesion, not yet added: (a box of the volume, the ring's voxels
     in that box). Each piece is judged on its own (its parenchyma around it, its polarity), so the rings do not
-    depend on which lesions share a segment. ``exclude``: masks left out of the parenchyma besides the lesion itself
-    (the other lesions in the same organ; read only inside each piece's box). ``grow_from``: the part of the lesion
+    depend on which lesions share a segment. ``exclude``: masks left out of the parenchyma, and out of the rings'
+    reach, besides the lesion itself (the other lesions in the same organ; read only inside each piece's box). ``grow_from``: the part of the lesion
     the rings are grown from (default: all of it; a re-propagation passes the fresh tracks its fixes wrote, so that a
     ring added before is not grown again)."""
     s = settings or LesionRimSettings()
