@@ -75,6 +75,10 @@ class PropagationParameters:
     # rim (liversam.organ_rim); a tumour keeps only the parts of each slice's mask that differ from the liver's
     # parenchyma the way its box does and, at the end, takes its partial-volume ring (liversam.lesion_rim).
     intensityRefinement: bool = True
+    # A tumour's outline takes its partial-volume ring: the voxels one step outside it that still lean to the
+    # tumour's side of the parenchyma (liversam.lesion_rim; only with intensity refinement). Off: the outline
+    # stays where the threshold half-way between tumour and liver puts it (labels drawn around a tumour's core).
+    lesionRim: bool = True
     # Faster on thin slices: the liver (a segment with no container) on slices at most this thick (mm, under
     # 3) is predicted on every other slice and interpolated between (``skip_thin_slices_mm``; 0: off).
     skipThinSlicesMm: Annotated[float, WithinRange(0.0, 2.9)] = 0.0

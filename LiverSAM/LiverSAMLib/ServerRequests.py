@@ -40,9 +40,10 @@ PROPAGATION_PARAMETERS: dict[str, str] = {
     "maxMeanHuShift": "max_mean_hu_shift",
     "intensityRefinement": "intensity_refinement",
 }
-#: Parameter-node member -> the server's job setting that is no field of ``PropagationSettings`` (sent only when
-#: on, so a server without it still takes the job): every other thin organ slice interpolated.
-ORGAN_TRACK_PARAMETERS: dict[str, str] = {"skipThinSlicesMm": "skip_thin_slices_mm"}
+#: Parameter-node member -> the server's job setting that is no field of ``PropagationSettings``, sent only when it
+#: differs from the server's default, so a server without it still takes the job: every other thin organ slice
+#: interpolated (sent when on), a tumour's partial-volume ring (``liversam.lesion_rim``; sent when off).
+PIPELINE_PARAMETERS: dict[str, str] = {"skipThinSlicesMm": "skip_thin_slices_mm", "lesionRim": "lesion_rim"}
 #: ``liversam.propagation.PropagationSettings()`` as the server receives it (that module imports torch, so
 #: Slicer's Python cannot ask it; a test checks these equal the core's defaults).
 PROPAGATION_DEFAULTS: dict[str, Any] = {
@@ -130,7 +131,7 @@ def propagation_settings(pack) -> dict[str, Any]:
     """The server's propagation settings (core field names) from the parameter node's ``propagation`` pack.
 
     ``maxSlices`` 0 means no limit (None); the leak guards' 0 means off (None); ``skipThinSlicesMm`` is sent
-    as ``skip_thin_slices_mm`` only when above 0.
+    as ``skip_thin_slices_mm`` only when above 0, ``lesionRim`` as ``lesion_rim`` only when off.
     """
     values = {core: getattr(pack, member) for member, core in PROPAGATION_PARAMETERS.items()}
     values["max_slices"] = int(values["max_slices"]) or None
@@ -144,6 +145,8 @@ def propagation_settings(pack) -> dict[str, Any]:
     skip_mm = float(pack.skipThinSlicesMm)
     if skip_mm > 0:
         values["skip_thin_slices_mm"] = skip_mm
+    if not pack.lesionRim:
+        values["lesion_rim"] = False
     return values
 
 

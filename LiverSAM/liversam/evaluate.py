@@ -146,6 +146,9 @@ class EvaluationSettings:
     click_start: str = "point"
     # one-box: propagation with intensity refinement (liversam.intensity_refinement), as `liversam segment`.
     intensity_refinement: bool = True
+    # one-box: a propagated lesion takes its partial-volume ring (liversam.lesion_rim), as `liversam segment`
+    # (off: `--no-lesion-rim`; part of the intensity refinement either way).
+    lesion_rim: bool = True
     # Structures (e.g. ("liver", "tumor")) refined by a dense CRF (liversam.dense_crf) in LiverSAM's runs, as
     # `liversam segment --crf`; the naive reference loop is never refined.
     crf: tuple[str, ...] = ()
@@ -608,6 +611,7 @@ def _run_box_protocol(protocol, volume, refs, predictor, settings, spacing, styl
     the prompts JSON is parsed by :func:`liversam.prompts.parse_prompts` and segmented by
     :func:`liversam.pipeline.segment_volume`."""
     from .dense_crf import crf_for_segments
+    from .lesion_rim import LesionRimSettings
     from .pipeline import PipelineSettings, segment_volume
     from .prompts import parse_prompts
     from .propagation import PropagationSettings
@@ -629,7 +633,7 @@ def _run_box_protocol(protocol, volume, refs, predictor, settings, spacing, styl
         crf_names = [p.name for p in prompts if re.sub(r"-\d+$", "", p.name) in settings.crf]
         crf = crf_for_segments(crf_names, prompts) if method != "naive" else {}
         pipeline = PipelineSettings(later_segment_wins=False, propagation=propagation, propagation_method=method,
-                                    crf=crf)
+                                    crf=crf, lesion_rim=LesionRimSettings() if settings.lesion_rim else None)
         result = segment_volume(volume, prompts, predictor, pipeline)
         preds = _segment_masks_by_structure(result, settings.structures, shape)
     else:

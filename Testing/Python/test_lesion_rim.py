@@ -288,3 +288,61 @@ def test_a_lesion_s_ring_never_takes_a_touching_lesion_s_voxels():
                                                                          strict=True))
     assert first_ring.any() and second_ring.any()
     assert not (first_ring & second).any() and not (second_ring & first).any()
+
+
+def test_the_command_line_and_the_server_turn_the_ring_off_alone(tmp_path, monkeypatch, capsys):
+    """``liversam segment --no-lesion-rim`` (and the server's ``lesion_rim: false``) writes the tumour without its
+    ring and nothing else changes; without the switch the written tumour has it. The model's stand-in returns the
+    liver for the liver's box and the lesion's core for the tumour's."""
+    import json
+    from types import SimpleNamespace
+
+    import SimpleITK as sitk
+
+    import liversam.models
+    import liversam.predictor
+    from liversam.cli import main
+    from liversam.segmentation_io import read_seg_nrrd
+    from liversam.server.jobs import pipeline_settings
+    from liversam.server.schemas import JobSettings
+    from scripted_predictor import ScriptedPredictor
+
+    ct, container, _, core, halo = _scene(lesion_hu=40.0, halo_hu=80.0, halo_radius=9.5)
+    image = sitk.GetImageFromArray(ct.astype(np.int16))
+    image.SetSpacing((1.0, 1.0, 2.0))
+    ct_path = tmp_path / "ct.nrrd"
+    sitk.WriteImage(image, str(ct_path))
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"coordinate_system": "IJK", "segments": [
+        {"name": "liver", "propagate": True, "boxes": [[[4, 4, 2], [59, 59, 2]]]},
+        {"name": "tumor", "inside": "liver", "propagate": True, "boxes": [[[21, 21, 2], [43, 43, 2]]]}]}))  # fmt: skip
+
+    def predict(k: int, prompts):
+        i0, _, i1, _ = prompts.boxes_ij[0]
+        if i1 - i0 > 40:
+            return container[k], 0.95
+        return (core if k in (1, 2, 3) else np.zeros_like(core)), 0.9
+
+    class Predictor(ScriptedPredictor):
+        encoded_slices: tuple = ()
+        encode_seconds = 0.0
+        cache = SimpleNamespace(clear=lambda: None)
+
+    model = SimpleNamespace(name="scripted", device="cpu")
+    monkeypatch.setattr(liversam.models, "load_model", lambda *args, **kwargs: model)
+    monkeypatch.setattr(liversam.predictor, "SlicePredictor", lambda _model, volume, **kwargs: Predictor(volume, predict))
+    tumours = {}
+    for name, extra in (("ring", []), ("core", ["--no-lesion-rim"])):
+        out = tmp_path / f"{name}.seg.nrrd"
+        argv = ["segment", str(ct_path), "--prompts", str(prompts), "--output", str(out), "--crf", "none", *extra]
+        assert main(argv) == 0, capsys.readouterr().err
+        masks = {s.name: s.mask_kji for s in read_seg_nrrd(out).segments}
+        tumours[name] = masks["tumor"]
+    ring = tumours["ring"] & ~tumours["core"]
+    assert not (tumours["core"] & ~tumours["ring"]).any()  # the switch only takes the ring away
+    for k in (1, 2, 3):
+        assert ring[k].sum() >= 0.9 * (_one_step(tumours["core"][k]) & halo).sum() > 0, f"slice {k}"
+        assert not (ring[k] & ~_one_step(tumours["core"][k])).any()
+    # the server's job setting builds the same pipeline settings as the two command lines
+    assert pipeline_settings(JobSettings(lesion_rim=False)).lesion_rim is None
+    assert pipeline_settings(JobSettings()).lesion_rim == LesionRimSettings()

@@ -272,15 +272,17 @@ def test_job_settings_are_the_cores_propagation_settings():
 
     from liversam.pipeline import PipelineSettings
     from liversam.propagation import PropagationSettings
-    from liversam.server.jobs import CLEANUP_FIELDS, pipeline_settings
+    from liversam.server.jobs import CLEANUP_FIELDS, PIPELINE_FIELDS, pipeline_settings
     from liversam.server.schemas import JobSettings
 
     core = {f.name for f in dataclasses.fields(PropagationSettings)}
-    assert set(JobSettings.model_fields) - CLEANUP_FIELDS - {"crf", "skip_thin_slices_mm"} <= core
+    assert set(JobSettings.model_fields) - CLEANUP_FIELDS - PIPELINE_FIELDS <= core
     defaults = pipeline_settings(JobSettings())
     assert defaults.propagation == PropagationSettings()
     assert defaults.organ_track == PipelineSettings().organ_track and defaults.organ_track.skip_max_thickness_mm is None
     assert pipeline_settings(JobSettings(skip_thin_slices_mm=2.0)).organ_track.skip_max_thickness_mm == 2.0
+    assert defaults.lesion_rim == PipelineSettings().lesion_rim is not None
+    assert pipeline_settings(JobSettings(lesion_rim=False)).lesion_rim is None
     assert (defaults.postprocess_3d, defaults.default_3d) == (PipelineSettings().postprocess_3d, PipelineSettings().default_3d)
     assert defaults.slice_postprocess == PipelineSettings().slice_postprocess
     changed = pipeline_settings(JobSettings(min_score=0.3, max_growth_ratio=None)).propagation

@@ -337,24 +337,29 @@ def test_propagation_parameters_map_onto_the_core_settings_with_its_defaults():
     from liversam.server.jobs import pipeline_settings
     from liversam.server.schemas import JobSettings
     from LiverSAMLib.ServerRequests import (
-        ORGAN_TRACK_PARAMETERS,
+        PIPELINE_PARAMETERS,
         PROPAGATION_DEFAULTS,
         PROPAGATION_PARAMETERS,
         propagation_settings,
     )
 
     propagation = _pack_defaults("PropagationParameters")
-    assert set(propagation) == set(PROPAGATION_PARAMETERS) | set(ORGAN_TRACK_PARAMETERS)
+    assert set(propagation) == set(PROPAGATION_PARAMETERS) | set(PIPELINE_PARAMETERS)
     core = dataclasses.asdict(PropagationSettings())
     assert set(PROPAGATION_PARAMETERS.values()) == set(core)
     assert propagation_settings(types.SimpleNamespace(**propagation)) == core == PROPAGATION_DEFAULTS
     changed = propagation_settings(types.SimpleNamespace(**dict(propagation, minScore=0.7, maxSlices=12)))
     assert changed["min_score"] == 0.7 and changed["max_slices"] == 12
     # "Faster on thin slices": off (0) sends nothing; on, the server's job setting, which its pipeline honours
-    assert set(ORGAN_TRACK_PARAMETERS.values()) <= set(JobSettings.model_fields)
+    assert set(PIPELINE_PARAMETERS.values()) <= set(JobSettings.model_fields)
     faster = propagation_settings(types.SimpleNamespace(**dict(propagation, skipThinSlicesMm=2.0)))
     assert faster == {**core, "skip_thin_slices_mm": 2.0}
     assert pipeline_settings(JobSettings(**faster)).organ_track.skip_max_thickness_mm == 2.0
+    # the tumour's ring: on (the default) sends nothing; off, the server's job setting, which its pipeline honours
+    core_only = propagation_settings(types.SimpleNamespace(**dict(propagation, lesionRim=False)))
+    assert core_only == {**core, "lesion_rim": False}
+    assert pipeline_settings(JobSettings(**core_only)).lesion_rim is None
+    assert pipeline_settings(JobSettings(**core)).lesion_rim is not None
     connected = {p for _cls, p in ui_widgets().values() if p}
     assert {f"propagation.{m}" for m in propagation} <= connected and "prefetchRadius" in connected
 

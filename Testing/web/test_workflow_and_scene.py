@@ -36,8 +36,8 @@ class RecordingClient:
         self.calls.append(("propagate", segments, kwargs))
         return "job-1"
 
-    def start_repropagation(self, session, segment, fix_slices, existing=None, container=None, **_kwargs):
-        self.calls.append(("repropagate", segment, fix_slices, existing, container))
+    def start_repropagation(self, session, segment, fix_slices, existing=None, container=None, **kwargs):
+        self.calls.append(("repropagate", segment, fix_slices, existing, container, kwargs))
         return "job-2"
 
     def job_result(self, job, masks=True):
@@ -100,7 +100,15 @@ def test_propagation_specs_use_ijk_and_the_liver_as_container():
         workflow.start_repropagation("liver", 3)
     workflow.propagated.add("liver")
     workflow.start_repropagation("liver", 3)
-    assert client.calls[-1][2:] == ([3], "liver_current", None)
+    assert client.calls[-1][2:] == ([3], "liver_current", None, {})
+    # the tumour's partial-volume ring off: sent to both jobs, so a fix keeps the outline the user chose
+    workflow.start_propagation("tumor", tumour_ring=False)
+    assert client.calls[-1][2] == {"settings": {"lesion_rim": False}}
+    workflow.start_propagation("liver", faster_thin_slices=True, tumour_ring=False)
+    assert client.calls[-1][2] == {"settings": {"lesion_rim": False, "skip_thin_slices_mm": FAST_THIN_SLICE_MM}}
+    workflow.propagated.add("tumor")
+    workflow.start_repropagation("tumor", 3, tumour_ring=False)
+    assert client.calls[-1][2:] == ([3], "tumor_current", LIVER_CONTAINER, {"settings": {"lesion_rim": False}})
 
 
 def test_undo_of_a_propagation_restores_its_review_and_lesions():

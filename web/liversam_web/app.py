@@ -99,6 +99,7 @@ class LiverSAMWebApp:
             "undo_label": "",
             "propagated": [],
             "fast_thin": False,
+            "tumour_ring": True,
         })
         self.state.change("mode", "segment")(self._on_mode_change)
         self.state.change("window", "level")(self._on_window_change)
@@ -198,6 +199,10 @@ class LiverSAMWebApp:
                              disabled=("job_running",), raw_attrs=['data-testid="fast-thin"'],
                              label=f"Faster on thin slices: the liver on slices of {FAST_THIN_SLICE_MM:g} mm or less is "
                                    "predicted on every other slice and interpolated between (slightly less accurate)")
+                v3.VCheckbox(v_model=("tumour_ring",), density="compact", hide_details=True,
+                             disabled=("job_running",), raw_attrs=['data-testid="tumour-ring"'],
+                             label="Tumour outline includes its partial-volume ring: the voxels just outside it that "
+                                   "still lean to the tumour (off: the core only)")
                 v3.VProgressLinear(v_if="job_running || progress > 0", model_value=("progress",), height=16,
                                    color="primary", classes="mt-2", raw_attrs=['data-testid="progress"'])
                 html.Div("{{ progress_text }}", classes="text-caption", raw_attrs=['data-testid="progress-text"'])
@@ -593,10 +598,12 @@ class LiverSAMWebApp:
             pass
         try:
             if repropagate_k is None:
-                job = await asyncio.to_thread(workflow.start_propagation, segment, bool(self.state.fast_thin))
+                job = await asyncio.to_thread(workflow.start_propagation, segment, bool(self.state.fast_thin),
+                                              bool(self.state.tumour_ring))
                 what = f"Propagating the {segment}"
             else:
-                job = await asyncio.to_thread(workflow.start_repropagation, segment, repropagate_k)
+                job = await asyncio.to_thread(workflow.start_repropagation, segment, repropagate_k,
+                                              bool(self.state.tumour_ring))
                 what = f"Re-propagating the {segment} from slice {repropagate_k}"
         except ValueError as exc:
             self._error(f"{exc}.")

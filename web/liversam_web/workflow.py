@@ -150,11 +150,13 @@ class Workflow:
         self.client.upload_mask(self.session_id, LIVER_CONTAINER, self.masks["liver"])
         return LIVER_CONTAINER
 
-    def start_propagation(self, segment: str, faster_thin_slices: bool = False) -> str:
+    def start_propagation(self, segment: str, faster_thin_slices: bool = False, tumour_ring: bool = True) -> str:
         """Start propagating ``segment`` from all its prompts -> job id.
 
         ``faster_thin_slices``: the liver on slices at most ``FAST_THIN_SLICE_MM`` thick is predicted on every
         other slice and interpolated between (the server's ``skip_thin_slices_mm``; lesions are never skipped).
+        ``tumour_ring`` off: a tumour's outline stays where its threshold puts it, without its partial-volume ring
+        (the server's ``lesion_rim``). Only settings that differ from the server's defaults are sent.
         """
         if not self.has_prompts(segment):
             raise ValueError(f"the {segment} has no box or point yet: draw a box on it in the axial view first")
@@ -162,22 +164,26 @@ class Workflow:
         container = self._container(segment)
         if container:
             spec["inside"] = container
+        settings = _ring_setting(tumour_ring)
         if faster_thin_slices:
-            return self.client.start_propagation(self.session_id, [spec],
-                                                 settings={"skip_thin_slices_mm": FAST_THIN_SLICE_MM})
+            settings["skip_thin_slices_mm"] = FAST_THIN_SLICE_MM
+        if settings:
+            return self.client.start_propagation(self.session_id, [spec], settings=settings)
         return self.client.start_propagation(self.session_id, [spec])
 
-    def start_repropagation(self, segment: str, k: int) -> str:
-        """Re-propagate ``segment`` from the corrected slice k (its mask as it is now goes to the server)."""
+    def start_repropagation(self, segment: str, k: int, tumour_ring: bool = True) -> str:
+        """Re-propagate ``segment`` from the corrected slice k (its mask as it is now goes to the server);
+        ``tumour_ring`` as in :meth:`start_propagation`."""
         if segment not in self.propagated:
             raise ValueError(f"propagate the {segment} first; re-propagation corrects a propagated result")
         if self.prompts[segment].get(int(k), SlicePrompts()).empty():
             raise ValueError(f"slice {k} has no {segment} prompt: fix it with a box or points first")
         existing = f"{segment}_current"
         self.client.upload_mask(self.session_id, existing, self.masks[segment])
+        ring = _ring_setting(tumour_ring)
         return self.client.start_repropagation(
             self.session_id, self.segment_spec(segment), [int(k)], existing=existing,
-            container=self._container(segment),
+            container=self._container(segment), **({"settings": ring} if ring else {}),
         )
 
     def job_status(self, job: str) -> dict[str, Any]:
@@ -220,3 +226,8 @@ class Workflow:
 
 def _in_box(point: tuple[float, float], box: tuple[float, float, float, float]) -> bool:
     return box[0] <= point[0] <= box[2] and box[1] <= point[1] <= box[3]
+
+
+def _ring_setting(tumour_ring: bool) -> dict[str, Any]:
+    """The server's ``lesion_rim`` setting, sent only when off (on is its default)."""
+    return {} if tumour_ring else {"lesion_rim": False}

@@ -96,6 +96,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "the liver's dark rim)",
     )
     parser.add_argument(
+        "--no-lesion-rim",
+        action="store_true",
+        help="one-box: no partial-volume ring around propagated lesions (as `liversam segment --no-lesion-rim`)",
+    )
+    parser.add_argument(
         "--crf",
         default="auto",
         metavar="STRUCTURES",
@@ -185,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
         click_mask_input=not args.no_click_mask_input,
         click_start=args.click_start,
         intensity_refinement=not args.no_intensity_refinement,
+        lesion_rim=not args.no_lesion_rim,
         crf=_crf_structures(args.crf, [s.name for s in specs if s.name in wanted]),
         lesion_segments="per-lesion" if args.per_lesion_segments else "one",
         propagation_methods=_names(args.propagation),

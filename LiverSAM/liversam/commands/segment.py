@@ -40,6 +40,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-intensity-refinement", action="store_true",
                    help="propagate with the model's masks alone (no liver/tumour intensity refinement, no trim of "
                    "the liver's dark rim)")
+    p.add_argument("--no-lesion-rim", action="store_true",
+                   help="keep a tumour's outline where its threshold puts it: no partial-volume ring one voxel "
+                   "outside it (the ring is on by default, part of the intensity refinement; labels drawn around a "
+                   "lesion's core only match better without it)")
     p.add_argument("--crf", default="auto", metavar="SEGMENTS",
                    help="refine these segments (comma-separated names, 'all', or 'none') with a dense CRF on the CT "
                    "after propagation (default 'auto': every segment where pydensecrf2 is installed, as setup.sh "
@@ -98,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from ..acceleration import describe_acceleration
     from ..ct_io import read_ct
     from ..dense_crf import crf_for_segments
+    from ..lesion_rim import LesionRimSettings
     from ..models import load_model
     from ..pipeline import PipelineSettings, segment_volume
     from ..postprocess import PostprocessSettings
@@ -160,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
         ),
         propagation=PropagationSettings(intensity_refinement=not args.no_intensity_refinement),
         propagation_method=args.propagation,
+        lesion_rim=None if args.no_lesion_rim else LesionRimSettings(),
         organ_track=OrganTrackSettings(skip_max_thickness_mm=args.skip_thin_slices),
         crf=crf,
     )

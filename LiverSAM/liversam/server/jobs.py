@@ -21,7 +21,7 @@ import numpy as np
 from ..dense_crf import crf_for_segments
 from ..errors import Cancelled, LiverSAMError, PromptError
 from ..geometry import ImageGeometry
-from ..lesion_rim import add_lesion_rim
+from ..lesion_rim import LesionRimSettings, add_lesion_rim
 from ..lesions import TUMOUR_NAMES, lesion_table
 from ..organ_rim import is_trimmed_organ, trim_partial_volume_rim
 from ..pipeline import PipelineSettings, segment_volume
@@ -84,6 +84,8 @@ def slice_prompts(request: PredictRequest, geometry: ImageGeometry) -> SliceProm
 
 
 CLEANUP_FIELDS = {"min_island_mm2", "fill_holes", "closing_radius_mm", "min_island_mm3", "keep_largest"}
+#: Job settings that are pipeline settings, not propagation rules (``liversam.propagation.PropagationSettings``).
+PIPELINE_FIELDS = {"crf", "skip_thin_slices_mm", "lesion_rim"}
 
 
 def pipeline_settings(settings: JobSettings, segments: Sequence[SegmentPrompts] = ()) -> PipelineSettings:
@@ -95,9 +97,10 @@ def pipeline_settings(settings: JobSettings, segments: Sequence[SegmentPrompts] 
                                               closing_radius_mm=settings.closing_radius_mm),
         postprocess_3d={name: replace(default_3d, keep_largest=True) for name in keep_largest},
         default_3d=default_3d,
-        propagation=PropagationSettings(**settings.model_dump(exclude=CLEANUP_FIELDS | {"crf", "skip_thin_slices_mm"})),
+        propagation=PropagationSettings(**settings.model_dump(exclude=CLEANUP_FIELDS | PIPELINE_FIELDS)),
         organ_track=OrganTrackSettings(skip_max_thickness_mm=settings.skip_thin_slices_mm),
         crf=crf_for_segments("auto" if settings.crf is None else settings.crf, segments, what="settings.crf"),
+        lesion_rim=LesionRimSettings() if settings.lesion_rim else None,
     )
 
 

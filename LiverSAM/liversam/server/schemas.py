@@ -138,6 +138,10 @@ class JobSettings(Strict):
     skip_thin_slices_mm: Annotated[float, Field(gt=0, lt=3, allow_inf_nan=False)] | None = Field(
         default=None, description="organs on slices at most this thick are predicted on every other slice and "
         "interpolated between, as `liversam segment --skip-thin-slices` (faster, slightly less accurate; null: off)")
+    lesion_rim: bool = Field(
+        default=True, description="a propagated tumour (a segment with a container) takes its partial-volume ring: "
+        "the voxels one step outside its outline that still lean to its side of the parenchyma, as `liversam "
+        "segment` (off: `--no-lesion-rim`); only with intensity_refinement")
     min_island_mm2: _number(0) = 10.0  # liversam segment's --min-island-mm2 default
     fill_holes: bool = Field(default=True, description="fill holes in every lesion's slice masks (segments inside a container) and in "
                              "each 3D result; an organ's slice masks keep the holes the model leaves (hilum, large vessels)")
