@@ -93,7 +93,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--no-intensity-refinement",
         action="store_true",
         help="one-box: propagate with the model's masks alone (no liver/tumour intensity refinement, no trim of "
-        "the liver's dark rim)",
+        "the liver's dark rim, no tumour ring, no liver piece asked for apart)",
     )
     parser.add_argument(
         "--no-lesion-rim",

@@ -39,7 +39,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--closing-mm", type=float, default=0.0, help="2D morphological closing radius (mm)")
     p.add_argument("--no-intensity-refinement", action="store_true",
                    help="propagate with the model's masks alone (no liver/tumour intensity refinement, no trim of "
-                   "the liver's dark rim)")
+                   "the liver's dark rim, no tumour ring, no liver piece asked for apart)")
     p.add_argument("--no-lesion-rim", action="store_true",
                    help="keep a tumour's outline where its threshold puts it: no partial-volume ring one voxel "
                    "outside it (the ring is on by default, part of the intensity refinement; labels drawn around a "
