@@ -44,8 +44,9 @@ class PropagationParameters:
     """Slice-to-slice propagation from the prompted slices (``liversam.propagation.PropagationSettings``).
 
     Every member maps one-to-one onto a field of the core's settings (``LiverSAMLib.ServerRequests.
-    PROPAGATION_PARAMETERS``) sent to the server, except ``skipThinSlicesMm``, the server's job setting
-    ``skip_thin_slices_mm`` (sent only when on); the defaults are the core's defaults.
+    PROPAGATION_PARAMETERS``) sent to the server, except ``skipThinSlicesMm`` and ``lesionRim``, the server's job
+    settings ``skip_thin_slices_mm`` (sent only when on) and ``lesion_rim`` (sent only when off, and only for a
+    segment with a container); the defaults are the core's defaults.
     """
 
     # Stop when the model's predicted IoU on a slice falls below this value.

@@ -189,7 +189,7 @@ class LiverSAMClient:
             if exc.code == 401:
                 raise AuthError(f"the server at {self.base_url} refused the token: {message}") from None
             if 400 <= exc.code < 500:
-                raise ServerRequestError(exc.code, str(message), method, path) from None
+                raise ServerRequestError(exc.code, _explained(exc.code, str(message)), method, path) from None
             raise ServerError(exc.code, str(message), method, path) from None
         except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError) as exc:  # noqa: UP041 - 3.9
             reason = getattr(exc, "reason", exc)
@@ -451,6 +451,15 @@ def _header(headers: dict[str, str], name: str) -> str | None:
         if key.lower() == name.lower():
             return value
     return None
+
+
+def _explained(status: int, message: str) -> str:
+    """The server's refusal, with what to do when it does not know a job setting this client sends (a server older
+    than the client: pydantic's "Extra inputs are not permitted" on ``body.settings.<name>``)."""
+    if status == 422 and "settings." in message and "Extra inputs are not permitted" in message:
+        return (f"{message} (the server is older than this client and does not know that setting: update the LiverSAM "
+                "server, or set the option back to its default)")
+    return message
 
 
 def _error_message(body: bytes) -> str:

@@ -67,8 +67,11 @@ class PropagationPlan:
 
     def request_settings(self) -> dict:
         """The job settings as sent: "keep the liver's largest component" names this segment when it is the
-        liver (the module's liver is the segment named "liver", in any case: ``SegmentationLogic.LIVER``)."""
+        liver (the module's liver is the segment named "liver", in any case: ``SegmentationLogic.LIVER``); the
+        tumour's ring (``lesion_rim``) only for a segment propagated inside a container."""
         settings = dict(self.settings)
+        if self.container is None:
+            settings.pop("lesion_rim", None)  # only a segment inside another takes a ring: an older server takes the job
         if "keep_largest" in settings:
             is_liver = self.name.lower() == LIVER
             settings["keep_largest"] = [self.name] if settings["keep_largest"] and is_liver else []

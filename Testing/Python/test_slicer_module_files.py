@@ -329,6 +329,30 @@ def test_keep_largest_names_the_liver_segment_whatever_its_case():
     assert off.request_settings()["keep_largest"] == []
 
 
+def test_the_tumour_ring_setting_goes_only_with_a_segment_inside_a_container():
+    """``lesion_rim`` changes only a segment propagated inside another: the liver's job never carries it, so a
+    server older than the setting still takes it; a tumour inside the liver carries it (with the fix's job too)."""
+    import numpy as np
+
+    from LiverSAMLib.ServerSegmentation import PropagationPlan
+
+    def plan(name, container):
+        return PropagationPlan(None, None, None, "id", name, 2, (1.0, 0.0, 0.0), {}, ("v", 1),
+                               {"lesion_rim": False, "min_score": 0.45}, None, None, container, lambda client: "s")
+
+    assert plan("liver", None).request_settings() == {"min_score": 0.45}
+    assert plan("tumor", np.ones((2, 2, 2), dtype=bool)).request_settings() == {"lesion_rim": False, "min_score": 0.45}
+
+
+def test_a_server_older_than_a_job_setting_says_what_to_do():
+    from LiverSAMLib.ServerClient import _explained
+
+    old = "body.settings.lesion_rim: Extra inputs are not permitted"
+    assert "update the LiverSAM server, or set the option back to its default" in _explained(422, old)
+    assert _explained(422, "body.segments.0.boxes: too many") == "body.segments.0.boxes: too many"
+    assert _explained(404, old) == old
+
+
 def test_propagation_parameters_map_onto_the_core_settings_with_its_defaults():
     import dataclasses
     import types
@@ -415,3 +439,9 @@ def test_a_parameter_node_saved_before_a_pack_member_was_added_gets_its_default(
     assert add_missing_pack_members(saved, [("propagation", pack)]) == []  # complete now
     new = Node()
     assert add_missing_pack_members(new, [("propagation", pack)]) == [] and not new  # the wrapper writes these
+    # the tumour's ring (added later still): a missing bool would read as False in Slicer (its BoolSerializer reads
+    # "True" or not), so it must get its default, True, written
+    saved = Node({f"propagation.{name}": str(value) for name, value in defaults.items() if name != "lesionRim"})
+    assert list(defaults)[0] != "lesionRim" and defaults["lesionRim"] is True
+    assert add_missing_pack_members(saved, [("propagation", pack)]) == ["propagation.lesionRim"]
+    assert saved["propagation.lesionRim"] == "True"

@@ -101,13 +101,22 @@ def test_propagation_specs_use_ijk_and_the_liver_as_container():
     workflow.propagated.add("liver")
     workflow.start_repropagation("liver", 3)
     assert client.calls[-1][2:] == ([3], "liver_current", None, {})
-    # the tumour's partial-volume ring off: sent to both jobs, so a fix keeps the outline the user chose
-    workflow.start_propagation("tumor", tumour_ring=False)
+    # the tumour's partial-volume ring off: sent for a tumour inside the liver only (an older server, which does not
+    # know the setting, still takes the liver's job), and a fix keeps the ring its propagation had
+    job = workflow.start_propagation("tumor", tumour_ring=False)
     assert client.calls[-1][2] == {"settings": {"lesion_rim": False}}
     workflow.start_propagation("liver", faster_thin_slices=True, tumour_ring=False)
-    assert client.calls[-1][2] == {"settings": {"lesion_rim": False, "skip_thin_slices_mm": FAST_THIN_SLICE_MM}}
-    workflow.propagated.add("tumor")
-    workflow.start_repropagation("tumor", 3, tumour_ring=False)
+    assert client.calls[-1][2] == {"settings": {"skip_thin_slices_mm": FAST_THIN_SLICE_MM}}
+    workflow.apply_result(job, "tumor")
+    workflow.start_repropagation("tumor", 3)
+    assert client.calls[-1][2:] == ([3], "tumor_current", LIVER_CONTAINER, {"settings": {"lesion_rim": False}})
+    workflow.masks["tumor"][:] = False
+    job = workflow.start_propagation("tumor")  # propagated again with the ring: its fixes have it too
+    workflow.apply_result(job, "tumor")
+    workflow.start_repropagation("tumor", 3)
+    assert client.calls[-1][2:] == ([3], "tumor_current", LIVER_CONTAINER, {})
+    workflow.undo()  # back to the result without the ring, and to its fixes without it
+    workflow.start_repropagation("tumor", 3)
     assert client.calls[-1][2:] == ([3], "tumor_current", LIVER_CONTAINER, {"settings": {"lesion_rim": False}})
 
 

@@ -202,7 +202,8 @@ class LiverSAMWebApp:
                 v3.VCheckbox(v_model=("tumour_ring",), density="compact", hide_details=True,
                              disabled=("job_running",), raw_attrs=['data-testid="tumour-ring"'],
                              label="Tumour outline includes its partial-volume ring: the voxels just outside it that "
-                                   "still lean to the tumour (off: the core only)")
+                                   "still lean to the tumour (off: the core only; a fix keeps the setting its "
+                                   "propagation had)")
                 v3.VProgressLinear(v_if="job_running || progress > 0", model_value=("progress",), height=16,
                                    color="primary", classes="mt-2", raw_attrs=['data-testid="progress"'])
                 html.Div("{{ progress_text }}", classes="text-caption", raw_attrs=['data-testid="progress-text"'])
@@ -602,8 +603,7 @@ class LiverSAMWebApp:
                                               bool(self.state.tumour_ring))
                 what = f"Propagating the {segment}"
             else:
-                job = await asyncio.to_thread(workflow.start_repropagation, segment, repropagate_k,
-                                              bool(self.state.tumour_ring))
+                job = await asyncio.to_thread(workflow.start_repropagation, segment, repropagate_k)
                 what = f"Re-propagating the {segment} from slice {repropagate_k}"
         except ValueError as exc:
             self._error(f"{exc}.")

@@ -40,6 +40,7 @@ class _Snapshot:
     prompts: dict[str, dict[int, SlicePrompts]]
     packed: dict[str, bytes]
     propagated: set[str]
+    ring: dict[str, bool]
     review: dict[str, Any]
     lesions: list[dict[str, Any]]
 
@@ -54,6 +55,9 @@ class Workflow:
         self.masks: dict[str, np.ndarray] = {name: np.zeros(self.shape_kji, dtype=bool) for name in SEGMENTS}
         self.prompts: dict[str, dict[int, SlicePrompts]] = {name: {} for name in SEGMENTS}
         self.propagated: set[str] = set()
+        # whether each propagated segment's result has the tumour's ring (its fixes keep that outline)
+        self.ring: dict[str, bool] = {}
+        self._job_ring: dict[str, bool] = {}
         self.review: dict[str, Any] = {}
         self.lesions: list[dict[str, Any]] = []
         self._undo: list[_Snapshot] = []
@@ -61,7 +65,7 @@ class Workflow:
     # --- undo ------------------------------------------------------------------------------------------
     def push_undo(self, label: str) -> None:
         packed = {name: np.packbits(mask).tobytes() for name, mask in self.masks.items()}
-        self._undo.append(_Snapshot(label, copy.deepcopy(self.prompts), packed, set(self.propagated),
+        self._undo.append(_Snapshot(label, copy.deepcopy(self.prompts), packed, set(self.propagated), dict(self.ring),
                                     copy.deepcopy(self.review), copy.deepcopy(self.lesions)))
         del self._undo[:-UNDO_DEPTH]
 
@@ -78,7 +82,8 @@ class Workflow:
             return ""
         snapshot = self._undo.pop()
         self.prompts = snapshot.prompts
-        self.propagated, self.review, self.lesions = snapshot.propagated, snapshot.review, snapshot.lesions
+        self.propagated, self.ring = snapshot.propagated, snapshot.ring
+        self.review, self.lesions = snapshot.review, snapshot.lesions
         count = int(np.prod(self.shape_kji))
         for name, data in snapshot.packed.items():
             bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count)
@@ -156,7 +161,8 @@ class Workflow:
         ``faster_thin_slices``: the liver on slices at most ``FAST_THIN_SLICE_MM`` thick is predicted on every
         other slice and interpolated between (the server's ``skip_thin_slices_mm``; lesions are never skipped).
         ``tumour_ring`` off: a tumour's outline stays where its threshold puts it, without its partial-volume ring
-        (the server's ``lesion_rim``). Only settings that differ from the server's defaults are sent.
+        (the server's ``lesion_rim``; sent only for a tumour inside the liver, the only segment it changes). Only
+        settings that differ from the server's defaults are sent, so an older server takes the job.
         """
         if not self.has_prompts(segment):
             raise ValueError(f"the {segment} has no box or point yet: draw a box on it in the axial view first")
@@ -164,26 +170,30 @@ class Workflow:
         container = self._container(segment)
         if container:
             spec["inside"] = container
-        settings = _ring_setting(tumour_ring)
+        settings = _ring_setting(tumour_ring) if container else {}
         if faster_thin_slices:
             settings["skip_thin_slices_mm"] = FAST_THIN_SLICE_MM
         if settings:
-            return self.client.start_propagation(self.session_id, [spec], settings=settings)
-        return self.client.start_propagation(self.session_id, [spec])
+            job = self.client.start_propagation(self.session_id, [spec], settings=settings)
+        else:
+            job = self.client.start_propagation(self.session_id, [spec])
+        self._job_ring[job] = bool(tumour_ring)
+        return job
 
-    def start_repropagation(self, segment: str, k: int, tumour_ring: bool = True) -> str:
-        """Re-propagate ``segment`` from the corrected slice k (its mask as it is now goes to the server);
-        ``tumour_ring`` as in :meth:`start_propagation`."""
+    def start_repropagation(self, segment: str, k: int) -> str:
+        """Re-propagate ``segment`` from the corrected slice k (its mask as it is now goes to the server), with the
+        tumour's ring as its propagation had it, so that a fix keeps the outline of the slices around it."""
         if segment not in self.propagated:
             raise ValueError(f"propagate the {segment} first; re-propagation corrects a propagated result")
         if self.prompts[segment].get(int(k), SlicePrompts()).empty():
             raise ValueError(f"slice {k} has no {segment} prompt: fix it with a box or points first")
         existing = f"{segment}_current"
         self.client.upload_mask(self.session_id, existing, self.masks[segment])
-        ring = _ring_setting(tumour_ring)
+        container = self._container(segment)
+        ring = _ring_setting(self.ring.get(segment, True)) if container else {}
         return self.client.start_repropagation(
             self.session_id, self.segment_spec(segment), [int(k)], existing=existing,
-            container=self._container(segment), **({"settings": ring} if ring else {}),
+            container=container, **({"settings": ring} if ring else {}),
         )
 
     def job_status(self, job: str) -> dict[str, Any]:
@@ -203,6 +213,8 @@ class Workflow:
         if segment == "tumor" and self.masks["liver"].any():
             self.masks["tumor"] &= self.masks["liver"]
         self.propagated.add(segment)
+        if job in self._job_ring:  # a propagation (a fix keeps the ring its propagation had)
+            self.ring[segment] = self._job_ring.pop(job)
         for report in result.get("review", {}).get("segments", []):
             self.review[report["name"]] = report
         if segment == "tumor" or result.get("lesions"):
