@@ -200,6 +200,8 @@ def test_path_inside_root_that_is_no_ct(app, client):
     refused(post_json(client, "/v1/sessions/open-path", {"path": "inside.txt"}), 422, "inside.txt")
     refused(post_json(client, "/v1/sessions/open-path", {"path": "missing.nii.gz"}), 422, "not found")
     refused(post_json(client, "/v1/sessions/open-path", {"path": "a\u0000b"}), 422, "NUL")
+    # "~name" of no user on the server's machine (found by the schema fuzzer: a 500 before)
+    refused(post_json(client, "/v1/sessions/open-path", {"path": "~no-such-user-0/ct.nii.gz"}), 422, "names no user")
 
 
 # --- prompts ------------------------------------------------------------------------------------------------------------

@@ -232,7 +232,10 @@ def _check_path(config: ServerConfig, text: str) -> Path:
     if not config.data_roots and not config.allow_any_path:
         raise Refused(403, "opening CTs by path is disabled on this server (not bound to loopback and no "
                            "--data-root given); send the voxels instead, or start it with --data-root DIR")
-    path = Path(text).expanduser()
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # "~name" of a user this machine does not have
+        raise Refused(422, f"path '{text}': its '~' names no user of the server's machine; give the full path") from None
     if config.data_roots:
         if not path.is_absolute():
             path = config.data_roots[0] / path
