@@ -389,6 +389,7 @@ class _Propagator:
         self.left_axis, self.left_i = patient_left_axis(geometry.direction_lps)
         self.computed: list[int] = []
         self.interpolated: list[int] = []  # slices taken from their neighbours (never predicted)
+        self._recovered_at: dict[int, np.ndarray | None] = {}  # the walk's pieces asked for apart, by slice
         self.contrast: LesionContrast | None = None  # the current lesion track's contrast (refinement on)
         self.organ: tuple[float, float] | None = None  # the current organ track's parenchyma (mode, SD)
         # (seed k, its prompts, the model's unrefined mask for them there), from the contrast's fit
@@ -729,7 +730,7 @@ class _Propagator:
         prev_area = float(prev_mask.sum())
         seed_area = prev_area
         areas = {k0: prev_area}
-        self._recovered_at: dict[int, np.ndarray | None] = {}  # this walk's pieces asked for apart, by slice
+        self._recovered_at = {}  # each walk starts afresh (a slice of another walk is not this walk's previous)
         seed_hu = self._mean_hu(k0, prev_mask)
         count = 0
         k_prev = k0
