@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,16 +31,16 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 SHAPE = (3, 24, 32)  # k, j, i: a tiny CT, each encode still costs one LiteMedSAM run
 
 
-def make_app(model):
-    root = tempfile.mkdtemp(prefix="liversam-fuzz-root-")  # open-path: generated paths stay in an empty folder
+def make_app(model, root: Path):
+    """``root``: open-path's only data root, an empty folder, so generated paths find nothing."""
     config = ServerConfig(tokens=[TOKEN], max_voxels=100_000, max_json_bytes=64 * 1024, max_sessions=64,
                           data_roots=[root])
     return create_app(config, model_loader=lambda: model)
 
 
 @pytest.fixture(scope="module")
-def app(litemedsam):
-    application = make_app(litemedsam)
+def app(litemedsam, tmp_path_factory):
+    application = make_app(litemedsam, tmp_path_factory.mktemp("fuzz-root"))
     yield application
     application.state.server.close()
 
@@ -62,12 +62,12 @@ def session(client) -> str:
     return answer.json()["session_id"]
 
 
-def test_generated_requests_never_get_a_server_error(litemedsam):
+def test_generated_requests_never_get_a_server_error(litemedsam, tmp_path):
     """schemathesis: cases generated from every operation of the server's OpenAPI schema (bounded).
 
     An application of its own: schemathesis' client runs the app's lifespan, whose end stops the server.
     """
-    app = make_app(litemedsam)
+    app = make_app(litemedsam, tmp_path)
     api = schemathesis.openapi.from_asgi("/openapi.json", app, headers=AUTH)
     operations = [result.ok() for result in api.get_all_operations()]
     assert len(operations) >= 15
