@@ -96,3 +96,36 @@ def test_the_model_track_is_cut_where_it_outgrows_the_prompted_slice():
     united, truth = _run(model, ModelTrackUnion(max_growth=1.1))
     assert not united[15:].any()
     assert _dice(united, truth) > 0.95
+
+
+def test_the_model_track_stays_out_when_what_it_adds_is_the_liver_beside_the_lesion():
+    """A loose box around a lesion that is dark throughout: the refinement holds the whole lesion, the model's mask
+    the lesion and a band of the liver beside it. The band is a third of the model's mask (under the whole-mask
+    parenchyma limit, 0.4) but all of what the union would add: refused."""
+    rng = np.random.default_rng(1)
+    hu = 110.0 + rng.normal(0.0, 3.0, size=(NK, NJ, NI))
+    band = np.zeros((NJ, NI), dtype=bool)
+    band[64:72, 30:67] = True  # 296 px of liver just below the lesion (rows 34..62)
+    for k in LESION_KS:
+        hu[k][LESION] = 50.0 + rng.normal(0.0, 3.0, size=int(LESION.sum()))
+    volume = synthetic_volume(np.round(hu))
+    liver = np.ones((NK, NJ, NI), dtype=bool)
+
+    def model(k, prompts):
+        return (LESION | band) if k in LESION_KS else np.zeros((NJ, NI), dtype=bool), 0.95
+
+    def run(union):
+        predictor = ScriptedPredictor(volume, model)
+        seg = SegmentPrompts("tumor", 2, slices={K0: SlicePrompts(boxes_ij=[box_around(LESION | band)])},
+                             propagate=True, inside="liver")
+        return propagate_segment(seg, predictor, for_lesions(PropagationSettings()), container_kji=liver,
+                                 model_union=union).mask_kji
+
+    model_mask = LESION | band
+    assert band.sum() / model_mask.sum() < ModelTrackUnion().max_parenchyma_fraction  # the older condition passes
+    refined_only = run(None)
+    assert not (refined_only & band).any() and refined_only[K0].sum() >= 0.95 * LESION.sum()
+    np.testing.assert_array_equal(run(ModelTrackUnion()), refined_only)
+    # without the added-parenchyma condition the union took the band on every lesion slice
+    unchecked = run(ModelTrackUnion(max_added_parenchyma_fraction=None))
+    assert all((unchecked[k] & band).sum() == band.sum() for k in LESION_KS)

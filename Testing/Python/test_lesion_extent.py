@@ -1,0 +1,77 @@
+"""A lesion's track reaches no further from its prompted slice than about the lesion's width (``LesionExtent``;
+scripted predictor).
+
+A loose box around a small lesion gives the model room to follow a vessel, or to run into a larger lesion, for
+dozens of slices; a lesion is roughly as deep as it is wide. The limit is measured on the largest cross-section the
+track has had so far, so a box drawn on a small end slice of a lesion still lets the track take the whole lesion.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from liversam.prompts import SegmentPrompts, SlicePrompts
+from liversam.propagation import LesionExtent, PropagationSettings, for_lesions, propagate_segment
+from scripted_predictor import ScriptedPredictor, box_around, synthetic_volume
+
+NJ, NI = 96, 96
+LIVER_HU, LESION_HU = 110.0, 50.0
+
+
+def _disc(radius: float) -> np.ndarray:
+    jj, ii = np.mgrid[0:NJ, 0:NI]
+    return (jj - 48.0) ** 2 + (ii - 48.0) ** 2 <= radius**2
+
+
+def _run(truth: np.ndarray, k0: int, spacing: tuple[float, float, float], **limit):
+    """The model returns ``truth``'s slice wherever it holds something; the CT is liver with the truth dark in it.
+    ``limit``: ``lesion_extent=...`` for propagation (none: its default)."""
+    rng = np.random.default_rng(0)
+    hu = LIVER_HU + rng.normal(0.0, 3.0, size=truth.shape)
+    hu[truth] = LESION_HU + rng.normal(0.0, 3.0, size=int(truth.sum()))
+    predictor = ScriptedPredictor(synthetic_volume(np.round(hu), spacing), lambda k, prompts: (truth[k].copy(), 0.95))
+    seg = SegmentPrompts("tumor", 2, slices={k0: SlicePrompts(boxes_ij=[box_around(truth[k0])])}, propagate=True,
+                         inside="liver")
+    liver = np.ones(truth.shape, dtype=bool)
+    return propagate_segment(seg, predictor, for_lesions(PropagationSettings()), container_kji=liver, **limit)
+
+
+def _slices(mask: np.ndarray) -> list[int]:
+    return [int(k) for k in np.flatnonzero(mask.any(axis=(1, 2)))]
+
+
+def test_a_track_that_runs_on_along_a_vessel_stops_about_a_lesion_width_from_its_box():
+    nk, k0 = 31, 15
+    lesion, vessel = _disc(6), _disc(4)  # 113 px = 72 mm^2 (9.6 mm across); the vessel 49 px = 31 mm^2
+    truth = np.zeros((nk, NJ, NI), dtype=bool)
+    truth[:] = vessel  # a dark vessel through the whole volume, as dark as the lesion it passes through
+    truth[k0 - 1 : k0 + 2] = lesion
+    spacing = (0.8, 0.8, 2.5)
+
+    unlimited = _run(truth, k0, spacing, lesion_extent=None)
+    assert _slices(unlimited.mask_kji) == list(range(nk))  # every other rule lets it follow the vessel
+
+    limited = _run(truth, k0, spacing, lesion_extent=LesionExtent(max_diameters=1.5, min_extent_mm=5.0))
+    # 1.5 x 9.6 = 14.4 mm either way: 5 slices of 2.5 mm (12.5 mm) are within it, the 6th (15 mm) is not
+    assert _slices(limited.mask_kji) == list(range(k0 - 5, k0 + 6))
+    assert limited.tracks[0].stop_reasons == {"up": "reached the lesion's extent", "down": "reached the lesion's extent"}
+    # the default is the same limit
+    np.testing.assert_array_equal(_run(truth, k0, spacing).mask_kji, limited.mask_kji)
+
+
+def test_a_box_on_a_small_end_slice_still_gets_the_whole_lesion():
+    """A spheroid lesion 22.4 mm across and 19 slices (1 mm) deep, boxed on its lowest slice (9.9 mm across): the
+    track walks onto larger slices, and the limit grows with them."""
+    nk, centre, half = 25, 12, 10.0
+    truth = np.zeros((nk, NJ, NI), dtype=bool)
+    for k in range(nk):
+        t = (k - centre) / half
+        if abs(t) < 1.0:
+            truth[k] = _disc(14.0 * np.sqrt(1.0 - t * t))
+    k0 = _slices(truth)[0]
+    outcome = _run(truth, k0, (0.8, 0.8, 1.0), lesion_extent=LesionExtent(max_diameters=1.5, min_extent_mm=5.0))
+    mask = outcome.mask_kji
+    assert _slices(mask) == _slices(truth)  # 18 mm from the box to the lesion's top slice: all of it
+    assert 2.0 * (mask & truth).sum() / (mask.sum() + truth.sum()) > 0.95
+    # measured on the prompted slice alone (1.5 x 9.9 mm), the limit would have stopped the track 3 slices short
+    assert 1.5 * 0.8 * 2.0 * np.sqrt(truth[k0].sum() / np.pi) < (_slices(truth)[-1] - k0 - 2) * 1.0
