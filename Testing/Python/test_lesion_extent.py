@@ -73,5 +73,29 @@ def test_a_box_on_a_small_end_slice_still_gets_the_whole_lesion():
     mask = outcome.mask_kji
     assert _slices(mask) == _slices(truth)  # 18 mm from the box to the lesion's top slice: all of it
     assert 2.0 * (mask & truth).sum() / (mask.sum() + truth.sum()) > 0.95
-    # measured on the prompted slice alone (1.5 x 9.9 mm), the limit would have stopped the track 3 slices short
+    # measured on the prompted slice alone (1.5 x 9.9 = 14.8 mm), the limit would have stopped the track 4 slices short
     assert 1.5 * 0.8 * 2.0 * np.sqrt(truth[k0].sum() / np.pi) < (_slices(truth)[-1] - k0 - 2) * 1.0
+
+
+def test_the_pipeline_applies_the_limit_and_can_turn_it_off():
+    from liversam.pipeline import PipelineSettings, segment_volume
+
+    nk, k0 = 31, 15
+    truth = np.zeros((nk, NJ, NI), dtype=bool)
+    truth[:] = _disc(4)
+    truth[k0 - 1 : k0 + 2] = _disc(6)
+    rng = np.random.default_rng(0)
+    hu = LIVER_HU + rng.normal(0.0, 3.0, size=truth.shape)
+    hu[truth] = LESION_HU + rng.normal(0.0, 3.0, size=int(truth.sum()))
+    volume = synthetic_volume(np.round(hu), (0.8, 0.8, 2.5))
+
+    def tumour_slices(settings: PipelineSettings) -> list[int]:
+        seg = SegmentPrompts("tumor", 2, slices={k0: SlicePrompts(boxes_ij=[box_around(truth[k0])])}, propagate=True,
+                             inside="liver")
+        predictor = ScriptedPredictor(volume, lambda k, prompts: (truth[k].copy(), 0.95))
+        result = segment_volume(volume, [seg], predictor, settings,
+                                containers={"liver": np.ones(truth.shape, dtype=bool)})
+        return _slices(result.segments[0].mask_kji)
+
+    assert tumour_slices(PipelineSettings()) == list(range(k0 - 5, k0 + 6))
+    assert tumour_slices(PipelineSettings(lesion_extent=None)) == list(range(nk))

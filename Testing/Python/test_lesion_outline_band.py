@@ -26,22 +26,36 @@ def test_a_surface_lesion_loses_the_bands_along_the_outline_and_keeps_its_body()
     body = _disc(62, 50, 7) & _organ()  # a lesion on the surface (reaches the bottom outline, row 69)
     band = np.zeros((NJ, NI), dtype=bool)
     band[67:70, 20:80] = True  # 3 voxels thick along the outline on both sides of it
-    lesion = np.stack([body | band, body | band])
+    thicker = np.zeros((NJ, NI), dtype=bool)
+    thicker[66:70, 20:80] = True  # 4 voxels: reaches deeper than the 3 mm zone, still too thin for the 2 mm disc
+    lesion = np.stack([body | band, body | thicker])
     organ = np.stack([_organ(), _organ()])
     removed = remove_outline_bands(lesion, organ, SPACING, OutlineBandSettings())
-    for k in range(2):
-        assert not (lesion[k] & band & ~_disc(62, 50, 9)).any()  # the band is gone beyond the body's edge
-        assert lesion[k][body & ~_disc(62, 50, 7) | (body & _disc(62, 50, 5))].all()  # the body stays
-        assert (lesion[k] & ~(body | band)).sum() == 0  # nothing added
-    assert removed == int(((body | band) & ~lesion[0]).sum()) * 2
+    for k, b in enumerate((band, thicker)):
+        assert not (lesion[k] & b & ~_disc(62, 50, 11)).any()  # gone beyond the fillets where it meets the body
+        assert lesion[k][body & _disc(62, 50, 6)].all()  # the body stays
+        assert (lesion[k] & ~(body | b)).sum() == 0  # nothing added
+    assert removed == int(((body | band) & ~lesion[0]).sum() + ((body | thicker) & ~lesion[1]).sum())
     assert removed >= 2 * 100
+
+
+def test_a_round_lesion_on_the_outline_and_one_at_the_image_edge_keep_nearly_all_of_themselves():
+    organ = np.zeros((NJ, NI), dtype=bool)
+    organ[10:70, 0:90] = True  # cut by the image's left edge (a cropped field of view): that edge is no outline
+    on_outline = _disc(63, 60, 6) & organ  # touches the bottom outline
+    at_edge = np.zeros((NJ, NI), dtype=bool)
+    at_edge[30:45, 0:8] = True  # a body against the image's edge
+    lesion = (on_outline | at_edge)[None].copy()
+    remove_outline_bands(lesion, organ[None], SPACING, OutlineBandSettings())
+    assert lesion[0][at_edge].all()
+    assert lesion[0][on_outline].sum() >= 0.95 * on_outline.sum()  # a digital disc's few corner voxels at most
 
 
 def test_small_lesions_thin_lesions_inside_and_bodies_are_left_alone():
     small = _disc(68, 30, 1.0)  # 5 voxels on the outline: no disc fits anywhere in it, left whole
     strip_inside = np.zeros((NJ, NI), dtype=bool)
     strip_inside[38:40, 30:60] = True  # a thin lesion deep inside the organ: not near the outline
-    deep = _disc(40, 75, 6)  # a round lesion near the right outline but wholly a body
+    deep = _disc(40, 75, 6)  # a round lesion 8 voxels from the right outline, wholly a body
     lesion = (small | strip_inside | deep)[None].copy()
     before = lesion.copy()
     assert remove_outline_bands(lesion, _organ()[None], SPACING, OutlineBandSettings()) == 0
