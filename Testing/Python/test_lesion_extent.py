@@ -23,17 +23,37 @@ def _disc(radius: float) -> np.ndarray:
     return (jj - 48.0) ** 2 + (ii - 48.0) ** 2 <= radius**2
 
 
-def _run(truth: np.ndarray, k0: int, spacing: tuple[float, float, float], **limit):
-    """The model returns ``truth``'s slice wherever it holds something; the CT is liver with the truth dark in it.
-    ``limit``: ``lesion_extent=...`` for propagation (none: its default)."""
+def _scan(truth: np.ndarray, spacing: tuple[float, float, float]):
+    """(tumour prompts boxing ``truth`` on ``k0``, a model that returns ``truth``'s slice wherever it holds something)
+    on a CT of liver with the truth dark in it: call with ``k0``."""
     rng = np.random.default_rng(0)
     hu = LIVER_HU + rng.normal(0.0, 3.0, size=truth.shape)
     hu[truth] = LESION_HU + rng.normal(0.0, 3.0, size=int(truth.sum()))
-    predictor = ScriptedPredictor(synthetic_volume(np.round(hu), spacing), lambda k, prompts: (truth[k].copy(), 0.95))
-    seg = SegmentPrompts("tumor", 2, slices={k0: SlicePrompts(boxes_ij=[box_around(truth[k0])])}, propagate=True,
-                         inside="liver")
+    volume = synthetic_volume(np.round(hu), spacing)
+
+    def prompts_and_model(k0: int):
+        seg = SegmentPrompts("tumor", 2, slices={k0: SlicePrompts(boxes_ij=[box_around(truth[k0])])}, propagate=True,
+                             inside="liver")
+        return seg, ScriptedPredictor(volume, lambda k, prompts: (truth[k].copy(), 0.95))
+
+    return volume, prompts_and_model
+
+
+def _run(truth: np.ndarray, k0: int, spacing: tuple[float, float, float], **limit):
+    """``propagate_segment`` on :func:`_scan`'s scene; ``limit``: ``lesion_extent=...`` (none: its default)."""
+    _, prompts_and_model = _scan(truth, spacing)
+    seg, predictor = prompts_and_model(k0)
     liver = np.ones(truth.shape, dtype=bool)
     return propagate_segment(seg, predictor, for_lesions(PropagationSettings()), container_kji=liver, **limit)
+
+
+def _vessel_through_a_lesion(nk: int = 31, k0: int = 15) -> np.ndarray:
+    """A dark vessel (49 px = 31 mm^2) through the whole volume and a lesion (113 px = 72 mm^2, 9.6 mm across) on
+    slices ``k0`` +- 1, as dark as the vessel it passes through."""
+    truth = np.zeros((nk, NJ, NI), dtype=bool)
+    truth[:] = _disc(4)
+    truth[k0 - 1 : k0 + 2] = _disc(6)
+    return truth
 
 
 def _slices(mask: np.ndarray) -> list[int]:
@@ -42,10 +62,7 @@ def _slices(mask: np.ndarray) -> list[int]:
 
 def test_a_track_that_runs_on_along_a_vessel_stops_about_a_lesion_width_from_its_box():
     nk, k0 = 31, 15
-    lesion, vessel = _disc(6), _disc(4)  # 113 px = 72 mm^2 (9.6 mm across); the vessel 49 px = 31 mm^2
-    truth = np.zeros((nk, NJ, NI), dtype=bool)
-    truth[:] = vessel  # a dark vessel through the whole volume, as dark as the lesion it passes through
-    truth[k0 - 1 : k0 + 2] = lesion
+    truth = _vessel_through_a_lesion(nk, k0)
     spacing = (0.8, 0.8, 2.5)
 
     unlimited = _run(truth, k0, spacing, lesion_extent=None)
@@ -81,18 +98,11 @@ def test_the_pipeline_applies_the_limit_and_can_turn_it_off():
     from liversam.pipeline import PipelineSettings, segment_volume
 
     nk, k0 = 31, 15
-    truth = np.zeros((nk, NJ, NI), dtype=bool)
-    truth[:] = _disc(4)
-    truth[k0 - 1 : k0 + 2] = _disc(6)
-    rng = np.random.default_rng(0)
-    hu = LIVER_HU + rng.normal(0.0, 3.0, size=truth.shape)
-    hu[truth] = LESION_HU + rng.normal(0.0, 3.0, size=int(truth.sum()))
-    volume = synthetic_volume(np.round(hu), (0.8, 0.8, 2.5))
+    truth = _vessel_through_a_lesion(nk, k0)
+    volume, prompts_and_model = _scan(truth, (0.8, 0.8, 2.5))
 
     def tumour_slices(settings: PipelineSettings) -> list[int]:
-        seg = SegmentPrompts("tumor", 2, slices={k0: SlicePrompts(boxes_ij=[box_around(truth[k0])])}, propagate=True,
-                             inside="liver")
-        predictor = ScriptedPredictor(volume, lambda k, prompts: (truth[k].copy(), 0.95))
+        seg, predictor = prompts_and_model(k0)
         result = segment_volume(volume, [seg], predictor, settings,
                                 containers={"liver": np.ones(truth.shape, dtype=bool)})
         return _slices(result.segments[0].mask_kji)
