@@ -129,6 +129,27 @@ def test_ui_file_parses_and_has_the_widgets():
     assert {n for n, (cls, _) in widgets.items() if cls.startswith("qMRML") and n != "LiverSAM"} <= receivers
 
 
+
+def test_the_tumour_ring_checkbox_is_enabled_only_with_intensity_refinement():
+    """The ring is part of the intensity refinement: with refinement off the checkbox (and its label) is disabled.
+
+    Qt's form loader makes the ``<connections>`` of the .ui file; both start disabled because the refinement
+    checkbox starts unchecked, so a scene whose refinement is off never shows an enabled ring checkbox.
+    """
+    root = ET.parse(UI_FILE).getroot()
+    connections = {(c.findtext("sender"), c.findtext("signal"), c.findtext("receiver"), c.findtext("slot"))
+                   for c in root.iter("connection")}  # fmt: skip
+    widgets = {w.get("name"): w for w in root.iter("widget")}
+
+    def property_text(name: str, prop: str) -> str | None:
+        found = [p for p in widgets[name].findall("property") if p.get("name") == prop]
+        return (found[0].findtext("bool") or found[0].findtext("string")) if found else None
+
+    assert property_text("intensityRefinementCheckBox", "checked") in (None, "false")
+    for name in ("lesionRimCheckBox", "lesionRimLabel"):
+        assert ("intensityRefinementCheckBox", "toggled(bool)", name, "setEnabled(bool)") in connections, name
+        assert property_text(name, "enabled") == "false", f"{name} must start disabled, as the refinement starts off"
+
 @pytest.mark.parametrize("module, ui_file", [(MODULE_FILE, UI_FILE),
                                              (TRAIN_DIR / "LiverSAMTrain.py", TRAIN_DIR / "Resources" / "UI" / "LiverSAMTrain.ui")])  # fmt: skip
 def test_every_ui_name_the_module_uses_exists(module, ui_file):
