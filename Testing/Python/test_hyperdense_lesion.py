@@ -1,0 +1,93 @@
+"""A hyperdense lesion at the liver's edge is not lost with the tissue the liver's propagation sets aside as too
+bright (``PipelineSettings.hyperdense_lesions_past_organ``; scripted predictor).
+
+The liver's intensity refinement drops tissue far brighter than its parenchyma on propagated slices (the kidney,
+vessels), and with it a hyperdense lesion on the liver's outline (an HCC in the arterial phase). A tumour is clipped
+to its liver, so the lesion the user boxed would vanish. With the rule on, a lesion whose model mask lies in that
+set-aside tissue and whose box is hyperdense takes it, and the liver takes those voxels back; the kidney the liver
+also set aside stays out of both.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from liversam.pipeline import PipelineSettings, segment_volume
+from liversam.prompts import SegmentPrompts, SlicePrompts
+from scripted_predictor import ScriptedPredictor, box_around, synthetic_volume
+
+NK, NJ, NI = 9, 96, 96
+LIVER_HU, KIDNEY_HU = 100.0, 220.0
+LIVER_SEED_K, LESION_K = 4, 6
+
+
+def _disc(cj: float, ci: float, radius: float) -> np.ndarray:
+    jj, ii = np.mgrid[0:NJ, 0:NI]
+    return (jj - cj) ** 2 + (ii - ci) ** 2 <= radius**2
+
+
+def _scene(lesion_hu: float):
+    """A liver disc with a lesion disc (``lesion_hu``) on its outline on slices 5-7 and a kidney disc touching it on
+    every slice. The model's liver mask holds all three (the kidney on every slice but the prompted one); its tumour
+    mask is the lesion."""
+    liver = np.zeros((NK, NJ, NI), dtype=bool)
+    liver[:] = _disc(48, 40, 26) & ~_disc(48, 66, 9)  # the liver's outline runs through the lesion's centre
+    lesion = np.zeros_like(liver)
+    lesion[LESION_K - 1 : LESION_K + 2] = _disc(48, 66, 9)
+    kidney = np.zeros_like(liver)
+    kidney[:] = _disc(80, 40, 10) & ~_disc(48, 40, 26)
+    rng = np.random.default_rng(0)
+    hu = rng.normal(-80.0, 5.0, size=liver.shape)  # fat
+    hu[liver] = LIVER_HU + rng.normal(0.0, 4.0, size=int(liver.sum()))
+    hu[kidney] = KIDNEY_HU + rng.normal(0.0, 4.0, size=int(kidney.sum()))
+    hu[lesion] = lesion_hu + rng.normal(0.0, 4.0, size=int(lesion.sum()))
+    volume = synthetic_volume(np.round(hu), (0.8, 0.8, 2.5))
+    liver_box = box_around(liver[LIVER_SEED_K])
+    lesion_box = box_around(lesion[LESION_K])
+
+    def model(k: int, prompts: SlicePrompts):
+        box = prompts.boxes_ij[0]
+        if (box[2] - box[0]) > 30:  # the liver's box (the lesion's box is 19 pixels wide)
+            return liver[k] | lesion[k] | (kidney[k] if k != LIVER_SEED_K else False), 0.95
+        return lesion[k].copy(), 0.95
+
+    segments = [
+        SegmentPrompts("liver", 1, slices={LIVER_SEED_K: SlicePrompts(boxes_ij=[liver_box])}, propagate=True),
+        SegmentPrompts("tumor", 2, slices={LESION_K: SlicePrompts(boxes_ij=[lesion_box])}, propagate=True,
+                       inside="liver"),
+    ]
+    return volume, segments, model, liver, lesion, kidney
+
+
+def _segment(lesion_hu: float, on: bool):
+    volume, segments, model, liver, lesion, kidney = _scene(lesion_hu)
+    settings = PipelineSettings(hyperdense_lesions_past_organ=on, organ_rim=None)
+    result = segment_volume(volume, segments, ScriptedPredictor(volume, model), settings)
+    masks = {s.name: s.mask_kji for s in result.segments}
+    return masks, liver, lesion, kidney
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / max(1, int(a.sum() + b.sum()))
+
+
+def test_a_hyperdense_lesion_on_the_livers_outline_is_kept_and_the_liver_takes_it_back():
+    masks, liver, lesion, kidney = _segment(lesion_hu=170.0, on=True)
+    assert _dice(masks["tumor"], lesion) > 0.9
+    whole = masks["liver"] | masks["tumor"]
+    assert _dice(whole, liver | lesion) > 0.95
+    assert not (whole & kidney).any()  # the kidney the liver set aside stays out of both
+
+    off, *_ = _segment(lesion_hu=170.0, on=False)
+    # off: the propagated liver slices set the lesion aside as too bright, and the tumour is clipped to the liver
+    # (the lesion's one slice on the liver's seed side of the outline is all it keeps at most)
+    assert _dice(off["tumor"], lesion) < 0.5
+    assert not ((off["liver"] | off["tumor"]) & lesion).sum() > 0.5 * lesion.sum()
+
+
+def test_a_hypodense_lesion_is_unchanged_by_the_rule():
+    on, liver, lesion, kidney = _segment(lesion_hu=50.0, on=True)
+    off, *_ = _segment(lesion_hu=50.0, on=False)
+    for name in ("liver", "tumor"):
+        np.testing.assert_array_equal(on[name], off[name])
+    assert not ((on["liver"] | on["tumor"]) & kidney).any()
