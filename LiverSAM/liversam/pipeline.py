@@ -103,11 +103,12 @@ class PipelineSettings:
     # box style (docs/RESULTS.md, session 21). Not in the server's re-propagation of a fix (the slices a reader fixed
     # keep what the fix asked for). None: off.
     lesion_outline_band: OutlineBandSettings | None = field(default_factory=OutlineBandSettings)
-    # A hyperdense lesion at the organ's edge (an HCC in the arterial phase) is tissue far brighter than the organ,
-    # which the organ's propagation sets aside with the kidney and the vessels (intensity refinement); a lesion
-    # clipped to its organ would lose it. On: a lesion's track whose model mask lies largely in that set-aside tissue
-    # on its seed slice, and whose box shows a hyperdense lesion there, may take it, and the organ takes back what
-    # the lesion holds (docs/RESULTS.md, session 22). Off: a lesion stays within its organ's propagated mask.
+    # A hyperdense lesion at the organ's edge (an HCC in the arterial phase) is tissue far brighter than the organ:
+    # the organ's propagation sets it aside with the kidney and the vessels (intensity refinement), or the model's
+    # organ mask leaves it out, and a lesion clipped to its organ would lose it. On: a lesion's track whose model mask
+    # lies at least a quarter outside the organ on its seed slice, and whose box shows a hyperdense lesion there, may
+    # leave the organ within its box, and the organ takes what the lesion holds there (a caller's container is
+    # copied, never written into; docs/RESULTS.md, session 22). Off: a lesion stays within its organ's mask.
     hyperdense_lesions_past_organ: bool = True
 
     def slice_postprocess_for(self, lesion: bool) -> PostprocessSettings:
@@ -222,10 +223,10 @@ def _lesion_rim(settings: PipelineSettings) -> LesionRimSettings | None:
     return None
 
 
-def _give_back_to_organ(organ_kji: np.ndarray, lesion_kji: np.ndarray, set_aside: dict[int, np.ndarray]) -> None:
-    """The organ takes back the voxels of its bright set-aside tissue that a lesion inside it holds (a hyperdense
-    lesion's track, ``PipelineSettings.hyperdense_lesions_past_organ``), in place: the lesion stays inside its organ."""
-    for k, flat in set_aside.items():
+def _give_back_to_organ(organ_kji: np.ndarray, lesion_kji: np.ndarray, beyond: dict[int, np.ndarray]) -> None:
+    """The organ takes the voxels outside it that a hyperdense lesion's track predicted and the lesion still holds
+    (``PipelineSettings.hyperdense_lesions_past_organ``), in place: the lesion stays inside its organ."""
+    for k, flat in beyond.items():
         j, i = np.divmod(flat, organ_kji.shape[2])
         organ_kji[k, j, i] |= lesion_kji[k, j, i]
 
@@ -313,7 +314,6 @@ def segment_volume(
         result.provenance["dicom_series_uid"] = volume.metadata["dicom_series_uid"]
     masks: dict[str, np.ndarray] = {name: np.asarray(m, dtype=bool) for name, m in (containers or {}).items()}
     reports: dict[str, object] = {}
-    set_aside: dict[str, dict[int, np.ndarray]] = {}  # organs of this run: bright tissue their propagation set aside
     ordered = order_by_dependency(segment_prompts)
     for index, seg in enumerate(ordered):
         if cancel is not None and cancel():
@@ -327,11 +327,9 @@ def segment_volume(
                 settings.slice_postprocess_for(seg.inside is not None),
                 container_kji=container, progress=progress, cancel=cancel, method=settings.propagation_method,
                 organ_track=settings.organ_track, lesion_extent=settings.lesion_extent,
-                container_extra=set_aside.get(seg.inside) if settings.hyperdense_lesions_past_organ else None,
+                past_container=settings.hyperdense_lesions_past_organ,
             )
             mask, scores = outcome.mask_kji, outcome.scores
-            if seg.inside is None and outcome.bright_set_aside:
-                set_aside[seg.name] = outcome.bright_set_aside
             reports[seg.name] = outcome
             # 3D clean-up only makes sense for a structure segmented through the volume (the naive reference
             # loop keeps its raw masks).
@@ -343,8 +341,10 @@ def segment_volume(
         else:
             mask, scores, _ = segment_prompted_slices(seg, predictor, settings)
         if container is not None:
-            if seg.inside in set_aside:
-                _give_back_to_organ(container, mask, set_aside[seg.inside])
+            if seg.propagate and outcome.beyond_container:
+                if not any(s.name == seg.inside for s in result.segments):  # a caller's mask: never written into
+                    container = masks[seg.inside] = container.copy()
+                _give_back_to_organ(container, mask, outcome.beyond_container)
             mask &= container
         masks[seg.name] = mask
         result.segments.append(Segment(name=seg.name, label=seg.label, mask_kji=mask, color=seg.color,

@@ -35,7 +35,6 @@ from .intensity_refinement import (
     box_region,
     estimate_noise_hu,
     fit_lesion_contrast,
-    foreign_bounds,
     median_window_for_noise,
     parenchyma_statistics,
     prune_foreign_tissue,
@@ -293,10 +292,9 @@ class PropagationOutcome:
     # repropagate only: the fresh track's voxels it wrote that no other object of the existing mask holds (what
     # took the fixed object's place; None elsewhere)
     replaced_kji: np.ndarray | None = None
-    # organ tracks with intensity refinement: by slice, the flat indices [j * n_i + i] of the voxels of the model's
-    # organ mask that were set aside as brighter than the organ (:func:`foreign_bounds`); a hyperdense lesion inside
-    # the organ may take them (:class:`_Propagator`, ``container_extra``)
-    bright_set_aside: dict[int, np.ndarray] = field(default_factory=dict)
+    # lesions (``past_container``): by slice, the flat indices [j * n_i + i] of voxels outside the container that a
+    # hyperdense lesion's track predicted; the pipeline gives the organ back those its final lesion mask holds
+    beyond_container: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 def _box_of(mask_ji: np.ndarray) -> tuple[float, float, float, float] | None:
@@ -394,10 +392,10 @@ MIN_MODEL_MASK_VOXELS = 10
 # jittered / loose boxes: 0.7842 / 0.7700 / 0.7186 -> 0.7849 / 0.7755 / 0.7247 (3 mm: 0.7850 / 0.7764 / 0.7245);
 # liver unchanged (docs/RESULTS.md, session 17).
 PARENCHYMA_LESION_MARGIN_MM: float | None = 5.0
-# A lesion's track may take the bright tissue its organ's propagation set aside when the model's own mask for the
-# user's box lies at least this much in it on the seed slice and the box shows a hyperdense lesion there
+# A lesion's track may leave its container (within its box) when the model's own mask for the user's box lies at least
+# this much outside the container on the seed slice and the box shows a hyperdense lesion there
 # (``_Propagator._hyperdense_past_container``; docs/RESULTS.md, session 22).
-HYPERDENSE_MIN_SET_ASIDE = 0.25
+HYPERDENSE_MIN_OUTSIDE = 0.25
 
 
 class _Propagator:
@@ -413,7 +411,7 @@ class _Propagator:
         name: str,
         organ_track: OrganTrackSettings | None = None,
         lesion_extent: LesionExtent | None = None,
-        container_extra: dict[int, np.ndarray] | None = None,
+        past_container: bool = False,
     ) -> None:
         self.predictor = predictor
         self.settings = settings
@@ -422,12 +420,11 @@ class _Propagator:
         self.postprocess = postprocess
         self.user_slices = user_slices
         self.container = container_kji
-        # By slice, flat indices of voxels outside the container that a hyperdense lesion's track may take: the
-        # container organ's bright tissue set aside (PropagationOutcome.bright_set_aside). Used only by a track
-        # whose lesion is hyperdense and lies largely in them on its seed slice (``_relaxed``).
-        self.container_extra = container_extra or {}
-        self._relaxed = False
-        self.bright_set_aside: dict[int, np.ndarray] = {}  # organ tracks: what the intensity pruning set aside
+        # A hyperdense lesion's track may leave the container within its box (``_hyperdense_past_container``): the
+        # organ's propagation sets such a lesion aside as too bright, or its model mask leaves it out.
+        self.past_container = past_container and container_kji is not None
+        self._relaxed = False  # the current track is such a lesion's
+        self.beyond_container: dict[int, np.ndarray] = {}  # what relaxed tracks predicted outside the container
         self.progress = progress
         self.cancel = cancel
         self.name = name
@@ -505,7 +502,7 @@ class _Propagator:
         if contrast is None and model_mask.sum() >= MIN_MODEL_MASK_VOXELS:
             region &= model_mask
             contrast = fit_lesion_contrast(self._smoothed_slice(seed_k, region)[region], *parenchyma)
-        if (contrast is None or contrast.polarity > 0) and self.container_extra:
+        if (contrast is None or contrast.polarity > 0) and self.past_container:
             raw = clean_slice(prediction.mask_ji, self.spacing_ji, self.postprocess)
             hyperdense = self._hyperdense_past_container(seed_k, box, raw, parenchyma)
             if hyperdense is not None:
@@ -513,33 +510,30 @@ class _Propagator:
                 return hyperdense
         return contrast
 
-    def _container_at(self, k: int) -> np.ndarray:
-        """The container on slice k as the current track sees it: with the organ's bright tissue set aside when
-        the track's lesion is hyperdense and lies in it (``_relaxed``)."""
-        extra = self.container_extra.get(k) if self._relaxed else None
-        if extra is None:
+    def _container_at(self, k: int, box_ij) -> np.ndarray:
+        """The container on slice k as the current track sees it: with the track's box added when the track's
+        lesion is hyperdense and lies outside the container (``_relaxed``)."""
+        if not self._relaxed or box_ij is None:
             return self.container[k]
-        allowed = self.container[k].copy()
-        allowed.reshape(-1)[extra] = True
-        return allowed
+        return self.container[k] | box_region(self.shape_ji, box_ij)
 
     def _hyperdense_past_container(self, seed_k: int, box: np.ndarray, raw_mask: np.ndarray,
                                    parenchyma: tuple[float, float]) -> LesionContrast | None:
-        """The contrast of a hyperdense lesion that the container lost on the seed slice, or None.
+        """The contrast of a hyperdense lesion that lies outside the container on the seed slice, or None.
 
         The organ's propagation sets aside tissue far brighter than its parenchyma (the kidney, vessels), and with
-        it a hyperdense lesion at the organ's edge (an HCC in the arterial phase); clipped to the organ, the lesion
-        would be lost. When the model's own mask for the user's box lies at least ``HYPERDENSE_MIN_SET_ASIDE`` in
-        that set-aside tissue and the box, with it, shows a hyperdense lesion, the track may take it (and the
-        pipeline gives those voxels back to the organ)."""
-        extra = self.container_extra.get(seed_k)
-        if extra is None or not raw_mask.any():
+        it a hyperdense lesion at the organ's edge (an HCC in the arterial phase); the model's organ mask may leave
+        such a lesion out, too. Clipped to the organ, the lesion the user boxed would be lost. When the model's own
+        mask for the user's box lies at least ``HYPERDENSE_MIN_OUTSIDE`` outside the container and the box, with that
+        mask, shows a hyperdense lesion, the track may leave the container within its box (its voxels must still be
+        lesion-like and held by the model's mask or continue the previous slice's lesion), and the pipeline gives
+        the organ back what the lesion holds."""
+        if not raw_mask.any():
             return None
-        set_aside = np.zeros(self.shape_ji, dtype=bool)
-        set_aside.reshape(-1)[extra] = True
-        if (raw_mask & set_aside).sum() < HYPERDENSE_MIN_SET_ASIDE * raw_mask.sum():
+        outside = raw_mask & ~self.container[seed_k]
+        if outside.sum() < HYPERDENSE_MIN_OUTSIDE * raw_mask.sum():
             return None
-        region = box & (self.container[seed_k] | set_aside)
+        region = box & (self.container[seed_k] | raw_mask)
         contrast = fit_lesion_contrast(self._smoothed_slice(seed_k, region)[region], *parenchyma)
         return contrast if contrast is not None and contrast.polarity > 0 else None
 
@@ -563,27 +557,26 @@ class _Propagator:
                 self.progress(f"propagating '{self.name}'", len(set(self.computed)) + len(self.interpolated), self.nk)
         mask = clean_slice(prediction.mask_ji, self.spacing_ji, self.postprocess)
         if self.container is not None:
-            container = self._container_at(k)
+            container = self._container_at(k, prompts.boxes_ij[0] if prompts.boxes_ij else None)
             mask &= container
             if self.contrast is not None and prompts.boxes_ij:
                 box = box_region(self.shape_ji, prompts.boxes_ij[0])
                 lesion_like = self.contrast.lesion_like(self._smoothed_slice(k, box)) & container
                 refined = refine_slice_mask(mask, lesion_like, prompts.boxes_ij[0], previous_mask)
                 mask = clean_slice(refined, self.spacing_ji, self.postprocess)
+            if self._relaxed:
+                self._note_beyond_container(k, mask & ~self.container[k])
         elif self.organ is not None and previous_mask is not None:
-            smoothed = self._smoothed_slice(k, mask)
-            kept = prune_foreign_tissue(mask, smoothed, self.organ, previous_mask)
-            self._note_bright_set_aside(k, mask & ~kept & (smoothed >= foreign_bounds(self.organ)[1]))
-            mask = kept
+            mask = prune_foreign_tissue(mask, self._smoothed_slice(k, mask), self.organ, previous_mask)
         return mask, prediction
 
-    def _note_bright_set_aside(self, k: int, bright: np.ndarray) -> None:
-        """Adds to ``bright_set_aside[k]`` (flat indices; a slice may be predicted more than once)."""
-        if not bright.any():
+    def _note_beyond_container(self, k: int, beyond: np.ndarray) -> None:
+        """Adds to ``beyond_container[k]`` (flat indices; a slice may be predicted more than once)."""
+        if not beyond.any():
             return
-        found = np.flatnonzero(bright).astype(np.int32)
-        before = self.bright_set_aside.get(k)
-        self.bright_set_aside[k] = found if before is None else np.union1d(before, found).astype(np.int32)
+        found = np.flatnonzero(beyond).astype(np.int64)
+        before = self.beyond_container.get(k)
+        self.beyond_container[k] = found if before is None else np.union1d(before, found)
 
     def run_track(self, seed_k: int, seed_prompts: SlicePrompts, out: np.ndarray, scores: dict[int, float],
                   limits: tuple[int, int] | None = None, refine: bool = True) -> Track:
@@ -995,15 +988,15 @@ def propagate_segment(
     organ_track: OrganTrackSettings | None = None,
     model_union: ModelTrackUnion | None = ModelTrackUnion(),
     lesion_extent: LesionExtent | None = LesionExtent(),
-    container_extra: dict[int, np.ndarray] | None = None,
+    past_container: bool = False,
 ) -> PropagationOutcome:
     """Segment every prompted slice of ``seg`` and propagate each seed both ways until the structure ends.
 
     ``method``: "liversam" (this module's walk) or "naive" (the reference loop, :func:`propagate_naive`).
     ``model_union``: when a refined lesion also takes its model's own track (None: never).
     ``lesion_extent``: how far a lesion's track (a segment inside a container) may reach (None: no limit).
-    ``container_extra``: the container organ's ``bright_set_aside`` (its outcome's), which a hyperdense lesion's
-    track may take (None: the container only).
+    ``past_container``: a hyperdense lesion's track may leave its container within its box when its model mask
+    does on the seed slice (the outcome's ``beyond_container`` says where; False: the container only).
     ``postprocess``: the slice masks' clean-up; by default :func:`default_slice_postprocess` (as the pipeline's).
     """
     if method not in PROPAGATION_METHODS:
@@ -1013,7 +1006,7 @@ def propagate_segment(
         return propagate_naive(seg, predictor, settings, progress=progress, cancel=cancel)
     postprocess = postprocess or default_slice_postprocess(container_kji is not None)
     propagator = _Propagator(predictor, settings, postprocess, seg.slices, container_kji, progress, cancel, seg.name,
-                             organ_track, lesion_extent, container_extra if container_kji is not None else None)
+                             organ_track, lesion_extent, past_container)
     out = np.zeros(predictor.volume.geometry.shape_kji, dtype=bool)
     scores: dict[int, float] = {}
     tracks = []
@@ -1028,7 +1021,7 @@ def propagate_segment(
         if lesion:  # a lesion is one object: drop specks that lost touch with the prompted slice's mask
             out |= connected_to_slice(track_out, k)
     return PropagationOutcome(out, scores, tracks, sorted(seg.slices), propagator.computed + propagator.interpolated,
-                              bright_set_aside=propagator.bright_set_aside)
+                              beyond_container=propagator.beyond_container)
 
 
 def propagate_naive(

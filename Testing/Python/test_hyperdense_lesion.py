@@ -1,11 +1,12 @@
-"""A hyperdense lesion at the liver's edge is not lost with the tissue the liver's propagation sets aside as too
-bright (``PipelineSettings.hyperdense_lesions_past_organ``; scripted predictor).
+"""A hyperdense lesion at the liver's edge is not lost when the liver leaves it out
+(``PipelineSettings.hyperdense_lesions_past_organ``; scripted predictor).
 
 The liver's intensity refinement drops tissue far brighter than its parenchyma on propagated slices (the kidney,
-vessels), and with it a hyperdense lesion on the liver's outline (an HCC in the arterial phase). A tumour is clipped
-to its liver, so the lesion the user boxed would vanish. With the rule on, a lesion whose model mask lies in that
-set-aside tissue and whose box is hyperdense takes it, and the liver takes those voxels back; the kidney the liver
-also set aside stays out of both.
+vessels), and with it a hyperdense lesion on the liver's outline (an HCC in the arterial phase); the model's liver
+mask may leave such a lesion out, too. A tumour is clipped to its liver, so the lesion the user boxed would vanish.
+With the rule on, a lesion whose model mask lies outside the liver and whose box is hyperdense may leave the liver
+within its box, and the liver takes those voxels; the kidney the liver set aside stays out of both, a hypodense
+lesion is not affected, and a liver passed in by the caller (the Slicer scene's) is never written into.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ def _disc(cj: float, ci: float, radius: float) -> np.ndarray:
     return (jj - cj) ** 2 + (ii - ci) ** 2 <= radius**2
 
 
-def _scene(lesion_hu: float):
+def _scene(lesion_hu: float, model_keeps_lesion_in_liver: bool = True):
     """A liver disc with a lesion disc (``lesion_hu``) on its outline on slices 5-7 and a kidney disc touching it on
-    every slice. The model's liver mask holds all three (the kidney on every slice but the prompted one); its tumour
-    mask is the lesion."""
+    every slice. The model's liver mask holds the liver, the kidney (on every slice but the prompted one) and, when
+    ``model_keeps_lesion_in_liver``, the lesion; its tumour mask is the lesion."""
     liver = np.zeros((NK, NJ, NI), dtype=bool)
     liver[:] = _disc(48, 40, 26) & ~_disc(48, 66, 9)  # the liver's outline runs through the lesion's centre
     lesion = np.zeros_like(liver)
@@ -48,7 +49,8 @@ def _scene(lesion_hu: float):
     def model(k: int, prompts: SlicePrompts):
         box = prompts.boxes_ij[0]
         if (box[2] - box[0]) > 30:  # the liver's box (the lesion's box is 19 pixels wide)
-            return liver[k] | lesion[k] | (kidney[k] if k != LIVER_SEED_K else False), 0.95
+            held = lesion[k] if model_keeps_lesion_in_liver else False
+            return liver[k] | held | (kidney[k] if k != LIVER_SEED_K else False), 0.95
         return lesion[k].copy(), 0.95
 
     segments = [
@@ -59,8 +61,8 @@ def _scene(lesion_hu: float):
     return volume, segments, model, liver, lesion, kidney
 
 
-def _segment(lesion_hu: float, on: bool):
-    volume, segments, model, liver, lesion, kidney = _scene(lesion_hu)
+def _segment(lesion_hu: float, on: bool, model_keeps_lesion_in_liver: bool = True):
+    volume, segments, model, liver, lesion, kidney = _scene(lesion_hu, model_keeps_lesion_in_liver)
     settings = PipelineSettings(hyperdense_lesions_past_organ=on, organ_rim=None)
     result = segment_volume(volume, segments, ScriptedPredictor(volume, model), settings)
     masks = {s.name: s.mask_kji for s in result.segments}
@@ -91,3 +93,23 @@ def test_a_hypodense_lesion_is_unchanged_by_the_rule():
     for name in ("liver", "tumor"):
         np.testing.assert_array_equal(on[name], off[name])
     assert not ((on["liver"] | on["tumor"]) & kidney).any()
+
+
+def test_a_hyperdense_lesion_the_models_liver_leaves_out_is_kept_too():
+    masks, liver, lesion, kidney = _segment(lesion_hu=170.0, on=True, model_keeps_lesion_in_liver=False)
+    assert _dice(masks["tumor"], lesion) > 0.9
+    assert _dice(masks["liver"] | masks["tumor"], liver | lesion) > 0.95
+    assert not ((masks["liver"] | masks["tumor"]) & kidney).any()
+    off, *_ = _segment(lesion_hu=170.0, on=False, model_keeps_lesion_in_liver=False)
+    assert not off["tumor"].any()
+
+
+def test_a_liver_passed_in_by_the_caller_is_not_written_into():
+    """The Slicer module's second job: the tumours alone, inside the liver already in the scene."""
+    volume, segments, model, liver, lesion, kidney = _scene(170.0, model_keeps_lesion_in_liver=False)
+    scene_liver = liver.copy()
+    result = segment_volume(volume, segments[1:], ScriptedPredictor(volume, model), PipelineSettings(organ_rim=None),
+                            containers={"liver": scene_liver})
+    np.testing.assert_array_equal(scene_liver, liver)
+    assert [s.name for s in result.segments] == ["tumor"]
+    assert _dice(result.segments[0].mask_kji, lesion) > 0.9
