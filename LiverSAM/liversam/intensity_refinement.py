@@ -241,14 +241,6 @@ def refine_slice_mask(
     return ndimage.binary_fill_holes(keep[labels])
 
 
-def foreign_bounds(parenchyma: tuple[float, float], settings: OrganIntensitySettings | None = None) -> tuple[float, float]:
-    """(lo, hi): smoothed HU at or below ``lo`` or at or above ``hi`` is foreign to an organ whose parenchyma is
-    (mode, SD) (:class:`OrganIntensitySettings`)."""
-    s = settings or OrganIntensitySettings()
-    mode, sd = parenchyma
-    return mode - max(s.dark_sd * sd, s.min_dark_hu), mode + max(s.bright_sd * sd, s.min_bright_hu)
-
-
 def prune_foreign_tissue(
     model_mask_ji: np.ndarray,
     smoothed_ji: np.ndarray,
@@ -269,7 +261,9 @@ def prune_foreign_tissue(
     continued on every slice there).
     """
     s = settings or OrganIntensitySettings()
-    lo, hi = foreign_bounds(parenchyma, s)
+    mode, sd = parenchyma
+    hi = mode + max(s.bright_sd * sd, s.min_bright_hu)
+    lo = mode - max(s.dark_sd * sd, s.min_dark_hu)
     core = model_mask_ji & (smoothed_ji < hi) & (smoothed_ji > lo)
     labels, n = ndimage.label(core)
     if n == 0:

@@ -225,7 +225,9 @@ def _lesion_rim(settings: PipelineSettings) -> LesionRimSettings | None:
 
 def _give_back_to_organ(organ_kji: np.ndarray, lesion_kji: np.ndarray, beyond: dict[int, np.ndarray]) -> None:
     """The organ takes the voxels outside it that a hyperdense lesion's track predicted and the lesion still holds
-    (``PipelineSettings.hyperdense_lesions_past_organ``), in place: the lesion stays inside its organ."""
+    (``PipelineSettings.hyperdense_lesions_past_organ``), in place, so the lesion stays inside it. A caller's
+    container (the liver of the Slicer scene or of a server session) is a copy: the lesion written back there may
+    reach past the liver segment, which is not rewritten."""
     for k, flat in beyond.items():
         j, i = np.divmod(flat, organ_kji.shape[2])
         organ_kji[k, j, i] |= lesion_kji[k, j, i]
@@ -314,6 +316,7 @@ def segment_volume(
         result.provenance["dicom_series_uid"] = volume.metadata["dicom_series_uid"]
     masks: dict[str, np.ndarray] = {name: np.asarray(m, dtype=bool) for name, m in (containers or {}).items()}
     reports: dict[str, object] = {}
+    copied: set[str] = set()  # a caller's containers this run copied before giving a lesion's voxels to them
     ordered = order_by_dependency(segment_prompts)
     for index, seg in enumerate(ordered):
         if cancel is not None and cancel():
@@ -342,8 +345,9 @@ def segment_volume(
             mask, scores, _ = segment_prompted_slices(seg, predictor, settings)
         if container is not None:
             if seg.propagate and outcome.beyond_container:
-                if not any(s.name == seg.inside for s in result.segments):  # a caller's mask: never written into
-                    container = masks[seg.inside] = container.copy()
+                if not any(s.name == seg.inside for s in result.segments) and seg.inside not in copied:
+                    container = masks[seg.inside] = container.copy()  # a caller's mask: never written into
+                    copied.add(seg.inside)
                 _give_back_to_organ(container, mask, outcome.beyond_container)
             mask &= container
         masks[seg.name] = mask

@@ -396,6 +396,7 @@ PARENCHYMA_LESION_MARGIN_MM: float | None = 5.0
 # this much outside the container on the seed slice and the box shows a hyperdense lesion there
 # (``_Propagator._hyperdense_past_container``; docs/RESULTS.md, session 22).
 HYPERDENSE_MIN_OUTSIDE = 0.25
+HYPERDENSE_NEAR_MM = 10.0  # ... and that outside part reaches within this distance of the container
 
 
 class _Propagator:
@@ -504,38 +505,58 @@ class _Propagator:
             contrast = fit_lesion_contrast(self._smoothed_slice(seed_k, region)[region], *parenchyma)
         if (contrast is None or contrast.polarity > 0) and self.past_container:
             raw = clean_slice(prediction.mask_ji, self.spacing_ji, self.postprocess)
-            hyperdense = self._hyperdense_past_container(seed_k, box, raw, parenchyma)
+            hyperdense = self._hyperdense_past_container(seed_k, raw, parenchyma, contrast)
             if hyperdense is not None:
                 self._relaxed = True
                 return hyperdense
         return contrast
 
     def _container_at(self, k: int, box_ij) -> np.ndarray:
-        """The container on slice k as the current track sees it: with the track's box added when the track's
-        lesion is hyperdense and lies outside the container (``_relaxed``)."""
+        """The container on slice k as the current track sees it: with the track's box on that slice added when the
+        track's lesion is hyperdense and lies outside the container (``_relaxed``). Off the seed slice the box is the
+        previous slice's lesion's box and margin; the lesion's extent limit and growth guard bound the walk."""
         if not self._relaxed or box_ij is None:
             return self.container[k]
         return self.container[k] | box_region(self.shape_ji, box_ij)
 
-    def _hyperdense_past_container(self, seed_k: int, box: np.ndarray, raw_mask: np.ndarray,
-                                   parenchyma: tuple[float, float]) -> LesionContrast | None:
+    def _hyperdense_past_container(self, seed_k: int, raw_mask: np.ndarray, parenchyma: tuple[float, float],
+                                   fitted: LesionContrast | None) -> LesionContrast | None:
         """The contrast of a hyperdense lesion that lies outside the container on the seed slice, or None.
 
         The organ's propagation sets aside tissue far brighter than its parenchyma (the kidney, vessels), and with
         it a hyperdense lesion at the organ's edge (an HCC in the arterial phase); the model's organ mask may leave
-        such a lesion out, too. Clipped to the organ, the lesion the user boxed would be lost. When the model's own
-        mask for the user's box lies at least ``HYPERDENSE_MIN_OUTSIDE`` outside the container and the box, with that
-        mask, shows a hyperdense lesion, the track may leave the container within its box (its voxels must still be
-        lesion-like and held by the model's mask or continue the previous slice's lesion), and the pipeline gives
-        the organ back what the lesion holds."""
+        such a lesion out, too. Clipped to the organ, the lesion the user boxed would be lost. The track may leave
+        the container within its box (its voxels must still be lesion-like and held by the model's mask or continue
+        the previous slice's lesion; the pipeline gives the organ what the lesion holds there) when the model's own
+        mask for the user's box (``raw_mask``)
+
+        - lies at least ``HYPERDENSE_MIN_OUTSIDE`` outside the container, within ``HYPERDENSE_NEAR_MM`` of it;
+        - is itself hyperdense against the parenchyma (the fit on the mask alone);
+        - and, when the box shows no contrast inside the container (``fitted`` None) and the mask lies a quarter or
+          more inside it, is mostly lesion-like there: an isodense lesion whose mask spills into a bright neighbour
+          (the kidney, a vessel) keeps its mask inside the organ as before.
+
+        Returns ``fitted`` (the box's hyperdense contrast inside the container) when there is one, else the mask's.
+        """
         if not raw_mask.any():
             return None
-        outside = raw_mask & ~self.container[seed_k]
+        container = self.container[seed_k]
+        outside = raw_mask & ~container
         if outside.sum() < HYPERDENSE_MIN_OUTSIDE * raw_mask.sum():
             return None
-        region = box & (self.container[seed_k] | raw_mask)
-        contrast = fit_lesion_contrast(self._smoothed_slice(seed_k, region)[region], *parenchyma)
-        return contrast if contrast is not None and contrast.polarity > 0 else None
+        steps = max(1, int(round(HYPERDENSE_NEAR_MM / min(self.spacing_ji))))
+        if not (outside & ndimage.binary_dilation(container, iterations=steps)).any():
+            return None
+        smoothed = self._smoothed_slice(seed_k, raw_mask)
+        contrast = fit_lesion_contrast(smoothed[raw_mask], *parenchyma)
+        if contrast is None or contrast.polarity < 0:
+            return None
+        if fitted is not None:
+            return fitted
+        inside = raw_mask & container
+        if inside.sum() >= HYPERDENSE_MIN_OUTSIDE * raw_mask.sum() and contrast.lesion_like(smoothed)[inside].mean() < 0.5:
+            return None
+        return contrast
 
     def _lesion_part_of(self, box: np.ndarray, model_mask: np.ndarray) -> np.ndarray:
         """The part of a lesion's box [j, i] that the parenchyma's estimate leaves out: within
@@ -1104,13 +1125,15 @@ def repropagate(
     postprocess: PostprocessSettings | None = None,
     container_kji: np.ndarray | None = None,
     cancel: Callable[[], bool] | None = None,
+    past_container: bool = False,
 ) -> PropagationOutcome:
     """Fix one slice with new prompts and recompute only what that fix affects.
 
     The object being fixed is the part of ``existing_kji`` connected (in 3D) to the new prompts on slice
     ``k_fix``. Only ``k_fix`` and at most ``REPROPAGATION_MAX_REACH`` slices each way, never a user-prompted
     slice of ``seg``, are recomputed, and only that object's voxels there are replaced; every other slice and
-    every other object is left exactly as it was. ``seg`` gains the new prompts.
+    every other object is left exactly as it was. ``seg`` gains the new prompts. ``past_container``: as
+    :func:`propagate_segment`'s (a hyperdense lesion the container leaves out).
     """
     settings = settings or PropagationSettings()
     postprocess = postprocess or default_slice_postprocess(container_kji is not None)
@@ -1140,7 +1163,7 @@ def repropagate(
                              # no widening and no pieces asked for apart on top of the regrowth, no lesion extent:
                              # the fix reaches one slice each way, measured without them (benchmarks/fix_reach.py)
                              OrganTrackSettings(box_regrow_steps=REPROPAGATION_REGROW_STEPS, wider_box_mm=None,
-                                                piece_min_mm2=None))
+                                                piece_min_mm2=None), None, past_container)
     scores: dict[int, float] = {}
     fresh = np.zeros_like(existing_kji)
     k_lo, k_hi = max(k_lo, k_fix - REPROPAGATION_MAX_REACH), min(k_hi, k_fix + REPROPAGATION_MAX_REACH)

@@ -12,6 +12,7 @@ lesion is not affected, and a liver passed in by the caller (the Slicer scene's)
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from liversam.pipeline import PipelineSettings, segment_volume
 from liversam.prompts import SegmentPrompts, SlicePrompts
@@ -87,9 +88,12 @@ def test_a_hyperdense_lesion_on_the_livers_outline_is_kept_and_the_liver_takes_i
     assert not ((off["liver"] | off["tumor"]) & lesion).sum() > 0.5 * lesion.sum()
 
 
-def test_a_hypodense_lesion_is_unchanged_by_the_rule():
-    on, liver, lesion, kidney = _segment(lesion_hu=50.0, on=True)
-    off, *_ = _segment(lesion_hu=50.0, on=False)
+@pytest.mark.parametrize("model_keeps_lesion_in_liver", [True, False])
+def test_a_hypodense_lesion_is_unchanged_by_the_rule(model_keeps_lesion_in_liver):
+    """Also when the model's liver leaves it out: the rule is for hyperdense lesions (dark tissue beside the liver
+    -- fat, bowel, fluid -- is common, and the liver's refinement keeps dark lesions)."""
+    on, liver, lesion, kidney = _segment(50.0, True, model_keeps_lesion_in_liver)
+    off, *_ = _segment(50.0, False, model_keeps_lesion_in_liver)
     for name in ("liver", "tumor"):
         np.testing.assert_array_equal(on[name], off[name])
     assert not ((on["liver"] | on["tumor"]) & kidney).any()
@@ -113,3 +117,74 @@ def test_a_liver_passed_in_by_the_caller_is_not_written_into():
     np.testing.assert_array_equal(scene_liver, liver)
     assert [s.name for s in result.segments] == ["tumor"]
     assert _dice(result.segments[0].mask_kji, lesion) > 0.9
+
+
+def test_an_isodense_lesion_whose_mask_spills_into_a_bright_neighbour_stays_in_the_liver():
+    """The model's mask for a loose box around an isodense lesion takes in the kidney beside the liver: the mask is
+    hyperdense as a whole and mostly outside the liver, but its part inside the liver is not lesion-like, so the
+    track keeps to the liver as before (identical masks with the rule on and off)."""
+    liver = np.zeros((NK, NJ, NI), dtype=bool)
+    liver[:] = _disc(48, 40, 26)
+    kidney = np.zeros_like(liver)
+    kidney[:] = _disc(84, 40, 12) & ~liver
+    lesion = np.zeros_like(liver)
+    lesion[LESION_K - 1 : LESION_K + 2] = _disc(66, 40, 5)
+    spill = kidney & (np.arange(NJ)[None, :, None] < 84) & (np.abs(np.arange(NI) - 40) < 7)[None, None, :]
+    rng = np.random.default_rng(1)
+    hu = rng.normal(-80.0, 5.0, size=liver.shape)
+    hu[liver] = LIVER_HU + rng.normal(0.0, 4.0, size=int(liver.sum()))  # the lesion is as dense as the liver
+    hu[kidney] = KIDNEY_HU + rng.normal(0.0, 4.0, size=int(kidney.sum()))
+    volume = synthetic_volume(np.round(hu), (0.8, 0.8, 2.5))
+    liver_box = box_around(liver[LIVER_SEED_K])
+
+    def model(k: int, prompts: SlicePrompts):
+        if (prompts.boxes_ij[0][2] - prompts.boxes_ij[0][0]) > 30:
+            return liver[k] | (kidney[k] if k != LIVER_SEED_K else False), 0.95
+        return lesion[k] | (spill[k] if lesion[k].any() else False), 0.95
+
+    raw = lesion[LESION_K] | spill[LESION_K]
+    assert (raw & ~liver[LESION_K]).sum() >= 0.25 * raw.sum()  # the scene does reach the rule's first condition
+    segments = [
+        SegmentPrompts("liver", 1, slices={LIVER_SEED_K: SlicePrompts(boxes_ij=[liver_box])}, propagate=True),
+        SegmentPrompts("tumor", 2, slices={LESION_K: SlicePrompts(boxes_ij=[box_around(raw)])}, propagate=True,
+                       inside="liver"),
+    ]
+    results = {}
+    for on in (True, False):
+        settings = PipelineSettings(hyperdense_lesions_past_organ=on, organ_rim=None)
+        result = segment_volume(volume, segments, ScriptedPredictor(volume, model), settings)
+        results[on] = {s.name: s.mask_kji for s in result.segments}
+    for name in ("liver", "tumor"):
+        np.testing.assert_array_equal(results[True][name], results[False][name])
+    assert results[True]["tumor"].any() and not (results[True]["tumor"] & kidney).any()
+
+
+def test_two_hyperdense_lesions_inside_a_callers_liver_are_both_kept():
+    """Two lesion segments in one job with the scene's liver as their container: the first copies the liver once,
+    the second gives its voxels to the same copy; the caller's liver is never written into."""
+    volume, segments, model, liver, lesion, kidney = _scene(170.0, model_keeps_lesion_in_liver=False)
+    tumour = segments[1]
+    second = SegmentPrompts("tumor 2", 3, slices=tumour.slices, propagate=True, inside="liver")
+    scene_liver = liver.copy()
+    result = segment_volume(volume, [tumour, second], ScriptedPredictor(volume, model),
+                            PipelineSettings(organ_rim=None, later_segment_wins=False),
+                            containers={"liver": scene_liver})
+    np.testing.assert_array_equal(scene_liver, liver)
+    for segment in result.segments:
+        assert _dice(segment.mask_kji, lesion) > 0.9, segment.name
+
+
+def test_a_fix_of_a_hyperdense_lesion_keeps_what_the_liver_left_out():
+    """The server's re-propagation of a fix (``repropagate``) leaves the container for such a lesion as well."""
+    from liversam.propagation import PropagationSettings, for_lesions, repropagate
+
+    volume, segments, model, liver, lesion, kidney = _scene(170.0, model_keeps_lesion_in_liver=False)
+    tumour = segments[1]
+    outcomes = {}
+    for on in (True, False):
+        seg = SegmentPrompts(tumour.name, tumour.label, slices=dict(tumour.slices), propagate=True, inside="liver")
+        existing = np.zeros_like(liver)
+        outcomes[on] = repropagate(existing, seg, LESION_K, seg.slices[LESION_K], ScriptedPredictor(volume, model),
+                                   for_lesions(PropagationSettings()), container_kji=liver, past_container=on)
+    assert _dice(outcomes[True].mask_kji, lesion) > 0.9
+    assert not outcomes[False].mask_kji.any()
