@@ -106,9 +106,10 @@ class PipelineSettings:
     # A hyperdense lesion at the organ's edge (an HCC in the arterial phase) is tissue far brighter than the organ:
     # the organ's propagation sets it aside with the kidney and the vessels (intensity refinement), or the model's
     # organ mask leaves it out, and a lesion clipped to its organ would lose it. On: a lesion's track whose model mask
-    # lies at least a quarter outside the organ on its seed slice, and whose box shows a hyperdense lesion there, may
+    # lies at least a quarter outside the organ on its seed slice, near it, and is brighter than the organ there may
     # leave the organ within its box, and the organ takes what the lesion holds there (a caller's container is
-    # copied, never written into; docs/RESULTS.md, session 22). Off: a lesion stays within its organ's mask.
+    # copied, never written into; the conditions: ``propagation._Propagator._hyperdense_past_container``;
+    # docs/RESULTS.md, session 22). Off: a lesion stays within its organ's mask.
     hyperdense_lesions_past_organ: bool = True
 
     def slice_postprocess_for(self, lesion: bool) -> PostprocessSettings:

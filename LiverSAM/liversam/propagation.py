@@ -393,8 +393,9 @@ MIN_MODEL_MASK_VOXELS = 10
 # liver unchanged (docs/RESULTS.md, session 17).
 PARENCHYMA_LESION_MARGIN_MM: float | None = 5.0
 # A lesion's track may leave its container (within its box) when the model's own mask for the user's box lies at least
-# this much outside the container on the seed slice and the box shows a hyperdense lesion there
-# (``_Propagator._hyperdense_past_container``; docs/RESULTS.md, session 22).
+# this much outside the container on the seed slice and is hyperdense (``_Propagator._hyperdense_past_container``, which
+# also asks a mask lying this much inside a container without contrast to be lesion-like there; docs/RESULTS.md,
+# session 22).
 HYPERDENSE_MIN_OUTSIDE = 0.25
 HYPERDENSE_NEAR_MM = 10.0  # ... and that outside part reaches within this distance of the container
 
