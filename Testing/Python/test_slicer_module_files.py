@@ -129,7 +129,6 @@ def test_ui_file_parses_and_has_the_widgets():
     assert {n for n, (cls, _) in widgets.items() if cls.startswith("qMRML") and n != "LiverSAM"} <= receivers
 
 
-
 def test_the_tumour_ring_checkbox_is_enabled_only_with_intensity_refinement():
     """The ring is part of the intensity refinement: with refinement off the checkbox (and its label) is disabled.
 
@@ -149,6 +148,7 @@ def test_the_tumour_ring_checkbox_is_enabled_only_with_intensity_refinement():
     for name in ("lesionRimCheckBox", "lesionRimLabel"):
         assert ("intensityRefinementCheckBox", "toggled(bool)", name, "setEnabled(bool)") in connections, name
         assert property_text(name, "enabled") == "false", f"{name} must start disabled, as the refinement starts off"
+
 
 @pytest.mark.parametrize("module, ui_file", [(MODULE_FILE, UI_FILE),
                                              (TRAIN_DIR / "LiverSAMTrain.py", TRAIN_DIR / "Resources" / "UI" / "LiverSAMTrain.ui")])  # fmt: skip
