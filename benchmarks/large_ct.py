@@ -105,6 +105,7 @@ def measure(ct_path: Path, box: list, cache_mb: float, accelerate: str, threads:
 
     from liversam.ct_io import read_ct
     from liversam.dense_crf import crf_for_segments
+    from liversam.freed_memory import return_freed_memory_to_os
     from liversam.models import load_model
     from liversam.pipeline import PipelineSettings, segment_volume
     from liversam.predictor import SlicePredictor
@@ -141,6 +142,7 @@ def measure(ct_path: Path, box: list, cache_mb: float, accelerate: str, threads:
     times["propagate"] = time.perf_counter() - t0
     cache_entries = len(predictor.cache)
     predictor.cache.clear()  # as liversam segment does before writing
+    return_freed_memory_to_os()
     sampler.phase = "write .seg.nrrd"
     t0 = time.perf_counter()
     write_segmentation(result, ct_path.with_name("large.seg.nrrd"), model_name=model.name)

@@ -120,8 +120,7 @@ class SlicePredictor:
             emb = self.model.encode(self.model_input(k))
             self.encode_seconds += time.perf_counter() - start
             self.encoded_slices.append(int(k))
-            self.cache.put(key, emb)
-            return emb
+            return self.cache.put(key, emb)  # as the cache keeps it, so every use of slice k sees the same
 
     def hint_next(self, k: int) -> bool:
         """Start encoding slice ``k`` in the background (one slice at a time); True when it was started.

@@ -56,7 +56,7 @@ def test_opening_and_closing_radius_in_mm():
 
 
 def test_embedding_cache_is_lru_and_bounded():
-    one_mb = torch.zeros(256 * 1024, dtype=torch.float32)  # 1 MB
+    one_mb = torch.zeros(512 * 1024, dtype=torch.float16)  # 1 MB, kept as it is
     cache = SliceEmbeddingCache(max_mb=3)
     for key in "abc":
         cache.put(key, one_mb.clone())
@@ -64,9 +64,27 @@ def test_embedding_cache_is_lru_and_bounded():
     cache.put("d", one_mb.clone())  # evicts b
     assert "b" not in cache and "a" in cache and "d" in cache
     assert cache.size_mb <= 3.0 and len(cache) == 3
-    cache.put("huge", torch.zeros(1024 * 1024, dtype=torch.float32))  # 4 MB: larger than the cache
+    cache.put("huge", torch.zeros(2 * 1024 * 1024, dtype=torch.float16))  # 4 MB: larger than the cache
     assert "huge" not in cache
     assert cache.hits == 1 and cache.misses == 0
+
+
+def test_embedding_cache_keeps_fp32_in_half_the_memory_and_gives_back_fp32():
+    generator = torch.Generator().manual_seed(0)
+    embedding = torch.randn(1, 256, 64, 64, generator=generator) * 3  # a LiteMedSAM slice: 4 MiB in fp32
+    cache = SliceEmbeddingCache(max_mb=5)
+    given = cache.put("k", embedding)
+    assert cache.size_mb == 2.0  # fp16: 2 MiB
+    back = cache.get("k")
+    assert back.dtype == torch.float32 and back.shape == embedding.shape
+    assert torch.equal(back, given)  # the first use (put's return) and later ones see the same tensor
+    relative = (back - embedding).norm() / embedding.norm()
+    assert 0 < relative < 2**-11  # rounded to fp16, no further
+    cache.put("k2", embedding)  # 4 MiB of fp16 in all: both fit in 5 MiB (as fp32 they would not)
+    assert "k" in cache and "k2" in cache
+    exact = SliceEmbeddingCache(max_mb=5, store_fp32_as=torch.float32)
+    assert torch.equal(exact.put("k", embedding), embedding) and exact.size_mb == 4.0
+    assert exact.get("k") is embedding  # kept as it is
 
 
 def test_ellipse_footprint_is_the_ellipse_in_millimetres():

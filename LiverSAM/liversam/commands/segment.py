@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from ..errors import OutputError
+from ..freed_memory import return_freed_memory_to_os
 from ..output_paths import check_outputs, model_input_path
 from ..progress import ProgressReporter
 
@@ -171,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
     )
     with ProgressReporter() as progress:  # bar on a terminal, a line per stage in a log, nothing with --quiet
         result = segment_volume(volume, segments, predictor, settings, progress=progress)
-    predictor.cache.clear()  # the slice embeddings (4 MB a slice) are not needed for writing: memory for the writer
+    predictor.cache.clear()  # the slice embeddings (2 MB a slice) are not needed for writing: memory for the writer
+    return_freed_memory_to_os()  # and give it back, so that the writer's array does not come on top of it
     result.provenance["prompts"] = str(args.prompts)
     write_segmentation(result, output, reference_dicom=args.ct if fmt == "dicom-seg" else None, model_name=model.name)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
+from ..freed_memory import return_freed_memory_to_os
 from .checkpoints import extract_state_dict, file_sha256, safe_torch_load, user_models_dir, verify_sha256
 from .loaded_model import LoadedModel
 from .registry import (
@@ -86,6 +87,7 @@ def load_model(
         from ..acceleration import enable_fast_encoder
 
         enable_fast_encoder(model, accelerate)
+        return_freed_memory_to_os()  # what the backends' checks held (the check set, candidates' buffers)
     return model
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..freed_memory import return_freed_memory_to_os
 from ..predictor import SlicePredictor
 from ..preprocess import WindowSettings
 from ..volume import CTVolume
@@ -62,6 +63,7 @@ class Session:
             self._predictor.cache.clear()
         self._predictor = None
         self.masks.clear()
+        return_freed_memory_to_os()  # a long-running server gives a closed session's memory back
 
 
 class SessionStore:
