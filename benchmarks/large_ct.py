@@ -14,7 +14,8 @@ The run uses ``liversam segment``'s settings (dense CRF where pydensecrf2 is ins
 freed before writing). ``--cache-mb 2048`` is the command line's own cache bound.
 
 Run:  python benchmarks/large_ct.py [--case ircadb17] [--slices 600] [--cache-mb 256] [--accelerate auto]
-Target: peak memory <= 2.5 GB (issue 16; GiB as ru_maxrss reports it).
+Target: peak memory <= 2.5 GB (issue 16), i.e. 2384 MiB of ``ru_maxrss``. ``python benchmarks/run_benchmarks.py``
+runs this script too (595 slices, the command line's 2048 MiB cache bound) and prints the verdict with its figures.
 """
 
 from __future__ import annotations
@@ -70,6 +71,14 @@ class Sampler(threading.Thread):
         self._halt.set()
         self.join()
         self.sample()
+
+
+TARGET_BYTES = 2.5e9  # issue 16: peak memory <= 2.5 GB on the 595-slice CT (2384 MiB)
+
+
+def within_target(peak_mib: float) -> bool:
+    """Whether a peak of ``peak_mib`` MiB (``ru_maxrss`` / 1024) is within the 2.5 GB target."""
+    return peak_mib * 2**20 <= TARGET_BYTES
 
 
 def stacked_indices(nk: int, slices: int) -> list[int]:
@@ -204,9 +213,10 @@ def main() -> int:
     figures["case"] = args.case
     figures["liver_slices_in_source_case"] = liver_slices
     print(json.dumps(figures, indent=2))
-    verdict = "within" if figures["peak_rss_mb"] <= 2560 else "ABOVE"
-    print(f"peak memory {figures['peak_rss_mb']} MB: {verdict} the 2.5 GB target; wall {figures['wall_seconds']} s; "
-          f"embedding cache peak {figures['cache_peak_mb']:.0f} MB of its {args.cache_mb:.0f} MB bound")
+    verdict = "within" if within_target(figures["peak_rss_mb"]) else "ABOVE"
+    print(f"peak memory {figures['peak_rss_mb']} MiB ({figures['peak_rss_mb'] * 2**20 / 1e9:.2f} GB): {verdict} the "
+          f"2.5 GB target; wall {figures['wall_seconds']} s; embedding cache peak {figures['cache_peak_mb']:.0f} MiB "
+          f"of its {args.cache_mb:.0f} MiB bound")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0 if figures["cache_peak_mb"] <= args.cache_mb else 1

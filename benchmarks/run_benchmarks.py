@@ -7,7 +7,9 @@ Measures, on the lits117 example CT (128 axial slices of 128 x 128 voxels):
   ``SlicePredictor.predict`` call (decoder + mapping the mask back onto the slice);
 - time to segment a liver of ``--volume-slices`` slices (default 100) from one box on its largest slice,
   cold embedding cache (every slice encoded), through ``liversam.pipeline.segment_volume`` with propagation;
-- peak resident memory of the process (``ru_maxrss``);
+- peak resident memory of the process (``ru_maxrss``), and the memory target's own figure: the peak of
+  ``benchmarks/large_ct.py`` (a case beside ``--data``, ircadb17 by default, stacked to 595 slices of 512 x 512,
+  through ``liversam segment``'s settings) in a process of its own;
 - training throughput (slices/s of decoder steps) when ``liversam.training`` offers
   ``benchmark_training_throughput``, otherwise "not available"; the embedding-cache build of ``liversam
   train`` per slice (frozen encoder, the encoder ``auto`` chose) and how a 30-epoch run splits between the two;
@@ -108,7 +110,8 @@ def _backend_name(model) -> str:
 ENCODER_GFLOP = 74.9
 DECODER_GFLOP = 3.62
 TRAIN_GFLOP_PER_SLICE = 3 * DECODER_GFLOP  # frozen encoder: decoder forward + backward (about 2x forward)
-TARGETS = {"encoder_s": 0.20, "decoder_s": 0.015, "liver_100_s": 22.0, "train_slices_per_s": 12.0}
+TARGETS = {"encoder_s": 0.20, "decoder_s": 0.015, "liver_100_s": 22.0, "train_slices_per_s": 12.0,
+           "peak_bytes_595_slices": 2.5e9}
 
 
 def gemm_floor(threads: int | None, size: int = 2048, runs: int = 5) -> dict:
@@ -162,8 +165,10 @@ def run_benchmarks(
     log: Callable[[str], None] = print,
     readahead: bool | None = None,
     skip_training: bool = False,
+    large_ct_case: str | None = "ircadb17",
 ) -> dict:
-    """Run every benchmark and return the JSON-ready result."""
+    """Run every benchmark and return the JSON-ready result. ``large_ct_case``: the case (a folder beside
+    ``data``) that ``benchmarks/large_ct.py`` stacks to 595 slices for the memory target; None skips it."""
     _ensure_importable()
     import numpy as np
     import torch
@@ -261,13 +266,45 @@ def run_benchmarks(
         results["training_throughput"] = _training_throughput(model_name, device, log)
         _training_split(results, log)
     results["peak_rss_mb"] = peak_rss_mb()
-    log(f"peak resident memory: {results['peak_rss_mb']:.0f} MB")
+    log(f"peak resident memory of this process: {results['peak_rss_mb']:.0f} MiB (training included)")
+    results["large_ct"] = _large_ct_memory(data.parent, large_ct_case, accelerate, threads, log)
     floor_end = gemm_floor(threads)
     results["gemm_floor_gflops"] = {"start": floor_start, "end": floor_end}
     results["floor_ratios"] = _floor_summary(results, floor_start, floor_end, log)
     if hasattr(os, "getloadavg"):
         header["machine"]["load_average_at_end"] = list(os.getloadavg())
     return results
+
+
+def _large_ct_memory(data_root: Path, case: str | None, accelerate: str, threads: int | None,
+                     log: Callable[[str], None]) -> dict | str:
+    """The memory target's own figure: ``benchmarks/large_ct.py`` (``case`` stacked to 595 slices of its
+    size, one liver box, ``liversam segment``'s settings and cache bound) in a process of its own."""
+    if case is None:
+        return "skipped"
+    if not (data_root / case / "ct.nii.gz").is_file():
+        reason = f"not run: no {data_root / case / 'ct.nii.gz'} (give --large-ct-case, or --skip-large-ct)"
+        log(f"595-slice CT: {reason}")
+        return reason
+    import subprocess
+    import tempfile
+
+    log(f"595-slice CT ({case} stacked; benchmarks/large_ct.py in its own process) ...")
+    with tempfile.TemporaryDirectory(prefix="liversam-bench-") as tmp:
+        figures_path = Path(tmp) / "large_ct.json"
+        command = [sys.executable, str(REPO / "benchmarks" / "large_ct.py"), "--case", case, "--slices", "595",
+                   "--cache-mb", "2048", "--accelerate", accelerate, "--threads", str(threads or 0),
+                   "--json", str(figures_path)]
+        proc = subprocess.run(command, capture_output=True, text=True,
+                              env={**os.environ, "LIVERSAM_TEST_DATA": str(data_root)})
+        if proc.returncode != 0 or not figures_path.is_file():
+            tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
+            log("595-slice CT: failed: " + " | ".join(tail))
+            return "failed: " + " | ".join(tail)
+        figures = json.loads(figures_path.read_text())
+    log(f"595-slice CT: peak {figures['peak_rss_mb']} MiB ({figures['peak_rss_mb'] * 2**20 / 1e9:.2f} GB), "
+        f"{figures['wall_seconds']} s, {figures['liver_slices_segmented']} liver slices")
+    return figures
 
 
 def _acceleration(model) -> dict:
@@ -329,6 +366,13 @@ def _floor_summary(results: dict, floor_start: dict, floor_end: dict, log: Calla
         log(f"  {name:14s} {shown:28s} x{ratio:5.1f} the GEMM floor   target {target}{'' if met is None else ': met' if met else ': NOT met'}")
         out[name] = {"value": value, "floor_ratio": round(ratio, 2), "target": target,
                      "met": None if met is None else bool(met)}
+    large = results.get("large_ct")
+    if isinstance(large, dict):  # memory: no GEMM floor to compare with
+        peak = large["peak_rss_mb"]
+        met = peak * 2**20 <= TARGETS["peak_bytes_595_slices"]
+        shown = f"{peak:.0f} MiB = {peak * 2**20 / 1e9:.2f} GB"
+        log(f"  {'memory_595':14s} {shown:28s} {'':22s} target <= 2.5 GB (595-slice CT): {'met' if met else 'NOT met'}")
+        out["memory_595"] = {"value": peak, "floor_ratio": None, "target": "<= 2.5 GB (595-slice CT)", "met": met}
     return out
 
 
@@ -495,6 +539,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-readahead", action="store_true", help="the same as --readahead off"
     )
     parser.add_argument("--skip-training", action="store_true", help="skip the training throughput")
+    parser.add_argument("--large-ct-case", default="ircadb17",
+                        help="case beside --data stacked to a 595-slice CT for the memory target (default ircadb17)")
+    parser.add_argument("--skip-large-ct", action="store_true", help="skip the 595-slice CT's memory")
     parser.add_argument(
         "--output", type=Path, default=Path("benchmark.json"), help="JSON output (default benchmark.json)"
     )
@@ -518,6 +565,7 @@ def main(args: argparse.Namespace) -> int:
         skip_volume=args.skip_volume,
         readahead=False if args.no_readahead else {"auto": None, "on": True, "off": False}[args.readahead],
         skip_training=args.skip_training,
+        large_ct_case=None if getattr(args, "skip_large_ct", False) else getattr(args, "large_ct_case", "ircadb17"),
     )
     _ensure_importable()
     from liversam.atomic_write import write_text_atomically
