@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from liversam.acceleration import (
     BackendUnavailable,
@@ -298,6 +299,46 @@ def test_exported_backend_is_chosen_cached_and_accurate(
         reference_mask = plain.predict(k, SlicePrompts(boxes_ij=[box])).mask_ji
         assert dice(mask, reference_mask) > 0.995
         assert dice(mask, liver[k]) > 0.8
+
+
+@pytest.mark.model
+def test_clicks_of_any_count_share_one_dynamic_decoder_graph(
+    model, export_cache, lits117_volume, lits117_label, check_set_slice
+) -> None:
+    """A new number of clicks compiled a new OpenVINO graph (0.28 s, about 50 MiB each, without bound); now the
+    box keeps its static graph and every other prompt size runs on one graph with a dynamic point count, with
+    the masks of fp32 PyTorch on a real liver slice."""
+    from liversam.metrics import dice
+    from liversam.predictor import SlicePredictor
+    from liversam.prompts import SlicePrompts
+
+    assert "openvino" in available_backends(), "setup.sh installs openvino (the [fast] extra)"
+    cache, _ = export_cache
+    assert enable_fast_encoder(model, "openvino", cache_dir=cache, precision="fp32", check_set=check_set_slice(30)) \
+        == "openvino"
+    liver = np.isin(lits117_label, (1, 2))
+    k = int(np.argmax(liver.sum(axis=(1, 2))))
+    inside = np.argwhere(ndimage.binary_erosion(liver[k], iterations=8))  # (j, i), well inside the liver
+    outside = np.argwhere(~ndimage.binary_dilation(liver[k], iterations=8))
+    rng = np.random.default_rng(0)
+    positive = [(float(i), float(j)) for j, i in inside[rng.choice(len(inside), 6, replace=False)]]
+    negative = [(float(i), float(j)) for j, i in outside[rng.choice(len(outside), 3, replace=False)]]
+    prompts = [SlicePrompts(points_pos_ij=positive[:n]) for n in (1, 2, 4, 6)]
+    prompts.append(SlicePrompts(points_pos_ij=positive[:3], points_neg_ij=negative))
+    rows, cols = np.flatnonzero(liver[k].any(1)), np.flatnonzero(liver[k].any(0))
+    prompts.append(SlicePrompts(boxes_ij=[(int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1]))]))
+    try:
+        decoder = model.decoder_override
+        fast = SlicePredictor(model, lits117_volume)
+        fast_masks = [fast.predict(k, prompt).mask_ji for prompt in prompts]
+        graphs = set(decoder.compiled_graphs)
+    finally:
+        disable_fast_encoder(model)
+    assert graphs == {2, None}  # one click and the box: 2 points, static; 2, 4, 6 clicks and 3 + 3: 3, 5, 7 points
+    plain = SlicePredictor(model, lits117_volume)
+    for prompt, mask in zip(prompts, fast_masks, strict=True):
+        reference = plain.predict(k, prompt).mask_ji
+        assert reference.sum() > 0 and dice(mask, reference) > 0.995
 
 
 @pytest.mark.model
@@ -595,3 +636,28 @@ def test_agreement_keys_are_short_safe_file_names_that_change_with_what_decides_
     assert agreement_key(sha, label, "bf16", "fe81ce14") != key
     monkeypatch.setattr(openvino, "__version__", openvino.__version__ + "-another-build")
     assert agreement_key(sha, label, "int8-21efdaf83c", "fe81ce14") != key
+
+
+class _SliceValueEncoder:
+    """A stand-in encoder whose embedding of an image is its mean times a fixed random field (not fp16-exact)."""
+
+    name = "slice-value"
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        field = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(1)) / 3
+        return field * (1.0 + float(images.mean()))
+
+
+def test_a_slice_s_embedding_is_one_fp32_tensor_rounded_as_the_cache_keeps_it(model, lits117_volume) -> None:
+    from liversam.models import LoadedModel
+    from liversam.predictor import SlicePredictor
+
+    fake = LoadedModel(spec=model.spec, network=model.network, device=model.device, source="slice-value")
+    fake.encoder_override = _SliceValueEncoder()
+    predictor = SlicePredictor(fake, lits117_volume)
+    first = predictor.embedding(40)  # encoded now
+    exact = fake.encoder_override(predictor.model_input(40))
+    assert first.dtype == torch.float32 and torch.equal(first, exact.half().float()) and not torch.equal(first, exact)
+    assert predictor.embedding(40) is first  # from the cache: the very tensor of the first use
+    assert predictor.embedding(41) is not first and predictor.embedding(40) is first
+    assert predictor.encoded_slices == [40, 41]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -9,7 +10,8 @@ import pytest
 
 from liversam.freed_memory import return_freed_memory_to_os
 
-GLIBC_LINUX = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+GLIBC_LINUX = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" \
+    and "malloc" not in os.environ.get("LD_PRELOAD", "")
 
 
 def _resident_mib() -> float:
@@ -19,7 +21,7 @@ def _resident_mib() -> float:
     raise AssertionError("no VmRSS in /proc/self/status")
 
 
-@pytest.mark.skipif(not GLIBC_LINUX, reason="malloc_trim is glibc's; elsewhere the call does nothing")
+@pytest.mark.skipif(not GLIBC_LINUX, reason="malloc_trim is glibc's allocator's; elsewhere the call does nothing")
 def test_heap_blocks_freed_below_a_live_one_are_returned():
     # 100 KiB blocks come from the heap (below glibc's mmap threshold); the last one stays alive, so free()
     # alone cannot shrink the heap past it and the 200 MiB below it stay resident until they are trimmed.
@@ -33,14 +35,16 @@ def test_heap_blocks_freed_below_a_live_one_are_returned():
     assert keep[0] == 1
 
 
-@pytest.mark.parametrize(("system", "libc"), [("Darwin", ""), ("Windows", ""), ("Linux", "musl")])
-def test_without_glibc_nothing_is_asked(monkeypatch, system, libc):
+@pytest.mark.parametrize(("system", "libc", "preload"), [("Darwin", "", ""), ("Windows", "", ""), ("Linux", "musl", ""),
+                                                       ("Linux", "glibc", "/usr/lib/libjemalloc.so.2")])
+def test_without_glibc_s_allocator_nothing_is_asked(monkeypatch, system, libc, preload):
     import liversam.freed_memory as freed_memory
 
     monkeypatch.setattr(freed_memory.platform, "system", lambda: system)
     monkeypatch.setattr(freed_memory.platform, "libc_ver", lambda: (libc, ""))
-    freed_memory._glibc_malloc_trim.cache_clear()
+    monkeypatch.setenv("LD_PRELOAD", preload)
+    freed_memory.glibc_allocator.cache_clear()
     try:
         assert return_freed_memory_to_os() is False
     finally:
-        freed_memory._glibc_malloc_trim.cache_clear()  # the real C library again for later tests
+        freed_memory.glibc_allocator.cache_clear()  # the real C library again for later tests

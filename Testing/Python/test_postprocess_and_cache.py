@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from liversam.embedding_cache import SliceEmbeddingCache
+from liversam.embedding_cache import HANDED_OUT_KEPT, SliceEmbeddingCache
 from liversam.postprocess import (
     Postprocess3DSettings,
     PostprocessSettings,
@@ -74,14 +74,25 @@ def test_embedding_cache_keeps_fp32_in_half_the_memory_and_gives_back_fp32():
     embedding = torch.randn(1, 256, 64, 64, generator=generator) * 3  # a LiteMedSAM slice: 4 MiB in fp32
     cache = SliceEmbeddingCache(max_mb=5)
     given = cache.put("k", embedding)
+    assert HANDED_OUT_KEPT == 3
     assert cache.size_mb == 2.0  # fp16: 2 MiB
     back = cache.get("k")
     assert back.dtype == torch.float32 and back.shape == embedding.shape
-    assert torch.equal(back, given)  # the first use (put's return) and later ones see the same tensor
+    assert back is given  # the first use (put's return) and later ones see the same tensor, the same object
+    assert cache.get("k") is back  # (the decoder's memo of a slice's transposed embedding is by identity)
     relative = (back - embedding).norm() / embedding.norm()
     assert 0 < relative < 2**-11  # rounded to fp16, no further
     cache.put("k2", embedding)  # 4 MiB of fp16 in all: both fit in 5 MiB (as fp32 they would not)
     assert "k" in cache and "k2" in cache
+    assert cache.get("k") is back  # still among the last slices handed out (a read-ahead stored k2 meanwhile)
+    cache.get("k2")
+    cache.put("k3", embedding)
+    cache.put("k4", embedding)  # three other slices handed out since k: its fp32 copy is not kept
+    assert list(cache._handed) == ["k2", "k3", "k4"]
+    twice = cache.put("k", embedding * 2)  # written again: never the old tensor
+    assert cache.get("k") is twice and not torch.equal(twice, back)
+    cache.clear()
+    assert cache.get("k") is None and not cache._handed
     exact = SliceEmbeddingCache(max_mb=5, store_fp32_as=torch.float32)
     assert torch.equal(exact.put("k", embedding), embedding) and exact.size_mb == 4.0
     assert exact.get("k") is embedding  # kept as it is

@@ -54,10 +54,17 @@ def test_freed_activations_are_reused_instead_of_faulted_in_again():
 
 
 def test_elsewhere_it_does_nothing(monkeypatch):
+    from liversam import freed_memory
     from liversam.training import allocator
 
-    monkeypatch.setattr(allocator.sys, "platform", "darwin")
-    assert allocator.keep_freed_memory_for_reuse() is False
-    monkeypatch.setattr(allocator.sys, "platform", "linux")
-    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
-    assert allocator.keep_freed_memory_for_reuse() is False
+    freed_memory.glibc_allocator.cache_clear()
+    try:
+        monkeypatch.setattr(freed_memory.platform, "system", lambda: "Darwin")
+        assert allocator.keep_freed_memory_for_reuse() is False
+        freed_memory.glibc_allocator.cache_clear()
+        monkeypatch.setattr(freed_memory.platform, "system", lambda: "Linux")
+        monkeypatch.setattr(freed_memory.platform, "libc_ver", lambda: ("glibc", "2.36"))
+        monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+        assert allocator.keep_freed_memory_for_reuse() is False
+    finally:
+        freed_memory.glibc_allocator.cache_clear()  # the real answer again for later tests

@@ -30,10 +30,12 @@ from scipy import ndimage
 
 from .. import __version__
 from ..atomic_write import atomic_path, write_text_atomically
+from ..embedding_cache import FP32_STORAGE as EMBEDDING_STORAGE
 
 log = logging.getLogger(__name__)
 
 AGREEMENT_FORMAT = "liversam-mask-agreement/1"
+EMBEDDING_STORAGE_NAME = str(EMBEDDING_STORAGE).removeprefix("torch.")  # in the verdict's key
 MIN_DICE = 0.98  # every mask
 MIN_MEAN_DICE = 0.99  # mean over the masks
 CHECK_SLICES = (10, 30, 50, 70, 90, 110)  # lits117 axial slices (128 x 128 x 128, liver on every slice)
@@ -137,13 +139,19 @@ def plain_model(model) -> Iterator[None]:
             model.decoder_override = decoder
 
 
-def predict_masks(model, volume, cases: list[CheckCase]) -> tuple[list[np.ndarray], float]:
+def predict_masks(model, volume, cases: list[CheckCase], exact_embeddings: bool = False
+                  ) -> tuple[list[np.ndarray], float]:
     """The masks ``model`` gives for ``cases`` (as ``SlicePredictor.predict`` makes them) and the seconds
-    per slice (encode + all of the slice's prompts)."""
+    per slice (encode + all of the slice's prompts). The slice embeddings are kept as every run keeps them (fp16,
+    :mod:`liversam.embedding_cache`), or in fp32 with ``exact_embeddings`` (the fp32 reference)."""
+    import torch
+
+    from ..embedding_cache import SliceEmbeddingCache
     from ..predictor import SlicePredictor
     from ..prompts import SlicePrompts
 
-    predictor = SlicePredictor(model, volume, cache_mb=256.0)
+    storage = torch.float32 if exact_embeddings else EMBEDDING_STORAGE
+    predictor = SlicePredictor(model, volume, cache=SliceEmbeddingCache(256.0, store_fp32_as=storage))
     masks = []
     started = time.perf_counter()
     for case in cases:
@@ -195,9 +203,9 @@ def _candidate_masks(model, volume, cases: list[CheckCase], backend: str, precis
 
 
 def _reference_masks(model, volume, cases, folder: Path, weights_sha: str) -> list[np.ndarray]:
-    """fp32 PyTorch masks of ``cases``, from the cache or computed (and cached) now."""
+    """fp32 PyTorch masks of ``cases`` (embeddings kept in fp32 too), from the cache or computed (and cached) now."""
     tag = cases_tag(cases)
-    path = folder / f"{weights_sha[:32]}-reference-masks-{tag}.npz"
+    path = folder / f"{weights_sha[:32]}-reference-masks-f32-{tag}.npz"
     if path.is_file():
         try:
             with np.load(path) as data:
@@ -209,7 +217,7 @@ def _reference_masks(model, volume, cases, folder: Path, weights_sha: str) -> li
             pass  # unreadable: compute again
     log.info("Computing the fp32 PyTorch reference masks of the agreement check (once per model) ...")
     with plain_model(model):
-        masks, _ = predict_masks(model, volume, cases)
+        masks, _ = predict_masks(model, volume, cases, exact_embeddings=True)
     stack = np.stack(masks)
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
@@ -249,7 +257,7 @@ def agreement_key(weights_sha: str, backend: str, precision: str, tag: str = "")
     """File-name-safe key: weights, backend(s) and precision in clear, the runtime's version (OpenVINO's holds
     '/' and a build hash), LiverSAM's version and the check set as one short hash, so the name stays far below
     the file system's 255 characters (the atomic write's temporary name holds it twice)."""
-    varying = f"{runtime_version(backend)}|liversam-{__version__}|set{tag}"
+    varying = f"{runtime_version(backend)}|liversam-{__version__}|set{tag}|embeddings-{EMBEDDING_STORAGE_NAME}"
     key = f"{weights_sha[:32]}-{backend}-{precision}-{hashlib.sha256(varying.encode()).hexdigest()[:12]}"
     return re.sub(r"[^A-Za-z0-9+_-]", "_", key)
 

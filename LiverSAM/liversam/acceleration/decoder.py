@@ -79,6 +79,9 @@ class PromptDecoderGraph(nn.Module):
 #: embedding comes in as tokens (:mod:`liversam.models.token_major_decoder`).
 DECODER_GRAPH_VERSION = 3
 
+#: A box prompt's point count (its two corners): the size propagation asks on every slice.
+BOX_POINTS = 2
+
 
 def prompt_arrays(
     points_xy: np.ndarray | None,
@@ -163,24 +166,31 @@ class FastPromptDecoder:
                 "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
             }
             core = ov.Core()
-            requests: dict[int, object] = {}
-            try:  # read once: a later prompt size compiles from memory, whatever happens to the file meanwhile
+            requests: dict[int | None, object] = {}
+            try:  # read once: the other prompt sizes compile from memory, whatever happens to the file meanwhile
                 base_graph = core.read_model(str(onnx_path))
             except Exception as exc:
                 raise BackendUnavailable(f"OpenVINO could not read '{onnx_path}': {exc}") from exc
 
             def request_for(num_points: int):
-                """One graph, compiled with static shapes for each prompt size in use (a box: 2 points)."""
-                if num_points not in requests:
+                """The box prompt (2 points, what propagation asks) on a graph with static shapes; every other
+                prompt size on one graph with a dynamic point count, compiled the first time one is asked. A
+                graph per size cost 0.28 s and about 50 MiB for every new number of clicks (docs/PERFORMANCE.md,
+                session 23); the dynamic graph runs as fast."""
+                key = num_points if num_points == BOX_POINTS else None
+                if key not in requests:
                     try:
                         graph = base_graph.clone()
-                        graph.reshape({"point_coords": [1, num_points, 2], "point_labels": [1, num_points]})
-                        requests[num_points] = core.compile_model(graph, "CPU", config).create_infer_request()
+                        points = num_points if key is not None else -1
+                        graph.reshape({"point_coords": ov.PartialShape([1, points, 2]),
+                                       "point_labels": ov.PartialShape([1, points])})
+                        requests[key] = core.compile_model(graph, "CPU", config).create_infer_request()
                     except Exception as exc:
                         raise BackendUnavailable(f"OpenVINO could not compile '{onnx_path}': {exc}") from exc
-                return requests[num_points]
+                return requests[key]
 
-            request_for(2)  # the box prompt, compiled now so a broken runtime is refused at load time
+            request_for(BOX_POINTS)  # the box prompt, compiled now so a broken runtime is refused at load time
+            self.compiled_graphs = requests  # which graphs exist: the box's (2) and, once asked, the dynamic (None)
 
             def run(feeds: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
                 request = request_for(int(feeds[1].shape[1]))

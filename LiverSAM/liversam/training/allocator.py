@@ -16,11 +16,9 @@ measurement (after every other timing). The server never does.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
-import os
-import platform
-import sys
+
+from ..freed_memory import glibc_allocator
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +36,9 @@ def keep_freed_memory_for_reuse() -> bool:
     """Raise glibc's mmap and trim thresholds for this process; True when both were set. Does nothing (False)
     on other C libraries and systems, or where another allocator is preloaded (``LD_PRELOAD``: glibc's
     ``mallopt`` would accept the values and change nothing)."""
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        return False
-    if "malloc" in os.environ.get("LD_PRELOAD", ""):  # jemalloc, tcmalloc, mimalloc: not glibc's malloc
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and others: no mallopt
+    libc = glibc_allocator()
+    mallopt = getattr(libc, "mallopt", None) if libc is not None else None
+    if mallopt is None:
         return False
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt.restype = ctypes.c_int
