@@ -61,6 +61,9 @@ class LesionContrastSettings:
     outlier_sd: float = 2.0  # a voxel is a lesion candidate when this many SDs away from the parenchyma
     min_touch_fraction: float = 0.3  # a lesion-like piece is kept when the model's mask covers this much of it
     min_continuation: float = 0.3  # ... or when this much of it lies on the previous slice's lesion
+    # A propagated slice's lesion must be held this much by the model's own mask, else the track stops there
+    # (:func:`model_holds_lesion`). None: no such rule.
+    min_model_support: float | None = 0.1
 
 
 @dataclass(frozen=True)
@@ -239,6 +242,26 @@ def refine_slice_mask(
         keep |= continued >= s.min_continuation * sizes
     keep[0] = False
     return ndimage.binary_fill_holes(keep[labels])
+
+
+def model_holds_lesion(
+    refined_ji: np.ndarray, model_mask_ji: np.ndarray, settings: LesionContrastSettings | None = None
+) -> bool:
+    """Whether the model's mask on a propagated slice still holds at least ``min_model_support`` of the refined
+    lesion there (an empty refined mask is held). The continuation rule of :func:`refine_slice_mask` keeps
+    lesion-like pieces that lie on the previous slice's lesion whatever the model says; past a faint lesion's end
+    such pieces are the parenchyma's own darker noise, and slice after slice they carry the track on through the
+    organ where the model sees nothing.
+
+    Measured (docs/RESULTS.md, session 24): ircadb17 at half its lesions' contrast, loose boxes, ran 28 slices past
+    the lesion's end on pieces the model held 0-7 % of; one-box tumour Dice there 0.696 -> 0.756 (naive loop
+    0.767). The four cases as stored, tight / jittered / loose means 0.8045 / 0.7917 / 0.7442 -> 0.8083 / 0.7956 /
+    0.7483 (hcc2144 0.765 -> 0.780; no case falls). 0.2 costs lits117 at half contrast 0.680 -> 0.671."""
+    s = settings or LesionContrastSettings()
+    if s.min_model_support is None:
+        return True
+    area = int(refined_ji.sum())
+    return area == 0 or int((refined_ji & model_mask_ji).sum()) >= s.min_model_support * area
 
 
 def prune_foreign_tissue(

@@ -36,6 +36,7 @@ from .intensity_refinement import (
     estimate_noise_hu,
     fit_lesion_contrast,
     median_window_for_noise,
+    model_holds_lesion,
     parenchyma_statistics,
     prune_foreign_tissue,
     refine_slice_mask,
@@ -426,6 +427,7 @@ class _Propagator:
         # organ's propagation sets such a lesion aside as too bright, or its model mask leaves it out.
         self.past_container = past_container and container_kji is not None
         self._relaxed = False  # the current track is such a lesion's
+        self._unheld_at: int | None = None  # the slice whose refined lesion the model's mask did not hold
         self.beyond_container: dict[int, np.ndarray] = {}  # what relaxed tracks predicted outside the container
         self.progress = progress
         self.cancel = cancel
@@ -585,6 +587,9 @@ class _Propagator:
                 box = box_region(self.shape_ji, prompts.boxes_ij[0])
                 lesion_like = self.contrast.lesion_like(self._smoothed_slice(k, box)) & container
                 refined = refine_slice_mask(mask, lesion_like, prompts.boxes_ij[0], previous_mask)
+                if previous_mask is not None and not model_holds_lesion(refined, mask):
+                    self._unheld_at = k
+                    refined = np.zeros_like(refined)
                 mask = clean_slice(refined, self.spacing_ji, self.postprocess)
             if self._relaxed:
                 self._note_beyond_container(k, mask & ~self.container[k])
@@ -809,6 +814,7 @@ class _Propagator:
         there, or None; box, mask, prediction, area)."""
         s = self.settings
         o = self.organ_track
+        self._unheld_at = None
         box = _expand_box(_box_of(prev_mask), self.margin_ij, self.shape_ji)
         logits = prev_prediction.low_res_logits if s.use_mask_prompt else None
         dome = self._dome_limit(step, prev_mask, areas)
@@ -826,7 +832,9 @@ class _Propagator:
                                                                    self._recovered_at.get(k_prev))
         area = float(mask.sum())
         reason = None
-        if area * self.pixel_mm2 < s.min_area_mm2:
+        if self._unheld_at == k and area == 0:
+            reason = "the model's mask no longer holds the lesion"
+        elif area * self.pixel_mm2 < s.min_area_mm2:
             reason = "structure ended"
         elif area < s.collapse_ratio * prev_area:
             reason = "mask collapsed"
