@@ -506,9 +506,12 @@ class _Propagator:
         if contrast is None and model_mask.sum() >= MIN_MODEL_MASK_VOXELS:
             region &= model_mask
             contrast = fit_lesion_contrast(self._smoothed_slice(seed_k, region)[region], *parenchyma)
-        if (contrast is None or contrast.polarity > 0) and self.past_container:
+        if self.past_container:
+            # a box fitted hypodense is asked too: a loose box around a bright lesion on the organ's outline holds
+            # more of the outline's dark partial-volume strip than of the lesion (``_hyperdense_past_container``)
             raw = clean_slice(prediction.mask_ji, self.spacing_ji, self.postprocess)
-            hyperdense = self._hyperdense_past_container(seed_k, raw, parenchyma, contrast)
+            fitted = contrast if contrast is not None and contrast.polarity > 0 else None
+            hyperdense = self._hyperdense_past_container(seed_k, raw, parenchyma, fitted)
             if hyperdense is not None:
                 self._relaxed = True
                 return hyperdense
