@@ -23,12 +23,12 @@ def _disc(radius: float) -> np.ndarray:
     return (jj - 48.0) ** 2 + (ii - 48.0) ** 2 <= radius**2
 
 
-def _scan(truth: np.ndarray, spacing: tuple[float, float, float]):
+def _scan(truth: np.ndarray, spacing: tuple[float, float, float], lesion_hu: float = LESION_HU):
     """(tumour prompts boxing ``truth`` on ``k0``, a model that returns ``truth``'s slice wherever it holds something)
-    on a CT of liver with the truth dark in it: call with ``k0``."""
+    on a CT of liver with the truth dark in it (``lesion_hu``): call with ``k0``."""
     rng = np.random.default_rng(0)
     hu = LIVER_HU + rng.normal(0.0, 3.0, size=truth.shape)
-    hu[truth] = LESION_HU + rng.normal(0.0, 3.0, size=int(truth.sum()))
+    hu[truth] = lesion_hu + rng.normal(0.0, 3.0, size=int(truth.sum()))
     volume = synthetic_volume(np.round(hu), spacing)
 
     def prompts_and_model(k0: int):
@@ -39,9 +39,9 @@ def _scan(truth: np.ndarray, spacing: tuple[float, float, float]):
     return volume, prompts_and_model
 
 
-def _run(truth: np.ndarray, k0: int, spacing: tuple[float, float, float], **limit):
+def _run(truth: np.ndarray, k0: int, spacing: tuple[float, float, float], lesion_hu: float = LESION_HU, **limit):
     """``propagate_segment`` on :func:`_scan`'s scene; ``limit``: ``lesion_extent=...`` (none: its default)."""
-    _, prompts_and_model = _scan(truth, spacing)
+    _, prompts_and_model = _scan(truth, spacing, lesion_hu)
     seg, predictor = prompts_and_model(k0)
     liver = np.ones(truth.shape, dtype=bool)
     return propagate_segment(seg, predictor, for_lesions(PropagationSettings()), container_kji=liver, **limit)
@@ -109,3 +109,33 @@ def test_the_pipeline_applies_the_limit_and_can_turn_it_off():
 
     assert tumour_slices(PipelineSettings()) == list(range(k0 - 5, k0 + 6))
     assert tumour_slices(PipelineSettings(lesion_extent=None)) == list(range(nk))
+
+
+def test_a_track_whose_box_shows_no_contrast_reaches_half_a_diameter():
+    """The same vessel and lesion, now as dense as the liver: the refinement finds no contrast in the box, the model's
+    mask is all there is to follow, and the track reaches half the lesion's width (a sphere's reach from its largest
+    slice) instead of 1.5 x."""
+    nk, k0 = 31, 15
+    truth = _vessel_through_a_lesion(nk, k0)
+    spacing = (0.8, 0.8, 2.5)
+    isodense = _run(truth, k0, spacing, lesion_hu=LIVER_HU)
+    # 0.5 x 9.6 = 4.8 mm either way: the slices 2.5 mm away are within it, those 5 mm away are not
+    assert _slices(isodense.mask_kji) == [k0 - 1, k0, k0 + 1]
+    assert isodense.tracks[0].stop_reasons == {"up": "reached the lesion's extent", "down": "reached the lesion's extent"}
+
+    as_before = _run(truth, k0, spacing, lesion_hu=LIVER_HU,
+                     lesion_extent=LesionExtent(max_diameters=1.5, max_diameters_without_contrast=None))
+    assert _slices(as_before.mask_kji) == list(range(k0 - 5, k0 + 6))
+    # a dark lesion (contrast found) keeps the 1.5 x reach with the default settings
+    assert _slices(_run(truth, k0, spacing).mask_kji) == list(range(k0 - 5, k0 + 6))
+
+
+def test_without_the_intensity_refinement_no_track_counts_as_without_contrast():
+    """``--no-intensity-refinement`` looks for no contrast, so it has found none: the 1.5 x reach applies."""
+    nk, k0 = 31, 15
+    truth = _vessel_through_a_lesion(nk, k0)
+    _, prompts_and_model = _scan(truth, (0.8, 0.8, 2.5), LIVER_HU)
+    seg, predictor = prompts_and_model(k0)
+    settings = for_lesions(PropagationSettings(intensity_refinement=False))
+    outcome = propagate_segment(seg, predictor, settings, container_kji=np.ones(truth.shape, dtype=bool))
+    assert _slices(outcome.mask_kji) == list(range(k0 - 5, k0 + 6))
