@@ -20,7 +20,8 @@ that fills much of its box; the CT can. This module:
    (:func:`fit_lesion_contrast`; ``None`` when the box holds no lesion-like contrast, so SAM's mask is
    kept as it is);
 3. on every slice, keeps the lesion-like parts of the box that the model's mask covers or that continue the
-   previous slice's lesion (:func:`refine_slice_mask`).
+   previous slice's lesion (:func:`refine_slice_mask`); a propagated slice whose result the model's mask barely
+   holds ends the track (:func:`model_holds_lesion`).
 
 The CT is read, never modified: smoothing (a median whose window grows with the scan's noise, across the
 neighbouring slices too when they are thin) works on a float copy of the part of a slice it needs.

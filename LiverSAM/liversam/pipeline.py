@@ -66,8 +66,8 @@ class PipelineSettings:
     propagation_method: str = "liversam"
     # How an organ's track copes with thick slices, and the opt-in skipping of every other thin slice.
     organ_track: OrganTrackSettings = field(default_factory=OrganTrackSettings)
-    # How far a lesion's track (a segment inside another) reaches from its box: 1.5 x its largest diameter
-    # (liversam.propagation.LesionExtent; with or without the intensity refinement: a rule of shape). None: no limit.
+    # How far a lesion's track (a segment inside another) reaches from its box: 1.5 x its largest diameter, 0.5 x
+    # when the intensity refinement found no contrast in its box (liversam.propagation.LesionExtent). None: no limit.
     lesion_extent: LesionExtent | None = field(default_factory=LesionExtent)
     later_segment_wins: bool = True
     # A propagated lesion's gaps of up to LESION_FILL_MAX_GAP slices along k are closed after the CRF (one-box

@@ -10,7 +10,10 @@ previous mask as a dense prompt. A track stops where the structure ends:
 - the mask barely overlaps the previous slice's mask (the track jumped to another structure);
 - the next slice carries the user's own prompts for the same object (the user's prompts rule their slice);
 - the volume ends, or the slice lies outside the container segment (``inside``);
-- a lesion's track reaches its extent (:class:`LesionExtent`: about as deep as the lesion is wide).
+- a lesion's track reaches its extent (:class:`LesionExtent`: about as deep as the lesion is wide; half as deep when
+  its box showed no contrast);
+- with the intensity refinement, a lesion's model mask holds under a tenth of the slice's refined lesion
+  (:func:`liversam.intensity_refinement.model_holds_lesion`).
 
 With ``intensity_refinement`` (on by default) each propagated slice's mask is also checked against the CT
 (:mod:`liversam.intensity_refinement`): an organ drops tissue far brighter or darker than its parenchyma on
@@ -32,6 +35,7 @@ from scipy import ndimage
 from .errors import Cancelled
 from .intensity_refinement import (
     LesionContrast,
+    LesionContrastSettings,
     box_region,
     estimate_noise_hu,
     fit_lesion_contrast,
@@ -410,6 +414,13 @@ PARENCHYMA_LESION_MARGIN_MM: float | None = 5.0
 # session 22).
 HYPERDENSE_MIN_OUTSIDE = 0.25
 HYPERDENSE_NEAR_MM = 10.0  # ... and that outside part reaches within this distance of the container
+# A box that fits hypodense is asked the same when at least this fraction of its dark voxels inside the container lie
+# within this distance of the container's outline (``_Propagator._dark_side_along_outline``): a loose box around a bright
+# lesion on the outline holds more of the outline's dark partial-volume strip than of the lesion (hcc0697 with its
+# lesion made hyperdense, loose box: 74 % within 5 mm; tumour Dice 0.00 -> 0.80). A dark lesion reaches deeper, so its
+# fit stands even when the model's mask for its box is a bright neighbour (the kidney). docs/RESULTS.md, session 24.
+OUTLINE_STRIP_MM = 5.0
+OUTLINE_STRIP_FRACTION = 0.5
 
 
 class _Propagator:
@@ -440,6 +451,7 @@ class _Propagator:
         self._relaxed = False  # the current track is such a lesion's
         self._unheld_at: int | None = None  # the slice whose refined lesion the model's mask did not hold
         self._without_contrast = False  # the current track's box showed no contrast (``LesionExtent``)
+        self._searched_contrast = False  # ... the refinement looked for one (a parenchyma around the box was found)
         self.beyond_container: dict[int, np.ndarray] = {}  # what relaxed tracks predicted outside the container
         self.progress = progress
         self.cancel = cancel
@@ -513,14 +525,16 @@ class _Propagator:
         parenchyma = self._parenchyma_around(seed_k, self._lesion_part_of(box, model_mask))
         if parenchyma is None:
             return None
+        self._searched_contrast = True
         region = box & self.container[seed_k]
         contrast = fit_lesion_contrast(self._smoothed_slice(seed_k, region)[region], *parenchyma)
         if contrast is None and model_mask.sum() >= MIN_MODEL_MASK_VOXELS:
             region &= model_mask
             contrast = fit_lesion_contrast(self._smoothed_slice(seed_k, region)[region], *parenchyma)
-        if self.past_container:
-            # a box fitted hypodense is asked too: a loose box around a bright lesion on the organ's outline holds
-            # more of the outline's dark partial-volume strip than of the lesion (``_hyperdense_past_container``)
+        if self.past_container and (contrast is None or contrast.polarity > 0
+                                    or self._dark_side_along_outline(seed_k, box, parenchyma)):
+            # a box fitted hypodense is asked too when its dark voxels lie along the organ's outline: a loose box
+            # around a bright lesion there holds more of the outline's dark partial-volume strip than of the lesion
             raw = clean_slice(prediction.mask_ji, self.spacing_ji, self.postprocess)
             fitted = contrast if contrast is not None and contrast.polarity > 0 else None
             hyperdense = self._hyperdense_past_container(seed_k, raw, parenchyma, fitted)
@@ -528,6 +542,19 @@ class _Propagator:
                 self._relaxed = True
                 return hyperdense
         return contrast
+
+    def _dark_side_along_outline(self, seed_k: int, box: np.ndarray, parenchyma: tuple[float, float]) -> bool:
+        """Whether at least ``OUTLINE_STRIP_FRACTION`` of the dark voxels (beyond the fit's outlier limit) of the
+        container inside a lesion's box lie within ``OUTLINE_STRIP_MM`` of the container's outline: the dark
+        partial-volume strip along an organ's outline, not a hypodense lesion, which reaches deeper."""
+        region = box & self.container[seed_k]
+        smoothed = self._smoothed_slice(seed_k, region)
+        mode, sd = parenchyma
+        dark = region & (smoothed < mode - LesionContrastSettings().outlier_sd * sd)
+        if not dark.any():
+            return False
+        depth = ndimage.distance_transform_edt(self.container[seed_k], sampling=self.spacing_ji)
+        return float((depth[dark] <= OUTLINE_STRIP_MM).mean()) >= OUTLINE_STRIP_FRACTION
 
     def _container_at(self, k: int, box_ij) -> np.ndarray:
         """The container on slice k as the current track sees it: with the track's box on that slice added when the
@@ -550,7 +577,8 @@ class _Propagator:
 
         - lies at least ``HYPERDENSE_MIN_OUTSIDE`` outside the container, within ``HYPERDENSE_NEAR_MM`` of it;
         - is itself hyperdense against the parenchyma (the fit on the mask alone);
-        - and, when the box shows no contrast inside the container (``fitted`` None) and the mask lies a quarter or
+        - and, when the box shows no hyperdense contrast inside the container (``fitted`` None: none, or hypodense
+          along the outline, :meth:`_dark_side_along_outline`) and the mask lies a quarter or
           more inside it, is mostly lesion-like there: an isodense lesion whose mask spills into a bright neighbour
           (the kidney, a vessel) keeps its mask inside the organ as before.
 
@@ -630,11 +658,11 @@ class _Propagator:
         self._relaxed = False
         self.contrast = None
         self.organ = None
+        self._searched_contrast = False
         if refine and self.settings.intensity_refinement:
             self.contrast = self._fit_contrast_of_seed(seed_k, seed_prompts)
         # a lesion's box in which the refinement looked for contrast and found none (``LesionExtent``)
-        self._without_contrast = (refine and self.settings.intensity_refinement and self.container is not None
-                                  and bool(seed_prompts.boxes_ij) and self.contrast is None)
+        self._without_contrast = self._searched_contrast and self.contrast is None
         mask, prediction = self._predict(seed_k, seed_prompts)
         if self.settings.intensity_refinement and self.container is None and mask.any():
             self._set_noise_from([seed_k], [mask])

@@ -13,6 +13,7 @@ import pytest
 from liversam.pipeline import PipelineSettings, segment_volume
 from liversam.postprocess import fill_between_slices
 from liversam.prompts import SegmentPrompts, SlicePrompts
+from liversam.propagation import LesionExtent
 from scripted_predictor import ScriptedPredictor, synthetic_volume
 
 
@@ -97,9 +98,11 @@ def _run(fill: bool, liver_slices=range(0, NK), method: str = "liversam", seed_k
                             slices={seed_k: SlicePrompts(boxes_ij=[seed_box], points_neg_ij=list(negative_points))})
     # the liver's mask as its container, not with the tumour taken out ("a later segment wins" is tested elsewhere);
     # the lesion runs out of the liver, and the thin slivers the liver's outline cuts from it would lose their
-    # corners to the outline-band rule (test_lesion_outline_band.py): off, so the fill is tested alone
+    # corners to the outline-band rule (test_lesion_outline_band.py): off, so the fill is tested alone; so is the
+    # shorter reach of a track whose box shows no contrast (test_lesion_extent.py): this phantom has none, and its
+    # lesion is 5 slices deep for a 14 mm disc on 2.5 mm slices
     settings = PipelineSettings(fill_lesions_between_slices=fill, propagation_method=method, later_segment_wins=False,
-                                lesion_outline_band=None)
+                                lesion_outline_band=None, lesion_extent=LesionExtent(max_diameters_without_contrast=None))
     result = segment_volume(volume, [liver, tumour], predictor, settings)
     return {s.name: s.mask_kji for s in result.segments}
 

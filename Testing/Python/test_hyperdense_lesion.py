@@ -4,9 +4,10 @@
 The liver's intensity refinement drops tissue far brighter than its parenchyma on propagated slices (the kidney,
 vessels), and with it a hyperdense lesion on the liver's outline (an HCC in the arterial phase); the model's liver
 mask may leave such a lesion out, too. A tumour is clipped to its liver, so the lesion the user boxed would vanish.
-With the rule on, a lesion whose model mask lies outside the liver and whose box is hyperdense may leave the liver
-within its box, and the liver takes those voxels; the kidney the liver set aside stays out of both, a hypodense
-lesion is not affected, and a liver passed in by the caller (the Slicer scene's) is never written into.
+With the rule on, a lesion whose model mask lies outside the liver and is hyperdense may leave the liver within its
+box, and the liver takes those voxels; the kidney the liver set aside stays out of both, a hypodense lesion is not
+affected (a box whose dark voxels are the outline's partial-volume strip is asked all the same), and a liver passed
+in by the caller (the Slicer scene's) is never written into.
 """
 
 from __future__ import annotations
@@ -206,3 +207,35 @@ def test_a_fix_of_a_hyperdense_lesion_keeps_what_the_liver_left_out():
                                    for_lesions(PropagationSettings()), container_kji=liver, past_container=on)
     assert _dice(outcomes[True].mask_kji, lesion) > 0.9
     assert not outcomes[False].mask_kji.any()
+
+
+def test_a_dark_lesion_whose_loose_box_the_model_answers_with_the_kidney_stays_dark():
+    """A hypodense lesion 6 mm inside the liver's outline, a loose box reaching the kidney, and a model that returns
+    the kidney for it: the box's dark voxels reach deeper than the outline's strip, so its hypodense fit stands and
+    the kidney stays out of the tumour (found by a review of session 24's first version, which took the kidney)."""
+    liver = np.zeros((NK, NJ, NI), dtype=bool)
+    liver[:] = _disc(48, 40, 26)
+    lesion = np.zeros_like(liver)
+    lesion[LESION_K - 1 : LESION_K + 2] = _disc(64, 40, 7) & liver[0]
+    kidney = np.zeros_like(liver)
+    kidney[:] = _disc(82, 40, 10) & ~liver
+    rng = np.random.default_rng(0)
+    hu = rng.normal(-80.0, 5.0, size=liver.shape)
+    hu[liver] = LIVER_HU + rng.normal(0.0, 4.0, size=int(liver.sum()))
+    hu[kidney] = KIDNEY_HU + rng.normal(0.0, 4.0, size=int(kidney.sum()))
+    hu[lesion] = 50.0 + rng.normal(0.0, 4.0, size=int(lesion.sum()))
+    volume = synthetic_volume(np.round(hu), (0.8, 0.8, 2.5))
+    i0, j0, i1, j1 = box_around(lesion[LESION_K])
+    loose = (i0 - 9, j0 - 9, i1 + 9, j1 + 9)  # reaches the kidney
+
+    def model(k: int, prompts: SlicePrompts):
+        i0, j0, i1, j1 = (int(round(v)) for v in prompts.boxes_ij[0])
+        in_box = np.zeros((NJ, NI), dtype=bool)
+        in_box[j0 : j1 + 1, i0 : i1 + 1] = True
+        return kidney[k] & in_box, 0.95
+
+    tumour = SegmentPrompts("tumor", 2, slices={LESION_K: SlicePrompts(boxes_ij=[loose])}, propagate=True,
+                            inside="liver")
+    result = segment_volume(volume, [tumour], ScriptedPredictor(volume, model), PipelineSettings(organ_rim=None),
+                            containers={"liver": liver.copy()})
+    assert not (result.segments[0].mask_kji & kidney).any()

@@ -30,7 +30,7 @@ def _disc(radius: float) -> np.ndarray:
 
 def _scene():
     """A liver with a dark lesion on slices 3..10 and, under it on slices 11..20, tissue as dark that the model does
-    not take (on slice 11 it holds 6 % of it, elsewhere nothing)."""
+    not take (on slice 11 it holds 8 % of it, elsewhere nothing)."""
     rng = np.random.default_rng(3)
     lesion = np.zeros((NK, NJ, NI), dtype=bool)
     lesion[3 : LESION_END + 1] = _disc(10)
@@ -40,7 +40,7 @@ def _scene():
     hu[dark] = DARK_HU + rng.normal(0.0, 3.0, size=int(dark.sum()))
     volume = synthetic_volume(np.round(hu), (0.8, 0.8, 2.0))
     sliver = np.zeros((NJ, NI), dtype=bool)
-    sliver[46:50, 40:44] = True  # 16 px of the 317 px dark disc
+    sliver[46:51, 40:45] = True  # 25 px (16 mm^2, kept by the clean-up) of the 317 px dark disc
 
     def model(k: int, prompts: SlicePrompts):
         if lesion[k].any():
