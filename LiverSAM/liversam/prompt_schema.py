@@ -104,7 +104,11 @@ class SegmentSpec(BaseModel):
     name: Name
     label: Annotated[int, Field(ge=1, le=MAX_LABEL)] | None = None
     color: Color | None = None
-    inside: Name | None = None
+    inside: Name | None = Field(
+        default=None,
+        description="the segment this one stays inside (tumours inside the liver). Not given: a liver tumour's "
+        "segment (named tumor, lesion, HCC, ...) is kept inside the file's one liver segment; null: on its own.",
+    )
     propagate: bool = False
     boxes: list[Box] = Field(default_factory=list)
     points: list[Point] = Field(default_factory=list)

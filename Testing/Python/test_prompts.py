@@ -57,6 +57,48 @@ def test_box_segments_labels_colors_and_inside(oblique):
     assert len(liver.slices[3].points_neg_ij) == 1
 
 
+def _liver_and(second: dict, liver_name: str = "liver") -> dict:
+    return {"coordinate_system": "IJK", "segments": [
+        {"name": liver_name, "boxes": [[[5, 5, 3], [40, 30, 3]]], "propagate": True},
+        {"boxes": [[[10, 10, 3], [20, 20, 3]]], "propagate": True, **second}]}
+
+
+@pytest.mark.parametrize("name", ["tumor", "Tumour", "lesion_3", "HCC", "liver lesions"])
+def test_a_liver_tumour_without_inside_is_kept_inside_the_liver(oblique, name, caplog):
+    """A user who writes the tumour's segment without "inside" gets what the README's example gives: the tumour
+    inside the liver, refined against its parenchyma (without a container one-box tumour Dice on the four cases
+    falls from 0.808 to 0.457), and is told so."""
+    with caplog.at_level("INFO", logger="liversam.prompts"):
+        _, tumor = parse_prompts(_liver_and({"name": name}), oblique, source="p.json")
+    assert tumor.inside == "liver"
+    assert f"p.json: segments[1] ('{name}') gives no \"inside\"; kept inside 'liver'" in caplog.text
+    _, explicit = parse_prompts(_liver_and({"name": name, "inside": "liver"}), oblique)
+    assert explicit.inside == "liver" and explicit.slices[3].boxes_ij == tumor.slices[3].boxes_ij
+
+
+@pytest.mark.parametrize(
+    ("second", "liver_name"),
+    [({"name": "tumor", "inside": None}, "liver"),  # an explicit null keeps the segment on its own
+     ({"name": "spleen"}, "liver"),  # not a liver tumour's name
+     ({"name": "tumor"}, "organ")],  # no segment named as the liver
+)
+def test_a_segment_stays_on_its_own_where_the_default_does_not_apply(oblique, second, liver_name):
+    _, other = parse_prompts(_liver_and(second, liver_name), oblique)
+    assert other.inside is None
+
+
+def test_the_server_reads_inside_as_a_prompts_file_does(oblique):
+    """A propagation request holds segments in PROMPTS.json form: the same default, the same explicit null."""
+    from liversam.server.jobs import segment_prompts
+    from liversam.server.schemas import SegmentSpec
+
+    for second, expected in (({"name": "tumor"}, "liver"), ({"name": "tumor", "inside": None}, None),
+                             ({"name": "tumor", "inside": "kidney"}, "kidney")):
+        specs = [SegmentSpec(**spec) for spec in _liver_and(second)["segments"]]
+        _, tumor = segment_prompts(specs, "IJK", oblique, {"kidney": np.zeros((30, 48, 64), bool)})
+        assert tumor.inside == expected
+
+
 @pytest.mark.parametrize(
     ("segments", "message"),
     [

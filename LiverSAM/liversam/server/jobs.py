@@ -57,6 +57,8 @@ def segment_prompts(specs: list[SegmentSpec], system: str, geometry: ImageGeomet
     names = {s.name for s in segments}
     for seg, spec in zip(segments, specs, strict=True):
         if spec.inside is None:
+            if "inside" in spec.model_fields_set:
+                seg.inside = None  # an explicit null: on its own, not inside the liver as a tumour's default
             continue
         if spec.inside == seg.name:
             raise PromptError(f"{source}: segment '{seg.name}' cannot be inside itself.")

@@ -105,7 +105,9 @@ class SegmentSpec(Strict):
     label: int | None = Field(default=None, ge=1, le=65535)
     color: list[Annotated[float, Field(ge=0, le=255, allow_inf_nan=False)]] | None = Field(
         default=None, min_length=3, max_length=3)
-    inside: Name | None = Field(default=None, description="a segment of this request or a session mask")
+    inside: Name | None = Field(default=None, description="a segment of this request or a session mask. Not given: a "
+                                "liver tumour's segment (tumor, lesion, HCC, ...) stays inside the request's one liver "
+                                "segment; null: on its own")
     propagate: bool = True
     boxes: list[Box3] = Field(default_factory=list, max_length=MAX_PROMPTS)
     points: list[Point3] = Field(default_factory=list, max_length=MAX_PROMPTS)
