@@ -2,7 +2,8 @@
 
 For every segment: each slice that carries prompts is segmented from them; with ``propagate`` the result
 is carried slice by slice through the volume (see :mod:`liversam.propagation`). Then 3D clean-up, the
-``inside`` clipping (tumour inside liver), and the overlap rule (a later segment wins). Segments named in
+``inside`` clipping (tumour inside liver), and the overlap rule (a later segment wins; a segment comes after the
+one it is inside, whatever the file's order). Segments named in
 ``PipelineSettings.crf`` are then refined by a dense CRF on the CT (:mod:`liversam.dense_crf`; off by
 default): a pass after every segment is made (so each segment propagates exactly as without it), in
 dependency order, a segment ``inside`` another refined within that one's refined mask. Last, a propagated
@@ -371,8 +372,9 @@ def segment_volume(
     rim = _organ_rim(settings)
     if rim is not None:
         _trim_organ_rims(volume, ordered, result, masks, rim)
-    # Restore the prompts-file order for output, then apply "a later segment wins".
-    order = {s.name: n for n, s in enumerate(segment_prompts)}
+    # The prompts-file order for output, each container before the segments inside it, then "a later segment
+    # wins": a tumour listed before its liver would otherwise be erased by it (its voxels are the liver's too).
+    order = {s.name: n for n, s in enumerate(ordered)}
     result.segments.sort(key=lambda s: order[s.name])
     if settings.later_segment_wins:
         for n, seg in enumerate(result.segments):

@@ -73,6 +73,20 @@ def test_tumour_on_prompted_slices_is_clipped_to_the_liver_and_wins_the_overlap(
     np.testing.assert_array_equal(result.segment("liver").mask_kji, liver & ~expected_tumour)
 
 
+def test_a_tumour_listed_before_its_liver_still_wins_the_overlap(phantom):
+    """"A later segment wins" counts a segment after the one it is inside: listed first, the tumour was erased by
+    the liver, which holds all of its voxels. The output keeps the file's order otherwise (containers first)."""
+    volume, liver = phantom
+    predictor = ScriptedPredictor(volume, _script(liver))
+    result = segment_volume(volume, _prompts([4, 5, 6], propagate=False)[::-1], predictor,
+                            PipelineSettings(organ_rim=None))
+    expected_tumour = np.zeros_like(liver)
+    expected_tumour[[4, 5, 6]] = _box_region(TUMOUR_BOX) & _disc()
+    assert [s.name for s in result.segments] == ["liver", "tumor"]
+    np.testing.assert_array_equal(result.segment("tumor").mask_kji, expected_tumour)
+    np.testing.assert_array_equal(result.segment("liver").mask_kji, liver & ~expected_tumour)
+
+
 def test_without_the_overlap_rule_the_liver_keeps_the_tumour_voxels(phantom):
     volume, liver = phantom
     predictor = ScriptedPredictor(volume, _script(liver))
