@@ -2,8 +2,8 @@
 
 For every segment: each slice that carries prompts is segmented from them; with ``propagate`` the result
 is carried slice by slice through the volume (see :mod:`liversam.propagation`). Then 3D clean-up, the
-``inside`` clipping (tumour inside liver), and the overlap rule (a later segment wins; a segment comes after the
-one it is inside, whatever the file's order). Segments named in
+``inside`` clipping (tumour inside liver), and the overlap rule (a later segment wins; a segment listed before the
+one it is inside counts as right after it). Segments named in
 ``PipelineSettings.crf`` are then refined by a dense CRF on the CT (:mod:`liversam.dense_crf`; off by
 default): a pass after every segment is made (so each segment propagates exactly as without it), in
 dependency order, a segment ``inside`` another refined within that one's refined mask. Last, a propagated
@@ -118,6 +118,26 @@ class PipelineSettings:
         if lesion or self.fill_organ_slice_holes or not self.slice_postprocess.fill_holes:
             return self.slice_postprocess
         return replace(self.slice_postprocess, fill_holes=False)
+
+
+def _after_their_containers(segments: list[SegmentPrompts]) -> list[SegmentPrompts]:
+    """The file's order, except that a segment listed before the segment it is inside comes right after that one
+    (after any others waiting for it, in the file's order). Call after :func:`order_by_dependency` has refused loops."""
+    by_name = {s.name: s for s in segments}
+    placed: list[SegmentPrompts] = []
+    waiting: dict[str, list[SegmentPrompts]] = {}
+
+    def place(seg: SegmentPrompts) -> None:
+        placed.append(seg)
+        for later in waiting.pop(seg.name, []):
+            place(later)
+
+    for seg in segments:
+        if seg.inside in by_name and by_name[seg.inside] not in placed:
+            waiting.setdefault(seg.inside, []).append(seg)
+        else:
+            place(seg)
+    return placed
 
 
 def order_by_dependency(segments: list[SegmentPrompts]) -> list[SegmentPrompts]:
@@ -372,9 +392,10 @@ def segment_volume(
     rim = _organ_rim(settings)
     if rim is not None:
         _trim_organ_rims(volume, ordered, result, masks, rim)
-    # The prompts-file order for output, each container before the segments inside it, then "a later segment
-    # wins": a tumour listed before its liver would otherwise be erased by it (its voxels are the liver's too).
-    order = {s.name: n for n, s in enumerate(ordered)}
+    # The prompts-file order for output, a segment listed before the one it is inside moved to just after it, then
+    # "a later segment wins": a tumour listed before its liver would otherwise be erased by it (its voxels are the
+    # liver's too). Segments that do not contain each other keep their order.
+    order = {s.name: n for n, s in enumerate(_after_their_containers(segment_prompts))}
     result.segments.sort(key=lambda s: order[s.name])
     if settings.later_segment_wins:
         for n, seg in enumerate(result.segments):

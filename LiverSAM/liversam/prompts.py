@@ -281,11 +281,21 @@ def _lesions_inside_the_liver(entries, segments: list[SegmentPrompts], source: s
     the four development cases falls from 0.808 to 0.457 (docs/RESULTS.md, session 25). ``"inside": null`` keeps a
     segment on its own."""
     livers = [seg.name for seg in segments if terminology_for(seg.name) == LIVER_TERMINOLOGY]
-    if len(livers) != 1:
+    unsaid = [(index, seg) for index, (entry, seg) in enumerate(zip(entries, segments, strict=True))
+              if "inside" not in entry.model_fields_set and terminology_for(seg.name) == LIVER_TUMOR_TERMINOLOGY]
+    if not unsaid or not livers:
         return
-    for index, (entry, seg) in enumerate(zip(entries, segments, strict=True)):
-        if "inside" in entry.model_fields_set or terminology_for(seg.name) != LIVER_TUMOR_TERMINOLOGY:
-            continue
+    if len(livers) > 1:
+        log.info("%s: %d segments are named as the liver (%s): a tumour's segment without \"inside\" stays on its "
+                 "own; say which liver it is inside", source, len(livers), ", ".join(livers))
+        return
+    by_name = {seg.name: seg for seg in segments}
+    for index, seg in unsaid:
+        container, steps = by_name[livers[0]], 0
+        while container.inside in by_name and container.inside != seg.name and steps < len(segments):
+            container, steps = by_name[container.inside], steps + 1
+        if container.inside == seg.name:
+            continue  # the liver is (through others) inside this segment: the default would make a loop
         seg.inside = livers[0]
         log.info("%s: segments[%d] ('%s') gives no \"inside\"; kept inside '%s' as a liver tumour (write "
                  "\"inside\": null to segment it on its own)", source, index, seg.name, livers[0])

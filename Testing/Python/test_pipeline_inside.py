@@ -87,6 +87,26 @@ def test_a_tumour_listed_before_its_liver_still_wins_the_overlap(phantom):
     np.testing.assert_array_equal(result.segment("liver").mask_kji, liver & ~expected_tumour)
 
 
+def test_only_the_contained_segment_moves_in_the_overlap_rule(phantom):
+    """[tumor (inside liver), spleen, liver]: the tumour counts as right after the liver, and the liver, after the
+    spleen in the file, still wins their overlap."""
+    volume, liver = phantom
+    predictor = ScriptedPredictor(volume, _script(liver))
+    spleen_box = (14.0, 20.0, 30.0, 44.0)  # inside the liver disc's box, away from the tumour's box
+    spleen = SegmentPrompts("spleen", 3, slices={5: SlicePrompts(boxes_ij=[spleen_box])})
+    liver_seg, tumour = _prompts([4, 5, 6], propagate=False)
+    result = segment_volume(volume, [tumour, spleen, liver_seg], predictor, PipelineSettings(organ_rim=None))
+    assert [s.name for s in result.segments] == ["spleen", "liver", "tumor"]
+    expected_tumour = np.zeros_like(liver)
+    expected_tumour[[4, 5, 6]] = _box_region(TUMOUR_BOX) & _disc()
+    expected_spleen = np.zeros_like(liver)
+    expected_spleen[5] = _box_region(spleen_box) & ~liver[5]  # the liver, later in the file, wins
+    assert (_box_region(spleen_box) & liver[5]).any() and (_box_region(spleen_box) & ~liver[5]).any()
+    np.testing.assert_array_equal(result.segment("spleen").mask_kji, expected_spleen)
+    np.testing.assert_array_equal(result.segment("tumor").mask_kji, expected_tumour)
+    np.testing.assert_array_equal(result.segment("liver").mask_kji, liver & ~expected_tumour)
+
+
 def test_without_the_overlap_rule_the_liver_keeps_the_tumour_voxels(phantom):
     volume, liver = phantom
     predictor = ScriptedPredictor(volume, _script(liver))

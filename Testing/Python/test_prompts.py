@@ -87,7 +87,20 @@ def test_a_segment_stays_on_its_own_where_the_default_does_not_apply(oblique, se
     assert other.inside is None
 
 
-def test_the_server_reads_inside_as_a_prompts_file_does(oblique):
+def test_no_default_that_would_make_a_loop_or_choose_between_livers(oblique, caplog):
+    data = _liver_and({"name": "tumor"})
+    data["segments"][0]["inside"] = "tumor"  # odd, but the user's word: the default would make a loop
+    liver, tumor = parse_prompts(data, oblique)
+    assert liver.inside == "tumor" and tumor.inside is None
+    data = _liver_and({"name": "tumor"})
+    data["segments"].append({"name": "Hepar", "points": [[30, 20, 3]]})
+    with caplog.at_level("INFO", logger="liversam.prompts"):
+        _, tumor, _ = parse_prompts(data, oblique, source="p.json")
+    assert tumor.inside is None
+    assert "p.json: 2 segments are named as the liver (liver, Hepar)" in caplog.text
+
+
+def test_the_server_reads_inside_as_a_prompts_file_does(oblique, caplog):
     """A propagation request holds segments in PROMPTS.json form: the same default, the same explicit null."""
     from liversam.server.jobs import segment_prompts
     from liversam.server.schemas import SegmentSpec
@@ -95,8 +108,11 @@ def test_the_server_reads_inside_as_a_prompts_file_does(oblique):
     for second, expected in (({"name": "tumor"}, "liver"), ({"name": "tumor", "inside": None}, None),
                              ({"name": "tumor", "inside": "kidney"}, "kidney")):
         specs = [SegmentSpec(**spec) for spec in _liver_and(second)["segments"]]
-        _, tumor = segment_prompts(specs, "IJK", oblique, {"kidney": np.zeros((30, 48, 64), bool)})
+        caplog.clear()
+        with caplog.at_level("INFO", logger="liversam.prompts"):
+            _, tumor = segment_prompts(specs, "IJK", oblique, {"kidney": np.zeros((30, 48, 64), bool)})
         assert tumor.inside == expected
+        assert ("gives no \"inside\"" in caplog.text) == ("inside" not in second)  # said only when it applies
 
 
 @pytest.mark.parametrize(

@@ -51,14 +51,20 @@ class JobNotFound(LookupError):
 def segment_prompts(specs: list[SegmentSpec], system: str, geometry: ImageGeometry,
                     masks: dict[str, np.ndarray], source: str = "request") -> list[SegmentPrompts]:
     """Request segments -> core prompts. ``inside`` may also name a session mask (a container)."""
-    data = {"coordinate_system": system,
-            "segments": [spec.model_dump(exclude={"inside"}, exclude_none=True) for spec in specs]}
+    names = {spec.name for spec in specs}
+
+    def entry(spec: SegmentSpec) -> dict:
+        data = spec.model_dump(exclude={"inside"}, exclude_none=True)
+        if spec.inside is not None or "inside" in spec.model_fields_set:
+            # the request's own word, so a tumour's default (inside the request's liver) stays off: a segment of the
+            # request as it is; a session mask (checked below) or null as null
+            data["inside"] = spec.inside if spec.inside in names else None
+        return data
+
+    data = {"coordinate_system": system, "segments": [entry(spec) for spec in specs]}
     segments = parse_prompts(data, geometry, source=source)
-    names = {s.name for s in segments}
     for seg, spec in zip(segments, specs, strict=True):
         if spec.inside is None:
-            if "inside" in spec.model_fields_set:
-                seg.inside = None  # an explicit null: on its own, not inside the liver as a tumour's default
             continue
         if spec.inside == seg.name:
             raise PromptError(f"{source}: segment '{seg.name}' cannot be inside itself.")
