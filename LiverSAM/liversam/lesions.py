@@ -16,8 +16,13 @@ from .atomic_write import write_text_atomically
 from .errors import OutputError
 from .geometry import ImageGeometry
 from .segmentation import SegmentationResult
+from .terminology import LIVER_TUMOR_TERMINOLOGY, terminology_for
 
-TUMOUR_NAMES = ("tumor", "tumour", "lesion", "liver tumor", "liver tumour")
+
+def is_tumour_name(name: str) -> bool:
+    """Whether a segment is named as a liver tumour ("tumor", "Tumour 2", "lesion_3", "HCC", "metastasis", ...:
+    :func:`liversam.terminology.terminology_for`), the names a prompts file's tumour is kept inside the liver by."""
+    return terminology_for(name) == LIVER_TUMOR_TERMINOLOGY
 
 
 @dataclass
@@ -84,8 +89,10 @@ def lesion_table_from_mask(mask_kji: np.ndarray, geometry: ImageGeometry, segmen
 
 
 def lesion_table(result: SegmentationResult, segment_names: tuple[str, ...] | None = None) -> list[Lesion]:
-    """The lesion table of every tumour segment (by name, or every segment that is ``inside`` another)."""
-    names = segment_names or tuple(s.name for s in result.segments if s.name.lower() in TUMOUR_NAMES)
+    """The lesion table of every tumour segment (by name, :func:`is_tumour_name`, or every segment that is
+    ``inside`` another)."""
+    inside = result.provenance.get("inside") or {}
+    names = segment_names or tuple(s.name for s in result.segments if is_tumour_name(s.name) or inside.get(s.name))
     table: list[Lesion] = []
     for seg in result.segments:
         if seg.name in names:

@@ -21,7 +21,6 @@ Pure NumPy / SciPy on arrays indexed [k, j, i]; the CT is only read.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from .intensity_refinement import parenchyma_statistics
-from .lesions import TUMOUR_NAMES
+from .lesions import is_tumour_name
 from .postprocess import bounding_box
 
 __all__ = ["OrganRimSettings", "is_trimmed_organ", "remove_partial_volume_rim", "trim_partial_volume_rim"]
@@ -59,7 +58,7 @@ def is_trimmed_organ(name: str, inside: str | None) -> bool:
     """Whether a segment's rim is trimmed: an organ, i.e. a segment with no container that is not named as a
     tumour ("tumor", "tumor-2", "lesion", ...: a tumour segmented without its liver, whose dark necrotic or
     cystic outline is its own)."""
-    return inside is None and re.sub(r"[-_ ]?\d+$", "", name.strip().lower()) not in TUMOUR_NAMES
+    return inside is None and not is_tumour_name(name)
 
 
 def trim_partial_volume_rim(

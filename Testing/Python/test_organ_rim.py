@@ -212,7 +212,7 @@ def test_only_organs_are_trimmed_not_a_tumour_segmented_without_its_liver() -> N
 
     assert is_trimmed_organ("liver", None) and is_trimmed_organ("Spleen", None)
     assert not is_trimmed_organ("liver", "abdomen")
-    for name in ("tumor", "Tumour", "tumor-2", "lesion 3", "liver tumor"):
+    for name in ("tumor", "Tumour", "tumor-2", "lesion 3", "liver tumor", "HCC", "metastasis_1"):
         assert not is_trimmed_organ(name, None), name
     volume = synthetic_volume(_ct(), (1.0, 1.0, 2.5))
     alone = SegmentPrompts("tumor", 2, (0.3, 0.6, 0.9), propagate=True)

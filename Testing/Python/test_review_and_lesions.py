@@ -280,6 +280,11 @@ def test_lesion_table_picks_tumour_segments_by_name(tmp_path):
                                            Segment("cyst", 3, mask)])  # fmt: skip
     assert [lesion.segment for lesion in lesion_table(result)] == ["Liver Tumour"]
     assert [lesion.segment for lesion in lesion_table(result, ("cyst", "liver"))] == ["liver", "cyst"]
+    # every name a prompts file's tumour is kept inside the liver by, and any segment inside another
+    named = SegmentationResult(geometry, [Segment("HCC", 2, mask), Segment("Metastasis 2", 3, mask),
+                                          Segment("nodule", 4, mask), Segment("spleen", 5, mask)])
+    named.provenance["inside"] = {"HCC": "liver", "Metastasis 2": None, "nodule": "liver", "spleen": None}
+    assert [lesion.segment for lesion in lesion_table(named)] == ["HCC", "Metastasis 2", "nodule"]
     table = lesion_table(result)
     write_lesion_table(table, tmp_path / "LESIONS.JSON")
     assert json.loads((tmp_path / "LESIONS.JSON").read_text())[0]["centre_lps"] == [2.5, 2.5, 1.0]

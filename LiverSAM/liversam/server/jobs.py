@@ -22,7 +22,7 @@ from ..dense_crf import crf_for_segments
 from ..errors import Cancelled, LiverSAMError, PromptError
 from ..geometry import ImageGeometry
 from ..lesion_rim import LesionRimSettings, add_lesion_rim
-from ..lesions import TUMOUR_NAMES, lesion_table
+from ..lesions import is_tumour_name, lesion_table
 from ..organ_rim import is_trimmed_organ, trim_partial_volume_rim
 from ..pipeline import PipelineSettings, segment_volume
 from ..postprocess import Postprocess3DSettings, PostprocessSettings
@@ -155,7 +155,7 @@ class Job:
 
 def _output(result: SegmentationResult, computed: dict[str, list[int]], lesion_names: set[str],
             ct_kji: np.ndarray | None = None) -> JobOutput:
-    names = tuple(s.name for s in result.segments if s.name in lesion_names or s.name.lower() in TUMOUR_NAMES)
+    names = tuple(s.name for s in result.segments if s.name in lesion_names or is_tumour_name(s.name))
     lesions = [asdict(lesion) for lesion in lesion_table(result, names)] if names else []
     return JobOutput(result, build_review_report(result, ct_kji=ct_kji, lesions=lesion_names), lesions, computed)
 
