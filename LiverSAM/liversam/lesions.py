@@ -16,13 +16,7 @@ from .atomic_write import write_text_atomically
 from .errors import OutputError
 from .geometry import ImageGeometry
 from .segmentation import SegmentationResult
-from .terminology import LIVER_TUMOR_TERMINOLOGY, terminology_for
-
-
-def is_tumour_name(name: str) -> bool:
-    """Whether a segment is named as a liver tumour ("tumor", "Tumour 2", "lesion_3", "HCC", "metastasis", ...:
-    :func:`liversam.terminology.terminology_for`), the names a prompts file's tumour is kept inside the liver by."""
-    return terminology_for(name) == LIVER_TUMOR_TERMINOLOGY
+from .terminology import is_tumour_name
 
 
 @dataclass

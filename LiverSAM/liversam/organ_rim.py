@@ -28,8 +28,8 @@ import numpy as np
 from scipy import ndimage
 
 from .intensity_refinement import parenchyma_statistics
-from .lesions import is_tumour_name
 from .postprocess import bounding_box
+from .terminology import is_tumour_name
 
 __all__ = ["OrganRimSettings", "is_trimmed_organ", "remove_partial_volume_rim", "trim_partial_volume_rim"]
 

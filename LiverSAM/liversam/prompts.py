@@ -26,7 +26,7 @@ import numpy as np
 from .errors import PromptError
 from .geometry import ImageGeometry, ras_to_lps
 from .segmentation import default_color
-from .terminology import LIVER_TERMINOLOGY, LIVER_TUMOR_TERMINOLOGY, terminology_for
+from .terminology import is_liver_name, is_tumour_name
 
 log = logging.getLogger(__name__)
 
@@ -275,14 +275,14 @@ def parse_prompts(
 
 
 def _lesions_inside_the_liver(entries, segments: list[SegmentPrompts], source: str) -> None:
-    """A liver tumour's segment (named "tumor", "lesion", "HCC", ... :func:`~liversam.terminology.terminology_for`)
+    """A liver tumour's segment (named "tumor", "lesion", "HCC", ... :func:`~liversam.terminology.is_tumour_name`)
     whose entry does not say ``inside`` is kept inside the file's one liver segment, in place. Without a
     container a tumour is neither clipped to the liver nor refined against its parenchyma: one-box tumour Dice on
     the four development cases falls from 0.808 to 0.457 (docs/RESULTS.md, session 25). ``"inside": null`` keeps a
     segment on its own."""
-    livers = [seg.name for seg in segments if terminology_for(seg.name) == LIVER_TERMINOLOGY]
+    livers = [seg.name for seg in segments if is_liver_name(seg.name)]
     unsaid = [(index, seg) for index, (entry, seg) in enumerate(zip(entries, segments, strict=True))
-              if "inside" not in entry.model_fields_set and terminology_for(seg.name) == LIVER_TUMOR_TERMINOLOGY]
+              if "inside" not in entry.model_fields_set and is_tumour_name(seg.name)]
     if not unsaid or not livers:
         return
     if len(livers) > 1:

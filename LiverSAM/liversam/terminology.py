@@ -161,6 +161,17 @@ def terminology_for(name: str) -> Terminology:
     return GENERIC_TISSUE_TERMINOLOGY
 
 
+def is_liver_name(name: str) -> bool:
+    """Whether a segment is named as the liver ("liver", "Liver", "hepar")."""
+    return terminology_for(name) == LIVER_TERMINOLOGY
+
+
+def is_tumour_name(name: str) -> bool:
+    """Whether a segment is named as a liver tumour ("tumor", "Tumour 2", "lesion_3", "HCC", "metastasis", ...): a
+    prompts file's tumour is kept inside the liver by these names, the lesion table and the organ rim read them."""
+    return terminology_for(name) == LIVER_TUMOR_TERMINOLOGY
+
+
 def terminology_from_codes(category: Code, type_: Code, anatomic_region: Code | None = None) -> Terminology:
     """A known terminology (with its default label and colour) matching the codes, else a bare one."""
     probe = Terminology(category=category, type=type_, anatomic_region=anatomic_region)

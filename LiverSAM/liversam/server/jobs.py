@@ -22,7 +22,7 @@ from ..dense_crf import crf_for_segments
 from ..errors import Cancelled, LiverSAMError, PromptError
 from ..geometry import ImageGeometry
 from ..lesion_rim import LesionRimSettings, add_lesion_rim
-from ..lesions import is_tumour_name, lesion_table
+from ..lesions import lesion_table
 from ..organ_rim import is_trimmed_organ, trim_partial_volume_rim
 from ..pipeline import PipelineSettings, segment_volume
 from ..postprocess import Postprocess3DSettings, PostprocessSettings
@@ -36,6 +36,7 @@ from ..propagation import (
 )
 from ..review import build_review_report
 from ..segmentation import Segment, SegmentationResult
+from ..terminology import is_tumour_name
 from .schemas import JobSettings, PredictRequest, SegmentSpec
 from .sessions import Session
 
