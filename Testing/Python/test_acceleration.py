@@ -329,6 +329,7 @@ def test_clicks_of_any_count_share_one_dynamic_decoder_graph(
     prompts.append(SlicePrompts(boxes_ij=[(int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1]))]))
     try:
         decoder = model.decoder_override
+        assert set(decoder.compiled_graphs) == {2}  # the load-time check's click graph is not kept (48 MiB)
         fast = SlicePredictor(model, lits117_volume)
         fast_masks = [fast.predict(k, prompt).mask_ji for prompt in prompts]
         graphs = set(decoder.compiled_graphs)
@@ -636,6 +637,30 @@ def test_agreement_keys_are_short_safe_file_names_that_change_with_what_decides_
     assert agreement_key(sha, label, "bf16", "fe81ce14") != key
     monkeypatch.setattr(openvino, "__version__", openvino.__version__ + "-another-build")
     assert agreement_key(sha, label, "int8-21efdaf83c", "fe81ce14") != key
+
+
+def test_a_verdict_belongs_to_the_cpu_it_was_measured_on(monkeypatch) -> None:
+    """A cache folder shared by two machines (a home folder on a cluster) keeps one verdict per CPU: another
+    model name or another kernel instruction set (AMX instead of AVX512-BF16) gets another key; flags no kernel is
+    chosen by (``hypervisor``) do not."""
+    from liversam.acceleration import agreement
+    from liversam.acceleration.cpu import CPUFeatures
+
+    sha, label = "7726600575fa8964a1a7099c8887fa69a116d9d85b9fafea38be985acdcea1cd", "openvino-e2+openvino-g3"
+    epyc = CPUFeatures("AMD EPYC", frozenset({"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni"}))
+    keys = {}
+    for name, cpu in {
+        "epyc": epyc,
+        "epyc in a VM": CPUFeatures("AMD EPYC", epyc.flags | {"hypervisor"}),
+        "xeon with AMX": CPUFeatures("Intel Xeon", epyc.flags | {"amx_bf16", "amx_tile", "amx_int8"}),
+        "epyc without bf16": CPUFeatures("AMD EPYC", epyc.flags - {"avx512_bf16"}),
+        "another model, same flags": CPUFeatures("AMD EPYC 9R45", epyc.flags),
+    }.items():
+        monkeypatch.setattr(agreement, "cpu_features", lambda cpu=cpu: cpu)
+        keys[name] = agreement.agreement_key(sha, label, "bf16-rest", "fe81ce14")
+    assert keys["epyc"] == keys["epyc in a VM"]
+    others = [keys[name] for name in ("xeon with AMX", "epyc without bf16", "another model, same flags")]
+    assert len({keys["epyc"], *others}) == 4, keys
 
 
 class _SliceValueEncoder:

@@ -6,7 +6,7 @@ PyTorch model: Dice >= :data:`MIN_DICE` on every mask and >= :data:`MIN_MEAN_DIC
 is the lits117 example CT shipped in the repository (``examples/lits117``): :data:`CHECK_SLICES` axial slices
 with one box around the liver and one around the slice's largest lesion (from ``label.nii.gz``).
 
-The check runs once per (weights SHA-256, backend, precision, runtime library version) and its verdict is
+The check runs once per (weights SHA-256, backend, precision, runtime library version, CPU) and its verdict is
 kept as JSON in the user cache (``<cache>/agreement/``); the reference masks of the fp32 PyTorch model are
 kept there too (per weights SHA-256), so plain PyTorch encodes the check slices once per model.
 """
@@ -31,6 +31,7 @@ from scipy import ndimage
 from .. import __version__
 from ..atomic_write import atomic_path, write_text_atomically
 from ..embedding_cache import FP32_STORAGE as EMBEDDING_STORAGE
+from .cpu import cpu_features
 
 log = logging.getLogger(__name__)
 
@@ -255,9 +256,11 @@ def cases_tag(cases: list[CheckCase]) -> str:
 
 def agreement_key(weights_sha: str, backend: str, precision: str, tag: str = "") -> str:
     """File-name-safe key: weights, backend(s) and precision in clear, the runtime's version (OpenVINO's holds
-    '/' and a build hash), LiverSAM's version and the check set as one short hash, so the name stays far below
+    '/' and a build hash), LiverSAM's version, the check set and the CPU (:meth:`CPUFeatures.numerics_id`: its
+    model and the instruction sets kernels are chosen by) as one short hash, so the name stays far below
     the file system's 255 characters (the atomic write's temporary name holds it twice)."""
-    varying = f"{runtime_version(backend)}|liversam-{__version__}|set{tag}|embeddings-{EMBEDDING_STORAGE_NAME}"
+    varying = (f"{runtime_version(backend)}|liversam-{__version__}|set{tag}|embeddings-{EMBEDDING_STORAGE_NAME}"
+               f"|cpu-{cpu_features().numerics_id()}")
     key = f"{weights_sha[:32]}-{backend}-{precision}-{hashlib.sha256(varying.encode()).hexdigest()[:12]}"
     return re.sub(r"[^A-Za-z0-9+_-]", "_", key)
 
@@ -322,7 +325,7 @@ def check_agreement(
         try:
             folder.mkdir(parents=True, exist_ok=True)
             payload = {"format": AGREEMENT_FORMAT, **asdict(result), "runtime": runtime_version(backend),
-                       "liversam": __version__}
+                       "liversam": __version__, "cpu": cpu_features().summary()}
             write_text_atomically(folder / f"{key}.json", json.dumps(payload, indent=2))
         except OSError as exc:
             log.info("Could not cache the agreement verdict in %s: %s", folder, exc)

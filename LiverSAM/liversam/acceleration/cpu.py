@@ -8,10 +8,18 @@ an AVX2-only AMD EPYC: 55 s per slice with bf16 autocast against ~2 s in fp32).
 from __future__ import annotations
 
 import functools
+import hashlib
 import platform
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+
+#: Instruction sets that oneDNN / OpenVINO / ONNX Runtime choose their CPU kernels by (x86 and Arm names).
+KERNEL_FLAGS = frozenset({
+    "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni", "avx_vnni",
+    "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16", "asimd", "asimddp", "bf16", "i8mm",
+    "sve", "sve2",
+})
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,18 @@ class CPUFeatures:
     def int8_dot(self) -> bool:
         """True when the CPU has int8 dot-product instructions (VNNI / AMX-INT8 / Arm dotprod)."""
         return bool(self.flags & {"avx512_vnni", "avx_vnni", "amx_int8", "asimddp"})
+
+    def numerics_id(self) -> str:
+        """The CPU's model name and the instruction sets the runtimes' kernels are chosen by, as one short string.
+
+        A bf16 verdict holds for the kernels it was measured with: the same LiverSAM, runtime and model on a CPU
+        with other instruction sets (AMX instead of AVX512-BF16, AVX2 only) rounds differently. On two AVX-512 +
+        bf16 AMD EPYCs (the same flags but one) ``bf16-rest`` passed the mask check with min Dice 0.9801 on one and
+        failed with 0.9791 on the other, so a cache folder shared between machines (a home folder on a cluster)
+        must not hand one CPU's verdict to another."""
+        shown = sorted(self.flags & KERNEL_FLAGS)
+        text = f"{self.model_name}|{','.join(shown)}"
+        return hashlib.sha256(text.encode()).hexdigest()[:10]
 
     def summary(self) -> str:
         wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni", "avx_vnni", "bf16")
