@@ -265,6 +265,7 @@ def enable_fast_decoder(
             fast = FastPromptDecoder(onnx_path, name, threads, fallback=model.decode, precision=precision)
             entry = prepare_export(model.network.image_encoder, model.input_size, cache_dir)
             error = check_decoder(fast, model, entry, TOLERANCE[fast.precision])
+            fast.release_click_graph()  # compiled again at the first click; box-only runs never need it
         except (BackendUnavailable, OSError) as exc:
             log.info("Decoder backend '%s' not used: %s.", name, exc)
             continue

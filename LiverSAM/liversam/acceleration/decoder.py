@@ -154,6 +154,7 @@ class FastPromptDecoder:
         self.fallback = fallback
         self._lock = threading.Lock()
         self._last_tokens: tuple[weakref.ref, int | None, np.ndarray] | None = None
+        self.compiled_graphs: dict[int | None, object] = {}  # OpenVINO's, by point count (None: any)
         if backend == "openvino":
             try:
                 import openvino as ov
@@ -218,6 +219,13 @@ class FastPromptDecoder:
         else:
             raise BackendUnavailable(f"no fast decoder for backend '{backend}'")
         self._run = run
+
+    def release_click_graph(self) -> None:
+        """Drop the graph for clicks (compiled by :func:`check_decoder`'s click prompts); the next click compiles it
+        again (0.28 s once). A run with box prompts alone, what ``liversam segment`` and propagation ask, then does not
+        hold it: 48 MiB on the 595-slice CT's peak (docs/PERFORMANCE.md, session 26)."""
+        with self._lock:
+            self.compiled_graphs.pop(None, None)
 
     def __call__(
         self,
