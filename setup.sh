@@ -36,6 +36,18 @@ path = bundled_litemedsam_path()
 assert file_sha256(path) == LITEMEDSAM_SHA256, f"bundled LiteMedSAM weights at {path} fail the SHA-256 check"
 print(f"[setup] ok: liversam {liversam.__version__}, torch {torch.__version__}, LiteMedSAM weights verified ({path})")
 PY
+# The fast CPU path for this CPU (export to OpenVINO, the mask check that picks the precision): once, here, so the
+# first `liversam segment` does not spend its first half-minute on it. Cached in ~/.cache/liversam/encoders.
+if [ "${LIVERSAM_SKIP_WARMUP:-0}" != "1" ]; then
+  echo "[setup] preparing the fast CPU path for this CPU (export + mask check, once: about 30 s the first time)"
+  "$VENV/bin/python" - <<'PY' || echo "[setup] warning: the fast CPU path could not be prepared now; liversam segment will try again"
+import logging
+logging.basicConfig(level=logging.WARNING, format="[setup] %(message)s")
+from liversam.acceleration import describe_acceleration
+from liversam.models import load_model
+print(f"[setup] ok: {describe_acceleration(load_model('litemedsam', device='cpu', accelerate='auto'))}")
+PY
+fi
 # --- the web app (`liversam web`): trame-slicer needs slicer-core 5.11, so it gets an environment of its own.
 # Its browser tests need Debian's chromium and EGL + Mesa (software OpenGL); installed here when running as root.
 WEB_VENV="${LIVERSAM_WEB_VENV:-$HOME/.cache/liversam/web-venv}"
