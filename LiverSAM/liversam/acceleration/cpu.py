@@ -48,9 +48,9 @@ class CPUFeatures:
 
         A bf16 verdict holds for the kernels it was measured with: the same LiverSAM, runtime and model on a CPU
         with other instruction sets (AMX instead of AVX512-BF16, AVX2 only) rounds differently. On two AVX-512 +
-        bf16 AMD EPYCs (the same flags but one) ``bf16-rest`` passed the mask check with min Dice 0.9801 on one and
+        bf16 AMD EPYCs of different generations ``bf16-rest`` passed the mask check with min Dice 0.9801 on one and
         failed with 0.9791 on the other, so a cache folder shared between machines (a home folder on a cluster)
-        must not hand one CPU's verdict to another."""
+        must not hand one CPU's verdict to another (docs/PERFORMANCE.md, session 26)."""
         shown = sorted(self.flags & KERNEL_FLAGS)
         text = f"{self.model_name}|{','.join(shown)}"
         return hashlib.sha256(text.encode()).hexdigest()[:10]
