@@ -62,6 +62,25 @@ def test_small_lesions_thin_lesions_inside_and_bodies_are_left_alone():
     np.testing.assert_array_equal(lesion, before)
 
 
+def test_a_band_with_no_body_goes_whole_when_it_is_too_large_to_be_a_small_lesion():
+    """Past a surface lesion's end only the outline's dark rim is left: a piece with no body at all, 3 voxels thick
+    along the outline. At three discs or more (3 x 13 voxels here) it goes whole; a smaller bodiless piece may be a
+    small lesion and stays, as do pieces of that size away from the outline and with ``bodiless_band_min_discs``
+    None."""
+    rim = np.zeros((NJ, NI), dtype=bool)
+    rim[67:70, 30:60] = True  # 90 voxels along the bottom outline, no 2 mm disc fits
+    small = np.zeros((NJ, NI), dtype=bool)
+    small[10:13, 70:82] = True  # 36 voxels along the top outline: under three discs
+    inside = np.zeros((NJ, NI), dtype=bool)
+    inside[38:41, 20:50] = True  # 90 voxels, as thin, deep inside the organ
+    lesion = np.stack([rim | small | inside, rim | small | inside])
+    organ = np.stack([_organ(), _organ()])
+    assert remove_outline_bands(lesion[:1], organ[:1], SPACING, OutlineBandSettings()) == int(rim.sum())
+    np.testing.assert_array_equal(lesion[0], small | inside)
+    kept = OutlineBandSettings(bodiless_band_min_discs=None)
+    assert remove_outline_bands(lesion[1:], organ[1:], SPACING, kept) == 0
+
+
 def test_the_radius_follows_the_spacing():
     """On 0.5 mm pixels the 2 mm disc is 4 voxels: a 5-voxel band (2.5 mm) along the outline is a band there,
     while on 1 mm pixels a 5-voxel band (5 mm) holds the 2 mm disc and stays (but for its square corners)."""
