@@ -36,8 +36,9 @@ path = bundled_litemedsam_path()
 assert file_sha256(path) == LITEMEDSAM_SHA256, f"bundled LiteMedSAM weights at {path} fail the SHA-256 check"
 print(f"[setup] ok: liversam {liversam.__version__}, torch {torch.__version__}, LiteMedSAM weights verified ({path})")
 PY
-# The fast CPU path for this CPU (export to OpenVINO, the mask check that picks the precision): once, here, so the
-# first `liversam segment` does not spend its first half-minute on it. Cached in ~/.cache/liversam/encoders.
+# The fast CPU path for this CPU (export to OpenVINO, the mask check that picks the precision), so the first
+# `liversam segment` does not spend its first half-minute on it. Cached in ~/.cache/liversam/encoders (or
+# $LIVERSAM_CACHE_DIR/encoders): a later set-up only reads the verdicts and compiles the graphs, a few seconds.
 if [ "${LIVERSAM_SKIP_WARMUP:-0}" != "1" ]; then
   echo "[setup] preparing the fast CPU path for this CPU (export + mask check, once: about 30 s the first time)"
   "$VENV/bin/python" - <<'PY' || echo "[setup] warning: the fast CPU path could not be prepared now; liversam segment will try again"

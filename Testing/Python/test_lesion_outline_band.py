@@ -79,6 +79,7 @@ def test_a_band_with_no_body_goes_whole_when_it_is_too_large_to_be_a_small_lesio
     np.testing.assert_array_equal(lesion[0], small | inside)
     kept = OutlineBandSettings(bodiless_band_min_discs=None)
     assert remove_outline_bands(lesion[1:], organ[1:], SPACING, kept) == 0
+    np.testing.assert_array_equal(lesion[1], rim | small | inside)
 
 
 def test_the_radius_follows_the_spacing():

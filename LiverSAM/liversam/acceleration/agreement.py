@@ -273,7 +273,7 @@ def cached_agreement(folder: Path, key: str) -> AgreementResult | None:
         data = json.loads(path.read_text(encoding="utf-8"))
         if data.pop("format", None) != AGREEMENT_FORMAT:
             return None
-        known = {f.name for f in fields(AgreementResult)}  # "runtime" and "liversam" are for readers
+        known = {f.name for f in fields(AgreementResult)}  # "runtime", "liversam" and "cpu" are for readers
         return AgreementResult(**{name: value for name, value in data.items() if name in known})
     except (OSError, ValueError, TypeError):
         return None

@@ -191,7 +191,7 @@ class FastPromptDecoder:
                 return requests[key]
 
             request_for(BOX_POINTS)  # the box prompt, compiled now so a broken runtime is refused at load time
-            self.compiled_graphs = requests  # which graphs exist: the box's (2) and, once asked, the dynamic (None)
+            self.compiled_graphs = requests  # the same dict request_for fills: release_click_graph drops from it
 
             def run(feeds: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
                 request = request_for(int(feeds[1].shape[1]))
