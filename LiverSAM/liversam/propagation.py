@@ -437,6 +437,7 @@ class _Propagator:
         organ_track: OrganTrackSettings | None = None,
         lesion_extent: LesionExtent | None = None,
         past_container: bool = False,
+        continue_past_container: bool = False,
     ) -> None:
         self.predictor = predictor
         self.settings = settings
@@ -449,6 +450,9 @@ class _Propagator:
         # organ's propagation sets such a lesion aside as too bright, or its model mask leaves it out.
         self.past_container = past_container and container_kji is not None
         self._relaxed = False  # the current track is such a lesion's
+        # A lesion's track that clipping to the container would end goes on within its previous slice's footprint
+        # (``_continue_past_container``).
+        self.continue_past = continue_past_container and container_kji is not None
         self._unheld_at: int | None = None  # the slice whose refined lesion the model's mask did not hold
         self._without_contrast = False  # the current track's box showed no contrast (``LesionExtent``)
         self._searched_contrast = False  # ... the refinement looked for one (a parenchyma around the box was found)
@@ -613,7 +617,10 @@ class _Propagator:
         steps = max(1, int(round(PARENCHYMA_LESION_MARGIN_MM / min(self.spacing_ji))))
         return box & ndimage.binary_dilation(model_mask, iterations=steps)
 
-    def _predict(self, k: int, prompts: SlicePrompts, mask_logits=None, previous_mask=None, record: bool = True):
+    def _predict(self, k: int, prompts: SlicePrompts, mask_logits=None, previous_mask=None, record: bool = True,
+                 footprint: np.ndarray | None = None):
+        """The track's mask on slice ``k`` from its prompts: the model's, cleaned; a lesion's clipped to the container
+        (with ``footprint``, voxels outside it that a lesion may keep too) and refined; an organ's pruned."""
         if self.cancel is not None and self.cancel():
             raise Cancelled()
         prediction = self.predictor.predict(k, prompts, mask_logits=mask_logits)
@@ -625,6 +632,8 @@ class _Propagator:
         mask = clean_slice(prediction.mask_ji, self.spacing_ji, self.postprocess)
         if self.container is not None:
             container = self._container_at(k, prompts.boxes_ij[0] if prompts.boxes_ij else None)
+            if footprint is not None:
+                container = container | footprint
             mask &= container
             if self.contrast is not None and prompts.boxes_ij:
                 box = box_region(self.shape_ji, prompts.boxes_ij[0])
@@ -647,6 +656,31 @@ class _Propagator:
         found = np.flatnonzero(beyond).astype(np.int64)
         before = self.beyond_container.get(k)
         self.beyond_container[k] = found if before is None else np.union1d(before, found)
+
+    def _continue_past_container(self, k: int, box, logits, prev_mask: np.ndarray, mask: np.ndarray, prediction):
+        """A lesion's (mask, prediction) on slice ``k`` when the container cut it short: clipped to the container, the
+        track's mask would end there (too small, or collapsed against the previous slice's), so predict again with the
+        part of the previous slice's lesion that lies outside the container on this slice allowed too. The organ's
+        model mask leaves out a hypodense lesion along its outline where the lesion ends the organ's slice (ircadb17,
+        slices 102-105: the liver's mask cut across the lesion and the lesion's track collapsed against it).
+
+        The lesion stays within its own footprint (what lies outside the container can only shrink from slice to
+        slice), its voxels there must still be lesion-like and held by the model's mask, and the pipeline gives the
+        organ what the final lesion holds there (``beyond_container``). Not when the model's mask no longer held the
+        refined lesion (the track ends for that reason, inside the container or out), nor for a relaxed hyperdense
+        lesion (its box already counts). Keeps ``mask`` unless the new one is larger."""
+        if self._relaxed or self._unheld_at == k:
+            return mask, prediction
+        footprint = prev_mask & ~self.container[k]
+        if not footprint.any():
+            return mask, prediction
+        wider, again = self._predict(k, SlicePrompts(boxes_ij=[box]), mask_logits=logits, previous_mask=prev_mask,
+                                     record=False, footprint=footprint)
+        if self._unheld_at == k or wider.sum() <= mask.sum():
+            self._unheld_at = None
+            return mask, prediction
+        self._note_beyond_container(k, wider & ~self.container[k])
+        return wider, again
 
     def run_track(self, seed_k: int, seed_prompts: SlicePrompts, out: np.ndarray, scores: dict[int, float],
                   limits: tuple[int, int] | None = None, refine: bool = True) -> Track:
@@ -877,6 +911,9 @@ class _Propagator:
                 mask, self._recovered_at[k] = self._recover_pieces(k, mask, prev_mask, dome,
                                                                    self._recovered_at.get(k_prev))
         area = float(mask.sum())
+        if self.continue_past and (area * self.pixel_mm2 < s.min_area_mm2 or area < s.collapse_ratio * prev_area):
+            mask, prediction = self._continue_past_container(k, box, logits, prev_mask, mask, prediction)
+            area = float(mask.sum())
         reason = None
         if self._unheld_at == k and area == 0:
             reason = "the model's mask no longer holds the lesion"
@@ -1065,6 +1102,7 @@ def propagate_segment(
     model_union: ModelTrackUnion | None = ModelTrackUnion(),
     lesion_extent: LesionExtent | None = LesionExtent(),
     past_container: bool = False,
+    continue_past_container: bool = False,
 ) -> PropagationOutcome:
     """Segment every prompted slice of ``seg`` and propagate each seed both ways until the structure ends.
 
@@ -1073,6 +1111,8 @@ def propagate_segment(
     ``lesion_extent``: how far a lesion's track (a segment inside a container) may reach (None: no limit).
     ``past_container``: a hyperdense lesion's track may leave its container within its box when its model mask
     does on the seed slice (the outcome's ``beyond_container`` says where; False: the container only).
+    ``continue_past_container``: a lesion's track that the container would cut short goes on within the previous
+    slice's lesion (``_Propagator._continue_past_container``; ``beyond_container`` says where).
     ``postprocess``: the slice masks' clean-up; by default :func:`default_slice_postprocess` (as the pipeline's).
     """
     if method not in PROPAGATION_METHODS:
@@ -1082,7 +1122,7 @@ def propagate_segment(
         return propagate_naive(seg, predictor, settings, progress=progress, cancel=cancel)
     postprocess = postprocess or default_slice_postprocess(container_kji is not None)
     propagator = _Propagator(predictor, settings, postprocess, seg.slices, container_kji, progress, cancel, seg.name,
-                             organ_track, lesion_extent, past_container)
+                             organ_track, lesion_extent, past_container, continue_past_container)
     out = np.zeros(predictor.volume.geometry.shape_kji, dtype=bool)
     scores: dict[int, float] = {}
     tracks = []
