@@ -254,8 +254,9 @@ def _lesion_rim(settings: PipelineSettings) -> LesionRimSettings | None:
 
 
 def _give_back_to_organ(organ_kji: np.ndarray, lesion_kji: np.ndarray, beyond: dict[int, np.ndarray]) -> None:
-    """The organ takes the voxels outside it that a hyperdense lesion's track predicted and the lesion still holds
-    (``PipelineSettings.hyperdense_lesions_past_organ``), in place, so the lesion stays inside it. A caller's
+    """The organ takes the voxels outside it that a hyperdense lesion's track, or a track the organ cut short, took
+    and the lesion still holds (``PipelineSettings.hyperdense_lesions_past_organ``, ``lesions_continue_past_organ``),
+    in place, so the lesion stays inside it. A caller's
     container (the liver of the Slicer scene or of a server session) is a copy: the lesion written back there may
     reach past the liver segment, which is not rewritten."""
     for k, flat in beyond.items():

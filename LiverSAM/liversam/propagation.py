@@ -308,8 +308,9 @@ class PropagationOutcome:
     # repropagate only: the fresh track's voxels it wrote that no other object of the existing mask holds (what
     # took the fixed object's place; None elsewhere)
     replaced_kji: np.ndarray | None = None
-    # lesions (``past_container``): by slice, the flat indices [j * n_i + i] of voxels outside the container that a
-    # hyperdense lesion's track predicted; the pipeline gives the organ back those its final lesion mask holds
+    # lesions (``past_container``, ``continue_past_container``): by slice, the flat indices [j * n_i + i] of voxels
+    # outside the container that a hyperdense lesion's track, or a track the container cut short, took; the pipeline
+    # gives the organ back those its final lesion mask holds
     beyond_container: dict[int, np.ndarray] = field(default_factory=dict)
 
 
@@ -454,9 +455,11 @@ class _Propagator:
         # (``_continue_past_container``).
         self.continue_past = continue_past_container and container_kji is not None
         self._unheld_at: int | None = None  # the slice whose refined lesion the model's mask did not hold
+        # (slice, voxels outside the container) of the last step's mask that ``_continue_past_container`` gave
+        self._outside_at: tuple[int, np.ndarray] | None = None
         self._without_contrast = False  # the current track's box showed no contrast (``LesionExtent``)
         self._searched_contrast = False  # ... the refinement looked for one (a parenchyma around the box was found)
-        self.beyond_container: dict[int, np.ndarray] = {}  # what relaxed tracks predicted outside the container
+        self.beyond_container: dict[int, np.ndarray] = {}  # what lesion tracks took outside the container
         self.progress = progress
         self.cancel = cancel
         self.name = name
@@ -620,7 +623,8 @@ class _Propagator:
     def _predict(self, k: int, prompts: SlicePrompts, mask_logits=None, previous_mask=None, record: bool = True,
                  footprint: np.ndarray | None = None):
         """The track's mask on slice ``k`` from its prompts: the model's, cleaned; a lesion's clipped to the container
-        (with ``footprint``, voxels outside it that a lesion may keep too) and refined; an organ's pruned."""
+        (with ``footprint``, voxels outside it that a lesion may keep too) and refined when the track has a contrast;
+        an organ's pruned of foreign tissue."""
         if self.cancel is not None and self.cancel():
             raise Cancelled()
         prediction = self.predictor.predict(k, prompts, mask_logits=mask_logits)
@@ -664,22 +668,26 @@ class _Propagator:
         model mask leaves out a hypodense lesion along its outline where the lesion ends the organ's slice (ircadb17,
         slices 102-105: the liver's mask cut across the lesion and the lesion's track collapsed against it).
 
-        The lesion stays within its own footprint (what lies outside the container can only shrink from slice to
-        slice), its voxels there must still be lesion-like and held by the model's mask, and the pipeline gives the
-        organ what the final lesion holds there (``beyond_container``). Not when the model's mask no longer held the
+        Outside the container the lesion keeps within the previous slice's lesion, its voxels there are refined as
+        inside it (lesion-like, and the refined slice held by the model's mask), and the pipeline gives the organ what
+        the final lesion holds there (``beyond_container``, noted when :meth:`_accept` takes the slice). Only for a
+        track with a contrast: the model's own track (``model_track_union``), a box without contrast or the refinement
+        off would follow the model's mask past the organ unchecked. Not when the model's mask no longer held the
         refined lesion (the track ends for that reason, inside the container or out), nor for a relaxed hyperdense
-        lesion (its box already counts). Keeps ``mask`` unless the new one is larger."""
-        if self._relaxed or self._unheld_at == k:
+        lesion (its box already counts). Keeps ``mask`` unless the new one would not end the track."""
+        if self._relaxed or self.contrast is None or self._unheld_at == k:
             return mask, prediction
         footprint = prev_mask & ~self.container[k]
         if not footprint.any():
             return mask, prediction
         wider, again = self._predict(k, SlicePrompts(boxes_ij=[box]), mask_logits=logits, previous_mask=prev_mask,
                                      record=False, footprint=footprint)
-        if self._unheld_at == k or wider.sum() <= mask.sum():
+        area = float(wider.sum())
+        if (self._unheld_at == k or area * self.pixel_mm2 < self.settings.min_area_mm2
+                or area < self.settings.collapse_ratio * float(prev_mask.sum())):
             self._unheld_at = None
             return mask, prediction
-        self._note_beyond_container(k, wider & ~self.container[k])
+        self._outside_at = (k, wider & ~self.container[k])
         return wider, again
 
     def run_track(self, seed_k: int, seed_prompts: SlicePrompts, out: np.ndarray, scores: dict[int, float],
@@ -895,6 +903,7 @@ class _Propagator:
         s = self.settings
         o = self.organ_track
         self._unheld_at = None
+        self._outside_at = None
         box = _expand_box(_box_of(prev_mask), self.margin_ij, self.shape_ji)
         logits = prev_prediction.low_res_logits if s.use_mask_prompt else None
         dome = self._dome_limit(step, prev_mask, areas)
@@ -1006,6 +1015,9 @@ class _Propagator:
                                        _touches_box_edge(mask, box, self.shape_ji))
         out[k] |= mask
         scores[k] = min(scores.get(k, 1.0), prediction.score)
+        if self._outside_at is not None and self._outside_at[0] == k:
+            self._note_beyond_container(k, self._outside_at[1])
+            self._outside_at = None
 
 
 def _superior_step_and_left_i(direction_lps: np.ndarray) -> tuple[int, int]:

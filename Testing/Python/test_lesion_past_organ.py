@@ -13,6 +13,7 @@ import numpy as np
 
 from liversam.pipeline import PipelineSettings, segment_volume
 from liversam.prompts import SegmentPrompts, SlicePrompts
+from liversam.propagation import _Propagator
 from scripted_predictor import ScriptedPredictor, box_around, synthetic_volume
 
 NK, NJ, NI = 9, 96, 96
@@ -88,10 +89,19 @@ def test_a_lesion_the_livers_mask_cuts_across_goes_on_and_the_liver_takes_it_bac
     assert _dice(on["tumor"][below], lesion[below]) >= _dice(off["tumor"][below], lesion[below]) - 0.01
 
 
-def test_fat_past_the_livers_end_is_not_taken():
+def test_fat_past_the_livers_end_is_not_taken(monkeypatch):
     """Where the liver really ends (fat past the cut), the lesion's footprint there is not lesion-like: the track ends
-    at the cut as without the rule."""
+    at the cut as without the rule (which was asked)."""
+    asked = []
+    original = _Propagator._continue_past_container
+
+    def spy(self, k, *args):
+        asked.append(k)
+        return original(self, k, *args)
+
+    monkeypatch.setattr(_Propagator, "_continue_past_container", spy)
     on, liver, lesion, cut = _segment(FAT_HU, on=True)
+    assert CUT_FROM_K in asked
     off, *_ = _segment(FAT_HU, on=False)
     for name in ("liver", "tumor"):
         np.testing.assert_array_equal(on[name], off[name])
