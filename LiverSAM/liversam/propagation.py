@@ -47,7 +47,7 @@ from .intensity_refinement import (
     smooth_slice_in_volume,
 )
 from .postprocess import PostprocessSettings, clean_slice
-from .predictor import SlicePredictor
+from .predictor import SlicePrediction, SlicePredictor
 from .prompts import SegmentPrompts, SlicePrompts
 
 PROPAGATION_METHODS = ("liversam", "naive")
@@ -621,13 +621,14 @@ class _Propagator:
         return box & ndimage.binary_dilation(model_mask, iterations=steps)
 
     def _predict(self, k: int, prompts: SlicePrompts, mask_logits=None, previous_mask=None, record: bool = True,
-                 footprint: np.ndarray | None = None):
+                 footprint: np.ndarray | None = None, prediction: SlicePrediction | None = None):
         """The track's mask on slice ``k`` from its prompts: the model's, cleaned; a lesion's clipped to the container
         (with ``footprint``, voxels outside it that a lesion may keep too) and refined when the track has a contrast;
-        an organ's pruned of foreign tissue."""
+        an organ's pruned of foreign tissue. ``prediction``: the model's answer to these prompts, already asked."""
         if self.cancel is not None and self.cancel():
             raise Cancelled()
-        prediction = self.predictor.predict(k, prompts, mask_logits=mask_logits)
+        if prediction is None:
+            prediction = self.predictor.predict(k, prompts, mask_logits=mask_logits)
         if record:
             self.computed.append(k)
             if self.progress:
@@ -680,15 +681,15 @@ class _Propagator:
         footprint = prev_mask & ~self.container[k]
         if not footprint.any():
             return mask, prediction
-        wider, again = self._predict(k, SlicePrompts(boxes_ij=[box]), mask_logits=logits, previous_mask=prev_mask,
-                                     record=False, footprint=footprint)
+        wider, _ = self._predict(k, SlicePrompts(boxes_ij=[box]), mask_logits=logits, previous_mask=prev_mask,
+                                 record=False, footprint=footprint, prediction=prediction)
         area = float(wider.sum())
         if (self._unheld_at == k or area * self.pixel_mm2 < self.settings.min_area_mm2
                 or area < self.settings.collapse_ratio * float(prev_mask.sum())):
             self._unheld_at = None
             return mask, prediction
         self._outside_at = (k, wider & ~self.container[k])
-        return wider, again
+        return wider, prediction
 
     def run_track(self, seed_k: int, seed_prompts: SlicePrompts, out: np.ndarray, scores: dict[int, float],
                   limits: tuple[int, int] | None = None, refine: bool = True) -> Track:
