@@ -194,7 +194,8 @@ def repropagation_work(job: Job, seg: SegmentPrompts, fix_slices: list[int], exi
             job.progress(f"re-propagating '{seg.name}' from slice {k}", n, len(fix_slices))
             outcome = repropagate(mask, seg, k, seg.slices[k], predictor, propagation,
                                   settings.slice_postprocess_for(container is not None), container, job.cancelled,
-                                  past_container=settings.hyperdense_lesions_past_organ)
+                                  past_container=settings.hyperdense_lesions_past_organ,
+                                  hypodense_past_container=settings.hypodense_lesions_past_organ)
             mask, tracks, computed = outcome.mask_kji, tracks + outcome.tracks, computed + outcome.computed_slices
             if outcome.replaced_kji is not None:
                 replaced = outcome.replaced_kji if replaced is None else replaced | outcome.replaced_kji

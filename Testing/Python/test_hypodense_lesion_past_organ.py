@@ -1,0 +1,107 @@
+"""A hypodense lesion that the liver's model mask leaves out on the slice the user boxed it is not lost
+(``PipelineSettings.hypodense_lesions_past_organ``; scripted predictor).
+
+On lits117 averaged to 3 mm slices the model's liver mask cut a hypodense lesion on the liver's outline out on every
+slice it spans; the tumour, clipped to the liver, lost the whole lesion the user had boxed. With the rule, a lesion
+whose model mask lies mostly outside the liver, is darker than the liver, and whose box shows that contrast inside the
+liver too may leave the liver within its box, and the liver takes what the lesion holds there. A box whose model mask
+spills into fat beside the liver, or whose part inside the liver shows no contrast (an isodense lesion whose mask
+runs into dark tissue next door), stays within the liver.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from liversam.pipeline import PipelineSettings, segment_volume
+from liversam.prompts import SegmentPrompts, SlicePrompts
+from scripted_predictor import ScriptedPredictor, box_around, synthetic_volume
+
+NK, NJ, NI = 9, 96, 96
+LIVER_HU, LESION_HU, FAT_HU, BOWEL_HU = 100.0, 50.0, -80.0, 45.0
+LIVER_SEED_K, LESION_K = 2, 5
+CUT_I = 58  # the model's liver mask stops short of this column where the lesion lies
+
+
+def _disc(cj: float, ci: float, radius: float) -> np.ndarray:
+    jj, ii = np.mgrid[0:NJ, 0:NI]
+    return (jj - cj) ** 2 + (ii - ci) ** 2 <= radius**2
+
+
+def _columns_from(i0: int) -> np.ndarray:
+    return np.broadcast_to(np.arange(NI)[None, :] >= i0, (NJ, NI))
+
+
+def _scene(lesion_hu: float = LESION_HU, spill_hu: float | None = None):
+    """A liver disc with a lesion disc (``lesion_hu``) on its outline on slices 3-7; the liver (the label) holds the
+    lesion. The model's liver mask leaves out the lesion's columns from CUT_I on, on every slice. Its mask for the
+    lesion's box is the lesion; with ``spill_hu``, also a patch of that tissue beside the liver, in the box's columns
+    (fat, or bowel as dark as a lesion)."""
+    lesion = np.zeros((NK, NJ, NI), dtype=bool)
+    lesion[3:8] = _disc(48, 62, 8)
+    liver = np.zeros_like(lesion)
+    liver[:] = _disc(48, 40, 26)
+    liver |= lesion
+    cut = lesion & _columns_from(CUT_I)[None]
+    spill = np.zeros_like(lesion)
+    if spill_hu is not None:
+        spill[3:8] = _disc(48, 78, 9) & ~_disc(48, 40, 26) & ~_disc(48, 62, 8)
+    rng = np.random.default_rng(0)
+    hu = rng.normal(FAT_HU, 5.0, size=lesion.shape)
+    hu[liver] = LIVER_HU + rng.normal(0.0, 4.0, size=int(liver.sum()))
+    hu[lesion] = lesion_hu + rng.normal(0.0, 4.0, size=int(lesion.sum()))
+    if spill_hu is not None:
+        hu[spill] = spill_hu + rng.normal(0.0, 4.0, size=int(spill.sum()))
+    volume = synthetic_volume(np.round(hu), (0.8, 0.8, 2.5))
+    raw = lesion[LESION_K] | spill[LESION_K]
+
+    def model(k: int, prompts: SlicePrompts):
+        box = prompts.boxes_ij[0]
+        if (box[2] - box[0]) > 45:  # the liver's box (a lesion's box is at most 37 pixels wide)
+            return liver[k] & ~cut[k], 0.95
+        return lesion[k] | spill[k], 0.95
+
+    segments = [
+        SegmentPrompts("liver", 1, slices={LIVER_SEED_K: SlicePrompts(boxes_ij=[box_around(liver[LIVER_SEED_K])])},
+                       propagate=True),
+        SegmentPrompts("tumor", 2, slices={LESION_K: SlicePrompts(boxes_ij=[box_around(raw)])}, propagate=True,
+                       inside="liver"),
+    ]
+    return volume, segments, model, liver, lesion, spill
+
+
+def _segment(on: bool, **scene):
+    volume, segments, model, liver, lesion, spill = _scene(**scene)
+    settings = PipelineSettings(hypodense_lesions_past_organ=on, organ_rim=None, crf=())
+    result = segment_volume(volume, segments, ScriptedPredictor(volume, model), settings)
+    return {s.name: s.mask_kji for s in result.segments}, liver, lesion, spill
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / max(1, int(a.sum() + b.sum()))
+
+
+def test_a_hypodense_lesion_the_livers_mask_leaves_out_is_kept_and_the_liver_takes_it_back():
+    on, liver, lesion, _ = _segment(True)
+    off, *_ = _segment(False)
+    # off: clipped to the model's liver, the tumour keeps the lesion's few columns inside it at most
+    assert _dice(off["tumor"], lesion) < 0.5
+    assert _dice(on["tumor"], lesion) > 0.9
+    assert _dice(on["liver"] | on["tumor"], liver) > 0.95
+
+
+@pytest.mark.parametrize(("lesion_hu", "spill_hu"), [(LESION_HU, FAT_HU), (LIVER_HU, BOWEL_HU)],
+                         ids=["mask spills into fat", "isodense lesion, mask spills into bowel"])
+def test_a_mask_spilling_past_the_liver_into_other_tissue_stays_in_the_liver(lesion_hu, spill_hu):
+    """The mask lies well outside the liver in both scenes; fat is not lesion-like, and an isodense lesion's box shows
+    no contrast inside the liver: the rule leaves both as they were (identical masks on and off)."""
+    volume, segments, model, liver, lesion, spill = _scene(lesion_hu, spill_hu)
+    raw = lesion[LESION_K] | spill[LESION_K]
+    cut = lesion[LESION_K] & _columns_from(CUT_I)
+    assert (raw & ~(liver[LESION_K] & ~cut)).sum() >= 0.25 * raw.sum()  # the scene reaches the rule's first condition
+    on, *_ = _segment(True, lesion_hu=lesion_hu, spill_hu=spill_hu)
+    off, *_ = _segment(False, lesion_hu=lesion_hu, spill_hu=spill_hu)
+    for name in ("liver", "tumor"):
+        np.testing.assert_array_equal(on[name], off[name])
+    assert not ((on["liver"] | on["tumor"]) & spill).any()
