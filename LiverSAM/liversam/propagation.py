@@ -462,6 +462,7 @@ class _Propagator:
         # ... and a hypodense lesion's, when the model's mask for its box lies outside (``_hypodense_past_container``)
         self.hypodense_past = hypodense_past_container and container_kji is not None
         self._relaxed = False  # the current track is such a lesion's
+        self._relaxed_by_footprint = False  # ... a hypodense one's (``_container_at``)
         # A lesion's track that clipping to the container would end goes on within its previous slice's footprint
         # (``_continue_past_container``).
         self.continue_past = continue_past_container and container_kji is not None
@@ -564,7 +565,7 @@ class _Propagator:
         if self.hypodense_past and (contrast is None or contrast.polarity < 0):
             hypodense = self._hypodense_past_container(seed_k, raw, parenchyma, contrast)
             if hypodense is not None:
-                self._relaxed = True
+                self._relaxed = self._relaxed_by_footprint = True
                 return hypodense
         return contrast
 
@@ -624,13 +625,16 @@ class _Propagator:
         depth = ndimage.distance_transform_edt(self.container[seed_k], sampling=self.spacing_ji)
         return float((depth[dark] <= OUTLINE_STRIP_MM).mean()) >= OUTLINE_STRIP_FRACTION
 
-    def _container_at(self, k: int, box_ij) -> np.ndarray:
+    def _container_at(self, k: int, box_ij, previous_mask: np.ndarray | None = None) -> np.ndarray:
         """The container on slice k as the current track sees it: with the track's box on that slice added when the
-        track's lesion lies outside the container on its seed slice (``_relaxed``: hyper- or hypodense). Off the seed
-        slice the box is the previous slice's lesion's box and margin; the lesion's extent limit and growth guard bound
-        the walk."""
+        track's lesion lies outside the container on its seed slice (``_relaxed``). Off the seed slice the box is the
+        previous slice's lesion's box and margin; the lesion's extent limit and growth guard bound the walk. A
+        hypodense lesion's track (``_relaxed_by_footprint``) gets the box on its seed slice only, and off it the
+        previous slice's lesion (``previous_mask``): its part outside the container can only shrink."""
         if not self._relaxed or box_ij is None:
             return self.container[k]
+        if self._relaxed_by_footprint and previous_mask is not None:
+            return self.container[k] | previous_mask
         return self.container[k] | box_region(self.shape_ji, box_ij)
 
     def _hyperdense_past_container(self, seed_k: int, raw_mask: np.ndarray, parenchyma: tuple[float, float],
@@ -691,7 +695,7 @@ class _Propagator:
                 self.progress(f"propagating '{self.name}'", len(set(self.computed)) + len(self.interpolated), self.nk)
         mask = clean_slice(prediction.mask_ji, self.spacing_ji, self.postprocess)
         if self.container is not None:
-            container = self._container_at(k, prompts.boxes_ij[0] if prompts.boxes_ij else None)
+            container = self._container_at(k, prompts.boxes_ij[0] if prompts.boxes_ij else None, previous_mask)
             if footprint is not None:
                 container = container | footprint
             mask &= container
@@ -753,7 +757,7 @@ class _Propagator:
         k_min, k_max = limits if limits is not None else (0, self.nk - 1)
         track = Track(seed_k=seed_k)
         self._median_window = None  # per track: a track's result does not depend on the tracks before it
-        self._relaxed = False
+        self._relaxed = self._relaxed_by_footprint = False
         self.contrast = None
         self.organ = None
         self._searched_contrast = False

@@ -33,11 +33,12 @@ def _columns_from(i0: int) -> np.ndarray:
     return np.broadcast_to(np.arange(NI)[None, :] >= i0, (NJ, NI))
 
 
-def _scene(lesion_hu: float = LESION_HU, spill_hu: float | None = None):
+def _scene(lesion_hu: float = LESION_HU, spill_hu: float | None = None, bowel_off_seed: bool = False):
     """A liver disc with a lesion disc (``lesion_hu``) on its outline on slices 3-7; the liver (the label) holds the
     lesion. The model's liver mask leaves out the lesion's columns from CUT_I on, on every slice. Its mask for the
     lesion's box is the lesion; with ``spill_hu``, also a patch of that tissue beside the liver, in the box's columns
-    (fat, or bowel as dark as a lesion)."""
+    (fat, or bowel as dark as a lesion); with ``bowel_off_seed``, on the slices above the prompted one, also a loop of
+    bowel as dark as the lesion that touches it outside the liver."""
     lesion = np.zeros((NK, NJ, NI), dtype=bool)
     lesion[3:8] = _disc(48, 62, 8)
     liver = np.zeros_like(lesion)
@@ -47,6 +48,9 @@ def _scene(lesion_hu: float = LESION_HU, spill_hu: float | None = None):
     spill = np.zeros_like(lesion)
     if spill_hu is not None:
         spill[3:8] = _disc(48, 78, 9) & ~_disc(48, 40, 26) & ~_disc(48, 62, 8)
+    if bowel_off_seed:
+        spill_hu = BOWEL_HU
+        spill[LESION_K + 1 : 8] = _disc(48, 74, 6) & ~_disc(48, 40, 26) & ~_disc(48, 62, 8)
     rng = np.random.default_rng(0)
     hu = rng.normal(FAT_HU, 5.0, size=lesion.shape)
     hu[liver] = LIVER_HU + rng.normal(0.0, 4.0, size=int(liver.sum()))
@@ -105,3 +109,14 @@ def test_a_mask_spilling_past_the_liver_into_other_tissue_stays_in_the_liver(les
     for name in ("liver", "tumor"):
         np.testing.assert_array_equal(on[name], off[name])
     assert not ((on["liver"] | on["tumor"]) & spill).any()
+
+
+def test_off_its_prompted_slice_the_lesion_keeps_outside_the_liver_only_to_its_previous_slice():
+    """Past the liver, a hypodense lesion's track may keep only what the lesion held there on the slice before (its
+    part outside the liver can only shrink), not its whole box: a loop of bowel as dark as the lesion that touches it
+    above the prompted slice stays out of both segments. On a noisy copy of lits117 (+20 HU) a small lesion's track,
+    allowed its whole box, walked 100 slices along tissue beside the liver (liver Dice 0.9524 -> 0.9168)."""
+    on, liver, lesion, bowel = _segment(True, bowel_off_seed=True)
+    assert bowel[LESION_K + 1 :].any() and not bowel[LESION_K].any()
+    assert not ((on["liver"] | on["tumor"]) & bowel).any()
+    assert _dice(on["tumor"], lesion) > 0.9
