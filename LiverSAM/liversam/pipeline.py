@@ -115,11 +115,12 @@ class PipelineSettings:
     # The same for a hypodense lesion: the organ's model mask may leave out a dark lesion on its outline on every slice
     # the lesion spans (thick slices above all). On: a lesion whose box shows a hypodense contrast inside the organ and
     # whose model mask lies at least a quarter outside the organ on its seed slice, near it, is darker than the organ
-    # and at least half lesion-like outside it (not fat or air) may leave the organ within its box, and the organ takes
-    # what the lesion holds there (``propagation._Propagator._hypodense_past_container``). lits117 averaged to 3 mm
-    # slices, one-box Dice tight / jittered / loose: tumour 0.7659 / 0.7528 / 0.7117 -> 0.7965 / 0.7806 / 0.7417, liver
-    # 0.9310 / 0.9308 / 0.9286 -> 0.9391 / 0.9376 / 0.9363; the four cases themselves unchanged (docs/RESULTS.md,
-    # session 28). Off: only hyperdense lesions leave the organ.
+    # and at least half lesion-like outside it (not fat or air) may leave the organ within its box on that slice and
+    # within the previous slice's lesion off it, and the organ takes what the lesion holds there
+    # (``propagation._Propagator._hypodense_past_container``). lits117 averaged to 3 mm slices, one-box Dice tight /
+    # jittered / loose: tumour 0.7659 / 0.7528 / 0.7117 -> 0.7965 / 0.7840 / 0.7424, liver 0.9310 / 0.9308 / 0.9286 ->
+    # 0.9388 / 0.9385 / 0.9361; the four cases themselves unchanged (docs/RESULTS.md, session 28). Off: only
+    # hyperdense lesions leave the organ.
     hypodense_lesions_past_organ: bool = True
     # The organ's model mask leaves out a hypodense lesion along its outline where the lesion ends the organ's slice,
     # and the lesion's track, clipped to the organ, collapses there. On: a lesion's track that the organ would cut

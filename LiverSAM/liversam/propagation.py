@@ -562,7 +562,7 @@ class _Propagator:
             if hyperdense is not None:
                 self._relaxed = True
                 return hyperdense
-        if self.hypodense_past and (contrast is None or contrast.polarity < 0):
+        if self.hypodense_past and contrast is not None and contrast.polarity < 0:
             hypodense = self._hypodense_past_container(seed_k, raw, parenchyma, contrast)
             if hypodense is not None:
                 self._relaxed = self._relaxed_by_footprint = True
@@ -575,7 +575,9 @@ class _Propagator:
 
         The organ's model mask may leave out a hypodense lesion on its outline on every slice the lesion spans (on
         thick slices above all), and the lesion the user boxed, clipped to the organ, would be lost. Its track may
-        leave the container within its box as a hyperdense lesion's does (:meth:`_hyperdense_past_container`) when the
+        leave the container within its box on the seed slice, as a hyperdense lesion's does
+        (:meth:`_hyperdense_past_container`), and off it within the previous slice's lesion (:meth:`_container_at`),
+        when the
         box shows a hypodense contrast inside the container (``fitted``, from the part of the lesion the organ kept)
         and the model's own mask for the user's box (``raw_mask``) lies at least ``HYPERDENSE_MIN_OUTSIDE`` outside
         the container within ``HYPERDENSE_NEAR_MM`` of it, is itself hypodense against the parenchyma (the fit on the
@@ -630,7 +632,8 @@ class _Propagator:
         track's lesion lies outside the container on its seed slice (``_relaxed``). Off the seed slice the box is the
         previous slice's lesion's box and margin; the lesion's extent limit and growth guard bound the walk. A
         hypodense lesion's track (``_relaxed_by_footprint``) gets the box on its seed slice only, and off it the
-        previous slice's lesion (``previous_mask``): its part outside the container can only shrink."""
+        previous slice's lesion (``previous_mask``): outside the container it keeps within the previous slice's
+        lesion, not the whole box."""
         if not self._relaxed or box_ij is None:
             return self.container[k]
         if self._relaxed_by_footprint and previous_mask is not None:
@@ -733,8 +736,8 @@ class _Propagator:
         the final lesion holds there (``beyond_container``, noted when :meth:`_accept` takes the slice). Only for a
         track with a contrast: the model's own track (``model_track_union``), a box without contrast or the refinement
         off would follow the model's mask past the organ unchecked. Not when the model's mask no longer held the
-        refined lesion (the track ends for that reason, inside the container or out), nor for a relaxed hyperdense
-        lesion (its box already counts). Keeps ``mask`` unless the new one would not end the track."""
+        refined lesion (the track ends for that reason, inside the container or out), nor for a relaxed lesion (hyper-
+        or hypodense: its box, or its previous slice's lesion, already counts). Keeps ``mask`` unless the new one would not end the track."""
         if self._relaxed or self.contrast is None or self._unheld_at == k:
             return mask, prediction
         footprint = prev_mask & ~self.container[k]
@@ -1186,8 +1189,9 @@ def propagate_segment(
     does on the seed slice (the outcome's ``beyond_container`` says where; False: the container only).
     ``continue_past_container``: a lesion's track that the container would cut short goes on within the previous
     slice's lesion (``_Propagator._continue_past_container``; ``beyond_container`` says where).
-    ``hypodense_past_container``: as ``past_container``, for a hypodense lesion whose model mask lies outside the
-    container on the seed slice (``_Propagator._hypodense_past_container``).
+    ``hypodense_past_container``: a hypodense lesion whose model mask lies outside the container on the seed slice
+    may leave it within its box there and within the previous slice's lesion off it
+    (``_Propagator._hypodense_past_container``; ``beyond_container`` says where).
     ``postprocess``: the slice masks' clean-up; by default :func:`default_slice_postprocess` (as the pipeline's).
     """
     if method not in PROPAGATION_METHODS:

@@ -112,11 +112,29 @@ def test_a_mask_spilling_past_the_liver_into_other_tissue_stays_in_the_liver(les
 
 
 def test_off_its_prompted_slice_the_lesion_keeps_outside_the_liver_only_to_its_previous_slice():
-    """Past the liver, a hypodense lesion's track may keep only what the lesion held there on the slice before (its
-    part outside the liver can only shrink), not its whole box: a loop of bowel as dark as the lesion that touches it
+    """Off its prompted slice, a hypodense lesion's track may keep outside the liver only what lies within the
+    previous slice's lesion, not its whole box: a loop of bowel as dark as the lesion that touches it
     above the prompted slice stays out of both segments. On a noisy copy of lits117 (+20 HU) a small lesion's track,
     allowed its whole box, walked 100 slices along tissue beside the liver (liver Dice 0.9524 -> 0.9168)."""
     on, liver, lesion, bowel = _segment(True, bowel_off_seed=True)
     assert bowel[LESION_K + 1 :].any() and not bowel[LESION_K].any()
     assert not ((on["liver"] | on["tumor"]) & bowel).any()
     assert _dice(on["tumor"], lesion) > 0.9
+
+
+def test_a_fix_of_a_hypodense_lesion_keeps_what_the_liver_left_out():
+    """The server's re-propagation of a fix (``repropagate``) leaves the liver for such a lesion as well."""
+    from liversam.propagation import REPROPAGATION_MAX_REACH, PropagationSettings, for_lesions, repropagate
+
+    volume, segments, model, liver, lesion, _ = _scene()
+    model_liver = np.stack([model(k, segments[0].slices[LIVER_SEED_K])[0] for k in range(NK)])
+    tumour = segments[1]
+    outcomes = {}
+    for on in (True, False):
+        seg = SegmentPrompts(tumour.name, tumour.label, slices=dict(tumour.slices), propagate=True, inside="liver")
+        outcomes[on] = repropagate(np.zeros_like(liver), seg, LESION_K, seg.slices[LESION_K],
+                                   ScriptedPredictor(volume, model), for_lesions(PropagationSettings()),
+                                   container_kji=model_liver, hypodense_past_container=on)
+    near = slice(LESION_K - REPROPAGATION_MAX_REACH, LESION_K + REPROPAGATION_MAX_REACH + 1)  # what a fix reaches
+    assert _dice(outcomes[True].mask_kji[near], lesion[near]) > 0.9
+    assert _dice(outcomes[False].mask_kji[near], lesion[near]) < 0.5
