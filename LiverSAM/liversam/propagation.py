@@ -570,25 +570,22 @@ class _Propagator:
         return contrast
 
     def _hypodense_past_container(self, seed_k: int, raw_mask: np.ndarray, parenchyma: tuple[float, float],
-                                  fitted: LesionContrast | None) -> LesionContrast | None:
+                                  fitted: LesionContrast) -> LesionContrast | None:
         """The contrast of a hypodense lesion that lies outside the container on the seed slice, or None.
 
         The organ's model mask may leave out a hypodense lesion on its outline on every slice the lesion spans (on
         thick slices above all), and the lesion the user boxed, clipped to the organ, would be lost. Its track may
         leave the container within its box on the seed slice, as a hyperdense lesion's does
         (:meth:`_hyperdense_past_container`), and off it within the previous slice's lesion (:meth:`_container_at`),
-        when the
-        box shows a hypodense contrast inside the container (``fitted``, from the part of the lesion the organ kept)
-        and the model's own mask for the user's box (``raw_mask``) lies at least ``HYPERDENSE_MIN_OUTSIDE`` outside
-        the container within ``HYPERDENSE_NEAR_MM`` of it, is itself hypodense against the parenchyma (the fit on the
-        mask alone), and at least ``HYPODENSE_OUTSIDE_LESION_LIKE`` of its part outside is lesion-like by ``fitted``
-        (not fat or air darker than the lesion). Returns ``fitted``.
+        when the box shows a hypodense contrast inside the container (``fitted``, from the part of the lesion the
+        organ kept; the caller asks this) and the model's own mask for the user's box (``raw_mask``) lies at least
+        ``HYPERDENSE_MIN_OUTSIDE`` outside the container within ``HYPERDENSE_NEAR_MM`` of it, is itself hypodense
+        against the parenchyma (the fit on the mask alone), and at least ``HYPODENSE_OUTSIDE_LESION_LIKE`` of its part
+        outside is lesion-like by ``fitted`` (not fat or air darker than the lesion). Returns ``fitted``.
 
         Without a contrast inside the container the rule does not apply: on lits117 with its lesions pulled halfway
         to the liver's HU, loose boxes whose masks ran into dark tissue beside the liver (one fitted -32 HU, fat)
         took 600-1,000 voxels a slice outside the liver over 40 slices (liver Dice 0.9477 -> 0.9256)."""
-        if fitted is None:
-            return None
         outside = self._outside_near_container(seed_k, raw_mask)
         if outside is None:
             return None
@@ -737,7 +734,8 @@ class _Propagator:
         track with a contrast: the model's own track (``model_track_union``), a box without contrast or the refinement
         off would follow the model's mask past the organ unchecked. Not when the model's mask no longer held the
         refined lesion (the track ends for that reason, inside the container or out), nor for a relaxed lesion (hyper-
-        or hypodense: its box, or its previous slice's lesion, already counts). Keeps ``mask`` unless the new one would not end the track."""
+        or hypodense: its box, or its previous slice's lesion, already counts). Keeps ``mask`` unless the new one would
+        not end the track."""
         if self._relaxed or self.contrast is None or self._unheld_at == k:
             return mask, prediction
         footprint = prev_mask & ~self.container[k]
