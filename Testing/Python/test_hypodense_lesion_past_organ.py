@@ -3,8 +3,9 @@
 
 On lits117 averaged to 3 mm slices the model's liver mask cut a hypodense lesion on the liver's outline out on every
 slice it spans; the tumour, clipped to the liver, lost the whole lesion the user had boxed. With the rule, a lesion
-whose model mask lies mostly outside the liver, is darker than the liver, and whose box shows that contrast inside the
-liver too may leave the liver within its box, and the liver takes what the lesion holds there. A box whose model mask
+whose model mask lies a quarter or more outside the liver, is darker than the liver, and whose box shows that contrast
+inside the liver too may leave the liver within its box on the prompted slice and within the previous slice's lesion
+on the slices after, and the liver takes what the lesion holds there. A box whose model mask
 spills into fat beside the liver, or whose part inside the liver shows no contrast (an isodense lesion whose mask
 runs into dark tissue next door), stays within the liver.
 """
