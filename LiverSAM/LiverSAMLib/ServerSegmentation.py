@@ -37,11 +37,12 @@ class PropagationPlan:
     def __init__(self, owner: ServerSegmentation, segmentation_node, volume_node, segment_id: str, name: str,
                  label: int, color: Sequence[float], given: dict, key: Hashable, settings: dict,
                  fix_slices: list[int] | None, existing: np.ndarray | None, container: np.ndarray | None,
-                 session_of: Callable[[LiverSAMClient], str]) -> None:  # fmt: skip
+                 session_of: Callable[[LiverSAMClient], str], container_id: str | None = None) -> None:  # fmt: skip
         self.owner, self.segmentation_node, self.volume_node = owner, segmentation_node, volume_node
         self.segment_id, self.name, self.label, self.color = segment_id, name, label, tuple(color)
         self.given, self.volume_key, self.settings = given, key, settings
         self.fix_slices, self.existing, self.container = fix_slices, existing, container
+        self.container_id = container_id  # the segment ``container`` was read from (a tumour's liver)
         self.session_of = session_of
         self.session = ""
 
@@ -148,13 +149,18 @@ class ServerSegmentation:
         container = MRMLBridge.segment_mask(segmentation_node, clip_id, volume_node) if clip_id else None
         return PropagationPlan(self, segmentation_node, volume_node, segment_id, segment.GetName(), 2 if clip_id else 1,
                                segment.GetColor(), given, key, dict(settings), fix_slices or None, existing, container,
-                               self.session_work(volume_node, window))  # fmt: skip
+                               self.session_work(volume_node, window), clip_id if container is not None else None)  # fmt: skip
 
     def apply_propagation(self, plan: PropagationPlan, answer: dict) -> list[int]:
         """Write a finished job's segment (one undo step) and remember it for fixes (main thread).
 
         A full propagation replaces the segment; a fix writes only the slices whose mask changed, so every
         other slice -- manual edits included -- stays exactly as it is. Returns the slices written.
+
+        A tumour clipped to the liver comes back inside the liver mask it was sent, except where a lesion the liver
+        segment left out was allowed past it (the server's ``hyperdense_lesions_past_organ`` /
+        ``hypodense_lesions_past_organ``): the liver segment takes those voxels, in the same undo step, as
+        ``liversam segment`` gives them to its liver.
         """
         geometry = MRMLBridge.geometry_from_volume_node(plan.volume_node)
         mask = ServerRequests.result_from_job(answer, geometry).segment(plan.name).mask_kji
@@ -165,13 +171,38 @@ class ServerSegmentation:
             if changed:
                 self.segmentation.write_mask(plan.segmentation_node, plan.segment_id, plan.volume_node, mask,
                                              k_range=(changed[0], changed[-1]), protect_segment_ids=protect)  # fmt: skip
+                self._give_to_container(plan, mask, (changed[0], changed[-1]))
         else:
             self.segmentation.write_mask(plan.segmentation_node, plan.segment_id, plan.volume_node, mask,
                                          protect_segment_ids=protect)  # fmt: skip
+            self._give_to_container(plan, mask, (0, mask.shape[0] - 1))
         self.records[(plan.segmentation_node.GetID(), plan.segment_id)] = ServerRequests.record_of(
             plan.given, plan.volume_key, plan.settings, plan.session, plan.name
         )
         return changed
+
+    def _give_to_container(self, plan: PropagationPlan, mask: np.ndarray, k_range: tuple[int, int]) -> None:
+        """Add the voxels of the job's mask outside the container it was sent (slices ``k_range``) that the segment
+        now holds (a write keeps to the Segment Editor's editable area) to the container's segment, without a new
+        undo state (the segment's write saved it)."""
+        node, volume = plan.segmentation_node, plan.volume_node
+        if plan.container is None or not plan.container_id:
+            return
+        if node.GetSegmentation().GetSegment(plan.container_id) is None:
+            return  # the liver was deleted while the job ran: nothing to give the voxels to
+        k0, k1 = k_range
+        beyond = mask[k0 : k1 + 1] & ~plan.container[k0 : k1 + 1]
+        if not beyond.any():
+            return
+        beyond &= MRMLBridge.segment_mask(node, plan.segment_id, volume)[k0 : k1 + 1]
+        if not beyond.any():
+            return
+        ks = np.flatnonzero(beyond.any(axis=(1, 2)))
+        lo, hi = k0 + int(ks[0]), k0 + int(ks[-1])
+        container = MRMLBridge.segment_mask(node, plan.container_id, volume)
+        container[lo : hi + 1] |= beyond[ks[0] : ks[-1] + 1]
+        self.segmentation.write_mask(node, plan.container_id, volume, container, k_range=(lo, hi),
+                                     save_undo=False)  # fmt: skip
 
     def forget_propagation(self, segmentation_node, segment_id: str) -> None:
         self.records.pop((segmentation_node.GetID(), segment_id), None)
