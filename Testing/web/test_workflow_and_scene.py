@@ -46,7 +46,7 @@ class RecordingClient:
 
     def job_mask(self, job, segment):
         mask = np.zeros(SHAPE, dtype=bool)
-        mask[1:4, 2:6, 2:30] = True  # partly outside the liver: clipped to it
+        mask[1:4, 2:6, 2:30] = True  # partly outside the liver (as a lesion a past-organ rule let leave it)
         return mask
 
 
@@ -128,10 +128,13 @@ def test_undo_of_a_propagation_restores_its_review_and_lesions():
     workflow.start_propagation("tumor")
     workflow.apply_result("job-1", "tumor")
     assert workflow.propagated == {"tumor"} and workflow.lesions and "tumor" in workflow.review
-    assert workflow.masks["tumor"].sum() == 3 * 4 * 8 and not (workflow.masks["tumor"] & ~workflow.masks["liver"]).any()
+    # the server's tumour as it is; the liver takes its voxels outside it (3 x 4 x 20), as `liversam segment` does
+    assert workflow.masks["tumor"].sum() == 3 * 4 * 28 and not (workflow.masks["tumor"] & ~workflow.masks["liver"]).any()
+    assert workflow.masks["liver"].sum() == SHAPE[0] * SHAPE[1] * 10 + 3 * 4 * 20
     assert workflow.undo() == "propagate tumor"
     assert workflow.propagated == set() and workflow.lesions == [] and workflow.review == {}
     assert not workflow.masks["tumor"].any() and workflow.prompts["tumor"][2].boxes == [(2.0, 2.0, 8.0, 6.0)]
+    assert workflow.masks["liver"].sum() == SHAPE[0] * SHAPE[1] * 10  # the liver's gain is undone with it
 
 
 def _write_nifti(path: Path, array: np.ndarray) -> None:

@@ -211,7 +211,10 @@ class Workflow:
         self.push_undo(f"propagate {segment}")
         self.masks[segment] = mask
         if segment == "tumor" and self.masks["liver"].any():
-            self.masks["tumor"] &= self.masks["liver"]
+            # The server keeps a tumour inside the liver it was sent, except where a lesion the liver's mask left out
+            # was allowed past it (its hyper-/hypodense past-organ rules): the liver takes those voxels, as
+            # `liversam segment` gives them to its liver.
+            self.masks["liver"] |= mask
         self.propagated.add(segment)
         if job in self._job_ring:  # a propagation (a fix keeps the ring its propagation had)
             self.ring[segment] = self._job_ring.pop(job)
