@@ -1363,7 +1363,6 @@ REPROPAGATION_REGROW_STEPS = 3
 # fixed one at a time with a box 3 mm around the label, the propagation + CRF result as the old one;
 # benchmarks/fix_reach.py): replacing slices until the new track agrees with the old result changed the
 # 3D liver Dice by -0.056 on average (down to -0.31: a new track that stopped at once emptied 8 good slices);
-# the fix slice alone -0.0001; one slice each way at most, never an empty or an under-segmenting one,
 # the fix slice alone -0.0001; one slice each way at most, never one the new track left empty, -0.0013 (lits117
 # +0.0017, ircadb17 -0.0003, hcc0697 -0.0054, hcc2144 -0.0015); two -0.0036, three -0.0068, five -0.0127.
 # Also not kept: not replacing where the new mask is a smaller part of the old one (-0.0009 with one slice), as
