@@ -268,8 +268,9 @@ def _give_back_to_organ(organ_kji: np.ndarray, lesion_kji: np.ndarray, beyond: d
     took and the lesion still holds (``PipelineSettings.hyperdense_lesions_past_organ``,
     ``hypodense_lesions_past_organ``, ``lesions_continue_past_organ``),
     in place, so the lesion stays inside it. A caller's
-    container (the liver of the Slicer scene or of a server session) is a copy: the lesion written back there may
-    reach past the liver segment, which is not rewritten."""
+    container (the liver of the Slicer scene or of a server session) is a copy: the lesion sent back may reach past
+    the caller's liver, and the clients give it those voxels (``LiverSAMLib.ServerSegmentation.apply_propagation``,
+    the web app's ``Workflow.apply_result``)."""
     for k, flat in beyond.items():
         j, i = np.divmod(flat, organ_kji.shape[2])
         organ_kji[k, j, i] |= lesion_kji[k, j, i]
