@@ -164,14 +164,14 @@ class ServerSegmentation:
         """
         geometry = MRMLBridge.geometry_from_volume_node(plan.volume_node)
         mask = ServerRequests.result_from_job(answer, geometry).segment(plan.name).mask_kji
-        protect = [] if plan.container is None else [self._liver_id(plan)]
+        protect = [] if plan.container is None else [plan.container_id or self._liver_id(plan)]
         current = MRMLBridge.segment_mask(plan.segmentation_node, plan.segment_id, plan.volume_node)
         changed = [int(k) for k in np.flatnonzero((mask != current).any(axis=(1, 2)))]
         if plan.fix_slices:
             if changed:
                 self.segmentation.write_mask(plan.segmentation_node, plan.segment_id, plan.volume_node, mask,
                                              k_range=(changed[0], changed[-1]), protect_segment_ids=protect)  # fmt: skip
-                self._give_to_container(plan, mask, (changed[0], changed[-1]))
+                self._give_to_container(plan, mask, (changed[0], changed[-1]), changed)
         else:
             self.segmentation.write_mask(plan.segmentation_node, plan.segment_id, plan.volume_node, mask,
                                          protect_segment_ids=protect)  # fmt: skip
@@ -181,10 +181,12 @@ class ServerSegmentation:
         )
         return changed
 
-    def _give_to_container(self, plan: PropagationPlan, mask: np.ndarray, k_range: tuple[int, int]) -> None:
-        """Add the voxels of the job's mask outside the container it was sent (slices ``k_range``) that the segment
-        now holds (a write keeps to the Segment Editor's editable area) to the container's segment, without a new
-        undo state (the segment's write saved it)."""
+    def _give_to_container(self, plan: PropagationPlan, mask: np.ndarray, k_range: tuple[int, int],
+                           only: list[int] | None = None) -> None:
+        """Add the voxels of the job's mask outside the container it was sent (slices ``k_range``; of those, the slices
+        ``only`` when given) that the segment now holds (a write keeps to the Segment Editor's editable area) to the
+        container's segment, without a new undo state (the segment's write saved it). The segment keeps them whatever
+        the overwrite mode, also when the container is not named liver (renamed while the job ran)."""
         node, volume = plan.segmentation_node, plan.volume_node
         if plan.container is None or not plan.container_id:
             return
@@ -192,6 +194,9 @@ class ServerSegmentation:
             return  # the liver was deleted while the job ran: nothing to give the voxels to
         k0, k1 = k_range
         beyond = mask[k0 : k1 + 1] & ~plan.container[k0 : k1 + 1]
+        if only is not None:
+            kept = set(only)
+            beyond[[n for n in range(k1 - k0 + 1) if k0 + n not in kept]] = False
         if not beyond.any():
             return
         beyond &= MRMLBridge.segment_mask(node, plan.segment_id, volume)[k0 : k1 + 1]
@@ -202,7 +207,7 @@ class ServerSegmentation:
         container = MRMLBridge.segment_mask(node, plan.container_id, volume)
         container[lo : hi + 1] |= beyond[ks[0] : ks[-1] + 1]
         self.segmentation.write_mask(node, plan.container_id, volume, container, k_range=(lo, hi),
-                                     save_undo=False)  # fmt: skip
+                                     protect_segment_ids=[plan.segment_id], save_undo=False)  # fmt: skip
 
     def forget_propagation(self, segmentation_node, segment_id: str) -> None:
         self.records.pop((segmentation_node.GetID(), segment_id), None)

@@ -434,10 +434,11 @@ HYPODENSE_OUTSIDE_LESION_LIKE = 0.5
 # is their tissue, and the plain liver in the box then fits as a lesion of the opposite kind. A contrast whose lesion
 # class lies on the wrong side of the organ's own parenchyma (the mode over the whole container: a hyperdense "lesion"
 # no brighter than the organ, a hypodense one no darker) is fitted again against the organ's parenchyma, read on up to
-# ``ORGAN_PARENCHYMA_SLICES`` of its slices (``_Propagator._organ_parenchyma``). False: never. lits117, a small
+# ``ORGAN_PARENCHYMA_SLICES`` of its slices (``_Propagator._organ_parenchyma``), which the past-organ checks then use
+# too. False: never. lits117, a small
 # lesion on the last slice beside a large one, 7 mm looser box: the local mode was 61 HU, the organ's 119, the box's
 # liver fitted hyperdense and the track took 100-700 voxels of liver a slice over 12 slices; fitted again, hypodense.
-# Tumour Dice there 0.7860 -> 0.7973 (noisy copy 0.7450 -> 0.7552); no other box of the four cases, their noisy,
+# Tumour Dice there 0.7860 -> 0.7973 (noisy copy 0.7450 -> 0.7551); no other box of the four cases, their noisy,
 # hyperdense or half-contrast copies, tight, loose or jittered, fits on the wrong side (the nearest lies 21 HU on the
 # right side; docs/RESULTS.md, session 29).
 ORGAN_PARENCHYMA_CHECK = True

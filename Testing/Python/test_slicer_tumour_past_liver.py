@@ -119,3 +119,30 @@ def test_a_liver_deleted_while_the_job_ran_is_not_recreated(scene):
     server.apply_propagation(plan, answer(tumour_past_the_liver()))
     np.testing.assert_array_equal(MRMLBridge.segment_mask(segmentation, ids[TUMOR], volume), tumour_past_the_liver())
     assert segmentation.GetSegmentation().GetSegment(ids[LIVER]) is None
+
+
+def test_a_fix_gives_nothing_from_a_slice_between_the_ones_it_changed(scene):
+    volume, segmentation, logic, ids, liver = scene
+    server = ServerSegmentation(logic)
+    before = tumour_past_the_liver()
+    before[[2, 4]] = False
+    logic.write_mask(segmentation, ids[TUMOR], volume, before, save_undo=False)
+    plan = plan_for(server, volume, segmentation, ids, liver.copy(), fix_slices=[2, 4], existing=before)
+    assert server.apply_propagation(plan, answer(tumour_past_the_liver())) == [2, 4]
+    expected = liver | (tumour_past_the_liver() & ~liver)
+    expected[3] = liver[3]  # slice 3 did not change: its tumour part outside the liver stays outside
+    np.testing.assert_array_equal(MRMLBridge.segment_mask(segmentation, ids[LIVER], volume), expected)
+
+
+def test_a_liver_renamed_while_the_job_ran_takes_the_voxels_and_the_tumour_keeps_them(scene):
+    """The tumour's write protects the container it was sent, and the container's write the tumour, by ID: a
+    renamed liver is not "the liver" by name, and the Segment Editor's default overwrite mode would take the
+    voxels from the tumour."""
+    volume, segmentation, logic, ids, liver = scene
+    server = ServerSegmentation(logic)
+    tumour = tumour_past_the_liver()
+    plan = plan_for(server, volume, segmentation, ids, liver.copy())
+    segmentation.GetSegmentation().GetSegment(ids[LIVER]).SetName("Liver (edited)")
+    server.apply_propagation(plan, answer(tumour))
+    np.testing.assert_array_equal(MRMLBridge.segment_mask(segmentation, ids[TUMOR], volume), tumour)
+    np.testing.assert_array_equal(MRMLBridge.segment_mask(segmentation, ids[LIVER], volume), liver | tumour)

@@ -137,6 +137,30 @@ def test_undo_of_a_propagation_restores_its_review_and_lesions():
     assert workflow.masks["liver"].sum() == SHAPE[0] * SHAPE[1] * 10  # the liver's gain is undone with it
 
 
+def test_the_liver_takes_only_tumour_voxels_outside_the_liver_its_job_was_sent():
+    """A tumour job started without a liver (no container) gives a liver drawn while it ran nothing; one started with
+    the liver gives it the voxels past that liver only, not those of a liver slice cleared while it ran."""
+    client = RecordingClient()
+    workflow = Workflow(client, "s", SHAPE)
+    workflow.add_box("tumor", 2, (2.0, 2.0, 8.0, 6.0))
+    workflow.start_propagation("tumor")  # no liver yet: the tumour is not clipped, nothing to give back
+    assert "inside" not in client.calls[-1][1][0]
+    workflow.masks["liver"][:, :, :10] = True  # drawn while the job ran
+    workflow.apply_result("job-1", "tumor")
+    assert workflow.masks["liver"].sum() == SHAPE[0] * SHAPE[1] * 10  # took none of the tumour
+    assert workflow.masks["tumor"].sum() == 3 * 4 * 8  # the tumour inside the liver as it is now
+    workflow.start_propagation("tumor")  # now sent inside the liver
+    workflow.masks["liver"][2] = False  # a liver slice cleared while the job ran
+    workflow.apply_result("job-1", "tumor")
+    past = np.zeros(SHAPE, dtype=bool)
+    past[1:4, 2:6, 10:30] = True  # the job's tumour outside the liver it was sent
+    expected = np.zeros(SHAPE, dtype=bool)
+    expected[:, :, :10] = True
+    expected[2] = False
+    np.testing.assert_array_equal(workflow.masks["liver"], expected | past)
+    assert not workflow.masks["tumor"][2, :, :10].any()  # nor does the tumour keep the cleared slice's liver part
+
+
 def _write_nifti(path: Path, array: np.ndarray) -> None:
     """A minimal NIfTI-1 file (int16, 1 mm, identity sform) for the reader tests."""
     header = np.zeros(348, dtype=np.uint8).tobytes()

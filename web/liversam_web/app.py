@@ -662,8 +662,8 @@ class LiverSAMWebApp:
     def _show_result(self, segment: str, result: dict) -> None:
         assert self.workflow is not None and self.content is not None
         self.content.show_mask(segment, self.workflow.masks[segment], surface=True)
-        if segment == "tumor":
-            self.content.show_mask("tumor", self.workflow.masks["tumor"], surface=True)
+        if segment == "tumor":  # the liver takes the tumour's voxels that a past-organ rule placed outside it
+            self.content.show_mask("liver", self.workflow.masks["liver"], surface="liver" in self.workflow.propagated)
         report = self.workflow.review.get(segment, {})
         voxels = int(self.workflow.masks[segment].sum())
         self._show_tables(segment)

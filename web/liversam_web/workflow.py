@@ -58,6 +58,8 @@ class Workflow:
         # whether each propagated segment's result has the tumour's ring (its fixes keep that outline)
         self.ring: dict[str, bool] = {}
         self._job_ring: dict[str, bool] = {}
+        # the liver a tumour job was sent as its container (packed bits), for the last job started
+        self._sent_liver: dict[str, bytes] = {}
         self.review: dict[str, Any] = {}
         self.lesions: list[dict[str, Any]] = []
         self._undo: list[_Snapshot] = []
@@ -178,7 +180,12 @@ class Workflow:
         else:
             job = self.client.start_propagation(self.session_id, [spec])
         self._job_ring[job] = bool(tumour_ring)
+        self._remember_container(job, container)
         return job
+
+    def _remember_container(self, job: str, container: str | None) -> None:
+        """Keep the liver a tumour job was sent (what its result may reach past), for the last job only."""
+        self._sent_liver = {job: np.packbits(self.masks["liver"]).tobytes()} if container else {}
 
     def start_repropagation(self, segment: str, k: int) -> str:
         """Re-propagate ``segment`` from the corrected slice k (its mask as it is now goes to the server), with the
@@ -191,10 +198,12 @@ class Workflow:
         self.client.upload_mask(self.session_id, existing, self.masks[segment])
         container = self._container(segment)
         ring = _ring_setting(self.ring.get(segment, True)) if container else {}
-        return self.client.start_repropagation(
+        job = self.client.start_repropagation(
             self.session_id, self.segment_spec(segment), [int(k)], existing=existing,
             container=container, **({"settings": ring} if ring else {}),
         )
+        self._remember_container(job, container)
+        return job
 
     def job_status(self, job: str) -> dict[str, Any]:
         return self.client.job_status(job)
@@ -210,11 +219,16 @@ class Workflow:
             raise ValueError(f"the server returned a {mask.shape} mask for a {self.shape_kji} CT")
         self.push_undo(f"propagate {segment}")
         self.masks[segment] = mask
-        if segment == "tumor" and self.masks["liver"].any():
+        sent = self._sent_liver.pop(job, None)
+        if segment == "tumor" and sent is not None:
             # The server keeps a tumour inside the liver it was sent, except where a lesion the liver's mask left out
             # was allowed past it (its hyper-/hypodense past-organ rules): the liver takes those voxels, as
-            # `liversam segment` gives them to its liver.
-            self.masks["liver"] |= mask
+            # `liversam segment` gives them to its liver. Only voxels outside the liver sent: a liver drawn or
+            # cleared while the job ran takes nothing else.
+            sent_liver = np.unpackbits(np.frombuffer(sent, dtype=np.uint8), count=mask.size).reshape(mask.shape)
+            self.masks["liver"] |= mask & ~sent_liver.astype(bool)
+        if segment == "tumor" and self.masks["liver"].any():
+            self.masks["tumor"] &= self.masks["liver"]  # inside the liver as it is now
         self.propagated.add(segment)
         if job in self._job_ring:  # a propagation (a fix keeps the ring its propagation had)
             self.ring[segment] = self._job_ring.pop(job)
