@@ -20,7 +20,7 @@ from liversam.prompts import SegmentPrompts, SlicePrompts
 from scripted_predictor import ScriptedPredictor, box_around, synthetic_volume
 
 NK, NJ, NI = 9, 96, 96
-LIVER_HU, LESION_HU, FAT_HU, BOWEL_HU = 100.0, 50.0, -80.0, 45.0
+LIVER_HU, LESION_HU, FAT_HU, BOWEL_HU, VESSEL_HU = 100.0, 50.0, -80.0, 45.0, 180.0
 LIVER_SEED_K, LESION_K = 2, 5
 CUT_I = 58  # the model's liver mask stops short of this column where the lesion lies
 
@@ -34,12 +34,14 @@ def _columns_from(i0: int) -> np.ndarray:
     return np.broadcast_to(np.arange(NI)[None, :] >= i0, (NJ, NI))
 
 
-def _scene(lesion_hu: float = LESION_HU, spill_hu: float | None = None, bowel_off_seed: bool = False):
+def _scene(lesion_hu: float = LESION_HU, spill_hu: float | None = None, bowel_off_seed: bool = False,
+           vessel: bool = False):
     """A liver disc with a lesion disc (``lesion_hu``) on its outline on slices 3-7; the liver (the label) holds the
     lesion. The model's liver mask leaves out the lesion's columns from CUT_I on, on every slice. Its mask for the
     lesion's box is the lesion; with ``spill_hu``, also a patch of that tissue beside the liver, in the box's columns
     (fat, or bowel as dark as a lesion); with ``bowel_off_seed``, on the slices above the prompted one, also a loop of
-    bowel as dark as the lesion that touches it outside the liver."""
+    bowel as dark as the lesion that touches it outside the liver; with ``vessel``, the mask for the lesion's box also
+    takes a bright vessel inside the liver away from the box, larger than the lesion (the mask is then hyperdense)."""
     lesion = np.zeros((NK, NJ, NI), dtype=bool)
     lesion[3:8] = _disc(48, 62, 8)
     liver = np.zeros_like(lesion)
@@ -52,12 +54,16 @@ def _scene(lesion_hu: float = LESION_HU, spill_hu: float | None = None, bowel_of
     if bowel_off_seed:
         spill_hu = BOWEL_HU
         spill[LESION_K + 1 : 8] = _disc(48, 74, 6) & ~_disc(48, 40, 26) & ~_disc(48, 62, 8)
+    bright = np.zeros_like(lesion)
+    if vessel:
+        bright[:] = _disc(48, 28, 9)
     rng = np.random.default_rng(0)
     hu = rng.normal(FAT_HU, 5.0, size=lesion.shape)
     hu[liver] = LIVER_HU + rng.normal(0.0, 4.0, size=int(liver.sum()))
     hu[lesion] = lesion_hu + rng.normal(0.0, 4.0, size=int(lesion.sum()))
     if spill_hu is not None:
         hu[spill] = spill_hu + rng.normal(0.0, 4.0, size=int(spill.sum()))
+    hu[bright] = VESSEL_HU + rng.normal(0.0, 4.0, size=int(bright.sum()))
     volume = synthetic_volume(np.round(hu), (0.8, 0.8, 2.5))
     raw = lesion[LESION_K] | spill[LESION_K]
 
@@ -65,7 +71,7 @@ def _scene(lesion_hu: float = LESION_HU, spill_hu: float | None = None, bowel_of
         box = prompts.boxes_ij[0]
         if (box[2] - box[0]) > 45:  # the liver's box (a lesion's box is at most 37 pixels wide)
             return liver[k] & ~cut[k], 0.95
-        return lesion[k] | spill[k], 0.95
+        return lesion[k] | spill[k] | bright[k], 0.95
 
     segments = [
         SegmentPrompts("liver", 1, slices={LIVER_SEED_K: SlicePrompts(boxes_ij=[box_around(liver[LIVER_SEED_K])])},
@@ -76,9 +82,10 @@ def _scene(lesion_hu: float = LESION_HU, spill_hu: float | None = None, bowel_of
     return volume, segments, model, liver, lesion, spill
 
 
-def _segment(on: bool, **scene):
+def _segment(on: bool, hyperdense: bool = True, **scene):
     volume, segments, model, liver, lesion, spill = _scene(**scene)
-    settings = PipelineSettings(hypodense_lesions_past_organ=on, organ_rim=None, crf=())
+    settings = PipelineSettings(hypodense_lesions_past_organ=on, hyperdense_lesions_past_organ=hyperdense,
+                                organ_rim=None, crf=())
     result = segment_volume(volume, segments, ScriptedPredictor(volume, model), settings)
     return {s.name: s.mask_kji for s in result.segments}, liver, lesion, spill
 
@@ -110,6 +117,23 @@ def test_a_mask_spilling_past_the_liver_into_other_tissue_stays_in_the_liver(les
     for name in ("liver", "tumor"):
         np.testing.assert_array_equal(on[name], off[name])
     assert not ((on["liver"] | on["tumor"]) & spill).any()
+
+
+def test_a_mask_that_is_not_itself_hypodense_stays_in_the_liver():
+    """Every other condition holds (the box fits hypodense inside the liver; the mask lies a quarter or more outside
+    it, near it, and its part outside is the lesion, lesion-like), but the model's mask for the box is mostly a bright
+    vessel inside the liver: fitted on its own it is hyperdense, and the rule leaves the tumour in the liver (the
+    hyperdense rule is off here, so that only this rule could move it)."""
+    volume, segments, model, liver, lesion, _ = _scene(vessel=True)
+    raw = model(LESION_K, segments[1].slices[LESION_K])[0]
+    inside = model(LESION_K, segments[0].slices[LIVER_SEED_K])[0]
+    assert (raw & ~inside).sum() >= 0.25 * raw.sum() and (raw & ~inside & ~lesion[LESION_K]).sum() == 0
+    assert (raw & ~lesion[LESION_K]).sum() > lesion[LESION_K].sum()  # more vessel than lesion in the mask
+    on, *_ = _segment(True, hyperdense=False, vessel=True)
+    off, *_ = _segment(False, hyperdense=False, vessel=True)
+    for name in ("liver", "tumor"):
+        np.testing.assert_array_equal(on[name], off[name])
+    assert _dice(on["tumor"], lesion) < 0.5  # clipped to the model's liver, as without the rule
 
 
 def test_off_its_prompted_slice_the_lesion_keeps_outside_the_liver_only_to_its_previous_slice():
