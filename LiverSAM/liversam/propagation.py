@@ -435,12 +435,11 @@ HYPODENSE_OUTSIDE_LESION_LIKE = 0.5
 # class lies on the wrong side of the organ's own parenchyma (the mode over the whole container: a hyperdense "lesion"
 # no brighter than the organ, a hypodense one no darker) is fitted again against the organ's parenchyma, read on up to
 # ``ORGAN_PARENCHYMA_SLICES`` of its slices (``_Propagator._organ_parenchyma``), which the past-organ checks then use
-# too. False: never. lits117, a small
-# lesion on the last slice beside a large one, 7 mm looser box: the local mode was 61 HU, the organ's 119, the box's
-# liver fitted hyperdense and the track took 100-700 voxels of liver a slice over 12 slices; fitted again, hypodense.
-# Tumour Dice there 0.7860 -> 0.7973 (noisy copy 0.7450 -> 0.7551); no other box of the four cases, their noisy,
-# hyperdense or half-contrast copies, tight, loose or jittered, fits on the wrong side (the nearest lies 21 HU on the
-# right side; docs/RESULTS.md, session 29).
+# too. False: never. lits117, a small lesion on the last slice beside a large one, 7 mm looser box: the local mode
+# was 61 HU, the organ's 119, the box's liver fitted hyperdense and the track took 100-700 voxels of liver a slice
+# over 12 slices; fitted again, hypodense. Tumour Dice there 0.7860 -> 0.7973 (noisy copy 0.7450 -> 0.7551); no
+# other box of the four cases (tight, loose or jittered) or of their noisy, hyperdense or half-contrast copies
+# (tight or loose) fits on the wrong side (the nearest lies 21 HU on the right side; docs/RESULTS.md, session 29).
 ORGAN_PARENCHYMA_CHECK = True
 ORGAN_PARENCHYMA_SLICES = 16
 
@@ -511,7 +510,7 @@ class _Propagator:
         self.organ: tuple[float, float] | None = None  # the current organ track's parenchyma (mode, SD)
         # (seed k, its prompts, the model's unrefined mask for them there), from the contrast's fit
         self._seed_model_mask: tuple[int, SlicePrompts, np.ndarray] | None = None
-        self._organ_mode: float | None = None  # the container's parenchyma mode, raw voxels (``_organ_parenchyma``)
+        self._organ_mode: float | None = None  # the container's parenchyma mode, raw voxels (``_against_the_organ``)
         self._median_window: tuple[int, int] | None = None  # (slices, size): from the scan's noise, first refinement
 
     def _set_noise_from(self, ks, masks) -> None:
