@@ -202,7 +202,7 @@ def _refine_with_crf(volume, ordered: list[SegmentPrompts], result: Segmentation
     """The dense-CRF pass: the named segments refined in dependency order; a segment inside a refined one
     is clipped to the refined mask (refined itself or not)."""
     by_name = {s.name: s for s in result.segments}
-    for index, seg in enumerate(ordered):
+    for seg in ordered:
         if cancel is not None and cancel():
             raise Cancelled()
         container = masks.get(seg.inside) if seg.inside else None
@@ -211,7 +211,7 @@ def _refine_with_crf(volume, ordered: list[SegmentPrompts], result: Segmentation
         # The thin-slice test here as well as in refine_with_crf: a skipped mask stays the same array, no copy.
         if settings is not None and mask.any() and settings.applies_to(spacing_kji[0]):
             if progress:
-                progress(f"dense CRF '{seg.name}'", index, len(ordered))
+                progress(f"dense CRF '{seg.name}'", 0, 0)  # one call on the whole segment: no count to show
             if not seg.propagate and settings.dims != 2:  # prompted slices only: refine them, add no slice
                 settings = replace(settings, dims=2)
             mask = refine_with_crf(volume.array_kji, mask, spacing_kji, settings, within_kji=container)
@@ -365,7 +365,8 @@ def segment_volume(
         if cancel is not None and cancel():
             raise Cancelled()
         if progress:
-            progress(f"segment '{seg.name}'", index, len(ordered))
+            # segments, not slices: the count goes in the stage's name (a propagated segment's slices follow)
+            progress(f"segment '{seg.name}' ({index + 1} of {len(ordered)})", 0, 0)
         container = masks.get(seg.inside) if seg.inside else None
         if seg.propagate:
             outcome = propagate_segment(

@@ -86,7 +86,11 @@ class LineProgress:
         print(f"[liversam] {text}", file=self.file, flush=True)
 
     def _status(self, time_left: bool = True) -> str:
+        """The status text, e.g. "3/10 slices, about 5 s left (loss=0.1)"; empty for a stage without a count that
+        counted nothing."""
         elapsed = time.perf_counter() - self.started
+        if not self.total and not self.n:
+            return f"({self._postfix})" if self._postfix else ""
         text = f"{self.n}/{self.total} {self.unit}" if self.total else f"{self.n} {self.unit}"
         if time_left and self.total and 0 < self.n < self.total:
             text += f", about {_format_seconds(elapsed / self.n * (self.total - self.n))} left"
@@ -107,7 +111,8 @@ class LineProgress:
         if not self._closed:
             self._closed = True
             elapsed = _format_seconds(time.perf_counter() - self.started)
-            self._write(f"{self.desc}: done, {self._status(time_left=False)} in {elapsed}")
+            status = self._status(time_left=False)
+            self._write(f"{self.desc}: done{', ' + status if status else ''} in {elapsed}")
 
     def __iter__(self) -> Iterator:
         assert self.iterable is not None, "LineProgress without an iterable cannot be iterated"
@@ -154,14 +159,17 @@ class ProgressReporter:
         self._bar: Any = None
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        """``total`` 0: a stage without a count (its start, its end and how long it took)."""
         if stage == "done":  # segment_volume's final call: the work has ended
             self.close()
             return
         if stage != self._stage:
             self.close()
             self._stage = stage
+            counted = int(total) > 0
             self._bar = progress_bar(
-                total=max(int(total), 0) or None, desc=stage, unit=self.unit, file=self.file, disable=self.disable
+                total=int(total) if counted else None, desc=stage, unit=self.unit, file=self.file,
+                disable=self.disable, **({} if counted else {"bar_format": "{desc}: {elapsed}"}),
             )
         bar = self._bar
         if bar is not None and done > bar.n:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 
 from liversam import progress
+from liversam.pipeline import PipelineSettings, segment_volume
+from liversam.prompts import SegmentPrompts, SlicePrompts
+from scripted_predictor import ScriptedPredictor, synthetic_volume
 
 
 class _Terminal(io.StringIO):
@@ -33,6 +37,43 @@ def test_log_gets_a_line_when_each_stage_starts_and_ends() -> None:
     assert lines[2] == "[liversam] propagating 'tumor': started of 128 slices"
     assert lines[3].startswith("[liversam] propagating 'tumor': done, 1/128 slices in ")
     assert len(lines) == 4 and "\r" not in log.getvalue()
+
+
+def test_stage_without_a_count_says_only_when_it_started_and_how_long_it_took() -> None:
+    """segment_volume's per-segment and dense-CRF stages pass total 0: no "0/2 slices" that counts segments."""
+    log = io.StringIO()
+    with progress.ProgressReporter(file=log) as report:
+        report("segment 'liver' (1 of 2)", 0, 0)
+        report("propagating 'liver'", 5, 5)
+        report("dense CRF 'tumor'", 0, 0)
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "[liversam] segment 'liver' (1 of 2): started"
+    assert lines[1].startswith("[liversam] segment 'liver' (1 of 2): done in ")
+    assert lines[3].startswith("[liversam] propagating 'liver': done, 5/5 slices in ")
+    assert lines[4] == "[liversam] dense CRF 'tumor': started"
+    assert lines[5].startswith("[liversam] dense CRF 'tumor': done in ") and len(lines) == 6
+    assert "slices" not in lines[1] + lines[5]
+    terminal = _Terminal()
+    with progress.ProgressReporter(file=terminal) as report:
+        report("dense CRF 'tumor'", 0, 0)
+    assert "dense CRF 'tumor': 00:0" in terminal.getvalue() and "slices" not in terminal.getvalue()
+
+
+def test_segment_volume_counts_segments_in_the_stage_name() -> None:
+    """What `liversam segment` prints for a two-segment prompts file (a scripted model, no weights)."""
+    volume = synthetic_volume(np.full((3, 40, 40), 60, dtype=np.int16), (1.0, 1.0, 1.0))
+    disk = np.zeros((40, 40), dtype=bool)
+    disk[10:30, 10:30] = True
+    predictor = ScriptedPredictor(volume, {k: (disk, 0.9) for k in range(3)})
+    box = SlicePrompts(boxes_ij=[(8.0, 8.0, 32.0, 32.0)])
+    prompts = [SegmentPrompts("liver", 1, slices={1: box}), SegmentPrompts("spleen", 2, slices={2: box})]
+    log = io.StringIO()
+    with progress.ProgressReporter(file=log) as report:
+        segment_volume(volume, prompts, predictor, PipelineSettings(crf={}), progress=report)
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "[liversam] segment 'liver' (1 of 2): started"
+    assert "[liversam] segment 'spleen' (2 of 2): started" in lines
+    assert not [line for line in lines if "/2 slices" in line]
 
 
 def test_long_stage_reports_in_between_with_time_left() -> None:
