@@ -58,12 +58,13 @@ def remove_small_components(mask: np.ndarray, spacing: tuple[float, ...], min_si
 
 
 def fill_between_slices(mask_kji: np.ndarray, limits: Mapping[int, np.ndarray] | None = None,
-                        max_gap: int = 1, within: np.ndarray | None = None) -> np.ndarray:
+                        max_gap: int = 1, within: np.ndarray | None = None, in_place: bool = False) -> np.ndarray:
     """``mask_kji`` with its gaps along k closed: a voxel the mask holds on slice k and again on slice k + g + 1
     (g <= ``max_gap``) is added on the g slices between (a slice or two where the structure's outline fell
     short of its neighbours). ``limits`` {k: region [j, i]}: on those slices voxels are added only inside the
     region (e.g. the user's boxes); ``within`` [k, j, i]: voxels are added only inside it (e.g. the container).
-    The same array when nothing is added, else a new one; computed on the mask's bounding box."""
+    The same array when nothing is added, else a new one (``in_place``, a bool array: written into
+    ``mask_kji`` and returned, no second whole-volume mask); computed on the mask's bounding box."""
     mask = np.asarray(mask_kji, dtype=bool)
     box = bounding_box(mask)
     if box is None:
@@ -86,7 +87,9 @@ def fill_between_slices(mask_kji: np.ndarray, limits: Mapping[int, np.ndarray] |
             added[k - k0] &= np.asarray(region, dtype=bool)[box[1:]]
     if not added.any():
         return mask
-    out = mask.copy()
+    if in_place and mask is not mask_kji:
+        raise ValueError("fill_between_slices(in_place=True) needs a bool array to write into")
+    out = mask if in_place else mask.copy()
     out[box] |= added
     return out
 

@@ -48,6 +48,21 @@ def test_fill_between_slices_closes_exactly_the_gaps_up_to_max_gap_slices(seed, 
     np.testing.assert_array_equal(mask, before)  # the input is never changed
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_in_place_writes_the_same_result_into_the_mask(seed):
+    """The organ's fill (pipeline, before its lesions) writes into the organ's own array: no second whole-volume
+    mask on a large CT."""
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(v) for v in rng.integers(3, 12, 3))
+    mask = rng.random(shape) < 0.4
+    expected = fill_between_slices(mask.copy(), max_gap=1)
+    out = fill_between_slices(mask, max_gap=1, in_place=True)
+    assert out is mask
+    np.testing.assert_array_equal(mask, expected)
+    with pytest.raises(ValueError, match="bool array"):
+        fill_between_slices(np.array([[[1]], [[0]], [[1]]], dtype=np.uint8), in_place=True)
+
+
 def test_nothing_to_add_returns_the_same_array_and_empty_or_thin_masks_are_kept():
     mask = np.zeros((6, 8, 8), dtype=bool)
     assert fill_between_slices(mask) is mask
