@@ -30,7 +30,7 @@ def _disc(radius: float) -> np.ndarray:
     return (jj - CENTRE[0]) ** 2 + (ii - CENTRE[1]) ** 2 <= radius**2
 
 
-def _case(large_lesion: bool = True):
+def _case(large_lesion: bool = True, lesion_hu: float = 40.0, loose: int = 7):
     rng = np.random.default_rng(0)
     hu = np.full((NK, NJ, NI), -100.0)
     liver = np.zeros((NK, NJ, NI), dtype=bool)
@@ -40,8 +40,8 @@ def _case(large_lesion: bool = True):
     large[8:, 5:75, 5:56] = True
     if large_lesion:
         hu[large] = 60.0 + rng.normal(0.0, 15.0, int(large.sum()))
-    hu[K0 - 1 : K0 + 2, _disc(5)] = 40.0  # on the slices either side too (a 3D median smooths across them)
-    box = (CENTRE[1] - 5 - 7, CENTRE[0] - 5 - 7, CENTRE[1] + 5 + 7, CENTRE[0] + 5 + 7)
+    hu[K0 - 1 : K0 + 2, _disc(5)] = lesion_hu  # on the slices either side too (a 3D median smooths across them)
+    box = (CENTRE[1] - 5 - loose, CENTRE[0] - 5 - loose, CENTRE[1] + 5 + loose, CENTRE[0] + 5 + loose)
     predictor = ScriptedPredictor(synthetic_volume(hu), {K0: (_disc(9) & liver[K0], 0.9)})
     return predictor, liver, box
 
@@ -88,3 +88,27 @@ def test_a_contrast_on_the_organ_s_side_is_not_fitted_again(monkeypatch: pytest.
     monkeypatch.setattr(propagation._Propagator, "_organ_parenchyma", lambda self: read.append(1) or (115.0, 8.0))
     contrast = _seed_contrast(predictor, liver, box)
     assert contrast is not None and contrast.polarity == -1 and read == []
+
+
+def test_a_bright_lesion_beside_a_large_dark_one_is_fitted_against_the_organ() -> None:
+    """A hyperdense lesion (170 HU) in the strip of plain liver, box 3 px loose: around the seed the parenchyma is the
+    large lesion's 60 HU, so the box's plain liver and the lesion both fit as "hyperdense" (lesion class 120 HU, just
+    brighter than the organ's 115: the wrong-side check passes it) with a threshold of 90 HU, under the organ's own
+    mode. The parenchyma around lies 55 HU on the far side of the organ's mode (``ORGAN_PARENCHYMA_FAR_HU``): the box is
+    fitted against the organ, and the seed is the bright lesion alone (lits117's half-contrast copy, session 30)."""
+    predictor, liver, box = _case(lesion_hu=170.0, loose=3)
+    contrast = _seed_contrast(predictor, liver, box)
+    assert contrast is not None and contrast.polarity == 1 and abs(contrast.parenchyma_hu - 115.0) <= 5.0
+    assert contrast.threshold_hu > 130.0
+    seed = _seed_mask(predictor, liver, box)
+    assert _dice(seed, _disc(5)) >= 0.9, (int(seed.sum()), int(_disc(5).sum()))
+
+
+def test_without_the_far_side_rule_the_bright_lesion_s_box_takes_the_liver(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(propagation, "ORGAN_PARENCHYMA_FAR_HU", float("inf"))
+    predictor, liver, box = _case(lesion_hu=170.0, loose=3)
+    contrast = _seed_contrast(predictor, liver, box)
+    assert contrast is not None and contrast.polarity == 1 and contrast.lesion_hu > 115.0  # the wrong-side check passes
+    assert contrast.threshold_hu < 115.0  # the plain organ is "lesion-like"
+    seed = _seed_mask(predictor, liver, box)
+    assert seed.sum() >= 3 * _disc(5).sum() and _dice(seed, _disc(5)) < 0.5
