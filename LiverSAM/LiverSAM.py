@@ -592,7 +592,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
             state = value.get("state")
             total, done = int(value.get("total") or 0), int(value.get("done") or 0)
-            self.ui.progressBar.maximum = max(total, 1)
+            self.ui.progressBar.maximum = max(total, 0)  # 0: a stage without a count (Qt's busy indicator)
             self.ui.progressBar.value = done
             if value.get("stage"):
                 self.ui.statusLabel.text = str(value["stage"])

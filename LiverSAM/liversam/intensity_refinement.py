@@ -186,9 +186,11 @@ def fit_lesion_contrast(
     parenchyma_hu: float,
     parenchyma_sd: float,
     settings: LesionContrastSettings | None = None,
+    polarity: int | None = None,
 ) -> LesionContrast | None:
     """The lesion's contrast from the (smoothed) organ voxels inside the user's box on the seed slice, or
-    ``None`` when the box shows no clear hypo- or hyperdense part (then the model's mask is used as is)."""
+    ``None`` when the box shows no clear hypo- or hyperdense part (then the model's mask is used as is).
+    ``polarity`` (-1 or +1): look on that side only (else the side with more outlying voxels)."""
     s = settings or LesionContrastSettings()
     values = np.asarray(box_values, dtype=np.float64).ravel()
     if values.size == 0:
@@ -196,7 +198,9 @@ def fit_lesion_contrast(
     cut = s.outlier_sd * parenchyma_sd
     hypo = values[values < parenchyma_hu - cut]
     hyper = values[values > parenchyma_hu + cut]
-    polarity, side = (-1, hypo) if hypo.size >= hyper.size else (1, hyper)
+    if polarity is None:
+        polarity = -1 if hypo.size >= hyper.size else 1
+    side = hypo if polarity < 0 else hyper
     if side.size < s.min_lesion_fraction * values.size:
         return None
     lesion_hu = float(np.median(side))

@@ -77,9 +77,11 @@ class PipelineSettings:
     # there a one-slice fill changed the four livers by -0.0007 to +0.0000 (its own fill comes before its lesions
     # propagate, for their sake: ``fill_organ_gaps_below_mm``).
     fill_lesions_between_slices: bool = True
-    # An organ propagated on slices thinner than this (mm) has its one-slice gaps along k closed right after its
-    # propagation, before the segments inside it (its lesions) propagate: a voxel the organ holds on the slices on
-    # both sides is the organ's on the slice between (not on a slice with its own prompts). On a noisy scan the
+    # An organ (``organ_rim.is_trimmed_organ``) propagated on slices thinner than this (mm) has its one-slice gaps
+    # along k closed right after its propagation, before the segments inside it (its lesions) propagate: a voxel the
+    # organ holds on the slices on both sides is the organ's on the slice between (not on a slice with its own
+    # prompts; the review report then reads the filled mask; a fix in the Slicer module or the web app re-propagates
+    # at most a slice each way and fills nothing). On a noisy scan the
     # model's liver mask may leave out a slice's part that both neighbours hold, lesion included, and a lesion's
     # track clipped to that slice lost its lesion from there on (lits117 with noise SD 20 HU, tight boxes: tumour
     # Dice 0.7265 -> 0.8149). Thick slices keep their masks: on hcc2144 (5 mm) the fill cost its tumour 0.780 ->
@@ -404,7 +406,7 @@ def segment_volume(
             if settings.propagation_method != "naive":
                 mask = clean_volume(mask, spacing_kji,
                                     settings.postprocess_3d.get(seg.name, settings.default_3d), in_place=True)
-                if container is None and _fills_organ_gaps(settings, spacing_kji[0]):
+                if is_trimmed_organ(seg.name, seg.inside) and _fills_organ_gaps(settings, spacing_kji[0]):
                     own = {k: np.zeros(mask.shape[1:], dtype=bool) for k in seg.slices}  # its prompts rule there
                     mask = fill_between_slices(mask, own, max_gap=1, in_place=True)
         else:

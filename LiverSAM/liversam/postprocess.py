@@ -1,7 +1,8 @@
 """Morphological clean-up of masks, in physical units (mm, mm^2, mm^3).
 
 2D functions take a slice mask [j, i] and the in-plane spacing (sj, si) in mm; 3D functions take a
-volume mask [k, j, i] and the spacing (sk, sj, si) in mm. Inputs are never modified.
+volume mask [k, j, i] and the spacing (sk, sj, si) in mm. Inputs are never modified, except by the functions
+asked to work ``in_place`` (a whole-volume mask of a large CT is not copied).
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def fill_between_slices(mask_kji: np.ndarray, limits: Mapping[int, np.ndarray] |
     The same array when nothing is added, else a new one (``in_place``, a bool array: written into
     ``mask_kji`` and returned, no second whole-volume mask); computed on the mask's bounding box."""
     mask = np.asarray(mask_kji, dtype=bool)
+    if in_place and mask is not mask_kji:
+        raise ValueError("fill_between_slices(in_place=True) needs a bool array to write into")
     box = bounding_box(mask)
     if box is None:
         return mask
@@ -87,8 +90,6 @@ def fill_between_slices(mask_kji: np.ndarray, limits: Mapping[int, np.ndarray] |
             added[k - k0] &= np.asarray(region, dtype=bool)[box[1:]]
     if not added.any():
         return mask
-    if in_place and mask is not mask_kji:
-        raise ValueError("fill_between_slices(in_place=True) needs a bool array to write into")
     out = mask if in_place else mask.copy()
     out[box] |= added
     return out

@@ -520,7 +520,7 @@ class _Propagator:
         self.organ: tuple[float, float] | None = None  # the current organ track's parenchyma (mode, SD)
         # (seed k, its prompts, the model's unrefined mask for them there), from the contrast's fit
         self._seed_model_mask: tuple[int, SlicePrompts, np.ndarray] | None = None
-        self._organ_mode: float | None = None  # the container's parenchyma mode, raw voxels (``_against_the_organ``)
+        self._organ_mode: float | None = None  # the container's parenchyma mode, raw voxels (``_organ_s_mode``)
         self._median_window: tuple[int, int] | None = None  # (slices, size): from the scan's noise, first refinement
 
     def _set_noise_from(self, ks, masks) -> None:
@@ -570,10 +570,15 @@ class _Propagator:
         self._searched_contrast = True
         region = box & self.container[seed_k]
         contrast = self._fit_in_box(seed_k, region, model_mask, parenchyma)
-        if contrast is not None and ORGAN_PARENCHYMA_CHECK and self._against_the_organ(contrast):
-            # the parenchyma around the seed is other lesions' tissue: the box against the organ's own
-            parenchyma = self._organ_parenchyma()
-            contrast = self._fit_in_box(seed_k, region, model_mask, parenchyma)
+        if contrast is not None and ORGAN_PARENCHYMA_CHECK:
+            wrong_side = self._on_the_organ_s_wrong_side(contrast)
+            if wrong_side or self._read_far_from_the_organ(contrast):
+                # the parenchyma around the seed is other lesions' tissue: the box against the organ's own. A lesion
+                # class already on its right side keeps its side (a loose box may hold more of the dark tissue
+                # around than of a bright lesion, and the lesion would be lost)
+                parenchyma = self._organ_parenchyma()
+                contrast = self._fit_in_box(seed_k, region, model_mask, parenchyma,
+                                            None if wrong_side else contrast.polarity)
         if not (self.past_container or self.hypodense_past):
             return contrast
         raw = clean_slice(prediction.mask_ji, self.spacing_ji, self.postprocess)  # the model's own mask, unclipped
@@ -594,25 +599,32 @@ class _Propagator:
         return contrast
 
     def _fit_in_box(self, seed_k: int, region: np.ndarray, model_mask: np.ndarray,
-                    parenchyma: tuple[float, float]) -> LesionContrast | None:
+                    parenchyma: tuple[float, float], polarity: int | None = None) -> LesionContrast | None:
         """The contrast of the container's part of a lesion's box (``region``) against ``parenchyma``; when it shows
-        none, of that part within the model's mask for the box."""
-        contrast = fit_lesion_contrast(self._smoothed_slice(seed_k, region)[region], *parenchyma)
+        none, of that part within the model's mask for the box. ``polarity``: on that side only."""
+        contrast = fit_lesion_contrast(self._smoothed_slice(seed_k, region)[region], *parenchyma, polarity=polarity)
         if contrast is None and model_mask.sum() >= MIN_MODEL_MASK_VOXELS:
             region = region & model_mask
-            contrast = fit_lesion_contrast(self._smoothed_slice(seed_k, region)[region], *parenchyma)
+            contrast = fit_lesion_contrast(self._smoothed_slice(seed_k, region)[region], *parenchyma,
+                                           polarity=polarity)
         return contrast
 
-    def _against_the_organ(self, contrast: LesionContrast) -> bool:
-        """Whether ``contrast`` was read against tissue that is not the organ's parenchyma, judged by the organ's
-        parenchyma mode (raw voxels of the whole container; the mode is where the parenchyma is even when lesions
-        fill much of the organ, and noise does not move it): its lesion class lies on the wrong side of the mode (a
-        hyperdense lesion no brighter than the organ, a hypodense one no darker), or the parenchyma around the seed
-        lies at least ``ORGAN_PARENCHYMA_FAR_HU`` on the mode's far side from the lesion."""
+    def _organ_s_mode(self) -> float:
+        """The organ's parenchyma mode (raw voxels of the whole container; the mode is where the parenchyma is even
+        when lesions fill much of the organ, and noise does not move it), read once per propagation."""
         if self._organ_mode is None:
             self._organ_mode = parenchyma_statistics(self.predictor.volume.array_kji[self.container])[0]
-        far = contrast.polarity * (self._organ_mode - contrast.parenchyma_hu) >= ORGAN_PARENCHYMA_FAR_HU
-        return far or contrast.polarity * (contrast.lesion_hu - self._organ_mode) <= 0
+        return self._organ_mode
+
+    def _on_the_organ_s_wrong_side(self, contrast: LesionContrast) -> bool:
+        """Whether ``contrast``'s lesion class lies on the wrong side of the organ's parenchyma mode: a hyperdense
+        lesion no brighter than the organ, a hypodense one no darker."""
+        return contrast.polarity * (contrast.lesion_hu - self._organ_s_mode()) <= 0
+
+    def _read_far_from_the_organ(self, contrast: LesionContrast) -> bool:
+        """Whether the parenchyma ``contrast`` was read against (around the seed) lies at least
+        ``ORGAN_PARENCHYMA_FAR_HU`` on the far side of the organ's mode from the lesion."""
+        return contrast.polarity * (self._organ_s_mode() - contrast.parenchyma_hu) >= ORGAN_PARENCHYMA_FAR_HU
 
     def _organ_parenchyma(self) -> tuple[float, float]:
         """(mode, SD) of the container on up to ``ORGAN_PARENCHYMA_SLICES`` of its slices, evenly spread, smoothed as

@@ -90,13 +90,16 @@ def test_a_contrast_on_the_organ_s_side_is_not_fitted_again(monkeypatch: pytest.
     assert contrast is not None and contrast.polarity == -1 and read == []
 
 
-def test_a_bright_lesion_beside_a_large_dark_one_is_fitted_against_the_organ() -> None:
+@pytest.mark.parametrize("loose", [3, 7])
+def test_a_bright_lesion_beside_a_large_dark_one_is_fitted_against_the_organ(loose: int) -> None:
     """A hyperdense lesion (170 HU) in the strip of plain liver, box 3 px loose: around the seed the parenchyma is the
     large lesion's 60 HU, so the box's plain liver and the lesion both fit as "hyperdense" (lesion class 120 HU, just
     brighter than the organ's 115: the wrong-side check passes it) with a threshold of 90 HU, under the organ's own
     mode. The parenchyma around lies 55 HU on the far side of the organ's mode (``ORGAN_PARENCHYMA_FAR_HU``): the box is
-    fitted against the organ, and the seed is the bright lesion alone (lits117's half-contrast copy, session 30)."""
-    predictor, liver, box = _case(lesion_hu=170.0, loose=3)
+    fitted against the organ, and the seed is the bright lesion alone (lits117's half-contrast copy, session 30). With a
+    box 7 px loose, whose edge holds more of the large lesion's dark tissue than of the bright lesion, the re-fit keeps
+    the lesion's side: fitted on either side it would be "hypodense", and the bright lesion would be lost."""
+    predictor, liver, box = _case(lesion_hu=170.0, loose=loose)
     contrast = _seed_contrast(predictor, liver, box)
     assert contrast is not None and contrast.polarity == 1 and abs(contrast.parenchyma_hu - 115.0) <= 5.0
     assert contrast.threshold_hu > 130.0

@@ -77,7 +77,7 @@ def test_the_organ_s_gap_is_closed_and_its_lesion_kept_past_it() -> None:
     assert int((organ[K_GAP] ^ organ[K_GAP - 1]).sum()) <= 0.01 * organ[K_GAP - 1].sum()
     disc = _disc()
     for k in range(K_GAP, NK):  # the lesion's track keeps the whole lesion on the gap's slice and beyond it
-        assert (tumour[k] & disc).sum() >= 0.9 * disc.sum(), (k, int((tumour[k] & disc).sum()), int(disc.sum()))
+        assert (tumour[k] & disc).sum() >= 0.97 * disc.sum(), (k, int((tumour[k] & disc).sum()), int(disc.sum()))
 
 
 def test_without_the_fill_the_lesion_loses_its_half_past_the_gap() -> None:
