@@ -447,7 +447,7 @@ ORGAN_PARENCHYMA_SLICES = 16
 # is not plain organ, and the threshold halfway between it and the lesion falls near the organ's mode, so that much of
 # the plain organ is "lesion-like". lits117 with its lesions at half contrast, loose box on slice 84: parenchyma 94 HU
 # around the seed, organ 116, lesion 143, threshold 118; its track took 3,000-5,000 voxels of liver a slice over 70
-# slices when it did not meet another box's slice first (tumour Dice there 0.3719 -> 0.6556 with the organ's gaps
+# slices when it did not meet another box's slice first (tumour Dice there 0.3719 -> 0.6555 with the organ's gaps
 # closed, ``PipelineSettings.fill_organ_gaps_below_mm``). Of the 514 contrasts fitted on the four cases and their
 # copies (tight and loose; docs/RESULTS.md, session 30) the rule takes this one and one other (hyperdense copy, loose,
 # slice 127: 104 HU around, organ 122); every other parenchyma lies within 10 HU of the organ's mode on that side.
