@@ -83,8 +83,9 @@ class PipelineSettings:
     # prompts; the review report then reads the filled mask; a fix in the Slicer module or the web app re-propagates
     # at most a slice each way and fills nothing). On a noisy scan the model's liver mask may leave out a slice's
     # part that both neighbours hold, lesion included, and a lesion's track clipped to that slice lost its lesion
-    # from there on (lits117 with noise SD 20 HU, tight boxes: tumour Dice 0.7265 -> 0.8149). Thick slices keep their masks: on hcc2144 (5 mm) the fill cost its tumour 0.780 ->
-    # 0.760, and between slices 5 mm apart the outline truly moves. docs/RESULTS.md, session 30. None: off.
+    # from there on (lits117 with noise SD 20 HU, tight boxes: tumour Dice 0.7265 -> 0.8149). Thick slices keep
+    # their masks: on hcc2144 (5 mm) the fill cost its tumour 0.780 -> 0.760, and between slices 5 mm apart the
+    # outline truly moves. docs/RESULTS.md, session 30. None: off.
     fill_organ_gaps_below_mm: float | None = 3.0
     # Dense-CRF refinement by segment name (off for segments not listed; see dense_crf.crf_for_segments).
     crf: dict[str, CRFSettings] = field(default_factory=dict)
