@@ -112,7 +112,8 @@ class LineProgress:
             self._closed = True
             elapsed = _format_seconds(time.perf_counter() - self.started)
             status = self._status(time_left=False)
-            self._write(f"{self.desc}: done{', ' + status if status else ''} in {elapsed}")
+            joint = " " if status.startswith("(") else ", "  # "done (loss=0.1) in", "done, 3/10 slices in"
+            self._write(f"{self.desc}: done{joint + status if status else ''} in {elapsed}")
 
     def __iter__(self) -> Iterator:
         assert self.iterable is not None, "LineProgress without an iterable cannot be iterated"

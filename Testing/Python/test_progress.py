@@ -59,6 +59,15 @@ def test_stage_without_a_count_says_only_when_it_started_and_how_long_it_took() 
     assert "dense CRF 'tumor': 00:0" in terminal.getvalue() and "slices" not in terminal.getvalue()
 
 
+def test_stage_without_a_count_shows_its_postfix_after_done() -> None:
+    log = io.StringIO()
+    bar = progress.LineProgress(desc="export", file=log)
+    bar.set_postfix(backend="openvino")
+    bar.close()
+    last = log.getvalue().splitlines()[-1]
+    assert last.startswith("[liversam] export: done (backend=openvino) in "), last
+
+
 def test_segment_volume_counts_segments_in_the_stage_name() -> None:
     """What `liversam segment` prints for a two-segment prompts file (a scripted model, no weights)."""
     volume = synthetic_volume(np.full((3, 40, 40), 60, dtype=np.int16), (1.0, 1.0, 1.0))
