@@ -286,6 +286,10 @@ class SegmentationLogic:
             if sid and sid != segment_id
         ]
         self._copy_user_settings(segmentation_node)
+        # The logic's editable area leaves out the *selected* segment only ("outside all segments" would
+        # otherwise count the written segment's own voxels as not editable: vtkSlicerSegmentEditorLogic::
+        # UpdateMaskLabelmap passes the node's selected segment to GenerateEditMask). LiverSAM's own node.
+        editor_node.SetSelectedSegmentID(segment_id)
         saved_overwrite = editor_node.GetOverwriteMode()
         if protect and saved_overwrite != editor_node.OverwriteNone:
             # The overwrite mode decides which *other* segments lose the written voxels: protecting a
@@ -301,15 +305,34 @@ class SegmentationLogic:
                 ones = MRMLBridge.oriented_image_from_slab(
                     np.ones(slab.shape, dtype=bool), k0, ijk_to_segmentation
                 )
-                logic.ModifySegmentByLabelmap(
-                    segmentation_node, segment_id, ones, logic.ModificationModeRemove, extent, True, False
-                )
+                self._erase_own_voxels(logic, editor_node, segmentation_node, segment_id, ones, extent)
                 logic.ModifySegmentByLabelmap(
                     segmentation_node, segment_id, modifier, logic.ModificationModeAdd, extent, True, False
                 )
         finally:
             if editor_node.GetOverwriteMode() != saved_overwrite:
                 editor_node.SetOverwriteMode(saved_overwrite)
+
+    @staticmethod
+    def _erase_own_voxels(logic, editor_node, segmentation_node, segment_id, region, extent) -> None:
+        """Erase ``segment_id``'s voxels in ``region`` (a slab write's first half) and nothing else.
+
+        Under the editable area "inside one segment" an erase *gives* the erased voxels to that segment
+        (Slicer's split-by-erasing, vtkSlicerSegmentEditorLogic::ModifySegmentByLabelmap): a tumour slab
+        write would hand the old tumour voxels to the liver. In that mode the logic's erase already reaches
+        all of the written segment's own voxels, so erasing with the editable area "everywhere" removes the
+        same voxels without the hand-over."""
+        mode = editor_node.GetMaskMode()
+        inside_one = mode == slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment
+        if inside_one:
+            editor_node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere)
+        try:
+            logic.ModifySegmentByLabelmap(
+                segmentation_node, segment_id, region, logic.ModificationModeRemove, extent, True, False
+            )
+        finally:
+            if inside_one:
+                editor_node.SetMaskMode(mode)
 
     def _save_undo_state(self, logic, segmentation_node, undo_key: Hashable | None = None) -> None:
         """Save the segmentation's state before a write (one state per user action).
@@ -550,8 +573,16 @@ class SegmentationLogic:
                 if not storage.WriteData(labelmap_node):
                     raise OutputError(f"Could not write '{path}'. Check the folder is writable.")
         finally:
-            if labelmap_node.GetDisplayNode() is not None:
-                self.scene.RemoveNode(labelmap_node.GetDisplayNode())
+            display = labelmap_node.GetDisplayNode()
+            if display is not None:
+                # The export made a "<segmentation>_ColorTable" node for the labelmap; it goes with it
+                # (as in slicer.util.arrayFromSegmentBinaryLabelmap)
+                color = display.GetColorNode()
+                if color is not None and color.GetType() == color.User and (color.GetName() or "").startswith(
+                    f"{segmentation_node.GetName()}_ColorTable"
+                ):
+                    self.scene.RemoveNode(color)
+                self.scene.RemoveNode(display)
             self.scene.RemoveNode(labelmap_node)
         return path
 

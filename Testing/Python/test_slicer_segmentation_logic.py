@@ -142,6 +142,48 @@ def test_editable_area_of_the_segment_editor_applies_when_it_edits_the_same_segm
     np.testing.assert_array_equal(MRMLBridge.segment_mask(segmentation, lesion, volume), box)
 
 
+def test_a_write_replaces_the_segment_under_outside_all_segments(case):
+    """The editable area "outside all segments" leaves out the other segments only: a smaller mask replaces the
+    segment, whole or slab by slab (the written segment was not selected on LiverSAM's editor node, so its own
+    voxels counted as not editable and a segment could only grow)."""
+    scene, volume, segmentation, logic, ids, _ct, labels = case
+    editor = shared_editor_node(scene, segmentation, volume)
+    editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments)
+    liver = labels >= 1
+    k = int(np.argmax(liver.sum(axis=(1, 2))))
+    smaller = np.zeros_like(liver)
+    smaller[k - 2 : k + 3] = liver[k - 2 : k + 3]
+    logic.write_mask(segmentation, ids[LIVER], volume, liver)
+    logic.write_mask(segmentation, ids[LIVER], volume, smaller)
+    np.testing.assert_array_equal(MRMLBridge.segment_mask(segmentation, ids[LIVER], volume), smaller)
+    logic.write_mask(segmentation, ids[LIVER], volume, liver)
+    logic.write_mask(segmentation, ids[LIVER], volume, smaller, k_range=(k - 5, k + 5))
+    expected = liver.copy()
+    expected[k - 5 : k + 6] = smaller[k - 5 : k + 6]
+    np.testing.assert_array_equal(MRMLBridge.segment_mask(segmentation, ids[LIVER], volume), expected)
+
+
+def test_a_tumour_slab_write_inside_the_liver_gives_the_liver_nothing(case):
+    """Under the editable area "inside liver" an erase hands the erased voxels to the liver (Slicer's split by
+    erasing): a tumour's live update or fix must not move its old voxels into the liver."""
+    scene, volume, segmentation, logic, ids, _ct, labels = case
+    tumour = labels == 2
+    liver = labels == 1  # the liver leaves the lesions out, as a reader's liver may
+    logic.write_mask(segmentation, ids[LIVER], volume, liver)
+    logic.write_mask(segmentation, ids[TUMOR], volume, tumour)
+    editor = shared_editor_node(scene, segmentation, volume)
+    editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment)
+    editor.SetMaskSegmentID(ids[LIVER])
+    k = int(np.argmax(tumour.sum(axis=(1, 2))))
+    fixed = np.zeros_like(tumour)
+    logic.write_mask(segmentation, ids[TUMOR], volume, fixed, k_range=(k - 1, k + 1))  # a fix that empties 3 slices
+    np.testing.assert_array_equal(MRMLBridge.segment_mask(segmentation, ids[LIVER], volume), liver)
+    expected = tumour.copy()
+    expected[k - 1 : k + 2] = False
+    np.testing.assert_array_equal(MRMLBridge.segment_mask(segmentation, ids[TUMOR], volume), expected)
+    assert logic.editor_node().GetMaskMode() == slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment
+
+
 def test_liver_write_keeps_every_tumour_voxel_in_overwrite_all_mode(case):
     """Issue 12 item 5: the Segment Editor's default overwrite mode must not erase tumours under a liver
     write, on every write path (live update, propagation, fix, pipeline result)."""
@@ -344,10 +386,12 @@ def test_seg_nrrd_written_by_mrml_reads_back_equal(case, tmp_path):
 
 
 def test_labelmap_export_has_segment_order_labels(case, tmp_path):
-    _scene, volume, segmentation, logic, ids, ct, labels = case
+    scene, volume, segmentation, logic, ids, ct, labels = case
     logic.write_mask(segmentation, ids[LIVER], volume, labels == 1)
     logic.write_mask(segmentation, ids[TUMOR], volume, labels == 2)
+    nodes_before = scene.GetNumberOfNodes()
     path = logic.export_labelmap(segmentation, volume, tmp_path / "labels.nii.gz")
+    assert scene.GetNumberOfNodes() == nodes_before  # no labelmap, display or colour table node left behind
     image = sitk.ReadImage(str(path))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), labels)
     np.testing.assert_allclose(image.GetOrigin(), ct.geometry.origin_lps, atol=1e-4)
