@@ -27,6 +27,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from liversam.errors import PromptError
 from LiverSAMLib import MRMLBridge, PromptPlacement, ServerRequests
 from LiverSAMLib.BackgroundCalls import CallQueue
 from LiverSAMLib.Parameters import LiverSAMParameterNode, PostprocessParameters, PropagationParameters
@@ -411,13 +412,14 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 button.blockSignals(False)
 
     def _promptNode(self, kind: str):
-        """The markups node of a prompt kind; a box always gets a new ROI node (see PromptPlacement)."""
+        """The markups node of a prompt kind; a box always gets a new ROI node, the earlier boxes stay (see
+        PromptPlacement)."""
         p = self._parameterNode
         attribute = {PromptPlacement.POSITIVE: "positivePoints", PromptPlacement.NEGATIVE: "negativePoints",
                      PromptPlacement.BOX: "boxROI"}[kind]  # fmt: skip
         node = getattr(p, attribute)
         if kind == PromptPlacement.BOX:
-            node = PromptPlacement.new_box_node(slicer.mrmlScene, node)
+            node = PromptPlacement.new_box_node(slicer.mrmlScene)
             setattr(p, attribute, node)
             self._observePromptNodes()
         elif node is None:
@@ -436,7 +438,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:
             return
-        for node in (p.positivePoints, p.negativePoints, p.boxROI):
+        for node in (p.positivePoints, p.negativePoints, *PromptPlacement.box_nodes(slicer.mrmlScene)):
             if node is not None:
                 for event in events:
                     self.addObserver(node, event, self._onPromptsChanged)
@@ -463,17 +465,33 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onPromptsChanged(self, caller=None, event=None) -> None:
         if caller is not None and caller.IsA("vtkMRMLMarkupsROINode"):
             MRMLBridge.remember_first_corner(caller)  # which view the box is drawn in
+            self._removeRedrawnBoxes(caller)
         if self._parameterNode and self._parameterNode.liveUpdate:
             self._liveTimer.start()
+
+    def _removeRedrawnBoxes(self, roi) -> None:
+        """A box drawn over an earlier one on the same slice replaces it; the other boxes stay."""
+        p = self._parameterNode
+        if p is None or p.inputVolume is None:
+            return
+        geometry = MRMLBridge.geometry_from_volume_node(p.inputVolume)
+        try:
+            redrawn = MRMLBridge.boxes_redrawn_by(geometry, roi, PromptPlacement.box_nodes(slicer.mrmlScene))
+        except PromptError:
+            return  # a box across the slices: refused with its message when the prompts are read
+        for node in redrawn:
+            slicer.mrmlScene.RemoveNode(node)
+        if redrawn:
+            self._observePromptNodes()
 
     def onClearPrompts(self) -> None:
         p = self._parameterNode
         for node in (p.positivePoints, p.negativePoints):
             if node is not None:
                 node.RemoveAllControlPoints()
-        if p.boxROI is not None:
-            slicer.mrmlScene.RemoveNode(p.boxROI)
-            p.boxROI = None
+        PromptPlacement.remove_box_nodes(slicer.mrmlScene)
+        p.boxROI = None
+        self._observePromptNodes()
         if p.outputSegmentation and p.targetSegmentID:
             self.logic.forgetPropagation(p.outputSegmentation, p.targetSegmentID)  # new prompts: new propagation
         self.logic.segmentation.end_user_action()
@@ -481,7 +499,9 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _markupsPrompts(self):
         p = self._parameterNode
         geometry = MRMLBridge.geometry_from_volume_node(p.inputVolume)
-        return MRMLBridge.prompts_from_markups(geometry, [p.positivePoints], [p.negativePoints], [p.boxROI])
+        return MRMLBridge.prompts_from_markups(
+            geometry, [p.positivePoints], [p.negativePoints], PromptPlacement.box_nodes(slicer.mrmlScene)
+        )
 
     def _targetSegment(self) -> tuple[str, str | None]:
         """(segment ID, clip-to segment ID or None). The target is created only when none is chosen."""

@@ -313,11 +313,33 @@ def prompts_from_markups(
     return prompts
 
 
+def boxes_redrawn_by(geometry: ImageGeometry, roi_node, others) -> list:
+    """The ROI nodes among ``others`` that ``roi_node`` redraws: placed boxes on the same slice that overlap it (a
+    user who draws a box again over the first means it instead). Boxes on other slices, and a box beside it on the
+    same slice (another lesion), are kept. Empty while ``roi_node`` is not placed."""
+    if not _roi_is_defined(roi_node):
+        return []
+    new = box_from_roi(geometry, roi_node)
+    redrawn = []
+    for other in others:
+        if other is roi_node or other is None or not _roi_is_defined(other):
+            continue
+        old = box_from_roi(geometry, other)
+        if old.k == new.k and old.i0 <= new.i1 and new.i0 <= old.i1 and old.j0 <= new.j1 and new.j0 <= old.j1:
+            redrawn.append(other)
+    return redrawn
+
+
 def _roi_is_defined(roi_node) -> bool:
-    """A ROI counts once it has been placed (its centre point is defined) and has a non-zero size."""
+    """A ROI counts once it has been placed (its centre point is defined) and has a non-zero size. While the
+    user draws it, its first corner is defined and the second follows the mouse as a *preview* point, and the
+    ROI is sized from both (vtkSlicerMarkupsWidget::UpdatePreviewPoint, vtkMRMLMarkupsROINode::
+    UpdateBoxROIFromControlPoints): a half-drawn box does not count."""
     if roi_node.GetNumberOfControlPoints() < 1:
         return False
     if roi_node.GetNthControlPointPositionStatus(0) != roi_node.PositionDefined:
+        return False
+    if roi_node.GetNumberOfDefinedControlPoints(True) > roi_node.GetNumberOfDefinedControlPoints(False):
         return False
     return bool(np.all(np.asarray(roi_node.GetSize()) > 0))
 

@@ -1,9 +1,11 @@
 """The markups nodes that hold LiverSAM's prompts, and placing them in the slice views (MRML only, no Qt).
 
-- Every new box is a *new* ROI node. A ROI node that has been placed once keeps
-  ``RequiredNumberOfControlPoints = MaximumNumberOfControlPoints = 1`` after ``RemoveAllControlPoints()``
-  (``vtkMRMLMarkupsROINode::UpdateBoxROIFromControlPoints`` returns early for zero points, before it resets
-  them to 2), so re-using it gives a zero-size box; :func:`new_box_node` removes the old node instead.
+- Every new box is a *new* ROI node, and the boxes placed before it stay (a liver box and a fix box on another
+  slice, or one box per lesion, are prompts of the same propagation) until *Clear prompts* removes them all
+  (:func:`box_nodes`, :func:`remove_box_nodes`). A ROI node that has been placed once could not take a second box
+  anyway: it keeps ``RequiredNumberOfControlPoints = MaximumNumberOfControlPoints = 1`` after
+  ``RemoveAllControlPoints()`` (``vtkMRMLMarkupsROINode::UpdateBoxROIFromControlPoints`` returns early for zero
+  points, before it resets them to 2).
 - Placement ends when Slicer leaves place mode (``vtkSlicerMarkupsWidget::PlacePoint`` switches the
   interaction node to ViewTransform after a one-time placement); the widget observes the interaction
   node's ``InteractionModeChangedEvent`` and unchecks its prompt buttons when :func:`placing` is False.
@@ -31,11 +33,22 @@ def new_prompt_node(scene: slicer.vtkMRMLScene, kind: str) -> slicer.vtkMRMLMark
     return node
 
 
-def new_box_node(scene: slicer.vtkMRMLScene, previous: slicer.vtkMRMLMarkupsROINode | None = None):
-    """A fresh ROI node for the next box; ``previous`` (the last box) is removed from the scene."""
-    if previous is not None and previous.GetScene() is scene:
-        scene.RemoveNode(previous)
+def new_box_node(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLMarkupsROINode:
+    """A fresh ROI node for the next box (the boxes placed before it stay)."""
     return new_prompt_node(scene, BOX)
+
+
+def box_nodes(scene: slicer.vtkMRMLScene) -> list[slicer.vtkMRMLMarkupsROINode]:
+    """Every LiverSAM box in the scene (ROI nodes marked with :data:`PROMPT_ATTRIBUTE` = box), oldest first."""
+    nodes = scene.GetNodesByClass("vtkMRMLMarkupsROINode")
+    found = [nodes.GetItemAsObject(n) for n in range(nodes.GetNumberOfItems())]
+    return [node for node in found if node.GetAttribute(PROMPT_ATTRIBUTE) == BOX]
+
+
+def remove_box_nodes(scene: slicer.vtkMRMLScene) -> None:
+    """Remove every LiverSAM box from the scene (*Clear prompts*)."""
+    for node in box_nodes(scene):
+        scene.RemoveNode(node)
 
 
 def start_placing(

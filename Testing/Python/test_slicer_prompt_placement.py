@@ -50,14 +50,54 @@ def test_a_reused_roi_gives_a_zero_size_second_box_but_a_new_node_works(volume):
     corner = geometry.ijk_to_ras(np.array([[20.0, 20.0, 8.0]]))[0]
     roi.AddControlPoint(*corner)
     assert roi.AddControlPoint(*corner) < 0 and not np.any(np.asarray(roi.GetSize()) > 0)  # no second corner
-    # The module's way: a new node for the next box (the old one removed).
-    second = PromptPlacement.new_box_node(scene, roi)
-    assert roi.GetScene() is None and second.GetRequiredNumberOfControlPoints() == 2
+    # The module's way: a new node for the next box.
+    scene.RemoveNode(roi)
+    second = PromptPlacement.new_box_node(scene)
+    assert second.GetRequiredNumberOfControlPoints() == 2
     place_box(second, geometry, (20, 20, 8), (50, 44, 8))
     box = MRMLBridge.box_from_roi(geometry, second)
     assert (box.k, box.i0, box.j0, box.i1, box.j1) == (8, 20, 20, 50, 44)
     assert second.GetAttribute(PromptPlacement.PROMPT_ATTRIBUTE) == PromptPlacement.BOX
-    assert scene.GetNumberOfNodesByClass("vtkMRMLMarkupsROINode") == 1
+    assert PromptPlacement.box_nodes(scene) == [second]
+
+
+def test_boxes_accumulate_until_cleared_and_a_box_drawn_over_another_replaces_it(volume):
+    """A liver box and a fix box on another slice, or one box per lesion, are all prompts of one propagation (a
+    new box used to delete the previous one, so a fix box dropped the seed's slice and the next Propagate started
+    again from the fix alone). A box drawn over an earlier one on the same slice replaces it."""
+    scene, _node, geometry = volume
+    liver = PromptPlacement.new_box_node(scene)
+    place_box(liver, geometry, (10, 10, 7), (50, 50, 7))
+    fix = PromptPlacement.new_box_node(scene)
+    place_box(fix, geometry, (12, 12, 15), (40, 40, 15))
+    beside = PromptPlacement.new_box_node(scene)
+    place_box(beside, geometry, (52, 52, 7), (60, 60, 7))  # a second lesion on the seed's slice
+    boxes = PromptPlacement.box_nodes(scene)
+    assert boxes == [liver, fix, beside]
+    assert MRMLBridge.boxes_redrawn_by(geometry, beside, boxes) == []
+    prompts = MRMLBridge.prompts_from_markups(geometry, roi_nodes=boxes)
+    assert prompts.slices == [7, 15] and len(prompts.boxes) == 3
+    again = PromptPlacement.new_box_node(scene)
+    place_box(again, geometry, (8, 9, 7), (45, 52, 7))  # the liver's box drawn again
+    assert MRMLBridge.boxes_redrawn_by(geometry, again, PromptPlacement.box_nodes(scene)) == [liver]
+    PromptPlacement.remove_box_nodes(scene)
+    assert PromptPlacement.box_nodes(scene) == [] and scene.GetNumberOfNodesByClass("vtkMRMLMarkupsROINode") == 0
+
+
+def test_a_half_drawn_box_is_no_prompt(volume):
+    """While the user draws, the second corner follows the mouse as a preview point and the ROI already has a
+    size from both corners; it must not be segmented (live update) before the second click."""
+    scene, _node, geometry = volume
+    roi = PromptPlacement.new_box_node(scene)
+    a, b = geometry.ijk_to_ras(np.array([(10, 10, 7), (30, 25, 7)], dtype=float))
+    roi.AddControlPoint(*a)
+    MRMLBridge.remember_first_corner(roi)
+    preview = roi.AddControlPoint(*a)
+    roi.SetNthControlPointPositionWorld(preview, *b, roi.PositionPreview)
+    assert np.all(np.asarray(roi.GetSize()) > 0)  # Slicer sizes it from the preview point too
+    assert MRMLBridge.prompts_from_markups(geometry, roi_nodes=[roi]).slices == []
+    roi.SetNthControlPointPositionWorld(preview, *b)  # the second click
+    assert MRMLBridge.prompts_from_markups(geometry, roi_nodes=[roi]).slices == [7]
 
 
 @pytest.mark.parametrize("corners, axis", [(((5, 10, 3), (5, 40, 15)), 0), (((8, 20, 2), (40, 20, 12)), 1)])
