@@ -898,9 +898,14 @@ class LiverSAMTest(ScriptedLoadableModuleTest):
 
     def runTest(self):
         self.setUp()
-        self.test_LiverSAM_box_then_propagation_through_the_server()
-        self.setUp()
         self.test_LiverSAM_liver_write_keeps_tumour_and_undo()
+        # The server test needs a LiverSAM environment (setup.sh) or a configured remote server; a build machine
+        # (the extensions index) has neither: there the test is skipped with the reason, not failed.
+        problem = LiverSAMLogic().connection.settings.problem()
+        if problem:
+            self.skipTest(f"LiverSAM server test skipped: {problem}")
+        self.setUp()
+        self.test_LiverSAM_box_then_propagation_through_the_server()
 
     @staticmethod
     def _dice(a, b) -> float:

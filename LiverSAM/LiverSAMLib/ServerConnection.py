@@ -137,7 +137,11 @@ class ServerConnection:
 
     def connect(self) -> LiverSAMClient:
         """Start or reach the server (blocking; call it off the main thread). Raises ServerUnavailable /
-        AuthError with the reason, and remembers it (``state`` FAILED)."""
+        AuthError with the reason, and remembers it (``state`` FAILED).
+
+        The lock is not held while the server starts (up to ``startup_timeout_s``) or answers: :meth:`stop`,
+        :meth:`reset` and :meth:`lost` run on Slicer's main thread, which would freeze until then; a
+        :meth:`stop` meanwhile ends the starting process, and this call then fails."""
         with self._lock:
             if self.state == READY and self._client is not None:
                 return self._client
@@ -146,25 +150,34 @@ class ServerConnection:
                 self._fail(problem)
                 raise ServerUnavailable(problem)
             self.state, self.message = STARTING, "Starting the LiverSAM server..."
-            try:
-                if self.settings.mode == LOCAL:
-                    self._process = LocalServerProcess(
-                        self.settings.python,
-                        extra_args=self.settings.serve_arguments(),
-                        startup_timeout=self.startup_timeout_s,
-                        env=server_environment(),
-                    )
-                    client = self._process.start()
-                else:
-                    client = LiverSAMClient(self.settings.url, self.settings.token)
-                self.info = client.info()  # needs the token: a wrong one fails here, once
-            except (ServerUnavailable, AuthError) as error:
-                self._stop_process()
-                self._fail(str(error))
-                raise
+            settings = self.settings
+            process = None
+            if settings.mode == LOCAL:
+                process = self._process = LocalServerProcess(
+                    settings.python,
+                    extra_args=settings.serve_arguments(),
+                    startup_timeout=self.startup_timeout_s,
+                    env=server_environment(),
+                )
+        try:
+            client = process.start() if process is not None else LiverSAMClient(settings.url, settings.token)
+            info = client.info()  # needs the token: a wrong one fails here, once
+        except (ServerUnavailable, AuthError) as error:
+            with self._lock:
+                if process is not None and self._process is process:
+                    self._stop_process()
+                if self.state == STARTING:
+                    self._fail(str(error))
+            raise
+        with self._lock:
+            if self.state != STARTING or (process is not None and self._process is not process):
+                if process is not None:
+                    process.stop()  # stopped (or reset) while it started
+                raise ServerUnavailable(f"The LiverSAM server was stopped while it started. {self.message}")
+            self.info = info
             self._client = client
             self.state = READY
-            where = "local server" if self.settings.mode == LOCAL else self.settings.url
+            where = "local server" if settings.mode == LOCAL else settings.url
             model = self.info.get("model") or {}  # the server's info: {"model": {"name", "device", ...}, ...}
             self.message = "Connected to the {where}: model {model} on {device}.".format(
                 where=where, model=model.get("name", "?"), device=model.get("device", "?")
@@ -219,10 +232,29 @@ class ServerConnection:
         self._client = None
 
 
+def _environment_before_slicer() -> dict[str, str]:
+    """The environment Slicer was started with, when running inside Slicer: its launcher also puts Slicer's own
+    libraries on the library path (``LD_LIBRARY_PATH`` with Slicer's libpython, ``PATH`` with its Python's
+    ``bin``; SuperBuild/External_python.cmake), which another Python must not load. ``LIVERSAM_*`` variables set
+    during the session are kept. Outside Slicer: this process's environment."""
+    try:
+        import slicer
+
+        if getattr(slicer, "app", None) is None:
+            raise ImportError("not inside Slicer")
+        environment = {str(k): str(v) for k, v in slicer.util.startupEnvironment().items()}
+    except (ImportError, AttributeError):
+        return dict(os.environ)
+    environment.update({k: v for k, v in os.environ.items() if k.startswith("LIVERSAM_")})
+    return environment
+
+
 def server_environment() -> dict[str, str]:
-    """The server's environment: Slicer's own Python variables removed, so the server's Python uses its
-    own standard library and packages (Slicer's launcher sets PYTHONHOME / PYTHONPATH for PythonSlicer)."""
-    environment = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH", "PYTHONNOUSERSITE")}
+    """The server's environment: Slicer's own Python variables and library paths removed, so the server's Python
+    uses its own standard library and packages (Slicer's launcher sets PYTHONHOME / PYTHONPATH for PythonSlicer)."""
+    environment = {
+        k: v for k, v in _environment_before_slicer().items() if k not in ("PYTHONHOME", "PYTHONPATH", "PYTHONNOUSERSITE")
+    }
     if os.environ.get("LIVERSAM_SERVER_PYTHONPATH"):  # a source checkout of the core (tests, developers)
         environment["PYTHONPATH"] = os.environ["LIVERSAM_SERVER_PYTHONPATH"]
     environment.setdefault("PYTHONIOENCODING", "utf-8")

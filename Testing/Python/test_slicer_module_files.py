@@ -219,9 +219,13 @@ def test_extension_metadata_and_the_minimum_slicer_version_agree():
     from LiverSAMLib.SlicerCompatibility import MINIMUM_SLICER_VERSION, version_problem
 
     text = (REPO_ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
-    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL",
-                "EXTENSION_SCREENSHOTURLS"):  # fmt: skip
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION", "EXTENSION_ICONURL"):
         assert re.search(rf'set\({key} "[^"]+"\)', text), key
+    # Images the extension index shows are files of this repository (a screenshot URL pointed at a missing file)
+    for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        urls = re.search(rf'set\({key} "([^"]*)"\)', text).group(1).split()
+        for url in urls:
+            assert (REPO_ROOT / url.split("/main/", 1)[1]).is_file(), url
     assert 'set(EXTENSION_CATEGORY "Segmentation")' in text
     assert 'set(EXTENSION_DEPENDS "NA")' in text  # no PyTorch extension: the model runs in the server
     minimum = ".".join(map(str, MINIMUM_SLICER_VERSION))

@@ -96,6 +96,49 @@ def test_a_failed_connection_is_checked_once_not_at_every_click(monkeypatch, tmp
     assert len(starts) == 2
 
 
+def test_stop_does_not_wait_for_a_server_that_is_starting(monkeypatch, tmp_path):
+    """Stop server, Connect, a settings edit or quitting Slicer call stop() on the main thread while the I/O thread
+    starts the server (up to two minutes): the UI must not freeze until the start ends, and the start then fails."""
+    started, stopped = threading.Event(), threading.Event()
+
+    class SlowProcess:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def start(self):
+            started.set()
+            if stopped.wait(10.0):
+                raise ServerUnavailable("the LiverSAM server exited with code -15 while starting")
+            raise AssertionError("stop() never reached the starting process")
+
+        def stop(self):
+            stopped.set()
+
+        def running(self):
+            return not stopped.is_set()
+
+    python = tmp_path / "python"
+    python.write_text("")
+    monkeypatch.setattr(connection_module, "LocalServerProcess", SlowProcess)
+    connection = ServerConnection(ServerSettings(python=str(python)))
+    errors: list = []
+
+    def connect() -> None:
+        try:
+            connection.connect()
+        except ServerUnavailable as error:
+            errors.append(error)
+
+    io_thread = threading.Thread(target=connect)
+    io_thread.start()
+    assert started.wait(5.0)
+    t0 = time.monotonic()
+    connection.stop()  # the main thread
+    assert time.monotonic() - t0 < 1.0 and stopped.is_set()
+    io_thread.join(5.0)
+    assert not io_thread.is_alive() and len(errors) == 1 and connection.client is None
+
+
 def test_the_server_environment_drops_slicers_python_variables(monkeypatch):
     monkeypatch.setenv("PYTHONHOME", "/slicer/lib/Python")
     monkeypatch.setenv("PYTHONPATH", "/slicer/lib/Python/site-packages")
@@ -104,6 +147,21 @@ def test_the_server_environment_drops_slicers_python_variables(monkeypatch):
     assert "PYTHONHOME" not in environment and "PYTHONPATH" not in environment
     monkeypatch.setenv("LIVERSAM_SERVER_PYTHONPATH", "/checkout/LiverSAM")
     assert server_environment()["PYTHONPATH"] == "/checkout/LiverSAM"
+
+
+def test_inside_slicer_the_server_gets_the_environment_slicer_was_started_with(monkeypatch):
+    """Slicer's launcher puts its own libpython on LD_LIBRARY_PATH; the server's Python must not load it."""
+    import slicer
+
+    started_with = {"PATH": "/usr/bin", "LD_LIBRARY_PATH": "/usr/lib", "HOME": "/home/reader"}
+    monkeypatch.setattr(slicer, "app", object(), raising=False)
+    monkeypatch.setattr(slicer.util, "startupEnvironment", lambda: dict(started_with), raising=False)
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/Slicer/lib/Python/lib:/usr/lib")
+    monkeypatch.setenv("PYTHONHOME", "/opt/Slicer/lib/Python")
+    monkeypatch.setenv("LIVERSAM_HOME", "/data/liversam")
+    environment = server_environment()
+    assert environment["LD_LIBRARY_PATH"] == "/usr/lib" and environment["PATH"] == "/usr/bin"
+    assert "PYTHONHOME" not in environment and environment["LIVERSAM_HOME"] == "/data/liversam"
 
 
 def test_calls_run_on_one_thread_and_callbacks_on_the_polling_thread():
