@@ -191,11 +191,16 @@ def read_history(csv_path: str | Path) -> dict[str, np.ndarray]:
 def update_curves(csv_path: str | Path, scene=None, table_node=None, chart_node=None):
     """Fill (or create) a table node with the run's curves and a plot chart with one series per curve.
 
-    Returns ``(table_node, chart_node)``; ``(None, None)`` when there is no history yet.
+    Returns ``(table_node, chart_node)``; ``(None, None)`` when there is no history yet. Nodes no longer in
+    ``scene`` (File > Close Scene during a run) are replaced by new ones, so the curves keep showing.
     """
     import vtk
 
     scene = scene or slicer.mrmlScene
+    if table_node is not None and table_node.GetScene() is not scene:
+        table_node = None
+    if chart_node is not None and (chart_node.GetScene() is not scene or table_node is None):
+        chart_node = None  # its series point at the old table
     history = read_history(csv_path)
     if not history:
         return table_node, chart_node

@@ -60,6 +60,13 @@ def test_curves_csv_becomes_a_table_and_a_plot_chart(tmp_path):
     )
     assert again == (table_node, chart_node) and table.GetNumberOfRows() == 4
     assert scene.GetNumberOfNodesByClass("vtkMRMLPlotChartNode") == 1
+    # File > Close Scene during a run: the next epoch's curves go into new nodes of the scene, not the old ones.
+    scene.Clear(0)
+    table_after, chart_after = TrainingLogic.update_curves(
+        tmp_path / "history.csv", scene=scene, table_node=table_node, chart_node=chart_node
+    )
+    assert table_after.GetScene() is scene and chart_after.GetScene() is scene
+    assert table_after.GetTable().GetNumberOfRows() == 4 and chart_after.GetNthPlotSeriesNode(0).GetTableNode() is table_after
 
 
 def test_loaded_volume_and_segmentation_pairs_export_to_training_files(tmp_path):
