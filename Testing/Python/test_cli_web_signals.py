@@ -1,0 +1,68 @@
+"""A signal sent to `liversam web` stops the web app and its `liversam serve` child too, instead of leaving both
+running (re-parented to PID 1) as `subprocess.call` did."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+psutil = pytest.importorskip("psutil")
+
+REPO = Path(__file__).resolve().parents[2]
+WEB_VENV = Path(os.environ.get("LIVERSAM_WEB_VENV", Path.home() / ".cache/liversam/web-venv"))
+READY_LINE = "LiverSAM web app:"
+
+
+def start_liversam_web() -> tuple[subprocess.Popen, queue.Queue]:
+    """`liversam web --port 0` as a user starts it (the real web environment), its stdout lines in a queue."""
+    env = dict(os.environ, LIVERSAM_WEB_VENV=str(WEB_VENV), PYTHONPATH=str(REPO / "LiverSAM"))
+    process = subprocess.Popen([sys.executable, "-m", "liversam", "web", "--port", "0"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    return process, lines
+
+
+def wait_until_ready(process: subprocess.Popen, lines: queue.Queue, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if READY_LINE in lines.get(timeout=0.5):
+                return
+        except queue.Empty:
+            assert process.poll() is None, f"liversam web exited with {process.returncode} before it was ready"
+    pytest.fail(f"liversam web did not print {READY_LINE!r} within {timeout:.0f} s")
+
+
+def wait_gone(processes: list, timeout: float) -> list:
+    _gone, alive = psutil.wait_procs(processes, timeout=timeout)
+    return alive
+
+
+@pytest.mark.skipif(not (WEB_VENV / "bin" / "python").is_file(), reason="no web app environment (bash setup.sh)")
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_signal_to_liversam_web_stops_app_and_server(signum):
+    process, lines = start_liversam_web()
+    descendants: list = []
+    try:
+        wait_until_ready(process, lines)
+        descendants = psutil.Process(process.pid).children(recursive=True)
+        commands = [" ".join(child.cmdline()) for child in descendants]
+        assert any("liversam_web" in c for c in commands) and any("liversam serve" in c for c in commands), commands
+        process.send_signal(signum)
+        process.wait(timeout=30)
+        alive = wait_gone(descendants, timeout=10)
+        assert not alive, f"still running after {signum.name} to liversam web: {[p.cmdline() for p in alive]}"
+    finally:
+        for child in [*descendants, psutil.Process(process.pid) if process.poll() is None else None]:
+            if child is not None and child.is_running():
+                child.kill()
+        process.wait(timeout=10)
