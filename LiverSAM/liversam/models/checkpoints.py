@@ -1,8 +1,8 @@
 """Checkpoint files: SHA-256 verification, safe loading (no code execution), and explicit downloads.
 
 Every checkpoint is loaded with ``torch.load(..., weights_only=True)``: a file someone sends cannot run code.
-Downloads happen only when a user explicitly asks (``liversam download-model``), never at import or in a
-constructor.
+Downloads happen only through an explicit call to :func:`download_checkpoint` (no ``liversam`` command
+downloads a model), never at import or in a constructor.
 """
 
 from __future__ import annotations
@@ -67,9 +67,10 @@ def verify_sha256(path: str | Path, expected: str, model_name: str, url: str) ->
     """Raise :class:`ModelError` unless the file's SHA-256 equals the official one."""
     path = Path(path)
     if not path.is_file():
+        # name only what works: there is no download command, the file is found by its place or by --model
         raise ModelError(
-            f"Checkpoint for '{model_name}' not found at '{path}'. Download the official file from {url} "
-            f"(or run 'liversam download-model {model_name}') and give its path."
+            f"Checkpoint for '{model_name}' not found at '{path}'. Download the official file from {url}, then "
+            f"put it at '{path}' or give its path as --model {model_name}=/path/to/{path.name}."
         )
     actual = file_sha256(path)
     if actual != expected:
