@@ -21,6 +21,15 @@ logger = logging.getLogger(__name__)
 
 IMAGE_FILE_SUFFIXES = (".nrrd", ".nii", ".nii.gz", ".mha", ".mhd")
 
+# A label mask given as the CT. A CT of the abdomen has air (about -1000 HU) around and inside the body, which is
+# why the web app refuses a volume whose lowest value is above -300 HU (MIN_AIR_HU in web/liversam_web/mrml_scene.py).
+# The command line is stricter about what it refuses, so that crops and synthetic volumes without air still pass:
+# only a volume of few small non-negative whole numbers (labels 0..255) is taken for a label mask. A CT, even one
+# cropped to the liver, has fat or noise below 0 HU, so a negative value is enough to clear it.
+LABEL_MASK_MIN_VALUE = 0
+LABEL_MASK_MAX_VALUE = 255
+LABEL_MASK_MAX_DISTINCT = 128  # room for multi-organ label maps (TotalSegmentator has 117 classes)
+
 
 def has_image_suffix(path: Path) -> bool:
     name = path.name.lower()
@@ -67,6 +76,37 @@ def read_ct(
     except RuntimeError as exc:
         raise InputImageError(f"Cannot read CT file '{path}': {_itk_message(exc)}") from exc
     return _finite_volume(ct_from_sitk(image, source=str(path)), replace_nonfinite)
+
+
+def label_mask_values(array_kji: np.ndarray) -> np.ndarray | None:
+    """The distinct values of ``array_kji`` if it looks like a label mask rather than a CT, else None."""
+    if array_kji.size == 0:
+        return None
+    low, high = array_kji.min(), array_kji.max()
+    if not (LABEL_MASK_MIN_VALUE <= low and high <= LABEL_MASK_MAX_VALUE):
+        return None  # air, fat or bone: a real CT returns here, before any costlier test
+    offset = int(np.floor(low))
+    counts = np.zeros(int(high) - offset + 1, dtype=np.int64)
+    for slice_ji in array_kji:  # a slice at a time: no full-volume copy of a large mask
+        if slice_ji.dtype.kind == "f" and not np.array_equal(slice_ji, np.round(slice_ji)):
+            return None  # fractional values: an image, not labels
+        counts += np.bincount((slice_ji.astype(np.int64) - offset).ravel(), minlength=counts.size)
+    values = np.flatnonzero(counts) + offset
+    return values if values.size <= LABEL_MASK_MAX_DISTINCT else None
+
+
+def check_not_label_mask(volume: CTVolume) -> None:
+    """Refuse a volume that looks like a label mask (see :func:`label_mask_values`) with what to give instead."""
+    values = label_mask_values(volume.array_kji)
+    if values is None:
+        return
+    where = f"'{volume.source}'" if volume.source else "The CT"
+    shown = ", ".join(str(int(v)) for v in values[:8]) + (", ..." if values.size > 8 else "")
+    raise InputImageError(
+        f"{where} looks like a label mask, not a CT: it holds only {values.size} whole-number value(s) ({shown}) "
+        "and no air, while a CT has air near -1000 HU. Give the CT image itself (e.g. ct.nii.gz, not "
+        "label.nii.gz); if this really is a CT, pass --allow-non-ct."
+    )
 
 
 def _itk_message(exc: Exception) -> str:

@@ -60,7 +60,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--lesions", help="write the lesion table (.csv or .json)")
     p.add_argument("--series-uid", help="DICOM folder: the SeriesInstanceUID to use when it holds several series")
     p.add_argument("--series-number", type=int, help="DICOM folder: the SeriesNumber to use")
-    p.add_argument("--allow-non-ct", action="store_true", help="DICOM: accept a series whose modality is not CT")
+    p.add_argument("--allow-non-ct", action="store_true",
+                   help="accept a DICOM series whose modality is not CT, or a volume whose values look like a "
+                   "label mask")
     p.add_argument("--resample-irregular", action="store_true",
                    help="DICOM: resample irregular slice spacing or gantry tilt instead of refusing it")
     p.add_argument("--replace-nonfinite", type=float, metavar="HU",
@@ -101,7 +103,7 @@ def _dicom_folder_of_file(ct: Path) -> Path | None:
 
 def run(args: argparse.Namespace) -> int:
     from ..acceleration import describe_acceleration
-    from ..ct_io import read_ct
+    from ..ct_io import check_not_label_mask, read_ct
     from ..dense_crf import crf_for_segments
     from ..lesion_rim import LesionRimSettings
     from ..models import load_model
@@ -143,6 +145,8 @@ def run(args: argparse.Namespace) -> int:
         resample_irregular=args.resample_irregular,
         replace_nonfinite=args.replace_nonfinite,
     )
+    if not args.allow_non_ct:
+        check_not_label_mask(volume)  # a label file given as the CT would otherwise be "segmented" without error
     if volume.metadata.get("nonfinite_replaced"):
         print(
             f"replaced {volume.metadata['nonfinite_replaced']} non-finite CT voxel(s) by "
