@@ -504,6 +504,14 @@ class LocalServerProcess:
             return self.client()
         self._folder = tempfile.mkdtemp(prefix="liversam-server-")
         token_file = os.path.join(self._folder, f"token-{secrets.token_hex(4)}")
+        try:
+            self._launch(token_file)
+            return self._wait_until_ready(token_file)
+        except BaseException:  # start-up failed or was interrupted (Ctrl-C): leave no server and no token folder
+            self.stop()
+            raise
+
+    def _launch(self, token_file: str) -> None:
         command = [self.python, "-m", "liversam", "serve", "--host", "127.0.0.1", "--port", "0",
                    "--token-file", token_file, *self.extra_args]
         flags = getattr(subprocess, "CREATE_NO_WINDOW", 0) if sys.platform == "win32" else 0
@@ -514,8 +522,13 @@ class LocalServerProcess:
             )
         except OSError as exc:
             raise ServerUnavailable(f"cannot start the LiverSAM server with '{self.python}': {exc}") from None
-        threading.Thread(target=self._read_stdout, daemon=True).start()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
+        # the readers get the process itself: a failed start-up may already have cleared self.process
+        threading.Thread(target=self._read_stdout, args=(self.process,), daemon=True).start()
+        threading.Thread(target=self._read_stderr, args=(self.process,), daemon=True).start()
+
+    def _wait_until_ready(self, token_file: str) -> LiverSAMClient:
+        """A client once the server answers its health check; ServerUnavailable if it exits or times out."""
+        assert self.process is not None
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -525,14 +538,14 @@ class LocalServerProcess:
                     + self.stderr_tail()
                 )
             if self._url_found.is_set() and os.path.isfile(token_file):
-                self.token = open(token_file, encoding="utf-8").read().strip()
+                with open(token_file, encoding="utf-8") as handle:
+                    self.token = handle.read().strip()
                 try:
                     self.client().health()
                     return self.client()
                 except ServerUnavailable:
                     pass
             time.sleep(0.1)
-        self.stop()
         raise ServerUnavailable(
             f"the LiverSAM server did not answer within {self.startup_timeout:.0f} s:\n" + self.stderr_tail()
         )
@@ -576,9 +589,8 @@ class LocalServerProcess:
     def __exit__(self, *exc_info: Any) -> None:
         self.stop()
 
-    def _read_stdout(self) -> None:
-        process = self.process
-        assert process is not None and process.stdout is not None
+    def _read_stdout(self, process: subprocess.Popen) -> None:
+        assert process.stdout is not None
         for line in process.stdout:
             self._stdout_lines.append(line)
             match = self.URL_PATTERN.search(line)
@@ -586,8 +598,7 @@ class LocalServerProcess:
                 self.url = match.group(1)
                 self._url_found.set()
 
-    def _read_stderr(self) -> None:
-        process = self.process
-        assert process is not None and process.stderr is not None
+    def _read_stderr(self, process: subprocess.Popen) -> None:
+        assert process.stderr is not None
         for line in process.stderr:
             self._stderr_tail.append(line)
