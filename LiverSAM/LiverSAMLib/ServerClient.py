@@ -21,6 +21,7 @@ Wire formats (see docs/SERVER.md):
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import re
@@ -512,12 +513,14 @@ class LocalServerProcess:
             raise
 
     def _launch(self, token_file: str) -> None:
+        # --exit-with-stdin: the server ends with the program that started it even when that program crashes or is
+        # killed (its stop at exit never runs then): this process holds the pipe that is the server's input
         command = [self.python, "-m", "liversam", "serve", "--host", "127.0.0.1", "--port", "0",
-                   "--token-file", token_file, *self.extra_args]
+                   "--token-file", token_file, "--exit-with-stdin", *self.extra_args]
         flags = getattr(subprocess, "CREATE_NO_WINDOW", 0) if sys.platform == "win32" else 0
         try:
             self.process = subprocess.Popen(
-                command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.PIPE,
                 env=self.env, cwd=self.cwd, creationflags=flags, text=True, encoding="utf-8", errors="replace",
             )
         except OSError as exc:
@@ -571,6 +574,9 @@ class LocalServerProcess:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout)
+        if process is not None and process.stdin is not None:
+            with contextlib.suppress(OSError):
+                process.stdin.close()
         if self._folder and os.path.isdir(self._folder):
             for name in os.listdir(self._folder):
                 try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import socket
+import sys
+import threading
 from pathlib import Path
 
 from ..errors import LiverSAMError
@@ -35,6 +37,9 @@ def add_parser(subparsers) -> None:
                    help="folder CTs may be opened from by path (repeatable); without it only a loopback server "
                    "opens paths, anywhere its user can read")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch default)")
+    p.add_argument("--exit-with-stdin", action="store_true",
+                   help="stop when standard input closes: for a server started by another program (the Slicer module) "
+                        "with a pipe as its input, so that it ends with that program even when it crashes")
     p.set_defaults(run=run)
 
 
@@ -104,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(config)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30,
                                            limit_concurrency=64))
+    if args.exit_with_stdin:
+        _stop_when_stdin_closes(server)
     try:
         server.run(sockets=[sock])
     finally:
@@ -111,3 +118,20 @@ def run(args: argparse.Namespace) -> int:
             with contextlib.suppress(OSError):
                 written.unlink()  # the token dies with the server
     return 0
+
+
+def _stop_when_stdin_closes(server) -> None:
+    """Ask ``server`` (uvicorn's) to stop once standard input reaches its end. The program that started the server
+    holds the pipe's other end; the operating system closes it when that program ends, a crash or a kill included
+    (its own "stop at exit" does not run then), so the model and its memory are not left behind."""
+
+    def wait_for_end() -> None:
+        with contextlib.suppress(OSError, ValueError):
+            while sys.stdin.buffer.read(65536):
+                pass
+        server.should_exit = True  # first: the starter's end may have closed our output too (a print then fails)
+        with contextlib.suppress(OSError, ValueError):
+            print("liversam serve: standard input closed (the program that started the server ended): stopping",
+                  flush=True)
+
+    threading.Thread(target=wait_for_end, name="liversam-stdin-watch", daemon=True).start()
