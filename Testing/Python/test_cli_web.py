@@ -30,6 +30,7 @@ def test_options_go_to_the_web_app(tmp_path):
     result = run_liversam(["--help"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert "--server-url" in result.stdout and "--token-file" in result.stdout
+    assert "start the LiverSAM web app" in result.stdout and "``" not in result.stdout  # plain text, no reST
     result = run_liversam(["--server-url", "http://127.0.0.1:9", "--token", "x"], tmp_path)
     assert result.returncode == 2
     assert "not reachable" in result.stderr

@@ -22,7 +22,8 @@ from .server_client import REPO_ROOT, AuthError, LiverSAMClient, LocalServerProc
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="liversam web", description=__doc__.splitlines()[0])
+    # the docstring's first line without its reST markup: `liversam web --help` prints it as it is
+    parser = argparse.ArgumentParser(prog="liversam web", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--host", default="127.0.0.1", help="address of the page (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port of the page (default 0: a free port)")
     parser.add_argument("--server-url", help="use this running `liversam serve` (e.g. http://gpu-box:8123) "
