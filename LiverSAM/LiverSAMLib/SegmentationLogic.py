@@ -302,10 +302,10 @@ class SegmentationLogic:
                 )
             else:
                 # "Set" replaces the whole segment; a slab update erases the slab, then adds the new mask.
-                ones = MRMLBridge.oriented_image_from_slab(
-                    np.ones(slab.shape, dtype=bool), k0, ijk_to_segmentation
+                self._erase_own_voxels(
+                    logic, editor_node, segmentation_node, segment_id, volume_node, slab.shape, k0, ijk_to_segmentation,
+                    extent,
                 )
-                self._erase_own_voxels(logic, editor_node, segmentation_node, segment_id, ones, extent)
                 logic.ModifySegmentByLabelmap(
                     segmentation_node, segment_id, modifier, logic.ModificationModeAdd, extent, True, False
                 )
@@ -314,22 +314,35 @@ class SegmentationLogic:
                 editor_node.SetOverwriteMode(saved_overwrite)
 
     @staticmethod
-    def _erase_own_voxels(logic, editor_node, segmentation_node, segment_id, region, extent) -> None:
-        """Erase ``segment_id``'s voxels in ``region`` (a slab write's first half) and nothing else.
+    def _erase_own_voxels(
+        logic, editor_node, segmentation_node, segment_id, volume_node, slab_shape, k0, ijk_to_segmentation, extent
+    ) -> None:
+        """Erase ``segment_id``'s voxels in the slab's editable area (a slab write's first half) and nothing else.
 
-        Under the editable area "inside one segment" an erase *gives* the erased voxels to that segment
-        (Slicer's split-by-erasing, vtkSlicerSegmentEditorLogic::ModifySegmentByLabelmap): a tumour slab
-        write would hand the old tumour voxels to the liver. In that mode the logic's erase already reaches
-        all of the written segment's own voxels, so erasing with the editable area "everywhere" removes the
-        same voxels without the hand-over."""
+        Under the editable area "inside one segment" Slicer's erase *gives* the erased voxels to that segment
+        (split by erasing, vtkSlicerSegmentEditorLogic::ModifySegmentByLabelmap), so a tumour slab write handed the
+        old tumour voxels to the liver; it also makes all of the erased segment's own voxels editable, so old voxels
+        outside the liver went, and the following add (inside the liver only) could not put them back. So in that
+        mode the erase reaches the slab inside the mask segment only, with the editable area "everywhere" (no
+        hand-over): as Slicer's "set" keeps a segment outside the editable area. In the other modes the logic's own
+        erase already does that."""
         mode = editor_node.GetMaskMode()
-        inside_one = mode == slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment
+        mask_id = editor_node.GetMaskSegmentID()
+        inside_one = (
+            mode == slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment
+            and bool(mask_id)
+            and mask_id != segment_id
+            and segmentation_node.GetSegmentation().GetSegment(mask_id) is not None
+        )
+        region = np.ones(slab_shape, dtype=bool)
         if inside_one:
+            region &= MRMLBridge.segment_mask(segmentation_node, mask_id, volume_node)[k0 : k0 + slab_shape[0]]
             editor_node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere)
         try:
             logic.ModifySegmentByLabelmap(
-                segmentation_node, segment_id, region, logic.ModificationModeRemove, extent, True, False
-            )
+                segmentation_node, segment_id, MRMLBridge.oriented_image_from_slab(region, k0, ijk_to_segmentation),
+                logic.ModificationModeRemove, extent, True, False,
+            )  # fmt: skip
         finally:
             if inside_one:
                 editor_node.SetMaskMode(mode)
