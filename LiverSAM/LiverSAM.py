@@ -419,7 +419,8 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                      PromptPlacement.BOX: "boxROI"}[kind]  # fmt: skip
         node = getattr(p, attribute)
         if kind == PromptPlacement.BOX:
-            node = PromptPlacement.new_box_node(slicer.mrmlScene)
+            if node is None or node.GetScene() is not slicer.mrmlScene or node.GetNumberOfControlPoints() > 0:
+                node = PromptPlacement.new_box_node(slicer.mrmlScene)  # else: the last Box press placed nothing
             setattr(p, attribute, node)
             self._observePromptNodes()
         elif node is None:
@@ -431,15 +432,20 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _observePromptNodes(self) -> None:
         events = (slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent,
                   slicer.vtkMRMLMarkupsNode.PointRemovedEvent)  # fmt: skip
+        defined = slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent
         for node in self._observedPromptNodes:
             for event in events:
                 self.removeObserver(node, event, self._onPromptsChanged)
+            if node.IsA("vtkMRMLMarkupsROINode"):
+                self.removeObserver(node, defined, self._onBoxPointDefined)
         self._observedPromptNodes = []
         p = self._parameterNode
         if p is None:
             return
         for node in (p.positivePoints, p.negativePoints, *PromptPlacement.box_nodes(slicer.mrmlScene)):
             if node is not None:
+                if node.IsA("vtkMRMLMarkupsROINode"):  # first: the redrawn box goes before the live update reads
+                    self.addObserver(node, defined, self._onBoxPointDefined)
                 for event in events:
                     self.addObserver(node, event, self._onPromptsChanged)
                 self._observedPromptNodes.append(node)
@@ -463,11 +469,13 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )  # fmt: skip
 
     def _onPromptsChanged(self, caller=None, event=None) -> None:
-        if caller is not None and caller.IsA("vtkMRMLMarkupsROINode"):
-            MRMLBridge.remember_first_corner(caller)  # which view the box is drawn in
-            self._removeRedrawnBoxes(caller)
         if self._parameterNode and self._parameterNode.liveUpdate:
             self._liveTimer.start()
+
+    def _onBoxPointDefined(self, roi=None, event=None) -> None:
+        """A box's point was placed (not moved by its handles): a box just drawn may redraw an earlier one."""
+        MRMLBridge.remember_first_corner(roi)  # which view the box is drawn in
+        self._removeRedrawnBoxes(roi)
 
     def _removeRedrawnBoxes(self, roi) -> None:
         """A box drawn over an earlier one on the same slice replaces it; the other boxes stay."""
@@ -478,7 +486,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             redrawn = MRMLBridge.boxes_redrawn_by(geometry, roi, PromptPlacement.box_nodes(slicer.mrmlScene))
         except PromptError:
-            return  # a box across the slices: refused with its message when the prompts are read
+            return  # this box lies across the slices: refused with its message when the prompts are read
         for node in redrawn:
             slicer.mrmlScene.RemoveNode(node)
         if redrawn:
@@ -897,15 +905,15 @@ class LiverSAMTest(ScriptedLoadableModuleTest):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
+        import unittest
+
         self.setUp()
         self.test_LiverSAM_liver_write_keeps_tumour_and_undo()
-        # The server test needs a LiverSAM environment (setup.sh) or a configured remote server; a build machine
-        # (the extensions index) has neither: there the test is skipped with the reason, not failed.
-        problem = LiverSAMLogic().connection.settings.problem()
-        if problem:
-            self.skipTest(f"LiverSAM server test skipped: {problem}")
         self.setUp()
-        self.test_LiverSAM_box_then_propagation_through_the_server()
+        try:
+            self.test_LiverSAM_box_then_propagation_through_the_server()
+        except unittest.SkipTest as skipped:  # "Reload and Test" shows it instead of a failure
+            self.delayDisplay(str(skipped))
 
     @staticmethod
     def _dice(a, b) -> float:
@@ -917,6 +925,12 @@ class LiverSAMTest(ScriptedLoadableModuleTest):
 
     def test_LiverSAM_box_then_propagation_through_the_server(self):
         import numpy as np
+
+        # Needs a LiverSAM environment (setup.sh) or a configured remote server; a build machine (the extensions
+        # index) has neither: skipped there with the reason, not failed (ctest runs each test_ method on its own).
+        problem = LiverSAMLogic().connection.settings.problem()
+        if problem:
+            self.skipTest(f"LiverSAM server test skipped: {problem}")
 
         ct, liver = liver_phantom()
         volumeNode = MRMLBridge.volume_node_from_ct(ct, "LiverSAM phantom")

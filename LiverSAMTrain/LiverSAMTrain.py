@@ -84,7 +84,7 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         self._timer = None
         self._pairs = []
         self._settings = None
-        self._chartShown = False
+        self._chartShown = None  # the chart node shown in the layout
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -169,7 +169,7 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
             command = self.logic.start(self._settings, TrainingLogic.python_executable())
             self.ui.logTextEdit.appendPlainText(" ".join(command))
             self.ui.progressBar.setMaximum(self._settings.epochs)
-            self._chartShown = False
+            self._chartShown = None
             self._timer.start()
         self.updateButtons()
 
@@ -196,10 +196,11 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
                     )
                 )
                 self.logic.updateCurves(self._settings.out)
-                if self.logic.chartNode is not None and not self._chartShown:
-                    # Once per run: later epochs update the chart in place and leave the user's layout alone.
+                if self.logic.chartNode is not None and self._chartShown is not self.logic.chartNode:
+                    # Once per chart node (a new one after File > Close Scene): later epochs update it in place and
+                    # leave the user's layout alone.
                     slicer.modules.plots.logic().ShowChartInLayout(self.logic.chartNode)
-                    self._chartShown = True
+                    self._chartShown = self.logic.chartNode
             elif kind == "DONE":
                 name = payload.get("registered_name")
                 self.ui.statusLabel.setText(

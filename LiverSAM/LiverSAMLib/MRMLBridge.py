@@ -314,9 +314,10 @@ def prompts_from_markups(
 
 
 def boxes_redrawn_by(geometry: ImageGeometry, roi_node, others) -> list:
-    """The ROI nodes among ``others`` that ``roi_node`` redraws: placed boxes on the same slice that overlap it (a
-    user who draws a box again over the first means it instead). Boxes on other slices, and a box beside it on the
-    same slice (another lesion), are kept. Empty while ``roi_node`` is not placed."""
+    """The ROI nodes among ``others`` that ``roi_node`` redraws: placed boxes on the same slice that it overlaps by at
+    least half of the smaller box (a user who draws a box again over the first means it instead). Boxes on other
+    slices, a box beside it on the same slice (another lesion) and boxes that cannot be read are kept. Empty while
+    ``roi_node`` is not placed."""
     if not _roi_is_defined(roi_node):
         return []
     new = box_from_roi(geometry, roi_node)
@@ -324,10 +325,26 @@ def boxes_redrawn_by(geometry: ImageGeometry, roi_node, others) -> list:
     for other in others:
         if other is roi_node or other is None or not _roi_is_defined(other):
             continue
-        old = box_from_roi(geometry, other)
-        if old.k == new.k and old.i0 <= new.i1 and new.i0 <= old.i1 and old.j0 <= new.j1 and new.j0 <= old.j1:
+        try:
+            old = box_from_roi(geometry, other)
+        except PromptError:
+            continue  # e.g. drawn in a coronal view: refused with its message when the prompts are read
+        if old.k == new.k and _overlap_fraction(old, new) >= REDRAWN_BOX_OVERLAP:
             redrawn.append(other)
     return redrawn
+
+
+REDRAWN_BOX_OVERLAP = 0.5  # of the smaller box's area
+
+
+def _overlap_fraction(a: BoxPrompt, b: BoxPrompt) -> float:
+    """The area two boxes share (inclusive voxel bounds) over the smaller box's area."""
+    wi = min(a.i1, b.i1) - max(a.i0, b.i0) + 1
+    wj = min(a.j1, b.j1) - max(a.j0, b.j0) + 1
+    if wi <= 0 or wj <= 0:
+        return 0.0
+    smaller = min((a.i1 - a.i0 + 1) * (a.j1 - a.j0 + 1), (b.i1 - b.i0 + 1) * (b.j1 - b.j0 + 1))
+    return wi * wj / smaller
 
 
 def _roi_is_defined(roi_node) -> bool:

@@ -41,6 +41,7 @@ def new_box_node(scene: slicer.vtkMRMLScene) -> slicer.vtkMRMLMarkupsROINode:
 def box_nodes(scene: slicer.vtkMRMLScene) -> list[slicer.vtkMRMLMarkupsROINode]:
     """Every LiverSAM box in the scene (ROI nodes marked with :data:`PROMPT_ATTRIBUTE` = box), oldest first."""
     nodes = scene.GetNodesByClass("vtkMRMLMarkupsROINode")
+    nodes.UnRegister(scene)  # the caller owns the collection (vtkMRMLScene.h), as slicer.util.getNodesByClass does
     found = [nodes.GetItemAsObject(n) for n in range(nodes.GetNumberOfItems())]
     return [node for node in found if node.GetAttribute(PROMPT_ATTRIBUTE) == BOX]
 

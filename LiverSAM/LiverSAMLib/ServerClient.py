@@ -531,13 +531,16 @@ class LocalServerProcess:
 
     def _wait_until_ready(self, token_file: str) -> LiverSAMClient:
         """A client once the server answers its health check; ServerUnavailable if it exits or times out."""
-        assert self.process is not None
+        process = self.process  # stop() from another thread clears self.process meanwhile
+        assert process is not None
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            if self.process is not process:
+                raise ServerUnavailable("the LiverSAM server was stopped while it started")
+            if process.poll() is not None:
                 time.sleep(0.2)  # let the readers collect the last lines
                 raise ServerUnavailable(
-                    f"the LiverSAM server exited with code {self.process.returncode} while starting:\n"
+                    f"the LiverSAM server exited with code {process.returncode} while starting:\n"
                     + self.stderr_tail()
                 )
             if self._url_found.is_set() and os.path.isfile(token_file):

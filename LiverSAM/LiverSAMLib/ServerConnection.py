@@ -145,6 +145,8 @@ class ServerConnection:
         with self._lock:
             if self.state == READY and self._client is not None:
                 return self._client
+            if self.state == STARTING:  # another thread is starting it: no second server
+                raise ServerUnavailable("The LiverSAM server is still starting: try again in a moment.")
             problem = self.settings.problem()
             if problem:
                 self._fail(problem)

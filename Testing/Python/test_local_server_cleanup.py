@@ -68,3 +68,20 @@ def test_interrupted_start_up_stops_the_server_and_leaves_no_token_folder(own_te
     assert process.process is None and not process.running()
     assert not [p for p in psutil.Process().children() if p.cmdline() == ["sleep", "61.5"]]
     assert server_folders(own_temp_dir) == []
+
+
+def test_stop_from_another_thread_during_start_up_is_a_clear_error(own_temp_dir, tmp_path):
+    """The Slicer module's Stop server runs on the main thread while the I/O thread waits in start(): start() must
+    fail with ServerUnavailable (which the module reports), not an AttributeError on the cleared process."""
+    silent = tmp_path / "silent-python"
+    silent.write_text("#!/bin/sh\nexec sleep 62.5\n")
+    silent.chmod(0o755)
+    process = LocalServerProcess(str(silent), startup_timeout=60)
+    timer = threading.Timer(1.0, process.stop)
+    timer.start()
+    try:
+        with pytest.raises(ServerUnavailable, match="stopped while it started"):
+            process.start()
+    finally:
+        timer.cancel()
+    assert not process.running() and server_folders(own_temp_dir) == []

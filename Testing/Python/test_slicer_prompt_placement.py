@@ -80,6 +80,9 @@ def test_boxes_accumulate_until_cleared_and_a_box_drawn_over_another_replaces_it
     again = PromptPlacement.new_box_node(scene)
     place_box(again, geometry, (8, 9, 7), (45, 52, 7))  # the liver's box drawn again
     assert MRMLBridge.boxes_redrawn_by(geometry, again, PromptPlacement.box_nodes(scene)) == [liver]
+    touching = PromptPlacement.new_box_node(scene)
+    place_box(touching, geometry, (44, 44, 7), (54, 54, 7))  # overlaps both a little: a third lesion between them
+    assert MRMLBridge.boxes_redrawn_by(geometry, touching, PromptPlacement.box_nodes(scene)) == []
     PromptPlacement.remove_box_nodes(scene)
     assert PromptPlacement.box_nodes(scene) == [] and scene.GetNumberOfNodesByClass("vtkMRMLMarkupsROINode") == 0
 

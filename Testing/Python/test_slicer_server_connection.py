@@ -132,6 +132,8 @@ def test_stop_does_not_wait_for_a_server_that_is_starting(monkeypatch, tmp_path)
     io_thread = threading.Thread(target=connect)
     io_thread.start()
     assert started.wait(5.0)
+    with pytest.raises(ServerUnavailable, match="still starting"):  # no second server while the first starts
+        connection.connect()
     t0 = time.monotonic()
     connection.stop()  # the main thread
     assert time.monotonic() - t0 < 1.0 and stopped.is_set()
