@@ -35,6 +35,14 @@ def server_env(home: Path) -> dict:
     return dict(os.environ, PYTHONPATH=path, LIVERSAM_HOME=str(home))
 
 
+def silent_python(folder: Path, seconds: str) -> str:
+    """A stand-in server "python" that starts, never announces an address, and ends after ``seconds``."""
+    path = folder / "silent-python"
+    path.write_text(f"#!/bin/sh\nexec sleep {seconds}\n")
+    path.chmod(0o755)
+    return str(path)
+
+
 def test_server_that_exits_while_starting_leaves_no_token_folder(own_temp_dir, tmp_path):
     process = LocalServerProcess(sys.executable, ["--max-sessions", "0"], startup_timeout=60,
                                  env=server_env(tmp_path / "home"))
@@ -54,10 +62,7 @@ def test_server_that_cannot_be_launched_leaves_no_token_folder(own_temp_dir, tmp
 def test_interrupted_start_up_stops_the_server_and_leaves_no_token_folder(own_temp_dir, tmp_path):
     psutil = pytest.importorskip("psutil")
     # a stand-in "python" that never announces its address: start() waits until Ctrl-C (interrupt_main) arrives
-    silent = tmp_path / "silent-python"
-    silent.write_text("#!/bin/sh\nexec sleep 61.5\n")
-    silent.chmod(0o755)
-    process = LocalServerProcess(str(silent), startup_timeout=60)
+    process = LocalServerProcess(silent_python(tmp_path, "61.5"), startup_timeout=60)
     timer = threading.Timer(1.0, _thread.interrupt_main)
     timer.start()
     try:
@@ -73,10 +78,7 @@ def test_interrupted_start_up_stops_the_server_and_leaves_no_token_folder(own_te
 def test_stop_from_another_thread_during_start_up_is_a_clear_error(own_temp_dir, tmp_path):
     """The Slicer module's Stop server runs on the main thread while the I/O thread waits in start(): start() must
     fail with ServerUnavailable (which the module reports), not an AttributeError on the cleared process."""
-    silent = tmp_path / "silent-python"
-    silent.write_text("#!/bin/sh\nexec sleep 62.5\n")
-    silent.chmod(0o755)
-    process = LocalServerProcess(str(silent), startup_timeout=60)
+    process = LocalServerProcess(silent_python(tmp_path, "62.5"), startup_timeout=60)
     timer = threading.Timer(1.0, process.stop)
     timer.start()
     try:
