@@ -10,6 +10,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,7 +61,6 @@ def test_server_that_cannot_be_launched_leaves_no_token_folder(own_temp_dir, tmp
 
 
 def test_interrupted_start_up_stops_the_server_and_leaves_no_token_folder(own_temp_dir, tmp_path):
-    psutil = pytest.importorskip("psutil")
     # a stand-in "python" that never announces its address: start() waits until Ctrl-C (interrupt_main) arrives
     process = LocalServerProcess(silent_python(tmp_path, "61.5"), startup_timeout=60)
     timer = threading.Timer(1.0, _thread.interrupt_main)
