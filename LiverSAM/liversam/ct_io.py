@@ -95,8 +95,15 @@ def label_mask_values(array_kji: np.ndarray) -> np.ndarray | None:
     return values if values.size <= LABEL_MASK_MAX_DISTINCT else None
 
 
-def check_not_label_mask(volume: CTVolume) -> None:
-    """Refuse a volume that looks like a label mask (see :func:`label_mask_values`) with what to give instead."""
+ALLOW_NON_CT_HINT = "if this really is a CT, pass --allow-non-ct"
+
+
+def check_not_label_mask(volume: CTVolume, override_hint: str = ALLOW_NON_CT_HINT) -> None:
+    """Refuse a volume that looks like a label mask (see :func:`label_mask_values`) with what to give instead.
+
+    ``override_hint`` ends the message: how this caller lets such a volume through (or why the files may be
+    swapped, where nothing should let it through).
+    """
     values = label_mask_values(volume.array_kji)
     if values is None:
         return
@@ -105,7 +112,7 @@ def check_not_label_mask(volume: CTVolume) -> None:
     raise InputImageError(
         f"{where} looks like a label mask, not a CT: it holds only {values.size} whole-number value(s) ({shown}) "
         "and no air, while a CT has air near -1000 HU. Give the CT image itself (e.g. ct.nii.gz, not "
-        "label.nii.gz); if this really is a CT, pass --allow-non-ct."
+        f"label.nii.gz); {override_hint}."
     )
 
 

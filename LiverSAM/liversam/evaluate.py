@@ -360,7 +360,33 @@ def read_label(path: Path, geometry: ImageGeometry, ct_path: Path | str = "") ->
         raise EvaluationDataError(
             f"Label '{path}' has voxel type {array.dtype}; expected integer label values."
         )
+    _check_looks_like_labels(array, path, ct_path)
     return array
+
+
+# More distinct values than any label map holds: a CT given as the label (its HU values are whole numbers too).
+LABEL_MAX_DISTINCT_VALUES = 1024
+
+
+def _check_looks_like_labels(array: np.ndarray, path: Path, ct_path: Path | str) -> None:
+    """Refuse a label with negative values or more than LABEL_MAX_DISTINCT_VALUES values: a CT, not labels.
+
+    A CT given as the label would otherwise be scored: its voxels of 1 and 2 HU taken for liver and tumour.
+    """
+    if array.size == 0:
+        return
+    low, high = int(array.min()), int(array.max())
+    if low >= 0 and high < LABEL_MAX_DISTINCT_VALUES:
+        return  # every label map with values 0..1023: no need to count them
+    distinct = 0 if low < 0 else np.unique(array).size
+    if low >= 0 and distinct <= LABEL_MAX_DISTINCT_VALUES:
+        return
+    what = f"negative values (down to {low})" if low < 0 else f"{distinct:,} distinct values"
+    raise EvaluationDataError(
+        f"Label '{path}' holds {what}: it looks like a CT image, not a label map (label values are few "
+        f"non-negative whole numbers, e.g. 0 background, 1 liver, 2 tumour). Are the CT '{ct_path}' and the "
+        "label swapped?"
+    )
 
 
 def crop_slices(
@@ -780,10 +806,11 @@ def evaluate_case(
     ``predictor_factory(volume)`` returns a :class:`~liversam.predictor.SlicePredictor` for the (cropped)
     volume; all protocols share it, so slice embeddings are encoded once per case.
     """
-    from .ct_io import read_ct
+    from .ct_io import check_not_label_mask, read_ct
 
     started = time.perf_counter()
     volume = read_ct(case.ct_path)
+    check_not_label_mask(volume, f"case '{case.case_id}': are its CT and label swapped?")
     label = read_label(case.label_path, volume.geometry, case.ct_path)
     volume, label, (k0, k1) = crop_slices(volume, label, settings.slice_range)
     spacing = array_spacing_mm(volume.geometry.spacing_mm)

@@ -93,6 +93,27 @@ def test_label_on_another_grid_is_rejected(tmp_path: Path) -> None:
     assert ev.structure_reference(label, tumor).sum() == 2 * 4
 
 
+def test_a_case_with_its_ct_and_label_swapped_is_refused_before_the_model_runs(tmp_path: Path) -> None:
+    from liversam.ct_io import read_ct
+    from liversam.errors import InputImageError
+
+    _small_case(tmp_path)
+    ct = np.full((4, 16, 16), -100, dtype=np.int16)
+    ct[:, :, :8] = -1000  # air, and a second value: a CT's HU are whole numbers too
+    _write_image(tmp_path / "ct.nrrd", ct)
+    swapped = ev.EvaluationCase("swapped", tmp_path / "label.nrrd", tmp_path / "ct.nrrd")
+
+    def no_model(volume):
+        raise AssertionError("a refused case reached the model")
+
+    with pytest.raises(InputImageError, match=r"looks like a label mask.*case 'swapped': are its CT and label swapped"):
+        ev.evaluate_case(swapped, ev.EvaluationSettings(protocols=("oracle-box",)), no_model)
+    # read on its own, the CT given as a label is refused too (its voxels of 1 and 2 HU are no liver)
+    volume = read_ct(tmp_path / "label.nrrd")
+    with pytest.raises(ev.EvaluationDataError, match=r"negative values \(down to -1000\).*CT .* swapped"):
+        ev.read_label(tmp_path / "ct.nrrd", volume.geometry, tmp_path / "label.nrrd")
+
+
 # --- simulated prompts and slice ranges ---------------------------------------------------------------
 
 

@@ -204,6 +204,20 @@ def test_path_inside_root_that_is_no_ct(app, client):
     refused(post_json(client, "/v1/sessions/open-path", {"path": "~no-such-user-0/ct.nii.gz"}), 422, "names no user")
 
 
+def test_a_label_mask_opened_as_the_ct_is_refused_unless_allowed(app, client):
+    import SimpleITK as sitk
+
+    mask = np.zeros(SHAPE, dtype=np.uint8)
+    mask[2:4, 5:15, 6:18] = 1
+    mask[3, 8:10, 9:12] = 2
+    sitk.WriteImage(sitk.GetImageFromArray(mask), str(app.state.root / "label.nrrd"))
+    refused(post_json(client, "/v1/sessions/open-path", {"path": "label.nrrd"}), 422,
+            "label.nrrd", "looks like a label mask", "(0, 1, 2)", "allow_non_ct")
+    answer = post_json(client, "/v1/sessions/open-path", {"path": "label.nrrd", "allow_non_ct": True})
+    assert answer.status_code == 201, answer.text
+    client.delete(f"/v1/sessions/{answer.json()['session_id']}", headers=auth())
+
+
 # --- prompts ------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("body", "status", "words"), [
     ({"k": 2, "boxes": [[1, 1, 500, 10]]}, 422, ["outside the volume"]),

@@ -356,14 +356,16 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
         if count is not None:
             check_voxels(count, f"'{body.path}'")
         window = _window(body.window_level, body.window_width)
-        from ..ct_io import read_ct
+        from ..ct_io import check_not_label_mask, read_ct
 
         try:
-            volume = await run_in_threadpool(read_ct, path, body.series_uid, False, body.series_number)
+            volume = await run_in_threadpool(read_ct, path, body.series_uid, body.allow_non_ct, body.series_number)
         except LiverSAMError:
             raise
         except (OSError, ValueError, RuntimeError) as exc:
             raise InputImageError(f"'{body.path}' cannot be read as a CT: {exc}") from exc
+        if not body.allow_non_ct:
+            await run_in_threadpool(check_not_label_mask, volume, "if this really is a CT, send allow_non_ct: true")
         check_voxels(int(volume.array_kji.size), f"'{body.path}'")
         return _session_info(state.sessions.add(owner(request), volume, window, config.cache_mb))
 

@@ -80,6 +80,11 @@ class OpenPath(Strict):
     series_number: int | None = None
     window_level: Finite = 40.0
     window_width: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 400.0
+    allow_non_ct: bool = Field(
+        default=False,
+        description="open a DICOM series of another modality, or a volume that looks like a label mask "
+        "(few small whole numbers, no air), as the CT",
+    )
 
 
 class PredictRequest(Strict):
