@@ -218,7 +218,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
         if not self._parameterNode.inputVolume:
-            firstVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            firstVolume = MRMLBridge.first_image_volume(slicer.mrmlScene)  # never a labelmap
             if firstVolume:
                 self._parameterNode.inputVolume = firstVolume
 

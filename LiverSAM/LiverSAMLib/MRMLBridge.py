@@ -94,6 +94,21 @@ def geometry_from_volume_node(volume_node) -> ImageGeometry:
     return geometry_from_ijk_to_ras(ijk_to_world_ras_matrix(volume_node), image.GetDimensions())
 
 
+def first_image_volume(scene):
+    """The first scalar volume in ``scene`` that is not a labelmap (the module's default input), or None.
+
+    ``vtkMRMLScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")`` matches subclasses too, so a labelmap loaded
+    before the CT would become the input, one that the input selector (``showChildNodeTypes`` false) does not list.
+    """
+    nodes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+    nodes.UnRegister(scene)  # the caller owns the collection (vtkMRMLScene.h), as slicer.util.getNodesByClass does
+    for n in range(nodes.GetNumberOfItems()):
+        node = nodes.GetItemAsObject(n)
+        if not node.IsA("vtkMRMLLabelMapVolumeNode"):
+            return node
+    return None
+
+
 def ct_volume_from_node(volume_node) -> CTVolume:
     """A :class:`CTVolume` holding a *copy* of the node's voxels (HU) in world geometry.
 

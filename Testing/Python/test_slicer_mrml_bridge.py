@@ -179,3 +179,14 @@ def test_terminology_strings_use_snomed_codes():
     tumor = MRMLBridge.terminology_entry_string("tumor")
     assert "SCT^10200004^Liver" in liver and "SCT^123037004^Anatomical Structure" in liver
     assert "SCT^108369006^Neoplasm" in tumor and tumor.endswith("SCT^10200004^Liver~^^")
+
+
+def test_the_default_input_is_the_first_image_volume_never_a_labelmap(scene):
+    assert MRMLBridge.first_image_volume(scene) is None
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "label")
+    # what the module did: GetFirstNodeByClass matches the subclass, so the label loaded first became the input
+    assert scene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode") is labelmap
+    assert MRMLBridge.first_image_volume(scene) is None
+    ct = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
+    scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct 2")
+    assert MRMLBridge.first_image_volume(scene) is ct
