@@ -27,7 +27,8 @@ def liver_slice(lits117_label):
     return k, liver[k], box_of(liver[k])
 
 
-def test_segment_writes_seg_nrrd_and_labelmap_with_ct_geometry(tmp_path, lits117_ct_path, lits117_label, liver_slice):
+def test_segment_writes_seg_nrrd_and_labelmap_with_ct_geometry(tmp_path, capsys, lits117_ct_path, lits117_label,
+                                                                liver_slice):
     k, truth, (i0, j0, i1, j1) = liver_slice
     # RAS prompts: the example CT has an identity direction, so RAS = (-x, -y, z) of the voxel centres.
     prompts = _prompts(tmp_path / "p.json", [{"name": "liver", "label": 1, "boxes": [[[-i0, -j0, k], [-i1, -j1, k]]]}],
@@ -47,7 +48,16 @@ def test_segment_writes_seg_nrrd_and_labelmap_with_ct_geometry(tmp_path, lits117
     assert liver.mask_kji.sum() == liver.mask_kji[k].sum()  # only the prompted slice without propagation
 
     labelmap_out = tmp_path / "liver.nii.gz"
-    assert main(["segment", str(lits117_ct_path), "--prompts", str(prompts), "--output", str(labelmap_out)]) == 0
+    report, lesions = tmp_path / "review.json", tmp_path / "lesions.csv"
+    capsys.readouterr()
+    assert main(["segment", str(lits117_ct_path), "--prompts", str(prompts), "--output", str(labelmap_out),
+                 "--report", str(report), "--lesions", str(lesions)]) == 0
+    # the last lines name every file written, so that a user finds the report and the lesion table
+    printed = capsys.readouterr().out.splitlines()
+    items = json.loads(report.read_text())["items"]
+    assert printed[-3].startswith(f"wrote {labelmap_out} (")
+    assert printed[-2].startswith(f"wrote {report} (review report: {len(items)} slice range(s) to check: liver slices ")
+    assert printed[-1] == f"wrote {lesions} (lesion table: 0 lesion(s))"  # no segment inside another here
     labelmap = sitk.ReadImage(str(labelmap_out))
     assert labelmap.GetSize() == ct.GetSize() and labelmap.GetOrigin() == ct.GetOrigin()
     assert labelmap.GetSpacing() == ct.GetSpacing() and labelmap.GetDirection() == ct.GetDirection()

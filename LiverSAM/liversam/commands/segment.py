@@ -181,15 +181,20 @@ def run(args: argparse.Namespace) -> int:
     result.provenance["prompts"] = str(args.prompts)
     write_segmentation(result, output, reference_dicom=args.ct if fmt == "dicom-seg" else None, model_name=model.name)
 
+    also_wrote = []
     if args.report:
         from ..atomic_write import write_text_atomically
         from ..review import build_review_report
 
-        write_text_atomically(args.report, json.dumps(build_review_report(result, ct_kji=volume.array_kji), indent=2))
+        report = build_review_report(result, ct_kji=volume.array_kji)
+        write_text_atomically(args.report, json.dumps(report, indent=2))
+        also_wrote.append(f"wrote {args.report} (review report: {_review_summary(report)})")
     if args.lesions:
         from ..lesions import lesion_table, write_lesion_table
 
-        write_lesion_table(lesion_table(result), args.lesions)
+        rows = lesion_table(result)
+        write_lesion_table(rows, args.lesions)
+        also_wrote.append(f"wrote {args.lesions} (lesion table: {len(rows)} lesion(s))")
 
     elapsed = time.perf_counter() - started
     voxel_ml = volume.geometry.voxel_volume_mm3 / 1000.0
@@ -199,4 +204,15 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {output} ({len(predictor.encoded_slices)} slices encoded in {predictor.encode_seconds:.1f} s, "
         f"total {elapsed:.1f} s, model {model.name} on {model.device}, {describe_acceleration(model)})"
     )
+    for line in also_wrote:
+        print(line)
     return 0
+
+
+def _review_summary(report: dict) -> str:
+    """'2 slice range(s) to check: liver slices 10-21, tumor slices 40-42' (at most three named)."""
+    items = report.get("items") or []
+    if not items:
+        return "no slice range to check"
+    named = ", ".join(f"{item.get('segment', '?')} slices {item.get('slices', '?')}" for item in items[:3])
+    return f"{len(items)} slice range(s) to check: {named}" + (", ..." if len(items) > 3 else "")
