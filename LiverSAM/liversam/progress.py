@@ -21,6 +21,7 @@ signature, for loops that used tqdm directly.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
@@ -28,6 +29,7 @@ from typing import IO, Any
 ProgressCallback = Callable[[str, int, int], None]
 
 LINE_INTERVAL_S = 60.0  # log mode: at most one line a minute between a stage's start and end
+TICK_INTERVAL_S = 1.0  # terminal: a stage without a count redraws its elapsed time this often
 
 _settings = {"quiet": False}
 
@@ -158,6 +160,7 @@ class ProgressReporter:
         self.disable = disable
         self._stage: str | None = None
         self._bar: Any = None
+        self._ticker: _Ticker | None = None
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         """``total`` 0: a stage without a count (its start, its end and how long it took)."""
@@ -172,11 +175,16 @@ class ProgressReporter:
                 total=int(total) if counted else None, desc=stage, unit=self.unit, file=self.file,
                 disable=self.disable, **({} if counted else {"bar_format": "{desc}: {elapsed}"}),
             )
+            if not counted and hasattr(self._bar, "refresh") and not getattr(self._bar, "disable", True):
+                self._ticker = _Ticker(self._bar)  # a terminal bar is drawn only when updated: keep its clock going
         bar = self._bar
         if bar is not None and done > bar.n:
             bar.update(int(done) - bar.n)
 
     def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.stop()
+            self._ticker = None
         if self._bar is not None:
             self._bar.close()
         self._bar = None
@@ -187,3 +195,29 @@ class ProgressReporter:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+class _Ticker:
+    """Redraws a tqdm bar every :data:`TICK_INTERVAL_S` from a daemon thread until :meth:`stop`.
+
+    A stage without a count (the dense CRF, writing) gets no updates, and tqdm redraws only on an update, so its
+    elapsed time stood at 00:00 until the stage ended. ``refresh`` takes tqdm's own lock.
+    """
+
+    def __init__(self, bar: Any, interval_s: float | None = None) -> None:
+        self._bar = bar
+        self._interval_s = TICK_INTERVAL_S if interval_s is None else interval_s
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="liversam-progress-tick", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._interval_s):
+            try:
+                self._bar.refresh()
+            except Exception:  # noqa: BLE001 - a closed stream: the display is not worth an error
+                return
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=5.0)

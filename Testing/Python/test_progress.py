@@ -110,6 +110,21 @@ def test_terminal_gets_a_tqdm_bar_and_quiet_gets_nothing() -> None:
         assert stream.getvalue() == ""
 
 
+def test_a_terminal_stage_without_a_count_keeps_its_clock_running(monkeypatch) -> None:
+    import threading
+    import time
+
+    monkeypatch.setattr(progress, "TICK_INTERVAL_S", 0.2)
+    terminal = _Terminal()
+    with progress.ProgressReporter(file=terminal) as report:
+        report("dense CRF 'tumor'", 0, 0)  # no count and no update until the stage ends
+        time.sleep(1.3)
+        shown = terminal.getvalue()
+    # before: drawn once at 00:00 and never again while the stage ran
+    assert "dense CRF 'tumor': 00:01" in shown, shown
+    assert not [t for t in threading.enumerate() if t.name == "liversam-progress-tick"], "the ticker outlived its stage"
+
+
 def test_quiet_option_on_every_command() -> None:
     from liversam.cli import build_parser
 
