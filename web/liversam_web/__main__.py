@@ -65,8 +65,15 @@ def connect(args: argparse.Namespace) -> tuple[LiverSAMClient, LocalServerProces
     return client, process, f"local server {process.url}"
 
 
+def _exit_on_sigterm(signum: int, _frame) -> None:
+    """SIGTERM before the app runs (the local server starting, VTK loading): unwind, so that the server's start-up
+    or the exit handler stops the server and removes its token folder (the default action left both)."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # replaced by `stop` below once the app runs
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("liversam_web").setLevel(
         logging.DEBUG if os.environ.get("LIVERSAM_WEB_TRACE") == "1" else logging.INFO  # every mouse prompt, traced
