@@ -103,6 +103,23 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def describe_write_error(target: str | Path, exc: OSError) -> str:
+    """A message for an OS error while writing ``target``: the file, the cause, and what to do about it."""
+    import errno
+
+    target = Path(target)
+    cause = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = f"free some disk space in '{target.parent}' or write the output to another disk"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = f"choose a folder you can write to (not '{target.parent}')"
+    elif exc.errno == errno.ENAMETOOLONG:
+        hint = "choose a shorter file name"
+    else:
+        hint = "check the disk and the folder, or choose another output path"
+    return f"Cannot write '{target}': {cause}; {hint}. Nothing was written at '{target}'."
+
+
 def write_atomically(target: str | Path, writer: Callable[[Path], None]) -> Path:
     """Call ``writer(tmp_path)`` and move the result to ``target`` atomically."""
     with atomic_path(target) as tmp:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .atomic_write import atomic_path
+from .atomic_write import atomic_path, describe_write_error
 from .dicom_series import (
     DicomSeriesInfo,
     SortedSeries,
@@ -49,6 +49,13 @@ GEOMETRY_TOLERANCE_MM = 1e-2
 # --- writing ----------------------------------------------------------------------------------------
 
 
+def _long_string(text: str, limit: int = 64) -> str:
+    """A DICOM LO value: no backslash (the value separator: "a\\b" would become two values), no control
+    characters, at most ``limit`` characters."""
+    text = "".join(" " if ord(c) < 32 or ord(c) == 127 else c for c in str(text)).replace("\\", "/")
+    return text.strip()[:limit]
+
+
 def _coded(code: Code):
     import highdicom as hd
 
@@ -71,12 +78,12 @@ def _segment_description(
     rgb = [min(255.0, max(0.0, 255.0 * float(c))) for c in segment.color]
     return hd.seg.SegmentDescription(
         segment_number=number,
-        segment_label=segment.name[:64],
+        segment_label=_long_string(segment.name),
         segmented_property_category=_coded(terminology.category),
         segmented_property_type=_coded(terminology.type),
         algorithm_type=algorithm_type,
         algorithm_identification=algorithm,
-        tracking_id=segment.name[:64],
+        tracking_id=_long_string(segment.name),
         tracking_uid=hd.UID(),
         anatomic_regions=[_coded(terminology.anatomic_region)] if terminology.anatomic_region else None,
         display_color=hd.color.CIELabColor.from_rgb(*rgb),
@@ -176,6 +183,12 @@ def write_dicom_seg(
     if isinstance(reference_dicom, (str, Path)):
         folder = Path(reference_dicom)
         if folder.is_file():
+            if not _is_dicom_file(folder):
+                raise OutputError(
+                    f"Writing DICOM SEG '{path}': the reference '{reference_dicom}' is not a DICOM file. "
+                    "A DICOM SEG must reference the DICOM series of the CT that was segmented; a CT read from "
+                    "NIfTI/NRRD has none. Give the CT's DICOM folder, or write .seg.nrrd (3D Slicer) or .nii.gz instead."
+                )
             folder = folder.parent
         if not folder.is_dir():
             raise OutputError(
@@ -226,7 +239,11 @@ def write_dicom_seg(
             )
         )
     any_voxel = bool(pixel_array.any())
-    content = f"{ALGORITHM_NAME} {__version__}" + (f", model {model_name}" if model_name else "")
+    content = _long_string(f"{ALGORITHM_NAME} {__version__}" + (f", model {model_name}" if model_name else ""))
+    texts = [content, model_name, series_description] + [d.SegmentLabel for d in descriptions]
+    # Text outside ASCII (a segment named "Läsion") needs a declared character set: UTF-8, which also holds
+    # whatever the copied patient and study attributes were decoded from.
+    character_set = None if all(str(t).isascii() for t in texts) else "ISO_IR 192"
     highdicom_logger = logging.getLogger("highdicom")
     previous_level = highdicom_logger.level
     highdicom_logger.setLevel(max(previous_level, logging.WARNING))  # its INFO lines list every copied module
@@ -244,13 +261,14 @@ def write_dicom_seg(
                 sop_instance_uid=hd.UID(),
                 instance_number=1,
                 manufacturer=ALGORITHM_NAME,
-                manufacturer_model_name=(model_name or ALGORITHM_NAME)[:64],
+                manufacturer_model_name=_long_string(model_name or ALGORITHM_NAME),
                 software_versions=__version__,
                 device_serial_number="0",
                 content_label="LIVERSAM",
-                content_description=content[:64],
-                series_description=series_description[:64],
+                content_description=content,
+                series_description=_long_string(series_description),
                 omit_empty_frames=any_voxel,
+                **({"specific_character_set": character_set} if character_set else {}),
             )
     except (ValueError, TypeError, AttributeError) as exc:
         highdicom_logger.setLevel(previous_level)
@@ -258,12 +276,34 @@ def write_dicom_seg(
             f"Cannot build the DICOM SEG for '{path}' from the series in '{folder}': {exc}"
         ) from exc
     highdicom_logger.setLevel(previous_level)
-    with atomic_path(path) as tmp:
-        seg.save_as(tmp)
+    try:
+        with atomic_path(path) as tmp:
+            seg.save_as(tmp)
+    except OSError as exc:
+        raise OutputError(describe_write_error(path, exc)) from exc
     logger.info(
         "wrote DICOM SEG %s (%d segments) referencing series %s", path, len(descriptions), info.series_uid
     )
     return path
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """A DICOM Part 10 file ("DICM" at byte 128), or at least a file pydicom can parse."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            if handle.read(4) == b"DICM":
+                return True
+    except OSError:
+        return False
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError):
+        return False
+    return "SOPClassUID" in ds or "Modality" in ds
 
 
 # --- reading ----------------------------------------------------------------------------------------

@@ -130,6 +130,15 @@ def list_dicom_series(folder: str | Path) -> list[DicomSeriesInfo]:
     Files that are not DICOM are ignored. Raises :class:`InputImageError` if ``folder`` does not exist.
     """
     folder = Path(folder)
+    if folder.is_file():
+        what = (
+            "a DICOM file"
+            if _read_header(folder) is not None
+            else "not a DICOM file (a NIfTI or NRRD CT has no DICOM series)"
+        )
+        raise InputImageError(
+            f"'{folder}' is a file, not a folder, and {what}. Give the folder that holds the CT's DICOM series."
+        )
     if not folder.is_dir():
         raise InputImageError(f"DICOM folder not found: '{folder}'. Give a folder that holds a DICOM series.")
     return list_dicom_series_files(_iter_candidate_files(folder))

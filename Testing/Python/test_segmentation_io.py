@@ -162,7 +162,7 @@ def test_existing_output_survives_a_failed_write(tmp_path: Path, monkeypatch) ->
         raise OSError("disk full")
 
     monkeypatch.setattr(slicerio, "write_segmentation", failing_write)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match=r"Cannot write '.*keep\.seg\.nrrd': disk full"):
         write_segmentation(result, path)
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.seg.nrrd"]
