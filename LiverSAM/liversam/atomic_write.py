@@ -82,6 +82,21 @@ def _flush_to_disk(path: Path) -> None:
         os.close(fd)
 
 
+def _flush_folder(folder: Path) -> None:
+    """fsync the folder after the rename, so that a power loss cannot undo the rename (POSIX; a no-op on Windows,
+    where a folder cannot be opened this way)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success rename it to ``target``.
@@ -98,6 +113,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             os.chmod(tmp, _default_mode(target))  # mkstemp makes 0o600 files
         os.replace(tmp, target)
+        _flush_folder(target.parent)
     finally:
         if tmp.exists():
             tmp.unlink()

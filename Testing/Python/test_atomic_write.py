@@ -45,3 +45,22 @@ def test_leftover_of_a_dead_writer_is_removed_by_the_next_write_but_a_live_one_i
         assert tmp.name.endswith(".seg.nrrd")
         tmp.write_bytes(b"new")
     assert not leftover.exists() and live.exists() and target.read_bytes() == b"new"
+
+
+def test_the_file_then_its_folder_reach_the_disk_before_and_after_the_rename(tmp_path, monkeypatch):
+    import stat
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        mode = os.fstat(fd).st_mode
+        synced.append("folder" if stat.S_ISDIR(mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    target = tmp_path / "out" / "a.json"
+    write_text_atomically(target, "{}")
+    assert target.read_text() == "{}"
+    # the data before the rename (else a power loss leaves an empty file), the rename after it (else it is undone)
+    assert synced == ["file", "folder"]
