@@ -33,7 +33,7 @@ from ..atomic_write import atomic_path
 from ..preprocess import SliceTransform, WindowSettings, display_view, window_slice
 from .augment import SliceAugmenter
 from .config import TrainingConfig
-from .studies import TrainingStudy, load_study
+from .studies import TrainingDataError, TrainingStudy, load_study
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +108,11 @@ def cache_settings(config: TrainingConfig, model_identity: str) -> dict:
     }
 
 
-def cache_key(study: TrainingStudy, settings: dict) -> str:
+def cache_key(study: TrainingStudy, settings: dict, content_hash: str | None = None) -> str:
+    """SHA-256 of the study's inputs (``content_hash``: :meth:`TrainingStudy.content_hash`, computed when not
+    given) and the cache settings."""
     digest = hashlib.sha256()
-    digest.update(study.content_hash().encode())
+    digest.update((content_hash or study.content_hash()).encode())
     digest.update(study.kind.encode())
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()
@@ -128,6 +130,7 @@ def build_study_cache(
     model_identity: str,
     progress: bool = True,
     seed_embeddings: dict[int, np.ndarray] | None = None,
+    content_hash: str | None = None,
 ) -> Path:
     """The cache file of ``study``, built now if no valid one exists. ``model`` is a
     :class:`~liversam.models.LoadedModel` (its encoder is used only with a frozen encoder).
@@ -135,13 +138,14 @@ def build_study_cache(
     ``seed_embeddings`` (slice index -> embedding, e.g. from :func:`load_seed_embeddings`): embeddings of
     the original (not augmented) slices computed earlier; the first seeded slice is encoded anyway and the
     seeds are used only when they agree with it (relative L2 error <= :data:`SEED_TOLERANCE`), else the
-    study is encoded as usual (logged)."""
+    study is encoded as usual (logged). ``content_hash``: the study's :meth:`TrainingStudy.content_hash` when
+    the caller has it already (not read again)."""
     import h5py
 
     from ..progress import progress_bar as tqdm  # bar on a terminal, lines in a log, nothing with --quiet
 
     settings = cache_settings(config, model_identity)
-    key = cache_key(study, settings)
+    key = cache_key(study, settings, content_hash)
     path = cache_file(config.cache_path, study, key)
     if path.is_file():
         try:
@@ -156,8 +160,13 @@ def build_study_cache(
     volume = loaded.volume
     ks = select_slices(loaded.liver_kji, config.min_liver_voxels, config.max_slices_per_case, config.end_slices)
     if not ks:
-        raise ValueError(
-            f"study '{study.case_id}' has no slice with >= {config.min_liver_voxels} liver voxels"
+        per_slice = loaded.liver_kji.reshape(loaded.liver_kji.shape[0], -1).sum(axis=1)
+        k_most = int(np.argmax(per_slice))
+        raise TrainingDataError(
+            f"Study '{study.case_id}' ('{study.label_path}') has no slice with at least {config.min_liver_voxels} "
+            f"liver voxels (the most on one slice: {int(per_slice[k_most])}, slice {k_most}), so it gives nothing to "
+            "train on. Check that this label is the liver's (--liver-labels / --liver-names), lower "
+            "--min-liver-voxels, or leave the study out."
         )
     window = WindowSettings(level=config.window_level, width=config.window_width)
     augmenter = SliceAugmenter(config.augmentation)

@@ -131,6 +131,32 @@ def study_from_folder(folder: Path) -> TrainingStudy | None:
     return None
 
 
+def incomplete_study_problem(folder: Path) -> str | None:
+    """What is missing when ``folder`` holds part of a study (a CT without a label, a label without a CT, half of
+    the 3D-IRCADb layout), else None (a complete study, or a folder with no study files at all)."""
+    if study_from_folder(folder) is not None:
+        return None
+    patient, masks = (folder / "PATIENT_DICOM").is_dir(), (folder / "MASKS_DICOM").is_dir()
+    if patient != masks:
+        have, lack = ("PATIENT_DICOM/", "MASKS_DICOM/ (the masks)") if patient else ("MASKS_DICOM/", "PATIENT_DICOM/ (the CT)")
+        return f"has {have} but no {lack} of the 3D-IRCADb layout"
+    ct = _find_image(folder, "ct")
+    labels = [
+        p for p in sorted(folder.iterdir())
+        if p.is_file() and (p.name.lower().startswith("label.") or p.name.lower().endswith(".seg.nrrd"))
+    ]  # fmt: skip
+    if ct is not None:
+        others = sorted(p.name for p in folder.iterdir() if p != ct and not p.name.startswith("."))
+        found = f" (found: {', '.join(others[:6])}{', ...' if len(others) > 6 else ''})" if others else ""
+        return (
+            f"has the CT '{ct.name}' but no label{found}: expected label.<ext> (a labelmap: "
+            f"{', '.join(IMAGE_SUFFIXES)}) or one Slicer *.seg.nrrd"
+        )
+    if labels:
+        return f"has the label '{labels[0].name}' but no CT: expected ct.<ext> ({', '.join(IMAGE_SUFFIXES)}) or a ct/ DICOM folder"
+    return None
+
+
 def _label_kind(path: Path) -> str:
     name = path.name.lower()
     if name.endswith(".seg.nrrd") or name.endswith(".dcm"):
@@ -209,9 +235,17 @@ def discover_studies(data: str | Path) -> list[TrainingStudy]:
         if single is not None:
             studies = [single]
         else:
-            studies = [
-                s for sub in sorted(p for p in data.iterdir() if p.is_dir()) if (s := study_from_folder(sub))
-            ]
+            subfolders = sorted(p for p in data.iterdir() if p.is_dir())
+            # A study folder with a file missing is an error, not a study silently left out of the training.
+            incomplete = [(p, problem) for p in [data, *subfolders] if (problem := incomplete_study_problem(p))]
+            if incomplete:
+                details = "; ".join(f"'{p}' {problem}" for p, problem in incomplete[:5])
+                more = f" (and {len(incomplete) - 5} more)" if len(incomplete) > 5 else ""
+                raise TrainingDataError(
+                    f"Incomplete study folder(s) in '{data}': {details}{more}. Add the missing file(s), or move "
+                    "such folders out of the data folder (or list the studies to use in a .json/.csv manifest)."
+                )
+            studies = [s for sub in subfolders if (s := study_from_folder(sub))]
             if not studies:
                 from ..evaluate import _paired_files
 
@@ -289,9 +323,16 @@ def _read_mask_series(folder: Path, geometry) -> np.ndarray:
 
 def load_study(study: TrainingStudy, labels: LabelConfig) -> LoadedStudy:
     """Read a study's CT and its liver/tumour masks on the CT grid. Raises :class:`TrainingDataError`."""
-    from ..ct_io import read_ct
+    from ..ct_io import check_not_label_mask, read_ct
 
     volume = read_ct(study.ct_path)
+    try:  # a label volume given as the CT would train the model on masks instead of CT
+        check_not_label_mask(
+            volume, override_hint=f"are the CT and the label of study '{study.case_id}' swapped? (label: "
+            f"'{study.label_path}')"
+        )
+    except InputImageError as exc:
+        raise TrainingDataError(f"Study '{study.case_id}': {exc}") from exc
     geometry = volume.geometry
     if study.kind == "labelmap":
         from ..evaluate import read_label

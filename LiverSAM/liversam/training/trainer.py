@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -385,6 +386,12 @@ class Trainer:
         self.progress = progress
         self.emit_events = emit_events
         self._model = model
+        # This run's identity (kept in state.pt and best.pt: a best.pt left by an earlier run in the same folder is
+        # never taken for this run's) and the SHA-256 of each training / validation study's files (kept in
+        # state.pt: a resume refuses training data that changed since the run started).
+        self._run_id: str | None = None
+        self._data_hashes: dict[str, str] = {}
+        self._saved_state = None
 
     # --- files ---
     @property
@@ -423,8 +430,8 @@ class Trainer:
         return self._model
 
     def prepare_data(self) -> tuple[DataSplit, list[TrainingStudy], dict[str, Path]]:
-        """Discover studies, split them (or reuse ``split.json``), and build/reuse the caches of the
-        training and validation studies."""
+        """Discover studies, split them (or reuse ``split.json`` when resuming), and build/reuse the caches of
+        the training and validation studies."""
         config = self.config
         studies = discover_studies(config.data)
         by_id = {s.case_id: s for s in studies}
@@ -432,7 +439,9 @@ class Trainer:
         model = self._model_loaded()
         identity = model_identity(model)
         split: DataSplit | None = None
-        if split_path.is_file():
+        # The saved split is the resumed run's. A run started (over) without state.pt makes its own from the current
+        # settings: an earlier run's split.json would hold that run's split (seed, fractions, --max-slices' slices).
+        if split_path.is_file() and self.state_path.is_file():
             split = DataSplit.load(split_path)
             missing = [c for c in split.train + split.val + split.test if c not in by_id]
             if missing:
@@ -445,6 +454,8 @@ class Trainer:
             split = split_patients(list(by_id), config.split_fractions, config.seed)
         cache_paths: dict[str, Path] = {}
         needed = [s for s in studies if split is None or s.case_id in split.train + split.val]
+        self._data_hashes = {s.case_id: s.content_hash() for s in needed}
+        self._check_data_unchanged(by_id)  # before minutes of encoding a changed study
         with fast_frozen_encoder(model, config.frozen_encoder) as precision:
             if precision != "fp32":  # bf16 embeddings differ (within the mask check): their own cache
                 identity = f"{identity}|encoder-{precision}"
@@ -456,6 +467,7 @@ class Trainer:
                     identity,
                     self.progress,
                     seed_embeddings=load_seed_embeddings(config.seed_embeddings_dir, study.case_id),
+                    content_hash=self._data_hashes[study.case_id],
                 )
         if split is None:  # one study: split its cached slices
             import h5py
@@ -470,6 +482,33 @@ class Trainer:
             )
         split.save(split_path)
         return split, studies, cache_paths
+
+    def _load_saved_state(self):
+        """The run folder's ``state.pt`` (read once), or None when there is none."""
+        from ..models import safe_torch_load
+
+        if self._saved_state is None and self.state_path.is_file():
+            state = safe_torch_load(self.state_path)
+            if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+                raise TrainingRunError(
+                    f"'{self.state_path}' is not a LiverSAMTrain state file; delete it to start over."
+                )
+            self._saved_state = state
+        return self._saved_state
+
+    def _check_data_unchanged(self, by_id: dict[str, TrainingStudy]) -> None:
+        """Refuse to resume when a study the run has trained or validated on has other files now."""
+        state = self._load_saved_state()
+        saved = (state or {}).get("data_sha256") or {}
+        changed = [case_id for case_id, digest in sorted(saved.items()) if self._data_hashes.get(case_id, digest) != digest]
+        if changed:
+            where = "; ".join(f"'{c}' (CT '{by_id[c].ct_path}', label '{by_id[c].label_path}')" for c in changed[:5])
+            raise TrainingRunError(
+                f"The training data changed since the run in '{self.run_dir}' started: the files of {len(changed)} "
+                f"study(ies) differ from the ones it trained on: {where}. Resuming would continue that training on "
+                "other data. Use a new --out folder, or delete the folder's state.pt to train from the start on the "
+                "current files."
+            )
 
     def _datasets(self, split: DataSplit, cache_paths: dict[str, Path]) -> tuple[CachedSlices, CachedSlices]:
         model = self._model_loaded()
@@ -791,6 +830,8 @@ class Trainer:
             "rng_numpy": json.dumps(rng.bit_generator.state),
             "rng_torch": torch.get_rng_state(),
             "liversam_version": __version__,
+            "run_id": self._run_id,
+            "data_sha256": dict(self._data_hashes),
         }
         with atomic_path(self.state_path) as tmp:
             torch.save(state, tmp)
@@ -825,6 +866,7 @@ class Trainer:
             "epoch": int(epoch),
             "metrics": {k: (None if v is None else float(v)) for k, v in metrics.items() if k != "epoch"},
             "validation": "decoder-only, one exact box per slice (liver) and per 2D lesion (tumour)",
+            "run_id": self._run_id,
             "liversam_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -854,7 +896,6 @@ class Trainer:
             file_handler.close()
 
     def _run(self) -> TrainingResult:
-        from ..models import safe_torch_load
         from ..progress import progress_bar as tqdm  # bar on a terminal, lines in a log, nothing with --quiet
 
         config = self.config
@@ -894,12 +935,10 @@ class Trainer:
             precision,
             device,
         )
-        if self.state_path.is_file():
-            state = safe_torch_load(self.state_path)
-            if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-                raise TrainingRunError(
-                    f"'{self.state_path}' is not a LiverSAMTrain state file; delete it to start over."
-                )
+        state = self._load_saved_state()
+        if state is not None:
+            self._saved_state = None  # not kept in memory for the whole run
+            self._run_id = state.get("run_id")  # None: a state file of an older version
             self._restore_model(network, state["model_state"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -922,6 +961,7 @@ class Trainer:
             )
             self._event("RESUME", {"epoch": resumed_from})
         else:
+            self._run_id = uuid.uuid4().hex
             started = time.perf_counter()
             metrics = self.validate(val_data, device, amp_dtype)
             row = {
@@ -999,10 +1039,26 @@ class Trainer:
                 log.info("early stopping: no better validation Dice for %d epochs", stale)
                 break
 
-        if not self.best_path.is_file():  # no epoch beat the base model: still ship a checkpoint, flagged
-            log.warning("no epoch improved on the base model's validation Dice; best.pt is the base model")
-            base_row = history[0]
-            self._save_best(network if best["epoch"] else self._base_network(), split, 0, base_row)
+        shipped = self._best_checkpoint_metadata()  # {} when there is none
+        ours = shipped.get("run_id") == self._run_id
+        if not (ours and shipped.get("epoch") == best["epoch"]):
+            if best["epoch"] == 0:  # no epoch beat the base model: still ship a checkpoint, flagged
+                log.warning("no epoch improved on the base model's validation Dice; best.pt is the base model")
+                self._save_best(self._base_network(), split, 0, history[0])
+            elif ours and self._run_id and isinstance(shipped.get("epoch"), int):
+                # An epoch redone after a kill (between best.pt and state.pt) did not reach its first result again:
+                # best.pt holds that first result, a model of this run validated like the others. Keep it.
+                log.warning("'%s' holds this run's epoch %d (an epoch redone after an interruption); keeping it",
+                            self.best_path, shipped["epoch"])  # fmt: skip
+                metric = (shipped.get("metrics") or {}).get("val_dice_mean")
+                best = {"epoch": shipped["epoch"], "val_dice_mean": best["val_dice_mean"] if metric is None else metric}
+            else:  # best.pt was removed or is another run's: the last epoch's model, said so
+                log.warning(
+                    "'%s' does not hold this run's epoch %d (removed?); writing the last epoch's (%d) instead",
+                    self.best_path, best["epoch"], history[-1]["epoch"],
+                )
+                best = {"epoch": int(history[-1]["epoch"]), "val_dice_mean": history[-1]["val_dice_mean"]}
+                self._save_best(network, split, best["epoch"], history[-1])
         result = TrainingResult(
             run_dir=self.run_dir,
             best_checkpoint=self.best_path,
@@ -1017,6 +1073,21 @@ class Trainer:
         val_data.close()
         self._finish(result, split, studies)
         return result
+
+    def _best_checkpoint_metadata(self) -> dict:
+        """The metadata of the run folder's ``best.pt`` ({} when there is none or it is unreadable): its ``run_id``
+        tells this run's model from one an earlier run left in the folder (e.g. after its state.pt was deleted to
+        start over), its ``epoch`` which epoch it holds."""
+        from ..models import safe_torch_load
+
+        if not self.best_path.is_file():
+            return {}
+        try:
+            checkpoint = safe_torch_load(self.best_path)
+        except Exception as exc:  # noqa: BLE001 - unreadable: written again
+            log.warning("'%s' is unreadable (%s); writing it again", self.best_path, exc)
+            return {}
+        return dict(checkpoint.get("metadata") or {}) if isinstance(checkpoint, dict) else {}
 
     def _base_network(self):
         from ..models import load_model

@@ -1,0 +1,206 @@
+"""`liversam train` run folders and inputs a user gets wrong: a run started over in a folder that holds an earlier
+run's best.pt, a resume after the training data changed, a study folder with a file missing, a label volume given
+as the CT, a label whose liver is too small on every slice. Real CT (lits117); the short runs are decoder-only
+on a cache shared by the tests of this file (12 slices encoded once), 1 thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from liversam.training import LabelConfig, TrainingConfig, TrainingDataError, discover_studies, load_study
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run-folder")
+    return {"cache": root / "cache", "home": root / "home"}
+
+
+def _train(data: Path, run_dir: Path, shared: dict, *extra: str) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "liversam", "train", "--data", str(data), "--out", str(run_dir),
+        "--max-slices", "12", "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--threads", "1",
+        "--seed", "0", "--no-progress", "--cache-dir", str(shared["cache"]), *extra,
+    ]  # fmt: skip
+    env = dict(os.environ, LIVERSAM_HOME=str(shared["home"]), OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(REPO_ROOT / "LiverSAM") + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _checkpoint(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.model
+def test_a_run_started_over_never_ships_the_earlier_run_s_best_checkpoint(tmp_path, shared, data_dir):
+    """The refusal to resume with other settings says 'delete the folder's state.pt to start this run over'. The
+    new run's best.pt must then be its own: when none of its epochs beats the base model, the base model (as the
+    log says), not the earlier run's fine-tuned model left in the folder, which was registered under the new
+    run's name."""
+    import torch
+
+    from liversam.models import load_model
+
+    run = tmp_path / "run"
+    first = _train(data_dir / "lits117", run, shared, "--lr", "1e-3", "--select", "last", "--no-register")
+    assert first.returncode == 0, first.stdout + first.stderr
+    earlier = _checkpoint(run / "best.pt")
+    assert earlier["metadata"]["epoch"] == 1
+    refused = _train(data_dir / "lits117", run, shared, "--lr", "1e-12", "--lr-min", "0")
+    assert refused.returncode == 2 and "delete the folder's state.pt" in refused.stderr
+    (run / "state.pt").unlink()
+    # A learning rate that changes nothing: no epoch beats the base model.
+    again = _train(data_dir / "lits117", run, shared, "--lr", "1e-12", "--lr-min", "0")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1])["best_epoch"] == 0
+    assert "best.pt is the base model" in again.stderr
+    shipped = _checkpoint(run / "best.pt")
+    assert shipped["metadata"]["epoch"] == 0 and shipped["metadata"]["metrics"]["lr"] == 1e-12
+    base = load_model("litemedsam", device="cpu").network.state_dict()
+    changed = [k for k, v in earlier["model_state"].items() if not torch.equal(v, base[k])]
+    assert changed  # the earlier run did fine-tune
+    assert all(torch.equal(shipped["model_state"][k], base[k]) for k in changed)
+    registry = json.loads((shared["home"] / "models" / "registry.json").read_text())
+    assert [(m["name"], m["metadata"]["epoch"]) for m in registry] == [("run", 0)]
+
+
+@pytest.mark.model
+def test_a_run_started_over_splits_by_its_own_settings(tmp_path, shared, data_dir):
+    """Started over (state.pt deleted) with another --split, the old code reused the earlier run's split.json and
+    trained on 9 slices instead of the 6 asked for (with another --max-slices: on the few slices both selections
+    share, down to one)."""
+    run = tmp_path / "run"
+    first = _train(data_dir / "lits117", run, shared, "--no-register")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert [len(v) for v in json.loads((run / "split.json").read_text())["slices"].values()] == [9, 2]
+    (run / "state.pt").unlink()
+    again = _train(data_dir / "lits117", run, shared, "--no-register", "--split", "0.6,0.2,0.2")
+    assert again.returncode == 0, again.stdout + again.stderr
+    split = json.loads((run / "split.json").read_text())
+    assert [len(split["slices"][k]) for k in ("train", "val")] == [6, 5]
+    assert "6 training / 5 validation samples" in again.stderr
+    assert _checkpoint(run / "best.pt")["metadata"]["split"] == split
+
+
+@pytest.mark.model
+def test_resuming_after_the_training_data_changed_is_refused(tmp_path, shared, data_dir):
+    """A rerun resumes from state.pt. When a study's files changed since the run started (a corrected label), the
+    old code rebuilt that study's cache and silently went on training the saved model on the new data; now it
+    refuses, names the study, and leaves the run folder as it was."""
+    data = tmp_path / "data" / "lits117"
+    data.mkdir(parents=True)
+    for name in ("ct.nii.gz", "label.nii.gz"):
+        shutil.copy(data_dir / "lits117" / name, data / name)
+    run = tmp_path / "run"
+    first = _train(data, run, shared, "--no-register")
+    assert first.returncode == 0, first.stdout + first.stderr
+    unchanged = _train(data, run, shared, "--no-register")  # same files: resumes (nothing left to do)
+    assert unchanged.returncode == 0, unchanged.stdout + unchanged.stderr
+    assert json.loads(unchanged.stdout.strip().splitlines()[-1])["resumed_from_epoch"] == 1
+    label = sitk.ReadImage(str(data / "label.nii.gz"))
+    array = sitk.GetArrayFromImage(label)
+    array[array == 2] = 1  # the tumours relabelled as liver
+    corrected = sitk.GetImageFromArray(array)
+    corrected.CopyInformation(label)
+    sitk.WriteImage(corrected, str(data / "label.nii.gz"))
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.name in ("state.pt", "best.pt", "history.csv")}
+    refused = _train(data, run, shared, "--no-register")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "training data changed" in refused.stderr and "'lits117'" in refused.stderr
+    assert str(data / "label.nii.gz") in refused.stderr and "new --out folder" in refused.stderr
+    assert {n: (run / n).stat().st_mtime_ns for n in before} == before
+    assert len(list(shared["cache"].glob("lits117-*.h5"))) == 1  # nothing encoded for the changed study
+
+
+# --- inputs ------------------------------------------------------------------------------------------------------
+
+
+def _study(folder: Path, data_dir: Path, ct: str | None = "ct.nii.gz", label: str | None = "label.nii.gz") -> Path:
+    folder.mkdir(parents=True)
+    if ct:
+        (folder / ct).symlink_to(data_dir / "lits117" / "ct.nii.gz")
+    if label:
+        (folder / label).symlink_to(data_dir / "lits117" / "label.nii.gz")
+    return folder
+
+
+def test_a_study_folder_with_a_file_missing_is_named_not_left_out(tmp_path, data_dir):
+    """Three study folders, one without its label: the old code trained on the other two without a word."""
+    root = tmp_path / "data"
+    _study(root / "p1", data_dir)
+    _study(root / "p2", data_dir)
+    _study(root / "p3", data_dir, label=None)
+    (root / "p3" / "liver_seg.nii.gz").symlink_to(data_dir / "lits117" / "label.nii.gz")  # a label under another name
+    with pytest.raises(TrainingDataError) as error:
+        discover_studies(root)
+    message = str(error.value)
+    assert str(root / "p3") in message and "no label" in message and "liver_seg.nii.gz" in message
+    assert "label.<ext>" in message and "p1" not in message.replace(str(root), "")
+    # A label without its CT, and half of the 3D-IRCADb layout.
+    (root / "p3" / "liver_seg.nii.gz").rename(root / "p3" / "label.nii.gz")
+    (root / "p3" / "ct.nii.gz").unlink()
+    with pytest.raises(TrainingDataError, match=r"p3' has the label 'label.nii.gz' but no CT"):
+        discover_studies(root)
+    shutil.rmtree(root / "p3")
+    (root / "p4" / "PATIENT_DICOM").mkdir(parents=True)
+    with pytest.raises(TrainingDataError, match=r"p4' has PATIENT_DICOM/ but no MASKS_DICOM/"):
+        discover_studies(root)
+    shutil.rmtree(root / "p4")
+    (root / "notes").mkdir()  # a folder without study files is no study and no error
+    assert [s.case_id for s in discover_studies(root)] == ["p1", "p2"]
+    # One study folder given as --data, without its label: said so, not "no training studies found".
+    single = _study(tmp_path / "single", data_dir, label=None)
+    with pytest.raises(TrainingDataError, match="has the CT 'ct.nii.gz' but no label"):
+        discover_studies(single)
+
+
+def test_a_label_volume_given_as_the_ct_is_refused(tmp_path, data_dir):
+    """ct.nii.gz that is in fact the label map: the old code trained (and validated) the model on the masks."""
+    folder = _study(tmp_path / "case1", data_dir, ct=None)
+    (folder / "ct.nii.gz").symlink_to(data_dir / "lits117" / "label.nii.gz")
+    [study] = discover_studies(folder)
+    with pytest.raises(TrainingDataError) as error:
+        load_study(study, LabelConfig())
+    message = str(error.value)
+    assert "'case1'" in message and "looks like a label mask" in message and "swapped" in message
+    assert str(folder / "ct.nii.gz") in message
+
+
+def test_a_label_with_too_little_liver_on_every_slice_is_a_data_error(tmp_path, data_dir, litemedsam, capsys):
+    """The old code failed with an internal error (ValueError and a crash log) after loading the model."""
+    from liversam.cli import main
+    from liversam.training.cache import build_study_cache
+
+    folder = tmp_path / "case1"
+    folder.mkdir()
+    (folder / "ct.nii.gz").symlink_to(data_dir / "lits117" / "ct.nii.gz")
+    label = sitk.ReadImage(str(data_dir / "lits117" / "label.nii.gz"))
+    array = np.zeros(sitk.GetArrayFromImage(label).shape, dtype=np.uint8)
+    array[60, 60:62, 60:62] = 1  # 4 liver voxels
+    small = sitk.GetImageFromArray(array)
+    small.CopyInformation(label)
+    sitk.WriteImage(small, str(folder / "label.nii.gz"))
+    [study] = discover_studies(folder)
+    config = TrainingConfig(data=str(folder), out=str(tmp_path / "run"), train_encoder="last")
+    with pytest.raises(TrainingDataError) as error:
+        build_study_cache(study, config, litemedsam, "id", progress=False)
+    message = str(error.value)
+    assert "'case1'" in message and "at least 16 liver voxels" in message and "4, slice 60" in message
+    assert "--min-liver-voxels" in message
+    code = main(["train", "--data", str(folder), "--out", str(tmp_path / "run"), "--train-encoder", "last",
+                 "--device", "cpu", "--no-progress", "--no-register", "--cache-dir", str(tmp_path / "cache")])
+    assert code == 2 and "at least 16 liver voxels" in capsys.readouterr().err
