@@ -60,13 +60,18 @@ class LiverSAMTrainLogic(ScriptedLoadableModuleLogic):
         self.chartNode = None
 
     def start(self, settings: TrainingLogic.TrainingSettings, python: str) -> list:
-        """Start ``liversam train`` in the LiverSAM environment ``python`` (checked once: raises with the reason)."""
+        """Start ``liversam train`` in the LiverSAM environment ``python`` (checked once: raises with the reason).
+        Blocks while a first check of ``python`` imports torch: the widget runs :meth:`checkEnvironment` first."""
         problem = TrainingLogic.environment_problem(python)
         if problem:
             raise RuntimeError(problem)
         command = TrainingLogic.build_train_command(settings, python=python)
         self.process.start(command, Path(settings.out) / "train.log", env=TrainingLogic.core_package_env())
         return command
+
+    def checkEnvironment(self, python: str) -> TrainingLogic.EnvironmentCheck:
+        """The check of ``python`` in a background process (already answered when ``python`` was checked before)."""
+        return TrainingLogic.EnvironmentCheck(python)
 
     def stop(self) -> None:
         self.process.stop()
@@ -85,6 +90,7 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         self._pairs = []
         self._settings = None
         self._chartShown = None  # the chart node shown in the layout
+        self._check = None  # the environment check running before training starts (polled, never waited for)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -112,6 +118,9 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
     def cleanup(self) -> None:
         if self._timer is not None:
             self._timer.stop()
+        if self._check is not None:
+            self._check.cancel()
+            self._check = None
         if self.logic is not None and self.logic.process.is_running():
             # True: the process has its own process group / session and writes to a log file, not to Slicer.
             logging.info(
@@ -164,21 +173,56 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         )
 
     def onStart(self) -> None:
+        # The LiverSAM environment is checked first (importing torch there takes seconds, minutes on a cold disk) in
+        # a background process that poll() watches, so Slicer stays responsive; training starts when it answers.
         with slicer.util.tryWithErrorDisplay(_("Could not start training."), waitCursor=True):
             self._settings = self._collectSettings()
-            command = self.logic.start(self._settings, TrainingLogic.python_executable())
-            self.ui.logTextEdit.appendPlainText(" ".join(command))
-            self.ui.progressBar.setMaximum(self._settings.epochs)
-            self._chartShown = None
-            self._timer.start()
+            self._check = self.logic.checkEnvironment(TrainingLogic.python_executable())
+            if not self._check.done():
+                self.ui.statusLabel.setText(_("Checking the LiverSAM Python environment..."))
+                self._timer.start()
         self.updateButtons()
+        if self._check is not None and self._check.done():
+            self._startChecked()
+
+    def _startChecked(self) -> None:
+        """Start training once the environment check has answered (its answer is cached: start does not block)."""
+        check, self._check = self._check, None
+        try:
+            with slicer.util.tryWithErrorDisplay(_("Could not start training."), waitCursor=True):
+                if check.problem:
+                    raise RuntimeError(check.problem)
+                command = self.logic.start(self._settings, check.python)
+                self.ui.logTextEdit.appendPlainText(" ".join(command))
+                self.ui.progressBar.setMaximum(self._settings.epochs)
+                self.ui.statusLabel.setText(_("Training..."))
+                self._chartShown = None
+                self._timer.start()
+        except Exception:  # shown to the user by tryWithErrorDisplay; also called from the timer
+            logging.info("LiverSAMTrain: training not started", exc_info=True)
+            self.ui.statusLabel.setText(_("Not started: see the message."))
+        finally:
+            if not self.logic.process.is_running():
+                self._timer.stop()
+            self.updateButtons()
 
     def onStop(self) -> None:
+        if self._check is not None:  # stopped while the environment was being checked: nothing was started
+            self._check.cancel()
+            self._check = None
+            self._timer.stop()
+            self.ui.statusLabel.setText(_("Stopped before training started."))
+            self.updateButtons()
+            return
         self.logic.stop()
         self.ui.statusLabel.setText(_("Stopped. Resume continues from the last completed epoch."))
         self.updateButtons()
 
     def poll(self) -> None:
+        if self._check is not None:
+            if self._check.done():
+                self._startChecked()
+            return
         for line in self.logic.process.read_lines():
             event = TrainingLogic.parse_event(line)
             if event is None:
@@ -217,7 +261,7 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
             self.updateButtons()
 
     def updateButtons(self) -> None:
-        running = self.logic is not None and self.logic.process.is_running()
+        running = self.logic is not None and (self.logic.process.is_running() or self._check is not None)
         self.ui.startButton.enabled = not running
         self.ui.resumeButton.enabled = not running
         self.ui.stopButton.enabled = running

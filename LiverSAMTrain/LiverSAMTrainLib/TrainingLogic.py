@@ -5,7 +5,8 @@
   ``liversam train`` reads (it classifies the segments by name: liver, tumour / lesion, ...);
 - :func:`build_train_command`: the ``<LiverSAM python> -m liversam train ...`` command line for the settings
   (the LiverSAM Python environment of the server, never Slicer's own Python: training needs torch);
-- :func:`environment_problem`: whether that environment can train (checked once per environment);
+- :class:`EnvironmentCheck` / :func:`environment_problem`: whether that environment can train (checked once per
+  environment, in a background process the widget polls);
 - :func:`update_curves`: ``history.csv`` of a run -> a table node and plot chart (loss, Dice per epoch);
 - :func:`parse_event`: the ``LIVERSAM_EPOCH`` / ``LIVERSAM_DONE`` lines the command prints;
 """
@@ -66,34 +67,96 @@ def python_executable() -> str:
 
 
 _CHECKED: dict[str, str | None] = {}
+CHECK_IMPORTS = "import liversam.training, torch"
+
+
+class EnvironmentCheck:
+    """Whether ``python`` can run ``liversam train`` (it exists and imports liversam and torch), found out in a
+    background process: :meth:`done` never blocks, so the widget polls it from its ``QTimer`` and Slicer stays
+    responsive while torch imports (seconds; minutes on a cold disk). The answer is kept per interpreter."""
+
+    def __init__(self, python: str, timeout_s: float = 180.0) -> None:
+        import subprocess
+        import tempfile
+        import time
+
+        self.python = python
+        self.problem: str | None = None
+        self._process = None
+        self._output = None
+        self._deadline = time.monotonic() + timeout_s
+        self._timeout_s = timeout_s
+        if python in _CHECKED:
+            self.problem, self._done = _CHECKED[python], True
+            return
+        self._done = False
+        if not python or not Path(python).is_file():
+            self._finish(
+                f"No LiverSAM Python environment ('{python}'). Run 'bash setup.sh' in the LiverSAM checkout, or "
+                "choose its python in LiverSAM's Server section: training runs there, not in Slicer's Python."
+            )
+            return
+        flags = getattr(subprocess, "CREATE_NO_WINDOW", 0) if sys.platform == "win32" else 0
+        self._output = tempfile.TemporaryFile()  # not a pipe: a long warning cannot fill it and stall the child
+        try:
+            self._process = subprocess.Popen(
+                [python, "-c", CHECK_IMPORTS], stdout=self._output, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, creationflags=flags, env=core_package_env(),
+            )  # fmt: skip
+        except OSError as error:
+            self._finish(f"'{python}' could not be run: {error}")
+
+    def _finish(self, problem: str | None, cache: bool = True) -> None:
+        self.problem, self._done = problem, True
+        if cache:
+            _CHECKED[self.python] = problem
+        if self._output is not None:
+            self._output.close()
+            self._output = None
+
+    def done(self) -> bool:
+        """True once the answer (:attr:`problem`: None when the environment can train) is known; never blocks."""
+        import time
+
+        if self._done:
+            return True
+        code = self._process.poll()
+        if code is None:
+            if time.monotonic() < self._deadline:
+                return False
+            self.cancel()
+            self._finish(f"'{self.python}' could not be run: importing liversam and torch took over "
+                         f"{self._timeout_s:.0f} s", cache=False)  # fmt: skip
+            return True
+        self._output.seek(0)
+        text = self._output.read().decode("utf-8", "replace").strip()
+        self._finish(None if code == 0 else (
+            f"'{self.python}' cannot train: {text.splitlines()[-1:]}. Install LiverSAM with its training packages "
+            "there (bash setup.sh)."
+        ))  # fmt: skip
+        return True
+
+    def wait(self, poll_s: float = 0.05) -> str | None:
+        """Block until :meth:`done` (scripts and tests; the widget polls instead); returns :attr:`problem`."""
+        import time
+
+        while not self.done():
+            time.sleep(poll_s)
+        return self.problem
+
+    def cancel(self) -> None:
+        """Stop a check still running (the module is closed, or Stop is pressed while it runs)."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        if not self._done:
+            self._finish("the environment check was cancelled", cache=False)
 
 
 def environment_problem(python: str, timeout_s: float = 180.0) -> str | None:
     """Why ``python`` cannot run ``liversam train`` (missing, no liversam / torch), or None. Checked once
-    per interpreter (the import takes a few seconds)."""
-    import subprocess
-
-    if python in _CHECKED:
-        return _CHECKED[python]
-    if not python or not Path(python).is_file():
-        problem = (
-            f"No LiverSAM Python environment ('{python}'). Run 'bash setup.sh' in the LiverSAM checkout, or choose "
-            "its python in LiverSAM's Server section: training runs there, not in Slicer's Python."
-        )
-    else:
-        flags = getattr(subprocess, "CREATE_NO_WINDOW", 0) if sys.platform == "win32" else 0
-        try:
-            done = subprocess.run([python, "-c", "import liversam.training, torch"], capture_output=True, text=True,
-                                  timeout=timeout_s, stdin=subprocess.DEVNULL, creationflags=flags,
-                                  env=core_package_env())  # fmt: skip
-            problem = None if done.returncode == 0 else (
-                f"'{python}' cannot train: {(done.stderr or done.stdout).strip().splitlines()[-1:]}. Install LiverSAM "
-                "with its training packages there (bash setup.sh)."
-            )  # fmt: skip
-        except (OSError, subprocess.TimeoutExpired) as error:
-            problem = f"'{python}' could not be run: {error}"
-    _CHECKED[python] = problem
-    return problem
+    per interpreter (the import takes a few seconds). Blocks: the widget uses :class:`EnvironmentCheck`."""
+    return EnvironmentCheck(python, timeout_s).wait()
 
 
 def build_train_command(settings: TrainingSettings, python: str | None = None) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -161,6 +162,33 @@ def test_training_runs_in_the_liversam_environment_checked_once(tmp_path, monkey
     calls = []
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: calls.append(a))
     assert TrainingLogic.environment_problem(bare_python) == problem and not calls  # cached: not run again
+    TrainingLogic._CHECKED.clear()
+
+
+def test_the_environment_check_runs_in_the_background_and_never_blocks(tmp_path):
+    """Start used to import torch in the LiverSAM Python with subprocess.run on Slicer's main thread (seconds, up to
+    the 180 s timeout on a cold disk: Slicer frozen). The check now runs in a background process the widget's timer
+    polls: starting it and asking whether it is done return at once."""
+    slow = tmp_path / "slow-python"
+    slow.write_text("#!/bin/sh\nsleep 3\nexit 0\n")
+    slow.chmod(0o755)
+    broken = tmp_path / "broken-python"
+    broken.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'torch'\"\nexit 1\n")
+    broken.chmod(0o755)
+    TrainingLogic._CHECKED.clear()
+    started = time.monotonic()
+    check = TrainingLogic.EnvironmentCheck(str(slow))
+    assert not check.done() and time.monotonic() - started < 1.0
+    assert check.wait() is None and check.done()  # the environment can train
+    assert TrainingLogic.EnvironmentCheck(str(slow)).done()  # answered once per interpreter: no new process
+    failing = TrainingLogic.EnvironmentCheck(str(broken))
+    problem = failing.wait()
+    assert "cannot train" in problem and "No module named 'torch'" in problem and "setup.sh" in problem
+    slow_again = tmp_path / "slow-again"
+    shutil.copy(slow, slow_again)
+    cancelled = TrainingLogic.EnvironmentCheck(str(slow_again))
+    cancelled.cancel()  # Stop pressed while checking: the check process ends, nothing is cached
+    assert cancelled.done() and cancelled.problem and str(slow_again) not in TrainingLogic._CHECKED
     TrainingLogic._CHECKED.clear()
 
 
