@@ -92,6 +92,34 @@ def test_liversam_checkpoint_round_trip_and_registry(tmp_path, monkeypatch, lite
         register_user_model("litemedsam", path)
 
 
+def test_models_registered_at_the_same_time_are_all_kept(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    from liversam.models import registry
+
+    monkeypatch.setenv("LIVERSAM_HOME", str(tmp_path / "home"))
+    read = registry.registered_models
+
+    def slow_read():  # widen the window between reading the list and writing it back
+        models = read()
+        time.sleep(0.2)
+        return models
+
+    monkeypatch.setattr(registry, "registered_models", slow_read)
+    checkpoints = []
+    for n in range(4):
+        checkpoints.append(tmp_path / f"run{n}.pt")
+        checkpoints[-1].write_bytes(b"x")
+    runs = [threading.Thread(target=register_user_model, args=(f"run{n}", checkpoints[n])) for n in range(4)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    # before: each run wrote back the list it had read, and the registry kept one of the four
+    assert sorted(m.name for m in read()) == ["run0", "run1", "run2", "run3"]
+
+
 def test_device_resolution():
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -160,6 +160,9 @@ def registered_models() -> list[RegisteredModel]:
     return [RegisteredModel(**entry) for entry in entries]
 
 
+REGISTRY_LOCK_TIMEOUT_S = 60.0
+
+
 def register_user_model(
     name: str, path: str | Path, description: str = "", metadata: dict | None = None
 ) -> None:
@@ -169,12 +172,25 @@ def register_user_model(
     path = Path(path).resolve()
     if not path.is_file():
         raise ModelError(f"Cannot register model '{name}': checkpoint '{path}' does not exist.")
-    models = [m for m in registered_models() if m.name != name]
-    models.append(
-        RegisteredModel(name=name, path=str(path), description=description, metadata=metadata or {})
-    )
+    from filelock import FileLock, Timeout
+
     registry_file().parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(registry_file(), json.dumps([m.__dict__ for m in models], indent=2))
+    # Read, change, write under a lock: two training runs finishing together would otherwise each write the list
+    # they read, and one model would be lost from it (each write alone is atomic).
+    lock = f"{registry_file()}.lock"
+    try:
+        with FileLock(lock, timeout=REGISTRY_LOCK_TIMEOUT_S):
+            models = [m for m in registered_models() if m.name != name]
+            models.append(
+                RegisteredModel(name=name, path=str(path), description=description, metadata=metadata or {})
+            )
+            write_text_atomically(registry_file(), json.dumps([m.__dict__ for m in models], indent=2))
+    except Timeout:
+        raise ModelError(
+            f"Cannot register model '{name}': the model registry '{registry_file()}' stayed locked for "
+            f"{REGISTRY_LOCK_TIMEOUT_S:.0f} s ('{lock}'). Another LiverSAM process is registering a model; try again, "
+            f"or delete '{lock}' if no LiverSAM process is running. The checkpoint is at '{path}'."
+        ) from None
 
 
 @dataclass(frozen=True)
