@@ -66,7 +66,8 @@ class LiverSAMTrainLogic(ScriptedLoadableModuleLogic):
         if problem:
             raise RuntimeError(problem)
         command = TrainingLogic.build_train_command(settings, python=python)
-        self.process.start(command, Path(settings.out) / "train.log", env=TrainingLogic.core_package_env())
+        self.process.start(command, Path(settings.out) / TrainingLogic.CONSOLE_LOG_NAME,
+                           env=TrainingLogic.core_package_env())
         return command
 
     def checkEnvironment(self, python: str) -> TrainingLogic.EnvironmentCheck:

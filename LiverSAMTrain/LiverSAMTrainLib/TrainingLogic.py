@@ -68,6 +68,9 @@ def python_executable() -> str:
 
 _CHECKED: dict[str, str | None] = {}
 CHECK_IMPORTS = "import liversam.training, torch"
+# The training process's console (its stdout events and stderr) goes here, in the run folder; the trainer writes its
+# own log lines to train.log (liversam.training.trainer.TRAIN_LOG_NAME). The same file for both held every line twice.
+CONSOLE_LOG_NAME = "console.log"
 
 
 class EnvironmentCheck:

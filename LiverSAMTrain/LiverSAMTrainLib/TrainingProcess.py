@@ -1,7 +1,7 @@
 """A training command in a background process that outlives Slicer, its output read from a log file (no Qt).
 
 The widget polls :meth:`TrainingProcess.read_lines` from a ``QTimer``; nothing here blocks the caller, so
-Slicer stays responsive for hours of training. The process writes to ``<run folder>/train.log`` (not to
+Slicer stays responsive for hours of training. The process writes to ``<run folder>/console.log`` (not to
 a pipe whose reader dies with Slicer) and runs in its own session / process group without a console
 window, so closing Slicer does not stop it: the log says so and where to look. Stopping terminates it
 (then kills it after a grace period); the training command checkpoints after every epoch, so starting it

@@ -192,6 +192,15 @@ def test_the_environment_check_runs_in_the_background_and_never_blocks(tmp_path)
     TrainingLogic._CHECKED.clear()
 
 
+def test_the_modules_console_log_is_not_the_trainers_own_log():
+    from liversam.training.trainer import TRAIN_LOG_NAME
+
+    # both in the run folder: one file for both held every log line twice (the trainer's handler and its stderr)
+    assert TrainingLogic.CONSOLE_LOG_NAME != TRAIN_LOG_NAME
+    source = (TRAIN_DIR / "LiverSAMTrain.py").read_text()
+    assert "TrainingLogic.CONSOLE_LOG_NAME" in source and '"train.log"' not in source
+
+
 def test_the_process_outlives_its_parent_and_has_no_console(tmp_path):
     """The training child runs in its own session (POSIX) / process group without console (Windows), and its
     output goes to a log file, so closing Slicer (the parent) neither kills it nor breaks its output."""

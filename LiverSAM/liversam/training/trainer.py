@@ -52,6 +52,7 @@ from .studies import TrainingStudy, discover_studies
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "liversam-train-state/1"
+TRAIN_LOG_NAME = "train.log"  # the run's own log (its logger's lines); a front end keeps the console elsewhere
 HISTORY_COLUMNS = (
     "epoch",
     "train_loss",
@@ -886,7 +887,7 @@ class Trainer:
     # --- the run ---
     def run(self) -> TrainingResult:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(self.run_dir / "train.log", encoding="utf-8")
+        file_handler = logging.FileHandler(self.run_dir / TRAIN_LOG_NAME, encoding="utf-8")
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger("liversam").addHandler(file_handler)
         try:
