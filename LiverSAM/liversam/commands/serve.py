@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import LiverSAMError
+
+#: Seconds a stopping server gives the requests in progress to finish before it cancels them and closes the sessions.
+GRACEFUL_SHUTDOWN_S = 3.0
 
 
 def add_parser(subparsers) -> None:
@@ -107,17 +112,43 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"liversam serve: token {tokens[0]} (also in {written}, mode 0600)", flush=True)
     app = create_app(config)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30,
-                                           limit_concurrency=64))
+
+    def forget_token() -> None:
+        if written is not None:
+            with contextlib.suppress(OSError):
+                written.unlink()  # the token dies with the server
+
+    # timeout_graceful_shutdown: when told to stop (SIGTERM, SIGINT, standard input closed), requests still open after
+    # this many seconds are cancelled; without it uvicorn waits for them for ever (a client that stopped sending in the
+    # middle of an upload) and only then closes the sessions, which is what cancels a running job
+    server = _make_server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30,
+                                          limit_concurrency=64, timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S),
+                          on_stop=forget_token)
     if args.exit_with_stdin:
         _stop_when_stdin_closes(server)
     try:
         server.run(sockets=[sock])
     finally:
-        if written is not None:
-            with contextlib.suppress(OSError):
-                written.unlink()  # the token dies with the server
+        forget_token()
     return 0
+
+
+def _make_server(config, on_stop: Callable[[], None]):
+    """uvicorn's server, running ``on_stop`` once it has shut down, also when it was stopped by a signal: uvicorn then
+    raises the signal again with its default action (SIGTERM ends the process at once, so a ``finally`` around
+    ``run`` never runs, and the token file the docs promise to delete would stay)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    on_stop()
+
+    return Server(config)
 
 
 def _stop_when_stdin_closes(server) -> None:
@@ -126,8 +157,12 @@ def _stop_when_stdin_closes(server) -> None:
     (its own "stop at exit" does not run then), so the model and its memory are not left behind."""
 
     def wait_for_end() -> None:
+        # os.read on the descriptor, not sys.stdin: a thread blocked in sys.stdin's read holds its buffer's lock, and a
+        # process this one forks (OpenVINO's telemetry does, from a thread) closes sys.stdin as it starts
+        # (multiprocessing) and waited for that lock for ever, keeping a copy of the server's memory
         with contextlib.suppress(OSError, ValueError):
-            while sys.stdin.buffer.read(65536):
+            fd = sys.stdin.fileno()
+            while os.read(fd, 65536):
                 pass
         server.should_exit = True  # first: the starter's end may have closed our output too (a print then fails)
         with contextlib.suppress(OSError, ValueError):

@@ -48,6 +48,10 @@ class JobNotFound(LookupError):
     pass
 
 
+class SessionClosed(LookupError):
+    """The session of a job being started was closed meanwhile (answered as an unknown session, 404)."""
+
+
 # --- prompts, the way `liversam segment` reads them --------------------------------------------------------
 def segment_prompts(specs: list[SegmentSpec], system: str, geometry: ImageGeometry,
                     masks: dict[str, np.ndarray], source: str = "request") -> list[SegmentPrompts]:
@@ -138,13 +142,19 @@ class Job:
     started: float | None = None
     finished: float | None = None
     output: JobOutput | None = None
+    released: bool = False  # done, but its result was dropped to bound memory (see JobStore.keep_results)
     cancel_event: threading.Event = field(default_factory=threading.Event)
+    # called at every cancel check of the core (before each slice's prediction, on the inference thread): lets the
+    # other users' waiting clicks run there (InferenceWorker.run_waiting_interactive)
+    between_slices: Callable[[], object] | None = None
 
     def progress(self, stage: str, done: int, total: int) -> None:
         self.stage, self.done, self.total = stage, int(done), int(total)
         self.progress_events += 1
 
     def cancelled(self) -> bool:
+        if self.between_slices is not None and not self.cancel_event.is_set():
+            self.between_slices()
         return self.cancel_event.is_set() or self.session.closed
 
     def status(self) -> dict:
@@ -226,12 +236,21 @@ def repropagation_work(job: Job, seg: SegmentPrompts, fix_slices: list[int], exi
     return work
 
 
-class JobStore:
-    """Jobs by id; at most ``max_jobs`` finished ones are kept (oldest forgotten first)."""
+#: Finished jobs of one session whose results (full-volume masks) are kept; an older one's result is dropped.
+KEEP_RESULTS_PER_SESSION = 4
 
-    def __init__(self, worker, max_jobs: int) -> None:
+
+class JobStore:
+    """Jobs by id; at most ``max_jobs`` finished ones are kept (oldest forgotten first), and the results of at most
+    ``keep_results`` finished jobs per session: every result holds a full-volume mask per segment, and a radiologist
+    fixing slice after slice runs a re-propagation per fix (each a new full mask), so over a day the results of
+    superseded jobs would otherwise hold gigabytes until the session closes. What a job wrote stays in the
+    session's masks."""
+
+    def __init__(self, worker, max_jobs: int, keep_results: int = KEEP_RESULTS_PER_SESSION) -> None:
         self.worker = worker
         self.max_jobs = max_jobs
+        self.keep_results = keep_results
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -239,9 +258,13 @@ class JobStore:
         """Queue a job; ``make_work(job)`` gives its ``work(model) -> JobOutput`` (reporting to ``job``)."""
         from .worker import JOB
 
-        job = Job(secrets.token_urlsafe(12), session, owner, kind)
+        job = Job(secrets.token_urlsafe(12), session, owner, kind,
+                  between_slices=getattr(self.worker, "run_waiting_interactive", None))
         work = make_work(job)
         with self._lock:
+            if session.closed:  # closed by another request since this one found it (forget_session ran already)
+                raise SessionClosed(f"session '{session.id}' was closed while this job was being started; open the "
+                                    "CT again")
             self._jobs[job.id] = job
             session.active_jobs += 1
             self._forget_old()
@@ -260,6 +283,7 @@ class JobStore:
             for seg in output.result.segments:
                 job.session.masks[seg.name] = seg.mask_kji
             job.output, job.state = output, "done"
+            self._release_old_results(job.session)
         except Cancelled:
             job.state, job.error = "cancelled", "cancelled; nothing was written"
         except LiverSAMError as exc:
@@ -271,6 +295,7 @@ class JobStore:
             job.finished = time.time()
             with self._lock:
                 job.session.active_jobs -= 1
+                job.session.last_used = time.monotonic()  # a job running is use: the idle timeout starts now
 
     def get(self, job_id: str, owner: str) -> Job:
         with self._lock:
@@ -278,7 +303,15 @@ class JobStore:
         if job is None or job.owner != owner:
             raise JobNotFound(f"unknown job '{job_id}': it does not exist, was forgotten (only the last "
                               f"{self.max_jobs} jobs are kept) or its session was closed, or belongs to another token")
+        job.session.last_used = time.monotonic()  # polling a job or fetching its result uses its session
         return job
+
+    def _release_old_results(self, session: Session) -> None:
+        """Drop the results of the session's finished jobs but the newest ``keep_results``."""
+        with self._lock:
+            done = [j for j in self._jobs.values() if j.session is session and j.output is not None]
+        for job in done[: max(0, len(done) - self.keep_results)]:
+            job.output, job.released = None, True
 
     def cancel(self, job: Job) -> None:
         job.cancel_event.set()

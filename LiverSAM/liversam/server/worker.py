@@ -2,7 +2,8 @@
 
 Work is taken in priority order: interactive predictions (:data:`INTERACTIVE`) before jobs (:data:`JOB`),
 and background pre-encoding only when nothing else waits, one slice at a time, so a click never waits
-for more than the encode in progress. The model is loaded by this thread on first use, never at import.
+for more than the encode in progress: a running job lets the waiting predictions run between two of its slices
+(:meth:`InferenceWorker.run_waiting_interactive`). The model is loaded by this thread on first use, never at import.
 """
 
 from __future__ import annotations
@@ -119,17 +120,36 @@ class InferenceWorker:
             item = self._next()
             if item is None:
                 return
-            fn, future = item
-            if future is not None and not future.set_running_or_notify_cancel():
-                continue
-            self.state = "busy" if future is not None else "pre-encoding"
-            try:
-                result = fn(self._ensure_model())
-            except BaseException as exc:  # delivered to the waiting request; the thread lives on
-                if future is not None:
-                    future.set_exception(exc)
-                else:
-                    log.warning("background encoding failed: %s", exc)
-                continue
+            self._execute(*item)
+
+    def _execute(self, fn: Callable[[Any], Any], future: Future | None) -> None:
+        if future is not None and not future.set_running_or_notify_cancel():
+            return
+        self.state = "busy" if future is not None else "pre-encoding"
+        try:
+            result = fn(self._ensure_model())
+        except BaseException as exc:  # delivered to the waiting request; the thread lives on
             if future is not None:
-                future.set_result(result)
+                future.set_exception(exc)
+            else:
+                log.warning("background encoding failed: %s", exc)
+            return
+        if future is not None:
+            future.set_result(result)
+
+    def run_waiting_interactive(self) -> int:
+        """Run the interactive requests waiting now, from inside a job (its check between two slices; worker thread
+        only, elsewhere nothing happens). A long propagation would otherwise hold every other user's click until it
+        ends; this way a click waits for at most one slice of it. Returns how many ran."""
+        if threading.current_thread() is not self._thread:
+            return 0
+        ran, state = 0, self.state
+        while True:
+            with self._cond:
+                if self._closed or not self._queue or self._queue[0][0] != INTERACTIVE:
+                    break
+                _, _, fn, future = heapq.heappop(self._queue)
+            self._execute(fn, future)
+            ran += 1
+        self.state = state
+        return ran
