@@ -473,6 +473,11 @@ def _error_message(body: bytes) -> str:
 
 
 # --- a local server process ----------------------------------------------------------------------------
+# The folder of a local server's token file. `liversam serve` removes it (when empty) as it deletes the token, so
+# that a starter killed outright (a Slicer crash: its clean-up never runs) leaves nothing in the temporary folder.
+LOCAL_SERVER_FOLDER_PREFIX = "liversam-server-"
+
+
 class LocalServerProcess:
     """Start ``<python> -m liversam serve --port 0 --token-file F`` on this machine and stop it again.
 
@@ -503,7 +508,7 @@ class LocalServerProcess:
         """Start the server and return a client connected to it (URL and token from the process)."""
         if self.process is not None and self.process.poll() is None:
             return self.client()
-        self._folder = tempfile.mkdtemp(prefix="liversam-server-")
+        self._folder = tempfile.mkdtemp(prefix=LOCAL_SERVER_FOLDER_PREFIX)
         token_file = os.path.join(self._folder, f"token-{secrets.token_hex(4)}")
         try:
             self._launch(token_file)

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from liversam.commands.serve import STARTER_FOLDER_PREFIX
+
 
 def _serve(tmp_path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "LIVERSAM_HOME": str(tmp_path)}
@@ -68,21 +70,34 @@ time.sleep(600)
 def test_a_local_server_ends_when_the_program_that_started_it_is_killed(tmp_path):
     """The Slicer module's LocalServerProcess: a SIGKILL to Slicer (a crash) runs no "stop at exit", yet the
     server must not stay behind holding the model."""
-    env = {**os.environ, "LIVERSAM_HOME": str(tmp_path)}
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "LIVERSAM_HOME": str(tmp_path), "TMPDIR": str(temp)}
     module_dir = str(Path(__file__).resolve().parents[2] / "LiverSAM")
     starter = subprocess.Popen([sys.executable, "-c", STARTER, module_dir], env=env, stdout=subprocess.PIPE, text=True)
     try:
         server_pid = int(starter.stdout.readline())
         os.kill(server_pid, 0)  # running
+        folders = list(temp.glob(f"{STARTER_FOLDER_PREFIX}*"))
+        assert len(folders) == 1 and list(folders[0].iterdir()), "the starter's folder holds the token file"
         starter.kill()  # no clean-up code runs in the starter
         starter.wait(timeout=10)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and _alive(server_pid):
             time.sleep(0.2)
         assert not _alive(server_pid)
+        # the server deleted its token and the starter's folder with it (one empty folder a crash of Slicer before)
+        assert not folders[0].exists()
     finally:
         if starter.poll() is None:
             starter.kill()
+
+
+def test_the_server_and_its_starters_agree_on_the_folder_name():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "LiverSAM"))
+    from LiverSAMLib.ServerClient import LOCAL_SERVER_FOLDER_PREFIX
+
+    assert LOCAL_SERVER_FOLDER_PREFIX == STARTER_FOLDER_PREFIX
 
 
 def _alive(pid: int) -> bool:

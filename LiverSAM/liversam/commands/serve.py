@@ -13,6 +13,10 @@ from pathlib import Path
 
 from ..errors import LiverSAMError
 
+#: The folder a starter (the Slicer module's and the web app's LocalServerProcess) makes for the token file; the server
+#: removes it when empty as it deletes the token: a starter killed outright cannot (LOCAL_SERVER_FOLDER_PREFIX there).
+STARTER_FOLDER_PREFIX = "liversam-server-"
+
 #: Seconds a stopping server gives the requests in progress to finish before it cancels them and closes the sessions.
 GRACEFUL_SHUTDOWN_S = 3.0
 
@@ -117,6 +121,9 @@ def run(args: argparse.Namespace) -> int:
         if written is not None:
             with contextlib.suppress(OSError):
                 written.unlink()  # the token dies with the server
+            if written.parent.name.startswith(STARTER_FOLDER_PREFIX):
+                with contextlib.suppress(OSError):  # only when empty: never anything but the starter's own folder
+                    written.parent.rmdir()
 
     # timeout_graceful_shutdown: when told to stop (SIGTERM, SIGINT, standard input closed), requests still open after
     # this many seconds are cancelled; without it uvicorn waits for them for ever (a client that stopped sending in the
