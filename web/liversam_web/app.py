@@ -27,9 +27,16 @@ from trame_slicer.utils import write_client_files_to_dir
 from vtkmodules.vtkCommonCore import vtkCommand
 
 from .mrml_scene import InputError, SceneContent, list_input_files, load_ct_with_source
-from .server_client import LiverSAMClient, LiverSAMClientError, ServerRequestError
+from .server_client import LiverSAMClient, LiverSAMClientError, ServerRequestError, ServerUnavailable
 from .slice_prompting import SlicePrompting
-from .volume_geometry import PromptOutsideVolume, box_on_slice, point_on_volume, ras_to_ijk, server_geometry
+from .volume_geometry import (
+    PromptOutsideVolume,
+    box_on_slice,
+    point_on_volume,
+    ras_to_ijk,
+    server_geometry,
+    slice_plane,
+)
 from .workflow import FAST_THIN_SLICE_MM, Workflow
 
 logger = logging.getLogger("liversam_web")
@@ -327,7 +334,8 @@ class LiverSAMWebApp:
             return
         old_content, old_workflow = self.content, self.workflow
         self.content = new_content
-        self.workflow = Workflow(self.client, info["session_id"], tuple(info["shape_kji"]))
+        self.workflow = Workflow(self.client, info["session_id"], tuple(info["shape_kji"]),
+                                 reopen=self._reopen_session(new_content))
         if old_workflow is not None:
             create_task(asyncio.to_thread(old_workflow.close))
         if old_content is not None:
@@ -335,19 +343,38 @@ class LiverSAMWebApp:
         self._show_new_case(display_name)
         self._set_busy("")
 
+    def _reopen_session(self, content: SceneContent):
+        """How the workflow opens its CT on the server again when the server lost the session (evicted as idle or
+        least recently used, or the server restarted): the same voxels and geometry, so every mask still fits."""
+
+        def reopen() -> str:
+            geometry = server_geometry(content.ijk_to_ras)
+            info = self.client.open_volume(content.array, geometry.spacing, geometry.origin_lps,
+                                           geometry.direction_lps)
+            logger.info("the server had lost the session: the CT is open again as %s", info["session_id"])
+            return str(info["session_id"])
+
+        return reopen
+
     def _show_new_case(self, display_name: str) -> None:
         assert self.content is not None
         content = self.content
         for view in self.slicer_app.view_manager.get_slice_views():
             view.set_background_volume_id(content.volume.GetID())
             view.set_visible_in_3d(True)
-            view.fit_view_to_content()
+            # back to the view's own orientation, then turned to the CT's voxel axes (as Slicer does when it shows
+            # a volume): on a tilted (oblique) CT the red view then shows whole slices k, where prompts are drawn
+            view.reset_view()
         for view in self.slicer_app.view_manager.get_threed_views():
             view.reset_view()
         content.set_window(400.0, 40.0)
         self._attach_prompting()
         nk = content.shape_kji[0]
         self._jump(nk // 2)
+        plane = slice_plane(content.ijk_to_ras)
+        note = "Drag a box around the liver in the axial (red) view." if plane == "axial" else (
+            f"Its slices are {plane}, not axial: LiverSAM prompts and propagates on axial slices, so it cannot "
+            "segment this file. Resample it to axial slices (e.g. 3D Slicer's Resample Scalar Volume) and open that.")
         with self.state:
             self.state.update({
                 "busy": False, "busy_text": "",  # with the status line: the page never shows "Opened" while busy
@@ -355,8 +382,7 @@ class LiverSAMWebApp:
                 "window": 400.0, "level": 40.0,
                 "review_rows": [], "review_items": [], "lesion_rows": [], "progress": 0, "progress_text": "", "propagated": [],
                 "error": "",
-                "status": (f"Opened {display_name} ({content.shape_kji[2]} x {content.shape_kji[1]} x {nk}). "
-                           "Drag a box around the liver in the axial (red) view."),
+                "status": f"Opened {display_name} ({content.shape_kji[2]} x {content.shape_kji[1]} x {nk}). {note}",
             })
         self._sync_undo()
 
@@ -372,10 +398,12 @@ class LiverSAMWebApp:
             self._axial_observer = (node, node.AddObserver(vtkCommand.ModifiedEvent, self._on_axial_moved))
 
     def _axial_view(self):
-        for view in self.slicer_app.view_manager.get_slice_views():
-            if view.get_orientation() == "Axial":
+        """The red view: axial in the layout (its slice node says "Reformat" once turned to a tilted CT's axes)."""
+        views = list(self.slicer_app.view_manager.get_slice_views())
+        for view in views:
+            if getattr(getattr(view, "_view_properties", None), "orientation", None) == "Axial":
                 return view
-        return None
+        return next((view for view in views if view.get_orientation() == "Axial"), None)
 
     def _set_busy(self, text: str) -> None:
         with self.state:
@@ -465,8 +493,27 @@ class LiverSAMWebApp:
             self.state.axial_k = k
 
     # ================================================================== prompts and live update
+    def _prompt_refused(self, what: str) -> bool:
+        """Say why a prompt cannot be taken now (True), or False when it can."""
+        assert self.content is not None
+        plane = slice_plane(self.content.ijk_to_ras)
+        if plane != "axial":
+            self._error(f"{what} ignored: the slices of {self.state.ct_name} are {plane}, not axial; LiverSAM prompts "
+                        "and propagates on axial slices. Resample the CT to axial slices (e.g. 3D Slicer's Resample "
+                        "Scalar Volume) and open that.")
+            return True
+        segment = self.state.segment
+        if self.state.job_running and self._job_segment == segment:
+            name = {"tumor": "tumour"}.get(segment, segment)
+            self._error(f"{what} ignored: the {name} is being propagated, and its result will replace the {name} "
+                        f"mask. Wait for it to finish (or cancel it), then add {name} prompts.")
+            return True
+        return False
+
     def _on_box(self, ras_a: np.ndarray, ras_b: np.ndarray) -> None:
         if self.content is None or self.workflow is None:
+            return
+        if self._prompt_refused("Box"):
             return
         try:
             k, box = box_on_slice(self.content.ijk_to_ras, ras_a, ras_b, self.content.shape_kji)
@@ -475,12 +522,14 @@ class LiverSAMWebApp:
             return
         segment = self.state.segment
         logger.debug("%s box on slice %d: %s", segment, k, box)
-        self.workflow.push_undo(f"{segment} box on slice {k}")
+        change = self.workflow.push_undo(f"{segment} box on slice {k}")
         self.workflow.add_box(segment, k, box)
-        create_task(self._predict(segment, k))
+        create_task(self._predict(segment, k, change, ("box", box)))
 
     def _on_point(self, ras: np.ndarray, positive: bool) -> None:
         if self.content is None or self.workflow is None:
+            return
+        if self._prompt_refused("Point"):
             return
         try:
             k, point = point_on_volume(self.content.ijk_to_ras, ras, self.content.shape_kji)
@@ -497,11 +546,11 @@ class LiverSAMWebApp:
                         f"around the {segment} or click a + point on it first.")
             return
         logger.debug("%s %s point on slice %d: %s", segment, "+" if positive else "-", k, point)
-        self.workflow.push_undo(f"{'+' if positive else '-'} point on slice {k}")
+        change = self.workflow.push_undo(f"{'+' if positive else '-'} point on slice {k}")
         self.workflow.add_point(segment, k, point, positive)
-        create_task(self._predict(segment, k))
+        create_task(self._predict(segment, k, change, ("point+" if positive else "point-", point)))
 
-    async def _predict(self, segment: str, k: int) -> None:
+    async def _predict(self, segment: str, k: int, change=None, prompt: tuple | None = None) -> None:
         workflow = self.workflow
         assert workflow is not None and self.content is not None
         self._refresh_prompts()
@@ -517,9 +566,12 @@ class LiverSAMWebApp:
             try:
                 await asyncio.to_thread(workflow.predict_slice, segment, k)
             except LiverSAMClientError as exc:
-                workflow.undo()
-                self._refresh_all()
-                self._error(f"The server could not segment slice {k}: {_client_message(exc)}")
+                # take back this prompt only (another change may have come since: it stays)
+                workflow.withdraw(change, segment, k, prompt)
+                if workflow is self.workflow:
+                    self._refresh_all()
+                    self._error(f"The server could not segment slice {k}, so the prompt was taken back: "
+                                f"{_client_message(exc)}{_what_to_do(exc)}")
                 return
             finally:
                 with self.state:
@@ -529,6 +581,13 @@ class LiverSAMWebApp:
             self.content.show_mask(segment, workflow.masks[segment])
             area = int(workflow.masks[segment][k].sum())
             logger.debug("live update of %s slice %d: %d voxels", segment, k, area)
+            liver = workflow.masks["liver"]
+            if segment == "tumor" and area == 0 and liver.any() and not liver[k].any():
+                self._error(f"Tumour on slice {k}: 0 voxels. Tumours are kept inside the liver, and the liver has no "
+                            f"mask on slice {k} yet: propagate the liver (or draw a liver box on this slice) first; "
+                            "undo takes this tumour box back.")
+                self._sync_undo()
+                return
             self._status(f"{segment.capitalize()} on slice {k}: {area} voxels ({time.monotonic() - started:.1f} s). "
                          "Add + / - points to correct it, or propagate.")
             self._sync_undo()
@@ -537,6 +596,11 @@ class LiverSAMWebApp:
         if self.workflow is None or self.content is None:
             return
         k, segment = self._current_k(), self.state.segment
+        if self.state.job_running and self._job_segment == segment:
+            name = {"tumor": "tumour"}.get(segment, segment)
+            self._error(f"Not cleared: the {name} is being propagated, and its result will replace the {name} mask. "
+                        "Wait for it to finish (or cancel it), then clear the slice.")
+            return
         self.workflow.push_undo(f"clear {segment} on slice {k}")
         self.workflow.clear_slice(segment, k)
         self._refresh_all()
@@ -585,6 +649,7 @@ class LiverSAMWebApp:
         if workflow is None or self.state.job_running:
             return
         self._cancel_requested = False
+        self._job_segment = segment
         with self.state:
             self.state.job_running = True  # at once: a second click does not start a second job
         try:
@@ -609,7 +674,7 @@ class LiverSAMWebApp:
             self._error(f"{exc}.")
             return
         except LiverSAMClientError as exc:
-            self._error(f"The server could not start the job: {_client_message(exc)}")
+            self._error(f"The server could not start the job: {_client_message(exc)}{_what_to_do(exc)}")
             return
         self.job_id, self._job_segment = job, segment
         if self._cancel_requested:
@@ -628,7 +693,8 @@ class LiverSAMWebApp:
             else:
                 self._error(f"{what} failed on the server: {status.get('error') or status['state']}. Nothing changed.")
         except LiverSAMClientError as exc:
-            self._error(f"{what} failed: {_client_message(exc)}. Nothing changed.")
+            self._error(f"{what} failed: {_client_message(exc)}. Nothing changed: your prompts and masks are as "
+                        f"they were{_what_to_do(exc, job=True)}")
 
     async def _poll_job(self, workflow: Workflow, job: str, what: str) -> dict:
         while True:
@@ -752,18 +818,21 @@ class LiverSAMWebApp:
             return False
         dicom = content.dicom
 
-        def write() -> bytes:
+        def write_once() -> bytes:
             for segment, mask in workflow.masks.items():
                 workflow.client.upload_mask(workflow.session_id, f"export_{segment}", mask)
             return workflow.client.export_dicom_seg(
                 workflow.session_id, [(segment, f"export_{segment}") for segment in workflow.masks],
                 reference_dicom=dicom.folder, series_uid=dicom.series_uid or None)
 
+        def write() -> bytes:
+            return workflow.with_session(write_once)
+
         self._set_busy("Writing the DICOM SEG ...")
         try:
             data = await asyncio.to_thread(write)
         except LiverSAMClientError as exc:
-            self._error(f"DICOM SEG export failed: {_client_message(exc)}")
+            self._error(f"DICOM SEG export failed: {_client_message(exc)}{_what_to_do(exc)}")
             return False
         finally:
             self._set_busy("")
@@ -790,3 +859,13 @@ def _client_message(exc: Exception) -> str:
     if isinstance(exc, ServerRequestError):
         return exc.message
     return str(exc)
+
+
+def _what_to_do(exc: Exception, job: bool = False) -> str:
+    """What the user can do after a failed server call (the page keeps every prompt and mask)."""
+    if isinstance(exc, ServerUnavailable):
+        return (". The page keeps your prompts and masks: when the LiverSAM server is running again, repeat the step"
+                " (or export what you have now with .seg.nrrd / Labelmap).")
+    if job and isinstance(exc, ServerRequestError) and exc.status == 404:
+        return ". The server no longer has this job (it was restarted, or the job was forgotten): propagate again."
+    return "."

@@ -96,6 +96,13 @@ def point_on_volume(
     return kk, (float(np.clip(i, 0, ni - 1)), float(np.clip(j, 0, nj - 1)))
 
 
+def slice_plane(ijk_to_ras_matrix: np.ndarray) -> str:
+    """The anatomical plane of the volume's slices (k = const): "axial", "coronal" or "sagittal", after the axis
+    (S, A or R) closest to the k axis. LiverSAM prompts and propagates on the k slices, which must be axial."""
+    k_axis = np.abs(np.asarray(ijk_to_ras_matrix, dtype=float)[:3, 2])
+    return ("sagittal", "coronal", "axial")[int(np.argmax(k_axis))]
+
+
 def slice_centre_ras(ijk_to_ras_matrix: np.ndarray, k: int, shape_kji: Sequence[int]) -> np.ndarray:
     """RAS centre of slice k (where the views jump to for a review row)."""
     _, nj, ni = (int(s) for s in shape_kji)

@@ -8,13 +8,14 @@ on slice ``k``, points ``(i, j)`` on slice ``k``.
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .server_client import LiverSAMClient, box_ijk, segment_spec
+from .server_client import LiverSAMClient, ServerRequestError, box_ijk, segment_spec
 
 SEGMENTS = ("liver", "tumor")
 UNDO_DEPTH = 20
@@ -45,12 +46,26 @@ class _Snapshot:
     lesions: list[dict[str, Any]]
 
 
-class Workflow:
-    """One CT opened on the server (``session_id``) and what the user did on it."""
+def session_lost(exc: Exception) -> bool:
+    """The server answered that it has no such session (evicted as idle or least recently used, closed, or the server
+    was restarted): a 404 on a session's path."""
+    return (isinstance(exc, ServerRequestError) and exc.status == 404
+            and str(getattr(exc, "path", "")).startswith("/sessions/"))
 
-    def __init__(self, client: LiverSAMClient, session_id: str, shape_kji: tuple[int, int, int]) -> None:
+
+class Workflow:
+    """One CT opened on the server (``session_id``) and what the user did on it.
+
+    ``reopen``: opens the same CT on the server again and returns the new session id; called when the server has
+    lost the session, so that the user's prompts and masks (kept here) go on working.
+    """
+
+    def __init__(self, client: LiverSAMClient, session_id: str, shape_kji: tuple[int, int, int],
+                 reopen: Callable[[], str] | None = None) -> None:
         self.client = client
         self.session_id = session_id
+        self.reopen = reopen
+        self._reopen_lock = threading.Lock()
         self.shape_kji = tuple(int(s) for s in shape_kji)
         self.masks: dict[str, np.ndarray] = {name: np.zeros(self.shape_kji, dtype=bool) for name in SEGMENTS}
         self.prompts: dict[str, dict[int, SlicePrompts]] = {name: {} for name in SEGMENTS}
@@ -64,12 +79,49 @@ class Workflow:
         self.lesions: list[dict[str, Any]] = []
         self._undo: list[_Snapshot] = []
 
+    # --- the server session ----------------------------------------------------------------------------
+    def with_session(self, call: Callable[[], Any]) -> Any:
+        """``call()`` (which reads ``self.session_id``); when the server has lost the session, the CT is opened
+        again (``reopen``) and ``call`` repeated once on the new session."""
+        session = self.session_id
+        try:
+            return call()
+        except ServerRequestError as exc:
+            if self.reopen is None or not session_lost(exc):
+                raise
+        with self._reopen_lock:
+            if self.session_id == session:  # not reopened meanwhile by another call
+                self.session_id = self.reopen()
+        return call()
+
     # --- undo ------------------------------------------------------------------------------------------
-    def push_undo(self, label: str) -> None:
+    def push_undo(self, label: str) -> _Snapshot:
+        """Remember the state before a change named ``label``; returns that undo step (see :meth:`withdraw`)."""
         packed = {name: np.packbits(mask).tobytes() for name, mask in self.masks.items()}
-        self._undo.append(_Snapshot(label, copy.deepcopy(self.prompts), packed, set(self.propagated), dict(self.ring),
-                                    copy.deepcopy(self.review), copy.deepcopy(self.lesions)))
+        snapshot = _Snapshot(label, copy.deepcopy(self.prompts), packed, set(self.propagated), dict(self.ring),
+                             copy.deepcopy(self.review), copy.deepcopy(self.lesions))
+        self._undo.append(snapshot)
         del self._undo[:-UNDO_DEPTH]
+        return snapshot
+
+    def withdraw(self, change: _Snapshot | None, segment: str, k: int, prompt: tuple | None) -> None:
+        """Take back one prompt whose slice the server could not segment: undo its step when it is still the last
+        one; otherwise (the user went on meanwhile) only remove that prompt, and keep the later changes."""
+        if change is not None and self._undo and self._undo[-1] is change:
+            self.undo()
+            return
+        self._undo = [step for step in self._undo if step is not change]
+        if prompt is None:
+            return
+        kind, value = prompt
+        prompts = self.prompts[segment].get(int(k))
+        if prompts is None:
+            return
+        values = {"box": prompts.boxes, "point+": prompts.points, "point-": prompts.negative_points}[kind]
+        if value in values:
+            values.remove(value)
+        if prompts.empty():
+            self.prompts[segment].pop(int(k), None)
 
     def can_undo(self) -> bool:
         return bool(self._undo)
@@ -126,12 +178,14 @@ class Workflow:
             for box in prompts.boxes:
                 inside = [p for p in prompts.points if _in_box(p, box)]
                 outside = [p for p in prompts.negative_points if _in_box(p, box)]
-                lesion, _ = self.client.predict_slice(self.session_id, k, [box], inside, outside)
+                lesion, _ = self.with_session(
+                    lambda box=box, inside=inside, outside=outside: self.client.predict_slice(
+                        self.session_id, k, [box], inside, outside))
                 mask |= lesion
         elif not prompts.empty():
-            mask, _ = self.client.predict_slice(
+            mask, _ = self.with_session(lambda: self.client.predict_slice(
                 self.session_id, k, prompts.boxes, prompts.points, prompts.negative_points
-            )
+            ))
         if segment == "tumor" and self.masks["liver"].any():
             mask &= self.masks["liver"][int(k)]
         self.masks[segment][int(k)] = mask
@@ -169,16 +223,19 @@ class Workflow:
         if not self.has_prompts(segment):
             raise ValueError(f"the {segment} has no box or point yet: draw a box on it in the axial view first")
         spec = self.segment_spec(segment)
-        container = self._container(segment)
-        if container:
-            spec["inside"] = container
+        container = LIVER_CONTAINER if segment == "tumor" and self.masks["liver"].any() else None
         settings = _ring_setting(tumour_ring) if container else {}
         if faster_thin_slices:
             settings["skip_thin_slices_mm"] = FAST_THIN_SLICE_MM
-        if settings:
-            job = self.client.start_propagation(self.session_id, [spec], settings=settings)
-        else:
-            job = self.client.start_propagation(self.session_id, [spec])
+        def start() -> str:
+            container = self._container(segment)  # uploaded again to a session opened again
+            if container:
+                spec["inside"] = container
+            if settings:
+                return self.client.start_propagation(self.session_id, [spec], settings=settings)
+            return self.client.start_propagation(self.session_id, [spec])
+
+        job = self.with_session(start)
         self._job_ring[job] = bool(tumour_ring)
         self._remember_container(job, container)
         return job
@@ -195,13 +252,18 @@ class Workflow:
         if self.prompts[segment].get(int(k), SlicePrompts()).empty():
             raise ValueError(f"slice {k} has no {segment} prompt: fix it with a box or points first")
         existing = f"{segment}_current"
-        self.client.upload_mask(self.session_id, existing, self.masks[segment])
-        container = self._container(segment)
-        ring = _ring_setting(self.ring.get(segment, True)) if container else {}
-        job = self.client.start_repropagation(
-            self.session_id, self.segment_spec(segment), [int(k)], existing=existing,
-            container=container, **({"settings": ring} if ring else {}),
-        )
+
+        def start() -> tuple[str, str | None]:
+            self.client.upload_mask(self.session_id, existing, self.masks[segment])
+            container = self._container(segment)
+            ring = _ring_setting(self.ring.get(segment, True)) if container else {}
+            job = self.client.start_repropagation(
+                self.session_id, self.segment_spec(segment), [int(k)], existing=existing,
+                container=container, **({"settings": ring} if ring else {}),
+            )
+            return job, container
+
+        job, container = self.with_session(start)
         self._remember_container(job, container)
         return job
 

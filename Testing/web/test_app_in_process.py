@@ -1,0 +1,417 @@
+"""The web app's page logic in this process (no browser), on small synthetic CTs and a stand-in server client:
+
+- a box pressed, dragged and released in the red view lands on the voxels under the mouse, on the slice shown,
+  for CTs stored with flipped axes (LPS / RAS / k down), transposed in-plane axes, anisotropic voxels, a tilted
+  (oblique) CT; the voxel probe says the same; the exports lie on the CT in physical space (SimpleITK);
+- a CT stored in sagittal slices is named as such; a session the server lost is opened again with no work lost;
+  a prompt of the segment being propagated is refused (its result would replace it); a failed live update takes
+  back its own prompt only; a tumour box on a slice without liver says why it gives nothing; a server that goes
+  away during a propagation leaves the work as it was and says what to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")  # as `python -m liversam_web` sets it
+
+from liversam_web.server_client import ServerError, ServerRequestError, ServerUnavailable  # noqa: E402
+from liversam_web.volume_geometry import ijk_to_ras  # noqa: E402
+
+SHAPE = (12, 48, 40)  # k, j, i
+SPACING = (0.8, 1.1, 3.0)  # i, j, k mm: anisotropic
+ORIGIN_LPS = (10.0, -20.0, 30.0)
+_TILT = np.deg2rad(15.0)
+_TURN = np.deg2rad(20.0)
+# direction matrices in LPS, columns = the i, j, k axes
+DIRECTIONS = {
+    "lps": np.eye(3),
+    "ras": np.diag([-1.0, -1.0, 1.0]),
+    "k-down": np.diag([1.0, 1.0, -1.0]),
+    "transposed": np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]),
+    "gantry-tilt": np.array([[1.0, 0.0, 0.0], [0.0, np.cos(_TILT), -np.sin(_TILT)], [0.0, np.sin(_TILT), np.cos(_TILT)]]),
+    "turned-in-plane": np.array([[np.cos(_TURN), -np.sin(_TURN), 0.0], [np.sin(_TURN), np.cos(_TURN), 0.0],
+                                 [0.0, 0.0, 1.0]]),
+}
+SAGITTAL = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # slices k run left-right
+_NAMES = itertools.count()
+
+
+def synthetic_ct() -> np.ndarray:
+    ct = np.full(SHAPE, -1000, dtype=np.int16)
+    ct[2:10, 8:40, 6:34] = 40
+    ct[5, 20:24, 10:13] = 300  # a marker
+    return ct
+
+
+def write_nrrd(path: Path, array: np.ndarray, direction: np.ndarray, spacing=SPACING, origin=ORIGIN_LPS) -> Path:
+    """A raw NRRD in LPS with this direction (columns: i, j, k axes), spacing (i, j, k) and origin."""
+    axes = [np.asarray(direction, dtype=float)[:, c] * spacing[c] for c in range(3)]
+    nk, nj, ni = array.shape
+    header = ("NRRD0004\ntype: short\ndimension: 3\nspace: left-posterior-superior\n"
+              f"sizes: {ni} {nj} {nk}\n"
+              "space directions: " + " ".join("(" + ",".join(f"{v:.10g}" for v in a) + ")" for a in axes) + "\n"
+              "kinds: domain domain domain\nendian: little\nencoding: raw\n"
+              "space origin: (" + ",".join(f"{v:.10g}" for v in origin) + ")\n\n")
+    path.write_bytes(header.encode("ascii") + np.ascontiguousarray(array, dtype="<i2").tobytes())
+    return path
+
+
+class FakeServer:
+    """Answers like LiverSAMClient: a slice mask that fills each box; jobs that run until ``finish`` is set."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.sessions: dict[str, tuple] = {}
+        self.lost: set[str] = set()  # sessions the server forgot (evicted, or a restart)
+        self.predict_gate: threading.Event | None = None  # the next prediction waits for it, then fails
+        self.finish = threading.Event()
+        self.unreachable = False
+        self.job_masks: dict[str, np.ndarray] = {}
+        self._ids = itertools.count(1)
+
+    def _session(self, session: str, path: str) -> tuple:
+        if self.unreachable:
+            raise ServerUnavailable("LiverSAM server at http://127.0.0.1:1 is not reachable: connection refused")
+        if session in self.lost or session not in self.sessions:
+            raise ServerRequestError(404, f"unknown session '{session}': it does not exist, was closed or evicted "
+                                          "(...); open the CT again", "POST", f"/sessions/{session}{path}")
+        return self.sessions[session]
+
+    def open_volume(self, array, spacing, origin_lps, direction_lps=None, **_kwargs):
+        session = f"s{next(self._ids)}"
+        self.sessions[session] = (np.array(array), tuple(spacing), tuple(origin_lps), tuple(direction_lps))
+        self.calls.append(("open", session))
+        return {"session_id": session, "shape_kji": list(array.shape)}
+
+    def predict_slice(self, session, k, boxes_ij=(), points_ij=(), negative_points_ij=()):
+        array = self._session(session, "/predict")[0]
+        self.calls.append(("predict", session, k, [tuple(b) for b in boxes_ij], list(points_ij)))
+        if self.predict_gate is not None:
+            gate, self.predict_gate = self.predict_gate, None
+            gate.wait(30)
+            raise ServerError(500, "the model failed", "POST", f"/sessions/{session}/predict")
+        mask = np.zeros(array.shape[1:], dtype=bool)
+        for i0, j0, i1, j1 in boxes_ij:
+            mask[int(round(j0)):int(round(j1)) + 1, int(round(i0)):int(round(i1)) + 1] = True
+        return mask, 0.9
+
+    def prefetch(self, session, k, radius=3):
+        return []
+
+    def close_session(self, session):
+        self.sessions.pop(session, None)
+
+    def upload_mask(self, session, name, mask):
+        self._session(session, f"/masks/{name}")
+
+    def start_propagation(self, session, segments, **_kwargs):
+        array = self._session(session, "/propagate")[0]
+        job = f"job{next(self._ids)}"
+        mask = np.zeros(array.shape, dtype=bool)
+        for (i0, j0, k), (i1, j1, _) in segments[0]["boxes"]:  # each box's slice, and one each way
+            mask[int(k) - 1:int(k) + 2, int(j0):int(j1) + 1, int(i0):int(i1) + 1] = True
+        self.job_masks[job] = mask
+        return job
+
+    def job_status(self, job):
+        if self.unreachable:
+            raise ServerUnavailable("LiverSAM server at http://127.0.0.1:1 is not reachable: connection refused")
+        state = "done" if self.finish.is_set() else "running"
+        return {"state": state, "done": 1, "total": 2, "stage": "propagating"}
+
+    def cancel_job(self, job):
+        return {"state": "cancelled"}
+
+    def job_result(self, job, masks=True):
+        return {"review": {"segments": []}, "lesions": []}
+
+    def job_mask(self, job, segment):
+        return self.job_masks[job]
+
+
+def new_app(client: FakeServer):
+    from trame.app import get_server
+
+    from liversam_web.app import LiverSAMWebApp
+
+    return LiverSAMWebApp(client, server=get_server(f"liversam-test-{next(_NAMES)}", client_type="vue3"))
+
+
+async def settle(app, seconds: float = 0.05) -> None:
+    """Let the app's tasks (live updates, jobs) run until none of them is busy."""
+    for _ in range(400):
+        await asyncio.sleep(seconds)
+        if not app.state.busy and not app._predict_lock.locked():
+            return
+
+
+async def open_ct(app, path: Path) -> None:
+    await app._open_files([str(path)], f"'{path.name}'", path.name)
+    assert app.content is not None, app.state.error
+
+
+def screen_xy(app, ijk) -> tuple[float, float, float]:
+    """Where voxel (i, j, k) is in the red view: display x, y and the distance off its plane (in slices)."""
+    from vtkmodules.vtkCommonMath import vtkMatrix4x4
+
+    ras_to_xy = vtkMatrix4x4()
+    ras_to_xy.DeepCopy(app._axial_view().get_view_node().GetXYToRAS())
+    ras_to_xy.Invert()
+    x, y, z, _ = ras_to_xy.MultiplyPoint((*ijk_to_ras(app.content.ijk_to_ras, ijk), 1.0))
+    return x, y, z
+
+
+def mouse(app, event: str, xy) -> None:
+    from vtkmodules.vtkCommonCore import vtkCommand
+
+    interactor = app._axial_view().interactor()
+    interactor.SetEventPosition(int(round(xy[0])), int(round(xy[1])))
+    interactor.InvokeEvent(getattr(vtkCommand, event))
+
+
+def drag_box(app, corner_a, corner_b) -> None:
+    a, b = screen_xy(app, corner_a), screen_xy(app, corner_b)
+    mouse(app, "LeftButtonPressEvent", a)
+    mouse(app, "MouseMoveEvent", ((a[0] + b[0]) / 2, (a[1] + b[1]) / 2))
+    mouse(app, "MouseMoveEvent", b)
+    mouse(app, "LeftButtonReleaseEvent", b)
+
+
+def click(app, ijk) -> None:
+    xy = screen_xy(app, ijk)
+    mouse(app, "LeftButtonPressEvent", xy)
+    mouse(app, "LeftButtonReleaseEvent", xy)
+
+
+def labelled_points(path: str) -> dict:
+    """Physical (LPS) points of the nonzero voxels of each file, read with SimpleITK in the server's Python."""
+    from web_page import server_side
+
+    return server_side(
+        "import SimpleITK as sitk, numpy as np\n"
+        "out = {}\n"
+        "for name, path in inputs['files'].items():\n"
+        "    image = sitk.ReadImage(path)\n"
+        "    array = sitk.GetArrayFromImage(image)\n"
+        "    if array.ndim == 4: array = array.max(axis=-1)\n"
+        "    pts = [image.TransformIndexToPhysicalPoint((int(i), int(j), int(k))) for k, j, i in zip(*np.nonzero(array))]\n"
+        "    out[name] = sorted([[round(v, 3) for v in p] for p in pts])\n",
+        files={"points": path})["points"]
+
+
+@pytest.mark.parametrize("name", list(DIRECTIONS))
+def test_a_box_lands_on_the_voxels_under_the_mouse_and_exports_overlay_the_ct(name, tmp_path):
+    """Drag from voxel (10, 20) to (30, 36) on slice 5 of the red view: the server gets that box on slice 5; the probe
+    under the mouse names the voxel; the labelmap and .seg.nrrd hold the mask where the CT has those voxels."""
+    ct_path = write_nrrd(tmp_path / f"{name}.nrrd", synthetic_ct(), DIRECTIONS[name])
+    client = FakeServer()
+    app = new_app(client)
+
+    async def scenario():
+        await open_ct(app, ct_path)
+        assert "Drag a box" in app.state.status, app.state.status
+        content = app.content
+        marker = np.argwhere(content.array == 300)  # [k, j, i]
+        k = int(marker[0][0])
+        app._jump(k)
+        assert app._current_k() == k and app.state.axial_k == k
+        j0, i0 = int(marker[:, 1].min()) - 2, int(marker[:, 2].min()) - 3
+        box_ijk = ((i0, j0, k), (i0 + 12, j0 + 9, k))
+        for corner in box_ijk:
+            assert abs(screen_xy(app, corner)[2]) < 1e-3, "the red view does not show slice k as a whole"
+        drag_box(app, *box_ijk)
+        await settle(app)
+        assert not app.state.error, app.state.error
+        predict = [c for c in client.calls if c[0] == "predict"][-1]
+        assert predict[2] == k
+        assert np.allclose(predict[3][0], (i0, j0, i0 + 12, j0 + 9), atol=0.25), predict
+        mouse(app, "MouseMoveEvent", screen_xy(app, (i0 + 4, j0 + 3, k)))
+        assert app.state.probe.startswith(f"i {i0 + 4}  j {j0 + 3}  k {k}  "), app.state.probe
+        # the mask shown is the mask sent back (the segment holds it on the CT's grid), and the exports lie on the CT
+        mask = app.workflow.masks["liver"]
+        assert mask[k].sum() == 13 * 10 and (content.segment_mask("liver") == mask).all()
+        content.write_labelmap(app.workflow.labelmap(), tmp_path / "labels.nii.gz")
+        content.write_segmentation(tmp_path / "case.seg.nrrd")
+        return mask
+
+    mask = asyncio.run(scenario())
+    # the voxels of the box in the CT file's own grid, through physical space
+    expected = np.zeros(SHAPE, dtype=bool)
+    truth = synthetic_ct() == 300
+    kk = int(np.argwhere(truth)[0][0])
+    js, is_ = np.nonzero(truth[kk])
+    expected[kk, js.min() - 2:js.min() + 8, is_.min() - 3:is_.min() + 10] = True
+    file_points = labelled_points(str(write_nrrd(tmp_path / "expected.nrrd", expected.astype(np.int16),
+                                                 DIRECTIONS[name])))
+    assert len(file_points) == mask.sum() == 130
+    assert np.allclose(labelled_points(str(tmp_path / "labels.nii.gz")), file_points, atol=1e-2)
+    assert np.allclose(labelled_points(str(tmp_path / "case.seg.nrrd")), file_points, atol=1e-2)
+
+
+def test_a_point_lands_on_the_clicked_voxel_of_a_tilted_ct(tmp_path):
+    ct_path = write_nrrd(tmp_path / "tilt.nrrd", synthetic_ct(), DIRECTIONS["gantry-tilt"])
+    client = FakeServer()
+    app = new_app(client)
+
+    async def scenario():
+        await open_ct(app, ct_path)
+        app._jump(6)
+        app._prompting.set_mode("point+")
+        click(app, (30, 42, 6))  # far from the slice's centre, where a tilted plane leaves slice 6
+        await settle(app)
+        assert not app.state.error, app.state.error
+        assert sorted(app.workflow.prompts["liver"]) == [6]
+        assert app.workflow.prompts["liver"][6].points == [pytest.approx((30, 42), abs=0.25)]
+
+    asyncio.run(scenario())
+
+
+def test_a_ct_in_sagittal_slices_is_named_and_its_prompts_refused(tmp_path):
+    ct_path = write_nrrd(tmp_path / "sagittal.nrrd", synthetic_ct(), SAGITTAL)
+    client = FakeServer()
+    app = new_app(client)
+
+    async def scenario():
+        await open_ct(app, ct_path)
+        assert "sagittal, not axial" in app.state.status
+        view = app._axial_view()
+        size = view.render_window().GetSize()
+        a, b = (size[0] * 0.3, size[1] * 0.3), (size[0] * 0.7, size[1] * 0.7)
+        mouse(app, "LeftButtonPressEvent", a)
+        mouse(app, "MouseMoveEvent", b)
+        mouse(app, "LeftButtonReleaseEvent", b)
+        await settle(app)
+        assert "sagittal.nrrd are sagittal, not axial" in app.state.error and "Resample" in app.state.error
+        assert not [c for c in client.calls if c[0] == "predict"]
+
+    asyncio.run(scenario())
+
+
+def test_a_session_the_server_lost_is_opened_again_and_nothing_is_lost(tmp_path):
+    """The server evicts idle sessions (and forgets them all when restarted): the next box opens the CT again on the
+    server, with the same voxels and geometry, and is segmented; a propagation then runs on the new session."""
+    client = FakeServer()
+    app = new_app(client)
+
+    async def scenario():
+        await open_ct(app, write_nrrd(tmp_path / "ct.nrrd", synthetic_ct(), DIRECTIONS["lps"]))
+        app._jump(5)
+        drag_box(app, (8, 16, 5), (20, 30, 5))
+        await settle(app)
+        first = app.workflow.masks["liver"].copy()
+        client.lost.add("s1")
+        app._jump(6)
+        drag_box(app, (9, 17, 6), (21, 31, 6))
+        await settle(app)
+        assert not app.state.error, app.state.error
+        assert app.workflow.session_id == "s2" and sorted(app.workflow.prompts["liver"]) == [5, 6]
+        assert app.workflow.masks["liver"][6].sum() == 13 * 15 and (app.workflow.masks["liver"][5] == first[5]).all()
+        reopened, original = client.sessions["s2"], client.sessions.get("s1")
+        assert original is not None and (reopened[0] == original[0]).all() and reopened[1:] == original[1:]
+        client.lost.add("s2")
+        client.finish.set()
+        app.propagate()
+        await settle(app, 0.1)
+        while app.state.job_running:
+            await asyncio.sleep(0.1)
+        assert not app.state.error, app.state.error
+        assert app.workflow.session_id == "s3" and "liver" in app.workflow.propagated
+
+    asyncio.run(scenario())
+
+
+def test_a_prompt_of_the_segment_being_propagated_is_refused_and_a_lost_server_keeps_the_work(tmp_path):
+    """A liver box drawn while the liver propagates would be replaced by the job's result (its slice mask gone, its
+    box left): it is refused with a message. A server that goes away mid-job: the page says what to do and keeps
+    every prompt and mask."""
+    client = FakeServer()
+    app = new_app(client)
+
+    async def scenario():
+        await open_ct(app, write_nrrd(tmp_path / "ct.nrrd", synthetic_ct(), DIRECTIONS["lps"]))
+        app._jump(5)
+        drag_box(app, (8, 16, 5), (20, 30, 5))
+        await settle(app)
+        app.propagate()
+        await asyncio.sleep(0.3)
+        assert app.state.job_running
+        app._jump(9)
+        drag_box(app, (8, 16, 9), (20, 30, 9))  # during the liver's propagation
+        await settle(app)
+        assert "being propagated" in app.state.error
+        app.clear_slice()
+        assert "being propagated" in app.state.error and app.workflow.masks["liver"][5].any()
+        client.finish.set()
+        while app.state.job_running:
+            await asyncio.sleep(0.1)
+        masks = app.workflow.masks["liver"]
+        for k in app.workflow.prompts["liver"]:  # no prompt without its mask
+            assert masks[k].any(), f"slice {k} has a liver prompt and no liver mask"
+        # the server goes away during the next propagation
+        client.finish.clear()
+        before = masks.copy()
+        app.propagate()
+        await asyncio.sleep(0.3)
+        client.unreachable = True
+        while app.state.job_running:
+            await asyncio.sleep(0.1)
+        assert "not reachable" in app.state.error and "keeps your prompts and masks" in app.state.error
+        assert (app.workflow.masks["liver"] == before).all() and 5 in app.workflow.prompts["liver"]
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_live_update_takes_back_its_own_prompt_only(tmp_path):
+    """Box A's live update fails while box B (drawn meanwhile) waits: A is taken back, B stays and is segmented."""
+    client = FakeServer()
+    app = new_app(client)
+
+    async def scenario():
+        await open_ct(app, write_nrrd(tmp_path / "ct.nrrd", synthetic_ct(), DIRECTIONS["lps"]))
+        errors, show_error = [], app._error
+        app._error = lambda message: (errors.append(message), show_error(message))  # B's status follows at once
+        gate = threading.Event()
+        client.predict_gate = gate
+        app._jump(5)
+        drag_box(app, (8, 16, 5), (20, 30, 5))
+        await asyncio.sleep(0.2)
+        app._jump(7)
+        drag_box(app, (9, 17, 7), (21, 31, 7))
+        await asyncio.sleep(0.2)
+        gate.set()
+        await settle(app)
+        while app._predict_lock.locked():
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        assert sorted(app.workflow.prompts["liver"]) == [7]
+        assert app.workflow.masks["liver"][7].sum() == 13 * 15 and not app.workflow.masks["liver"][5].any()
+        assert app.workflow.undo_label() == "liver box on slice 7"
+        assert len(errors) == 1 and "could not segment slice 5, so the prompt was taken back" in errors[0]
+
+    asyncio.run(scenario())
+
+
+def test_a_tumour_box_on_a_slice_without_liver_says_why_it_is_empty(tmp_path):
+    client = FakeServer()
+    app = new_app(client)
+
+    async def scenario():
+        await open_ct(app, write_nrrd(tmp_path / "ct.nrrd", synthetic_ct(), DIRECTIONS["lps"]))
+        app._jump(5)
+        drag_box(app, (8, 16, 5), (20, 30, 5))
+        await settle(app)
+        app.state.segment = "tumor"
+        app._jump(8)
+        drag_box(app, (10, 18, 8), (16, 24, 8))
+        await settle(app)
+        assert "liver has no mask on slice 8" in app.state.error
+
+    asyncio.run(scenario())
