@@ -69,24 +69,11 @@ def _default_mode(target: Path) -> int:
 
 
 def _flush_to_disk(path: Path) -> None:
-    """fsync the finished temporary file so a power loss after the rename cannot leave it empty."""
+    """fsync a file or folder: the finished temporary file before the rename (a power loss after it cannot leave
+    the file empty), its folder after it (a power loss cannot undo the rename). A folder cannot be opened this way
+    on Windows: then nothing happens."""
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _flush_folder(folder: Path) -> None:
-    """fsync the folder after the rename, so that a power loss cannot undo the rename (POSIX; a no-op on Windows,
-    where a folder cannot be opened this way)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if path.is_dir() else 0))
     except OSError:
         return
     try:
@@ -113,7 +100,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             os.chmod(tmp, _default_mode(target))  # mkstemp makes 0o600 files
         os.replace(tmp, target)
-        _flush_folder(target.parent)
+        _flush_to_disk(target.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
