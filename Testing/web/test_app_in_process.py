@@ -16,6 +16,7 @@ import itertools
 import os
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -413,5 +414,26 @@ def test_a_tumour_box_on_a_slice_without_liver_says_why_it_is_empty(tmp_path):
         drag_box(app, (10, 18, 8), (16, 24, 8))
         await settle(app)
         assert "liver has no mask on slice 8" in app.state.error
+
+    asyncio.run(scenario())
+
+
+def test_an_export_with_nothing_segmented_says_so_instead_of_downloading_an_empty_file(tmp_path):
+    client = FakeServer()
+    app = new_app(client)
+
+    async def scenario():
+        await open_ct(app, write_nrrd(tmp_path / "ct.nrrd", synthetic_ct(), DIRECTIONS["lps"]))
+        for kind in ("segnrrd", "labelmap"):
+            app.state.error = ""
+            assert await app.export(kind) is None  # nothing to download
+            assert "Nothing to export yet" in app.state.error and "box around the liver" in app.state.error
+        app._jump(5)
+        drag_box(app, (8, 16, 5), (20, 30, 5))
+        await settle(app)
+        assert app.workflow.masks["liver"][5].any()
+        attached = []  # what trame's protocol would send to the page (no page is connected here)
+        app.server._root_protocol = SimpleNamespace(addAttachment=lambda data: attached.append(data) or "attachment")
+        assert await app.export("segnrrd") == "attachment" and attached[0]  # once something is segmented, it downloads
 
     asyncio.run(scenario())

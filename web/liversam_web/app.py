@@ -782,6 +782,11 @@ class LiverSAMWebApp:
         if self.content is None or self.workflow is None:
             self._error("Open a CT and segment it before exporting.")
             return None
+        if not any(mask.any() for mask in self.workflow.masks.values()):
+            # an empty file downloaded without a word looks like a result; the DICOM SEG writer refuses it anyway
+            self._error("Nothing to export yet: no liver or tumour voxel is segmented. Drag a box around the liver in "
+                        "the axial (red) view (and propagate it), then export.")
+            return None
         folder = Path(tempfile.mkdtemp(dir=self._tmp.name))
         try:
             if kind == "segnrrd":
