@@ -189,6 +189,9 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
     def _startChecked(self) -> None:
         """Start training once the environment check has answered (its answer is cached: start does not block)."""
         check, self._check = self._check, None
+        # the error dialog below runs a nested event loop: the timer must not call poll() meanwhile (it is started
+        # again once training runs)
+        self._timer.stop()
         try:
             with slicer.util.tryWithErrorDisplay(_("Could not start training."), waitCursor=True):
                 if check.problem:

@@ -95,16 +95,18 @@ def geometry_from_volume_node(volume_node) -> ImageGeometry:
 
 
 def first_image_volume(scene):
-    """The first scalar volume in ``scene`` that is not a labelmap (the module's default input), or None.
+    """The first volume the module's input selector lists (the module's default input), or None.
 
-    ``vtkMRMLScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")`` matches subclasses too, so a labelmap loaded
-    before the CT would become the input, one that the input selector (``showChildNodeTypes`` false) does not list.
+    ``vtkMRMLScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")`` matches subclasses too (labelmaps, vector / RGB,
+    tensor, diffusion volumes), so a labelmap or a colour image loaded before the CT became the input, one the
+    selector does not list: with ``showChildNodeTypes`` false it keeps exactly that class, and it hides nodes marked
+    HideFromEditors (qMRMLSortFilterProxyModel.cxx).
     """
     nodes = scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
     nodes.UnRegister(scene)  # the caller owns the collection (vtkMRMLScene.h), as slicer.util.getNodesByClass does
     for n in range(nodes.GetNumberOfItems()):
         node = nodes.GetItemAsObject(n)
-        if not node.IsA("vtkMRMLLabelMapVolumeNode"):
+        if node.GetClassName() == "vtkMRMLScalarVolumeNode" and not node.GetHideFromEditors():
             return node
     return None
 

@@ -111,7 +111,7 @@ class EnvironmentCheck:
 
     def _finish(self, problem: str | None, cache: bool = True) -> None:
         self.problem, self._done = problem, True
-        if cache:
+        if cache and problem is None:  # only a success: after `bash setup.sh` the next Start checks again
             _CHECKED[self.python] = problem
         if self._output is not None:
             self._output.close()
@@ -134,8 +134,8 @@ class EnvironmentCheck:
         self._output.seek(0)
         text = self._output.read().decode("utf-8", "replace").strip()
         self._finish(None if code == 0 else (
-            f"'{self.python}' cannot train: {text.splitlines()[-1:]}. Install LiverSAM with its training packages "
-            "there (bash setup.sh)."
+            f"'{self.python}' cannot train: {(text.splitlines() or ['no output'])[-1]}. Install LiverSAM with its "
+            "training packages there (bash setup.sh)."
         ))  # fmt: skip
         return True
 

@@ -187,6 +187,10 @@ def test_the_default_input_is_the_first_image_volume_never_a_labelmap(scene):
     # what the module did: GetFirstNodeByClass matches the subclass, so the label loaded first became the input
     assert scene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode") is labelmap
     assert MRMLBridge.first_image_volume(scene) is None
+    scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "photo")  # an RGB image: not listed by the selector either
+    hidden = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "hidden")
+    hidden.SetHideFromEditors(True)  # a module's internal volume: hidden from the selector
+    assert MRMLBridge.first_image_volume(scene) is None
     ct = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
     scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct 2")
     assert MRMLBridge.first_image_volume(scene) is ct

@@ -159,9 +159,13 @@ def test_training_runs_in_the_liversam_environment_checked_once(tmp_path, monkey
     bare_python = str(bare / "bin" / "python")
     problem = TrainingLogic.environment_problem(bare_python)
     assert problem and "cannot train" in problem and "No module named" in problem and "setup.sh" in problem
+    # a failure is not remembered: after `bash setup.sh` (here: the environment's python becomes a working one) the
+    # next Start checks again instead of repeating the old error until Slicer restarts
+    assert bare_python not in TrainingLogic._CHECKED
+    assert TrainingLogic.environment_problem(sys.executable) is None and sys.executable in TrainingLogic._CHECKED
     calls = []
-    monkeypatch.setattr(subprocess, "run", lambda *a, **k: calls.append(a))
-    assert TrainingLogic.environment_problem(bare_python) == problem and not calls  # cached: not run again
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: calls.append(a))
+    assert TrainingLogic.environment_problem(sys.executable) is None and not calls  # a success is cached: not run again
     TrainingLogic._CHECKED.clear()
 
 
