@@ -204,12 +204,16 @@ class Workflow:
     def has_prompts(self, segment: str) -> bool:
         return any(not p.empty() for p in self.prompts[segment].values())
 
+    def _container_name(self, segment: str) -> str | None:
+        """The session mask a ``segment`` job stays inside: tumours in the liver the user sees (None: nothing)."""
+        return LIVER_CONTAINER if segment == "tumor" and self.masks["liver"].any() else None
+
     def _container(self, segment: str) -> str | None:
-        """Tumours stay inside the liver the user sees (uploaded as a session mask)."""
-        if segment != "tumor" or not self.masks["liver"].any():
-            return None
-        self.client.upload_mask(self.session_id, LIVER_CONTAINER, self.masks["liver"])
-        return LIVER_CONTAINER
+        """:meth:`_container_name`, with the liver uploaded to the session under that name."""
+        name = self._container_name(segment)
+        if name is not None:
+            self.client.upload_mask(self.session_id, name, self.masks["liver"])
+        return name
 
     def start_propagation(self, segment: str, faster_thin_slices: bool = False, tumour_ring: bool = True) -> str:
         """Start propagating ``segment`` from all its prompts -> job id.
@@ -223,14 +227,15 @@ class Workflow:
         if not self.has_prompts(segment):
             raise ValueError(f"the {segment} has no box or point yet: draw a box on it in the axial view first")
         spec = self.segment_spec(segment)
-        container = LIVER_CONTAINER if segment == "tumor" and self.masks["liver"].any() else None
+        container = self._container_name(segment)
+        if container:
+            spec["inside"] = container
         settings = _ring_setting(tumour_ring) if container else {}
         if faster_thin_slices:
             settings["skip_thin_slices_mm"] = FAST_THIN_SLICE_MM
+
         def start() -> str:
-            container = self._container(segment)  # uploaded again to a session opened again
-            if container:
-                spec["inside"] = container
+            self._container(segment)  # the liver uploaded (again, to a session opened again)
             if settings:
                 return self.client.start_propagation(self.session_id, [spec], settings=settings)
             return self.client.start_propagation(self.session_id, [spec])
