@@ -14,7 +14,7 @@ import SimpleITK as sitk
 
 from .errors import InputImageError
 from .geometry import ImageGeometry
-from .image_integrity import check_image_file
+from .image_integrity import DICOM, check_image_file, sniff_image_format
 from .volume import CTVolume
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,9 @@ def read_ct(
     resample_irregular: bool = False,
     replace_nonfinite: float | None = None,
 ) -> CTVolume:
-    """Read a CT volume from a file or a DICOM folder.
+    """Read a CT volume from an image file, a DICOM folder, or one DICOM file or DICOMDIR (its folder's series).
+
+    A 4D file holding one volume is read as that 3D volume.
 
     Raises :class:`InputImageError` naming the path and what is wrong: missing path, unsupported format,
     empty, truncated or corrupt file (data shorter than its header declares), not 3D, more than one component
@@ -55,9 +57,12 @@ def read_ct(
     path = Path(path)
     if not path.exists():
         raise InputImageError(f"CT not found: '{path}'. Give an existing .nrrd/.nii/.nii.gz/.mha file or a DICOM folder.")
-    if path.is_dir():
+    is_dicom_file = path.is_file() and not has_image_suffix(path) and sniff_image_format(path) == DICOM
+    if path.is_dir() or is_dicom_file:
         from .dicom_series import read_dicom_series  # local import: DICOM needs pydicom
 
+        if is_dicom_file:  # one file of the series, or a DICOMDIR: the series is read from the file's folder
+            logger.info("'%s' is a DICOM file: reading its series from the folder '%s'", path, path.parent)
         volume = read_dicom_series(
             path,
             series_uid=series_uid,
@@ -67,15 +72,33 @@ def read_ct(
         )
         return _finite_volume(volume, replace_nonfinite)
     if not has_image_suffix(path):
-        raise InputImageError(
-            f"Unsupported CT file type: '{path}'. Supported: {', '.join(IMAGE_FILE_SUFFIXES)} or a DICOM series folder."
-        )
+        raise InputImageError(_unsupported_file_message(path))
     check_image_file(path)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise InputImageError(f"Cannot read CT file '{path}': {_itk_message(exc)}") from exc
     return _finite_volume(ct_from_sitk(image, source=str(path)), replace_nonfinite)
+
+
+def slice_plane_name(normal_lps) -> str:
+    """'axial', 'coronal' or 'sagittal': the patient plane of slices with this normal (LPS); else 'oblique'."""
+    normal = np.abs(np.asarray(normal_lps, dtype=float))
+    normal = normal / max(float(np.linalg.norm(normal)), 1e-12)
+    axis = int(np.argmax(normal))
+    return ("sagittal", "coronal", "axial")[axis] if normal[axis] >= 0.9 else "oblique"
+
+
+def _unsupported_file_message(path: Path) -> str:
+    """Why ``path`` (no image suffix) is refused: what it holds when that can be told, and what to do."""
+    found = sniff_image_format(path)
+    supported = f"Supported: {', '.join(IMAGE_FILE_SUFFIXES)} files or a DICOM series folder."
+    if found is None:
+        return f"Unsupported CT file type: '{path}'. {supported}"
+    return (
+        f"'{path}' holds {found[0]} but its name does not say so; rename it to end with {found[1]} so that it is "
+        f"read as one. {supported}"
+    )
 
 
 def label_mask_values(array_kji: np.ndarray) -> np.ndarray | None:
@@ -116,6 +139,45 @@ def check_not_label_mask(volume: CTVolume, override_hint: str = ALLOW_NON_CT_HIN
     )
 
 
+def check_hounsfield_units(volume: CTVolume, override_hint: str = ALLOW_NON_CT_HINT) -> None:
+    """Refuse a volume without a single negative value: not a CT in Hounsfield units.
+
+    A CT in HU has air near -1000 HU and fat near -100 HU; even one cropped to the liver has fat or noise below
+    0 HU. A volume whose lowest value is 0 or more holds something else: stored values without
+    RescaleSlope/RescaleIntercept (air at 0, liver near 1080), an 8-bit image windowed for display, an MR. The
+    model would be shown a saturated picture and give a wrong segmentation without any sign of it.
+    """
+    array = volume.array_kji
+    if array.size == 0 or array.min() < 0:
+        return
+    where = f"'{volume.source}'" if volume.source else "The CT"
+    raise InputImageError(
+        f"{where} does not hold Hounsfield units: its values range {array.min():g}..{array.max():g}, none below 0, "
+        "while a CT in HU has air near -1000 and fat near -100. It may hold stored values without "
+        "RescaleSlope/RescaleIntercept applied, or an 8-bit image windowed for display; LiverSAM would segment a "
+        f"saturated picture. Convert the CT to HU (e.g. load it in 3D Slicer and save it as .nrrd); {override_hint}."
+    )
+
+
+# Voxel spacing of a clinical CT, in mm: well inside these bounds (in-plane 0.2-1.5, slices 0.5-10).
+PLAUSIBLE_SPACING_MM = (0.1, 20.0)
+
+
+def implausible_spacing_warning(volume: CTVolume) -> str | None:
+    """A warning when the voxel spacing is far outside a CT's, else None (wrong units in the header?)."""
+    spacing = tuple(float(v) for v in volume.geometry.spacing_mm)
+    low, high = PLAUSIBLE_SPACING_MM
+    if all(low <= v <= high for v in spacing):
+        return None
+    where = f"'{volume.source}'" if volume.source else "The CT"
+    return (
+        f"{where} has voxel spacing {tuple(round(v, 6) for v in spacing)} mm, outside the {low:g}..{high:g} mm of a "
+        "CT: its header may give the wrong units (NIfTI xyzt_units in micrometres or metres?) or a made-up spacing. "
+        "The clean-up works in mm (--min-island-mm2, --opening-mm, --closing-mm, lesion sizes), so segments may "
+        "come out empty or wrong: fix the spacing (e.g. in 3D Slicer's Volumes module) and save the CT again."
+    )
+
+
 def _itk_message(exc: Exception) -> str:
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     return lines[-1] if lines else type(exc).__name__
@@ -146,6 +208,21 @@ def _finite_volume(volume: CTVolume, replace_nonfinite: float | None) -> CTVolum
     return CTVolume(array_kji=fixed, geometry=volume.geometry, source=volume.source, metadata=metadata)
 
 
+def _single_volume(image: sitk.Image, source: str) -> sitk.Image:
+    """A 4D image holding one 3D volume (size 1 on its fourth axis) as that 3D volume; several are refused."""
+    if image.GetDimension() != 4:
+        return image
+    size = image.GetSize()
+    if size[3] != 1:
+        raise InputImageError(
+            f"'{source}' is a 4D image holding {size[3]} 3D volumes of {size[:3]} voxels (phases or time points); "
+            "LiverSAM segments one 3D CT: save the volume to segment as a file of its own (e.g. in 3D Slicer's "
+            "Sequences module) and give that file."
+        )
+    logger.info("'%s' is a 4D image with one volume: reading it as the 3D CT %s", source, size[:3])
+    return sitk.Extract(image, [size[0], size[1], size[2], 0], [0, 0, 0, 0])
+
+
 def ct_from_sitk(image: sitk.Image, source: str = "") -> CTVolume:
     """Wrap a SimpleITK image as a CTVolume, checking it is a single-component 3D image."""
     if image.GetNumberOfComponentsPerPixel() != 1:
@@ -153,6 +230,7 @@ def ct_from_sitk(image: sitk.Image, source: str = "") -> CTVolume:
             f"'{source}' has {image.GetNumberOfComponentsPerPixel()} components per voxel (e.g. RGB). "
             "LiverSAM needs a single-channel CT in Hounsfield units."
         )
+    image = _single_volume(image, source)
     if image.GetDimension() != 3:
         raise InputImageError(
             f"'{source}' is a {image.GetDimension()}D image; LiverSAM needs a 3D CT volume (at least one axial slice)."

@@ -20,9 +20,12 @@ which case the slices are linearly interpolated onto a regular orthogonal grid (
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Iterable, Sequence
+import re
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +45,8 @@ NON_IMAGE_MODALITIES = frozenset(
 POSITION_TOLERANCE_MM = 0.01
 POSITION_TOLERANCE_FRACTION = 0.01
 ORIENTATION_TOLERANCE = 1e-4
+# At most this many images of another orientation than the rest (scouts not tagged LOCALIZER) are set aside.
+MAX_SET_ASIDE_IMAGES = 3
 
 SERIES_OPTION_HINT = "choose one by SeriesInstanceUID (liversam: --series-uid UID; Python: series_uid=...)"
 NON_CT_OPTION_HINT = "liversam: --allow-non-ct; Python: allow_non_ct=True"
@@ -201,6 +206,24 @@ def list_dicom_series_files(paths: Iterable[str | Path]) -> list[DicomSeriesInfo
     return infos
 
 
+def _no_dicom_message(folder: Path) -> str:
+    """No DICOM files in ``folder``: name the image files it holds (a NIfTI/NRRD CT's folder given as the CT)."""
+    from .ct_io import has_image_suffix
+
+    images = (
+        sorted(p.name for p in folder.iterdir() if p.is_file() and has_image_suffix(p))
+        if folder.is_dir()
+        else []
+    )
+    if images:
+        shown = ", ".join(images[:4]) + (", ..." if len(images) > 4 else "")
+        return (
+            f"No DICOM files found in '{folder}'; it holds image file(s) {shown}. Give the CT file itself "
+            f"(e.g. '{folder / images[0]}'), not its folder."
+        )
+    return f"No DICOM files found in '{folder}'. Give the folder that holds the CT series' .dcm files."
+
+
 def select_dicom_series(
     folder: str | Path,
     series_uid: str | None = None,
@@ -216,9 +239,7 @@ def select_dicom_series(
     folder = Path(folder)
     all_series = list(series) if series is not None else list_dicom_series(folder)
     if not all_series:
-        raise InputImageError(
-            f"No DICOM files found in '{folder}'. Give the folder that holds the CT series' .dcm files."
-        )
+        raise InputImageError(_no_dicom_message(folder))
     image_series = [s for s in all_series if s.is_image]
 
     if series_uid:
@@ -317,6 +338,65 @@ def _require(ds, keyword: str, path: Path):
     return value
 
 
+def _orientation_groups(orientations: np.ndarray) -> list[list[int]]:
+    """Indices of the images sharing one ImageOrientationPatient, largest group first."""
+    groups: list[list[int]] = []
+    for index, row in enumerate(orientations):
+        group = next(
+            (g for g in groups if np.abs(orientations[g[0]] - row).max() <= ORIENTATION_TOLERANCE), None
+        )
+        if group is None:
+            groups.append([index])
+        else:
+            group.append(index)
+    return sorted(groups, key=len, reverse=True)
+
+
+def _plane_of(orientation: np.ndarray) -> str:
+    from .ct_io import slice_plane_name
+
+    return slice_plane_name(np.cross(orientation[:3], orientation[3:]))
+
+
+def _orientation_of(orientation: np.ndarray, main: np.ndarray) -> str:
+    """The plane of ``orientation``, or its ImageOrientationPatient when that plane is the main images' plane."""
+    plane = _plane_of(orientation)
+    return (
+        plane if plane != _plane_of(main) else f"ImageOrientationPatient {np.round(orientation, 4).tolist()}"
+    )
+
+
+def _images_of_one_orientation(orientations: np.ndarray, files: Sequence[Path], where: str) -> list[int]:
+    """The indices of the series' images to read: all of them when they share one orientation.
+
+    A few images in another orientation among many (a scout or localizer not tagged LOCALIZER in ImageType)
+    are set aside with a warning naming them; a real mix of orientations is refused.
+    """
+    groups = _orientation_groups(orientations)
+    if len(groups) == 1:
+        return groups[0]
+    main, others = groups[0], sorted(i for group in groups[1:] for i in group)
+    if len(others) <= MAX_SET_ASIDE_IMAGES and len(main) >= 3 * len(others):
+        logger.warning(
+            "%s: set aside %d image(s) whose orientation differs from the other %d (%s) images, e.g. a scout or "
+            "localizer: %s",
+            where, len(others), len(main), _plane_of(orientations[main[0]]),
+            ", ".join(f"'{files[i].name}' ({_orientation_of(orientations[i], orientations[main[0]])})" for i in others),
+        )  # fmt: skip
+        return sorted(main)
+    found = "; ".join(
+        f"{len(group)} {_plane_of(orientations[group[0]])} image(s) (e.g. '{files[group[0]].name}', "
+        f"ImageOrientationPatient {np.round(orientations[group[0]], 4).tolist()})"
+        for group in groups
+    )
+    raise InputImageError(
+        f"The images of {where} are not all in one orientation: {found}. One series mixes axial and reformatted "
+        "(or localizer) images, which do not form one volume. Export the axial images as a series of their own, or "
+        "load the series in 3D Slicer (its DICOM module makes one volume per orientation), save the axial volume as "
+        ".nrrd and give that file."
+    )
+
+
 def sort_series(info: DicomSeriesInfo, folder: str | Path = "") -> SortedSeries:
     """Sort a series' slices along the normal and work out its grid (no pixel data is read).
 
@@ -339,11 +419,8 @@ def sort_series(info: DicomSeriesInfo, folder: str | Path = "") -> SortedSeries:
             for p, ds in zip(files, headers, strict=True)
         ]
     )
-    if np.abs(orientations - orientations[0]).max() > ORIENTATION_TOLERANCE:
-        raise InputImageError(
-            f"The images of {where} do not all have the same ImageOrientationPatient (a mix of axial and "
-            f"reformatted images?). Pick a series with one orientation ({SERIES_OPTION_HINT})."
-        )
+    kept = _images_of_one_orientation(orientations, files, where)
+    files, headers, orientations = [files[i] for i in kept], [headers[i] for i in kept], orientations[kept]
     pixel_spacings = np.array(
         [[float(v) for v in _require(ds, "PixelSpacing", p)] for p, ds in zip(files, headers, strict=True)]
     )
@@ -437,13 +514,72 @@ def _rescale(ds) -> tuple[float, float]:
     )
 
 
+_PYDICOM_SILENCE = {"lock": threading.Lock(), "depth": 0, "level": logging.NOTSET}
+
+
+@contextlib.contextmanager
+def _pydicom_logs_silenced() -> Iterator[None]:
+    """pydicom logs a decoder's failure with its traceback (level ERROR); LiverSAM reports it in one message.
+
+    Thread-safe (the server reads CTs in worker threads): the first to enter saves the level, the last to
+    leave restores it.
+    """
+    pydicom_logger, state = logging.getLogger("pydicom"), _PYDICOM_SILENCE
+    with state["lock"]:
+        if state["depth"] == 0:
+            state["level"] = pydicom_logger.level
+            pydicom_logger.setLevel(logging.CRITICAL)
+        state["depth"] += 1
+    try:
+        yield
+    finally:
+        with state["lock"]:
+            state["depth"] -= 1
+            if state["depth"] == 0:
+                pydicom_logger.setLevel(state["level"])
+
+
+def _one_line(exc: BaseException, limit: int = 240) -> str:
+    """An exception's message on one line: ITK's file/line prefixes dropped, whitespace collapsed, cut at ``limit``."""
+    text = " ".join(str(exc).split())
+    # ITK: "Exception thrown in SimpleITK ...: /path/x.cxx:312: ITK ERROR: GDCMImageIO(0x..): what went wrong"
+    itk = re.search(r"ITK ERROR: [^:]*\):\s*(.+)", text)
+    text = (itk.group(1) if itk else text) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _undecodable_message(path: Path, pydicom_error: BaseException, sitk_error: BaseException) -> str:
+    """Which file, its transfer syntax, what each decoder said, and what to do."""
+    import pydicom
+
+    try:
+        syntax = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+        name, compressed = f"{syntax.name} ({syntax})", syntax.is_compressed
+    except Exception:  # noqa: BLE001 - the header was read before; this only names the syntax
+        name, compressed = "unknown", True
+    if compressed:
+        fix = (
+            "The file is compressed: install the decoder for it (pip install pylibjpeg pylibjpeg-libjpeg "
+            "pylibjpeg-openjpeg pyjpegls covers JPEG, JPEG 2000 and JPEG-LS) or decompress the series (e.g. "
+            "gdcmconv --raw IN OUT, or dcmdjpeg). If a decoder for it is installed, the file is damaged: get a "
+            "complete copy."
+        )
+    else:
+        fix = "Its pixel data is damaged or incomplete: get a complete copy of the series."
+    return (
+        f"Cannot decode the pixel data of '{path}' (transfer syntax {name}). pydicom: {_one_line(pydicom_error)}. "
+        f"GDCM: {_one_line(sitk_error)}. {fix}"
+    )
+
+
 def _read_slice_hu(path: Path, expected_shape: tuple[int, int]) -> np.ndarray:
     """One slice in HU (rescale applied), float64, shape (rows, columns)."""
     import pydicom
 
     try:
-        ds = pydicom.dcmread(path)
-        stored = ds.pixel_array
+        with _pydicom_logs_silenced():
+            ds = pydicom.dcmread(path)
+            stored = ds.pixel_array
         slope, intercept = _rescale(ds)
         hu = stored.astype(np.float64) * slope + intercept
     except Exception as pydicom_error:  # noqa: BLE001 - fall back to GDCM for codecs pydicom lacks
@@ -453,11 +589,7 @@ def _read_slice_hu(path: Path, expected_shape: tuple[int, int]) -> np.ndarray:
             image = sitk.ReadImage(str(path))  # GDCM applies the rescale itself
             hu = sitk.GetArrayFromImage(image).astype(np.float64).reshape(image.GetHeight(), image.GetWidth())
         except Exception as sitk_error:  # noqa: BLE001
-            raise InputImageError(
-                f"Cannot decode the pixel data of '{path}' ({pydicom_error}; GDCM: {str(sitk_error).strip()[:200]}). "
-                "The transfer syntax may need a codec: pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg, "
-                "or decompress the series (e.g. gdcmconv --raw)."
-            ) from pydicom_error
+            raise InputImageError(_undecodable_message(path, pydicom_error, sitk_error)) from pydicom_error
     if hu.shape != expected_shape:
         raise InputImageError(
             f"'{path}' holds an image of shape {hu.shape}, expected {expected_shape} (Rows x Columns) like the rest "

@@ -325,6 +325,77 @@ def _magic(path: Path) -> str:
     return f"it starts with bytes {start[:8].hex(' ')}"
 
 
+# What a file holds, told by its first bytes: (name of the format, the file name ending it should have).
+NIFTI = ("an uncompressed NIfTI image", ".nii")
+NIFTI_GZ = ("a gzip-compressed NIfTI image", ".nii.gz")
+NRRD = ("an NRRD image", ".nrrd")
+METAIMAGE = ("a MetaImage", ".mha")
+DICOM = ("a DICOM file", "")
+_SUFFIX_FORMATS = {
+    ".nii.gz": NIFTI_GZ,
+    ".nii": NIFTI,
+    ".nrrd": NRRD,
+    ".nhdr": NRRD,
+    ".mha": METAIMAGE,
+    ".mhd": METAIMAGE,
+}
+
+
+def _is_nifti_header(start: bytes) -> bool:
+    """NIfTI-1 (sizeof_hdr 348, magic n+1 / ni1) or NIfTI-2 (540, n+2 / ni2), either byte order."""
+    for endian in "<>":
+        sizeof_hdr = struct.unpack(endian + "i", start[:4])[0] if len(start) >= 4 else 0
+        if sizeof_hdr == 348 and start[344:347] in (b"n+1", b"ni1"):
+            return True
+        if sizeof_hdr == 540 and start[4:7] in (b"n+2", b"ni2"):
+            return True
+    return False
+
+
+def sniff_image_format(path: str | Path) -> tuple[str, str] | None:
+    """What ``path`` holds by its content: one of NIFTI, NIFTI_GZ, NRRD, METAIMAGE, DICOM, or None (unknown)."""
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(544)
+    except OSError:
+        return None
+    if start[128:132] == b"DICM":
+        return DICOM
+    if start.startswith(b"NRRD"):
+        return NRRD
+    if start.lstrip().lower().startswith((b"objecttype", b"ndims")):
+        return METAIMAGE
+    if _is_nifti_header(start):
+        return NIFTI
+    if start.startswith(b"\x1f\x8b"):
+        try:
+            inner = zlib.decompressobj(31).decompress(start, 348)
+        except zlib.error:
+            return None
+        return NIFTI_GZ if _is_nifti_header(inner) else None
+    return None
+
+
+def _suffix_format(name: str) -> tuple[str, str] | None:
+    return next((fmt for suffix, fmt in _SUFFIX_FORMATS.items() if name.endswith(suffix)), None)
+
+
+def _check_content_matches_name(path: Path) -> None:
+    """A known image format under another format's name (e.g. a NIfTI named .nrrd): say what it is."""
+    named = _suffix_format(path.name.lower())
+    found = sniff_image_format(path)
+    if named is None or found is None or found == named:
+        return
+    if found == DICOM:
+        fix = "give the DICOM series' folder as the CT, not a file renamed as an image"
+    else:
+        fix = f"rename it to end with {found[1]} (or export it again from the tool that made it)"
+    raise InputImageError(
+        f"'{path}' is named as {named[0]} ({named[1]}) but holds {found[0]}: its name does not match its content; "
+        f"{fix}."
+    )
+
+
 def check_image_file(path: str | Path) -> None:
     """Raise :class:`InputImageError` when an image file is empty, truncated or its data is corrupt."""
     path = Path(path)
@@ -335,6 +406,7 @@ def check_image_file(path: str | Path) -> None:
     if size == 0:
         raise InputImageError(f"'{path}' is empty (0 bytes). {_HINT}")
     name = path.name.lower()
+    _check_content_matches_name(path)
     try:
         if name.endswith(".nii.gz"):
             if not _is_gzip(path):

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from .errors import OutputError
+from .image_integrity import DICOM, sniff_image_format
 
 # Inputs that are folders with more files than this are checked by path only (no per-file inode scan).
 MAX_FOLDER_FILES_SCANNED = 20000
@@ -131,3 +132,14 @@ def model_input_path(model: str | None) -> Path | None:
     text = str(model).split("=", 1)[1] if "=" in str(model) else str(model)
     path = Path(text).expanduser()
     return path if path.is_file() else None
+
+
+def dicom_folder_of_file(path: str | Path | None) -> Path | None:
+    """The folder of ``path`` when it is one DICOM file (a slice of a series, or a DICOMDIR), else None.
+
+    A CT given as one DICOM file stands for its folder's series: no output may go into that folder.
+    """
+    if not path:
+        return None
+    path = Path(path)
+    return path.parent if path.is_file() and sniff_image_format(path) == DICOM else None

@@ -103,23 +103,62 @@ def _describe_extent(geometry: ImageGeometry, system: str) -> str:
     return ", ".join(f"{axis} {a:.1f}..{b:.1f} mm" for axis, a, b in zip(system, lo, hi, strict=True))
 
 
-def _check_inside(ijk: np.ndarray, geometry: ImageGeometry, what: str, original, system: str) -> None:
-    if not bool(np.all(geometry.contains_ijk(ijk))):
-        raise PromptError(
-            f"{what} {np.round(np.asarray(original, dtype=float), 2).tolist()} ({system}) lies outside the volume "
-            f"(volume extent: {_describe_extent(geometry, system)}). Check the coordinate system and the values."
-        )
+def _systems_placing_inside(original, geometry: ImageGeometry, systems: tuple[str, ...]) -> list[str]:
+    """The coordinate systems among ``systems`` in which the values ``original`` lie inside the volume."""
+    values = np.atleast_2d(np.asarray(original, dtype=float))
+    return [other for other in systems if bool(np.all(geometry.contains_ijk(_to_ijk(values, other, geometry))))]
+
+
+def _check_inside(
+    ijk: np.ndarray,
+    geometry: ImageGeometry,
+    what: str,
+    original,
+    system: str,
+    alternatives: tuple[str, ...] = COORDINATE_SYSTEMS,
+    system_key: str = "coordinate_system",
+) -> None:
+    """Refuse prompts outside the volume; name the coordinate system that would put them inside, if one does."""
+    if bool(np.all(geometry.contains_ijk(ijk))):
+        return
+    others = _systems_placing_inside(original, geometry, tuple(s for s in alternatives if s != system))
+    hint = (
+        f" Read as {' or '.join(others)}, these values lie inside the volume: if they were copied in that system "
+        f'(3D Slicer shows RAS), write "{system_key}": "{others[0]}".'
+        if others
+        else " Check the coordinate system and the values."
+    )
+    raise PromptError(
+        f"{what} {np.round(np.asarray(original, dtype=float), 2).tolist()} ({system}) lies outside the volume "
+        f"(volume extent: {_describe_extent(geometry, system)}).{hint}"
+    )
 
 
 def _slice_index(k_values: np.ndarray, what: str, geometry: ImageGeometry) -> int:
     ks = np.asarray(k_values, dtype=float)
     if float(ks.max() - ks.min()) > 0.5:
         raise PromptError(
-            f"{what} spans slices k={ks.min():.2f}..{ks.max():.2f}; a box's two corners must lie on one axial "
-            "slice (same z / k)."
+            f"{what} spans slices k={ks.min():.2f}..{ks.max():.2f}; {_one_slice_rule(geometry)}"
         )
     k = int(round(float(ks.mean())))
     return min(max(k, 0), geometry.size_ijk[2] - 1)
+
+
+def _one_slice_rule(geometry: ImageGeometry) -> str:
+    """Where a box's two corners must lie; for a CT whose slices are not axial, which plane they are in."""
+    from .ct_io import slice_plane_name
+
+    normal = np.asarray(geometry.direction_lps, dtype=float)[:, 2]
+    plane = slice_plane_name(normal)
+    if plane == "axial":
+        return "a box's two corners must lie on one axial slice (same z / k)."
+    axis = "xyz"[int(np.argmax(np.abs(normal)))]
+    return (
+        f"a box's two corners must lie on one slice of the CT (same k). This CT's slices are {plane}, not axial "
+        f"(its k axis runs along {axis}): LiverSAM segments the CT's own slices, so a box's corners must share their "
+        f"{axis} value (or k in IJK), not z. To draw boxes on axial slices, first reorient the CT to axial slices "
+        "(e.g. 3D Slicer's Orient Scalar Volume module, orientation Axial) and save it."
+    )
 
 
 def _numbers(values, shape: tuple[int, ...], what: str, expected: str) -> np.ndarray | None:
@@ -152,12 +191,18 @@ def box_from_corners(corners, system: str, geometry: ImageGeometry, what: str) -
     return k, (float(i0), float(j0), float(i1), float(j1))
 
 
-def point_to_slice(point, system: str, geometry: ImageGeometry, what: str) -> tuple[int, tuple[float, float]]:
+def point_to_slice(
+    point, system: str, geometry: ImageGeometry, what: str, markups: bool = False
+) -> tuple[int, tuple[float, float]]:
+    """A point -> (k, (i, j)); ``markups``: it comes from a Slicer markups file (LPS or RAS, key coordinateSystem)."""
     arr = _numbers(point, (3,), what, "[x, y, z]")
     if arr is None:
         raise PromptError(f"{what} must be [x, y, z], got {point!r}.")
     ijk = _to_ijk(arr[None], system, geometry)
-    _check_inside(ijk, geometry, what, arr, system)
+    if markups:
+        _check_inside(ijk, geometry, what, arr, system, ("LPS", "RAS"), "coordinateSystem")
+    else:
+        _check_inside(ijk, geometry, what, arr, system)
     k = int(round(float(ijk[0, 2])))
     return min(max(k, 0), geometry.size_ijk[2] - 1), (float(ijk[0, 0]), float(ijk[0, 1]))
 
@@ -193,7 +238,10 @@ def markups_to_prompts(
             signs = np.array([[a, b, c] for a in (-1, 1) for b in (-1, 1) for c in (-1, 1)], dtype=float)
             corners = center + (signs * size / 2.0) @ axes.T
             ijk = _to_ijk(corners, system, geometry)
-            _check_inside(ijk.mean(axis=0, keepdims=True), geometry, f"{where}.center (ROI centre)", center, system)
+            _check_inside(
+                ijk.mean(axis=0, keepdims=True), geometry, f"{where}.center (ROI centre)", center, system,
+                alternatives=("LPS", "RAS"), system_key="coordinateSystem",
+            )  # fmt: skip
             lo, hi = ijk.min(axis=0), ijk.max(axis=0)
             upper = np.asarray(geometry.size_ijk, dtype=float) - 1
             lo, hi = np.clip(lo, 0, upper), np.clip(hi, 0, upper)
@@ -207,7 +255,9 @@ def markups_to_prompts(
             for cp_index, cp in enumerate(markup.controlPoints):
                 if cp.positionStatus == "undefined":
                     continue
-                k, ij = point_to_slice(cp.position, system, geometry, f"{where}.controlPoints[{cp_index}].position")
+                k, ij = point_to_slice(
+                    cp.position, system, geometry, f"{where}.controlPoints[{cp_index}].position", markups=True
+                )
                 add(k, SlicePrompts(points_pos_ij=[ij]) if positive else SlicePrompts(points_neg_ij=[ij]))
     if not out:
         raise PromptError(f"'{path}' holds no control points or ROI.")
@@ -305,11 +355,23 @@ def load_prompts(path: str | Path, geometry: ImageGeometry) -> list[SegmentPromp
     """Read PROMPTS.json (or a single Slicer .mrk.json, taken as one segment named 'liver')."""
     path = Path(path)
     if path.name.lower().endswith(".mrk.json"):
-        seg = SegmentPrompts(name="liver", label=1, color=default_color("liver", 0))
-        for k, prompts in markups_to_prompts(path, geometry).items():
-            seg.add(k, prompts)
-        return [seg]
+        return _markups_as_liver(path, geometry)
     from .prompt_schema import read_json_file
 
     data = read_json_file(path, what="Prompts file")
+    if _is_markups_document(data):
+        log.info("'%s' is a 3D Slicer markups file (it has 'markups', no 'segments'): one segment, 'liver'", path)
+        return _markups_as_liver(path, geometry)
     return parse_prompts(data, geometry, base_dir=path.parent, source=f"'{path}'")
+
+
+def _is_markups_document(data) -> bool:
+    """A 3D Slicer markups document (what Slicer saves as .mrk.json) rather than a PROMPTS.json."""
+    return isinstance(data, dict) and "markups" in data and "segments" not in data
+
+
+def _markups_as_liver(path: Path, geometry: ImageGeometry) -> list[SegmentPrompts]:
+    seg = SegmentPrompts(name="liver", label=1, color=default_color("liver", 0))
+    for k, prompts in markups_to_prompts(path, geometry).items():
+        seg.add(k, prompts)
+    return [seg]

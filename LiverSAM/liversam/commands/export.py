@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import InputImageError, OutputError
 from ..geometry import ImageGeometry
-from ..output_paths import check_outputs
+from ..output_paths import check_outputs, dicom_folder_of_file
 from ..progress import ProgressReporter
 
 logger = logging.getLogger(__name__)
@@ -96,7 +96,8 @@ def _reference_geometry(args) -> tuple[ImageGeometry | None, str | None, str | N
 
         path = Path(args.reference_ct)
         volume = read_ct(path, series_uid=args.series_uid, allow_non_ct=True)
-        dicom_folder = str(path) if path.is_dir() else None
+        # a DICOM series' folder (also when the CT was given as one of its files); None for an image file
+        dicom_folder = volume.source if volume.metadata.get("dicom_files") else None
         return volume.geometry, dicom_folder, volume.metadata.get("dicom_series_uid") or None
     return None, None, None
 
@@ -109,7 +110,10 @@ def run(args) -> int:
         raise OutputError(
             f"Unknown output type '{output}'. Use .dcm (DICOM SEG), .seg.nrrd (3D Slicer), .nrrd, .nii or .nii.gz."
         )
-    check_outputs({"--output": output}, [args.segmentation, args.reference_dicom, args.reference_ct])
+    check_outputs(
+        {"--output": output},
+        [args.segmentation, args.reference_dicom, args.reference_ct, dicom_folder_of_file(args.reference_ct)],
+    )
     geometry, dicom_folder, series_uid = _reference_geometry(args)
     if segmentation_format(output) == "dicom-seg" and dicom_folder is None:
         raise OutputError(

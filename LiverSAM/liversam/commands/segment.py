@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import OutputError
 from ..freed_memory import return_freed_memory_to_os
-from ..output_paths import check_outputs, model_input_path
+from ..output_paths import check_outputs, dicom_folder_of_file, model_input_path
 from ..progress import ProgressReporter
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--series-number", type=int, help="DICOM folder: the SeriesNumber to use")
     p.add_argument("--allow-non-ct", action="store_true",
                    help="accept a DICOM series whose modality is not CT, or a volume whose values look like a "
-                   "label mask")
+                   "label mask or are not Hounsfield units (none below 0)")
     p.add_argument("--resample-irregular", action="store_true",
                    help="DICOM: resample irregular slice spacing or gantry tilt instead of refusing it")
     p.add_argument("--replace-nonfinite", type=float, metavar="HU",
@@ -86,24 +86,9 @@ def _thin_slice_mm(text: str) -> float:
     return value
 
 
-def _dicom_folder_of_file(ct: Path) -> Path | None:
-    """A CT given as one file of a DICOM series stands for its folder (no output may go there)."""
-    from ..ct_io import has_image_suffix
-
-    if not ct.is_file() or has_image_suffix(ct):
-        return None
-    try:
-        with open(ct, "rb") as handle:
-            handle.seek(128)
-            is_dicom = handle.read(4) == b"DICM"
-    except OSError:
-        return None
-    return ct.parent if is_dicom else None
-
-
 def run(args: argparse.Namespace) -> int:
     from ..acceleration import describe_acceleration
-    from ..ct_io import check_not_label_mask, read_ct
+    from ..ct_io import check_hounsfield_units, check_not_label_mask, implausible_spacing_warning, read_ct
     from ..dense_crf import crf_for_segments
     from ..lesion_rim import LesionRimSettings
     from ..models import load_model
@@ -119,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
     fmt = segmentation_format(output)
     if not fmt or fmt == "mha":
         raise OutputError(f"Output '{output}': unsupported file type; use one of {', '.join(WRITE_SUFFIXES)}.")
-    if fmt == "dicom-seg" and not Path(args.ct).is_dir():
+    dicom_folder = Path(args.ct) if Path(args.ct).is_dir() else dicom_folder_of_file(args.ct)
+    if fmt == "dicom-seg" and dicom_folder is None:
         raise OutputError(
             f"Output '{output}' is a DICOM SEG, which must reference a DICOM CT series; the CT '{args.ct}' is not a "
             "DICOM folder. Write .seg.nrrd or a labelmap instead, or segment the DICOM series."
@@ -129,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     # The source is sacred: no output may be (or link to) an input, or lie in the DICOM folder.
     check_outputs(
         {"--output": output, "--report": args.report, "--lesions": args.lesions},
-        [args.ct, args.prompts, model_input_path(args.model), _dicom_folder_of_file(Path(args.ct))],
+        [args.ct, args.prompts, model_input_path(args.model), dicom_folder],
     )
     if args.threads > 0:
         import torch
@@ -147,6 +133,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if not args.allow_non_ct:
         check_not_label_mask(volume)  # a label file given as the CT would otherwise be "segmented" without error
+        check_hounsfield_units(volume)  # so would stored values without the rescale, or an 8-bit picture
+    if warning := implausible_spacing_warning(volume):
+        log.warning(warning)
     if volume.metadata.get("nonfinite_replaced"):
         print(
             f"replaced {volume.metadata['nonfinite_replaced']} non-finite CT voxel(s) by "
@@ -179,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
     predictor.cache.clear()  # the slice embeddings (2 MB a slice) are not needed for writing: memory for the writer
     return_freed_memory_to_os()  # and give it back, so that the writer's array does not come on top of it
     result.provenance["prompts"] = str(args.prompts)
-    write_segmentation(result, output, reference_dicom=args.ct if fmt == "dicom-seg" else None, model_name=model.name)
+    write_segmentation(result, output, reference_dicom=dicom_folder if fmt == "dicom-seg" else None, model_name=model.name)
 
     also_wrote = []
     if args.report:
@@ -200,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
     voxel_ml = volume.geometry.voxel_volume_mm3 / 1000.0
     for seg in result.segments:
         print(f"{seg.name}: {int(seg.mask_kji.sum())} voxels, {seg.mask_kji.sum() * voxel_ml:.1f} mL")
+    _warn_about_empty_segments(result)
     print(
         f"wrote {output} ({len(predictor.encoded_slices)} slices encoded in {predictor.encode_seconds:.1f} s, "
         f"total {elapsed:.1f} s, model {model.name} on {model.device}, {describe_acceleration(model)})"
@@ -207,6 +197,17 @@ def run(args: argparse.Namespace) -> int:
     for line in also_wrote:
         print(line)
     return 0
+
+
+def _warn_about_empty_segments(result) -> None:
+    """An empty segment is written like any other: say so, with where to look."""
+    empty = [seg.name for seg in result.segments if not seg.mask_kji.any()]
+    if empty:
+        log.warning(
+            "segment(s) %s came out empty: check that the prompts lie on the structure (the coordinate system, the "
+            "slice), the CT's HU and voxel spacing, or lower --min-island-mm2",
+            ", ".join(f"'{name}'" for name in empty),
+        )
 
 
 def _review_summary(report: dict) -> str:
