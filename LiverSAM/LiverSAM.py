@@ -33,7 +33,7 @@ from LiverSAMLib.BackgroundCalls import CallQueue
 from LiverSAMLib.Parameters import LiverSAMParameterNode, PostprocessParameters, PropagationParameters
 from LiverSAMLib.Phantom import liver_phantom
 from LiverSAMLib.SegmentationLogic import LIVER, SegmentationLogic, dicom_reference_of_volume
-from LiverSAMLib.ServerClient import LiverSAMClient, ServerRequestError, ServerUnavailable
+from LiverSAMLib.ServerClient import LiverSAMClient, ServerRequestError, ServerUnavailable, session_lost
 from LiverSAMLib.ServerConnection import FAILED, LOCAL, READY, REMOTE, ServerConnection, ServerSettings
 from LiverSAMLib.ServerSegmentation import PropagationPlan, ServerSegmentation
 from LiverSAMLib.SlicerCompatibility import add_missing_pack_members, version_problem
@@ -83,7 +83,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._liveTimer: qt.QTimer | None = None
         self._observedPromptNodes: list = []
         self._interactionNode = None
-        self._job: dict | None = None  # the running server job: id, what to do with its result
+        self._job: dict | None = None  # the running server job: its plan (job id, what to do with its result)
         self._shortcuts: list = []
         self._lesions: list = []
         self._reviewFirstSlices: list[int] = []  # the first slice of each review-table row
@@ -198,7 +198,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._liveTimer.stop()
         self._jobTimer.stop()
         if self._job is not None:
-            self.logic.cancelJob(self._calls, self._job["id"])
+            self.logic.cancelJob(self._calls, self._job["plan"])
         self._job = None
         self._setBusy(False)
         self.logic.sceneClosed(self._calls)
@@ -338,8 +338,8 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return work(connection.ensure())
 
         def failed(error: BaseException) -> None:
-            if isinstance(error, ServerRequestError) and error.status == 404:
-                self.logic.forgetSessions()  # the server dropped an idle session: the next request reopens it
+            if session_lost(error):  # lost again after the CT was sent again: the next request opens it
+                self.logic.forgetSessions()
             self._serverLost(error)
             self._showServerState()
             self._onError(what, error)
@@ -591,8 +591,8 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             plan = self.logic.planPropagation(p, prompts, targetID, clipID)
             what = _("Propagation")
 
-            def started(jobID: str) -> None:
-                self._job = {"id": jobID, "plan": plan, "what": what, "cancelled": False}
+            def started(_jobID: str) -> None:  # the plan holds the job's id
+                self._job = {"plan": plan, "what": what, "cancelled": False}
                 self._setBusy(True)
                 self._jobTimer.start()
 
@@ -613,6 +613,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job.get("polling"):
             return  # the previous status request has not come back yet
         job["polling"] = True
+        plan = job["plan"]
 
         def status(value) -> None:
             job["polling"] = False
@@ -623,11 +624,10 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.maximum = max(total, 0)  # 0: a stage without a count (Qt's busy indicator)
             self.ui.progressBar.value = done
             if value.get("stage"):
-                self.ui.statusLabel.text = str(value["stage"])
+                again = _(" (run again: the server had lost the first run)") if plan.restarted else ""
+                self.ui.statusLabel.text = str(value["stage"]) + again
             if state == "done" and not job["cancelled"]:
-                self._jobTimer.stop()
-                self._withClient(lambda client: client.job_result(job["id"]), lambda answer: self._applyJob(job, answer),
-                                 job["what"])  # fmt: skip
+                self._applyJob(job, value["result"])  # plan.poll fetched the result with the status
             elif state in ("failed", "cancelled") or job["cancelled"]:
                 self._finishJob(job)
                 self.ui.statusLabel.text = (
@@ -638,11 +638,18 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         def failed(error: BaseException) -> None:
             job["polling"] = False
+            if self._job is not job:
+                return  # cancelled meanwhile: nothing to report
+            if session_lost(error):  # the restart found the CT's session lost again
+                self.logic.forgetSessions()
             self._serverLost(error)
             self._showServerState()
             self._onError(job["what"], error)
 
-        self._calls.submit(lambda: self.logic.connection.ensure().job_status(job["id"]), status, failed, name=job["what"])
+        def poll() -> dict:  # I/O thread: starts the job again, once, when the server has lost it
+            return plan.poll(self.logic.connection.ensure())
+
+        self._calls.submit(poll, status, failed, name=job["what"])
 
     def _applyJob(self, job: dict, answer: dict) -> None:
         self._finishJob(job)
@@ -667,7 +674,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job is None:
             return
         job["cancelled"] = True
-        self.logic.cancelJob(self._calls, job["id"])
+        self.logic.cancelJob(self._calls, job["plan"])
         self._finishJob(job)
         self.ui.statusLabel.text = _("Propagation cancelled; the segmentation was not changed.")
 
@@ -833,17 +840,19 @@ class LiverSAMLogic(ScriptedLoadableModuleLogic):
 
     def sceneClosed(self, calls: CallQueue) -> None:
         """Forget everything tied to the closed scene; close its server sessions."""
-        sessions = list(self.server.sessions.values())
-        self.server.forget()
+        sessions = self.server.forget()
         self.segmentation.end_user_action()
         client = self.connection.client
         if client is not None and sessions:
-            calls.submit(lambda: [client.close_session(s) for s in sessions], name="close sessions")
+            calls.submit(lambda: ServerSegmentation.close_sessions(client, sessions), name="close sessions")
 
-    def cancelJob(self, calls: CallQueue, jobID: str) -> None:
+    def cancelJob(self, calls: CallQueue, plan: PropagationPlan) -> None:
+        """Stop the plan's job: a status on its way fetches no result and starts nothing again; the server is told
+        on the I/O thread (after a restart of the job, its new id)."""
+        plan.cancelled = True
         client = self.connection.client
         if client is not None:
-            calls.submit(lambda: client.cancel_job(jobID), name="cancel")
+            calls.submit(lambda: plan.cancel(client), name="cancel")
 
     # --- propagation and fixes -----------------------------------------------------------------------------
     def planPropagation(self, parameterNode, prompts, targetID: str, clipID: str | None) -> PropagationPlan:

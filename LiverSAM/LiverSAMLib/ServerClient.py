@@ -68,6 +68,34 @@ class ServerRequestError(LiverSAMClientError):
         super().__init__(f"{method} {path}: HTTP {status}: {message}".strip())
 
 
+class JobLost(LiverSAMClientError):
+    """The server no longer knows a job it started (restarted, or it closed the job's CT) and the job was already
+    started again once."""
+
+
+# The server's 404 answers that mean it no longer holds a session (liversam/server/sessions.py ``SessionNotFound``:
+# evicted as least recently used or idle, closed, or the server restarted; liversam/server/jobs.py ``SessionClosed``)
+# or a job (``JobNotFound``). Other 404s (a job without that segment, a path an older server lacks) are not.
+_SESSION_LOST = re.compile(r"^(unknown session '|session '[^']*' was closed while)")
+_JOB_LOST = re.compile(r"^unknown job '")
+
+
+def session_lost(error: BaseException) -> bool:
+    """True when ``error`` is the server saying it has no such session: open the CT again and repeat the request."""
+    return _lost(error, "/sessions/", _SESSION_LOST)
+
+
+def job_lost(error: BaseException) -> bool:
+    """True when ``error`` is the server saying it has no such job (restarted, or it closed the job's session)."""
+    return _lost(error, "/jobs/", _JOB_LOST)
+
+
+def _lost(error: BaseException, path: str, message: re.Pattern) -> bool:
+    if not isinstance(error, ServerRequestError) or error.status != 404:
+        return False
+    return error.path.startswith(path) and bool(message.match(error.message))
+
+
 class ServerError(LiverSAMClientError):
     """The server failed (HTTP 5xx); ``message`` is what it said."""
 

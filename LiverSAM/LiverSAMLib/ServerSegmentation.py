@@ -6,20 +6,36 @@ prompts, the liver mask a tumour is clipped to, the segment a fix starts from) a
 ``work(client)`` that only does HTTP, for the I/O thread (:mod:`LiverSAMLib.BackgroundCalls`). Answers are
 written back on the main thread by :meth:`ServerSegmentation.apply_propagation` /
 ``SegmentationLogic.apply_slice_masks``.
+
+A server may lose a CT's session (it evicts the least recently used idle one at ``--max-sessions``, closes those idle
+past ``--idle-timeout``, and loses all when it restarts): a request that it answers so is repeated once on a session
+opened again with the same CT (:class:`CTSession`), on the I/O thread, and a propagation job the server lost is
+started again once (:meth:`PropagationPlan.poll`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+from liversam.volume import CTVolume
+
 from . import MRMLBridge, ServerRequests
 from .SegmentationLogic import LIVER, SegmentationLogic
-from .ServerClient import LiverSAMClient
+from .ServerClient import JobLost, LiverSAMClient, ServerRequestError, job_lost, session_lost
 
 CONTAINER_MASK = "container"
+JOB_LOST_AGAIN = (
+    "The LiverSAM server lost this propagation twice (it was restarted, or it closed the CT: see liversam serve "
+    "--idle-timeout and --max-sessions). The segmentation was not changed: press Propagate to run it again."
+)
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 def volume_key(volume_node) -> tuple:
@@ -28,10 +44,131 @@ def volume_key(volume_node) -> tuple:
     return (volume_node.GetID(), image.GetMTime() if image is not None else 0)
 
 
+class ServerSessions:
+    """The server session of each CT in each window, and the copy of each CT sent, shared by Slicer's main thread and
+    the I/O thread under one lock.
+
+    The main thread copies a CT (MRML is read there only) the first time a request needs it and keeps the copy here,
+    so that the I/O thread can send it again when the server has lost its session, without touching MRML; a newer
+    copy of the same volume node (its voxels were changed) replaces the older one. :meth:`clear` (scene closed,
+    another server) forgets everything: a session the I/O thread opens for a table cleared meanwhile is not kept.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ids: dict[Hashable, str] = {}
+        self._cts: dict[tuple, CTVolume] = {}
+        self._generation = 0
+
+    @property
+    def generation(self) -> int:
+        """Counts :meth:`clear` calls: a session opened for an older generation is not kept."""
+        with self._lock:
+            return self._generation
+
+    def ct_of(self, volume_node) -> CTVolume:
+        """The copy of the volume's voxels sent to the server (main thread): made now when there is none yet."""
+        key = volume_key(volume_node)
+        with self._lock:
+            ct = self._cts.get(key)
+        if ct is not None:
+            return ct
+        ct = MRMLBridge.ct_volume_from_node(volume_node)
+        with self._lock:
+            for older in [k for k in self._cts if k[0] == key[0]]:
+                del self._cts[older]  # the node's earlier voxels: no request is planned with them any more
+            self._cts[key] = ct
+        return ct
+
+    def get(self, key: Hashable) -> str | None:
+        with self._lock:
+            return self._ids.get(key)
+
+    def keep(self, key: Hashable, session: str, generation: int) -> bool:
+        """Remember ``session`` for ``key`` unless the table was cleared since ``generation``; True when kept."""
+        with self._lock:
+            if generation != self._generation:
+                return False
+            self._ids[key] = session
+            return True
+
+    def discard(self, key: Hashable, session: str) -> None:
+        """Forget ``key``'s session if it is still ``session`` (the server lost it; another call may have opened a
+        new one already)."""
+        with self._lock:
+            if self._ids.get(key) == session:
+                del self._ids[key]
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._ids.values())
+
+    def clear(self) -> list[str]:
+        """Forget every session and CT copy; returns the session ids forgotten."""
+        with self._lock:
+            ids = list(self._ids.values())
+            self._ids.clear()
+            self._cts.clear()
+            self._generation += 1
+            return ids
+
+
+class CTSession:
+    """``client -> session id`` of one CT in one window, for the I/O thread (made on the main thread).
+
+    The CT is sent when the server has no session for it yet; :meth:`call` runs a request on the session and, when
+    the server answers that it lost the session, sends the CT again and repeats the request once.
+    """
+
+    def __init__(self, sessions: ServerSessions, key: Hashable, ct: CTVolume, window: tuple[float, float]):
+        self.sessions, self.key, self.ct, self.window = sessions, key, ct, window
+        self.generation = sessions.generation
+
+    def __call__(self, client: LiverSAMClient) -> str:
+        session = self.sessions.get(self.key)
+        return session if session is not None else self._open(client)
+
+    def _open(self, client: LiverSAMClient) -> str:
+        g = self.ct.geometry
+        info = client.open_volume(self.ct.array_kji, g.spacing_mm, g.origin_lps, np.asarray(g.direction_lps).ravel(),
+                                  window_level=self.window[0], window_width=self.window[1])  # fmt: skip
+        session = str(info["session_id"])
+        self.sessions.keep(self.key, session, self.generation)
+        return session
+
+    def reopen(self, client: LiverSAMClient, lost: str) -> str:
+        """A session for the CT after the server lost ``lost``: the one another request opened meanwhile, or a new one."""
+        self.sessions.discard(self.key, lost)
+        logger.info("LiverSAM: the server lost session %s (evicted, closed, or the server restarted): the CT is "
+                    "sent again", lost)  # fmt: skip
+        return self(client)
+
+    def call(self, client: LiverSAMClient, request: Callable[[str], T]) -> T:
+        """``request(session)``; repeated once on a session opened again when the server has lost the first."""
+        session = self(client)
+        try:
+            return request(session)
+        except ServerRequestError as error:
+            if not session_lost(error):
+                raise
+        return request(self.reopen(client, session))
+
+
+def call_in_session(client: LiverSAMClient, session_of: Callable[[LiverSAMClient], str],
+                    request: Callable[[str], T]) -> T:  # fmt: skip
+    """``request(session)`` on ``session_of``'s session; a :class:`CTSession` repeats it once on a session opened
+    again when the server has lost the first."""
+    if isinstance(session_of, CTSession):
+        return session_of.call(client, request)
+    return request(session_of(client))
+
+
 class PropagationPlan:
     """One propagation (or fix of a few slices) to run on the server, read from MRML on the main thread.
 
-    :meth:`start` (I/O thread) opens the CT's session if needed, uploads the masks and starts the job.
+    :meth:`start` (I/O thread) opens the CT's session if needed, uploads the masks and starts the job; :meth:`poll`
+    (I/O thread) follows it. ``job_id``, ``session`` and ``restarted`` are written on the I/O thread only and read on
+    the main thread after a call's outcome is delivered; ``cancelled`` is written on the main thread only.
     """
 
     def __init__(self, owner: ServerSegmentation, segmentation_node, volume_node, segment_id: str, name: str,
@@ -45,26 +182,66 @@ class PropagationPlan:
         self.container_id = container_id  # the segment ``container`` was read from (a tumour's liver)
         self.session_of = session_of
         self.session = ""
+        self.job_id = ""
+        self.restarted = False
+        self.cancelled = False
 
     @property
     def existing_name(self) -> str:
         return f"existing-{self.name}"
 
     def start(self, client: LiverSAMClient) -> str:
-        """Start the job (I/O thread); returns its id."""
-        self.session = self.session_of(client)
+        """Start the job (I/O thread); returns its id. A session the server lost is opened again, once."""
+        self.job_id = call_in_session(client, self.session_of, lambda session: self._start_on(client, session))  # fmt: skip
+        return self.job_id
+
+    def _start_on(self, client: LiverSAMClient, session: str) -> str:
+        self.session = session
         inside = CONTAINER_MASK if self.container is not None else None
         if self.container is not None:
-            client.upload_mask(self.session, CONTAINER_MASK, self.container)
+            client.upload_mask(session, CONTAINER_MASK, self.container)
         spec = ServerRequests.segment_spec_from_prompts(self.name, self.label, self.given, inside, self.color)
         settings = self.request_settings()
         if self.fix_slices:
-            client.upload_mask(self.session, self.existing_name, self.existing)
+            client.upload_mask(session, self.existing_name, self.existing)
             return ServerRequests.call_with_settings(
-                client.start_repropagation, self.session, spec, self.fix_slices, self.existing_name, inside,
+                client.start_repropagation, session, spec, self.fix_slices, self.existing_name, inside,
                 settings=settings,
             )  # fmt: skip
-        return ServerRequests.call_with_settings(client.start_propagation, self.session, [spec], settings=settings)
+        return ServerRequests.call_with_settings(client.start_propagation, session, [spec], settings=settings)
+
+    def poll(self, client: LiverSAMClient) -> dict:
+        """The job's status (I/O thread), with its result under ``"result"`` once it is done (unless cancelled).
+
+        A server that lost the job (it restarted, or closed the job's CT) has nothing of it: the job is started again
+        from this plan, once -- the same prompts, masks and settings, so the same result the lost job would have
+        given -- and its first status comes back with ``"restarted": True``. Losing it again raises
+        :class:`JobLost`, which says to press Propagate.
+        """
+        try:
+            return self._status(client)
+        except ServerRequestError as error:
+            if not job_lost(error) or self.cancelled:
+                raise
+            if self.restarted:
+                raise JobLost(JOB_LOST_AGAIN) from None
+        logger.info("LiverSAM: the server lost propagation job %s: it is started again", self.job_id)
+        self.restarted = True
+        self.start(client)
+        return {**self._status(client), "restarted": True}
+
+    def _status(self, client: LiverSAMClient) -> dict:
+        status = client.job_status(self.job_id)
+        if status.get("state") == "done" and not self.cancelled:
+            status["result"] = client.job_result(self.job_id)
+        return status
+
+    def cancel(self, client: LiverSAMClient) -> None:
+        """Ask the server to stop the job (I/O thread); a job it no longer knows has stopped already."""
+        self.cancelled = True
+        with contextlib.suppress(ServerRequestError):
+            if self.job_id:
+                client.cancel_job(self.job_id)
 
     def request_settings(self) -> dict:
         """The job settings as sent: "keep the liver's largest component" names this segment when it is the
@@ -84,30 +261,31 @@ class ServerSegmentation:
 
     def __init__(self, segmentation: SegmentationLogic) -> None:
         self.segmentation = segmentation
-        self.sessions: dict = {}  # (volume key, window) -> session id
+        self.sessions = ServerSessions()  # (volume key, window) -> session id, and the CT copies sent
         self.records: dict = {}  # (segmentation node ID, segment ID) -> ServerRequests.PropagationRecord
 
-    def forget(self) -> None:
-        """Scene closed or another server: sessions and records no longer apply."""
-        self.sessions.clear()
+    def forget(self) -> list[str]:
+        """Scene closed or another server: sessions and records no longer apply. Returns the sessions forgotten."""
         self.records.clear()
+        return self.sessions.clear()
 
     # --- sessions -------------------------------------------------------------------------------------
-    def session_work(self, volume_node, window: tuple[float, float]) -> Callable[[LiverSAMClient], str]:
-        """``client -> session id`` for the I/O thread; copies the CT now (main thread) when it must be sent."""
-        key = (volume_key(volume_node), (float(window[0]), float(window[1])))
-        ct = None if key in self.sessions else MRMLBridge.ct_volume_from_node(volume_node)
+    def session_work(self, volume_node, window: tuple[float, float]) -> CTSession:
+        """``client -> session id`` for the I/O thread (see :class:`CTSession`); copies the CT now (main thread) the
+        first time it is needed."""
+        window = (float(window[0]), float(window[1]))
+        key = (volume_key(volume_node), window)
+        return CTSession(self.sessions, key, self.sessions.ct_of(volume_node), window)
 
-        def session(client: LiverSAMClient) -> str:
-            if key in self.sessions:
-                return self.sessions[key]
-            g = ct.geometry
-            info = client.open_volume(ct.array_kji, g.spacing_mm, g.origin_lps, np.asarray(g.direction_lps).ravel(),
-                                      window_level=key[1][0], window_width=key[1][1])  # fmt: skip
-            self.sessions[key] = info["session_id"]
-            return info["session_id"]
-
-        return session
+    @staticmethod
+    def close_sessions(client: LiverSAMClient, sessions: Sequence[str]) -> None:
+        """Close the sessions (I/O thread); one the server has lost already is skipped."""
+        for session in sessions:
+            try:
+                client.close_session(session)
+            except ServerRequestError as error:
+                if not session_lost(error):
+                    raise
 
     # --- the prompted slices ------------------------------------------------------------------------------
     def predict_slices_work(self, volume_node, requests: Sequence[ServerRequests.SliceRequest],
@@ -118,8 +296,7 @@ class ServerSegmentation:
         session_of = self.session_work(volume_node, window)
         requests = list(requests)
 
-        def work(client: LiverSAMClient):
-            session = session_of(client)
+        def predict(client: LiverSAMClient, session: str):
             masks, scores = {}, {}
             for request in requests:
                 masks[request.k], scores[request.k] = client.predict_slice(
@@ -128,6 +305,9 @@ class ServerSegmentation:
             if prefetch_radius > 0 and requests:
                 client.prefetch(session, focus_k if focus_k is not None else requests[-1].k, int(prefetch_radius))
             return masks, scores
+
+        def work(client: LiverSAMClient):
+            return session_of.call(client, lambda session: predict(client, session))
 
         return work
 
