@@ -66,8 +66,9 @@ class LiverSAMTrainLogic(ScriptedLoadableModuleLogic):
         if problem:
             raise RuntimeError(problem)
         command = TrainingLogic.build_train_command(settings, python=python)
-        self.process.start(command, Path(settings.out) / TrainingLogic.CONSOLE_LOG_NAME,
-                           env=TrainingLogic.core_package_env())
+        self.process.start(
+            command, Path(settings.out) / TrainingLogic.CONSOLE_LOG_NAME, env=TrainingLogic.core_package_env()
+        )
         return command
 
     def checkEnvironment(self, python: str) -> TrainingLogic.EnvironmentCheck:
@@ -128,7 +129,8 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
                 "LiverSAMTrain: the training process (PID %s) keeps running after Slicer closes; it writes %s and "
                 "registers its best model when it finishes. Stop it from the operating system, or open LiverSAMTrain "
                 "again and press Resume after it ended to continue from its last epoch.",
-                self.logic.process.pid, self.logic.process.log_path,
+                self.logic.process.pid,
+                self.logic.process.log_path,
             )
 
     # --- pairs of loaded nodes ---

@@ -67,7 +67,10 @@ def test_curves_csv_becomes_a_table_and_a_plot_chart(tmp_path):
         tmp_path / "history.csv", scene=scene, table_node=table_node, chart_node=chart_node
     )
     assert table_after.GetScene() is scene and chart_after.GetScene() is scene
-    assert table_after.GetTable().GetNumberOfRows() == 4 and chart_after.GetNthPlotSeriesNode(0).GetTableNode() is table_after
+    assert (
+        table_after.GetTable().GetNumberOfRows() == 4
+        and chart_after.GetNthPlotSeriesNode(0).GetTableNode() is table_after
+    )
 
 
 def test_loaded_volume_and_segmentation_pairs_export_to_training_files(tmp_path):
@@ -93,7 +96,9 @@ def test_loaded_volume_and_segmentation_pairs_export_to_training_files(tmp_path)
     manifest = TrainingLogic.export_training_pairs([(volume_node, segmentation_node)], tmp_path / "export")
     data = json.loads(manifest.read_text())
     assert [c["id"] for c in data["cases"]] == ["patient_7"]
-    assert data["cases"][0]["label"] == "patient_7/segmentation.seg.nrrd"  # segments by name, as `liversam train` reads
+    assert (
+        data["cases"][0]["label"] == "patient_7/segmentation.seg.nrrd"
+    )  # segments by name, as `liversam train` reads
     [study] = discover_studies(manifest)
     loaded = load_study(study, LabelConfig())
     assert np.array_equal(loaded.liver_kji, np.isin(labels, (1, 2)))
@@ -162,10 +167,14 @@ def test_training_runs_in_the_liversam_environment_checked_once(tmp_path, monkey
     # a failure is not remembered: after `bash setup.sh` (here: the environment's python becomes a working one) the
     # next Start checks again instead of repeating the old error until Slicer restarts
     assert bare_python not in TrainingLogic._CHECKED
-    assert TrainingLogic.environment_problem(sys.executable) is None and sys.executable in TrainingLogic._CHECKED
+    assert (
+        TrainingLogic.environment_problem(sys.executable) is None and sys.executable in TrainingLogic._CHECKED
+    )
     calls = []
     monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: calls.append(a))
-    assert TrainingLogic.environment_problem(sys.executable) is None and not calls  # a success is cached: not run again
+    assert (
+        TrainingLogic.environment_problem(sys.executable) is None and not calls
+    )  # a success is cached: not run again
     TrainingLogic._CHECKED.clear()
 
 

@@ -292,8 +292,10 @@ def test_cache_is_reused_when_unchanged_and_rebuilt_when_inputs_or_settings_chan
     transform = dataset.transforms["case"]
     assert transform.view == SliceView(transpose=False, flip_y=True, flip_x=True)
     flipped = np.ascontiguousarray(liver_slice[::-1, ::-1])  # the slice as the model is shown it
-    np.testing.assert_array_equal(mask_to_low_res(liver_slice, transform, 256),
-                                  mask_to_low_res(flipped, SliceTransform(flipped.shape, 256), 256))
+    np.testing.assert_array_equal(
+        mask_to_low_res(liver_slice, transform, 256),
+        mask_to_low_res(flipped, SliceTransform(flipped.shape, 256), 256),
+    )
     wider = TrainingConfig(**{**config.__dict__, "window_width": 350.0})
     assert build_study_cache(study, wider, litemedsam, "id", progress=False) != first
     label = sitk.ReadImage(str(study_dir / "label.nii.gz"))
@@ -320,10 +322,13 @@ def test_a_transposed_study_is_cached_in_the_display_view_with_its_spacing_along
         image = sitk.ReadImage(str(data_dir / "totalseg_small" / source))
         image.SetSpacing((0.6, 0.9, 3.0))  # anisotropic in-plane, so a swap of x and y shows
         image.SetDirection(tuple(np.eye(3).ravel()))
-        sitk.WriteImage(sitk.PermuteAxes(image, [1, 0, 2]), str(study_dir / name))  # stored with i and j swapped
+        sitk.WriteImage(
+            sitk.PermuteAxes(image, [1, 0, 2]), str(study_dir / name)
+        )  # stored with i and j swapped
     [study] = discover_studies(study_dir)
-    config = TrainingConfig(data=str(study_dir), out=str(tmp_path / "run"), train_encoder="last",
-                            max_slices_per_case=3)
+    config = TrainingConfig(
+        data=str(study_dir), out=str(tmp_path / "run"), train_encoder="last", max_slices_per_case=3
+    )
     path = build_study_cache(study, config, litemedsam, "id", progress=False)
     with h5py.File(path, "r") as handle:
         assert json.loads(handle.attrs["slice_view"]) == [1, 0, 0]
@@ -421,14 +426,18 @@ def test_upscaling_activation_with_a_contiguous_input_is_the_same_function():
     assert list(changed.state_dict()) == keys
     x = (torch.randn(2, 8, 6, 5) * 2).contiguous(memory_format=torch.channels_last)
     a, b = original.mask_decoder.output_upscaling(x), changed.mask_decoder.output_upscaling(x)
-    assert b.is_contiguous() and torch.allclose(a, b, rtol=1e-6, atol=1e-6)  # vectorised erf: last-bit differences
+    assert b.is_contiguous() and torch.allclose(
+        a, b, rtol=1e-6, atol=1e-6
+    )  # vectorised erf: last-bit differences
     weights = torch.randn(a.shape)
     (a * weights).sum().backward()
     (b * weights).sum().backward()
     for p, q in zip(original.parameters(), changed.parameters(), strict=True):
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-4)  # summed in another order
     no_activation = decoder()
-    no_activation.mask_decoder.output_upscaling = torch.nn.Sequential(torch.nn.ConvTranspose2d(8, 4, 2, stride=2))
+    no_activation.mask_decoder.output_upscaling = torch.nn.Sequential(
+        torch.nn.ConvTranspose2d(8, 4, 2, stride=2)
+    )
     assert match_upscaling_layouts(no_activation) == 0  # a layer with parameters is never wrapped
 
 
@@ -450,7 +459,9 @@ def test_token_major_transformer_inputs_keep_the_decoder_s_function_and_state_di
     network.train()
     rng = np.random.default_rng(5)
     embeddings = torch.from_numpy(rng.normal(0.0, 1.0, (3, 256, 64, 64)).astype(np.float32))
-    prompts = [TargetPrompt(box_xyxy=np.array([40 + 20 * n, 50, 150 + 10 * n, 190], np.float32)) for n in range(3)]
+    prompts = [
+        TargetPrompt(box_xyxy=np.array([40 + 20 * n, 50, 150 + 10 * n, 190], np.float32)) for n in range(3)
+    ]
     params = [p for p in network.mask_decoder.parameters() if p.requires_grad]
     weights = torch.from_numpy(rng.normal(0.0, 1.0, (3, 1, 256, 256)).astype(np.float32))
 
@@ -471,7 +482,9 @@ def test_token_major_transformer_inputs_keep_the_decoder_s_function_and_state_di
     scale = max(float(g.norm()) for g in before_grads if g is not None)
     for a, b in zip(before_grads, after_grads, strict=True):
         assert (a is None) == (b is None)
-        if a is not None and float(a.norm()) > 1e-6 * scale:  # the key projections' biases: zero but for rounding
+        if (
+            a is not None and float(a.norm()) > 1e-6 * scale
+        ):  # the key projections' biases: zero but for rounding
             # the same sums in another order: a few of the 65536-term sums differ in their last bits
             assert float((b - a).norm()) <= 1e-5 * float(a.norm())
     image, pe = torch.randn(2, 8, 4, 5), torch.randn(2, 8, 4, 5)
@@ -479,7 +492,9 @@ def test_token_major_transformer_inputs_keep_the_decoder_s_function_and_state_di
     changed = _image_inputs_token_major(network.mask_decoder.transformer, (image, pe, tokens))
     assert all(t.flatten(2).permute(0, 2, 1).is_contiguous() for t in changed[:2]) and changed[2] is tokens
     assert torch.equal(changed[0], image) and torch.equal(changed[1], pe)
-    assert _image_inputs_token_major(network.mask_decoder.transformer, ()) is None  # called with keywords: unchanged
+    assert (
+        _image_inputs_token_major(network.mask_decoder.transformer, ()) is None
+    )  # called with keywords: unchanged
     assert token_major_transformer_inputs(torch.nn.Linear(2, 2)) == 0  # no mask decoder: nothing to do
 
 
@@ -509,15 +524,27 @@ def test_a_batch_decoded_in_parts_gives_the_whole_batch_s_loss_and_gradients():
 
     def gradients(micro: int) -> tuple[float, list[torch.Tensor]]:
         network.zero_grad(set_to_none=True)
-        loss = accumulate_gradients(network, embeddings, prompts, None, target_tensor, weights, 0.1, micro, None,
-                                    lambda part: part.backward())
+        loss = accumulate_gradients(
+            network,
+            embeddings,
+            prompts,
+            None,
+            target_tensor,
+            weights,
+            0.1,
+            micro,
+            None,
+            lambda part: part.backward(),
+        )
         return loss, [p.grad.clone() for p in params]
 
     whole_loss, whole = gradients(batch)
     assert all(float(g.abs().sum()) > 0 for g in whole[-4:])
     with torch.no_grad():
         logits, iou = decode_batch(network, embeddings, prompts)
-    assert whole_loss == pytest.approx(float(segmentation_loss(logits, iou, target_tensor, weights, 0.1)), rel=1e-5)
+    assert whole_loss == pytest.approx(
+        float(segmentation_loss(logits, iou, target_tensor, weights, 0.1)), rel=1e-5
+    )
     parts_loss, parts = gradients(4)  # parts of 4 and 2
     assert parts_loss == pytest.approx(whole_loss, rel=1e-5)
     for a, b in zip(whole, parts, strict=True):

@@ -117,7 +117,11 @@ def test_resuming_after_the_training_data_changed_is_refused(tmp_path, shared, d
     corrected = sitk.GetImageFromArray(array)
     corrected.CopyInformation(label)
     sitk.WriteImage(corrected, str(data / "label.nii.gz"))
-    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.name in ("state.pt", "best.pt", "history.csv")}
+    before = {
+        p.name: p.stat().st_mtime_ns
+        for p in run.iterdir()
+        if p.name in ("state.pt", "best.pt", "history.csv")
+    }
     refused = _train(data, run, shared, "--no-register")
     assert refused.returncode == 2, refused.stdout + refused.stderr
     assert "training data changed" in refused.stderr and "'lits117'" in refused.stderr
@@ -129,7 +133,9 @@ def test_resuming_after_the_training_data_changed_is_refused(tmp_path, shared, d
 # --- inputs ------------------------------------------------------------------------------------------------------
 
 
-def _study(folder: Path, data_dir: Path, ct: str | None = "ct.nii.gz", label: str | None = "label.nii.gz") -> Path:
+def _study(
+    folder: Path, data_dir: Path, ct: str | None = "ct.nii.gz", label: str | None = "label.nii.gz"
+) -> Path:
     folder.mkdir(parents=True)
     if ct:
         (folder / ct).symlink_to(data_dir / "lits117" / "ct.nii.gz")
@@ -144,7 +150,9 @@ def test_a_study_folder_with_a_file_missing_is_named_not_left_out(tmp_path, data
     _study(root / "p1", data_dir)
     _study(root / "p2", data_dir)
     _study(root / "p3", data_dir, label=None)
-    (root / "p3" / "liver_seg.nii.gz").symlink_to(data_dir / "lits117" / "label.nii.gz")  # a label under another name
+    (root / "p3" / "liver_seg.nii.gz").symlink_to(
+        data_dir / "lits117" / "label.nii.gz"
+    )  # a label under another name
     with pytest.raises(TrainingDataError) as error:
         discover_studies(root)
     message = str(error.value)
@@ -201,6 +209,21 @@ def test_a_label_with_too_little_liver_on_every_slice_is_a_data_error(tmp_path, 
     message = str(error.value)
     assert "'case1'" in message and "at least 16 liver voxels" in message and "4, slice 60" in message
     assert "--min-liver-voxels" in message
-    code = main(["train", "--data", str(folder), "--out", str(tmp_path / "run"), "--train-encoder", "last",
-                 "--device", "cpu", "--no-progress", "--no-register", "--cache-dir", str(tmp_path / "cache")])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(folder),
+            "--out",
+            str(tmp_path / "run"),
+            "--train-encoder",
+            "last",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--no-register",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     assert code == 2 and "at least 16 liver voxels" in capsys.readouterr().err

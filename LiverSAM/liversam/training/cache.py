@@ -158,7 +158,9 @@ def build_study_cache(
     started = time.perf_counter()
     loaded = load_study(study, config.labels)
     volume = loaded.volume
-    ks = select_slices(loaded.liver_kji, config.min_liver_voxels, config.max_slices_per_case, config.end_slices)
+    ks = select_slices(
+        loaded.liver_kji, config.min_liver_voxels, config.max_slices_per_case, config.end_slices
+    )
     if not ks:
         per_slice = loaded.liver_kji.reshape(loaded.liver_kji.shape[0], -1).sum(axis=1)
         k_most = int(np.argmax(per_slice))
@@ -237,11 +239,18 @@ def build_study_cache(
                 log.warning(
                     "cache %s: the seed embeddings differ from this encoder's (slice %d: relative error %.3g, "
                     "shape %s vs %s); encoding the study instead",
-                    study.case_id, k, error, seed.shape, encoded.shape,
+                    study.case_id,
+                    k,
+                    error,
+                    seed.shape,
+                    encoded.shape,
                 )
                 return False
-            log.info("cache %s: seed embeddings match this encoder (relative error %.2g); using them",
-                     study.case_id, error)
+            log.info(
+                "cache %s: seed embeddings match this encoder (relative error %.2g); using them",
+                study.case_id,
+                error,
+            )
             return True
 
         bar = tqdm(total=n, desc=f"cache {study.case_id}", unit="slice", disable=not progress)

@@ -138,7 +138,11 @@ def incomplete_study_problem(folder: Path) -> str | None:
         return None
     patient, masks = (folder / "PATIENT_DICOM").is_dir(), (folder / "MASKS_DICOM").is_dir()
     if patient != masks:
-        have, lack = ("PATIENT_DICOM/", "MASKS_DICOM/ (the masks)") if patient else ("MASKS_DICOM/", "PATIENT_DICOM/ (the CT)")
+        have, lack = (
+            ("PATIENT_DICOM/", "MASKS_DICOM/ (the masks)")
+            if patient
+            else ("MASKS_DICOM/", "PATIENT_DICOM/ (the CT)")
+        )
         return f"has {have} but no {lack} of the 3D-IRCADb layout"
     ct = _find_image(folder, "ct")
     labels = [
@@ -237,7 +241,9 @@ def discover_studies(data: str | Path) -> list[TrainingStudy]:
         else:
             subfolders = sorted(p for p in data.iterdir() if p.is_dir())
             # A study folder with a file missing is an error, not a study silently left out of the training.
-            incomplete = [(p, problem) for p in [data, *subfolders] if (problem := incomplete_study_problem(p))]
+            incomplete = [
+                (p, problem) for p in [data, *subfolders] if (problem := incomplete_study_problem(p))
+            ]
             if incomplete:
                 details = "; ".join(f"'{p}' {problem}" for p, problem in incomplete[:5])
                 more = f" (and {len(incomplete) - 5} more)" if len(incomplete) > 5 else ""
@@ -328,8 +334,9 @@ def load_study(study: TrainingStudy, labels: LabelConfig) -> LoadedStudy:
     volume = read_ct(study.ct_path)
     try:  # a label volume given as the CT would train the model on masks instead of CT
         check_not_label_mask(
-            volume, override_hint=f"are the CT and the label of study '{study.case_id}' swapped? (label: "
-            f"'{study.label_path}')"
+            volume,
+            override_hint=f"are the CT and the label of study '{study.case_id}' swapped? (label: "
+            f"'{study.label_path}')",
         )
     except InputImageError as exc:
         raise TrainingDataError(f"Study '{study.case_id}': {exc}") from exc

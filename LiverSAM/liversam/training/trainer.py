@@ -52,7 +52,9 @@ from .studies import TrainingStudy, discover_studies
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "liversam-train-state/1"
-TRAIN_LOG_NAME = "train.log"  # the run's own log (its logger's lines); a front end keeps the console elsewhere
+TRAIN_LOG_NAME = (
+    "train.log"  # the run's own log (its logger's lines); a front end keeps the console elsewhere
+)
 HISTORY_COLUMNS = (
     "epoch",
     "train_loss",
@@ -113,7 +115,9 @@ def fast_frozen_encoder(model, frozen: bool) -> Iterator[str]:
     from .. import acceleration
 
     try:
-        acceleration.enable_fast_encoder(model, "auto")  # the same verified choice (and cached verdict) as segment
+        acceleration.enable_fast_encoder(
+            model, "auto"
+        )  # the same verified choice (and cached verdict) as segment
         log.info("embedding cache encoder: %s", acceleration.describe_acceleration(model))
         yield acceleration.current_precision(model)
     finally:
@@ -129,7 +133,9 @@ def set_trainable(
     trainable parameters."""
     for parameter in network.parameters():
         parameter.requires_grad_(False)
-    modules = [network.prompt_encoder, network.mask_decoder] if train_prompt_encoder else [network.mask_decoder]
+    modules = (
+        [network.prompt_encoder, network.mask_decoder] if train_prompt_encoder else [network.mask_decoder]
+    )
     encoder = network.image_encoder
     if train_encoder == "all":
         modules.append(encoder)
@@ -160,7 +166,9 @@ class ChannelLayerNorm2d(torch.nn.Module):
         self.weight, self.bias, self.eps = source.weight, source.bias, float(source.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
+        y = torch.nn.functional.layer_norm(
+            x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps
+        )
         return y.permute(0, 3, 1, 2)
 
 
@@ -169,7 +177,9 @@ def fuse_layer_norms(module: torch.nn.Module) -> int:
     objects), in place, for training speed. Returns how many were replaced."""
     replaced = 0
     for name, child in list(module.named_children()):
-        if type(child).__name__ == "LayerNorm2d" and all(hasattr(child, a) for a in ("weight", "bias", "eps")):
+        if type(child).__name__ == "LayerNorm2d" and all(
+            hasattr(child, a) for a in ("weight", "bias", "eps")
+        ):
             setattr(module, name, ChannelLayerNorm2d(child))
             replaced += 1
         else:
@@ -228,7 +238,9 @@ def token_major_transformer_inputs(network) -> int:
     transformer = getattr(getattr(network, "mask_decoder", None), "transformer", None)
     if not isinstance(transformer, torch.nn.Module) or getattr(transformer, "_liversam_token_major", False):
         return 0
-    if any(p.device.type != "cpu" for p in transformer.parameters()):  # measured on CPUs only: a GPU keeps its path
+    if any(
+        p.device.type != "cpu" for p in transformer.parameters()
+    ):  # measured on CPUs only: a GPU keeps its path
         return 0
     transformer.register_forward_pre_hook(_image_inputs_token_major)
     transformer._liversam_token_major = True
@@ -263,9 +275,18 @@ def micro_batch_size(device: torch.device, batch_size: int, embeddings_need_grad
     return max(1, min(CPU_MICRO_BATCH, batch_size))
 
 
-def accumulate_gradients(network, embeddings: torch.Tensor, prompts: list, mask_inputs: torch.Tensor | None,
-                         targets: torch.Tensor, weights: torch.Tensor, iou_loss_weight: float, micro: int,
-                         amp_dtype, backward) -> float:
+def accumulate_gradients(
+    network,
+    embeddings: torch.Tensor,
+    prompts: list,
+    mask_inputs: torch.Tensor | None,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    iou_loss_weight: float,
+    micro: int,
+    amp_dtype,
+    backward,
+) -> float:
     """Decode the batch in parts of ``micro`` slices and call ``backward`` on each part's share of the batch's
     loss (the shares add up to :func:`segmentation_loss` of the whole batch). Returns the batch's loss."""
     device = embeddings.device
@@ -273,9 +294,12 @@ def accumulate_gradients(network, embeddings: torch.Tensor, prompts: list, mask_
     total = 0.0
     for start in range(0, len(prompts), micro):
         part = slice(start, start + micro)
-        with torch.autocast(device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits, iou = decode_batch(network, embeddings[part], prompts[part],
-                                       None if mask_inputs is None else mask_inputs[part])
+        with torch.autocast(
+            device_type=device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+        ):
+            logits, iou = decode_batch(
+                network, embeddings[part], prompts[part], None if mask_inputs is None else mask_inputs[part]
+            )
             loss = segmentation_loss(logits, iou, targets[part], weights[part], iou_loss_weight, batch=batch)
         backward(loss)
         total += float(loss.detach())
@@ -501,9 +525,15 @@ class Trainer:
         """Refuse to resume when a study the run has trained or validated on has other files now."""
         state = self._load_saved_state()
         saved = (state or {}).get("data_sha256") or {}
-        changed = [case_id for case_id, digest in sorted(saved.items()) if self._data_hashes.get(case_id, digest) != digest]
+        changed = [
+            case_id
+            for case_id, digest in sorted(saved.items())
+            if self._data_hashes.get(case_id, digest) != digest
+        ]
         if changed:
-            where = "; ".join(f"'{c}' (CT '{by_id[c].ct_path}', label '{by_id[c].label_path}')" for c in changed[:5])
+            where = "; ".join(
+                f"'{c}' (CT '{by_id[c].ct_path}', label '{by_id[c].label_path}')" for c in changed[:5]
+            )
             raise TrainingRunError(
                 f"The training data changed since the run in '{self.run_dir}' started: the files of {len(changed)} "
                 f"study(ies) differ from the ones it trained on: {where}. Resuming would continue that training on "
@@ -700,9 +730,18 @@ class Trainer:
                 prompts, mask_inputs = refined, first.detach().float()
         optimizer.zero_grad(set_to_none=True)
         loss = accumulate_gradients(
-            network, embeddings, prompts, mask_inputs, target_tensor, weight_tensor, config.iou_loss_weight,
-            micro_batch_size(device, len(prompts), embeddings.requires_grad), amp_dtype,
-            (lambda part: scaler.scale(part).backward()) if scaler is not None else (lambda part: part.backward()),
+            network,
+            embeddings,
+            prompts,
+            mask_inputs,
+            target_tensor,
+            weight_tensor,
+            config.iou_loss_weight,
+            micro_batch_size(device, len(prompts), embeddings.requires_grad),
+            amp_dtype,
+            (lambda part: scaler.scale(part).backward())
+            if scaler is not None
+            else (lambda part: part.backward()),
         )
         if scaler is not None:
             scaler.unscale_(optimizer)
@@ -812,7 +851,9 @@ class Trainer:
         # Not strict: the frozen image encoder is not in the state file; every key in it must load.
         result = network.load_state_dict(saved, strict=False)
         if result.unexpected_keys:
-            raise TrainingRunError(f"'{self.state_path}': tensors {result.unexpected_keys[:3]} were not restored.")
+            raise TrainingRunError(
+                f"'{self.state_path}': tensors {result.unexpected_keys[:3]} were not restored."
+            )
 
     def _save_state(
         self, network, optimizer, scheduler, scaler, epoch, history, best, stale, rng, finished
@@ -1044,7 +1085,9 @@ class Trainer:
         ours = shipped.get("run_id") == self._run_id
         if not (ours and shipped.get("epoch") == best["epoch"]):
             if best["epoch"] == 0:  # no epoch beat the base model: still ship a checkpoint, flagged
-                log.warning("no epoch improved on the base model's validation Dice; best.pt is the base model")
+                log.warning(
+                    "no epoch improved on the base model's validation Dice; best.pt is the base model"
+                )
                 self._save_best(self._base_network(), split, 0, history[0])
             elif ours and self._run_id and isinstance(shipped.get("epoch"), int):
                 # An epoch redone after a kill (between best.pt and state.pt) did not reach its first result again:
@@ -1052,11 +1095,16 @@ class Trainer:
                 log.warning("'%s' holds this run's epoch %d (an epoch redone after an interruption); keeping it",
                             self.best_path, shipped["epoch"])  # fmt: skip
                 metric = (shipped.get("metrics") or {}).get("val_dice_mean")
-                best = {"epoch": shipped["epoch"], "val_dice_mean": best["val_dice_mean"] if metric is None else metric}
+                best = {
+                    "epoch": shipped["epoch"],
+                    "val_dice_mean": best["val_dice_mean"] if metric is None else metric,
+                }
             else:  # best.pt was removed or is another run's: the last epoch's model, said so
                 log.warning(
                     "'%s' does not hold this run's epoch %d (removed?); writing the last epoch's (%d) instead",
-                    self.best_path, best["epoch"], history[-1]["epoch"],
+                    self.best_path,
+                    best["epoch"],
+                    history[-1]["epoch"],
                 )
                 best = {"epoch": int(history[-1]["epoch"]), "val_dice_mean": history[-1]["val_dice_mean"]}
                 self._save_best(network, split, best["epoch"], history[-1])
