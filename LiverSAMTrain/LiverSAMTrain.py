@@ -76,6 +76,8 @@ class LiverSAMTrainLogic(ScriptedLoadableModuleLogic):
         return TrainingLogic.EnvironmentCheck(python)
 
     def stop(self) -> None:
+        """Ask the training process to end (SIGTERM) and return at once; the widget's timer calls
+        ``process.escalate_stop()``, which kills it after the grace period if it still runs."""
         self.process.stop()
 
     def updateCurves(self, runDir: str) -> None:
@@ -123,7 +125,10 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         if self._check is not None:
             self._check.cancel()
             self._check = None
-        if self.logic is not None and self.logic.process.is_running():
+        if self.logic is not None and self.logic.process.stopping:
+            # Stop was pressed and the grace period is still running: no timer will escalate any more, so end it now.
+            self.logic.process.kill()
+        elif self.logic is not None and self.logic.process.is_running():
             # True: the process has its own process group / session and writes to a log file, not to Slicer.
             logging.info(
                 "LiverSAMTrain: the training process (PID %s) keeps running after Slicer closes; it writes %s and "
@@ -220,15 +225,25 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
             self.ui.statusLabel.setText(_("Stopped before training started."))
             self.updateButtons()
             return
+        # Never waits: the process gets SIGTERM here; poll() (the timer) kills it if it is still running after the grace
+        # period and reports the end. Start and Resume stay disabled until the process is gone.
         self.logic.stop()
-        self.ui.statusLabel.setText(_("Stopped. Resume continues from the last completed epoch."))
+        if self.logic.process.is_running():
+            self.ui.statusLabel.setText(_("Stopping..."))
+            self._timer.start()
+        else:
+            self._showStopped()
         self.updateButtons()
+
+    def _showStopped(self) -> None:
+        self.ui.statusLabel.setText(_("Stopped. Resume continues from the last completed epoch."))
 
     def poll(self) -> None:
         if self._check is not None:
             if self._check.done():
                 self._startChecked()
             return
+        self.logic.process.escalate_stop()  # after Stop: killed once the grace period has passed
         for line in self.logic.process.read_lines():
             event = TrainingLogic.parse_event(line)
             if event is None:
@@ -259,18 +274,24 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
                         registered=f" (registered as '{name}')" if name else "",
                     )
                 )
+        if self.logic.process.stopping:  # an epoch line read meanwhile does not hide that Stop was pressed
+            self.ui.statusLabel.setText(_("Stopping..."))
         if not self.logic.process.is_running():
             self._timer.stop()
             code = self.logic.process.returncode
-            if code not in (0, None):
+            if self.logic.process.stop_requested:
+                self.ui.logTextEdit.appendPlainText(f"training process stopped (exit code {code})")
+                self._showStopped()
+            elif code not in (0, None):
                 self.ui.logTextEdit.appendPlainText(f"training process ended with code {code}")
             self.updateButtons()
 
     def updateButtons(self) -> None:
         running = self.logic is not None and (self.logic.process.is_running() or self._check is not None)
-        self.ui.startButton.enabled = not running
+        stopping = self.logic is not None and self.logic.process.stopping
+        self.ui.startButton.enabled = not running  # also while stopping: until the process is gone
         self.ui.resumeButton.enabled = not running
-        self.ui.stopButton.enabled = running
+        self.ui.stopButton.enabled = running and not stopping
 
 
 class LiverSAMTrainTest(ScriptedLoadableModuleTest):

@@ -3,9 +3,10 @@
 The widget polls :meth:`TrainingProcess.read_lines` from a ``QTimer``; nothing here blocks the caller, so
 Slicer stays responsive for hours of training. The process writes to ``<run folder>/console.log`` (not to
 a pipe whose reader dies with Slicer) and runs in its own session / process group without a console
-window, so closing Slicer does not stop it: the log says so and where to look. Stopping terminates it
-(then kills it after a grace period); the training command checkpoints after every epoch, so starting it
-again resumes.
+window, so closing Slicer does not stop it: the log says so and where to look. Stopping never waits: it sends
+the process SIGTERM and returns; the widget's timer then calls :meth:`TrainingProcess.escalate_stop`, which kills the
+process once the grace period has passed and it is still running. The training command checkpoints after every
+epoch, so starting it again resumes.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+STOP_GRACE_SECONDS = 10.0  # after SIGTERM, the time a process gets to end by itself before it is killed
 
 
 def detached_process_options() -> dict:
@@ -27,13 +31,18 @@ def detached_process_options() -> dict:
 
 
 class TrainingProcess:
-    """One running command. ``start`` -> ``read_lines`` (repeatedly) -> ``returncode`` / ``stop``."""
+    """One running command. ``start`` -> ``read_lines`` (repeatedly) -> ``returncode``; or ``stop`` ->
+    ``escalate_stop`` (repeatedly, from a timer) until it is no longer running. ``clock``: seconds, monotonic (a
+    test passes its own)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._process: subprocess.Popen | None = None
         self._log_path: Path | None = None
         self._offset = 0
         self._partial = ""
+        self._clock = clock
+        # set by stop(): when escalate_stop() kills a process still running
+        self._kill_at: float | None = None
 
     def start(self, command: Sequence[str], log_path: str | Path, env: dict | None = None,
               cwd: str | None = None) -> None:  # fmt: skip
@@ -44,6 +53,7 @@ class TrainingProcess:
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
         self._offset = self._log_path.stat().st_size if self._log_path.is_file() else 0
         self._partial = ""
+        self._kill_at = None
         with open(self._log_path, "ab") as log:
             self._process = subprocess.Popen(
                 list(command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -78,17 +88,39 @@ class TrainingProcess:
     def pid(self) -> int | None:
         return None if self._process is None else self._process.pid
 
-    def stop(self, grace_seconds: float = 10.0) -> None:
-        """Terminate the process; kill it when it has not ended after ``grace_seconds``."""
-        if not self.is_running():
+    @property
+    def stop_requested(self) -> bool:
+        """True once :meth:`stop` (or :meth:`kill`) was called for the current process."""
+        return self._kill_at is not None
+
+    @property
+    def stopping(self) -> bool:
+        """True from :meth:`stop` until the process has ended."""
+        return self._kill_at is not None and self.is_running()
+
+    def stop(self, grace_seconds: float = STOP_GRACE_SECONDS) -> None:
+        """Ask the process to end (SIGTERM; on Windows it ends at once) and return without waiting for it. A process
+        still running ``grace_seconds`` later is killed by :meth:`escalate_stop`, which the caller's timer calls."""
+        if not self.is_running() or self._kill_at is not None:
             return
         assert self._process is not None
+        self._kill_at = self._clock() + max(0.0, grace_seconds)
         self._process.terminate()
-        try:
-            self._process.wait(timeout=grace_seconds)
-        except subprocess.TimeoutExpired:
+
+    def escalate_stop(self) -> bool:
+        """After :meth:`stop`: kill the process when its grace period has passed and it still runs. Never waits
+        (the exit is reaped by a later :meth:`is_running`). Returns :attr:`stopping`."""
+        if self.stopping and self._clock() >= self._kill_at:
+            self.kill()
+        return self.stopping
+
+    def kill(self) -> None:
+        """Kill the process now (SIGKILL), without waiting for it."""
+        if self.is_running():
+            assert self._process is not None
+            if self._kill_at is None:
+                self._kill_at = self._clock()
             self._process.kill()
-            self._process.wait()
 
     def wait(self, timeout: float | None = None) -> int | None:
         if self._process is None:

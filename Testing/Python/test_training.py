@@ -307,6 +307,62 @@ def test_cache_is_reused_when_unchanged_and_rebuilt_when_inputs_or_settings_chan
     assert build_study_cache(study, config, litemedsam, "id", progress=False) not in (first,)
 
 
+def test_a_cache_an_older_version_built_from_a_label_map_given_as_the_ct_is_refused(
+    tmp_path, data_dir, litemedsam, monkeypatch
+):
+    """Older code cached a study whose ct.nii.gz was in fact its label map (it did not check the CT), and the cache key
+    (the files' SHA-256 and the settings) still matches: the old code reused that cache without a word and trained on
+    masks. A cache without the CT check's mark is now looked at (a few slices) and such a study refused; an older
+    cache of a real CT is reused without reading the CT."""
+    import h5py
+
+    from liversam.training.cache import CT_CHECKED_ATTR, build_study_cache
+
+    def study_folder(name: str, ct: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "ct.nii.gz").symlink_to(data_dir / "lits117" / ct)
+        (folder / "label.nii.gz").symlink_to(data_dir / "lits117" / "label.nii.gz")
+        return folder
+
+    def older_cache(folder: Path, config: TrainingConfig) -> Path:
+        """The cache as a LiverSAM without the CT check built it: no check, no mark."""
+        [study] = discover_studies(folder)
+        with monkeypatch.context() as patched:
+            patched.setattr("liversam.ct_io.check_not_label_mask", lambda *args, **kwargs: None)
+            path = build_study_cache(study, config, litemedsam, "id", progress=False)
+        with h5py.File(path, "r+") as handle:
+            assert handle.attrs[CT_CHECKED_ATTR]  # this version marks what it built
+            del handle.attrs[CT_CHECKED_ATTR]
+        return path
+
+    # train_encoder="last": slices and labels only, nothing is encoded
+    settings = dict(train_encoder="last", max_slices_per_case=4, cache_dir=str(tmp_path / "cache"))
+    swapped = study_folder("case1", ct="label.nii.gz")
+    config = TrainingConfig(data=str(swapped), out=str(tmp_path / "run"), **settings)
+    path = older_cache(swapped, config)
+    [study] = discover_studies(swapped)
+    with pytest.raises(TrainingDataError) as error:
+        build_study_cache(study, config, litemedsam, "id", progress=False)
+    message = str(error.value)
+    assert "'case1'" in message and str(path) in message and "earlier LiverSAM" in message
+    assert "looks like a label mask" in message and str(swapped / "ct.nii.gz") in message
+    assert "delete that file" in message and "state.pt" in message
+
+    real = study_folder("case2", ct="ct.nii.gz")
+    config = TrainingConfig(data=str(real), out=str(tmp_path / "run2"), **settings)
+    path = older_cache(real, config)
+    mtime = path.stat().st_mtime_ns
+    [study] = discover_studies(real)
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("the CT was read: its cached slices already show it is no label map")
+
+    monkeypatch.setattr("liversam.ct_io.read_ct", no_read)
+    assert build_study_cache(study, config, litemedsam, "id", progress=False) == path
+    assert path.stat().st_mtime_ns == mtime  # reused, not rebuilt
+
+
 def test_a_transposed_study_is_cached_in_the_display_view_with_its_spacing_along_the_view_s_axes(
     tmp_path, data_dir, litemedsam
 ):

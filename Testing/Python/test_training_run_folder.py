@@ -1,5 +1,5 @@
 """`liversam train` run folders and inputs a user gets wrong: a run started over in a folder that holds an earlier
-run's best.pt, a resume after the training data changed, a study folder with a file missing, a label volume given
+run's best.pt, a resume after the training data changed, a finished run resumed with a larger --patience / --epochs, a study folder with a file missing, a label volume given
 as the CT, a label whose liver is too small on every slice. Real CT (lits117); the short runs are decoder-only
 on a cache shared by the tests of this file (12 slices encoded once), 1 thread.
 """
@@ -128,6 +128,111 @@ def test_resuming_after_the_training_data_changed_is_refused(tmp_path, shared, d
     assert str(data / "label.nii.gz") in refused.stderr and "new --out folder" in refused.stderr
     assert {n: (run / n).stat().st_mtime_ns for n in before} == before
     assert len(list(shared["cache"].glob("lits117-*.h5"))) == 1  # nothing encoded for the changed study
+
+
+def _resume_config(data: Path, run_dir: Path, shared: dict, **changes) -> TrainingConfig:
+    """The settings of :func:`_train` (same cache key: the shared cache is reused), with a learning rate that changes
+    nothing, so no epoch beats the base model and early stopping is decided by --patience alone."""
+    settings = dict(data=str(data), out=str(run_dir), max_slices_per_case=12, batch_size=4, device="cpu", seed=0,
+                    cache_dir=str(shared["cache"]), lr=1e-12, lr_min=0.0, register=False, test_report=False)  # fmt: skip
+    return TrainingConfig(**{**settings, **changes})
+
+
+@pytest.mark.model
+def test_a_finished_run_trains_on_when_patience_or_epochs_are_raised(tmp_path, shared, data_dir, caplog):
+    """A run that stopped early was 'finished' for good: resumed with a larger --patience the old code trained nothing
+    (and refused a larger --epochs as a changed setting). Now the same run trains on from its checkpoint (same split,
+    optimiser and scheduler state) until the new patience or epoch limit; with unchanged settings it says it is
+    finished and which setting to raise; a lower --epochs is refused."""
+    import logging
+
+    from liversam import acceleration
+    from liversam.models import load_model, safe_torch_load
+    from liversam.training import Trainer, TrainingRunError
+
+    # One model for the in-process runs, its encoder accelerated once (each `liversam train` process does this anew;
+    # the shared cache is reused). Training changes only what each resumed run restores from state.pt.
+    model = load_model("litemedsam", device="cpu")
+    acceleration.enable_fast_encoder(model, "auto")
+    acceleration.disable_fast_decoder(model)
+    run = tmp_path / "run"
+    data = data_dir / "lits117"
+    caplog.set_level(logging.INFO, logger="liversam")
+
+    def train(**changes):
+        return Trainer(_resume_config(data, run, shared, **changes), model=model, progress=False).run()
+
+    def state() -> dict:
+        return safe_torch_load(run / "state.pt")
+
+    first = train(epochs=3, early_stopping_patience=1)
+    assert [row["epoch"] for row in first.history] == [0, 1] and first.stopped_early
+    split = (run / "split.json").read_text()
+    steps = state()["scheduler"]["last_epoch"]  # optimiser steps per epoch (9 training slices, batch 4: 3)
+    assert steps == 3 and state()["finished"]
+
+    caplog.clear()
+    unchanged = train(epochs=3, early_stopping_patience=1)
+    assert [row["epoch"] for row in unchanged.history] == [0, 1] and unchanged.resumed_from_epoch == 1
+    assert (
+        "is finished: it stopped early at epoch 1" in caplog.text
+        and "raise --patience above 1" in caplog.text
+    )
+
+    caplog.clear()
+    patient = train(epochs=3, early_stopping_patience=2)  # the old code trained nothing here
+    assert [row["epoch"] for row in patient.history] == [0, 1, 2] and patient.resumed_from_epoch == 1
+    assert patient.stopped_early and "is finished" not in caplog.text
+    saved = state()
+    assert saved["epoch"] == 2 and saved["epochs_without_improvement"] == 2
+    # the optimiser and the schedule went on from epoch 1's state (not restarted), on the same split
+    assert saved["scheduler"]["last_epoch"] == 2 * steps and saved["scheduler"]["T_max"] == 3 * steps
+    assert max(int(moments["step"]) for moments in saved["optimizer"]["state"].values()) == 2 * steps
+    assert (run / "split.json").read_text() == split
+
+    longer = train(epochs=4, early_stopping_patience=3)  # the old code refused: "different settings (epochs)"
+    assert [row["epoch"] for row in longer.history] == [0, 1, 2, 3] and longer.resumed_from_epoch == 2
+    saved = state()
+    assert saved["scheduler"]["T_max"] == 4 * steps  # the cosine now spans the 4 epochs
+    assert saved["scheduler"]["last_epoch"] == 3 * steps and saved["epochs_without_improvement"] == 3
+
+    with pytest.raises(TrainingRunError) as refused:
+        train(epochs=3, early_stopping_patience=4)
+    assert "--epochs 3 is lower than the 4" in str(refused.value) and "new --out folder" in str(refused.value)
+    with pytest.raises(TrainingRunError, match=r"different settings \(lr\)"):
+        train(epochs=4, lr=1e-3)
+
+
+def test_a_raised_epoch_count_stretches_the_cosine_schedule_from_the_step_reached():
+    """After a resume with a larger --epochs the learning rate follows, from the step reached, the cosine of a run
+    started with the new count (the restored scheduler alone would run its old cosine past its end and back up)."""
+    import torch
+
+    from liversam.training.trainer import stretch_cosine_schedule
+
+    def scheduler(total_steps: int):
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=1e-6)
+
+    short, planned = scheduler(10), scheduler(30)
+    for _ in range(10):
+        short.optimizer.step()
+        short.step()
+        planned.optimizer.step()
+        planned.step()
+    resumed = scheduler(10)
+    resumed.load_state_dict(short.state_dict())  # what a resume restores
+    assert not stretch_cosine_schedule(resumed, 10)  # the same horizon: left alone
+    assert stretch_cosine_schedule(resumed, 30)
+    assert resumed.get_last_lr() == pytest.approx(planned.get_last_lr())
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(planned.optimizer.param_groups[0]["lr"])
+    for _ in range(20):
+        resumed.optimizer.step()
+        resumed.step()
+        planned.optimizer.step()
+        planned.step()
+        assert resumed.get_last_lr() == pytest.approx(planned.get_last_lr(), rel=1e-9)
+    assert resumed.get_last_lr()[0] == pytest.approx(1e-6)
 
 
 # --- inputs ------------------------------------------------------------------------------------------------------

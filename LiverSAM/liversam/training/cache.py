@@ -14,7 +14,13 @@ Datasets (``N`` samples = selected slices x (1 + augmented copies)):
 - ``embedding`` (N, C, H, W) float16: the frozen image encoder's output (only with a frozen encoder).
 
 Attributes: ``case_id``, ``key``, ``geometry`` (JSON: size, spacing mm, origin LPS, direction LPS),
-``settings`` (JSON), ``input_size``, ``liversam_version``.
+``settings`` (JSON), ``input_size``, ``liversam_version``, ``ct_checked`` (the study's CT passed the label-mask
+check of :func:`~liversam.training.studies.load_study` when the file was built).
+
+A file without ``ct_checked`` was built by an older LiverSAM, which did not refuse a label map given as the CT. Before
+such a file is reused, a few of its cached slices are looked at: a label map windowed has at most
+``LABEL_MASK_MAX_DISTINCT`` distinct values, a CT's liver slices far more; only when they have so few is the CT read
+and checked, and a label map is refused (see :func:`check_unchecked_cache`).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from ..atomic_write import atomic_path
 from ..preprocess import SliceTransform, WindowSettings, display_view, window_slice
 from .augment import SliceAugmenter
 from .config import TrainingConfig
-from .studies import TrainingDataError, TrainingStudy, load_study
+from .studies import TrainingDataError, TrainingStudy, check_study_ct, load_study
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,8 @@ ENCODE_BATCH = 4
 # accelerated encoders differ from fp32 PyTorch (and from each other) by up to ~0.04 (OpenVINO bf16-rest:
 # 0.036, accepted by liversam.acceleration's mask check); another slice, model or window gives far more.
 SEED_TOLERANCE = 0.05
+CT_CHECKED_ATTR = "ct_checked"
+CT_CHECK_SAMPLE_SLICES = 3  # original (not augmented) slices looked at in a cache without CT_CHECKED_ATTR
 
 
 def _unbatched(embedding: np.ndarray, ndim: int) -> np.ndarray:
@@ -123,6 +131,35 @@ def cache_file(cache_dir: Path, study: TrainingStudy, key: str) -> Path:
     return Path(cache_dir) / f"{safe_id}-{key[:16]}.h5"
 
 
+def distinct_cached_image_values(handle, slices: int = CT_CHECK_SAMPLE_SLICES) -> int:
+    """How many distinct values the windowed images of up to ``slices`` original cached slices (first, middle, last)
+    hold together: at most ``LABEL_MASK_MAX_DISTINCT`` for a label map given as the CT, far more for a CT."""
+    originals = np.flatnonzero(handle["copy"][:] == 0)
+    if len(originals) == 0:
+        return 0
+    picks = np.linspace(0, len(originals) - 1, min(slices, len(originals))).astype(int)
+    rows = sorted({int(originals[i]) for i in picks})
+    return int(np.unique(np.concatenate([np.asarray(handle["image"][row]).ravel() for row in rows])).size)
+
+
+def check_unchecked_cache(handle, path: Path, study: TrainingStudy) -> None:
+    """A cache built before its CT was checked (no ``ct_checked`` attribute): raise :class:`TrainingDataError` when
+    the study's CT is a label map. Cheap: a few cached slices are looked at; the CT is read only when they hold as few
+    distinct values as a label map does."""
+    from ..ct_io import LABEL_MASK_MAX_DISTINCT, read_ct
+
+    distinct = distinct_cached_image_values(handle)
+    if distinct > LABEL_MASK_MAX_DISTINCT:
+        return  # a label map windowed cannot have this many values
+    log.info("cache %s: built without the CT check and its slices hold only %d distinct values; checking the CT '%s'",
+             path, distinct, study.ct_path)  # fmt: skip
+    check_study_ct(
+        study, read_ct(study.ct_path),
+        context=f" (its training cache '{path}' was built from this CT by an earlier LiverSAM, which did not check it; "
+        "delete that file, and start over any run trained on it: a new --out folder, or delete its state.pt)",
+    )  # fmt: skip
+
+
 def build_study_cache(
     study: TrainingStudy,
     config: TrainingConfig,
@@ -151,6 +188,8 @@ def build_study_cache(
         try:
             with h5py.File(path, "r") as handle:
                 if handle.attrs.get("key") == key and handle.attrs.get("complete", False):
+                    if not handle.attrs.get(CT_CHECKED_ATTR, False):
+                        check_unchecked_cache(handle, path, study)
                     log.info("cache: reusing %s", path)
                     return path
         except OSError:
@@ -195,6 +234,7 @@ def build_study_cache(
         handle.attrs["input_size"] = model.input_size
         handle.attrs["liversam_version"] = __version__
         handle.attrs["ct"] = str(study.ct_path)
+        handle.attrs[CT_CHECKED_ATTR] = True  # load_study refused a label map given as the CT
         handle.attrs["label"] = str(study.label_path)
         handle.create_dataset("k", data=np.repeat(np.asarray(ks, dtype=np.int32), copies))
         handle.create_dataset("copy", data=np.tile(np.arange(copies, dtype=np.int16), len(ks)))

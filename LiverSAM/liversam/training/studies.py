@@ -327,19 +327,26 @@ def _read_mask_series(folder: Path, geometry) -> np.ndarray:
     return mask
 
 
+def check_study_ct(study: TrainingStudy, volume: CTVolume, context: str = "") -> None:
+    """Refuse a study whose CT (``volume``, read from ``study.ct_path``) looks like a label mask: it would train the
+    model on masks instead of CT. ``context`` is added after the study's name (e.g. which cache was built from it)."""
+    from ..ct_io import check_not_label_mask
+
+    try:
+        check_not_label_mask(
+            volume, override_hint=f"are the CT and the label of study '{study.case_id}' swapped? (label: "
+            f"'{study.label_path}')"
+        )  # fmt: skip
+    except InputImageError as exc:
+        raise TrainingDataError(f"Study '{study.case_id}'{context}: {exc}") from exc
+
+
 def load_study(study: TrainingStudy, labels: LabelConfig) -> LoadedStudy:
     """Read a study's CT and its liver/tumour masks on the CT grid. Raises :class:`TrainingDataError`."""
-    from ..ct_io import check_not_label_mask, read_ct
+    from ..ct_io import read_ct
 
     volume = read_ct(study.ct_path)
-    try:  # a label volume given as the CT would train the model on masks instead of CT
-        check_not_label_mask(
-            volume,
-            override_hint=f"are the CT and the label of study '{study.case_id}' swapped? (label: "
-            f"'{study.label_path}')",
-        )
-    except InputImageError as exc:
-        raise TrainingDataError(f"Study '{study.case_id}': {exc}") from exc
+    check_study_ct(study, volume)
     geometry = volume.geometry
     if study.kind == "labelmap":
         from ..evaluate import read_label

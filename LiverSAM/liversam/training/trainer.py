@@ -390,6 +390,60 @@ def write_history(history: list[dict], csv_path: Path, png_path: Path | None) ->
         figure.savefig(tmp, format="png")
 
 
+# --- when a run ends -----------------------------------------------------------------------------------------
+
+COMPLETED = "completed"  # a run's last epoch was --epochs
+STOPPED_EARLY = "stopped early"  # --patience epochs without a better validation Dice (--select best)
+
+
+def finish_reason(config: TrainingConfig, epoch: int, epochs_without_improvement: int) -> str | None:
+    """Why a run that has completed ``epoch`` is finished under ``config`` (:data:`COMPLETED` or
+    :data:`STOPPED_EARLY`), or None when it trains on. Judged by the current settings, so a finished run resumed with
+    a larger ``--epochs`` or ``--patience`` continues."""
+    if epoch >= config.epochs:
+        return COMPLETED
+    if config.model_selection == "best" and epochs_without_improvement >= config.early_stopping_patience:
+        return STOPPED_EARLY
+    return None
+
+
+def finished_run_message(run_dir: Path, config: TrainingConfig, epoch: int, stale: int, best: dict) -> str:
+    """What a resume of a finished run says: why it is finished and which setting trains it on."""
+    found = f"best validation Dice {best['val_dice_mean']:.4f} at epoch {best['epoch']}"
+    if finish_reason(config, epoch, stale) == COMPLETED:
+        why = f"it completed its {epoch} epochs (--epochs {config.epochs}; {found})"
+        more = f"raise --epochs above {epoch} (the learning-rate schedule is stretched to the new count)"
+    else:
+        why = (
+            f"it stopped early at epoch {epoch} after {stale} epochs without a better validation Dice "
+            f"(--patience {config.early_stopping_patience}; {found})"
+        )
+        more = f"raise --patience above {stale} (and --epochs, now {config.epochs}, if needed)"
+    return (
+        f"The run in '{run_dir}' is finished: {why}. Nothing to train. To train on from epoch {epoch} with the "
+        f"same split and optimiser state, {more}; to start over, use a new --out folder or delete its state.pt."
+    )
+
+
+def stretch_cosine_schedule(scheduler, total_steps: int) -> bool:
+    """Give a restored :class:`~torch.optim.lr_scheduler.CosineAnnealingLR` the horizon ``total_steps`` (a resumed run
+    whose ``--epochs`` was raised): from the step it has reached, the learning rate follows the cosine a run started
+    with the new epoch count would follow. Returns False when the horizon is unchanged (nothing done)."""
+    state = scheduler.state_dict()
+    if int(state["T_max"]) == int(total_steps):
+        return False
+    step = min(int(state["last_epoch"]), int(total_steps))
+    eta_min = float(state["eta_min"])
+    rates = [
+        eta_min + (base - eta_min) * (1 + math.cos(math.pi * step / total_steps)) / 2
+        for base in state["base_lrs"]
+    ]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler.load_state_dict({**state, "T_max": int(total_steps), "_last_lr": rates})
+    return True
+
+
 # --- the trainer -------------------------------------------------------------------------------------------
 
 
@@ -438,11 +492,21 @@ class Trainer:
             saved = json.loads(path.read_text(encoding="utf-8"))
             previous = learning_fields(TrainingConfig.from_dict(saved))
             current = learning_fields(self.config)
+            # --epochs may be raised on resume (the run trains on, its schedule stretched), not lowered
+            epochs_before, epochs_now = previous.pop("epochs", None), current.pop("epochs", None)
             changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
             if changed and self.state_path.is_file():
                 raise TrainingRunError(
                     f"Run folder '{self.run_dir}' holds a run with different settings ({', '.join(changed)}). "
+                    "A resumed run may only raise --epochs or change --patience. "
                     "Use a new --out folder, or delete the folder's state.pt to start this run over."
+                )
+            if epochs_before is not None and epochs_now < epochs_before and self.state_path.is_file():
+                raise TrainingRunError(
+                    f"--epochs {epochs_now} is lower than the {epochs_before} the run in '{self.run_dir}' was given: "
+                    f"a resumed run may raise --epochs, not lower it (its learning-rate schedule runs over "
+                    f"{epochs_before} epochs). Give --epochs {epochs_before} or more, use a new --out folder, or delete "
+                    "the folder's state.pt to start this run over."
                 )
         write_text_atomically(path, json.dumps(self.config.to_dict(), indent=2))
 
@@ -967,7 +1031,7 @@ class Trainer:
         stale = 0
         start_epoch = 1
         resumed_from = 0
-        finished = False
+        finished: str | None = None  # why the run is finished (finish_reason), None while it trains
         log.info(
             "training %s: %d training / %d validation samples, encoder %s, precision %s, device %s",
             self.run_dir,
@@ -993,7 +1057,7 @@ class Trainer:
             torch.set_rng_state(state["rng_torch"])
             resumed_from = int(state["epoch"])
             start_epoch = resumed_from + 1
-            finished = bool(state.get("finished"))
+            finished = finish_reason(config, resumed_from, stale)
             log.info(
                 "resuming %s from epoch %d (best %.4f at epoch %d)",
                 self.run_dir,
@@ -1001,7 +1065,15 @@ class Trainer:
                 best["val_dice_mean"],
                 best["epoch"],
             )
-            self._event("RESUME", {"epoch": resumed_from})
+            if finished:
+                log.warning("%s", finished_run_message(self.run_dir, config, resumed_from, stale, best))
+            elif state.get("finished"):
+                log.info("the run had finished at epoch %d; it trains on (now --epochs %d, --patience %d)",
+                         resumed_from, config.epochs, config.early_stopping_patience)  # fmt: skip
+            if stretch_cosine_schedule(scheduler, config.epochs * steps_per_epoch):
+                log.info("--epochs raised to %d: the learning-rate schedule now runs over %d epochs (lr %.3g)",
+                         config.epochs, config.epochs, optimizer.param_groups[0]["lr"])  # fmt: skip
+            self._event("RESUME", {"epoch": resumed_from, "finished": finished})
         else:
             self._run_id = uuid.uuid4().hex
             started = time.perf_counter()
@@ -1019,8 +1091,6 @@ class Trainer:
             write_history(history, self.run_dir / "history.csv", self.run_dir / "curves.png")
             self._save_state(network, optimizer, scheduler, scaler, 0, history, best, 0, rng, False)
 
-        stopped_early = finished and stale >= config.early_stopping_patience
-        epoch = start_epoch - 1
         for epoch in range(start_epoch, config.epochs + 1):
             if finished:
                 break
@@ -1070,16 +1140,15 @@ class Trainer:
                 self._save_best(network, split, epoch, row)
             else:
                 stale += 1
-            finished = epoch >= config.epochs or stale >= config.early_stopping_patience
-            stopped_early = stale >= config.early_stopping_patience and epoch < config.epochs
+            finished = finish_reason(config, epoch, stale)
             write_history(history, self.run_dir / "history.csv", self.run_dir / "curves.png")
             self._save_state(
-                network, optimizer, scheduler, scaler, epoch, history, best, stale, rng, finished
+                network, optimizer, scheduler, scaler, epoch, history, best, stale, rng, finished is not None
             )
             self._log_epoch(row, best)
-            if stopped_early:
+            if finished == STOPPED_EARLY:
                 log.info("early stopping: no better validation Dice for %d epochs", stale)
-                break
+        stopped_early = finished == STOPPED_EARLY
 
         shipped = self._best_checkpoint_metadata()  # {} when there is none
         ours = shipped.get("run_id") == self._run_id
