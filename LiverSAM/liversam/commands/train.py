@@ -63,7 +63,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=("tumor", "tumour", "lesion", "metastas", "neoplasm", "cancer"),
         help="segment name parts that mean tumour (.seg.nrrd); cysts never count",
     )
-    p.add_argument("--epochs", type=int, default=30, help="maximum epochs (default 30)")
+    p.add_argument("--epochs", type=int, default=30,
+                   help="maximum epochs (default 30); a finished run resumed with more trains on")
     p.add_argument("--batch-size", type=int, default=8, help="slices per step (default 8)")
     p.add_argument("--lr", type=float, default=1e-4, help="initial learning rate (default 1e-4)")
     p.add_argument("--lr-min", type=float, default=1e-6, help="cosine-annealing minimum (default 1e-6)")
@@ -72,7 +73,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--tumor-weight", type=float, default=2.0, help="loss weight of tumour targets (default 2)"
     )
     p.add_argument(
-        "--patience", type=int, default=10, help="early stopping: epochs without better validation Dice"
+        "--patience", type=int, default=10,
+        help="early stopping: epochs without better validation Dice (default 10); a run that stopped early, resumed "
+        "with more, trains on",
     )
     p.add_argument(
         "--augment-copies", type=int, default=0, help="augmented copies per slice in the cache (default 0)"
