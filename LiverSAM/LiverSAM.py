@@ -130,11 +130,17 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._observeInteractionNode()
 
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self._updateGUIState)
-        self.ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onOutputSegmentationChanged)
+        self.ui.outputSegmentationSelector.connect(
+            "currentNodeChanged(vtkMRMLNode*)", self.onOutputSegmentationChanged
+        )
         self.ui.targetSegmentSelector.connect("currentSegmentChanged(QString)", self.onTargetSegmentChanged)
         self.ui.createStandardSegmentsButton.connect("clicked(bool)", self.onCreateStandardSegments)
-        self.ui.positivePointButton.connect("toggled(bool)", lambda on: self.onPlacePrompt(PromptPlacement.POSITIVE, on))
-        self.ui.negativePointButton.connect("toggled(bool)", lambda on: self.onPlacePrompt(PromptPlacement.NEGATIVE, on))
+        self.ui.positivePointButton.connect(
+            "toggled(bool)", lambda on: self.onPlacePrompt(PromptPlacement.POSITIVE, on)
+        )
+        self.ui.negativePointButton.connect(
+            "toggled(bool)", lambda on: self.onPlacePrompt(PromptPlacement.NEGATIVE, on)
+        )
         self.ui.boxButton.connect("toggled(bool)", lambda on: self.onPlacePrompt(PromptPlacement.BOX, on))
         self.ui.segmentSliceButton.connect("clicked(bool)", self.onSegmentSlices)
         self.ui.clearPromptsButton.connect("clicked(bool)", self.onClearPrompts)
@@ -293,7 +299,10 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onAddCheckpoint(self) -> None:
         path = qt.QFileDialog.getOpenFileName(
-            self.parent, _("Select a SAM / MedSAM / LiverSAMTrain checkpoint"), "", _("Checkpoints (*.pth *.pt)")
+            self.parent,
+            _("Select a SAM / MedSAM / LiverSAMTrain checkpoint"),
+            "",
+            _("Checkpoints (*.pth *.pt)"),
         )
         if path:
             self.ui.modelComboBox.addItem(Path(path).name, path)
@@ -331,7 +340,9 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         connection = self.logic.connection
         if connection.state != READY:
             self.ui.serverStatusLabel.text = (
-                _("Starting the LiverSAM server...") if connection.settings.mode == LOCAL else _("Connecting...")
+                _("Starting the LiverSAM server...")
+                if connection.settings.mode == LOCAL
+                else _("Connecting...")
             )
 
         def run():
@@ -385,7 +396,9 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Could not create the segments."), waitCursor=True):
             if not p.outputSegmentation:
-                p.outputSegmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "LiverSAM")
+                p.outputSegmentation = slicer.mrmlScene.AddNewNodeByClass(
+                    "vtkMRMLSegmentationNode", "LiverSAM"
+                )
             self.logic.segmentation.prepare_segmentation(p.outputSegmentation, p.inputVolume)
             ids = self.logic.segmentation.ensure_standard_segments(p.outputSegmentation)
             p.targetSegmentID = p.targetSegmentID or ids[LIVER]
@@ -396,7 +409,9 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if node is self._interactionNode:
             return
         if self._interactionNode is not None:
-            self.removeObserver(self._interactionNode, node.InteractionModeChangedEvent, self._onInteractionModeChanged)
+            self.removeObserver(
+                self._interactionNode, node.InteractionModeChangedEvent, self._onInteractionModeChanged
+            )
         self._interactionNode = node
         if node is not None:
             self.addObserver(node, node.InteractionModeChangedEvent, self._onInteractionModeChanged)
@@ -420,7 +435,9 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node = getattr(p, attribute)
         if kind == PromptPlacement.BOX:
             if node is None or node.GetScene() is not slicer.mrmlScene or node.GetNumberOfControlPoints() > 0:
-                node = PromptPlacement.new_box_node(slicer.mrmlScene)  # else: the last Box press placed nothing
+                node = PromptPlacement.new_box_node(
+                    slicer.mrmlScene
+                )  # else: the last Box press placed nothing
             setattr(p, attribute, node)
             self._observePromptNodes()
         elif node is None:
@@ -444,7 +461,9 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         for node in (p.positivePoints, p.negativePoints, *PromptPlacement.box_nodes(slicer.mrmlScene)):
             if node is not None:
-                if node.IsA("vtkMRMLMarkupsROINode"):  # first: the redrawn box goes before the live update reads
+                if node.IsA(
+                    "vtkMRMLMarkupsROINode"
+                ):  # first: the redrawn box goes before the live update reads
                     self.addObserver(node, defined, self._onBoxPointDefined)
                 for event in events:
                     self.addObserver(node, event, self._onPromptsChanged)
@@ -501,7 +520,9 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p.boxROI = None
         self._observePromptNodes()
         if p.outputSegmentation and p.targetSegmentID:
-            self.logic.forgetPropagation(p.outputSegmentation, p.targetSegmentID)  # new prompts: new propagation
+            self.logic.forgetPropagation(
+                p.outputSegmentation, p.targetSegmentID
+            )  # new prompts: new propagation
         self.logic.segmentation.end_user_action()
 
     def _markupsPrompts(self):
@@ -550,7 +571,9 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSegmentSlices(self, checked: bool = False, live: bool = False) -> None:
         p = self._parameterNode
         what = _("Live update") if live else _("Segment slice")
-        with slicer.util.tryWithErrorDisplay(_("Segmentation of the prompted slices failed."), waitCursor=False):
+        with slicer.util.tryWithErrorDisplay(
+            _("Segmentation of the prompted slices failed."), waitCursor=False
+        ):
             prompts = self._markupsPrompts()
             requests = ServerRequests.slice_requests(prompts)
             if not requests:
@@ -560,12 +583,19 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             segmentationNode, volumeNode = p.outputSegmentation, p.inputVolume
             focusK = self._currentSliceK(volumeNode)
             work = self.logic.server.predict_slices_work(
-                volumeNode, requests, (float(p.windowLevel), float(p.windowWidth)), focusK, int(p.prefetchRadius)
+                volumeNode,
+                requests,
+                (float(p.windowLevel), float(p.windowWidth)),
+                focusK,
+                int(p.prefetchRadius),
             )
             undoKey = (segmentationNode.GetID(), targetID, tuple(r.k for r in requests)) if live else None
 
             def done(answer) -> None:
-                if sceneOf(segmentationNode) is not slicer.mrmlScene or sceneOf(volumeNode) is not slicer.mrmlScene:
+                if (
+                    sceneOf(segmentationNode) is not slicer.mrmlScene
+                    or sceneOf(volumeNode) is not slicer.mrmlScene
+                ):
                     return  # the nodes were removed meanwhile
                 masks, scores = answer
                 with slicer.util.tryWithErrorDisplay(_("Could not write the result into the segment.")):
@@ -601,7 +631,9 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if ignored:
                 logging.warning("LiverSAM: this server applies the core defaults for %s", ", ".join(ignored))
             self.ui.statusLabel.text = _("Starting the propagation...") + (
-                _(" (this server uses the core defaults for: {names})").format(names=", ".join(ignored)) if ignored else ""
+                _(" (this server uses the core defaults for: {names})").format(names=", ".join(ignored))
+                if ignored
+                else ""
             )
             self._withClient(plan.start, started, what)
 
@@ -656,7 +688,10 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if job["cancelled"]:
             return
         plan = job["plan"]
-        if sceneOf(plan.segmentation_node) is not slicer.mrmlScene or sceneOf(plan.volume_node) is not slicer.mrmlScene:
+        if (
+            sceneOf(plan.segmentation_node) is not slicer.mrmlScene
+            or sceneOf(plan.volume_node) is not slicer.mrmlScene
+        ):
             return
         with slicer.util.tryWithErrorDisplay(_("Could not write the propagated result.")):
             message = self.logic.applyPropagation(plan, answer)
@@ -705,9 +740,9 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.reviewCollapsibleButton.collapsed = False
         self.ui.reviewLabel.toolTip = "\n".join(ServerRequests.track_summary(report))
         self.ui.reviewLabel.text = (
-            _("{n} place(s) to check (click to jump to the first slice, fix with points, press Propagate):").format(
-                n=len(items)
-            )
+            _(
+                "{n} place(s) to check (click to jump to the first slice, fix with points, press Propagate):"
+            ).format(n=len(items))
             if items
             else _("No slice flagged.")
         )
@@ -724,7 +759,9 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             table = self.ui.lesionTable
             table.clear()
             table.setColumnCount(4)
-            table.setHorizontalHeaderLabels([_("Lesion"), _("Volume (mL)"), _("Longest axial diameter (mm)"), _("Slices")])
+            table.setHorizontalHeaderLabels(
+                [_("Lesion"), _("Volume (mL)"), _("Longest axial diameter (mm)"), _("Slices")]
+            )
             table.setRowCount(len(self._lesions))
             for r, lesion in enumerate(self._lesions):
                 values = (str(lesion.lesion_id), f"{lesion.volume_ml:.2f}", f"{lesion.longest_axial_diameter_mm:.1f}",
@@ -821,7 +858,9 @@ class LiverSAMLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         node = super().getParameterNode()
         # A scene saved by an earlier LiverSAM lacks the settings added since: give them their defaults.
-        add_missing_pack_members(node, (("propagation", PropagationParameters), ("postprocess", PostprocessParameters)))
+        add_missing_pack_members(
+            node, (("propagation", PropagationParameters), ("postprocess", PostprocessParameters))
+        )
         return LiverSAMParameterNode(node)
 
     # --- server -----------------------------------------------------------------------------------------
@@ -953,7 +992,9 @@ class LiverSAMTest(ScriptedLoadableModuleTest):
             k = int(np.argmax(liver.sum(axis=(1, 2))))
             js, is_ = np.nonzero(liver[k])
             geometry = MRMLBridge.geometry_from_volume_node(volumeNode)
-            corners = geometry.ijk_to_ras(np.array([[is_.min() - 2, js.min() - 2, k], [is_.max() + 2, js.max() + 2, k]], float))
+            corners = geometry.ijk_to_ras(
+                np.array([[is_.min() - 2, js.min() - 2, k], [is_.max() + 2, js.max() + 2, k]], float)
+            )
             roi = PromptPlacement.new_box_node(slicer.mrmlScene)
             roi.SetCenterWorld(*corners.mean(axis=0))
             roi.SetSizeWorld(*(np.abs(corners[1] - corners[0]) + [0.0, 0.0, 0.5]))
@@ -994,7 +1035,9 @@ class LiverSAMTest(ScriptedLoadableModuleTest):
         tumour[6:8, 60:70, 55:65] = True
         logic.write_mask(segmentationNode, ids["tumor"], volumeNode, tumour)
         logic.write_mask(segmentationNode, ids[LIVER], volumeNode, liver)
-        self.assertTrue(np.array_equal(MRMLBridge.segment_mask(segmentationNode, ids["tumor"], volumeNode), tumour))
+        self.assertTrue(
+            np.array_equal(MRMLBridge.segment_mask(segmentationNode, ids["tumor"], volumeNode), tumour)
+        )
         logic.undo()
         self.assertFalse(MRMLBridge.segment_mask(segmentationNode, ids[LIVER], volumeNode).any())
         self.assertTrue(np.array_equal(before, slicer.util.arrayFromVolume(volumeNode)))

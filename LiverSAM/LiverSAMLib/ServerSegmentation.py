@@ -249,7 +249,9 @@ class PropagationPlan:
         tumour's ring (``lesion_rim``) only for a segment propagated inside a container."""
         settings = dict(self.settings)
         if self.container is None:
-            settings.pop("lesion_rim", None)  # only a segment inside another takes a ring: an older server takes the job
+            settings.pop(
+                "lesion_rim", None
+            )  # only a segment inside another takes a ring: an older server takes the job
         if "keep_largest" in settings:
             is_liver = self.name.lower() == LIVER
             settings["keep_largest"] = [self.name] if settings["keep_largest"] and is_liver else []
@@ -303,7 +305,9 @@ class ServerSegmentation:
                     session, request.k, request.boxes_ij, request.points_ij, request.negative_points_ij
                 )
             if prefetch_radius > 0 and requests:
-                client.prefetch(session, focus_k if focus_k is not None else requests[-1].k, int(prefetch_radius))
+                client.prefetch(
+                    session, focus_k if focus_k is not None else requests[-1].k, int(prefetch_radius)
+                )
             return masks, scores
 
         def work(client: LiverSAMClient):
@@ -361,8 +365,9 @@ class ServerSegmentation:
         )
         return changed
 
-    def _give_to_container(self, plan: PropagationPlan, mask: np.ndarray, k_range: tuple[int, int],
-                           only: list[int] | None = None) -> None:
+    def _give_to_container(
+        self, plan: PropagationPlan, mask: np.ndarray, k_range: tuple[int, int], only: list[int] | None = None
+    ) -> None:
         """Add the voxels of the job's mask outside the container it was sent (slices ``k_range``; of those, the slices
         ``only`` when given) that the segment now holds (a write keeps to the Segment Editor's editable area) to the
         container's segment, without a new undo state (the segment's write saved it). The segment keeps them whatever
