@@ -33,7 +33,7 @@ from LiverSAMLib.BackgroundCalls import CallQueue
 from LiverSAMLib.Parameters import LiverSAMParameterNode, PostprocessParameters, PropagationParameters
 from LiverSAMLib.Phantom import liver_phantom
 from LiverSAMLib.SegmentationLogic import LIVER, SegmentationLogic, dicom_reference_of_volume
-from LiverSAMLib.ServerClient import LiverSAMClient, ServerRequestError, ServerUnavailable, session_lost
+from LiverSAMLib.ServerClient import LiverSAMClient, ServerRequestError, ServerUnavailable
 from LiverSAMLib.ServerConnection import FAILED, LOCAL, READY, REMOTE, ServerConnection, ServerSettings
 from LiverSAMLib.ServerSegmentation import PropagationPlan, ServerSegmentation
 from LiverSAMLib.SlicerCompatibility import add_missing_pack_members, version_problem
@@ -127,6 +127,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onNodeRemoved)
         self._observeInteractionNode()
 
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self._updateGUIState)
@@ -214,6 +215,21 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._reviewFirstSlices = []
         self.ui.reviewLabel.text = ""
         self.setParameterNode(None)
+
+    @vtk.calldata_type(vtk.VTK_OBJECT)
+    def onNodeRemoved(self, caller, event, node) -> None:
+        """A node left the scene: a job writing into it or reading its CT is cancelled; a volume's CT copy and its server
+        sessions are dropped (the copy is as large as the CT)."""
+        if node is None or not node.IsA("vtkMRMLNode"):
+            return
+        job = self._job
+        if job is not None and node in (job["plan"].volume_node, job["plan"].segmentation_node):
+            self.onCancel()
+            self.ui.statusLabel.text = _(
+                "Propagation cancelled: its volume or segmentation was removed from the scene."
+            )
+        if node.IsA("vtkMRMLVolumeNode"):
+            self.logic.volumeRemoved(self._calls, node.GetID())
 
     def onSceneEndClose(self, caller, event) -> None:
         self._observeInteractionNode()
@@ -348,9 +364,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         def run():
             return work(connection.ensure())
 
-        def failed(error: BaseException) -> None:
-            if session_lost(error):  # lost again after the CT was sent again: the next request opens it
-                self.logic.forgetSessions()
+        def failed(error: BaseException) -> None:  # a session lost twice was forgotten by CTSession.call
             self._serverLost(error)
             self._showServerState()
             self._onError(what, error)
@@ -435,9 +449,8 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         node = getattr(p, attribute)
         if kind == PromptPlacement.BOX:
             if node is None or node.GetScene() is not slicer.mrmlScene or node.GetNumberOfControlPoints() > 0:
-                node = PromptPlacement.new_box_node(
-                    slicer.mrmlScene
-                )  # else: the last Box press placed nothing
+                # else: the last Box press placed nothing
+                node = PromptPlacement.new_box_node(slicer.mrmlScene)
             setattr(p, attribute, node)
             self._observePromptNodes()
         elif node is None:
@@ -461,9 +474,8 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         for node in (p.positivePoints, p.negativePoints, *PromptPlacement.box_nodes(slicer.mrmlScene)):
             if node is not None:
-                if node.IsA(
-                    "vtkMRMLMarkupsROINode"
-                ):  # first: the redrawn box goes before the live update reads
+                # first: the redrawn box goes before the live update reads
+                if node.IsA("vtkMRMLMarkupsROINode"):
                     self.addObserver(node, defined, self._onBoxPointDefined)
                 for event in events:
                     self.addObserver(node, event, self._onPromptsChanged)
@@ -520,9 +532,8 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p.boxROI = None
         self._observePromptNodes()
         if p.outputSegmentation and p.targetSegmentID:
-            self.logic.forgetPropagation(
-                p.outputSegmentation, p.targetSegmentID
-            )  # new prompts: new propagation
+            # new prompts: new propagation
+            self.logic.forgetPropagation(p.outputSegmentation, p.targetSegmentID)
         self.logic.segmentation.end_user_action()
 
     def _markupsPrompts(self):
@@ -620,11 +631,11 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             targetID, clipID = self._targetSegment()
             plan = self.logic.planPropagation(p, prompts, targetID, clipID)
             what = _("Propagation")
+            job = {"plan": plan, "what": what, "cancelled": False}
 
             def started(_jobID: str) -> None:  # the plan holds the job's id
-                self._job = {"plan": plan, "what": what, "cancelled": False}
-                self._setBusy(True)
-                self._jobTimer.start()
+                if self._job is job:  # else cancelled while it started (Cancel, volume removed, scene closed)
+                    self._jobTimer.start()
 
             self.logic.segmentation.end_user_action()
             ignored = ServerRequests.unsupported_settings(LiverSAMClient.start_propagation, plan.settings)
@@ -635,6 +646,10 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if ignored
                 else ""
             )
+            # Busy from now on, not from the job's id: Propagate cannot start a second job while the CT is on its way,
+            # and Cancel (or closing the scene) reaches the job being started.
+            self._job = job
+            self._setBusy(True)
             self._withClient(plan.start, started, what)
 
     def _pollJob(self) -> None:
@@ -672,9 +687,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             job["polling"] = False
             if self._job is not job:
                 return  # cancelled meanwhile: nothing to report
-            if session_lost(error):  # the restart found the CT's session lost again
-                self.logic.forgetSessions()
-            self._serverLost(error)
+            self._serverLost(error)  # a session the restart found lost twice was forgotten by CTSession.call
             self._showServerState()
             self._onError(job["what"], error)
 
@@ -885,13 +898,25 @@ class LiverSAMLogic(ScriptedLoadableModuleLogic):
         if client is not None and sessions:
             calls.submit(lambda: ServerSegmentation.close_sessions(client, sessions), name="close sessions")
 
+    def volumeRemoved(self, calls: CallQueue, nodeID: str) -> None:
+        """The volume node ``nodeID`` left the scene: forget its CT copy and sessions; close them on the server."""
+        sessions = self.server.volume_removed(nodeID)
+        client = self.connection.client
+        if client is not None and sessions:
+            calls.submit(lambda: ServerSegmentation.close_sessions(client, sessions), name="close sessions")
+
     def cancelJob(self, calls: CallQueue, plan: PropagationPlan) -> None:
         """Stop the plan's job: a status on its way fetches no result and starts nothing again; the server is told
         on the I/O thread (after a restart of the job, its new id)."""
         plan.cancelled = True
-        client = self.connection.client
-        if client is not None:
-            calls.submit(lambda: plan.cancel(client), name="cancel")
+        connection = self.connection
+
+        def cancel() -> None:
+            """I/O thread, after the job's start: the client it started on (connected meanwhile)."""
+            if connection.client is not None:
+                plan.cancel(connection.client)
+
+        calls.submit(cancel, name="cancel")
 
     # --- propagation and fixes -----------------------------------------------------------------------------
     def planPropagation(self, parameterNode, prompts, targetID: str, clipID: str | None) -> PropagationPlan:

@@ -95,6 +95,8 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         self._settings = None
         self._chartShown = None  # the chart node shown in the layout
         self._check = None  # the environment check running before training starts (polled, never waited for)
+        # the running process reported DONE: its run is complete, also when Stop was pressed after
+        self._finished = False
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -208,6 +210,7 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
                 self.ui.progressBar.setMaximum(self._settings.epochs)
                 self.ui.statusLabel.setText(_("Training..."))
                 self._chartShown = None
+                self._finished = False
                 self._timer.start()
         except Exception:  # shown to the user by tryWithErrorDisplay; also called from the timer
             logging.info("LiverSAMTrain: training not started", exc_info=True)
@@ -231,9 +234,9 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         if self.logic.process.is_running():
             self.ui.statusLabel.setText(_("Stopping..."))
             self._timer.start()
-        else:
-            self._showStopped()
-        self.updateButtons()
+            self.updateButtons()
+        else:  # it ended by itself before this Stop (finished, or failed): say so, not "Stopped"
+            self.poll()
 
     def _showStopped(self) -> None:
         self.ui.statusLabel.setText(_("Stopped. Resume continues from the last completed epoch."))
@@ -267,6 +270,7 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
                     slicer.modules.plots.logic().ShowChartInLayout(self.logic.chartNode)
                     self._chartShown = self.logic.chartNode
             elif kind == "DONE":
+                self._finished = True
                 name = payload.get("registered_name")
                 self.ui.statusLabel.setText(
                     _("Done. Best model: {path}{registered}").format(
@@ -274,12 +278,12 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
                         registered=f" (registered as '{name}')" if name else "",
                     )
                 )
-        if self.logic.process.stopping:  # an epoch line read meanwhile does not hide that Stop was pressed
+        if self.logic.process.stopping and not self._finished:  # an epoch line read meanwhile hides no Stop
             self.ui.statusLabel.setText(_("Stopping..."))
         if not self.logic.process.is_running():
             self._timer.stop()
             code = self.logic.process.returncode
-            if self.logic.process.stop_requested:
+            if self.logic.process.stop_requested and not self._finished:
                 self.ui.logTextEdit.appendPlainText(f"training process stopped (exit code {code})")
                 self._showStopped()
             elif code not in (0, None):

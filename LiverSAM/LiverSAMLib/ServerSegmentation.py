@@ -50,8 +50,10 @@ class ServerSessions:
 
     The main thread copies a CT (MRML is read there only) the first time a request needs it and keeps the copy here,
     so that the I/O thread can send it again when the server has lost its session, without touching MRML; a newer
-    copy of the same volume node (its voxels were changed) replaces the older one. :meth:`clear` (scene closed,
-    another server) forgets everything: a session the I/O thread opens for a table cleared meanwhile is not kept.
+    copy of the same volume node (its voxels were changed) replaces the older one. :meth:`drop_volumes` forgets the
+    copies and sessions of volume nodes removed from the scene; :meth:`clear` (scene closed, another server) forgets
+    everything. A session the I/O thread opens meanwhile for a CT whose copy is no longer held, or for a table cleared
+    meanwhile, is not kept. Session keys are ``(volume key, window)`` (:func:`volume_key`).
     """
 
     def __init__(self) -> None:
@@ -67,8 +69,12 @@ class ServerSessions:
             return self._generation
 
     def ct_of(self, volume_node) -> CTVolume:
-        """The copy of the volume's voxels sent to the server (main thread): made now when there is none yet."""
+        """The copy of the volume's voxels sent to the server (main thread): made now when there is none yet. The copies
+        of volume nodes no longer in the node's scene are dropped first."""
         key = volume_key(volume_node)
+        scene = volume_node.GetScene()
+        if scene is not None:
+            self.drop_volumes(lambda node_id: scene.GetNodeByID(node_id) is None)
         with self._lock:
             ct = self._cts.get(key)
         if ct is not None:
@@ -84,10 +90,11 @@ class ServerSessions:
         with self._lock:
             return self._ids.get(key)
 
-    def keep(self, key: Hashable, session: str, generation: int) -> bool:
-        """Remember ``session`` for ``key`` unless the table was cleared since ``generation``; True when kept."""
+    def keep(self, key: tuple, session: str, generation: int) -> bool:
+        """Remember ``session`` for ``key`` unless the table was cleared since ``generation`` or the CT's copy was
+        dropped meanwhile (its node removed, its voxels changed); True when kept."""
         with self._lock:
-            if generation != self._generation:
+            if generation != self._generation or key[0] not in self._cts:
                 return False
             self._ids[key] = session
             return True
@@ -102,6 +109,17 @@ class ServerSessions:
     def ids(self) -> list[str]:
         with self._lock:
             return list(self._ids.values())
+
+    def drop_volumes(self, dropped: Callable[[str], bool]) -> list[str]:
+        """Forget the CT copies and sessions of the volume node IDs for which ``dropped(node_id)`` is true (main
+        thread: nodes removed from the scene); returns the session ids forgotten."""
+        with self._lock:
+            node_ids = {key[0] for key in self._cts} | {key[0][0] for key in self._ids}
+            gone = {node_id for node_id in node_ids if dropped(node_id)}
+            for key in [k for k in self._cts if k[0] in gone]:
+                del self._cts[key]
+            keys = [k for k in self._ids if k[0][0] in gone]
+            return [self._ids.pop(k) for k in keys]
 
     def clear(self) -> list[str]:
         """Forget every session and CT copy; returns the session ids forgotten."""
@@ -144,14 +162,21 @@ class CTSession:
         return self(client)
 
     def call(self, client: LiverSAMClient, request: Callable[[str], T]) -> T:
-        """``request(session)``; repeated once on a session opened again when the server has lost the first."""
+        """``request(session)``; repeated once on a session opened again when the server has lost the first. A session
+        lost again is forgotten too (the next request opens the CT again); other CTs' sessions stay."""
         session = self(client)
         try:
             return request(session)
         except ServerRequestError as error:
             if not session_lost(error):
                 raise
-        return request(self.reopen(client, session))
+        session = self.reopen(client, session)
+        try:
+            return request(session)
+        except ServerRequestError as error:
+            if session_lost(error):
+                self.sessions.discard(self.key, session)
+            raise
 
 
 def call_in_session(client: LiverSAMClient, session_of: Callable[[LiverSAMClient], str],
@@ -168,7 +193,8 @@ class PropagationPlan:
 
     :meth:`start` (I/O thread) opens the CT's session if needed, uploads the masks and starts the job; :meth:`poll`
     (I/O thread) follows it. ``job_id``, ``session`` and ``restarted`` are written on the I/O thread only and read on
-    the main thread after a call's outcome is delivered; ``cancelled`` is written on the main thread only.
+    the main thread after a call's outcome is delivered; ``cancelled`` is set on the main thread (before the I/O
+    thread runs :meth:`cancel`, which sets it too for a script that calls it directly).
     """
 
     def __init__(self, owner: ServerSegmentation, segmentation_node, volume_node, segment_id: str, name: str,
@@ -191,7 +217,10 @@ class PropagationPlan:
         return f"existing-{self.name}"
 
     def start(self, client: LiverSAMClient) -> str:
-        """Start the job (I/O thread); returns its id. A session the server lost is opened again, once."""
+        """Start the job (I/O thread); returns its id ("" when it was cancelled before it started). A session the
+        server lost is opened again, once."""
+        if self.cancelled:
+            return self.job_id
         self.job_id = call_in_session(client, self.session_of, lambda session: self._start_on(client, session))  # fmt: skip
         return self.job_id
 
@@ -249,9 +278,8 @@ class PropagationPlan:
         tumour's ring (``lesion_rim``) only for a segment propagated inside a container."""
         settings = dict(self.settings)
         if self.container is None:
-            settings.pop(
-                "lesion_rim", None
-            )  # only a segment inside another takes a ring: an older server takes the job
+            # only a segment inside another takes a ring: an older server takes the job
+            settings.pop("lesion_rim", None)
         if "keep_largest" in settings:
             is_liver = self.name.lower() == LIVER
             settings["keep_largest"] = [self.name] if settings["keep_largest"] and is_liver else []
@@ -272,6 +300,11 @@ class ServerSegmentation:
         return self.sessions.clear()
 
     # --- sessions -------------------------------------------------------------------------------------
+    def volume_removed(self, node_id: str) -> list[str]:
+        """The volume node ``node_id`` was removed from the scene (main thread): its CT copies and sessions are
+        forgotten; returns the sessions to close on the server."""
+        return self.sessions.drop_volumes(lambda other: other == node_id)
+
     def session_work(self, volume_node, window: tuple[float, float]) -> CTSession:
         """``client -> session id`` for the I/O thread (see :class:`CTSession`); copies the CT now (main thread) the
         first time it is needed."""
