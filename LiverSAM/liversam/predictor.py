@@ -71,7 +71,7 @@ class SlicePredictor:
         self.model = model
         self.volume = volume
         self.window = window or WindowSettings()
-        self.cache = cache or SliceEmbeddingCache(cache_mb)
+        self.cache = cache if cache is not None else SliceEmbeddingCache(cache_mb)  # an empty cache is falsy
         # the model sees every axial slice in the radiological display, however the scan stores it
         self.transform = SliceTransform(slice_shape=volume.array_kji.shape[1:], input_size=model.input_size,
                                         view=display_view(volume.geometry.direction_lps))

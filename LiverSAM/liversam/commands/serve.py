@@ -42,6 +42,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-voxels", type=int, default=512 * 512 * 1000, help="largest CT accepted, in voxels")
     p.add_argument("--idle-timeout", type=float, default=3600.0, help="close sessions idle this many seconds")
     p.add_argument("--cache-mb", type=float, default=1024.0, help="embedding cache per session, MB")
+    p.add_argument("--session-memory-gb", type=float, default=None,
+                   help="memory all sessions may hold together, GiB: CTs, embedding caches, masks, kept job results "
+                        "(default: half of the machine's memory; a new CT evicts the least recently used idle "
+                        "sessions to fit, or is refused with 503)")
     p.add_argument("--data-root", action="append", default=[],
                    help="folder CTs may be opened from by path (repeatable); without it only a loopback server "
                    "opens paths, anywhere its user can read")
@@ -89,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         tokens=tokens, host=args.host, model=args.model, device=args.device, accelerate=args.accelerate,
         max_sessions=args.max_sessions, max_voxels=args.max_voxels, idle_timeout_s=args.idle_timeout,
         cache_mb=args.cache_mb, data_roots=[Path(p) for p in args.data_root], threads=args.threads,
+        session_memory_gb=args.session_memory_gb,
     )
     for root in config.data_roots:
         if not root.is_dir():

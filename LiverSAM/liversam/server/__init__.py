@@ -9,7 +9,9 @@ pre-encoding). See docs/SERVER.md for the API and the security model. Nothing he
 - :mod:`.binary`   - masks and volumes on the wire (packed bits, raw voxels)
 - :mod:`.schemas`  - the pydantic request / answer models (the OpenAPI schema)
 - :mod:`.worker`   - the inference thread that owns the model
-- :mod:`.sessions` - bounded, owned, expiring CT sessions
+- :mod:`.sessions` - bounded (in number and memory), owned, expiring CT sessions, freed on a release thread
+- :mod:`.memory`   - the sessions' memory budget: its default from the machine's memory, what a session holds
+- :mod:`.budgeted_cache` - a session's embedding cache that keeps within that budget
 - :mod:`.jobs`     - propagation and re-propagation jobs (progress, cancel) on the core pipeline
 - :mod:`.app`      - ``create_app(config)``: the FastAPI application
 """

@@ -33,6 +33,7 @@ from .jobs import (
     segment_prompts,
     slice_prompts,
 )
+from .memory import mb
 from .schemas import (
     DicomSegRequest,
     Health,
@@ -40,6 +41,7 @@ from .schemas import (
     JobResult,
     JobStatus,
     Limits,
+    MemoryHeld,
     ModelInfo,
     OpenPath,
     Planned,
@@ -71,7 +73,8 @@ class ServerState:
         self.config = config
         self.worker = InferenceWorker(model_loader or self._load_model)
         self.jobs = JobStore(self.worker, config.max_jobs)
-        self.sessions = SessionStore(config.max_sessions, config.idle_timeout_s, self._evicted)
+        self.sessions = SessionStore(config.max_sessions, config.idle_timeout_s, self._evicted,
+                                     config.session_memory_bytes, self.jobs.result_masks)
 
     def _load_model(self):
         import torch
@@ -83,7 +86,8 @@ class ServerState:
         return load_model(self.config.model, device=self.config.device, accelerate=self.config.accelerate)
 
     def _evicted(self, session: Session) -> None:
-        session.closed = True  # first: a job being started for it now is refused, not kept (JobStore.start)
+        """Forget a closed session's jobs and free its memory (on the session store's release thread)."""
+        session.closed = True  # already so (SessionStore marks it as it unlinks it): a job being started is refused
         self.jobs.forget_session(session)
         self.worker.drop_prefetch(session.id)
         session.release()
@@ -269,8 +273,8 @@ def _rss_mb() -> float | None:
     return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
 
 
-def _voxels_in_file(path: Path) -> int | None:
-    """The voxel count a CT file declares (header only), or None for folders / unreadable headers."""
+def _ct_header(path: Path) -> tuple[int, int] | None:
+    """(voxel count, bytes per voxel) a CT file declares (header only), or None for folders / unreadable headers."""
     if not path.is_file():
         return None
     import SimpleITK as sitk
@@ -279,9 +283,16 @@ def _voxels_in_file(path: Path) -> int | None:
     reader.SetFileName(str(path))
     try:
         reader.ReadImageInformation()
+        one_voxel = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID(), reader.GetNumberOfComponents())
     except RuntimeError:
         return None  # read_ct gives the proper error
-    return int(np.prod(reader.GetSize()))
+    return int(np.prod(reader.GetSize())), sitk.GetArrayViewFromImage(one_voxel).nbytes
+
+
+def _memory_held(state: ServerState) -> MemoryHeld:
+    held = state.sessions.held()
+    return MemoryHeld(budget_mb=mb(state.config.session_memory_bytes), held_mb=mb(held.total), ct_mb=mb(held.ct),
+                      embeddings_mb=mb(held.embeddings), masks_mb=mb(held.masks))
 
 
 # --- routes ---------------------------------------------------------------------------------------------------
@@ -322,11 +333,11 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
                             device=device or config.device, encoder_backend=backend, decoder_backend=decoder,
                             precision=precision, accelerate=config.accelerate, error=state.worker.model_error),
             sessions=len(state.sessions), jobs_queued=queued, jobs_running=running, worker=state.worker.state,
-            rss_mb=_rss_mb(),
+            rss_mb=_rss_mb(), memory=_memory_held(state),
             limits=Limits(max_sessions=config.max_sessions, max_voxels=config.max_voxels,
                           idle_timeout_s=config.idle_timeout_s, cache_mb_per_session=config.cache_mb,
                           max_json_bytes=config.max_json_bytes, max_volume_bytes=config.max_voxels * 4,
-                          open_path=open_path),
+                          open_path=open_path, session_memory_mb=mb(config.session_memory_bytes)),
         )
 
     # --- sessions --------------------------------------------------------------------------------------------
@@ -348,6 +359,7 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
         window = _window(window_level, window_width)
         voxel = binary.VOXEL_DTYPES[dtype]
         count = int(np.prod(geometry.shape_kji))
+        await asyncio.wrap_future(state.sessions.make_room(count * voxel.itemsize))  # before the upload: no overshoot
         data = await _read_body(request, count * voxel.itemsize, f"a {dtype} CT of shape {list(geometry.shape_kji)}")
         array = np.frombuffer(data, dtype=voxel).reshape(geometry.shape_kji)
         if dtype == "float32":
@@ -363,11 +375,12 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
         path = _check_path(config, body.path)
         if not path.exists():
             raise Refused(422, f"CT not found on the server: '{body.path}'")
-        count = await run_in_threadpool(_voxels_in_file, path)
-        if count is not None:
-            check_voxels(count, f"'{body.path}'")
         window = _window(body.window_level, body.window_width)
-        from ..ct_io import check_not_label_mask, read_ct
+        header = await run_in_threadpool(_ct_header, path)
+        if header is not None:
+            check_voxels(header[0], f"'{body.path}'")
+            await asyncio.wrap_future(state.sessions.make_room(header[0] * header[1]))  # before reading it
+        from ..ct_io import check_hounsfield_units, check_not_label_mask, read_ct
 
         try:
             volume = await run_in_threadpool(read_ct, path, body.series_uid, body.allow_non_ct, body.series_number)
@@ -376,7 +389,8 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
         except (OSError, ValueError, RuntimeError) as exc:
             raise InputImageError(f"'{body.path}' cannot be read as a CT: {exc}") from exc
         if not body.allow_non_ct:
-            await run_in_threadpool(check_not_label_mask, volume, "if this really is a CT, send allow_non_ct: true")
+            for check in (check_not_label_mask, check_hounsfield_units):
+                await run_in_threadpool(check, volume, "if this really is a CT, send allow_non_ct: true")
         check_voxels(int(volume.array_kji.size), f"'{body.path}'")
         return _session_info(state.sessions.add(owner(request), volume, window, config.cache_mb))
 
@@ -386,8 +400,8 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
 
     @router.delete("/sessions/{session_id}", status_code=204, tags=["sessions"],
                    summary="Close a session: cancel its jobs, free its CT, embeddings and masks")
-    def close_session(request: Request, session_id: str) -> Response:
-        state.sessions.remove(session_id, owner(request))
+    async def close_session(request: Request, session_id: str) -> Response:
+        await asyncio.wrap_future(state.sessions.remove(session_id, owner(request)))  # freed off the event loop
         return Response(status_code=204)
 
     @router.put("/sessions/{session_id}/masks/{name}", status_code=204, tags=["sessions"],

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import math
 import os
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import LiverSAMError
+from .memory import GIB, default_session_memory_gb
 
 API_PREFIX = "/v1"
 
@@ -35,13 +37,25 @@ class ServerConfig:
     max_jobs: int = 64  # finished jobs kept (with their results); older ones are forgotten
     data_roots: list[Path] = field(default_factory=list)  # where open-path may read; empty: see allow_any_path
     threads: int = 0
+    #: what the sessions may hold together (CTs, embedding caches, masks, kept job results), GiB; None: half the
+    #: machine's memory (:func:`liversam.server.memory.default_session_memory_gb`)
+    session_memory_gb: float | None = None
 
     def __post_init__(self) -> None:
         if not self.tokens or any(len(t) < 16 for t in self.tokens):
             raise ServerConfigError("every server token must have at least 16 characters.")
         if self.max_sessions < 1 or self.max_voxels < 1 or self.idle_timeout_s <= 0 or self.cache_mb <= 0:
             raise ServerConfigError("--max-sessions, --max-voxels, --idle-timeout and --cache-mb must be positive.")
+        if self.session_memory_gb is None:
+            self.session_memory_gb = default_session_memory_gb()
+        if not (math.isfinite(self.session_memory_gb) and self.session_memory_gb > 0):
+            raise ServerConfigError(f"--session-memory-gb must be a positive number of GiB, got {self.session_memory_gb}; "
+                                    "leave it out for half of the machine's memory.")
         self.data_roots = [Path(root).expanduser().resolve() for root in self.data_roots]
+
+    @property
+    def session_memory_bytes(self) -> int:
+        return int(self.session_memory_gb * GIB)
 
     @property
     def allow_any_path(self) -> bool:

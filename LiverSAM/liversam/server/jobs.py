@@ -313,6 +313,12 @@ class JobStore:
         for job in done[: max(0, len(done) - self.keep_results)]:
             job.output, job.released = None, True
 
+    def result_masks(self, session: Session) -> list[np.ndarray]:
+        """The full-volume masks of the session's job results the store keeps (counted in the memory budget)."""
+        with self._lock:
+            outputs = [j.output for j in self._jobs.values() if j.session is session and j.output is not None]
+        return [seg.mask_kji for output in outputs for seg in output.result.segments]
+
     def cancel(self, job: Job) -> None:
         job.cancel_event.set()
         if job.state == "queued":

@@ -36,6 +36,7 @@ class Limits(BaseModel):
     max_json_bytes: int
     max_volume_bytes: int
     open_path: str = Field(description="'any' (loopback, no roots), 'roots' (inside data_roots) or 'disabled'")
+    session_memory_mb: float = Field(description="what the sessions may hold together (--session-memory-gb)")
 
 
 class ModelInfo(BaseModel):
@@ -49,6 +50,16 @@ class ModelInfo(BaseModel):
     error: str | None = None
 
 
+class MemoryHeld(BaseModel):
+    """What the open sessions hold together, MB (MiB)."""
+
+    budget_mb: float = Field(description="what they may hold together (--session-memory-gb)")
+    held_mb: float = Field(description="ct_mb + embeddings_mb + masks_mb")
+    ct_mb: float = Field(description="the CT arrays")
+    embeddings_mb: float = Field(description="the embedding caches")
+    masks_mb: float = Field(description="the session masks and the job results the server keeps")
+
+
 class Info(BaseModel):
     version: str
     model: ModelInfo
@@ -57,6 +68,7 @@ class Info(BaseModel):
     jobs_running: int
     worker: str
     rss_mb: float | None = Field(default=None, description="the server's resident memory now (Linux)")
+    memory: MemoryHeld
     limits: Limits
 
 
@@ -83,7 +95,7 @@ class OpenPath(Strict):
     allow_non_ct: bool = Field(
         default=False,
         description="open a DICOM series of another modality, or a volume that looks like a label mask "
-        "(few small whole numbers, no air), as the CT",
+        "(few small whole numbers, no air) or holds no Hounsfield units (no value below 0), as the CT",
     )
 
 

@@ -1,16 +1,27 @@
-"""CT sessions: one per opened CT, owned by the token that opened it, bounded in number, expiring when idle.
+"""CT sessions: one per opened CT, owned by the token that opened it, bounded in number and in memory, expiring when
+idle.
 
-A session keeps the CT, its :class:`liversam.predictor.SlicePredictor` (created on the inference thread at
-the first model call, with an embedding cache of its own bounded in MB) and named masks (uploaded by the
-client, or written by the session's finished jobs).
+A session keeps the CT, its :class:`liversam.predictor.SlicePredictor` (created on the inference thread at the first
+model call, with an embedding cache of its own bounded in MB and by the server's memory budget) and named masks
+(uploaded by the client, or written by the session's finished jobs).
+
+Memory: the sessions together hold at most ``memory_limit_bytes`` (CT arrays, embedding caches, masks and the job
+results the server keeps, :mod:`.memory`). Opening a CT that would go over it evicts the least recently used idle
+sessions (no job running) of any owner first, and is refused (:class:`ServerFull`, 503) when that cannot make room. A
+cache that grows over it evicts other sessions idle for :data:`IDLE_BEFORE_A_CACHE_EVICTS_S` or more, else gives up
+its own oldest slices. A closed session's memory is freed on a thread of its own, never on the caller's (the event
+loop): dropping a 1 GB cache takes about 100 ms.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +30,12 @@ from ..freed_memory import return_freed_memory_to_os
 from ..predictor import SlicePredictor
 from ..preprocess import WindowSettings
 from ..volume import CTVolume
+from .budgeted_cache import BudgetedEmbeddingCache
+from .memory import HeldBytes, distinct_nbytes, mb
+
+#: A growing embedding cache evicts only sessions nobody has used for this long: two users working at once must not
+#: evict each other's CT slice by slice (each would then upload it again and evict the other's in turn).
+IDLE_BEFORE_A_CACHE_EVICTS_S = 300.0
 
 
 class SessionNotFound(LookupError):
@@ -40,12 +57,17 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     active_jobs: int = 0
     closed: bool = False
+    #: ``over_budget(nbytes)`` of the server's memory budget for this session's cache (None: no budget)
+    over_budget: Callable[[int], int] | None = None
     _predictor: SlicePredictor | None = None
 
     def predictor(self, model) -> SlicePredictor:
         """The session's predictor (inference thread only)."""
         if self._predictor is None or self._predictor.model is not model:
-            self._predictor = SlicePredictor(model, self.volume, window=self.window, cache_mb=self.cache_mb)
+            cache = BudgetedEmbeddingCache(self.cache_mb, self.over_budget) if self.over_budget else None
+            self._predictor = SlicePredictor(
+                model, self.volume, window=self.window, cache_mb=self.cache_mb, cache=cache
+            )
         return self._predictor
 
     def is_cached(self, k: int) -> bool:
@@ -56,82 +78,241 @@ class Session:
     def cached_slices(self) -> int:
         return len(self._predictor.cache) if self._predictor is not None else 0
 
+    def held(self, result_masks: Iterable[np.ndarray] = ()) -> HeldBytes:
+        """The bytes this session holds: its CT, its embeddings, its masks and ``result_masks`` (its kept job
+        results), each array counted once."""
+        predictor = self._predictor
+        cache = predictor.cache if predictor is not None else None
+        embeddings = getattr(cache, "held_bytes", None)
+        if embeddings is None:
+            embeddings = round(cache.size_mb * 2**20) if cache is not None else 0
+        masks = distinct_nbytes([*list(self.masks.values()), *result_masks])
+        return HeldBytes(ct=self.volume.array_kji.nbytes, embeddings=embeddings, masks=masks)
+
     def release(self) -> None:
-        """Drop the CT, the embeddings and the masks (the session is gone)."""
+        """Drop the embeddings and the masks (the session is gone; its CT goes with the last reference to it)."""
         self.closed = True
         if self._predictor is not None:
             self._predictor.cache.clear()
         self._predictor = None
         self.masks.clear()
-        return_freed_memory_to_os()  # a long-running server gives a closed session's memory back
+
+
+def _no_results(session: Session) -> list[np.ndarray]:
+    return []
 
 
 class SessionStore:
-    """Sessions by id. ``on_evict(session)`` runs for every session closed, expired or evicted."""
+    """Sessions by id. ``on_evict(session)`` runs for every session closed, expired or evicted, on the store's release
+    thread (then the freed memory is given back to the operating system). ``result_masks(session)``: the masks of
+    the session's job results the server keeps (counted in the memory budget)."""
 
-    def __init__(self, max_sessions: int, idle_timeout_s: float, on_evict: Callable[[Session], None]) -> None:
+    def __init__(
+        self,
+        max_sessions: int,
+        idle_timeout_s: float,
+        on_evict: Callable[[Session], None],
+        memory_limit_bytes: int | None = None,
+        result_masks: Callable[[Session], list[np.ndarray]] = _no_results,
+    ) -> None:
         self.max_sessions = max_sessions
         self.idle_timeout_s = idle_timeout_s
         self.on_evict = on_evict
+        self.memory_limit_bytes = memory_limit_bytes
+        self.result_masks = result_masks
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
+        self._releaser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="liversam-release")
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def add(self, owner: str, volume: CTVolume, window: WindowSettings, cache_mb: float) -> Session:
-        """A new session; idle sessions past the TTL go first, then the least recently used idle one."""
-        self.expire()
-        evicted = None
+    # --- memory -------------------------------------------------------------------------------------------------
+    def held(self) -> HeldBytes:
+        """The bytes every open session holds together."""
         with self._lock:
-            if len(self._sessions) >= self.max_sessions:
-                idle = [s for s in self._sessions.values() if s.active_jobs == 0]
-                if not idle:
-                    raise ServerFull(
-                        f"the server already holds {self.max_sessions} sessions, all running jobs; close one "
-                        "(DELETE /v1/sessions/{id}) or retry later"
-                    )
-                evicted = min(idle, key=lambda s: s.last_used)
-                del self._sessions[evicted.id]
-            session = Session(secrets.token_urlsafe(12), owner, volume, window, cache_mb)
+            return self._held_by(list(self._sessions.values()))
+
+    def _held_by(self, sessions: Iterable[Session]) -> HeldBytes:
+        return sum((s.held(self.result_masks(s)) for s in sessions), HeldBytes())
+
+    def _least_recently_used_idle(
+        self, bytes_needed: int, slots_needed: int, keep: str | None = None, idle_for_s: float = 0.0
+    ) -> list[Session] | None:
+        """The least recently used idle sessions (no job running; not ``keep``; unused for ``idle_for_s``) that free
+        ``bytes_needed`` bytes and ``slots_needed`` places together, fewest first; None when all of them would not.
+        Under the lock."""
+        now = time.monotonic()
+        idle = sorted(
+            (
+                s
+                for s in self._sessions.values()
+                if s.active_jobs == 0 and s.id != keep and now - s.last_used >= idle_for_s
+            ),
+            key=lambda s: s.last_used,
+        )
+        chosen: list[Session] = []
+        freed = 0
+        for session in idle:
+            if freed >= bytes_needed and len(chosen) >= slots_needed:
+                break
+            chosen.append(session)
+            freed += session.held(self.result_masks(session)).total
+        return chosen if freed >= bytes_needed and len(chosen) >= slots_needed else None
+
+    def _evict_for_new(self, nbytes: int) -> list[Session]:
+        """Unlink the sessions a new one of ``nbytes`` needs gone (count and budget), or raise ServerFull. Under the
+        lock."""
+        limit = self.memory_limit_bytes
+        if limit is not None and nbytes > limit:
+            raise ServerFull(
+                f"this CT needs {mb(nbytes)} MB, more than the server's whole session memory budget of {mb(limit)} MB "
+                "(liversam serve --session-memory-gb): crop or resample the CT, or start the server with a larger "
+                "--session-memory-gb"
+            )
+        held = self._held_by(self._sessions.values()).total
+        bytes_needed = held + nbytes - limit if limit is not None else 0
+        slots_needed = len(self._sessions) + 1 - self.max_sessions
+        evicted = self._least_recently_used_idle(bytes_needed, slots_needed)
+        if evicted is None:
+            raise ServerFull(self._full_message(nbytes, held))
+        self._unlink_all(evicted)
+        return evicted
+
+    def _full_message(self, nbytes: int, held: int) -> str:
+        busy = sum(1 for s in self._sessions.values() if s.active_jobs > 0)
+        held_text = (
+            f"its sessions hold {mb(held)} MB of their {mb(self.memory_limit_bytes)} MB memory budget "
+            "(--session-memory-gb)"
+            if self.memory_limit_bytes is not None
+            else ""
+        )
+        return (
+            f"the server cannot open another CT ({mb(nbytes)} MB): it holds {len(self._sessions)} of at most "
+            f"{self.max_sessions} sessions (--max-sessions){', ' + held_text if held_text else ''}, and {busy} of "
+            "them are running jobs, so evicting the idle ones would not make room. Close a session you no longer need "
+            "(DELETE /v1/sessions/{id}), retry when a job has ended, or ask the server's operator to raise "
+            "--session-memory-gb (or --max-sessions)"
+        )
+
+    def make_room(self, nbytes: int) -> Future:
+        """Evict what a new session of ``nbytes`` needs gone now (before its CT is read), or raise ServerFull. The
+        Future is done when the evicted sessions' memory is freed (on the release thread)."""
+        with self._lock:
+            evicted = self._evict_for_new(nbytes)
+        return self._release_later(evicted)
+
+    def over_budget_with(self, session_id: str, nbytes: int) -> int:
+        """For a session's growing cache: how many bytes over the budget the sessions would be with ``nbytes`` more,
+        after evicting other sessions idle for :data:`IDLE_BEFORE_A_CACHE_EVICTS_S` if that makes room (0). A closed
+        session may keep nothing (``nbytes``)."""
+        if self.memory_limit_bytes is None:
+            return 0
+        with self._lock:
+            if session_id not in self._sessions:
+                return nbytes
+            over = self._held_by(self._sessions.values()).total + nbytes - self.memory_limit_bytes
+            if over <= 0:
+                return 0
+            evicted = self._least_recently_used_idle(
+                over, 0, keep=session_id, idle_for_s=IDLE_BEFORE_A_CACHE_EVICTS_S
+            )
+            if evicted is None:
+                return over
+            self._unlink_all(evicted)
+        self._release_later(evicted)
+        return 0
+
+    # --- release ------------------------------------------------------------------------------------------------
+    def _unlink_all(self, sessions: list[Session]) -> None:
+        """Take ``sessions`` out of the store and mark them closed (a job being started for one is refused). Under the
+        lock. (No loop variable of the caller keeps a session alive: the list is its last holder.)"""
+        for session in sessions:
+            del self._sessions[session.id]
+            session.closed = True
+
+    def _release_later(self, sessions: list[Session]) -> Future:
+        """Free ``sessions``' memory on the release thread. The list is the last holder of the sessions: once it is
+        handed over, the CTs are dropped there too, not on the caller's thread."""
+        if sessions:
+            try:
+                return self._releaser.submit(self._release, sessions)
+            except RuntimeError:  # the server is stopping (the release thread has ended): free them here
+                self._release(sessions)
+        done: Future = Future()
+        done.set_result(None)
+        return done
+
+    def _release(self, sessions: list[Session]) -> None:
+        while sessions:
+            self.on_evict(sessions.pop())
+        return_freed_memory_to_os()  # a long-running server gives a closed session's memory back
+
+    def wait_for_releases(self) -> None:
+        """Wait until every release handed to the release thread so far has run."""
+        with contextlib.suppress(RuntimeError):  # none after the server stopped
+            self._releaser.submit(int).result()
+
+    # --- sessions -----------------------------------------------------------------------------------------------
+    def add(self, owner: str, volume: CTVolume, window: WindowSettings, cache_mb: float) -> Session:
+        """A new session; idle sessions past the TTL go first, then the least recently used idle ones, as many as the
+        count and the memory budget need."""
+        self.expire()
+        session = Session(secrets.token_urlsafe(12), owner, volume, window, cache_mb)
+        if self.memory_limit_bytes is not None:
+            # the session's cache asks the budget before it grows (the partial holds the id: no reference cycle)
+            session.over_budget = functools.partial(self.over_budget_with, session.id)
+        with self._lock:
+            evicted = self._evict_for_new(volume.array_kji.nbytes)
             self._sessions[session.id] = session
-        if evicted is not None:
-            self.on_evict(evicted)
+        self._release_later(evicted)
+        return session
+
+    def _owned(self, session_id: str, owner: str) -> Session:
+        """The caller's session (another token's session is reported as unknown, like a missing one). Under the
+        lock."""
+        session = self._sessions.get(session_id)
+        if session is None or session.owner != owner:
+            raise SessionNotFound(
+                f"unknown session '{session_id}': it does not exist, was closed or evicted (idle for "
+                f"{self.idle_timeout_s:.0f} s, least recently used, or to keep to the server's memory budget), or "
+                "belongs to another token; open the CT again"
+            )
         return session
 
     def get(self, session_id: str, owner: str) -> Session:
-        """The caller's session (another token's session is reported as unknown, like a missing one)."""
+        """The caller's session, marked as used now."""
         self.expire()
         with self._lock:
-            session = self._sessions.get(session_id)
-            if session is None or session.owner != owner:
-                raise SessionNotFound(
-                    f"unknown session '{session_id}': it does not exist, was closed or evicted (idle for "
-                    f"{self.idle_timeout_s:.0f} s or least recently used), or belongs to another token; open the CT again"
-                )
+            session = self._owned(session_id, owner)
             session.last_used = time.monotonic()
             return session
 
-    def remove(self, session_id: str, owner: str) -> None:
-        session = self.get(session_id, owner)
+    def remove(self, session_id: str, owner: str) -> Future:
+        """Close the caller's session; the Future is done when its memory is freed."""
         with self._lock:
-            self._sessions.pop(session.id, None)
-        self.on_evict(session)
+            closing = [self._owned(session_id, owner)]
+            self._unlink_all(closing)
+        return self._release_later(closing)
 
     def expire(self) -> list[str]:
+        """Close the sessions idle (no job running) for longer than the idle timeout; their ids."""
         now = time.monotonic()
         with self._lock:
-            stale = [s for s in self._sessions.values()
-                     if s.active_jobs == 0 and now - s.last_used > self.idle_timeout_s]
-            for session in stale:
-                del self._sessions[session.id]
-        for session in stale:
-            self.on_evict(session)
-        return [s.id for s in stale]
+            stale = [
+                s
+                for s in self._sessions.values()
+                if s.active_jobs == 0 and now - s.last_used > self.idle_timeout_s
+            ]
+            self._unlink_all(stale)
+        ids = [s.id for s in stale]
+        self._release_later(stale)
+        return ids
 
     def close_all(self) -> None:
+        """Close every session and free their memory now (the server is stopping)."""
         with self._lock:
             sessions = list(self._sessions.values())
-            self._sessions.clear()
-        for session in sessions:
-            self.on_evict(session)
+            self._unlink_all(sessions)
+        self._release_later(sessions)
+        self._releaser.shutdown(wait=True)

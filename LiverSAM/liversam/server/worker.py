@@ -121,6 +121,9 @@ class InferenceWorker:
             if item is None:
                 return
             self._execute(*item)
+            # not kept while waiting for the next one: the work's closure holds its session (a closed session's CT
+            # and embeddings stayed in memory until another user's next click)
+            del item
 
     def _execute(self, fn: Callable[[Any], Any], future: Future | None) -> None:
         if future is not None and not future.set_running_or_notify_cancel():
