@@ -36,7 +36,9 @@ def test_another_lesions_box_does_not_stop_a_track() -> None:
     assert _prompt_overlaps(SlicePrompts(points_pos_ij=[(30.0, 30.0)]), mask)
 
 
-def test_one_tumour_segment_equals_one_segment_per_lesion(lits117_volume, lits117_predictor, lits117_label) -> None:
+def test_one_tumour_segment_equals_one_segment_per_lesion(
+    lits117_volume, lits117_openvino_predictor, lits117_label
+) -> None:
     liver = lits117_label > 0
     lesions = _lesions(lits117_label)
     seeds = [one_box_seeds(lesion, per_lesion=False)[0] for lesion in lesions]
@@ -49,8 +51,12 @@ def test_one_tumour_segment_equals_one_segment_per_lesion(lits117_volume, lits11
         for n, (k, box) in enumerate(seeds, start=1)
     ]  # fmt: skip
     settings = PipelineSettings(later_segment_wins=False)
-    together = segment_volume(lits117_volume, [one], lits117_predictor, settings, containers={"liver": liver})
-    apart = segment_volume(lits117_volume, separate, lits117_predictor, settings, containers={"liver": liver})
+    together = segment_volume(
+        lits117_volume, [one], lits117_openvino_predictor, settings, containers={"liver": liver}
+    )
+    apart = segment_volume(
+        lits117_volume, separate, lits117_openvino_predictor, settings, containers={"liver": liver}
+    )
     mask_one = together.segment("tumor").mask_kji
     mask_apart = np.zeros_like(mask_one)
     for seg in apart.segments:
@@ -58,7 +64,9 @@ def test_one_tumour_segment_equals_one_segment_per_lesion(lits117_volume, lits11
     reference = np.zeros_like(mask_one)
     for lesion in lesions:
         reference |= lesion
-    print(f"one segment: {mask_one.sum()} voxels, Dice {dice(mask_one, reference):.3f}; "
-          f"per lesion: {mask_apart.sum()} voxels, Dice {dice(mask_apart, reference):.3f}")
+    print(
+        f"one segment: {mask_one.sum()} voxels, Dice {dice(mask_one, reference):.3f}; "
+        f"per lesion: {mask_apart.sum()} voxels, Dice {dice(mask_apart, reference):.3f}"
+    )
     np.testing.assert_array_equal(mask_one, mask_apart)
     assert dice(mask_one, reference) >= 0.6  # the four lesions are found, not just the same emptiness

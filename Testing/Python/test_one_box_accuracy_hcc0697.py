@@ -20,10 +20,12 @@ TUMOUR_FLOOR = 0.67
 
 
 @pytest.mark.model
-def test_one_box_on_hcc0697_keeps_its_accuracy(data_dir, litemedsam) -> None:
+def test_one_box_on_hcc0697_keeps_its_accuracy(data_dir, litemedsam_openvino_fp32) -> None:
     case = ev.discover_cases(data_dir / "hcc0697")[0]
     settings = ev.EvaluationSettings(protocols=("one-box",), propagation_methods=("liversam",))
-    result = ev.evaluate_case(case, settings, ev.make_predictor_factory(litemedsam, cache_mb=4096))
+    result = ev.evaluate_case(
+        case, settings, ev.make_predictor_factory(litemedsam_openvino_fp32, cache_mb=4096)
+    )
     ours = result["protocols"]["one-box"]
     print({name: round(ours[name]["dice"], 3) for name in ("liver", "tumor")}, ours["liver"]["review"])
     assert ours["liver"]["dice"] >= LIVER_FLOOR
