@@ -140,19 +140,16 @@ def plain_model(model) -> Iterator[None]:
             model.decoder_override = decoder
 
 
-def predict_masks(model, volume, cases: list[CheckCase], exact_embeddings: bool = False
-                  ) -> tuple[list[np.ndarray], float]:
+def predict_masks(model, volume, cases: list[CheckCase]) -> tuple[list[np.ndarray], float]:
     """The masks ``model`` gives for ``cases`` (as ``SlicePredictor.predict`` makes them) and the seconds
     per slice (encode + all of the slice's prompts). The slice embeddings are kept as every run keeps them (fp16,
-    :mod:`liversam.embedding_cache`), or in fp32 with ``exact_embeddings`` (the fp32 reference)."""
-    import torch
-
+    :mod:`liversam.embedding_cache`), for the fp32 PyTorch reference too: the check compares what a user gets from
+    the candidate with what the same user gets from plain PyTorch."""
     from ..embedding_cache import SliceEmbeddingCache
     from ..predictor import SlicePredictor
     from ..prompts import SlicePrompts
 
-    storage = torch.float32 if exact_embeddings else EMBEDDING_STORAGE
-    predictor = SlicePredictor(model, volume, cache=SliceEmbeddingCache(256.0, store_fp32_as=storage))
+    predictor = SlicePredictor(model, volume, cache=SliceEmbeddingCache(256.0, store_fp32_as=EMBEDDING_STORAGE))
     masks = []
     started = time.perf_counter()
     for case in cases:
@@ -204,7 +201,8 @@ def _candidate_masks(model, volume, cases: list[CheckCase], backend: str, precis
 
 
 def _reference_masks(model, volume, cases, folder: Path, weights_sha: str) -> list[np.ndarray]:
-    """fp32 PyTorch masks of ``cases`` (embeddings kept in fp32 too), from the cache or computed (and cached) now."""
+    """fp32 PyTorch masks of ``cases`` (embeddings kept as every run keeps them), from the cache or computed (and
+    cached) now."""
     tag = cases_tag(cases)
     path = folder / f"{weights_sha[:32]}-reference-masks-f32-{tag}.npz"
     if path.is_file():
@@ -218,7 +216,7 @@ def _reference_masks(model, volume, cases, folder: Path, weights_sha: str) -> li
             pass  # unreadable: compute again
     log.info("Computing the fp32 PyTorch reference masks of the agreement check (once per model) ...")
     with plain_model(model):
-        masks, _ = predict_masks(model, volume, cases, exact_embeddings=True)
+        masks, _ = predict_masks(model, volume, cases)
     stack = np.stack(masks)
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
