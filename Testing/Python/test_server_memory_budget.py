@@ -72,6 +72,11 @@ STORED = 64 * 16 * 16 * 2  # one WideEmbeddings slice as cached (fp16)
 HANDED = 64 * 16 * 16 * 4  # its fp32 copy handed out
 
 
+
+def held_arrays_refs(session) -> list[weakref.ref]:
+    """Weak references to a session, its CT buffer and its embedding cache: all dead once its memory is freed."""
+    return [weakref.ref(session), weakref.ref(root_array(session.volume.array_kji)), weakref.ref(session._predictor.cache)]
+
 def test_over_the_budget_the_least_recently_used_idle_session_is_evicted_and_its_memory_freed():
     """Three CTs do not fit a budget of two and a half: opening the third evicts the least recently used idle one (of
     another user; the session count allows all three), its owner is told to open it again, the new CT opens, and the
@@ -84,11 +89,7 @@ def test_over_the_budget_the_least_recently_used_idle_session_is_evicted_and_its
             predict(client, alice).status_code == 200
         )  # ... and Alice used hers after: Bob's is the LRU one
         gone = session_of(client, bob)
-        freed = [
-            weakref.ref(gone),
-            weakref.ref(root_array(gone.volume.array_kji)),
-            weakref.ref(gone._predictor.cache),
-        ]
+        freed = held_arrays_refs(gone)
         del gone
 
         carol = open_session(client)
@@ -257,11 +258,7 @@ def test_a_closed_sessions_memory_is_freed_also_when_its_work_was_the_model_thre
         alice = open_session(client)
         assert predict(client, alice).status_code == 200  # the model thread's last work
         session = session_of(client, alice)
-        freed = [
-            weakref.ref(session),
-            weakref.ref(root_array(session.volume.array_kji)),
-            weakref.ref(session._predictor.cache),
-        ]
+        freed = held_arrays_refs(session)
         del session
         assert client.delete(f"/v1/sessions/{alice}", headers=auth()).status_code == 204
         wait_for_releases(client)

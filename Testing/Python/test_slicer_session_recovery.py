@@ -339,13 +339,20 @@ def poll_until_result(plan, client: LiverSAMClient) -> list[dict]:
     raise AssertionError(f"the propagation did not finish: {statuses[-1]}")
 
 
-def test_a_propagation_the_server_lost_mid_job_runs_again_and_is_written(server, lits117, modules):
+def liver_slab_plan(server, lits117, modules):
+    """A 9-slice lits117 slab around the liver's largest slice in the module, a client of ``server`` and the plan of
+    the liver's propagation from a box on the slab's middle slice: (module, client, plan, slab_ct, liver)."""
     ct, labels = lits117
     k_mid = int(np.argmax(labels.sum(axis=(1, 2))))
     slab_ct, liver = slab(ct, labels, k_mid - 4, 9)
     module, client = modules(slab_ct), GatedClient(server.url)
     plan = module.server.plan_propagation(module.segmentation, module.volume, module.liver_id, None,
                                           module.prompts(liver[4], 4), JOB_SETTINGS, WINDOW)  # fmt: skip
+    return module, client, plan, slab_ct, liver
+
+
+def test_a_propagation_the_server_lost_mid_job_runs_again_and_is_written(server, lits117, modules):
+    module, client, plan, slab_ct, liver = liver_slab_plan(server, lits117, modules)
     first_job = plan.start(client)
     assert wait_until(client, first_job, done=1)["state"] in ("running", "done")
     server.restart()  # mid-job: the job and its CT are gone
@@ -364,12 +371,7 @@ def test_a_propagation_the_server_lost_mid_job_runs_again_and_is_written(server,
 def test_a_propagation_lost_twice_says_to_press_propagate(server, lits117, modules):
     """The job's CT is evicted after the job finished, before the module fetched the result: it runs again; when
     that run is lost too, the error says what happened and what to do, and nothing is written."""
-    ct, labels = lits117
-    k_mid = int(np.argmax(labels.sum(axis=(1, 2))))
-    slab_ct, liver = slab(ct, labels, k_mid - 4, 9)
-    module, client = modules(slab_ct), GatedClient(server.url)
-    plan = module.server.plan_propagation(module.segmentation, module.volume, module.liver_id, None,
-                                          module.prompts(liver[4], 4), JOB_SETTINGS, WINDOW)  # fmt: skip
+    module, client, plan, slab_ct, liver = liver_slab_plan(server, lits117, modules)
     job = plan.start(client)
     assert wait_until(client, job)["state"] == "done"
     open_elsewhere(server, mirrored(slab_ct))  # evicts the finished job's CT: the job goes with it
