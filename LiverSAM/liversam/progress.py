@@ -55,6 +55,11 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}" if seconds >= 60 else f"{seconds} s"
 
 
+def _plural(unit: str, count: int | None) -> str:
+    """tqdm's units are singular ("case", "slice"); a log line reads "4 cases", "1/4 cases", "1 case"."""
+    return unit if count == 1 or unit.endswith("s") else unit + "s"
+
+
 class LineProgress:
     """tqdm's interface (iterate, ``update``, ``set_postfix``, ``close``) printing whole lines, for logs."""
 
@@ -81,8 +86,7 @@ class LineProgress:
         self._last_line = self.started
         self._closed = False
         self._postfix = ""
-        of = f" of {total} {unit}" if total else ""
-        self._write(f"{desc}: started{of}")
+        self._write(f"{desc}: started" + (f", {total} {_plural(unit, total)}" if total else ""))
 
     def _write(self, text: str) -> None:
         print(f"[liversam] {text}", file=self.file, flush=True)
@@ -93,7 +97,8 @@ class LineProgress:
         elapsed = time.perf_counter() - self.started
         if not self.total and not self.n:
             return f"({self._postfix})" if self._postfix else ""
-        text = f"{self.n}/{self.total} {self.unit}" if self.total else f"{self.n} {self.unit}"
+        text = f"{self.n}/{self.total}" if self.total else f"{self.n}"
+        text += f" {_plural(self.unit, self.total or self.n)}"
         if time_left and self.total and 0 < self.n < self.total:
             text += f", about {_format_seconds(elapsed / self.n * (self.total - self.n))} left"
         return text + (f" ({self._postfix})" if self._postfix else "")

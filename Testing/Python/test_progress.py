@@ -32,9 +32,9 @@ def test_log_gets_a_line_when_each_stage_starts_and_ends() -> None:
             report("propagating 'liver'", done, 10)
         report("propagating 'tumor'", 1, 128)  # a track that ends early: done stays below total
     lines = log.getvalue().splitlines()
-    assert lines[0] == "[liversam] propagating 'liver': started of 10 slices"
+    assert lines[0] == "[liversam] propagating 'liver': started, 10 slices"
     assert lines[1].startswith("[liversam] propagating 'liver': done, 10/10 slices in ")
-    assert lines[2] == "[liversam] propagating 'tumor': started of 128 slices"
+    assert lines[2] == "[liversam] propagating 'tumor': started, 128 slices"
     assert lines[3].startswith("[liversam] propagating 'tumor': done, 1/128 slices in ")
     assert len(lines) == 4 and "\r" not in log.getvalue()
 
@@ -93,9 +93,9 @@ def test_long_stage_reports_in_between_with_time_left() -> None:
     bar.update(1)
     bar.close()
     lines = log.getvalue().splitlines()
-    assert lines[1].startswith("[liversam] cache case1: 1/4 slice, about ") and lines[1].endswith(" left")
-    assert "2/4 slice" in lines[2] and "(loss=0.1)" in lines[2]
-    assert lines[-1].startswith("[liversam] cache case1: done, 2/4 slice")
+    assert lines[1].startswith("[liversam] cache case1: 1/4 slices, about ") and lines[1].endswith(" left")
+    assert "2/4 slices" in lines[2] and "(loss=0.1)" in lines[2]
+    assert lines[-1].startswith("[liversam] cache case1: done, 2/4 slices")
 
 
 def test_terminal_gets_a_tqdm_bar_and_quiet_gets_nothing() -> None:
@@ -135,3 +135,17 @@ def test_quiet_option_on_every_command() -> None:
     assert not parser.parse_args(["export", "a.seg.nrrd", "-o", "b.nii.gz"]).quiet
     for command in ("segment", "evaluate", "train", "benchmark"):
         assert "--quiet" in parser._subparsers._group_actions[0].choices[command].format_help()
+
+
+def test_log_lines_count_tqdm_style_singular_units_in_the_plural() -> None:
+    """`liversam evaluate` passes tqdm's unit "case": the log reads "4 cases", "2/4 cases", not "of 4 case"."""
+    log = io.StringIO()
+    bar = progress.LineProgress(desc="evaluate", total=4, unit="case", file=log, interval_s=0.0)
+    bar.update(2)
+    one = progress.LineProgress(desc="export", total=1, unit="case", file=log)
+    one.close()
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "[liversam] evaluate: started, 4 cases"
+    assert lines[1].startswith("[liversam] evaluate: 2/4 cases, about "), lines[1]
+    assert lines[2] == "[liversam] export: started, 1 case"
+    assert lines[3].startswith("[liversam] export: done, 0/1 case in "), lines[3]
