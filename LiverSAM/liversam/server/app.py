@@ -75,6 +75,7 @@ class ServerState:
         self.jobs = JobStore(self.worker, config.max_jobs)
         self.sessions = SessionStore(config.max_sessions, config.idle_timeout_s, self._evicted,
                                      config.session_memory_bytes, self.jobs.result_masks)
+        self.jobs.keep_masks = self.sessions.keep_job_masks  # a job's masks arrive within the budget
 
     def _load_model(self):
         import torch
@@ -377,13 +378,17 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
             raise Refused(422, f"CT not found on the server: '{body.path}'")
         window = _window(body.window_level, body.window_width)
         header = await run_in_threadpool(_ct_header, path)
+        reading = 0  # what reading the CT holds: the CT, and read_ct's second copy of it until it returns
         if header is not None:
             check_voxels(header[0], f"'{body.path}'")
-            await asyncio.wrap_future(state.sessions.make_room(header[0] * header[1]))  # before reading it
+            ct_bytes = reading = header[0] * header[1]
+            await asyncio.wrap_future(state.sessions.make_room(ct_bytes, transient=ct_bytes))  # before reading it
+            reading += ct_bytes
         from ..ct_io import check_hounsfield_units, check_not_label_mask, read_ct
 
         try:
-            volume = await run_in_threadpool(read_ct, path, body.series_uid, body.allow_non_ct, body.series_number)
+            volume = await run_in_threadpool(state.sessions.reserving(reading, read_ct), path, body.series_uid,
+                                             body.allow_non_ct, body.series_number)
         except LiverSAMError:
             raise
         except (OSError, ValueError, RuntimeError) as exc:
@@ -413,8 +418,13 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
         if not (0 < len(name) <= 64) or not all(c.isalnum() or c in " _.-" for c in name):
             raise Refused(422, f"mask name '{name[:80]}': use 1-64 letters, digits, space, '_', '.', '-'")
         shape = session.volume.geometry.shape_kji
+        what = f"mask '{name}' of session '{session_id}'"
+        # room as an open makes it (idle sessions evicted, else 503), before the body is read, and again as it is kept
+        await asyncio.wrap_future(state.sessions.make_room_for_masks(session, {name: int(np.prod(shape))}, what))
         data = await _read_body(request, binary.mask_nbytes(shape, encoding), f"a {encoding} mask of shape {list(shape)}")
-        session.masks[name] = binary.unpack_mask(data, shape, encoding)
+        mask = binary.unpack_mask(data, shape, encoding)
+        del data
+        await asyncio.wrap_future(state.sessions.add_masks(session, {name: mask}, what))
         return Response(status_code=204)
 
     @router.post("/sessions/{session_id}/export/dicom-seg", tags=["sessions"], response_class=Response,

@@ -53,6 +53,17 @@ class BudgetedEmbeddingCache(SliceEmbeddingCache):
         self._trim_to_max_bytes()  # the new slice was not kept (max_bytes below its size): older ones still give way
         return kept
 
+    def give_up(self, nbytes: int) -> int:
+        """Drop the least recently used slices until ``nbytes`` are freed (or none is left); the bytes freed. (The next
+        :meth:`put` asks the budget again, so the cache may grow back when there is room.)"""
+        freed = 0
+        with self._lock:
+            while self._items and freed < nbytes:
+                _, (evicted, _) = self._items.popitem(last=False)
+                self._bytes -= tensor_nbytes(evicted)
+                freed += tensor_nbytes(evicted)
+        return freed
+
     def _trim_to_max_bytes(self) -> None:
         with self._lock:
             while self._items and self._bytes > self.max_bytes:

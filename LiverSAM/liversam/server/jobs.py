@@ -143,6 +143,7 @@ class Job:
     finished: float | None = None
     output: JobOutput | None = None
     released: bool = False  # done, but its result was dropped to bound memory (see JobStore.keep_results)
+    warning: str | None = None  # done, but keeping its masks put the sessions over the memory budget (and by how much)
     cancel_event: threading.Event = field(default_factory=threading.Event)
     # called at every cancel check of the core (before each slice's prediction, on the inference thread): lets the
     # other users' waiting clicks run there (InferenceWorker.run_waiting_interactive)
@@ -160,7 +161,8 @@ class Job:
     def status(self) -> dict:
         return {"job_id": self.id, "session_id": self.session.id, "kind": self.kind, "state": self.state,
                 "stage": self.stage, "done": self.done, "total": self.total,
-                "progress_events": self.progress_events, "error": self.error, "created": self.created,
+                "progress_events": self.progress_events, "error": self.error, "warning": self.warning,
+                "created": self.created,
                 "started": self.started, "finished": self.finished}
 
 
@@ -236,6 +238,10 @@ def repropagation_work(job: Job, seg: SegmentPrompts, fix_slices: list[int], exi
     return work
 
 
+def _store_masks(session: Session, masks: dict[str, np.ndarray], drop_older_results: Callable[[], None]) -> None:
+    session.masks.update(masks)
+
+
 #: Finished jobs of one session whose results (full-volume masks) are kept; an older one's result is dropped.
 KEEP_RESULTS_PER_SESSION = 4
 
@@ -253,6 +259,9 @@ class JobStore:
         self.keep_results = keep_results
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
+        #: ``keep_masks(session, masks, drop_older_results)`` stores a finished job's masks in its session, within the
+        #: server's memory budget when there is one (:meth:`SessionStore.keep_job_masks`); a message if it went over
+        self.keep_masks: Callable[[Session, dict[str, np.ndarray], Callable[[], None]], str | None] = _store_masks
 
     def start(self, session: Session, owner: str, kind: str, make_work: Callable[[Job], Callable]) -> Job:
         """Queue a job; ``make_work(job)`` gives its ``work(model) -> JobOutput`` (reporting to ``job``)."""
@@ -280,8 +289,10 @@ class JobStore:
             output = work(model)
             if job.cancelled():  # cancelled after the last check inside the core: still write nothing
                 raise Cancelled()
-            for seg in output.result.segments:
-                job.session.masks[seg.name] = seg.mask_kji
+            masks = {seg.name: seg.mask_kji for seg in output.result.segments}
+            job.warning = self.keep_masks(job.session, masks, lambda: self._release_old_results(job.session, keep=0))
+            if job.warning:
+                log.warning("job %s of session %s: %s", job.id, job.session.id, job.warning)
             job.output, job.state = output, "done"
             self._release_old_results(job.session)
         except Cancelled:
@@ -306,11 +317,12 @@ class JobStore:
         job.session.last_used = time.monotonic()  # polling a job or fetching its result uses its session
         return job
 
-    def _release_old_results(self, session: Session) -> None:
-        """Drop the results of the session's finished jobs but the newest ``keep_results``."""
+    def _release_old_results(self, session: Session, keep: int | None = None) -> None:
+        """Drop the results of the session's finished jobs but the newest ``keep`` (``keep_results``)."""
+        keep = self.keep_results if keep is None else keep
         with self._lock:
             done = [j for j in self._jobs.values() if j.session is session and j.output is not None]
-        for job in done[: max(0, len(done) - self.keep_results)]:
+        for job in done[: max(0, len(done) - keep)]:
             job.output, job.released = None, True
 
     def result_masks(self, session: Session) -> list[np.ndarray]:

@@ -49,14 +49,21 @@ def distinct_nbytes(arrays: Iterable[np.ndarray]) -> int:
 
 
 def physical_memory_bytes() -> int | None:
-    """The machine's RAM (POSIX ``sysconf``; psutil where it is installed and sysconf is not, e.g. Windows)."""
+    """The machine's RAM: POSIX ``sysconf`` (Linux, macOS), else psutil (a dependency of the ``server`` extra; what
+    Windows, which has no ``sysconf``, answers with), else None. A size that is not positive (``sysconf`` answers -1
+    when it does not know) is no answer."""
     with contextlib.suppress(AttributeError, ValueError, OSError):
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        if pages > 0 and page_size > 0:
+            return pages * page_size
     try:
         import psutil
     except ImportError:
         return None
-    return int(psutil.virtual_memory().total)
+    with contextlib.suppress(AttributeError, OSError, RuntimeError, ValueError):
+        total = int(psutil.virtual_memory().total)
+        return total if total > 0 else None
+    return None
 
 
 def container_memory_limit_bytes() -> int | None:
@@ -70,7 +77,7 @@ def container_memory_limit_bytes() -> int | None:
 
 def machine_memory_bytes() -> int | None:
     """The memory this process can use at most: the RAM, or the container's limit when that is lower."""
-    known = [size for size in (physical_memory_bytes(), container_memory_limit_bytes()) if size]
+    known = [size for size in (physical_memory_bytes(), container_memory_limit_bytes()) if size and size > 0]
     return min(known) if known else None
 
 

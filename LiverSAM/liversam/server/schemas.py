@@ -218,6 +218,8 @@ class JobStatus(BaseModel):
     total: int
     progress_events: int
     error: str | None = None
+    #: set when keeping a finished job's masks put the sessions over the memory budget (the masks were kept)
+    warning: str | None = None
     created: float
     started: float | None = None
     finished: float | None = None

@@ -7,10 +7,12 @@ model call, with an embedding cache of its own bounded in MB and by the server's
 
 Memory: the sessions together hold at most ``memory_limit_bytes`` (CT arrays, embedding caches, masks and the job
 results the server keeps, :mod:`.memory`). Opening a CT that would go over it evicts the least recently used idle
-sessions (no job running) of any owner first, and is refused (:class:`ServerFull`, 503) when that cannot make room. A
-cache that grows over it evicts other sessions idle for :data:`IDLE_BEFORE_A_CACHE_EVICTS_S` or more, else gives up
-its own oldest slices. A closed session's memory is freed on a thread of its own, never on the caller's (the event
-loop): dropping a 1 GB cache takes about 100 ms.
+sessions (no job running) of any owner first, and is refused (:class:`ServerFull`, 503) when that cannot make room;
+an uploaded mask does the same (never evicting its own session), and a finished job's masks are always kept
+(:meth:`SessionStore.keep_job_masks`). A CT being read counts with the copy reading makes
+(:meth:`SessionStore.reserving`). A cache that grows over it evicts other sessions idle for
+:data:`IDLE_BEFORE_A_CACHE_EVICTS_S` or more, else gives up its own oldest slices. A closed session's memory is freed
+on a thread of its own, never on the caller's (the event loop): dropping a 1 GB cache takes about 100 ms.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -36,6 +39,7 @@ from .memory import HeldBytes, distinct_nbytes, mb
 #: A growing embedding cache evicts only sessions nobody has used for this long: two users working at once must not
 #: evict each other's CT slice by slice (each would then upload it again and evict the other's in turn).
 IDLE_BEFORE_A_CACHE_EVICTS_S = 300.0
+T = TypeVar("T")
 
 
 class SessionNotFound(LookupError):
@@ -122,6 +126,8 @@ class SessionStore:
         self.result_masks = result_masks
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
+        #: bytes held back in the budget for CTs being read (see :meth:`reserving`)
+        self._reserved = 0
         self._releaser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="liversam-release")
 
     def __len__(self) -> int:
@@ -135,6 +141,26 @@ class SessionStore:
 
     def _held_by(self, sessions: Iterable[Session]) -> HeldBytes:
         return sum((s.held(self.result_masks(s)) for s in sessions), HeldBytes())
+
+    def _committed(self) -> int:
+        """What the budget counts as taken: the sessions' bytes and those held back for CTs being read. Under the
+        lock."""
+        return self._held_by(self._sessions.values()).total + self._reserved
+
+    def reserving(self, nbytes: int, read: Callable[..., T]) -> Callable[..., T]:
+        """``read`` holding ``nbytes`` back in the budget while it runs: a CT being read (and the second copy reading
+        makes) counts for the caches, masks and opens deciding meanwhile."""
+
+        def reserved(*args: object) -> T:
+            with self._lock:
+                self._reserved += nbytes
+            try:
+                return read(*args)
+            finally:
+                with self._lock:
+                    self._reserved -= nbytes
+
+        return reserved
 
     def _least_recently_used_idle(
         self, bytes_needed: int, slots_needed: int, keep: str | None = None, idle_for_s: float = 0.0
@@ -170,7 +196,7 @@ class SessionStore:
                 "(liversam serve --session-memory-gb): crop or resample the CT, or start the server with a larger "
                 "--session-memory-gb"
             )
-        held = self._held_by(self._sessions.values()).total
+        held = self._committed()
         bytes_needed = held + nbytes - limit if limit is not None else 0
         slots_needed = len(self._sessions) + 1 - self.max_sessions
         evicted = self._least_recently_used_idle(bytes_needed, slots_needed)
@@ -195,12 +221,126 @@ class SessionStore:
             "--session-memory-gb (or --max-sessions)"
         )
 
-    def make_room(self, nbytes: int) -> Future:
+    def make_room(self, nbytes: int, transient: int = 0) -> Future:
         """Evict what a new session of ``nbytes`` needs gone now (before its CT is read), or raise ServerFull. The
-        Future is done when the evicted sessions' memory is freed (on the release thread)."""
+        Future is done when the evicted sessions' memory is freed (on the release thread). ``transient``: what reading
+        the CT holds besides it for a moment (read_ct's second copy), made room for too when idle sessions can give
+        it; a CT that fits only without it still opens (the copy is gone once it is read)."""
         with self._lock:
-            evicted = self._evict_for_new(nbytes)
+            try:
+                evicted = self._evict_for_new(nbytes + transient)
+            except ServerFull:
+                if not transient:
+                    raise
+                evicted = self._evict_for_new(nbytes)
         return self._release_later(evicted)
+
+    # --- masks arriving in a session ---------------------------------------------------------------------------
+    def _mask_growth(self, session: Session, sizes: dict[str, int]) -> int:
+        """How many bytes more ``session`` holds once new masks of ``sizes`` (name: bytes) replace (or join) its masks
+        of those names: a replaced mask frees its bytes unless another mask or a kept job result still holds it.
+        Under the lock."""
+        results = self.result_masks(session)
+        before = distinct_nbytes([*session.masks.values(), *results])
+        kept = distinct_nbytes([*(a for n, a in session.masks.items() if n not in sizes), *results])
+        return kept + sum(sizes.values()) - before
+
+    def _over_with_masks(self, session: Session, sizes: dict[str, int]) -> tuple[int, int]:
+        """(bytes the sessions hold now, bytes they would hold beyond the budget with the new masks). Under the
+        lock, with a budget."""
+        held = self._committed()
+        return held, held + self._mask_growth(session, sizes) - self.memory_limit_bytes
+
+    def _check_open(self, session: Session) -> None:
+        """SessionNotFound when ``session`` was closed or evicted meanwhile. Under the lock."""
+        if self._sessions.get(session.id) is not session:
+            self._owned(session.id, session.owner)  # raises: the same message as for an unknown id
+            raise SessionNotFound(f"session '{session.id}' was closed meanwhile; open the CT again")
+
+    def _evict_for_masks(self, session: Session, sizes: dict[str, int], what: str) -> list[Session]:
+        """Unlink the least recently used idle sessions (never ``session``, never one running a job) the new masks
+        need gone, as an open does, or raise ServerFull naming ``what``. Under the lock."""
+        self._check_open(session)
+        if self.memory_limit_bytes is None:
+            return []
+        held, over = self._over_with_masks(session, sizes)
+        if over <= 0:
+            return []
+        evicted = self._least_recently_used_idle(over, 0, keep=session.id)
+        if evicted is None:
+            raise ServerFull(self._mask_full_message(what, sum(sizes.values()), held))
+        self._unlink_all(evicted)
+        return evicted
+
+    def _mask_full_message(self, what: str, nbytes: int, held: int) -> str:
+        busy = sum(1 for s in self._sessions.values() if s.active_jobs > 0)
+        return (
+            f"the server cannot keep {what} ({mb(nbytes)} MB): its {len(self._sessions)} sessions hold {mb(held)} MB "
+            f"of their {mb(self.memory_limit_bytes)} MB memory budget (--session-memory-gb), {busy} of them running "
+            "jobs, "
+            "so evicting the idle ones (never this session) would not make room; nothing of the mask was kept. Close a "
+            "session you no longer need (DELETE /v1/sessions/{id}), retry when a job has ended, or ask the server's "
+            "operator to raise --session-memory-gb"
+        )
+
+    def make_room_for_masks(self, session: Session, sizes: dict[str, int], what: str) -> Future:
+        """Before a mask upload is read: evict what masks of ``sizes`` (name: bytes) need gone, or raise ServerFull.
+        The Future is done when the evicted sessions' memory is freed."""
+        with self._lock:
+            evicted = self._evict_for_masks(session, sizes, what)
+        return self._release_later(evicted)
+
+    def add_masks(self, session: Session, masks: dict[str, np.ndarray], what: str) -> Future:
+        """Store uploaded ``masks`` in ``session`` within the budget, evicting idle sessions as an open does, or raise
+        ServerFull (nothing stored)."""
+        with self._lock:
+            evicted = self._evict_for_masks(session, {name: m.nbytes for name, m in masks.items()}, what)
+            session.masks.update(masks)
+        return self._release_later(evicted)
+
+    def keep_job_masks(
+        self, session: Session, masks: dict[str, np.ndarray], drop_older_results: Callable[[], None]
+    ) -> str | None:
+        """Store a finished job's ``masks`` in ``session``: always (a finished propagation is never lost). To stay
+        within the budget it gives up, in this order, each step only while the budget is exceeded: the session's
+        older job results (``drop_older_results``; what they wrote stays in its masks unless replaced), the least
+        recently used idle sessions of any owner (as an open; never this one), then this session's own embedding
+        slices (encoded again when needed). None when the budget holds, else a message with the overshoot (logged
+        and reported)."""
+        limit = self.memory_limit_bytes
+        sizes = {name: m.nbytes for name, m in masks.items()}
+        with self._lock:
+            if limit is None or self._sessions.get(session.id) is not session:
+                session.masks.update(masks)  # no budget, or a closed session (its masks go with it)
+                return None
+            evicted: list[Session] = []
+            if self._over_with_masks(session, sizes)[1] > 0:
+                drop_older_results()
+            over = self._over_with_masks(session, sizes)[1]
+            if over > 0:
+                evicted = self._least_recently_used_idle(over, 0, keep=session.id) or []
+            if not evicted and over > 0:
+                cache = session._predictor.cache if session._predictor is not None else None
+                if isinstance(cache, BudgetedEmbeddingCache):
+                    cache.give_up(over)
+                over = self._over_with_masks(session, sizes)[1]
+                if over > 0:
+                    evicted = self._least_recently_used_idle(over, 0, keep=session.id) or []
+            self._unlink_all(evicted)
+            session.masks.update(masks)
+            held = self._committed()
+            message = None
+            if held > limit:
+                message = (
+                    f"the job's masks ({mb(sum(sizes.values()))} MB) were kept although the server's "
+                    f"{len(self._sessions)} sessions now hold {mb(held)} MB of their {mb(limit)} MB memory budget "
+                    f"(--session-memory-gb), {mb(held - limit)} MB over: the other sessions are running jobs or "
+                    "evicting them would not make room. The next CT opened or slice encoded evicts idle sessions or "
+                    "gives up embeddings to return within it; close sessions you no longer need, or ask the server's "
+                    "operator to raise --session-memory-gb"
+                )
+        self._release_later(evicted)
+        return message
 
     def over_budget_with(self, session_id: str, nbytes: int) -> int:
         """For a session's growing cache: how many bytes over the budget the sessions would be with ``nbytes`` more,
@@ -211,7 +351,7 @@ class SessionStore:
         with self._lock:
             if session_id not in self._sessions:
                 return nbytes
-            over = self._held_by(self._sessions.values()).total + nbytes - self.memory_limit_bytes
+            over = self._committed() + nbytes - self.memory_limit_bytes
             if over <= 0:
                 return 0
             evicted = self._least_recently_used_idle(
