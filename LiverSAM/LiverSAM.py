@@ -12,6 +12,7 @@ server it started when Slicer quits. Minimum Slicer version: 5.10 (:mod:`LiverSA
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import qt
@@ -29,7 +30,7 @@ from slicer.util import VTKObservationMixin
 
 from liversam.errors import PromptError
 from LiverSAMLib import MRMLBridge, PromptPlacement, ServerRequests
-from LiverSAMLib.BackgroundCalls import CallQueue
+from LiverSAMLib.BackgroundCalls import CallQueue, run_with_deadline
 from LiverSAMLib.Parameters import LiverSAMParameterNode, PostprocessParameters, PropagationParameters
 from LiverSAMLib.Phantom import liver_phantom
 from LiverSAMLib.SegmentationLogic import LIVER, SegmentationLogic, dicom_reference_of_volume
@@ -41,6 +42,9 @@ from LiverSAMLib.SlicerCompatibility import add_missing_pack_members, version_pr
 POLL_INTERVAL_MS = 30  # delivers server answers; each tick lets the I/O thread run a few ms
 JOB_POLL_INTERVAL_MS = 300  # job progress
 LIVE_DELAY_MS = 150  # coalesces a burst of markup events into one request
+# Module cleanup (reload, exit): how long cancelling the job and closing the sessions on a server that keeps running
+# (a remote one) may take, and then waiting for the I/O thread, in all: a dead server must not hold Slicer's exit up.
+CLEANUP_TIMEOUT_S = 2.0
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -156,15 +160,27 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        """Module widget destroyed (Slicer exits, or the module is reloaded): stop every timer and call."""
+        """Module widget destroyed: Slicer exits (qSlicerCoreApplication::onAboutToQuit unloads every module, and
+        ScriptedLoadableModuleWidget calls cleanup() on moduleAboutToBeUnloaded) or the module is reloaded
+        (slicer.util.reloadScriptedModule calls it). Stops every timer and call; on a server that keeps running (a
+        remote one) the running job is cancelled and the module's sessions are closed, within CLEANUP_TIMEOUT_S in all
+        (the I/O thread is given what is left of it to end); the server started here is stopped."""
+        deadline = time.monotonic() + CLEANUP_TIMEOUT_S
         self.removeObservers()
         self._uninstallShortcuts()
         for timer in (self._pollTimer, self._jobTimer, self._liveTimer):
             if timer is not None:
                 timer.stop()
+        job, self._job = self._job, None
         if self._calls is not None:
             self._calls.invalidate()
-            self._calls.close()
+            self._calls.close()  # pending calls never run; the running one (maybe a long upload) is not waited for yet
+        if self.logic is not None:
+            self.logic.releaseServer(job["plan"] if job is not None else None, CLEANUP_TIMEOUT_S)
+        if self._calls is not None and not self._calls.close(wait_s=deadline - time.monotonic()):
+            logging.info(
+                "LiverSAM: the server call under way at cleanup ends by itself (its answer is dropped)"
+            )
         if self.logic is not None:
             self.logic.stopServer()
 
@@ -881,6 +897,24 @@ class LiverSAMLogic(ScriptedLoadableModuleLogic):
         """Stop the server LiverSAM started (aboutToQuit, Stop server, module cleanup)."""
         self.server.forget()
         self.connection.stop()
+
+    def releaseServer(self, plan: PropagationPlan | None, timeout_s: float) -> bool:
+        """Module cleanup (reload, exit; main thread): forget every session and, on a server that keeps running (a
+        remote one; the server started here is stopped anyway), cancel ``plan``'s job and close the sessions, on a
+        thread of their own (the I/O thread may be busy) waited for at most ``timeout_s``. A plan being started is
+        marked cancelled: the I/O thread cancels its job once it has started. True when done in time."""
+        if plan is not None:
+            plan.cancelled = True
+        sessions = self.server.forget()
+        client = self.connection.client
+        if client is None or self.connection.started_here or (plan is None and not sessions):
+            return True
+        done = run_with_deadline(lambda: ServerSegmentation.release(client, plan, sessions, timeout_s), timeout_s,
+                                 "cancel the job and close the sessions")  # fmt: skip
+        if not done:
+            logging.warning("LiverSAM: the server at %s did not answer within %.1f s: its sessions close when idle",
+                            client.base_url, timeout_s)  # fmt: skip
+        return done
 
     def reconfigureServer(self, calls: CallQueue, settings: ServerSettings) -> None:
         calls.invalidate()

@@ -113,11 +113,16 @@ class CallQueue:
         with self._condition:
             return not self._pending and not self._running and self._results.empty()
 
-    def close(self) -> None:
+    def close(self, wait_s: float = 0.0) -> bool:
+        """Stop the I/O thread: pending calls never run; the running one ends by itself (its result is not delivered).
+        Waits up to ``wait_s`` for the thread to end (the wait releases the GIL); True when it has ended."""
         with self._condition:
             self._closed = True
             self._pending = []
             self._condition.notify()
+        if wait_s > 0 and self._thread is not threading.current_thread():
+            self._thread.join(wait_s)
+        return not self._thread.is_alive()
 
     # --- I/O thread --------------------------------------------------------------------------------------
     _running = False
@@ -138,3 +143,25 @@ class CallQueue:
             with self._condition:
                 self._running = False
             self._results.put((call, ok, value))
+
+
+def run_with_deadline(function: Callable[[], Any], timeout_s: float, name: str = "") -> bool:
+    """Run ``function()`` on a daemon thread of its own and wait at most ``timeout_s`` for it (main thread).
+
+    For the module's cleanup: the I/O thread may be busy for minutes (a CT upload, a slice waiting for the model), so
+    what must happen before Slicer exits or reloads the module cannot queue behind it. The wait releases the GIL, so
+    the thread runs meanwhile (also in Slicer); a thread still running at the deadline is left behind (it must bound
+    its own calls). True when ``function`` ended in time; its exception is logged, not raised.
+    """
+    finished = threading.Event()
+
+    def run() -> None:
+        try:
+            function()
+        except Exception as error:  # best effort: the caller has nothing to do with it
+            logger.warning("LiverSAM: %s failed: %s", name or "cleanup", error)
+        finally:
+            finished.set()
+
+    threading.Thread(target=run, name=f"LiverSAM {name or 'cleanup'}", daemon=True).start()
+    return finished.wait(max(0.0, float(timeout_s)))

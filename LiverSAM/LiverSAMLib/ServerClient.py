@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import json
 import os
 import re
@@ -185,6 +186,16 @@ class LiverSAMClient:
         self.timeout = float(timeout)
         self.predict_timeout = float(predict_timeout)
 
+    def bounded(self, timeout: float) -> LiverSAMClient:
+        """A copy of this client whose every call (uploads and slice predictions included) gives up after
+        ``timeout`` seconds: for best-effort calls that must not hold Slicer up (the module's cleanup at exit)."""
+        client = copy.copy(self)
+        client.timeout = client.predict_timeout = max(0.05, float(timeout))
+        client._bounded = True
+        return client
+
+    _bounded = False
+
     # --- transport ------------------------------------------------------------------------------------
     def _request(
         self,
@@ -210,7 +221,8 @@ class LiverSAMClient:
             headers["Authorization"] = f"Bearer {self.token}"
         request = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=timeout or self.timeout) as response:
+            bound = self.timeout if self._bounded else (timeout or self.timeout)
+            with urllib.request.urlopen(request, timeout=bound) as response:
                 return _Answer(response.status, dict(response.headers.items()), response.read())
         except urllib.error.HTTPError as exc:
             body = exc.read()

@@ -11,6 +11,12 @@ A server may lose a CT's session (it evicts the least recently used idle one at 
 past ``--idle-timeout``, and loses all when it restarts): a request that it answers so is repeated once on a session
 opened again with the same CT (:class:`CTSession`), on the I/O thread, and a propagation job the server lost is
 started again once (:meth:`PropagationPlan.poll`).
+
+A session the I/O thread opens for a table cleared meanwhile (scene closed, another server, module cleaned up) or for a
+CT whose copy was dropped meanwhile (volume removed, voxels edited) is not kept, and it is closed on the server as soon
+as the request that opened it is done with it (:meth:`CTSession.close_unkept`): a propagation job's, once the job has
+ended or is cancelled. :meth:`ServerSegmentation.release` is the module's cleanup (reload, exit): the running job
+cancelled and every session closed, within a deadline.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, TypeVar
 
@@ -27,7 +34,14 @@ from liversam.volume import CTVolume
 
 from . import MRMLBridge, ServerRequests
 from .SegmentationLogic import LIVER, SegmentationLogic
-from .ServerClient import JobLost, LiverSAMClient, ServerRequestError, job_lost, session_lost
+from .ServerClient import (
+    JobLost,
+    LiverSAMClient,
+    LiverSAMClientError,
+    ServerRequestError,
+    job_lost,
+    session_lost,
+)
 
 CONTAINER_MASK = "container"
 JOB_LOST_AGAIN = (
@@ -136,11 +150,16 @@ class CTSession:
 
     The CT is sent when the server has no session for it yet; :meth:`call` runs a request on the session and, when
     the server answers that it lost the session, sends the CT again and repeats the request once.
+
+    A session it opens that the table does not keep (:meth:`ServerSessions.keep`) is listed in ``unkept`` and closed
+    on the server by :meth:`close_unkept`: by :meth:`call` once its request is done, by a propagation plan once its
+    job has ended.
     """
 
     def __init__(self, sessions: ServerSessions, key: Hashable, ct: CTVolume, window: tuple[float, float]):
         self.sessions, self.key, self.ct, self.window = sessions, key, ct, window
         self.generation = sessions.generation
+        self.unkept: list[str] = []
 
     def __call__(self, client: LiverSAMClient) -> str:
         session = self.sessions.get(self.key)
@@ -151,8 +170,29 @@ class CTSession:
         info = client.open_volume(self.ct.array_kji, g.spacing_mm, g.origin_lps, np.asarray(g.direction_lps).ravel(),
                                   window_level=self.window[0], window_width=self.window[1])  # fmt: skip
         session = str(info["session_id"])
-        self.sessions.keep(self.key, session, self.generation)
+        if not self.sessions.keep(self.key, session, self.generation):
+            self.unkept.append(session)
+            logger.info("LiverSAM: session %s was opened for a CT no longer in use (scene closed, volume removed or "
+                        "edited): it is closed once its request is done", session)  # fmt: skip
         return session
+
+    def close_unkept(self, client: LiverSAMClient) -> None:
+        """Close the sessions this object opened that the table did not keep (I/O thread); best effort: a session the
+        server has lost already, or a server that does not answer, is only logged."""
+        while self.unkept:
+            session = self.unkept.pop()
+            try:
+                client.close_session(session)
+            except ServerRequestError as error:
+                if not session_lost(error):
+                    logger.warning("LiverSAM: could not close session %s: %s", session, error)
+            except LiverSAMClientError as error:
+                logger.warning("LiverSAM: could not close session %s: %s", session, error)
+
+    def cleared(self) -> bool:
+        """True when the table was cleared since this request was planned (scene closed, another server, module cleaned
+        up): its answer will be dropped, so a session lost meanwhile is not worth sending the CT again."""
+        return self.generation != self.sessions.generation
 
     def reopen(self, client: LiverSAMClient, lost: str) -> str:
         """A session for the CT after the server lost ``lost``: the one another request opened meanwhile, or a new one."""
@@ -161,30 +201,36 @@ class CTSession:
                     "sent again", lost)  # fmt: skip
         return self(client)
 
-    def call(self, client: LiverSAMClient, request: Callable[[str], T]) -> T:
-        """``request(session)``; repeated once on a session opened again when the server has lost the first. A session
-        lost again is forgotten too (the next request opens the CT again); other CTs' sessions stay."""
-        session = self(client)
+    def call(self, client: LiverSAMClient, request: Callable[[str], T], close_unkept: bool = True) -> T:
+        """``request(session)``; repeated once on a session opened again when the server has lost the first (unless the
+        table was cleared meanwhile). A session lost again is forgotten too (the next request opens the CT again); other
+        CTs' sessions stay. ``close_unkept``: close a session opened here that the table did not keep once the request
+        is done (False: the caller does, e.g. after the job started on it has ended)."""
         try:
-            return request(session)
-        except ServerRequestError as error:
-            if not session_lost(error):
+            session = self(client)
+            try:
+                return request(session)
+            except ServerRequestError as error:
+                if not session_lost(error) or self.cleared():
+                    raise
+            session = self.reopen(client, session)
+            try:
+                return request(session)
+            except ServerRequestError as error:
+                if session_lost(error):
+                    self.sessions.discard(self.key, session)
                 raise
-        session = self.reopen(client, session)
-        try:
-            return request(session)
-        except ServerRequestError as error:
-            if session_lost(error):
-                self.sessions.discard(self.key, session)
-            raise
+        finally:
+            if close_unkept:
+                self.close_unkept(client)
 
 
 def call_in_session(client: LiverSAMClient, session_of: Callable[[LiverSAMClient], str],
-                    request: Callable[[str], T]) -> T:  # fmt: skip
+                    request: Callable[[str], T], close_unkept: bool = True) -> T:  # fmt: skip
     """``request(session)`` on ``session_of``'s session; a :class:`CTSession` repeats it once on a session opened
-    again when the server has lost the first."""
+    again when the server has lost the first (``close_unkept``: see :meth:`CTSession.call`)."""
     if isinstance(session_of, CTSession):
-        return session_of.call(client, request)
+        return session_of.call(client, request, close_unkept=close_unkept)
     return request(session_of(client))
 
 
@@ -211,6 +257,7 @@ class PropagationPlan:
         self.job_id = ""
         self.restarted = False
         self.cancelled = False
+        self._cancel_sent = ""  # the job id a cancel was sent for
 
     @property
     def existing_name(self) -> str:
@@ -218,10 +265,19 @@ class PropagationPlan:
 
     def start(self, client: LiverSAMClient) -> str:
         """Start the job (I/O thread); returns its id ("" when it was cancelled before it started). A session the
-        server lost is opened again, once."""
+        server lost is opened again, once. A job cancelled while it was being started (Cancel, scene closed, module
+        cleaned up: the CT was on its way) is cancelled on the server at once, and the session opened for it closed
+        when the module did not keep it."""
         if self.cancelled:
             return self.job_id
-        self.job_id = call_in_session(client, self.session_of, lambda session: self._start_on(client, session))  # fmt: skip
+        try:
+            self.job_id = call_in_session(client, self.session_of, lambda session: self._start_on(client, session),
+                                          close_unkept=False)  # fmt: skip
+        except BaseException:
+            self.release(client)
+            raise
+        if self.cancelled:
+            self.cancel(client)
         return self.job_id
 
     def _start_on(self, client: LiverSAMClient, session: str) -> str:
@@ -263,14 +319,25 @@ class PropagationPlan:
         status = client.job_status(self.job_id)
         if status.get("state") == "done" and not self.cancelled:
             status["result"] = client.job_result(self.job_id)
+        if status.get("state") in ("done", "failed", "cancelled"):
+            self.release(client)
         return status
 
     def cancel(self, client: LiverSAMClient) -> None:
-        """Ask the server to stop the job (I/O thread); a job it no longer knows has stopped already."""
+        """Ask the server to stop the job (I/O thread, or the module's cleanup); a job it no longer knows has stopped
+        already. A session opened for the job that the module did not keep is closed."""
         self.cancelled = True
+        job = self.job_id
         with contextlib.suppress(ServerRequestError):
-            if self.job_id:
-                client.cancel_job(self.job_id)
+            if job and job != self._cancel_sent:
+                self._cancel_sent = job
+                client.cancel_job(job)
+        self.release(client)
+
+    def release(self, client: LiverSAMClient) -> None:
+        """Close the sessions opened for this job that the module did not keep (the job has ended or is cancelled)."""
+        if isinstance(self.session_of, CTSession):
+            self.session_of.close_unkept(client)
 
     def request_settings(self) -> dict:
         """The job settings as sent: "keep the liver's largest component" names this segment when it is the
@@ -321,6 +388,42 @@ class ServerSegmentation:
             except ServerRequestError as error:
                 if not session_lost(error):
                     raise
+
+    @staticmethod
+    def release(
+        client: LiverSAMClient, plan: PropagationPlan | None, sessions: Sequence[str], timeout_s: float
+    ) -> int:
+        """The module's cleanup (reload, exit; on a thread of its own): cancel ``plan``'s job, then close ``sessions``,
+        every request bounded by what is left of ``timeout_s`` (a server that does not answer must not hold Slicer's
+        exit up). Best effort: a failure is logged and the next request is tried. Returns how many requests failed."""
+        deadline = time.monotonic() + float(timeout_s)
+
+        def bounded() -> LiverSAMClient:
+            left = deadline - time.monotonic()
+            if left <= 0.05:
+                raise TimeoutError(
+                    f"no answer from the LiverSAM server at {client.base_url} within {timeout_s:.1f} s"
+                )
+            return client.bounded(left)
+
+        steps: list[tuple[str, Callable[[LiverSAMClient], Any]]] = []
+        if plan is not None:
+            plan.cancelled = True
+            steps.append((f"cancel job {plan.job_id or '(not started yet)'}", plan.cancel))
+        for session in sessions:
+            steps.append((f"close session {session}", lambda c, session=session: c.close_session(session)))
+        failed = 0
+        for what, step in steps:
+            try:
+                step(bounded())
+            except ServerRequestError as error:
+                if not (session_lost(error) or job_lost(error)):
+                    failed += 1
+                    logger.warning("LiverSAM: %s: %s", what, error)
+            except (LiverSAMClientError, OSError) as error:  # TimeoutError is an OSError
+                failed += 1
+                logger.warning("LiverSAM: %s: %s", what, error)
+        return failed
 
     # --- the prompted slices ------------------------------------------------------------------------------
     def predict_slices_work(self, volume_node, requests: Sequence[ServerRequests.SliceRequest],

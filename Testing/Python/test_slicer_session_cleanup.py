@@ -1,0 +1,319 @@
+"""The Slicer module leaves no session and no job behind on a (possibly remote, shared) LiverSAM server.
+
+1. A session the I/O thread opens after the module stopped needing its CT (the scene closed, the volume was removed,
+   its voxels were edited while the CT was on its way) is not kept, and it is closed on the server once the request
+   that opened it is done, not left to ``--idle-timeout``.
+2. The widget's ``cleanup()`` (Slicer calls it when the module is reloaded and when Slicer exits) cancels the running
+   propagation job and closes the module's sessions on a server that keeps running, within ``CLEANUP_TIMEOUT_S`` even
+   when the server does not answer, and ends the I/O thread.
+
+The real LiverSAM.py widget and logic (its connection in *remote* mode) on slicer-core's MRML, with the Qt stand-ins of
+test_slicer_widget_state.py, against a real ``liversam serve``; the server's own /v1/info, session and job answers
+show what is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import test_slicer_widget_state
+from test_slicer_session_recovery import WINDOW, GatedClient, Module
+from test_slicer_widget_state import Label, Timer, deliver
+
+from slicer_harness import ensure_module_on_path
+
+ensure_module_on_path()
+
+from LiverSAMLib import MRMLBridge, ServerConnection, ServerRequests  # noqa: E402
+from LiverSAMLib.Phantom import liver_phantom  # noqa: E402
+from LiverSAMLib.ServerClient import (  # noqa: E402
+    LiverSAMClient,
+    LocalServerProcess,
+    ServerRequestError,
+    job_lost,
+    session_lost,
+)
+from LiverSAMLib.ServerSegmentation import volume_key  # noqa: E402
+
+pytestmark = [pytest.mark.slicer, pytest.mark.model]
+widgets = (
+    test_slicer_widget_state.widgets
+)  # the fixture: LiverSAM.py loaded with the application's parts stubbed
+FINAL = ("done", "failed", "cancelled")
+MAX_CLEANUP_S = 3.0  # how long cleanup may hold Slicer's exit up, whatever the server does
+
+
+@pytest.fixture(scope="module")
+def server():
+    """``liversam serve`` without ``--max-sessions``: a session left open stays open (none is evicted for another)."""
+    process = LocalServerProcess(sys.executable, extra_args=["--model", "litemedsam", "--device", "cpu"],
+                                 startup_timeout=180)  # fmt: skip
+    process.start()
+    yield process
+    process.stop()
+
+
+class Settings:
+    """Slicer's application settings (``qt.QSettings``) as the module's Server section leaves them: remote mode."""
+
+    def __init__(self, url: str, token: str) -> None:
+        self.values = {
+            "LiverSAM/Server/mode": "remote",
+            "LiverSAM/Server/url": url,
+            "LiverSAM/Server/token": token,
+        }
+
+    def value(self, key: str, default=None):
+        return self.values.get(key, default)
+
+    def setValue(self, key: str, value) -> None:
+        self.values[key] = value
+
+
+class Gated(GatedClient):
+    """GatedClient (counts CTs, holds an upload while ``hold``) with the URL and token the connection reads."""
+
+    def __init__(self, url: str, token: str) -> None:
+        super().__init__(url)
+        self.token = token
+
+
+@pytest.fixture
+def module_widget(widgets, server, monkeypatch):
+    """``make(ct) -> (Module, widget, gated client)``: LiverSAM.py's widget and logic on the Module's scene, connected
+    (by the I/O thread, on first use) to ``server`` in remote mode through the gated client."""
+    liversam, _train = widgets
+    made = []
+
+    def make(ct):
+        module = Module(ct)
+        gated = Gated(server.url, server.token)
+        monkeypatch.setattr(ServerConnection, "LiverSAMClient", lambda url, token: gated)
+        logic = liversam.LiverSAMLogic(settingsStore=Settings(server.url, server.token))
+        logic.server, logic.segmentation = module.server, module.logic
+        widget = liversam.LiverSAMWidget.__new__(liversam.LiverSAMWidget)
+        liversam.VTKObservationMixin.__init__(widget)
+        widget.logic, widget._calls, widget._job = logic, module.calls, None
+        widget._pollTimer, widget._jobTimer, widget._liveTimer = Timer(), Timer(), Timer()
+        widget._shortcuts, widget._parameterNode, widget._lesions = [], None, []
+        table = SimpleNamespace(setRowCount=lambda n: None)
+        widget.ui = SimpleNamespace(statusLabel=Label(), serverStatusLabel=Label(), reviewLabel=Label(),
+                                    progressBar=SimpleNamespace(visible=False, value=0, maximum=0),
+                                    lesionTable=table, reviewTable=table)  # fmt: skip
+        widget._updateGUIState = widget._showServerState = lambda *args: None
+        widget.errors = []
+        widget._onError = lambda what, error: widget.errors.append(error)
+        scene = module.scene
+        widget.addObserver(scene, scene.StartCloseEvent, widget.onSceneStartClose)  # as setup() does
+        widget.addObserver(scene, scene.NodeRemovedEvent, widget.onNodeRemoved)
+        made.append((widget, gated))
+        return module, widget, gated
+
+    yield make
+    # each test starts on a server without sessions, whatever the code under test left behind
+    for widget, gated in made:
+        widget.removeObservers()
+        widget._calls.close()
+        for session in gated.opened:
+            with contextlib.suppress(ServerRequestError):
+                server.client().close_session(session)
+
+
+def live_update(module: Module, widget, liver: np.ndarray, k: int, answers: list, volume=None) -> None:
+    """What onSegmentSlices submits: the prompted slice's request, planned now (main thread), run by the I/O thread."""
+    requests = ServerRequests.slice_requests(module.prompts(liver[k], k))
+    work = module.server.predict_slices_work(volume or module.volume, requests, WINDOW)
+    widget._withClient(work, answers.append, "Live update", key="live")
+
+
+def session_gone(client: LiverSAMClient, session: str) -> bool:
+    try:
+        client.session_info(session)
+    except ServerRequestError as error:
+        return session_lost(error)
+    return False
+
+
+def final_state(client: LiverSAMClient, job: str, timeout_s: float = 60.0) -> str:
+    """The job's final state on the server; "gone" once the server has forgotten it (its session was closed)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            state = client.job_status(job)["state"]
+        except ServerRequestError as error:
+            if job_lost(error):
+                return "gone"
+            raise
+        if state in FINAL or time.monotonic() > deadline:
+            return state
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("what", ["scene closed", "volume removed", "voxels edited"])
+def test_a_session_opened_for_a_ct_dropped_meanwhile_is_closed_on_the_server(module_widget, server, what):
+    """The CT is on its way to the server when the scene closes, the volume is removed or its voxels change: the
+    session it opens is not kept by the module and is closed on the server right after its request (it used to stay
+    open, holding the CT and its embeddings, until the server's idle timeout)."""
+    ct, liver = liver_phantom(nk=6)
+    module, widget, gated = module_widget(ct)
+    observer = server.client()
+    gated.hold, answers, k = True, [], 3
+    live_update(module, widget, liver, k, answers)
+    module.poll_until(gated.uploading, "the CT was never sent")
+    if what == "scene closed":
+        module.scene.Clear(0)  # StartCloseEvent: the widget's onSceneStartClose
+    elif what == "volume removed":
+        module.scene.RemoveNode(module.volume)  # NodeRemovedEvent: the widget's onNodeRemoved
+    else:
+        module.volume.GetImageData().Modified()  # an edit of the voxels (new modification time)
+        live_update(module, widget, liver, k, answers)  # the next request plans with the edited voxels
+    gated.go.set()
+    deliver(widget._calls)
+
+    assert widget.errors == []  # the request that opened the session was answered (or dropped: scene closed)
+    first = gated.opened[0]
+    assert session_gone(observer, first), f"session {first} ({what}) is still open on the server"
+    if what == "voxels edited":
+        assert len(answers) == 2 and k in answers[0][0] and k in answers[1][0]
+        second = gated.opened[1]
+        assert module.server.sessions.ids() == [second] and not session_gone(observer, second)
+        assert observer.info()["sessions"] == 1
+    else:
+        assert module.server.sessions.ids() == []
+        assert observer.info()["sessions"] == 0
+        assert len(answers) == (0 if what == "scene closed" else 1)  # a closed scene's answer is dropped
+
+
+def start_propagation(liversam_module, module: Module, widget, liver: np.ndarray, monkeypatch):
+    """Press Propagate (the widget's onPropagate; markups, target segment and parameter node stubbed): a full
+    propagation of the liver from a box on the middle slice. Returns the plan."""
+    k = liver.shape[0] // 2
+    prompts = module.prompts(liver[k], k)
+    plan = module.server.plan_propagation(module.segmentation, module.volume, module.liver_id, None, prompts,
+                                          dict(ServerRequests.PROPAGATION_DEFAULTS), WINDOW)  # fmt: skip
+    widget._markupsPrompts, widget._targetSegment = (lambda: prompts), (lambda: (module.liver_id, None))
+    widget.logic.planPropagation = lambda *args: plan
+    monkeypatch.setattr(liversam_module.slicer.util, "tryWithErrorDisplay",
+                        lambda *args, **kwargs: contextlib.nullcontext())  # fmt: skip
+    widget.onPropagate()
+    return plan
+
+
+def test_cleanup_cancels_the_running_job_and_closes_the_modules_sessions(
+    module_widget, widgets, server, monkeypatch
+):
+    """Reload (or exit) while a propagation runs on a remote server: the job used to run to its end and the module's
+    sessions stayed open until the server's idle timeout."""
+    liversam, _train = widgets
+    ct, liver = liver_phantom(nk=60)
+    module, widget, gated = module_widget(ct)
+    observer = server.client()
+    other = MRMLBridge.volume_node_from_ct(ct, "other", module.scene)  # another CT: a session of its own
+    answers: list = []
+    for volume in (module.volume, other):
+        live_update(module, widget, liver, 30, answers, volume)
+        deliver(widget._calls)
+    assert widget.errors == [] and len(module.server.sessions.ids()) == 2
+
+    plan = start_propagation(liversam, module, widget, liver, monkeypatch)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # the job timer's ticks, until the server has propagated a few slices
+        widget._pollJob()
+        widget._calls.poll(0.1)
+        if plan.job_id and (observer.job_status(plan.job_id).get("done") or 0) >= 2:
+            break
+    assert plan.job_id and observer.job_status(plan.job_id)["state"] == "running", "the job never ran"
+    assert observer.info()["sessions"] == 2
+
+    started = time.monotonic()
+    widget.cleanup()
+    took = time.monotonic() - started
+    print(f"cleanup: {took:.2f} s (job cancelled, 2 sessions closed)")
+    assert took < MAX_CLEANUP_S
+    info = observer.info()  # at once: the job no longer runs, no session is left
+    assert info["jobs_running"] == 0 and info["jobs_queued"] == 0 and info["sessions"] == 0, info
+    assert final_state(observer, plan.job_id) in ("cancelled", "gone")  # gone: forgotten with its session
+    assert not widget._calls._thread.is_alive(), "the I/O thread still runs after cleanup"
+
+
+def test_cleanup_while_the_job_is_being_started_cancels_it_once_started(
+    module_widget, widgets, server, monkeypatch
+):
+    """Reload while the CT is on its way to start the propagation (a slow network): cleanup returns within its
+    timeout; the I/O thread, once the upload ends, cancels the job it started and closes the session it opened."""
+    liversam, _train = widgets
+    ct, liver = liver_phantom(nk=60)
+    module, widget, gated = module_widget(ct)
+    observer = server.client()
+    gated.hold = True
+    plan = start_propagation(liversam, module, widget, liver, monkeypatch)
+    module.poll_until(gated.uploading, "the CT was never sent")
+    started = time.monotonic()
+    widget.cleanup()
+    took = time.monotonic() - started
+    assert took < MAX_CLEANUP_S
+
+    gated.go.set()  # the upload ends after the module was cleaned up (Slicer keeps running: a reload)
+    widget._calls._thread.join(120)
+    assert not widget._calls._thread.is_alive()
+    assert plan.job_id, "the job was not started (the test wants it started after cleanup)"
+    assert final_state(observer, plan.job_id) in ("cancelled", "gone")
+    assert observer.info()["jobs_running"] == 0
+    assert session_gone(observer, gated.opened[0]) and observer.info()["sessions"] == 0
+
+
+def test_cleanup_gives_up_on_a_server_that_does_not_answer(module_widget):
+    """A remote server that accepts connections and never answers (hung, or a network that drops the answers) holds
+    Slicer's exit up for MAX_CLEANUP_S at most; the job's cancel was tried."""
+    ct, liver = liver_phantom(nk=6)
+    module, widget, _gated = module_widget(ct)
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)  # connections are accepted by the kernel; no one ever reads or answers
+        connection = widget.logic.connection
+        connection._client = LiverSAMClient(f"http://127.0.0.1:{hung.getsockname()[1]}", "token")
+        connection.state = ServerConnection.READY
+        sessions = module.server.sessions
+        sessions.ct_of(module.volume)
+        assert sessions.keep((volume_key(module.volume), WINDOW), "s-open", sessions.generation)
+        plan = module.server.plan_propagation(module.segmentation, module.volume, module.liver_id, None,
+                                              module.prompts(liver[3], 3), {}, WINDOW)  # fmt: skip
+        plan.job_id = "j-running"
+        widget._job = {"plan": plan, "what": "Propagation", "cancelled": False}
+
+        started = time.monotonic()
+        widget.cleanup()
+        took = time.monotonic() - started
+        print(f"cleanup with a server that does not answer: {took:.2f} s")
+        assert took < MAX_CLEANUP_S
+        hung.settimeout(5)
+        request, _address = hung.accept()  # the cancel was sent (and never answered)
+        request.settimeout(5)
+        with request:
+            assert b"/v1/jobs/j-running/cancel" in request.recv(4096)
+    assert plan.cancelled and module.server.sessions.ids() == []
+
+
+def test_a_request_whose_session_was_forgotten_and_lost_meanwhile_does_not_send_the_ct_again():
+    """Its answer is dropped (scene closed, another server, module cleaned up): when the server has lost its session
+    meanwhile (the module's cleanup closed it), the CT is not sent again only to open a session no one keeps."""
+    ct, _liver = liver_phantom(nk=2, n=16)
+    module, client = Module(ct), test_slicer_widget_state.Client()
+    module.calls.close()
+    session_of = module.server.session_work(module.volume, WINDOW)
+
+    def request(session: str):
+        module.server.forget()  # the main thread meanwhile: cleanup, or the scene closed; the session is closed
+        raise ServerRequestError(
+            404, f"unknown session '{session}': it does not exist", "POST", "/sessions/x/predict"
+        )
+
+    with pytest.raises(ServerRequestError, match="unknown session 's1'"):
+        session_of.call(client, request)
+    assert client.opened == ["s1"]  # no second upload
