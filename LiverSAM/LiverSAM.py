@@ -34,7 +34,13 @@ from LiverSAMLib.BackgroundCalls import CallQueue, run_with_deadline
 from LiverSAMLib.Parameters import LiverSAMParameterNode, PostprocessParameters, PropagationParameters
 from LiverSAMLib.Phantom import liver_phantom
 from LiverSAMLib.SegmentationLogic import LIVER, SegmentationLogic, dicom_reference_of_volume
-from LiverSAMLib.ServerClient import LiverSAMClient, ServerRequestError, ServerUnavailable
+from LiverSAMLib.ServerClient import (
+    LiverSAMClient,
+    ServerError,
+    ServerRequestError,
+    ServerUnavailable,
+    UploadRefused,
+)
 from LiverSAMLib.ServerConnection import FAILED, LOCAL, READY, REMOTE, ServerConnection, ServerSettings
 from LiverSAMLib.ServerSegmentation import PropagationPlan, ServerSegmentation
 from LiverSAMLib.SlicerCompatibility import add_missing_pack_members, version_problem
@@ -45,6 +51,9 @@ LIVE_DELAY_MS = 150  # coalesces a burst of markup events into one request
 # Module cleanup (reload, exit): how long cancelling the job and closing the sessions on a server that keeps running
 # (a remote one) may take, and then waiting for the I/O thread, in all: a dead server must not hold Slicer's exit up.
 CLEANUP_TIMEOUT_S = 2.0
+# Another server chosen in the Server section: how long cancelling the job and closing the sessions on the old one (a
+# remote one) may hold the GUI up. The local server being stopped needs no request.
+RECONFIGURE_TIMEOUT_S = 2.0
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -69,6 +78,20 @@ class LiverSAM(ScriptedLoadableModule):
 
 def sceneOf(node) -> object | None:
     return node.GetScene() if node is not None else None
+
+
+def serverShortOfMemory(error: BaseException) -> str:
+    """Plain words for a request the server refused for lack of memory (503 naming its memory budget: a CT or mask
+    upload; or an upload it stopped reading), else "". The server kept nothing of it and stays usable."""
+    if isinstance(error, UploadRefused) or (
+        isinstance(error, ServerError) and error.status == 503 and "--session-memory-gb" in error.message
+    ):
+        return _(
+            "The LiverSAM server is short of memory and refused the data this step needs; nothing was changed. "
+            "Remove CTs you no longer need from the scene, try again once other propagations on the server have "
+            "ended, or ask the server's administrator for more memory."
+        )
+    return ""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -326,7 +349,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if settings == self.logic.connection.settings:
             return
         settings.save(qt.QSettings())
-        self.logic.reconfigureServer(self._calls, settings)  # the next request starts / reaches the new one
+        self._reconfigureServer(settings)  # the next request starts / reaches the new one
         self._showServerState()
 
     def onAddCheckpoint(self) -> None:
@@ -343,8 +366,21 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onConnectServer(self) -> None:
         settings = self._serverSettingsFromGui()
         if self.logic.connection.state != READY or settings != self.logic.connection.settings:
-            self.logic.reconfigureServer(self._calls, settings)  # an explicit retry after a failure
+            self._reconfigureServer(settings)  # an explicit retry after a failure
         self._withClient(lambda client: client.info(), lambda info: self._showServerState(), _("Server"))
+
+    def _reconfigureServer(self, settings: ServerSettings) -> None:
+        """Another server: the running propagation is cancelled (on the old server too, when it keeps running) and
+        the segmentation is left as it is; the old server's sessions are closed (LiverSAMLogic.reconfigureServer)."""
+        job, self._job = self._job, None
+        if job is not None:
+            job["cancelled"] = True
+            self._jobTimer.stop()
+            self._setBusy(False)
+            self.ui.statusLabel.text = _(
+                "Propagation cancelled: the server was changed. The segmentation was not changed."
+            )
+        self.logic.reconfigureServer(self._calls, settings, job["plan"] if job is not None else None)
 
     def onStopServer(self) -> None:
         self._calls.invalidate()
@@ -405,9 +441,19 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._jobTimer.stop()
             self._setBusy(False)
         logging.error("LiverSAM: %s: %s", what, error)
-        self.ui.statusLabel.text = _("{what} failed: {error}").format(what=what, error=error)
+        advice = serverShortOfMemory(error)
+        if advice:  # the server's own message follows, with its figures
+            self.ui.statusLabel.text = _("{what} failed: {advice} The server said: {error}").format(
+                what=what, advice=advice, error=error
+            )
+        else:
+            self.ui.statusLabel.text = _("{what} failed: {error}").format(what=what, error=error)
         if not isinstance(error, ServerRequestError) or what != _("Live update"):
-            slicer.util.errorDisplay(_("LiverSAM: {what} failed.\n\n{error}").format(what=what, error=error))
+            slicer.util.errorDisplay(
+                _("LiverSAM: {what} failed.\n\n{advice}{error}").format(
+                    what=what, advice=advice + "\n\n" if advice else "", error=error
+                )
+            )
 
     # --- inputs -------------------------------------------------------------------------------------------------
     def onOutputSegmentationChanged(self, node) -> None:
@@ -690,7 +736,8 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 again = _(" (run again: the server had lost the first run)") if plan.restarted else ""
                 self.ui.statusLabel.text = str(value["stage"]) + again
             if state == "done" and not job["cancelled"]:
-                self._applyJob(job, value["result"])  # plan.poll fetched the result with the status
+                # plan.poll fetched the result with the status
+                self._applyJob(job, value["result"], value.get("warning"))
             elif state in ("failed", "cancelled") or job["cancelled"]:
                 self._finishJob(job)
                 self.ui.statusLabel.text = (
@@ -712,8 +759,12 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self._calls.submit(poll, status, failed, name=job["what"])
 
-    def _applyJob(self, job: dict, answer: dict) -> None:
+    def _applyJob(self, job: dict, answer: dict, warning: str | None = None) -> None:
+        """Write a finished job's result. ``warning``: the server's, when keeping the job's masks put it over its memory
+        budget (the result is complete): logged as the server wrote it, said on the status line in plain words."""
         self._finishJob(job)
+        if warning:
+            logging.warning("LiverSAM: the server kept this propagation over its memory budget: %s", warning)
         if job["cancelled"]:
             return
         plan = job["plan"]
@@ -725,6 +776,8 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("Could not write the propagated result.")):
             message = self.logic.applyPropagation(plan, answer)
             self._fillReviewTable(answer.get("review"))
+            if warning:
+                message += " " + self.logic.memoryWarning()
             self.ui.statusLabel.text = message
 
     def _finishJob(self, job: dict) -> None:
@@ -916,10 +969,39 @@ class LiverSAMLogic(ScriptedLoadableModuleLogic):
                             client.base_url, timeout_s)  # fmt: skip
         return done
 
-    def reconfigureServer(self, calls: CallQueue, settings: ServerSettings) -> None:
+    def reconfigureServer(
+        self,
+        calls: CallQueue,
+        settings: ServerSettings,
+        plan: PropagationPlan | None = None,
+        timeout_s: float = RECONFIGURE_TIMEOUT_S,
+    ) -> bool:
+        """Another server (the Server section changed, or Connect after a failure; main thread): the answers on their
+        way are dropped, ``plan``'s job is cancelled and the sessions are forgotten and, on a server that keeps running
+        (a remote one), closed, within ``timeout_s`` (:meth:`releaseServer`; a server that does not answer is left to
+        its idle timeout); the next request starts or reaches the new server. True when done in time."""
         calls.invalidate()
-        self.server.forget()
+        done = self.releaseServer(plan, timeout_s)
         self.connection.reset(settings)
+        return done
+
+    def memoryWarning(self) -> str:
+        """What a finished job's memory ``warning`` means for the user, in plain words (the server's own text, with
+        its figures, goes to the log)."""
+        if self.connection.started_here:
+            return _(
+                "Note: the LiverSAM server on this computer is short of memory. Your result is complete and was kept, "
+                "but the server may now close CTs not in use and encode slices again, so the next steps may take a "
+                "few seconds longer (LiverSAM sends a closed CT again by itself). Remove CTs you no longer need "
+                "from the scene to free memory."
+            )
+        return _(
+            "Note: the shared LiverSAM server is short of memory. Your result is complete and was kept, but the server "
+            "may now close CTs nobody is using (yours or a colleague's) and encode slices again, so the next steps may "
+            "take a few seconds longer (LiverSAM sends a closed CT again by itself). Remove CTs you no longer need "
+            "from the scene; if this note comes back, ask the server's administrator for more memory "
+            "(liversam serve --session-memory-gb)."
+        )
 
     def forgetSessions(self) -> None:
         self.server.sessions.clear()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import http.client
 import json
 import os
 import re
@@ -104,6 +105,11 @@ class ServerError(LiverSAMClientError):
         self.status = int(status)
         self.message = message
         super().__init__(f"{method} {path}: HTTP {status}: {message}".strip())
+
+
+class UploadRefused(LiverSAMClientError):
+    """The server closed the connection while a large body was sent and its answer could not be read, yet it still
+    answers: it refused the upload before reading it (its memory budget, a size limit). The server is not lost."""
 
 
 # --- binary helpers ----------------------------------------------------------------------------------------
@@ -222,7 +228,7 @@ class LiverSAMClient:
         request = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
             bound = self.timeout if self._bounded else (timeout or self.timeout)
-            with urllib.request.urlopen(request, timeout=bound) as response:
+            with _OPENER.open(request, timeout=bound) as response:
                 return _Answer(response.status, dict(response.headers.items()), response.read())
         except urllib.error.HTTPError as exc:
             body = exc.read()
@@ -235,12 +241,10 @@ class LiverSAMClient:
         except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError) as exc:  # noqa: UP041 - 3.9
             reason = getattr(exc, "reason", exc)
             if data and len(data) > 65536 and isinstance(reason, (ConnectionResetError, BrokenPipeError)) and auth:
-                # The server closed the connection during a large upload: it refused the request before
-                # reading it all. Find out whether the token is the reason.
-                self.info()
-                raise ServerUnavailable(
-                    f"the server at {self.base_url} closed the connection while {len(data)} bytes were sent to "
-                    f"{path}; the body may exceed its limits (see info()['limits'])") from None
+                # The server closed the connection during a large upload and its answer was lost (the connection
+                # reads it when the system kept it: _EarlyAnswer): it refused the request before reading it all.
+                # Find out whether the token is the reason; a server that answers is not lost.
+                raise UploadRefused(_upload_refused(self.base_url, path, len(data), self.info())) from None
             raise ServerUnavailable(f"LiverSAM server at {self.base_url} is not reachable: {reason}") from None
 
     # --- server ----------------------------------------------------------------------------------------
@@ -501,6 +505,65 @@ def _explained(status: int, message: str) -> str:
         return (f"{message} (the server is older than this client and does not know that setting: update the LiverSAM "
                 "server, or set the option back to its default)")
     return message
+
+
+def _upload_refused(base_url: str, path: str, nbytes: int, info: dict[str, Any]) -> str:
+    memory = info.get("memory") or {}
+    held = (f": its sessions hold {memory['held_mb']} MB of their {memory['budget_mb']} MB memory budget "
+            "(liversam serve --session-memory-gb)") if "held_mb" in memory and "budget_mb" in memory else ""
+    return (f"the LiverSAM server at {base_url} stopped reading the {nbytes} bytes sent to {path} and closed the "
+            f"connection without an answer this computer could read, but it still answers: it refused the upload "
+            f"before reading it, for lack of memory or over a size limit{held}")
+
+
+class _EarlyAnswer:
+    """An HTTP(S) connection that still reads the server's answer after the server stopped reading the request body
+    and closed the connection: a server refuses an upload before reading it (503, its memory budget is full; 413, too
+    large), and with urllib's ``Connection: close`` the rest of the body is sent into a closed connection. urllib's own
+    connection raises that send error (BrokenPipeError, ConnectionResetError) and the server's message is lost; this
+    one reads the answer, which the system still holds (Linux does), and raises the send error only when there is
+    none."""
+
+    _send_error: OSError | None = None
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        self._send_error = None
+        try:
+            super().request(*args, **kwargs)  # type: ignore[misc]
+        except (BrokenPipeError, ConnectionResetError) as error:
+            self._send_error = error
+
+    def getresponse(self) -> http.client.HTTPResponse:
+        try:
+            return super().getresponse()  # type: ignore[misc]
+        except (OSError, http.client.HTTPException):
+            if self._send_error is not None:
+                raise self._send_error from None
+            raise
+
+
+class _EarlyAnswerHTTPConnection(_EarlyAnswer, http.client.HTTPConnection):
+    pass
+
+
+class _EarlyAnswerHandler(urllib.request.HTTPHandler):
+    def do_open(self, http_class: Any, req: urllib.request.Request, **kwargs: Any) -> Any:
+        return super().do_open(_EarlyAnswerHTTPConnection, req, **kwargs)
+
+
+_HANDLERS: list[Any] = [_EarlyAnswerHandler]
+if hasattr(http.client, "HTTPSConnection") and hasattr(urllib.request, "HTTPSHandler"):  # Python built with ssl
+
+    class _EarlyAnswerHTTPSConnection(_EarlyAnswer, http.client.HTTPSConnection):
+        pass
+
+    class _EarlyAnswerHTTPSHandler(urllib.request.HTTPSHandler):
+        def do_open(self, http_class: Any, req: urllib.request.Request, **kwargs: Any) -> Any:
+            return super().do_open(_EarlyAnswerHTTPSConnection, req, **kwargs)
+
+    _HANDLERS.append(_EarlyAnswerHTTPSHandler)
+#: urllib's default opener (proxies from the environment, redirects, HTTP errors) with those connections
+_OPENER = urllib.request.build_opener(*_HANDLERS)
 
 
 def _error_message(body: bytes) -> str:
