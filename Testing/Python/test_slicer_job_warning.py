@@ -29,7 +29,10 @@ import test_slicer_widget_state
 from test_slicer_session_cleanup import (
     MAX_CLEANUP_S,
     Settings,
+    a_running_job,
+    assert_cancel_sent,
     final_state,
+    hung_server,
     live_update,
     session_gone,
     start_propagation,
@@ -51,7 +54,6 @@ from LiverSAMLib.ServerClient import (  # noqa: E402
     ServerUnavailable,
     UploadRefused,
 )
-from LiverSAMLib.ServerSegmentation import volume_key  # noqa: E402
 
 pytestmark = [pytest.mark.slicer, pytest.mark.model]
 # the fixtures: LiverSAM.py loaded with the application's parts stubbed; its widget on a Module (uses ``server`` below)
@@ -327,28 +329,12 @@ def test_changing_the_server_gives_up_on_an_old_server_that_does_not_answer(
     liversam, _train = widgets
     ct, liver = liver_phantom(nk=6)
     module, widget, _gated = module_widget(ct)
-    with socket.socket() as hung:
-        hung.bind(("127.0.0.1", 0))
-        hung.listen(8)  # connections are accepted by the kernel; no one ever reads or answers
-        connection = widget.logic.connection
-        connection._client = LiverSAMClient(f"http://127.0.0.1:{hung.getsockname()[1]}", "token")
-        connection.state = ServerConnection.READY
-        sessions = module.server.sessions
-        sessions.ct_of(module.volume)
-        assert sessions.keep((volume_key(module.volume), WINDOW), "s-open", sessions.generation)
-        plan = module.server.plan_propagation(module.segmentation, module.volume, module.liver_id, None,
-                                              module.prompts(liver[3], 3), {}, WINDOW)  # fmt: skip
-        plan.job_id = "j-running"
-        widget._job = {"plan": plan, "what": "Propagation", "cancelled": False}
-
+    with hung_server(widget) as hung:
+        plan = a_running_job(module, widget, liver)
         took = edit_server_settings(liversam, widget, monkeypatch, "http://127.0.0.1:9")
         print(f"server changed, old one not answering: {took:.2f} s")
         assert took < MAX_CLEANUP_S
-        hung.settimeout(5)
-        request, _address = hung.accept()  # the cancel was sent (and never answered)
-        request.settimeout(5)
-        with request:
-            assert b"/v1/jobs/j-running/cancel" in request.recv(4096)
+        assert_cancel_sent(hung)
     assert plan.cancelled and widget._job is None and module.server.sessions.ids() == []
 
 
@@ -371,12 +357,7 @@ def test_changing_from_a_local_server_stops_it_without_a_request(module_widget, 
     connection, process = widget.logic.connection, Process()
     connection._client, connection._process, connection.state = client, process, ServerConnection.READY
     sessions = module.server.sessions
-    sessions.ct_of(module.volume)
-    assert sessions.keep((volume_key(module.volume), WINDOW), "s-open", sessions.generation)
-    plan = module.server.plan_propagation(module.segmentation, module.volume, module.liver_id, None,
-                                          module.prompts(liver[3], 3), {}, WINDOW)  # fmt: skip
-    plan.job_id = "j-running"
-    widget._job = {"plan": plan, "what": "Propagation", "cancelled": False}
+    plan = a_running_job(module, widget, liver)
 
     took = edit_server_settings(liversam, widget, monkeypatch, "http://127.0.0.1:9")
     assert took < 0.5 and process.stopped and client.closed == [] and client.cancelled == []

@@ -268,35 +268,53 @@ def test_cleanup_while_the_job_is_being_started_cancels_it_once_started(
     assert session_gone(observer, gated.opened[0]) and observer.info()["sessions"] == 0
 
 
-def test_cleanup_gives_up_on_a_server_that_does_not_answer(module_widget):
-    """A remote server that accepts connections and never answers (hung, or a network that drops the answers) holds
-    Slicer's exit up for MAX_CLEANUP_S at most; the job's cancel was tried."""
-    ct, liver = liver_phantom(nk=6)
-    module, widget, _gated = module_widget(ct)
+@contextlib.contextmanager
+def hung_server(widget):
+    """A remote server that accepts connections and never reads or answers (hung, or a network that drops the
+    answers), made the widget's connected server; yields its listening socket."""
     with socket.socket() as hung:
         hung.bind(("127.0.0.1", 0))
         hung.listen(8)  # connections are accepted by the kernel; no one ever reads or answers
         connection = widget.logic.connection
         connection._client = LiverSAMClient(f"http://127.0.0.1:{hung.getsockname()[1]}", "token")
         connection.state = ServerConnection.READY
-        sessions = module.server.sessions
-        sessions.ct_of(module.volume)
-        assert sessions.keep((volume_key(module.volume), WINDOW), "s-open", sessions.generation)
-        plan = module.server.plan_propagation(module.segmentation, module.volume, module.liver_id, None,
-                                              module.prompts(liver[3], 3), {}, WINDOW)  # fmt: skip
-        plan.job_id = "j-running"
-        widget._job = {"plan": plan, "what": "Propagation", "cancelled": False}
+        yield hung
 
+
+def a_running_job(module: Module, widget, liver: np.ndarray):
+    """The module's state while job "j-running" propagates on a kept session "s-open" (nothing sent); the plan."""
+    sessions = module.server.sessions
+    sessions.ct_of(module.volume)
+    assert sessions.keep((volume_key(module.volume), WINDOW), "s-open", sessions.generation)
+    plan = module.server.plan_propagation(module.segmentation, module.volume, module.liver_id, None,
+                                          module.prompts(liver[3], 3), {}, WINDOW)  # fmt: skip
+    plan.job_id = "j-running"
+    widget._job = {"plan": plan, "what": "Propagation", "cancelled": False}
+    return plan
+
+
+def assert_cancel_sent(hung: socket.socket) -> None:
+    """The hung server received the cancel of job "j-running" (and never answered it)."""
+    hung.settimeout(5)
+    request, _address = hung.accept()
+    request.settimeout(5)
+    with request:
+        assert b"/v1/jobs/j-running/cancel" in request.recv(4096)
+
+
+def test_cleanup_gives_up_on_a_server_that_does_not_answer(module_widget):
+    """A remote server that accepts connections and never answers (hung, or a network that drops the answers) holds
+    Slicer's exit up for MAX_CLEANUP_S at most; the job's cancel was tried."""
+    ct, liver = liver_phantom(nk=6)
+    module, widget, _gated = module_widget(ct)
+    with hung_server(widget) as hung:
+        plan = a_running_job(module, widget, liver)
         started = time.monotonic()
         widget.cleanup()
         took = time.monotonic() - started
         print(f"cleanup with a server that does not answer: {took:.2f} s")
         assert took < MAX_CLEANUP_S
-        hung.settimeout(5)
-        request, _address = hung.accept()  # the cancel was sent (and never answered)
-        request.settimeout(5)
-        with request:
-            assert b"/v1/jobs/j-running/cancel" in request.recv(4096)
+        assert_cancel_sent(hung)
     assert plan.cancelled and module.server.sessions.ids() == []
 
 
