@@ -83,16 +83,32 @@ class SegmentPrompts:
 # --- conversion helpers -----------------------------------------------------------------------------
 
 
-def _to_ijk(points: np.ndarray, system: str, geometry: ImageGeometry) -> np.ndarray:
+def _to_ijk(
+    points: np.ndarray, system: str, geometry: ImageGeometry, ijk_geometry: ImageGeometry | None = None
+) -> np.ndarray:
+    """Points in ``system`` to voxel indices of ``geometry``. IJK values are voxel indices of ``ijk_geometry`` (the
+    input file's grid when the CT is segmented on another grid: a sagittal or coronal CT reoriented to axial
+    slices, :mod:`liversam.axial_orientation`); None: of ``geometry``."""
     if system == "IJK":
-        return np.asarray(points, dtype=float)
+        if ijk_geometry is None or ijk_geometry is geometry:
+            return np.asarray(points, dtype=float)
+        return _grid_to_grid(ijk_geometry, geometry, points)
     if system == "RAS":
         points = ras_to_lps(points)
     return geometry.lps_to_ijk(points)
 
 
-def _describe_extent(geometry: ImageGeometry, system: str) -> str:
-    ni, nj, nk = geometry.size_ijk
+def _grid_to_grid(source: ImageGeometry, target: ImageGeometry, points_ijk) -> np.ndarray:
+    """Voxel indices of ``source`` to those of ``target`` through LPS; exact when one grid permutes the other's
+    voxels (the affine is rounded to whole numbers when it is one within 1e-6)."""
+    matrix = np.linalg.inv(target.ijk_to_lps_matrix) @ source.ijk_to_lps_matrix
+    if np.allclose(matrix, np.round(matrix), atol=1e-6):
+        matrix = np.round(matrix)
+    return np.asarray(points_ijk, dtype=float) @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def _describe_extent(geometry: ImageGeometry, system: str, ijk_geometry: ImageGeometry | None = None) -> str:
+    ni, nj, nk = (ijk_geometry or geometry).size_ijk
     if system == "IJK":
         return f"i 0..{ni - 1}, j 0..{nj - 1}, k 0..{nk - 1}"
     corners = np.array(
@@ -103,10 +119,13 @@ def _describe_extent(geometry: ImageGeometry, system: str) -> str:
     return ", ".join(f"{axis} {a:.1f}..{b:.1f} mm" for axis, a, b in zip(system, lo, hi, strict=True))
 
 
-def _systems_placing_inside(original, geometry: ImageGeometry, systems: tuple[str, ...]) -> list[str]:
+def _systems_placing_inside(
+    original, geometry: ImageGeometry, systems: tuple[str, ...], ijk_geometry: ImageGeometry | None = None
+) -> list[str]:
     """The coordinate systems among ``systems`` in which the values ``original`` lie inside the volume."""
     values = np.atleast_2d(np.asarray(original, dtype=float))
-    return [other for other in systems if bool(np.all(geometry.contains_ijk(_to_ijk(values, other, geometry))))]
+    return [other for other in systems
+            if bool(np.all(geometry.contains_ijk(_to_ijk(values, other, geometry, ijk_geometry))))]
 
 
 def _check_inside(
@@ -117,11 +136,12 @@ def _check_inside(
     system: str,
     alternatives: tuple[str, ...] = COORDINATE_SYSTEMS,
     system_key: str = "coordinate_system",
+    ijk_geometry: ImageGeometry | None = None,
 ) -> None:
     """Refuse prompts outside the volume; name the coordinate system that would put them inside, if one does."""
     if bool(np.all(geometry.contains_ijk(ijk))):
         return
-    others = _systems_placing_inside(original, geometry, tuple(s for s in alternatives if s != system))
+    others = _systems_placing_inside(original, geometry, tuple(s for s in alternatives if s != system), ijk_geometry)
     hint = (
         f" Read as {' or '.join(others)}, these values lie inside the volume: if they were copied in that system "
         f'(3D Slicer shows RAS), write "{system_key}": "{others[0]}".'
@@ -130,13 +150,20 @@ def _check_inside(
     )
     raise PromptError(
         f"{what} {np.round(np.asarray(original, dtype=float), 2).tolist()} ({system}) lies outside the volume "
-        f"(volume extent: {_describe_extent(geometry, system)}).{hint}"
+        f"(volume extent: {_describe_extent(geometry, system, ijk_geometry)}).{hint}"
     )
 
 
-def _slice_index(k_values: np.ndarray, what: str, geometry: ImageGeometry) -> int:
+def _slice_index(
+    k_values: np.ndarray, what: str, geometry: ImageGeometry, ijk_geometry: ImageGeometry | None = None
+) -> int:
     ks = np.asarray(k_values, dtype=float)
     if float(ks.max() - ks.min()) > 0.5:
+        if ijk_geometry is not None and ijk_geometry is not geometry:
+            raise PromptError(
+                f"{what} spans axial slices k={ks.min():.2f}..{ks.max():.2f} of the CT reoriented to axial slices; "
+                f"{_reoriented_one_slice_rule(ijk_geometry)}"
+            )
         raise PromptError(
             f"{what} spans slices k={ks.min():.2f}..{ks.max():.2f}; {_one_slice_rule(geometry)}"
         )
@@ -161,6 +188,20 @@ def _one_slice_rule(geometry: ImageGeometry) -> str:
     )
 
 
+def _reoriented_one_slice_rule(ijk_geometry: ImageGeometry) -> str:
+    """The one-slice rule for a sagittal or coronal CT that LiverSAM segments on its axial slices."""
+    from .ct_io import slice_plane_name
+
+    direction = np.asarray(ijk_geometry.direction_lps, dtype=float)
+    plane = slice_plane_name(direction[:, 2])
+    axis_si = "ijk"[int(np.argmax(np.abs(direction[2, :])))]
+    return (
+        f"a box's two corners must lie on one axial slice (same z in LPS / RAS). This CT is stored in {plane} slices "
+        f"and LiverSAM segments it on its axial slices (reoriented without interpolation), so in IJK (the file's "
+        f"voxel indices) a box's corners must share their {axis_si} (the file's axis along S-I), not k."
+    )
+
+
 def _numbers(values, shape: tuple[int, ...], what: str, expected: str) -> np.ndarray | None:
     """``values`` as a finite float array of ``shape``, or None when it has another shape."""
     try:
@@ -174,14 +215,17 @@ def _numbers(values, shape: tuple[int, ...], what: str, expected: str) -> np.nda
     return arr
 
 
-def box_from_corners(corners, system: str, geometry: ImageGeometry, what: str) -> tuple[int, tuple]:
-    """Two opposite corners of an axial box -> (k, (i0, j0, i1, j1)) in voxel indices."""
+def box_from_corners(
+    corners, system: str, geometry: ImageGeometry, what: str, ijk_geometry: ImageGeometry | None = None
+) -> tuple[int, tuple]:
+    """Two opposite corners of an axial box -> (k, (i0, j0, i1, j1)) in voxel indices of ``geometry``
+    (``ijk_geometry``: the grid IJK values refer to, see :func:`_to_ijk`)."""
     arr = _numbers(corners, (2, 3), what, "two corners [[x0, y0, z], [x1, y1, z]]")
     if arr is None:
         raise PromptError(f"{what} must be two corners [[x0, y0, z], [x1, y1, z]], got {corners!r}.")
-    ijk = _to_ijk(arr, system, geometry)
-    _check_inside(ijk, geometry, what, arr, system)
-    k = _slice_index(ijk[:, 2], what, geometry)
+    ijk = _to_ijk(arr, system, geometry, ijk_geometry)
+    _check_inside(ijk, geometry, what, arr, system, ijk_geometry=ijk_geometry)
+    k = _slice_index(ijk[:, 2], what, geometry, ijk_geometry)
     i0, i1 = sorted(ijk[:, 0])
     j0, j1 = sorted(ijk[:, 1])
     if i1 - i0 < 1.0 or j1 - j0 < 1.0:
@@ -192,17 +236,18 @@ def box_from_corners(corners, system: str, geometry: ImageGeometry, what: str) -
 
 
 def point_to_slice(
-    point, system: str, geometry: ImageGeometry, what: str, markups: bool = False
+    point, system: str, geometry: ImageGeometry, what: str, markups: bool = False,
+    ijk_geometry: ImageGeometry | None = None,
 ) -> tuple[int, tuple[float, float]]:
     """A point -> (k, (i, j)); ``markups``: it comes from a Slicer markups file (LPS or RAS, key coordinateSystem)."""
     arr = _numbers(point, (3,), what, "[x, y, z]")
     if arr is None:
         raise PromptError(f"{what} must be [x, y, z], got {point!r}.")
-    ijk = _to_ijk(arr[None], system, geometry)
+    ijk = _to_ijk(arr[None], system, geometry, ijk_geometry)
     if markups:
         _check_inside(ijk, geometry, what, arr, system, ("LPS", "RAS"), "coordinateSystem")
     else:
-        _check_inside(ijk, geometry, what, arr, system)
+        _check_inside(ijk, geometry, what, arr, system, ijk_geometry=ijk_geometry)
     k = int(round(float(ijk[0, 2])))
     return min(max(k, 0), geometry.size_ijk[2] - 1), (float(ijk[0, 0]), float(ijk[0, 1]))
 
@@ -275,9 +320,13 @@ def _color(values: list[float] | None) -> tuple[float, float, float] | None:
 
 
 def parse_prompts(
-    data: dict, geometry: ImageGeometry, base_dir: str | Path = ".", source: str = "prompts"
+    data: dict, geometry: ImageGeometry, base_dir: str | Path = ".", source: str = "prompts",
+    ijk_geometry: ImageGeometry | None = None,
 ) -> list[SegmentPrompts]:
     """Validate a prompts dictionary (schema: :mod:`liversam.prompt_schema`) and convert it to IJK prompts.
+
+    The prompts come out in voxel indices of ``geometry``; ``ijk_geometry`` is the grid whose voxel indices a file in
+    IJK gives (the input file's, when ``geometry`` is its axial reorientation); None: ``geometry``.
 
     Raises :class:`PromptError` whose message gives the JSON path of the offending value.
     """
@@ -297,14 +346,17 @@ def parse_prompts(
             propagate=entry.propagate,
         )
         for b, corners in enumerate(entry.boxes):
-            k, box = box_from_corners(corners, system, geometry, f"{where}.boxes[{b}] (segment '{name}' box {b})")
+            k, box = box_from_corners(corners, system, geometry, f"{where}.boxes[{b}] (segment '{name}' box {b})",
+                                      ijk_geometry)
             seg.add(k, SlicePrompts(boxes_ij=[box]))
         for p, point in enumerate(entry.points):
-            k, ij = point_to_slice(point, system, geometry, f"{where}.points[{p}] (segment '{name}' point {p})")
+            k, ij = point_to_slice(point, system, geometry, f"{where}.points[{p}] (segment '{name}' point {p})",
+                                   ijk_geometry=ijk_geometry)
             seg.add(k, SlicePrompts(points_pos_ij=[ij]))
         for p, point in enumerate(entry.negative_points):
             k, ij = point_to_slice(
-                point, system, geometry, f"{where}.negative_points[{p}] (segment '{name}' negative point {p})"
+                point, system, geometry, f"{where}.negative_points[{p}] (segment '{name}' negative point {p})",
+                ijk_geometry=ijk_geometry,
             )
             seg.add(k, SlicePrompts(points_neg_ij=[ij]))
         for negative in (False, True):
@@ -351,8 +403,11 @@ def _lesions_inside_the_liver(entries, segments: list[SegmentPrompts], source: s
                  "\"inside\": null to segment it on its own)", source, index, seg.name, livers[0])
 
 
-def load_prompts(path: str | Path, geometry: ImageGeometry) -> list[SegmentPrompts]:
-    """Read PROMPTS.json (or a single Slicer .mrk.json, taken as one segment named 'liver')."""
+def load_prompts(
+    path: str | Path, geometry: ImageGeometry, ijk_geometry: ImageGeometry | None = None
+) -> list[SegmentPrompts]:
+    """Read PROMPTS.json (or a single Slicer .mrk.json, taken as one segment named 'liver'); ``ijk_geometry``: the
+    grid a PROMPTS.json in IJK refers to, when it is not ``geometry`` (see :func:`parse_prompts`)."""
     path = Path(path)
     if path.name.lower().endswith(".mrk.json"):
         return _markups_as_liver(path, geometry)
@@ -362,7 +417,7 @@ def load_prompts(path: str | Path, geometry: ImageGeometry) -> list[SegmentPromp
     if _is_markups_document(data):
         log.info("'%s' is a 3D Slicer markups file (it has 'markups', no 'segments'): one segment, 'liver'", path)
         return _markups_as_liver(path, geometry)
-    return parse_prompts(data, geometry, base_dir=path.parent, source=f"'{path}'")
+    return parse_prompts(data, geometry, base_dir=path.parent, source=f"'{path}'", ijk_geometry=ijk_geometry)
 
 
 def _is_markups_document(data) -> bool:

@@ -80,9 +80,13 @@ def test_a_markups_roi_with_ras_values_marked_lps_is_told_the_markups_key(tmp_pa
     assert 'write "coordinateSystem": "RAS"' in capsys.readouterr().err
 
 
-def test_a_box_on_an_axial_plane_of_a_sagittal_ct_says_the_slices_are_sagittal(tmp_path, capsys):
-    sagittal = (0, 0, 1, 0, 1, 0, 1, 0, 0)  # i runs along z, k along x: the CT's slices are sagittal
-    ct = _write_ct(tmp_path / "sagittal.nrrd", direction=sagittal)
+def test_a_box_on_an_axial_plane_of_an_oblique_sagittal_ct_says_the_slices_are_sagittal(tmp_path, capsys):
+    """A sagittal CT whose in-plane axes are turned 35 degrees about L-R: no reordering of its voxels gives axial
+    slices (test_axial_reorientation.py: a sagittal CT whose axes follow the patient's is segmented on its axial
+    slices), so a box must lie on one of its own slices."""
+    c, s = np.cos(np.deg2rad(35.0)), np.sin(np.deg2rad(35.0))
+    turned = np.array([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]]) @ np.array([[0, 0, 1], [0, 1, 0], [1, 0, 0]])
+    ct = _write_ct(tmp_path / "sagittal.nrrd", direction=tuple(turned.ravel()))  # k along x: sagittal slices
     box = [[12.0, 15.0, 20.0], [15.0, 30.0, 20.0]]  # one axial plane, z = 20: two sagittal slices apart
     prompts = _json(
         tmp_path / "p.json", {"coordinate_system": "LPS", "segments": [{"name": "liver", "boxes": [box]}]}

@@ -276,7 +276,11 @@ def test_a_point_lands_on_the_clicked_voxel_of_a_tilted_ct(tmp_path):
 
 
 def test_a_ct_in_sagittal_slices_is_named_and_its_prompts_refused(tmp_path):
-    ct_path = write_nrrd(tmp_path / "sagittal.nrrd", synthetic_ct(), SAGITTAL)
+    # oblique sagittal slices (turned 35 deg about L-R): no reordering of its voxels gives axial slices
+    # (test_reoriented_ct.py: a sagittal CT whose axes follow the patient's is opened on its axial slices)
+    turn = np.deg2rad(35.0)
+    oblique = np.array([[1.0, 0.0, 0.0], [0.0, np.cos(turn), -np.sin(turn)], [0.0, np.sin(turn), np.cos(turn)]])
+    ct_path = write_nrrd(tmp_path / "sagittal.nrrd", synthetic_ct(), oblique @ SAGITTAL)
     client = FakeServer()
     app = new_app(client)
 

@@ -26,7 +26,13 @@ from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.utils import write_client_files_to_dir
 from vtkmodules.vtkCommonCore import vtkCommand
 
-from .mrml_scene import InputError, SceneContent, list_input_files, load_ct_with_source
+from .mrml_scene import (
+    InputError,
+    SceneContent,
+    list_input_files,
+    load_ct_with_source,
+    reorient_volume_to_axial,
+)
 from .server_client import LiverSAMClient, LiverSAMClientError, ServerRequestError, ServerUnavailable
 from .slice_prompting import SlicePrompting
 from .volume_geometry import (
@@ -316,7 +322,9 @@ class LiverSAMWebApp:
         new_content: SceneContent | None = None
         try:
             volume, dicom = load_ct_with_source(self.slicer_app, files, what)
-            new_content = SceneContent(self.slicer_app, volume, dicom)
+            # a sagittal / coronal CT is shown and segmented on its axial slices (its voxels reordered, none resampled)
+            reorientation = reorient_volume_to_axial(volume)
+            new_content = SceneContent(self.slicer_app, volume, dicom, reorientation)
             geometry = server_geometry(new_content.ijk_to_ras)
             array = new_content.array
             info = await asyncio.to_thread(
@@ -375,6 +383,9 @@ class LiverSAMWebApp:
         note = "Drag a box around the liver in the axial (red) view." if plane == "axial" else (
             f"Its slices are {plane}, not axial: LiverSAM prompts and propagates on axial slices, so it cannot "
             "segment this file. Resample it to axial slices (e.g. 3D Slicer's Resample Scalar Volume) and open that.")
+        if content.reorientation is not None:
+            note = (f"It is stored in {content.reorientation.input_plane} slices: shown and segmented on its axial "
+                    "slices (its voxels reordered, none resampled); exports lie on the file's own grid. " + note)
         with self.state:
             self.state.update({
                 "busy": False, "busy_text": "",  # with the status line: the page never shows "Opened" while busy
@@ -820,6 +831,12 @@ class LiverSAMWebApp:
             return False
         if not any(mask.any() for mask in workflow.masks.values()):
             self._error("Nothing to export yet: segment the liver (or a tumour) first.")
+            return False
+        if content.reorientation is not None:
+            # the server's session holds the axial slices, and a DICOM SEG's frames must be the series' own slices
+            self._error(f"DICOM SEG is not written here for a series stored in {content.reorientation.input_plane} "
+                        "slices (the web app segments its axial slices). Export .seg.nrrd (on the series' own grid), "
+                        "then run: liversam export liversam.seg.nrrd --reference-dicom SERIES_FOLDER --output seg.dcm")
             return False
         dicom = content.dicom
 

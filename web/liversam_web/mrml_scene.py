@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pydicom
@@ -30,8 +31,12 @@ from vtkmodules.util.numpy_support import numpy_to_vtk, vtk_to_numpy
 from vtkmodules.vtkCommonDataModel import vtkImageData
 from vtkmodules.vtkCommonMath import vtkMatrix4x4
 
-from .volume_geometry import ijk_to_ras
+from . import server_client  # noqa: F401 - puts the checkout's LiverSAM folder on sys.path (liversam, imported below)
+from .volume_geometry import ijk_to_ras, server_geometry
 from .workflow import SEGMENTS, SlicePrompts
+
+if TYPE_CHECKING:
+    from liversam.axial_orientation import AxialReorientation
 
 SEGMENT_COLORS = {"liver": (0.86, 0.47, 0.35), "tumor": (0.35, 0.85, 0.35)}
 MAX_FOLDER_FILES = 20000
@@ -174,6 +179,33 @@ def check_ct(volume, what: str) -> None:
                          f"{high:g}, while a CT has air near -1000 HU. Open an abdominal CT (not MRI, not a mask).")
 
 
+def reorient_volume_to_axial(volume) -> AxialReorientation | None:
+    """A CT stored in sagittal or coronal slices whose axes each follow a patient axis: its voxels reordered in the
+    node onto axial slices (``liversam.axial_orientation``: no interpolation, each voxel keeps its value and its
+    place in patient space), so that it is shown, prompted and propagated on axial slices like any CT. Returns how
+    (exports go back onto the file's own grid with it), or None for an axial or an oblique CT (left as it is)."""
+    # liversam's numpy-only modules, from this checkout (server_client put its LiverSAM folder on sys.path)
+    from liversam.axial_orientation import axial_reorientation
+    from liversam.geometry import ImageGeometry
+
+    matrix = volume_ijk_to_ras(volume)
+    ni, nj, nk = volume.GetImageData().GetDimensions()
+    server = server_geometry(matrix)
+    geometry = ImageGeometry(size_ijk=(ni, nj, nk), spacing_mm=server.spacing, origin_lps=server.origin_lps,
+                             direction_lps=np.reshape(server.direction_lps, (3, 3)))
+    reorientation = axial_reorientation(geometry)
+    if reorientation is None:
+        return None
+    axial_array = reorientation.to_axial(volume_array(volume))
+    image = vtkImageData()
+    ai, aj, ak = reorientation.axial_geometry.size_ijk
+    image.SetDimensions(ai, aj, ak)
+    image.GetPointData().SetScalars(numpy_to_vtk(axial_array.ravel(), deep=True))
+    volume.SetIJKToRASMatrix(numpy_to_matrix(reorientation.axial_geometry.ijk_to_ras_matrix))
+    volume.SetAndObserveImageData(image)
+    return reorientation
+
+
 def _remove_new_nodes(scene, before: set[str]) -> None:
     new = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
     for node in new:
@@ -193,11 +225,14 @@ def oriented_image(mask_kji: np.ndarray, ijk_to_ras_matrix: np.ndarray) -> vtkOr
 class SceneContent:
     """The CT, the liver/tumour segmentation and the prompt markups of the current case."""
 
-    def __init__(self, slicer_app, volume, dicom: DicomSource | None = None) -> None:
+    def __init__(self, slicer_app, volume, dicom: DicomSource | None = None,
+                 reorientation: AxialReorientation | None = None) -> None:
         self.app = slicer_app
         self.scene = slicer_app.scene
         self.volume = volume
         self.dicom = dicom  # the DICOM series the CT was read from (a DICOM SEG references it)
+        # a sagittal / coronal file shown on its axial slices (reorient_volume_to_axial): exports go back to its grid
+        self.reorientation = reorientation
         self.ijk_to_ras = volume_ijk_to_ras(volume)
         self.array = volume_array(volume)
         self.shape_kji = tuple(int(s) for s in self.array.shape)
@@ -295,15 +330,44 @@ class SceneContent:
 
     # --- export ----------------------------------------------------------------------------------------
     def write_segmentation(self, path: Path) -> None:
-        """Slicer's .seg.nrrd (both segments, overlapping allowed: one layer each), as Slicer's Save writes it."""
-        storage = vtkMRMLSegmentationStorageNode()
-        storage.SetFileName(str(path))
-        storage.SetUseCompression(True)
-        if not storage.WriteData(self.segmentation) or not path.is_file():
-            raise OSError(f"the segmentation could not be written to {path}")
+        """Slicer's .seg.nrrd (both segments, overlapping allowed: one layer each), as Slicer's Save writes it; for
+        a reoriented CT on the file's own grid (the same voxels, in the file's order)."""
+        segmentation, temporary = self.segmentation, None
+        if self.reorientation is not None:
+            temporary = segmentation = self._on_input_grid()
+        try:
+            storage = vtkMRMLSegmentationStorageNode()
+            storage.SetFileName(str(path))
+            storage.SetUseCompression(True)
+            if not storage.WriteData(segmentation) or not path.is_file():
+                raise OSError(f"the segmentation could not be written to {path}")
+        finally:
+            if temporary is not None:
+                self.scene.RemoveNode(temporary)
+
+    def _on_input_grid(self) -> vtkMRMLSegmentationNode:
+        """A scene copy of the segments on the CT file's own grid (before the reorientation), for writing."""
+        assert self.reorientation is not None
+        matrix = self.reorientation.input_geometry.ijk_to_ras_matrix
+        node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "LiverSAM (file grid)")
+        assert isinstance(node, vtkMRMLSegmentationNode)
+        segments = self.segmentation.GetSegmentation()
+        for name in SEGMENTS:
+            segment = segments.GetSegment(name)
+            node.GetSegmentation().AddEmptySegment(name, name, list(segment.GetColor()) if segment else
+                                                   list(SEGMENT_COLORS[name]))
+            mask = self.reorientation.to_input(self.segment_mask(name))
+            vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+                oriented_image(mask, matrix), node, name, vtkSlicerSegmentationsModuleLogic.MODE_REPLACE, None)
+        return node
 
     def write_labelmap(self, labels_kji: np.ndarray, path: Path) -> None:
-        """A labelmap volume on the CT's grid (liver 1, tumour 2), .nii.gz or .nrrd, LPS on disk."""
+        """A labelmap volume on the CT's grid (liver 1, tumour 2), .nii.gz or .nrrd, LPS on disk; for a reoriented
+        CT on the file's own grid."""
+        matrix = self.ijk_to_ras
+        if self.reorientation is not None:
+            labels_kji = self.reorientation.to_input(labels_kji)
+            matrix = self.reorientation.input_geometry.ijk_to_ras_matrix
         node = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "LiverSAM labels")
         assert isinstance(node, vtkMRMLLabelMapVolumeNode)
         try:
@@ -311,7 +375,7 @@ class SceneContent:
             nk, nj, ni = labels_kji.shape
             image.SetDimensions(ni, nj, nk)
             image.GetPointData().SetScalars(numpy_to_vtk(np.ascontiguousarray(labels_kji, np.uint8).ravel(), deep=True))
-            node.SetIJKToRASMatrix(numpy_to_matrix(self.ijk_to_ras))
+            node.SetIJKToRASMatrix(numpy_to_matrix(matrix))
             node.SetAndObserveImageData(image)
             storage = vtkMRMLVolumeArchetypeStorageNode()
             storage.SetFileName(str(path))

@@ -7,11 +7,15 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import OutputError
 from ..freed_memory import return_freed_memory_to_os
 from ..output_paths import check_outputs, dicom_folder_of_file, model_input_path
 from ..progress import ProgressReporter
+
+if TYPE_CHECKING:
+    from ..axial_orientation import AxialReorientation
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +92,7 @@ def _thin_slice_mm(text: str) -> float:
 
 def run(args: argparse.Namespace) -> int:
     from ..acceleration import describe_acceleration
+    from ..axial_orientation import reorient_to_axial
     from ..ct_io import check_hounsfield_units, check_not_label_mask, implausible_spacing_warning, read_ct
     from ..dense_crf import crf_for_segments
     from ..lesion_rim import LesionRimSettings
@@ -141,7 +146,13 @@ def run(args: argparse.Namespace) -> int:
             f"replaced {volume.metadata['nonfinite_replaced']} non-finite CT voxel(s) by "
             f"{volume.metadata['nonfinite_value']:g} (--replace-nonfinite)"
         )
-    segments = load_prompts(args.prompts, volume.geometry)
+    # A sagittal or coronal CT is segmented on its axial slices (the model's and the boxes' plane): its voxels
+    # permuted, no interpolation; every output goes back onto its own grid. IJK prompts name the file's voxels.
+    input_geometry = volume.geometry
+    volume, reorientation = reorient_to_axial(volume)
+    if reorientation is not None:
+        log.info("%s", reorientation.describe())
+    segments = load_prompts(args.prompts, volume.geometry, ijk_geometry=input_geometry)
     crf = crf_for_segments(args.crf, segments)  # before the model: a missing package or a wrong name fails fast
     if args.check_only:
         print(
@@ -168,7 +179,8 @@ def run(args: argparse.Namespace) -> int:
     predictor.cache.clear()  # the slice embeddings (2 MB a slice) are not needed for writing: memory for the writer
     return_freed_memory_to_os()  # and give it back, so that the writer's array does not come on top of it
     result.provenance["prompts"] = str(args.prompts)
-    write_segmentation(result, output, reference_dicom=dicom_folder if fmt == "dicom-seg" else None, model_name=model.name)
+    written = result if reorientation is None else reorientation.result_to_input(result)  # the input's own grid
+    write_segmentation(written, output, reference_dicom=dicom_folder if fmt == "dicom-seg" else None, model_name=model.name)
 
     also_wrote = []
     if args.report:
@@ -176,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
         from ..review import build_review_report
 
         report = build_review_report(result, ct_kji=volume.array_kji)
+        if reorientation is not None:  # its slice numbers are those of the axial slices the CT was segmented on
+            report["slice_grid"] = _axial_grid_note(reorientation)
         write_text_atomically(args.report, json.dumps(report, indent=2))
         also_wrote.append(f"wrote {args.report} (review report: {_review_summary(report)})")
     if args.lesions:
@@ -197,6 +211,22 @@ def run(args: argparse.Namespace) -> int:
     for line in also_wrote:
         print(line)
     return 0
+
+
+def _axial_grid_note(reorientation: AxialReorientation) -> dict:
+    """What the review report's slice numbers are for a CT segmented reoriented: its axial slices k."""
+    geometry = reorientation.axial_geometry
+    return {
+        "slices": "axial",
+        "input_slices": reorientation.input_plane,
+        "note": "slice numbers k are the axial slices the CT was segmented on (its voxels reoriented, no "
+        "interpolation), not the file's own slices; a slice's LPS position is origin_lps + k * "
+        "direction_lps[:, 2] * spacing_mm[2]",
+        "size_ijk": list(geometry.size_ijk),
+        "spacing_mm": list(geometry.spacing_mm),
+        "origin_lps": list(geometry.origin_lps),
+        "direction_lps": geometry.direction_lps.tolist(),
+    }
 
 
 def _warn_about_empty_segments(result) -> None:

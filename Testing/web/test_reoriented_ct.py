@@ -1,0 +1,100 @@
+"""A CT stored in sagittal or coronal slices opens in the web app on its axial slices (its voxels reordered, none
+resampled: liversam.axial_orientation): a box is drawn in the red (axial) view as for any CT, the server gets the
+axial slices, and the exports lie on the file's own grid, each voxel where the file has it. In this process, with
+the stand-in server client of test_app_in_process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from test_app_in_process import (
+    SHAPE,
+    FakeServer,
+    drag_box,
+    labelled_points,
+    new_app,
+    open_ct,
+    screen_xy,
+    settle,
+    synthetic_ct,
+    write_nrrd,
+)
+
+# direction matrices in LPS (columns: the file's i, j, k axes); each file's k axis is not S-I
+STORED = {
+    # k towards the patient's right, i towards anterior, j towards superior
+    "sagittal-flipped": np.array([[0.0, 0.0, -1.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]),
+    # i towards left, j towards inferior, k towards posterior
+    "coronal": np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]]),
+}
+
+
+def _file_info(path: str) -> dict:
+    """Size and direction of an image file, read with SimpleITK in the server's Python."""
+    from web_page import server_side
+
+    return server_side(
+        "import SimpleITK as sitk\n"
+        "image = sitk.ReadImage(inputs['files']['f'])\n"
+        "out = {'size': list(image.GetSize())[:3], 'direction': list(image.GetDirection())}\n",
+        files={"f": path},
+    )
+
+
+@pytest.mark.parametrize("name", list(STORED))
+def test_a_sagittal_or_coronal_ct_is_prompted_on_axial_slices_and_exported_on_its_own_grid(name, tmp_path):
+    direction = STORED[name]
+    ct = synthetic_ct()
+    ct_path = write_nrrd(tmp_path / f"{name}.nrrd", ct, direction)
+    client = FakeServer()
+    app = new_app(client)
+
+    async def scenario():
+        await open_ct(app, ct_path)
+        content = app.content
+        plane = name.split("-")[0]
+        assert f"stored in {plane} slices: shown and segmented on its axial slices" in app.state.status
+        assert "Drag a box" in app.state.status and not app.state.error
+        assert content.reorientation is not None and content.reorientation.input_plane == plane
+        # the scene's volume and the server's session hold the axial slices: k runs along S-I
+        assert int(np.argmax(np.abs(content.ijk_to_ras[:3, 2]))) == 2
+        sent = client.sessions[app.workflow.session_id][0]
+        np.testing.assert_array_equal(sent, content.reorientation.to_axial(ct))  # the same voxels, reordered
+        marker = np.argwhere(content.array == 300)  # [k, j, i] on the axial grid
+        k = int(marker[len(marker) // 2][0])
+        app._jump(k)
+        i0, j0 = int(marker[:, 2].min()) - 1, int(marker[:, 1].min()) - 2
+        i1, j1 = i0 + 4, j0 + 6
+        for corner in ((i0, j0, k), (i1, j1, k)):
+            assert abs(screen_xy(app, corner)[2]) < 1e-3, (
+                "the red view does not show axial slice k as a whole"
+            )
+        drag_box(app, (i0, j0, k), (i1, j1, k))
+        await settle(app)
+        assert not app.state.error, app.state.error
+        predict = [c for c in client.calls if c[0] == "predict"][-1]
+        assert predict[2] == k
+        assert np.allclose(predict[3][0], (i0, j0, i1, j1), atol=0.25), predict
+        mask = app.workflow.masks["liver"]
+        assert mask[k].sum() == 5 * 7
+        content.write_labelmap(app.workflow.labelmap(), tmp_path / "labels.nii.gz")
+        content.write_segmentation(tmp_path / "case.seg.nrrd")
+        return content.reorientation.to_input(mask)
+
+    on_file_grid = asyncio.run(scenario())
+    assert on_file_grid.shape == SHAPE
+    # the exports hold the box's voxels where the CT file has them (physical points, read with SimpleITK) ...
+    expected = labelled_points(
+        str(write_nrrd(tmp_path / "expected.nrrd", on_file_grid.astype(np.int16), direction))
+    )
+    assert len(expected) == 35
+    assert np.allclose(labelled_points(str(tmp_path / "labels.nii.gz")), expected, atol=1e-2)
+    assert np.allclose(labelled_points(str(tmp_path / "case.seg.nrrd")), expected, atol=1e-2)
+    # ... on the file's own grid: its voxel axes in the file's order
+    for exported in ("labels.nii.gz", "case.seg.nrrd"):
+        info = _file_info(str(tmp_path / exported))
+        assert np.allclose(np.reshape(info["direction"], (3, 3)), direction, atol=1e-6), (exported, info)
+    assert _file_info(str(tmp_path / "labels.nii.gz"))["size"] == [SHAPE[2], SHAPE[1], SHAPE[0]]
