@@ -24,6 +24,7 @@ from slicer import (
     vtkMRMLSliceNode,
     vtkMRMLVolumeArchetypeStorageNode,
     vtkOrientedImageData,
+    vtkSegmentationConverter,
     vtkSlicerSegmentationsModuleLogic,
 )
 from trame_slicer.core.volumes_reader import VolumesReader
@@ -351,6 +352,14 @@ class SceneContent:
         matrix = self.reorientation.input_geometry.ijk_to_ras_matrix
         node = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "LiverSAM (file grid)")
         assert isinstance(node, vtkMRMLSegmentationNode)
+        # the file's whole grid as the reference geometry (as SceneContent's own node has the CT's): without it the
+        # .seg.nrrd is written cropped to the segments' extent, not on the file's grid
+        grid = vtkOrientedImageData()
+        grid.SetDimensions(*self.reorientation.input_geometry.size_ijk)
+        grid.SetImageToWorldMatrix(numpy_to_matrix(matrix))
+        node.GetSegmentation().SetConversionParameter(
+            vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
+            vtkSegmentationConverter.SerializeImageGeometry(grid))
         segments = self.segmentation.GetSegmentation()
         for name in SEGMENTS:
             segment = segments.GetSegment(name)

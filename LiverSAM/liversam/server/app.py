@@ -379,20 +379,27 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
         window = _window(body.window_level, body.window_width)
         header = await run_in_threadpool(_ct_header, path)
         reading = 0  # what reading the CT holds: the CT, and read_ct's second copy of it until it returns
+        room = None
         if header is not None:
             check_voxels(header[0], f"'{body.path}'")
-            ct_bytes = reading = header[0] * header[1]
-            await asyncio.wrap_future(state.sessions.make_room(ct_bytes, transient=ct_bytes))  # before reading it
-            reading += ct_bytes
+            ct_bytes = header[0] * header[1]
+            # held back in the budget from the moment room is made until the CT is read: another open, a mask or a
+            # cache deciding meanwhile counts it (given back below, also when reading fails or the client is gone)
+            room = state.sessions.make_room(ct_bytes, transient=ct_bytes, reserve=2 * ct_bytes)
+            reading = 2 * ct_bytes
         from ..ct_io import check_hounsfield_units, check_not_label_mask, read_ct
 
         try:
-            volume = await run_in_threadpool(state.sessions.reserving(reading, read_ct), path, body.series_uid,
-                                             body.allow_non_ct, body.series_number)
+            if room is not None:
+                await asyncio.wrap_future(room)  # before reading it
+            volume = await run_in_threadpool(read_ct, path, body.series_uid, body.allow_non_ct, body.series_number)
         except LiverSAMError:
             raise
         except (OSError, ValueError, RuntimeError) as exc:
             raise InputImageError(f"'{body.path}' cannot be read as a CT: {exc}") from exc
+        finally:  # (run_in_threadpool returns, also on a cancelled request, only once read_ct has)
+            if reading:
+                state.sessions.unreserve(reading)
         if not body.allow_non_ct:
             for check in (check_not_label_mask, check_hounsfield_units):
                 await run_in_threadpool(check, volume, "if this really is a CT, send allow_non_ct: true")
@@ -533,7 +540,8 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
         job = state.jobs.get(job_id, owner(request))
         if job.released:
             raise Refused(410, f"job '{job_id}' is done, but its result was released to save memory: the server keeps "
-                               f"the results of each session's last {state.jobs.keep_results} jobs; fetch a result "
+                               f"the results of each session's last {state.jobs.keep_results} jobs (fewer, those of replaced "
+                               "masks, when its memory budget is full); fetch a result "
                                f"when its job finishes. The masks it wrote are in the session (GET /v1/sessions/"
                                f"{job.session.id}) unless a later job replaced them")
         if job.state != "done" or job.output is None:

@@ -290,7 +290,7 @@ class JobStore:
             if job.cancelled():  # cancelled after the last check inside the core: still write nothing
                 raise Cancelled()
             masks = {seg.name: seg.mask_kji for seg in output.result.segments}
-            job.warning = self.keep_masks(job.session, masks, lambda: self._release_old_results(job.session, keep=0))
+            job.warning = self.keep_masks(job.session, masks, lambda: self._release_superseded_results(job.session, masks))
             if job.warning:
                 log.warning("job %s of session %s: %s", job.id, job.session.id, job.warning)
             job.output, job.state = output, "done"
@@ -317,13 +317,24 @@ class JobStore:
         job.session.last_used = time.monotonic()  # polling a job or fetching its result uses its session
         return job
 
-    def _release_old_results(self, session: Session, keep: int | None = None) -> None:
-        """Drop the results of the session's finished jobs but the newest ``keep`` (``keep_results``)."""
-        keep = self.keep_results if keep is None else keep
+    def _release_old_results(self, session: Session) -> None:
+        """Drop the results of the session's finished jobs but the newest ``keep_results``."""
         with self._lock:
             done = [j for j in self._jobs.values() if j.session is session and j.output is not None]
-        for job in done[: max(0, len(done) - keep)]:
+        for job in done[: max(0, len(done) - self.keep_results)]:
             job.output, job.released = None, True
+
+    def _release_superseded_results(self, session: Session, replacing: dict[str, np.ndarray]) -> None:
+        """Drop the results of the session's finished jobs that hold a mask the session no longer holds, or is about
+        to replace with ``replacing``: only those free memory. A result whose masks are all the session's current ones
+        frees nothing (the session holds the same arrays) and stays fetchable (it may not have been fetched yet).
+        Under the session store's lock (the session's masks do not change meanwhile)."""
+        current = {id(mask) for name, mask in session.masks.items() if name not in replacing}
+        with self._lock:
+            done = [j for j in self._jobs.values() if j.session is session and j.output is not None]
+        for job in done:
+            if any(id(seg.mask_kji) not in current for seg in job.output.result.segments):
+                job.output, job.released = None, True
 
     def result_masks(self, session: Session) -> list[np.ndarray]:
         """The full-volume masks of the session's job results the store keeps (counted in the memory budget)."""

@@ -9,8 +9,8 @@ Memory: the sessions together hold at most ``memory_limit_bytes`` (CT arrays, em
 results the server keeps, :mod:`.memory`). Opening a CT that would go over it evicts the least recently used idle
 sessions (no job running) of any owner first, and is refused (:class:`ServerFull`, 503) when that cannot make room;
 an uploaded mask does the same (never evicting its own session), and a finished job's masks are always kept
-(:meth:`SessionStore.keep_job_masks`). A CT being read counts with the copy reading makes
-(:meth:`SessionStore.reserving`). A cache that grows over it evicts other sessions idle for
+(:meth:`SessionStore.keep_job_masks`). A CT being read counts with the copy reading makes, from the moment room
+is made for it (:meth:`SessionStore.make_room`, ``reserve``). A cache that grows over it evicts other sessions idle for
 :data:`IDLE_BEFORE_A_CACHE_EVICTS_S` or more, else gives up its own oldest slices. A closed session's memory is freed
 on a thread of its own, never on the caller's (the event loop): dropping a 1 GB cache takes about 100 ms.
 """
@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import numpy as np
 
@@ -39,7 +38,6 @@ from .memory import HeldBytes, distinct_nbytes, mb
 #: A growing embedding cache evicts only sessions nobody has used for this long: two users working at once must not
 #: evict each other's CT slice by slice (each would then upload it again and evict the other's in turn).
 IDLE_BEFORE_A_CACHE_EVICTS_S = 300.0
-T = TypeVar("T")
 
 
 class SessionNotFound(LookupError):
@@ -126,7 +124,7 @@ class SessionStore:
         self.result_masks = result_masks
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
-        #: bytes held back in the budget for CTs being read (see :meth:`reserving`)
+        #: bytes held back in the budget for CTs being read (see :meth:`make_room`)
         self._reserved = 0
         self._releaser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="liversam-release")
 
@@ -147,20 +145,10 @@ class SessionStore:
         lock."""
         return self._held_by(self._sessions.values()).total + self._reserved
 
-    def reserving(self, nbytes: int, read: Callable[..., T]) -> Callable[..., T]:
-        """``read`` holding ``nbytes`` back in the budget while it runs: a CT being read (and the second copy reading
-        makes) counts for the caches, masks and opens deciding meanwhile."""
-
-        def reserved(*args: object) -> T:
-            with self._lock:
-                self._reserved += nbytes
-            try:
-                return read(*args)
-            finally:
-                with self._lock:
-                    self._reserved -= nbytes
-
-        return reserved
+    def unreserve(self, nbytes: int) -> None:
+        """Give back ``nbytes`` held back by :meth:`make_room` (``reserve``) once the CT is read (or was not)."""
+        with self._lock:
+            self._reserved -= nbytes
 
     def _least_recently_used_idle(
         self, bytes_needed: int, slots_needed: int, keep: str | None = None, idle_for_s: float = 0.0
@@ -221,11 +209,14 @@ class SessionStore:
             "--session-memory-gb (or --max-sessions)"
         )
 
-    def make_room(self, nbytes: int, transient: int = 0) -> Future:
+    def make_room(self, nbytes: int, transient: int = 0, reserve: int = 0) -> Future:
         """Evict what a new session of ``nbytes`` needs gone now (before its CT is read), or raise ServerFull. The
         Future is done when the evicted sessions' memory is freed (on the release thread). ``transient``: what reading
         the CT holds besides it for a moment (read_ct's second copy), made room for too when idle sessions can give
-        it; a CT that fits only without it still opens (the copy is gone once it is read)."""
+        it; a CT that fits only without it still opens (the copy is gone once it is read). ``reserve``: bytes held
+        back in the budget from this decision on (the CT being read, and its copy), so that the caches, masks and
+        opens deciding meanwhile count them, until the caller gives them back (:meth:`unreserve`); nothing is held
+        back when ServerFull is raised."""
         with self._lock:
             try:
                 evicted = self._evict_for_new(nbytes + transient)
@@ -233,6 +224,7 @@ class SessionStore:
                 if not transient:
                     raise
                 evicted = self._evict_for_new(nbytes)
+            self._reserved += reserve
         return self._release_later(evicted)
 
     # --- masks arriving in a session ---------------------------------------------------------------------------
@@ -303,7 +295,8 @@ class SessionStore:
     ) -> str | None:
         """Store a finished job's ``masks`` in ``session``: always (a finished propagation is never lost). To stay
         within the budget it gives up, in this order, each step only while the budget is exceeded: the session's
-        older job results (``drop_older_results``; what they wrote stays in its masks unless replaced), the least
+        older job results that hold masks it no longer keeps or is replacing (``drop_older_results``; a result of
+        its current masks frees nothing and stays), the least
         recently used idle sessions of any owner (as an open; never this one), then this session's own embedding
         slices (encoded again when needed). None when the budget holds, else a message with the overshoot (logged
         and reported)."""
