@@ -29,6 +29,7 @@ import os
 import re
 import secrets
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -240,7 +241,7 @@ class LiverSAMClient:
             raise ServerError(exc.code, str(message), method, path) from None
         except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError) as exc:  # noqa: UP041 - 3.9
             reason = getattr(exc, "reason", exc)
-            if data and len(data) > 65536 and isinstance(reason, (ConnectionResetError, BrokenPipeError)) and auth:
+            if data and len(data) > 65536 and isinstance(reason, _SEND_ERRORS) and auth:
                 # The server closed the connection during a large upload and its answer was lost (the connection
                 # reads it when the system kept it: _EarlyAnswer): it refused the request before reading it all.
                 # Find out whether the token is the reason; a server that answers is not lost.
@@ -514,6 +515,11 @@ def _upload_refused(base_url: str, path: str, nbytes: int, info: dict[str, Any])
     return (f"the LiverSAM server at {base_url} stopped reading the {nbytes} bytes sent to {path} and closed the "
             f"connection without an answer this computer could read, but it still answers: it refused the upload "
             f"before reading it, for lack of memory or over a size limit{held}")
+
+
+#: How a connection the server closed during a large upload fails: a reset or broken pipe over HTTP; over HTTPS the
+#: TLS layer reports the closed connection (SSLEOFError, an SSLError) and the server's early answer cannot be read.
+_SEND_ERRORS = (ConnectionResetError, BrokenPipeError, ssl.SSLError)
 
 
 class _EarlyAnswer:

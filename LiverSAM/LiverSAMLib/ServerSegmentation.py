@@ -179,8 +179,11 @@ class CTSession:
     def close_unkept(self, client: LiverSAMClient) -> None:
         """Close the sessions this object opened that the table did not keep (I/O thread); best effort: a session the
         server has lost already, or a server that does not answer, is only logged."""
-        while self.unkept:
-            session = self.unkept.pop()
+        while True:
+            try:  # the I/O thread (a job's end) and the cleanup thread (cancel) may both get here: pop, not check
+                session = self.unkept.pop()
+            except IndexError:
+                return
             try:
                 client.close_session(session)
             except ServerRequestError as error:

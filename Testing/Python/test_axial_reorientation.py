@@ -8,6 +8,8 @@ prompts give the axial run's masks on the copy's own grid.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import json
 import logging
@@ -329,9 +331,12 @@ def segment_runs(tmp_path_factory, lits117_ct_path, litemedsam_openvino_fp32, da
                 # --skip-thin-slices 2 and no CRF for all three runs: half the encodes (lits117 has 1 mm slices)
                 args = build_parser().parse_args(
                     ["segment", str(ct), "--prompts", str(prompts_path), "--output", str(output), "--quiet",
-                     "--report", str(folder / f"{name}_review.json"), "--skip-thin-slices", "2", "--crf", "none"]
+                     "--report", str(folder / f"{name}_review.json"), "--skip-thin-slices", "2", "--crf", "none",
+                     "--lesions", str(folder / f"{name}_lesions.csv")]
                 )  # fmt: skip
-                assert args.run(args) == 0
+                printed = io.StringIO()
+                with contextlib.redirect_stdout(printed):
+                    assert args.run(args) == 0
             finally:
                 logger.removeHandler(handler)
                 logger.setLevel(level)
@@ -343,6 +348,7 @@ def segment_runs(tmp_path_factory, lits117_ct_path, litemedsam_openvino_fp32, da
                 "output": output,
                 "input": ct,
                 "review": json.loads((folder / f"{name}_review.json").read_text()),
+                "printed": printed.getvalue(),
             }
     finally:
         models.load_model = original_load
@@ -378,6 +384,9 @@ def test_sagittal_and_coronal_copies_of_lits117_give_the_axial_runs_segmentation
     assert any("reoriented losslessly" in line and f"stored in {plane} slices" in line for line in run["log"])
     assert not any("reoriented losslessly" in line for line in axial_run["log"])
     assert run["review"]["slice_grid"]["input_slices"] == plane
+    # the lesion table numbers the axial slices too, and the command says so (the review report has slice_grid)
+    assert f"axial slices k of the {plane} CT reoriented" in run["printed"], run["printed"]
+    assert "lesion table" in axial_run["printed"] and "axial slices k" not in axial_run["printed"]
     if (
         plane == "sagittal"
     ):  # the SEG was written (its writer refuses masks off the series' grid) on the series' images

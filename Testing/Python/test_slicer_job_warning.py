@@ -362,3 +362,25 @@ def test_changing_from_a_local_server_stops_it_without_a_request(module_widget, 
     took = edit_server_settings(liversam, widget, monkeypatch, "http://127.0.0.1:9")
     assert took < 0.5 and process.stopped and client.closed == [] and client.cancelled == []
     assert plan.cancelled and widget._job is None and sessions.ids() == []
+
+
+def test_an_upload_whose_tls_connection_the_server_closed_is_not_a_lost_server(monkeypatch):
+    """Over HTTPS the server's early 503 cannot be read: urllib reports the TLS layer's EOF (SSLEOFError in a URLError),
+    not a reset. The server still answers, so the upload was refused (it was ServerUnavailable: "not reachable")."""
+    import ssl
+    import urllib.error
+
+    from LiverSAMLib import ServerClient
+
+    def closed_during_the_upload(request, timeout=None):
+        if request.data:
+            raise urllib.error.URLError(ssl.SSLEOFError(8, "EOF occurred in violation of protocol"))
+        raise AssertionError("only the upload goes through the opener here")
+
+    monkeypatch.setattr(ServerClient._OPENER, "open", closed_during_the_upload)
+    client = LiverSAMClient("https://liversam.example:8443", "token", timeout=10)
+    monkeypatch.setattr(client, "info", lambda: {"memory": {"held_mb": 150.0, "budget_mb": 184.3}})
+    with pytest.raises(UploadRefused, match="refused the upload before reading it") as refused:
+        client.upload_mask("s1", "container", np.ones((100, 512, 512), bool))
+    assert not isinstance(refused.value, ServerUnavailable)
+    assert "150.0 MB of their 184.3 MB memory budget" in str(refused.value)

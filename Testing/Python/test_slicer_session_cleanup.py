@@ -335,3 +335,30 @@ def test_a_request_whose_session_was_forgotten_and_lost_meanwhile_does_not_send_
     with pytest.raises(ServerRequestError, match="unknown session 's1'"):
         session_of.call(client, request)
     assert client.opened == ["s1"]  # no second upload
+
+
+def test_closing_unkept_sessions_from_two_threads_at_once_does_not_fail():
+    """The I/O thread (a job's end) and the cleanup thread (a cancel) may both close a request's unkept sessions: the
+    other thread taking the last one between the emptiness check and the pop raised IndexError."""
+    from LiverSAMLib.ServerSegmentation import CTSession
+
+    class TakenMeanwhile(list):
+        """A list that another thread empties right after this one has seen it non-empty (and closes its sessions;
+        here this thread pops first, as the code now does without checking)."""
+
+        def __bool__(self) -> bool:
+            seen = len(self) > 0
+            self.clear()
+            return seen
+
+        def __len__(self) -> int:
+            return list.__len__(self)
+
+    ct, _liver = liver_phantom(nk=2, n=16)
+    module, client = Module(ct), test_slicer_widget_state.Client()
+    module.calls.close()
+    session_of = module.server.session_work(module.volume, WINDOW)
+    assert isinstance(session_of, CTSession)
+    session_of.unkept = TakenMeanwhile(["s-unkept"])
+    session_of.close_unkept(client)  # no IndexError when the list is emptied between a check and a pop
+    assert client.closed == ["s-unkept"] and list(session_of.unkept) == []

@@ -201,7 +201,8 @@ def reorient_volume_to_axial(volume) -> AxialReorientation | None:
     image = vtkImageData()
     ai, aj, ak = reorientation.axial_geometry.size_ijk
     image.SetDimensions(ai, aj, ak)
-    image.GetPointData().SetScalars(numpy_to_vtk(axial_array.ravel(), deep=True))
+    # to_axial made a copy: VTK uses it as it is (numpy_to_vtk keeps a reference to it with the VTK array)
+    image.GetPointData().SetScalars(numpy_to_vtk(axial_array.ravel(), deep=False))
     volume.SetIJKToRASMatrix(numpy_to_matrix(reorientation.axial_geometry.ijk_to_ras_matrix))
     volume.SetAndObserveImageData(image)
     return reorientation

@@ -197,7 +197,11 @@ def run(args: argparse.Namespace) -> int:
 
         rows = lesion_table(result)
         write_lesion_table(rows, args.lesions)
-        also_wrote.append(f"wrote {args.lesions} (lesion table: {len(rows)} lesion(s))")
+        grid = "" if reorientation is None else (
+            f"; its slice numbers are the axial slices k of the {reorientation.input_plane} CT reoriented, "
+            f"{reorientation.axial_geometry.size_ijk[2]} of them, not the file's own slices"
+        )
+        also_wrote.append(f"wrote {args.lesions} (lesion table: {len(rows)} lesion(s){grid})")
 
     elapsed = time.perf_counter() - started
     voxel_ml = volume.geometry.voxel_volume_mm3 / 1000.0
