@@ -8,6 +8,7 @@ bookkeeping, not the masks. A CT of :data:`SHAPE` int16 holds 80 KiB, so budgets
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 
 import numpy as np
@@ -262,6 +263,10 @@ def test_a_closed_sessions_memory_is_freed_also_when_its_work_was_the_model_thre
         del session
         assert client.delete(f"/v1/sessions/{alice}", headers=auth()).status_code == 204
         wait_for_releases(client)
+        # the model thread drops its last work just after it handed the click's answer over: give it that moment
+        deadline = time.monotonic() + 5.0
+        while any(ref() is not None for ref in freed) and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert [ref() for ref in freed] == [None, None, None], (
             "the closed session's memory is still referenced"
         )
