@@ -35,7 +35,7 @@ from test_slicer_session_cleanup import (
     hung_server,
     live_update,
     session_gone,
-    start_propagation,
+    two_sessions_and_a_running_job,
 )
 from test_slicer_session_recovery import WINDOW, Module
 
@@ -281,23 +281,8 @@ def test_changing_the_server_cancels_the_job_and_closes_the_sessions_on_the_old_
     """The job used to run on to its end on the old server (and the job timer, polling the new server, started it
     again there), and the old server kept the module's sessions until its idle timeout."""
     liversam, _train = widgets
-    ct, liver = liver_phantom(nk=60)
-    module, widget, _gated = module_widget(ct)
+    module, widget, _gated, plan = two_sessions_and_a_running_job(liversam, module_widget, monkeypatch)
     observer = server.client()
-    other = MRMLBridge.volume_node_from_ct(ct, "other", module.scene)  # another CT: a session of its own
-    answers: list = []
-    for volume in (module.volume, other):
-        live_update(module, widget, liver, 30, answers, volume)
-        test_slicer_widget_state.deliver(widget._calls)
-    assert widget.errors == [] and len(module.server.sessions.ids()) == 2
-    plan = start_propagation(liversam, module, widget, liver, monkeypatch)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # the job timer's ticks, until the server has propagated a few slices
-        widget._pollJob()
-        widget._calls.poll(0.1)
-        if plan.job_id and (observer.job_status(plan.job_id).get("done") or 0) >= 2:
-            break
-    assert plan.job_id and observer.job_status(plan.job_id)["state"] == "running", "the job never ran"
     sessions = module.server.sessions.ids()
 
     with socket.socket() as unused:

@@ -205,30 +205,36 @@ def start_propagation(liversam_module, module: Module, widget, liver: np.ndarray
     return plan
 
 
-def test_cleanup_cancels_the_running_job_and_closes_the_modules_sessions(
-    module_widget, widgets, server, monkeypatch
-):
-    """Reload (or exit) while a propagation runs on a remote server: the job used to run to its end and the module's
-    sessions stayed open until the server's idle timeout."""
-    liversam, _train = widgets
+def two_sessions_and_a_running_job(liversam, module_widget, monkeypatch):
+    """A 60-slice phantom and another CT, each with a session on the real server (a live update), and a propagation
+    running on the first (a few slices propagated); (module, widget, gated client, plan)."""
     ct, liver = liver_phantom(nk=60)
     module, widget, gated = module_widget(ct)
-    observer = server.client()
     other = MRMLBridge.volume_node_from_ct(ct, "other", module.scene)  # another CT: a session of its own
     answers: list = []
     for volume in (module.volume, other):
         live_update(module, widget, liver, 30, answers, volume)
         deliver(widget._calls)
     assert widget.errors == [] and len(module.server.sessions.ids()) == 2
-
     plan = start_propagation(liversam, module, widget, liver, monkeypatch)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # the job timer's ticks, until the server has propagated a few slices
         widget._pollJob()
         widget._calls.poll(0.1)
-        if plan.job_id and (observer.job_status(plan.job_id).get("done") or 0) >= 2:
+        if plan.job_id and (gated.job_status(plan.job_id).get("done") or 0) >= 2:
             break
-    assert plan.job_id and observer.job_status(plan.job_id)["state"] == "running", "the job never ran"
+    assert plan.job_id and gated.job_status(plan.job_id)["state"] == "running", "the job never ran"
+    return module, widget, gated, plan
+
+
+def test_cleanup_cancels_the_running_job_and_closes_the_modules_sessions(
+    module_widget, widgets, server, monkeypatch
+):
+    """Reload (or exit) while a propagation runs on a remote server: the job used to run to its end and the module's
+    sessions stayed open until the server's idle timeout."""
+    liversam, _train = widgets
+    module, widget, gated, plan = two_sessions_and_a_running_job(liversam, module_widget, monkeypatch)
+    observer = server.client()
     assert observer.info()["sessions"] == 2
 
     started = time.monotonic()
