@@ -10,6 +10,7 @@ Every function here takes nodes and returns numpy arrays / core objects, or rais
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -18,9 +19,12 @@ import slicer
 import vtk
 import vtk.util.numpy_support as vtk_np
 
+from liversam.axial_orientation import AxialReorientation, axial_reorientation
 from liversam.errors import InputImageError, PromptError
 from liversam.geometry import ImageGeometry
 from liversam.volume import CTVolume
+
+logger = logging.getLogger(__name__)
 
 # Where markups a user has placed count as prompts: control points being placed (preview) do not.
 _DEFINED_POSITION_STATUSES = ("PositionDefined",)
@@ -85,13 +89,36 @@ def geometry_from_ijk_to_ras(ijk_to_ras: np.ndarray, size_ijk: Sequence[int]) ->
     )
 
 
-def geometry_from_volume_node(volume_node) -> ImageGeometry:
-    """The volume's grid in world LPS: size, spacing (mm), origin (LPS mm), direction cosines (LPS)."""
+def input_geometry_from_volume_node(volume_node) -> ImageGeometry:
+    """The volume node's own grid in world LPS: size, spacing (mm), origin (LPS mm), direction cosines (LPS)."""
     image = volume_node.GetImageData() if volume_node is not None else None
     if image is None:
         name = volume_node.GetName() if volume_node is not None else "(none)"
         raise InputImageError(f"Volume '{name}' has no voxel data: load a CT volume and select it as input.")
     return geometry_from_ijk_to_ras(ijk_to_world_ras_matrix(volume_node), image.GetDimensions())
+
+
+def axial_reorientation_of(volume_node) -> AxialReorientation | None:
+    """How a volume stored in sagittal or coronal slices is seen on its axial slices (voxels permuted and flipped,
+    none resampled: ``liversam.axial_orientation``), or None for an axial or an oblique volume (kept as it is)."""
+    return axial_reorientation(input_geometry_from_volume_node(volume_node))
+
+
+def geometry_from_volume_node(volume_node) -> ImageGeometry:
+    """The grid LiverSAM works on for this volume, in world LPS: the node's own grid, or for a volume stored in
+    sagittal or coronal slices its axial grid (:func:`axial_reorientation_of`). Every IJK, [k, j, i] array and
+    slice number k the module handles is on this grid: prompts, the CT sent to the server, masks written."""
+    geometry = input_geometry_from_volume_node(volume_node)
+    reorientation = axial_reorientation(geometry)
+    return geometry if reorientation is None else reorientation.axial_geometry
+
+
+def working_ijk_to_world_ras_matrix(volume_node) -> np.ndarray:
+    """4x4 matrix from the IJK of :func:`geometry_from_volume_node`'s grid to world RAS millimetres."""
+    reorientation = axial_reorientation_of(volume_node)
+    if reorientation is None:
+        return ijk_to_world_ras_matrix(volume_node)
+    return reorientation.axial_geometry.ijk_to_ras_matrix
 
 
 def first_image_volume(scene):
@@ -125,6 +152,10 @@ def ct_volume_from_node(volume_node) -> CTVolume:
             "LiverSAM needs a scalar CT volume (convert colour/vector volumes with the Vector to Scalar Volume module)."
         )
     array_kji = np.array(slicer.util.arrayFromVolume(volume_node), copy=True)
+    reorientation = axial_reorientation_of(volume_node)
+    if reorientation is not None:  # a sagittal / coronal volume: its axial copy (geometry is its axial grid)
+        array_kji = reorientation.to_axial(array_kji)
+        logger.info("LiverSAM: volume '%s': %s", volume_node.GetName(), reorientation.describe())
     return CTVolume(array_kji=array_kji, geometry=geometry, source=volume_node.GetName())
 
 
@@ -416,13 +447,16 @@ def oriented_image_from_mask(
 def ijk_to_segmentation_matrix(volume_node, segmentation_node) -> np.ndarray:
     """4x4 matrix from the volume's IJK to the segmentation node's local RAS (both transforms linear)."""
     segmentation_to_world = node_to_world_matrix(segmentation_node)
-    return np.linalg.inv(segmentation_to_world) @ ijk_to_world_ras_matrix(volume_node)
+    return np.linalg.inv(segmentation_to_world) @ working_ijk_to_world_ras_matrix(volume_node)
 
 
-def segment_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
-    """The segment as a bool array [k, j, i] on the volume's grid."""
+def segment_mask(segmentation_node, segment_id: str, volume_node, on_input_grid: bool = False) -> np.ndarray:
+    """The segment as a bool array [k, j, i] on the volume's working grid (:func:`geometry_from_volume_node`),
+    or with ``on_input_grid`` on the node's own grid."""
     array = slicer.util.arrayFromSegmentBinaryLabelmap(segmentation_node, segment_id, volume_node)
-    return np.asarray(array) > 0
+    mask = np.asarray(array) > 0
+    reorientation = None if on_input_grid else axial_reorientation_of(volume_node)
+    return mask if reorientation is None else reorientation.to_axial(mask)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -493,10 +493,11 @@ class SegmentationLogic:
     def result_from_segmentation(
         self, segmentation_node, volume_node, segment_ids: Sequence[str] | None = None
     ):
-        """A ``SegmentationResult`` of the node's segments on the volume grid (labels 1, 2, ... in order)."""
+        """A ``SegmentationResult`` of the node's segments on the volume node's own grid (labels 1, 2, ... in order),
+        also for a volume stored in sagittal or coronal slices (what is written overlays the volume's file)."""
         from liversam.segmentation import Segment, SegmentationResult
 
-        geometry = MRMLBridge.geometry_from_volume_node(volume_node)
+        geometry = MRMLBridge.input_geometry_from_volume_node(volume_node)
         segmentation = segmentation_node.GetSegmentation()
         if segment_ids is None:
             segment_ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
@@ -507,7 +508,7 @@ class SegmentationLogic:
                 Segment(
                     name=segment.GetName(),
                     label=label,
-                    mask_kji=MRMLBridge.segment_mask(segmentation_node, segment_id, volume_node),
+                    mask_kji=MRMLBridge.segment_mask(segmentation_node, segment_id, volume_node, on_input_grid=True),
                     color=tuple(segment.GetColor()),
                 )
             )
