@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from test_cli_inputs_prompts import _check_only
 
 from conftest import dice
 from liversam.axial_orientation import axial_reorientation, reorient_to_axial
@@ -211,15 +212,7 @@ def test_cli_takes_an_axial_box_on_a_sagittal_ct_and_still_refuses_it_on_an_obli
         json.dumps({"coordinate_system": "LPS", "segments": [{"name": "liver", "boxes": [box]}]})
     )
     ct = _write_small_ct(tmp_path / "sagittal.nrrd", sagittal)
-    command = [
-        "segment",
-        str(ct),
-        "--prompts",
-        str(prompts),
-        "--output",
-        str(tmp_path / "o.seg.nrrd"),
-        "--check-only",
-    ]
+    command = _check_only(ct, prompts, tmp_path)
     with caplog.at_level(logging.INFO, logger="liversam"):
         assert main(command) == 0
     assert "stored in sagittal slices" in caplog.text and "reoriented losslessly" in caplog.text

@@ -16,8 +16,9 @@ import time
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import test_slicer_session_recovery
 
-from slicer_harness import ensure_module_on_path, fresh_scene, shared_data_dir
+from slicer_harness import ensure_module_on_path, shared_data_dir
 
 ensure_module_on_path()
 
@@ -26,9 +27,7 @@ from liversam.ct_io import read_ct  # noqa: E402
 from liversam.geometry import ImageGeometry  # noqa: E402
 from liversam.volume import CTVolume  # noqa: E402
 from LiverSAMLib import MRMLBridge, PromptPlacement, ServerRequests  # noqa: E402
-from LiverSAMLib.SegmentationLogic import LIVER, SegmentationLogic  # noqa: E402
 from LiverSAMLib.ServerClient import LiverSAMClient, LocalServerProcess  # noqa: E402
-from LiverSAMLib.ServerSegmentation import ServerSegmentation  # noqa: E402
 
 pytestmark = [pytest.mark.slicer, pytest.mark.model]
 WINDOW = (40.0, 400.0)
@@ -100,17 +99,12 @@ def dice(a, b) -> float:
     return 2.0 * float((a & b).sum()) / max(1, int(a.sum() + b.sum()))
 
 
-class Module:
-    """The module's logic on one volume node in a fresh scene."""
+class Module(test_slicer_session_recovery.Module):
+    """The module's logic on one volume node in a fresh scene (requests run here, not on its I/O thread)."""
 
     def __init__(self, ct: CTVolume) -> None:
-        self.scene = fresh_scene()
-        self.volume = MRMLBridge.volume_node_from_ct(ct, "ct", self.scene)
-        self.segmentation = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "LiverSAM")
-        self.logic = SegmentationLogic(scene=self.scene)
-        self.logic.prepare_segmentation(self.segmentation, self.volume)
-        self.liver_id = self.logic.ensure_segment(self.segmentation, LIVER)
-        self.server = ServerSegmentation(self.logic)
+        super().__init__(ct)
+        self.calls.close()
 
     def box(self, *boxes_ras: np.ndarray):
         """The module's prompts from boxes drawn in the axial view: each two corners (RAS) on one axial plane."""
