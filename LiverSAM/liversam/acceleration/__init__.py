@@ -36,6 +36,7 @@ from .agreement import (
 )
 from .backends import (
     ENCODER_GRAPH_VERSION,
+    STEM_SPLITS,
     TOLERANCE,
     BackendUnavailable,
     OnnxRuntimeEncoder,
@@ -163,8 +164,9 @@ def candidates(backend: str, precision: str, int8: bool = False) -> list[tuple[s
     """(backend, precision) pairs to try, fastest first.
 
     Measured order on a 2-core AVX-512 + bf16 EPYC (encode + decode per slice, docs/PERFORMANCE.md):
-    OpenVINO bf16 < ``bf16-rest`` (encoder stem fp32, rest and decoder bf16) < ``mixed`` (fp32 encoder, bf16
-    prompt decoder) < OpenVINO fp32 < ONNX Runtime
+    OpenVINO bf16 < ``bf16-block1`` (patch embedding + the first MBConv block fp32, the rest of the encoder and
+    the decoder bf16; on an AMX Xeon, session 35) < ``bf16-rest`` (encoder stem fp32, rest and decoder bf16) <
+    ``mixed`` (fp32 encoder, bf16 prompt decoder) < OpenVINO fp32 < ONNX Runtime
     fp32 < fused PyTorch fp32; with ``int8`` (:func:`int8_offered`, opt-in) the NNCF-quantised OpenVINO encoder
     is tried first. A bf16 candidate that fails falls back to the *same* backend first, never to
     a slower backend. ONNX Runtime and the fused PyTorch path run in fp32 only (no bf16 speed-up measured).
@@ -175,7 +177,7 @@ def candidates(backend: str, precision: str, int8: bool = False) -> list[tuple[s
         if int8 and name == "openvino":
             order.append((name, "int8"))
         if precision == "bf16" and name == "openvino":
-            order += [(name, "bf16"), (name, "bf16-rest"), (name, "mixed")]
+            order += [(name, "bf16"), (name, "bf16-block1"), (name, "bf16-rest"), (name, "mixed")]
         order.append((name, "fp32"))
     return order
 
@@ -300,8 +302,8 @@ def _build(backend: str, model, precision: str, threads: int, cache_dir: Path | 
         from .int8 import OpenVINOInt8Encoder
 
         fn = OpenVINOInt8Encoder(entry, threads, model)
-    elif backend == "openvino" and precision == "bf16-rest":
-        fn = OpenVINOStemFP32Encoder(entry, threads)
+    elif backend == "openvino" and precision in STEM_SPLITS:
+        fn = OpenVINOStemFP32Encoder(entry, threads, precision)
     elif backend == "openvino":
         fn = OpenVINOEncoder(entry, threads, precision)
     elif backend == "onnxruntime":
@@ -342,7 +344,8 @@ def _try_candidate(
 ):
     """Install one candidate on ``model`` and check its masks; raises BackendUnavailable when refused.
 
-    ``precision``: ``fp32``, ``bf16`` (encoder and decoder), ``bf16-rest`` (encoder stem fp32, the rest of
+    ``precision``: ``fp32``, ``bf16`` (encoder and decoder), ``bf16-block1`` / ``bf16-rest`` (the encoder's
+    patch embedding and first block / its whole stem fp32, the rest of
     the encoder and the decoder bf16) or ``mixed`` (fp32 encoder, bf16 decoder)."""
     encoder_precision = "fp32" if precision == "mixed" else precision
     decoder_precision = "fp32" if precision == "fp32" else "bf16"

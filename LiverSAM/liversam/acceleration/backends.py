@@ -44,16 +44,26 @@ ENCODER_GRAPH_VERSION = 2
 #: Format of a cache entry; changes when the files written by :func:`prepare_export` change meaning.
 EXPORT_FORMAT = f"liversam-encoder-export/{ENCODER_GRAPH_VERSION}"
 
-#: Files made from ``encoder.onnx`` (the two parts of ``bf16-rest``, the int8 model): removed when it is exported
-#: again, so none of them outlives the graph it was cut or quantised from.
-DERIVED_EXPORT_FILES = ("encoder_stem.onnx", "encoder_rest.onnx", "encoder_int8-*.xml", "encoder_int8-*.bin")
+#: The encoder's fp32 stem for each split precision: (node-name prefixes of the stem, its file, the bf16 rest's file).
+#: ``bf16-rest``: patch embedding + all of stage 0 in fp32. ``bf16-block1``: patch embedding + stage 0's first MBConv
+#: block in fp32, its second block and the downsampling on in bf16 (about 13 ms a slice faster on an AMX Xeon; on
+#: lits117 min Dice 0.981 there and 0.977 with AVX512-BF16 alone, docs/PERFORMANCE.md, session 35).
+STEM_SPLITS = {
+    "bf16-block1": (("/patch_embed/", "/layers.0/blocks.0/"), "encoder_stem_block0.onnx", "encoder_rest_block1.onnx"),
+    "bf16-rest": (("/patch_embed/", "/layers.0/"), "encoder_stem.onnx", "encoder_rest.onnx"),
+}
+
+#: Files made from ``encoder.onnx`` (the two parts of each split precision, the int8 model): removed when it is
+#: exported again, so none of them outlives the graph it was cut or quantised from.
+DERIVED_EXPORT_FILES = (*(name for _, stem, rest in STEM_SPLITS.values() for name in (stem, rest)),
+                        "encoder_int8-*.xml", "encoder_int8-*.bin")
 
 #: Largest relative L2 error of a backend's embedding on the synthetic reference image against plain fp32
 #: PyTorch, checked every time a backend is loaded, by precision. fp32 backends differ only by summation
 #: order (measured ~4e-6). For bf16 (measured 9.4e-2: every product input is rounded) this is only a sanity
 #: bound against a broken runtime; what decides is the mask agreement check (``agreement.py``).
 #: int8 (calibrated on CT, measured 0.2-0.8 on this synthetic image) only gets a bound against garbage output.
-TOLERANCE = {"fp32": 1e-3, "bf16": 0.25, "bf16-rest": 0.25, "int8": 0.9}
+TOLERANCE = {"fp32": 1e-3, "bf16": 0.25, "bf16-block1": 0.25, "bf16-rest": 0.25, "int8": 0.9}
 
 EncoderFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -372,9 +382,10 @@ class OpenVINOEncoder(_PerImageRunner):
         return self._request.get_output_tensor(0).data
 
 
-def stem_cut_tensor(onnx_path: Path, stem_prefixes: tuple[str, ...] = ("/patch_embed/", "/layers.0/")) -> str:
-    """Name of the one tensor that carries the encoder's stem (patch embedding + first stage of TinyViT)
-    into the rest of the graph; raises :class:`BackendUnavailable` when the graph has no such single cut."""
+def stem_cut_tensor(onnx_path: Path, stem_prefixes: tuple[str, ...] = STEM_SPLITS["bf16-rest"][0]) -> str:
+    """Name of the one tensor that carries the encoder's stem (the nodes named with ``stem_prefixes``: by default
+    TinyViT's patch embedding + first stage) into the rest of the graph; raises :class:`BackendUnavailable` when
+    the graph has no such single cut."""
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
@@ -396,27 +407,30 @@ def stem_cut_tensor(onnx_path: Path, stem_prefixes: tuple[str, ...] = ("/patch_e
 
 
 class OpenVINOStemFP32Encoder(_PerImageRunner):
-    """OpenVINO with the stem (patch embedding + first stage) in fp32 and the rest in bf16.
+    """OpenVINO with the stem in fp32 and the rest in bf16; ``precision`` names the cut (:data:`STEM_SPLITS`).
 
-    The encoder graph is cut once into ``encoder_stem.onnx`` and ``encoder_rest.onnx`` (kept beside the
-    export). On lits117 bf16 in the stem alone moved the masks as much as bf16 everywhere (min Dice 0.951);
-    with the stem in fp32 the masks agreed to mean 0.993 / min 0.980 (docs/PERFORMANCE.md).
+    The encoder graph is cut once into the stem's and the rest's files (kept beside the export). On lits117 bf16
+    in the stem alone moved the masks as much as bf16 everywhere (min Dice 0.951); with the stem in fp32
+    (``bf16-rest``) the masks agreed to mean 0.993 / min 0.980 (docs/PERFORMANCE.md).
     """
 
     name = "openvino"
-    precision = "bf16-rest"
 
-    def __init__(self, entry: ExportEntry, threads: int) -> None:
+    def __init__(self, entry: ExportEntry, threads: int, precision: str = "bf16-rest") -> None:
         super().__init__(entry.input_size)
+        if precision not in STEM_SPLITS:
+            raise BackendUnavailable(f"no encoder split '{precision}' (known: {', '.join(STEM_SPLITS)})")
+        self.precision = precision
+        prefixes, stem_name, rest_name = STEM_SPLITS[precision]
         try:
             import openvino as ov
             from onnx.utils import extract_model
         except ImportError as exc:
             raise BackendUnavailable("the 'openvino' / 'onnx' packages are not installed") from exc
-        stem_path, rest_path = entry.folder / "encoder_stem.onnx", entry.folder / "encoder_rest.onnx"
+        stem_path, rest_path = entry.folder / stem_name, entry.folder / rest_name
         try:
             if not (stem_path.is_file() and rest_path.is_file()):
-                cut = stem_cut_tensor(entry.onnx_path)
+                cut = stem_cut_tensor(entry.onnx_path, prefixes)
                 with atomic_path(stem_path) as tmp:
                     extract_model(str(entry.onnx_path), str(tmp), ["images"], [cut])
                 with atomic_path(rest_path) as tmp:
