@@ -25,6 +25,7 @@ import numpy as np
 
 from . import __version__
 from .atomic_write import atomic_path, describe_write_error
+from .axial_orientation import axial_reorientation
 from .dicom_series import (
     DicomSeriesInfo,
     SortedSeries,
@@ -90,6 +91,21 @@ def _segment_description(
     )
 
 
+def on_series_grid(result: SegmentationResult, series_geometry: ImageGeometry) -> SegmentationResult | None:
+    """``result`` on a series' grid: itself when it lies on it; when the series is stored in sagittal or coronal
+    slices and ``result`` lies on its axial grid (``liversam.axial_orientation``, as ``liversam segment``, the
+    Slicer module and the web app segment such a series), its masks put back on the series' voxels (no
+    interpolation); else None."""
+    if series_geometry.is_close(result.geometry, GEOMETRY_TOLERANCE_MM):
+        return result
+    reorientation = axial_reorientation(series_geometry)
+    if reorientation is None or not reorientation.axial_geometry.is_close(result.geometry, GEOMETRY_TOLERANCE_MM):
+        return None
+    on_axial = SegmentationResult(geometry=reorientation.axial_geometry, segments=result.segments,
+                                  provenance=result.provenance)
+    return reorientation.result_to_input(on_axial)
+
+
 def _reference_series_for(
     result: SegmentationResult, all_series: list[DicomSeriesInfo], where: Path, series_uid: str | None
 ) -> tuple[DicomSeriesInfo, SortedSeries]:
@@ -113,9 +129,7 @@ def _reference_series_for(
                 sorted_series = sort_series(info, where)
             except InputImageError:
                 continue
-            if sorted_series.regular and sorted_series.geometry.is_close(
-                result.geometry, GEOMETRY_TOLERANCE_MM
-            ):
+            if sorted_series.regular and on_series_grid(result, sorted_series.geometry) is not None:
                 candidates.append((info, sorted_series))
         if candidates:
             if len(candidates) > 1:
@@ -214,13 +228,15 @@ def write_dicom_seg(
             f"The reference series in '{folder}' has {sorted_series.problem}; its slices do not form the regular grid "
             "the segmentation lies on. Export to .seg.nrrd instead."
         )
-    if not sorted_series.geometry.is_close(result.geometry, GEOMETRY_TOLERANCE_MM):
+    on_grid = on_series_grid(result, sorted_series.geometry)
+    if on_grid is None:
         raise OutputError(
             f"The segmentation's grid does not match the DICOM series {info.series_uid or info.describe()} in "
             f"'{folder}': {result.geometry.describe_difference(sorted_series.geometry)} (segmentation vs DICOM). "
             "Give the DICOM folder of the CT that was segmented, or resample the segmentation onto it "
             "(liversam export ... --reference-dicom DIR reads it onto that grid)."
         )
+    result = on_grid
     _check_referenceable(sorted_series, folder)
 
     source_images = [_clean_source(pydicom.dcmread(p, stop_before_pixels=True)) for p in sorted_series.files]

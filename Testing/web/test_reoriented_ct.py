@@ -100,3 +100,55 @@ def test_a_sagittal_or_coronal_ct_is_prompted_on_axial_slices_and_exported_on_it
     # the whole grid: a .seg.nrrd cropped to the box's extent is not on it
     for exported in ("labels.nii.gz", "case.seg.nrrd"):
         assert _file_info(str(tmp_path / exported))["size"] == [SHAPE[2], SHAPE[1], SHAPE[0]], exported
+
+
+class SegWritingServer(FakeServer):
+    """The stand-in server, also answering the DICOM SEG export (records what it was asked)."""
+
+    def export_dicom_seg(self, session, segments, reference_dicom=None, series_uid=None, **_kwargs):
+        self._session(session, "/export/dicom-seg")
+        self.calls.append(("export_dicom_seg", session, list(segments), reference_dicom, series_uid))
+        return b"DICM-stand-in"
+
+    def upload_mask(self, session, name, mask):
+        super().upload_mask(session, name, mask)
+        self.calls.append(("upload_mask", session, name, np.array(mask, copy=True)))
+
+
+def test_a_dicom_seg_of_such_a_series_is_asked_of_the_server_with_the_axial_masks(tmp_path):
+    """Before, the page refused ("DICOM SEG is not written here for a series stored in sagittal slices"); now it
+    sends the axial masks with the series' folder and UID, and the server's writer puts them on the series' frames
+    (Testing/Python/test_dicom_seg_reoriented.py writes and reads back such a SEG through the real server)."""
+    from liversam_web.mrml_scene import DicomSource
+
+    ct_path = write_nrrd(tmp_path / "sagittal.nrrd", synthetic_ct(), STORED["sagittal-flipped"])
+    client = SegWritingServer()
+    app = new_app(client)
+
+    async def scenario():
+        await open_ct(app, ct_path)
+        content = app.content
+        content.dicom = DicomSource(str(tmp_path / "series"), "1.2.826.0.1.3680043.8.498.1", SHAPE[2])
+        marker = np.argwhere(content.array == 300)
+        k = int(marker[len(marker) // 2][0])
+        app._jump(k)
+        i0, j0 = int(marker[:, 2].min()) - 1, int(marker[:, 1].min()) - 2
+        drag_box(app, (i0, j0, k), (i0 + 4, j0 + 6, k))
+        await settle(app)
+        assert not app.state.error, app.state.error
+        written = await app._export_dicom_seg(tmp_path / "seg.dcm")
+        return written, app.workflow.masks["liver"].copy(), content.reorientation
+
+    written, liver, reorientation = asyncio.run(scenario())
+    assert written and not app.state.error, app.state.error
+    assert (tmp_path / "seg.dcm").read_bytes() == b"DICM-stand-in"
+    export = [c for c in client.calls if c[0] == "export_dicom_seg"]
+    assert len(export) == 1
+    _, _, segments, reference, uid = export[0]
+    assert reference == str(tmp_path / "series") and uid == "1.2.826.0.1.3680043.8.498.1"
+    uploaded = {c[2]: c[3] for c in client.calls if c[0] == "upload_mask"}
+    assert ("liver", "export_liver") in segments
+    # the masks go as the session holds them: on the axial grid, not the file's
+    assert uploaded["export_liver"].shape == reorientation.axial_geometry.shape_kji != reorientation.input_geometry.shape_kji
+    np.testing.assert_array_equal(uploaded["export_liver"], liver)
+    assert liver.sum() == 5 * 7

@@ -832,12 +832,8 @@ class LiverSAMWebApp:
         if not any(mask.any() for mask in workflow.masks.values()):
             self._error("Nothing to export yet: segment the liver (or a tumour) first.")
             return False
-        if content.reorientation is not None:
-            # the server's session holds the axial slices, and a DICOM SEG's frames must be the series' own slices
-            self._error(f"DICOM SEG is not written here for a series stored in {content.reorientation.input_plane} "
-                        "slices (the web app segments its axial slices). Export .seg.nrrd (on the series' own grid), "
-                        "then run: liversam export liversam.seg.nrrd --reference-dicom SERIES_FOLDER --output seg.dcm")
-            return False
+        # A series stored in sagittal or coronal slices: the session (and the masks) hold its axial slices; the
+        # server's writer puts them back on the series' own frames (liversam.dicom_seg.on_series_grid).
         dicom = content.dicom
 
         def write_once() -> bytes:
