@@ -806,12 +806,21 @@ def evaluate_case(
     ``predictor_factory(volume)`` returns a :class:`~liversam.predictor.SlicePredictor` for the (cropped)
     volume; all protocols share it, so slice embeddings are encoded once per case.
     """
+    from .axial_orientation import reorient_to_axial
     from .ct_io import check_not_label_mask, read_ct
 
     started = time.perf_counter()
     volume = read_ct(case.ct_path)
     check_not_label_mask(volume, f"case '{case.case_id}': are its CT and label swapped?")
     label = read_label(case.label_path, volume.geometry, case.ct_path)
+    # a CT stored in sagittal or coronal slices is prompted and segmented on its axial slices, as liversam segment
+    # does (voxels reordered, none resampled; the label the same way, so every figure is the same as on the file's
+    # grid); slice ranges and per-slice figures then number its axial slices
+    volume, reorientation = reorient_to_axial(volume)
+    if reorientation is not None:
+        label = reorientation.to_axial(label)
+        log.info("case '%s': the CT is stored in %s slices; evaluated on its axial slices (voxels and label reordered "
+                 "the same way, none resampled)", case.case_id, reorientation.input_plane)
     volume, label, (k0, k1) = crop_slices(volume, label, settings.slice_range)
     spacing = array_spacing_mm(volume.geometry.spacing_mm)
     refs = {spec.name: structure_reference(label, spec) for spec in settings.structures}
@@ -839,6 +848,7 @@ def evaluate_case(
         "ct": str(case.ct_path),
         "label": str(case.label_path),
         "slice_range": [k0, k1],
+        "reoriented_from": None if reorientation is None else reorientation.input_plane,  # k: its axial slices
         "shape_kji": list(volume.geometry.shape_kji),
         "spacing_ijk_mm": list(volume.geometry.spacing_mm),
         "seconds": time.perf_counter() - started,

@@ -412,3 +412,31 @@ def test_an_organ_seed_can_sit_away_from_its_largest_slice_and_lesions_keep_thei
     assert [b[0][2] for b in prompts["segments"][0]["boxes"]] == [2.0]
     with pytest.raises(LiverSAMError, match="organ_seed_at"):
         ev.EvaluationSettings(organ_seed_at=1.5)
+
+
+@pytest.mark.model
+def test_a_case_stored_in_sagittal_slices_is_evaluated_on_its_axial_slices(litemedsam_openvino_fp32, tmp_path):
+    """A sagittal copy of eight lits117 slices (CT and label permuted and flipped alike, every voxel kept at its
+    point) gives the axial copy's figures exactly: its boxes are drawn on the same axial slices. Before, the boxes
+    went on its 128 sagittal slices (other figures, and a run over 128 slices instead of 8)."""
+    ct, label = sitk.ReadImage(str(LITS / "ct.nii.gz")), sitk.ReadImage(str(LITS / "label.nii.gz"))
+    cases = {}
+    for name, (order, flips) in {"axial": ([0, 1, 2], [False, False, False]),
+                                 "sagittal": ([1, 2, 0], [True, False, False])}.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        for image, file in ((ct, "ct.nii.gz"), (label, "label.nii.gz")):
+            sitk.WriteImage(sitk.Flip(sitk.PermuteAxes(image[:, :, 58:66], order), flips), str(folder / file))
+        cases[name] = ev.discover_cases(folder)[0]
+    settings = ev.EvaluationSettings(protocols=("oracle-box",))
+    factory = ev.make_predictor_factory(litemedsam_openvino_fp32)
+    results = {name: ev.evaluate([case], settings, model=litemedsam_openvino_fp32, predictor_factory=factory,
+                                 progress=False)["cases"][0] for name, case in cases.items()}
+    assert results["sagittal"]["reoriented_from"] == "sagittal" and results["axial"]["reoriented_from"] is None
+    assert results["sagittal"]["shape_kji"] == results["axial"]["shape_kji"] == [8, 128, 128]
+    for structure in ("liver", "tumor"):
+        axial = results["axial"]["protocols"]["oracle-box"][structure]
+        sagittal = results["sagittal"]["protocols"]["oracle-box"][structure]
+        assert sagittal["dice"] == pytest.approx(axial["dice"], abs=1e-9), structure
+        assert sagittal["hd95_mm"] == pytest.approx(axial["hd95_mm"], abs=1e-9), structure
+    assert results["axial"]["protocols"]["oracle-box"]["liver"]["dice"] >= 0.93  # measured on these slices
