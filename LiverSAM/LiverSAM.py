@@ -372,17 +372,26 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _reconfigureServer(self, settings: ServerSettings) -> None:
         """Another server: the running propagation is cancelled (on the old server too, when it keeps running) and
         the segmentation is left as it is; the old server's sessions are closed (LiverSAMLogic.reconfigureServer)."""
+        job = self._dropJob(_("Propagation cancelled: the server was changed. The segmentation was not changed."))
+        self.logic.reconfigureServer(self._calls, settings, job["plan"] if job is not None else None)
+
+    def _dropJob(self, message: str) -> dict | None:
+        """The running propagation, given up here (its answers are ignored, nothing is written) with ``message`` on
+        the status line; its plan is marked cancelled, so a job still being started is not started. None when no
+        propagation runs."""
         job, self._job = self._job, None
         if job is not None:
             job["cancelled"] = True
+            job["plan"].cancelled = True
             self._jobTimer.stop()
             self._setBusy(False)
-            self.ui.statusLabel.text = _(
-                "Propagation cancelled: the server was changed. The segmentation was not changed."
-            )
-        self.logic.reconfigureServer(self._calls, settings, job["plan"] if job is not None else None)
+            self.ui.statusLabel.text = message
+        return job
 
     def onStopServer(self) -> None:
+        """Stop server (the one started here): a propagation under way ends with it. Before, its job timer polled on,
+        which started a server again and ran the propagation there from the start."""
+        self._dropJob(_("Propagation cancelled: the server was stopped. The segmentation was not changed."))
         self._calls.invalidate()
         self.logic.stopServer()
         self._showServerState()

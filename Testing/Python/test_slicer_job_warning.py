@@ -8,6 +8,7 @@
    module stays usable (not busy, the server not taken for lost, the CT's session kept), and no job was started.
 3. Changing the server in the Server section cancels the running job and closes the module's sessions on the old
    (remote) server, within ``RECONFIGURE_TIMEOUT_S`` even when it does not answer.
+4. Stop server while a job runs ends the propagation with the server it ran on, and starts no other.
 
 The real LiverSAM.py widget and logic (remote mode) on slicer-core's MRML with the Qt stand-ins of
 test_slicer_widget_state.py (the fixtures of test_slicer_session_cleanup.py), against a real ``liversam serve`` whose
@@ -347,6 +348,45 @@ def test_changing_from_a_local_server_stops_it_without_a_request(module_widget, 
     took = edit_server_settings(liversam, widget, monkeypatch, "http://127.0.0.1:9")
     assert took < 0.5 and process.stopped and client.closed == [] and client.cancelled == []
     assert plan.cancelled and widget._job is None and sessions.ids() == []
+
+
+def test_stop_server_during_a_propagation_ends_it_and_starts_nothing(module_widget, widgets, monkeypatch):
+    """Stop server (the local server started here) while a propagation runs: the propagation is cancelled with the
+    server and says so; nothing is written, nothing is sent, and no server is started again. Before, the job timer
+    kept polling: its next poll started a local server again and ran the propagation there from the start."""
+    liversam, _train = widgets
+    ct, liver = liver_phantom(nk=6)
+    module, widget, _gated = module_widget(ct)
+    client = test_slicer_widget_state.Client()  # records every close and cancel
+
+    class Process:
+        stopped = False
+
+        def running(self) -> bool:
+            return not self.stopped
+
+        def stop(self) -> None:
+            self.stopped = True
+
+    connection, process = widget.logic.connection, Process()
+    connection._client, connection._process, connection.state = client, process, ServerConnection.READY
+    starts = []
+    monkeypatch.setattr(connection, "ensure", lambda *args, **kwargs: starts.append(1) or client)
+    plan = a_running_job(module, widget, liver)
+    widget._setBusy(True)
+    widget._jobTimer.start()  # as once the server has answered the job's start
+
+    widget.onStopServer()
+
+    assert process.stopped and plan.cancelled
+    assert widget._job is None and not widget._jobTimer.active and not widget.ui.progressBar.visible
+    assert "cancelled: the server was stopped" in widget.ui.statusLabel.text
+    widget._pollJob()  # what the job timer's next tick would have done
+    for _ in range(5):
+        widget._calls.poll(0.05)
+    assert starts == [] and client.closed == [] and client.cancelled == []
+    assert module.logic.segment_is_empty(module.segmentation, module.liver_id)  # the job wrote nothing
+    assert widget.errors == []
 
 
 def test_an_upload_whose_tls_connection_the_server_closed_is_not_a_lost_server(monkeypatch):
