@@ -270,6 +270,44 @@ def test_a_ct_being_read_counts_in_the_budget_for_what_arrives_meanwhile(data_di
         assert held(client) == BIG[1] + SMALL[1] + SMALL[1] // 2 <= budget(client)
 
 
+def test_a_ct_sent_as_voxels_counts_in_the_budget_while_its_body_arrives(monkeypatch):
+    """While Alice's CT arrives as raw voxels (its body held up here), the room made for it is held back: Bob's mask does
+    not fit beside it (503), and her open then evicts nothing. Before, the room was only made: Bob's mask took it, and
+    Alice's open then evicted Bob's idle session."""
+    import asyncio
+
+    import liversam.server.app as server_app
+
+    holding, arriving, let_go = threading.Event(), threading.Event(), threading.Event()
+    read_body = server_app._read_body
+
+    async def slow_body(request, expected, what):
+        if " CT " in what and holding.is_set():
+            arriving.set()
+            await asyncio.to_thread(let_go.wait, 30)
+        return await read_body(request, expected, what)
+
+    monkeypatch.setattr(server_app, "_read_body", slow_body)
+    with budget_client(FakeModel(), 2 * CT_BYTES + MASK_BYTES - 1) as client:
+        bob = open_session(client, token=OTHER)
+        holding.set()  # Alice's CT, next
+        opened: list = []
+        opening = threading.Thread(target=lambda: opened.append(open_session(client)))
+        opening.start()
+        try:
+            assert arriving.wait(30), "the CT's body was not read"
+            answer = put_mask(client, bob, token=OTHER)
+            assert answer.status_code == 503, answer.text
+        finally:
+            let_go.set()
+            opening.join(30)
+        assert opened, "Alice's CT did not open"
+        wait_for_releases(client)
+        assert client.get(f"/v1/sessions/{bob}", headers=auth(OTHER)).status_code == 200  # not evicted
+        assert held(client) == 2 * CT_BYTES <= budget(client)
+        assert state_of(client).sessions._reserved == 0  # given back
+
+
 # --- the default budget ---------------------------------------------------------------------------------------------
 def test_the_machines_memory_comes_from_sysconf_else_psutil_else_the_fallback_under_a_containers_limit(
     monkeypatch, tmp_path

@@ -359,9 +359,15 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
         check_voxels(int(np.prod(geometry.shape_kji)), f"the CT {geometry.shape_kji}")
         window = _window(window_level, window_width)
         voxel = binary.VOXEL_DTYPES[dtype]
-        count = int(np.prod(geometry.shape_kji))
-        await asyncio.wrap_future(state.sessions.make_room(count * voxel.itemsize))  # before the upload: no overshoot
-        data = await _read_body(request, count * voxel.itemsize, f"a {dtype} CT of shape {list(geometry.shape_kji)}")
+        nbytes = int(np.prod(geometry.shape_kji)) * voxel.itemsize
+        # room before the upload (no overshoot), held back in the budget while the body arrives: another open, a mask
+        # or a cache deciding meanwhile counts it (given back once it has arrived, or not: add() then counts the CT)
+        room = state.sessions.make_room(nbytes, reserve=nbytes)
+        try:
+            await asyncio.wrap_future(room)
+            data = await _read_body(request, nbytes, f"a {dtype} CT of shape {list(geometry.shape_kji)}")
+        finally:
+            state.sessions.unreserve(nbytes)
         array = np.frombuffer(data, dtype=voxel).reshape(geometry.shape_kji)
         if dtype == "float32":
             bad = int(np.count_nonzero(~np.isfinite(array)))
