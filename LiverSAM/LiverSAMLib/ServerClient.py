@@ -321,6 +321,11 @@ class LiverSAMClient:
         self._request("PUT", f"/sessions/{_q(session)}/masks/{_q(name)}", data=pack_mask(mask_kji),
                       content_type="application/octet-stream", timeout=max(self.timeout, 60.0))
 
+    def delete_mask(self, session: str, name: str) -> None:
+        """Forget the session's mask ``name`` (its memory is freed on the server). An unknown name raises a 404
+        error."""
+        self._request("DELETE", f"/sessions/{_q(session)}/masks/{_q(name)}")
+
     def export_dicom_seg(
         self,
         session: str,

@@ -308,6 +308,25 @@ def test_a_ct_sent_as_voxels_counts_in_the_budget_while_its_body_arrives(monkeyp
         assert state_of(client).sessions._reserved == 0  # given back
 
 
+def test_a_mask_deleted_frees_its_memory_and_an_unknown_one_is_named():
+    """``DELETE /v1/sessions/{id}/masks/{name}``: what a client sent for one request (an export's copies, or the first
+    of two masks when the second was refused) need not stay in the session until it is replaced."""
+    with budget_client(FakeModel(), 8 * CT_BYTES) as client:
+        session = open_session(client)
+        assert put_mask(client, session, "export_liver").status_code == 204
+        assert put_mask(client, session, "export_tumor").status_code == 204
+        assert held(client) == CT_BYTES + 2 * MASK_BYTES
+        answer = client.delete(f"/v1/sessions/{session}/masks/export_liver", headers=auth(TOKEN))
+        assert answer.status_code == 204, answer.text
+        assert held(client) == CT_BYTES + MASK_BYTES
+        assert sorted(session_of(client, session).masks) == ["export_tumor"]
+        answer = client.delete(f"/v1/sessions/{session}/masks/export_liver", headers=auth(TOKEN))
+        assert answer.status_code == 404 and "masks: export_tumor" in answer.json()["detail"], answer.text
+        answer = client.delete(f"/v1/sessions/{session}/masks/export_tumor", headers=auth(OTHER))
+        assert answer.status_code == 404 and "unknown session" in answer.json()["detail"], answer.text
+        assert held(client) == CT_BYTES + MASK_BYTES  # another user's request deleted nothing
+
+
 # --- the default budget ---------------------------------------------------------------------------------------------
 def test_the_machines_memory_comes_from_sysconf_else_psutil_else_the_fallback_under_a_containers_limit(
     monkeypatch, tmp_path

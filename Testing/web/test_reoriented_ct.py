@@ -114,6 +114,10 @@ class SegWritingServer(FakeServer):
         super().upload_mask(session, name, mask)
         self.calls.append(("upload_mask", session, name, np.array(mask, copy=True)))
 
+    def delete_mask(self, session, name):
+        self._session(session, f"/masks/{name}")
+        self.calls.append(("delete_mask", session, name))
+
 
 def test_a_dicom_seg_of_such_a_series_is_asked_of_the_server_with_the_axial_masks(tmp_path):
     """Before, the page refused ("DICOM SEG is not written here for a series stored in sagittal slices"); now it
@@ -147,8 +151,42 @@ def test_a_dicom_seg_of_such_a_series_is_asked_of_the_server_with_the_axial_mask
     _, _, segments, reference, uid = export[0]
     assert reference == str(tmp_path / "series") and uid == "1.2.826.0.1.3680043.8.498.1"
     uploaded = {c[2]: c[3] for c in client.calls if c[0] == "upload_mask"}
+    # the copies sent for the export are not left on the server
+    assert sorted(c[2] for c in client.calls if c[0] == "delete_mask") == sorted(uploaded)
     assert ("liver", "export_liver") in segments
     # the masks go as the session holds them: on the axial grid, not the file's
     assert uploaded["export_liver"].shape == reorientation.axial_geometry.shape_kji != reorientation.input_geometry.shape_kji
     np.testing.assert_array_equal(uploaded["export_liver"], liver)
     assert liver.sum() == 5 * 7
+
+
+def test_the_masks_sent_for_an_export_the_server_refused_are_not_left_on_it(tmp_path):
+    """A DICOM SEG export that fails (here the server refuses it) leaves none of the masks it sent in the session: each
+    is deleted again, and the user is told why the export failed."""
+    from liversam_web.mrml_scene import DicomSource
+    from liversam_web.server_client import ServerRequestError
+
+    class Refusing(SegWritingServer):
+        def export_dicom_seg(self, session, segments, reference_dicom=None, series_uid=None, **_kwargs):
+            raise ServerRequestError(422, "the segmentation's grid does not match the DICOM series")
+
+    ct_path = write_nrrd(tmp_path / "ct.nrrd", synthetic_ct(), np.eye(3))
+    client = Refusing()
+    app = new_app(client)
+
+    async def scenario():
+        await open_ct(app, ct_path)
+        app.content.dicom = DicomSource(str(tmp_path / "series"), "1.2.826.0.1.3680043.8.498.2", SHAPE[0])
+        marker = np.argwhere(app.content.array == 300)
+        k = int(marker[len(marker) // 2][0])
+        app._jump(k)
+        i0, j0 = int(marker[:, 2].min()) - 1, int(marker[:, 1].min()) - 2
+        drag_box(app, (i0, j0, k), (i0 + 4, j0 + 6, k))
+        await settle(app)
+        return await app._export_dicom_seg(tmp_path / "seg.dcm")
+
+    assert asyncio.run(scenario()) is False
+    assert "grid does not match" in app.state.error
+    uploaded = [c[2] for c in client.calls if c[0] == "upload_mask"]
+    assert uploaded and sorted(c[2] for c in client.calls if c[0] == "delete_mask") == sorted(uploaded)
+    assert not (tmp_path / "seg.dcm").exists()

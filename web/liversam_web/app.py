@@ -837,11 +837,20 @@ class LiverSAMWebApp:
         dicom = content.dicom
 
         def write_once() -> bytes:
-            for segment, mask in workflow.masks.items():
-                workflow.client.upload_mask(workflow.session_id, f"export_{segment}", mask)
-            return workflow.client.export_dicom_seg(
-                workflow.session_id, [(segment, f"export_{segment}") for segment in workflow.masks],
-                reference_dicom=dicom.folder, series_uid=dicom.series_uid or None)
+            uploaded = []
+            try:
+                for segment, mask in workflow.masks.items():
+                    workflow.client.upload_mask(workflow.session_id, f"export_{segment}", mask)
+                    uploaded.append(f"export_{segment}")
+                return workflow.client.export_dicom_seg(
+                    workflow.session_id, [(segment, f"export_{segment}") for segment in workflow.masks],
+                    reference_dicom=dicom.folder, series_uid=dicom.series_uid or None)
+            finally:  # the copies sent for the export are not kept on the server (a shared server's memory)
+                for name in uploaded:
+                    try:
+                        workflow.client.delete_mask(workflow.session_id, name)
+                    except LiverSAMClientError as exc:  # the export's own outcome is what the user is told
+                        logger.info("could not forget %s on the server: %s", name, exc)
 
         def write() -> bytes:
             return workflow.with_session(write_once)

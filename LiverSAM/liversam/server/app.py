@@ -440,6 +440,15 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
         await asyncio.wrap_future(state.sessions.add_masks(session, {name: mask}, what))
         return Response(status_code=204)
 
+    @router.delete("/sessions/{session_id}/masks/{name}", status_code=204, tags=["sessions"],
+                   summary="Forget a stored mask (its memory is freed; a job started with it keeps it until it ends)")
+    def delete_mask(request: Request, session_id: str, name: str) -> Response:
+        session = state.sessions.get(session_id, owner(request))
+        if not state.sessions.drop_mask(session, name):
+            raise Refused(404, f"mask '{name[:80]}' is not in session '{session_id}' (masks: "
+                               f"{', '.join(sorted(session.masks)) or 'none'})")
+        return Response(status_code=204)
+
     @router.post("/sessions/{session_id}/export/dicom-seg", tags=["sessions"], response_class=Response,
                  summary="Session masks as a DICOM SEG referencing the CT's DICOM series (a download)",
                  responses={200: {"content": {"application/dicom": {}}, "description": "the DICOM SEG file"}})

@@ -290,6 +290,12 @@ class SessionStore:
             session.masks.update(masks)
         return self._release_later(evicted)
 
+    def drop_mask(self, session: Session, name: str) -> bool:
+        """Forget ``session``'s mask ``name``; False when it holds none of that name. Its memory goes with the last
+        reference to it (a job that was started with it keeps it until the job ends)."""
+        with self._lock:
+            return session.masks.pop(name, None) is not None
+
     def keep_job_masks(
         self, session: Session, masks: dict[str, np.ndarray], drop_older_results: Callable[[], None]
     ) -> str | None:
