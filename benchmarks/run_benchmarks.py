@@ -387,7 +387,7 @@ def _floor_summary(results: dict, floor_start: dict, floor_end: dict, log: Calla
     return out
 
 
-def median_run(runs: list, log: Callable[[str], None] = print):
+def median_run(runs: list[dict | str], log: Callable[[str], None] = print) -> dict | str:
     """The run with the median ``total_s`` of ``runs`` (the lower middle one of an even count: a run that happened),
     with every run's seconds in ``runs_total_s``; a run that could not be made (a string) is returned as it is."""
     if any(not isinstance(run, dict) for run in runs):
@@ -538,6 +538,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: give 1 or more")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", type=Path, default=DEFAULT_DATA, help="folder with ct.nii.gz + label.nii.gz"
@@ -554,7 +561,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--volume-slices", type=int, default=100, help="slices of the one-box liver run (default 100)"
     )
     parser.add_argument(
-        "--volume-runs", type=int, default=3,
+        "--volume-runs", type=_positive_int, default=3,
         help="one-box liver runs, each with a cold cache; the median is the figure (default 3)",
     )
     parser.add_argument("--skip-volume", action="store_true", help="skip the one-box liver segmentation")

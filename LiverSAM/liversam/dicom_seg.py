@@ -91,16 +91,35 @@ def _segment_description(
     )
 
 
-def on_series_grid(result: SegmentationResult, series_geometry: ImageGeometry) -> SegmentationResult | None:
-    """``result`` on a series' grid: itself when it lies on it; when the series is stored in sagittal or coronal
-    slices and ``result`` lies on its axial grid (``liversam.axial_orientation``, as ``liversam segment``, the
-    Slicer module and the web app segment such a series), its masks put back on the series' voxels (no
-    interpolation); else None."""
-    if series_geometry.is_close(result.geometry, GEOMETRY_TOLERANCE_MM):
-        return result
+def series_grid_match(result_geometry: ImageGeometry, series_geometry: ImageGeometry) -> str | None:
+    """How a segmentation's grid lies on a series' grid: ``"same"``; ``"axial"`` when the series is stored in sagittal
+    or coronal slices and the segmentation lies on its axial grid (``liversam.axial_orientation``: how ``liversam
+    segment``, the Slicer module and the web app segment such a series); else None. Geometry only: no mask is
+    touched."""
+    if series_geometry.is_close(result_geometry, GEOMETRY_TOLERANCE_MM):
+        return "same"
     reorientation = axial_reorientation(series_geometry)
-    if reorientation is None or not reorientation.axial_geometry.is_close(result.geometry, GEOMETRY_TOLERANCE_MM):
-        return None
+    if reorientation is not None and reorientation.axial_geometry.is_close(result_geometry, GEOMETRY_TOLERANCE_MM):
+        return "axial"
+    return None
+
+
+def on_series_grid(result: SegmentationResult, series_geometry: ImageGeometry) -> SegmentationResult | None:
+    """``result`` on a series' grid (:func:`series_grid_match`): itself when it lies on it; on the axial grid of a
+    series stored in sagittal or coronal slices, its masks put back on the series' voxels (no interpolation; each
+    mask must have the axial grid's shape, else OutputError); else None."""
+    match = series_grid_match(result.geometry, series_geometry)
+    if match != "axial":
+        return result if match == "same" else None
+    reorientation = axial_reorientation(series_geometry)
+    assert reorientation is not None  # series_grid_match found it
+    for segment in result.segments:
+        if segment.mask_kji.shape != reorientation.axial_geometry.shape_kji:
+            raise OutputError(
+                f"Segment '{segment.name}' has mask shape {segment.mask_kji.shape}, expected "
+                f"{reorientation.axial_geometry.shape_kji} [k, j, i] (the axial grid of the {reorientation.input_plane} "
+                "series)."
+            )
     on_axial = SegmentationResult(geometry=reorientation.axial_geometry, segments=result.segments,
                                   provenance=result.provenance)
     return reorientation.result_to_input(on_axial)
@@ -123,20 +142,23 @@ def _reference_series_for(
                 f"No DICOM image series in '{where}' to reference. The reference must be the DICOM series of the CT "
                 "the segmentation was made on."
             )
-        candidates = []
+        same, axial = [], []  # series on the segmentation's grid; series whose axial grid it is (sagittal, coronal)
         for info in image_series:
             try:
                 sorted_series = sort_series(info, where)
             except InputImageError:
                 continue
-            if sorted_series.regular and on_series_grid(result, sorted_series.geometry) is not None:
-                candidates.append((info, sorted_series))
+            match = series_grid_match(result.geometry, sorted_series.geometry) if sorted_series.regular else None
+            if match is not None:
+                (same if match == "same" else axial).append((info, sorted_series))
+        candidates = same or axial  # a series stored on the segmentation's own grid comes first
         if candidates:
             if len(candidates) > 1:
                 logger.warning(
-                    "%d series in '%s' share the segmentation's grid; referencing %s",
+                    "%d series in '%s' %s; referencing %s",
                     len(candidates),
                     where,
+                    "share the segmentation's grid" if same else "have the segmentation's grid as their axial grid",
                     candidates[0][0].describe(),
                 )
             return candidates[0]

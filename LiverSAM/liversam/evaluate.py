@@ -821,7 +821,13 @@ def evaluate_case(
         label = reorientation.to_axial(label)
         log.info("case '%s': the CT is stored in %s slices; evaluated on its axial slices (voxels and label reordered "
                  "the same way, none resampled)", case.case_id, reorientation.input_plane)
-    volume, label, (k0, k1) = crop_slices(volume, label, settings.slice_range)
+    try:
+        volume, label, (k0, k1) = crop_slices(volume, label, settings.slice_range)
+    except LiverSAMError as exc:
+        if reorientation is None:
+            raise
+        raise LiverSAMError(f"{exc} (the axial slices of a CT stored in {reorientation.input_plane} slices: --slices "
+                            "numbers those)") from exc
     spacing = array_spacing_mm(volume.geometry.spacing_mm)
     refs = {spec.name: structure_reference(label, spec) for spec in settings.structures}
     predictor = predictor_factory(volume)

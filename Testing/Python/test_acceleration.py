@@ -453,8 +453,12 @@ def test_bf16_is_kept_or_refused_by_its_masks(model, export_cache, check_set_sli
         assert model.decoder_override.precision == "bf16"
     finally:
         disable_fast_encoder(model)
+    from liversam.acceleration.agreement import MIN_DICE, MIN_MEAN_DICE
+
     label = f"openvino-e{ENCODER_GRAPH_VERSION}+openvino-g{DECODER_GRAPH_VERSION}"
     verdicts = [json.loads(p.read_text()) for p in (cache / "agreement").glob(f"*-{label}-*.json")]
+    for verdict in verdicts:  # each verdict is the rule applied to its own Dice figures, nothing else
+        assert verdict["accepted"] == (verdict["min_dice"] >= MIN_DICE and verdict["mean_dice"] >= MIN_MEAN_DICE), verdict
     assert sorted(v["accepted"] for v in verdicts if v["precision"] == "bf16") == [False, True]  # slices 110, 30
     order = [precision for _, precision in candidates("auto", "bf16")[:4]]  # bf16, bf16-block1, bf16-rest, mixed
     on_110 = {v["precision"]: v for v in verdicts if v["precision"] in order[1:]}

@@ -133,3 +133,30 @@ def test_the_server_exports_an_axial_session_of_such_a_series(stored_series, tmp
     back = read_segmentation(path, reference=volume.geometry)
     for segment in result.segments:
         np.testing.assert_array_equal(back.segment(segment.name).mask_kji, reorientation.to_input(segment.mask_kji))
+
+
+def test_with_no_uid_the_series_on_the_masks_own_grid_is_referenced_before_a_reoriented_copy(data_dir, tmp_path):
+    """A study folder with an axial series and a sagittal copy of it: masks on the axial grid, no series UID given,
+    reference the axial series (on their own grid), not the copy whose axial grid theirs also is."""
+    study = tmp_path / "study"
+    study.mkdir()
+    template = data_dir / "dcmqi_ct3slice" / "ct" / "01.dcm"
+    _write_dicom_series(_axial_ct(), study / "axial", template)
+    _write_dicom_series(sitk.Flip(sitk.PermuteAxes(_axial_ct(), [1, 2, 0]), [True, False, False]), study / "sagittal",
+                        template)
+    axial = read_ct(study / "axial")
+    result = _axial_result(axial)
+    path = write_dicom_seg(result, study, tmp_path / "seg.dcm")
+    back = read_segmentation(path, reference=axial.geometry)
+    assert back.provenance["dicom_series_uid"] == axial.metadata["dicom_series_uid"]
+    np.testing.assert_array_equal(back.segment("liver").mask_kji, result.segment("liver").mask_kji)
+
+
+def test_a_mask_not_of_the_axial_grids_shape_is_an_output_error(stored_series, tmp_path):
+    folder, volume, axial, _ = stored_series
+    result = _axial_result(axial)
+    wrong = SegmentationResult(geometry=result.geometry, segments=[
+        Segment("liver", 1, result.segments[0].mask_kji[:-1], (0.8, 0.4, 0.3))])
+    with pytest.raises(OutputError, match="mask shape .* expected .* axial grid of the"):
+        write_dicom_seg(wrong, folder, tmp_path / "seg.dcm")
+    assert not (tmp_path / "seg.dcm").exists()

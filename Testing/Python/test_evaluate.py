@@ -440,3 +440,27 @@ def test_a_case_stored_in_sagittal_slices_is_evaluated_on_its_axial_slices(litem
         assert sagittal["dice"] == pytest.approx(axial["dice"], abs=1e-9), structure
         assert sagittal["hd95_mm"] == pytest.approx(axial["hd95_mm"], abs=1e-9), structure
     assert results["axial"]["protocols"]["oracle-box"]["liver"]["dice"] >= 0.93  # measured on these slices
+
+
+def test_a_slice_range_outside_a_reoriented_case_says_it_numbers_its_axial_slices(tmp_path):
+    """--slices numbers the axial slices of a case stored in sagittal slices: a range past them says so (no model:
+    the range is checked before any slice is encoded)."""
+    ct, label = sitk.ReadImage(str(LITS / "ct.nii.gz")), sitk.ReadImage(str(LITS / "label.nii.gz"))
+    folder = tmp_path / "sagittal"
+    folder.mkdir()
+    for image, file in ((ct, "ct.nii.gz"), (label, "label.nii.gz")):
+        sitk.WriteImage(sitk.Flip(sitk.PermuteAxes(image[:, :, 58:66], [1, 2, 0]), [True, False, False]),
+                        str(folder / file))
+    case = ev.discover_cases(folder)[0]
+    settings = ev.EvaluationSettings(protocols=("oracle-box",), slice_range=(20, 30))  # 8 axial slices, 128 sagittal
+    with pytest.raises(LiverSAMError, match=r"selects no slice .*\(8 slices\).*stored in sagittal slices"):
+        ev.evaluate([case], settings, model=None, predictor_factory=lambda volume: None, progress=False)
+
+
+def test_the_benchmark_refuses_fewer_than_one_liver_run():
+    from liversam.commands.benchmark import load_benchmark_script
+
+    parser = load_benchmark_script().build_parser()
+    assert parser.parse_args(["--volume-runs", "5"]).volume_runs == 5
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--volume-runs", "0"])

@@ -190,3 +190,34 @@ def test_the_masks_sent_for_an_export_the_server_refused_are_not_left_on_it(tmp_
     uploaded = [c[2] for c in client.calls if c[0] == "upload_mask"]
     assert uploaded and sorted(c[2] for c in client.calls if c[0] == "delete_mask") == sorted(uploaded)
     assert not (tmp_path / "seg.dcm").exists()
+
+
+def test_an_older_server_that_cannot_write_it_gets_the_command_that_can(tmp_path):
+    """A server from before session 35 refuses axial masks for a sagittal series ("does not match the DICOM series"):
+    the page says the server cannot do it and gives the liversam export command, not the server's advice to
+    resample."""
+    from liversam_web.mrml_scene import DicomSource
+    from liversam_web.server_client import ServerRequestError
+
+    class OlderServer(SegWritingServer):
+        def export_dicom_seg(self, session, segments, reference_dicom=None, series_uid=None, **_kwargs):
+            raise ServerRequestError(422, "The segmentation's grid does not match the DICOM series 1.2.3 in 'x': ...")
+
+    ct_path = write_nrrd(tmp_path / "sagittal.nrrd", synthetic_ct(), STORED["sagittal-flipped"])
+    app = new_app(OlderServer())
+
+    async def scenario():
+        await open_ct(app, ct_path)
+        app.content.dicom = DicomSource(str(tmp_path / "series"), "1.2.3", SHAPE[2])
+        marker = np.argwhere(app.content.array == 300)
+        k = int(marker[len(marker) // 2][0])
+        app._jump(k)
+        i0, j0 = int(marker[:, 2].min()) - 1, int(marker[:, 1].min()) - 2
+        drag_box(app, (i0, j0, k), (i0 + 4, j0 + 6, k))
+        await settle(app)
+        return await app._export_dicom_seg(tmp_path / "seg.dcm")
+
+    assert asyncio.run(scenario()) is False
+    error = app.state.error
+    assert "cannot write a DICOM SEG of a series stored in sagittal slices" in error, error
+    assert "liversam export liversam.seg.nrrd --reference-dicom" in error, error

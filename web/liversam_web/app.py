@@ -859,7 +859,14 @@ class LiverSAMWebApp:
         try:
             data = await asyncio.to_thread(write)
         except LiverSAMClientError as exc:
-            self._error(f"DICOM SEG export failed: {_client_message(exc)}{_what_to_do(exc)}")
+            advice = _what_to_do(exc)
+            if content.reorientation is not None and "does not match the DICOM series" in _client_message(exc):
+                # a server older than the page: it cannot put axial masks on a sagittal / coronal series' frames
+                advice = (f". This LiverSAM server cannot write a DICOM SEG of a series stored in "
+                          f"{content.reorientation.input_plane} slices (update it); meanwhile export .seg.nrrd (on the "
+                          "series' own grid) and run: liversam export liversam.seg.nrrd --reference-dicom SERIES_FOLDER "
+                          "--output seg.dcm")
+            self._error(f"DICOM SEG export failed: {_client_message(exc)}{advice}")
             return False
         finally:
             self._set_busy("")

@@ -46,7 +46,7 @@ EXPORT_FORMAT = f"liversam-encoder-export/{ENCODER_GRAPH_VERSION}"
 
 #: The encoder's fp32 stem for each split precision: (node-name prefixes of the stem, its file, the bf16 rest's file).
 #: ``bf16-rest``: patch embedding + all of stage 0 in fp32. ``bf16-block1``: patch embedding + stage 0's first MBConv
-#: block in fp32, its second block and the downsampling on in bf16 (about 13 ms a slice faster on an AMX Xeon; on
+#: block in fp32, its second block and the downsampling on in bf16 (about 12 ms a slice faster on an AMX Xeon; on
 #: lits117 min Dice 0.981 there and 0.977 with AVX512-BF16 alone, docs/PERFORMANCE.md, session 35).
 STEM_SPLITS = {
     "bf16-block1": (("/patch_embed/", "/layers.0/blocks.0/"), "encoder_stem_block0.onnx", "encoder_rest_block1.onnx"),
