@@ -324,24 +324,33 @@ def test_changing_the_server_gives_up_on_an_old_server_that_does_not_answer(
     assert plan.cancelled and widget._job is None and module.server.sessions.ids() == []
 
 
+class StandInProcess:
+    """A local server process that only records being stopped."""
+
+    stopped = False
+
+    def running(self) -> bool:
+        return not self.stopped
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def a_local_server(widget) -> tuple[test_slicer_widget_state.Client, StandInProcess]:
+    """The widget's connection as to a local server started here (ready), with a client that records every close and
+    cancel."""
+    client, process = test_slicer_widget_state.Client(), StandInProcess()
+    connection = widget.logic.connection
+    connection._client, connection._process, connection.state = client, process, ServerConnection.READY
+    return client, process
+
+
 def test_changing_from_a_local_server_stops_it_without_a_request(module_widget, widgets, monkeypatch):
     """The local server started here is stopped: its sessions and job go with it, nothing is sent."""
     liversam, _train = widgets
     ct, liver = liver_phantom(nk=6)
     module, widget, _gated = module_widget(ct)
-    client = test_slicer_widget_state.Client()  # records every close and cancel
-
-    class Process:
-        stopped = False
-
-        def running(self) -> bool:
-            return not self.stopped
-
-        def stop(self) -> None:
-            self.stopped = True
-
-    connection, process = widget.logic.connection, Process()
-    connection._client, connection._process, connection.state = client, process, ServerConnection.READY
+    client, process = a_local_server(widget)
     sessions = module.server.sessions
     plan = a_running_job(module, widget, liver)
 
@@ -357,21 +366,9 @@ def test_stop_server_during_a_propagation_ends_it_and_starts_nothing(module_widg
     liversam, _train = widgets
     ct, liver = liver_phantom(nk=6)
     module, widget, _gated = module_widget(ct)
-    client = test_slicer_widget_state.Client()  # records every close and cancel
-
-    class Process:
-        stopped = False
-
-        def running(self) -> bool:
-            return not self.stopped
-
-        def stop(self) -> None:
-            self.stopped = True
-
-    connection, process = widget.logic.connection, Process()
-    connection._client, connection._process, connection.state = client, process, ServerConnection.READY
+    client, process = a_local_server(widget)
     starts = []
-    monkeypatch.setattr(connection, "ensure", lambda *args, **kwargs: starts.append(1) or client)
+    monkeypatch.setattr(widget.logic.connection, "ensure", lambda *args, **kwargs: starts.append(1) or client)
     plan = a_running_job(module, widget, liver)
     widget._setBusy(True)
     widget._jobTimer.start()  # as once the server has answered the job's start

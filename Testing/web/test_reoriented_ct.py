@@ -102,6 +102,16 @@ def test_a_sagittal_or_coronal_ct_is_prompted_on_axial_slices_and_exported_on_it
         assert _file_info(str(tmp_path / exported))["size"] == [SHAPE[2], SHAPE[1], SHAPE[0]], exported
 
 
+async def box_the_marker(app) -> None:
+    """A 5 x 7 voxel box on the synthetic CT's marker, on its middle axial slice, drawn in the red view."""
+    marker = np.argwhere(app.content.array == 300)  # [k, j, i] on the axial grid
+    k = int(marker[len(marker) // 2][0])
+    app._jump(k)
+    i0, j0 = int(marker[:, 2].min()) - 1, int(marker[:, 1].min()) - 2
+    drag_box(app, (i0, j0, k), (i0 + 4, j0 + 6, k))
+    await settle(app)
+
+
 class SegWritingServer(FakeServer):
     """The stand-in server, also answering the DICOM SEG export (records what it was asked)."""
 
@@ -133,12 +143,7 @@ def test_a_dicom_seg_of_such_a_series_is_asked_of_the_server_with_the_axial_mask
         await open_ct(app, ct_path)
         content = app.content
         content.dicom = DicomSource(str(tmp_path / "series"), "1.2.826.0.1.3680043.8.498.1", SHAPE[2])
-        marker = np.argwhere(content.array == 300)
-        k = int(marker[len(marker) // 2][0])
-        app._jump(k)
-        i0, j0 = int(marker[:, 2].min()) - 1, int(marker[:, 1].min()) - 2
-        drag_box(app, (i0, j0, k), (i0 + 4, j0 + 6, k))
-        await settle(app)
+        await box_the_marker(app)
         assert not app.state.error, app.state.error
         written = await app._export_dicom_seg(tmp_path / "seg.dcm")
         return written, app.workflow.masks["liver"].copy(), content.reorientation
@@ -160,32 +165,34 @@ def test_a_dicom_seg_of_such_a_series_is_asked_of_the_server_with_the_axial_mask
     assert liver.sum() == 5 * 7
 
 
-def test_the_masks_sent_for_an_export_the_server_refused_are_not_left_on_it(tmp_path):
-    """A DICOM SEG export that fails (here the server refuses it) leaves none of the masks it sent in the session: each
-    is deleted again, and the user is told why the export failed."""
+def export_refused(tmp_path, direction: np.ndarray, message: str):
+    """A DICOM SEG export of a boxed CT stored with ``direction``, refused by the stand-in server with ``message`` (a
+    422): (the app, its server, the export's outcome)."""
     from liversam_web.mrml_scene import DicomSource
     from liversam_web.server_client import ServerRequestError
 
     class Refusing(SegWritingServer):
         def export_dicom_seg(self, session, segments, reference_dicom=None, series_uid=None, **_kwargs):
-            raise ServerRequestError(422, "the segmentation's grid does not match the DICOM series")
+            raise ServerRequestError(422, message)
 
-    ct_path = write_nrrd(tmp_path / "ct.nrrd", synthetic_ct(), np.eye(3))
+    ct_path = write_nrrd(tmp_path / "ct.nrrd", synthetic_ct(), direction)
     client = Refusing()
     app = new_app(client)
 
     async def scenario():
         await open_ct(app, ct_path)
-        app.content.dicom = DicomSource(str(tmp_path / "series"), "1.2.826.0.1.3680043.8.498.2", SHAPE[0])
-        marker = np.argwhere(app.content.array == 300)
-        k = int(marker[len(marker) // 2][0])
-        app._jump(k)
-        i0, j0 = int(marker[:, 2].min()) - 1, int(marker[:, 1].min()) - 2
-        drag_box(app, (i0, j0, k), (i0 + 4, j0 + 6, k))
-        await settle(app)
+        app.content.dicom = DicomSource(str(tmp_path / "series"), "1.2.826.0.1.3680043.8.498.2", 1)
+        await box_the_marker(app)
         return await app._export_dicom_seg(tmp_path / "seg.dcm")
 
-    assert asyncio.run(scenario()) is False
+    return app, client, asyncio.run(scenario())
+
+
+def test_the_masks_sent_for_an_export_the_server_refused_are_not_left_on_it(tmp_path):
+    """A DICOM SEG export that fails (here the server refuses it) leaves none of the masks it sent in the session: each
+    is deleted again, and the user is told why the export failed."""
+    app, client, written = export_refused(tmp_path, np.eye(3), "the segmentation's grid does not match the DICOM series")
+    assert written is False
     assert "grid does not match" in app.state.error
     uploaded = [c[2] for c in client.calls if c[0] == "upload_mask"]
     assert uploaded and sorted(c[2] for c in client.calls if c[0] == "delete_mask") == sorted(uploaded)
@@ -196,28 +203,9 @@ def test_an_older_server_that_cannot_write_it_gets_the_command_that_can(tmp_path
     """A server from before session 35 refuses axial masks for a sagittal series ("does not match the DICOM series"):
     the page says the server cannot do it and gives the liversam export command, not the server's advice to
     resample."""
-    from liversam_web.mrml_scene import DicomSource
-    from liversam_web.server_client import ServerRequestError
-
-    class OlderServer(SegWritingServer):
-        def export_dicom_seg(self, session, segments, reference_dicom=None, series_uid=None, **_kwargs):
-            raise ServerRequestError(422, "The segmentation's grid does not match the DICOM series 1.2.3 in 'x': ...")
-
-    ct_path = write_nrrd(tmp_path / "sagittal.nrrd", synthetic_ct(), STORED["sagittal-flipped"])
-    app = new_app(OlderServer())
-
-    async def scenario():
-        await open_ct(app, ct_path)
-        app.content.dicom = DicomSource(str(tmp_path / "series"), "1.2.3", SHAPE[2])
-        marker = np.argwhere(app.content.array == 300)
-        k = int(marker[len(marker) // 2][0])
-        app._jump(k)
-        i0, j0 = int(marker[:, 2].min()) - 1, int(marker[:, 1].min()) - 2
-        drag_box(app, (i0, j0, k), (i0 + 4, j0 + 6, k))
-        await settle(app)
-        return await app._export_dicom_seg(tmp_path / "seg.dcm")
-
-    assert asyncio.run(scenario()) is False
+    app, _client, written = export_refused(
+        tmp_path, STORED["sagittal-flipped"], "The segmentation's grid does not match the DICOM series 1.2.3 in 'x': ...")
+    assert written is False
     error = app.state.error
     assert "cannot write a DICOM SEG of a series stored in sagittal slices" in error, error
     assert "liversam export liversam.seg.nrrd --reference-dicom" in error, error
