@@ -93,43 +93,75 @@ def test_a_grid_that_is_neither_the_series_nor_its_axial_one_is_still_refused(st
     assert not (tmp_path / "seg.dcm").exists()
 
 
-def test_the_server_exports_an_axial_session_of_such_a_series(stored_series, tmp_path):
-    """What the web app does: the session holds the axial slices (sent as voxels), the masks are uploaded on them, and
-    the export names the series' folder and UID (before: refused, "grid does not match the DICOM series")."""
+def _server(folder: Path):
+    """An in-process ``liversam serve`` (no model: an export needs none) whose data root holds ``folder``."""
     pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
     from liversam.server.app import create_app
     from liversam.server.config import ServerConfig
 
-    folder, volume, axial, reorientation = stored_series
-    token = "token-of-alice-0123456789"
-    auth = {"Authorization": f"Bearer {token}"}
-
     def no_model():
         raise AssertionError("an export must not load the model")
 
+    return TestClient(create_app(ServerConfig(tokens=[TOKEN], data_roots=[folder.parent]), model_loader=no_model),
+                      raise_server_exceptions=False)
+
+
+TOKEN = "token-of-alice-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _upload_and_export(client, session: str, result: SegmentationResult, **reference) -> bytes:
+    for segment in result.segments:
+        answer = client.put(f"/v1/sessions/{session}/masks/{segment.name}_now",
+                            content=np.packbits(segment.mask_kji).tobytes(),
+                            headers={**AUTH, "Content-Type": "application/octet-stream"})
+        assert answer.status_code == 204, answer.text
+    answer = client.post(f"/v1/sessions/{session}/export/dicom-seg", headers=AUTH, json={
+        "segments": [{"name": s.name, "mask": f"{s.name}_now"} for s in result.segments], **reference})
+    assert answer.status_code == 200, answer.text
+    return answer.content
+
+
+def test_the_server_exports_an_axial_session_of_such_a_series(stored_series, tmp_path):
+    """What the web app does: the session holds the axial slices (sent as voxels), the masks are uploaded on them, and
+    the export names the series' folder and UID (before: refused, "grid does not match the DICOM series")."""
+    folder, volume, axial, reorientation = stored_series
     g = axial.geometry
     query = (f"shape={','.join(map(str, g.shape_kji))}&spacing={','.join(map(str, g.spacing_mm))}"
              f"&origin={','.join(map(str, g.origin_lps))}&direction={','.join(map(str, g.direction_lps.ravel()))}")
     result = _axial_result(axial)
-    application = create_app(ServerConfig(tokens=[token], data_roots=[folder.parent]), model_loader=no_model)
-    with TestClient(application, raise_server_exceptions=False) as client:
+    with _server(folder) as client:
         answer = client.post(f"/v1/sessions?{query}", content=np.ascontiguousarray(axial.array_kji, "<i2").tobytes(),
-                             headers={**auth, "Content-Type": "application/octet-stream"})
+                             headers={**AUTH, "Content-Type": "application/octet-stream"})
         assert answer.status_code == 201, answer.text
-        session = answer.json()["session_id"]
-        for segment in result.segments:
-            answer = client.put(f"/v1/sessions/{session}/masks/{segment.name}_now",
-                                content=np.packbits(segment.mask_kji).tobytes(),
-                                headers={**auth, "Content-Type": "application/octet-stream"})
-            assert answer.status_code == 204, answer.text
-        answer = client.post(f"/v1/sessions/{session}/export/dicom-seg", headers=auth, json={
-            "segments": [{"name": s.name, "mask": f"{s.name}_now"} for s in result.segments],
-            "reference_dicom": str(folder), "series_uid": volume.metadata["dicom_series_uid"]})
-    assert answer.status_code == 200, answer.text
+        assert answer.json()["reoriented_from"] is None  # voxels sent on a grid are kept on it
+        data = _upload_and_export(client, answer.json()["session_id"], result, reference_dicom=str(folder),
+                                  series_uid=volume.metadata["dicom_series_uid"])
     path = tmp_path / "seg.dcm"
-    path.write_bytes(answer.content)
+    path.write_bytes(data)
+    back = read_segmentation(path, reference=volume.geometry)
+    for segment in result.segments:
+        np.testing.assert_array_equal(back.segment(segment.name).mask_kji, reorientation.to_input(segment.mask_kji))
+
+
+def test_a_series_opened_by_path_is_held_on_its_axial_slices_and_exported_on_its_own(stored_series, tmp_path):
+    """``POST /v1/sessions/open-path`` on such a series: the session holds its axial slices (as liversam segment, the
+    Slicer module and the web app segment it; before, its own sagittal or coronal slices), says so, and its DICOM SEG
+    (the series it was read from as the reference) lies on the series' own frames."""
+    folder, volume, axial, reorientation = stored_series
+    result = _axial_result(axial)
+    with _server(folder) as client:
+        answer = client.post("/v1/sessions/open-path", json={"path": str(folder)}, headers=AUTH)
+        assert answer.status_code == 201, answer.text
+        info = answer.json()
+        assert info["reoriented_from"] == reorientation.input_plane
+        assert info["shape_kji"] == list(axial.geometry.shape_kji) != list(volume.geometry.shape_kji)
+        assert np.allclose(info["origin_lps"], axial.geometry.origin_lps)
+        data = _upload_and_export(client, info["session_id"], result)
+    path = tmp_path / "seg.dcm"
+    path.write_bytes(data)
     back = read_segmentation(path, reference=volume.geometry)
     for segment in result.segments:
         np.testing.assert_array_equal(back.segment(segment.name).mask_kji, reorientation.to_input(segment.mask_kji))

@@ -211,7 +211,7 @@ def _session_info(session: Session) -> SessionInfo:
         origin_lps=list(g.origin_lps), direction_lps=[float(v) for v in g.direction_lps.ravel()],
         dtype=str(session.volume.array_kji.dtype), window_level=session.window.level,
         window_width=session.window.width, masks=sorted(session.masks), cached_slices=session.cached_slices,
-        source=session.volume.source,
+        source=session.volume.source, reoriented_from=(session.volume.metadata or {}).get("reoriented_from"),
     )
 
 
@@ -221,6 +221,20 @@ def _window(level: float | None, width: float | None) -> WindowSettings:
     if not (math.isfinite(level) and math.isfinite(width)) or width <= 0:
         raise Refused(422, f"window level {level} / width {width}: both finite, width > 0")
     return WindowSettings(level=level, width=width)
+
+
+def _read_axial_ct(path: Path, series_uid: str | None, allow_non_ct: bool, series_number: int | None) -> CTVolume:
+    """``read_ct``, and a CT stored in sagittal or coronal slices put on its axial slices (as ``liversam segment``, the
+    Slicer module and the web app segment it; ``metadata["reoriented_from"]`` says so). The reordered copy is made
+    while the read's second copy is still counted in the budget, and the file's array is dropped with it."""
+    from ..axial_orientation import reorient_to_axial
+    from ..ct_io import read_ct
+
+    volume, reorientation = reorient_to_axial(read_ct(path, series_uid, allow_non_ct, series_number))
+    if reorientation is not None:
+        log.info("%s is stored in %s slices: the session holds its axial slices %s (voxels reordered, none resampled)",
+                 path, reorientation.input_plane, "x".join(map(str, reorientation.axial_geometry.size_ijk)))
+    return volume
 
 
 async def _read_body(request: Request, expected: int, what: str) -> np.ndarray:
@@ -393,12 +407,13 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
             # cache deciding meanwhile counts it (given back below, also when reading fails or the client is gone)
             room = state.sessions.make_room(ct_bytes, transient=ct_bytes, reserve=2 * ct_bytes)
             reading = 2 * ct_bytes
-        from ..ct_io import check_hounsfield_units, check_not_label_mask, read_ct
+        from ..ct_io import check_hounsfield_units, check_not_label_mask
 
         try:
             if room is not None:
                 await asyncio.wrap_future(room)  # before reading it
-            volume = await run_in_threadpool(read_ct, path, body.series_uid, body.allow_non_ct, body.series_number)
+            volume = await run_in_threadpool(_read_axial_ct, path, body.series_uid, body.allow_non_ct,
+                                             body.series_number)
         except LiverSAMError:
             raise
         except (OSError, ValueError, RuntimeError) as exc:

@@ -84,6 +84,11 @@ class SessionInfo(BaseModel):
     masks: list[str]
     cached_slices: int
     source: str
+    reoriented_from: str | None = Field(
+        default=None,
+        description="'sagittal' or 'coronal' when the CT (opened by path) is stored in such slices: the session holds "
+        "its axial slices (voxels reordered, none resampled), and every k, IJK and mask here is on that axial grid",
+    )
 
 
 class OpenPath(Strict):
