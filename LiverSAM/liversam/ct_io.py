@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from .axial_orientation import axial_reorientation
 from .errors import InputImageError
 from .geometry import ImageGeometry
 from .image_integrity import DICOM, check_image_file, sniff_image_format
@@ -235,7 +236,7 @@ def ct_from_sitk(image: sitk.Image, source: str = "") -> CTVolume:
         raise InputImageError(
             f"'{source}' is a {image.GetDimension()}D image; LiverSAM needs a 3D CT volume (at least one axial slice)."
         )
-    if min(image.GetSize()) < 1 or image.GetSize()[0] < 8 or image.GetSize()[1] < 8:
+    if min(image.GetSize()) < 1:
         raise InputImageError(f"'{source}' has size {image.GetSize()}: too small to be a CT volume.")
     spacing = np.asarray(image.GetSpacing(), dtype=float)
     if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
@@ -250,10 +251,21 @@ def ct_from_sitk(image: sitk.Image, source: str = "") -> CTVolume:
             f"'{source}' has a non-invertible or non-finite direction matrix {direction.ravel().round(4).tolist()} "
             f"(or origin {origin.tolist()}): its voxels cannot be placed in patient space. The header is damaged."
         )
+    geometry = ImageGeometry.from_sitk(image)
+    # slices of 8 x 8 voxels at least, counted on the slices it is segmented on: a CT stored in sagittal or coronal
+    # slices is segmented on its axial ones (liversam.axial_orientation), so a sagittal file of 5 axial slices is a
+    # CT and a single coronal image is not
+    reorientation = axial_reorientation(geometry)
+    in_plane = image.GetSize()[:2] if reorientation is None else reorientation.axial_geometry.size_ijk[:2]
+    if min(in_plane) < 8:
+        axial = "" if reorientation is None else (
+            f" (stored in {reorientation.input_plane} slices, its axial slices would be {in_plane[0]} x {in_plane[1]} "
+            "voxels)")
+        raise InputImageError(f"'{source}' has size {image.GetSize()}{axial}: too small to be a CT volume.")
     array = sitk.GetArrayFromImage(image)
     if array.dtype.kind not in "iuf":
         raise InputImageError(f"'{source}' has voxel type {array.dtype}; expected integer or float HU values.")
-    return CTVolume(array_kji=array, geometry=ImageGeometry.from_sitk(image), source=source)
+    return CTVolume(array_kji=array, geometry=geometry, source=source)
 
 
 def volume_to_sitk(array_kji: np.ndarray, geometry: ImageGeometry) -> sitk.Image:

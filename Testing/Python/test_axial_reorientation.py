@@ -22,7 +22,7 @@ from test_cli_inputs_prompts import _check_only
 
 from conftest import dice
 from liversam.axial_orientation import axial_reorientation, reorient_to_axial
-from liversam.errors import PromptError
+from liversam.errors import InputImageError, PromptError
 from liversam.geometry import ImageGeometry, lps_to_ras
 from liversam.prompts import parse_prompts
 from liversam.segmentation import Segment, SegmentationResult
@@ -198,6 +198,28 @@ def _write_small_ct(path: Path, direction: np.ndarray) -> Path:
     image.SetDirection(tuple(float(v) for v in np.asarray(direction).ravel()))
     sitk.WriteImage(image, str(path))
     return path
+
+
+def test_slice_size_is_checked_on_the_axial_slices_a_ct_is_segmented_on(tmp_path):
+    """A sagittal file of 5 axial slices is a CT (its axial slices 40 x 30 voxels; before, refused as "too small": its
+    file's j axis has 5 voxels); a single coronal image is not (its axial slices would be 40 x 1 voxels; before, read
+    and segmented on that coronal image)."""
+    from liversam.ct_io import read_ct
+
+    sagittal = np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])  # i along A-P, j along S-I, k along L-R
+    array = np.full((40, 5, 30), -1000, dtype=np.int16)  # [k, j, i]: 5 voxels along S-I
+    array[10:30, 1:4, 5:25] = 60
+    image = sitk.GetImageFromArray(array)
+    image.SetDirection(tuple(sagittal.ravel()))
+    sitk.WriteImage(image, str(tmp_path / "sagittal.nrrd"))
+    volume = read_ct(tmp_path / "sagittal.nrrd")
+    assert volume.geometry.shape_kji == (40, 5, 30)  # as stored; its axial grid is 5 slices of 40 x 30
+    coronal = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])  # k along A-P
+    image = sitk.GetImageFromArray(np.full((1, 30, 40), 40, dtype=np.int16))
+    image.SetDirection(tuple(coronal.ravel()))
+    sitk.WriteImage(image, str(tmp_path / "coronal.nrrd"))
+    with pytest.raises(InputImageError, match=r"stored in coronal slices, its axial slices would be 40 x 1 voxels"):
+        read_ct(tmp_path / "coronal.nrrd")
 
 
 def test_cli_takes_an_axial_box_on_a_sagittal_ct_and_still_refuses_it_on_an_oblique_one(
