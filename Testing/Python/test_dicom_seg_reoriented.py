@@ -124,6 +124,16 @@ def _upload_and_export(client, session: str, result: SegmentationResult, **refer
     return answer.content
 
 
+def _assert_on_the_series_frames(data: bytes, tmp_path: Path, volume, result: SegmentationResult, reorientation) -> None:
+    """The DICOM SEG ``data``, read back onto the series' grid, holds each axial mask of ``result`` on the series'
+    own voxels."""
+    path = tmp_path / "seg.dcm"
+    path.write_bytes(data)
+    back = read_segmentation(path, reference=volume.geometry)
+    for segment in result.segments:
+        np.testing.assert_array_equal(back.segment(segment.name).mask_kji, reorientation.to_input(segment.mask_kji))
+
+
 def test_the_server_exports_an_axial_session_of_such_a_series(stored_series, tmp_path):
     """What the web app does: the session holds the axial slices (sent as voxels), the masks are uploaded on them, and
     the export names the series' folder and UID (before: refused, "grid does not match the DICOM series")."""
@@ -139,11 +149,7 @@ def test_the_server_exports_an_axial_session_of_such_a_series(stored_series, tmp
         assert answer.json()["reoriented_from"] is None  # voxels sent on a grid are kept on it
         data = _upload_and_export(client, answer.json()["session_id"], result, reference_dicom=str(folder),
                                   series_uid=volume.metadata["dicom_series_uid"])
-    path = tmp_path / "seg.dcm"
-    path.write_bytes(data)
-    back = read_segmentation(path, reference=volume.geometry)
-    for segment in result.segments:
-        np.testing.assert_array_equal(back.segment(segment.name).mask_kji, reorientation.to_input(segment.mask_kji))
+    _assert_on_the_series_frames(data, tmp_path, volume, result, reorientation)
 
 
 def test_a_series_opened_by_path_is_held_on_its_axial_slices_and_exported_on_its_own(stored_series, tmp_path):
@@ -160,11 +166,7 @@ def test_a_series_opened_by_path_is_held_on_its_axial_slices_and_exported_on_its
         assert info["shape_kji"] == list(axial.geometry.shape_kji) != list(volume.geometry.shape_kji)
         assert np.allclose(info["origin_lps"], axial.geometry.origin_lps)
         data = _upload_and_export(client, info["session_id"], result)
-    path = tmp_path / "seg.dcm"
-    path.write_bytes(data)
-    back = read_segmentation(path, reference=volume.geometry)
-    for segment in result.segments:
-        np.testing.assert_array_equal(back.segment(segment.name).mask_kji, reorientation.to_input(segment.mask_kji))
+    _assert_on_the_series_frames(data, tmp_path, volume, result, reorientation)
 
 
 def test_with_no_uid_the_series_on_the_masks_own_grid_is_referenced_before_a_reoriented_copy(data_dir, tmp_path):
