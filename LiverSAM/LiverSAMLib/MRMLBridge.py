@@ -444,6 +444,51 @@ def oriented_image_from_mask(
     return oriented_image_from_slab(mask_kji[k0 : k1 + 1], k0, ijk_to_ras)
 
 
+def on_reference_grid(modifier, reference_geometry: str):
+    """``modifier`` (a labelmap in the segmentation's coordinates) on the grid of ``reference_geometry`` (the
+    segmentation's serialized reference image geometry), nearest neighbour, over the reference voxels it covers
+    that lie inside the reference extent; ``modifier`` itself when the grids are the same (or the geometry cannot be
+    read); None when it covers no reference voxel.
+
+    The Segment Editor builds its editable-area and intensity masks on the reference grid, and Slicer 5.10 drops the
+    masks of a modifier on another grid without a word (vtkSlicerSegmentEditorLogic::ModifySegmentByLabelmap:
+    the editable area merge fails on the geometry mismatch, the intensity range returns before writing). A CT stored
+    in sagittal or coronal slices is written from its axial grid; a segmentation made on another grid keeps it.
+    For the axial permutation the voxel centres coincide, so the copy is exact."""
+    reference = slicer.vtkOrientedImageData()
+    if not reference_geometry or not slicer.vtkSegmentationConverter.DeserializeImageGeometry(
+        reference_geometry, reference, False
+    ):
+        return modifier
+    if slicer.vtkOrientedImageDataResample.DoGeometriesMatch(modifier, reference):
+        return modifier
+    to_world = vtk.vtkMatrix4x4()
+    modifier.GetImageToWorldMatrix(to_world)
+    reference_to_world = vtk.vtkMatrix4x4()
+    reference.GetImageToWorldMatrix(reference_to_world)
+    modifier_to_reference = np.linalg.inv(_matrix_to_numpy(reference_to_world)) @ _matrix_to_numpy(to_world)
+    extent = np.asarray(modifier.GetExtent(), dtype=float).reshape(3, 2)
+    # the corners of the modifier's voxels (half a voxel past its first and last centres) in reference IJK: the
+    # reference voxels whose centres lie inside them
+    corners = np.array([[x, y, z, 1.0] for x in extent[0] + (-0.5, 0.5) for y in extent[1] + (-0.5, 0.5)
+                        for z in extent[2] + (-0.5, 0.5)])  # fmt: skip
+    in_reference = (modifier_to_reference @ corners.T)[:3]
+    low = np.ceil(in_reference.min(axis=1) - 1e-6).astype(int)
+    high = np.floor(in_reference.max(axis=1) + 1e-6).astype(int)
+    whole = np.asarray(reference.GetExtent()).reshape(3, 2)
+    if np.all(whole[:, 0] <= whole[:, 1]):  # a reference extent: the Segment Editor edits within it
+        low, high = np.maximum(low, whole[:, 0]), np.minimum(high, whole[:, 1])
+    if np.any(low > high):
+        return None
+    reference.SetExtent(int(low[0]), int(high[0]), int(low[1]), int(high[1]), int(low[2]), int(high[2]))
+    resampled = slicer.vtkOrientedImageData()
+    if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
+        modifier, reference, resampled, False, False
+    ):
+        return None
+    return resampled
+
+
 def ijk_to_segmentation_matrix(volume_node, segmentation_node) -> np.ndarray:
     """4x4 matrix from the volume's IJK to the segmentation node's local RAS (both transforms linear)."""
     segmentation_to_world = node_to_world_matrix(segmentation_node)

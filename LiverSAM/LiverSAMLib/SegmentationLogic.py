@@ -278,7 +278,9 @@ class SegmentationLogic:
         if save_undo:
             self._save_undo_state(logic, segmentation_node)
         ijk_to_segmentation = MRMLBridge.ijk_to_segmentation_matrix(volume_node, segmentation_node)
-        modifier = MRMLBridge.oriented_image_from_slab(slab, k0, ijk_to_segmentation)
+        modifier = self._on_reference_grid(
+            logic, segmentation_node, MRMLBridge.oriented_image_from_slab(slab, k0, ijk_to_segmentation)
+        )
         extent = list(modifier.GetExtent())
         editor_node = self.editor_node()
         protect = [
@@ -304,7 +306,6 @@ class SegmentationLogic:
                 # "Set" replaces the whole segment; a slab update erases the slab, then adds the new mask.
                 self._erase_own_voxels(
                     logic, editor_node, segmentation_node, segment_id, volume_node, slab.shape, k0, ijk_to_segmentation,
-                    extent,
                 )
                 logic.ModifySegmentByLabelmap(
                     segmentation_node, segment_id, modifier, logic.ModificationModeAdd, extent, True, False
@@ -314,8 +315,21 @@ class SegmentationLogic:
                 editor_node.SetOverwriteMode(saved_overwrite)
 
     @staticmethod
+    def _on_reference_grid(logic, segmentation_node, modifier):
+        """``modifier`` on the segmentation's reference grid, where the Segment Editor's editable area and intensity
+        range apply (:func:`MRMLBridge.on_reference_grid`); an error when the CT lies outside that grid."""
+        on_grid = MRMLBridge.on_reference_grid(modifier, logic.GetReferenceImageGeometryString())
+        if on_grid is None:
+            raise OutputError(
+                f"Segmentation '{segmentation_node.GetName()}' was made on a grid that does not cover the input CT, "
+                "so nothing can be written into it: choose 'Create new Segmentation' as output, or set its geometry "
+                "to the CT (Segment Editor > Specify geometry)."
+            )
+        return on_grid
+
+    @classmethod
     def _erase_own_voxels(
-        logic, editor_node, segmentation_node, segment_id, volume_node, slab_shape, k0, ijk_to_segmentation, extent
+        cls, logic, editor_node, segmentation_node, segment_id, volume_node, slab_shape, k0, ijk_to_segmentation
     ) -> None:
         """Erase ``segment_id``'s voxels in the slab's editable area (a slab write's first half) and nothing else.
 
@@ -339,9 +353,11 @@ class SegmentationLogic:
             region &= MRMLBridge.segment_mask(segmentation_node, mask_id, volume_node)[k0 : k0 + slab_shape[0]]
             editor_node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere)
         try:
+            erase = cls._on_reference_grid(
+                logic, segmentation_node, MRMLBridge.oriented_image_from_slab(region, k0, ijk_to_segmentation)
+            )
             logic.ModifySegmentByLabelmap(
-                segmentation_node, segment_id, MRMLBridge.oriented_image_from_slab(region, k0, ijk_to_segmentation),
-                logic.ModificationModeRemove, extent, True, False,
+                segmentation_node, segment_id, erase, logic.ModificationModeRemove, list(erase.GetExtent()), True, False,
             )  # fmt: skip
         finally:
             if inside_one:

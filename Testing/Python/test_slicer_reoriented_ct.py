@@ -46,6 +46,10 @@ def client():
 
 @pytest.fixture(scope="module")
 def axial_slab():
+    return lits117_slab()
+
+
+def lits117_slab() -> tuple[CTVolume, np.ndarray]:
     """A slab of lits117 (axial, i to L, j to P, k to S) around the liver's largest slice, and its liver label."""
     folder = shared_data_dir() / "lits117"
     ct = read_ct(folder / "ct.nii.gz")
