@@ -48,6 +48,9 @@ from LiverSAMLib.SlicerCompatibility import add_missing_pack_members, version_pr
 POLL_INTERVAL_MS = 30  # delivers server answers; each tick lets the I/O thread run a few ms
 JOB_POLL_INTERVAL_MS = 300  # job progress
 LIVE_DELAY_MS = 150  # coalesces a burst of markup events into one request
+#: ctkPathLineEdit emits currentPathChanged at every keystroke: a typed LiverSAM Python path is applied once it has
+#: stayed the same this long (or at Connect), not at each character (each one would restart the server)
+SERVER_PATH_SETTLE_MS = 1500
 # Module cleanup (reload, exit): how long cancelling the job and closing the sessions on a server that keeps running
 # (a remote one) may take, and then waiting for the I/O thread, in all: a dead server must not hold Slicer's exit up.
 CLEANUP_TIMEOUT_S = 2.0
@@ -108,6 +111,8 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._pollTimer: qt.QTimer | None = None
         self._jobTimer: qt.QTimer | None = None
         self._liveTimer: qt.QTimer | None = None
+        self._serverPathTimer: qt.QTimer | None = None
+        self._stopServerAtQuit = None  # the aboutToQuit() slot, kept to disconnect it in cleanup()
         self._observedPromptNodes: list = []
         self._interactionNode = None
         self._job: dict | None = None  # the running server job: its plan (job id, what to do with its result)
@@ -144,8 +149,13 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._liveTimer.setSingleShot(True)
         self._liveTimer.setInterval(LIVE_DELAY_MS)
         self._liveTimer.connect("timeout()", self.onLiveUpdate)
+        self._serverPathTimer = qt.QTimer()
+        self._serverPathTimer.setSingleShot(True)
+        self._serverPathTimer.setInterval(SERVER_PATH_SETTLE_MS)
+        self._serverPathTimer.connect("timeout()", self._onServerSettingsEdited)
         # Stop the server LiverSAM started when Slicer quits (cleanup() is not called on every exit path).
-        slicer.app.connect("aboutToQuit()", self.logic.stopServer)
+        self._stopServerAtQuit = self.logic.stopServer
+        slicer.app.connect("aboutToQuit()", self._stopServerAtQuit)
 
         for table in (self.ui.reviewTable, self.ui.lesionTable):
             table.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
@@ -191,9 +201,12 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         deadline = time.monotonic() + CLEANUP_TIMEOUT_S
         self.removeObservers()
         self._uninstallShortcuts()
-        for timer in (self._pollTimer, self._jobTimer, self._liveTimer):
+        for timer in (self._pollTimer, self._jobTimer, self._liveTimer, self._serverPathTimer):
             if timer is not None:
                 timer.stop()
+        if self._stopServerAtQuit is not None:  # else each reload's logic (and widget) stayed connected, and alive
+            slicer.app.disconnect("aboutToQuit()", self._stopServerAtQuit)
+            self._stopServerAtQuit = None
         job, self._job = self._job, None
         if self._calls is not None:
             self._calls.invalidate()
@@ -324,7 +337,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deviceComboBox.setCurrentIndex(max(self.ui.deviceComboBox.findText(settings.device), 0))
         self.ui.modelComboBox.addItem(settings.model, settings.model)
         self.ui.serverModeComboBox.connect("currentIndexChanged(int)", self._onServerSettingsEdited)
-        self.ui.serverPythonPathLineEdit.connect("currentPathChanged(QString)", self._onServerSettingsEdited)
+        self.ui.serverPythonPathLineEdit.connect("currentPathChanged(QString)", self._onServerPythonPathEdited)
         self.ui.serverUrlLineEdit.connect("editingFinished()", self._onServerSettingsEdited)
         self.ui.serverTokenLineEdit.connect("editingFinished()", self._onServerSettingsEdited)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self._onServerSettingsEdited)
@@ -344,7 +357,15 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             device=self.ui.deviceComboBox.currentText or "auto",
         )
 
+    def _onServerPythonPathEdited(self, *args) -> None:
+        """The LiverSAM Python path changed (a keystroke, or the browse dialog): applied once it settles
+        (SERVER_PATH_SETTLE_MS) or at Connect, so that typing a path neither restarts the server nor cancels a
+        propagation at every character, nor saves half-typed paths."""
+        self._serverPathTimer.start()
+
     def _onServerSettingsEdited(self, *args) -> None:
+        if self._serverPathTimer is not None:
+            self._serverPathTimer.stop()  # a path still settling is applied now, with the rest
         settings = self._serverSettingsFromGui()
         if settings == self.logic.connection.settings:
             return
@@ -364,6 +385,8 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelComboBox.setCurrentIndex(self.ui.modelComboBox.count - 1)
 
     def onConnectServer(self) -> None:
+        if self._serverPathTimer is not None and self._serverPathTimer.isActive():
+            self._onServerSettingsEdited()  # the path typed last is applied (and saved) before connecting
         settings = self._serverSettingsFromGui()
         if self.logic.connection.state != READY or settings != self.logic.connection.settings:
             self._reconfigureServer(settings)  # an explicit retry after a failure

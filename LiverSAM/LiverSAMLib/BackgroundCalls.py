@@ -79,6 +79,8 @@ class CallQueue:
         lets the I/O thread run. Returns how many callbacks ran."""
         delivered = 0
         wait = self.poll_wait_s if wait_s is None else float(wait_s)
+        if wait > 0 and self.idle():
+            wait = 0.0  # no call to wait for: the widget's timer ticks with the module open never block Slicer
         while True:
             try:
                 call, ok, value = self._results.get(timeout=wait) if wait > 0 else self._results.get_nowait()

@@ -24,6 +24,7 @@ import collections
 import contextlib
 import copy
 import http.client
+import ipaddress
 import json
 import os
 import re
@@ -229,7 +230,7 @@ class LiverSAMClient:
         request = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
             bound = self.timeout if self._bounded else (timeout or self.timeout)
-            with _OPENER.open(request, timeout=bound) as response:
+            with _opener_for(url).open(request, timeout=bound) as response:
                 return _Answer(response.status, dict(response.headers.items()), response.read())
         except urllib.error.HTTPError as exc:
             body = exc.read()
@@ -575,6 +576,25 @@ if hasattr(http.client, "HTTPSConnection") and hasattr(urllib.request, "HTTPSHan
     _HANDLERS.append(_EarlyAnswerHTTPSHandler)
 #: urllib's default opener (proxies from the environment, redirects, HTTP errors) with those connections
 _OPENER = urllib.request.build_opener(*_HANDLERS)
+#: the same without proxies, for a server on this computer: Python sends even 127.0.0.1 through an ``http_proxy``
+#: from the environment unless ``no_proxy`` names it (a hospital network's proxy then got the local server's
+#: requests, and its token, and the start timed out)
+_DIRECT_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), *_HANDLERS)
+
+
+def is_loopback_url(url: str) -> bool:
+    """True when ``url``'s host is this computer (``localhost``, 127.0.0.0/8, ``::1``)."""
+    host = (urllib.parse.urlsplit(url).hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _opener_for(url: str) -> urllib.request.OpenerDirector:
+    return _DIRECT_OPENER if is_loopback_url(url) else _OPENER
 
 
 def _error_message(body: bytes) -> str:

@@ -125,6 +125,7 @@ class ServerConnection:
         self._client: LiverSAMClient | None = None
         self._process: LocalServerProcess | None = None
         self._lock = threading.Lock()
+        read_startup_environment()  # here, on the main thread: the server is started from the I/O thread
 
     @property
     def client(self) -> LiverSAMClient | None:
@@ -234,19 +235,36 @@ class ServerConnection:
         self._client = None
 
 
+#: Slicer's startup environment, read once on the main thread (:func:`read_startup_environment`): it is a Qt call
+#: (qSlicerCoreApplication::startupEnvironment), and the server starts and DICOM SEG exports run on the I/O thread
+_startup_environment: dict[str, str] | None = None
+
+
+def read_startup_environment() -> dict[str, str] | None:
+    """The environment Slicer was started with (None outside Slicer); main thread, the first time (the module's logic
+    calls it as it is made). It never changes while Slicer runs."""
+    global _startup_environment
+    if _startup_environment is None:
+        try:
+            import slicer
+
+            if getattr(slicer, "app", None) is None:
+                return None
+            _startup_environment = {str(k): str(v) for k, v in slicer.util.startupEnvironment().items()}
+        except (ImportError, AttributeError):
+            return None
+    return _startup_environment
+
+
 def _environment_before_slicer() -> dict[str, str]:
     """The environment Slicer was started with, when running inside Slicer: its launcher also puts Slicer's own
     libraries on the library path (``LD_LIBRARY_PATH`` with Slicer's libpython, ``PATH`` with its Python's
     ``bin``; SuperBuild/External_python.cmake), which another Python must not load. ``LIVERSAM_*`` variables set
     during the session are kept. Outside Slicer: this process's environment."""
-    try:
-        import slicer
-
-        if getattr(slicer, "app", None) is None:
-            raise ImportError("not inside Slicer")
-        environment = {str(k): str(v) for k, v in slicer.util.startupEnvironment().items()}
-    except (ImportError, AttributeError):
+    startup = read_startup_environment()
+    if startup is None:
         return dict(os.environ)
+    environment = dict(startup)
     environment.update({k: v for k, v in os.environ.items() if k.startswith("LIVERSAM_")})
     return environment
 

@@ -424,14 +424,24 @@ def test_widget_lifecycle_wiring():
     timer, drops pending calls and stops the server; a closing scene drops answers, the running job and the
     lesion list; Slicer's aboutToQuit stops the server; the prompt buttons follow the interaction mode."""
     cleanup = _widget_method("cleanup")
-    for timer in ("self._pollTimer", "self._jobTimer", "self._liveTimer"):
+    for timer in ("self._pollTimer", "self._jobTimer", "self._liveTimer", "self._serverPathTimer"):
         assert timer in cleanup
+    # the aboutToQuit() slot is disconnected again (each reload used to leave its logic and widget connected)
+    assert "slicer.app.disconnect('aboutToQuit()', self._stopServerAtQuit)" in cleanup
     assert "timer.stop()" in cleanup and "self._calls.invalidate()" in cleanup and "self.logic.stopServer()" in cleanup
     closing = _widget_method("onSceneStartClose")
     for step in ("self._calls.invalidate()", "self._liveTimer.stop()", "self._jobTimer.stop()", "self._job = None",
                  "self._lesions = []", "self.ui.lesionTable.setRowCount(0)", "self.logic.sceneClosed("):  # fmt: skip
         assert step in closing, step
-    assert "slicer.app.connect('aboutToQuit()', self.logic.stopServer)" in _widget_method("setup")
+    setup = _widget_method("setup")
+    assert "self._stopServerAtQuit = self.logic.stopServer" in setup
+    assert "slicer.app.connect('aboutToQuit()', self._stopServerAtQuit)" in setup
+    # the LiverSAM Python path is applied once it settles, not at each keystroke (ctkPathLineEdit emits
+    # currentPathChanged at every one)
+    assert "serverPythonPathLineEdit.connect('currentPathChanged(QString)', self._onServerPythonPathEdited)" in (
+        _widget_method("_setupServerSection")
+    )
+    assert "self._serverPathTimer.connect('timeout()', self._onServerSettingsEdited)" in setup
     assert "InteractionModeChangedEvent" in _widget_method("_observeInteractionNode")
     unchecks = _widget_method("_onInteractionModeChanged")
     assert "PromptPlacement.placing(self._interactionNode)" in unchecks and "button.checked = False" in unchecks

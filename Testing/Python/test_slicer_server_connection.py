@@ -156,14 +156,27 @@ def test_inside_slicer_the_server_gets_the_environment_slicer_was_started_with(m
     import slicer
 
     started_with = {"PATH": "/usr/bin", "LD_LIBRARY_PATH": "/usr/lib", "HOME": "/home/reader"}
+    read_on: list[str] = []
+
+    def startup_environment() -> dict:  # a Qt call (qSlicerCoreApplication): the main thread only
+        read_on.append(threading.current_thread().name)
+        return dict(started_with)
+
     monkeypatch.setattr(slicer, "app", object(), raising=False)
-    monkeypatch.setattr(slicer.util, "startupEnvironment", lambda: dict(started_with), raising=False)
+    monkeypatch.setattr(slicer.util, "startupEnvironment", startup_environment, raising=False)
+    monkeypatch.setattr(connection_module, "_startup_environment", None)
     monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/Slicer/lib/Python/lib:/usr/lib")
     monkeypatch.setenv("PYTHONHOME", "/opt/Slicer/lib/Python")
     monkeypatch.setenv("LIVERSAM_HOME", "/data/liversam")
-    environment = server_environment()
+    ServerConnection(ServerSettings())  # the module's logic makes it on the main thread
+    found: list[dict] = []
+    io_thread = threading.Thread(target=lambda: found.append(server_environment()), name="LiverSAM server calls")
+    io_thread.start()  # the server is started from the I/O thread
+    io_thread.join(5.0)
+    environment = found[0]
     assert environment["LD_LIBRARY_PATH"] == "/usr/lib" and environment["PATH"] == "/usr/bin"
     assert "PYTHONHOME" not in environment and environment["LIVERSAM_HOME"] == "/data/liversam"
+    assert read_on == [threading.main_thread().name]  # read once, on the main thread, never on the I/O thread
 
 
 def test_calls_run_on_one_thread_and_callbacks_on_the_polling_thread():
@@ -241,3 +254,50 @@ def test_every_propagation_setting_is_sent_when_the_client_takes_them():
     ServerRequests.call_with_settings(Client().old_start_propagation, "s", [], settings=settings)
     assert sent == {"max_slices": None, "intensity_refinement": True}
     assert ServerRequests.unsupported_settings(Client.old_start_propagation, settings) == ["min_score", "box_margin_mm"]
+
+
+def test_a_server_on_this_computer_is_reached_past_a_proxy_from_the_environment(monkeypatch):
+    """Python sends even 127.0.0.1 through ``http_proxy`` unless ``no_proxy`` names it: on a hospital network with a
+    proxy set, the local server's health check went to the proxy (and the start timed out), with the token."""
+    import http.server
+    import json
+    import urllib.request
+
+    from LiverSAMLib import ServerClient
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        seen: list[str] = []
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            Health.seen.append(self.path)
+            body = json.dumps({"status": "ok", "version": "test"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        # the environment's proxy: a port where nothing listens (as a proxy the machine cannot reach)
+        for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY"):
+            monkeypatch.setenv(name, "http://127.0.0.1:9")
+        for name in ("no_proxy", "NO_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setattr(ServerClient, "_OPENER", urllib.request.build_opener(*ServerClient._HANDLERS))
+        port = server.server_address[1]
+        for host in ("127.0.0.1", "localhost"):
+            assert ServerClient.LiverSAMClient(f"http://{host}:{port}", "t").health()["status"] == "ok"
+        assert Health.seen == ["/v1/health"] * 2
+    finally:
+        server.shutdown()
+        server.server_close()
+    # a server elsewhere still goes through the proxy the environment names
+    assert ServerClient._opener_for("http://gpu.hospital.example:8000/api/v1/info") is ServerClient._OPENER
+    assert [ServerClient.is_loopback_url(u) for u in ("http://[::1]:8000", "http://127.0.0.2", "http://10.0.0.1")] == [
+        True, True, False,
+    ]  # fmt: skip
