@@ -98,3 +98,37 @@ def test_replace_nonfinite_segments_and_says_how_many(tmp_path, capsys):
     assert "replaced 10 non-finite CT voxel(s) by -1000" in capsys.readouterr().out
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
     assert labels[1, 15:25, 18:30].all()  # the bright block on the prompted slice is segmented
+
+
+@pytest.mark.parametrize(
+    ("argv", "option", "says"),
+    [
+        (["segment", "{ct}", "--prompts", "{p}", "--output", "{o}", "--window-width", "-5"], "--window-width", "above 0"),
+        (["segment", "{ct}", "--prompts", "{p}", "--output", "{o}", "--window-width", "0"], "--window-width", "above 0"),
+        (["segment", "{ct}", "--prompts", "{p}", "--output", "{o}", "--window-level", "nan"], "--window-level", "finite"),
+        (["segment", "{ct}", "--prompts", "{p}", "--output", "{o}", "--cache-mb", "-1"], "--cache-mb", "above 0"),
+        (["segment", "{ct}", "--prompts", "{p}", "--output", "{o}", "--closing-mm", "nan"], "--closing-mm", "finite"),
+        (["segment", "{ct}", "--prompts", "{p}", "--output", "{o}", "--opening-mm", "-2"], "--opening-mm", "0 or more"),
+        (["segment", "{ct}", "--prompts", "{p}", "--output", "{o}", "--min-island-mm2", "-1"], "--min-island-mm2",
+         "0 or more"),
+        (["segment", "{ct}", "--prompts", "{p}", "--output", "{o}", "--threads", "-1"], "--threads", "0 or more"),
+        (["serve", "--port", "70000"], "--port", "65535"),
+        (["serve", "--idle-timeout", "0"], "--idle-timeout", "above 0"),
+        (["evaluate", "--data", "{ct}", "--output", "{o}", "--loose-mm", "inf"], "--loose-mm", "finite"),
+        (["train", "--data", "{ct}", "--out", "{o}", "--lr", "-0.5"], "--lr", "above 0"),
+        (["train", "--data", "{ct}", "--out", "{o}", "--epochs", "0"], "--epochs", "1 or more"),
+    ],
+)
+def test_numeric_options_out_of_range_are_usage_errors_before_any_work(tmp_path, capsys, argv, option, says):
+    """A window width of -5 or 0, a NaN level, a negative cache size or radius used to end in "internal error" (exit 3,
+    a crash log), a NaN closing radius only after the model had run; a NaN window level wrote an empty segmentation
+    with exit 0 and blamed the prompts. Now argparse refuses them: exit 2, the option, what to give."""
+    ct, prompts = _inputs(tmp_path)
+    out = tmp_path / "o.nii.gz"
+    filled = [a.format(ct=ct, p=prompts, o=out) for a in argv]
+    with pytest.raises(SystemExit) as stop:
+        main(filled)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2
+    assert f"argument {option}" in err and says in err and "Traceback" not in err
+    assert not out.exists()

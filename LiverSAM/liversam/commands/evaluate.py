@@ -9,6 +9,7 @@ from pathlib import Path
 from ..errors import LiverSAMError
 from ..output_paths import check_outputs, model_input_path
 from ..preflight import check_label_pair
+from . import arg_types
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +50,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--accelerate", default="auto", choices=("auto", "plain", "openvino", "onnxruntime", "torch"),
                         help="CPU encoder backend (default auto: OpenVINO / ONNX Runtime when installed)")
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+        "--threads", type=arg_types.positive_int, default=None, help="torch CPU threads (default: torch's choice)"
     )
-    parser.add_argument("--cache-mb", type=float, default=1024.0, help="slice-embedding cache size in MB")
+    parser.add_argument("--cache-mb", type=arg_types.positive, default=1024.0, help="slice-embedding cache size in MB")
     parser.add_argument("--slices", help="restrict to axial slices K0:K1 (half-open, e.g. 60:64)")
     parser.add_argument(
         "--liver-labels", type=_int_list, default=(1, 2), help="label values of the liver (default 1,2)"
@@ -66,10 +67,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--structures", default="liver,tumor", help="structures to score (default liver,tumor)"
     )
     parser.add_argument(
-        "--box-margin", type=int, default=0, help="voxels added around reference boxes (default 0)"
+        "--box-margin", type=arg_types.non_negative_int, default=0, help="voxels added around reference boxes (default 0)"
     )
     parser.add_argument(
-        "--max-clicks", type=int, default=20, help="clicks protocol: clicks per slice (default 20)"
+        "--max-clicks", type=arg_types.positive_int, default=20, help="clicks protocol: clicks per slice (default 20)"
     )
     parser.add_argument(
         "--max-slices",
@@ -121,7 +122,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "(every side moved by a seeded uniform draw in --jitter-mm), or several comma-separated "
         "(default: tight)",
     )
-    parser.add_argument("--loose-mm", type=float, default=7.0, help="one-box loose boxes: mm added per side (default 7)")
+    parser.add_argument("--loose-mm", type=arg_types.non_negative, default=7.0, help="one-box loose boxes: mm added per side (default 7)")
     parser.add_argument(
         "--jitter-mm", default="-2,7",
         help="one-box jittered boxes: range LO,HI (mm) of each side's outward shift (default -2,7)",

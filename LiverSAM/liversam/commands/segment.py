@@ -13,6 +13,7 @@ from ..errors import OutputError
 from ..freed_memory import return_freed_memory_to_os
 from ..output_paths import check_outputs, dicom_folder_of_file, model_input_path
 from ..progress import ProgressReporter
+from . import arg_types
 
 if TYPE_CHECKING:
     from ..axial_orientation import AxialReorientation
@@ -36,12 +37,12 @@ def add_parser(subparsers) -> None:
         help="CPU encoder backend: auto (OpenVINO / ONNX Runtime when installed, verified against PyTorch; "
         "exported once into the user cache), or plain PyTorch",
     )
-    p.add_argument("--window-level", type=float, default=40.0, help="CT window centre in HU (default 40)")
-    p.add_argument("--window-width", type=float, default=400.0, help="CT window width in HU (default 400)")
+    p.add_argument("--window-level", type=arg_types.finite, default=40.0, help="CT window centre in HU (default 40)")
+    p.add_argument("--window-width", type=arg_types.positive, default=400.0, help="CT window width in HU (default 400)")
     p.add_argument("--clahe", action="store_true", help="apply CLAHE after windowing")
-    p.add_argument("--min-island-mm2", type=float, default=10.0, help="remove 2D islands smaller than this (mm^2)")
-    p.add_argument("--opening-mm", type=float, default=0.0, help="2D morphological opening radius (mm)")
-    p.add_argument("--closing-mm", type=float, default=0.0, help="2D morphological closing radius (mm)")
+    p.add_argument("--min-island-mm2", type=arg_types.non_negative, default=10.0, help="remove 2D islands smaller than this (mm^2)")
+    p.add_argument("--opening-mm", type=arg_types.non_negative, default=0.0, help="2D morphological opening radius (mm)")
+    p.add_argument("--closing-mm", type=arg_types.non_negative, default=0.0, help="2D morphological closing radius (mm)")
     p.add_argument("--no-intensity-refinement", action="store_true",
                    help="propagate with the model's masks alone (no liver/tumour intensity refinement, no trim of "
                    "the liver's dark rim, no tumour ring, no liver piece asked for apart)")
@@ -63,18 +64,18 @@ def add_parser(subparsers) -> None:
     p.add_argument("--report", help="write the review report (per-slice area, score, flags) as JSON")
     p.add_argument("--lesions", help="write the lesion table (.csv or .json)")
     p.add_argument("--series-uid", help="DICOM folder: the SeriesInstanceUID to use when it holds several series")
-    p.add_argument("--series-number", type=int, help="DICOM folder: the SeriesNumber to use")
+    p.add_argument("--series-number", type=arg_types.non_negative_int, help="DICOM folder: the SeriesNumber to use")
     p.add_argument("--allow-non-ct", action="store_true",
                    help="accept a DICOM series whose modality is not CT, or a volume whose values look like a "
                    "label mask or are not Hounsfield units (none below 0)")
     p.add_argument("--resample-irregular", action="store_true",
                    help="DICOM: resample irregular slice spacing or gantry tilt instead of refusing it")
-    p.add_argument("--replace-nonfinite", type=float, metavar="HU",
+    p.add_argument("--replace-nonfinite", type=arg_types.finite, metavar="HU",
                    help="replace NaN / infinite CT voxels by this value (e.g. -1000) instead of refusing the CT")
     p.add_argument("--check-only", action="store_true",
                    help="validate the CT, the prompts and the output paths, then stop (no model, nothing written)")
-    p.add_argument("--cache-mb", type=float, default=2048.0, help="embedding cache size in MB")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch default)")
+    p.add_argument("--cache-mb", type=arg_types.positive, default=2048.0, help="embedding cache size in MB")
+    p.add_argument("--threads", type=arg_types.non_negative_int, default=0, help="CPU threads for torch (0 = torch default)")
     p.set_defaults(run=run)
 
 

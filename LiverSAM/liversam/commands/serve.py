@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import LiverSAMError
+from . import arg_types
 
 #: The folder a starter (the Slicer module's and the web app's LocalServerProcess) makes for the token file; the server
 #: removes it when empty as it deletes the token: a starter killed outright cannot (LOCAL_SERVER_FOLDER_PREFIX there).
@@ -29,7 +30,7 @@ def add_parser(subparsers) -> None:
         "default; every endpoint but /v1/health needs 'Authorization: Bearer <token>'.",
     )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need a token)")
-    p.add_argument("--port", type=int, default=0, help="port (default 0: a free port, printed at start)")
+    p.add_argument("--port", type=arg_types.port, default=0, help="port (default 0: a free port, printed at start)")
     p.add_argument("--token", action="append", default=[],
                    help="accept this token (repeatable: one per user; a session belongs to the token that opened it)")
     p.add_argument("--token-file", help="token file: if it exists, its tokens (one a line) are accepted; "
@@ -38,18 +39,18 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--accelerate", default="auto", choices=("auto", "plain", "openvino", "onnxruntime", "torch"),
                    help="CPU encoder backend (as in liversam segment)")
-    p.add_argument("--max-sessions", type=int, default=4, help="open CTs held at once (least recently used goes)")
-    p.add_argument("--max-voxels", type=int, default=512 * 512 * 1000, help="largest CT accepted, in voxels")
-    p.add_argument("--idle-timeout", type=float, default=3600.0, help="close sessions idle this many seconds")
-    p.add_argument("--cache-mb", type=float, default=1024.0, help="embedding cache per session, MB")
-    p.add_argument("--session-memory-gb", type=float, default=None,
+    p.add_argument("--max-sessions", type=arg_types.positive_int, default=4, help="open CTs held at once (least recently used goes)")
+    p.add_argument("--max-voxels", type=arg_types.positive_int, default=512 * 512 * 1000, help="largest CT accepted, in voxels")
+    p.add_argument("--idle-timeout", type=arg_types.positive, default=3600.0, help="close sessions idle this many seconds")
+    p.add_argument("--cache-mb", type=arg_types.positive, default=1024.0, help="embedding cache per session, MB")
+    p.add_argument("--session-memory-gb", type=arg_types.positive, default=None,
                    help="memory all sessions may hold together, GiB: CTs, embedding caches, masks, kept job results "
                         "(default: half of the machine's memory; a new CT evicts the least recently used idle "
                         "sessions to fit, or is refused with 503)")
     p.add_argument("--data-root", action="append", default=[],
                    help="folder CTs may be opened from by path (repeatable); without it only a loopback server "
                    "opens paths, anywhere its user can read")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch default)")
+    p.add_argument("--threads", type=arg_types.non_negative_int, default=0, help="CPU threads for torch (0 = torch default)")
     p.add_argument("--exit-with-stdin", action="store_true",
                    help="stop when standard input closes: for a server started by another program (the Slicer module) "
                         "with a pipe as its input, so that it ends with that program even when it crashes")

@@ -9,6 +9,8 @@ import argparse
 import json
 import logging
 
+from . import arg_types
+
 log = logging.getLogger(__name__)
 
 
@@ -63,22 +65,22 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=("tumor", "tumour", "lesion", "metastas", "neoplasm", "cancer"),
         help="segment name parts that mean tumour (.seg.nrrd); cysts never count",
     )
-    p.add_argument("--epochs", type=int, default=30,
+    p.add_argument("--epochs", type=arg_types.positive_int, default=30,
                    help="maximum epochs (default 30); a finished run resumed with more trains on")
-    p.add_argument("--batch-size", type=int, default=8, help="slices per step (default 8)")
-    p.add_argument("--lr", type=float, default=1e-4, help="initial learning rate (default 1e-4)")
-    p.add_argument("--lr-min", type=float, default=1e-6, help="cosine-annealing minimum (default 1e-6)")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
+    p.add_argument("--batch-size", type=arg_types.positive_int, default=8, help="slices per step (default 8)")
+    p.add_argument("--lr", type=arg_types.positive, default=1e-4, help="initial learning rate (default 1e-4)")
+    p.add_argument("--lr-min", type=arg_types.non_negative, default=1e-6, help="cosine-annealing minimum (default 1e-6)")
+    p.add_argument("--weight-decay", type=arg_types.non_negative, default=0.01, help="AdamW weight decay (default 0.01)")
     p.add_argument(
-        "--tumor-weight", type=float, default=2.0, help="loss weight of tumour targets (default 2)"
+        "--tumor-weight", type=arg_types.non_negative, default=2.0, help="loss weight of tumour targets (default 2)"
     )
     p.add_argument(
-        "--patience", type=int, default=10,
+        "--patience", type=arg_types.positive_int, default=10,
         help="early stopping: epochs without better validation Dice (default 10); a run that stopped early, resumed "
         "with more, trains on",
     )
     p.add_argument(
-        "--augment-copies", type=int, default=0, help="augmented copies per slice in the cache (default 0)"
+        "--augment-copies", type=arg_types.non_negative_int, default=0, help="augmented copies per slice in the cache (default 0)"
     )
     p.add_argument(
         "--max-slices",
@@ -87,10 +89,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="at most this many liver slices per study (evenly spaced)",
     )
     p.add_argument(
-        "--min-liver-voxels", type=int, default=16, help="use slices with at least this many liver voxels"
+        "--min-liver-voxels", type=arg_types.non_negative_int, default=16, help="use slices with at least this many liver voxels"
     )
-    p.add_argument("--window-level", type=float, default=40.0, help="CT window centre, HU (default 40)")
-    p.add_argument("--window-width", type=float, default=400.0, help="CT window width, HU (default 400)")
+    p.add_argument("--window-level", type=arg_types.finite, default=40.0, help="CT window centre, HU (default 40)")
+    p.add_argument("--window-width", type=arg_types.positive, default=400.0, help="CT window width, HU (default 400)")
     p.add_argument("--seed", type=int, default=0, help="seed of split, augmentation and prompts (default 0)")
     p.add_argument(
         "--split",
@@ -106,7 +108,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="also train the image encoder: its last stages or all of it (GPU advised; default none)",
     )
     p.add_argument(
-        "--encoder-stages", type=int, default=1, help="--train-encoder last: how many stages (default 1)"
+        "--encoder-stages", type=arg_types.positive_int, default=1, help="--train-encoder last: how many stages (default 1)"
     )
     p.add_argument(
         "--precision",
@@ -148,7 +150,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "liver, where a propagation must stop (default 0)",
     )
     p.add_argument(
-        "--point-prob", type=float, default=0.3, help="chance of label points added to a box (default 0.3)"
+        "--point-prob", type=arg_types.non_negative, default=0.3, help="chance of label points added to a box (default 0.3)"
     )
     p.add_argument(
         "--refine-prob",
@@ -163,7 +165,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "when one re-encoded slice per study matches",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=arg_types.positive_int, default=None, help="torch CPU threads")
     p.add_argument(
         "--cache-dir", help="preprocessing cache folder (default RUN_DIR/cache; runs may share one)"
     )
