@@ -190,32 +190,27 @@ def _clean_source(ds):
     return ds
 
 
-def write_dicom_seg(
-    result: SegmentationResult,
+def check_dicom_seg_reference(
+    geometry: ImageGeometry,
     reference_dicom: str | Path | Sequence[str | Path],
     path: str | Path,
-    model_name: str = "",
     series_uid: str | None = None,
-    algorithm_type: str = "SEMIAUTOMATIC",
-    series_description: str = "LiverSAM segmentation",
-    series_number: int = 1000,
-) -> Path:
-    """Write ``result`` as a DICOM SEG (BINARY) referencing the CT series in ``reference_dicom``.
+) -> None:
+    """Raise :class:`OutputError`, as :func:`write_dicom_seg` would, when a segmentation on ``geometry`` cannot be
+    written as a DICOM SEG referencing ``reference_dicom``: no such series, its grid is not ``geometry``, or its files
+    lack the UIDs a SEG must reference (an anonymised copy). Headers only: a command checks it before the model runs,
+    so that minutes of propagation are not thrown away at the end."""
+    _reference_for(SegmentationResult(geometry=geometry, segments=[]), reference_dicom, Path(path), series_uid)
 
-    ``reference_dicom`` is the CT's DICOM folder (searched recursively) or the list of its files (as
-    Slicer's DICOM database gives them).
 
-    The series is ``series_uid``, else ``result.provenance["dicom_series_uid"]``, else the image series
-    whose grid equals ``result.geometry``. Empty frames are omitted. Raises :class:`OutputError` (and
-    writes nothing) when the geometry does not match, the series cannot be referenced or there are no
-    segments. Returns ``path``.
-    """
-    import highdicom as hd
-    import pydicom
-
-    path = Path(path)
-    if not result.segments:
-        raise OutputError(f"Nothing to write to '{path}': the segmentation has no segments.")
+def _reference_for(
+    result: SegmentationResult,
+    reference_dicom: str | Path | Sequence[str | Path],
+    path: Path,
+    series_uid: str | None,
+) -> tuple[DicomSeriesInfo, SortedSeries, Path, SegmentationResult]:
+    """(the series ``result`` is written on, its sorted files, their folder, ``result`` on its grid); OutputError
+    when there is none it can be written on."""
     if isinstance(reference_dicom, (str, Path)):
         folder = Path(reference_dicom)
         if folder.is_file():
@@ -258,8 +253,37 @@ def write_dicom_seg(
             "Give the DICOM folder of the CT that was segmented, or resample the segmentation onto it "
             "(liversam export ... --reference-dicom DIR reads it onto that grid)."
         )
-    result = on_grid
     _check_referenceable(sorted_series, folder)
+    return info, sorted_series, folder, on_grid
+
+
+def write_dicom_seg(
+    result: SegmentationResult,
+    reference_dicom: str | Path | Sequence[str | Path],
+    path: str | Path,
+    model_name: str = "",
+    series_uid: str | None = None,
+    algorithm_type: str = "SEMIAUTOMATIC",
+    series_description: str = "LiverSAM segmentation",
+    series_number: int = 1000,
+) -> Path:
+    """Write ``result`` as a DICOM SEG (BINARY) referencing the CT series in ``reference_dicom``.
+
+    ``reference_dicom`` is the CT's DICOM folder (searched recursively) or the list of its files (as
+    Slicer's DICOM database gives them).
+
+    The series is ``series_uid``, else ``result.provenance["dicom_series_uid"]``, else the image series
+    whose grid equals ``result.geometry``. Empty frames are omitted. Raises :class:`OutputError` (and
+    writes nothing) when the geometry does not match, the series cannot be referenced or there are no
+    segments. Returns ``path``.
+    """
+    import highdicom as hd
+    import pydicom
+
+    path = Path(path)
+    if not result.segments:
+        raise OutputError(f"Nothing to write to '{path}': the segmentation has no segments.")
+    info, sorted_series, folder, result = _reference_for(result, reference_dicom, path, series_uid)
 
     source_images = [_clean_source(pydicom.dcmread(p, stop_before_pixels=True)) for p in sorted_series.files]
     nk, nj, ni = result.geometry.shape_kji

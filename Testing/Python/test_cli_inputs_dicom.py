@@ -129,3 +129,33 @@ def test_undecodable_pixel_data_gives_one_message_with_the_transfer_syntax_and_n
     assert "transfer syntax JPEG-LS Lossless" in run.stderr
     assert "decompress the series" in run.stderr
     assert np.sum([line.startswith("liversam segment: error:") for line in run.stderr.splitlines()]) == 1
+
+
+def test_a_series_a_dicom_seg_cannot_reference_is_refused_before_the_model_runs(tmp_path, series, capsys, monkeypatch):
+    """An anonymised copy with its UIDs blanked: --check-only said "outputs writable", and a real run propagated
+    through the whole CT before refusing to write (and dropped the --report and --lesions it had made too)."""
+    for path in series.iterdir():
+        ds = pydicom.dcmread(path)
+        ds.SOPInstanceUID = ""
+        ds.save_as(path)
+    output = tmp_path / "seg.dcm"
+    assert main(_check_only(tmp_path, series, output)) == 2
+    err = capsys.readouterr().err
+    assert "lacks the UIDs a DICOM SEG must reference (SOPInstanceUID empty in 3 file(s))" in err
+    assert ".seg.nrrd or .nii.gz instead" in err
+
+    import liversam.models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded for an output that cannot be written")
+
+    monkeypatch.setattr(liversam.models, "load_model", no_model)
+    argv = _check_only(tmp_path, series, output, "--report", str(tmp_path / "review.json"))
+    assert main(argv[: argv.index("--check-only")] + argv[argv.index("--check-only") + 1 :]) == 2
+    assert "lacks the UIDs" in capsys.readouterr().err
+    assert not output.exists() and not (tmp_path / "review.json").exists()
+
+
+def test_check_only_accepts_a_dicom_seg_of_a_series_it_can_reference(tmp_path, series, capsys):
+    assert main(_check_only(tmp_path, series, tmp_path / "seg.dcm")) == 0
+    assert "outputs writable" in capsys.readouterr().out

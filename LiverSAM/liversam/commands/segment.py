@@ -155,6 +155,11 @@ def run(args: argparse.Namespace) -> int:
         log.info("%s", reorientation.describe())
     segments = load_prompts(args.prompts, volume.geometry, ijk_geometry=input_geometry)
     crf = crf_for_segments(args.crf, segments)  # before the model: a missing package or a wrong name fails fast
+    if fmt == "dicom-seg":  # a series it cannot reference (UIDs blanked, ...) is refused now, not after the model ran
+        from ..dicom_seg import check_dicom_seg_reference
+
+        check_dicom_seg_reference(input_geometry, dicom_folder, output,
+                                  series_uid=volume.metadata.get("dicom_series_uid") or None)  # fmt: skip
     if args.check_only:
         print(
             f"ok: CT {volume.geometry.size_ijk} (i, j, k), {len(segments)} segment(s) "
