@@ -474,9 +474,10 @@ def read_seg_nrrd(path: str | Path, label_names: dict[int, str] | None = None) -
 def read_labelmap(path: str | Path, label_names: dict[int, str] | None = None) -> SegmentationResult:
     """Read a labelmap (.nrrd, .nii, .nii.gz, .mha): one segment per label value present.
 
-    Names come from ``label_names``, else the file's ``LiverSAM_labels`` header, else
-    :data:`DEFAULT_LABEL_NAMES` (1 liver, 2 tumor), else ``label_<value>``. Every label named in
-    ``label_names`` gets a segment, empty if the label is absent.
+    Names come from ``label_names`` when given (a label it does not name is ``label_<value>``: the defaults are not
+    mixed in, so a labelmap whose 2 is the spleen is not called a tumour), else the file's ``LiverSAM_labels`` header,
+    else :data:`DEFAULT_LABEL_NAMES` (1 liver, 2 tumor), else ``label_<value>``. Every label named in
+    ``label_names`` gets a segment, empty if the label is absent (logged).
     """
     import SimpleITK as sitk
 
@@ -509,9 +510,17 @@ def read_labelmap(path: str | Path, label_names: dict[int, str] | None = None) -
                 names[int(value)] = name
     present = [int(v) for v in np.unique(array) if v != 0]
     label_values = sorted(set(present) | (set(names) if label_names else set()))
+    if label_names:
+        if absent := sorted(set(names) - set(present)):
+            logger.warning("'%s' has no voxel of label(s) %s (%s): written as empty segment(s)", path,
+                           ", ".join(map(str, absent)), ", ".join(names[v] for v in absent))  # fmt: skip
+        if unnamed := [v for v in present if v not in names]:
+            logger.warning("label(s) %s of '%s' are not in the names given: called %s", ", ".join(map(str, unnamed)),
+                           path, ", ".join(f"label_{v}" for v in unnamed))  # fmt: skip
     segments = []
     for n, value in enumerate(label_values):
-        name = names.get(value) or DEFAULT_LABEL_NAMES.get(value) or f"label_{value}"
+        default = None if label_names else DEFAULT_LABEL_NAMES.get(value)
+        name = names.get(value) or default or f"label_{value}"
         segments.append(
             Segment(name=name, label=value, mask_kji=array == value, color=default_color(name, n))
         )

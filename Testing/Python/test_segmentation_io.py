@@ -139,6 +139,9 @@ def test_labelmap_round_trip(tmp_path: Path, suffix: str) -> None:
         ("vessels", 4),
     ]
     assert not named.segments[-1].mask_kji.any()
+    # names given replace the defaults: a label they leave out is not called "tumor" (nor coded as a neoplasm)
+    only_liver = read_segmentation(path, label_names={1: "liver"})
+    assert [(s.name, s.label) for s in only_liver.segments] == [("liver", 1), ("label_2", 2), ("label_3", 3)]
 
 
 def test_unknown_suffix_and_bad_masks_write_nothing(tmp_path: Path) -> None:
@@ -306,3 +309,16 @@ def test_segments_that_meet_on_one_far_slice_only_go_to_separate_layers(tmp_path
     assert layers == {"liver": 0, "tumor": 1, "vessel": 0, "cyst": 1}
     for segment, mask in zip(segments, (a, b, c, d), strict=True):
         assert segment.mask_kji is mask and mask.sum() == {1: 40, 2: 1, 3: 1, 4: 2}[segment.label]  # only read
+
+
+def test_export_refuses_label_names_that_name_two_labels_alike(tmp_path: Path, capsys) -> None:
+    """``--label-names 1=liver,2=liver`` wrote two segments named liver (Slicer shows both alike); PROMPTS.json
+    already refuses duplicate names."""
+    from liversam.cli import main
+
+    path = write_segmentation(_liver_with_tumor(_oblique_geometry()), tmp_path / "labels.nii.gz")
+    out = tmp_path / "out.seg.nrrd"
+    code = main(["export", str(path), "--label-names", "1=liver,2=Liver", "--output", str(out)])
+    assert code == 2
+    assert "labels 1 and 2 are both named 'Liver'" in capsys.readouterr().err
+    assert not out.exists()

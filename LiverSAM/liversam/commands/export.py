@@ -37,6 +37,14 @@ def parse_label_names(text: str | None) -> dict[int, str] | None:
                 f"--label-names '{text}': each item must be LABEL=NAME with an integer label, e.g. 1=liver,2=tumor."
             )
         names[int(value)] = name.strip()
+    seen: dict[str, int] = {}
+    for value, name in names.items():
+        if name.lower() in seen:
+            raise InputImageError(
+                f"--label-names '{text}': labels {seen[name.lower()]} and {value} are both named '{name}'; segment names "
+                "must be unique (3D Slicer would show two segments of that name)."
+            )
+        seen[name.lower()] = value
     return names
 
 
@@ -71,7 +79,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--label-names",
         metavar="LABEL=NAME,...",
-        help="names of labelmap values, e.g. 1=liver,2=tumor (default: 1=liver, 2=tumor)",
+        help="names of labelmap values, e.g. 1=liver,2=tumor (default: the file's own names, else 1=liver, "
+        "2=tumor); given, it replaces the defaults: a label it leaves out is called label_<value>",
     )
     parser.add_argument("--model-name", default="", help="model name recorded as provenance in the output")
     parser.set_defaults(run=run)
