@@ -215,6 +215,49 @@ def _numbers(values, shape: tuple[int, ...], what: str, expected: str) -> np.nda
     return arr
 
 
+#: A box drawn a little past the edge of the image (a liver touching the border of a cropped CT) is clipped to the
+#: slice when at least this fraction of its area lies inside; a box mostly outside is refused (more likely values in
+#: another coordinate system, which the refusal names).
+MIN_INSIDE_FRACTION_TO_CLIP = 0.5
+
+
+def _inside_fraction(ijk: np.ndarray, geometry: ImageGeometry) -> float:
+    """The fraction of an axial box's area (corners ``ijk``, continuous voxel indices) on the slice's voxels."""
+    lo, hi = ijk[:, :2].min(axis=0), ijk[:, :2].max(axis=0)
+    upper = np.asarray(geometry.size_ijk[:2], dtype=float) - 1
+    inside = np.clip(np.minimum(hi, upper) - np.maximum(lo, 0.0), 0.0, None)
+    area = float(np.prod(hi - lo))
+    return float(np.prod(inside)) / area if area > 0 else 0.0
+
+
+def _clip_box_past_the_edge(
+    ijk: np.ndarray, original: np.ndarray, system: str, geometry: ImageGeometry, what: str,
+    ijk_geometry: ImageGeometry | None,
+) -> np.ndarray:
+    """A box not wholly inside the volume (corners ``ijk``): clipped in-plane when its slice lies in the volume, at
+    least :data:`MIN_INSIDE_FRACTION_TO_CLIP` of its area inside and no other coordinate system puts it wholly inside
+    (logged); refused when its slice lies in the volume but most of it outside; else returned as it is, for
+    :func:`_check_inside` to refuse (naming the coordinate system that fits, if one does)."""
+    others = tuple(s for s in COORDINATE_SYSTEMS if s != system)
+    on_a_slice = bool(np.all(geometry.contains_ijk(np.c_[np.zeros((len(ijk), 2)), ijk[:, 2]])))
+    if not on_a_slice or _systems_placing_inside(original, geometry, others, ijk_geometry):
+        return ijk
+    fraction = _inside_fraction(ijk, geometry)
+    if fraction >= MIN_INSIDE_FRACTION_TO_CLIP:
+        log.info("%s reaches past the edge of the volume: clipped to it (%.0f %% of the box lies inside), as 3D "
+                 "Slicer's ROI boxes are", what, 100.0 * fraction)  # fmt: skip
+        clipped = ijk.astype(float).copy()
+        clipped[:, :2] = np.clip(clipped[:, :2], 0.0, np.asarray(geometry.size_ijk[:2], dtype=float) - 1)
+        return clipped
+    if fraction > 0:
+        raise PromptError(
+            f"{what} {np.round(original, 2).tolist()} ({system}) reaches far past the edge of the volume: only "
+            f"{100 * fraction:.0f} % of it lies inside (volume extent: {_describe_extent(geometry, system, ijk_geometry)}"
+            "). Check the coordinate system and the values; a box at most half outside is clipped to the volume."
+        )
+    return ijk
+
+
 def box_from_corners(
     corners, system: str, geometry: ImageGeometry, what: str, ijk_geometry: ImageGeometry | None = None
 ) -> tuple[int, tuple]:
@@ -224,6 +267,8 @@ def box_from_corners(
     if arr is None:
         raise PromptError(f"{what} must be two corners [[x0, y0, z], [x1, y1, z]], got {corners!r}.")
     ijk = _to_ijk(arr, system, geometry, ijk_geometry)
+    if not bool(np.all(geometry.contains_ijk(ijk))):
+        ijk = _clip_box_past_the_edge(ijk, arr, system, geometry, what, ijk_geometry)
     _check_inside(ijk, geometry, what, arr, system, ijk_geometry=ijk_geometry)
     k = _slice_index(ijk[:, 2], what, geometry, ijk_geometry)
     i0, i1 = sorted(ijk[:, 0])

@@ -35,6 +35,10 @@ def test_segment_writes_seg_nrrd_and_labelmap_with_ct_geometry(tmp_path, capsys,
                        system="RAS")
     seg_out = tmp_path / "out" / "liver.seg.nrrd"
     assert main(["segment", str(lits117_ct_path), "--prompts", str(prompts), "--output", str(seg_out)]) == 0
+    # propagate is off by default: the summary says so (one slice of a liver looked like any other result)
+    assert 'voxels, ' in (out := capsys.readouterr().out) and (
+        '(its prompted slices only: set "propagate": true to carry it through the volume)' in out
+    )
     from liversam.segmentation_io import read_segmentation
 
     result = read_segmentation(seg_out)
@@ -56,7 +60,9 @@ def test_segment_writes_seg_nrrd_and_labelmap_with_ct_geometry(tmp_path, capsys,
     printed = capsys.readouterr().out.splitlines()
     items = json.loads(report.read_text())["items"]
     assert printed[-3].startswith(f"wrote {labelmap_out} (")
-    assert printed[-2].startswith(f"wrote {report} (review report: {len(items)} slice range(s) to check: liver slices ")
+    first = str(items[0]["slices"])  # "64" is one slice, "60-64" several
+    assert printed[-2].startswith(f"wrote {report} (review report: {len(items)} slice range(s) to check: liver "
+                                  f"slice{'s' if '-' in first else ''} {first}")  # fmt: skip
     assert printed[-1] == f"wrote {lesions} (lesion table: 0 lesion(s))"  # no segment inside another here
     labelmap = sitk.ReadImage(str(labelmap_out))
     assert labelmap.GetSize() == ct.GetSize() and labelmap.GetOrigin() == ct.GetOrigin()

@@ -279,3 +279,30 @@ def test_box_shape_and_area_errors_are_specific(oblique):
         parse([[[5, 6, 3], [30, 6.9, 3]]])
     (seg,) = parse([[[5, 6, 3], [6, 7, 3]]])  # one voxel wide in each direction is enough
     assert seg.slices[3].boxes_ij == [(5.0, 6.0, 6.0, 7.0)]
+
+
+def _one_box(system: str, corners) -> dict:
+    return {"coordinate_system": system, "segments": [{"name": "liver", "boxes": [[list(c) for c in corners]]}]}
+
+
+def test_a_box_drawn_a_little_past_the_edge_is_clipped_to_the_slice(oblique, caplog):
+    """A liver touching the border of a cropped CT: the user's box runs a few voxels past it. It was refused as lying
+    "outside the volume"; Slicer's ROI boxes were already clipped."""
+    corners_ijk = np.array([[40.0, 5.0, 12.0], [70.0, 50.0, 12.0]])  # i to 70 of 0..63, j to 50 of 0..47
+    for system, corners in (("IJK", corners_ijk), ("LPS", oblique.ijk_to_lps(corners_ijk)),
+                            ("RAS", oblique.ijk_to_ras(corners_ijk))):  # fmt: skip
+        caplog.clear()
+        with caplog.at_level("INFO", logger="liversam.prompts"):
+            (seg,) = parse_prompts(_one_box(system, corners), oblique)
+        assert list(seg.slices) == [12]
+        np.testing.assert_allclose(seg.slices[12].boxes_ij[0], (40.0, 5.0, 63.0, 47.0), atol=1e-6)
+        assert "reaches past the edge of the volume: clipped to it (72 % of the box lies inside)" in caplog.text
+
+
+def test_a_box_mostly_outside_or_off_every_slice_is_refused(oblique):
+    with pytest.raises(PromptError, match=r"reaches far past the edge of the volume: only 2 % of it lies inside"):
+        parse_prompts(_one_box("IJK", [[50, 40, 12], [150, 100, 12]]), oblique)
+    with pytest.raises(PromptError, match="lies outside the volume"):  # its slice is not in the volume
+        parse_prompts(_one_box("IJK", [[40, 5, 40], [70, 50, 40]]), oblique)
+    with pytest.raises(PromptError, match="lies outside the volume"):  # nothing of it inside
+        parse_prompts(_one_box("IJK", [[70, 5, 12], [90, 50, 12]]), oblique)

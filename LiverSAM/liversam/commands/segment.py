@@ -211,8 +211,12 @@ def run(args: argparse.Namespace) -> int:
 
     elapsed = time.perf_counter() - started
     voxel_ml = volume.geometry.voxel_volume_mm3 / 1000.0
+    not_propagated = {s.name for s in segments if not s.propagate}
     for seg in result.segments:
-        print(f"{seg.name}: {int(seg.mask_kji.sum())} voxels, {seg.mask_kji.sum() * voxel_ml:.1f} mL")
+        note = ""
+        if seg.name in not_propagated:  # the default: one slice of a liver looks like a result too
+            note = ' (its prompted slices only: set "propagate": true to carry it through the volume)'
+        print(f"{seg.name}: {int(seg.mask_kji.sum())} voxels, {seg.mask_kji.sum() * voxel_ml:.1f} mL{note}")
     _warn_about_empty_segments(result)
     print(
         f"wrote {output} ({len(predictor.encoded_slices)} slices encoded in {predictor.encode_seconds:.1f} s, "
@@ -255,5 +259,9 @@ def _review_summary(report: dict) -> str:
     items = report.get("items") or []
     if not items:
         return "no slice range to check"
-    named = ", ".join(f"{item.get('segment', '?')} slices {item.get('slices', '?')}" for item in items[:3])
+    def where(item: dict) -> str:
+        slices = str(item.get("slices", "?"))
+        return f"{item.get('segment', '?')} slice{'s' if '-' in slices else ''} {slices}"
+
+    named = ", ".join(where(item) for item in items[:3])
     return f"{len(items)} slice range(s) to check: {named}" + (", ..." if len(items) > 3 else "")
