@@ -20,6 +20,7 @@ signature, for loops that used tqdm directly.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -44,10 +45,17 @@ def is_quiet() -> bool:
 
 
 def _is_terminal(stream: IO[str]) -> bool:
+    """A terminal a bar can be drawn on: a tty that reports a width (a pty of size 0 x 0, as ``script`` or ``docker
+    exec -t`` may give, drew only empty lines: lines are printed there instead)."""
     try:
-        return bool(stream.isatty())
+        if not stream.isatty():
+            return False
     except (AttributeError, ValueError):
         return False
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, ValueError, OSError):  # a tty without a size to read: as before
+        return True
 
 
 def _format_seconds(seconds: float) -> str:
@@ -114,28 +122,44 @@ class LineProgress:
         items = {**(ordered_dict or {}), **kwargs}
         self._postfix = ", ".join(f"{k}={v}" for k, v in items.items())
 
-    def close(self) -> None:
+    def close(self, ended: str = "done") -> None:
+        """The stage's last line: ``ended`` is "done", or how it stopped (:func:`ending_of`)."""
         if not self._closed:
             self._closed = True
             elapsed = _format_seconds(time.perf_counter() - self.started)
             status = self._status(time_left=False)
             joint = " " if status.startswith("(") else ", "  # "done (loss=0.1) in", "done, 3/10 slices in"
-            self._write(f"{self.desc}: done{joint + status if status else ''} in {elapsed}")
+            self._write(f"{self.desc}: {ended}{joint + status if status else ''} after {elapsed}"
+                        if ended != "done" else f"{self.desc}: done{joint + status if status else ''} in {elapsed}")
 
     def __iter__(self) -> Iterator:
         assert self.iterable is not None, "LineProgress without an iterable cannot be iterated"
+        ended = "done"
         try:
             for item in self.iterable:
                 yield item
                 self.update(1)
+        except GeneratorExit:  # the loop was left early: by an error in its body (said after), or a break
+            ended = "stopped" if self.total and self.n < self.total else "done"
+            raise
+        except BaseException as exc:
+            ended = ending_of(type(exc))
+            raise
         finally:
-            self.close()
+            self.close(ended)
 
     def __enter__(self) -> LineProgress:
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: Any) -> None:
+        self.close(ending_of(exc_type))
+
+
+def ending_of(exc_type: type[BaseException] | None) -> str:
+    """How a stage ended, for its last line: "done", "interrupted" (Ctrl-C) or "stopped" (an error, said after)."""
+    if exc_type is None or issubclass(exc_type, GeneratorExit):
+        return "done"
+    return "interrupted" if issubclass(exc_type, KeyboardInterrupt) else "stopped"
 
 
 def progress_bar(iterable: Iterable | None = None, *, disable: bool = False, file: IO[str] | None = None, **kwargs: Any):
@@ -186,11 +210,13 @@ class ProgressReporter:
         if bar is not None and done > bar.n:
             bar.update(int(done) - bar.n)
 
-    def close(self) -> None:
+    def close(self, ended: str = "done") -> None:
         if self._ticker is not None:
             self._ticker.stop()
             self._ticker = None
-        if self._bar is not None:
+        if isinstance(self._bar, LineProgress):
+            self._bar.close(ended)
+        elif self._bar is not None:
             self._bar.close()
         self._bar = None
         self._stage = None
@@ -198,8 +224,8 @@ class ProgressReporter:
     def __enter__(self) -> ProgressReporter:
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: Any) -> None:
+        self.close(ending_of(exc_type))
 
 
 class _Ticker:

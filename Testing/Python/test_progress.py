@@ -149,3 +149,37 @@ def test_log_lines_count_tqdm_style_singular_units_in_the_plural() -> None:
     assert lines[1].startswith("[liversam] evaluate: 2/4 cases, about "), lines[1]
     assert lines[2] == "[liversam] export: started, 1 case"
     assert lines[3].startswith("[liversam] export: done, 0/1 case in "), lines[3]
+
+
+def test_a_stage_that_is_interrupted_or_fails_does_not_say_done() -> None:
+    """Ctrl-C during a propagation printed "propagating 'liver': done, 53/128 slices", then "interrupted"."""
+    for error, ended in ((KeyboardInterrupt, "interrupted"), (RuntimeError, "stopped")):
+        log = io.StringIO()
+        with pytest.raises(error), progress.ProgressReporter(file=log) as report:
+            report("propagating 'liver'", 53, 128)
+            raise error()
+        last = log.getvalue().splitlines()[-1]
+        assert last.startswith(f"[liversam] propagating 'liver': {ended}, 53/128 slices after "), last
+    log = io.StringIO()  # an iterated bar (evaluate's cases) that stops on an error
+    with pytest.raises(ValueError):
+        for _case in progress.progress_bar(["a"], desc="evaluate", unit="case", file=log):
+            raise ValueError("bad slice range")
+    assert log.getvalue().splitlines()[-1].startswith("[liversam] evaluate: stopped, 0/1 case after ")
+
+
+def test_a_terminal_of_width_0_gets_lines_not_an_empty_bar(monkeypatch) -> None:
+    """A pty of size 0 x 0 (``script`` from a non-interactive shell, some ``docker exec -t``) drew two empty lines."""
+
+    class Pty(_Terminal):
+        def fileno(self) -> int:
+            return 2
+
+    sizes = {"columns": 0}
+    monkeypatch.setattr(progress.os, "get_terminal_size", lambda fd: __import__("os").terminal_size((sizes["columns"], 0)))
+    stream = Pty()
+    with progress.ProgressReporter(file=stream) as report:
+        report("propagating 'liver'", 10, 10)
+    assert stream.getvalue().startswith("[liversam] propagating 'liver': started, 10 slices\n")
+    assert not progress._is_terminal(stream)
+    sizes["columns"] = 120
+    assert progress._is_terminal(Pty())  # a terminal with a width: a tqdm bar

@@ -129,17 +129,15 @@ def run(args) -> int:
             f"DICOM SEG output '{output}' needs the CT's DICOM series: pass --reference-dicom DIR "
             "(the folder of the CT that was segmented)."
         )
-    progress = ProgressReporter(unit="steps")
-    progress(f"export {output.name}", 0, 2)
-    result = read_segmentation(
-        args.segmentation, reference=geometry, label_names=parse_label_names(args.label_names)
-    )
-    if series_uid:
-        result.provenance["dicom_series_uid"] = series_uid
-    progress(f"export {output.name}", 1, 2)
-    write_segmentation(result, output, reference_dicom=dicom_folder, model_name=args.model_name)
-    progress(f"export {output.name}", 2, 2)
-    progress.close()
+    label_names = parse_label_names(args.label_names)
+    with ProgressReporter(unit="steps") as progress:  # its last line says "stopped" when a step fails
+        progress(f"export {output.name}", 0, 2)
+        result = read_segmentation(args.segmentation, reference=geometry, label_names=label_names)
+        if series_uid:
+            result.provenance["dicom_series_uid"] = series_uid
+        progress(f"export {output.name}", 1, 2)
+        write_segmentation(result, output, reference_dicom=dicom_folder, model_name=args.model_name)
+        progress(f"export {output.name}", 2, 2)
     voxel_ml = result.geometry.voxel_volume_mm3 / 1000.0
     summary = ", ".join(
         f"{s.name} (label {s.label}, {int(s.mask_kji.sum())} voxels, {s.mask_kji.sum() * voxel_ml:.1f} mL)"
