@@ -72,6 +72,15 @@ def _internal_error(command: str, exc: BaseException, argv: list[str] | None) ->
     return EXIT_INTERNAL_ERROR
 
 
+#: What Ctrl-C leaves behind, per command: outputs are written atomically, a run folder keeps its finished epochs.
+INTERRUPTED_DEFAULT = "interrupted; no output was changed."
+INTERRUPTED = {
+    "serve": "stopped.",
+    "web": "stopped.",
+    "train": "interrupted; the run folder keeps its last finished epoch: run the same command again to resume.",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     command = "?"
     try:
@@ -86,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"liversam {command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except (KeyboardInterrupt, Cancelled):
-        print(f"liversam {command}: interrupted; no output was changed.", file=sys.stderr)
+        print(f"liversam {command}: {INTERRUPTED.get(command, INTERRUPTED_DEFAULT)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except SystemExit:
         raise  # argparse: --help, --version, usage errors (exit 2)

@@ -132,3 +132,26 @@ def test_numeric_options_out_of_range_are_usage_errors_before_any_work(tmp_path,
     assert stop.value.code == 2
     assert f"argument {option}" in err and says in err and "Traceback" not in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "module", "says"),
+    [
+        ("serve", "liversam.commands.serve", "liversam serve: stopped."),
+        ("train", "liversam.commands.train", "the run folder keeps its last finished epoch: run the same command"),
+        ("segment", "liversam.commands.segment", "interrupted; no output was changed."),
+    ],
+)
+def test_ctrl_c_says_what_each_command_leaves(command, module, says, capsys, monkeypatch):
+    """`liversam serve` stopped with "no output was changed", and train (whose run folder keeps its epochs and resumes)
+    said the same."""
+    import importlib
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(module), "run", interrupted)
+    argv = {"serve": ["serve"], "train": ["train", "--data", "d", "--out", "o"],
+            "segment": ["segment", "ct.nrrd", "--prompts", "p.json", "--output", "o.nii.gz"]}[command]  # fmt: skip
+    assert main(argv) == 130
+    assert says in capsys.readouterr().err
