@@ -49,8 +49,17 @@ def test_unknown_checkpoint_file_and_unknown_name(tmp_path):
         load_model("no_such_model", device="cpu")
     text = tmp_path / "notes.pth"
     text.write_text("not a checkpoint")
-    with pytest.raises(ModelError, match="not a loadable weights-only"):
+    with pytest.raises(ModelError, match="is not a PyTorch checkpoint: it is a text file"):
         load_model(str(text), device="cpu")
+
+
+def test_a_file_that_is_no_checkpoint_says_what_it_is_without_torchs_unsafe_advice(tmp_path, data_dir):
+    """A CT given as --model quoted torch's "re-running with weights_only=False will likely succeed" (code execution)."""
+    with pytest.raises(ModelError) as error:
+        load_model(str(data_dir / "lits117" / "ct.nii.gz"), device="cpu")
+    message = str(error.value)
+    assert "is not a PyTorch checkpoint: it holds a gzip-compressed NIfTI image" in message
+    assert "weights_only" not in message
 
 
 class _CodeOnLoad:
@@ -69,9 +78,11 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path):
     marker = tmp_path / "code_ran"
     evil = tmp_path / "evil.pth"
     torch.save({"format": LIVERSAM_CHECKPOINT_FORMAT, "payload": _CodeOnLoad(str(marker))}, evil)
-    with pytest.raises(ModelError, match="weights-only"):
+    with pytest.raises(ModelError, match="weights-only") as error:
         load_model(str(evil), device="cpu")
     assert not marker.exists()
+    assert "pickled Python objects beyond plain weights" in str(error.value)
+    assert "weights_only" not in str(error.value)  # torch's advice to load it unsafely is not passed on
 
 
 def test_liversam_checkpoint_round_trip_and_registry(tmp_path, monkeypatch, litemedsam):

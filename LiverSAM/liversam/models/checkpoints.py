@@ -39,14 +39,44 @@ def safe_torch_load(path: str | Path) -> object:
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"Checkpoint file not found: '{path}'.")
+    if (other := _not_a_torch_file(path)) is not None:
+        raise ModelError(f"'{path}' is not a PyTorch checkpoint: {other}. Give a .pth / .pt weights file.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ... depending on the problem
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
+        if "Weights only load failed" in text:  # torch's own advice (load it unsafely) is not repeated
+            reason = ("it holds pickled Python objects beyond plain weights (classes or functions), whose loading "
+                      "would run code; save the model's state_dict instead")  # fmt: skip
+        else:
+            reason = text.splitlines()[0] if text else type(exc).__name__
         raise ModelError(
-            f"'{path}' is not a loadable weights-only PyTorch checkpoint ({first_line}). "
+            f"'{path}' is not a loadable weights-only PyTorch checkpoint ({reason}). "
             "LiverSAM loads only plain weight files, never pickled code; check that this is the right file."
         ) from exc
+
+
+def _not_a_torch_file(path: Path) -> str | None:
+    """What ``path`` holds when its first bytes show it is no file ``torch.save`` writes (a zip archive, or a
+    pickle in the legacy format), else None."""
+    from ..image_integrity import sniff_image_format
+
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(8)
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
+    if start.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip format / a legacy pickle
+        return None
+    if (image := sniff_image_format(path)) is not None:
+        return f"it holds {image[0]}"
+    if not start:
+        return "it is empty"
+    if start.startswith(b"\x1f\x8b"):
+        return "it is a gzip-compressed file"
+    if all(32 <= b < 127 or b in (9, 10, 13) for b in start):
+        return "it is a text file"
+    return f"it starts with the bytes {start[:4].hex(' ')}"
 
 
 def extract_state_dict(checkpoint: object, path: str | Path) -> dict[str, torch.Tensor]:
