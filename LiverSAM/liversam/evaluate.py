@@ -79,8 +79,8 @@ BOX_STYLES = ("tight", "loose", "jitter")
 CT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
 METRIC_DEFINITIONS = {
-    "dice": "2|P&R|/(|P|+|R|); 1 when both are empty",
-    "iou": "|P&R|/|P|R|; 1 when both are empty",
+    "dice": "2|P&R|/(|P|+|R|); 1 when both are empty (a case where both are empty is left out of the means)",
+    "iou": "|P&R| / |P or R|; 1 when both are empty (a case where both are empty is left out of the means)",
     "hd95_mm": "max of the two directed 95th percentiles of surface distances (MedPy hd95), mm; "
     "null when exactly one mask is empty",
     "assd_mm": "mean of the pooled directed surface distances (LiTS ASSD), mm; null when exactly one is empty",
@@ -873,6 +873,15 @@ BOX_METRICS = (
 )
 
 
+def _overlap_defined(entry: dict, key: str):
+    """``entry[key]``, or None (left out of the mean, counted as undefined) for the Dice / IoU of a structure that
+    neither the reference nor the result holds: their 1 by convention says nothing of the method (a slice range
+    without tumour read as a perfect tumour result)."""
+    if key in ("dice", "iou") and entry.get("reference_voxels") == 0 and entry.get("predicted_voxels") == 0:
+        return None
+    return entry[key]
+
+
 def aggregate(case_results: Sequence[dict], settings: EvaluationSettings) -> dict:
     """Mean / median / ... over cases, per protocol, structure and metric (undefined values skipped)."""
     out: dict = {}
@@ -895,7 +904,7 @@ def aggregate(case_results: Sequence[dict], settings: EvaluationSettings) -> dic
                     )
             else:
                 keys = [k for k in BOX_METRICS if entries and k in entries[0]]
-                summary = {k: summarize(e[k] for e in entries) for k in keys}
+                summary = {k: summarize(_overlap_defined(e, k) for e in entries) for k in keys}
                 reviews = [e["review"] for e in entries if "review" in e]
                 if reviews:
                     wrong = sum(r["wrong_slices"] for r in reviews)

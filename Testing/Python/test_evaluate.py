@@ -464,3 +464,28 @@ def test_the_benchmark_refuses_fewer_than_one_liver_run():
     assert parser.parse_args(["--volume-runs", "5"]).volume_runs == 5
     with pytest.raises(SystemExit):
         parser.parse_args(["--volume-runs", "0"])
+
+
+def test_a_case_without_the_structure_in_reference_or_result_is_left_out_of_the_mean() -> None:
+    """A slice range without tumour gave "tumor Dice mean 1.000" (Dice 1 when both are empty, by convention), and such
+    cases raised a mean over cases. A result where the reference has none still counts (its false positives)."""
+    from liversam.metrics import structure_metrics
+
+    settings = ev.EvaluationSettings(protocols=("oracle-box",))
+    empty = np.zeros((3, 8, 8), bool)
+    found = empty.copy()
+    found[1, 2:5, 2:5] = True
+    half = found.copy()
+    half[1, 2:5, 2:4] = False
+
+    def case(pred, ref) -> dict:
+        metrics = structure_metrics(pred, ref, (1.0, 1.0, 1.0))
+        return {"protocols": {"oracle-box": {"liver": metrics, "tumor": metrics}}}
+
+    both_empty, good = case(empty, empty), case(half, found)
+    assert both_empty["protocols"]["oracle-box"]["tumor"]["dice"] == 1.0  # the case's own figure: the convention
+    dice = ev.aggregate([both_empty, good], settings)["oracle-box"]["tumor"]["dice"]
+    assert dice["n"] == 1 and dice["n_undefined"] == 1 and dice["mean"] == pytest.approx(0.5)
+    false_positives = ev.aggregate([case(found, empty), good], settings)["oracle-box"]["tumor"]["dice"]
+    assert false_positives["n"] == 2 and false_positives["mean"] == pytest.approx(0.25)
+    assert ev.aggregate([both_empty], settings)["oracle-box"]["tumor"]["dice"]["mean"] is None  # "n/a"

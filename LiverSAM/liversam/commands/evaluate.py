@@ -229,8 +229,11 @@ def run(args: argparse.Namespace) -> int:
                 )
             else:
                 dice = summary.get("dice") or {}
+                absent = (f"  ({dice['n_undefined']} case(s) without {name} in the reference or the result: left "
+                          "out)") if dice.get("n_undefined") else ""  # fmt: skip
                 print(
                     f"{protocol:10s} {name:6s} Dice mean {_fmt(dice.get('mean'))}  median {_fmt(dice.get('median'))}"
+                    + absent
                 )
     print(f"wrote {args.output}" + (f" and {args.markdown}" if args.markdown else ""))
     return 0
