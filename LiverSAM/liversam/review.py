@@ -245,13 +245,16 @@ def review_segment(
                     if "zigzag" not in rows[n].flags:
                         rows[n].flags.append("zigzag")
     # Mean HU away from the reference slices': the mask has taken in another tissue.
-    if ct_kji is not None and settings.hu_shift is not None:
+    # (Each slice's mean HU is reported whenever the CT is given; the flag only where the check is on.)
+    if ct_kji is not None:
         means = {k: float(ct_kji[k][mask_kji[k]].mean()) for k in range(first, last + 1) if areas[k] > 0}
-        reference_hu = float(np.median([means[k] for k in references if k in means]))
         for k, value in means.items():
             rows[k].mean_hu = round(value, 1)
-            if abs(value - reference_hu) > settings.hu_shift:
-                rows[k].flags.append("hu_shift")
+        if settings.hu_shift is not None:
+            reference_hu = float(np.median([means[k] for k in references if k in means]))
+            for k, value in means.items():
+                if abs(value - reference_hu) > settings.hu_shift:
+                    rows[k].flags.append("hu_shift")
     n = settings.end_slices
     if last - first + 1 >= 2 * n + 1:
         for end, inward in ((first, 1), (last, -1)):

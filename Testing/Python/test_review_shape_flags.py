@@ -3,6 +3,8 @@ the tips, a mean HU unlike the prompted slice's - on constructed masks, and the 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -111,6 +113,10 @@ def test_hu_shift_needs_the_ct_and_names_the_tissue_darker():
     assert rows[11].mean_hu == pytest.approx(30.0) and rows[7].mean_hu == pytest.approx(100.0)
     without = review_segment(mask, 1.0, records=USER, settings=settings)
     assert all("hu_shift" not in r.flags and r.mean_hu is None for r in without)
+    # the check off (as for the liver by default): each slice's mean HU is still reported, nothing flagged (the
+    # command line's report had "mean_hu": null on every slice)
+    unchecked = _rows_by_k(review_segment(mask, 1.0, records=USER, settings=replace(settings, hu_shift=None), ct_kji=ct))
+    assert unchecked[11].mean_hu == pytest.approx(30.0) and all("hu_shift" not in r.flags for r in unchecked.values())
     geometry = ImageGeometry((64, 64, 16), (1.0, 1.0, 2.0), (0, 0, 0))
     report = build_review_report(SegmentationResult(geometry, [Segment("liver", 1, mask)]), settings, ct_kji=ct)
     (item,) = report["items"]
