@@ -220,7 +220,10 @@ def test_a_label_mask_opened_as_the_ct_is_refused_unless_allowed(app, client):
 
 # --- prompts ------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("body", "status", "words"), [
-    ({"k": 2, "boxes": [[1, 1, 500, 10]]}, 422, ["outside the volume"]),
+    ({"k": 2, "boxes": [[1, 1, 500, 10]]}, 422, ["predict: boxes[0] [[1.0, 1.0, 2.0], [500.0, 10.0, 2.0]] (IJK) reaches "
+                                                 "far past the edge of the volume", "Check the values;"]),
+    ({"k": 2, "boxes": [[600, 1, 700, 10]]}, 422, ["predict: boxes[0] ", "lies outside the volume",
+                                                   "Check the values (i, j: voxel indices on slice k)."]),
     ({"k": 2, "boxes": [[1, 1, 1.2, 10]]}, 422, ["zero area"]),
     ({"k": 99, "boxes": [[1, 1, 5, 5]]}, 422, ["k=99", "outside"]),
     ({"k": 2, "negative_points": [[3, 3]]}, 422, ["box or positive point"]),
@@ -232,7 +235,10 @@ def test_a_label_mask_opened_as_the_ct_is_refused_unless_allowed(app, client):
     ([1, 2, 3], 422, ["body"]),
 ])
 def test_bad_predict_prompts(client, session, body, status, words):
-    refused(post_json(client, f"/v1/sessions/{session}/predict", body), status, *words)
+    answer = post_json(client, f"/v1/sessions/{session}/predict", body)
+    refused(answer, status, *words)
+    # in the request's own terms: it has no segments, and its coordinates are IJK by definition
+    assert "segments[0]" not in answer.text and "coordinate system" not in answer.text
 
 
 def test_nan_coordinates(client, session):

@@ -9,6 +9,7 @@ has finished. Prompts are converted exactly as ``liversam segment`` converts a P
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import threading
 import time
@@ -92,8 +93,23 @@ def slice_prompts(request: PredictRequest, geometry: ImageGeometry) -> SliceProm
             "boxes": [[[b[0], b[1], k], [b[2], b[3], k]] for b in request.boxes],
             "points": [[p[0], p[1], k] for p in request.points],
             "negative_points": [[p[0], p[1], k] for p in request.negative_points]}
-    seg = parse_prompts({"coordinate_system": "IJK", "segments": [spec]}, geometry, source="predict")[0]
+    try:
+        seg = parse_prompts({"coordinate_system": "IJK", "segments": [spec]}, geometry, source="predict")[0]
+    except PromptError as exc:
+        raise PromptError(_in_request_terms(str(exc))) from None
     return seg.slices[request.k]
+
+
+def _in_request_terms(message: str) -> str:
+    """A PROMPTS.json message in a predict request's own terms: ``boxes[0]``, not ``segments[0].boxes[0] (segment
+    'slice k=1' box 0)``; no advice on coordinate systems (the request is in IJK, always)."""
+    message = re.sub(r"segments\[0\]\.(boxes|points|negative_points)\[(\d+)\] \(segment '[^']*' [a-z ]+ \d+\)",
+                     r"\1[\2]", message)  # fmt: skip
+    message = message.replace("segments[0]: segment 'slice k=", "the prompts of slice k=").replace(
+        "' has no box or positive point (nor markups)", " have no box or positive point")
+    return message.replace(" Check the coordinate system and the values;", " Check the values;").replace(
+        " Check the coordinate system and the values.", " Check the values (i, j: voxel indices on slice k)."
+    )
 
 
 CLEANUP_FIELDS = {"min_island_mm2", "fill_holes", "closing_radius_mm", "min_island_mm3", "keep_largest"}
