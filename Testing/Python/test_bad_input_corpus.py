@@ -403,7 +403,7 @@ def model_case(case_id: str, make: Callable[[Ctx], str], *needles: str) -> Case:
 CHECKPOINT_CASES = [
     model_case("checkpoint_missing", lambda c: str(c.tmp / "missing.pth"), "Unknown model", "missing.pth"),
     model_case("checkpoint_corrupt_bytes", lambda c: str(_json(c.tmp / "junk.pth", "\x00garbage" * 50)),
-               "junk.pth", "not a loadable"),
+               "junk.pth", "is not a PyTorch checkpoint: it starts with the bytes 00 67 61 72"),
     model_case("checkpoint_pickled_code", lambda c: str(_pickled_code(c)), "evil.pth", "never pickled code"),
     model_case("checkpoint_wrong_architecture", lambda c: str(_wrong_architecture(c)), "other_net.pt",
                "does not fit"),

@@ -155,3 +155,18 @@ def test_ctrl_c_says_what_each_command_leaves(command, module, says, capsys, mon
             "segment": ["segment", "ct.nrrd", "--prompts", "p.json", "--output", "o.nii.gz"]}[command]  # fmt: skip
     assert main(argv) == 130
     assert says in capsys.readouterr().err
+
+
+def test_series_options_on_an_image_file_and_a_report_that_is_not_json_are_refused(tmp_path, capsys):
+    """``--series-uid`` with a NIfTI CT was ignored without a word; ``--report c.txt`` wrote JSON into a .txt file
+    (``--lesions c.txt`` was already refused)."""
+    ct, prompts = _inputs(tmp_path)
+    out = tmp_path / "o.nii.gz"
+    base = ["segment", str(ct), "--prompts", str(prompts), "--output", str(out), "--check-only"]
+    assert main([*base, "--series-uid", "1.2.3"]) == 2
+    assert "--series-uid chooses a series in a DICOM folder" in capsys.readouterr().err
+    assert main([*base, "--series-number", "2"]) == 2
+    assert "Leave --series-number out" in capsys.readouterr().err
+    assert main([*base, "--report", str(tmp_path / "review.txt")]) == 2
+    assert "the review report is JSON; use a .json file name" in capsys.readouterr().err
+    assert main([*base, "--report", str(tmp_path / "review.json")]) == 0

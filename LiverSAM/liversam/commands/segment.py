@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import OutputError
+from ..errors import InputImageError, OutputError
 from ..freed_memory import return_freed_memory_to_os
 from ..output_paths import check_outputs, dicom_folder_of_file, model_input_path
 from ..progress import ProgressReporter
@@ -118,11 +118,17 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.lesions and Path(args.lesions).suffix.lower() not in (".csv", ".json"):
         raise OutputError(f"--lesions '{args.lesions}': use a .csv or .json file name.")
+    if dicom_folder is None and (args.series_uid or args.series_number is not None):
+        option = "--series-uid" if args.series_uid else "--series-number"
+        raise InputImageError(f"{option} chooses a series in a DICOM folder; the CT '{args.ct}' is a single image "
+                              f"file, which holds one volume. Leave {option} out.")  # fmt: skip
     # The source is sacred: no output may be (or link to) an input, or lie in the DICOM folder.
     check_outputs(
         {"--output": output, "--report": args.report, "--lesions": args.lesions},
         [args.ct, args.prompts, model_input_path(args.model), dicom_folder],
     )
+    if args.report and Path(args.report).suffix.lower() != ".json":
+        raise OutputError(f"--report '{args.report}': the review report is JSON; use a .json file name.")
     if args.threads > 0:
         import torch
 
