@@ -294,9 +294,24 @@ def _slices_text(first: int, last: int) -> str:
     return f"slice {first}" if first == last else f"slices {first}-{last}"
 
 
+def _slices_with(rows: list[SliceReview], *flags: str) -> str:
+    """The slices of ``rows`` carrying any of ``flags``, runs joined: "slice 40", "slices 42-43", "slices 40, 42-43
+    and 50"; more than four runs as their span and count ("slices 40-106, 31 of them")."""
+    ks = sorted(r.k for r in rows if any(f in r.flags for f in flags))
+    if not ks:
+        return "these slices"
+    runs = _ranges(ks, 0)
+    if len(runs) > 4:
+        return f"slices {ks[0]}-{ks[-1]}, {len(ks)} of them"
+    texts = [str(a) if a == b else f"{a}-{b}" for a, b in runs]
+    joined = texts[0] if len(texts) == 1 else ", ".join(texts[:-1]) + " and " + texts[-1]
+    return f"slice {joined}" if len(ks) == 1 else f"slices {joined}"
+
+
 def _reason(name: str, flags: set[str], rows: list[SliceReview], first: int, last: int, largest: float,
             settings: ReviewSettings, all_rows: list[SliceReview]) -> str:
-    """The review item's reason in a radiologist's words."""
+    """The review item's reason in a radiologist's words: each finding names the slices it was found on (the item's
+    whole range, merged from nearby findings, is where to look for an end)."""
     where = _slices_text(first, last)
     parts = []
     present = [r for r in all_rows if r.area_mm2 > 0]
@@ -319,10 +334,12 @@ def _reason(name: str, flags: set[str], rows: list[SliceReview], first: int, las
         ref = np.median([r.solidity for r in reference if r.solidity is not None]) if reference else None
         fill = (f" (it fills {100 * low:.0f} % of its convex outline, {100 * ref:.0f} % on the prompted slice)"
                 if low is not None and ref is not None and not math.isnan(ref) else "")
-        parts.append(f"{name}'s outline is ragged or in pieces on {where}{fill}: it may have run into a neighbouring "
+        parts.append(f"{name}'s outline is ragged or in pieces on {_slices_with(rows, 'ragged')}{fill}: it may have "
+                     "run into a neighbouring "
                      "organ (heart, bowel, kidney) or left parts out")
     if "zigzag" in flags:
-        parts.append(f"{name}'s area goes up and down from slice to slice on {where}, where an organ's area changes "
+        parts.append(f"{name}'s area goes up and down from slice to slice on {_slices_with(rows, 'zigzag')}, where an "
+                     "organ's area changes "
                      "smoothly: some of these slices probably take in part of a neighbour or miss a part")
     if "hu_shift" in flags:
         values = [r.mean_hu for r in rows if r.mean_hu is not None]
@@ -331,24 +348,29 @@ def _reason(name: str, flags: set[str], rows: list[SliceReview], first: int, las
             ref_hu = float(np.median(refs))
             far = max(values, key=lambda v: abs(v - ref_hu))
             tone = "darker" if far < ref_hu else "brighter"
-            parts.append(f"{name} is {tone} on {where} than on the prompted slice (mean {far:.0f} HU against "
+            parts.append(f"{name} is {tone} on {_slices_with(rows, 'hu_shift')} than on the prompted slice (mean "
+                         f"{far:.0f} HU against "
                          f"{ref_hu:.0f} HU): it may include another tissue (fat, bowel, kidney, vessels)")
         else:
-            parts.append(f"{name}'s mean HU on {where} differs from the prompted slice's: it may include another tissue")
+            parts.append(f"{name}'s mean HU on {_slices_with(rows, 'hu_shift')} differs from the prompted slice's: it "
+                         "may include another tissue")
     if "past_end" in flags:
         parts.append(f"{name} grows again towards its end: it may have run into a neighbouring organ; check {where}")
     if "tip" in flags and "beyond_end" not in flags and "end" not in flags:
         parts.append(f"{name} tapers to below {100 * settings.tip_fraction:.0f} % of its largest slice: check that "
-                     f"it ends where it should and has not run on into a neighbour ({where})")
+                     f"it ends where it should and has not run on into a neighbour ({_slices_with(rows, 'tip')})")
     if "area_jump" in flags:
-        parts.append(f"{name}'s area changes suddenly between neighbouring slices ({where}): a leak or a missed part")
+        parts.append(f"{name}'s area changes suddenly between neighbouring slices ({_slices_with(rows, 'area_jump')}): "
+                     "a leak or a missed part")
     if "low_score" in flags or "uncertain" in flags:
         low = min((r.score for r in rows if r.score is not None), default=None)
-        parts.append(f"the model is unsure of {name} on {where}" + (f" (score {low:.2f})" if low is not None else ""))
+        parts.append(f"the model is unsure of {name} on {_slices_with(rows, 'low_score', 'uncertain')}"
+                     + (f" (score {low:.2f})" if low is not None else ""))
     if "gap" in flags:
-        parts.append(f"{name} is missing on {where} between segmented slices")
+        parts.append(f"{name} is missing on {_slices_with(rows, 'gap')} between segmented slices")
     if "touches_box_edge" in flags:
-        parts.append(f"{name} reaches the edge of its box on {where}: part of it may be cut off")
+        parts.append(f"{name} reaches the edge of its box on {_slices_with(rows, 'touches_box_edge')}: part of it may "
+                     "be cut off")
     return "; ".join(parts[:MAX_REASONS])
 
 

@@ -169,3 +169,26 @@ def test_every_flag_the_core_raises_has_words_in_the_slicer_module():
     raised = {f for r in rows for f in r.flags}
     assert {"end", "ragged", "zigzag", "hu_shift", "low_score"} <= raised
     assert raised <= set(FLAG_TEXT)
+
+
+def test_each_finding_names_the_slices_it_was_found_on_not_the_items_whole_range():
+    """The README demo's tumour item said "tapers ... (slices 40-106)" and "area changes suddenly (slices 40-106)"
+    where the taper was on slice 40 and the jump on 42-43: a radiologist had 67 slices to scan for two findings."""
+    from liversam import review
+
+    rows = [review.SliceReview(k=k, area_mm2=100.0, score=0.9, source="propagated") for k in range(40, 107)]
+    by_k = {r.k: r for r in rows}
+    by_k[40].flags.append("tip")
+    for k in (42, 43):
+        by_k[k].flags.append("area_jump")
+    for k in (60, 61, 62, 90, 106):
+        by_k[k].flags.append("low_score")
+    (item,) = review.review_items("tumor", rows, ReviewSettings(merge_gap=30))
+    assert item["slices"] == "40-106"
+    assert "tapers to below" in item["reason"] and "has not run on into a neighbour (slice 40)" in item["reason"]
+    assert "changes suddenly between neighbouring slices (slices 42-43)" in item["reason"]
+    assert "the model is unsure of tumor on slices 60-62, 90 and 106 (score 0.90)" in item["reason"]
+    for k in (64, 66, 68, 70):
+        by_k[k].flags.append("low_score")
+    (item,) = review.review_items("tumor", rows, ReviewSettings(merge_gap=30))
+    assert "unsure of tumor on slices 60-106, 9 of them" in item["reason"]
