@@ -497,8 +497,23 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onTargetSegmentChanged(self, segmentID: str) -> None:
         if self._parameterNode and segmentID != self._parameterNode.targetSegmentID:
+            self._switchPrompts(self._parameterNode.targetSegmentID, segmentID)
             self._parameterNode.targetSegmentID = segmentID
             self.logic.segmentation.end_user_action()
+
+    def _switchPrompts(self, oldID: str | None, newID: str | None) -> None:
+        """Another target segment: its own prompts are the ones shown, sent and edited. The earlier target's prompts
+        stay (hidden) for when it is chosen again; sent with the new target, the liver's box wrote the liver's outline
+        into the tumour. Prompts placed before a segment was chosen belong to the one they were used for."""
+        p = self._parameterNode
+        PromptPlacement.stop_placing(self._interactionNode)
+        if oldID:
+            PromptPlacement.adopt(slicer.mrmlScene, oldID)
+        p.positivePoints = PromptPlacement.point_node(slicer.mrmlScene, PromptPlacement.POSITIVE, newID)
+        p.negativePoints = PromptPlacement.point_node(slicer.mrmlScene, PromptPlacement.NEGATIVE, newID)
+        p.boxROI = None
+        PromptPlacement.show_prompts_of(slicer.mrmlScene, newID)
+        self._observePromptNodes()
 
     def onCreateStandardSegments(self) -> None:
         p = self._parameterNode
@@ -541,17 +556,27 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         attribute = {PromptPlacement.POSITIVE: "positivePoints", PromptPlacement.NEGATIVE: "negativePoints",
                      PromptPlacement.BOX: "boxROI"}[kind]  # fmt: skip
         node = getattr(p, attribute)
+        target = p.targetSegmentID or None  # the prompts belong to it (PromptPlacement.SEGMENT_ATTRIBUTE)
+        if node is not None and not PromptPlacement.belongs_to(node, target):
+            node = None  # another segment's
         if kind == PromptPlacement.BOX:
             if node is None or node.GetScene() is not slicer.mrmlScene or node.GetNumberOfControlPoints() > 0:
                 # else: the last Box press placed nothing
-                node = PromptPlacement.new_box_node(slicer.mrmlScene)
+                node = PromptPlacement.new_box_node(slicer.mrmlScene, target)
             setattr(p, attribute, node)
             self._observePromptNodes()
         elif node is None:
-            node = PromptPlacement.new_prompt_node(slicer.mrmlScene, kind)
+            node = PromptPlacement.point_node(slicer.mrmlScene, kind, target) or PromptPlacement.new_prompt_node(
+                slicer.mrmlScene, kind, target
+            )
             setattr(p, attribute, node)
             self._observePromptNodes()
         return node
+
+    def _targetBoxes(self) -> list:
+        """The boxes of the target segment (PromptPlacement.box_nodes): the ones sent, observed, redrawn, cleared."""
+        p = self._parameterNode
+        return PromptPlacement.box_nodes(slicer.mrmlScene, p.targetSegmentID if p is not None else None)
 
     def _observePromptNodes(self) -> None:
         events = (slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent,
@@ -566,7 +591,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:
             return
-        for node in (p.positivePoints, p.negativePoints, *PromptPlacement.box_nodes(slicer.mrmlScene)):
+        for node in (p.positivePoints, p.negativePoints, *self._targetBoxes()):
             if node is not None:
                 # first: the redrawn box goes before the live update reads
                 if node.IsA("vtkMRMLMarkupsROINode"):
@@ -609,7 +634,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         geometry = MRMLBridge.geometry_from_volume_node(p.inputVolume)
         try:
-            redrawn = MRMLBridge.boxes_redrawn_by(geometry, roi, PromptPlacement.box_nodes(slicer.mrmlScene))
+            redrawn = MRMLBridge.boxes_redrawn_by(geometry, roi, self._targetBoxes())
         except PromptError:
             return  # this box lies across the slices: refused with its message when the prompts are read
         for node in redrawn:
@@ -622,7 +647,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for node in (p.positivePoints, p.negativePoints):
             if node is not None:
                 node.RemoveAllControlPoints()
-        PromptPlacement.remove_box_nodes(slicer.mrmlScene)
+        PromptPlacement.remove_box_nodes(slicer.mrmlScene, p.targetSegmentID)  # the target's; other segments' stay
         p.boxROI = None
         self._observePromptNodes()
         if p.outputSegmentation and p.targetSegmentID:
@@ -634,7 +659,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         geometry = MRMLBridge.geometry_from_volume_node(p.inputVolume)
         return MRMLBridge.prompts_from_markups(
-            geometry, [p.positivePoints], [p.negativePoints], PromptPlacement.box_nodes(slicer.mrmlScene)
+            geometry, [p.positivePoints], [p.negativePoints], self._targetBoxes()
         )
 
     def _targetSegment(self) -> tuple[str, str | None]:

@@ -144,3 +144,26 @@ def test_placement_mode_starts_for_the_prompt_node_and_its_end_is_seen(volume):
     display = points.GetMarkupsDisplayNode()
     assert tuple(display.GetSelectedColor()) == pytest.approx(PromptPlacement.COLORS[PromptPlacement.POSITIVE])
     assert slicer.vtkMRMLMarkupsFiducialNode.SafeDownCast(points) is not None
+
+
+def test_prompts_belong_to_the_segment_they_were_placed_for(volume):
+    """The liver's box stayed a prompt of every segment: going on to the tumour sent it again and wrote the liver's
+    outline into the tumour. Each prompt node now carries its segment; untagged ones go to the first segment they
+    were used for."""
+    scene, _node, _geometry = volume
+    early = PromptPlacement.new_box_node(scene)  # placed before any segment was chosen
+    points = PromptPlacement.new_prompt_node(scene, PromptPlacement.POSITIVE)
+    assert PromptPlacement.box_nodes(scene, "liver") == [early] == PromptPlacement.box_nodes(scene, "tumor")
+    PromptPlacement.adopt(scene, "liver")  # the target changes from liver: the untagged prompts were the liver's
+    lesion = PromptPlacement.new_box_node(scene, "tumor")
+    assert PromptPlacement.box_nodes(scene, "liver") == [early]
+    assert PromptPlacement.box_nodes(scene, "tumor") == [lesion]
+    assert PromptPlacement.box_nodes(scene, every=True) == [early, lesion]
+    assert PromptPlacement.point_node(scene, PromptPlacement.POSITIVE, "liver") is points
+    assert PromptPlacement.point_node(scene, PromptPlacement.POSITIVE, "tumor") is None
+    PromptPlacement.show_prompts_of(scene, "tumor")
+    assert [n.GetDisplayNode().GetVisibility() for n in (early, points, lesion)] == [0, 0, 1]
+    PromptPlacement.show_prompts_of(scene, "liver")
+    assert [n.GetDisplayNode().GetVisibility() for n in (early, points, lesion)] == [1, 1, 0]
+    PromptPlacement.remove_box_nodes(scene, "tumor")  # Clear prompts with the tumour as target
+    assert PromptPlacement.box_nodes(scene, every=True) == [early]

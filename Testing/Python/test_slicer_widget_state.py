@@ -471,3 +471,35 @@ def test_the_poll_never_blocks_slicer_when_no_call_is_outstanding():
         assert 0.01 in waits  # a call outstanding: the poll waits (the I/O thread runs meanwhile)
     finally:
         calls.close()
+
+
+def test_switching_the_target_segment_switches_the_prompts_sent(widgets):
+    """A liver box kept while the user went on to the tumour was sent with the tumour's live update: the liver's
+    whole cross-section was written into the tumour (clipped to the liver). Each segment now has its own prompts."""
+    module, _train = widgets
+    scene = fresh_scene()
+    geometry = ImageGeometry((32, 32, 6), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), np.eye(3))
+    volume = MRMLBridge.volume_node_from_ct(CTVolume(np.zeros((6, 32, 32), np.int16), geometry), "ct", scene)
+    widget = module.LiverSAMWidget.__new__(module.LiverSAMWidget)
+    module.VTKObservationMixin.__init__(widget)
+    widget._interactionNode, widget._observedPromptNodes = None, []
+    widget._parameterNode = SimpleNamespace(inputVolume=volume, targetSegmentID="", positivePoints=None,
+                                            negativePoints=None, boxROI=None, liveUpdate=False)  # fmt: skip
+    widget.logic = SimpleNamespace(segmentation=SimpleNamespace(end_user_action=lambda: None))
+
+    def draw_box(k: int) -> None:
+        roi = widget._promptNode(PromptPlacement.BOX)
+        corners = geometry.ijk_to_ras(np.array([[4, 4, k], [20, 20, k]], float))
+        roi.SetCenterWorld(*corners.mean(axis=0))
+        roi.SetSizeWorld(*(np.abs(corners[1] - corners[0]) + [0.0, 0.0, 0.5]))
+
+    draw_box(2)  # the liver's box, before any segment was chosen
+    widget._parameterNode.targetSegmentID = "liver"  # the first segmentation made the liver the target
+    assert widget._markupsPrompts().slices == [2]
+    widget.onTargetSegmentChanged("tumor")
+    assert widget._markupsPrompts().is_empty()  # the liver's box is not the tumour's
+    draw_box(4)
+    assert widget._markupsPrompts().slices == [4]
+    widget.onTargetSegmentChanged("liver")  # back to the liver: its box again, not the lesion's
+    assert widget._markupsPrompts().slices == [2]
+    widget.removeObservers()
