@@ -507,8 +507,8 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         into the tumour. Prompts placed before a segment was chosen belong to the one they were used for."""
         p = self._parameterNode
         PromptPlacement.stop_placing(self._interactionNode)
-        if oldID:
-            PromptPlacement.adopt(slicer.mrmlScene, oldID)
+        if oldID or newID:  # (no target before: they were placed for the one chosen now)
+            PromptPlacement.adopt(slicer.mrmlScene, oldID or newID)
         p.positivePoints = PromptPlacement.point_node(slicer.mrmlScene, PromptPlacement.POSITIVE, newID)
         p.negativePoints = PromptPlacement.point_node(slicer.mrmlScene, PromptPlacement.NEGATIVE, newID)
         p.boxROI = None

@@ -20,7 +20,7 @@ import vtk
 import vtk.util.numpy_support as vtk_np
 
 from liversam.axial_orientation import AxialReorientation, axial_reorientation
-from liversam.errors import InputImageError, PromptError
+from liversam.errors import InputImageError, OutputError, PromptError
 from liversam.geometry import ImageGeometry
 from liversam.volume import CTVolume
 
@@ -448,7 +448,8 @@ def on_reference_grid(modifier, reference_geometry: str):
     """``modifier`` (a labelmap in the segmentation's coordinates) on the grid of ``reference_geometry`` (the
     segmentation's serialized reference image geometry), nearest neighbour, over the reference voxels it covers
     that lie inside the reference extent; ``modifier`` itself when the grids are the same (or the geometry cannot be
-    read); None when it covers no reference voxel.
+    read); None when none of it lies on the reference grid; OutputError when it lies between the voxel centres of a
+    coarser grid (a CT slice of 1 mm on a segmentation of 5 mm slices).
 
     The Segment Editor builds its editable-area and intensity masks on the reference grid, and Slicer 5.10 drops the
     masks of a modifier on another grid without a word (vtkSlicerSegmentEditorLogic::ModifySegmentByLabelmap:
@@ -477,9 +478,17 @@ def on_reference_grid(modifier, reference_geometry: str):
     high = np.floor(in_reference.max(axis=1) + 1e-6).astype(int)
     whole = np.asarray(reference.GetExtent()).reshape(3, 2)
     if np.all(whole[:, 0] <= whole[:, 1]):  # a reference extent: the Segment Editor edits within it
+        if np.any(in_reference.max(axis=1) < whole[:, 0] - 0.5) or np.any(in_reference.min(axis=1) > whole[:, 1] + 0.5):
+            return None  # nothing of it on the reference grid
         low, high = np.maximum(low, whole[:, 0]), np.minimum(high, whole[:, 1])
-    if np.any(low > high):
-        return None
+    if np.any(low > high):  # it lies between the centres of a coarser grid's voxels
+        spacing = " x ".join(f"{v:g}" for v in reference.GetSpacing())
+        raise OutputError(
+            f"The segmentation's grid ({spacing} mm voxels) is coarser than the CT's: this slice lies between its "
+            "voxels, so the Segment Editor's editable area or intensity range cannot be applied to it. Set the "
+            "Segment Editor's editable area to 'Everywhere' and its intensity range off, or give the segmentation "
+            "the CT's geometry (Segment Editor > Specify geometry)."
+        )
     reference.SetExtent(int(low[0]), int(high[0]), int(low[1]), int(high[1]), int(low[2]), int(high[2]))
     resampled = slicer.vtkOrientedImageData()
     if not slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(

@@ -275,19 +275,23 @@ class SegmentationLogic:
                 "select an existing target segment or let LiverSAM create it."
             )
         logic = self.editor_logic(segmentation_node, volume_node)
+        editor_node = self.editor_node()
+        self._copy_user_settings(segmentation_node)
+        # The Segment Editor's editable area and intensity range are applied on the segmentation's reference grid:
+        # with either on, the write is put on that grid (else Slicer drops them); with neither, it stays on the CT's.
+        masked = (editor_node.GetMaskMode() != slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere
+                  or bool(editor_node.GetSourceVolumeIntensityMask()))  # fmt: skip
+        ijk_to_segmentation = MRMLBridge.ijk_to_segmentation_matrix(volume_node, segmentation_node)
+        modifier = MRMLBridge.oriented_image_from_slab(slab, k0, ijk_to_segmentation)
+        if masked:
+            modifier = self._on_reference_grid(logic, segmentation_node, modifier)  # before the undo state: may refuse
         if save_undo:
             self._save_undo_state(logic, segmentation_node)
-        ijk_to_segmentation = MRMLBridge.ijk_to_segmentation_matrix(volume_node, segmentation_node)
-        modifier = self._on_reference_grid(
-            logic, segmentation_node, MRMLBridge.oriented_image_from_slab(slab, k0, ijk_to_segmentation)
-        )
         extent = list(modifier.GetExtent())
-        editor_node = self.editor_node()
         protect = [
             sid for sid in {*protect_segment_ids, *self.protected_segments(segmentation_node, segment_id)}
             if sid and sid != segment_id
         ]
-        self._copy_user_settings(segmentation_node)
         # The logic's editable area leaves out the *selected* segment only ("outside all segments" would
         # otherwise count the written segment's own voxels as not editable: vtkSlicerSegmentEditorLogic::
         # UpdateMaskLabelmap passes the node's selected segment to GenerateEditMask). LiverSAM's own node.
@@ -306,6 +310,7 @@ class SegmentationLogic:
                 # "Set" replaces the whole segment; a slab update erases the slab, then adds the new mask.
                 self._erase_own_voxels(
                     logic, editor_node, segmentation_node, segment_id, volume_node, slab.shape, k0, ijk_to_segmentation,
+                    masked,
                 )
                 logic.ModifySegmentByLabelmap(
                     segmentation_node, segment_id, modifier, logic.ModificationModeAdd, extent, True, False
@@ -329,7 +334,8 @@ class SegmentationLogic:
 
     @classmethod
     def _erase_own_voxels(
-        cls, logic, editor_node, segmentation_node, segment_id, volume_node, slab_shape, k0, ijk_to_segmentation
+        cls, logic, editor_node, segmentation_node, segment_id, volume_node, slab_shape, k0, ijk_to_segmentation,
+        on_reference_grid: bool,
     ) -> None:
         """Erase ``segment_id``'s voxels in the slab's editable area (a slab write's first half) and nothing else.
 
@@ -353,9 +359,9 @@ class SegmentationLogic:
             region &= MRMLBridge.segment_mask(segmentation_node, mask_id, volume_node)[k0 : k0 + slab_shape[0]]
             editor_node.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedEverywhere)
         try:
-            erase = cls._on_reference_grid(
-                logic, segmentation_node, MRMLBridge.oriented_image_from_slab(region, k0, ijk_to_segmentation)
-            )
+            erase = MRMLBridge.oriented_image_from_slab(region, k0, ijk_to_segmentation)
+            if on_reference_grid:  # on the grid the add goes to
+                erase = cls._on_reference_grid(logic, segmentation_node, erase)
             logic.ModifySegmentByLabelmap(
                 segmentation_node, segment_id, erase, logic.ModificationModeRemove, list(erase.GetExtent()), True, False,
             )  # fmt: skip

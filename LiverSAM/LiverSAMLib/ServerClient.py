@@ -606,6 +606,17 @@ def _error_message(body: bytes) -> str:
     return detail if isinstance(detail, str) else json.dumps(detail)[:500]
 
 
+def _without_usage(text: str) -> str:
+    """A server's stderr without argparse's usage block before its error line (an option the server refused: the
+    error says which and what to give; the usage lines only push it out of the module's status line)."""
+    lines = text.splitlines()
+    start = next((n for n, line in enumerate(lines) if line.startswith("usage: ")), None)
+    error = next((n for n, line in enumerate(lines) if ": error: " in line and start is not None and n > start), None)
+    if start is None or error is None:
+        return text
+    return "\n".join(lines[:start] + lines[error:])
+
+
 # --- a local server process ----------------------------------------------------------------------------
 # The folder of a local server's token file. `liversam serve` removes it (when empty) as it deletes the token, so
 # that a starter killed outright (a Slicer crash: its clean-up never runs) leaves nothing in the temporary folder.
@@ -680,7 +691,7 @@ class LocalServerProcess:
                 time.sleep(0.2)  # let the readers collect the last lines
                 raise ServerUnavailable(
                     f"the LiverSAM server exited with code {process.returncode} while starting:\n"
-                    + self.stderr_tail()
+                    + _without_usage(self.stderr_tail())
                 )
             if self._url_found.is_set() and os.path.isfile(token_file):
                 with open(token_file, encoding="utf-8") as handle:

@@ -139,8 +139,8 @@ class LineProgress:
             for item in self.iterable:
                 yield item
                 self.update(1)
-        except GeneratorExit:  # the loop was left early: by an error in its body (said after), or a break
-            ended = "stopped" if self.total and self.n < self.total else "done"
+        except GeneratorExit:  # the loop was left before the iterable ended: an error or Ctrl-C in its body (said
+            ended = "stopped"  # after this line by the command), or a break; which one a generator cannot know
             raise
         except BaseException as exc:
             ended = ending_of(type(exc))

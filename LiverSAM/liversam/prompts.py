@@ -232,20 +232,21 @@ def _inside_fraction(ijk: np.ndarray, geometry: ImageGeometry) -> float:
 
 def _clip_box_past_the_edge(
     ijk: np.ndarray, original: np.ndarray, system: str, geometry: ImageGeometry, what: str,
-    ijk_geometry: ImageGeometry | None,
+    ijk_geometry: ImageGeometry | None, alternatives: tuple[str, ...] = COORDINATE_SYSTEMS,
 ) -> np.ndarray:
     """A box not wholly inside the volume (corners ``ijk``): clipped in-plane when its slice lies in the volume, at
     least :data:`MIN_INSIDE_FRACTION_TO_CLIP` of its area inside and no other coordinate system puts it wholly inside
     (logged); refused when its slice lies in the volume but most of it outside; else returned as it is, for
     :func:`_check_inside` to refuse (naming the coordinate system that fits, if one does)."""
-    others = tuple(s for s in COORDINATE_SYSTEMS if s != system)
+    others = tuple(s for s in alternatives if s != system)
     on_a_slice = bool(np.all(geometry.contains_ijk(np.c_[np.zeros((len(ijk), 2)), ijk[:, 2]])))
     if not on_a_slice or _systems_placing_inside(original, geometry, others, ijk_geometry):
         return ijk
     fraction = _inside_fraction(ijk, geometry)
     if fraction >= MIN_INSIDE_FRACTION_TO_CLIP:
-        log.info("%s reaches past the edge of the volume: clipped to it (%.0f %% of the box lies inside), as 3D "
-                 "Slicer's ROI boxes are", what, 100.0 * fraction)  # fmt: skip
+        log.warning("%s reaches past the edge of the volume: clipped to it (%.0f %% of the box lies inside), as 3D "
+                    "Slicer's ROI boxes are; if the box is not where you drew it, check the coordinate system",
+                    what, 100.0 * fraction)  # fmt: skip
         clipped = ijk.astype(float).copy()
         clipped[:, :2] = np.clip(clipped[:, :2], 0.0, np.asarray(geometry.size_ijk[:2], dtype=float) - 1)
         return clipped
@@ -259,17 +260,19 @@ def _clip_box_past_the_edge(
 
 
 def box_from_corners(
-    corners, system: str, geometry: ImageGeometry, what: str, ijk_geometry: ImageGeometry | None = None
+    corners, system: str, geometry: ImageGeometry, what: str, ijk_geometry: ImageGeometry | None = None,
+    alternatives: tuple[str, ...] = COORDINATE_SYSTEMS,
 ) -> tuple[int, tuple]:
     """Two opposite corners of an axial box -> (k, (i0, j0, i1, j1)) in voxel indices of ``geometry``
-    (``ijk_geometry``: the grid IJK values refer to, see :func:`_to_ijk`)."""
+    (``ijk_geometry``: the grid IJK values refer to, see :func:`_to_ijk`; ``alternatives``: the coordinate systems a
+    refusal may suggest, and that keep a box past the edge from being clipped when they fit it)."""
     arr = _numbers(corners, (2, 3), what, "two corners [[x0, y0, z], [x1, y1, z]]")
     if arr is None:
         raise PromptError(f"{what} must be two corners [[x0, y0, z], [x1, y1, z]], got {corners!r}.")
     ijk = _to_ijk(arr, system, geometry, ijk_geometry)
     if not bool(np.all(geometry.contains_ijk(ijk))):
-        ijk = _clip_box_past_the_edge(ijk, arr, system, geometry, what, ijk_geometry)
-    _check_inside(ijk, geometry, what, arr, system, ijk_geometry=ijk_geometry)
+        ijk = _clip_box_past_the_edge(ijk, arr, system, geometry, what, ijk_geometry, alternatives)
+    _check_inside(ijk, geometry, what, arr, system, alternatives, ijk_geometry=ijk_geometry)
     k = _slice_index(ijk[:, 2], what, geometry, ijk_geometry)
     i0, i1 = sorted(ijk[:, 0])
     j0, j1 = sorted(ijk[:, 1])
@@ -282,7 +285,7 @@ def box_from_corners(
 
 def point_to_slice(
     point, system: str, geometry: ImageGeometry, what: str, markups: bool = False,
-    ijk_geometry: ImageGeometry | None = None,
+    ijk_geometry: ImageGeometry | None = None, alternatives: tuple[str, ...] = COORDINATE_SYSTEMS,
 ) -> tuple[int, tuple[float, float]]:
     """A point -> (k, (i, j)); ``markups``: it comes from a Slicer markups file (LPS or RAS, key coordinateSystem)."""
     arr = _numbers(point, (3,), what, "[x, y, z]")
@@ -292,7 +295,7 @@ def point_to_slice(
     if markups:
         _check_inside(ijk, geometry, what, arr, system, ("LPS", "RAS"), "coordinateSystem")
     else:
-        _check_inside(ijk, geometry, what, arr, system, ijk_geometry=ijk_geometry)
+        _check_inside(ijk, geometry, what, arr, system, alternatives, ijk_geometry=ijk_geometry)
     k = int(round(float(ijk[0, 2])))
     return min(max(k, 0), geometry.size_ijk[2] - 1), (float(ijk[0, 0]), float(ijk[0, 1]))
 
@@ -366,12 +369,14 @@ def _color(values: list[float] | None) -> tuple[float, float, float] | None:
 
 def parse_prompts(
     data: dict, geometry: ImageGeometry, base_dir: str | Path = ".", source: str = "prompts",
-    ijk_geometry: ImageGeometry | None = None,
+    ijk_geometry: ImageGeometry | None = None, other_systems: bool = True,
 ) -> list[SegmentPrompts]:
     """Validate a prompts dictionary (schema: :mod:`liversam.prompt_schema`) and convert it to IJK prompts.
 
     The prompts come out in voxel indices of ``geometry``; ``ijk_geometry`` is the grid whose voxel indices a file in
     IJK gives (the input file's, when ``geometry`` is its axial reorientation); None: ``geometry``.
+    ``other_systems`` False: the coordinate system is certain (a server request in IJK), so a refusal never suggests
+    another, and another's fit never stops a box past the edge from being clipped.
 
     Raises :class:`PromptError` whose message gives the JSON path of the offending value.
     """
@@ -379,6 +384,7 @@ def parse_prompts(
 
     spec = validate_prompts(data, source)
     system = spec.coordinate_system
+    alternatives = COORDINATE_SYSTEMS if other_systems else (system,)
     segments: list[SegmentPrompts] = []
     for index, entry in enumerate(spec.segments):
         name = entry.name
@@ -392,16 +398,16 @@ def parse_prompts(
         )
         for b, corners in enumerate(entry.boxes):
             k, box = box_from_corners(corners, system, geometry, f"{where}.boxes[{b}] (segment '{name}' box {b})",
-                                      ijk_geometry)
+                                      ijk_geometry, alternatives)
             seg.add(k, SlicePrompts(boxes_ij=[box]))
         for p, point in enumerate(entry.points):
             k, ij = point_to_slice(point, system, geometry, f"{where}.points[{p}] (segment '{name}' point {p})",
-                                   ijk_geometry=ijk_geometry)
+                                   ijk_geometry=ijk_geometry, alternatives=alternatives)
             seg.add(k, SlicePrompts(points_pos_ij=[ij]))
         for p, point in enumerate(entry.negative_points):
             k, ij = point_to_slice(
                 point, system, geometry, f"{where}.negative_points[{p}] (segment '{name}' negative point {p})",
-                ijk_geometry=ijk_geometry,
+                ijk_geometry=ijk_geometry, alternatives=alternatives,
             )
             seg.add(k, SlicePrompts(points_neg_ij=[ij]))
         for negative in (False, True):

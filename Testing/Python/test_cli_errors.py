@@ -170,3 +170,17 @@ def test_series_options_on_an_image_file_and_a_report_that_is_not_json_are_refus
     assert main([*base, "--report", str(tmp_path / "review.txt")]) == 2
     assert "the review report is JSON; use a .json file name" in capsys.readouterr().err
     assert main([*base, "--report", str(tmp_path / "review.json")]) == 0
+
+
+def test_threads_0_means_torchs_default_on_every_command_and_probabilities_stay_within_0_and_1(tmp_path, capsys):
+    """`--threads 0` (torch's default, as segment and serve say) was refused by evaluate and train."""
+    from liversam.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["evaluate", "--data", "d", "--output", "o.json"], ["train", "--data", "d", "--out", "o"],
+                 ["segment", "ct", "--prompts", "p", "--output", "o.nii.gz"], ["serve"]):  # fmt: skip
+        assert parser.parse_args([*argv, "--threads", "0"]).threads == 0
+    for option in ("--point-prob", "--refine-prob", "--propagation-prompts"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["train", "--data", "d", "--out", "o", option, "1.5"])
+        assert f"argument {option}: 1.5: give a probability from 0 to 1" in capsys.readouterr().err

@@ -139,3 +139,14 @@ def test_device_resolution():
             resolve_device("cuda")
     with pytest.raises(ModelError, match="Unknown device"):
         resolve_device("tpu")
+
+
+def test_a_damaged_checkpoint_is_not_called_pickled_code(tmp_path):
+    """Torch reports every failure of its weights-only reader as "Weights only load failed": a damaged file was
+    described as holding classes or functions (and told to save a state_dict)."""
+    damaged = tmp_path / "damaged.pth"
+    damaged.write_bytes(b"\x80\x02" + b"\xa3" * 50)  # a pickle's start, then an opcode that does not exist
+    with pytest.raises(ModelError) as error:
+        load_model(str(damaged), device="cpu")
+    assert "it cannot be read as plain weights (Unsupported operand 163): the file is damaged" in str(error.value)
+    assert "pickled Python objects" not in str(error.value) and "weights_only" not in str(error.value)

@@ -165,6 +165,11 @@ def test_a_stage_that_is_interrupted_or_fails_does_not_say_done() -> None:
         for _case in progress.progress_bar(["a"], desc="evaluate", unit="case", file=log):
             raise ValueError("bad slice range")
     assert log.getvalue().splitlines()[-1].startswith("[liversam] evaluate: stopped, 0/1 case after ")
+    log = io.StringIO()  # the same without a known length: it said "done"
+    with pytest.raises(KeyboardInterrupt):
+        for _case in progress.progress_bar(iter("ab"), desc="evaluate", unit="case", file=log):
+            raise KeyboardInterrupt
+    assert log.getvalue().splitlines()[-1].startswith("[liversam] evaluate: stopped after ")
 
 
 def test_a_terminal_of_width_0_gets_lines_not_an_empty_bar(monkeypatch) -> None:

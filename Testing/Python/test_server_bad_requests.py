@@ -238,7 +238,25 @@ def test_bad_predict_prompts(client, session, body, status, words):
     answer = post_json(client, f"/v1/sessions/{session}/predict", body)
     refused(answer, status, *words)
     # in the request's own terms: it has no segments, and its coordinates are IJK by definition
-    assert "segments[0]" not in answer.text and "coordinate system" not in answer.text
+    assert "segments[0]" not in answer.text and "coordinate" not in answer.text
+
+
+def test_predict_never_suggests_another_coordinate_system_nor_lets_one_stop_a_clip():
+    """A predict request is in IJK by definition. On a CT whose LPS millimetres read like its voxel indices (origin 0,
+    spacing about 1 mm) a point past the edge was told to 'write "coordinate_system": "LPS"', and a box 88 % inside
+    was refused there but clipped on a CT with another origin."""
+    from liversam.errors import PromptError
+    from liversam.geometry import ImageGeometry
+    from liversam.server.jobs import slice_prompts
+    from liversam.server.schemas import PredictRequest
+
+    for origin in ((0.0, 0.0, 0.0), (-300.0, -300.0, 0.0)):
+        geometry = ImageGeometry((512, 512, 100), (1.2, 1.2, 3.0), origin)
+        with pytest.raises(PromptError) as error:
+            slice_prompts(PredictRequest(k=2, points=[[600, 5]]), geometry)
+        assert "points[0]" in str(error.value) and "coordinate" not in str(error.value)
+        box = slice_prompts(PredictRequest(k=2, boxes=[[400, 5, 520, 50]]), geometry).boxes_ij[0]
+        assert box == (400.0, 5.0, 511.0, 50.0)  # clipped, whatever the origin
 
 
 def test_nan_coordinates(client, session):

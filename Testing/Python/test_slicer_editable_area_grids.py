@@ -136,12 +136,37 @@ def test_a_segmentation_made_on_another_grid_keeps_the_editable_area_and_range(a
 
 
 def test_a_segmentation_whose_grid_misses_the_ct_is_refused_with_what_to_do(axial_slab):
+    """With the Segment Editor's editable area on (the write must go onto the segmentation's grid)."""
     axial, liver_slice = axial_slab
     g = axial.geometry
     far = CTVolume(np.zeros((3, 8, 8), np.int16),
                    ImageGeometry((8, 8, 3), g.spacing_mm, tuple(np.add(g.origin_lps, (0, 0, 500.0))), g.direction_lps))  # fmt: skip
     scene, volume, segmentation, logic, ids = scene_with(axial, reference=far)
+    editor = segment_editor_on(scene, segmentation, volume)
+    editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments)
     liver = np.zeros(axial.array_kji.shape, bool)
     liver[:] = liver_slice
     with pytest.raises(OutputError, match="does not cover the input CT.*Create new Segmentation"):
         logic.write_mask(segmentation, ids[LIVER], volume, liver)
+
+
+def test_a_coarser_segmentation_grid_refuses_a_masked_slice_write_clearly_and_takes_an_unmasked_one(axial_slab):
+    """A segmentation with slices three times the CT's: with the editable area on, a CT slice between its slice
+    centres cannot be masked there (said so, no undo state saved); without masking the slice is written as before,
+    on the CT's own grid."""
+    axial, liver_slice = axial_slab
+    g = axial.geometry
+    coarse = CTVolume(np.zeros((3, g.size_ijk[1], g.size_ijk[0]), np.int16),
+                      ImageGeometry((g.size_ijk[0], g.size_ijk[1], 3), (g.spacing_mm[0], g.spacing_mm[1], 3 * g.spacing_mm[2]),
+                                    tuple(g.ijk_to_lps([0, 0, 1])), g.direction_lps))  # fmt: skip
+    scene, volume, segmentation, logic, ids = scene_with(axial, reference=coarse)
+    liver = np.zeros(axial.array_kji.shape, bool)
+    liver[:] = liver_slice
+    logic.write_mask(segmentation, ids[LIVER], volume, liver, k_range=(3, 3))  # no masking: written as it is
+    np.testing.assert_array_equal(MRMLBridge.segment_mask(segmentation, ids[LIVER], volume)[3], liver_slice)
+    editor = segment_editor_on(scene, segmentation, volume)
+    editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments)
+    with pytest.raises(OutputError, match=r"grid \(.* mm voxels\) is coarser than the CT's: this slice lies between"):
+        logic.write_mask(segmentation, ids[TUMOR], volume, liver, k_range=(2, 2))
+    logic.undo()  # one undo takes back the liver slice: the refused write saved no (empty) undo state of its own
+    assert not MRMLBridge.segment_mask(segmentation, ids[LIVER], volume).any()

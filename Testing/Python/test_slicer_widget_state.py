@@ -502,4 +502,11 @@ def test_switching_the_target_segment_switches_the_prompts_sent(widgets):
     assert widget._markupsPrompts().slices == [4]
     widget.onTargetSegmentChanged("liver")  # back to the liver: its box again, not the lesion's
     assert widget._markupsPrompts().slices == [2]
+    # a point placed with no target chosen, then a target chosen in the selector: the point is that segment's
+    widget.onTargetSegmentChanged("")
+    point = widget._promptNode(PromptPlacement.POSITIVE)
+    point.AddControlPoint(*geometry.ijk_to_ras(np.array([[10.0, 10.0, 3.0]]))[0])
+    assert widget._markupsPrompts().slices == [3]
+    widget.onTargetSegmentChanged("vessels")
+    assert widget._markupsPrompts().slices == [3] and widget._parameterNode.positivePoints is point
     widget.removeObservers()

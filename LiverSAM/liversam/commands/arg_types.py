@@ -34,6 +34,14 @@ def non_negative(text: str) -> float:
     return value
 
 
+def probability(text: str) -> float:
+    """A chance, from 0 to 1."""
+    value = finite(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: give a probability from 0 to 1")
+    return value
+
+
 def _integer(text: str) -> int:
     try:
         return int(text)

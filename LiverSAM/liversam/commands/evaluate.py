@@ -50,7 +50,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--accelerate", default="auto", choices=("auto", "plain", "openvino", "onnxruntime", "torch"),
                         help="CPU encoder backend (default auto: OpenVINO / ONNX Runtime when installed)")
     parser.add_argument(
-        "--threads", type=arg_types.positive_int, default=None, help="torch CPU threads (default: torch's choice)"
+        "--threads", type=arg_types.non_negative_int, default=None, help="torch CPU threads (default: torch's choice)"
     )
     parser.add_argument("--cache-mb", type=arg_types.positive, default=1024.0, help="slice-embedding cache size in MB")
     parser.add_argument("--slices", help="restrict to axial slices K0:K1 (half-open, e.g. 60:64)")
@@ -229,8 +229,8 @@ def run(args: argparse.Namespace) -> int:
                 )
             else:
                 dice = summary.get("dice") or {}
-                absent = (f"  ({dice['n_undefined']} case(s) without {name} in the reference or the result: left "
-                          "out)") if dice.get("n_undefined") else ""  # fmt: skip
+                absent = (f"  ({dice['n_undefined']} case(s) with {name} neither in the reference nor in the "
+                          "result: left out)") if dice.get("n_undefined") else ""  # fmt: skip
                 print(
                     f"{protocol:10s} {name:6s} Dice mean {_fmt(dice.get('mean'))}  median {_fmt(dice.get('median'))}"
                     + absent

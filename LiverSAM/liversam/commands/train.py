@@ -130,7 +130,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--propagation-prompts",
-        type=float,
+        type=arg_types.probability,
         default=0.0,
         metavar="P",
         help="probability of a propagation-like prompt: the box of the target on a neighbouring slice "
@@ -150,11 +150,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "liver, where a propagation must stop (default 0)",
     )
     p.add_argument(
-        "--point-prob", type=arg_types.non_negative, default=0.3, help="chance of label points added to a box (default 0.3)"
+        "--point-prob", type=arg_types.probability, default=0.3, help="chance of label points added to a box (default 0.3)"
     )
     p.add_argument(
         "--refine-prob",
-        type=float,
+        type=arg_types.probability,
         default=0.3,
         help="chance of a second pass with a corrective click and mask prompt (default 0.3)",
     )
@@ -165,7 +165,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "when one re-encoded slice per study matches",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
-    p.add_argument("--threads", type=arg_types.positive_int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=arg_types.non_negative_int, default=None, help="torch CPU threads")
     p.add_argument(
         "--cache-dir", help="preprocessing cache folder (default RUN_DIR/cache; runs may share one)"
     )

@@ -45,9 +45,13 @@ def safe_torch_load(path: str | Path) -> object:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ... depending on the problem
         text = str(exc).strip()
-        if "Weights only load failed" in text:  # torch's own advice (load it unsafely) is not repeated
+        if "Unsupported global" in text:  # torch's own advice (load it unsafely) is not repeated
             reason = ("it holds pickled Python objects beyond plain weights (classes or functions), whose loading "
                       "would run code; save the model's state_dict instead")  # fmt: skip
+        elif "Weights only load failed" in text:  # what the weights-only reader met, without torch's advice
+            detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
+            reason = f"it cannot be read as plain weights ({detail[0].strip() if detail else 'unreadable'}): the file is " \
+                "damaged, or not a checkpoint"
         else:
             reason = text.splitlines()[0] if text else type(exc).__name__
         raise ModelError(

@@ -94,7 +94,8 @@ def slice_prompts(request: PredictRequest, geometry: ImageGeometry) -> SliceProm
             "points": [[p[0], p[1], k] for p in request.points],
             "negative_points": [[p[0], p[1], k] for p in request.negative_points]}
     try:
-        seg = parse_prompts({"coordinate_system": "IJK", "segments": [spec]}, geometry, source="predict")[0]
+        seg = parse_prompts({"coordinate_system": "IJK", "segments": [spec]}, geometry, source="predict",
+                            other_systems=False)[0]  # fmt: skip
     except PromptError as exc:
         raise PromptError(_in_request_terms(str(exc))) from None
     return seg.slices[request.k]
