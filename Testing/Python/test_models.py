@@ -150,3 +150,18 @@ def test_a_damaged_checkpoint_is_not_called_pickled_code(tmp_path):
         load_model(str(damaged), device="cpu")
     assert "it cannot be read as plain weights (Unsupported operand 163): the file is damaged" in str(error.value)
     assert "pickled Python objects" not in str(error.value) and "weights_only" not in str(error.value)
+
+
+def test_a_safetensors_file_or_an_lfs_pointer_is_named_as_such(tmp_path):
+    import json
+    import struct
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
+    safetensors = tmp_path / "model.pth"
+    safetensors.write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0\0\0")
+    with pytest.raises(ModelError, match="it is a safetensors file"):
+        load_model(str(safetensors), device="cpu")
+    pointer = tmp_path / "lfs.pth"
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
+    with pytest.raises(ModelError, match="it is a Git LFS pointer, not the weights themselves"):
+        load_model(str(pointer), device="cpu")

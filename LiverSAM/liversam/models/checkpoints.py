@@ -67,7 +67,7 @@ def _not_a_torch_file(path: Path) -> str | None:
 
     try:
         with open(path, "rb") as handle:
-            start = handle.read(8)
+            start = handle.read(24)
     except OSError as exc:
         return f"it cannot be read ({exc.strerror or exc})"
     if start.startswith((b"PK\x03\x04", b"\x80")):  # torch.save's zip format / a legacy pickle
@@ -76,6 +76,10 @@ def _not_a_torch_file(path: Path) -> str | None:
         return f"it holds {image[0]}"
     if not start:
         return "it is empty"
+    if start.startswith(b"version https://git-lfs"):
+        return "it is a Git LFS pointer, not the weights themselves (run `git lfs pull` where it came from)"
+    if len(start) > 9 and start[8:10] in (b"{\"", b"{}"):
+        return "it is a safetensors file (LiverSAM reads PyTorch .pth / .pt checkpoints)"
     if start.startswith(b"\x1f\x8b"):
         return "it is a gzip-compressed file"
     if all(32 <= b < 127 or b in (9, 10, 13) for b in start):
