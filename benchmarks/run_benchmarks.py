@@ -538,14 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}: give 1 or more")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from liversam.commands.arg_types import positive_int  # the command line's own check
+
     parser.add_argument(
         "--data", type=Path, default=DEFAULT_DATA, help="folder with ct.nii.gz + label.nii.gz"
     )
@@ -561,7 +556,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--volume-slices", type=int, default=100, help="slices of the one-box liver run (default 100)"
     )
     parser.add_argument(
-        "--volume-runs", type=_positive_int, default=3,
+        "--volume-runs", type=positive_int, default=3,
         help="one-box liver runs, each with a cold cache; the median is the figure (default 3)",
     )
     parser.add_argument("--skip-volume", action="store_true", help="skip the one-box liver segmentation")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from test_slicer_reoriented_ct import lits117_slab, stored_as
+from test_slicer_segmentation_logic import shared_editor_node
 
 from slicer_harness import ensure_module_on_path, fresh_scene
 
@@ -23,7 +24,7 @@ from liversam.errors import OutputError  # noqa: E402
 from liversam.geometry import ImageGeometry  # noqa: E402
 from liversam.volume import CTVolume  # noqa: E402
 from LiverSAMLib import MRMLBridge  # noqa: E402
-from LiverSAMLib.SegmentationLogic import LIVER, SEGMENT_EDITOR_SINGLETON_TAG, TUMOR, SegmentationLogic  # noqa: E402
+from LiverSAMLib.SegmentationLogic import LIVER, TUMOR, SegmentationLogic  # noqa: E402
 
 pytestmark = pytest.mark.slicer
 HU_RANGE = (60.0, 200.0)  # the editable intensity range: part of the liver's voxels, not all
@@ -53,16 +54,6 @@ def scene_with(ct: CTVolume, reference: CTVolume | None = None):
     return scene, volume, segmentation, logic, ids
 
 
-def segment_editor_on(scene, segmentation, volume):
-    node = scene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
-    node.UnRegister(None)
-    node.SetSingletonTag(SEGMENT_EDITOR_SINGLETON_TAG)
-    node = scene.AddNode(node)
-    node.SetAndObserveSegmentationNode(segmentation)
-    node.SetAndObserveSourceVolumeNode(volume)
-    return node
-
-
 def write_tumour_box_under(
     mode: str, ct: CTVolume, liver_slice: np.ndarray, reference: CTVolume | None = None
 ):
@@ -75,7 +66,7 @@ def write_tumour_box_under(
     liver = np.zeros(working.shape_kji, bool)
     liver[:] = liver_slice
     logic.write_mask(segmentation, ids[LIVER], volume, liver)
-    editor = segment_editor_on(scene, segmentation, volume)
+    editor = shared_editor_node(scene, segmentation, volume)
     if mode == "inside":
         editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment)
         editor.SetMaskSegmentID(ids[LIVER])
@@ -142,7 +133,7 @@ def test_a_segmentation_whose_grid_misses_the_ct_is_refused_with_what_to_do(axia
     far = CTVolume(np.zeros((3, 8, 8), np.int16),
                    ImageGeometry((8, 8, 3), g.spacing_mm, tuple(np.add(g.origin_lps, (0, 0, 500.0))), g.direction_lps))  # fmt: skip
     scene, volume, segmentation, logic, ids = scene_with(axial, reference=far)
-    editor = segment_editor_on(scene, segmentation, volume)
+    editor = shared_editor_node(scene, segmentation, volume)
     editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments)
     liver = np.zeros(axial.array_kji.shape, bool)
     liver[:] = liver_slice
@@ -164,7 +155,7 @@ def test_a_coarser_segmentation_grid_refuses_a_masked_slice_write_clearly_and_ta
     liver[:] = liver_slice
     logic.write_mask(segmentation, ids[LIVER], volume, liver, k_range=(3, 3))  # no masking: written as it is
     np.testing.assert_array_equal(MRMLBridge.segment_mask(segmentation, ids[LIVER], volume)[3], liver_slice)
-    editor = segment_editor_on(scene, segmentation, volume)
+    editor = shared_editor_node(scene, segmentation, volume)
     editor.SetMaskMode(slicer.vtkMRMLSegmentationNode.EditAllowedOutsideAllSegments)
     with pytest.raises(OutputError, match=r"grid \(.* mm voxels\) is coarser than the CT's: this slice lies between"):
         logic.write_mask(segmentation, ids[TUMOR], volume, liver, k_range=(2, 2))
