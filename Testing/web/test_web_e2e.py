@@ -86,7 +86,7 @@ def test_bad_inputs_show_a_message_and_change_nothing(page, tmp_path):
     not_ct = tmp_path / "notes.nii.gz"
     not_ct.write_text("this is not a CT")
     open_path(page, str(not_ct))
-    text = expect_error(page, r"not an image|could not be read")
+    text = expect_error(page, r"not an image|could not be read|not a NIfTI image")
     assert "notes.nii.gz" in text
     assert page.get_by_test_id("ct-name").inner_text().strip() == shown  # no CT opened
 
@@ -102,7 +102,7 @@ def test_bad_inputs_show_a_message_and_change_nothing(page, tmp_path):
     upload.write_text("NRRD0004\nnot really\n")
     dismiss_error(page)
     page.get_by_test_id("upload-file").locator("input[type=file]").set_input_files(str(upload))
-    expect_error(page, r"uploaded file 'upload\.nrrd'.*(not an image|could not be read)")
+    expect_error(page, r"uploaded file 'upload\.nrrd'.*(not an image|could not be read|is damaged)")
     assert page.get_by_test_id("ct-name").inner_text().strip() == shown
 
 
@@ -170,6 +170,19 @@ def test_1_open_refuse_a_box_outside_and_segment_slice_33(lits):
     assert page.get_by_test_id("ct-name").inner_text().strip() == "ct.nii.gz"
     assert not page.get_by_test_id("export-dicomseg").is_enabled()  # not a DICOM CT: no DICOM SEG
     assert "opened from a DICOM series" in page.get_by_test_id("dicomseg-note").inner_text()
+    # an export refused (nothing segmented yet) says so and downloads nothing (it downloaded a file holding "null")
+    downloads: list = []
+
+    def downloaded(download) -> None:
+        downloads.append(download)
+
+    page.on("download", downloaded)
+    page.get_by_test_id("export-segnrrd").click()
+    expect_error(page, r"Nothing to export yet")
+    page.wait_for_timeout(1500)
+    page.remove_listener("download", downloaded)
+    assert downloads == []
+    dismiss_error(page)
 
     set_mode(page, "box", "liver")
     screen = drag_outside_the_ct(page, lits, SLICE_K)

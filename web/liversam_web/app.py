@@ -264,8 +264,9 @@ class LiverSAMWebApp:
                     v3.VBtn(
                         label, size="small", prepend_icon="mdi-download", disabled=(disabled,),
                         raw_attrs=[f'data-testid="export-{kind}"'],
-                        click=(f"utils.download('{name}', trigger('{self.server.trigger_name(self.export)}', "
-                               f"['{kind}']), 'application/octet-stream')"),
+                        # a refused export (its message is on the page) downloads nothing: no file of "null"
+                        click=(f"trigger('{self.server.trigger_name(self.export)}', ['{kind}']).then((data) => data "
+                               f"&& utils.download('{name}', data, 'application/octet-stream'))"),
                     )
                 html.Div("DICOM SEG: for a CT opened from a DICOM series (it references that series).",
                          v_if="!has_dicom", classes="text-caption", raw_attrs=['data-testid="dicomseg-note"'])
