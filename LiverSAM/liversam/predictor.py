@@ -18,6 +18,7 @@ import torch
 
 from .embedding_cache import SliceEmbeddingCache
 from .models.loaded_model import LoadedModel
+from .point_edits import POINT_RADIUS_MM, POINT_REACH_MM, honour_points, local_changes, point_disk  # noqa: F401
 from .preprocess import SliceTransform, WindowSettings, display_view, window_slice
 from .prompts import SlicePrompts
 from .volume import CTVolume
@@ -31,8 +32,7 @@ from .volume import CTVolume
 # whatever the model says; farther away the box's mask stays. Five clicks: liver 0.951, lesion 0.873
 # (reach and radius 2 mm: 0.949 / 0.846; 5 mm: 0.953 / 0.862; 7 mm: 0.952 / 0.821; 3 mm radius with a 10 mm
 # reach: 0.950 / 0.794; 15 mm: 0.945 / 0.768; the disks alone with the model's changes everywhere: 0.906 / 0.714).
-POINT_RADIUS_MM = 3.0
-POINT_REACH_MM = 3.0
+# (POINT_RADIUS_MM, POINT_REACH_MM and the edits themselves: liversam.point_edits, imported above)
 
 log = logging.getLogger(__name__)
 _volume_ids = itertools.count()
@@ -223,52 +223,3 @@ class SlicePredictor:
             self.embedding(k)
             if progress is not None:
                 progress(n + 1, len(ks))
-
-
-def point_disk(shape_ji: tuple[int, int], point_ij: tuple[float, float], spacing_xy_mm, radius_mm: float) -> np.ndarray:
-    """The voxels of a slice within ``radius_mm`` of a point (i, j) (always its own voxel when it is inside)."""
-    nj, ni = shape_ji
-    jj, ii = np.ogrid[:nj, :ni]
-    di = (ii - point_ij[0]) * float(spacing_xy_mm[0])
-    dj = (jj - point_ij[1]) * float(spacing_xy_mm[1])
-    disk = di**2 + dj**2 <= radius_mm**2
-    i, j = int(round(point_ij[0])), int(round(point_ij[1]))
-    if 0 <= i < ni and 0 <= j < nj:
-        disk[j, i] = True
-    return disk
-
-
-def local_changes(reference_ji: np.ndarray, changed_ji: np.ndarray, points_ij, spacing_xy_mm,
-                  reach_mm: float | None = None) -> np.ndarray:
-    """``reference_ji`` with the change to ``changed_ji`` taken only within ``reach_mm`` (``POINT_REACH_MM``)
-    of a point: a click edits its neighbourhood; the model's changes farther away are dropped."""
-    reach = POINT_REACH_MM if reach_mm is None else reach_mm
-    near = np.zeros_like(reference_ji)
-    for point in points_ij:
-        near |= point_disk(reference_ji.shape, point, spacing_xy_mm, reach)
-    out = reference_ji.copy()
-    out[near] = changed_ji[near]
-    return out
-
-
-def honour_points(
-    mask_ji: np.ndarray, positive_ij, negative_ij, spacing_xy_mm, radius_mm: float = POINT_RADIUS_MM
-) -> np.ndarray:
-    """The mask with a + point the model left out joined by its disk, and a - point the model kept erased with
-    its disk (a - point wins). A point the model already agrees with changes nothing."""
-    out = mask_ji.copy()
-    nj, ni = out.shape
-
-    def voxel(point) -> tuple[int, int] | None:
-        i, j = int(round(point[0])), int(round(point[1]))
-        return (j, i) if 0 <= i < ni and 0 <= j < nj else None
-
-    for point in positive_ij:
-        where = voxel(point)
-        if where is not None and not mask_ji[where]:
-            out |= point_disk(out.shape, point, spacing_xy_mm, radius_mm)
-    for point in negative_ij:
-        where = voxel(point)
-        if where is not None and out[where]:
-            out &= ~point_disk(out.shape, point, spacing_xy_mm, radius_mm)
-    return out

@@ -306,6 +306,33 @@ def test_4_cancel_then_propagate_the_liver(lits):
     page.wait_for_timeout(1500)
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     save_small_png(page.screenshot(), SCREENSHOT)
+
+    # a + point on a propagated slice (no prompt of its own) edits the mask where it is clicked, and nothing else:
+    # it was sent to the model alone, whose answer replaced the whole slice
+    propagated = labels > 0
+    ks = [k for k in range(propagated.shape[0]) if abs(k - SLICE_K) > 10 and propagated[k].sum() > 500]
+    k = ks[len(ks) // 2]
+    mask = propagated[k]
+    near = np.zeros_like(mask)
+    for axis, shift in ((0, 1), (0, -1), (1, 1), (1, -1)):
+        near |= np.roll(mask, shift, axis=axis)
+    outside = np.argwhere(near & ~mask)  # (j, i) just outside the mask's outline
+    centre = np.argwhere(mask).mean(axis=0)
+    j, i = outside[np.argmin(((outside - centre) ** 2).sum(axis=1))]
+    screen = go_to_slice(page, k)
+    set_mode(page, "point+", "liver")
+    before = status_text(page)
+    _, _, clicked_k = click_point(page, screen, int(i), int(j))
+    assert clicked_k == k
+    area = wait_slice_mask(page, "liver", k, before=before)
+    edited = lits.labels_now() > 0
+    print(f"web app lits117 + point on propagated slice {k}: {int(mask.sum())} -> {area} voxels")
+    assert int(mask.sum()) < area <= int(mask.sum()) + 40  # the point's 3 mm disk, not a new slice
+    assert (edited[k] | ~mask).all()  # nothing of the propagated mask lost
+    assert np.array_equal(np.delete(edited, k, axis=0), np.delete(propagated, k, axis=0))
+    page.get_by_test_id("undo").click()
+    wait_status(page, rf"Undone: \+ point on slice {k}", timeout=20_000)
+    assert np.array_equal(lits.labels_now(), labels)
     set_mode(page, "box")
     lits.step = 4
 

@@ -76,6 +76,22 @@ def test_liver_box_undo_and_tumour_inside_the_liver():
     assert workflow.masks["liver"][2].sum() == 16 * 12
 
 
+def test_a_point_on_a_propagated_slice_edits_the_mask_there_without_the_model():
+    """A + point on a slice the propagation segmented was sent to the model alone, whose answer replaced the whole
+    slice (2,211 liver voxels became 31); a - point there was refused as if the slice had no mask."""
+    client = RecordingClient()
+    workflow = Workflow(client, "s", SHAPE)
+    workflow.masks["liver"][3, 4:16, 5:25] = True  # a propagated slice: a mask, no prompt
+    before = workflow.masks["liver"][3].copy()
+    grown = workflow.edit_slice("liver", 3, (26.0, 10.0), True, (1.0, 1.0))  # just outside the mask's right edge
+    assert client.calls == []  # the model was not asked
+    assert (grown & before).sum() == before.sum() and grown.sum() > before.sum()  # joined, nothing lost
+    assert not (grown & ~before)[:, :20].any()  # the disk only, near the click
+    shrunk = workflow.edit_slice("liver", 3, (10.0, 10.0), False, (1.0, 1.0))
+    assert not shrunk[10, 10] and shrunk.sum() >= before.sum() - 29  # a 3 mm disk is 29 voxels at 1 mm
+    assert workflow.prompts["liver"] == {}  # a local edit, not a prompt a later propagation would send
+
+
 def test_propagation_specs_use_ijk_and_the_liver_as_container():
     client = RecordingClient()
     workflow = Workflow(client, "s", SHAPE)

@@ -550,6 +550,9 @@ class LiverSAMWebApp:
             return
         segment = self.state.segment
         prompts = self.workflow.prompts[segment].get(k)
+        if (prompts is None or prompts.empty()) and self.workflow.masks[segment][k].any():
+            self._edit_propagated_slice(segment, k, point, positive)
+            return
         if segment == "tumor" and not (prompts and prompts.boxes):
             self._error("Point ignored: a tumour point refines a lesion box; draw the box around the lesion first.")
             return
@@ -561,6 +564,22 @@ class LiverSAMWebApp:
         change = self.workflow.push_undo(f"{'+' if positive else '-'} point on slice {k}")
         self.workflow.add_point(segment, k, point, positive)
         create_task(self._predict(segment, k, change, ("point+" if positive else "point-", point)))
+
+    def _edit_propagated_slice(self, segment: str, k: int, point: tuple[float, float], positive: bool) -> None:
+        """A + / - point on a slice the propagation segmented: its 3 mm disk edits the mask shown (Workflow.edit_slice)."""
+        workflow, content = self.workflow, self.content
+        assert workflow is not None and content is not None
+        spacing = tuple(float(np.linalg.norm(content.ijk_to_ras[:3, axis])) for axis in (0, 1))
+        before = int(workflow.masks[segment][k].sum())
+        change = workflow.push_undo(f"{'+' if positive else '-'} point on slice {k}")
+        area = int(workflow.edit_slice(segment, k, point, positive, spacing).sum())
+        if area == before:  # the click was on what the mask already holds (+) or leaves out (-): nothing to undo
+            workflow.withdraw(change, segment, k, None)
+        content.show_mask(segment, workflow.masks[segment])
+        self._refresh_all()
+        label = "Liver" if segment == "liver" else "Tumour"
+        self._status(f"{label} on slice {k}: {area} voxels ({area - before:+d}: the point's 3 mm disk "
+                     f"{'joined' if positive else 'erased'} where you clicked; the propagated mask stays elsewhere).")
 
     async def _predict(self, segment: str, k: int, change=None, prompt: tuple | None = None) -> None:
         workflow = self.workflow

@@ -160,6 +160,23 @@ class Workflow:
         prompts = self.slice_prompts(segment, k)
         (prompts.points if positive else prompts.negative_points).append(point)
 
+    def edit_slice(self, segment: str, k: int, point: tuple[float, float], positive: bool,
+                   spacing_ij_mm: tuple[float, float]) -> np.ndarray:
+        """A click on a slice whose mask came from a propagation (no prompt of its own): the mask it shows, with the
+        point's 3 mm disk joined (+, where the mask misses it) or erased (-, where the mask has it), as a click
+        edits a boxed slice (``liversam.point_edits``). The model is not asked: its answer to a point alone replaced
+        the whole slice (a liver slice of 2,211 voxels became 31). Returns the slice mask [j, i]."""
+        from liversam.point_edits import POINT_RADIUS_MM, honour_points
+
+        k = int(k)
+        before = self.masks[segment][k]
+        mask = honour_points(before, [point] if positive else [], [] if positive else [point], spacing_ij_mm,
+                             POINT_RADIUS_MM)  # fmt: skip
+        if segment == "tumor" and self.masks["liver"].any():
+            mask &= self.masks["liver"][k]
+        self.masks[segment][k] = mask
+        return mask
+
     def clear_slice(self, segment: str, k: int) -> None:
         self.prompts[segment].pop(int(k), None)
         self.masks[segment][int(k)] = False
