@@ -229,6 +229,12 @@ def test_segments_overlap_and_labelmap_keeps_the_grid(slicer_app, tmp_path):
     tumour = np.zeros_like(liver)
     tumour[2:4, 6:9, 8:12] = True
     content.show_mask("liver", liver)
+    segmentation = content.segmentation.GetSegmentation()
+    # each segment in a labelmap layer of its own from its first mask: while the liver shared its layer with the
+    # (empty) tumour, the page drew the liver's 2D fill blended over black, an opaque brown that hid the CT under it
+    # until an export happened to split the layers (1400 x 900 page, headless Chromium)
+    assert segmentation.GetNumberOfLayers() == 2
+    assert segmentation.GetLayerIndex("liver") != segmentation.GetLayerIndex("tumor")
     content.show_mask("tumor", tumour)
     assert (content.segment_mask("liver") == liver).all()  # the tumour did not erase liver voxels
     assert (content.segment_mask("tumor") == tumour).all()

@@ -289,6 +289,9 @@ class SceneContent:
         logic = vtkSlicerSegmentationsModuleLogic
         logic.SetBinaryLabelmapToSegment(oriented_image(mask_kji, self.ijk_to_ras), self.segmentation, segment,
                                          logic.MODE_REPLACE, None)
+        # a layer of its own: sharing one with the other segment, its 2D fill was drawn over black (an opaque brown
+        # that hid the CT and the lesions under the liver) until an export split the layers
+        self.segmentation.GetSegmentation().SeparateSegmentLabelmap(segment)
         if surface:
             self.segmentation.CreateClosedSurfaceRepresentation()
 
