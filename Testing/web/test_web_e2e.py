@@ -465,5 +465,21 @@ def test_9_faster_on_thin_slices_interpolates_every_other_liver_slice(lits):
     lits.step = 9
 
 
+def test_10_opening_another_ct_holds_back_once_for_a_segmentation_not_exported(lits):
+    """Opening another CT dropped the masks and the undo steps without a word."""
+    lits.go_on_from(9)
+    page = lits.page
+    page.get_by_test_id("undo").click()  # a change after the last export (labels_now exports a labelmap)
+    wait_status(page, r"Undone: propagate liver", timeout=20_000)
+    open_path(page, str(CT), discard=False)
+    expect_error(page, r"The segmentation of ct\.nii\.gz has changed since it was last exported, and opening "
+                       r"ct\.nii\.gz drops it: export it first \(section 6\), or press Open again to discard it")
+    assert page.get_by_test_id("undo").is_enabled()  # nothing dropped
+    open_path(page, str(CT))  # pressed again: opened, the old work discarded
+    wait_status(page, r"Opened ct\.nii\.gz", timeout=120_000)
+    assert not page.get_by_test_id("undo").is_enabled()
+    lits.step = 10
+
+
 if __name__ == "__main__":
     raise SystemExit(pytest.main([__file__, "-q", "-s"]))

@@ -74,6 +74,8 @@ class LiverSAMWebApp:
 
         self.content: SceneContent | None = None
         self.workflow: Workflow | None = None
+        self._exported_at = None  # the workflow's change marker when it was last exported (its work then saved)
+        self._discard_asked: str | None = None  # the CT whose opening was held back once for unexported work
         self.job_id: str | None = None
         self._job_segment = ""
         self._cancel_requested = False
@@ -319,6 +321,14 @@ class LiverSAMWebApp:
         if self.state.busy or self.state.job_running:
             self._error("Wait for the current step to finish (or cancel the propagation) before opening a CT.")
             return
+        if self._unexported_work() and self._discard_asked != display_name:
+            # opening another CT drops this one's masks and undo steps: said once, then a second try goes on
+            self._discard_asked = display_name
+            again = "press Open again" if len(files) == 1 and not what.startswith("The uploaded") else "upload it again"
+            self._error(f"The segmentation of {self.state.ct_name} has changed since it was last exported, and opening "
+                        f"{display_name} drops it: export it first (section 6), or {again} to discard it.")
+            return
+        self._discard_asked = None
         self._set_busy(f"Opening {display_name} ...")
         new_content: SceneContent | None = None
         try:
@@ -564,6 +574,13 @@ class LiverSAMWebApp:
         change = self.workflow.push_undo(f"{'+' if positive else '-'} point on slice {k}")
         self.workflow.add_point(segment, k, point, positive)
         create_task(self._predict(segment, k, change, ("point+" if positive else "point-", point)))
+
+    def _unexported_work(self) -> bool:
+        """True when the open CT has masks that changed since they were last exported."""
+        workflow = self.workflow
+        if workflow is None or not any(mask.any() for mask in workflow.masks.values()):
+            return False
+        return workflow.change_marker() is not self._exported_at
 
     def _edit_propagated_slice(self, segment: str, k: int, point: tuple[float, float], positive: bool) -> None:
         """A + / - point on a slice the propagation segmented: its 3 mm disk edits the mask shown (Workflow.edit_slice)."""
@@ -837,6 +854,7 @@ class LiverSAMWebApp:
         except OSError as exc:
             self._error(f"Export failed: {exc}")
             return None
+        self._exported_at = self.workflow.change_marker()
         self._status(f"Exported {path.name} ({len(data) // 1024} KB).")
         return self.server.protocol.addAttachment(data)
 

@@ -123,6 +123,10 @@ class Workflow:
         if prompts.empty():
             self.prompts[segment].pop(int(k), None)
 
+    def change_marker(self) -> object | None:
+        """An object that is the same as long as nothing changed (the last undo step; None before the first)."""
+        return self._undo[-1] if self._undo else None
+
     def can_undo(self) -> bool:
         return bool(self._undo)
 
