@@ -272,7 +272,7 @@ def test_4_cancel_then_propagate_the_liver(lits):
     assert np.array_equal(lits.labels_now(), lits.labels["box"])
 
     page.get_by_test_id("propagate").click()
-    progress = wait_job_end(page, r"Liver: \d+ voxels")
+    progress = wait_job_end(page, r"Liver: \d+ voxels, \d+\.\d mL; \d+ slices? flagged for review")  # (it said "649.432 ml")
     assert any(re.search(r"Propagating the liver: .*\d+/\d+", t) for t in progress), progress
     assert page.get_by_test_id("review-row").count() > 10
     labels = lits.labels_now()

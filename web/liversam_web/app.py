@@ -247,7 +247,7 @@ class LiverSAMWebApp:
             with v3.VCard(title="Lesions", density="compact", v_if="lesion_rows.length"), v3.VCardText():
                 with v3.VTable(density="compact"):
                     with html.Thead(), html.Tr():
-                        for title in ("#", "ml", "axial Ø mm", "slices"):
+                        for title in ("#", "mL", "axial Ø mm", "slices"):
                             html.Th(title)
                     with html.Tbody():
                         with html.Tr(v_for="row in lesion_rows", key="row.id", style="cursor: pointer",
@@ -784,9 +784,11 @@ class LiverSAMWebApp:
         with self.state:
             self.state.progress = 100
             flagged = len(report.get("flagged_slices", []))
-            self.state.status = (f"{segment.capitalize()}: {voxels} voxels, {report.get('volume_ml', '?')} ml; "
-                                 f"{flagged} slices flagged for review. Fix a slice with points or a box, then "
-                                 "re-propagate from it.")
+            ml = report.get("volume_ml")
+            volume = f"{float(ml):.1f} mL" if isinstance(ml, (int, float)) else "? mL"
+            self.state.status = (f"{segment.capitalize()}: {voxels} voxels, {volume}; {flagged} "
+                                 f"slice{'' if flagged == 1 else 's'} flagged for review. Fix a slice with points or "
+                                 "a box, then re-propagate from it.")
             self.state.error = ""
         self._sync_undo()
 
@@ -817,7 +819,8 @@ class LiverSAMWebApp:
                 for r in rows
             ]
             self.state.lesion_rows = [
-                {"id": lesion.get("lesion_id"), "ml": lesion.get("volume_ml"),
+                {"id": lesion.get("lesion_id"),
+                 "ml": round(float(lesion["volume_ml"]), 1) if lesion.get("volume_ml") is not None else "",
                  "diameter": lesion.get("longest_axial_diameter_mm"),
                  "slices": f"{lesion.get('slice_first')}-{lesion.get('slice_last')}",
                  "centre_k": (int(lesion.get("slice_first", 0)) + int(lesion.get("slice_last", 0))) // 2}
