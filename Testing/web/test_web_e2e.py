@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from web_page import (
+    DATA,
     JOB_TIMEOUT_MS,
     REPO,
     ScreenMap,
@@ -475,6 +476,10 @@ def test_10_opening_another_ct_holds_back_once_for_a_segmentation_not_exported(l
     expect_error(page, r"The segmentation of ct\.nii\.gz has changed since it was last exported, and opening "
                        r"ct\.nii\.gz drops it: export it first \(section 6\), or press Open again to discard it")
     assert page.get_by_test_id("undo").is_enabled()  # nothing dropped
+    other = DATA / "totalseg_small" / "ct.nii.gz"  # another CT of the same file name
+    open_path(page, str(other), discard=False)  # held back for that CT too: the first one's answer is not its
+    expect_error(page, r"opening ct\.nii\.gz drops it")
+    assert page.get_by_test_id("undo").is_enabled()
     open_path(page, str(CT))  # pressed again: opened, the old work discarded
     wait_status(page, r"Opened ct\.nii\.gz", timeout=120_000)
     assert not page.get_by_test_id("undo").is_enabled()

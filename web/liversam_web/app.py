@@ -75,7 +75,9 @@ class LiverSAMWebApp:
         self.content: SceneContent | None = None
         self.workflow: Workflow | None = None
         self._exported_at = None  # the workflow's change marker when it was last exported (its work then saved)
-        self._discard_asked: str | None = None  # the CT whose opening was held back once for unexported work
+        # (the CT, the work's change marker) of the opening held back once for unexported work: the same CT opened
+        # again on the same work goes on; another CT, or more work since, asks again
+        self._discard_asked: tuple | None = None
         self.job_id: str | None = None
         self._job_segment = ""
         self._cancel_requested = False
@@ -321,9 +323,10 @@ class LiverSAMWebApp:
         if self.state.busy or self.state.job_running:
             self._error("Wait for the current step to finish (or cancel the propagation) before opening a CT.")
             return
-        if self._unexported_work() and self._discard_asked != display_name:
+        asked = (what, self.workflow.change_marker() if self.workflow is not None else None)
+        if self._unexported_work() and self._discard_asked != asked:
             # opening another CT drops this one's masks and undo steps: said once, then a second try goes on
-            self._discard_asked = display_name
+            self._discard_asked = asked
             again = "press Open again" if len(files) == 1 and not what.startswith("The uploaded") else "upload it again"
             self._error(f"The segmentation of {self.state.ct_name} has changed since it was last exported, and opening "
                         f"{display_name} drops it: export it first (section 6), or {again} to discard it.")
