@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import SimpleITK as sitk
@@ -17,6 +18,9 @@ from .errors import InputImageError
 from .geometry import ImageGeometry
 from .image_integrity import DICOM, check_image_file, sniff_image_format
 from .volume import CTVolume
+
+if TYPE_CHECKING:
+    from .dicom_series import DicomSeriesInfo
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +48,12 @@ def read_ct(
     series_number: int | None = None,
     resample_irregular: bool = False,
     replace_nonfinite: float | None = None,
+    dicom_series: tuple[Path, DicomSeriesInfo] | None = None,
 ) -> CTVolume:
     """Read a CT volume from an image file, a DICOM folder, or one DICOM file or DICOMDIR (its folder's series).
+
+    ``dicom_series``: the (folder, series) :func:`liversam.dicom_series.find_series` chose for ``path`` and the same
+    options, when the caller has looked already (the headers are then not read again).
 
     A 4D file holding one volume is read as that 3D volume.
 
@@ -70,6 +78,7 @@ def read_ct(
             series_number=series_number,
             allow_non_ct=allow_non_ct,
             resample_irregular=resample_irregular,
+            chosen=dicom_series,
         )
         return _finite_volume(volume, replace_nonfinite)
     if not has_image_suffix(path):

@@ -633,25 +633,15 @@ def _resample_slices(slices_hu: np.ndarray, sorted_series: SortedSeries, fill_va
     return out
 
 
-def read_dicom_series(
-    folder: str | Path,
+def find_series(
+    path: str | Path,
     series_uid: str | None = None,
     series_number: int | None = None,
     allow_non_ct: bool = False,
-    resample_irregular: bool = False,
-) -> CTVolume:
-    """Read one DICOM series from ``folder`` into a :class:`CTVolume` in Hounsfield units.
-
-    ``folder`` may also be one file of the series (its series is then read from its folder). The series
-    is chosen by :func:`select_dicom_series`. The array is [k, j, i]: int16 when the rescaled values are
-    integers within int16 range, else float32. ``metadata`` holds "dicom_series_uid", "dicom_study_uid",
-    "dicom_files" (paths sorted by slice position: file k is slice k), "dicom_sop_instance_uids",
-    "dicom_frame_of_reference_uid", "dicom_series_number", "dicom_series_description", "modality",
-    "dicom_resampled".
-
-    Raises :class:`InputImageError` naming the folder, the problem and the fix.
-    """
-    folder = Path(folder)
+) -> tuple[Path, DicomSeriesInfo]:
+    """(folder, series) that :func:`read_dicom_series` reads for ``path``: a folder, or one file of the series (its
+    folder is searched, for the file's own series unless ``series_uid`` names another). Headers only."""
+    folder = Path(path)
     if folder.is_file():
         ds = _read_header(folder)
         if ds is None:
@@ -662,9 +652,42 @@ def read_dicom_series(
         folder = folder.parent
     if not folder.exists():
         raise InputImageError(f"DICOM folder not found: '{folder}'.")
-    info = select_dicom_series(
-        folder, series_uid=series_uid, series_number=series_number, allow_non_ct=allow_non_ct
-    )
+    info = select_dicom_series(folder, series_uid=series_uid, series_number=series_number, allow_non_ct=allow_non_ct)
+    return folder, info
+
+
+def read_bytes(info: DicomSeriesInfo) -> tuple[int, int]:
+    """(bytes of the CT array, bytes :func:`read_dicom_series` holds beside it while reading) for a regular series,
+    from its headers: the slices are read as int32 (float32 when a rescale is not integral) and then become int16
+    (float32); each slice is decoded through float64 (its pixels, their HU and the rescale's temporary)."""
+    plane = int(info.rows or 0) * int(info.columns or 0)
+    voxels = len(info.files) * plane
+    integral = _hu_dtype(info.headers) is np.int32 if info.headers else True
+    return voxels * (2 if integral else 4), voxels * 4 + plane * 3 * 8
+
+
+def read_dicom_series(
+    folder: str | Path,
+    series_uid: str | None = None,
+    series_number: int | None = None,
+    allow_non_ct: bool = False,
+    resample_irregular: bool = False,
+    chosen: tuple[Path, DicomSeriesInfo] | None = None,
+) -> CTVolume:
+    """Read one DICOM series from ``folder`` into a :class:`CTVolume` in Hounsfield units.
+
+    ``folder`` may also be one file of the series (its series is then read from its folder). The series
+    is chosen by :func:`select_dicom_series`. The array is [k, j, i]: int16 when the rescaled values are
+    integers within int16 range, else float32. ``metadata`` holds "dicom_series_uid", "dicom_study_uid",
+    "dicom_files" (paths sorted by slice position: file k is slice k), "dicom_sop_instance_uids",
+    "dicom_frame_of_reference_uid", "dicom_series_number", "dicom_series_description", "modality",
+    "dicom_resampled".
+
+    ``chosen`` is what :func:`find_series` returned for the same arguments (then the headers are not read again).
+
+    Raises :class:`InputImageError` naming the folder, the problem and the fix.
+    """
+    folder, info = chosen or find_series(folder, series_uid, series_number, allow_non_ct)
     sorted_series = sort_series(info, folder)
     if not sorted_series.regular and not resample_irregular:
         raise InputImageError(

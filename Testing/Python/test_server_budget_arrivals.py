@@ -237,10 +237,10 @@ def test_a_ct_being_read_counts_in_the_budget_for_what_arrives_meanwhile(data_di
     reading, let_go = threading.Event(), threading.Event()
     read = liversam.ct_io.read_ct
 
-    def slow_read(*args):
+    def slow_read(*args, **kwargs):
         reading.set()
         let_go.wait(30)
-        return read(*args)
+        return read(*args, **kwargs)
 
     small_mask = bytes(SMALL[1] // 2)  # uint8, one byte per voxel of the small CT
     with budget_client(FakeModel(), 2 * BIG[1] + SMALL[1] + SMALL[1] // 4) as client:
@@ -358,3 +358,56 @@ def test_psutil_is_a_dependency_of_the_server_extra():
     server = re.search(r"^server = \[(.*?)\]", (REPO / "pyproject.toml").read_text(), re.MULTILINE)
     assert server is not None, "pyproject.toml has no 'server' extra"
     assert re.search(r'"psutil\b', server.group(1)), server.group(0)
+
+
+DICOM_CT = ("totalseg_small", "ct_dicom")  # 20 slices of 512 x 512, integral rescale (data README): int16
+DICOM_BYTES = 20 * 512 * 512 * 2
+DICOM_READING = 20 * 512 * 512 * 4 + 512 * 512 * 3 * 8  # the int32 slices, and one slice decoded through float64
+
+
+def open_folder(client, data_dir, token: str = TOKEN):
+    return client.post(
+        "/v1/sessions/open-path", json={"path": str(data_dir.joinpath(*DICOM_CT))}, headers=auth(token)
+    )
+
+
+def test_a_dicom_folder_counts_in_the_budget_from_its_headers_while_its_slices_are_read(data_dir, monkeypatch):
+    """A DICOM series is sized from its headers (slices x rows x columns) before a pixel is read: the room it and its
+    reading copy need is held back while its slices are decoded, given back once it is open. Before, a folder held
+    nothing back, so what arrived meanwhile could fill the budget under it."""
+    import liversam.dicom_series
+
+    decode = liversam.dicom_series._read_slice_hu
+    reserved_while_reading: list[int] = []
+
+    def watched_decode(*args, **kwargs):
+        reserved_while_reading.append(state_of(client).sessions._reserved)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(liversam.dicom_series, "_read_slice_hu", watched_decode)
+    with budget_client(FakeModel(), 4 * DICOM_BYTES) as client:
+        answer = open_folder(client, data_dir)
+        assert answer.status_code == 201, answer.text
+        assert set(reserved_while_reading) == {DICOM_BYTES + DICOM_READING}, set(reserved_while_reading)
+        assert state_of(client).sessions._reserved == 0
+        assert held(client) == DICOM_BYTES  # the estimate is what the open session holds
+
+
+def test_a_dicom_folder_that_cannot_fit_is_refused_before_its_slices_are_read(data_dir, monkeypatch):
+    """Too many voxels for --max-voxels (413), or no room beside a session running a job (503): refused with what to do
+    and no slice decoded. Before, the whole series was read first."""
+    import liversam.dicom_series
+
+    decoded: list = []
+    decode = liversam.dicom_series._read_slice_hu
+    monkeypatch.setattr(liversam.dicom_series, "_read_slice_hu", lambda *a, **k: decoded.append(a) or decode(*a, **k))
+    with budget_client(FakeModel(), 4 * DICOM_BYTES, max_voxels=20 * 512 * 512 - 1) as client:
+        answer = open_folder(client, data_dir)
+        assert answer.status_code == 413 and "--max-voxels" in answer.json()["detail"], answer.text
+        assert "5242880 voxels" in answer.json()["detail"], answer.text
+    with budget_client(FakeModel(), DICOM_BYTES + CT_BYTES // 2) as client:  # no room beside Bob's busy CT
+        bob = open_session(client, token=OTHER)
+        session_of(client, bob).active_jobs = 1  # as if a job ran on it
+        answer = open_folder(client, data_dir)
+        assert answer.status_code == 503 and "--session-memory-gb" in answer.json()["detail"], answer.text
+    assert decoded == []

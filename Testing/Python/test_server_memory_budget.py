@@ -172,7 +172,7 @@ def test_a_ct_opened_by_path_makes_room_from_its_header_before_it_is_read(data_d
 
         read = liversam.ct_io.read_ct
         reads: list = []
-        monkeypatch.setattr(liversam.ct_io, "read_ct", lambda *args: reads.append(args) or read(*args))
+        monkeypatch.setattr(liversam.ct_io, "read_ct", lambda *a, **k: reads.append(a) or read(*a, **k))
         state_of(client).sessions._sessions[
             second.json()["session_id"]
         ].active_jobs = 1  # as if a job ran on it

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -223,14 +224,17 @@ def _window(level: float | None, width: float | None) -> WindowSettings:
     return WindowSettings(level=level, width=width)
 
 
-def _read_axial_ct(path: Path, series_uid: str | None, allow_non_ct: bool, series_number: int | None) -> CTVolume:
+def _read_axial_ct(path: Path, series_uid: str | None, allow_non_ct: bool, series_number: int | None,
+                   dicom_series=None) -> CTVolume:
     """``read_ct``, and a CT stored in sagittal or coronal slices put on its axial slices (as ``liversam segment``, the
     Slicer module and the web app segment it; ``metadata["reoriented_from"]`` says so). The reordered copy is made
-    while the read's second copy is still counted in the budget, and the file's array is dropped with it."""
+    while the read's second copy is still counted in the budget, and the file's array is dropped with it.
+    ``dicom_series``: the series :func:`_ct_size` found for a DICOM ``path``."""
     from ..axial_orientation import reorient_to_axial
     from ..ct_io import read_ct
 
-    volume, reorientation = reorient_to_axial(read_ct(path, series_uid, allow_non_ct, series_number))
+    volume, reorientation = reorient_to_axial(
+        read_ct(path, series_uid, allow_non_ct, series_number, dicom_series=dicom_series))
     if reorientation is not None:
         log.info("%s is stored in %s slices: the session holds its axial slices %s (voxels reordered, none resampled)",
                  path, reorientation.input_plane, "x".join(map(str, reorientation.axial_geometry.size_ijk)))
@@ -286,6 +290,37 @@ def _rss_mb() -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+
+
+@dataclass(frozen=True)
+class CTSize:
+    """What opening a CT will hold, known before its voxels are read: ``ct_bytes`` once open, ``reading_bytes`` more
+    while it is read (the reader's second copy); ``dicom_series`` is the DICOM series found (then read as found)."""
+
+    voxels: int
+    ct_bytes: int
+    reading_bytes: int
+    dicom_series: tuple | None = None
+
+
+def _ct_size(path: Path, series_uid: str | None, allow_non_ct: bool, series_number: int | None) -> CTSize | None:
+    """The :class:`CTSize` of the CT at ``path`` from headers only: an image file's header, or the DICOM series
+    ``read_ct`` would read from a folder or one of its files. None when the headers cannot tell (``read_ct`` then
+    gives the proper error). A DICOM series that cannot be read raises read_ct's error."""
+    from ..ct_io import has_image_suffix
+    from ..image_integrity import DICOM, sniff_image_format
+
+    if path.is_dir() or (path.is_file() and not has_image_suffix(path) and sniff_image_format(path) == DICOM):
+        from ..dicom_series import find_series, read_bytes
+
+        chosen = find_series(path, series_uid, series_number, allow_non_ct)  # its errors are read_ct's
+        ct_bytes, reading_bytes = read_bytes(chosen[1])
+        voxels = len(chosen[1].files) * int(chosen[1].rows or 0) * int(chosen[1].columns or 0)
+        return CTSize(voxels, ct_bytes, reading_bytes, chosen) if voxels else None
+    header = _ct_header(path)
+    if header is None:
+        return None
+    return CTSize(header[0], header[0] * header[1], header[0] * header[1])
 
 
 def _ct_header(path: Path) -> tuple[int, int] | None:
@@ -397,23 +432,22 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
         if not path.exists():
             raise Refused(422, f"CT not found on the server: '{body.path}'")
         window = _window(body.window_level, body.window_width)
-        header = await run_in_threadpool(_ct_header, path)
+        size = await run_in_threadpool(_ct_size, path, body.series_uid, body.allow_non_ct, body.series_number)
         reading = 0  # what reading the CT holds: the CT, and read_ct's second copy of it until it returns
         room = None
-        if header is not None:
-            check_voxels(header[0], f"'{body.path}'")
-            ct_bytes = header[0] * header[1]
+        if size is not None:
+            check_voxels(size.voxels, f"'{body.path}'")
             # held back in the budget from the moment room is made until the CT is read: another open, a mask or a
             # cache deciding meanwhile counts it (given back below, also when reading fails or the client is gone)
-            room = state.sessions.make_room(ct_bytes, transient=ct_bytes, reserve=2 * ct_bytes)
-            reading = 2 * ct_bytes
+            reading = size.ct_bytes + size.reading_bytes
+            room = state.sessions.make_room(size.ct_bytes, transient=size.reading_bytes, reserve=reading)
         from ..ct_io import check_hounsfield_units, check_not_label_mask
 
         try:
             if room is not None:
                 await asyncio.wrap_future(room)  # before reading it
             volume = await run_in_threadpool(_read_axial_ct, path, body.series_uid, body.allow_non_ct,
-                                             body.series_number)
+                                             body.series_number, size.dicom_series if size else None)
         except LiverSAMError:
             raise
         except (OSError, ValueError, RuntimeError) as exc:
