@@ -43,6 +43,7 @@ from LiverSAMLib.ServerClient import (
 )
 from LiverSAMLib.ServerConnection import FAILED, LOCAL, READY, REMOTE, ServerConnection, ServerSettings
 from LiverSAMLib.ServerSegmentation import PropagationPlan, ServerSegmentation
+from LiverSAMLib.SliceNumbers import SliceNumbering
 from LiverSAMLib.SlicerCompatibility import add_missing_pack_members, version_problem
 
 POLL_INTERVAL_MS = 30  # delivers server answers; each tick lets the I/O thread run a few ms
@@ -95,6 +96,37 @@ def serverShortOfMemory(error: BaseException) -> str:
             "ended, or ask the server's administrator for more memory."
         )
     return ""
+
+
+def modelScoresText(scores: dict, numbering: SliceNumbering) -> str:
+    """The status line after a live update: each slice's model score, the slice by the volume's own index."""
+    shown = sorted((numbering.number(k), score) for k, score in scores.items())
+    return _("Model score (predicted IoU): {scores}").format(
+        scores=", ".join(f"slice {n}: {score:.2f}" for n, score in shown)
+    )
+
+
+def reviewRows(report, numbering: SliceNumbering) -> list[tuple[int, str, str, str]]:
+    """The review table's rows: (working slice to jump to, slices, segment, why), the slice numbers (also those the
+    reason names) as the volume's own index; the slice jumped to is the one shown first. The report's order (segment
+    by segment), each segment's rows by their shown numbers."""
+    items = ServerRequests.review_items(report)
+    segments = list(dict.fromkeys(item.segment for item in items))
+    items.sort(key=lambda item: (segments.index(item.segment), numbering.span(item.first_slice, item.last_slice)))
+    return [
+        (numbering.first_shown(item.first_slice, item.last_slice), numbering.text(item.first_slice, item.last_slice),
+         item.segment, numbering.renumber(item.reason))
+        for item in items
+    ]  # fmt: skip
+
+
+def lesionRows(lesions, numbering: SliceNumbering) -> list[tuple[str, str, str, str]]:
+    """The lesion table's rows: lesion, volume (mL), longest axial diameter (mm), slices (the volume's own index)."""
+    return [
+        (str(lesion.lesion_id), f"{lesion.volume_ml:.2f}", f"{lesion.longest_axial_diameter_mm:.1f}",
+         "{}-{}".format(*numbering.span(lesion.slice_first, lesion.slice_last)))
+        for lesion in lesions
+    ]  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -732,9 +764,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self.logic.segmentation.apply_slice_masks(
                         masks, segmentationNode, targetID, volumeNode, clipID, undo_key=undoKey
                     )
-                    self.ui.statusLabel.text = _("Model score (predicted IoU): {scores}").format(
-                        scores=", ".join(f"slice {k}: {s:.2f}" for k, s in sorted(scores.items()))
-                    )
+                    self.ui.statusLabel.text = modelScoresText(scores, MRMLBridge.slice_numbering(volumeNode))
 
             self.ui.statusLabel.text = _("Segmenting {n} slice(s)...").format(n=len(requests))
             self._withClient(work, done, what, key="live")
@@ -832,7 +862,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay(_("Could not write the propagated result.")):
             message = self.logic.applyPropagation(plan, answer)
-            self._fillReviewTable(answer.get("review"))
+            self._fillReviewTable(answer.get("review"), MRMLBridge.slice_numbering(plan.volume_node))
             if warning:
                 message += " " + self.logic.memoryWarning()
             self.ui.statusLabel.text = message
@@ -865,24 +895,31 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.segmentation.redo()
 
     # --- review and lesions ----------------------------------------------------------------------------------
-    def _fillReviewTable(self, report) -> None:
-        items = ServerRequests.review_items(report)
+    def _fillReviewTable(self, report, numbering: SliceNumbering | None = None) -> None:
+        """The review report's items; its slice numbers (working k) shown as the volume's own index (``numbering``:
+        the propagated volume's, :func:`MRMLBridge.slice_numbering`), as the Data Probe shows it."""
+        numbering = numbering or SliceNumbering()
+        rows = reviewRows(report, numbering)
         table = self.ui.reviewTable
         table.clear()
         table.setColumnCount(3)
-        table.setHorizontalHeaderLabels([_("Slices"), _("Segment"), _("Why")])
-        table.setRowCount(len(items))
-        for r, item in enumerate(items):
-            for c, value in enumerate((item.slices, item.segment, item.reason)):
+        table.setHorizontalHeaderLabels([numbering.column_title(_("Slices")), _("Segment"), _("Why")])
+        if numbering.plane:
+            table.horizontalHeaderItem(0).setToolTip(numbering.explanation())
+        table.setRowCount(len(rows))
+        for r, row in enumerate(rows):
+            for c, value in enumerate(row[1:]):
                 table.setItem(r, c, qt.QTableWidgetItem(value))
-        self._reviewFirstSlices = [item.first_slice for item in items]
+        self._reviewFirstSlices = [row[0] for row in rows]
         self.ui.reviewCollapsibleButton.collapsed = False
-        self.ui.reviewLabel.toolTip = "\n".join(ServerRequests.track_summary(report))
+        self.ui.reviewLabel.toolTip = "\n".join(
+            ([numbering.explanation()] if numbering.plane else []) + ServerRequests.track_summary(report, numbering)
+        )
         self.ui.reviewLabel.text = (
             _(
                 "{n} place(s) to check (click to jump to the first slice, fix with points, press Propagate):"
-            ).format(n=len(items))
-            if items
+            ).format(n=len(rows))
+            if rows
             else _("No slice flagged.")
         )
 
@@ -895,16 +932,17 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Could not compute the lesion table."), waitCursor=True):
             self._lesions = self.logic.segmentation.lesion_table(p.outputSegmentation, p.inputVolume)
+            numbering = MRMLBridge.slice_numbering(p.inputVolume)
             table = self.ui.lesionTable
             table.clear()
             table.setColumnCount(4)
             table.setHorizontalHeaderLabels(
-                [_("Lesion"), _("Volume (mL)"), _("Longest axial diameter (mm)"), _("Slices")]
+                [_("Lesion"), _("Volume (mL)"), _("Longest axial diameter (mm)"), numbering.column_title(_("Slices"))]
             )
+            if numbering.plane:
+                table.horizontalHeaderItem(3).setToolTip(numbering.explanation())
             table.setRowCount(len(self._lesions))
-            for r, lesion in enumerate(self._lesions):
-                values = (str(lesion.lesion_id), f"{lesion.volume_ml:.2f}", f"{lesion.longest_axial_diameter_mm:.1f}",
-                          f"{lesion.slice_first}-{lesion.slice_last}")  # fmt: skip
+            for r, values in enumerate(lesionRows(self._lesions, numbering)):
                 for c, value in enumerate(values):
                     table.setItem(r, c, qt.QTableWidgetItem(value))
 
@@ -1107,8 +1145,9 @@ class LiverSAMLogic(ScriptedLoadableModuleLogic):
             return _("Propagation done.")
         if not changed:
             return _("The fix changed nothing.")
-        return _("Fixed slice(s) {fixed}; slices {first}-{last} re-propagated.").format(
-            fixed=", ".join(str(k) for k in plan.fix_slices), first=changed[0], last=changed[-1]
+        numbering = MRMLBridge.slice_numbering(plan.volume_node)
+        return _("Fixed slice(s) {fixed}; slices {changed} re-propagated.").format(
+            fixed=numbering.list_text(plan.fix_slices), changed=numbering.text(min(changed), max(changed))
         )
 
     def forgetPropagation(self, segmentationNode, segmentID: str) -> None:

@@ -24,6 +24,8 @@ from liversam.errors import InputImageError, OutputError, PromptError
 from liversam.geometry import ImageGeometry
 from liversam.volume import CTVolume
 
+from .SliceNumbers import SliceNumbering
+
 logger = logging.getLogger(__name__)
 
 # Where markups a user has placed count as prompts: control points being placed (preview) do not.
@@ -111,6 +113,12 @@ def geometry_from_volume_node(volume_node) -> ImageGeometry:
     geometry = input_geometry_from_volume_node(volume_node)
     reorientation = axial_reorientation(geometry)
     return geometry if reorientation is None else reorientation.axial_geometry
+
+
+def slice_numbering(volume_node) -> SliceNumbering:
+    """How the module shows this volume's working slice numbers k: as the volume's own voxel index, the one Slicer's
+    Data Probe shows (:mod:`LiverSAMLib.SliceNumbers`)."""
+    return SliceNumbering.of(axial_reorientation_of(volume_node))
 
 
 def working_ijk_to_world_ras_matrix(volume_node) -> np.ndarray:

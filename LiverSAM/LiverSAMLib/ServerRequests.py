@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .ServerClient import box_ijk, segment_spec
+from .SliceNumbers import SliceNumbering
 
 #: Parameter-node member (``LiverSAMLib.Parameters.PropagationParameters``) -> field of
 #: ``liversam.propagation.PropagationSettings`` (the names the server's settings use).
@@ -285,15 +286,18 @@ def review_rows(report: Mapping[str, Any] | None) -> list[ReviewRow]:
     return sorted(rows, key=lambda row: (row.k, row.segment))
 
 
-def track_summary(report: Mapping[str, Any] | None) -> list[str]:
-    """One line per propagation track: the seed slice, the slices it covered and why it stopped each way."""
+def track_summary(report: Mapping[str, Any] | None, numbering: SliceNumbering | None = None) -> list[str]:
+    """One line per propagation track: the seed slice, the slices it covered and why it stopped each way. The slices
+    are shown by ``numbering`` (the volume's own index; default: the working k the report holds)."""
+    numbering = numbering or SliceNumbering()
     lines = []
     for segment in (report or {}).get("segments", []):
         for track in segment.get("tracks", []):
-            stops = "; ".join(f"{direction}: {why}" for direction, why in track["stopped"].items())
+            stops = "; ".join(f"{direction}: {numbering.renumber(str(why))}" for direction, why in track["stopped"].items())
+            low, high = numbering.span(int(track["first_slice"]), int(track["last_slice"]))
             lines.append(
-                f"{segment['name']}: from slice {track['seed_slice']}, slices {track['first_slice']}-"
-                f"{track['last_slice']} ({stops})"
+                f"{segment['name']}: from slice {numbering.number(int(track['seed_slice']))}, slices {low}-{high} "
+                f"({stops})"
             )
     return lines
 
