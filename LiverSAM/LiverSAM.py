@@ -58,6 +58,10 @@ CLEANUP_TIMEOUT_S = 2.0
 # Another server chosen in the Server section: how long cancelling the job and closing the sessions on the old one (a
 # remote one) may hold the GUI up. The local server being stopped needs no request.
 RECONFIGURE_TIMEOUT_S = 2.0
+#: Stop server: how long the local server may take to end (it ends in well under a second, a running job included)
+#: before it is killed; at cleanup, what is left of CLEANUP_TIMEOUT_S, but at least MIN_SERVER_STOP_WAIT_S.
+SERVER_STOP_WAIT_S = 10.0
+MIN_SERVER_STOP_WAIT_S = 0.5
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -186,7 +190,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._serverPathTimer.setInterval(SERVER_PATH_SETTLE_MS)
         self._serverPathTimer.connect("timeout()", self._onServerSettingsEdited)
         # Stop the server LiverSAM started when Slicer quits (cleanup() is not called on every exit path).
-        self._stopServerAtQuit = self.logic.stopServer
+        self._stopServerAtQuit = self.logic.stopServerAtQuit
         slicer.app.connect("aboutToQuit()", self._stopServerAtQuit)
 
         for table in (self.ui.reviewTable, self.ui.lesionTable):
@@ -227,9 +231,11 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         """Module widget destroyed: Slicer exits (qSlicerCoreApplication::onAboutToQuit unloads every module, and
         ScriptedLoadableModuleWidget calls cleanup() on moduleAboutToBeUnloaded) or the module is reloaded
-        (slicer.util.reloadScriptedModule calls it). Stops every timer and call; on a server that keeps running (a
-        remote one) the running job is cancelled and the module's sessions are closed, within CLEANUP_TIMEOUT_S in all
-        (the I/O thread is given what is left of it to end); the server started here is stopped."""
+        (slicer.util.reloadScriptedModule calls it). Stops every timer and call, and the request under way on the I/O
+        thread (a CT upload: the server keeps nothing of it, where it used to go on past the exit and could open a
+        session nobody closed); on a server that keeps running (a remote one) the running job is cancelled and the
+        module's sessions are closed; the server started here is stopped (killed if it has not ended in time): within
+        CLEANUP_TIMEOUT_S in all (the I/O thread is given what is left of it to end)."""
         deadline = time.monotonic() + CLEANUP_TIMEOUT_S
         self.removeObservers()
         self._uninstallShortcuts()
@@ -242,15 +248,17 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         job, self._job = self._job, None
         if self._calls is not None:
             self._calls.invalidate()
-            self._calls.close()  # pending calls never run; the running one (maybe a long upload) is not waited for yet
+            self._calls.close()  # pending calls never run; the running one is stopped below
         if self.logic is not None:
+            # first: the running call's request (an upload may take minutes on a slow network) ends now, and no other
+            # is sent but those that free the server's resources (the cancel and the closes just below)
+            self.logic.connection.abort_requests()
             self.logic.releaseServer(job["plan"] if job is not None else None, CLEANUP_TIMEOUT_S)
+            self.logic.stopServer(max(deadline - time.monotonic(), MIN_SERVER_STOP_WAIT_S))
         if self._calls is not None and not self._calls.close(wait_s=deadline - time.monotonic()):
             logging.info(
                 "LiverSAM: the server call under way at cleanup ends by itself (its answer is dropped)"
             )
-        if self.logic is not None:
-            self.logic.stopServer()
 
     def enter(self) -> None:
         if self.logic is None:
@@ -1041,10 +1049,15 @@ class LiverSAMLogic(ScriptedLoadableModuleLogic):
         return LiverSAMParameterNode(node)
 
     # --- server -----------------------------------------------------------------------------------------
-    def stopServer(self) -> None:
-        """Stop the server LiverSAM started (aboutToQuit, Stop server, module cleanup)."""
+    def stopServer(self, wait_s: float = SERVER_STOP_WAIT_S) -> None:
+        """Stop the server LiverSAM started (Stop server, module cleanup): the requests under way are stopped, then
+        the server is asked to end and killed when it has not ended within ``wait_s``."""
         self.server.forget()
-        self.connection.stop()
+        self.connection.stop(wait_s)
+
+    def stopServerAtQuit(self) -> None:
+        """aboutToQuit(): :meth:`stopServer` within the exit's budget (CLEANUP_TIMEOUT_S)."""
+        self.stopServer(CLEANUP_TIMEOUT_S)
 
     def releaseServer(self, plan: PropagationPlan | None, timeout_s: float) -> bool:
         """Module cleanup (reload, exit; main thread): forget every session and, on a server that keeps running (a

@@ -109,6 +109,11 @@ class ServerError(LiverSAMClientError):
         super().__init__(f"{method} {path}: HTTP {status}: {message}".strip())
 
 
+class RequestAborted(LiverSAMClientError):
+    """A request stopped by :meth:`LiverSAMClient.abort` (the module was cleaned up, or its server stopped or changed);
+    a CT or mask upload stopped this way leaves nothing on the server (it drops a body that does not arrive whole)."""
+
+
 class UploadRefused(LiverSAMClientError):
     """The server closed the connection while a large body was sent and its answer could not be read, yet it still
     answers: it refused the upload before reading it (its memory budget, a size limit). The server is not lost."""
@@ -193,6 +198,19 @@ class LiverSAMClient:
         self.token = token
         self.timeout = float(timeout)
         self.predict_timeout = float(predict_timeout)
+        self._requests = _Requests()  # shared with the bounded() copies: abort() stops theirs too
+
+    def abort(self) -> int:
+        """Stop this client's requests under way, on any thread (their callers get :class:`RequestAborted` at once; a
+        CT upload stopped mid-way leaves nothing on the server), and refuse every later request except those that free
+        the server's resources (closing a session, deleting a mask, cancelling a job). For a client that is given up
+        (the module cleaned up at Slicer's exit or reload, its server stopped or changed): an upload must neither hold
+        the exit up nor go on into a session nobody closes. Returns how many requests were stopped."""
+        return self._requests.abort()
+
+    @property
+    def aborted(self) -> bool:
+        return self._requests.aborted
 
     def bounded(self, timeout: float) -> LiverSAMClient:
         """A copy of this client whose every call (uploads and slice predictions included) gives up after
@@ -228,6 +246,21 @@ class LiverSAMClient:
         if auth and self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         request = urllib.request.Request(url, data=data, method=method, headers=headers)
+        under_way = self._requests.begin(method, path)
+        if under_way is None:
+            raise RequestAborted(f"{method} {path}: not sent, this connection to {self.base_url} was closed "
+                                 "(LiverSAM was cleaned up, or its server stopped or changed)")
+        outer = getattr(_CURRENT, "request", None)  # (UploadRefused's check asks info() inside a failed upload)
+        _CURRENT.request = under_way  # the connection this thread opens registers with it (_EarlyAnswer.connect)
+        try:
+            return self._send(request, method, path, data, timeout, auth, under_way)
+        finally:
+            _CURRENT.request = outer
+            self._requests.end(under_way)
+
+    def _send(self, request: urllib.request.Request, method: str, path: str, data: bytes | None,
+              timeout: float | None, auth: bool, under_way: _Request) -> _Answer:
+        url = request.full_url
         try:
             bound = self.timeout if self._bounded else (timeout or self.timeout)
             with _opener_for(url).open(request, timeout=bound) as response:
@@ -241,6 +274,8 @@ class LiverSAMClient:
                 raise ServerRequestError(exc.code, _explained(exc.code, str(message)), method, path) from None
             raise ServerError(exc.code, str(message), method, path) from None
         except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError) as exc:  # noqa: UP041 - 3.9
+            if under_way.aborted:
+                raise RequestAborted(f"{method} {path}: stopped, the connection to {self.base_url} was closed") from None
             reason = getattr(exc, "reason", exc)
             if data and len(data) > 65536 and isinstance(reason, _SEND_ERRORS) and auth:
                 # The server closed the connection during a large upload and its answer was lost (the connection
@@ -248,6 +283,10 @@ class LiverSAMClient:
                 # Find out whether the token is the reason; a server that answers is not lost.
                 raise UploadRefused(_upload_refused(self.base_url, path, len(data), self.info())) from None
             raise ServerUnavailable(f"LiverSAM server at {self.base_url} is not reachable: {reason}") from None
+        except Exception:
+            if under_way.aborted:  # e.g. http.client.IncompleteRead of an answer cut off
+                raise RequestAborted(f"{method} {path}: stopped, the connection to {self.base_url} was closed") from None
+            raise
 
     # --- server ----------------------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
@@ -523,6 +562,73 @@ def _upload_refused(base_url: str, path: str, nbytes: int, info: dict[str, Any])
             f"before reading it, for lack of memory or over a size limit{held}")
 
 
+# --- requests under way, and stopping them -----------------------------------------------------------------
+def _releases(method: str, path: str) -> bool:
+    """A request that frees the server's resources: closing a session, deleting a mask, cancelling a job."""
+    return method == "DELETE" or (method == "POST" and path.startswith("/jobs/") and path.endswith("/cancel"))
+
+
+class _Request:
+    """One request under way and the connection it opened (set by :meth:`_EarlyAnswer.connect` on its thread)."""
+
+    def __init__(self, owner: _Requests) -> None:
+        self.owner = owner
+        self.connection: http.client.HTTPConnection | None = None
+        self.aborted = False
+
+    def shut(self) -> None:
+        """Shut the connection's socket down (both ways): a thread blocked sending or reading on it returns at once. The
+        plain socket's shutdown, also under TLS: SSLSocket.shutdown drops its TLS object, which the sending thread is
+        using."""
+        sock = getattr(self.connection, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class _Requests:
+    """A client's requests under way (any thread) and whether the client was aborted (:meth:`LiverSAMClient.abort`)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._under_way: set[_Request] = set()
+        self.aborted = False
+
+    def begin(self, method: str, path: str) -> _Request | None:
+        """A new request's record; None when the client was aborted and the request frees nothing on the server."""
+        with self._lock:
+            if self.aborted and not _releases(method, path):
+                return None
+            request = _Request(self)
+            self._under_way.add(request)
+            return request
+
+    def attach(self, request: _Request, connection: http.client.HTTPConnection) -> None:
+        with self._lock:
+            request.connection = connection
+            aborted = request.aborted
+        if aborted:  # aborted while it connected
+            request.shut()
+
+    def end(self, request: _Request) -> None:
+        with self._lock:
+            self._under_way.discard(request)
+
+    def abort(self) -> int:
+        with self._lock:
+            self.aborted = True
+            stopped = list(self._under_way)
+            for request in stopped:
+                request.aborted = True
+        for request in stopped:
+            request.shut()
+        return len(stopped)
+
+
+#: The request the current thread is sending (set by ``LiverSAMClient._request``): its connection registers with it.
+_CURRENT = threading.local()
+
+
 #: How a connection the server closed during a large upload fails: a reset or broken pipe over HTTP; over HTTPS the
 #: TLS layer reports the closed connection (SSLEOFError, an SSLError) and the server's early answer cannot be read.
 _SEND_ERRORS = (ConnectionResetError, BrokenPipeError, ssl.SSLError)
@@ -537,6 +643,12 @@ class _EarlyAnswer:
     none."""
 
     _send_error: OSError | None = None
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        request = getattr(_CURRENT, "request", None)
+        if request is not None:  # a LiverSAMClient request: abort() can shut this connection down
+            request.owner.attach(request, self)
 
     def request(self, *args: Any, **kwargs: Any) -> None:
         self._send_error = None
@@ -723,10 +835,10 @@ class LocalServerProcess:
         if process is not None and process.poll() is None:
             process.terminate()
             try:
-                process.wait(timeout)
+                process.wait(max(0.0, timeout))
             except subprocess.TimeoutExpired:
                 process.kill()
-                process.wait(timeout)
+                process.wait(10.0)  # a killed process ends at once
         if process is not None and process.stdin is not None:
             with contextlib.suppress(OSError):
                 process.stdin.close()

@@ -216,18 +216,28 @@ class ServerConnection:
             self.settings = settings
         self.state, self.message = STOPPED, "Not connected."
 
-    def stop(self) -> None:
-        """Stop the server this connection started (a remote server keeps running)."""
+    def abort_requests(self) -> int:
+        """Stop the client's requests under way (a CT upload: the server keeps nothing of it) and refuse its later ones
+        except those that free the server's resources (:meth:`LiverSAMClient.abort`); any thread. The client is given
+        up: the next :meth:`ensure` after :meth:`stop` or :meth:`reset` makes a new one. Returns how many were stopped."""
+        client = self._client
+        return client.abort() if client is not None else 0
+
+    def stop(self, wait_s: float = 10.0) -> None:
+        """Stop the server this connection started (a remote server keeps running): the client's requests under way are
+        stopped first (an upload to the local server would hold its shutdown up), then the process is asked to end and
+        killed when it has not ended within ``wait_s``."""
+        self.abort_requests()
         with self._lock:
-            self._stop_process()
+            self._stop_process(wait_s)
             self._client = None
             if self.state != FAILED:
                 self.state, self.message = STOPPED, "Stopped."
 
-    def _stop_process(self) -> None:
+    def _stop_process(self, wait_s: float = 10.0) -> None:
         process, self._process = self._process, None
         if process is not None:
-            process.stop()
+            process.stop(wait_s)
 
     def _fail(self, reason: str) -> None:
         self.state = FAILED

@@ -332,7 +332,7 @@ class StandInProcess:
     def running(self) -> bool:
         return not self.stopped
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
         self.stopped = True
 
 
@@ -355,7 +355,7 @@ def test_changing_from_a_local_server_stops_it_without_a_request(module_widget, 
     plan = a_running_job(module, widget, liver)
 
     took = edit_server_settings(liversam, widget, monkeypatch, "http://127.0.0.1:9")
-    assert took < 0.5 and process.stopped and client.closed == [] and client.cancelled == []
+    assert took < 0.5 and process.stopped and client.closed == [] and client.cancelled == [] and client.aborted
     assert plan.cancelled and widget._job is None and sessions.ids() == []
 
 

@@ -428,7 +428,9 @@ def test_widget_lifecycle_wiring():
         assert timer in cleanup
     # the aboutToQuit() slot is disconnected again (each reload used to leave its logic and widget connected)
     assert "slicer.app.disconnect('aboutToQuit()', self._stopServerAtQuit)" in cleanup
-    assert "timer.stop()" in cleanup and "self._calls.invalidate()" in cleanup and "self.logic.stopServer()" in cleanup
+    assert "timer.stop()" in cleanup and "self._calls.invalidate()" in cleanup and "self.logic.stopServer(" in cleanup
+    # the request under way (a CT upload) is stopped before the job's cancel and the sessions' close
+    assert cleanup.index("self.logic.connection.abort_requests()") < cleanup.index("self.logic.releaseServer(")
     closing = _widget_method("onSceneStartClose")
     for step in ("self._calls.invalidate()", "self._liveTimer.stop()", "self._jobTimer.stop()", "self._job = None",
                  "self._lesions = []", "self.ui.lesionTable.setRowCount(0)", "self.logic.sceneClosed("):  # fmt: skip

@@ -75,7 +75,7 @@ def test_a_failed_connection_is_checked_once_not_at_every_click(monkeypatch, tmp
         def start(self):
             raise ServerUnavailable("the LiverSAM server exited with code 1 while starting: no module liversam")
 
-        def stop(self):
+        def stop(self, timeout=10.0):
             pass
 
         def running(self):
@@ -111,7 +111,7 @@ def test_stop_does_not_wait_for_a_server_that_is_starting(monkeypatch, tmp_path)
                 raise ServerUnavailable("the LiverSAM server exited with code -15 while starting")
             raise AssertionError("stop() never reached the starting process")
 
-        def stop(self):
+        def stop(self, timeout=10.0):
             stopped.set()
 
         def running(self):

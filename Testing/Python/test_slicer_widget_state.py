@@ -124,6 +124,13 @@ class Client:
         self.cancelled.append(job)
         return {"state": "cancelled"}
 
+    aborted = False
+
+    def abort(self) -> int:
+        """LiverSAMClient.abort: the connection gives this client up (server stopped or changed, module cleaned up)."""
+        self.aborted = True
+        return 0
+
 
 def small_ct() -> CTVolume:
     geometry = ImageGeometry((8, 8, 2), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), np.eye(3))
