@@ -44,7 +44,7 @@ from LiverSAMLib.ServerClient import (
 from LiverSAMLib.ServerConnection import FAILED, LOCAL, READY, REMOTE, ServerConnection, ServerSettings
 from LiverSAMLib.ServerSegmentation import PropagationPlan, ServerSegmentation
 from LiverSAMLib.SliceNumbers import SliceNumbering
-from LiverSAMLib.SlicerCompatibility import add_missing_pack_members, version_problem
+from LiverSAMLib.SlicerCompatibility import GuiConnection, add_missing_pack_members, version_problem
 
 POLL_INTERVAL_MS = 30  # delivers server answers; each tick lets the I/O thread run a few ms
 JOB_POLL_INTERVAL_MS = 300  # job progress
@@ -142,7 +142,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         VTKObservationMixin.__init__(self)
         self.logic: LiverSAMLogic | None = None
         self._parameterNode = None
-        self._parameterNodeGuiTag = None
+        self._guiConnection: GuiConnection | None = None  # the GUI connected to the parameter node, while it is
         self._calls: CallQueue | None = None
         self._pollTimer: qt.QTimer | None = None
         self._jobTimer: qt.QTimer | None = None
@@ -249,6 +249,8 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._calls is not None:
             self._calls.invalidate()
             self._calls.close()  # pending calls never run; the running one is stopped below
+        self._disconnectGui()  # a reload's old, hidden GUI stayed connected to the parameter node
+        self._parameterNode = None
         if self.logic is not None:
             # first: the running call's request (an upload may take minutes on a slow network) ends now, and no other
             # is sent but those that free the server's resources (the cancel and the closes just below)
@@ -271,8 +273,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         self._uninstallShortcuts()
         if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
+            self._disconnectGui()
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUIState)
         PromptPlacement.stop_placing(self._interactionNode)
 
@@ -338,14 +339,21 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setParameterNode(self, inputParameterNode) -> None:
         if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._disconnectGui()
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUIState)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self._guiConnection = GuiConnection(self._parameterNode, self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUIState)
             self._observePromptNodes()
         self._updateGUIState()
+
+    def _disconnectGui(self) -> None:
+        """Undo the GUI's connection to the parameter node completely (:class:`GuiConnection`: Slicer 5.10's
+        disconnectGui leaves an observer, and the wrapper, behind at each module exit, scene close and reload)."""
+        connection, self._guiConnection = self._guiConnection, None
+        if connection is not None:
+            connection.disconnect()
 
     def _updateGUIState(self, caller=None, event=None) -> None:
         p = self._parameterNode

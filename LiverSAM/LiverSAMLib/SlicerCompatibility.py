@@ -58,3 +58,39 @@ def add_missing_pack_members(parameter_node, packs) -> list[str]:
                 info.serializer.write(parameter_node, name, info.default)
                 written.append(name)
     return written
+
+
+class GuiConnection:
+    """A parameter node wrapper's ``connectGui(gui)`` that :meth:`disconnect` undoes completely, on every Slicer.
+
+    Slicer 5.10's ``connectGui`` adds a ModifiedEvent observer to the parameter node that ``disconnectGui`` does not
+    remove (v5.10.0 ``Base/Python/slicer/parameterNodeWrapper/wrapper.py``: ``_connectParametersToGui`` calls
+    ``self.AddObserver`` and drops the tag, ``_disconnectGui`` only clears the widgets' callbacks; fixed in 5.12 by
+    Slicer 16069d367e). Its callback holds the wrapper, so the wrapper stays alive too, with the observers its cached
+    parameters keep on the node (``_CachedParameterWrapper`` removes them only when it is deleted): every module
+    entry and every reload added more, each run at every change of the parameter node. This records the tag of every
+    observer ``connectGui`` adds (through the wrapper's ``AddObserver``, which the wrapper class defines and
+    ``_connectParametersToGui`` calls on the instance) and removes them on :meth:`disconnect`; on a Slicer that
+    removes its own, removing a tag again does nothing (VTK never reuses an object's observer tags)."""
+
+    def __init__(self, wrapper, gui) -> None:
+        self.wrapper = wrapper
+        self.observer_tags: list[int] = []
+        add_observer = type(wrapper).AddObserver
+
+        def recorded(event, callback, priority=0.0):
+            tag = add_observer(wrapper, event, callback, priority)
+            self.observer_tags.append(tag)
+            return tag
+
+        wrapper.AddObserver = recorded  # an instance attribute: the class's own is used again right after
+        try:
+            self.tag = wrapper.connectGui(gui)
+        finally:
+            del wrapper.AddObserver
+
+    def disconnect(self) -> None:
+        self.wrapper.disconnectGui(self.tag)
+        for tag in self.observer_tags:
+            self.wrapper.RemoveObserver(tag)
+        self.observer_tags = []

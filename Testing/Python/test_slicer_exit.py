@@ -171,7 +171,7 @@ def cleanup_widget(module, logic):
     module.VTKObservationMixin.__init__(widget)
     widget.logic, widget._calls, widget._job = logic, CallQueue(), None
     widget._pollTimer, widget._jobTimer, widget._liveTimer, widget._serverPathTimer = Timer(), Timer(), Timer(), Timer()
-    widget._stopServerAtQuit, widget._shortcuts = None, []
+    widget._stopServerAtQuit, widget._shortcuts, widget._guiConnection = None, [], None
     widget.ui = SimpleNamespace(statusLabel=Label())
     return widget
 

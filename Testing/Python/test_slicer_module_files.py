@@ -429,6 +429,8 @@ def test_widget_lifecycle_wiring():
     # the aboutToQuit() slot is disconnected again (each reload used to leave its logic and widget connected)
     assert "slicer.app.disconnect('aboutToQuit()', self._stopServerAtQuit)" in cleanup
     assert "timer.stop()" in cleanup and "self._calls.invalidate()" in cleanup and "self.logic.stopServer(" in cleanup
+    # a reload's old, hidden GUI no longer stays connected to the parameter node
+    assert "self._disconnectGui()" in cleanup and "connectGui" not in cleanup.replace("_disconnectGui", "")
     # the request under way (a CT upload) is stopped before the job's cancel and the sessions' close
     assert cleanup.index("self.logic.connection.abort_requests()") < cleanup.index("self.logic.releaseServer(")
     closing = _widget_method("onSceneStartClose")

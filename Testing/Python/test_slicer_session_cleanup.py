@@ -103,7 +103,7 @@ def module_widget(widgets, server, monkeypatch):
         liversam.VTKObservationMixin.__init__(widget)
         widget.logic, widget._calls, widget._job = logic, module.calls, None
         widget._pollTimer, widget._jobTimer, widget._liveTimer = Timer(), Timer(), Timer()
-        widget._serverPathTimer, widget._stopServerAtQuit = Timer(), None
+        widget._serverPathTimer, widget._stopServerAtQuit, widget._guiConnection = Timer(), None, None
         widget._shortcuts, widget._parameterNode, widget._lesions = [], None, []
         table = SimpleNamespace(setRowCount=lambda n: None)
         widget.ui = SimpleNamespace(statusLabel=Label(), serverStatusLabel=Label(), reviewLabel=Label(),
