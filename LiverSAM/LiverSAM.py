@@ -28,12 +28,17 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from liversam.errors import PromptError
+from liversam.errors import OutputError, PromptError
 from LiverSAMLib import MRMLBridge, PromptPlacement, ServerRequests
 from LiverSAMLib.BackgroundCalls import CallQueue, run_with_deadline
 from LiverSAMLib.Parameters import LiverSAMParameterNode, PostprocessParameters, PropagationParameters
 from LiverSAMLib.Phantom import liver_phantom
-from LiverSAMLib.SegmentationLogic import LIVER, SegmentationLogic, dicom_reference_of_volume
+from LiverSAMLib.SegmentationLogic import (
+    LIVER,
+    SegmentationLogic,
+    dicom_grid_problem,
+    dicom_reference_of_volume,
+)
 from LiverSAMLib.ServerClient import (
     LiverSAMClient,
     ServerError,
@@ -1188,6 +1193,9 @@ class LiverSAMLogic(ScriptedLoadableModuleLogic):
         if not path or path == ".":
             raise ValueError(_("Choose an output file first."))
         files, seriesUID = dicom_reference_of_volume(volumeNode)
+        problem = dicom_grid_problem(volumeNode) if files else None
+        if problem:  # the SEG would put the segmentation on slices it was not drawn on
+            raise OutputError(problem)
         settings = self.connection.settings
         return self.segmentation.prepare_dicom_seg_export(
             segmentationNode, volumeNode, path, files, settings.python, model_name=Path(settings.model).name,

@@ -67,6 +67,14 @@ def node_to_world_matrix(node) -> np.ndarray:
     return _matrix_to_numpy(matrix)
 
 
+def local_ijk_to_ras_matrix(volume_node) -> np.ndarray:
+    """4x4 matrix from the volume's voxel indices to its own RAS, without its parent transform (the grid its files and
+    a labelmap exported on it are written on)."""
+    ijk_to_ras = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(ijk_to_ras)
+    return _matrix_to_numpy(ijk_to_ras)
+
+
 def ijk_to_world_ras_matrix(volume_node) -> np.ndarray:
     """4x4 matrix from the volume's voxel indices (i, j, k) to world RAS millimetres."""
     ijk_to_ras = vtk.vtkMatrix4x4()

@@ -738,6 +738,106 @@ def dicom_reference_of_volume(volume_node) -> tuple[list[str], str | None]:
     return files, series_uid
 
 
+# How far a DICOM instance's slice may lie from the volume's slice of the same index: the tolerance of the core's DICOM
+# reader and SEG writer (liversam.dicom_series POSITION_TOLERANCE_MM / POSITION_TOLERANCE_FRACTION of the spacing).
+DICOM_GRID_TOLERANCE_MM = 0.01
+DICOM_GRID_TOLERANCE_FRACTION = 0.01
+_POSITION, _ORIENTATION, _SPACING, _ROWS, _COLUMNS = "0020,0032", "0020,0037", "0028,0030", "0028,0010", "0028,0011"
+
+
+def _numbers(text: str | None) -> list[float]:
+    """A DICOM database value ("a\\b\\c": multiple values joined by backslashes) as numbers; [] when it is not."""
+    try:
+        return [float(v) for v in (text or "").split("\\") if v.strip()]
+    except ValueError:
+        return []
+
+
+def dicom_slice_corners(position_lps, orientation, pixel_spacing, rows: int, columns: int) -> np.ndarray:
+    """The RAS corners (2, 2, 3) of one DICOM slice, as Slicer's DICOMScalarVolumePlugin computes them
+    (``AcquisitionModeling.sliceCornersFromDICOM``, v5.10.0): ImagePositionPatient, plus ``columns`` x PixelSpacing[1]
+    along the row cosines and ``rows`` x PixelSpacing[0] along the column cosines."""
+    ras = np.array([-1.0, -1.0, 1.0])
+    position = np.asarray(position_lps, float) * ras
+    row, column = np.asarray(orientation[:3], float) * ras, np.asarray(orientation[3:6], float) * ras
+    along_row, along_column = columns * float(pixel_spacing[1]) * row, rows * float(pixel_spacing[0]) * column
+    return np.array([[position + c * along_row + r * along_column for c in range(2)] for r in range(2)])
+
+
+def volume_slice_corners(ijk_to_ras: np.ndarray, dimensions: Sequence[int]) -> np.ndarray:
+    """The RAS corners (nk, 2, 2, 3) of each slice of a volume (``AcquisitionModeling.sliceCornersFromIJKToRAS``)."""
+    columns, rows, slices = (int(d) for d in dimensions)
+    m = np.asarray(ijk_to_ras, float)
+    return np.array([[[(m @ [c * columns, r * rows, k, 1.0])[:3] for c in range(2)] for r in range(2)]
+                     for k in range(slices)])  # fmt: skip
+
+
+def dicom_grid_difference(ijk_to_ras: np.ndarray, dimensions: Sequence[int], instances: Sequence[dict]) -> str | None:
+    """How a volume's grid (its own IJK-to-RAS matrix and dimensions) differs from the DICOM instances it names as its
+    slices (``instances[k]``: the tags of slice ``k``: ``position``, ``orientation``, ``spacing``, ``rows``,
+    ``columns``), in words; None when every slice's corners lie within the tolerance of the instance's (the check
+    Slicer's DICOM loader makes before it adds an acquisition transform, with the core's tolerance)."""
+    columns, rows, slices = (int(d) for d in dimensions)
+    if len(instances) != slices:
+        return f"it has {slices} slices, the series {len(instances)} images"
+    spacing = np.linalg.norm(np.asarray(ijk_to_ras, float)[:3, :3], axis=0)
+    tolerance = max(DICOM_GRID_TOLERANCE_MM, DICOM_GRID_TOLERANCE_FRACTION * float(spacing.min()))
+    volume = volume_slice_corners(ijk_to_ras, dimensions)
+    worst, worst_k = 0.0, 0
+    for k, tags in enumerate(instances):
+        if (int(tags["rows"]), int(tags["columns"])) != (rows, columns):
+            return f"its slices are {columns} x {rows} voxels, image {k + 1} of the series {tags['columns']} x {tags['rows']}"
+        error = float(np.abs(volume[k] - dicom_slice_corners(tags["position"], tags["orientation"], tags["spacing"],
+                                                             rows, columns)).max())  # fmt: skip
+        if error > worst:
+            worst, worst_k = error, k
+    if worst > tolerance:
+        return (f"its slice {worst_k} lies up to {worst:.2f} mm from the image of the series it stands for "
+                f"(tolerance {tolerance:.2f} mm)")  # fmt: skip
+    return None
+
+
+def dicom_grid_problem(volume_node) -> str | None:
+    """Why a DICOM SEG of this volume cannot reference the DICOM instances it was loaded from, in words; None when its
+    grid is theirs (or they cannot be checked: no DICOM database, a multi-frame image, tags missing: the SEG writer
+    checks the series again).
+
+    A SEG's frame ``k`` is the referenced series' slice ``k``, and LiverSAM writes it from the volume's own voxels
+    (``export_labelmap``: the volume node's grid, without its parent transform). When a transform was hardened on the
+    volume -- the acquisition-geometry regularization Slicer's DICOM loader adds to a series with a tilted gantry or
+    uneven slice spacing (DICOMScalarVolumePlugin ``AcquisitionModeling``, v5.10.0), whose hardening resamples the CT
+    onto a regular grid (vtkMRMLVolumeNode::ApplyNonLinearTransform), or a registration -- the voxels no longer lie on
+    the instances' slices, but the volume still names them (``DICOM.instanceUIDs``): the segmentation would be written
+    onto the wrong slices, or moved by the transform."""
+    uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
+    database = getattr(slicer, "dicomDatabase", None)
+    image = volume_node.GetImageData()
+    if not uids or database is None or image is None:
+        return None
+    dimensions = image.GetDimensions()
+    if len(uids) == 1 and dimensions[2] > 1:
+        return None  # one multi-frame image: per-frame positions are not in the database's tags
+    instances = []
+    for uid in uids:
+        position, orientation = _numbers(database.instanceValue(uid, _POSITION)), _numbers(database.instanceValue(uid, _ORIENTATION))
+        spacing, rows, columns = (_numbers(database.instanceValue(uid, tag)) for tag in (_SPACING, _ROWS, _COLUMNS))
+        if len(position) != 3 or len(orientation) != 6 or len(spacing) != 2 or not rows or not columns:
+            logger.info("LiverSAM: no slice geometry in the DICOM database for instance %s: the SEG writer checks it", uid)
+            return None
+        instances.append({"position": position, "orientation": orientation, "spacing": spacing,
+                          "rows": int(rows[0]), "columns": int(columns[0])})  # fmt: skip
+    difference = dicom_grid_difference(MRMLBridge.local_ijk_to_ras_matrix(volume_node), dimensions, instances)
+    if difference is None:
+        return None
+    return (
+        f"The CT '{volume_node.GetName()}' no longer lies on the slices of the DICOM series it was loaded from: "
+        f"{difference}. A transform was hardened on it -- the acquisition-geometry regularization Slicer adds to a "
+        "series with a tilted gantry or uneven slice spacing, or a registration -- which resampled or moved its voxels. "
+        "A DICOM SEG must lie on the series' own slices: export to .seg.nrrd or a labelmap instead, or segment the CT "
+        "as loaded from the DICOM database."
+    )
+
+
 def dicom_files_of_volume(volume_node) -> list[str]:
     """The DICOM files a volume was loaded from (see :func:`dicom_reference_of_volume`)."""
     return dicom_reference_of_volume(volume_node)[0]
