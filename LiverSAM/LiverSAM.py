@@ -731,16 +731,16 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return targetID, clipID
 
     def _currentSliceK(self, volumeNode) -> int | None:
-        """The slice index k shown in the Red slice view (where the user works), or None."""
+        """The slice index k shown in the Red slice view (where the user works), or None: the view is not there, shows
+        a plane across the slices (turned to sagittal: its centre used to be taken for the slice worked on, and the
+        server pre-encoded slices around it), or its centre lies outside the volume
+        (:func:`MRMLBridge.slice_shown_in_view`)."""
         layoutManager = slicer.app.layoutManager()
         sliceWidget = layoutManager.sliceWidget("Red") if layoutManager else None
         if sliceWidget is None:
             return None
-        sliceToRAS = sliceWidget.mrmlSliceNode().GetSliceToRAS()
-        centerRAS = [sliceToRAS.GetElement(r, 3) for r in range(3)]
         geometry = MRMLBridge.geometry_from_volume_node(volumeNode)
-        k = int(round(float(geometry.ras_to_ijk([centerRAS])[0][2])))
-        return k if 0 <= k < geometry.size_ijk[2] else None
+        return MRMLBridge.slice_shown_in_view(geometry, sliceWidget.mrmlSliceNode().GetSliceToRAS())
 
     # --- segment the prompted slices ----------------------------------------------------------------------------
     def onLiveUpdate(self) -> None:
@@ -969,14 +969,13 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onLesionRowClicked(self, row: int, column: int) -> None:
         if 0 <= row < len(self._lesions):
-            x, y, z = self._lesions[row].centre_lps
-            slicer.modules.markups.logic().JumpSlicesToLocation(-x, -y, z, True)  # LPS -> RAS
+            x, y, z = MRMLBridge.lps_to_ras_point(self._lesions[row].centre_lps)
+            slicer.modules.markups.logic().JumpSlicesToLocation(x, y, z, True)
 
     @staticmethod
     def _jumpToSlice(volumeNode, k: int) -> None:
-        geometry = MRMLBridge.geometry_from_volume_node(volumeNode)
-        ni, nj, _nk = geometry.size_ijk
-        x, y, z = geometry.ijk_to_ras([ni / 2, nj / 2, k])
+        """Every slice view to working slice ``k``, centred on it (vtkMRMLSliceNode::JumpAllSlices)."""
+        x, y, z = MRMLBridge.slice_centre_ras(MRMLBridge.geometry_from_volume_node(volumeNode), k)
         slicer.modules.markups.logic().JumpSlicesToLocation(float(x), float(y), float(z), True)
 
     # --- export ------------------------------------------------------------------------------------------------

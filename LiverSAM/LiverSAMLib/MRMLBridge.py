@@ -137,6 +137,40 @@ def working_ijk_to_world_ras_matrix(volume_node) -> np.ndarray:
     return reorientation.axial_geometry.ijk_to_ras_matrix
 
 
+# ---------------------------------------------------------------------------------------------------
+# Slice views
+# ---------------------------------------------------------------------------------------------------
+#: How far a slice view's plane may lean from the working grid's slices and still be taken to show one of them (as
+#: ``liversam.axial_orientation`` takes a voxel axis for a patient axis).
+VIEW_SLICE_ANGLE_DEG = 25.0
+
+
+def slice_shown_in_view(geometry: ImageGeometry, slice_to_ras) -> int | None:
+    """The working slice k a slice view shows (its node's ``SliceToRAS``, a vtkMatrix4x4 or 4x4 array: its third column
+    is the view's normal, its fourth the RAS point at the view's centre): the slice through the view's centre when the
+    view's plane runs along the working grid's slices, else None (a view across the slices, e.g. the Red view turned to
+    sagittal, whose centre says nothing about the slice the user works on; or the centre outside the volume)."""
+    m = slice_to_ras if isinstance(slice_to_ras, np.ndarray) else _matrix_to_numpy(slice_to_ras)
+    normal = np.asarray(m[:3, 2], float)
+    slices_normal = np.asarray(geometry.direction_lps, float)[:, 2] * [-1.0, -1.0, 1.0]  # the k axis in RAS
+    if abs(float(normal @ slices_normal)) < np.cos(np.radians(VIEW_SLICE_ANGLE_DEG)) * np.linalg.norm(normal):
+        return None
+    k = int(np.rint(float(geometry.ras_to_ijk(np.asarray(m[:3, 3], float)[np.newaxis])[0][2])))
+    return k if 0 <= k < geometry.size_ijk[2] else None
+
+
+def slice_centre_ras(geometry: ImageGeometry, k: int) -> np.ndarray:
+    """The RAS point at the centre of working slice ``k``: where the views jump to show it (with a centred jump)."""
+    ni, nj, _nk = geometry.size_ijk
+    return geometry.ijk_to_ras(np.array([[(ni - 1) / 2.0, (nj - 1) / 2.0, float(k)]]))[0]
+
+
+def lps_to_ras_point(point_lps) -> tuple[float, float, float]:
+    """A core LPS point (a lesion's centre) in Slicer's RAS."""
+    x, y, z = (float(v) for v in point_lps)
+    return -x, -y, z
+
+
 def first_image_volume(scene):
     """The first volume the module's input selector lists (the module's default input), or None.
 
