@@ -13,6 +13,7 @@ a backend is loaded its output on that image is compared with it, so a broken ex
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -336,6 +337,18 @@ class _PerImageRunner:
         return torch.from_numpy(np.concatenate(outs, axis=0))
 
 
+@functools.cache
+def openvino_core():
+    """The process's one ``openvino.Core``, never released. OpenVINO's CPU plugin gives the thread that loads it a
+    signal stack of its own (``sigaltstack``) and unmaps it when the plugin goes with the last Core; the thread keeps
+    pointing at it, and the next signal handled on it (Python's SIGINT handler runs there: Ctrl-C) ends the process
+    with a segmentation fault. ``liversam train`` releases its encoder after building the caches, so Ctrl-C during
+    training crashed (session 37). Kept, the plugin and its stack stay; it also loads once instead of per graph."""
+    import openvino as ov
+
+    return ov.Core()
+
+
 def openvino_cpu_config(threads: int, hint: str, entry: ExportEntry) -> dict:
     """OpenVINO CPU settings for one exported graph: ``threads`` threads, one low-latency stream, inference
     precision ``hint`` ("f32" or "bf16").
@@ -364,14 +377,14 @@ class OpenVINOEncoder(_PerImageRunner):
     def __init__(self, entry: ExportEntry, threads: int, precision: str = "fp32") -> None:
         super().__init__(entry.input_size)
         try:
-            import openvino as ov
+            import openvino  # noqa: F401 - present, or the backend is unavailable
         except ImportError as exc:
             raise BackendUnavailable("the 'openvino' package is not installed") from exc
         self.precision = precision
         # Explicit precision: on AMX / AVX512-BF16 CPUs OpenVINO would otherwise silently pick bf16.
         config = openvino_cpu_config(threads, "bf16" if precision == "bf16" else "f32", entry)
         try:
-            core = ov.Core()
+            core = openvino_core()
             self._compiled = core.compile_model(core.read_model(str(entry.onnx_path)), "CPU", config)
             self._request = self._compiled.create_infer_request()
         except Exception as exc:
@@ -423,7 +436,7 @@ class OpenVINOStemFP32Encoder(_PerImageRunner):
         self.precision = precision
         prefixes, stem_name, rest_name = STEM_SPLITS[precision]
         try:
-            import openvino as ov
+            import openvino  # noqa: F401 - present, or the backend is unavailable
             from onnx.utils import extract_model
         except ImportError as exc:
             raise BackendUnavailable("the 'openvino' / 'onnx' packages are not installed") from exc
@@ -435,7 +448,7 @@ class OpenVINOStemFP32Encoder(_PerImageRunner):
                     extract_model(str(entry.onnx_path), str(tmp), ["images"], [cut])
                 with atomic_path(rest_path) as tmp:
                     extract_model(str(entry.onnx_path), str(tmp), [cut], ["embeddings"])
-            core = ov.Core()
+            core = openvino_core()
             requests = []
             for path, hint in ((stem_path, "f32"), (rest_path, "bf16")):
                 config = openvino_cpu_config(threads, hint, entry)

@@ -25,7 +25,7 @@ from torch import nn
 from ..atomic_write import atomic_path
 from ..models.attention_layout import use_fast_image_to_token_attention
 from ..models.token_major_decoder import embedding_as_tokens, predict_masks_from_tokens
-from .backends import BackendUnavailable, ExportEntry, relative_error
+from .backends import BackendUnavailable, ExportEntry, openvino_core, relative_error
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class FastPromptDecoder:
                 "NUM_STREAMS": 1,
                 "INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
             }
-            core = ov.Core()
+            core = openvino_core()
             requests: dict[int | None, object] = {}
             try:  # read once: the other prompt sizes compile from memory, whatever happens to the file meanwhile
                 base_graph = core.read_model(str(onnx_path))

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic_write import atomic_path
-from .backends import BackendUnavailable, ExportEntry, _PerImageRunner, openvino_cpu_config
+from .backends import BackendUnavailable, ExportEntry, _PerImageRunner, openvino_core, openvino_cpu_config
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def quantize_encoder(entry: ExportEntry, inputs: list[np.ndarray], tag: str) -> 
              len(inputs), entry.folder)
     started = time.perf_counter()
     try:
-        model = ov.Core().read_model(str(entry.onnx_path))
+        model = openvino_core().read_model(str(entry.onnx_path))
         quantized = nncf.quantize(
             model,
             nncf.Dataset(inputs),
@@ -164,9 +164,7 @@ class OpenVINOInt8Encoder(_PerImageRunner):
         if not (path.is_file() and path.with_suffix(".bin").is_file()):
             path = quantize_encoder(entry, calibration_inputs(model, plan), calibration_tag(plan))
         try:
-            import openvino as ov
-
-            core = ov.Core()
+            core = openvino_core()
             config = openvino_cpu_config(threads, "f32", entry)  # the int8 graph keeps its float parts in f32
             self._request = core.compile_model(core.read_model(str(path)), "CPU", config).create_infer_request()
         except Exception as exc:
