@@ -135,3 +135,35 @@ def test_uploaded_dicom_folder_gives_a_dicom_seg_too(page, reference, tmp_path):
     found = server_side(UPLOADED, ours=str(ours))
     assert found["segments"] == ["liver"] and found["frames"] == 1  # one slice segmented: one frame
     assert found["referenced_series"] == reference["series_uid"] and found["referenced_instances"] == 3
+
+
+TOTALSEG_DICOM = DATA / "totalseg_small" / "ct_dicom"  # 512 x 512 x 20, slices 2.0 mm apart
+TOTALSEG_LIVER_BOX_K10 = (74, 181, 235, 382)  # (i0, j0, i1, j1) around the liver on slice 10 (the QA review's box)
+
+
+def test_faster_on_thin_slices_reaches_the_job_even_when_ticked_just_before_the_click(page):
+    """The QA review ticked "Faster on thin slices" and pressed Propagate at once on the TotalSegmentator series:
+    no slice was interpolated. trame's client holds a state change back while a call to the server is pending and
+    sends a click at once, so the server read the checkbox as unticked. Here the client is held busy (as a pending
+    call holds it) from the tick until the job has ended: the click itself must carry the setting."""
+    if not TOTALSEG_DICOM.is_dir():
+        pytest.fail(f"the TotalSegmentator DICOM series is not at {TOTALSEG_DICOM}: set LIVERSAM_TEST_DATA")
+    open_path(page, str(TOTALSEG_DICOM))
+    wait_status(page, r"Opened ct_dicom \(512 x 512 x 20\)", timeout=120_000)
+    set_mode(page, "box", "liver")
+    screen = go_to_slice(page, 10)
+    drag_box(page, screen, TOTALSEG_LIVER_BOX_K10)
+    wait_slice_mask(page, "liver", 10)
+    page.evaluate("window.trame.client.beginBusy()")
+    try:
+        page.get_by_test_id("fast-thin").locator("input").check()
+        page.get_by_test_id("propagate").click()
+        wait_job_end(page, r"Liver: \d+ voxels")
+    finally:
+        page.evaluate("window.trame.client.endBusy()")
+    sources = [t.strip() for t in page.get_by_test_id("review-source").all_inner_texts()]
+    # 2.0 mm slices are thin enough: every other slice of the walk is interpolated (9 of 20 from `liversam segment
+    # --skip-thin-slices 2` with this box)
+    assert sources.count("interpolated") >= 5, sources
+    expect(page.get_by_test_id("fast-thin").locator("input")).to_be_checked()
+    page.get_by_test_id("fast-thin").locator("input").uncheck()

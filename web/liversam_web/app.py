@@ -43,7 +43,7 @@ from .volume_geometry import (
     server_geometry,
     slice_plane,
 )
-from .workflow import FAST_THIN_SLICE_MM, Workflow
+from .workflow import FAST_THIN_SLICE_MM, SEGMENTS, Workflow
 
 logger = logging.getLogger("liversam_web")
 
@@ -196,7 +196,8 @@ class LiverSAMWebApp:
                     v3.VBtn("Browse", value="navigate", raw_attrs=['data-testid="mode-navigate"'])
                 html.Div("{{ mode_hint }}", classes="text-caption mt-2", raw_attrs=['data-testid="mode-hint"'])
                 with html.Div(classes="d-flex flex-wrap ga-2 mt-2"):
-                    v3.VBtn("Clear this slice", size="small", click=self.ctrl.clear_slice, disabled=("busy",))
+                    v3.VBtn("Clear this slice", size="small", click=(self.ctrl.clear_slice, "[segment]"),
+                            disabled=("busy",))
                     v3.VBtn("Undo", size="small", prepend_icon="mdi-undo", click=self.ctrl.undo,
                             disabled=("!can_undo || busy || job_running",), raw_attrs=['data-testid="undo"'])
                 html.Div("{{ can_undo ? 'Undo: ' + undo_label : '' }}", classes="text-caption",
@@ -205,9 +206,11 @@ class LiverSAMWebApp:
             with v3.VCard(title="4. Propagate through the volume", density="compact", v_if="has_ct"), \
                     v3.VCardText():
                 with html.Div(classes="d-flex flex-wrap ga-2"):
+                    # the click carries what the button and the checkboxes show (see ``propagate``)
                     v3.VBtn("Propagate {{ segment === 'tumor' ? 'tumours' : 'liver' }}", color="primary",
-                            click=self.ctrl.propagate, disabled=("busy || job_running",), raw_attrs=['data-testid="propagate"'])
-                    v3.VBtn("Re-propagate from slice {{ axial_k }}", click=self.ctrl.repropagate,
+                            click=(self.ctrl.propagate, "[segment, fast_thin, tumour_ring]"),
+                            disabled=("busy || job_running",), raw_attrs=['data-testid="propagate"'])
+                    v3.VBtn("Re-propagate from slice {{ axial_k }}", click=(self.ctrl.repropagate, "[segment]"),
                             disabled=("busy || job_running || !propagated.includes(segment)",),
                             raw_attrs=['data-testid="repropagate"'])
                     v3.VBtn("Cancel", color="warning", click=self.ctrl.cancel_job, v_if="job_running",
@@ -643,10 +646,11 @@ class LiverSAMWebApp:
                          "Add + / - points to correct it, or propagate.")
             self._sync_undo()
 
-    def clear_slice(self, *_args) -> None:
+    def clear_slice(self, segment: str | None = None, *_args) -> None:
+        """Clear the shown segment (sent with the click, as for ``propagate``) on the slice shown."""
         if self.workflow is None or self.content is None:
             return
-        k, segment = self._current_k(), self.state.segment
+        k, segment = self._current_k(), self._segment(segment)
         if self.state.job_running and self._job_segment == segment:
             name = {"tumor": "tumour"}.get(segment, segment)
             self._error(f"Not cleared: the {name} is being propagated, and its result will replace the {name} mask. "
@@ -689,13 +693,25 @@ class LiverSAMWebApp:
     # ================================================================== propagation jobs
     # A trigger that awaits a whole job would hold back the page's next events (Cancel included): the job
     # runs as a task of its own and the trigger returns at once.
-    def propagate(self, *_args) -> None:
-        create_task(self._run_job(self.state.segment, repropagate_k=None))
+    #
+    # The page sends the segment and the settings it shows with the click. trame's client holds a state change back
+    # while any call to the server is pending (a view's mouse events, a render) and sends a click at once: a checkbox
+    # ticked just before the click reached the server after it, and "Faster on thin slices" was off for that job
+    # (the TotalSegmentator DICOM series: 20 slices of 2 mm, none interpolated).
+    def propagate(self, segment: str | None = None, fast_thin: bool | None = None, tumour_ring: bool | None = None,
+                  *_args) -> None:
+        settings = {"fast_thin": bool(self.state.fast_thin if fast_thin is None else fast_thin),
+                    "tumour_ring": bool(self.state.tumour_ring if tumour_ring is None else tumour_ring)}
+        create_task(self._run_job(self._segment(segment), repropagate_k=None, settings=settings))
 
-    def repropagate(self, *_args) -> None:
-        create_task(self._run_job(self.state.segment, repropagate_k=self._current_k()))
+    def repropagate(self, segment: str | None = None, *_args) -> None:
+        create_task(self._run_job(self._segment(segment), repropagate_k=self._current_k()))
 
-    async def _run_job(self, segment: str, repropagate_k: int | None) -> None:
+    def _segment(self, sent: str | None) -> str:
+        """The segment a click sent (the one its button showed), else the state's."""
+        return sent if sent in SEGMENTS else str(self.state.segment)
+
+    async def _run_job(self, segment: str, repropagate_k: int | None, settings: dict[str, bool] | None = None) -> None:
         workflow = self.workflow
         if workflow is None or self.state.job_running:
             return
@@ -704,19 +720,20 @@ class LiverSAMWebApp:
         with self.state:
             self.state.job_running = True  # at once: a second click does not start a second job
         try:
-            await self._start_and_follow_job(workflow, segment, repropagate_k)
+            await self._start_and_follow_job(workflow, segment, repropagate_k, settings or {})
         finally:
             self.job_id = None
             with self.state:
                 self.state.job_running = False
 
-    async def _start_and_follow_job(self, workflow: Workflow, segment: str, repropagate_k: int | None) -> None:
+    async def _start_and_follow_job(self, workflow: Workflow, segment: str, repropagate_k: int | None,
+                                    settings: dict[str, bool]) -> None:
         async with self._predict_lock:  # the last live update goes first
             pass
         try:
             if repropagate_k is None:
-                job = await asyncio.to_thread(workflow.start_propagation, segment, bool(self.state.fast_thin),
-                                              bool(self.state.tumour_ring))
+                job = await asyncio.to_thread(workflow.start_propagation, segment, settings.get("fast_thin", False),
+                                              settings.get("tumour_ring", True))
                 what = f"Propagating the {segment}"
             else:
                 job = await asyncio.to_thread(workflow.start_repropagation, segment, repropagate_k)
