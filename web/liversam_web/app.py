@@ -34,7 +34,8 @@ from .mrml_scene import (
     reorient_volume_to_axial,
 )
 from .server_client import LiverSAMClient, LiverSAMClientError, ServerRequestError, ServerUnavailable
-from .slice_prompting import SlicePrompting
+from .slice_prompting import CLICK_TOLERANCE_PX, SlicePrompting
+from .view_mouse import OffAxialGestures, set_window_level_drag
 from .volume_geometry import (
     PromptOutsideVolume,
     box_on_slice,
@@ -83,6 +84,7 @@ class LiverSAMWebApp:
         self._cancel_requested = False
         self._predict_lock = asyncio.Lock()
         self._prompting: SlicePrompting | None = None
+        self._off_axial: list[OffAxialGestures] = []  # the coronal and sagittal views, which take no prompts
         self._axial_observer: tuple[Any, int] | None = None
         self._tmp = tempfile.TemporaryDirectory(prefix="liversam-web-")
 
@@ -170,9 +172,9 @@ class LiverSAMWebApp:
                         v3.VBtn(name, size="small", variant="tonal",
                                 click=f"window = {width}; level = {level}")
                 v3.VSlider(v_model=("window",), min=1, max=3000, step=1, label="Window", density="compact",
-                           hide_details=True, thumb_label=True)
+                           hide_details=True, thumb_label=True, raw_attrs=['data-testid="window"'])
                 v3.VSlider(v_model=("level",), min=-1000, max=1500, step=1, label="Level", density="compact",
-                           hide_details=True, thumb_label=True)
+                           hide_details=True, thumb_label=True, raw_attrs=['data-testid="level"'])
                 with html.Div(classes="d-flex align-center ga-2 mt-1"):
                     v3.VTextField(v_model_number=("axial_k",), type="number", label="Axial slice k",
                                   density="compact", hide_details=True, style="max-width: 140px",
@@ -393,6 +395,9 @@ class LiverSAMWebApp:
         for view in self.slicer_app.view_manager.get_threed_views():
             view.reset_view()
         content.set_window(400.0, 40.0)
+        # the sliders follow a window/level dragged in a view (Browse mode)
+        display = content.volume.GetDisplayNode()
+        display.AddObserver(vtkCommand.ModifiedEvent, lambda *_: self._window_from_view(display))
         self._attach_prompting()
         nk = content.shape_kji[0]
         self._jump(nk // 2)
@@ -419,8 +424,12 @@ class LiverSAMWebApp:
         if axial is None:
             return
         if self._prompting is None:
-            self._prompting = SlicePrompting(axial, self._on_box, self._on_point, self._on_probe)
+            self._prompting = SlicePrompting(axial, self._on_box, self._on_point, self._on_probe,
+                                             self._on_ignored_gesture)
             self._prompting.set_mode(self.state.mode)
+            self._off_axial = [OffAxialGestures(view, self._on_off_axial_gesture)
+                               for view in self.slicer_app.view_manager.get_slice_views() if view is not axial]
+            self._on_mode_change(self.state.mode, self.state.segment)
         if self._axial_observer is None:
             node = axial.get_view_node()
             self._axial_observer = (node, node.AddObserver(vtkCommand.ModifiedEvent, self._on_axial_moved))
@@ -446,6 +455,9 @@ class LiverSAMWebApp:
         logger.debug("mode %s, segment %s", mode, segment)
         if self._prompting is not None:
             self._prompting.set_mode(mode)
+        for watcher in self._off_axial:
+            watcher.mode = mode
+        set_window_level_drag(self.slicer_app.scene, mode == "navigate")
         hint = mode_hint(mode, segment)  # set here: the page shows it once the axial view has the mode
         if hint != self.state.mode_hint:
             with self.state:
@@ -454,6 +466,15 @@ class LiverSAMWebApp:
     def _on_window_change(self, window: float, level: float, **_kwargs) -> None:
         if self.content is not None:
             self.content.set_window(float(window), float(level))
+
+    def _window_from_view(self, display) -> None:
+        """The window/level of the CT's display node (dragged in a view) on the sliders."""
+        if self.content is None or self.content.volume.GetDisplayNode() is not display:
+            return
+        window, level = round(display.GetWindow()), round(display.GetLevel())
+        if (window, level) != (round(float(self.state.window)), round(float(self.state.level))):
+            with self.state:
+                self.state.update({"window": window, "level": level})
 
     def _current_k(self) -> int:
         axial = self._axial_view()
@@ -580,6 +601,30 @@ class LiverSAMWebApp:
         change = self.workflow.push_undo(f"{'+' if positive else '-'} point on slice {k}")
         self.workflow.add_point(segment, k, point, positive)
         create_task(self._predict(segment, k, change, ("point+" if positive else "point-", point)))
+
+    def _on_ignored_gesture(self, what: str, distance: int) -> None:
+        """A gesture in the axial view that made no prompt (``SlicePrompting.on_ignored``): say why."""
+        if self.content is None:
+            return
+        name = {"tumor": "lesion"}.get(self.state.segment, "liver")
+        if what == "box-click":
+            gesture = ("a click draws no box" if distance == 0 else
+                       f"the mouse moved only {distance} px between press and release, too little for a box")
+            self._error(f"Box ignored: {gesture}. Press, drag across the {name} and release (to click points, "
+                        "choose + or -).")
+        else:
+            self._error(f"Point ignored: the mouse moved {distance} px between press and release (a click may move "
+                        f"{CLICK_TOLERANCE_PX} px at most). Click again without moving the mouse (to draw a box, "
+                        "choose Box).")
+
+    def _on_off_axial_gesture(self, view_label: str) -> None:
+        """A press and release in the coronal or sagittal view in a prompt mode: prompts go in the axial view."""
+        if self.content is None:
+            return
+        what = "Box" if self.state.mode == "box" else "Point"
+        self._error(f"{what} ignored: boxes and points are drawn in the axial (red) view, on one axial slice; the "
+                    f"{view_label} view only shows them. Go to the slice in the red view (wheel, slider or Axial "
+                    "slice k) and draw it there. To drag window/level, choose Browse.")
 
     def _unexported_work(self) -> bool:
         """True when the open CT has masks that changed since they were last exported."""
@@ -947,7 +992,8 @@ def mode_hint(mode: str, segment: str) -> str:
         return f"+ point: click on {name} that the mask misses; the slice is segmented again."
     if mode == "point-":
         return f"- point: click where the {name} mask spills over; the slice is segmented again."
-    return "Browse: drag for window/level, the wheel scrolls slices (Slicer's own mouse)."
+    return ("Browse: drag in a slice view for window/level (left-right: window, up-down: level; a double-click "
+            "resets it), the wheel scrolls slices.")
 
 
 def _client_message(exc: Exception) -> str:

@@ -4,7 +4,9 @@ Slicer's own ROI placement is click, move, click; a press-drag-release there giv
 prompt mode takes the view's mouse over: Slicer's slice interactor style is detached (so a drag does not
 change the window/level) and this class turns press / move / release into a rubber-band box drawn on the
 view's overlay, then hands the two RAS corners to ``on_box``. A press-release without movement is a click
-(``on_point``). The mouse wheel still scrolls slices. ``navigate`` mode gives the view back to Slicer.
+(``on_point``). A gesture that makes no prompt (a click or a drag of at most ``CLICK_TOLERANCE_PX`` in the box
+mode, a point click whose mouse moved further) goes to ``on_ignored`` with what it was and how far the mouse moved.
+The mouse wheel still scrolls slices. ``navigate`` mode gives the view back to Slicer.
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ class SlicePrompting:
         on_box: Callable[[np.ndarray, np.ndarray], None],
         on_point: Callable[[np.ndarray, bool], None],
         on_probe: Callable[[np.ndarray], None] | None = None,
+        on_ignored: Callable[[str, int], None] | None = None,
     ) -> None:
         self.view = view
         self.on_box = on_box
         self.on_point = on_point
         self.on_probe = on_probe
+        self.on_ignored = on_ignored  # ("box-click" | "point-moved", pixels the mouse moved)
         self.mode: Mode = "navigate"
         self._press_xy: tuple[int, int] | None = None
         self._current_xy: tuple[int, int] | None = None
@@ -118,12 +122,23 @@ class SlicePrompting:
         start, end = self._press_xy, self._event_xy()
         logger.debug("release at %s after a press at %s (mode %s)", end, start, self.mode)
         self._cancel_drag()
-        moved = max(abs(start[0] - end[0]), abs(start[1] - end[1])) > CLICK_TOLERANCE_PX
+        distance = max(abs(start[0] - end[0]), abs(start[1] - end[1]))
+        moved = distance > CLICK_TOLERANCE_PX
         if self.mode == "box":
             if moved:
                 self.on_box(self.display_to_ras(start), self.display_to_ras(end))
-        elif self.mode in ("point+", "point-") and not moved:
-            self.on_point(self.display_to_ras(end), self.mode == "point+")
+            else:
+                self._ignored("box-click", distance)
+        elif self.mode in ("point+", "point-"):
+            if not moved:
+                self.on_point(self.display_to_ras(end), self.mode == "point+")
+            else:
+                self._ignored("point-moved", distance)
+
+    def _ignored(self, what: str, distance: int) -> None:
+        logger.debug("%s: the mouse moved %d px (mode %s): no prompt", what, distance, self.mode)
+        if self.on_ignored is not None:
+            self.on_ignored(what, distance)
 
     def _cancel_drag(self) -> None:
         self._press_xy = self._current_xy = None
