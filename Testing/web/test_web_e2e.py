@@ -50,8 +50,10 @@ from web_page import (
     probe,
     read_nifti,
     save_small_png,
+    scroll_panel,
     set_mode,
     status_text,
+    uncovered_in_viewport,
     undo_label,
     wait_job_end,
     wait_slice_mask,
@@ -267,6 +269,14 @@ def test_4_cancel_then_propagate_the_liver(lits):
     lits.go_on_from(3)
     page = lits.page
     page.get_by_test_id("propagate").click()
+    page.get_by_test_id("cancel").wait_for(timeout=30_000)
+    # at 1400 x 900 the progress and Cancel stay in sight, the panel scrolled up or down (Cancel and the bar were
+    # below the fold under section 4, and the status line had no count)
+    for to in ("bottom", "top"):
+        scroll_panel(page, to)
+        assert uncovered_in_viewport(page, "cancel"), f"Cancel is out of sight with the panel scrolled to the {to}"
+        assert uncovered_in_viewport(page, "progress") and uncovered_in_viewport(page, "status")
+    wait_status(page, r"Propagating the liver: .*\d+/\d+", timeout=JOB_TIMEOUT_MS)
     page.get_by_test_id("cancel").click(timeout=30_000)
     wait_status(page, r"Propagating the liver: cancelled; nothing changed", timeout=JOB_TIMEOUT_MS)
     assert page.get_by_test_id("review-row").count() == 0

@@ -299,20 +299,38 @@ def wait_slice_mask(page, segment: str, k: int, before: str = "", timeout: int =
 
 def wait_job_end(page, final_status: str, timeout: int = JOB_TIMEOUT_MS) -> set[str]:
     """Wait until the job just started has ended with a status line matching ``final_status`` (and no Cancel
-    button); returns the progress lines seen on the way. An error shown by the page fails at once."""
+    button); returns the status lines seen while it ran (its progress count). An error shown by the page fails at
+    once."""
     seen = set()
     deadline = time.monotonic() + timeout / 1000
     while time.monotonic() < deadline:
         error = page.get_by_test_id("error")
         if error.count():
             raise AssertionError(f"the page shows an error: {error.inner_text()}")
-        progress = page.get_by_test_id("progress-text")
-        if progress.count():
-            seen.add(progress.inner_text())
-        if re.search(final_status, status_text(page)) and page.get_by_test_id("cancel").count() == 0:
+        running = page.get_by_test_id("cancel").count() > 0
+        text = status_text(page)
+        if running:
+            seen.add(text)
+        elif re.search(final_status, text):
             return seen
         time.sleep(0.3)
     raise AssertionError(f"the job did not end in {timeout / 1000:.0f} s: {status_text(page)!r}, {seen}")
+
+
+def uncovered_in_viewport(page, testid: str) -> bool:
+    """The element is wholly inside the browser's viewport and the topmost element at its centre (no scrolling
+    needed to see or click it)."""
+    return page.get_by_test_id(testid).first.evaluate(
+        "(e) => { const r = e.getBoundingClientRect(); if (r.width === 0 || r.top < 0 || r.left < 0"
+        " || r.bottom > window.innerHeight || r.right > window.innerWidth) return false;"
+        " const hit = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);"
+        " return hit !== null && e.contains(hit); }")
+
+
+def scroll_panel(page, to: str) -> None:
+    """Scroll the side panel to its "top" or "bottom"."""
+    page.locator(".v-navigation-drawer__content").first.evaluate(
+        f"(e) => {{ e.scrollTop = {'0' if to == 'top' else 'e.scrollHeight'}; }}")
 
 
 def download(page, testid: str, path: Path, timeout: int = 120_000) -> Path:

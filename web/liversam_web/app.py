@@ -109,7 +109,6 @@ class LiverSAMWebApp:
             "n_slices": 0,
             "job_running": False,
             "progress": 0,
-            "progress_text": "",
             "review_rows": [],
             "review_items": [],
             "review_segment": "",
@@ -140,12 +139,21 @@ class LiverSAMWebApp:
 
     def _build_panel(self) -> None:
         with html.Div(classes="pa-3 d-flex flex-column ga-3"):
-            v3.VAlert(
-                v_if="error", type="error", density="compact", text=("error",), closable=True,
-                click_close="error = ''", raw_attrs=['data-testid="error"'],
-            )
-            v3.VAlert(v_if="status && !error", type="info", density="compact", variant="tonal",
-                      text=("status",), raw_attrs=['data-testid="status"'])
+            # The messages, and a running job's progress and Cancel, stay at the top of the panel however far it is
+            # scrolled (at 1400 x 900 the progress and Cancel under section 4 were below the fold).
+            with html.Div(classes="d-flex flex-column ga-2 pb-1", raw_attrs=['data-testid="messages"'],
+                          style="position: sticky; top: 0; z-index: 5; background: rgb(var(--v-theme-surface))"):
+                v3.VAlert(
+                    v_if="error", type="error", density="compact", text=("error",), closable=True,
+                    click_close="error = ''", raw_attrs=['data-testid="error"'],
+                )
+                v3.VAlert(v_if="status && !error", type="info", density="compact", variant="tonal",
+                          text=("status",), raw_attrs=['data-testid="status"'])
+                with html.Div(v_if="job_running", classes="d-flex align-center ga-2"):
+                    v3.VProgressLinear(model_value=("progress",), height=16, color="primary", rounded=True,
+                                       raw_attrs=['data-testid="progress"'])
+                    v3.VBtn("Cancel", color="warning", size="small", click=self.ctrl.cancel_job,
+                            raw_attrs=['data-testid="cancel"'])
             # ---- open a CT
             with v3.VCard(title="1. Open a CT", density="compact"), v3.VCardText():
                 with html.Div(classes="d-flex align-center ga-2"):
@@ -215,8 +223,6 @@ class LiverSAMWebApp:
                     v3.VBtn("Re-propagate from slice {{ axial_k }}", click=(self.ctrl.repropagate, "[segment]"),
                             disabled=("busy || job_running || !propagated.includes(segment)",),
                             raw_attrs=['data-testid="repropagate"'])
-                    v3.VBtn("Cancel", color="warning", click=self.ctrl.cancel_job, v_if="job_running",
-                            raw_attrs=['data-testid="cancel"'])
                 v3.VCheckbox(v_model=("fast_thin",), density="compact", hide_details=True,
                              disabled=("job_running",), raw_attrs=['data-testid="fast-thin"'],
                              label=f"Faster on thin slices: the liver on slices of {FAST_THIN_SLICE_MM:g} mm or less is "
@@ -226,9 +232,6 @@ class LiverSAMWebApp:
                              label="Tumour outline includes its partial-volume ring: the voxels just outside it that "
                                    "still lean to the tumour (off: the core only; a fix keeps the setting its "
                                    "propagation had)")
-                v3.VProgressLinear(v_if="job_running || progress > 0", model_value=("progress",), height=16,
-                                   color="primary", classes="mt-2", raw_attrs=['data-testid="progress"'])
-                html.Div("{{ progress_text }}", classes="text-caption", raw_attrs=['data-testid="progress-text"'])
             # ---- review and lesions
             with v3.VCard(title="5. Review (click a row: the views jump there)", density="compact",
                           v_if="review_rows.length"), v3.VCardText():
@@ -413,7 +416,7 @@ class LiverSAMWebApp:
                 "busy": False, "busy_text": "",  # with the status line: the page never shows "Opened" while busy
                 "has_ct": True, "has_dicom": content.dicom is not None, "ct_name": display_name, "n_slices": nk,
                 "window": 400.0, "level": 40.0,
-                "review_rows": [], "review_items": [], "lesion_rows": [], "progress": 0, "progress_text": "", "propagated": [],
+                "review_rows": [], "review_items": [], "lesion_rows": [], "progress": 0, "propagated": [],
                 "error": "",
                 "status": f"Opened {display_name} ({content.shape_kji[2]} x {content.shape_kji[1]} x {nk}). {note}",
             })
@@ -793,7 +796,7 @@ class LiverSAMWebApp:
         if self._cancel_requested:
             await self.cancel_job()
         with self.state:
-            self.state.update({"progress": 0, "progress_text": f"{what} ...", "error": "", "status": f"{what} ..."})
+            self.state.update({"progress": 0, "error": "", "status": f"{what} ..."})
         try:
             status = await self._poll_job(workflow, job, what)
             logger.info("job %s (%s) ended: %s", job, what, status["state"])
@@ -810,20 +813,19 @@ class LiverSAMWebApp:
                         f"they were{_what_to_do(exc, job=True)}")
 
     async def _poll_job(self, workflow: Workflow, job: str, what: str) -> dict:
+        """Poll the job until it ends; its count goes to the status line (at the top of the panel, with the bar and
+        Cancel) unless another message has replaced the job's there (a live update of the other segment)."""
+        shown = self.state.status
         while True:
             status = await asyncio.to_thread(workflow.job_status, job)
             done, total = int(status.get("done") or 0), int(status.get("total") or 0)
+            if status["state"] in ("done", "failed", "cancelled"):
+                return status  # the caller's status line says how it ended
+            stage = status.get("stage") or status["state"]
             with self.state:
                 self.state.progress = round(100.0 * done / total) if total else 0
-                stage = status.get("stage") or status["state"]
-                if status["state"] in ("done", "failed", "cancelled"):
-                    self.state.progress_text = f"{what}: {status['state']}"
-                elif total:
-                    self.state.progress_text = f"{what}: {stage} {done}/{total}"
-                else:
-                    self.state.progress_text = f"{what}: {stage}"
-            if status["state"] in ("done", "failed", "cancelled"):
-                return status
+                if self.state.status == shown:
+                    shown = self.state.status = f"{what}: {stage} {done}/{total}" if total else f"{what}: {stage} ..."
             await asyncio.sleep(JOB_POLL_S)
 
     async def cancel_job(self, *_args) -> None:
