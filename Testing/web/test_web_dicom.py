@@ -12,7 +12,7 @@ from playwright.sync_api import expect
 from web_page import (
     DATA,
     dismiss_error,
-    download,
+    download_as_named,
     drag_box,
     expect_error,
     folder_without_series,
@@ -100,7 +100,8 @@ def test_dicom_folder_box_propagate_and_dicom_seg_download(page, reference, tmp_
     page.get_by_test_id("propagate").click()
     wait_job_end(page, r"Liver: \d+ voxels")
 
-    ours = download(page, "export-dicomseg", tmp_path / "liversam-seg.dcm")
+    ours = download_as_named(page, "export-dicomseg", tmp_path)
+    assert ours.name == "dcmqi_ct3slice-ct-liversam-seg.dcm"  # after the CT (it was always liversam-seg.dcm)
     found = server_side(CHECK, ours=str(ours), ct=str(DCMQI / "ct"), seg=str(DCMQI / "liver_seg.dcm"))
     print(f"web app DICOM SEG of the dcmqi 3-slice CT: liver Dice {found['dice']:.3f} against dcmqi's SEG, "
           f"{found['frames']} frames")
@@ -131,7 +132,8 @@ def test_uploaded_dicom_folder_gives_a_dicom_seg_too(page, reference, tmp_path):
     wait_status(page, r"Opened 3 DICOM files \(512 x 512 x 3\)", timeout=120_000)
     expect(page.get_by_test_id("export-dicomseg")).to_be_enabled(timeout=10_000)
     box_the_liver_on_slice_1(page, reference)
-    ours = download(page, "export-dicomseg", tmp_path / "uploaded-seg.dcm")
+    ours = download_as_named(page, "export-dicomseg", tmp_path)
+    assert ours.name == "ct-liversam-seg.dcm"  # after the folder chosen
     found = server_side(UPLOADED, ours=str(ours))
     assert found["segments"] == ["liver"] and found["frames"] == 1  # one slice segmented: one frame
     assert found["referenced_series"] == reference["series_uid"] and found["referenced_instances"] == 3

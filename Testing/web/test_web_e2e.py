@@ -38,7 +38,7 @@ from web_page import (
     ScreenMap,
     axial_view_box,
     dismiss_error,
-    download,
+    download_as_named,
     download_labels,
     drag_box,
     expect_error,
@@ -416,7 +416,8 @@ def test_6_tumour_inside_the_liver_with_propagation(lits):
     assert np.array_equal(labels > 0, lits.labels["repropagated"] > 0)  # inside the liver: no voxel outside it
     lits.labels["tumour"] = labels
 
-    seg = download(page, "export-segnrrd", lits.folder / "liversam.seg.nrrd")
+    seg = download_as_named(page, "export-segnrrd", lits.folder)
+    assert seg.name == "lits117-ct-liversam.seg.nrrd"  # after the CT (it was always liversam.seg.nrrd)
     header = seg.read_bytes()[:4000].decode("latin-1")
     assert header.startswith("NRRD") and "Segment0_Name:=liver" in header and "Segment1_Name:=tumor" in header
     lits.step = 6

@@ -4,16 +4,33 @@
   nothing (Slicer's slice views adjust window/level on a drag only in their "Adjust window/level" mouse mode);
 - a gesture that makes no prompt says why instead of nothing: a click or a 2 px drag in the Box mode, a point
   click whose mouse moved 6 px, a box dragged in the coronal or sagittal view; none of them changes the work,
-  and in a prompt mode a drag in those views leaves the window/level as it was.
+  and in a prompt mode a drag in those views leaves the window/level as it was;
+- the voxel probe of lits117 is gone once another CT opens (it stayed, naming a voxel of the CT before), and that
+  CT's labelmap downloads under its own name (every export had the same name).
 """
 
 from __future__ import annotations
 
 import time
 
-from web_page import REPO, drag, expect_error, open_path, set_mode, undo_label, wait_status
+from web_page import (
+    DATA,
+    REPO,
+    download_as_named,
+    drag,
+    drag_box,
+    expect_error,
+    go_to_slice,
+    open_path,
+    probe,
+    set_mode,
+    undo_label,
+    wait_slice_mask,
+    wait_status,
+)
 
 CT = REPO / "examples/lits117/ct.nii.gz"
+OTHER_CT = DATA / "totalseg_small" / "ct.nii.gz"  # 122 x 101 x 30, 3 mm: also named ct.nii.gz
 
 
 def views(page) -> list[dict]:
@@ -84,3 +101,22 @@ def test_gestures_that_make_no_prompt_say_why(page):
                            rf"the {label} view only shows them")
     assert window_level(page) == shown  # a drag in a prompt mode is not a window/level drag
     assert undo_label(page) == ""  # no prompt was taken
+
+
+def test_another_ct_clears_the_probe_and_names_its_exports(page, tmp_path):
+    open_path(page, str(CT))
+    wait_status(page, r"Opened ct\.nii\.gz", timeout=120_000)
+    x, y = centre(views(page)[0])
+    assert probe(page, x, y)[2] >= 0  # lits117's voxel under the mouse
+    assert "HU" in page.get_by_test_id("probe").inner_text()
+    page.mouse.move(5, 5)  # off the views: the next CT's probe can only come from a new mouse move there
+    open_path(page, str(OTHER_CT))
+    wait_status(page, r"Opened ct\.nii\.gz \(122 x 101 x 30\)", timeout=120_000)
+    assert page.get_by_test_id("probe").inner_text().strip() == ""
+
+    set_mode(page, "box", "liver")
+    screen = go_to_slice(page, 15)
+    drag_box(page, screen, (20, 20, 70, 70))
+    wait_slice_mask(page, "liver", 15)
+    labels = download_as_named(page, "export-labelmap", tmp_path)
+    assert labels.name == "totalseg_small-ct-liversam-labels.nii.gz"

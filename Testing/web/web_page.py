@@ -341,6 +341,15 @@ def download(page, testid: str, path: Path, timeout: int = 120_000) -> Path:
     return path
 
 
+def download_as_named(page, testid: str, folder: Path, timeout: int = 120_000) -> Path:
+    """Click an export button and save the download under the name the page gave it, in ``folder``."""
+    with page.expect_download(timeout=timeout) as pending:
+        page.get_by_test_id(testid).click()
+    path = folder / pending.value.suggested_filename
+    pending.value.save_as(path)
+    return path
+
+
 def download_labels(page, path: Path) -> np.ndarray:
     """The labelmap export (liver 1, tumour 2) as [k, j, i]."""
     return read_nifti(download(page, "export-labelmap", path)).copy()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.utils import write_client_files_to_dir
 from vtkmodules.vtkCommonCore import vtkCommand
 
+from .export_names import case_stem, export_names
 from .mrml_scene import (
     InputError,
     SceneContent,
@@ -117,6 +119,7 @@ class LiverSAMWebApp:
             "undo_label": "",
             "propagated": [],
             "fast_thin": False,
+            "export_names": export_names("ct"),
             "tumour_ring": True,
         })
         self.state.change("mode", "segment")(self._on_mode_change)
@@ -169,7 +172,8 @@ class LiverSAMWebApp:
                         v3.VFileInput(
                             label=label, density="compact", hide_details=True, multiple=not folder,
                             prepend_icon="mdi-folder-upload" if folder else "mdi-file-upload",
-                            disabled=("busy",), change=f"trigger('{upload}', [$event.target.files])",
+                            disabled=("busy",), change=f"trigger('{upload}', [$event.target.files, "
+                                                        "($event.target.files[0] || {}).webkitRelativePath || ''])",
                             raw_attrs=(['webkitdirectory', 'data-testid="upload-folder"'] if folder
                                        else ['data-testid="upload-file"']),
                         )
@@ -269,16 +273,17 @@ class LiverSAMWebApp:
             # ---- export
             with v3.VCard(title="6. Export", density="compact", v_if="has_ct"), v3.VCardText(), \
                     html.Div(classes="d-flex flex-wrap ga-2"):
-                for label, kind, name, disabled in (
-                        (".seg.nrrd", "segnrrd", "liversam.seg.nrrd", "busy"),
-                        ("Labelmap .nii.gz", "labelmap", "liversam-labels.nii.gz", "busy"),
-                        ("DICOM SEG", "dicomseg", "liversam-seg.dcm", "busy || !has_dicom")):
+                for label, kind, disabled in (
+                        (".seg.nrrd", "segnrrd", "busy"),
+                        ("Labelmap .nii.gz", "labelmap", "busy"),
+                        ("DICOM SEG", "dicomseg", "busy || !has_dicom")):
                     v3.VBtn(
                         label, size="small", prepend_icon="mdi-download", disabled=(disabled,),
                         raw_attrs=[f'data-testid="export-{kind}"'],
-                        # a refused export (its message is on the page) downloads nothing: no file of "null"
+                        # a refused export (its message is on the page) downloads nothing: no file of "null";
+                        # the file is named after the CT (export_names)
                         click=(f"trigger('{self.server.trigger_name(self.export)}', ['{kind}']).then((data) => data "
-                               f"&& utils.download('{name}', data, 'application/octet-stream'))"),
+                               f"&& utils.download(export_names['{kind}'], data, 'application/octet-stream'))"),
                     )
                 html.Div("DICOM SEG: for a CT opened from a DICOM series (it references that series).",
                          v_if="!has_dicom", classes="text-caption", raw_attrs=['data-testid="dicomseg-note"'])
@@ -316,18 +321,28 @@ class LiverSAMWebApp:
             self._error(str(exc))
             return
         what = f"'{path}'" if len(files) == 1 else f"The folder '{path}'"
-        await self._open_files(files, what, Path(path).name)
+        await self._open_files(files, what, Path(path).name, case_stem(path))
 
-    async def _on_upload(self, files: list[dict]) -> None:
+    async def _on_upload(self, files: list[dict], relative_path: str | None = None) -> None:
+        """Files the page uploaded; ``relative_path``: the first one's path in the folder the reader chose (the
+        browser's ``webkitRelativePath``, "ct_dicom/CT.1.dcm"), whose folder names the exports."""
         if not files:
             return
         folder = Path(tempfile.mkdtemp(dir=self._tmp.name))
         written = write_client_files_to_dir(files, folder)
         names = [Path(f).name for f in written]
         what = f"The uploaded file '{names[0]}'" if len(names) == 1 else f"The uploaded folder ({len(names)} files)"
-        create_task(self._open_files(written, what, names[0] if len(names) == 1 else f"{len(names)} DICOM files"))
+        chosen = str(relative_path or "").replace("\\", "/")
+        chosen = chosen.split("/")[0] if "/" in chosen else ""  # the folder the reader chose
+        stem = case_stem(names[0]) if len(names) == 1 else case_stem(chosen or "dicom-series")
+        create_task(self._open_files(written, what, names[0] if len(names) == 1 else f"{len(names)} DICOM files",
+                                     stem))
 
-    async def _open_files(self, files: list[str], what: str, display_name: str) -> None:
+    async def _open_files(self, files: list[str], what: str, display_name: str, stem: str | None = None) -> None:
+        """Open a CT from ``files`` (one image file or a DICOM series); ``stem`` names its exports (default: after the
+        file, or the files' folder)."""
+        if stem is None:
+            stem = case_stem(files[0] if len(files) == 1 else os.path.commonpath([str(Path(f).parent) for f in files]))
         if self.state.busy or self.state.job_running:
             self._error("Wait for the current step to finish (or cancel the propagation) before opening a CT.")
             return
@@ -370,7 +385,7 @@ class LiverSAMWebApp:
             create_task(asyncio.to_thread(old_workflow.close))
         if old_content is not None:
             old_content.remove()
-        self._show_new_case(display_name)
+        self._show_new_case(display_name, stem)
         self._set_busy("")
 
     def _reopen_session(self, content: SceneContent):
@@ -386,7 +401,7 @@ class LiverSAMWebApp:
 
         return reopen
 
-    def _show_new_case(self, display_name: str) -> None:
+    def _show_new_case(self, display_name: str, stem: str = "ct") -> None:
         assert self.content is not None
         content = self.content
         for view in self.slicer_app.view_manager.get_slice_views():
@@ -415,6 +430,8 @@ class LiverSAMWebApp:
             self.state.update({
                 "busy": False, "busy_text": "",  # with the status line: the page never shows "Opened" while busy
                 "has_ct": True, "has_dicom": content.dicom is not None, "ct_name": display_name, "n_slices": nk,
+                "export_names": export_names(stem),
+                "probe": "",  # the voxel under the mouse in the CT before (it showed "k 60 -876 HU" on a 3-slice CT)
                 "window": 400.0, "level": 40.0,
                 "review_rows": [], "review_items": [], "lesion_rows": [], "progress": 0, "propagated": [],
                 "error": "",
@@ -908,13 +925,13 @@ class LiverSAMWebApp:
         folder = Path(tempfile.mkdtemp(dir=self._tmp.name))
         try:
             if kind == "segnrrd":
-                path = folder / "liversam.seg.nrrd"
+                path = folder / self.state.export_names[kind]
                 self.content.write_segmentation(path)
             elif kind == "labelmap":
-                path = folder / "liversam-labels.nii.gz"
+                path = folder / self.state.export_names[kind]
                 self.content.write_labelmap(self.workflow.labelmap(), path)
             elif kind == "dicomseg":
-                path = folder / "liversam-seg.dcm"
+                path = folder / self.state.export_names[kind]
                 if not await self._export_dicom_seg(path):
                     return None
             else:
@@ -972,8 +989,8 @@ class LiverSAMWebApp:
                 # a server older than the page: it cannot put axial masks on a sagittal / coronal series' frames
                 advice = (f". This LiverSAM server cannot write a DICOM SEG of a series stored in "
                           f"{content.reorientation.input_plane} slices (update it); meanwhile export .seg.nrrd (on the "
-                          "series' own grid) and run: liversam export liversam.seg.nrrd --reference-dicom SERIES_FOLDER "
-                          "--output seg.dcm")
+                          f"series' own grid) and run: liversam export {self.state.export_names['segnrrd']} "
+                          f"--reference-dicom SERIES_FOLDER --output {self.state.export_names['dicomseg']}")
             self._error(f"DICOM SEG export failed: {_client_message(exc)}{advice}")
             return False
         finally:
