@@ -422,6 +422,44 @@ def test_a_tumour_box_on_a_slice_without_liver_says_why_it_is_empty(tmp_path):
     asyncio.run(scenario())
 
 
+def test_a_tumour_without_a_liver_or_outside_it_says_why(tmp_path):
+    """A tumour box outside the liver gave "0 voxels" and nothing more; a tumour boxed or propagated with no liver
+    yet (not kept inside one: on lits117 it ran over 96 slices) gave no hint."""
+    client = FakeServer()
+    app = new_app(client)
+
+    async def scenario():
+        await open_ct(app, write_nrrd(tmp_path / "ct.nrrd", synthetic_ct(), DIRECTIONS["lps"]))
+        app.state.segment = "tumor"
+        app._jump(5)
+        drag_box(app, (8, 16, 5), (20, 30, 5))  # no liver yet
+        await settle(app)
+        assert app.workflow.masks["tumor"][5].any() and not app.state.error
+        assert "No liver is segmented yet, so this tumour is not kept inside one: segment and propagate the liver " \
+               "first" in app.state.status, app.state.status
+        client.finish.set()
+        app.propagate("tumor")
+        await settle(app, 0.1)
+        while app.state.job_running:
+            await asyncio.sleep(0.1)
+        assert app.state.status.startswith("Tumor:") and "No liver is segmented yet" in app.state.status, \
+            app.state.status
+        app.undo()
+        app.undo()
+
+        app.state.segment = "liver"
+        drag_box(app, (8, 16, 5), (20, 30, 5))
+        await settle(app)
+        app.state.segment = "tumor"
+        drag_box(app, (25, 35, 5), (32, 42, 5))  # beside the liver's box on the same slice
+        await settle(app)
+        assert ("Tumour on slice 5: 0 voxels. The model's mask for this box (64 voxels) lies outside the liver mask, "
+                "and tumours are kept inside the liver") in app.state.error, app.state.error
+        assert "No liver" not in app.state.status
+
+    asyncio.run(scenario())
+
+
 def test_an_export_with_nothing_segmented_says_so_instead_of_downloading_an_empty_file(tmp_path):
     client = FakeServer()
     app = new_app(client)

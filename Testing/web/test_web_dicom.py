@@ -7,6 +7,8 @@ is refused and leaves the open CT as it was.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from playwright.sync_api import expect
 from web_page import (
@@ -167,5 +169,10 @@ def test_faster_on_thin_slices_reaches_the_job_even_when_ticked_just_before_the_
     # 2.0 mm slices are thin enough: every other slice of the walk is interpolated (9 of 20 from `liversam segment
     # --skip-thin-slices 2` with this box)
     assert sources.count("interpolated") >= 5, sources
+    # nothing flagged (`liversam segment` with this box: "no slice range to check"): the review says so, with no
+    # "To check" heading above nothing
+    assert re.search(r"; 0 slices flagged for review", page.get_by_test_id("status").inner_text())
+    expect(page.get_by_test_id("review-none")).to_have_text("Nothing flagged for review.")
+    assert page.get_by_test_id("review-item").count() == 0 and page.get_by_text("To check (click").count() == 0
     expect(page.get_by_test_id("fast-thin").locator("input")).to_be_checked()
     page.get_by_test_id("fast-thin").locator("input").uncheck()

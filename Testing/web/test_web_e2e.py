@@ -49,6 +49,7 @@ from web_page import (
     open_path,
     probe,
     read_nifti,
+    review_table_overflow,
     save_small_png,
     scroll_panel,
     set_mode,
@@ -413,6 +414,11 @@ def test_6_tumour_inside_the_liver_with_propagation(lits):
           f"{precision:.2f} of them in the label's tumours")
     assert len(slices) >= 5
     assert precision >= 0.7
+    # the tumour's review table fits the panel (its "from" column was cut to "fr") and says its flags in words
+    # (they were code names: beyond_end, low_score)
+    assert review_table_overflow(page) == 0
+    flags = " ".join(page.get_by_test_id("review-flags").all_inner_texts())
+    assert "may go on" in flags and "_" not in flags, flags
     assert np.array_equal(labels > 0, lits.labels["repropagated"] > 0)  # inside the liver: no voxel outside it
     lits.labels["tumour"] = labels
 

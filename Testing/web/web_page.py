@@ -327,6 +327,15 @@ def uncovered_in_viewport(page, testid: str) -> bool:
         " return hit !== null && e.contains(hit); }")
 
 
+def review_table_overflow(page) -> int:
+    """How many pixels the review table is wider than the panel shows it (0: every column fits)."""
+    return int(page.get_by_test_id("review-row").first.evaluate(
+        "(row) => { const table = row.closest('table'); const box = table.parentElement;"
+        " const card = row.closest('.v-card').getBoundingClientRect();"
+        " return Math.max(0, box.scrollWidth - box.clientWidth, Math.ceil(table.getBoundingClientRect().right"
+        " - card.right)); }"))
+
+
 def scroll_panel(page, to: str) -> None:
     """Scroll the side panel to its "top" or "bottom"."""
     page.locator(".v-navigation-drawer__content").first.evaluate(

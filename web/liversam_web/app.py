@@ -35,6 +35,7 @@ from .mrml_scene import (
     load_ct_with_source,
     reorient_volume_to_axial,
 )
+from .review_table import lesion_rows, review_rows
 from .server_client import LiverSAMClient, LiverSAMClientError, ServerRequestError, ServerUnavailable
 from .slice_prompting import CLICK_TOLERANCE_PX, SlicePrompting
 from .view_mouse import OffAxialGestures, set_window_level_drag
@@ -52,13 +53,11 @@ logger = logging.getLogger("liversam_web")
 
 WINDOW_PRESETS = {"Abdomen": (400.0, 40.0), "Liver": (150.0, 60.0), "Bone": (1800.0, 400.0), "Lung": (1500.0, -600.0)}
 LAYOUT_ID = "Axial Primary"
+CELL = "padding: 2px 4px; overflow-wrap: anywhere; line-height: 1.2"  # review table cells: narrow, wrapping
 JOB_POLL_S = 0.25
 PREFETCH_DELAY_S = 0.4  # the user has settled on a slice
 PREFETCH_RADIUS = 2
 
-
-# Where a reviewed slice's mask came from (``liversam.review.SliceReview.source``), as the review table says it.
-SLICE_SOURCES = {"user": "your prompt", "propagated": "model", "interpolated": "interpolated"}
 
 
 class LiverSAMWebApp:
@@ -237,27 +236,37 @@ class LiverSAMWebApp:
                                    "still lean to the tumour (off: the core only; a fix keeps the setting its "
                                    "propagation had)")
             # ---- review and lesions
-            with v3.VCard(title="5. Review (click a row: the views jump there)", density="compact",
-                          v_if="review_rows.length"), v3.VCardText():
-                html.Div("To check (click: the views go to the first slice of the range)", classes="text-caption")
+            with v3.VCard(title="5. Review", density="compact", v_if="review_rows.length"), v3.VCardText():
+                html.Div("To check (click: the views go to the first slice of the range)", classes="text-caption",
+                         v_if="review_items.length")
+                html.Div("Nothing flagged for review.", classes="text-caption", v_if="!review_items.length",
+                         raw_attrs=['data-testid="review-none"'])
                 with html.Div(v_for="item in review_items", key="item.first", style="cursor: pointer",
                               classes="text-body-2 text-warning mb-1",
                               click=(self.ctrl.jump_to_slice, "[item.first]"), raw_attrs=['data-testid="review-item"']):
                     html.B("{{ item.segment }} {{ item.slices }}: ")
                     html.Span("{{ item.reason }}")
-                html.Div("{{ review_segment }}: every slice, flagged slices first", classes="text-caption mt-2")
-                with html.Div(style="max-height: 220px; overflow-y: auto"), v3.VTable(density="compact"):
+                html.Div("{{ review_segment }}: every slice, flagged slices first (click a row: the views go there)",
+                         classes="text-caption mt-2")
+                # fixed columns that fit the panel, the flags wrapped (the "from" column was cut to "fr")
+                with html.Div(style="max-height: 220px; overflow-y: auto; overflow-x: hidden",
+                              raw_attrs=['data-testid="review-table"']), \
+                        v3.VTable(density="compact", style="table-layout: fixed; width: 100%"):
+                    with html.Colgroup():
+                        for width in ("13%", "17%", "15%", "30%", "25%"):
+                            html.Col(style=f"width: {width}")
                     with html.Thead(), html.Tr():
-                        for title in ("k", "area mm²", "score", "flags", "from"):
-                            html.Th(title)
+                        for title in ("k", "mm²", "score", "flags", "from"):
+                            html.Th(title, style=CELL)
                     with html.Tbody():
                         with html.Tr(v_for="row in review_rows", key="row.k", style="cursor: pointer",
                                      click=(self.ctrl.jump_to_slice, "[row.k]"), raw_attrs=['data-testid="review-row"']):
-                            html.Td("{{ row.k }}")
-                            html.Td("{{ row.area }}")
-                            html.Td("{{ row.score }}")
-                            html.Td("{{ row.flags }}", classes="text-warning")
-                            html.Td("{{ row.source }}", raw_attrs=['data-testid="review-source"'])
+                            html.Td("{{ row.k }}", style=CELL)
+                            html.Td("{{ row.area }}", style=CELL)
+                            html.Td("{{ row.score }}", style=CELL)
+                            html.Td("{{ row.flags }}", classes="text-warning", style=CELL,
+                                    raw_attrs=['data-testid="review-flags"'])
+                            html.Td("{{ row.source }}", style=CELL, raw_attrs=['data-testid="review-source"'])
             with v3.VCard(title="Lesions", density="compact", v_if="lesion_rows.length"), v3.VCardText():
                 with v3.VTable(density="compact"):
                     with html.Thead(), html.Tr():
@@ -700,15 +709,13 @@ class LiverSAMWebApp:
             self.content.show_mask(segment, workflow.masks[segment])
             area = int(workflow.masks[segment][k].sum())
             logger.debug("live update of %s slice %d: %d voxels", segment, k, area)
-            liver = workflow.masks["liver"]
-            if segment == "tumor" and area == 0 and liver.any() and not liver[k].any():
-                self._error(f"Tumour on slice {k}: 0 voxels. Tumours are kept inside the liver, and the liver has no "
-                            f"mask on slice {k} yet: propagate the liver (or draw a liver box on this slice) first; "
-                            "undo takes this tumour box back.")
+            why = _empty_tumour_reason(workflow, k) if segment == "tumor" and area == 0 else ""
+            if why:
+                self._error(f"Tumour on slice {k}: 0 voxels. {why}; undo takes this tumour box back.")
                 self._sync_undo()
                 return
             self._status(f"{segment.capitalize()} on slice {k}: {area} voxels ({time.monotonic() - started:.1f} s). "
-                         "Add + / - points to correct it, or propagate.")
+                         "Add + / - points to correct it, or propagate." + _no_liver_note(workflow, segment))
             self._sync_undo()
 
     def clear_slice(self, segment: str | None = None, *_args) -> None:
@@ -872,7 +879,7 @@ class LiverSAMWebApp:
             volume = f"{float(ml):.1f} mL" if isinstance(ml, (int, float)) else "? mL"
             self.state.status = (f"{segment.capitalize()}: {voxels} voxels, {volume}; {flagged} "
                                  f"slice{'' if flagged == 1 else 's'} flagged for review. Fix a slice with points or "
-                                 "a box, then re-propagate from it.")
+                                 "a box, then re-propagate from it." + _no_liver_note(self.workflow, segment))
             self.state.error = ""
         self._sync_undo()
 
@@ -883,7 +890,6 @@ class LiverSAMWebApp:
         if segment not in self.workflow.propagated:
             segment = next(iter(sorted(self.workflow.propagated)), "")
         report = self.workflow.review.get(segment, {}) if segment else {}
-        rows = sorted(report.get("slices", []), key=lambda r: (not r.get("flags"), r["k"]))
         lesions = self.workflow.lesions if "tumor" in self.workflow.propagated else []
         with self.state:
             self.state.review_segment = segment
@@ -895,21 +901,8 @@ class LiverSAMWebApp:
                 for name in sorted(self.workflow.propagated)
                 for item in self.workflow.review.get(name, {}).get("items", [])
             ]
-            self.state.review_rows = [
-                {"k": r["k"], "area": round(float(r.get("area_mm2", 0.0)), 1),
-                 "score": "" if r.get("score") is None else round(float(r["score"]), 2),
-                 "source": SLICE_SOURCES.get(r.get("source") or "", ""),
-                 "flags": ", ".join(r.get("flags") or [])}
-                for r in rows
-            ]
-            self.state.lesion_rows = [
-                {"id": lesion.get("lesion_id"),
-                 "ml": round(float(lesion["volume_ml"]), 1) if lesion.get("volume_ml") is not None else "",
-                 "diameter": lesion.get("longest_axial_diameter_mm"),
-                 "slices": f"{lesion.get('slice_first')}-{lesion.get('slice_last')}",
-                 "centre_k": (int(lesion.get("slice_first", 0)) + int(lesion.get("slice_last", 0))) // 2}
-                for lesion in lesions
-            ]
+            self.state.review_rows = review_rows(report)
+            self.state.lesion_rows = lesion_rows(lesions)
             self.state.propagated = sorted(self.workflow.propagated)
 
     # ================================================================== export
@@ -1013,6 +1006,29 @@ def mode_hint(mode: str, segment: str) -> str:
         return f"- point: click where the {name} mask spills over; the slice is segmented again."
     return ("Browse: drag in a slice view for window/level (left-right: window, up-down: level; a double-click "
             "resets it), the wheel scrolls slices.")
+
+
+def _empty_tumour_reason(workflow: Workflow, k: int) -> str:
+    """Why a tumour box on slice k gave no voxel, when the liver explains it ("" when it does not)."""
+    liver = workflow.masks["liver"]
+    if not liver.any():
+        return ""
+    if not liver[k].any():
+        return (f"Tumours are kept inside the liver, and the liver has no mask on slice {k} yet: propagate the liver "
+                "(or draw a liver box on this slice) first")
+    if workflow.dropped_outside_liver:
+        return (f"The model's mask for this box ({workflow.dropped_outside_liver} voxels) lies outside the liver mask, "
+                "and tumours are kept inside the liver: draw the box on a lesion inside the liver, or correct the "
+                "liver on this slice first")
+    return "The model found no lesion in this box: draw it closely around a lesion"
+
+
+def _no_liver_note(workflow: Workflow | None, segment: str) -> str:
+    """For a tumour with no liver segmented yet: it is not kept inside one (it ran over 96 slices of lits117)."""
+    if segment != "tumor" or workflow is None or workflow.masks["liver"].any():
+        return ""
+    return (" No liver is segmented yet, so this tumour is not kept inside one: segment and propagate the liver first "
+            "(tumours are kept inside the liver), then the tumours.")
 
 
 def _client_message(exc: Exception) -> str:

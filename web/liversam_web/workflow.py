@@ -78,6 +78,8 @@ class Workflow:
         self.review: dict[str, Any] = {}
         self.lesions: list[dict[str, Any]] = []
         self._undo: list[_Snapshot] = []
+        # voxels of the model's last tumour slice mask left out because they lie outside the liver (predict_slice)
+        self.dropped_outside_liver = 0
 
     # --- the server session ----------------------------------------------------------------------------
     def with_session(self, call: Callable[[], Any]) -> Any:
@@ -190,7 +192,8 @@ class Workflow:
         """Segment slice k of ``segment`` from its prompts there, store and return the slice mask [j, i].
 
         A liver slice is one prediction from its box and points. Each tumour box is predicted on its own
-        (with the points inside it) and the lesions are united, then kept inside the liver when there is one.
+        (with the points inside it) and the lesions are united, then kept inside the liver when there is one
+        (``dropped_outside_liver`` counts what that left out).
         """
         prompts = self.prompts[segment].get(int(k), SlicePrompts())
         nj, ni = self.shape_kji[1:]
@@ -207,8 +210,11 @@ class Workflow:
             mask, _ = self.with_session(lambda: self.client.predict_slice(
                 self.session_id, k, prompts.boxes, prompts.points, prompts.negative_points
             ))
+        self.dropped_outside_liver = 0
         if segment == "tumor" and self.masks["liver"].any():
-            mask &= self.masks["liver"][int(k)]
+            inside = mask & self.masks["liver"][int(k)]
+            self.dropped_outside_liver = int(mask.sum()) - int(inside.sum())
+            mask = inside
         self.masks[segment][int(k)] = mask
         return mask
 
