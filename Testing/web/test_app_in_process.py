@@ -442,7 +442,7 @@ def test_a_tumour_without_a_liver_or_outside_it_says_why(tmp_path):
         await settle(app, 0.1)
         while app.state.job_running:
             await asyncio.sleep(0.1)
-        assert app.state.status.startswith("Tumor:") and "No liver is segmented yet" in app.state.status, \
+        assert app.state.status.startswith("Tumour:") and "No liver is segmented yet" in app.state.status, \
             app.state.status
         app.undo()
         app.undo()

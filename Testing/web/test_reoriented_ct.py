@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,15 +167,16 @@ def test_a_dicom_seg_of_such_a_series_is_asked_of_the_server_with_the_axial_mask
     assert liver.sum() == 5 * 7
 
 
-def export_refused(tmp_path, direction: np.ndarray, message: str):
+def export_refused(tmp_path, direction: np.ndarray, message: str, uploaded: bool = False):
     """A DICOM SEG export of a boxed CT stored with ``direction``, refused by the stand-in server with ``message`` (a
-    422): (the app, its server, the export's outcome)."""
+    422; "{folder}" in it is the series folder): (the app, its server, the export's outcome). ``uploaded``: the
+    series lies in the app's temporary folder, as an upload does."""
     from liversam_web.mrml_scene import DicomSource
     from liversam_web.server_client import ServerRequestError
 
     class Refusing(SegWritingServer):
         def export_dicom_seg(self, session, segments, reference_dicom=None, series_uid=None, **_kwargs):
-            raise ServerRequestError(422, message)
+            raise ServerRequestError(422, message.replace("{folder}", str(reference_dicom)))
 
     ct_path = write_nrrd(tmp_path / "ct.nrrd", synthetic_ct(), direction)
     client = Refusing()
@@ -182,7 +184,8 @@ def export_refused(tmp_path, direction: np.ndarray, message: str):
 
     async def scenario():
         await open_ct(app, ct_path)
-        app.content.dicom = DicomSource(str(tmp_path / "series"), "1.2.826.0.1.3680043.8.498.2", 1)
+        folder = Path(app._tmp.name) / "tmpotb6k2q8" if uploaded else tmp_path / "series"
+        app.content.dicom = DicomSource(str(folder), "1.2.826.0.1.3680043.8.498.2", 1)
         await box_the_marker(app)
         return await app._export_dicom_seg(tmp_path / "seg.dcm")
 
@@ -198,6 +201,21 @@ def test_the_masks_sent_for_an_export_the_server_refused_are_not_left_on_it(tmp_
     uploaded = [c[2] for c in client.calls if c[0] == "upload_mask"]
     assert uploaded and sorted(c[2] for c in client.calls if c[0] == "delete_mask") == sorted(uploaded)
     assert not (tmp_path / "seg.dcm").exists()
+
+
+def test_a_refusal_names_an_uploaded_series_as_such_not_by_its_temporary_folder(tmp_path):
+    """The TotalSegmentator series uploaded (its UIDs blanked): the message named the app's temporary folder, which the
+    reader never chose ("/tmp/liversam-web-nhef0z53/tmpotb6k2q8"), and ended with "..". """
+    app, _client, written = export_refused(
+        tmp_path, np.eye(3), "The DICOM series in '{folder}' lacks the UIDs a DICOM SEG must reference (SOPInstanceUID empty in "
+        "20 file(s)); it was "
+        "probably anonymised with UIDs blanked. Export to .seg.nrrd or .nii.gz instead, or use the original series.",
+        uploaded=True)
+    assert written is False
+    error = app.state.error
+    assert error.startswith("DICOM SEG export failed: The DICOM series in the uploaded folder lacks the UIDs"), error
+    assert app._tmp.name not in error and "liversam-web-" not in error
+    assert error.endswith("or use the original series.") and not error.endswith(".."), error
 
 
 def test_an_older_server_that_cannot_write_it_gets_the_command_that_can(tmp_path):

@@ -3,7 +3,7 @@ whole mm², flagged slices with a mask before the empty ones beyond the ends; th
 
 from __future__ import annotations
 
-from liversam_web.review_table import FLAG_WORDS, flag_text, lesion_rows, review_rows
+from liversam_web.review_table import FLAG_WORDS, flag_text, lesion_rows, review_items, review_rows
 
 REVIEW_FLAGS = ("gap", "tip", "low_score", "uncertain", "touches_box_edge", "area_jump", "ragged", "zigzag",
                 "hu_shift", "past_end", "end", "beyond_end")  # every flag liversam.review raises
@@ -37,3 +37,16 @@ def test_lesion_rows_one_decimal() -> None:
                          "slice_first": 50, "slice_last": 107}])
     assert rows == [{"id": 1, "ml": 36.2, "diameter": 58.6,
                      "slices": "50-107", "centre_k": 78}]
+
+
+def test_review_items_say_tumour_as_the_page_does() -> None:
+    """The server's reasons name the segment "tumor" ("tumor stops at slice 48"); the page says "tumour" everywhere."""
+    review = {"tumor": {"items": [{"first_slice": 38, "slices": "38-120",
+                                   "reason": "tumor stops at slice 48 while ...; tumor's area changes suddenly"}]},
+              "liver": {"items": [{"first_slice": 127, "slices": "127", "reason": "liver's outline is ragged"}]}}
+    items = review_items(review, {"liver", "tumor"})
+    assert items == [
+        {"segment": "liver", "first": 127, "slices": "127", "reason": "liver's outline is ragged"},
+        {"segment": "tumour", "first": 38, "slices": "38-120",
+         "reason": "tumour stops at slice 48 while ...; tumour's area changes suddenly"},
+    ]

@@ -404,7 +404,7 @@ def test_6_tumour_inside_the_liver_with_propagation(lits):
     lits.labels["tumour box"] = box_labels
 
     page.get_by_test_id("propagate").click()
-    wait_job_end(page, r"Tumor: \d+ voxels")
+    wait_job_end(page, r"Tumour: \d+ voxels")
     assert page.get_by_test_id("lesion-row").count() >= 1
     labels = lits.labels_now()
     tumour = labels == 2
@@ -433,11 +433,11 @@ def test_7_undo_the_tumour_propagation(lits):
     lits.go_on_from(6)
     page = lits.page
     page.get_by_test_id("undo").click()
-    wait_status(page, r"Undone: propagate tumor", timeout=20_000)
+    wait_status(page, r"Undone: propagate tumour", timeout=20_000)
     assert np.array_equal(lits.labels_now(), lits.labels["tumour box"])
     assert page.get_by_test_id("lesion-row").count() == 0
     assert page.get_by_test_id("review-row").count() > 10  # the liver's review is back
-    assert re.search(rf"tumor box on slice {TUMOUR_K}", undo_label(page))
+    assert re.search(rf"tumour box on slice {TUMOUR_K}", undo_label(page))
     lits.step = 7
 
 

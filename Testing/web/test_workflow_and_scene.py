@@ -112,7 +112,7 @@ def test_propagation_specs_use_ijk_and_the_liver_as_container():
     upload = [c for c in client.calls if c[0] == "upload"][-1]
     assert upload[1] == LIVER_CONTAINER and upload[2].sum() == workflow.masks["liver"].sum()
     assert client.calls[-1][1][0]["inside"] == LIVER_CONTAINER
-    with pytest.raises(ValueError, match="propagate the liver first"):
+    with pytest.raises(ValueError, match="Propagate the liver first"):
         workflow.start_repropagation("liver", 3)
     workflow.propagated.add("liver")
     workflow.start_repropagation("liver", 3)
@@ -147,7 +147,7 @@ def test_undo_of_a_propagation_restores_its_review_and_lesions():
     # the server's tumour as it is; the liver takes its voxels outside it (3 x 4 x 20), as `liversam segment` does
     assert workflow.masks["tumor"].sum() == 3 * 4 * 28 and not (workflow.masks["tumor"] & ~workflow.masks["liver"]).any()
     assert workflow.masks["liver"].sum() == SHAPE[0] * SHAPE[1] * 10 + 3 * 4 * 20
-    assert workflow.undo() == "propagate tumor"
+    assert workflow.undo() == "propagate tumour"
     assert workflow.propagated == set() and workflow.lesions == [] and workflow.review == {}
     assert not workflow.masks["tumor"].any() and workflow.prompts["tumor"][2].boxes == [(2.0, 2.0, 8.0, 6.0)]
     assert workflow.masks["liver"].sum() == SHAPE[0] * SHAPE[1] * 10  # the liver's gain is undone with it

@@ -272,7 +272,8 @@ def wait_slice_mask(page, segment: str, k: int, before: str = "", timeout: int =
     what the page had there, the page's console, and a one-pixel mouse move (no click, no prompt); if it never
     comes the failure names the app's trace (LIVERSAM_WEB_LOG). (The "hang" this was written for was a drag off
     the page from a stale probe reading: see ``probe`` and ``ScreenMap.checked``.)"""
-    pattern = rf"{segment.capitalize()} on slice {k}: (\d+) voxels"
+    word = {"tumor": "Tumour"}.get(segment, segment.capitalize())  # the page's spelling
+    pattern = rf"{word} on slice {k}: (\d+) voxels"
     deadline = time.monotonic() + timeout / 1000
     nudge_at = time.monotonic() + NUDGE_AFTER_S
     text = ""

@@ -35,7 +35,7 @@ from .mrml_scene import (
     load_ct_with_source,
     reorient_volume_to_axial,
 )
-from .review_table import lesion_rows, review_rows
+from .review_table import lesion_rows, review_items, review_rows
 from .server_client import LiverSAMClient, LiverSAMClientError, ServerRequestError, ServerUnavailable
 from .slice_prompting import CLICK_TOLERANCE_PX, SlicePrompting
 from .view_mouse import OffAxialGestures, set_window_level_drag
@@ -47,7 +47,7 @@ from .volume_geometry import (
     server_geometry,
     slice_plane,
 )
-from .workflow import FAST_THIN_SLICE_MM, SEGMENTS, Workflow
+from .workflow import FAST_THIN_SLICE_MM, SEGMENTS, Workflow, segment_word
 
 logger = logging.getLogger("liversam_web")
 
@@ -246,7 +246,7 @@ class LiverSAMWebApp:
                               click=(self.ctrl.jump_to_slice, "[item.first]"), raw_attrs=['data-testid="review-item"']):
                     html.B("{{ item.segment }} {{ item.slices }}: ")
                     html.Span("{{ item.reason }}")
-                html.Div("{{ review_segment }}: every slice, flagged slices first (click a row: the views go there)",
+                html.Div("{{ review_segment === 'tumor' ? 'tumour' : review_segment }}: every slice, flagged slices first (click a row: the views go there)",
                          classes="text-caption mt-2")
                 # fixed columns that fit the panel, the flags wrapped (the "from" column was cut to "fr")
                 with html.Div(style="max-height: 220px; overflow-y: auto; overflow-x: hidden",
@@ -582,7 +582,7 @@ class LiverSAMWebApp:
             return True
         segment = self.state.segment
         if self.state.job_running and self._job_segment == segment:
-            name = {"tumor": "tumour"}.get(segment, segment)
+            name = segment_word(segment)
             self._error(f"{what} ignored: the {name} is being propagated, and its result will replace the {name} "
                         f"mask. Wait for it to finish (or cancel it), then add {name} prompts.")
             return True
@@ -600,7 +600,7 @@ class LiverSAMWebApp:
             return
         segment = self.state.segment
         logger.debug("%s box on slice %d: %s", segment, k, box)
-        change = self.workflow.push_undo(f"{segment} box on slice {k}")
+        change = self.workflow.push_undo(f"{segment_word(segment)} box on slice {k}")
         self.workflow.add_box(segment, k, box)
         create_task(self._predict(segment, k, change, ("box", box)))
 
@@ -624,7 +624,7 @@ class LiverSAMWebApp:
             return
         if not positive and not (prompts and (prompts.boxes or prompts.points)):
             self._error(f"Point ignored: a - point corrects a mask; on slice {k} there is none yet. Draw a box "
-                        f"around the {segment} or click a + point on it first.")
+                        f"around the {segment_word(segment)} or click a + point on it first.")
             return
         logger.debug("%s %s point on slice %d: %s", segment, "+" if positive else "-", k, point)
         change = self.workflow.push_undo(f"{'+' if positive else '-'} point on slice {k}")
@@ -689,7 +689,7 @@ class LiverSAMWebApp:
             logger.debug("live update of %s slice %d: asking the server", segment, k)
             with self.state:
                 self.state.busy = True
-                self.state.status = f"Segmenting the {segment} on slice {k} ..."
+                self.state.status = f"Segmenting the {segment_word(segment)} on slice {k} ..."
             started = time.monotonic()
             try:
                 await asyncio.to_thread(workflow.predict_slice, segment, k)
@@ -714,7 +714,7 @@ class LiverSAMWebApp:
                 self._error(f"Tumour on slice {k}: 0 voxels. {why}; undo takes this tumour box back.")
                 self._sync_undo()
                 return
-            self._status(f"{segment.capitalize()} on slice {k}: {area} voxels ({time.monotonic() - started:.1f} s). "
+            self._status(f"{segment_word(segment).capitalize()} on slice {k}: {area} voxels ({time.monotonic() - started:.1f} s). "
                          "Add + / - points to correct it, or propagate." + _no_liver_note(workflow, segment))
             self._sync_undo()
 
@@ -724,14 +724,14 @@ class LiverSAMWebApp:
             return
         k, segment = self._current_k(), self._segment(segment)
         if self.state.job_running and self._job_segment == segment:
-            name = {"tumor": "tumour"}.get(segment, segment)
+            name = segment_word(segment)
             self._error(f"Not cleared: the {name} is being propagated, and its result will replace the {name} mask. "
                         "Wait for it to finish (or cancel it), then clear the slice.")
             return
-        self.workflow.push_undo(f"clear {segment} on slice {k}")
+        self.workflow.push_undo(f"clear {segment_word(segment)} on slice {k}")
         self.workflow.clear_slice(segment, k)
         self._refresh_all()
-        self._status(f"Cleared the {segment} prompts and mask on slice {k}.")
+        self._status(f"Cleared the {segment_word(segment)} prompts and mask on slice {k}.")
 
     def undo(self, *_args) -> None:
         if self.workflow is None:
@@ -806,10 +806,10 @@ class LiverSAMWebApp:
             if repropagate_k is None:
                 job = await asyncio.to_thread(workflow.start_propagation, segment, settings.get("fast_thin", False),
                                               settings.get("tumour_ring", True))
-                what = f"Propagating the {segment}"
+                what = f"Propagating the {segment_word(segment)}"
             else:
                 job = await asyncio.to_thread(workflow.start_repropagation, segment, repropagate_k)
-                what = f"Re-propagating the {segment} from slice {repropagate_k}"
+                what = f"Re-propagating the {segment_word(segment)} from slice {repropagate_k}"
         except ValueError as exc:
             self._error(f"{exc}.")
             return
@@ -877,7 +877,7 @@ class LiverSAMWebApp:
             flagged = len(report.get("flagged_slices", []))
             ml = report.get("volume_ml")
             volume = f"{float(ml):.1f} mL" if isinstance(ml, (int, float)) else "? mL"
-            self.state.status = (f"{segment.capitalize()}: {voxels} voxels, {volume}; {flagged} "
+            self.state.status = (f"{segment_word(segment).capitalize()}: {voxels} voxels, {volume}; {flagged} "
                                  f"slice{'' if flagged == 1 else 's'} flagged for review. Fix a slice with points or "
                                  "a box, then re-propagate from it." + _no_liver_note(self.workflow, segment))
             self.state.error = ""
@@ -895,12 +895,7 @@ class LiverSAMWebApp:
             self.state.review_segment = segment
             # The review items (ranges of flagged slices with their reason, at most ten per scan) of every
             # propagated segment, in the report's order.
-            self.state.review_items = [
-                {"segment": name, "first": int(item["first_slice"]), "slices": item.get("slices", ""),
-                 "reason": item.get("reason", "")}
-                for name in sorted(self.workflow.propagated)
-                for item in self.workflow.review.get(name, {}).get("items", [])
-            ]
+            self.state.review_items = review_items(self.workflow.review, self.workflow.propagated)
             self.state.review_rows = review_rows(report)
             self.state.lesion_rows = lesion_rows(lesions)
             self.state.propagated = sorted(self.workflow.propagated)
@@ -977,14 +972,17 @@ class LiverSAMWebApp:
         try:
             data = await asyncio.to_thread(write)
         except LiverSAMClientError as exc:
-            advice = _what_to_do(exc)
-            if content.reorientation is not None and "does not match the DICOM series" in _client_message(exc):
+            advice, message = _what_to_do(exc), _client_message(exc)
+            if Path(dicom.folder).is_relative_to(self._tmp.name):  # an upload: not by the temporary folder's name
+                message = message.replace(f"'{dicom.folder}'", "the uploaded folder").replace(dicom.folder,
+                                                                                              "the uploaded folder")
+            if content.reorientation is not None and "does not match the DICOM series" in message:
                 # a server older than the page: it cannot put axial masks on a sagittal / coronal series' frames
                 advice = (f". This LiverSAM server cannot write a DICOM SEG of a series stored in "
                           f"{content.reorientation.input_plane} slices (update it); meanwhile export .seg.nrrd (on the "
                           f"series' own grid) and run: liversam export {self.state.export_names['segnrrd']} "
                           f"--reference-dicom SERIES_FOLDER --output {self.state.export_names['dicomseg']}")
-            self._error(f"DICOM SEG export failed: {_client_message(exc)}{advice}")
+            self._error(f"DICOM SEG export failed: {message.rstrip('.')}{advice}")
             return False
         finally:
             self._set_busy("")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+from .workflow import segment_word
 
 # Where a reviewed slice's mask came from (``liversam.review.SliceReview.source``), as the review table says it.
 SLICE_SOURCES = {"user": "your prompt", "propagated": "model", "interpolated": "interpolated"}
@@ -41,6 +44,17 @@ def review_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
          "source": SLICE_SOURCES.get(r.get("source") or "", ""),
          "flags": flag_text(r.get("flags"))}
         for r in sorted(report.get("slices", []), key=order)
+    ]
+
+
+def review_items(review: dict[str, dict[str, Any]], propagated: set[str]) -> list[dict[str, Any]]:
+    """The review items (ranges of flagged slices with their reason, at most ten per scan) of every propagated
+    segment, in the report's order; the server's reasons name the segment "tumor", the page says "tumour"."""
+    return [
+        {"segment": segment_word(name), "first": int(item["first_slice"]), "slices": item.get("slices", ""),
+         "reason": re.sub(r"\btumor\b", "tumour", str(item.get("reason", "")))}
+        for name in sorted(propagated)
+        for item in review.get(name, {}).get("items", [])
     ]
 
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from .server_client import LiverSAMClient, ServerRequestError, box_ijk, segment_spec
 
-SEGMENTS = ("liver", "tumor")
+SEGMENTS = ("liver", "tumor")  # the segments' names in the exports and on the server (as `liversam segment`)
 UNDO_DEPTH = 20
 LIVER_CONTAINER = "liver_current"  # the session mask that holds the liver as the user sees it
 # "Faster on thin slices": the liver on slices up to this thick is predicted on every other slice (the value
@@ -44,6 +44,12 @@ class _Snapshot:
     ring: dict[str, bool]
     review: dict[str, Any]
     lesions: list[dict[str, Any]]
+
+
+def segment_word(segment: str) -> str:
+    """A segment as the page's text names it: British spelling, as the README and docs ("tumour"); the segment's
+    name in files and on the server stays "tumor"."""
+    return {"tumor": "tumour"}.get(segment, segment)
 
 
 def session_lost(exc: Exception) -> bool:
@@ -252,7 +258,8 @@ class Workflow:
         settings that differ from the server's defaults are sent, so an older server takes the job.
         """
         if not self.has_prompts(segment):
-            raise ValueError(f"the {segment} has no box or point yet: draw a box on it in the axial view first")
+            raise ValueError(f"The {segment_word(segment)} has no box or point yet: draw a box on it in the axial view "
+                             "first")
         spec = self.segment_spec(segment)
         container = self._container_name(segment)
         if container:
@@ -280,9 +287,10 @@ class Workflow:
         """Re-propagate ``segment`` from the corrected slice k (its mask as it is now goes to the server), with the
         tumour's ring as its propagation had it, so that a fix keeps the outline of the slices around it."""
         if segment not in self.propagated:
-            raise ValueError(f"propagate the {segment} first; re-propagation corrects a propagated result")
+            raise ValueError(f"Propagate the {segment_word(segment)} first: re-propagation corrects a propagated "
+                             "result")
         if self.prompts[segment].get(int(k), SlicePrompts()).empty():
-            raise ValueError(f"slice {k} has no {segment} prompt: fix it with a box or points first")
+            raise ValueError(f"Slice {k} has no {segment_word(segment)} prompt: fix it with a box or points first")
         existing = f"{segment}_current"
 
         def start() -> tuple[str, str | None]:
@@ -311,7 +319,7 @@ class Workflow:
         mask = self.client.job_mask(job, segment)
         if mask.shape != self.shape_kji:
             raise ValueError(f"the server returned a {mask.shape} mask for a {self.shape_kji} CT")
-        self.push_undo(f"propagate {segment}")
+        self.push_undo(f"propagate {segment_word(segment)}")
         self.masks[segment] = mask
         sent = self._sent_liver.pop(job, None)
         if segment == "tumor" and sent is not None:
