@@ -176,3 +176,11 @@ def test_faster_on_thin_slices_reaches_the_job_even_when_ticked_just_before_the_
     assert page.get_by_test_id("review-item").count() == 0 and page.get_by_text("To check (click").count() == 0
     expect(page.get_by_test_id("fast-thin").locator("input")).to_be_checked()
     page.get_by_test_id("fast-thin").locator("input").uncheck()
+
+    # another DICOM folder opened by its path while this work is not exported: held back once, with the right advice
+    # (it said "upload it again" for a folder opened by its path), then opened when Open is pressed again
+    open_path(page, str(DCMQI / "ct"), discard=False)
+    expect_error(page, r"The segmentation of ct_dicom has changed since it was last exported, and opening ct drops "
+                       r"it: export it first \(section 6\), or press Open again to discard it\.")
+    open_path(page, str(DCMQI / "ct"))
+    wait_status(page, r"Opened ct \(512 x 512 x 3\)", timeout=120_000)

@@ -359,7 +359,8 @@ class LiverSAMWebApp:
         if self._unexported_work() and self._discard_asked != asked:
             # opening another CT drops this one's masks and undo steps: said once, then a second try goes on
             self._discard_asked = asked
-            again = "press Open again" if len(files) == 1 and not what.startswith("The uploaded") else "upload it again"
+            # (a DICOM folder opened by its path was told to "upload it again")
+            again = "upload it again" if what.startswith("The uploaded") else "press Open again"
             self._error(f"The segmentation of {self.state.ct_name} has changed since it was last exported, and opening "
                         f"{display_name} drops it: export it first (section 6), or {again} to discard it.")
             return
