@@ -330,6 +330,7 @@ def test_a_cache_an_older_version_built_from_a_label_map_given_as_the_ct_is_refu
         [study] = discover_studies(folder)
         with monkeypatch.context() as patched:
             patched.setattr("liversam.ct_io.check_not_label_mask", lambda *args, **kwargs: None)
+            patched.setattr("liversam.ct_io.check_hounsfield_units", lambda *args, **kwargs: None)
             path = build_study_cache(study, config, litemedsam, "id", progress=False)
         with h5py.File(path, "r+") as handle:
             assert handle.attrs[CT_CHECKED_ATTR]  # this version marks what it built
@@ -361,6 +362,45 @@ def test_a_cache_an_older_version_built_from_a_label_map_given_as_the_ct_is_refu
     monkeypatch.setattr("liversam.ct_io.read_ct", no_read)
     assert build_study_cache(study, config, litemedsam, "id", progress=False) == path
     assert path.stat().st_mtime_ns == mtime  # reused, not rebuilt
+
+
+def test_a_study_whose_ct_holds_no_hounsfield_units_is_refused_also_from_an_older_cache(
+    tmp_path, data_dir, litemedsam, monkeypatch
+):
+    """lits117's CT rescaled to 0..1 (as some pipelines store it) was accepted for training: its cached slices were a
+    flat grey (the CT window saturates every value) and the model was trained on them without a word, while
+    ``liversam segment`` refuses the same file. It is now refused with the study's name, as segment refuses it; and a
+    cache that a LiverSAM without this check built from it (``ct_checked`` 1) is looked at and refused too."""
+    import h5py
+
+    from liversam.training.cache import CT_CHECK_LEVEL, CT_CHECKED_ATTR, build_study_cache
+
+    folder = tmp_path / "normalised"
+    folder.mkdir()
+    ct = sitk.ReadImage(str(data_dir / "lits117" / "ct.nii.gz"), sitk.sitkFloat32)
+    sitk.WriteImage(sitk.RescaleIntensity(ct, 0.0, 1.0), str(folder / "ct.nii.gz"))
+    (folder / "label.nii.gz").symlink_to(data_dir / "lits117" / "label.nii.gz")
+    before = (folder / "ct.nii.gz").read_bytes()
+    [study] = discover_studies(folder)
+    config = TrainingConfig(data=str(folder), out=str(tmp_path / "run"), train_encoder="last", max_slices_per_case=4,
+                            cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    with pytest.raises(TrainingDataError) as error:
+        build_study_cache(study, config, litemedsam, "id", progress=False)
+    message = str(error.value)
+    assert "Study 'normalised'" in message and "does not hold Hounsfield units" in message, message
+    assert "values range 0..1" in message and "leave study 'normalised' out" in message, message
+    assert not list((tmp_path / "cache").glob("*.h5"))  # nothing cached from it
+
+    with monkeypatch.context() as patched:  # the cache as the LiverSAM before this check built it
+        patched.setattr("liversam.ct_io.check_hounsfield_units", lambda *args, **kwargs: None)
+        path = build_study_cache(study, config, litemedsam, "id", progress=False)
+    with h5py.File(path, "r+") as handle:
+        assert handle.attrs[CT_CHECKED_ATTR] == CT_CHECK_LEVEL
+        handle.attrs[CT_CHECKED_ATTR] = True  # what that LiverSAM wrote
+    with pytest.raises(TrainingDataError) as error:
+        build_study_cache(study, config, litemedsam, "id", progress=False)
+    assert "does not hold Hounsfield units" in str(error.value) and str(path) in str(error.value)
+    assert (folder / "ct.nii.gz").read_bytes() == before  # the source CT is never modified
 
 
 def test_a_transposed_study_is_cached_in_the_display_view_with_its_spacing_along_the_view_s_axes(

@@ -14,13 +14,14 @@ Datasets (``N`` samples = selected slices x (1 + augmented copies)):
 - ``embedding`` (N, C, H, W) float16: the frozen image encoder's output (only with a frozen encoder).
 
 Attributes: ``case_id``, ``key``, ``geometry`` (JSON: size, spacing mm, origin LPS, direction LPS),
-``settings`` (JSON), ``input_size``, ``liversam_version``, ``ct_checked`` (the study's CT passed the label-mask
-check of :func:`~liversam.training.studies.load_study` when the file was built).
+``settings`` (JSON), ``input_size``, ``liversam_version``, ``ct_checked`` (which checks of the study's CT in
+:func:`~liversam.training.studies.check_study_ct` it passed when the file was built: :data:`CT_CHECK_LEVEL`).
 
-A file without ``ct_checked`` was built by an older LiverSAM, which did not refuse a label map given as the CT. Before
-such a file is reused, a few of its cached slices are looked at: a label map windowed has at most
-``LABEL_MASK_MAX_DISTINCT`` distinct values, a CT's liver slices far more; only when they have so few is the CT read
-and checked, and a label map is refused (see :func:`check_unchecked_cache`).
+A file without ``ct_checked`` was built by an older LiverSAM, which did not refuse a label map given as the CT; one
+with ``ct_checked`` True (1) by one that did not refuse a CT without Hounsfield units. Before such a file is reused, a
+few of its cached slices are looked at: a label map, or values without HU (0..1, or stored values), windowed by the CT
+window have at most ``LABEL_MASK_MAX_DISTINCT`` distinct values, a CT's liver slices far more; only when they have so
+few is the CT read and checked, and refused (see :func:`check_unchecked_cache`).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ ENCODE_BATCH = 4
 # 0.036, accepted by liversam.acceleration's mask check); another slice, model or window gives far more.
 SEED_TOLERANCE = 0.05
 CT_CHECKED_ATTR = "ct_checked"
+#: what ``ct_checked`` says of a cache built now: 1, the CT is not a label map; 2, and it holds Hounsfield units
+CT_CHECK_LEVEL = 2
 CT_CHECK_SAMPLE_SLICES = 3  # original (not augmented) slices looked at in a cache without CT_CHECKED_ATTR
 
 
@@ -143,15 +146,15 @@ def distinct_cached_image_values(handle, slices: int = CT_CHECK_SAMPLE_SLICES) -
 
 
 def check_unchecked_cache(handle, path: Path, study: TrainingStudy) -> None:
-    """A cache built before its CT was checked (no ``ct_checked`` attribute): raise :class:`TrainingDataError` when
-    the study's CT is a label map. Cheap: a few cached slices are looked at; the CT is read only when they hold as few
+    """A cache built before its CT was checked as now (``ct_checked`` below :data:`CT_CHECK_LEVEL`): raise
+    :class:`TrainingDataError` when the study's CT is a label map or does not hold Hounsfield units. Cheap: a few cached slices are looked at; the CT is read only when they hold as few
     distinct values as a label map does."""
     from ..ct_io import LABEL_MASK_MAX_DISTINCT, read_ct
 
     distinct = distinct_cached_image_values(handle)
     if distinct > LABEL_MASK_MAX_DISTINCT:
         return  # a label map windowed cannot have this many values
-    log.info("cache %s: built without the CT check and its slices hold only %d distinct values; checking the CT '%s'",
+    log.info("cache %s: built without today's CT checks and its slices hold only %d distinct values; checking the CT '%s'",
              path, distinct, study.ct_path)  # fmt: skip
     check_study_ct(
         study, read_ct(study.ct_path),
@@ -188,7 +191,7 @@ def build_study_cache(
         try:
             with h5py.File(path, "r") as handle:
                 if handle.attrs.get("key") == key and handle.attrs.get("complete", False):
-                    if not handle.attrs.get(CT_CHECKED_ATTR, False):
+                    if int(handle.attrs.get(CT_CHECKED_ATTR, 0)) < CT_CHECK_LEVEL:
                         check_unchecked_cache(handle, path, study)
                     log.info("cache: reusing %s", path)
                     return path
@@ -234,7 +237,7 @@ def build_study_cache(
         handle.attrs["input_size"] = model.input_size
         handle.attrs["liversam_version"] = __version__
         handle.attrs["ct"] = str(study.ct_path)
-        handle.attrs[CT_CHECKED_ATTR] = True  # load_study refused a label map given as the CT
+        handle.attrs[CT_CHECKED_ATTR] = CT_CHECK_LEVEL  # load_study refused a label map and values without HU
         handle.attrs["label"] = str(study.label_path)
         handle.create_dataset("k", data=np.repeat(np.asarray(ks, dtype=np.int32), copies))
         handle.create_dataset("copy", data=np.tile(np.arange(copies, dtype=np.int16), len(ks)))

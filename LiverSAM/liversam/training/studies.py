@@ -328,15 +328,18 @@ def _read_mask_series(folder: Path, geometry) -> np.ndarray:
 
 
 def check_study_ct(study: TrainingStudy, volume: CTVolume, context: str = "") -> None:
-    """Refuse a study whose CT (``volume``, read from ``study.ct_path``) looks like a label mask: it would train the
-    model on masks instead of CT. ``context`` is added after the study's name (e.g. which cache was built from it)."""
-    from ..ct_io import check_not_label_mask
+    """Refuse a study whose CT (``volume``, read from ``study.ct_path``) looks like a label mask, or does not hold
+    Hounsfield units (as ``liversam segment`` refuses it): it would train the model on masks, or on the flat grey
+    picture that the CT window makes of such values. ``context`` is added after the study's name (e.g. which cache
+    was built from it)."""
+    from ..ct_io import check_hounsfield_units, check_not_label_mask
 
     try:
         check_not_label_mask(
             volume, override_hint=f"are the CT and the label of study '{study.case_id}' swapped? (label: "
             f"'{study.label_path}')"
         )  # fmt: skip
+        check_hounsfield_units(volume, override_hint=f"or leave study '{study.case_id}' out of the training data")
     except InputImageError as exc:
         raise TrainingDataError(f"Study '{study.case_id}'{context}: {exc}") from exc
 
