@@ -332,3 +332,54 @@ def test_a_label_with_too_little_liver_on_every_slice_is_a_data_error(tmp_path, 
         ]
     )
     assert code == 2 and "at least 16 liver voxels" in capsys.readouterr().err
+
+
+def _two_cases(root: Path, data_dir: Path) -> Path:
+    """Two different scans as two study folders (hcc0697's and hcc2144's CT and label, read in place)."""
+    for case in ("hcc0697", "hcc2144"):
+        (root / case).mkdir(parents=True)
+        for name in ("ct.nii.gz", "label.nii.gz"):
+            (root / case / name).symlink_to(data_dir / case / name)
+    return root
+
+
+@pytest.mark.model
+def test_inputs_a_run_cannot_use_are_refused_before_any_slice_is_encoded(tmp_path, shared, data_dir):
+    """Each of these was found only after the caches were built (minutes to hours on a CPU), or, for the model's
+    name, after the whole training: a split without validation cases, a built-in model's name (given, or the run
+    folder's), the same CT listed twice (it went to training under one id and to validation under the other)."""
+    cache = tmp_path / "cache"
+    local = {**shared, "cache": cache}
+    data = _two_cases(tmp_path / "data", data_dir)
+
+    no_val = _train(data, tmp_path / "run1", local, "--no-register", "--split", "1,0,0")
+    assert no_val.returncode == 2 and "no validation cases" in no_val.stderr, no_val.stderr[-1500:]
+
+    built_in = _train(data, tmp_path / "run2", local, "--name", "litemedsam")
+    assert built_in.returncode == 2, built_in.stderr[-1500:]
+    assert "--name 'litemedsam' is a built-in model name" in built_in.stderr, built_in.stderr[-1500:]
+    by_folder = _train(data, tmp_path / "litemedsam", local)
+    assert by_folder.returncode == 2 and "give --name NAME" in by_folder.stderr, by_folder.stderr[-1500:]
+
+    manifest = tmp_path / "twice.json"
+    manifest.write_text(json.dumps([
+        {"id": "a", "ct": str(data_dir / "hcc0697" / "ct.nii.gz"), "label": str(data_dir / "hcc0697" / "label.nii.gz")},
+        {"id": "b", "ct": str(data / "hcc0697" / "ct.nii.gz"), "label": str(data_dir / "hcc0697" / "label.nii.gz")},
+        {"id": "c", "ct": str(data_dir / "hcc2144" / "ct.nii.gz"), "label": str(data_dir / "hcc2144" / "label.nii.gz")},
+    ]))  # fmt: skip
+    twice = _train(manifest, tmp_path / "run3", local, "--no-register")
+    assert twice.returncode == 2, twice.stderr[-1500:]
+    assert "Studies 'a'" in twice.stderr and "'b'" in twice.stderr and "have the same CT" in twice.stderr
+    assert "'c'" not in twice.stderr.split("have the same CT")[0]
+    assert not cache.exists() or not list(cache.iterdir())  # nothing encoded for any of them
+    assert not any((tmp_path / run / "state.pt").exists() for run in ("run1", "run2", "litemedsam", "run3"))
+
+
+@pytest.mark.model
+def test_propagation_prompts_with_slices_too_far_apart_say_they_fall_back_to_boxes(tmp_path, shared, data_dir):
+    """--max-slices keeps evenly spaced slices: 12 of lits117's liver lie 8 slices apart, so no slice has the
+    neighbour --propagation-prompts needs and every prompt was an ordinary box without a word."""
+    run = _train(data_dir / "lits117", tmp_path / "run", shared, "--no-register", "--propagation-prompts", "0.7")
+    assert run.returncode == 0, run.stderr[-1500:]
+    assert "--propagation-prompts 0.7: only 0 of 9 training slices have a cached neighbour" in run.stderr, run.stderr
+    assert "--max-slices 12 keeps slices too far apart" in run.stderr

@@ -175,9 +175,26 @@ class TrainingConfig:
             raise TrainingConfigError(
                 f"--split {fractions}: give three non-negative fractions train,val,test summing to 1 (e.g. 0.8,0.1,0.1)."
             )
+        if self.register:
+            self._check_model_name()
         if self.train_encoder != "none" and self.augment_copies:
             # Augmented copies are a frozen-encoder device: a trained encoder gets fresh augmentation each step.
             object.__setattr__(self, "augment_copies", 0)
+
+    def _check_model_name(self) -> None:
+        """The name the best model is registered under must not be a built-in model's: found now, not after the
+        whole training (the registry refuses it then, and the run ended without its result)."""
+        from ..models.registry import MODEL_SPECS
+
+        if self.model_name in MODEL_SPECS:
+            raise TrainingConfigError(
+                f"--name '{self.model_name}' is a built-in model name; choose another name for your model."
+            )
+        if not self.model_name and Path(self.out).resolve().name in MODEL_SPECS:
+            raise TrainingConfigError(
+                f"The run folder's name '{Path(self.out).resolve().name}' would be the model's name, and it is a "
+                "built-in model's; give --name NAME (or another --out folder, or --no-register)."
+            )
 
     # --- derived --------------------------------------------------------------------------------
     @property

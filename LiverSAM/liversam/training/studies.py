@@ -58,13 +58,16 @@ class TrainingStudy:
 
     def input_files(self) -> list[Path]:
         """Every file the study is read from (for the cache's content hash)."""
-        files: list[Path] = []
-        for path in (self.ct_path, self.label_path):
-            if path.is_dir():
-                files.extend(sorted(p for p in path.rglob("*") if p.is_file()))
-            else:
-                files.append(path)
-        return files
+        return _files_of(self.ct_path) + _files_of(self.label_path)
+
+    def ct_hash(self) -> str:
+        """SHA-256 over the bytes of the CT's files alone (the same scan under another name or path has the same)."""
+        digest = hashlib.sha256()
+        for path in _files_of(self.ct_path):
+            with open(path, "rb") as handle:
+                while chunk := handle.read(4 << 20):
+                    digest.update(chunk)
+        return digest.hexdigest()
 
     def content_hash(self) -> str:
         """SHA-256 over the names and bytes of every input file (changes when any input changes)."""
@@ -75,6 +78,31 @@ class TrainingStudy:
                 while chunk := handle.read(4 << 20):
                     digest.update(chunk)
         return digest.hexdigest()
+
+
+def _files_of(path: Path) -> list[Path]:
+    """``path``, or the files under it when it is a folder (a DICOM series), sorted."""
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
+def check_distinct_cts(studies: list[TrainingStudy]) -> None:
+    """Refuse two studies with the same CT (byte for byte): the patient split would put one scan in training and in
+    validation or test, and the model would be scored on slices it was trained on (a pair added twice in
+    LiverSAMTrain, a case listed twice in a manifest). Only CTs of equal size are read."""
+    by_size: dict[int, list[TrainingStudy]] = {}
+    for study in studies:
+        by_size.setdefault(sum(f.stat().st_size for f in _files_of(study.ct_path)), []).append(study)
+    for group in (g for g in by_size.values() if len(g) > 1):
+        by_hash: dict[str, list[TrainingStudy]] = {}
+        for study in group:
+            by_hash.setdefault(study.ct_hash(), []).append(study)
+        for same in (s for s in by_hash.values() if len(s) > 1):
+            listed = ", ".join(f"'{s.case_id}' ('{s.ct_path}')" for s in same)
+            raise TrainingDataError(
+                f"Studies {listed} have the same CT: the split would put one scan in training and in validation or "
+                "test, and validation would score slices the model trained on. Keep one study per scan (in "
+                "LiverSAMTrain, remove the pair added twice; in a manifest, the repeated entry)."
+            )
 
 
 @dataclass

@@ -47,11 +47,12 @@ from .prompt_simulation import (
     simulate_prompt,
 )
 from .split import DataSplit, split_from_file, split_patients, split_single_study_slices
-from .studies import TrainingStudy, discover_studies
+from .studies import TrainingStudy, check_distinct_cts, discover_studies
 
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "liversam-train-state/1"
+NO_VALIDATION = "The split has no validation cases; give a validation fraction > 0 or list validation ids."
 TRAIN_LOG_NAME = (
     "train.log"  # the run's own log (its logger's lines); a front end keeps the console elsewhere
 )
@@ -541,6 +542,9 @@ class Trainer:
             split = split_from_file(config.split_file, list(by_id))
         elif len(studies) >= 2:
             split = split_patients(list(by_id), config.split_fractions, config.seed)
+        if split is not None and not split.val:  # before minutes of encoding (one study: its slices, below)
+            raise TrainingConfigError(NO_VALIDATION)
+        check_distinct_cts(studies)
         cache_paths: dict[str, Path] = {}
         needed = [s for s in studies if split is None or s.case_id in split.train + split.val]
         self._data_hashes = {s.case_id: s.content_hash() for s in needed}
@@ -566,9 +570,7 @@ class Trainer:
                 ks = sorted({int(k) for k in handle["k"][:]})
             split = split_single_study_slices(only.case_id, ks, config.split_fractions, config.seed)
         if not split.val:
-            raise TrainingConfigError(
-                "The split has no validation cases; give a validation fraction > 0 or list validation ids."
-            )
+            raise TrainingConfigError(NO_VALIDATION)
         split.save(split_path)
         return split, studies, cache_paths
 
@@ -649,7 +651,29 @@ class Trainer:
                 f"No usable slices for {'training' if not len(train) else 'validation'} (liver too small on every "
                 "slice?). Lower --min-liver-voxels or add studies."
             )
+        self._warn_if_few_neighbours(train)
         return train, val
+
+    def _warn_if_few_neighbours(self, train: CachedSlices) -> None:
+        """--propagation-prompts needs a cached neighbour within the offset; with --max-slices the cached slices may
+        lie too far apart for any (0 of 48 in a leave-one-out run with --max-slices 6), and every prompt is then an
+        ordinary jittered box: say so rather than train without it unnoticed."""
+        p = self.config.prompts
+        if p.propagation_prob <= 0:
+            return
+        originals = [i for i, sample in enumerate(train.samples) if sample.copy == 0]
+        near = sum(
+            any(train.neighbour(i, o * d) is not None for o in range(1, p.propagation_max_offset + 1) for d in (1, -1))
+            for i in originals
+        )
+        if originals and near < len(originals) / 2:
+            log.warning(
+                "--propagation-prompts %g: only %d of %d training slices have a cached neighbour within %d slice(s), "
+                "so the others get ordinary jittered boxes%s.", p.propagation_prob, near, len(originals),
+                p.propagation_max_offset,
+                f" (--max-slices {self.config.max_slices_per_case} keeps slices too far apart; leave it out to train "
+                "on every liver slice)" if self.config.max_slices_per_case else "",
+            )  # fmt: skip
 
     def _train_on_ends(self) -> bool:
         """Slices beyond the liver's ends are trained (as a propagation's stop) only with a frozen encoder
