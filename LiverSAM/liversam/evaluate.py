@@ -960,6 +960,9 @@ def evaluate(
             model = load_model(model, device=device, accelerate=accelerate)
         predictor_factory = make_predictor_factory(model, cache_mb=cache_mb)
     resolved_device = str(getattr(model, "device", device))
+    from .acceleration import describe_acceleration
+
+    encoders = describe_acceleration(model)  # what embedded the slices: reports name it (it differs between models)
     started = time.perf_counter()
     case_results = []
     for case in tqdm(cases, desc="evaluate", unit="case", disable=not progress):
@@ -972,6 +975,7 @@ def evaluate(
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "model": model_name,
             "device": resolved_device,
+            "acceleration": encoders,
             "settings": settings_dict,
             "definitions": METRIC_DEFINITIONS,
             "seconds": time.perf_counter() - started,

@@ -64,8 +64,9 @@ def _format_seconds(seconds: float) -> str:
 
 
 def _plural(unit: str, count: int | None) -> str:
-    """tqdm's units are singular ("case", "slice"); a log line reads "4 cases", "1/4 cases", "1 case"."""
-    return unit if count == 1 or unit.endswith("s") else unit + "s"
+    """tqdm's units are singular ("case", "slice", "batch"); a log line reads "4 cases", "1/4 cases", "1 case",
+    "38 batches"."""
+    return unit if count == 1 or unit.endswith("s") else unit + ("es" if unit.endswith(("ch", "sh", "x")) else "s")
 
 
 class LineProgress:

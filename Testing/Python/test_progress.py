@@ -149,6 +149,9 @@ def test_log_lines_count_tqdm_style_singular_units_in_the_plural() -> None:
     assert lines[1].startswith("[liversam] evaluate: 2/4 cases, about "), lines[1]
     assert lines[2] == "[liversam] export: started, 1 case"
     assert lines[3].startswith("[liversam] export: done, 0/1 case in "), lines[3]
+    epoch = progress.LineProgress(desc="epoch 1/4", total=38, unit="batch", file=log)
+    assert log.getvalue().splitlines()[-1] == "[liversam] epoch 1/4: started, 38 batches"  # it read "38 batchs"
+    epoch.close()
 
 
 def test_a_stage_that_is_interrupted_or_fails_does_not_say_done() -> None:

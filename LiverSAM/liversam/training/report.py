@@ -71,10 +71,19 @@ def write_test_report(
 ) -> Path:
     """Evaluate base and trained model on the test studies (``one-box``); write ``test_report.json`` and
     ``test_report.md`` in ``run_dir``; returns the JSON path."""
+    from ..dense_crf import crf_available
     from ..evaluate import EvaluationSettings, default_structures, evaluate
 
     cases = _test_cases(run_dir, studies, config)
-    settings = EvaluationSettings(protocols=("one-box",), structures=tuple(default_structures((1, 2), (2,))))
+    structures = tuple(default_structures((1, 2), (2,)))
+    # liversam evaluate's defaults (--crf auto: every structure where pydensecrf2 is installed), LiverSAM's own
+    # propagation alone: the report scores the pipeline users run, not the naive reference loop
+    settings = EvaluationSettings(
+        protocols=("one-box",),
+        structures=structures,
+        crf=tuple(s.name for s in structures) if crf_available() else (),
+        propagation_methods=("liversam",),
+    )
     results = {}
     for label, model in (("base", base_model), ("trained", str(checkpoint))):
         log.info("test report: evaluating the %s model on %d test case(s)", label, len(cases))
@@ -104,7 +113,10 @@ def write_test_report(
     lines = [
         "# LiverSAMTrain test report",
         "",
-        f"Protocol `one-box` of `liversam evaluate` on {len(cases)} test patient(s): {', '.join(c.case_id for c in cases)}.",
+        f"Protocol `one-box` of `liversam evaluate` on {len(cases)} test patient(s): {', '.join(c.case_id for c in cases)}"
+        f"; dense CRF on {', '.join(settings.crf) or 'nothing (pydensecrf2 not installed)'}.",
+        "",
+        *(f"- {label} model: {result.get('acceleration', 'n/a')}" for label, result in results.items()),
         "",
         f"| structure | metric | base ({base_model}) | trained |",
         "|---|---|---|---|",
