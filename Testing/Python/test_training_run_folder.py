@@ -416,3 +416,37 @@ def test_the_test_report_scores_both_models_as_liversam_evaluate_does(tmp_path, 
     assert liver["trained"] > 0.80, liver  # one epoch on 12 slices of one case moves it little
     markdown = (run / "test_report.md").read_text()
     assert "- base model: encoder " in markdown and "- trained model: encoder " in markdown
+
+
+def test_label_values_the_labels_do_not_name_are_shown_and_file_names_match_in_any_case(tmp_path, data_dir, caplog):
+    """A 0/255 liver mask was refused without the values it holds ("no liver voxels with the configured labels");
+    a value 3 was read as background without a word; `CT.nii.gz` beside `Label.nii.gz` was "a label but no CT"."""
+    label = sitk.ReadImage(str(data_dir / "lits117" / "label.nii.gz"))
+    array = sitk.GetArrayFromImage(label)
+
+    def study_with(values: np.ndarray, name: str, ct: str = "ct.nii.gz", label_name: str = "label.nii.gz") -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / ct).symlink_to(data_dir / "lits117" / "ct.nii.gz")
+        image = sitk.GetImageFromArray(values.astype(np.uint8))
+        image.CopyInformation(label)
+        sitk.WriteImage(image, str(folder / label_name))
+        return folder
+
+    binary = study_with(np.where(array > 0, 255, 0), "v255")
+    [study] = discover_studies(binary)
+    with pytest.raises(TrainingDataError, match=r"liver labels \(1, 2\); the label holds the values 0, 255\)"):
+        load_study(study, LabelConfig())
+
+    extra = array.copy()
+    extra[array.shape[0] // 2, :4, :4] = 3
+    [study] = discover_studies(study_with(extra, "v0123"))
+    with caplog.at_level("WARNING", logger="liversam.training.studies"):
+        loaded = load_study(study, LabelConfig())
+    assert loaded.liver_kji.any()
+    assert any("label value(s) 3 of" in r.getMessage() and "read as background" in r.getMessage()
+               for r in caplog.records), caplog.text  # fmt: skip
+
+    capitals = study_with(array, "capitals", ct="CT.nii.gz", label_name="Label.nii.gz")
+    [study] = discover_studies(capitals)
+    assert (study.ct_path.name, study.label_path.name, study.kind) == ("CT.nii.gz", "Label.nii.gz", "labelmap")

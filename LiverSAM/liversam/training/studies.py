@@ -119,12 +119,15 @@ class LoadedStudy:
 
 
 def _find_image(folder: Path, stem: str) -> Path | None:
+    """``<stem>.<ext>`` (an image file) or a ``<stem>/`` folder (a DICOM series) in ``folder``, in any letter case
+    (``CT.nii.gz``, ``Label.nrrd``; a label was matched in any case, its CT only in lower case)."""
+    entries = {p.name.lower(): p for p in sorted(folder.iterdir(), reverse=True)} if folder.is_dir() else {}
     for suffix in IMAGE_SUFFIXES:
-        candidate = folder / f"{stem}{suffix}"
-        if candidate.is_file():
+        candidate = entries.get(f"{stem}{suffix}")
+        if candidate is not None and candidate.is_file() and not candidate.name.lower().endswith(".seg.nrrd"):
             return candidate
-    candidate = folder / stem
-    return candidate if candidate.is_dir() else None
+    candidate = entries.get(stem)
+    return candidate if candidate is not None and candidate.is_dir() else None
 
 
 def _is_ircadb(folder: Path) -> bool:
@@ -138,15 +141,8 @@ def study_from_folder(folder: Path) -> TrainingStudy | None:
     ct = _find_image(folder, "ct")
     if ct is None:
         return None
-    label = next(
-        (
-            folder / f"label{s}"
-            for s in IMAGE_SUFFIXES
-            if (folder / f"label{s}").is_file() and not (folder / f"label{s}").name.endswith(".seg.nrrd")
-        ),
-        None,
-    )
-    if label is not None:
+    label = _find_image(folder, "label")
+    if label is not None and label.is_file():
         return TrainingStudy(folder.name, ct, label, "labelmap")
     segs = sorted(folder.glob("*.seg.nrrd")) + sorted(folder.glob("*seg*.dcm"))
     if len(segs) > 1:
@@ -376,6 +372,7 @@ def load_study(study: TrainingStudy, labels: LabelConfig) -> LoadedStudy:
     """Read a study's CT and its liver/tumour masks on the CT grid. Raises :class:`TrainingDataError`."""
     from ..ct_io import read_ct
 
+    found = ""
     volume = read_ct(study.ct_path)
     check_study_ct(study, volume)
     geometry = volume.geometry
@@ -392,6 +389,13 @@ def load_study(study: TrainingStudy, labels: LabelConfig) -> LoadedStudy:
         )
         if labels.liver_includes_tumor:
             liver |= tumor
+        values = [int(v) for v in np.unique(array)]
+        found = f"; the label holds the values {', '.join(map(str, values[:12]))}{', ...' if len(values) > 12 else ''}"
+        unused = [v for v in values if v != 0 and v not in labels.liver_labels + labels.tumor_labels]
+        if unused and liver.any():
+            log.warning("Study '%s': label value(s) %s of '%s' are neither liver %s nor tumour %s and are read as "
+                        "background (--liver-labels / --tumor-labels)", study.case_id, ", ".join(map(str, unused[:12])),
+                        study.label_path, labels.liver_labels, labels.tumor_labels)  # fmt: skip
     elif study.kind == "segmentation":
         from ..segmentation_io import read_segmentation
 
@@ -415,6 +419,7 @@ def load_study(study: TrainingStudy, labels: LabelConfig) -> LoadedStudy:
     if not liver.any():
         raise TrainingDataError(
             f"Study '{study.case_id}' ('{study.label_path}') has no liver voxels with the configured labels "
-            f"(liver labels {labels.liver_labels}). Check --liver-labels / --liver-names."
+            f"(liver labels {labels.liver_labels}{found if study.kind == 'labelmap' else ''}). Check --liver-labels / "
+            "--liver-names."
         )
     return LoadedStudy(study=study, volume=volume, liver_kji=liver, tumor_kji=tumor)
