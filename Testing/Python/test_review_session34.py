@@ -53,9 +53,9 @@ def test_two_opens_at_once_cannot_both_claim_the_room_for_reading_their_cts(tmp_
     alice_ct, bob_ct = write_ct(tmp_path / "alice.nii.gz", 1), write_ct(tmp_path / "bob.nii.gz", 2)
     read, reads = liversam.ct_io.read_ct, []
 
-    def counted_read(*args):
+    def counted_read(*args, **kwargs):
         reads.append(args[0])
-        return read(*args)
+        return read(*args, **kwargs)
 
     monkeypatch.setattr(liversam.ct_io, "read_ct", counted_read)
     with budget_client(FakeModel(), 2.5 * CT_BYTES) as client:
@@ -103,7 +103,7 @@ def test_nothing_stays_held_back_when_a_ct_cannot_be_read(tmp_path, monkeypatch)
 
     ct = write_ct(tmp_path / "ct.nii.gz", 3)
 
-    def failing_read(*args):
+    def failing_read(*args, **kwargs):
         raise OSError("damaged file")
 
     with budget_client(FakeModel(), 2.5 * CT_BYTES) as client:
