@@ -77,7 +77,8 @@ INTERRUPTED_DEFAULT = "interrupted; no output was changed."
 INTERRUPTED = {
     "serve": "stopped.",
     "web": "stopped.",
-    "train": "interrupted; the run folder keeps its last finished epoch: run the same command again to resume.",
+    "train": "interrupted; the run folder keeps its last finished epoch (and the caches of the studies already "
+    "encoded): run the same command again to resume.",
 }
 
 

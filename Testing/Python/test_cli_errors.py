@@ -138,7 +138,7 @@ def test_numeric_options_out_of_range_are_usage_errors_before_any_work(tmp_path,
     ("command", "module", "says"),
     [
         ("serve", "liversam.commands.serve", "liversam serve: stopped."),
-        ("train", "liversam.commands.train", "the run folder keeps its last finished epoch: run the same command"),
+        ("train", "liversam.commands.train", "the caches of the studies already encoded): run the same command"),
         ("segment", "liversam.commands.segment", "interrupted; no output was changed."),
     ],
 )

@@ -85,7 +85,7 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path):
     assert "weights_only" not in str(error.value)  # torch's advice to load it unsafely is not passed on
 
 
-def test_liversam_checkpoint_round_trip_and_registry(tmp_path, monkeypatch, litemedsam):
+def test_liversam_checkpoint_round_trip_and_registry(tmp_path, monkeypatch, litemedsam, caplog):
     monkeypatch.setenv("LIVERSAM_HOME", str(tmp_path / "home"))
     state = {k: v.clone() for k, v in litemedsam.network.state_dict().items()}
     key = "mask_decoder.iou_prediction_head.layers.0.bias"
@@ -101,6 +101,13 @@ def test_liversam_checkpoint_round_trip_and_registry(tmp_path, monkeypatch, lite
     assert load_model("my_liver_model", device="cpu").source == str(path)
     with pytest.raises(ModelError, match="built-in"):
         register_user_model("litemedsam", path)
+    other = tmp_path / "run2" / "best.pt"  # another run under the same name (e.g. the default, its folder's name)
+    other.parent.mkdir()
+    other.write_bytes(path.read_bytes())
+    with caplog.at_level("WARNING", logger="liversam.models.registry"):
+        register_user_model("my_liver_model", other)
+    assert f"it named '{path.resolve()}'" in caplog.text, caplog.text  # it was replaced without a word
+    assert load_model("my_liver_model", device="cpu").source == str(other.resolve())
 
 
 def test_models_registered_at_the_same_time_are_all_kept(tmp_path, monkeypatch):

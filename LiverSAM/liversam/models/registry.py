@@ -12,6 +12,7 @@ Names:
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from torch import nn
 from ..atomic_write import write_text_atomically
 from ..errors import ModelError
 from .checkpoints import user_models_dir
+
+log = logging.getLogger(__name__)
 
 LITEMEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 LIVERSAM_CHECKPOINT_FORMAT = "liversam-checkpoint/1"
@@ -180,6 +183,10 @@ def register_user_model(
     lock = f"{registry_file()}.lock"
     try:
         with FileLock(lock, timeout=REGISTRY_LOCK_TIMEOUT_S):
+            earlier = [m for m in registered_models() if m.name == name and Path(m.path) != path]
+            if earlier:
+                log.warning("model '%s' now names '%s'; it named '%s' (still on disk: load it by its path, or "
+                            "register it under another name)", name, path, earlier[0].path)  # fmt: skip
             models = [m for m in registered_models() if m.name != name]
             models.append(
                 RegisteredModel(name=name, path=str(path), description=description, metadata=metadata or {})
