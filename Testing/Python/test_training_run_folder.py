@@ -416,6 +416,12 @@ def test_the_test_report_scores_both_models_as_liversam_evaluate_does(tmp_path, 
     assert liver["trained"] > 0.80, liver  # one epoch on 12 slices of one case moves it little
     markdown = (run / "test_report.md").read_text()
     assert "- base model: encoder " in markdown and "- trained model: encoder " in markdown
+    # the finished run run again: it evaluated both models again (minutes on real data); the report is kept
+    written = (run / "test_report.json").stat().st_mtime_ns
+    again = _train(data, run, shared, "--no-register", "--split-file", str(split))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "already scores this best.pt on these test cases; kept" in again.stderr, again.stderr[-2000:]
+    assert (run / "test_report.json").stat().st_mtime_ns == written
 
 
 def test_label_values_the_labels_do_not_name_are_shown_and_file_names_match_in_any_case(tmp_path, data_dir, caplog):

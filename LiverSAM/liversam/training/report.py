@@ -61,6 +61,24 @@ def _test_cases(run_dir: Path, studies: list[TrainingStudy], config: TrainingCon
     return cases
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(4 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _earlier_inputs(json_path: Path) -> dict | None:
+    """What an earlier test report in the run folder was computed from (None: none, or unreadable)."""
+    try:
+        return json.loads(json_path.read_text()).get("inputs")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def write_test_report(
     run_dir: Path,
     studies: list[TrainingStudy],
@@ -70,10 +88,22 @@ def write_test_report(
     progress: bool = True,
 ) -> Path:
     """Evaluate base and trained model on the test studies (``one-box``); write ``test_report.json`` and
-    ``test_report.md`` in ``run_dir``; returns the JSON path."""
+    ``test_report.md`` in ``run_dir``; returns the JSON path. A report already computed from the same best.pt, base
+    model, test studies' files and LiverSAM version is kept (a finished run run again)."""
+    from .. import __version__
     from ..dense_crf import crf_available
     from ..evaluate import EvaluationSettings, default_structures, evaluate
 
+    json_path = run_dir / "test_report.json"
+    inputs = {
+        "checkpoint_sha256": _sha256(checkpoint),
+        "base_model": base_model,
+        "test_cases": {s.case_id: s.content_hash() for s in studies},
+        "liversam_version": __version__,
+    }
+    if _earlier_inputs(json_path) == inputs:  # a finished run run again: the same scores, minutes of evaluation
+        log.info("test report: %s already scores this best.pt on these test cases; kept", json_path)
+        return json_path
     cases = _test_cases(run_dir, studies, config)
     structures = tuple(default_structures((1, 2), (2,)))
     # liversam evaluate's defaults (--crf auto: every structure where pydensecrf2 is installed), LiverSAM's own
@@ -99,12 +129,12 @@ def write_test_report(
             }
             rows.append({"structure": structure, "metric": metric, **values})
     report = {
+        "inputs": inputs,
         "protocol": "one-box",
         "test_cases": [c.case_id for c in cases],
         "comparison": rows,
         "results": results,
     }
-    json_path = run_dir / "test_report.json"
     write_text_atomically(json_path, json.dumps(report, indent=2))
 
     def fmt(v):
