@@ -456,3 +456,17 @@ def test_label_values_the_labels_do_not_name_are_shown_and_file_names_match_in_a
     capitals = study_with(array, "capitals", ct="CT.nii.gz", label_name="Label.nii.gz")
     [study] = discover_studies(capitals)
     assert (study.ct_path.name, study.label_path.name, study.kind) == ("CT.nii.gz", "Label.nii.gz", "labelmap")
+
+
+def test_a_run_folder_in_the_training_data_is_refused(tmp_path, data_dir, capsys):
+    """`--out` the data folder itself, or a study folder, was accepted and the run's files (caches, checkpoints,
+    test_labels/) were mixed into the data."""
+    from liversam.cli import main
+
+    data = _two_cases(tmp_path / "data", data_dir)
+    for out in (data, data / "hcc0697" / "run"):
+        code = main(["train", "--data", str(data), "--out", str(out), "--no-register", "--no-progress"])
+        message = capsys.readouterr().err
+        assert code == 2 and "of the training data: the run's files would be mixed into it" in message, message
+    assert sorted(p.name for p in data.iterdir()) == ["hcc0697", "hcc2144"]
+    assert sorted(p.name for p in (data / "hcc0697").iterdir()) == ["ct.nii.gz", "label.nii.gz"]

@@ -255,6 +255,15 @@ def check_run_folder(args: argparse.Namespace) -> None:
     for study in studies:
         inputs += [study.ct_path, study.label_path]
     check_outputs({f"--out file '{name}'": out / name for name in RUN_FILES}, inputs)
+    run_dir = out.resolve()
+    mixed = [Path(args.data).resolve()] if Path(args.data).is_dir() else []
+    mixed += [s.label_path.resolve().parent for s in studies if s.kind != "ircadb"]
+    clash = next((folder for folder in mixed if run_dir.is_relative_to(folder)), None)
+    if clash is not None:
+        raise OutputError(
+            f"--out '{out}' is {'' if run_dir == clash else 'inside '}the folder '{clash}' of the training data: the "
+            "run's files would be mixed into it. Give a folder outside the data."
+        )
     for study in studies:  # before the run folder is made and the model loaded
         if study.kind == "labelmap":
             check_label_pair(study.case_id, study.ct_path, study.label_path)
