@@ -656,14 +656,14 @@ def find_series(
     return folder, info
 
 
-def read_bytes(info: DicomSeriesInfo) -> tuple[int, int]:
-    """(bytes of the CT array, bytes :func:`read_dicom_series` holds beside it while reading) for a regular series,
+def read_size(info: DicomSeriesInfo) -> tuple[int, int, int]:
+    """(voxels, bytes of the CT array, bytes :func:`read_dicom_series` holds beside it while reading) for a regular series,
     from its headers: the slices are read as int32 (float32 when a rescale is not integral) and then become int16
     (float32); each slice is decoded through float64 (its pixels, their HU and the rescale's temporary)."""
     plane = int(info.rows or 0) * int(info.columns or 0)
     voxels = len(info.files) * plane
     integral = _hu_dtype(info.headers) is np.int32 if info.headers else True
-    return voxels * (2 if integral else 4), voxels * 4 + plane * 3 * 8
+    return voxels, voxels * (2 if integral else 4), voxels * 4 + plane * 3 * 8
 
 
 def read_dicom_series(

@@ -311,11 +311,10 @@ def _ct_size(path: Path, series_uid: str | None, allow_non_ct: bool, series_numb
     from ..image_integrity import DICOM, sniff_image_format
 
     if path.is_dir() or (path.is_file() and not has_image_suffix(path) and sniff_image_format(path) == DICOM):
-        from ..dicom_series import find_series, read_bytes
+        from ..dicom_series import find_series, read_size
 
         chosen = find_series(path, series_uid, series_number, allow_non_ct)  # its errors are read_ct's
-        ct_bytes, reading_bytes = read_bytes(chosen[1])
-        voxels = len(chosen[1].files) * int(chosen[1].rows or 0) * int(chosen[1].columns or 0)
+        voxels, ct_bytes, reading_bytes = read_size(chosen[1])
         return CTSize(voxels, ct_bytes, reading_bytes, chosen) if voxels else None
     header = _ct_header(path)
     if header is None:
