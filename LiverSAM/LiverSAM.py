@@ -108,34 +108,45 @@ def serverShortOfMemory(error: BaseException) -> str:
 
 
 def modelScoresText(scores: dict, numbering: SliceNumbering) -> str:
-    """The status line after a live update: each slice's model score, the slice by the volume's own index."""
+    """The status line after a live update: each slice's model score, the slice by the volume's own index (named:
+    "(index k)")."""
     shown = sorted((numbering.number(k), score) for k, score in scores.items())
-    return _("Model score (predicted IoU): {scores}").format(
-        scores=", ".join(f"slice {n}: {score:.2f}" for n, score in shown)
+    return _("Model score (predicted IoU): {scores} {index}").format(
+        scores=", ".join(f"slice {n}: {score:.2f}" for n, score in shown), index=numbering.index_note()
     )
 
 
-def reviewRows(report, numbering: SliceNumbering) -> list[tuple[int, str, str, str]]:
-    """The review table's rows: (working slice to jump to, slices, segment, why), the slice numbers (also those the
-    reason names) as the volume's own index; the slice jumped to is the one shown first. The report's order (segment
-    by segment), each segment's rows by their shown numbers."""
+def reviewRows(report, numbering: SliceNumbering) -> list[tuple[int, str, str, str, str]]:
+    """The review table's rows: (working slice to jump to, slices, segment, why, the slices' DICOM instance numbers or
+    ""), the slice numbers (also those the reason names) as the volume's own index; the slice jumped to is the one shown
+    first. The report's order (segment by segment), each segment's rows by their shown numbers."""
     items = ServerRequests.review_items(report)
     segments = list(dict.fromkeys(item.segment for item in items))
     items.sort(key=lambda item: (segments.index(item.segment), numbering.span(item.first_slice, item.last_slice)))
     return [
         (numbering.first_shown(item.first_slice, item.last_slice), numbering.text(item.first_slice, item.last_slice),
-         item.segment, numbering.renumber(item.reason))
+         item.segment, numbering.renumber(item.reason), numbering.instance_text(item.first_slice, item.last_slice))
         for item in items
     ]  # fmt: skip
 
 
-def lesionRows(lesions, numbering: SliceNumbering) -> list[tuple[str, str, str, str]]:
-    """The lesion table's rows: lesion, volume (mL), longest axial diameter (mm), slices (the volume's own index)."""
+def lesionRows(lesions, numbering: SliceNumbering) -> list[tuple[str, str, str, str, str]]:
+    """The lesion table's rows: lesion, volume (mL), longest axial diameter (mm), slices (the volume's own index), and
+    the slices' DICOM instance numbers or "" (the slices cell's tooltip)."""
     return [
         (str(lesion.lesion_id), f"{lesion.volume_ml:.2f}", f"{lesion.longest_axial_diameter_mm:.1f}",
-         "{}-{}".format(*numbering.span(lesion.slice_first, lesion.slice_last)))
+         "{}-{}".format(*numbering.span(lesion.slice_first, lesion.slice_last)),
+         numbering.instance_text(lesion.slice_first, lesion.slice_last))
         for lesion in lesions
     ]  # fmt: skip
+
+
+def tableItem(text: str, toolTip: str = ""):
+    """A read-only table cell, with its tooltip when there is one."""
+    item = qt.QTableWidgetItem(text)
+    if toolTip:
+        item.setToolTip(toolTip)
+    return item
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -842,7 +853,8 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.value = done
             if value.get("stage"):
                 again = _(" (run again: the server had lost the first run)") if plan.restarted else ""
-                self.ui.statusLabel.text = str(value["stage"]) + again
+                # a fix's stage names its slice by the working k ("re-propagating 'liver' from slice 40")
+                self.ui.statusLabel.text = self._jobNumbering(job).status(str(value["stage"])) + again
             if state == "done" and not job["cancelled"]:
                 # plan.poll fetched the result with the status
                 self._applyJob(job, value["result"], value.get("warning"))
@@ -866,6 +878,18 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return plan.poll(self.logic.connection.ensure())
 
         self._calls.submit(poll, status, failed, name=job["what"])
+
+    @staticmethod
+    def _jobNumbering(job: dict) -> SliceNumbering:
+        """How the job's volume numbers its slices (:func:`MRMLBridge.slice_numbering`), found once per job; the working
+        k when the volume cannot say (it left the scene, or was put under a non-linear transform meanwhile)."""
+        if "numbering" not in job:
+            try:
+                job["numbering"] = MRMLBridge.slice_numbering(job["plan"].volume_node)
+            except Exception:  # the status line must keep going
+                logging.debug("LiverSAM: no slice numbering for the job's volume", exc_info=True)
+                job["numbering"] = SliceNumbering()
+        return job["numbering"]
 
     def _applyJob(self, job: dict, answer: dict, warning: str | None = None) -> None:
         """Write a finished job's result. ``warning``: the server's, when keeping the job's masks put it over its memory
@@ -918,23 +942,24 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- review and lesions ----------------------------------------------------------------------------------
     def _fillReviewTable(self, report, numbering: SliceNumbering | None = None) -> None:
         """The review report's items; its slice numbers (working k) shown as the volume's own index (``numbering``:
-        the propagated volume's, :func:`MRMLBridge.slice_numbering`), as the Data Probe shows it."""
+        the propagated volume's, :func:`MRMLBridge.slice_numbering`), the (i, j, k) of the Data Probe; the column's
+        tooltip says which index, a row's slices cell its DICOM instance numbers (the Data Probe's [slice: N])."""
         numbering = numbering or SliceNumbering()
         rows = reviewRows(report, numbering)
         table = self.ui.reviewTable
         table.clear()
         table.setColumnCount(3)
         table.setHorizontalHeaderLabels([numbering.column_title(_("Slices")), _("Segment"), _("Why")])
-        if numbering.plane:
-            table.horizontalHeaderItem(0).setToolTip(numbering.explanation())
+        table.horizontalHeaderItem(0).setToolTip(numbering.explanation())
         table.setRowCount(len(rows))
-        for r, row in enumerate(rows):
-            for c, value in enumerate(row[1:]):
-                table.setItem(r, c, qt.QTableWidgetItem(value))
+        for r, (_first, slices, segment, why, instances) in enumerate(rows):
+            table.setItem(r, 0, tableItem(slices, instances))
+            table.setItem(r, 1, tableItem(segment))
+            table.setItem(r, 2, tableItem(why))
         self._reviewFirstSlices = [row[0] for row in rows]
         self.ui.reviewCollapsibleButton.collapsed = False
         self.ui.reviewLabel.toolTip = "\n".join(
-            ([numbering.explanation()] if numbering.plane else []) + ServerRequests.track_summary(report, numbering)
+            [numbering.explanation()] + ServerRequests.track_summary(report, numbering)
         )
         self.ui.reviewLabel.text = (
             _(
@@ -960,12 +985,11 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             table.setHorizontalHeaderLabels(
                 [_("Lesion"), _("Volume (mL)"), _("Longest axial diameter (mm)"), numbering.column_title(_("Slices"))]
             )
-            if numbering.plane:
-                table.horizontalHeaderItem(3).setToolTip(numbering.explanation())
+            table.horizontalHeaderItem(3).setToolTip(numbering.explanation())
             table.setRowCount(len(self._lesions))
-            for r, values in enumerate(lesionRows(self._lesions, numbering)):
+            for r, (*values, instances) in enumerate(lesionRows(self._lesions, numbering)):
                 for c, value in enumerate(values):
-                    table.setItem(r, c, qt.QTableWidgetItem(value))
+                    table.setItem(r, c, tableItem(value, instances if c == 3 else ""))
 
     def onLesionRowClicked(self, row: int, column: int) -> None:
         if 0 <= row < len(self._lesions):
@@ -1171,8 +1195,9 @@ class LiverSAMLogic(ScriptedLoadableModuleLogic):
         if not changed:
             return _("The fix changed nothing.")
         numbering = MRMLBridge.slice_numbering(plan.volume_node)
-        return _("Fixed slice(s) {fixed}; slices {changed} re-propagated.").format(
-            fixed=numbering.list_text(plan.fix_slices), changed=numbering.text(min(changed), max(changed))
+        return _("Fixed slice(s) {fixed}; slices {changed} re-propagated {index}.").format(
+            fixed=numbering.list_text(plan.fix_slices), changed=numbering.text(min(changed), max(changed)),
+            index=numbering.index_note(),
         )
 
     def forgetPropagation(self, segmentationNode, segmentID: str) -> None:

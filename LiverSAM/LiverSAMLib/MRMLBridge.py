@@ -24,7 +24,7 @@ from liversam.errors import InputImageError, OutputError, PromptError
 from liversam.geometry import ImageGeometry
 from liversam.volume import CTVolume
 
-from .SliceNumbers import SliceNumbering
+from .SliceNumbers import SliceNumbering, instance_numbers_of
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +124,16 @@ def geometry_from_volume_node(volume_node) -> ImageGeometry:
 
 
 def slice_numbering(volume_node) -> SliceNumbering:
-    """How the module shows this volume's working slice numbers k: as the volume's own voxel index, the one Slicer's
-    Data Probe shows (:mod:`LiverSAMLib.SliceNumbers`)."""
-    return SliceNumbering.of(axial_reorientation_of(volume_node))
+    """How the module shows this volume's working slice numbers k: as the volume's own voxel index, the (i, j, k) of
+    Slicer's Data Probe (:mod:`LiverSAMLib.SliceNumbers`); on a CT whose own k slices are its working slices, with the
+    DICOM instance numbers Slicer's DICOM loader recorded (``DICOM.instanceNumbers``), when they name those slices one
+    to one."""
+    numbering = SliceNumbering.of(axial_reorientation_of(volume_node))
+    image = volume_node.GetImageData()
+    if numbering.axis != 2 or image is None:
+        return numbering  # a CT stored in sagittal / coronal slices: its images are not the axial slices
+    numbers = instance_numbers_of(volume_node.GetAttribute("DICOM.instanceNumbers"), image.GetDimensions()[2])
+    return numbering.with_instance_numbers(numbers)
 
 
 def working_ijk_to_world_ras_matrix(volume_node) -> np.ndarray:

@@ -20,7 +20,7 @@ import pytest
 from test_slicer_reoriented_ct import lits117_slab, stored_as
 from test_slicer_widget_state import Label, widgets  # noqa: F401  (the fixture)
 
-from slicer_harness import ensure_module_on_path, fresh_scene
+from slicer_harness import ensure_module_on_path, fresh_scene, shared_data_dir
 
 ensure_module_on_path()
 
@@ -57,8 +57,18 @@ def superior_axis(volume_node) -> int:
     return int(np.argmax([abs(matrix.GetElement(2, c)) for c in range(3)]))
 
 
+class Item:
+    """``qt.QTableWidgetItem``: its text and tooltip."""
+
+    def __init__(self, text: str) -> None:
+        self.text, self.tip = text, ""
+
+    def setToolTip(self, text: str) -> None:  # noqa: N802 - Qt's name
+        self.tip = text
+
+
 class Table:
-    """``QTableWidget`` as the widget fills it: headers, cells, header tooltips."""
+    """``QTableWidget`` as the widget fills it: headers, cells (:class:`Item`), header tooltips."""
 
     def __init__(self) -> None:
         self.headers: list[str] = []
@@ -85,12 +95,15 @@ class Table:
         self.cells[(row, column)] = item
 
     def column(self, c: int) -> list[str]:
-        return [self.cells[(r, c)] for r in range(self.rows)]
+        return [self.cells[(r, c)].text for r in range(self.rows)]
+
+    def tips(self, c: int) -> list[str]:
+        return [self.cells[(r, c)].tip for r in range(self.rows)]
 
 
 def table_widget(module, volume, segmentation, logic, monkeypatch):
     """The LiverSAM widget with the two tables (cells as plain text) and the logic the tables use."""
-    monkeypatch.setattr(module.qt, "QTableWidgetItem", str, raising=False)
+    monkeypatch.setattr(module.qt, "QTableWidgetItem", Item, raising=False)
     monkeypatch.setattr(module.slicer.util, "tryWithErrorDisplay", lambda *a, **k: contextlib.nullcontext())
     widget = module.LiverSAMWidget.__new__(module.LiverSAMWidget)
     widget.ui = SimpleNamespace(reviewTable=Table(), lesionTable=Table(), reviewLabel=Label(),
@@ -235,9 +248,143 @@ def test_the_status_line_and_a_fixs_message_show_the_volumes_own_slices(widgets,
     axial, _liver = slab
     volume = MRMLBridge.volume_node_from_ct(stored_as(axial, "sagittal"), "ct", fresh_scene())
     numbering = MRMLBridge.slice_numbering(volume)
-    assert module.modelScoresText({1: 0.9, 2: 0.8}, numbering) == "Model score (predicted IoU): slice 4: 0.80, slice 5: 0.90"
+    assert module.modelScoresText({1: 0.9, 2: 0.8}, numbering) == (
+        "Model score (predicted IoU): slice 4: 0.80, slice 5: 0.90 (index j)")  # fmt: skip
     logic = module.LiverSAMLogic.__new__(module.LiverSAMLogic)
     logic.server = SimpleNamespace(apply_propagation=lambda plan, answer: [1, 2, 3])
     plan = SimpleNamespace(fix_slices=[2], volume_node=volume)
-    assert logic.applyPropagation(plan, {}) == "Fixed slice(s) 4; slices 3-5 re-propagated."
+    assert logic.applyPropagation(plan, {}) == "Fixed slice(s) 4; slices 3-5 re-propagated (index j)."
+    axial_volume = MRMLBridge.volume_node_from_ct(axial, "axial", fresh_scene())
+    assert module.modelScoresText({1: 0.9}, MRMLBridge.slice_numbering(axial_volume)).endswith("slice 1: 0.90 (index k)")
+
+
+def test_a_fixs_job_stage_on_the_status_line_shows_the_volumes_own_slice(widgets, slab):  # noqa: F811
+    """The server's stage of a fix names the fixed slice by its working k ("re-propagating 'liver' from slice 2"); the
+    status line showed it as it came, while the same job's end message named the volume's own index (4)."""
+    module, _train = widgets
+    axial, _liver = slab
+    volume = MRMLBridge.volume_node_from_ct(stored_as(axial, "sagittal"), "ct", fresh_scene())
+    plan = SimpleNamespace(restarted=False, volume_node=volume, fix_slices=[2])
+    widget = module.LiverSAMWidget.__new__(module.LiverSAMWidget)
+    widget._job = {"plan": plan, "cancelled": False, "what": "Propagation"}
+    widget.ui = SimpleNamespace(statusLabel=Label(), progressBar=SimpleNamespace(maximum=0, value=0))
+    statuses = iter([
+        {"state": "running", "stage": "re-propagating 'liver' from slice 2", "done": 0, "total": 1},  # jobs.py
+        {"state": "running", "stage": "propagating 'liver'", "done": 3, "total": 7},
+    ])  # fmt: skip
+    widget._calls = SimpleNamespace(submit=lambda work, done, failed, name="": done(next(statuses)))
+    widget._pollJob()
+    assert widget.ui.statusLabel.text == "re-propagating 'liver' from slice 4 (index j)"
+    widget._pollJob()
+    assert widget.ui.statusLabel.text == "propagating 'liver'"  # no slice named: no index note
+
+
+def test_the_index_is_named_on_an_axial_ct_too(widgets, slab, monkeypatch):  # noqa: F811
+    """An axial CT's column said plain "Slices" without a tooltip, though a CT loaded from DICOM shows another
+    "slice" number in the Data Probe ([slice: N], the instance number)."""
+    module, _train = widgets
+    axial, _liver = slab
+    volume = MRMLBridge.volume_node_from_ct(axial, "ct", fresh_scene())
+    widget = table_widget(module, volume, None, None, monkeypatch)
+    widget._fillReviewTable(review_report(MRMLBridge.geometry_from_volume_node(volume)), MRMLBridge.slice_numbering(volume))
+    table = widget.ui.reviewTable
+    assert table.headers[0] == "Slices (k)"
+    tip = table.header_tips[0]
+    assert "index k" in tip and "(i, j, k)" in tip and "[slice: N]" in tip and "not DICOM instance numbers" in tip
+    assert set(table.tips(0)) == {""}  # no DICOM instance numbers on this CT
+    assert tip in widget.ui.reviewLabel.toolTip
+
+
+def slicer_data_probe():
+    """``generateIJKPixelDescription`` of Slicer's Data Probe at v5.10.0 (from the Slicer git mirror)."""
+    import ast
+    import os
+    import subprocess
+    import textwrap
+    from pathlib import Path
+
+    source_dir = Path(os.environ.get("LIVERSAM_SLICER_SOURCE", "/work/.mirror/Slicer+Slicer/repo"))
+    try:
+        source = subprocess.run(["git", "-C", str(source_dir), "show", "v5.10.0:Modules/Scripted/DataProbe/DataProbe.py"],
+                                check=True, capture_output=True, text=True).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip(f"no Slicer source at {source_dir} (set LIVERSAM_SLICER_SOURCE to a Slicer git checkout)")
+    function = next(n for n in ast.walk(ast.parse(source))
+                    if isinstance(n, ast.FunctionDef) and n.name == "generateIJKPixelDescription")  # fmt: skip
+    namespace = {"_": lambda text: text}
+    exec(textwrap.dedent(ast.get_source_segment(source, function)), namespace)  # noqa: S102 - Slicer's own code
+    describe = namespace["generateIJKPixelDescription"]
+    return lambda ijk, volume: describe(None, [int(v) for v in ijk], SimpleNamespace(GetVolumeNode=lambda: volume))
+
+
+def dicom_loaded_ct(scene):
+    """The shared real series totalseg_small/ct_dicom (20 axial images) as Slicer's DICOM loader leaves it: k along S
+    and ``DICOM.instanceNumbers`` in k order (DICOMScalarVolumePlugin v5.10.0), which here run the other way."""
+    import pydicom
+
+    from liversam.ct_io import read_ct
+
+    folder = shared_data_dir() / "totalseg_small" / "ct_dicom"
+    if not folder.is_dir():
+        pytest.skip(f"no {folder}")
+    volume = MRMLBridge.volume_node_from_ct(read_ct(folder, allow_non_ct=True), "CT", scene)
+    headers = sorted((pydicom.dcmread(p, stop_before_pixels=True) for p in folder.iterdir()),
+                     key=lambda ds: float(ds.ImagePositionPatient[2]))  # fmt: skip
+    volume.SetAttribute("DICOM.instanceNumbers", " ".join(str(ds.InstanceNumber) for ds in headers))
+    return volume
+
+
+def test_a_dicom_cts_rows_give_the_instance_numbers_the_data_probe_shows(widgets, monkeypatch):  # noqa: F811
+    """Slicer's Data Probe shows "(i, j, k) [slice: N]" on a CT loaded from DICOM, N its instance number, which here
+    runs against k (LiverSAM's "slice 0" is "[slice: 286]"). The docs said the module showed "the number the Data
+    Probe shows"; the tables now name the index (k) and give each row's instance numbers in its tooltip, checked
+    against Slicer 5.10's own Data Probe code."""
+    module, _train = widgets
+    scene = fresh_scene()
+    volume = dicom_loaded_ct(scene)
+    probe = slicer_data_probe()
+    numbering = MRMLBridge.slice_numbering(volume)
+    assert numbering.instance_numbers is not None and numbering.instance_numbers[0] > numbering.instance_numbers[-1]
+    working = MRMLBridge.geometry_from_volume_node(volume)
+    widget = table_widget(module, volume, None, None, monkeypatch)
+    report = review_report(working)
+    widget._fillReviewTable(report, numbering)
+    table = widget.ui.reviewTable
+    assert table.headers[0] == "Slices (k)" and "[slice: N]" in table.header_tips[0]
+    for row, item in enumerate(sorted(report["items"], key=lambda item: item["first_slice"])):
+        ends = [re.search(r"\[slice: (\d+)\]", probe((0, 0, k), volume)).group(1)
+                for k in (item["first_slice"], item["last_slice"])]  # fmt: skip
+        low, high = sorted(map(int, ends))
+        expected = f"DICOM instance number {low}" if low == high else f"DICOM instance numbers {low}-{high}"
+        print(f"row {table.column(0)[row]!r}: {table.tips(0)[row]!r}; Data Probe {probe((0, 0, item['first_slice']), volume)!r}")
+        assert table.tips(0)[row].startswith(expected)
+        assert table.column(0)[row] == numbering.text(item["first_slice"], item["last_slice"])  # still the index k
+
+    # the lesion table's slices cell too
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "LiverSAM")
+    logic = SegmentationLogic(scene=scene)
+    logic.prepare_segmentation(segmentation, volume)
+    ids = logic.ensure_standard_segments(segmentation)
+    tumour = np.zeros(working.shape_kji, bool)
+    tumour[3:6, 200:230, 200:230] = True
+    logic.write_mask(segmentation, ids["tumor"], volume, tumour)
+    widget = table_widget(module, volume, segmentation, logic, monkeypatch)
+    widget.onUpdateLesions()
+    lesions = widget.ui.lesionTable
+    first, last = (re.search(r"\[slice: (\d+)\]", probe((0, 0, k), volume)).group(1) for k in (3, 5))
+    assert lesions.column(3) == ["3-5"] and lesions.headers[3] == "Slices (k)"
+    assert lesions.tips(3)[0].startswith(f"DICOM instance numbers {min(int(first), int(last))}-{max(int(first), int(last))}")
+
+
+def test_instance_numbers_are_used_only_when_they_name_the_slices_one_to_one():
+    from LiverSAMLib.SliceNumbers import instance_numbers_of
+
+    assert instance_numbers_of("3 2 1", 3) == (3, 2, 1) and instance_numbers_of("1 2 4", 3) == (1, 2, 4)
+    assert instance_numbers_of(None, 3) is None and instance_numbers_of("", 3) is None
+    assert instance_numbers_of("1 ? 3", 3) is None  # a missing tag (the loader writes "?")
+    assert instance_numbers_of("1 2", 3) is None  # cropped or resampled: not one per slice
+    assert instance_numbers_of("1 3 2", 3) is None and instance_numbers_of("1 1 2", 3) is None  # not a run
+    numbering = SliceNumbering().with_instance_numbers((30, 20, 10))
+    assert numbering.instance_text(0, 2) == "DICOM instance numbers 10-30 (the Data Probe's [slice: N])"
+    assert numbering.instance_text(1).startswith("DICOM instance number 20") and SliceNumbering().instance_text(1) == ""
 
