@@ -35,6 +35,7 @@ from LiverSAMLib.Parameters import LiverSAMParameterNode, PostprocessParameters,
 from LiverSAMLib.Phantom import liver_phantom
 from LiverSAMLib.SegmentationLogic import (
     LIVER,
+    DicomGridMismatch,
     SegmentationLogic,
     dicom_grid_problem,
     dicom_reference_of_volume,
@@ -105,6 +106,25 @@ def serverShortOfMemory(error: BaseException) -> str:
             "ended, or ask the server's administrator for more memory."
         )
     return ""
+
+
+def dicomGridMessage(volumeName: str, mismatch: DicomGridMismatch) -> str:
+    """Why no DICOM SEG of this CT is written, and what to do instead, in words true of its case
+    (:func:`dicom_grid_problem`): an irregular series has no regular CT whose slices are its images (reloading it
+    gives the same grid, and LiverSAM asks to harden the acquisition transform Slicer adds); a CT changed after it was
+    loaded can be loaded again."""
+    if mismatch.irregular:
+        return _(
+            "LiverSAM cannot write a DICOM SEG of the CT '{name}': {irregular}. Slicer reads such a series onto a regular "
+            "grid whose slices are not the series' images: {difference}. A DICOM SEG must lie on those images. Export "
+            "the segmentation to .seg.nrrd or a labelmap instead (both keep it on this CT's grid)."
+        ).format(name=volumeName, irregular=mismatch.irregular, difference=mismatch.difference)
+    return _(
+        "The CT '{name}' no longer lies on the slices of the DICOM series it was loaded from: {difference}. This "
+        "happens when a transform was hardened on it (a registration, for example) or it was resampled or cropped. "
+        "A DICOM SEG must lie on the series' own images: export to .seg.nrrd or a labelmap instead, or load the series "
+        "again from the DICOM database, segment that CT and export its DICOM SEG."
+    ).format(name=volumeName, difference=mismatch.difference)
 
 
 def modelScoresText(scores: dict, numbering: SliceNumbering) -> str:
@@ -1217,9 +1237,9 @@ class LiverSAMLogic(ScriptedLoadableModuleLogic):
         if not path or path == ".":
             raise ValueError(_("Choose an output file first."))
         files, seriesUID = dicom_reference_of_volume(volumeNode)
-        problem = dicom_grid_problem(volumeNode) if files else None
-        if problem:  # the SEG would put the segmentation on slices it was not drawn on
-            raise OutputError(problem)
+        mismatch = dicom_grid_problem(volumeNode) if files else None
+        if mismatch is not None:  # the SEG would put the segmentation on slices it was not drawn on
+            raise OutputError(dicomGridMessage(volumeNode.GetName(), mismatch))
         settings = self.connection.settings
         return self.segmentation.prepare_dicom_seg_export(
             segmentationNode, volumeNode, path, files, settings.python, model_name=Path(settings.model).name,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -797,18 +798,55 @@ def dicom_grid_difference(ijk_to_ras: np.ndarray, dimensions: Sequence[int], ins
     return None
 
 
-def dicom_grid_problem(volume_node) -> str | None:
-    """Why a DICOM SEG of this volume cannot reference the DICOM instances it was loaded from, in words; None when its
-    grid is theirs (or they cannot be checked: no DICOM database, a multi-frame image, tags missing: the SEG writer
-    checks the series again).
+def dicom_series_irregularity(instances: Sequence[dict]) -> str | None:
+    """Why the images of a series (``instances``: their tags, as for :func:`dicom_grid_difference`) do not form a
+    regular grid, in words; None when they do. An irregular series (uneven slice spacing, a tilted gantry) cannot be a
+    volume of regular slices that are its images: Slicer's reader puts it on a regular grid (and by default adds the
+    acquisition-geometry transform, DICOMScalarVolumePlugin ``AcquisitionModeling``)."""
+    if len(instances) < 2:
+        return None
+    orientations = np.array([tags["orientation"] for tags in instances], float)
+    if np.abs(orientations - orientations[0]).max() > 1e-4:
+        return "its images do not all have the same orientation"
+    normal = np.cross(orientations[0, :3], orientations[0, 3:6])
+    positions = np.array([tags["position"] for tags in instances], float)
+    steps = np.diff(positions, axis=0)
+    along = np.abs(steps @ normal)
+    spacing = np.asarray(instances[0]["spacing"], float)
+    tolerance = max(DICOM_GRID_TOLERANCE_MM, DICOM_GRID_TOLERANCE_FRACTION * float(np.median(along)))
+    if along.max() - along.min() > tolerance:
+        return f"its images are unevenly spaced ({along.min():.2f} to {along.max():.2f} mm apart)"
+    sideways = np.linalg.norm(steps - np.outer(steps @ normal, normal), axis=1)
+    if sideways.max() > max(DICOM_GRID_TOLERANCE_MM, DICOM_GRID_TOLERANCE_FRACTION * float(spacing.min())):
+        return f"its images are shifted sideways from one to the next (up to {sideways.max():.2f} mm: a tilted gantry)"
+    return None
+
+
+@dataclass(frozen=True)
+class DicomGridMismatch:
+    """How a volume's grid differs from the DICOM images it names (:func:`dicom_grid_problem`): ``difference`` in
+    words; ``irregular``: why those images do not form a regular grid themselves (:func:`dicom_series_irregularity`),
+    None when they do (then something changed the volume's grid after it was loaded)."""
+
+    difference: str
+    irregular: str | None = None
+
+
+def dicom_grid_problem(volume_node) -> DicomGridMismatch | None:
+    """How this volume's grid differs from the DICOM instances it was loaded from (it names them), when it does: a
+    DICOM SEG of it cannot reference them. None when its grid is theirs (or they cannot be checked: no DICOM database,
+    a multi-frame image, tags missing: the SEG writer checks the series again).
 
     A SEG's frame ``k`` is the referenced series' slice ``k``, and LiverSAM writes it from the volume's own voxels
-    (``export_labelmap``: the volume node's grid, without its parent transform). When a transform was hardened on the
-    volume -- the acquisition-geometry regularization Slicer's DICOM loader adds to a series with a tilted gantry or
-    uneven slice spacing (DICOMScalarVolumePlugin ``AcquisitionModeling``, v5.10.0), whose hardening resamples the CT
-    onto a regular grid (vtkMRMLVolumeNode::ApplyNonLinearTransform), or a registration -- the voxels no longer lie on
-    the instances' slices, but the volume still names them (``DICOM.instanceUIDs``): the segmentation would be written
-    onto the wrong slices, or moved by the transform."""
+    (``export_labelmap``: the volume node's grid, without its parent transform). The two differ when
+
+    - the series itself is irregular (uneven slice spacing, a tilted gantry): Slicer reads it onto a regular grid whose
+      slices are not its images, whether or not it adds (and the user hardens) the acquisition-geometry transform
+      (DICOMScalarVolumePlugin ``AcquisitionModeling``, v5.10.0; hardening a grid transform reslices onto the same
+      grid, vtkMRMLVolumeNode::ApplyNonLinearTransform): no DICOM SEG of this series can come from a regular CT;
+    - the volume was changed after it was loaded (a hardened registration moved its grid; resampled, cropped), while it
+      still names the instances (``DICOM.instanceUIDs``): the segmentation would be written onto the wrong slices, or
+      moved. The series loaded again is fine."""
     uids = (volume_node.GetAttribute("DICOM.instanceUIDs") or "").split()
     database = getattr(slicer, "dicomDatabase", None)
     image = volume_node.GetImageData()
@@ -829,13 +867,7 @@ def dicom_grid_problem(volume_node) -> str | None:
     difference = dicom_grid_difference(MRMLBridge.local_ijk_to_ras_matrix(volume_node), dimensions, instances)
     if difference is None:
         return None
-    return (
-        f"The CT '{volume_node.GetName()}' no longer lies on the slices of the DICOM series it was loaded from: "
-        f"{difference}. A transform was hardened on it -- the acquisition-geometry regularization Slicer adds to a "
-        "series with a tilted gantry or uneven slice spacing, or a registration -- which resampled or moved its voxels. "
-        "A DICOM SEG must lie on the series' own slices: export to .seg.nrrd or a labelmap instead, or segment the CT "
-        "as loaded from the DICOM database."
-    )
+    return DicomGridMismatch(difference, dicom_series_irregularity(instances))
 
 
 def dicom_files_of_volume(volume_node) -> list[str]:

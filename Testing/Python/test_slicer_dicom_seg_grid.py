@@ -179,10 +179,14 @@ def test_a_hardened_registration_is_refused_with_what_to_do(widgets, series, dat
     volume.HardenTransform()
     assert volume.GetParentTransformNode() is None
     problem = dicom_grid_problem(volume)
-    print(problem)
-    assert problem and "up to 20.00 mm" in problem and "export to .seg.nrrd or a labelmap instead" in problem
-    with pytest.raises(OutputError, match="no longer lies on the slices of the DICOM series"):
+    assert problem and "up to 20.00 mm" in problem.difference and problem.irregular is None  # the series is regular
+    with pytest.raises(OutputError, match="no longer lies on the slices of the DICOM series") as refused:
         liversam_logic(module).prepareDicomSegExport(segmentation, volume, str(tmp_path / "seg.dcm"))
+    message = str(refused.value)
+    print(message)
+    assert "up to 20.00 mm" in message and "a transform was hardened on it" in message
+    # advice that works: the series loaded again lies on its images (test_a_ct_as_loaded_passes...)
+    assert "export to .seg.nrrd or a labelmap instead" in message and "load the series again" in message
     assert not (tmp_path / "seg.dcm").exists()
 
 
@@ -242,7 +246,8 @@ def test_slicers_regularization_of_an_uneven_series_once_hardened_is_refused(wid
                             g.origin_lps, g.direction_lps)  # fmt: skip
     volume = MRMLBridge.volume_node_from_ct(CTVolume(np.zeros(regular.shape_kji, np.int16), regular), "CT", scene)
     volume.SetAttribute("DICOM.instanceUIDs", " ".join(uids))
-    assert dicom_grid_problem(volume) is not None  # as read, its slices are already not the images'
+    as_read = dicom_grid_problem(volume)  # as read, its slices are already not the images'
+    assert as_read is not None and "unevenly spaced" in as_read.irregular
     modeling = slicer_acquisition_modeling()()
     modeling.createAcquisitionTransform(volume, addAcquisitionTransformIfNeeded=True, hardenAcquisitionTransform=False)
     transform = volume.GetParentTransformNode()
@@ -253,10 +258,63 @@ def test_slicers_regularization_of_an_uneven_series_once_hardened_is_refused(wid
     assert volume.GetParentTransformNode() is None
     segmentation = liver_segmentation(scene, volume)
     problem = dicom_grid_problem(volume)
-    print(f"hardened ({volume.GetImageData().GetDimensions()}): {problem}")
-    assert problem and "no longer lies on the slices" in problem
-    with pytest.raises(OutputError, match="no longer lies on the slices of the DICOM series"):
+    assert problem and "unevenly spaced" in problem.irregular
+    with pytest.raises(OutputError, match="LiverSAM cannot write a DICOM SEG of the CT") as refused:
         liversam_logic(module).prepareDicomSegExport(segmentation, volume, str(tmp_path / "seg.dcm"))
+    print(f"hardened ({volume.GetImageData().GetDimensions()}): {refused.value}")
+    assert_irregular_series_message(str(refused.value))
+
+
+def assert_irregular_series_message(message: str) -> None:
+    """The refusal of an irregular series: why, and only advice that works (segmenting "the CT as loaded" leads to
+    LiverSAM's own refusal of its acquisition transform, "harden the transform", and hardening it gives this CT)."""
+    assert "its images are unevenly spaced (2.00 to 4.00 mm apart)" in message
+    assert "Export the segmentation to .seg.nrrd or a labelmap instead" in message
+    assert "hardened" not in message and "as loaded" not in message and "load the series again" not in message
+
+
+def test_an_uneven_series_read_without_regularization_is_refused_without_blaming_a_transform(
+    widgets, series, database, tmp_path  # noqa: F811
+):
+    """With Slicer's regularization off (DICOM/ScalarVolume/AcquisitionGeometryRegularization = none) the CT has no
+    transform, ever; the refusal said "A transform was hardened on it" and advised to "segment the CT as loaded"."""
+    import slicer
+
+    module, _train = widgets
+    folder = uneven_copy(series, tmp_path / "uneven")
+    database(folder)
+    scene = fresh_scene()
+    ct = read_ct(folder, allow_non_ct=True, resample_irregular=True)
+    uids = [str(ds.SOPInstanceUID) for ds in sorted((h for _p, h in slicer.dicomDatabase.headers.values()),
+                                                    key=lambda ds: float(ds.ImagePositionPatient[2]))]  # fmt: skip
+    g, n = ct.geometry, len(uids)
+    from liversam.geometry import ImageGeometry
+    from liversam.volume import CTVolume
+
+    regular = ImageGeometry((g.size_ijk[0], g.size_ijk[1], n),
+                            (g.spacing_mm[0], g.spacing_mm[1], (g.size_ijk[2] - 1) * g.spacing_mm[2] / (n - 1)),
+                            g.origin_lps, g.direction_lps)  # fmt: skip
+    volume = MRMLBridge.volume_node_from_ct(CTVolume(np.zeros(regular.shape_kji, np.int16), regular), "CT", scene)
+    volume.SetAttribute("DICOM.instanceUIDs", " ".join(uids))
+    assert volume.GetParentTransformNode() is None
+    with pytest.raises(OutputError) as refused:
+        liversam_logic(module).prepareDicomSegExport(liver_segmentation(scene, volume), volume, str(tmp_path / "s.dcm"))
+    print(refused.value)
+    assert_irregular_series_message(str(refused.value))
+
+
+def test_a_tilted_series_is_named_as_such():
+    from LiverSAMLib.SegmentationLogic import dicom_series_irregularity
+
+    def image(z: float, y: float = 0.0) -> dict:
+        return {"position": [0.0, y, z], "orientation": [1, 0, 0, 0, 1, 0], "spacing": [0.8, 0.8]}
+
+    assert dicom_series_irregularity([image(z) for z in (0, 2, 4, 6)]) is None
+    assert "unevenly spaced (2.00 to 4.00 mm apart)" in dicom_series_irregularity([image(z) for z in (0, 2, 6)])
+    tilted = dicom_series_irregularity([image(2.0 * k, 0.5 * k) for k in range(4)])
+    assert "shifted sideways" in tilted and "tilted gantry" in tilted
+    other = [image(0), image(2), {**image(4), "orientation": [1, 0, 0, 0, 0.9, 0.1]}]
+    assert "same orientation" in dicom_series_irregularity(other)
 
 
 def test_the_tolerance_is_the_core_dicom_readers():
