@@ -225,9 +225,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._serverPathTimer.setSingleShot(True)
         self._serverPathTimer.setInterval(SERVER_PATH_SETTLE_MS)
         self._serverPathTimer.connect("timeout()", self._onServerSettingsEdited)
-        # Stop the server LiverSAM started when Slicer quits (cleanup() is not called on every exit path).
-        self._stopServerAtQuit = self.logic.stopServerAtQuit
-        slicer.app.connect("aboutToQuit()", self._stopServerAtQuit)
+        self._connectQuitSlot()
 
         for table in (self.ui.reviewTable, self.ui.lesionTable):
             table.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
@@ -264,6 +262,12 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.initializeParameterNode()
 
+    def _connectQuitSlot(self) -> None:
+        """Stop the server LiverSAM started when Slicer quits (cleanup() is not called on every exit path), within the
+        exit's budget (:meth:`LiverSAMLogic.stopServerAtQuit`; :meth:`LiverSAMLogic.stopServer` waits up to 10 s)."""
+        self._stopServerAtQuit = self.logic.stopServerAtQuit
+        slicer.app.connect("aboutToQuit()", self._stopServerAtQuit)
+
     def cleanup(self) -> None:
         """Module widget destroyed: Slicer exits (qSlicerCoreApplication::onAboutToQuit unloads every module, and
         ScriptedLoadableModuleWidget calls cleanup() on moduleAboutToBeUnloaded) or the module is reloaded
@@ -271,7 +275,8 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         thread (a CT upload: the server keeps nothing of it, where it used to go on past the exit and could open a
         session nobody closed); on a server that keeps running (a remote one) the running job is cancelled and the
         module's sessions are closed; the server started here is stopped (killed if it has not ended in time): within
-        CLEANUP_TIMEOUT_S in all (the I/O thread is given what is left of it to end)."""
+        CLEANUP_TIMEOUT_S in all (the I/O thread is given what is left of it to end). Never raises: a step that fails
+        is logged and the next ones still run (the server is stopped even when the GUI could not be disconnected)."""
         deadline = time.monotonic() + CLEANUP_TIMEOUT_S
         self.removeObservers()
         self._uninstallShortcuts()
@@ -285,14 +290,20 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._calls is not None:
             self._calls.invalidate()
             self._calls.close()  # pending calls never run; the running one is stopped below
-        self._disconnectGui()  # a reload's old, hidden GUI stayed connected to the parameter node
+        try:
+            self._disconnectGui()  # a reload's old, hidden GUI stayed connected to the parameter node
+        except Exception:
+            logging.exception("LiverSAM: cleanup could not disconnect the GUI from the parameter node")
         self._parameterNode = None
         if self.logic is not None:
-            # first: the running call's request (an upload may take minutes on a slow network) ends now, and no other
-            # is sent but those that free the server's resources (the cancel and the closes just below)
-            self.logic.connection.abort_requests()
-            self.logic.releaseServer(job["plan"] if job is not None else None, CLEANUP_TIMEOUT_S)
-            self.logic.stopServer(max(deadline - time.monotonic(), MIN_SERVER_STOP_WAIT_S))
+            try:
+                # first: the running call's request (an upload may take minutes on a slow network) ends now, and no
+                # other is sent but those that free the server's resources (the cancel and the closes just below)
+                self.logic.connection.abort_requests()
+                self.logic.releaseServer(job["plan"] if job is not None else None, CLEANUP_TIMEOUT_S)
+            except Exception:
+                logging.exception("LiverSAM: cleanup could not release the server's sessions")
+            self.logic.stopServerSafely(max(deadline - time.monotonic(), MIN_SERVER_STOP_WAIT_S))
         if self._calls is not None and not self._calls.close(wait_s=deadline - time.monotonic()):
             logging.info(
                 "LiverSAM: the server call under way at cleanup ends by itself (its answer is dropped)"
@@ -1111,9 +1122,17 @@ class LiverSAMLogic(ScriptedLoadableModuleLogic):
         self.server.forget()
         self.connection.stop(wait_s)
 
+    def stopServerSafely(self, wait_s: float) -> None:
+        """:meth:`stopServer` at module cleanup or exit, where nothing may raise: a failure is logged (the local server
+        still ends with Slicer: it was started with --exit-with-stdin)."""
+        try:
+            self.stopServer(wait_s)
+        except Exception:
+            logging.exception("LiverSAM: the LiverSAM server could not be stopped")
+
     def stopServerAtQuit(self) -> None:
-        """aboutToQuit(): :meth:`stopServer` within the exit's budget (CLEANUP_TIMEOUT_S)."""
-        self.stopServer(CLEANUP_TIMEOUT_S)
+        """aboutToQuit(): :meth:`stopServer` within the exit's budget (CLEANUP_TIMEOUT_S); never raises."""
+        self.stopServerSafely(CLEANUP_TIMEOUT_S)
 
     def releaseServer(self, plan: PropagationPlan | None, timeout_s: float) -> bool:
         """Module cleanup (reload, exit; main thread): forget every session and, on a server that keeps running (a

@@ -26,6 +26,7 @@ import copy
 import http.client
 import ipaddress
 import json
+import logging
 import os
 import re
 import secrets
@@ -733,6 +734,10 @@ def _without_usage(text: str) -> str:
 # The folder of a local server's token file. `liversam serve` removes it (when empty) as it deletes the token, so
 # that a starter killed outright (a Slicer crash: its clean-up never runs) leaves nothing in the temporary folder.
 LOCAL_SERVER_FOLDER_PREFIX = "liversam-server-"
+#: How long :meth:`LocalServerProcess.stop` waits for a killed server to end (it ends at once, unless the kernel holds
+#: it in uninterruptible sleep, e.g. in a GPU driver) before it leaves it to the operating system.
+KILLED_WAIT_S = 2.0
+_log = logging.getLogger(__name__)
 
 
 class LocalServerProcess:
@@ -830,7 +835,9 @@ class LocalServerProcess:
         return "".join(self._stderr_tail).rstrip() or "(no output on stderr)"
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the server (terminate, then kill after ``timeout`` s) and delete its token file."""
+        """Stop the server (terminate, then kill after ``timeout`` s) and delete its token file. Never raises for a
+        process that does not end even when killed (uninterruptible sleep in a driver): it is left to the operating
+        system after :data:`KILLED_WAIT_S`, with a warning (module cleanup and Slicer's exit call this)."""
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
             process.terminate()
@@ -838,7 +845,11 @@ class LocalServerProcess:
                 process.wait(max(0.0, timeout))
             except subprocess.TimeoutExpired:
                 process.kill()
-                process.wait(10.0)  # a killed process ends at once
+                try:
+                    process.wait(KILLED_WAIT_S)  # a killed process ends at once, unless the kernel holds it
+                except subprocess.TimeoutExpired:
+                    _log.warning("the LiverSAM server (PID %s) has not ended %.0f s after it was killed; it ends when "
+                                 "the operating system lets it", process.pid, KILLED_WAIT_S)  # fmt: skip
         if process is not None and process.stdin is not None:
             with contextlib.suppress(OSError):
                 process.stdin.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -206,6 +207,90 @@ def test_the_aboutToQuit_slot_stops_the_server_within_the_exit_budget(widgets): 
     logic.connection = SimpleNamespace(stop=waits.append)
     logic.stopServerAtQuit()
     assert waits == [module.CLEANUP_TIMEOUT_S]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a shell script as the server's python")
+def test_the_slot_setup_connects_to_aboutToQuit_kills_a_stubborn_server_within_the_exit_budget(  # noqa: N802
+    widgets, stubborn_python, monkeypatch  # noqa: F811
+):
+    """The slot setup() connects to aboutToQuit() (its _connectQuitSlot), run as Slicer runs it at exit. Connecting
+    logic.stopServer instead (its 10 s wait for a server that does not end) passed the earlier tests: they checked a
+    prefix of the line, and called stopServerAtQuit themselves."""
+    module, _train = widgets
+    connected: dict = {}
+    app = SimpleNamespace(connect=lambda signal, slot: connected.__setitem__(signal, slot))
+    monkeypatch.setattr(module.slicer, "app", app, raising=False)
+    logic = module.LiverSAMLogic(settingsStore=Settings({"LiverSAM/Server/mode": "local",
+                                                         "LiverSAM/Server/python": stubborn_python}))  # fmt: skip
+    logic.connection.connect()
+    process = logic.connection._process.process
+    widget = cleanup_widget(module, logic)
+    try:
+        widget._connectQuitSlot()
+        started = time.monotonic()
+        connected["aboutToQuit()"]()
+        took = time.monotonic() - started
+        print(f"aboutToQuit() with a local server that ignores SIGTERM: {took:.2f} s")
+        assert took < MAX_CLEANUP_S, "Slicer's exit waited for the local server"
+        assert process.poll() is not None and not logic.connection.started_here
+    finally:
+        with contextlib.suppress(OSError):
+            process.kill()
+        widget._calls.close()
+
+
+class Unkillable:
+    """A ``subprocess.Popen`` that ends neither when asked nor when killed (uninterruptible sleep in a driver)."""
+
+    pid, stdin = 4242, None
+
+    def __init__(self) -> None:
+        self.killed = False
+
+    def poll(self):
+        return None
+
+    def terminate(self) -> None:
+        pass
+
+    def kill(self) -> None:
+        self.killed = True
+
+    def wait(self, timeout=None):
+        time.sleep(min(timeout or 0.0, 0.05))
+        raise subprocess.TimeoutExpired("liversam serve", timeout)
+
+
+def test_stopping_a_server_that_does_not_end_when_killed_raises_nothing_and_removes_its_token(tmp_path, caplog):
+    """LocalServerProcess.stop waited 10 s for a killed process and let TimeoutExpired out of cleanup() and out of the
+    aboutToQuit() slot (the rest of the cleanup, and Slicer's exit handlers, were skipped)."""
+    from LiverSAMLib.ServerClient import LocalServerProcess
+
+    server = LocalServerProcess(sys.executable)
+    server.process, server._folder = Unkillable(), str(tmp_path / "liversam-server-x")
+    (tmp_path / "liversam-server-x").mkdir()
+    (tmp_path / "liversam-server-x" / "token-1").write_text("t")
+    process = server.process
+    with caplog.at_level("WARNING"):
+        server.stop(0.1)
+    assert process.killed and server.process is None and not (tmp_path / "liversam-server-x").exists()
+    assert "has not ended" in caplog.text
+
+
+def test_cleanup_and_the_quit_slot_raise_nothing_when_stopping_the_server_fails(widgets):  # noqa: F811
+    module, _train = widgets
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("the server could not be stopped")
+
+    logic = module.LiverSAMLogic.__new__(module.LiverSAMLogic)
+    logic.server = SimpleNamespace(forget=lambda: [])
+    logic.connection = SimpleNamespace(stop=fails, abort_requests=fails, client=None, started_here=True)
+    logic.stopServerAtQuit()  # no exception out of Slicer's aboutToQuit() handler
+    widget = cleanup_widget(module, logic)
+    widget._disconnectGui = fails
+    widget.cleanup()  # nothing was raised, and the steps after the failing ones ran
+    assert widget._calls._closed and widget._stopServerAtQuit is None and widget._parameterNode is None
 
 
 

@@ -428,7 +428,7 @@ def test_widget_lifecycle_wiring():
         assert timer in cleanup
     # the aboutToQuit() slot is disconnected again (each reload used to leave its logic and widget connected)
     assert "slicer.app.disconnect('aboutToQuit()', self._stopServerAtQuit)" in cleanup
-    assert "timer.stop()" in cleanup and "self._calls.invalidate()" in cleanup and "self.logic.stopServer(" in cleanup
+    assert "timer.stop()" in cleanup and "self._calls.invalidate()" in cleanup
     # a reload's old, hidden GUI no longer stays connected to the parameter node
     assert "self._disconnectGui()" in cleanup and "connectGui" not in cleanup.replace("_disconnectGui", "")
     # the request under way (a CT upload) is stopped before the job's cancel and the sessions' close
@@ -437,9 +437,14 @@ def test_widget_lifecycle_wiring():
     for step in ("self._calls.invalidate()", "self._liveTimer.stop()", "self._jobTimer.stop()", "self._job = None",
                  "self._lesions = []", "self.ui.lesionTable.setRowCount(0)", "self.logic.sceneClosed("):  # fmt: skip
         assert step in closing, step
+    # the slot that stops the server within the exit's budget: stopServerAtQuit, not stopServer (a 10 s wait at quit);
+    # test_slicer_exit.py runs the slot _connectQuitSlot connects
     setup = _widget_method("setup")
-    assert "self._stopServerAtQuit = self.logic.stopServer" in setup
-    assert "slicer.app.connect('aboutToQuit()', self._stopServerAtQuit)" in setup
+    assert "self._connectQuitSlot()" in setup
+    quit_slot = _widget_method("_connectQuitSlot")
+    assert re.search(r"^\s*self\._stopServerAtQuit = self\.logic\.stopServerAtQuit$", quit_slot, re.M), quit_slot
+    assert "slicer.app.connect('aboutToQuit()', self._stopServerAtQuit)" in quit_slot
+    assert "self.logic.stopServerSafely(max(deadline - time.monotonic(), MIN_SERVER_STOP_WAIT_S))" in cleanup
     # the LiverSAM Python path is applied once it settles, not at each keystroke (ctkPathLineEdit emits
     # currentPathChanged at every one)
     assert "serverPythonPathLineEdit.connect('currentPathChanged(QString)', self._onServerPythonPathEdited)" in (
