@@ -517,6 +517,8 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _showServerState(self) -> None:
         connection = self.logic.connection
         self.ui.serverStatusLabel.text = connection.message
+        if connection.settings.mode == LOCAL:  # a remote server's models are not this computer's
+            self._offerModels(connection.models)
         local = (self.ui.serverModeComboBox.currentData or LOCAL) == LOCAL
         for widget in (self.ui.serverPythonPathLineEdit, self.ui.serverPythonLabel, self.ui.deviceComboBox,
                        self.ui.modelComboBox, self.ui.addCheckpointButton):  # fmt: skip
@@ -524,6 +526,28 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for widget in (self.ui.serverUrlLineEdit, self.ui.serverTokenLineEdit):
             widget.enabled = not local
         self.ui.serverStopButton.enabled = connection.started_here
+
+    def _offerModels(self, models: list) -> None:
+        """Add the models the local server's machine can load (``ServerConnection.models``, from its GET /v1/models:
+        the built-in ones whose weights are there and those trained with LiverSAMTrain and registered) to the model
+        list, each with its description as tooltip; entries already there (the chosen model, checkpoint files) stay.
+        Choosing one restarts the local server with ``--model NAME`` (_onServerSettingsEdited)."""
+        combo = self.ui.modelComboBox
+        combo.blockSignals(True)  # adding entries chooses nothing
+        try:
+            for model in models:
+                name = str(model.get("name") or "")
+                index = combo.findData(name)
+                if not name or (index < 0 and not model.get("available")):
+                    continue  # its weights are not on that machine: --model NAME would fail
+                if index < 0:
+                    registered = model.get("kind") == "registered"
+                    combo.addItem(_("{name} (trained)").format(name=name) if registered else name, name)
+                    index = combo.count - 1
+                if model.get("description"):
+                    combo.setItemData(index, str(model["description"]), qt.Qt.ToolTipRole)
+        finally:
+            combo.blockSignals(False)
 
     # --- calls to the server -----------------------------------------------------------------------------
     def _onPoll(self) -> None:

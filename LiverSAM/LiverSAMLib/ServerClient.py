@@ -299,6 +299,16 @@ class LiverSAMClient:
         open sessions, queued jobs and the server's limits."""
         return self._request("GET", "/info").json()
 
+    def models(self) -> dict[str, Any] | None:
+        """The models the server's machine can load: ``{"current": name, "models": [{"name", "description", "kind"
+        ("built-in" / "registered"), "available"}]}``; None from a server too old to list them (404)."""
+        try:
+            return self._request("GET", "/models").json()
+        except ServerRequestError as error:
+            if error.status == 404:
+                return None
+            raise
+
     # --- sessions ----------------------------------------------------------------------------------------
     def open_volume(
         self,

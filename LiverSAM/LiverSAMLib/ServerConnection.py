@@ -20,6 +20,7 @@ widget runs it through :class:`LiverSAMLib.BackgroundCalls.CallQueue`.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -28,7 +29,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
-from .ServerClient import AuthError, LiverSAMClient, LocalServerProcess, ServerUnavailable
+from .ServerClient import (
+    AuthError,
+    LiverSAMClient,
+    LiverSAMClientError,
+    LocalServerProcess,
+    ServerUnavailable,
+)
 
 SETTINGS_GROUP = "LiverSAM/Server"
 LOCAL, REMOTE = "local", "remote"
@@ -122,6 +129,9 @@ class ServerConnection:
         self.state = STOPPED
         self.message = "Not connected: the server starts when LiverSAM first needs it."
         self.info: dict[str, Any] = {}
+        #: the models the server's machine can load (GET /v1/models: built-in and registered ones), as the server last
+        #: listed them; kept when the server stops (they are the machine's, not the process's)
+        self.models: list[dict[str, Any]] = []
         self._client: LiverSAMClient | None = None
         self._process: LocalServerProcess | None = None
         self._lock = threading.Lock()
@@ -165,6 +175,7 @@ class ServerConnection:
         try:
             client = process.start() if process is not None else LiverSAMClient(settings.url, settings.token)
             info = client.info()  # needs the token: a wrong one fails here, once
+            models = list_models(client)
         except (ServerUnavailable, AuthError) as error:
             with self._lock:
                 if process is not None and self._process is process:
@@ -178,6 +189,8 @@ class ServerConnection:
                     process.stop()  # stopped (or reset) while it started
                 raise ServerUnavailable(f"The LiverSAM server was stopped while it started. {self.message}")
             self.info = info
+            if models is not None:
+                self.models = models
             self._client = client
             self.state = READY
             where = "local server" if settings.mode == LOCAL else settings.url
@@ -210,9 +223,13 @@ class ServerConnection:
             )
 
     def reset(self, settings: ServerSettings | None = None) -> None:
-        """Stop the server started here, forget the failure; the next :meth:`ensure` connects again."""
+        """Stop the server started here, forget the failure; the next :meth:`ensure` connects again. The model list is
+        kept unless the settings name another server or Python environment (another machine's or registry's list)."""
         self.stop()
         if settings is not None:
+            old = self.settings
+            if (settings.mode, settings.python, settings.url) != (old.mode, old.python, old.url):
+                self.models = []
             self.settings = settings
         self.state, self.message = STOPPED, "Not connected."
 
@@ -243,6 +260,21 @@ class ServerConnection:
         self.state = FAILED
         self.message = reason
         self._client = None
+
+
+def list_models(client: LiverSAMClient) -> list[dict[str, Any]] | None:
+    """The models the server's machine can load (:meth:`LiverSAMClient.models`), or None when the server does not list
+    them (an older server) or the list failed (logged: the connection does not depend on it)."""
+    try:
+        answer = client.models()
+    except (ServerUnavailable, AuthError):
+        raise
+    except LiverSAMClientError as error:
+        logging.getLogger(__name__).warning("LiverSAM: the server did not list its models: %s", error)
+        return None
+    if answer is None:
+        return None
+    return [dict(m) for m in answer.get("models") or [] if isinstance(m, dict) and m.get("name")]
 
 
 #: Slicer's startup environment, read once on the main thread (:func:`read_startup_environment`): it is a Qt call

@@ -205,15 +205,19 @@ class ModelInfo:
     name: str
     description: str
     needs_checkpoint: bool
-    available: bool  # weights present (bundled, or a registered file that exists)
+    # weights present: bundled, a built-in's official file in the user's models folder (what `--model NAME` loads),
+    # or a registered file that exists
+    available: bool
+    kind: str = "built-in"  # "built-in" or "registered" (trained with LiverSAMTrain / liversam train)
 
 
 def available_models() -> list[ModelInfo]:
     """Every model a front end should offer: built-in names and registered LiverSAMTrain models."""
     infos = [
-        ModelInfo(spec.name, spec.description, needs_checkpoint=not spec.bundled, available=spec.bundled)
+        ModelInfo(spec.name, spec.description, needs_checkpoint=not spec.bundled,
+                  available=spec.bundled or (user_models_dir() / str(spec.checkpoint_filename)).is_file())
         for spec in MODEL_SPECS.values()
-    ]
+    ]  # fmt: skip
     for model in registered_models():
         infos.append(
             ModelInfo(
@@ -221,6 +225,7 @@ def available_models() -> list[ModelInfo]:
                 model.description or f"trained model {model.path}",
                 False,
                 Path(model.path).is_file(),
+                kind="registered",
             )
         )
     return infos

@@ -43,7 +43,9 @@ from .schemas import (
     JobStatus,
     Limits,
     MemoryHeld,
+    ModelChoice,
     ModelInfo,
+    ModelList,
     OpenPath,
     Planned,
     PredictRequest,
@@ -388,6 +390,19 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
                           max_json_bytes=config.max_json_bytes, max_volume_bytes=config.max_voxels * 4,
                           open_path=open_path, session_memory_mb=mb(config.session_memory_bytes)),
         )
+
+    @router.get("/models", response_model=ModelList, tags=["server"],
+                summary="The models this server's machine can load (built-in and registered)")
+    def models() -> ModelList:
+        """What a front end offers for ``liversam serve --model NAME``: the built-in models and the ones trained with
+        LiverSAMTrain and registered on this machine (read now: a model registered after the server started is
+        listed). An unreadable registry answers 503 with its path."""
+        from ..models.registry import available_models
+
+        return ModelList(current=config.model, models=[
+            ModelChoice(name=m.name, description=m.description, kind=m.kind, available=m.available)
+            for m in available_models()
+        ])  # fmt: skip
 
     # --- sessions --------------------------------------------------------------------------------------------
     @router.post("/sessions", response_model=SessionInfo, status_code=201, tags=["sessions"],

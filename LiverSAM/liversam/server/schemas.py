@@ -50,6 +50,24 @@ class ModelInfo(BaseModel):
     error: str | None = None
 
 
+class ModelChoice(BaseModel):
+    """A model this server's machine can load (``liversam serve --model NAME``)."""
+
+    name: str = Field(description="what --model takes")
+    description: str
+    kind: str = Field(description="'built-in' or 'registered' (trained with LiverSAMTrain / liversam train)")
+    available: bool = Field(description="its weights are on the server's machine (else --model NAME fails)")
+
+
+class ModelList(BaseModel):
+    """The models of the server's machine: the built-in ones and those registered in its model registry
+    ($LIVERSAM_HOME/models/registry.json, or ~/.liversam). One server runs one model: another one is chosen by
+    starting the server with --model NAME."""
+
+    current: str = Field(description="the model this server runs (its --model)")
+    models: list[ModelChoice]
+
+
 class MemoryHeld(BaseModel):
     """What the open sessions hold together, MB (MiB)."""
 
