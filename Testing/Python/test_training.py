@@ -307,6 +307,50 @@ def test_cache_is_reused_when_unchanged_and_rebuilt_when_inputs_or_settings_chan
     assert build_study_cache(study, config, litemedsam, "id", progress=False) not in (first,)
 
 
+def test_building_a_cache_reports_its_progress_and_train_events_print_it(
+    tmp_path, data_dir, litemedsam, capsys, monkeypatch
+):
+    """``liversam train --events`` printed nothing while the caches were built (the Slicer module passes --no-progress):
+    minutes to hours of encoding on a CPU behind an empty progress bar. build_study_cache reports the slices cached
+    (embeddings included) and the trainer prints them as LIVERSAM_CACHE lines, at most one every 2 s."""
+    import liversam.training.trainer as trainer_module
+    from liversam.training.cache import build_study_cache
+    from liversam.training.trainer import Trainer
+
+    study_dir = tmp_path / "case"
+    study_dir.mkdir()
+    shutil.copy(data_dir / "totalseg_small" / "ct.nii.gz", study_dir / "ct.nii.gz")
+    shutil.copy(data_dir / "totalseg_small" / "liver_model_output.nii.gz", study_dir / "label.nii.gz")
+    [study] = discover_studies(study_dir)
+    config = TrainingConfig(data=str(study_dir), out=str(tmp_path / "run"), max_slices_per_case=3)  # frozen encoder
+    seen: list[tuple[int, int]] = []
+    path = build_study_cache(study, config, litemedsam, "id", progress=False, on_progress=lambda *a: seen.append(a))
+    assert seen[0] == (0, 3) and seen[-1] == (3, 3) and [d for d, _t in seen] == sorted(d for d, _t in seen)
+    seen.clear()
+    assert build_study_cache(study, config, litemedsam, "id", progress=False, on_progress=lambda *a: seen.append(a)) == path
+    assert seen == []  # reused: nothing to report
+
+    trainer = Trainer(config, model=litemedsam, progress=False, emit_events=True)
+    trainer.prepare_data()  # its own cache (the model's identity is in its key): built, and reported
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("LIVERSAM_CACHE ")]
+    events = [json.loads(line.split(" ", 1)[1]) for line in lines]
+    where = {"study": 1, "studies": 1, "case": "case"}
+    assert events[0] == where and events[1] == {**where, "done": 0, "total": 3} and events[-1] == {**where, "done": 3, "total": 3}
+    trainer.prepare_data()  # reused now: the study's line only
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("LIVERSAM_CACHE ")]
+    assert [json.loads(line.split(" ", 1)[1]) for line in lines] == [where]
+    report = trainer._cache_progress({"study": 1, "studies": 2, "case": "case"})
+    clock = iter([0.0, 0.5, 1.0, 2.5, 3.0])
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer_module.time, "monotonic", lambda: next(clock))
+        for done in range(5):
+            report(done, 4)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("LIVERSAM_CACHE ")]
+    done = [json.loads(line.split(" ", 1)[1])["done"] for line in lines]
+    assert done == [0, 3, 4]  # the first, one 2 s later, and the last
+    assert json.loads(lines[0].split(" ", 1)[1]) == {"study": 1, "studies": 2, "case": "case", "done": 0, "total": 4}
+
+
 def test_a_cache_an_older_version_built_from_a_label_map_given_as_the_ct_is_refused(
     tmp_path, data_dir, litemedsam, monkeypatch
 ):

@@ -176,7 +176,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-test-report", action="store_true", help="skip the test-split evaluation at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument(
-        "--events", action="store_true", help="print machine-readable LIVERSAM_EPOCH lines (for Slicer)"
+        "--events", action="store_true",
+        help="print machine-readable LIVERSAM_CACHE (caches being built), _RESUME, _EPOCH and _DONE lines (for Slicer)"
     )
     p.set_defaults(run=run)
     return p

@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,7 @@ def build_study_cache(
     progress: bool = True,
     seed_embeddings: dict[int, np.ndarray] | None = None,
     content_hash: str | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> Path:
     """The cache file of ``study``, built now if no valid one exists. ``model`` is a
     :class:`~liversam.models.LoadedModel` (its encoder is used only with a frozen encoder).
@@ -179,7 +181,9 @@ def build_study_cache(
     the original (not augmented) slices computed earlier; the first seeded slice is encoded anyway and the
     seeds are used only when they agree with it (relative L2 error <= :data:`SEED_TOLERANCE`), else the
     study is encoded as usual (logged). ``content_hash``: the study's :meth:`TrainingStudy.content_hash` when
-    the caller has it already (not read again)."""
+    the caller has it already (not read again). ``on_progress(done, total)``: called with the slices cached so far
+    (augmented copies included) while the cache is built, from ``(0, total)`` to ``(total, total)``; not called for a
+    cache reused as it is (``liversam train --events`` reports it to the Slicer module)."""
     import h5py
 
     from ..progress import progress_bar as tqdm  # bar on a terminal, lines in a log, nothing with --quiet
@@ -297,6 +301,8 @@ def build_study_cache(
             return True
 
         bar = tqdm(total=n, desc=f"cache {study.case_id}", unit="slice", disable=not progress)
+        report = on_progress or (lambda done, total: None)
+        report(0, n)
         row = 0
         for k in ks:
             image = window_slice(volume.array_kji[k], window)
@@ -320,6 +326,7 @@ def build_study_cache(
                         store(row, _unbatched(seeds[k], 3))
                         row += 1
                         bar.update(1)
+                        report(row, n)
                         continue
                 if config.frozen_encoder:
                     pending.append((row, img))
@@ -327,7 +334,10 @@ def build_study_cache(
                         flush()
                 row += 1
                 bar.update(1)
+                if not pending:  # the slices counted are stored (their embeddings too)
+                    report(row, n)
         flush()
+        report(n, n)
         bar.close()
         handle.attrs["complete"] = True
     log.info("cache: built %s (%d samples) in %.1f s", path, n, time.perf_counter() - started)

@@ -52,6 +52,8 @@ from .studies import TrainingStudy, check_distinct_cts, discover_studies
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = "liversam-train-state/1"
+#: ``--events``: at most one LIVERSAM_CACHE progress line this often (seconds) while a study's cache is built
+CACHE_EVENT_INTERVAL_S = 2.0
 NO_VALIDATION = "The split has no validation cases; give a validation fraction > 0 or list validation ids."
 TRAIN_LOG_NAME = (
     "train.log"  # the run's own log (its logger's lines); a front end keeps the console elsewhere
@@ -487,6 +489,20 @@ class Trainer:
         if self.emit_events:
             print(f"LIVERSAM_{kind} {json.dumps(payload)}", flush=True)
 
+    def _cache_progress(self, where: dict, every_s: float = CACHE_EVENT_INTERVAL_S):
+        """``on_progress`` of :func:`build_study_cache`: a ``LIVERSAM_CACHE`` line with ``done`` / ``total`` slices, at
+        most one every ``every_s`` (the first and the last always), so that the Slicer module shows the encoding,
+        minutes to hours on a CPU, instead of an empty progress bar."""
+        last = [-math.inf]
+
+        def report(done: int, total: int) -> None:
+            now = time.monotonic()
+            if done in (0, total) or now - last[0] >= every_s:
+                last[0] = now
+                self._event("CACHE", {**where, "done": int(done), "total": int(total)})
+
+        return report
+
     def _check_config(self) -> None:
         path = self.run_dir / "config.json"
         if path.is_file():
@@ -552,7 +568,9 @@ class Trainer:
         with fast_frozen_encoder(model, config.frozen_encoder) as precision:
             if precision != "fp32":  # bf16 embeddings differ (within the mask check): their own cache
                 identity = f"{identity}|encoder-{precision}"
-            for study in needed:
+            for index, study in enumerate(needed, 1):
+                where = {"study": index, "studies": len(needed), "case": study.case_id}
+                self._event("CACHE", where)  # before its CT is read (a reused cache reports nothing more)
                 cache_paths[study.case_id] = build_study_cache(
                     study,
                     config,
@@ -561,6 +579,7 @@ class Trainer:
                     self.progress,
                     seed_embeddings=load_seed_embeddings(config.seed_embeddings_dir, study.case_id),
                     content_hash=self._data_hashes[study.case_id],
+                    on_progress=self._cache_progress(where) if self.emit_events else None,
                 )
         if split is None:  # one study: split its cached slices
             import h5py
