@@ -87,6 +87,8 @@ class LiverSAMTrainLogic(ScriptedLoadableModuleLogic):
 
 
 class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
+    _segmentNamesHint = False  # the log advised liversam train's --liver-names / --tumor-names
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         self.logic = None
@@ -135,7 +137,7 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
             logging.info(
                 "LiverSAMTrain: the training process (PID %s) keeps running after Slicer closes; it writes %s and "
                 "registers its best model when it finishes. Stop it from the operating system, or open LiverSAMTrain "
-                "again and press Resume after it ended to continue from its last epoch.",
+                "again, choose the same run folder and press Resume after it ended to continue from its last epoch.",
                 self.logic.process.pid,
                 self.logic.process.log_path,
             )
@@ -146,6 +148,22 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         segmentation = self.ui.segmentationSelector.currentNode()
         if volume is None or segmentation is None:
             slicer.util.errorDisplay(_("Choose a CT volume and its segmentation first."))
+            return
+        paired = TrainingLogic.paired_with(self._pairs, volume)
+        if paired is segmentation:
+            slicer.util.errorDisplay(
+                _("The pair '{volume}' + '{segmentation}' is already in the list.").format(
+                    volume=volume.GetName(), segmentation=segmentation.GetName()
+                )
+            )
+            return
+        if paired is not None:  # `liversam train` refuses the same CT twice (it would be trained and validated on)
+            slicer.util.errorDisplay(
+                _("The CT '{volume}' is already in the list, with '{segmentation}': each CT can be used once. Put all "
+                  "its segments in one segmentation, or press Clear pairs and add the pairs again.").format(
+                    volume=volume.GetName(), segmentation=paired.GetName()
+                )
+            )
             return
         self._pairs.append((volume, segmentation))
         self.ui.pairsList.addItem(f"{volume.GetName()}  +  {segmentation.GetName()}")
@@ -159,13 +177,17 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         out = self.ui.outputPathLineEdit.currentPath
         if not out:
             raise ValueError(_("Choose a run folder (checkpoints, curves and the split are written there)."))
-        data = self.ui.dataPathLineEdit.currentPath
-        if self._pairs:
-            data = str(TrainingLogic.export_training_pairs(self._pairs, Path(out) / "exported-data"))
-        if not data:
+        try:
+            # the pairs are exported to RUN_DIR/exported-data, never over an earlier run's other data; without pairs
+            # or a data folder, the run folder's earlier export (Resume after a Slicer restart)
+            data, note = TrainingLogic.training_data(self._pairs, out, self.ui.dataPathLineEdit.currentPath)
+        except TrainingLogic.NoTrainingData:
             raise ValueError(
                 _("Choose a data folder or manifest, or add loaded volume + segmentation pairs.")
-            )
+            ) from None
+        if note:
+            self.ui.logTextEdit.appendPlainText(note)
+        maxSlices = self.ui.maxSlicesSpinBox.value
         return TrainingLogic.TrainingSettings(
             data=data,
             out=out,
@@ -173,12 +195,14 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
             batch_size=self.ui.batchSizeSpinBox.value,
             lr=self.ui.lrSpinBox.value,
             augment_copies=self.ui.augmentCopiesSpinBox.value,
-            max_slices=self.ui.maxSlicesSpinBox.value,
+            max_slices=maxSlices if maxSlices >= 2 else 0,  # its minimum, 1, shows "all"
             seed=self.ui.seedSpinBox.value,
             train_encoder=self.ui.trainEncoderComboBox.currentText,
             device=self.ui.deviceComboBox.currentText,
             liver_labels=self.ui.liverLabelsLineEdit.text,
             tumor_labels=self.ui.tumorLabelsLineEdit.text,
+            liver_names=self.ui.liverNamesLineEdit.text,
+            tumor_names=self.ui.tumorNamesLineEdit.text,
             model_name=self.ui.modelNameLineEdit.text,
         )
 
@@ -211,6 +235,7 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
                 self.ui.statusLabel.setText(_("Training..."))
                 self._chartShown = None
                 self._finished = False
+                self._segmentNamesHint = False
                 self._timer.start()
         except Exception:  # shown to the user by tryWithErrorDisplay; also called from the timer
             logging.info("LiverSAMTrain: training not started", exc_info=True)
@@ -251,9 +276,24 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
             event = TrainingLogic.parse_event(line)
             if event is None:
                 self.ui.logTextEdit.appendPlainText(line)
+                if "--liver-names" in line or "--tumor-names" in line:
+                    self._segmentNamesHint = True  # the command's advice names its options, not this module's fields
                 continue
             kind, payload = event
-            if kind == "EPOCH":
+            if kind == "CACHE":
+                self._showCacheProgress(payload)
+            elif kind == "RESUME":
+                self.ui.progressBar.setMaximum(self._settings.epochs)
+                self.ui.progressBar.setValue(int(payload.get("epoch") or 0))
+                if payload.get("finished"):
+                    self.ui.statusLabel.setText(
+                        _("The run in this folder is finished ({why}) after epoch {epoch}: nothing to train (the log "
+                          "says which setting trains it on).").format(why=payload["finished"], epoch=payload.get("epoch"))
+                    )
+                else:
+                    self.ui.statusLabel.setText(_("Resumed after epoch {epoch}.").format(epoch=payload.get("epoch")))
+            elif kind == "EPOCH":
+                self.ui.progressBar.setMaximum(int(payload.get("epochs") or self._settings.epochs))
                 self.ui.progressBar.setValue(int(payload.get("epoch", 0)))
                 self.ui.statusLabel.setText(
                     _("Epoch {epoch}/{epochs}: validation Dice {dice:.3f} (best epoch {best})").format(
@@ -288,7 +328,29 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
                 self._showStopped()
             elif code not in (0, None):
                 self.ui.logTextEdit.appendPlainText(f"training process ended with code {code}")
+                self.ui.statusLabel.setText(
+                    _("Training ended with an error (code {code}): see the log below.").format(code=code)
+                    + (_(" Segment names go in Settings: Liver segment names, Tumour segment names.")
+                       if self._segmentNamesHint else "")
+                )  # fmt: skip
             self.updateButtons()
+
+    def _showCacheProgress(self, payload: dict) -> None:
+        """A LIVERSAM_CACHE line: the study whose training cache is being built (its slices encoded: minutes to hours
+        on a CPU) and, while it is built, how many of its slices are done; the bar counts them."""
+        where = _("Preparing the training data: study {study} of {studies} ('{case}')").format(
+            study=payload.get("study"), studies=payload.get("studies"), case=payload.get("case")
+        )
+        total = payload.get("total")
+        if total is None:  # the study starts (a cache built before is reused at once)
+            self.ui.progressBar.setMaximum(0)  # Qt's busy indicator
+            self.ui.statusLabel.setText(where + "...")
+            return
+        self.ui.progressBar.setMaximum(int(total))
+        self.ui.progressBar.setValue(int(payload.get("done") or 0))
+        self.ui.statusLabel.setText(
+            where + _(": {done} of {total} slices encoded...").format(done=payload.get("done"), total=total)
+        )
 
     def updateButtons(self) -> None:
         running = self.logic is not None and (self.logic.process.is_running() or self._check is not None)
@@ -323,3 +385,5 @@ class LiverSAMTrainTest(ScriptedLoadableModuleTest):
         self.assertEqual(command[:4], ["/venv/bin/python", "-m", "liversam", "train"])
         self.assertIn("--events", command)
         self.assertEqual(command[command.index("--max-slices") + 1], "20")
+        allSlices = TrainingLogic.TrainingSettings(data="/d", out="/r", max_slices=1)  # the spin box's "all"
+        self.assertNotIn("--max-slices", TrainingLogic.build_train_command(allSlices, python="/venv/bin/python"))

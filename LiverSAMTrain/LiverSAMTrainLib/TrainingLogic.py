@@ -3,12 +3,14 @@
 - :func:`export_training_pairs`: loaded (CT volume, segmentation) node pairs -> study folders
   (``ct.nrrd`` + ``segmentation.seg.nrrd``, written by MRML's storage nodes) and a ``manifest.json`` that
   ``liversam train`` reads (it classifies the segments by name: liver, tumour / lesion, ...);
+  :func:`training_data` decides where Start / Resume take the data from (an earlier run's exported data is never
+  overwritten with other pairs; Resume without pairs uses it); :func:`paired_with` finds a CT already paired;
 - :func:`build_train_command`: the ``<LiverSAM python> -m liversam train ...`` command line for the settings
   (the LiverSAM Python environment of the server, never Slicer's own Python: training needs torch);
 - :class:`EnvironmentCheck` / :func:`environment_problem`: whether that environment can train (checked once per
   environment, in a background process the widget polls);
 - :func:`update_curves`: ``history.csv`` of a run -> a table node and plot chart (loss, Dice per epoch);
-- :func:`parse_event`: the ``LIVERSAM_EPOCH`` / ``LIVERSAM_DONE`` lines the command prints;
+- :func:`parse_event`: the ``LIVERSAM_CACHE`` / ``_RESUME`` / ``_EPOCH`` / ``_DONE`` lines the command prints;
 """
 
 from __future__ import annotations
@@ -44,12 +46,14 @@ class TrainingSettings:
     batch_size: int = 8
     lr: float = 1e-4
     augment_copies: int = 0
-    max_slices: int = 0  # 0: all liver slices
+    max_slices: int = 0  # 0 (or 1, the spin box's "all"): all liver slices; the command needs at least 2
     seed: int = 0
     train_encoder: str = "none"
     device: str = "auto"
     liver_labels: str = "1,2"
     tumor_labels: str = "2"
+    liver_names: str = ""  # segment names of the liver in a .seg.nrrd ("" : the command's default, "liver")
+    tumor_names: str = ""  # segment name parts that mean tumour ("" : the command's default list)
     model_name: str = ""
     extra_args: list[str] = field(default_factory=list)
 
@@ -174,8 +178,12 @@ def build_train_command(settings: TrainingSettings, python: str | None = None) -
         "--liver-labels", settings.liver_labels, "--tumor-labels", settings.tumor_labels,
         "--events", "--no-progress",
     ]  # fmt: skip
-    if settings.max_slices:
+    if int(settings.max_slices) >= 2:  # the command refuses fewer; 0 and 1 mean all slices
         command += ["--max-slices", str(int(settings.max_slices))]
+    if settings.liver_names.strip():
+        command += ["--liver-names", settings.liver_names.strip()]
+    if settings.tumor_names.strip():
+        command += ["--tumor-names", settings.tumor_names.strip()]
     if settings.model_name:
         command += ["--name", settings.model_name]
     return command + list(settings.extra_args)
@@ -190,7 +198,7 @@ def core_package_env() -> dict:
 
 
 def parse_event(line: str) -> tuple[str, dict] | None:
-    """``("EPOCH"|"RESUME"|"DONE", payload)`` for a ``LIVERSAM_<KIND> {json}`` line, else None."""
+    """``("CACHE"|"RESUME"|"EPOCH"|"DONE", payload)`` for a ``LIVERSAM_<KIND> {json}`` line, else None."""
     if not line.startswith("LIVERSAM_"):
         return None
     kind, _, payload = line[len("LIVERSAM_") :].partition(" ")
@@ -236,6 +244,92 @@ def export_training_pairs(pairs, folder: str | Path) -> Path:
     manifest = folder / "manifest.json"
     write_text_atomically(manifest, json.dumps({"cases": entries}, indent=2))
     return manifest
+
+
+EXPORTED_DATA = "exported-data"  # the folder of a run folder the loaded pairs are exported to
+#: files of a run folder that mean a run trained there (``liversam train``: resumable, or finished)
+RUN_FILES = ("state.pt", "best.pt")
+
+
+class NoTrainingData(ValueError):
+    """Start / Resume with neither pairs, nor a data folder or manifest, nor an earlier export in the run folder."""
+
+
+def paired_with(pairs, volume_node):
+    """The segmentation node ``volume_node`` is paired with in ``pairs``, or None. A CT may be in one pair only:
+    ``liversam train`` refuses the same CT listed twice (it would be trained and validated on), and "Add pair" twice
+    with the same nodes listed the same pair twice."""
+    return next((segmentation for volume, segmentation in pairs if volume is volume_node), None)
+
+
+def _same_exported_data(a: Path, b: Path) -> bool:
+    """True when two exports hold the same studies with byte-identical files (MRML's writers are deterministic: the
+    same nodes give the same bytes)."""
+    try:
+        cases_a = json.loads((a / "manifest.json").read_text(encoding="utf-8"))["cases"]
+        cases_b = json.loads((b / "manifest.json").read_text(encoding="utf-8"))["cases"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if cases_a != cases_b:
+        return False
+    for case in cases_a:
+        for key in ("ct", "label"):
+            first, second = a / case[key], b / case[key]
+            if not (first.is_file() and second.is_file()) or first.stat().st_size != second.stat().st_size:
+                return False
+            if first.read_bytes() != second.read_bytes():
+                return False
+    return True
+
+
+def training_data(pairs, run_dir: str | Path, data: str = "", export=None) -> tuple[str, str]:
+    """What Start / Resume pass as ``--data``, and a note for the log ("" when there is nothing to say).
+
+    - Pairs listed: they are exported to ``RUN_DIR/exported-data``. When that folder already holds an export, the pairs
+      are exported next to it first and compared: the same data is used as it is (Resume after Start); other data
+      replaces it only when no run trained in the folder yet, else :class:`ValueError` says so (the run folder's run
+      could not be resumed any more: ``liversam train`` refuses data that changed).
+    - No pairs: the data folder or manifest chosen; else, on a run folder whose pairs were exported before (Resume after
+      a Slicer restart, when the pairs list is empty), that export's manifest.
+    ``export(pairs, folder)``: :func:`export_training_pairs` (tests pass their own)."""
+    import shutil
+    import tempfile
+
+    export = export or export_training_pairs
+    run_dir = Path(run_dir)
+    exported = run_dir / EXPORTED_DATA
+    manifest = exported / "manifest.json"
+    note = ("Training on the listed volume + segmentation pairs; the data folder or manifest chosen above is not used."
+            if pairs and data else "")  # fmt: skip
+    if not pairs:
+        if data:
+            return data, ""
+        if manifest.is_file():
+            return str(manifest), f"Training on the pairs exported earlier to '{exported}' (no pairs listed)."
+        raise NoTrainingData("Choose a data folder or manifest, or add loaded volume + segmentation pairs.")
+    if not manifest.is_file():
+        return str(export(pairs, exported)), note
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fresh = Path(tempfile.mkdtemp(prefix=f"{EXPORTED_DATA}.new-", dir=run_dir))
+    try:
+        export(pairs, fresh)
+        if _same_exported_data(fresh, exported):
+            return str(manifest), note  # the run's own data, left as it is (its files' hashes are in its state)
+        if any((run_dir / name).is_file() for name in RUN_FILES):
+            raise ValueError(
+                f"The run folder '{run_dir}' holds a run trained on other data: the pairs exported to '{exported}' "
+                "differ from the pairs listed now. Exporting these would overwrite that run's data, and it could not "
+                "be resumed any more. Choose a new run folder for these pairs, or press Clear pairs and then Resume "
+                "to continue that run with its own data."
+            )
+        old = run_dir / f"{fresh.name}.old"
+        exported.rename(old)  # no run trained on it: replaced by the pairs listed now
+        fresh.rename(exported)
+        shutil.rmtree(old, ignore_errors=True)
+        return str(manifest), note
+    finally:
+        if fresh.exists():
+            shutil.rmtree(fresh, ignore_errors=True)
 
 
 # --- curves -------------------------------------------------------------------------------------------------------

@@ -1,0 +1,249 @@
+"""LiverSAMTrain's inputs, with the widget's own code on slicer-core's MRML (training review items 3, 7 and 12).
+
+- Start / Resume exported the listed pairs into ``RUN_DIR/exported-data`` before any check: pairs other than an earlier
+  run's overwrote that run's inputs, and the run could not be resumed any more (``liversam train`` refuses data that
+  changed). And after a Slicer restart (no pairs listed) Resume failed unless the user picked
+  ``RUN_DIR/exported-data/manifest.json`` by hand.
+- "Add pair" twice with the same CT listed it twice (``liversam train`` then refuses the same CT listed twice).
+- The "Max slices per study" spin box accepted 1, which the command refuses; the module had no field for
+  ``--liver-names`` / ``--tumor-names``, which its error messages tell the user to pass; nothing showed while the
+  training caches were built (minutes to hours of encoding on a CPU): ``liversam train --events`` now prints
+  ``LIVERSAM_CACHE`` lines and the widget shows them.
+"""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from test_slicer_widget_state import Label, Log, widgets  # noqa: F401  (the fixture)
+
+from slicer_harness import REPO_ROOT, ensure_module_on_path, fresh_scene
+
+ensure_module_on_path()
+
+from liversam.geometry import ImageGeometry  # noqa: E402
+from liversam.volume import CTVolume  # noqa: E402
+from LiverSAMLib import MRMLBridge  # noqa: E402
+
+pytestmark = pytest.mark.slicer
+TRAIN_UI = REPO_ROOT / "LiverSAMTrain" / "Resources" / "UI" / "LiverSAMTrain.ui"
+
+
+def study(scene, name: str, value: int):
+    """A small CT volume (its voxels ``value`` HU apart from another study's) and a segmentation with a liver."""
+    import slicer
+
+    geometry = ImageGeometry((24, 20, 6), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), np.eye(3))
+    volume = MRMLBridge.volume_node_from_ct(CTVolume(np.full((6, 20, 24), value, np.int16), geometry), name, scene)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{name} segmentation")
+    segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+    segment = segmentation.GetSegmentation().AddEmptySegment("liver", "liver")
+    liver = np.zeros((6, 20, 24), np.uint8)
+    liver[1:5, 4:16, 4:20] = 1
+    slicer.util.updateSegmentBinaryLabelmapFromArray(liver, segmentation, segment, volume)
+    return volume, segmentation
+
+
+class Selector:
+    def __init__(self, node=None) -> None:
+        self.node = node
+
+    def currentNode(self):  # noqa: N802 - Qt's name
+        return self.node
+
+
+def train_widget(train, run_dir: Path, **fields):
+    """The LiverSAMTrain widget as setup() leaves it, its fields as the user set them."""
+    widget = train.LiverSAMTrainWidget.__new__(train.LiverSAMTrainWidget)
+    widget._pairs, widget._settings = [], None
+    values = {"epochs": 3, "batchSize": 8, "lr": 1e-4, "augmentCopies": 0, "maxSlices": 1, "seed": 0, **fields}
+    widget.ui = SimpleNamespace(
+        outputPathLineEdit=SimpleNamespace(currentPath=str(run_dir)),
+        dataPathLineEdit=SimpleNamespace(currentPath=values.pop("data", "")),
+        trainEncoderComboBox=SimpleNamespace(currentText="none"), deviceComboBox=SimpleNamespace(currentText="cpu"),
+        liverLabelsLineEdit=SimpleNamespace(text="1,2"), tumorLabelsLineEdit=SimpleNamespace(text="2"),
+        liverNamesLineEdit=SimpleNamespace(text=values.pop("liverNames", "")),
+        tumorNamesLineEdit=SimpleNamespace(text=values.pop("tumorNames", "")),
+        modelNameLineEdit=SimpleNamespace(text=""), logTextEdit=Log(), statusLabel=Label(),
+        volumeSelector=Selector(), segmentationSelector=Selector(), pairsList=SimpleNamespace(addItem=lambda text: None),
+        **{f"{name}SpinBox": SimpleNamespace(value=value) for name, value in values.items()},
+    )  # fmt: skip
+    return widget
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_start_never_overwrites_an_earlier_runs_exported_data_with_other_pairs(widgets, tmp_path):  # noqa: F811
+    _liversam, train = widgets
+    scene = fresh_scene()
+    a, b = study(scene, "patient A", 40), study(scene, "patient B", 60)
+    run = tmp_path / "run"
+    widget = train_widget(train, run)
+    widget._pairs = [a]
+    settings = widget._collectSettings()  # Start
+    exported = run / "exported-data"
+    assert settings.data == str(exported / "manifest.json") and (exported / "patient_A" / "ct.nrrd").is_file()
+    (run / "state.pt").write_bytes(b"a run trained on patient A")  # liversam train ran (resumable)
+    before = snapshot(exported)
+
+    widget._pairs = [b]  # other pairs, the same run folder
+    with pytest.raises(ValueError, match="holds a run trained on other data") as refused:
+        widget._collectSettings()
+    print(refused.value)
+    assert "new run folder" in str(refused.value) and "Clear pairs and then Resume" in str(refused.value)
+    assert snapshot(exported) == before  # the run's inputs are as they were
+    assert sorted(p.name for p in run.iterdir()) == ["exported-data", "state.pt"]  # nothing left behind
+
+    widget._pairs = [a]  # Resume with the run's own pairs: its export is used as it is
+    mtimes = {p: p.stat().st_mtime_ns for p in exported.rglob("*") if p.is_file()}
+    assert widget._collectSettings().data == str(exported / "manifest.json")
+    assert snapshot(exported) == before and all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+
+    (run / "state.pt").unlink()  # no run trained in the folder: other pairs replace the export
+    widget._pairs = [b]
+    assert widget._collectSettings().data == str(exported / "manifest.json")
+    assert [c["id"] for c in json.loads((exported / "manifest.json").read_text())["cases"]] == ["patient_B"]
+    assert not (exported / "patient_A").exists() and sorted(p.name for p in run.iterdir()) == ["exported-data"]
+
+
+def test_resume_after_a_restart_uses_the_run_folders_exported_pairs(widgets, tmp_path):  # noqa: F811
+    _liversam, train = widgets
+    scene = fresh_scene()
+    run = tmp_path / "run"
+    widget = train_widget(train, run)
+    with pytest.raises(ValueError, match="Choose a data folder or manifest"):
+        widget._collectSettings()  # nothing to train on
+    widget._pairs = [study(scene, "patient A", 40)]
+    widget._collectSettings()  # Start
+    restarted = train_widget(train, run)  # Slicer restarted: no pairs listed, no data folder chosen
+    settings = restarted._collectSettings()
+    assert settings.data == str(run / "exported-data" / "manifest.json")
+    assert any("exported earlier" in line for line in restarted.ui.logTextEdit.lines)
+    chosen = train_widget(train, run, data=str(tmp_path / "other-data"))  # a data folder chosen wins
+    assert chosen._collectSettings().data == str(tmp_path / "other-data")
+
+
+def test_the_same_ct_cannot_be_added_twice(widgets, monkeypatch):  # noqa: F811
+    _liversam, train = widgets
+    scene = fresh_scene()
+    (volume, segmentation), (other, other_segmentation) = study(scene, "A", 40), study(scene, "B", 60)
+    second_segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "A again")
+    errors: list[str] = []
+    monkeypatch.setattr(train.slicer.util, "errorDisplay", lambda text, *args, **kwargs: errors.append(text))
+    widget = train_widget(train, Path("/unused"))
+    listed: list[str] = []
+    widget.ui.pairsList = SimpleNamespace(addItem=listed.append)
+
+    def add(v, s) -> None:
+        widget.ui.volumeSelector.node, widget.ui.segmentationSelector.node = v, s
+        widget.onAddPair()
+
+    add(volume, segmentation)
+    add(volume, segmentation)  # pressed twice
+    assert len(widget._pairs) == 1 and errors == ["The pair 'A' + 'A segmentation' is already in the list."]
+    add(volume, second_segmentation)  # the same CT with another segmentation: training would refuse it
+    assert len(widget._pairs) == 1 and "The CT 'A' is already in the list, with 'A segmentation'" in errors[-1]
+    add(other, other_segmentation)
+    assert [v.GetName() for v, _s in widget._pairs] == ["A", "B"] and len(listed) == 2
+
+
+def test_max_slices_cannot_be_one_and_segment_names_are_passed(widgets, tmp_path):  # noqa: F811
+    """The spin box's lowest value is "all" (1, never sent); 1 was sent as --max-slices 1, which the command refuses."""
+    from liversam.cli import build_parser
+    from LiverSAMTrainLib import TrainingLogic
+
+    _liversam, train = widgets
+    spin = next(w for w in ET.parse(TRAIN_UI).getroot().iter("widget") if w.get("name") == "maxSlicesSpinBox")
+    properties = {p.get("name"): (p.findtext("number") or p.findtext("string")) for p in spin.findall("property")}
+    assert properties["minimum"] == "1" and properties["specialValueText"] == "all" and properties["value"] == "1"
+    data = tmp_path / "data"
+    for value, expected in ((1, None), (2, 2), (40, 40)):
+        widget = train_widget(train, tmp_path / "run", data=str(data), maxSlices=value,
+                              liverNames="Leber, liver", tumorNames="HCC")  # fmt: skip
+        command = TrainingLogic.build_train_command(widget._collectSettings(), python="python")
+        args = build_parser().parse_args(command[3:])
+        assert args.max_slices == expected
+        assert args.liver_names == ("Leber", "liver") and args.tumor_names == ("HCC",)
+    default = train_widget(train, tmp_path / "run", data=str(data))  # empty fields: the command's own defaults
+    args = build_parser().parse_args(TrainingLogic.build_train_command(default._collectSettings(), python="p")[3:])
+    assert args.liver_names == ("liver",) and "tumor" in args.tumor_names
+    names = {w.get("name") for w in ET.parse(TRAIN_UI).getroot().iter("widget")}
+    assert {"liverNamesLineEdit", "tumorNamesLineEdit"} <= names
+
+
+class Process:
+    """``TrainingProcess`` as poll() reads it: the lines the command printed, then its end."""
+
+    stopping = stop_requested = False
+
+    def __init__(self, lines: list[str], code: int | None = None) -> None:
+        self.lines, self.code = lines, code
+
+    def escalate_stop(self) -> bool:
+        return False
+
+    def read_lines(self) -> list[str]:
+        lines, self.lines = self.lines, []
+        return lines
+
+    def is_running(self) -> bool:
+        return self.code is None
+
+    @property
+    def returncode(self):
+        return self.code
+
+
+class Bar:
+    def __init__(self) -> None:
+        self.maximum, self.value = 0, 0
+
+    def setMaximum(self, value: int) -> None:  # noqa: N802
+        self.maximum = value
+
+    def setValue(self, value: int) -> None:  # noqa: N802
+        self.value = value
+
+
+def polled(train, lines: list[str], code: int | None = None):
+    widget = train.LiverSAMTrainWidget.__new__(train.LiverSAMTrainWidget)
+    widget._check, widget._finished, widget._chartShown = None, False, None
+    widget._settings = SimpleNamespace(epochs=5, out="/unused")
+    widget._timer = SimpleNamespace(stop=lambda: None)
+    widget.logic = SimpleNamespace(process=Process(lines, code), updateCurves=lambda out: None, chartNode=None)
+    widget.updateButtons = lambda: None
+    widget.ui = SimpleNamespace(statusLabel=Label(), logTextEdit=Log(), progressBar=Bar())
+    widget.poll()
+    return widget
+
+
+def test_the_cache_being_built_is_shown(widgets):  # noqa: F811
+    _liversam, train = widgets
+    event = "LIVERSAM_CACHE "
+    widget = polled(train, [event + json.dumps({"study": 2, "studies": 3, "case": "patient_B"})])
+    assert widget.ui.statusLabel.text == "Preparing the training data: study 2 of 3 ('patient_B')..."
+    assert widget.ui.progressBar.maximum == 0  # busy
+    widget = polled(train, [event + json.dumps({"study": 2, "studies": 3, "case": "patient_B", "done": 40, "total": 120})])
+    assert widget.ui.statusLabel.text == "Preparing the training data: study 2 of 3 ('patient_B'): 40 of 120 slices encoded..."
+    assert (widget.ui.progressBar.maximum, widget.ui.progressBar.value) == (120, 40)
+    epoch = 'LIVERSAM_EPOCH {"epoch": 1, "epochs": 5, "val_dice_mean": 0.9, "best_epoch": 1}'
+    widget = polled(train, [event + json.dumps({"study": 1, "studies": 1, "case": "a", "done": 3, "total": 3}), epoch])
+    assert (widget.ui.progressBar.maximum, widget.ui.progressBar.value) == (5, 1)  # the bar counts epochs again
+    resumed = polled(train, ['LIVERSAM_RESUME {"epoch": 3, "finished": null}'])
+    assert resumed.ui.statusLabel.text == "Resumed after epoch 3." and resumed.ui.progressBar.value == 3
+
+
+def test_a_failed_run_says_so_and_where_the_segment_names_go(widgets):  # noqa: F811
+    _liversam, train = widgets
+    message = ("Study 'a' ('a/segmentation.seg.nrrd') has no liver segment (segments: Leber). Name the liver segment "
+               "'liver' or pass --liver-names with its name.")  # fmt: skip
+    widget = polled(train, [message], code=2)
+    assert widget.ui.statusLabel.text.startswith("Training ended with an error (code 2): see the log below.")
+    assert "Liver segment names" in widget.ui.statusLabel.text and message in widget.ui.logTextEdit.lines
