@@ -328,11 +328,12 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
                 self._showStopped()
             elif code not in (0, None):
                 self.ui.logTextEdit.appendPlainText(f"training process ended with code {code}")
-                self.ui.statusLabel.setText(
-                    _("Training ended with an error (code {code}): see the log below.").format(code=code)
-                    + (_(" Segment names go in Settings: Liver segment names, Tumour segment names.")
-                       if self._segmentNamesHint else "")
-                )  # fmt: skip
+                if not self._finished:  # the status said "Training..." (or the last epoch's) for a failed run
+                    self.ui.statusLabel.setText(
+                        _("Training ended with an error (code {code}): see the log below.").format(code=code)
+                        + (_(" Segment names go in Settings: Liver segment names, Tumour segment names.")
+                           if self._segmentNamesHint else "")
+                    )  # fmt: skip
             self.updateButtons()
 
     def _showCacheProgress(self, payload: dict) -> None:
