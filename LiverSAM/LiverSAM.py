@@ -47,7 +47,15 @@ from LiverSAMLib.ServerClient import (
     ServerUnavailable,
     UploadRefused,
 )
-from LiverSAMLib.ServerConnection import FAILED, LOCAL, READY, REMOTE, ServerConnection, ServerSettings
+from LiverSAMLib.ServerConnection import (
+    FAILED,
+    LOCAL,
+    READY,
+    REMOTE,
+    ServerConnection,
+    ServerSettings,
+    list_models,
+)
 from LiverSAMLib.ServerSegmentation import PropagationPlan, ServerSegmentation
 from LiverSAMLib.SliceNumbers import SliceNumbering
 from LiverSAMLib.SlicerCompatibility import GuiConnection, add_missing_pack_members, version_problem
@@ -485,7 +493,13 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         settings = self._serverSettingsFromGui()
         if self.logic.connection.state != READY or settings != self.logic.connection.settings:
             self._reconfigureServer(settings)  # an explicit retry after a failure
-        self._withClient(lambda client: client.info(), lambda info: self._showServerState(), _("Server"))
+        self._withClient(lambda client: (client.info(), list_models(client)), self._onConnected, _("Server"))
+
+    def _onConnected(self, answers: tuple) -> None:
+        """Connect's answer: the server's models read again (one trained and registered since is offered)."""
+        if answers[1] is not None:
+            self.logic.connection.models = answers[1]
+        self._showServerState()
 
     def _reconfigureServer(self, settings: ServerSettings) -> None:
         """Another server: the running propagation is cancelled (on the old server too, when it keeps running) and

@@ -32,7 +32,6 @@ from typing import Any, Protocol
 from .ServerClient import (
     AuthError,
     LiverSAMClient,
-    LiverSAMClientError,
     LocalServerProcess,
     ServerUnavailable,
 )
@@ -269,12 +268,13 @@ def list_models(client: LiverSAMClient) -> list[dict[str, Any]] | None:
         answer = client.models()
     except (ServerUnavailable, AuthError):
         raise
-    except LiverSAMClientError as error:
+    except Exception as error:  # noqa: BLE001 - any other answer (a proxy's page, not JSON) leaves the list out
         logging.getLogger(__name__).warning("LiverSAM: the server did not list its models: %s", error)
         return None
-    if answer is None:
+    if not isinstance(answer, dict):
         return None
-    return [dict(m) for m in answer.get("models") or [] if isinstance(m, dict) and m.get("name")]
+    models = answer.get("models")
+    return [dict(m) for m in models if isinstance(m, dict) and m.get("name")] if isinstance(models, list) else None
 
 
 #: Slicer's startup environment, read once on the main thread (:func:`read_startup_environment`): it is a Qt call

@@ -88,7 +88,44 @@ def test_the_model_list_needs_the_token_and_names_an_unreadable_registry(home):
     (home / "models").mkdir(parents=True)
     (home / "models" / "registry.json").write_text("{not json")
     answer = get_models(ServerConfig(tokens=[TOKEN]))
-    assert answer.status_code == 503 and "registry.json" in answer.json()["detail"]
+    detail = answer.json()["detail"]
+    assert answer.status_code == 503 and "model registry cannot be read" in detail, detail
+    assert str(home) not in detail  # the server's paths stay in its log
+
+
+def test_a_trained_models_default_description_names_its_run_not_its_path(home, tmp_path):
+    """GET /v1/models gives every token holder the descriptions: the default one held the checkpoint's absolute
+    path on the server's machine."""
+    import torch
+
+    from liversam.training.report import register_best_model
+
+    checkpoint = tmp_path / "runC" / "best.pt"
+    checkpoint.parent.mkdir()
+    torch.save({"metadata": {"metrics": {"val_dice_mean": 0.9}}}, checkpoint)
+    register_best_model(checkpoint, "runC")
+    models = {m["name"]: m for m in get_models(ServerConfig(tokens=[TOKEN])).json()["models"]}
+    assert models["runC"]["description"] == "LiverSAMTrain model of run 'runC'; validation Dice 0.900"
+
+
+def test_an_unexpected_model_list_leaves_the_connection_usable():
+    """A 200 that is not the list (a proxy's page, not JSON; JSON of another shape) raised out of connect() and left
+    the connection 'starting' for good; the list is now left out, and the connection is made."""
+    from LiverSAMLib.ServerClient import ServerUnavailable
+    from LiverSAMLib.ServerConnection import list_models
+
+    def client(answer):
+        def models():
+            if isinstance(answer, BaseException):
+                raise answer
+            return answer
+        return SimpleNamespace(models=models)
+
+    assert list_models(client(json.JSONDecodeError("Expecting value", "<html>", 0))) is None
+    assert list_models(client(["litemedsam"])) is None and list_models(client({"models": "x"})) is None
+    assert list_models(client({"models": [{"name": "runA"}, "junk"]})) == [{"name": "runA"}]
+    with pytest.raises(ServerUnavailable):
+        list_models(client(ServerUnavailable("gone")))
 
 
 # --- the module ------------------------------------------------------------------------------------------------------
@@ -205,5 +242,12 @@ def test_the_module_offers_a_registered_model_and_restarts_the_server_with_it(wi
         assert info["loaded"] and info["name"] == "runA" and mask.shape == (64, 64)
         widget._showServerState()
         assert combo.texts().count("runA (trained)") == 1  # listed again, not twice
+
+        (tmp_path / "runB").mkdir()  # trained and registered while the module is connected
+        register(home, "runB", trained_checkpoint(tmp_path / "runB"), "another run")
+        widget._withClient = lambda work, done, what, key=None: done(work(logic.connection.ensure()))
+        widget._serverSettingsFromGui = lambda: logic.connection.settings
+        widget.onConnectServer()  # Connect reads the list again (it returned at once when connected)
+        assert "runB (trained)" in combo.texts(), combo.texts()
     finally:
         logic.stopServer()

@@ -222,7 +222,7 @@ def available_models() -> list[ModelInfo]:
         infos.append(
             ModelInfo(
                 model.name,
-                model.description or f"trained model {model.path}",
+                model.description or f"trained model of run '{Path(model.path).parent.name}'",
                 False,
                 Path(model.path).is_file(),
                 kind="registered",

@@ -399,9 +399,14 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
         listed). An unreadable registry answers 503 with its path."""
         from ..models.registry import available_models
 
-        return ModelList(current=config.model, models=[
+        try:
+            listed = available_models()
+        except ModelError as exc:  # the server's own model is fine: say what is wrong, not where (logged)
+            log.error("GET /models: %s", exc)
+            raise Refused(503, "the server's model registry cannot be read; its log says where it is") from None
+        return ModelList(current=Path(config.model).name if Path(config.model).suffix else config.model, models=[
             ModelChoice(name=m.name, description=m.description, kind=m.kind, available=m.available)
-            for m in available_models()
+            for m in listed
         ])  # fmt: skip
 
     # --- sessions --------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ def register_best_model(checkpoint: Path, name: str) -> str:
         for key in ("base_model", "trained", "epoch", "metrics", "liversam_version", "created")
         if key in metadata
     }
-    description = metadata.get("description") or f"LiverSAMTrain model {checkpoint}"
+    # no path: a server lists the description to its clients (GET /v1/models)
+    description = metadata.get("description") or f"LiverSAMTrain model of run '{Path(checkpoint).parent.name}'"
     dice = (metadata.get("metrics") or {}).get("val_dice_mean")
     if dice is not None:
         description += f"; validation Dice {dice:.3f}"
