@@ -479,3 +479,49 @@ def test_an_export_with_nothing_segmented_says_so_instead_of_downloading_an_empt
         assert await app.export("segnrrd") == "attachment" and attached[0]  # once something is segmented, it downloads
 
     asyncio.run(scenario())
+
+
+def test_a_bad_input_gets_its_own_error_at_once_while_the_work_is_unexported(tmp_path):
+    """With unexported work open, a file that is not a CT (or a 2D image, or a folder with no series) was held back
+    first ("this drops your unexported work ... press Open again") and showed its real error only on the second
+    press; a good CT is still held back once, and nothing of the held-back CT is left in the scene."""
+    client = FakeServer()
+    app = new_app(client)
+    not_ct = tmp_path / "notes.nii.gz"
+    not_ct.write_text("this is not a CT")
+    text = tmp_path / "notes.txt"
+    text.write_text("this is not a CT either")
+    flat = write_nrrd(tmp_path / "flat.nrrd", np.full((1, 48, 40), -1000, np.int16), DIRECTIONS["lps"])
+    no_series = tmp_path / "no-series"
+    no_series.mkdir()
+    (no_series / "readme.txt").write_text("no images here")
+    (no_series / "list.csv").write_text("a,b\n1,2\n")
+
+    async def scenario():
+        await open_ct(app, write_nrrd(tmp_path / "ct.nrrd", synthetic_ct(), DIRECTIONS["lps"]))
+        app._jump(5)
+        drag_box(app, (8, 16, 5), (20, 30, 5))
+        await settle(app)
+        assert app._unexported_work()
+        scene = app.slicer_app.scene
+        nodes = scene.GetNumberOfNodes()
+        for bad, message in ((tmp_path / "missing.nrrd", "missing.nrrd' does not exist on the server"),
+                             (not_ct, "notes.nii.gz' is named .nii.gz but is not gzip-compressed"),
+                             (text, "notes.txt' is not an image LiverSAM can read"),
+                             (flat, "flat.nrrd' is a single 2D image"),
+                             (no_series, "no-series' has no DICOM image series")):
+            app.state.error = ""
+            await app._open_path(str(bad))
+            assert message in app.state.error, app.state.error
+            assert "drops it" not in app.state.error
+            assert app.workflow.masks["liver"][5].any() and app.state.ct_name == "ct.nrrd"
+        assert scene.GetNumberOfNodes() == nodes
+        other = write_nrrd(tmp_path / "other.nrrd", synthetic_ct(), DIRECTIONS["ras"])
+        await app._open_path(str(other))  # a CT: held back once for the work
+        assert "drops it: export it first" in app.state.error, app.state.error
+        assert app.state.ct_name == "ct.nrrd" and scene.GetNumberOfNodes() == nodes
+        await app._open_path(str(other))  # pressed again: opened
+        assert app.state.ct_name == "other.nrrd" and not app.state.error, app.state.error
+        assert not app.workflow.masks["liver"].any()
+
+    asyncio.run(scenario())

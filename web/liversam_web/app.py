@@ -33,6 +33,7 @@ from .mrml_scene import (
     SceneContent,
     list_input_files,
     load_ct_with_source,
+    remove_volume,
     reorient_volume_to_axial,
 )
 from .review_table import lesion_rows, review_items, review_rows
@@ -355,20 +356,29 @@ class LiverSAMWebApp:
         if self.state.busy or self.state.job_running:
             self._error("Wait for the current step to finish (or cancel the propagation) before opening a CT.")
             return
-        asked = (what, self.workflow.change_marker() if self.workflow is not None else None)
-        if self._unexported_work() and self._discard_asked != asked:
-            # opening another CT drops this one's masks and undo steps: said once, then a second try goes on
-            self._discard_asked = asked
-            # (a DICOM folder opened by its path was told to "upload it again")
-            again = "upload it again" if what.startswith("The uploaded") else "press Open again"
-            self._error(f"The segmentation of {self.state.ct_name} has changed since it was last exported, and opening "
-                        f"{display_name} drops it: export it first (section 6), or {again} to discard it.")
-            return
-        self._discard_asked = None
+        shown = self.state.status  # the status line again when nothing opens (it said "Opening ..." behind the error)
         self._set_busy(f"Opening {display_name} ...")
         new_content: SceneContent | None = None
         try:
+            # read and checked before the open case's work is held back for: a file that is no CT (a missing path,
+            # a text file, a 2D image, a folder with no series) gets its own message at once, not on a second press
             volume, dicom = load_ct_with_source(self.slicer_app, files, what)
+        except InputError as exc:
+            self._not_opened(str(exc), shown)
+            return
+        asked = (what, self.workflow.change_marker() if self.workflow is not None else None)
+        if self._unexported_work() and self._discard_asked != asked:
+            # opening another CT drops this one's masks and undo steps: said once, then a second try goes on
+            remove_volume(self.slicer_app.scene, volume)
+            self._discard_asked = asked
+            # (a DICOM folder opened by its path was told to "upload it again")
+            again = "upload it again" if what.startswith("The uploaded") else "press Open again"
+            self._not_opened(f"The segmentation of {self.state.ct_name} has changed since it was last exported, and "
+                             f"opening {display_name} drops it: export it first (section 6), or {again} to discard "
+                             "it.", shown)
+            return
+        self._discard_asked = None
+        try:
             # a sagittal / coronal CT is shown and segmented on its axial slices (its voxels reordered, none resampled)
             reorientation = reorient_volume_to_axial(volume)
             new_content = SceneContent(self.slicer_app, volume, dicom, reorientation)
@@ -377,15 +387,12 @@ class LiverSAMWebApp:
             info = await asyncio.to_thread(
                 self.client.open_volume, array, geometry.spacing, geometry.origin_lps, geometry.direction_lps
             )
-        except InputError as exc:
-            self._error(str(exc))
-            self._set_busy("")
-            return
         except (LiverSAMClientError, ValueError) as exc:
             if new_content is not None:
                 new_content.remove()
-            self._error(f"{what} was read, but the LiverSAM server refused it: {_client_message(exc)}")
-            self._set_busy("")
+            else:
+                remove_volume(self.slicer_app.scene, volume)
+            self._not_opened(f"{what} was read, but the LiverSAM server refused it: {_client_message(exc)}", shown)
             return
         old_content, old_workflow = self.content, self.workflow
         self.content = new_content
@@ -397,6 +404,12 @@ class LiverSAMWebApp:
             old_content.remove()
         self._show_new_case(display_name, stem)
         self._set_busy("")
+
+    def _not_opened(self, message: str, status: str) -> None:
+        """Nothing opened: the message, and the status line as it was before "Opening ..." (the open case's)."""
+        with self.state:
+            self.state.update({"busy": False, "busy_text": "", "status": status, "error": message})
+        logger.info("user error: %s", message)
 
     def _reopen_session(self, content: SceneContent):
         """How the workflow opens its CT on the server again when the server lost the session (evicted as idle or

@@ -238,6 +238,15 @@ def reorient_volume_to_axial(volume) -> AxialReorientation | None:
     return reorientation
 
 
+def remove_volume(scene, volume) -> None:
+    """Take a volume read by ``load_ct_with_source`` out of the scene again, with its display and storage nodes."""
+    nodes = [volume.GetNthDisplayNode(n) for n in range(volume.GetNumberOfDisplayNodes())]
+    nodes += [volume.GetNthStorageNode(n) for n in range(volume.GetNumberOfStorageNodes())]
+    for node in [volume, *nodes]:
+        if node is not None and scene.IsNodePresent(node):
+            scene.RemoveNode(node)
+
+
 def _remove_new_nodes(scene, before: set[str]) -> None:
     new = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
     for node in new:
