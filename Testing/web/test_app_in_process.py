@@ -525,3 +525,32 @@ def test_a_bad_input_gets_its_own_error_at_once_while_the_work_is_unexported(tmp
         assert not app.workflow.masks["liver"].any()
 
     asyncio.run(scenario())
+
+
+GC_THEN_WINDOW = """
+import asyncio, gc, sys
+sys.path[:0] = [sys.argv[1], sys.argv[3]]  # the tests, the liversam_web package
+from pathlib import Path
+from test_app_in_process import DIRECTIONS, FakeServer, new_app, open_ct, synthetic_ct, write_nrrd
+
+app = new_app(FakeServer())
+asyncio.run(open_ct(app, write_nrrd(Path(sys.argv[2]) / "ct.nrrd", synthetic_ct(), DIRECTIONS["lps"])))
+gc.collect()
+app.content.volume.GetDisplayNode().SetWindowLevel(150.0, 60.0)  # as a Browse drag in a view sets it
+print("sliders", app.state.window, app.state.level)
+"""
+
+
+def test_the_window_level_observer_survives_a_garbage_collection(tmp_path):
+    """The sliders followed the view's window/level through a lambda that held the display node; Python's collector
+    freed it (its only Python reference was the node's own observer), and the next window/level change ran freed
+    memory: the app died (a segfault) on a Browse drag, in about one browser run of test_web_mouse.py in seven. In a
+    process of its own: on the old code this one crashes."""
+    import subprocess
+    import sys
+
+    here = Path(__file__).resolve().parent
+    run = subprocess.run([sys.executable, "-c", GC_THEN_WINDOW, str(here), str(tmp_path), str(here.parents[1] / "web")],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+    assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-1500:]}"
+    assert "sliders 150 60" in run.stdout, run.stdout

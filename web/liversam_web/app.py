@@ -436,9 +436,10 @@ class LiverSAMWebApp:
         for view in self.slicer_app.view_manager.get_threed_views():
             view.reset_view()
         content.set_window(400.0, 40.0)
-        # the sliders follow a window/level dragged in a view (Browse mode)
-        display = content.volume.GetDisplayNode()
-        display.AddObserver(vtkCommand.ModifiedEvent, lambda *_: self._window_from_view(display))
+        # the sliders follow a window/level dragged in a view (Browse mode). A method, not a lambda holding the node:
+        # Python's garbage collector freed such a lambda (its only Python reference was the node's own observer), and
+        # the next window/level change ran freed memory (the app died on a Browse drag after a collection).
+        content.volume.GetDisplayNode().AddObserver(vtkCommand.ModifiedEvent, self._window_from_view)
         self._attach_prompting()
         nk = content.shape_kji[0]
         self._jump(nk // 2)
@@ -510,8 +511,8 @@ class LiverSAMWebApp:
         if self.content is not None:
             self.content.set_window(float(window), float(level))
 
-    def _window_from_view(self, display) -> None:
-        """The window/level of the CT's display node (dragged in a view) on the sliders."""
+    def _window_from_view(self, display, _event=None) -> None:
+        """The window/level of the CT's display node (dragged in a view) on the sliders (an observer of the node)."""
         if self.content is None or self.content.volume.GetDisplayNode() is not display:
             return
         window, level = round(display.GetWindow()), round(display.GetLevel())
