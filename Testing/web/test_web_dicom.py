@@ -87,14 +87,14 @@ def box_the_liver_on_slice_1(page, reference: dict) -> None:
 
 def test_dicom_folder_box_propagate_and_dicom_seg_download(page, reference, tmp_path):
     open_path(page, str(DCMQI / "ct"))
-    wait_status(page, r"Opened ct \(512 x 512 x 3\)", timeout=120_000)
-    assert page.get_by_test_id("ct-name").inner_text().strip() == "ct"
+    wait_status(page, r"Opened dcmqi_ct3slice/ct \(512 x 512 x 3\)", timeout=120_000)
+    assert page.get_by_test_id("ct-name").inner_text().strip() == "dcmqi_ct3slice/ct"
     expect(page.get_by_test_id("export-dicomseg")).to_be_enabled(timeout=10_000)
 
     # a folder with no series: a message, and the DICOM CT stays open as it was
     open_path(page, str(folder_without_series(tmp_path / "no-series")))
     expect_error(page, r"no-series.*no DICOM image series")
-    assert page.get_by_test_id("ct-name").inner_text().strip() == "ct"
+    assert page.get_by_test_id("ct-name").inner_text().strip() == "dcmqi_ct3slice/ct"
     expect(page.get_by_test_id("export-dicomseg")).to_be_enabled(timeout=10_000)
     dismiss_error(page)
 
@@ -131,7 +131,7 @@ out = {"segments": [str(s.SegmentLabel) for s in ds.SegmentSequence], "frames": 
 def test_uploaded_dicom_folder_gives_a_dicom_seg_too(page, reference, tmp_path):
     """The folder upload button: the files land in the app's temporary folder, the SEG still references them."""
     page.get_by_test_id("upload-folder").locator("input[type=file]").set_input_files(str(DCMQI / "ct"))
-    wait_status(page, r"Opened 3 DICOM files \(512 x 512 x 3\)", timeout=120_000)
+    wait_status(page, r"Opened 3 DICOM files in ct \(512 x 512 x 3\)", timeout=120_000)
     expect(page.get_by_test_id("export-dicomseg")).to_be_enabled(timeout=10_000)
     box_the_liver_on_slice_1(page, reference)
     ours = download_as_named(page, "export-dicomseg", tmp_path)
@@ -180,7 +180,7 @@ def test_faster_on_thin_slices_reaches_the_job_even_when_ticked_just_before_the_
     # another DICOM folder opened by its path while this work is not exported: held back once, with the right advice
     # (it said "upload it again" for a folder opened by its path), then opened when Open is pressed again
     open_path(page, str(DCMQI / "ct"), discard=False)
-    expect_error(page, r"The segmentation of ct_dicom has changed since it was last exported, and opening ct drops "
-                       r"it: export it first \(section 6\), or press Open again to discard it\.")
+    expect_error(page, r"The segmentation of ct_dicom has changed since it was last exported, and opening dcmqi_ct3slice/ct "
+                       r"drops it: export it first \(section 6\), or press Open again to discard it\.")
     open_path(page, str(DCMQI / "ct"))
-    wait_status(page, r"Opened ct \(512 x 512 x 3\)", timeout=120_000)
+    wait_status(page, r"Opened dcmqi_ct3slice/ct \(512 x 512 x 3\)", timeout=120_000)

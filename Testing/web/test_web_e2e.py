@@ -170,8 +170,8 @@ def drag_outside_the_ct(page, lits: Session, k: int) -> ScreenMap:
 def test_1_open_refuse_a_box_outside_and_segment_slice_33(lits):
     page = lits.page
     open_path(page, str(CT))
-    wait_status(page, r"Opened ct\.nii\.gz", timeout=120_000)
-    assert page.get_by_test_id("ct-name").inner_text().strip() == "ct.nii.gz"
+    wait_status(page, r"Opened lits117/ct\.nii\.gz", timeout=120_000)
+    assert page.get_by_test_id("ct-name").inner_text().strip() == "lits117/ct.nii.gz"
     assert not page.get_by_test_id("export-dicomseg").is_enabled()  # not a DICOM CT: no DICOM SEG
     assert "opened from a DICOM series" in page.get_by_test_id("dicomseg-note").inner_text()
     # an export refused (nothing segmented yet) says so and downloads nothing (it downloaded a file holding "null")
@@ -447,7 +447,7 @@ def test_8_bad_input_with_a_case_open_changes_nothing(lits, tmp_path):
     before_undo = undo_label(page)
     open_path(page, str(folder_without_series(tmp_path / "no-series")))
     expect_error(page, r"no-series.*no DICOM image series")
-    assert page.get_by_test_id("ct-name").inner_text().strip() == "ct.nii.gz"
+    assert page.get_by_test_id("ct-name").inner_text().strip() == "lits117/ct.nii.gz"
     dismiss_error(page)
 
     set_mode(page, "box")
@@ -490,15 +490,15 @@ def test_10_opening_another_ct_holds_back_once_for_a_segmentation_not_exported(l
     page.get_by_test_id("undo").click()  # a change after the last export (labels_now exports a labelmap)
     wait_status(page, r"Undone: propagate liver", timeout=20_000)
     open_path(page, str(CT), discard=False)
-    expect_error(page, r"The segmentation of ct\.nii\.gz has changed since it was last exported, and opening "
-                       r"ct\.nii\.gz drops it: export it first \(section 6\), or press Open again to discard it")
+    expect_error(page, r"The segmentation of lits117/ct\.nii\.gz has changed since it was last exported, and "
+                       r"opening lits117/ct\.nii\.gz drops it: export it first \(section 6\), or press Open again to discard it")
     assert page.get_by_test_id("undo").is_enabled()  # nothing dropped
     other = DATA / "totalseg_small" / "ct.nii.gz"  # another CT of the same file name
     open_path(page, str(other), discard=False)  # held back for that CT too: the first one's answer is not its
-    expect_error(page, r"opening ct\.nii\.gz drops it")
+    expect_error(page, r"opening totalseg_small/ct\.nii\.gz drops it")
     assert page.get_by_test_id("undo").is_enabled()
     open_path(page, str(CT))  # pressed again: opened, the old work discarded
-    wait_status(page, r"Opened ct\.nii\.gz", timeout=120_000)
+    wait_status(page, r"Opened lits117/ct\.nii\.gz", timeout=120_000)
     assert not page.get_by_test_id("undo").is_enabled()
     lits.step = 10
 

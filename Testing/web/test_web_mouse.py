@@ -51,7 +51,7 @@ def window_level(page) -> tuple[int, int]:
 
 def test_browse_drag_changes_window_level(page):
     open_path(page, str(CT))
-    wait_status(page, r"Opened ct\.nii\.gz", timeout=120_000)
+    wait_status(page, r"Opened lits117/ct\.nii\.gz", timeout=120_000)
     assert window_level(page) == (400, 40)
     set_mode(page, "navigate")
     assert "window/level" in page.get_by_test_id("mode-hint").inner_text()
@@ -71,7 +71,7 @@ def test_browse_drag_changes_window_level(page):
 
 def test_gestures_that_make_no_prompt_say_why(page):
     open_path(page, str(CT))
-    wait_status(page, r"Opened ct\.nii\.gz", timeout=120_000)
+    wait_status(page, r"Opened lits117/ct\.nii\.gz", timeout=120_000)
     red, _, coronal, sagittal = views(page)
     x, y = centre(red)
     set_mode(page, "box", "liver")
@@ -105,13 +105,13 @@ def test_gestures_that_make_no_prompt_say_why(page):
 
 def test_another_ct_clears_the_probe_and_names_its_exports(page, tmp_path):
     open_path(page, str(CT))
-    wait_status(page, r"Opened ct\.nii\.gz", timeout=120_000)
+    wait_status(page, r"Opened lits117/ct\.nii\.gz", timeout=120_000)
     x, y = centre(views(page)[0])
     assert probe(page, x, y)[2] >= 0  # lits117's voxel under the mouse
     assert "HU" in page.get_by_test_id("probe").inner_text()
     page.mouse.move(5, 5)  # off the views: the next CT's probe can only come from a new mouse move there
     open_path(page, str(OTHER_CT))
-    wait_status(page, r"Opened ct\.nii\.gz \(122 x 101 x 30\)", timeout=120_000)
+    wait_status(page, r"Opened totalseg_small/ct\.nii\.gz \(122 x 101 x 30\)", timeout=120_000)
     assert page.get_by_test_id("probe").inner_text().strip() == ""
 
     set_mode(page, "box", "liver")

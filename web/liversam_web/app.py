@@ -27,7 +27,7 @@ from trame_slicer.rca_view import register_rca_factories
 from trame_slicer.utils import write_client_files_to_dir
 from vtkmodules.vtkCommonCore import vtkCommand
 
-from .export_names import case_stem, export_names
+from .export_names import case_stem, case_title, export_names
 from .mrml_scene import (
     InputError,
     SceneContent,
@@ -39,6 +39,7 @@ from .mrml_scene import (
 from .review_table import lesion_rows, review_items, review_rows
 from .server_client import LiverSAMClient, LiverSAMClientError, ServerRequestError, ServerUnavailable
 from .slice_prompting import CLICK_TOLERANCE_PX, SlicePrompting
+from .view_gutters import slice_view_gutter, threed_view_gutter
 from .view_mouse import OffAxialGestures, set_window_level_drag
 from .volume_geometry import (
     PromptOutsideVolume,
@@ -70,7 +71,9 @@ class LiverSAMWebApp:
         self.server.enable_module(trame_slicer_module)
         self.state, self.ctrl = self.server.state, self.server.controller
         self.slicer_app = SlicerApp()
-        register_rca_factories(self.slicer_app.view_manager, self.server)
+        # the views' buttons say what they do (view_gutters: trame-slicer's said "Show in 3D" for a toggle)
+        register_rca_factories(self.slicer_app.view_manager, self.server, slice_view_ui_f=slice_view_gutter,
+                               three_d_view_ui_f=threed_view_gutter)
         self.layout_manager = LayoutManager(self.slicer_app.scene, self.slicer_app.view_manager, self.server)
         self.layout_manager.register_layout_dict(LayoutManager.default_grid_configuration())
         self.layout_manager.set_layout(LAYOUT_ID)
@@ -95,6 +98,7 @@ class LiverSAMWebApp:
             "server_label": server_label,
             "ct_path": "",
             "ct_name": "",
+            "ct_source": "",
             "has_ct": False,
             "has_dicom": False,
             "busy": False,
@@ -132,7 +136,9 @@ class LiverSAMWebApp:
             self.ui.root.theme = "dark"
             with v3.VAppBar(density="compact"):
                 v3.VToolbarTitle("LiverSAM")
-                html.Span("{{ ct_name }}", classes="text-body-2 mr-4", raw_attrs=['data-testid="ct-name"'])
+                # the case's name as the exports name it (lits117/ct.nii.gz, not ct.nii.gz); the whole path on hover
+                html.Span("{{ ct_name }}", classes="text-body-2 mr-4", title=("ct_source",),
+                          raw_attrs=['data-testid="ct-name"'])
                 v3.VSpacer()
                 html.Span("{{ server_label }}", classes="text-caption mr-4")
             with v3.VNavigationDrawer(permanent=True, width=380, location="left"):
@@ -181,12 +187,19 @@ class LiverSAMWebApp:
             with v3.VCard(title="2. View", density="compact", v_if="has_ct"), v3.VCardText():
                 with html.Div(classes="d-flex flex-wrap ga-1"):
                     for name, (width, level) in WINDOW_PRESETS.items():
-                        v3.VBtn(name, size="small", variant="tonal",
-                                click=f"window = {width}; level = {level}")
-                v3.VSlider(v_model=("window",), min=1, max=3000, step=1, label="Window", density="compact",
-                           hide_details=True, thumb_label=True, raw_attrs=['data-testid="window"'])
-                v3.VSlider(v_model=("level",), min=-1000, max=1500, step=1, label="Level", density="compact",
-                           hide_details=True, thumb_label=True, raw_attrs=['data-testid="level"'])
+                        # the preset shown is highlighted (active): the sliders at its window and level
+                        shown = f"window == {width:g} && level == {level:g}"
+                        v3.VBtn(name, size="small", variant="tonal", click=f"window = {width:g}; level = {level:g}",
+                                active=(shown,), color=(f"{shown} ? 'primary' : undefined",),
+                                raw_attrs=[f'data-testid="preset-{name.lower()}"', f':aria-pressed="{shown}"'])
+                # each slider with its value beside it (the thumb label showed it only while dragged)
+                for name, low, high in (("window", 1, 3000), ("level", -1000, 1500)):
+                    with v3.VSlider(v_model=(name,), min=low, max=high, step=1, label=name.capitalize(),
+                                    density="compact", hide_details=True, thumb_label=True,
+                                    raw_attrs=[f'data-testid="{name}"']), v3.Template(v_slot_append=True):
+                        html.Span(f"{{{{ Math.round({name}) }}}}", classes="text-body-2",
+                                  style="min-width: 3.2em; text-align: right; font-variant-numeric: tabular-nums",
+                                  raw_attrs=[f'data-testid="{name}-value"'])
                 with html.Div(classes="d-flex align-center ga-2 mt-1"):
                     v3.VTextField(v_model_number=("axial_k",), type="number", label="Axial slice k",
                                   density="compact", hide_details=True, style="max-width: 140px",
@@ -331,7 +344,8 @@ class LiverSAMWebApp:
             self._error(str(exc))
             return
         what = f"'{path}'" if len(files) == 1 else f"The folder '{path}'"
-        await self._open_files(files, what, Path(path).name, case_stem(path))
+        full = str(Path(path).expanduser().absolute())  # "ct.nii.gz" typed in lits117's folder is lits117's
+        await self._open_files(files, what, case_title(full), case_stem(full), source=full)
 
     async def _on_upload(self, files: list[dict], relative_path: str | None = None) -> None:
         """Files the page uploaded; ``relative_path``: the first one's path in the folder the reader chose (the
@@ -345,12 +359,18 @@ class LiverSAMWebApp:
         chosen = str(relative_path or "").replace("\\", "/")
         chosen = chosen.split("/")[0] if "/" in chosen else ""  # the folder the reader chose
         stem = case_stem(names[0]) if len(names) == 1 else case_stem(chosen or "dicom-series")
-        create_task(self._open_files(written, what, names[0] if len(names) == 1 else f"{len(names)} DICOM files",
-                                     stem))
+        if len(names) == 1:  # the browser gives a file's name only, not its folder
+            title, source = names[0], f"uploaded file {names[0]}"
+        else:
+            title = f"{len(names)} DICOM files" + (f" in {chosen}" if chosen else "")
+            source = f"uploaded folder {chosen}" if chosen else "uploaded folder"
+        create_task(self._open_files(written, what, title, stem, source=source))
 
-    async def _open_files(self, files: list[str], what: str, display_name: str, stem: str | None = None) -> None:
-        """Open a CT from ``files`` (one image file or a DICOM series); ``stem`` names its exports (default: after the
-        file, or the files' folder)."""
+    async def _open_files(self, files: list[str], what: str, display_name: str, stem: str | None = None,
+                          source: str = "") -> None:
+        """Open a CT from ``files`` (one image file or a DICOM series); ``display_name`` names it on the page (its
+        header, messages), ``stem`` its exports (default: after the file, or the files' folder); ``source``: where
+        it came from (the header's tooltip)."""
         if stem is None:
             stem = case_stem(files[0] if len(files) == 1 else os.path.commonpath([str(Path(f).parent) for f in files]))
         if self.state.busy or self.state.job_running:
@@ -402,7 +422,7 @@ class LiverSAMWebApp:
             create_task(asyncio.to_thread(old_workflow.close))
         if old_content is not None:
             old_content.remove()
-        self._show_new_case(display_name, stem)
+        self._show_new_case(display_name, stem, source or display_name)
         self._set_busy("")
 
     def _not_opened(self, message: str, status: str) -> None:
@@ -424,7 +444,7 @@ class LiverSAMWebApp:
 
         return reopen
 
-    def _show_new_case(self, display_name: str, stem: str = "ct") -> None:
+    def _show_new_case(self, display_name: str, stem: str = "ct", source: str = "") -> None:
         assert self.content is not None
         content = self.content
         for view in self.slicer_app.view_manager.get_slice_views():
@@ -441,6 +461,8 @@ class LiverSAMWebApp:
         # the next window/level change ran freed memory (the app died on a Browse drag after a collection).
         content.volume.GetDisplayNode().AddObserver(vtkCommand.ModifiedEvent, self._window_from_view)
         self._attach_prompting()
+        if self._prompting is not None:
+            self._prompting.forget_probe()  # the probe line is cleared below; the next mouse move fills it
         nk = content.shape_kji[0]
         self._jump(nk // 2)
         plane = slice_plane(content.ijk_to_ras)
@@ -454,6 +476,7 @@ class LiverSAMWebApp:
             self.state.update({
                 "busy": False, "busy_text": "",  # with the status line: the page never shows "Opened" while busy
                 "has_ct": True, "has_dicom": content.dicom is not None, "ct_name": display_name, "n_slices": nk,
+                "ct_source": source or display_name,
                 "export_names": export_names(stem),
                 "probe": "",  # the voxel under the mouse in the CT before (it showed "k 60 -876 HU" on a 3-slice CT)
                 "window": 400.0, "level": 40.0,
@@ -535,6 +558,8 @@ class LiverSAMWebApp:
         if k != self.state.axial_k:
             with self.state:
                 self.state.axial_k = k
+            if self._prompting is not None:
+                self._prompting.probe_again()  # the voxel under the mouse on the new slice
             create_task(self._prefetch_later(k))
 
     async def _prefetch_later(self, k: int) -> None:

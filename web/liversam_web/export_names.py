@@ -25,16 +25,30 @@ def sanitise(text: str) -> str:
     return text[:MAX_STEM].rstrip("._-")
 
 
-def case_stem(path: str) -> str:
-    """The name of the case a CT file or DICOM folder holds, for file names: its name without the image suffix,
-    after its folder's name when it is a generic one ("ct"), sanitised; "ct" when nothing is left."""
+def _parts(path: str) -> tuple[str, str, str]:
+    """(file or folder name, that name without its image suffix, the folder above when the name is a generic one
+    such as "ct", else "")."""
     pure = PurePath(str(path).rstrip("/\\") or ".")
     name = pure.name
     lower = name.lower()
     stem = next((name[: -len(s)] for s in IMAGE_SUFFIXES if lower.endswith(s) and len(name) > len(s)), name)
-    if stem.lower() in GENERIC_STEMS and pure.parent.name:
-        stem = f"{pure.parent.name}-{stem}"
-    return sanitise(stem) or FALLBACK
+    folder = pure.parent.name if stem.lower() in GENERIC_STEMS else ""
+    return name, stem, folder
+
+
+def case_stem(path: str) -> str:
+    """The name of the case a CT file or DICOM folder holds, for file names: its name without the image suffix,
+    after its folder's name when it is a generic one ("ct"), sanitised; "ct" when nothing is left."""
+    _name, stem, folder = _parts(path)
+    return sanitise(f"{folder}-{stem}" if folder else stem) or FALLBACK
+
+
+def case_title(path: str) -> str:
+    """The CT's name in the page's header and messages, by the same rule: its file or folder name, after its folder's
+    name when it is a generic one ("lits117/ct.nii.gz", "dcmqi_ct3slice/ct"; two cases called ct.nii.gz were both
+    "ct.nii.gz"), else the name alone ("hcc0697.nii.gz")."""
+    name, _stem, folder = _parts(path)
+    return f"{folder}/{name}" if folder else name or str(path)
 
 
 def export_names(stem: str) -> dict[str, str]:

@@ -45,6 +45,7 @@ class SlicePrompting:
         self.mode: Mode = "navigate"
         self._press_xy: tuple[int, int] | None = None
         self._current_xy: tuple[int, int] | None = None
+        self._probe_xy: tuple[int, int] | None = None  # where the mouse last moved in the view
         self._observer_ids: list[int] = []
         self._band = _RubberBand()
         view.first_renderer().AddViewProp(self._band.actor)
@@ -101,8 +102,19 @@ class SlicePrompting:
 
     # --- events ----------------------------------------------------------------------------------------
     def _on_probe_move(self, *_args) -> None:
+        self._probe_xy = self._event_xy()
         if self.on_probe is not None:
-            self.on_probe(self.display_to_ras(self._event_xy()))
+            self.on_probe(self.display_to_ras(self._probe_xy))
+
+    def probe_again(self) -> None:
+        """The probe at the mouse's last place in the view, on the slice the view shows now: a wheel scroll (or a
+        jump to a slice) moves no mouse, and the probe kept naming the slice before until the mouse moved."""
+        if self.on_probe is not None and self._probe_xy is not None:
+            self.on_probe(self.display_to_ras(self._probe_xy))
+
+    def forget_probe(self) -> None:
+        """No probe until the mouse moves in the view again (another CT is shown)."""
+        self._probe_xy = None
 
     def _on_press(self, *_args) -> None:
         self._press_xy = self._current_xy = self._event_xy()
