@@ -92,3 +92,53 @@ def test_header_window_level_probe_and_view_buttons(page):
     wait_status(page, r"Opened totalseg_small/ct\.nii\.gz \(122 x 101 x 30\)", timeout=120_000)
     assert header(page) == "totalseg_small/ct.nii.gz"
     assert values(page) == ("400", "40") and pressed(page) == ["abdomen"]
+
+
+def field_text(page, testid: str) -> str:
+    """What an upload field shows (its label, then the files chosen)."""
+    return page.get_by_test_id(testid).inner_text().strip()
+
+
+def test_sections_upload_fields_and_a_long_path_in_the_banner(page, tmp_path):
+    """The sections were numbered 1, 2, 3, 4, 6 before the first propagation; after an upload the other field shrank
+    to a sliver (its name one letter a line), and the folder field kept the last uploaded folder's file after a CT
+    was opened by its path; a long path in the error banner was cut off, hiding the file's name."""
+    open_path(page, str(CT))
+    wait_status(page, r"Opened lits117/ct\.nii\.gz", timeout=120_000)
+    titles = [t.strip() for t in page.locator(".v-card-title").all_inner_texts()]
+    numbers = [int(m.group(1)) for t in titles if (m := re.match(r"(\d+)\. ", t))]
+    assert numbers == [1, 2, 3, 4, 5, 6], titles
+    assert page.get_by_test_id("review-empty").is_visible()
+
+    page.get_by_test_id("upload-folder").locator("input[type=file]").set_input_files(str(DATA / "dcmqi_ct3slice/ct"))
+    wait_status(page, r"Opened 3 DICOM files in ct \(512 x 512 x 3\)", timeout=120_000)
+    assert field_text(page, "upload-folder").endswith("3 files"), field_text(page, "upload-folder")
+    for testid in ("upload-file", "upload-folder"):  # two halves of the row, one line high
+        box = page.get_by_test_id(testid).bounding_box()
+        assert box["width"] >= 110 and box["height"] <= 60, (testid, box)
+
+    page.get_by_test_id("upload-file").locator("input[type=file]").set_input_files(str(CT))
+    wait_status(page, r"Opened ct\.nii\.gz \(128 x 128 x 128\)", timeout=120_000)
+    assert "ct.nii.gz" in field_text(page, "upload-file")
+    assert field_text(page, "upload-folder") == "a DICOM folder"  # emptied: its files are not the CT shown
+    for testid in ("upload-file", "upload-folder"):
+        box = page.get_by_test_id(testid).bounding_box()
+        assert box["width"] >= 110 and box["height"] <= 60, (testid, box)
+
+    open_path(page, str(OTHER_CT))
+    wait_status(page, r"Opened totalseg_small/ct\.nii\.gz", timeout=120_000)
+    # opened by its path: neither upload field names a file
+    assert (field_text(page, "upload-file"), field_text(page, "upload-folder")) == ("a CT file", "a DICOM folder")
+
+    name = "labelmap_of_the_liver_segmentation_final_version.nii.gz"
+    long_path = tmp_path / ("a_rather_long_folder_name_for_the_case_of_patient_0001_" * 2) / name
+    open_path(page, str(long_path))
+    error = page.get_by_test_id("error")
+    error.wait_for(timeout=30_000)
+    assert name in error.inner_text()
+    overflow = error.evaluate("e => [...e.querySelectorAll('*')].filter(c => c.scrollWidth > c.clientWidth + 1 && "
+                              "getComputedStyle(c).overflowX !== 'visible').map(c => c.className)")
+    assert overflow == [], f"the banner's text is cut off in {overflow}"
+    banner = error.bounding_box()
+    panel = page.locator(".v-navigation-drawer").bounding_box()
+    assert banner["x"] + banner["width"] <= panel["x"] + panel["width"]

@@ -56,6 +56,7 @@ logger = logging.getLogger("liversam_web")
 WINDOW_PRESETS = {"Abdomen": (400.0, 40.0), "Liver": (150.0, 60.0), "Bone": (1800.0, 400.0), "Lung": (1500.0, -600.0)}
 LAYOUT_ID = "Axial Primary"
 CELL = "padding: 2px 4px; overflow-wrap: anywhere; line-height: 1.2"  # review table cells: narrow, wrapping
+UPLOAD_FIELDS = ("file", "folder")
 JOB_POLL_S = 0.25
 PREFETCH_DELAY_S = 0.4  # the user has settled on a slice
 PREFETCH_RADIUS = 2
@@ -99,6 +100,7 @@ class LiverSAMWebApp:
             "ct_path": "",
             "ct_name": "",
             "ct_source": "",
+            "upload_keys": {"file": 0, "folder": 0},  # a new key empties that upload field
             "has_ct": False,
             "has_dicom": False,
             "busy": False,
@@ -152,12 +154,13 @@ class LiverSAMWebApp:
             # scrolled (at 1400 x 900 the progress and Cancel under section 4 were below the fold).
             with html.Div(classes="d-flex flex-column ga-2 pb-1", raw_attrs=['data-testid="messages"'],
                           style="position: sticky; top: 0; z-index: 5; background: rgb(var(--v-theme-surface))"):
+                # a long path wraps anywhere (the file's name at its end was cut off)
                 v3.VAlert(
                     v_if="error", type="error", density="compact", text=("error",), closable=True,
-                    click_close="error = ''", raw_attrs=['data-testid="error"'],
+                    click_close="error = ''", raw_attrs=['data-testid="error"'], style="overflow-wrap: anywhere",
                 )
                 v3.VAlert(v_if="status && !error", type="info", density="compact", variant="tonal",
-                          text=("status",), raw_attrs=['data-testid="status"'])
+                          text=("status",), raw_attrs=['data-testid="status"'], style="overflow-wrap: anywhere")
                 with html.Div(v_if="job_running", classes="d-flex align-center ga-2"):
                     v3.VProgressLinear(model_value=("progress",), height=16, color="primary", rounded=True,
                                        raw_attrs=['data-testid="progress"'])
@@ -174,15 +177,24 @@ class LiverSAMWebApp:
                 with html.Div(classes="d-flex align-center ga-2 mt-2"):
                     html.Span("Upload:", classes="text-caption")
                     upload = self.server.trigger_name(self._on_upload)
-                    for label, folder in (("a CT file", False), ("a DICOM folder", True)):
-                        v3.VFileInput(
-                            label=label, density="compact", hide_details=True, multiple=not folder,
-                            prepend_icon="mdi-folder-upload" if folder else "mdi-file-upload",
+                    for label, kind in (("a CT file", "file"), ("a DICOM folder", "folder")):
+                        # Equal halves of the row (after an upload one field shrank to a sliver, its name one
+                        # letter a line); a new key empties a field whose files are not the CT shown (the folder
+                        # field kept the last uploaded folder's file after a CT was opened by its path).
+                        with v3.VFileInput(
+                            label=label, density="compact", hide_details=True, multiple=True, clearable=False,
+                            prepend_icon="mdi-folder-upload" if kind == "folder" else "mdi-file-upload",
+                            key=(f"upload_keys.{kind}",), style="flex: 1 1 0; min-width: 0",
                             disabled=("busy",), change=f"trigger('{upload}', [$event.target.files, "
-                                                        "($event.target.files[0] || {}).webkitRelativePath || ''])",
-                            raw_attrs=(['webkitdirectory', 'data-testid="upload-folder"'] if folder
+                                                        "($event.target.files[0] || {}).webkitRelativePath || '', "
+                                                        f"'{kind}'])",
+                            raw_attrs=(['webkitdirectory', 'data-testid="upload-folder"'] if kind == "folder"
                                        else ['data-testid="upload-file"']),
-                        )
+                        ), v3.Template(v_slot_selection="{ fileNames }"):
+                            # on one line, cut with "..." (a file's name wrapped at its dots); a folder's file count
+                            html.Span("{{ fileNames.length }} files" if kind == "folder" else "{{ fileNames.join(', ') }}",
+                                      style="display: block; min-width: 0; max-width: 100%; white-space: nowrap; "
+                                            "overflow: hidden; text-overflow: ellipsis")
             # ---- view
             with v3.VCard(title="2. View", density="compact", v_if="has_ct"), v3.VCardText():
                 with html.Div(classes="d-flex flex-wrap ga-1"):
@@ -250,37 +262,42 @@ class LiverSAMWebApp:
                                    "still lean to the tumour (off: the core only; a fix keeps the setting its "
                                    "propagation had)")
             # ---- review and lesions
-            with v3.VCard(title="5. Review", density="compact", v_if="review_rows.length"), v3.VCardText():
-                html.Div("To check (click: the views go to the first slice of the range)", classes="text-caption",
-                         v_if="review_items.length")
-                html.Div("Nothing flagged for review.", classes="text-caption", v_if="!review_items.length",
-                         raw_attrs=['data-testid="review-none"'])
-                with html.Div(v_for="item in review_items", key="item.first", style="cursor: pointer",
-                              classes="text-body-2 text-warning mb-1",
-                              click=(self.ctrl.jump_to_slice, "[item.first]"), raw_attrs=['data-testid="review-item"']):
-                    html.B("{{ item.segment }} {{ item.slices }}: ")
-                    html.Span("{{ item.reason }}")
-                html.Div("{{ review_segment === 'tumor' ? 'tumour' : review_segment }}: every slice, flagged slices first (click a row: the views go there)",
-                         classes="text-caption mt-2")
-                # fixed columns that fit the panel, the flags wrapped (the "from" column was cut to "fr")
-                with html.Div(style="max-height: 220px; overflow-y: auto; overflow-x: hidden",
-                              raw_attrs=['data-testid="review-table"']), \
-                        v3.VTable(density="compact", style="table-layout: fixed; width: 100%"):
-                    with html.Colgroup():
-                        for width in ("13%", "17%", "15%", "30%", "25%"):
-                            html.Col(style=f"width: {width}")
-                    with html.Thead(), html.Tr():
-                        for title in ("k", "mm²", "score", "flags", "from"):
-                            html.Th(title, style=CELL)
-                    with html.Tbody():
-                        with html.Tr(v_for="row in review_rows", key="row.k", style="cursor: pointer",
-                                     click=(self.ctrl.jump_to_slice, "[row.k]"), raw_attrs=['data-testid="review-row"']):
-                            html.Td("{{ row.k }}", style=CELL)
-                            html.Td("{{ row.area }}", style=CELL)
-                            html.Td("{{ row.score }}", style=CELL)
-                            html.Td("{{ row.flags }}", classes="text-warning", style=CELL,
-                                    raw_attrs=['data-testid="review-flags"'])
-                            html.Td("{{ row.source }}", style=CELL, raw_attrs=['data-testid="review-source"'])
+            # shown from the start, so that the sections are numbered 1 to 6 at every step (it was 1, 2, 3, 4, 6 before the
+            # first propagation)
+            with v3.VCard(title="5. Review", density="compact", v_if="has_ct"), v3.VCardText():
+                html.Div("After a propagation: the slices to check, and every slice's area, score and flags.",
+                         classes="text-caption", v_if="!review_rows.length", raw_attrs=['data-testid="review-empty"'])
+                with html.Div(v_if="review_rows.length"):
+                    html.Div("To check (click: the views go to the first slice of the range)", classes="text-caption",
+                             v_if="review_items.length")
+                    html.Div("Nothing flagged for review.", classes="text-caption", v_if="!review_items.length",
+                             raw_attrs=['data-testid="review-none"'])
+                    with html.Div(v_for="item in review_items", key="item.first", style="cursor: pointer",
+                                  classes="text-body-2 text-warning mb-1",
+                                  click=(self.ctrl.jump_to_slice, "[item.first]"), raw_attrs=['data-testid="review-item"']):
+                        html.B("{{ item.segment }} {{ item.slices }}: ")
+                        html.Span("{{ item.reason }}")
+                    html.Div("{{ review_segment === 'tumor' ? 'tumour' : review_segment }}: every slice, flagged slices first (click a row: the views go there)",
+                             classes="text-caption mt-2")
+                    # fixed columns that fit the panel, the flags wrapped (the "from" column was cut to "fr")
+                    with html.Div(style="max-height: 220px; overflow-y: auto; overflow-x: hidden",
+                                  raw_attrs=['data-testid="review-table"']), \
+                            v3.VTable(density="compact", style="table-layout: fixed; width: 100%"):
+                        with html.Colgroup():
+                            for width in ("13%", "17%", "15%", "30%", "25%"):
+                                html.Col(style=f"width: {width}")
+                        with html.Thead(), html.Tr():
+                            for title in ("k", "mm²", "score", "flags", "from"):
+                                html.Th(title, style=CELL)
+                        with html.Tbody():
+                            with html.Tr(v_for="row in review_rows", key="row.k", style="cursor: pointer",
+                                         click=(self.ctrl.jump_to_slice, "[row.k]"), raw_attrs=['data-testid="review-row"']):
+                                html.Td("{{ row.k }}", style=CELL)
+                                html.Td("{{ row.area }}", style=CELL)
+                                html.Td("{{ row.score }}", style=CELL)
+                                html.Td("{{ row.flags }}", classes="text-warning", style=CELL,
+                                        raw_attrs=['data-testid="review-flags"'])
+                                html.Td("{{ row.source }}", style=CELL, raw_attrs=['data-testid="review-source"'])
             with v3.VCard(title="Lesions", density="compact", v_if="lesion_rows.length"), v3.VCardText():
                 with v3.VTable(density="compact"):
                     with html.Thead(), html.Tr():
@@ -347,9 +364,10 @@ class LiverSAMWebApp:
         full = str(Path(path).expanduser().absolute())  # "ct.nii.gz" typed in lits117's folder is lits117's
         await self._open_files(files, what, case_title(full), case_stem(full), source=full)
 
-    async def _on_upload(self, files: list[dict], relative_path: str | None = None) -> None:
+    async def _on_upload(self, files: list[dict], relative_path: str | None = None, field: str = "file") -> None:
         """Files the page uploaded; ``relative_path``: the first one's path in the folder the reader chose (the
-        browser's ``webkitRelativePath``, "ct_dicom/CT.1.dcm"), whose folder names the exports."""
+        browser's ``webkitRelativePath``, "ct_dicom/CT.1.dcm"), whose folder names the exports; ``field``: the upload
+        field they came from ("file" or "folder")."""
         if not files:
             return
         folder = Path(tempfile.mkdtemp(dir=self._tmp.name))
@@ -364,18 +382,33 @@ class LiverSAMWebApp:
         else:
             title = f"{len(names)} DICOM files" + (f" in {chosen}" if chosen else "")
             source = f"uploaded folder {chosen}" if chosen else "uploaded folder"
-        create_task(self._open_files(written, what, title, stem, source=source))
+        create_task(self._open_files(written, what, title, stem, source=source,
+                                     upload=field if field in UPLOAD_FIELDS else "file"))
 
     async def _open_files(self, files: list[str], what: str, display_name: str, stem: str | None = None,
-                          source: str = "") -> None:
+                          source: str = "", upload: str = "") -> None:
         """Open a CT from ``files`` (one image file or a DICOM series); ``display_name`` names it on the page (its
         header, messages), ``stem`` its exports (default: after the file, or the files' folder); ``source``: where
-        it came from (the header's tooltip)."""
+        it came from (the header's tooltip); ``upload``: the upload field it came from ("" for a path).
+
+        The upload fields show only the files of the CT shown: the others are emptied once a CT opens, and the field
+        of an upload that opened nothing too (so that the same files can be chosen again: "upload it again")."""
+        opened = await self._open_files_now(files, what, display_name, stem, source)
+        keep = {upload} if opened else set()
+        emptied = [field for field in UPLOAD_FIELDS if field not in keep and (opened or field == upload)]
+        if emptied:
+            with self.state:
+                self.state.upload_keys = {field: key + (field in emptied)
+                                          for field, key in self.state.upload_keys.items()}
+
+    async def _open_files_now(self, files: list[str], what: str, display_name: str, stem: str | None,
+                              source: str) -> bool:
+        """``_open_files`` without the upload fields: True when the CT opened."""
         if stem is None:
             stem = case_stem(files[0] if len(files) == 1 else os.path.commonpath([str(Path(f).parent) for f in files]))
         if self.state.busy or self.state.job_running:
             self._error("Wait for the current step to finish (or cancel the propagation) before opening a CT.")
-            return
+            return False
         shown = self.state.status  # the status line again when nothing opens (it said "Opening ..." behind the error)
         self._set_busy(f"Opening {display_name} ...")
         new_content: SceneContent | None = None
@@ -385,7 +418,7 @@ class LiverSAMWebApp:
             volume, dicom = load_ct_with_source(self.slicer_app, files, what)
         except InputError as exc:
             self._not_opened(str(exc), shown)
-            return
+            return False
         asked = (what, self.workflow.change_marker() if self.workflow is not None else None)
         if self._unexported_work() and self._discard_asked != asked:
             # opening another CT drops this one's masks and undo steps: said once, then a second try goes on
@@ -396,7 +429,7 @@ class LiverSAMWebApp:
             self._not_opened(f"The segmentation of {self.state.ct_name} has changed since it was last exported, and "
                              f"opening {display_name} drops it: export it first (section 6), or {again} to discard "
                              "it.", shown)
-            return
+            return False
         self._discard_asked = None
         try:
             # a sagittal / coronal CT is shown and segmented on its axial slices (its voxels reordered, none resampled)
@@ -413,7 +446,7 @@ class LiverSAMWebApp:
             else:
                 remove_volume(self.slicer_app.scene, volume)
             self._not_opened(f"{what} was read, but the LiverSAM server refused it: {_client_message(exc)}", shown)
-            return
+            return False
         old_content, old_workflow = self.content, self.workflow
         self.content = new_content
         self.workflow = Workflow(self.client, info["session_id"], tuple(info["shape_kji"]),
@@ -424,6 +457,7 @@ class LiverSAMWebApp:
             old_content.remove()
         self._show_new_case(display_name, stem, source or display_name)
         self._set_busy("")
+        return True
 
     def _not_opened(self, message: str, status: str) -> None:
         """Nothing opened: the message, and the status line as it was before "Opening ..." (the open case's)."""
