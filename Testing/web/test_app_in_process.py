@@ -554,3 +554,36 @@ def test_the_window_level_observer_survives_a_garbage_collection(tmp_path):
                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-1500:]}"
     assert "sliders 150 60" in run.stdout, run.stdout
+
+
+def test_one_dicom_file_typed_opens_its_series_as_liversam_segment_does(tmp_path):
+    """`liversam segment ct/01.dcm` reads the file's series from its folder (liversam.ct_io.read_ct); the page said
+    "'.../01.dcm' is a single 2D image (512 x 512), not a CT volume". A DICOM SEG typed as the CT is refused as one,
+    and a DICOM file alone in its folder is still a single 2D image."""
+    from web_page import DATA
+
+    dcmqi = DATA / "dcmqi_ct3slice"
+    client = FakeServer()
+    app = new_app(client)
+
+    async def scenario():
+        await app._open_path(str(dcmqi / "ct" / "02.dcm"))
+        assert not app.state.error, app.state.error
+        assert app.state.ct_name == "dcmqi_ct3slice/ct" and app.content.shape_kji == (3, 512, 512)
+        assert "The DICOM series of 02.dcm, read from its folder." in app.state.status, app.state.status
+        assert app.content.dicom.folder == str(dcmqi / "ct") and app.content.dicom.num_files == 3  # the SEG's reference
+        assert app.state.export_names["dicomseg"] == "dcmqi_ct3slice-ct-liversam-seg.dcm"
+
+        await app._open_path(str(dcmqi / "liver_seg.dcm"))
+        assert "liver_seg.dcm' is a DICOM SEG (a segmentation), not an image of a CT series" in app.state.error
+        assert app.state.ct_name == "dcmqi_ct3slice/ct"
+
+        alone = tmp_path / "alone"
+        alone.mkdir()
+        (alone / "01.dcm").write_bytes((dcmqi / "ct" / "01.dcm").read_bytes())
+        app.state.error = ""
+        await app._open_path(str(alone / "01.dcm"))
+        assert "01.dcm' is a single 2D image (512 x 512), not a CT volume" in app.state.error, app.state.error
+        assert app.state.ct_name == "dcmqi_ct3slice/ct"
+
+    asyncio.run(scenario())

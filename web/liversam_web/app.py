@@ -31,6 +31,7 @@ from .export_names import case_stem, case_title, export_names
 from .mrml_scene import (
     InputError,
     SceneContent,
+    dicom_file_series,
     list_input_files,
     load_ct_with_source,
     remove_volume,
@@ -357,12 +358,19 @@ class LiverSAMWebApp:
         path = str(path or "").strip()
         try:
             files = list_input_files(path)
+            # one file of a DICOM series: its series, read from its folder, as `liversam segment` reads it (it said
+            # "a single 2D image, not a CT volume")
+            series = dicom_file_series(path) if len(files) == 1 else None
         except InputError as exc:
             self._error(str(exc))
             return
+        full = Path(path).expanduser().absolute()  # "ct.nii.gz" typed in lits117's folder is lits117's
+        if series is not None:
+            await self._open_files(series, f"The DICOM series of '{path}'", case_title(str(full.parent)),
+                                   case_stem(str(full.parent)), source=str(full.parent), series_of=str(full))
+            return
         what = f"'{path}'" if len(files) == 1 else f"The folder '{path}'"
-        full = str(Path(path).expanduser().absolute())  # "ct.nii.gz" typed in lits117's folder is lits117's
-        await self._open_files(files, what, case_title(full), case_stem(full), source=full)
+        await self._open_files(files, what, case_title(str(full)), case_stem(str(full)), source=str(full))
 
     async def _on_upload(self, files: list[dict], relative_path: str | None = None, field: str = "file") -> None:
         """Files the page uploaded; ``relative_path``: the first one's path in the folder the reader chose (the
@@ -386,14 +394,15 @@ class LiverSAMWebApp:
                                      upload=field if field in UPLOAD_FIELDS else "file"))
 
     async def _open_files(self, files: list[str], what: str, display_name: str, stem: str | None = None,
-                          source: str = "", upload: str = "") -> None:
+                          source: str = "", upload: str = "", series_of: str | None = None) -> None:
         """Open a CT from ``files`` (one image file or a DICOM series); ``display_name`` names it on the page (its
         header, messages), ``stem`` its exports (default: after the file, or the files' folder); ``source``: where
-        it came from (the header's tooltip); ``upload``: the upload field it came from ("" for a path).
+        it came from (the header's tooltip); ``upload``: the upload field it came from ("" for a path); ``series_of``:
+        the DICOM file typed, whose series among ``files`` is opened.
 
         The upload fields show only the files of the CT shown: the others are emptied once a CT opens, and the field
         of an upload that opened nothing too (so that the same files can be chosen again: "upload it again")."""
-        opened = await self._open_files_now(files, what, display_name, stem, source)
+        opened = await self._open_files_now(files, what, display_name, stem, source, series_of)
         keep = {upload} if opened else set()
         emptied = [field for field in UPLOAD_FIELDS if field not in keep and (opened or field == upload)]
         if emptied:
@@ -402,7 +411,7 @@ class LiverSAMWebApp:
                                           for field, key in self.state.upload_keys.items()}
 
     async def _open_files_now(self, files: list[str], what: str, display_name: str, stem: str | None,
-                              source: str) -> bool:
+                              source: str, series_of: str | None) -> bool:
         """``_open_files`` without the upload fields: True when the CT opened."""
         if stem is None:
             stem = case_stem(files[0] if len(files) == 1 else os.path.commonpath([str(Path(f).parent) for f in files]))
@@ -415,7 +424,7 @@ class LiverSAMWebApp:
         try:
             # read and checked before the open case's work is held back for: a file that is no CT (a missing path,
             # a text file, a 2D image, a folder with no series) gets its own message at once, not on a second press
-            volume, dicom = load_ct_with_source(self.slicer_app, files, what)
+            volume, dicom = load_ct_with_source(self.slicer_app, files, what, series_of)
         except InputError as exc:
             self._not_opened(str(exc), shown)
             return False
@@ -455,7 +464,8 @@ class LiverSAMWebApp:
             create_task(asyncio.to_thread(old_workflow.close))
         if old_content is not None:
             old_content.remove()
-        self._show_new_case(display_name, stem, source or display_name)
+        series = f"The DICOM series of {Path(series_of).name}, read from its folder. " if series_of else ""
+        self._show_new_case(display_name, stem, source or display_name, series)
         self._set_busy("")
         return True
 
@@ -478,7 +488,7 @@ class LiverSAMWebApp:
 
         return reopen
 
-    def _show_new_case(self, display_name: str, stem: str = "ct", source: str = "") -> None:
+    def _show_new_case(self, display_name: str, stem: str = "ct", source: str = "", note_before: str = "") -> None:
         assert self.content is not None
         content = self.content
         for view in self.slicer_app.view_manager.get_slice_views():
@@ -516,7 +526,8 @@ class LiverSAMWebApp:
                 "window": 400.0, "level": 40.0,
                 "review_rows": [], "review_items": [], "lesion_rows": [], "progress": 0, "propagated": [],
                 "error": "",
-                "status": f"Opened {display_name} ({content.shape_kji[2]} x {content.shape_kji[1]} x {nk}). {note}",
+                "status": f"Opened {display_name} ({content.shape_kji[2]} x {content.shape_kji[1]} x {nk}). "
+                          f"{note_before}{note}",
             })
         self._sync_undo()
 

@@ -94,6 +94,32 @@ def list_input_files(path: str) -> list[str]:
     return files
 
 
+# DICOM objects that hold no image of a series (a segmentation, a structure set, a report, ...)
+NOT_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "SR", "PR", "KO", "REG", "DOC"}
+
+
+def dicom_file_series(path: str) -> list[str] | None:
+    """One DICOM file typed as the CT: the files of its folder, to read its series from (as ``liversam segment`` reads
+    one DICOM file: ``liversam.ct_io.read_ct``, the file's own series from its folder); None when ``path`` is no
+    DICOM file (its content, as the core tells it: the "DICM" preamble). InputError for a DICOM file of no image
+    series (a DICOM SEG given as the CT)."""
+    from liversam.image_integrity import DICOM, sniff_image_format
+
+    target = Path(path).expanduser()
+    if not target.is_file() or sniff_image_format(target) != DICOM:
+        return None
+    try:
+        modality = str(pydicom.dcmread(target, stop_before_pixels=True).get("Modality", "") or "").upper()
+    except (OSError, ValueError, pydicom.errors.InvalidDicomError):
+        modality = ""
+    if modality in NOT_IMAGE_MODALITIES:
+        kind = {"SEG": "a DICOM SEG (a segmentation)", "RTSTRUCT": "a DICOM RT structure set"}.get(
+            modality, f"a DICOM {modality} object")
+        raise InputError(f"'{path}' is {kind}, not an image of a CT series. Open the CT series' folder, or one of "
+                         "its image files.")
+    return list_input_files(str(target.parent))
+
+
 @dataclass(frozen=True)
 class DicomSource:
     """The DICOM series a CT was read from: what a DICOM SEG of it must reference."""
@@ -160,8 +186,10 @@ def _check_complete(path: str, what: str) -> None:
         raise InputError(message.replace(f"'{path}'", what) if f"'{path}'" in message else f"{what}: {message}") from None
 
 
-def load_ct_with_source(slicer_app, files: list[str], what: str) -> tuple[vtkMRMLScalarVolumeNode, DicomSource | None]:
-    """Load ``files`` and keep the largest 3D scalar volume -> (volume, its DICOM series or None).
+def load_ct_with_source(slicer_app, files: list[str], what: str,
+                        series_of: str | None = None) -> tuple[vtkMRMLScalarVolumeNode, DicomSource | None]:
+    """Load ``files`` and keep the largest 3D scalar volume -> (volume, its DICOM series or None); ``series_of``: one
+    DICOM file among ``files``, whose series is kept (the largest of those holding it).
 
     Nothing stays in the scene when the input is not a CT (InputError says why, naming ``what``).
     """
@@ -178,6 +206,13 @@ def load_ct_with_source(slicer_app, files: list[str], what: str) -> tuple[vtkMRM
     volumes = [v for v, _ in loaded]
     candidates = [v for v in volumes if v.IsA("vtkMRMLScalarVolumeNode") and not v.IsA("vtkMRMLLabelMapVolumeNode")
                   and v.GetImageData() is not None and v.GetImageData().GetNumberOfScalarComponents() == 1]
+    if series_of is not None:
+        groups = {id(v): group or [] for v, group in loaded}
+        candidates = [v for v in candidates if os.path.abspath(series_of) in map(os.path.abspath, groups[id(v)])]
+        if not candidates:
+            _remove_new_nodes(scene, before)
+            raise InputError(f"{what} could not be read: '{Path(series_of).name}' belongs to no image series LiverSAM "
+                             "can read in its folder. Open the CT series' folder instead.")
     if not candidates:
         _remove_new_nodes(scene, before)
         if len(files) > 1:
