@@ -37,7 +37,8 @@ before tumours). The thresholds were chosen on the four labelled cases (docs/RES
 
 Report format (JSON; fields only added over earlier versions): per segment ``name``, ``volume_ml``,
 ``slices`` (``k``, ``area_mm2``, ``score``, ``source``, ``flags``, ``solidity``, ``mean_hu``; slices between the segment's first and
-last, plus flagged ``beyond_end`` / ``end`` slices with area 0), ``flagged_slices`` (the slices of the review items),
+last, plus flagged ``beyond_end`` / ``end`` slices with area 0; for a segment the dense CRF refined, the flags,
+solidity and mean HU are those of its mask before the CRF, the areas those of the final mask), ``flagged_slices`` (the slices of the review items),
 ``tracks``, and ``items`` (``first_slice``, ``last_slice``, ``slices`` as text, ``flags``, ``reason``); at the
 top level ``items``, every segment's items in review order (each with its ``segment``).
 """
@@ -393,14 +394,32 @@ def review_items(name: str, rows: list[SliceReview], settings: ReviewSettings | 
     return items
 
 
+def _final_areas(rows: list[SliceReview], final_kji: np.ndarray, pixel_area_mm2: float, scores: dict[int, float],
+                 records: dict[int, object]) -> list[SliceReview]:
+    """The rows of a segment flagged on its mask before the dense CRF, with the areas of its final mask (the one
+    written, shown and in the lesion table), and a row without flags for a slice only the final mask has. The flags
+    describe the propagation; the areas, and the segment's ends the reasons name, what the reader gets (a tumour
+    "stops at slice 48" while the lesion table said "slices 50-107": the CRF had taken slices 48 and 49 away)."""
+    areas = np.asarray(final_kji, bool).sum(axis=(1, 2)) * pixel_area_mm2
+    by_k = {r.k: r for r in rows}
+    for k in (int(k) for k in np.nonzero(areas)[0]):
+        if k not in by_k:
+            by_k[k] = SliceReview(k=k, area_mm2=0.0, score=round(float(scores[k]), 4) if k in scores else None,
+                                  source=getattr(records.get(k), "source", ""))
+    for row in by_k.values():
+        row.area_mm2 = round(float(areas[row.k]), 2)
+    return [by_k[k] for k in sorted(by_k)]
+
+
 def build_review_report(result: SegmentationResult, settings: ReviewSettings | None = None,
                         ct_kji: np.ndarray | None = None, lesions: set[str] | None = None) -> dict:
     """The JSON-ready report of every segment: slices with area, score, source and flags, stop reasons, and
     at most ``max_items`` review items (ranges of flagged slices with their reasons) for the whole scan.
     ``ct_kji``: the CT (HU) the segments were drawn on, for the ``hu_shift`` flag (None: that flag is off).
     ``lesions``: names of the segments inside another (tumours); None: those the pipeline recorded in
-    ``result.provenance["inside"]``. A segment refined by the dense CRF is reviewed on its mask before the CRF
-    (``result.provenance["before_crf"]``): the flags describe what the propagation did."""
+    ``result.provenance["inside"]``. A segment refined by the dense CRF is flagged on its mask before the CRF
+    (``result.provenance["before_crf"]``): the flags describe what the propagation did; its slices' areas (and the
+    ends its reasons name) are those of the final mask."""
     settings = settings or ReviewSettings()
     geometry = result.geometry
     pixel_area = geometry.spacing_mm[0] * geometry.spacing_mm[1]
@@ -422,6 +441,8 @@ def build_review_report(result: SegmentationResult, settings: ReviewSettings | N
         flagged_on = (result.provenance.get("before_crf") or {}).get(seg.name, seg.mask_kji)
         rows = review_segment(flagged_on, pixel_area, seg.slice_scores, records, settings, geometry.spacing_mm[2],
                               ct_kji, lesion)
+        if flagged_on is not seg.mask_kji:
+            rows = _final_areas(rows, seg.mask_kji, pixel_area, seg.slice_scores, records)
         for item in review_items(seg.name, rows, settings):
             candidates.append((order, item))
         report["segments"].append({

@@ -292,3 +292,41 @@ def test_lesion_table_picks_tumour_segments_by_name(tmp_path):
     (row,) = csv.DictReader((tmp_path / "lesions.CSV").open())
     assert row["centre_lps"] == "2.5 2.5 1.0" and row["voxels"] == "4" and row["segment"] == "Liver Tumour"
     assert row["volume_ml"] == "0.004" and row["longest_axial_diameter_mm"] == str(round(np.sqrt(2), 2))
+
+
+def test_a_crf_refined_tumour_is_flagged_before_the_crf_and_reported_with_its_final_slices():
+    """The review flags a segment the dense CRF refined on its mask before the CRF (the propagation's); its rows'
+    areas and the ends its reasons name came from that mask too: lits117's tumour "stops at slice 48" while the lesion
+    table (the final mask) said slices 50-107, and the review table gave slices 48 and 49 an area the mask shown no
+    longer had. Now the areas and the ends are the final mask's, and the flags stay the propagation's."""
+    geometry = ImageGeometry((40, 40, 30), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
+    before = np.zeros(geometry.shape_kji, dtype=bool)
+    before[8:20, 10:30, 10:30] = True  # the propagation's tumour: slices 8-19, full size at its lower end
+    final = before.copy()
+    final[8:10] = False  # the CRF took slices 8 and 9 away
+    final[20, 12:28, 12:28] = True  # and grew slice 20
+    result = SegmentationResult(geometry, [Segment("tumor", 2, final)],
+                                provenance={"before_crf": {"tumor": before}, "inside": {"tumor": "liver"}})
+    (report,) = build_review_report(result)["segments"]
+    by_k = {row["k"]: row for row in report["slices"]}
+    assert by_k[8]["area_mm2"] == by_k[9]["area_mm2"] == 0.0 and by_k[10]["area_mm2"] == 400.0
+    assert by_k[20]["area_mm2"] == 256.0 and by_k[20]["flags"] == ["beyond_end"]  # the propagation stopped at 19
+    assert "beyond_end" in by_k[7]["flags"]  # flagged on the propagation's mask: its lower end slice 8
+    (lesion,) = lesion_table(result)
+    assert (lesion.slice_first, lesion.slice_last) == (10, 20)
+    reasons = " ".join(item["reason"] for item in report["items"])
+    assert "stops at slice 10 " in reasons and "stops at slice 20 " in reasons, reasons
+    assert "stops at slice 8 " not in reasons and "stops at slice 19 " not in reasons, reasons
+    present = [row["k"] for row in report["slices"] if row["area_mm2"] > 0]
+    assert (present[0], present[-1]) == (lesion.slice_first, lesion.slice_last)
+
+    # no CRF: the rows are those of the mask itself, as before
+    plain = SegmentationResult(geometry, [Segment("tumor", 2, before)], provenance={"inside": {"tumor": "liver"}})
+    (report,) = build_review_report(plain)["segments"]
+    assert {row["k"]: row["area_mm2"] for row in report["slices"]}[8] == 400.0
+
+    # a slice only the final mask has (no row of the propagation's mask) gets a row, unflagged
+    final[26, 5:8, 5:8] = True
+    (report,) = build_review_report(result)["segments"]
+    by_k = {row["k"]: row for row in report["slices"]}
+    assert by_k[26]["area_mm2"] == 9.0 and by_k[26]["flags"] == [] and 25 not in by_k
