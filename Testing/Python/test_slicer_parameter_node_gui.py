@@ -193,7 +193,7 @@ def test_the_module_connects_its_gui_in_balance(widgets, tmp_path, monkeypatch, 
     widget._stopServerAtQuit, widget._job = None, None
     widget.logic.connection = SimpleNamespace(abort_requests=lambda: 0)
     widget.logic.releaseServer = lambda plan, timeout: True
-    widget.logic.stopServer = lambda wait_s=0: None
+    widget.logic.stopServer = widget.logic.stopServerSafely = lambda wait_s=0: None
     widget.cleanup()  # reload: the old GUI is disconnected
     connected_only(0)
     assert len(connects) == 7
