@@ -35,6 +35,8 @@ from slicer_harness import MODULE_DIR, ensure_module_on_path, fresh_scene
 
 ensure_module_on_path()
 
+import vtk  # noqa: E402
+
 from LiverSAMLib.SlicerCompatibility import GuiConnection  # noqa: E402
 
 pytestmark = pytest.mark.slicer
@@ -199,3 +201,39 @@ def test_the_module_connects_its_gui_in_balance(widgets, tmp_path, monkeypatch, 
     assert len(connects) == 7
     gc.collect()
     assert stale_updates(package, node) == 0
+
+
+class LeakingWrapper:
+    """A wrapper that connects and disconnects its GUI as Slicer 5.10's does (the tests above show it on Slicer's own
+    code where the Slicer source is at hand): ``connectGui`` observes the node through the instance's ``AddObserver``
+    and drops the tag, ``disconnectGui`` leaves that observer. It runs where the Slicer source is not."""
+
+    def __init__(self, node) -> None:
+        self.parameterNode = node
+        self.updates = 0
+
+    def AddObserver(self, event, callback, priority=0.0):  # noqa: N802 - VTK's name, as the wrapper class has it
+        return self.parameterNode.AddObserver(event, callback, priority)
+
+    def RemoveObserver(self, tag):  # noqa: N802
+        self.parameterNode.RemoveObserver(tag)
+
+    def connectGui(self, gui):  # noqa: N802
+        self.AddObserver(vtk.vtkCommand.ModifiedEvent, lambda *args: setattr(self, "updates", self.updates + 1))
+        return "tag"
+
+    def disconnectGui(self, tag):  # noqa: N802
+        pass
+
+
+def test_a_gui_connection_removes_what_a_5_10_style_connect_leaves_on_the_node():
+    node = fresh_scene().AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+    wrappers = [LeakingWrapper(node) for _ in range(3)]
+    for wrapper in wrappers:
+        GuiConnection(wrapper, NO_WIDGETS).disconnect()
+    node.Modified()
+    assert [w.updates for w in wrappers] == [0, 0, 0]  # each connection's observer is gone
+    leaked = LeakingWrapper(node)
+    leaked.disconnectGui(leaked.connectGui(NO_WIDGETS))  # the same cycle without GuiConnection leaves it
+    node.Modified()
+    assert leaked.updates == 1
