@@ -6,7 +6,10 @@
   or a path that resolves to it through symlinked folders;
 - lies inside an input folder (a DICOM series folder) or is the same file as one of that folder's files;
 - is an existing folder, or equals another output;
-- cannot be created: its folder is a file, or a probe file cannot be created there (read-only, no permission).
+- cannot be created: its folder is a file, or a probe file cannot be created there (read-only, no permission);
+- is an existing file this user may not write (write-protected, someone else's): the atomic write would replace
+  it all the same (a rename needs only the folder's permission), so it is refused as a plain write would be. What
+  the permission bits allow decides, as for any write: a user whose rights override them (root) replaces it.
 
 Commands call it first, so a refused run reads nothing heavy and writes nothing.
 """
@@ -14,6 +17,7 @@ Commands call it first, so a refused run reads nothing heavy and writes nothing.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -63,21 +67,41 @@ def _folder_identities(folder: Path) -> dict[tuple[int, int], Path]:
     return found
 
 
-def _check_writable(option: str, path: Path) -> None:
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise OutputError(f"{option} '{path}': '{parent}' is a file, not a folder; choose another output path.")
+def folder_write_problem(folder: str | Path) -> str | None:
+    """Why files cannot be made in ``folder`` (created first where missing), or None when they can.
+
+    A probe file is created (and removed) in the nearest folder that exists, so what decides is what the system
+    allows (permission bits, ACLs, a read-only mount), not a reading of the mode bits. ``os.path`` tests, not
+    ``Path``'s: those raise on a folder this user may not search (no 'x' permission)."""
+    folder = Path(folder)
+    existing = folder
+    while not os.path.exists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not os.path.isdir(existing):
+        return f"'{existing}' is a file, not a folder"
     try:
-        fd, probe = tempfile.mkstemp(prefix=".liversam-write-test-", dir=parent)
+        fd, probe = tempfile.mkstemp(prefix=".liversam-write-test-", dir=existing)
     except OSError as exc:
-        raise OutputError(
-            f"{option} '{path}': cannot write into the folder '{parent}' ({exc.strerror or exc}); "
-            "choose a folder you can write to."
-        ) from None
+        return f"cannot write into the folder '{existing}' ({exc.strerror or exc})"
     os.close(fd)
     os.unlink(probe)
+    return None
+
+
+def _check_writable(option: str, path: Path) -> None:
+    problem = folder_write_problem(path.parent)
+    if problem is not None:
+        what = "choose another output path" if "not a folder" in problem else "choose a folder you can write to"
+        raise OutputError(f"{option} '{path}': {problem}; {what}.")
+    if os.path.isfile(path) and not os.access(path, os.W_OK):
+        try:
+            mode = f"mode {stat.filemode(os.stat(path).st_mode)}"
+        except OSError:
+            mode = "no permission"
+        raise OutputError(
+            f"{option} '{path}' exists and is write-protected ({mode}); LiverSAM does not replace a file you "
+            f"cannot write. Make it writable (chmod u+w '{path}'), delete it, or choose another output path."
+        )
 
 
 def check_outputs(outputs: Mapping[str, str | Path | None], inputs: Iterable[str | Path | None]) -> None:
@@ -87,8 +111,8 @@ def check_outputs(outputs: Mapping[str, str | Path | None], inputs: Iterable[str
     files and folders the command reads.
     """
     input_paths = [Path(p) for p in inputs if p not in (None, "")]
-    input_files = [(p, _resolved(p), _identity(p)) for p in input_paths if not p.is_dir()]
-    input_dirs = [(p, _resolved(p)) for p in input_paths if p.is_dir()]
+    input_files = [(p, _resolved(p), _identity(p)) for p in input_paths if not os.path.isdir(p)]
+    input_dirs = [(p, _resolved(p)) for p in input_paths if os.path.isdir(p)]
     seen: dict[Path, str] = {}
     dir_identities: dict[Path, dict[tuple[int, int], Path]] = {}
     for option, value in outputs.items():
@@ -99,7 +123,7 @@ def check_outputs(outputs: Mapping[str, str | Path | None], inputs: Iterable[str
         if resolved in seen:
             raise OutputError(f"{option} '{path}' is the same file as {seen[resolved]}; give each output its own path.")
         seen[resolved] = f"{option} '{path}'"
-        if path.is_dir():
+        if os.path.isdir(path):  # not Path.is_dir: it raises in a folder this user may not search
             raise OutputError(f"{option} '{path}' is a folder; give a file name (e.g. '{path / 'result.seg.nrrd'}').")
         ident = _identity(path)
         for source, source_resolved, source_ident in input_files:

@@ -44,4 +44,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..output_paths import check_outputs
+
+    check_outputs({"--output": getattr(args, "output", None)}, [])  # before minutes of measuring, not after
     return int(load_benchmark_script().main(args))

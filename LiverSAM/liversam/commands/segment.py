@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -202,13 +204,15 @@ def run(args: argparse.Namespace) -> int:
         report = build_review_report(result, ct_kji=volume.array_kji)
         if reorientation is not None:  # its slice numbers are those of the axial slices the CT was segmented on
             report["slice_grid"] = _axial_grid_note(reorientation)
-        write_text_atomically(args.report, json.dumps(report, indent=2))
+        with _write_error_as_output_error(args.report, output):
+            write_text_atomically(args.report, json.dumps(report, indent=2))
         also_wrote.append(f"wrote {args.report} (review report: {_review_summary(report)})")
     if args.lesions:
         from ..lesions import lesion_table, write_lesion_table
 
         rows = lesion_table(result)
-        write_lesion_table(rows, args.lesions)
+        with _write_error_as_output_error(args.lesions, output):
+            write_lesion_table(rows, args.lesions)
         grid = "" if reorientation is None else (
             f"; its slice numbers are the axial slices k of the {reorientation.input_plane} CT reoriented, "
             f"{reorientation.axial_geometry.size_ijk[2]} of them, not the file's own slices"
@@ -231,6 +235,18 @@ def run(args: argparse.Namespace) -> int:
     for line in also_wrote:
         print(line)
     return 0
+
+
+@contextlib.contextmanager
+def _write_error_as_output_error(target: str | Path, written: Path) -> Iterator[None]:
+    """An OS error writing ``target`` (checked writable at the start; the disk filled or the folder's permissions
+    changed since) as a message naming it, not an internal error; ``written`` (the segmentation) is kept."""
+    from ..atomic_write import describe_write_error
+
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(f"{describe_write_error(target, exc)} The segmentation was written to '{written}'.") from exc
 
 
 def _axial_grid_note(reorientation: AxialReorientation) -> dict:

@@ -1,0 +1,215 @@
+"""What LiverSAM does where it may not write: read-only output folders, a write-protected output file, a read-only
+LIVERSAM_HOME / encoder cache, a token file, a training run's folders. Each case runs the command line as a user
+would (``python -m liversam ...`` in a subprocess), with file permissions in force: as root (CI, this machine) through
+``setpriv`` without the capabilities that override them (:func:`without_permission_override`); the tests fail, never
+skip, when that cannot be arranged. Everything is refused before any slow work, with one message naming the path and
+what to do (exit 2, no traceback), or works without the optional cache and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from conftest import REPO_ROOT
+
+#: Capabilities that let root ignore file permissions: write anywhere, read / search anywhere, act as any file's owner.
+OVERRIDE_CAPABILITIES = ("dac_override", "dac_read_search", "fowner")
+
+EXAMPLE = REPO_ROOT / "examples" / "lits117"
+
+
+def without_permission_override(command: list[str]) -> list[str]:
+    """``command`` such that file permissions apply to it: unchanged for a user other than root; for root, run
+    through util-linux's ``setpriv`` with :data:`OVERRIDE_CAPABILITIES` dropped from its bounding set (so neither the
+    command nor anything it starts has them). Fails the test when root has no ``setpriv``."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return command
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.fail("these tests run as root and need 'setpriv' (util-linux: apt-get install util-linux) to run "
+                    "commands without the capabilities that bypass file permissions")  # fmt: skip
+    return [setpriv, "--bounding-set=" + ",".join(f"-{c}" for c in OVERRIDE_CAPABILITIES), *command]
+
+
+def _env(home: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ, LIVERSAM_HOME=str(home), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    env["PYTHONPATH"] = str(REPO_ROOT / "LiverSAM") + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def liversam(args: list[str], home: Path, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
+    """``python -m liversam ARGS`` from the repository root, permissions in force; LIVERSAM_HOME=home."""
+    command = without_permission_override([sys.executable, "-m", "liversam", *args])
+    return subprocess.run(command, cwd=REPO_ROOT, env=_env(home, **env), capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+def read_only_folder(path: Path, mode: int = 0o555) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(mode)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _writable_again(tmp_path):
+    """pytest removes tmp_path later; give every folder its write and search permission back first."""
+    yield
+    for root, dirs, _files in os.walk(tmp_path):
+        for name in dirs:
+            os.chmod(Path(root) / name, 0o755)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def permissions_apply(tmp_path_factory):
+    """The premise of every test here: a command run by :func:`without_permission_override` cannot write into a
+    read-only folder. Fails (does not skip) when it can: the tests would then prove nothing."""
+    folder = read_only_folder(tmp_path_factory.mktemp("premise") / "ro", 0o500)
+    probe = folder / "x"
+    command = without_permission_override([sys.executable, "-c", f"open({str(probe)!r}, 'w')"])
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    finally:
+        folder.chmod(0o755)
+    if done.returncode == 0 or probe.exists():
+        pytest.fail(f"'{' '.join(command)}' wrote into a read-only folder: file permissions are not in force for "
+                    "these tests (a root whose capabilities setpriv cannot drop?)")  # fmt: skip
+    assert "Permission denied" in done.stderr, done.stderr
+
+
+def _readme_segment(output: Path, report: Path, lesions: Path) -> list[str]:
+    """The README's command line (examples/lits117, run from the repository root), its out/ folder replaced."""
+    return ["segment", "examples/lits117/ct.nii.gz", "--prompts", "examples/lits117/prompts.json",
+            "--output", str(output), "--report", str(report), "--lesions", str(lesions)]  # fmt: skip
+
+
+def _assert_refused_at_once(done: subprocess.CompletedProcess, started: float, *says: str) -> None:
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr and "internal error" not in done.stderr, done.stderr
+    for text in says:
+        assert text in done.stderr, (text, done.stderr)
+    assert "[liversam]" not in done.stderr, done.stderr  # no stage started: refused before the work
+    assert time.perf_counter() - started < 30, "refused only after work (a refusal takes ~2 s)"
+
+
+def _tiny_case(folder: Path) -> tuple[Path, Path]:
+    """A 48 x 40 x 3 synthetic CT with one box: what does not depend on real data runs in seconds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    array = np.full((3, 40, 48), -1000, dtype=np.int16)
+    array[:, 10:30, 12:36] = 60
+    ct = folder / "ct.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(ct))
+    prompts = folder / "prompts.json"
+    prompts.write_text(json.dumps({"coordinate_system": "IJK", "segments": [
+        {"name": "liver", "boxes": [[[12, 10, 1], [35, 29, 1]]]}]}))  # fmt: skip
+    return ct, prompts
+
+
+# --- liversam segment: the README command line ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", ["--output", "--report", "--lesions"])
+def test_readme_segment_into_a_read_only_folder_is_refused_at_once_naming_the_path(tmp_path, option):
+    out, ro = tmp_path / "out", read_only_folder(tmp_path / "ro")
+    paths = {"--output": out / "lits117.seg.nrrd", "--report": out / "review.json", "--lesions": out / "lesions.csv"}
+    paths[option] = ro / paths[option].name
+    started = time.perf_counter()
+    done = liversam(_readme_segment(paths["--output"], paths["--report"], paths["--lesions"]), tmp_path / "home")
+    _assert_refused_at_once(done, started, f"{option} '{paths[option]}'", f"cannot write into the folder '{ro}'",
+                            "Permission denied", "choose a folder you can write to")  # fmt: skip
+    assert not out.exists() and os.listdir(ro) == []  # nothing written, not even half a file
+
+
+def test_readme_segment_into_a_folder_it_may_not_search_is_refused_not_an_internal_error(tmp_path):
+    """A folder with read and write but no search ('x') permission: Path.is_dir raised PermissionError there, and the
+    output check ended in 'internal error' (exit 3) instead of naming the folder."""
+    hidden = read_only_folder(tmp_path / "noexec", 0o600)
+    out = tmp_path / "out"
+    started = time.perf_counter()
+    done = liversam(_readme_segment(hidden / "lits117.seg.nrrd", out / "review.json", out / "lesions.csv"),
+                    tmp_path / "home")  # fmt: skip
+    _assert_refused_at_once(done, started, f"--output '{hidden / 'lits117.seg.nrrd'}'",
+                            f"cannot write into the folder '{hidden}'")  # fmt: skip
+
+
+def test_readme_segment_does_not_replace_a_write_protected_output_file(tmp_path):
+    """An existing output the user made read-only (chmod a-w) in a folder they can write: the atomic write's rename
+    needs only the folder's permission, so it was silently replaced. It is refused as a plain write would be."""
+    out = tmp_path / "out"
+    out.mkdir()
+    protected = out / "lits117.seg.nrrd"
+    protected.write_text("an earlier result")
+    protected.chmod(0o444)
+    started = time.perf_counter()
+    done = liversam(_readme_segment(protected, out / "review.json", out / "lesions.csv"), tmp_path / "home")
+    _assert_refused_at_once(done, started, f"--output '{protected}' exists and is write-protected",
+                            f"chmod u+w '{protected}'", "delete it, or choose another output path")  # fmt: skip
+    assert protected.read_text() == "an earlier result" and stat.S_IMODE(protected.stat().st_mode) == 0o444
+    assert sorted(p.name for p in out.iterdir()) == ["lits117.seg.nrrd"]
+
+
+def test_export_refuses_a_write_protected_output_and_replaces_it_once_writable(tmp_path):
+    label = np.zeros((3, 40, 48), dtype=np.uint8)
+    label[1, 10:30, 12:36] = 1
+    source = tmp_path / "label.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(label), str(source))
+    target = tmp_path / "labels.nii.gz"
+    target.write_text("old")
+    target.chmod(0o444)
+    done = liversam(["export", str(source), "--output", str(target)], tmp_path / "home")
+    assert done.returncode == 2 and f"--output '{target}' exists and is write-protected" in done.stderr, done.stderr
+    assert target.read_text() == "old"
+    target.chmod(0o644)  # the rule is the permission, not that the file exists: outputs are replaced as before
+    done = liversam(["export", str(source), "--output", str(target)], tmp_path / "home")
+    assert done.returncode == 0, done.stderr
+    assert int(sitk.GetArrayFromImage(sitk.ReadImage(str(target))).sum()) == 20 * 24
+
+
+# --- liversam evaluate, export, benchmark ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["evaluate", "evaluate --markdown", "export", "benchmark"])
+def test_other_commands_refuse_an_output_in_a_read_only_folder_at_once(tmp_path, data_dir, command):
+    """benchmark measured for minutes and then failed to write --output (an internal error)."""
+    ro = read_only_folder(tmp_path / "ro")
+    target = ro / ("result.md" if "markdown" in command else "result.nii.gz" if command == "export" else "result.json")
+    args = {
+        "evaluate": ["evaluate", "--data", str(data_dir / "lits117"), "--output", str(target)],
+        "evaluate --markdown": ["evaluate", "--data", str(data_dir / "lits117"), "--output",
+                                str(tmp_path / "r.json"), "--markdown", str(target)],
+        "export": ["export", str(EXAMPLE / "label.nii.gz"), "--output", str(target)],
+        "benchmark": ["benchmark", "--output", str(target)],
+    }[command]  # fmt: skip
+    started = time.perf_counter()
+    try:
+        done = liversam(args, tmp_path / "home", timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"liversam {command} was still working after 60 s instead of refusing '{target}' at once")
+    option = "--markdown" if "markdown" in command else "--output"
+    _assert_refused_at_once(done, started, f"{option} '{target}': cannot write into the folder '{ro}'")
+    assert os.listdir(ro) == [] and not (tmp_path / "r.json").exists()
+
+
+def test_a_report_that_cannot_be_written_after_the_run_is_a_message_not_an_internal_error(tmp_path):
+    """The report and lesion table are checked writable first; should the folder change (or the disk fill) by the end,
+    the error names the file and says the segmentation was written, instead of exit 3 with a log file."""
+    import errno
+
+    from liversam.commands.segment import _write_error_as_output_error
+    from liversam.errors import OutputError
+
+    with pytest.raises(OutputError) as caught, _write_error_as_output_error(tmp_path / "r.json", tmp_path / "s.nrrd"):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "r.json"))
+    message = str(caught.value)
+    assert f"Cannot write '{tmp_path / 'r.json'}': Permission denied" in message
+    assert f"The segmentation was written to '{tmp_path / 's.nrrd'}'" in message
