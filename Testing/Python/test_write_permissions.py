@@ -175,6 +175,24 @@ def test_export_refuses_a_write_protected_output_and_replaces_it_once_writable(t
     assert int(sitk.GetArrayFromImage(sitk.ReadImage(str(target))).sum()) == 20 * 24
 
 
+def test_segment_with_a_read_only_liversam_home_and_encoder_cache_works_and_says_where_to_cache(tmp_path):
+    """Caches are optional. With LIVERSAM_HOME and the encoder cache read-only and empty the CT is still segmented;
+    one warning names the cache folder, the cost and LIVERSAM_CACHE_DIR. Before, the fused PyTorch encoder was lost
+    too (its check could not store its reference masks) and the warning said only 'No fast encoder backend'."""
+    ct, prompts = _tiny_case(tmp_path / "case")
+    home, cache = read_only_folder(tmp_path / "home"), read_only_folder(tmp_path / "cache")
+    output = tmp_path / "out" / "ct.seg.nrrd"
+    done = liversam(["segment", str(ct), "--prompts", str(prompts), "--output", str(output)], home,
+                    timeout=300, LIVERSAM_CACHE_DIR=str(cache))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert output.is_file() and "Traceback" not in done.stderr
+    warning = next((line for line in done.stderr.splitlines() if line.startswith("WARNING") and "cache" in line), "")
+    assert f"The encoder cache folder '{cache / 'encoders'}' cannot be written" in warning, done.stderr
+    assert "Set LIVERSAM_CACHE_DIR to a folder you can write to" in warning and "slower" in warning
+    assert "encoder torch fp32" in done.stdout, done.stdout  # the fused encoder kept: its check needs no cache
+    assert os.listdir(home) == [] and os.listdir(cache) == []
+
+
 # --- liversam evaluate, export, benchmark ---------------------------------------------------------------------------
 
 

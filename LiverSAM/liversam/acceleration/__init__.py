@@ -430,18 +430,52 @@ def enable_fast_encoder(
         return "plain"
     threads = int(threads or torch.get_num_threads())
     cache = Path(cache_dir) if cache_dir is not None else None
+    denied: OSError | None = None  # a candidate lost because the cache folder cannot be written
     for name, candidate_precision in candidates(backend, first_precision, int8_offered(precision)):
         try:
             _try_candidate(model, name, candidate_precision, threads, cache, verify, decoder, check_set)
         except (BackendUnavailable, OSError) as exc:  # OSError: cache folder not writable, disk full
             level = logging.WARNING if name == backend else logging.INFO
             log.log(level, "Encoder backend '%s' (%s) not used: %s.", name, candidate_precision, exc)
+            denied = denied or _write_denied(exc)
             disable_fast_encoder(model)
             disable_fast_decoder(model)
             continue
         log.info("Accelerated (%d threads): %s.", threads, describe_acceleration(model))
+        if denied is not None:
+            used = describe_acceleration(model).split(" (")[0]  # "encoder torch fp32, decoder plain fp32"
+            log.warning("%s", _unwritable_cache_message(cache, denied, used))
         return name
     disable_fast_encoder(model)
     disable_fast_decoder(model)
-    log.warning("No fast encoder backend could be used; keeping plain PyTorch.")
+    if denied is not None:
+        log.warning("%s", _unwritable_cache_message(cache, denied, "plain PyTorch"))
+    else:
+        log.warning("No fast encoder backend could be used; keeping plain PyTorch.")
     return "plain"
+
+
+def _write_denied(exc: BaseException) -> OSError | None:
+    """The permission error (no write permission, read-only file system) behind ``exc``, if one is."""
+    import errno
+
+    seen: BaseException | None = exc
+    for _ in range(8):  # a short chain: the error, what it was raised from
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _unwritable_cache_message(cache: Path | None, denied: OSError, used: str) -> str:
+    """What a user reads when the encoder cache folder cannot be written: which folder, what it costs, what to do."""
+    folder = cache if cache is not None else default_cache_dir()
+    cause = f"{denied.strerror or denied}: '{denied.filename}'" if denied.filename else str(denied.strerror or denied)
+    return (
+        f"The encoder cache folder '{folder}' cannot be written ({cause}). The fast encoders (OpenVINO / ONNX "
+        f"Runtime) are exported and checked there once, so this run uses {used} instead, and is slower. Set "
+        "LIVERSAM_CACHE_DIR to a folder you can write to (the encoders go into its 'encoders' subfolder), or make "
+        f"'{folder}' writable."
+    )

@@ -218,9 +218,12 @@ def _reference_masks(model, volume, cases, folder: Path, weights_sha: str) -> li
     with plain_model(model):
         masks, _ = predict_masks(model, volume, cases)
     stack = np.stack(masks)
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.savez_compressed(handle, tag=np.array(tag), shape=np.array(stack.shape), bits=np.packbits(stack))
+    try:  # a cache: a folder that cannot be written costs this computation again next time, not the candidate
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            np.savez_compressed(handle, tag=np.array(tag), shape=np.array(stack.shape), bits=np.packbits(stack))
+    except OSError as exc:
+        log.info("Could not cache the reference masks in %s: %s", folder, exc)
     return masks
 
 
