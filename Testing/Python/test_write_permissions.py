@@ -15,6 +15,8 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +193,52 @@ def test_segment_with_a_read_only_liversam_home_and_encoder_cache_works_and_says
     assert "Set LIVERSAM_CACHE_DIR to a folder you can write to" in warning and "slower" in warning
     assert "encoder torch fp32" in done.stdout, done.stdout  # the fused encoder kept: its check needs no cache
     assert os.listdir(home) == [] and os.listdir(cache) == []
+
+
+# --- liversam serve ----------------------------------------------------------------------------------------------
+
+
+def test_serve_refuses_a_token_file_in_a_read_only_folder_at_once(tmp_path):
+    ro = read_only_folder(tmp_path / "ro")
+    done = liversam(["serve", "--token-file", str(ro / "token")], tmp_path / "home", timeout=60)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert f"--token-file '{ro / 'token'}': cannot write into the folder '{ro}'" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "internal error" not in done.stderr
+    assert "listening" not in done.stdout
+
+
+def test_serve_with_a_read_only_liversam_home_starts_and_prints_the_token_it_cannot_save(tmp_path):
+    """Without --token-file the token goes to $LIVERSAM_HOME/server-token; that failing ended the server with an
+    internal error. The token is printed anyway, so the server starts, says it could not save it and where to."""
+    home = read_only_folder(tmp_path / "home")
+    command = without_permission_override([sys.executable, "-m", "liversam", "serve"])
+    env = _env(home, LIVERSAM_CACHE_DIR=str(read_only_folder(tmp_path / "cache")))
+    server = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)  # fmt: skip
+    try:
+        listening = server.stdout.readline()
+        token_line = server.stdout.readline()
+        assert listening.startswith("liversam serve: listening on http://127.0.0.1:"), (listening, server.poll())
+        url = listening.split("listening on ")[1].strip()
+        assert f"(not saved: '{home / 'server-token'}' cannot be written)" in token_line, token_line
+        token = token_line.split("token ")[1].split()[0]
+        request = urllib.request.Request(f"{url}/v1/models", headers={"Authorization": f"Bearer {token}"})
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy for 127.0.0.1
+        deadline = time.monotonic() + 60
+        while True:  # the port is bound before it is printed; uvicorn accepts a moment later
+            try:
+                with opener.open(request, timeout=30) as response:  # the token works; the registry is read
+                    assert response.status == 200 and "litemedsam" in response.read().decode()
+                break
+            except urllib.error.URLError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.2)
+    finally:
+        server.terminate()
+        _out, err = server.communicate(timeout=30)
+    assert "Set LIVERSAM_HOME to a folder you can write to, or pass --token-file FILE" in err, err
+    assert "Traceback" not in err and os.listdir(home) == []
 
 
 # --- liversam evaluate, export, benchmark ---------------------------------------------------------------------------

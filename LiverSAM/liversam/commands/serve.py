@@ -11,7 +11,9 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import LiverSAMError
+from ..atomic_write import describe_write_error
+from ..errors import LiverSAMError, OutputError
+from ..output_paths import folder_write_problem
 from . import arg_types
 
 #: The folder a starter (the Slicer module's and the web app's LocalServerProcess) makes for the token file; the server
@@ -90,6 +92,18 @@ def run(args: argparse.Namespace) -> int:
     from ..server.config import ServerConfig, write_token_file
 
     tokens, written = resolve_tokens(args)
+    unsaved = None  # the default token file, when it cannot be written: the token is then only printed
+    if written is not None and (problem := folder_write_problem(written.parent)) is not None:
+        if args.token_file:  # asked for: the program that reads it would wait for it in vain
+            raise OutputError(
+                f"--token-file '{written}': {problem}; give a token file in a folder you can write to."
+            )
+        written, unsaved = None, written
+        print(
+            f"liversam serve: warning: the token file '{unsaved}' cannot be written ({problem}); the token is only "
+            "printed below. Set LIVERSAM_HOME to a folder you can write to, or pass --token-file FILE.",
+            file=sys.stderr, flush=True,
+        )
     config = ServerConfig(
         tokens=tokens, host=args.host, model=args.model, device=args.device, accelerate=args.accelerate,
         max_sessions=args.max_sessions, max_voxels=args.max_voxels, idle_timeout_s=args.idle_timeout,
@@ -113,7 +127,11 @@ def run(args: argparse.Namespace) -> int:
         raise LiverSAMError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}.") from exc
     port = sock.getsockname()[1]
     if written is not None:
-        write_token_file(written, tokens[0])
+        try:
+            write_token_file(written, tokens[0])
+        except OSError as exc:
+            sock.close()
+            raise OutputError(describe_write_error(written, exc)) from exc
     host = f"[{args.host}]" if family == socket.AF_INET6 else args.host
     print(f"liversam serve: listening on http://{host}:{port}", flush=True)
     if written is not None:
@@ -121,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"liversam serve: token written to {written} (mode 0600)", flush=True)
         else:
             print(f"liversam serve: token {tokens[0]} (also in {written}, mode 0600)", flush=True)
+    elif unsaved is not None:
+        print(f"liversam serve: token {tokens[0]} (not saved: '{unsaved}' cannot be written)", flush=True)
     app = create_app(config)
 
     def forget_token() -> None:
