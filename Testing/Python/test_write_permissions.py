@@ -241,6 +241,41 @@ def test_serve_with_a_read_only_liversam_home_starts_and_prints_the_token_it_can
     assert "Traceback" not in err and os.listdir(home) == []
 
 
+# --- liversam train ----------------------------------------------------------------------------------------------
+
+
+def _train(data: Path, out: Path, home: Path, *extra: str) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.perf_counter()
+    args = ["train", "--data", str(data), "--out", str(out), "--epochs", "1", "--max-slices", "4", "--device", "cpu",
+            "--threads", "1", "--no-progress", *extra]  # fmt: skip
+    return liversam(args, home, timeout=300), started
+
+
+def test_train_into_a_read_only_folder_is_refused_before_any_encoding(tmp_path, data_dir):
+    ro = read_only_folder(tmp_path / "ro")
+    done, started = _train(data_dir / "lits117", ro / "run", tmp_path / "home")
+    _assert_refused_at_once(done, started, f"'{ro / 'run' / 'config.json'}'", f"cannot write into the folder '{ro}'")
+    assert os.listdir(ro) == []
+
+
+def test_train_with_a_read_only_cache_dir_is_refused_before_any_encoding(tmp_path, data_dir):
+    """--cache-dir in a read-only folder ended in an internal error (exit 3) after the model was loaded."""
+    ro = read_only_folder(tmp_path / "ro")
+    done, started = _train(data_dir / "lits117", tmp_path / "run", tmp_path / "home", "--cache-dir", str(ro / "c"))
+    _assert_refused_at_once(done, started, f"--cache-dir '{ro / 'c'}': cannot write into the folder '{ro}'")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_with_a_read_only_model_registry_is_refused_before_any_encoding(tmp_path, data_dir):
+    """The best model is registered in $LIVERSAM_HOME/models when the run ends: a read-only LIVERSAM_HOME trained the
+    whole run and then stopped with an internal error. Refused at once, saying LIVERSAM_HOME or --no-register."""
+    home = read_only_folder(tmp_path / "home")
+    done, started = _train(data_dir / "lits117", tmp_path / "run", home)
+    _assert_refused_at_once(done, started, f"The model registry folder '{home / 'models'}' cannot be written",
+                            "Set LIVERSAM_HOME to a folder you can write to, or pass --no-register")  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
 # --- liversam evaluate, export, benchmark ---------------------------------------------------------------------------
 
 

@@ -256,6 +256,7 @@ def check_run_folder(args: argparse.Namespace) -> None:
     for study in studies:
         inputs += [study.ct_path, study.label_path]
     check_outputs({f"--out file '{name}'": out / name for name in RUN_FILES}, inputs)
+    _check_writable_folders(args)
     run_dir = out.resolve()
     mixed = [Path(args.data).resolve()] if Path(args.data).is_dir() else []
     mixed += [s.label_path.resolve().parent for s in studies if s.kind != "ircadb"]
@@ -268,6 +269,24 @@ def check_run_folder(args: argparse.Namespace) -> None:
     for study in studies:  # before the run folder is made and the model loaded
         if study.kind == "labelmap":
             check_label_pair(study.case_id, study.ct_path, study.label_path)
+
+
+def _check_writable_folders(args: argparse.Namespace) -> None:
+    """The folders a run writes to besides the run folder, checked before any study is encoded: the preprocessing
+    cache (--cache-dir) and the model registry the best model is added to at the end (unless --no-register)."""
+    from ..errors import OutputError
+    from ..models.checkpoints import user_models_dir
+    from ..output_paths import folder_write_problem
+
+    if args.cache_dir and (problem := folder_write_problem(args.cache_dir)) is not None:
+        raise OutputError(f"--cache-dir '{args.cache_dir}': {problem}; choose a folder you can write to (the "
+                          "encoded studies are stored there), or leave --cache-dir out (RUN_DIR/cache).")
+    if not args.no_register and (problem := folder_write_problem(user_models_dir())) is not None:
+        raise OutputError(
+            f"The model registry folder '{user_models_dir()}' cannot be written ({problem}); the trained model is "
+            "registered there when the run ends. Set LIVERSAM_HOME to a folder you can write to, or pass "
+            "--no-register (the model stays in the run folder as best.pt)."
+        )
 
 
 def run(args: argparse.Namespace) -> int:
