@@ -349,13 +349,19 @@ class LiverSAMClient:
                              content_type="application/octet-stream", timeout=max(self.timeout, 120.0)).json()
 
     def open_path(self, path: str, series_uid: str | None = None, series_number: int | None = None,
-                  window_level: float | None = None, window_width: float | None = None) -> dict[str, Any]:
-        """Open a CT file or DICOM folder on the server's machine -> session info (as :meth:`open_volume`)."""
+                  window_level: float | None = None, window_width: float | None = None,
+                  allow_non_ct: bool = False, resample_irregular: bool = False) -> dict[str, Any]:
+        """Open a CT file or DICOM folder on the server's machine -> session info (as :meth:`open_volume`).
+        ``resample_irregular``: an irregular DICOM series (missing slices, gantry tilt) is interpolated onto a regular
+        grid instead of refused (the session info then says ``resampled``; no DICOM SEG can reference it)."""
         body: dict[str, Any] = {"path": str(path)}
         for key, value in (("series_uid", series_uid), ("series_number", series_number),
                            ("window_level", window_level), ("window_width", window_width)):
             if value is not None:
                 body[key] = value
+        for key, flag in (("allow_non_ct", allow_non_ct), ("resample_irregular", resample_irregular)):
+            if flag:
+                body[key] = True
         return self._request("POST", "/sessions/open-path", json_body=body, timeout=max(self.timeout, 120.0)).json()
 
     def session_info(self, session: str) -> dict[str, Any]:

@@ -50,7 +50,9 @@ MAX_SET_ASIDE_IMAGES = 3
 
 SERIES_OPTION_HINT = "choose one by SeriesInstanceUID (liversam: --series-uid UID; Python: series_uid=...)"
 NON_CT_OPTION_HINT = "liversam: --allow-non-ct; Python: allow_non_ct=True"
-RESAMPLE_OPTION_HINT = "liversam: --resample-irregular; Python: resample_irregular=True"
+RESAMPLE_OPTION_HINT = (
+    "liversam: --resample-irregular; server open-path: \"resample_irregular\": true; Python: resample_irregular=True"
+)
 
 
 @dataclass(frozen=True)
@@ -664,6 +666,15 @@ def read_size(info: DicomSeriesInfo) -> tuple[int, int, int]:
     voxels = len(info.files) * plane
     integral = _hu_dtype(info.headers) is np.int32 if info.headers else True
     return voxels, voxels * (2 if integral else 4), voxels * 4 + plane * 3 * 8
+
+
+def resampled_read_size(sorted_series: SortedSeries) -> tuple[int, int, int]:
+    """(voxels, bytes of the CT array, bytes held beside it while reading) for an irregular series read with
+    ``resample_irregular=True``: the regular grid it is resampled onto (float32), and beside it the series' own slices
+    (int32 / float32) and a slice's interpolation temporaries (float64: the blend, a shifted slice, its source)."""
+    grid = int(np.prod(sorted_series.geometry.shape_kji))
+    plane = int(np.prod(sorted_series.geometry.shape_kji[1:]))
+    return grid, grid * 4, len(sorted_series.files) * plane * 4 + plane * 3 * 8
 
 
 def read_dicom_series(

@@ -215,6 +215,7 @@ def _session_info(session: Session) -> SessionInfo:
         dtype=str(session.volume.array_kji.dtype), window_level=session.window.level,
         window_width=session.window.width, masks=sorted(session.masks), cached_slices=session.cached_slices,
         source=session.volume.source, reoriented_from=(session.volume.metadata or {}).get("reoriented_from"),
+        resampled=bool((session.volume.metadata or {}).get("dicom_resampled")),
     )
 
 
@@ -227,16 +228,18 @@ def _window(level: float | None, width: float | None) -> WindowSettings:
 
 
 def _read_axial_ct(path: Path, series_uid: str | None, allow_non_ct: bool, series_number: int | None,
-                   dicom_series=None) -> CTVolume:
+                   dicom_series=None, resample_irregular: bool = False) -> CTVolume:
     """``read_ct``, and a CT stored in sagittal or coronal slices put on its axial slices (as ``liversam segment``, the
     Slicer module and the web app segment it; ``metadata["reoriented_from"]`` says so). The reordered copy is made
     while the read's second copy is still counted in the budget, and the file's array is dropped with it.
-    ``dicom_series``: the series :func:`_ct_size` found for a DICOM ``path``."""
+    ``dicom_series``: the series :func:`_ct_size` found for a DICOM ``path``; ``resample_irregular``: an irregular DICOM
+    series (missing slices, gantry tilt) is resampled onto a regular grid instead of refused."""
     from ..axial_orientation import reorient_to_axial
     from ..ct_io import read_ct
 
     volume, reorientation = reorient_to_axial(
-        read_ct(path, series_uid, allow_non_ct, series_number, dicom_series=dicom_series))
+        read_ct(path, series_uid, allow_non_ct, series_number, dicom_series=dicom_series,
+                resample_irregular=resample_irregular))
     if reorientation is not None:
         log.info("%s is stored in %s slices: the session holds its axial slices %s (voxels reordered, none resampled)",
                  path, reorientation.input_plane, "x".join(map(str, reorientation.axial_geometry.size_ijk)))
@@ -305,18 +308,24 @@ class CTSize:
     dicom_series: tuple | None = None
 
 
-def _ct_size(path: Path, series_uid: str | None, allow_non_ct: bool, series_number: int | None) -> CTSize | None:
+def _ct_size(path: Path, series_uid: str | None, allow_non_ct: bool, series_number: int | None,
+             resample_irregular: bool = False) -> CTSize | None:
     """The :class:`CTSize` of the CT at ``path`` from headers only: an image file's header, or the DICOM series
-    ``read_ct`` would read from a folder or one of its files. None when the headers cannot tell (``read_ct`` then
-    gives the proper error). A DICOM series that cannot be read raises read_ct's error."""
+    ``read_ct`` would read from a folder or one of its files (an irregular one, with ``resample_irregular``, on the grid
+    it is resampled onto). None when the headers cannot tell (``read_ct`` then gives the proper error). A DICOM series
+    that cannot be read raises read_ct's error."""
     from ..ct_io import has_image_suffix
     from ..image_integrity import DICOM, sniff_image_format
 
     if path.is_dir() or (path.is_file() and not has_image_suffix(path) and sniff_image_format(path) == DICOM):
-        from ..dicom_series import find_series, read_size
+        from ..dicom_series import find_series, read_size, resampled_read_size, sort_series
 
         chosen = find_series(path, series_uid, series_number, allow_non_ct)  # its errors are read_ct's
         voxels, ct_bytes, reading_bytes = read_size(chosen[1])
+        if resample_irregular and voxels:
+            sorted_series = sort_series(chosen[1], chosen[0])  # headers only (already read)
+            if not sorted_series.regular:
+                voxels, ct_bytes, reading_bytes = resampled_read_size(sorted_series)
         return CTSize(voxels, ct_bytes, reading_bytes, chosen) if voxels else None
     header = _ct_header(path)
     if header is None:
@@ -451,7 +460,8 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
         if not path.exists():
             raise Refused(422, f"CT not found on the server: '{body.path}'")
         window = _window(body.window_level, body.window_width)
-        size = await run_in_threadpool(_ct_size, path, body.series_uid, body.allow_non_ct, body.series_number)
+        size = await run_in_threadpool(_ct_size, path, body.series_uid, body.allow_non_ct, body.series_number,
+                                       body.resample_irregular)
         reading = 0  # what reading the CT holds: the CT, and read_ct's second copy of it until it returns
         room = None
         if size is not None:
@@ -466,7 +476,8 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
             if room is not None:
                 await asyncio.wrap_future(room)  # before reading it
             volume = await run_in_threadpool(_read_axial_ct, path, body.series_uid, body.allow_non_ct,
-                                             body.series_number, size.dicom_series if size else None)
+                                             body.series_number, size.dicom_series if size else None,
+                                             body.resample_irregular)
         except LiverSAMError:
             raise
         except (OSError, ValueError, RuntimeError) as exc:
@@ -526,6 +537,10 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
         session = state.sessions.get(session_id, owner(request))
         segments = session_segments(session, body.segments)
         series_uid = body.series_uid
+        if (session.volume.metadata or {}).get("dicom_resampled"):
+            raise Refused(422, "this session's CT is an irregular DICOM series resampled onto a regular grid "
+                               "(resample_irregular): its slices are not the series' images, so no DICOM SEG can "
+                               "reference them. Export the masks as .seg.nrrd or a labelmap instead")
         if body.reference_dicom is not None:
             reference: str | Path | list[str] = _check_path(config, body.reference_dicom)
             if not Path(reference).exists():

@@ -107,6 +107,11 @@ class SessionInfo(BaseModel):
         description="'sagittal' or 'coronal' when the CT (opened by path) is stored in such slices: the session holds "
         "its axial slices (voxels reordered, none resampled), and every k, IJK and mask here is on that axial grid",
     )
+    resampled: bool = Field(
+        default=False,
+        description="True when an irregular DICOM series (missing slices, gantry tilt) was opened with "
+        "resample_irregular: its slices were interpolated onto a regular grid, so no DICOM SEG can reference the series",
+    )
 
 
 class OpenPath(Strict):
@@ -119,6 +124,12 @@ class OpenPath(Strict):
         default=False,
         description="open a DICOM series of another modality, or a volume that looks like a label mask "
         "(few small whole numbers, no air) or holds no Hounsfield units (no value below 0), as the CT",
+    )
+    resample_irregular: bool = Field(
+        default=False,
+        description="a DICOM series whose slices do not form a regular grid (missing slices, uneven spacing, gantry "
+        "tilt) is refused unless this is true; then its slices are interpolated onto a regular orthogonal grid (the "
+        "session says resampled: true, and a DICOM SEG export of it is refused: export .seg.nrrd instead)",
     )
 
 
