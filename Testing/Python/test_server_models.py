@@ -89,8 +89,33 @@ def test_the_model_list_needs_the_token_and_names_an_unreadable_registry(home):
     (home / "models" / "registry.json").write_text("{not json")
     answer = get_models(ServerConfig(tokens=[TOKEN]))
     detail = answer.json()["detail"]
-    assert answer.status_code == 503 and "model registry cannot be read" in detail, detail
+    assert answer.status_code == 503 and "model registry on the server's machine cannot be read" in detail, detail
+    assert "administrator" in detail and "server's log" in detail  # who can fix it, and where to look
     assert str(home) not in detail  # the server's paths stay in its log
+    assert "the server's model cannot be used" not in detail  # (the ModelError handler's words: the model is fine)
+    (home / "models" / "registry.json").write_text('[{"nom": "runA"}]')  # JSON, but not registry entries: was a 500
+    answer = get_models(ServerConfig(tokens=[TOKEN]))
+    assert answer.status_code == 503 and "cannot be read" in answer.json()["detail"], answer.text
+
+
+def test_descriptions_older_versions_wrote_give_no_server_paths(home, tmp_path):
+    """A registry written by an older LiverSAM holds "LiverSAMTrain model /abs/path/best.pt; validation Dice 0.912" (or
+    "trained model /abs/path"): GET /v1/models gave every token holder the server's user names and folders."""
+    for name, description in (
+        ("old", f"LiverSAMTrain model {tmp_path}/alice/runs/patients A/best.pt; validation Dice 0.912"),
+        ("older", f"trained model {tmp_path}/alice/runs/b/best.pt"),
+        ("own", f"liver model, data in {tmp_path}/alice/data (ask alice)"),
+        ("plain", "liver fine-tuned on 12 studies, and/or 1 / 2"),
+    ):
+        register(home, name, tmp_path / name / "best.pt", description)
+    listing = get_models(ServerConfig(tokens=[TOKEN], model=str(tmp_path / "alice" / "mine.pt"))).json()
+    models = {m["name"]: m["description"] for m in listing["models"]}
+    assert models["old"] == "LiverSAMTrain model best.pt; validation Dice 0.912"
+    assert models["older"] == "trained model best.pt"
+    assert models["own"] == "liver model, data in data (ask alice)"
+    assert models["plain"] == "liver fine-tuned on 12 studies, and/or 1 / 2"  # text with slashes, no path: as it is
+    assert listing["current"] == "mine.pt"
+    assert str(tmp_path) not in json.dumps(listing)
 
 
 def test_a_trained_models_default_description_names_its_run_not_its_path(home, tmp_path):

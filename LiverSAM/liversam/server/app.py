@@ -6,9 +6,10 @@ import asyncio
 import logging
 import math
 import os
+import re
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 from fastapi import APIRouter, FastAPI, Query, Request, Response
@@ -59,6 +60,41 @@ from .sessions import ServerFull, Session, SessionNotFound, SessionStore
 from .worker import INTERACTIVE, InferenceWorker
 
 log = logging.getLogger(__name__)
+
+
+#: GET /v1/models' answer when the registry cannot be read: what is wrong and who can fix it, without the server's paths
+REGISTRY_UNREADABLE = (
+    "The model registry on the server's machine cannot be read, so its trained models cannot be listed (the model the "
+    "server runs is not affected). The server's administrator can fix or delete that file: the server's log names it "
+    "and the error ($LIVERSAM_HOME/models/registry.json, by default ~/.liversam/models/registry.json)."
+)
+# descriptions written by LiverSAM before GET /v1/models existed held the checkpoint's absolute path
+_OLD_DESCRIPTION = re.compile(
+    r"^(LiverSAMTrain model |trained model )((?:[A-Za-z]:[\\/]|\\\\|/).+?)(; validation Dice [0-9.]+)?$", re.DOTALL
+)
+_ABSOLUTE_PATH = re.compile(
+    r"(?<![\w/.~-])(?:[A-Za-z]:[\\/]|\\\\|~/|/)[^\s;,'\"()<>]+"  # C:\..., \\host\share, ~/..., /...
+)
+
+
+def _file_name(path: str) -> str:
+    return PureWindowsPath(path).name if "\\" in path or path[1:2] == ":" else PurePosixPath(path).name
+
+
+def public_description(text: str) -> str:
+    """A model's description as GET /v1/models gives it to token holders: absolute paths of the server's machine
+    (older LiverSAM versions wrote "LiverSAMTrain model /home/alice/runs/a/best.pt; validation Dice 0.912" or "trained
+    model /path") replaced by the file's name."""
+    old = _OLD_DESCRIPTION.match(text)
+    if old:
+        return old.group(1) + _file_name(old.group(2).strip()) + (old.group(3) or "")
+    return _ABSOLUTE_PATH.sub(lambda match: _file_name(match.group(0)), text)
+
+
+def public_model_name(model: str) -> str:
+    """The server's ``--model`` as GET /v1/models names it: a checkpoint file given by its path is named by its file
+    name."""
+    return _file_name(model) if ("/" in model or "\\" in model or Path(model).suffix) else model
 
 
 class Refused(Exception):
@@ -405,16 +441,17 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
     def models() -> ModelList:
         """What a front end offers for ``liversam serve --model NAME``: the built-in models and the ones trained with
         LiverSAMTrain and registered on this machine (read now: a model registered after the server started is
-        listed). An unreadable registry answers 503 with its path."""
+        listed). No file path of the server's machine is given (:func:`public_description`); an unreadable registry
+        answers 503 saying so (its path and error go to the server's log)."""
         from ..models.registry import available_models
 
         try:
             listed = available_models()
-        except ModelError as exc:  # the server's own model is fine: say what is wrong, not where (logged)
-            log.error("GET /models: %s", exc)
-            raise Refused(503, "the server's model registry cannot be read; its log says where it is") from None
-        return ModelList(current=Path(config.model).name if Path(config.model).suffix else config.model, models=[
-            ModelChoice(name=m.name, description=m.description, kind=m.kind, available=m.available)
+        except Exception as exc:  # not JSON, not a list of entries, unreadable: the server's own model is fine
+            log.error("GET /models: the model registry cannot be read: %s", exc)
+            raise Refused(503, REGISTRY_UNREADABLE) from None
+        return ModelList(current=public_model_name(config.model), models=[
+            ModelChoice(name=m.name, description=public_description(m.description), kind=m.kind, available=m.available)
             for m in listed
         ])  # fmt: skip
 
