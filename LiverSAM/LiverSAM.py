@@ -77,6 +77,7 @@ RECONFIGURE_TIMEOUT_S = 2.0
 SERVER_STOP_WAIT_S = 10.0
 MIN_SERVER_STOP_WAIT_S = 0.5
 DEVICES = ("auto", "cpu", "cuda", "mps")
+DEFAULT_MODEL = "litemedsam"  # bundled with the LiverSAM environment: always there
 
 
 class LiverSAM(ScriptedLoadableModule):
@@ -177,10 +178,85 @@ def tableItem(text: str, toolTip: str = ""):
     return item
 
 
+def modelLabel(model: str) -> str:
+    """How the model list names a model: a checkpoint file by its file name, else its name (what --model takes)."""
+    return Path(model).name if isCheckpointFile(model) else model
+
+
+def isCheckpointFile(model: str) -> bool:
+    """True for a checkpoint file chosen by its path (Checkpoint...), False for a model name."""
+    return "/" in model or "\\" in model or Path(model).suffix.lower() in (".pt", ".pth")
+
+
+def localModelEntries(listed: list, current: str, checkpoints) -> list[tuple[str, str, str]]:
+    """The model list of a local server: ``(text, what --model takes, tooltip)`` per entry.
+
+    ``listed``: the models the LiverSAM environment's server listed (GET /v1/models; [] while not read, or after the
+    LiverSAM Python changed: another environment). Offered: the listed ones whose weights are there (registered ones as
+    "NAME (trained)"; while the list is not read, the bundled LiteMedSAM), then the checkpoint files chosen by hand. The ``current`` choice is always there: marked
+    "(weights missing)" when the list says its weights are gone, "(not found)" when the list does not name it (removed
+    from the registry, or another environment's model). A model the list no longer offers is left out."""
+    entries: list[tuple[str, str, str]] = []
+    names = {str(m.get("name") or "") for m in listed}
+    for model in listed:
+        name = str(model.get("name") or "")
+        description = str(model.get("description") or "")
+        if not name or isCheckpointFile(name):
+            continue
+        text = _("{name} (trained)").format(name=name) if model.get("kind") == "registered" else name
+        if model.get("available"):
+            entries.append((text, name, description))
+        elif name == current:
+            entries.append((
+                _("{name} (weights missing)").format(name=name),
+                name,
+                _("The LiverSAM environment no longer has this model's weights: its server cannot load it. Choose "
+                  "another model. {description}").format(description=description).strip(),
+            ))  # fmt: skip
+    if listed and current not in names and not isCheckpointFile(current):
+        entries.append((
+            _("{name} (not found)").format(name=current),
+            current,
+            _("The LiverSAM environment does not list '{name}' (removed from its model registry, or a model of another "
+              "LiverSAM environment): its server cannot start with it. Choose another model.").format(name=current),
+        ))  # fmt: skip
+    elif not listed:  # not read yet (or another environment's): the bundled model and the choice as it is
+        entries += [(name, name, "") for name in dict.fromkeys([DEFAULT_MODEL, current]) if not isCheckpointFile(name)]
+    for path in dict.fromkeys([*checkpoints, *([current] if isCheckpointFile(current) else [])]):
+        entries.append((modelLabel(path), path, path))
+    return entries
+
+
+def remoteModelEntries(listed: list, running: str) -> tuple[list[tuple[str, str, str]], str]:
+    """A remote server's models, shown read-only (a server runs the one model it was started with; nothing the module
+    sends chooses another): ``(entries, tooltip)``, the model it runs first (``running``: "" while not connected)."""
+    if not running:
+        return [(_("the server's model"), "", "")], _(
+            "A remote LiverSAM server runs the model it was started with (liversam serve --model NAME); it is shown "
+            "here once LiverSAM has connected (first segmentation, or Connect)."
+        )
+    others = [
+        _("{name} (trained)").format(name=m["name"]) if m.get("kind") == "registered" else str(m["name"])
+        for m in listed
+        if m.get("available") and m.get("name") != running
+    ]
+    tip = _("The remote LiverSAM server runs '{name}'. A server runs the one model it was started with: to use another "
+            "one, ask its administrator to start it with liversam serve --model NAME.").format(name=running)  # fmt: skip
+    if others:
+        tip += " " + _("Its machine also has: {names}.").format(names=", ".join(others))
+    return [(running, running, "")], tip
+
+
 # ---------------------------------------------------------------------------------------------------
 # Widget
 # ---------------------------------------------------------------------------------------------------
 class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    _modelListMode = LOCAL  # what the model list shows: the local server's choices, or a remote server's (read-only)
+    _modelEntries: tuple = ()  # the model list's entries as last filled in (text, data, tooltip)
+    _checkpointFiles: tuple = ()  # checkpoint files chosen by hand (Checkpoint...), kept in the model list
+    _modelToolTip = ""  # the model list's tooltip of the .ui (local mode)
+    _askingServerChange = False  # the "cancel the propagation?" question is open
+
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
@@ -438,7 +514,8 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for device in DEVICES:
             self.ui.deviceComboBox.addItem(device)
         self.ui.deviceComboBox.setCurrentIndex(max(self.ui.deviceComboBox.findText(settings.device), 0))
-        self.ui.modelComboBox.addItem(settings.model, settings.model)
+        self._checkpointFiles = (settings.model,) if isCheckpointFile(settings.model) else ()
+        self._modelToolTip = self.ui.modelComboBox.toolTip
         self.ui.serverModeComboBox.connect("currentIndexChanged(int)", self._onServerSettingsEdited)
         self.ui.serverPythonPathLineEdit.connect("currentPathChanged(QString)", self._onServerPythonPathEdited)
         self.ui.serverUrlLineEdit.connect("editingFinished()", self._onServerSettingsEdited)
@@ -451,14 +528,65 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._showServerState()
 
     def _serverSettingsFromGui(self) -> ServerSettings:
+        # the model list shows a remote server's models (read-only): the local choice is the one saved
+        model = (
+            self.ui.modelComboBox.currentData
+            if self._modelListMode == LOCAL
+            else self.logic.connection.settings.model
+        )
         return ServerSettings(
             mode=self.ui.serverModeComboBox.currentData or LOCAL,
             python=self.ui.serverPythonPathLineEdit.currentPath,
             url=self.ui.serverUrlLineEdit.text.strip(),
             token=self.ui.serverTokenLineEdit.text.strip(),
-            model=self.ui.modelComboBox.currentData or "litemedsam",
+            model=model or "litemedsam",
             device=self.ui.deviceComboBox.currentText or "auto",
         )
+
+    def _showServerSettings(self, settings: ServerSettings) -> None:
+        """Put ``settings`` back into the Server section (a change the user did not confirm), emitting nothing."""
+        ui = self.ui
+        widgets = (ui.serverModeComboBox, ui.serverPythonPathLineEdit, ui.serverUrlLineEdit, ui.serverTokenLineEdit,
+                   ui.deviceComboBox, ui.modelComboBox)  # fmt: skip
+        for widget in widgets:
+            widget.blockSignals(True)
+        try:
+            ui.serverModeComboBox.setCurrentIndex(max(ui.serverModeComboBox.findData(settings.mode), 0))
+            ui.serverPythonPathLineEdit.currentPath = settings.python
+            ui.serverUrlLineEdit.text = settings.url
+            ui.serverTokenLineEdit.text = settings.token
+            ui.deviceComboBox.setCurrentIndex(max(ui.deviceComboBox.findText(settings.device), 0))
+            if self._modelListMode == LOCAL:
+                ui.modelComboBox.setCurrentIndex(max(ui.modelComboBox.findData(settings.model), 0))
+        finally:
+            for widget in widgets:
+                widget.blockSignals(False)
+
+    def _confirmServerChange(self) -> bool:
+        """True when no propagation runs, or the user agrees to cancel it: another model, device, Python, server or
+        token gives up the running propagation (:meth:`_reconfigureServer`). Asked once while the question is open (a
+        line edit's editingFinished comes again as the dialog takes the focus)."""
+        if self._job is None:
+            return True
+        if self._askingServerChange:
+            return False
+        connection = self.logic.connection
+        consequence = (
+            _("The LiverSAM server on this computer is stopped; it starts with the new settings at the next step, and "
+              "the CT is sent to it again.")
+            if connection.settings.mode == LOCAL
+            else _("This scene's CTs are closed on the server at {url}.").format(url=connection.settings.url)
+        )  # fmt: skip
+        self._askingServerChange = True
+        try:
+            return bool(slicer.util.confirmOkCancelDisplay(
+                _("A propagation is running. Changing the server settings now cancels it (the segmentation is left as "
+                  "it is). {consequence}\n\nPress OK to change the settings and cancel the propagation, or Cancel to "
+                  "keep the propagation and the settings as they were.").format(consequence=consequence),
+                windowTitle=_("LiverSAM: cancel the propagation?"),
+            ))  # fmt: skip
+        finally:
+            self._askingServerChange = False
 
     def _onServerPythonPathEdited(self, *args) -> None:
         """The LiverSAM Python path changed (a keystroke, or the browse dialog): applied once it settles
@@ -470,7 +598,11 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._serverPathTimer is not None:
             self._serverPathTimer.stop()  # a path still settling is applied now, with the rest
         settings = self._serverSettingsFromGui()
-        if settings == self.logic.connection.settings:
+        if settings == self.logic.connection.settings or self._askingServerChange:
+            return
+        if not self._confirmServerChange():  # a propagation runs, and the user keeps it: the settings as they were
+            self._showServerSettings(self.logic.connection.settings)
+            self._showServerState()
             return
         settings.save(qt.QSettings())
         self._reconfigureServer(settings)  # the next request starts / reaches the new one
@@ -484,15 +616,23 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             _("Checkpoints (*.pth *.pt)"),
         )
         if path:
-            self.ui.modelComboBox.addItem(Path(path).name, path)
-            self.ui.modelComboBox.setCurrentIndex(self.ui.modelComboBox.count - 1)
+            self._checkpointFiles = tuple(dict.fromkeys([*self._checkpointFiles, path]))
+            self._offerModels()
+            self.ui.modelComboBox.setCurrentIndex(self.ui.modelComboBox.findData(path))  # applied (or asked first)
 
     def onConnectServer(self) -> None:
-        if self._serverPathTimer is not None and self._serverPathTimer.isActive():
-            self._onServerSettingsEdited()  # the path typed last is applied (and saved) before connecting
+        if self._serverPathTimer is not None:
+            self._serverPathTimer.stop()  # the path typed last is applied (and saved) before connecting
         settings = self._serverSettingsFromGui()
-        if self.logic.connection.state != READY or settings != self.logic.connection.settings:
-            self._reconfigureServer(settings)  # an explicit retry after a failure
+        connection = self.logic.connection
+        if connection.state != READY or settings != connection.settings:  # new settings, or a retry after a failure
+            if not self._confirmServerChange():
+                self._showServerSettings(connection.settings)
+                self._showServerState()
+                return
+            if settings != connection.settings:
+                settings.save(qt.QSettings())
+            self._reconfigureServer(settings)
         self._withClient(lambda client: (client.info(), list_models(client)), self._onConnected, _("Server"))
 
     def _onConnected(self, answers: tuple) -> None:
@@ -531,8 +671,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _showServerState(self) -> None:
         connection = self.logic.connection
         self.ui.serverStatusLabel.text = connection.message
-        if connection.settings.mode == LOCAL:  # a remote server's models are not this computer's
-            self._offerModels(connection.models)
+        self._offerModels()
         local = (self.ui.serverModeComboBox.currentData or LOCAL) == LOCAL
         for widget in (self.ui.serverPythonPathLineEdit, self.ui.serverPythonLabel, self.ui.deviceComboBox,
                        self.ui.modelComboBox, self.ui.addCheckpointButton):  # fmt: skip
@@ -541,27 +680,37 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             widget.enabled = not local
         self.ui.serverStopButton.enabled = connection.started_here
 
-    def _offerModels(self, models: list) -> None:
-        """Add the models the local server's machine can load (``ServerConnection.models``, from its GET /v1/models:
-        the built-in ones whose weights are there and those trained with LiverSAMTrain and registered) to the model
-        list, each with its description as tooltip; entries already there (the chosen model, checkpoint files) stay.
-        Choosing one restarts the local server with ``--model NAME`` (_onServerSettingsEdited)."""
+    def _offerModels(self) -> None:
+        """Fill the model list from the server's list (``ServerConnection.models``, its GET /v1/models, read when
+        LiverSAM connects and at each Connect), each entry with its description as tooltip, the chosen model selected;
+        emits nothing. Local server: :func:`localModelEntries` (choosing one stops the local server, which starts with
+        ``--model NAME`` at the next request: _onServerSettingsEdited). Remote server: the model it runs, read-only
+        (:func:`remoteModelEntries`). Left alone when nothing changed (an open list stays open)."""
+        connection = self.logic.connection
         combo = self.ui.modelComboBox
-        combo.blockSignals(True)  # adding entries chooses nothing
+        mode = connection.settings.mode
+        if mode == LOCAL:
+            entries = localModelEntries(connection.models, connection.settings.model, self._checkpointFiles)
+            current, tip = connection.settings.model, self._modelToolTip
+        else:
+            running = str((connection.info.get("model") or {}).get("name") or "") if connection.state == READY else ""
+            running = modelLabel(running) if running else ""  # (an older server names a checkpoint by its path)
+            entries, tip = remoteModelEntries(connection.models, running)
+            current = running
+        if (mode, tuple(entries)) == (self._modelListMode, self._modelEntries):
+            return
+        combo.blockSignals(True)  # filling the list chooses nothing
         try:
-            for model in models:
-                name = str(model.get("name") or "")
-                index = combo.findData(name)
-                if not name or (index < 0 and not model.get("available")):
-                    continue  # its weights are not on that machine: --model NAME would fail
-                if index < 0:
-                    registered = model.get("kind") == "registered"
-                    combo.addItem(_("{name} (trained)").format(name=name) if registered else name, name)
-                    index = combo.count - 1
-                if model.get("description"):
-                    combo.setItemData(index, str(model["description"]), qt.Qt.ToolTipRole)
+            combo.clear()
+            for index, (text, data, toolTip) in enumerate(entries):
+                combo.addItem(text, data)
+                if toolTip:
+                    combo.setItemData(index, toolTip, qt.Qt.ToolTipRole)
+            combo.setCurrentIndex(max(combo.findData(current), 0))
+            combo.toolTip = tip
         finally:
             combo.blockSignals(False)
+        self._modelListMode, self._modelEntries = mode, tuple(entries)
 
     # --- calls to the server -----------------------------------------------------------------------------
     def _onPoll(self) -> None:

@@ -225,12 +225,24 @@ class ServerConnection:
         """Stop the server started here, forget the failure; the next :meth:`ensure` connects again. The model list is
         kept unless the settings name another server or Python environment (another machine's or registry's list)."""
         self.stop()
+        changed = settings is not None and settings != self.settings
         if settings is not None:
             old = self.settings
             if (settings.mode, settings.python, settings.url) != (old.mode, old.python, old.url):
                 self.models = []
             self.settings = settings
-        self.state, self.message = STOPPED, "Not connected."
+        self.state, self.message = STOPPED, self.next_start_message(changed)
+
+    def next_start_message(self, changed: bool = False) -> str:
+        """The status while no server is running or reached: what happens at the next request (nothing failed)."""
+        settings = self.settings
+        if settings.mode == LOCAL:
+            model = Path(settings.model).name if settings.model else "litemedsam"
+            device = "" if settings.device in ("", "auto") else f" on {settings.device}"
+            what = f"the local server starts with model '{model}'{device} at the next request"
+        else:
+            what = f"LiverSAM connects to {settings.url or 'the remote server'} at the next request"
+        return f"{'Settings changed' if changed else 'Not connected'}: {what} (or press Connect)."
 
     def abort_requests(self) -> int:
         """Stop the client's requests under way (a CT upload: the server keeps nothing of it) and refuse its later ones

@@ -4,8 +4,8 @@ TRAINING.md, LiverSAMTrain's help and the model list's tooltip said a model trai
 LiverSAM module's model list; the list held only the configured model and checkpoint files picked by hand. The
 registry lives on the server's machine (``$LIVERSAM_HOME/models/registry.json``) and the module does not import the
 core: the server lists its machine's models (``GET /v1/models``), the module's connection reads that list when it
-reaches the server, and the widget offers the available ones; choosing one restarts the local server with
-``--model NAME``.
+reaches the server, and the widget offers the available ones; choosing one stops the local server, which starts with
+``--model NAME`` at the next request.
 
 1. The endpoint, in-process (Starlette's test client), on a temporary ``LIVERSAM_HOME``: built-in and registered
    models, which of them have their weights, the model the server runs; a registry that cannot be read.
@@ -162,6 +162,12 @@ class ComboBox:
         self.currentIndex = -1
         self.signals_blocked = False
         self.enabled = True
+        self.toolTip = ""
+        self.changes = 0  # currentIndexChanged emitted (with signals on)
+
+    def clear(self) -> None:
+        assert self.signals_blocked, "clearing the list with signals on would choose another model"
+        self.items, self.currentIndex = [], -1
 
     def addItem(self, text: str, data=None) -> None:  # noqa: N802 - Qt's names
         assert self.signals_blocked or not self.items, "an entry added with signals on would restart the server"
@@ -177,6 +183,8 @@ class ComboBox:
         self.items[index]["tip"] = value
 
     def setCurrentIndex(self, index: int) -> None:  # noqa: N802
+        if index != self.currentIndex and not self.signals_blocked:
+            self.changes += 1
         self.currentIndex = index
 
     def blockSignals(self, block: bool) -> bool:  # noqa: N802

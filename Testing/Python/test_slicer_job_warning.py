@@ -266,11 +266,14 @@ def test_an_upload_closed_without_a_readable_answer_is_not_a_lost_server():
 
 # --- 3. another server chosen while a job runs ----------------------------------------------------------------------
 def edit_server_settings(liversam, widget, monkeypatch, url: str) -> float:
-    """The user types another remote server's URL in the Server section (the widget's _onServerSettingsEdited);
-    returns how long the GUI was held."""
+    """The user types another remote server's URL in the Server section (the widget's _onServerSettingsEdited) and,
+    asked whether to cancel the running propagation, presses OK; returns how long the GUI was held."""
     settings = ServerConnection.ServerSettings(mode=ServerConnection.REMOTE, url=url, token="other-token")
     widget._serverSettingsFromGui = lambda: settings
     monkeypatch.setattr(liversam.qt, "QSettings", lambda: Settings(url, "other-token"), raising=False)
+    asked: list[str] = []
+    monkeypatch.setattr(liversam.slicer.util, "confirmOkCancelDisplay", lambda text, **kwargs: asked.append(text) or True)
+    widget._asked = asked
     started = time.monotonic()
     widget._onServerSettingsEdited()
     return time.monotonic() - started
@@ -298,6 +301,7 @@ def test_changing_the_server_cancels_the_job_and_closes_the_sessions_on_the_old_
     assert all(session_gone(observer, session) for session in sessions)
     assert widget._job is None and not widget._jobTimer.active and not widget.ui.progressBar.visible
     assert "cancelled" in widget.ui.statusLabel.text and plan.cancelled
+    assert len(widget._asked) == 1 and "closed on the server" in widget._asked[0]  # asked first (remote: CTs closed)
     connection = widget.logic.connection
     assert connection.settings.url == new_url and connection.state == ServerConnection.STOPPED
     assert module.server.sessions.ids() == []
