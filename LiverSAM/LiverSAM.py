@@ -362,36 +362,46 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         CLEANUP_TIMEOUT_S in all (the I/O thread is given what is left of it to end). Never raises: a step that fails
         is logged and the next ones still run (the server is stopped even when the GUI could not be disconnected)."""
         deadline = time.monotonic() + CLEANUP_TIMEOUT_S
-        self.removeObservers()
-        self._uninstallShortcuts()
-        for timer in (self._pollTimer, self._jobTimer, self._liveTimer, self._serverPathTimer):
-            if timer is not None:
-                timer.stop()
-        if self._stopServerAtQuit is not None:  # else each reload's logic (and widget) stayed connected, and alive
-            slicer.app.disconnect("aboutToQuit()", self._stopServerAtQuit)
-            self._stopServerAtQuit = None
         job, self._job = self._job, None
-        if self._calls is not None:
-            self._calls.invalidate()
-            self._calls.close()  # pending calls never run; the running one is stopped below
-        try:
-            self._disconnectGui()  # a reload's old, hidden GUI stayed connected to the parameter node
-        except Exception:
-            logging.exception("LiverSAM: cleanup could not disconnect the GUI from the parameter node")
+        calls = self._calls
+        step = self._cleanupStep
+        step("remove its observers", self.removeObservers)
+        step("remove its shortcuts", self._uninstallShortcuts)
+        for name in ("_pollTimer", "_jobTimer", "_liveTimer", "_serverPathTimer"):
+            timer = getattr(self, name, None)
+            if timer is not None:
+                step(f"stop its timer {name}", timer.stop)
+        step("disconnect its aboutToQuit() slot", self._disconnectQuitSlot)
+        if calls is not None:
+            step("drop the answers on their way", calls.invalidate)
+            step("close its call queue", calls.close)  # pending calls never run; the running one is stopped below
+        # a reload's old, hidden GUI stayed connected to the parameter node
+        step("disconnect the GUI from the parameter node", self._disconnectGui)
         self._parameterNode = None
         if self.logic is not None:
-            try:
-                # first: the running call's request (an upload may take minutes on a slow network) ends now, and no
-                # other is sent but those that free the server's resources (the cancel and the closes just below)
-                self.logic.connection.abort_requests()
-                self.logic.releaseServer(job["plan"] if job is not None else None, CLEANUP_TIMEOUT_S)
-            except Exception:
-                logging.exception("LiverSAM: cleanup could not release the server's sessions")
-            self.logic.stopServerSafely(max(deadline - time.monotonic(), MIN_SERVER_STOP_WAIT_S))
-        if self._calls is not None and not self._calls.close(wait_s=deadline - time.monotonic()):
-            logging.info(
-                "LiverSAM: the server call under way at cleanup ends by itself (its answer is dropped)"
-            )
+            # first: the running call's request (an upload may take minutes on a slow network) ends now, and no other
+            # is sent but those that free the server's resources (the cancel and the closes just below)
+            step("stop the requests under way", self.logic.connection.abort_requests)
+            step("release the server's sessions",
+                 lambda: self.logic.releaseServer(job["plan"] if job is not None else None, CLEANUP_TIMEOUT_S))
+            step("stop the local server",
+                 lambda: self.logic.stopServerSafely(max(deadline - time.monotonic(), MIN_SERVER_STOP_WAIT_S)))
+        if calls is not None and not step("wait for the I/O thread", lambda: calls.close(wait_s=deadline - time.monotonic())):
+            logging.info("LiverSAM: the server call under way at cleanup ends by itself (its answer is dropped)")
+
+    def _disconnectQuitSlot(self) -> None:
+        slot, self._stopServerAtQuit = self._stopServerAtQuit, None
+        if slot is not None:  # else each reload's logic (and widget) stayed connected, and alive
+            slicer.app.disconnect("aboutToQuit()", slot)
+
+    @staticmethod
+    def _cleanupStep(what: str, work) -> object:
+        """One step of :meth:`cleanup`: its value, or None when it raised (logged; the next steps still run)."""
+        try:
+            return work()
+        except Exception:
+            logging.exception("LiverSAM: cleanup could not %s", what)
+            return None
 
     def enter(self) -> None:
         if self.logic is None:
