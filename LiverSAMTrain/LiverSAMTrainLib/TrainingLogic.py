@@ -249,6 +249,9 @@ def export_training_pairs(pairs, folder: str | Path) -> Path:
 EXPORTED_DATA = "exported-data"  # the folder of a run folder the loaded pairs are exported to
 #: files of a run folder that mean a run trained there (``liversam train``: resumable, or finished)
 RUN_FILES = ("state.pt", "best.pt")
+#: files ``liversam train`` writes as it starts, before its first epoch (building the caches can take hours): a run was
+#: started there, and its process may still be running (it outlives Slicer)
+STARTED_FILES = ("config.json", "split.json", "train.log")
 
 
 class NoTrainingData(ValueError):
@@ -285,18 +288,30 @@ def _same_exported_data(a: Path, b: Path) -> bool:
 def training_data(pairs, run_dir: str | Path, data: str = "", export=None) -> tuple[str, str]:
     """What Start / Resume pass as ``--data``, and a note for the log ("" when there is nothing to say).
 
+    - A ``liversam train`` still running in the folder (it holds ``RUN_DIR/train.lock``: :mod:`liversam.run_folder_lock`;
+      it outlives Slicer): :class:`ValueError`, nothing exported, no second process started.
     - Pairs listed: they are exported to ``RUN_DIR/exported-data``. When that folder already holds an export, the pairs
       are exported next to it first and compared: the same data is used as it is (Resume after Start); other data
-      replaces it only when no run trained in the folder yet, else :class:`ValueError` says so (the run folder's run
-      could not be resumed any more: ``liversam train`` refuses data that changed).
+      replaces it only when no run trained in the folder yet and none may still be running there (a run started by a
+      ``liversam train`` that held no lock), else :class:`ValueError` says so (the run folder's run could not be
+      resumed any more: ``liversam train`` refuses data that changed).
     - No pairs: the data folder or manifest chosen; else, on a run folder whose pairs were exported before (Resume after
       a Slicer restart, when the pairs list is empty), that export's manifest.
     ``export(pairs, folder)``: :func:`export_training_pairs` (tests pass their own)."""
     import shutil
     import tempfile
 
+    from liversam.run_folder_lock import LOCK_NAME, holder
+
     export = export or export_training_pairs
     run_dir = Path(run_dir)
+    pid = holder(run_dir)
+    if pid is not None:  # a liversam train started earlier (perhaps before Slicer was restarted) still runs there
+        raise ValueError(
+            f"A training process{f' (PID {pid})' if pid else ''} is still running in the run folder '{run_dir}': a "
+            "second one would overwrite its checkpoints, and its data must stay as they are. Wait for it to end (its "
+            f"progress is in '{run_dir / 'train.log'}'), stop it from the operating system, or choose a new run folder."
+        )
     exported = run_dir / EXPORTED_DATA
     manifest = exported / "manifest.json"
     note = ("Training on the listed volume + segmentation pairs; the data folder or manifest chosen above is not used."
@@ -321,6 +336,16 @@ def training_data(pairs, run_dir: str | Path, data: str = "", export=None) -> tu
                 "differ from the pairs listed now. Exporting these would overwrite that run's data, and it could not "
                 "be resumed any more. Choose a new run folder for these pairs, or press Clear pairs and then Resume "
                 "to continue that run with its own data."
+            )
+        started = [name for name in STARTED_FILES if (run_dir / name).is_file()]
+        if started and not (run_dir / LOCK_NAME).is_file():
+            # started by a liversam train that holds no lock (an older version): it may still be building its caches
+            raise ValueError(
+                f"The run folder '{run_dir}' holds a run started on other data ({', '.join(started)}), which may still "
+                f"be running: a training process keeps running after Slicer closes. The pairs exported to '{exported}' "
+                "differ from the pairs listed now, and exporting these would take that run's data away. Choose a new "
+                "run folder for these pairs, or press Clear pairs and then Resume to continue that run with its own "
+                "data. If no training process runs there any more, you may also delete the run folder."
             )
         old = run_dir / f"{fresh.name}.old"
         exported.rename(old)  # no run trained on it: replaced by the pairs listed now

@@ -130,6 +130,56 @@ def test_resume_after_a_restart_uses_the_run_folders_exported_pairs(widgets, tmp
     assert chosen._collectSettings().data == str(tmp_path / "other-data")
 
 
+def test_a_run_started_in_the_folder_keeps_its_exported_data_and_a_live_one_refuses_start_and_resume(
+    widgets, tmp_path  # noqa: F811
+):
+    """Only state.pt / best.pt counted as "a run is here": a run still building its caches (hours on a CPU, before any
+    state.pt; its process outlives Slicer) had its exported data replaced by Start with other pairs after a Slicer
+    restart, and Resume started a second liversam train in the same folder (review R4)."""
+    from test_run_folder_lock import hold_in_another_process
+
+    from liversam.run_folder_lock import LOCK_NAME
+
+    _liversam, train = widgets
+    scene = fresh_scene()
+    a, b = study(scene, "patient A", 40), study(scene, "patient B", 60)
+    run = tmp_path / "run"
+    widget = train_widget(train, run)
+    widget._pairs = [a]
+    widget._collectSettings()  # Start: exported, then liversam train starts and holds the folder
+    exported = run / "exported-data"
+    before = snapshot(exported)
+    (run / "config.json").write_text("{}")
+    (run / "train.log").write_text("building the caches\n")
+    process = hold_in_another_process(run)
+    try:
+        restarted = train_widget(train, run)  # Slicer restarted
+        for pairs in ([b], [a], []):  # Start with other pairs, Start or Resume with its own, Resume without pairs
+            restarted._pairs = pairs
+            with pytest.raises(ValueError, match=f"training process \\(PID {process.pid}\\) is still running") as refused:
+                restarted._collectSettings()
+        print(refused.value)
+        assert snapshot(exported) == before
+    finally:
+        process.kill()
+        process.wait(30)
+
+    # the run ended (here: killed) before its first epoch, and had held the lock: no run to keep, the pairs replace it
+    restarted._pairs = [b]
+    assert restarted._collectSettings().data == str(exported / "manifest.json")
+    assert [c["id"] for c in json.loads((exported / "manifest.json").read_text())["cases"]] == ["patient_B"]
+
+    # a run started by a liversam train that held no lock (an older version): it may still run; its data stay
+    (run / LOCK_NAME).unlink()
+    restarted._pairs = [a]
+    before = snapshot(exported)
+    with pytest.raises(ValueError, match="holds a run started on other data \\(config.json, train.log\\)") as refused:
+        restarted._collectSettings()
+    print(refused.value)
+    assert "Clear pairs and then Resume" in str(refused.value) and "new run folder" in str(refused.value)
+    assert snapshot(exported) == before
+
+
 def test_the_same_ct_cannot_be_added_twice(widgets, monkeypatch):  # noqa: F811
     _liversam, train = widgets
     scene = fresh_scene()

@@ -1034,7 +1034,13 @@ class Trainer:
 
     # --- the run ---
     def run(self) -> TrainingResult:
+        from ..run_folder_lock import RunFolderBusy, acquire, release
+
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:  # one run per folder, held until this process ends (the Slicer module asks before it starts another)
+            lock = acquire(self.run_dir)
+        except RunFolderBusy as busy:
+            raise TrainingRunError(str(busy)) from None
         file_handler = logging.FileHandler(self.run_dir / TRAIN_LOG_NAME, encoding="utf-8")
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logging.getLogger("liversam").addHandler(file_handler)
@@ -1043,6 +1049,7 @@ class Trainer:
         finally:
             logging.getLogger("liversam").removeHandler(file_handler)
             file_handler.close()
+            release(lock)
 
     def _run(self) -> TrainingResult:
         from ..progress import progress_bar as tqdm  # bar on a terminal, lines in a log, nothing with --quiet

@@ -1,0 +1,80 @@
+"""One ``liversam train`` per run folder (:mod:`liversam.run_folder_lock`).
+
+The training process outlives Slicer by design, and nothing told a run folder in use: after a Slicer restart,
+LiverSAMTrain's Resume started a second ``liversam train`` in the same folder (both writing its checkpoints), and
+Start could replace the exported data under a run still building its caches (review R4). The run now holds a kernel
+lock on ``RUN_DIR/train.lock`` while it runs; a lock file its process left behind (killed) blocks nothing.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from liversam.run_folder_lock import LOCK_NAME, RunFolderBusy, acquire, holder, release
+from slicer_harness import REPO_ROOT
+
+HOLD = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from liversam.run_folder_lock import acquire
+lock = acquire(sys.argv[1])
+print('held', flush=True)
+time.sleep(120)
+"""
+
+
+def hold_in_another_process(run: Path) -> subprocess.Popen:
+    """A process that holds ``run`` as a running ``liversam train`` does; returns once it holds it."""
+    process = subprocess.Popen([sys.executable, "-c", HOLD, str(run), str(REPO_ROOT / "LiverSAM")],
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert process.stdout.readline().strip() == "held"
+    return process
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="kill -9 semantics")
+def test_a_live_run_holds_its_folder_and_a_killed_one_leaves_nothing_that_blocks(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    assert holder(run) is None  # never used
+    process = hold_in_another_process(run)
+    try:
+        assert holder(run) == process.pid
+        with pytest.raises(RunFolderBusy) as busy:
+            acquire(run)
+        print(busy.value)
+        assert f"PID {process.pid}" in str(busy.value) and "another --out folder" in str(busy.value)
+    finally:
+        process.kill()  # killed: no chance to remove its lock file
+        process.wait(30)
+    assert (run / LOCK_NAME).is_file()  # left behind
+    deadline = time.monotonic() + 10
+    while holder(run) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert holder(run) is None  # a stale lock file: nobody holds it
+    lock = acquire(run)  # and it blocks nothing
+    try:
+        assert holder(run) is not None  # (this process holds it now)
+    finally:
+        release(lock)
+    assert holder(run) is None
+
+
+def test_liversam_train_refuses_a_run_folder_another_run_holds(tmp_path):
+    """The trainer refuses before it writes anything (config.json, train.log, split, caches)."""
+    from liversam.training import Trainer, TrainingConfig, TrainingRunError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    process = hold_in_another_process(run)
+    try:
+        with pytest.raises(TrainingRunError, match=f"in use by another liversam train process \\(PID {process.pid}\\)"):
+            Trainer(TrainingConfig(data=str(tmp_path / "data"), out=str(run)), progress=False).run()
+        assert sorted(p.name for p in run.iterdir()) == [LOCK_NAME]
+    finally:
+        process.kill()
+        process.wait(30)
