@@ -276,7 +276,7 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
             event = TrainingLogic.parse_event(line)
             if event is None:
                 self.ui.logTextEdit.appendPlainText(line)
-                if "--liver-names" in line or "--tumor-names" in line:
+                if TrainingLogic.advises_segment_names(line):
                     self._segmentNamesHint = True  # the command's advice names its options, not this module's fields
                 continue
             kind, payload = event
@@ -322,6 +322,9 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
             self.ui.statusLabel.setText(_("Stopping..."))
         if not self.logic.process.is_running():
             self._timer.stop()
+            if self.ui.progressBar.maximum == 0:  # the busy indicator of a study's cache (reused: nothing followed)
+                self.ui.progressBar.setMaximum(1)
+                self.ui.progressBar.setValue(1 if self._finished else 0)
             code = self.logic.process.returncode
             if self.logic.process.stop_requested and not self._finished:
                 self.ui.logTextEdit.appendPlainText(f"training process stopped (exit code {code})")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,6 +196,18 @@ def core_package_env() -> dict:
     from LiverSAMLib.ServerConnection import server_environment
 
     return server_environment()
+
+
+#: how liversam train's messages advise its segment-name options ("... or pass --liver-names with its name", "Check
+#: --liver-labels / --liver-names"); a command line ("--liver-names Leber") or argparse's usage ("[--liver-names ...]")
+#: names them without advice
+_SEGMENT_NAMES_ADVICE = re.compile(r"(?:\bpass|\bCheck|--(?:liver|tumor)-labels /) --(?:liver|tumor)-names\b")
+
+
+def advises_segment_names(line: str) -> bool:
+    """True for a line of the command's output that tells the user to pass ``--liver-names`` / ``--tumor-names`` (in
+    the module: its Liver / Tumour segment names fields)."""
+    return bool(_SEGMENT_NAMES_ADVICE.search(line)) and not line.lstrip().startswith("usage:")
 
 
 def parse_event(line: str) -> tuple[str, dict] | None:

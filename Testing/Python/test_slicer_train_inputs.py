@@ -297,3 +297,29 @@ def test_a_failed_run_says_so_and_where_the_segment_names_go(widgets):  # noqa: 
     widget = polled(train, [message], code=2)
     assert widget.ui.statusLabel.text.startswith("Training ended with an error (code 2): see the log below.")
     assert "Liver segment names" in widget.ui.statusLabel.text and message in widget.ui.logTextEdit.lines
+
+
+def test_segment_names_are_advised_only_by_the_commands_advice(widgets):  # noqa: F811
+    """Any line naming --liver-names / --tumor-names set the hint, argparse's usage line and a command line too: a run
+    failing for another reason then said "Segment names go in Settings" (review R8)."""
+    _liversam, train = widgets
+    usage = ("usage: liversam train [-h] --data DATA --out OUT [--liver-names LIVER_NAMES] [--tumor-names TUMOR_NAMES]")
+    command = "/venv/bin/python -m liversam train --data /d/ --out /r --liver-labels 1,2 --liver-names Leber --events"
+    for lines in ([usage, "liversam train: error: argument --epochs: invalid int value: 'x'"], [command, "Killed"]):
+        widget = polled(train, lines, code=2)
+        assert widget.ui.statusLabel.text == "Training ended with an error (code 2): see the log below.", lines
+    for advice in ("Study 'a' ('a/l.nii.gz') has no liver voxels with the configured labels (liver labels 1). Check "
+                   "--liver-labels / --liver-names.",
+                   "Check that this label is the liver's (--liver-labels / --liver-names), lower --min-liver-voxels"):  # fmt: skip
+        assert "Liver segment names" in polled(train, [advice], code=2).ui.statusLabel.text, advice
+
+
+def test_the_busy_bar_of_a_reused_cache_stops_when_the_run_ends(widgets):  # noqa: F811
+    """A study whose cache was reused sends its CACHE start only (the bar busy, maximum 0); a run that ended after it
+    left the bar animating (review R8)."""
+    _liversam, train = widgets
+    start = "LIVERSAM_CACHE " + json.dumps({"study": 1, "studies": 1, "case": "a"})
+    running = polled(train, [start])
+    assert running.ui.progressBar.maximum == 0  # busy while it runs
+    ended = polled(train, [start], code=2)
+    assert ended.ui.progressBar.maximum == 1 and ended.ui.progressBar.value == 0

@@ -327,6 +327,10 @@ def test_building_a_cache_reports_its_progress_and_train_events_print_it(
     path = build_study_cache(study, config, litemedsam, "id", progress=False, on_progress=lambda *a: seen.append(a))
     assert seen[0] == (0, 3) and seen[-1] == (3, 3) and [d for d, _t in seen] == sorted(d for d, _t in seen)
     seen.clear()
+    unfrozen = TrainingConfig(data=str(study_dir), out=str(tmp_path / "run2"), max_slices_per_case=3, train_encoder="all")
+    build_study_cache(study, unfrozen, litemedsam, "id2", progress=False, on_progress=lambda *a: seen.append(a))
+    assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]  # each count once: the last slice's and the end's were both (3, 3)
+    seen.clear()
     assert build_study_cache(study, config, litemedsam, "id", progress=False, on_progress=lambda *a: seen.append(a)) == path
     assert seen == []  # reused: nothing to report
 

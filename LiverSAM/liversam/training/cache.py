@@ -301,7 +301,13 @@ def build_study_cache(
             return True
 
         bar = tqdm(total=n, desc=f"cache {study.case_id}", unit="slice", disable=not progress)
-        report = on_progress or (lambda done, total: None)
+        reported = [-1]
+
+        def report(done: int, total: int) -> None:  # each count once (the last slice's, then the end's, gave n twice)
+            if on_progress is not None and done != reported[0]:
+                reported[0] = done
+                on_progress(done, total)
+
         report(0, n)
         row = 0
         for k in ks:
