@@ -256,6 +256,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     _checkpointFiles: tuple = ()  # checkpoint files chosen by hand (Checkpoint...), kept in the model list
     _modelToolTip = ""  # the model list's tooltip of the .ui (local mode)
     _askingServerChange = False  # the "cancel the propagation?" question is open
+    _job: dict | None = None  # (set in __init__)
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -367,10 +368,10 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         step = self._cleanupStep
         step("remove its observers", self.removeObservers)
         step("remove its shortcuts", self._uninstallShortcuts)
-        for name in ("_pollTimer", "_jobTimer", "_liveTimer", "_serverPathTimer"):
-            timer = getattr(self, name, None)
+        for name, timer in (("poll", self._pollTimer), ("job", self._jobTimer), ("live update", self._liveTimer),
+                            ("server path", self._serverPathTimer)):  # fmt: skip
             if timer is not None:
-                step(f"stop its timer {name}", timer.stop)
+                step(f"stop its {name} timer", timer.stop)
         step("disconnect its aboutToQuit() slot", self._disconnectQuitSlot)
         if calls is not None:
             step("drop the answers on their way", calls.invalidate)

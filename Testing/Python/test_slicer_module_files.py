@@ -426,13 +426,15 @@ def test_widget_lifecycle_wiring():
     cleanup = _widget_method("cleanup")
     for timer in ("self._pollTimer", "self._jobTimer", "self._liveTimer", "self._serverPathTimer"):
         assert timer in cleanup
-    # the aboutToQuit() slot is disconnected again (each reload used to leave its logic and widget connected)
-    assert "slicer.app.disconnect('aboutToQuit()', self._stopServerAtQuit)" in cleanup
-    assert "timer.stop()" in cleanup and "self._calls.invalidate()" in cleanup
+    # the aboutToQuit() slot is disconnected again (each reload used to leave its logic and widget connected); each
+    # step is one of _cleanupStep's (test_slicer_exit.py makes each raise in turn)
+    assert "self._disconnectQuitSlot" in cleanup
+    assert "slicer.app.disconnect('aboutToQuit()', slot)" in _widget_method("_disconnectQuitSlot")
+    assert "timer.stop" in cleanup and "calls.invalidate" in cleanup
     # a reload's old, hidden GUI no longer stays connected to the parameter node
-    assert "self._disconnectGui()" in cleanup and "connectGui" not in cleanup.replace("_disconnectGui", "")
+    assert "self._disconnectGui" in cleanup and "connectGui" not in cleanup.replace("_disconnectGui", "")
     # the request under way (a CT upload) is stopped before the job's cancel and the sessions' close
-    assert cleanup.index("self.logic.connection.abort_requests()") < cleanup.index("self.logic.releaseServer(")
+    assert cleanup.index("self.logic.connection.abort_requests") < cleanup.index("self.logic.releaseServer(")
     closing = _widget_method("onSceneStartClose")
     for step in ("self._calls.invalidate()", "self._liveTimer.stop()", "self._jobTimer.stop()", "self._job = None",
                  "self._lesions = []", "self.ui.lesionTable.setRowCount(0)", "self.logic.sceneClosed("):  # fmt: skip

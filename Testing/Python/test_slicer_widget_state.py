@@ -352,7 +352,9 @@ def train_widget(widgets):
     widget._check, widget._timer, widget._finished = None, Timer(), False
     widget.logic = module.LiverSAMTrainLogic(process=TrainingProcess(clock=lambda: 0.0))
     buttons = {name: SimpleNamespace(enabled=True) for name in ("startButton", "resumeButton", "stopButton")}
-    widget.ui = SimpleNamespace(statusLabel=Label(), logTextEdit=Log(), progressBar=None, **buttons)
+    bar = SimpleNamespace(maximum=1, value=0)  # QProgressBar: its maximum is read when the run ends
+    bar.setMaximum, bar.setValue = (lambda n: setattr(bar, "maximum", n)), (lambda n: setattr(bar, "value", n))
+    widget.ui = SimpleNamespace(statusLabel=Label(), logTextEdit=Log(), progressBar=bar, **buttons)
     yield widget
     if widget.logic.process.is_running():
         widget.logic.process.kill()
