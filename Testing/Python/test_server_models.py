@@ -118,6 +118,17 @@ def test_descriptions_older_versions_wrote_give_no_server_paths(home, tmp_path):
     assert str(tmp_path) not in json.dumps(listing)
 
 
+def test_the_servers_info_names_a_checkpoint_given_by_path_by_its_file_name(home, tmp_path):
+    """``liversam serve --model /home/alice/runs/a/best.pt``: GET /v1/info named the model by that path for every token
+    holder (before the model is loaded, and a loaded checkpoint's name too), as /v1/models no longer does."""
+    config = ServerConfig(tokens=[TOKEN], model=str(tmp_path / "alice" / "runs" / "a" / "best.pt"))
+    with TestClient(create_app(config, model_loader=never_loaded), raise_server_exceptions=False) as client:
+        info = client.get("/v1/info", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert info.status_code == 200, info.text
+    assert info.json()["model"]["name"] == "best.pt"
+    assert str(tmp_path) not in info.text
+
+
 def test_a_trained_models_default_description_names_its_run_not_its_path(home, tmp_path):
     """GET /v1/models gives every token holder the descriptions: the default one held the checkpoint's absolute
     path on the server's machine."""

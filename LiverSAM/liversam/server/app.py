@@ -425,7 +425,7 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
         open_path = "roots" if config.data_roots else ("any" if config.allow_any_path else "disabled")
         return Info(
             version=__version__,
-            model=ModelInfo(name=model.name if model is not None else config.model, loaded=model is not None,
+            model=ModelInfo(name=public_model_name(model.name if model is not None else config.model), loaded=model is not None,
                             device=device or config.device, encoder_backend=backend, decoder_backend=decoder,
                             precision=precision, accelerate=config.accelerate, error=state.worker.model_error),
             sessions=len(state.sessions), jobs_queued=queued, jobs_running=running, worker=state.worker.state,
