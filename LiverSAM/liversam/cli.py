@@ -18,6 +18,7 @@ import sys
 
 from . import __version__
 from .errors import Cancelled, LiverSAMError
+from .progress import close_open_bars
 from .progress import configure as configure_progress
 
 COMMAND_MODULES = ("segment", "evaluate", "train", "export", "benchmark", "serve", "web")
@@ -93,14 +94,17 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
         return int(args.run(args) or 0)
     except LiverSAMError as exc:
+        close_open_bars("stopped")  # before the message, never redrawn after it
         print(f"liversam {command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except (KeyboardInterrupt, Cancelled):
+        close_open_bars("interrupted")
         print(f"liversam {command}: {INTERRUPTED.get(command, INTERRUPTED_DEFAULT)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except SystemExit:
         raise  # argparse: --help, --version, usage errors (exit 2)
     except Exception as exc:  # noqa: BLE001 - the last line of defence (MemoryError too): never a traceback
+        close_open_bars("stopped")
         return _internal_error(command, exc, argv)
 
 

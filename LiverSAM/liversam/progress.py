@@ -24,6 +24,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
@@ -33,6 +34,8 @@ LINE_INTERVAL_S = 60.0  # log mode: at most one line a minute between a stage's 
 TICK_INTERVAL_S = 1.0  # terminal: a stage without a count redraws its elapsed time this often
 
 _settings = {"quiet": False}
+#: the bars :func:`progress_bar` made that are not yet garbage (closed or not): see :func:`close_open_bars`
+_bars: weakref.WeakSet = weakref.WeakSet()
 
 
 def configure(quiet: bool = False) -> None:
@@ -173,9 +176,29 @@ def progress_bar(iterable: Iterable | None = None, *, disable: bool = False, fil
     stream = file or sys.stderr
     if disable or is_quiet():
         return tqdm(iterable, disable=True, **kwargs)
-    if _is_terminal(stream):
-        return tqdm(iterable, file=stream, dynamic_ncols=True, **kwargs)
-    return LineProgress(iterable, file=stream, **kwargs)
+    bar = (
+        tqdm(iterable, file=stream, dynamic_ncols=True, **kwargs)
+        if _is_terminal(stream)
+        else LineProgress(iterable, file=stream, **kwargs)
+    )
+    _bars.add(bar)
+    return bar
+
+
+def close_open_bars(ended: str = "interrupted") -> None:
+    """Close every bar :func:`progress_bar` made that is still open; the command line calls it before its last word
+    on a Ctrl-C or an error. A bar left open by the exception (a cache being built, an epoch) was otherwise closed
+    when the exception's frames were freed, after that word: a terminal bar was drawn again below "interrupted", a
+    log's stage never said how it ended. ``ended``: the log line's ending (:func:`ending_of`)."""
+    for bar in list(_bars):
+        try:
+            if isinstance(bar, LineProgress):
+                bar.close(ended)
+            else:
+                bar.close()
+        except Exception:  # noqa: BLE001 - a closed stream: the display is not worth an error
+            pass
+    _bars.clear()
 
 
 class ProgressReporter:
