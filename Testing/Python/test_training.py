@@ -76,6 +76,44 @@ def test_manifest_json_and_csv(tmp_path, data_dir):
         discover_studies(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else None)
 
 
+def test_a_data_folder_that_mixes_layouts_is_refused_with_the_files_named(lits_folder, data_dir):
+    """A LiTS pair (volume-0.nii + segmentation-0.nii) beside study folders was left out of the training without a
+    word; a ct + label at the top level made the folder one study and left the study folders out. Both are refused
+    before anything is read, naming the files and what to do; other files beside study folders change nothing."""
+    (lits_folder / "README.txt").write_text("notes")  # not an image of either layout: ignored as before
+    (lits_folder / "overview.nii.gz").symlink_to(data_dir / "lits117" / "ct.nii.gz")
+    assert [s.case_id for s in discover_studies(lits_folder)] == ["p1", "p2"]
+
+    for name in ("volume-0.nii", "segmentation-0.nii"):
+        (lits_folder / name).write_bytes(b"")  # never read: refused by name
+    with pytest.raises(TrainingDataError) as refused:
+        discover_studies(lits_folder)
+    message = str(refused.value)
+    assert "2 study folder(s) ('p1', 'p2')" in message and "'segmentation-0.nii', 'volume-0.nii'" in message
+    assert "left out of the training" in message and f"'volume-0.nii' -> '{lits_folder / '0' / 'ct.nii'}'" in message
+    assert "manifest" in message
+    for name in ("volume-0.nii", "segmentation-0.nii"):
+        (lits_folder / name).unlink()
+
+    (lits_folder / "case_ct.nii.gz").write_bytes(b"")  # half a pair is named as well
+    with pytest.raises(TrainingDataError, match=r"pair layout \('case_ct.nii.gz'\)"):
+        discover_studies(lits_folder)
+    (lits_folder / "case_ct.nii.gz").unlink()
+
+    for name in ("ct.nii.gz", "label.nii.gz"):
+        (lits_folder / name).symlink_to(data_dir / "lits117" / name)
+    with pytest.raises(TrainingDataError) as refused:
+        discover_studies(lits_folder)
+    message = str(refused.value)
+    assert "is a study itself ('ct.nii.gz', 'label.nii.gz' at its top level)" in message
+    assert "2 study folder(s) ('p1', 'p2')" in message and "one study or a folder of studies" in message
+    for name in ("ct.nii.gz", "label.nii.gz"):
+        (lits_folder / name).unlink()
+    shutil.rmtree(lits_folder / "p2")  # a single study folder with a DICOM-like subfolder stays one study
+    (lits_folder / "p1" / "extra").mkdir()
+    assert [s.case_id for s in discover_studies(lits_folder / "p1")] == ["p1"]
+
+
 def test_slicer_seg_nrrd_study_segments_by_name(tmp_path, data_dir):
     from liversam.ct_io import read_ct
     from liversam.segmentation import Segment, SegmentationResult

@@ -13,6 +13,9 @@ Accepted ``--data``:
     (every mask a DICOM series, non-zero = inside; ``liverkyst``/cysts and other organs are ignored);
 - a folder of ``<id>_ct.<ext>`` + ``<id>_label.<ext>`` or LiTS ``volume-<n>`` + ``segmentation-<n>`` pairs.
 
+One layout per data folder: study folders beside a study's own files (``ct`` + ``label``) or beside such pairs at
+the top level are refused (:func:`check_one_layout`), never half used.
+
 A study becomes a CT volume and two boolean masks on its grid: liver (including tumours by default)
 and tumour (all lesions; individual lesions are the 2D connected components on each slice).
 """
@@ -185,6 +188,68 @@ def incomplete_study_problem(folder: Path) -> str | None:
     return None
 
 
+#: top-level file names of the pair layout (``<id>_ct``, ``<id>_label``, LiTS ``volume-<n>``, ``segmentation-<n>``)
+PAIR_FILE_NAME = re.compile(r"(.+_ct|.+_label|volume-\w+|segmentation-\w+)", flags=re.IGNORECASE)
+
+
+def pair_layout_files(folder: Path) -> list[Path]:
+    """The image files directly in ``folder`` named as in the pair layout (paired or not), sorted."""
+    from ..evaluate import _strip_suffix
+
+    return [
+        p for p in sorted(folder.iterdir())
+        if p.is_file() and (split := _strip_suffix(p.name)) is not None and PAIR_FILE_NAME.fullmatch(split[0])
+    ]  # fmt: skip
+
+
+def _listed(paths: list[Path], limit: int = 6) -> str:
+    names = [f"'{p.name}'" for p in paths[:limit]]
+    return ", ".join(names) + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def _example_move(data: Path, path: Path) -> str:
+    """Where a top-level pair file goes in the study-folder layout, e.g. "'volume-0.nii' -> '<data>/0/ct.nii'"."""
+    from ..evaluate import _strip_suffix
+
+    stem, suffix = _strip_suffix(path.name) or (path.name, "")
+    lower = stem.lower()
+    for prefix, role in (("volume-", "ct"), ("segmentation-", "label")):
+        if lower.startswith(prefix):
+            return f"e.g. '{path.name}' -> '{data / stem[len(prefix):] / (role + suffix)}'"
+    case_id, _, role = stem.rpartition("_")
+    return f"e.g. '{path.name}' -> '{data / case_id / (role.lower() + suffix)}'"
+
+
+def check_one_layout(data: Path, single: TrainingStudy | None, nested: list[TrainingStudy]) -> None:
+    """Refuse a data folder that mixes layouts: study folders (``nested``) beside a study's own files at its top level
+    (``single``: the folder was read as that one study and the study folders were left out), or beside top-level files
+    of the pair layout (``volume-0.nii`` + ``segmentation-0.nii``, ``<id>_ct`` + ``<id>_label``: these were left
+    out). Which of them the user meant to train on cannot be told, so nothing is guessed: the message names the
+    files and how to arrange them."""
+    if not nested:
+        return
+    folders = [s.ct_path.parent for s in nested]  # ct.<ext>, a ct/ DICOM folder or PATIENT_DICOM: in the study folder
+    where = f"{len(nested)} study folder(s) ({_listed(folders)})"
+    fix = ("or list every study to train on in a .json/.csv manifest (id, ct, label; docs/TRAINING.md). Nothing was "
+           "read or encoded.")  # fmt: skip
+    if single is not None:
+        own = [single.ct_path, single.label_path]
+        raise TrainingDataError(
+            f"Data folder '{data}' is a study itself ({_listed(own)} at its top level) and also holds {where}: it is "
+            "either one study or a folder of studies, not both. Move the top-level files into a study folder of their "
+            f"own (e.g. '{data / 'case1'}/' with {_listed(own)}) or out of the data folder, {fix}"
+        )
+    loose = pair_layout_files(data)
+    if loose:
+        example = next((p for p in loose if re.match(r"volume-|.+_ct\.", p.name, flags=re.IGNORECASE)), loose[0])
+        raise TrainingDataError(
+            f"Data folder '{data}' holds {where} and, at its top level, CT / label files of the pair layout "
+            f"({_listed(loose)}), which a folder of study folders does not read: they would be left out of the "
+            f"training. Move each pair into a study folder of its own as ct.<ext> + label.<ext> ({_example_move(data, example)}), "
+            f"move the files out of the data folder if they are not training data, {fix}"
+        )
+
+
 def _label_kind(path: Path) -> str:
     name = path.name.lower()
     if name.endswith(".seg.nrrd") or name.endswith(".dcm"):
@@ -260,10 +325,11 @@ def discover_studies(data: str | Path) -> list[TrainingStudy]:
         studies = _read_manifest(data)
     else:
         single = study_from_folder(data)
+        subfolders = sorted(p for p in data.iterdir() if p.is_dir())
         if single is not None:
+            check_one_layout(data, single, [s for sub in subfolders if (s := study_from_folder(sub))])
             studies = [single]
         else:
-            subfolders = sorted(p for p in data.iterdir() if p.is_dir())
             # A study folder with a file missing is an error, not a study silently left out of the training.
             incomplete = [
                 (p, problem) for p in [data, *subfolders] if (problem := incomplete_study_problem(p))
@@ -276,6 +342,7 @@ def discover_studies(data: str | Path) -> list[TrainingStudy]:
                     "such folders out of the data folder (or list the studies to use in a .json/.csv manifest)."
                 )
             studies = [s for sub in subfolders if (s := study_from_folder(sub))]
+            check_one_layout(data, None, studies)
             if not studies:
                 from ..evaluate import _paired_files
 
