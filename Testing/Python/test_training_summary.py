@@ -1,14 +1,123 @@
-"""`liversam train` on Ctrl-C while a study's cache is built: the cache's progress bar is closed before the
-"interrupted" message, never drawn again below it (on a terminal) and its stage says how it ended (in a log)."""
+"""What `liversam train` tells a user at the end and draws in the run folder: the validation Dice of liver and tumour
+and their mean (said to be the liver's alone when the validation cases have no tumour), per validation case, in the
+printed summary, result.json and result.md; curves.png with the training and the validation loss on axes of their
+own; and, on Ctrl-C, the cache's progress bar closed before the "interrupted" message.
+
+The two short runs are decoder-only on real CT (hcc0697 trains; lits117, with tumour, and totalseg_small, a liver
+without tumour, validate), 3 slices per study encoded once into a cache shared by this file, 1 epoch, 1 thread.
+"""
 
 from __future__ import annotations
 
 import gc
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from liversam.training.trainer import LIVER_ONLY, MEAN_OF_BOTH
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+# --- the summary of a run ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, data_dir):
+    """A data folder of three studies (read in place) and a cache and LIVERSAM_HOME shared by the runs."""
+    root = tmp_path_factory.mktemp("summary")
+    data = root / "data"
+    for case in ("lits117", "hcc0697"):
+        (data / case).mkdir(parents=True)
+        for name in ("ct.nii.gz", "label.nii.gz"):
+            (data / case / name).symlink_to(data_dir / case / name)
+    (data / "totalseg").mkdir()  # a liver without tumour (a model's liver mask: enough to validate on)
+    (data / "totalseg" / "ct.nii.gz").symlink_to(data_dir / "totalseg_small" / "ct.nii.gz")
+    (data / "totalseg" / "label.nii.gz").symlink_to(data_dir / "totalseg_small" / "liver_model_output.nii.gz")
+    return {"root": root, "data": data, "cache": root / "cache", "home": root / "home"}
+
+
+def _train(shared: dict, name: str, val: list[str]) -> tuple[subprocess.CompletedProcess, Path]:
+    split = shared["root"] / f"{name}-split.json"
+    split.write_text(json.dumps({"train": ["hcc0697"], "val": val, "test": []}))
+    run_dir = shared["root"] / name
+    command = [
+        sys.executable, "-m", "liversam", "train", "--data", str(shared["data"]), "--out", str(run_dir),
+        "--split-file", str(split), "--max-slices", "3", "--epochs", "1", "--batch-size", "4", "--device", "cpu",
+        "--threads", "1", "--seed", "0", "--no-progress", "--no-register", "--cache-dir", str(shared["cache"]),
+    ]  # fmt: skip
+    env = dict(os.environ, LIVERSAM_HOME=str(shared["home"]), OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(REPO_ROOT / "LiverSAM") + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    return done, run_dir
+
+
+@pytest.mark.model
+def test_the_summary_gives_liver_and_tumour_dice_per_validation_case(shared):
+    """The run's summary gave one 'val Dice mean' and no per-case figures: a user could not tell the liver from the
+    tumour, nor which case was poor. Now the printed summary, result.json and result.md give liver, tumour and mean
+    for the base model and best.pt, and each validation case's liver and tumour Dice ("no tumour" for a case
+    without)."""
+    done, run_dir = _train(shared, "mixed", ["lits117", "totalseg"])
+    print(done.stdout)
+    result = json.loads((run_dir / "result.json").read_text())
+    validation = result["validation"]
+    assert validation["mean_of"] == result["val_dice_mean_of"] == MEAN_OF_BOTH
+    assert "highest mean validation Dice" in validation["best_checkpoint_chosen_by"]
+    for which in ("base", "best"):
+        figures = validation[which]
+        assert 0.5 < figures["liver"] <= 1 and 0.3 < figures["tumor"] <= 1
+        assert figures["mean"] == pytest.approx((figures["liver"] + figures["tumor"]) / 2)
+    assert validation["best"]["epoch"] == result["best_epoch"]
+    cases = {case["case"]: case for case in validation["cases"]}
+    assert sorted(cases) == ["lits117", "totalseg"] and all(case["slices"] == 3 for case in cases.values())
+    assert cases["lits117"]["has_tumor"] and cases["lits117"]["best"]["tumor"] > 0.3
+    assert cases["lits117"]["best"]["tumor"] == pytest.approx(validation["best"]["tumor"])  # the only one with tumour
+    assert not cases["totalseg"]["has_tumor"] and cases["totalseg"]["best"]["tumor"] is None
+    assert 0.5 < cases["totalseg"]["best"]["liver"] <= 1
+    markdown = (run_dir / "result.md").read_text()
+    assert done.stdout.startswith(markdown)  # what is printed is result.md, then the JSON line for scripts
+    tumour = f"{validation['best']['tumor']:.3f}"
+    assert f"| tumour | {validation['base']['tumor']:.3f} | {tumour} |" in markdown
+    assert "| mean of liver and tumour |" in markdown
+    assert "| case | slices | liver base | liver best.pt | tumour base | tumour best.pt |" in markdown
+    assert f"| lits117 | 3 | {cases['lits117']['base']['liver']:.3f} |" in markdown
+    assert "| totalseg | 3 |" in markdown and "| no tumour | no tumour |" in markdown
+    last = json.loads(done.stdout.strip().splitlines()[-1])
+    assert last["best_val_dice_tumor"] == pytest.approx(validation["best"]["tumor"])
+    assert last["val_dice_mean_of"] == MEAN_OF_BOTH
+    assert "tumour best.pt" in done.stdout and "best.pt chosen by" in done.stdout
+
+
+@pytest.mark.model
+def test_a_mean_without_tumour_in_validation_says_it_is_the_liver_s_alone(shared, tmp_path, monkeypatch):
+    """With validation cases without tumour, 'val Dice mean' silently became the liver's Dice: now the summary, the
+    epoch lines, result.json, the checkpoint and the registered model's description say "liver only: the validation
+    cases have no tumour"."""
+    import torch
+
+    from liversam.models import registered_models
+    from liversam.training.report import register_best_model
+
+    done, run_dir = _train(shared, "liver-only", ["totalseg"])
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["val_dice_mean_of"] == result["validation"]["mean_of"] == LIVER_ONLY
+    assert result["validation"]["best"]["tumor"] is None
+    assert result["validation"]["best"]["mean"] == pytest.approx(result["validation"]["best"]["liver"])
+    markdown = (run_dir / "result.md").read_text()
+    assert f"| mean ({LIVER_ONLY}) |" in markdown and "| tumour | no tumour | no tumour |" in markdown
+    epoch_lines = [line for line in done.stderr.splitlines() if "liversam.training.trainer: epoch " in line]
+    assert len(epoch_lines) == 2 and all(f"({LIVER_ONLY})" in line for line in epoch_lines), epoch_lines
+    assert "tumour n/a (none in validation)" in epoch_lines[0]
+    metadata = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)["metadata"]
+    assert metadata["val_dice_mean_of"] == LIVER_ONLY and metadata["val_cases"]["totalseg"]["dice_tumor"] is None
+    monkeypatch.setenv("LIVERSAM_HOME", str(tmp_path / "home"))
+    register_best_model(run_dir / "best.pt", "liver-only")
+    [model] = [m for m in registered_models() if m.name == "liver-only"]
+    assert model.description.endswith(f"validation Dice {result['best_val_dice_mean']:.3f} ({LIVER_ONLY})")
 
 
 # --- Ctrl-C while the caches are built ------------------------------------------------------------------------

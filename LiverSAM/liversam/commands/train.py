@@ -236,7 +236,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 RUN_FILES = ("config.json", "split.json", "state.pt", "best.pt", "history.csv", "curves.png", "result.json",
-             "train.log", "test_report.json", "test_report.md")
+             "result.md", "train.log", "test_report.json", "test_report.md")
 
 
 def check_run_folder(args: argparse.Namespace) -> None:
@@ -292,17 +292,24 @@ def _check_writable_folders(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..training import train
     from ..training.allocator import keep_freed_memory_for_reuse
+    from ..training.report import summary_markdown
 
     check_run_folder(args)
     config = config_from_args(args)
     keep_freed_memory_for_reuse()  # this process only trains: reuse freed activations (training/allocator.py)
     result = train(config, progress=not args.no_progress, emit_events=args.events)
+    # The run's summary (result.md) for a person, then one JSON line, the last line of stdout, for scripts.
+    print(summary_markdown(result.summary))
+    best = result.best_metrics
     print(
         json.dumps(
             {
                 "best_checkpoint": str(result.best_checkpoint),
                 "best_epoch": result.best_epoch,
                 "best_val_dice_mean": round(result.best_val_dice, 4),
+                "best_val_dice_liver": best.get("val_dice_liver"),
+                "best_val_dice_tumor": best.get("val_dice_tumor"),
+                "val_dice_mean_of": result.summary.get("val_dice_mean_of"),
                 "base_val_dice_mean": result.history[0].get("val_dice_mean") if result.history else None,
                 "resumed_from_epoch": result.resumed_from_epoch,
                 "registered_name": result.registered_name,

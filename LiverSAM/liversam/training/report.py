@@ -27,12 +27,117 @@ def register_best_model(checkpoint: Path, name: str) -> str:
     }
     # no path: a server lists the description to its clients (GET /v1/models)
     description = metadata.get("description") or f"LiverSAMTrain model of run '{Path(checkpoint).parent.name}'"
-    dice = (metadata.get("metrics") or {}).get("val_dice_mean")
-    if dice is not None:
-        description += f"; validation Dice {dice:.3f}"
+    metrics = metadata.get("metrics") or {}
+    if metrics.get("val_dice_mean") is not None:
+        from .trainer import mean_dice_text
+
+        description += f"; validation Dice {mean_dice_text(metrics['val_dice_mean'], metrics, digits=3)}"
     register_user_model(name, checkpoint, description=description, metadata=summary)
     log.info("registered model '%s' -> %s", name, checkpoint)
     return name
+
+
+NO_TUMOUR = "no tumour"
+SELECTED_BY = {
+    "best": "the epoch with the highest mean validation Dice (an epoch must beat the best so far; epoch 0, the base "
+    "model, when no trained epoch beats it)",
+    "last": "the last epoch (--select last; validation is only reported)",
+}
+
+
+def _figures(row: dict) -> dict:
+    return {"liver": row.get("val_dice_liver"), "tumor": row.get("val_dice_tumor"), "mean": row.get("val_dice_mean")}
+
+
+def validation_summary(base_row: dict, best_row: dict, model_selection: str = "best") -> dict:
+    """The validation figures of a run for ``result.json`` / ``result.md``: Dice of liver, tumour and their mean
+    (``mean_of`` says when it is the liver's alone) of the base model (epoch 0, ``base_row``) and of best.pt's model
+    (``best_row``), pooled over the validation slices and per validation case (``cases``: ``tumor`` None and
+    ``has_tumor`` False for a case without tumour on its validation slices)."""
+    from .trainer import dice_mean_of
+
+    base_cases, best_cases = base_row.get("val_cases") or {}, best_row.get("val_cases") or {}
+    cases = []
+    for case_id in sorted(set(base_cases) | set(best_cases)):
+        base, best = base_cases.get(case_id) or {}, best_cases.get(case_id) or {}
+        has_tumor = (best or base).get("dice_tumor") is not None
+        cases.append({
+            "case": case_id,
+            "slices": (best or base).get("slices"),
+            "has_tumor": has_tumor,
+            "base": {"liver": base.get("dice_liver"), "tumor": base.get("dice_tumor")},
+            "best": {"liver": best.get("dice_liver"), "tumor": best.get("dice_tumor")},
+        })  # fmt: skip
+    return {
+        "prompts": "decoder only, one exact box per slice (liver) and per 2D lesion (tumour) on the validation slices",
+        "mean_of": dice_mean_of(base_row or best_row),
+        "best_checkpoint_chosen_by": SELECTED_BY.get(model_selection, model_selection),
+        "base": {"epoch": base_row.get("epoch", 0), **_figures(base_row)},
+        "best": {"epoch": best_row.get("epoch"), **_figures(best_row)},
+        "cases": cases,
+    }
+
+
+def summary_markdown(summary: dict) -> str:
+    """``result.md`` and what ``liversam train`` prints at its end: the run's outcome and its validation figures
+    (markdown tables, readable as plain text) from a ``result.json`` summary."""
+    from .trainer import LIVER_ONLY
+
+    validation = summary.get("validation") or {}
+    base, best = validation.get("base") or {}, validation.get("best") or {}
+
+    def fmt(value) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    def tumour(value, has_tumor: bool = True) -> str:
+        return NO_TUMOUR if not has_tumor or value is None else fmt(value)
+
+    liver_only = validation.get("mean_of") == LIVER_ONLY
+    epochs = summary.get("epochs_run")
+    lines = [
+        f"# LiverSAMTrain run '{summary.get('run_dir')}'",
+        "",
+        f"- trained: {epochs} epoch(s){' (stopped early)' if summary.get('stopped_early') else ''}"
+        + (f", resumed after epoch {summary['resumed_from_epoch']}" if summary.get("resumed_from_epoch") else ""),
+        f"- best.pt: epoch {best.get('epoch')}"
+        + (" (the base model: no trained epoch beat it)" if best.get("epoch") == 0 and epochs else ""),
+        f"- best.pt chosen by: {validation.get('best_checkpoint_chosen_by', 'n/a')}",
+        f"- validation: {validation.get('prompts', 'n/a')}",
+    ]
+    if summary.get("registered_name"):
+        lines.append(f"- registered as '{summary['registered_name']}'")
+    if summary.get("test_report"):
+        lines.append(f"- test report: {summary['test_report']}")
+    lines += [
+        "",
+        "## Validation Dice",
+        "",
+        f"| | base model (epoch {base.get('epoch', 0)}) | best.pt (epoch {best.get('epoch')}) |",
+        "|---|---|---|",
+        f"| liver | {fmt(base.get('liver'))} | {fmt(best.get('liver'))} |",
+        f"| tumour | {tumour(base.get('tumor'), not liver_only)} | {tumour(best.get('tumor'), not liver_only)} |",
+        f"| mean{f' ({LIVER_ONLY})' if liver_only else ' of liver and tumour'} | {fmt(base.get('mean'))} | "
+        f"{fmt(best.get('mean'))} |",
+        "",
+        "## Per validation case",
+        "",
+    ]
+    cases = validation.get("cases") or []
+    if cases:
+        lines += [
+            "| case | slices | liver base | liver best.pt | tumour base | tumour best.pt |",
+            "|---|---|---|---|---|---|",
+        ]
+        for case in cases:
+            has = case.get("has_tumor", True)
+            lines.append(
+                f"| {case['case']} | {case.get('slices', 'n/a')} | {fmt(case['base'].get('liver'))} | "
+                f"{fmt(case['best'].get('liver'))} | {tumour(case['base'].get('tumor'), has)} | "
+                f"{tumour(case['best'].get('tumor'), has)} |"
+            )
+    else:
+        lines.append("Not recorded: these epochs were validated by a LiverSAM version without per-case figures.")
+    return "\n".join(lines) + "\n"
 
 
 def _test_cases(run_dir: Path, studies: list[TrainingStudy], config: TrainingConfig):

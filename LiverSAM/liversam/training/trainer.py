@@ -91,6 +91,15 @@ class TrainingResult:
     registered_name: str | None = None
     test_report: Path | None = None
     split: dict = field(default_factory=dict)
+    #: the validation figures of the model in best.pt (its history row: pooled and per case)
+    best_metrics: dict = field(default_factory=dict)
+    #: what ``result.json`` holds (written at the end of the run)
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def base_metrics(self) -> dict:
+        """The validation figures of the base model (epoch 0)."""
+        return self.history[0] if self.history else {}
 
 
 # --- model pieces -----------------------------------------------------------------------------------------
@@ -347,6 +356,34 @@ def decode_batch(
     return logits, iou
 
 
+# --- validation figures --------------------------------------------------------------------------------
+
+#: what ``val_dice_mean`` is when no validation slice shows tumour (said wherever the mean is shown)
+LIVER_ONLY = "liver only: the validation cases have no tumour"
+MEAN_OF_BOTH = "mean of liver and tumour"
+
+
+def _dice_iou(counts: dict) -> tuple[float | None, float | None]:
+    """Dice and IoU from pooled voxel counts (``inter``, ``pred``, ``ref``, ``union``); (None, None) when the
+    reference is empty (a structure the slices do not show)."""
+    if counts["ref"] == 0:
+        return None, None
+    return 2.0 * counts["inter"] / max(counts["pred"] + counts["ref"], 1), counts["inter"] / max(counts["union"], 1)
+
+
+def dice_mean_of(row: dict) -> str:
+    """What a history row's ``val_dice_mean`` averages: :data:`MEAN_OF_BOTH`, or :data:`LIVER_ONLY` when the
+    validation slices show no tumour (the validation set is fixed for a run, so every row of a run says the same).
+    A row without the tumour's figure at all (not a validation row) is taken as the mean of both."""
+    return LIVER_ONLY if "val_dice_tumor" in row and row["val_dice_tumor"] is None else MEAN_OF_BOTH
+
+
+def mean_dice_text(value: float, row: dict, digits: int = 4) -> str:
+    """``value`` (a mean validation Dice) as text, with "(liver only: ...)" when it is the liver's alone."""
+    text = f"{value:.{digits}f}"
+    return f"{text} ({LIVER_ONLY})" if dice_mean_of(row) == LIVER_ONLY else text
+
+
 # --- history and curves --------------------------------------------------------------------------------
 
 
@@ -410,9 +447,12 @@ def finish_reason(config: TrainingConfig, epoch: int, epochs_without_improvement
     return None
 
 
-def finished_run_message(run_dir: Path, config: TrainingConfig, epoch: int, stale: int, best: dict) -> str:
-    """What a resume of a finished run says: why it is finished and which setting trains it on."""
-    found = f"best validation Dice {best['val_dice_mean']:.4f} at epoch {best['epoch']}"
+def finished_run_message(
+    run_dir: Path, config: TrainingConfig, epoch: int, stale: int, best: dict, base_row: dict | None = None
+) -> str:
+    """What a resume of a finished run says: why it is finished and which setting trains it on. ``base_row``: the
+    history's epoch 0 (says whether the mean validation Dice is the liver's alone)."""
+    found = f"best validation Dice {mean_dice_text(best['val_dice_mean'], base_row or {})} at epoch {best['epoch']}"
     if finish_reason(config, epoch, stale) == COMPLETED:
         why = f"it completed its {epoch} epochs (--epochs {config.epochs}; {found})"
         more = f"raise --epochs above {epoch} (the learning-rate schedule is stretched to the new count)"
@@ -456,7 +496,7 @@ class Trainer:
     ``model`` may be passed in (an already loaded :class:`~liversam.models.LoadedModel` of the base model);
     otherwise it is loaded from ``config.base_model``. Files in ``config.out``:
     ``config.json``, ``split.json``, ``state.pt`` (resume), ``best.pt`` (the model), ``history.csv``,
-    ``curves.png``, ``result.json``, ``train.log`` and, after a patient split with test cases,
+    ``curves.png``, ``result.json`` and ``result.md`` (the summary), ``train.log`` and, after a patient split with test cases,
     ``test_report.json`` / ``.md``.
     """
 
@@ -865,13 +905,18 @@ class Trainer:
     # --- validation ---
     @torch.no_grad()
     def validate(self, data: CachedSlices, device, amp_dtype=None) -> dict:
-        """Validation loss and pooled Dice / IoU for liver and tumour, decoder-only, exact boxes."""
+        """Validation loss and Dice / IoU for liver and tumour, decoder-only, exact boxes: pooled over every
+        validation slice (``val_dice_liver`` ...; ``val_dice_mean`` is the mean of the liver's and the tumour's,
+        the liver's alone when no validation slice shows tumour) and per validation case (``val_cases``: case id ->
+        ``slices``, ``dice_liver``, ``iou_liver``, ``dice_tumor``, ``iou_tumor``; tumour None for a case without
+        tumour on its validation slices)."""
         from ..evaluate import bounding_box_ij
 
         model = self._model_loaded()
         network = model.network
         network.eval()
         sums = {s: {"inter": 0, "pred": 0, "ref": 0, "union": 0} for s in ("liver", "tumor")}
+        case_sums: dict[str, dict] = {}  # the same sums per validation case
         losses, loss_weights = [], []
         for index, sample in enumerate(data.samples):
             transform = data.transforms[sample.case_id]
@@ -907,24 +952,32 @@ class Trainer:
             for m in slice_masks[1:]:
                 preds["tumor"] |= m
             refs = {"liver": sample.liver_ji, "tumor": sample.tumor_ji}
+            case = case_sums.setdefault(
+                sample.case_id, {"slices": 0, **{s: {"inter": 0, "pred": 0, "ref": 0, "union": 0} for s in sums}}
+            )
+            case["slices"] += 1
             for structure in ("liver", "tumor"):
                 p, r = preds[structure], refs[structure]
-                sums[structure]["inter"] += int((p & r).sum())
-                sums[structure]["pred"] += int(p.sum())
-                sums[structure]["ref"] += int(r.sum())
-                sums[structure]["union"] += int((p | r).sum())
+                counts = {"inter": int((p & r).sum()), "pred": int(p.sum()), "ref": int(r.sum()),
+                          "union": int((p | r).sum())}  # fmt: skip
+                for key, value in counts.items():
+                    sums[structure][key] += value
+                    case[structure][key] += value
         metrics: dict = {"val_loss": sum(losses) / max(sum(loss_weights), 1e-9)}
         dices = []
         for structure, s in sums.items():
-            if s["ref"] == 0:
-                metrics[f"val_dice_{structure}"] = None
-                metrics[f"val_iou_{structure}"] = None
-                continue
-            dice = 2.0 * s["inter"] / max(s["pred"] + s["ref"], 1)
+            dice, iou = _dice_iou(s)
             metrics[f"val_dice_{structure}"] = dice
-            metrics[f"val_iou_{structure}"] = s["inter"] / max(s["union"], 1)
-            dices.append(dice)
+            metrics[f"val_iou_{structure}"] = iou
+            if dice is not None:
+                dices.append(dice)
         metrics["val_dice_mean"] = float(np.mean(dices)) if dices else 0.0
+        cases = {}
+        for case_id, case in sorted(case_sums.items()):
+            cases[case_id] = {"slices": case["slices"]}
+            for structure in sums:
+                cases[case_id][f"dice_{structure}"], cases[case_id][f"iou_{structure}"] = _dice_iou(case[structure])
+        metrics["val_cases"] = cases
         return metrics
 
     # --- checkpoints ---
@@ -1013,7 +1066,11 @@ class Trainer:
             "labels": config.to_dict()["labels"],
             "split": split.to_dict(),
             "epoch": int(epoch),
-            "metrics": {k: (None if v is None else float(v)) for k, v in metrics.items() if k != "epoch"},
+            "metrics": {
+                k: (None if v is None else float(v)) for k, v in metrics.items() if k not in ("epoch", "val_cases")
+            },
+            "val_dice_mean_of": dice_mean_of(metrics),
+            "val_cases": _plain(metrics.get("val_cases") or {}),
             "validation": "decoder-only, one exact box per slice (liver) and per 2D lesion (tumour)",
             "run_id": self._run_id,
             "liversam_version": __version__,
@@ -1109,14 +1166,15 @@ class Trainer:
             start_epoch = resumed_from + 1
             finished = finish_reason(config, resumed_from, stale)
             log.info(
-                "resuming %s from epoch %d (best %.4f at epoch %d)",
+                "resuming %s from epoch %d (best mean validation Dice %s at epoch %d)",
                 self.run_dir,
                 resumed_from,
-                best["val_dice_mean"],
+                mean_dice_text(best["val_dice_mean"], history[0] if history else {}),
                 best["epoch"],
             )
             if finished:
-                log.warning("%s", finished_run_message(self.run_dir, config, resumed_from, stale, best))
+                log.warning("%s", finished_run_message(self.run_dir, config, resumed_from, stale, best,
+                                                       history[0] if history else None))  # fmt: skip
             elif state.get("finished"):
                 log.info("the run had finished at epoch %d; it trains on (now --epochs %d, --patience %d)",
                          resumed_from, config.epochs, config.early_stopping_patience)  # fmt: skip
@@ -1201,6 +1259,7 @@ class Trainer:
         stopped_early = finished == STOPPED_EARLY
 
         shipped = self._best_checkpoint_metadata()  # {} when there is none
+        best_row: dict | None = None  # the validation figures of best.pt's model (None: its epoch's history row)
         ours = shipped.get("run_id") == self._run_id
         if not (ours and shipped.get("epoch") == best["epoch"]):
             if best["epoch"] == 0:  # no epoch beat the base model: still ship a checkpoint, flagged
@@ -1218,6 +1277,9 @@ class Trainer:
                     "epoch": shipped["epoch"],
                     "val_dice_mean": best["val_dice_mean"] if metric is None else metric,
                 }
+                if metric is not None:  # the figures of the model shipped, not of the epoch's redone run
+                    best_row = {**shipped["metrics"], "epoch": shipped["epoch"],
+                                "val_cases": shipped.get("val_cases") or {}}  # fmt: skip
             else:  # best.pt was removed or is another run's: the last epoch's model, said so
                 log.warning(
                     "'%s' does not hold this run's epoch %d (removed?); writing the last epoch's (%d) instead",
@@ -1227,6 +1289,8 @@ class Trainer:
                 )
                 best = {"epoch": int(history[-1]["epoch"]), "val_dice_mean": history[-1]["val_dice_mean"]}
                 self._save_best(network, split, best["epoch"], history[-1])
+        if best_row is None:
+            best_row = next((row for row in history if row["epoch"] == best["epoch"]), {})
         result = TrainingResult(
             run_dir=self.run_dir,
             best_checkpoint=self.best_path,
@@ -1236,6 +1300,7 @@ class Trainer:
             resumed_from_epoch=resumed_from,
             stopped_early=stopped_early,
             split=split.to_dict(),
+            best_metrics=best_row,
         )
         train_data.close()
         val_data.close()
@@ -1267,21 +1332,24 @@ class Trainer:
             return "n/a" if v is None else f"{v:.4f}"
 
         log.info(
-            "epoch %d: train loss %s, val loss %s, val Dice liver %s tumour %s (IoU %s / %s), best %.4f @ %d",
+            "epoch %d: train loss %s, val loss %s, val Dice liver %s, tumour %s, mean %s (IoU %s / %s); best mean %.4f "
+            "@ epoch %d",
             row["epoch"],
             fmt(row.get("train_loss")),
             fmt(row.get("val_loss")),
             fmt(row.get("val_dice_liver")),
-            fmt(row.get("val_dice_tumor")),
+            fmt(row.get("val_dice_tumor")) if row.get("val_dice_tumor") is not None else "n/a (none in validation)",
+            mean_dice_text(row["val_dice_mean"], row),
             fmt(row.get("val_iou_liver")),
             fmt(row.get("val_iou_tumor")),
             best["val_dice_mean"],
             best["epoch"],
         )
-        self._event("EPOCH", {**_plain(row), "epochs": self.config.epochs, "best_epoch": best["epoch"]})
+        self._event("EPOCH", {**_plain(row), "val_dice_mean_of": dice_mean_of(row), "epochs": self.config.epochs,
+                              "best_epoch": best["epoch"]})  # fmt: skip
 
     def _finish(self, result: TrainingResult, split: DataSplit, studies: list[TrainingStudy]) -> None:
-        from .report import register_best_model, write_test_report
+        from .report import register_best_model, summary_markdown, validation_summary, write_test_report
 
         config = self.config
         if config.register:
@@ -1300,6 +1368,8 @@ class Trainer:
             "best_epoch": result.best_epoch,
             "best_val_dice_mean": result.best_val_dice,
             "base_val_dice_mean": result.history[0].get("val_dice_mean") if result.history else None,
+            "val_dice_mean_of": dice_mean_of(result.base_metrics or result.best_metrics),
+            "validation": validation_summary(result.base_metrics, result.best_metrics, config.model_selection),
             "epochs_run": len(result.history) - 1,
             "resumed_from_epoch": result.resumed_from_epoch,
             "stopped_early": result.stopped_early,
@@ -1308,7 +1378,9 @@ class Trainer:
             "split": split.to_dict(),
         }
         write_text_atomically(self.run_dir / "result.json", json.dumps(_plain(summary), indent=2))
-        self._event("DONE", summary)
+        write_text_atomically(self.run_dir / "result.md", summary_markdown(_plain(summary)))
+        result.summary = _plain(summary)
+        self._event("DONE", result.summary)
 
 
 def _plain(value):
