@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from liversam.training.trainer import LIVER_ONLY, MEAN_OF_BOTH
+from liversam.training.trainer import LIVER_ONLY, MEAN_OF_BOTH, write_history
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -118,6 +118,66 @@ def test_a_mean_without_tumour_in_validation_says_it_is_the_liver_s_alone(shared
     register_best_model(run_dir / "best.pt", "liver-only")
     [model] = [m for m in registered_models() if m.name == "liver-only"]
     assert model.description.endswith(f"validation Dice {result['best_val_dice_mean']:.3f} ({LIVER_ONLY})")
+
+
+# --- curves.png ------------------------------------------------------------------------------------------------
+def _history(tumour: bool = True) -> list[dict]:
+    rows = []
+    for epoch, (train, val) in enumerate([(None, 0.32), (0.90, 0.31), (0.60, 0.30), (0.45, 0.30)]):
+        liver, tumor = 0.90 + 0.01 * epoch, (0.70 + 0.02 * epoch if tumour else None)
+        rows.append({"epoch": epoch, "train_loss": train, "val_loss": val, "val_dice_liver": liver,
+                     "val_dice_tumor": tumor, "val_dice_mean": (liver + tumor) / 2 if tumour else liver})  # fmt: skip
+    return rows
+
+
+def _drawn(history: list[dict], tmp_path: Path, monkeypatch):
+    """The figure :func:`write_history` saves as curves.png (its matplotlib objects, not pixels)."""
+    from matplotlib.figure import Figure
+
+    saved = []
+    original = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (saved.append(self), original(self, *a, **k))[1])
+    write_history(history, tmp_path / "history.csv", tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 1000 and len(saved) == 1
+    return saved[0]
+
+
+def _axes_of(figure, values: list[float]):
+    """The axes holding a line whose y values are ``values``."""
+    return [axes for axes in figure.axes if any(list(line.get_ydata()) == values for line in axes.get_lines())]
+
+
+def test_training_and_validation_loss_have_axes_of_their_own(tmp_path, monkeypatch):
+    """curves.png drew the training loss (0.45-0.9 here) and the validation loss (0.30-0.32) on one axis, so the
+    validation curve was a flat line at the bottom; they are different quantities (the training loss adds the IoU
+    head's error, under jittered prompts). Each now has its own axes, scaled to it, with the quantity and its unit
+    on the y axis."""
+    history = _history()
+    figure = _drawn(history, tmp_path, monkeypatch)
+    [train_axes] = _axes_of(figure, [0.90, 0.60, 0.45])
+    [val_axes] = _axes_of(figure, [0.32, 0.31, 0.30, 0.30])
+    assert train_axes is not val_axes
+    assert len(train_axes.get_lines()) == 1 and len(val_axes.get_lines()) == 1
+    low, high = val_axes.get_ylim()
+    assert low > 0.2 and high < 0.4  # scaled to the validation loss, not to the training loss
+    assert "training" in train_axes.get_title() and "validation" in val_axes.get_title()
+    assert "Dice + BCE" in train_axes.get_ylabel() and "unitless" in train_axes.get_ylabel()
+    assert "Dice + BCE" in val_axes.get_ylabel() and "unitless" in val_axes.get_ylabel()
+    for axes in (train_axes, val_axes):
+        assert axes.get_xlabel().startswith("epoch")
+    [dice_axes] = _axes_of(figure, [row["val_dice_liver"] for row in history])
+    assert dice_axes not in (train_axes, val_axes) and "Dice" in dice_axes.get_ylabel()
+    labels = [text.get_text() for text in dice_axes.get_legend().get_texts()]
+    assert labels == ["liver", "tumour", "mean of liver and tumour"]
+
+
+def test_the_curves_say_when_the_mean_dice_is_the_liver_s_alone(tmp_path, monkeypatch):
+    history = _history(tumour=False)
+    figure = _drawn(history, tmp_path, monkeypatch)
+    [dice_axes] = _axes_of(figure, [row["val_dice_liver"] for row in history])
+    labels = [text.get_text() for text in dice_axes.get_legend().get_texts()]
+    assert labels[0] == "liver" and "tumour" not in labels[:-1]
+    assert "liver only" in labels[-1] and "no tumour" in labels[-1]
 
 
 # --- Ctrl-C while the caches are built ------------------------------------------------------------------------

@@ -397,13 +397,29 @@ def write_history(history: list[dict], csv_path: Path, png_path: Path | None) ->
     write_text_atomically(csv_path, buffer.getvalue())
     if png_path is None:
         return
+    figure = history_figure(history)
+    with atomic_path(png_path) as tmp:
+        figure.savefig(tmp, format="png")
+
+
+#: the y-axis labels of curves.png: the two losses are different quantities (the training loss adds the IoU head's
+#: error and is taken under jittered prompts), each on its own axis so that neither curve is flattened by the other
+TRAIN_LOSS_LABEL = "Dice + BCE + IoU-head MSE (unitless)"
+VAL_LOSS_LABEL = "Dice + BCE, exact boxes (unitless)"
+DICE_LABEL = "Dice (0-1)"
+
+
+def history_figure(history: list[dict]):
+    """The curves of ``curves.png`` as a matplotlib :class:`~matplotlib.figure.Figure` (no pyplot): three panels
+    side by side, the training loss, the validation loss and the validation Dice (liver, tumour, mean), each with
+    its own y axis, all over the epochs (epoch 0: the base model, validated only)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(9, 3.6), dpi=100)
-    loss_axes, dice_axes = figure.subplots(1, 2)
+    figure = Figure(figsize=(13, 3.6), dpi=100)
+    train_axes, val_axes, dice_axes = figure.subplots(1, 3)
     epochs = [r["epoch"] for r in history]
 
     def series(key: str):
@@ -411,23 +427,27 @@ def write_history(history: list[dict], csv_path: Path, png_path: Path | None) ->
             r[key] for r in history if r.get(key) is not None
         ]
 
-    for key, label in (("train_loss", "training"), ("val_loss", "validation")):
-        loss_axes.plot(*series(key), marker="o", label=label)
-    loss_axes.set_xlabel("epoch")
-    loss_axes.set_ylabel("Dice + BCE loss")
-    loss_axes.legend()
-    for key, label in (("val_dice_liver", "liver"), ("val_dice_tumor", "tumour"), ("val_dice_mean", "mean")):
-        dice_axes.plot(*series(key), marker="o", label=label)
-    dice_axes.set_xlabel("epoch")
-    dice_axes.set_ylabel("validation Dice")
+    train_axes.plot(*series("train_loss"), marker="o", color="tab:blue", label="training")
+    train_axes.set_title("training loss")
+    train_axes.set_ylabel(TRAIN_LOSS_LABEL)
+    val_axes.plot(*series("val_loss"), marker="o", color="tab:orange", label="validation")
+    val_axes.set_title("validation loss")
+    val_axes.set_ylabel(VAL_LOSS_LABEL)
+    liver_only = bool(history) and dice_mean_of(history[0]) == LIVER_ONLY
+    mean_label = "mean (liver only: no tumour in validation)" if liver_only else "mean of liver and tumour"
+    for key, label in (("val_dice_liver", "liver"), ("val_dice_tumor", "tumour"), ("val_dice_mean", mean_label)):
+        if series(key)[0]:
+            dice_axes.plot(*series(key), marker="o", label=label)
+    dice_axes.set_title("validation Dice")
+    dice_axes.set_ylabel(DICE_LABEL)
     dice_axes.set_ylim(0, 1)
-    dice_axes.legend()
-    if epochs:
-        loss_axes.set_xlim(min(epochs) - 0.2, max(epochs) + 0.2)
-        dice_axes.set_xlim(min(epochs) - 0.2, max(epochs) + 0.2)
+    dice_axes.legend(fontsize="small")
+    for axes in (train_axes, val_axes, dice_axes):
+        axes.set_xlabel("epoch (0: base model)")
+        if epochs:
+            axes.set_xlim(min(epochs) - 0.2, max(epochs) + 0.2)
     figure.tight_layout()
-    with atomic_path(png_path) as tmp:
-        figure.savefig(tmp, format="png")
+    return figure
 
 
 # --- when a run ends -----------------------------------------------------------------------------------------
