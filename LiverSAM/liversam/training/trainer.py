@@ -417,6 +417,7 @@ def history_figure(history: list[dict]):
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(13, 3.6), dpi=100)
     train_axes, val_axes, dice_axes = figure.subplots(1, 3)
@@ -444,6 +445,7 @@ def history_figure(history: list[dict]):
     dice_axes.legend(fontsize="small")
     for axes in (train_axes, val_axes, dice_axes):
         axes.set_xlabel("epoch (0: base model)")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, not 0.5 steps
         if epochs:
             axes.set_xlim(min(epochs) - 0.2, max(epochs) + 0.2)
     figure.tight_layout()
