@@ -295,11 +295,14 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
             elif kind == "EPOCH":
                 self.ui.progressBar.setMaximum(int(payload.get("epochs") or self._settings.epochs))
                 self.ui.progressBar.setValue(int(payload.get("epoch", 0)))
+                # the mean is the liver's alone when validation shows no tumour (the event's val_dice_mean_of says so)
+                meanOf = str(payload.get("val_dice_mean_of") or "")
                 self.ui.statusLabel.setText(
-                    _("Epoch {epoch}/{epochs}: validation Dice {dice:.3f} (best epoch {best})").format(
+                    _("Epoch {epoch}/{epochs}: validation Dice {dice:.3f}{of} (best epoch {best})").format(
                         epoch=payload.get("epoch"),
                         epochs=payload.get("epochs"),
                         dice=float(payload.get("val_dice_mean") or 0.0),
+                        of=f", {meanOf}" if meanOf.startswith("liver only") else "",
                         best=payload.get("best_epoch"),
                     )
                 )

@@ -290,6 +290,20 @@ def test_the_cache_being_built_is_shown(widgets):  # noqa: F811
     assert resumed.ui.statusLabel.text == "Resumed after epoch 3." and resumed.ui.progressBar.value == 3
 
 
+def test_an_epoch_says_when_its_mean_dice_is_the_livers_alone(widgets):  # noqa: F811
+    """Validation without tumour: the mean validation Dice is the liver's alone; ``liversam train`` says so in its
+    EPOCH event (``val_dice_mean_of``), and the status line said only "validation Dice 0.951"."""
+    _liversam, train = widgets
+    row = {"epoch": 2, "epochs": 5, "val_dice_mean": 0.951, "val_dice_liver": 0.951, "val_dice_tumor": None,
+           "best_epoch": 2, "val_dice_mean_of": "liver only: the validation cases have no tumour"}
+    widget = polled(train, ["LIVERSAM_EPOCH " + json.dumps(row)])
+    assert widget.ui.statusLabel.text == ("Epoch 2/5: validation Dice 0.951, liver only: the validation cases have no "
+                                          "tumour (best epoch 2)")
+    row.update(val_dice_tumor=0.7, val_dice_mean_of="mean of liver and tumour")
+    widget = polled(train, ["LIVERSAM_EPOCH " + json.dumps(row)])
+    assert widget.ui.statusLabel.text == "Epoch 2/5: validation Dice 0.951 (best epoch 2)"
+
+
 def test_a_failed_run_says_so_and_where_the_segment_names_go(widgets):  # noqa: F811
     _liversam, train = widgets
     message = ("Study 'a' ('a/segmentation.seg.nrrd') has no liver segment (segments: Leber). Name the liver segment "
