@@ -17,6 +17,7 @@ from web_page import DATA, REPO, open_path, probe, wait_status
 CT = REPO / "examples/lits117/ct.nii.gz"
 OTHER_CT = DATA / "totalseg_small" / "ct.nii.gz"
 PRESETS = ("abdomen", "liver", "bone", "lung")
+FILE_LABEL, FOLDER_LABEL = "Upload a CT file, a series' files or a .zip", "Upload a DICOM folder"  # the upload fields
 
 
 def header(page) -> str:
@@ -109,18 +110,23 @@ def test_sections_upload_fields_and_a_long_path_in_the_banner(page, tmp_path):
     numbers = [int(m.group(1)) for t in titles if (m := re.match(r"(\d+)\. ", t))]
     assert numbers == [1, 2, 3, 4, 5, 6], titles
     assert page.get_by_test_id("review-empty").is_visible()
+    # each upload field's label whole, not cut with "..." ("CT file(s) or .zip" was "CT file(s)..." side by side)
+    for testid, label in (("upload-file", FILE_LABEL), ("upload-folder", FOLDER_LABEL)):
+        assert field_text(page, testid) == label
+        cut = page.get_by_test_id(testid).locator("label").first.evaluate("e => e.scrollWidth > e.clientWidth + 1")
+        assert not cut, f"the label {label!r} is cut off"
 
     page.get_by_test_id("upload-folder").locator("input[type=file]").set_input_files(str(DATA / "dcmqi_ct3slice/ct"))
     wait_status(page, r"Opened 3 DICOM files in ct \(512 x 512 x 3\)", timeout=120_000)
     assert field_text(page, "upload-folder").endswith("3 files"), field_text(page, "upload-folder")
-    for testid in ("upload-file", "upload-folder"):  # two halves of the row, one line high
+    for testid in ("upload-file", "upload-folder"):  # one line high, each wide enough for its name
         box = page.get_by_test_id(testid).bounding_box()
         assert box["width"] >= 110 and box["height"] <= 60, (testid, box)
 
     page.get_by_test_id("upload-file").locator("input[type=file]").set_input_files(str(CT))
     wait_status(page, r"Opened ct\.nii\.gz \(128 x 128 x 128\)", timeout=120_000)
     assert "ct.nii.gz" in field_text(page, "upload-file")
-    assert field_text(page, "upload-folder") == "a DICOM folder"  # emptied: its files are not the CT shown
+    assert field_text(page, "upload-folder") == FOLDER_LABEL  # emptied: its files are not the CT shown
     for testid in ("upload-file", "upload-folder"):
         box = page.get_by_test_id(testid).bounding_box()
         assert box["width"] >= 110 and box["height"] <= 60, (testid, box)
@@ -128,7 +134,7 @@ def test_sections_upload_fields_and_a_long_path_in_the_banner(page, tmp_path):
     open_path(page, str(OTHER_CT))
     wait_status(page, r"Opened totalseg_small/ct\.nii\.gz", timeout=120_000)
     # opened by its path: neither upload field names a file
-    assert (field_text(page, "upload-file"), field_text(page, "upload-folder")) == ("a CT file", "a DICOM folder")
+    assert (field_text(page, "upload-file"), field_text(page, "upload-folder")) == (FILE_LABEL, FOLDER_LABEL)
 
     name = "labelmap_of_the_liver_segmentation_final_version.nii.gz"
     long_path = tmp_path / ("a_rather_long_folder_name_for_the_case_of_patient_0001_" * 2) / name

@@ -40,6 +40,7 @@ from .mrml_scene import (
 from .review_table import lesion_rows, review_items, review_rows
 from .server_client import LiverSAMClient, LiverSAMClientError, ServerRequestError, ServerUnavailable
 from .slice_prompting import CLICK_TOLERANCE_PX, SlicePrompting
+from .uploads import is_zip, lone_dicom_slice, lone_slice_message, unpack_zip
 from .view_gutters import slice_view_gutter, threed_view_gutter
 from .view_mouse import OffAxialGestures, set_window_level_drag
 from .volume_geometry import (
@@ -58,6 +59,9 @@ WINDOW_PRESETS = {"Abdomen": (400.0, 40.0), "Liver": (150.0, 60.0), "Bone": (180
 LAYOUT_ID = "Axial Primary"
 CELL = "padding: 2px 4px; overflow-wrap: anywhere; line-height: 1.2"  # review table cells: narrow, wrapping
 UPLOAD_FIELDS = ("file", "folder")
+# the upload fields: one CT file, every file of a DICOM series, or a .zip of its folder; a DICOM series' folder
+FILE_FIELD_LABEL = "Upload a CT file, a series' files or a .zip"
+FOLDER_FIELD_LABEL = "Upload a DICOM folder"
 JOB_POLL_S = 0.25
 PREFETCH_DELAY_S = 0.4  # the user has settled on a slice
 PREFETCH_RADIUS = 2
@@ -107,7 +111,8 @@ class LiverSAMWebApp:
             "busy": False,
             "busy_text": "",
             "error": "",
-            "status": "Open a CT: type its path on this machine, or upload a file or a DICOM folder.",
+            "status": ("Open a CT: type its path on this machine, or upload a CT file or a DICOM series (all its files, "
+                       "its folder, or a .zip of the folder)."),
             "segment": "liver",
             "mode": "box",
             "mode_hint": mode_hint("box", "liver"),
@@ -175,17 +180,16 @@ class LiverSAMWebApp:
                                   keyup_enter=(self.ctrl.open_path, "[ct_path]"))
                     v3.VBtn("Open", click=(self.ctrl.open_path, "[ct_path]"), disabled=("busy",),
                             raw_attrs=['data-testid="open-path"'])
-                with html.Div(classes="d-flex align-center ga-2 mt-2"):
-                    html.Span("Upload:", classes="text-caption")
+                # one field a line, its whole label in sight (side by side, "CT file(s) or .zip" was cut to "CT file(s)...")
+                with html.Div(classes="d-flex flex-column ga-2 mt-2"):
                     upload = self.server.trigger_name(self._on_upload)
-                    for label, kind in (("a CT file", "file"), ("a DICOM folder", "folder")):
-                        # Equal halves of the row (after an upload one field shrank to a sliver, its name one
-                        # letter a line); a new key empties a field whose files are not the CT shown (the folder
-                        # field kept the last uploaded folder's file after a CT was opened by its path).
+                    for label, kind in ((FILE_FIELD_LABEL, "file"), (FOLDER_FIELD_LABEL, "folder")):
+                        # a new key empties a field whose files are not the CT shown (the folder field kept the last
+                        # uploaded folder's file after a CT was opened by its path)
                         with v3.VFileInput(
                             label=label, density="compact", hide_details=True, multiple=True, clearable=False,
                             prepend_icon="mdi-folder-upload" if kind == "folder" else "mdi-file-upload",
-                            key=(f"upload_keys.{kind}",), style="flex: 1 1 0; min-width: 0",
+                            key=(f"upload_keys.{kind}",), style="min-width: 0",
                             disabled=("busy",), change=f"trigger('{upload}', [$event.target.files, "
                                                         "($event.target.files[0] || {}).webkitRelativePath || '', "
                                                         f"'{kind}'])",
@@ -193,7 +197,8 @@ class LiverSAMWebApp:
                                        else ['data-testid="upload-file"']),
                         ), v3.Template(v_slot_selection="{ fileNames }"):
                             # on one line, cut with "..." (a file's name wrapped at its dots); a folder's file count
-                            html.Span("{{ fileNames.length }} files" if kind == "folder" else "{{ fileNames.join(', ') }}",
+                            html.Span("{{ fileNames.length }} files" if kind == "folder" else
+                                      "{{ fileNames.length > 1 ? fileNames.length + ' files' : fileNames.join(', ') }}",
                                       style="display: block; min-width: 0; max-width: 100%; white-space: nowrap; "
                                             "overflow: hidden; text-overflow: ellipsis")
             # ---- view
@@ -375,23 +380,59 @@ class LiverSAMWebApp:
     async def _on_upload(self, files: list[dict], relative_path: str | None = None, field: str = "file") -> None:
         """Files the page uploaded; ``relative_path``: the first one's path in the folder the reader chose (the
         browser's ``webkitRelativePath``, "ct_dicom/CT.1.dcm"), whose folder names the exports; ``field``: the upload
-        field they came from ("file" or "folder")."""
+        field they came from ("file" or "folder").
+
+        Several files chosen in the file field are a DICOM series as a folder's are; one .zip is unpacked and opened
+        as the folder it holds; one DICOM slice alone (a browser sends no folder) is told how to upload its series."""
         if not files:
             return
+        upload = field if field in UPLOAD_FIELDS else "file"
         folder = Path(tempfile.mkdtemp(dir=self._tmp.name))
         written = write_client_files_to_dir(files, folder)
         names = [Path(f).name for f in written]
-        what = f"The uploaded file '{names[0]}'" if len(names) == 1 else f"The uploaded folder ({len(names)} files)"
         chosen = str(relative_path or "").replace("\\", "/")
         chosen = chosen.split("/")[0] if "/" in chosen else ""  # the folder the reader chose
+        if len(written) == 1 and is_zip(written[0]):
+            await self._open_zip(written[0], names[0], folder / "unpacked", upload)
+            return
+        if len(written) == 1 and lone_dicom_slice(written[0]):
+            self._upload_refused(lone_slice_message(names[0]), upload)
+            return
+        what = f"The uploaded file '{names[0]}'" if len(names) == 1 else f"The uploaded folder ({len(names)} files)"
         stem = case_stem(names[0]) if len(names) == 1 else case_stem(chosen or "dicom-series")
         if len(names) == 1:  # the browser gives a file's name only, not its folder
             title, source = names[0], f"uploaded file {names[0]}"
         else:
             title = f"{len(names)} DICOM files" + (f" in {chosen}" if chosen else "")
-            source = f"uploaded folder {chosen}" if chosen else "uploaded folder"
-        create_task(self._open_files(written, what, title, stem, source=source,
-                                     upload=field if field in UPLOAD_FIELDS else "file"))
+            source = f"uploaded folder {chosen}" if chosen else f"{len(names)} uploaded files"
+        create_task(self._open_files(written, what, title, stem, source=source, upload=upload))
+
+    async def _open_zip(self, archive: str, name: str, into: Path, upload: str) -> None:
+        """An uploaded .zip: its files unpacked and opened as a folder (a DICOM series) or, one file, as that file."""
+        try:
+            unpacked = await asyncio.to_thread(unpack_zip, archive, into, name)
+        except InputError as exc:
+            self._upload_refused(str(exc), upload)
+            return
+        Path(archive).unlink(missing_ok=True)
+        zip_stem = name[:-4] if name.lower().endswith(".zip") and len(name) > 4 else name
+        if len(unpacked) == 1:
+            inner = Path(unpacked[0]).name
+            if lone_dicom_slice(unpacked[0]):
+                self._upload_refused(f"The uploaded archive '{name}' holds one DICOM slice ('{inner}'), not a "
+                                     "series: zip the whole folder of the series and upload that.", upload)
+                return
+            what, title, stem = f"'{inner}' in the uploaded archive '{name}'", f"{name}: {inner}", case_stem(inner)
+        else:
+            what = f"The uploaded archive '{name}' ({len(unpacked)} files)"
+            title, stem = f"{len(unpacked)} DICOM files in {name}", case_stem(zip_stem)
+        create_task(self._open_files(unpacked, what, title, stem, source=f"uploaded archive {name}", upload=upload))
+
+    def _upload_refused(self, message: str, upload: str) -> None:
+        """An upload that opened nothing: the message; its field is emptied (the same files can be chosen again)."""
+        self._error(message)
+        with self.state:
+            self.state.upload_keys = {field: key + (field == upload) for field, key in self.state.upload_keys.items()}
 
     async def _open_files(self, files: list[str], what: str, display_name: str, stem: str | None = None,
                           source: str = "", upload: str = "", series_of: str | None = None) -> None:

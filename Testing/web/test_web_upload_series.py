@@ -1,0 +1,68 @@
+"""A DICOM series uploaded from the browser, which sends only the files chosen, never their folder:
+
+- one slice of the series chosen alone said "a single 2D image, not a CT volume"; now the page says it is one slice
+  of a series and how to upload the series (all its files, its folder, or a .zip of the folder), and opens nothing;
+- every file of the series chosen at once in the file field opens the series (a DICOM SEG can reference it);
+- a .zip of the series' folder opens the series; a .zip holding a path outside its folder is refused.
+Real data: the TotalSegmentator 20-slice CT series (512 x 512 x 20).
+"""
+
+from __future__ import annotations
+
+import zipfile
+
+import pytest
+from playwright.sync_api import expect
+from web_page import DATA, dismiss_error, expect_error, wait_status
+
+SERIES = DATA / "totalseg_small" / "ct_dicom"
+FILE_LABEL = "Upload a CT file, a series' files or a .zip"
+
+
+def file_field(page):
+    return page.get_by_test_id("upload-file").locator("input[type=file]")
+
+
+def header(page) -> str:
+    return page.get_by_test_id("ct-name").inner_text().strip()
+
+
+def test_a_dicom_series_uploaded_as_its_files_or_a_zip(page, tmp_path):
+    if not SERIES.is_dir():
+        pytest.fail(f"the TotalSegmentator DICOM series is not at {SERIES}: set LIVERSAM_TEST_DATA (see README)")
+    files = sorted(SERIES.iterdir())
+
+    # one slice alone: what it is and what to do, nothing opened, the field emptied for another try
+    before = header(page)  # the app is shared by the session's tests: the CT an earlier test opened, or none
+    file_field(page).set_input_files(str(files[0]))
+    text = expect_error(page, r"one slice of a DICOM series")
+    assert files[0].name in text and "a single 2D image" not in text
+    assert "all its files" in text and "Upload a DICOM folder" in text and ".zip of the folder" in text
+    assert header(page) == before
+    assert page.get_by_test_id("upload-file").inner_text().strip() == FILE_LABEL
+    dismiss_error(page)
+
+    # all the series' files chosen at once in the file field: the series
+    file_field(page).set_input_files([str(f) for f in files])
+    wait_status(page, r"Opened 20 DICOM files \(512 x 512 x 20\)", timeout=120_000)
+    assert header(page) == "20 DICOM files"
+    assert page.get_by_test_id("upload-file").inner_text().strip().endswith("20 files")
+    expect(page.get_by_test_id("export-dicomseg")).to_be_enabled(timeout=10_000)  # read as a DICOM series
+
+    # a .zip of the series' folder (as a PACS export or a colleague sends it)
+    archive = tmp_path / "ct_dicom.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
+        for path in files:
+            zipped.write(path, f"ct_dicom/{path.name}")
+    file_field(page).set_input_files(str(archive))
+    wait_status(page, r"Opened 20 DICOM files in ct_dicom\.zip \(512 x 512 x 20\)", timeout=120_000)
+    assert header(page) == "20 DICOM files in ct_dicom.zip"
+    expect(page.get_by_test_id("export-dicomseg")).to_be_enabled(timeout=10_000)
+
+    # a .zip with a path that leaves its folder: refused, the series shown stays
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zipped:
+        zipped.writestr("../outside.dcm", files[0].read_bytes())
+    file_field(page).set_input_files(str(evil))
+    expect_error(page, r"'evil\.zip' holds a file outside its folder")
+    assert header(page) == "20 DICOM files in ct_dicom.zip"

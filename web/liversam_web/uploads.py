@@ -1,0 +1,98 @@
+"""What the page's upload fields send, made ready to open: a .zip of a DICOM series unpacked, one lone DICOM slice
+told apart from a CT.
+
+A browser sends only the files the reader chose, never their folder: one ``.dcm`` file chosen from a series
+arrived alone, and the page said "a single 2D image, not a CT volume". A series is uploaded as all its files (the
+file field takes several), as its folder (the folder field), or as a .zip of the folder (unpacked here).
+"""
+
+from __future__ import annotations
+
+import shutil
+import zipfile
+from pathlib import Path, PurePosixPath
+
+import pydicom
+
+from .mrml_scene import MAX_FOLDER_FILES, NOT_IMAGE_MODALITIES, InputError
+
+MAX_ZIP_BYTES = 8 * 1024**3  # what a .zip may unpack to (a 1,000-slice 512 x 512 CT series is about 0.5 GiB)
+HOW_TO_UPLOAD_A_SERIES = ("select all its files at once in the first upload field, choose its folder in "
+                          "'Upload a DICOM folder', or upload a .zip of the folder")
+
+
+def is_zip(path: str | Path) -> bool:
+    """A file named .zip, or one whose content is a zip archive."""
+    return str(path).lower().endswith(".zip") or zipfile.is_zipfile(path)
+
+
+def unpack_zip(archive: str | Path, into: str | Path, name: str) -> list[str]:
+    """The files of the zip ``archive`` (the upload called ``name``) unpacked under ``into``, sorted; hidden files and
+    macOS' ``__MACOSX`` folder left out. InputError when it is no readable zip, holds no file, a path that leaves
+    its folder, more than ``MAX_FOLDER_FILES`` files or more than ``MAX_ZIP_BYTES``."""
+    into = Path(into)
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            members = [m for m in zipped.infolist() if not m.is_dir() and _kept(m.filename)]
+            if not members:
+                raise InputError(f"The uploaded archive '{name}' holds no file: zip the folder of a DICOM series (or "
+                                 "a CT file) and upload that.")
+            if len(members) > MAX_FOLDER_FILES:
+                raise InputError(f"The uploaded archive '{name}' holds {len(members)} files, more than "
+                                 f"{MAX_FOLDER_FILES}: zip the folder of one DICOM series.")
+            total = sum(m.file_size for m in members)
+            if total > MAX_ZIP_BYTES:
+                raise InputError(f"The uploaded archive '{name}' unpacks to {total / 1024**3:.1f} GiB, more than "
+                                 f"{MAX_ZIP_BYTES / 1024**3:.0f} GiB: zip the folder of one DICOM series.")
+            targets = []
+            for member in members:  # every path checked before any file is written
+                parts = PurePosixPath(member.filename.replace("\\", "/")).parts
+                if not parts or parts[0] == "/" or ".." in parts or ":" in parts[0]:
+                    raise InputError(f"The uploaded archive '{name}' holds a file outside its folder "
+                                     f"('{member.filename}'); it was not unpacked. Zip the series' folder again.")
+                targets.append((member, into.joinpath(*parts)))
+            written = []
+            for member, target in targets:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zipped.open(member) as source, target.open("wb") as sink:
+                    shutil.copyfileobj(source, sink)
+                written.append(str(target))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
+        raise InputError(f"The uploaded archive '{name}' could not be unpacked ({exc}): it is damaged or not a zip "
+                         "archive. Zip the folder of the DICOM series again.") from None
+    except (RuntimeError, NotImplementedError) as exc:  # encrypted, or a compression zipfile does not know
+        raise InputError(f"The uploaded archive '{name}' could not be unpacked ({exc}). Zip the folder again without "
+                         "a password, with ordinary (deflate) compression.") from None
+    return sorted(written)
+
+
+def _kept(filename: str) -> bool:
+    parts = PurePosixPath(filename.replace("\\", "/")).parts
+    return bool(parts) and parts[0] != "__MACOSX" and not any(part.startswith(".") and part not in (".", "..")
+                                                             for part in parts)
+
+
+def lone_dicom_slice(path: str | Path) -> bool:
+    """True for a DICOM file that holds one image of a series (one frame of an image modality): alone, no CT volume.
+    A multi-frame file (an enhanced CT: the whole volume in one file) and a file that is no DICOM image are not."""
+    from liversam.image_integrity import DICOM, sniff_image_format
+
+    path = Path(path)
+    if not path.is_file() or sniff_image_format(path) != DICOM:
+        return False
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+    except (OSError, ValueError, pydicom.errors.InvalidDicomError):
+        return False
+    modality = str(header.get("Modality", "") or "").upper()
+    try:
+        frames = int(header.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    return modality not in NOT_IMAGE_MODALITIES and frames <= 1
+
+
+def lone_slice_message(name: str) -> str:
+    """What to do when the upload was one slice of a DICOM series."""
+    return (f"The uploaded file '{name}' is one slice of a DICOM series (a browser sends only the files chosen, not "
+            f"their folder). Upload the whole series: {HOW_TO_UPLOAD_A_SERIES}.")
