@@ -3,7 +3,8 @@
 - the header names the case as the exports do ("lits117/ct.nii.gz", "totalseg_small/ct.nii.gz": both were
   "ct.nii.gz"), with its whole path on hover;
 - the Window and Level sliders show their values, and the preset shown is highlighted (neither was);
-- the voxel probe follows a mouse-wheel scroll (it named the slice before until the mouse moved);
+- the voxel probe follows a mouse-wheel scroll (it named the slice before until the mouse moved), and is cleared
+  when the mouse leaves the axial view for another view or the panel (it kept the mouse's last place there);
 - the icon buttons of each view say what they do, on hover and as their accessible name.
 """
 
@@ -30,6 +31,17 @@ def values(page) -> tuple[str, str]:
 
 def pressed(page) -> list[str]:
     return [name for name in PRESETS if page.get_by_test_id(f"preset-{name}").get_attribute("aria-pressed") == "true"]
+
+
+def probe_cleared(page, seconds: float = 5.0) -> bool:
+    """The probe line is empty within ``seconds`` and stays so for 0.5 s (a late reading would fill it again)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not page.get_by_test_id("probe").inner_text().strip():
+            time.sleep(0.5)
+            return not page.get_by_test_id("probe").inner_text().strip()
+        time.sleep(0.1)
+    return False
 
 
 def test_header_window_level_probe_and_view_buttons(page):
@@ -69,6 +81,17 @@ def test_header_window_level_probe_and_view_buttons(page):
         assert time.monotonic() < deadline, f"slice {shown} shown, the probe says {page.get_by_test_id('probe').inner_text()!r}"
         time.sleep(0.2)
     assert (int(match.group(1)), int(match.group(2))) == (i, j)  # the same place, on the new slice
+
+    # the mouse leaves the axial view: the probe no longer names its last place there (it kept it)
+    views = page.locator(".remote-controlled-area")
+    assert views.count() == 4
+    for n in (1, 2, 3):  # onto each other view, then back into the axial view
+        other = views.nth(n).bounding_box()
+        page.mouse.move(other["x"] + other["width"] / 2, other["y"] + other["height"] / 2, steps=4)
+        assert probe_cleared(page), f"over view {n}: the probe still says {page.get_by_test_id('probe').inner_text()!r}"
+        assert probe(page, x, y)[:2] == (i, j)  # back in the axial view: the voxel under the mouse again
+    page.mouse.move(100, 400, steps=4)  # onto the panel
+    assert probe_cleared(page), f"over the panel: the probe still says {page.get_by_test_id('probe').inner_text()!r}"
 
     # the views' icon buttons: a tooltip and an accessible name that say what they do
     tips = {"view-reset": ("Reset this view: the whole slice, fitted to the view", "Reset the 3D view's camera"),

@@ -41,7 +41,7 @@ from .review_table import lesion_rows, review_items, review_rows
 from .server_client import LiverSAMClient, LiverSAMClientError, ServerRequestError, ServerUnavailable
 from .slice_prompting import CLICK_TOLERANCE_PX, SlicePrompting
 from .uploads import is_zip, lone_dicom_slice, lone_slice_message, unpack_zip
-from .view_gutters import slice_view_gutter, threed_view_gutter
+from .view_gutters import PROBE_VIEW, slice_view_gutter, threed_view_gutter
 from .view_mouse import OffAxialGestures, set_window_level_drag
 from .volume_geometry import (
     PromptOutsideVolume,
@@ -151,7 +151,15 @@ class LiverSAMWebApp:
                 html.Span("{{ server_label }}", classes="text-caption mr-4")
             with v3.VNavigationDrawer(permanent=True, width=380, location="left"):
                 self._build_panel()
-            with v3.VMain(), FlexContainer(row=True, fill_height=True, style="height: calc(100vh - 48px);"):
+            # The voxel probe names the voxel under the mouse in the axial view: it is cleared when the mouse leaves
+            # that view (it kept the mouse's last place there). The views send the server no "mouse left" event, so
+            # the page says it: the mouse over another view (or a gap between views), or out of the views' area.
+            left = self.server.trigger_name(self._on_probe_left)
+            with v3.VMain(), FlexContainer(
+                    row=True, fill_height=True, style="height: calc(100vh - 48px);",
+                    mouseover=(f"probe && !$event.target.closest('.layout-grid-item')?.querySelector('[{PROBE_VIEW}]') "
+                               f"&& trigger('{left}')"),
+                    mouseleave=f"probe && trigger('{left}')"):
                 self.layout_manager.initialize_layout_grid(self.ui)
 
     def _build_panel(self) -> None:
@@ -674,6 +682,14 @@ class LiverSAMWebApp:
         if text != self.state.probe:
             with self.state:
                 self.state.probe = text
+
+    def _on_probe_left(self, *_args) -> None:
+        """The mouse left the axial view: no voxel is under it there (the probe kept its last place)."""
+        if self._prompting is not None:
+            self._prompting.mouse_left()
+        if self.state.probe:
+            with self.state:
+                self.state.probe = ""
 
     def go_to_slice(self, value: Any = None, *_args) -> None:
         """Jump to the typed slice (the value comes with the event: the field's state may not be synced yet)."""

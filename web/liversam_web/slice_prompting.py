@@ -12,6 +12,8 @@ The mouse wheel still scrolls slices. ``navigate`` mode gives the view back to S
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Callable
 from typing import Literal
 
@@ -23,6 +25,7 @@ from vtkmodules.vtkRenderingCore import vtkActor2D, vtkCoordinate, vtkPolyDataMa
 Mode = Literal["navigate", "box", "point+", "point-"]
 MODES: tuple[Mode, ...] = ("navigate", "box", "point+", "point-")
 CLICK_TOLERANCE_PX = 3
+LEFT_GRACE_S = 0.25  # mouse moves arriving this soon after the mouse left the view were sent before it left
 logger = logging.getLogger("liversam_web.prompting")
 
 
@@ -46,6 +49,7 @@ class SlicePrompting:
         self._press_xy: tuple[int, int] | None = None
         self._current_xy: tuple[int, int] | None = None
         self._probe_xy: tuple[int, int] | None = None  # where the mouse last moved in the view
+        self._left_at = -math.inf  # when the page said the mouse left the view (time.monotonic)
         self._observer_ids: list[int] = []
         self._band = _RubberBand()
         view.first_renderer().AddViewProp(self._band.actor)
@@ -102,6 +106,8 @@ class SlicePrompting:
 
     # --- events ----------------------------------------------------------------------------------------
     def _on_probe_move(self, *_args) -> None:
+        if time.monotonic() - self._left_at < LEFT_GRACE_S:
+            return  # a move the page sent before the mouse left (its events are throttled)
         self._probe_xy = self._event_xy()
         if self.on_probe is not None:
             self.on_probe(self.display_to_ras(self._probe_xy))
@@ -115,6 +121,12 @@ class SlicePrompting:
     def forget_probe(self) -> None:
         """No probe until the mouse moves in the view again (another CT is shown)."""
         self._probe_xy = None
+
+    def mouse_left(self) -> None:
+        """The mouse left the view: no probe until it moves in the view again, and none from a move that was sent
+        before it left and arrives in the next ``LEFT_GRACE_S``."""
+        self._probe_xy = None
+        self._left_at = time.monotonic()
 
     def _on_press(self, *_args) -> None:
         self._press_xy = self._current_xy = self._event_xy()

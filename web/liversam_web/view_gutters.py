@@ -16,6 +16,7 @@ from trame_slicer.app.ui.slider import Slider
 RESET_SLICE = "Reset this view: the whole slice, fitted to the view"
 RESET_3D = "Reset the 3D view's camera"
 SLICE_IN_3D = "Show or hide this slice in the 3D view"
+PROBE_VIEW = "data-probe-view"  # marks the view whose voxel the probe line names (the axial view)
 
 
 def _button(icon: str, tip: str, click, testid: str) -> None:
@@ -25,8 +26,9 @@ def _button(icon: str, tip: str, click, testid: str) -> None:
         v3.VTooltip(tip, activator="parent", location="right", transition="slide-x-transition")
 
 
-def _gutter():
-    return html.Div(classes="view-gutter", style="position: absolute; top: 0; left: 0; background-color: transparent;")
+def _gutter(probe_view: bool = False):
+    return html.Div(classes="view-gutter", style="position: absolute; top: 0; left: 0; background-color: transparent;",
+                    raw_attrs=[PROBE_VIEW] if probe_view else [])
 
 
 def threed_view_gutter(_server, _view_id: str, view) -> None:
@@ -35,7 +37,9 @@ def threed_view_gutter(_server, _view_id: str, view) -> None:
 
 
 def slice_view_gutter(server, _view_id: str, view) -> None:
-    with _gutter(), html.Div(classes="view-gutter-content d-flex flex-column fill-height pa-2"):
+    # the axial view, whose voxel probe the page clears when the mouse leaves it (app.py), is marked
+    axial = getattr(getattr(view, "_view_properties", None), "orientation", None) == "Axial"
+    with _gutter(axial), html.Div(classes="view-gutter-content d-flex flex-column fill-height pa-2"):
         _button("mdi-camera-flip-outline", RESET_SLICE, view.reset_view, "view-reset")
         _button("mdi-video-3d", SLICE_IN_3D, view.toggle_visible_in_3d, "view-in-3d")
     with html.Div(classes="slice-slider-gutter",
