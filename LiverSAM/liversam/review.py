@@ -38,7 +38,9 @@ before tumours). The thresholds were chosen on the four labelled cases (docs/RES
 Report format (JSON; fields only added over earlier versions): per segment ``name``, ``volume_ml``,
 ``slices`` (``k``, ``area_mm2``, ``score``, ``source``, ``flags``, ``solidity``, ``mean_hu``; slices between the segment's first and
 last, plus flagged ``beyond_end`` / ``end`` slices with area 0; for a segment the dense CRF refined, the flags,
-solidity and mean HU are those of its mask before the CRF, the areas those of the final mask), ``flagged_slices`` (the slices of the review items),
+solidity and mean HU are those of its mask before the CRF, the areas those of the final mask; a reason says what
+the propagation did where the final mask differs from it: "probably continues past slice 48: its propagation stopped
+there ... (the refined outline shown begins at slice 49, 1 % ...)"), ``flagged_slices`` (the slices of the review items),
 ``tracks``, and ``items`` (``first_slice``, ``last_slice``, ``slices`` as text, ``flags``, ``reason``); at the
 top level ``items``, every segment's items in review order (each with its ``segment``).
 """
@@ -309,21 +311,48 @@ def _slices_with(rows: list[SliceReview], *flags: str) -> str:
     return f"slice {joined}" if len(ks) == 1 else f"slices {joined}"
 
 
+def _beyond_end_reason(name: str, tip: SliceReview | None, largest: float, first: int, last: int,
+                       settings: ReviewSettings, flagged_areas: np.ndarray | None) -> str:
+    """Why the segment probably continues past the end nearest the item ``first``-``last`` (``tip``: that end of the
+    mask shown). ``flagged_areas``: the slice areas of the mask the flags were raised on when it is not the mask
+    shown (the propagation's, before the dense CRF): the flag says where the propagation stopped, and the outline
+    shown may end elsewhere or be thinner there (lits117's tumour "stops at slice 49 while its outline there is still
+    1 % of its largest slice: it probably continues": the propagation had stopped at slice 48, larger, and the CRF
+    had emptied that slice and thinned slice 49)."""
+    where = _slices_text(first, last)
+    share = f"{100 * tip.area_mm2 / largest:.0f} % of its largest slice" if tip and largest else "large"
+    said = (f"{name} stops{f' at slice {tip.k}' if tip else ''} while its outline there is still {share}: it probably "
+            f"continues; check {where}")
+    if flagged_areas is None or not flagged_areas.any():
+        return said
+    if tip is not None and tip.area_mm2 >= settings.beyond_end_fraction * largest:
+        return said  # the outline shown stops as large as the flag asks: the sentence holds for it
+    present = np.nonzero(flagged_areas)[0]
+    lower, upper = int(present[0]), int(present[-1])
+    stopped = min((lower, upper), key=lambda k: min(abs(k - first), abs(k - last)))
+    was = f"{100 * flagged_areas[stopped] / flagged_areas.max():.0f} %"
+    if tip is None:
+        shown = "the refined outline shown has no slice left"
+    elif tip.k == stopped:
+        shown = f"the refined outline shown is {share} there"
+    else:
+        shown = f"the refined outline shown {'begins' if stopped == lower else 'ends'} at slice {tip.k}, {share}"
+    return (f"{name} probably continues past slice {stopped}: its propagation stopped there while the outline was "
+            f"still {was} of its largest slice ({shown}); check {where}")
+
+
 def _reason(name: str, flags: set[str], rows: list[SliceReview], first: int, last: int, largest: float,
-            settings: ReviewSettings, all_rows: list[SliceReview]) -> str:
+            settings: ReviewSettings, all_rows: list[SliceReview], flagged_areas: np.ndarray | None = None) -> str:
     """The review item's reason in a radiologist's words: each finding names the slices it was found on (the item's
-    whole range, merged from nearby findings, is where to look for an end)."""
+    whole range, merged from nearby findings, is where to look for an end). ``flagged_areas``: the slice areas of
+    the mask the flags were raised on, when that is not the mask of the rows (see :func:`review_items`)."""
     where = _slices_text(first, last)
     parts = []
     present = [r for r in all_rows if r.area_mm2 > 0]
     # The segment's end (first or last slice with a mask) nearest this item.
     tip = min((present[0], present[-1]), key=lambda r: min(abs(r.k - first), abs(r.k - last))) if present else None
     if "beyond_end" in flags:
-        end = tip
-        share = f"{100 * end.area_mm2 / largest:.0f} % of its largest slice" if end and largest else "large"
-        stop = f" at slice {end.k}" if end else ""
-        parts.append(f"{name} stops{stop} while its outline there is still {share}: it probably continues; "
-                     f"check {where}")
+        parts.append(_beyond_end_reason(name, tip, largest, first, last, settings, flagged_areas))
     if "end" in flags and "beyond_end" not in flags:
         which = "begins" if tip is not None and tip is present[0] else "ends"
         at = f" at slice {tip.k}" if tip else ""
@@ -358,8 +387,12 @@ def _reason(name: str, flags: set[str], rows: list[SliceReview], first: int, las
     if "past_end" in flags:
         parts.append(f"{name} grows again towards its end: it may have run into a neighbouring organ; check {where}")
     if "tip" in flags and "beyond_end" not in flags and "end" not in flags:
-        parts.append(f"{name} tapers to below {100 * settings.tip_fraction:.0f} % of its largest slice: check that "
-                     f"it ends where it should and has not run on into a neighbour ({_slices_with(rows, 'tip')})")
+        tips = [r for r in rows if "tip" in r.flags]
+        # flagged on the propagation's mask: said so where the outline shown is not that thin
+        before = flagged_areas is not None and any(r.area_mm2 >= settings.tip_fraction * largest for r in tips)
+        parts.append(f"{name} {'tapered' if before else 'tapers'} to below {100 * settings.tip_fraction:.0f} % of "
+                     f"its largest slice{' before the refinement' if before else ''}: check that it ends where it "
+                     f"should and has not run on into a neighbour ({_slices_with(rows, 'tip')})")
     if "area_jump" in flags:
         parts.append(f"{name}'s area changes suddenly between neighbouring slices ({_slices_with(rows, 'area_jump')}): "
                      "a leak or a missed part")
@@ -375,8 +408,12 @@ def _reason(name: str, flags: set[str], rows: list[SliceReview], first: int, las
     return "; ".join(parts[:MAX_REASONS])
 
 
-def review_items(name: str, rows: list[SliceReview], settings: ReviewSettings | None = None) -> list[dict]:
-    """Consecutive flagged slices of one segment as review items (first/last slice, flags, reason)."""
+def review_items(name: str, rows: list[SliceReview], settings: ReviewSettings | None = None,
+                 flagged_areas_mm2: np.ndarray | None = None) -> list[dict]:
+    """Consecutive flagged slices of one segment as review items (first/last slice, flags, reason).
+    ``flagged_areas_mm2``: per slice k, the areas of the mask the rows' flags were raised on when the rows' areas are
+    another mask's (a segment the dense CRF refined: flagged before the CRF, the areas those of the final mask); the
+    reasons then say what the propagation did where the mask shown differs."""
     settings = settings or ReviewSettings()
     by_k = {r.k: r for r in rows}
     largest = max((r.area_mm2 for r in rows), default=0.0)
@@ -389,7 +426,7 @@ def review_items(name: str, rows: list[SliceReview], settings: ReviewSettings | 
             "last_slice": last,
             "slices": _slices_text(first, last).split(" ", 1)[1],
             "flags": sorted(flags),
-            "reason": _reason(name, flags, span, first, last, largest, settings, rows),
+            "reason": _reason(name, flags, span, first, last, largest, settings, rows, flagged_areas_mm2),
         })
     return items
 
@@ -441,9 +478,11 @@ def build_review_report(result: SegmentationResult, settings: ReviewSettings | N
         flagged_on = (result.provenance.get("before_crf") or {}).get(seg.name, seg.mask_kji)
         rows = review_segment(flagged_on, pixel_area, seg.slice_scores, records, settings, geometry.spacing_mm[2],
                               ct_kji, lesion)
+        flagged_areas = None
         if flagged_on is not seg.mask_kji:
             rows = _final_areas(rows, seg.mask_kji, pixel_area, seg.slice_scores, records)
-        for item in review_items(seg.name, rows, settings):
+            flagged_areas = np.asarray(flagged_on, bool).sum(axis=(1, 2)) * pixel_area
+        for item in review_items(seg.name, rows, settings, flagged_areas):
             candidates.append((order, item))
         report["segments"].append({
             "name": seg.name,

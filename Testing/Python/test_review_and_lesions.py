@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -330,3 +331,91 @@ def test_a_crf_refined_tumour_is_flagged_before_the_crf_and_reported_with_its_fi
     (report,) = build_review_report(result)["segments"]
     by_k = {row["k"]: row for row in report["slices"]}
     assert by_k[26]["area_mm2"] == 9.0 and by_k[26]["flags"] == [] and 25 not in by_k
+
+
+def test_a_crf_thinned_end_is_not_said_to_be_still_large():
+    """The propagation stopped at slice 8 at full size (flagged: it probably continues); the CRF emptied slice 8 and
+    left slice 9 at 1 % of the largest slice. The review said "tumor stops at slice 9 while its outline there is
+    still 1 % of its largest slice: it probably continues", untrue of the mask shown (a thin end is no reason to
+    think it continues); now it says where the propagation stopped and what the outline shown has there."""
+    geometry = ImageGeometry((40, 40, 30), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
+    before = np.zeros(geometry.shape_kji, dtype=bool)
+    before[8:20, 10:30, 10:30] = True  # 400 mm² a slice
+    final = before.copy()
+    final[8] = False
+    final[9] = False
+    final[9, 10:12, 10:12] = True  # 4 mm²: 1 % of 400
+    result = SegmentationResult(geometry, [Segment("tumor", 2, final)],
+                                provenance={"before_crf": {"tumor": before}, "inside": {"tumor": "liver"}})
+    report = build_review_report(result)
+    reasons = [item["reason"] for item in report["items"]]
+    lower = next(r for r in reasons if "slice 8" in r or "slice 9" in r)
+    assert "still 1 %" not in lower, lower
+    assert lower.startswith("tumor probably continues past slice 8: its propagation stopped there while the outline "
+                            "was still 100 % of its largest slice (the refined outline shown begins at slice 9, 1 % "
+                            "of its largest slice)"), lower
+    # an end the refinement left as large: said as before, of the mask shown
+    upper = next(r for r in reasons if "slice 19" in r)
+    assert upper.startswith("tumor stops at slice 19 while its outline there is still 100 % of its largest slice: it "
+                            "probably continues"), upper
+
+    # the same end thinned but not moved: "the refined outline shown is 1 % ... there"
+    final[9] = before[9]
+    final[8] = False
+    final[8, 10:12, 10:12] = True
+    before2 = before.copy()
+    result = SegmentationResult(geometry, [Segment("tumor", 2, final)],
+                                provenance={"before_crf": {"tumor": before2}, "inside": {"tumor": "liver"}})
+    lower = next(r["reason"] for r in build_review_report(result)["items"] if "slice 8" in r["reason"])
+    assert "probably continues past slice 8: its propagation stopped there while the outline was still 100 % of its " \
+           "largest slice (the refined outline shown is 1 % of its largest slice there)" in lower, lower
+
+
+def test_a_tip_flagged_before_the_crf_says_so_where_the_outline_shown_is_not_thin():
+    """A tumour that tapered to below 5 % before the CRF, whose refined end slice is larger: "tapered ... before the
+    refinement", not "tapers" (the mask shown does not)."""
+    geometry = ImageGeometry((40, 40, 30), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
+    before = np.zeros(geometry.shape_kji, dtype=bool)
+    before[0, 10:12, 10:12] = True  # 4 mm², 1 % (the scan's first slice: no beyond-end slice)
+    before[1:20, 10:30, 10:30] = True
+    final = before.copy()
+    final[0, 10:20, 10:20] = True  # 100 mm², 25 %
+    result = SegmentationResult(geometry, [Segment("tumor", 2, final)],
+                                provenance={"before_crf": {"tumor": before}, "inside": {"tumor": "liver"}})
+    reasons = " ".join(item["reason"] for item in build_review_report(result)["items"])
+    assert "tumor tapered to below 5 % of its largest slice before the refinement" in reasons, reasons
+    plain = SegmentationResult(geometry, [Segment("tumor", 2, before)], provenance={"inside": {"tumor": "liver"}})
+    reasons = " ".join(item["reason"] for item in build_review_report(plain)["items"])
+    assert "tumor tapers to below 5 % of its largest slice: check" in reasons, reasons
+
+
+def test_lits117_tumour_review_sentences_hold_for_the_mask_written(tmp_path, lits117_ct_path):
+    """Real CT through ``liversam segment`` (dense CRF on, as by default): the liver box and one tumour box of the
+    README's example. The propagation took the tumour down to slice 48; the CRF emptied slice 48 and left slice 49
+    at 1 % of the largest slice, and the review said "tumor stops at slice 49 while its outline there is still 1 %
+    of its largest slice: it probably continues". Every "stops ... still N %" sentence now holds for the mask
+    written: N at least the flag's 2 %, at an end of the tumour in the lesion table."""
+    from liversam.cli import main
+    from liversam.dense_crf import crf_available
+
+    if not crf_available():
+        pytest.skip("the dense CRF (pydensecrf2) is not installed: the CRF-thinned end cannot occur")
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"coordinate_system": "LPS", "segments": [
+        {"name": "liver", "label": 1, "propagate": True, "boxes": [[[2, 7, 33], [123, 127, 33]]]},
+        {"name": "tumor", "label": 2, "inside": "liver", "propagate": True, "boxes": [[[56, 0, 83], [115, 25, 83]]]},
+    ]}))
+    report_path, lesions_path = tmp_path / "review.json", tmp_path / "lesions.json"
+    assert main(["segment", str(lits117_ct_path), "--prompts", str(prompts), "--output", str(tmp_path / "out.nii.gz"),
+                 "--report", str(report_path), "--lesions", str(lesions_path), "--quiet"]) == 0
+    report = json.loads(report_path.read_text())
+    ends = {k for lesion in json.loads(lesions_path.read_text()) for k in (lesion["slice_first"], lesion["slice_last"])}
+    tumour = [item["reason"] for item in report["items"] if item["segment"] == "tumor"]
+    print("lits117 tumour review:", *tumour, sep="\n  ")
+    said = [(int(k), int(n)) for reason in tumour for k, n in re.findall(r"stops at slice (\d+) while its outline "
+                                                                            r"there is still (\d+) %", reason)]
+    for k, share in said:
+        assert share >= 100 * ReviewSettings().beyond_end_fraction, tumour
+        assert k in ends, (k, ends)
+    continues = [reason for reason in tumour if "probably continues" in reason]
+    assert continues, f"no tumour end flagged as probably continuing: {tumour}"
