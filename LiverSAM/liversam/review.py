@@ -311,15 +311,14 @@ def _slices_with(rows: list[SliceReview], *flags: str) -> str:
     return f"slice {joined}" if len(ks) == 1 else f"slices {joined}"
 
 
-def _beyond_end_reason(name: str, tip: SliceReview | None, largest: float, first: int, last: int,
+def _beyond_end_reason(name: str, tip: SliceReview | None, largest: float, near: tuple[int, int], where: str,
                        settings: ReviewSettings, flagged_areas: np.ndarray | None) -> str:
-    """Why the segment probably continues past the end nearest the item ``first``-``last`` (``tip``: that end of the
-    mask shown). ``flagged_areas``: the slice areas of the mask the flags were raised on when it is not the mask
+    """Why the segment probably continues past its end next to the slices ``near`` (first, last) flagged beyond it
+    (``tip``: that end of the mask shown; ``where``: the item's slices to check). ``flagged_areas``: the slice areas of the mask the flags were raised on when it is not the mask
     shown (the propagation's, before the dense CRF): the flag says where the propagation stopped, and the outline
     shown may end elsewhere or be thinner there (lits117's tumour "stops at slice 49 while its outline there is still
     1 % of its largest slice: it probably continues": the propagation had stopped at slice 48, larger, and the CRF
     had emptied that slice and thinned slice 49)."""
-    where = _slices_text(first, last)
     share = f"{100 * tip.area_mm2 / largest:.0f} % of its largest slice" if tip and largest else "large"
     said = (f"{name} stops{f' at slice {tip.k}' if tip else ''} while its outline there is still {share}: it probably "
             f"continues; check {where}")
@@ -329,7 +328,7 @@ def _beyond_end_reason(name: str, tip: SliceReview | None, largest: float, first
         return said  # the outline shown stops as large as the flag asks: the sentence holds for it
     present = np.nonzero(flagged_areas)[0]
     lower, upper = int(present[0]), int(present[-1])
-    stopped = min((lower, upper), key=lambda k: min(abs(k - first), abs(k - last)))
+    stopped = min((lower, upper), key=lambda k: min(abs(k - near[0]), abs(k - near[1])))
     was = f"{100 * flagged_areas[stopped] / flagged_areas.max():.0f} %"
     if tip is None:
         shown = "the refined outline shown has no slice left"
@@ -352,7 +351,13 @@ def _reason(name: str, flags: set[str], rows: list[SliceReview], first: int, las
     # The segment's end (first or last slice with a mask) nearest this item.
     tip = min((present[0], present[-1]), key=lambda r: min(abs(r.k - first), abs(r.k - last))) if present else None
     if "beyond_end" in flags:
-        parts.append(_beyond_end_reason(name, tip, largest, first, last, settings, flagged_areas))
+        # Each run of slices flagged beyond an end names the end it lies beyond: an item that spans the whole
+        # segment (lits117's tumour, slices 38-127) named the end nearest the item's edge, the scan's last slice
+        # (127, "still 61 %"), for the slices 38-47 beyond its first.
+        for near in _ranges([r.k for r in rows if "beyond_end" in r.flags], 0)[:2]:
+            end = min((present[0], present[-1]), key=lambda r: min(abs(r.k - near[0]), abs(r.k - near[1]))) \
+                if present else None
+            parts.append(_beyond_end_reason(name, end, largest, near, where, settings, flagged_areas))
     if "end" in flags and "beyond_end" not in flags:
         which = "begins" if tip is not None and tip is present[0] else "ends"
         at = f" at slice {tip.k}" if tip else ""

@@ -419,3 +419,21 @@ def test_lits117_tumour_review_sentences_hold_for_the_mask_written(tmp_path, lit
         assert k in ends, (k, ends)
     continues = [reason for reason in tumour if "probably continues" in reason]
     assert continues, f"no tumour end flagged as probably continuing: {tumour}"
+
+
+def test_an_item_over_the_whole_segment_names_the_end_its_beyond_end_slices_lie_past():
+    """lits117's tumour in the page: one item over slices 38-127 (the model unsure on every slice), the slices beyond
+    its first slice (49) flagged, its last slice the scan's last (127). The reason named the end nearest the item's
+    edge: "tumour stops at slice 127 while its outline there is still 61 %: it probably continues" (past the scan's
+    end). Now it names the end the flagged slices lie beyond."""
+    geometry = ImageGeometry((40, 40, 30), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
+    mask = np.zeros(geometry.shape_kji, dtype=bool)
+    mask[8:30, 10:30, 10:30] = True  # slices 8-29: the scan's last slice is 29
+    scores = {k: 0.3 for k in range(8, 30)}  # low everywhere: one item from the slices beyond 8 to 29
+    result = SegmentationResult(geometry, [Segment("tumor", 2, mask, slice_scores=scores)],
+                                provenance={"inside": {"tumor": "liver"}})
+    (item,) = build_review_report(result)["items"]
+    assert (item["first_slice"], item["last_slice"]) == (3, 29)
+    assert item["reason"].startswith("tumor stops at slice 8 while its outline there is still 100 % of its largest "
+                                     "slice: it probably continues"), item["reason"]
+    assert "slice 29" not in item["reason"].split(";")[0]
