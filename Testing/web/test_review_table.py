@@ -39,6 +39,13 @@ def test_lesion_rows_one_decimal() -> None:
                      "slices": "50-107", "centre_k": 78}]
 
 
+def test_a_lesion_of_a_few_voxels_is_not_0_ml_and_one_slice_is_one_number() -> None:
+    """lits117's second lesion in the page: 4 voxels on slice 127 read "0 mL", slices "127-127"."""
+    (row,) = lesion_rows([{"lesion_id": 2, "volume_ml": 0.004, "longest_axial_diameter_mm": 4.0,
+                           "slice_first": 127, "slice_last": 127}])
+    assert (row["ml"], row["slices"], row["centre_k"]) == ("< 0.1", "127", 127)
+
+
 def test_review_items_say_tumour_as_the_page_does() -> None:
     """The server's reasons name the segment "tumor" ("tumor stops at slice 48"); the page says "tumour" everywhere."""
     review = {"tumor": {"items": [{"first_slice": 38, "slices": "38-120",

@@ -59,14 +59,22 @@ def review_items(review: dict[str, dict[str, Any]], propagated: set[str]) -> lis
 
 
 def lesion_rows(lesions: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The lesion table: volume in mL and longest axial diameter in mm with one decimal, its slices."""
+    """The lesion table: volume in mL and longest axial diameter in mm with one decimal (a lesion under 0.05 mL is
+    "< 0.1", not 0), its slices ("127" for one slice, not "127-127")."""
     def one_decimal(value: Any) -> Any:
         return round(float(value), 1) if value is not None else ""
 
+    def volume(value: Any) -> Any:
+        ml = one_decimal(value)
+        return "< 0.1" if ml == 0 and float(value) > 0 else ml
+
+    def slices(first: Any, last: Any) -> str:
+        return f"{first}" if first == last else f"{first}-{last}"
+
     return [
-        {"id": lesion.get("lesion_id"), "ml": one_decimal(lesion.get("volume_ml")),
+        {"id": lesion.get("lesion_id"), "ml": volume(lesion.get("volume_ml")),
          "diameter": one_decimal(lesion.get("longest_axial_diameter_mm")),
-         "slices": f"{lesion.get('slice_first')}-{lesion.get('slice_last')}",
+         "slices": slices(lesion.get("slice_first"), lesion.get("slice_last")),
          "centre_k": (int(lesion.get("slice_first", 0)) + int(lesion.get("slice_last", 0))) // 2}
         for lesion in lesions
     ]
