@@ -587,3 +587,40 @@ def test_one_dicom_file_typed_opens_its_series_as_liversam_segment_does(tmp_path
         assert app.state.ct_name == "dcmqi_ct3slice/ct"
 
     asyncio.run(scenario())
+
+
+def test_an_irregular_dicom_series_is_shown_resampled_and_refused_as_a_dicom_seg_reference(tmp_path):
+    """A DICOM series with a slice missing: trame-slicer's reader interpolates it onto a regular grid (Slicer's
+    acquisition-geometry regularization, hardened), and the page said nothing of it; its DICOM SEG export was offered
+    and failed at the server with a grid mismatch. The page now says the slices were interpolated and why, offers no
+    DICOM SEG, and the full series still offers one."""
+    import shutil
+
+    import pydicom
+    from web_page import DATA
+
+    series = tmp_path / "gap" / "ct_dicom"
+    shutil.copytree(DATA / "totalseg_small" / "ct_dicom", series)
+    by_z = sorted(series.iterdir(), key=lambda f: float(pydicom.dcmread(f, stop_before_pixels=True)
+                                                       .ImagePositionPatient[2]))
+    by_z[10].unlink()  # of 20 slices 2 mm apart: 9 and 11 are 4 mm apart
+    client = FakeServer()
+    app = new_app(client)
+
+    async def scenario():
+        await app._open_path(str(series))
+        assert not app.state.error, app.state.error
+        status = app.state.status
+        assert "Its DICOM slices form no regular grid" in status and "interpolated onto a regular grid" in status, status
+        assert "spacing" in status or "missing" in status or "uneven" in status, status  # the core's reason, named
+        assert app.state.has_dicom is False and "not for this CT" in app.state.dicom_note
+        await app._export_dicom_seg(tmp_path / "seg.dcm")
+        assert "form no regular grid" in app.state.error and not (tmp_path / "seg.dcm").exists(), app.state.error
+
+        app.state.error = ""
+        await app._open_path(str(DATA / "totalseg_small" / "ct_dicom"))
+        assert not app.state.error, app.state.error
+        assert app.state.has_dicom is True and "regular grid" not in app.state.status
+        assert app.state.dicom_note.startswith("DICOM SEG: for a CT opened from a DICOM series")
+
+    asyncio.run(scenario())

@@ -62,6 +62,10 @@ UPLOAD_FIELDS = ("file", "folder")
 # the upload fields: one CT file, every file of a DICOM series, or a .zip of its folder; a DICOM series' folder
 FILE_FIELD_LABEL = "Upload a CT file, a series' files or a .zip"
 FOLDER_FIELD_LABEL = "Upload a DICOM folder"
+DICOM_SEG_NOTE = "DICOM SEG: for a CT opened from a DICOM series (it references that series)."
+DICOM_SEG_IRREGULAR = ("DICOM SEG: not for this CT. Its DICOM slices form no regular grid, so the CT shown is interpolated "
+                       "onto one: a DICOM SEG cannot reference slices the series does not have. Export .seg.nrrd or a "
+                       "labelmap instead")
 JOB_POLL_S = 0.25
 PREFETCH_DELAY_S = 0.4  # the user has settled on a slice
 PREFETCH_RADIUS = 2
@@ -108,6 +112,7 @@ class LiverSAMWebApp:
             "upload_keys": {"file": 0, "folder": 0},  # a new key empties that upload field
             "has_ct": False,
             "has_dicom": False,
+            "dicom_note": DICOM_SEG_NOTE,
             "busy": False,
             "busy_text": "",
             "error": "",
@@ -339,8 +344,7 @@ class LiverSAMWebApp:
                         click=(f"trigger('{self.server.trigger_name(self.export)}', ['{kind}']).then((data) => data "
                                f"&& utils.download(export_names['{kind}'], data, 'application/octet-stream'))"),
                     )
-                html.Div("DICOM SEG: for a CT opened from a DICOM series (it references that series).",
-                         v_if="!has_dicom", classes="text-caption", raw_attrs=['data-testid="dicomseg-note"'])
+                html.Div("{{ dicom_note }}", v_if="!has_dicom", classes="text-caption", raw_attrs=['data-testid="dicomseg-note"'])
         self.ctrl.open_path = self.open_path
         self.ctrl.go_to_slice = self.go_to_slice
         self.ctrl.clear_slice = self.clear_slice
@@ -565,10 +569,18 @@ class LiverSAMWebApp:
         if content.reorientation is not None:
             note = (f"It is stored in {content.reorientation.input_plane} slices: shown and segmented on its axial "
                     "slices (its voxels reordered, none resampled); exports lie on the file's own grid. " + note)
+        irregular = content.dicom.irregular if content.dicom is not None else ""
+        if irregular:
+            spacing = float(np.linalg.norm(content.ijk_to_ras[:3, 2]))
+            note = (f"Its DICOM slices form no regular grid ({irregular.rstrip('.')}): they are shown and segmented "
+                    f"interpolated onto a regular grid of {nk} slices {spacing:.2f} mm apart, as 3D Slicer does. A "
+                    "DICOM SEG cannot reference slices the series does not have: export .seg.nrrd or a labelmap. "
+                    + note)
         with self.state:
             self.state.update({
                 "busy": False, "busy_text": "",  # with the status line: the page never shows "Opened" while busy
-                "has_ct": True, "has_dicom": content.dicom is not None, "ct_name": display_name, "n_slices": nk,
+                "has_ct": True, "has_dicom": content.dicom is not None and not irregular,
+                "dicom_note": DICOM_SEG_IRREGULAR if irregular else DICOM_SEG_NOTE, "ct_name": display_name, "n_slices": nk,
                 "ct_source": source or display_name,
                 "export_names": export_names(stem),
                 "probe": "",  # the voxel under the mouse in the CT before (it showed "k 60 -876 HU" on a 3-slice CT)
@@ -1083,6 +1095,9 @@ class LiverSAMWebApp:
         if content.dicom is None:
             self._error(f"DICOM SEG needs a CT opened from a DICOM series; {self.state.ct_name} is not one. "
                         "Export .seg.nrrd or the labelmap instead.")
+            return False
+        if content.dicom.irregular:
+            self._error(f"{DICOM_SEG_IRREGULAR} ({content.dicom.irregular.rstrip('.')})")
             return False
         if not any(mask.any() for mask in workflow.masks.values()):
             self._error("Nothing to export yet: segment the liver (or a tumour) first.")

@@ -127,6 +127,9 @@ class DicomSource:
     folder: str
     series_uid: str
     num_files: int
+    # why its slices form no regular grid (a missing slice, uneven spacing, gantry tilt), "" when they do: trame-slicer's
+    # reader then interpolates them onto a regular grid, so the CT shown is not the series' images one to one
+    irregular: str = ""
 
 
 def _add_segment(node: vtkMRMLSegmentationNode, name: str, color) -> None:
@@ -168,7 +171,23 @@ def _dicom_source(files: list[str]) -> DicomSource | None:
         return None
     uid = str(header.get("SeriesInstanceUID", "") or "")  # empty in some anonymised series: the export says so
     folder = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
-    return DicomSource(folder, uid, len(files))
+    return DicomSource(folder, uid, len(files), _irregularity(files))
+
+
+def _irregularity(files: list[str]) -> str:
+    """Why the slices of the DICOM series in ``files`` form no regular orthogonal grid (the core's own check, headers
+    only: ``liversam.dicom_series.sort_series``), "" when they do."""
+    from liversam.dicom_series import list_dicom_series_files, sort_series
+    from liversam.errors import InputImageError
+
+    try:
+        series = [info for info in list_dicom_series_files(files) if info.is_image]
+        if not series:
+            return ""
+        sorted_series = sort_series(series[0], os.path.dirname(os.path.abspath(files[0])))
+    except InputImageError as exc:  # e.g. images of two sizes: whatever the reader made of them, no SEG fits it
+        return str(exc)
+    return "" if sorted_series.regular else sorted_series.problem
 
 
 def _check_complete(path: str, what: str) -> None:
