@@ -416,6 +416,10 @@ def test_the_test_report_scores_both_models_as_liversam_evaluate_does(tmp_path, 
     assert liver["trained"] > 0.80, liver  # one epoch on 12 slices of one case moves it little
     markdown = (run / "test_report.md").read_text()
     assert "- base model: encoder " in markdown and "- trained model: encoder " in markdown
+    # per test case (the summary gave the mean only): one case here, so its figures are the means
+    (case,) = report["per_case"]
+    assert case["case"] == "hcc0697" and case["has_tumor"] and case["liver_base"] == liver["base"]
+    assert f"| hcc0697 | {liver['base']:.3f} | {liver['trained']:.3f} |" in markdown, markdown
     # the finished run run again: it evaluated both models again (minutes on real data); the report is kept
     written = (run / "test_report.json").stat().st_mtime_ns
     again = _train(data, run, shared, "--no-register", "--split-file", str(split))

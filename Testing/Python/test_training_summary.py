@@ -223,3 +223,21 @@ def test_ctrl_c_while_caching_closes_the_bar_before_the_interrupted_message(
         assert "cache p1:" in before and "2/4" in before and before.endswith("\n"), before[-300:]
     else:
         assert "[liversam] cache p1: interrupted, 2/4 slices after" in before, before[-600:]
+
+
+def test_the_test_report_gives_each_test_cases_dice_and_says_when_a_case_has_no_tumour():
+    """test_report.md gave the mean over the test cases only; a case without tumour now reads "no tumour", not a
+    Dice of an empty reference."""
+    from liversam.training.report import _per_case_dice
+
+    def case(case_id, liver, tumour, tumour_voxels):
+        return {"id": case_id, "protocols": {"one-box": {
+            "liver": {"dice": liver, "reference_voxels": 1000},
+            "tumor": {"dice": tumour, "reference_voxels": tumour_voxels}}}}
+
+    results = {"base": {"cases": [case("a", 0.95, 0.70, 300), case("b", 0.93, 1.0, 0)]},
+               "trained": {"cases": [case("a", 0.96, 0.72, 300), case("b", 0.94, 1.0, 0)]}}
+    rows = _per_case_dice(results, ["a", "b"])
+    assert rows[0] == {"case": "a", "liver_base": 0.95, "liver_trained": 0.96, "tumor_base": 0.70,
+                       "tumor_trained": 0.72, "has_tumor": True}
+    assert rows[1]["has_tumor"] is False and rows[1]["liver_trained"] == 0.94

@@ -234,11 +234,13 @@ def write_test_report(
                 for label, result in results.items()
             }
             rows.append({"structure": structure, "metric": metric, **values})
+    per_case = _per_case_dice(results, [c.case_id for c in cases])
     report = {
         "inputs": inputs,
         "protocol": "one-box",
         "test_cases": [c.case_id for c in cases],
         "comparison": rows,
+        "per_case": per_case,
         "results": results,
     }
     write_text_atomically(json_path, json.dumps(report, indent=2))
@@ -258,5 +260,38 @@ def write_test_report(
         "|---|---|---|---|",
     ]
     lines += [f"| {r['structure']} | {r['metric']} | {fmt(r['base'])} | {fmt(r['trained'])} |" for r in rows]
+    lines += [
+        "",
+        "Dice per test case (\"no tumour\": the case's label has none):",
+        "",
+        "| case | liver base | liver trained | tumour base | tumour trained |",
+        "|---|---|---|---|---|",
+    ]
+    for row in per_case:
+        tumour = [("no tumour" if not row["has_tumor"] else fmt(row[f"tumor_{label}"])) for label in ("base", "trained")]
+        lines.append(f"| {row['case']} | {fmt(row['liver_base'])} | {fmt(row['liver_trained'])} | {tumour[0]} | "
+                     f"{tumour[1]} |")
     write_text_atomically(run_dir / "test_report.md", "\n".join(lines) + "\n")
     return json_path
+
+
+def _per_case_dice(results: dict, case_ids: list[str]) -> list[dict]:
+    """Each test case's one-box Dice of the liver and the tumour for the base and the trained model (None where the
+    evaluation gave none), and whether its label holds tumour at all."""
+    def dice(label: str, case_id: str, structure: str):
+        for case in results[label].get("cases", []):
+            if case.get("id") == case_id:
+                entry = (case.get("protocols", {}).get("one-box") or {}).get(structure) or {}
+                return entry.get("dice"), bool(entry.get("reference_voxels", 1))
+        return None, False
+
+    rows = []
+    for case_id in case_ids:
+        row: dict = {"case": case_id}
+        for structure in ("liver", "tumor"):
+            for label in ("base", "trained"):
+                row[f"{structure}_{label}"], present = dice(label, case_id, structure)
+                if structure == "tumor" and label == "base":
+                    row["has_tumor"] = present
+        rows.append(row)
+    return rows
