@@ -359,10 +359,19 @@ def _reason(name: str, flags: set[str], rows: list[SliceReview], first: int, las
                 if present else None
             parts.append(_beyond_end_reason(name, end, largest, near, where, settings, flagged_areas))
     if "end" in flags and "beyond_end" not in flags:
-        which = "begins" if tip is not None and tip is present[0] else "ends"
-        at = f" at slice {tip.k}" if tip else ""
-        parts.append(f"{name} {which}{at}: at a tip the outline is most often wrong; check that it neither stops "
-                     f"short nor runs on into a neighbour ({where})")
+        # the ends the item's end-flagged slices lie at (an item over a short segment holds both: it named one)
+        flagged_ends = sorted({min((present[0], present[-1]), key=lambda e: abs(e.k - r.k)).k
+                               for r in rows if "end" in r.flags} if present else set())
+        if len(flagged_ends) == 2:
+            parts.append(f"{name} begins at slice {flagged_ends[0]} and ends at slice {flagged_ends[1]}: at its tips "
+                         "the outline is most often wrong; check that it neither stops short nor runs on into a "
+                         f"neighbour ({where})")
+        else:
+            end = flagged_ends[0] if flagged_ends else (tip.k if tip else None)
+            which = "begins" if present and end == present[0].k else "ends"
+            at = f" at slice {end}" if end is not None else ""
+            parts.append(f"{name} {which}{at}: at a tip the outline is most often wrong; check that it neither stops "
+                         f"short nor runs on into a neighbour ({where})")
     reference = [r for r in present if r.source == "user"] or ([max(present, key=lambda r: r.area_mm2)] if present else [])
     if "ragged" in flags:
         low = min((r.solidity for r in rows if r.solidity is not None), default=None)

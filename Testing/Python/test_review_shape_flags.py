@@ -123,6 +123,17 @@ def test_hu_shift_needs_the_ct_and_names_the_tissue_darker():
     assert "liver is darker on slice 11 than on the prompted slice (mean 30 HU against 100 HU)" in item["reason"]
 
 
+def test_an_item_over_both_ends_of_a_short_organ_names_both():
+    """An organ two slices long: its two ends' flags merge into one item, whose reason named one end only ("liver
+    begins at slice 5"), nearest the item's edge, while the slices to check hold both."""
+    settings = ReviewSettings(ragged_ratio=None, zigzag_ratio=None, hu_shift=None, beyond_end_fraction=2.0)
+    geometry = ImageGeometry((64, 64, 16), (1.0, 1.0, 2.0), (0, 0, 0))
+    short = _organ({k: 15 for k in range(5, 7)})
+    (item,) = build_review_report(SegmentationResult(geometry, [Segment("liver", 1, short)]), settings)["items"]
+    assert (item["first_slice"], item["last_slice"]) == (4, 7)
+    assert item["reason"].startswith("liver begins at slice 5 and ends at slice 6: at its tips"), item["reason"]
+
+
 def test_ends_flag_each_tip_and_the_slice_beyond_unless_the_scan_ends_there():
     settings = ReviewSettings(ragged_ratio=None, zigzag_ratio=None, hu_shift=None, beyond_end_fraction=2.0)
     rows = _rows_by_k(review_segment(_organ(SMOOTH), 1.0, settings=settings))
