@@ -253,6 +253,7 @@ def remoteModelEntries(listed: list, running: str) -> tuple[list[tuple[str, str,
 class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     _modelListMode = LOCAL  # what the model list shows: the local server's choices, or a remote server's (read-only)
     _modelEntries: tuple = ()  # the model list's entries as last filled in (text, data, tooltip)
+    _modelListTip = ""  # the model list's own tooltip as last set (a remote server's other models are named there)
     _checkpointFiles: tuple = ()  # checkpoint files chosen by hand (Checkpoint...), kept in the model list
     _modelToolTip = ""  # the model list's tooltip of the .ui (local mode)
     _askingServerChange = False  # the "cancel the propagation?" question is open
@@ -309,7 +310,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._serverPathTimer = qt.QTimer()
         self._serverPathTimer.setSingleShot(True)
         self._serverPathTimer.setInterval(SERVER_PATH_SETTLE_MS)
-        self._serverPathTimer.connect("timeout()", self._onServerSettingsEdited)
+        self._serverPathTimer.connect("timeout()", self._onServerPathSettled)
         self._connectQuitSlot()
 
         for table in (self.ui.reviewTable, self.ui.lesionTable):
@@ -605,6 +606,15 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         propagation at every character, nor saves half-typed paths."""
         self._serverPathTimer.start()
 
+    def _onServerPathSettled(self) -> None:
+        """A typed Python path has settled: applied, unless a propagation runs. Then a pause while typing would ask
+        about a half-typed path (Cancel erasing the typing, OK applying it): it waits for the propagation to end, or
+        for Connect or another setting's change, which apply it (asking first)."""
+        if self._job is not None:
+            self._serverPathTimer.start()  # looked at again once it settles anew; applied when no propagation runs
+            return
+        self._onServerSettingsEdited()
+
     def _onServerSettingsEdited(self, *args) -> None:
         if self._serverPathTimer is not None:
             self._serverPathTimer.stop()  # a path still settling is applied now, with the rest
@@ -708,7 +718,15 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             running = modelLabel(running) if running else ""  # (an older server names a checkpoint by its path)
             entries, tip = remoteModelEntries(connection.models, running)
             current = running
-        if (mode, tuple(entries)) == (self._modelListMode, self._modelEntries):
+        if (mode, tuple(entries), tip) == (self._modelListMode, self._modelEntries, self._modelListTip):
+            # the same list: left open if it is, but showing the chosen model (the list rebuilt while the question
+            # of _confirmServerChange was open selected the model of then, and a later edit read it back)
+            if combo.currentData != current and combo.findData(current) >= 0:
+                combo.blockSignals(True)
+                try:
+                    combo.setCurrentIndex(combo.findData(current))
+                finally:
+                    combo.blockSignals(False)
             return
         combo.blockSignals(True)  # filling the list chooses nothing
         try:
@@ -721,7 +739,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             combo.toolTip = tip
         finally:
             combo.blockSignals(False)
-        self._modelListMode, self._modelEntries = mode, tuple(entries)
+        self._modelListMode, self._modelEntries, self._modelListTip = mode, tuple(entries), tip
 
     # --- calls to the server -----------------------------------------------------------------------------
     def _onPoll(self) -> None:

@@ -118,7 +118,7 @@ def holder(run_dir: str | Path) -> int | None:
     if not path.is_file():
         return None
     try:
-        with open(path, "r+b") as handle:
+        with open(path, "rb") as handle:  # read access is enough to lock: another user's run, a read-only share
             if _try_lock(handle):
                 _unlock(handle)
                 return None

@@ -78,3 +78,28 @@ def test_liversam_train_refuses_a_run_folder_another_run_holds(tmp_path):
     finally:
         process.kill()
         process.wait(30)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
+def test_a_lock_file_this_user_cannot_write_still_tells_a_live_run(tmp_path):
+    """holder() opened the lock file for writing: another user's run (its lock file read-only to us) read as "not
+    held", so LiverSAMTrain would have replaced its exported data. Reading is enough to test the lock."""
+    import os
+
+    from test_write_permissions import without_permission_override
+
+    run = tmp_path / "run"
+    run.mkdir()
+    process = hold_in_another_process(run)
+    try:
+        (run / LOCK_NAME).chmod(0o444)
+        ask = ("import sys; sys.path.insert(0, sys.argv[2]); from liversam.run_folder_lock import holder; "
+               "print(holder(sys.argv[1]))")
+        answer = subprocess.run(without_permission_override([sys.executable, "-c", ask, str(run),
+                                                             str(REPO_ROOT / "LiverSAM")]),
+                                capture_output=True, text=True, timeout=60, env=dict(os.environ))
+        assert answer.returncode == 0, answer.stderr
+        assert answer.stdout.strip() == str(process.pid), answer.stdout
+    finally:
+        process.kill()
+        process.wait(30)

@@ -452,7 +452,7 @@ def test_widget_lifecycle_wiring():
     assert "serverPythonPathLineEdit.connect('currentPathChanged(QString)', self._onServerPythonPathEdited)" in (
         _widget_method("_setupServerSection")
     )
-    assert "self._serverPathTimer.connect('timeout()', self._onServerSettingsEdited)" in setup
+    assert "self._serverPathTimer.connect('timeout()', self._onServerPathSettled)" in setup
     assert "InteractionModeChangedEvent" in _widget_method("_observeInteractionNode")
     unchecks = _widget_method("_onInteractionModeChanged")
     assert "PromptPlacement.placing(self._interactionNode)" in unchecks and "button.checked = False" in unchecks

@@ -325,3 +325,54 @@ def test_a_checkpoint_file_stays_in_the_list(server_section, tmp_path, monkeypat
     assert combo.texts() == ["litemedsam", "runA (trained)", "sam_vit_b_01ec64.pth"] and combo.currentData == path
     combo.choose("litemedsam")  # and back
     assert widget.logic.connection.settings.model == "litemedsam" and "sam_vit_b_01ec64.pth" in combo.texts()
+
+
+def test_a_list_rebuilt_while_the_question_is_open_still_shows_the_model_chosen(server_section):
+    """The model list read again while the propagation question is open (a Connect's answer arriving) selected the
+    model of then; after OK the list kept showing it, as the entries had not changed, and the next edit of another
+    setting read it back: the server went back to the old model without a word (second review, D1)."""
+    module, widget, asked = server_section(model="litemedsam")
+    connection = widget.logic.connection
+    connection.models = [model("litemedsam"), model("runA", "registered")]
+    widget._showServerState()
+    running_job(widget)
+
+    def ok_after_a_rebuild(text, **kwargs):
+        asked.append(text)
+        widget._onConnected((None, [model("litemedsam"), model("runA", "registered"), model("runB", "registered")]))
+        return True
+
+    module.slicer.util.confirmOkCancelDisplay = ok_after_a_rebuild
+    widget.ui.modelComboBox.choose("runA (trained)")
+    assert connection.settings.model == "runA" and widget.ui.modelComboBox.currentData == "runA"
+    widget.ui.deviceComboBox.choose("cpu")  # another setting: the model list is read with it
+    assert connection.settings.model == "runA" and connection.settings.device == "cpu"
+
+
+def test_connect_reading_a_remote_servers_list_again_updates_its_tooltip(server_section):
+    """A remote server's other models are named in the list's tooltip; a model registered there later never appeared
+    in it, as a list of the same entries was left alone, its tooltip too (second review, D2)."""
+    module, widget, _asked = server_section(model="runA", mode="remote", url="http://gpu:8123", token="t" * 24)
+    connection = widget.logic.connection
+    connection.state, connection.info = module.READY, {"model": {"name": "litemedsam", "device": "cuda"}}
+    connection.models = [model("litemedsam")]
+    widget._showServerState()
+    assert "runNew" not in widget.ui.modelComboBox.toolTip
+    widget._onConnected((None, [model("litemedsam"), model("runNew", "registered")]))  # Connect: the list read again
+    assert "runNew" in widget.ui.modelComboBox.toolTip
+
+
+def test_a_python_path_typed_during_a_propagation_waits_for_it_to_end(server_section, tmp_path):
+    """The path field reports every keystroke; a pause of 1.5 s while typing during a propagation asked about the
+    half-typed path (Cancel erased the typing, OK applied it). It now waits, and is applied once no propagation runs."""
+    module, widget, asked = server_section()
+    job = running_job(widget)
+    other = tmp_path / "other" / "bin" / "python"
+    other.parent.mkdir(parents=True)
+    other.write_text("")
+    widget.ui.serverPythonPathLineEdit.currentPath = str(other)
+    widget._onServerPathSettled()  # the settle timer fires while the propagation runs
+    assert asked == [] and widget._job is job and widget.logic.connection.settings.python != str(other)
+    widget._job = None  # the propagation ended
+    widget._onServerPathSettled()
+    assert asked == [] and widget.logic.connection.settings.python == str(other)
