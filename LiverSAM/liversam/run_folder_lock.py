@@ -85,11 +85,14 @@ def acquire(run_dir: str | Path) -> IO[bytes] | None:
     """Hold ``run_dir`` for this process until :func:`release` (or the process ends). Raises :class:`RunFolderBusy`
     when another process holds it; None (logged) when the file system cannot lock: the run goes on unguarded."""
     run_dir = Path(run_dir)
+    created = not (run_dir / LOCK_NAME).is_file()
     handle = _open(run_dir)
     try:
         locked = _try_lock(handle)
     except OSError as error:
         handle.close()
+        if created:  # a lock file that locks nothing would tell LiverSAMTrain that this run guards its folder
+            (run_dir / LOCK_NAME).unlink(missing_ok=True)
         log.warning("cannot lock run folder '%s' (%s): another liversam train in it would not be noticed", run_dir, error)
         return None
     if not locked:

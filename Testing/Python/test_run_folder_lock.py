@@ -103,3 +103,20 @@ def test_a_lock_file_this_user_cannot_write_still_tells_a_live_run(tmp_path):
     finally:
         process.kill()
         process.wait(30)
+
+
+def test_a_file_system_that_cannot_lock_leaves_no_lock_file(tmp_path, monkeypatch, caplog):
+    """Where locks are not supported (some network shares) the run goes on unguarded; the lock file it created stayed,
+    and LiverSAMTrain reads a lock file as "this run guards its folder" (so it stopped guarding the exported data of
+    a run of a version without the lock there). The file is now removed (second review R6)."""
+    import liversam.run_folder_lock as run_folder_lock
+
+    def cannot_lock(handle):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(run_folder_lock, "_try_lock", cannot_lock)
+    run = tmp_path / "run"
+    run.mkdir()
+    assert acquire(run) is None
+    assert not (run / LOCK_NAME).exists()
+    assert "cannot lock run folder" in caplog.text
