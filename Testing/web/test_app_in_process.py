@@ -624,3 +624,77 @@ def test_an_irregular_dicom_series_is_shown_resampled_and_refused_as_a_dicom_seg
         assert app.state.dicom_note.startswith("DICOM SEG: for a CT opened from a DICOM series")
 
     asyncio.run(scenario())
+
+
+def test_a_multi_frame_dicom_ct_is_not_called_an_irregular_series(tmp_path):
+    """An enhanced (multi-frame) DICOM CT holds its volume in one file: the irregular-series check (the core's
+    sort_series, which reads classic one-slice-per-file series and refuses multi-frame files) called it "no regular
+    grid ... interpolated" and turned DICOM SEG off, with the core's advice to convert it."""
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian
+    from web_page import DATA
+
+    slices = sorted((pydicom.dcmread(p) for p in sorted((DATA / "totalseg_small" / "ct_dicom").iterdir())[:3]),
+                    key=lambda d: float(d.ImagePositionPatient[2]))
+    frames = np.stack([d.pixel_array for d in slices])  # (decoded before the transfer syntax changes)
+    enhanced = slices[0]
+    enhanced.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    enhanced.PixelData = frames.tobytes()
+    enhanced.NumberOfFrames = 3
+    enhanced.SpacingBetweenSlices = abs(float(slices[1].ImagePositionPatient[2]) - float(slices[0].ImagePositionPatient[2]))
+    path = tmp_path / "enhanced.dcm"
+    enhanced.save_as(path, enforce_file_format=True)
+    app = new_app(FakeServer())
+
+    async def scenario():
+        await app._open_files([str(path)], "The uploaded file 'enhanced.dcm'", "enhanced.dcm", "enhanced")
+        assert not app.state.error, app.state.error
+        assert app.state.status.startswith("Opened enhanced.dcm"), app.state.status
+        assert "regular grid" not in app.state.status and "not for this CT" not in app.state.dicom_note
+
+    asyncio.run(scenario())
+
+
+def test_a_folder_holding_one_dicom_slice_is_told_to_choose_the_series_folder():
+    """A folder of one DICOM slice chosen in the folder field was told that "a browser sends only the files chosen, not
+    their folder", and to use the folder field, which is what the user had just done."""
+    from web_page import DATA
+
+    one = sorted((DATA / "totalseg_small" / "ct_dicom").iterdir())[0]
+    app = new_app(FakeServer())
+
+    async def scenario():
+        await app._on_upload([{"name": one.name, "content": one.read_bytes()}], f"slice/{one.name}", "folder")
+        assert "The uploaded folder 'slice' holds one file" in app.state.error, app.state.error
+        assert "not their folder" not in app.state.error and app.content is None
+        app.state.error = ""
+        await app._on_upload([{"name": one.name, "content": one.read_bytes()}], "", "file")
+        assert "is one slice of a DICOM series (a browser sends only the files chosen" in app.state.error
+
+    asyncio.run(scenario())
+
+
+def test_a_zip_is_not_unpacked_while_a_step_runs(tmp_path):
+    """A .zip uploaded during a propagation was unpacked whole (up to 8 GiB) before the open refused it, and nothing
+    showed the page busy while it unpacked (another CT could be opened meanwhile, then replaced by the zip's)."""
+    import zipfile
+
+    from web_page import DATA
+
+    archive = tmp_path / "series.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for path in sorted((DATA / "totalseg_small" / "ct_dicom").iterdir())[:3]:
+            zipped.write(path, f"series/{path.name}")
+    app = new_app(FakeServer())
+
+    async def scenario():
+        app.state.job_running = True
+        await app._open_zip(str(archive), "series.zip", tmp_path / "out", "file")
+        assert "Wait for the current step to finish" in app.state.error and not (tmp_path / "out").exists()
+        app.state.job_running, app.state.error = False, ""
+        seen = []
+        app._set_busy = lambda text, set_busy=app._set_busy: seen.append(text) or set_busy(text)
+        await app._open_zip(str(archive), "series.zip", tmp_path / "out", "file")
+        assert seen[:2] == ["Unpacking series.zip ...", ""] and (tmp_path / "out").is_dir()
+
+    asyncio.run(scenario())

@@ -182,12 +182,19 @@ def _irregularity(files: list[str]) -> str:
 
     try:
         series = [info for info in list_dicom_series_files(files) if info.is_image]
-        if not series:
-            return ""
+        if not series or any(_frames(header) > 1 for header in series[0].headers):
+            return ""  # an enhanced (multi-frame) CT holds its volume in one file: no slice grid to check here
         sorted_series = sort_series(series[0], os.path.dirname(os.path.abspath(files[0])))
     except InputImageError as exc:  # e.g. images of two sizes: whatever the reader made of them, no SEG fits it
         return str(exc)
     return "" if sorted_series.regular else sorted_series.problem
+
+
+def _frames(header) -> int:
+    try:
+        return int(header.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        return 1
 
 
 def _check_complete(path: str, what: str) -> None:
