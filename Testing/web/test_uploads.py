@@ -80,3 +80,22 @@ def test_a_multi_frame_dicom_file_is_no_lone_slice(tmp_path: Path) -> None:
     path = tmp_path / "enhanced.dcm"
     header.save_as(path)
     assert not lone_dicom_slice(path)
+
+
+def test_an_archive_that_cannot_be_unpacked_here_is_refused_and_leaves_nothing(tmp_path: Path) -> None:
+    """A zip holding a file 'a' and a file 'a/b.dcm' (or a full disk): the OSError escaped, the page said nothing and
+    the files unpacked so far stayed. A name with a drive letter in a later part ('series/C:x.dcm', outside the folder
+    on Windows) is refused like one in the first part."""
+    archive = tmp_path / "clash.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("series/a", b"first")
+        zipped.writestr("series/a/b.dcm", b"second")
+    with pytest.raises(InputError, match=r"could not be unpacked on the app's machine .*one file per name"):
+        unpack_zip(archive, tmp_path / "out", "clash.zip")
+    assert not (tmp_path / "out").exists()
+    drive = tmp_path / "drive.zip"
+    with zipfile.ZipFile(drive, "w") as zipped:
+        zipped.writestr("series/C:x.dcm", b"x")
+    with pytest.raises(InputError, match="outside its folder"):
+        unpack_zip(drive, tmp_path / "out2", "drive.zip")
+    assert not (tmp_path / "out2").exists()

@@ -408,7 +408,8 @@ class LiverSAMWebApp:
             await self._open_zip(written[0], names[0], folder / "unpacked", upload)
             return
         if len(written) == 1 and lone_dicom_slice(written[0]):
-            self._upload_refused(lone_slice_message(names[0]), upload)
+            folder_name = (chosen or "the folder chosen") if upload == "folder" else ""
+            self._upload_refused(lone_slice_message(names[0], folder_name), upload)
             return
         what = f"The uploaded file '{names[0]}'" if len(names) == 1 else f"The uploaded folder ({len(names)} files)"
         stem = case_stem(names[0]) if len(names) == 1 else case_stem(chosen or "dicom-series")
@@ -420,12 +421,22 @@ class LiverSAMWebApp:
         create_task(self._open_files(written, what, title, stem, source=source, upload=upload))
 
     async def _open_zip(self, archive: str, name: str, into: Path, upload: str) -> None:
-        """An uploaded .zip: its files unpacked and opened as a folder (a DICOM series) or, one file, as that file."""
+        """An uploaded .zip: its files unpacked and opened as a folder (a DICOM series) or, one file, as that file.
+        Not while a step runs (a propagation, another CT opening): the page is busy while it unpacks."""
+        if self.state.busy or self.state.job_running:
+            self._upload_refused("Wait for the current step to finish (or cancel the propagation) before opening a "
+                                 "CT.", upload)
+            return
+        shown = self.state.status
+        self._set_busy(f"Unpacking {name} ...")
         try:
             unpacked = await asyncio.to_thread(unpack_zip, archive, into, name)
         except InputError as exc:
+            self._set_busy("")
+            self.state.status = shown
             self._upload_refused(str(exc), upload)
             return
+        self._set_busy("")
         Path(archive).unlink(missing_ok=True)
         zip_stem = name[:-4] if name.lower().endswith(".zip") and len(name) > 4 else name
         if len(unpacked) == 1:

@@ -47,7 +47,7 @@ def unpack_zip(archive: str | Path, into: str | Path, name: str) -> list[str]:
             targets = []
             for member in members:  # every path checked before any file is written
                 parts = PurePosixPath(member.filename.replace("\\", "/")).parts
-                if not parts or parts[0] == "/" or ".." in parts or ":" in parts[0]:
+                if not parts or parts[0] == "/" or ".." in parts or any(":" in part for part in parts):
                     raise InputError(f"The uploaded archive '{name}' holds a file outside its folder "
                                      f"('{member.filename}'); it was not unpacked. Zip the series' folder again.")
                 targets.append((member, into.joinpath(*parts)))
@@ -58,11 +58,20 @@ def unpack_zip(archive: str | Path, into: str | Path, name: str) -> list[str]:
                     shutil.copyfileobj(source, sink)
                 written.append(str(target))
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
+        shutil.rmtree(into, ignore_errors=True)
         raise InputError(f"The uploaded archive '{name}' could not be unpacked ({exc}): it is damaged or not a zip "
                          "archive. Zip the folder of the DICOM series again.") from None
     except (RuntimeError, NotImplementedError) as exc:  # encrypted, or a compression zipfile does not know
+        shutil.rmtree(into, ignore_errors=True)
         raise InputError(f"The uploaded archive '{name}' could not be unpacked ({exc}). Zip the folder again without "
                          "a password, with ordinary (deflate) compression.") from None
+    except OSError as exc:  # a file and a folder of one name in it, a full disk: nothing of it is kept
+        shutil.rmtree(into, ignore_errors=True)
+        what = exc.strerror or str(exc)
+        if getattr(exc, "filename", None):
+            what += f": {Path(exc.filename).name}"
+        raise InputError(f"The uploaded archive '{name}' could not be unpacked on the app's machine ({what}). Zip the "
+                         "series' folder again (one file per name), or upload its files or its folder instead.") from None
     return sorted(written)
 
 
@@ -92,7 +101,12 @@ def lone_dicom_slice(path: str | Path) -> bool:
     return modality not in NOT_IMAGE_MODALITIES and frames <= 1
 
 
-def lone_slice_message(name: str) -> str:
-    """What to do when the upload was one slice of a DICOM series."""
+def lone_slice_message(name: str, folder: str = "") -> str:
+    """What to do when the upload was one slice of a DICOM series; ``folder``: the folder it came in, when the reader
+    chose a folder (the folder field) that holds that one slice only."""
+    if folder:
+        return (f"The uploaded folder '{folder}' holds one file, '{name}', one slice of a DICOM series. Choose the "
+                f"folder that holds all the series' files, or upload the whole series another way: "
+                f"{HOW_TO_UPLOAD_A_SERIES}.")
     return (f"The uploaded file '{name}' is one slice of a DICOM series (a browser sends only the files chosen, not "
             f"their folder). Upload the whole series: {HOW_TO_UPLOAD_A_SERIES}.")
