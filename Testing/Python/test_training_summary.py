@@ -241,3 +241,5 @@ def test_the_test_report_gives_each_test_cases_dice_and_says_when_a_case_has_no_
     assert rows[0] == {"case": "a", "liver_base": 0.95, "liver_trained": 0.96, "tumor_base": 0.70,
                        "tumor_trained": 0.72, "has_tumor": True}
     assert rows[1]["has_tumor"] is False and rows[1]["liver_trained"] == 0.94
+    (missing,) = _per_case_dice(results, ["c"])  # not evaluated: unknown, not "no tumour"
+    assert missing["has_tumor"] is None and missing["liver_base"] is None

@@ -258,6 +258,17 @@ def test_train_into_a_read_only_folder_is_refused_before_any_encoding(tmp_path, 
     assert os.listdir(ro) == []
 
 
+def test_train_with_a_write_protected_lock_file_left_in_the_run_folder_is_refused_at_once(tmp_path, data_dir):
+    """A train.lock left by a finished run of another user (or read-only): the lock could not be opened for writing
+    and the run stopped with an internal error (exit 3). Refused at once, naming the file."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train.lock").write_text("1234\n")
+    (run / "train.lock").chmod(0o444)
+    done, started = _train(data_dir / "lits117", run, tmp_path / "home")
+    _assert_refused_at_once(done, started, f"'{run / 'train.lock'}' exists and is write-protected")
+
+
 def test_train_with_a_read_only_cache_dir_is_refused_before_any_encoding(tmp_path, data_dir):
     """--cache-dir in a read-only folder ended in an internal error (exit 3) after the model was loaded."""
     ro = read_only_folder(tmp_path / "ro")

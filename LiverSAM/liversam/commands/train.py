@@ -236,7 +236,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 RUN_FILES = ("config.json", "split.json", "state.pt", "best.pt", "history.csv", "curves.png", "result.json",
-             "result.md", "train.log", "test_report.json", "test_report.md")
+             "result.md", "train.log", "test_report.json", "test_report.md", "train.lock")
 
 
 def check_run_folder(args: argparse.Namespace) -> None:

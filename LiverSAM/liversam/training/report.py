@@ -268,7 +268,7 @@ def write_test_report(
         "|---|---|---|---|---|",
     ]
     for row in per_case:
-        tumour = [("no tumour" if not row["has_tumor"] else fmt(row[f"tumor_{label}"])) for label in ("base", "trained")]
+        tumour = [("no tumour" if row["has_tumor"] is False else fmt(row[f"tumor_{label}"])) for label in ("base", "trained")]
         lines.append(f"| {row['case']} | {fmt(row['liver_base'])} | {fmt(row['liver_trained'])} | {tumour[0]} | "
                      f"{tumour[1]} |")
     write_text_atomically(run_dir / "test_report.md", "\n".join(lines) + "\n")
@@ -277,13 +277,13 @@ def write_test_report(
 
 def _per_case_dice(results: dict, case_ids: list[str]) -> list[dict]:
     """Each test case's one-box Dice of the liver and the tumour for the base and the trained model (None where the
-    evaluation gave none), and whether its label holds tumour at all."""
+    evaluation gave none), and whether its label holds tumour at all (None: the case is not in the results)."""
     def dice(label: str, case_id: str, structure: str):
         for case in results[label].get("cases", []):
             if case.get("id") == case_id:
                 entry = (case.get("protocols", {}).get("one-box") or {}).get(structure) or {}
                 return entry.get("dice"), bool(entry.get("reference_voxels", 1))
-        return None, False
+        return None, None  # not evaluated: nothing known of its tumour ("n/a", not "no tumour")
 
     rows = []
     for case_id in case_ids:
