@@ -698,3 +698,37 @@ def test_a_zip_is_not_unpacked_while_a_step_runs(tmp_path):
         assert seen[:2] == ["Unpacking series.zip ...", ""] and (tmp_path / "out").is_dir()
 
     asyncio.run(scenario())
+
+
+def test_uploads_are_removed_once_no_ct_shown_comes_from_them(tmp_path):
+    """Every upload stayed in the app's temporary folder until the app ended, refused ones too: a shared app filled
+    its disk with series. Now only the upload being opened and the one the CT shown came from (its DICOM SEG
+    references it) are kept."""
+    from web_page import DATA
+
+    ct = DATA / "lits117" / "ct.nii.gz"
+    one_slice = sorted((DATA / "totalseg_small" / "ct_dicom").iterdir())[0]
+    app = new_app(FakeServer())
+    uploads = Path(app._tmp.name)
+
+    def kept() -> list[Path]:
+        return sorted(uploads.glob("upload-*"))
+
+    async def scenario():
+        await app._on_upload([{"name": "ct.nii.gz", "content": ct.read_bytes()}], "", "file")
+        await settle(app)
+        assert app.content is not None and not app.state.error, app.state.error
+        (first,) = kept()
+        assert (first / "ct.nii.gz").is_file()
+        await app._on_upload([{"name": one_slice.name, "content": one_slice.read_bytes()}], "", "file")  # refused
+        assert "one slice of a DICOM series" in app.state.error and kept() == [first]
+        app.state.error = ""
+        await app._on_upload([{"name": "again.nii.gz", "content": ct.read_bytes()}], "", "file")
+        await settle(app)
+        (second,) = kept()
+        assert second != first and (second / "again.nii.gz").is_file()  # the CT shown's; the first one's gone
+        await app._open_path(str(ct))  # a CT opened by path: no upload is shown any more
+        await settle(app)
+        assert app.state.ct_name.endswith("ct.nii.gz") and kept() == []
+
+    asyncio.run(scenario())

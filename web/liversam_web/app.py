@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -102,6 +103,10 @@ class LiverSAMWebApp:
         self._off_axial: list[OffAxialGestures] = []  # the coronal and sagittal views, which take no prompts
         self._axial_observer: tuple[Any, int] | None = None
         self._tmp = tempfile.TemporaryDirectory(prefix="liversam-web-")
+        # uploads (folders "upload-*" in _tmp): those being opened, and the one the CT shown came from (its DICOM SEG
+        # references it); every other one is removed once an open ends (they stayed until the app ended)
+        self._uploads_open: set[Path] = set()
+        self._shown_upload: Path | None = None
 
         self.state.update({
             "trame__title": "LiverSAM",
@@ -399,17 +404,18 @@ class LiverSAMWebApp:
         if not files:
             return
         upload = field if field in UPLOAD_FIELDS else "file"
-        folder = Path(tempfile.mkdtemp(dir=self._tmp.name))
+        folder = Path(tempfile.mkdtemp(prefix="upload-", dir=self._tmp.name))
+        self._uploads_open.add(folder)
         written = write_client_files_to_dir(files, folder)
         names = [Path(f).name for f in written]
         chosen = str(relative_path or "").replace("\\", "/")
         chosen = chosen.split("/")[0] if "/" in chosen else ""  # the folder the reader chose
         if len(written) == 1 and is_zip(written[0]):
-            await self._open_zip(written[0], names[0], folder / "unpacked", upload)
+            await self._open_zip(written[0], names[0], folder / "unpacked", upload, folder)
             return
         if len(written) == 1 and lone_dicom_slice(written[0]):
             folder_name = (chosen or "the folder chosen") if upload == "folder" else ""
-            self._upload_refused(lone_slice_message(names[0], folder_name), upload)
+            self._upload_refused(lone_slice_message(names[0], folder_name), upload, folder)
             return
         what = f"The uploaded file '{names[0]}'" if len(names) == 1 else f"The uploaded folder ({len(names)} files)"
         stem = case_stem(names[0]) if len(names) == 1 else case_stem(chosen or "dicom-series")
@@ -418,14 +424,14 @@ class LiverSAMWebApp:
         else:
             title = f"{len(names)} DICOM files" + (f" in {chosen}" if chosen else "")
             source = f"uploaded folder {chosen}" if chosen else f"{len(names)} uploaded files"
-        create_task(self._open_files(written, what, title, stem, source=source, upload=upload))
+        create_task(self._open_files(written, what, title, stem, source=source, upload=upload, upload_dir=folder))
 
-    async def _open_zip(self, archive: str, name: str, into: Path, upload: str) -> None:
+    async def _open_zip(self, archive: str, name: str, into: Path, upload: str, upload_dir: Path | None = None) -> None:
         """An uploaded .zip: its files unpacked and opened as a folder (a DICOM series) or, one file, as that file.
         Not while a step runs (a propagation, another CT opening): the page is busy while it unpacks."""
         if self.state.busy or self.state.job_running:
             self._upload_refused("Wait for the current step to finish (or cancel the propagation) before opening a "
-                                 "CT.", upload)
+                                 "CT.", upload, upload_dir)
             return
         shown = self.state.status
         self._set_busy(f"Unpacking {name} ...")
@@ -434,7 +440,7 @@ class LiverSAMWebApp:
         except InputError as exc:
             self._set_busy("")
             self.state.status = shown
-            self._upload_refused(str(exc), upload)
+            self._upload_refused(str(exc), upload, upload_dir)
             return
         self._set_busy("")
         Path(archive).unlink(missing_ok=True)
@@ -443,22 +449,35 @@ class LiverSAMWebApp:
             inner = Path(unpacked[0]).name
             if lone_dicom_slice(unpacked[0]):
                 self._upload_refused(f"The uploaded archive '{name}' holds one DICOM slice ('{inner}'), not a "
-                                     "series: zip the whole folder of the series and upload that.", upload)
+                                     "series: zip the whole folder of the series and upload that.", upload, upload_dir)
                 return
             what, title, stem = f"'{inner}' in the uploaded archive '{name}'", f"{name}: {inner}", case_stem(inner)
         else:
             what = f"The uploaded archive '{name}' ({len(unpacked)} files)"
             title, stem = f"{len(unpacked)} DICOM files in {name}", case_stem(zip_stem)
-        create_task(self._open_files(unpacked, what, title, stem, source=f"uploaded archive {name}", upload=upload))
+        create_task(self._open_files(unpacked, what, title, stem, source=f"uploaded archive {name}", upload=upload,
+                                     upload_dir=upload_dir))
 
-    def _upload_refused(self, message: str, upload: str) -> None:
-        """An upload that opened nothing: the message; its field is emptied (the same files can be chosen again)."""
+    def _upload_refused(self, message: str, upload: str, upload_dir: Path | None = None) -> None:
+        """An upload that opened nothing: the message; its field is emptied (the same files can be chosen again), and
+        its files (``upload_dir``) removed."""
         self._error(message)
         with self.state:
             self.state.upload_keys = {field: key + (field == upload) for field, key in self.state.upload_keys.items()}
+        if upload_dir is not None:
+            self._uploads_open.discard(upload_dir)
+            self._prune_uploads()
+
+    def _prune_uploads(self) -> None:
+        """Remove the uploads that are neither being opened nor the CT shown's (an upload is up to a whole series)."""
+        keep = self._uploads_open | ({self._shown_upload} if self._shown_upload is not None else set())
+        for folder in Path(self._tmp.name).glob("upload-*"):
+            if folder not in keep:
+                shutil.rmtree(folder, ignore_errors=True)
 
     async def _open_files(self, files: list[str], what: str, display_name: str, stem: str | None = None,
-                          source: str = "", upload: str = "", series_of: str | None = None) -> None:
+                          source: str = "", upload: str = "", series_of: str | None = None,
+                          upload_dir: Path | None = None) -> None:
         """Open a CT from ``files`` (one image file or a DICOM series); ``display_name`` names it on the page (its
         header, messages), ``stem`` its exports (default: after the file, or the files' folder); ``source``: where
         it came from (the header's tooltip); ``upload``: the upload field it came from ("" for a path); ``series_of``:
@@ -467,6 +486,12 @@ class LiverSAMWebApp:
         The upload fields show only the files of the CT shown: the others are emptied once a CT opens, and the field
         of an upload that opened nothing too (so that the same files can be chosen again: "upload it again")."""
         opened = await self._open_files_now(files, what, display_name, stem, source, series_of)
+        if opened:
+            self._shown_upload = upload_dir  # (None: a path opened, no upload is shown any more)
+        if upload_dir is not None:
+            self._uploads_open.discard(upload_dir)
+        if opened or upload_dir is not None:
+            self._prune_uploads()
         keep = {upload} if opened else set()
         emptied = [field for field in UPLOAD_FIELDS if field not in keep and (opened or field == upload)]
         if emptied:
