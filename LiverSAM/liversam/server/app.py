@@ -6,10 +6,9 @@ import asyncio
 import logging
 import math
 import os
-import re
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
 import numpy as np
 from fastapi import APIRouter, FastAPI, Query, Request, Response
@@ -36,6 +35,7 @@ from .jobs import (
     slice_prompts,
 )
 from .memory import mb
+from .public import ServerStorageError, public_description, public_model_name, public_text
 from .schemas import (
     DicomSegRequest,
     Health,
@@ -68,33 +68,6 @@ REGISTRY_UNREADABLE = (
     "server runs is not affected). The server's administrator can fix or delete that file: the server's log names it "
     "and the error ($LIVERSAM_HOME/models/registry.json, by default ~/.liversam/models/registry.json)."
 )
-# descriptions written by LiverSAM before GET /v1/models existed held the checkpoint's absolute path
-_OLD_DESCRIPTION = re.compile(
-    r"^(LiverSAMTrain model |trained model )((?:[A-Za-z]:[\\/]|\\\\|/).+?)(; validation Dice [0-9.]+)?$", re.DOTALL
-)
-_ABSOLUTE_PATH = re.compile(
-    r"(?<![\w/.~-])(?:[A-Za-z]:[\\/]|\\\\|~/|/)[^\s;,'\"()<>]+"  # C:\..., \\host\share, ~/..., /...
-)
-
-
-def _file_name(path: str) -> str:
-    return PureWindowsPath(path).name if "\\" in path or path[1:2] == ":" else PurePosixPath(path).name
-
-
-def public_description(text: str) -> str:
-    """A model's description as GET /v1/models gives it to token holders: absolute paths of the server's machine
-    (older LiverSAM versions wrote "LiverSAMTrain model /home/alice/runs/a/best.pt; validation Dice 0.912" or "trained
-    model /path") replaced by the file's name."""
-    old = _OLD_DESCRIPTION.match(text)
-    if old:
-        return old.group(1) + _file_name(old.group(2).strip()) + (old.group(3) or "")
-    return _ABSOLUTE_PATH.sub(lambda match: _file_name(match.group(0)), text)
-
-
-def public_model_name(model: str) -> str:
-    """The server's ``--model`` as GET /v1/models names it: a checkpoint file given by its path is named by its file
-    name."""
-    return _file_name(model) if ("/" in model or "\\" in model or Path(model).suffix) else model
 
 
 class Refused(Exception):
@@ -158,14 +131,18 @@ def create_app(config: ServerConfig, model_loader=None) -> FastAPI:
                               "propagation jobs. Every endpoint but /v1/health needs 'Authorization: Bearer <token>'.")
     app.state.server = state
     app.add_middleware(SecurityMiddleware, config=config)
-    _add_error_handlers(app)
+    _add_error_handlers(app, config)
     app.include_router(_routes(state), prefix=API_PREFIX)
     _add_security_scheme(app)
     return app
 
 
 # --- errors --------------------------------------------------------------------------------------------------
-def _add_error_handlers(app: FastAPI) -> None:
+def _add_error_handlers(app: FastAPI, config: ServerConfig) -> None:
+    """Every error answer is ``{"detail": message}``. A message that may name files of the server's machine (the
+    model's, a job's, the core's errors) names them by their file names (:func:`public_text`); only paths under the
+    data roots (which token holders may open) are given in full, and every path on a loopback server that opens any
+    path (``allow_any_path``: its token holders read any file its user can)."""
     def answer(status: int, detail: str) -> JSONResponse:
         return JSONResponse({"detail": detail}, status_code=status)
 
@@ -185,11 +162,20 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ModelError)
     async def model_error(_: Request, exc: ModelError):
-        return answer(503, f"the server's model cannot be used: {exc}")
+        # the full message is in the server's log (InferenceWorker logs a load failure once), not repeated per request
+        return answer(503, f"the server's model cannot be used: {public_text(str(exc))}")
+
+    @app.exception_handler(ServerStorageError)
+    async def storage_error(_: Request, exc: ServerStorageError):
+        return answer(503, str(exc))
 
     @app.exception_handler(LiverSAMError)
-    async def user_error(_: Request, exc: LiverSAMError):
-        return answer(422, str(exc))
+    async def user_error(request: Request, exc: LiverSAMError):
+        full = str(exc)
+        detail = full if config.allow_any_path else public_text(full, keep=config.data_roots)
+        if detail != full:
+            log.info("%s %s: %s", request.method, request.url.path, full)
+        return answer(422, detail)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError):
@@ -427,7 +413,8 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
             version=__version__,
             model=ModelInfo(name=public_model_name(model.name if model is not None else config.model), loaded=model is not None,
                             device=device or config.device, encoder_backend=backend, decoder_backend=decoder,
-                            precision=precision, accelerate=config.accelerate, error=state.worker.model_error),
+                            precision=precision, accelerate=config.accelerate,
+                            error=public_text(state.worker.model_error)),
             sessions=len(state.sessions), jobs_queued=queued, jobs_running=running, worker=state.worker.state,
             rss_mb=_rss_mb(), memory=_memory_held(state),
             limits=Limits(max_sessions=config.max_sessions, max_voxels=config.max_voxels,
@@ -588,9 +575,10 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
                 raise Refused(422, "this session was not read from a DICOM series on the server; give "
                                    "reference_dicom (the CT's DICOM folder on the server) to write a DICOM SEG")
             reference, series_uid = own[0], series_uid or own[1]
-        model = state.worker.model
-        data = await run_in_threadpool(dicom_seg_bytes, session, segments, reference, series_uid,
-                                       model.name if model is not None else config.model, body.series_description)
+        model = state.worker.model  # (the SEG names the model: not by a path of the server's machine)
+        model_name = public_model_name(model.name if model is not None else config.model)
+        data = await run_in_threadpool(dicom_seg_bytes, session, segments, reference, series_uid, model_name,
+                                       body.series_description)
         return Response(data, media_type="application/dicom",
                         headers={"Content-Disposition": 'attachment; filename="liversam-seg.dcm"'})
 

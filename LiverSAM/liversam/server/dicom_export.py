@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -10,8 +11,12 @@ from ..dicom_seg import write_dicom_seg
 from ..errors import OutputError
 from ..segmentation import Segment, SegmentationResult, default_color
 from ..terminology import terminology_for
+from .public import ServerStorageError
 from .schemas import ExportSegment
 from .sessions import Session
+
+log = logging.getLogger(__name__)
+SEG_NAME = "liversam-seg.dcm"  # the temporary file's name, and the download's
 
 
 def session_reference(session: Session) -> tuple[list[str], str] | None:
@@ -47,11 +52,36 @@ def session_segments(session: Session, segments: list[ExportSegment]) -> list[Se
 
 def dicom_seg_bytes(session: Session, segments: list[Segment], reference: str | Path | list[str],
                     series_uid: str | None, model_name: str, series_description: str) -> bytes:
-    """Write the SEG to a temporary file and return its bytes (OutputError: what does not fit, nothing kept)."""
+    """Write the SEG to a temporary file and return its bytes (OutputError: what does not fit, nothing kept).
+
+    The temporary file is the server's business: a message names it as the download does (``liversam-seg.dcm``),
+    and a temporary folder that cannot be written is a :class:`ServerStorageError` (503) naming no folder (the
+    server's log has the full message)."""
     result = SegmentationResult(geometry=session.volume.geometry, segments=segments,
                                 provenance={"software": "LiverSAM"})
-    with tempfile.TemporaryDirectory(prefix="liversam-seg-") as folder:
-        path = Path(folder) / "liversam-seg.dcm"
-        write_dicom_seg(result, reference, path, model_name=model_name, series_uid=series_uid or None,
-                        series_description=series_description)
+    try:
+        temporary = tempfile.TemporaryDirectory(prefix="liversam-seg-")
+    except OSError as exc:
+        raise _storage_error(tempfile.gettempdir(), exc) from exc
+    with temporary as folder:
+        path = Path(folder) / SEG_NAME
+        try:
+            write_dicom_seg(result, reference, path, model_name=model_name, series_uid=series_uid or None,
+                            series_description=series_description)
+        except OutputError as exc:
+            if isinstance(exc.__cause__, OSError) and str(path) in str(exc):  # writing the SEG's own file failed
+                raise _storage_error(folder, exc.__cause__) from exc
+            if str(path) not in str(exc):
+                raise
+            raise OutputError(str(exc).replace(str(path), SEG_NAME)) from exc  # what does not fit, by the SEG's name
         return path.read_bytes()
+
+
+def _storage_error(folder: str, cause: OSError) -> ServerStorageError:
+    log.error("DICOM SEG export: the temporary folder %s cannot be written: %s", folder, cause)
+    return ServerStorageError(
+        f"The server cannot write the DICOM SEG to its temporary folder ({cause.strerror or type(cause).__name__}). "
+        "This is a problem of the server's machine, not of the request: its administrator can free disk space in "
+        "its temporary folder or make it writable (the server's log names the folder and the error); then export "
+        "again. Nothing was written."
+    )

@@ -15,12 +15,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 from ..dense_crf import crf_for_segments
-from ..errors import Cancelled, LiverSAMError, PromptError
+from ..errors import Cancelled, LiverSAMError, ModelError, PromptError
 from ..geometry import ImageGeometry
 from ..lesion_rim import LesionRimSettings, add_lesion_rim
 from ..lesions import lesion_table
@@ -38,6 +39,7 @@ from ..propagation import (
 from ..review import build_review_report
 from ..segmentation import Segment, SegmentationResult
 from ..terminology import is_tumour_name
+from .public import public_text
 from .schemas import JobSettings, PredictRequest, SegmentSpec
 from .sessions import Session
 
@@ -294,8 +296,27 @@ class JobStore:
             self._jobs[job.id] = job
             session.active_jobs += 1
             self._forget_old()
-        self.worker.submit(lambda model: self._run(job, work, model), JOB)
+        queued = self.worker.submit(lambda model: self._run(job, work, model), JOB)
+        queued.add_done_callback(lambda done: self._never_ran(job, done))
         return job
+
+    def _never_ran(self, job: Job, done: Future) -> None:
+        """End a job whose work never started: the model could not be loaded (it stayed 'queued' for good, and its
+        session, counted busy, was never closed when idle), or the worker stopped."""
+        if job.finished is not None:  # it ran (_run ends every job it starts)
+            return
+        exc = None if done.cancelled() else done.exception()
+        if exc is None or job.cancel_event.is_set() or job.session.closed:
+            job.state, job.error = "cancelled", "cancelled; nothing was written"
+        elif isinstance(exc, ModelError):  # the worker logged its full message
+            job.state, job.error = "failed", f"the server's model cannot be used: {public_text(str(exc))}"
+        else:
+            log.error("job %s did not start: %s", job.id, exc)
+            job.state, job.error = "failed", public_text(f"internal error: {type(exc).__name__}: {exc}")
+        job.finished = time.time()
+        with self._lock:
+            job.session.active_jobs -= 1
+            job.session.last_used = time.monotonic()
 
     def _run(self, job: Job, work: Callable, model) -> None:
         try:
@@ -314,11 +335,11 @@ class JobStore:
             self._release_old_results(job.session)
         except Cancelled:
             job.state, job.error = "cancelled", "cancelled; nothing was written"
-        except LiverSAMError as exc:
-            job.state, job.error = "failed", str(exc)
-        except Exception as exc:  # a bug: say so, keep the server alive
+        except LiverSAMError as exc:  # (a model that cannot be loaded: the worker logged its full message)
+            job.state, job.error = "failed", public_text(str(exc))
+        except Exception as exc:  # a bug: say so, keep the server alive (the log has the full message)
             log.exception("job %s failed", job.id)
-            job.state, job.error = "failed", f"internal error: {type(exc).__name__}: {exc}"
+            job.state, job.error = "failed", public_text(f"internal error: {type(exc).__name__}: {exc}")
         finally:
             job.finished = time.time()
             with self._lock:

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from ..errors import LiverSAMError, ModelError
+
 log = logging.getLogger(__name__)
 
 INTERACTIVE = 0
@@ -47,14 +49,29 @@ class InferenceWorker:
         return self._model
 
     def _ensure_model(self) -> Any:
+        """The model, loaded now if it is not yet. A load that fails raises :class:`ModelError` (any other exception
+        of the loader becomes one: the requests answer 503 saying so, not 500), keeps its full message in
+        ``model_error`` (the API gives it without the server's paths) and logs it: once, not again for each request
+        that tries again and fails the same way."""
         if self._model is None:
             self.state = "loading model"
             try:
                 self._model = self._load_model()
-                self.model_error = None
             except Exception as exc:
-                self.model_error = str(exc)
-                raise
+                error = exc if isinstance(exc, ModelError) else ModelError(
+                    str(exc) if isinstance(exc, LiverSAMError) else f"loading it failed: {type(exc).__name__}: {exc}")
+                message = str(error)
+                if message != self.model_error:
+                    log.error("The model cannot be loaded: %s", message, exc_info=error is not exc)
+                else:
+                    log.debug("The model still cannot be loaded (the same error as logged before).")
+                self.model_error = message
+                if error is exc:
+                    raise
+                raise error from exc
+            if self.model_error is not None:
+                log.info("The model is loaded now (it failed before).")
+            self.model_error = None
         return self._model
 
     def submit(self, fn: Callable[[Any], Any], priority: int = JOB) -> Future:

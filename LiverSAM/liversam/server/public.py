@@ -1,0 +1,160 @@
+"""What the server tells token holders: messages without the file paths of the server's machine.
+
+Every token holder reads the server's answers (model descriptions, the model's load error, job errors, error
+details); none of them should learn the server's user names, folders or where its weights and caches lie. An absolute
+path in such a text is replaced by its file name ("/home/alice/my runs/a b/best.pt" -> "best.pt"), a path in LiverSAM's
+own folders by the folder's documented name ("~/.liversam/models/sam_vit_b_01ec64.pth", "$LIVERSAM_HOME/models/...")
+so that the advice "put it at ..." still says where, and "/path/to/..." (a placeholder in advice) is kept. The full
+text goes to the server's log where the caller logs it.
+
+A path is found when it starts with ``/``, ``~/``, a drive (``C:\\``, ``C:/``) or ``\\\\host``, not inside a word or a
+URL. Its end: a quoted path ('...' or "...", as LiverSAM's messages quote paths) runs to its closing quote, spaces
+included; an unquoted one stops at a space unless what follows the space is more of the path, which is told when the
+extended text's last word holds a path separator and it ends in a known file suffix (.pt, .pth, .nii.gz, ...), at the
+end of the text or before "; " ("/home/alice/my runs/a b/best.pt" is one path; "/home/alice/data and model best.pt"
+stops after "data").
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from ..errors import LiverSAMError
+
+_ROOT = r"(?:[A-Za-z]:[\\/]|\\\\|~[\\/]|/)"  # C:\ or C:/, \\host\share, ~/, /
+_PATH_CHAR = r"[^\s;,'\"()<>]"
+# not inside a word, a path, a URL ("https://..."), a variable ("$LIVERSAM_HOME/models")
+_NOT_AFTER = r"(?<![\w/\\.~:$%-])"
+_CANDIDATE = re.compile(
+    rf"{_NOT_AFTER}(?P<quote>['\"])(?P<quoted>{_ROOT}[^\n]*?)(?P=quote)(?!\w)"  # '/a b/c.pt' (closing quote: no word after)
+    rf"|{_NOT_AFTER}(?P<plain>{_ROOT}{_PATH_CHAR}+)"
+)
+_MORE = re.compile(rf" +{_PATH_CHAR}+")  # the next word after a space
+_STARTS_PATH = re.compile(rf"{_ROOT}{_PATH_CHAR}")
+_SEPARATOR = re.compile(r"[\\/]")
+_END_OF_ITEM = re.compile(r"\s*$|; ")
+#: file suffixes that end a path with spaces in it (checkpoints, exported encoders, configs, images)
+KNOWN_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".onnx", ".xml", ".json", ".yaml", ".yml", ".txt",
+                  ".csv", ".h5", ".npy", ".npz", ".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha", ".mhd", ".dcm",
+                  ".zip", ".lock", ".log")
+_PLACEHOLDER = ("/path/to/",)  # "give its path as --model sam_vit_b=/path/to/sam_vit_b_01ec64.pth": advice, kept
+_MAX_WORDS = 32  # an unquoted path is extended over at most this many spaces
+
+
+class ServerStorageError(LiverSAMError):
+    """The server cannot write its own temporary files (full disk, no permission): 503 with a message that names no
+    folder of the server's machine (its log names it); nothing the client can change in its request."""
+
+
+def _file_name(path: str) -> str:
+    windows = "\\" in path or path[1:2] == ":"
+    name = (PureWindowsPath(path) if windows else PurePosixPath(path)).name
+    return name or "(a folder)"
+
+
+def _has_known_suffix(path: str) -> bool:
+    return path.rstrip(".").lower().endswith(KNOWN_SUFFIXES)
+
+
+def _unquoted_end(text: str, start: int, end: int) -> int:
+    """Where the unquoted path found at ``text[start:end]`` (up to its first space) really ends: further words are
+    part of it only when the path can be told to go on (see the module's notes)."""
+    if _has_known_suffix(text[start:end]):
+        return end
+    position = end
+    for _ in range(_MAX_WORDS):
+        word = _MORE.match(text, position)
+        if word is None or _STARTS_PATH.match(word.group(0).lstrip(" ")):
+            break  # no more words, or another path begins
+        position = word.end()
+        if _SEPARATOR.search(word.group(0)) and (
+            _has_known_suffix(text[start:position]) or _END_OF_ITEM.match(text, position)
+        ):
+            return position
+    return end
+
+
+def _is_under(path: str, folder: str) -> bool:
+    folder = folder.rstrip("/\\")
+    return bool(folder) and (path == folder or path.startswith((folder + "/", folder + "\\")))
+
+
+def _named_folders() -> list[tuple[str, str]]:
+    """(folder of this machine, the name the docs give it) for LiverSAM's own folders: the advice in a message (put
+    the weights in the models folder, make the cache writable) keeps saying where without naming the server's user."""
+    home = os.environ.get("LIVERSAM_HOME")
+    models = Path(home) / "models" if home else Path.home() / ".liversam" / "models"
+    folders = [(str(models), "$LIVERSAM_HOME/models" if home else "~/.liversam/models")]
+    if os.environ.get("LIVERSAM_CACHE_DIR"):
+        folders.append((os.environ["LIVERSAM_CACHE_DIR"], "$LIVERSAM_CACHE_DIR"))
+    return folders
+
+
+def _public_path(path: str, keep: tuple[str, ...]) -> str:
+    if path.startswith(_PLACEHOLDER) or any(_is_under(path, folder) for folder in keep):
+        return path
+    for folder, name in _named_folders():
+        if _is_under(path, folder):
+            rest = path[len(folder.rstrip("/\\")):].replace("\\", "/")
+            return name + rest
+    return _file_name(path)
+
+
+def path_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each absolute path in ``text`` (see the module's notes), in order."""
+    spans: list[tuple[int, int]] = []
+    position = 0
+    while (found := _CANDIDATE.search(text, position)) is not None:
+        if found.group("quoted") is not None:
+            spans.append(found.span("quoted"))
+            position = found.end()
+        else:
+            start, end = found.span("plain")
+            end = _unquoted_end(text, start, end)
+            spans.append((start, end))
+            position = end
+    return spans
+
+
+def public_text(text: str | None, keep: Iterable[str | os.PathLike] = ()) -> str | None:
+    """``text`` with every absolute path of the server's machine replaced by its file name (LiverSAM's own folders by
+    their documented names); paths under a folder of ``keep`` (the data roots a client may open) stay as they are."""
+    if not text:
+        return text
+    kept = tuple(str(folder) for folder in keep)
+    pieces, last = [], 0
+    for start, end in path_spans(text):
+        pieces += [text[last:start], _public_path(text[start:end], kept)]
+        last = end
+    return "".join(pieces) + text[last:]
+
+
+# descriptions written by LiverSAM before GET /v1/models existed held the checkpoint's absolute path
+_OLD_DESCRIPTION = re.compile(
+    r"^(LiverSAMTrain model |trained model )((?:[A-Za-z]:[\\/]|\\\\|/).+?)(; validation Dice [0-9.]+)?$", re.DOTALL
+)
+
+
+def public_description(text: str) -> str:
+    """A model's description as GET /v1/models gives it to token holders: absolute paths of the server's machine
+    (older LiverSAM versions wrote "LiverSAMTrain model /home/alice/runs/a/best.pt; validation Dice 0.912" or "trained
+    model /path") replaced by the file's name."""
+    old = _OLD_DESCRIPTION.match(text)
+    if old:
+        return old.group(1) + _file_name(old.group(2).strip()) + (old.group(3) or "")
+    return public_text(text) or text
+
+
+def public_model_name(model: str) -> str:
+    """The server's ``--model`` as the API names it: a checkpoint file given by its path is named by its file name
+    (``sam_vit_b=/home/alice/w.pth`` by ``sam_vit_b=w.pth``)."""
+    name, equals, path = model.partition("=")
+    if equals and path and not _SEPARATOR.search(name):
+        return f"{name}={public_model_name(path)}"
+    return _file_name(model) if (_SEPARATOR.search(model) or Path(model).suffix) else model
+
+
+__all__ = ["KNOWN_SUFFIXES", "ServerStorageError", "path_spans", "public_description", "public_model_name", "public_text"]
