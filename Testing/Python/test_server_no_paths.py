@@ -237,3 +237,17 @@ def test_a_dicom_seg_the_server_cannot_write_names_no_folder_of_the_server(dicom
     assert answer.status_code == 503, answer.text
     detail = answer.json()["detail"]
     assert "temporary folder (No such file or directory)" in detail and str(tmp_path) not in detail, detail
+
+
+def test_public_text_keeps_the_data_roots_and_names_liversams_folders(tmp_path, monkeypatch):
+    from liversam.server.public import public_text
+
+    monkeypatch.setenv("LIVERSAM_CACHE_DIR", str(tmp_path / "cache dir"))
+    root = tmp_path / "data root"
+    text = (f"'{root}/case 1/ct.nii.gz' and '{tmp_path}/elsewhere/ct.nii.gz'; cache "
+            f"{tmp_path}/cache dir/encoders/abc-1024px/encoder.onnx; [Errno 13] Permission denied: "
+            f"'{tmp_path}/O'Brien/w.pt'; from https://example.org/a/b.pth")
+    assert public_text(text, keep=[root]) == (
+        f"'{root}/case 1/ct.nii.gz' and 'ct.nii.gz'; cache $LIVERSAM_CACHE_DIR/encoders/abc-1024px/encoder.onnx; "
+        "[Errno 13] Permission denied: 'w.pt'; from https://example.org/a/b.pth")
+    assert public_text(r"'C:\Users\Alice Smith\w.pt' and D:/runs/x y/b.ckpt") == "'w.pt' and b.ckpt"
