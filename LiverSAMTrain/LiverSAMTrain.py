@@ -4,8 +4,9 @@ Thin Qt layer: the widget collects the settings, exports loaded volume + segment
 ``<LiverSAM python> -m liversam train ...`` -- the LiverSAM Python environment of LiverSAM's Server
 section, which has torch; Slicer's own Python gets none -- in a background process
 (``LiverSAMTrainLib.TrainingProcess``) whose log a ``QTimer`` polls, so Slicer stays responsive. The process
-keeps running when Slicer closes (it has its own process group and log file). Curves go to a table + plot
-chart, shown once in the layout; the best model is registered by ``liversam train --name`` so that the
+keeps running when Slicer closes (it has its own process group and log file). Curves go to a table and one plot
+chart per quantity (validation Dice, training loss, validation loss: Slicer's plot chart has one y axis); the
+"Curves" list chooses the chart shown in the layout's plot view, once per run unless chosen again; the best model is registered by ``liversam train --name`` so that the
 LiverSAM server offers it. The logic (``LiverSAMTrainLib.TrainingLogic``) has no Qt and is tested on
 slicer-core's MRML. Minimum Slicer version: 5.10 (``LiverSAMLib.SlicerCompatibility``).
 """
@@ -57,7 +58,7 @@ class LiverSAMTrainLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self.process = process or TrainingProcess()
         self.tableNode = None
-        self.chartNode = None
+        self.chartNodes: dict = {}  # TrainingLogic.CHARTS key -> vtkMRMLPlotChartNode
 
     def start(self, settings: TrainingLogic.TrainingSettings, python: str) -> list:
         """Start ``liversam train`` in the LiverSAM environment ``python`` (checked once: raises with the reason).
@@ -81,9 +82,18 @@ class LiverSAMTrainLogic(ScriptedLoadableModuleLogic):
         self.process.stop()
 
     def updateCurves(self, runDir: str) -> None:
-        self.tableNode, self.chartNode = TrainingLogic.update_curves(
-            Path(runDir) / "history.csv", table_node=self.tableNode, chart_node=self.chartNode
+        self.tableNode, self.chartNodes = TrainingLogic.update_curves(
+            Path(runDir) / "history.csv", table_node=self.tableNode, chart_nodes=self.chartNodes
         )
+
+    def showChart(self, key: str):
+        """Show the chart ``key`` (a :data:`TrainingLogic.CHARTS` key) in the layout's plot view (a layout with one is
+        chosen when the current one has none); returns the chart node, or None when there are no curves yet."""
+        chart = self.chartNodes.get(key)
+        if chart is None or chart.GetScene() is not slicer.mrmlScene:
+            return None
+        slicer.modules.plots.logic().ShowChartInLayout(chart)
+        return chart
 
 
 class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
@@ -95,7 +105,7 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         self._timer = None
         self._pairs = []
         self._settings = None
-        self._chartShown = None  # the chart node shown in the layout
+        self._chartShown = None  # the chart node this module last showed in the layout
         self._check = None  # the environment check running before training starts (polled, never waited for)
         # the running process reported DONE: its run is complete, also when Stop was pressed after
         self._finished = False
@@ -121,6 +131,7 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         self.ui.startButton.connect("clicked()", self.onStart)
         self.ui.resumeButton.connect("clicked()", self.onStart)
         self.ui.stopButton.connect("clicked()", self.onStop)
+        self.ui.curvesComboBox.connect("currentIndexChanged(int)", self.onCurvesChosen)
         self.updateButtons()
 
     def cleanup(self) -> None:
@@ -263,6 +274,27 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         else:  # it ended by itself before this Stop (finished, or failed): say so, not "Stopped"
             self.poll()
 
+    def _chosenChart(self) -> str:
+        """The key of the chart chosen in the Curves list (its items are :data:`TrainingLogic.CHARTS`, in order)."""
+        keys = list(TrainingLogic.CHARTS)
+        index = self.ui.curvesComboBox.currentIndex
+        return keys[index] if 0 <= index < len(keys) else keys[0]
+
+    def onCurvesChosen(self, index: int = 0) -> None:
+        """Another chart chosen in the Curves list: shown now, when the run has curves (else at its first epoch)."""
+        chart = self.logic.showChart(self._chosenChart())
+        if chart is not None:
+            self._chartShown = chart
+
+    def _updateCurves(self) -> None:
+        """The curves read again from the run's history.csv; the chart chosen in the Curves list is shown once per run
+        (and again when its node was replaced: File > Close Scene). Later epochs update the charts in place and leave
+        the user's layout alone, also when the plot view was switched to another chart."""
+        self.logic.updateCurves(self._settings.out)
+        chart = self.logic.chartNodes.get(self._chosenChart())
+        if chart is not None and chart is not self._chartShown:
+            self._chartShown = self.logic.showChart(self._chosenChart())
+
     def _showStopped(self) -> None:
         self.ui.statusLabel.setText(_("Stopped. Resume continues from the last completed epoch."))
 
@@ -306,12 +338,7 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
                         best=payload.get("best_epoch"),
                     )
                 )
-                self.logic.updateCurves(self._settings.out)
-                if self.logic.chartNode is not None and self._chartShown is not self.logic.chartNode:
-                    # Once per chart node (a new one after File > Close Scene): later epochs update it in place and
-                    # leave the user's layout alone.
-                    slicer.modules.plots.logic().ShowChartInLayout(self.logic.chartNode)
-                    self._chartShown = self.logic.chartNode
+                self._updateCurves()
             elif kind == "DONE":
                 self._finished = True
                 name = payload.get("registered_name")
@@ -368,7 +395,7 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
 
 
 class LiverSAMTrainTest(ScriptedLoadableModuleTest):
-    """Runs in Slicer: curves from a history file become a table and a chart with one series per curve."""
+    """Runs in Slicer: curves from a history file become a table and a chart per quantity, a series per curve."""
 
     def runTest(self):
         slicer.mrmlScene.Clear()
@@ -381,9 +408,13 @@ class LiverSAMTrainTest(ScriptedLoadableModuleTest):
             "epoch,train_loss,val_loss,val_dice_liver,val_dice_tumor,val_dice_mean\n"
             "0,,0.34,0.89,0.81,0.85\n1,0.46,0.33,0.90,0.84,0.87\n"
         )
-        table, chart = TrainingLogic.update_curves(folder / "history.csv")
+        table, charts = TrainingLogic.update_curves(folder / "history.csv")
         self.assertEqual(table.GetTable().GetNumberOfRows(), 2)
-        self.assertEqual(chart.GetNumberOfPlotSeriesNodes(), 5)
+        self.assertEqual(list(charts), list(TrainingLogic.CHARTS))
+        self.assertEqual(charts["dice"].GetNumberOfPlotSeriesNodes(), 3)  # liver, tumour, mean: 0-1 axis of its own
+        self.assertEqual(charts["train_loss"].GetNumberOfPlotSeriesNodes(), 1)
+        self.assertFalse(charts["dice"].GetYAxisRangeAuto())
+        self.assertEqual(tuple(charts["dice"].GetYAxisRange()), (0.0, 1.0))
         self.assertAlmostEqual(table.GetTable().GetColumnByName("val_dice_liver").GetValue(1), 0.90)
 
     def test_command_line(self):

@@ -9,7 +9,8 @@
   (the LiverSAM Python environment of the server, never Slicer's own Python: training needs torch);
 - :class:`EnvironmentCheck` / :func:`environment_problem`: whether that environment can train (checked once per
   environment, in a background process the widget polls);
-- :func:`update_curves`: ``history.csv`` of a run -> a table node and plot chart (loss, Dice per epoch);
+- :func:`update_curves`: ``history.csv`` of a run -> a table node and one plot chart per quantity (:data:`CHARTS`:
+  validation Dice on a fixed 0-1 axis, training loss, validation loss), as curves.png has a panel each;
 - :func:`parse_event`: the ``LIVERSAM_CACHE`` / ``_RESUME`` / ``_EPOCH`` / ``_DONE`` lines the command prints;
 """
 
@@ -34,6 +35,34 @@ DICE_SERIES = {
     "val_dice_liver": ("Validation Dice liver", (0.85, 0.5, 0.4)),
     "val_dice_tumor": ("Validation Dice tumour", (0.3, 0.75, 0.3)),
     "val_dice_mean": ("Validation Dice mean", (0.4, 0.4, 0.4)),
+}
+#: the legend's name of the mean when the validation slices show no tumour (the mean is then the liver's alone)
+DICE_MEAN_LIVER_ONLY = "Validation Dice mean (liver only: no tumour in validation)"
+# The axis titles of curves.png (liversam.training.trainer's TRAIN_LOSS_LABEL, VAL_LOSS_LABEL, DICE_LABEL; that module
+# imports torch, which Slicer's Python has not: a test checks that they are the same).
+TRAIN_LOSS_LABEL = "Dice + BCE + IoU-head MSE (unitless)"
+VAL_LOSS_LABEL = "Dice + BCE, exact boxes (unitless)"
+DICE_LABEL = "Dice (0-1)"
+EPOCH_LABEL = "epoch (0: base model)"
+
+
+@dataclass(frozen=True)
+class ChartSpec:
+    """One plot chart of the curves. Slicer's plot chart has one y axis, so quantities of different scales get a
+    chart each, as curves.png gives them a panel each: a Dice of 0.9 drawn beside losses of 0.05-1.5 flattened both."""
+
+    title: str  # the chart's entry in the module's "Curves" list (and in the plot view's chart list)
+    y_title: str
+    series: dict  # column of history.csv -> (series name, colour)
+    y_range: tuple[float, float] | None = None  # a fixed y range (the user may still zoom); None: fitted to the curves
+
+
+#: The charts, in the order of the module's "Curves" list (LiverSAMTrain.ui's curvesComboBox; a test checks it):
+#: validation Dice first (the best model is chosen by it).
+CHARTS: dict[str, ChartSpec] = {
+    "dice": ChartSpec("Validation Dice", DICE_LABEL, DICE_SERIES, (0.0, 1.0)),
+    "train_loss": ChartSpec("Training loss", TRAIN_LOSS_LABEL, {"train_loss": LOSS_SERIES["train_loss"]}),
+    "val_loss": ChartSpec("Validation loss", VAL_LOSS_LABEL, {"val_loss": LOSS_SERIES["val_loss"]}),
 }
 
 
@@ -386,22 +415,22 @@ def read_history(csv_path: str | Path) -> dict[str, np.ndarray]:
     }
 
 
-def update_curves(csv_path: str | Path, scene=None, table_node=None, chart_node=None):
-    """Fill (or create) a table node with the run's curves and a plot chart with one series per curve.
+def update_curves(csv_path: str | Path, scene=None, table_node=None, chart_nodes: dict | None = None):
+    """Fill (or create) a table node with the run's curves and one plot chart per :data:`CHARTS` entry.
 
-    Returns ``(table_node, chart_node)``; ``(None, None)`` when there is no history yet. Nodes no longer in
-    ``scene`` (File > Close Scene during a run) are replaced by new ones, so the curves keep showing.
+    Returns ``(table_node, {chart key: chart node})``; ``(table_node, {})`` when there is no history yet. Nodes no longer
+    in ``scene`` (File > Close Scene during a run, or deleted by the user) are replaced by new ones, so the curves keep
+    showing; a chart kept while the table is replaced has its series pointed at the new table.
     """
     import vtk
 
     scene = scene or slicer.mrmlScene
     if table_node is not None and table_node.GetScene() is not scene:
         table_node = None
-    if chart_node is not None and (chart_node.GetScene() is not scene or table_node is None):
-        chart_node = None  # its series point at the old table
+    charts = {key: chart for key, chart in (chart_nodes or {}).items() if chart is not None and chart.GetScene() is scene}
     history = read_history(csv_path)
     if not history:
-        return table_node, chart_node
+        return table_node, charts
     if table_node is None:
         table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", "LiverSAMTrain curves")
     table = table_node.GetTable()
@@ -413,22 +442,50 @@ def update_curves(csv_path: str | Path, scene=None, table_node=None, chart_node=
             column.InsertNextValue(float(value))
         table.AddColumn(column)
     table_node.Modified()
-    if chart_node is None:
-        chart_node = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", "LiverSAMTrain curves")
-        chart_node.SetTitle("LiverSAMTrain: loss and validation Dice per epoch")
-        chart_node.SetXAxisTitle("epoch")
-        chart_node.SetYAxisTitle("loss / Dice")
-        for key, (name, color) in {**LOSS_SERIES, **DICE_SERIES}.items():
-            if key not in history:
-                continue
+    tumor = history.get("val_dice_tumor")
+    liver_only = tumor is not None and bool(np.isnan(tumor).all())  # fixed for a run: the validation set is
+    for key, spec in CHARTS.items():
+        chart_node = charts.get(key)
+        if chart_node is None:
+            chart_node = _new_chart(scene, spec)
+        _fill_chart(scene, chart_node, spec, table_node, history, liver_only)
+        charts[key] = chart_node
+    return table_node, charts
+
+
+def _new_chart(scene, spec: ChartSpec) -> slicer.vtkMRMLPlotChartNode:
+    chart_node = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"LiverSAMTrain: {spec.title.lower()}")
+    chart_node.SetTitle(f"LiverSAMTrain: {spec.title.lower()} per epoch")
+    chart_node.SetXAxisTitle(EPOCH_LABEL)
+    chart_node.SetYAxisTitle(spec.y_title)
+    if spec.y_range is not None:  # set once: a range the user zooms to in the plot view is written back here
+        chart_node.SetYAxisRangeAuto(False)
+        chart_node.SetYAxisRange(*spec.y_range)
+    return chart_node
+
+
+def _fill_chart(scene, chart_node, spec: ChartSpec, table_node, history: dict, liver_only: bool) -> None:
+    """A series per column of ``spec`` in ``history`` (one missing is added: new chart, series deleted by the user),
+    each reading ``table_node``; the mean Dice's name says when it is the liver's alone."""
+    existing = {}
+    for n in range(chart_node.GetNumberOfPlotSeriesNodes()):
+        series = chart_node.GetNthPlotSeriesNode(n)
+        if series is not None:
+            existing[series.GetYColumnName()] = series
+    for column, (name, color) in spec.series.items():
+        if column not in history:
+            continue
+        series = existing.get(column)
+        if series is None:
             series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", name)
-            series.SetAndObserveTableNodeID(table_node.GetID())
             series.SetXColumnName("epoch")
-            series.SetYColumnName(key)
+            series.SetYColumnName(column)
             series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
             series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle)
             series.SetColor(*color)
             chart_node.AddAndObservePlotSeriesNodeID(series.GetID())
-    return table_node, chart_node
-
-
+        if series.GetTableNodeID() != table_node.GetID():
+            series.SetAndObserveTableNodeID(table_node.GetID())
+        legend = DICE_MEAN_LIVER_ONLY if column == "val_dice_mean" and liver_only else name
+        if series.GetName() != legend:
+            series.SetName(legend)

@@ -41,37 +41,74 @@ HISTORY = (
 )
 
 
-def test_curves_csv_becomes_a_table_and_a_plot_chart(tmp_path):
+def _series(chart_node) -> dict:
+    return {
+        chart_node.GetNthPlotSeriesNode(n).GetYColumnName(): chart_node.GetNthPlotSeriesNode(n)
+        for n in range(chart_node.GetNumberOfPlotSeriesNodes())
+    }
+
+
+def test_curves_csv_becomes_a_table_and_a_chart_per_quantity(tmp_path):
+    """The losses and the Dice were drawn in one chart, on its one y axis: a Dice of 0.9 beside losses of 0.05-1.5 made
+    both hard to read. Each quantity now has a chart, as curves.png has a panel each; the Dice's y axis is 0-1."""
     scene = fresh_scene()
     (tmp_path / "history.csv").write_text(HISTORY)
-    table_node, chart_node = TrainingLogic.update_curves(tmp_path / "history.csv", scene=scene)
+    table_node, charts = TrainingLogic.update_curves(tmp_path / "history.csv", scene=scene)
     table = table_node.GetTable()
     assert table.GetNumberOfRows() == 3
     assert table.GetColumnByName("val_dice_tumor").GetValue(1) == pytest.approx(0.841)
     assert np.isnan(table.GetColumnByName("train_loss").GetValue(0))  # epoch 0: the base model, no training
-    names = set()
-    for n in range(chart_node.GetNumberOfPlotSeriesNodes()):
-        series = chart_node.GetNthPlotSeriesNode(n)
-        assert series.GetTableNode() is table_node and series.GetXColumnName() == "epoch"
-        names.add(series.GetYColumnName())
-    assert names == {"train_loss", "val_loss", "val_dice_liver", "val_dice_tumor", "val_dice_mean"}
+    assert list(charts) == ["dice", "train_loss", "val_loss"]
+    assert {key: set(_series(chart)) for key, chart in charts.items()} == {
+        "dice": {"val_dice_liver", "val_dice_tumor", "val_dice_mean"},
+        "train_loss": {"train_loss"},
+        "val_loss": {"val_loss"},
+    }
+    for chart in charts.values():
+        assert all(s.GetTableNode() is table_node and s.GetXColumnName() == "epoch" for s in _series(chart).values())
+        assert chart.GetXAxisTitle() == "epoch (0: base model)"
+    dice, train_loss, val_loss = charts["dice"], charts["train_loss"], charts["val_loss"]
+    assert not dice.GetYAxisRangeAuto() and tuple(dice.GetYAxisRange()) == (0.0, 1.0)
+    assert train_loss.GetYAxisRangeAuto() and val_loss.GetYAxisRangeAuto()  # fitted to their own curves
+    # the axis titles are curves.png's (the core module imports torch: Slicer's Python copies them)
+    from liversam.training import trainer
+
+    assert (dice.GetYAxisTitle(), train_loss.GetYAxisTitle(), val_loss.GetYAxisTitle()) == (
+        trainer.DICE_LABEL, trainer.TRAIN_LOSS_LABEL, trainer.VAL_LOSS_LABEL
+    )
+    assert _series(dice)["val_dice_mean"].GetName() == "Validation Dice mean"
     # A later epoch updates the same nodes instead of adding new ones.
     (tmp_path / "history.csv").write_text(HISTORY + "3,0.40,0.33,0.90,0.82,0.85,0.74,0.875,0.00001,70,0.4\n")
-    again = TrainingLogic.update_curves(
-        tmp_path / "history.csv", scene=scene, table_node=table_node, chart_node=chart_node
+    again = TrainingLogic.update_curves(tmp_path / "history.csv", scene=scene, table_node=table_node, chart_nodes=charts)
+    assert again[0] is table_node and again[1] == charts and table.GetNumberOfRows() == 4
+    assert scene.GetNumberOfNodesByClass("vtkMRMLPlotChartNode") == 3
+    assert scene.GetNumberOfNodesByClass("vtkMRMLPlotSeriesNode") == 5
+    # The table deleted by the user: a new one, and the charts kept read it (they stay where the user put them).
+    scene.RemoveNode(table_node)
+    table_new, charts_new = TrainingLogic.update_curves(
+        tmp_path / "history.csv", scene=scene, table_node=table_node, chart_nodes=charts
     )
-    assert again == (table_node, chart_node) and table.GetNumberOfRows() == 4
-    assert scene.GetNumberOfNodesByClass("vtkMRMLPlotChartNode") == 1
+    assert table_new is not table_node and charts_new == charts
+    assert all(s.GetTableNode() is table_new for c in charts.values() for s in _series(c).values())
     # File > Close Scene during a run: the next epoch's curves go into new nodes of the scene, not the old ones.
     scene.Clear(0)
-    table_after, chart_after = TrainingLogic.update_curves(
-        tmp_path / "history.csv", scene=scene, table_node=table_node, chart_node=chart_node
+    table_after, charts_after = TrainingLogic.update_curves(
+        tmp_path / "history.csv", scene=scene, table_node=table_new, chart_nodes=charts
     )
-    assert table_after.GetScene() is scene and chart_after.GetScene() is scene
-    assert (
-        table_after.GetTable().GetNumberOfRows() == 4
-        and chart_after.GetNthPlotSeriesNode(0).GetTableNode() is table_after
-    )
+    assert table_after.GetScene() is scene and all(c.GetScene() is scene for c in charts_after.values())
+    assert table_after.GetTable().GetNumberOfRows() == 4
+    assert all(s.GetTableNode() is table_after for c in charts_after.values() for s in _series(c).values())
+
+
+def test_the_mean_dice_says_when_it_is_the_livers_alone(tmp_path):
+    """Validation without tumour: the mean is the liver's alone; the legend says so, as curves.png's does."""
+    scene = fresh_scene()
+    rows = [line.split(",") for line in HISTORY.strip().split("\n")]
+    for row in rows[1:]:
+        row[5] = row[6] = ""  # val_dice_tumor, val_iou_tumor
+    (tmp_path / "history.csv").write_text("\n".join(",".join(r) for r in rows) + "\n")
+    _table, charts = TrainingLogic.update_curves(tmp_path / "history.csv", scene=scene)
+    assert _series(charts["dice"])["val_dice_mean"].GetName() == TrainingLogic.DICE_MEAN_LIVER_ONLY
 
 
 def test_loaded_volume_and_segmentation_pairs_export_to_training_files(tmp_path):

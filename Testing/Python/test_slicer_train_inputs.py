@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from test_slicer_widget_state import Label, Log, widgets  # noqa: F401  (the fixture)
 
-from slicer_harness import REPO_ROOT, ensure_module_on_path, fresh_scene
+from slicer_harness import REPO_ROOT, ensure_module_on_path, fresh_scene, slicer_environment
 
 ensure_module_on_path()
 
@@ -267,9 +267,10 @@ def polled(train, lines: list[str], code: int | None = None):
     widget._check, widget._finished, widget._chartShown = None, False, None
     widget._settings = SimpleNamespace(epochs=5, out="/unused")
     widget._timer = SimpleNamespace(stop=lambda: None)
-    widget.logic = SimpleNamespace(process=Process(lines, code), updateCurves=lambda out: None, chartNode=None)
+    widget.logic = SimpleNamespace(process=Process(lines, code), updateCurves=lambda out: None, chartNodes={})
     widget.updateButtons = lambda: None
-    widget.ui = SimpleNamespace(statusLabel=Label(), logTextEdit=Log(), progressBar=Bar())
+    widget.ui = SimpleNamespace(statusLabel=Label(), logTextEdit=Log(), progressBar=Bar(),
+                                curvesComboBox=SimpleNamespace(currentIndex=0))  # fmt: skip
     widget.poll()
     return widget
 
@@ -337,3 +338,61 @@ def test_the_busy_bar_of_a_reused_cache_stops_when_the_run_ends(widgets):  # noq
     assert running.ui.progressBar.maximum == 0  # busy while it runs
     ended = polled(train, [start], code=2)
     assert ended.ui.progressBar.maximum == 1 and ended.ui.progressBar.value == 0
+
+
+def test_the_curves_list_chooses_the_chart_shown_and_epochs_leave_the_users_choice(widgets, tmp_path, monkeypatch):  # noqa: F811
+    """One chart per quantity (a Dice of 0.9 beside losses of 0.05-1.5 on one y axis was hard to read): the Curves list
+    chooses the chart the layout's plot view shows; an epoch shows it once per run, then updates it in place and leaves
+    the plot view alone (the user may switch it to another chart); after File > Close Scene the new chart is shown."""
+    import slicer
+
+    _liversam, train = widgets
+    scene = fresh_scene()
+    plots = slicer.vtkSlicerPlotsLogic()  # the real Plots logic: selection node -> every plot view node
+    plots.SetMRMLApplicationLogic(slicer_environment().application_logic)
+    plots.SetMRMLScene(scene)
+    monkeypatch.setattr(slicer.modules, "plots", SimpleNamespace(logic=lambda: plots), raising=False)
+    view = scene.AddNewNodeByClass("vtkMRMLPlotViewNode")
+    header, *rows = HISTORY_ROWS
+    (tmp_path / "history.csv").write_text(header + rows[0])
+    widget = polled(train, [], code=None)
+    widget.logic = train.LiverSAMTrainLogic(process=Process([]))
+    widget._settings = SimpleNamespace(epochs=5, out=str(tmp_path))
+    combo = widget.ui.curvesComboBox
+    items = [i.find("property/string").text for i in ET.parse(TRAIN_UI).getroot().iter("widget")
+             if i.get("name") == "curvesComboBox" for i in i.iter("item")]  # fmt: skip
+    assert items == [spec.title for spec in train.TrainingLogic.CHARTS.values()]
+
+    def epoch(n: int) -> None:
+        widget.logic.process = Process([f'LIVERSAM_EPOCH {{"epoch": {n}, "epochs": 5, "val_dice_mean": 0.9}}'])
+        widget.poll()
+
+    def shown():
+        return scene.GetNodeByID(view.GetPlotChartNodeID())
+
+    combo.currentIndex = 1  # Training loss, chosen before the first epoch: nothing to show yet
+    widget.onCurvesChosen(1)
+    assert view.GetPlotChartNodeID() is None
+    epoch(0)
+    charts = widget.logic.chartNodes
+    assert shown() is charts["train_loss"] and shown().GetYAxisTitle() == train.TrainingLogic.TRAIN_LOSS_LABEL
+    combo.currentIndex = 0  # Validation Dice
+    widget.onCurvesChosen(0)
+    assert shown() is charts["dice"] and tuple(shown().GetYAxisRange()) == (0.0, 1.0)
+    plots.ShowChartInLayout(charts["val_loss"])  # the user picks another chart in the plot view's own list
+    (tmp_path / "history.csv").write_text(header + rows[0] + rows[1])
+    epoch(1)
+    assert shown() is charts["val_loss"]  # left alone
+    assert widget.logic.tableNode.GetTable().GetNumberOfRows() == 2
+    scene.Clear(0)  # File > Close Scene during the run
+    view = scene.AddNewNodeByClass("vtkMRMLPlotViewNode")
+    epoch(1)
+    assert widget.logic.chartNodes["dice"] is not charts["dice"] and shown() is widget.logic.chartNodes["dice"]
+
+
+HISTORY_ROWS = [
+    "epoch,train_loss,val_loss,val_dice_liver,val_iou_liver,val_dice_tumor,val_iou_tumor,val_dice_mean,lr,seconds,"
+    "train_slices_per_second\n",
+    "0,,0.344,0.894,0.808,0.818,0.692,0.856,0.0001,16.3,\n",
+    "1,0.467,0.347,0.889,0.801,0.841,0.725,0.865,0.0001,68.1,0.43\n",
+]
