@@ -40,6 +40,32 @@ def test_listing_comes_from_the_minimum_release():
     assert "setCurrentNode" in selector["slots"] and "setSegmentationNode" not in LISTING.members("qMRMLSegmentSelectorWidget")
     assert "saveStateForUndo" in LISTING.members("qMRMLSegmentEditorWidget")
     assert "ModifySegmentByLabelmap" in LISTING.members("vtkSlicerSegmentEditorLogic")
+    # slicer.app.testingEnabled() is a PythonQt decorator (qSlicerBaseQTCorePythonQtDecorators.h), not a slot
+    application = LISTING.classes["qSlicerCoreApplication"]
+    assert "testingEnabled" in application["decorators"]
+    assert "testingEnabled" not in application["slots"] + application["invokables"] + list(application["properties"])
+    assert "testingEnabled" in LISTING.members("qSlicerApplication")
+
+
+def test_pythonqt_decorators_are_read_from_the_headers():
+    from extract_api import decorator_members
+
+    header = '''
+    class qSlicerBaseQTBasePythonQtDecorators : public QObject
+    {
+      Q_OBJECT
+    public:
+      qSlicerBaseQTBasePythonQtDecorators() { PythonQt::self()->registerClass(&qSlicerCoreApplication::staticMetaObject); }
+    public slots:
+      bool static_qSlicerCoreApplication_testingEnabled() { return true; }
+      void processEvents(qSlicerCoreApplication* app) { app->processEvents(); }
+      qSlicerFoo* new_qSlicerFoo() { return new qSlicerFoo; }
+      void delete_qSlicerFoo(qSlicerFoo* foo) { delete foo; }
+    private:
+      void helper(qSlicerCoreApplication* app) {}
+    };
+    '''
+    assert decorator_members(header) == {"qSlicerCoreApplication": {"testingEnabled", "processEvents"}}
 
 
 @pytest.mark.parametrize("path, ui", SOURCES, ids=[p.name for p, _ in SOURCES])
@@ -76,6 +102,8 @@ def test_the_checker_sees_most_calls():
          "SetTerminologyEntry"),
         # A property that does not exist.
         ("class W:\n    def f(self):\n        self.ui.progressBar.maxValue = 3\n", "maxValue"),
+        # A PythonQt decorator misspelt (slicer.app.testingEnabled() is one).
+        ("def f():\n    return slicer.app.testingEnable()\n", "testingEnable"),
     ],
 )
 def test_a_wrong_name_is_rejected(snippet, member):
@@ -90,5 +118,6 @@ def test_the_right_names_pass():
         "        self.ui.targetSegmentSelector.setCurrentNode(node)\n"
         "        self.ui.outputSegmentationSelector.connect('currentNodeChanged(vtkMRMLNode*)', print)\n"
         "        self.ui.progressBar.maximum = 3\n"
+        "        return slicer.app.testingEnabled()\n"
     )
     assert not check_source(snippet, "snippet.py", LISTING, UI, NODE_MEMBERS).violations

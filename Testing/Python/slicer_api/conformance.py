@@ -93,7 +93,8 @@ class Listing:
             if kind == "signals":
                 result |= set(info["signals"])
                 continue
-            result |= {s.split("(")[0] for s in info["signals"]} | set(info["properties"])
+            # PythonQt decorators (extract_api.decorator_members: slicer.app.testingEnabled()) on every kind of class
+            result |= {s.split("(")[0] for s in info["signals"]} | set(info["properties"]) | set(info.get("decorators", ()))
             if info["kind"] in ("qt", "vtk"):
                 result |= set(info["methods"]) | set(info["enums"])
             else:  # CTK / qMRML / qSlicer: only the meta-object is visible to Python

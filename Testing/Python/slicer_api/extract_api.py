@@ -12,7 +12,10 @@ What Python can call, by kind of class (PythonQt and VTK wrapping rules):
   ``CMake/ctkWrapPythonQt.py``): public slots, ``Q_INVOKABLE`` methods, signals and ``Q_PROPERTY`` only,
   plus what their Qt base classes offer;
 - VTK / MRML / vtkSlicer classes (VTK Python wrapping): every public method, including those the
-  ``vtkGet*Macro`` / ``vtkSet*Macro`` / ``vtkBooleanMacro`` declare, and public enum values.
+  ``vtkGet*Macro`` / ``vtkSet*Macro`` / ``vtkBooleanMacro`` declare, and public enum values;
+- PythonQt decorators (Slicer's ``*PythonQtDecorators.h``): their public slots add methods to a class, listed as its
+  ``decorators`` (``static_<Class>_<name>``: ``<name>`` on ``<Class>``, e.g. ``slicer.app.testingEnabled()``; a
+  slot whose first parameter is ``<Class>*``: an instance method of ``<Class>``).
 
 Usage (mirrors made with the search tool's ``fetch``; Qt headers from Debian's ``qtbase5-dev``)::
 
@@ -354,6 +357,43 @@ class HeaderSource:
         return None
 
 
+def decorator_members(text: str) -> dict[str, set[str]]:
+    """Methods a PythonQt decorator header adds, per decorated class: each decorator class (a ``QObject`` whose public
+    slots PythonQt adds to other classes) gives ``static_<Class>_<name>`` -> ``name`` on ``Class``; a slot whose first
+    parameter is ``<Class>*`` -> an instance method of ``Class``; ``new_<Class>`` / ``delete_<Class>`` (constructors,
+    destructors) are left out."""
+    stripped = strip_source(text)
+    result: dict[str, set[str]] = {}
+    for match in re.finditer(r"\bclass\s+(?:\w+\s+)?(\w+)\s*:\s*public\s+QObject\b", stripped):
+        parsed = find_class(stripped, match.group(1))
+        if parsed is None:
+            continue
+        bases, body = parsed
+        for slot in parse_class(bases, body, match.group(1))["slots"]:
+            static = re.match(r"static_([A-Za-z][A-Za-z0-9]*)_(\w+)$", slot)
+            if static:
+                result.setdefault(static.group(1), set()).add(static.group(2))
+                continue
+            if slot.startswith(("new_", "delete_")):
+                continue
+            first = re.search(rf"\b{slot}\s*\(\s*(?:const\s+)?(\w+)\s*\*", body)
+            if first:
+                result.setdefault(first.group(1), set()).add(slot)
+    return result
+
+
+def pythonqt_decorators(slicer_git: Path, tag: str) -> dict[str, set[str]]:
+    """:func:`decorator_members` of every ``*PythonQtDecorators.h`` in Slicer's tree at ``tag``."""
+    names = subprocess.run(
+        ["git", "-C", str(slicer_git), "ls-tree", "-r", "--name-only", tag], check=True, capture_output=True, text=True
+    ).stdout.split()
+    result: dict[str, set[str]] = {}
+    for path in sorted(p for p in names if p.endswith("PythonQtDecorators.h")):
+        for cls, members in decorator_members(git_show(slicer_git, tag, path)).items():
+            result.setdefault(cls, set()).update(members)
+    return result
+
+
 def extract(source: HeaderSource, roots: list[str]) -> dict:
     classes: dict[str, dict] = {}
     external: set[str] = set()
@@ -447,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
         "parameter_node_connectors": gui_connectors(args.slicer_git, args.tag),
         **extract(source, CLASSES),
     }
+    for cls, members in pythonqt_decorators(args.slicer_git, args.tag).items():
+        if cls in listing["classes"]:
+            listing["classes"][cls]["decorators"] = sorted(members)
     args.output.write_text(json.dumps(listing, indent=1, sort_keys=False) + "\n", encoding="utf-8")
     missing = [c for c in CLASSES if c not in listing["classes"]]
     print(f"{len(listing['classes'])} classes written to {args.output}; not found: {missing or 'none'}")
