@@ -22,6 +22,7 @@ import socket
 import sys
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -273,6 +274,7 @@ def edit_server_settings(liversam, widget, monkeypatch, url: str) -> float:
     monkeypatch.setattr(liversam.qt, "QSettings", lambda: Settings(url, "other-token"), raising=False)
     asked: list[str] = []
     monkeypatch.setattr(liversam.slicer.util, "confirmOkCancelDisplay", lambda text, **kwargs: asked.append(text) or True)
+    monkeypatch.setattr(liversam.slicer, "app", SimpleNamespace(testingEnabled=lambda: False), raising=False)
     widget._asked = asked
     started = time.monotonic()
     widget._onServerSettingsEdited()

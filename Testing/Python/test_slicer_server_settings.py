@@ -17,11 +17,14 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import slicer.util
 from test_slicer_widget_state import Label, Timer, widgets  # noqa: F401  (the fixture)
 
 from LiverSAMLib.BackgroundCalls import CallQueue
 
 pytestmark = pytest.mark.slicer
+#: Slicer's own helper (slicer-core's util.py, the same code as 5.10's), kept before a fixture replaces it
+SLICERS_CONFIRM_OK_CANCEL = slicer.util.confirmOkCancelDisplay
 
 
 class Signals:
@@ -149,6 +152,7 @@ def server_section(widgets, monkeypatch, tmp_path):  # noqa: F811
     monkeypatch.setattr(module.qt, "Qt", SimpleNamespace(ToolTipRole="ToolTipRole"), raising=False)
     monkeypatch.setattr(module.slicer.util, "confirmOkCancelDisplay",
                         lambda text, **kwargs: asked.append(text) or answer[0])  # fmt: skip
+    monkeypatch.setattr(module.slicer, "app", SimpleNamespace(testingEnabled=lambda: False), raising=False)
     python = tmp_path / "venv" / "bin" / "python"
     python.parent.mkdir(parents=True)
     python.write_text("")
@@ -376,3 +380,26 @@ def test_a_python_path_typed_during_a_propagation_waits_for_it_to_end(server_sec
     widget._job = None  # the propagation ended
     widget._onServerPathSettled()
     assert asked == [] and widget.logic.connection.settings.python == str(other)
+
+
+def test_in_slicers_testing_mode_a_change_during_a_propagation_is_applied(server_section, monkeypatch):
+    """Slicer's testing mode (ctest, ``--testing``) shows no dialog. 5.10's ``confirmOkCancelDisplay`` (the same code as
+    slicer-core's util.py, used here) then answers Cancel although its docstring says OK: it compares its testing answer
+    True with ``QMessageBox.Ok``. A test changing a server setting during a propagation saw it put back without a word;
+    the module now answers as documented, whatever Slicer's version: the change is applied, the propagation cancelled."""
+    module, widget, asked = server_section(model="litemedsam")
+    slicers_own = SLICERS_CONFIRM_OK_CANCEL
+    monkeypatch.setattr(module.slicer.util, "confirmOkCancelDisplay", lambda text, **kwargs: asked.append(text) or
+                        slicers_own(text, **kwargs))  # fmt: skip
+    monkeypatch.setattr(module.slicer, "app", SimpleNamespace(testingEnabled=lambda: True, applicationName="Slicer"),
+                        raising=False)  # fmt: skip
+    monkeypatch.setattr(module.qt, "QMessageBox", SimpleNamespace(Ok=0x400, Cancel=0x400000, Question=4), raising=False)
+    assert slicers_own("A question?") is False  # Slicer's helper in testing mode: Cancel
+    connection = widget.logic.connection
+    connection.models = [model("litemedsam"), model("runA", "registered")]
+    widget._showServerState()
+    job = running_job(widget)
+    widget.ui.modelComboBox.choose("runA (trained)")
+    assert asked == []  # the module answers by itself in testing mode
+    assert widget._job is None and job["plan"].cancelled and connection.settings.model == "runA"
+    assert widget.store["LiverSAM/Server/model"] == "runA"
