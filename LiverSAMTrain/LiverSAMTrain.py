@@ -106,6 +106,7 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         self._pairs = []
         self._settings = None
         self._chartShown = None  # the chart node this module last showed in the layout
+        self._historyStamp = None  # TrainingLogic.history_stamp of the curves shown
         self._check = None  # the environment check running before training starts (polled, never waited for)
         # the running process reported DONE: its run is complete, also when Stop was pressed after
         self._finished = False
@@ -245,6 +246,7 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
                 self.ui.progressBar.setMaximum(self._settings.epochs)
                 self.ui.statusLabel.setText(_("Training..."))
                 self._chartShown = None
+                self._historyStamp = None  # a resumed run's earlier epochs are shown at once
                 self._finished = False
                 self._segmentNamesHint = False
                 self._timer.start()
@@ -287,9 +289,16 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
             self._chartShown = chart
 
     def _updateCurves(self) -> None:
-        """The curves read again from the run's history.csv; the chart chosen in the Curves list is shown once per run
-        (and again when its node was replaced: File > Close Scene). Later epochs update the charts in place and leave
-        the user's layout alone, also when the plot view was switched to another chart."""
+        """The curves read again when the run's history.csv changed (at every poll: the EPOCH line comes before the file
+        is written, and a resumed run has its earlier epochs before its next one), or when the table left the scene
+        (File > Close Scene). The chart chosen in the Curves list is shown once per run (and again when its node was
+        replaced); later epochs update the charts in place and leave the user's layout alone, also when the plot view
+        was switched to another chart."""
+        stamp = TrainingLogic.history_stamp(self._settings.out)
+        table = self.logic.tableNode
+        if stamp is None or (stamp == self._historyStamp and table is not None and table.GetScene() is slicer.mrmlScene):
+            return
+        self._historyStamp = stamp
         self.logic.updateCurves(self._settings.out)
         chart = self.logic.chartNodes.get(self._chosenChart())
         if chart is not None and chart is not self._chartShown:
@@ -324,7 +333,7 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
                     )
                 else:
                     self.ui.statusLabel.setText(_("Resumed after epoch {epoch}.").format(epoch=payload.get("epoch")))
-            elif kind == "EPOCH":
+            elif kind == "EPOCH":  # (the curves: _updateCurves below, when history.csv changed)
                 self.ui.progressBar.setMaximum(int(payload.get("epochs") or self._settings.epochs))
                 self.ui.progressBar.setValue(int(payload.get("epoch", 0)))
                 # the mean is the liver's alone when validation shows no tumour (the event's val_dice_mean_of says so)
@@ -338,7 +347,6 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
                         best=payload.get("best_epoch"),
                     )
                 )
-                self._updateCurves()
             elif kind == "DONE":
                 self._finished = True
                 name = payload.get("registered_name")
@@ -348,6 +356,7 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
                         registered=f" (registered as '{name}')" if name else "",
                     )
                 )
+        self._updateCurves()
         if self.logic.process.stopping and not self._finished:  # an epoch line read meanwhile hides no Stop
             self.ui.statusLabel.setText(_("Stopping..."))
         if not self.logic.process.is_running():

@@ -415,6 +415,17 @@ def read_history(csv_path: str | Path) -> dict[str, np.ndarray]:
     }
 
 
+def history_stamp(run_dir: str | Path) -> tuple[int, int] | None:
+    """``(mtime_ns, size)`` of ``RUN_DIR/history.csv`` (None when there is none): the widget reads the curves again when
+    it changes. ``liversam train`` writes the file (atomically) after it prints an epoch's EPOCH line (epoch 0: after),
+    and a resumed run's earlier epochs are there before its first new epoch."""
+    try:
+        stat = (Path(run_dir) / "history.csv").stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
 def update_curves(csv_path: str | Path, scene=None, table_node=None, chart_nodes: dict | None = None):
     """Fill (or create) a table node with the run's curves and one plot chart per :data:`CHARTS` entry.
 

@@ -264,10 +264,11 @@ class Bar:
 
 def polled(train, lines: list[str], code: int | None = None):
     widget = train.LiverSAMTrainWidget.__new__(train.LiverSAMTrainWidget)
-    widget._check, widget._finished, widget._chartShown = None, False, None
+    widget._check, widget._finished, widget._chartShown, widget._historyStamp = None, False, None, None
     widget._settings = SimpleNamespace(epochs=5, out="/unused")
     widget._timer = SimpleNamespace(stop=lambda: None)
-    widget.logic = SimpleNamespace(process=Process(lines, code), updateCurves=lambda out: None, chartNodes={})
+    widget.logic = SimpleNamespace(process=Process(lines, code), updateCurves=lambda out: None, chartNodes={},
+                                   tableNode=None)  # fmt: skip
     widget.updateButtons = lambda: None
     widget.ui = SimpleNamespace(statusLabel=Label(), logTextEdit=Log(), progressBar=Bar(),
                                 curvesComboBox=SimpleNamespace(currentIndex=0))  # fmt: skip
@@ -388,6 +389,38 @@ def test_the_curves_list_chooses_the_chart_shown_and_epochs_leave_the_users_choi
     view = scene.AddNewNodeByClass("vtkMRMLPlotViewNode")
     epoch(1)
     assert widget.logic.chartNodes["dice"] is not charts["dice"] and shown() is widget.logic.chartNodes["dice"]
+
+
+def test_the_curves_follow_history_csv_not_only_the_epoch_lines(widgets, tmp_path, monkeypatch):  # noqa: F811
+    """The curves were read only at an EPOCH line: ``liversam train`` prints epoch 0's before it writes history.csv, so
+    a poll in between showed nothing until epoch 1 (an hour on a CPU), and a resumed run showed none of its earlier
+    epochs until its next one. They are now read whenever history.csv changed."""
+    import slicer
+
+    _liversam, train = widgets
+    scene = fresh_scene()
+    plots = slicer.vtkSlicerPlotsLogic()
+    plots.SetMRMLApplicationLogic(slicer_environment().application_logic)
+    plots.SetMRMLScene(scene)
+    monkeypatch.setattr(slicer.modules, "plots", SimpleNamespace(logic=lambda: plots), raising=False)
+    view = scene.AddNewNodeByClass("vtkMRMLPlotViewNode")
+    header, *rows = HISTORY_ROWS
+    widget = polled(train, [], code=None)
+    widget.logic = train.LiverSAMTrainLogic(process=Process(['LIVERSAM_EPOCH {"epoch": 0, "epochs": 5}']))
+    widget._settings = SimpleNamespace(epochs=5, out=str(tmp_path))
+    widget.poll()  # the EPOCH line, history.csv not written yet
+    assert widget.logic.tableNode is None and view.GetPlotChartNodeID() is None
+    (tmp_path / "history.csv").write_text(header + rows[0])
+    widget.poll()  # no new line: history.csv written meanwhile
+    assert widget.logic.tableNode.GetTable().GetNumberOfRows() == 1
+    assert view.GetPlotChartNodeID() == widget.logic.chartNodes["dice"].GetID()
+
+    (tmp_path / "history.csv").write_text(header + rows[0] + rows[1])  # Resume (another widget: Slicer restarted)
+    resumed = polled(train, [], code=None)
+    resumed.logic = train.LiverSAMTrainLogic(process=Process(['LIVERSAM_RESUME {"epoch": 1, "finished": null}']))
+    resumed._settings = SimpleNamespace(epochs=5, out=str(tmp_path))
+    resumed.poll()
+    assert resumed.logic.tableNode.GetTable().GetNumberOfRows() == 2  # at once, not after the next epoch
 
 
 HISTORY_ROWS = [

@@ -346,10 +346,11 @@ print('LIVERSAM_DONE ' + json.dumps({'best_checkpoint': 'best.pth', 'registered_
 
 
 @pytest.fixture
-def train_widget(widgets):
+def train_widget(widgets, tmp_path):
     _module, module = widgets
     widget = module.LiverSAMTrainWidget.__new__(module.LiverSAMTrainWidget)
     widget._check, widget._timer, widget._finished = None, Timer(), False
+    widget._settings, widget._historyStamp = SimpleNamespace(epochs=1, out=str(tmp_path / "run")), None
     widget.logic = module.LiverSAMTrainLogic(process=TrainingProcess(clock=lambda: 0.0))
     buttons = {name: SimpleNamespace(enabled=True) for name in ("startButton", "resumeButton", "stopButton")}
     bar = SimpleNamespace(maximum=1, value=0)  # QProgressBar: its maximum is read when the run ends
