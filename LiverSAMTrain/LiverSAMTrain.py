@@ -104,6 +104,7 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         self.logic = None
         self._timer = None
         self._pairs = []
+        self._sceneObservation = None  # (scene, observer tag) of NodeRemovedEvent: pairs of removed nodes are dropped
         self._settings = None
         self._chartShown = None  # the chart node this module last showed in the layout
         self._historyStamp = None  # TrainingLogic.history_stamp of the curves shown
@@ -133,9 +134,14 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         self.ui.resumeButton.connect("clicked()", self.onStart)
         self.ui.stopButton.connect("clicked()", self.onStop)
         self.ui.curvesComboBox.connect("currentIndexChanged(int)", self.onCurvesChosen)
+        self._observeScene(slicer.mrmlScene)
         self.updateButtons()
 
     def cleanup(self) -> None:
+        if self._sceneObservation is not None:
+            scene, tag = self._sceneObservation
+            scene.RemoveObserver(tag)
+            self._sceneObservation = None
         if self._timer is not None:
             self._timer.stop()
         if self._check is not None:
@@ -155,7 +161,34 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
             )
 
     # --- pairs of loaded nodes ---
+    def _observeScene(self, scene) -> None:
+        """A node removed from ``scene`` (deleted, or File > Close Scene) leaves the pairs list with its pair."""
+        tag = scene.AddObserver(slicer.vtkMRMLScene.NodeRemovedEvent, lambda caller, event: self._dropRemovedPairs())
+        self._sceneObservation = (scene, tag)
+
+    def _dropRemovedPairs(self) -> None:
+        """The pairs whose CT or segmentation is no longer in the scene leave the list (the log says which): their
+        nodes still hold data, and Start exported them, training on data the user had closed."""
+        kept, dropped = TrainingLogic.pairs_in_scene(self._pairs, slicer.mrmlScene)
+        if not dropped:
+            return
+        self._pairs = kept
+        self.ui.pairsList.clear()
+        for volume, segmentation in kept:
+            self.ui.pairsList.addItem(self._pairText(volume, segmentation))
+        for volume, segmentation in dropped:
+            self.ui.logTextEdit.appendPlainText(
+                _("Pair '{pair}' removed from the list: its CT or segmentation is no longer in the scene.").format(
+                    pair=self._pairText(volume, segmentation)
+                )
+            )
+
+    @staticmethod
+    def _pairText(volume, segmentation) -> str:
+        return f"{volume.GetName()}  +  {segmentation.GetName()}"
+
     def onAddPair(self) -> None:
+        self._dropRemovedPairs()
         volume = self.ui.volumeSelector.currentNode()
         segmentation = self.ui.segmentationSelector.currentNode()
         if volume is None or segmentation is None:
@@ -178,7 +211,7 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
             )
             return
         self._pairs.append((volume, segmentation))
-        self.ui.pairsList.addItem(f"{volume.GetName()}  +  {segmentation.GetName()}")
+        self.ui.pairsList.addItem(self._pairText(volume, segmentation))
 
     def onClearPairs(self) -> None:
         self._pairs = []
@@ -189,6 +222,7 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         out = self.ui.outputPathLineEdit.currentPath
         if not out:
             raise ValueError(_("Choose a run folder (checkpoints, curves and the split are written there)."))
+        self._dropRemovedPairs()  # (the scene's NodeRemovedEvent drops them too)
         try:
             # the pairs are exported to RUN_DIR/exported-data, never over an earlier run's other data; without pairs
             # or a data folder, the run folder's earlier export (Resume after a Slicer restart)

@@ -307,6 +307,16 @@ def paired_with(pairs, volume_node):
     return next((segmentation for volume, segmentation in pairs if volume is volume_node), None)
 
 
+def pairs_in_scene(pairs, scene) -> tuple[list, list]:
+    """``(kept, dropped)``: the pairs whose CT volume and segmentation are both still in ``scene``, and the others (a node
+    deleted, or File > Close Scene). A dropped pair's nodes still hold their data, and exporting them trained on data
+    the user had closed; the same CT loaded again is another node, which "Add pair" then took as another CT."""
+    kept, dropped = [], []
+    for volume, segmentation in pairs:
+        (kept if volume.GetScene() is scene and segmentation.GetScene() is scene else dropped).append((volume, segmentation))
+    return kept, dropped
+
+
 def _same_exported_data(a: Path, b: Path) -> bool:
     """True when two exports hold the same studies with byte-identical files (MRML's writers are deterministic: the
     same nodes give the same bytes)."""

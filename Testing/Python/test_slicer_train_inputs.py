@@ -61,6 +61,7 @@ def train_widget(train, run_dir: Path, **fields):
     """The LiverSAMTrain widget as setup() leaves it, its fields as the user set them."""
     widget = train.LiverSAMTrainWidget.__new__(train.LiverSAMTrainWidget)
     widget._pairs, widget._settings = [], None
+    widget._sceneObservation, widget._timer, widget._check, widget.logic = None, None, None, None
     values = {"epochs": 3, "batchSize": 8, "lr": 1e-4, "augmentCopies": 0, "maxSlices": 1, "seed": 0, **fields}
     widget.ui = SimpleNamespace(
         outputPathLineEdit=SimpleNamespace(currentPath=str(run_dir)),
@@ -202,6 +203,50 @@ def test_the_same_ct_cannot_be_added_twice(widgets, monkeypatch):  # noqa: F811
     assert len(widget._pairs) == 1 and "The CT 'A' is already in the list, with 'A segmentation'" in errors[-1]
     add(other, other_segmentation)
     assert [v.GetName() for v, _s in widget._pairs] == ["A", "B"] and len(listed) == 2
+
+
+class PairsList:
+    """``QListWidget`` as the pairs list uses it."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def addItem(self, text: str) -> None:  # noqa: N802
+        self.items.append(text)
+
+    def clear(self) -> None:
+        self.items = []
+
+
+def test_pairs_of_nodes_no_longer_in_the_scene_leave_the_list(widgets, tmp_path):  # noqa: F811
+    """A pair whose CT or segmentation was deleted, or closed with File > Close Scene, stayed listed: Start exported
+    its nodes (they still hold their data) and trained on data the user had closed, and the same CT loaded again was
+    another node, so "Add pair" took it as another CT. Such pairs now leave the list as the scene removes their nodes."""
+    _liversam, train = widgets
+    scene = fresh_scene()
+    (a, a_segmentation), (b, b_segmentation) = study(scene, "A", 40), study(scene, "B", 60)
+    widget = train_widget(train, tmp_path / "run")
+    widget.ui.pairsList = PairsList()
+    for volume, segmentation in ((a, a_segmentation), (b, b_segmentation)):
+        widget.ui.volumeSelector.node, widget.ui.segmentationSelector.node = volume, segmentation
+        widget.onAddPair()
+    widget._observeScene(scene)  # as setup() does, on slicer.mrmlScene
+    try:
+        scene.RemoveNode(b_segmentation)  # deleted in the Data module
+        assert widget._pairs == [(a, a_segmentation)] and widget.ui.pairsList.items == ["A  +  A segmentation"]
+        assert widget.ui.logTextEdit.lines == [
+            "Pair 'B  +  B segmentation' removed from the list: its CT or segmentation is no longer in the scene."
+        ]
+        scene.Clear(0)  # File > Close Scene
+        assert widget._pairs == [] and widget.ui.pairsList.items == []
+        with pytest.raises(train.TrainingLogic.NoTrainingData):  # nothing exported from the closed scene
+            train.TrainingLogic.training_data(widget._pairs, tmp_path / "run")
+        with pytest.raises(ValueError, match="add loaded volume"):
+            widget._collectSettings()
+        assert not (tmp_path / "run" / "exported-data").exists()
+    finally:
+        widget.cleanup()  # the observer is removed with the widget
+    assert widget._sceneObservation is None
 
 
 def test_max_slices_cannot_be_one_and_segment_names_are_passed(widgets, tmp_path):  # noqa: F811
