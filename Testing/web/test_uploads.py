@@ -99,3 +99,89 @@ def test_an_archive_that_cannot_be_unpacked_here_is_refused_and_leaves_nothing(t
     with pytest.raises(InputError, match="outside its folder"):
         unpack_zip(drive, tmp_path / "out2", "drive.zip")
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_zip_larger_than_the_free_space_is_refused_before_unpacking(tmp_path: Path, monkeypatch) -> None:
+    """A .zip may unpack to up to 8 GiB: on a nearly full disk it filled the disk and failed half-way. Its declared
+    size is compared with the free space where it unpacks (with a margin): refused, saying how much it needs, how much
+    is free and where, and nothing is written."""
+    import shutil as real_shutil
+
+    from liversam_web import uploads
+
+    archive = tmp_path / "series.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zipped:
+        zipped.writestr("series/01.dcm", b"\0" * 3 * 1024**2)  # 3 MiB, a few KiB compressed
+    usage = real_shutil.disk_usage(tmp_path)
+    asked = []
+
+    def nearly_full(path):
+        asked.append(Path(path))
+        return usage._replace(free=uploads.UNPACK_FREE_MARGIN + 1024**2)  # 1 MiB more than the margin
+
+    monkeypatch.setattr(uploads.shutil, "disk_usage", nearly_full)
+    with pytest.raises(InputError) as refused:
+        unpack_zip(archive, tmp_path / "upload" / "unpacked", "series.zip")
+    message = str(refused.value)
+    assert "'series.zip' unpacks to 3 MiB" in message and "only 513 MiB free" in message
+    assert f"in '{tmp_path}'" in message and "needs 515 MiB" in message and "Nothing was unpacked" in message
+    assert asked == [tmp_path]  # the disk of the nearest existing folder ('upload/unpacked' is not made yet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["series.zip"]  # nothing written
+
+    monkeypatch.setattr(uploads.shutil, "disk_usage",
+                        lambda path: usage._replace(free=uploads.UNPACK_FREE_MARGIN + 4 * 1024**2))
+    unpacked = unpack_zip(archive, tmp_path / "upload" / "unpacked", "series.zip")
+    assert [Path(p).stat().st_size for p in unpacked] == [3 * 1024**2]  # it fits: unpacked
+
+
+def _lying_zip(path: Path, data: bytes, declared: int) -> None:
+    """A zip whose member 'series/01.dcm' holds ``data`` but whose headers declare ``declared`` bytes (a zip bomb's
+    trick: small sizes declared, so that the size checks pass), its CRC that of the declared part."""
+    import io
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zipped:
+        zipped.writestr("series/01.dcm", data)
+    raw = bytearray(buffer.getvalue())
+    crc = zlib.crc32(data[:declared])
+    for signature, crc_at, size_at in ((b"PK\x03\x04", 14, 22), (b"PK\x01\x02", 16, 24)):  # local, central header
+        start = raw.find(signature)
+        struct.pack_into("<I", raw, start + crc_at, crc)
+        struct.pack_into("<I", raw, start + size_at, declared)
+    path.write_bytes(bytes(raw))
+
+
+def test_a_member_larger_than_its_header_declares_is_not_unpacked_past_it(tmp_path: Path, monkeypatch) -> None:
+    """The free-space and 8 GiB checks trust the sizes the headers declare: a member holding more (a forged header, a
+    zip bomb) must not be written past its declared size. Python's zipfile stops there itself; the app's own copy
+    stops there too (one byte more is read to tell it), and refuses the archive, leaving nothing."""
+    archive = tmp_path / "bomb.zip"
+    _lying_zip(archive, b"\0" * 1024**2, declared=1000)
+    unpacked = unpack_zip(archive, tmp_path / "out", "bomb.zip")  # zipfile gives the declared 1000 bytes only
+    assert [Path(p).stat().st_size for p in unpacked] == [1000]
+
+    # a reader that gives what the member really holds (not what its header says): the copy stops and refuses
+    import io
+
+    real_open = zipfile.ZipFile.open
+    read = []
+
+    class Everything(io.BytesIO):
+        def read(self, size: int | None = -1) -> bytes:
+            chunk = super().read(size)
+            read.append(len(chunk))
+            return chunk
+
+    def open_all(self, member, *args, **kwargs):
+        if isinstance(member, zipfile.ZipInfo) and member.filename == "series/01.dcm":
+            return Everything(b"\0" * 1024**2)
+        return real_open(self, member, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", open_all)
+    with pytest.raises(InputError, match=r"'bomb\.zip' holds a file larger than its header declares "
+                                         r"\('series/01\.dcm': more than 1000 bytes\)"):
+        unpack_zip(archive, tmp_path / "out2", "bomb.zip")
+    assert not (tmp_path / "out2").exists()  # nothing left
+    assert sum(read) == 1001  # read no further than the declared size and one byte

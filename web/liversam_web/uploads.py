@@ -11,12 +11,16 @@ from __future__ import annotations
 import shutil
 import zipfile
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 import pydicom
 
 from .mrml_scene import MAX_FOLDER_FILES, NOT_IMAGE_MODALITIES, InputError
 
 MAX_ZIP_BYTES = 8 * 1024**3  # what a .zip may unpack to (a 1,000-slice 512 x 512 CT series is about 0.5 GiB)
+# free space left on the unpacking folder's disk after a .zip is unpacked (the app's exports, other readers' uploads)
+UNPACK_FREE_MARGIN = 512 * 1024**2
+_COPY_CHUNK = 1024**2
 HOW_TO_UPLOAD_A_SERIES = ("select all its files at once in the first upload field, choose its folder in "
                           "'Upload a DICOM folder', or upload a .zip of the folder")
 
@@ -29,7 +33,9 @@ def is_zip(path: str | Path) -> bool:
 def unpack_zip(archive: str | Path, into: str | Path, name: str) -> list[str]:
     """The files of the zip ``archive`` (the upload called ``name``) unpacked under ``into``, sorted; hidden files and
     macOS' ``__MACOSX`` folder left out. InputError when it is no readable zip, holds no file, a path that leaves
-    its folder, more than ``MAX_FOLDER_FILES`` files or more than ``MAX_ZIP_BYTES``."""
+    its folder, more than ``MAX_FOLDER_FILES`` files or more than ``MAX_ZIP_BYTES``, when the sizes its members
+    declare do not fit in the free space of ``into``'s disk (checked before anything is written), or when a member
+    holds more than it declares (nothing past the declared size is written); nothing of it is left then."""
     into = Path(into)
     try:
         with zipfile.ZipFile(archive) as zipped:
@@ -44,6 +50,7 @@ def unpack_zip(archive: str | Path, into: str | Path, name: str) -> list[str]:
             if total > MAX_ZIP_BYTES:
                 raise InputError(f"The uploaded archive '{name}' unpacks to {total / 1024**3:.1f} GiB, more than "
                                  f"{MAX_ZIP_BYTES / 1024**3:.0f} GiB: zip the folder of one DICOM series.")
+            _check_free_space(into, total, name)
             targets = []
             for member in members:  # every path checked before any file is written
                 parts = PurePosixPath(member.filename.replace("\\", "/")).parts
@@ -55,8 +62,11 @@ def unpack_zip(archive: str | Path, into: str | Path, name: str) -> list[str]:
             for member, target in targets:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with zipped.open(member) as source, target.open("wb") as sink:
-                    shutil.copyfileobj(source, sink)
+                    _copy_declared(source, sink, member, name)
                 written.append(str(target))
+    except InputError:
+        shutil.rmtree(into, ignore_errors=True)  # a file larger than its header says: what was unpacked goes
+        raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
         shutil.rmtree(into, ignore_errors=True)
         raise InputError(f"The uploaded archive '{name}' could not be unpacked ({exc}): it is damaged or not a zip "
@@ -73,6 +83,46 @@ def unpack_zip(archive: str | Path, into: str | Path, name: str) -> list[str]:
         raise InputError(f"The uploaded archive '{name}' could not be unpacked on the app's machine ({what}). Zip the "
                          "series' folder again (one file per name), or upload its files or its folder instead.") from None
     return sorted(written)
+
+
+def _check_free_space(into: Path, total: int, name: str) -> None:
+    """InputError, before anything is written, when the disk of ``into`` (or of its nearest existing parent) has
+    less free space than the ``total`` bytes the archive ``name`` declares plus ``UNPACK_FREE_MARGIN``: unpacking it
+    would fill the disk and fail half-way."""
+    where = into
+    while not where.exists() and where.parent != where:
+        where = where.parent
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return  # the disk's free space unknown: a full disk is still caught while unpacking (the OSError below)
+    needed = total + UNPACK_FREE_MARGIN
+    if free < needed:
+        raise InputError(
+            f"The uploaded archive '{name}' unpacks to {_size(total)}, but the app's machine has only {_size(free)} "
+            f"free in '{where}' (it needs {_size(needed)}: the files and {_size(UNPACK_FREE_MARGIN)} kept free). "
+            "Nothing was unpacked. Free some space there (or start the app with TMPDIR on a larger disk), or upload "
+            "a smaller series.")
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 1024**3:.1f} GiB" if n_bytes >= 1024**3 else f"{n_bytes / 1024**2:.0f} MiB"
+
+
+def _copy_declared(source: IO[bytes], sink: IO[bytes], member: zipfile.ZipInfo, name: str) -> None:
+    """Copy ``member``'s unpacked bytes, never more than the size its header declares (what the free space and
+    ``MAX_ZIP_BYTES`` were checked against): InputError when it holds more (a forged header, a zip bomb)."""
+    left = member.file_size
+    while True:
+        chunk = source.read(min(_COPY_CHUNK, left + 1))  # one byte past the declared size tells a lying header
+        if not chunk:
+            return
+        if len(chunk) > left:
+            raise InputError(f"The uploaded archive '{name}' holds a file larger than its header declares "
+                             f"('{member.filename}': more than {member.file_size} bytes); it was not unpacked. "
+                             "The archive is damaged or forged: zip the series' folder again.")
+        sink.write(chunk)
+        left -= len(chunk)
 
 
 def _kept(filename: str) -> bool:
