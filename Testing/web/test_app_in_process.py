@@ -6,7 +6,8 @@
 - a CT stored in sagittal slices is named as such; a session the server lost is opened again with no work lost;
   a prompt of the segment being propagated is refused (its result would replace it); a failed live update takes
   back its own prompt only; a tumour box on a slice without liver says why it gives nothing; a server that goes
-  away during a propagation leaves the work as it was and says what to do.
+  away during a propagation leaves the work as it was and says what to do; several files uploaded together that
+  are not DICOM are named as such (not "N DICOM files"), those of a mixture left out and named.
 """
 
 from __future__ import annotations
@@ -730,5 +731,77 @@ def test_uploads_are_removed_once_no_ct_shown_comes_from_them(tmp_path):
         await app._open_path(str(ct))  # a CT opened by path: no upload is shown any more
         await settle(app)
         assert app.state.ct_name.endswith("ct.nii.gz") and kept() == []
+
+    asyncio.run(scenario())
+
+
+def _png(width: int = 8, height: int = 8) -> bytes:
+    """A small grey PNG (what a screenshot or a photo of the screen is)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\0" + bytes(range(width)) for _ in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_several_files_that_are_not_dicom_are_not_called_dicom_files(tmp_path):
+    """Several files chosen together were titled "N DICOM files" whatever they were: three PNG files were "Opening 3
+    DICOM files" then "The uploaded folder (3 files) has no DICOM image series"; two CT files (NRRD) opened as
+    "2 DICOM files", the larger of them; DICOM files chosen with others opened with the others counted and never
+    named. Now files that are not DICOM are named as such with what to do; CT files chosen together are told to be
+    opened one at a time; of a mixture the DICOM files open and the others are named on the status line; a
+    MetaImage header chosen with its data file opens as that file."""
+    from web_page import DATA
+
+    def upload(*paths: Path) -> list[dict]:
+        return [{"name": p.name, "content": p.read_bytes()} for p in paths]
+
+    pictures = []
+    for name in ("scan1.png", "scan2.png", "scan3.png"):
+        (tmp_path / name).write_bytes(_png())
+        pictures.append(tmp_path / name)
+    nrrds = [write_nrrd(tmp_path / name, synthetic_ct(), np.eye(3)) for name in ("a.nrrd", "b.nrrd")]
+    (tmp_path / "notes.txt").write_text("patient 12, arterial phase")
+    series = sorted((DATA / "dcmqi_ct3slice" / "ct").iterdir())
+    app = new_app(FakeServer())
+    seen: list[str] = []
+    app._set_busy = lambda text, set_busy=app._set_busy: seen.append(text) or set_busy(text)
+
+    async def scenario():
+        await app._on_upload(upload(*pictures), "", "file")
+        await settle(app)
+        error = app.state.error
+        assert error.startswith("The 3 files chosen ('scan1.png', 'scan2.png', 'scan3.png') are not DICOM files. "
+                                "To open a CT, upload a DICOM series"), error
+        assert "'Upload a DICOM folder'" in error and ".zip" in error and "one CT file (.nii.gz, .nrrd, .mha)" in error
+        assert "folder (3 files)" not in error and not any("DICOM files" in text for text in seen), seen
+        assert app.content is None
+
+        app.state.error = ""
+        await app._on_upload(upload(*nrrds), "", "file")
+        await settle(app)
+        assert app.content is None, app.state.ct_name  # (the larger one opened as "2 DICOM files")
+        assert ("The 2 files chosen ('a.nrrd', 'b.nrrd') are CT image files, not the files of one DICOM series: "
+                "LiverSAM opens one CT at a time. Upload one of them alone.") == app.state.error, app.state.error
+
+        app.state.error = ""
+        await app._on_upload(upload(*series, tmp_path / "notes.txt", pictures[0]), "", "file")
+        await settle(app)
+        assert not app.state.error, app.state.error
+        assert app.state.ct_name == "3 DICOM files" and app.content.shape_kji == (3, 512, 512)
+        assert "2 files that are not DICOM ('notes.txt', 'scan1.png') left out." in app.state.status, app.state.status
+
+        header = tmp_path / "ct.mhd"  # a MetaImage header with its data file: what it reads
+        header.write_text("ObjectType = Image\nNDims = 3\nDimSize = 40 48 12\nElementType = MET_SHORT\n"
+                          "ElementSpacing = 0.8 1.1 3.0\nElementDataFile = ct.raw\n")
+        (tmp_path / "ct.raw").write_bytes(synthetic_ct().astype("<i2").tobytes())
+        await app._on_upload(upload(header, tmp_path / "ct.raw"), "", "file")
+        await settle(app)
+        assert not app.state.error, app.state.error
+        assert app.state.ct_name == "ct.mhd" and app.content.shape_kji == SHAPE
 
     asyncio.run(scenario())

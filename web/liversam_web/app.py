@@ -41,7 +41,16 @@ from .mrml_scene import (
 from .review_table import lesion_rows, review_items, review_rows
 from .server_client import LiverSAMClient, LiverSAMClientError, ServerRequestError, ServerUnavailable
 from .slice_prompting import CLICK_TOLERANCE_PX, SlicePrompting
-from .uploads import is_zip, lone_dicom_slice, lone_slice_message, unpack_zip
+from .uploads import (
+    is_zip,
+    left_out_note,
+    lone_dicom_slice,
+    lone_slice_message,
+    no_dicom_message,
+    single_image_header,
+    split_dicom_files,
+    unpack_zip,
+)
 from .view_gutters import PROBE_VIEW, slice_view_gutter, threed_view_gutter
 from .view_mouse import OffAxialGestures, set_window_level_drag
 from .volume_geometry import (
@@ -417,14 +426,43 @@ class LiverSAMWebApp:
             folder_name = (chosen or "the folder chosen") if upload == "folder" else ""
             self._upload_refused(lone_slice_message(names[0], folder_name), upload, folder)
             return
-        what = f"The uploaded file '{names[0]}'" if len(names) == 1 else f"The uploaded folder ({len(names)} files)"
-        stem = case_stem(names[0]) if len(names) == 1 else case_stem(chosen or "dicom-series")
-        if len(names) == 1:  # the browser gives a file's name only, not its folder
-            title, source = names[0], f"uploaded file {names[0]}"
+        if len(written) == 1:  # the browser gives a file's name only, not its folder
+            create_task(self._open_files(written, f"The uploaded file '{names[0]}'", names[0], case_stem(names[0]),
+                                         source=f"uploaded file {names[0]}", upload=upload, upload_dir=folder))
+            return
+        if chosen:
+            whose, where, source = f"of the uploaded folder '{chosen}'", f" in {chosen}", f"uploaded folder {chosen}"
         else:
-            title = f"{len(names)} DICOM files" + (f" in {chosen}" if chosen else "")
-            source = f"uploaded folder {chosen}" if chosen else f"{len(names)} uploaded files"
-        create_task(self._open_files(written, what, title, stem, source=source, upload=upload, upload_dir=folder))
+            whose, where, source = "chosen", "", f"{len(names)} uploaded files"
+        await self._open_several(written, whose, where, case_stem(chosen or "dicom-series"), source, upload, folder)
+
+    async def _open_several(self, files: list[str], whose: str, where: str, stem: str, source: str, upload: str,
+                            upload_dir: Path | None) -> None:
+        """Several uploaded files (chosen together, a folder's or a .zip's; ``whose``: "chosen", "of the uploaded
+        folder 'x'"; ``where``: " in x" after the title's "20 DICOM files"): the DICOM ones opened as a series, the
+        others named on the status line. None DICOM: what they are and what to do (several CT files: one at a time),
+        but a MetaImage / detached NRRD header chosen with its data file opens. (All were "N DICOM files", and of
+        several NIfTI files the largest opened, named so.)"""
+        idle = not (self.state.busy or self.state.job_running)  # (else the open below says to wait)
+        shown = self.state.status
+        if idle:
+            self._set_busy(f"Reading the {len(files)} files uploaded ...")
+        dicom, others = await asyncio.to_thread(split_dicom_files, files)
+        if idle:
+            self._set_busy("")
+            self.state.status = shown
+        if not dicom:
+            header = single_image_header(files)
+            if header is not None:  # ct.mhd chosen with its ct.raw: the header reads both
+                name = Path(header).name
+                create_task(self._open_files([header], f"The uploaded file '{name}'", name, case_stem(name),
+                                             source=source, upload=upload, upload_dir=upload_dir))
+                return
+            self._upload_refused(no_dicom_message(f"The {len(files)} files {whose}", files), upload, upload_dir)
+            return
+        create_task(self._open_files(dicom, f"The {len(dicom)} DICOM files {whose}", f"{len(dicom)} DICOM files{where}",
+                                     stem, source=source, upload=upload, upload_dir=upload_dir,
+                                     note=left_out_note(others)))
 
     async def _open_zip(self, archive: str, name: str, into: Path, upload: str, upload_dir: Path | None = None) -> None:
         """An uploaded .zip: its files unpacked and opened as a folder (a DICOM series) or, one file, as that file.
@@ -451,12 +489,12 @@ class LiverSAMWebApp:
                 self._upload_refused(f"The uploaded archive '{name}' holds one DICOM slice ('{inner}'), not a "
                                      "series: zip the whole folder of the series and upload that.", upload, upload_dir)
                 return
-            what, title, stem = f"'{inner}' in the uploaded archive '{name}'", f"{name}: {inner}", case_stem(inner)
-        else:
-            what = f"The uploaded archive '{name}' ({len(unpacked)} files)"
-            title, stem = f"{len(unpacked)} DICOM files in {name}", case_stem(zip_stem)
-        create_task(self._open_files(unpacked, what, title, stem, source=f"uploaded archive {name}", upload=upload,
-                                     upload_dir=upload_dir))
+            create_task(self._open_files(unpacked, f"'{inner}' in the uploaded archive '{name}'", f"{name}: {inner}",
+                                         case_stem(inner), source=f"uploaded archive {name}", upload=upload,
+                                         upload_dir=upload_dir))
+            return
+        await self._open_several(unpacked, f"in the uploaded archive '{name}'", f" in {name}", case_stem(zip_stem),
+                                 f"uploaded archive {name}", upload, upload_dir)
 
     def _upload_refused(self, message: str, upload: str, upload_dir: Path | None = None) -> None:
         """An upload that opened nothing: the message; its field is emptied (the same files can be chosen again), and
@@ -477,15 +515,16 @@ class LiverSAMWebApp:
 
     async def _open_files(self, files: list[str], what: str, display_name: str, stem: str | None = None,
                           source: str = "", upload: str = "", series_of: str | None = None,
-                          upload_dir: Path | None = None) -> None:
+                          upload_dir: Path | None = None, note: str = "") -> None:
         """Open a CT from ``files`` (one image file or a DICOM series); ``display_name`` names it on the page (its
         header, messages), ``stem`` its exports (default: after the file, or the files' folder); ``source``: where
         it came from (the header's tooltip); ``upload``: the upload field it came from ("" for a path); ``series_of``:
-        the DICOM file typed, whose series among ``files`` is opened.
+        the DICOM file typed, whose series among ``files`` is opened; ``note``: said on the status line once it opened
+        (files of the upload left out).
 
         The upload fields show only the files of the CT shown: the others are emptied once a CT opens, and the field
         of an upload that opened nothing too (so that the same files can be chosen again: "upload it again")."""
-        opened = await self._open_files_now(files, what, display_name, stem, source, series_of)
+        opened = await self._open_files_now(files, what, display_name, stem, source, series_of, bool(upload), note)
         if opened:
             self._shown_upload = upload_dir  # (None: a path opened, no upload is shown any more)
         if upload_dir is not None:
@@ -500,7 +539,7 @@ class LiverSAMWebApp:
                                           for field, key in self.state.upload_keys.items()}
 
     async def _open_files_now(self, files: list[str], what: str, display_name: str, stem: str | None,
-                              source: str, series_of: str | None) -> bool:
+                              source: str, series_of: str | None, uploaded: bool = False, note: str = "") -> bool:
         """``_open_files`` without the upload fields: True when the CT opened."""
         if stem is None:
             stem = case_stem(files[0] if len(files) == 1 else os.path.commonpath([str(Path(f).parent) for f in files]))
@@ -523,7 +562,7 @@ class LiverSAMWebApp:
             remove_volume(self.slicer_app.scene, volume)
             self._discard_asked = asked
             # (a DICOM folder opened by its path was told to "upload it again")
-            again = "upload it again" if what.startswith("The uploaded") else "press Open again"
+            again = "upload it again" if uploaded else "press Open again"
             self._not_opened(f"The segmentation of {self.state.ct_name} has changed since it was last exported, and "
                              f"opening {display_name} drops it: export it first (section 6), or {again} to discard "
                              "it.", shown)
@@ -554,7 +593,7 @@ class LiverSAMWebApp:
         if old_content is not None:
             old_content.remove()
         series = f"The DICOM series of {Path(series_of).name}, read from its folder. " if series_of else ""
-        self._show_new_case(display_name, stem, source or display_name, series)
+        self._show_new_case(display_name, stem, source or display_name, series + note)
         self._set_busy("")
         return True
 

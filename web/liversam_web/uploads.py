@@ -160,3 +160,63 @@ def lone_slice_message(name: str, folder: str = "") -> str:
                 f"{HOW_TO_UPLOAD_A_SERIES}.")
     return (f"The uploaded file '{name}' is one slice of a DICOM series (a browser sends only the files chosen, not "
             f"their folder). Upload the whole series: {HOW_TO_UPLOAD_A_SERIES}.")
+
+
+# CT image files LiverSAM opens one at a time (several chosen together are no DICOM series)
+CT_FILE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+HOW_TO_OPEN_A_CT = (f"upload a DICOM series ({HOW_TO_UPLOAD_A_SERIES.replace(' or upload', ' or')}), or one CT "
+                    "file (.nii.gz, .nrrd, .mha) alone")
+
+
+def is_dicom_file(path: str | Path) -> bool:
+    """A DICOM object, as trame-slicer's series reader tells one (what it reads): a data set with a SOP Class UID,
+    with or without the "DICM" preamble (the files of a CD-ROM export often have neither preamble nor extension).
+    A DICOMDIR (the CD's index) is not one: it holds no object of a series."""
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["SOPClassUID"])
+    except Exception:  # noqa: BLE001 - force=True on a file that is no DICOM raises many kinds
+        return False
+    return header.get("SOPClassUID") is not None
+
+
+def split_dicom_files(paths: list[str]) -> tuple[list[str], list[str]]:
+    """``paths`` -> (the DICOM files, the others), each in the order given."""
+    dicom, others = [], []
+    for path in paths:
+        (dicom if is_dicom_file(path) else others).append(path)
+    return dicom, others
+
+
+def named(paths: list[str], at_most: int = 5) -> str:
+    """'a.png', 'b.txt' and 3 more: the files' names, the first ``at_most`` of them."""
+    names = [f"'{Path(p).name}'" for p in paths[:at_most]]
+    more = f" and {len(paths) - at_most} more" if len(paths) > at_most else ""
+    return ", ".join(names) + more
+
+
+def single_image_header(paths: list[str]) -> str | None:
+    """A MetaImage or detached NRRD header chosen with its data file(s) (ct.mhd and ct.raw): the header, which reads
+    them; None otherwise."""
+    headers = [p for p in paths if p.lower().endswith((".mhd", ".nhdr"))]
+    if len(headers) != 1:
+        return None
+    return headers[0] if not any(p.lower().endswith(CT_FILE_SUFFIXES) for p in paths if p != headers[0]) else None
+
+
+def no_dicom_message(what: str, paths: list[str]) -> str:
+    """Several files (``what``: "The 3 files chosen", "The uploaded folder 'x'", ...) of which none is a DICOM file:
+    what they are and what to do. CT image files chosen together are told to be opened one at a time."""
+    from liversam.image_integrity import sniff_image_format
+
+    if all(p.lower().endswith(CT_FILE_SUFFIXES) or sniff_image_format(p) is not None for p in paths):
+        return (f"{what} ({named(paths)}) are CT image files, not the files of one DICOM series: LiverSAM opens one "
+                "CT at a time. Upload one of them alone.")
+    return f"{what} ({named(paths)}) are not DICOM files. To open a CT, {HOW_TO_OPEN_A_CT}."
+
+
+def left_out_note(others: list[str]) -> str:
+    """The files of an upload that are not DICOM, left out of the series opened: named on the status line."""
+    if not others:
+        return ""
+    count = "1 file that is" if len(others) == 1 else f"{len(others)} files that are"
+    return f"{count} not DICOM ({named(others)}) left out. "
