@@ -7,7 +7,8 @@
   a prompt of the segment being propagated is refused (its result would replace it); a failed live update takes
   back its own prompt only; a tumour box on a slice without liver says why it gives nothing; a server that goes
   away during a propagation leaves the work as it was and says what to do; several files uploaded together that
-  are not DICOM are named as such (not "N DICOM files"), those of a mixture left out and named.
+  are not DICOM are named as such (not "N DICOM files"), those of a mixture left out and named; a CD-ROM
+  export's folder opens its largest series whole and names the others.
 """
 
 from __future__ import annotations
@@ -803,5 +804,63 @@ def test_several_files_that_are_not_dicom_are_not_called_dicom_files(tmp_path):
         await settle(app)
         assert not app.state.error, app.state.error
         assert app.state.ct_name == "ct.mhd" and app.content.shape_kji == SHAPE
+
+    asyncio.run(scenario())
+
+
+def test_a_cd_rom_export_opens_its_largest_series_and_names_the_others(tmp_path):
+    """A CD-ROM export's folder (DICOMDIR, files without extension, IM0001... in each series' folder) uploaded in the
+    folder field: the files were written by name only, so series 2's IM0001 overwrote series 1's and the two series
+    became one broken one (16 slices, "two slices at the same position"). Each file is now written at its path in
+    the folder; the largest series opens, the page names it and the series not opened (so does a folder typed); the
+    DICOMDIR is not named among the files left out, AUTORUN.INF is."""
+    from web_page import cd_export
+
+    root = cd_export(tmp_path / "cd")
+    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    files = [{"name": p.name, "content": p.read_bytes()} for p in paths]
+    relative = [f"cd/{p.relative_to(root).as_posix()}" for p in paths]
+    app = new_app(FakeServer())
+
+    async def scenario():
+        await app._on_upload(files, relative[0], "folder", relative)
+        await settle(app)
+        assert not app.state.error, app.state.error
+        assert app.content.shape_kji == (12, 512, 512) and not app.content.dicom.irregular
+        assert app.state.ct_name == "12 DICOM files of series 1 'Abdomen S1' in cd"
+        status = app.state.status
+        assert ("Of the 2 DICOM series read, the largest was opened: series 1 'Abdomen S1' (12 files). Not opened: "
+                "series 2 'Abdomen S2' (8 files, 512 x 512 x 8). To open another, upload its own folder") in status
+        assert "1 file that is not DICOM ('AUTORUN.INF') left out." in status and "DICOMDIR" not in status, status
+        assert app.content.dicom.folder.endswith("/cd/DICOM/S1") and app.content.dicom.num_files == 12
+
+        await app._open_path(str(root))  # typed: the same series, the other one named
+        await settle(app)
+        assert app.state.ct_name == "cd" and "Not opened: series 2 'Abdomen S2' (8 files" in app.state.status
+
+    asyncio.run(scenario())
+
+
+def test_a_ct_in_a_zip_held_back_for_unexported_work_is_told_to_be_uploaded_again(tmp_path):
+    """The CT file in an uploaded .zip, held back once for the unexported work, was told to "press Open again" (its
+    description did not start with "The uploaded"): there is no Open to press for an upload."""
+    import zipfile
+
+    app = new_app(FakeServer())
+    archive = tmp_path / "one.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.write(write_nrrd(tmp_path / "other.nrrd", synthetic_ct(), DIRECTIONS["ras"]), "other.nrrd")
+
+    async def scenario():
+        await open_ct(app, write_nrrd(tmp_path / "ct.nrrd", synthetic_ct(), DIRECTIONS["lps"]))
+        app._jump(5)
+        drag_box(app, (8, 16, 5), (20, 30, 5))
+        await settle(app)
+        assert app._unexported_work()
+        await app._open_zip(str(archive), "one.zip", tmp_path / "out", "file")
+        await settle(app)
+        assert "drops it: export it first (section 6), or upload it again to discard it" in app.state.error, \
+            app.state.error
+        assert app.state.ct_name == "ct.nrrd"
 
     asyncio.run(scenario())

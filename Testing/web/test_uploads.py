@@ -185,3 +185,30 @@ def test_a_member_larger_than_its_header_declares_is_not_unpacked_past_it(tmp_pa
         unpack_zip(archive, tmp_path / "out2", "bomb.zip")
     assert not (tmp_path / "out2").exists()  # nothing left
     assert sum(read) == 1001  # read no further than the declared size and one byte
+
+
+def test_uploaded_files_are_written_at_their_path_in_the_folder_chosen(tmp_path: Path) -> None:
+    """Files of one name in two subfolders (a CD-ROM export's IM0001 of each series) are both kept; a path that
+    leaves the folder is written by its name, inside it; a name given twice gets " (2)" before its suffixes."""
+    from liversam_web.uploads import write_uploads
+
+    files = [{"name": "IM0001", "content": b"one"}, {"name": "IM0001", "content": b"two"},
+             {"name": "x.dcm", "content": b"three"}]
+    written = write_uploads(files, tmp_path / "a", ["cd/S1/IM0001", "cd/S2/IM0001", "../../x.dcm"])
+    assert written == [(tmp_path / "a" / p).as_posix() for p in ("cd/S1/IM0001", "cd/S2/IM0001", "x.dcm")]
+    assert [Path(p).read_bytes() for p in written] == [b"one", b"two", b"three"]
+    again = write_uploads([{"name": "ct.nii.gz", "content": b"1"}, {"name": "ct.nii.gz", "content": b"2"}],
+                          tmp_path / "b")
+    assert [Path(p).name for p in again] == ["ct.nii.gz", "ct (2).nii.gz"]
+
+
+def test_dicom_files_are_told_by_content_not_by_name(tmp_path: Path) -> None:
+    """A CD-ROM export's files have no extension; its DICOMDIR (the index) and a text file are no DICOM objects."""
+    from web_page import cd_export
+
+    from liversam_web.uploads import is_dicom_file, left_out_note
+
+    root = cd_export(tmp_path / "cd")
+    assert is_dicom_file(root / "DICOM" / "S1" / "IM0001")
+    assert not is_dicom_file(root / "DICOMDIR") and not is_dicom_file(root / "AUTORUN.INF")
+    assert left_out_note([str(root / "DICOMDIR"), str(root / ".DS_Store")]) == ""

@@ -3,7 +3,9 @@
 - one slice of the series chosen alone said "a single 2D image, not a CT volume"; now the page says it is one slice
   of a series and how to upload the series (all its files, its folder, or a .zip of the folder), and opens nothing;
 - every file of the series chosen at once in the file field opens the series (a DICOM SEG can reference it);
-- a .zip of the series' folder opens the series; a .zip holding a path outside its folder is refused.
+- a .zip of the series' folder opens the series; a .zip holding a path outside its folder is refused;
+- a CD-ROM export's folder (two series, files of one name in each series' folder) chosen in the folder field opens
+  its larger series whole, named, and names the other (the files overwrote each other: one broken series).
 Real data: the TotalSegmentator 20-slice CT series (512 x 512 x 20).
 """
 
@@ -13,7 +15,7 @@ import zipfile
 
 import pytest
 from playwright.sync_api import expect
-from web_page import DATA, dismiss_error, expect_error, wait_status
+from web_page import DATA, cd_export, dismiss_error, expect_error, wait_status
 
 SERIES = DATA / "totalseg_small" / "ct_dicom"
 FILE_LABEL = "Upload a CT file, a series' files or a .zip"
@@ -66,3 +68,14 @@ def test_a_dicom_series_uploaded_as_its_files_or_a_zip(page, tmp_path):
     file_field(page).set_input_files(str(evil))
     expect_error(page, r"'evil\.zip' holds a file outside its folder")
     assert header(page) == "20 DICOM files in ct_dicom.zip"
+
+
+def test_a_cd_rom_export_folder_opens_its_largest_series_whole(page, tmp_path):
+    cd_export(tmp_path / "cd")
+    dismiss_error(page)  # (the page is shared: an earlier test's refusal)
+    page.get_by_test_id("upload-folder").locator("input[type=file]").set_input_files(str(tmp_path / "cd"))
+    status = wait_status(page, r"Opened 12 DICOM files of series 1 'Abdomen S1' in cd \(512 x 512 x 12\)",
+                         timeout=120_000)
+    assert "Not opened: series 2 'Abdomen S2' (8 files, 512 x 512 x 8)" in status, status
+    assert "regular grid" not in status, status
+    assert header(page) == "12 DICOM files of series 1 'Abdomen S1' in cd"

@@ -61,6 +61,34 @@ def folder_without_series(path: Path) -> Path:
     return path
 
 
+def cd_export(root: Path) -> Path:
+    """A CD-ROM export's layout, from the TotalSegmentator series (20 slices): ``root``/DICOMDIR (the CD's index),
+    AUTORUN.INF, DICOM/S1/IM0001..IM0012 (series 1 'Abdomen S1') and DICOM/S2/IM0001..IM0008 (series 2 'Abdomen S2'):
+    files without extension, of the same names in both series' folders."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    slices = sorted((DATA / "totalseg_small" / "ct_dicom").iterdir())
+    for number, files in ((1, slices[:12]), (2, slices[12:])):
+        folder = root / "DICOM" / f"S{number}"
+        folder.mkdir(parents=True)
+        uid = generate_uid()
+        for index, path in enumerate(files, start=1):
+            header = pydicom.dcmread(path)
+            header.SeriesInstanceUID, header.SeriesNumber, header.SeriesDescription = uid, number, f"Abdomen S{number}"
+            header.save_as(folder / f"IM{index:04d}")
+    index = Dataset()  # a DICOMDIR's file meta and no SOP Class UID of a series' object (its records left out here)
+    index.file_meta = FileMetaDataset()
+    index.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    index.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    index.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    index.FileSetID = "CD"
+    index.save_as(root / "DICOMDIR", enforce_file_format=True)
+    (root / "AUTORUN.INF").write_text("[autorun]\nopen=viewer.exe\n")
+    return root
+
+
 def open_path(page, path: str, discard: bool = True) -> None:
     """Type ``path`` and press Open; when the page holds back for the open case's unexported segmentation, press Open
     again (``discard``) as a reader who does not want it would."""

@@ -25,7 +25,6 @@ from trame_slicer import module as trame_slicer_module
 from trame_slicer.app.ui import FlexContainer
 from trame_slicer.core import LayoutManager, SlicerApp
 from trame_slicer.rca_view import register_rca_factories
-from trame_slicer.utils import write_client_files_to_dir
 from vtkmodules.vtkCommonCore import vtkCommand
 
 from .export_names import case_stem, case_title, export_names
@@ -50,6 +49,7 @@ from .uploads import (
     single_image_header,
     split_dicom_files,
     unpack_zip,
+    write_uploads,
 )
 from .view_gutters import PROBE_VIEW, slice_view_gutter, threed_view_gutter
 from .view_mouse import OffAxialGestures, set_window_level_drag
@@ -217,9 +217,12 @@ class LiverSAMWebApp:
                             label=label, density="compact", hide_details=True, multiple=True, clearable=False,
                             prepend_icon="mdi-folder-upload" if kind == "folder" else "mdi-file-upload",
                             key=(f"upload_keys.{kind}",), style="min-width: 0",
+                            # each file's path in the folder chosen: a CD-ROM export has files of one name
+                            # (IM0001) in each series' folder, which overwrote each other
                             disabled=("busy",), change=f"trigger('{upload}', [$event.target.files, "
                                                         "($event.target.files[0] || {}).webkitRelativePath || '', "
-                                                        f"'{kind}'])",
+                                                        f"'{kind}', Array.from($event.target.files, "
+                                                        "(f) => f.webkitRelativePath || '')])",
                             raw_attrs=(['webkitdirectory', 'data-testid="upload-folder"'] if kind == "folder"
                                        else ['data-testid="upload-file"']),
                         ), v3.Template(v_slot_selection="{ fileNames }"):
@@ -403,10 +406,12 @@ class LiverSAMWebApp:
         what = f"'{path}'" if len(files) == 1 else f"The folder '{path}'"
         await self._open_files(files, what, case_title(str(full)), case_stem(str(full)), source=str(full))
 
-    async def _on_upload(self, files: list[dict], relative_path: str | None = None, field: str = "file") -> None:
+    async def _on_upload(self, files: list[dict], relative_path: str | None = None, field: str = "file",
+                         relative_paths: list[str] | None = None) -> None:
         """Files the page uploaded; ``relative_path``: the first one's path in the folder the reader chose (the
         browser's ``webkitRelativePath``, "ct_dicom/CT.1.dcm"), whose folder names the exports; ``field``: the upload
-        field they came from ("file" or "folder").
+        field they came from ("file" or "folder"); ``relative_paths``: every file's path in that folder (written
+        there: files of one name in two of its subfolders are both kept).
 
         Several files chosen in the file field are a DICOM series as a folder's are; one .zip is unpacked and opened
         as the folder it holds; one DICOM slice alone (a browser sends no folder) is told how to upload its series."""
@@ -415,7 +420,7 @@ class LiverSAMWebApp:
         upload = field if field in UPLOAD_FIELDS else "file"
         folder = Path(tempfile.mkdtemp(prefix="upload-", dir=self._tmp.name))
         self._uploads_open.add(folder)
-        written = write_client_files_to_dir(files, folder)
+        written = write_uploads(files, folder, relative_paths)
         names = [Path(f).name for f in written]
         chosen = str(relative_path or "").replace("\\", "/")
         chosen = chosen.split("/")[0] if "/" in chosen else ""  # the folder the reader chose
@@ -593,6 +598,16 @@ class LiverSAMWebApp:
         if old_content is not None:
             old_content.remove()
         series = f"The DICOM series of {Path(series_of).name}, read from its folder. " if series_of else ""
+        if dicom is not None and dicom.other_series:  # a CD-ROM export's folder: the reader is told which one
+            count = len(dicom.other_series) + 1
+            # "20 DICOM files in cd" uploaded: "12 DICOM files of series 1 'Abdomen 1.0' in cd" shown
+            display_name = display_name.replace(f"{len(files)} DICOM files",
+                                                f"{dicom.num_files} DICOM files of {dicom.label}", 1)
+            series += (f"Of the {count} DICOM series read, the largest was opened: {dicom.label} ({dicom.num_files} "
+                       f"files). Not opened: {'; '.join(dicom.other_series[:6])}"
+                       + (f"; and {len(dicom.other_series) - 6} more" if len(dicom.other_series) > 6 else "")
+                       + ". To open another, upload its own folder "
+                       "(or type its path). ")
         self._show_new_case(display_name, stem, source or display_name, series + note)
         self._set_busy("")
         return True

@@ -130,6 +130,10 @@ class DicomSource:
     # why its slices form no regular grid (a missing slice, uneven spacing, gantry tilt), "" when they do: trame-slicer's
     # reader then interpolates them onto a regular grid, so the CT shown is not the series' images one to one
     irregular: str = ""
+    label: str = ""  # "series 3 'Abdomen 1.0 B30f'": how the page names it among others
+    # the other DICOM series (or parts of one: another acquisition, orientation) among the files read, set aside
+    # for this, the largest: "series 2 'Topogram' (1 file, 512 x 512 x 1)"
+    other_series: tuple[str, ...] = ()
 
 
 def _add_segment(node: vtkMRMLSegmentationNode, name: str, color) -> None:
@@ -164,14 +168,36 @@ def _load_volumes(slicer_app, files: list[str]) -> list[tuple[object, list[str] 
     return loaded
 
 
-def _dicom_source(files: list[str]) -> DicomSource | None:
+def _dicom_source(files: list[str], others: tuple[str, ...] = ()) -> DicomSource | None:
     try:
         header = pydicom.dcmread(files[0], stop_before_pixels=True, force=True)
     except (OSError, pydicom.errors.InvalidDicomError):
         return None
     uid = str(header.get("SeriesInstanceUID", "") or "")  # empty in some anonymised series: the export says so
     folder = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
-    return DicomSource(folder, uid, len(files), _irregularity(files))
+    return DicomSource(folder, uid, len(files), _irregularity(files), _series_label(files), others)
+
+
+def _series_label(files: list[str]) -> str:
+    """How a reader knows a DICOM series: "series 3 'Abdomen 1.0 B30f'" (its number and description, as a PACS
+    viewer lists them), from its first file; "a series" when it has neither."""
+    try:
+        header = pydicom.dcmread(files[0], stop_before_pixels=True, force=True,
+                                 specific_tags=["SeriesNumber", "SeriesDescription"])
+    except Exception:  # noqa: BLE001 - a label only: a file pydicom cannot read gets none
+        return "a series"
+    number = str(header.get("SeriesNumber", "") or "").strip()
+    description = str(header.get("SeriesDescription", "") or "").strip()
+    label = f"series {number}" if number else "a series"
+    return f"{label} '{description}'" if description else label
+
+
+def _volume_label(volume, files: list[str]) -> str:
+    """An other series set aside: "series 2 'Topogram' (1 file, 512 x 512 x 1)"."""
+    image = volume.GetImageData()
+    dims = " x ".join(str(d) for d in image.GetDimensions()) if image is not None else "no image"
+    count = "1 file" if len(files) == 1 else f"{len(files)} files"
+    return f"{_series_label(files)} ({count}, {dims})"
 
 
 def _irregularity(files: list[str]) -> str:
@@ -254,11 +280,12 @@ def load_ct_with_source(slicer_app, files: list[str], what: str,
     except InputError:
         _remove_new_nodes(scene, before)
         raise
+    others = tuple(_volume_label(v, group) for v, group in loaded if v is not volume and group)
     for other in volumes:
         if other is not volume:
             scene.RemoveNode(other)
     dicom_files = next(group for v, group in loaded if v is volume)
-    return volume, (_dicom_source(dicom_files) if dicom_files else None)
+    return volume, (_dicom_source(dicom_files, others) if dicom_files else None)
 
 
 def check_ct(volume, what: str) -> None:

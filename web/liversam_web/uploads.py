@@ -25,6 +25,34 @@ HOW_TO_UPLOAD_A_SERIES = ("select all its files at once in the first upload fiel
                           "'Upload a DICOM folder', or upload a .zip of the folder")
 
 
+def write_uploads(files: list[dict], into: str | Path, relative_paths: list[str] | None = None) -> list[str]:
+    """The page's uploaded ``files`` (trame's file dicts: name, content) written under ``into``, each at its path in
+    the folder the reader chose (``relative_paths``, the browser's webkitRelativePath: "cd/DICOM/S2/IM0001") or, with
+    none, by its name. A CD-ROM export holds files of one name (IM0001) in each series' folder: written by name, each
+    overwrote the one before and two series became one broken one. A path that would leave ``into`` (a ".." or a
+    drive letter in it) is written by its name; a name already written gets " (2)"."""
+    from trame.app.file_upload import ClientFile
+
+    into = Path(into)
+    written: list[str] = []
+    for index, file in enumerate(files):
+        client = ClientFile(file)
+        given = relative_paths[index] if relative_paths and index < len(relative_paths) else ""
+        parts = PurePosixPath(str(given or "").replace("\\", "/")).parts
+        if not parts or parts[0] == "/" or ".." in parts or any(":" in part for part in parts):
+            parts = (PurePosixPath(str(client.name or "upload").replace("\\", "/")).name or "upload",)
+        target = into.joinpath(*parts)
+        copy = 1
+        while target.exists():
+            copy += 1
+            stem, dot, suffixes = parts[-1].partition(".")
+            target = target.with_name(f"{stem} ({copy}){dot}{suffixes}")  # "ct (2).nii.gz"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(client.content or b"")
+        written.append(target.as_posix())
+    return written
+
+
 def is_zip(path: str | Path) -> bool:
     """A file named .zip, or one whose content is a zip archive."""
     return str(path).lower().endswith(".zip") or zipfile.is_zipfile(path)
@@ -215,7 +243,9 @@ def no_dicom_message(what: str, paths: list[str]) -> str:
 
 
 def left_out_note(others: list[str]) -> str:
-    """The files of an upload that are not DICOM, left out of the series opened: named on the status line."""
+    """The files of an upload that are not DICOM, left out of the series opened: named on the status line, but for
+    a CD-ROM's DICOMDIR (its index of the series: no image) and hidden files (.DS_Store)."""
+    others = [p for p in others if Path(p).name.upper() != "DICOMDIR" and not Path(p).name.startswith(".")]
     if not others:
         return ""
     count = "1 file that is" if len(others) == 1 else f"{len(others)} files that are"
