@@ -139,7 +139,7 @@ def _resume_config(data: Path, run_dir: Path, shared: dict, **changes) -> Traini
 
 
 @pytest.mark.model
-def test_a_finished_run_trains_on_when_patience_or_epochs_are_raised(tmp_path, shared, data_dir, caplog):
+def test_a_finished_run_trains_on_when_patience_or_epochs_are_raised(tmp_path, shared, data_dir, caplog, monkeypatch):
     """A run that stopped early was 'finished' for good: resumed with a larger --patience the old code trained nothing
     (and refused a larger --epochs as a changed setting). Now the same run trains on from its checkpoint (same split,
     optimiser and scheduler state) until the new patience or epoch limit; with unchanged settings it says it is
@@ -165,8 +165,21 @@ def test_a_finished_run_trains_on_when_patience_or_epochs_are_raised(tmp_path, s
     def state() -> dict:
         return safe_torch_load(run / "state.pt")
 
+    epoch_lines: list[tuple[int, list[str]]] = []  # (the EPOCH line's epoch, history.csv's epochs when it is printed)
+    printed = Trainer._event
+
+    def event(self, kind: str, payload: dict) -> None:
+        if kind == "EPOCH":
+            rows = (run / "history.csv").read_text().splitlines()[1:] if (run / "history.csv").exists() else []
+            epoch_lines.append((payload["epoch"], [row.split(",")[0] for row in rows]))
+        printed(self, kind, payload)
+
+    monkeypatch.setattr(Trainer, "_event", event)
     first = train(epochs=3, early_stopping_patience=1)
     assert [row["epoch"] for row in first.history] == [0, 1] and first.stopped_early
+    # LiverSAMTrain reads history.csv when an EPOCH line arrives: each line comes once its row is written (epoch 0's
+    # came before, so the chart stayed empty until epoch 1)
+    assert epoch_lines == [(0, ["0"]), (1, ["0", "1"])]
     split = (run / "split.json").read_text()
     steps = state()["scheduler"]["last_epoch"]  # optimiser steps per epoch (9 training slices, batch 4: 3)
     assert steps == 3 and state()["finished"]

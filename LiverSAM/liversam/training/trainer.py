@@ -1217,9 +1217,10 @@ class Trainer:
             }
             history.append(row)
             best = {"epoch": 0, "val_dice_mean": metrics["val_dice_mean"]}
-            self._log_epoch(row, best)
             write_history(history, self.run_dir / "history.csv", self.run_dir / "curves.png")
             self._save_state(network, optimizer, scheduler, scaler, 0, history, best, 0, rng, False)
+            self._log_epoch(row, best)  # after history.csv and state.pt, as for every other epoch: a reader of the
+            # EPOCH line (LiverSAMTrain) finds the row in history.csv
 
         for epoch in range(start_epoch, config.epochs + 1):
             if finished:
