@@ -9,7 +9,10 @@
 - cannot be created: its folder is a file, or a probe file cannot be created there (read-only, no permission);
 - is an existing file this user may not write (write-protected, someone else's): the atomic write would replace
   it all the same (a rename needs only the folder's permission), so it is refused as a plain write would be. What
-  the permission bits allow decides, as for any write: a user whose rights override them (root) replaces it.
+  the permission bits allow decides, as for any write: a user whose rights override them (root) replaces it;
+- is an existing file (or link) of another user in a sticky folder (mode ``+t``, e.g. ``/tmp``) that is not this
+  user's: the folder is writable, but the system lets only the file's (or the folder's) owner replace or delete an
+  entry there, so the rename at the end would fail after all the work. Root (``CAP_FOWNER``) may replace it.
 
 Commands call it first, so a refused run reads nothing heavy and writes nothing.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -88,19 +92,76 @@ def folder_write_problem(folder: str | Path) -> str | None:
     return None
 
 
+#: Linux capability number of CAP_FOWNER (linux/capability.h): act as the owner of any file, e.g. replace or delete
+#: another user's file in a sticky folder.
+CAP_FOWNER = 3
+
+
+def _overrides_file_ownership() -> bool:
+    """Whether this process may act as any file's owner: on Linux, CAP_FOWNER in its effective capabilities (root
+    without it, as under ``setpriv --bounding-set=-fowner``, may not); elsewhere, whether it runs as root."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_FOWNER & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def _user_name(uid: int) -> str:
+    try:
+        import pwd
+
+        return f"user '{pwd.getpwuid(uid).pw_name}' (uid {uid})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
+def sticky_folder_problem(path: str | Path) -> str | None:
+    """Why the existing entry ``path`` cannot be replaced (by a rename) or deleted although its folder is writable:
+    the folder is sticky (``+t``, like ``/tmp``), and neither the entry nor the folder belongs to this user, who
+    cannot override ownership. None when it can be (or ``path`` does not exist, or on Windows)."""
+    if sys.platform == "win32" or not hasattr(os, "geteuid"):
+        return None
+    path = Path(path)
+    try:
+        entry, folder = os.lstat(path), os.stat(path.parent)  # the entry is what is replaced: a link's own owner
+    except OSError:
+        return None
+    uid = os.geteuid()
+    if not folder.st_mode & stat.S_ISVTX or uid in (entry.st_uid, folder.st_uid) or _overrides_file_ownership():
+        return None
+    return (
+        f"exists and belongs to {_user_name(entry.st_uid)}, in the sticky folder '{path.parent}' (mode "
+        f"{stat.filemode(folder.st_mode)}, like /tmp) that is not yours: there only a file's owner may replace or "
+        "delete it, so the result could not be saved there"
+    )
+
+
 def _check_writable(option: str, path: Path) -> None:
     problem = folder_write_problem(path.parent)
     if problem is not None:
         what = "choose another output path" if "not a folder" in problem else "choose a folder you can write to"
         raise OutputError(f"{option} '{path}': {problem}; {what}.")
+    if (problem := sticky_folder_problem(path)) is not None:
+        raise OutputError(
+            f"{option} '{path}' {problem}. Choose another output name, or have its owner delete it first."
+        )
     if os.path.isfile(path) and not os.access(path, os.W_OK):
         try:
-            mode = f"mode {stat.filemode(os.stat(path).st_mode)}"
+            st = os.stat(path)
         except OSError:
-            mode = "no permission"
+            st = None
+        mode = f"mode {stat.filemode(st.st_mode)}" if st is not None else "no permission"
+        ours = st is None or not hasattr(os, "geteuid") or st.st_uid == os.geteuid()
+        fix = (f"Make it writable (chmod u+w '{path}'), delete it, or choose another output path." if ours else
+               f"It belongs to {_user_name(st.st_uid)}: choose another output path, or have its owner delete it or "
+               "make it writable.")  # fmt: skip
         raise OutputError(
             f"{option} '{path}' exists and is write-protected ({mode}); LiverSAM does not replace a file you "
-            f"cannot write. Make it writable (chmod u+w '{path}'), delete it, or choose another output path."
+            f"cannot write. {fix}"
         )
 
 

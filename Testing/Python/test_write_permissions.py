@@ -177,6 +177,78 @@ def test_export_refuses_a_write_protected_output_and_replaces_it_once_writable(t
     assert int(sitk.GetArrayFromImage(sitk.ReadImage(str(target))).sum()) == 20 * 24
 
 
+#: Another user's and group's id (``nobody``), who owns the files of the sticky-folder tests.
+OTHER_UID = 65534
+
+
+def _sticky_folder_with_anothers_file(folder: Path, name: str) -> Path:
+    """``folder`` made like /tmp (mode 1777) but owned by another user, holding that user's file ``name``: writable by
+    everyone (mode 0666), so only the sticky rule stands in the way. Needs root (os.chown)."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("making another user's file needs root (os.chown); run as root as CI does")
+    folder.mkdir(parents=True)
+    theirs = folder / name
+    theirs.write_text("another user's file")
+    theirs.chmod(0o666)
+    os.chown(theirs, OTHER_UID, OTHER_UID)
+    os.chown(folder, OTHER_UID, OTHER_UID)
+    folder.chmod(0o1777)
+    return theirs
+
+
+@pytest.mark.parametrize("command", ["export", "segment"])
+def test_anothers_output_file_in_a_sticky_folder_is_refused_at_once(tmp_path, command):
+    """An existing output of another user in a sticky folder such as /tmp: the folder and the file are writable, so it
+    passed the start check, and the atomic rename failed only at the end ('Operation not permitted') after all the
+    work. Refused at the start, naming the file, its owner, the sticky folder and what to do; nothing is written."""
+    theirs = _sticky_folder_with_anothers_file(tmp_path / "shared", "result.nii.gz")
+    ct, prompts = _tiny_case(tmp_path / "case")
+    args = {
+        "export": ["export", str(EXAMPLE / "label.nii.gz"), "--output", str(theirs)],
+        "segment": ["segment", str(ct), "--prompts", str(prompts), "--output", str(theirs)],
+    }[command]
+    started = time.perf_counter()
+    done = liversam(args, tmp_path / "home", timeout=300)
+    _assert_refused_at_once(done, started, f"--output '{theirs}' exists and belongs to user 'nobody' (uid {OTHER_UID})",
+                            f"in the sticky folder '{theirs.parent}' (mode drwxrwxrwt",
+                            "Choose another output name, or have its owner delete it first.")  # fmt: skip
+    assert os.listdir(theirs.parent) == ["result.nii.gz"] and theirs.read_text() == "another user's file"
+
+
+def test_anothers_file_in_a_sticky_folder_may_be_replaced_by_root_or_in_ones_own_folder(tmp_path, monkeypatch):
+    """The rule is the system's: root (CAP_FOWNER, as this test process runs) replaces it, and so does the folder's
+    owner; without the capability and owning neither, it is refused."""
+    from liversam import output_paths
+    from liversam.errors import OutputError
+
+    theirs = _sticky_folder_with_anothers_file(tmp_path / "shared", "result.json")
+    output_paths.check_outputs({"--output": theirs}, [])  # root with CAP_FOWNER: as the kernel allows
+    monkeypatch.setattr(output_paths, "_overrides_file_ownership", lambda: False)
+    with pytest.raises(OutputError, match="sticky folder"):
+        output_paths.check_outputs({"--output": theirs}, [])
+    os.chown(theirs.parent, 0, 0)  # the folder's owner may replace any entry in it
+    output_paths.check_outputs({"--output": theirs}, [])
+    os.chown(theirs.parent, OTHER_UID, OTHER_UID)
+    theirs.parent.chmod(0o777)  # not sticky: the rename needs only the folder's permission
+    output_paths.check_outputs({"--output": theirs}, [])
+
+
+def test_anothers_write_protected_output_is_not_answered_with_chmod(tmp_path):
+    """Another user's read-only output (mode 0644, in a folder this user can write): refused as before, but the advice
+    was 'chmod u+w', which only its owner may do. The message names the owner instead."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("making another user's file needs root (os.chown); run as root as CI does")
+    theirs = tmp_path / "result.nii.gz"
+    theirs.write_text("another user's file")
+    theirs.chmod(0o644)
+    os.chown(theirs, OTHER_UID, OTHER_UID)
+    started = time.perf_counter()
+    done = liversam(["export", str(EXAMPLE / "label.nii.gz"), "--output", str(theirs)], tmp_path / "home")
+    _assert_refused_at_once(done, started, f"--output '{theirs}' exists and is write-protected (mode -rw-r--r--)",
+                            f"It belongs to user 'nobody' (uid {OTHER_UID}): choose another output path")  # fmt: skip
+    assert "chmod" not in done.stderr and theirs.read_text() == "another user's file"
+
+
 def test_segment_with_a_read_only_liversam_home_and_encoder_cache_works_and_says_where_to_cache(tmp_path):
     """Caches are optional. With LIVERSAM_HOME and the encoder cache read-only and empty the CT is still segmented;
     one warning names the cache folder, the cost and LIVERSAM_CACHE_DIR. Before, the fused PyTorch encoder was lost
