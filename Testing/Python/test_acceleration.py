@@ -536,6 +536,159 @@ def test_missing_backend_package_falls_back(model, tmp_path, monkeypatch, caplog
         disable_fast_encoder(model)
 
 
+# --- a cache folder that cannot be written: the fallback ----------------------------------------------------
+
+
+@pytest.fixture()
+def unwritable(tmp_path, monkeypatch):
+    """``unwritable(folder)``: the cache code finds ``folder`` (and everything in it) not writable, as for a user
+    without write permission (the test runs as root, who may write anyway: so the tests also check that nothing in it
+    changed). The system temporary folder, where the fallback goes, is ``tmp_path/tmp``."""
+    import tempfile
+    from pathlib import Path
+
+    from liversam.acceleration import backends
+
+    system_tmp = tmp_path / "tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    from liversam.output_paths import folder_write_problem as real
+    folders: list[Path] = []
+
+    def problem(folder) -> str | None:
+        if any(Path(folder).is_relative_to(f) for f in folders):
+            return f"cannot write into the folder '{folder}' (Permission denied)"
+        return real(folder)
+
+    monkeypatch.setattr(backends, "folder_write_problem", problem, raising=False)  # False: fails on old code too
+    return folders.append
+
+
+def _snapshot(folder) -> dict:
+    import os
+
+    return {os.path.join(root, name): os.stat(os.path.join(root, name)).st_mtime_ns
+            for root, _dirs, files in os.walk(folder) for name in files}  # fmt: skip
+
+
+def test_the_fallback_is_a_private_folder_of_this_user_or_none(tmp_path, unwritable) -> None:
+    """tmp/liversam-cache-<uid> is made with mode 0700; one that is a file, a link, writable by others or another
+    user's is refused (someone else could put an export there), with the reason."""
+    import os
+    import stat
+
+    from liversam.acceleration import encoder_cache, fallback_cache_dir
+    from liversam.acceleration.backends import prepare_fallback_cache_dir
+
+    base = fallback_cache_dir().parent
+    assert base == tmp_path / "tmp" / f"liversam-cache-{os.geteuid()}"
+    assert prepare_fallback_cache_dir() == (base / "encoders", None)
+    assert stat.S_IMODE(base.stat().st_mode) == 0o700
+    base.chmod(0o777)
+    assert prepare_fallback_cache_dir() == (None, f"'{base}' can be written by other users (mode drwxrwxrwx; it "
+                                                  "must be 0700)")  # fmt: skip
+    if os.geteuid() == 0:
+        base.chmod(0o700)
+        os.chown(base, 65534, 65534)
+        assert prepare_fallback_cache_dir() == (None, f"'{base}' belongs to another user (uid 65534)")
+    base.rmdir()
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    base.symlink_to(tmp_path / "elsewhere")
+    assert prepare_fallback_cache_dir() == (None, f"'{base}' is not a folder (a symbolic link)")
+    base.unlink()
+
+    shared = tmp_path / "shared"
+    assert encoder_cache(shared).fallback is None  # writable: no fallback
+    unwritable(shared)
+    cache = encoder_cache(shared)
+    assert (cache.folder, cache.fallback, cache.write_folder) == (shared, base / "encoders", base / "encoders")
+    assert "Permission denied" in cache.problem and not cache.fallback_used
+    base.chmod(0o770)
+    cache = encoder_cache(shared)
+    assert cache.fallback is None and cache.write_folder == shared and "other users" in cache.fallback_problem
+
+
+@pytest.mark.model
+def test_a_read_only_cache_is_read_first_and_what_it_lacks_is_kept_in_the_fallback(
+    model, export_cache, tmp_path, unwritable, caplog, check_set_slice
+) -> None:
+    """A shared read-only cache with the exports but no check verdicts: before, the verdicts could not be stored, so
+    every run checked the masks again (and OpenVINO could not be exported at all into an empty one). The export is
+    used from the read-only folder (not exported again), the verdicts are stored in the fallback, one warning names
+    both folders, and nothing in the read-only folder changes."""
+    import os
+    import shutil
+
+    cache, backend = export_cache
+    shared = tmp_path / "shared"
+    shutil.copytree(cache, shared, ignore=shutil.ignore_patterns("agreement"))
+    unwritable(shared)
+    before = _snapshot(shared)
+    with caplog.at_level("INFO", logger="liversam.acceleration"):
+        got = enable_fast_encoder(model, "auto", cache_dir=shared, precision="fp32", check_set=check_set_slice(30))
+    disable_fast_encoder(model)
+    assert got == backend
+    assert _snapshot(shared) == before  # read only
+    fallback = tmp_path / "tmp" / f"liversam-cache-{os.geteuid()}" / "encoders"
+    stored = {p.relative_to(fallback).parts[0] for p in fallback.rglob("*") if p.is_file()}
+    assert stored == {"agreement"}, stored  # the verdicts; the encoder and decoder exports were read, not made
+    assert "Exporting" not in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert f"The encoder cache folder '{shared}' cannot be written" in warnings[0]
+    assert f"are kept in '{fallback}' instead" in warnings[0] and "Set LIVERSAM_CACHE_DIR" in warnings[0]
+
+    caplog.clear()  # the next run finds the verdict in the fallback: no mask check again
+    with caplog.at_level("INFO", logger="liversam.acceleration"):
+        assert enable_fast_encoder(model, "auto", cache_dir=shared, precision="fp32",
+                                   check_set=check_set_slice(30)) == backend  # fmt: skip
+    disable_fast_encoder(model)
+    assert "Checking" not in caplog.text and "reference masks" not in caplog.text, caplog.text
+
+
+@pytest.mark.model
+def test_a_complete_read_only_cache_is_used_as_it_is_without_a_warning(
+    model, export_cache, tmp_path, unwritable, caplog, check_set_slice
+) -> None:
+    """Pre-filled by setup.sh or an administrator: exports and verdicts are read from it; nothing is stored in the
+    fallback and nothing is said."""
+    import shutil
+
+    cache, backend = export_cache
+    shared = tmp_path / "shared"
+    shutil.copytree(cache, shared)
+    unwritable(shared)
+    before = _snapshot(shared)
+    with caplog.at_level("INFO", logger="liversam.acceleration"):
+        got = enable_fast_encoder(model, "auto", cache_dir=shared, precision="fp32", check_set=check_set_slice(30))
+    disable_fast_encoder(model)
+    assert got == backend and _snapshot(shared) == before
+    assert _snapshot(tmp_path / "tmp") == {}  # nothing stored in the fallback
+    assert "Checking" not in caplog.text and "Exporting" not in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
+
+
+def test_files_made_from_a_read_only_export_go_to_its_scratch_folder(tmp_path) -> None:
+    """A split encoder's parts, the int8 model and OpenVINO's model cache are made from the export; for an export in
+    a read-only folder they go to the same-named folder of the fallback, unless the read-only folder has them."""
+    from liversam.acceleration.backends import ExportEntry
+
+    shared, scratch = tmp_path / "shared" / "abc-256px", tmp_path / "fallback" / "abc-256px"
+    shared.mkdir(parents=True)
+    entry = ExportEntry(shared, shared / "encoder.onnx", shared / "reference.npy", 256, scratch)
+    assert entry.derived("stem.onnx", "rest.onnx") == (scratch / "stem.onnx", scratch / "rest.onnx")
+    assert entry.openvino_cache_dir() == scratch / "openvino_cache" and scratch.is_dir()
+    for name in ("stem.onnx", "rest.onnx"):
+        (shared / name).write_text("x")
+    (shared / "openvino_cache").mkdir()
+    assert entry.derived("stem.onnx", "rest.onnx") == (shared / "stem.onnx", shared / "rest.onnx")
+    assert entry.openvino_cache_dir() == shared / "openvino_cache"
+    (shared / "rest.onnx").unlink()  # both parts from one place
+    assert entry.derived("stem.onnx", "rest.onnx") == (scratch / "stem.onnx", scratch / "rest.onnx")
+    writable = ExportEntry(shared, shared / "encoder.onnx", shared / "reference.npy", 256)
+    assert writable.derived("stem.onnx", "rest.onnx") == (shared / "stem.onnx", shared / "rest.onnx")
+
+
 # --- background pre-encoding ------------------------------------------------------------------------------
 
 

@@ -249,22 +249,60 @@ def test_anothers_write_protected_output_is_not_answered_with_chmod(tmp_path):
     assert "chmod" not in done.stderr and theirs.read_text() == "another user's file"
 
 
+def _system_tmp(tmp_path: Path, fallback_mode: int | None = None) -> Path:
+    """A system temporary folder for one command (TMPDIR): the encoder cache's fallback goes there, not into the
+    machine's /tmp. ``fallback_mode``: make the fallback folder first with this mode (0o777: it is refused)."""
+    system_tmp = tmp_path / "tmp"
+    system_tmp.mkdir()
+    if fallback_mode is not None:
+        fallback = system_tmp / f"liversam-cache-{os.geteuid()}"
+        fallback.mkdir()
+        fallback.chmod(fallback_mode)
+    return system_tmp
+
+
 def test_segment_with_a_read_only_liversam_home_and_encoder_cache_works_and_says_where_to_cache(tmp_path):
-    """Caches are optional. With LIVERSAM_HOME and the encoder cache read-only and empty the CT is still segmented;
-    one warning names the cache folder, the cost and LIVERSAM_CACHE_DIR. Before, the fused PyTorch encoder was lost
-    too (its check could not store its reference masks) and the warning said only 'No fast encoder backend'."""
+    """Caches are optional. With LIVERSAM_HOME and the encoder cache read-only and empty, and no usable fallback (the
+    one in the temporary folder is writable by others), the CT is still segmented; one warning names the cache
+    folder, why the fallback cannot be used, the cost and LIVERSAM_CACHE_DIR. Before session 38, the fused PyTorch
+    encoder was lost too (its check could not store its reference masks)."""
     ct, prompts = _tiny_case(tmp_path / "case")
     home, cache = read_only_folder(tmp_path / "home"), read_only_folder(tmp_path / "cache")
+    system_tmp = _system_tmp(tmp_path, fallback_mode=0o777)
     output = tmp_path / "out" / "ct.seg.nrrd"
     done = liversam(["segment", str(ct), "--prompts", str(prompts), "--output", str(output)], home,
-                    timeout=300, LIVERSAM_CACHE_DIR=str(cache))  # fmt: skip
+                    timeout=300, LIVERSAM_CACHE_DIR=str(cache), TMPDIR=str(system_tmp))  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert output.is_file() and "Traceback" not in done.stderr
     warning = next((line for line in done.stderr.splitlines() if line.startswith("WARNING") and "cache" in line), "")
     assert f"The encoder cache folder '{cache / 'encoders'}' cannot be written" in warning, done.stderr
+    fallback = system_tmp / f"liversam-cache-{os.geteuid()}"
+    assert f"nor can its fallback '{fallback / 'encoders'}' be used ('{fallback}' can be written by other users" in warning
     assert "Set LIVERSAM_CACHE_DIR to a folder you can write to" in warning and "slower" in warning
     assert "encoder torch fp32" in done.stdout, done.stdout  # the fused encoder kept: its check needs no cache
-    assert os.listdir(home) == [] and os.listdir(cache) == []
+    assert os.listdir(home) == [] and os.listdir(cache) == [] and os.listdir(fallback) == []
+
+
+def test_segment_with_a_read_only_encoder_cache_keeps_the_check_verdict_in_a_private_fallback(tmp_path):
+    """A read-only encoder cache: before, the mask check's verdict could not be stored (each run checked again) and
+    OpenVINO could not be exported. Now they go to <temporary folder>/liversam-cache-<uid> (mode 0700), and one
+    warning names both folders. (--accelerate torch: the fallback's use without a minute of OpenVINO export.)"""
+    ct, prompts = _tiny_case(tmp_path / "case")
+    cache = read_only_folder(tmp_path / "cache")
+    system_tmp = _system_tmp(tmp_path)
+    output = tmp_path / "out" / "ct.seg.nrrd"
+    done = liversam(["segment", str(ct), "--prompts", str(prompts), "--output", str(output), "--accelerate", "torch"],
+                    tmp_path / "home", timeout=300, LIVERSAM_CACHE_DIR=str(cache), TMPDIR=str(system_tmp))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert output.is_file() and "Traceback" not in done.stderr and "encoder torch fp32" in done.stdout, done.stdout
+    fallback = system_tmp / f"liversam-cache-{os.geteuid()}"
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1, done.stderr
+    assert f"The encoder cache folder '{cache / 'encoders'}' cannot be written" in warnings[0]
+    assert f"are kept in '{fallback / 'encoders'}' instead" in warnings[0]
+    assert stat.S_IMODE(fallback.stat().st_mode) == 0o700 and os.listdir(cache) == []
+    verdicts = list((fallback / "encoders" / "agreement").glob("*-torch+plain-fp32-*.json"))
+    assert len(verdicts) == 1 and json.loads(verdicts[0].read_text())["accepted"] is True, verdicts
 
 
 # --- liversam serve ----------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from .backends import (
     STEM_SPLITS,
     TOLERANCE,
     BackendUnavailable,
+    EncoderCache,
     OnnxRuntimeEncoder,
     OpenVINOEncoder,
     OpenVINOStemFP32Encoder,
@@ -46,7 +47,9 @@ from .backends import (
     check_against_reference,
     clear_cache,
     default_cache_dir,
+    encoder_cache,
     encoder_weights_sha256,
+    fallback_cache_dir,
     fold_conv_batchnorm,
     prepare_export,
     reference_image,
@@ -86,6 +89,9 @@ __all__ = [
     "current_backend",
     "current_decoder_backend",
     "default_cache_dir",
+    "encoder_cache",
+    "fallback_cache_dir",
+    "EncoderCache",
     "FastPromptDecoder",
     "disable_fast_decoder",
     "disable_fast_encoder",
@@ -228,7 +234,7 @@ def describe_acceleration(model) -> str:
 def enable_fast_decoder(
     model,
     backend: str = "auto",
-    cache_dir: str | Path | None = None,
+    cache_dir: str | Path | EncoderCache | None = None,
     threads: int | None = None,
     precision: str = "fp32",
 ) -> str:
@@ -248,7 +254,7 @@ def enable_fast_decoder(
     if torch.device(model.device).type != "cpu":
         return "plain"
     threads = int(threads or torch.get_num_threads())
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = encoder_cache(cache_dir)
     parts = torch.nn.ModuleDict(
         {"prompt_encoder": model.network.prompt_encoder, "mask_decoder": model.network.mask_decoder}
     )
@@ -257,15 +263,17 @@ def enable_fast_decoder(
         try:
             if name not in available_backends():
                 raise BackendUnavailable(f"the '{name}' package is not installed")
-            folder = root / f"{encoder_weights_sha256(parts)}-decoder"
-            onnx_path = folder / f"decoder-g{DECODER_GRAPH_VERSION}.onnx"
-            if not onnx_path.is_file():
-                folder.mkdir(parents=True, exist_ok=True)
-                log.info("Exporting the prompt decoder to ONNX once (cached in %s) ...", folder)
+            relative = Path(f"{encoder_weights_sha256(parts)}-decoder") / f"decoder-g{DECODER_GRAPH_VERSION}.onnx"
+            onnx_path = cache.find(relative)
+            if onnx_path is None:
+                onnx_path = cache.to_write(relative)
+                onnx_path.parent.mkdir(parents=True, exist_ok=True)
+                log.info("Exporting the prompt decoder to ONNX once (cached in %s) ...", onnx_path.parent)
                 export_decoder_onnx(model.network, onnx_path)
-            _remove_stale_decoder_exports(folder, onnx_path)
+            if onnx_path.parent.parent == cache.write_folder:  # never in a read-only shared cache
+                _remove_stale_decoder_exports(onnx_path.parent, onnx_path)
             fast = FastPromptDecoder(onnx_path, name, threads, fallback=model.decode, precision=precision)
-            entry = prepare_export(model.network.image_encoder, model.input_size, cache_dir)
+            entry = prepare_export(model.network.image_encoder, model.input_size, cache)
             error = check_decoder(fast, model, entry, TOLERANCE[fast.precision])
             fast.release_click_graph()  # compiled again at the first click; box-only runs never need it
         except (BackendUnavailable, OSError) as exc:
@@ -288,7 +296,7 @@ def _remove_stale_decoder_exports(folder: Path, current: Path) -> None:
                 log.debug("Could not remove the stale decoder export %s: %s", stale, exc)
 
 
-def _build(backend: str, model, precision: str, threads: int, cache_dir: Path | None, verify: bool):
+def _build(backend: str, model, precision: str, threads: int, cache: EncoderCache, verify: bool):
     encoder = model.network.image_encoder
     if backend == "torch":
         return TorchFusedEncoder(encoder, bf16=precision == "bf16")
@@ -297,7 +305,7 @@ def _build(backend: str, model, precision: str, threads: int, cache_dir: Path | 
             f"the '{backend}' package (or 'onnx', needed to export) is not installed; "
             "pip install 'liversam[fast]' to use it"
         )
-    entry = prepare_export(encoder, model.input_size, cache_dir)
+    entry = prepare_export(encoder, model.input_size, cache)
     if backend == "openvino" and precision == "int8":
         from .int8 import OpenVINOInt8Encoder
 
@@ -326,7 +334,18 @@ def _verdict_label(encoder_backend: str, decoder_backend: str) -> str:
     return f"{encoder_backend}+{decoder_backend}"
 
 
-def _cached_refusal(model, name: str, precision: str, decoder: bool, folder: Path, check_set) -> str:
+def _verdict_folders(cache: EncoderCache) -> tuple[Path, ...]:
+    """The mask-check verdict folders, read in order; the last one is written."""
+    return tuple(folder / "agreement" for folder in cache.folders)
+
+
+def _note_fallback_verdict(cache: EncoderCache, key: str) -> None:
+    """A verdict not in the cache folder was read from or stored in the fallback: the run depends on it."""
+    if cache.fallback is not None and cached_agreement(cache.folder / "agreement", key) is None:
+        cache.fallback_used = True
+
+
+def _cached_refusal(model, name: str, precision: str, decoder: bool, cache: EncoderCache, check_set) -> str:
     """The reason of a cached refusal of this candidate (same weights, runtime, check set), else ''."""
     check_set = check_set if check_set is not None else load_check_set()
     if check_set is None:
@@ -335,12 +354,15 @@ def _cached_refusal(model, name: str, precision: str, decoder: bool, folder: Pat
     key = agreement_key(
         encoder_weights_sha256(model.network), _verdict_label(name, decoder_name), precision, cases_tag(check_set[1])
     )
-    verdict = cached_agreement(folder, key)
-    return verdict.reason if verdict is not None and not verdict.accepted else ""
+    verdict = cached_agreement(_verdict_folders(cache), key)
+    if verdict is None or verdict.accepted:
+        return ""
+    _note_fallback_verdict(cache, key)
+    return verdict.reason
 
 
 def _try_candidate(
-    model, name: str, precision: str, threads: int, cache: Path | None, verify: bool, decoder: bool, check_set
+    model, name: str, precision: str, threads: int, cache: EncoderCache, verify: bool, decoder: bool, check_set
 ):
     """Install one candidate on ``model`` and check its masks; raises BackendUnavailable when refused.
 
@@ -355,9 +377,8 @@ def _try_candidate(
 
         decoder_precision = "bf16" if cpu_features().native_bf16 else "fp32"
         verdict_precision = f"int8-{calibration_tag()}"
-    folder = (cache if cache is not None else default_cache_dir()) / "agreement"
     if verify:  # a refusal on record: skip the candidate without compiling (or quantising) it
-        refused = _cached_refusal(model, name, verdict_precision, decoder, folder, check_set)
+        refused = _cached_refusal(model, name, verdict_precision, decoder, cache, check_set)
         if refused:
             raise BackendUnavailable(f"{refused} (cached verdict)")
     fn = _build(name, model, encoder_precision, threads, cache, verify)
@@ -373,12 +394,13 @@ def _try_candidate(
     sha = encoder_weights_sha256(model.network)
     label = _verdict_label(name, current_decoder_backend(model))
     try:
-        result = check_agreement(model, label, verdict_precision, sha, folder, check_set=check_set)
+        result = check_agreement(model, label, verdict_precision, sha, _verdict_folders(cache), check_set=check_set)
     except FileNotFoundError as exc:
         if precision != "fp32":  # no real slices to check a lower precision on: refuse it
             raise BackendUnavailable(f"{precision} cannot be checked here ({exc})") from exc
         log.info("Mask agreement check skipped (%s); the fp32 embedding check passed.", exc)
         return fn
+    _note_fallback_verdict(cache, result.key)
     if not result.accepted:
         raise BackendUnavailable(result.reason)
     fn.agreement = result
@@ -388,7 +410,7 @@ def _try_candidate(
 def enable_fast_encoder(
     model,
     backend: str = "auto",
-    cache_dir: str | Path | None = None,
+    cache_dir: str | Path | EncoderCache | None = None,
     precision: str = "auto",
     threads: int | None = None,
     verify: bool = True,
@@ -401,7 +423,8 @@ def enable_fast_encoder(
     (backend, precision) are tried fastest first (:func:`candidates`); a named backend that cannot run
     here falls back to ``auto``'s remaining choices and finally ``plain`` (logged, never an error).
     ``cache_dir``: where exported graphs and check verdicts are kept (default :func:`default_cache_dir`,
-    never the install folder). ``precision``: ``auto`` | ``fp32`` | ``bf16`` (see
+    never the install folder; when it cannot be written, new ones go to :func:`fallback_cache_dir` and what it
+    holds is still used, with one warning naming both folders). ``precision``: ``auto`` | ``fp32`` | ``bf16`` (see
     :func:`resolve_precision`). ``threads``: CPU threads for the backend (default: torch's setting).
     ``verify``: check each candidate before using it: its embedding of a synthetic image on every load,
     and its *masks* on real CT slices against fp32 PyTorch once per weights / backend / precision /
@@ -429,7 +452,7 @@ def enable_fast_encoder(
         disable_fast_decoder(model)
         return "plain"
     threads = int(threads or torch.get_num_threads())
-    cache = Path(cache_dir) if cache_dir is not None else None
+    cache = encoder_cache(cache_dir)
     denied: OSError | None = None  # a candidate lost because the cache folder cannot be written
     for name, candidate_precision in candidates(backend, first_precision, int8_offered(precision)):
         try:
@@ -442,13 +465,17 @@ def enable_fast_encoder(
             disable_fast_decoder(model)
             continue
         log.info("Accelerated (%d threads): %s.", threads, describe_acceleration(model))
-        if denied is not None:
+        if cache.fallback_used:
+            log.warning("%s", _fallback_cache_message(cache))
+        elif denied is not None:
             used = describe_acceleration(model).split(" (")[0]  # "encoder torch fp32, decoder plain fp32"
             log.warning("%s", _unwritable_cache_message(cache, denied, used))
         return name
     disable_fast_encoder(model)
     disable_fast_decoder(model)
-    if denied is not None:
+    if cache.fallback_used:
+        log.warning("%s", _fallback_cache_message(cache))
+    if denied is not None and not cache.fallback_used:
         log.warning("%s", _unwritable_cache_message(cache, denied, "plain PyTorch"))
     else:
         log.warning("No fast encoder backend could be used; keeping plain PyTorch.")
@@ -469,13 +496,27 @@ def _write_denied(exc: BaseException) -> OSError | None:
     return None
 
 
-def _unwritable_cache_message(cache: Path | None, denied: OSError, used: str) -> str:
-    """What a user reads when the encoder cache folder cannot be written: which folder, what it costs, what to do."""
-    folder = cache if cache is not None else default_cache_dir()
+def _unwritable_cache_message(cache: EncoderCache, denied: OSError, used: str) -> str:
+    """What a user reads when the encoder cache folder cannot be written and there is no fallback: which folder, why
+    the fallback cannot be used, what it costs, what to do."""
+    folder = cache.folder
     cause = f"{denied.strerror or denied}: '{denied.filename}'" if denied.filename else str(denied.strerror or denied)
+    fallback = (f", nor can its fallback '{fallback_cache_dir()}' be used ({cache.fallback_problem})"
+                if cache.fallback_problem else "")  # fmt: skip
     return (
-        f"The encoder cache folder '{folder}' cannot be written ({cause}). The fast encoders (OpenVINO / ONNX "
-        f"Runtime) are exported and checked there once, so this run uses {used} instead, and is slower. Set "
+        f"The encoder cache folder '{folder}' cannot be written ({cause}){fallback}. The fast encoders (OpenVINO / "
+        f"ONNX Runtime) are exported and checked there once, so this run uses {used} instead, and is slower. Set "
         "LIVERSAM_CACHE_DIR to a folder you can write to (the encoders go into its 'encoders' subfolder), or make "
         f"'{folder}' writable."
+    )
+
+
+def _fallback_cache_message(cache: EncoderCache) -> str:
+    """What a user reads when this run stored (or found) exports or verdicts in the fallback folder."""
+    return (
+        f"The encoder cache folder '{cache.folder}' cannot be written ({cache.problem}); the encoder exports and "
+        f"check verdicts this run needed and did not find there are kept in '{cache.fallback}' instead. That "
+        "folder is in the system temporary folder, which may be emptied (at a restart): the next run would export "
+        "and check them again (about a minute). Set LIVERSAM_CACHE_DIR to a folder you can write to (the encoders "
+        f"go into its 'encoders' subfolder), or make '{cache.folder}' writable, to keep them."
     )

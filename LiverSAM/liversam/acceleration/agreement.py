@@ -20,7 +20,7 @@ import os
 import re
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -200,12 +200,19 @@ def _candidate_masks(model, volume, cases: list[CheckCase], backend: str, precis
     return masks, seconds
 
 
-def _reference_masks(model, volume, cases, folder: Path, weights_sha: str) -> list[np.ndarray]:
+def _folders(folder: Path | Sequence[Path]) -> tuple[Path, ...]:
+    """The verdict folders: one, or several read in order (a read-only shared cache's first), the last one written."""
+    return (Path(folder),) if isinstance(folder, (str, Path)) else tuple(Path(f) for f in folder)
+
+
+def _reference_masks(model, volume, cases, folder: Path | Sequence[Path], weights_sha: str) -> list[np.ndarray]:
     """fp32 PyTorch masks of ``cases`` (embeddings kept as every run keeps them), from the cache or computed (and
     cached) now."""
     tag = cases_tag(cases)
-    path = folder / f"{weights_sha[:32]}-reference-masks-f32-{tag}.npz"
-    if path.is_file():
+    name = f"{weights_sha[:32]}-reference-masks-f32-{tag}.npz"
+    for path in (f / name for f in _folders(folder)):
+        if not path.is_file():
+            continue
         try:
             with np.load(path) as data:
                 if str(data["tag"]) == tag:
@@ -214,6 +221,8 @@ def _reference_masks(model, volume, cases, folder: Path, weights_sha: str) -> li
                     return [m.astype(bool) for m in bits.reshape(shape)]
         except (OSError, KeyError, ValueError):
             pass  # unreadable: compute again
+    folder = _folders(folder)[-1]
+    path = folder / name
     log.info("Computing the fp32 PyTorch reference masks of the agreement check (once per model) ...")
     with plain_model(model):
         masks, _ = predict_masks(model, volume, cases)
@@ -266,18 +275,20 @@ def agreement_key(weights_sha: str, backend: str, precision: str, tag: str = "")
     return re.sub(r"[^A-Za-z0-9+_-]", "_", key)
 
 
-def cached_agreement(folder: Path, key: str) -> AgreementResult | None:
-    path = folder / f"{key}.json"
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.pop("format", None) != AGREEMENT_FORMAT:
-            return None
-        known = {f.name for f in fields(AgreementResult)}  # "runtime", "liversam" and "cpu" are for readers
-        return AgreementResult(**{name: value for name, value in data.items() if name in known})
-    except (OSError, ValueError, TypeError):
-        return None
+def cached_agreement(folder: Path | Sequence[Path], key: str) -> AgreementResult | None:
+    """The verdict ``key`` stored in ``folder`` (or the first of several folders that holds a readable one)."""
+    for path in (f / f"{key}.json" for f in _folders(folder)):
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.pop("format", None) != AGREEMENT_FORMAT:
+                continue
+            known = {f.name for f in fields(AgreementResult)}  # "runtime", "liversam" and "cpu" are for readers
+            return AgreementResult(**{name: value for name, value in data.items() if name in known})
+        except (OSError, ValueError, TypeError):
+            continue
+    return None
 
 
 def check_agreement(
@@ -285,14 +296,15 @@ def check_agreement(
     backend: str,
     precision: str,
     weights_sha: str,
-    folder: Path,
+    folder: Path | Sequence[Path],
     check_set=None,
     use_cache: bool = True,
 ) -> AgreementResult:
     """Compare ``model``'s masks (with its current overrides) with fp32 PyTorch masks; cache the verdict.
 
-    ``check_set``: (volume, cases), default :func:`load_check_set`. Raises ``FileNotFoundError`` when there
-    is no check set (an installation without ``examples/lits117``).
+    ``folder``: where verdicts are kept; several folders are read in order and the last one is written (a read-only
+    shared cache, then its fallback). ``check_set``: (volume, cases), default :func:`load_check_set`. Raises
+    ``FileNotFoundError`` when there is no check set (an installation without ``examples/lits117``).
     """
     check_set = check_set if check_set is not None else load_check_set()
     if check_set is None:
@@ -323,6 +335,7 @@ def check_agreement(
         reason="" if accepted else f"mask Dice mean {mean:.4f} / min {low:.4f} below {MIN_MEAN_DICE} / {MIN_DICE}",
     )
     if use_cache:
+        folder = _folders(folder)[-1]
         try:
             folder.mkdir(parents=True, exist_ok=True)
             payload = {"format": AGREEMENT_FORMAT, **asdict(result), "runtime": runtime_version(backend),

@@ -6,7 +6,8 @@
   ONNX Runtime (optional packages: ``pip install liversam[fast]``).
 
 Exported graphs live in a per-user cache folder keyed by the SHA-256 of the encoder weights (never in the
-install folder). Each export stores the plain-PyTorch embedding of a fixed synthetic test image; every time
+install folder); when that folder cannot be written, new files go to a per-user fallback in the system temporary
+folder and what the folder already holds is still used (:class:`EncoderCache`). Each export stores the plain-PyTorch embedding of a fixed synthetic test image; every time
 a backend is loaded its output on that image is compared with it, so a broken export can never be used.
 """
 
@@ -20,7 +21,9 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -34,6 +37,7 @@ from torch import nn
 
 from ..atomic_write import atomic_path, write_text_atomically
 from ..models.token_major_encoder import use_token_major_layout
+from ..output_paths import folder_write_problem
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +94,98 @@ def default_cache_dir() -> Path:
     else:
         base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "liversam"
     return base / "encoders"
+
+
+def fallback_cache_dir() -> Path:
+    """Where exports and verdicts go when the cache folder cannot be written: ``liversam-cache-<uid>/encoders`` in
+    the system temporary folder (``tempfile.gettempdir()``: ``$TMPDIR``, else ``/tmp``), one per user."""
+    user = str(os.geteuid()) if hasattr(os, "geteuid") else _safe_name(os.environ.get("USERNAME", "user"))
+    return Path(tempfile.gettempdir()) / f"liversam-cache-{user}" / "encoders"
+
+
+def _safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text) or "user"
+
+
+def prepare_fallback_cache_dir() -> tuple[Path | None, str | None]:
+    """:func:`fallback_cache_dir`, its user folder made with mode 0700 when missing; ``(None, why)`` when it cannot be
+    used: not a folder (a symbolic link, a file), another user's, writable by other users (group / others 'w': they
+    could put an export there), or not writable."""
+    path = fallback_cache_dir()
+    base = path.parent
+    try:
+        os.mkdir(base, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        return None, f"'{base}' cannot be created ({exc.strerror or exc})"
+    try:
+        st = os.lstat(base)
+    except OSError as exc:
+        return None, f"'{base}' cannot be read ({exc.strerror or exc})"
+    if not stat.S_ISDIR(st.st_mode):
+        return None, f"'{base}' is not a folder ({'a symbolic link' if stat.S_ISLNK(st.st_mode) else 'a file'})"
+    if hasattr(os, "geteuid"):
+        if st.st_uid != os.geteuid():
+            return None, f"'{base}' belongs to another user (uid {st.st_uid})"
+        if st.st_mode & 0o022:
+            return None, f"'{base}' can be written by other users (mode {stat.filemode(st.st_mode)}; it must be 0700)"
+    problem = folder_write_problem(path)
+    return (path, None) if problem is None else (None, problem)
+
+
+@dataclass
+class EncoderCache:
+    """Where exported encoders, decoder graphs and check verdicts are looked for, and where new ones are stored.
+
+    ``folder``: the cache folder (:func:`default_cache_dir`, or the ``cache_dir`` given). When it cannot be written
+    (``problem`` says why), new files go to ``fallback`` (:func:`fallback_cache_dir`) and what ``folder`` holds is
+    still read first: a shared, pre-filled read-only cache is used as it is, nothing is exported again.
+    ``fallback_problem``: why there is no fallback either (then only what ``folder`` holds can be used).
+    ``fallback_used``: a file was read from or stored in the fallback (the run depends on it: it is warned about)."""
+
+    folder: Path
+    problem: str | None = None
+    fallback: Path | None = None
+    fallback_problem: str | None = None
+    fallback_used: bool = False
+
+    @property
+    def folders(self) -> tuple[Path, ...]:
+        """The folders read, in order."""
+        return (self.folder,) if self.fallback is None else (self.folder, self.fallback)
+
+    @property
+    def write_folder(self) -> Path:
+        return self.folder if self.fallback is None else self.fallback
+
+    def find(self, relative: str | Path, valid: Callable[[Path], bool] = os.path.isfile) -> Path | None:
+        """The first ``<folder>/relative`` for which ``valid`` holds, the cache folder first."""
+        for root in self.folders:
+            if valid(root / relative):
+                self.fallback_used = self.fallback_used or root == self.fallback
+                return root / relative
+        return None
+
+    def to_write(self, relative: str | Path) -> Path:
+        """Where a new ``relative`` is stored."""
+        self.fallback_used = self.fallback_used or self.fallback is not None
+        return self.write_folder / relative
+
+
+def encoder_cache(cache_dir: str | Path | EncoderCache | None = None) -> EncoderCache:
+    """The :class:`EncoderCache` of ``cache_dir`` (default :func:`default_cache_dir`): the fallback is set up only
+    when the folder cannot be written."""
+    if isinstance(cache_dir, EncoderCache):
+        return cache_dir
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    problem = folder_write_problem(folder)
+    if problem is None:
+        return EncoderCache(folder)
+    fallback, fallback_problem = prepare_fallback_cache_dir()
+    if fallback is not None and fallback.resolve() == folder.resolve():
+        fallback, fallback_problem = None, "it is the fallback itself"
+    return EncoderCache(folder, problem, fallback, fallback_problem)
 
 
 def encoder_weights_sha256(encoder: nn.Module) -> str:
@@ -205,15 +301,43 @@ class TorchFusedEncoder:
 
 @dataclass(frozen=True)
 class ExportEntry:
-    """One cache entry: the exported graph and the reference embedding of :func:`reference_image`."""
+    """One cache entry: the exported graph and the reference embedding of :func:`reference_image`.
+
+    ``scratch``: for an entry in a cache folder that cannot be written, the same-named folder in the fallback, where
+    the files made from the export (:meth:`derived`) go; None when ``folder`` is writable."""
 
     folder: Path
     onnx_path: Path
     reference_path: Path
     input_size: int
+    scratch: Path | None = None
 
     def reference_embedding(self) -> torch.Tensor:
         return torch.from_numpy(np.load(self.reference_path))
+
+    def derived(self, *names: str) -> tuple[Path, ...]:
+        """The paths of files made from the export (a split's two parts, the int8 model's two files): beside it
+        when all are there or its folder is writable, else in ``scratch`` (made when missing)."""
+        here = tuple(self.folder / name for name in names)
+        if self.scratch is None or all(path.is_file() for path in here):
+            return here
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        return tuple(self.scratch / name for name in names)
+
+    def openvino_cache_dir(self) -> Path | None:
+        """OpenVINO's model cache for this export: ``openvino_cache`` beside it (read-only is fine for OpenVINO when
+        the folder exists), else in ``scratch``; None when neither can be made (then graphs are compiled uncached:
+        OpenVINO refuses to compile when it cannot create its cache folder)."""
+        for folder in (self.folder, self.scratch):
+            if folder is not None and (folder / "openvino_cache").is_dir():
+                return folder / "openvino_cache"
+        target = (self.scratch or self.folder) / "openvino_cache"
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            log.info("OpenVINO compiles without its model cache ('%s' cannot be made: %s)", target, exc)
+            return None
+        return target
 
 
 def export_onnx(encoder: nn.Module, path: Path, input_size: int) -> None:
@@ -245,23 +369,36 @@ def export_onnx(encoder: nn.Module, path: Path, input_size: int) -> None:
     raise BackendUnavailable("ONNX export failed (" + "; ".join(e.splitlines()[0] for e in errors) + ")")
 
 
-def prepare_export(encoder: nn.Module, input_size: int, cache_dir: Path | None = None) -> ExportEntry:
+def _valid_export(folder: Path) -> bool:
+    """``folder`` holds a complete export of this format."""
+    info_path = folder / "export.json"
+    if not ((folder / "encoder.onnx").is_file() and (folder / "reference.npy").is_file() and info_path.is_file()):
+        return False
+    try:
+        return json.loads(info_path.read_text(encoding="utf-8")).get("format") == EXPORT_FORMAT
+    except (OSError, json.JSONDecodeError):
+        return False  # unreadable entry: export again over it
+
+
+def prepare_export(
+    encoder: nn.Module, input_size: int, cache_dir: str | Path | EncoderCache | None = None
+) -> ExportEntry:
     """The cache entry for this encoder's weights, exporting it first if needed (~15-60 s once).
 
     Folder: ``<cache_dir>/<sha256 of the weights>-<S>px/`` with ``encoder.onnx``, ``reference.npy``
-    (plain fp32 PyTorch embedding of :func:`reference_image`) and ``export.json``.
+    (plain fp32 PyTorch embedding of :func:`reference_image`) and ``export.json``. A cache folder that cannot be
+    written is read first and the export made in its fallback (:class:`EncoderCache`).
     """
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache = encoder_cache(cache_dir)
     sha = encoder_weights_sha256(encoder)
-    folder = cache_dir / f"{sha}-{input_size}px"
+    name = f"{sha}-{input_size}px"
+    found = cache.find(name, _valid_export)
+    if found is not None:
+        scratch = cache.fallback / name if found.parent == cache.folder and cache.fallback is not None else None
+        return ExportEntry(found, found / "encoder.onnx", found / "reference.npy", input_size, scratch)
+    folder = cache.to_write(name)
     entry = ExportEntry(folder, folder / "encoder.onnx", folder / "reference.npy", input_size)
     info_path = folder / "export.json"
-    if entry.onnx_path.is_file() and entry.reference_path.is_file() and info_path.is_file():
-        try:
-            if json.loads(info_path.read_text(encoding="utf-8")).get("format") == EXPORT_FORMAT:
-                return entry
-        except (OSError, json.JSONDecodeError):
-            pass  # unreadable entry: export again over it
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -364,8 +501,8 @@ def openvino_cpu_config(threads: int, hint: str, entry: ExportEntry) -> dict:
         "NUM_STREAMS": 1,
         "INFERENCE_PRECISION_HINT": hint,
     }
-    if hint == "f32":
-        config["CACHE_DIR"] = str(entry.folder / "openvino_cache")
+    if hint == "f32" and (cache_dir := entry.openvino_cache_dir()) is not None:
+        config["CACHE_DIR"] = str(cache_dir)
     return config
 
 
@@ -440,8 +577,8 @@ class OpenVINOStemFP32Encoder(_PerImageRunner):
             from onnx.utils import extract_model
         except ImportError as exc:
             raise BackendUnavailable("the 'openvino' / 'onnx' packages are not installed") from exc
-        stem_path, rest_path = entry.folder / stem_name, entry.folder / rest_name
         try:
+            stem_path, rest_path = entry.derived(stem_name, rest_name)
             if not (stem_path.is_file() and rest_path.is_file()):
                 cut = stem_cut_tensor(entry.onnx_path, prefixes)
                 with atomic_path(stem_path) as tmp:

@@ -102,7 +102,9 @@ def calibration_inputs(model, plan=None) -> list[np.ndarray]:
 
 
 def quantized_path(entry: ExportEntry, tag: str) -> Path:
-    return entry.folder / f"encoder_int8-{tag}.xml"
+    """The int8 model's ``.xml`` (its ``.bin`` beside it): beside the export, or in the entry's scratch folder when
+    the export is in a cache folder that cannot be written (:meth:`ExportEntry.derived`)."""
+    return entry.derived(f"encoder_int8-{tag}.xml", f"encoder_int8-{tag}.bin")[0]
 
 
 def quantize_encoder(entry: ExportEntry, inputs: list[np.ndarray], tag: str) -> Path:
@@ -119,7 +121,7 @@ def quantize_encoder(entry: ExportEntry, inputs: list[np.ndarray], tag: str) -> 
     except ImportError as exc:
         raise BackendUnavailable("int8 needs the 'nncf' and 'openvino' packages") from exc
     log.info("Quantising the image encoder to int8 once (%d calibration slices; cached in %s) ...",
-             len(inputs), entry.folder)
+             len(inputs), path.parent)
     started = time.perf_counter()
     try:
         model = openvino_core().read_model(str(entry.onnx_path))
@@ -131,7 +133,7 @@ def quantize_encoder(entry: ExportEntry, inputs: list[np.ndarray], tag: str) -> 
             ignored_scope=nncf.IgnoredScope(patterns=list(FLOAT_SCOPE), validate=False),
         )
         # ov.save_model writes <name>.xml + <name>.bin: write both in a scratch folder, move .bin first.
-        with tempfile.TemporaryDirectory(dir=entry.folder) as scratch:
+        with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
             tmp_xml = Path(scratch) / path.name
             ov.save_model(quantized, str(tmp_xml))
             with atomic_path(path.with_suffix(".bin")) as tmp:
