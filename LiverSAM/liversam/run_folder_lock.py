@@ -5,6 +5,18 @@ process however that ends (finished, failed, killed, the machine restarted), so 
 later run. The file holds the holder's PID after its first byte (the byte locked on Windows, where a locked byte cannot
 be read). Standard library only: the Slicer module (LiverSAMTrain) asks :func:`holder` before it replaces a run
 folder's exported data or starts a second process in it.
+
+Asking without taking the lock (session 39): :func:`holder` took the lock for an instant to see whether it was free,
+and a ``liversam train`` starting in that instant was refused as if the folder were in use. On Linux a run now also
+holds an open-file-description lock (``F_OFD_SETLK``) on the first byte, which :func:`holder` asks about with
+``F_OFD_GETLK`` without taking anything. ``F_OFD_GETLK`` cannot see a ``flock`` (another kind of lock), and a run of
+an earlier version holds only that; so the ``flock`` stays (runs of both versions exclude each other), and when no OFD
+lock is held :func:`holder` still takes the ``flock`` for an instant to find such a run. A run starting at that
+instant is no longer refused: on POSIX, a run that finds the ``flock`` taken (and, on Linux, its OFD lock free, so no
+run of this version holds the folder) tries again for :data:`FLOCK_RETRY_SECONDS` before it gives up; a
+:func:`holder` holds it for microseconds, a run for good. Where OFD locks are not available (macOS, a file system
+without them) :func:`holder` takes the ``flock`` for an instant as before, and the retry covers it. Windows is
+unchanged (``msvcrt.locking`` has no way to ask and no retry: the instant remains there).
 """
 
 from __future__ import annotations
@@ -12,11 +24,20 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import struct
 import sys
+import time
 from pathlib import Path
 from typing import IO
 
 LOCK_NAME = "train.lock"
+
+#: How long a run retries a taken ``flock`` on POSIX when no run of this version holds the folder (a holder() holds
+#: it for an instant; a run of an earlier version, or of this one where there are no OFD locks, for good).
+FLOCK_RETRY_SECONDS = 0.5
+
+#: ``struct flock`` (l_type, l_whence, l_start, l_len, l_pid; off_t is 64-bit for OFD locks), padded to its alignment.
+_FLOCK_STRUCT = "hhqqi0q"
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +77,65 @@ def _try_lock(handle: IO[bytes]) -> bool:
         raise
 
 
+def _ofd(handle: IO[bytes], command: str, lock_type: str) -> bytes | None:
+    """``fcntl(handle, F_OFD_<command>)`` on the file's first byte; None where OFD locks do not exist (not Linux)."""
+    if sys.platform == "win32":
+        return None
+    import fcntl
+
+    if not hasattr(fcntl, f"F_OFD_{command}"):
+        return None
+    request = struct.pack(_FLOCK_STRUCT, getattr(fcntl, lock_type), os.SEEK_SET, 0, 1, 0)  # l_pid must be 0
+    return fcntl.fcntl(handle.fileno(), getattr(fcntl, f"F_OFD_{command}"), request)
+
+
+def _take_ofd_lock(handle: IO[bytes]) -> bool | None:
+    """The OFD write lock on the first byte, without waiting: True when taken, False when another open file holds it,
+    None when this system or file system has no OFD locks (then only ``flock`` guards the folder)."""
+    try:
+        if _ofd(handle, "SETLK", "F_WRLCK") is None:
+            return None
+        return True
+    except OSError as error:
+        if isinstance(error, (BlockingIOError, PermissionError)) or error.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        return None  # EINVAL (a kernel before 3.15), ENOLCK / EOPNOTSUPP (a file system without POSIX locks)
+
+
+def _ofd_lock_held(handle: IO[bytes]) -> bool | None:
+    """Whether another open file holds the OFD lock, asked without taking it (``F_OFD_GETLK``); None when it cannot
+    be asked here."""
+    try:
+        answer = _ofd(handle, "GETLK", "F_WRLCK")
+    except OSError:
+        return None
+    if answer is None:
+        return None
+    import fcntl
+
+    return struct.unpack(_FLOCK_STRUCT, answer)[0] != fcntl.F_UNLCK
+
+
+def _lock(handle: IO[bytes]) -> bool:
+    """Take the run folder's locks without waiting (see the module docstring): True when this process holds the
+    folder, False when another process does. Raises OSError when the file system cannot lock at all."""
+    ofd = _take_ofd_lock(handle)
+    if ofd is False:
+        return False  # a run of this version holds it
+    deadline = time.monotonic() + (0.0 if sys.platform == "win32" else FLOCK_RETRY_SECONDS)
+    while True:
+        try:
+            if _try_lock(handle):
+                return True
+        except OSError:
+            if ofd:
+                return True  # the OFD lock guards the folder; the flock only keeps out earlier versions
+            raise
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+
+
 def _unlock(handle: IO[bytes]) -> None:
     if sys.platform == "win32":
         import msvcrt
@@ -88,7 +168,7 @@ def acquire(run_dir: str | Path) -> IO[bytes] | None:
     created = not (run_dir / LOCK_NAME).is_file()
     handle = _open(run_dir)
     try:
-        locked = _try_lock(handle)
+        locked = _lock(handle)
     except OSError as error:
         handle.close()
         if created:  # a lock file that locks nothing would tell LiverSAMTrain that this run guards its folder
@@ -116,12 +196,18 @@ def release(handle: IO[bytes] | None) -> None:
 
 def holder(run_dir: str | Path) -> int | None:
     """The PID of the live process that holds ``run_dir`` (0 when it cannot be read), or None when none does (no lock
-    file, a lock file its process left behind, or a file system that cannot lock). Never waits."""
+    file, a lock file its process left behind, or a file system that cannot lock). Never waits. A run of this version
+    is found without taking its lock on Linux (``F_OFD_GETLK``); otherwise the ``flock`` is taken for an instant, which
+    no longer makes a run starting then fail (module docstring)."""
     path = Path(run_dir) / LOCK_NAME
     if not path.is_file():
         return None
     try:
         with open(path, "rb") as handle:  # read access is enough to lock: another user's run, a read-only share
+            if _ofd_lock_held(handle):  # a run of this version: told without taking anything
+                return _pid_in(handle)
+            # None holds the OFD lock (or it cannot be asked here): a run of an earlier version would hold only the
+            # flock. A run starting while it is taken here retries (_lock), so it is not refused.
             if _try_lock(handle):
                 _unlock(handle)
                 return None
