@@ -689,6 +689,19 @@ def test_files_made_from_a_read_only_export_go_to_its_scratch_folder(tmp_path) -
     assert writable.derived("stem.onnx", "rest.onnx") == (shared / "stem.onnx", shared / "rest.onnx")
 
 
+def test_openvino_compiles_uncached_when_its_cache_folder_cannot_be_made(tmp_path) -> None:
+    """OpenVINO refuses to compile when it cannot create its CACHE_DIR ("Couldn't create directory"): a read-only
+    export without a fallback lost the OpenVINO candidate. Without a folder for it, no CACHE_DIR is given."""
+    from liversam.acceleration.backends import ExportEntry, openvino_cpu_config
+
+    (tmp_path / "openvino_cache").write_text("not a folder")  # mkdir fails, as in a read-only folder
+    entry = ExportEntry(tmp_path, tmp_path / "encoder.onnx", tmp_path / "reference.npy", 256)
+    assert "CACHE_DIR" not in openvino_cpu_config(2, "f32", entry)
+    (tmp_path / "openvino_cache").unlink()
+    assert openvino_cpu_config(2, "f32", entry)["CACHE_DIR"] == str(tmp_path / "openvino_cache")
+    assert "CACHE_DIR" not in openvino_cpu_config(2, "bf16", entry)  # bf16 graphs never use it (docstring)
+
+
 # --- background pre-encoding ------------------------------------------------------------------------------
 
 
