@@ -79,7 +79,7 @@ def _try_lock(handle: IO[bytes]) -> bool:
 
 def _ofd(handle: IO[bytes], command: str, lock_type: str) -> bytes | None:
     """``fcntl(handle, F_OFD_<command>)`` on the file's first byte; None where OFD locks do not exist (not Linux)."""
-    if sys.platform == "win32":
+    if not sys.platform.startswith("linux"):  # _FLOCK_STRUCT is Linux's struct flock (illumos has the constants too)
         return None
     import fcntl
 
@@ -190,6 +190,8 @@ def release(handle: IO[bytes] | None) -> None:
     if handle is not None:
         try:
             _unlock(handle)
+        except OSError as error:  # a flock the file system refused (the OFD lock alone held the folder): nothing to
+            log.debug("run folder lock: unlock refused (%s); closing the file drops the locks", error)  # undo
         finally:
             handle.close()
 

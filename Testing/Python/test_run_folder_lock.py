@@ -123,6 +123,28 @@ def test_a_file_system_that_cannot_lock_leaves_no_lock_file(tmp_path, monkeypatc
     assert "cannot lock run folder" in caplog.text
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OFD locks are Linux's")
+def test_a_run_held_by_its_ofd_lock_alone_is_released_without_an_error(tmp_path, monkeypatch):
+    """On a file system that takes OFD locks but refuses flock (ENOLCK), the run holds its folder by the OFD lock
+    alone; release() still undid the flock and raised OSError in the trainer's ``finally``: a run that trained to the
+    end ended with an internal error (review of session 39)."""
+    import fcntl
+
+    real_flock = fcntl.flock
+
+    def no_flock(fd, operation):
+        raise OSError(37, "No locks available")
+
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setattr(fcntl, "flock", no_flock)  # run_folder_lock imports fcntl where it locks
+    handle = acquire(run)
+    assert handle is not None and holder(run) is not None  # held by its OFD lock, seen without the flock
+    release(handle)  # no OSError
+    monkeypatch.setattr(fcntl, "flock", real_flock)
+    assert holder(run) is None and handle.closed
+
+
 # --- holder() asks without taking the lock (session 39) -------------------------------------------------------------
 
 FLOCK_ONLY = """
