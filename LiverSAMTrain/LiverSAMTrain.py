@@ -88,9 +88,15 @@ class LiverSAMTrainLogic(ScriptedLoadableModuleLogic):
 
     def showChart(self, key: str):
         """Show the chart ``key`` (a :data:`TrainingLogic.CHARTS` key) in the layout's plot view (a layout with one is
-        chosen when the current one has none); returns the chart node, or None when there are no curves yet."""
+        chosen when the current one has none); returns the chart node, or None when there are no curves yet. The curves
+        already in the scene (the module reloaded) are adopted."""
         chart = self.chartNodes.get(key)
         if chart is None or chart.GetScene() is not slicer.mrmlScene:
+            self.tableNode, self.chartNodes = TrainingLogic.curves_in_scene(
+                slicer.mrmlScene, self.tableNode, self.chartNodes
+            )
+            chart = self.chartNodes.get(key)
+        if chart is None:
             return None
         slicer.modules.plots.logic().ShowChartInLayout(chart)
         return chart

@@ -10,7 +10,8 @@
 - :class:`EnvironmentCheck` / :func:`environment_problem`: whether that environment can train (checked once per
   environment, in a background process the widget polls);
 - :func:`update_curves`: ``history.csv`` of a run -> a table node and one plot chart per quantity (:data:`CHARTS`:
-  validation Dice on a fixed 0-1 axis, training loss, validation loss), as curves.png has a panel each;
+  validation Dice on a fixed 0-1 axis, training loss, validation loss), as curves.png has a panel each; the nodes are
+  marked (:data:`CURVES_ATTRIBUTE`) and :func:`curves_in_scene` adopts them (a reloaded module adds no second set);
 - :func:`parse_event`: the ``LIVERSAM_CACHE`` / ``_RESUME`` / ``_EPOCH`` / ``_DONE`` lines the command prints;
 """
 
@@ -436,24 +437,69 @@ def history_stamp(run_dir: str | Path) -> tuple[int, int] | None:
     return stat.st_mtime_ns, stat.st_size
 
 
+#: The attribute that marks the nodes of the curves (value: ``table``, ``chart:<CHARTS key>``, ``series:<column>``): a new
+#: logic (the module reloaded, a saved scene loaded again) adopts the ones in the scene instead of adding another set of
+#: nodes of the same names, and a chart the user deleted gets its series back instead of new ones.
+CURVES_ATTRIBUTE = "LiverSAMTrain.curves"
+
+
+def _nodes_by_class(scene, class_name: str) -> list:
+    return [scene.GetNthNodeByClass(n, class_name) for n in range(scene.GetNumberOfNodesByClass(class_name))]
+
+
+def _tagged(scene, class_name: str, tag: str):
+    """The first node of ``class_name`` in ``scene`` marked ``tag`` (:data:`CURVES_ATTRIBUTE`), or None."""
+    return next((node for node in _nodes_by_class(scene, class_name) if node.GetAttribute(CURVES_ATTRIBUTE) == tag), None)
+
+
+def _unused_series(scene, column: str):
+    """A series of ``column`` made by this module that no chart of ``scene`` shows (its chart was deleted), or None."""
+    used = {
+        chart.GetNthPlotSeriesNodeID(n)
+        for chart in _nodes_by_class(scene, "vtkMRMLPlotChartNode")
+        for n in range(chart.GetNumberOfPlotSeriesNodes())
+    }
+    return next(
+        (node for node in _nodes_by_class(scene, "vtkMRMLPlotSeriesNode")
+         if node.GetAttribute(CURVES_ATTRIBUTE) == f"series:{column}" and node.GetID() not in used),
+        None,
+    )  # fmt: skip
+
+
+def curves_in_scene(scene=None, table_node=None, chart_nodes: dict | None = None):
+    """``(table_node, {chart key: chart node})``: the nodes given that are still in ``scene``, and for those missing
+    the curves' nodes already in ``scene`` (:data:`CURVES_ATTRIBUTE`: made by an earlier logic, before the module was
+    reloaded); None / no entry where there are none."""
+    scene = scene or slicer.mrmlScene
+    if table_node is None or table_node.GetScene() is not scene:
+        table_node = _tagged(scene, "vtkMRMLTableNode", "table")
+    charts = {key: chart for key, chart in (chart_nodes or {}).items() if chart is not None and chart.GetScene() is scene}
+    for key in CHARTS:
+        if key not in charts:
+            chart = _tagged(scene, "vtkMRMLPlotChartNode", f"chart:{key}")
+            if chart is not None:
+                charts[key] = chart
+    return table_node, charts
+
+
 def update_curves(csv_path: str | Path, scene=None, table_node=None, chart_nodes: dict | None = None):
     """Fill (or create) a table node with the run's curves and one plot chart per :data:`CHARTS` entry.
 
-    Returns ``(table_node, {chart key: chart node})``; ``(table_node, {})`` when there is no history yet. Nodes no longer
-    in ``scene`` (File > Close Scene during a run, or deleted by the user) are replaced by new ones, so the curves keep
+    Returns ``(table_node, {chart key: chart node})``; ``(table_node, {})`` when there is no history yet (the nodes of
+    :func:`curves_in_scene` when there are some). Nodes no longer in ``scene`` (File > Close Scene during a run, or
+    deleted by the user) are replaced by the curves' nodes still in the scene, else by new ones, so the curves keep
     showing; a chart kept while the table is replaced has its series pointed at the new table.
     """
     import vtk
 
     scene = scene or slicer.mrmlScene
-    if table_node is not None and table_node.GetScene() is not scene:
-        table_node = None
-    charts = {key: chart for key, chart in (chart_nodes or {}).items() if chart is not None and chart.GetScene() is scene}
+    table_node, charts = curves_in_scene(scene, table_node, chart_nodes)
     history = read_history(csv_path)
     if not history:
         return table_node, charts
     if table_node is None:
         table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", "LiverSAMTrain curves")
+        table_node.SetAttribute(CURVES_ATTRIBUTE, "table")
     table = table_node.GetTable()
     table.Initialize()
     for key, values in history.items():
@@ -468,14 +514,15 @@ def update_curves(csv_path: str | Path, scene=None, table_node=None, chart_nodes
     for key, spec in CHARTS.items():
         chart_node = charts.get(key)
         if chart_node is None:
-            chart_node = _new_chart(scene, spec)
+            chart_node = _new_chart(scene, key, spec)
         _fill_chart(scene, chart_node, spec, table_node, history, liver_only)
         charts[key] = chart_node
     return table_node, charts
 
 
-def _new_chart(scene, spec: ChartSpec) -> slicer.vtkMRMLPlotChartNode:
+def _new_chart(scene, key: str, spec: ChartSpec) -> slicer.vtkMRMLPlotChartNode:
     chart_node = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"LiverSAMTrain: {spec.title.lower()}")
+    chart_node.SetAttribute(CURVES_ATTRIBUTE, f"chart:{key}")
     chart_node.SetTitle(f"LiverSAMTrain: {spec.title.lower()} per epoch")
     chart_node.SetXAxisTitle(EPOCH_LABEL)
     chart_node.SetYAxisTitle(spec.y_title)
@@ -486,8 +533,9 @@ def _new_chart(scene, spec: ChartSpec) -> slicer.vtkMRMLPlotChartNode:
 
 
 def _fill_chart(scene, chart_node, spec: ChartSpec, table_node, history: dict, liver_only: bool) -> None:
-    """A series per column of ``spec`` in ``history`` (one missing is added: new chart, series deleted by the user),
-    each reading ``table_node``; the mean Dice's name says when it is the liver's alone."""
+    """A series per column of ``spec`` in ``history`` (one missing is added: new chart, series deleted by the user;
+    the series of a chart the user deleted are taken back), each reading ``table_node``; the mean Dice's name says
+    when it is the liver's alone."""
     existing = {}
     for n in range(chart_node.GetNumberOfPlotSeriesNodes()):
         series = chart_node.GetNthPlotSeriesNode(n)
@@ -498,12 +546,15 @@ def _fill_chart(scene, chart_node, spec: ChartSpec, table_node, history: dict, l
             continue
         series = existing.get(column)
         if series is None:
-            series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", name)
-            series.SetXColumnName("epoch")
-            series.SetYColumnName(column)
-            series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
-            series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle)
-            series.SetColor(*color)
+            series = _unused_series(scene, column)
+            if series is None:
+                series = scene.AddNewNodeByClass("vtkMRMLPlotSeriesNode", name)
+                series.SetAttribute(CURVES_ATTRIBUTE, f"series:{column}")
+                series.SetXColumnName("epoch")
+                series.SetYColumnName(column)
+                series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+                series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleCircle)
+                series.SetColor(*color)
             chart_node.AddAndObservePlotSeriesNodeID(series.GetID())
         if series.GetTableNodeID() != table_node.GetID():
             series.SetAndObserveTableNodeID(table_node.GetID())

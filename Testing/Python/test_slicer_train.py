@@ -111,6 +111,41 @@ def test_the_mean_dice_says_when_it_is_the_livers_alone(tmp_path):
     assert _series(charts["dice"])["val_dice_mean"].GetName() == TrainingLogic.DICE_MEAN_LIVER_ONLY
 
 
+def _counts(scene) -> tuple[int, int, int]:
+    return tuple(scene.GetNumberOfNodesByClass(c) for c in ("vtkMRMLTableNode", "vtkMRMLPlotChartNode", "vtkMRMLPlotSeriesNode"))
+
+
+def test_a_reloaded_module_adopts_the_curves_already_in_the_scene(tmp_path):
+    """Each module reload (a new logic holding no nodes) added another table, 3 charts and 5 series of the same names:
+    the plot view's chart list showed every chart twice, three times... The curves' nodes are marked and adopted."""
+    scene = fresh_scene()
+    (tmp_path / "history.csv").write_text(HISTORY)
+    table, charts = TrainingLogic.update_curves(tmp_path / "history.csv", scene=scene)
+    assert _counts(scene) == (1, 3, 5)
+    (tmp_path / "history.csv").write_text(HISTORY + "3,0.40,0.33,0.90,0.82,0.85,0.74,0.875,0.00001,70,0.4\n")
+    again_table, again_charts = TrainingLogic.update_curves(tmp_path / "history.csv", scene=scene)  # reloaded: no nodes
+    assert _counts(scene) == (1, 3, 5)
+    assert again_table is table and again_charts == charts and table.GetTable().GetNumberOfRows() == 4
+    assert table.GetAttribute(TrainingLogic.CURVES_ATTRIBUTE) == "table"  # (saved with the scene)
+    # before the reloaded module's first epoch (no history in its run folder yet) its Curves list shows them too
+    assert TrainingLogic.update_curves(tmp_path / "none.csv", scene=scene) == (table, charts)
+
+
+def test_a_deleted_chart_gets_its_series_back(tmp_path):
+    """A chart the user deleted left its series in the scene, and the next epoch made a new chart with new series
+    (5 -> 8 series nodes, three of them in no chart). The new chart takes the old series back."""
+    scene = fresh_scene()
+    (tmp_path / "history.csv").write_text(HISTORY)
+    table, charts = TrainingLogic.update_curves(tmp_path / "history.csv", scene=scene)
+    dice_series = _series(charts["dice"])
+    scene.RemoveNode(charts["dice"])
+    _table, after = TrainingLogic.update_curves(tmp_path / "history.csv", scene=scene, table_node=table, chart_nodes=charts)
+    assert after["dice"] is not charts["dice"] and after["train_loss"] is charts["train_loss"]
+    assert _counts(scene) == (1, 3, 5)
+    assert _series(after["dice"]) == dice_series
+    assert not after["dice"].GetYAxisRangeAuto() and tuple(after["dice"].GetYAxisRange()) == (0.0, 1.0)
+
+
 def test_loaded_volume_and_segmentation_pairs_export_to_training_files(tmp_path):
     from liversam.ct_io import read_ct
     from liversam.training import LabelConfig, discover_studies, load_study

@@ -468,6 +468,41 @@ def test_the_curves_follow_history_csv_not_only_the_epoch_lines(widgets, tmp_pat
     assert resumed.logic.tableNode.GetTable().GetNumberOfRows() == 2  # at once, not after the next epoch
 
 
+def test_a_reloaded_module_shows_and_updates_the_curves_it_made_before(widgets, tmp_path, monkeypatch):  # noqa: F811
+    """Slicer's Reload (slicer.util.reloadScriptedModule) makes a new widget and logic holding no nodes: each reload
+    added another table, 3 charts and 5 series of the same names (the plot view's chart list showed them twice), and
+    the Curves list showed nothing until the next epoch. The new logic adopts the curves' nodes of the scene."""
+    import slicer
+
+    _liversam, train = widgets
+    scene = fresh_scene()
+    plots = slicer.vtkSlicerPlotsLogic()
+    plots.SetMRMLApplicationLogic(slicer_environment().application_logic)
+    plots.SetMRMLScene(scene)
+    monkeypatch.setattr(slicer.modules, "plots", SimpleNamespace(logic=lambda: plots), raising=False)
+    view = scene.AddNewNodeByClass("vtkMRMLPlotViewNode")
+    header, *rows = HISTORY_ROWS
+    (tmp_path / "history.csv").write_text(header + rows[0])
+    widget = polled(train, [], code=None)
+    widget.logic = train.LiverSAMTrainLogic(process=Process([]))
+    widget._settings = SimpleNamespace(epochs=5, out=str(tmp_path))
+    widget.poll()
+    charts = dict(widget.logic.chartNodes)
+    counts = [scene.GetNumberOfNodesByClass(c) for c in ("vtkMRMLTableNode", "vtkMRMLPlotChartNode", "vtkMRMLPlotSeriesNode")]
+    assert counts == [1, 3, 5]
+
+    reloaded = polled(train, [], code=None)  # the module reloaded
+    reloaded.logic = train.LiverSAMTrainLogic(process=Process([]))
+    reloaded.ui.curvesComboBox.currentIndex = 2
+    reloaded.onCurvesChosen(2)  # before any poll: the chart made before the reload
+    assert view.GetPlotChartNodeID() == charts["val_loss"].GetID()
+    (tmp_path / "history.csv").write_text(header + rows[0] + rows[1])  # Resume: the next epoch
+    reloaded._settings = SimpleNamespace(epochs=5, out=str(tmp_path))
+    reloaded.poll()
+    assert reloaded.logic.chartNodes == charts and reloaded.logic.tableNode.GetTable().GetNumberOfRows() == 2
+    assert [scene.GetNumberOfNodesByClass(c) for c in ("vtkMRMLTableNode", "vtkMRMLPlotChartNode", "vtkMRMLPlotSeriesNode")] == counts
+
+
 HISTORY_ROWS = [
     "epoch,train_loss,val_loss,val_dice_liver,val_iou_liver,val_dice_tumor,val_iou_tumor,val_dice_mean,lr,seconds,"
     "train_slices_per_second\n",
