@@ -55,14 +55,19 @@ class ChartSpec:
     title: str  # the chart's entry in the module's "Curves" list (and in the plot view's chart list)
     y_title: str
     series: dict  # column of history.csv -> (series name, colour)
-    y_range: tuple[float, float] | None = None  # a fixed y range (the user may still zoom); None: fitted to the curves
+    # a fixed y range; None: fitted to the curves. The user may zoom (the plot view writes the zoomed range into the
+    # chart node): a zoom that leaves out a value of a later epoch is undone, back to this range
+    y_range: tuple[float, float] | None = None
+    pending: str = ""  # the chart title's note while its columns hold no value yet ("" : none can be missing)
 
 
 #: The charts, in the order of the module's "Curves" list (LiverSAMTrain.ui's curvesComboBox; a test checks it):
 #: validation Dice first (the best model is chosen by it).
 CHARTS: dict[str, ChartSpec] = {
     "dice": ChartSpec("Validation Dice", DICE_LABEL, DICE_SERIES, (0.0, 1.0)),
-    "train_loss": ChartSpec("Training loss", TRAIN_LOSS_LABEL, {"train_loss": LOSS_SERIES["train_loss"]}),
+    # epoch 0 (the base model) has no training loss: until epoch 1 the chart holds one empty point, its title says why
+    "train_loss": ChartSpec("Training loss", TRAIN_LOSS_LABEL, {"train_loss": LOSS_SERIES["train_loss"]},
+                            pending="drawn from epoch 1: epoch 0 is the base model, before any training"),
     "val_loss": ChartSpec("Validation loss", VAL_LOSS_LABEL, {"val_loss": LOSS_SERIES["val_loss"]}),
 }
 
@@ -520,10 +525,15 @@ def update_curves(csv_path: str | Path, scene=None, table_node=None, chart_nodes
     return table_node, charts
 
 
+def _chart_title(spec: ChartSpec, pending: bool = False) -> str:
+    title = f"LiverSAMTrain: {spec.title.lower()} per epoch"
+    return f"{title} ({spec.pending})" if pending and spec.pending else title
+
+
 def _new_chart(scene, key: str, spec: ChartSpec) -> slicer.vtkMRMLPlotChartNode:
     chart_node = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", f"LiverSAMTrain: {spec.title.lower()}")
     chart_node.SetAttribute(CURVES_ATTRIBUTE, f"chart:{key}")
-    chart_node.SetTitle(f"LiverSAMTrain: {spec.title.lower()} per epoch")
+    chart_node.SetTitle(_chart_title(spec))
     chart_node.SetXAxisTitle(EPOCH_LABEL)
     chart_node.SetYAxisTitle(spec.y_title)
     if spec.y_range is not None:  # set once: a range the user zooms to in the plot view is written back here
@@ -535,7 +545,8 @@ def _new_chart(scene, key: str, spec: ChartSpec) -> slicer.vtkMRMLPlotChartNode:
 def _fill_chart(scene, chart_node, spec: ChartSpec, table_node, history: dict, liver_only: bool) -> None:
     """A series per column of ``spec`` in ``history`` (one missing is added: new chart, series deleted by the user;
     the series of a chart the user deleted are taken back), each reading ``table_node``; the mean Dice's name says
-    when it is the liver's alone."""
+    when it is the liver's alone. The title says why a chart is empty (:attr:`ChartSpec.pending`), and a fixed y range
+    the user zoomed into is reset when a value falls outside it."""
     existing = {}
     for n in range(chart_node.GetNumberOfPlotSeriesNodes()):
         series = chart_node.GetNthPlotSeriesNode(n)
@@ -561,3 +572,12 @@ def _fill_chart(scene, chart_node, spec: ChartSpec, table_node, history: dict, l
         legend = DICE_MEAN_LIVER_ONLY if column == "val_dice_mean" and liver_only else name
         if series.GetName() != legend:
             series.SetName(legend)
+    values = np.concatenate([history[column] for column in spec.series if column in history] or [np.array([])])
+    values = values[np.isfinite(values)]
+    title = _chart_title(spec, pending=values.size == 0)
+    if chart_node.GetTitle() in (_chart_title(spec), _chart_title(spec, pending=True)) and chart_node.GetTitle() != title:
+        chart_node.SetTitle(title)  # (a title the user wrote is left alone)
+    if spec.y_range is not None and values.size and not chart_node.GetYAxisRangeAuto():
+        low, high = chart_node.GetYAxisRange()
+        if values.min() < low or values.max() > high:  # zoomed in the plot view (it writes the range here) before
+            chart_node.SetYAxisRange(*spec.y_range)

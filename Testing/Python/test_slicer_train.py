@@ -146,6 +146,40 @@ def test_a_deleted_chart_gets_its_series_back(tmp_path):
     assert not after["dice"].GetYAxisRangeAuto() and tuple(after["dice"].GetYAxisRange()) == (0.0, 1.0)
 
 
+def test_a_zoom_that_would_hide_a_later_epoch_is_undone(tmp_path):
+    """The plot view writes a zoomed range into the chart (qMRMLPlotView::updateMRMLChartAxisRangeFromWidget) and the
+    Dice chart's range is fixed: a value of a later epoch outside the zoom was never drawn. A zoom that still shows
+    every value is kept."""
+    scene = fresh_scene()
+    (tmp_path / "history.csv").write_text(HISTORY)
+    table, charts = TrainingLogic.update_curves(tmp_path / "history.csv", scene=scene)
+    dice = charts["dice"]
+    dice.SetYAxisRange(0.8, 0.9)  # as the plot view does after the user zoomed
+    TrainingLogic.update_curves(tmp_path / "history.csv", scene=scene, table_node=table, chart_nodes=charts)
+    assert tuple(dice.GetYAxisRange()) == (0.8, 0.9)  # every value still in view
+    (tmp_path / "history.csv").write_text(HISTORY + "3,0.40,0.33,0.95,0.82,0.85,0.74,0.9,0.00001,70,0.4\n")
+    TrainingLogic.update_curves(tmp_path / "history.csv", scene=scene, table_node=table, chart_nodes=charts)
+    assert tuple(dice.GetYAxisRange()) == (0.0, 1.0) and not dice.GetYAxisRangeAuto()
+
+
+def test_the_training_loss_chart_says_why_it_is_empty_until_epoch_1(tmp_path):
+    """Epoch 0 is the base model: no training loss. Until epoch 1 the chart held one empty point and no word why."""
+    scene = fresh_scene()
+    header, epoch0, epoch1 = HISTORY.splitlines(keepends=True)[:3]
+    (tmp_path / "history.csv").write_text(header + epoch0)
+    table, charts = TrainingLogic.update_curves(tmp_path / "history.csv", scene=scene)
+    assert charts["train_loss"].GetTitle() == (
+        "LiverSAMTrain: training loss per epoch (drawn from epoch 1: epoch 0 is the base model, before any training)"
+    )
+    assert charts["val_loss"].GetTitle() == "LiverSAMTrain: validation loss per epoch"  # epoch 0 has one
+    (tmp_path / "history.csv").write_text(header + epoch0 + epoch1)
+    TrainingLogic.update_curves(tmp_path / "history.csv", scene=scene, table_node=table, chart_nodes=charts)
+    assert charts["train_loss"].GetTitle() == "LiverSAMTrain: training loss per epoch"
+    charts["val_loss"].SetTitle("my title")  # a title the user wrote is left alone
+    TrainingLogic.update_curves(tmp_path / "history.csv", scene=scene, table_node=table, chart_nodes=charts)
+    assert charts["val_loss"].GetTitle() == "my title"
+
+
 def test_loaded_volume_and_segmentation_pairs_export_to_training_files(tmp_path):
     from liversam.ct_io import read_ct
     from liversam.training import LabelConfig, discover_studies, load_study
