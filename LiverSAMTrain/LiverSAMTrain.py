@@ -6,9 +6,10 @@ section, which has torch; Slicer's own Python gets none -- in a background proce
 (``LiverSAMTrainLib.TrainingProcess``) whose log a ``QTimer`` polls, so Slicer stays responsive. The process
 keeps running when Slicer closes (it has its own process group and log file). Curves go to a table and one plot
 chart per quantity (validation Dice, training loss, validation loss: Slicer's plot chart has one y axis); the
-"Curves" list chooses the chart shown in the layout's plot view, once per run unless chosen again; the best model is registered by ``liversam train --name`` so that the
-LiverSAM server offers it. The logic (``LiverSAMTrainLib.TrainingLogic``) has no Qt and is tested on
-slicer-core's MRML. Minimum Slicer version: 5.10 (``LiverSAMLib.SlicerCompatibility``).
+"Curves" list chooses the chart shown in the layout's plot view, once per run unless chosen again. The best
+model is registered by ``liversam train --name`` so that the LiverSAM server offers it. The logic
+(``LiverSAMTrainLib.TrainingLogic``) has no Qt and is tested on slicer-core's MRML. Minimum Slicer version: 5.10
+(``LiverSAMLib.SlicerCompatibility``).
 """
 
 from __future__ import annotations
@@ -329,11 +330,11 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
             self._chartShown = chart
 
     def _updateCurves(self) -> None:
-        """The curves read again when the run's history.csv changed (at every poll: the EPOCH line comes before the file
-        is written, and a resumed run has its earlier epochs before its next one), or when the table left the scene
-        (File > Close Scene). The chart chosen in the Curves list is shown once per run (and again when its node was
-        replaced); later epochs update the charts in place and leave the user's layout alone, also when the plot view
-        was switched to another chart."""
+        """The curves read again when the run's history.csv changed, or when the table left the scene (File > Close
+        Scene). Checked at every poll, not only at an EPOCH line (which ``liversam train`` prints after it wrote the
+        file): a resumed run has its earlier epochs in the file before its next epoch. The chart chosen in the Curves
+        list is shown once per run (and again when its node was replaced); later epochs update the charts in place and
+        leave the user's layout alone, also when the plot view was switched to another chart."""
         stamp = TrainingLogic.history_stamp(self._settings.out)
         table = self.logic.tableNode
         if stamp is None or (stamp == self._historyStamp and table is not None and table.GetScene() is slicer.mrmlScene):

@@ -433,8 +433,9 @@ def read_history(csv_path: str | Path) -> dict[str, np.ndarray]:
 
 def history_stamp(run_dir: str | Path) -> tuple[int, int] | None:
     """``(mtime_ns, size)`` of ``RUN_DIR/history.csv`` (None when there is none): the widget reads the curves again when
-    it changes. ``liversam train`` writes the file (atomically) after it prints an epoch's EPOCH line (epoch 0: after),
-    and a resumed run's earlier epochs are there before its first new epoch."""
+    it changes. ``liversam train`` writes the file (atomically) before it prints an epoch's EPOCH line, yet the EPOCH
+    line alone is not enough: a resumed run's earlier epochs are in the file before its first new epoch (a Resume shows
+    them at once), and after File > Close Scene the curves are made again from the file."""
     try:
         stat = (Path(run_dir) / "history.csv").stat()
     except OSError:

@@ -437,9 +437,9 @@ def test_the_curves_list_chooses_the_chart_shown_and_epochs_leave_the_users_choi
 
 
 def test_the_curves_follow_history_csv_not_only_the_epoch_lines(widgets, tmp_path, monkeypatch):  # noqa: F811
-    """The curves were read only at an EPOCH line: ``liversam train`` prints epoch 0's before it writes history.csv, so
-    a poll in between showed nothing until epoch 1 (an hour on a CPU), and a resumed run showed none of its earlier
-    epochs until its next one. They are now read whenever history.csv changed."""
+    """The curves were read only at an EPOCH line: ``liversam train`` printed epoch 0's before it wrote history.csv
+    (it writes first since commit 5c9b228), so a poll in between showed nothing until epoch 1 (an hour on a CPU), and a
+    resumed run showed none of its earlier epochs until its next one. They are now read whenever history.csv changed."""
     import slicer
 
     _liversam, train = widgets
