@@ -8,7 +8,8 @@
   back its own prompt only; a tumour box on a slice without liver says why it gives nothing; a server that goes
   away during a propagation leaves the work as it was and says what to do; several files uploaded together that
   are not DICOM are named as such (not "N DICOM files"), those of a mixture left out and named; a CD-ROM
-  export's folder opens its largest series whole and names the others.
+  export's folder opens its largest series whole and names the others; an upload of too many files, or larger
+  than the free space, is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -862,5 +863,44 @@ def test_a_ct_in_a_zip_held_back_for_unexported_work_is_told_to_be_uploaded_agai
         assert "drops it: export it first (section 6), or upload it again to discard it" in app.state.error, \
             app.state.error
         assert app.state.ct_name == "ct.nrrd"
+
+    asyncio.run(scenario())
+
+
+def test_an_upload_of_too_many_files_or_larger_than_the_free_space_is_refused_and_nothing_is_kept(tmp_path,
+                                                                                                 monkeypatch):
+    """The uploaded files were written whole with no look at the free space (only a .zip's unpacking had one) and with
+    no limit on their number (only a folder typed had 20,000): now both are refused before a file is written, saying
+    why and what to do, and the upload's folder goes; a page choosing more files than that sends none."""
+    import shutil
+
+    from liversam_web import uploads
+
+    app = new_app(FakeServer())
+    tmp = Path(app._tmp.name)
+    usage = shutil.disk_usage(tmp)
+    files = [{"name": f"IM{n}", "content": b"x" * 1024} for n in range(4)]
+    relative = [f"cd/IM{n}" for n in range(4)]
+
+    async def scenario():
+        monkeypatch.setattr(uploads, "MAX_FOLDER_FILES", 3)
+        await app._on_upload(files, relative[0], "folder", relative)
+        assert app.state.error.startswith("The uploaded folder 'cd': 4 files, more than the 3 an upload may hold. "
+                                          "Nothing was written."), app.state.error
+        assert not list(tmp.glob("upload-*")) and app.content is None
+        app._on_too_many_files(25_000, "cd/IM1", "folder")
+        assert app.state.error.startswith("The uploaded folder 'cd': 25,000 files, more than the 3 an upload may "
+                                          "hold. Nothing was uploaded."), app.state.error
+        monkeypatch.setattr(uploads, "MAX_FOLDER_FILES", 20_000)
+
+        app.state.error = ""
+        monkeypatch.setattr(uploads.shutil, "disk_usage", lambda path: usage._replace(
+            free=uploads.UNPACK_FREE_MARGIN + 2048))
+        await app._on_upload(files, "", "file")
+        error = app.state.error
+        assert error.startswith("The 4 files chosen: 4 KiB to write, but the app's machine has only 512 MiB free "
+                                "in "), error
+        assert "Nothing was written. Free some space there" in error, error
+        assert not list(tmp.glob("upload-*")) and app.content is None
 
     asyncio.run(scenario())

@@ -212,3 +212,46 @@ def test_dicom_files_are_told_by_content_not_by_name(tmp_path: Path) -> None:
     assert is_dicom_file(root / "DICOM" / "S1" / "IM0001")
     assert not is_dicom_file(root / "DICOMDIR") and not is_dicom_file(root / "AUTORUN.INF")
     assert left_out_note([str(root / "DICOMDIR"), str(root / ".DS_Store")]) == ""
+
+
+def test_uploaded_files_are_refused_before_writing_when_too_many_or_larger_than_the_free_space(
+        tmp_path: Path, monkeypatch) -> None:
+    """Uploaded files were written with no look at the free space (only a .zip's unpacking had one) and with no limit
+    on their number (a folder typed has 20,000): both are checked before a file is written, the message names the
+    upload, what is wrong and what to do, and the upload's folder is removed; a write that fails (a file and a
+    folder of one name) leaves nothing either."""
+    import shutil as real_shutil
+
+    from liversam_web import uploads
+    from liversam_web.uploads import upload_subject, write_uploads
+
+    files = [{"name": f"IM{n}", "content": [b"x" * 1024, b"y" * 1024]} for n in range(3)]  # sent in chunks
+    relative = [f"cd/S1/IM{n}" for n in range(3)]
+    monkeypatch.setattr(uploads, "MAX_FOLDER_FILES", 2)
+    with pytest.raises(InputError, match=r"^The uploaded folder 'cd': 3 files, more than the 2 an upload may hold\. "
+                                         r"Nothing was written\. Upload the folder of one DICOM series"):
+        write_uploads(files, tmp_path / "a", relative, upload_subject(3, "folder", "cd"))
+    assert not (tmp_path / "a").exists()
+    monkeypatch.setattr(uploads, "MAX_FOLDER_FILES", 20_000)
+
+    (tmp_path / "b").mkdir()
+    usage = real_shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(uploads.shutil, "disk_usage",
+                        lambda path: usage._replace(free=uploads.UNPACK_FREE_MARGIN + 4 * 1024))
+    with pytest.raises(InputError) as refused:
+        write_uploads(files, tmp_path / "b", relative, upload_subject(3, "file"))
+    message = str(refused.value)
+    assert message.startswith("The 3 files chosen: 6 KiB to write, but the app's machine has only 512 MiB free in "
+                              f"'{tmp_path / 'b'}' (it needs 512 MiB: the files and 512 MiB kept free). Nothing was "
+                              "written. Free some space there (or start the app with TMPDIR on a larger disk)"), message
+    assert not (tmp_path / "b").exists()
+    monkeypatch.setattr(uploads.shutil, "disk_usage",
+                        lambda path: usage._replace(free=uploads.UNPACK_FREE_MARGIN + 8 * 1024))
+    written = write_uploads(files, tmp_path / "c", relative)  # it fits
+    assert [Path(p).read_bytes() for p in written] == [b"x" * 1024 + b"y" * 1024] * 3
+
+    clash = [{"name": "S1", "content": b"a file"}, {"name": "IM1", "content": b"below it"}]
+    with pytest.raises(InputError, match=r"^The 2 files chosen could not be written on the app's machine \(.*\); "
+                                         r"nothing of it was kept\."):
+        write_uploads(clash, tmp_path / "d", ["cd/S1", "cd/S1/IM1"], upload_subject(2, "file"))
+    assert not (tmp_path / "d").exists()

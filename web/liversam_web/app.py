@@ -29,6 +29,7 @@ from vtkmodules.vtkCommonCore import vtkCommand
 
 from .export_names import case_stem, case_title, export_names
 from .mrml_scene import (
+    MAX_FOLDER_FILES,
     InputError,
     SceneContent,
     dicom_file_series,
@@ -48,7 +49,9 @@ from .uploads import (
     no_dicom_message,
     single_image_header,
     split_dicom_files,
+    too_many_files_message,
     unpack_zip,
+    upload_subject,
     write_uploads,
 )
 from .view_gutters import PROBE_VIEW, slice_view_gutter, threed_view_gutter
@@ -210,6 +213,7 @@ class LiverSAMWebApp:
                 # one field a line, its whole label in sight (side by side, "CT file(s) or .zip" was cut to "CT file(s)...")
                 with html.Div(classes="d-flex flex-column ga-2 mt-2"):
                     upload = self.server.trigger_name(self._on_upload)
+                    too_many = self.server.trigger_name(self._on_too_many_files)
                     for label, kind in ((FILE_FIELD_LABEL, "file"), (FOLDER_FIELD_LABEL, "folder")):
                         # a new key empties a field whose files are not the CT shown (the folder field kept the last
                         # uploaded folder's file after a CT was opened by its path)
@@ -219,10 +223,14 @@ class LiverSAMWebApp:
                             key=(f"upload_keys.{kind}",), style="min-width: 0",
                             # each file's path in the folder chosen: a CD-ROM export has files of one name
                             # (IM0001) in each series' folder, which overwrote each other
-                            disabled=("busy",), change=f"trigger('{upload}', [$event.target.files, "
-                                                        "($event.target.files[0] || {}).webkitRelativePath || '', "
-                                                        f"'{kind}', Array.from($event.target.files, "
-                                                        "(f) => f.webkitRelativePath || '')])",
+                            # more files than a folder typed may hold are not sent at all (each is sent whole)
+                            disabled=("busy",),
+                            change=(f"$event.target.files.length > {MAX_FOLDER_FILES} ? trigger('{too_many}', "
+                                    f"[$event.target.files.length, ($event.target.files[0] || {{}}).webkitRelativePath "
+                                    f"|| '', '{kind}']) : trigger('{upload}', [$event.target.files, "
+                                    "($event.target.files[0] || {}).webkitRelativePath || '', "
+                                    f"'{kind}', Array.from($event.target.files, "
+                                    "(f) => f.webkitRelativePath || '')])"),
                             raw_attrs=(['webkitdirectory', 'data-testid="upload-folder"'] if kind == "folder"
                                        else ['data-testid="upload-file"']),
                         ), v3.Template(v_slot_selection="{ fileNames }"):
@@ -420,10 +428,14 @@ class LiverSAMWebApp:
         upload = field if field in UPLOAD_FIELDS else "file"
         folder = Path(tempfile.mkdtemp(prefix="upload-", dir=self._tmp.name))
         self._uploads_open.add(folder)
-        written = write_uploads(files, folder, relative_paths)
-        names = [Path(f).name for f in written]
         chosen = str(relative_path or "").replace("\\", "/")
         chosen = chosen.split("/")[0] if "/" in chosen else ""  # the folder the reader chose
+        try:  # (more files than a folder typed may hold, or more bytes than the disk has free: nothing written)
+            written = write_uploads(files, folder, relative_paths, upload_subject(len(files), upload, chosen))
+        except InputError as exc:
+            self._upload_refused(str(exc), upload, folder)
+            return
+        names = [Path(f).name for f in written]
         if len(written) == 1 and is_zip(written[0]):
             await self._open_zip(written[0], names[0], folder / "unpacked", upload, folder)
             return
@@ -440,6 +452,13 @@ class LiverSAMWebApp:
         else:
             whose, where, source = "chosen", "", f"{len(names)} uploaded files"
         await self._open_several(written, whose, where, case_stem(chosen or "dicom-series"), source, upload, folder)
+
+    def _on_too_many_files(self, count: int, relative_path: str | None = None, field: str = "file") -> None:
+        """The page chose more files than an upload may hold: they were not sent (each is sent whole)."""
+        upload = field if field in UPLOAD_FIELDS else "file"
+        chosen = str(relative_path or "").replace("\\", "/")
+        chosen = chosen.split("/")[0] if "/" in chosen else ""
+        self._upload_refused(too_many_files_message(upload_subject(int(count), upload, chosen), int(count)), upload)
 
     async def _open_several(self, files: list[str], whose: str, where: str, stem: str, source: str, upload: str,
                             upload_dir: Path | None) -> None:

@@ -25,32 +25,75 @@ HOW_TO_UPLOAD_A_SERIES = ("select all its files at once in the first upload fiel
                           "'Upload a DICOM folder', or upload a .zip of the folder")
 
 
-def write_uploads(files: list[dict], into: str | Path, relative_paths: list[str] | None = None) -> list[str]:
+def upload_subject(count: int, field: str, folder: str = "") -> str:
+    """How a message names an upload: "The uploaded folder 'cd'" (the folder field), "The 3 files chosen"."""
+    if field == "folder" and folder:
+        return f"The uploaded folder '{folder}'"
+    return "The file chosen" if count == 1 else f"The {count:,} files chosen"
+
+
+def too_many_files_message(subject: str, count: int, nothing: str = "Nothing was uploaded.") -> str:
+    """More files uploaded than a folder typed as the path may hold (``MAX_FOLDER_FILES``)."""
+    return (f"{subject}: {count:,} files, more than the {MAX_FOLDER_FILES:,} an upload may hold. {nothing} "
+            f"Upload the folder of one DICOM series (or a .zip of it), or type the folder's path if it is on the app's "
+            "machine.")
+
+
+def write_uploads(files: list[dict], into: str | Path, relative_paths: list[str] | None = None,
+                  subject: str = "The files uploaded") -> list[str]:
     """The page's uploaded ``files`` (trame's file dicts: name, content) written under ``into``, each at its path in
     the folder the reader chose (``relative_paths``, the browser's webkitRelativePath: "cd/DICOM/S2/IM0001") or, with
     none, by its name. A CD-ROM export holds files of one name (IM0001) in each series' folder: written by name, each
     overwrote the one before and two series became one broken one. A path that would leave ``into`` (a ".." or a
-    drive letter in it) is written by its name; a name already written gets " (2)"."""
+    drive letter in it) is written by its name; a name already written gets " (2)".
+
+    InputError (``subject`` names the upload), before anything is written, for more than ``MAX_FOLDER_FILES`` files
+    (as a folder typed) or more bytes than the free space of ``into``'s disk less ``UNPACK_FREE_MARGIN`` (as a .zip
+    unpacked: a large upload filled the disk); and when writing fails (a full disk): ``into`` is removed then."""
     from trame.app.file_upload import ClientFile
 
     into = Path(into)
+    if len(files) > MAX_FOLDER_FILES:
+        shutil.rmtree(into, ignore_errors=True)
+        raise InputError(too_many_files_message(subject, len(files), "Nothing was written."))
+    try:
+        total = sum(_content_size(file) for file in files)
+        _check_free_space(into, total, f"{subject}: {_size(total)} to write", "Nothing was written.")
+    except InputError:
+        shutil.rmtree(into, ignore_errors=True)
+        raise
     written: list[str] = []
-    for index, file in enumerate(files):
-        client = ClientFile(file)
-        given = relative_paths[index] if relative_paths and index < len(relative_paths) else ""
-        parts = PurePosixPath(str(given or "").replace("\\", "/")).parts
-        if not parts or parts[0] == "/" or ".." in parts or any(":" in part for part in parts):
-            parts = (PurePosixPath(str(client.name or "upload").replace("\\", "/")).name or "upload",)
-        target = into.joinpath(*parts)
-        copy = 1
-        while target.exists():
-            copy += 1
-            stem, dot, suffixes = parts[-1].partition(".")
-            target = target.with_name(f"{stem} ({copy}){dot}{suffixes}")  # "ct (2).nii.gz"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(client.content or b"")
-        written.append(target.as_posix())
+    try:
+        for index, file in enumerate(files):
+            client = ClientFile(file)  # (one at a time: a file sent in chunks is joined into one copy here)
+            given = relative_paths[index] if relative_paths and index < len(relative_paths) else ""
+            parts = PurePosixPath(str(given or "").replace("\\", "/")).parts
+            if not parts or parts[0] == "/" or ".." in parts or any(":" in part for part in parts):
+                parts = (PurePosixPath(str(client.name or "upload").replace("\\", "/")).name or "upload",)
+            target = into.joinpath(*parts)
+            copy = 1
+            while target.exists():
+                copy += 1
+                stem, dot, suffixes = parts[-1].partition(".")
+                target = target.with_name(f"{stem} ({copy}){dot}{suffixes}")  # "ct (2).nii.gz"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(client.content or b"")
+            written.append(target.as_posix())
+    except OSError as exc:  # a full disk (space taken meanwhile), a file and a folder of one name: nothing is kept
+        shutil.rmtree(into, ignore_errors=True)
+        what = exc.strerror or str(exc)
+        if getattr(exc, "filename", None):
+            what += f": {Path(exc.filename).name}"
+        raise InputError(f"{subject} could not be written on the app's machine ({what}); nothing of it was kept. "
+                         "Free some space there (or start the app with TMPDIR on a larger disk), or upload a smaller "
+                         "series.") from None
     return written
+
+
+def _content_size(file: dict) -> int:
+    """The bytes of an uploaded file (trame's dict: its content whole or in chunks), without joining its chunks."""
+    content = file.get("content") or b""
+    return sum(len(chunk) for chunk in content) if isinstance(content, list) else len(content)
 
 
 def is_zip(path: str | Path) -> bool:
@@ -78,7 +121,8 @@ def unpack_zip(archive: str | Path, into: str | Path, name: str) -> list[str]:
             if total > MAX_ZIP_BYTES:
                 raise InputError(f"The uploaded archive '{name}' unpacks to {total / 1024**3:.1f} GiB, more than "
                                  f"{MAX_ZIP_BYTES / 1024**3:.0f} GiB: zip the folder of one DICOM series.")
-            _check_free_space(into, total, name)
+            _check_free_space(into, total, f"The uploaded archive '{name}' unpacks to {_size(total)}",
+                              "Nothing was unpacked.")
             targets = []
             for member in members:  # every path checked before any file is written
                 parts = PurePosixPath(member.filename.replace("\\", "/")).parts
@@ -113,10 +157,11 @@ def unpack_zip(archive: str | Path, into: str | Path, name: str) -> list[str]:
     return sorted(written)
 
 
-def _check_free_space(into: Path, total: int, name: str) -> None:
+def _check_free_space(into: Path, total: int, what: str, nothing: str) -> None:
     """InputError, before anything is written, when the disk of ``into`` (or of its nearest existing parent) has
-    less free space than the ``total`` bytes the archive ``name`` declares plus ``UNPACK_FREE_MARGIN``: unpacking it
-    would fill the disk and fail half-way."""
+    less free space than the ``total`` bytes to write plus ``UNPACK_FREE_MARGIN``: writing them would fill the disk
+    and fail half-way. ``what``: "The uploaded archive 'x.zip' unpacks to 3 MiB"; ``nothing``: "Nothing was
+    unpacked."."""
     where = into
     while not where.exists() and where.parent != where:
         where = where.parent
@@ -127,13 +172,14 @@ def _check_free_space(into: Path, total: int, name: str) -> None:
     needed = total + UNPACK_FREE_MARGIN
     if free < needed:
         raise InputError(
-            f"The uploaded archive '{name}' unpacks to {_size(total)}, but the app's machine has only {_size(free)} "
-            f"free in '{where}' (it needs {_size(needed)}: the files and {_size(UNPACK_FREE_MARGIN)} kept free). "
-            "Nothing was unpacked. Free some space there (or start the app with TMPDIR on a larger disk), or upload "
-            "a smaller series.")
+            f"{what}, but the app's machine has only {_size(free)} free in '{where}' (it needs "
+            f"{_size(needed)}: the files and {_size(UNPACK_FREE_MARGIN)} kept free). {nothing} Free some space there "
+            "(or start the app with TMPDIR on a larger disk), or upload a smaller series.")
 
 
 def _size(n_bytes: int) -> str:
+    if n_bytes < 1024**2:
+        return f"{n_bytes / 1024:.0f} KiB"
     return f"{n_bytes / 1024**3:.1f} GiB" if n_bytes >= 1024**3 else f"{n_bytes / 1024**2:.0f} MiB"
 
 
