@@ -8,8 +8,9 @@
   back its own prompt only; a tumour box on a slice without liver says why it gives nothing; a server that goes
   away during a propagation leaves the work as it was and says what to do; several files uploaded together that
   are not DICOM are named as such (not "N DICOM files"), those of a mixture left out and named; a CD-ROM
-  export's folder opens its largest series whole and names the others; an upload of too many files, or larger
-  than the free space, is refused before anything is written.
+  export's folder opens its largest CT series whole, reading that one alone, names and lists the others (why a
+  localiser, a report are not opened first), and another opens from the list after the unexported-work guard; an
+  upload of too many files, or larger than the free space, is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -809,60 +810,126 @@ def test_several_files_that_are_not_dicom_are_not_called_dicom_files(tmp_path):
     asyncio.run(scenario())
 
 
-def test_a_cd_rom_export_opens_its_largest_series_and_names_the_others(tmp_path):
+def test_a_cd_rom_export_opens_its_largest_series_and_names_the_others(tmp_path, monkeypatch):
     """A CD-ROM export's folder (DICOMDIR, files without extension, IM0001... in each series' folder) uploaded in the
     folder field: the files were written by name only, so series 2's IM0001 overwrote series 1's and the two series
     became one broken one (16 slices, "two slices at the same position"). Each file is now written at its path in
-    the folder; the largest series opens, the page names it and the series not opened (so does a folder typed); the
-    DICOMDIR is not named among the files left out, AUTORUN.INF is."""
+    the folder; the largest CT series opens, and it alone is read (every series was read, pixels and all, to keep
+    the largest); the page names it and the series not opened, with why a localiser, a 2-image series and a dose
+    report are not opened first, and lists them (so does a folder typed, which names its files that are not
+    DICOM); the DICOMDIR is not named among the files left out, AUTORUN.INF is."""
     from web_page import cd_export
 
-    root = cd_export(tmp_path / "cd")
+    from liversam_web import mrml_scene
+
+    root = cd_export(tmp_path / "cd", extra_series=True)
     paths = sorted(p for p in root.rglob("*") if p.is_file())
     files = [{"name": p.name, "content": p.read_bytes()} for p in paths]
     relative = [f"cd/{p.relative_to(root).as_posix()}" for p in paths]
     app = new_app(FakeServer())
+    read: list[list[str]] = []  # the files each read of pixels was given
+    load_volumes = mrml_scene._load_volumes
+    monkeypatch.setattr(mrml_scene, "_load_volumes", lambda slicer_app, names: read.append(names) or
+                        load_volumes(slicer_app, names))
 
     async def scenario():
         await app._on_upload(files, relative[0], "folder", relative)
         await settle(app)
         assert not app.state.error, app.state.error
         assert app.content.shape_kji == (12, 512, 512) and not app.content.dicom.irregular
+        assert [Path(f).parent.name for f in read[-1]] == ["S1"] * 12, read  # series 1 alone was read
         assert app.state.ct_name == "12 DICOM files of series 1 'Abdomen S1' in cd"
         status = app.state.status
-        assert ("Of the 2 DICOM series read, the largest was opened: series 1 'Abdomen S1' (12 files). Not opened: "
-                "series 2 'Abdomen S2' (8 files, 512 x 512 x 8). To open another, upload its own folder") in status
+        assert ("Of the 5 DICOM series found, the largest CT series was opened: series 1 'Abdomen S1' (12 files). "
+                "Not opened: series 2 'Abdomen S2' (8 files, 512 x 512 x 8); series 4 'Bolus tracking' (2 files, "
+                "512 x 512 x 2; only 2 images, likely a localiser or a dose screen); series 3 'Topogram' (1 file; "
+                "localiser (scout) images only); series 997 'Dose Report' (1 file; SR: a report (e.g. a dose "
+                "report), no image). To open another, choose it in the series list (section 1).") in status, status
         assert "1 file that is not DICOM ('AUTORUN.INF') left out." in status and "DICOMDIR" not in status, status
         assert app.content.dicom.folder.endswith("/cd/DICOM/S1") and app.content.dicom.num_files == 12
+        rows = app.state.series_rows
+        assert [(r["number"], r["description"], r["images"], r["modality"], r["openable"], r["shown"]) for r in rows] \
+            == [("1", "Abdomen S1", 12, "CT", True, True), ("2", "Abdomen S2", 8, "CT", True, False),
+                ("4", "Bolus tracking", 2, "CT", True, False), ("3", "Topogram", 1, "CT", False, False),
+                ("997", "Dose Report", 1, "SR", False, False)]
+        assert rows[4]["why"] == "SR: a report (e.g. a dose report), no image" and not rows[0]["why"]
 
-        await app._open_path(str(root))  # typed: the same series, the other one named
+        await app._open_path(str(root))  # typed: the same series, the others named, and the file that is not DICOM
         await settle(app)
-        assert app.state.ct_name == "cd" and "Not opened: series 2 'Abdomen S2' (8 files" in app.state.status
+        assert app.state.ct_name == "cd: series 1 'Abdomen S1'", app.state.ct_name
+        assert "Not opened: series 2 'Abdomen S2' (8 files" in app.state.status
+        assert "1 file that is not DICOM ('AUTORUN.INF') left out." in app.state.status, app.state.status
+        assert len(app.state.series_rows) == 5
 
     asyncio.run(scenario())
 
 
-def test_a_ct_in_a_zip_held_back_for_unexported_work_is_told_to_be_uploaded_again(tmp_path):
-    """The CT file in an uploaded .zip, held back once for the unexported work, was told to "press Open again" (its
-    description did not start with "The uploaded"): there is no Open to press for an upload."""
-    import zipfile
+def test_another_series_of_the_files_opens_from_the_list_after_the_unexported_work_guard(tmp_path):
+    """The series not opened were named, with "upload its own folder (or type its path)" to open one: the radiologist
+    who wanted the other phase uploaded again. A series of the list opens from the same files (its pixels alone
+    read), named and listed as the first; unexported work is guarded as for any CT (said once, "choose it again");
+    a series that holds no image cannot be opened."""
+    from web_page import cd_export
 
+    root = cd_export(tmp_path / "cd", extra_series=True)
+    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    relative = [f"cd/{p.relative_to(root).as_posix()}" for p in paths]
     app = new_app(FakeServer())
-    archive = tmp_path / "one.zip"
-    with zipfile.ZipFile(archive, "w") as zipped:
-        zipped.write(write_nrrd(tmp_path / "other.nrrd", synthetic_ct(), DIRECTIONS["ras"]), "other.nrrd")
 
     async def scenario():
-        await open_ct(app, write_nrrd(tmp_path / "ct.nrrd", synthetic_ct(), DIRECTIONS["lps"]))
+        await app._on_upload([{"name": p.name, "content": p.read_bytes()} for p in paths], relative[0], "folder",
+                             relative)
+        await settle(app)
+        upload = app._shown_upload
         app._jump(5)
-        drag_box(app, (8, 16, 5), (20, 30, 5))
+        drag_box(app, (100, 100, 5), (300, 300, 5))
         await settle(app)
         assert app._unexported_work()
-        await app._open_zip(str(archive), "one.zip", tmp_path / "out", "file")
+        second = next(r["key"] for r in app.state.series_rows if r["description"] == "Abdomen S2")
+        await app._open_series(second)
         await settle(app)
-        assert "drops it: export it first (section 6), or upload it again to discard it" in app.state.error, \
-            app.state.error
-        assert app.state.ct_name == "ct.nrrd"
+        assert ("opening 8 DICOM files of series 2 'Abdomen S2' in cd drops it: export it first (section 6), or choose "
+                "it again in the series list to discard it.") in app.state.error, app.state.error
+        assert app.content.shape_kji[0] == 12
+
+        await app._open_series(second)  # again: the work is discarded
+        await settle(app)
+        assert not app.state.error, app.state.error
+        assert app.content.shape_kji == (8, 512, 512) and app.content.dicom.folder.endswith("/cd/DICOM/S2")
+        assert app.state.ct_name == "8 DICOM files of series 2 'Abdomen S2' in cd"
+        assert ("Of the 5 DICOM series found, series 2 'Abdomen S2' (8 files) was opened, as chosen. Not opened: "
+                "series 1 'Abdomen S1' (12 files, 512 x 512 x 12);") in app.state.status, app.state.status
+        assert [r["shown"] for r in app.state.series_rows] == [False, True, False, False, False]
+        assert app._shown_upload == upload and upload.is_dir()  # the upload stays: the SEG references it
+
+        report = next(r["key"] for r in app.state.series_rows if r["modality"] == "SR")
+        await app._open_series(report)
+        assert app.state.error == ("Series 997 'Dose Report' cannot be opened as a CT: SR: a report (e.g. a dose "
+                                   "report), no image."), app.state.error
+        assert app.content.shape_kji[0] == 8
+
+    asyncio.run(scenario())
+
+
+def test_a_ct_series_is_opened_first_before_a_larger_series_of_another_modality(tmp_path):
+    """Of an MR series of 12 images and a CT series of 8, the larger (the MR) was opened and refused as no CT in
+    Hounsfield units; the CT series opens first now, the MR one is listed as not CT."""
+    import pydicom
+    from web_page import cd_export
+
+    root = cd_export(tmp_path / "cd")
+    for path in (root / "DICOM" / "S1").iterdir():
+        header = pydicom.dcmread(path)
+        header.Modality = "MR"
+        header.save_as(path)
+    app = new_app(FakeServer())
+
+    async def scenario():
+        await app._open_path(str(root))
+        await settle(app)
+        assert not app.state.error, app.state.error
+        assert app.content.shape_kji == (8, 512, 512) and app.state.ct_name == "cd: series 2 'Abdomen S2'"
+        assert "series 1 'Abdomen S1' (12 files, 512 x 512 x 12; modality MR, not CT)" in app.state.status
 
     asyncio.run(scenario())
 
@@ -902,5 +969,30 @@ def test_an_upload_of_too_many_files_or_larger_than_the_free_space_is_refused_an
                                 "in "), error
         assert "Nothing was written. Free some space there" in error, error
         assert not list(tmp.glob("upload-*")) and app.content is None
+
+    asyncio.run(scenario())
+
+
+def test_a_ct_in_a_zip_held_back_for_unexported_work_is_told_to_be_uploaded_again(tmp_path):
+    """The CT file in an uploaded .zip, held back once for the unexported work, was told to "press Open again" (its
+    description did not start with "The uploaded"): there is no Open to press for an upload."""
+    import zipfile
+
+    app = new_app(FakeServer())
+    archive = tmp_path / "one.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.write(write_nrrd(tmp_path / "other.nrrd", synthetic_ct(), DIRECTIONS["ras"]), "other.nrrd")
+
+    async def scenario():
+        await open_ct(app, write_nrrd(tmp_path / "ct.nrrd", synthetic_ct(), DIRECTIONS["lps"]))
+        app._jump(5)
+        drag_box(app, (8, 16, 5), (20, 30, 5))
+        await settle(app)
+        assert app._unexported_work()
+        await app._open_zip(str(archive), "one.zip", tmp_path / "out", "file")
+        await settle(app)
+        assert "drops it: export it first (section 6), or upload it again to discard it" in app.state.error, \
+            app.state.error
+        assert app.state.ct_name == "ct.nrrd"
 
     asyncio.run(scenario())

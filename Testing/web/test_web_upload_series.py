@@ -5,7 +5,9 @@
 - every file of the series chosen at once in the file field opens the series (a DICOM SEG can reference it);
 - a .zip of the series' folder opens the series; a .zip holding a path outside its folder is refused;
 - a CD-ROM export's folder (two series, files of one name in each series' folder) chosen in the folder field opens
-  its larger series whole, named, and names the other (the files overwrote each other: one broken series).
+  its larger series whole, named, and names the other (the files overwrote each other: one broken series); the
+  page lists the upload's series (a localiser, a 2-image series and a dose report too, with why they are not
+  opened first), and a click on the other phase opens it from the same upload (it had to be uploaded again).
 Real data: the TotalSegmentator 20-slice CT series (512 x 512 x 20).
 """
 
@@ -70,8 +72,8 @@ def test_a_dicom_series_uploaded_as_its_files_or_a_zip(page, tmp_path):
     assert header(page) == "20 DICOM files in ct_dicom.zip"
 
 
-def test_a_cd_rom_export_folder_opens_its_largest_series_whole(page, tmp_path):
-    cd_export(tmp_path / "cd")
+def test_a_cd_rom_export_folder_opens_its_largest_series_whole_and_another_from_the_list(page, tmp_path):
+    cd_export(tmp_path / "cd", extra_series=True)
     dismiss_error(page)  # (the page is shared: an earlier test's refusal)
     page.get_by_test_id("upload-folder").locator("input[type=file]").set_input_files(str(tmp_path / "cd"))
     status = wait_status(page, r"Opened 12 DICOM files of series 1 'Abdomen S1' in cd \(512 x 512 x 12\)",
@@ -79,3 +81,20 @@ def test_a_cd_rom_export_folder_opens_its_largest_series_whole(page, tmp_path):
     assert "Not opened: series 2 'Abdomen S2' (8 files, 512 x 512 x 8)" in status, status
     assert "regular grid" not in status, status
     assert header(page) == "12 DICOM files of series 1 'Abdomen S1' in cd"
+
+    # the series list: every series of the upload, the one shown marked, why the others were not opened first
+    rows = page.get_by_test_id("series-row")
+    expect(rows).to_have_count(5, timeout=10_000)
+    assert [rows.nth(n).locator("td").first.inner_text().strip() for n in range(5)] == ["1", "2", "4", "3", "997"]
+    assert "(shown)" in rows.nth(0).inner_text()
+    assert "SR: a report (e.g. a dose report), no image" in rows.nth(4).inner_text()
+    expect(rows.nth(4)).to_be_disabled()  # a dose report is no CT (aria-disabled; a click does nothing)
+    expect(rows.nth(1)).to_be_enabled()
+
+    rows.nth(1).click()  # the other phase, from the same upload
+    status = wait_status(page, r"Opened 8 DICOM files of series 2 'Abdomen S2' in cd \(512 x 512 x 8\)",
+                         timeout=120_000)
+    assert "series 2 'Abdomen S2' (8 files) was opened, as chosen" in status, status
+    assert header(page) == "8 DICOM files of series 2 'Abdomen S2' in cd"
+    expect(rows.nth(1)).to_contain_text("(shown)", timeout=10_000)
+    expect(page.get_by_test_id("export-dicomseg")).to_be_enabled(timeout=10_000)  # the series' files are kept

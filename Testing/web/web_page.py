@@ -61,23 +61,43 @@ def folder_without_series(path: Path) -> Path:
     return path
 
 
-def cd_export(root: Path) -> Path:
+def cd_export(root: Path, extra_series: bool = False) -> Path:
     """A CD-ROM export's layout, from the TotalSegmentator series (20 slices): ``root``/DICOMDIR (the CD's index),
     AUTORUN.INF, DICOM/S1/IM0001..IM0012 (series 1 'Abdomen S1') and DICOM/S2/IM0001..IM0008 (series 2 'Abdomen S2'):
-    files without extension, of the same names in both series' folders."""
+    files without extension, of the same names in both series' folders. ``extra_series``: also what a CT study's CD
+    holds beside its volumes: S3, a localiser image tagged LOCALIZER (series 3 'Topogram'); S4, two images of no
+    volume (series 4 'Bolus tracking'); S5, a dose report (series 997 'Dose Report', an SR object, no pixels)."""
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
     slices = sorted((DATA / "totalseg_small" / "ct_dicom").iterdir())
-    for number, files in ((1, slices[:12]), (2, slices[12:])):
-        folder = root / "DICOM" / f"S{number}"
+    series = [(1, "Abdomen S1", slices[:12], None), (2, "Abdomen S2", slices[12:], None)]
+    if extra_series:
+        series += [(3, "Topogram", slices[:1], ["ORIGINAL", "PRIMARY", "LOCALIZER"]),
+                   (4, "Bolus tracking", slices[5:7], None)]
+    for folder_index, (number, description, files, image_type) in enumerate(series, start=1):
+        folder = root / "DICOM" / f"S{folder_index}"
         folder.mkdir(parents=True)
         uid = generate_uid()
         for index, path in enumerate(files, start=1):
             header = pydicom.dcmread(path)
-            header.SeriesInstanceUID, header.SeriesNumber, header.SeriesDescription = uid, number, f"Abdomen S{number}"
+            header.SeriesInstanceUID, header.SeriesNumber, header.SeriesDescription = uid, number, description
+            if image_type:
+                header.ImageType = image_type
+            header.SOPInstanceUID = header.file_meta.MediaStorageSOPInstanceUID = generate_uid()
             header.save_as(folder / f"IM{index:04d}")
+    if extra_series:  # an SR dose report: a DICOM object of the study with no image
+        first = pydicom.dcmread(slices[0], stop_before_pixels=True)
+        report = Dataset()
+        report.file_meta = FileMetaDataset()
+        report.file_meta.MediaStorageSOPClassUID = report.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.67"
+        report.file_meta.MediaStorageSOPInstanceUID = report.SOPInstanceUID = generate_uid()
+        report.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        report.Modality, report.SeriesNumber, report.SeriesDescription = "SR", 997, "Dose Report"
+        report.SeriesInstanceUID, report.StudyInstanceUID = generate_uid(), first.StudyInstanceUID
+        (root / "DICOM" / "S5").mkdir()
+        report.save_as(root / "DICOM" / "S5" / "IM0001", enforce_file_format=True)
     index = Dataset()  # a DICOMDIR's file meta and no SOP Class UID of a series' object (its records left out here)
     index.file_meta = FileMetaDataset()
     index.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,13 @@ from vtkmodules.vtkCommonCore import vtkCommand
 from .export_names import case_stem, case_title, export_names
 from .mrml_scene import (
     MAX_FOLDER_FILES,
+    MIN_VOLUME_IMAGES,
+    DicomSource,
     InputError,
     SceneContent,
+    SeriesChoice,
     dicom_file_series,
+    dicom_series_choices,
     list_input_files,
     load_ct_with_source,
     remove_volume,
@@ -85,6 +90,65 @@ PREFETCH_RADIUS = 2
 
 
 
+@dataclass(frozen=True)
+class SeriesOrigin:
+    """The files a CT of several DICOM series was opened from (an upload, a folder typed), kept so that another of
+    their series opens from the page's series list without uploading again, named and exported as the first was."""
+
+    files: tuple[str, ...]
+    choices: tuple[SeriesChoice, ...]
+    whose: str  # "of the uploaded folder 'cd'", "in the folder '/data/cd'": "The DICOM series 2 'X' " + whose
+    display_name: str
+    stem: str | None
+    source: str
+    note: str  # the upload's files left out (not DICOM)
+    uploaded: bool
+
+
+def _first_upper(text: str) -> str:
+    """"series 2 'Abdomen'" -> "Series 2 'Abdomen'" (str.capitalize lowers the rest: 'abdomen')."""
+    return text[:1].upper() + text[1:]
+
+
+def series_display_name(display_name: str, n_files: int, num_files: int, label: str) -> str:
+    """The name of one series of several files: "20 DICOM files in cd" uploaded, "12 DICOM files of series 1 'Abdomen
+    1.0' in cd" shown; a folder typed, "cd": "cd: series 1 'Abdomen 1.0'"."""
+    many = f"{n_files} DICOM files"
+    if many in display_name:
+        return display_name.replace(many, f"{num_files} DICOM files of {label}", 1)
+    return f"{display_name}: {label}"
+
+
+def series_note(dicom: DicomSource, as_chosen: bool, of_file_typed: bool) -> str:
+    """The status line's words on the DICOM series found beside the one opened: which was opened and why, the
+    others (why each is not opened first), and how to open another (the page's series list)."""
+    others = "; ".join(dicom.other_series[:6]) + (f"; and {len(dicom.other_series) - 6} more"
+                                                  if len(dicom.other_series) > 6 else "")
+    opened = f"{dicom.label} ({dicom.num_files} files)"
+    if len(dicom.series) <= 1:  # one series holding parts of another acquisition or orientation
+        return (f"Of the images of {dicom.label}, the largest volume was opened ({dicom.num_files} files); set aside: "
+                f"{others}. ")
+    if as_chosen:
+        how = f"{opened} was opened, as chosen"
+    elif of_file_typed:
+        how = f"the one of the file typed was opened: {opened}"
+    elif dicom.chosen is not None and dicom.chosen.why_not:
+        how = (f"none is a CT series of {MIN_VOLUME_IMAGES} images or more; the first image series was opened: "
+               f"{opened}: {dicom.chosen.why_not}")
+    else:
+        how = f"the largest CT series was opened: {opened}"
+    return (f"Of the {len(dicom.series)} DICOM series found, {how}. Not opened: {others}. To open another, choose it "
+            "in the series list (section 1). ")
+
+
+def series_rows(choices: tuple[SeriesChoice, ...], shown: SeriesChoice | None) -> list[dict]:
+    """The page's series list: each series' number, description, images, modality, why it is not opened first."""
+    return [{"key": c.key, "number": "" if c.number is None else str(c.number),
+             "description": c.description or "(no description)", "images": c.images, "modality": c.modality or "?",
+             "why": c.why_not, "openable": c.openable, "shown": shown is not None and c.key == shown.key}
+            for c in choices]
+
+
 class LiverSAMWebApp:
     """One page, one user: the CT, its server session and the workflow state live on this process."""
 
@@ -119,6 +183,7 @@ class LiverSAMWebApp:
         # references it); every other one is removed once an open ends (they stayed until the app ended)
         self._uploads_open: set[Path] = set()
         self._shown_upload: Path | None = None
+        self._series_origin: SeriesOrigin | None = None  # the CT shown's files, when they hold several series
 
         self.state.update({
             "trame__title": "LiverSAM",
@@ -127,6 +192,7 @@ class LiverSAMWebApp:
             "ct_name": "",
             "ct_source": "",
             "upload_keys": {"file": 0, "folder": 0},  # a new key empties that upload field
+            "series_rows": [],  # the DICOM series of the CT shown's files, when they hold several (series_rows)
             "has_ct": False,
             "has_dicom": False,
             "dicom_note": DICOM_SEG_NOTE,
@@ -184,6 +250,38 @@ class LiverSAMWebApp:
                     mouseleave=f"probe && trigger('{left}')"):
                 self.layout_manager.initialize_layout_grid(self.ui)
 
+    def _build_series_list(self) -> None:
+        """The DICOM series of the CT shown's files when they hold several (a CD-ROM export, a study's folder): each
+        one's number, description, images and modality, the one shown marked, why the others were not opened first
+        (not CT, a report, a localiser); a click on another opens it (the unexported-work guard as for any CT)."""
+        choose = self.server.trigger_name(self.open_series)
+        with html.Div(v_if="series_rows.length > 1", classes="mt-2", raw_attrs=['data-testid="series-list"']):
+            html.Div("DICOM series in these files (click one to open it instead)", classes="text-caption")
+            with html.Div(style="max-height: 200px; overflow-y: auto; overflow-x: hidden"), \
+                    v3.VTable(density="compact", style="table-layout: fixed; width: 100%"):
+                with html.Colgroup():
+                    for width in ("12%", "44%", "21%", "23%"):
+                        html.Col(style=f"width: {width}")
+                with html.Thead(), html.Tr():
+                    for title in ("#", "description", "images", "modality"):
+                        html.Th(title, style=CELL)
+                with html.Tbody():
+                    with html.Tr(v_for="row in series_rows", key="row.key",
+                                 click=(f"row.openable && !row.shown && !busy && !job_running && "
+                                        f"trigger('{choose}', [row.key])"),
+                                 style=("{ cursor: row.openable && !row.shown ? 'pointer' : 'default' }",),
+                                 classes=("{ 'text-primary font-weight-bold': row.shown, "
+                                          "'text-medium-emphasis': !row.openable }",),
+                                 raw_attrs=['data-testid="series-row"', ':aria-current="row.shown"',
+                                            ':aria-disabled="!row.openable"']):
+                        html.Td("{{ row.number }}", style=CELL)
+                        with html.Td(style=CELL):
+                            html.Span("{{ row.description }}{{ row.shown ? ' (shown)' : '' }}")
+                            html.Div("{{ row.why }}", v_if="row.why", classes="text-caption text-warning",
+                                     raw_attrs=['data-testid="series-why"'])
+                        html.Td("{{ row.images }}", style=CELL)
+                        html.Td("{{ row.modality }}", style=CELL)
+
     def _build_panel(self) -> None:
         with html.Div(classes="pa-3 d-flex flex-column ga-3"):
             # The messages, and a running job's progress and Cancel, stay at the top of the panel however far it is
@@ -239,6 +337,7 @@ class LiverSAMWebApp:
                                       "{{ fileNames.length > 1 ? fileNames.length + ' files' : fileNames.join(', ') }}",
                                       style="display: block; min-width: 0; max-width: 100%; white-space: nowrap; "
                                             "overflow: hidden; text-overflow: ellipsis")
+                self._build_series_list()
             # ---- view
             with v3.VCard(title="2. View", density="compact", v_if="has_ct"), v3.VCardText():
                 with html.Div(classes="d-flex flex-wrap ga-1"):
@@ -371,6 +470,7 @@ class LiverSAMWebApp:
                     )
                 html.Div("{{ dicom_note }}", v_if="!has_dicom", classes="text-caption", raw_attrs=['data-testid="dicomseg-note"'])
         self.ctrl.open_path = self.open_path
+        self.ctrl.open_series = self.open_series
         self.ctrl.go_to_slice = self.go_to_slice
         self.ctrl.clear_slice = self.clear_slice
         self.ctrl.undo = self.undo
@@ -409,10 +509,17 @@ class LiverSAMWebApp:
         full = Path(path).expanduser().absolute()  # "ct.nii.gz" typed in lits117's folder is lits117's
         if series is not None:
             await self._open_files(series, f"The DICOM series of '{path}'", case_title(str(full.parent)),
-                                   case_stem(str(full.parent)), source=str(full.parent), series_of=str(full))
+                                   case_stem(str(full.parent)), source=str(full.parent), series_of=str(full),
+                                   whose=f"in the folder '{full.parent}'")
             return
+        note = ""
+        if len(files) > 1:  # a folder: its DICOM files are opened and the others named, as an upload's
+            dicom, others = await self._split_dicom(files, f"Reading the {len(files)} files of '{path}' ...")
+            if dicom:
+                files, note = dicom, left_out_note(others)
         what = f"'{path}'" if len(files) == 1 else f"The folder '{path}'"
-        await self._open_files(files, what, case_title(str(full)), case_stem(str(full)), source=str(full))
+        await self._open_files(files, what, case_title(str(full)), case_stem(str(full)), source=str(full), note=note,
+                               whose=f"in the folder '{path}'")
 
     async def _on_upload(self, files: list[dict], relative_path: str | None = None, field: str = "file",
                          relative_paths: list[str] | None = None) -> None:
@@ -460,6 +567,20 @@ class LiverSAMWebApp:
         chosen = chosen.split("/")[0] if "/" in chosen else ""
         self._upload_refused(too_many_files_message(upload_subject(int(count), upload, chosen), int(count)), upload)
 
+    async def _split_dicom(self, files: list[str], reading: str) -> tuple[list[str], list[str]]:
+        """(the DICOM files, the others) of ``files``, read in a worker thread with ``reading`` on the status line
+        (unless a step runs: the open that follows says to wait)."""
+        idle = not (self.state.busy or self.state.job_running)
+        shown = self.state.status
+        if idle:
+            self._set_busy(reading)
+        try:
+            return await asyncio.to_thread(split_dicom_files, files)
+        finally:
+            if idle:
+                self._set_busy("")
+                self.state.status = shown
+
     async def _open_several(self, files: list[str], whose: str, where: str, stem: str, source: str, upload: str,
                             upload_dir: Path | None) -> None:
         """Several uploaded files (chosen together, a folder's or a .zip's; ``whose``: "chosen", "of the uploaded
@@ -467,14 +588,7 @@ class LiverSAMWebApp:
         others named on the status line. None DICOM: what they are and what to do (several CT files: one at a time),
         but a MetaImage / detached NRRD header chosen with its data file opens. (All were "N DICOM files", and of
         several NIfTI files the largest opened, named so.)"""
-        idle = not (self.state.busy or self.state.job_running)  # (else the open below says to wait)
-        shown = self.state.status
-        if idle:
-            self._set_busy(f"Reading the {len(files)} files uploaded ...")
-        dicom, others = await asyncio.to_thread(split_dicom_files, files)
-        if idle:
-            self._set_busy("")
-            self.state.status = shown
+        dicom, others = await self._split_dicom(files, f"Reading the {len(files)} files uploaded ...")
         if not dicom:
             header = single_image_header(files)
             if header is not None:  # ct.mhd chosen with its ct.raw: the header reads both
@@ -486,7 +600,8 @@ class LiverSAMWebApp:
             return
         create_task(self._open_files(dicom, f"The {len(dicom)} DICOM files {whose}", f"{len(dicom)} DICOM files{where}",
                                      stem, source=source, upload=upload, upload_dir=upload_dir,
-                                     note=left_out_note(others)))
+                                     note=left_out_note(others),
+                                     whose="of the files chosen" if whose == "chosen" else whose))
 
     async def _open_zip(self, archive: str, name: str, into: Path, upload: str, upload_dir: Path | None = None) -> None:
         """An uploaded .zip: its files unpacked and opened as a folder (a DICOM series) or, one file, as that file.
@@ -539,16 +654,18 @@ class LiverSAMWebApp:
 
     async def _open_files(self, files: list[str], what: str, display_name: str, stem: str | None = None,
                           source: str = "", upload: str = "", series_of: str | None = None,
-                          upload_dir: Path | None = None, note: str = "") -> None:
+                          upload_dir: Path | None = None, note: str = "", whose: str = "") -> None:
         """Open a CT from ``files`` (one image file or a DICOM series); ``display_name`` names it on the page (its
         header, messages), ``stem`` its exports (default: after the file, or the files' folder); ``source``: where
         it came from (the header's tooltip); ``upload``: the upload field it came from ("" for a path); ``series_of``:
         the DICOM file typed, whose series among ``files`` is opened; ``note``: said on the status line once it opened
-        (files of the upload left out).
+        (files of the upload left out); ``whose``: where the files are, to name another of their series ("of the
+        uploaded folder 'cd'"), when they hold several.
 
         The upload fields show only the files of the CT shown: the others are emptied once a CT opens, and the field
         of an upload that opened nothing too (so that the same files can be chosen again: "upload it again")."""
-        opened = await self._open_files_now(files, what, display_name, stem, source, series_of, bool(upload), note)
+        opened = await self._open_files_now(files, what, display_name, stem, source, series_of, bool(upload), note,
+                                            whose=whose)
         if opened:
             self._shown_upload = upload_dir  # (None: a path opened, no upload is shown any more)
         if upload_dir is not None:
@@ -563,8 +680,15 @@ class LiverSAMWebApp:
                                           for field, key in self.state.upload_keys.items()}
 
     async def _open_files_now(self, files: list[str], what: str, display_name: str, stem: str | None,
-                              source: str, series_of: str | None, uploaded: bool = False, note: str = "") -> bool:
-        """``_open_files`` without the upload fields: True when the CT opened."""
+                              source: str, series_of: str | None, uploaded: bool = False, note: str = "",
+                              choices: tuple[SeriesChoice, ...] | None = None, chosen: SeriesChoice | None = None,
+                              whose: str = "", again: str = "") -> bool:
+        """``_open_files`` without the upload fields: True when the CT opened. ``choices``: the DICOM series of
+        ``files`` when known (else read from their headers here), ``chosen``: the one to open (else the first);
+        ``again``: what to do to discard unexported work ("choose it again")."""
+        stem_given, base_name = stem, display_name
+        if chosen is not None:  # named as the series in every message ("8 DICOM files of series 2 'X' in cd")
+            display_name = series_display_name(display_name, len(files), len(chosen.files), chosen.label)
         if stem is None:
             stem = case_stem(files[0] if len(files) == 1 else os.path.commonpath([str(Path(f).parent) for f in files]))
         if self.state.busy or self.state.job_running:
@@ -574,9 +698,12 @@ class LiverSAMWebApp:
         self._set_busy(f"Opening {display_name} ...")
         new_content: SceneContent | None = None
         try:
+            if choices is None and chosen is None and len(files) > 1:
+                # the series from their headers, in a worker thread (the page stays live); only one is then read
+                choices = tuple(await asyncio.to_thread(dicom_series_choices, files))
             # read and checked before the open case's work is held back for: a file that is no CT (a missing path,
             # a text file, a 2D image, a folder with no series) gets its own message at once, not on a second press
-            volume, dicom = load_ct_with_source(self.slicer_app, files, what, series_of)
+            volume, dicom = load_ct_with_source(self.slicer_app, files, what, series_of, choices, chosen)
         except InputError as exc:
             self._not_opened(str(exc), shown)
             return False
@@ -586,7 +713,7 @@ class LiverSAMWebApp:
             remove_volume(self.slicer_app.scene, volume)
             self._discard_asked = asked
             # (a DICOM folder opened by its path was told to "upload it again")
-            again = "upload it again" if uploaded else "press Open again"
+            again = again or ("upload it again" if uploaded else "press Open again")
             self._not_opened(f"The segmentation of {self.state.ct_name} has changed since it was last exported, and "
                              f"opening {display_name} drops it: export it first (section 6), or {again} to discard "
                              "it.", shown)
@@ -616,20 +743,46 @@ class LiverSAMWebApp:
             create_task(asyncio.to_thread(old_workflow.close))
         if old_content is not None:
             old_content.remove()
+        listed = dicom.series if dicom is not None else ()
+        self._series_origin = None
+        if len(listed) > 1:  # the reader can open another of the files' series from the page's list
+            self._series_origin = SeriesOrigin(tuple(files), tuple(listed), whose or f"in {base_name}", base_name,
+                                               stem_given, source, note, uploaded)
         series = f"The DICOM series of {Path(series_of).name}, read from its folder. " if series_of else ""
         if dicom is not None and dicom.other_series:  # a CD-ROM export's folder: the reader is told which one
-            count = len(dicom.other_series) + 1
-            # "20 DICOM files in cd" uploaded: "12 DICOM files of series 1 'Abdomen 1.0' in cd" shown
-            display_name = display_name.replace(f"{len(files)} DICOM files",
-                                                f"{dicom.num_files} DICOM files of {dicom.label}", 1)
-            series += (f"Of the {count} DICOM series read, the largest was opened: {dicom.label} ({dicom.num_files} "
-                       f"files). Not opened: {'; '.join(dicom.other_series[:6])}"
-                       + (f"; and {len(dicom.other_series) - 6} more" if len(dicom.other_series) > 6 else "")
-                       + ". To open another, upload its own folder "
-                       "(or type its path). ")
+            if chosen is None:
+                display_name = series_display_name(display_name, len(files), dicom.num_files, dicom.label)
+            series += series_note(dicom, chosen is not None, series_of is not None)
         self._show_new_case(display_name, stem, source or display_name, series + note)
+        with self.state:
+            self.state.series_rows = series_rows(tuple(listed), dicom.chosen) if len(listed) > 1 else []
         self._set_busy("")
         return True
+
+    def open_series(self, key: str | None = None, *_args) -> None:
+        """Open another DICOM series of the CT shown's files (the page's series list)."""
+        create_task(self._open_series(str(key)))
+
+    async def _open_series(self, key: str) -> None:
+        """The series ``key`` of the CT shown's files, opened as the first was (the same name, exports and notes),
+        after the same unexported-work guard as any other CT ("choose it again" to discard the work)."""
+        origin = self._series_origin
+        chosen = next((c for c in origin.choices if c.key == key), None) if origin is not None else None
+        if origin is None or chosen is None:
+            self._error("That series is not among the files of the CT shown: upload (or open) its files again.")
+            return
+        if not chosen.openable:
+            self._error(f"{_first_upper(chosen.label)} cannot be opened as a CT: "
+                        f"{chosen.why_not or 'it holds one image, no volume'}.")
+            return
+        shown = self.content.dicom.chosen if self.content is not None and self.content.dicom is not None else None
+        if shown is not None and shown.key == chosen.key:
+            self._status(f"{_first_upper(chosen.label)} is the series shown.")
+            return
+        await self._open_files_now(list(origin.files), f"The DICOM {chosen.label} {origin.whose}", origin.display_name,
+                                   origin.stem, origin.source, None, origin.uploaded, origin.note,
+                                   choices=origin.choices, chosen=chosen, whose=origin.whose,
+                                   again="choose it again in the series list")
 
     def _not_opened(self, message: str, status: str) -> None:
         """Nothing opened: the message, and the status line as it was before "Opening ..." (the open case's)."""

@@ -6,6 +6,8 @@ volume node's IJKToRAS matrix maps them to RAS. Files are written in LPS by Slic
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,7 @@ from .workflow import SEGMENTS, SlicePrompts
 if TYPE_CHECKING:
     from liversam.axial_orientation import AxialReorientation
 
+logger = logging.getLogger("liversam_web")
 SEGMENT_COLORS = {"liver": (0.86, 0.47, 0.35), "tumor": (0.35, 0.85, 0.35)}
 MAX_FOLDER_FILES = 20000
 MIN_AIR_HU = -300.0  # a CT of the abdomen has air (about -1000 HU) around and inside the body
@@ -131,9 +134,117 @@ class DicomSource:
     # reader then interpolates them onto a regular grid, so the CT shown is not the series' images one to one
     irregular: str = ""
     label: str = ""  # "series 3 'Abdomen 1.0 B30f'": how the page names it among others
-    # the other DICOM series (or parts of one: another acquisition, orientation) among the files read, set aside
-    # for this, the largest: "series 2 'Topogram' (1 file, 512 x 512 x 1)"
+    # the other DICOM series (or parts of one: another acquisition, orientation) among the files given, set aside
+    # for this one: "series 2 'Topogram' (1 file, 512 x 512 x 1; only 1 image, likely a localiser or a dose screen)"
     other_series: tuple[str, ...] = ()
+    # every DICOM series among the files given (headers only), the default first, and the one read: the page lists
+    # them so that another can be opened without uploading again
+    series: tuple[SeriesChoice, ...] = ()
+    chosen: SeriesChoice | None = None
+
+
+# fewer images than this: a localiser (scout), a dose screen or a key image, never opened first when a series with
+# more is there (the core sets aside up to 3 images of another orientation in a series: liversam.dicom_series)
+MIN_VOLUME_IMAGES = 4
+# what a DICOM object that holds no image is, for the series list ("SR: a report (e.g. a dose report), no image")
+_NON_IMAGE_KINDS = {"SEG": "a segmentation", "RTSTRUCT": "a structure set", "SR": "a report (e.g. a dose report)",
+                    "PR": "a presentation state", "KO": "a key-image note", "DOC": "a document",
+                    "RTPLAN": "a treatment plan", "REG": "a registration"}
+
+
+@dataclass(frozen=True)
+class SeriesChoice:
+    """One DICOM series among the files given, told from its headers only (``liversam.dicom_series`` groups them:
+    by SeriesInstanceUID, localiser images set aside); no pixel is read to list it."""
+
+    key: str  # unique among the series of one list
+    number: int | None
+    description: str
+    modality: str
+    files: tuple[str, ...]
+    images: int  # its slices: the frames of its image files (a multi-frame file holds a whole volume)
+    rows: int | None
+    columns: int | None
+    is_image: bool
+    why_not: str = ""  # why it is not opened first ("" for a CT series of MIN_VOLUME_IMAGES images or more)
+
+    @property
+    def label(self) -> str:
+        """"series 3 'Abdomen 1.0 B30f'" (its number and description, as a PACS viewer lists them)."""
+        label = f"series {self.number}" if self.number is not None else "a series"
+        return f"{label} '{self.description}'" if self.description else label
+
+    @property
+    def openable(self) -> bool:
+        """An image series of two images or more (one image is no volume; a SEG or a report has none)."""
+        return self.is_image and self.images >= 2
+
+    def describe(self) -> str:
+        """"series 2 'Abdomen S2' (8 files, 512 x 512 x 8)", with why it is not opened first when it is not."""
+        count = "1 file" if len(self.files) == 1 else f"{len(self.files)} files"
+        what = f"{count}, {self.columns} x {self.rows} x {self.images}" if self.is_image else count
+        return f"{self.label} ({what}{'; ' + self.why_not if self.why_not else ''})"
+
+
+def dicom_series_choices(files: list[str]) -> list[SeriesChoice]:
+    """The DICOM series among ``files`` from their headers only (no pixel data read): grouped as the core groups them
+    (``liversam.dicom_series.list_dicom_series_files``: SeriesInstanceUID; localiser images set aside), the one to
+    open first first: an image series before an object of no image (SEG, SR), a CT series of ``MIN_VOLUME_IMAGES``
+    images or more before the others, then the one with the most images (of most pixels), the lowest series number.
+    Files that are no DICOM are not in any; [] when none is (or only files without the DICOM file header, which
+    the core does not read)."""
+    from liversam.dicom_series import NON_IMAGE_MODALITIES, list_dicom_series_files
+    from liversam.errors import InputImageError
+
+    try:
+        infos = list_dicom_series_files(files)
+    except InputImageError as exc:  # a file removed meanwhile
+        raise InputError(str(exc)) from None
+    except Exception:  # noqa: BLE001 - a header the core cannot take: trame-slicer's reader reads the files whole
+        logger.warning("the DICOM series could not be told apart from their headers; reading the files whole",
+                       exc_info=True)
+        return []
+    choices = []
+    for info in infos:
+        images = sum(_frames(header) for header in info.headers) if info.is_image else len(info.files)
+        if not info.is_image:
+            if info.modality in NON_IMAGE_MODALITIES:
+                kind = _NON_IMAGE_KINDS.get(info.modality, "a non-image object")
+                why = f"{info.modality}: {kind}, no image"
+            elif any("LOCALIZER" in [str(v).upper() for v in (h.get("ImageType") or [])] for h in info.headers):
+                why = "localiser (scout) images only"
+            else:
+                why = "no image"
+        elif info.modality != "CT":
+            why = f"modality {info.modality or 'unknown'}, not CT"
+        elif images < MIN_VOLUME_IMAGES:
+            why = f"only {images} image{'' if images == 1 else 's'}, likely a localiser or a dose screen"
+        else:
+            why = ""
+        choices.append(SeriesChoice("", info.series_number, info.description.strip(), info.modality,
+                                    tuple(str(f) for f in info.files), images, info.rows, info.columns,
+                                    info.is_image, why))
+    choices.sort(key=lambda c: (not c.is_image, bool(c.why_not), c.modality != "CT", -c.images,
+                                -((c.rows or 0) * (c.columns or 0)), c.number if c.number is not None else 1 << 30))
+    return [dataclasses.replace(choice, key=str(index)) for index, choice in enumerate(choices)]
+
+
+def _pick_series(choices: list[SeriesChoice] | tuple[SeriesChoice, ...], what: str,
+                 series_of: str | None) -> SeriesChoice:
+    """The series to open: the one holding ``series_of`` (a DICOM file typed), else the first image series."""
+    if series_of is not None:
+        typed = os.path.abspath(series_of)
+        holding = [c for c in choices if c.is_image and typed in map(os.path.abspath, c.files)]
+        if not holding:
+            raise InputError(f"{what} could not be read: '{Path(series_of).name}' belongs to no image series LiverSAM "
+                             "can read in its folder. Open the CT series' folder instead.")
+        return holding[0]
+    images = [c for c in choices if c.is_image]
+    if not images:
+        found = "; ".join(c.describe() for c in choices[:6]) + ("; ..." if len(choices) > 6 else "")
+        raise InputError(f"{what} holds no DICOM image series, only {found}. Choose the folder of a CT series (files "
+                         "with pixel data), or a .nii.gz / .nrrd file.")
+    return images[0]
 
 
 def _add_segment(node: vtkMRMLSegmentationNode, name: str, color) -> None:
@@ -168,14 +279,16 @@ def _load_volumes(slicer_app, files: list[str]) -> list[tuple[object, list[str] 
     return loaded
 
 
-def _dicom_source(files: list[str], others: tuple[str, ...] = ()) -> DicomSource | None:
+def _dicom_source(files: list[str], others: tuple[str, ...] = (), series: tuple[SeriesChoice, ...] = (),
+                  chosen: SeriesChoice | None = None) -> DicomSource | None:
     try:
         header = pydicom.dcmread(files[0], stop_before_pixels=True, force=True)
     except (OSError, pydicom.errors.InvalidDicomError):
         return None
     uid = str(header.get("SeriesInstanceUID", "") or "")  # empty in some anonymised series: the export says so
     folder = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
-    return DicomSource(folder, uid, len(files), _irregularity(files), _series_label(files), others)
+    label = chosen.label if chosen is not None else _series_label(files)
+    return DicomSource(folder, uid, len(files), _irregularity(files), label, others, series, chosen)
 
 
 def _series_label(files: list[str]) -> str:
@@ -238,27 +351,38 @@ def _check_complete(path: str, what: str) -> None:
         raise InputError(message.replace(f"'{path}'", what) if f"'{path}'" in message else f"{what}: {message}") from None
 
 
-def load_ct_with_source(slicer_app, files: list[str], what: str,
-                        series_of: str | None = None) -> tuple[vtkMRMLScalarVolumeNode, DicomSource | None]:
-    """Load ``files`` and keep the largest 3D scalar volume -> (volume, its DICOM series or None); ``series_of``: one
-    DICOM file among ``files``, whose series is kept (the largest of those holding it).
+def load_ct_with_source(slicer_app, files: list[str], what: str, series_of: str | None = None,
+                        choices: list[SeriesChoice] | tuple[SeriesChoice, ...] | None = None,
+                        chosen: SeriesChoice | None = None) -> tuple[vtkMRMLScalarVolumeNode, DicomSource | None]:
+    """Load ``files`` and keep the largest 3D scalar volume -> (volume, its DICOM series or None).
+
+    DICOM files are sorted into series from their headers (``dicom_series_choices``, or ``choices`` when the caller
+    has them) and only one series is read: ``chosen``, else the one holding ``series_of`` (one DICOM file among
+    ``files``, typed as the CT), else the first (a CT series with the most images). Every series was read, pixels
+    and all, to keep the largest: a CD-ROM export of many series took that memory and time. Files with no DICOM
+    file header (which the core does not read) are read whole by trame-slicer as before.
 
     Nothing stays in the scene when the input is not a CT (InputError says why, naming ``what``).
     """
     scene = slicer_app.scene
     before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
-    if len(files) == 1 and not VolumesReader.contains_dcm_volume(files):
+    dicom_input = VolumesReader.contains_dcm_volume(files)
+    if len(files) == 1 and not dicom_input:
         _check_complete(files[0], what)  # a truncated file would open as a volume grey past its end
+    if dicom_input and chosen is None:
+        choices = dicom_series_choices(files) if choices is None else choices
+        chosen = _pick_series(choices, what, series_of) if choices else None
+    choices = tuple(choices or ()) if chosen is not None else ()
     loaded = []
     try:
-        loaded = _load_volumes(slicer_app, files)
+        loaded = _load_volumes(slicer_app, list(chosen.files) if chosen is not None else files)
     except Exception as exc:  # noqa: BLE001 - the readers raise many kinds; the user gets one clear message
         _remove_new_nodes(scene, before)
         raise InputError(f"{what} could not be read as an image ({type(exc).__name__}: {exc}).") from None
     volumes = [v for v, _ in loaded]
     candidates = [v for v in volumes if v.IsA("vtkMRMLScalarVolumeNode") and not v.IsA("vtkMRMLLabelMapVolumeNode")
                   and v.GetImageData() is not None and v.GetImageData().GetNumberOfScalarComponents() == 1]
-    if series_of is not None:
+    if series_of is not None and chosen is None:  # (files without the DICOM file header: read whole)
         groups = {id(v): group or [] for v, group in loaded}
         candidates = [v for v in candidates if os.path.abspath(series_of) in map(os.path.abspath, groups[id(v)])]
         if not candidates:
@@ -280,12 +404,14 @@ def load_ct_with_source(slicer_app, files: list[str], what: str,
     except InputError:
         _remove_new_nodes(scene, before)
         raise
-    others = tuple(_volume_label(v, group) for v, group in loaded if v is not volume and group)
+    # the other series, then the parts of the one read set aside (another acquisition or orientation in it)
+    others = tuple(c.describe() for c in choices if c is not chosen)
+    others += tuple(_volume_label(v, group) for v, group in loaded if v is not volume and group)
     for other in volumes:
         if other is not volume:
             scene.RemoveNode(other)
     dicom_files = next(group for v, group in loaded if v is volume)
-    return volume, (_dicom_source(dicom_files, others) if dicom_files else None)
+    return volume, (_dicom_source(dicom_files, others, choices, chosen) if dicom_files else None)
 
 
 def check_ct(volume, what: str) -> None:
