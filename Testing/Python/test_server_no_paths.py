@@ -161,6 +161,57 @@ def test_descriptions_with_paths_holding_spaces_are_shortened_whole(description,
     assert public_description(description) == public
 
 
+@pytest.mark.parametrize(("text", "public"), [
+    # words after a path without spaces were taken for more of it until a later word held a "/" (session 39's review)
+    ("Trained from /home/alice/data on 2024/05/01", "Trained from data on 2024/05/01"),
+    ("fine-tuned on /srv/lits for liver/tumour", "fine-tuned on lits for liver/tumour"),
+    ("internal error: KeyError: /home/alice/x not in cache. Set dtype int16/float32",
+     "internal error: KeyError: x not in cache. Set dtype int16/float32"),
+    ("use --cache-dir /tmp/x or set %LIVERSAM_HOME%\\models", "use --cache-dir x or set %LIVERSAM_HOME%\\models"),
+    ("Could not open /home/alice/in: use the input/output folder", "Could not open in: use the input/output folder"),
+    ("first /srv/a\nsecond line/with a slash", "first a\nsecond line/with a slash"),
+    # paths with spaces are still shortened whole
+    ("reading file /home/alice/My Scans/ct 1.nii.gz failed", "reading file ct 1.nii.gz failed"),
+    ("cannot read /home/alice/My Documents/CT/case1 (not a DICOM folder)", "cannot read case1 (not a DICOM folder)"),
+    ("Exception: /home/alice/x\n/home/bob/y z/w.pt", "Exception: x\nw.pt"),
+    # a user name is never left: a home folder alone, a Windows profile's name with spaces
+    ("[Errno 13] Permission denied: '/home/alice'", "[Errno 13] Permission denied: '(a folder)'"),
+    ("cannot write to /home/alice: Permission denied", "cannot write to (a folder): Permission denied"),
+    ("cannot write to /home/alice: see the input/output folder", "cannot write to (a folder): see the input/output folder"),
+    ("cannot write to /Users/alice/ at all", "cannot write to (a folder) at all"),
+    (r"'C:\Users\Alice Smith' is full", "'(a folder)' is full"),
+    (r"cannot read C:\Users\Alice Smith\data is not a DICOM folder", "cannot read data is not a DICOM folder"),
+    (r"C:\Users\Anna van Dijk\AppData\Local\liversam\cache\encoders\abc-1024px is not writable",
+     "abc-1024px is not writable"),
+    ("Load model from /home/alice smith/.cache/x/encoder.onnx failed", "Load model from encoder.onnx failed"),
+    ("in /home/alice smith/runs today", "in runs today"),
+    # a file:// URL's path and a path after a colon are paths; other URLs and LiverSAM's documented folders stay
+    ("file:///home/alice/w.pt", "file:w.pt"),
+    ("see path:/home/alice/w.pt", "see path:w.pt"),
+    ("from https://example.org/a/b.pth and HTTP://x.org/c", "from https://example.org/a/b.pth and HTTP://x.org/c"),
+    ("Checkpoint not found at '~/.liversam/models/sam_vit_b_01ec64.pth'; put it in ~/.liversam/models.",
+     "Checkpoint not found at '~/.liversam/models/sam_vit_b_01ec64.pth'; put it in ~/.liversam/models."),
+    ("Close a session you no longer need (DELETE /v1/sessions/{id})",
+     "Close a session you no longer need (DELETE /v1/sessions/{id})"),
+])
+def test_public_text_takes_no_words_for_a_path_and_leaves_no_user_name(text, public, monkeypatch):
+    """An unquoted path was carried over the following words until one held a separator and ended the text (or
+    preceded "; "), so whole sentences vanished; a home folder alone left its user's name."""
+    from liversam.server.public import public_text
+
+    monkeypatch.delenv("LIVERSAM_HOME", raising=False)
+    monkeypatch.delenv("LIVERSAM_CACHE_DIR", raising=False)
+    assert public_text(text) == public
+
+
+def test_home_folders_in_descriptions_and_model_names_are_not_named_by_their_user():
+    from liversam.server.public import public_model_name
+
+    assert public_description("trained model /home/alice") == "trained model (a folder)"
+    assert public_model_name("medsam=/home/alice") == "medsam=(a folder)"
+    assert public_model_name("C:/Users/alice/") == "(a folder)"
+
+
 def test_paths_under_the_data_roots_are_still_given_back(tmp_path):
     """A CT the client opened by path (under a data root) is named in the error as before: the client sent it."""
     root = tmp_path / "data root"

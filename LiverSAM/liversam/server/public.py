@@ -8,11 +8,17 @@ so that the advice "put it at ..." still says where, and "/path/to/..." (a place
 text goes to the server's log where the caller logs it.
 
 A path is found when it starts with ``/``, ``~/``, a drive (``C:\\``, ``C:/``) or ``\\\\host``, not inside a word or a
-URL. Its end: a quoted path ('...' or "...", as LiverSAM's messages quote paths) runs to its closing quote, spaces
-included; an unquoted one stops at a space unless what follows the space is more of the path, which is told when the
-extended text's last word holds a path separator and it ends in a known file suffix (.pt, .pth, .nii.gz, ...), at the
-end of the text or before "; " ("/home/alice/my runs/a b/best.pt" is one path; "/home/alice/data and model best.pt"
-stops after "data").
+URL (``https://...``; a ``file://`` URL's path is a path). Its end: a quoted path ('...' or "...", as LiverSAM's messages
+quote paths) runs to its closing quote, spaces included; an unquoted one stops at a space unless what follows the
+space is more of the path, which is told when the following words each hold a path separator and end in a known file
+suffix (.pt, .pth, .nii.gz, ...: "/home/alice/my runs/a b/best.pt", "/home/alice/My Scans/ct 1.nii.gz") or no other
+word follows them (the end of the text or line, "; ", ")": "/srv/runs/run 7/out"), or when the extended text's last
+word holds a separator and ends in a known file suffix ("/srv/case 1 b/ct.nii.gz"). So the words after a path are not
+taken for more of it ("/home/alice/data on 2024/05/01" and "/home/alice/data and/or more" stop after "data"); when it
+cannot be told, a path's tail is left ("/srv/runs/a b c/out is gone" gives "a b c/out is gone"): it names no user.
+A home folder alone (``/home/alice``, ``/Users/alice``, ``C:\\Users\\alice``) becomes "(a folder)", not its user's
+name, and the user name of a home folder may hold spaces: "/home/alice smith/x" and "C:\\Users\\Anna van Dijk\\x" (a
+Windows profile's name: up to 4 words) are one path.
 """
 
 from __future__ import annotations
@@ -26,21 +32,31 @@ from ..errors import LiverSAMError
 
 _ROOT = r"(?:[A-Za-z]:[\\/]|\\\\|~[\\/]|/)"  # C:\ or C:/, \\host\share, ~/, /
 _PATH_CHAR = r"[^\s;,'\"()<>]"
-# not inside a word, a path, a URL ("https://..."), a variable ("$LIVERSAM_HOME/models")
-_NOT_AFTER = r"(?<![\w/\\.~:$%-])"
+# not inside a word, a path, a variable ("$LIVERSAM_HOME/models", "%LIVERSAM_HOME%\models"); URLs: see _URL
+_NOT_AFTER = r"(?<![\w/\\.~$%-])"
 _CANDIDATE = re.compile(
     rf"{_NOT_AFTER}(?P<quote>['\"])(?P<quoted>{_ROOT}[^\n]*?)(?P=quote)(?!\w)"  # '/a b/c.pt' (closing quote: no word after)
     rf"|{_NOT_AFTER}(?P<plain>{_ROOT}{_PATH_CHAR}+)"
 )
+# a URL ("https://example.org/a/b.pth") is no path of the server's machine; a file:// URL's path is one
+_URL = re.compile(r"(?<![\w+.-])(?!file:)[A-Za-z][\w+.-]*://[^\s'\"<>()]*", re.IGNORECASE)
 _MORE = re.compile(rf" +{_PATH_CHAR}+")  # the next word after a space
 _STARTS_PATH = re.compile(rf"{_ROOT}{_PATH_CHAR}")
 _SEPARATOR = re.compile(r"[\\/]")
-_END_OF_ITEM = re.compile(r"\s*$|; ")
+_PUNCTUATION = ".:!?"  # ending an unquoted path: the sentence's ("cannot write to /home/alice: Permission denied")
+# a home folder alone: its name is its user's (a file:// URL's path may start with more slashes)
+_HOME_FOLDER = re.compile(r"[\\/]*(?:[A-Za-z]:)?[\\/]+(?:home|Users)[\\/]+[^\\/]+[\\/]*", re.IGNORECASE)
+# a Windows profile folder, whose name may hold spaces ("C:\Users\Alice Smith"): more words are looked at after it
+_WINDOWS_PROFILE = re.compile(r"[A-Za-z]:[\\/]Users[\\/][^\\/]+", re.IGNORECASE)
+_PROFILE_WORDS = 3  # a profile name of up to this many more words ("C:\Users\Anna Maria van Dijk\...")
 #: file suffixes that end a path with spaces in it (checkpoints, exported encoders, configs, images)
 KNOWN_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".onnx", ".xml", ".json", ".yaml", ".yml", ".txt",
                   ".csv", ".h5", ".npy", ".npz", ".nii.gz", ".nii", ".nrrd", ".seg.nrrd", ".mha", ".mhd", ".dcm",
                   ".zip", ".lock", ".log")
-_PLACEHOLDER = ("/path/to/",)  # "give its path as --model sam_vit_b=/path/to/sam_vit_b_01ec64.pth": advice, kept
+# kept as they are: a placeholder in advice ("give its path as --model sam_vit_b=/path/to/sam_vit_b_01ec64.pth"), the
+# server's own API ("DELETE /v1/sessions/{id}") and LiverSAM's documented folders written with "~" (they name no user)
+_PLACEHOLDER = ("/path/to/", "/v1/", "~/.liversam/", "~/.cache/liversam/", "~\\.liversam\\", "~\\.cache\\liversam\\")
+_DOCUMENTED = ("~/.liversam", "~/.cache/liversam", "~\\.liversam", "~\\.cache\\liversam")
 _MAX_WORDS = 32  # an unquoted path is extended over at most this many spaces
 
 
@@ -50,6 +66,8 @@ class ServerStorageError(LiverSAMError):
 
 
 def _file_name(path: str) -> str:
+    if _HOME_FOLDER.fullmatch(path.rstrip(_PUNCTUATION)):
+        return "(a folder)" + path[len(path.rstrip(_PUNCTUATION)):]  # not its user's name
     windows = "\\" in path or path[1:2] == ":"
     name = (PureWindowsPath(path) if windows else PurePosixPath(path)).name
     return name or "(a folder)"
@@ -59,20 +77,55 @@ def _has_known_suffix(path: str) -> bool:
     return path.rstrip(".").lower().endswith(KNOWN_SUFFIXES)
 
 
+def _next_word(text: str, position: int) -> re.Match | None:
+    """The word after ``position`` (past spaces) if it can be more of a path: not one that begins another path."""
+    word = _MORE.match(text, position)
+    if word is None or _STARTS_PATH.match(word.group(0).lstrip(" ")):
+        return None
+    return word
+
+
 def _unquoted_end(text: str, start: int, end: int) -> int:
     """Where the unquoted path found at ``text[start:end]`` (up to its first space) really ends: further words are
-    part of it only when the path can be told to go on (see the module's notes)."""
-    if _has_known_suffix(text[start:end]):
-        return end
+    part of it only when the path can be told to go on (see the module's notes). When unsure, it ends: a path's tail
+    left in the text names no user, words taken for a path are lost to the reader."""
+    if _has_known_suffix(text[start:end]) or text[end - 1] in _PUNCTUATION:
+        return end  # a file, or the sentence goes on after it ("cannot write to /home/alice: Permission denied/...")
+    if _HOME_FOLDER.fullmatch(text, start, end):  # "/home/alice smith/x", "C:\\Users\\Alice Smith\\data": the user name's
+        # words up to one that goes on with the path (a Windows profile's name has more often spaces than a user's)
+        separator = "\\" if "\\" in text[start:end] else "/"
+        position = end
+        for _ in range(_PROFILE_WORDS if _WINDOWS_PROFILE.fullmatch(text, start, end) else 1):
+            word = _next_word(text, position)
+            if word is None:
+                break
+            position = word.end()
+            if separator in word.group(0):
+                end = position
+                break
+    # following words that each hold a separator go on with the path when they end in a known file suffix
+    # ("/home/alice/my runs/a b/best.pt", "/home/alice/My Scans/ct 1.nii.gz") or no other word follows them (the
+    # text's or line's end, "; ", ")": "/srv/runs/run 7/out"); not when a word follows ("/home/alice/data and/or
+    # more": "and/or" is no folder)
+    position = end
+    while (word := _next_word(text, position)) is not None:
+        if not _SEPARATOR.search(word.group(0)):
+            if position > end and _has_known_suffix(text[start:word.end()]):
+                return word.end()  # the file's name after its folders ("ct 1.nii.gz")
+            break
+        position = word.end()
+        if _has_known_suffix(text[start:position]):
+            return position
+    if position > end and _next_word(text, position) is None:
+        return position
+    # or the words up to one holding a separator and ending in a known file suffix ("/srv/case 1 b/ct.nii.gz")
     position = end
     for _ in range(_MAX_WORDS):
-        word = _MORE.match(text, position)
-        if word is None or _STARTS_PATH.match(word.group(0).lstrip(" ")):
-            break  # no more words, or another path begins
+        word = _next_word(text, position)
+        if word is None:
+            break
         position = word.end()
-        if _SEPARATOR.search(word.group(0)) and (
-            _has_known_suffix(text[start:position]) or _END_OF_ITEM.match(text, position)
-        ):
+        if _SEPARATOR.search(word.group(0)) and _has_known_suffix(text[start:position]):
             return position
     return end
 
@@ -94,7 +147,8 @@ def _named_folders() -> list[tuple[str, str]]:
 
 
 def _public_path(path: str, keep: tuple[str, ...]) -> str:
-    if path.startswith(_PLACEHOLDER) or any(_is_under(path, folder) for folder in keep):
+    if path.startswith(_PLACEHOLDER) or path.rstrip(_PUNCTUATION) in _DOCUMENTED or any(
+            _is_under(path, folder) for folder in keep):
         return path
     for folder, name in _named_folders():
         if _is_under(path, folder):
@@ -105,17 +159,23 @@ def _public_path(path: str, keep: tuple[str, ...]) -> str:
 
 def path_spans(text: str) -> list[tuple[int, int]]:
     """(start, end) of each absolute path in ``text`` (see the module's notes), in order."""
+    urls = [url.span() for url in _URL.finditer(text)]
     spans: list[tuple[int, int]] = []
     position = 0
     while (found := _CANDIDATE.search(text, position)) is not None:
+        if any(url_start <= found.start() < url_end for url_start, url_end in urls):
+            position = found.start() + 1  # inside a URL: no path
+            continue
         if found.group("quoted") is not None:
             spans.append(found.span("quoted"))
             position = found.end()
         else:
             start, end = found.span("plain")
             end = _unquoted_end(text, start, end)
-            spans.append((start, end))
             position = end
+            while end - start > 1 and text[end - 1] in _PUNCTUATION and text[end - 2] not in "/\\.":
+                end -= 1  # the sentence's: not the path's ("/home/alice: Permission denied")
+            spans.append((start, end))
     return spans
 
 
