@@ -71,7 +71,8 @@ def test_a_model_that_cannot_be_loaded_is_named_by_its_file_name_and_logged_once
     """``liversam serve --model '/home/alice smith/my runs/a b/best.pt'`` with a damaged file: the 503 of each request
     needing the model, GET /v1/info's model.error and the job's error gave every token holder that path."""
     caplog.set_level(logging.INFO)
-    config = ServerConfig(tokens=[TOKEN], model=str(corrupt_checkpoint), accelerate="plain")
+    # a server other machines reach (a loopback one gives its user every path: see the loopback test below)
+    config = ServerConfig(tokens=[TOKEN], host="0.0.0.0", model=str(corrupt_checkpoint), accelerate="plain")
     with TestClient(create_app(config), raise_server_exceptions=False) as client:  # the real loader
         session = open_volume(client)
         answers = [client.post(f"/v1/sessions/{session}/predict", json={"k": 2, "boxes": [[1, 1, 8, 8]]},
@@ -109,7 +110,7 @@ def test_the_advice_to_put_missing_weights_in_the_models_folder_still_says_where
     named the server's user; now the folder's documented name, and the download address and ``--model`` advice stay."""
     home = tmp_path / "alice smith" / "liversam home"
     monkeypatch.setenv("LIVERSAM_HOME", str(home))
-    config = ServerConfig(tokens=[TOKEN], model="sam_vit_b", accelerate="plain")
+    config = ServerConfig(tokens=[TOKEN], host="0.0.0.0", model="sam_vit_b", accelerate="plain")
     with TestClient(create_app(config), raise_server_exceptions=False) as client:
         session = open_volume(client)
         answer = client.post(f"/v1/sessions/{session}/predict", json={"k": 2, "boxes": [[1, 1, 8, 8]]}, headers=AUTH)
@@ -131,7 +132,7 @@ def test_a_loader_failing_with_another_error_is_a_503_without_paths(tmp_path, ca
     def unreadable():
         raise PermissionError(errno.EACCES, "Permission denied", str(weights))
 
-    with TestClient(create_app(ServerConfig(tokens=[TOKEN]), model_loader=unreadable),
+    with TestClient(create_app(ServerConfig(tokens=[TOKEN], host="0.0.0.0"), model_loader=unreadable),
                     raise_server_exceptions=False) as client:
         session = open_volume(client)
         answer = client.post(f"/v1/sessions/{session}/predict", json={"k": 2, "boxes": [[1, 1, 8, 8]]}, headers=AUTH)
@@ -210,6 +211,55 @@ def test_home_folders_in_descriptions_and_model_names_are_not_named_by_their_use
     assert public_description("trained model /home/alice") == "trained model (a folder)"
     assert public_model_name("medsam=/home/alice") == "medsam=(a folder)"
     assert public_model_name("C:/Users/alice/") == "(a folder)"
+
+
+def test_a_loopback_server_tells_its_user_which_model_file_failed(corrupt_checkpoint):
+    """A loopback server without --data-root gives back every path (its token holders read any file its user can),
+    but the model's load error was shortened: a local Slicer user whose registered model failed saw only 'best.pt',
+    the name of every run's checkpoint."""
+    config = ServerConfig(tokens=[TOKEN], model=str(corrupt_checkpoint), accelerate="plain")
+    assert config.allow_any_path
+    with TestClient(create_app(config), raise_server_exceptions=False) as client:
+        session = open_volume(client)
+        answer = client.post(f"/v1/sessions/{session}/predict", json={"k": 2, "boxes": [[1, 1, 8, 8]]}, headers=AUTH)
+        info = client.get("/v1/info", headers=AUTH).json()
+        job = client.post(f"/v1/sessions/{session}/jobs/propagate", json=PROPAGATE, headers=AUTH)
+        status = finished_job(client, job.json()["job_id"])
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["detail"].startswith(f"the server's model cannot be used: '{corrupt_checkpoint}' is not a "
+                                              "loadable"), answer.text
+    assert info["model"]["error"].startswith(f"'{corrupt_checkpoint}' is not a loadable"), info
+    assert status["state"] == "failed" and f"'{corrupt_checkpoint}'" in status["error"], status
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "127.0.0.1"])
+def test_a_failed_jobs_full_error_goes_to_the_log_when_the_client_gets_it_shortened(host, tmp_path, monkeypatch,
+                                                                                   caplog):
+    """A job failing with a LiverSAMError that names a path of the server: the client's message names the file only,
+    and the full message was logged nowhere (the docs say it goes to the server's log)."""
+    from liversam.errors import LiverSAMError
+
+    cache = tmp_path / "alice smith" / "cache" / "encoder.onnx"
+
+    def failing(*args, **kwargs):
+        raise LiverSAMError(f"Cannot write the encoder cache '{cache}': Permission denied.")
+
+    monkeypatch.setattr("liversam.server.jobs.segment_volume", failing)  # (the model is not used)
+    monkeypatch.setattr("liversam.server.sessions.Session.predictor", lambda session, model: None)
+    caplog.set_level(logging.INFO)
+    config = ServerConfig(tokens=[TOKEN], host=host, accelerate="plain")
+    with TestClient(create_app(config, model_loader=object), raise_server_exceptions=False) as client:
+        session = open_volume(client)
+        job = client.post(f"/v1/sessions/{session}/jobs/propagate", json=PROPAGATE, headers=AUTH)
+        status = finished_job(client, job.json()["job_id"])
+    logged = [r.getMessage() for r in caplog.records if str(cache) in r.getMessage()]
+    assert status["state"] == "failed", status
+    if config.allow_any_path:  # the loopback server's user may read it: nothing shortened, nothing logged again
+        assert status["error"] == f"Cannot write the encoder cache '{cache}': Permission denied.", status
+        assert logged == [], logged
+    else:
+        assert status["error"] == "Cannot write the encoder cache 'encoder.onnx': Permission denied.", status
+        assert len(logged) == 1 and job.json()["job_id"] in logged[0], logged
 
 
 def test_paths_under_the_data_roots_are_still_given_back(tmp_path):

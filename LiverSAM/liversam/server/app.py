@@ -6,6 +6,7 @@ import asyncio
 import logging
 import math
 import os
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +85,7 @@ class ServerState:
     def __init__(self, config: ServerConfig, model_loader=None) -> None:
         self.config = config
         self.worker = InferenceWorker(model_loader or self._load_model)
-        self.jobs = JobStore(self.worker, config.max_jobs)
+        self.jobs = JobStore(self.worker, config.max_jobs, public=client_text(config))
         self.sessions = SessionStore(config.max_sessions, config.idle_timeout_s, self._evicted,
                                      config.session_memory_bytes, self.jobs.result_masks)
         self.jobs.keep_masks = self.sessions.keep_job_masks  # a job's masks arrive within the budget
@@ -138,11 +139,22 @@ def create_app(config: ServerConfig, model_loader=None) -> FastAPI:
 
 
 # --- errors --------------------------------------------------------------------------------------------------
+def client_text(config: ServerConfig) -> Callable[[str], str]:
+    """What a message becomes in the server's answers: without the paths of the server's machine (:func:`public_text`)
+    but those under the data roots, which token holders may open; as it is on a loopback server that opens any path
+    (``allow_any_path``: its token holders read any file its user can, and a local user is told which file failed)."""
+    if config.allow_any_path:
+        return lambda text: text
+    return lambda text: public_text(text, keep=config.data_roots) or text
+
+
 def _add_error_handlers(app: FastAPI, config: ServerConfig) -> None:
     """Every error answer is ``{"detail": message}``. A message that may name files of the server's machine (the
     model's, a job's, the core's errors) names them by their file names (:func:`public_text`); only paths under the
     data roots (which token holders may open) are given in full, and every path on a loopback server that opens any
     path (``allow_any_path``: its token holders read any file its user can)."""
+    public = client_text(config)
+
     def answer(status: int, detail: str) -> JSONResponse:
         return JSONResponse({"detail": detail}, status_code=status)
 
@@ -163,7 +175,7 @@ def _add_error_handlers(app: FastAPI, config: ServerConfig) -> None:
     @app.exception_handler(ModelError)
     async def model_error(_: Request, exc: ModelError):
         # the full message is in the server's log (InferenceWorker logs a load failure once), not repeated per request
-        return answer(503, f"the server's model cannot be used: {public_text(str(exc))}")
+        return answer(503, f"the server's model cannot be used: {public(str(exc))}")
 
     @app.exception_handler(ServerStorageError)
     async def storage_error(_: Request, exc: ServerStorageError):
@@ -172,7 +184,7 @@ def _add_error_handlers(app: FastAPI, config: ServerConfig) -> None:
     @app.exception_handler(LiverSAMError)
     async def user_error(request: Request, exc: LiverSAMError):
         full = str(exc)
-        detail = full if config.allow_any_path else public_text(full, keep=config.data_roots)
+        detail = public(full)
         if detail != full:
             log.info("%s %s: %s", request.method, request.url.path, full)
         return answer(422, detail)
@@ -414,7 +426,7 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
             model=ModelInfo(name=public_model_name(model.name if model is not None else config.model), loaded=model is not None,
                             device=device or config.device, encoder_backend=backend, decoder_backend=decoder,
                             precision=precision, accelerate=config.accelerate,
-                            error=public_text(state.worker.model_error)),
+                            error=state.worker.model_error and client_text(config)(state.worker.model_error)),
             sessions=len(state.sessions), jobs_queued=queued, jobs_running=running, worker=state.worker.state,
             rss_mb=_rss_mb(), memory=_memory_held(state),
             limits=Limits(max_sessions=config.max_sessions, max_voxels=config.max_voxels,

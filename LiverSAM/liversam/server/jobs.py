@@ -272,8 +272,12 @@ class JobStore:
     superseded jobs would otherwise hold gigabytes until the session closes. What a job wrote stays in the
     session's masks."""
 
-    def __init__(self, worker, max_jobs: int, keep_results: int = KEEP_RESULTS_PER_SESSION) -> None:
+    def __init__(self, worker, max_jobs: int, keep_results: int = KEEP_RESULTS_PER_SESSION,
+                 public: Callable[[str], str] = lambda text: public_text(text) or text) -> None:
         self.worker = worker
+        #: what a job's error becomes for the client (the server's paths hidden unless the server may give them:
+        #: :func:`liversam.server.app.client_text`)
+        self.public = public
         self.max_jobs = max_jobs
         self.keep_results = keep_results
         self._jobs: OrderedDict[str, Job] = OrderedDict()
@@ -309,10 +313,10 @@ class JobStore:
         if exc is None or job.cancel_event.is_set() or job.session.closed:
             job.state, job.error = "cancelled", "cancelled; nothing was written"
         elif isinstance(exc, ModelError):  # the worker logged its full message
-            job.state, job.error = "failed", f"the server's model cannot be used: {public_text(str(exc))}"
+            job.state, job.error = "failed", f"the server's model cannot be used: {self.public(str(exc))}"
         else:
             log.error("job %s did not start: %s", job.id, exc)
-            job.state, job.error = "failed", public_text(f"internal error: {type(exc).__name__}: {exc}")
+            job.state, job.error = "failed", self.public(f"internal error: {type(exc).__name__}: {exc}")
         job.finished = time.time()
         with self._lock:
             job.session.active_jobs -= 1
@@ -335,11 +339,14 @@ class JobStore:
             self._release_old_results(job.session)
         except Cancelled:
             job.state, job.error = "cancelled", "cancelled; nothing was written"
-        except LiverSAMError as exc:  # (a model that cannot be loaded: the worker logged its full message)
-            job.state, job.error = "failed", public_text(str(exc))
+        except LiverSAMError as exc:
+            full = str(exc)
+            job.state, job.error = "failed", self.public(full)
+            if job.error != full:  # the client's is shortened: the full message goes to the log (once: the job ends)
+                log.info("job %s of session %s failed: %s", job.id, job.session.id, full)
         except Exception as exc:  # a bug: say so, keep the server alive (the log has the full message)
             log.exception("job %s failed", job.id)
-            job.state, job.error = "failed", public_text(f"internal error: {type(exc).__name__}: {exc}")
+            job.state, job.error = "failed", self.public(f"internal error: {type(exc).__name__}: {exc}")
         finally:
             job.finished = time.time()
             with self._lock:
