@@ -255,3 +255,49 @@ def test_uploaded_files_are_refused_before_writing_when_too_many_or_larger_than_
                                          r"nothing of it was kept\."):
         write_uploads(clash, tmp_path / "d", ["cd/S1", "cd/S1/IM1"], upload_subject(2, "file"))
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("relative", ["//{tmp}/x", "\\\\{tmp_back}\\x", "//", "a//x", "./x", "C:x", "a/\x00b",
+                                      "cd/../../x"])
+def test_an_uploaded_path_that_leaves_the_folder_is_written_by_its_name_inside_it(tmp_path: Path,
+                                                                                  relative: str) -> None:
+    """PurePosixPath("//x") keeps "//" as one part: a path "//x" (or "\\\\x", made "//x") passed the check for
+    "/" and was written at "//x", anywhere on the app's machine; a NUL raised ValueError, not an InputError. Each is
+    written by its name, inside the upload's folder."""
+    from liversam_web.uploads import write_uploads
+
+    into = tmp_path / "a" / "upload"
+    into.mkdir(parents=True)
+    tmp = tmp_path.as_posix().lstrip("/")
+    relative = relative.format(tmp=tmp, tmp_back=tmp.replace("/", "\\"))
+    written = write_uploads([{"name": "IM0001", "content": b"1"}], into, [relative])
+    assert written == [(into / "IM0001").as_posix()]
+    assert not (tmp_path / "x").exists() and not (tmp_path / "a" / "x").exists()
+
+
+def test_an_uploaded_name_with_a_nul_or_dots_is_written_as_upload(tmp_path: Path) -> None:
+    from liversam_web.uploads import write_uploads
+
+    written = write_uploads([{"name": "a\x00b", "content": b"1"}, {"name": "..", "content": b"2"}], tmp_path / "u")
+    assert written == [(tmp_path / "u" / n).as_posix() for n in ("upload", "upload (2)")]
+
+
+def test_a_zip_member_at_an_absolute_path_is_refused_and_nothing_is_overwritten(tmp_path: Path) -> None:
+    """A member "//<path>" (and "\\\\<path>") of an uploaded .zip was unpacked there: an existing file overwritten."""
+    victim = tmp_path / "victim.txt"
+    for member in (f"/{victim.as_posix()}", "\\\\" + victim.as_posix().lstrip("/").replace("/", "\\"), "a/./b",
+                   "a//b", "C:x"):
+        victim.write_bytes(b"kept")
+        archive = _zip_with_member_named(tmp_path / "b.zip", member)
+        with pytest.raises(InputError, match=r"^The uploaded archive 'b\.zip' holds a file outside its folder"):
+            unpack_zip(archive, tmp_path / "out", "b.zip")
+        assert victim.read_bytes() == b"kept"
+        assert not (tmp_path / "out").exists()
+
+
+def _zip_with_member_named(archive: Path, name: str) -> Path:
+    """A zip whose second member is called ``name`` as given."""
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("ok/x", b"1")
+        zipped.writestr(name, b"overwritten")
+    return archive

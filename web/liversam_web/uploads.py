@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 import zipfile
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import IO
 
 import pydicom
@@ -67,10 +67,10 @@ def write_uploads(files: list[dict], into: str | Path, relative_paths: list[str]
         for index, file in enumerate(files):
             client = ClientFile(file)  # (one at a time: a file sent in chunks is joined into one copy here)
             given = relative_paths[index] if relative_paths and index < len(relative_paths) else ""
-            parts = PurePosixPath(str(given or "").replace("\\", "/")).parts
-            if not parts or parts[0] == "/" or ".." in parts or any(":" in part for part in parts):
-                parts = (PurePosixPath(str(client.name or "upload").replace("\\", "/")).name or "upload",)
-            target = into.joinpath(*parts)
+            parts = safe_parts(str(given or ""))
+            if parts is None:  # no path, or one that would leave ``into``: the file's name alone
+                parts = safe_parts(str(client.name or "").replace("\\", "/").rsplit("/", 1)[-1]) or ("upload",)
+            target = inside(into, parts)
             copy = 1
             while target.exists():
                 copy += 1
@@ -79,7 +79,10 @@ def write_uploads(files: list[dict], into: str | Path, relative_paths: list[str]
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(client.content or b"")
             written.append(target.as_posix())
-    except OSError as exc:  # a full disk (space taken meanwhile), a file and a folder of one name: nothing is kept
+    except InputError:  # a path leading out through a link: nothing is kept
+        shutil.rmtree(into, ignore_errors=True)
+        raise
+    except (OSError, ValueError) as exc:  # a full disk (space taken meanwhile), a file and a folder of one name: nothing is kept
         shutil.rmtree(into, ignore_errors=True)
         what = exc.strerror or str(exc)
         if getattr(exc, "filename", None):
@@ -88,6 +91,35 @@ def write_uploads(files: list[dict], into: str | Path, relative_paths: list[str]
                          "Free some space there (or start the app with TMPDIR on a larger disk), or upload a smaller "
                          "series.") from None
     return written
+
+
+def safe_parts(path: str) -> tuple[str, ...] | None:
+    """The parts of an uploaded relative ``path`` ("cd/S1/IM0001", a zip member's name; a backslash is taken for
+    '/'), or None for one that could leave the folder it is written in: empty, absolute as a POSIX or a Windows path
+    ("/x", "//x", "\\\\x", "C:x"), with an empty, '.' or '..' part ("a//b", "./a", "../a"), or holding ':' (a drive,
+    an NTFS stream) or NUL anywhere. PurePosixPath("//x") keeps "//" as one part, so checking its parts for "/" let
+    "//x" (and "\\\\x") through: into.joinpath("//", "x") is "//x", a file anywhere on the app's machine."""
+    text = str(path)
+    if not text or "\0" in text or ":" in text:
+        return None
+    posix = text.replace("\\", "/")
+    if PurePosixPath(posix).is_absolute() or PureWindowsPath(text).is_absolute() or PureWindowsPath(text).drive:
+        return None
+    parts = tuple(posix.split("/"))
+    if any(part in ("", ".", "..") for part in parts):
+        return None
+    return parts
+
+
+def inside(into: Path, parts: tuple[str, ...]) -> Path:
+    """``into`` joined with ``parts`` (from ``safe_parts``), checked to resolve inside ``into`` (a symbolic link in
+    the way would lead out): InputError otherwise, before anything is written there."""
+    target = into.joinpath(*parts)
+    root = into.resolve()
+    if not target.resolve().is_relative_to(root) or target.resolve() == root:
+        raise InputError(f"The upload holds a file whose path leads outside its folder ('{'/'.join(parts)}'); it was "
+                         "not written. Upload the series' folder (or a .zip of it) again.")
+    return target
 
 
 def _content_size(file: dict) -> int:
@@ -125,11 +157,11 @@ def unpack_zip(archive: str | Path, into: str | Path, name: str) -> list[str]:
                               "Nothing was unpacked.")
             targets = []
             for member in members:  # every path checked before any file is written
-                parts = PurePosixPath(member.filename.replace("\\", "/")).parts
-                if not parts or parts[0] == "/" or ".." in parts or any(":" in part for part in parts):
+                parts = safe_parts(member.filename)
+                if parts is None:
                     raise InputError(f"The uploaded archive '{name}' holds a file outside its folder "
-                                     f"('{member.filename}'); it was not unpacked. Zip the series' folder again.")
-                targets.append((member, into.joinpath(*parts)))
+                                     f"({member.filename!r}); it was not unpacked. Zip the series' folder again.")
+                targets.append((member, inside(into, parts)))
             written = []
             for member, target in targets:
                 target.parent.mkdir(parents=True, exist_ok=True)
