@@ -738,6 +738,32 @@ def test_uploads_are_removed_once_no_ct_shown_comes_from_them(tmp_path):
     asyncio.run(scenario())
 
 
+def test_an_upload_that_fails_unexpectedly_is_told_emptied_and_removed(tmp_path, monkeypatch):
+    """A NUL in an uploaded path raised ValueError (not InputError) out of _on_upload: no message, the field not
+    emptied, and the upload's folder stayed among those being opened (never removed). Any error now says which upload
+    failed and what to do, empties its field and removes its files."""
+    from liversam_web import app as app_module
+
+    app = new_app(FakeServer())
+    uploads = Path(app._tmp.name)
+
+    def broken(path):
+        raise ValueError("embedded null byte")
+
+    monkeypatch.setattr(app_module, "is_zip", broken)
+
+    async def scenario():
+        keys = dict(app.state.upload_keys)
+        await app._on_upload([{"name": "x", "content": b"1"}], "cd/x", "folder", ["cd/x"])
+        assert app.state.error.startswith("The uploaded folder 'cd' could not be opened on the app's machine "
+                                          "(ValueError: embedded null byte); nothing of it was kept. Upload it "
+                                          "again"), app.state.error
+        assert app.state.upload_keys["folder"] == keys["folder"] + 1
+        assert not app._uploads_open and not list(uploads.glob("upload-*"))
+
+    asyncio.run(scenario())
+
+
 def _png(width: int = 8, height: int = 8) -> bytes:
     """A small grey PNG (what a screenshot or a photo of the screen is)."""
     import struct

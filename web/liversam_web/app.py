@@ -537,8 +537,23 @@ class LiverSAMWebApp:
         self._uploads_open.add(folder)
         chosen = str(relative_path or "").replace("\\", "/")
         chosen = chosen.split("/")[0] if "/" in chosen else ""  # the folder the reader chose
+        subject = upload_subject(len(files), upload, chosen)
+        try:
+            await self._open_upload(files, folder, upload, chosen, subject, relative_paths)
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong, the reader is told and the upload's files go
+            logger.exception("opening an upload failed")
+            if not self.state.job_running:
+                self._set_busy("")
+            self._upload_refused(f"{subject} could not be opened on the app's machine ({type(exc).__name__}: {exc}); "
+                                 "nothing of it was kept. Upload it again, or report this error with the app's log.",
+                                 upload, folder)
+
+    async def _open_upload(self, files: list[dict], folder: Path, upload: str, chosen: str, subject: str,
+                           relative_paths: list[str] | None) -> None:
+        """``_on_upload``'s work: the files written in ``folder`` and opened (``chosen``: the folder the reader
+        chose, "" for files chosen; ``subject``: "The 3 files chosen")."""
         try:  # (more files than a folder typed may hold, or more bytes than the disk has free: nothing written)
-            written = write_uploads(files, folder, relative_paths, upload_subject(len(files), upload, chosen))
+            written = write_uploads(files, folder, relative_paths, subject)
         except InputError as exc:
             self._upload_refused(str(exc), upload, folder)
             return
