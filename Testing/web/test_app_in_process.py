@@ -937,6 +937,69 @@ def test_another_series_of_the_files_opens_from_the_list_after_the_unexported_wo
     asyncio.run(scenario())
 
 
+def test_each_series_of_the_files_has_its_own_export_names_and_its_own_unexported_work_guard(tmp_path):
+    """Series 2 opened from the list was exported under the names of series 1 ("cd-liversam.seg.nrrd" for both),
+    and the unexported-work guard was keyed on the message: a second series of the same label (number and
+    description) opened at once, discarding the work without asking."""
+    import pydicom
+    from pydicom.uid import generate_uid
+    from web_page import cd_export
+
+    root = cd_export(tmp_path / "cd")
+    twin = root / "DICOM" / "S3"
+    twin.mkdir()
+    uid = generate_uid()
+    for path in sorted((root / "DICOM" / "S2").iterdir()):  # series 2 'Abdomen S2' again, another series UID
+        header = pydicom.dcmread(path)
+        header.SeriesInstanceUID = uid
+        header.SOPInstanceUID = header.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        header.save_as(twin / path.name)
+    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    relative = [f"cd/{p.relative_to(root).as_posix()}" for p in paths]
+    app = new_app(FakeServer())
+
+    async def scenario():
+        await app._on_upload([{"name": p.name, "content": p.read_bytes()} for p in paths], relative[0], "folder",
+                             relative)
+        await settle(app)
+        assert app.state.export_names["segnrrd"] == "cd-s1-liversam.seg.nrrd", app.state.export_names
+        app._jump(5)
+        drag_box(app, (100, 100, 5), (300, 300, 5))
+        await settle(app)
+        first, second = (r["key"] for r in app.state.series_rows if r["description"] == "Abdomen S2")
+        await app._open_series(first)
+        await settle(app)
+        assert "drops it: export it first" in app.state.error and app.content.shape_kji[0] == 12
+        app.state.error = ""
+        await app._open_series(second)  # another series of the same label: asked again, not discarded
+        await settle(app)
+        assert "drops it: export it first" in app.state.error and app.content.shape_kji[0] == 12, app.state.error
+        await app._open_series(second)
+        await settle(app)
+        assert not app.state.error and app.content.shape_kji[0] == 8, app.state.error
+        assert app.state.export_names["segnrrd"] == "cd-series3-liversam.seg.nrrd", app.state.export_names
+        await app._open_series(first)
+        await settle(app)
+        assert app.state.export_names["segnrrd"] == "cd-series2-liversam.seg.nrrd", app.state.export_names
+
+    asyncio.run(scenario())
+
+
+def test_a_series_without_number_is_named_and_exported_by_its_place_in_the_list():
+    from liversam_web.app import series_stem, series_what
+    from liversam_web.mrml_scene import SeriesChoice
+
+    def choice(key: str, number: int | None, description: str = "") -> SeriesChoice:
+        return SeriesChoice(key, number, description, "CT", ("f",), 10, 512, 512, True)
+
+    choices = (choice("a", 1), choice("b", None, "Venous"), choice("c", None))
+    assert series_stem("cd", choices, choices[0]) == "cd-s1"
+    assert series_stem("cd", choices, choices[1]) == "cd-series2"
+    assert series_what(choices[0]) == "The DICOM series 1"
+    assert series_what(choices[1]) == "The DICOM series with no number 'Venous'"
+    assert series_what(choices[2]) == "The DICOM series with no number"
+
+
 def test_a_ct_series_is_opened_first_before_a_larger_series_of_another_modality(tmp_path):
     """Of an MR series of 12 images and a CT series of 8, the larger (the MR) was opened and refused as no CT in
     Hounsfield units; the CT series opens first now, the MR one is listed as not CT."""

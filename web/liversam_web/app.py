@@ -119,6 +119,24 @@ def series_display_name(display_name: str, n_files: int, num_files: int, label: 
     return f"{display_name}: {label}"
 
 
+def series_stem(stem: str, choices: tuple[SeriesChoice, ...], chosen: SeriesChoice) -> str:
+    """The exports' stem of one series of files holding several: "cd-s2" for series 2, "cd-series3" for the third
+    of the list when it has no number (or shares its number with another). Each series was exported under the
+    files' stem alone: series 1 and series 2 both gave "cd-liversam.seg.nrrd"."""
+    numbers = [c.number for c in choices]
+    if chosen.number is not None and numbers.count(chosen.number) == 1:
+        return f"{stem}-s{chosen.number}"
+    index = next((i for i, c in enumerate(choices) if c.key == chosen.key), 0)
+    return f"{stem}-series{index + 1}"
+
+
+def series_what(chosen: SeriesChoice) -> str:
+    """"The DICOM series 2 'X'", "The DICOM series with no number 'X'" (its label said "The DICOM a series 'X'")."""
+    if chosen.number is not None:
+        return f"The DICOM {chosen.label}"
+    return "The DICOM series with no number" + (f" '{chosen.description}'" if chosen.description else "")
+
+
 def series_note(dicom: DicomSource, as_chosen: bool, of_file_typed: bool) -> str:
     """The status line's words on the DICOM series found beside the one opened: which was opened and why, the
     others (why each is not opened first), and how to open another (the page's series list)."""
@@ -722,7 +740,9 @@ class LiverSAMWebApp:
         except InputError as exc:
             self._not_opened(str(exc), shown)
             return False
-        asked = (what, self.workflow.change_marker() if self.workflow is not None else None)
+        # said once for this CT (for a series of the list: this series, not any of the same label) on this work
+        asked = (what, chosen.key if chosen is not None else None,
+                 self.workflow.change_marker() if self.workflow is not None else None)
         if self._unexported_work() and self._discard_asked != asked:
             # opening another CT drops this one's masks and undo steps: said once, then a second try goes on
             remove_volume(self.slicer_app.scene, volume)
@@ -768,6 +788,8 @@ class LiverSAMWebApp:
             if chosen is None:
                 display_name = series_display_name(display_name, len(files), dicom.num_files, dicom.label)
             series += series_note(dicom, chosen is not None, series_of is not None)
+        if len(listed) > 1 and dicom.chosen is not None:  # each series of the files exported under its own names
+            stem = series_stem(stem, tuple(listed), dicom.chosen)
         self._show_new_case(display_name, stem, source or display_name, series + note)
         with self.state:
             self.state.series_rows = series_rows(tuple(listed), dicom.chosen) if len(listed) > 1 else []
@@ -794,7 +816,7 @@ class LiverSAMWebApp:
         if shown is not None and shown.key == chosen.key:
             self._status(f"{_first_upper(chosen.label)} is the series shown.")
             return
-        await self._open_files_now(list(origin.files), f"The DICOM {chosen.label} {origin.whose}", origin.display_name,
+        await self._open_files_now(list(origin.files), f"{series_what(chosen)} {origin.whose}", origin.display_name,
                                    origin.stem, origin.source, None, origin.uploaded, origin.note,
                                    choices=origin.choices, chosen=chosen, whose=origin.whose,
                                    again="choose it again in the series list")
