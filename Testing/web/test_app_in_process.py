@@ -937,6 +937,63 @@ def test_another_series_of_the_files_opens_from_the_list_after_the_unexported_wo
     asyncio.run(scenario())
 
 
+def test_a_series_that_fails_to_open_is_named_and_the_list_stays_to_choose_another(tmp_path):
+    """Series 1 of a CD export not in HU (its intercept 2000): the error named the whole folder ("The folder '.../cd'
+    does not look like a CT ...") and no series list was shown, so series 2 could only be opened by uploading it
+    alone. Now the series tried is named, the list stays (the upload's folder with it) to choose another, and the
+    folder goes as before once another CT is shown."""
+    import pydicom
+    from web_page import cd_export
+
+    root = cd_export(tmp_path / "cd")
+    for path in (root / "DICOM" / "S1").iterdir():
+        header = pydicom.dcmread(path)
+        header.RescaleIntercept = 2000
+        header.save_as(path)
+    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    relative = [f"cd/{p.relative_to(root).as_posix()}" for p in paths]
+    nrrd = write_nrrd(tmp_path / "other.nrrd", synthetic_ct(), np.eye(3))
+    app = new_app(FakeServer())
+    uploads = Path(app._tmp.name)
+
+    async def scenario():
+        await open_ct(app, nrrd)
+        await app._on_upload([{"name": p.name, "content": p.read_bytes()} for p in paths], relative[0], "folder",
+                             relative)
+        await settle(app)
+        assert app.state.error.startswith("The DICOM series 1 'Abdomen S1' of the uploaded folder 'cd' does not look "
+                                          "like a CT in Hounsfield units"), app.state.error
+        assert app.state.error.endswith("It is one of the 2 DICOM series of the uploaded folder 'cd': choose another "
+                                        "series in the list (section 1) to open it instead."), app.state.error
+        assert app.state.ct_name == "other.nrrd"  # the CT shown stays
+        assert [(r["number"], r["shown"]) for r in app.state.series_rows] == [("1", False), ("2", False)]
+        (upload,) = uploads.glob("upload-*")  # kept while its series are listed
+        assert not app._uploads_open and app._shown_upload is None
+
+        await app._open_series(app.state.series_rows[1]["key"])
+        await settle(app)
+        assert not app.state.error, app.state.error
+        assert app.state.ct_name == "8 DICOM files of series 2 'Abdomen S2' in cd"
+        assert app.content.dicom.folder.startswith(str(upload))
+        assert [r["shown"] for r in app.state.series_rows] == [False, True]
+        assert app._shown_upload == upload and list(uploads.glob("upload-*")) == [upload]
+
+        await app._open_path(str(root))  # the folder typed: its series 1 fails, named as the folder's
+        await settle(app)
+        assert app.state.error.startswith(f"The DICOM series 1 'Abdomen S1' in the folder '{root}' does not look "
+                                          "like a CT"), app.state.error
+        assert "choose another series in the list" in app.state.error
+        assert app._series_origin.files[0].startswith(str(root)) and len(app.state.series_rows) == 2
+        assert list(uploads.glob("upload-*")) == [upload]  # the CT shown's (its DICOM SEG references it)
+
+        await open_ct(app, nrrd)  # another CT shown: the list and the upload go
+        await settle(app)
+        assert app.state.series_rows == [] and app._series_origin is None
+        assert not list(uploads.glob("upload-*"))
+
+    asyncio.run(scenario())
+
+
 def test_each_series_of_the_files_has_its_own_export_names_and_its_own_unexported_work_guard(tmp_path):
     """Series 2 opened from the list was exported under the names of series 1 ("cd-liversam.seg.nrrd" for both),
     and the unexported-work guard was keyed on the message: a second series of the same label (number and

@@ -40,6 +40,7 @@ from .mrml_scene import (
     dicom_series_choices,
     list_input_files,
     load_ct_with_source,
+    pick_series,
     remove_volume,
     reorient_volume_to_axial,
 )
@@ -103,6 +104,7 @@ class SeriesOrigin:
     source: str
     note: str  # the upload's files left out (not DICOM)
     uploaded: bool
+    upload_dir: Path | None = None  # the upload's folder, kept while its series are listed
 
 
 def _first_upper(text: str) -> str:
@@ -681,6 +683,8 @@ class LiverSAMWebApp:
     def _prune_uploads(self) -> None:
         """Remove the uploads that are neither being opened nor the CT shown's (an upload is up to a whole series)."""
         keep = self._uploads_open | ({self._shown_upload} if self._shown_upload is not None else set())
+        if self._series_origin is not None and self._series_origin.upload_dir is not None:
+            keep.add(self._series_origin.upload_dir)  # its series list is shown (its first series failed to open)
         for folder in Path(self._tmp.name).glob("upload-*"):
             if folder not in keep:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -698,7 +702,7 @@ class LiverSAMWebApp:
         The upload fields show only the files of the CT shown: the others are emptied once a CT opens, and the field
         of an upload that opened nothing too (so that the same files can be chosen again: "upload it again")."""
         opened = await self._open_files_now(files, what, display_name, stem, source, series_of, bool(upload), note,
-                                            whose=whose)
+                                            whose=whose, upload_dir=upload_dir)
         if opened:
             self._shown_upload = upload_dir  # (None: a path opened, no upload is shown any more)
         if upload_dir is not None:
@@ -715,10 +719,14 @@ class LiverSAMWebApp:
     async def _open_files_now(self, files: list[str], what: str, display_name: str, stem: str | None,
                               source: str, series_of: str | None, uploaded: bool = False, note: str = "",
                               choices: tuple[SeriesChoice, ...] | None = None, chosen: SeriesChoice | None = None,
-                              whose: str = "", again: str = "") -> bool:
+                              whose: str = "", again: str = "", upload_dir: Path | None = None) -> bool:
         """``_open_files`` without the upload fields: True when the CT opened. ``choices``: the DICOM series of
         ``files`` when known (else read from their headers here), ``chosen``: the one to open (else the first);
-        ``again``: what to do to discard unexported work ("choose it again")."""
+        ``again``: what to do to discard unexported work ("choose it again"); ``upload_dir``: the upload's folder.
+
+        When the series tried of files holding several fails to open (not a CT in HU, unreadable, refused by the
+        server), the message names that series and the files' series list stays on the page so that another can be
+        chosen (it named the whole folder and showed no list: the reader had to upload the other series alone)."""
         stem_given, base_name = stem, display_name
         if chosen is not None:  # named as the series in every message ("8 DICOM files of series 2 'X' in cd")
             display_name = series_display_name(display_name, len(files), len(chosen.files), chosen.label)
@@ -730,15 +738,21 @@ class LiverSAMWebApp:
         shown = self.state.status  # the status line again when nothing opens (it said "Opening ..." behind the error)
         self._set_busy(f"Opening {display_name} ...")
         new_content: SceneContent | None = None
+        tried, read_what = chosen, what  # the series read, named in the messages when the files hold several
         try:
             if choices is None and chosen is None and len(files) > 1:
                 # the series from their headers, in a worker thread (the page stays live); only one is then read
                 choices = tuple(await asyncio.to_thread(dicom_series_choices, files))
+            if tried is None and choices is not None and len(choices) > 1:
+                tried = pick_series(choices, what, series_of)  # the one load_ct_with_source reads
+                read_what = f"{series_what(tried)} {whose or f'in {base_name}'}"
             # read and checked before the open case's work is held back for: a file that is no CT (a missing path,
             # a text file, a 2D image, a folder with no series) gets its own message at once, not on a second press
-            volume, dicom = load_ct_with_source(self.slicer_app, files, what, series_of, choices, chosen)
+            volume, dicom = load_ct_with_source(self.slicer_app, files, read_what, series_of, choices, chosen)
         except InputError as exc:
-            self._not_opened(str(exc), shown)
+            hint = self._keep_series_list(files, choices, tried, whose or f"in {base_name}", base_name, stem_given,
+                                          source, note, uploaded, upload_dir)
+            self._not_opened(f"{exc}{hint}", shown)
             return False
         # said once for this CT (for a series of the list: this series, not any of the same label) on this work
         asked = (what, chosen.key if chosen is not None else None,
@@ -768,7 +782,10 @@ class LiverSAMWebApp:
                 new_content.remove()
             else:
                 remove_volume(self.slicer_app.scene, volume)
-            self._not_opened(f"{what} was read, but the LiverSAM server refused it: {_client_message(exc)}", shown)
+            hint = self._keep_series_list(files, choices, tried, whose or f"in {base_name}", base_name, stem_given,
+                                          source, note, uploaded, upload_dir)
+            self._not_opened(f"{read_what} was read, but the LiverSAM server refused it: {_client_message(exc)}{hint}",
+                             shown)
             return False
         old_content, old_workflow = self.content, self.workflow
         self.content = new_content
@@ -782,7 +799,7 @@ class LiverSAMWebApp:
         self._series_origin = None
         if len(listed) > 1:  # the reader can open another of the files' series from the page's list
             self._series_origin = SeriesOrigin(tuple(files), tuple(listed), whose or f"in {base_name}", base_name,
-                                               stem_given, source, note, uploaded)
+                                               stem_given, source, note, uploaded, upload_dir)
         series = f"The DICOM series of {Path(series_of).name}, read from its folder. " if series_of else ""
         if dicom is not None and dicom.other_series:  # a CD-ROM export's folder: the reader is told which one
             if chosen is None:
@@ -795,6 +812,27 @@ class LiverSAMWebApp:
             self.state.series_rows = series_rows(tuple(listed), dicom.chosen) if len(listed) > 1 else []
         self._set_busy("")
         return True
+
+    def _keep_series_list(self, files: list[str], choices: tuple[SeriesChoice, ...] | None,
+                          tried: SeriesChoice | None, whose: str, display_name: str, stem: str | None, source: str,
+                          note: str, uploaded: bool, upload_dir: Path | None) -> str:
+        """After ``tried``, one series of ``files`` holding several, failed to open: the files' series list shown (and
+        kept, with the upload's folder, until another CT opens) when another series may be opened instead, and the
+        words that say so ("" when there is none: the list is left as it was)."""
+        if tried is None or not choices or len(choices) < 2:
+            return ""
+        others = [c for c in choices if c.openable and c.key != tried.key]
+        if not others:
+            return ""
+        origin = self._series_origin
+        if origin is None or origin.files != tuple(files):  # (the list of the CT shown's files stays as it is)
+            self._series_origin = SeriesOrigin(tuple(files), tuple(choices), whose, display_name, stem, source, note,
+                                               uploaded, upload_dir)
+            with self.state:
+                self.state.series_rows = series_rows(tuple(choices), None)
+            self._prune_uploads()  # (the folder of the list before, unless its CT is shown)
+        return (f" It is one of the {len(choices)} DICOM series {whose}: choose another series in the list "
+                "(section 1) to open it instead.")
 
     def open_series(self, key: str | None = None, *_args) -> None:
         """Open another DICOM series of the CT shown's files (the page's series list)."""
@@ -816,10 +854,13 @@ class LiverSAMWebApp:
         if shown is not None and shown.key == chosen.key:
             self._status(f"{_first_upper(chosen.label)} is the series shown.")
             return
-        await self._open_files_now(list(origin.files), f"{series_what(chosen)} {origin.whose}", origin.display_name,
-                                   origin.stem, origin.source, None, origin.uploaded, origin.note,
-                                   choices=origin.choices, chosen=chosen, whose=origin.whose,
-                                   again="choose it again in the series list")
+        opened = await self._open_files_now(list(origin.files), f"{series_what(chosen)} {origin.whose}",
+                                            origin.display_name, origin.stem, origin.source, None, origin.uploaded,
+                                            origin.note, choices=origin.choices, chosen=chosen, whose=origin.whose,
+                                            again="choose it again in the series list", upload_dir=origin.upload_dir)
+        if opened and self._shown_upload != origin.upload_dir:  # a series of a list kept after its first one failed
+            self._shown_upload = origin.upload_dir
+            self._prune_uploads()
 
     def _not_opened(self, message: str, status: str) -> None:
         """Nothing opened: the message, and the status line as it was before "Opening ..." (the open case's)."""

@@ -229,7 +229,7 @@ def dicom_series_choices(files: list[str]) -> list[SeriesChoice]:
     return [dataclasses.replace(choice, key=str(index)) for index, choice in enumerate(choices)]
 
 
-def _pick_series(choices: list[SeriesChoice] | tuple[SeriesChoice, ...], what: str,
+def pick_series(choices: list[SeriesChoice] | tuple[SeriesChoice, ...], what: str,
                  series_of: str | None) -> SeriesChoice:
     """The series to open: the one holding ``series_of`` (a DICOM file typed), else the first image series."""
     if series_of is not None:
@@ -371,7 +371,7 @@ def load_ct_with_source(slicer_app, files: list[str], what: str, series_of: str 
         _check_complete(files[0], what)  # a truncated file would open as a volume grey past its end
     if dicom_input and chosen is None:
         choices = dicom_series_choices(files) if choices is None else choices
-        chosen = _pick_series(choices, what, series_of) if choices else None
+        chosen = pick_series(choices, what, series_of) if choices else None
     choices = tuple(choices or ()) if chosen is not None else ()
     loaded = []
     try:
