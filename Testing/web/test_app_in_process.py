@@ -994,6 +994,91 @@ def test_a_series_that_fails_to_open_is_named_and_the_list_stays_to_choose_anoth
     asyncio.run(scenario())
 
 
+def test_a_list_kept_after_a_failed_series_says_whose_it_is_and_marks_the_series_that_failed(tmp_path):
+    """After series 1 of an upload failed to open, its list replaced the CT shown's with nothing saying so: series 1
+    stayed clickable and failed again; the upload field was emptied and the status line did not say the list was of
+    that upload (kept: no need to upload it again); the list's series 2 (key "1") was taken for the CT shown's series
+    2 ("is the series shown") and not opened; and the busy line counted every series' files ("Opening 24 DICOM files
+    in cd", a report's too) when one series of 12 was opened."""
+    import pydicom
+    from web_page import cd_export
+
+    root = cd_export(tmp_path / "cd", extra_series=True)
+    second = cd_export(tmp_path / "cd2")
+    for path in (second / "DICOM" / "S1").iterdir():  # cd2's series 1 is not in HU
+        header = pydicom.dcmread(path)
+        header.RescaleIntercept = 2000
+        header.save_as(path)
+    app = new_app(FakeServer())
+    busy: list[str] = []
+    set_busy = app._set_busy
+    app._set_busy = lambda text: busy.append(text) or set_busy(text)
+
+    async def upload(folder: Path, name: str) -> None:
+        paths = sorted(p for p in folder.rglob("*") if p.is_file())
+        relative = [f"{name}/{p.relative_to(folder).as_posix()}" for p in paths]
+        await app._on_upload([{"name": p.name, "content": p.read_bytes()} for p in paths], relative[0], "folder",
+                             relative)
+        await settle(app)
+
+    async def scenario():
+        await upload(root, "cd")
+        assert not app.state.error, app.state.error
+        assert "Opening 12 DICOM files of series 1 'Abdomen S1' in cd ..." in busy, busy
+        assert not any(text.startswith("Opening 24 DICOM files") for text in busy), busy
+        assert app.state.series_caption == ("DICOM series of the uploaded folder 'cd', the files of the CT shown "
+                                            "(click another to open it instead)")
+        await app._open_series(app.state.series_rows[1]["key"])  # the CT shown: cd's series 2 (key "1")
+        await settle(app)
+        assert app.state.ct_name == "8 DICOM files of series 2 'Abdomen S2' in cd"
+        keys = app.state.upload_keys["folder"]
+
+        await upload(second, "cd2")
+        assert app.state.error.startswith("The DICOM series 1 'Abdomen S1' of the uploaded folder 'cd2' does not "
+                                          "look like a CT"), app.state.error
+        assert app.state.upload_keys["folder"] == keys + 1  # the field emptied: the status line says why no matter
+        assert app.state.status.startswith(
+            "The series list (section 1) shows the 2 DICOM series of the uploaded folder 'cd2': their files are kept, "
+            "click a series there to open it (no need to upload them again). Opened 8 DICOM files of series 2 "
+            "'Abdomen S2' in cd"), app.state.status
+        assert app.state.series_caption == (
+            "DICOM series of the uploaded folder 'cd2', chosen after the CT shown (8 DICOM files of series 2 'Abdomen "
+            "S2' in cd), which is not one of them: click one to open it instead"), app.state.series_caption
+        rows = app.state.series_rows
+        assert [(r["number"], r["openable"], r["failed"], r["shown"]) for r in rows] == [
+            ("1", False, True, False), ("2", True, False, False)]
+        assert rows[0]["why"] == "could not be opened: does not look like a CT in Hounsfield units", rows[0]["why"]
+
+        busy.clear()
+        await app._open_series(rows[0]["key"])  # not read again: said why
+        assert app.state.error == ("Series 1 'Abdomen S1' could not be opened: does not look like a CT in Hounsfield "
+                                   "units. Choose another series in the list."), app.state.error
+        assert not busy and app.state.ct_name == "8 DICOM files of series 2 'Abdomen S2' in cd"
+
+        await app._open_series(rows[1]["key"])  # cd2's series 2, not "the series shown" (cd's series 2, key "1")
+        await settle(app)
+        assert not app.state.error, app.state.error
+        assert app.state.ct_name == "8 DICOM files of series 2 'Abdomen S2' in cd2", app.state.ct_name
+        assert app.state.status.startswith("Opened 8 DICOM files of series 2 'Abdomen S2' in cd2"), app.state.status
+        assert [(r["failed"], r["shown"]) for r in app.state.series_rows] == [(True, False), (False, True)]
+        assert app.state.series_caption.startswith("DICOM series of the uploaded folder 'cd2', the files of the CT "
+                                                   "shown")
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_series_reason_is_short_for_its_row():
+    from liversam_web.app import short_reason
+
+    what = "The DICOM series 1 'X' in cd"
+    assert short_reason(f"{what} could not be read as an image (RuntimeError: boom).", what) == \
+        "could not be read as an image"
+    assert short_reason(f"{what} is a single 2D image (512 x 512), not a CT volume. Open a 3D CT.", what) == \
+        "is a single 2D image"
+    assert short_reason("session refused: " + "x" * 200, "") == "session refused"
+    assert len(short_reason("y" * 200, "")) == 90
+
+
 def test_each_series_of_the_files_has_its_own_export_names_and_its_own_unexported_work_guard(tmp_path):
     """Series 2 opened from the list was exported under the names of series 1 ("cd-liversam.seg.nrrd" for both),
     and the unexported-work guard was keyed on the message: a second series of the same label (number and

@@ -9,10 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +108,8 @@ class SeriesOrigin:
     note: str  # the upload's files left out (not DICOM)
     uploaded: bool
     upload_dir: Path | None = None  # the upload's folder, kept while its series are listed
+    of_ct_shown: bool = True  # the CT shown is one of its series (False: listed after its series failed to open)
+    failed: dict[str, str] = dataclass_field(default_factory=dict)  # the series tried that could not be opened: key -> why
 
 
 def _first_upper(text: str) -> str:
@@ -161,12 +166,39 @@ def series_note(dicom: DicomSource, as_chosen: bool, of_file_typed: bool) -> str
             "in the series list (section 1). ")
 
 
-def series_rows(choices: tuple[SeriesChoice, ...], shown: SeriesChoice | None) -> list[dict]:
-    """The page's series list: each series' number, description, images, modality, why it is not opened first."""
+def series_rows(choices: tuple[SeriesChoice, ...], shown: SeriesChoice | None,
+                failed: Mapping[str, str] | None = None) -> list[dict]:
+    """The page's series list: each series' number, description, images, modality, why it is not opened first;
+    ``failed``: the series tried that could not be opened (key -> why), marked so and not offered again (they stayed
+    clickable with nothing said, and failed again when clicked)."""
+    failed = failed or {}
     return [{"key": c.key, "number": "" if c.number is None else str(c.number),
              "description": c.description or "(no description)", "images": c.images, "modality": c.modality or "?",
-             "why": c.why_not, "openable": c.openable, "shown": shown is not None and c.key == shown.key}
+             "why": f"could not be opened: {failed[c.key]}" if c.key in failed else c.why_not,
+             "openable": c.openable and c.key not in failed, "failed": c.key in failed,
+             "shown": shown is not None and c.key == shown.key}
             for c in choices]
+
+
+def short_reason(message: str, what: str) -> str:
+    """Why a series could not be opened, short enough for its row in the series list: ``message`` without the
+    series' name ``what`` it starts with, up to its first ":", "." or " (" ("does not look like a CT in Hounsfield
+    units")."""
+    text = message[len(what):].strip() if message.startswith(what) else message.strip()
+    text = re.split(r":\s|\.\s|\.$|\s\(", text, maxsplit=1)[0].strip()
+    return text if len(text) <= 90 else text[:87].rstrip() + "..."
+
+
+def series_caption(origin: SeriesOrigin, ct_name: str) -> str:
+    """The words above the series list: whose files it lists (the upload or folder), and whether the CT shown is one
+    of its series (a list kept after its first series failed to open replaced the CT shown's, with nothing saying
+    so: the reader could take it for the CT shown's series)."""
+    listed = f"DICOM series {origin.whose}"
+    if origin.of_ct_shown:
+        return f"{listed}, the files of the CT shown (click another to open it instead)"
+    if ct_name:
+        return f"{listed}, chosen after the CT shown ({ct_name}), which is not one of them: click one to open it instead"
+    return f"{listed}: none opened yet (click one to open it)"
 
 
 class LiverSAMWebApp:
@@ -204,6 +236,7 @@ class LiverSAMWebApp:
         self._uploads_open: set[Path] = set()
         self._shown_upload: Path | None = None
         self._series_origin: SeriesOrigin | None = None  # the CT shown's files, when they hold several series
+        self._series_status = ""  # the status line's words on a series list that is not the CT shown's
 
         self.state.update({
             "trame__title": "LiverSAM",
@@ -213,6 +246,7 @@ class LiverSAMWebApp:
             "ct_source": "",
             "upload_keys": {"file": 0, "folder": 0},  # a new key empties that upload field
             "series_rows": [],  # the DICOM series of the CT shown's files, when they hold several (series_rows)
+            "series_caption": "",  # whose files the series list lists (series_caption)
             "has_ct": False,
             "has_dicom": False,
             "dicom_note": DICOM_SEG_NOTE,
@@ -276,7 +310,8 @@ class LiverSAMWebApp:
         (not CT, a report, a localiser); a click on another opens it (the unexported-work guard as for any CT)."""
         choose = self.server.trigger_name(self.open_series)
         with html.Div(v_if="series_rows.length > 1", classes="mt-2", raw_attrs=['data-testid="series-list"']):
-            html.Div("DICOM series in these files (click one to open it instead)", classes="text-caption")
+            # whose files they are: a list kept after an upload's series failed to open is not the CT shown's
+            html.Div("{{ series_caption }}", classes="text-caption", raw_attrs=['data-testid="series-caption"'])
             with html.Div(style="max-height: 200px; overflow-y: auto; overflow-x: hidden"), \
                     v3.VTable(density="compact", style="table-layout: fixed; width: 100%"):
                 with html.Colgroup():
@@ -291,13 +326,14 @@ class LiverSAMWebApp:
                                         f"trigger('{choose}', [row.key])"),
                                  style=("{ cursor: row.openable && !row.shown ? 'pointer' : 'default' }",),
                                  classes=("{ 'text-primary font-weight-bold': row.shown, "
-                                          "'text-medium-emphasis': !row.openable }",),
+                                          "'text-medium-emphasis': !row.openable && !row.failed }",),
                                  raw_attrs=['data-testid="series-row"', ':aria-current="row.shown"',
                                             ':aria-disabled="!row.openable"']):
                         html.Td("{{ row.number }}", style=CELL)
                         with html.Td(style=CELL):
                             html.Span("{{ row.description }}{{ row.shown ? ' (shown)' : '' }}")
-                            html.Div("{{ row.why }}", v_if="row.why", classes="text-caption text-warning",
+                            html.Div("{{ row.why }}", v_if="row.why", classes=("row.failed ? "
+                                     "'text-caption text-error' : 'text-caption text-warning'",),
                                      raw_attrs=['data-testid="series-why"'])
                         html.Td("{{ row.images }}", style=CELL)
                         html.Td("{{ row.modality }}", style=CELL)
@@ -736,22 +772,30 @@ class LiverSAMWebApp:
             self._error("Wait for the current step to finish (or cancel the propagation) before opening a CT.")
             return False
         shown = self.state.status  # the status line again when nothing opens (it said "Opening ..." behind the error)
-        self._set_busy(f"Opening {display_name} ...")
+        read_series = choices is None and chosen is None and len(files) > 1
+        self._set_busy(f"Reading the DICOM series of {display_name} ..." if read_series
+                       else f"Opening {display_name} ...")
         new_content: SceneContent | None = None
         tried, read_what = chosen, what  # the series read, named in the messages when the files hold several
         try:
-            if choices is None and chosen is None and len(files) > 1:
+            if read_series:
                 # the series from their headers, in a worker thread (the page stays live); only one is then read
                 choices = tuple(await asyncio.to_thread(dicom_series_choices, files))
             if tried is None and choices is not None and len(choices) > 1:
                 tried = pick_series(choices, what, series_of)  # the one load_ct_with_source reads
                 read_what = f"{series_what(tried)} {whose or f'in {base_name}'}"
+                # its own files counted ("Opening 24 DICOM files in cd" counted every series', a report's too)
+                self._set_busy(f"Opening {series_display_name(display_name, len(files), len(tried.files), tried.label)}"
+                               " ...")
+            elif read_series:
+                self._set_busy(f"Opening {display_name} ...")
             # read and checked before the open case's work is held back for: a file that is no CT (a missing path,
             # a text file, a 2D image, a folder with no series) gets its own message at once, not on a second press
             volume, dicom = load_ct_with_source(self.slicer_app, files, read_what, series_of, choices, chosen)
         except InputError as exc:
-            hint = self._keep_series_list(files, choices, tried, whose or f"in {base_name}", base_name, stem_given,
-                                          source, note, uploaded, upload_dir)
+            hint, shown = self._keep_series_list(files, choices, tried, short_reason(str(exc), read_what),
+                                                 whose or f"in {base_name}", base_name, stem_given, source, note,
+                                                 uploaded, upload_dir, shown)
             self._not_opened(f"{exc}{hint}", shown)
             return False
         # said once for this CT (for a series of the list: this series, not any of the same label) on this work
@@ -782,8 +826,9 @@ class LiverSAMWebApp:
                 new_content.remove()
             else:
                 remove_volume(self.slicer_app.scene, volume)
-            hint = self._keep_series_list(files, choices, tried, whose or f"in {base_name}", base_name, stem_given,
-                                          source, note, uploaded, upload_dir)
+            reason = f"the LiverSAM server refused it ({short_reason(_client_message(exc), '')})"
+            hint, shown = self._keep_series_list(files, choices, tried, reason, whose or f"in {base_name}", base_name,
+                                                 stem_given, source, note, uploaded, upload_dir, shown)
             self._not_opened(f"{read_what} was read, but the LiverSAM server refused it: {_client_message(exc)}{hint}",
                              shown)
             return False
@@ -796,10 +841,12 @@ class LiverSAMWebApp:
         if old_content is not None:
             old_content.remove()
         listed = dicom.series if dicom is not None else ()
-        self._series_origin = None
+        before, self._series_origin, self._series_status = self._series_origin, None, ""
         if len(listed) > 1:  # the reader can open another of the files' series from the page's list
+            # (the series of these files that failed to open stay marked: they would fail again)
+            failed = before.failed if before is not None and before.files == tuple(files) else {}
             self._series_origin = SeriesOrigin(tuple(files), tuple(listed), whose or f"in {base_name}", base_name,
-                                               stem_given, source, note, uploaded, upload_dir)
+                                               stem_given, source, note, uploaded, upload_dir, True, failed)
         series = f"The DICOM series of {Path(series_of).name}, read from its folder. " if series_of else ""
         if dicom is not None and dicom.other_series:  # a CD-ROM export's folder: the reader is told which one
             if chosen is None:
@@ -809,30 +856,57 @@ class LiverSAMWebApp:
             stem = series_stem(stem, tuple(listed), dicom.chosen)
         self._show_new_case(display_name, stem, source or display_name, series + note)
         with self.state:
-            self.state.series_rows = series_rows(tuple(listed), dicom.chosen) if len(listed) > 1 else []
+            self._show_series_list(dicom.chosen if len(listed) > 1 else None)
         self._set_busy("")
         return True
 
     def _keep_series_list(self, files: list[str], choices: tuple[SeriesChoice, ...] | None,
-                          tried: SeriesChoice | None, whose: str, display_name: str, stem: str | None, source: str,
-                          note: str, uploaded: bool, upload_dir: Path | None) -> str:
-        """After ``tried``, one series of ``files`` holding several, failed to open: the files' series list shown (and
-        kept, with the upload's folder, until another CT opens) when another series may be opened instead, and the
-        words that say so ("" when there is none: the list is left as it was)."""
+                          tried: SeriesChoice | None, reason: str, whose: str, display_name: str, stem: str | None,
+                          source: str, note: str, uploaded: bool, upload_dir: Path | None,
+                          status: str) -> tuple[str, str]:
+        """After ``tried``, one series of ``files`` holding several, failed to open (``reason``, short): the files'
+        series list shown (and kept, with the upload's folder, until another CT opens) when another series may be
+        opened instead, ``tried`` marked in it (not offered again); (the words that say so for the error, "" when
+        there is none: the list is left as it was; the status line ``status``, with what the list is when it shows
+        files that are not the CT shown's: their upload field is emptied, yet they need not be uploaded again)."""
         if tried is None or not choices or len(choices) < 2:
-            return ""
-        others = [c for c in choices if c.openable and c.key != tried.key]
-        if not others:
-            return ""
+            return "", status
         origin = self._series_origin
-        if origin is None or origin.files != tuple(files):  # (the list of the CT shown's files stays as it is)
-            self._series_origin = SeriesOrigin(tuple(files), tuple(choices), whose, display_name, stem, source, note,
-                                               uploaded, upload_dir)
-            with self.state:
-                self.state.series_rows = series_rows(tuple(choices), None)
+        same = origin is not None and origin.files == tuple(files)
+        failed = {**(origin.failed if same else {}), tried.key: reason}
+        others = [c for c in choices if c.openable and c.key not in failed]
+        if not same and not others:
+            return "", status
+        if not same:  # (the list of the CT shown's files stays; those files' series tried are marked in it)
+            origin = SeriesOrigin(tuple(files), tuple(choices), whose, display_name, stem, source, note, uploaded,
+                                  upload_dir, False)
+        origin.failed.clear()
+        origin.failed.update(failed)
+        self._series_origin = origin
+        shown = (self.content.dicom.chosen if origin.of_ct_shown and self.content is not None
+                 and self.content.dicom is not None else None)
+        with self.state:
+            self._show_series_list(shown)
+        if not same:
             self._prune_uploads()  # (the folder of the list before, unless its CT is shown)
+        if not origin.of_ct_shown:  # the status line under the error says whose files the list shows, kept
+            again = "upload them" if uploaded else "open them"
+            words = (f"The series list (section 1) shows the {len(choices)} DICOM series {whose}: their files are "
+                     f"kept, click a series there to open it (no need to {again} again). ")
+            status = status.removeprefix(self._series_status) if self._series_status else status
+            self._series_status, status = words, words + status
+        if not others:
+            return f" None of the other DICOM series {whose} can be opened.", status
         return (f" It is one of the {len(choices)} DICOM series {whose}: choose another series in the list "
-                "(section 1) to open it instead.")
+                "(section 1) to open it instead.", status)
+
+    def _show_series_list(self, shown: SeriesChoice | None) -> None:
+        """The page's series list and its caption, of ``self._series_origin`` (none: no list); ``shown``: its series
+        that is the CT shown. (Within ``with self.state``.)"""
+        origin = self._series_origin
+        self.state.series_rows = series_rows(origin.choices, shown, origin.failed) if origin is not None else []
+        self.state.series_caption = (series_caption(origin, self.state.ct_name if self.state.has_ct else "")
+                                     if origin is not None else "")
 
     def open_series(self, key: str | None = None, *_args) -> None:
         """Open another DICOM series of the CT shown's files (the page's series list)."""
@@ -850,7 +924,14 @@ class LiverSAMWebApp:
             self._error(f"{_first_upper(chosen.label)} cannot be opened as a CT: "
                         f"{chosen.why_not or 'it holds one image, no volume'}.")
             return
-        shown = self.content.dicom.chosen if self.content is not None and self.content.dicom is not None else None
+        if key in origin.failed:  # (its row is not clickable: it would fail again)
+            self._error(f"{_first_upper(chosen.label)} could not be opened: {origin.failed[key]}. Choose another "
+                        "series in the list.")
+            return
+        # (a list kept after its series failed to open is not the CT shown's: its keys are its own, "1" is not the
+        # series "1" of the CT shown, which it said "is the series shown" of)
+        shown = (self.content.dicom.chosen if origin.of_ct_shown and self.content is not None
+                 and self.content.dicom is not None else None)
         if shown is not None and shown.key == chosen.key:
             self._status(f"{_first_upper(chosen.label)} is the series shown.")
             return
