@@ -85,6 +85,9 @@ def test_a_cd_rom_export_folder_opens_its_largest_series_whole_and_another_from_
     # the series list: every series of the upload, the one shown marked, why the others were not opened first
     rows = page.get_by_test_id("series-row")
     expect(rows).to_have_count(5, timeout=10_000)
+    # whose files the list shows (a list kept after an upload's series failed to open is not the CT shown's)
+    expect(page.get_by_test_id("series-caption")).to_have_text(
+        "DICOM series of the uploaded folder 'cd', the files of the CT shown (click another to open it instead)")
     assert [rows.nth(n).locator("td").first.inner_text().strip() for n in range(5)] == ["1", "2", "4", "3", "997"]
     assert "(shown)" in rows.nth(0).inner_text()
     assert "SR: a report (e.g. a dose report), no image" in rows.nth(4).inner_text()
