@@ -36,7 +36,7 @@ from .jobs import (
     slice_prompts,
 )
 from .memory import mb
-from .public import ServerStorageError, public_description, public_model_name, public_text
+from .public import ServerStorageError, input_file_error, public_description, public_model_name, public_text
 from .schemas import (
     DicomSegRequest,
     Health,
@@ -493,11 +493,19 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
                  summary="Open a CT file or DICOM folder on the server's machine")
     async def open_path(request: Request, body: OpenPath) -> SessionInfo:
         path = _check_path(config, body.path)
-        if not path.exists():
-            raise Refused(422, f"CT not found on the server: '{body.path}'")
+        what = f"the CT '{body.path}'"
+        advice = "Ask for it to be made readable by the server's user, or give another path; then open it again."
+        try:
+            if not path.exists():
+                raise Refused(422, f"CT not found on the server: '{body.path}'")
+        except OSError as exc:  # a folder above it that may not be searched
+            raise input_file_error(exc, what, advice) from exc
         window = _window(body.window_level, body.window_width)
-        size = await run_in_threadpool(_ct_size, path, body.series_uid, body.allow_non_ct, body.series_number,
-                                       body.resample_irregular)
+        try:  # a file unreadable, or vanished between listing and reading its header: the client's, not a bug
+            size = await run_in_threadpool(_ct_size, path, body.series_uid, body.allow_non_ct, body.series_number,
+                                           body.resample_irregular)
+        except OSError as exc:
+            raise input_file_error(exc, what, advice) from exc
         reading = 0  # what reading the CT holds: the CT, and read_ct's second copy of it until it returns
         room = None
         if size is not None:
@@ -516,7 +524,9 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
                                              body.resample_irregular)
         except LiverSAMError:
             raise
-        except (OSError, ValueError, RuntimeError) as exc:
+        except OSError as exc:
+            raise input_file_error(exc, what, advice) from exc
+        except (ValueError, RuntimeError) as exc:
             raise InputImageError(f"'{body.path}' cannot be read as a CT: {exc}") from exc
         finally:  # (run_in_threadpool returns, also on a cancelled request, only once read_ct has)
             if reading:
@@ -568,7 +578,7 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
                  summary="Session masks as a DICOM SEG referencing the CT's DICOM series (a download)",
                  responses={200: {"content": {"application/dicom": {}}, "description": "the DICOM SEG file"}})
     async def export_dicom_seg(request: Request, session_id: str, body: DicomSegRequest) -> Response:
-        from .dicom_export import dicom_seg_bytes, session_reference, session_segments
+        from .dicom_export import OWN_SERIES_ADVICE, dicom_seg_bytes, session_reference, session_segments
 
         session = state.sessions.get(session_id, owner(request))
         segments = session_segments(session, body.segments)
@@ -577,10 +587,17 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
             raise Refused(422, "this session's CT is an irregular DICOM series resampled onto a regular grid "
                                "(resample_irregular): its slices are not the series' images, so no DICOM SEG can "
                                "reference them. Export the masks as .seg.nrrd or a labelmap instead")
+        what, advice = "the DICOM series this session was read from", OWN_SERIES_ADVICE
         if body.reference_dicom is not None:
             reference: str | Path | list[str] = _check_path(config, body.reference_dicom)
-            if not Path(reference).exists():
-                raise Refused(422, f"reference DICOM folder not found on the server: '{body.reference_dicom}'")
+            what = f"the reference DICOM '{body.reference_dicom}'"
+            advice = ("Ask for it to be made readable by the server's user, or give another reference_dicom; then "
+                      "export again. Nothing was written.")
+            try:
+                if not Path(reference).exists():
+                    raise Refused(422, f"reference DICOM folder not found on the server: '{body.reference_dicom}'")
+            except OSError as exc:  # a folder above it that may not be searched
+                raise input_file_error(exc, what, advice) from exc
         else:
             own = session_reference(session)
             if own is None:
@@ -590,7 +607,7 @@ def _routes(state: ServerState) -> APIRouter:  # noqa: C901 - one place that lis
         model = state.worker.model  # (the SEG names the model: not by a path of the server's machine)
         model_name = public_model_name(model.name if model is not None else config.model)
         data = await run_in_threadpool(dicom_seg_bytes, session, segments, reference, series_uid, model_name,
-                                       body.series_description)
+                                       body.series_description, what, advice)
         return Response(data, media_type="application/dicom",
                         headers={"Content-Disposition": 'attachment; filename="liversam-seg.dcm"'})
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from ..dicom_seg import write_dicom_seg
 from ..errors import OutputError
 from ..segmentation import Segment, SegmentationResult, default_color
 from ..terminology import terminology_for
-from .public import ServerStorageError
+from .public import ServerStorageError, input_file_error
 from .schemas import ExportSegment
 from .sessions import Session
 
@@ -50,17 +51,25 @@ def session_segments(session: Session, segments: list[ExportSegment]) -> list[Se
     return out
 
 
+#: what to do when the DICOM series a session was read from cannot be read any more
+OWN_SERIES_ADVICE = ("It was deleted, moved or made unreadable after the session was opened: put it back as it was, or "
+                     "give reference_dicom (the CT's DICOM folder on the server); then export again. Nothing was written.")
+
+
 def dicom_seg_bytes(session: Session, segments: list[Segment], reference: str | Path | list[str],
-                    series_uid: str | None, model_name: str, series_description: str) -> bytes:
+                    series_uid: str | None, model_name: str, series_description: str,
+                    what: str = "the DICOM series this session was read from", advice: str = OWN_SERIES_ADVICE) -> bytes:
     """Write the SEG to a temporary file and return its bytes (OutputError: what does not fit, nothing kept).
 
     The temporary file is the server's business: a message names it as the download does (``liversam-seg.dcm``),
     and a temporary folder that cannot be written is a :class:`ServerStorageError` (503) naming no folder (the
-    server's log has the full message)."""
+    server's log has the full message). A referenced DICOM file that cannot be read (deleted, replaced or made
+    unreadable since it was listed) is the client's input ``what`` (as the client named it): a 422 saying so, with
+    ``advice`` (:func:`.public.input_file_error`)."""
     result = SegmentationResult(geometry=session.volume.geometry, segments=segments,
                                 provenance={"software": "LiverSAM"})
     try:
-        temporary = tempfile.TemporaryDirectory(prefix="liversam-seg-")
+        temporary = tempfile.TemporaryDirectory(prefix="liversam-seg-", ignore_cleanup_errors=True)
     except OSError as exc:
         raise _storage_error(tempfile.gettempdir(), exc) from exc
     with temporary as folder:
@@ -74,7 +83,20 @@ def dicom_seg_bytes(session: Session, segments: list[Segment], reference: str | 
             if str(path) not in str(exc):
                 raise
             raise OutputError(str(exc).replace(str(path), SEG_NAME)) from exc  # what does not fit, by the SEG's name
-        return path.read_bytes()
+        except OSError as exc:
+            if _is_in(exc, folder):  # the SEG's own file
+                raise _storage_error(folder, exc) from exc
+            raise input_file_error(exc, what, advice) from exc  # reading a referenced DICOM file
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise _storage_error(folder, exc) from exc
+
+
+def _is_in(exc: OSError, folder: str) -> bool:
+    """Whether ``exc`` is about a file in ``folder`` (or names no file: not one the client gave)."""
+    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+    return not names or any(n == folder or n.startswith(folder.rstrip("/\\") + os.sep) for n in names)
 
 
 def _storage_error(folder: str, cause: OSError) -> ServerStorageError:

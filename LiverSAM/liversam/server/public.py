@@ -23,12 +23,16 @@ Windows profile's name: up to 4 words) are one path.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import re
 from collections.abc import Iterable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from ..errors import LiverSAMError
+from ..errors import InputImageError, LiverSAMError
+
+log = logging.getLogger(__name__)
 
 _ROOT = r"(?:[A-Za-z]:[\\/]|\\\\|~[\\/]|/)"  # C:\ or C:/, \\host\share, ~/, /
 _PATH_CHAR = r"[^\s;,'\"()<>]"
@@ -63,6 +67,42 @@ _MAX_WORDS = 32  # an unquoted path is extended over at most this many spaces
 class ServerStorageError(LiverSAMError):
     """The server cannot write its own temporary files (full disk, no permission): 503 with a message that names no
     folder of the server's machine (its log names it); nothing the client can change in its request."""
+
+
+#: errors of the server's machine met reading a client's file (no space, no memory, too many open files, a disk's I/O
+#: error): nothing the client can change. Any other (missing, vanished, not readable, a folder where a file was
+#: expected) is the file's, which the client, or who keeps those files, can fix
+SERVER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.EIO,
+                           errno.EROFS, errno.EAGAIN, errno.EBUSY})
+
+
+def input_file_error(exc: OSError, what: str, advice: str) -> LiverSAMError:
+    """The error to answer for an ``OSError`` met reading a client's input ``what`` (its path as the client gave it,
+    e.g. "CT 'case1/ct'"), logged in full here: an :class:`InputImageError` (422) saying what is wrong with which
+    file and what to do (``advice``), when the file is the problem (missing, vanished, not readable, a folder where a
+    file was expected, ...); a :class:`ServerStorageError` (503) naming no path of the server's machine when the
+    server's machine is (:data:`SERVER_ERRNOS`). The file named in a 422 is filtered as every 422 is (the server's
+    ``client_text``: paths under the data roots stay)."""
+    log.warning("%s: %s", what, exc)
+    if exc.errno in SERVER_ERRNOS:
+        return ServerStorageError(
+            f"The server cannot read {what} ({exc.strerror or type(exc).__name__}). This is a problem of the server's "
+            "machine, not of the request: its administrator can look into it (the server's log has the full error); "
+            "then try again."
+        )
+    where = f" ('{exc.filename}')" if exc.filename is not None else ""
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        why = (f"permission denied{where}: the server's user must be able to read the file and to open (search) every "
+               "folder above it")
+    elif exc.errno == errno.ENOENT:
+        why = f"a file of it vanished while the server read it{where}: it was deleted or moved meanwhile"
+    elif exc.errno == errno.ENOTDIR:
+        why = f"a folder of it is no longer a folder{where}: it was replaced meanwhile"
+    elif exc.errno == errno.EISDIR:
+        why = f"a folder stands where a file was expected{where}"
+    else:
+        why = f"{exc.strerror or exc}{where}"
+    return InputImageError(f"{what[:1].upper()}{what[1:]} cannot be read: {why}. {advice}")
 
 
 def _file_name(path: str) -> str:
@@ -217,4 +257,5 @@ def public_model_name(model: str) -> str:
     return _file_name(model) if (_SEPARATOR.search(model) or Path(model).suffix) else model
 
 
-__all__ = ["KNOWN_SUFFIXES", "ServerStorageError", "path_spans", "public_description", "public_model_name", "public_text"]
+__all__ = ["KNOWN_SUFFIXES", "SERVER_ERRNOS", "ServerStorageError", "input_file_error", "path_spans", "public_description",
+           "public_model_name", "public_text"]
