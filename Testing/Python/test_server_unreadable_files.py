@@ -155,3 +155,13 @@ def test_a_reference_name_the_file_system_refuses_is_told(client, liver):
     name = "y" * 300
     refused(export(client, session, reference_dicom=name), 422, f"the reference DICOM '{name}'",
             "file name too long")
+
+
+def test_a_symbolic_link_loop_is_told(client, root, liver):
+    (root / "loop").symlink_to(root / "loop")
+    (root / "there").symlink_to(root / "back")
+    (root / "back").symlink_to(root / "there")
+    for path in ("loop", "there/ct", str(root / "loop")):
+        refused(open_path(client, path), 422, f"path '{path}' holds a symbolic link loop", "fix the link")
+    session = open_with_masks(client, liver)
+    refused(export(client, session, reference_dicom="loop"), 422, "path 'loop' holds a symbolic link loop")

@@ -312,14 +312,26 @@ def _check_path(config: ServerConfig, text: str) -> Path:
     if config.data_roots:
         if not path.is_absolute():
             path = config.data_roots[0] / path
-        resolved = path.resolve()
+        resolved = _resolved(path, text)
         if not any(resolved == root or root in resolved.parents for root in config.data_roots):
             raise Refused(403, f"path '{text}' lies outside the server's data roots "
                                f"({', '.join(str(r) for r in config.data_roots)}); '..' and links may not leave them")
         return resolved
     if not path.is_absolute():
         raise Refused(422, f"path '{text}' must be absolute (the server's working folder is not yours)")
-    return path.resolve()
+    return _resolved(path, text)
+
+
+def _resolved(path: Path, text: str) -> Path:
+    """``path.resolve()``; a symbolic link loop in it (pathlib's RuntimeError) or a path the file system refuses to
+    look up is the client's path, told as the client gave it (``text``), not a 500."""
+    try:
+        return path.resolve()
+    except RuntimeError:
+        raise Refused(422, f"path '{text}' holds a symbolic link loop (a link that leads back to itself): fix the "
+                           "link on the server, or give the path of the file itself") from None
+    except OSError as exc:
+        raise input_file_error(exc, f"the path '{text}'", "Give another path.") from exc
 
 
 def _rss_mb() -> float | None:
