@@ -109,12 +109,19 @@ def _iter_candidate_files(folder: Path) -> Iterable[Path]:
 
 
 def _read_header(path: Path):
-    """The dataset without pixel data, or None when ``path`` is not a DICOM file."""
+    """The dataset without pixel data, or None when ``path`` is not a DICOM file. Raises :class:`InputImageError` when
+    it may not be read (permission denied): it may be one of the series' files."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
         return pydicom.dcmread(path, stop_before_pixels=True)
+    except PermissionError as exc:  # taken for "not DICOM", it was left out of its series without a word
+        raise InputImageError(
+            f"'{path}' cannot be read (permission denied): every file of a DICOM folder must be readable by this "
+            "user, or the series it belongs to would be read with a slice missing. Make the files readable "
+            "(chmod -R a+rX on the folder, as their owner) or copy the series to a folder of yours."
+        ) from exc
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError):
         return None
 

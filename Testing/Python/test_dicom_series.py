@@ -194,3 +194,21 @@ def test_errors_name_the_folder(tmp_path: Path) -> None:
         read_dicom_series(empty)
     with pytest.raises(InputImageError, match="not found"):
         read_dicom_series(tmp_path / "missing")
+
+
+def test_a_file_that_may_not_be_read_is_named_not_left_out(tmp_path: Path, totalseg_dicom: Path, monkeypatch) -> None:
+    """A series file this user may not read was taken for "not DICOM" and left out: the series was read without it
+    (or refused as irregular, with no word of the file). It is now named, with what to do."""
+    folder = _copy_with(totalseg_dicom, tmp_path / "series")
+    locked = sorted(folder.iterdir())[10]
+    read = pydicom.dcmread
+
+    def dcmread(path, *args, **kwargs):
+        if Path(path) == locked:  # what a file of mode 000 gives a user without root's override
+            raise PermissionError(13, "Permission denied", str(path))
+        return read(path, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", dcmread)
+    for reading in (list_dicom_series, read_dicom_series):
+        with pytest.raises(InputImageError, match=rf"'{locked}' cannot be read \(permission denied\).*chmod -R a\+rX"):
+            reading(folder)
