@@ -1227,3 +1227,53 @@ def test_a_ct_in_a_zip_held_back_for_unexported_work_is_told_to_be_uploaded_agai
         assert app.state.ct_name == "ct.nrrd"
 
     asyncio.run(scenario())
+
+
+def test_an_open_that_fails_unexpectedly_is_told_and_frees_the_page(tmp_path, monkeypatch):
+    """A RuntimeError (or MemoryError) while a CT was read in the background open left the page busy for good with
+    nothing said, and the upload's folder among those being opened: every later open was refused "Wait for the
+    current step". Now it is told, the page is free, the upload's files go, and the next open works."""
+    from web_page import cd_export
+
+    from liversam_web import app as app_module
+
+    root = cd_export(tmp_path / "cd")
+    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    relative = [f"cd/{p.relative_to(root).as_posix()}" for p in paths]
+    nrrd = write_nrrd(tmp_path / "other.nrrd", synthetic_ct(), np.eye(3))
+    app = new_app(FakeServer())
+    uploads = Path(app._tmp.name)
+    real = app_module.load_ct_with_source
+    broken = {"on": True}
+
+    def reader(*args, **kwargs):
+        if broken["on"]:
+            raise RuntimeError("reader crashed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(app_module, "load_ct_with_source", reader)
+
+    async def scenario():
+        await app._on_upload([{"name": p.name, "content": p.read_bytes()} for p in paths], relative[0], "folder",
+                             relative)
+        await settle(app)
+        assert app.state.error.startswith("The 20 DICOM files of the uploaded folder 'cd' could not be opened on the "
+                                          "app's machine (RuntimeError: reader crashed). Try again"), app.state.error
+        assert not app.state.busy and not app._uploads_open and not list(uploads.glob("upload-*"))
+
+        broken["on"] = False
+        await app._on_upload([{"name": p.name, "content": p.read_bytes()} for p in paths], relative[0], "folder",
+                             relative)
+        await settle(app)
+        assert not app.state.error and app.state.ct_name.startswith("12 DICOM files of series 1"), app.state.error
+        broken["on"] = True  # a series of the list: the same
+        await app._open_series(app.state.series_rows[1]["key"])
+        await settle(app)
+        assert app.state.error.startswith("The DICOM series 2 'Abdomen S2' of the uploaded folder 'cd' could not be "
+                                          "opened on the app's machine (RuntimeError"), app.state.error
+        assert not app.state.busy and app.state.ct_name.startswith("12 DICOM files of series 1")
+        broken["on"] = False
+        await open_ct(app, nrrd)
+        assert app.state.ct_name == "other.nrrd" and not app.state.error, app.state.error
+
+    asyncio.run(scenario())

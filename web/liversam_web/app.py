@@ -737,20 +737,37 @@ class LiverSAMWebApp:
 
         The upload fields show only the files of the CT shown: the others are emptied once a CT opens, and the field
         of an upload that opened nothing too (so that the same files can be chosen again: "upload it again")."""
-        opened = await self._open_files_now(files, what, display_name, stem, source, series_of, bool(upload), note,
-                                            whose=whose, upload_dir=upload_dir)
-        if opened:
-            self._shown_upload = upload_dir  # (None: a path opened, no upload is shown any more)
-        if upload_dir is not None:
-            self._uploads_open.discard(upload_dir)
-        if opened or upload_dir is not None:
-            self._prune_uploads()
+        opened = False
+        try:
+            opened = await self._open_guarded(what, self._open_files_now(
+                files, what, display_name, stem, source, series_of, bool(upload), note, whose=whose,
+                upload_dir=upload_dir))
+            if opened:
+                self._shown_upload = upload_dir  # (None: a path opened, no upload is shown any more)
+        finally:  # (whatever failed: the upload's folder is not kept as being opened for good)
+            if upload_dir is not None:
+                self._uploads_open.discard(upload_dir)
+            if opened or upload_dir is not None:
+                self._prune_uploads()
         keep = {upload} if opened else set()
         emptied = [field for field in UPLOAD_FIELDS if field not in keep and (opened or field == upload)]
         if emptied:
             with self.state:
                 self.state.upload_keys = {field: key + (field in emptied)
                                           for field, key in self.state.upload_keys.items()}
+
+    async def _open_guarded(self, what: str, opening) -> bool:
+        """Await ``opening`` (an ``_open_files_now``): an unexpected error in it (a reader's RuntimeError, a
+        MemoryError) is logged and told, the page no longer busy (it stayed busy for good, every later open refused
+        "Wait for the current step", and nothing said); False then."""
+        shown = self.state.status
+        try:
+            return await opening
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong, the reader is told and the page is freed
+            logger.exception("opening %s failed", what)
+            self._not_opened(f"{what} could not be opened on the app's machine ({type(exc).__name__}: {exc}). Try "
+                             "again, or report this error with the app's log.", shown)
+            return False
 
     async def _open_files_now(self, files: list[str], what: str, display_name: str, stem: str | None,
                               source: str, series_of: str | None, uploaded: bool = False, note: str = "",
@@ -935,10 +952,11 @@ class LiverSAMWebApp:
         if shown is not None and shown.key == chosen.key:
             self._status(f"{_first_upper(chosen.label)} is the series shown.")
             return
-        opened = await self._open_files_now(list(origin.files), f"{series_what(chosen)} {origin.whose}",
-                                            origin.display_name, origin.stem, origin.source, None, origin.uploaded,
-                                            origin.note, choices=origin.choices, chosen=chosen, whose=origin.whose,
-                                            again="choose it again in the series list", upload_dir=origin.upload_dir)
+        what = f"{series_what(chosen)} {origin.whose}"
+        opened = await self._open_guarded(what, self._open_files_now(
+            list(origin.files), what, origin.display_name, origin.stem, origin.source, None, origin.uploaded,
+            origin.note, choices=origin.choices, chosen=chosen, whose=origin.whose,
+            again="choose it again in the series list", upload_dir=origin.upload_dir))
         if opened and self._shown_upload != origin.upload_dir:  # a series of a list kept after its first one failed
             self._shown_upload = origin.upload_dir
             self._prune_uploads()
