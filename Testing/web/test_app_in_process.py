@@ -1277,3 +1277,51 @@ def test_an_open_that_fails_unexpectedly_is_told_and_frees_the_page(tmp_path, mo
         assert app.state.ct_name == "other.nrrd" and not app.state.error, app.state.error
 
     asyncio.run(scenario())
+
+
+def test_a_series_the_server_could_not_take_for_a_moment_stays_clickable(tmp_path):
+    """A series whose CT the server could not take because it was briefly unreachable (or answered 5xx: its session
+    limit) was marked failed for good, its row not clickable, and its message ran together ("...connection refused It
+    is one of ..."). Now only a refusal about the volume (a 4xx) marks it; the others leave it to be clicked again."""
+    from web_page import cd_export
+
+    root = cd_export(tmp_path / "cd")
+    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    relative = [f"cd/{p.relative_to(root).as_posix()}" for p in paths]
+    client = FakeServer()
+    app = new_app(client)
+    real = client.open_volume
+    errors = [ServerUnavailable("LiverSAM server at http://x is not reachable: connection refused"),
+              ServerError(503, "the server cannot open another CT", "POST", "/v1/sessions"),
+              ServerRequestError(422, "spacing (i,j,k mm) must be positive", "POST", "/v1/sessions")]
+
+    def flaky(*args, **kwargs):
+        if errors:
+            raise errors.pop(0)
+        return real(*args, **kwargs)
+
+    client.open_volume = flaky
+
+    async def scenario():
+        await app._on_upload([{"name": p.name, "content": p.read_bytes()} for p in paths], relative[0], "folder",
+                             relative)
+        await settle(app)
+        assert app.state.error.startswith("The DICOM series 1 'Abdomen S1' of the uploaded folder 'cd' was read, but "
+                                          "the LiverSAM server could not open it: LiverSAM server at http://x is not "
+                                          "reachable: connection refused. It is one of the 2 DICOM series"), \
+            app.state.error
+        assert [(r["openable"], r["failed"]) for r in app.state.series_rows] == [(True, False), (True, False)]
+        await app._open_series(app.state.series_rows[0]["key"])  # a 5xx: still clickable
+        await settle(app)
+        assert "could not open it: " in app.state.error and "Choose another" not in app.state.error, app.state.error
+        assert [r["failed"] for r in app.state.series_rows] == [False, False]
+        await app._open_series(app.state.series_rows[0]["key"])  # a 422 about the volume: marked
+        await settle(app)
+        assert "the LiverSAM server refused it: spacing (i,j,k mm) must be positive." in app.state.error
+        assert [(r["openable"], r["failed"]) for r in app.state.series_rows] == [(False, True), (True, False)]
+        await app._open_series(app.state.series_rows[1]["key"])  # the server answers: series 2 opens
+        await settle(app)
+        assert not app.state.error and app.state.ct_name == "8 DICOM files of series 2 'Abdomen S2' in cd", \
+            app.state.error
+
+    asyncio.run(scenario())

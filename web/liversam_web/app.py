@@ -843,11 +843,17 @@ class LiverSAMWebApp:
                 new_content.remove()
             else:
                 remove_volume(self.slicer_app.scene, volume)
-            reason = f"the LiverSAM server refused it ({short_reason(_client_message(exc), '')})"
+            said = _client_message(exc).rstrip()
+            # (only what depends on the files marks the series failed: the server unreachable for a moment, a 5xx, a
+            # full server would not fail again once it answers, and its row stayed unclickable for good)
+            of_files = _refused_for_the_files(exc)
+            reason = f"the LiverSAM server refused it ({short_reason(said, '')})"
             hint, shown = self._keep_series_list(files, choices, tried, reason, whose or f"in {base_name}", base_name,
-                                                 stem_given, source, note, uploaded, upload_dir, shown)
-            self._not_opened(f"{read_what} was read, but the LiverSAM server refused it: {_client_message(exc)}{hint}",
-                             shown)
+                                                 stem_given, source, note, uploaded, upload_dir, shown,
+                                                 mark=of_files)
+            said = said if not hint or said.endswith((".", "!", "?")) else said + "."
+            self._not_opened(f"{read_what} was read, but the LiverSAM server "
+                             f"{'refused' if of_files else 'could not open'} it: {said}{hint}", shown)
             return False
         old_content, old_workflow = self.content, self.workflow
         self.content = new_content
@@ -880,17 +886,18 @@ class LiverSAMWebApp:
     def _keep_series_list(self, files: list[str], choices: tuple[SeriesChoice, ...] | None,
                           tried: SeriesChoice | None, reason: str, whose: str, display_name: str, stem: str | None,
                           source: str, note: str, uploaded: bool, upload_dir: Path | None,
-                          status: str) -> tuple[str, str]:
+                          status: str, mark: bool = True) -> tuple[str, str]:
         """After ``tried``, one series of ``files`` holding several, failed to open (``reason``, short): the files'
         series list shown (and kept, with the upload's folder, until another CT opens) when another series may be
         opened instead, ``tried`` marked in it (not offered again); (the words that say so for the error, "" when
         there is none: the list is left as it was; the status line ``status``, with what the list is when it shows
-        files that are not the CT shown's: their upload field is emptied, yet they need not be uploaded again)."""
+        files that are not the CT shown's: their upload field is emptied, yet they need not be uploaded again).
+        ``mark``: False when ``tried`` may open once tried again (the server was unreachable): not marked."""
         if tried is None or not choices or len(choices) < 2:
             return "", status
         origin = self._series_origin
         same = origin is not None and origin.files == tuple(files)
-        failed = {**(origin.failed if same else {}), tried.key: reason}
+        failed = {**(origin.failed if same else {}), **({tried.key: reason} if mark else {})}
         others = [c for c in choices if c.openable and c.key not in failed]
         if not same and not others:
             return "", status
@@ -912,6 +919,9 @@ class LiverSAMWebApp:
                      f"kept, click a series there to open it (no need to {again} again). ")
             status = status.removeprefix(self._series_status) if self._series_status else status
             self._series_status, status = words, words + status
+        if not mark:
+            return (f" It is one of the {len(choices)} DICOM series {whose}: click it in the list (section 1) to try "
+                    "again once the server answers, or choose another series there.", status)
         if not others:
             return f" None of the other DICOM series {whose} can be opened.", status
         return (f" It is one of the {len(choices)} DICOM series {whose}: choose another series in the list "
@@ -1629,6 +1639,16 @@ def _client_message(exc: Exception) -> str:
     if isinstance(exc, ServerRequestError):
         return exc.message
     return str(exc)
+
+
+def _refused_for_the_files(exc: Exception) -> bool:
+    """True when the server's refusal of a CT depends on its voxels or geometry (a 4xx about the volume, a
+    ValueError of its geometry): it would fail again. False for what may pass once retried: the server unreachable, a
+    5xx (its session limit), a request aborted, a token refused, a busy server (408, 409, 429)."""
+    if isinstance(exc, ValueError):
+        return True
+    return (isinstance(exc, ServerRequestError) and 400 <= exc.status < 500
+            and exc.status not in (401, 403, 404, 408, 409, 429))
 
 
 def _what_to_do(exc: Exception, job: bool = False) -> str:
