@@ -1325,3 +1325,37 @@ def test_a_series_the_server_could_not_take_for_a_moment_stays_clickable(tmp_pat
             app.state.error
 
     asyncio.run(scenario())
+
+
+def test_another_upload_of_the_same_folder_name_and_series_is_asked_about_the_unexported_work(tmp_path):
+    """The unexported-work guard said once per (what, list position, work): another upload of a folder of the same name
+    holding another series of the same label opened without asking and dropped the work. Now the content (the series'
+    UID, the files' names and sizes) counts too; the same files uploaded again still discard it, as said."""
+    from web_page import cd_export
+
+    first, second = cd_export(tmp_path / "x1"), cd_export(tmp_path / "x2")  # (each export's series UIDs are new)
+    nrrd = write_nrrd(tmp_path / "other.nrrd", synthetic_ct(), np.eye(3))
+    app = new_app(FakeServer())
+
+    async def upload(root: Path) -> None:
+        paths = sorted(p for p in root.rglob("*") if p.is_file())
+        relative = [f"cd/{p.relative_to(root).as_posix()}" for p in paths]
+        await app._on_upload([{"name": p.name, "content": p.read_bytes()} for p in paths], relative[0], "folder",
+                             relative)
+        await settle(app)
+
+    async def scenario():
+        await open_ct(app, nrrd)
+        app._jump(5)
+        drag_box(app, (10, 10, 5), (30, 30, 5))
+        await settle(app)
+        assert app._unexported_work()
+        await upload(first)
+        assert "upload it again to discard it" in app.state.error and app.state.ct_name == "other.nrrd"
+        await upload(second)  # another series of the same folder name and label: asked again
+        assert "upload it again to discard it" in app.state.error, app.state.error
+        assert app.state.ct_name == "other.nrrd" and app._unexported_work()
+        await upload(second)  # the same files again: the work is discarded
+        assert not app.state.error and app.state.ct_name.startswith("12 DICOM files of series 1"), app.state.error
+
+    asyncio.run(scenario())

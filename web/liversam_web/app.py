@@ -13,7 +13,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
@@ -815,10 +815,14 @@ class LiverSAMWebApp:
                                                  uploaded, upload_dir, shown)
             self._not_opened(f"{exc}{hint}", shown)
             return False
-        # said once for this CT (for a series of the list: this series, not any of the same label) on this work
-        asked = (what, chosen.key if chosen is not None else None,
-                 self.workflow.change_marker() if self.workflow is not None else None)
-        if self._unexported_work() and self._discard_asked != asked:
+        # said once for this CT (for a series of the list: this series, not any of the same label) on this work; of
+        # its content (another upload of the same folder name and series label is asked again), not of its upload's
+        # folder (the same files uploaded again discard the work, as said)
+        asked = ((what, chosen.key if chosen is not None else None,
+                  self.workflow.change_marker() if self.workflow is not None else None,
+                  content_key(chosen.files if chosen is not None else files, dicom))
+                 if self._unexported_work() else None)
+        if asked is not None and self._discard_asked != asked:
             # opening another CT drops this one's masks and undo steps: said once, then a second try goes on
             remove_volume(self.slicer_app.scene, volume)
             self._discard_asked = asked
@@ -1639,6 +1643,18 @@ def _client_message(exc: Exception) -> str:
     if isinstance(exc, ServerRequestError):
         return exc.message
     return str(exc)
+
+
+def content_key(files: Sequence[str], dicom: DicomSource | None) -> tuple:
+    """What tells a CT's content from another's of the same name without reading it again: its DICOM series' UID
+    (``dicom``), and its files' names and sizes (not their folder: an upload's is new each time)."""
+    def size(path: str) -> int:
+        try:
+            return os.stat(path).st_size
+        except OSError:
+            return -1
+
+    return (dicom.series_uid if dicom is not None else None, tuple(sorted((Path(f).name, size(f)) for f in files)))
 
 
 def _refused_for_the_files(exc: Exception) -> bool:
