@@ -1359,3 +1359,35 @@ def test_another_upload_of_the_same_folder_name_and_series_is_asked_about_the_un
         assert not app.state.error and app.state.ct_name.startswith("12 DICOM files of series 1"), app.state.error
 
     asyncio.run(scenario())
+
+
+def test_an_upload_that_fails_unexpectedly_frees_only_the_busy_it_set(tmp_path, monkeypatch):
+    """An upload that failed unexpectedly cleared `busy` whenever no propagation ran, even when another open owned it
+    (its "Opening ..." gone while it still read the CT, and a third open let in). Now only the busy the upload set
+    (unpacking a .zip) is cleared."""
+    import zipfile
+
+    from liversam_web import app as app_module
+
+    app = new_app(FakeServer())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("unpacking crashed")
+
+    async def scenario():
+        app._set_busy("Opening another.nii.gz ...")  # another open owns the page
+        monkeypatch.setattr(app_module, "is_zip", lambda path: (_ for _ in ()).throw(ValueError("embedded null byte")))
+        await app._on_upload([{"name": "x", "content": b"1"}], "cd/x", "folder", ["cd/x"])
+        assert "(ValueError: embedded null byte)" in app.state.error, app.state.error
+        assert app.state.busy and app.state.busy_text == "Opening another.nii.gz ..."
+        app._set_busy("")
+        monkeypatch.undo()
+        monkeypatch.setattr(app_module, "unpack_zip", broken)
+        archive = tmp_path / "series.zip"
+        with zipfile.ZipFile(archive, "w") as zipped:
+            zipped.writestr("a.dcm", b"1")
+        await app._on_upload([{"name": "series.zip", "content": archive.read_bytes()}], "", "file")
+        assert "(RuntimeError: unpacking crashed)" in app.state.error, app.state.error
+        assert not app.state.busy and not app._uploads_open
+
+    asyncio.run(scenario())

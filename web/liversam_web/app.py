@@ -598,8 +598,7 @@ class LiverSAMWebApp:
             await self._open_upload(files, folder, upload, chosen, subject, relative_paths)
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, the reader is told and the upload's files go
             logger.exception("opening an upload failed")
-            if not self.state.job_running:
-                self._set_busy("")
+            # (busy is not cleared here: it may be another open's; the steps of this upload that set it clear it)
             self._upload_refused(f"{subject} could not be opened on the app's machine ({type(exc).__name__}: {exc}); "
                                  "nothing of it was kept. Upload it again, or report this error with the app's log.",
                                  upload, folder)
@@ -690,6 +689,10 @@ class LiverSAMWebApp:
             self.state.status = shown
             self._upload_refused(str(exc), upload, upload_dir)
             return
+        except BaseException:  # (told by _on_upload; the busy this set is cleared, and only it)
+            self._set_busy("")
+            self.state.status = shown
+            raise
         self._set_busy("")
         Path(archive).unlink(missing_ok=True)
         zip_stem = name[:-4] if name.lower().endswith(".zip") and len(name) > 4 else name
