@@ -301,3 +301,34 @@ def _zip_with_member_named(archive: Path, name: str) -> Path:
         zipped.writestr("ok/x", b"1")
         zipped.writestr(name, b"overwritten")
     return archive
+
+
+def test_an_upload_that_cannot_be_written_is_told_what_to_do_by_its_error(tmp_path: Path) -> None:
+    """A name too long and a file and a folder of one name were told to "free some space"."""
+    from liversam_web.uploads import write_uploads
+
+    with pytest.raises(InputError) as long_name:
+        write_uploads([{"name": "x", "content": b"1"}, {"name": "y", "content": b"2"}], tmp_path / "a",
+                      ["cd/" + "n" * 300, "cd/y"], "The uploaded folder 'cd'")
+    assert "File name too long" in str(long_name.value) and "shorten it" in str(long_name.value)
+    assert "Free some space" not in str(long_name.value)
+    with pytest.raises(InputError) as clash:
+        write_uploads([{"name": "a", "content": b"1"}, {"name": "b", "content": b"2"}], tmp_path / "b",
+                      ["cd/a", "cd/a/b"], "The uploaded folder 'cd'")
+    assert "a file and a folder of one name: rename one" in str(clash.value), str(clash.value)
+    assert "Free some space" not in str(clash.value) and not (tmp_path / "b").exists()
+
+
+def test_a_zip_with_a_windows_folder_entry_or_a_name_twice_unpacks_each_file_once(tmp_path: Path) -> None:
+    """A member ending in '\\' (a folder entry a Windows zipper wrote) made the whole zip refused as "a file outside
+    its folder"; a name given twice was listed twice among the files unpacked."""
+    archive = tmp_path / "cd.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        zipped.writestr("cd\\", b"")
+        zipped.writestr("cd/IM0001", b"old")
+        zipped.writestr("cd/IM0002", b"two")
+    with zipfile.ZipFile(archive, "a") as zipped, pytest.warns(UserWarning, match="Duplicate name"):
+        zipped.writestr("cd/IM0001", b"new")
+    unpacked = unpack_zip(archive, tmp_path / "out", "cd.zip")
+    assert unpacked == [str(tmp_path / "out" / "cd" / name) for name in ("IM0001", "IM0002")]
+    assert Path(unpacked[0]).read_bytes() == b"new"

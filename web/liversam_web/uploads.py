@@ -8,6 +8,7 @@ file field takes several), as its folder (the folder field), or as a .zip of the
 
 from __future__ import annotations
 
+import errno
 import shutil
 import zipfile
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -88,9 +89,23 @@ def write_uploads(files: list[dict], into: str | Path, relative_paths: list[str]
         if getattr(exc, "filename", None):
             what += f": {Path(exc.filename).name}"
         raise InputError(f"{subject} could not be written on the app's machine ({what}); nothing of it was kept. "
-                         "Free some space there (or start the app with TMPDIR on a larger disk), or upload a smaller "
-                         "series.") from None
+                         f"{_write_advice(exc)}") from None
     return written
+
+
+def _write_advice(exc: Exception) -> str:
+    """What to do after an upload's files could not be written, by the error's errno (it said "free some space" to a
+    name too long, or a file and a folder of one name)."""
+    code = getattr(exc, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return ("Free some space there (or start the app with TMPDIR on a larger disk), or upload a smaller "
+                "series.")
+    if code == errno.ENAMETOOLONG:
+        return "A file or folder name in it is too long for the app's disk: shorten it and upload it again."
+    if code in (errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+        return ("It holds a file and a folder of one name: rename one of them (or upload the series' folder alone) "
+                "and upload it again.")
+    return "Upload it again; if it fails again, report this error with the app's log."
 
 
 def safe_parts(path: str) -> tuple[str, ...] | None:
@@ -142,7 +157,10 @@ def unpack_zip(archive: str | Path, into: str | Path, name: str) -> list[str]:
     into = Path(into)
     try:
         with zipfile.ZipFile(archive) as zipped:
-            members = [m for m in zipped.infolist() if not m.is_dir() and _kept(m.filename)]
+            # (a member ending in '\\' is a folder entry a Windows zipper wrote; a name given twice is unpacked once,
+            # its last copy, as unzip does: it was listed twice)
+            members = list({m.filename.replace("\\", "/"): m for m in zipped.infolist()
+                            if not m.is_dir() and not m.filename.endswith("\\") and _kept(m.filename)}.values())
             if not members:
                 raise InputError(f"The uploaded archive '{name}' holds no file: zip the folder of a DICOM series (or "
                                  "a CT file) and upload that.")
