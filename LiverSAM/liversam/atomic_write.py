@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 PARTIAL_MARKER = ".liversam-partial-"
+_ON_WINDOWS = os.name == "nt"
 
 
 def _temporary_sibling(target: Path) -> Path:
@@ -27,7 +28,32 @@ def _temporary_sibling(target: Path) -> Path:
     return Path(name)
 
 
+def _windows_process_alive(pid: int) -> bool:
+    """Windows: whether ``pid`` is a running process, asked with ``OpenProcess`` / ``GetExitCodeProcess``; True when
+    that cannot be told (access denied, an API failure): the file is then left alone."""
+    import ctypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+    process_query_limited_information, still_active, error_invalid_parameter = 0x1000, 259, 87
+    handle = kernel32.OpenProcess(process_query_limited_information, False, pid)
+    if not handle:
+        return ctypes.get_last_error() != error_invalid_parameter  # no such process: ERROR_INVALID_PARAMETER
+    try:
+        code = ctypes.c_ulong()
+        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+            return True
+        return code.value == still_active
+    finally:
+        kernel32.CloseHandle(handle)
+
+
 def _process_alive(pid: int) -> bool:
+    if _ON_WINDOWS:
+        # never os.kill(pid, 0) there: on Windows it is TerminateProcess with exit code 0, not a probe
+        try:
+            return _windows_process_alive(pid)
+        except (OSError, AttributeError, ValueError, OverflowError):
+            return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

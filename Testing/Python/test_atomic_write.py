@@ -64,3 +64,29 @@ def test_the_file_then_its_folder_reach_the_disk_before_and_after_the_rename(tmp
     assert target.read_text() == "{}"
     # the data before the rename (else a power loss leaves an empty file), the rename after it (else it is undone)
     assert synced == ["file", "folder"]
+
+
+def test_on_windows_the_leftover_check_never_calls_os_kill_which_would_end_the_writer(tmp_path, monkeypatch):
+    """On Windows ``os.kill(pid, 0)`` is TerminateProcess with exit code 0: the check asks OpenProcess instead, and a
+    process it cannot ask about keeps its file."""
+    import liversam.atomic_write as atomic_write
+
+    def no_kill(pid, sig):
+        raise AssertionError(f"os.kill({pid}, {sig}) called on Windows")
+
+    monkeypatch.setattr(atomic_write.os, "kill", no_kill)
+    monkeypatch.setattr(atomic_write, "_ON_WINDOWS", True)
+    alive = {4242: True, 4343: False}
+    monkeypatch.setattr(atomic_write, "_windows_process_alive", lambda pid: alive[pid])
+    target = tmp_path / "liver.seg.nrrd"
+    kept = tmp_path / ".liver.seg.nrrd.liversam-partial-4242-a.seg.nrrd"
+    stale = tmp_path / ".liver.seg.nrrd.liversam-partial-4343-b.seg.nrrd"
+    for path in (kept, stale):
+        path.write_bytes(b"partial")
+    assert stale_partial_files(target) == [stale]
+
+    def cannot_ask(pid):
+        raise OSError("access denied")
+
+    monkeypatch.setattr(atomic_write, "_windows_process_alive", cannot_ask)
+    assert stale_partial_files(target) == []
