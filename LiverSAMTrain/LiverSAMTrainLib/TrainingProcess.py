@@ -7,10 +7,15 @@ window, so closing Slicer does not stop it: the log says so and where to look. S
 the process SIGTERM and returns; the widget's timer then calls :meth:`TrainingProcess.escalate_stop`, which kills the
 process once the grace period has passed and it is still running. The training command checkpoints after every
 epoch, so starting it again resumes.
+
+A widget made again (the module reloaded, Slicer closed and opened again) has lost its :class:`TrainingProcess`; the
+process record (:data:`PROCESS_RECORD_NAME`, written by :meth:`TrainingProcess.start`) tells
+``AttachedProcess`` where that process's output begins in its log, so the new widget shows it again.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +24,54 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 STOP_GRACE_SECONDS = 10.0  # after SIGTERM, the time a process gets to end by itself before it is killed
+#: In the run folder: the training process LiverSAMTrain started there (PID, start time, its console log and the offset
+#: where its output begins in it, the command), for a widget made again while it runs (``AttachedProcess``).
+PROCESS_RECORD_NAME = "console.json"
+
+
+class LogReader:
+    """The complete lines appended to a log file since the last call, from ``offset`` on (never blocks)."""
+
+    def __init__(self, path: str | Path, offset: int = 0) -> None:
+        self.path = Path(path)
+        self.offset = offset
+        self._partial = ""
+
+    def read_lines(self) -> list[str]:
+        """Every complete output line written since the last call. tqdm's ``\\r`` updates keep the last state of each
+        line; a Windows line end (``\\r\\n``: Python's stdout in text mode there) is a line end, not an update."""
+        if not self.path.is_file():
+            return []
+        with open(self.path, "rb") as log:
+            log.seek(self.offset)
+            data = log.read()
+        self.offset += len(data)
+        text = self._partial + data.decode("utf-8", "replace")
+        *lines, self._partial = text.split("\n")
+        return [line.removesuffix("\r").split("\r")[-1] for line in lines]
+
+
+def write_process_record(path: str | Path, pid: int, log_path: str | Path, log_offset: int, command: Sequence[str],
+                         started: float | None = None) -> None:  # fmt: skip
+    """Write the process record (:data:`PROCESS_RECORD_NAME`) atomically; an error is left to the caller."""
+    from liversam.atomic_write import write_text_atomically
+
+    record = {"pid": int(pid), "started": time.time() if started is None else started, "log": str(log_path),
+              "log_offset": int(log_offset), "command": [str(part) for part in command]}  # fmt: skip
+    write_text_atomically(path, json.dumps(record, indent=2))
+
+
+def read_process_record(path: str | Path) -> dict | None:
+    """The process record at ``path``, or None when there is none or it cannot be read (partly written, another
+    version's): the caller then knows nothing about the process it wrote."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(record, dict):
+            return None
+        return {"pid": int(record["pid"]), "started": float(record["started"]), "log": str(record["log"]),
+                "log_offset": int(record["log_offset"]), "command": [str(c) for c in record.get("command", [])]}  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def detached_process_options() -> dict:
@@ -37,45 +90,43 @@ class TrainingProcess:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._process: subprocess.Popen | None = None
-        self._log_path: Path | None = None
-        self._offset = 0
-        self._partial = ""
+        self._log: LogReader | None = None
         self._clock = clock
         # set by stop(): when escalate_stop() kills a process still running
         self._kill_at: float | None = None
 
     def start(self, command: Sequence[str], log_path: str | Path, env: dict | None = None,
-              cwd: str | None = None) -> None:  # fmt: skip
-        """Start ``command`` with its output (stdout and stderr) appended to ``log_path``."""
+              cwd: str | None = None, record_path: str | Path | None = None) -> None:  # fmt: skip
+        """Start ``command`` with its output (stdout and stderr) appended to ``log_path``. ``record_path``: where to
+        write the process record (:func:`write_process_record`; a record that cannot be written is only logged: the
+        process runs, and a widget made again while it runs shows its log from where it is then)."""
         if self.is_running():
             raise RuntimeError("a training process is already running; stop it first")
-        self._log_path = Path(log_path)
-        self._log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._offset = self._log_path.stat().st_size if self._log_path.is_file() else 0
-        self._partial = ""
+        log_path = Path(log_path)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = LogReader(log_path, log_path.stat().st_size if log_path.is_file() else 0)
         self._kill_at = None
-        with open(self._log_path, "ab") as log:
+        with open(log_path, "ab") as log:
             self._process = subprocess.Popen(
                 list(command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=env if env is not None else dict(os.environ), cwd=cwd, **detached_process_options(),
             )  # fmt: skip
+        if record_path is not None:
+            try:
+                write_process_record(record_path, self._process.pid, log_path, self._log.offset, command)
+            except OSError as error:
+                import logging
+
+                logging.getLogger(__name__).warning("could not write '%s' (%s)", record_path, error)
 
     @property
     def log_path(self) -> Path | None:
-        return self._log_path
+        return None if self._log is None else self._log.path
 
     def read_lines(self) -> list[str]:
         """Every complete output line written since the last call (never blocks). tqdm's ``\\r`` updates
         keep the last state of each line."""
-        if self._log_path is None or not self._log_path.is_file():
-            return []
-        with open(self._log_path, "rb") as log:
-            log.seek(self._offset)
-            data = log.read()
-        self._offset += len(data)
-        text = self._partial + data.decode("utf-8", "replace")
-        *lines, self._partial = text.split("\n")
-        return [line.split("\r")[-1] for line in lines]
+        return [] if self._log is None else self._log.read_lines()
 
     def is_running(self) -> bool:
         return self._process is not None and self._process.poll() is None

@@ -27,7 +27,7 @@ if str(TRAIN_DIR) not in sys.path:
 
 import slicer  # noqa: E402
 
-from LiverSAMTrainLib import TrainingLogic  # noqa: E402
+from LiverSAMTrainLib import AttachedProcess, TrainingLogic  # noqa: E402
 from LiverSAMTrainLib.TrainingProcess import TrainingProcess  # noqa: E402
 
 pytestmark = pytest.mark.slicer
@@ -362,6 +362,8 @@ def test_the_modules_console_log_is_not_the_trainers_own_log():
 
     # both in the run folder: one file for both held every log line twice (the trainer's handler and its stderr)
     assert TrainingLogic.CONSOLE_LOG_NAME != TRAIN_LOG_NAME
+    # an attached run started from a terminal is read from the trainer's own log (LiverSAMTrainLib.AttachedProcess)
+    assert AttachedProcess.TRAIN_LOG_NAME == TRAIN_LOG_NAME
     source = (TRAIN_DIR / "LiverSAMTrain.py").read_text()
     assert "TrainingLogic.CONSOLE_LOG_NAME" in source and '"train.log"' not in source
 
