@@ -4,7 +4,9 @@ Thin Qt layer: the widget collects the settings, exports loaded volume + segment
 ``<LiverSAM python> -m liversam train ...`` -- the LiverSAM Python environment of LiverSAM's Server
 section, which has torch; Slicer's own Python gets none -- in a background process
 (``LiverSAMTrainLib.TrainingProcess``) whose log a ``QTimer`` polls, so Slicer stays responsive. The process
-keeps running when Slicer closes (it has its own process group and log file). Curves go to a table and one plot
+keeps running when Slicer closes (it has its own process group and log file); a widget made again (the module
+reloaded, Slicer opened again) finds a ``liversam train`` that holds the run folder chosen and shows it, Stop included
+(``LiverSAMTrainLib.AttachedProcess``), as does choosing another run folder. Curves go to a table and one plot
 chart per quantity (validation Dice, training loss, validation loss: Slicer's plot chart has one y axis); the
 "Curves" list chooses the chart shown in the layout's plot view, once per run unless chosen again. The best
 model is registered by ``liversam train --name`` so that the LiverSAM server offers it. The logic
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from pathlib import Path
 
 import qt
@@ -31,9 +34,13 @@ from slicer.ScriptedLoadableModule import (
 
 from LiverSAMLib.SlicerCompatibility import version_problem
 from LiverSAMTrainLib import TrainingLogic
-from LiverSAMTrainLib.TrainingProcess import TrainingProcess
+from LiverSAMTrainLib.AttachedProcess import AttachedProcess, StopRefused
+from LiverSAMTrainLib.TrainingProcess import PROCESS_RECORD_NAME, TrainingProcess
 
 POLL_INTERVAL_MS = 500
+#: the run folder typed or chosen is looked at (is a training process running there?) once it has not changed this long
+#: (ctkPathLineEdit emits currentPathChanged at every keystroke)
+RUN_FOLDER_SETTLE_MS = 500
 
 
 class LiverSAMTrain(ScriptedLoadableModule):
@@ -68,10 +75,33 @@ class LiverSAMTrainLogic(ScriptedLoadableModuleLogic):
         if problem:
             raise RuntimeError(problem)
         command = TrainingLogic.build_train_command(settings, python=python)
+        if self.attached:  # an attached process has ended (Start is disabled while it runs): this one is started here
+            self.process = TrainingProcess()
         self.process.start(
-            command, Path(settings.out) / TrainingLogic.CONSOLE_LOG_NAME, env=TrainingLogic.core_package_env()
-        )
+            command, Path(settings.out) / TrainingLogic.CONSOLE_LOG_NAME, env=TrainingLogic.core_package_env(),
+            record_path=Path(settings.out) / PROCESS_RECORD_NAME,
+        )  # fmt: skip
         return command
+
+    @property
+    def attached(self) -> bool:
+        """True when :attr:`process` is a ``liversam train`` this widget found holding a run folder (it did not start
+        it, or lost track of it: the module reloaded, Slicer restarted)."""
+        return isinstance(self.process, AttachedProcess)
+
+    def attach(self, runDir: str) -> AttachedProcess | None:
+        """The ``liversam train`` holding ``runDir``, which becomes :attr:`process`; None (:attr:`process` unchanged)
+        when no process holds it. Call it only while :attr:`process` is not running (or is attached: then it is
+        followed no longer, and keeps running)."""
+        found = AttachedProcess.find(runDir)
+        if found is not None:
+            self.process = found
+        return found
+
+    def detach(self) -> None:
+        """Follow an attached process no longer (it keeps running)."""
+        if self.attached:
+            self.process = TrainingProcess()
 
     def checkEnvironment(self, python: str) -> TrainingLogic.EnvironmentCheck:
         """The check of ``python`` in a background process (already answered when ``python`` was checked before)."""
@@ -79,7 +109,9 @@ class LiverSAMTrainLogic(ScriptedLoadableModuleLogic):
 
     def stop(self) -> None:
         """Ask the training process to end (SIGTERM) and return at once; the widget's timer calls
-        ``process.escalate_stop()``, which kills it after the grace period if it still runs."""
+        ``process.escalate_stop()``, which kills it after the grace period if it still runs. An attached process is
+        signalled only while it still holds its run folder (``AttachedProcess.stop``: raises ``StopRefused`` when it
+        cannot be stopped from here)."""
         self.process.stop()
 
     def updateCurves(self, runDir: str) -> None:
@@ -103,6 +135,14 @@ class LiverSAMTrainLogic(ScriptedLoadableModuleLogic):
         return chart
 
 
+def _sameFolder(a: str | Path, b: str | Path) -> bool:
+    """True when ``a`` and ``b`` name one folder (a relative path, a trailing separator, a symbolic link)."""
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return Path(a) == Path(b)
+
+
 class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
     _segmentNamesHint = False  # the log advised liversam train's --liver-names / --tumor-names
 
@@ -110,6 +150,7 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         self.logic = None
         self._timer = None
+        self._runFolderTimer = None  # single-shot: the run folder field has settled (RUN_FOLDER_SETTLE_MS)
         self._pairs = []
         self._sceneObservation = None  # (scene, observer tag) of NodeRemovedEvent: pairs of removed nodes are dropped
         self._settings = None
@@ -135,6 +176,11 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_INTERVAL_MS)
         self._timer.connect("timeout()", self.poll)
+        self._runFolderTimer = qt.QTimer()
+        self._runFolderTimer.setSingleShot(True)
+        self._runFolderTimer.setInterval(RUN_FOLDER_SETTLE_MS)
+        self._runFolderTimer.connect("timeout()", self._followRunInFolder)
+        self.ui.outputPathLineEdit.connect("currentPathChanged(QString)", self._onRunFolderEdited)
         self.ui.addPairButton.connect("clicked()", self.onAddPair)
         self.ui.clearPairsButton.connect("clicked()", self.onClearPairs)
         self.ui.startButton.connect("clicked()", self.onStart)
@@ -142,6 +188,10 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         self.ui.stopButton.connect("clicked()", self.onStop)
         self.ui.curvesComboBox.connect("currentIndexChanged(int)", self.onCurvesChosen)
         self._observeScene(slicer.mrmlScene)
+        self._showRunFolderNote("")
+        # a liversam train still running in the run folder (the module reloaded, Slicer opened again: the field keeps
+        # its last path) is shown again, with its Stop
+        self._followRunInFolder()
         self.updateButtons()
 
     def cleanup(self) -> None:
@@ -151,6 +201,8 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
             self._sceneObservation = None
         if self._timer is not None:
             self._timer.stop()
+        if self._runFolderTimer is not None:
+            self._runFolderTimer.stop()
         if self._check is not None:
             self._check.cancel()
             self._check = None
@@ -161,8 +213,8 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
             # True: the process has its own process group / session and writes to a log file, not to Slicer.
             logging.info(
                 "LiverSAMTrain: the training process (PID %s) keeps running after Slicer closes; it writes %s and "
-                "registers its best model when it finishes. Stop it from the operating system, or open LiverSAMTrain "
-                "again, choose the same run folder and press Resume after it ended to continue from its last epoch.",
+                "registers its best model when it finishes. Open LiverSAMTrain again with the same run folder: it shows "
+                "the run's progress again, and Stop stops it; after it ended, Resume continues from its last epoch.",
                 self.logic.process.pid,
                 self.logic.process.log_path,
             )
@@ -260,6 +312,11 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         )
 
     def onStart(self) -> None:
+        if self._followRunInFolder():  # a liversam train started meanwhile (from a terminal, say) runs there: shown
+            self.ui.logTextEdit.appendPlainText(
+                _("Not started: a training process is already running in this run folder (shown now; Stop stops it).")
+            )
+            return
         # The LiverSAM environment is checked first (importing torch there takes seconds, minutes on a cold disk) in
         # a background process that poll() watches, so Slicer stays responsive; training starts when it answers.
         with slicer.util.tryWithErrorDisplay(_("Could not start training."), waitCursor=True):
@@ -308,8 +365,13 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
             self.updateButtons()
             return
         # Never waits: the process gets SIGTERM here; poll() (the timer) kills it if it is still running after the grace
-        # period and reports the end. Start and Resume stay disabled until the process is gone.
-        self.logic.stop()
+        # period and reports the end. Start and Resume stay disabled until the process is gone. An attached process is
+        # signalled only while it holds its run folder (AttachedProcess.stop).
+        try:
+            self.logic.stop()
+        except StopRefused as refused:
+            slicer.util.errorDisplay(str(refused))
+            return
         if self.logic.process.is_running():
             self.ui.statusLabel.setText(_("Stopping..."))
             self._timer.start()
@@ -344,17 +406,149 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         chart = self.logic.chartNodes.get(self._chosenChart())
         if chart is not None and chart is not self._chartShown:
             self._chartShown = self.logic.showChart(self._chosenChart())
+        attached = self._attachedProcess()
+        if attached is not None and not attached.console:  # no LIVERSAM_EPOCH lines: the progress from the file
+            self._showHistoryProgress()
+
+    def _showHistoryProgress(self) -> None:
+        """The last epoch of the run's history.csv on the bar and in the status (an attached run whose console this
+        module does not know: a terminal's run prints no events into a file read here)."""
+        history = TrainingLogic.read_history(Path(self._settings.out) / "history.csv")
+        epochs = history.get("epoch")
+        if epochs is None or not len(epochs):
+            return
+        epoch = int(epochs[-1])
+        self.ui.progressBar.setMaximum(max(self._settings.epochs, epoch, 1))
+        self.ui.progressBar.setValue(epoch)
+        dice = history.get("val_dice_mean")
+        self.ui.statusLabel.setText(
+            _("Epoch {epoch}{of} done: validation Dice {dice:.3f} (from the run folder's history.csv).").format(
+                epoch=epoch, of=f"/{self._settings.epochs}" if self._settings.epochs else "",
+                dice=float(dice[-1]) if dice is not None else float("nan"),
+            )
+        )  # fmt: skip
 
     def _showStopped(self) -> None:
         self.ui.statusLabel.setText(_("Stopped. Resume continues from the last completed epoch."))
+
+    def _showDone(self, payload: dict) -> None:
+        """A finished run (its LIVERSAM_DONE line, or the result.json of an attached run): its best model, registered."""
+        self._finished = True
+        name = payload.get("registered_name")
+        self.ui.statusLabel.setText(
+            _("Done. Best model: {path}{registered}").format(
+                path=payload.get("best_checkpoint"),
+                registered=f" (registered as '{name}')" if name else "",
+            )
+        )
+
+    # --- a training process found in the run folder ---
+    def _attachedProcess(self) -> AttachedProcess | None:
+        """The process followed, when this widget found it in the run folder (did not start it), else None."""
+        process = self.logic.process if self.logic is not None else None
+        return process if isinstance(process, AttachedProcess) else None
+
+    def _showRunFolderNote(self, text: str) -> None:
+        """The line under the settings that says which training process runs in the run folder ("" : hidden)."""
+        self.ui.runFolderStatusLabel.setText(text)
+        self.ui.runFolderStatusLabel.visible = bool(text)
+
+    def _onRunFolderEdited(self, *args) -> None:
+        """The run folder field changed (a keystroke, or the browse dialog): looked at once it settles
+        (:data:`RUN_FOLDER_SETTLE_MS`), not at each character."""
+        self._runFolderTimer.start()
+
+    def _followRunInFolder(self) -> bool:
+        """Follow the ``liversam train`` that holds the run folder chosen, if one does (started before the module was
+        reloaded or Slicer was restarted, or from a terminal): its output, progress and curves as for a run started
+        here, and Stop. A process started here, or one being stopped, is kept; an attached process of another folder
+        is followed no longer (it keeps running). Returns True while a process is followed (Start is refused)."""
+        if self._runFolderTimer is not None:
+            self._runFolderTimer.stop()
+        if self.logic is None or self._check is not None:
+            return self._check is not None
+        runDir = self.ui.outputPathLineEdit.currentPath
+        process, attached = self.logic.process, self._attachedProcess()
+        if process.is_running():
+            if attached is None or process.stopping or (runDir and _sameFolder(attached.run_dir, runDir)):
+                return True
+            self._timer.stop()
+            self.logic.detach()
+            self.ui.logTextEdit.appendPlainText(
+                _("No longer following the training process (PID {pid}) in '{folder}': it keeps running. Choose that "
+                  "run folder again to follow it.").format(pid=attached.pid, folder=attached.run_dir)
+            )  # fmt: skip
+            self.ui.statusLabel.setText("")
+        attached = self.logic.attach(runDir) if runDir else None
+        if attached is None:
+            self._showRunFolderNote("")
+            self.updateButtons()
+            return False
+        self._settings = TrainingLogic.TrainingSettings(data="", out=runDir, epochs=attached.epochs or 0)
+        self._chartShown = None
+        self._historyStamp = None  # its curves shown at once
+        self._finished = False
+        self._segmentNamesHint = False
+        since = time.strftime("%Y-%m-%d %H:%M", time.localtime(attached.since)) if attached.since else ""
+        note = _("Training is running in this run folder: liversam train, PID {pid}{since}.").format(
+            pid=attached.pid or _("unknown"), since=_(", since {time}").format(time=since) if since else ""
+        ) + (" " + _("Stop stops it.") if attached.pid else "")
+        self._showRunFolderNote(note)
+        self.ui.statusLabel.setText(note)
+        self.ui.logTextEdit.appendPlainText(note)
+        if attached.console:
+            self.ui.logTextEdit.appendPlainText(
+                _("Its output since it started ({log}):").format(log=attached.log_path)
+                if not attached.skipped else
+                _("Its latest output ({log} holds all of it):").format(log=attached.log_path)
+            )  # fmt: skip
+        else:  # started from a terminal (or the module's record of it is lost): its own log, from its last lines
+            self.ui.logTextEdit.appendPlainText(
+                _("Not started by this module (or its console is not known here): the last lines of its own log, "
+                  "{log}, and its new ones:").format(log=attached.log_path)
+            )  # fmt: skip
+            for line in attached.earlier:
+                self.ui.logTextEdit.appendPlainText(line)
+        self.ui.progressBar.setMaximum(max(self._settings.epochs, 1))
+        self.ui.progressBar.setValue(0)
+        self._timer.start()
+        self.poll()  # its output so far, its curves: shown at once
+        self.updateButtons()
+        return True
+
+    def _showAttachedEnd(self, attached: AttachedProcess) -> None:
+        """An attached process has ended: how, as well as its run folder tells (its exit code went to the process
+        that started it): finished (its result.json, best model registered), stopped, or its log's last line."""
+        summary, lastLine = attached.outcome()
+        if summary is not None and not self._finished:
+            self._showDone(summary)
+        if self._finished:
+            self._showRunFolderNote(_("The training process (PID {pid}) in this run folder has finished.").format(
+                pid=attached.pid))  # fmt: skip
+            return
+        ended = _("The training process (PID {pid}) in this run folder has ended.").format(pid=attached.pid)
+        self._showRunFolderNote(ended)
+        if attached.stop_requested:
+            return  # "Stopped. Resume continues..." (poll)
+        self.ui.statusLabel.setText(
+            ended + " " + _("It did not finish (no result.json); its exit code is not known here. Its log's last "
+                            "line: {line}. Resume continues from its last completed epoch.").format(
+                line=lastLine or _("(none)"))
+            + (_(" Segment names go in Settings: Liver segment names, Tumour segment names.")
+               if self._segmentNamesHint else "")
+        )  # fmt: skip
 
     def poll(self) -> None:
         if self._check is not None:
             if self._check.done():
                 self._startChecked()
             return
-        self.logic.process.escalate_stop()  # after Stop: killed once the grace period has passed
-        for line in self.logic.process.read_lines():
+        process = self.logic.process
+        process.escalate_stop()  # after Stop: killed once the grace period has passed
+        # asked before the lines are read: a process that has ended by now has written all its lines, and they are all
+        # read below (asked after, a line written in between, its DONE or its error, was never shown)
+        running = process.is_running()
+        for line in process.read_lines():
             event = TrainingLogic.parse_event(line)
             if event is None:
                 self.ui.logTextEdit.appendPlainText(line)
@@ -389,25 +583,23 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
                     )
                 )
             elif kind == "DONE":
-                self._finished = True
-                name = payload.get("registered_name")
-                self.ui.statusLabel.setText(
-                    _("Done. Best model: {path}{registered}").format(
-                        path=payload.get("best_checkpoint"),
-                        registered=f" (registered as '{name}')" if name else "",
-                    )
-                )
+                self._showDone(payload)
         self._updateCurves()
-        if self.logic.process.stopping and not self._finished:  # an epoch line read meanwhile hides no Stop
+        if process.stopping and not self._finished:  # an epoch line read meanwhile hides no Stop
             self.ui.statusLabel.setText(_("Stopping..."))
-        if not self.logic.process.is_running():
+        if not running:
             self._timer.stop()
+            attached = self._attachedProcess()
+            if attached is not None:
+                self._showAttachedEnd(attached)
             if self.ui.progressBar.maximum == 0:  # the busy indicator of a study's cache (reused: nothing followed)
                 self.ui.progressBar.setMaximum(1)
                 self.ui.progressBar.setValue(1 if self._finished else 0)
-            code = self.logic.process.returncode
-            if self.logic.process.stop_requested and not self._finished:
-                self.ui.logTextEdit.appendPlainText(f"training process stopped (exit code {code})")
+            code = process.returncode
+            if process.stop_requested and not self._finished:
+                self.ui.logTextEdit.appendPlainText(
+                    "training process stopped" + (f" (exit code {code})" if code is not None else "")
+                )
                 self._showStopped()
             elif code not in (0, None):
                 self.ui.logTextEdit.appendPlainText(f"training process ended with code {code}")

@@ -368,7 +368,8 @@ def training_data(pairs, run_dir: str | Path, data: str = "", export=None) -> tu
         raise ValueError(
             f"A training process{f' (PID {pid})' if pid else ''} is still running in the run folder '{run_dir}': a "
             "second one would overwrite its checkpoints, and its data must stay as they are. Wait for it to end (its "
-            f"progress is in '{run_dir / 'train.log'}'), stop it from the operating system, or choose a new run folder."
+            f"progress is in '{run_dir / 'train.log'}'), stop it (LiverSAMTrain shows it, and Stop stops it, when this "
+            "run folder is chosen), or choose a new run folder."
         )
     exported = run_dir / EXPORTED_DATA
     manifest = exported / "manifest.json"

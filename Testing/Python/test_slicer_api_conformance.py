@@ -121,3 +121,38 @@ def test_the_right_names_pass():
         "        return slicer.app.testingEnabled()\n"
     )
     assert not check_source(snippet, "snippet.py", LISTING, UI, NODE_MEMBERS).violations
+
+
+@pytest.mark.parametrize(
+    "snippet, member",
+    [
+        # LiverSAMTrain follows a run found in its run folder (LiverSAMTrainLib.AttachedProcess): the run folder field's
+        # signal, the settle timer, the note under the settings.
+        ("class W:\n    def f(self):\n        self.ui.outputPathLineEdit.connect('currentPathChanged(QVariant)', print)\n",
+         "currentPathChanged(QVariant)"),
+        ("class W:\n    def f(self):\n        self.ui.outputPathLineEdit.connect('pathChanged(QString)', print)\n",
+         "pathChanged(QString)"),
+        ("class W:\n    def f(self):\n        self.t = qt.QTimer()\n        self.t.setSingleShoot(True)\n", "setSingleShoot"),
+        ("class W:\n    def f(self):\n        self.ui.runFolderStatusLabel.shown = False\n", "shown"),
+        ("class W:\n    def f(self):\n        self.ui.runFolderStatusLabel.setTxt('x')\n", "setTxt"),
+    ],
+)
+def test_the_train_modules_run_folder_calls_are_checked(snippet, member):
+    checker = check_source(snippet, "snippet.py", LISTING, TRAIN_UI, NODE_MEMBERS)
+    assert [v.member for v in checker.violations] == [member], checker.violations
+
+
+def test_the_train_modules_run_folder_calls_pass():
+    snippet = (
+        "class W:\n"
+        "    def f(self):\n"
+        "        self.t = qt.QTimer()\n"
+        "        self.t.setSingleShot(True)\n"
+        "        self.t.setInterval(500)\n"
+        "        self.t.connect('timeout()', print)\n"
+        "        self.ui.outputPathLineEdit.connect('currentPathChanged(QString)', print)\n"
+        "        self.ui.runFolderStatusLabel.setText('x')\n"
+        "        self.ui.runFolderStatusLabel.visible = False\n"
+    )
+    checker = check_source(snippet, "snippet.py", LISTING, TRAIN_UI, NODE_MEMBERS)
+    assert not checker.violations and checker.checked == 6, (checker.violations, checker.checked)  # every call above

@@ -19,10 +19,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from test_slicer_widget_state import Label, Log, Timer, widgets  # noqa: F401  (the fixture)
 
-from slicer_harness import REPO_ROOT, ensure_module_on_path
+from slicer_harness import REPO_ROOT, ensure_module_on_path, fresh_scene
 
 ensure_module_on_path()
 TRAIN_DIR = REPO_ROOT / "LiverSAMTrain"
@@ -301,3 +303,174 @@ def test_log_lines_with_windows_line_ends_are_read():
         path = Path(folder) / "console.log"
         path.write_bytes(b'LIVERSAM_EPOCH {"epoch": 1}\r\n10%\r50%\r\npartial')
         assert LogReader(path).read_lines() == ['LIVERSAM_EPOCH {"epoch": 1}', "50%"]
+
+
+# --- the widget ------------------------------------------------------------------------------------------------------
+class QtTimer(Timer):
+    def setInterval(self, ms: int) -> None:  # noqa: N802 - Qt's names
+        self.interval = ms
+
+    def setSingleShot(self, single: bool) -> None:  # noqa: N802
+        self.single = single
+
+    def connect(self, signal_name: str, slot) -> None:
+        self.slot = slot
+
+
+class Widget(SimpleNamespace):
+    """A Qt widget: its properties as attributes, its signals connected by name."""
+
+    def connect(self, signal_name: str, slot) -> None:
+        self.__dict__.setdefault("slots", {})[signal_name] = slot
+
+    def setText(self, text: str) -> None:  # noqa: N802
+        self.text = text
+
+    def setMaximum(self, value: int) -> None:  # noqa: N802
+        self.maximum = value
+
+    def setValue(self, value: int) -> None:  # noqa: N802
+        self.value = value
+
+
+def set_up(train, monkeypatch, run_dir: Path):
+    """``LiverSAMTrainWidget()`` + ``setup()`` as Slicer runs them, its .ui's widgets stood in for; the run folder field
+    holding ``run_dir`` (Slicer keeps the field's last path across a reload)."""
+    fresh_scene()
+    ui = SimpleNamespace(
+        outputPathLineEdit=Widget(currentPath=str(run_dir)), dataPathLineEdit=Widget(currentPath=""),
+        runFolderStatusLabel=Widget(text="", visible=True),
+        statusLabel=Label(), logTextEdit=Log(), progressBar=Widget(maximum=100, value=0),
+        curvesComboBox=Widget(currentIndex=0),
+        **{name: Widget(enabled=True) for name in ("addPairButton", "clearPairsButton", "startButton", "resumeButton",
+                                                    "stopButton")},
+    )  # fmt: skip
+    monkeypatch.setattr(train.qt, "QTimer", QtTimer, raising=False)
+    monkeypatch.setattr(train.slicer, "app", SimpleNamespace(
+        majorVersion=5, minorVersion=10, testingEnabled=lambda: True,  # (error dialogs are logged only)
+        setOverrideCursor=lambda cursor: None, restoreOverrideCursor=lambda: None), raising=False)  # fmt: skip
+    monkeypatch.setattr(train.qt, "Qt", SimpleNamespace(WaitCursor=3), raising=False)
+    monkeypatch.setattr(train.ScriptedLoadableModuleWidget, "setup", lambda self: None, raising=False)
+    monkeypatch.setattr(train.slicer.util, "loadUI", lambda path: SimpleNamespace(setMRMLScene=lambda scene: None))
+    monkeypatch.setattr(train.slicer.util, "childWidgetVariables", lambda widget: ui)
+    widget = train.LiverSAMTrainWidget()
+    widget.layout = SimpleNamespace(addWidget=lambda w: None)
+    widget.resourcePath = lambda path: path
+    widget.setup()
+    return widget
+
+
+def buttons(widget) -> tuple[bool, bool, bool]:
+    return widget.ui.startButton.enabled, widget.ui.resumeButton.enabled, widget.ui.stopButton.enabled
+
+
+def poll_until_ended(widget) -> None:
+    _wait(lambda: widget.poll() or not widget._timer.active, "the widget did not notice the end")
+
+
+@POSIX_SIGNALS
+def test_a_widget_made_again_follows_the_run_its_predecessor_started_and_stops_it(widgets, tmp_path, monkeypatch):  # noqa: F811
+    """The module reloaded while its training runs: the new widget shows the run (PID, since when), its output since it
+    started and its progress, Stop enabled; Stop sends SIGTERM (the run ends by itself), and Start comes back."""
+    _liversam, train = widgets
+    run = tmp_path / "run"
+    monkeypatch.setattr(train.TrainingLogic, "environment_problem", lambda python: None)
+    monkeypatch.setattr(train.TrainingLogic, "build_train_command", lambda settings, python: _holder_command(run))
+    first = set_up(train, monkeypatch, run)
+    assert buttons(first) == (True, True, False)
+    first.logic.start(train.TrainingLogic.TrainingSettings(data="d", out=str(run), epochs=3), sys.executable)
+    pid = first.logic.process.pid
+    _wait(lambda: holder(run) == pid, "the run did not take its folder's lock")
+    _wait(lambda: "LIVERSAM_EPOCH" in (run / "console.log").read_text(), "no epoch")
+    first.cleanup()  # Reload: the process keeps running
+    try:
+        widget = set_up(train, monkeypatch, run)  # the new widget
+        assert buttons(widget) == (False, False, True) and widget._timer.active  # Stop enabled, Start / Resume not
+        note = widget.ui.runFolderStatusLabel.text
+        assert f"PID {pid}" in note and "since 20" in note and widget.ui.runFolderStatusLabel.visible
+        assert widget.ui.statusLabel.text.startswith("Epoch 1/3: validation Dice 0.900")  # its output, read again
+        assert widget.ui.progressBar.value == 1 and widget.ui.progressBar.maximum == 3
+        widget.onStop()
+        assert widget.ui.statusLabel.text == "Stopping..." and buttons(widget) == (False, False, False)
+        poll_until_ended(widget)
+        assert first.logic.process.wait(30) == 143 and "got SIGTERM" in (run / "train.log").read_text()
+        assert widget.ui.statusLabel.text == "Stopped. Resume continues from the last completed epoch."
+        assert "has ended" in widget.ui.runFolderStatusLabel.text and buttons(widget) == (True, True, False)
+        widget.cleanup()
+    finally:
+        _end(first.logic.process)
+
+
+def test_a_terminals_run_that_finishes_says_done_and_which_model_it_registered(widgets, tmp_path, monkeypatch):  # noqa: F811
+    """A run started from a terminal prints no events into a file the module reads: its progress comes from
+    history.csv, its log from train.log, and its end from result.json."""
+    _liversam, train = widgets
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"epochs": 5}))
+    (run / "history.csv").write_text("epoch,train_loss,val_loss,val_dice_mean\n0,,0.4,0.81\n1,0.5,0.35,0.86\n")
+    process = _start_elsewhere(run)
+    monkeypatch.setattr(train.slicer.modules, "plots", SimpleNamespace(logic=lambda: SimpleNamespace(
+        ShowChartInLayout=lambda chart: None)), raising=False)  # fmt: skip
+    try:
+        widget = set_up(train, monkeypatch, run)
+        assert buttons(widget) == (False, False, True)
+        assert f"PID {process.pid}" in widget.ui.runFolderStatusLabel.text
+        assert widget.ui.statusLabel.text.startswith("Epoch 1/5 done: validation Dice 0.860")
+        assert (widget.ui.progressBar.value, widget.ui.progressBar.maximum) == (1, 5)
+        assert widget.logic.tableNode.GetTable().GetNumberOfRows() == 2  # the curves
+        assert any("training started" in line for line in widget.ui.logTextEdit.lines)  # train.log's last lines
+        (run / "finish-now").touch()
+        poll_until_ended(widget)
+        assert process.wait(30) == 0
+        assert widget.ui.statusLabel.text == f"Done. Best model: {run / 'best.pt'} (registered as 'mine')"
+        assert "has finished" in widget.ui.runFolderStatusLabel.text and buttons(widget) == (True, True, False)
+        widget.cleanup()
+    finally:
+        _end(process)
+
+
+def test_choosing_another_run_folder_follows_its_run_and_leaves_the_last_one_running(widgets, tmp_path, monkeypatch):  # noqa: F811
+    _liversam, train = widgets
+    idle, busy = tmp_path / "idle", tmp_path / "busy"
+    idle.mkdir()
+    process = _start_elsewhere(busy)
+    try:
+        widget = set_up(train, monkeypatch, idle)
+        assert buttons(widget) == (True, True, False)
+        assert not widget.ui.runFolderStatusLabel.visible  # hidden: nothing runs in the run folder
+        field = widget.ui.outputPathLineEdit
+        for n in range(1, len(str(busy)) + 1):  # typed: looked at once it settles, not at each keystroke
+            field.currentPath = str(busy)[:n]
+            field.slots["currentPathChanged(QString)"](field.currentPath)
+        assert widget._runFolderTimer.active and buttons(widget) == (True, True, False)
+        widget._runFolderTimer.slot()  # settled
+        assert buttons(widget) == (False, False, True)
+        assert f"PID {process.pid}" in widget.ui.runFolderStatusLabel.text and widget.ui.runFolderStatusLabel.visible
+
+        field.currentPath = str(idle)  # another folder: that run is followed no longer, and keeps running
+        widget._followRunInFolder()
+        assert buttons(widget) == (True, True, False) and not widget.ui.runFolderStatusLabel.visible
+        assert not widget._timer.active and process.poll() is None
+        assert any(f"(PID {process.pid})" in line and "keeps running" in line for line in widget.ui.logTextEdit.lines)
+        widget.cleanup()
+    finally:
+        _end(process)
+
+
+def test_start_in_a_folder_a_run_took_meanwhile_follows_that_run(widgets, tmp_path, monkeypatch):  # noqa: F811
+    """A run started from a terminal after the folder was chosen: Start follows it instead of refusing it."""
+    _liversam, train = widgets
+    run = tmp_path / "run"
+    widget = set_up(train, monkeypatch, run)
+    assert buttons(widget) == (True, True, False)
+    process = _start_elsewhere(run)
+    try:
+        widget.onStart()
+        assert widget._check is None  # nothing started
+        assert buttons(widget) == (False, False, True)
+        assert f"PID {process.pid}" in widget.ui.runFolderStatusLabel.text
+        assert any("already running in this run folder" in line for line in widget.ui.logTextEdit.lines)
+        widget.cleanup()
+    finally:
+        _end(process)

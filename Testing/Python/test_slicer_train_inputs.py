@@ -62,6 +62,7 @@ def train_widget(train, run_dir: Path, **fields):
     widget = train.LiverSAMTrainWidget.__new__(train.LiverSAMTrainWidget)
     widget._pairs, widget._settings = [], None
     widget._sceneObservation, widget._timer, widget._check, widget.logic = None, None, None, None
+    widget._runFolderTimer = None
     values = {"epochs": 3, "batchSize": 8, "lr": 1e-4, "augmentCopies": 0, "maxSlices": 1, "seed": 0, **fields}
     widget.ui = SimpleNamespace(
         outputPathLineEdit=SimpleNamespace(currentPath=str(run_dir)),
@@ -509,3 +510,34 @@ HISTORY_ROWS = [
     "0,,0.344,0.894,0.808,0.818,0.692,0.856,0.0001,16.3,\n",
     "1,0.467,0.347,0.889,0.801,0.841,0.725,0.865,0.0001,68.1,0.43\n",
 ]
+
+
+class EndingProcess(Process):
+    """A process that writes its last line and ends between the poll's reading of its log and its asking whether it
+    still runs."""
+
+    def __init__(self, last_line: str) -> None:
+        super().__init__([], None)
+        self.last_line = last_line
+
+    def read_lines(self) -> list[str]:
+        if self.code is None:  # nothing new yet; right after this read the process prints its last line and exits
+            self.code = 0
+            return []
+        lines, self.last_line = [self.last_line] if self.last_line else [], ""
+        return lines
+
+
+def test_the_last_line_of_a_process_that_ends_between_two_reads_is_shown(widgets):  # noqa: F811
+    """The poll read the log, then asked whether the process still ran: a DONE (or an error) written in between was
+    never read, and the run ended without "Done". The poll now asks first, and an ended process is read once more."""
+    _liversam, train = widgets
+    done = "LIVERSAM_DONE " + json.dumps({"best_checkpoint": "best.pt", "registered_name": "mine"})
+    widget = polled(train, [])
+    stops: list[bool] = []
+    widget._timer = SimpleNamespace(stop=lambda: stops.append(True))
+    widget.logic.process = EndingProcess(done)
+    widget.poll()  # the read found nothing; the process ended right after it
+    assert not stops, "the run was reported ended before its last line was read"
+    widget.poll()
+    assert stops and widget.ui.statusLabel.text == "Done. Best model: best.pt (registered as 'mine')"
