@@ -598,14 +598,95 @@ def test_the_fallback_is_a_private_folder_of_this_user_or_none(tmp_path, unwrita
     base.unlink()
 
     shared = tmp_path / "shared"
-    assert encoder_cache(shared).fallback is None  # writable: no fallback
+    assert encoder_cache(shared).write_folder() == shared and not base.exists()  # writable: no fallback
     unwritable(shared)
     cache = encoder_cache(shared)
-    assert (cache.folder, cache.fallback, cache.write_folder) == (shared, base / "encoders", base / "encoders")
+    assert (cache.folder, cache.write_folder()) == (shared, base / "encoders")
+    assert cache.fallback == base / "encoders"
     assert "Permission denied" in cache.problem and not cache.fallback_used
     base.chmod(0o770)
     cache = encoder_cache(shared)
-    assert cache.fallback is None and cache.write_folder == shared and "other users" in cache.fallback_problem
+    assert cache.write_folder() == shared and cache.fallback is None and "other users" in cache.fallback_problem
+
+
+def _fallback_base(tmp_path):
+    import os
+
+    return tmp_path / "tmp" / f"liversam-cache-{os.geteuid()}"
+
+
+def test_a_read_only_cache_that_has_everything_leaves_no_fallback_folder(tmp_path, unwritable) -> None:
+    """Before, the fallback's folder (tmp/liversam-cache-<uid>, mode 0700) was made as soon as the cache folder was
+    read-only, so an empty folder was left in /tmp by every run on a complete shared cache. It is made only when
+    something is stored; one that exists already is read; the fallback counts as used only then."""
+    import stat
+
+    from liversam.acceleration import _verdict_folders, cached_agreement, encoder_cache
+
+    base = _fallback_base(tmp_path)
+    shared = tmp_path / "shared"
+    (shared / "agreement").mkdir(parents=True)
+    (shared / "entry").mkdir()
+    (shared / "entry" / "encoder.onnx").write_text("graph")
+    unwritable(shared)
+    cache = encoder_cache(shared)
+    assert not base.exists()
+    assert cache.find("entry/encoder.onnx") == shared / "entry" / "encoder.onnx"
+    assert cache.find("entry/missing.onnx") is None
+    assert cache.folders == (shared,) and _verdict_folders(cache).read_folders() == (shared / "agreement",)
+    assert cached_agreement(_verdict_folders(cache), "no-such-verdict") is None
+    assert not base.exists() and cache.fallback is None and cache.fallback_problem is None
+    assert not cache.fallback_used  # nothing read from or stored in it: no warning
+
+    stored = cache.to_write("entry/missing.onnx")  # something must be stored: the fallback is made now
+    assert stored == base / "encoders" / "entry" / "missing.onnx" and cache.fallback_used
+    assert stat.S_IMODE(base.stat().st_mode) == 0o700
+    assert _verdict_folders(cache).write_folder() == base / "encoders" / "agreement"
+    stored.parent.mkdir(parents=True)
+    stored.write_text("graph")
+
+    again = encoder_cache(shared)  # the next run reads what the fallback holds
+    assert again.folders == (shared, base / "encoders") and not again.fallback_used
+    assert again.find("entry/encoder.onnx") == shared / "entry" / "encoder.onnx" and not again.fallback_used
+    assert again.find("entry/missing.onnx") == stored and again.fallback_used
+
+
+@pytest.mark.parametrize("kind", ["writable by others", "a link", "another user's"])
+def test_an_existing_fallback_that_is_not_private_is_neither_read_nor_written(tmp_path, unwritable, kind) -> None:
+    """The fallback is now looked at only when it is needed; the checks are as strict as when it was made at once: a
+    fallback someone else could have put an export in is not read from (an export there is never used), nor written
+    to, and why is said (in the warning that the cache folder cannot be written)."""
+    import os
+
+    from liversam.acceleration import encoder_cache
+
+    base = _fallback_base(tmp_path)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    planted = tmp_path / "planted"
+    (planted / "encoders" / "entry").mkdir(parents=True)
+    (planted / "encoders" / "entry" / "encoder.onnx").write_text("someone else's graph")
+    if kind == "a link":
+        planted.chmod(0o700)
+        base.symlink_to(planted)
+        reason = f"'{base}' is not a folder (a symbolic link)"
+    elif kind == "writable by others":
+        planted.rename(base)
+        base.chmod(0o777)
+        reason = f"'{base}' can be written by other users (mode drwxrwxrwx; it must be 0700)"
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("making another user's folder needs root (os.chown); run as root as CI does")
+        planted.rename(base)
+        base.chmod(0o700)
+        os.chown(base, 65534, 65534)
+        reason = f"'{base}' belongs to another user (uid 65534)"
+    unwritable(shared)
+    cache = encoder_cache(shared)
+    assert cache.find("entry/encoder.onnx") is None and cache.folders == (shared,)
+    assert cache.fallback is None and cache.fallback_problem == reason
+    assert cache.to_write("entry/encoder.onnx") == shared / "entry" / "encoder.onnx" and not cache.fallback_used
+    assert encoder_cache(shared).write_folder() == shared  # a cache that only writes is refused the same way
 
 
 @pytest.mark.model
@@ -652,6 +733,7 @@ def test_a_complete_read_only_cache_is_used_as_it_is_without_a_warning(
 ) -> None:
     """Pre-filled by setup.sh or an administrator: exports and verdicts are read from it; nothing is stored in the
     fallback and nothing is said."""
+    import os
     import shutil
 
     cache, backend = export_cache
@@ -663,30 +745,108 @@ def test_a_complete_read_only_cache_is_used_as_it_is_without_a_warning(
         got = enable_fast_encoder(model, "auto", cache_dir=shared, precision="fp32", check_set=check_set_slice(30))
     disable_fast_encoder(model)
     assert got == backend and _snapshot(shared) == before
-    assert _snapshot(tmp_path / "tmp") == {}  # nothing stored in the fallback
+    assert os.listdir(tmp_path / "tmp") == []  # the fallback is not even made (it was, empty, before session 40)
     assert "Checking" not in caplog.text and "Exporting" not in caplog.text
     assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
 
 
-def test_files_made_from_a_read_only_export_go_to_its_scratch_folder(tmp_path) -> None:
+def test_files_made_from_a_read_only_export_go_to_its_scratch_folder(tmp_path, unwritable) -> None:
     """A split encoder's parts, the int8 model and OpenVINO's model cache are made from the export; for an export in
-    a read-only folder they go to the same-named folder of the fallback, unless the read-only folder has them."""
+    a read-only folder they go to the same-named folder of the fallback, unless the read-only folder has them (then
+    the fallback is not made at all)."""
+    import stat
+
+    from liversam.acceleration import encoder_cache
     from liversam.acceleration.backends import ExportEntry
 
-    shared, scratch = tmp_path / "shared" / "abc-256px", tmp_path / "fallback" / "abc-256px"
+    base = _fallback_base(tmp_path)
+    shared = tmp_path / "shared" / "abc-256px"
+    scratch = base / "encoders" / "abc-256px"
     shared.mkdir(parents=True)
-    entry = ExportEntry(shared, shared / "encoder.onnx", shared / "reference.npy", 256, scratch)
-    assert entry.derived("stem.onnx", "rest.onnx") == (scratch / "stem.onnx", scratch / "rest.onnx")
-    assert entry.openvino_cache_dir() == scratch / "openvino_cache" and scratch.is_dir()
     for name in ("stem.onnx", "rest.onnx"):
         (shared / name).write_text("x")
     (shared / "openvino_cache").mkdir()
+    unwritable(shared.parent)
+    cache = encoder_cache(shared.parent)
+    entry = ExportEntry(shared, shared / "encoder.onnx", shared / "reference.npy", 256, cache)
     assert entry.derived("stem.onnx", "rest.onnx") == (shared / "stem.onnx", shared / "rest.onnx")
     assert entry.openvino_cache_dir() == shared / "openvino_cache"
+    assert not base.exists() and entry.scratch(create=False) is None  # all there: nothing made
+
     (shared / "rest.onnx").unlink()  # both parts from one place
+    (shared / "openvino_cache").rmdir()
     assert entry.derived("stem.onnx", "rest.onnx") == (scratch / "stem.onnx", scratch / "rest.onnx")
+    assert scratch.is_dir() and stat.S_IMODE(base.stat().st_mode) == 0o700
+    assert entry.openvino_cache_dir() == scratch / "openvino_cache" and (scratch / "openvino_cache").is_dir()
     writable = ExportEntry(shared, shared / "encoder.onnx", shared / "reference.npy", 256)
     assert writable.derived("stem.onnx", "rest.onnx") == (shared / "stem.onnx", shared / "rest.onnx")
+    in_fallback = ExportEntry(scratch, scratch / "encoder.onnx", scratch / "reference.npy", 256, cache)
+    assert in_fallback.scratch(create=True) is None  # an export in the fallback is writable: beside it
+
+
+def test_files_made_from_a_read_only_export_stay_beside_it_when_the_fallback_is_refused(tmp_path, unwritable) -> None:
+    """No usable fallback: the paths beside the read-only export are given (writing them fails, and the candidate is
+    refused with the cache folder's warning), and OpenVINO compiles without its model cache."""
+    from liversam.acceleration import encoder_cache
+    from liversam.acceleration.backends import ExportEntry
+
+    base = _fallback_base(tmp_path)
+    base.mkdir(mode=0o700)
+    base.chmod(0o777)
+    shared = tmp_path / "shared" / "abc-256px"
+    shared.mkdir(parents=True)
+    (shared / "openvino_cache").write_text("not a folder")  # mkdir fails, as in a read-only folder
+    unwritable(shared.parent)
+    cache = encoder_cache(shared.parent)
+    entry = ExportEntry(shared, shared / "encoder.onnx", shared / "reference.npy", 256, cache)
+    assert entry.derived("stem.onnx", "rest.onnx") == (shared / "stem.onnx", shared / "rest.onnx")
+    assert entry.openvino_cache_dir() is None
+    assert "other users" in cache.fallback_problem and list(base.iterdir()) == []
+
+
+def _fake_export(folder) -> None:
+    folder.mkdir(parents=True)
+    for name in ("encoder.onnx", "reference.npy", "export.json"):
+        (folder / name).write_text("x")
+
+
+def test_clear_cache_clears_the_cache_folder_and_this_users_fallback(tmp_path, monkeypatch, caplog) -> None:
+    """Before, the exports kept in the fallback (made for a read-only cache folder) were never cleared. Both folders
+    are now cleared, only entries holding an export.json (as before), and what was removed from where is returned.
+    The fallback is under tmp_path/tmp here, never the machine's /tmp."""
+    import tempfile
+
+    from liversam.acceleration import clear_cache, fallback_cache_dir
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    cache, fallback = tmp_path / "cache", fallback_cache_dir()
+    assert fallback == _fallback_base(tmp_path) / "encoders"
+    assert clear_cache(cache) == {} and not fallback.parent.exists()  # nothing there: nothing made
+    for folder in (cache, fallback):
+        _fake_export(folder / "aaa-1024px")
+        (folder / "agreement").mkdir()
+        (folder / "agreement" / "verdict.json").write_text("{}")
+        (folder / "notes").mkdir()
+    _fake_export(fallback / "bbb-1024px")
+    fallback.parent.chmod(0o700)
+    with caplog.at_level("INFO", logger="liversam.acceleration"):
+        report = clear_cache(cache)
+    assert report == {cache: [cache / "aaa-1024px"], fallback: [fallback / "aaa-1024px", fallback / "bbb-1024px"]}
+    assert f"Removed 2 exported encoder(s) from '{fallback}'" in caplog.text
+    for folder in (cache, fallback):
+        assert sorted(p.name for p in folder.iterdir()) == ["agreement", "notes"]  # only export entries go
+        assert (folder / "agreement" / "verdict.json").is_file()
+
+    _fake_export(fallback / "ccc-1024px")  # a fallback others can write to is not ours to clear
+    fallback.parent.chmod(0o777)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="liversam.acceleration"):
+        assert clear_cache(cache) == {cache: []}
+    assert (fallback / "ccc-1024px" / "export.json").is_file()
+    assert "The encoder cache's fallback is not cleared: " in caplog.text and "other users" in caplog.text
+    fallback.parent.chmod(0o700)
+    assert clear_cache(fallback) == {fallback: [fallback / "ccc-1024px"]}  # the fallback given: cleared once
 
 
 def test_openvino_compiles_uncached_when_its_cache_folder_cannot_be_made(tmp_path) -> None:

@@ -39,6 +39,7 @@ from .backends import (
     STEM_SPLITS,
     TOLERANCE,
     BackendUnavailable,
+    CacheSubfolder,
     EncoderCache,
     OnnxRuntimeEncoder,
     OpenVINOEncoder,
@@ -270,7 +271,8 @@ def enable_fast_decoder(
                 onnx_path.parent.mkdir(parents=True, exist_ok=True)
                 log.info("Exporting the prompt decoder to ONNX once (cached in %s) ...", onnx_path.parent)
                 export_decoder_onnx(model.network, onnx_path)
-            if onnx_path.parent.parent == cache.write_folder:  # never in a read-only shared cache
+            written = cache.folder if cache.problem is None else cache.fallback
+            if onnx_path.parent.parent == written:  # never in a read-only shared cache
                 _remove_stale_decoder_exports(onnx_path.parent, onnx_path)
             fast = FastPromptDecoder(onnx_path, name, threads, fallback=model.decode, precision=precision)
             entry = prepare_export(model.network.image_encoder, model.input_size, cache)
@@ -334,9 +336,10 @@ def _verdict_label(encoder_backend: str, decoder_backend: str) -> str:
     return f"{encoder_backend}+{decoder_backend}"
 
 
-def _verdict_folders(cache: EncoderCache) -> tuple[Path, ...]:
-    """The mask-check verdict folders, read in order; the last one is written."""
-    return tuple(folder / "agreement" for folder in cache.folders)
+def _verdict_folders(cache: EncoderCache) -> CacheSubfolder:
+    """The mask-check verdict folders: read in order; written where the cache writes (the fallback is made only
+    when a verdict or the reference masks are stored)."""
+    return cache.subfolder("agreement")
 
 
 def _note_fallback_verdict(cache: EncoderCache, key: str) -> None:

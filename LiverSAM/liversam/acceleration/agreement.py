@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 from scipy import ndimage
@@ -200,12 +201,39 @@ def _candidate_masks(model, volume, cases: list[CheckCase], backend: str, precis
     return masks, seconds
 
 
-def _folders(folder: Path | Sequence[Path]) -> tuple[Path, ...]:
-    """The verdict folders: one, or several read in order (a read-only shared cache's first), the last one written."""
-    return (Path(folder),) if isinstance(folder, (str, Path)) else tuple(Path(f) for f in folder)
+class VerdictFolders(Protocol):
+    """Verdict folders read in order (a read-only shared cache's first), and the one written, asked for only when
+    something is written (:class:`~liversam.acceleration.backends.CacheSubfolder`: its fallback is made only then)."""
+
+    def read_folders(self) -> tuple[Path, ...]: ...
+
+    def write_folder(self) -> Path: ...
 
 
-def _reference_masks(model, volume, cases, folder: Path | Sequence[Path], weights_sha: str) -> list[np.ndarray]:
+Folders = Path | Sequence[Path] | VerdictFolders
+
+
+def _folders(folder: Folders) -> tuple[Path, ...]:
+    """The verdict folders read, in order: the one given, several (the last one is also written), or those of a
+    :class:`VerdictFolders`."""
+    if isinstance(folder, (str, Path)):
+        return (Path(folder),)
+    if hasattr(folder, "read_folders"):
+        return folder.read_folders()
+    return tuple(Path(f) for f in folder)
+
+
+def _write_folder(folder: Folders) -> Path:
+    """The verdict folder written: the one given, the last of several, or that of a :class:`VerdictFolders` (which
+    may make it now: call only when something is written)."""
+    if isinstance(folder, (str, Path)):
+        return Path(folder)
+    if hasattr(folder, "write_folder"):
+        return folder.write_folder()
+    return Path(folder[-1])
+
+
+def _reference_masks(model, volume, cases, folder: Folders, weights_sha: str) -> list[np.ndarray]:
     """fp32 PyTorch masks of ``cases`` (embeddings kept as every run keeps them), from the cache or computed (and
     cached) now."""
     tag = cases_tag(cases)
@@ -221,12 +249,12 @@ def _reference_masks(model, volume, cases, folder: Path | Sequence[Path], weight
                     return [m.astype(bool) for m in bits.reshape(shape)]
         except (OSError, KeyError, ValueError):
             pass  # unreadable: compute again
-    folder = _folders(folder)[-1]
-    path = folder / name
     log.info("Computing the fp32 PyTorch reference masks of the agreement check (once per model) ...")
     with plain_model(model):
         masks, _ = predict_masks(model, volume, cases)
     stack = np.stack(masks)
+    folder = _write_folder(folder)
+    path = folder / name
     try:  # a cache: a folder that cannot be written costs this computation again next time, not the candidate
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp, open(tmp, "wb") as handle:
@@ -275,7 +303,7 @@ def agreement_key(weights_sha: str, backend: str, precision: str, tag: str = "")
     return re.sub(r"[^A-Za-z0-9+_-]", "_", key)
 
 
-def cached_agreement(folder: Path | Sequence[Path], key: str) -> AgreementResult | None:
+def cached_agreement(folder: Folders, key: str) -> AgreementResult | None:
     """The verdict ``key`` stored in ``folder`` (or the first of several folders that holds a readable one)."""
     for path in (f / f"{key}.json" for f in _folders(folder)):
         if not path.is_file():
@@ -296,15 +324,16 @@ def check_agreement(
     backend: str,
     precision: str,
     weights_sha: str,
-    folder: Path | Sequence[Path],
+    folder: Folders,
     check_set=None,
     use_cache: bool = True,
 ) -> AgreementResult:
     """Compare ``model``'s masks (with its current overrides) with fp32 PyTorch masks; cache the verdict.
 
-    ``folder``: where verdicts are kept; several folders are read in order and the last one is written (a read-only
-    shared cache, then its fallback). ``check_set``: (volume, cases), default :func:`load_check_set`. Raises
-    ``FileNotFoundError`` when there is no check set (an installation without ``examples/lits117``).
+    ``folder``: where verdicts are kept; several folders are read in order and the last one is written, or a
+    :class:`VerdictFolders` (a read-only shared cache, then its fallback, made only when written). ``check_set``:
+    (volume, cases), default :func:`load_check_set`. Raises ``FileNotFoundError`` when there is no check set (an
+    installation without ``examples/lits117``).
     """
     check_set = check_set if check_set is not None else load_check_set()
     if check_set is None:
@@ -335,7 +364,7 @@ def check_agreement(
         reason="" if accepted else f"mask Dice mean {mean:.4f} / min {low:.4f} below {MIN_MEAN_DICE} / {MIN_DICE}",
     )
     if use_cache:
-        folder = _folders(folder)[-1]
+        folder = _write_folder(folder)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             payload = {"format": AGREEMENT_FORMAT, **asdict(result), "runtime": runtime_version(backend),

@@ -7,7 +7,8 @@
 
 Exported graphs live in a per-user cache folder keyed by the SHA-256 of the encoder weights (never in the
 install folder); when that folder cannot be written, new files go to a per-user fallback in the system temporary
-folder and what the folder already holds is still used (:class:`EncoderCache`). Each export stores the plain-PyTorch embedding of a fixed synthetic test image; every time
+folder (made only when something is stored there) and what the folder already holds is still used
+(:class:`EncoderCache`). Each export stores the plain-PyTorch embedding of a fixed synthetic test image; every time
 a backend is loaded its output on that image is compared with it, so a broken export can never be used.
 """
 
@@ -28,7 +29,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -139,9 +140,12 @@ class EncoderCache:
     """Where exported encoders, decoder graphs and check verdicts are looked for, and where new ones are stored.
 
     ``folder``: the cache folder (:func:`default_cache_dir`, or the ``cache_dir`` given). When it cannot be written
-    (``problem`` says why), new files go to ``fallback`` (:func:`fallback_cache_dir`) and what ``folder`` holds is
+    (``problem`` says why), new files go to the fallback (:func:`fallback_cache_dir`) and what ``folder`` holds is
     still read first: a shared, pre-filled read-only cache is used as it is, nothing is exported again.
-    ``fallback_problem``: why there is no fallback either (then only what ``folder`` holds can be used).
+    The fallback is opened lazily (:meth:`open_fallback`): read when it exists already, made only when something must
+    be written, so a complete read-only cache leaves nothing in the temporary folder. ``fallback``: the fallback once
+    opened (found or made, and checked by :func:`prepare_fallback_cache_dir`), else None. ``fallback_problem``: why
+    there is no fallback either, once that is known (then only what ``folder`` holds can be used).
     ``fallback_used``: a file was read from or stored in the fallback (the run depends on it: it is warned about)."""
 
     folder: Path
@@ -150,14 +154,28 @@ class EncoderCache:
     fallback_problem: str | None = None
     fallback_used: bool = False
 
-    @property
-    def folders(self) -> tuple[Path, ...]:
-        """The folders read, in order."""
-        return (self.folder,) if self.fallback is None else (self.folder, self.fallback)
+    def open_fallback(self, create: bool) -> Path | None:
+        """The fallback, checked, when ``folder`` cannot be written and the fallback is not refused; ``create``: its
+        user folder is made (mode 0700) when missing, else None while it does not exist (nothing is made). A refusal
+        (another user's, a link, writable by others, not writable) is kept in ``fallback_problem``."""
+        if self.problem is None or self.fallback_problem is not None:
+            return None
+        if self.fallback is None:
+            if not create and not os.path.lexists(fallback_cache_dir().parent):
+                return None
+            self.fallback, self.fallback_problem = prepare_fallback_cache_dir()
+        return self.fallback
 
     @property
+    def folders(self) -> tuple[Path, ...]:
+        """The folders read, in order (the fallback only when it exists already; it is not made)."""
+        fallback = self.open_fallback(create=False)
+        return (self.folder,) if fallback is None else (self.folder, fallback)
+
     def write_folder(self) -> Path:
-        return self.folder if self.fallback is None else self.fallback
+        """Where new files go: ``folder``, or when it cannot be written the fallback, made now when missing (the
+        cache folder again when the fallback is refused: writing there then fails, as it would without one)."""
+        return self.open_fallback(create=True) or self.folder
 
     def find(self, relative: str | Path, valid: Callable[[Path], bool] = os.path.isfile) -> Path | None:
         """The first ``<folder>/relative`` for which ``valid`` holds, the cache folder first."""
@@ -168,24 +186,43 @@ class EncoderCache:
         return None
 
     def to_write(self, relative: str | Path) -> Path:
-        """Where a new ``relative`` is stored."""
-        self.fallback_used = self.fallback_used or self.fallback is not None
-        return self.write_folder / relative
+        """Where a new ``relative`` is stored (the fallback is made when it is the place)."""
+        root = self.write_folder()
+        self.fallback_used = self.fallback_used or (self.fallback is not None and root == self.fallback)
+        return root / relative
+
+    def subfolder(self, name: str) -> CacheSubfolder:
+        """``name`` in each of the folders: read in order, written where this cache writes (made only then)."""
+        return CacheSubfolder(self, name)
+
+
+@dataclass(frozen=True, eq=False)
+class CacheSubfolder:
+    """A subfolder (``agreement``) of an :class:`EncoderCache`'s folders: :meth:`read_folders` never makes the
+    fallback, :meth:`write_folder` does when it is where new files go. Does not count as using the fallback."""
+
+    cache: EncoderCache
+    name: str
+
+    def read_folders(self) -> tuple[Path, ...]:
+        return tuple(root / self.name for root in self.cache.folders)
+
+    def write_folder(self) -> Path:
+        return self.cache.write_folder() / self.name
 
 
 def encoder_cache(cache_dir: str | Path | EncoderCache | None = None) -> EncoderCache:
-    """The :class:`EncoderCache` of ``cache_dir`` (default :func:`default_cache_dir`): the fallback is set up only
-    when the folder cannot be written."""
+    """The :class:`EncoderCache` of ``cache_dir`` (default :func:`default_cache_dir`). Nothing is made here: the
+    fallback is only looked at when the folder cannot be written, and then only when something is read or stored."""
     if isinstance(cache_dir, EncoderCache):
         return cache_dir
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     problem = folder_write_problem(folder)
     if problem is None:
         return EncoderCache(folder)
-    fallback, fallback_problem = prepare_fallback_cache_dir()
-    if fallback is not None and fallback.resolve() == folder.resolve():
-        fallback, fallback_problem = None, "it is the fallback itself"
-    return EncoderCache(folder, problem, fallback, fallback_problem)
+    if fallback_cache_dir().resolve() == folder.resolve():
+        return EncoderCache(folder, problem, fallback_problem="it is the fallback itself")
+    return EncoderCache(folder, problem)
 
 
 def encoder_weights_sha256(encoder: nn.Module) -> str:
@@ -303,35 +340,46 @@ class TorchFusedEncoder:
 class ExportEntry:
     """One cache entry: the exported graph and the reference embedding of :func:`reference_image`.
 
-    ``scratch``: for an entry in a cache folder that cannot be written, the same-named folder in the fallback, where
-    the files made from the export (:meth:`derived`) go; None when ``folder`` is writable."""
+    ``cache``: the :class:`EncoderCache` the entry was found in. For an entry in a cache folder that cannot be
+    written, the files made from the export (:meth:`derived`, OpenVINO's model cache) go to the same-named folder of
+    its fallback (:meth:`scratch`); None, or a writable folder: they go beside the export."""
 
     folder: Path
     onnx_path: Path
     reference_path: Path
     input_size: int
-    scratch: Path | None = None
+    cache: EncoderCache | None = field(default=None, compare=False, repr=False)
 
     def reference_embedding(self) -> torch.Tensor:
         return torch.from_numpy(np.load(self.reference_path))
 
+    def scratch(self, create: bool) -> Path | None:
+        """The same-named folder in the fallback, for an export in a cache folder that cannot be written (not made
+        here); None for one in a writable folder or the fallback, when the fallback is refused, or, unless
+        ``create`` (then the fallback's user folder is made when missing), when the fallback does not exist."""
+        cache = self.cache
+        if cache is None or cache.problem is None or self.folder.parent != cache.folder:
+            return None
+        fallback = cache.open_fallback(create)
+        return None if fallback is None else fallback / self.folder.name
+
     def derived(self, *names: str) -> tuple[Path, ...]:
         """The paths of files made from the export (a split's two parts, the int8 model's two files): beside it
-        when all are there or its folder is writable, else in ``scratch`` (made when missing)."""
+        when all are there or its folder is writable, else in :meth:`scratch` (made when missing)."""
         here = tuple(self.folder / name for name in names)
-        if self.scratch is None or all(path.is_file() for path in here):
+        if all(path.is_file() for path in here) or (scratch := self.scratch(create=True)) is None:
             return here
-        self.scratch.mkdir(parents=True, exist_ok=True)
-        return tuple(self.scratch / name for name in names)
+        scratch.mkdir(parents=True, exist_ok=True)
+        return tuple(scratch / name for name in names)
 
     def openvino_cache_dir(self) -> Path | None:
         """OpenVINO's model cache for this export: ``openvino_cache`` beside it (read-only is fine for OpenVINO when
-        the folder exists), else in ``scratch``; None when neither can be made (then graphs are compiled uncached:
-        OpenVINO refuses to compile when it cannot create its cache folder)."""
-        for folder in (self.folder, self.scratch):
+        the folder exists), else in :meth:`scratch`; None when neither can be made (then graphs are compiled
+        uncached: OpenVINO refuses to compile when it cannot create its cache folder)."""
+        for folder in (self.folder, self.scratch(create=False)):
             if folder is not None and (folder / "openvino_cache").is_dir():
                 return folder / "openvino_cache"
-        target = (self.scratch or self.folder) / "openvino_cache"
+        target = (self.scratch(create=True) or self.folder) / "openvino_cache"
         try:
             target.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -394,8 +442,7 @@ def prepare_export(
     name = f"{sha}-{input_size}px"
     found = cache.find(name, _valid_export)
     if found is not None:
-        scratch = cache.fallback / name if found.parent == cache.folder and cache.fallback is not None else None
-        return ExportEntry(found, found / "encoder.onnx", found / "reference.npy", input_size, scratch)
+        return ExportEntry(found, found / "encoder.onnx", found / "reference.npy", input_size, cache)
     folder = cache.to_write(name)
     entry = ExportEntry(folder, folder / "encoder.onnx", folder / "reference.npy", input_size)
     info_path = folder / "export.json"
@@ -432,16 +479,35 @@ def prepare_export(
     return entry
 
 
-def clear_cache(cache_dir: Path | None = None) -> int:
-    """Delete every exported encoder in the cache folder; returns how many entries were removed."""
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    removed = 0
-    if cache_dir.is_dir():
-        for child in cache_dir.iterdir():
+def clear_cache(cache_dir: str | Path | None = None) -> dict[Path, list[Path]]:
+    """Delete every exported encoder (a folder holding its ``export.json``) in the cache folder ``cache_dir`` (default
+    :func:`default_cache_dir`) and in this user's fallback (:func:`fallback_cache_dir`, where exports go when a cache
+    folder cannot be written). The fallback is cleared only when it exists and passes the checks of
+    :func:`prepare_fallback_cache_dir` (this user's, not a link, not writable by others; it is never made here).
+
+    Returns, for each folder cleared, the entries removed (a folder that does not exist is left out). An entry that
+    could not be removed, and a fallback that is refused, are logged as warnings, never raised."""
+    folders = [Path(cache_dir) if cache_dir is not None else default_cache_dir()]
+    if os.path.lexists(fallback_cache_dir().parent):
+        fallback, problem = prepare_fallback_cache_dir()
+        if fallback is None:
+            log.warning("The encoder cache's fallback is not cleared: %s.", problem)
+        elif fallback.resolve() != folders[0].resolve():
+            folders.append(fallback)
+    report: dict[Path, list[Path]] = {}
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        removed = report.setdefault(folder, [])
+        for child in sorted(folder.iterdir()):
             if child.is_dir() and (child / "export.json").exists():
-                shutil.rmtree(child, ignore_errors=True)
-                removed += 1
-    return removed
+                shutil.rmtree(child, ignore_errors=True)  # a link is refused by rmtree, never followed
+                if os.path.lexists(child):
+                    log.warning("Could not remove the exported encoder '%s'.", child)
+                else:
+                    removed.append(child)
+        log.info("Removed %d exported encoder(s) from '%s'.", len(removed), folder)
+    return report
 
 
 # --- runtimes ------------------------------------------------------------------------------------------------
