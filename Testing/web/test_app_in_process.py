@@ -1391,3 +1391,79 @@ def test_an_upload_that_fails_unexpectedly_frees_only_the_busy_it_set(tmp_path, 
         assert not app.state.busy and not app._uploads_open
 
     asyncio.run(scenario())
+
+
+def _scene_ids(app) -> set[str]:
+    scene = app.slicer_app.scene
+    return {scene.GetNthNode(n).GetID() for n in range(scene.GetNumberOfNodes())}
+
+
+@pytest.mark.parametrize("where", ["reader", "reorientation", "segmentation", "session", "views"])
+@pytest.mark.parametrize("before", ["a CT with work", "nothing"])
+def test_an_open_that_fails_unexpectedly_leaves_the_scene_as_it_was(where, before, tmp_path, monkeypatch):
+    """A RuntimeError or MemoryError after the new CT was read (checking it, reordering its slices, building its
+    segmentation, after the server opened its session, while the views were turned to it) freed the page but left a
+    half-opened case: the new volume (and its segmentation) in the scene, the server's session open, or the new CT in
+    the views with the old one's work (or the views showing a volume that was removed). The open is now all or
+    nothing: the scene, the views, the page and the server are as before the open, and the error is told."""
+    from liversam_web import app as app_module
+    from liversam_web import mrml_scene
+
+    client = FakeServer()
+    app = new_app(client)
+    first = write_nrrd(tmp_path / "a.nrrd", synthetic_ct(), DIRECTIONS["lps"])
+    second = write_nrrd(tmp_path / "b.nrrd", synthetic_ct()[1:11], DIRECTIONS["ras"])
+
+    def boom(*_args, **_kwargs):
+        raise (MemoryError if where in ("reader", "session") else RuntimeError)("boom")
+
+    async def scenario():
+        if before != "nothing":
+            await open_ct(app, first)
+            app._jump(5)
+            drag_box(app, (8, 16, 5), (20, 30, 5))
+            await settle(app)
+            app._exported_at = app.workflow.change_marker()  # exported: no guard in the way
+        content, workflow, ids = app.content, app.workflow, _scene_ids(app)
+        state = {key: app.state[key] for key in ("ct_name", "ct_source", "n_slices", "has_ct", "export_names",
+                                                 "axial_k", "status", "can_undo")}
+        sessions = set(client.sessions)
+        shown = content.volume.GetID() if content is not None else None
+        with monkeypatch.context() as patch:
+            if where == "reader":
+                patch.setattr(mrml_scene, "check_ct", boom)
+            elif where == "reorientation":
+                patch.setattr(app_module, "reorient_volume_to_axial", boom)
+            elif where == "segmentation":
+                patch.setattr(mrml_scene, "_add_segment", boom)
+            elif where == "session":
+                patch.setattr(app_module, "Workflow", boom)
+            else:
+                patch.setattr(app, "_attach_prompting", boom)
+            await app._open_path(str(second))
+            await settle(app)
+        error = "MemoryError: boom" if where in ("reader", "session") else "RuntimeError: boom"
+        assert app.state.error.startswith(f"'{second}' could not be opened on the app's machine ({error})"), \
+            app.state.error
+        assert not app.state.busy
+        assert _scene_ids(app) == ids  # nothing of b.nrrd is left in the scene, nothing of a.nrrd removed
+        assert app.content is content and app.workflow is workflow
+        assert {key: app.state[key] for key in state} == state
+        for _ in range(100):  # (closed in a worker thread)
+            if set(client.sessions) == sessions:
+                break
+            await asyncio.sleep(0.05)
+        assert set(client.sessions) == sessions  # the session opened for b.nrrd is closed again
+        assert [view.get_background_volume_id() for view in app.slicer_app.view_manager.get_slice_views()] == \
+            [shown] * 3
+        if workflow is not None:
+            assert workflow.masks["liver"][5].any() and app._current_k() == 5
+
+        await app._open_path(str(second))  # nothing failing: it opens
+        await settle(app)
+        assert not app.state.error and app.state.ct_name == "b.nrrd" and app.content.shape_kji[0] == 10, \
+            app.state.error
+        assert [view.get_background_volume_id() for view in app.slicer_app.view_manager.get_slice_views()] == \
+            [app.content.volume.GetID()] * 3
+
+    asyncio.run(scenario())

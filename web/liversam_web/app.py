@@ -13,7 +13,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from pathlib import Path
@@ -110,6 +110,23 @@ class SeriesOrigin:
     upload_dir: Path | None = None  # the upload's folder, kept while its series are listed
     of_ct_shown: bool = True  # the CT shown is one of its series (False: listed after its series failed to open)
     failed: dict[str, str] = dataclass_field(default_factory=dict)  # the series tried that could not be opened: key -> why
+
+
+@dataclass
+class NewCase:
+    """What an open has added so far: the CT read into the scene, its scene content (segmentation, markups) and its
+    server session; taken away again (``LiverSAMWebApp._discard``) unless the open completes (``committed``)."""
+
+    volume: Any
+    content: SceneContent | None = None
+    session: str | None = None
+    committed: bool = False
+
+
+# the page's state that shows the open case: put back as it was when showing a new case fails half way
+CASE_STATE = ("has_ct", "has_dicom", "dicom_note", "ct_name", "ct_source", "n_slices", "export_names", "probe",
+              "window", "level", "axial_k", "review_rows", "review_items", "review_segment", "lesion_rows", "progress",
+              "propagated", "series_rows", "series_caption", "can_undo", "undo_label")
 
 
 def _first_upper(text: str) -> str:
@@ -795,7 +812,6 @@ class LiverSAMWebApp:
         read_series = choices is None and chosen is None and len(files) > 1
         self._set_busy(f"Reading the DICOM series of {display_name} ..." if read_series
                        else f"Opening {display_name} ...")
-        new_content: SceneContent | None = None
         tried, read_what = chosen, what  # the series read, named in the messages when the files hold several
         try:
             if read_series:
@@ -818,77 +834,137 @@ class LiverSAMWebApp:
                                                  uploaded, upload_dir, shown)
             self._not_opened(f"{exc}{hint}", shown)
             return False
-        # said once for this CT (for a series of the list: this series, not any of the same label) on this work; of
-        # its content (another upload of the same folder name and series label is asked again), not of its upload's
-        # folder (the same files uploaded again discard the work, as said)
-        asked = ((what, chosen.key if chosen is not None else None,
-                  self.workflow.change_marker() if self.workflow is not None else None,
-                  content_key(chosen.files if chosen is not None else files, dicom))
-                 if self._unexported_work() else None)
-        if asked is not None and self._discard_asked != asked:
-            # opening another CT drops this one's masks and undo steps: said once, then a second try goes on
-            remove_volume(self.slicer_app.scene, volume)
-            self._discard_asked = asked
-            # (a DICOM folder opened by its path was told to "upload it again")
-            again = again or ("upload it again" if uploaded else "press Open again")
-            self._not_opened(f"The segmentation of {self.state.ct_name} has changed since it was last exported, and "
-                             f"opening {display_name} drops it: export it first (section 6), or {again} to discard "
-                             "it.", shown)
-            return False
-        self._discard_asked = None
+        new = NewCase(volume)  # what this open adds: taken away again unless the open completes (all or nothing)
         try:
-            # a sagittal / coronal CT is shown and segmented on its axial slices (its voxels reordered, none resampled)
-            reorientation = reorient_volume_to_axial(volume)
-            new_content = SceneContent(self.slicer_app, volume, dicom, reorientation)
-            geometry = server_geometry(new_content.ijk_to_ras)
-            array = new_content.array
-            info = await asyncio.to_thread(
-                self.client.open_volume, array, geometry.spacing, geometry.origin_lps, geometry.direction_lps
-            )
-        except (LiverSAMClientError, ValueError) as exc:
-            if new_content is not None:
-                new_content.remove()
-            else:
-                remove_volume(self.slicer_app.scene, volume)
-            said = _client_message(exc).rstrip()
-            # (only what depends on the files marks the series failed: the server unreachable for a moment, a 5xx, a
-            # full server would not fail again once it answers, and its row stayed unclickable for good)
-            of_files = _refused_for_the_files(exc)
-            reason = f"the LiverSAM server refused it ({short_reason(said, '')})"
-            hint, shown = self._keep_series_list(files, choices, tried, reason, whose or f"in {base_name}", base_name,
-                                                 stem_given, source, note, uploaded, upload_dir, shown,
-                                                 mark=of_files)
-            said = said if not hint or said.endswith((".", "!", "?")) else said + "."
-            self._not_opened(f"{read_what} was read, but the LiverSAM server "
-                             f"{'refused' if of_files else 'could not open'} it: {said}{hint}", shown)
-            return False
+            # said once for this CT (for a series of the list: this series, not any of the same label) on this work;
+            # of its content (another upload of the same folder name and series label is asked again), not of its
+            # upload's folder (the same files uploaded again discard the work, as said)
+            asked = ((what, chosen.key if chosen is not None else None,
+                      self.workflow.change_marker() if self.workflow is not None else None,
+                      content_key(chosen.files if chosen is not None else files, dicom))
+                     if self._unexported_work() else None)
+            if asked is not None and self._discard_asked != asked:
+                # opening another CT drops this one's masks and undo steps: said once, then a second try goes on
+                self._discard(new)
+                self._discard_asked = asked
+                # (a DICOM folder opened by its path was told to "upload it again")
+                again = again or ("upload it again" if uploaded else "press Open again")
+                self._not_opened(f"The segmentation of {self.state.ct_name} has changed since it was last exported, "
+                                 f"and opening {display_name} drops it: export it first (section 6), or {again} to "
+                                 "discard it.", shown)
+                return False
+            self._discard_asked = None
+            try:
+                # a sagittal / coronal CT is shown and segmented on its axial slices (its voxels reordered, none
+                # resampled)
+                reorientation = reorient_volume_to_axial(new.volume)
+                new.content = SceneContent(self.slicer_app, new.volume, dicom, reorientation)
+                geometry = server_geometry(new.content.ijk_to_ras)
+                array = new.content.array
+                info = await asyncio.to_thread(
+                    self.client.open_volume, array, geometry.spacing, geometry.origin_lps, geometry.direction_lps
+                )
+            except (LiverSAMClientError, ValueError) as exc:
+                self._discard(new)
+                said = _client_message(exc).rstrip()
+                # (only what depends on the files marks the series failed: the server unreachable for a moment, a
+                # 5xx, a full server would not fail again once it answers, and its row stayed unclickable for good)
+                of_files = _refused_for_the_files(exc)
+                reason = f"the LiverSAM server refused it ({short_reason(said, '')})"
+                hint, shown = self._keep_series_list(files, choices, tried, reason, whose or f"in {base_name}",
+                                                     base_name, stem_given, source, note, uploaded, upload_dir, shown,
+                                                     mark=of_files)
+                said = said if not hint or said.endswith((".", "!", "?")) else said + "."
+                self._not_opened(f"{read_what} was read, but the LiverSAM server "
+                                 f"{'refused' if of_files else 'could not open'} it: {said}{hint}", shown)
+                return False
+            new.session = str(info["session_id"])
+            workflow = Workflow(self.client, new.session, tuple(info["shape_kji"]),
+                                reopen=self._reopen_session(new.content))
+
+            def show() -> None:  # the page turned to the new case (its name, notes, exports and series list)
+                nonlocal display_name, stem
+                listed = dicom.series if dicom is not None else ()
+                before, self._series_origin, self._series_status = self._series_origin, None, ""
+                if len(listed) > 1:  # the reader can open another of the files' series from the page's list
+                    # (the series of these files that failed to open stay marked: they would fail again)
+                    failed = before.failed if before is not None and before.files == tuple(files) else {}
+                    self._series_origin = SeriesOrigin(tuple(files), tuple(listed), whose or f"in {base_name}",
+                                                       base_name, stem_given, source, note, uploaded, upload_dir, True,
+                                                       failed)
+                series = f"The DICOM series of {Path(series_of).name}, read from its folder. " if series_of else ""
+                if dicom is not None and dicom.other_series:  # a CD-ROM export's folder: the reader is told which
+                    if chosen is None:
+                        display_name = series_display_name(display_name, len(files), dicom.num_files, dicom.label)
+                    series += series_note(dicom, chosen is not None, series_of is not None)
+                if len(listed) > 1 and dicom.chosen is not None:  # each series of the files: its own export names
+                    stem = series_stem(stem, tuple(listed), dicom.chosen)
+                self._show_new_case(display_name, stem, source or display_name, series + note)
+                with self.state:
+                    self._show_series_list(dicom.chosen if len(listed) > 1 else None)
+
+            self._make_shown(new, workflow, show)
+            self._set_busy("")
+            return True
+        except BaseException:  # (a RuntimeError, a MemoryError, the task cancelled: told by _open_guarded)
+            self._discard(new)
+            raise
+
+    def _make_shown(self, new: NewCase, workflow: Workflow, show: Callable[[], None]) -> None:
+        """The new case (``new``, its ``workflow``) made the one shown, ``show`` turning the page to it; the case
+        before is taken away last. When ``show`` raises, the case before is shown again as it was (the views turned
+        back to it: they showed the new CT) and the error goes on to the caller, which takes the new case away."""
         old_content, old_workflow = self.content, self.workflow
-        self.content = new_content
-        self.workflow = Workflow(self.client, info["session_id"], tuple(info["shape_kji"]),
-                                 reopen=self._reopen_session(new_content))
+        page = {key: self.state[key] for key in CASE_STATE}  # the page as it shows the case before
+        series_before = (self._series_origin, self._series_status)
+        self.content, self.workflow = new.content, workflow
+        try:
+            show()
+        except BaseException:
+            self.content, self.workflow = old_content, old_workflow
+            self._series_origin, self._series_status = series_before
+            self._show_again(old_content, page)
+            raise
+        new.committed = True
         if old_workflow is not None:
             create_task(asyncio.to_thread(old_workflow.close))
         if old_content is not None:
-            old_content.remove()
-        listed = dicom.series if dicom is not None else ()
-        before, self._series_origin, self._series_status = self._series_origin, None, ""
-        if len(listed) > 1:  # the reader can open another of the files' series from the page's list
-            # (the series of these files that failed to open stay marked: they would fail again)
-            failed = before.failed if before is not None and before.files == tuple(files) else {}
-            self._series_origin = SeriesOrigin(tuple(files), tuple(listed), whose or f"in {base_name}", base_name,
-                                               stem_given, source, note, uploaded, upload_dir, True, failed)
-        series = f"The DICOM series of {Path(series_of).name}, read from its folder. " if series_of else ""
-        if dicom is not None and dicom.other_series:  # a CD-ROM export's folder: the reader is told which one
-            if chosen is None:
-                display_name = series_display_name(display_name, len(files), dicom.num_files, dicom.label)
-            series += series_note(dicom, chosen is not None, series_of is not None)
-        if len(listed) > 1 and dicom.chosen is not None:  # each series of the files exported under its own names
-            stem = series_stem(stem, tuple(listed), dicom.chosen)
-        self._show_new_case(display_name, stem, source or display_name, series + note)
-        with self.state:
-            self._show_series_list(dicom.chosen if len(listed) > 1 else None)
-        self._set_busy("")
-        return True
+            try:
+                old_content.remove()
+            except Exception:  # noqa: BLE001 - the new case is open; the old one's nodes are only left over
+                logger.exception("could not take the case before out of the scene")
+
+    def _discard(self, new: NewCase) -> None:
+        """Take away what an open that did not complete added: its CT and scene content, its server session."""
+        if new.committed:
+            return
+        try:
+            if new.content is not None:
+                new.content.remove()
+            remove_volume(self.slicer_app.scene, new.volume)
+        except Exception:  # noqa: BLE001 - the open's own error is what the reader is told
+            logger.exception("could not take the CT that failed to open out of the scene")
+        if new.session is not None:
+            session, new.session = new.session, None
+            create_task(asyncio.to_thread(_close_session, self.client, session))
+
+    def _show_again(self, content: SceneContent | None, page: Mapping[str, Any]) -> None:
+        """The views and the page back on ``content`` (the case before; None: no CT) as ``page`` had them, after
+        showing a new case failed half way (the views showed the new CT, the page the case before)."""
+        try:
+            volume_id = content.volume.GetID() if content is not None else None
+            for view in self.slicer_app.view_manager.get_slice_views():
+                view.set_background_volume_id(volume_id)
+                view.reset_view()
+            for view in self.slicer_app.view_manager.get_threed_views():
+                view.reset_view()
+            with self.state:
+                self.state.update(dict(page))
+            if content is not None:
+                content.set_window(float(page["window"]), float(page["level"]))
+                content.jump_to_slice(int(page["axial_k"]))
+        except Exception:  # noqa: BLE001 - the open's own error is what the reader is told
+            logger.exception("could not show the case before again")
 
     def _keep_series_list(self, files: list[str], choices: tuple[SeriesChoice, ...] | None,
                           tried: SeriesChoice | None, reason: str, whose: str, display_name: str, stem: str | None,
@@ -1658,6 +1734,14 @@ def content_key(files: Sequence[str], dicom: DicomSource | None) -> tuple:
             return -1
 
     return (dicom.series_uid if dicom is not None else None, tuple(sorted((Path(f).name, size(f)) for f in files)))
+
+
+def _close_session(client: LiverSAMClient, session: str) -> None:
+    """Close a server session of a CT that did not open (best effort: the server closes idle sessions anyway)."""
+    try:
+        client.close_session(session)
+    except Exception as exc:  # noqa: BLE001
+        logger.info("could not close the session %s of a CT that did not open: %s", session, exc)
 
 
 def _refused_for_the_files(exc: Exception) -> bool:

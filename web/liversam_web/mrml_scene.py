@@ -362,10 +362,23 @@ def load_ct_with_source(slicer_app, files: list[str], what: str, series_of: str 
     and all, to keep the largest: a CD-ROM export of many series took that memory and time. Files with no DICOM
     file header (which the core does not read) are read whole by trame-slicer as before.
 
-    Nothing stays in the scene when the input is not a CT (InputError says why, naming ``what``).
+    Nothing stays in the scene when the input is not a CT (InputError says why, naming ``what``), nor when reading
+    it fails in any other way (a MemoryError while checking it: its volume stayed in the scene).
     """
     scene = slicer_app.scene
     before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    try:
+        return _load_ct_with_source(slicer_app, files, what, series_of, choices, chosen)
+    except BaseException:
+        _remove_new_nodes(scene, before)
+        raise
+
+
+def _load_ct_with_source(slicer_app, files: list[str], what: str, series_of: str | None,
+                         choices: list[SeriesChoice] | tuple[SeriesChoice, ...] | None,
+                         chosen: SeriesChoice | None) -> tuple[vtkMRMLScalarVolumeNode, DicomSource | None]:
+    """``load_ct_with_source`` but for taking its new nodes out of the scene again when it raises."""
+    scene = slicer_app.scene
     dicom_input = VolumesReader.contains_dcm_volume(files)
     if len(files) == 1 and not dicom_input:
         _check_complete(files[0], what)  # a truncated file would open as a volume grey past its end
@@ -377,7 +390,6 @@ def load_ct_with_source(slicer_app, files: list[str], what: str, series_of: str 
     try:
         loaded = _load_volumes(slicer_app, list(chosen.files) if chosen is not None else files)
     except Exception as exc:  # noqa: BLE001 - the readers raise many kinds; the user gets one clear message
-        _remove_new_nodes(scene, before)
         raise InputError(f"{what} could not be read as an image ({type(exc).__name__}: {exc}).") from None
     volumes = [v for v, _ in loaded]
     candidates = [v for v in volumes if v.IsA("vtkMRMLScalarVolumeNode") and not v.IsA("vtkMRMLLabelMapVolumeNode")
@@ -386,11 +398,9 @@ def load_ct_with_source(slicer_app, files: list[str], what: str, series_of: str 
         groups = {id(v): group or [] for v, group in loaded}
         candidates = [v for v in candidates if os.path.abspath(series_of) in map(os.path.abspath, groups[id(v)])]
         if not candidates:
-            _remove_new_nodes(scene, before)
             raise InputError(f"{what} could not be read: '{Path(series_of).name}' belongs to no image series LiverSAM "
                              "can read in its folder. Open the CT series' folder instead.")
     if not candidates:
-        _remove_new_nodes(scene, before)
         if len(files) > 1:
             raise InputError(f"{what} has no DICOM image series or image file LiverSAM can read. Choose the "
                              "folder of one CT series (files with pixel data), or a .nii.gz / .nrrd file.")
@@ -399,11 +409,7 @@ def load_ct_with_source(slicer_app, files: list[str], what: str, series_of: str 
         raise InputError(f"{what} is not an image LiverSAM can read. Open a CT as .nii / .nii.gz / .nrrd / "
                          ".mha / .mhd or a DICOM folder.")
     volume = max(candidates, key=lambda v: int(np.prod(v.GetImageData().GetDimensions())))
-    try:
-        check_ct(volume, what)
-    except InputError:
-        _remove_new_nodes(scene, before)
-        raise
+    check_ct(volume, what)
     # the other series, then the parts of the one read set aside (another acquisition or orientation in it)
     others = tuple(c.describe() for c in choices if c is not chosen)
     others += tuple(_volume_label(v, group) for v, group in loaded if v is not volume and group)
@@ -454,11 +460,20 @@ def reorient_volume_to_axial(volume) -> AxialReorientation | None:
 
 def remove_volume(scene, volume) -> None:
     """Take a volume read by ``load_ct_with_source`` out of the scene again, with its display and storage nodes."""
-    nodes = [volume.GetNthDisplayNode(n) for n in range(volume.GetNumberOfDisplayNodes())]
-    nodes += [volume.GetNthStorageNode(n) for n in range(volume.GetNumberOfStorageNodes())]
-    for node in [volume, *nodes]:
-        if node is not None and scene.IsNodePresent(node):
-            scene.RemoveNode(node)
+    _remove_with_display(scene, volume)
+
+
+def _remove_with_display(scene, node) -> None:
+    """Take ``node`` out of the scene with its display and storage nodes (a node already removed: nothing)."""
+    if node is None or not scene.IsNodePresent(node):
+        return
+    nodes = [node.GetNthDisplayNode(n) for n in range(node.GetNumberOfDisplayNodes())] \
+        if node.IsA("vtkMRMLDisplayableNode") else []
+    nodes += [node.GetNthStorageNode(n) for n in range(node.GetNumberOfStorageNodes())] \
+        if node.IsA("vtkMRMLStorableNode") else []
+    for each in [node, *nodes]:
+        if each is not None and scene.IsNodePresent(each):
+            scene.RemoveNode(each)
 
 
 def _remove_new_nodes(scene, before: set[str]) -> None:
@@ -491,20 +506,27 @@ class SceneContent:
         self.ijk_to_ras = volume_ijk_to_ras(volume)
         self.array = volume_array(volume)
         self.shape_kji = tuple(int(s) for s in self.array.shape)
-        self.segmentation = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "LiverSAM")
-        assert isinstance(self.segmentation, vtkMRMLSegmentationNode)
-        self.segmentation.CreateDefaultDisplayNodes()
-        self.segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
-        for name in SEGMENTS:
-            _add_segment(self.segmentation, name, SEGMENT_COLORS[name])
-        display = self.segmentation.GetDisplayNode()
-        display.SetOpacity2DFill(0.45)
         self._markups: list = []
+        before = {self.scene.GetNthNode(i).GetID() for i in range(self.scene.GetNumberOfNodes())}
+        try:  # (nothing of it stays in the scene when it cannot be made: a failed open leaves the scene as it was)
+            self.segmentation = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "LiverSAM")
+            assert isinstance(self.segmentation, vtkMRMLSegmentationNode)
+            self.segmentation.CreateDefaultDisplayNodes()
+            self.segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+            for name in SEGMENTS:
+                _add_segment(self.segmentation, name, SEGMENT_COLORS[name])
+            display = self.segmentation.GetDisplayNode()
+            display.SetOpacity2DFill(0.45)
+        except BaseException:
+            _remove_new_nodes(self.scene, before)
+            raise
 
     def remove(self) -> None:
-        for node in [*self._markups, self.segmentation, self.volume]:
-            if node is not None and self.scene.IsNodePresent(node):
-                self.scene.RemoveNode(node)
+        """Take the case out of the scene: its markups, its segmentation and the CT, with their display and storage
+        nodes."""
+        for node in [*self._markups, self.segmentation]:
+            _remove_with_display(self.scene, node)
+        remove_volume(self.scene, self.volume)
         self._markups = []
 
     # --- masks -----------------------------------------------------------------------------------------
