@@ -10,7 +10,9 @@
   are not DICOM are named as such (not "N DICOM files"), those of a mixture left out and named; a CD-ROM
   export's folder opens its largest CT series whole, reading that one alone, names and lists the others (why a
   localiser, a report are not opened first), and another opens from the list after the unexported-work guard; an
-  upload of too many files, or larger than the free space, is refused before anything is written.
+  upload of too many files, or larger than the free space, is refused before anything is written; the CT shown's
+  series list stays beside the list of an upload whose series failed to open; an open that fails unexpectedly
+  leaves the scene, the views, the page and the server as before it.
 """
 
 from __future__ import annotations
@@ -964,31 +966,34 @@ def test_a_series_that_fails_to_open_is_named_and_the_list_stays_to_choose_anoth
         assert app.state.error.startswith("The DICOM series 1 'Abdomen S1' of the uploaded folder 'cd' does not look "
                                           "like a CT in Hounsfield units"), app.state.error
         assert app.state.error.endswith("It is one of the 2 DICOM series of the uploaded folder 'cd': choose another "
-                                        "series in the list (section 1) to open it instead."), app.state.error
+                                        "series in their list (section 1) to open it instead."), app.state.error
         assert app.state.ct_name == "other.nrrd"  # the CT shown stays
-        assert [(r["number"], r["shown"]) for r in app.state.series_rows] == [("1", False), ("2", False)]
+        assert app.state.series_rows == []  # (the CT shown has no series list)
+        assert [(r["number"], r["shown"]) for r in app.state.other_series_rows] == [("1", False), ("2", False)]
         (upload,) = uploads.glob("upload-*")  # kept while its series are listed
         assert not app._uploads_open and app._shown_upload is None
 
-        await app._open_series(app.state.series_rows[1]["key"])
+        await app._open_series(app.state.other_series_rows[1]["key"], "other")
         await settle(app)
         assert not app.state.error, app.state.error
         assert app.state.ct_name == "8 DICOM files of series 2 'Abdomen S2' in cd"
         assert app.content.dicom.folder.startswith(str(upload))
-        assert [r["shown"] for r in app.state.series_rows] == [False, True]
+        assert [r["shown"] for r in app.state.series_rows] == [False, True] and app.state.other_series_rows == []
         assert app._shown_upload == upload and list(uploads.glob("upload-*")) == [upload]
 
         await app._open_path(str(root))  # the folder typed: its series 1 fails, named as the folder's
         await settle(app)
         assert app.state.error.startswith(f"The DICOM series 1 'Abdomen S1' in the folder '{root}' does not look "
                                           "like a CT"), app.state.error
-        assert "choose another series in the list" in app.state.error
-        assert app._series_origin.files[0].startswith(str(root)) and len(app.state.series_rows) == 2
+        assert "choose another series in their list" in app.state.error
+        assert app._other_series.files[0].startswith(str(root)) and len(app.state.other_series_rows) == 2
+        assert app._shown_series.files[0].startswith(str(upload)) and len(app.state.series_rows) == 2
         assert list(uploads.glob("upload-*")) == [upload]  # the CT shown's (its DICOM SEG references it)
 
-        await open_ct(app, nrrd)  # another CT shown: the list and the upload go
+        await open_ct(app, nrrd)  # another CT shown: the lists and the upload go
         await settle(app)
-        assert app.state.series_rows == [] and app._series_origin is None
+        assert app.state.series_rows == app.state.other_series_rows == []
+        assert app._shown_series is None and app._other_series is None
         assert not list(uploads.glob("upload-*"))
 
     asyncio.run(scenario())
@@ -1038,24 +1043,26 @@ def test_a_list_kept_after_a_failed_series_says_whose_it_is_and_marks_the_series
                                           "look like a CT"), app.state.error
         assert app.state.upload_keys["folder"] == keys + 1  # the field emptied: the status line says why no matter
         assert app.state.status.startswith(
-            "The series list (section 1) shows the 2 DICOM series of the uploaded folder 'cd2': their files are kept, "
-            "click a series there to open it (no need to upload them again). Opened 8 DICOM files of series 2 "
-            "'Abdomen S2' in cd"), app.state.status
-        assert app.state.series_caption == (
+            "The 2 DICOM series of the uploaded folder 'cd2' are listed in section 1 under the series of the CT shown: "
+            "their files are kept, click a series there to open it (no need to upload them again). Opened 8 DICOM "
+            "files of series 2 'Abdomen S2' in cd"), app.state.status
+        assert app.state.other_series_caption == (
             "DICOM series of the uploaded folder 'cd2', chosen after the CT shown (8 DICOM files of series 2 'Abdomen "
-            "S2' in cd), which is not one of them: click one to open it instead"), app.state.series_caption
-        rows = app.state.series_rows
+            "S2' in cd), which is not one of them: click one to open it instead"), app.state.other_series_caption
+        rows = app.state.other_series_rows
         assert [(r["number"], r["openable"], r["failed"], r["shown"]) for r in rows] == [
             ("1", False, True, False), ("2", True, False, False)]
         assert rows[0]["why"] == "could not be opened: does not look like a CT in Hounsfield units", rows[0]["why"]
+        assert app.state.series_caption.startswith("DICOM series of the uploaded folder 'cd', the files of the CT "
+                                                   "shown")  # the CT shown's list stays, beside it
 
         busy.clear()
-        await app._open_series(rows[0]["key"])  # not read again: said why
+        await app._open_series(rows[0]["key"], "other")  # not read again: said why
         assert app.state.error == ("Series 1 'Abdomen S1' could not be opened: does not look like a CT in Hounsfield "
                                    "units. Choose another series in the list."), app.state.error
         assert not busy and app.state.ct_name == "8 DICOM files of series 2 'Abdomen S2' in cd"
 
-        await app._open_series(rows[1]["key"])  # cd2's series 2, not "the series shown" (cd's series 2, key "1")
+        await app._open_series(rows[1]["key"], "other")  # cd2's series 2, not "the series shown" (cd's, key "1")
         await settle(app)
         assert not app.state.error, app.state.error
         assert app.state.ct_name == "8 DICOM files of series 2 'Abdomen S2' in cd2", app.state.ct_name
@@ -1063,6 +1070,7 @@ def test_a_list_kept_after_a_failed_series_says_whose_it_is_and_marks_the_series
         assert [(r["failed"], r["shown"]) for r in app.state.series_rows] == [(True, False), (False, True)]
         assert app.state.series_caption.startswith("DICOM series of the uploaded folder 'cd2', the files of the CT "
                                                    "shown")
+        assert app.state.other_series_rows == [] and app._other_series is None
 
     asyncio.run(scenario())
 
@@ -1310,16 +1318,17 @@ def test_a_series_the_server_could_not_take_for_a_moment_stays_clickable(tmp_pat
                                           "the LiverSAM server could not open it: LiverSAM server at http://x is not "
                                           "reachable: connection refused. It is one of the 2 DICOM series"), \
             app.state.error
-        assert [(r["openable"], r["failed"]) for r in app.state.series_rows] == [(True, False), (True, False)]
-        await app._open_series(app.state.series_rows[0]["key"])  # a 5xx: still clickable
+        rows = app.state.other_series_rows  # (no CT is shown)
+        assert [(r["openable"], r["failed"]) for r in rows] == [(True, False), (True, False)]
+        await app._open_series(rows[0]["key"], "other")  # a 5xx: still clickable
         await settle(app)
         assert "could not open it: " in app.state.error and "Choose another" not in app.state.error, app.state.error
-        assert [r["failed"] for r in app.state.series_rows] == [False, False]
-        await app._open_series(app.state.series_rows[0]["key"])  # a 422 about the volume: marked
+        assert [r["failed"] for r in app.state.other_series_rows] == [False, False]
+        await app._open_series(rows[0]["key"], "other")  # a 422 about the volume: marked
         await settle(app)
         assert "the LiverSAM server refused it: spacing (i,j,k mm) must be positive." in app.state.error
-        assert [(r["openable"], r["failed"]) for r in app.state.series_rows] == [(False, True), (True, False)]
-        await app._open_series(app.state.series_rows[1]["key"])  # the server answers: series 2 opens
+        assert [(r["openable"], r["failed"]) for r in app.state.other_series_rows] == [(False, True), (True, False)]
+        await app._open_series(rows[1]["key"], "other")  # the server answers: series 2 opens
         await settle(app)
         assert not app.state.error and app.state.ct_name == "8 DICOM files of series 2 'Abdomen S2' in cd", \
             app.state.error
@@ -1465,5 +1474,124 @@ def test_an_open_that_fails_unexpectedly_leaves_the_scene_as_it_was(where, befor
             app.state.error
         assert [view.get_background_volume_id() for view in app.slicer_app.view_manager.get_slice_views()] == \
             [app.content.volume.GetID()] * 3
+
+    asyncio.run(scenario())
+
+
+def _not_in_hu(root: Path) -> Path:
+    """``root``'s series 1 out of Hounsfield units (its intercept 2000): it fails to open, series 2 opens."""
+    import pydicom
+
+    for path in (root / "DICOM" / "S1").iterdir():
+        header = pydicom.dcmread(path)
+        header.RescaleIntercept = 2000
+        header.save_as(path)
+    return root
+
+
+async def _upload_folder(app, folder: Path, name: str) -> None:
+    paths = sorted(p for p in folder.rglob("*") if p.is_file())
+    relative = [f"{name}/{p.relative_to(folder).as_posix()}" for p in paths]
+    await app._on_upload([{"name": p.name, "content": p.read_bytes()} for p in paths], relative[0], "folder", relative)
+    await settle(app)
+
+
+def test_the_ct_shown_keeps_its_series_list_beside_the_list_of_an_upload_that_opened_nothing(tmp_path):
+    """After an upload whose series tried failed to open (cd2), its list replaced the CT shown's (cd): the CT shown's
+    other series could no longer be chosen (its list came back only when its files were opened again). Now the CT
+    shown's list stays, cd2's is listed under it; a series of the CT shown's list opens after the unexported-work
+    guard ("choose it again in the series list"), with its own export names (cd-s2-...), and cd2's list and files go
+    once it is open."""
+    from web_page import cd_export
+
+    first, second = cd_export(tmp_path / "cd"), _not_in_hu(cd_export(tmp_path / "cd2"))
+    app = new_app(FakeServer())
+    uploads = Path(app._tmp.name)
+
+    async def scenario():
+        await _upload_folder(app, first, "cd")
+        assert app.state.export_names["segnrrd"] == "cd-s1-liversam.seg.nrrd" and not app.state.error
+        (cd,) = uploads.glob("upload-*")
+        app._jump(5)
+        drag_box(app, (100, 100, 5), (300, 300, 5))
+        await settle(app)
+        assert app._unexported_work()
+
+        await _upload_folder(app, second, "cd2")
+        assert app.state.error.startswith("The DICOM series 1 'Abdomen S1' of the uploaded folder 'cd2' does not "
+                                          "look like a CT"), app.state.error
+        assert app.state.series_caption.startswith("DICOM series of the uploaded folder 'cd', the files of the CT "
+                                                   "shown"), app.state.series_caption
+        assert [(r["number"], r["shown"]) for r in app.state.series_rows] == [("1", True), ("2", False)]
+        assert app.state.other_series_caption.startswith("DICOM series of the uploaded folder 'cd2', chosen after the "
+                                                         "CT shown"), app.state.other_series_caption
+        assert [(r["number"], r["failed"]) for r in app.state.other_series_rows] == [("1", True), ("2", False)]
+        assert app.state.status.startswith("The 2 DICOM series of the uploaded folder 'cd2' are listed in section 1 "
+                                           "under the series of the CT shown"), app.state.status
+        (cd2,) = set(uploads.glob("upload-*")) - {cd}
+
+        key = app.state.series_rows[1]["key"]
+        await app._open_series(key, "shown")  # the CT shown's series 2: the work is asked about first
+        await settle(app)
+        assert ("opening 8 DICOM files of series 2 'Abdomen S2' in cd drops it: export it first (section 6), or choose "
+                "it again in the series list to discard it.") in app.state.error, app.state.error
+        assert app.content.shape_kji[0] == 12 and len(app.state.other_series_rows) == 2
+        await app._open_series(key, "shown")
+        await settle(app)
+        assert not app.state.error and app.state.ct_name == "8 DICOM files of series 2 'Abdomen S2' in cd", \
+            app.state.error
+        assert app.content.dicom.folder.startswith(str(cd))
+        assert app.state.export_names["segnrrd"] == "cd-s2-liversam.seg.nrrd", app.state.export_names
+        assert [r["shown"] for r in app.state.series_rows] == [False, True]
+        assert app.state.other_series_rows == [] and app.state.other_series_caption == ""
+        assert list(uploads.glob("upload-*")) == [cd] and not cd2.exists()
+
+    asyncio.run(scenario())
+
+
+def test_a_series_of_the_list_of_an_upload_that_opened_nothing_opens_and_its_list_can_be_closed(tmp_path):
+    """The list of an upload whose series tried failed (cd2), beside the CT shown's (cd): its series 2 opens after the
+    unexported-work guard (which names that list), exported under cd2's names, and its list becomes the CT shown's
+    with series 1 still marked failed; the CT shown's list before and its upload go. A list of such files can be closed
+    (its upload's files removed), the CT shown's list staying."""
+    from web_page import cd_export
+
+    first, second = cd_export(tmp_path / "cd"), _not_in_hu(cd_export(tmp_path / "cd2"))
+    app = new_app(FakeServer())
+    uploads = Path(app._tmp.name)
+
+    async def scenario():
+        await _upload_folder(app, first, "cd")
+        (cd,) = uploads.glob("upload-*")
+        app._jump(5)
+        drag_box(app, (100, 100, 5), (300, 300, 5))
+        await settle(app)
+        await _upload_folder(app, second, "cd2")
+        (cd2,) = set(uploads.glob("upload-*")) - {cd}
+        key = app.state.other_series_rows[1]["key"]
+        await app._open_series(key, "other")
+        await settle(app)
+        assert ("opening 8 DICOM files of series 2 'Abdomen S2' in cd2 drops it: export it first (section 6), or "
+                "choose it again in the list of the DICOM series of the uploaded folder 'cd2' to discard it.") \
+            in app.state.error, app.state.error
+        await app._open_series(key, "other")
+        await settle(app)
+        assert not app.state.error and app.state.ct_name == "8 DICOM files of series 2 'Abdomen S2' in cd2", \
+            app.state.error
+        assert app.state.export_names["segnrrd"] == "cd2-s2-liversam.seg.nrrd", app.state.export_names
+        assert [(r["failed"], r["shown"]) for r in app.state.series_rows] == [(True, False), (False, True)]
+        assert app.state.series_caption.startswith("DICOM series of the uploaded folder 'cd2', the files of the CT "
+                                                   "shown") and app.state.other_series_rows == []
+        assert list(uploads.glob("upload-*")) == [cd2] and not cd.exists()
+
+        await _upload_folder(app, _not_in_hu(cd_export(tmp_path / "cd3")), "cd3")  # (nothing to guard: no work)
+        assert len(app.state.other_series_rows) == 2 and len(list(uploads.glob("upload-*"))) == 2
+        status = app.state.status
+        app.forget_other_series()
+        assert app.state.other_series_rows == [] and app._other_series is None
+        assert [r["shown"] for r in app.state.series_rows] == [False, True]
+        assert list(uploads.glob("upload-*")) == [cd2]
+        assert status.startswith("The 2 DICOM series of the uploaded folder 'cd3'") and \
+            app.state.status == status[status.index("Opened"):], app.state.status
 
     asyncio.run(scenario())

@@ -7,7 +7,9 @@
 - a CD-ROM export's folder (two series, files of one name in each series' folder) chosen in the folder field opens
   its larger series whole, named, and names the other (the files overwrote each other: one broken series); the
   page lists the upload's series (a localiser, a 2-image series and a dose report too, with why they are not
-  opened first), and a click on the other phase opens it from the same upload (it had to be uploaded again).
+  opened first), and a click on the other phase opens it from the same upload (it had to be uploaded again);
+- another export whose first series fails to open is listed under the CT shown's list, which stays (it was
+  replaced by it), and a click on its other series opens that.
 Real data: the TotalSegmentator 20-slice CT series (512 x 512 x 20).
 """
 
@@ -101,3 +103,31 @@ def test_a_cd_rom_export_folder_opens_its_largest_series_whole_and_another_from_
     assert header(page) == "8 DICOM files of series 2 'Abdomen S2' in cd"
     expect(rows.nth(1)).to_contain_text("(shown)", timeout=10_000)
     expect(page.get_by_test_id("export-dicomseg")).to_be_enabled(timeout=10_000)  # the series' files are kept
+
+    # another export whose series 1 is not a CT in HU: its list is shown under the CT shown's, which stays (it was
+    # replaced); a click on its series 2 opens it, and its list becomes the CT shown's
+    import pydicom
+
+    second = cd_export(tmp_path / "cd2")
+    for path in (second / "DICOM" / "S1").iterdir():
+        header_ = pydicom.dcmread(path)
+        header_.RescaleIntercept = 2000
+        header_.save_as(path)
+    page.get_by_test_id("upload-folder").locator("input[type=file]").set_input_files(str(second))
+    expect_error(page, r"The DICOM series 1 'Abdomen S1' of the uploaded folder 'cd2' does not look like a CT",
+                 timeout=120_000)
+    expect(rows).to_have_count(5)
+    expect(rows.nth(1)).to_contain_text("(shown)")
+    other = page.get_by_test_id("other-series-row")
+    expect(other).to_have_count(2, timeout=10_000)
+    expect(page.get_by_test_id("other-series-caption")).to_have_text(
+        "DICOM series of the uploaded folder 'cd2', chosen after the CT shown (8 DICOM files of series 2 'Abdomen S2' "
+        "in cd), which is not one of them: click one to open it instead")
+    expect(other.nth(0)).to_contain_text("could not be opened: does not look like a CT in Hounsfield units")
+    expect(page.get_by_test_id("other-series-close")).to_be_visible()
+    dismiss_error(page)
+    other.nth(1).click()
+    wait_status(page, r"Opened 8 DICOM files of series 2 'Abdomen S2' in cd2 \(512 x 512 x 8\)", timeout=120_000)
+    expect(rows).to_have_count(2, timeout=10_000)
+    expect(rows.nth(1)).to_contain_text("(shown)")
+    expect(other).to_have_count(0)

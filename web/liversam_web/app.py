@@ -96,8 +96,9 @@ PREFETCH_RADIUS = 2
 
 @dataclass(frozen=True)
 class SeriesOrigin:
-    """The files a CT of several DICOM series was opened from (an upload, a folder typed), kept so that another of
-    their series opens from the page's series list without uploading again, named and exported as the first was."""
+    """Files holding several DICOM series (an upload, a folder typed), kept so that another of their series opens
+    from the page's series list without uploading again, named and exported as the first was: the files of the CT
+    shown, or files whose series tried could not be opened (listed beside the CT shown's, see ``LiverSAMWebApp``)."""
 
     files: tuple[str, ...]
     choices: tuple[SeriesChoice, ...]
@@ -108,7 +109,6 @@ class SeriesOrigin:
     note: str  # the upload's files left out (not DICOM)
     uploaded: bool
     upload_dir: Path | None = None  # the upload's folder, kept while its series are listed
-    of_ct_shown: bool = True  # the CT shown is one of its series (False: listed after its series failed to open)
     failed: dict[str, str] = dataclass_field(default_factory=dict)  # the series tried that could not be opened: key -> why
 
 
@@ -126,7 +126,8 @@ class NewCase:
 # the page's state that shows the open case: put back as it was when showing a new case fails half way
 CASE_STATE = ("has_ct", "has_dicom", "dicom_note", "ct_name", "ct_source", "n_slices", "export_names", "probe",
               "window", "level", "axial_k", "review_rows", "review_items", "review_segment", "lesion_rows", "progress",
-              "propagated", "series_rows", "series_caption", "can_undo", "undo_label")
+              "propagated", "series_rows", "series_caption", "other_series_rows", "other_series_caption",
+              "can_undo", "undo_label")
 
 
 def _first_upper(text: str) -> str:
@@ -206,12 +207,12 @@ def short_reason(message: str, what: str) -> str:
     return text if len(text) <= 90 else text[:87].rstrip() + "..."
 
 
-def series_caption(origin: SeriesOrigin, ct_name: str) -> str:
-    """The words above the series list: whose files it lists (the upload or folder), and whether the CT shown is one
-    of its series (a list kept after its first series failed to open replaced the CT shown's, with nothing saying
-    so: the reader could take it for the CT shown's series)."""
+def series_caption(origin: SeriesOrigin, ct_name: str, of_ct_shown: bool) -> str:
+    """The words above a series list: whose files it lists (the upload or folder), and whether the CT shown is one
+    of its series (``of_ct_shown``; a list kept after its first series failed to open replaced the CT shown's, with
+    nothing saying so: the reader could take it for the CT shown's series)."""
     listed = f"DICOM series {origin.whose}"
-    if origin.of_ct_shown:
+    if of_ct_shown:
         return f"{listed}, the files of the CT shown (click another to open it instead)"
     if ct_name:
         return f"{listed}, chosen after the CT shown ({ct_name}), which is not one of them: click one to open it instead"
@@ -252,8 +253,13 @@ class LiverSAMWebApp:
         # references it); every other one is removed once an open ends (they stayed until the app ended)
         self._uploads_open: set[Path] = set()
         self._shown_upload: Path | None = None
-        self._series_origin: SeriesOrigin | None = None  # the CT shown's files, when they hold several series
-        self._series_status = ""  # the status line's words on a series list that is not the CT shown's
+        # The series lists: the CT shown's files', when they hold several series; and beside it, files holding
+        # several whose series tried could not be opened (an upload, a folder typed), kept until a CT opens (from them
+        # or not), other such files fail, or the reader closes their list. (Their list replaced the CT shown's, which
+        # came back only when its files were opened again.)
+        self._shown_series: SeriesOrigin | None = None
+        self._other_series: SeriesOrigin | None = None
+        self._series_status = ""  # the status line's words on the other list (whose files, kept)
 
         self.state.update({
             "trame__title": "LiverSAM",
@@ -264,6 +270,8 @@ class LiverSAMWebApp:
             "upload_keys": {"file": 0, "folder": 0},  # a new key empties that upload field
             "series_rows": [],  # the DICOM series of the CT shown's files, when they hold several (series_rows)
             "series_caption": "",  # whose files the series list lists (series_caption)
+            "other_series_rows": [],  # the series of files that opened nothing (an upload whose series tried failed)
+            "other_series_caption": "",
             "has_ct": False,
             "has_dicom": False,
             "dicom_note": DICOM_SEG_NOTE,
@@ -321,14 +329,30 @@ class LiverSAMWebApp:
                     mouseleave=f"probe && trigger('{left}')"):
                 self.layout_manager.initialize_layout_grid(self.ui)
 
-    def _build_series_list(self) -> None:
+    def _build_series_lists(self) -> None:
         """The DICOM series of the CT shown's files when they hold several (a CD-ROM export, a study's folder): each
         one's number, description, images and modality, the one shown marked, why the others were not opened first
-        (not CT, a report, a localiser); a click on another opens it (the unexported-work guard as for any CT)."""
+        (not CT, a report, a localiser); a click on another opens it (the unexported-work guard as for any CT).
+        Under it, the series of files whose series tried could not be opened (an upload), to choose another of
+        them, with a button that closes that list (and removes the upload's files)."""
+        self._build_series_list("series", "shown")
+        self._build_series_list("other-series", "other")
+
+    def _build_series_list(self, name: str, which: str) -> None:
+        """One series list: ``name`` its test ids' prefix ("series", "other-series"; its state ``series_rows``,
+        ``other_series_rows``), ``which`` the list a click opens from (``open_series``)."""
         choose = self.server.trigger_name(self.open_series)
-        with html.Div(v_if="series_rows.length > 1", classes="mt-2", raw_attrs=['data-testid="series-list"']):
-            # whose files they are: a list kept after an upload's series failed to open is not the CT shown's
-            html.Div("{{ series_caption }}", classes="text-caption", raw_attrs=['data-testid="series-caption"'])
+        rows, caption = f"{name.replace('-', '_')}_rows", f"{name.replace('-', '_')}_caption"
+        with html.Div(v_if=f"{rows}.length > 1", classes="mt-2" if which == "shown" else "mt-3 pt-2 border-t",
+                      raw_attrs=[f'data-testid="{name}-list"']):
+            # whose files they are: the CT shown's, or an upload's whose series tried could not be opened
+            with html.Div(classes="d-flex align-start ga-1"):
+                html.Div(f"{{{{ {caption} }}}}", classes="text-caption flex-grow-1",
+                         raw_attrs=[f'data-testid="{name}-caption"'])
+                if which == "other":
+                    v3.VBtn("Close", size="x-small", variant="text", click=self.ctrl.forget_other_series,
+                            disabled=("busy",), raw_attrs=['data-testid="other-series-close"',
+                                                           'title="Close this list (an upload\'s files are removed)"'])
             with html.Div(style="max-height: 200px; overflow-y: auto; overflow-x: hidden"), \
                     v3.VTable(density="compact", style="table-layout: fixed; width: 100%"):
                 with html.Colgroup():
@@ -338,20 +362,20 @@ class LiverSAMWebApp:
                     for title in ("#", "description", "images", "modality"):
                         html.Th(title, style=CELL)
                 with html.Tbody():
-                    with html.Tr(v_for="row in series_rows", key="row.key",
+                    with html.Tr(v_for=f"row in {rows}", key="row.key",
                                  click=(f"row.openable && !row.shown && !busy && !job_running && "
-                                        f"trigger('{choose}', [row.key])"),
+                                        f"trigger('{choose}', [row.key, '{which}'])"),
                                  style=("{ cursor: row.openable && !row.shown ? 'pointer' : 'default' }",),
                                  classes=("{ 'text-primary font-weight-bold': row.shown, "
                                           "'text-medium-emphasis': !row.openable && !row.failed }",),
-                                 raw_attrs=['data-testid="series-row"', ':aria-current="row.shown"',
+                                 raw_attrs=[f'data-testid="{name}-row"', ':aria-current="row.shown"',
                                             ':aria-disabled="!row.openable"']):
                         html.Td("{{ row.number }}", style=CELL)
                         with html.Td(style=CELL):
                             html.Span("{{ row.description }}{{ row.shown ? ' (shown)' : '' }}")
                             html.Div("{{ row.why }}", v_if="row.why", classes=("row.failed ? "
                                      "'text-caption text-error' : 'text-caption text-warning'",),
-                                     raw_attrs=['data-testid="series-why"'])
+                                     raw_attrs=[f'data-testid="{name}-why"'])
                         html.Td("{{ row.images }}", style=CELL)
                         html.Td("{{ row.modality }}", style=CELL)
 
@@ -410,7 +434,7 @@ class LiverSAMWebApp:
                                       "{{ fileNames.length > 1 ? fileNames.length + ' files' : fileNames.join(', ') }}",
                                       style="display: block; min-width: 0; max-width: 100%; white-space: nowrap; "
                                             "overflow: hidden; text-overflow: ellipsis")
-                self._build_series_list()
+                self._build_series_lists()
             # ---- view
             with v3.VCard(title="2. View", density="compact", v_if="has_ct"), v3.VCardText():
                 with html.Div(classes="d-flex flex-wrap ga-1"):
@@ -544,6 +568,7 @@ class LiverSAMWebApp:
                 html.Div("{{ dicom_note }}", v_if="!has_dicom", classes="text-caption", raw_attrs=['data-testid="dicomseg-note"'])
         self.ctrl.open_path = self.open_path
         self.ctrl.open_series = self.open_series
+        self.ctrl.forget_other_series = self.forget_other_series
         self.ctrl.go_to_slice = self.go_to_slice
         self.ctrl.clear_slice = self.clear_slice
         self.ctrl.undo = self.undo
@@ -739,8 +764,9 @@ class LiverSAMWebApp:
     def _prune_uploads(self) -> None:
         """Remove the uploads that are neither being opened nor the CT shown's (an upload is up to a whole series)."""
         keep = self._uploads_open | ({self._shown_upload} if self._shown_upload is not None else set())
-        if self._series_origin is not None and self._series_origin.upload_dir is not None:
-            keep.add(self._series_origin.upload_dir)  # its series list is shown (its first series failed to open)
+        for listed in (self._shown_series, self._other_series):  # their series are listed, to open another
+            if listed is not None and listed.upload_dir is not None:
+                keep.add(listed.upload_dir)
         for folder in Path(self._tmp.name).glob("upload-*"):
             if folder not in keep:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -885,13 +911,15 @@ class LiverSAMWebApp:
             def show() -> None:  # the page turned to the new case (its name, notes, exports and series list)
                 nonlocal display_name, stem
                 listed = dicom.series if dicom is not None else ()
-                before, self._series_origin, self._series_status = self._series_origin, None, ""
+                # (the series of these files that failed to open stay marked: they would fail again)
+                failed = next((o.failed for o in (self._shown_series, self._other_series)
+                               if o is not None and o.files == tuple(files)), {})
+                self._shown_series = self._other_series = None  # (the other list goes once a CT opens)
+                self._series_status = ""
                 if len(listed) > 1:  # the reader can open another of the files' series from the page's list
-                    # (the series of these files that failed to open stay marked: they would fail again)
-                    failed = before.failed if before is not None and before.files == tuple(files) else {}
-                    self._series_origin = SeriesOrigin(tuple(files), tuple(listed), whose or f"in {base_name}",
-                                                       base_name, stem_given, source, note, uploaded, upload_dir, True,
-                                                       failed)
+                    self._shown_series = SeriesOrigin(tuple(files), tuple(listed), whose or f"in {base_name}",
+                                                      base_name, stem_given, source, note, uploaded, upload_dir,
+                                                      dict(failed))
                 series = f"The DICOM series of {Path(series_of).name}, read from its folder. " if series_of else ""
                 if dicom is not None and dicom.other_series:  # a CD-ROM export's folder: the reader is told which
                     if chosen is None:
@@ -901,7 +929,7 @@ class LiverSAMWebApp:
                     stem = series_stem(stem, tuple(listed), dicom.chosen)
                 self._show_new_case(display_name, stem, source or display_name, series + note)
                 with self.state:
-                    self._show_series_list(dicom.chosen if len(listed) > 1 else None)
+                    self._show_series_lists()
 
             self._make_shown(new, workflow, show)
             self._set_busy("")
@@ -916,13 +944,13 @@ class LiverSAMWebApp:
         back to it: they showed the new CT) and the error goes on to the caller, which takes the new case away."""
         old_content, old_workflow = self.content, self.workflow
         page = {key: self.state[key] for key in CASE_STATE}  # the page as it shows the case before
-        series_before = (self._series_origin, self._series_status)
+        series_before = (self._shown_series, self._other_series, self._series_status)
         self.content, self.workflow = new.content, workflow
         try:
             show()
         except BaseException:
             self.content, self.workflow = old_content, old_workflow
-            self._series_origin, self._series_status = series_before
+            self._shown_series, self._other_series, self._series_status = series_before
             self._show_again(old_content, page)
             raise
         new.committed = True
@@ -970,65 +998,70 @@ class LiverSAMWebApp:
                           tried: SeriesChoice | None, reason: str, whose: str, display_name: str, stem: str | None,
                           source: str, note: str, uploaded: bool, upload_dir: Path | None,
                           status: str, mark: bool = True) -> tuple[str, str]:
-        """After ``tried``, one series of ``files`` holding several, failed to open (``reason``, short): the files'
-        series list shown (and kept, with the upload's folder, until another CT opens) when another series may be
-        opened instead, ``tried`` marked in it (not offered again); (the words that say so for the error, "" when
-        there is none: the list is left as it was; the status line ``status``, with what the list is when it shows
-        files that are not the CT shown's: their upload field is emptied, yet they need not be uploaded again).
-        ``mark``: False when ``tried`` may open once tried again (the server was unreachable): not marked."""
+        """After ``tried``, one series of ``files`` holding several, failed to open (``reason``, short): ``tried``
+        marked in the files' series list (not offered again), which is the CT shown's list when they are the CT
+        shown's files; else the files' list is shown beside it (the other list, kept with the upload's folder until
+        a CT opens) when another of their series may be opened instead. Returns (the words that say so for the error,
+        "" when there is none: the lists are left as they were; the status line ``status``, with whose files the
+        other list shows: their upload field is emptied, yet they need not be uploaded again). ``mark``: False when
+        ``tried`` may open once tried again (the server was unreachable): not marked."""
         if tried is None or not choices or len(choices) < 2:
             return "", status
-        origin = self._series_origin
-        same = origin is not None and origin.files == tuple(files)
-        failed = {**(origin.failed if same else {}), **({tried.key: reason} if mark else {})}
+        # (the CT shown's list stays, whatever files failed: its series can still be opened from it)
+        origin = next((o for o in (self._shown_series, self._other_series) if o is not None
+                       and o.files == tuple(files)), None)
+        failed = {**(origin.failed if origin is not None else {}), **({tried.key: reason} if mark else {})}
         others = [c for c in choices if c.openable and c.key not in failed]
-        if not same and not others:
+        if origin is None and not others:
             return "", status
-        if not same:  # (the list of the CT shown's files stays; those files' series tried are marked in it)
-            origin = SeriesOrigin(tuple(files), tuple(choices), whose, display_name, stem, source, note, uploaded,
-                                  upload_dir, False)
+        if origin is None:  # the files' list beside the CT shown's (it replaced it)
+            origin = self._other_series = SeriesOrigin(tuple(files), tuple(choices), whose, display_name, stem,
+                                                       source, note, uploaded, upload_dir)
+            self._prune_uploads()  # (the folder of the other list before)
         origin.failed.clear()
         origin.failed.update(failed)
-        self._series_origin = origin
-        shown = (self.content.dicom.chosen if origin.of_ct_shown and self.content is not None
-                 and self.content.dicom is not None else None)
         with self.state:
-            self._show_series_list(shown)
-        if not same:
-            self._prune_uploads()  # (the folder of the list before, unless its CT is shown)
-        if not origin.of_ct_shown:  # the status line under the error says whose files the list shows, kept
+            self._show_series_lists()
+        if origin is self._other_series:  # the status line under the error says whose files it shows, kept
             again = "upload them" if uploaded else "open them"
-            words = (f"The series list (section 1) shows the {len(choices)} DICOM series {whose}: their files are "
+            beside = " under the series of the CT shown" if self._shown_series is not None else ""
+            words = (f"The {len(choices)} DICOM series {whose} are listed in section 1{beside}: their files are "
                      f"kept, click a series there to open it (no need to {again} again). ")
             status = status.removeprefix(self._series_status) if self._series_status else status
             self._series_status, status = words, words + status
         if not mark:
-            return (f" It is one of the {len(choices)} DICOM series {whose}: click it in the list (section 1) to try "
-                    "again once the server answers, or choose another series there.", status)
+            return (f" It is one of the {len(choices)} DICOM series {whose}: click it in their list (section 1) to "
+                    "try again once the server answers, or choose another series there.", status)
         if not others:
             return f" None of the other DICOM series {whose} can be opened.", status
-        return (f" It is one of the {len(choices)} DICOM series {whose}: choose another series in the list "
+        return (f" It is one of the {len(choices)} DICOM series {whose}: choose another series in their list "
                 "(section 1) to open it instead.", status)
 
-    def _show_series_list(self, shown: SeriesChoice | None) -> None:
-        """The page's series list and its caption, of ``self._series_origin`` (none: no list); ``shown``: its series
-        that is the CT shown. (Within ``with self.state``.)"""
-        origin = self._series_origin
-        self.state.series_rows = series_rows(origin.choices, shown, origin.failed) if origin is not None else []
-        self.state.series_caption = (series_caption(origin, self.state.ct_name if self.state.has_ct else "")
-                                     if origin is not None else "")
+    def _show_series_lists(self) -> None:
+        """The page's series lists and their captions (within ``with self.state``): the CT shown's files' series, its
+        series shown marked; the other files' (``_keep_series_list``)."""
+        shown_ct = self.state.ct_name if self.state.has_ct else ""
+        chosen = self.content.dicom.chosen if self.content is not None and self.content.dicom is not None else None
+        for origin, of_ct_shown, rows, caption in (
+                (self._shown_series, True, "series_rows", "series_caption"),
+                (self._other_series, False, "other_series_rows", "other_series_caption")):
+            self.state[rows] = (series_rows(origin.choices, chosen if of_ct_shown else None, origin.failed)
+                                if origin is not None else [])
+            self.state[caption] = series_caption(origin, shown_ct, of_ct_shown) if origin is not None else ""
 
-    def open_series(self, key: str | None = None, *_args) -> None:
-        """Open another DICOM series of the CT shown's files (the page's series list)."""
-        create_task(self._open_series(str(key)))
+    def open_series(self, key: str | None = None, which: str = "shown", *_args) -> None:
+        """Open another DICOM series of the files of a series list: ``which`` "shown", the CT shown's; "other", the
+        files whose series tried could not be opened."""
+        create_task(self._open_series(str(key), "other" if which == "other" else "shown"))
 
-    async def _open_series(self, key: str) -> None:
-        """The series ``key`` of the CT shown's files, opened as the first was (the same name, exports and notes),
-        after the same unexported-work guard as any other CT ("choose it again" to discard the work)."""
-        origin = self._series_origin
+    async def _open_series(self, key: str, which: str = "shown") -> None:
+        """The series ``key`` of the files of the list ``which`` ("shown": the CT shown's; "other"), opened as their
+        first was (the same name, exports and notes), after the same unexported-work guard as any other CT ("choose it
+        again in ... list" to discard the work)."""
+        origin = self._shown_series if which == "shown" else self._other_series
         chosen = next((c for c in origin.choices if c.key == key), None) if origin is not None else None
         if origin is None or chosen is None:
-            self._error("That series is not among the files of the CT shown: upload (or open) its files again.")
+            self._error("That series is not among the files listed any more: upload (or open) its files again.")
             return
         if not chosen.openable:
             self._error(f"{_first_upper(chosen.label)} cannot be opened as a CT: "
@@ -1038,21 +1071,37 @@ class LiverSAMWebApp:
             self._error(f"{_first_upper(chosen.label)} could not be opened: {origin.failed[key]}. Choose another "
                         "series in the list.")
             return
-        # (a list kept after its series failed to open is not the CT shown's: its keys are its own, "1" is not the
-        # series "1" of the CT shown, which it said "is the series shown" of)
-        shown = (self.content.dicom.chosen if origin.of_ct_shown and self.content is not None
+        # (the other list's keys are its own: its "1" is not the series "1" of the CT shown)
+        shown = (self.content.dicom.chosen if which == "shown" and self.content is not None
                  and self.content.dicom is not None else None)
         if shown is not None and shown.key == chosen.key:
             self._status(f"{_first_upper(chosen.label)} is the series shown.")
             return
         what = f"{series_what(chosen)} {origin.whose}"
+        again = ("choose it again in the series list" if which == "shown" else
+                 f"choose it again in the list of the DICOM series {origin.whose}")
         opened = await self._open_guarded(what, self._open_files_now(
             list(origin.files), what, origin.display_name, origin.stem, origin.source, None, origin.uploaded,
-            origin.note, choices=origin.choices, chosen=chosen, whose=origin.whose,
-            again="choose it again in the series list", upload_dir=origin.upload_dir))
-        if opened and self._shown_upload != origin.upload_dir:  # a series of a list kept after its first one failed
+            origin.note, choices=origin.choices, chosen=chosen, whose=origin.whose, again=again,
+            upload_dir=origin.upload_dir))
+        if opened:  # (the other list's upload is the CT shown's now, or it goes with that list)
             self._shown_upload = origin.upload_dir
             self._prune_uploads()
+
+    def forget_other_series(self, *_args) -> None:
+        """Close the other series list (files whose series tried could not be opened): an upload's files go."""
+        if self._other_series is None:
+            return
+        if self.state.busy:  # (a series of it may be being opened from its files)
+            self._error("Wait for the current step to finish before closing the list.")
+            return
+        self._other_series = None
+        with self.state:
+            if self._series_status and self.state.status.startswith(self._series_status):
+                self.state.status = self.state.status.removeprefix(self._series_status)
+            self._series_status = ""
+            self._show_series_lists()
+        self._prune_uploads()
 
     def _not_opened(self, message: str, status: str) -> None:
         """Nothing opened: the message, and the status line as it was before "Opening ..." (the open case's)."""
