@@ -772,10 +772,14 @@ def test_files_made_from_a_read_only_export_go_to_its_scratch_folder(tmp_path, u
     assert entry.derived("stem.onnx", "rest.onnx") == (shared / "stem.onnx", shared / "rest.onnx")
     assert entry.openvino_cache_dir() == shared / "openvino_cache"
     assert not base.exists() and entry.scratch(create=False) is None  # all there: nothing made
+    assert not cache.fallback_used  # nothing to warn about
 
     (shared / "rest.onnx").unlink()  # both parts from one place
     (shared / "openvino_cache").rmdir()
+    assert entry.openvino_cache_dir() == scratch / "openvino_cache"  # only a compile cache: no warning for it
+    assert not cache.fallback_used
     assert entry.derived("stem.onnx", "rest.onnx") == (scratch / "stem.onnx", scratch / "rest.onnx")
+    assert cache.fallback_used  # the run needs files of the fallback: warned about, naming both folders
     assert scratch.is_dir() and stat.S_IMODE(base.stat().st_mode) == 0o700
     assert entry.openvino_cache_dir() == scratch / "openvino_cache" and (scratch / "openvino_cache").is_dir()
     writable = ExportEntry(shared, shared / "encoder.onnx", shared / "reference.npy", 256)
@@ -811,8 +815,9 @@ def _fake_export(folder) -> None:
 
 
 def test_clear_cache_clears_the_cache_folder_and_this_users_fallback(tmp_path, monkeypatch, caplog) -> None:
-    """Before, the exports kept in the fallback (made for a read-only cache folder) were never cleared. Both folders
-    are now cleared, only entries holding an export.json (as before), and what was removed from where is returned.
+    """Before, the exports kept in the fallback (made for a read-only cache folder) were never cleared. Clearing the
+    user's cache (the default folder) now clears both, only entries holding an export.json (as before), and returns
+    what was removed from where. Another, writable folder given is cleared alone: the fallback is not its users'.
     The fallback is under tmp_path/tmp here, never the machine's /tmp."""
     import tempfile
 
@@ -820,9 +825,10 @@ def test_clear_cache_clears_the_cache_folder_and_this_users_fallback(tmp_path, m
 
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    cache, fallback = tmp_path / "cache", fallback_cache_dir()
+    monkeypatch.setenv("LIVERSAM_CACHE_DIR", str(tmp_path / "user"))
+    cache, fallback = tmp_path / "user" / "encoders", fallback_cache_dir()
     assert fallback == _fallback_base(tmp_path) / "encoders"
-    assert clear_cache(cache) == {} and not fallback.parent.exists()  # nothing there: nothing made
+    assert clear_cache() == {} and not fallback.parent.exists()  # nothing there: nothing made
     for folder in (cache, fallback):
         _fake_export(folder / "aaa-1024px")
         (folder / "agreement").mkdir()
@@ -830,8 +836,12 @@ def test_clear_cache_clears_the_cache_folder_and_this_users_fallback(tmp_path, m
         (folder / "notes").mkdir()
     _fake_export(fallback / "bbb-1024px")
     fallback.parent.chmod(0o700)
+    other = tmp_path / "other"
+    _fake_export(other / "ddd-1024px")
+    assert clear_cache(other) == {other: [other / "ddd-1024px"]}  # a writable folder given: the fallback stays
+    assert (fallback / "aaa-1024px" / "export.json").is_file()
     with caplog.at_level("INFO", logger="liversam.acceleration"):
-        report = clear_cache(cache)
+        report = clear_cache()
     assert report == {cache: [cache / "aaa-1024px"], fallback: [fallback / "aaa-1024px", fallback / "bbb-1024px"]}
     assert f"Removed 2 exported encoder(s) from '{fallback}'" in caplog.text
     for folder in (cache, fallback):
@@ -842,7 +852,7 @@ def test_clear_cache_clears_the_cache_folder_and_this_users_fallback(tmp_path, m
     fallback.parent.chmod(0o777)
     caplog.clear()
     with caplog.at_level("INFO", logger="liversam.acceleration"):
-        assert clear_cache(cache) == {cache: []}
+        assert clear_cache() == {cache: []}
     assert (fallback / "ccc-1024px" / "export.json").is_file()
     assert "The encoder cache's fallback is not cleared: " in caplog.text and "other users" in caplog.text
     fallback.parent.chmod(0o700)

@@ -370,6 +370,8 @@ class ExportEntry:
         if all(path.is_file() for path in here) or (scratch := self.scratch(create=True)) is None:
             return here
         scratch.mkdir(parents=True, exist_ok=True)
+        if self.cache is not None:
+            self.cache.fallback_used = True  # the run needs files kept in the fallback: it is warned about
         return tuple(scratch / name for name in names)
 
     def openvino_cache_dir(self) -> Path | None:
@@ -485,10 +487,18 @@ def clear_cache(cache_dir: str | Path | None = None) -> dict[Path, list[Path]]:
     folder cannot be written). The fallback is cleared only when it exists and passes the checks of
     :func:`prepare_fallback_cache_dir` (this user's, not a link, not writable by others; it is never made here).
 
+    The fallback is cleared with the default cache folder, or with a ``cache_dir`` that cannot be written (whose new
+    files went there); never with another, writable folder, whose users do not use it.
+
     Returns, for each folder cleared, the entries removed (a folder that does not exist is left out). An entry that
     could not be removed, and a fallback that is refused, are logged as warnings, never raised."""
     folders = [Path(cache_dir) if cache_dir is not None else default_cache_dir()]
-    if os.path.lexists(fallback_cache_dir().parent):
+    try:
+        fallback_base = fallback_cache_dir().parent
+    except OSError:  # no usable temporary folder (tempfile.gettempdir() raises): there is no fallback either
+        fallback_base = None
+    served = cache_dir is None or folder_write_problem(folders[0]) is not None
+    if served and fallback_base is not None and os.path.lexists(fallback_base):
         fallback, problem = prepare_fallback_cache_dir()
         if fallback is None:
             log.warning("The encoder cache's fallback is not cleared: %s.", problem)
