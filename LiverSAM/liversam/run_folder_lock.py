@@ -17,20 +17,40 @@ run of this version holds the folder) tries again for :data:`FLOCK_RETRY_SECONDS
 :func:`holder` holds it for microseconds, a run for good. Where OFD locks are not available (macOS, a file system
 without them) :func:`holder` takes the ``flock`` for an instant as before, and the retry covers it. Windows is
 unchanged (``msvcrt.locking`` has no way to ask and no retry: the instant remains there).
+
+Who holds it (session 40): LiverSAMTrain stops a run it follows only after checking that the PID in the lock file is
+a process of this machine and PID namespace that holds the lock. The file's PID line is padded with spaces to
+:data:`PID_FIELD_BYTES` (readers of earlier versions read those bytes as the PID, unchanged) and followed by one JSON
+line: the holder's host identity (:func:`host_identity`: host name; on Linux the boot id and the PID namespace) and the
+token LiverSAMTrain gave the process it started (``$LIVERSAM_RUN_TOKEN``: its process record names the same token, so
+the module tells its own process from another run whatever the PIDs: a Windows venv launcher's PID is not the
+trainer's). :func:`holder_info` reads both; a lock file of an earlier version has neither (``LockHolder.here()`` is
+None then).
 """
 
 from __future__ import annotations
 
 import errno
+import functools
+import json
 import logging
 import os
+import socket
 import struct
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 LOCK_NAME = "train.lock"
+
+#: The bytes after the first that hold the holder's PID line, padded with spaces: readers before session 40 read
+#: exactly these as the PID (``int()`` ignores the spaces), so they still read it; the host identity follows.
+PID_FIELD_BYTES = 32
+#: The environment variable in which LiverSAMTrain gives the process it starts a token; the run writes it into its lock
+#: file and LiverSAMTrain into its process record (console.json), which is how it knows the record is this run's.
+RUN_TOKEN_ENV = "LIVERSAM_RUN_TOKEN"
 
 #: How long a run retries a taken ``flock`` on POSIX when no run of this version holds the folder (a holder() holds
 #: it for an instant; a run of an earlier version, or of this one where there are no OFD locks, for good).
@@ -156,9 +176,73 @@ def _open(run_dir: Path) -> IO[bytes]:
 def _pid_in(handle: IO[bytes]) -> int:
     try:
         handle.seek(1)
-        return int(handle.read(32).decode("ascii", "replace").strip() or 0)
+        return int(handle.read(PID_FIELD_BYTES).decode("ascii", "replace").strip() or 0)
     except (OSError, ValueError):
         return 0
+
+
+@functools.lru_cache(maxsize=1)
+def host_identity() -> dict[str, str]:
+    """Where this process runs: ``host`` (the host name) and, on Linux, ``boot_id`` (this boot of this machine) and
+    ``pid_ns`` (this PID namespace: a container has its own). A PID means this process only where they all match."""
+    identity = {"host": socket.gethostname()}
+    try:
+        identity["boot_id"] = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+        identity["pid_ns"] = os.readlink("/proc/self/ns/pid")
+    except (OSError, ValueError):  # not Linux (or no /proc): the host name alone
+        identity.pop("boot_id", None)
+    return identity
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """The process holding a run folder, as its lock file tells: ``pid`` (0: unreadable), and what this version writes
+    after it (empty in a lock file of an earlier version, or one being written): the :func:`host_identity` of the
+    holder and its LiverSAMTrain token (``$LIVERSAM_RUN_TOKEN``; "" when it was not started by LiverSAMTrain)."""
+
+    pid: int
+    host: str = ""
+    boot_id: str = ""
+    pid_ns: str = ""
+    token: str = ""
+
+    @property
+    def identified(self) -> bool:
+        """True when the lock file holds the holder's host identity (written by this version)."""
+        return bool(self.host)
+
+    def here(self) -> bool | None:
+        """Whether the holder runs on this machine, in this PID namespace (its PID is then a PID here): compared by
+        boot id and PID namespace where both sides have them (Linux), else by host name; None when the lock file
+        does not tell (an earlier version's)."""
+        if not self.identified:
+            return None
+        mine = host_identity()
+        if self.boot_id and self.pid_ns and mine.get("boot_id") and mine.get("pid_ns"):
+            return (self.boot_id, self.pid_ns) == (mine["boot_id"], mine["pid_ns"])
+        return self.host == mine["host"]
+
+
+def _identity_in(handle: IO[bytes]) -> dict:
+    """The JSON line after the PID field ({} when there is none: an earlier version's lock file, one being written)."""
+    try:
+        handle.seek(1 + PID_FIELD_BYTES)
+        loaded = json.loads(handle.read(4096).split(b"\n", 1)[0].decode("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _holder_in(handle: IO[bytes]) -> LockHolder:
+    identity = _identity_in(handle)
+    fields = {key: str(identity.get(key) or "") for key in ("host", "boot_id", "pid_ns", "token")}
+    return LockHolder(_pid_in(handle), **fields)
+
+
+def _lock_content() -> bytes:
+    """This process as the holder: its PID line padded to :data:`PID_FIELD_BYTES`, then its identity and token."""
+    identity = {**host_identity(), "token": os.environ.get(RUN_TOKEN_ENV, "")}
+    return f"{os.getpid()}\n".ljust(PID_FIELD_BYTES).encode("ascii") + (json.dumps(identity) + "\n").encode("ascii")
 
 
 def acquire(run_dir: str | Path) -> IO[bytes] | None:
@@ -181,7 +265,7 @@ def acquire(run_dir: str | Path) -> IO[bytes] | None:
         raise RunFolderBusy(run_dir, pid)
     handle.seek(1)
     handle.truncate()
-    handle.write(f"{os.getpid()}\n".encode("ascii"))
+    handle.write(_lock_content())
     handle.flush()
     return handle
 
@@ -198,21 +282,28 @@ def release(handle: IO[bytes] | None) -> None:
 
 def holder(run_dir: str | Path) -> int | None:
     """The PID of the live process that holds ``run_dir`` (0 when it cannot be read), or None when none does (no lock
-    file, a lock file its process left behind, or a file system that cannot lock). Never waits. A run of this version
-    is found without taking its lock on Linux (``F_OFD_GETLK``); otherwise the ``flock`` is taken for an instant, which
-    no longer makes a run starting then fail (module docstring)."""
+    file, a lock file its process left behind, a file system that cannot lock, or a lock file or folder that cannot be
+    looked at: permission denied). Never waits. A run of this version is found without taking its lock on Linux
+    (``F_OFD_GETLK``); otherwise the ``flock`` is taken for an instant, which no longer makes a run starting then fail
+    (module docstring)."""
+    found = holder_info(run_dir)
+    return None if found is None else found.pid
+
+
+def holder_info(run_dir: str | Path) -> LockHolder | None:
+    """:func:`holder`, with what the lock file tells about the holder (:class:`LockHolder`)."""
     path = Path(run_dir) / LOCK_NAME
-    if not path.is_file():
-        return None
     try:
+        if not path.is_file():  # (raises PermissionError for a folder that cannot be searched)
+            return None
         with open(path, "rb") as handle:  # read access is enough to lock: another user's run, a read-only share
             if _ofd_lock_held(handle):  # a run of this version: told without taking anything
-                return _pid_in(handle)
+                return _holder_in(handle)
             # None holds the OFD lock (or it cannot be asked here): a run of an earlier version would hold only the
             # flock. A run starting while it is taken here retries (_lock), so it is not refused.
             if _try_lock(handle):
                 _unlock(handle)
                 return None
-            return _pid_in(handle)
+            return _holder_in(handle)
     except OSError:
         return None

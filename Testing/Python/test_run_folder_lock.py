@@ -263,3 +263,65 @@ def test_runs_start_while_another_process_keeps_asking_holder(tmp_path):
         asker.kill()
         asker.wait(30)
     assert refused == 0, f"{refused} of {starts} starts refused while another process asked holder()"
+
+
+# --- who holds it (session 40) ---------------------------------------------------------------------------------------
+def test_the_lock_file_tells_readers_of_earlier_versions_the_pid_and_this_version_where_the_holder_runs(tmp_path):
+    """LiverSAMTrain stops a run only once it knows the PID in train.lock is that run here: the run writes its host
+    identity (and LiverSAMTrain's token) after its PID, which readers of earlier versions still read alone."""
+    import io
+    import os
+
+    from liversam.run_folder_lock import (
+        PID_FIELD_BYTES,
+        RUN_TOKEN_ENV,
+        LockHolder,
+        _holder_in,
+        holder_info,
+        host_identity,
+    )
+
+    run = tmp_path / "run"
+    run.mkdir()
+    process = subprocess.Popen([sys.executable, "-c", HOLD, str(run), str(REPO_ROOT / "LiverSAM")],
+                               stdout=subprocess.PIPE, text=True, env=dict(os.environ, **{RUN_TOKEN_ENV: "t0ken"}))  # fmt: skip
+    try:
+        assert process.stdout.readline().strip() == "held"
+        with open(run / LOCK_NAME, "rb") as handle:  # as holder() read it before session 40
+            handle.seek(1)
+            assert int(handle.read(32).decode("ascii", "replace").strip() or 0) == process.pid
+        assert PID_FIELD_BYTES == 32
+        found = holder_info(run)
+        assert found == LockHolder(process.pid, token="t0ken", **host_identity()) and found.here() is True
+        assert holder(run) == process.pid
+    finally:
+        process.kill()
+        process.wait(30)
+    earlier = _holder_in(io.BytesIO(b"\x001234\n"))  # an earlier version's lock file: the PID alone
+    assert earlier == LockHolder(1234) and not earlier.identified and earlier.here() is None
+    mine = host_identity()
+    if "boot_id" in mine:  # Linux: the boot and the PID namespace decide (a container has its own namespace)
+        assert LockHolder(1, **{**mine, "pid_ns": "pid:[1]"}).here() is False
+        assert LockHolder(1, **{**mine, "host": "renamed"}).here() is True
+    assert LockHolder(1, host="elsewhere").here() is (mine["host"] == "elsewhere")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
+def test_a_run_folder_that_cannot_be_searched_is_held_by_nobody_known_instead_of_an_error(tmp_path):
+    """Path.is_file raises PermissionError (EACCES) on Python 3.12; holder() raised it to LiverSAMTrain's setup."""
+    from test_write_permissions import without_permission_override
+
+    locked = tmp_path / "locked"
+    (locked / "run").mkdir(parents=True)
+    release(acquire(locked / "run"))
+    locked.chmod(0)
+    ask = ("import sys; sys.path.insert(0, sys.argv[2]); from liversam import run_folder_lock as lock; "
+           "print(lock.holder(sys.argv[1]), getattr(lock, 'holder_info', lock.holder)(sys.argv[1]))")
+    try:
+        answer = subprocess.run(without_permission_override([sys.executable, "-c", ask, str(locked / "run"),
+                                                             str(REPO_ROOT / "LiverSAM")]),
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+    finally:
+        locked.chmod(0o755)
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.strip() == "None None"
