@@ -5,7 +5,8 @@ Thin Qt layer: the widget collects the settings, exports loaded volume + segment
 section, which has torch; Slicer's own Python gets none -- in a background process
 (``LiverSAMTrainLib.TrainingProcess``) whose log a ``QTimer`` polls, so Slicer stays responsive. The process
 keeps running when Slicer closes (it has its own process group and log file); a widget made again (the module
-reloaded, Slicer opened again) finds a ``liversam train`` that holds the run folder chosen and shows it, Stop included
+reloaded, Slicer opened again) puts back the run folder of the last run started or followed (Slicer's settings) and
+finds a ``liversam train`` that holds the run folder chosen and shows it, Stop included
 (``LiverSAMTrainLib.AttachedProcess``), as does choosing another run folder. Curves go to a table and one plot
 chart per quantity (validation Dice, training loss, validation loss: Slicer's plot chart has one y axis); the
 "Curves" list chooses the chart shown in the layout's plot view, once per run unless chosen again. The best
@@ -41,6 +42,10 @@ POLL_INTERVAL_MS = 500
 #: the run folder typed or chosen is looked at (is a training process running there?) once it has not changed this long
 #: (ctkPathLineEdit emits currentPathChanged at every keystroke)
 RUN_FOLDER_SETTLE_MS = 500
+#: Slicer's settings (qt.QSettings): the run folder of the last run started or followed, put back in the run folder field
+#: when the widget is set up (Slicer opened again, the module reloaded: the new widget's field is empty), so that a run
+#: still going on there is followed again
+RUN_FOLDER_SETTING = "LiverSAMTrain/RunFolder"
 
 
 class LiverSAMTrain(ScriptedLoadableModule):
@@ -67,6 +72,8 @@ class LiverSAMTrainLogic(ScriptedLoadableModuleLogic):
         self.process = process or TrainingProcess()
         self.tableNode = None
         self.chartNodes: dict = {}  # TrainingLogic.CHARTS key -> vtkMRMLPlotChartNode
+        # per run folder: the process followed there until another folder was chosen (it was still running then)
+        self._detached: dict[str, AttachedProcess] = {}
 
     def start(self, settings: TrainingLogic.TrainingSettings, python: str) -> list:
         """Start ``liversam train`` in the LiverSAM environment ``python`` (checked once: raises with the reason).
@@ -94,6 +101,11 @@ class LiverSAMTrainLogic(ScriptedLoadableModuleLogic):
         when no process holds it. Call it only while :attr:`process` is not running (or is attached: then it is
         followed no longer, and keeps running)."""
         found = AttachedProcess.find(runDir)
+        previous = self._detached.pop(_folderKey(found.run_dir), None) if found is not None else None
+        if previous is not None and (found.pid, found.since, found.log_path) == (
+            previous.pid, previous.since, previous.log_path
+        ):  # fmt: skip
+            found = previous  # followed before: its output is read on from where it was left (never shown twice)
         if found is not None:
             self.process = found
         return found
@@ -101,6 +113,7 @@ class LiverSAMTrainLogic(ScriptedLoadableModuleLogic):
     def detach(self) -> None:
         """Follow an attached process no longer (it keeps running)."""
         if self.attached:
+            self._detached[_folderKey(self.process.run_dir)] = self.process
             self.process = TrainingProcess()
 
     def checkEnvironment(self, python: str) -> TrainingLogic.EnvironmentCheck:
@@ -135,16 +148,22 @@ class LiverSAMTrainLogic(ScriptedLoadableModuleLogic):
         return chart
 
 
+def _folderKey(folder: str | Path) -> str:
+    """One string for every path of one folder (a relative path, a trailing separator, a symbolic link)."""
+    try:
+        return str(Path(folder).resolve())
+    except (OSError, RuntimeError):  # RuntimeError: a symbolic link loop (Python 3.12)
+        return str(Path(folder).absolute())
+
+
 def _sameFolder(a: str | Path, b: str | Path) -> bool:
     """True when ``a`` and ``b`` name one folder (a relative path, a trailing separator, a symbolic link)."""
-    try:
-        return Path(a).resolve() == Path(b).resolve()
-    except OSError:
-        return Path(a) == Path(b)
+    return _folderKey(a) == _folderKey(b)
 
 
 class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
     _segmentNamesHint = False  # the log advised liversam train's --liver-names / --tumor-names
+    _stopProblem = ""  # why the last kill of a followed process was refused (said once in the log)
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -180,6 +199,8 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         self._runFolderTimer.setSingleShot(True)
         self._runFolderTimer.setInterval(RUN_FOLDER_SETTLE_MS)
         self._runFolderTimer.connect("timeout()", self._followRunInFolder)
+        if not self.ui.outputPathLineEdit.currentPath:  # (a new widget's is empty: loadUI made it)
+            self.ui.outputPathLineEdit.currentPath = str(qt.QSettings().value(RUN_FOLDER_SETTING, "") or "")
         self.ui.outputPathLineEdit.connect("currentPathChanged(QString)", self._onRunFolderEdited)
         self.ui.addPairButton.connect("clicked()", self.onAddPair)
         self.ui.clearPairsButton.connect("clicked()", self.onClearPairs)
@@ -189,8 +210,8 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         self.ui.curvesComboBox.connect("currentIndexChanged(int)", self.onCurvesChosen)
         self._observeScene(slicer.mrmlScene)
         self._showRunFolderNote("")
-        # a liversam train still running in the run folder (the module reloaded, Slicer opened again: the field keeps
-        # its last path) is shown again, with its Stop
+        # a liversam train still running in the run folder (the module reloaded, Slicer opened again: the field holds
+        # the run folder of the last run started or followed, RUN_FOLDER_SETTING) is shown again, with its Stop
         self._followRunInFolder()
         self.updateButtons()
 
@@ -208,7 +229,10 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
             self._check = None
         if self.logic is not None and self.logic.process.stopping:
             # Stop was pressed and the grace period is still running: no timer will escalate any more, so end it now.
-            self.logic.process.kill()
+            try:
+                self.logic.process.kill()
+            except (StopRefused, OSError) as refused:  # a followed process that can no longer be verified
+                logging.warning("LiverSAMTrain: the training process was not killed: %s", refused)
         elif self.logic is not None and self.logic.process.is_running():
             # True: the process has its own process group / session and writes to a log file, not to Slicer.
             logging.info(
@@ -340,6 +364,7 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
                 if check.problem:
                     raise RuntimeError(check.problem)
                 command = self.logic.start(self._settings, check.python)
+                self._rememberRunFolder(self._settings.out)
                 self.ui.logTextEdit.appendPlainText(" ".join(command))
                 self.ui.progressBar.setMaximum(self._settings.epochs)
                 self.ui.statusLabel.setText(_("Training..."))
@@ -369,12 +394,20 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         # signalled only while it holds its run folder (AttachedProcess.stop).
         try:
             self.logic.stop()
-        except StopRefused as refused:
+        except (StopRefused, OSError) as refused:
             slicer.util.errorDisplay(str(refused))
+            self.updateButtons()
             return
-        if self.logic.process.is_running():
+        process = self.logic.process
+        if process.stopping:
             self.ui.statusLabel.setText(_("Stopping..."))
             self._timer.start()
+            self.updateButtons()
+        elif process.is_running():  # a followed process that released its run folder: it is ending by itself
+            self.ui.statusLabel.setText(
+                _("Not stopped: the training process (PID {pid}) no longer holds the run folder; it is ending by "
+                  "itself.").format(pid=process.pid)
+            )  # fmt: skip
             self.updateButtons()
         else:  # it ended by itself before this Stop (finished, or failed): say so, not "Stopped"
             self.poll()
@@ -453,6 +486,10 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         self.ui.runFolderStatusLabel.setText(text)
         self.ui.runFolderStatusLabel.visible = bool(text)
 
+    def _rememberRunFolder(self, runDir: str) -> None:
+        """The run folder put back in the field when the widget is set up again (:data:`RUN_FOLDER_SETTING`)."""
+        qt.QSettings().setValue(RUN_FOLDER_SETTING, str(runDir))
+
     def _onRunFolderEdited(self, *args) -> None:
         """The run folder field changed (a keystroke, or the browse dialog): looked at once it settles
         (:data:`RUN_FOLDER_SETTLE_MS`), not at each character."""
@@ -479,6 +516,8 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
                   "run folder again to follow it.").format(pid=attached.pid, folder=attached.run_dir)
             )  # fmt: skip
             self.ui.statusLabel.setText("")
+            self.ui.progressBar.setMaximum(1)  # its progress is not this folder's
+            self.ui.progressBar.setValue(0)
         attached = self.logic.attach(runDir) if runDir else None
         if attached is None:
             self._showRunFolderNote("")
@@ -489,14 +528,21 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         self._historyStamp = None  # its curves shown at once
         self._finished = False
         self._segmentNamesHint = False
+        self._stopProblem = ""
         since = time.strftime("%Y-%m-%d %H:%M", time.localtime(attached.since)) if attached.since else ""
         note = _("Training is running in this run folder: liversam train, PID {pid}{since}.").format(
             pid=attached.pid or _("unknown"), since=_(", since {time}").format(time=since) if since else ""
         ) + (" " + _("Stop stops it.") if attached.pid else "")
         self._showRunFolderNote(note)
+        self._rememberRunFolder(runDir)
         self.ui.statusLabel.setText(note)
         self.ui.logTextEdit.appendPlainText(note)
-        if attached.console:
+        reattached = attached.shown
+        if reattached:  # followed before, then another folder: its output from where it was left
+            self.ui.logTextEdit.appendPlainText(
+                _("Following it again: its output since it was last followed ({log}):").format(log=attached.log_path)
+            )
+        elif attached.console:
             self.ui.logTextEdit.appendPlainText(
                 _("Its output since it started ({log}):").format(log=attached.log_path)
                 if not attached.skipped else
@@ -507,10 +553,13 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
                 _("Not started by this module (or its console is not known here): the last lines of its own log, "
                   "{log}, and its new ones:").format(log=attached.log_path)
             )  # fmt: skip
-            for line in attached.earlier:
-                self.ui.logTextEdit.appendPlainText(line)
+            if attached.earlier:
+                self.ui.logTextEdit.appendPlainText("\n".join(attached.earlier))
+        attached.shown = True
         self.ui.progressBar.setMaximum(max(self._settings.epochs, 1))
         self.ui.progressBar.setValue(0)
+        if reattached and attached.console:  # its events up to now are not read again: its progress from history.csv
+            self._showHistoryProgress()
         self._timer.start()
         self.poll()  # its output so far, its curves: shown at once
         self.updateButtons()
@@ -544,14 +593,20 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
                 self._startChecked()
             return
         process = self.logic.process
-        process.escalate_stop()  # after Stop: killed once the grace period has passed
+        try:
+            process.escalate_stop()  # after Stop: killed once the grace period has passed
+        except (StopRefused, OSError) as refused:  # a followed process that can no longer be verified: said once
+            if str(refused) != self._stopProblem:
+                self._stopProblem = str(refused)
+                self.ui.logTextEdit.appendPlainText(_("Not killed: {reason}").format(reason=refused))
         # asked before the lines are read: a process that has ended by now has written all its lines, and they are all
         # read below (asked after, a line written in between, its DONE or its error, was never shown)
         running = process.is_running()
+        text = []  # appended at once (a followed process's earlier output: up to REPLAY_BYTES)
         for line in process.read_lines():
             event = TrainingLogic.parse_event(line)
             if event is None:
-                self.ui.logTextEdit.appendPlainText(line)
+                text.append(line)
                 if TrainingLogic.advises_segment_names(line):
                     self._segmentNamesHint = True  # the command's advice names its options, not this module's fields
                 continue
@@ -584,6 +639,8 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
                 )
             elif kind == "DONE":
                 self._showDone(payload)
+        if text:
+            self.ui.logTextEdit.appendPlainText("\n".join(text))
         self._updateCurves()
         if process.stopping and not self._finished:  # an epoch line read meanwhile hides no Stop
             self.ui.statusLabel.setText(_("Stopping..."))
@@ -631,9 +688,11 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
     def updateButtons(self) -> None:
         running = self.logic is not None and (self.logic.process.is_running() or self._check is not None)
         stopping = self.logic is not None and self.logic.process.stopping
+        # a followed process whose PID is unknown, or that released its run folder (ending by itself), cannot be stopped
+        stoppable = running and (self._check is not None or getattr(self.logic.process, "stoppable", True))
         self.ui.startButton.enabled = not running  # also while stopping: until the process is gone
         self.ui.resumeButton.enabled = not running
-        self.ui.stopButton.enabled = running and not stopping
+        self.ui.stopButton.enabled = running and not stopping and stoppable
 
 
 class LiverSAMTrainTest(ScriptedLoadableModuleTest):

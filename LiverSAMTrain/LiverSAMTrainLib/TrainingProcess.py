@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -30,46 +31,55 @@ PROCESS_RECORD_NAME = "console.json"
 
 
 class LogReader:
-    """The complete lines appended to a log file since the last call, from ``offset`` on (never blocks)."""
+    """The complete lines appended to a log file since the last call, from ``offset`` on (never blocks). A line is
+    decoded once it is complete (a UTF-8 character split between two reads is read whole); a file that became shorter
+    than the offset (truncated, or replaced by a new one) is read again from its start; a file that cannot be read
+    (missing, permission denied) gives no lines, and is read again at the next call."""
 
     def __init__(self, path: str | Path, offset: int = 0) -> None:
         self.path = Path(path)
         self.offset = offset
-        self._partial = ""
+        self._partial = b""
 
     def read_lines(self) -> list[str]:
         """Every complete output line written since the last call. tqdm's ``\\r`` updates keep the last state of each
         line; a Windows line end (``\\r\\n``: Python's stdout in text mode there) is a line end, not an update."""
-        if not self.path.is_file():
+        try:
+            with open(self.path, "rb") as log:
+                if os.fstat(log.fileno()).st_size < self.offset:  # truncated or replaced: its lines start again
+                    self.offset, self._partial = 0, b""
+                log.seek(self.offset)
+                data = log.read()
+        except OSError:
             return []
-        with open(self.path, "rb") as log:
-            log.seek(self.offset)
-            data = log.read()
         self.offset += len(data)
-        text = self._partial + data.decode("utf-8", "replace")
-        *lines, self._partial = text.split("\n")
-        return [line.removesuffix("\r").split("\r")[-1] for line in lines]
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        return [line.decode("utf-8", "replace").removesuffix("\r").split("\r")[-1] for line in lines]
 
 
 def write_process_record(path: str | Path, pid: int, log_path: str | Path, log_offset: int, command: Sequence[str],
-                         started: float | None = None) -> None:  # fmt: skip
-    """Write the process record (:data:`PROCESS_RECORD_NAME`) atomically; an error is left to the caller."""
+                         started: float | None = None, token: str = "") -> None:  # fmt: skip
+    """Write the process record (:data:`PROCESS_RECORD_NAME`) atomically; an error is left to the caller. ``token``:
+    the one given to the process in ``$LIVERSAM_RUN_TOKEN`` (the run writes it into its lock file)."""
     from liversam.atomic_write import write_text_atomically
 
-    record = {"pid": int(pid), "started": time.time() if started is None else started, "log": str(log_path),
-              "log_offset": int(log_offset), "command": [str(part) for part in command]}  # fmt: skip
+    record = {"pid": int(pid), "started": time.time() if started is None else started,
+              "log": os.path.abspath(log_path), "log_offset": int(log_offset),
+              "command": [str(part) for part in command], "token": str(token)}  # fmt: skip
     write_text_atomically(path, json.dumps(record, indent=2))
 
 
 def read_process_record(path: str | Path) -> dict | None:
     """The process record at ``path``, or None when there is none or it cannot be read (partly written, another
-    version's): the caller then knows nothing about the process it wrote."""
+    version's): the caller then knows nothing about the process it wrote. ``token``: "" in a record of an earlier
+    version."""
     try:
         record = json.loads(Path(path).read_text(encoding="utf-8"))
         if not isinstance(record, dict):
             return None
         return {"pid": int(record["pid"]), "started": float(record["started"]), "log": str(record["log"]),
-                "log_offset": int(record["log_offset"]), "command": [str(c) for c in record.get("command", [])]}  # fmt: skip
+                "log_offset": int(record["log_offset"]), "command": [str(c) for c in record.get("command", [])],
+                "token": str(record.get("token") or "")}  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -99,21 +109,29 @@ class TrainingProcess:
               cwd: str | None = None, record_path: str | Path | None = None) -> None:  # fmt: skip
         """Start ``command`` with its output (stdout and stderr) appended to ``log_path``. ``record_path``: where to
         write the process record (:func:`write_process_record`; a record that cannot be written is only logged: the
-        process runs, and a widget made again while it runs shows its log from where it is then)."""
+        process runs, and a widget made again while it runs shows its log from where it is then); the process then
+        gets a new token in ``$LIVERSAM_RUN_TOKEN`` (``liversam train`` writes it into its lock file), which the record
+        names too."""
         if self.is_running():
             raise RuntimeError("a training process is already running; stop it first")
         log_path = Path(log_path)
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = LogReader(log_path, log_path.stat().st_size if log_path.is_file() else 0)
         self._kill_at = None
+        env = dict(env if env is not None else os.environ)
+        token = ""
+        if record_path is not None:  # the run writes it into its lock file: the record is known to be its own
+            from liversam.run_folder_lock import RUN_TOKEN_ENV
+
+            token = env[RUN_TOKEN_ENV] = uuid.uuid4().hex
         with open(log_path, "ab") as log:
             self._process = subprocess.Popen(
                 list(command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=env if env is not None else dict(os.environ), cwd=cwd, **detached_process_options(),
+                env=env, cwd=cwd, **detached_process_options(),
             )  # fmt: skip
         if record_path is not None:
             try:
-                write_process_record(record_path, self._process.pid, log_path, self._log.offset, command)
+                write_process_record(record_path, self._process.pid, log_path, self._log.offset, command, token=token)
             except OSError as error:
                 import logging
 

@@ -135,6 +135,10 @@ def test_the_right_names_pass():
         ("class W:\n    def f(self):\n        self.t = qt.QTimer()\n        self.t.setSingleShoot(True)\n", "setSingleShoot"),
         ("class W:\n    def f(self):\n        self.ui.runFolderStatusLabel.shown = False\n", "shown"),
         ("class W:\n    def f(self):\n        self.ui.runFolderStatusLabel.setTxt('x')\n", "setTxt"),
+        # the run folder kept in Slicer's settings (session 40): put back in the field when the widget is set up
+        ("class W:\n    def f(self):\n        qt.QSettings().setValu('k', 'x')\n", "setValu"),
+        ("class W:\n    def f(self):\n        return qt.QSettings().values('k', '')\n", "values"),
+        ("class W:\n    def f(self):\n        self.ui.outputPathLineEdit.path = 'x'\n", "path"),
     ],
 )
 def test_the_train_modules_run_folder_calls_are_checked(snippet, member):
@@ -153,6 +157,8 @@ def test_the_train_modules_run_folder_calls_pass():
         "        self.ui.outputPathLineEdit.connect('currentPathChanged(QString)', print)\n"
         "        self.ui.runFolderStatusLabel.setText('x')\n"
         "        self.ui.runFolderStatusLabel.visible = False\n"
+        "        qt.QSettings().setValue('LiverSAMTrain/RunFolder', 'x')\n"
+        "        self.ui.outputPathLineEdit.currentPath = str(qt.QSettings().value('LiverSAMTrain/RunFolder', ''))\n"
     )
     checker = check_source(snippet, "snippet.py", LISTING, TRAIN_UI, NODE_MEMBERS)
-    assert not checker.violations and checker.checked == 6, (checker.violations, checker.checked)  # every call above
+    assert not checker.violations and checker.checked == 9, (checker.violations, checker.checked)  # every call above

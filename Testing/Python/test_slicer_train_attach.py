@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,7 +32,7 @@ TRAIN_DIR = REPO_ROOT / "LiverSAMTrain"
 if str(TRAIN_DIR) not in sys.path:
     sys.path.insert(0, str(TRAIN_DIR))
 
-from liversam.run_folder_lock import LOCK_NAME, holder  # noqa: E402
+from liversam.run_folder_lock import LOCK_NAME, acquire, holder, release  # noqa: E402
 from LiverSAMTrainLib import AttachedProcess as attached_module  # noqa: E402
 from LiverSAMTrainLib.AttachedProcess import AttachedProcess, StopRefused  # noqa: E402
 from LiverSAMTrainLib.TrainingProcess import (  # noqa: E402
@@ -45,12 +46,15 @@ pytestmark = pytest.mark.slicer
 POSIX_SIGNALS = pytest.mark.skipif(sys.platform == "win32", reason="SIGTERM cannot be caught or ignored on Windows")
 
 #: ``liversam train`` as far as the module sees it: holds the run folder, prints events, logs to train.log; records the
-#: signals it gets there. argv: run folder, LiverSAM package folder, mode (run | ignore-term | finish | release).
+#: signals it gets there. argv: run folder, LiverSAM package folder, mode (run | ignore-term | release | name-other
+#: (argv[4]: the PID its lock file names instead of its own) | other-host (its lock file says it runs elsewhere) |
+#: old-format (its lock file as an earlier version writes it: the PID alone) | no-pid (no PID readable)).
 HOLDER = r"""
 import json, os, signal, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[2])
 from liversam.run_folder_lock import acquire, release
+PID_FIELD_BYTES = 32  # (liversam.run_folder_lock.PID_FIELD_BYTES)
 run, mode = Path(sys.argv[1]), sys.argv[3]
 def log(text):
     with open(run / 'train.log', 'a') as handle:
@@ -62,7 +66,26 @@ def on_term(signum, frame):
 signal.signal(signal.SIGTERM, signal.SIG_IGN if mode == 'ignore-term' else on_term)
 run.mkdir(parents=True, exist_ok=True)
 lock = acquire(run)
+lock.seek(1 + PID_FIELD_BYTES)
+identity = lock.read()
+if mode == 'name-other':
+    lock.seek(1)
+    lock.write(f'{sys.argv[4]}\n'.ljust(PID_FIELD_BYTES).encode())
+elif mode == 'no-pid':
+    lock.seek(1)
+    lock.write(b' ' * PID_FIELD_BYTES)
+elif mode == 'old-format':
+    lock.seek(1)
+    lock.truncate()
+    lock.write(f'{os.getpid()}\n'.encode())
+elif mode == 'other-host':
+    elsewhere = dict(json.loads(identity or b'{}'), host='elsewhere', boot_id='another-boot')
+    lock.seek(1)
+    lock.truncate()
+    lock.write(f'{os.getpid()}\n'.ljust(PID_FIELD_BYTES).encode() + (json.dumps(elsewhere) + '\n').encode())
+lock.flush()
 log('INFO liversam.training.trainer: training started')
+print('training on 3 epochs', flush=True)
 print('LIVERSAM_EPOCH ' + json.dumps({'epoch': 1, 'epochs': 3, 'val_dice_mean': 0.9, 'best_epoch': 1}), flush=True)
 deadline = time.monotonic() + 60
 while time.monotonic() < deadline:
@@ -87,14 +110,29 @@ def _wait(condition, what: str, timeout_s: float = 30.0) -> None:
     assert condition(), what
 
 
-def _holder_command(run: Path, mode: str = "run") -> list[str]:
-    return [sys.executable, "-c", HOLDER, str(run), str(REPO_ROOT / "LiverSAM"), mode]
+def _holder_command(run: Path, mode: str = "run", *args: str) -> list[str]:
+    return [sys.executable, "-c", HOLDER, str(run), str(REPO_ROOT / "LiverSAM"), mode, *args]
 
 
-def _start_elsewhere(run: Path, mode: str = "run") -> subprocess.Popen:
-    """A ``liversam train`` started from a terminal (not by the module): returns once it holds the run folder."""
-    process = subprocess.Popen(_holder_command(run, mode), stdout=subprocess.DEVNULL, start_new_session=True)
-    _wait(lambda: holder(run) == process.pid, "the run did not take its folder's lock")
+def _started(run: Path) -> bool:
+    """The holder has taken the lock, written its lock file and logged "training started" (run folders here start
+    without that line)."""
+    try:
+        return "training started" in (run / "train.log").read_text()
+    except OSError:
+        return False
+
+
+def _start_elsewhere(run: Path, mode: str = "run", *args: str) -> subprocess.Popen:
+    """A ``liversam train`` started from a terminal (not by the module): returns once it holds the run folder, its
+    lock file written and "training started" in its train.log."""
+    process = subprocess.Popen(_holder_command(run, mode, *args), stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait(lambda: _started(run) or process.poll() is not None, "the run did not start")
+        assert _started(run) and holder(run) is not None, "the run did not take its folder's lock"
+    except BaseException:
+        _end(process)
+        raise
     return process
 
 
@@ -102,7 +140,12 @@ def _start_by_module(run: Path, mode: str = "run") -> TrainingProcess:
     """Started as LiverSAMTrainLogic.start does (console.log, the process record); returns once it holds the folder."""
     process = TrainingProcess()
     process.start(_holder_command(run, mode), run / "console.log", record_path=run / PROCESS_RECORD_NAME)
-    _wait(lambda: holder(run) == process.pid, "the run did not take its folder's lock")
+    try:
+        _wait(lambda: _started(run) or not process.is_running(), "the run did not start")
+        assert _started(run) and holder(run) == process.pid, "the run did not take its folder's lock"
+    except BaseException:
+        _end(process)
+        raise
     return process
 
 
@@ -237,39 +280,139 @@ def test_a_pid_that_no_longer_holds_the_run_folder_is_never_signalled(tmp_path):
     pressed. Only the process holding the lock is signalled."""
     run = tmp_path / "run"
     process = _start_elsewhere(run, "release")
-    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    bystander = _bystander()
+    frozen = lambda: 0.0  # noqa: E731 - within END_WAIT_SECONDS for good: is_running() stays True, holds_folder() decides
     try:
-        attached = AttachedProcess.find(run)
+        attached = AttachedProcess.find(run, clock=frozen)
         (run / "finish-now").touch()  # it releases the lock and keeps running
         _wait(lambda: holder(run) is None, "the lock was not released")
+        assert attached.is_running() and not attached.holds_folder()
         attached.stop(grace_seconds=0)
         attached.kill()
-        assert process.poll() is None and bystander.poll() is None  # neither was signalled
-        assert "got SIGTERM" not in (run / "train.log").read_text() and not attached.stop_requested
+        assert not attached.stop_requested and attached.is_running()  # nothing sent
+        assert "got SIGTERM" not in (run / "train.log").read_text() and process.poll() is None
 
         # the lock held by one process, the attached PID another's (a PID reused): that other process is not signalled
         held = _start_elsewhere(tmp_path / "other")
         try:
-            reused = AttachedProcess(tmp_path / "other", bystander.pid)
-            assert not reused.holds_folder()
+            reused = AttachedProcess(tmp_path / "other", bystander.pid, clock=frozen)
+            assert not reused.holds_folder() and reused.is_running()
             reused.stop(grace_seconds=0)
             reused.kill()
-            time.sleep(0.2)
-            assert bystander.poll() is None and held.poll() is None
+            assert not reused.stop_requested and held.poll() is None
         finally:
             _end(held)
+        assert _bystander_report(bystander) == "nothing"
     finally:
         _end(process)
         _end(bystander)
 
 
-def test_a_run_whose_pid_is_unknown_is_not_stopped_from_here(tmp_path):
+BYSTANDER = r"""
+import signal, sys
+got = []
+signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+print('ready', flush=True)
+sys.stdin.readline()
+print('got SIGTERM' if got else 'nothing', flush=True)
+"""
+
+
+def _bystander() -> subprocess.Popen:
+    """A process that is no training run; :func:`_bystander_report` tells whether it got SIGTERM (a signal sent before
+    the report is asked for is handled before it reads the request)."""
+    process = subprocess.Popen([sys.executable, "-c", BYSTANDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "ready"
+    return process
+
+
+def _bystander_report(process: subprocess.Popen) -> str:
+    out, _ = process.communicate("report\n", timeout=60)
+    return out.strip()
+
+
+@POSIX_SIGNALS
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/<pid>/fd")
+def test_a_process_whose_pid_the_lock_file_names_but_that_does_not_hold_it_is_never_signalled(tmp_path):
+    """holds_folder() checked that the lock is held and that train.lock names the PID, not that the process with that
+    PID holds it: a holder that named another process (or one in another PID namespace, on another machine, or writing
+    its PID just now) had that process signalled. The process must have the lock file open (/proc/<pid>/fd)."""
+    run = tmp_path / "run"
+    bystander = _bystander()
+    process = _start_elsewhere(run, "name-other", str(bystander.pid))
+    try:
+        attached = AttachedProcess.find(run, clock=lambda: 0.0)
+        assert attached.pid == bystander.pid and attached.holds_folder()
+        with pytest.raises(StopRefused, match=f"PID {bystander.pid}, which .* names, does not have that lock file open"):
+            attached.stop(grace_seconds=0)
+        with pytest.raises(StopRefused):
+            attached.kill()
+        assert not attached.stop_requested
+        assert _bystander_report(bystander) == "nothing" and process.poll() is None
+    finally:
+        _end(process)
+        _end(bystander)
+
+
+@POSIX_SIGNALS
+def test_a_run_whose_lock_file_says_it_runs_elsewhere_is_not_signalled(tmp_path):
+    """A run in a container or on another machine sharing the folder: its PID is another process here."""
+    run = tmp_path / "run"
+    process = _start_elsewhere(run, "other-host")
+    try:
+        attached = AttachedProcess.find(run, clock=lambda: 0.0)
+        assert attached.pid == process.pid
+        with pytest.raises(StopRefused, match="runs on another machine or in another container .*host 'elsewhere'"):
+            attached.stop(grace_seconds=0)
+        assert not attached.stop_requested and process.poll() is None
+        assert "got SIGTERM" not in (run / "train.log").read_text()
+    finally:
+        _end(process)
+
+
+@POSIX_SIGNALS
+def test_a_run_of_an_earlier_version_is_stopped_on_linux_and_refused_where_it_cannot_be_verified(tmp_path, monkeypatch):
+    """An earlier version's lock file holds the PID alone: on Linux the open lock file tells the holder; where there is
+    no /proc (macOS) nothing can verify it, and Stop is refused with the reason."""
+    run = tmp_path / "run"
+    process = _start_elsewhere(run, "old-format")
+    try:
+        assert (run / LOCK_NAME).read_bytes()[1:] == f"{process.pid}\n".encode()
+        attached = AttachedProcess.find(run)
+        with monkeypatch.context() as elsewhere:
+            elsewhere.setattr(attached_module, "_LINUX", False, raising=False)
+            with pytest.raises(StopRefused, match="does not say on which machine it runs"):
+                attached.stop(grace_seconds=30)
+            assert not attached.stop_requested
+        if sys.platform.startswith("linux"):
+            attached.stop(grace_seconds=30)
+            assert attached.stop_requested and process.wait(30) == 143
+    finally:
+        _end(process)
+
+
+@POSIX_SIGNALS
+def test_stop_works_where_signal_has_no_pidfd_send_signal(tmp_path, monkeypatch):
+    """os.pidfd_open alone was checked; signal.pidfd_send_signal may be missing (a Python built without it)."""
     run = tmp_path / "run"
     process = _start_elsewhere(run)
     try:
-        unknown = AttachedProcess(run, 0)
+        monkeypatch.delattr(signal, "pidfd_send_signal", raising=False)
+        attached = AttachedProcess.find(run)
+        attached.stop(grace_seconds=30)
+        assert attached.stop_requested and process.wait(30) == 143
+    finally:
+        _end(process)
+
+
+def test_a_run_whose_pid_is_unknown_is_not_stopped_from_here(tmp_path):
+    run = tmp_path / "run"
+    process = _start_elsewhere(run, "no-pid")
+    try:
+        unknown = AttachedProcess.find(run)
+        assert unknown.pid == 0 and not unknown.stoppable
         with pytest.raises(StopRefused, match="PID could not be read"):
-            unknown._signal(signal.SIGTERM)
+            unknown.stop()
         assert process.poll() is None
     finally:
         _end(process)
@@ -305,6 +448,233 @@ def test_log_lines_with_windows_line_ends_are_read():
         assert LogReader(path).read_lines() == ['LIVERSAM_EPOCH {"epoch": 1}', "50%"]
 
 
+# --- whose process record (console.json) it is --------------------------------------------------------------------
+def _record(run: Path, pid: int, started: float, log_offset: int = 0, token: str = "", log: str | None = None) -> None:
+    (run / PROCESS_RECORD_NAME).write_text(json.dumps({
+        "pid": pid, "started": started, "log": log or str(run / "console.log"), "log_offset": log_offset,
+        "command": ["liversam", "train", "--epochs", "7"], "token": token}))  # fmt: skip
+
+
+def test_a_record_of_an_earlier_process_whose_pid_the_holder_got_again_is_not_taken_for_it(tmp_path):
+    """console.json names the holder's PID but was written for an earlier process with that PID (PIDs are reused): only
+    a record written after the lock was taken was rejected, so an old record was taken for the current run, and its
+    console (another run's output) was shown as this run's."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "console.log").write_text("an earlier run's output\n")
+    process = _start_elsewhere(run)
+    try:
+        since = (run / LOCK_NAME).stat().st_mtime
+        _record(run, process.pid, since - 3600)  # an hour before the lock was taken
+        assert not AttachedProcess.find(run).console
+        _record(run, process.pid, since - 120)  # minutes before: not when this process started (Linux tells)
+        if sys.platform.startswith("linux"):
+            assert not AttachedProcess.find(run).console
+        _record(run, process.pid, since, log_offset=10_000)  # console.log replaced since: shorter than the offset
+        assert not AttachedProcess.find(run).console
+        _record(run, process.pid, since, token="another run's token")  # this version's record: the token decides
+        assert not AttachedProcess.find(run).console
+        _record(run, process.pid, since, log="console.log")  # an earlier version's relative path: the run folder's
+        found = AttachedProcess.find(run)
+        assert found.console and found.log_path == run / "console.log" and found.epochs == 7
+    finally:
+        _end(process)
+
+
+LAUNCHER = r"""
+import subprocess, sys
+sys.exit(subprocess.run(sys.argv[1:]).returncode)
+"""
+
+
+def test_a_run_started_through_a_launcher_is_matched_by_its_token(tmp_path):
+    """On Windows a venv's python.exe is a launcher that starts the real interpreter as its child: console.json named
+    the launcher's PID, train.lock the child's, and the module's own run was taken for a terminal's (train.log shown,
+    no events). The module now gives the process a token that the run writes into its lock file."""
+    run = tmp_path / "run"
+    process = TrainingProcess()
+    process.start([sys.executable, "-c", LAUNCHER, *_holder_command(run)], run / "console.log",
+                  record_path=run / PROCESS_RECORD_NAME)  # fmt: skip
+    try:
+        _wait(lambda: _started(run) or not process.is_running(), "the run did not start")
+        record = read_process_record(run / PROCESS_RECORD_NAME)
+        child = holder(run)
+        assert child not in (None, process.pid) and record["pid"] == process.pid and len(record["token"]) == 32
+        attached = AttachedProcess.find(run)
+        assert attached.pid == child and attached.console and attached.log_path == run / "console.log"
+        lines: list[str] = []
+        _wait(lambda: lines.extend(attached.read_lines()) or any("LIVERSAM_EPOCH" in line for line in lines),
+              "its console was not read")  # fmt: skip
+    finally:
+        _end(process)
+
+
+def test_the_process_record_names_its_console_by_an_absolute_path(tmp_path, monkeypatch):
+    """A relative console path in console.json meant another file once Slicer ran from another folder."""
+    from LiverSAMTrainLib.TrainingProcess import write_process_record
+
+    monkeypatch.chdir(tmp_path)
+    write_process_record("console.json", 1, Path("run") / "console.log", 0, ["x"])
+    assert read_process_record(tmp_path / "console.json")["log"] == str(tmp_path / "run" / "console.log")
+
+
+# --- reading a log ---------------------------------------------------------------------------------------------------
+def test_a_character_split_between_two_reads_is_read_whole(tmp_path):
+    path = tmp_path / "console.log"
+    path.write_bytes("Größe: ".encode() + "é".encode()[:1])
+    reader = LogReader(path)
+    assert reader.read_lines() == []
+    with open(path, "ab") as log:
+        log.write("é".encode()[1:] + b" \xe2\x9c\x93\n")
+    assert reader.read_lines() == ["Größe: é \u2713"]
+
+
+def test_a_log_truncated_or_replaced_is_read_from_its_start(tmp_path):
+    path = tmp_path / "console.log"
+    path.write_text("a first line of some length\nanother one\n")
+    reader = LogReader(path)
+    assert reader.read_lines() == ["a first line of some length", "another one"]
+    path.write_text("new\n")  # shorter than what was read
+    assert reader.read_lines() == ["new"]
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions")
+def test_a_log_or_run_folder_that_cannot_be_read_gives_nothing_instead_of_an_error(tmp_path):
+    """PermissionError escaped: from LogReader (the widget's timer raised before it could stop, at every tick, and the
+    end was never reported), from holder() (Path.is_file raises on EACCES) and from AttachedProcess.find (setup and
+    Start raised before they updated the buttons or said anything)."""
+    from test_write_permissions import without_permission_override
+
+    locked = tmp_path / "locked"
+    run = locked / "run"
+    run.mkdir(parents=True)
+    release(acquire(run))  # a lock file in it
+    unreadable = tmp_path / "console.log"
+    unreadable.write_text("a line\n")
+    unreadable.chmod(0)
+    locked.chmod(0)  # cannot be searched: run/train.lock cannot even be looked at
+    script = (
+        "import sys; sys.path[:0] = sys.argv[1:3]\n"
+        "from liversam.run_folder_lock import holder\n"
+        "from LiverSAMTrainLib.AttachedProcess import AttachedProcess\n"
+        "from LiverSAMTrainLib.TrainingProcess import LogReader\n"
+        "print(holder(sys.argv[3]), AttachedProcess.find(sys.argv[3]), LogReader(sys.argv[4]).read_lines())\n"
+    )
+    try:
+        answer = subprocess.run(without_permission_override(
+            [sys.executable, "-c", script, str(REPO_ROOT / "LiverSAM"), str(TRAIN_DIR), str(run), str(unreadable)]),
+            capture_output=True, text=True, timeout=120)  # fmt: skip
+    finally:
+        locked.chmod(0o755)
+        unreadable.chmod(0o644)
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.strip() == "None None []"
+
+
+# --- Windows (no SIGTERM, no pidfd): a stand-in for _winapi ---------------------------------------------------------
+class WinApi:
+    """CPython's ``_winapi`` as the Windows branch uses it, for processes in ``states``: PID -> "running" | "exiting"
+    (TerminateProcess answers ERROR_ACCESS_DENIED, then the process has exited) | "other user" (OpenProcess: access
+    denied); a PID not there: no such process (ERROR_INVALID_PARAMETER)."""
+
+    STILL_ACTIVE = 259
+
+    def __init__(self, states: dict[int, str]) -> None:
+        self.states, self.terminated, self.open_handles = states, [], set()
+        self.killed: list[tuple[int, int]] = []  # by os.kill (the PID not pinned)
+
+    @staticmethod
+    def _error(winerror: int) -> OSError:
+        error = (PermissionError if winerror == 5 else OSError)(22, "stand-in")
+        error.winerror = winerror
+        return error
+
+    def OpenProcess(self, access: int, inherit: bool, pid: int) -> int:  # noqa: N802 - _winapi's names
+        state = self.states.get(pid)
+        if state is None:
+            raise self._error(87)
+        if state == "other user":
+            raise self._error(5)
+        self.open_handles.add(pid)
+        return pid
+
+    def GetExitCodeProcess(self, handle: int) -> int:  # noqa: N802
+        return 1 if self.states[handle] == "exited" else self.STILL_ACTIVE
+
+    def TerminateProcess(self, handle: int, code: int) -> None:  # noqa: N802
+        if self.states[handle] == "exiting":
+            self.states[handle] = "exited"
+            raise self._error(5)
+        self.terminated.append((handle, code))
+
+    def CloseHandle(self, handle: int) -> None:  # noqa: N802
+        self.open_handles.discard(handle)
+
+
+@pytest.fixture
+def windows(monkeypatch):
+    """The Windows branch on this machine: the flags, no pidfd, and ``os.kill`` as on Windows (TerminateProcess by PID:
+    never ProcessLookupError; a PID no process has: OSError, winerror 87; an exiting process: winerror 5) for the
+    processes' states set by the test (``WinApi.states``)."""
+    api = WinApi({})
+
+    def windows_kill(pid: int, signum: int) -> None:
+        state = api.states.get(pid)
+        if state is None:
+            raise WinApi._error(87)
+        if state in ("exiting", "other user"):
+            raise WinApi._error(5)
+        api.killed.append((pid, signum))
+
+    monkeypatch.setattr(attached_module, "_WINDOWS", True, raising=False)
+    monkeypatch.setattr(attached_module, "_LINUX", False, raising=False)
+    monkeypatch.setitem(sys.modules, "_winapi", api)
+    windows_os = types.ModuleType("os")  # the module's os only (the test's cleanup kills with the real one)
+    windows_os.__dict__.update({k: v for k, v in vars(os).items() if k != "pidfd_open"}, kill=windows_kill)
+    monkeypatch.setattr(attached_module, "os", windows_os)
+    return api
+
+
+def test_windows_a_pid_that_is_gone_is_not_an_error_and_nothing_is_sent(tmp_path, windows):  # noqa: F811
+    run = tmp_path / "run"
+    process = _start_elsewhere(run)
+    try:
+        attached = AttachedProcess.find(run, clock=lambda: 0.0)
+        attached.stop(grace_seconds=0)  # the PID names no process any more (winerror 87): it ended
+        attached.kill()
+        assert not attached.stop_requested and windows.terminated == []
+    finally:
+        _end(process)
+
+
+def test_windows_an_exiting_process_is_not_said_to_be_another_users(tmp_path, windows):  # noqa: F811
+    run = tmp_path / "run"
+    process = _start_elsewhere(run)
+    try:
+        windows.states[process.pid] = "exiting"
+        attached = AttachedProcess.find(run, clock=lambda: 0.0)
+        attached.stop(grace_seconds=0)  # TerminateProcess: access denied, as it exits: nothing sent, no StopRefused
+        assert not attached.stop_requested and not windows.open_handles
+        windows.states[process.pid] = "other user"
+        with pytest.raises(StopRefused, match="belongs to another user"):
+            attached.stop(grace_seconds=0)
+    finally:
+        _end(process)
+
+
+def test_windows_the_process_is_pinned_by_a_handle_checked_then_terminated(tmp_path, windows):  # noqa: F811
+    run = tmp_path / "run"
+    process = _start_elsewhere(run)
+    try:
+        windows.states[process.pid] = "running"
+        attached = AttachedProcess.find(run, clock=lambda: 0.0)
+        attached.stop(grace_seconds=10)
+        assert windows.terminated == [(process.pid, int(signal.SIGTERM))] and not windows.open_handles
+        assert attached.stop_requested and windows.killed == []
+    finally:
+        _end(process)
+
+
 # --- the widget ------------------------------------------------------------------------------------------------------
 class QtTimer(Timer):
     def setInterval(self, ms: int) -> None:  # noqa: N802 - Qt's names
@@ -333,12 +703,29 @@ class Widget(SimpleNamespace):
         self.value = value
 
 
-def set_up(train, monkeypatch, run_dir: Path):
-    """``LiverSAMTrainWidget()`` + ``setup()`` as Slicer runs them, its .ui's widgets stood in for; the run folder field
-    holding ``run_dir`` (Slicer keeps the field's last path across a reload)."""
+class Settings:
+    """``qt.QSettings()``: Slicer's settings, the same ``store`` for every instance."""
+
+    def __init__(self, store: dict) -> None:
+        self.store = store
+
+    def value(self, key: str, default=None):
+        return self.store.get(key, default)
+
+    def setValue(self, key: str, value) -> None:  # noqa: N802 - Qt's name
+        self.store[key] = value
+
+
+def set_up(train, monkeypatch, run_dir: Path | None, settings: dict | None = None, field: str = ""):
+    """``LiverSAMTrainWidget()`` + ``setup()`` as Slicer runs them, its .ui's widgets stood in for. The run folder field
+    holds ``field``: empty, as loadUI makes it (a module reloaded, Slicer opened again). Slicer's settings hold
+    ``settings``; by default ``run_dir`` as the run folder of the last run started or followed."""
     fresh_scene()
+    if settings is None:
+        settings = {} if run_dir is None else {train.RUN_FOLDER_SETTING: str(run_dir)}
+    monkeypatch.setattr(train.qt, "QSettings", lambda: Settings(settings), raising=False)
     ui = SimpleNamespace(
-        outputPathLineEdit=Widget(currentPath=str(run_dir)), dataPathLineEdit=Widget(currentPath=""),
+        outputPathLineEdit=Widget(currentPath=field), dataPathLineEdit=Widget(currentPath=""),
         runFolderStatusLabel=Widget(text="", visible=True),
         statusLabel=Label(), logTextEdit=Log(), progressBar=Widget(maximum=100, value=0),
         curvesComboBox=Widget(currentIndex=0),
@@ -360,6 +747,13 @@ def set_up(train, monkeypatch, run_dir: Path):
     return widget
 
 
+def stand_in_plots(train, monkeypatch) -> None:
+    """The Plots module, which shows a chart in the layout (slicer.modules made first, as set_up does)."""
+    fresh_scene()
+    monkeypatch.setattr(train.slicer.modules, "plots", SimpleNamespace(logic=lambda: SimpleNamespace(
+        ShowChartInLayout=lambda chart: None)), raising=False)  # fmt: skip
+
+
 def buttons(widget) -> tuple[bool, bool, bool]:
     return widget.ui.startButton.enabled, widget.ui.resumeButton.enabled, widget.ui.stopButton.enabled
 
@@ -376,15 +770,20 @@ def test_a_widget_made_again_follows_the_run_its_predecessor_started_and_stops_i
     run = tmp_path / "run"
     monkeypatch.setattr(train.TrainingLogic, "environment_problem", lambda python: None)
     monkeypatch.setattr(train.TrainingLogic, "build_train_command", lambda settings, python: _holder_command(run))
-    first = set_up(train, monkeypatch, run)
+    settings: dict = {}  # Slicer's, kept across the reload
+    first = set_up(train, monkeypatch, None, settings, field=str(run))  # the run folder typed
     assert buttons(first) == (True, True, False)
-    first.logic.start(train.TrainingLogic.TrainingSettings(data="d", out=str(run), epochs=3), sys.executable)
-    pid = first.logic.process.pid
-    _wait(lambda: holder(run) == pid, "the run did not take its folder's lock")
-    _wait(lambda: "LIVERSAM_EPOCH" in (run / "console.log").read_text(), "no epoch")
-    first.cleanup()  # Reload: the process keeps running
+    first._settings = train.TrainingLogic.TrainingSettings(data="d", out=str(run), epochs=3)
+    first._check = SimpleNamespace(done=lambda: True, problem=None, python=sys.executable)  # the environment checked
+    first._startChecked()  # Start
     try:
-        widget = set_up(train, monkeypatch, run)  # the new widget
+        pid = first.logic.process.pid
+        assert pid and settings == {train.RUN_FOLDER_SETTING: str(run)}  # the run folder put back at the next setup
+        _wait(lambda: _started(run), "the run did not start")
+        _wait(lambda: "LIVERSAM_EPOCH" in (run / "console.log").read_text(), "no epoch")
+        first.cleanup()  # Reload: the process keeps running
+        widget = set_up(train, monkeypatch, None, settings)  # the new widget: its field empty, as loadUI makes it
+        assert widget.ui.outputPathLineEdit.currentPath == str(run)
         assert buttons(widget) == (False, False, True) and widget._timer.active  # Stop enabled, Start / Resume not
         note = widget.ui.runFolderStatusLabel.text
         assert f"PID {pid}" in note and "since 20" in note and widget.ui.runFolderStatusLabel.visible
@@ -409,10 +808,10 @@ def test_a_terminals_run_that_finishes_says_done_and_which_model_it_registered(w
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"epochs": 5}))
     (run / "history.csv").write_text("epoch,train_loss,val_loss,val_dice_mean\n0,,0.4,0.81\n1,0.5,0.35,0.86\n")
-    process = _start_elsewhere(run)
-    monkeypatch.setattr(train.slicer.modules, "plots", SimpleNamespace(logic=lambda: SimpleNamespace(
-        ShowChartInLayout=lambda chart: None)), raising=False)  # fmt: skip
+    stand_in_plots(train, monkeypatch)
+    process = None
     try:
+        process = _start_elsewhere(run)  # (returns once "training started" is in its train.log)
         widget = set_up(train, monkeypatch, run)
         assert buttons(widget) == (False, False, True)
         assert f"PID {process.pid}" in widget.ui.runFolderStatusLabel.text
@@ -427,7 +826,8 @@ def test_a_terminals_run_that_finishes_says_done_and_which_model_it_registered(w
         assert "has finished" in widget.ui.runFolderStatusLabel.text and buttons(widget) == (True, True, False)
         widget.cleanup()
     finally:
-        _end(process)
+        if process is not None:
+            _end(process)
 
 
 def test_choosing_another_run_folder_follows_its_run_and_leaves_the_last_one_running(widgets, tmp_path, monkeypatch):  # noqa: F811
@@ -447,6 +847,7 @@ def test_choosing_another_run_folder_follows_its_run_and_leaves_the_last_one_run
         widget._runFolderTimer.slot()  # settled
         assert buttons(widget) == (False, False, True)
         assert f"PID {process.pid}" in widget.ui.runFolderStatusLabel.text and widget.ui.runFolderStatusLabel.visible
+        assert train.qt.QSettings().value(train.RUN_FOLDER_SETTING) == str(busy)  # followed: put back at setup
 
         field.currentPath = str(idle)  # another folder: that run is followed no longer, and keeps running
         widget._followRunInFolder()
@@ -474,3 +875,133 @@ def test_start_in_a_folder_a_run_took_meanwhile_follows_that_run(widgets, tmp_pa
         widget.cleanup()
     finally:
         _end(process)
+
+
+def test_a_run_folder_that_cannot_be_looked_at_leaves_setup_working_and_start_says_why(widgets, tmp_path, monkeypatch):  # noqa: F811
+    """Path.is_file raises PermissionError when the folder cannot be searched: it escaped from setup (the buttons were
+    never set) and from Start (before any message). (This test runs as root here: the permission error is stood in
+    for; test_a_log_or_run_folder_that_cannot_be_read_gives_nothing_instead_of_an_error has the real one.)"""
+    _liversam, train = widgets
+    locked = tmp_path / "locked"
+    run = locked / "run"
+    real_is_file = Path.is_file
+
+    def is_file(path: Path) -> bool:
+        if locked in path.parents:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_is_file(path)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    widget = set_up(train, monkeypatch, run)
+    assert buttons(widget) == (True, True, False)  # updateButtons ran (Stop starts enabled in the stand-in)
+    assert widget.ui.outputPathLineEdit.currentPath == str(run) and not widget.ui.runFolderStatusLabel.visible
+    shown: list[str] = []
+    monkeypatch.setattr(train.slicer.util, "errorDisplay", lambda text, **kwargs: shown.append(text))
+    monkeypatch.setattr(train.slicer.app, "testingEnabled", lambda: False)
+    with pytest.raises(PermissionError):  # shown, then raised on by tryWithErrorDisplay (Slicer prints it)
+        widget.onStart()
+    assert len(shown) == 1 and shown[0].startswith("Could not start training.") and "Permission denied" in shown[0]
+    widget.cleanup()
+
+
+def test_stop_on_a_run_that_released_its_folder_says_nothing_was_sent(widgets, tmp_path, monkeypatch):  # noqa: F811
+    """The run released its lock (it is ending by itself): Stop sent nothing, yet the status said "Stopping..." and Stop
+    stayed enabled."""
+    _liversam, train = widgets
+    run = tmp_path / "run"
+    process = _start_elsewhere(run, "release")
+    try:
+        widget = set_up(train, monkeypatch, run)
+        assert buttons(widget) == (False, False, True)
+        widget.logic.process._clock = lambda: 0.0  # within END_WAIT_SECONDS for good: it is still taken as running
+        (run / "finish-now").touch()  # it releases the lock and keeps running
+        _wait(lambda: holder(run) is None, "the lock was not released")
+        widget.onStop()
+        assert widget.ui.statusLabel.text.startswith("Not stopped: the training process")
+        assert "no longer holds the run folder" in widget.ui.statusLabel.text
+        assert buttons(widget) == (False, False, False) and not widget.logic.process.stop_requested
+        assert process.poll() is None and "got SIGTERM" not in (run / "train.log").read_text()
+        widget.cleanup()
+    finally:
+        _end(process)
+
+
+def test_a_run_whose_pid_is_unknown_has_stop_disabled(widgets, tmp_path, monkeypatch):  # noqa: F811
+    _liversam, train = widgets
+    run = tmp_path / "run"
+    process = _start_elsewhere(run, "no-pid")
+    try:
+        widget = set_up(train, monkeypatch, run)
+        assert "PID unknown" in widget.ui.runFolderStatusLabel.text and "Stop stops it" not in widget.ui.statusLabel.text
+        assert buttons(widget) == (False, False, False)  # Start refused (the folder is held), Stop could send nothing
+        widget.cleanup()
+    finally:
+        _end(process)
+
+
+def test_following_a_run_again_neither_replays_its_output_twice_nor_keeps_its_progress_meanwhile(
+    widgets, tmp_path, monkeypatch  # noqa: F811
+):
+    """Another folder chosen, then the run's again: its output was replayed a second time, and while another folder was
+    chosen the bar kept the run's progress. Its earlier output is appended at once (it was one line per call: up to
+    a MB on the UI thread)."""
+    _liversam, train = widgets
+    idle, busy = tmp_path / "idle", tmp_path / "busy"
+    idle.mkdir()
+    busy.mkdir()
+    (busy / "console.log").write_text("")
+    (busy / "config.json").write_text(json.dumps({"epochs": 3}))  # (as liversam train writes it)
+    stand_in_plots(train, monkeypatch)
+    process = _start_by_module(busy)
+    try:
+        _wait(lambda: "LIVERSAM_EPOCH" in (busy / "console.log").read_text(), "no epoch")
+        with open(busy / "console.log", "a") as console:
+            console.write("".join(f"cache line {n}\n" for n in range(200)))
+        widget = set_up(train, monkeypatch, busy)
+        log = widget.ui.logTextEdit
+        assert widget.logic.process.console and log.lines.count("training on 3 epochs") == 1
+        assert log.lines.count("cache line 199") == 1 and log.calls < 10
+        assert (widget.ui.progressBar.value, widget.ui.progressBar.maximum) == (1, 3)
+        field = widget.ui.outputPathLineEdit
+        field.currentPath = str(idle)
+        widget._followRunInFolder()
+        assert widget.ui.progressBar.value == 0 and not widget._timer.active  # not the idle folder's progress
+        with open(busy / "console.log", "a") as console:
+            console.write("written meanwhile\n")
+        (busy / "history.csv").write_text("epoch,train_loss,val_loss,val_dice_mean\n0,,0.4,0.81\n1,0.5,0.35,0.86\n")
+        field.currentPath = str(busy)
+        widget._followRunInFolder()
+        assert (widget.ui.progressBar.value, widget.ui.progressBar.maximum) == (1, 3)  # (its events are not read again)
+        assert log.lines.count("training on 3 epochs") == 1 and log.lines.count("cache line 199") == 1
+        assert log.lines.count("written meanwhile") == 1 and any("Following it again" in line for line in log.lines)
+        assert buttons(widget) == (False, False, True)
+        widget.cleanup()
+    finally:
+        _end(process)
+
+
+def test_a_kill_that_is_refused_neither_breaks_the_timer_nor_cleanup(widgets, tmp_path, monkeypatch):  # noqa: F811
+    """escalate_stop() raised from poll() at every tick (the Windows branch's OSError, a StopRefused), and kill() from
+    cleanup()."""
+    _liversam, train = widgets
+    widget = set_up(train, monkeypatch, tmp_path / "idle")
+    widget._settings = train.TrainingLogic.TrainingSettings(data="", out=str(tmp_path / "idle"))
+
+    def refused():
+        raise OSError(22, "The parameter is incorrect")
+
+    widget.logic.process = SimpleNamespace(escalate_stop=refused, kill=refused, is_running=lambda: True,
+                                           read_lines=lambda: [], stopping=True, stop_requested=True, returncode=None,
+                                           pid=1, log_path=None)  # fmt: skip
+    widget.poll()
+    widget.poll()
+    assert [line for line in widget.ui.logTextEdit.lines if line.startswith("Not killed")] == [
+        "Not killed: [Errno 22] The parameter is incorrect"]  # said once
+    widget.cleanup()
+
+
+def test_one_folder_is_the_same_folder_even_through_a_symbolic_link_loop(widgets, tmp_path):  # noqa: F811
+    _liversam, train = widgets
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    assert not train._sameFolder(tmp_path / "a", tmp_path / "c") and train._sameFolder(tmp_path / "a", tmp_path / "a")

@@ -68,11 +68,15 @@ class Label:
 
 
 class Log:
+    """QPlainTextEdit: each line of the text appended is a paragraph of its own; ``calls`` counts the appends."""
+
     def __init__(self) -> None:
         self.lines: list[str] = []
+        self.calls = 0
 
     def appendPlainText(self, text: str) -> None:
-        self.lines.append(text)
+        self.lines.extend(text.split("\n"))
+        self.calls += 1
 
 
 def _stub_module(monkeypatch, name: str, **members) -> None:
