@@ -290,3 +290,81 @@ def test_a_dicom_folder_knows_its_series_and_a_file_has_none(slicer_app, tmp_pat
     volume, dicom = load_ct_with_source(slicer_app, [str(tmp_path / "ct.nii.gz")], "'ct.nii.gz'")
     assert dicom is None
     slicer_app.scene.RemoveNode(volume)
+
+
+def _node_ids(scene) -> set[str]:
+    return {scene.GetNthNode(n).GetID() for n in range(scene.GetNumberOfNodes())}
+
+
+def _read_ct(slicer_app, tmp_path):
+    from liversam_web.mrml_scene import load_ct
+
+    ct = np.full((6, 20, 30), -1000, dtype=np.int16)
+    ct[1:5, 4:16, 5:25] = 60
+    path = tmp_path / "ct.nii.gz"
+    _write_nifti(path, ct)
+    return load_ct(slicer_app, [str(path)], "'ct.nii.gz'")
+
+
+def test_a_ct_whose_node_went_first_still_loses_its_display_and_storage_nodes():
+    """A volume node already taken out of the scene (a removal that failed half way): its display and storage nodes
+    stayed for good (it no longer finds them by reference, and the removal stopped at the node being gone). A scene
+    without Slicer's Data module logic, which takes them away by itself in the app's scene."""
+    from slicer import vtkMRMLScene
+
+    from liversam_web.mrml_scene import remove_volume
+
+    scene = vtkMRMLScene()
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
+    volume.CreateDefaultDisplayNodes()
+    volume.AddDefaultStorageNode()
+    scene.RemoveNode(volume)
+    assert scene.GetNumberOfNodes() == 2  # its display and storage nodes are left
+    remove_volume(scene, volume)
+    assert scene.GetNumberOfNodes() == 0
+
+
+def test_a_case_whose_segmentation_cannot_go_still_loses_its_ct(slicer_app, tmp_path, monkeypatch):
+    """``SceneContent.remove``: one node failing to go stopped the removal, the CT left in the scene; now the others
+    go all the same and the error is raised after."""
+    from liversam_web import mrml_scene
+
+    scene = slicer_app.scene
+    before = _node_ids(scene)
+    content = mrml_scene.SceneContent(slicer_app, _read_ct(slicer_app, tmp_path))
+    real = mrml_scene._remove_with_display
+
+    def remove(scene_, node):
+        if node is content.segmentation:
+            raise RuntimeError("the segmentation cannot go")
+        real(scene_, node)
+
+    monkeypatch.setattr(mrml_scene, "_remove_with_display", remove)
+    with pytest.raises(RuntimeError, match="the segmentation cannot go"):
+        content.remove()
+    assert not scene.IsNodePresent(content.volume) and scene.IsNodePresent(content.segmentation)
+    real(scene, content.segmentation)
+    assert _node_ids(scene) == before
+
+
+def test_the_input_error_is_told_when_taking_the_read_nodes_away_fails(slicer_app, tmp_path, monkeypatch):
+    """A file that is no CT, whose read nodes then could not be taken out of the scene: the error of that removal
+    replaced the InputError (the reader was told of an unexpected error, not that the file is no CT)."""
+    from liversam_web import mrml_scene
+
+    mask = np.zeros((5, 16, 16), dtype=np.int16)
+    mask[2, 4:8, 4:8] = 1
+    path = tmp_path / "mask.nii.gz"
+    _write_nifti(path, mask)
+    scene = slicer_app.scene
+    before = _node_ids(scene)
+    real = mrml_scene._remove_new_nodes
+
+    def fails(*_args):
+        raise RuntimeError("the scene cannot remove them")
+
+    monkeypatch.setattr(mrml_scene, "_remove_new_nodes", fails)
+    with pytest.raises(mrml_scene.InputError, match="does not look like a CT"):
+        mrml_scene.load_ct(slicer_app, [str(path)], "'mask.nii.gz'")
+    real(scene, before)
+    assert _node_ids(scene) == before

@@ -966,12 +966,14 @@ class LiverSAMWebApp:
         """Take away what an open that did not complete added: its CT and scene content, its server session."""
         if new.committed:
             return
-        try:
-            if new.content is not None:
-                new.content.remove()
-            remove_volume(self.slicer_app.scene, new.volume)
-        except Exception:  # noqa: BLE001 - the open's own error is what the reader is told
-            logger.exception("could not take the CT that failed to open out of the scene")
+        # each on its own: the segmentation failing to go left the CT in the scene too
+        removals = [("scene content", new.content.remove)] if new.content is not None else []
+        removals.append(("CT", lambda: remove_volume(self.slicer_app.scene, new.volume)))
+        for what, remove in removals:
+            try:
+                remove()
+            except Exception:  # noqa: BLE001 - the open's own error is what the reader is told
+                logger.exception("could not take the %s of the CT that failed to open out of the scene", what)
         if new.session is not None:
             session, new.session = new.session, None
             create_task(asyncio.to_thread(_close_session, self.client, session))

@@ -370,7 +370,10 @@ def load_ct_with_source(slicer_app, files: list[str], what: str, series_of: str 
     try:
         return _load_ct_with_source(slicer_app, files, what, series_of, choices, chosen)
     except BaseException:
-        _remove_new_nodes(scene, before)
+        try:
+            _remove_new_nodes(scene, before)
+        except Exception:  # noqa: BLE001 - the reader is told the error of the read (an InputError says why)
+            logger.exception("could not take the nodes of %s out of the scene again", what)
         raise
 
 
@@ -464,16 +467,25 @@ def remove_volume(scene, volume) -> None:
 
 
 def _remove_with_display(scene, node) -> None:
-    """Take ``node`` out of the scene with its display and storage nodes (a node already removed: nothing)."""
-    if node is None or not scene.IsNodePresent(node):
+    """Take ``node`` out of the scene with its display and storage nodes: those of a node already taken out too
+    (found by the ids it keeps: they were left in the scene when it went first), each removal on its own."""
+    if node is None:
         return
-    nodes = [node.GetNthDisplayNode(n) for n in range(node.GetNumberOfDisplayNodes())] \
+    ids = [node.GetNthDisplayNodeID(n) for n in range(node.GetNumberOfDisplayNodes())] \
         if node.IsA("vtkMRMLDisplayableNode") else []
-    nodes += [node.GetNthStorageNode(n) for n in range(node.GetNumberOfStorageNodes())] \
+    ids += [node.GetNthStorageNodeID(n) for n in range(node.GetNumberOfStorageNodes())] \
         if node.IsA("vtkMRMLStorableNode") else []
-    for each in [node, *nodes]:
-        if each is not None and scene.IsNodePresent(each):
-            scene.RemoveNode(each)
+    # (by id: a node out of the scene no longer finds the nodes it refers to)
+    found = [scene.GetNodeByID(each) for each in ids if each]
+    errors = []
+    for each in [node, *found]:
+        try:
+            if each is not None and scene.IsNodePresent(each):
+                scene.RemoveNode(each)
+        except Exception as exc:  # noqa: BLE001 - the others go all the same; the first error is raised after
+            errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 def _remove_new_nodes(scene, before: set[str]) -> None:
@@ -518,16 +530,25 @@ class SceneContent:
             display = self.segmentation.GetDisplayNode()
             display.SetOpacity2DFill(0.45)
         except BaseException:
-            _remove_new_nodes(self.scene, before)
+            try:
+                _remove_new_nodes(self.scene, before)
+            except Exception:  # noqa: BLE001 - the error that stopped it is the one raised
+                logger.exception("could not take a segmentation that could not be made out of the scene")
             raise
 
     def remove(self) -> None:
         """Take the case out of the scene: its markups, its segmentation and the CT, with their display and storage
-        nodes."""
-        for node in [*self._markups, self.segmentation]:
-            _remove_with_display(self.scene, node)
-        remove_volume(self.scene, self.volume)
+        nodes. Each on its own: one failing to go leaves the others removed all the same (the first error is raised
+        after)."""
+        errors = []
+        for node in [*self._markups, self.segmentation, self.volume]:
+            try:
+                _remove_with_display(self.scene, node)
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
         self._markups = []
+        if errors:
+            raise errors[0]
 
     # --- masks -----------------------------------------------------------------------------------------
     def show_mask(self, segment: str, mask_kji: np.ndarray, surface: bool = False) -> None:
