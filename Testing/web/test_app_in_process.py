@@ -12,7 +12,8 @@
   localiser, a report are not opened first), and another opens from the list after the unexported-work guard; an
   upload of too many files, or larger than the free space, is refused before anything is written; the CT shown's
   series list stays beside the list of an upload whose series failed to open; an open that fails unexpectedly
-  leaves the scene, the views, the page and the server as before it.
+  leaves the scene, the views, the page (its series lists too) and the server as before it, even when a view
+  cannot be turned back or a part of the new case cannot be taken away.
 """
 
 from __future__ import annotations
@@ -1407,14 +1408,46 @@ def _scene_ids(app) -> set[str]:
     return {scene.GetNthNode(n).GetID() for n in range(scene.GetNumberOfNodes())}
 
 
-@pytest.mark.parametrize("where", ["reader", "reorientation", "segmentation", "session", "views"])
+def _fail_in_rollback(app, patch) -> None:
+    """The 3D views' reset fails from now on (as the rollback of a failed open turns the views back)."""
+
+    def reset_view(*_args):
+        raise RuntimeError("the 3D view cannot be reset")
+
+    for view in app.slicer_app.view_manager.get_threed_views():
+        patch.setattr(view, "reset_view", reset_view)
+
+
+def _remove_all_but_the_ct(patch) -> None:
+    """``SceneContent.remove`` takes the segmentation and markups away, then fails before the CT."""
+    from liversam_web import mrml_scene
+
+    def remove(content):
+        for node in [*content._markups, content.segmentation]:
+            mrml_scene._remove_with_display(content.scene, node)
+        raise RuntimeError("the scene could not take the CT away")
+
+    patch.setattr(mrml_scene.SceneContent, "remove", remove)
+
+
+# where the open fails: reading, reordering, the segmentation, the session, the views; with the page turned to the
+# new CT (its undo state, its series lists); then also the rollback's view reset, or the removal of its scene content
+FAILURES = ["reader", "reorientation", "segmentation", "session", "views", "undo", "series lists",
+            "undo, and the views' rollback", "undo, and removing its content"]
+
+
+@pytest.mark.parametrize("where", FAILURES)
 @pytest.mark.parametrize("before", ["a CT with work", "nothing"])
 def test_an_open_that_fails_unexpectedly_leaves_the_scene_as_it_was(where, before, tmp_path, monkeypatch):
     """A RuntimeError or MemoryError after the new CT was read (checking it, reordering its slices, building its
     segmentation, after the server opened its session, while the views were turned to it) freed the page but left a
     half-opened case: the new volume (and its segmentation) in the scene, the server's session open, or the new CT in
     the views with the old one's work (or the views showing a volume that was removed). The open is now all or
-    nothing: the scene, the views, the page and the server are as before the open, and the error is told."""
+    nothing: the scene, the views, the page and the server are as before the open, and the error is told.
+
+    Also when the page had been turned to the new CT (its name, slice count, export names) and a view then could not
+    be turned back: the page kept the new CT's name and export names over the case before's work; and when taking the
+    new CT's segmentation away failed: its CT stayed in the scene."""
     from liversam_web import app as app_module
     from liversam_web import mrml_scene
 
@@ -1422,8 +1455,11 @@ def test_an_open_that_fails_unexpectedly_leaves_the_scene_as_it_was(where, befor
     app = new_app(client)
     first = write_nrrd(tmp_path / "a.nrrd", synthetic_ct(), DIRECTIONS["lps"])
     second = write_nrrd(tmp_path / "b.nrrd", synthetic_ct()[1:11], DIRECTIONS["ras"])
+    patch_of: list = []
 
     def boom(*_args, **_kwargs):
+        if where == "undo, and the views' rollback":
+            _fail_in_rollback(app, patch_of[0])
         raise (MemoryError if where in ("reader", "session") else RuntimeError)("boom")
 
     async def scenario():
@@ -1435,10 +1471,13 @@ def test_an_open_that_fails_unexpectedly_leaves_the_scene_as_it_was(where, befor
             app._exported_at = app.workflow.change_marker()  # exported: no guard in the way
         content, workflow, ids = app.content, app.workflow, _scene_ids(app)
         state = {key: app.state[key] for key in ("ct_name", "ct_source", "n_slices", "has_ct", "export_names",
-                                                 "axial_k", "status", "can_undo")}
+                                                 "axial_k", "status", "can_undo", "undo_label", "window",
+                                                 "series_rows", "series_caption", "other_series_rows",
+                                                 "other_series_caption", "has_dicom", "dicom_note")}
         sessions = set(client.sessions)
         shown = content.volume.GetID() if content is not None else None
         with monkeypatch.context() as patch:
+            patch_of.append(patch)
             if where == "reader":
                 patch.setattr(mrml_scene, "check_ct", boom)
             elif where == "reorientation":
@@ -1447,8 +1486,14 @@ def test_an_open_that_fails_unexpectedly_leaves_the_scene_as_it_was(where, befor
                 patch.setattr(mrml_scene, "_add_segment", boom)
             elif where == "session":
                 patch.setattr(app_module, "Workflow", boom)
-            else:
+            elif where == "views":  # (before the page is turned to the new CT)
                 patch.setattr(app, "_attach_prompting", boom)
+            elif where == "series lists":
+                patch.setattr(app, "_show_series_lists", boom)
+            else:  # the page turned to the new CT (b.nrrd, 10 slices, its export names), its undo state not
+                patch.setattr(app, "_sync_undo", boom)
+                if where == "undo, and removing its content":
+                    _remove_all_but_the_ct(patch)
             await app._open_path(str(second))
             await settle(app)
         error = "MemoryError: boom" if where in ("reader", "session") else "RuntimeError: boom"
@@ -1595,3 +1640,55 @@ def test_a_series_of_the_list_of_an_upload_that_opened_nothing_opens_and_its_lis
             app.state.status == status[status.index("Opened"):], app.state.status
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("also", ["", "the views' rollback"])
+def test_an_open_that_fails_unexpectedly_leaves_both_series_lists_as_they_were(also, tmp_path, monkeypatch):
+    """The CT shown's series list (cd) and the list of an upload whose series tried failed (cd2): an open failing
+    unexpectedly after the page was turned to the new CT (here cd2's series 2, its undo state not set; also with the
+    3D views failing to be turned back) leaves both lists, their captions, the CT shown's name and export names and
+    both uploads' files as they were; cd2's series 2 then opens from its list. (The page kept the new CT's name,
+    export names and series list when a view could not be turned back.)"""
+    from web_page import cd_export
+
+    first, second = cd_export(tmp_path / "cd"), _not_in_hu(cd_export(tmp_path / "cd2"))
+    client = FakeServer()
+    app = new_app(client)
+    uploads = Path(app._tmp.name)
+    keys = ("ct_name", "n_slices", "export_names", "series_rows", "series_caption", "other_series_rows",
+            "other_series_caption", "status")
+
+    async def scenario():
+        await _upload_folder(app, first, "cd")
+        await _upload_folder(app, second, "cd2")
+        assert len(app.state.series_rows) == 2 and len(app.state.other_series_rows) == 2, app.state.error
+        page = {key: app.state[key] for key in keys}
+        folders, content, sessions = set(uploads.glob("upload-*")), app.content, set(client.sessions)
+        with monkeypatch.context() as patch:
+            def boom(*_args):
+                if also:
+                    _fail_in_rollback(app, patch)
+                raise RuntimeError("boom")
+
+            patch.setattr(app, "_sync_undo", boom)
+            await app._open_series(app.state.other_series_rows[1]["key"], "other")
+            await settle(app)
+        assert app.state.error.startswith("The DICOM series 2 'Abdomen S2' of the uploaded folder 'cd2' could not be "
+                                          "opened on the app's machine (RuntimeError: boom)"), app.state.error
+        assert {key: app.state[key] for key in keys} == page
+        assert page["export_names"]["segnrrd"] == "cd-s1-liversam.seg.nrrd"
+        assert app.content is content and set(uploads.glob("upload-*")) == folders and not app.state.busy
+        for _ in range(100):
+            if set(client.sessions) == sessions:
+                break
+            await asyncio.sleep(0.05)
+        assert set(client.sessions) == sessions
+
+        await app._open_series(app.state.other_series_rows[1]["key"], "other")
+        await settle(app)
+        assert not app.state.error and app.state.ct_name == "8 DICOM files of series 2 'Abdomen S2' in cd2", \
+            app.state.error
+        assert app.state.export_names["segnrrd"] == "cd2-s2-liversam.seg.nrrd"
+
+    asyncio.run(scenario())
+

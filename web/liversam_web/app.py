@@ -979,22 +979,32 @@ class LiverSAMWebApp:
             create_task(asyncio.to_thread(_close_session, self.client, session))
 
     def _show_again(self, content: SceneContent | None, page: Mapping[str, Any]) -> None:
-        """The views and the page back on ``content`` (the case before; None: no CT) as ``page`` had them, after
-        showing a new case failed half way (the views showed the new CT, the page the case before)."""
+        """The page and the views back on ``content`` (the case before; None: no CT) as ``page`` had them, after
+        showing a new case failed half way (the views, and maybe the page, showed the new CT).
+
+        The page first, apart from the views: a view that cannot be turned back left the page showing the CT taken
+        away (its name, slice count, export names, series lists) over the case before's work, whose export then took
+        the new CT's file names. Each view step is tried on its own, so that one failing leaves the others done."""
         try:
-            volume_id = content.volume.GetID() if content is not None else None
-            for view in self.slicer_app.view_manager.get_slice_views():
-                view.set_background_volume_id(volume_id)
-                view.reset_view()
-            for view in self.slicer_app.view_manager.get_threed_views():
-                view.reset_view()
             with self.state:
                 self.state.update(dict(page))
-            if content is not None:
-                content.set_window(float(page["window"]), float(page["level"]))
-                content.jump_to_slice(int(page["axial_k"]))
         except Exception:  # noqa: BLE001 - the open's own error is what the reader is told
-            logger.exception("could not show the case before again")
+            logger.exception("could not show the page of the case before again")
+        volume_id = content.volume.GetID() if content is not None else None
+        steps: list[tuple[str, Callable[[], None]]] = []
+        for view in self.slicer_app.view_manager.get_slice_views():
+            steps += [("turn a slice view back", lambda view=view: view.set_background_volume_id(volume_id)),
+                      ("reset a slice view", view.reset_view)]
+        steps += [("reset a 3D view", view.reset_view) for view in self.slicer_app.view_manager.get_threed_views()]
+        if content is not None:
+            steps += [("set the window/level", lambda: content.set_window(float(page["window"]),
+                                                                          float(page["level"]))),
+                      ("show the slice", lambda: content.jump_to_slice(int(page["axial_k"])))]
+        for what, step in steps:
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - the open's own error is what the reader is told
+                logger.exception("could not %s of the case before again", what)
 
     def _keep_series_list(self, files: list[str], choices: tuple[SeriesChoice, ...] | None,
                           tried: SeriesChoice | None, reason: str, whose: str, display_name: str, stem: str | None,
