@@ -13,7 +13,8 @@
   upload of too many files, or larger than the free space, is refused before anything is written; the CT shown's
   series list stays beside the list of an upload whose series failed to open; an open that fails unexpectedly
   leaves the scene, the views, the page (its series lists too) and the server as before it, even when a view
-  cannot be turned back or a part of the new case cannot be taken away.
+  cannot be turned back or a part of the new case cannot be taken away; an open cancelled while the server opens
+  its CT leaves no session and a free page.
 """
 
 from __future__ import annotations
@@ -1519,6 +1520,57 @@ def test_an_open_that_fails_unexpectedly_leaves_the_scene_as_it_was(where, befor
             app.state.error
         assert [view.get_background_volume_id() for view in app.slicer_app.view_manager.get_slice_views()] == \
             [app.content.volume.GetID()] * 3
+
+    asyncio.run(scenario())
+
+
+def test_an_open_cancelled_while_the_server_opens_its_ct_leaves_no_session_and_frees_the_page(tmp_path):
+    """An open cancelled (its task) while the server opened the CT's session: the worker thread went on and opened
+    the session, never closed (its id came after the cancellation), and the page stayed busy for good (the
+    cancellation is no Exception): every later open was refused "Wait for the current step". Now the session is closed
+    once it comes, the page is free and shows the case before, and the next open works."""
+    client = FakeServer()
+    app = new_app(client)
+    first = write_nrrd(tmp_path / "a.nrrd", synthetic_ct(), DIRECTIONS["lps"])
+    second = write_nrrd(tmp_path / "b.nrrd", synthetic_ct()[1:11], DIRECTIONS["ras"])
+    real = client.open_volume
+    called, answer = threading.Event(), threading.Event()
+
+    def slow_open(*args, **kwargs):
+        called.set()
+        answer.wait(30)
+        return real(*args, **kwargs)
+
+    async def scenario():
+        await open_ct(app, first)
+        content, ids, sessions = app.content, _scene_ids(app), set(client.sessions)
+        state = {key: app.state[key] for key in ("ct_name", "n_slices", "export_names", "status")}
+        client.open_volume = slow_open
+        opening = asyncio.ensure_future(app._open_path(str(second)))
+        for _ in range(600):
+            if called.is_set():
+                break
+            await asyncio.sleep(0.05)
+        assert called.is_set() and app.state.busy
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        answer.set()  # the server opens b.nrrd's session after all
+        for _ in range(100):
+            if len(client.calls) > 1 and set(client.sessions) == sessions:
+                break
+            await asyncio.sleep(0.05)
+        assert [c[0] for c in client.calls] == ["open", "open"]  # b.nrrd's session was opened ...
+        assert set(client.sessions) == sessions  # ... and closed again
+        assert not app.state.busy and app.state.busy_text == ""
+        assert app.content is content and _scene_ids(app) == ids
+        assert {key: app.state[key] for key in state} == state
+        assert "was not opened: opening it was cancelled" in app.state.error, app.state.error
+
+        client.open_volume = real
+        await app._open_path(str(second))
+        await settle(app)
+        assert not app.state.error and app.state.ct_name == "b.nrrd", app.state.error
 
     asyncio.run(scenario())
 

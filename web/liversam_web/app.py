@@ -67,6 +67,7 @@ from .view_gutters import PROBE_VIEW, slice_view_gutter, threed_view_gutter
 from .view_mouse import OffAxialGestures, set_window_level_drag
 from .volume_geometry import (
     PromptOutsideVolume,
+    ServerGeometry,
     box_on_slice,
     point_on_volume,
     ras_to_ijk,
@@ -805,10 +806,15 @@ class LiverSAMWebApp:
     async def _open_guarded(self, what: str, opening) -> bool:
         """Await ``opening`` (an ``_open_files_now``): an unexpected error in it (a reader's RuntimeError, a
         MemoryError) is logged and told, the page no longer busy (it stayed busy for good, every later open refused
-        "Wait for the current step", and nothing said); False then."""
+        "Wait for the current step", and nothing said); False then. The open cancelled (its task): the page freed
+        too, then the cancellation goes on (``_open_files_now`` took away what the open had added)."""
         shown = self.state.status
         try:
             return await opening
+        except asyncio.CancelledError:
+            logger.info("opening %s was cancelled", what)
+            self._not_opened(f"{what} was not opened: opening it was cancelled before it completed.", shown)
+            raise
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, the reader is told and the page is freed
             logger.exception("opening %s failed", what)
             self._not_opened(f"{what} could not be opened on the app's machine ({type(exc).__name__}: {exc}). Try "
@@ -887,9 +893,7 @@ class LiverSAMWebApp:
                 new.content = SceneContent(self.slicer_app, new.volume, dicom, reorientation)
                 geometry = server_geometry(new.content.ijk_to_ras)
                 array = new.content.array
-                info = await asyncio.to_thread(
-                    self.client.open_volume, array, geometry.spacing, geometry.origin_lps, geometry.direction_lps
-                )
+                info = await self._open_session(array, geometry)
             except (LiverSAMClientError, ValueError) as exc:
                 self._discard(new)
                 said = _client_message(exc).rstrip()
@@ -934,9 +938,33 @@ class LiverSAMWebApp:
             self._make_shown(new, workflow, show)
             self._set_busy("")
             return True
-        except BaseException:  # (a RuntimeError, a MemoryError, the task cancelled: told by _open_guarded)
+        except BaseException:  # (a RuntimeError, a MemoryError: told by _open_guarded; the task cancelled: the
+            # page freed there, the session a server call opens after all closed by _open_session)
             self._discard(new)
             raise
+
+    async def _open_session(self, array: np.ndarray, geometry: ServerGeometry) -> dict:
+        """The server's session of a new CT (``client.open_volume`` in a worker thread). When the open is cancelled
+        while the server opens it, the worker thread goes on and the session it returns is closed once it comes (it
+        was left open on the server, its id never known to ``_discard``)."""
+        call = asyncio.ensure_future(asyncio.to_thread(
+            self.client.open_volume, array, geometry.spacing, geometry.origin_lps, geometry.direction_lps))
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            call.add_done_callback(self._close_late_session)
+            raise
+
+    def _close_late_session(self, call: asyncio.Future) -> None:
+        """The session a cancelled open's server call returned after all (``_open_session``): closed again."""
+        if call.cancelled() or call.exception() is not None:  # (no session was opened)
+            return
+        try:
+            session = str(call.result()["session_id"])
+        except Exception:  # noqa: BLE001 - an answer without a session: nothing to close
+            return
+        logger.info("closing the session %s of a CT whose open was cancelled", session)
+        create_task(asyncio.to_thread(_close_session, self.client, session))
 
     def _make_shown(self, new: NewCase, workflow: Workflow, show: Callable[[], None]) -> None:
         """The new case (``new``, its ``workflow``) made the one shown, ``show`` turning the page to it; the case
