@@ -1061,7 +1061,8 @@ def test_a_list_kept_after_a_failed_series_says_whose_it_is_and_marks_the_series
         busy.clear()
         await app._open_series(rows[0]["key"], "other")  # not read again: said why
         assert app.state.error == ("Series 1 'Abdomen S1' could not be opened: does not look like a CT in Hounsfield "
-                                   "units. Choose another series in the list."), app.state.error
+                                   "units. Choose another series in the list of the DICOM series of the uploaded "
+                                   "folder 'cd2'."), app.state.error
         assert not busy and app.state.ct_name == "8 DICOM files of series 2 'Abdomen S2' in cd"
 
         await app._open_series(rows[1]["key"], "other")  # cd2's series 2, not "the series shown" (cd's, key "1")
@@ -1744,3 +1745,33 @@ def test_an_open_that_fails_unexpectedly_leaves_both_series_lists_as_they_were(a
 
     asyncio.run(scenario())
 
+
+def test_a_series_of_the_other_list_that_opens_empties_the_field_of_the_upload_before(tmp_path):
+    """cd's files chosen in the file field (the CT shown), then cd2's folder whose series 1 fails: opening cd2's
+    series 2 from its list removed cd's upload, but the file field still showed cd's files. Now every upload field is
+    emptied then. A series of a list that failed says which list to choose another in (it said "the list")."""
+    from web_page import cd_export
+
+    first, second = cd_export(tmp_path / "cd"), _not_in_hu(cd_export(tmp_path / "cd2"))
+    app = new_app(FakeServer())
+
+    async def scenario():
+        paths = sorted(p for p in (first / "DICOM").rglob("*") if p.is_file())
+        await app._on_upload([{"name": f"{p.parent.name}-{p.name}", "content": p.read_bytes()} for p in paths], "",
+                             "file")
+        await settle(app)
+        assert app.state.ct_name.startswith("12 DICOM files of series 1") and not app.state.error, app.state.error
+        await _upload_folder(app, second, "cd2")
+        assert len(app.state.other_series_rows) == 2, app.state.error
+        await app._open_series(app.state.other_series_rows[0]["key"], "other")  # (not clickable: marked failed)
+        assert app.state.error.endswith("Choose another series in the list of the DICOM series of the uploaded "
+                                        "folder 'cd2'."), app.state.error
+        keys = dict(app.state.upload_keys)
+        await app._open_series(app.state.other_series_rows[1]["key"], "other")
+        await settle(app)
+        assert app.state.ct_name == "8 DICOM files of series 2 'Abdomen S2' in cd2", app.state.error
+        assert all(app.state.upload_keys[field] > keys[field] for field in keys), (keys, app.state.upload_keys)
+        await app._open_series(app.state.series_rows[0]["key"], "shown")
+        assert app.state.error.endswith("Choose another series in the series list of the CT shown."), app.state.error
+
+    asyncio.run(scenario())

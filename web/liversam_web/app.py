@@ -797,10 +797,14 @@ class LiverSAMWebApp:
             if opened or upload_dir is not None:
                 self._prune_uploads()
         keep = {upload} if opened else set()
-        emptied = [field for field in UPLOAD_FIELDS if field not in keep and (opened or field == upload)]
-        if emptied:
+        self._empty_upload_fields([field for field in UPLOAD_FIELDS
+                                   if field not in keep and (opened or field == upload)])
+
+    def _empty_upload_fields(self, fields: Sequence[str]) -> None:
+        """The upload ``fields`` emptied on the page (a new key makes a new, empty, field)."""
+        if fields:
             with self.state:
-                self.state.upload_keys = {field: key + (field in emptied)
+                self.state.upload_keys = {field: key + (field in fields)
                                           for field, key in self.state.upload_keys.items()}
 
     async def _open_guarded(self, what: str, opening) -> bool:
@@ -1108,8 +1112,10 @@ class LiverSAMWebApp:
                         f"{chosen.why_not or 'it holds one image, no volume'}.")
             return
         if key in origin.failed:  # (its row is not clickable: it would fail again)
+            listed = ("the series list of the CT shown" if which == "shown"
+                      else f"the list of the DICOM series {origin.whose}")
             self._error(f"{_first_upper(chosen.label)} could not be opened: {origin.failed[key]}. Choose another "
-                        "series in the list.")
+                        f"series in {listed}.")
             return
         # (the other list's keys are its own: its "1" is not the series "1" of the CT shown)
         shown = (self.content.dicom.chosen if which == "shown" and self.content is not None
@@ -1127,6 +1133,8 @@ class LiverSAMWebApp:
         if opened:  # (the other list's upload is the CT shown's now, or it goes with that list)
             self._shown_upload = origin.upload_dir
             self._prune_uploads()
+            if which == "other":  # the CT before's upload is gone: its field showed it still (the other list's
+                self._empty_upload_fields(UPLOAD_FIELDS)  # field was emptied when its series failed)
 
     def forget_other_series(self, *_args) -> None:
         """Close the other series list (files whose series tried could not be opened): an upload's files go."""
