@@ -169,8 +169,9 @@ def _unlock(handle: IO[bytes]) -> None:
 
 
 def _open(run_dir: Path) -> IO[bytes]:
-    path = Path(run_dir) / LOCK_NAME
-    return open(path, "r+b" if path.is_file() else "w+b")  # never truncated before it is locked
+    # never truncated on opening: two runs starting at once in a new folder would erase what the first one wrote
+    fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666)
+    return os.fdopen(fd, "r+b")
 
 
 def _pid_in(handle: IO[bytes]) -> int:
@@ -220,6 +221,8 @@ class LockHolder:
         mine = host_identity()
         if self.boot_id and self.pid_ns and mine.get("boot_id") and mine.get("pid_ns"):
             return (self.boot_id, self.pid_ns) == (mine["boot_id"], mine["pid_ns"])
+        if bool(self.boot_id) != bool(mine.get("boot_id")):
+            return False  # one side a Linux kernel, the other not (a WSL run seen from Windows has its host name)
         return self.host == mine["host"]
 
 
@@ -264,8 +267,8 @@ def acquire(run_dir: str | Path) -> IO[bytes] | None:
         handle.close()
         raise RunFolderBusy(run_dir, pid)
     handle.seek(1)
+    handle.write(_lock_content())  # in place, then cut: a reader sees the old or the new PID field, never none
     handle.truncate()
-    handle.write(_lock_content())
     handle.flush()
     return handle
 

@@ -403,6 +403,9 @@ class AttachedProcess:
                     "files cannot be read here (another user's process). Stop it as that user."
                 )
             if not opened:
+                again = holder_info(self.run_dir)
+                if again is None or again.pid != self.pid:
+                    return False  # it ended (or let the folder go) while it was being checked: nothing to stop
                 raise StopRefused(
                     f"Not stopped: PID {self.pid}, which '{lock}' names, does not have that lock file open, so it is not "
                     "the training process holding the run folder (that one runs in another container or on another "

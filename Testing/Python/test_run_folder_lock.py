@@ -8,6 +8,7 @@ lock on ``RUN_DIR/train.lock`` while it runs; a lock file its process left behin
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -325,3 +326,32 @@ def test_a_run_folder_that_cannot_be_searched_is_held_by_nobody_known_instead_of
         locked.chmod(0o755)
     assert answer.returncode == 0, answer.stderr
     assert answer.stdout.strip() == "None None"
+
+
+def test_a_lock_written_under_linux_is_not_taken_for_here_by_a_system_without_a_boot_id(monkeypatch):
+    """A lock written in WSL (Linux, the Windows host name) seen from Windows: the host names match, but a PID there is
+    not a PID here. One side with a Linux boot id and the other without means two kernels."""
+    import liversam.run_folder_lock as run_folder_lock
+    from liversam.run_folder_lock import LockHolder
+
+    monkeypatch.setattr(run_folder_lock, "host_identity", lambda: {"host": "desk"})
+    assert LockHolder(1234, host="desk", boot_id="b", pid_ns="pid:[1]").here() is False
+    assert LockHolder(1234, host="desk").here() is True
+    monkeypatch.setattr(run_folder_lock, "host_identity", lambda: {"host": "desk", "boot_id": "b", "pid_ns": "pid:[1]"})
+    assert LockHolder(1234, host="desk").here() is False
+    assert LockHolder(1234, host="other", boot_id="b", pid_ns="pid:[1]").here() is True
+
+
+def test_opening_the_lock_file_never_erases_what_its_holder_wrote(tmp_path):
+    """Two runs starting at once in a new folder: the second one's open (before it finds the folder held) must not
+    truncate the first one's PID away (it opened with 'w+b' when it saw no file)."""
+    from liversam.run_folder_lock import _open
+
+    (tmp_path / LOCK_NAME).unlink(missing_ok=True)
+    handle = acquire(tmp_path)
+    try:
+        written = (tmp_path / LOCK_NAME).read_bytes()
+        _open(tmp_path).close()
+        assert (tmp_path / LOCK_NAME).read_bytes() == written and str(os.getpid()).encode() in written
+    finally:
+        release(handle)

@@ -62,6 +62,7 @@ def log(text):
 def on_term(signum, frame):
     log('got SIGTERM')
     print('got SIGTERM', flush=True)
+    time.sleep(0.5)  # ends a moment later, as a run finishing its step does: Stop's 'Stopping...' is seen first
     sys.exit(143)
 signal.signal(signal.SIGTERM, signal.SIG_IGN if mode == 'ignore-term' else on_term)
 run.mkdir(parents=True, exist_ok=True)
