@@ -342,16 +342,19 @@ def test_a_lock_written_under_linux_is_not_taken_for_here_by_a_system_without_a_
     assert LockHolder(1234, host="other", boot_id="b", pid_ns="pid:[1]").here() is True
 
 
-def test_opening_the_lock_file_never_erases_what_its_holder_wrote(tmp_path):
+def test_opening_the_lock_file_never_erases_what_its_holder_wrote(tmp_path, monkeypatch):
     """Two runs starting at once in a new folder: the second one's open (before it finds the folder held) must not
-    truncate the first one's PID away (it opened with 'w+b' when it saw no file)."""
+    truncate the first one's PID away. It looked for the file, and opened it with 'w+b' when it saw none: a look
+    made before the first run created it is played here by a look that sees no file."""
     from liversam.run_folder_lock import _open
 
     (tmp_path / LOCK_NAME).unlink(missing_ok=True)
     handle = acquire(tmp_path)
     try:
         written = (tmp_path / LOCK_NAME).read_bytes()
+        monkeypatch.setattr(Path, "is_file", lambda self: False)  # the second run's look, made before the file was
         _open(tmp_path).close()
+        monkeypatch.undo()
         assert (tmp_path / LOCK_NAME).read_bytes() == written and str(os.getpid()).encode() in written
     finally:
         release(handle)
