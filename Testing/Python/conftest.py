@@ -8,12 +8,22 @@ image encoder and prompt decoder in OpenVINO fp32, the path ``liversam segment -
 without native bf16, chosen only after its masks agree with plain PyTorch's. Every figure those tests print was
 the same with plain PyTorch (session 33: e.g. hcc2144 liver 0.9265, ircadb17 thick 0.9606), at about a fifth of
 the encoder time; test_skip_thin_slices_lits117.py checks the masks agree on real slices.
+
+That model's encoder is wrapped in :class:`ExactEncoderMemo`: many tests encode the same lits117 slices through
+predictors of their own (in-process ``liversam segment`` runs, a sagittal copy of a case, crops), and each distinct
+slice input is now encoded once per test session. In-process commands get that model through :func:`cli_model`
+instead of loading and accelerating one of their own (tests of loading and of the acceleration choice do not).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +103,7 @@ def litemedsam_openvino_fp32():
             f"The accuracy tests need LiteMedSAM on OpenVINO fp32 (encoder and decoder), got {chosen}: run "
             "`bash setup.sh` (installs the [fast] extra and prepares the encoder cache); the log above says why."
         )
+    model.encoder_override = ExactEncoderMemo(model.encoder_override)  # after its checks: they ran the encoder
     return model
 
 
@@ -102,6 +113,81 @@ def lits117_openvino_predictor(litemedsam_openvino_fp32, lits117_volume):
     from liversam.predictor import SlicePredictor
 
     return SlicePredictor(litemedsam_openvino_fp32, lits117_volume, cache_mb=2048)
+
+
+class ExactEncoderMemo:
+    """An image encoder that remembers its outputs by input: an input whose bytes it encoded before gets a copy of
+    that output back without running the encoder again. OpenVINO's CPU encoder is deterministic (the same bytes in
+    give the same bytes out: test_skip_thin_slices_lits117.py checks it on a real slice), so a hit is exactly what
+    encoding again would return. The key is the whole input (shape, dtype and a SHA-256 of its bytes), so another
+    slice, window, crop or orientation of the pixels is a miss and is encoded. Least recently used outputs go
+    beyond ``max_mb``. Other attributes (name, precision, agreement) are the encoder's.
+
+    Test code only: an encoder that serves embeddings from elsewhere must never judge a backend (the mask-agreement
+    check refuses one, ``liversam.acceleration.agreement._candidate_masks``); it wraps the session model after its
+    checks."""
+
+    def __init__(self, encoder, max_mb: float = 1024.0) -> None:
+        self.encoder = encoder
+        self.max_bytes = int(max_mb * 1024 * 1024)
+        self._outputs: OrderedDict[tuple, object] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(images) -> tuple:
+        array = images.detach().cpu().contiguous().numpy()
+        return tuple(array.shape), str(array.dtype), hashlib.sha256(array.tobytes()).digest()
+
+    def __call__(self, images):
+        key = self.key(images)
+        with self._lock:
+            known = self._outputs.get(key)
+            if known is not None:
+                self._outputs.move_to_end(key)
+                self.hits += 1
+                return known.clone()  # a copy: what a caller does with it never reaches the memo
+        output = self.encoder(images)
+        stored = output.detach().clone()
+        with self._lock:
+            self.misses += 1
+            if key not in self._outputs:
+                self._outputs[key] = stored
+                self._bytes += stored.element_size() * stored.nelement()
+            while self._bytes > self.max_bytes and len(self._outputs) > 1:
+                _, old = self._outputs.popitem(last=False)
+                self._bytes -= old.element_size() * old.nelement()
+        return output
+
+    def __getattr__(self, name: str):
+        if name == "encoder":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.encoder, name)
+
+
+@contextlib.contextmanager
+def cli_model(model, calls: list[dict] | None = None) -> Iterator[None]:
+    """In-process ``liversam`` commands run with ``model`` (the session's, already loaded, accelerated and with its
+    encoder memo) instead of loading and accelerating one of their own: ``liversam.models.load_model`` returns it
+    for LiteMedSAM on the CPU. Each call's arguments are appended to ``calls`` (for a test to check what the
+    command asked for); any other model or device fails the test instead of being swapped silently."""
+    import liversam.models as models
+
+    def load(name_or_path="litemedsam", device="auto", accelerate="plain"):
+        if calls is not None:
+            calls.append({"model": str(name_or_path), "device": str(device), "accelerate": accelerate})
+        if str(name_or_path) != "litemedsam" or str(device) not in ("auto", "cpu"):
+            raise AssertionError(f"cli_model stands in for LiteMedSAM on the CPU, not {name_or_path} on {device}")
+        return model
+
+    original = models.load_model
+    models.load_model = load
+    try:
+        yield
+    finally:
+        models.load_model = original
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

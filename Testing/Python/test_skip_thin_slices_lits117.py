@@ -1,5 +1,6 @@
 """The opt-in skipping of every other thin slice on real CT (lits117, 1 mm slices) with the bundled model: the
-liver from one box on its largest slice, every other slice interpolated."""
+liver from one box on its largest slice, every other slice interpolated. And that the accuracy tests' model (OpenVINO
+fp32, its encoder memo) gives plain PyTorch's masks and the encoder's own embeddings."""
 
 from __future__ import annotations
 
@@ -57,3 +58,25 @@ def test_the_accuracy_tests_model_gives_plain_pytorchs_masks(
     assert (
         lits117_openvino_predictor.model.encoder_override is not None
     )  # not the plain model under another name
+
+
+def test_the_encoder_memo_returns_exactly_what_the_encoder_returns(lits117_openvino_predictor):
+    """The accuracy tests' model serves a slice input it encoded before from a memo (conftest.ExactEncoderMemo):
+    exact only while its OpenVINO encoder is deterministic. A real slice: the memo's answer and the encoder's own,
+    encoded again, are the same bytes; a caller changing its copy does not change what the memo serves next."""
+    import torch
+
+    from conftest import ExactEncoderMemo
+
+    memo = lits117_openvino_predictor.model.encoder_override
+    assert isinstance(memo, ExactEncoderMemo)
+    images = lits117_openvino_predictor.model_input(64)
+    served = memo(images)  # encoded now, or served from an earlier test's encode
+    encoded = memo.encoder(images)  # the encoder itself, again
+    assert torch.equal(served, encoded) and encoded.abs().sum() > 0
+    hits = memo.hits
+    again = memo(images)
+    assert memo.hits == hits + 1 and torch.equal(again, encoded)
+    again += 1.0
+    assert torch.equal(memo(images), encoded)
+    assert memo.key(lits117_openvino_predictor.model_input(65)) != memo.key(images)
