@@ -9,6 +9,7 @@ import re
 import numpy as np
 import pytest
 
+from conftest import cli_model
 from liversam.errors import OutputError
 from liversam.geometry import ImageGeometry
 from liversam.lesions import label_lesions, lesion_table, lesion_table_from_mask, write_lesion_table
@@ -389,12 +390,16 @@ def test_a_tip_flagged_before_the_crf_says_so_where_the_outline_shown_is_not_thi
     assert "tumor tapers to below 5 % of its largest slice: check" in reasons, reasons
 
 
-def test_lits117_tumour_review_sentences_hold_for_the_mask_written(tmp_path, lits117_ct_path):
+def test_lits117_tumour_review_sentences_hold_for_the_mask_written(tmp_path, lits117_ct_path, litemedsam_openvino_fp32):
     """Real CT through ``liversam segment`` (dense CRF on, as by default): the liver box and one tumour box of the
     README's example. The propagation took the tumour down to slice 48; the CRF emptied slice 48 and left slice 49
     at 1 % of the largest slice, and the review said "tumor stops at slice 49 while its outline there is still 1 %
     of its largest slice: it probably continues". Every "stops ... still N %" sentence now holds for the mask
-    written: N at least the flag's 2 %, at an end of the tumour in the lesion table."""
+    written: N at least the flag's 2 %, at an end of the tumour in the lesion table.
+
+    The command runs in-process with the session's LiteMedSAM on OpenVINO fp32 (:func:`conftest.cli_model`: no
+    load and compile of its own, slices other tests encoded come from the encoder memo); it asked for LiteMedSAM
+    with the default ``--accelerate auto``, which on a CPU without native bf16 is that model."""
     from liversam.cli import main
     from liversam.dense_crf import crf_available
 
@@ -406,8 +411,11 @@ def test_lits117_tumour_review_sentences_hold_for_the_mask_written(tmp_path, lit
         {"name": "tumor", "label": 2, "inside": "liver", "propagate": True, "boxes": [[[56, 0, 83], [115, 25, 83]]]},
     ]}))
     report_path, lesions_path = tmp_path / "review.json", tmp_path / "lesions.json"
-    assert main(["segment", str(lits117_ct_path), "--prompts", str(prompts), "--output", str(tmp_path / "out.nii.gz"),
-                 "--report", str(report_path), "--lesions", str(lesions_path), "--quiet"]) == 0
+    loads: list[dict] = []
+    with cli_model(litemedsam_openvino_fp32, loads):
+        assert main(["segment", str(lits117_ct_path), "--prompts", str(prompts), "--output", str(tmp_path / "out.nii.gz"),
+                     "--report", str(report_path), "--lesions", str(lesions_path), "--quiet"]) == 0
+    assert loads == [{"model": "litemedsam", "device": "auto", "accelerate": "auto"}]
     report = json.loads(report_path.read_text())
     ends = {k for lesion in json.loads(lesions_path.read_text()) for k in (lesion["slice_first"], lesion["slice_last"])}
     tumour = [item["reason"] for item in report["items"] if item["segment"] == "tumor"]
