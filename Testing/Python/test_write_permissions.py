@@ -261,7 +261,26 @@ def _system_tmp(tmp_path: Path, fallback_mode: int | None = None) -> Path:
     return system_tmp
 
 
-def test_segment_with_a_read_only_liversam_home_and_encoder_cache_works_and_says_where_to_cache(tmp_path):
+@pytest.fixture(scope="module")
+def one_slice_check_set(tmp_path_factory) -> Path:
+    """The mask-agreement check's data (``LIVERSAM_AGREEMENT_DATA``) with one of its six slices: the example CT and
+    its label on lits117 slice 30 alone (a liver and a tumour box), as test_acceleration.py checks on one slice. A
+    check runs the plain and the candidate encoder on each slice, single-threaded here (OMP_NUM_THREADS=1): about
+    3.5 s an encode, 40 s a run with all six; where its verdict goes does not depend on how many slices it has."""
+    folder = tmp_path_factory.mktemp("check_set")
+    (folder / "ct.nii.gz").symlink_to(EXAMPLE / "ct.nii.gz")
+    label = sitk.ReadImage(str(EXAMPLE / "label.nii.gz"))
+    array = sitk.GetArrayFromImage(label)
+    array[np.arange(array.shape[0]) != 30] = 0
+    one_slice = sitk.GetImageFromArray(array)
+    one_slice.CopyInformation(label)
+    sitk.WriteImage(one_slice, str(folder / "label.nii.gz"))
+    return folder
+
+
+def test_segment_with_a_read_only_liversam_home_and_encoder_cache_works_and_says_where_to_cache(
+    tmp_path, one_slice_check_set
+):
     """Caches are optional. With LIVERSAM_HOME and the encoder cache read-only and empty, and no usable fallback (the
     one in the temporary folder is writable by others), the CT is still segmented; one warning names the cache
     folder, why the fallback cannot be used, the cost and LIVERSAM_CACHE_DIR. Before session 38, the fused PyTorch
@@ -271,7 +290,8 @@ def test_segment_with_a_read_only_liversam_home_and_encoder_cache_works_and_says
     system_tmp = _system_tmp(tmp_path, fallback_mode=0o777)
     output = tmp_path / "out" / "ct.seg.nrrd"
     done = liversam(["segment", str(ct), "--prompts", str(prompts), "--output", str(output)], home,
-                    timeout=300, LIVERSAM_CACHE_DIR=str(cache), TMPDIR=str(system_tmp))  # fmt: skip
+                    timeout=300, LIVERSAM_CACHE_DIR=str(cache), TMPDIR=str(system_tmp),
+                    LIVERSAM_AGREEMENT_DATA=str(one_slice_check_set))  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert output.is_file() and "Traceback" not in done.stderr
     warning = next((line for line in done.stderr.splitlines() if line.startswith("WARNING") and "cache" in line), "")
@@ -280,10 +300,13 @@ def test_segment_with_a_read_only_liversam_home_and_encoder_cache_works_and_says
     assert f"nor can its fallback '{fallback / 'encoders'}' be used ('{fallback}' can be written by other users" in warning
     assert "Set LIVERSAM_CACHE_DIR to a folder you can write to" in warning and "slower" in warning
     assert "encoder torch fp32" in done.stdout, done.stdout  # the fused encoder kept: its check needs no cache
+    assert "2 masks)" in done.stdout, done.stdout  # checked now (on the one-slice check set), not skipped
     assert os.listdir(home) == [] and os.listdir(cache) == [] and os.listdir(fallback) == []
 
 
-def test_segment_with_a_read_only_encoder_cache_keeps_the_check_verdict_in_a_private_fallback(tmp_path):
+def test_segment_with_a_read_only_encoder_cache_keeps_the_check_verdict_in_a_private_fallback(
+    tmp_path, one_slice_check_set
+):
     """A read-only encoder cache: before, the mask check's verdict could not be stored (each run checked again) and
     OpenVINO could not be exported. Now they go to <temporary folder>/liversam-cache-<uid> (mode 0700), and one
     warning names both folders. (--accelerate torch: the fallback's use without a minute of OpenVINO export.)"""
@@ -292,7 +315,8 @@ def test_segment_with_a_read_only_encoder_cache_keeps_the_check_verdict_in_a_pri
     system_tmp = _system_tmp(tmp_path)
     output = tmp_path / "out" / "ct.seg.nrrd"
     done = liversam(["segment", str(ct), "--prompts", str(prompts), "--output", str(output), "--accelerate", "torch"],
-                    tmp_path / "home", timeout=300, LIVERSAM_CACHE_DIR=str(cache), TMPDIR=str(system_tmp))  # fmt: skip
+                    tmp_path / "home", timeout=300, LIVERSAM_CACHE_DIR=str(cache), TMPDIR=str(system_tmp),
+                    LIVERSAM_AGREEMENT_DATA=str(one_slice_check_set))  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert output.is_file() and "Traceback" not in done.stderr and "encoder torch fp32" in done.stdout, done.stdout
     fallback = system_tmp / f"liversam-cache-{os.geteuid()}"
@@ -302,7 +326,9 @@ def test_segment_with_a_read_only_encoder_cache_keeps_the_check_verdict_in_a_pri
     assert f"are kept in '{fallback / 'encoders'}' instead" in warnings[0]
     assert stat.S_IMODE(fallback.stat().st_mode) == 0o700 and os.listdir(cache) == []
     verdicts = list((fallback / "encoders" / "agreement").glob("*-torch+plain-fp32-*.json"))
-    assert len(verdicts) == 1 and json.loads(verdicts[0].read_text())["accepted"] is True, verdicts
+    assert len(verdicts) == 1, verdicts
+    verdict = json.loads(verdicts[0].read_text())
+    assert verdict["accepted"] is True and len(verdict["dice"]) == 2, verdict  # slice 30's liver and tumour
 
 
 # --- liversam serve ----------------------------------------------------------------------------------------------
