@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO_ROOT, box_of, dice
+from conftest import REPO_ROOT, box_of, cli_model, dice
 from liversam.cli import main
 
 
@@ -28,13 +28,19 @@ def liver_slice(lits117_label):
 
 
 def test_segment_writes_seg_nrrd_and_labelmap_with_ct_geometry(tmp_path, capsys, lits117_ct_path, lits117_label,
-                                                                liver_slice):
+                                                                liver_slice, litemedsam_openvino_fp32):
+    """Both runs get the session's model (conftest.cli_model: no load and compile of their own; the second run's
+    slice comes from the encoder memo, so the two outputs can be compared voxel for voxel); each asked for LiteMedSAM
+    with the default ``--accelerate auto``. What auto chooses is tested in test_acceleration.py; test_write_permissions.py
+    runs the command with its own model loading (default ``--accelerate auto``) in a process of its own."""
     k, truth, (i0, j0, i1, j1) = liver_slice
     # RAS prompts: the example CT has an identity direction, so RAS = (-x, -y, z) of the voxel centres.
     prompts = _prompts(tmp_path / "p.json", [{"name": "liver", "label": 1, "boxes": [[[-i0, -j0, k], [-i1, -j1, k]]]}],
                        system="RAS")
     seg_out = tmp_path / "out" / "liver.seg.nrrd"
-    assert main(["segment", str(lits117_ct_path), "--prompts", str(prompts), "--output", str(seg_out)]) == 0
+    loads: list[dict] = []
+    with cli_model(litemedsam_openvino_fp32, loads):
+        assert main(["segment", str(lits117_ct_path), "--prompts", str(prompts), "--output", str(seg_out)]) == 0
     # propagate is off by default: the summary says so (one slice of a liver looked like any other result)
     assert 'voxels, ' in (out := capsys.readouterr().out) and (
         '(its prompted slices only: set "propagate": true to carry it through the volume)' in out
@@ -54,8 +60,10 @@ def test_segment_writes_seg_nrrd_and_labelmap_with_ct_geometry(tmp_path, capsys,
     labelmap_out = tmp_path / "liver.nii.gz"
     report, lesions = tmp_path / "review.json", tmp_path / "lesions.csv"
     capsys.readouterr()
-    assert main(["segment", str(lits117_ct_path), "--prompts", str(prompts), "--output", str(labelmap_out),
-                 "--report", str(report), "--lesions", str(lesions)]) == 0
+    with cli_model(litemedsam_openvino_fp32, loads):
+        assert main(["segment", str(lits117_ct_path), "--prompts", str(prompts), "--output", str(labelmap_out),
+                     "--report", str(report), "--lesions", str(lesions)]) == 0
+    assert loads == [{"model": "litemedsam", "device": "auto", "accelerate": "auto"}] * 2
     # the last lines name every file written, so that a user finds the report and the lesion table
     printed = capsys.readouterr().out.splitlines()
     items = json.loads(report.read_text())["items"]
