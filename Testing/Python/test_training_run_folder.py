@@ -2,6 +2,9 @@
 run's best.pt, a resume after the training data changed, a finished run resumed with a larger --patience / --epochs, a study folder with a file missing, a label volume given
 as the CT, a label whose liver is too small on every slice. Real CT (lits117); the short runs are decoder-only
 on a cache shared by the tests of this file (12 slices encoded once), 1 thread.
+
+One finished run (``first_run``) is made once and copied by the tests that start a run over or resume it; runs refused
+before training are run in this process (``main``, the command line's own entry point: its exit code and stderr).
 """
 
 from __future__ import annotations
@@ -20,23 +23,50 @@ import SimpleITK as sitk
 from liversam.training import LabelConfig, TrainingConfig, TrainingDataError, discover_studies, load_study
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# The settings of the first run: a learning rate that fine-tunes in one epoch, and best.pt the last epoch's model.
+FIRST_RUN = ("--lr", "1e-3", "--select", "last", "--propagation-prompts", "0.7", "--no-register")
 
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     root = tmp_path_factory.mktemp("run-folder")
-    return {"cache": root / "cache", "home": root / "home"}
+    return {"root": root, "cache": root / "cache", "home": root / "home"}
 
 
-def _train(data: Path, run_dir: Path, shared: dict, *extra: str) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable, "-m", "liversam", "train", "--data", str(data), "--out", str(run_dir),
+def _arguments(data: Path, run_dir: Path, shared: dict, *extra: str) -> list[str]:
+    return [
+        "train", "--data", str(data), "--out", str(run_dir),
         "--max-slices", "12", "--epochs", "1", "--batch-size", "4", "--device", "cpu", "--threads", "1",
         "--seed", "0", "--no-progress", "--cache-dir", str(shared["cache"]), *extra,
     ]  # fmt: skip
+
+
+def _train(data: Path, run_dir: Path, shared: dict, *extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "liversam", *_arguments(data, run_dir, shared, *extra)]
     env = dict(os.environ, LIVERSAM_HOME=str(shared["home"]), OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = str(REPO_ROOT / "LiverSAM") + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _train_here(data: Path, run_dir: Path, shared: dict, monkeypatch, capsys, *extra: str) -> tuple[int, str, str]:
+    """`liversam train` as :func:`_train` runs it, in this process (no interpreter, torch and model start-up): its exit
+    code, stdout and stderr. What is process-wide is kept from this process: the torch threads (--threads) and the
+    allocator thresholds of a training process."""
+    import torch
+
+    import liversam.training.allocator
+    from liversam.cli import main
+
+    monkeypatch.setenv("LIVERSAM_HOME", str(shared["home"]))
+    monkeypatch.setattr(liversam.training.allocator, "keep_freed_memory_for_reuse", lambda: False)
+    threads = torch.get_num_threads()
+    capsys.readouterr()
+    try:
+        code = main(_arguments(data, run_dir, shared, *extra))
+    finally:
+        torch.set_num_threads(threads)
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def _checkpoint(path: Path) -> dict:
@@ -45,8 +75,27 @@ def _checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@pytest.fixture(scope="module")
+def first_run(shared, data_dir):
+    """One finished run on a copy of lits117's files (test_resuming_after_the_training_data_changed_is_refused changes
+    its label, and puts it back), with the settings FIRST_RUN; the tests copy its folder."""
+    data = shared["root"] / "data" / "lits117"
+    data.mkdir(parents=True)
+    for name in ("ct.nii.gz", "label.nii.gz"):
+        shutil.copy(data_dir / "lits117" / name, data / name)
+    run = shared["root"] / "first-run"
+    done = _train(data, run, shared, *FIRST_RUN)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return {"data": data, "run": run, "stderr": done.stderr}
+
+
+def _copy_of(first_run: dict, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(first_run["run"], tmp_path / "run"))
+
+
 @pytest.mark.model
-def test_a_run_started_over_never_ships_the_earlier_run_s_best_checkpoint(tmp_path, shared, data_dir):
+def test_a_run_started_over_never_ships_the_earlier_run_s_best_checkpoint(tmp_path, shared, first_run, monkeypatch,
+                                                                          capsys):  # fmt: skip
     """The refusal to resume with other settings says 'delete the folder's state.pt to start this run over'. The
     new run's best.pt must then be its own: when none of its epochs beats the base model, the base model (as the
     log says), not the earlier run's fine-tuned model left in the folder, which was registered under the new
@@ -55,16 +104,14 @@ def test_a_run_started_over_never_ships_the_earlier_run_s_best_checkpoint(tmp_pa
 
     from liversam.models import load_model
 
-    run = tmp_path / "run"
-    first = _train(data_dir / "lits117", run, shared, "--lr", "1e-3", "--select", "last", "--no-register")
-    assert first.returncode == 0, first.stdout + first.stderr
+    run, data = _copy_of(first_run, tmp_path), first_run["data"]
     earlier = _checkpoint(run / "best.pt")
     assert earlier["metadata"]["epoch"] == 1
-    refused = _train(data_dir / "lits117", run, shared, "--lr", "1e-12", "--lr-min", "0")
-    assert refused.returncode == 2 and "delete the folder's state.pt" in refused.stderr
+    code, _out, err = _train_here(data, run, shared, monkeypatch, capsys, "--lr", "1e-12", "--lr-min", "0")
+    assert code == 2 and "delete the folder's state.pt" in err, err
     (run / "state.pt").unlink()
     # A learning rate that changes nothing: no epoch beats the base model.
-    again = _train(data_dir / "lits117", run, shared, "--lr", "1e-12", "--lr-min", "0")
+    again = _train(data, run, shared, "--lr", "1e-12", "--lr-min", "0")
     assert again.returncode == 0, again.stdout + again.stderr
     assert json.loads(again.stdout.strip().splitlines()[-1])["best_epoch"] == 0
     assert "best.pt is the base model" in again.stderr
@@ -79,16 +126,14 @@ def test_a_run_started_over_never_ships_the_earlier_run_s_best_checkpoint(tmp_pa
 
 
 @pytest.mark.model
-def test_a_run_started_over_splits_by_its_own_settings(tmp_path, shared, data_dir):
+def test_a_run_started_over_splits_by_its_own_settings(tmp_path, shared, first_run):
     """Started over (state.pt deleted) with another --split, the old code reused the earlier run's split.json and
     trained on 9 slices instead of the 6 asked for (with another --max-slices: on the few slices both selections
     share, down to one)."""
-    run = tmp_path / "run"
-    first = _train(data_dir / "lits117", run, shared, "--no-register")
-    assert first.returncode == 0, first.stdout + first.stderr
+    run = _copy_of(first_run, tmp_path)
     assert [len(v) for v in json.loads((run / "split.json").read_text())["slices"].values()] == [9, 2]
     (run / "state.pt").unlink()
-    again = _train(data_dir / "lits117", run, shared, "--no-register", "--split", "0.6,0.2,0.2")
+    again = _train(first_run["data"], run, shared, "--no-register", "--split", "0.6,0.2,0.2")
     assert again.returncode == 0, again.stdout + again.stderr
     split = json.loads((run / "split.json").read_text())
     assert [len(split["slices"][k]) for k in ("train", "val")] == [6, 5]
@@ -97,37 +142,35 @@ def test_a_run_started_over_splits_by_its_own_settings(tmp_path, shared, data_di
 
 
 @pytest.mark.model
-def test_resuming_after_the_training_data_changed_is_refused(tmp_path, shared, data_dir):
+def test_resuming_after_the_training_data_changed_is_refused(tmp_path, shared, first_run, monkeypatch, capsys):
     """A rerun resumes from state.pt. When a study's files changed since the run started (a corrected label), the
     old code rebuilt that study's cache and silently went on training the saved model on the new data; now it
     refuses, names the study, and leaves the run folder as it was."""
-    data = tmp_path / "data" / "lits117"
-    data.mkdir(parents=True)
-    for name in ("ct.nii.gz", "label.nii.gz"):
-        shutil.copy(data_dir / "lits117" / name, data / name)
-    run = tmp_path / "run"
-    first = _train(data, run, shared, "--no-register")
-    assert first.returncode == 0, first.stdout + first.stderr
-    unchanged = _train(data, run, shared, "--no-register")  # same files: resumes (nothing left to do)
-    assert unchanged.returncode == 0, unchanged.stdout + unchanged.stderr
-    assert json.loads(unchanged.stdout.strip().splitlines()[-1])["resumed_from_epoch"] == 1
-    label = sitk.ReadImage(str(data / "label.nii.gz"))
-    array = sitk.GetArrayFromImage(label)
-    array[array == 2] = 1  # the tumours relabelled as liver
-    corrected = sitk.GetImageFromArray(array)
-    corrected.CopyInformation(label)
-    sitk.WriteImage(corrected, str(data / "label.nii.gz"))
-    before = {
-        p.name: p.stat().st_mtime_ns
-        for p in run.iterdir()
-        if p.name in ("state.pt", "best.pt", "history.csv")
-    }
-    refused = _train(data, run, shared, "--no-register")
-    assert refused.returncode == 2, refused.stdout + refused.stderr
-    assert "training data changed" in refused.stderr and "'lits117'" in refused.stderr
-    assert str(data / "label.nii.gz") in refused.stderr and "new --out folder" in refused.stderr
-    assert {n: (run / n).stat().st_mtime_ns for n in before} == before
-    assert len(list(shared["cache"].glob("lits117-*.h5"))) == 1  # nothing encoded for the changed study
+    run, data = _copy_of(first_run, tmp_path), first_run["data"]
+    code, out, err = _train_here(data, run, shared, monkeypatch, capsys, *FIRST_RUN)  # same files: resumes
+    assert code == 0, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1])["resumed_from_epoch"] == 1  # (nothing left to do)
+    original = (data / "label.nii.gz").read_bytes()
+    try:
+        label = sitk.ReadImage(str(data / "label.nii.gz"))
+        array = sitk.GetArrayFromImage(label)
+        array[array == 2] = 1  # the tumours relabelled as liver
+        corrected = sitk.GetImageFromArray(array)
+        corrected.CopyInformation(label)
+        sitk.WriteImage(corrected, str(data / "label.nii.gz"))
+        before = {
+            p.name: p.stat().st_mtime_ns
+            for p in run.iterdir()
+            if p.name in ("state.pt", "best.pt", "history.csv")
+        }
+        code, _out, err = _train_here(data, run, shared, monkeypatch, capsys, *FIRST_RUN)
+        assert code == 2, err[-3000:]
+        assert "training data changed" in err and "'lits117'" in err
+        assert str(data / "label.nii.gz") in err and "new --out folder" in err
+        assert {n: (run / n).stat().st_mtime_ns for n in before} == before
+        assert len(list(shared["cache"].glob("lits117-*.h5"))) == 1  # nothing encoded for the changed study
+    finally:
+        (data / "label.nii.gz").write_bytes(original)  # first_run's data as it was
 
 
 def _resume_config(data: Path, run_dir: Path, shared: dict, **changes) -> TrainingConfig:
@@ -357,7 +400,7 @@ def _two_cases(root: Path, data_dir: Path) -> Path:
 
 
 @pytest.mark.model
-def test_inputs_a_run_cannot_use_are_refused_before_any_slice_is_encoded(tmp_path, shared, data_dir):
+def test_inputs_a_run_cannot_use_are_refused_before_any_slice_is_encoded(tmp_path, shared, data_dir, monkeypatch, capsys):
     """Each of these was found only after the caches were built (minutes to hours on a CPU), or, for the model's
     name, after the whole training: a split without validation cases, a built-in model's name (given, or the run
     folder's), the same CT listed twice (it went to training under one id and to validation under the other)."""
@@ -365,14 +408,17 @@ def test_inputs_a_run_cannot_use_are_refused_before_any_slice_is_encoded(tmp_pat
     local = {**shared, "cache": cache}
     data = _two_cases(tmp_path / "data", data_dir)
 
-    no_val = _train(data, tmp_path / "run1", local, "--no-register", "--split", "1,0,0")
-    assert no_val.returncode == 2 and "no validation cases" in no_val.stderr, no_val.stderr[-1500:]
+    def train(data: Path, run_dir: Path, *extra: str) -> tuple[int, str]:
+        code, _out, err = _train_here(data, run_dir, local, monkeypatch, capsys, *extra)
+        return code, err
 
-    built_in = _train(data, tmp_path / "run2", local, "--name", "litemedsam")
-    assert built_in.returncode == 2, built_in.stderr[-1500:]
-    assert "--name 'litemedsam' is a built-in model name" in built_in.stderr, built_in.stderr[-1500:]
-    by_folder = _train(data, tmp_path / "litemedsam", local)
-    assert by_folder.returncode == 2 and "give --name NAME" in by_folder.stderr, by_folder.stderr[-1500:]
+    code, err = train(data, tmp_path / "run1", "--no-register", "--split", "1,0,0")
+    assert code == 2 and "no validation cases" in err, err[-1500:]
+
+    code, err = train(data, tmp_path / "run2", "--name", "litemedsam")
+    assert code == 2 and "--name 'litemedsam' is a built-in model name" in err, err[-1500:]
+    code, err = train(data, tmp_path / "litemedsam")
+    assert code == 2 and "give --name NAME" in err, err[-1500:]
 
     manifest = tmp_path / "twice.json"
     manifest.write_text(json.dumps([
@@ -380,22 +426,22 @@ def test_inputs_a_run_cannot_use_are_refused_before_any_slice_is_encoded(tmp_pat
         {"id": "b", "ct": str(data / "hcc0697" / "ct.nii.gz"), "label": str(data_dir / "hcc0697" / "label.nii.gz")},
         {"id": "c", "ct": str(data_dir / "hcc2144" / "ct.nii.gz"), "label": str(data_dir / "hcc2144" / "label.nii.gz")},
     ]))  # fmt: skip
-    twice = _train(manifest, tmp_path / "run3", local, "--no-register")
-    assert twice.returncode == 2, twice.stderr[-1500:]
-    assert "Studies 'a'" in twice.stderr and "'b'" in twice.stderr and "have the same CT" in twice.stderr
-    assert "'c'" not in twice.stderr.split("have the same CT")[0]
+    code, err = train(manifest, tmp_path / "run3", "--no-register")
+    assert code == 2, err[-1500:]
+    assert "Studies 'a'" in err and "'b'" in err and "have the same CT" in err
+    assert "'c'" not in err.split("have the same CT")[0]
     assert not cache.exists() or not list(cache.iterdir())  # nothing encoded for any of them
     assert not any((tmp_path / run / "state.pt").exists() for run in ("run1", "run2", "litemedsam", "run3"))
 
 
 @pytest.mark.model
-def test_propagation_prompts_with_slices_too_far_apart_say_they_fall_back_to_boxes(tmp_path, shared, data_dir):
+def test_propagation_prompts_with_slices_too_far_apart_say_they_fall_back_to_boxes(first_run):
     """--max-slices keeps evenly spaced slices: 12 of lits117's liver lie 8 slices apart, so no slice has the
-    neighbour --propagation-prompts needs and every prompt was an ordinary box without a word."""
-    run = _train(data_dir / "lits117", tmp_path / "run", shared, "--no-register", "--propagation-prompts", "0.7")
-    assert run.returncode == 0, run.stderr[-1500:]
-    assert "--propagation-prompts 0.7: only 0 of 9 training slices have a cached neighbour" in run.stderr, run.stderr
-    assert "--max-slices 12 keeps slices too far apart" in run.stderr
+    neighbour --propagation-prompts needs and every prompt was an ordinary box without a word (first_run trains with
+    --propagation-prompts 0.7)."""
+    stderr = first_run["stderr"]
+    assert "--propagation-prompts 0.7: only 0 of 9 training slices have a cached neighbour" in stderr, stderr
+    assert "--max-slices 12 keeps slices too far apart" in stderr
 
 
 def _slab(data_dir: Path, case: str, k0: int, k1: int, folder: Path) -> Path:
