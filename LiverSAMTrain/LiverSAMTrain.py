@@ -9,7 +9,8 @@ reloaded, Slicer opened again) puts back the run folder of the last run started 
 finds a ``liversam train`` that holds the run folder chosen and shows it, Stop included
 (``LiverSAMTrainLib.AttachedProcess``), as does choosing another run folder. Curves go to a table and one plot
 chart per quantity (validation Dice, training loss, validation loss: Slicer's plot chart has one y axis); the
-"Curves" list chooses the chart shown in the layout's plot view, once per run unless chosen again. The best
+"Curves" list chooses the chart shown in the layout's plot view, once per run unless chosen again; they are the run
+folder chosen's (emptied when it has none, never the last run's left in place). The best
 model is registered by ``liversam train --name`` so that the LiverSAM server offers it. The logic
 (``LiverSAMTrainLib.TrainingLogic``) has no Qt and is tested on slicer-core's MRML. Minimum Slicer version: 5.10
 (``LiverSAMLib.SlicerCompatibility``).
@@ -131,6 +132,15 @@ class LiverSAMTrainLogic(ScriptedLoadableModuleLogic):
         self.tableNode, self.chartNodes = TrainingLogic.update_curves(
             Path(runDir) / "history.csv", table_node=self.tableNode, chart_nodes=self.chartNodes
         )
+
+    def showRunFolderCurves(self, runDir: str) -> bool:
+        """The curves show ``runDir``'s own (its history.csv, read again), or none when it has no epoch yet or no run
+        folder is chosen (the nodes emptied, not removed: ``TrainingLogic.run_folder_curves``); the layout is left
+        alone. True when there are curves."""
+        self.tableNode, self.chartNodes = TrainingLogic.run_folder_curves(
+            runDir, slicer.mrmlScene, self.tableNode, self.chartNodes
+        )
+        return bool(TrainingLogic.curves_folder(self.tableNode))
 
     def showChart(self, key: str):
         """Show the chart ``key`` (a :data:`TrainingLogic.CHARTS` key) in the layout's plot view (a layout with one is
@@ -521,6 +531,9 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         attached = self.logic.attach(runDir) if runDir else None
         if attached is None:
             self._showRunFolderNote("")
+            # the curves are the folder's own (a run that ended there), else none: never the last run's, as if they
+            # were this folder's
+            self.logic.showRunFolderCurves(runDir)
             self.updateButtons()
             return False
         self._settings = TrainingLogic.TrainingSettings(data="", out=runDir, epochs=attached.epochs or 0)
@@ -535,6 +548,8 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         ) + (" " + _("Stop stops it.") if attached.pid else "")
         self._showRunFolderNote(note)
         self._rememberRunFolder(runDir)
+        if not TrainingLogic.read_history(Path(runDir) / "history.csv"):  # no epoch yet (its caches being built):
+            self.logic.showRunFolderCurves(runDir)  # no curves meanwhile, not the last run's (its own: poll, at its first)
         self.ui.statusLabel.setText(note)
         self.ui.logTextEdit.appendPlainText(note)
         reattached = attached.shown

@@ -12,6 +12,8 @@
 - :func:`update_curves`: ``history.csv`` of a run -> a table node and one plot chart per quantity (:data:`CHARTS`:
   validation Dice on a fixed 0-1 axis, training loss, validation loss), as curves.png has a panel each; the nodes are
   marked (:data:`CURVES_ATTRIBUTE`) and :func:`curves_in_scene` adopts them (a reloaded module adds no second set);
+  :func:`run_folder_curves` shows one run folder's curves, or empties them (:func:`clear_curves`) when it has none, so
+  that they never show another run folder's as its own (:data:`CURVES_FOLDER_ATTRIBUTE` names the folder shown);
 - :func:`parse_event`: the ``LIVERSAM_CACHE`` / ``_RESUME`` / ``_EPOCH`` / ``_DONE`` lines the command prints;
 """
 
@@ -418,12 +420,16 @@ def training_data(pairs, run_dir: str | Path, data: str = "", export=None) -> tu
 
 # --- curves -------------------------------------------------------------------------------------------------------
 def read_history(csv_path: str | Path) -> dict[str, np.ndarray]:
-    """Columns of ``history.csv`` as float arrays (empty cells -> NaN); {} when the file does not exist."""
+    """Columns of ``history.csv`` as float arrays (empty cells -> NaN); {} when the file does not exist or cannot be
+    read (a run folder that cannot be searched: permission denied)."""
     path = Path(csv_path)
-    if not path.is_file():
+    try:
+        if not path.is_file():
+            return {}
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+    except OSError:
         return {}
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
     if not rows:
         return {}
     return {
@@ -448,6 +454,9 @@ def history_stamp(run_dir: str | Path) -> tuple[int, int] | None:
 #: logic (the module reloaded, a saved scene loaded again) adopts the ones in the scene instead of adding another set of
 #: nodes of the same names, and a chart the user deleted gets its series back instead of new ones.
 CURVES_ATTRIBUTE = "LiverSAMTrain.curves"
+#: The attribute of the curves' table that names the run folder whose ``history.csv`` it holds ("" : none, the curves
+#: emptied by :func:`clear_curves`); saved with the scene.
+CURVES_FOLDER_ATTRIBUTE = "LiverSAMTrain.runFolder"
 
 
 def _nodes_by_class(scene, class_name: str) -> list:
@@ -507,6 +516,7 @@ def update_curves(csv_path: str | Path, scene=None, table_node=None, chart_nodes
     if table_node is None:
         table_node = scene.AddNewNodeByClass("vtkMRMLTableNode", "LiverSAMTrain curves")
         table_node.SetAttribute(CURVES_ATTRIBUTE, "table")
+    table_node.SetAttribute(CURVES_FOLDER_ATTRIBUTE, str(Path(csv_path).parent))
     table = table_node.GetTable()
     table.Initialize()
     for key, values in history.items():
@@ -527,9 +537,62 @@ def update_curves(csv_path: str | Path, scene=None, table_node=None, chart_nodes
     return table_node, charts
 
 
-def _chart_title(spec: ChartSpec, pending: bool = False) -> str:
+#: the charts' title note while the run folder chosen has no curves (:func:`clear_curves`)
+NO_CURVES_NOTE = "no curves: the run folder chosen has no epoch in a history.csv"
+
+
+def _chart_title(spec: ChartSpec, pending: bool = False, empty: bool = False) -> str:
     title = f"LiverSAMTrain: {spec.title.lower()} per epoch"
+    if empty:
+        return f"{title} ({NO_CURVES_NOTE})"
     return f"{title} ({spec.pending})" if pending and spec.pending else title
+
+
+def _own_title(spec: ChartSpec, title: str | None) -> bool:
+    """True for a title this module gave the chart (one the user wrote is left alone)."""
+    return title in (_chart_title(spec), _chart_title(spec, pending=True), _chart_title(spec, empty=True))
+
+
+def curves_folder(table_node) -> str | None:
+    """The run folder whose ``history.csv`` the curves' table holds (:data:`CURVES_FOLDER_ATTRIBUTE`; "" : emptied;
+    None: no table, or one made before the attribute existed)."""
+    return None if table_node is None else table_node.GetAttribute(CURVES_FOLDER_ATTRIBUTE)
+
+
+def clear_curves(scene=None, table_node=None, chart_nodes: dict | None = None):
+    """Empty the curves' nodes (the run folder chosen has no curves, or none is chosen): the table loses its columns
+    and rows, and so does any other table of this module that a chart's series read; the charts keep their series,
+    which the plot view then draws as nothing (qMRMLPlotView skips a series whose column its table has not), and
+    their titles say why (a title the user wrote is left alone). Nothing is created or removed (a chart in the layout's
+    plot view stays there, empty). Returns ``(table_node, {chart key: chart node})`` as :func:`curves_in_scene`."""
+    scene = scene or slicer.mrmlScene
+    table_node, charts = curves_in_scene(scene, table_node, chart_nodes)
+    tables = {} if table_node is None else {table_node.GetID(): table_node}
+    for chart in charts.values():
+        for n in range(chart.GetNumberOfPlotSeriesNodes()):
+            series = chart.GetNthPlotSeriesNode(n)
+            table = series.GetTableNode() if series is not None else None
+            if table is not None and table.GetAttribute(CURVES_ATTRIBUTE) == "table":
+                tables[table.GetID()] = table
+    for table in tables.values():
+        if table.GetTable().GetNumberOfColumns() or curves_folder(table):
+            table.GetTable().Initialize()
+            table.SetAttribute(CURVES_FOLDER_ATTRIBUTE, "")
+            table.Modified()
+    for key, chart in charts.items():
+        spec = CHARTS[key]
+        if _own_title(spec, chart.GetTitle()) and chart.GetTitle() != _chart_title(spec, empty=True):
+            chart.SetTitle(_chart_title(spec, empty=True))
+    return table_node, charts
+
+
+def run_folder_curves(run_dir: str | Path | None, scene=None, table_node=None, chart_nodes: dict | None = None):
+    """The curves of the run folder ``run_dir``: :func:`update_curves` from its ``history.csv`` when that holds an
+    epoch, else (none yet, or no run folder: "" / None) :func:`clear_curves`; never another run folder's curves left
+    as if they were this one's. Returns ``(table_node, {chart key: chart node})``."""
+    if run_dir and read_history(Path(run_dir) / "history.csv"):
+        return update_curves(Path(run_dir) / "history.csv", scene, table_node, chart_nodes)
+    return clear_curves(scene, table_node, chart_nodes)
 
 
 def _new_chart(scene, key: str, spec: ChartSpec) -> slicer.vtkMRMLPlotChartNode:
@@ -577,7 +640,7 @@ def _fill_chart(scene, chart_node, spec: ChartSpec, table_node, history: dict, l
     values = np.concatenate([history[column] for column in spec.series if column in history] or [np.array([])])
     values = values[np.isfinite(values)]
     title = _chart_title(spec, pending=values.size == 0)
-    if chart_node.GetTitle() in (_chart_title(spec), _chart_title(spec, pending=True)) and chart_node.GetTitle() != title:
+    if _own_title(spec, chart_node.GetTitle()) and chart_node.GetTitle() != title:
         chart_node.SetTitle(title)  # (a title the user wrote is left alone)
     if spec.y_range is not None and values.size and not chart_node.GetYAxisRangeAuto():
         low, high = chart_node.GetYAxisRange()

@@ -180,6 +180,46 @@ def test_the_training_loss_chart_says_why_it_is_empty_until_epoch_1(tmp_path):
     assert charts["val_loss"].GetTitle() == "my title"
 
 
+def test_a_run_folder_without_curves_empties_them_instead_of_showing_another_folders(tmp_path):
+    """Another run folder chosen (no run followed there): the curves of the last run stayed in the table and charts, as
+    if they were the new folder's. They are now the folder's own history.csv, or emptied when it has no epoch (no
+    history.csv, one with its header only, no folder chosen): the nodes stay (a chart in the plot view stays there,
+    empty, its title saying why), their series too, and they hold no other folder's data."""
+    scene = fresh_scene()
+    first, header_only, second = tmp_path / "first", tmp_path / "header-only", tmp_path / "second"
+    for folder in (first, header_only, second):
+        folder.mkdir()
+    header, epoch0, _epoch1 = HISTORY.splitlines(keepends=True)[:3]
+    (first / "history.csv").write_text(HISTORY)
+    (header_only / "history.csv").write_text(header)
+    (second / "history.csv").write_text(header + epoch0)
+    table, charts = TrainingLogic.run_folder_curves(first, scene=scene)
+    assert table.GetTable().GetNumberOfRows() == 3 and TrainingLogic.curves_folder(table) == str(first)
+    series = {key: _series(chart) for key, chart in charts.items()}
+    charts["val_loss"].SetTitle("my title")  # a title the user wrote is left alone
+    for empty in (header_only, tmp_path / "no-such-folder", ""):
+        again = TrainingLogic.run_folder_curves(empty, scene=scene, table_node=table, chart_nodes=charts)
+        assert again == (table, charts) and _counts(scene) == (1, 3, 5)
+        assert (table.GetTable().GetNumberOfRows(), table.GetTable().GetNumberOfColumns()) == (0, 0)
+        assert TrainingLogic.curves_folder(table) == ""
+        assert {key: _series(chart) for key, chart in charts.items()} == series  # kept, reading the emptied table
+        assert all(s.GetTableNode() is table for chart in charts.values() for s in _series(chart).values())
+        assert charts["dice"].GetTitle().endswith(f"({TrainingLogic.NO_CURVES_NOTE})")
+        assert charts["train_loss"].GetTitle().endswith(f"({TrainingLogic.NO_CURVES_NOTE})")
+        assert charts["val_loss"].GetTitle() == "my title"
+    TrainingLogic.run_folder_curves(second, scene=scene, table_node=table, chart_nodes=charts)
+    assert table.GetTable().GetNumberOfRows() == 1 and TrainingLogic.curves_folder(table) == str(second)
+    assert table.GetTable().GetColumnByName("val_dice_mean").GetValue(0) == pytest.approx(0.856)
+    assert charts["dice"].GetTitle() == "LiverSAMTrain: validation dice per epoch"  # its own title again
+    assert charts["train_loss"].GetTitle().endswith("(drawn from epoch 1: epoch 0 is the base model, before any training)")
+    # a reloaded module (a logic holding no nodes) empties the curves already in the scene, not a set of its own
+    assert TrainingLogic.run_folder_curves("", scene=scene) == (table, charts)
+    assert table.GetTable().GetNumberOfRows() == 0 and _counts(scene) == (1, 3, 5)
+    # an empty scene: nothing is made
+    empty_scene = fresh_scene()
+    assert TrainingLogic.run_folder_curves("", scene=empty_scene) == (None, {}) and _counts(empty_scene) == (0, 0, 0)
+
+
 def test_loaded_volume_and_segmentation_pairs_export_to_training_files(tmp_path):
     from liversam.ct_io import read_ct
     from liversam.training import LabelConfig, discover_studies, load_study

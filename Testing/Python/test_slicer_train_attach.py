@@ -1006,3 +1006,56 @@ def test_one_folder_is_the_same_folder_even_through_a_symbolic_link_loop(widgets
     (tmp_path / "a").symlink_to(tmp_path / "b")
     (tmp_path / "b").symlink_to(tmp_path / "a")
     assert not train._sameFolder(tmp_path / "a", tmp_path / "c") and train._sameFolder(tmp_path / "a", tmp_path / "a")
+
+
+def test_the_curves_are_the_run_folder_chosen_never_the_last_runs(widgets, tmp_path, monkeypatch):  # noqa: F811
+    """The widget stopped following a run (another folder chosen, the field cleared, the run ended and another folder
+    chosen) and the plot charts still showed that run's curves, as if they were the folder's now chosen. They are now
+    the chosen folder's own history.csv (a run that ended there), else empty; a run followed before its first epoch
+    shows none either."""
+    _liversam, train = widgets
+    busy, idle, done, fresh = (tmp_path / name for name in ("busy", "idle", "done", "fresh"))
+    for folder in (busy, idle, done):
+        folder.mkdir()
+    history = "epoch,train_loss,val_loss,val_dice_mean\n0,,0.4,0.81\n1,0.5,0.35,0.86\n"
+    (busy / "history.csv").write_text(history)
+    (done / "history.csv").write_text(history + "2,0.45,0.33,0.88\n")
+    stand_in_plots(train, monkeypatch)
+    process = _start_elsewhere(busy)
+    later = None
+    try:
+        widget = set_up(train, monkeypatch, busy)
+        folder_of = train.TrainingLogic.curves_folder
+
+        def curves() -> tuple[int, str | None]:
+            table = widget.logic.tableNode
+            return table.GetTable().GetNumberOfRows(), folder_of(table)
+
+        assert buttons(widget) == (False, False, True) and curves() == (2, str(busy))
+        chart = widget.logic.chartNodes["dice"]
+        field = widget.ui.outputPathLineEdit
+        for folder, expected in ((idle, (0, "")), (done, (3, str(done))), ("", (0, "")), (busy, (2, str(busy)))):
+            field.currentPath = str(folder)
+            widget._followRunInFolder()
+            assert curves() == expected, folder
+            assert widget.logic.chartNodes["dice"] is chart  # the same nodes: the plot view keeps showing the chart
+        (busy / "finish-now").touch()  # the run ends; then another folder is chosen
+        poll_until_ended(widget)
+        assert process.wait(30) == 0 and curves() == (2, str(busy))  # its own curves while its folder is chosen
+        field.currentPath = str(idle)
+        widget._followRunInFolder()
+        assert curves() == (0, "") and chart.GetTitle().endswith(f"({train.TrainingLogic.NO_CURVES_NOTE})")
+        field.currentPath = str(done)
+        widget._followRunInFolder()
+        assert curves() == (3, str(done))
+        later = _start_elsewhere(fresh)  # a run still building its caches: no history.csv yet
+        field.currentPath = str(fresh)
+        widget._followRunInFolder()
+        assert buttons(widget) == (False, False, True) and curves() == (0, "")
+        widget.poll()
+        assert curves() == (0, "")
+        widget.cleanup()
+    finally:
+        _end(process)
+        if later is not None:
+            _end(later)
