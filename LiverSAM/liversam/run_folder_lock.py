@@ -21,7 +21,8 @@ unchanged (``msvcrt.locking`` has no way to ask and no retry: the instant remain
 Who holds it (session 40): LiverSAMTrain stops a run it follows only after checking that the PID in the lock file is
 a process of this machine and PID namespace that holds the lock. The file's PID line is padded with spaces to
 :data:`PID_FIELD_BYTES` (readers of earlier versions read those bytes as the PID, unchanged) and followed by one JSON
-line: the holder's host identity (:func:`host_identity`: host name; on Linux the boot id and the PID namespace) and the
+line: the holder's host identity (:func:`host_identity`: host name; on Linux the boot id and the PID namespace; on
+macOS, since session 41, the boot session, as a Mac's host name can change with the network) and the
 token LiverSAMTrain gave the process it started (``$LIVERSAM_RUN_TOKEN``: its process record names the same token, so
 the module tells its own process from another run whatever the PIDs: a Windows venv launcher's PID is not the
 trainer's). :func:`holder_info` reads both; a lock file of an earlier version has neither (``LockHolder.here()`` is
@@ -182,11 +183,52 @@ def _pid_in(handle: IO[bytes]) -> int:
         return 0
 
 
+#: macOS's boot session UUID: made by the kernel once per boot (XNU's ``bootsessionuuid_string``), the same after
+#: sleep and wake. Not ``kern.boottime``: that is a wall-clock time, which moves when the clock is set.
+_DARWIN_BOOT_SESSION_SYSCTL = b"kern.bootsessionuuid"
+
+
+def _darwin_boot_session() -> str:
+    """This boot of this Mac (``sysctl kern.bootsessionuuid``, asked through libc's ``sysctlbyname``: no process
+    started, no package); "" when it cannot be read."""
+    import ctypes
+    import ctypes.util
+    import uuid
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        query = libc.sysctlbyname
+        query.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_void_p,
+                          ctypes.c_size_t]  # fmt: skip
+        query.restype = ctypes.c_int
+        size = ctypes.c_size_t(64)  # a UUID string is 36 characters and its NUL
+        buffer = ctypes.create_string_buffer(size.value)
+        if query(_DARWIN_BOOT_SESSION_SYSCTL, buffer, ctypes.byref(size), None, 0) != 0:
+            return ""
+        session = buffer.value.decode("ascii").strip()
+        uuid.UUID(session)  # (ValueError for anything else)
+        return session
+    except (OSError, AttributeError, ValueError, TypeError):  # no libc, no such function, not a UUID
+        return ""
+
+
 @functools.lru_cache(maxsize=1)
 def host_identity() -> dict[str, str]:
     """Where this process runs: ``host`` (the host name) and, on Linux, ``boot_id`` (this boot of this machine) and
-    ``pid_ns`` (this PID namespace: a container has its own). A PID means this process only where they all match."""
+    ``pid_ns`` (this PID namespace: a container has its own); on macOS ``boot_session`` (this boot of this Mac: its
+    host name can change with the network, from DHCP or a reverse DNS lookup, while a run goes on). A PID means this
+    process only where they match (:meth:`LockHolder.here`).
+
+    Windows keeps the host name alone: its computer name is set by an administrator (the network does not rename it),
+    and it has no boot identity to ask without extra packages or a WMI process (seconds): a boot time made from
+    ``GetTickCount64`` drifts with the clock, the kernel's boot time (``NtQuerySystemInformation``) moves when the
+    clock is set, and a Fast Startup resume is not a new boot."""
     identity = {"host": socket.gethostname()}
+    if sys.platform == "darwin":
+        session = _darwin_boot_session()
+        if session:
+            identity["boot_session"] = session
+        return identity
     try:
         identity["boot_id"] = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
         identity["pid_ns"] = os.readlink("/proc/self/ns/pid")
@@ -206,6 +248,7 @@ class LockHolder:
     boot_id: str = ""
     pid_ns: str = ""
     token: str = ""
+    boot_session: str = ""  # macOS (session 41; a lock file of an earlier version written on a Mac has the host alone)
 
     @property
     def identified(self) -> bool:
@@ -214,8 +257,11 @@ class LockHolder:
 
     def here(self) -> bool | None:
         """Whether the holder runs on this machine, in this PID namespace (its PID is then a PID here): compared by
-        boot id and PID namespace where both sides have them (Linux), else by host name; None when the lock file
-        does not tell (an earlier version's)."""
+        boot id and PID namespace where both sides have them (Linux), by boot session where both have one (macOS: the
+        host name may have changed meanwhile), else by host name (Windows; a Mac's lock file of an earlier version);
+        None when the lock file does not tell (a version before session 40). A lock file written under Linux is never
+        here on a system without a Linux boot id (a WSL run seen from Windows has its host name), nor the other way
+        round, and one with a boot session never here on a system without one."""
         if not self.identified:
             return None
         mine = host_identity()
@@ -223,6 +269,10 @@ class LockHolder:
             return (self.boot_id, self.pid_ns) == (mine["boot_id"], mine["pid_ns"])
         if bool(self.boot_id) != bool(mine.get("boot_id")):
             return False  # one side a Linux kernel, the other not (a WSL run seen from Windows has its host name)
+        if self.boot_session and mine.get("boot_session"):
+            return self.boot_session == mine["boot_session"]
+        if self.boot_session:
+            return False  # a Mac's run seen from a system that cannot tell its boot (Windows): its PID is not one here
         return self.host == mine["host"]
 
 
@@ -238,7 +288,7 @@ def _identity_in(handle: IO[bytes]) -> dict:
 
 def _holder_in(handle: IO[bytes]) -> LockHolder:
     identity = _identity_in(handle)
-    fields = {key: str(identity.get(key) or "") for key in ("host", "boot_id", "pid_ns", "token")}
+    fields = {key: str(identity.get(key) or "") for key in ("host", "boot_id", "pid_ns", "token", "boot_session")}
     return LockHolder(_pid_in(handle), **fields)
 
 

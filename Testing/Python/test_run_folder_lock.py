@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -340,6 +341,112 @@ def test_a_lock_written_under_linux_is_not_taken_for_here_by_a_system_without_a_
     monkeypatch.setattr(run_folder_lock, "host_identity", lambda: {"host": "desk", "boot_id": "b", "pid_ns": "pid:[1]"})
     assert LockHolder(1234, host="desk").here() is False
     assert LockHolder(1234, host="other", boot_id="b", pid_ns="pid:[1]").here() is True
+
+
+MAC_SESSION = "3F2A61C4-8E1B-4D55-9A0E-7C1D2B3E4F50"
+
+
+@pytest.fixture
+def macos(monkeypatch):
+    """macOS on this machine: ``sys.platform`` and libc's ``sysctlbyname`` as ``run_folder_lock`` asks it (through
+    ctypes) for ``kern.bootsessionuuid``; ``answer`` (bytes, or None: the call fails) is what it gives. Yields the
+    stand-in: ``asked`` lists the names asked."""
+    import ctypes
+    import ctypes.util
+
+    import liversam.run_folder_lock as run_folder_lock
+
+    libc = types.SimpleNamespace(answer=MAC_SESSION.encode(), asked=[])
+
+    def sysctlbyname(name, buffer, size, new_value, new_size) -> int:
+        libc.asked.append(name)
+        if libc.answer is None or new_value is not None or new_size:
+            return -1
+        if size._obj.value < len(libc.answer) + 1:  # (ENOMEM: the buffer is too small)
+            return -1
+        ctypes.memmove(buffer, libc.answer + b"\0", len(libc.answer) + 1)
+        size._obj.value = len(libc.answer) + 1
+        return 0
+
+    libc.sysctlbyname = sysctlbyname
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: "/usr/lib/libc.dylib" if name == "c" else None)
+    monkeypatch.setattr(ctypes, "CDLL", lambda path, use_errno=False: libc if path == "/usr/lib/libc.dylib" else None)
+    host_identity = run_folder_lock.host_identity  # (a test may stand in for it: the cache is cleared all the same)
+    host_identity.cache_clear()
+    yield libc
+    host_identity.cache_clear()  # this machine's identity again for the next test
+
+
+def test_macos_host_identity_is_its_host_name_and_boot_session(macos):
+    """A Mac had its host name alone, which can change with the network while a run goes on. Its boot session
+    (``kern.bootsessionuuid``, by ``sysctlbyname``: no process started) is now part of it; the host name alone when
+    that cannot be read."""
+    import socket
+
+    from liversam.run_folder_lock import host_identity
+
+    assert host_identity() == {"host": socket.gethostname(), "boot_session": MAC_SESSION}
+    assert macos.asked == [b"kern.bootsessionuuid"]
+    for answer in (None, b"not a uuid", b""):
+        macos.answer = answer
+        host_identity.cache_clear()
+        assert host_identity() == {"host": socket.gethostname()}
+
+
+def test_a_mac_run_is_here_after_its_host_name_changed_and_lock_files_of_both_versions_are_read(macos, monkeypatch):
+    """A run started on a Mac before its host name changed (another network) was taken for another machine's: Stop
+    refused. Its boot session decides now. A lock file of the earlier version (host name alone) is still compared by
+    host name, and one of this version still gives earlier readers the host name they compare; a lock written under
+    Linux is never here on a Mac, and a Mac's never on a system that cannot tell its boot (Windows)."""
+    import io
+    import json
+
+    import liversam.run_folder_lock as run_folder_lock
+    from liversam.run_folder_lock import PID_FIELD_BYTES, LockHolder, _holder_in, _lock_content
+
+    monkeypatch.setattr(run_folder_lock.socket, "gethostname", lambda: "mac.local")
+    run_folder_lock.host_identity.cache_clear()
+    written = b"\0" + _lock_content()  # (the byte before the PID field: the one locked on Windows)
+    identity = json.loads(written[1 + PID_FIELD_BYTES:].decode())
+    assert (identity["host"], identity["boot_session"]) == ("mac.local", MAC_SESSION)
+    assert int(written[1:1 + PID_FIELD_BYTES]) == os.getpid()  # the PID field, as every version reads it
+    found = _holder_in(io.BytesIO(written))
+    assert found.here() is True
+    monkeypatch.setattr(run_folder_lock, "host_identity", lambda: {"host": "dhcp-10-1-2-3.example.org",
+                                                                    "boot_session": MAC_SESSION})  # fmt: skip
+    assert found.here() is True  # the host name changed with the network: the same boot of the same Mac
+    monkeypatch.setattr(run_folder_lock, "host_identity", lambda: {"host": "mac.local",
+                                                                    "boot_session": "another boot"})  # fmt: skip
+    assert found.here() is False  # restarted since (or another Mac of that name): its PID is not that run's
+    # a lock file of the earlier version written on a Mac (the host name alone), read here: by host name, as before
+    assert LockHolder(1, host="mac.local").here() is True and LockHolder(1, host="other.local").here() is False
+    # this version's lock file read by the earlier version, which reads host, boot_id, pid_ns and token only: it
+    # compares the host name, as it did its own lock files
+    earlier = {key: identity.get(key, "") for key in ("host", "boot_id", "pid_ns", "token")}
+    assert earlier == {"host": "mac.local", "boot_id": "", "pid_ns": "", "token": ""}
+    # a lock written under Linux (a container, a VM, another machine sharing the folder) is never here on a Mac
+    assert LockHolder(1, host="mac.local", boot_id="b", pid_ns="pid:[1]").here() is False
+    # a Mac's lock file seen from Linux or Windows (the same host name): never here
+    monkeypatch.setattr(run_folder_lock, "host_identity", lambda: {"host": "mac.local", "boot_id": "b",
+                                                                    "pid_ns": "pid:[1]"})  # fmt: skip
+    assert found.here() is False
+    monkeypatch.setattr(run_folder_lock, "host_identity", lambda: {"host": "mac.local"})
+    assert found.here() is False and LockHolder(1, host="mac.local").here() is True  # (Windows: its host name)
+
+
+def test_a_run_on_a_mac_is_found_here_through_its_lock_file(macos, tmp_path):
+    """The lock file a run writes on a Mac (the platform and sysctlbyname stood in for) names its boot session, and
+    its holder is here."""
+    from liversam.run_folder_lock import holder_info
+
+    handle = acquire(tmp_path)
+    try:
+        found = holder_info(tmp_path)
+        assert found.pid == os.getpid() and found.boot_session == MAC_SESSION and found.boot_id == ""
+        assert found.here() is True
+    finally:
+        release(handle)
 
 
 def test_opening_the_lock_file_never_erases_what_its_holder_wrote(tmp_path, monkeypatch):
