@@ -133,14 +133,21 @@ class LiverSAMTrainLogic(ScriptedLoadableModuleLogic):
             Path(runDir) / "history.csv", table_node=self.tableNode, chart_nodes=self.chartNodes
         )
 
-    def showRunFolderCurves(self, runDir: str) -> bool:
+    def showRunFolderCurves(self, runDir: str) -> str:
         """The curves show ``runDir``'s own (its history.csv, read again), or none when it has no epoch yet or no run
         folder is chosen (the nodes emptied, not removed: ``TrainingLogic.run_folder_curves``); the layout is left
-        alone. True when there are curves."""
-        self.tableNode, self.chartNodes = TrainingLogic.run_folder_curves(
-            runDir, slicer.mrmlScene, self.tableNode, self.chartNodes
-        )
-        return bool(TrainingLogic.curves_folder(self.tableNode))
+        alone. Returns "", or why its history.csv shows none (``liversam train`` did not write it:
+        ``TrainingLogic.HistoryUnreadable``; the curves are emptied then)."""
+        try:
+            self.tableNode, self.chartNodes = TrainingLogic.run_folder_curves(
+                runDir, slicer.mrmlScene, self.tableNode, self.chartNodes
+            )
+        except TrainingLogic.HistoryUnreadable as problem:
+            self.tableNode, self.chartNodes = TrainingLogic.clear_curves(
+                slicer.mrmlScene, self.tableNode, self.chartNodes
+            )
+            return str(problem)
+        return ""
 
     def showChart(self, key: str):
         """Show the chart ``key`` (a :data:`TrainingLogic.CHARTS` key) in the layout's plot view (a layout with one is
@@ -221,8 +228,10 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         self._observeScene(slicer.mrmlScene)
         self._showRunFolderNote("")
         # a liversam train still running in the run folder (the module reloaded, Slicer opened again: the field holds
-        # the run folder of the last run started or followed, RUN_FOLDER_SETTING) is shown again, with its Stop
-        self._followRunInFolder()
+        # the run folder of the last run started or followed, RUN_FOLDER_SETTING) is shown again, with its Stop; with
+        # none there, the curves in the scene are left as they are (a scene the user loaded: opening the module neither
+        # empties them nor adds nodes to the scene)
+        self._followRunInFolder(showCurves=False)
         self.updateButtons()
 
     def cleanup(self) -> None:
@@ -505,11 +514,13 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         (:data:`RUN_FOLDER_SETTLE_MS`), not at each character."""
         self._runFolderTimer.start()
 
-    def _followRunInFolder(self) -> bool:
+    def _followRunInFolder(self, showCurves: bool = True) -> bool:
         """Follow the ``liversam train`` that holds the run folder chosen, if one does (started before the module was
         reloaded or Slicer was restarted, or from a terminal): its output, progress and curves as for a run started
         here, and Stop. A process started here, or one being stopped, is kept; an attached process of another folder
-        is followed no longer (it keeps running). Returns True while a process is followed (Start is refused)."""
+        is followed no longer (it keeps running). With no process there, the curves are the folder's own, or none
+        (``showCurves``; False: left as they are, when the module is set up). Returns True while a process is followed
+        (Start is refused)."""
         if self._runFolderTimer is not None:
             self._runFolderTimer.stop()
         if self.logic is None or self._check is not None:
@@ -533,7 +544,9 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
             self._showRunFolderNote("")
             # the curves are the folder's own (a run that ended there), else none: never the last run's, as if they
             # were this folder's
-            self.logic.showRunFolderCurves(runDir)
+            problem = self.logic.showRunFolderCurves(runDir) if showCurves else ""
+            if problem:
+                self.ui.logTextEdit.appendPlainText(_("No curves: {problem}.").format(problem=problem))
             self.updateButtons()
             return False
         self._settings = TrainingLogic.TrainingSettings(data="", out=runDir, epochs=attached.epochs or 0)

@@ -419,22 +419,47 @@ def training_data(pairs, run_dir: str | Path, data: str = "", export=None) -> tu
 
 
 # --- curves -------------------------------------------------------------------------------------------------------
+class HistoryUnreadable(ValueError):
+    """A ``history.csv`` that ``liversam train`` did not write (another tool's, say: fastai's CSVLogger names its file
+    so): a value that is not a number, a row longer than the header, bytes that are not UTF-8 text. The message names
+    the file, and the row and column."""
+
+
+def _number(path: Path, row: int, column: str, text: str | None) -> float:
+    if text in ("", None):
+        return np.nan
+    try:
+        return float(text)
+    except ValueError:
+        raise HistoryUnreadable(f"{path}, row {row}, column '{column}': '{text}' is not a number") from None
+
+
 def read_history(csv_path: str | Path) -> dict[str, np.ndarray]:
-    """Columns of ``history.csv`` as float arrays (empty cells -> NaN); {} when the file does not exist or cannot be
-    read (a run folder that cannot be searched: permission denied)."""
+    """Columns of ``history.csv`` as float arrays (empty cells, cells a short row lacks -> NaN); {} when the file does
+    not exist or cannot be read (a run folder that cannot be searched: permission denied). Raises
+    :class:`HistoryUnreadable` for a file ``liversam train`` did not write."""
     path = Path(csv_path)
     try:
         if not path.is_file():
             return {}
         with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
+            reader = csv.DictReader(handle)
+            rows = list(reader)
+            columns = list(reader.fieldnames or [])
     except OSError:
         return {}
+    except UnicodeDecodeError as error:
+        raise HistoryUnreadable(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except csv.Error as error:
+        raise HistoryUnreadable(f"{path} is not a CSV file: {error}") from None
     if not rows:
         return {}
+    for number, row in enumerate(rows, start=2):  # (row 1: the header)
+        if None in row:  # DictReader's restkey: values past the header's columns
+            raise HistoryUnreadable(f"{path}, row {number}: more values than the header's {len(columns)} columns")
     return {
-        key: np.array([float(r[key]) if r[key] not in ("", None) else np.nan for r in rows])
-        for key in rows[0]
+        key: np.array([_number(path, number, key, row.get(key)) for number, row in enumerate(rows, start=2)])
+        for key in columns
     }
 
 

@@ -453,3 +453,24 @@ def test_module_files_are_listed_in_cmake_and_ui_names_exist():
     used = set(re.findall(r"self\.ui\.(\w+)", (TRAIN_DIR / "LiverSAMTrain.py").read_text()))
     assert used and used <= set(widgets), used - set(widgets)
     assert widgets["volumeSelector"] == "qMRMLNodeComboBox" and widgets["startButton"] == "QPushButton"
+
+
+def test_a_history_csv_liversam_train_did_not_write_is_refused_with_where_and_why(tmp_path):
+    """A run folder chosen in the module is read at once (its curves), so any folder's history.csv is read: one another
+    tool wrote (fastai's CSVLogger writes a "time" column of "00:05"), a ragged row or bytes that are not UTF-8 raised
+    a bare ValueError / UnicodeDecodeError / TypeError from the Qt timer. They now raise HistoryUnreadable (a ValueError)
+    naming the file, the row and the column."""
+    csv_path = tmp_path / "history.csv"
+    csv_path.write_text("epoch,train_loss,valid_loss,accuracy,time\n0,0.52,0.41,0.81,00:05\n")
+    with pytest.raises(TrainingLogic.HistoryUnreadable, match=r"history\.csv, row 2, column 'time': '00:05' is not a number"):
+        TrainingLogic.read_history(csv_path)
+    csv_path.write_text("epoch,val_loss\n0,0.4,0.3\n")
+    with pytest.raises(TrainingLogic.HistoryUnreadable, match=r"row 2: more values than the header's 2 columns"):
+        TrainingLogic.read_history(csv_path)
+    csv_path.write_bytes(b"epoch,val_loss\n0,\xff\xfe\n")
+    with pytest.raises(TrainingLogic.HistoryUnreadable, match="not UTF-8 text"):
+        TrainingLogic.read_history(csv_path)
+    assert issubclass(TrainingLogic.HistoryUnreadable, ValueError)
+    csv_path.write_text("epoch,val_loss\n0,0.4\n1,\n")  # an empty cell, a short row: NaN, as before
+    history = TrainingLogic.read_history(csv_path)
+    assert list(history["epoch"]) == [0.0, 1.0] and np.isnan(history["val_loss"][1])

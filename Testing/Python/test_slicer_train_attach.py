@@ -1059,3 +1059,64 @@ def test_the_curves_are_the_run_folder_chosen_never_the_last_runs(widgets, tmp_p
         _end(process)
         if later is not None:
             _end(later)
+
+
+def test_opening_the_module_leaves_the_curves_in_the_scene_alone(widgets, tmp_path, monkeypatch):  # noqa: F811
+    """Opening the module (or reloading it) with no run in the remembered run folder emptied the curves of a scene the
+    user had loaded (a colleague's saved run, its history.csv not on this machine: lost at the next save), or put the
+    remembered folder's curves over them; in an empty scene it added a table, 3 charts and 5 series, so that Slicer
+    asked to save a scene the user never touched. Opening the module now leaves the scene's curves as they are;
+    choosing a run folder (a user's act) still shows that folder's curves, or none."""
+    _liversam, train = widgets
+    colleague, remembered = tmp_path / "colleague", tmp_path / "remembered"
+    for folder in (colleague, remembered):
+        folder.mkdir()
+    history = "epoch,train_loss,val_loss,val_dice_mean\n0,,0.4,0.81\n1,0.5,0.35,0.86\n"
+    (colleague / "history.csv").write_text(history)
+    (remembered / "history.csv").write_text(history + "2,0.45,0.33,0.88\n")
+    stand_in_plots(train, monkeypatch)
+    counts = [("vtkMRMLTableNode", "vtkMRMLPlotChartNode", "vtkMRMLPlotSeriesNode")]
+
+    def nodes(scene) -> tuple[int, ...]:
+        return tuple(scene.GetNumberOfNodesByClass(name) for name in counts[0])
+
+    scene = fresh_scene()
+    set_up(train, monkeypatch, remembered)  # an empty scene: nothing added
+    assert nodes(scene) == (0, 0, 0)
+    table, _charts = train.TrainingLogic.update_curves(colleague / "history.csv", scene=scene)  # the loaded scene's
+    (colleague / "history.csv").unlink()
+    this_module = sys.modules[__name__]
+    monkeypatch.setattr(this_module, "fresh_scene", lambda: scene)  # set_up keeps the scene as loaded
+    for folder in (remembered, tmp_path / "none-there"):
+        widget = set_up(train, monkeypatch, folder)
+        assert nodes(scene) == (1, 3, 3) and table.GetTable().GetNumberOfRows() == 2
+        assert train.TrainingLogic.curves_folder(table) == str(colleague)
+        assert buttons(widget) == (True, True, False)
+    widget.ui.outputPathLineEdit.currentPath = str(remembered)  # the user chooses a run folder: its curves
+    widget._followRunInFolder()
+    assert table.GetTable().GetNumberOfRows() == 3 and train.TrainingLogic.curves_folder(table) == str(remembered)
+
+
+def test_a_run_folder_whose_history_csv_another_tool_wrote_shows_no_curves_and_says_why(widgets, tmp_path, monkeypatch):  # noqa: F811
+    """Choosing a folder whose history.csv liversam train did not write (fastai's CSVLogger names its file so) raised
+    ValueError in the field's timer callback: a traceback, the buttons not updated, the last folder's curves left. The
+    curves are now emptied and the log says which file and why."""
+    _liversam, train = widgets
+    mine, other = tmp_path / "mine", tmp_path / "fastai"
+    for folder in (mine, other):
+        folder.mkdir()
+    (mine / "history.csv").write_text("epoch,train_loss,val_loss,val_dice_mean\n0,,0.4,0.81\n1,0.5,0.35,0.86\n")
+    (other / "history.csv").write_text("epoch,train_loss,valid_loss,accuracy,time\n0,0.52,0.41,0.81,00:05\n")
+    stand_in_plots(train, monkeypatch)
+    widget = set_up(train, monkeypatch, None)
+    field = widget.ui.outputPathLineEdit
+    field.currentPath = str(mine)
+    widget._followRunInFolder()
+    table = widget.logic.tableNode
+    assert table.GetTable().GetNumberOfRows() == 2
+    field.currentPath = str(other)
+    widget.ui.startButton.enabled = False  # (updateButtons runs: enabled again)
+    assert widget._followRunInFolder() is False
+    assert table.GetTable().GetNumberOfRows() == 0 and train.TrainingLogic.curves_folder(table) == ""
+    assert "column 'time': '00:05' is not a number" in "\n".join(widget.ui.logTextEdit.lines)
+    assert buttons(widget) == (True, True, False)
