@@ -395,16 +395,25 @@ def test_lits117_tumour_review_sentences_hold_for_the_mask_written(tmp_path, lit
     README's example. The propagation took the tumour down to slice 48; the CRF emptied slice 48 and left slice 49
     at 1 % of the largest slice, and the review said "tumor stops at slice 49 while its outline there is still 1 %
     of its largest slice: it probably continues". Every "stops ... still N %" sentence now holds for the mask
-    written: N at least the flag's 2 %, at an end of the tumour in the lesion table.
+    written: N at least the flag's 2 %, at an end of the tumour in the lesion table; the thinned end is said as
+    where the propagation stopped and what the outline shown has there.
 
-    The command runs in-process with the session's LiteMedSAM on OpenVINO fp32 (:func:`conftest.cli_model`: no
-    load and compile of its own, slices other tests encoded come from the encoder memo); it asked for LiteMedSAM
-    with the default ``--accelerate auto``, which on a CPU without native bf16 is that model."""
+    On lits117's slices 28..89 (LPS positions kept, so the example's prompts as they are): both boxes, the tumour's
+    lower end and the ten slices below it, in 62 slices instead of 128. The tumour and its review are those of the
+    whole scan below slice 90 (measured: the same 29,125 tumour voxels and sentences on slices 0..89 and 28..89; the
+    lower end's slices 48 / 49 are 20 / 21 here). The command runs in-process with the session's LiteMedSAM on
+    OpenVINO fp32 (:func:`conftest.cli_model`: no load and compile of its own, slices other tests encoded come from
+    the encoder memo); it asked for LiteMedSAM with the default ``--accelerate auto``, which on a CPU without native
+    bf16 is that model."""
+    import SimpleITK as sitk
+
     from liversam.cli import main
     from liversam.dense_crf import crf_available
 
     if not crf_available():
         pytest.skip("the dense CRF (pydensecrf2) is not installed: the CRF-thinned end cannot occur")
+    ct = tmp_path / "lits117_28_89.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(lits117_ct_path))[:, :, 28:90], str(ct))
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps({"coordinate_system": "LPS", "segments": [
         {"name": "liver", "label": 1, "propagate": True, "boxes": [[[2, 7, 33], [123, 127, 33]]]},
@@ -413,7 +422,7 @@ def test_lits117_tumour_review_sentences_hold_for_the_mask_written(tmp_path, lit
     report_path, lesions_path = tmp_path / "review.json", tmp_path / "lesions.json"
     loads: list[dict] = []
     with cli_model(litemedsam_openvino_fp32, loads):
-        assert main(["segment", str(lits117_ct_path), "--prompts", str(prompts), "--output", str(tmp_path / "out.nii.gz"),
+        assert main(["segment", str(ct), "--prompts", str(prompts), "--output", str(tmp_path / "out.nii.gz"),
                      "--report", str(report_path), "--lesions", str(lesions_path), "--quiet"]) == 0
     assert loads == [{"model": "litemedsam", "device": "auto", "accelerate": "auto"}]
     report = json.loads(report_path.read_text())
@@ -427,6 +436,14 @@ def test_lits117_tumour_review_sentences_hold_for_the_mask_written(tmp_path, lit
         assert k in ends, (k, ends)
     continues = [reason for reason in tumour if "probably continues" in reason]
     assert continues, f"no tumour end flagged as probably continuing: {tumour}"
+    # the case this test is for: an end the CRF thinned below the flag's share (the old sentence said "still 1 %"),
+    # said of the outline shown (where it now begins, or what it has on the slice the propagation stopped at)
+    thinned = [m for reason in continues
+               for m in re.finditer(r"the refined outline shown (?:begins at slice (\d+), |is )(\d+) %", reason)]
+    assert thinned, f"no end thinned by the CRF in this run: {tumour}"
+    for m in thinned:
+        assert int(m[2]) < 100 * ReviewSettings().beyond_end_fraction and (m[1] is None or int(m[1]) in ends), (
+            m[0], ends)
 
 
 def test_an_item_over_the_whole_segment_names_the_end_its_beyond_end_slices_lie_past():
