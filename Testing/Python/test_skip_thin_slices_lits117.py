@@ -15,11 +15,21 @@ from liversam.propagation import OrganTrackSettings
 def test_skipping_predicts_about_half_the_slices_and_keeps_the_liver(
     lits117_openvino_predictor, lits117_label
 ):
-    liver = lits117_label > 0
+    """On lits117's slices 28..89 (62 of its 128 1 mm slices, the liver on each; its largest slice, 33, the seed):
+    the slices test_review_and_lesions.py segments too, so the session model's encoder memo has them. Measured:
+    30 of 62 slices interpolated, Dice 0.955 (every slice predicted: 0.951); on the whole scan (before session 40)
+    63 of 128, 0.951 (0.953)."""
+    from liversam.evaluate import crop_slices
+    from liversam.predictor import SlicePredictor
+
+    volume, label, _ = crop_slices(lits117_openvino_predictor.volume, lits117_label, (28, 90))
+    predictor = SlicePredictor(lits117_openvino_predictor.model, volume, cache_mb=2048)
+    liver = label > 0
     k = int(liver.sum(axis=(1, 2)).argmax())
+    assert k + 28 == int((lits117_label > 0).sum(axis=(1, 2)).argmax())  # the scan's largest liver slice
     seg = SegmentPrompts("liver", 1, slices={k: SlicePrompts(boxes_ij=[box_of(liver[k])])}, propagate=True)
     settings = PipelineSettings(organ_track=OrganTrackSettings(skip_max_thickness_mm=2.0))
-    result = segment_volume(lits117_openvino_predictor.volume, [seg], lits117_openvino_predictor, settings)
+    result = segment_volume(volume, [seg], predictor, settings)
     (track,) = result.provenance["propagation"]["liver"].tracks
     sources = [record.source for record in track.records.values()]
     mask = result.segment("liver").mask_kji
@@ -27,8 +37,9 @@ def test_skipping_predicts_about_half_the_slices_and_keeps_the_liver(
     print(
         f"liver Dice {score:.3f} with {sources.count('interpolated')} of {len(sources)} slices interpolated"
     )
-    assert sources.count("interpolated") >= 0.4 * len(sources)  # measured 63 of 128
-    assert score >= 0.94  # measured 0.951 (every slice predicted: 0.953)
+    assert len(sources) == volume.num_slices and len(set(predictor.encoded_slices)) <= 0.6 * len(sources)
+    assert sources.count("interpolated") >= 0.4 * len(sources)  # measured 30 of 62
+    assert score >= 0.94  # measured 0.955 (every slice predicted: 0.951)
     liver_slices = liver.any(axis=(1, 2)).nonzero()[0]
     present = mask.any(axis=(1, 2)).nonzero()[0]
     assert (
