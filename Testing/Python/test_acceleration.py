@@ -106,6 +106,7 @@ def test_candidates_fall_back_to_the_same_backend_in_fp32_first() -> None:
         ("openvino", "bf16"),
         ("openvino", "bf16-block1"),
         ("openvino", "bf16-rest"),
+        ("openvino", "bf16-mid"),
         ("openvino", "mixed"),
         ("openvino", "fp32"),
         ("onnxruntime", "fp32"),
@@ -434,8 +435,8 @@ def test_bf16_is_kept_or_refused_by_its_masks(model, export_cache, check_set_sli
     agree with fp32 PyTorch at Dice 0.998 / 0.998 (kept); on slice 110 the liver mask only at 0.952 (refused).
     On slice 110 the split encoders then decide by this CPU's rounding: with the patch embedding and the first
     block in fp32 ("bf16-block1") 0.986 / 0.995 on an AMX Xeon (kept), 0.980 / 0.993 with AVX512-BF16 alone
-    (refused); with the whole stem in fp32 ("bf16-rest") 0.980 / 0.997 (mean below 0.99, refused). So the test
-    asserts the rule, not one CPU's verdicts: the precision used on slice 110 is the first one whose masks pass,
+    (refused); with the whole stem in fp32 ("bf16-rest") 0.980 / 0.997 (mean below 0.99, refused); with the stem
+    and the neck in fp32 ("bf16-mid", session 41) next. So the test asserts the rule, not one CPU's verdicts: the precision used on slice 110 is the first one whose masks pass,
     every faster one's were refused, and it is never the slower ONNX Runtime ("mixed", an fp32 encoder with a
     bf16 prompt decoder, 0.997 / 0.999, is the last bf16 candidate)."""
     cache, backend = export_cache
@@ -460,7 +461,7 @@ def test_bf16_is_kept_or_refused_by_its_masks(model, export_cache, check_set_sli
     for verdict in verdicts:  # each verdict is the rule applied to its own Dice figures, nothing else
         assert verdict["accepted"] == (verdict["min_dice"] >= MIN_DICE and verdict["mean_dice"] >= MIN_MEAN_DICE), verdict
     assert sorted(v["accepted"] for v in verdicts if v["precision"] == "bf16") == [False, True]  # slices 110, 30
-    order = [precision for _, precision in candidates("auto", "bf16")[:4]]  # bf16, bf16-block1, bf16-rest, mixed
+    order = [precision for _, precision in candidates("auto", "bf16")[:5]]  # bf16, -block1, -rest, -mid, mixed
     on_110 = {v["precision"]: v for v in verdicts if v["precision"] in order[1:]}
     chosen = "mixed" if used == "fp32" else used
     assert chosen in order[1:], used
@@ -475,20 +476,28 @@ def test_each_split_cuts_the_encoder_at_one_tensor_of_its_stem(model, export_cac
     cut where that block's output leaves it (one tensor, feeding the second block and its residual)."""
     import onnx
 
-    from liversam.acceleration.backends import STEM_SPLITS, prepare_export, stem_cut_tensor
+    from liversam.acceleration.backends import STEM_SPLITS, prepare_export, stem_cut_tensor, tail_cut_tensor
 
     cache, _ = export_cache
     entry = prepare_export(model.network.image_encoder, model.input_size, cache)
     graph = onnx.load(str(entry.onnx_path), load_external_data=False).graph
     producer = {out: node.name for node in graph.node for out in node.output}
     stems, cuts = {}, {}
-    for precision, (prefixes, _, _) in STEM_SPLITS.items():
-        cuts[precision] = stem_cut_tensor(entry.onnx_path, prefixes)
-        stems[precision] = {node.name for node in graph.node if node.name.startswith(prefixes)}
+    for precision, split in STEM_SPLITS.items():
+        cuts[precision] = stem_cut_tensor(entry.onnx_path, split.stem_prefixes)
+        stems[precision] = {node.name for node in graph.node if node.name.startswith(split.stem_prefixes)}
         assert producer[cuts[precision]] in stems[precision]
     assert stems["bf16-block1"] < stems["bf16-rest"]
     assert producer[cuts["bf16-block1"]].startswith("/layers.0/blocks.0/")
     assert not producer[cuts["bf16-rest"]].startswith("/layers.0/blocks.")  # after the downsampling
+    assert stems["bf16-mid"] == stems["bf16-rest"] and STEM_SPLITS["bf16-mid"].stem == STEM_SPLITS["bf16-rest"].stem
+    # bf16-mid's fp32 tail is the neck: entered by one tensor, the last stage's tokens laid out as an image
+    into_neck = tail_cut_tensor(entry.onnx_path, STEM_SPLITS["bf16-mid"].tail_prefixes)
+    assert producer[into_neck] == "/Transpose" and any(
+        into_neck in node.input for node in graph.node if node.name.startswith("/neck/")
+    )
+    with pytest.raises(BackendUnavailable, match="no single tail input"):  # the last stage: its tokens and masks
+        tail_cut_tensor(entry.onnx_path, ("/layers.3/", "/neck/"))
     with pytest.raises(BackendUnavailable, match="no single stem output"):
         # cut inside block 0: the patch embedding's output leaves to the block's residual, conv1's to its GELU
         stem_cut_tensor(entry.onnx_path, ("/patch_embed/", "/layers.0/blocks.0/conv1/"))
@@ -515,6 +524,33 @@ def test_the_block1_split_encodes_within_bf16s_bound(model, export_cache) -> Non
     assert (entry.folder / "encoder_stem_block0.onnx").is_file() and (entry.folder / "encoder_rest_block1.onnx").is_file()
     with pytest.raises(BackendUnavailable, match="no encoder split 'bf16-late'"):
         OpenVINOStemFP32Encoder(entry, 2, "bf16-late")
+
+
+@pytest.mark.model
+@pytest.mark.skipif(
+    not cpu_features().native_bf16, reason="bf16 is only tried on CPUs with native bf16 (AVX512-BF16 / AMX / Arm)"
+)
+def test_the_mid_split_runs_stem_and_neck_in_fp32_and_the_stages_between_in_bf16(model, export_cache) -> None:
+    """``bf16-mid``: three graphs chained (stem, stages 1-3, neck), compiled f32 / bf16 / f32 by OpenVINO; its
+    embedding is bf16's (never exactly fp32's) and within bf16's bound."""
+    from liversam.acceleration.backends import (
+        TOLERANCE,
+        OpenVINOStemFP32Encoder,
+        check_against_reference,
+        prepare_export,
+    )
+
+    cache, backend = export_cache
+    assert backend == "openvino", "setup.sh installs OpenVINO ([fast] extra)"
+    entry = prepare_export(model.network.image_encoder, model.input_size, cache)
+    encoder = OpenVINOStemFP32Encoder(entry, 2, "bf16-mid")
+    import openvino
+
+    hints = [part.get_compiled_model().get_property("INFERENCE_PRECISION_HINT") for part in encoder._parts]
+    assert hints == [openvino.Type.f32, openvino.Type.bf16, openvino.Type.f32], hints
+    error = check_against_reference(encoder, entry, encoder.precision, "openvino")
+    assert 0 < error <= TOLERANCE["bf16-mid"]
+    assert all((entry.folder / name).is_file() for name in ("encoder_stem.onnx", "encoder_mid.onnx", "encoder_neck.onnx"))
 
 
 def test_missing_backend_package_falls_back(model, tmp_path, monkeypatch, caplog) -> None:

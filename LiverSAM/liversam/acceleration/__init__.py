@@ -173,6 +173,7 @@ def candidates(backend: str, precision: str, int8: bool = False) -> list[tuple[s
     Measured order on a 2-core AVX-512 + bf16 EPYC (encode + decode per slice, docs/PERFORMANCE.md):
     OpenVINO bf16 < ``bf16-block1`` (patch embedding + the first MBConv block fp32, the rest of the encoder and
     the decoder bf16; on an AMX Xeon, session 35) < ``bf16-rest`` (encoder stem fp32, rest and decoder bf16) <
+    ``bf16-mid`` (encoder stem and neck fp32, stages 1-3 and decoder bf16; on AVX512-BF16 without AMX, session 41) <
     ``mixed`` (fp32 encoder, bf16 prompt decoder) < OpenVINO fp32 < ONNX Runtime
     fp32 < fused PyTorch fp32; with ``int8`` (:func:`int8_offered`, opt-in) the NNCF-quantised OpenVINO encoder
     is tried first. A bf16 candidate that fails falls back to the *same* backend first, never to
@@ -184,7 +185,7 @@ def candidates(backend: str, precision: str, int8: bool = False) -> list[tuple[s
         if int8 and name == "openvino":
             order.append((name, "int8"))
         if precision == "bf16" and name == "openvino":
-            order += [(name, "bf16"), (name, "bf16-block1"), (name, "bf16-rest"), (name, "mixed")]
+            order += [(name, "bf16"), (name, "bf16-block1"), (name, "bf16-rest"), (name, "bf16-mid"), (name, "mixed")]
         order.append((name, "fp32"))
     return order
 
@@ -371,7 +372,8 @@ def _try_candidate(
 
     ``precision``: ``fp32``, ``bf16`` (encoder and decoder), ``bf16-block1`` / ``bf16-rest`` (the encoder's
     patch embedding and first block / its whole stem fp32, the rest of
-    the encoder and the decoder bf16) or ``mixed`` (fp32 encoder, bf16 decoder)."""
+    the encoder and the decoder bf16), ``bf16-mid`` (the stem and the neck fp32, stages 1-3 and the decoder bf16)
+    or ``mixed`` (fp32 encoder, bf16 decoder)."""
     encoder_precision = "fp32" if precision == "mixed" else precision
     decoder_precision = "fp32" if precision == "fp32" else "bf16"
     verdict_precision = precision  # the key of the cached verdict

@@ -31,6 +31,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -50,18 +51,40 @@ ENCODER_GRAPH_VERSION = 2
 #: Format of a cache entry; changes when the files written by :func:`prepare_export` change meaning.
 EXPORT_FORMAT = f"liversam-encoder-export/{ENCODER_GRAPH_VERSION}"
 
-#: The encoder's fp32 stem for each split precision: (node-name prefixes of the stem, its file, the bf16 rest's file).
-#: ``bf16-rest``: patch embedding + all of stage 0 in fp32. ``bf16-block1``: patch embedding + stage 0's first MBConv
-#: block in fp32, its second block and the downsampling on in bf16 (about 12 ms a slice faster on an AMX Xeon; on
-#: lits117 min Dice 0.981 there and 0.977 with AVX512-BF16 alone, docs/PERFORMANCE.md, session 35).
+class EncoderSplit(NamedTuple):
+    """Where a split precision cuts the exported encoder: its fp32 stem (the nodes named with ``stem_prefixes``,
+    saved as ``stem``), the bf16 part after it (``rest``) and, when ``tail_prefixes`` is given, an fp32 tail (the
+    nodes named so, saved as ``tail``) that the bf16 part feeds. Each cut is one tensor."""
+
+    stem_prefixes: tuple[str, ...]
+    stem: str
+    rest: str
+    tail_prefixes: tuple[str, ...] = ()
+    tail: str = ""
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return (self.stem, self.rest, self.tail) if self.tail else (self.stem, self.rest)
+
+
+#: The encoder's fp32 parts for each split precision (:class:`EncoderSplit`). ``bf16-rest``: patch embedding + all
+#: of stage 0 in fp32. ``bf16-block1``: patch embedding + stage 0's first MBConv block in fp32, its second block and
+#: the downsampling on in bf16 (about 12 ms a slice faster on an AMX Xeon; on lits117 min Dice 0.981 there and 0.977
+#: with AVX512-BF16 alone, docs/PERFORMANCE.md, session 35). ``bf16-mid``: ``bf16-rest``'s stem and the neck (the
+#: convolutions and layer norms that make the 256-channel embedding) in fp32, stages 1-3 in bf16: with AVX512-BF16
+#: alone (AMD EPYC Zen 4 and Zen 5) min Dice 0.9811 where ``bf16-rest`` gave 0.9791, about 0.8x the fp32 encoder's
+#: time (docs/PERFORMANCE.md, session 41).
 STEM_SPLITS = {
-    "bf16-block1": (("/patch_embed/", "/layers.0/blocks.0/"), "encoder_stem_block0.onnx", "encoder_rest_block1.onnx"),
-    "bf16-rest": (("/patch_embed/", "/layers.0/"), "encoder_stem.onnx", "encoder_rest.onnx"),
+    "bf16-block1": EncoderSplit(("/patch_embed/", "/layers.0/blocks.0/"), "encoder_stem_block0.onnx",
+                                "encoder_rest_block1.onnx"),
+    "bf16-rest": EncoderSplit(("/patch_embed/", "/layers.0/"), "encoder_stem.onnx", "encoder_rest.onnx"),
+    "bf16-mid": EncoderSplit(("/patch_embed/", "/layers.0/"), "encoder_stem.onnx", "encoder_mid.onnx",
+                             ("/neck/",), "encoder_neck.onnx"),
 }
 
 #: Files made from ``encoder.onnx`` (the two parts of each split precision, the int8 model): removed when it is
 #: exported again, so none of them outlives the graph it was cut or quantised from.
-DERIVED_EXPORT_FILES = (*(name for _, stem, rest in STEM_SPLITS.values() for name in (stem, rest)),
+DERIVED_EXPORT_FILES = (*dict.fromkeys(name for split in STEM_SPLITS.values() for name in split.files),
                         "encoder_int8-*.xml", "encoder_int8-*.bin")
 
 #: Largest relative L2 error of a backend's embedding on the synthetic reference image against plain fp32
@@ -69,7 +92,7 @@ DERIVED_EXPORT_FILES = (*(name for _, stem, rest in STEM_SPLITS.values() for nam
 #: order (measured ~4e-6). For bf16 (measured 9.4e-2: every product input is rounded) this is only a sanity
 #: bound against a broken runtime; what decides is the mask agreement check (``agreement.py``).
 #: int8 (calibrated on CT, measured 0.2-0.8 on this synthetic image) only gets a bound against garbage output.
-TOLERANCE = {"fp32": 1e-3, "bf16": 0.25, "bf16-block1": 0.25, "bf16-rest": 0.25, "int8": 0.9}
+TOLERANCE = {"fp32": 1e-3, "bf16": 0.25, "bf16-block1": 0.25, "bf16-rest": 0.25, "bf16-mid": 0.25, "int8": 0.9}
 
 EncoderFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -608,7 +631,7 @@ class OpenVINOEncoder(_PerImageRunner):
         return self._request.get_output_tensor(0).data
 
 
-def stem_cut_tensor(onnx_path: Path, stem_prefixes: tuple[str, ...] = STEM_SPLITS["bf16-rest"][0]) -> str:
+def stem_cut_tensor(onnx_path: Path, stem_prefixes: tuple[str, ...] = STEM_SPLITS["bf16-rest"].stem_prefixes) -> str:
     """Name of the one tensor that carries the encoder's stem (the nodes named with ``stem_prefixes``: by default
     TinyViT's patch embedding + first stage) into the rest of the graph; raises :class:`BackendUnavailable` when
     the graph has no such single cut."""
@@ -632,12 +655,36 @@ def stem_cut_tensor(onnx_path: Path, stem_prefixes: tuple[str, ...] = STEM_SPLIT
     return crossing.pop()
 
 
-class OpenVINOStemFP32Encoder(_PerImageRunner):
-    """OpenVINO with the stem in fp32 and the rest in bf16; ``precision`` names the cut (:data:`STEM_SPLITS`).
+def tail_cut_tensor(onnx_path: Path, tail_prefixes: tuple[str, ...]) -> str:
+    """Name of the one tensor that carries the rest of the encoder into its tail (the nodes named with
+    ``tail_prefixes``, e.g. the neck; constants aside); raises :class:`BackendUnavailable` when there is no such cut."""
+    import onnx
 
-    The encoder graph is cut once into the stem's and the rest's files (kept beside the export). On lits117 bf16
-    in the stem alone moved the masks as much as bf16 everywhere (min Dice 0.951); with the stem in fp32
-    (``bf16-rest``) the masks agreed to mean 0.993 / min 0.980 (docs/PERFORMANCE.md).
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def in_tail(name: str) -> bool:
+        return name.startswith(tail_prefixes)
+
+    crossing = {
+        tensor
+        for node in graph.node
+        if in_tail(node.name)
+        for tensor in node.input
+        if tensor in producer and producer[tensor].op_type != "Constant" and not in_tail(producer[tensor].name)
+    }
+    if len(crossing) != 1:
+        raise BackendUnavailable(f"no single tail input in '{onnx_path.name}' (found {len(crossing)})")
+    return crossing.pop()
+
+
+class OpenVINOStemFP32Encoder(_PerImageRunner):
+    """OpenVINO with the stem (and a split's tail) in fp32 and the rest in bf16; ``precision`` names the cut
+    (:data:`STEM_SPLITS`).
+
+    The encoder graph is cut once into the parts' files (kept beside the export). On lits117 bf16 in the stem alone
+    moved the masks as much as bf16 everywhere (min Dice 0.951); with the stem in fp32 (``bf16-rest``) the masks
+    agreed to mean 0.993 / min 0.980 (docs/PERFORMANCE.md).
     """
 
     name = "openvino"
@@ -647,35 +694,39 @@ class OpenVINOStemFP32Encoder(_PerImageRunner):
         if precision not in STEM_SPLITS:
             raise BackendUnavailable(f"no encoder split '{precision}' (known: {', '.join(STEM_SPLITS)})")
         self.precision = precision
-        prefixes, stem_name, rest_name = STEM_SPLITS[precision]
+        split = STEM_SPLITS[precision]
         try:
             import openvino  # noqa: F401 - present, or the backend is unavailable
             from onnx.utils import extract_model
         except ImportError as exc:
             raise BackendUnavailable("the 'openvino' / 'onnx' packages are not installed") from exc
         try:
-            stem_path, rest_path = entry.derived(stem_name, rest_name)
-            if not (stem_path.is_file() and rest_path.is_file()):
-                cut = stem_cut_tensor(entry.onnx_path, prefixes)
-                with atomic_path(stem_path) as tmp:
-                    extract_model(str(entry.onnx_path), str(tmp), ["images"], [cut])
-                with atomic_path(rest_path) as tmp:
-                    extract_model(str(entry.onnx_path), str(tmp), [cut], ["embeddings"])
+            paths = entry.derived(*split.files)
+            if not all(path.is_file() for path in paths):
+                cuts = ["images", stem_cut_tensor(entry.onnx_path, split.stem_prefixes)]
+                if split.tail:
+                    cuts.append(tail_cut_tensor(entry.onnx_path, split.tail_prefixes))
+                cuts.append("embeddings")
+                for path, start, end in zip(paths, cuts[:-1], cuts[1:], strict=True):
+                    with atomic_path(path) as tmp:
+                        extract_model(str(entry.onnx_path), str(tmp), [start], [end])
             core = openvino_core()
             requests = []
-            for path, hint in ((stem_path, "f32"), (rest_path, "bf16")):
+            for path, hint in zip(paths, ("f32", "bf16", "f32"), strict=False):
                 config = openvino_cpu_config(threads, hint, entry)
                 requests.append(core.compile_model(core.read_model(str(path)), "CPU", config).create_infer_request())
         except BackendUnavailable:
             raise
         except Exception as exc:
             raise BackendUnavailable(f"OpenVINO could not split / compile '{entry.onnx_path}': {exc}") from exc
-        self._stem, self._rest = requests
+        self._parts = requests
 
     def _run_one(self, image: np.ndarray) -> np.ndarray:
-        self._stem.infer({0: image})
-        self._rest.infer({0: self._stem.get_output_tensor(0).data})
-        return self._rest.get_output_tensor(0).data
+        data = image
+        for request in self._parts:
+            request.infer({0: data})
+            data = request.get_output_tensor(0).data
+        return data
 
 
 class OnnxRuntimeEncoder(_PerImageRunner):
