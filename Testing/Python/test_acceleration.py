@@ -503,22 +503,24 @@ def test_each_split_cuts_the_encoder_at_one_tensor_of_its_stem(model, export_cac
         stem_cut_tensor(entry.onnx_path, ("/patch_embed/", "/layers.0/blocks.0/conv1/"))
 
 
+def _split_encoder(model, export_cache, precision: str):
+    """The export entry and an OpenVINO split encoder of ``precision`` made from the session's export."""
+    from liversam.acceleration.backends import OpenVINOStemFP32Encoder, prepare_export
+
+    cache, backend = export_cache
+    assert backend == "openvino", "setup.sh installs OpenVINO ([fast] extra)"
+    entry = prepare_export(model.network.image_encoder, model.input_size, cache)
+    return entry, OpenVINOStemFP32Encoder(entry, 2, precision)
+
+
 @pytest.mark.model
 @pytest.mark.skipif(
     not cpu_features().native_bf16, reason="bf16 is only tried on CPUs with native bf16 (AVX512-BF16 / AMX / Arm)"
 )
 def test_the_block1_split_encodes_within_bf16s_bound(model, export_cache) -> None:
-    from liversam.acceleration.backends import (
-        TOLERANCE,
-        OpenVINOStemFP32Encoder,
-        check_against_reference,
-        prepare_export,
-    )
+    from liversam.acceleration.backends import TOLERANCE, OpenVINOStemFP32Encoder, check_against_reference
 
-    cache, backend = export_cache
-    assert backend == "openvino", "setup.sh installs OpenVINO ([fast] extra)"
-    entry = prepare_export(model.network.image_encoder, model.input_size, cache)
-    encoder = OpenVINOStemFP32Encoder(entry, 2, "bf16-block1")
+    entry, encoder = _split_encoder(model, export_cache, "bf16-block1")
     error = check_against_reference(encoder, entry, encoder.precision, "openvino")
     assert encoder.precision == "bf16-block1" and 0 < error <= TOLERANCE["bf16-block1"]  # bf16 rounds: never 0
     assert (entry.folder / "encoder_stem_block0.onnx").is_file() and (entry.folder / "encoder_rest_block1.onnx").is_file()
@@ -533,18 +535,11 @@ def test_the_block1_split_encodes_within_bf16s_bound(model, export_cache) -> Non
 def test_the_mid_split_runs_stem_and_neck_in_fp32_and_the_stages_between_in_bf16(model, export_cache) -> None:
     """``bf16-mid``: three graphs chained (stem, stages 1-3, neck), compiled f32 / bf16 / f32 by OpenVINO; its
     embedding is bf16's (never exactly fp32's) and within bf16's bound."""
-    from liversam.acceleration.backends import (
-        TOLERANCE,
-        OpenVINOStemFP32Encoder,
-        check_against_reference,
-        prepare_export,
-    )
-
-    cache, backend = export_cache
-    assert backend == "openvino", "setup.sh installs OpenVINO ([fast] extra)"
-    entry = prepare_export(model.network.image_encoder, model.input_size, cache)
-    encoder = OpenVINOStemFP32Encoder(entry, 2, "bf16-mid")
     import openvino
+
+    from liversam.acceleration.backends import TOLERANCE, check_against_reference
+
+    entry, encoder = _split_encoder(model, export_cache, "bf16-mid")
 
     hints = [part.get_compiled_model().get_property("INFERENCE_PRECISION_HINT") for part in encoder._parts]
     assert hints == [openvino.Type.f32, openvino.Type.bf16, openvino.Type.f32], hints
