@@ -72,8 +72,8 @@ class EncoderSplit(NamedTuple):
 #: the downsampling on in bf16 (about 12 ms a slice faster on an AMX Xeon; on lits117 min Dice 0.981 there and 0.977
 #: with AVX512-BF16 alone, docs/PERFORMANCE.md, session 35). ``bf16-mid``: ``bf16-rest``'s stem and the neck (the
 #: convolutions and layer norms that make the 256-channel embedding) in fp32, stages 1-3 in bf16: with AVX512-BF16
-#: alone (AMD EPYC Zen 4 and Zen 5) min Dice 0.9811 where ``bf16-rest`` gave 0.9791, about 0.8x the fp32 encoder's
-#: time (docs/PERFORMANCE.md, session 41).
+#: alone (AMD EPYC Zen 4 and Zen 5) min Dice 0.9811 where ``bf16-rest`` gave 0.9791, in about 0.65x the fp32 encoder's
+#: time (0.38 against 0.59 s a slice on a Zen 4; docs/PERFORMANCE.md, session 41).
 STEM_SPLITS = {
     "bf16-block1": EncoderSplit(("/patch_embed/", "/layers.0/blocks.0/"), "encoder_stem_block0.onnx",
                                 "encoder_rest_block1.onnx"),
@@ -82,7 +82,7 @@ STEM_SPLITS = {
                              ("/neck/",), "encoder_neck.onnx"),
 }
 
-#: Files made from ``encoder.onnx`` (the two parts of each split precision, the int8 model): removed when it is
+#: Files made from ``encoder.onnx`` (the parts of each split precision, the int8 model): removed when it is
 #: exported again, so none of them outlives the graph it was cut or quantised from.
 DERIVED_EXPORT_FILES = (*dict.fromkeys(name for split in STEM_SPLITS.values() for name in split.files),
                         "encoder_int8-*.xml", "encoder_int8-*.bin")
