@@ -436,9 +436,10 @@ def test_bf16_is_kept_or_refused_by_its_masks(model, export_cache, check_set_sli
     On slice 110 the split encoders then decide by this CPU's rounding: with the patch embedding and the first
     block in fp32 ("bf16-block1") 0.986 / 0.995 on an AMX Xeon (kept), 0.980 / 0.993 with AVX512-BF16 alone
     (refused); with the whole stem in fp32 ("bf16-rest") 0.980 / 0.997 (mean below 0.99, refused); with the stem
-    and the neck in fp32 ("bf16-mid", session 41) next. So the test asserts the rule, not one CPU's verdicts: the precision used on slice 110 is the first one whose masks pass,
-    every faster one's were refused, and it is never the slower ONNX Runtime ("mixed", an fp32 encoder with a
-    bf16 prompt decoder, 0.997 / 0.999, is the last bf16 candidate)."""
+    and the neck in fp32 ("bf16-mid", session 41) next. So the test asserts the rule, not one CPU's verdicts: the
+    precision used on slice 110 is the first one whose masks pass, every faster one's were refused, and it is never
+    the slower ONNX Runtime ("mixed", an fp32 encoder with a bf16 prompt decoder, 0.997 / 0.999, is the last bf16
+    candidate)."""
     cache, backend = export_cache
     assert backend == "openvino", "setup.sh installs OpenVINO ([fast] extra)"
     try:
@@ -534,10 +535,13 @@ def test_the_block1_split_encodes_within_bf16s_bound(model, export_cache) -> Non
 )
 def test_the_mid_split_runs_stem_and_neck_in_fp32_and_the_stages_between_in_bf16(model, export_cache) -> None:
     """``bf16-mid``: three graphs chained (stem, stages 1-3, neck), compiled f32 / bf16 / f32 by OpenVINO; its
-    embedding is bf16's (never exactly fp32's) and within bf16's bound."""
+    embedding is bf16's (never exactly fp32's) and within bf16's bound. The three files hold every node of the
+    export once: the stem exactly ``bf16-rest``'s stem, the fp32 tail exactly the neck (with its constants), so no
+    computing node of stages 1-3 runs in fp32 and none of the neck in bf16."""
+    import onnx
     import openvino
 
-    from liversam.acceleration.backends import TOLERANCE, check_against_reference
+    from liversam.acceleration.backends import STEM_SPLITS, TOLERANCE, check_against_reference
 
     entry, encoder = _split_encoder(model, export_cache, "bf16-mid")
 
@@ -546,6 +550,23 @@ def test_the_mid_split_runs_stem_and_neck_in_fp32_and_the_stages_between_in_bf16
     error = check_against_reference(encoder, entry, encoder.precision, "openvino")
     assert 0 < error <= TOLERANCE["bf16-mid"]
     assert all((entry.folder / name).is_file() for name in ("encoder_stem.onnx", "encoder_mid.onnx", "encoder_neck.onnx"))
+
+    def nodes(path) -> list:
+        return list(onnx.load(str(path), load_external_data=False).graph.node)
+
+    split = STEM_SPLITS["bf16-mid"]
+
+    def computing(part, prefixes) -> set[str]:
+        return {n.name for n in part if n.name.startswith(prefixes) and n.op_type != "Constant"}
+
+    whole = nodes(entry.onnx_path)
+    stem, mid, neck = (nodes(entry.folder / name) for name in split.files)
+    names = [node.name for part in (stem, mid, neck) for node in part]
+    assert sorted(names) == sorted(node.name for node in whole)  # each node once, none left out
+    assert split.stem == STEM_SPLITS["bf16-rest"].stem and split.stem_prefixes == STEM_SPLITS["bf16-rest"].stem_prefixes
+    assert computing(stem, ("",)) == computing(whole, split.stem_prefixes)
+    assert computing(neck, ("",)) == computing(whole, split.tail_prefixes)
+    assert any(n.op_type == "MatMul" for n in mid) and not any(n.name.startswith(split.tail_prefixes) for n in mid)
 
 
 def test_missing_backend_package_falls_back(model, tmp_path, monkeypatch, caplog) -> None:

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from liversam.acceleration.backends import EXPORT_FORMAT, prepare_export, reference_image
+from liversam.acceleration.backends import EXPORT_FORMAT, STEM_SPLITS, prepare_export, reference_image
 from liversam.models.token_major_encoder import use_token_major_layout
 
 
@@ -54,26 +54,18 @@ def test_the_export_has_no_token_transposes_and_replaces_an_old_entry(encoder, t
 
     folder = tmp_path / f"{encoder_weights_sha256(encoder)}-256px"
     folder.mkdir()
-    for name in (
-        "encoder.onnx",
-        "reference.npy",
-        "encoder_stem.onnx",
-        "encoder_rest.onnx",
-        "encoder_stem_block0.onnx",
-        "encoder_rest_block1.onnx",
-        "encoder_int8-x.xml",
-    ):
+    # every split's parts (bf16-mid's fp32 neck too), named here so that a part left out of the clean-up is seen
+    derived = ("encoder_stem.onnx", "encoder_rest.onnx", "encoder_stem_block0.onnx", "encoder_rest_block1.onnx",
+               "encoder_mid.onnx", "encoder_neck.onnx", "encoder_int8-x.xml")
+    assert {name for split in STEM_SPLITS.values() for name in split.files} <= set(derived)
+    for name in ("encoder.onnx", "reference.npy", *derived):
         (folder / name).write_bytes(b"old")
     (folder / "export.json").write_text(json.dumps({"format": "liversam-encoder-export/1"}))
 
     entry = prepare_export(encoder, 256, tmp_path)
 
     assert json.loads((folder / "export.json").read_text())["format"] == EXPORT_FORMAT
-    assert not any(
-        (folder / name).exists()
-        for name in ("encoder_stem.onnx", "encoder_rest.onnx", "encoder_stem_block0.onnx", "encoder_rest_block1.onnx",
-                     "encoder_int8-x.xml")
-    )
+    assert not [name for name in derived if (folder / name).exists()]
     graph = onnx.load(str(entry.onnx_path)).graph
     perms = [
         list(attribute.ints)
