@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import time
 
-from web_page import DATA, REPO, open_path, probe, wait_status
+from web_page import DATA, REPO, open_path, probe, visible_box, wait_status
 
 CT = REPO / "examples/lits117/ct.nii.gz"
 OTHER_CT = DATA / "totalseg_small" / "ct.nii.gz"
@@ -143,7 +143,7 @@ def test_sections_upload_fields_and_a_long_path_in_the_banner(page, tmp_path):
     wait_status(page, r"Opened 3 DICOM files in ct \(512 x 512 x 3\)", timeout=120_000)
     assert field_text(page, "upload-folder").endswith("3 files"), field_text(page, "upload-folder")
     for testid in ("upload-file", "upload-folder"):  # one line high, each wide enough for its name
-        box = page.get_by_test_id(testid).bounding_box()
+        box = visible_box(page.get_by_test_id(testid))
         assert box["width"] >= 110 and box["height"] <= 60, (testid, box)
 
     page.get_by_test_id("upload-file").locator("input[type=file]").set_input_files(str(CT))
@@ -151,7 +151,7 @@ def test_sections_upload_fields_and_a_long_path_in_the_banner(page, tmp_path):
     assert "ct.nii.gz" in field_text(page, "upload-file")
     assert field_text(page, "upload-folder") == FOLDER_LABEL  # emptied: its files are not the CT shown
     for testid in ("upload-file", "upload-folder"):
-        box = page.get_by_test_id(testid).bounding_box()
+        box = visible_box(page.get_by_test_id(testid))
         assert box["width"] >= 110 and box["height"] <= 60, (testid, box)
 
     open_path(page, str(OTHER_CT))

@@ -24,6 +24,17 @@ APP_LOG = Path(os.environ.get("LIVERSAM_WEB_LOG", "/tmp/liversam-web-test.log"))
 JOB_TIMEOUT_MS = int(os.environ.get("LIVERSAM_WEB_JOB_TIMEOUT_S", "600")) * 1000  # a loaded machine is slow; a hang fails in 10 min
 
 
+def visible_box(locator, timeout_s: float = 30.0) -> dict:
+    """The locator's bounding box once its element is in the page and shown. A field the page re-creates under a
+    new key (the upload fields after an upload) is gone for a moment, and ``bounding_box()`` then gives None (seen
+    with the core tests running beside the browser tests)."""
+    deadline = time.monotonic() + timeout_s
+    while (box := locator.bounding_box()) is None:
+        assert time.monotonic() < deadline, f"{locator} was not shown within {timeout_s:g} s"
+        time.sleep(0.1)
+    return box
+
+
 def read_nifti(path: Path) -> np.ndarray:
     """A NIfTI-1 (.nii.gz) volume as an array [k, j, i] in file order (enough for our own files)."""
     data = gzip.decompress(path.read_bytes())
