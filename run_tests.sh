@@ -35,7 +35,7 @@ if [ -n "$web_pid" ]; then
   trap - INT TERM
   echo "[run_tests] the web tests (Testing/web):"
   cat "$web_log"
-  rm -f "$web_log"
+  rm -rf "$web_log" "$web_home"
 fi
 if [ "$core_status" -ne 0 ] || [ "$web_status" -ne 0 ]; then
   echo "[run_tests] failed: core tests exit $core_status, web tests exit $web_status" >&2
