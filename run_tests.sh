@@ -19,11 +19,14 @@ if [ "${LIVERSAM_SKIP_WEB:-0}" != "1" ]; then
   web_log="$(mktemp)"
   web_home="$(mktemp -d)"  # a registry of its own: the core tests' training runs never show in the web's lists
   echo "[run_tests] the web tests (Testing/web) run beside the core tests; their output follows"
-  # its own process group, so an interrupted run stops the browser and the server it started too
-  setsid env LIVERSAM_HOME="$web_home" LIVERSAM_SERVER_PYTHON="$VENV/bin/python" \
+  # in a session of its own (util-linux setsid; macOS has none), so an interrupted run stops the browser and the
+  # server it started too
+  group=()
+  if command -v setsid > /dev/null; then group=(setsid --wait); fi
+  ${group[@]+"${group[@]}"} env LIVERSAM_HOME="$web_home" LIVERSAM_SERVER_PYTHON="$VENV/bin/python" \
     "$WEB_VENV/bin/python" -m pytest -p no:cacheprovider -q --durations=5 Testing/web > "$web_log" 2>&1 &
   web_pid=$!
-  trap 'kill -TERM -- "-$web_pid" 2>/dev/null || true' INT TERM
+  trap 'kill -TERM -- "-$web_pid" 2>/dev/null || kill -TERM "$web_pid" 2>/dev/null || true' INT TERM
 fi
 
 core_status=0
