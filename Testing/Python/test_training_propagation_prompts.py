@@ -162,6 +162,23 @@ def test_lesion_ends_and_liver_ends_are_trained_as_empty_targets(tmp_path):
     data.close()
 
 
+def test_cached_embeddings_come_as_float32_in_channels_last_memory(cached):
+    """The training batches' embeddings are the cached values, float32, in the channels-last memory the
+    decoder's transformer reads as tokens (the training step then copies none of them)."""
+    import h5py
+
+    _, _, _, path = cached
+    data = CachedSlices({"case": path}, INPUT, LOW_RES, min_target_pixels=1)
+    batch = data.embeddings([2, 0])
+    assert batch.dtype == torch.float32 and batch.shape[:2] == (2, 2)
+    assert batch.is_contiguous(memory_format=torch.channels_last) and not batch.is_contiguous()
+    assert batch.flatten(2).transpose(1, 2).is_contiguous()
+    with h5py.File(path, "r") as handle:
+        rows = [handle["embedding"][data.samples[i].row] for i in (2, 0)]
+    np.testing.assert_array_equal(batch.numpy(), np.stack(rows).astype(np.float32))
+    assert float(batch.abs().sum()) > 0
+
+
 def test_seed_embeddings_are_used_only_when_they_match_the_encoder(tmp_path, cached):
     import h5py
 

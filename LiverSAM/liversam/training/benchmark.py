@@ -11,7 +11,8 @@ import torch
 
 from .config import PromptSimulationConfig, autocast_dtype, resolve_precision
 from .prompt_simulation import simulate_prompt
-from .trainer import accumulate_gradients, micro_batch_size, set_trainable, speed_up_decoder_training
+from .step_speedups import speed_up_decoder_training
+from .trainer import accumulate_gradients, micro_batch_size, set_trainable
 
 
 def _peak_rss_mb() -> float:
@@ -69,7 +70,9 @@ def benchmark_training_throughput(
     weights = torch.ones(batch_size, device=dev)
     with torch.no_grad():
         probe = network.image_encoder(torch.rand(1, 3, size, size, device=dev))
+    # in channels-last memory, as the training data gives them (CachedSlices.embeddings)
     embeddings = torch.randn(batch_size, *probe.shape[1:], device=dev)
+    embeddings = embeddings.contiguous(memory_format=torch.channels_last)
     network.train()
     network.image_encoder.eval()
 

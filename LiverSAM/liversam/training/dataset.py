@@ -153,9 +153,10 @@ class CachedSlices:
         return bool(self.samples) and "embedding" in self._file(self.samples[0].cache_path)
 
     def embeddings(self, indices: list[int]) -> torch.Tensor:
-        """Cached frozen-encoder embeddings (B, C, H, W), float32."""
+        """Cached frozen-encoder embeddings (B, C, H, W), float32, in channels-last memory: the layout the mask
+        decoder's transformer reads them in (as B x HW x C tokens), so the training step needs no copy of its own."""
         rows = [self._file(self.samples[i].cache_path)["embedding"][self.samples[i].row] for i in indices]
-        return torch.from_numpy(np.stack(rows).astype(np.float32))
+        return torch.from_numpy(np.stack(rows)).to(torch.float32, memory_format=torch.channels_last)
 
     def slice_data(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(windowed image float32, liver uint8, tumor uint8) of a sample, slice frame [j, i]."""

