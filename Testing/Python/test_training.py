@@ -619,6 +619,15 @@ def test_fused_channel_layer_norm_keeps_its_parameter_gradients_exact_under_bf16
         assert error <= 0.02, (name, error, float((theirs - want).norm() / want.norm()))
 
 
+def _network_with_upscaling(*layers: torch.nn.Module) -> torch.nn.Module:
+    """A stand-in network whose mask decoder has only ``output_upscaling`` (all the upscaling speed-ups touch)."""
+    decoder = torch.nn.Module()
+    decoder.output_upscaling = torch.nn.Sequential(*layers)
+    network = torch.nn.Module()
+    network.mask_decoder = decoder
+    return network
+
+
 def test_upscaling_activation_with_a_contiguous_input_is_the_same_function():
     """The training speed-up gives the decoder's last upscaling GELU a contiguous input: same outputs and
     gradients for a channels-last input (the layout the decoder produces), same state-dict keys; only the last
@@ -628,11 +637,7 @@ def test_upscaling_activation_with_a_contiguous_input_is_the_same_function():
     torch.manual_seed(0)
 
     def decoder():
-        d = torch.nn.Module()
-        d.output_upscaling = torch.nn.Sequential(torch.nn.ConvTranspose2d(8, 4, 2, stride=2), torch.nn.GELU())
-        net = torch.nn.Module()
-        net.mask_decoder = d
-        return net
+        return _network_with_upscaling(torch.nn.ConvTranspose2d(8, 4, 2, stride=2), torch.nn.GELU())
 
     original, changed = decoder(), decoder()
     changed.load_state_dict(original.state_dict())
@@ -728,13 +733,9 @@ def test_transposed_convolution_with_its_own_bias_gradient_is_the_same_function(
     torch.manual_seed(0)
 
     def decoder():
-        d = torch.nn.Module()
-        d.output_upscaling = torch.nn.Sequential(
+        return _network_with_upscaling(
             torch.nn.ConvTranspose2d(16, 8, 2, stride=2), torch.nn.GELU(), torch.nn.ConvTranspose2d(8, 4, 2, stride=2)
         )
-        net = torch.nn.Module()
-        net.mask_decoder = d
-        return net
 
     original, changed = decoder(), decoder()
     changed.load_state_dict(original.state_dict())
