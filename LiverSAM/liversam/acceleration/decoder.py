@@ -24,7 +24,7 @@ from torch import nn
 
 from ..atomic_write import atomic_path
 from ..models.attention_layout import use_fast_image_to_token_attention
-from ..models.token_major_decoder import embedding_as_tokens, predict_masks_from_tokens
+from ..models.token_major_decoder import as_tokens, embedding_as_tokens, predict_masks_from_tokens
 from .backends import BackendUnavailable, ExportEntry, openvino_core, relative_error
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,9 @@ class PromptDecoderGraph(nn.Module):
         return predict_masks_from_tokens(
             self.mask_decoder,
             image_tokens,
-            pe.get_dense_pe().flatten(2).transpose(1, 2),  # a constant subgraph: the runtimes fold it when compiling
+            as_tokens(pe.get_dense_pe()),  # a constant subgraph: the runtimes fold it when compiling
             sparse,
-            dense.flatten(2).transpose(1, 2),
+            as_tokens(dense),
             tuple(pe.image_embedding_size),
         )
 

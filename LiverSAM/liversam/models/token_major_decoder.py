@@ -52,6 +52,11 @@ def predict_masks_from_tokens(
     return masks, d.iou_prediction_head(iou_token_out)
 
 
+def as_tokens(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, HW, C), row-major over H, W: a view (contiguous when ``t`` is in channels-last memory)."""
+    return t.flatten(2).transpose(1, 2)
+
+
 def embedding_as_tokens(embedding: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) -> contiguous (N, HW, C) float32 tokens, the layout :func:`predict_masks_from_tokens` reads."""
-    return embedding.detach().to("cpu", torch.float32).flatten(2).transpose(1, 2).contiguous()
+    return as_tokens(embedding.detach().to("cpu", torch.float32)).contiguous()

@@ -47,6 +47,12 @@ def fuse_layer_norms(module: torch.nn.Module) -> int:
     return replaced
 
 
+def _upscaling(network) -> torch.nn.Sequential | None:
+    """The mask decoder's ``output_upscaling`` layers, None when ``network`` has none as a ``Sequential``."""
+    upscaling = getattr(getattr(network, "mask_decoder", None), "output_upscaling", None)
+    return upscaling if isinstance(upscaling, torch.nn.Sequential) else None
+
+
 class ContiguousInputActivation(torch.nn.Module):
     """``activation(x.contiguous())``: the same function, with its input in the standard (NCHW) layout.
 
@@ -66,8 +72,8 @@ class ContiguousInputActivation(torch.nn.Module):
 def match_upscaling_layouts(network) -> int:
     """Give the mask decoder's last upscaling activation a contiguous input (:class:`ContiguousInputActivation`),
     in place; 1 when replaced, 0 when the decoder has no such stateless last layer (or has it already)."""
-    upscaling = getattr(getattr(network, "mask_decoder", None), "output_upscaling", None)
-    if not isinstance(upscaling, torch.nn.Sequential) or len(upscaling) == 0:
+    upscaling = _upscaling(network)
+    if upscaling is None or len(upscaling) == 0:
         return 0
     last = upscaling[-1]
     if isinstance(last, ContiguousInputActivation) or last.state_dict():  # a layer with state keeps its keys
@@ -201,8 +207,8 @@ class TransposedConv2dFastBiasGrad(torch.nn.Module):
 def fast_upscaling_bias_gradients(network) -> int:
     """Swap the mask decoder's upscaling ``ConvTranspose2d`` layers (zero padding, on the CPU) for
     :class:`TransposedConv2dFastBiasGrad`, in place; returns how many were swapped (0 when done already)."""
-    upscaling = getattr(getattr(network, "mask_decoder", None), "output_upscaling", None)
-    if not isinstance(upscaling, torch.nn.Sequential):
+    upscaling = _upscaling(network)
+    if upscaling is None:
         return 0
     swapped = 0
     for index, layer in enumerate(upscaling):

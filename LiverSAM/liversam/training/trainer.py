@@ -33,7 +33,7 @@ import torch
 from .. import __version__
 from ..atomic_write import atomic_path, write_text_atomically
 from ..errors import LiverSAMError
-from ..models.token_major_decoder import predict_masks_from_tokens
+from ..models.token_major_decoder import as_tokens, predict_masks_from_tokens
 from .augment import SliceAugmenter
 from .cache import build_study_cache, load_seed_embeddings
 from .config import TrainingConfig, TrainingConfigError, autocast_dtype, learning_fields, resolve_precision
@@ -259,10 +259,6 @@ def decode_batch(
     return logits, iou
 
 
-def _tokens(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(2).transpose(1, 2)  # N x C x H x W -> N x HW x C (a view)
-
-
 def _decode_token_major(network, embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor):
     """``network.mask_decoder(..., multimask_output=False)`` for one embedding per prompt, computed by
     :func:`predict_masks_from_tokens` (the same function, tested in float64): the embedding is read as tokens,
@@ -274,10 +270,10 @@ def _decode_token_major(network, embeddings: torch.Tensor, sparse: torch.Tensor,
     pe = network.prompt_encoder.get_dense_pe()
     logits, iou = predict_masks_from_tokens(
         network.mask_decoder,
-        _tokens(embeddings).contiguous(),  # strided tokens would slow every add on them (session 14)
-        _tokens(pe),
+        as_tokens(embeddings).contiguous(),  # strided tokens would slow every add on them (session 14)
+        as_tokens(pe),
         sparse,
-        _tokens(dense),
+        as_tokens(dense),
         (int(embeddings.shape[-2]), int(embeddings.shape[-1])),
     )
     return logits[:, :1], iou[:, :1]
