@@ -26,6 +26,7 @@ import numpy as np
 from . import __version__
 from .atomic_write import atomic_path, describe_write_error
 from .axial_orientation import axial_reorientation
+from .dicom_files import dicom_kind, read_dicom_file, with_transfer_syntax
 from .dicom_series import (
     DicomSeriesInfo,
     SortedSeries,
@@ -278,14 +279,13 @@ def write_dicom_seg(
     segments. Returns ``path``.
     """
     import highdicom as hd
-    import pydicom
 
     path = Path(path)
     if not result.segments:
         raise OutputError(f"Nothing to write to '{path}': the segmentation has no segments.")
     info, sorted_series, folder, result = _reference_for(result, reference_dicom, path, series_uid)
 
-    source_images = [_clean_source(pydicom.dcmread(p, stop_before_pixels=True)) for p in sorted_series.files]
+    source_images = [_clean_source(_read_source(p)) for p in sorted_series.files]
     nk, nj, ni = result.geometry.shape_kji
     pixel_array = np.zeros((nk, nj, ni, len(result.segments)), dtype=bool)
     descriptions = []
@@ -349,23 +349,28 @@ def write_dicom_seg(
     return path
 
 
-def _is_dicom_file(path: Path) -> bool:
-    """A DICOM Part 10 file ("DICM" at byte 128), or at least a file pydicom can parse."""
+def _read_source(path: Path):
+    """The header of one file of the reference series (read before, while listing the series): with or without the
+    preamble and File Meta, as :func:`liversam.dicom_series.list_dicom_series` read it."""
     try:
-        with open(path, "rb") as handle:
-            handle.seek(128)
-            if handle.read(4) == b"DICM":
-                return True
+        ds = read_dicom_file(path, stop_before_pixels=True)
+    except OSError as exc:
+        raise OutputError(f"Cannot read the reference DICOM file '{path}': {exc.strerror or exc}.") from exc
+    if ds is None:
+        raise OutputError(f"The reference DICOM file '{path}' can no longer be read as DICOM (changed meanwhile?).")
+    return ds
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """A DICOM Part 10 file ("DICM" at byte 128), or a DICOM file without the preamble that holds an object."""
+    try:
+        kind = dicom_kind(path)
+        if kind == "part10":
+            return True
+        ds = read_dicom_file(path, stop_before_pixels=True) if kind else None
     except OSError:
         return False
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError):
-        return False
-    return "SOPClassUID" in ds or "Modality" in ds
+    return ds is not None and ("SOPClassUID" in ds or "Modality" in ds)
 
 
 # --- reading ----------------------------------------------------------------------------------------
@@ -471,14 +476,14 @@ def read_dicom_seg(
     segment number. ``provenance`` holds the referenced series and instance UIDs and each segment's
     terminology. Raises :class:`InputImageError` when the file is not a readable DICOM SEG.
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     path = Path(path)
     try:
-        ds = pydicom.dcmread(path)
-    except (InvalidDicomError, OSError) as exc:
-        raise InputImageError(f"Cannot read DICOM SEG '{path}': {exc}") from exc
+        ds = read_dicom_file(path)  # with or without the preamble and File Meta
+    except OSError as exc:
+        raise InputImageError(f"Cannot read DICOM SEG '{path}': {exc.strerror or exc}.") from exc
+    if ds is None:
+        raise InputImageError(f"Cannot read DICOM SEG '{path}': it is not a DICOM file (or a damaged one).")
+    with_transfer_syntax(ds)
     if str(ds.get("Modality", "")) != "SEG" and str(ds.get("SOPClassUID", "")) not in (
         SEGMENTATION_STORAGE_UID,
         LABELMAP_SEGMENTATION_STORAGE_UID,

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .dicom_files import read_dicom_file, transfer_syntax_of, with_transfer_syntax
 from .errors import InputImageError
 from .geometry import ImageGeometry
 from .volume import CTVolume
@@ -109,20 +110,18 @@ def _iter_candidate_files(folder: Path) -> Iterable[Path]:
 
 
 def _read_header(path: Path):
-    """The dataset without pixel data, or None when ``path`` is not a DICOM file. Raises :class:`InputImageError` when
-    it may not be read (permission denied): it may be one of the series' files."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
+    """The dataset without pixel data, or None when ``path`` is not a DICOM file (with or without the preamble and
+    File Meta: :mod:`liversam.dicom_files`). Raises :class:`InputImageError` when it may not be read (permission
+    denied): it may be one of the series' files."""
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
+        return read_dicom_file(path, stop_before_pixels=True)
     except PermissionError as exc:  # taken for "not DICOM", it was left out of its series without a word
         raise InputImageError(
             f"'{path}' cannot be read (permission denied): every file of a DICOM folder must be readable by this "
             "user, or the series it belongs to would be read with a slice missing. Make the files readable "
             "(chmod -R a+rX on the folder, as their owner) or copy the series to a folder of yours."
         ) from exc
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError):
+    except OSError:
         return None
 
 
@@ -559,14 +558,23 @@ def _one_line(exc: BaseException, limit: int = 240) -> str:
 
 def _undecodable_message(path: Path, pydicom_error: BaseException, sitk_error: BaseException) -> str:
     """Which file, its transfer syntax, what each decoder said, and what to do."""
-    import pydicom
+    from pydicom.uid import UID
 
     try:
-        syntax = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
-        name, compressed = f"{syntax.name} ({syntax})", syntax.is_compressed
+        syntax = transfer_syntax_of(read_dicom_file(path))  # with its pixel data: encapsulated or not
+        if syntax is None:
+            name, compressed = "not named: the file has no File Meta", True
+        else:
+            name, compressed = f"{UID(syntax).name} ({syntax})", UID(syntax).is_compressed
     except Exception:  # noqa: BLE001 - the header was read before; this only names the syntax
-        name, compressed = "unknown", True
-    if compressed:
+        syntax, name, compressed = "", "unknown", True
+    if syntax is None:
+        fix = (
+            "The file has no File Meta group (no DICOM file header), so nothing names the codec of its compressed "
+            "(encapsulated) pixel data; DICOM allows compressed pixel data only in files that have one. Export the "
+            "series again as standard DICOM files (with the file header), or uncompressed."
+        )
+    elif compressed:
         fix = (
             "The file is compressed: install the decoder for it (pip install pylibjpeg pylibjpeg-libjpeg "
             "pylibjpeg-openjpeg pyjpegls covers JPEG, JPEG 2000 and JPEG-LS) or decompress the series (e.g. "
@@ -582,20 +590,24 @@ def _undecodable_message(path: Path, pydicom_error: BaseException, sitk_error: B
 
 
 def _read_slice_hu(path: Path, expected_shape: tuple[int, int]) -> np.ndarray:
-    """One slice in HU (rescale applied), float64, shape (rows, columns)."""
-    import pydicom
+    """One slice in HU (rescale applied), float64, shape (rows, columns). A file without File Meta is decoded in the
+    Transfer Syntax its encoding implies (:func:`liversam.dicom_files.with_transfer_syntax`)."""
+    from pydicom.errors import InvalidDicomError
 
     try:
         with _pydicom_logs_silenced():
-            ds = pydicom.dcmread(path)
-            stored = ds.pixel_array
+            ds = read_dicom_file(path)
+            if ds is None:
+                raise InvalidDicomError("pydicom cannot parse it")
+            stored = with_transfer_syntax(ds).pixel_array
         slope, intercept = _rescale(ds)
         hu = stored.astype(np.float64) * slope + intercept
     except Exception as pydicom_error:  # noqa: BLE001 - fall back to GDCM for codecs pydicom lacks
         try:
             import SimpleITK as sitk
 
-            image = sitk.ReadImage(str(path))  # GDCM applies the rescale itself
+            # GDCM applies the rescale itself; named, since ITK picks no reader for a file without the "DICM" prefix
+            image = sitk.ReadImage(str(path), imageIO="GDCMImageIO")
             hu = sitk.GetArrayFromImage(image).astype(np.float64).reshape(image.GetHeight(), image.GetWidth())
         except Exception as sitk_error:  # noqa: BLE001
             raise InputImageError(_undecodable_message(path, pydicom_error, sitk_error)) from pydicom_error

@@ -11,6 +11,7 @@ the data is shorter than declared, the compressed stream is cut or corrupt, or t
 from __future__ import annotations
 
 import bz2
+import os
 import struct
 import zlib
 from collections.abc import Callable, Iterator
@@ -352,14 +353,48 @@ def _is_nifti_header(start: bytes) -> bool:
     return False
 
 
+# The value representations of PS3.5 (6.2): an explicit-VR data element names one of them in bytes 4..5.
+_DICOM_VRS = frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US UT UV".split()
+)
+# The groups a DICOM file without preamble starts with: the File Meta group, or the identifying group (0008,xxxx)
+# every composite object has (its SOP Class UID, SOP Instance UID, Modality) when it has no File Meta.
+_BARE_DICOM_GROUPS = (0x0002, 0x0008)
+
+
+def is_bare_dicom(start: bytes, size: int) -> bool:
+    """``start`` (the first 8 bytes or more of a file of ``size`` bytes) is the start of a DICOM file written without
+    the 128-byte preamble and "DICM" prefix (older archives, ACR-NEMA style files, some PACS and CD exports), with or
+    without the File Meta group: a little-endian data element tag of group 0x0002 or 0x0008 followed either by an
+    explicit VR (two letters of a known VR; the File Meta group is always explicit VR) or, for group 0x0008 only, by
+    an implicit-VR 4-byte length that fits in the file (or is undefined). DCMTK and GDCM read such files too; big
+    endian ones (retired) are not recognised. Text, images, archives and random bytes almost never pass."""
+    if len(start) < 8:
+        return False
+    group = struct.unpack("<H", start[:2])[0]
+    if group not in _BARE_DICOM_GROUPS:
+        return False
+    if start[4:6] in _DICOM_VRS:
+        return True
+    length = struct.unpack("<I", start[4:8])[0]
+    return group == 0x0008 and (length == 0xFFFFFFFF or length <= size - 8)
+
+
+def has_dicom_prefix(start: bytes) -> bool:
+    """``start`` (the first 132 bytes or more of a file) holds the DICOM File Format's "DICM" prefix at byte 128."""
+    return start[128:132] == b"DICM"
+
+
 def sniff_image_format(path: str | Path) -> tuple[str, str] | None:
-    """What ``path`` holds by its content: one of NIFTI, NIFTI_GZ, NRRD, METAIMAGE, DICOM, or None (unknown)."""
+    """What ``path`` holds by its content: one of NIFTI, NIFTI_GZ, NRRD, METAIMAGE, DICOM (with or without the
+    preamble: :func:`is_bare_dicom`), or None (unknown)."""
     try:
         with open(path, "rb") as handle:
             start = handle.read(544)
+            size = os.fstat(handle.fileno()).st_size
     except OSError:
         return None
-    if start[128:132] == b"DICM":
+    if has_dicom_prefix(start) or is_bare_dicom(start, size):
         return DICOM
     if start.startswith(b"NRRD"):
         return NRRD

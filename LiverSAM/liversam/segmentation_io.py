@@ -531,10 +531,11 @@ def read_labelmap(path: str | Path, label_names: dict[int, str] | None = None) -
 
 
 def _looks_like_dicom(path: Path) -> bool:
+    """A DICOM file by its first bytes, with or without the preamble (:func:`liversam.dicom_files.dicom_kind`)."""
+    from .dicom_files import dicom_kind
+
     try:
-        with open(path, "rb") as handle:
-            handle.seek(128)
-            return handle.read(4) == b"DICM"
+        return dicom_kind(path) is not None
     except OSError:
         return False
 
