@@ -3,7 +3,8 @@
 A folder (searched recursively) may hold several series, and non-image objects (DICOM SEG, RTSTRUCT, SR).
 :func:`list_dicom_series` groups the files by SeriesInstanceUID; :func:`select_dicom_series` picks the one
 to read: the series the user names (by SeriesInstanceUID or SeriesNumber), otherwise the CT series with the
-most slices. A tie is refused with the list of choices, so the user never gets a series silently.
+most slices. A tie is refused with the list of choices, so the user never gets a series silently. Files without
+the preamble and "DICM" prefix, with or without File Meta, are read too (:mod:`liversam.dicom_files`).
 
 :func:`read_dicom_series` sorts the slices along the slice normal (``cross(row, column)`` of
 ImageOrientationPatient), checks that they form a regular grid and applies RescaleSlope/RescaleIntercept
