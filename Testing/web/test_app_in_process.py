@@ -597,6 +597,42 @@ def test_one_dicom_file_typed_opens_its_series_as_liversam_segment_does(tmp_path
     asyncio.run(scenario())
 
 
+def test_a_series_with_files_without_preamble_opens_whole_or_is_refused_saying_why(tmp_path):
+    """Files without the "DICM" preamble and File Meta (older archives) are now in their series (the core groups
+    them): the page showed the series without them, a slice short and without a word. trame-slicer's reader (ITK)
+    reads such a file as the series' first and fails on it elsewhere: then the page says which files and what to do."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from web_page import DATA
+
+    from liversam.dicom_series import read_dicom_series
+
+    original = read_dicom_series(DATA / "dcmqi_ct3slice" / "ct")
+    folders = {0: tmp_path / "first_bare", 2: tmp_path / "last_bare"}
+    for bare, folder in folders.items():
+        folder.mkdir()
+        for k, source in enumerate(sorted((DATA / "dcmqi_ct3slice" / "ct").iterdir())):
+            ds = pydicom.dcmread(source)
+            if k == bare:
+                ds.preamble, ds.file_meta = None, FileMetaDataset()
+            pydicom.dcmwrite(folder / source.name, ds, enforce_file_format=False, implicit_vr=True,
+                             little_endian=True)
+    app = new_app(FakeServer())
+
+    async def scenario():
+        await app._open_path(str(folders[0]))
+        assert not app.state.error, app.state.error
+        assert app.content.shape_kji == (3, 512, 512) and app.content.dicom.num_files == 3
+        np.testing.assert_array_equal(app.content.array, original.array_kji)
+
+        await app._open_path(str(folders[2]))
+        assert "1 of its 3 DICOM files have no DICOM file header" in app.state.error, app.state.error
+        assert "'03.dcm'" in app.state.error and "dcmconv" in app.state.error
+        assert app.content.dicom.folder == str(folders[0])  # the CT shown stays
+
+    asyncio.run(scenario())
+
+
 def test_an_irregular_dicom_series_is_shown_resampled_and_refused_as_a_dicom_seg_reference(tmp_path):
     """A DICOM series with a slice missing: trame-slicer's reader interpolates it onto a regular grid (Slicer's
     acquisition-geometry regularization, hardened), and the page said nothing of it; its DICOM SEG export was offered

@@ -71,6 +71,34 @@ def test_one_dicom_slice_alone_is_told_apart() -> None:
     assert "all its files" in message and "Upload a DICOM folder" in message and ".zip" in message
 
 
+def _without_preamble(source: Path, target: Path) -> Path:
+    """``source`` written without the 128-byte preamble and "DICM" prefix (File Meta kept), as older archives do."""
+    import pydicom
+
+    header = pydicom.dcmread(source)
+    header.preamble = None
+    pydicom.dcmwrite(target, header, enforce_file_format=False)
+    assert target.read_bytes()[128:132] != b"DICM"
+    return target
+
+
+def test_a_dicom_file_without_preamble_is_told_as_the_core_reads_it(tmp_path: Path) -> None:
+    """One CT slice without the "DICM" preamble is a lone slice; typed as the CT it opens its folder's series; a DICOM
+    SEG without it is refused as a segmentation (both were taken for no DICOM file)."""
+    from liversam_web.mrml_scene import dicom_file_series
+
+    folder = tmp_path / "series"
+    folder.mkdir()
+    sources = sorted((DATA / "dcmqi_ct3slice" / "ct").iterdir())
+    slices = [_without_preamble(path, folder / path.name) for path in sources]
+    assert lone_dicom_slice(slices[0])
+    assert sorted(dicom_file_series(str(slices[1]))) == sorted(map(str, slices))
+    seg = _without_preamble(DATA / "dcmqi_ct3slice" / "liver_seg.dcm", tmp_path / "liver_seg")
+    assert not lone_dicom_slice(seg)
+    with pytest.raises(InputError, match="is a DICOM SEG"):
+        dicom_file_series(str(seg))
+
+
 def test_a_multi_frame_dicom_file_is_no_lone_slice(tmp_path: Path) -> None:
     """An enhanced CT holds the whole volume in one file: it is opened, not refused as one slice."""
     import pydicom

@@ -104,17 +104,19 @@ NOT_IMAGE_MODALITIES = {"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "SR",
 def dicom_file_series(path: str) -> list[str] | None:
     """One DICOM file typed as the CT: the files of its folder, to read its series from (as ``liversam segment`` reads
     one DICOM file: ``liversam.ct_io.read_ct``, the file's own series from its folder); None when ``path`` is no
-    DICOM file (its content, as the core tells it: the "DICM" preamble). InputError for a DICOM file of no image
-    series (a DICOM SEG given as the CT)."""
+    DICOM file (its content, as the core tells it: the "DICM" preamble, or a file without it that starts like a
+    DICOM data set). InputError for a DICOM file of no image series (a DICOM SEG given as the CT)."""
+    from liversam.dicom_files import read_dicom_file
     from liversam.image_integrity import DICOM, sniff_image_format
 
     target = Path(path).expanduser()
     if not target.is_file() or sniff_image_format(target) != DICOM:
         return None
     try:
-        modality = str(pydicom.dcmread(target, stop_before_pixels=True).get("Modality", "") or "").upper()
-    except (OSError, ValueError, pydicom.errors.InvalidDicomError):
-        modality = ""
+        header = read_dicom_file(target, stop_before_pixels=True)
+    except OSError:
+        header = None
+    modality = str(header.get("Modality", "") or "").upper() if header is not None else ""
     if modality in NOT_IMAGE_MODALITIES:
         kind = {"SEG": "a DICOM SEG (a segmentation)", "RTSTRUCT": "a DICOM RT structure set"}.get(
             modality, f"a DICOM {modality} object")
@@ -191,8 +193,8 @@ def dicom_series_choices(files: list[str]) -> list[SeriesChoice]:
     (``liversam.dicom_series.list_dicom_series_files``: SeriesInstanceUID; localiser images set aside), the one to
     open first first: an image series before an object of no image (SEG, SR), a CT series of ``MIN_VOLUME_IMAGES``
     images or more before the others, then the one with the most images (of most pixels), the lowest series number.
-    Files that are no DICOM are not in any; [] when none is (or only files without the DICOM file header, which
-    the core does not read)."""
+    Files that are no DICOM are not in any (files without the DICOM file header are DICOM when they start like a DICOM
+    data set: ``liversam.dicom_files``); [] when none is."""
     from liversam.dicom_series import NON_IMAGE_MODALITIES, list_dicom_series_files
     from liversam.errors import InputImageError
 
@@ -360,7 +362,8 @@ def load_ct_with_source(slicer_app, files: list[str], what: str, series_of: str 
     has them) and only one series is read: ``chosen``, else the one holding ``series_of`` (one DICOM file among
     ``files``, typed as the CT), else the first (a CT series with the most images). Every series was read, pixels
     and all, to keep the largest: a CD-ROM export of many series took that memory and time. Files with no DICOM
-    file header (which the core does not read) are read whole by trame-slicer as before.
+    file header are sorted into their series by the core too; when trame-slicer's reader fails on them, InputError
+    says so.
 
     Nothing stays in the scene when the input is not a CT (InputError says why, naming ``what``), nor when reading
     it fails in any other way (a MemoryError while checking it: its volume stayed in the scene).
@@ -375,6 +378,20 @@ def load_ct_with_source(slicer_app, files: list[str], what: str, series_of: str 
         except Exception:  # noqa: BLE001 - the reader is told the error of the read (an InputError says why)
             logger.exception("could not take the nodes of %s out of the scene again", what)
         raise
+
+
+def _without_file_header(files: list[str]) -> list[str]:
+    """The DICOM files among ``files`` without the DICOM file header (no "DICM" preamble), which the core reads and
+    trame-slicer's reader (ITK's, GDCM or DCMTK) often does not."""
+    from liversam.dicom_files import dicom_kind
+
+    def bare(path: str) -> bool:
+        try:
+            return dicom_kind(path) == "bare"
+        except OSError:
+            return False
+
+    return [path for path in files if bare(path)]
 
 
 def _load_ct_with_source(slicer_app, files: list[str], what: str, series_of: str | None,
@@ -393,11 +410,20 @@ def _load_ct_with_source(slicer_app, files: list[str], what: str, series_of: str
     try:
         loaded = _load_volumes(slicer_app, list(chosen.files) if chosen is not None else files)
     except Exception as exc:  # noqa: BLE001 - the readers raise many kinds; the user gets one clear message
+        read = list(chosen.files) if chosen is not None else files
+        if bare := _without_file_header(read):
+            raise InputError(
+                f"{what} could not be read as an image: {len(bare)} of its {len(read)} DICOM files have no DICOM file "
+                f"header (no \"DICM\" preamble; e.g. '{Path(bare[0]).name}'), which the viewer's reader (ITK) does "
+                "not read reliably. Rewrite them as standard DICOM files (e.g. DCMTK's dcmconv IN OUT, file by file), "
+                "or segment the series with the liversam command, which reads them "
+                f"({type(exc).__name__}: {exc})."
+            ) from None
         raise InputError(f"{what} could not be read as an image ({type(exc).__name__}: {exc}).") from None
     volumes = [v for v, _ in loaded]
     candidates = [v for v in volumes if v.IsA("vtkMRMLScalarVolumeNode") and not v.IsA("vtkMRMLLabelMapVolumeNode")
                   and v.GetImageData() is not None and v.GetImageData().GetNumberOfScalarComponents() == 1]
-    if series_of is not None and chosen is None:  # (files without the DICOM file header: read whole)
+    if series_of is not None and chosen is None:  # (DICOM files the core could not group: read whole)
         groups = {id(v): group or [] for v, group in loaded}
         candidates = [v for v in candidates if os.path.abspath(series_of) in map(os.path.abspath, groups[id(v)])]
         if not candidates:

@@ -258,14 +258,14 @@ def _kept(filename: str) -> bool:
 def lone_dicom_slice(path: str | Path) -> bool:
     """True for a DICOM file that holds one image of a series (one frame of an image modality): alone, no CT volume.
     A multi-frame file (an enhanced CT: the whole volume in one file) and a file that is no DICOM image are not."""
-    from liversam.image_integrity import DICOM, sniff_image_format
+    from liversam.dicom_files import read_dicom_file
 
     path = Path(path)
-    if not path.is_file() or sniff_image_format(path) != DICOM:
+    try:  # with or without the "DICM" preamble, as the core reads it
+        header = read_dicom_file(path, stop_before_pixels=True) if path.is_file() else None
+    except OSError:
         return False
-    try:
-        header = pydicom.dcmread(path, stop_before_pixels=True)
-    except (OSError, ValueError, pydicom.errors.InvalidDicomError):
+    if header is None:
         return False
     modality = str(header.get("Modality", "") or "").upper()
     try:
