@@ -351,11 +351,9 @@ def write_dicom_seg(
 
 def _read_source(path: Path):
     """The header of one file of the reference series (read before, while listing the series): with or without the
-    preamble and File Meta, as :func:`liversam.dicom_series.list_dicom_series` read it."""
-    try:
-        ds = read_dicom_file(path, stop_before_pixels=True)
-    except OSError as exc:
-        raise OutputError(f"Cannot read the reference DICOM file '{path}': {exc.strerror or exc}.") from exc
+    preamble and File Meta, as :func:`liversam.dicom_series.list_dicom_series` read it. OSError (the file deleted,
+    replaced by a folder or made unreadable since) is left to the caller: the server names it as its client's input."""
+    ds = read_dicom_file(path, stop_before_pixels=True)
     if ds is None:
         raise OutputError(f"The reference DICOM file '{path}' can no longer be read as DICOM (changed meanwhile?).")
     return ds
