@@ -367,17 +367,23 @@ def is_bare_dicom(start: bytes, size: int) -> bool:
     the 128-byte preamble and "DICM" prefix (older archives, ACR-NEMA style files, some PACS and CD exports), with or
     without the File Meta group: a little-endian data element tag of group 0x0002 or 0x0008 followed either by an
     explicit VR (two letters of a known VR; the File Meta group is always explicit VR) or, for group 0x0008 only, by
-    an implicit-VR 4-byte length that fits in the file (or is undefined). DCMTK and GDCM read such files too; big
-    endian ones (retired) are not recognised. Text, images, archives and random bytes almost never pass."""
+    an implicit-VR 4-byte length that fits in the file (or is undefined), is even (PS3.5 7.1.1) and is 4 for the group
+    length (0008,0000) (so a run of zero bytes after a byte 8, as in a raw voxel file, does not pass). DCMTK and GDCM
+    read such files too; big endian ones (retired) are not recognised. Text, images, archives and random bytes almost
+    never pass."""
     if len(start) < 8:
         return False
-    group = struct.unpack("<H", start[:2])[0]
+    group, element = struct.unpack("<HH", start[:4])
     if group not in _BARE_DICOM_GROUPS:
         return False
     if start[4:6] in _DICOM_VRS:
         return True
     length = struct.unpack("<I", start[4:8])[0]
-    return group == 0x0008 and (length == 0xFFFFFFFF or length <= size - 8)
+    if group != 0x0008:
+        return False
+    if length == 0xFFFFFFFF:
+        return True
+    return length % 2 == 0 and length <= size - 8 and (element != 0 or length == 4)
 
 
 def has_dicom_prefix(start: bytes) -> bool:

@@ -6,17 +6,21 @@ some of them was read without those slices and without a word (an end slice miss
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import nrrd
 import numpy as np
 import pydicom
 import pytest
+import SimpleITK as sitk
 from pydicom.dataset import FileMetaDataset
 
 from liversam.cli import main
+from liversam.dicom_files import dicom_kind
 from liversam.dicom_seg import read_dicom_seg, write_dicom_seg
 from liversam.dicom_series import list_dicom_series, read_dicom_series
 from liversam.errors import InputImageError
@@ -214,3 +218,35 @@ def test_pixel_data_without_file_meta_decodes_in_the_syntax_it_was_read_in(tmp_p
     np.testing.assert_array_equal(ds.pixel_array, pydicom.dcmread(original).pixel_array)
     (tmp_path / "notes.txt").write_text("not DICOM")
     assert dicom_kind(tmp_path / "notes.txt") is None and read_dicom_file(tmp_path / "notes.txt") is None
+
+
+def _files_of_other_formats(folder: Path) -> list[Path]:
+    array = (np.arange(6 * 16 * 16).reshape(6, 16, 16) % 300).astype(np.int16)
+    for name in ("ct.nii", "ct.nii.gz", "ct.nrrd", "ct.mha"):
+        sitk.WriteImage(sitk.GetImageFromArray(array), str(folder / name))
+    sitk.WriteImage(sitk.GetImageFromArray(array[0].astype(np.uint8)), str(folder / "slice.png"))
+    (folder / "prompts.json").write_text(json.dumps({"segments": [{"name": "liver"}]}))
+    (folder / "notes.txt").write_text("CT, 6 slices\n")
+    (folder / "slice.dcm.gz").write_bytes(gzip.compress(b"\x00" * 128 + b"DICM" + bytes(64)))
+    with zipfile.ZipFile(folder / "series.zip", "w") as archive:
+        archive.writestr("01.dcm", b"\x00" * 128 + b"DICM")
+    np.save(folder / "array.npy", array)
+    # raw voxels: a byte 8 then zeros (a label map), int16 8 then air (-1024): the start of group 0x0008
+    (folder / "labels.raw").write_bytes(np.array([8] + [0] * 511, np.uint8).tobytes())
+    (folder / "ct.raw").write_bytes(np.array([8, 0] + [-1024] * 510, np.int16).tobytes())
+    return sorted(folder.iterdir())
+
+
+def test_files_of_other_formats_are_never_taken_for_dicom(tmp_path, dcmqi_ct) -> None:
+    """The first-bytes test for files without the "DICM" prefix passes no image, archive, text or raw voxel file,
+    and passes a real CT slice without preamble (with and without File Meta)."""
+    others = _files_of_other_formats(tmp_path)
+    assert [p.name for p in others if sniff_image_format(p) == DICOM or dicom_kind(p) is not None] == []
+    for file_meta in (True, False):
+        ds = pydicom.dcmread(dcmqi_ct / "01.dcm")
+        ds.preamble = None
+        if not file_meta:
+            ds.file_meta = FileMetaDataset()
+        bare = tmp_path / f"bare_{file_meta}"
+        pydicom.dcmwrite(bare, ds, enforce_file_format=False, implicit_vr=True, little_endian=True)
+        assert (sniff_image_format(bare), dicom_kind(bare)) == (DICOM, "bare")
