@@ -1,4 +1,5 @@
-"""Read one DICOM file with pydicom, with or without the DICOM File Format's preamble and File Meta group.
+"""Read one DICOM file with pydicom, with or without the DICOM File Format's preamble and File Meta group, and refuse
+one that is cut short or damaged.
 
 A DICOM file (PS3.10) starts with a 128-byte preamble, the prefix "DICM" and the File Meta group (0002,xxxx), which
 names the Transfer Syntax. Older archives, ACR-NEMA style files and some PACS or CD exports have no preamble and
@@ -6,6 +7,11 @@ prefix, and sometimes no File Meta group either; 3D Slicer's DICOM module (DCMTK
 them only with ``force=True``, which makes a data set of any bytes, so ``force`` is used only for a file whose first
 bytes are a plausible data element (:func:`liversam.image_integrity.is_bare_dicom`): a text, NIfTI, PNG, zip or
 empty file is never parsed as DICOM.
+
+pydicom reads a file cut short without a word: it stops at the end of the file and returns the elements it got (an
+element cut in two keeps the bytes it has). A slice whose file lost its end would then be left out of its series
+(no SeriesInstanceUID, no Rows: "not an image") or read without its rescale. :func:`read_dicom_file` raises
+:class:`DamagedDicomFileError` for such a file, naming it and what to do.
 
 A data set read without File Meta has no Transfer Syntax UID, which pydicom needs to decode its pixel data:
 :func:`with_transfer_syntax` gives it the one its encoding implies (how pydicom read it: implicit or explicit VR,
@@ -19,41 +25,144 @@ import os
 from pathlib import Path
 from typing import Literal
 
+from .errors import InputImageError
 from .image_integrity import has_dicom_prefix, is_bare_dicom
 
 DicomKind = Literal["part10", "bare"]
+
+# (7FE0,0010) Pixel Data, (7FE0,0008) Float Pixel Data, (7FE0,0009) Double Float Pixel Data
+_PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+class DamagedDicomFileError(InputImageError):
+    """A DICOM file that pydicom cannot read whole: cut short (an interrupted copy or download) or damaged."""
+
+
+def _kind(start: bytes, size: int) -> DicomKind | None:
+    if has_dicom_prefix(start):
+        return "part10"
+    return "bare" if is_bare_dicom(start, size) else None
 
 
 def dicom_kind(path: str | Path) -> DicomKind | None:
     """"part10" for a file with the "DICM" prefix, "bare" for one without preamble and prefix, None for any other
     file (by its first bytes). Raises OSError (PermissionError) when ``path`` cannot be read."""
     with open(path, "rb") as handle:
-        start = handle.read(132)
-        size = os.fstat(handle.fileno()).st_size
-    if has_dicom_prefix(start):
-        return "part10"
-    return "bare" if is_bare_dicom(start, size) else None
+        return _kind(handle.read(132), os.fstat(handle.fileno()).st_size)
 
 
 def read_dicom_file(path: str | Path, stop_before_pixels: bool = False):
-    """The pydicom data set of ``path`` (a ``FileDataset``), or None when ``path`` is not a DICOM file or cannot be
-    parsed as one. Raises OSError (PermissionError) when it cannot be read: the caller decides what that means."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    """The pydicom data set of ``path`` (a ``FileDataset``), or None when ``path`` is not a DICOM file.
 
-    kind = dicom_kind(path)
-    if kind is None:
-        return None
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=kind == "bare")
-    except PermissionError:
-        raise
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError):
-        return None
-    except Exception:  # noqa: BLE001 - force=True on bytes that only looked like DICOM raises many kinds
-        if kind == "part10":
+    Raises :class:`DamagedDicomFileError` (an :class:`InputImageError`) for a DICOM file that is cut short or
+    damaged: one with the "DICM" prefix that pydicom cannot parse, with an element that runs past the end of the
+    file, that holds no data set, or that names an image (or SEG) SOP class and ends before its pixel data; and a
+    file without the prefix that names an image (or SEG) SOP class and is cut short so (:func:`header_problem`). Raises OSError (PermissionError) when it cannot be
+    read: the caller decides what that means. The file is opened once (its first bytes tell the kind).
+    """
+    import pydicom
+
+    path = Path(path)
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        kind = _kind(handle.read(132), size)
+        if kind is None:
+            return None
+        handle.seek(0)
+        try:
+            ds = pydicom.dcmread(handle, stop_before_pixels=stop_before_pixels, force=kind == "bare")
+        except MemoryError:
             raise
+        except OSError as exc:
+            if exc.errno is not None:  # the disk's or the system's (EIO, ...): the caller's to tell
+                raise
+            parse_error = exc  # pydicom's own ("No tag to read at file position ...": a sequence cut short)
+        except Exception as exc:  # noqa: BLE001 - a damaged file (or, with force=True, any bytes) raises many kinds
+            parse_error = exc
+        else:
+            parse_error = None
+        if parse_error is not None:
+            if kind == "bare":
+                # Its first bytes only looked like a data element (the test is 4 to 6 bytes: any binary file, a
+                # stray raw voxel dump, passes it now and then): it may not be DICOM at all, and refusing the
+                # folder for it would refuse the good series beside it. Left out, as any file that is no DICOM.
+                return None
+            problem = f"pydicom cannot parse it ({type(parse_error).__name__}: {_one_line(parse_error)})"
+            raise DamagedDicomFileError(damaged_message(path, problem)) from None
+        stopped_at_pixels = stop_before_pixels and handle.tell() < size
+    problem = header_problem(ds, size, stopped_at_pixels)
+    if problem is not None and (kind == "part10" or _pixel_sop_class(ds) is not None):
+        # Without the prefix, only a data set that names an image (or SEG) SOP class is surely a damaged DICOM
+        # object; other bytes that passed the first-bytes test may be anything (left out as before).
+        raise DamagedDicomFileError(damaged_message(path, problem))
+    return ds
+
+
+def damaged_message(path: Path, problem: str) -> str:
+    """Which file, what is wrong with it, what to do."""
+    return (
+        f"'{path}' is a damaged DICOM file: {problem}. Replace it with a complete copy (copy it again from its source, "
+        "or export the series again), or remove it if it is no part of the series."
+    )
+
+
+def header_problem(ds, size: int, stopped_at_pixels: bool) -> str | None:
+    """Why the data set pydicom read from a file of ``size`` bytes is not the whole file's, or None when nothing
+    shows it: no data set after the File Meta; an element that runs past the end of the file; an image (by its SOP
+    class, or Rows) whose file ends before its pixel data. ``stopped_at_pixels``: it was read with
+    ``stop_before_pixels`` and stopped at its pixel data (its header is whole up to there)."""
+    if len(ds) == 0:
+        return (
+            f"pydicom read no element of its data set (the file ends at byte {size}: before its data set, or inside "
+            "a sequence or compressed pixel data); it was cut short"
+        )
+    meta = getattr(ds, "file_meta", None)
+    # pydicom keeps the bytes it got of an element cut in two (only the last one read can be); values() gives the
+    # elements as read (RawDataElement), without converting them
+    for raw in [*(meta.values() if meta is not None else ()), *ds.values()]:
+        value, length = getattr(raw, "value", None), getattr(raw, "length", 0)
+        if getattr(raw, "is_raw", False) and isinstance(value, bytes) and length != _UNDEFINED_LENGTH \
+                and len(value) < length:  # fmt: skip
+            return (
+                f"the file ends inside its element {_tag_name(raw.tag)} ({len(value)} of its {length} bytes; the "
+                f"file is {size} bytes): it was cut short"
+            )
+    if stopped_at_pixels or any(tag in ds for tag in _PIXEL_DATA_TAGS):
         return None
+    image = _pixel_sop_class(ds) or ("an image (it has Rows)" if "Rows" in ds else None)
+    if image is not None:
+        return f"it is {image} but the file ends before its pixel data (at byte {size}): it was cut short"
+    return None
+
+
+def _pixel_sop_class(ds) -> str | None:
+    """"a CT Image Storage object" when ``ds`` (or its File Meta) names a SOP class pydicom knows whose objects hold
+    pixel data (an image, a DICOM SEG), else None."""
+    from pydicom.uid import UID
+
+    meta = getattr(ds, "file_meta", None)
+    for where, keyword in ((ds, "SOPClassUID"), (meta, "MediaStorageSOPClassUID")):
+        try:
+            uid = where.get(keyword) if where is not None else None
+            name = UID(str(uid)).name if uid else ""
+        except Exception:  # noqa: BLE001 - a damaged value (or bytes that only looked like DICOM): no known class
+            name = ""
+        if "Image Storage" in name or "Segmentation Storage" in name:
+            return f"a {name} object"
+    return None
+
+
+def _tag_name(tag: int) -> str:
+    from pydicom.datadict import keyword_for_tag
+
+    keyword = keyword_for_tag(tag)
+    return f"({tag >> 16:04X},{tag & 0xFFFF:04X}){' ' + keyword if keyword else ''}"
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def transfer_syntax_of(ds) -> str | None:

@@ -26,7 +26,7 @@ import numpy as np
 from . import __version__
 from .atomic_write import atomic_path, describe_write_error
 from .axial_orientation import axial_reorientation
-from .dicom_files import dicom_kind, read_dicom_file, with_transfer_syntax
+from .dicom_files import DamagedDicomFileError, dicom_kind, read_dicom_file, with_transfer_syntax
 from .dicom_series import (
     DicomSeriesInfo,
     SortedSeries,
@@ -360,12 +360,15 @@ def _read_source(path: Path):
 
 
 def _is_dicom_file(path: Path) -> bool:
-    """A DICOM Part 10 file ("DICM" at byte 128), or a DICOM file without the preamble that holds an object."""
+    """A DICOM Part 10 file ("DICM" at byte 128), or a DICOM file without the preamble that holds an object (a damaged
+    one too: reading its folder's series says what is wrong with it)."""
     try:
         kind = dicom_kind(path)
         if kind == "part10":
             return True
         ds = read_dicom_file(path, stop_before_pixels=True) if kind else None
+    except DamagedDicomFileError:
+        return True
     except OSError:
         return False
     return ds is not None and ("SOPClassUID" in ds or "Modality" in ds)
@@ -480,7 +483,7 @@ def read_dicom_seg(
     except OSError as exc:
         raise InputImageError(f"Cannot read DICOM SEG '{path}': {exc.strerror or exc}.") from exc
     if ds is None:
-        raise InputImageError(f"Cannot read DICOM SEG '{path}': it is not a DICOM file (or a damaged one).")
+        raise InputImageError(f"Cannot read DICOM SEG '{path}': it is not a DICOM file.")
     with_transfer_syntax(ds)
     if str(ds.get("Modality", "")) != "SEG" and str(ds.get("SOPClassUID", "")) not in (
         SEGMENTATION_STORAGE_UID,

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dicom_files import read_dicom_file, transfer_syntax_of, with_transfer_syntax
+from .dicom_files import DamagedDicomFileError, read_dicom_file, transfer_syntax_of, with_transfer_syntax
 from .errors import InputImageError
 from .geometry import ImageGeometry
 from .volume import CTVolume
@@ -113,9 +113,15 @@ def _iter_candidate_files(folder: Path) -> Iterable[Path]:
 def _read_header(path: Path):
     """The dataset without pixel data, or None when ``path`` is not a DICOM file (with or without the preamble and
     File Meta: :mod:`liversam.dicom_files`). Raises :class:`InputImageError` when it may not be read (permission
-    denied): it may be one of the series' files."""
+    denied) or is a damaged DICOM file (cut short: :class:`~liversam.dicom_files.DamagedDicomFileError`): it may be
+    one of the series' files."""
     try:
         return read_dicom_file(path, stop_before_pixels=True)
+    except DamagedDicomFileError as exc:  # it was left out of its series without a word (an end slice: no gap)
+        raise DamagedDicomFileError(
+            f"{exc} A DICOM folder is not read with a damaged file in it: it may be one of the series' slices, and "
+            "the series would be read a slice short without it (at either end, with no gap to show for it)."
+        ) from None
     except PermissionError as exc:  # taken for "not DICOM", it was left out of its series without a word
         raise InputImageError(
             f"'{path}' cannot be read (permission denied): every file of a DICOM folder must be readable by this "
@@ -603,6 +609,8 @@ def _read_slice_hu(path: Path, expected_shape: tuple[int, int]) -> np.ndarray:
             stored = with_transfer_syntax(ds).pixel_array
         slope, intercept = _rescale(ds)
         hu = stored.astype(np.float64) * slope + intercept
+    except DamagedDicomFileError:  # cut short (in its pixel data): no decoder reads what is not there
+        raise
     except Exception as pydicom_error:  # noqa: BLE001 - fall back to GDCM for codecs pydicom lacks
         try:
             import SimpleITK as sitk

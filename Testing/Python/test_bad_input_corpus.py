@@ -241,6 +241,12 @@ def _set_modality(files: list[Path], modality: str = "MR") -> None:
         ds.save_as(path)
 
 
+def _cut_end_slice(files: list[Path]) -> None:
+    """The series' last slice (the files are named by SOP Instance UID, the last along the normal first) cut short
+    inside its header, before Rows: it was left out as "not an image" and 19 slices were read without a word."""
+    files[0].write_bytes(files[0].read_bytes()[:2000])
+
+
 def _not_dicom_folder(ctx: Ctx) -> Path:
     folder = ctx.tmp / "notdicom"
     folder.mkdir()
@@ -263,6 +269,8 @@ DICOM_CASES = [
          ("same slice position", "copy_of_slice.dcm")),
     Case("dicom_mixed_image_sizes", seg(lambda c: c.segment(ct=_dicom_edit(c, _resize_one))),
          ("differ in size",)),
+    Case("dicom_end_slice_cut_short", seg(lambda c: c.segment(ct=_dicom_edit(c, _cut_end_slice))),
+         ("damaged DICOM file", "16573", "cut short", "complete copy")),
     Case("dicom_non_ct_modality", seg(lambda c: c.segment(ct=_dicom_edit(c, _set_modality))), ("No CT series", "MR")),
     Case("dicom_output_inside_series_folder",
          lambda c: (c.segment(ct=(d := c.dicom()), output=d / "seg.nrrd"), [c.tmp / "dicom" / "seg.nrrd"], []),

@@ -204,8 +204,10 @@ def test_a_file_that_may_not_be_read_is_named_not_left_out(tmp_path: Path, total
     read = pydicom.dcmread
 
     def dcmread(path, *args, **kwargs):
-        if Path(path) == locked:  # what a file of mode 000 gives a user without root's override
-            raise PermissionError(13, "Permission denied", str(path))
+        # (given the file liversam.dicom_files opened, or its path) what a file of mode 000 gives a user without root's
+        # override
+        if Path(getattr(path, "name", path)) == locked:
+            raise PermissionError(13, "Permission denied", str(locked))
         return read(path, *args, **kwargs)
 
     monkeypatch.setattr(pydicom, "dcmread", dcmread)

@@ -633,6 +633,36 @@ def test_a_series_with_files_without_preamble_opens_whole_or_is_refused_saying_w
     asyncio.run(scenario())
 
 
+def test_a_series_with_an_end_slice_cut_short_is_refused_naming_the_file(tmp_path):
+    """A slice file cut short inside its header (an interrupted copy): the core's listing left it out as "no image"
+    and the page showed the series a slice short, without a word. Now the page says which file is damaged and what
+    to do, from the folder typed and from one of its files typed; the CT shown stays."""
+    from web_page import DATA
+
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for source in sorted((DATA / "dcmqi_ct3slice" / "ct").iterdir()):
+        (folder / source.name).write_bytes(source.read_bytes())
+    app = new_app(FakeServer())
+
+    async def scenario():
+        await app._open_path(str(folder))
+        assert not app.state.error, app.state.error
+        data = (folder / "03.dcm").read_bytes()
+        # before (0028,0010) Rows: "not an image"; after the File Meta (no SOP Class UID read): "not DICOM", left out
+        # of the files read as DICOM with a note
+        for cut in (data.index(b"\x28\x00\x10\x00"), 132 + 12 + int.from_bytes(data[140:144], "little")):
+            (folder / "03.dcm").write_bytes(data[:cut])
+            for typed in (folder, folder / "02.dcm"):
+                app.state.error = ""
+                await app._open_path(str(typed))
+                assert f"'{folder / '03.dcm'}' is a damaged DICOM file" in app.state.error, app.state.error
+                assert "cut short" in app.state.error and "complete copy" in app.state.error
+                assert app.content.dicom.folder == str(folder) and app.content.dicom.num_files == 3  # the CT stays
+
+    asyncio.run(scenario())
+
+
 def test_an_irregular_dicom_series_is_shown_resampled_and_refused_as_a_dicom_seg_reference(tmp_path):
     """A DICOM series with a slice missing: trame-slicer's reader interpolates it onto a regular grid (Slicer's
     acquisition-geometry regularization, hardened), and the page said nothing of it; its DICOM SEG export was offered

@@ -106,7 +106,7 @@ def dicom_file_series(path: str) -> list[str] | None:
     one DICOM file: ``liversam.ct_io.read_ct``, the file's own series from its folder); None when ``path`` is no
     DICOM file (its content, as the core tells it: the "DICM" preamble, or a file without it that starts like a
     DICOM data set). InputError for a DICOM file of no image series (a DICOM SEG given as the CT)."""
-    from liversam.dicom_files import read_dicom_file
+    from liversam.dicom_files import DamagedDicomFileError, read_dicom_file
     from liversam.image_integrity import DICOM, sniff_image_format
 
     target = Path(path).expanduser()
@@ -114,7 +114,7 @@ def dicom_file_series(path: str) -> list[str] | None:
         return None
     try:
         header = read_dicom_file(target, stop_before_pixels=True)
-    except OSError:
+    except (OSError, DamagedDicomFileError):  # a damaged file: reading its folder's series says what is wrong with it
         header = None
     modality = str(header.get("Modality", "") or "").upper() if header is not None else ""
     if modality in NOT_IMAGE_MODALITIES:
@@ -200,7 +200,7 @@ def dicom_series_choices(files: list[str]) -> list[SeriesChoice]:
 
     try:
         infos = list_dicom_series_files(files)
-    except InputImageError as exc:  # a file removed meanwhile
+    except InputImageError as exc:  # a file removed meanwhile, unreadable, or damaged (cut short: a slice short)
         raise InputError(str(exc)) from None
     except Exception:  # noqa: BLE001 - a header the core cannot take: trame-slicer's reader reads the files whole
         logger.warning("the DICOM series could not be told apart from their headers; reading the files whole",

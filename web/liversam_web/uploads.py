@@ -258,12 +258,12 @@ def _kept(filename: str) -> bool:
 def lone_dicom_slice(path: str | Path) -> bool:
     """True for a DICOM file that holds one image of a series (one frame of an image modality): alone, no CT volume.
     A multi-frame file (an enhanced CT: the whole volume in one file) and a file that is no DICOM image are not."""
-    from liversam.dicom_files import read_dicom_file
+    from liversam.dicom_files import DamagedDicomFileError, read_dicom_file
 
     path = Path(path)
     try:  # with or without the "DICM" preamble, as the core reads it
         header = read_dicom_file(path, stop_before_pixels=True) if path.is_file() else None
-    except OSError:
+    except (OSError, DamagedDicomFileError):  # opening it says what is wrong with a damaged file
         return False
     if header is None:
         return False
@@ -295,12 +295,26 @@ HOW_TO_OPEN_A_CT = (f"upload a DICOM series ({HOW_TO_UPLOAD_A_SERIES.replace(' o
 def is_dicom_file(path: str | Path) -> bool:
     """A DICOM object, as trame-slicer's series reader tells one (what it reads): a data set with a SOP Class UID,
     with or without the "DICM" preamble (the files of a CD-ROM export often have neither preamble nor extension).
-    A DICOMDIR (the CD's index) is not one: it holds no object of a series."""
+    A DICOMDIR (the CD's index) is not one: it holds no object of a series. A DICOM file cut short before its SOP
+    Class UID is one too (the core tells it: ``liversam.dicom_files``): the series' listing names it as damaged,
+    where it was left out as "not DICOM" and its series opened a slice short."""
     try:
         header = pydicom.dcmread(path, stop_before_pixels=True, force=True, specific_tags=["SOPClassUID"])
     except Exception:  # noqa: BLE001 - force=True on a file that is no DICOM raises many kinds
+        header = None
+    return header is not None and header.get("SOPClassUID") is not None or _damaged_dicom_file(path)
+
+
+def _damaged_dicom_file(path: str | Path) -> bool:
+    from liversam.dicom_files import DamagedDicomFileError, read_dicom_file
+
+    try:
+        read_dicom_file(path, stop_before_pixels=True)
+    except DamagedDicomFileError:
+        return True
+    except OSError:
         return False
-    return header.get("SOPClassUID") is not None
+    return False
 
 
 def split_dicom_files(paths: list[str]) -> tuple[list[str], list[str]]:

@@ -1,0 +1,158 @@
+"""DICOM files cut short (an interrupted copy or download) among a series, made from copies of the real dcmqi and
+TotalSegmentator series.
+
+pydicom reads a file cut short without a word: it returns the elements before the cut. Before, such a file was left out
+of its series (no data set, no SeriesInstanceUID, no Rows: "not an image") and, when it was an end slice, the series
+was read a slice short and "ok": a clinically wrong volume. Now it is refused, naming the file and what to do."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import FileMetaDataset
+
+from liversam.cli import main
+from liversam.dicom_files import DamagedDicomFileError, dicom_kind, read_dicom_file
+from liversam.dicom_series import list_dicom_series, read_dicom_series
+from liversam.errors import InputImageError
+from liversam.segmentation_io import read_segmentation
+
+
+@pytest.fixture(scope="module")
+def dcmqi_ct(data_dir: Path) -> Path:
+    return data_dir / "dcmqi_ct3slice" / "ct"
+
+
+@pytest.fixture(scope="module")
+def totalseg_ct(data_dir: Path) -> Path:
+    return data_dir / "totalseg_small" / "ct_dicom"
+
+
+def _end_files(folder: Path) -> list[Path]:
+    """The series' first and last files along the slice normal (the ones whose loss leaves no gap)."""
+    files = read_dicom_series(folder).metadata["dicom_files"]
+    return [Path(files[0]), Path(files[-1])]
+
+
+def _element_start(path: Path, keyword: str) -> int:
+    """The byte offset of the element ``keyword`` (its tag) in ``path`` (explicit VR, a 2-byte length)."""
+    return pydicom.dcmread(path, stop_before_pixels=True).get_item(keyword).value_tell - 8
+
+
+def _data_set_start(path: Path) -> int:
+    """The byte offset of the data set: after the preamble, prefix and File Meta group (its group length says)."""
+    return 132 + 12 + int(pydicom.dcmread(path, stop_before_pixels=True).file_meta.FileMetaInformationGroupLength)
+
+
+# Where the file is cut, and what the old code did with the series then (an end slice cut so was left out silently).
+CUTS = {
+    "after-its-file-meta": _data_set_start,  # no data set: "not DICOM"
+    "before-its-rows": lambda p: _element_start(p, "Rows"),  # no Rows: "not an image"
+    "inside-its-image-position": lambda p: _element_start(p, "ImagePositionPatient") + 8 + 5,
+}
+
+
+@pytest.mark.parametrize("end", [0, -1], ids=["first-slice", "last-slice"])
+@pytest.mark.parametrize("cut", list(CUTS), ids=list(CUTS))
+def test_an_end_slice_cut_inside_its_header_is_refused_naming_it(tmp_path, totalseg_ct, end, cut, capsys) -> None:
+    """Before, the series was read with 19 of its 20 slices and no word (the other 19 form a regular grid)."""
+    folder = tmp_path / "series"
+    shutil.copytree(totalseg_ct, folder)
+    damaged = folder / _end_files(totalseg_ct)[end].name
+    size = CUTS[cut](damaged)
+    damaged.write_bytes(damaged.read_bytes()[:size])
+
+    with pytest.raises(InputImageError) as caught:
+        read_dicom_series(folder)
+    message = str(caught.value)
+    assert isinstance(caught.value, DamagedDicomFileError)
+    assert f"'{damaged}' is a damaged DICOM file" in message and "cut short" in message
+    assert "Replace it with a complete copy" in message and "a slice short" in message
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"coordinate_system": "IJK", "segments": [{"name": "liver", "boxes": [
+        [[100, 100, 1], [300, 300, 1]]]}]}))  # fmt: skip
+    argv = ["segment", str(folder), "--prompts", str(prompts), "--output", str(tmp_path / "liver.nii.gz")]
+    assert main([*argv, "--check-only"]) == 2
+    captured = capsys.readouterr()
+    assert damaged.name in captured.err and "damaged DICOM file" in captured.err and "Traceback" not in captured.err
+
+
+def test_a_slice_cut_inside_its_series_uid_is_not_read_as_another_series(tmp_path, dcmqi_ct) -> None:
+    """Cut inside its SeriesInstanceUID, the last slice made a series of its own (no UID, no image): the CT was read
+    with 2 of its 3 slices."""
+    folder = tmp_path / "series"
+    shutil.copytree(dcmqi_ct, folder)
+    damaged = folder / _end_files(dcmqi_ct)[-1].name
+    damaged.write_bytes(damaged.read_bytes()[: _element_start(damaged, "SeriesInstanceUID") + 8 + 10])
+    with pytest.raises(DamagedDicomFileError, match="ends inside its element .0020,000E. SeriesInstanceUID"):
+        list_dicom_series(folder)
+    with pytest.raises(DamagedDicomFileError, match=f"'{damaged}'"):  # one of its files given as the CT
+        read_dicom_series(folder / "02.dcm")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom's, on the values cut in two
+@pytest.mark.parametrize("series", ["dcmqi", "totalseg"])
+def test_every_cut_inside_a_slice_header_is_told(tmp_path, dcmqi_ct, totalseg_ct, series) -> None:
+    """Each cut between the "DICM" prefix and the pixel data (every 3rd byte), whatever element it falls in or between:
+    the header read while listing the series refuses the file. The whole header (cut after it) is read."""
+    source = _end_files(dcmqi_ct if series == "dcmqi" else totalseg_ct)[-1]
+    data = source.read_bytes()
+    pixels = data.index(b"\xe0\x7f\x10\x00")  # (7FE0,0010) Pixel Data
+    cut = tmp_path / "cut.dcm"
+    told = []
+    for size in range(132, pixels, 3):
+        cut.write_bytes(data[:size])
+        try:
+            read_dicom_file(cut, stop_before_pixels=True)
+        except DamagedDicomFileError:
+            told.append(size)
+    assert told == list(range(132, pixels, 3))
+    cut.write_bytes(data[: pixels + 12])  # the header whole, the pixel data cut: the listing reads it ...
+    assert read_dicom_file(cut, stop_before_pixels=True).Rows == 512
+    with pytest.raises(DamagedDicomFileError, match=f"'{cut}' is a damaged DICOM file"):  # ... reading it does not
+        read_dicom_file(cut)
+
+
+def test_a_slice_cut_inside_its_pixel_data_is_named_as_cut_short(tmp_path, dcmqi_ct) -> None:
+    """Before, its pixel data went to GDCM after pydicom, and the message spoke of decoders."""
+    folder = tmp_path / "series"
+    shutil.copytree(dcmqi_ct, folder)
+    damaged = folder / "03.dcm"
+    damaged.write_bytes(damaged.read_bytes()[:300_000])
+    with pytest.raises(DamagedDicomFileError, match=r"ends inside its element \(7FE0,0010\) PixelData") as caught:
+        read_dicom_series(folder)
+    assert f"'{damaged}'" in str(caught.value) and "decoder" not in str(caught.value)
+
+
+def test_a_slice_without_preamble_cut_short_is_refused_when_it_names_its_image_class(tmp_path, dcmqi_ct) -> None:
+    """Without the "DICM" prefix, a file is taken for a damaged DICOM file only when it names an image SOP class (it
+    was parsed as one); bytes that only start like a data element are left out as before (they may be anything)."""
+    folder = tmp_path / "series"
+    shutil.copytree(dcmqi_ct, folder)
+    ds = pydicom.dcmread(folder / "03.dcm")
+    ds.preamble, ds.file_meta = None, FileMetaDataset()
+    pydicom.dcmwrite(folder / "03.dcm", ds, enforce_file_format=False, implicit_vr=True, little_endian=True)
+    data = (folder / "03.dcm").read_bytes()
+    (folder / "03.dcm").write_bytes(data[: data.index(b"\x20\x00\x32\x00")])  # before (0020,0032) ImagePosition
+    assert dicom_kind(folder / "03.dcm") == "bare"
+    with pytest.raises(DamagedDicomFileError, match="it is a CT Image Storage object but the file ends before its "
+                                                    "pixel data"):  # fmt: skip
+        read_dicom_series(folder)
+    (folder / "03.dcm").unlink()
+    (folder / "looks_like_dicom.bin").write_bytes(b"\x08\x00\x05\x00\x0a\x00\x00\x00" + bytes(range(200)))
+    assert dicom_kind(folder / "looks_like_dicom.bin") == "bare"
+    assert [p.name for p in list_dicom_series(folder)[0].files] == ["01.dcm", "02.dcm"]
+
+
+def test_a_dicom_seg_cut_short_is_refused_as_damaged(tmp_path, data_dir) -> None:
+    seg = tmp_path / "liver_seg.dcm"
+    seg.write_bytes((data_dir / "dcmqi_ct3slice" / "liver_seg.dcm").read_bytes()[:5000])
+    reference = read_dicom_series(data_dir / "dcmqi_ct3slice" / "ct").geometry
+    with pytest.raises(InputImageError, match=f"'{seg}' is a damaged DICOM file: the file ends inside its element "
+                                              r"\(7FE0,0010\) PixelData"):  # fmt: skip
+        read_segmentation(seg, reference=reference)
