@@ -258,6 +258,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     _modelToolTip = ""  # the model list's tooltip of the .ui (local mode)
     _askingServerChange = False  # the "cancel the propagation?" question is open
     _job: dict | None = None  # (set in __init__)
+    _reviewVolume = None  # the volume node the review table's slices are of (the propagated CT)
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -277,6 +278,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._shortcuts: list = []
         self._lesions: list = []
         self._reviewFirstSlices: list[int] = []  # the first slice of each review-table row
+        self._reviewVolume = None  # the CT those slices are of: the propagated one, not the input chosen since
 
     # --- setup / teardown -----------------------------------------------------------------------------
     def setup(self) -> None:
@@ -449,6 +451,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.lesionTable.setRowCount(0)
         self.ui.reviewTable.setRowCount(0)
         self._reviewFirstSlices = []
+        self._reviewVolume = None
         self.ui.reviewLabel.text = ""
         self.setParameterNode(None)
 
@@ -1161,7 +1164,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay(_("Could not write the propagated result.")):
             message = self.logic.applyPropagation(plan, answer)
-            self._fillReviewTable(answer.get("review"), MRMLBridge.slice_numbering(plan.volume_node))
+            self._fillReviewTable(answer.get("review"), MRMLBridge.slice_numbering(plan.volume_node), plan.volume_node)
             if warning:
                 message += " " + self.logic.memoryWarning()
             self.ui.statusLabel.text = message
@@ -1194,10 +1197,11 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.segmentation.redo()
 
     # --- review and lesions ----------------------------------------------------------------------------------
-    def _fillReviewTable(self, report, numbering: SliceNumbering | None = None) -> None:
+    def _fillReviewTable(self, report, numbering: SliceNumbering | None = None, volumeNode=None) -> None:
         """The review report's items; its slice numbers (working k) shown as the volume's own index (``numbering``:
         the propagated volume's, :func:`MRMLBridge.slice_numbering`), the (i, j, k) of the Data Probe; the column's
-        tooltip says which index, a row's slices cell its DICOM instance numbers (the Data Probe's [slice: N])."""
+        tooltip says which index, a row's slices cell its DICOM instance numbers (the Data Probe's [slice: N]).
+        ``volumeNode``: the propagated volume, whose slices a row clicked shows (:meth:`onReviewRowClicked`)."""
         numbering = numbering or SliceNumbering()
         rows = reviewRows(report, numbering)
         table = self.ui.reviewTable
@@ -1211,6 +1215,7 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             table.setItem(r, 1, tableItem(segment))
             table.setItem(r, 2, tableItem(why))
         self._reviewFirstSlices = [row[0] for row in rows]
+        self._reviewVolume = volumeNode
         self.ui.reviewCollapsibleButton.collapsed = False
         self.ui.reviewLabel.toolTip = "\n".join(
             [numbering.explanation()] + ServerRequests.track_summary(report, numbering)
@@ -1224,9 +1229,17 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         )
 
     def onReviewRowClicked(self, row: int, column: int) -> None:
-        firsts = self._reviewFirstSlices
-        if 0 <= row < len(firsts) and self._parameterNode and self._parameterNode.inputVolume:
-            self._jumpToSlice(self._parameterNode.inputVolume, firsts[row])
+        """Show the row's first slice of the CT the review was made on (the propagated one): its slice numbers are that
+        CT's working k, which on another CT chosen as input since name other slices, elsewhere in the patient."""
+        firsts, volume = self._reviewFirstSlices, self._reviewVolume
+        if not 0 <= row < len(firsts) or volume is None:
+            return
+        if volume.GetScene() is not slicer.mrmlScene:
+            self.ui.statusLabel.text = _(
+                "The CT this review was made on is no longer in the scene: its slices cannot be shown."
+            )
+            return
+        self._jumpToSlice(volume, firsts[row])
 
     def onUpdateLesions(self) -> None:
         p = self._parameterNode

@@ -120,7 +120,7 @@ def test_a_job_kept_over_the_memory_budget_is_written_and_its_warning_said_in_pl
     liversam, _train = widgets
     ct, liver = large_ct()
     module, widget, _gated = module_widget(ct)
-    widget._fillReviewTable = lambda report, numbering=None: None  # Qt's table widget
+    widget._fillReviewTable = lambda report, numbering=None, volumeNode=None: None  # Qt's table widget
     k = liver.shape[0] // 2
     prompts = module.prompts(liver[k], k)
     plan = module.server.plan_propagation(module.segmentation, module.volume, module.liver_id, None, prompts,

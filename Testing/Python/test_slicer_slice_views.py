@@ -126,3 +126,41 @@ def test_clicking_a_lesion_row_shows_the_lesions_centre(views, slab):
     widget.onLesionRowClicked(0, 0)
     assert np.allclose(shown_position(nodes["Red"]), geometry.ijk_to_ras(centre_ijk)[0])
     assert widget._currentSliceK(volume) == 5
+
+
+def review_of(volume) -> dict:
+    """A review report with one row on working slices 2-3 of ``volume``."""
+    return {"items": [{"segment": "liver", "first_slice": 2, "last_slice": 3, "slices": "2-3",
+                       "reason": "check slices 2-3"}], "segments": []}  # fmt: skip
+
+
+def test_a_review_row_jumps_to_the_slice_of_the_ct_the_review_was_made_on(views, slab, monkeypatch):
+    """The review table is the propagated CT's: with another CT chosen as input since, a row clicked used to jump to
+    that row's slice number on the other CT (its grid, elsewhere in the patient); and with the propagated CT removed,
+    on whatever CT was the input."""
+    module, nodes, scene = views
+    monkeypatch.setattr(module.slicer, "mrmlScene", scene, raising=False)
+    propagated = MRMLBridge.volume_node_from_ct(slab, "propagated", scene)
+    geometry = slab.geometry
+    other_ct = CTVolume(np.zeros((40, 20, 20), np.int16), ImageGeometry(
+        (20, 20, 40), (1.0, 1.0, 1.0), tuple(np.asarray(geometry.origin_lps) + (0.0, 0.0, 200.0)), np.eye(3)))
+    other = MRMLBridge.volume_node_from_ct(other_ct, "other", scene)
+    widget = module.LiverSAMWidget.__new__(module.LiverSAMWidget)
+    widget.ui = SimpleNamespace(reviewTable=SimpleNamespace(clear=lambda: None, setColumnCount=lambda n: None,
+                                                            setHorizontalHeaderLabels=lambda labels: None,
+                                                            horizontalHeaderItem=lambda c: SimpleNamespace(
+                                                                setToolTip=lambda tip: None),
+                                                            setRowCount=lambda n: None, setItem=lambda r, c, i: None),
+                                reviewLabel=SimpleNamespace(text="", toolTip=""), statusLabel=SimpleNamespace(text=""),
+                                reviewCollapsibleButton=SimpleNamespace(collapsed=True))  # fmt: skip
+    monkeypatch.setattr(module.qt, "QTableWidgetItem", lambda text: SimpleNamespace(setToolTip=lambda tip: None),
+                        raising=False)  # fmt: skip
+    widget._fillReviewTable(review_of(propagated), MRMLBridge.slice_numbering(propagated), propagated)
+    widget._parameterNode = SimpleNamespace(inputVolume=other)  # another CT chosen as input after the propagation
+    widget.onReviewRowClicked(0, 0)
+    assert widget._currentSliceK(propagated) == 2, "the Red view is not on the propagated CT's slice 2"
+    nodes["Red"].JumpSlice(0.0, 0.0, 1e4)
+    scene.RemoveNode(propagated)
+    widget.onReviewRowClicked(0, 0)  # its CT is gone: no jump (onto the other CT's slice 2), and it says why
+    assert shown_position(nodes["Red"])[2] == pytest.approx(1e4)
+    assert "no longer in the scene" in widget.ui.statusLabel.text
