@@ -309,7 +309,8 @@ class PropagationRecord:
 
     ``given``: the prompts as placed, ``{k: SlicePrompts}``; ``volume_key``: the voxels (node ID, image
     modification time); ``settings``: the propagation settings sent; ``session``: the server session whose
-    mask named ``mask_name`` holds the segment as that job left it.
+    mask named ``mask_name`` holds the segment as that job left it; ``filled``: the slices the job's segment held
+    voxels on (:func:`propagation_still_there`).
     """
 
     given: dict
@@ -318,6 +319,7 @@ class PropagationRecord:
     session: str = ""
     mask_name: str = ""
     scores: dict[int, float] = field(default_factory=dict)
+    filled: tuple[int, ...] = ()
 
 
 def plan_repropagation(
@@ -336,5 +338,19 @@ def plan_repropagation(
     return sorted(int(k) for k, prompts in given.items() if record.given.get(k) != prompts)
 
 
-def record_of(given: Mapping, volume_key: Hashable, settings: Mapping, session: str, mask_name: str) -> PropagationRecord:
-    return PropagationRecord(copy.deepcopy(dict(given)), volume_key, dict(settings), session, mask_name)
+def propagation_still_there(record: PropagationRecord, existing_kji: np.ndarray) -> bool:
+    """Whether the segment (``existing_kji``, bool [k, j, i]) still holds what the recorded propagation wrote, so that
+    a fix can build on it: False when it has no voxel left on any slice the propagation filled besides the prompted
+    ones (the propagation was undone, or its result erased; the prompted slices keep what live updates wrote there).
+    A fix on such a segment re-propagated the changed slices and at most one slice each way
+    (``liversam.propagation.REPROPAGATION_MAX_REACH``) and left the rest of the structure empty: it must be a
+    propagation again. True when the record names no such slice (nothing to tell by)."""
+    beyond = [int(k) for k in record.filled if k not in record.given and 0 <= int(k) < existing_kji.shape[0]]
+    return not beyond or bool(np.asarray(existing_kji)[beyond].any())
+
+
+def record_of(given: Mapping, volume_key: Hashable, settings: Mapping, session: str, mask_name: str,
+              filled: Sequence[int] = ()) -> PropagationRecord:  # fmt: skip
+    """The record of a propagation (or fix) computed from ``given``; ``filled``: the slices its segment holds voxels on."""
+    return PropagationRecord(copy.deepcopy(dict(given)), volume_key, dict(settings), session, mask_name,
+                             filled=tuple(int(k) for k in filled))  # fmt: skip

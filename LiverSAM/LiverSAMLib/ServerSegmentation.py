@@ -458,7 +458,8 @@ class ServerSegmentation:
     def plan_propagation(self, segmentation_node, volume_node, segment_id: str, clip_id: str | None, prompts,
                          settings: dict[str, Any], window: tuple[float, float]) -> PropagationPlan:  # fmt: skip
         """A full propagation of the segment, or -- when it was propagated before from the same voxels and
-        settings and the prompts only gained or changed slices -- a fix of those slices (main thread).
+        settings, the prompts only gained or changed slices and the segment still holds that propagation (not undone:
+        :func:`ServerRequests.propagation_still_there`) -- a fix of those slices (main thread).
 
         ``clip_id``: the segment (the liver) a tumour is clipped to; its mask is read from the segmentation
         node now and sent as the job's container.
@@ -469,6 +470,10 @@ class ServerSegmentation:
         record = self.records.get((segmentation_node.GetID(), segment_id))
         fix_slices = ServerRequests.plan_repropagation(record, given, key, settings)
         existing = MRMLBridge.segment_mask(segmentation_node, segment_id, volume_node) if fix_slices else None
+        if existing is not None and not ServerRequests.propagation_still_there(record, existing):
+            # undone (Undo) or erased since: a fix would recompute a few slices of an otherwise empty structure
+            logger.info("LiverSAM: segment %s no longer holds its last propagation: propagated again", segment_id)
+            fix_slices, existing = None, None
         container = MRMLBridge.segment_mask(segmentation_node, clip_id, volume_node) if clip_id else None
         return PropagationPlan(self, segmentation_node, volume_node, segment_id, segment.GetName(), 2 if clip_id else 1,
                                segment.GetColor(), given, key, dict(settings), fix_slices or None, existing, container,
@@ -500,8 +505,9 @@ class ServerSegmentation:
                                          protect_segment_ids=protect)  # fmt: skip
             self._give_to_container(plan, mask, (0, mask.shape[0] - 1))
         self.records[(plan.segmentation_node.GetID(), plan.segment_id)] = ServerRequests.record_of(
-            plan.given, plan.volume_key, plan.settings, plan.session, plan.name
-        )
+            plan.given, plan.volume_key, plan.settings, plan.session, plan.name,
+            filled=np.flatnonzero(mask.any(axis=(1, 2))),
+        )  # fmt: skip
         return changed
 
     def _give_to_container(
