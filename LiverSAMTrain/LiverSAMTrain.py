@@ -296,6 +296,10 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         if volume is None or segmentation is None:
             slicer.util.errorDisplay(_("Choose a CT volume and its segmentation first."))
             return
+        problem = TrainingLogic.not_a_ct(volume)
+        if problem:
+            slicer.util.errorDisplay(problem)
+            return
         paired = TrainingLogic.paired_with(self._pairs, volume)
         if paired is segmentation:
             slicer.util.errorDisplay(

@@ -308,6 +308,20 @@ class NoTrainingData(ValueError):
     """Start / Resume with neither pairs, nor a data folder or manifest, nor an earlier export in the run folder."""
 
 
+def not_a_ct(volume_node) -> str:
+    """Why ``volume_node`` cannot be a pair's CT ("" when it can): a labelmap, or a vector / colour / tensor volume.
+    The CT selector lists scalar volumes only (``showChildNodeTypes`` false); with Slicer's default (true,
+    qMRMLSortFilterProxyModel.cxx) it listed their subclasses too, and a labelmap loaded beside its CT was exported and
+    trained on as the CT, without a word."""
+    if volume_node.GetClassName() == "vtkMRMLScalarVolumeNode":
+        return ""
+    kind = "a labelmap" if volume_node.IsA("vtkMRMLLabelMapVolumeNode") else f"a {volume_node.GetClassName()}"
+    return (
+        f"'{volume_node.GetName()}' is {kind}, not a CT volume: choose the CT (its segmentation goes in the "
+        "Segmentation field; a labelmap can be turned into one with the Segmentations module's Import)."
+    )
+
+
 def paired_with(pairs, volume_node):
     """The segmentation node ``volume_node`` is paired with in ``pairs``, or None. A CT may be in one pair only:
     ``liversam train`` refuses the same CT listed twice (it would be trained and validated on), and "Add pair" twice

@@ -206,6 +206,32 @@ def test_the_same_ct_cannot_be_added_twice(widgets, monkeypatch):  # noqa: F811
     assert [v.GetName() for v, _s in widget._pairs] == ["A", "B"] and len(listed) == 2
 
 
+def test_a_labelmap_is_not_taken_for_the_ct_of_a_pair(widgets, monkeypatch):  # noqa: F811
+    """The CT selector listed labelmaps (qMRMLNodeComboBox shows the subclasses of its node types unless
+    showChildNodeTypes is false: qMRMLSortFilterProxyModel.cxx, v5.10.0), and Add pair took a labelmap loaded beside
+    its CT as the CT: it was exported and trained on as one, without a word."""
+    import slicer
+
+    _liversam, train = widgets
+    scene = fresh_scene()
+    volume, segmentation = study(scene, "A", 40)
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "A label")
+    slicer.util.updateVolumeFromArray(labelmap, np.zeros((6, 20, 24), np.uint8))
+    errors: list[str] = []
+    monkeypatch.setattr(train.slicer.util, "errorDisplay", lambda text, *args, **kwargs: errors.append(text))
+    widget = train_widget(train, Path("/unused"))
+    widget.ui.volumeSelector.node, widget.ui.segmentationSelector.node = labelmap, segmentation
+    widget.onAddPair()
+    assert widget._pairs == [] and len(errors) == 1
+    assert "'A label' is a labelmap, not a CT volume" in errors[0]
+    widget.ui.volumeSelector.node = volume
+    widget.onAddPair()
+    assert widget._pairs == [(volume, segmentation)] and len(errors) == 1
+    selector = next(w for w in ET.parse(TRAIN_UI).getroot().iter("widget") if w.get("name") == "volumeSelector")
+    shown = {p.get("name"): p for p in selector.findall("property")}
+    assert shown["showChildNodeTypes"].find("bool").text == "false", "the CT selector lists labelmaps"
+
+
 class PairsList:
     """``QListWidget`` as the pairs list uses it."""
 
