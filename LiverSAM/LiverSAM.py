@@ -136,6 +136,24 @@ def dicomGridMessage(volumeName: str, mismatch: DicomGridMismatch) -> str:
     ).format(name=volumeName, difference=mismatch.difference)
 
 
+#: The file name endings each labelmap export format is written with (Parameters.EXPORT_FORMATS).
+LABELMAP_SUFFIXES = {"labelmap .nrrd": (".nrrd",), "labelmap .nii.gz": (".nii.gz", ".nii")}
+
+
+def exportFormatProblem(path: str, exportFormat: str) -> str:
+    """Why the file ``path`` cannot be written in the labelmap format chosen ("" when it can, or for another format: its
+    writer checks the name). The labelmap is written in the format its file name ends with: "labelmap .nii.gz" with a
+    file named .nrrd wrote a NRRD file."""
+    suffixes = LABELMAP_SUFFIXES.get(exportFormat)
+    name = Path(path).name
+    if suffixes is None or (name.endswith(suffixes) and not name.endswith(".seg.nrrd")):
+        return ""
+    return _(
+        "The file name '{name}' does not end with {suffix}, the format chosen ({format}): change the file name or "
+        "the format."
+    ).format(name=Path(path).name, suffix=" or ".join(suffixes), format=exportFormat)
+
+
 def modelScoresText(scores: dict, numbering: SliceNumbering) -> str:
     """The status line after a live update: each slice's model score, the slice by the volume's own index (named:
     "(index k)")."""
@@ -1485,6 +1503,9 @@ class LiverSAMLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("Choose an output file first."))
         if exportFormat == ".seg.nrrd":
             return self.segmentation.export_seg_nrrd(segmentationNode, path)
+        problem = exportFormatProblem(path, exportFormat)
+        if problem:
+            raise OutputError(problem)
         return self.segmentation.export_labelmap(segmentationNode, volumeNode, path)
 
     def prepareDicomSegExport(self, segmentationNode, volumeNode, path: str):
