@@ -509,7 +509,9 @@ class LiverSAMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._guiConnection = GuiConnection(self._parameterNode, self.ui)
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGUIState)
-            self._observePromptNodes()
+        # the prompts of the node set now; none without one (a scene closing: its prompt nodes are removed, and the
+        # observations kept them, and the widget's callbacks on them, alive until the module was shown again)
+        self._observePromptNodes()
         self._updateGUIState()
 
     def _disconnectGui(self) -> None:

@@ -525,3 +525,27 @@ def test_switching_the_target_segment_switches_the_prompts_sent(widgets):
     widget.onTargetSegmentChanged("vessels")
     assert widget._markupsPrompts().slices == [3] and widget._parameterNode.positivePoints is point
     widget.removeObservers()
+
+
+def test_a_closing_scene_leaves_no_observation_on_its_prompt_nodes(widgets):  # noqa: F811
+    """onSceneStartClose sets no parameter node: the prompt nodes' observations (holding the nodes about to be removed,
+    and the widget's callbacks on them) used to stay until the module was shown again."""
+    import vtk
+
+    module, _train = widgets
+    scene = fresh_scene()
+    widget = module.LiverSAMWidget.__new__(module.LiverSAMWidget)
+    module.VTKObservationMixin.__init__(widget)
+    widget._parameterNode, widget._guiConnection, widget._observedPromptNodes = None, None, []
+    widget._updateGUIState = lambda *args: None  # (Qt widgets)
+    points = PromptPlacement.new_prompt_node(scene, PromptPlacement.POSITIVE, "liver")
+    box = PromptPlacement.new_box_node(scene, "liver")
+    parameters = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")  # the parameter node, its members as attributes
+    parameters.positivePoints, parameters.negativePoints, parameters.targetSegmentID = points, None, "liver"
+    widget._parameterNode = parameters
+    widget.addObserver(parameters, vtk.vtkCommand.ModifiedEvent, widget._updateGUIState)  # as setParameterNode does
+    widget._observePromptNodes()
+    assert len(widget.Observations) > 0 and widget._observedPromptNodes == [points, box]
+    widget.setParameterNode(None)  # a scene closing
+    assert widget._observedPromptNodes == [] and widget.Observations == [], "the prompt nodes are still observed"
+    scene.Clear(0)  # (the scene closes: its prompt nodes removed)
