@@ -338,14 +338,15 @@ def plan_repropagation(
     return sorted(int(k) for k, prompts in given.items() if record.given.get(k) != prompts)
 
 
-def propagation_still_there(record: PropagationRecord, existing_kji: np.ndarray) -> bool:
+def propagation_still_there(record: PropagationRecord, existing_kji: np.ndarray, given: Mapping = ()) -> bool:
     """Whether the segment (``existing_kji``, bool [k, j, i]) still holds what the recorded propagation wrote, so that
     a fix can build on it: False when it has no voxel left on any slice the propagation filled besides the prompted
-    ones (the propagation was undone, or its result erased; the prompted slices keep what live updates wrote there).
-    A fix on such a segment re-propagated the changed slices and at most one slice each way
-    (``liversam.propagation.REPROPAGATION_MAX_REACH``) and left the rest of the structure empty: it must be a
-    propagation again. True when the record names no such slice (nothing to tell by)."""
-    beyond = [int(k) for k in record.filled if k not in record.given and 0 <= int(k) < existing_kji.shape[0]]
+    ones, then (``record.given``) or now (``given``) -- the propagation was undone, or its result erased; the prompted
+    slices hold what live updates wrote there. A fix on such a segment re-propagated the changed slices and at most one
+    slice each way (``liversam.propagation.REPROPAGATION_MAX_REACH``) and left the rest of the structure empty: it must
+    be a propagation again. True when the record names no such slice (nothing to tell by)."""
+    prompted = {int(k) for k in record.given} | {int(k) for k in given}
+    beyond = [int(k) for k in record.filled if int(k) not in prompted and 0 <= int(k) < existing_kji.shape[0]]
     return not beyond or bool(np.asarray(existing_kji)[beyond].any())
 
 

@@ -470,7 +470,7 @@ class ServerSegmentation:
         record = self.records.get((segmentation_node.GetID(), segment_id))
         fix_slices = ServerRequests.plan_repropagation(record, given, key, settings)
         existing = MRMLBridge.segment_mask(segmentation_node, segment_id, volume_node) if fix_slices else None
-        if existing is not None and not ServerRequests.propagation_still_there(record, existing):
+        if existing is not None and not ServerRequests.propagation_still_there(record, existing, given):
             # undone (Undo) or erased since: a fix would recompute a few slices of an otherwise empty structure
             logger.info("LiverSAM: segment %s no longer holds its last propagation: propagated again", segment_id)
             fix_slices, existing = None, None

@@ -57,10 +57,14 @@ def with_a_point_on_slice(k: int):
     return MRMLBridge.MarkupsPrompts(positive_ijk=[(15, 14, k)], boxes=[BOX])
 
 
-def test_a_changed_prompt_after_an_undone_propagation_propagates_again(propagated):
+@pytest.mark.parametrize("live", [False, True])
+def test_a_changed_prompt_after_an_undone_propagation_propagates_again(propagated, live):
+    """``live``: the point's live update wrote its slice (6, one the propagation had filled) before Propagate."""
     server, logic, segmentation, volume, liver_id, liver = propagated
     logic.undo()  # the propagation taken back: the live update's slice 4 is left
     assert not MRMLBridge.segment_mask(segmentation, liver_id, volume)[[1, 2, 3, 5, 6, 7, 8]].any()
+    if live:
+        logic.apply_slice_masks({4: liver[4], 6: liver[6]}, segmentation, liver_id, volume)
     plan = server.plan_propagation(segmentation, volume, liver_id, None, with_a_point_on_slice(6), {}, WINDOW)
     assert plan.fix_slices is None and plan.existing is None, "planned as a fix of a propagation that was undone"
 
@@ -84,6 +88,9 @@ def test_the_record_names_the_slices_the_propagation_filled(propagated):
     only_prompted = np.zeros_like(liver)
     only_prompted[4] = liver[4]
     assert not ServerRequests.propagation_still_there(record, only_prompted)
+    only_prompted[6] = liver[6]  # slice 6 prompted now (its live update): not the propagation's
+    assert ServerRequests.propagation_still_there(record, only_prompted)
+    assert not ServerRequests.propagation_still_there(record, only_prompted, {6: None})
     # a record of a propagation that filled only its prompted slices cannot tell: the fix is kept
     assert ServerRequests.propagation_still_there(
         ServerRequests.record_of({4: SlicePrompts(boxes_ij=[(5, 5, 25, 22)])}, ("ct", 1), {}, "", LIVER, filled=[4]),
