@@ -219,6 +219,7 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
         if not self.ui.outputPathLineEdit.currentPath:  # (a new widget's is empty: loadUI made it)
             self.ui.outputPathLineEdit.currentPath = str(qt.QSettings().value(RUN_FOLDER_SETTING, "") or "")
         self.ui.outputPathLineEdit.connect("currentPathChanged(QString)", self._onRunFolderEdited)
+        self.ui.dataManifestButton.connect("clicked()", self.onChooseManifest)
         self.ui.addPairButton.connect("clicked()", self.onAddPair)
         self.ui.clearPairsButton.connect("clicked()", self.onClearPairs)
         self.ui.startButton.connect("clicked()", self.onStart)
@@ -261,6 +262,16 @@ class LiverSAMTrainWidget(ScriptedLoadableModuleWidget):
                 self.logic.process.pid,
                 self.logic.process.log_path,
             )
+
+    def onChooseManifest(self) -> None:
+        """A manifest file as the training data. The data field's own button chooses a folder: with files in its filters
+        ctkPathLineEdit::browse opens QFileDialog::getOpenFileName, in which a folder cannot be chosen, and a data
+        folder is what most studies come as."""
+        path = qt.QFileDialog.getOpenFileName(
+            self.parent, _("Select a training manifest"), "", _("Manifests (*.json *.csv);;All files (*)")
+        )
+        if path:
+            self.ui.dataPathLineEdit.currentPath = path
 
     # --- pairs of loaded nodes ---
     def _observeScene(self, scene) -> None:

@@ -730,8 +730,8 @@ def set_up(train, monkeypatch, run_dir: Path | None, settings: dict | None = Non
         runFolderStatusLabel=Widget(text="", visible=True),
         statusLabel=Label(), logTextEdit=Log(), progressBar=Widget(maximum=100, value=0),
         curvesComboBox=Widget(currentIndex=0),
-        **{name: Widget(enabled=True) for name in ("addPairButton", "clearPairsButton", "startButton", "resumeButton",
-                                                    "stopButton")},
+        **{name: Widget(enabled=True) for name in ("dataManifestButton", "addPairButton", "clearPairsButton",
+                                                    "startButton", "resumeButton", "stopButton")},
     )  # fmt: skip
     monkeypatch.setattr(train.qt, "QTimer", QtTimer, raising=False)
     monkeypatch.setattr(train.slicer, "app", SimpleNamespace(

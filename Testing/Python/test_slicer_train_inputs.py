@@ -232,6 +232,29 @@ def test_a_labelmap_is_not_taken_for_the_ct_of_a_pair(widgets, monkeypatch):  # 
     assert shown["showChildNodeTypes"].find("bool").text == "false", "the CT selector lists labelmaps"
 
 
+def test_a_data_folder_can_be_chosen_with_the_data_fields_button_and_a_manifest_with_its_own(widgets, monkeypatch):  # noqa: F811
+    """The data field's filters were Dirs|Files: ctkPathLineEdit::browse then opens QFileDialog::getOpenFileName
+    (CTK dd4caeae, Libs/Widgets/ctkPathLineEdit.cpp), in which no folder can be chosen, and a folder of studies is the
+    usual training data. Its button now chooses a folder; "Manifest..." chooses a .json / .csv manifest."""
+    _liversam, train = widgets
+    root = ET.parse(TRAIN_UI).getroot()
+    field = next(w for w in root.iter("widget") if w.get("name") == "dataPathLineEdit")
+    filters = next(p for p in field.findall("property") if p.get("name") == "filters").find("set").text
+    assert "Files" not in filters and "Dirs" in filters, "the data field's button opens a file dialog"
+    assert any(w.get("name") == "dataManifestButton" for w in root.iter("widget"))
+    asked = []
+
+    def get_open_file_name(parent, caption, folder, name_filters):  # noqa: ARG001 - QFileDialog's signature
+        asked.append(name_filters)
+        return "/data/manifest.json"
+
+    monkeypatch.setattr(train.qt, "QFileDialog", SimpleNamespace(getOpenFileName=get_open_file_name), raising=False)
+    widget = train_widget(train, Path("/unused"))
+    widget.parent = None
+    widget.onChooseManifest()
+    assert widget.ui.dataPathLineEdit.currentPath == "/data/manifest.json" and "*.json *.csv" in asked[0]
+
+
 class PairsList:
     """``QListWidget`` as the pairs list uses it."""
 
