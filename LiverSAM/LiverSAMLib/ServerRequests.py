@@ -344,10 +344,21 @@ def propagation_still_there(record: PropagationRecord, existing_kji: np.ndarray,
     ones, then (``record.given``) or now (``given``) -- the propagation was undone, or its result erased; the prompted
     slices hold what live updates wrote there. A fix on such a segment re-propagated the changed slices and at most one
     slice each way (``liversam.propagation.REPROPAGATION_MAX_REACH``) and left the rest of the structure empty: it must
-    be a propagation again. True when the record names no such slice (nothing to tell by)."""
+    be a propagation again.
+
+    A propagation that filled its prompted slices only (a lesion on one slice) is told by those slices: False when the
+    segment holds nothing on any of them (undone with live updates off, or erased). True when the record names no slice
+    at all (the propagation found nothing: a fix builds on the same empty segment).
+
+    Main thread, on a segment of hundreds of slices: each slice is looked at in turn and the first one with a voxel
+    ends the search (no copy of the slices, as indexing with a list of them made)."""
+    depth = existing_kji.shape[0]
     prompted = {int(k) for k in record.given} | {int(k) for k in given}
-    beyond = [int(k) for k in record.filled if int(k) not in prompted and 0 <= int(k) < existing_kji.shape[0]]
-    return not beyond or bool(np.asarray(existing_kji)[beyond].any())
+    filled = [int(k) for k in record.filled if 0 <= int(k) < depth]
+    beyond = [k for k in filled if k not in prompted]
+    if not filled:
+        return True
+    return any(existing_kji[k].any() for k in (beyond or filled))
 
 
 def record_of(given: Mapping, volume_key: Hashable, settings: Mapping, session: str, mask_name: str,

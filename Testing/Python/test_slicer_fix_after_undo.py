@@ -91,8 +91,51 @@ def test_the_record_names_the_slices_the_propagation_filled(propagated):
     only_prompted[6] = liver[6]  # slice 6 prompted now (its live update): not the propagation's
     assert ServerRequests.propagation_still_there(record, only_prompted)
     assert not ServerRequests.propagation_still_there(record, only_prompted, {6: None})
-    # a record of a propagation that filled only its prompted slices cannot tell: the fix is kept
-    assert ServerRequests.propagation_still_there(
-        ServerRequests.record_of({4: SlicePrompts(boxes_ij=[(5, 5, 25, 22)])}, ("ct", 1), {}, "", LIVER, filled=[4]),
-        np.zeros_like(liver),
-    )
+    # a propagation that filled only its prompted slice is told by that slice: still there while it holds voxels
+    record = ServerRequests.record_of({4: SlicePrompts(boxes_ij=[(5, 5, 25, 22)])}, ("ct", 1), {}, "", LIVER, filled=[4])
+    assert ServerRequests.propagation_still_there(record, only_prompted)
+    assert not ServerRequests.propagation_still_there(record, np.zeros_like(liver))
+    # a propagation that found nothing: a fix builds on the same empty segment
+    empty = ServerRequests.record_of({4: SlicePrompts(boxes_ij=[(5, 5, 25, 22)])}, ("ct", 1), {}, "", LIVER)
+    assert ServerRequests.propagation_still_there(empty, np.zeros_like(liver))
+
+
+def test_an_undone_propagation_of_its_prompted_slice_only_propagates_again(propagated):
+    """A propagation that filled only the prompted slice (a lesion on one slice), with live updates off: Undo leaves the
+    segment empty, and a fix of the new prompt's slice on it left the first prompt's slice empty."""
+    server, logic, segmentation, volume, liver_id, liver = propagated
+    logic.undo()  # the fixture's propagation
+    logic.undo()  # and its live update: live updates off
+    assert not MRMLBridge.segment_mask(segmentation, liver_id, volume).any()
+    one_slice = np.zeros_like(liver)
+    one_slice[4] = liver[4]
+    prompts = MRMLBridge.MarkupsPrompts(boxes=[BOX])
+    plan = server.plan_propagation(segmentation, volume, liver_id, None, prompts, {}, WINDOW)
+    assert plan.fix_slices is None
+    server.apply_propagation(plan, {"segments": [{"name": LIVER, "label": 1, "mask": one_slice}], "review": {}})
+    assert server.records[(segmentation.GetID(), liver_id)].filled == (4,)
+    logic.undo()
+    assert not MRMLBridge.segment_mask(segmentation, liver_id, volume).any()
+    plan = server.plan_propagation(segmentation, volume, liver_id, None, with_a_point_on_slice(5), {}, WINDOW)
+    assert plan.fix_slices is None and plan.existing is None, "planned as a fix of a propagation that was undone"
+
+
+def test_telling_a_large_segment_still_there_copies_none_of_its_slices():
+    """Planned on the main thread before every fix: a liver of 300 slices of 512 x 512 is looked at slice by slice up to
+    the first voxel found (indexing it with the list of slices copied them: 79 MB, a fifth of a second)."""
+    import tracemalloc
+
+    liver = np.zeros((300, 512, 512), bool)
+    liver[:, 100:400, 100:400] = True
+    record = ServerRequests.record_of({150: SlicePrompts(boxes_ij=[(100, 100, 400, 400)])}, ("ct", 1), {}, "", LIVER,
+                                      filled=range(300))  # fmt: skip
+    tracemalloc.start()
+    try:
+        assert ServerRequests.propagation_still_there(record, liver)
+        liver[:] = False
+        liver[150, 100:400, 100:400] = True  # undone: the prompted slice only
+        assert not ServerRequests.propagation_still_there(record, liver)
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 512 * 512, f"{peak / 1e6:.0f} MB allocated to look at the segment"
