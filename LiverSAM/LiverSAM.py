@@ -143,15 +143,26 @@ LABELMAP_SUFFIXES = {"labelmap .nrrd": (".nrrd",), "labelmap .nii.gz": (".nii.gz
 def exportFormatProblem(path: str, exportFormat: str) -> str:
     """Why the file ``path`` cannot be written in the labelmap format chosen ("" when it can, or for another format: its
     writer checks the name). The labelmap is written in the format its file name ends with: "labelmap .nii.gz" with a
-    file named .nrrd wrote a NRRD file."""
+    file named .nrrd wrote a NRRD file. ``.nii`` is written as uncompressed NIfTI. The endings are matched in lower case
+    only, as the export checks them."""
     suffixes = LABELMAP_SUFFIXES.get(exportFormat)
     name = Path(path).name
     if suffixes is None or (name.endswith(suffixes) and not name.endswith(".seg.nrrd")):
         return ""
+    if name.endswith(".seg.nrrd"):
+        return _(
+            "The file name '{name}' is that of a Slicer segmentation (.seg.nrrd), not of a labelmap: choose the "
+            "format .seg.nrrd, or name the file without .seg (for example '{example}')."
+        ).format(name=name, example=name[: -len(".seg.nrrd")] + suffixes[0])
+    wanted = " or ".join(suffixes)
+    if name.lower().endswith(suffixes) and not name.lower().endswith(".seg.nrrd"):
+        return _(
+            "The file name '{name}' must end in lower case letters ({suffix}) for the format chosen ({format})."
+        ).format(name=name, suffix=wanted, format=exportFormat)
     return _(
         "The file name '{name}' does not end with {suffix}, the format chosen ({format}): change the file name or "
         "the format."
-    ).format(name=Path(path).name, suffix=" or ".join(suffixes), format=exportFormat)
+    ).format(name=name, suffix=wanted, format=exportFormat)
 
 
 def modelScoresText(scores: dict, numbering: SliceNumbering) -> str:

@@ -47,11 +47,20 @@ def exported(widgets):  # noqa: F811
     return module, logic, segmentation, volume
 
 
-@pytest.mark.parametrize(("chosen", "name"), [("labelmap .nii.gz", "liver.nrrd"), ("labelmap .nrrd", "liver.nii.gz"),
-                                              ("labelmap .nrrd", "liver.seg.nrrd")])  # fmt: skip
-def test_a_file_name_of_another_format_is_refused_with_what_to_change(exported, tmp_path, chosen, name):
+@pytest.mark.parametrize(("chosen", "name", "said"), [
+    ("labelmap .nii.gz", "liver.nrrd", "'liver.nrrd' does not end with .nii.gz or .nii, the format chosen \\(labelmap .nii.gz\\)"),
+    ("labelmap .nrrd", "liver.nii.gz", "'liver.nii.gz' does not end with .nrrd, the format chosen \\(labelmap .nrrd\\)"),
+    ("labelmap .nrrd", "liver.seg.nrrd", "'liver.seg.nrrd' is that of a Slicer segmentation .*choose the format .seg.nrrd, "
+                                         "or name the file without .seg \\(for example 'liver.nrrd'\\)"),
+    ("labelmap .nii.gz", "liver.seg.nrrd", "for example 'liver.nii.gz'"),
+    ("labelmap .nrrd", "liver.NRRD", "'liver.NRRD' must end in lower case letters \\(.nrrd\\) for the format chosen"),
+    ("labelmap .nii.gz", "liver.NII.GZ", "'liver.NII.GZ' must end in lower case letters \\(.nii.gz or .nii\\)"),
+])  # fmt: skip
+def test_a_file_name_of_another_format_is_refused_with_what_to_change(exported, tmp_path, chosen, name, said):
+    """In plain words: a .seg.nrrd name does end with .nrrd, and .NRRD is .nrrd to the eye ("does not end with .nrrd"
+    said neither what was wrong)."""
     _module, logic, segmentation, volume = exported
-    with pytest.raises(OutputError, match=f"'{name}' does not end with .*the format chosen \\({chosen}\\)"):
+    with pytest.raises(OutputError, match=said):
         logic.export(segmentation, volume, str(tmp_path / name), chosen)
     assert list(tmp_path.iterdir()) == []  # nothing written in another format
 
