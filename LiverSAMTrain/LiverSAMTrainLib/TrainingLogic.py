@@ -315,7 +315,9 @@ def not_a_ct(volume_node) -> str:
     trained on as the CT, without a word."""
     if volume_node.GetClassName() == "vtkMRMLScalarVolumeNode":
         return ""
-    kind = "a labelmap" if volume_node.IsA("vtkMRMLLabelMapVolumeNode") else f"a {volume_node.GetClassName()}"
+    kinds = (("vtkMRMLLabelMapVolumeNode", "a labelmap"), ("vtkMRMLVectorVolumeNode", "a colour (vector) volume"),
+             ("vtkMRMLTensorVolumeNode", "a tensor volume"), ("vtkMRMLDiffusionWeightedVolumeNode", "a diffusion volume"))  # fmt: skip
+    kind = next((words for cls, words in kinds if volume_node.IsA(cls)), f"a {volume_node.GetClassName()}")
     return (
         f"'{volume_node.GetName()}' is {kind}, not a CT volume: choose the CT (its segmentation goes in the "
         "Segmentation field; a labelmap can be turned into one with the Segmentations module's Import)."

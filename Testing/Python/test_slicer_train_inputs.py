@@ -224,9 +224,13 @@ def test_a_labelmap_is_not_taken_for_the_ct_of_a_pair(widgets, monkeypatch):  # 
     widget.onAddPair()
     assert widget._pairs == [] and len(errors) == 1
     assert "'A label' is a labelmap, not a CT volume" in errors[0]
+    colour = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "A photo")
+    widget.ui.volumeSelector.node = colour
+    widget.onAddPair()
+    assert widget._pairs == [] and "'A photo' is a colour (vector) volume, not a CT volume" in errors[1]
     widget.ui.volumeSelector.node = volume
     widget.onAddPair()
-    assert widget._pairs == [(volume, segmentation)] and len(errors) == 1
+    assert widget._pairs == [(volume, segmentation)] and len(errors) == 2
     selector = next(w for w in ET.parse(TRAIN_UI).getroot().iter("widget") if w.get("name") == "volumeSelector")
     shown = {p.get("name"): p for p in selector.findall("property")}
     assert shown["showChildNodeTypes"].find("bool").text == "false", "the CT selector lists labelmaps"
