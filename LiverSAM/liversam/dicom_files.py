@@ -36,7 +36,14 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 
 
 class DamagedDicomFileError(InputImageError):
-    """A DICOM file that pydicom cannot read whole: cut short (an interrupted copy or download) or damaged."""
+    """A DICOM file that pydicom cannot read whole: cut short (an interrupted copy or download) or damaged.
+
+    ``dataset``: the elements read before the damage, without an element cut in two (None when pydicom could not
+    parse the file): what the file still tells, e.g. the series it belongs to."""
+
+    def __init__(self, message: str, dataset=None) -> None:
+        super().__init__(message)
+        self.dataset = dataset
 
 
 def _kind(start: bytes, size: int) -> DicomKind | None:
@@ -91,11 +98,56 @@ def read_dicom_file(path: str | Path, stop_before_pixels: bool = False):
             problem = f"pydicom cannot parse it ({type(parse_error).__name__}: {_one_line(parse_error)})"
             raise DamagedDicomFileError(damaged_message(path, problem)) from None
         stopped_at_pixels = stop_before_pixels and handle.tell() < size
-    problem = header_problem(ds, size, stopped_at_pixels)
+        problem = header_problem(ds, size, stopped_at_pixels)
+        if problem is None and stopped_at_pixels:
+            problem = _pixel_data_problem(handle, ds, size)
     if problem is not None and (kind == "part10" or _pixel_sop_class(ds) is not None):
         # Without the prefix, only a data set that names an image (or SEG) SOP class is surely a damaged DICOM
         # object; other bytes that passed the first-bytes test may be anything (left out as before).
-        raise DamagedDicomFileError(damaged_message(path, problem))
+        raise DamagedDicomFileError(damaged_message(path, problem), dataset=_without_cut_element(ds))
+    return ds
+
+
+def _pixel_data_problem(handle, ds, size: int) -> str | None:
+    """Read with ``stop_before_pixels``, ``handle`` is at the pixel data element: why it is cut short (its length
+    runs past the end of the file), else None. Only its tag and length are read (a few bytes). Encapsulated
+    (compressed) pixel data has no length (its items end it): reading the pixel data tells when it is cut."""
+    implicit, little = ds.original_encoding
+    if implicit is None:
+        return None
+    start = handle.tell()
+    head = handle.read(12)
+    order = "little" if little else "big"
+    if len(head) < 8:
+        return None  # header_problem's "ends inside its element" would have told a cut this close
+    tag = (int.from_bytes(head[0:2], order) << 16) | int.from_bytes(head[2:4], order)
+    if tag not in _PIXEL_DATA_TAGS:
+        return None
+    if implicit:
+        header, length = 8, int.from_bytes(head[4:8], order)
+    elif head[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN"):
+        if len(head) < 12:
+            return None
+        header, length = 12, int.from_bytes(head[8:12], order)
+    else:
+        header, length = 8, int.from_bytes(head[6:8], order)
+    have = size - start - header
+    if length == _UNDEFINED_LENGTH or have >= length:
+        return None
+    return (
+        f"the file ends inside its element {_tag_name(tag)} ({max(have, 0)} of its {length} bytes; the file is "
+        f"{size} bytes): it was cut short"
+    )
+
+
+def _without_cut_element(ds):
+    """``ds`` (a data set read from a file cut short) without the element cut in two, if one was (only the last one
+    read can be): the values left are whole. Changes ``ds`` in place; returns it."""
+    for raw in list(ds.values()):
+        value, length = getattr(raw, "value", None), getattr(raw, "length", 0)
+        if getattr(raw, "is_raw", False) and isinstance(value, bytes) and length != _UNDEFINED_LENGTH \
+                and len(value) < length:  # fmt: skip
+            del ds[raw.tag]
     return ds
 
 

@@ -6,6 +6,11 @@ to read: the series the user names (by SeriesInstanceUID or SeriesNumber), other
 most slices. A tie is refused with the list of choices, so the user never gets a series silently. Files without
 the preamble and "DICM" prefix, with or without File Meta, are read too (:mod:`liversam.dicom_files`).
 
+A damaged DICOM file (cut short: :class:`~liversam.dicom_files.DamagedDicomFileError`) whose header still names its
+SeriesInstanceUID is recorded under that series (``DicomSeriesInfo.damaged``): that series is refused, naming the
+file, and the others are read (with a warning naming it). One whose SeriesInstanceUID cannot be read (cut before it)
+may be a slice of any series: the folder is refused.
+
 :func:`read_dicom_series` sorts the slices along the slice normal (``cross(row, column)`` of
 ImageOrientationPatient), checks that they form a regular grid and applies RescaleSlope/RescaleIntercept
 (per slice). Geometry: ``direction_lps`` columns are the DICOM row direction (i), the column direction (j)
@@ -58,12 +63,21 @@ RESAMPLE_OPTION_HINT = (
 
 
 @dataclass(frozen=True)
+class DamagedFile:
+    """A damaged DICOM file (cut short) of a series, and the error that names it and says what to do."""
+
+    path: Path
+    message: str
+
+
+@dataclass(frozen=True)
 class DicomSeriesInfo:
     """One series found in a folder.
 
     ``series_uid`` is "" when the files carry no SeriesInstanceUID (some anonymisers blank it); such files
     are grouped by folder, frame of reference, series number and description instead. ``files`` excludes
     localizer (scout) images. ``is_image`` is False for SEG, RTSTRUCT, SR and other non-image objects.
+    ``damaged``: its files that are damaged (cut short; not in ``files``): the series cannot be read.
     """
 
     series_uid: str
@@ -78,19 +92,40 @@ class DicomSeriesInfo:
     is_image: bool = True
     # Headers read while scanning (pixel data not loaded), in the order of ``files``.
     headers: tuple = field(default=(), repr=False, compare=False)
+    damaged: tuple[DamagedFile, ...] = ()
 
     @property
     def num_files(self) -> int:
         return len(self.files)
+
+    @property
+    def ranked_files(self) -> int:
+        """Its files counted for choosing the largest series: the damaged ones too. A damaged file is most likely
+        a slice of its series (an image series' files are nearly all slices): the series lost no size by it, so the
+        automatic choice does not turn to a smaller series because of it, and a tie it makes is refused as any tie."""
+        return len(self.files) + len(self.damaged)
+
+    def damaged_message(self) -> str:
+        """The error naming its first damaged file (and how many more there are), "" when it has none."""
+        if not self.damaged:
+            return ""
+        more = len(self.damaged) - 1
+        return self.damaged[0].message + (f" ({more} other file(s) of the series are damaged too.)" if more else "")
+
+    def check_whole(self) -> None:
+        """Raise :class:`~liversam.dicom_files.DamagedDicomFileError` naming its first damaged file, if it has one."""
+        if self.damaged:
+            raise DamagedDicomFileError(self.damaged_message())
 
     def describe(self) -> str:
         """One line for listings: number, modality, description, size, UID."""
         number = "?" if self.series_number is None else str(self.series_number)
         size = f"{self.columns}x{self.rows}" if self.rows and self.columns else "no image"
         uid = self.series_uid or "(no SeriesInstanceUID)"
+        damaged = f" + {len(self.damaged)} DAMAGED file(s)" if self.damaged else ""
         return (
             f"SeriesNumber {number} | {self.modality or '?'} | '{self.description}' | "
-            f"{self.num_files} file(s), {size} | SeriesInstanceUID {uid}"
+            f"{self.num_files} file(s){damaged}, {size} | SeriesInstanceUID {uid}"
         )
 
 
@@ -116,12 +151,42 @@ def _read_header(path: Path):
     denied) or is a damaged DICOM file (cut short: :class:`~liversam.dicom_files.DamagedDicomFileError`): it may be
     one of the series' files."""
     try:
-        return read_dicom_file(path, stop_before_pixels=True)
+        return _read_header_or_damaged(path)
     except DamagedDicomFileError as exc:  # it was left out of its series without a word (an end slice: no gap)
-        raise DamagedDicomFileError(
-            f"{exc} A DICOM folder is not read with a damaged file in it: it may be one of the series' slices, and "
-            "the series would be read a slice short without it (at either end, with no gap to show for it)."
-        ) from None
+        raise _refusing_the_folder(exc) from None
+
+
+def _refusing_the_folder(exc: DamagedDicomFileError) -> DamagedDicomFileError:
+    return DamagedDicomFileError(
+        f"{exc} A DICOM folder is not read with a damaged file in it: it may be one of the series' slices, and "
+        "the series would be read a slice short without it (at either end, with no gap to show for it).",
+        dataset=exc.dataset,
+    )
+
+
+def _scan_header(path: Path) -> tuple[object | None, DamagedFile | None]:
+    """(header, None) as :func:`_read_header`; (the header read before the damage, the damaged file) for a damaged
+    file whose header still names its SeriesInstanceUID: its series is known, the others may be read. A damaged file
+    that does not name it (cut before it) raises as in :func:`_read_header`: it may be a slice of any series."""
+    try:
+        return _read_header_or_damaged(path), None
+    except DamagedDicomFileError as exc:
+        series_uid = str(exc.dataset.get("SeriesInstanceUID", "") or "") if exc.dataset is not None else ""
+        if not series_uid:  # cut before its SeriesInstanceUID (or it has none): a slice of any series
+            raise _refusing_the_folder(exc) from None
+        message = (
+            f"{exc} Its header names series {series_uid}, which is not read with a damaged file: the file is most "
+            "likely one of its slices, and the series would be read a slice short without it (at either end, with "
+            "no gap to show for it). The other series beside it can be read."
+        )
+        return exc.dataset, DamagedFile(path, message)
+
+
+def _read_header_or_damaged(path: Path):
+    """:func:`_read_header`, but a damaged file raises :class:`~liversam.dicom_files.DamagedDicomFileError` as
+    :func:`~liversam.dicom_files.read_dicom_file` does (the caller tells what it means for the folder)."""
+    try:
+        return read_dicom_file(path, stop_before_pixels=True)
     except PermissionError as exc:  # taken for "not DICOM", it was left out of its series without a word
         raise InputImageError(
             f"'{path}' cannot be read (permission denied): every file of a DICOM folder must be readable by this "
@@ -167,13 +232,19 @@ def list_dicom_series(folder: str | Path) -> list[DicomSeriesInfo]:
 def list_dicom_series_files(paths: Iterable[str | Path]) -> list[DicomSeriesInfo]:
     """Group the given files into series (as :func:`list_dicom_series` does for a folder).
 
-    Files that are not DICOM are ignored; missing files raise :class:`InputImageError`.
+    Files that are not DICOM are ignored; missing files raise :class:`InputImageError`. A damaged file is recorded
+    under its series (``damaged``) when its header names the series, else raises
+    :class:`~liversam.dicom_files.DamagedDicomFileError`.
     """
     groups: dict[tuple, list[tuple[Path, object]]] = {}
+    damaged: dict[tuple, list[tuple[DamagedFile, object]]] = {}
     for path in (Path(p) for p in paths):
         if not path.is_file():
             raise InputImageError(f"DICOM file not found: '{path}'.")
-        ds = _read_header(path)
+        ds, damage = _scan_header(path)
+        if damage is not None:  # it names its series (its header was read up to the damage, past the UID)
+            damaged.setdefault((str(ds.SeriesInstanceUID),), []).append((damage, ds))
+            continue
         if ds is None or "SOPClassUID" not in ds and "Modality" not in ds:
             continue
         series_uid = str(ds.get("SeriesInstanceUID", "") or "")
@@ -191,17 +262,19 @@ def list_dicom_series_files(paths: Iterable[str | Path]) -> list[DicomSeriesInfo
         groups.setdefault(key, []).append((path, ds))
 
     infos = []
-    for key, members in groups.items():
-        first = members[0][1]
+    for key in [*groups, *(key for key in damaged if key not in groups)]:
+        members, broken = groups.get(key, []), damaged.get(key, [])
+        # its whole files tell the series (a damaged file's values are whole up to the damage: the last resort)
+        first = members[0][1] if members else broken[0][1]
         modality = str(first.get("Modality", "") or "").upper()
         images = [(p, d) for p, d in members if "Rows" in d and not _is_localizer(d)]
-        is_image = modality not in NON_IMAGE_MODALITIES and bool(images)
+        is_image = modality not in NON_IMAGE_MODALITIES and (bool(images) or bool(broken))
         kept = images if is_image else members
         if is_image and len(images) < len(members):
             logger.debug(
                 "series %s: ignoring %d localizer/non-image file(s)", key[0], len(members) - len(images)
             )
-        ref = kept[0][1]
+        ref = kept[0][1] if kept else {}
         infos.append(
             DicomSeriesInfo(
                 series_uid=key[0],
@@ -215,9 +288,10 @@ def list_dicom_series_files(paths: Iterable[str | Path]) -> list[DicomSeriesInfo
                 columns=_int_or_none(ref.get("Columns")),
                 is_image=is_image,
                 headers=tuple(d for _, d in kept),
+                damaged=tuple(damage for damage, _ in broken),
             )
         )
-    infos.sort(key=lambda s: (not s.is_image, s.modality != "CT", -s.num_files, s.series_number or 0))
+    infos.sort(key=lambda s: (not s.is_image, s.modality != "CT", -s.ranked_files, s.series_number or 0))
     return infos
 
 
@@ -292,8 +366,11 @@ def select_dicom_series(
                 f"'{folder}' holds DICOM files but no image series (only "
                 f"{', '.join(sorted({s.modality or '?' for s in all_series}))}). Give the folder of the CT images."
             )
-        most = max(s.num_files for s in candidates)
-        top = [s for s in candidates if s.num_files == most]
+        # A damaged file counts toward its series' size (DicomSeriesInfo.ranked_files): the series it most likely
+        # belongs to (as a slice) is still the one chosen, and refused naming the file, rather than a smaller series
+        # read instead without a word; a tie it makes with a whole series is refused with the choices, as any tie.
+        most = max(s.ranked_files for s in candidates)
+        top = [s for s in candidates if s.ranked_files == most]
         if len(top) > 1:
             raise InputImageError(
                 f"'{folder}' holds {len(top)} CT series with {most} images each; {SERIES_OPTION_HINT}:\n"
@@ -310,6 +387,7 @@ def select_dicom_series(
                 _format_choices(s for s in candidates if s is not chosen),
             )
 
+    chosen.check_whole()
     if not chosen.is_image:
         raise InputImageError(
             f"Series {chosen.series_uid} in '{folder}' is a {chosen.modality} object, not an image series. "
@@ -319,6 +397,16 @@ def select_dicom_series(
         raise InputImageError(
             f"Series {chosen.series_uid or chosen.describe()} in '{folder}' has modality {chosen.modality or '?'}, "
             f"not CT. LiverSAM expects Hounsfield units; to use it anyway pass {NON_CT_OPTION_HINT}."
+        )
+    left_out = [damage.path for s in all_series if s is not chosen for damage in s.damaged]
+    if left_out:
+        logger.warning(
+            "'%s': reading series %s; %d damaged DICOM file(s) of other series left out (cut short; replace them with "
+            "complete copies to read their series): %s",
+            folder,
+            chosen.series_uid or chosen.describe(),
+            len(left_out),
+            ", ".join(f"'{path}'" for path in left_out),
         )
     return chosen
 
@@ -419,6 +507,7 @@ def sort_series(info: DicomSeriesInfo, folder: str | Path = "") -> SortedSeries:
     image size, and several images at one position. Irregular spacing and tilt are reported in
     ``problem`` (``regular=False``), not raised, so the caller decides.
     """
+    info.check_whole()  # a series is never read, nor its grid used, with a damaged file (a slice short)
     where = f"series {info.series_uid or info.describe()} in '{folder}'"
     headers = list(info.headers) or [_read_header(p) for p in info.files]
     files = list(info.files)

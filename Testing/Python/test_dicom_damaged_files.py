@@ -112,8 +112,13 @@ def test_every_cut_inside_a_slice_header_is_told(tmp_path, dcmqi_ct, totalseg_ct
         except DamagedDicomFileError:
             told.append(size)
     assert told == list(range(132, pixels, 3))
-    cut.write_bytes(data[: pixels + 12])  # the header whole, the pixel data cut: the listing reads it ...
-    assert read_dicom_file(cut, stop_before_pixels=True).Rows == 512
+    cut.write_bytes(data[: pixels + 12])  # the header whole, the pixel data cut
+    if series == "dcmqi":  # native pixel data: its length runs past the end of the file, told by the header's reading
+        with pytest.raises(DamagedDicomFileError, match=r"ends inside its element \(7FE0,0010\) PixelData") as caught:
+            read_dicom_file(cut, stop_before_pixels=True)
+        assert caught.value.dataset.Rows == 512  # the header read before the damage, for its series to be known
+    else:  # JPEG 2000 (encapsulated: no length) : the listing reads the header ...
+        assert read_dicom_file(cut, stop_before_pixels=True).Rows == 512
     with pytest.raises(DamagedDicomFileError, match=f"'{cut}' is a damaged DICOM file"):  # ... reading it does not
         read_dicom_file(cut)
 
@@ -156,3 +161,115 @@ def test_a_dicom_seg_cut_short_is_refused_as_damaged(tmp_path, data_dir) -> None
     with pytest.raises(InputImageError, match=f"'{seg}' is a damaged DICOM file: the file ends inside its element "
                                               r"\(7FE0,0010\) PixelData"):  # fmt: skip
         read_segmentation(seg, reference=reference)
+
+
+# --- a damaged file of another series (a PACS export with a cut file of a series the user does not read) -----------
+
+
+def _two_series(tmp_path: Path, totalseg_ct: Path, dcmqi_ct: Path) -> tuple[Path, str, str]:
+    """(a folder with copies of both series, the TotalSegmentator copy's SeriesInstanceUID, the dcmqi one's). The
+    TotalSegmentator series has no SeriesInstanceUID (anonymised): its copy gets one, so that it can be named."""
+    from pydicom.uid import generate_uid
+
+    folder = tmp_path / "export"
+    shutil.copytree(dcmqi_ct, folder / "dcmqi")
+    (folder / "totalseg").mkdir()
+    totalseg_uid = generate_uid()
+    for source in sorted(totalseg_ct.iterdir()):
+        ds = pydicom.dcmread(source)
+        ds.SeriesInstanceUID = totalseg_uid
+        ds.save_as(folder / "totalseg" / source.name, enforce_file_format=True)
+    dcmqi_uid = str(pydicom.dcmread(folder / "dcmqi" / "01.dcm", stop_before_pixels=True).SeriesInstanceUID)
+    return folder, totalseg_uid, dcmqi_uid
+
+
+def _check_only(tmp_path: Path, ct: Path, *options: str) -> list[str]:
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"coordinate_system": "IJK", "segments": [{"name": "liver", "boxes": [
+        [[100, 100, 1], [300, 300, 1]]]}]}))  # fmt: skip
+    return ["segment", str(ct), "--prompts", str(prompts), "--output", str(tmp_path / "liver.nii.gz"), *options,
+            "--check-only"]  # fmt: skip
+
+
+# a dcmqi slice cut in its pixel data (most cuts: the header whole) or inside its header, after its SeriesInstanceUID
+CUTS_AFTER_THE_SERIES_UID = {
+    "in-its-pixel-data": lambda p: 300_000,
+    "inside-its-image-position": lambda p: _element_start(p, "ImagePositionPatient") + 8 + 5,
+}
+
+
+@pytest.mark.parametrize("cut", list(CUTS_AFTER_THE_SERIES_UID), ids=list(CUTS_AFTER_THE_SERIES_UID))
+def test_a_damaged_file_of_another_series_leaves_the_good_series_readable(tmp_path, totalseg_ct, dcmqi_ct, cut,
+                                                                         caplog, capsys) -> None:  # fmt: skip
+    """Before, a cut inside the header refused the whole folder (even with --series-uid naming the good series), and
+    a cut in the pixel data left the other series' reading without a word about the damaged file."""
+    folder, totalseg_uid, dcmqi_uid = _two_series(tmp_path, totalseg_ct, dcmqi_ct)
+    damaged = folder / "dcmqi" / "03.dcm"
+    damaged.write_bytes(damaged.read_bytes()[: CUTS_AFTER_THE_SERIES_UID[cut](damaged)])
+
+    listed = {info.series_uid: info for info in list_dicom_series(folder)}
+    assert [d.path for d in listed[dcmqi_uid].damaged] == [damaged] and len(listed[dcmqi_uid].files) == 2
+    assert "1 DAMAGED file(s)" in listed[dcmqi_uid].describe() and not listed[totalseg_uid].damaged
+
+    for options in ({}, {"series_uid": totalseg_uid}):  # the automatic choice (the CT with the most slices), named
+        caplog.clear()
+        volume = read_dicom_series(folder, **options)
+        assert volume.metadata["dicom_series_uid"] == totalseg_uid and volume.geometry.size_ijk[2] == 20
+        left_out = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "left out" in r.getMessage()]
+        assert len(left_out) == 1 and f"'{damaged}'" in left_out[0], caplog.text
+
+    with pytest.raises(DamagedDicomFileError, match=f"'{damaged}' is a damaged DICOM file") as caught:
+        read_dicom_series(folder, series_uid=dcmqi_uid)
+    assert f"Its header names series {dcmqi_uid}" in str(caught.value) and "a slice short" in str(caught.value)
+    with pytest.raises(DamagedDicomFileError, match=f"'{damaged}'"):  # one of its whole files given as the CT
+        read_dicom_series(folder / "dcmqi" / "01.dcm")
+
+    assert main(_check_only(tmp_path, folder)) == 0
+    assert main(_check_only(tmp_path, folder, "--series-uid", totalseg_uid)) == 0
+    capsys.readouterr()
+    assert main(_check_only(tmp_path, folder, "--series-uid", dcmqi_uid)) == 2
+    err = capsys.readouterr().err
+    assert str(damaged) in err and "damaged DICOM file" in err and "Traceback" not in err
+
+
+def test_a_file_of_another_series_cut_before_its_series_uid_still_refuses_the_folder(tmp_path, totalseg_ct,
+                                                                                    dcmqi_ct, capsys) -> None:  # fmt: skip
+    """Its series cannot be told: it may be a slice of the series read (which would be read a slice short)."""
+    folder, totalseg_uid, _ = _two_series(tmp_path, totalseg_ct, dcmqi_ct)
+    damaged = folder / "dcmqi" / "03.dcm"
+    damaged.write_bytes(damaged.read_bytes()[: _element_start(damaged, "SeriesInstanceUID") + 8 + 10])
+    with pytest.raises(DamagedDicomFileError, match="A DICOM folder is not read with a damaged file in it"):
+        list_dicom_series(folder)
+    with pytest.raises(DamagedDicomFileError, match=f"'{damaged}'"):
+        read_dicom_series(folder, series_uid=totalseg_uid)
+    assert main(_check_only(tmp_path, folder, "--series-uid", totalseg_uid)) == 2
+    err = capsys.readouterr().err
+    assert str(damaged) in err and "damaged DICOM file" in err and "Traceback" not in err
+
+
+def test_a_damaged_file_counts_toward_its_series_in_the_automatic_choice(tmp_path, dcmqi_ct) -> None:
+    """The series that lost a file to the damage is still the largest: it is chosen and refused naming the file, not
+    a smaller series read in its place without a word; a tie it makes with a whole series is refused as any tie."""
+    from pydicom.uid import generate_uid
+
+    folder = tmp_path / "export"
+    shutil.copytree(dcmqi_ct, folder / "a")
+    (folder / "b").mkdir()
+    other_uid = generate_uid()
+    for name in ("01.dcm", "02.dcm"):  # series b: 2 whole slices
+        ds = pydicom.dcmread(dcmqi_ct / name)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = other_uid, generate_uid()
+        ds.save_as(folder / "b" / name, enforce_file_format=True)
+    damaged = folder / "a" / "03.dcm"  # series a: 2 whole slices and a damaged one
+    damaged.write_bytes(damaged.read_bytes()[: _element_start(damaged, "Rows")])
+
+    with pytest.raises(DamagedDicomFileError, match=f"'{damaged}' is a damaged DICOM file.*Its header names series"):
+        read_dicom_series(folder)
+    assert read_dicom_series(folder, series_uid=other_uid).geometry.size_ijk[2] == 2
+
+    ds = pydicom.dcmread(dcmqi_ct / "03.dcm")  # series b: 3 whole slices, as many as a with its damaged one
+    ds.SeriesInstanceUID, ds.SOPInstanceUID = other_uid, generate_uid()
+    ds.save_as(folder / "b" / "03.dcm", enforce_file_format=True)
+    with pytest.raises(InputImageError, match="holds 2 CT series with 3 images each") as caught:
+        read_dicom_series(folder)
+    assert "2 file(s) + 1 DAMAGED file(s)" in str(caught.value)
