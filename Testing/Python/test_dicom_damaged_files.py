@@ -3,7 +3,9 @@ TotalSegmentator series.
 
 pydicom reads a file cut short without a word: it returns the elements before the cut. Before, such a file was left out
 of its series (no data set, no SeriesInstanceUID, no Rows: "not an image") and, when it was an end slice, the series
-was read a slice short and "ok": a clinically wrong volume. Now it is refused, naming the file and what to do."""
+was read a slice short and "ok": a clinically wrong volume. Now it is refused, naming the file and what to do. When
+its header still names its series, only that series is refused: another series of the folder is read, with a warning
+naming the damaged file."""
 
 from __future__ import annotations
 
