@@ -663,6 +663,55 @@ def test_a_series_with_an_end_slice_cut_short_is_refused_naming_the_file(tmp_pat
     asyncio.run(scenario())
 
 
+def test_a_series_with_a_damaged_file_is_refused_on_open_and_the_other_series_opens(tmp_path):
+    """A folder of two series, the larger with a slice cut in its pixel data (its header whole, naming its series):
+    the listing read it as whole and the page opened that series (the viewer's reader fills a cut slice with what it
+    can); a cut inside its header refused the whole folder, the other series too. Now the larger is refused on open
+    naming the file (not a smaller one opened in its place without a word), marked in the series list (not
+    clickable), and the other series opens from the list."""
+    import pydicom
+    from pydicom.uid import generate_uid
+    from web_page import DATA
+
+    folder = tmp_path / "export"
+    (folder / "a").mkdir(parents=True)
+    (folder / "b").mkdir()
+    for source in sorted((DATA / "dcmqi_ct3slice" / "ct").iterdir()):
+        (folder / "a" / source.name).write_bytes(source.read_bytes())
+    other_uid = generate_uid()
+    for name in ("01.dcm", "02.dcm"):  # series 7: two whole slices of its own
+        header = pydicom.dcmread(folder / "a" / name)
+        header.SeriesInstanceUID, header.SOPInstanceUID, header.SeriesNumber = other_uid, generate_uid(), 7
+        header.save_as(folder / "b" / name, enforce_file_format=True)
+    damaged = folder / "a" / "03.dcm"  # series 2: two whole slices and one cut in its pixel data
+    damaged.write_bytes(damaged.read_bytes()[:300_000])
+    app = new_app(FakeServer())
+
+    async def scenario():
+        await app._open_path(str(folder))
+        await settle(app)
+        assert app.content is None
+        assert app.state.error.startswith(f"The DICOM series 2 in the folder '{folder}' has a damaged DICOM file: "
+                                          f"'{damaged}' is a damaged DICOM file"), app.state.error
+        assert "choose another series in their list" in app.state.error
+        rows = {r["number"]: r for r in app.state.other_series_rows}
+        assert not rows["2"]["openable"] and "damaged DICOM file" in rows["2"]["why"], rows
+        assert rows["7"]["openable"]
+
+        await app._open_series(rows["7"]["key"], "other")
+        await settle(app)
+        assert not app.state.error, app.state.error
+        assert app.content.dicom.series_uid == other_uid and app.content.dicom.num_files == 2
+        rows = {r["number"]: r for r in app.state.series_rows}
+        assert rows["7"]["shown"] and not rows["2"]["openable"] and "damaged DICOM file" in rows["2"]["why"]
+
+        await app._open_series(rows["2"]["key"], "shown")  # (not clickable on the page)
+        assert "damaged DICOM file '03.dcm'" in app.state.error, app.state.error
+        assert app.content.dicom.series_uid == other_uid  # the CT shown stays
+
+    asyncio.run(scenario())
+
+
 def test_an_irregular_dicom_series_is_shown_resampled_and_refused_as_a_dicom_seg_reference(tmp_path):
     """A DICOM series with a slice missing: trame-slicer's reader interpolates it onto a regular grid (Slicer's
     acquisition-geometry regularization, hardened), and the page said nothing of it; its DICOM SEG export was offered

@@ -169,6 +169,8 @@ class SeriesChoice:
     columns: int | None
     is_image: bool
     why_not: str = ""  # why it is not opened first ("" for a CT series of MIN_VOLUME_IMAGES images or more)
+    # the core's error naming its damaged file (cut short), "" when its files are whole: it is not opened
+    damaged: str = ""
 
     @property
     def label(self) -> str:
@@ -178,8 +180,9 @@ class SeriesChoice:
 
     @property
     def openable(self) -> bool:
-        """An image series of two images or more (one image is no volume; a SEG or a report has none)."""
-        return self.is_image and self.images >= 2
+        """An image series of two images or more (one image is no volume; a SEG or a report has none), none of its
+        files damaged."""
+        return self.is_image and self.images >= 2 and not self.damaged
 
     def describe(self) -> str:
         """"series 2 'Abdomen S2' (8 files, 512 x 512 x 8)", with why it is not opened first when it is not."""
@@ -194,7 +197,10 @@ def dicom_series_choices(files: list[str]) -> list[SeriesChoice]:
     open first first: an image series before an object of no image (SEG, SR), a CT series of ``MIN_VOLUME_IMAGES``
     images or more before the others, then the one with the most images (of most pixels), the lowest series number.
     Files that are no DICOM are not in any (files without the DICOM file header are DICOM when they start like a DICOM
-    data set: ``liversam.dicom_files``); [] when none is."""
+    data set: ``liversam.dicom_files``); [] when none is. A series with a damaged file (cut short, its header naming
+    the series: ``liversam.dicom_series``) is listed with it (``damaged``, its reason in ``why_not``), not openable;
+    the damaged file counts as one of its images, as the core counts it, so that it keeps its place in the order
+    (first, it is refused on open naming the file: a smaller series is not opened in its place without a word)."""
     from liversam.dicom_series import NON_IMAGE_MODALITIES, list_dicom_series_files
     from liversam.errors import InputImageError
 
@@ -206,9 +212,10 @@ def dicom_series_choices(files: list[str]) -> list[SeriesChoice]:
         logger.warning("the DICOM series could not be told apart from their headers; reading the files whole",
                        exc_info=True)
         return []
-    choices = []
+    choices: list[tuple[SeriesChoice, str]] = []  # with why it is not opened first, its damage left aside
     for info in infos:
         images = sum(_frames(header) for header in info.headers) if info.is_image else len(info.files)
+        images += len(info.damaged)
         if not info.is_image:
             if info.modality in NON_IMAGE_MODALITIES:
                 kind = _NON_IMAGE_KINDS.get(info.modality, "a non-image object")
@@ -223,12 +230,17 @@ def dicom_series_choices(files: list[str]) -> list[SeriesChoice]:
             why = f"only {images} image{'' if images == 1 else 's'}, likely a localiser or a dose screen"
         else:
             why = ""
-        choices.append(SeriesChoice("", info.series_number, info.description.strip(), info.modality,
-                                    tuple(str(f) for f in info.files), images, info.rows, info.columns,
-                                    info.is_image, why))
-    choices.sort(key=lambda c: (not c.is_image, bool(c.why_not), c.modality != "CT", -c.images,
-                                -((c.rows or 0) * (c.columns or 0)), c.number if c.number is not None else 1 << 30))
-    return [dataclasses.replace(choice, key=str(index)) for index, choice in enumerate(choices)]
+        damaged_files = [damage.path for damage in info.damaged]
+        shown_why = (f"damaged DICOM file '{damaged_files[0].name}'"
+                     + (f" and {len(damaged_files) - 1} more" if len(damaged_files) > 1 else "")
+                     + " (cut short)") if damaged_files else why
+        choices.append((SeriesChoice("", info.series_number, info.description.strip(), info.modality,
+                                     tuple(str(f) for f in (*info.files, *damaged_files)), images, info.rows,
+                                     info.columns, info.is_image, shown_why, info.damaged_message()), why))
+    choices.sort(key=lambda pair: (not pair[0].is_image, bool(pair[1]), pair[0].modality != "CT", -pair[0].images,
+                                   -((pair[0].rows or 0) * (pair[0].columns or 0)),
+                                   pair[0].number if pair[0].number is not None else 1 << 30))
+    return [dataclasses.replace(choice, key=str(index)) for index, (choice, _) in enumerate(choices)]
 
 
 def pick_series(choices: list[SeriesChoice] | tuple[SeriesChoice, ...], what: str,
@@ -405,6 +417,8 @@ def _load_ct_with_source(slicer_app, files: list[str], what: str, series_of: str
     if dicom_input and chosen is None:
         choices = dicom_series_choices(files) if choices is None else choices
         chosen = pick_series(choices, what, series_of) if choices else None
+    if chosen is not None and chosen.damaged:  # (the page's series list marks it, and offers the others)
+        raise InputError(f"{what} has a damaged DICOM file: {chosen.damaged}")
     choices = tuple(choices or ()) if chosen is not None else ()
     loaded = []
     try:
