@@ -33,6 +33,10 @@ DicomKind = Literal["part10", "bare"]
 # (7FE0,0010) Pixel Data, (7FE0,0008) Float Pixel Data, (7FE0,0009) Double Float Pixel Data
 _PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+# explicit VR (PS3.5 7.1.2): these VRs have 2 reserved bytes and a 4-byte length, the others a 2-byte length
+_LONG_LENGTH_VRS = (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
+_SHORT_LENGTH_VRS = (b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN",
+                     b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US")  # fmt: skip
 
 
 class DamagedDicomFileError(InputImageError):
@@ -69,6 +73,7 @@ def read_dicom_file(path: str | Path, stop_before_pixels: bool = False):
     read: the caller decides what that means. The file is opened once (its first bytes tell the kind).
     """
     import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
 
     path = Path(path)
     with open(path, "rb") as handle:
@@ -97,9 +102,13 @@ def read_dicom_file(path: str | Path, stop_before_pixels: bool = False):
                 return None
             problem = f"pydicom cannot parse it ({type(parse_error).__name__}: {_one_line(parse_error)})"
             raise DamagedDicomFileError(damaged_message(path, problem)) from None
-        stopped_at_pixels = stop_before_pixels and handle.tell() < size
+        # A deflated data set (Deflated Explicit VR Little Endian) is read whole from the file and inflated, so
+        # the file's position tells nothing; zlib refuses a deflate stream cut short (a parse error above).
+        meta = getattr(ds, "file_meta", None)
+        deflated = meta is not None and str(meta.get("TransferSyntaxUID", "") or "") == DeflatedExplicitVRLittleEndian
+        stopped_at_pixels = stop_before_pixels and (deflated or handle.tell() < size)
         problem = header_problem(ds, size, stopped_at_pixels)
-        if problem is None and stopped_at_pixels:
+        if problem is None and stopped_at_pixels and not deflated:
             problem = _pixel_data_problem(handle, ds, size)
     if problem is not None and (kind == "part10" or _pixel_sop_class(ds) is not None):
         # Without the prefix, only a data set that names an image (or SEG) SOP class is surely a damaged DICOM
@@ -111,7 +120,13 @@ def read_dicom_file(path: str | Path, stop_before_pixels: bool = False):
 def _pixel_data_problem(handle, ds, size: int) -> str | None:
     """Read with ``stop_before_pixels``, ``handle`` is at the pixel data element: why it is cut short (its length
     runs past the end of the file), else None. Only its tag and length are read (a few bytes). Encapsulated
-    (compressed) pixel data has no length (its items end it): reading the pixel data tells when it is cut."""
+    (compressed) pixel data has no length (its items end it): reading the pixel data tells when it is cut.
+
+    The element is read as pydicom read the data set (``original_encoding``: its Transfer Syntax) and, when its
+    bytes tell otherwise, as they tell (explicit VR when they name a VR, else implicit): a file whose File Meta names
+    the wrong one (pydicom reads it as it is, with a warning) would otherwise show a length that is no length. It is
+    told cut short only when every such reading runs past the end of the file: a false "damaged" refuses a good
+    series, while a cut this misses is still told when its pixel data is read."""
     implicit, little = ds.original_encoding
     if implicit is None:
         return None
@@ -123,21 +138,31 @@ def _pixel_data_problem(handle, ds, size: int) -> str | None:
     tag = (int.from_bytes(head[0:2], order) << 16) | int.from_bytes(head[2:4], order)
     if tag not in _PIXEL_DATA_TAGS:
         return None
-    if implicit:
-        header, length = 8, int.from_bytes(head[4:8], order)
-    elif head[4:6] in (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN"):
-        if len(head) < 12:
-            return None
-        header, length = 12, int.from_bytes(head[8:12], order)
-    else:
-        header, length = 8, int.from_bytes(head[6:8], order)
-    have = size - start - header
-    if length == _UNDEFINED_LENGTH or have >= length:
+    readings = {_element_head(head, order, explicit) for explicit in (not implicit, _names_a_vr(head[4:6]))}
+    cuts = [(header, length) for header, length in readings if length is not None
+            and length != _UNDEFINED_LENGTH and size - start - header < length]  # fmt: skip
+    if not cuts or len(cuts) < len(readings):
         return None
+    header, length = cuts[0]
+    have = size - start - header
     return (
         f"the file ends inside its element {_tag_name(tag)} ({max(have, 0)} of its {length} bytes; the file is "
         f"{size} bytes): it was cut short"
     )
+
+
+def _names_a_vr(two: bytes) -> bool:
+    return two in _LONG_LENGTH_VRS or two in _SHORT_LENGTH_VRS
+
+
+def _element_head(head: bytes, order: Literal["little", "big"], explicit: bool) -> tuple[int, int | None]:
+    """(the element header's size, the value length) of the element ``head`` starts, read with explicit or implicit
+    VR; the length is None when ``head`` is too short to hold it."""
+    if not explicit:
+        return 8, int.from_bytes(head[4:8], order)
+    if head[4:6] in _LONG_LENGTH_VRS:
+        return 12, int.from_bytes(head[8:12], order) if len(head) >= 12 else None
+    return 8, int.from_bytes(head[6:8], order)
 
 
 def _without_cut_element(ds):

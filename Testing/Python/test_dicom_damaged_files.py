@@ -275,3 +275,110 @@ def test_a_damaged_file_counts_toward_its_series_in_the_automatic_choice(tmp_pat
     with pytest.raises(InputImageError, match="holds 2 CT series with 3 images each") as caught:
         read_dicom_series(folder)
     assert "2 file(s) + 1 DAMAGED file(s)" in str(caught.value)
+
+
+# --- intact files whose pixel data length is not "what is left of the file" are never taken for damaged --------------
+
+
+def _intact(ds: pydicom.Dataset, path: Path, syntax: str, **write) -> Path:
+    ds.file_meta.TransferSyntaxUID = syntax
+    if write:  # written in another encoding than its File Meta names (the File Meta is kept as it is)
+        pydicom.dcmwrite(path, ds, force_encoding=True, **write)
+    else:
+        pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return path
+
+
+def _small(ds: pydicom.Dataset, size: int = 64) -> pydicom.Dataset:
+    """``ds`` cut to its top-left ``size`` x ``size`` pixels (a pixel data element shorter than 22,351 bytes)."""
+    pixels = ds.pixel_array[:size, :size].copy()
+    ds.Rows, ds.Columns, ds.PixelData = size, size, pixels.tobytes()
+    return ds
+
+
+def _with_elements_after_pixel_data(ds: pydicom.Dataset) -> pydicom.Dataset:
+    ds.add_new(0x7FE10010, "LO", "PRIVATE")  # a private element after the pixel data
+    ds.add_new(0xFFFCFFFC, "OB", b"\0" * 64)  # Data Set Trailing Padding
+    return ds
+
+
+def _float_pixel_data(ds: pydicom.Dataset) -> pydicom.Dataset:
+    import numpy as np
+
+    values = ds.pixel_array.astype(np.float32)
+    del ds.PixelData
+    ds.add_new(0x7FE00008, "OF", values.tobytes())  # Float Pixel Data (a parametric map's)
+    ds.BitsAllocated = 32
+    return ds
+
+
+def _odd_unpadded(path: Path) -> Path:
+    """``path`` (explicit VR little endian, 8-bit pixel data of an odd length, padded) with its pad byte dropped and
+    its length odd: not conformant, written so by some software, and whole."""
+    data = path.read_bytes()
+    at = data.rfind(b"\xe0\x7f\x10\x00")  # (7FE0,0010), its VR (OB or OW), 2 reserved bytes, its length
+    assert data[at + 4 : at + 8] in (b"OB\0\0", b"OW\0\0")
+    length = int.from_bytes(data[at + 8 : at + 12], "little")
+    path.write_bytes(data[: at + 8] + (length - 1).to_bytes(4, "little") + data[at + 12 : -1])
+    return path
+
+
+def _odd_8bit(ds: pydicom.Dataset) -> pydicom.Dataset:
+    ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 3, 3, 8, 8, 7, 0
+    ds.PixelData = bytes(range(9))
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        delattr(ds, keyword)
+    return ds
+
+
+INTACT_LAYOUTS = {
+    # the data set deflated: the file's position after reading it tells nothing of the pixel data (it was "cut")
+    "deflated": lambda ds, p: _intact(ds, p, pydicom.uid.DeflatedExplicitVRLittleEndian),
+    # File Meta says implicit VR, the data set is explicit (pydicom reads it as it is): "OW\0\0" was taken for a length
+    "meta-implicit-data-explicit": lambda ds, p: _intact(
+        _small(ds), p, pydicom.uid.ImplicitVRLittleEndian, implicit_vr=False, little_endian=True
+    ),
+    "meta-explicit-data-implicit": lambda ds, p: _intact(
+        _small(ds), p, pydicom.uid.ExplicitVRLittleEndian, implicit_vr=True, little_endian=True
+    ),
+    "elements-after-pixel-data": lambda ds, p: _intact(
+        _with_elements_after_pixel_data(ds), p, pydicom.uid.ExplicitVRLittleEndian
+    ),
+    "elements-after-pixel-data-implicit": lambda ds, p: _intact(
+        _with_elements_after_pixel_data(ds), p, pydicom.uid.ImplicitVRLittleEndian
+    ),
+    "trailing-zero-bytes": lambda ds, p: p.write_bytes(
+        _intact(ds, p, pydicom.uid.ExplicitVRLittleEndian).read_bytes() + b"\0" * 1000
+    ) and p,
+    "float-pixel-data": lambda ds, p: _intact(_float_pixel_data(ds), p, pydicom.uid.ExplicitVRLittleEndian),
+    "odd-length-unpadded": lambda ds, p: _odd_unpadded(_intact(_odd_8bit(ds), p, pydicom.uid.ExplicitVRLittleEndian)),
+    "rle-compressed": lambda ds, p: (ds.compress(pydicom.uid.RLELossless, encoding_plugin="pydicom"),
+                                     _intact(ds, p, pydicom.uid.RLELossless))[1],  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("layout", list(INTACT_LAYOUTS), ids=list(INTACT_LAYOUTS))
+def test_an_intact_file_whose_pixel_data_is_not_the_rest_of_the_file_is_not_taken_for_damaged(tmp_path, dcmqi_ct,
+                                                                                              layout) -> None:  # fmt: skip
+    """A false "damaged" refuses a good series. Before, a deflated CT slice ("ends before its pixel data": the file had
+    been read whole to inflate it) and a small image whose File Meta names implicit VR over an explicit data set (the
+    VR "OW" read as a length of 22,351 bytes) were refused as cut short."""
+    path = INTACT_LAYOUTS[layout](pydicom.dcmread(dcmqi_ct / "01.dcm"), tmp_path / "slice.dcm")
+    header = read_dicom_file(path, stop_before_pixels=True)
+    assert header is not None and header.Rows >= 3
+    whole = read_dicom_file(path)
+    assert whole.pixel_array.size == whole.Rows * whole.Columns
+
+
+def test_a_deflated_series_is_read(tmp_path, dcmqi_ct) -> None:
+    """Before, each deflated slice was refused as cut short before its pixel data: the folder was not read."""
+    folder = tmp_path / "deflated"
+    folder.mkdir()
+    for source in sorted(dcmqi_ct.iterdir()):
+        _intact(pydicom.dcmread(source), folder / source.name, pydicom.uid.DeflatedExplicitVRLittleEndian)
+    (series,) = list_dicom_series(folder)
+    assert series.num_files == 3 and not series.damaged
+    volume = read_dicom_series(folder)
+    original = read_dicom_series(dcmqi_ct)
+    assert volume.geometry.size_ijk == original.geometry.size_ijk
+    assert (volume.array_kji == original.array_kji).all()
