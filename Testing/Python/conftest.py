@@ -49,6 +49,18 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def dcmqi_ct(data_dir: Path) -> Path:
+    """The 3-slice GE CT DICOM series that dcmqi's DICOM SEG references."""
+    return data_dir / "dcmqi_ct3slice" / "ct"
+
+
+@pytest.fixture(scope="session")
+def totalseg_dicom(data_dir: Path) -> Path:
+    """TotalSegmentator's 20-slice 512 x 512 CT DICOM series (JPEG 2000)."""
+    return data_dir / "totalseg_small" / "ct_dicom"
+
+
+@pytest.fixture(scope="session")
 def lits117_ct_path(data_dir: Path) -> Path:
     return data_dir / "lits117" / "ct.nii.gz"
 

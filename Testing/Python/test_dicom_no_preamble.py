@@ -71,23 +71,13 @@ def _assert_same_volume(volume: CTVolume, original: CTVolume) -> None:
 
 
 @pytest.fixture(scope="module")
-def dcmqi_ct(data_dir: Path) -> Path:
-    return data_dir / "dcmqi_ct3slice" / "ct"
-
-
-@pytest.fixture(scope="module")
-def totalseg_ct(data_dir: Path) -> Path:
-    return data_dir / "totalseg_small" / "ct_dicom"
-
-
-@pytest.fixture(scope="module")
 def dcmqi_volume(dcmqi_ct: Path) -> CTVolume:
     return read_dicom_series(dcmqi_ct)
 
 
 @pytest.fixture(scope="module")
-def totalseg_volume(totalseg_ct: Path) -> CTVolume:
-    return read_dicom_series(totalseg_ct)  # JPEG 2000 lossless, 20 slices
+def totalseg_volume(totalseg_dicom: Path) -> CTVolume:
+    return read_dicom_series(totalseg_dicom)  # JPEG 2000 lossless, 20 slices
 
 
 @pytest.mark.parametrize(
@@ -103,20 +93,20 @@ def test_series_without_preamble_reads_as_the_original(tmp_path, dcmqi_ct, dcmqi
 
 @pytest.mark.parametrize("file_meta", [True, False], ids=["file-meta-jpeg2000", "no-file-meta-decompressed"])
 def test_compressed_series_without_preamble_reads_as_the_original(
-    tmp_path, totalseg_ct, totalseg_volume, file_meta
+    tmp_path, totalseg_dicom, totalseg_volume, file_meta
 ) -> None:
-    _assert_same_volume(read_dicom_series(_copy_series(totalseg_ct, tmp_path / "bare", file_meta=file_meta)),
+    _assert_same_volume(read_dicom_series(_copy_series(totalseg_dicom, tmp_path / "bare", file_meta=file_meta)),
                         totalseg_volume)  # fmt: skip
 
 
 @pytest.mark.parametrize("slices", [(0, -1), (9,)], ids=["end-slices", "a-middle-slice"])
 def test_a_series_with_some_files_without_preamble_keeps_every_slice(
-    tmp_path, totalseg_ct, totalseg_volume, slices
+    tmp_path, totalseg_dicom, totalseg_volume, slices
 ) -> None:
     """Before, the end slices were left out without a word (18 slices, "ok"); a middle one made an irregular gap."""
     files = totalseg_volume.metadata["dicom_files"]
     stripped = {Path(files[k]).name for k in slices}
-    folder = _copy_series(totalseg_ct, tmp_path / "mixed", stripped=stripped, file_meta=True)
+    folder = _copy_series(totalseg_dicom, tmp_path / "mixed", stripped=stripped, file_meta=True)
     _assert_same_volume(read_dicom_series(folder), totalseg_volume)
 
 
@@ -140,11 +130,11 @@ def test_non_dicom_files_beside_the_series_are_not_taken_for_slices(
     _assert_same_volume(read_dicom_series(folder), dcmqi_volume)
 
 
-def test_compressed_pixel_data_without_file_meta_is_refused_clearly(tmp_path, totalseg_ct) -> None:
+def test_compressed_pixel_data_without_file_meta_is_refused_clearly(tmp_path, totalseg_dicom) -> None:
     """Encapsulated (JPEG 2000) pixel data in a file without File Meta: nothing names its codec."""
     folder = tmp_path / "one"
     folder.mkdir()
-    source = sorted(totalseg_ct.iterdir())[0]
+    source = sorted(totalseg_dicom.iterdir())[0]
     ds = pydicom.dcmread(source)
     ds.preamble, ds.file_meta = None, FileMetaDataset()
     pydicom.dcmwrite(folder / source.name, ds, enforce_file_format=False, implicit_vr=False, little_endian=True)

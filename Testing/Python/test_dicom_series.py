@@ -15,16 +15,6 @@ from liversam.dicom_series import list_dicom_series, read_dicom_series, select_d
 from liversam.errors import InputImageError
 
 
-@pytest.fixture(scope="module")
-def dcmqi_ct(data_dir: Path) -> Path:
-    return data_dir / "dcmqi_ct3slice" / "ct"
-
-
-@pytest.fixture(scope="module")
-def totalseg_dicom(data_dir: Path) -> Path:
-    return data_dir / "totalseg_small" / "ct_dicom"
-
-
 def _copy_with(src: Path, dst: Path, edit=None, files: list[Path] | None = None) -> Path:
     """Copy a series into ``dst``, optionally editing each header with ``edit(ds, index)``."""
     dst.mkdir(parents=True, exist_ok=True)
