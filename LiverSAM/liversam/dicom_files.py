@@ -22,6 +22,7 @@ cannot decode it (GDCM, which looks at the codestream, may).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -100,7 +101,7 @@ def read_dicom_file(path: str | Path, stop_before_pixels: bool = False):
                 # stray raw voxel dump, passes it now and then): it may not be DICOM at all, and refusing the
                 # folder for it would refuse the good series beside it. Left out, as any file that is no DICOM.
                 return None
-            problem = f"pydicom cannot parse it ({type(parse_error).__name__}: {_one_line(parse_error)})"
+            problem = f"pydicom cannot parse it ({type(parse_error).__name__}: {one_line(parse_error, 200)})"
             raise DamagedDicomFileError(damaged_message(path, problem)) from None
         # A deflated data set (Deflated Explicit VR Little Endian) is read whole from the file and inflated, so
         # the file's position tells nothing; zlib refuses a deflate stream cut short (a parse error above).
@@ -169,11 +170,16 @@ def _without_cut_element(ds):
     """``ds`` (a data set read from a file cut short) without the element cut in two, if one was (only the last one
     read can be): the values left are whole. Changes ``ds`` in place; returns it."""
     for raw in list(ds.values()):
-        value, length = getattr(raw, "value", None), getattr(raw, "length", 0)
-        if getattr(raw, "is_raw", False) and isinstance(value, bytes) and length != _UNDEFINED_LENGTH \
-                and len(value) < length:  # fmt: skip
+        if _is_cut(raw):
             del ds[raw.tag]
     return ds
+
+
+def _is_cut(raw) -> bool:
+    """``raw`` (an element as pydicom read it, not converted) is cut in two: it holds fewer bytes than its length."""
+    value, length = getattr(raw, "value", None), getattr(raw, "length", 0)
+    return getattr(raw, "is_raw", False) and isinstance(value, bytes) and length != _UNDEFINED_LENGTH \
+        and len(value) < length  # fmt: skip
 
 
 def damaged_message(path: Path, problem: str) -> str:
@@ -198,12 +204,10 @@ def header_problem(ds, size: int, stopped_at_pixels: bool) -> str | None:
     # pydicom keeps the bytes it got of an element cut in two (only the last one read can be); values() gives the
     # elements as read (RawDataElement), without converting them
     for raw in [*(meta.values() if meta is not None else ()), *ds.values()]:
-        value, length = getattr(raw, "value", None), getattr(raw, "length", 0)
-        if getattr(raw, "is_raw", False) and isinstance(value, bytes) and length != _UNDEFINED_LENGTH \
-                and len(value) < length:  # fmt: skip
+        if _is_cut(raw):
             return (
-                f"the file ends inside its element {_tag_name(raw.tag)} ({len(value)} of its {length} bytes; the "
-                f"file is {size} bytes): it was cut short"
+                f"the file ends inside its element {_tag_name(raw.tag)} ({len(raw.value)} of its {raw.length} bytes; "
+                f"the file is {size} bytes): it was cut short"
             )
     if stopped_at_pixels or any(tag in ds for tag in _PIXEL_DATA_TAGS):
         return None
@@ -237,8 +241,12 @@ def _tag_name(tag: int) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X}){' ' + keyword if keyword else ''}"
 
 
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+def one_line(exc: BaseException, limit: int = 240) -> str:
+    """An exception's message on one line: ITK's file/line prefixes dropped, whitespace collapsed, cut at ``limit``."""
+    text = " ".join(str(exc).split())
+    # ITK: "Exception thrown in SimpleITK ...: /path/x.cxx:312: ITK ERROR: GDCMImageIO(0x..): what went wrong"
+    itk = re.search(r"ITK ERROR: [^:]*\):\s*(.+)", text)
+    text = (itk.group(1) if itk else text) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

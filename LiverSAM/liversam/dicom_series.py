@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +36,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .dicom_files import DamagedDicomFileError, read_dicom_file, transfer_syntax_of, with_transfer_syntax
+from .dicom_files import (
+    DamagedDicomFileError,
+    one_line,
+    read_dicom_file,
+    transfer_syntax_of,
+    with_transfer_syntax,
+)
 from .errors import InputImageError
 from .geometry import ImageGeometry
 from .volume import CTVolume
@@ -643,15 +648,6 @@ def _pydicom_logs_silenced() -> Iterator[None]:
                 pydicom_logger.setLevel(state["level"])
 
 
-def _one_line(exc: BaseException, limit: int = 240) -> str:
-    """An exception's message on one line: ITK's file/line prefixes dropped, whitespace collapsed, cut at ``limit``."""
-    text = " ".join(str(exc).split())
-    # ITK: "Exception thrown in SimpleITK ...: /path/x.cxx:312: ITK ERROR: GDCMImageIO(0x..): what went wrong"
-    itk = re.search(r"ITK ERROR: [^:]*\):\s*(.+)", text)
-    text = (itk.group(1) if itk else text) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _undecodable_message(path: Path, pydicom_error: BaseException, sitk_error: BaseException) -> str:
     """Which file, its transfer syntax, what each decoder said, and what to do."""
     from pydicom.uid import UID
@@ -680,8 +676,8 @@ def _undecodable_message(path: Path, pydicom_error: BaseException, sitk_error: B
     else:
         fix = "Its pixel data is damaged or incomplete: get a complete copy of the series."
     return (
-        f"Cannot decode the pixel data of '{path}' (transfer syntax {name}). pydicom: {_one_line(pydicom_error)}. "
-        f"GDCM: {_one_line(sitk_error)}. {fix}"
+        f"Cannot decode the pixel data of '{path}' (transfer syntax {name}). pydicom: {one_line(pydicom_error)}. "
+        f"GDCM: {one_line(sitk_error)}. {fix}"
     )
 
 
